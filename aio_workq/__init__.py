@@ -1,0 +1,65 @@
+"""aio-workq: asyncio work queues on RabbitMQ that lose nothing."""
+
+from __future__ import annotations
+
+from ._connection import connect as connect
+from ._exceptions import AuthenticationError as AuthenticationError
+from ._exceptions import BrokerConnectionError as BrokerConnectionError
+from ._exceptions import ConfigurationError as ConfigurationError
+from ._exceptions import ConnectionLostError as ConnectionLostError
+from ._exceptions import PublishError as PublishError
+from ._exceptions import PublishNackedError as PublishNackedError
+from ._exceptions import PublishTimeoutError as PublishTimeoutError
+from ._exceptions import Reject as Reject
+from ._exceptions import Retry as Retry
+from ._exceptions import RPCError as RPCError
+from ._exceptions import RPCTimeoutError as RPCTimeoutError
+from ._exceptions import SerializationError as SerializationError
+from ._exceptions import TopologyError as TopologyError
+from ._exceptions import UnroutableError as UnroutableError
+from ._exceptions import WorkqError as WorkqError
+from ._job import Job as Job
+from ._producer import Producer as Producer
+from ._retry import RetryPolicy as RetryPolicy
+from ._settings import redact_url as redact_url
+from ._settings import resolve_url as resolve_url
+from ._topology import Exchange as Exchange
+from ._topology import ExchangeType as ExchangeType
+from ._topology import Queue as Queue
+from ._topology import QueueType as QueueType
+from ._version import __version__ as __version__
+from ._worker import Handler as Handler
+from ._worker import Worker as Worker
+from ._worker import WorkerState as WorkerState
+
+__all__ = [
+    "AuthenticationError",
+    "BrokerConnectionError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "Exchange",
+    "ExchangeType",
+    "Handler",
+    "Job",
+    "Producer",
+    "PublishError",
+    "PublishNackedError",
+    "PublishTimeoutError",
+    "Queue",
+    "QueueType",
+    "RPCError",
+    "RPCTimeoutError",
+    "Reject",
+    "Retry",
+    "RetryPolicy",
+    "SerializationError",
+    "TopologyError",
+    "UnroutableError",
+    "Worker",
+    "WorkerState",
+    "WorkqError",
+    "__version__",
+    "connect",
+    "redact_url",
+    "resolve_url",
+]

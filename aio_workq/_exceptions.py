@@ -1,0 +1,136 @@
+"""The whole aio-workq error tree.
+
+```
+WorkqError(Exception)
+├── ConfigurationError(WorkqError, ValueError)   invalid settings or URL
+├── BrokerConnectionError(WorkqError, ConnectionError)
+│   └── AuthenticationError                      wrong user name or password
+├── PublishError                                 .message_id, .exchange, .routing_key
+│   ├── PublishNackedError                       the broker nacked the publish
+│   ├── UnroutableError                          a mandatory publish was returned
+│   ├── PublishTimeoutError(PublishError, TimeoutError)
+│   └── ConnectionLostError                      the connection died before the confirm
+├── TopologyError                                406 PRECONDITION_FAILED or 404 on declare
+├── SerializationError(WorkqError, TypeError)    the body cannot be encoded
+├── RPCError                                     .remote_type: the remote handler raised
+└── RPCTimeoutError(WorkqError, TimeoutError)    no reply in time
+
+Retry, Reject (Exception)                        handler signals, outside WorkqError
+```
+
+aio-pika and aiormq errors are translated in one place, `aio_workq._connection.translate_errors`,
+with `raise ... from exc`, so users only ever catch the classes above.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "AuthenticationError",
+    "BrokerConnectionError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "PublishError",
+    "PublishNackedError",
+    "PublishTimeoutError",
+    "RPCError",
+    "RPCTimeoutError",
+    "Reject",
+    "Retry",
+    "SerializationError",
+    "TopologyError",
+    "UnroutableError",
+    "WorkqError",
+)
+
+
+class WorkqError(Exception):
+    """Base class of every error aio-workq raises."""
+
+
+class ConfigurationError(WorkqError, ValueError):
+    """A setting or URL is invalid; the message names it and what is allowed."""
+
+
+class BrokerConnectionError(WorkqError, ConnectionError):
+    """The broker cannot be reached, or the connection was refused or lost."""
+
+
+class AuthenticationError(BrokerConnectionError):
+    """The broker refused the user name or password (never retried)."""
+
+
+class PublishError(WorkqError):
+    """A message was not confirmed by the broker: it must be considered not sent."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        message_id: str | None = None,
+        exchange: str = "",
+        routing_key: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+        self.exchange = exchange
+        self.routing_key = routing_key
+
+
+class PublishNackedError(PublishError):
+    """The broker answered the publish with a nack (e.g. a full queue with reject-publish)."""
+
+
+class UnroutableError(PublishError):
+    """The broker returned a mandatory publish: no queue is bound for its routing key."""
+
+
+class PublishTimeoutError(PublishError, TimeoutError):
+    """No confirm arrived in time (connection down, or the broker blocks publishers)."""
+
+
+class ConnectionLostError(PublishError):
+    """The connection or channel closed before the confirm arrived."""
+
+
+class TopologyError(WorkqError):
+    """A queue or exchange declaration failed: it exists with other arguments, or not at all."""
+
+
+class SerializationError(WorkqError, TypeError):
+    """The body cannot be encoded; nothing was sent."""
+
+
+class RPCError(WorkqError):
+    """The remote handler raised; `remote_type` names its exception class."""
+
+    def __init__(self, message: str, *, remote_type: str) -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+
+
+class RPCTimeoutError(WorkqError, TimeoutError):
+    """No reply arrived within the call's timeout."""
+
+
+class Retry(Exception):  # noqa: N818 - a handler signal, named like arq's Retry
+    """Raise in a handler to run the job again after `delay` seconds (counts as an attempt).
+
+    Args:
+        delay: seconds to wait before the next attempt; `None` uses the worker's
+            `RetryPolicy` backoff.
+    """
+
+    def __init__(self, delay: float | None = None) -> None:
+        if delay is not None and delay < 0:
+            raise ValueError(f"Retry(delay=...) must be >= 0 seconds, got {delay!r}")
+        super().__init__(delay)
+        self.delay = delay
+
+
+class Reject(Exception):  # noqa: N818 - a handler signal, like FastStream's RejectMessage
+    """Raise in a handler to send the message straight to the dead-letter queue, never retried."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,139 @@
+"""The job a handler receives: one delivery, decoded lazily."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import aio_pika
+from aiormq.abc import DeliveredMessage
+
+from ._serialization import decode_body
+
+if TYPE_CHECKING:
+    from ._topology import Exchange, Queue
+    from ._worker import Worker
+
+__all__ = ("ATTEMPT_HEADER", "Job")
+
+ATTEMPT_HEADER = "x-workq-attempt"
+
+_UNSET: Any = object()
+
+
+class Job:
+    """One delivery handed to a handler.
+
+    Attributes are read from the AMQP message on first use, so a handler that only looks at
+    `body` pays for nothing else.
+    """
+
+    __slots__ = ("_data", "_message", "_worker", "links")
+
+    def __init__(self, message: DeliveredMessage, worker: Worker) -> None:
+        self._message = message
+        self._worker = worker
+        self._data: Any = _UNSET
+        self.links: list[asyncio.Future[str]] | None = None
+
+    @property
+    def body(self) -> bytes:
+        """The raw body."""
+        return self._message.body
+
+    @property
+    def data(self) -> Any:
+        """The body decoded by its content type: JSON data, `str` for text, else the bytes."""
+        if self._data is _UNSET:
+            self._data = decode_body(self._message.body, self.content_type)
+        return self._data
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        """The message headers (empty if none)."""
+        return self._message.header.properties.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        """The publisher's message id."""
+        return self._message.header.properties.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        """The content type the publisher set."""
+        return self._message.header.properties.content_type
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The correlation id (RPC requests carry one)."""
+        return self._message.header.properties.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where an RPC reply goes."""
+        return self._message.header.properties.reply_to
+
+    @property
+    def redelivered(self) -> bool:
+        """True when the broker delivered this message before (a crash or a lost connection)."""
+        return bool(self._message.delivery.redelivered)  # type: ignore[union-attr]
+
+    @property
+    def routing_key(self) -> str:
+        """The routing key the message was published with."""
+        return self._message.routing_key or ""
+
+    @property
+    def exchange(self) -> str:
+        """The exchange the message was published to (`""` for the default exchange)."""
+        return self._message.exchange or ""
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, then one more for each retry."""
+        value = self.headers.get(ATTEMPT_HEADER, 1)
+        return value if isinstance(value, int) and value >= 1 else 1
+
+    @property
+    def delivery_tag(self) -> int:
+        """The delivery tag on the worker's channel."""
+        return self._message.delivery.delivery_tag  # type: ignore[union-attr,no-any-return]
+
+    @property
+    def message(self) -> aio_pika.IncomingMessage:
+        """The aio-pika message, for reading properties; the worker settles it, not you."""
+        return aio_pika.IncomingMessage(self._message, no_ack=True)
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+    ) -> asyncio.Future[str]:
+        """Publish downstream and tie this job's ack to the downstream confirm.
+
+        The job is acked only once every forwarded message is confirmed; if one fails, the job
+        is retried under the worker's policy, never acked. Returns the downstream confirm.
+
+        Raises:
+            SerializationError: the body cannot be encoded (nothing was sent).
+        """
+        confirm = await self._worker._forward(
+            body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+            message_id=message_id,
+        )
+        if self.links is None:
+            self.links = []
+        self.links.append(confirm)
+        return confirm
+
+    def __repr__(self) -> str:
+        return (
+            f"<Job message_id={self.message_id!r} routing_key={self.routing_key!r} "
+            f"attempt={self.attempt} redelivered={self.redelivered}>"
+        )

@@ -1,0 +1,681 @@
+"""Worker: consume a queue, run the handler, settle every delivery exactly once.
+
+The hot path takes aiormq deliveries directly (no aio-pika `IncomingMessage` per message) and
+settles them through an `_Acker`, which coalesces the acks of one event-loop iteration into a
+single write: one `multiple=True` ack for the completed prefix of delivery tags, single acks for
+completed deliveries behind one that is still running.
+
+Outcomes: the handler returns → ack (after the confirms of `job.forward()`); raises `Reject`
+→ dead-letter queue; raises anything else → a delayed retry through a delay queue, or the
+dead-letter queue after the last attempt. A failure is moved by publishing a copy with publisher
+confirms and acking the original only once the copy is confirmed, so a crash at any point
+leaves the message in the broker (possibly twice, never zero times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import ChannelFrame, DeliveredMessage
+
+from ._confirms import ConfirmPublisher, make_properties
+from ._connection import connect, translate_errors
+from ._exceptions import ConfigurationError, Reject, Retry, WorkqError
+from ._job import ATTEMPT_HEADER, Job
+from ._producer import Router
+from ._retry import RetryPolicy
+from ._serialization import encode_body
+from ._settings import redact_url, resolve_url
+from ._topology import Exchange, Queue, QueueType, declare_exchange, topology_channel
+from ._wire import Properties, ack_frame, nack_frame
+
+__all__ = ("Handler", "Worker", "WorkerState")
+
+log = logging.getLogger("aio_workq")
+
+Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
+
+_ERROR_TEXT_LIMIT = 1000
+_TRACEBACK_LIMIT = 4000
+_BLOCKED_AFTER = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A snapshot of a worker, for health checks."""
+
+    queue: str
+    connected: bool
+    consuming: bool
+    in_flight: int
+    processed: int
+    failed: int
+    retried: int
+    dead_lettered: int
+
+
+class _Acker:
+    """Settles the deliveries of one channel, coalescing acks per event-loop iteration."""
+
+    __slots__ = ("_buffer", "_handle", "_loop", "_unsettled", "channel")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        self._loop = asyncio.get_running_loop()
+        self._unsettled: dict[int, bool] = {}  # delivery tag -> completed, in delivery order
+        self._buffer: list[bytes] = []
+        self._handle: asyncio.Handle | None = None
+
+    def track(self, tag: int) -> None:
+        self._unsettled[tag] = False
+
+    def ack(self, tag: int) -> None:
+        if tag in self._unsettled:
+            self._unsettled[tag] = True
+            if self._handle is None:
+                self._handle = self._loop.call_soon(self.flush)
+
+    def nack(self, tag: int, *, requeue: bool) -> None:
+        if self._unsettled.pop(tag, None) is not None:
+            self._buffer.append(nack_frame(self.channel.number, tag, requeue))
+            if self._handle is None:
+                self._handle = self._loop.call_soon(self.flush)
+
+    @property
+    def unsettled(self) -> int:
+        return len(self._unsettled)
+
+    def flush(self) -> None:
+        self._handle = None
+        channel = self.channel
+        if channel.is_closed:
+            # The broker requeues everything unacked on a closed channel: the documented
+            # duplicate case, never a loss.
+            self._unsettled.clear()
+            self._buffer.clear()
+            return
+        unsettled = self._unsettled
+        last = 0
+        for tag, done in unsettled.items():
+            if not done:
+                break
+            last = tag
+        frames = self._buffer
+        if last:
+            for tag in [tag for tag in unsettled if tag <= last]:
+                del unsettled[tag]
+            frames.append(ack_frame(channel.number, last, True))
+        if any(unsettled.values()):
+            for tag in [tag for tag, done in unsettled.items() if done]:
+                del unsettled[tag]
+                frames.append(ack_frame(channel.number, tag, False))
+        if not frames:
+            return
+        frame = ChannelFrame(payload=b"".join(frames), should_close=False)
+        self._buffer = []
+        try:
+            channel.write_queue.put_nowait(frame)  # type: ignore[attr-defined]
+        except asyncio.QueueFull:
+            self._loop.create_task(channel.write_queue.put(frame))  # type: ignore[attr-defined]
+
+
+class Worker:
+    """Consumes a queue and runs `handler` for each message.
+
+    ```python
+    async def resize(job: Job) -> None:
+        await make_thumbnail(job.data["path"])
+
+    await Worker(queue="images", handler=resize, concurrency=10).run()
+    ```
+
+    Args:
+        url: broker URL (see `Producer`).
+        connection: share a robust connection; each worker opens its own channel on it.
+        queue: the queue name or `Queue`; `""` for a server-named subscriber queue.
+        handler: `async def handler(job)` runs on the event loop; a plain `def` runs in a thread
+            pool of `concurrency` threads. Its return value becomes the reply to RPC requests.
+        concurrency: handlers running at once.
+        prefetch: unacked deliveries the broker may send ahead (>= concurrency; default equal).
+            Deliveries waiting for `job.forward()` confirms hold a prefetch slot, not a
+            concurrency slot.
+        retry: the retry policy; `None` dead-letters on the first failure.
+        queue_type: the type of a queue given by name: `"quorum"` (default) or `"classic"`.
+        exchange: bind the queue to this exchange (declared durable when an `Exchange`, checked
+            when a name) with `binding_keys`.
+        binding_keys: routing keys or patterns to bind with (default: the queue name).
+        handler_timeout: seconds a handler may run before it counts as failed.
+        shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
+            the queue.
+        name: connection name shown in the management UI.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        queue: str | Queue,
+        handler: Handler,
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
+        queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
+        connection: AbstractRobustConnection | None = None,
+        exchange: str | Exchange | None = None,
+        binding_keys: Sequence[str] = (),
+        handler_timeout: float | None = None,
+        shutdown_timeout: float = 30.0,
+        name: str | None = None,
+    ) -> None:
+        if connection is not None and url is not None:
+            raise ConfigurationError("pass url= or connection=, not both")
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, got {handler!r}")
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
+        prefetch = concurrency if prefetch is None else prefetch
+        if not concurrency <= prefetch <= 65535:
+            raise ConfigurationError(
+                f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
+            )
+        if handler_timeout is not None and handler_timeout <= 0:
+            raise ConfigurationError(f"handler_timeout must be > 0, got {handler_timeout!r}")
+        if shutdown_timeout < 0:
+            raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+        if isinstance(binding_keys, str):
+            raise ConfigurationError("binding_keys must be a list of keys, not one string")
+        if binding_keys and exchange is None:
+            raise ConfigurationError("binding_keys need an exchange= to bind to")
+        try:
+            queue_type = QueueType(queue_type)
+        except ValueError:
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
+            ) from None
+        self._queue = queue if isinstance(queue, Queue) else Queue(queue, type=queue_type)
+        self._url = None if connection is not None else resolve_url(url)
+        self._connection = connection
+        self._owns_connection = connection is None
+        self._handler = handler
+        self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self._concurrency = concurrency
+        self._prefetch = prefetch
+        self._retry = retry
+        self._exchange = exchange
+        self._binding_keys = tuple(binding_keys)
+        self._handler_timeout = handler_timeout
+        self._shutdown_timeout = shutdown_timeout
+        self._name = name
+        self._queue_type = queue_type
+
+        self._channel: AbstractRobustChannel | None = None
+        self._publisher: ConfirmPublisher | None = None
+        self._router: Router | None = None
+        self._acker: _Acker | None = None
+        self._queue_name = self._queue.name
+        self._consumer_tag: str | None = None
+        self._slots = asyncio.Semaphore(concurrency) if prefetch > concurrency else None
+        self._executor: ThreadPoolExecutor | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._delay_levels: set[int] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._processed = 0
+        self._failed = 0
+        self._retried = 0
+        self._dead_lettered = 0
+
+    def __repr__(self) -> str:
+        where = redact_url(self._url) if self._url else "shared connection"
+        return f"<Worker queue={self._queue_name!r} {where} concurrency={self._concurrency}>"
+
+    @property
+    def queue_name(self) -> str:
+        """The queue consumed (the broker's name for a server-named queue)."""
+        return self._queue_name
+
+    @property
+    def state(self) -> WorkerState:
+        """Connected, consuming, in flight, and the counters since start."""
+        channel = self._acker.channel if self._acker else None
+        connected = bool(
+            self._connection is not None
+            and not self._connection.is_closed
+            and channel is not None
+            and not channel.is_closed
+        )
+        return WorkerState(
+            queue=self._queue_name,
+            connected=connected,
+            consuming=connected and self._consumer_tag is not None and not self._stopping,
+            in_flight=len(self._tasks),
+            processed=self._processed,
+            failed=self._failed,
+            retried=self._retried,
+            dead_lettered=self._dead_lettered,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Consume until `stop()` is called or this task is cancelled (then stops gracefully)."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        except asyncio.CancelledError:
+            await self.stop()
+            raise
+
+    async def start(self) -> None:
+        """Connect, declare the queues, and start consuming in the background."""
+        if self._channel is not None:
+            return
+        if self._connection is None:
+            self._connection = await connect(
+                self._url, name=self._name or f"aio-workq worker {self._queue.name}"
+            )
+        with translate_errors(f"opening a channel for worker {self._queue.name!r}"):
+            channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        self._channel = channel  # type: ignore[assignment]
+        self._router = Router(self._connection, self._queue_type)
+        self._publisher = ConfirmPublisher(
+            channel,  # type: ignore[arg-type]
+            window=max(1000, 4 * self._prefetch),
+            timeout=30.0,
+            resend=False,  # the upstream delivery is redelivered instead
+        )
+        try:
+            with translate_errors(f"opening a channel for worker {self._queue.name!r}"):
+                await self._publisher.start()
+            await self._setup()
+        except BaseException:
+            await self._teardown()
+            raise
+        channel.reopen_callbacks.add(self._on_reopen)  # type: ignore[attr-defined]
+        if self._is_async:
+            self._spawn(self._watch_loop())
+        log.info("worker consuming %r (concurrency %d)", self._queue_name, self._concurrency)
+
+    async def _setup(self) -> None:
+        """Declare, bind, set QoS and consume on the current channel (also after a reopen)."""
+        assert self._channel is not None and self._router is not None
+        delays = self._retry.levels_ms() if self._retry and self._queue.dead_letter else ()
+        self._queue_name = await self._router.declare(self._queue, delays_ms=delays)
+        self._delay_levels = set(delays)
+        if self._exchange is not None:
+            await self._bind()
+        with translate_errors(f"consuming {self._queue_name!r}"):
+            channel = await self._channel.get_underlay_channel()
+            await channel.basic_qos(prefetch_count=self._prefetch)
+            self._acker = _Acker(channel)
+            ok = await channel.basic_consume(
+                self._queue_name, self._on_message, no_ack=False
+            )
+        self._consumer_tag = ok.consumer_tag
+        channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+        channel.closing.add_done_callback(self._on_channel_closed)
+
+    async def _bind(self) -> None:
+        assert self._connection is not None
+        exchange = self._exchange
+        if isinstance(exchange, str):
+            exchange = Exchange(exchange, passive=True)
+        assert exchange is not None
+        keys = self._binding_keys or (self._queue_name,)
+        async with topology_channel(self._connection) as channel:
+            await declare_exchange(channel, exchange)
+            for key in keys:
+                with translate_errors(f"binding {self._queue_name!r} to {exchange.name!r}"):
+                    await channel.queue_bind(self._queue_name, exchange.name, routing_key=key)
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        reason = None if closing.cancelled() else closing.exception()
+        self._consumer_tag = None
+        if reason is not None and not self._stopping:
+            log.warning(
+                "worker %r lost its channel (%s); unacked deliveries go back to the queue, "
+                "consuming resumes when the channel reopens",
+                self._queue_name, reason,
+            )
+
+    def _on_reopen(self, *_: Any) -> None:
+        if not self._stopping:
+            self._spawn(self._resume())
+
+    def _on_consumer_cancelled(self, frame: Any) -> None:
+        if not self._stopping:
+            log.warning("the broker cancelled the consumer of %r; re-declaring", self._queue_name)
+            self._consumer_tag = None
+            self._spawn(self._resume())
+
+    async def _resume(self) -> None:
+        delay = 0.2
+        while not self._stopping:
+            try:
+                await self._setup()
+            except (WorkqError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                log.warning("worker %r can't resume yet (%s); retrying", self._queue_name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
+            else:
+                log.info("worker %r consuming again", self._queue_name)
+                return
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop consuming, let running handlers finish, and close.
+
+        New deliveries stop at once. Handlers running get `timeout` seconds (default:
+        `shutdown_timeout`) to finish and be acked; the rest are cancelled and their messages go
+        back to the queue. Calling `stop(0)` while a stop is under way hurries it.
+        """
+        if self._stopping:
+            if timeout == 0:
+                self._hurry.set()
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        timeout = self._shutdown_timeout if timeout is None else timeout
+        try:
+            await self._cancel_consumer()
+            if self._tasks and timeout > 0:
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                await asyncio.wait({*self._tasks, hurry}, timeout=timeout)
+                while self._tasks and not hurry.done():
+                    await asyncio.wait({*self._tasks, hurry}, timeout=timeout)
+                hurry.cancel()
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=5)
+            if self._acker is not None:
+                self._acker.flush()
+        finally:
+            await self._teardown()
+            self._stopped.set()
+
+    async def _cancel_consumer(self) -> None:
+        acker, tag = self._acker, self._consumer_tag
+        if acker is None or tag is None or acker.channel.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await acker.channel.basic_cancel(tag, timeout=5)
+
+    async def _teardown(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._publisher is not None:
+            await self._publisher.close(timeout=5)
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_connection and self._connection is not None:
+            await self._connection.close()
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        acker = self._acker
+        if acker is None or acker.channel is not message.channel:
+            return  # from a channel already replaced: the broker redelivers it
+        tag: int = message.delivery.delivery_tag  # type: ignore[union-attr]
+        acker.track(tag)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._process(Job(message, self), acker, tag)
+        finally:
+            self._tasks.discard(task)
+
+    async def _process(self, job: Job, acker: _Acker, tag: int) -> None:
+        slots = self._slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            if self._stopping:
+                acker.nack(tag, requeue=True)
+                return
+            try:
+                result = await self._call(job)
+            except Exception as exc:
+                failure: BaseException | None = exc
+            else:
+                failure = None
+        finally:
+            if slots is not None:
+                slots.release()
+        if failure is None and job.links:
+            failure = await _first_failure(job.links)
+        if failure is None:
+            if job.reply_to:
+                await self._reply(job, result, None)
+            acker.ack(tag)
+            self._processed += 1
+        else:
+            await self._on_failure(job, acker, tag, failure)
+
+    async def _call(self, job: Job) -> Any:
+        if self._is_async:
+            if self._handler_timeout is None:
+                return await self._handler(job)  # type: ignore[misc]
+            async with asyncio.timeout(self._handler_timeout):
+                return await self._handler(job)  # type: ignore[misc]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                self._concurrency, thread_name_prefix=f"workq-{self._queue.name}"
+            )
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._handler, job)
+        if self._handler_timeout is None:
+            return await future
+        async with asyncio.timeout(self._handler_timeout):
+            return await future
+
+    # -- failures ---------------------------------------------------------------------------
+
+    async def _on_failure(self, job: Job, acker: _Acker, tag: int, exc: BaseException) -> None:
+        self._failed += 1
+        if job.reply_to:
+            # An RPC caller gets the error; retrying would answer a caller that gave up.
+            await self._reply(job, None, exc)
+            acker.ack(tag)
+            return
+        retry = self._retry
+        attempt = job.attempt
+        final = isinstance(exc, Reject) or retry is None or attempt >= retry.max_attempts
+        if not self._queue.dead_letter or self._queue.server_named:
+            if final:
+                log.error(
+                    "dropping message %s from %r after %d attempt(s) (the queue has no "
+                    "dead-letter queue): %r", job.message_id, self._queue_name, attempt, exc,
+                )
+                acker.nack(tag, requeue=False)
+            else:
+                acker.nack(tag, requeue=True)
+            return
+        headers = dict(job.headers)
+        now = datetime.now(UTC).isoformat()
+        headers.setdefault("x-workq-first-failure", now)
+        headers["x-workq-last-failure"] = now
+        headers["x-workq-exception-type"] = _qualname(exc)
+        headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
+        expiration: str | None = None
+        if final:
+            target = self._queue.dead_letter_queue
+            headers["x-workq-original-queue"] = self._queue_name
+            headers["x-workq-attempts"] = attempt
+            headers["x-workq-traceback"] = _traceback(exc)
+            if isinstance(exc, Reject):
+                headers["x-workq-rejected"] = True
+        else:
+            assert retry is not None
+            headers[ATTEMPT_HEADER] = attempt + 1
+            requested = exc.delay if isinstance(exc, Retry) else None
+            if requested == 0:
+                target = self._queue_name
+            else:
+                level = (
+                    retry.level_for(requested) if requested is not None
+                    else retry.delay_ms(attempt)
+                )
+                await self._ensure_delay_level(level)
+                target = self._queue.delay_queue(level)
+                if requested is None:
+                    expiration = str(retry.jittered_ms(level))
+        try:
+            await self._republish(job, target, headers, expiration)
+        except (WorkqError, aiormq.exceptions.AMQPError) as error:
+            log.error(
+                "could not move failed message %s to %r (%s); returning it to %r",
+                job.message_id, target, error, self._queue_name,
+            )
+            acker.nack(tag, requeue=True)
+            return
+        acker.ack(tag)
+        if final:
+            self._dead_lettered += 1
+            log.warning(
+                "message %s dead-lettered to %r after %d attempt(s): %s",
+                job.message_id, target, attempt, headers["x-workq-exception-type"],
+            )
+        else:
+            self._retried += 1
+
+    async def _ensure_delay_level(self, level: int) -> None:
+        if level in self._delay_levels:
+            return
+        assert self._router is not None
+        await self._router.declare(self._queue, delays_ms=(level,))
+        self._delay_levels.add(level)
+
+    async def _republish(
+        self, job: Job, target: str, headers: dict[str, Any], expiration: str | None
+    ) -> None:
+        assert self._publisher is not None
+        original = job._message.header.properties
+        props = Properties(
+            message_id=original.message_id or "",
+            content_type=original.content_type,
+            headers=headers,
+            priority=original.priority,
+            correlation_id=original.correlation_id,
+            reply_to=original.reply_to,
+            expiration=expiration,
+            timestamp=int(original.timestamp.timestamp()) if original.timestamp else None,
+            type=original.message_type,
+        )
+        confirm = await self._publisher.send("", target, job.body, props, mandatory=True)
+        await confirm
+
+    async def _reply(self, job: Job, result: Any, error: BaseException | None) -> None:
+        assert self._publisher is not None
+        if error is None:
+            try:
+                body, content_type = encode_body(result)
+            except WorkqError as exc:
+                error = exc
+        headers: dict[str, Any] = {"x-workq-status": "ok"}
+        if error is not None:
+            headers = {
+                "x-workq-status": "error",
+                "x-workq-exception-type": _qualname(error),
+            }
+            body, content_type = str(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
+        props = make_properties(
+            message_id=None,
+            content_type=content_type,
+            headers=headers,
+            persistent=False,
+            correlation_id=job.correlation_id,
+        )
+        try:
+            # The caller may be gone: not mandatory, and a lost reply is the caller's timeout.
+            await self._publisher.send("", job.reply_to or "", body, props, mandatory=False)
+        except WorkqError as exc:
+            log.warning("could not send the RPC reply to %s: %s", job.reply_to, exc)
+
+    async def _forward(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        *,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        headers: Any,
+        message_id: str | None,
+    ) -> asyncio.Future[str]:
+        assert self._publisher is not None and self._router is not None
+        data, content_type = encode_body(body)
+        target_exchange, key = await self._router.destination(queue, exchange, routing_key)
+        props = make_properties(message_id=message_id, content_type=content_type, headers=headers)
+        return await self._publisher.send(target_exchange, key, data, props)
+
+    async def _watch_loop(self) -> None:
+        """Log when a coroutine handler blocks the event loop (heartbeats stop meanwhile)."""
+        loop = asyncio.get_running_loop()
+        interval = 0.1
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            lag = loop.time() - before - interval
+            if lag > _BLOCKED_AFTER:
+                log.warning(
+                    "handler %s of worker %r blocked the event loop for %.2f s; use a plain "
+                    "def handler (run in a thread) or await instead of blocking",
+                    _qualname(self._handler), self._queue_name, lag,
+                )
+
+
+async def _first_failure(links: list[asyncio.Future[str]]) -> BaseException | None:
+    results = await asyncio.gather(*links, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            return result
+    return None
+
+
+def _qualname(obj: Any) -> str:
+    cls = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    if inspect.isfunction(obj):
+        return f"{obj.__module__}.{obj.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return text[-_TRACEBACK_LIMIT:]
+
+
+def _now() -> float:
+    return time.time()
