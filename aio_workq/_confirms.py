@@ -20,7 +20,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel
@@ -145,7 +145,7 @@ class ConfirmPublisher:
         self._timeout = timeout
         self._resend = resend
         self._loop = asyncio.get_running_loop()
-        self._ch: aiormq.abc.AbstractChannel | None = None
+        self._ch: aiormq.Channel | None = None
         self._frame_max = 131072
         self._pending: dict[int, _Outgoing] = {}
         self._waiting: deque[_Outgoing] = deque()  # to (re)send once a channel is open
@@ -166,7 +166,7 @@ class ConfirmPublisher:
         await self._attach()
 
     async def _attach(self) -> None:
-        ch = await self._robust.get_underlay_channel()
+        ch = cast(aiormq.Channel, await self._robust.get_underlay_channel())
         if ch is self._ch or ch.is_closed:
             return
         self._ch = ch
@@ -183,15 +183,22 @@ class ConfirmPublisher:
             task = self._loop.create_task(self._attach())
             task.add_done_callback(_log_failure)
 
-    def _on_channel_closed(self, ch: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
+    def _on_channel_closed(
+        self, ch: aiormq.Channel, closing: asyncio.Future[Any]
+    ) -> None:
         if ch is not self._ch:
             return
         self._ch = None
         self._ready.clear()
         self._buffer.clear()
         reason = None if closing.cancelled() else closing.exception()
-        connection_lost = reason is None and ch.connection.is_closed or isinstance(
-            reason, aiormq.exceptions.AMQPConnectionError | ConnectionError | asyncio.CancelledError
+        connection_lost = (
+            reason is None
+            and ch.connection.is_closed
+            or isinstance(
+                reason,
+                aiormq.exceptions.AMQPConnectionError | ConnectionError | asyncio.CancelledError,
+            )
         )
         pending = list(self._pending.values())
         self._pending.clear()
@@ -226,7 +233,9 @@ class ConfirmPublisher:
         """Hand one message to the connection; the returned future settles with its confirm."""
         if self._closed:
             raise ConnectionLostError(
-                "the publisher is closed", message_id=props.message_id, exchange=exchange,
+                "the publisher is closed",
+                message_id=props.message_id,
+                exchange=exchange,
                 routing_key=routing_key,
             )
         timeout = self._timeout if timeout is None else timeout
@@ -234,7 +243,13 @@ class ConfirmPublisher:
         if self._ch is None or len(self._pending) + len(self._waiting) >= self._window:
             await self._wait_for_space(deadline, props.message_id, exchange, routing_key)
         out = _Outgoing(
-            self, exchange, routing_key, props, body, mandatory, self._loop.create_future(),
+            self,
+            exchange,
+            routing_key,
+            props,
+            body,
+            mandatory,
+            self._loop.create_future(),
             deadline,
         )
         self._write(out)
@@ -276,11 +291,16 @@ class ConfirmPublisher:
         out.tag = tag
         ch.confirmations[tag] = out  # type: ignore[assignment]
         if out.mandatory:
-            ch.message_id_delivery_tag[out.props.message_id] = tag  # type: ignore[attr-defined]
+            ch.message_id_delivery_tag[out.props.message_id] = tag
         self._pending[tag] = out
         self._buffer.append(
             publish_frames(
-                ch.number, out.exchange, out.routing_key, out.mandatory, out.props, out.body,
+                ch.number,
+                out.exchange,
+                out.routing_key,
+                out.mandatory,
+                out.props,
+                out.body,
                 self._frame_max,
             )
         )
@@ -297,9 +317,9 @@ class ConfirmPublisher:
         frame = ChannelFrame(payload=b"".join(self._buffer), should_close=False)
         self._buffer.clear()
         try:
-            ch.write_queue.put_nowait(frame)  # type: ignore[attr-defined]
+            ch.write_queue.put_nowait(frame)
         except asyncio.QueueFull:
-            task = self._loop.create_task(ch.write_queue.put(frame))  # type: ignore[attr-defined]
+            task = self._loop.create_task(ch.write_queue.put(frame))
             task.add_done_callback(_log_failure)
 
     def _settle(self, out: _Outgoing, error: PublishError | None) -> None:
@@ -310,7 +330,7 @@ class ConfirmPublisher:
             del self._pending[out.tag]
         ch = self._ch
         if ch is not None and out.mandatory:
-            ids: dict[str, int] = ch.message_id_delivery_tag  # type: ignore[attr-defined]
+            ids: dict[str, int] = ch.message_id_delivery_tag
             if ids.get(out.props.message_id) == out.tag:
                 del ids[out.props.message_id]
         if not out.future.done():

@@ -41,7 +41,7 @@ class BackoffConnection(aio_pika.RobustConnection):
         super().__init__(*args, **kwargs)
         self.reconnect_callbacks.add(self._reset_backoff)
 
-    @property  # type: ignore[override]
+    @property
     def reconnect_interval(self) -> float:
         delay = min(self.reconnect_cap, self._base_interval * 2**self._failures)
         self._failures = min(self._failures + 1, 16)

@@ -113,7 +113,7 @@ class RPCTimeoutError(WorkqError, TimeoutError):
     """No reply arrived within the call's timeout."""
 
 
-class Retry(Exception):  # noqa: N818 - a handler signal, named like arq's Retry
+class Retry(Exception):
     """Raise in a handler to run the job again after `delay` seconds (counts as an attempt).
 
     Args:
@@ -128,7 +128,7 @@ class Retry(Exception):  # noqa: N818 - a handler signal, named like arq's Retry
         self.delay = delay
 
 
-class Reject(Exception):  # noqa: N818 - a handler signal, like FastStream's RejectMessage
+class Reject(Exception):
     """Raise in a handler to send the message straight to the dead-letter queue, never retried."""
 
     def __init__(self, reason: str = "") -> None:

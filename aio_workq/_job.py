@@ -98,7 +98,7 @@ class Job:
     @property
     def delivery_tag(self) -> int:
         """The delivery tag on the worker's channel."""
-        return self._message.delivery.delivery_tag  # type: ignore[union-attr,no-any-return]
+        return int(self._message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
 
     @property
     def message(self) -> aio_pika.IncomingMessage:
@@ -124,7 +124,11 @@ class Job:
             SerializationError: the body cannot be encoded (nothing was sent).
         """
         confirm = await self._worker._forward(
-            body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+            body,
+            queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
             message_id=message_id,
         )
         if self.links is None:

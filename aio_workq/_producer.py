@@ -124,7 +124,9 @@ class Producer:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         if on_reconnect not in ("resend", "fail"):
-            raise ConfigurationError(f"on_reconnect must be 'resend' or 'fail', got {on_reconnect!r}")
+            raise ConfigurationError(
+                f"on_reconnect must be 'resend' or 'fail', got {on_reconnect!r}"
+            )
         try:
             self._queue_type = QueueType(queue_type)
         except ValueError:
@@ -169,13 +171,11 @@ class Producer:
                 self._url, timeout=self._connect_timeout, name=self._name
             )
         with translate_errors("opening the producer's channel"):
-            channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-        self._channel = channel  # type: ignore[assignment]
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
         self._router = Router(self._connection, self._queue_type)
         publisher = ConfirmPublisher(
-            self._channel,  # type: ignore[arg-type]
+            self._channel,
             window=self._window,
             timeout=self._timeout,
             resend=self._resend,
@@ -282,8 +282,15 @@ class Producer:
             SerializationError, TopologyError: see `send()`.
         """
         confirm = await self.send(
-            body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
-            message_id=message_id, mandatory=mandatory, timeout=timeout, **properties,
+            body,
+            queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            headers=headers,
+            message_id=message_id,
+            mandatory=mandatory,
+            timeout=timeout,
+            **properties,
         )
         return await confirm
 
@@ -306,7 +313,11 @@ class Producer:
         """
         confirms = [
             await self.send(
-                body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+                body,
+                queue,
+                exchange=exchange,
+                routing_key=routing_key,
+                headers=headers,
                 timeout=timeout,
             )
             for body in bodies

@@ -11,8 +11,19 @@ __all__ = ("RetryPolicy",)
 # Delay levels for `Retry(delay=...)`: a requested delay waits in the smallest level that is at
 # least as long, so a handful of delay queues serve any delay and none holds a shorter one back.
 _LADDER_MS = (
-    1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 120_000, 300_000, 600_000, 1_800_000,
-    3_600_000, 21_600_000, 86_400_000,
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
+    1_800_000,
+    3_600_000,
+    21_600_000,
+    86_400_000,
 )
 
 
@@ -70,7 +81,7 @@ class RetryPolicy:
         return max(1, round(level_ms * (1 - self.jitter * random.random())))
 
     def level_for(self, delay: float) -> int:
-        """The delay level (ms) for an explicit `Retry(delay=...)`: the smallest that is long enough."""
+        """The delay level (ms) for `Retry(delay=...)`: the smallest one long enough."""
         wanted = max(1, round(delay * 1000))
         levels = sorted({*self.levels_ms(), *_LADDER_MS})
         index = bisect.bisect_left(levels, wanted)

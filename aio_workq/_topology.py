@@ -11,9 +11,8 @@ A work queue `tasks` comes with:
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,12 +22,20 @@ from aio_pika.abc import AbstractRobustConnection
 from ._connection import translate_errors
 from ._exceptions import TopologyError
 
-__all__ = ("Exchange", "ExchangeType", "Queue", "QueueType", "declare_exchange", "declare_queue", "topology_channel")
+__all__ = (
+    "Exchange",
+    "ExchangeType",
+    "Queue",
+    "QueueType",
+    "declare_exchange",
+    "declare_queue",
+    "topology_channel",
+)
 
 DEFAULT_DELIVERY_LIMIT = 20
 
 
-class QueueType(str, enum.Enum):
+class QueueType(enum.StrEnum):
     """The kind of queue aio-workq declares."""
 
     QUORUM = "quorum"
@@ -37,7 +44,7 @@ class QueueType(str, enum.Enum):
     """The tutorials' classic durable queue: one node, no delivery limit."""
 
 
-class ExchangeType(str, enum.Enum):
+class ExchangeType(enum.StrEnum):
     """AMQP exchange types."""
 
     DIRECT = "direct"
@@ -211,7 +218,9 @@ async def declare_queue(
             channel, queue.dead_letter_queue, queue.arguments_for_dead_letter_queue()
         )
     for delay in delays_ms:
-        await _declare_one(channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay))
+        await _declare_one(
+            channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay)
+        )
     return await _declare_one(channel, queue.name, queue.arguments_for_work_queue())
 
 

@@ -298,13 +298,11 @@ class Worker:
                 self._url, name=self._name or f"aio-workq worker {self._queue.name}"
             )
         with translate_errors(f"opening a channel for worker {self._queue.name!r}"):
-            channel = await self._connection.channel(
-                publisher_confirms=True, on_return_raises=True
-            )
-        self._channel = channel  # type: ignore[assignment]
+            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
         self._router = Router(self._connection, self._queue_type)
         self._publisher = ConfirmPublisher(
-            channel,  # type: ignore[arg-type]
+            channel,
             window=max(1000, 4 * self._prefetch),
             timeout=30.0,
             resend=False,  # the upstream delivery is redelivered instead
@@ -316,7 +314,7 @@ class Worker:
         except BaseException:
             await self._teardown()
             raise
-        channel.reopen_callbacks.add(self._on_reopen)  # type: ignore[attr-defined]
+        channel.reopen_callbacks.add(self._on_reopen)
         if self._is_async:
             self._spawn(self._watch_loop())
         log.info("worker consuming %r (concurrency %d)", self._queue_name, self._concurrency)
@@ -333,9 +331,7 @@ class Worker:
             channel = await self._channel.get_underlay_channel()
             await channel.basic_qos(prefetch_count=self._prefetch)
             self._acker = _Acker(channel)
-            ok = await channel.basic_consume(
-                self._queue_name, self._on_message, no_ack=False
-            )
+            ok = await channel.basic_consume(self._queue_name, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
         channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
         channel.closing.add_done_callback(self._on_channel_closed)
@@ -360,7 +356,8 @@ class Worker:
             log.warning(
                 "worker %r lost its channel (%s); unacked deliveries go back to the queue, "
                 "consuming resumes when the channel reopens",
-                self._queue_name, reason,
+                self._queue_name,
+                reason,
             )
 
     def _on_reopen(self, *_: Any) -> None:
@@ -449,7 +446,7 @@ class Worker:
         acker = self._acker
         if acker is None or acker.channel is not message.channel:
             return  # from a channel already replaced: the broker redelivers it
-        tag: int = message.delivery.delivery_tag  # type: ignore[union-attr]
+        tag = int(message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
         acker.track(tag)
         task = asyncio.current_task()
         assert task is not None
@@ -489,9 +486,9 @@ class Worker:
     async def _call(self, job: Job) -> Any:
         if self._is_async:
             if self._handler_timeout is None:
-                return await self._handler(job)  # type: ignore[misc]
+                return await self._handler(job)
             async with asyncio.timeout(self._handler_timeout):
-                return await self._handler(job)  # type: ignore[misc]
+                return await self._handler(job)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 self._concurrency, thread_name_prefix=f"workq-{self._queue.name}"
@@ -518,7 +515,11 @@ class Worker:
             if final:
                 log.error(
                     "dropping message %s from %r after %d attempt(s) (the queue has no "
-                    "dead-letter queue): %r", job.message_id, self._queue_name, attempt, exc,
+                    "dead-letter queue): %r",
+                    job.message_id,
+                    self._queue_name,
+                    attempt,
+                    exc,
                 )
                 acker.nack(tag, requeue=False)
             else:
@@ -546,8 +547,7 @@ class Worker:
                 target = self._queue_name
             else:
                 level = (
-                    retry.level_for(requested) if requested is not None
-                    else retry.delay_ms(attempt)
+                    retry.level_for(requested) if requested is not None else retry.delay_ms(attempt)
                 )
                 await self._ensure_delay_level(level)
                 target = self._queue.delay_queue(level)
@@ -558,7 +558,10 @@ class Worker:
         except (WorkqError, aiormq.exceptions.AMQPError) as error:
             log.error(
                 "could not move failed message %s to %r (%s); returning it to %r",
-                job.message_id, target, error, self._queue_name,
+                job.message_id,
+                target,
+                error,
+                self._queue_name,
             )
             acker.nack(tag, requeue=True)
             return
@@ -567,7 +570,10 @@ class Worker:
             self._dead_lettered += 1
             log.warning(
                 "message %s dead-lettered to %r after %d attempt(s): %s",
-                job.message_id, target, attempt, headers["x-workq-exception-type"],
+                job.message_id,
+                target,
+                attempt,
+                headers["x-workq-exception-type"],
             )
         else:
             self._retried += 1
@@ -653,7 +659,9 @@ class Worker:
                 log.warning(
                     "handler %s of worker %r blocked the event loop for %.2f s; use a plain "
                     "def handler (run in a thread) or await instead of blocking",
-                    _qualname(self._handler), self._queue_name, lag,
+                    _qualname(self._handler),
+                    self._queue_name,
+                    lag,
                 )
 
 

@@ -1,0 +1,139 @@
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+import aio_workq
+from scripts.broker import BrokerError, LocalBroker, ensure_installed
+
+# --- broker ---
+# Tests get a broker URL from `amqp_url`: AIO_WORKQ_AMQP_URL if set, else a RabbitMQ node of our own
+# started once per session (scripts/broker.py). Tests that stop, kill or pause the node take
+# `local_broker`, which needs that node and brings it back up after the test.
+
+AMQP_URL_ENV = "AIO_WORKQ_AMQP_URL"
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker | None]:
+    if os.environ.get(AMQP_URL_ENV):
+        yield None
+        return
+    node = LocalBroker(tmp_path_factory.mktemp("broker"), name="workqtest")
+    try:
+        ensure_installed()
+        node.start()
+    except BrokerError as e:
+        pytest.fail(
+            f"no RabbitMQ for the tests: {e}\n"
+            "Install it (`sudo apt-get install rabbitmq-server`) or point the tests at a running "
+            f"broker: {AMQP_URL_ENV}=amqp://guest:guest@localhost:5672/ (`docker compose up -d`).",
+            pytrace=False,
+        )
+    yield node
+    node.close()
+
+
+@pytest.fixture(scope="session")
+def amqp_url(broker: LocalBroker | None) -> str:
+    return os.environ.get(AMQP_URL_ENV) or (broker.url if broker else "")
+
+
+@pytest.fixture
+def local_broker(broker: LocalBroker | None) -> Iterator[LocalBroker]:
+    if broker is None:
+        pytest.fail(
+            f"this test stops/kills/pauses the broker, so it needs the session's own node: "
+            f"unset {AMQP_URL_ENV} (needs rabbitmq-server installed) or deselect it",
+            pytrace=False,
+        )
+    yield broker
+    try:  # leave the node running for the next test
+        broker.resume()
+    except BrokerError:
+        broker.start()
+
+
+# --- library fixtures ---
+
+
+@pytest.fixture
+def queue_name() -> str:
+    """A fresh queue name per test."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def connection(amqp_url: str, request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    """A shared robust connection named after the test."""
+    conn = await aio_workq.connect(amqp_url, name=request.node.nodeid)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def producer(amqp_url: str) -> AsyncIterator[aio_workq.Producer]:
+    async with aio_workq.Producer(amqp_url) as p:
+        yield p
+
+
+@pytest.fixture
+async def make_worker(amqp_url: str) -> AsyncIterator[Callable[..., aio_workq.Worker]]:
+    """A factory of started-on-use workers that are all stopped at the end of the test."""
+    made: list[aio_workq.Worker] = []
+
+    def factory(**kwargs: Any) -> aio_workq.Worker:
+        kwargs.setdefault("url", None if "connection" in kwargs else amqp_url)
+        worker = aio_workq.Worker(**kwargs)
+        made.append(worker)
+        return worker
+
+    yield factory
+    for worker in made:
+        await worker.stop(timeout=1)
+
+
+class Counter:
+    """Counts calls and lets a test wait, with a timeout, until a count is reached."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self._changed = asyncio.Event()
+
+    def add(self, item: Any) -> None:
+        self.items.append(item)
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Any]:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+
+@pytest.fixture
+def counter() -> Counter:
+    return Counter()
+
+
+async def queue_depth(amqp_url: str, name: str) -> int:
+    """Messages ready in a queue, read with a passive declare."""
+    conn = await aio_pika.connect(amqp_url)
+    async with conn:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Poll an async predicate every 50 ms until it holds, failing after `timeout`."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)

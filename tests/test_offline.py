@@ -1,0 +1,244 @@
+"""Tests that need no broker: settings, wire encoding, retry policy, validation, exports."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from pamqp import frame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+import aio_workq
+from aio_workq import ConfigurationError, Queue, RetryPolicy, SerializationError, Worker
+from aio_workq._serialization import decode_body, encode_body
+from aio_workq._settings import redact_url, resolve_url
+from aio_workq._wire import Properties, ack_frame, nack_frame, publish_frames, reject_frame
+
+
+def test_exported_members_are_sorted_and_complete() -> None:
+    public = sorted(
+        (name for name in vars(aio_workq) if not name.startswith("_") or name == "__version__"),
+        key=str.casefold,
+    )
+    public = [
+        name
+        for name in public
+        if name != "annotations" and not isinstance(getattr(aio_workq, name), type(aio_workq))
+    ]
+    assert aio_workq.__all__ == sorted(aio_workq.__all__, key=str.casefold)
+    assert sorted(aio_workq.__all__, key=str.casefold) == public
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_url_precedence_explicit_then_amqp_url_then_parts_then_default() -> None:
+    env = {
+        "AMQP_URL": "amqp://a:b@envhost/",
+        "RABBITMQ_HOST": "parthost",
+        "RABBITMQ_PASSWORD": "pw",
+    }
+    assert resolve_url("amqp://x:y@explicit/", env) == "amqp://x:y@explicit/"
+    assert resolve_url(None, env) == "amqp://a:b@envhost/"
+    del env["AMQP_URL"]
+    assert resolve_url(None, env) == "amqp://guest:pw@parthost:5672/%2F"
+    assert resolve_url(None, {}) == "amqp://guest:guest@localhost/"
+
+
+def test_url_from_lapinmq_variables_quotes_credentials_and_vhost() -> None:
+    env = {
+        "RABBITMQ_HOST": "h",
+        "RABBITMQ_PORT": "5673",
+        "RABBITMQ_USERNAME": "us@r",
+        "RABBITMQ_PASSWORD": "p/ss:w",
+        "RABBITMQ_VHOST": "prod",
+    }
+    assert resolve_url(None, env) == "amqp://us%40r:p%2Fss%3Aw@h:5673/prod"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://guest:secret@host/", "amqp://guest:secret@/", "amqp://guest:secret@host:notaport/"],
+)
+def test_invalid_url_is_a_configuration_error_without_the_password(url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resolve_url(url, {})
+    assert "secret" not in str(info.value)
+    assert "amqp://" in str(info.value)
+
+
+def test_bad_port_variable_is_named() -> None:
+    with pytest.raises(ConfigurationError, match="RABBITMQ_PORT"):
+        resolve_url(None, {"RABBITMQ_HOST": "h", "RABBITMQ_PORT": "abc"})
+
+
+def test_redact_url_hides_only_the_password() -> None:
+    assert redact_url("amqp://user:hunter2@host:5672/vh") == "amqp://user:***@host:5672/vh"
+    assert redact_url("amqp://host/") == "amqp://host/"
+
+
+def test_reprs_hide_the_password() -> None:
+    producer = aio_workq.Producer("amqp://user:hunter2@host/")
+    worker = Worker("amqp://user:hunter2@host/", queue="q", handler=lambda job: None)
+    assert "hunter2" not in repr(producer)
+    assert "hunter2" not in repr(worker)
+    assert "***" in repr(producer)
+
+
+# --- bodies ---------------------------------------------------------------------------------
+
+
+def test_bodies_encode_by_type() -> None:
+    assert encode_body(b"\x00raw") == (b"\x00raw", None)
+    assert encode_body("héllo") == ("héllo".encode(), "text/plain; charset=utf-8")
+    assert encode_body({"a": [1, 2]}) == (b'{"a":[1,2]}', "application/json")
+    assert decode_body(b'{"a":1}', "application/json") == {"a": 1}
+    assert decode_body(b"hi", "text/plain; charset=utf-8") == "hi"
+    assert decode_body(b"hi", None) == b"hi"
+
+
+@pytest.mark.parametrize("body", [object(), {"x": {1, 2}}, float("nan")])
+def test_unserialisable_body_raises_a_serialization_error(body: object) -> None:
+    with pytest.raises(SerializationError, match="cannot encode"):
+        encode_body(body)
+
+
+# --- wire -----------------------------------------------------------------------------------
+
+
+def test_publish_frames_match_pamqp_byte_for_byte() -> None:
+    props = Properties(
+        message_id="abc",
+        content_type="application/json",
+        headers={"x-workq-attempt": 2, "s": "v"},
+        priority=3,
+        correlation_id="c",
+        reply_to="r",
+        expiration="100",
+        timestamp=123,
+        type="t",
+    )
+    body = b"hello" * 10
+    ours = publish_frames(5, "ex", "rk", True, props, body, 131072)
+    reference = Basic.Properties(
+        message_id="abc",
+        content_type="application/json",
+        headers={"x-workq-attempt": 2, "s": "v"},
+        delivery_mode=2,
+        priority=3,
+        correlation_id="c",
+        reply_to="r",
+        expiration="100",
+        timestamp=datetime.fromtimestamp(123, UTC),
+        message_type="t",
+    )
+    expected = (
+        frame.marshal(Basic.Publish(exchange="ex", routing_key="rk", mandatory=True), 5)
+        + frame.marshal(ContentHeader(0, len(body), reference), 5)
+        + frame.marshal(ContentBody(body), 5)
+    )
+    assert ours == expected
+
+
+def test_large_bodies_are_split_at_frame_max() -> None:
+    body = bytes(range(256)) * 100  # 25,600 bytes
+    ours = publish_frames(1, "", "q", False, Properties(message_id="m"), body, 4096)
+    chunks = [body[i : i + 4088] for i in range(0, len(body), 4088)]
+    tail = b"".join(frame.marshal(ContentBody(chunk), 1) for chunk in chunks)
+    assert ours.endswith(tail)
+    assert len(chunks) == 7
+
+
+def test_settle_frames_match_pamqp() -> None:
+    assert ack_frame(3, 99, True) == frame.marshal(Basic.Ack(99, True), 3)
+    assert ack_frame(3, 7, False) == frame.marshal(Basic.Ack(7, False), 3)
+    assert nack_frame(3, 99, True) == frame.marshal(Basic.Nack(99, False, True), 3)
+    assert nack_frame(3, 99, False) == frame.marshal(Basic.Nack(99, False, False), 3)
+    assert reject_frame(3, 99, False) == frame.marshal(Basic.Reject(99, False), 3)
+
+
+# --- retry policy and settings validation ----------------------------------------------------
+
+
+def test_retry_policy_backoff_is_exponential_and_capped() -> None:
+    policy = RetryPolicy(max_attempts=6, initial_delay=1, multiplier=3, max_delay=20, jitter=0)
+    assert [policy.delay(n) for n in range(1, 6)] == [1, 3, 9, 20, 20]
+    assert policy.levels_ms() == (1000, 3000, 9000, 20000)
+    assert policy.jittered_ms(9000) == 9000
+
+
+def test_retry_jitter_only_shortens_within_the_level() -> None:
+    policy = RetryPolicy(jitter=0.5)
+    values = {policy.jittered_ms(10_000) for _ in range(200)}
+    assert min(values) >= 5000 and max(values) <= 10_000 and len(values) > 10
+
+
+def test_explicit_retry_delay_rounds_up_to_a_level() -> None:
+    policy = RetryPolicy(max_attempts=3, initial_delay=1, multiplier=2, jitter=0)
+    assert policy.level_for(2) == 2000
+    assert policy.level_for(3) == 5000
+    assert policy.level_for(10**9) == 86_400_000
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"initial_delay": 0},
+        {"multiplier": 0.5},
+        {"max_delay": 0.5, "initial_delay": 1},
+        {"jitter": 1.0},
+    ],
+)
+def test_nonsense_retry_policy_raises_value_error(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="RetryPolicy"):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_signal_rejects_negative_delay() -> None:
+    with pytest.raises(ValueError):
+        aio_workq.Retry(delay=-1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"concurrency": 0}, "concurrency"),
+        ({"concurrency": 5, "prefetch": 2}, "prefetch"),
+        ({"queue_type": "stream"}, "queue_type"),
+        ({"handler_timeout": 0}, "handler_timeout"),
+        ({"binding_keys": "a.b"}, "binding_keys"),
+        ({"binding_keys": ["a"]}, "exchange"),
+        ({"handler": 42}, "handler"),
+    ],
+)
+def test_invalid_worker_settings_raise_configuration_error(
+    kwargs: dict[str, object], match: str
+) -> None:
+    settings: dict[str, object] = {"queue": "q", "handler": lambda job: None, **kwargs}
+    with pytest.raises(ConfigurationError, match=match):
+        Worker("amqp://localhost/", **settings)  # type: ignore[arg-type]
+
+
+def test_queue_arguments_quorum_and_classic() -> None:
+    quorum = Queue("tasks").arguments_for_work_queue()
+    assert quorum == {
+        "x-queue-type": "quorum",
+        "x-overflow": "reject-publish",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "tasks.dlq",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-delivery-limit": 20,
+    }
+    classic = Queue("tasks", type="classic").arguments_for_work_queue()
+    assert classic == {
+        "x-queue-type": "classic",
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": "tasks.dlq",
+    }
+    delay = Queue("tasks", type="classic").arguments_for_delay_queue(5000)
+    assert delay["x-message-ttl"] == 5000 and delay["x-dead-letter-routing-key"] == "tasks"
+    with pytest.raises(ValueError, match="type"):
+        Queue("tasks", type="stream")  # type: ignore[arg-type]
