@@ -21,6 +21,7 @@ from ._exceptions import WorkqError as WorkqError
 from ._job import Job as Job
 from ._producer import Producer as Producer
 from ._retry import RetryPolicy as RetryPolicy
+from ._runner import run_workers as run_workers
 from ._settings import redact_url as redact_url
 from ._settings import resolve_url as resolve_url
 from ._topology import Exchange as Exchange
@@ -52,6 +53,7 @@ __all__ = [
     "redact_url",
     "Reject",
     "resolve_url",
+    "run_workers",
     "Retry",
     "RetryPolicy",
     "RPCError",

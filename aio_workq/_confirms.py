@@ -183,9 +183,7 @@ class ConfirmPublisher:
             task = self._loop.create_task(self._attach())
             task.add_done_callback(_log_failure)
 
-    def _on_channel_closed(
-        self, ch: aiormq.Channel, closing: asyncio.Future[Any]
-    ) -> None:
+    def _on_channel_closed(self, ch: aiormq.Channel, closing: asyncio.Future[Any]) -> None:
         if ch is not self._ch:
             return
         self._ch = None

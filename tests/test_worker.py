@@ -1,0 +1,231 @@
+"""Worker against a real broker: dispatch, failures, heartbeats, crashes, restarts, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
+from scripts.broker import LocalBroker
+from tests.conftest import Counter, queue_depth, wait_until
+
+pytestmark = pytest.mark.broker
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, jitter=0)
+
+
+@asynccontextmanager
+async def worker_process(
+    url: str, queue: str, mode: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.worker_proc", url, queue, mode,
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert await read_line(proc) == "READY"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20) -> str:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        return (await proc.stdout.readline()).decode().strip()
+
+
+async def test_fair_dispatch_splits_equal_work_evenly(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    def handler_for(name: str) -> Callable[[Job], object]:
+        async def handler(job: Job) -> None:
+            await asyncio.sleep(0.05)
+            counter.add(name)
+
+        return handler
+
+    await producer.declare(queue_name)
+    for name in ("a", "b"):
+        await make_worker(queue=queue_name, handler=handler_for(name), concurrency=1).start()
+    await producer.publish_many(range(10), queue=queue_name)
+    taken = await counter.wait_for(10)
+    assert 4 <= taken.count("a") <= 6
+
+
+async def test_fair_dispatch_gives_more_to_the_worker_with_lighter_tasks(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def slow(job: Job) -> None:
+        await asyncio.sleep(0.5)
+        counter.add("slow")
+
+    async def fast(job: Job) -> None:
+        await asyncio.sleep(0.01)
+        counter.add("fast")
+
+    await producer.declare(queue_name)
+    await make_worker(queue=queue_name, handler=slow, concurrency=1).start()
+    await make_worker(queue=queue_name, handler=fast, concurrency=1).start()
+    await producer.publish_many(range(10), queue=queue_name)
+    taken = await counter.wait_for(10)
+    assert taken.count("fast") >= 8  # round-robin would give 5 each
+
+
+async def test_handler_exception_does_not_lose_the_message(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def flaky(job: Job) -> None:
+        counter.add(job.attempt)
+        if job.attempt == 1:
+            raise RuntimeError("first try fails")
+
+    worker = make_worker(queue=queue_name, handler=flaky, retry=FAST_RETRY)
+    await worker.start()
+    await producer.publish("task", queue=queue_name)
+    assert await counter.wait_for(2) == [1, 2]
+    await wait_until(lambda: _true(worker.state.processed == 1))
+    assert worker.state.failed == 1 and worker.state.retried == 1
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_blocking_sync_handler_keeps_the_connection_alive(
+    amqp_url: str, producer: Producer, queue_name: str, counter: Counter
+) -> None:
+    conn = await connect(amqp_url + "?heartbeat=1")
+    reconnects: list[object] = []
+    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+
+    def blocking(job: Job) -> None:
+        time.sleep(3.5)  # 3.5x the heartbeat interval, in the worker's thread pool
+        counter.add(job.redelivered)
+
+    async with Worker(connection=conn, queue=queue_name, handler=blocking) as worker:
+        await producer.publish("slow", queue=queue_name)
+        assert await counter.wait_for(1) == [False]
+        await wait_until(lambda: _true(worker.state.processed == 1))
+    assert not reconnects
+    assert not conn.is_closed
+    assert await queue_depth(amqp_url, queue_name) == 0
+    assert counter.items == [False]  # exactly one delivery
+    await conn.close()
+
+
+async def test_workers_share_one_connection_under_gather(
+    connection: object, producer: Producer, queue_name: str, counter: Counter
+) -> None:
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    workers = [
+        Worker(connection=connection, queue=f"{queue_name}-{i}", handler=handler)  # type: ignore[arg-type]
+        for i in range(2)
+    ]
+    runs = asyncio.gather(*(w.run() for w in workers))
+    for i in range(2):
+        await producer.publish(f"for {i}", queue=f"{queue_name}-{i}")
+    assert sorted(await counter.wait_for(2)) == ["for 0", "for 1"]
+    for worker in workers:
+        await worker.stop()
+    await asyncio.wait_for(runs, 10)
+
+
+async def test_a_bad_queue_declaration_does_not_stop_other_workers_on_the_connection(
+    amqp_url: str, connection: object, producer: Producer, queue_name: str, counter: Counter
+) -> None:
+    async with Producer(amqp_url, queue_type="classic") as classic:
+        await classic.declare(f"{queue_name}-bad")  # a quorum worker on it must fail
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    good = [
+        Worker(connection=connection, queue=f"{queue_name}-{i}", handler=handler)  # type: ignore[arg-type]
+        for i in range(2)
+    ]
+    bad = Worker(connection=connection, queue=f"{queue_name}-bad", handler=handler)  # type: ignore[arg-type]
+    results = asyncio.gather(*(w.run() for w in [*good, bad]), return_exceptions=True)
+    for i in range(2):
+        await producer.publish(i, queue=f"{queue_name}-{i}")
+    assert sorted(await counter.wait_for(2)) == [0, 1]
+    for worker in good:
+        await worker.stop()
+    outcomes = await asyncio.wait_for(results, 10)
+    assert isinstance(outcomes[2], TopologyError)
+    assert f"{queue_name}-bad" in str(outcomes[2])
+
+
+async def test_messages_survive_a_broker_restart(
+    amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
+) -> None:
+    async with Producer(amqp_url) as producer:
+        await producer.publish_many(["a", "b", "c"], queue=queue_name)
+    local_broker.stop()
+    local_broker.start()
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    async with Worker(amqp_url, queue=queue_name, handler=handler):
+        assert sorted(await counter.wait_for(3)) == ["a", "b", "c"]
+
+
+async def test_a_killed_worker_s_message_is_redelivered_to_another(
+    amqp_url: str, producer: Producer, queue_name: str, counter: Counter
+) -> None:
+    await producer.declare(queue_name)
+    async with worker_process(amqp_url, queue_name, "hang") as proc:
+        await producer.publish("important", queue=queue_name)
+        assert await read_line(proc) == "STARTED important"
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    async def handler(job: Job) -> None:
+        counter.add((job.data, job.redelivered))
+
+    async with Worker(amqp_url, queue=queue_name, handler=handler):
+        assert await counter.wait_for(1) == [("important", True)]
+
+
+async def test_concurrency_limits_handlers_running_at_once(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    running = 0
+    peak = 0
+
+    async def handler(job: Job) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.5)
+        running -= 1
+        counter.add(job.data)
+
+    await producer.declare(queue_name)
+    await producer.publish_many(range(20), queue=queue_name)
+    started = time.monotonic()
+    await make_worker(queue=queue_name, handler=handler, concurrency=5, prefetch=10).start()
+    await counter.wait_for(20)
+    elapsed = time.monotonic() - started
+    assert peak == 5
+    assert 1.9 < elapsed < 4.0
+
+
+async def test_passive_queue_that_does_not_exist_is_a_topology_error(
+    make_worker: Callable[..., Worker], queue_name: str
+) -> None:
+    worker = make_worker(queue=Queue(queue_name, passive=True), handler=lambda job: None)
+    with pytest.raises(TopologyError, match="does not exist"):
+        await worker.start()
