@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ._connection import connect as connect
+from ._dead_letters import DeadLetter as DeadLetter
+from ._dead_letters import DeadLetters as DeadLetters
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import BrokerConnectionError as BrokerConnectionError
 from ._exceptions import ConfigurationError as ConfigurationError
@@ -40,6 +42,8 @@ __all__ = [
     "ConfigurationError",
     "connect",
     "ConnectionLostError",
+    "DeadLetter",
+    "DeadLetters",
     "Exchange",
     "ExchangeType",
     "Handler",

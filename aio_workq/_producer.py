@@ -11,6 +11,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
+from ._dead_letters import DeadLetters
 from ._exceptions import ConfigurationError, PublishError
 from ._serialization import encode_body
 from ._settings import redact_url, resolve_url
@@ -330,6 +331,12 @@ class Producer:
                 if isinstance(result, BaseException):
                     raise result
         return results
+
+    def dead_letters(self, queue: str | Queue) -> DeadLetters:
+        """The dead-letter queue of `queue`: count, read, replay and purge its messages."""
+        _, router = self._ready()
+        assert self._connection is not None
+        return DeadLetters(self._connection, router.queue_spec(queue))
 
     async def declare(self, queue: str | Queue) -> str:
         """Declare a queue (with its dead-letter queue) now; returns its name."""

@@ -404,12 +404,7 @@ class Worker:
         timeout = self._shutdown_timeout if timeout is None else timeout
         try:
             await self._cancel_consumer()
-            if self._tasks and timeout > 0:
-                hurry = asyncio.ensure_future(self._hurry.wait())
-                await asyncio.wait({*self._tasks, hurry}, timeout=timeout)
-                while self._tasks and not hurry.done():
-                    await asyncio.wait({*self._tasks, hurry}, timeout=timeout)
-                hurry.cancel()
+            await self._wait_for_handlers(timeout)
             for task in self._tasks:
                 task.cancel()
             if self._tasks:
@@ -419,6 +414,19 @@ class Worker:
         finally:
             await self._teardown()
             self._stopped.set()
+
+    async def _wait_for_handlers(self, timeout: float) -> None:
+        """Wait until no handler runs, `timeout` passes, or `stop(0)` hurries the stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        try:
+            while self._tasks and not hurry.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(
+                    {*self._tasks, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurry.cancel()
 
     async def _cancel_consumer(self) -> None:
         acker, tag = self._acker, self._consumer_tag

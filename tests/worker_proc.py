@@ -1,6 +1,6 @@
 """A worker in its own process, for tests that kill or signal it.
 
-    python -m tests.worker_proc URL QUEUE MODE
+    python -m tests.worker_proc URL QUEUE MODE [DELIVERY_LIMIT]
 
 Modes: `hang` prints `STARTED <id>` and never finishes; `crash-on-poison` exits hard on the body
 "poison" and prints `DONE <body>` for others; `slow` takes 1 s a message and prints `DONE <body>`.
@@ -12,10 +12,10 @@ import asyncio
 import os
 import sys
 
-from aio_workq import Job, Worker, run_workers
+from aio_workq import Job, Queue, Worker, run_workers
 
 
-async def main(url: str, queue: str, mode: str) -> None:
+async def main(url: str, queue: str, mode: str, delivery_limit: str = "20") -> None:
     async def handler(job: Job) -> None:
         print("STARTED", job.data, flush=True)
         if mode == "hang":
@@ -26,7 +26,14 @@ async def main(url: str, queue: str, mode: str) -> None:
             await asyncio.sleep(1)
         print("DONE", job.data, flush=True)
 
-    worker = Worker(url, queue=queue, handler=handler, concurrency=5, shutdown_timeout=10)
+    concurrency = 1 if mode == "crash-on-poison" else 5
+    worker = Worker(
+        url,
+        queue=Queue(queue, delivery_limit=int(delivery_limit)),
+        handler=handler,
+        concurrency=concurrency,
+        shutdown_timeout=10,
+    )
     await worker.start()
     print("READY", flush=True)
     await run_workers(worker)
@@ -34,4 +41,4 @@ async def main(url: str, queue: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:4]))
+    asyncio.run(main(*sys.argv[1:]))

@@ -1,0 +1,188 @@
+"""Count, read, replay and purge a queue's dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+
+from ._connection import translate_errors
+from ._exceptions import PublishError, PublishNackedError, TopologyError
+from ._job import ATTEMPT_HEADER
+from ._topology import Queue
+
+__all__ = ("DeadLetter", "DeadLetters")
+
+_BATCH = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message in a dead-letter queue, with why it got there."""
+
+    body: bytes
+    message_id: str | None
+    headers: Mapping[str, Any]
+    content_type: str | None
+
+    @property
+    def reason(self) -> str:
+        """The exception (`type: message`), `rejected`, or the broker's reason (e.g. delivery_limit)."""
+        exc_type = self.headers.get("x-workq-exception-type")
+        if exc_type:
+            return f"{exc_type}: {self.headers.get('x-workq-exception-message', '')}"
+        deaths = self.headers.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+            return str(deaths[0].get("reason", "dead-lettered by the broker"))
+        return "unknown"
+
+    @property
+    def attempts(self) -> int | None:
+        """How many attempts the worker made, when it dead-lettered the message itself."""
+        value = self.headers.get("x-workq-attempts")
+        return value if isinstance(value, int) else None
+
+
+class DeadLetters:
+    """The dead-letter queue of a work queue: count, read, replay, purge.
+
+    Moves are safe: `replay()` publishes each message back to the work queue and acks it in the
+    dead-letter queue only once the broker has confirmed the copy. Killed half-way, it leaves
+    every message in one of the two queues (a message can be in both: at-least-once).
+    """
+
+    def __init__(self, connection: AbstractRobustConnection, queue: Queue) -> None:
+        if queue.server_named or not queue.dead_letter:
+            raise ValueError(f"queue {queue.name!r} has no dead-letter queue")
+        self._connection = connection
+        self._queue = queue
+
+    @property
+    def name(self) -> str:
+        """The dead-letter queue's name."""
+        return self._queue.dead_letter_queue
+
+    async def _channel(self, confirms: bool = False) -> aiormq.Channel:
+        await self._connection.ready()
+        transport = self._connection.transport
+        if transport is None:
+            raise TopologyError("the connection is not open")
+        channel = await transport.connection.channel(publisher_confirms=confirms)
+        return channel  # type: ignore[return-value]
+
+    async def count(self) -> int:
+        """Messages waiting in the dead-letter queue."""
+        channel = await self._channel()
+        try:
+            with translate_errors(f"counting dead letters in {self.name!r}"):
+                ok = await channel.queue_declare(self.name, passive=True)
+            return int(ok.message_count or 0)
+        finally:
+            await _close(channel)
+
+    async def read(self, limit: int = 10) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, left in the queue."""
+        channel = await self._channel()
+        letters: list[DeadLetter] = []
+        try:
+            with translate_errors(f"reading dead letters from {self.name!r}"):
+                while len(letters) < limit:
+                    message = await channel.basic_get(self.name, no_ack=False)
+                    if message.delivery_tag is None:
+                        break
+                    letters.append(_letter(message))
+        finally:
+            await _close(channel)  # unacked: the broker puts them back
+        return letters
+
+    async def replay(self, limit: int | None = None) -> int:
+        """Move dead letters back to the work queue with attempts reset; returns how many."""
+        channel = await self._channel(confirms=True)
+        moved = 0
+        try:
+            while limit is None or moved < limit:
+                batch = await self._get_batch(
+                    channel, _BATCH if limit is None else min(_BATCH, limit - moved)
+                )
+                if not batch:
+                    break
+                await asyncio.gather(*(self._publish_back(channel, m) for m in batch))
+                last = batch[-1].delivery_tag
+                assert last is not None
+                await channel.basic_ack(last, multiple=True)
+                moved += len(batch)
+        finally:
+            await _close(channel)
+        return moved
+
+    async def purge(self) -> int:
+        """Delete every dead letter; returns how many."""
+        channel = await self._channel()
+        try:
+            with translate_errors(f"purging {self.name!r}"):
+                ok = await channel.queue_purge(self.name)
+            return int(ok.message_count or 0)
+        finally:
+            await _close(channel)
+
+    async def _get_batch(self, channel: aiormq.Channel, size: int) -> list[DeliveredMessage]:
+        batch: list[DeliveredMessage] = []
+        with translate_errors(f"reading dead letters from {self.name!r}"):
+            while len(batch) < size:
+                message = await channel.basic_get(self.name, no_ack=False)
+                if message.delivery_tag is None:
+                    break
+                batch.append(message)
+        return batch
+
+    async def _publish_back(self, channel: aiormq.Channel, message: DeliveredMessage) -> None:
+        props = message.header.properties
+        headers = {
+            key: value
+            for key, value in (props.headers or {}).items()
+            if not key.startswith("x-workq-") and key != "x-death"
+        }
+        headers[ATTEMPT_HEADER] = 1
+        props.headers = headers
+        props.delivery_mode = 2
+        try:
+            with translate_errors(f"replaying into {self._queue.name!r}"):
+                confirm = await channel.basic_publish(
+                    message.body, exchange="", routing_key=self._queue.name,
+                    properties=props, mandatory=True,
+                )  # fmt: skip
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishNackedError(
+                f"replaying {props.message_id} into {self._queue.name!r} failed: {exc}; it stays "
+                "in the dead-letter queue",
+                message_id=props.message_id, routing_key=self._queue.name,
+            ) from exc  # fmt: skip
+        if not isinstance(confirm, aiormq.spec.Basic.Ack):
+            raise PublishError(
+                f"replaying {props.message_id} into {self._queue.name!r} was not confirmed; it "
+                "stays in the dead-letter queue",
+                message_id=props.message_id, routing_key=self._queue.name,
+            )  # fmt: skip
+
+
+def _letter(message: DeliveredMessage) -> DeadLetter:
+    props = message.header.properties
+    return DeadLetter(
+        body=message.body,
+        message_id=props.message_id,
+        headers=dict(props.headers or {}),
+        content_type=props.content_type,
+    )
+
+
+async def _close(channel: aiormq.Channel) -> None:
+    if not channel.is_closed:
+        try:
+            await channel.close()
+        except aiormq.exceptions.AMQPError:
+            pass

@@ -1,0 +1,241 @@
+"""Retries held by the broker and dead letters (issue 3), against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import aio_pika
+import pytest
+
+from aio_workq import (
+    Job,
+    Producer,
+    Queue,
+    Reject,
+    Retry,
+    RetryPolicy,
+    TopologyError,
+    Worker,
+)
+from scripts.broker import LocalBroker
+from tests.conftest import Counter, queue_depth, wait_until
+
+pytestmark = pytest.mark.broker
+
+
+async def test_poison_message_runs_max_attempts_then_is_dead_lettered_with_reasons(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    amqp_url: str,
+) -> None:  # fmt: skip
+    policy = RetryPolicy(max_attempts=5, initial_delay=0.1, multiplier=2, jitter=0)
+
+    async def poison(job: Job) -> None:
+        counter.add(job.attempt)
+        raise ValueError(f"bad input on attempt {job.attempt}")
+
+    worker = make_worker(queue=queue_name, handler=poison, retry=policy)
+    await worker.start()
+    await producer.publish({"id": 7}, queue=queue_name, message_id="poison-1")
+    dead = producer.dead_letters(queue_name)
+
+    async def one_dead_letter() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(one_dead_letter, timeout=15)
+    assert counter.items == [1, 2, 3, 4, 5]
+    [letter] = await dead.read()
+    assert letter.body == b'{"id":7}' and letter.message_id == "poison-1"
+    assert letter.headers["x-workq-original-queue"] == queue_name
+    assert letter.headers["x-workq-attempts"] == 5
+    assert letter.headers["x-workq-exception-type"] == "builtins.ValueError"
+    assert letter.headers["x-workq-exception-message"] == "bad input on attempt 5"
+    assert "ValueError" in letter.headers["x-workq-traceback"]
+    assert letter.headers["x-workq-first-failure"] <= letter.headers["x-workq-last-failure"]
+    assert letter.reason == "builtins.ValueError: bad input on attempt 5"
+    assert await queue_depth(amqp_url, queue_name) == 0
+    for level in policy.levels_ms():
+        assert await queue_depth(amqp_url, Queue(queue_name).delay_queue(level)) == 0
+    assert worker.state.dead_lettered == 1 and worker.state.retried == 4
+
+
+async def test_backoff_gaps_are_at_least_the_delays_and_at_most_two_seconds_more(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    policy = RetryPolicy(max_attempts=4, initial_delay=0.5, multiplier=2, jitter=0)
+
+    async def failing(job: Job) -> None:
+        counter.add(time.monotonic())
+        raise RuntimeError("again")
+
+    await make_worker(queue=queue_name, handler=failing, retry=policy).start()
+    await producer.publish("x", queue=queue_name)
+    times = await counter.wait_for(4, timeout=20)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    for attempt, gap in enumerate(gaps, start=1):
+        assert policy.delay(attempt) <= gap <= policy.delay(attempt) + 2, (attempt, gaps)
+
+
+async def test_explicit_retry_delay_and_reject(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def handler(job: Job) -> None:
+        counter.add((job.data, job.attempt, time.monotonic()))
+        if job.data == "later" and job.attempt == 1:
+            raise Retry(delay=1)
+        if job.data == "never":
+            raise Reject("malformed")
+
+    await make_worker(queue=queue_name, handler=handler).start()
+    await producer.publish("never", queue=queue_name)
+    await producer.publish("later", queue=queue_name)
+    seen = await counter.wait_for(3, timeout=10)
+    dead = producer.dead_letters(queue_name)
+    [letter] = await dead.read()
+    assert letter.body == b"never" and letter.headers["x-workq-rejected"] is True
+    assert letter.headers["x-workq-attempts"] == 1
+    assert [(d, a) for d, a, _ in seen] == [("never", 1), ("later", 1), ("later", 2)]
+    assert seen[2][2] - seen[1][2] >= 1.0
+
+
+async def test_a_pending_retry_survives_a_broker_restart(
+    amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
+) -> None:
+    async def handler(job: Job) -> None:
+        counter.add(job.attempt)
+        if job.attempt == 1:
+            raise Retry(delay=5)
+
+    async with Producer(amqp_url) as producer:
+        async with Worker(amqp_url, queue=queue_name, handler=handler):
+            await producer.publish("x", queue=queue_name)
+            await counter.wait_for(1)
+    delay_queue = Queue(queue_name).delay_queue(5000)
+
+    async def waiting_in_delay_queue() -> bool:
+        return await queue_depth(amqp_url, delay_queue) == 1
+
+    await wait_until(waiting_in_delay_queue)
+    local_broker.stop()
+    local_broker.start()
+    async with Worker(amqp_url, queue=queue_name, handler=handler):
+        assert await counter.wait_for(2, timeout=20) == [1, 2]
+
+
+async def test_crash_loop_message_reaches_the_dead_letter_queue_by_delivery_limit(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    spec = Queue(queue_name, delivery_limit=2)
+    for body in ("a", "poison", "b", "c"):
+        await producer.publish(body, queue=spec)
+    done: set[str] = set()
+    crashes = 0
+    for _ in range(8):
+        with subprocess.Popen(
+            [sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name,
+             "crash-on-poison", "2"],
+            stdout=subprocess.PIPE, text=True,
+        ) as proc:  # fmt: skip
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith("DONE"):
+                    done.add(line.split()[1])
+                if done == {"a", "b", "c"} and await producer.dead_letters(spec).count() == 1:
+                    break
+            proc.kill()
+            if proc.wait(timeout=10) == 3:
+                crashes += 1
+        if done == {"a", "b", "c"} and await producer.dead_letters(spec).count() == 1:
+            break
+    [letter] = await producer.dead_letters(spec).read()
+    assert letter.body == b"poison"
+    assert letter.reason == "delivery_limit"
+    assert done == {"a", "b", "c"}
+    assert crashes == 3  # first delivery + 2 redeliveries, then the broker dead-letters it
+    assert await queue_depth(amqp_url, queue_name) == 0
+
+
+async def test_replay_moves_dead_letters_back_and_they_are_processed(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    fixed = asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        if not fixed.is_set():
+            raise Reject("not yet")
+        counter.add((job.data, job.attempt))
+
+    await make_worker(queue=queue_name, handler=handler, concurrency=10).start()
+    await producer.publish_many(range(30), queue=queue_name)
+    dead = producer.dead_letters(queue_name)
+
+    async def all_dead() -> bool:
+        return await dead.count() == 30
+
+    await wait_until(all_dead, timeout=15)
+    fixed.set()
+    assert await dead.replay() == 30
+    received = await counter.wait_for(30)
+    assert sorted(d for d, _ in received) == list(range(30))
+    assert {a for _, a in received} == {1}
+    assert await dead.count() == 0
+
+
+async def test_replay_killed_midway_loses_nothing(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    spec = Queue(queue_name)
+    await producer.declare(spec)
+    dlq = spec.dead_letter_queue
+    await producer.publish_many(range(3000), routing_key=dlq)
+    code = (
+        "import asyncio, sys\n"
+        "from aio_workq import Producer\n"
+        "async def main():\n"
+        "    async with Producer(sys.argv[1]) as p:\n"
+        "        print('REPLAYING', flush=True)\n"
+        "        await p.dead_letters(sys.argv[2]).replay()\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, amqp_url, queue_name, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    assert (await asyncio.wait_for(proc.stdout.readline(), 20)).strip() == b"REPLAYING"
+
+    async def some_moved() -> bool:
+        return await queue_depth(amqp_url, queue_name) > 0
+
+    await wait_until(some_moved)
+    proc.kill()
+    await proc.wait()
+
+    async def settled() -> bool:
+        work = await queue_depth(amqp_url, queue_name)
+        dead = await queue_depth(amqp_url, dlq)
+        return work + dead >= 3000 and work < 3000
+
+    await wait_until(settled)
+    assert 0 < await queue_depth(amqp_url, dlq) < 3000
+
+
+async def test_existing_queue_without_dead_letter_arguments_says_how_to_migrate(
+    amqp_url: str, make_worker: Callable[..., Worker], queue_name: str
+) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(queue_name, durable=True)
+        await channel.default_exchange.publish(aio_pika.Message(b"old"), routing_key=queue_name)
+        worker = make_worker(queue=queue_name, handler=lambda job: None, queue_type="classic")
+        with pytest.raises(TopologyError) as info:
+            await worker.start()
+        text = str(info.value)
+        assert queue_name in text and "x-dead-letter-exchange" in text
+        assert "To migrate" in text
+        await queue.declare()  # still there, untouched
+        assert queue.declaration_result.message_count == 1
