@@ -32,7 +32,7 @@ class DeadLetter:
 
     @property
     def reason(self) -> str:
-        """The exception (`type: message`), `rejected`, or the broker's reason (e.g. delivery_limit)."""
+        """`type: message` of the exception, or the broker's reason (e.g. `delivery_limit`)."""
         exc_type = self.headers.get("x-workq-exception-type")
         if exc_type:
             return f"{exc_type}: {self.headers.get('x-workq-exception-message', '')}"

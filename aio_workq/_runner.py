@@ -42,11 +42,11 @@ async def run_workers(*workers: Worker, handle_signals: bool = True) -> None:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     if handle_signals:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, on_signal, signum)
-            installed.append(signum)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+            installed.append(sig)
     runs = [asyncio.ensure_future(worker.run()) for worker in workers]
     try:
         await asyncio.gather(*runs)
@@ -58,5 +58,5 @@ async def run_workers(*workers: Worker, handle_signals: bool = True) -> None:
             run.cancel()
         raise
     finally:
-        for signum in installed:
-            loop.remove_signal_handler(signum)
+        for sig in installed:
+            loop.remove_signal_handler(sig)

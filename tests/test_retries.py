@@ -133,22 +133,24 @@ async def test_crash_loop_message_reaches_the_dead_letter_queue_by_delivery_limi
         await producer.publish(body, queue=spec)
     done: set[str] = set()
     crashes = 0
-    for _ in range(8):
-        with subprocess.Popen(
-            [sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name,
-             "crash-on-poison", "2"],
-            stdout=subprocess.PIPE, text=True,
-        ) as proc:  # fmt: skip
-            assert proc.stdout is not None
-            for line in proc.stdout:
+    dead = producer.dead_letters(spec)
+    for _ in range(8):  # restart the worker after each crash, like a supervisor would
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "crash-on-poison",
+            "2", stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            while line := (await proc.stdout.readline()).decode():
                 if line.startswith("DONE"):
                     done.add(line.split()[1])
-                if done == {"a", "b", "c"} and await producer.dead_letters(spec).count() == 1:
+                if done == {"a", "b", "c"} and await dead.count() == 1:
                     break
+        if proc.returncode is None:
             proc.kill()
-            if proc.wait(timeout=10) == 3:
-                crashes += 1
-        if done == {"a", "b", "c"} and await producer.dead_letters(spec).count() == 1:
+        if await proc.wait() == 3:
+            crashes += 1
+        if done == {"a", "b", "c"} and await dead.count() == 1:
             break
     [letter] = await producer.dead_letters(spec).read()
     assert letter.body == b"poison"
