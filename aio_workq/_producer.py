@@ -12,7 +12,8 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
 from ._dead_letters import DeadLetters
-from ._exceptions import ConfigurationError, PublishError
+from ._exceptions import ConfigurationError, PublishError, RPCTimeoutError
+from ._rpc import REPLY_TO, RPCClient
 from ._serialization import encode_body
 from ._settings import redact_url, resolve_url
 from ._topology import (
@@ -145,7 +146,7 @@ class Producer:
         self._channel: AbstractRobustChannel | None = None
         self._publisher: ConfirmPublisher | None = None
         self._router: Router | None = None
-        self._rpc: Any = None
+        self._rpc: RPCClient | None = None
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url else "shared connection"
@@ -331,6 +332,54 @@ class Producer:
                 if isinstance(result, BaseException):
                     raise result
         return results
+
+    async def call(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Send a request and wait for the worker's reply (RPC over direct reply-to).
+
+        The worker's handler return value comes back decoded (JSON data, text, or bytes).
+
+        Raises:
+            RPCError: the remote handler raised; `remote_type` names the exception class.
+            RPCTimeoutError: no reply within `timeout` seconds.
+            PublishError: the request was not confirmed (e.g. `UnroutableError`).
+        """
+        publisher, _ = self._ready()
+        if timeout <= 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if self._rpc is None:
+            assert self._channel is not None
+            self._rpc = RPCClient(self._channel)
+        rpc: RPCClient = self._rpc
+        try:
+            async with asyncio.timeout(timeout):
+                await rpc.ready()
+                correlation_id, reply = rpc.expect()
+                try:
+                    await self.publish(
+                        body, queue, exchange=exchange, routing_key=routing_key,
+                        headers=headers, correlation_id=correlation_id, reply_to=REPLY_TO,
+                        persistent=False, timeout=timeout,
+                    )  # fmt: skip
+                    return await reply
+                finally:
+                    reply.cancel()
+        except TimeoutError as exc:
+            if isinstance(exc, PublishError):
+                raise
+            target = routing_key or (queue.name if isinstance(queue, Queue) else queue)
+            raise RPCTimeoutError(
+                f"no reply within {timeout:g} s to the call on {target!r}: is a worker consuming "
+                "that queue?"
+            ) from None
 
     def dead_letters(self, queue: str | Queue) -> DeadLetters:
         """The dead-letter queue of `queue`: count, read, replay and purge its messages."""

@@ -663,7 +663,7 @@ class Worker:
             before = loop.time()
             await asyncio.sleep(interval)
             lag = loop.time() - before - interval
-            if lag > _BLOCKED_AFTER:
+            if lag > _BLOCKED_AFTER and self._tasks:
                 log.warning(
                     "handler %s of worker %r blocked the event loop for %.2f s; use a plain "
                     "def handler (run in a thread) or await instead of blocking",

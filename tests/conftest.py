@@ -1,16 +1,15 @@
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-import aio_pika
 import pytest
 
 import aio_workq
 from scripts.broker import BrokerError, LocalBroker, ensure_installed
+from tests.helpers import Counter
 
 # --- broker ---
 # Tests get a broker URL from `amqp_url`: AIO_WORKQ_AMQP_URL if set, else a RabbitMQ node of our own
@@ -99,41 +98,6 @@ async def make_worker(amqp_url: str) -> AsyncIterator[Callable[..., aio_workq.Wo
         await worker.stop(timeout=1)
 
 
-class Counter:
-    """Counts calls and lets a test wait, with a timeout, until a count is reached."""
-
-    def __init__(self) -> None:
-        self.items: list[Any] = []
-        self._changed = asyncio.Event()
-
-    def add(self, item: Any) -> None:
-        self.items.append(item)
-        self._changed.set()
-
-    async def wait_for(self, count: int, timeout: float = 10.0) -> list[Any]:
-        async with asyncio.timeout(timeout):
-            while len(self.items) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.items
-
-
 @pytest.fixture
 def counter() -> Counter:
     return Counter()
-
-
-async def queue_depth(amqp_url: str, name: str) -> int:
-    """Messages ready in a queue, read with a passive declare."""
-    conn = await aio_pika.connect(amqp_url)
-    async with conn:
-        channel = await conn.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Poll an async predicate every 50 ms until it holds, failing after `timeout`."""
-    async with asyncio.timeout(timeout):
-        while not await predicate():  # noqa: ASYNC110 - broker state has no event
-            await asyncio.sleep(0.05)

@@ -30,7 +30,7 @@ from aio_workq import (
     WorkqError,
 )
 from scripts.broker import LocalBroker, free_port
-from tests.conftest import Counter, queue_depth, wait_until
+from tests.helpers import Counter, queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -14,7 +14,7 @@ import pytest
 
 from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
 from scripts.broker import LocalBroker
-from tests.conftest import Counter, queue_depth, wait_until
+from tests.helpers import Counter, queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -1,0 +1,44 @@
+# Developer and CI entry points. `make check` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?= -m "not slow"
+BROKER_DIR ?= .broker/dev
+
+.PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
+
+venv: $(VENV)/.stamp
+
+$(VENV)/.stamp: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip
+	$(PIP) install -q -e . --group dev
+	touch $@
+
+demo: venv
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -m slow
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
+bench: venv
+	$(PIP) install -q -e . --group bench && $(PY) -m bench
+
+# A local RabbitMQ node that keeps running (state in $(BROKER_DIR)); stdlib only, no venv needed.
+broker-start:
+	$(PYTHON) -m scripts.broker start --dir $(BROKER_DIR)
+
+broker-stop:
+	$(PYTHON) -m scripts.broker stop --dir $(BROKER_DIR)
+
+check: lint docs test
