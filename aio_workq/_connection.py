@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -38,14 +39,22 @@ class BackoffConnection(aio_pika.RobustConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._failures = 0
         self._base_interval = 0.5
+        self._delay = 0.5
+        self._last_read = 0.0
         super().__init__(*args, **kwargs)
         self.reconnect_callbacks.add(self._reset_backoff)
 
     @property
     def reconnect_interval(self) -> float:
-        delay = min(self.reconnect_cap, self._base_interval * 2**self._failures)
-        self._failures = min(self._failures + 1, 16)
-        return random.uniform(delay / 2, delay)
+        # aio-pika reads this for its log line and again for its sleep: one failed attempt is
+        # one burst of reads, so the delay advances only when the last read is not recent.
+        now = time.monotonic()
+        if now - self._last_read > 0.1:
+            delay = min(self.reconnect_cap, self._base_interval * 2**self._failures)
+            self._failures = min(self._failures + 1, 16)
+            self._delay = random.uniform(delay / 2, delay)
+        self._last_read = now
+        return self._delay
 
     @reconnect_interval.setter
     def reconnect_interval(self, value: float) -> None:
@@ -114,7 +123,7 @@ def translate_errors(doing: str) -> Iterator[None]:
     except aiormq.exceptions.ChannelNotFoundEntity as exc:
         raise TopologyError(f"{doing}: {_reason(exc)}") from exc
     except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise TopologyError(f"{doing}: access refused: {_reason(exc)}") from None
+        raise TopologyError(f"{doing}: access refused: {_reason(exc)}") from exc
     except (aiormq.exceptions.AMQPConnectionError, ConnectionError, OSError) as exc:
         raise BrokerConnectionError(f"{doing}: {_reason(exc)}") from exc
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 from aiormq.abc import DeliveredMessage
 
+from ._exceptions import Reject
 from ._serialization import decode_body
 
 if TYPE_CHECKING:
@@ -44,9 +45,17 @@ class Job:
 
     @property
     def data(self) -> Any:
-        """The body decoded by its content type: JSON data, `str` for text, else the bytes."""
+        """The body decoded by its content type: JSON data, `str` for text, else the bytes.
+
+        Raises:
+            Reject: the body does not decode; retrying can't help, so the message goes
+                straight to the dead-letter queue.
+        """
         if self._data is _UNSET:
-            self._data = decode_body(self._message.body, self.content_type)
+            try:
+                self._data = decode_body(self._message.body, self.content_type)
+            except ValueError as exc:
+                raise Reject(f"the body does not decode as {self.content_type}: {exc}") from exc
         return self._data
 
     @property

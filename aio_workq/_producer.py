@@ -12,7 +12,13 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
 from ._dead_letters import DeadLetters
-from ._exceptions import ConfigurationError, PublishError, RPCTimeoutError
+from ._exceptions import (
+    ConfigurationError,
+    PublishError,
+    RPCTimeoutError,
+    SerializationError,
+    WorkqError,
+)
 from ._rpc import REPLY_TO, RPCClient
 from ._serialization import encode_body
 from ._settings import redact_url, resolve_url
@@ -313,22 +319,33 @@ class Producer:
         `return_exceptions=True` failed ones appear as their `PublishError` in the list;
         otherwise the first failure is raised once all are settled.
         """
-        confirms = [
-            await self.send(
-                body,
-                queue,
-                exchange=exchange,
-                routing_key=routing_key,
-                headers=headers,
-                timeout=timeout,
-            )
-            for body in bodies
-        ]
-        results = await asyncio.gather(*confirms, return_exceptions=True)
+        outcomes: list[asyncio.Future[str] | WorkqError] = []
+        for body in bodies:
+            try:
+                outcomes.append(
+                    await self.send(
+                        body,
+                        queue,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        headers=headers,
+                        timeout=timeout,
+                    )  # fmt: skip
+                )
+            except (SerializationError, PublishError) as exc:
+                if not return_exceptions:
+                    # Settle what was sent before raising: no confirm is left unobserved.
+                    await asyncio.gather(
+                        *(o for o in outcomes if isinstance(o, asyncio.Future)),
+                        return_exceptions=True,
+                    )
+                    raise
+                outcomes.append(exc)
+        confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
+        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
         if not return_exceptions:
             for result in results:
-                if isinstance(result, PublishError):
-                    raise result
                 if isinstance(result, BaseException):
                     raise result
         return results

@@ -6,6 +6,8 @@ import bisect
 import random
 from dataclasses import dataclass
 
+from ._exceptions import ConfigurationError
+
 __all__ = ("RetryPolicy",)
 
 # Delay levels for `Retry(delay=...)`: a requested delay waits in the smallest level that is at
@@ -36,7 +38,7 @@ class RetryPolicy:
     of failures doesn't come back in lock step. After `max_attempts` the message is dead-lettered.
 
     Raises:
-        ValueError: a setting is out of range.
+        ConfigurationError: a setting is out of range (a `ValueError`).
     """
 
     max_attempts: int = 5
@@ -47,20 +49,24 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError(f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts!r}")
+            raise ConfigurationError(
+                f"RetryPolicy.max_attempts must be >= 1, got {self.max_attempts!r}"
+            )
         if not 0.001 <= self.initial_delay <= 86_400:
-            raise ValueError(
+            raise ConfigurationError(
                 f"RetryPolicy.initial_delay must be 0.001-86400 seconds, got {self.initial_delay!r}"
             )
         if self.multiplier < 1:
-            raise ValueError(f"RetryPolicy.multiplier must be >= 1, got {self.multiplier!r}")
+            raise ConfigurationError(
+                f"RetryPolicy.multiplier must be >= 1, got {self.multiplier!r}"
+            )
         if not self.initial_delay <= self.max_delay <= 86_400:
-            raise ValueError(
+            raise ConfigurationError(
                 "RetryPolicy.max_delay must be between initial_delay and 86400 seconds, got "
                 f"{self.max_delay!r}"
             )
         if not 0 <= self.jitter < 1:
-            raise ValueError(f"RetryPolicy.jitter must be in [0, 1), got {self.jitter!r}")
+            raise ConfigurationError(f"RetryPolicy.jitter must be in [0, 1), got {self.jitter!r}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1-based), before jitter."""

@@ -20,7 +20,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustConnection
 
 from ._connection import translate_errors
-from ._exceptions import TopologyError
+from ._exceptions import ConfigurationError, TopologyError
 
 __all__ = (
     "Exchange",
@@ -85,15 +85,15 @@ class Queue:
         try:
             object.__setattr__(self, "type", QueueType(self.type))
         except ValueError:
-            raise ValueError(
+            raise ConfigurationError(
                 f"queue {self.name!r}: type must be 'quorum' or 'classic', got {self.type!r}"
             ) from None
         if self.delivery_limit is not None and self.delivery_limit < 1:
-            raise ValueError(
+            raise ConfigurationError(
                 f"queue {self.name!r}: delivery_limit must be >= 1, got {self.delivery_limit!r}"
             )
         if len(self.name.encode()) > 200:
-            raise ValueError(f"queue name longer than 200 bytes: {self.name[:40]!r}...")
+            raise ConfigurationError(f"queue name longer than 200 bytes: {self.name[:40]!r}...")
 
     @property
     def server_named(self) -> bool:
@@ -160,12 +160,14 @@ class Exchange:
         try:
             object.__setattr__(self, "type", ExchangeType(self.type))
         except ValueError:
-            raise ValueError(
+            raise ConfigurationError(
                 f"exchange {self.name!r}: type must be direct, topic, fanout or headers, "
                 f"got {self.type!r}"
             ) from None
         if not self.name:
-            raise ValueError("the default exchange '' can't be declared; leave exchange unset")
+            raise ConfigurationError(
+                "the default exchange '' can't be declared; leave exchange unset"
+            )
 
 
 async def _declare_one(
@@ -211,8 +213,6 @@ async def declare_queue(
     """Declare `queue` with its dead-letter and delay queues; returns its (server) name."""
     if queue.server_named:
         return await _declare_one(channel, "", dict(queue.arguments), exclusive=True)
-    if queue.passive:
-        return await _declare_one(channel, queue.name, {}, passive=True)
     if queue.dead_letter:
         await _declare_one(
             channel, queue.dead_letter_queue, queue.arguments_for_dead_letter_queue()
@@ -221,6 +221,8 @@ async def declare_queue(
         await _declare_one(
             channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay)
         )
+    if queue.passive:  # the work queue must exist; its retry and dead-letter queues are ours
+        return await _declare_one(channel, queue.name, {}, passive=True)
     return await _declare_one(channel, queue.name, queue.arguments_for_work_queue())
 
 

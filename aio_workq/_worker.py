@@ -50,6 +50,11 @@ Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
 _ERROR_TEXT_LIMIT = 1000
 _TRACEBACK_LIMIT = 4000
 _BLOCKED_AFTER = 0.5
+# Set by the broker; a copy moved to another queue must not carry them.
+_BROKER_HEADERS = frozenset(
+    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+     "x-first-death-reason"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,19 +327,22 @@ class Worker:
     async def _setup(self) -> None:
         """Declare, bind, set QoS and consume on the current channel (also after a reopen)."""
         assert self._channel is not None and self._router is not None
-        delays = self._retry.levels_ms() if self._retry and self._queue.dead_letter else ()
+        retries = self._retry is not None and not self._queue.server_named
+        delays = self._retry.levels_ms() if self._retry is not None and retries else ()
         self._queue_name = await self._router.declare(self._queue, delays_ms=delays)
         self._delay_levels = set(delays)
         if self._exchange is not None:
             await self._bind()
         with translate_errors(f"consuming {self._queue_name!r}"):
             channel = await self._channel.get_underlay_channel()
-            await channel.basic_qos(prefetch_count=self._prefetch)
-            self._acker = _Acker(channel)
+            if self._acker is None or self._acker.channel is not channel:
+                # A new channel: the old channel's deliveries are the broker's to redeliver.
+                self._acker = _Acker(channel)
+                channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+                channel.closing.add_done_callback(self._on_channel_closed)
+                await channel.basic_qos(prefetch_count=self._prefetch)
             ok = await channel.basic_consume(self._queue_name, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
-        channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
-        channel.closing.add_done_callback(self._on_channel_closed)
 
     async def _bind(self) -> None:
         assert self._connection is not None
@@ -519,58 +527,29 @@ class Worker:
         retry = self._retry
         attempt = job.attempt
         final = isinstance(exc, Reject) or retry is None or attempt >= retry.max_attempts
-        if not self._queue.dead_letter or self._queue.server_named:
-            if final:
-                log.error(
-                    "dropping message %s from %r after %d attempt(s) (the queue has no "
-                    "dead-letter queue): %r",
-                    job.message_id,
-                    self._queue_name,
-                    attempt,
-                    exc,
-                )
-                acker.nack(tag, requeue=False)
-            else:
-                acker.nack(tag, requeue=True)
+        if self._queue.server_named or (final and not self._queue.dead_letter):
+            # No dead-letter queue (a subscriber queue, or dead_letter=False): say so loudly.
+            log.error(
+                "dropping message %s from %r after %d attempt(s): %r (the queue has no "
+                "dead-letter queue)", job.message_id, self._queue_name, attempt, exc,
+            )  # fmt: skip
+            acker.nack(tag, requeue=False)
             return
-        headers = dict(job.headers)
+        headers = {k: v for k, v in job.headers.items() if k not in _BROKER_HEADERS}
         now = datetime.now(UTC).isoformat()
         headers.setdefault("x-workq-first-failure", now)
         headers["x-workq-last-failure"] = now
         headers["x-workq-exception-type"] = _qualname(exc)
         headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
-        expiration: str | None = None
-        if final:
-            target = self._queue.dead_letter_queue
-            headers["x-workq-original-queue"] = self._queue_name
-            headers["x-workq-attempts"] = attempt
-            headers["x-workq-traceback"] = _traceback(exc)
-            if isinstance(exc, Reject):
-                headers["x-workq-rejected"] = True
-        else:
-            assert retry is not None
-            headers[ATTEMPT_HEADER] = attempt + 1
-            requested = exc.delay if isinstance(exc, Retry) else None
-            if requested == 0:
-                target = self._queue_name
-            else:
-                level = (
-                    retry.level_for(requested) if requested is not None else retry.delay_ms(attempt)
-                )
-                await self._ensure_delay_level(level)
-                target = self._queue.delay_queue(level)
-                if requested is None:
-                    expiration = str(retry.jittered_ms(level))
+        target = self._queue_name
         try:
+            target, expiration = await self._failure_target(job, exc, final, headers)
             await self._republish(job, target, headers, expiration)
         except (WorkqError, aiormq.exceptions.AMQPError) as error:
             log.error(
-                "could not move failed message %s to %r (%s); returning it to %r",
-                job.message_id,
-                target,
-                error,
-                self._queue_name,
-            )
+                "could not move failed message %s to %r (%s); returning it to the queue",
+                job.message_id, target, error,
+            )  # fmt: skip
             acker.nack(tag, requeue=True)
             return
         acker.ack(tag)
@@ -578,13 +557,35 @@ class Worker:
             self._dead_lettered += 1
             log.warning(
                 "message %s dead-lettered to %r after %d attempt(s): %s",
-                job.message_id,
-                target,
-                attempt,
-                headers["x-workq-exception-type"],
-            )
+                job.message_id, target, attempt, headers["x-workq-exception-type"],
+            )  # fmt: skip
         else:
             self._retried += 1
+
+    async def _failure_target(
+        self, job: Job, exc: BaseException, final: bool, headers: dict[str, Any]
+    ) -> tuple[str, str | None]:
+        """The queue a failed message moves to and its per-message TTL; adds reason headers."""
+        if final:
+            headers["x-workq-original-queue"] = self._queue_name
+            headers["x-workq-attempts"] = job.attempt
+            headers["x-workq-traceback"] = _traceback(exc)
+            if isinstance(exc, Reject):
+                headers["x-workq-rejected"] = True
+            return self._queue.dead_letter_queue, None
+        retry = self._retry
+        assert retry is not None
+        headers[ATTEMPT_HEADER] = job.attempt + 1
+        requested = exc.delay if isinstance(exc, Retry) else None
+        if requested == 0:
+            return self._queue_name, None
+        if requested is not None:
+            level = retry.level_for(requested)
+            await self._ensure_delay_level(level)
+            return self._queue.delay_queue(level), None
+        level = retry.delay_ms(job.attempt)
+        await self._ensure_delay_level(level)
+        return self._queue.delay_queue(level), str(retry.jittered_ms(level))
 
     async def _ensure_delay_level(self, level: int) -> None:
         if level in self._delay_levels:

@@ -287,3 +287,14 @@ async def test_worker_sees_queue_state_after_publish(
         return await queue_depth(amqp_url, queue_name) == 2
 
     await wait_until(depth_is_two)
+
+
+async def test_publish_many_reports_an_unserialisable_body_in_its_slot(
+    producer: Producer, queue_name: str, amqp_url: str
+) -> None:
+    results = await producer.publish_many(["a", object(), "c"], queue_name, return_exceptions=True)
+    assert isinstance(results[0], str) and isinstance(results[2], str)
+    assert isinstance(results[1], SerializationError)
+    with pytest.raises(SerializationError):
+        await producer.publish_many(["d", object()], queue_name)
+    assert await queue_depth(amqp_url, queue_name) == 3  # a, c and d: all confirmed

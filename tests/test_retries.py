@@ -242,3 +242,23 @@ async def test_existing_queue_without_dead_letter_arguments_says_how_to_migrate(
         assert "To migrate" in text
         await queue.declare()  # still there, untouched
         assert queue.declaration_result.message_count == 1
+
+
+async def test_undecodable_json_goes_straight_to_the_dead_letter_queue(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def handler(job: Job) -> None:
+        counter.add(job.attempt)
+        job.data  # noqa: B018 - decoding is what fails
+
+    await make_worker(queue=queue_name, handler=handler).start()
+    await producer.publish(b"{not json", queue=queue_name, content_type="application/json")
+    dead = producer.dead_letters(queue_name)
+
+    async def dead_lettered() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(dead_lettered)
+    [letter] = await dead.read()
+    assert letter.headers["x-workq-rejected"] is True and "does not decode" in letter.reason
+    assert counter.items == [1]

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+import aiormq
 import pytest
 
 from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
@@ -229,3 +230,31 @@ async def test_passive_queue_that_does_not_exist_is_a_topology_error(
     worker = make_worker(queue=Queue(queue_name, passive=True), handler=lambda job: None)
     with pytest.raises(TopologyError, match="does not exist"):
         await worker.start()
+
+
+async def test_worker_resumes_after_its_queue_is_deleted_and_recreated(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    worker = make_worker(queue=queue_name, handler=handler)
+    await worker.start()
+    await producer.publish("one", queue=queue_name)
+    await counter.wait_for(1)
+    conn = await connect(amqp_url)
+    async with conn:
+        channel = await conn.channel()
+        await channel.queue_delete(queue_name)
+
+    async def consuming_again() -> bool:
+        try:
+            return worker.state.consuming and await queue_depth(amqp_url, queue_name) == 0
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False  # not re-declared yet
+
+    await wait_until(consuming_again)
+    async with Producer(amqp_url) as fresh:  # the first producer's declaration cache is stale
+        await fresh.publish("two", queue=queue_name)
+    assert await counter.wait_for(2) == ["one", "two"]
