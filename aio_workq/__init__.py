@@ -21,6 +21,7 @@ from ._exceptions import TopologyError as TopologyError
 from ._exceptions import UnroutableError as UnroutableError
 from ._exceptions import WorkqError as WorkqError
 from ._job import Job as Job
+from ._job import JobData as JobData
 from ._producer import Producer as Producer
 from ._retry import RetryPolicy as RetryPolicy
 from ._runner import run_workers as run_workers
@@ -48,6 +49,7 @@ __all__ = [
     "ExchangeType",
     "Handler",
     "Job",
+    "JobData",
     "Producer",
     "PublishError",
     "PublishNackedError",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -16,11 +17,33 @@ if TYPE_CHECKING:
     from ._topology import Exchange, Queue
     from ._worker import Worker
 
-__all__ = ("ATTEMPT_HEADER", "Job")
+__all__ = ("ATTEMPT_HEADER", "Job", "JobData")
 
 ATTEMPT_HEADER = "x-workq-attempt"
 
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class JobData:
+    """A picklable copy of a job, for handlers run in a process pool (`executor="process"`)."""
+
+    body: bytes
+    content_type: str | None
+    headers: Mapping[str, Any]
+    message_id: str | None
+    attempt: int
+    redelivered: bool
+    routing_key: str
+    exchange: str
+
+    @property
+    def data(self) -> Any:
+        """The body decoded by its content type (see `Job.data`)."""
+        try:
+            return decode_body(self.body, self.content_type)
+        except ValueError as exc:
+            raise Reject(f"the body does not decode as {self.content_type}: {exc}") from exc
 
 
 class Job:
@@ -144,6 +167,19 @@ class Job:
             self.links = []
         self.links.append(confirm)
         return confirm
+
+    def snapshot(self) -> JobData:
+        """A picklable copy of this job's data, for handlers in a process pool."""
+        return JobData(
+            body=self.body,
+            content_type=self.content_type,
+            headers=dict(self.headers),
+            message_id=self.message_id,
+            attempt=self.attempt,
+            redelivered=self.redelivered,
+            routing_key=self.routing_key,
+            exchange=self.exchange,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -18,13 +18,15 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import multiprocessing
+import pickle
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
@@ -33,7 +35,7 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
 from ._exceptions import ConfigurationError, Reject, Retry, WorkqError
-from ._job import ATTEMPT_HEADER, Job
+from ._job import ATTEMPT_HEADER, Job, JobData
 from ._producer import Router
 from ._retry import RetryPolicy
 from ._serialization import encode_body
@@ -164,6 +166,9 @@ class Worker:
         handler_timeout: seconds a handler may run before it counts as failed.
         shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
             the queue.
+        executor: where a plain `def` handler runs: `"thread"` (a pool of `concurrency`
+            threads) or `"process"` (a pool of `concurrency` processes, for CPU-bound work: the
+            handler must be a module-level function and gets a picklable `JobData`).
         name: connection name shown in the management UI.
     """
 
@@ -182,6 +187,7 @@ class Worker:
         binding_keys: Sequence[str] = (),
         handler_timeout: float | None = None,
         shutdown_timeout: float = 30.0,
+        executor: Literal["thread", "process"] = "thread",
         name: str | None = None,
     ) -> None:
         if connection is not None and url is not None:
@@ -199,6 +205,8 @@ class Worker:
             raise ConfigurationError(f"handler_timeout must be > 0, got {handler_timeout!r}")
         if shutdown_timeout < 0:
             raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+        if executor not in ("thread", "process"):
+            raise ConfigurationError(f"executor must be 'thread' or 'process', got {executor!r}")
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
         if binding_keys and exchange is None:
@@ -217,6 +225,19 @@ class Worker:
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
+        if executor == "process":
+            if self._is_async:
+                raise ConfigurationError(
+                    "executor='process' runs plain def handlers; an async handler runs on the loop"
+                )
+            try:
+                pickle.dumps(handler)
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"executor='process' needs a picklable handler (a module-level function): "
+                    f"{handler!r} is not ({exc})"
+                ) from exc
+        self._executor_kind = executor
         self._concurrency = concurrency
         self._prefetch = prefetch
         self._retry = retry
@@ -234,7 +255,7 @@ class Worker:
         self._queue_name = self._queue.name
         self._consumer_tag: str | None = None
         self._slots = asyncio.Semaphore(concurrency) if prefetch > concurrency else None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: Executor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._delay_levels: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -506,14 +527,20 @@ class Worker:
             async with asyncio.timeout(self._handler_timeout):
                 return await self._handler(job)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                self._concurrency, thread_name_prefix=f"workq-{self._queue.name}"
-            )
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._handler, job)
+            self._executor = self._make_executor()
+        argument: Job | JobData = job.snapshot() if self._executor_kind == "process" else job
+        call = cast(Callable[[Any], Any], self._handler)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, call, argument)
         if self._handler_timeout is None:
             return await future
         async with asyncio.timeout(self._handler_timeout):
             return await future
+
+    def _make_executor(self) -> Executor:
+        if self._executor_kind == "process":
+            context = multiprocessing.get_context("forkserver")
+            return ProcessPoolExecutor(self._concurrency, mp_context=context)
+        return ThreadPoolExecutor(self._concurrency, thread_name_prefix=f"workq-{self._queue.name}")
 
     # -- failures ---------------------------------------------------------------------------
 

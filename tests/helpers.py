@@ -37,6 +37,15 @@ async def queue_depth(amqp_url: str, name: str) -> int:
         return int(queue.declaration_result.message_count or 0)
 
 
+async def queue_consumers(amqp_url: str, name: str) -> int:
+    """Consumers on a queue, read with a passive declare."""
+    conn = await aio_pika.connect(amqp_url)
+    async with conn:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.consumer_count or 0)
+
+
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
     """Poll an async predicate every 50 ms until it holds, failing after `timeout`."""
     async with asyncio.timeout(timeout):

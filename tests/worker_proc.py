@@ -2,8 +2,10 @@
 
     python -m tests.worker_proc URL QUEUE MODE [DELIVERY_LIMIT]
 
-Modes: `hang` prints `STARTED <id>` and never finishes; `crash-on-poison` exits hard on the body
-"poison" and prints `DONE <body>` for others; `slow` takes 1 s a message and prints `DONE <body>`.
+Modes: `hang` prints `STARTED <body>` and never finishes; `crash-on-poison` exits hard on the
+body "poison" and prints `DONE <body>` for others; `slow` takes 1 s a message and prints
+`DONE <body>`; `chain-hang` forwards the body to `<QUEUE>-down`, prints `FORWARDED <body>` once
+it is confirmed, and never acks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ async def main(url: str, queue: str, mode: str, delivery_limit: str = "20") -> N
             os._exit(3)
         if mode == "slow":
             await asyncio.sleep(1)
+        if mode == "chain-hang":  # forward, wait for the confirm, then die before the ack
+            await (await job.forward(job.data, queue=f"{queue}-down"))
+            print("FORWARDED", job.data, flush=True)
+            await asyncio.Event().wait()
         print("DONE", job.data, flush=True)
 
     concurrency = 1 if mode == "crash-on-poison" else 5

@@ -1,0 +1,103 @@
+"""Consume-then-publish chains (issue 4): the upstream ack waits for the downstream confirm."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from aio_workq import Job, Producer, RetryPolicy, UnroutableError, Worker
+from tests.helpers import Counter, queue_depth, wait_until
+
+pytestmark = pytest.mark.broker
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0)
+
+
+async def test_upstream_is_acked_once_the_downstream_is_confirmed(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    down = f"{queue_name}-down"
+
+    async def relay(job: Job) -> None:
+        await job.forward({"from": job.message_id, "n": job.data}, queue=down)
+
+    async def sink(job: Job) -> None:
+        counter.add(job.data)
+
+    relay_worker = make_worker(queue=queue_name, handler=relay, concurrency=4, prefetch=50)
+    await relay_worker.start()
+    await make_worker(queue=down, handler=sink, concurrency=10).start()
+    ids = await producer.publish_many(range(200), queue=queue_name)
+    received = await counter.wait_for(200)
+    assert sorted(item["from"] for item in received) == sorted(ids)
+    await wait_until(lambda: _is(relay_worker.state.processed == 200))
+    assert await queue_depth(amqp_url, queue_name) == 0
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+async def test_unroutable_downstream_keeps_the_upstream_and_retries_it(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def relay(job: Job) -> None:
+        counter.add(job.attempt)
+        await job.forward(job.data, exchange="amq.direct", routing_key="nobody-bound")
+
+    worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
+    await worker.start()
+    await producer.publish("x", queue=queue_name)
+    dead = producer.dead_letters(queue_name)
+
+    async def dead_lettered() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(dead_lettered)
+    assert counter.items == [1, 2, 3]
+    [letter] = await dead.read()
+    assert letter.headers["x-workq-exception-type"].endswith(UnroutableError.__name__)
+    assert worker.state.processed == 0
+
+
+async def test_killed_between_downstream_confirm_and_upstream_ack_redelivers_upstream(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    down = f"{queue_name}-down"
+    await producer.declare(queue_name)
+    await producer.declare(down)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "chain-hang",
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            assert (await proc.stdout.readline()).strip() == b"READY"
+            await producer.publish_many(range(20), queue=queue_name)
+            forwarded = 0
+            while forwarded < 5:  # concurrency 5: five confirmed downstream, none acked
+                line = (await proc.stdout.readline()).decode()
+                forwarded += line.startswith("FORWARDED")
+    finally:
+        proc.kill()
+        await proc.wait()
+
+    async def relay(job: Job) -> None:
+        await job.forward(job.data, queue=down)
+
+    async def sink(job: Job) -> None:
+        counter.add(job.data)
+
+    await make_worker(queue=queue_name, handler=relay, concurrency=5).start()
+    await make_worker(queue=down, handler=sink).start()
+    received = await counter.wait_for(25)  # 20 upstream + the 5 forwarded before the kill
+    assert set(received) == set(range(20))  # every upstream appears downstream at least once
+    assert len(received) == 25
+    assert await queue_depth(amqp_url, queue_name) == 0
