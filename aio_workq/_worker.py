@@ -263,6 +263,7 @@ class Worker:
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
         self._processed = 0
+        self._deliveries = 0
         self._failed = 0
         self._retried = 0
         self._dead_lettered = 0
@@ -485,6 +486,7 @@ class Worker:
             return  # from a channel already replaced: the broker redelivers it
         tag = int(message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
         acker.track(tag)
+        self._deliveries += 1
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -688,10 +690,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         interval = 0.1
         while True:
-            before = loop.time()
+            before, deliveries = loop.time(), self._deliveries
             await asyncio.sleep(interval)
             lag = loop.time() - before - interval
-            if lag > _BLOCKED_AFTER and self._tasks:
+            # Blame the handler only if one ran meanwhile (it may have finished already).
+            if lag > _BLOCKED_AFTER and (self._tasks or self._deliveries != deliveries):
                 log.warning(
                     "handler %s of worker %r blocked the event loop for %.2f s; use a plain "
                     "def handler (run in a thread) or await instead of blocking",

@@ -242,3 +242,22 @@ def test_queue_arguments_quorum_and_classic() -> None:
     assert delay["x-message-ttl"] == 5000 and delay["x-dead-letter-routing-key"] == "tasks"
     with pytest.raises(ValueError, match="type"):
         Queue("tasks", type="stream")  # type: ignore[arg-type]
+
+
+def test_reconnect_backoff_doubles_with_jitter_and_resets() -> None:
+    from aio_workq._connection import BackoffConnection
+
+    conn = BackoffConnection.__new__(BackoffConnection)
+    conn._failures, conn._delay, conn._last_read = 0, 0.5, 0.0
+    conn.reconnect_interval = 0.5
+    delays = []
+    for _ in range(8):
+        conn._last_read = 0.0  # a new failed attempt, not a second read of the same one
+        first = conn.reconnect_interval
+        assert conn.reconnect_interval == first  # aio-pika's log line and sleep agree
+        delays.append(first)
+    caps = [min(30.0, 0.5 * 2**n) for n in range(8)]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    conn._reset_backoff()
+    conn._last_read = 0.0
+    assert conn.reconnect_interval <= 0.5

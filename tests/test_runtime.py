@@ -106,7 +106,6 @@ def test_process_pool_needs_a_picklable_plain_function() -> None:
         Worker("amqp://h/", queue="q", handler=lambda job: None, executor="process")
 
 
-@pytest.mark.slow
 async def test_heartbeat_two_seconds_and_a_ten_second_blocking_def_handler(
     amqp_url: str, producer: Producer, queue_name: str, counter: Counter
 ) -> None:
@@ -258,3 +257,22 @@ async def test_worker_recovers_when_the_broker_closes_its_connection(
         await producer.publish("after", queue=queue_name)
         items = await counter.wait_for(3, timeout=20)
     assert set(items) == {("during", False), ("during", True), ("after", False)}
+
+
+async def test_a_coroutine_handler_blocking_the_loop_is_named_in_a_warning(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    async def hogs_the_loop(job: Job) -> None:
+        time.sleep(0.8)  # noqa: ASYNC251 - the mistake this warning is for
+        counter.add(job.data)
+
+    await make_worker(queue=queue_name, handler=hogs_the_loop).start()
+    await producer.publish("x", queue=queue_name)
+    await counter.wait_for(1)
+
+    def warned() -> bool:
+        return any("hogs_the_loop" in r.getMessage() and "blocked the event loop" in
+                   r.getMessage() for r in caplog.records)  # fmt: skip
+
+    await wait_until(lambda: _holds(warned()))
