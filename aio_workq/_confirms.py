@@ -42,6 +42,11 @@ log = logging.getLogger("aio_workq")
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 _SWEEP_INTERVAL = 0.1
+_UNROUTABLE = (
+    "returned as unroutable: no queue is bound for this routing key (declare the queue or a "
+    "binding, or publish with mandatory=False)"
+)
+_MAYBE = "it may or may not have reached the queue"
 
 
 def new_message_id() -> str:
@@ -97,31 +102,30 @@ class _Outgoing:
 
     def set_result(self, frame: Any) -> None:
         if isinstance(frame, aiormq.abc.DeliveredMessage):  # returned, on_return_raises=False
-            self.owner._settle(self, self._error(UnroutableError, "returned as unroutable"))
+            self.fail(UnroutableError, _UNROUTABLE)
         else:
             self.owner._settle(self, None)
 
     def set_exception(self, exc: BaseException) -> None:
         if isinstance(exc, aiormq.exceptions.PublishError):
-            error = self._error(
-                UnroutableError,
-                "returned as unroutable: no queue is bound for this routing key "
-                "(declare the queue or a binding, or publish with mandatory=False)",
-            )
+            self.fail(UnroutableError, _UNROUTABLE)
         else:
-            error = self._error(
+            self.fail(
                 PublishNackedError,
                 "nacked by the broker (e.g. the queue is full with overflow=reject-publish)",
             )
-        self.owner._settle(self, error)
 
-    def _error(self, cls: type[PublishError], what: str) -> PublishError:
-        return cls(
-            f"message {self.props.message_id} to exchange {self.exchange!r} routing key "
-            f"{self.routing_key!r} was {what}",
-            message_id=self.props.message_id,
-            exchange=self.exchange,
-            routing_key=self.routing_key,
+    def fail(self, cls: type[PublishError], what: str) -> None:
+        """Settle with a `cls` error saying what happened to this message."""
+        self.owner._settle(
+            self,
+            cls(
+                f"message {self.props.message_id} to exchange {self.exchange!r} routing key "
+                f"{self.routing_key!r} was {what}",
+                message_id=self.props.message_id,
+                exchange=self.exchange,
+                routing_key=self.routing_key,
+            ),
         )
 
 
@@ -207,16 +211,7 @@ class ConfirmPublisher:
                 self._waiting.append(out)
             else:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
-                self._settle(
-                    out,
-                    ConnectionLostError(
-                        f"message {out.props.message_id} was not confirmed: {why}; it may or "
-                        "may not have reached the queue",
-                        message_id=out.props.message_id,
-                        exchange=out.exchange,
-                        routing_key=out.routing_key,
-                    ),
-                )
+                out.fail(ConnectionLostError, f"not confirmed: {why}; {_MAYBE}")
 
     async def send(
         self,
@@ -351,16 +346,10 @@ class ConfirmPublisher:
             if out.deadline <= now and not out.settled
         ]
         for out in expired:
-            self._settle(
-                out,
-                PublishTimeoutError(
-                    f"message {out.props.message_id} to {out.routing_key!r} was not confirmed "
-                    "within its timeout (connection down, or the broker blocks publishers on a "
-                    "memory or disk alarm); it may or may not have reached the queue",
-                    message_id=out.props.message_id,
-                    exchange=out.exchange,
-                    routing_key=out.routing_key,
-                ),
+            out.fail(
+                PublishTimeoutError,
+                "not confirmed within its timeout (connection down, or the broker blocks "
+                f"publishers on a memory or disk alarm); {_MAYBE}",
             )
         if expired:
             self._waiting = deque(out for out in self._waiting if not out.settled)
@@ -384,16 +373,7 @@ class ConfirmPublisher:
         self._closed = True
         self._robust.reopen_callbacks.discard(self._on_reopen)
         for out in [*self._pending.values(), *self._waiting]:
-            self._settle(
-                out,
-                ConnectionLostError(
-                    f"message {out.props.message_id} was not confirmed before the publisher "
-                    "closed; it may or may not have reached the queue",
-                    message_id=out.props.message_id,
-                    exchange=out.exchange,
-                    routing_key=out.routing_key,
-                ),
-            )
+            out.fail(ConnectionLostError, f"not confirmed before the publisher closed; {_MAYBE}")
         self._waiting.clear()
         for handle in (self._flush_handle, self._sweep_handle):
             if handle is not None:
