@@ -51,6 +51,7 @@ async def test_publish_and_consume_bytes_text_and_json(
         await producer.publish(body, queue=queue_name, headers={"k": "v"})
 
     async def handler(job: Job) -> None:
+        assert job.message.message_id == job.message_id  # the aio-pika message, read-only
         counter.add((job.data, job.content_type, dict(job.headers), job.redelivered, job.attempt))
 
     await make_worker(queue=queue_name, handler=handler).start()
@@ -221,14 +222,23 @@ async def test_broker_nacks_surface_as_typed_errors(
 async def test_memory_alarm_times_out_then_recovers(
     amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
 ) -> None:
+    consumed = f"{queue_name}-consumed"
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
     async with Producer(amqp_url, timeout=2) as producer:
         await producer.publish("before", queue=queue_name)
+        await producer.publish("for the worker", queue=consumed)
         local_broker.ctl("set_vm_memory_high_watermark", "0")
         try:
             started = time.monotonic()
             with pytest.raises(PublishTimeoutError, match="not confirmed"):
                 await producer.publish("during", queue=queue_name)
             assert time.monotonic() - started < 4
+            # A worker on its own connection keeps consuming while publishers are blocked.
+            async with Worker(amqp_url, queue=consumed, handler=handler):
+                assert await counter.wait_for(1) == ["for the worker"]
         finally:
             local_broker.ctl("set_vm_memory_high_watermark", "0.4")
         await producer.publish("after", queue=queue_name, timeout=15)

@@ -1,0 +1,30 @@
+"""The benchmark can't rot: aio-workq and raw aiormq run the publish and consume workloads.
+
+A few hundred messages each, through the bench's own runner (a process per system, READY/GO,
+the broker-side checks). No timing thresholds: the rates only have to be positive.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.runner import Run, run_one
+
+pytestmark = [pytest.mark.broker, pytest.mark.timeout(180)]
+
+N = 300
+
+
+@pytest.mark.parametrize("workload", ["publish", "consume"])
+@pytest.mark.parametrize("system", ["aio_workq", "aiormq_raw"])
+async def test_system_runs_workload(amqp_url: str, tmp_path: Path, system: str, workload: str):
+    run = Run(system, workload, "classic", repeat=0, n=N)
+
+    record = await run_one(amqp_url, run, prefetch=100, log_dir=tmp_path)
+
+    assert record["status"] == "ok", record
+    assert record["n"] == N
+    assert record["rate"] > 0
+    assert record["seconds"] > 0
