@@ -258,7 +258,8 @@ class Worker:
         self._executor: Executor | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._delay_levels: set[int] = set()
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._resuming: asyncio.Future[None] | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -391,21 +392,26 @@ class Worker:
             )
 
     def _on_reopen(self, *_: Any) -> None:
-        if not self._stopping:
-            self._spawn(self._resume())
+        self._schedule_resume()
 
     def _on_consumer_cancelled(self, frame: Any) -> None:
         if not self._stopping:
             log.warning("the broker cancelled the consumer of %r; re-declaring", self._queue_name)
             self._consumer_tag = None
-            self._spawn(self._resume())
+            self._schedule_resume()
+
+    def _schedule_resume(self) -> None:
+        if not self._stopping and (self._resuming is None or self._resuming.done()):
+            self._resuming = asyncio.ensure_future(self._resume())
+            self._background.add(self._resuming)
+            self._resuming.add_done_callback(self._background.discard)
 
     async def _resume(self) -> None:
         delay = 0.2
         while not self._stopping:
             try:
                 await self._setup()
-            except (WorkqError, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            except Exception as exc:  # a background loop: log, back off, try again
                 log.warning("worker %r can't resume yet (%s); retrying", self._queue_name, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 15.0)
