@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 from ._exceptions import (
     AuthenticationError,
     BrokerConnectionError,
+    ConfigurationError,
     TopologyError,
 )
 from ._settings import redact_url, resolve_url
@@ -24,6 +25,8 @@ from ._settings import redact_url, resolve_url
 __all__ = ("BackoffConnection", "connect", "translate_errors")
 
 log = logging.getLogger("aio_workq")
+
+_SAME_ATTEMPT = 0.05  # seconds: reads of reconnect_interval closer than this are one attempt
 
 
 class BackoffConnection(aio_pika.RobustConnection):
@@ -49,7 +52,7 @@ class BackoffConnection(aio_pika.RobustConnection):
         # aio-pika reads this for its log line and again for its sleep: one failed attempt is
         # one burst of reads, so the delay advances only when the last read is not recent.
         now = time.monotonic()
-        if now - self._last_read > 0.1:
+        if now - self._last_read > _SAME_ATTEMPT:
             delay = min(self.reconnect_cap, self._base_interval * 2**self._failures)
             self._failures = min(self._failures + 1, 16)
             self._delay = random.uniform(delay / 2, delay)
@@ -58,10 +61,15 @@ class BackoffConnection(aio_pika.RobustConnection):
 
     @reconnect_interval.setter
     def reconnect_interval(self, value: float) -> None:
-        self._base_interval = max(0.05, float(value))
+        self._base_interval = max(4 * _SAME_ATTEMPT, float(value))
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        await super()._on_connection_close(closing)
+        self._reset_backoff()  # its log line read the interval: that was not a failed attempt
 
     def _reset_backoff(self, *_: Any) -> None:
         self._failures = 0
+        self._last_read = 0.0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {redact_url(str(self.url))}>"
@@ -88,7 +96,7 @@ async def connect(
     """
     url = resolve_url(url)
     if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
     properties: dict[str, Any] = {"connection_name": name} if name else {}
     target = redact_url(url)
     with translate_errors(f"connecting to {target}"):

@@ -12,8 +12,14 @@ from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
 from ._connection import translate_errors
-from ._exceptions import PublishError, PublishNackedError, TopologyError
-from ._job import ATTEMPT_HEADER
+from ._exceptions import (
+    ConfigurationError,
+    PublishError,
+    PublishNackedError,
+    TopologyError,
+    UnroutableError,
+)
+from ._job import ATTEMPT_HEADER, BROKER_HEADERS
 from ._topology import Queue
 
 __all__ = ("DeadLetter", "DeadLetters")
@@ -58,7 +64,7 @@ class DeadLetters:
 
     def __init__(self, connection: AbstractRobustConnection, queue: Queue) -> None:
         if queue.server_named or not queue.dead_letter:
-            raise ValueError(f"queue {queue.name!r} has no dead-letter queue")
+            raise ConfigurationError(f"queue {queue.name!r} has no dead-letter queue")
         self._connection = connection
         self._queue = queue
 
@@ -145,7 +151,7 @@ class DeadLetters:
         headers = {
             key: value
             for key, value in (props.headers or {}).items()
-            if not key.startswith("x-workq-") and key != "x-death"
+            if not key.startswith("x-workq-") and key not in BROKER_HEADERS
         }
         headers[ATTEMPT_HEADER] = 1
         props.headers = headers
@@ -156,6 +162,12 @@ class DeadLetters:
                     message.body, exchange="", routing_key=self._queue.name,
                     properties=props, mandatory=True,
                 )  # fmt: skip
+        except aiormq.exceptions.PublishError as exc:
+            raise UnroutableError(
+                f"replaying {props.message_id}: the work queue {self._queue.name!r} does not "
+                "exist; declare it first. The message stays in the dead-letter queue",
+                message_id=props.message_id, routing_key=self._queue.name,
+            ) from exc  # fmt: skip
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishNackedError(
                 f"replaying {props.message_id} into {self._queue.name!r} failed: {exc}; it stays "

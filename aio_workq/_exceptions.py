@@ -123,7 +123,7 @@ class Retry(Exception):
 
     def __init__(self, delay: float | None = None) -> None:
         if delay is not None and delay < 0:
-            raise ValueError(f"Retry(delay=...) must be >= 0 seconds, got {delay!r}")
+            raise ConfigurationError(f"Retry(delay=...) must be >= 0 seconds, got {delay!r}")
         super().__init__(delay)
         self.delay = delay
 

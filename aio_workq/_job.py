@@ -17,9 +17,14 @@ if TYPE_CHECKING:
     from ._topology import Exchange, Queue
     from ._worker import Worker
 
-__all__ = ("ATTEMPT_HEADER", "Job", "JobData")
+__all__ = ("ATTEMPT_HEADER", "BROKER_HEADERS", "Job", "JobData")
 
 ATTEMPT_HEADER = "x-workq-attempt"
+# Set by the broker; a copy moved to another queue must not carry them.
+BROKER_HEADERS = frozenset(
+    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+     "x-first-death-reason"}
+)  # fmt: skip
 
 _UNSET: Any = object()
 

@@ -35,7 +35,7 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
 from ._exceptions import ConfigurationError, Reject, Retry, WorkqError
-from ._job import ATTEMPT_HEADER, Job, JobData
+from ._job import ATTEMPT_HEADER, BROKER_HEADERS, Job, JobData
 from ._producer import Router
 from ._retry import RetryPolicy
 from ._serialization import encode_body
@@ -47,16 +47,12 @@ __all__ = ("Handler", "Worker", "WorkerState")
 
 log = logging.getLogger("aio_workq")
 
-Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any]
+# A coroutine function or plain function of a Job; with executor="process", of a JobData.
+Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any] | Callable[[JobData], Any]
 
 _ERROR_TEXT_LIMIT = 1000
 _TRACEBACK_LIMIT = 4000
 _BLOCKED_AFTER = 0.5
-# Set by the broker; a copy moved to another queue must not carry them.
-_BROKER_HEADERS = frozenset(
-    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
-     "x-first-death-reason"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +217,7 @@ class Worker:
         self._url = None if connection is not None else resolve_url(url)
         self._connection = connection
         self._owns_connection = connection is None
-        self._handler = handler
+        self._handler = cast(Callable[[Any], Any], handler)
         self._is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -260,6 +256,7 @@ class Worker:
         self._delay_levels: set[int] = set()
         self._background: set[asyncio.Future[Any]] = set()
         self._resuming: asyncio.Future[None] | None = None
+        self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -319,33 +316,44 @@ class Worker:
 
     async def start(self) -> None:
         """Connect, declare the queues, and start consuming in the background."""
-        if self._channel is not None:
+        if self._started:
             return
+        self._started = True
+        try:
+            await self._open()
+        except BaseException:
+            await self._teardown()
+            task = asyncio.current_task()
+            if self._stopping and task is not None and not task.cancelling():
+                return  # stop() was called while starting: nothing is left running
+            raise
+        if self._stopping:  # stop() ran while we were starting: undo what we opened
+            await self._cancel_consumer()
+            await self._teardown()
+            return
+        assert self._channel is not None
+        self._channel.reopen_callbacks.add(self._on_reopen)
+        if self._is_async:
+            self._spawn(self._watch_loop())
+        log.info("worker consuming %r (concurrency %d)", self._queue_name, self._concurrency)
+
+    async def _open(self) -> None:
         if self._connection is None:
             self._connection = await connect(
                 self._url, name=self._name or f"aio-workq worker {self._queue.name}"
             )
         with translate_errors(f"opening a channel for worker {self._queue.name!r}"):
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        self._router = Router(self._connection, self._queue_type)
-        self._publisher = ConfirmPublisher(
-            channel,
-            window=max(1000, 4 * self._prefetch),
-            timeout=30.0,
-            resend=False,  # the upstream delivery is redelivered instead
-        )
-        try:
-            with translate_errors(f"opening a channel for worker {self._queue.name!r}"):
-                await self._publisher.start()
-            await self._setup()
-        except BaseException:
-            await self._teardown()
-            raise
-        channel.reopen_callbacks.add(self._on_reopen)
-        if self._is_async:
-            self._spawn(self._watch_loop())
-        log.info("worker consuming %r (concurrency %d)", self._queue_name, self._concurrency)
+            self._channel = channel
+            self._router = Router(self._connection, self._queue_type)
+            self._publisher = ConfirmPublisher(
+                channel,
+                window=max(1000, 4 * self._prefetch),
+                timeout=30.0,
+                resend=False,  # the upstream delivery is redelivered instead
+            )
+            await self._publisher.start()
+        await self._setup()
 
     async def _setup(self) -> None:
         """Declare, bind, set QoS and consume on the current channel (also after a reopen)."""
@@ -472,17 +480,23 @@ class Worker:
             await acker.channel.basic_cancel(tag, timeout=5)
 
     async def _teardown(self) -> None:
+        """Close what this worker opened; safe to call more than once."""
         for task in self._background:
             task.cancel()
-        if self._publisher is not None:
-            await self._publisher.close(timeout=5)
-        if self._channel is not None:
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close(timeout=5)
+        channel, self._channel = self._channel, None
+        if channel is not None:
             with contextlib.suppress(Exception):
-                await self._channel.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._owns_connection and self._connection is not None:
-            await self._connection.close()
+                await channel.close()
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+        connection = self._connection
+        if self._owns_connection and connection is not None:
+            self._connection = None
+            await connection.close()
 
     # -- the hot path ---------------------------------------------------------------------
 
@@ -537,8 +551,7 @@ class Worker:
         if self._executor is None:
             self._executor = self._make_executor()
         argument: Job | JobData = job.snapshot() if self._executor_kind == "process" else job
-        call = cast(Callable[[Any], Any], self._handler)
-        future = asyncio.get_running_loop().run_in_executor(self._executor, call, argument)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._handler, argument)
         if self._handler_timeout is None:
             return await future
         async with asyncio.timeout(self._handler_timeout):
@@ -570,7 +583,7 @@ class Worker:
             )  # fmt: skip
             acker.nack(tag, requeue=False)
             return
-        headers = {k: v for k, v in job.headers.items() if k not in _BROKER_HEADERS}
+        headers = {k: v for k, v in job.headers.items() if k not in BROKER_HEADERS}
         now = datetime.now(UTC).isoformat()
         headers.setdefault("x-workq-first-failure", now)
         headers["x-workq-last-failure"] = now

@@ -22,7 +22,7 @@ N = 300
 async def test_system_runs_workload(amqp_url: str, tmp_path: Path, system: str, workload: str):
     run = Run(system, workload, "classic", repeat=0, n=N)
 
-    record = await run_one(amqp_url, run, prefetch=100, log_dir=tmp_path)
+    record = await run_one(amqp_url, run, tmp_path)
 
     assert record["status"] == "ok", record
     assert record["n"] == N

@@ -276,3 +276,29 @@ async def test_a_coroutine_handler_blocking_the_loop_is_named_in_a_warning(
                    r.getMessage() for r in caplog.records)  # fmt: skip
 
     await wait_until(lambda: _holds(warned()))
+
+
+async def test_stop_while_starting_leaves_nothing_running(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    await producer.publish_many(["a", "b", "c"], queue=queue_name)
+    seen: list[object] = []
+
+    async def handler(job: Job) -> None:
+        seen.append(job.data)
+
+    for pause in (0, 0.02, 0.05, 0.1):  # stop at different points of the start-up
+        worker = Worker(amqp_url, queue=queue_name, handler=handler)
+        run = asyncio.ensure_future(worker.run())
+        await asyncio.sleep(pause)  # deliberately racing the start-up, not waiting for it
+        await asyncio.wait_for(worker.stop(), 10)
+        await asyncio.wait_for(run, 10)  # returns, does not raise
+        assert not worker.state.connected
+
+    async def no_consumer_and_all_messages_ready() -> bool:
+        return (
+            await queue_consumers(amqp_url, queue_name) == 0
+            and await queue_depth(amqp_url, queue_name) + len(seen) == 3
+        )
+
+    await wait_until(no_consumer_and_all_messages_ready)
