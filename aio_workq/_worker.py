@@ -447,7 +447,11 @@ class Worker:
         self._stopping = True
         timeout = self._shutdown_timeout if timeout is None else timeout
         try:
-            await self._cancel_consumer()
+            if not self._queue.single_active_consumer:
+                await self._cancel_consumer()
+            # A single-active-consumer queue is not cancelled: the broker would make the next
+            # consumer active before our unfinished deliveries are back in the queue, and order
+            # would break. Closing the channel at the end returns them first, then hands over.
             await self._wait_for_handlers(timeout)
             for task in self._tasks:
                 task.cancel()
@@ -521,7 +525,9 @@ class Worker:
             await slots.acquire()
         try:
             if self._stopping:
-                acker.nack(tag, requeue=True)
+                if not self._queue.single_active_consumer:
+                    acker.nack(tag, requeue=True)
+                # else: left unacked; closing the channel returns it in order (see stop())
                 return
             try:
                 result = await self._call(job)

@@ -183,3 +183,33 @@ async def test_a_subscriber_queue_is_restored_after_a_broker_restart(
         async with Producer(amqp_url) as producer:
             await producer.publish("after", exchange=fanout)
         assert await counter.wait_for(2, timeout=20) == ["before", "after"]
+
+
+@pytest.mark.parametrize("prefetch", [1, 5])
+async def test_graceful_handover_mid_stream_keeps_order(
+    amqp_url: str, producer: Producer, queue_name: str, prefetch: int
+) -> None:
+    spec = Queue(queue_name, type="classic", single_active_consumer=True)
+    seen: list[int] = []
+    done = Counter()
+    stopping: list[asyncio.Task[None]] = []
+
+    async def first_handler(job: Job) -> None:
+        seen.append(int(job.data))
+        done.add(job.data)
+        if len(seen) == 30:
+            stopping.append(asyncio.ensure_future(first.stop()))  # graceful, mid-stream
+
+    async def second_handler(job: Job) -> None:
+        seen.append(int(job.data))
+        done.add(job.data)
+
+    first = Worker(amqp_url, queue=spec, handler=first_handler, prefetch=prefetch)
+    second = Worker(amqp_url, queue=spec, handler=second_handler, prefetch=prefetch)
+    await first.start()
+    await second.start()
+    await producer.publish_many(range(100), queue=spec)
+    await done.wait_for(100, timeout=20)
+    await second.stop()
+    await asyncio.wait_for(stopping[0], 10)
+    assert seen == list(range(100))
