@@ -1,0 +1,393 @@
+"""Runs one system on one workload in its own process, feeds its queue and checks the outcome.
+
+`run_one` is the unit: it starts `python -m bench.systems.<system>`, waits for `READY`, prepares
+the queue (the feeder is the same module in `--workload feed` mode, so messages are in the
+system's own wire format), sends `GO`, reads the result line, samples the process's RSS when
+asked, and, once the process has exited, checks the broker's view with passive declares: the
+published messages are all in the queue, or the consumed queue is empty — after the consumer's
+connection is gone, so anything left unacked would be back in the queue. A failed check turns
+the run into an error. `run_all` alternates the systems (the order rotates with each repeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiormq
+
+from bench.systems._common import GO, READY, WORKLOADS
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SYSTEMS = (
+    "aio_workq",
+    "aiormq_raw",
+    "aiopika",
+    "faststream",
+    "taskiq_aio_pika",
+    "dramatiq",
+    "celery",
+    "lapinmq",
+    "lapinmq_sync",
+)
+BASELINE = "aiormq_raw"
+OURS = "aio_workq"
+
+READY_TIMEOUT = 120.0
+EXIT_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 15.0
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to run; `Plan.quick()` is the few-minutes version."""
+
+    systems: tuple[str, ...] = SYSTEMS
+    workloads: tuple[str, ...] = WORKLOADS
+    queue_types: tuple[str, ...] = ("classic", "quorum")
+    repeats: int = 3
+    n: int = 20_000
+    prefetch: int = 100
+    latency_rate: float = 1_000.0
+    latency_seconds: float = 5.0
+    rss_n: int = 200_000
+    rss_queue_types: tuple[str, ...] = ("classic",)
+    rss_repeats: int = 1
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> Plan:
+        settings: dict[str, Any] = {
+            "repeats": 1,
+            "n": 5_000,
+            "latency_seconds": 2.0,
+            "rss_n": 20_000,
+        }
+        return cls(**{**settings, **overrides})
+
+    def messages(self, workload: str) -> int:
+        if workload == "latency":
+            return round(self.latency_rate * self.latency_seconds)
+        return self.rss_n if workload == "rss" else self.n
+
+    def queue_types_for(self, workload: str) -> tuple[str, ...]:
+        if workload == "rss":
+            return tuple(q for q in self.queue_types if q in self.rss_queue_types)
+        return self.queue_types
+
+    def repeats_for(self, workload: str) -> int:
+        return self.rss_repeats if workload == "rss" else self.repeats
+
+
+@dataclass(slots=True)
+class Run:
+    """One system on one workload, queue type and repeat."""
+
+    system: str
+    workload: str
+    queue_type: str
+    repeat: int
+    n: int
+    prefetch: int = 100
+    latency_rate: float = 1_000.0
+    """msg/s the feeder offers in the latency workload."""
+    queue: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        token = secrets.token_hex(3)
+        self.queue = f"bench.{self.workload}.{self.queue_type}.{self.system}.{self.repeat}.{token}"
+
+    @property
+    def forward_queue(self) -> str:
+        return f"{self.queue}.out"
+
+    def command(self, url: str, *, feed: bool = False, rate: float | None = None) -> list[str]:
+        cmd = [
+            sys.executable, "-m", f"bench.systems.{self.system}",
+            "--url", url,
+            "--workload", "feed" if feed else self.workload,
+            "--queue", self.queue,
+            "--forward-queue", self.forward_queue,
+            "--n", str(self.n),
+            "--prefetch", str(self.prefetch),
+            "--queue-type", self.queue_type,
+        ]  # fmt: skip
+        if rate is not None:
+            cmd += ["--rate", str(rate)]
+        return cmd
+
+
+class RunError(Exception):
+    """The run failed; the message says how (with the system's last log lines)."""
+
+
+def _env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
+    }
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+class _Process:
+    """A system process and its line protocol."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    @classmethod
+    async def start(cls, cmd: Sequence[str], log: Path) -> _Process:
+        with log.open("ab") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                cwd=REPO_ROOT,
+                env=_env(),
+            )
+        return cls(proc, log)
+
+    async def line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise RunError(f"no answer in {timeout:.0f}s\n{_tail(self.log)}") from None
+        if not raw:
+            await self.proc.wait()
+            raise RunError(f"exited with code {self.proc.returncode}\n{_tail(self.log)}")
+        return raw.decode().strip()
+
+    async def result(self, timeout: float) -> Record:
+        text = await self.line(timeout)
+        try:
+            record: Record = json.loads(text)
+        except ValueError:
+            raise RunError(f"expected a JSON result, got {text!r}\n{_tail(self.log)}") from None
+        return record
+
+    async def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.finish()
+
+    async def finish(self, timeout: float = EXIT_TIMEOUT) -> None:
+        """Close stdin, read stdout to its end and wait for the exit (kill after timeout)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.stdout.read(), timeout)
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        finally:
+            try:
+                await self.proc.stdin.wait_closed()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+
+async def _feed(run: Run, url: str, log: Path, rate: float | None = None) -> None:
+    proc = await _Process.start(run.command(url, feed=True, rate=rate), log)
+    try:
+        record = await proc.result(READY_TIMEOUT + run.n / 500)
+    except BaseException:
+        await proc.kill()
+        raise
+    await proc.finish()
+    if record.get("status") != "ok":
+        raise RunError(f"feeder failed: {record.get('error') or record}")
+
+
+async def _sample_rss(pid: int, stop: asyncio.Event, interval: float = 1.0) -> list[float]:
+    """RSS of pid in MB, every interval seconds until stop is set."""
+    import psutil  # only the rss workload needs it
+
+    process = psutil.Process(pid)
+    samples: list[float] = []
+    while True:
+        try:
+            samples.append(process.memory_info().rss / 2**20)
+        except psutil.Error:
+            return samples
+        try:
+            await asyncio.wait_for(stop.wait(), interval)
+            return samples
+        except TimeoutError:
+            pass
+
+
+def rss_summary(samples: Sequence[float]) -> dict[str, float]:
+    """Peak, and growth from the end of warm-up (the first fifth of the samples) to the end."""
+    if not samples:
+        return {}
+    warm = samples[len(samples) // 5]
+    return {
+        "rss_peak_mb": round(max(samples), 1),
+        "rss_growth_mb": round(samples[-1] - warm, 1),
+        "rss_start_mb": round(warm, 1),
+        "rss_samples": len(samples),
+    }
+
+
+async def _depth(connection: aiormq.abc.AbstractConnection, queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of queue, by passive declare."""
+    channel = await connection.channel()
+    try:
+        ok = await channel.queue_declare(queue, passive=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return int(ok.message_count or 0), int(ok.consumer_count or 0)
+
+
+async def _check(connection: aiormq.abc.AbstractConnection, run: Run) -> None:
+    """The broker holds what the workload should have left; raises RunError otherwise."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    while True:
+        ready, consumers = await _depth(connection, run.queue)
+        if consumers == 0 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    expected = run.n if run.workload == "publish" else 0
+    if ready != expected:
+        raise RunError(f"queue {run.queue} holds {ready} messages, expected {expected}")
+    if run.workload == "chain":
+        downstream, _ = await _depth(connection, run.forward_queue)
+        if downstream != run.n:
+            raise RunError(f"queue {run.forward_queue} holds {downstream}, expected {run.n}")
+
+
+async def _delete(connection: aiormq.abc.AbstractConnection, run: Run) -> None:
+    for queue in (run.queue, run.forward_queue):
+        channel = await connection.channel()
+        try:
+            await channel.queue_delete(queue)
+        except aiormq.exceptions.AMQPError:
+            pass
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+async def run_one(url: str, run: Run, log_dir: Path) -> Record:
+    """Run it and return its record: status "ok" (checked), "n/a" or "error"."""
+    log = log_dir / f"{run.workload}-{run.queue_type}-{run.system}-{run.repeat}.log"
+    head: Record = {
+        "system": run.system,
+        "workload": run.workload,
+        "queue_type": run.queue_type,
+        "repeat": run.repeat,
+        "n": run.n,
+    }
+    connection = await aiormq.connect(url)
+    try:
+        record = await _run(url, run, log)
+        if record.get("status") == "ok":
+            await _check(connection, run)
+        return {**head, **record}
+    except (RunError, aiormq.exceptions.AMQPError, OSError) as exc:
+        return {**head, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        await _delete(connection, run)
+        await connection.close()
+
+
+async def _run(url: str, run: Run, log: Path) -> Record:
+    proc = await _Process.start(run.command(url), log)
+    feeder: asyncio.Task[None] | None = None
+    sampler: asyncio.Task[list[float]] | None = None
+    stop = asyncio.Event()
+    try:
+        first = await proc.line(READY_TIMEOUT)
+        if first != READY:
+            await proc.finish()
+            answer: Record = json.loads(first)
+            return answer
+        if run.workload in ("consume", "chain"):
+            await _feed(run, url, log)
+        await proc.send(GO)
+        if run.workload == "latency":
+            feeder = asyncio.create_task(_feed(run, url, log, rate=run.latency_rate))
+        elif run.workload == "rss":
+            feeder = asyncio.create_task(_feed(run, url, log))
+            sampler = asyncio.create_task(_sample_rss(proc.proc.pid, stop))
+        record = await proc.result(READY_TIMEOUT + run.n / 100)
+        stop.set()
+        if feeder is not None:
+            await feeder
+        if sampler is not None:
+            record.update(rss_summary(await sampler))
+    except BaseException:
+        stop.set()
+        for task in (feeder, sampler):
+            if task is not None and not task.done():
+                task.cancel()
+        await asyncio.gather(*(t for t in (feeder, sampler) if t), return_exceptions=True)
+        await proc.kill()
+        raise
+    await proc.finish()
+    return record
+
+
+def rotated(items: Sequence[str], by: int) -> list[str]:
+    k = by % len(items) if items else 0
+    return [*items[k:], *items[:k]]
+
+
+async def run_all(
+    url: str, plan: Plan, log_dir: Path, progress: Callable[[Record], None]
+) -> list[Record]:
+    """Every workload, queue type and repeat, systems alternating; n/a ones are asked once.
+
+    Each system's stderr goes to a log file in log_dir (which must exist).
+    """
+    records: list[Record] = []
+    for workload in plan.workloads:
+        not_applicable: set[str] = set()
+        for queue_type in plan.queue_types_for(workload):
+            for repeat in range(plan.repeats_for(workload)):
+                for system in rotated(plan.systems, repeat):
+                    if system in not_applicable:
+                        continue
+                    run = Run(
+                        system,
+                        workload,
+                        queue_type,
+                        repeat,
+                        n=plan.messages(workload),
+                        prefetch=plan.prefetch,
+                        latency_rate=plan.latency_rate,
+                    )
+                    record = await run_one(url, run, log_dir)
+                    if record["status"] == "n/a":
+                        not_applicable.add(system)
+                    records.append(record)
+                    progress(record)
+    return records

@@ -1,0 +1,79 @@
+"""aio-workq, this project, with its defaults except where the bench makes settings equal.
+
+Settings: `Producer(queue_type=…, window=2000)` and `Worker(queue_type=…, concurrency=100,
+prefetch=100)`; everything else is the library's default (persistent messages, confirms always
+on, mandatory publishes, its retry policy and dead-letter queue). The queues are declared by the
+library (`Producer.declare`), with whatever arguments it gives its work queues.
+- publish: `producer.publish_many([body] * n)`: pipelined within the window, returns once every
+  message is confirmed.
+- consume: a `Worker` whose handler does nothing; the library acks.
+- chain: the handler calls `job.forward(body, queue=forward)`, which ties the upstream ack to
+  the downstream confirm; the message counts as done when that confirm arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from aio_workq import Job, Producer, Worker
+from bench.systems._common import Hook, System, Wire, main, payload, persistent_properties
+
+WINDOW = 2_000
+
+
+class AioWorkq(System):
+    name = "aio_workq"
+
+    _producer: Producer
+    _stack: contextlib.AsyncExitStack
+
+    def wire(self, body: bytes) -> Wire:
+        """As `Producer.send(bytes)` puts it on the wire: raw body, a fresh message id."""
+        return Wire(body, persistent_properties(message_id=uuid.uuid4().hex))
+
+    async def setup(self) -> None:
+        s = self.settings
+        self._stack = contextlib.AsyncExitStack()
+        producer = Producer(s.url, queue_type=s.queue_type, window=WINDOW)
+        self._producer = await self._stack.enter_async_context(producer)
+        await self._producer.declare(s.queue)
+        if s.chain:
+            await self._producer.declare(s.forward_queue)
+
+    async def publish(self, n: int) -> None:
+        await self._producer.publish_many([payload()] * n, queue=self.settings.queue)
+
+    async def start_consumer(self, hook: Hook) -> None:
+        s = self.settings
+
+        async def handle(job: Job) -> None:
+            hook(job.body)
+
+        async def handle_chain(job: Job) -> None:
+            body = job.body
+            confirm = await job.forward(body, queue=s.forward_queue)
+
+            def confirmed(future: asyncio.Future[str]) -> None:
+                if not future.cancelled() and future.exception() is None:
+                    hook(body)
+
+            confirm.add_done_callback(confirmed)
+
+        worker = Worker(
+            s.url,
+            queue=s.queue,
+            handler=handle_chain if s.chain else handle,
+            queue_type=s.queue_type,
+            concurrency=s.prefetch,
+            prefetch=s.prefetch,
+        )
+        await self._stack.enter_async_context(worker)
+
+    async def close(self) -> None:
+        await self._stack.aclose()  # the worker first (settles in-flight jobs), then the producer
+
+
+if __name__ == "__main__":
+    main(AioWorkq)
