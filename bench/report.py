@@ -208,11 +208,22 @@ def _headline(rows: Sequence[Row], systems: Sequence[str], queue_type: str) -> l
 
 
 def _docstring(system: str) -> str:
+    """The system module's docstring, with blank lines around its lists (Python-Markdown)."""
     path = REPO_ROOT / "bench" / "systems" / f"{system}.py"
     try:
-        return ast.get_docstring(ast.parse(path.read_text())) or ""
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
     except (OSError, SyntaxError):
         return ""
+    lines: list[str] = []
+    in_list = False
+    for line in doc.splitlines():
+        item = line.startswith("- ")
+        starts_or_ends_list = (item and not in_list) or (in_list and not item and line[:1] != " ")
+        if starts_or_ends_list and lines and lines[-1]:
+            lines.append("")
+        in_list = item or (in_list and line[:1] == " ")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) -> str:
@@ -268,7 +279,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         "divided by N.",
         "- Per-message logging is off in every framework that has it on by default (FastStream, "
         "taskiq, Celery at INFO; lapinmq prints): it would measure the terminal, not the "
-        "library. With FastStream's default logging its consume rate drops by about a fifth.",
+        "library. With FastStream's default logging its consume rate drops by about a quarter.",
         "",
         "What is deliberately not equal, because each system is used its own way:",
         "",
