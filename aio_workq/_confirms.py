@@ -146,6 +146,7 @@ class ConfirmPublisher:
             raise ValueError(f"publish timeout must be > 0 seconds, got {timeout!r}")
         self._robust = channel
         self._window = window
+        self._low_water = window - max(1, window // 4)
         self._timeout = timeout
         self._resend = resend
         self._loop = asyncio.get_running_loop()
@@ -331,11 +332,13 @@ class ConfirmPublisher:
                 out.future.set_result(out.props.message_id)
             else:
                 out.future.set_exception(error)
-        while self._space:
-            waiter = self._space.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                break
+        if self._space and len(self._pending) + len(self._waiting) <= self._low_water:
+            # Hysteresis: senders resume together once a quarter of the window is free, so
+            # they refill it in one burst (one write) instead of one message per confirm.
+            while self._space:
+                waiter = self._space.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _sweep(self) -> None:
         self._sweep_handle = None

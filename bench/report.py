@@ -259,8 +259,10 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         f"{plan['repeats']} per system, workload and queue type; the systems alternate (the "
         "order rotates with each repeat); median and min – max over the repeats.",
         "- Every system runs in a process of its own, started fresh for every run "
-        "(`python -m bench.systems.<name>`); the clock runs inside it, from the runner's `GO` "
-        "to the last confirm (publish) or to the N-th finished handler (consume, chain).",
+        "(`python -m bench.systems.<name>`); the clock runs inside it: for publish from the "
+        "runner's `GO` to the last confirm; for consume and chain from the first finished "
+        "handler to the N-th (the steady rate over N - 1 messages, without start-up: "
+        "connecting, declaring queues, the first prefetch).",
         "- consume and chain: the queue is pre-loaded (untimed) by a raw aiormq publisher with "
         "the system's own message format (task envelopes for Celery, Dramatiq, taskiq), then "
         "the consumer starts. After the process exits the runner checks with passive declares "

@@ -308,3 +308,16 @@ async def test_publish_many_reports_an_unserialisable_body_in_its_slot(
     with pytest.raises(SerializationError):
         await producer.publish_many(["d", object()], queue_name)
     assert await queue_depth(amqp_url, queue_name) == 3  # a, c and d: all confirmed
+
+
+async def test_the_window_bounds_unconfirmed_messages(amqp_url: str, queue_name: str) -> None:
+    async with Producer(amqp_url, window=10) as producer:
+        await producer.declare(queue_name)
+        confirms = []
+        most = 0
+        for i in range(300):
+            confirms.append(await producer.send(i, queue=queue_name))
+            most = max(most, producer.in_flight)
+        assert len(set(await asyncio.gather(*confirms))) == 300
+    assert most == 10  # filled, never exceeded
+    assert await queue_depth(amqp_url, queue_name) == 300

@@ -11,7 +11,9 @@ and talks to it over stdin/stdout, one line at a time:
 3. the system runs the timed phase and prints one JSON result line, then closes and exits.
 
 For the `latency` and `rss` workloads the consumer is started before `READY` (the runner feeds the
-queue while it runs); for `consume` and `chain` it starts on `GO`, on a queue already holding N.
+queue while it runs); for `consume` and `chain` it starts on `GO`, on a queue already holding N,
+and the clock runs from its first finished handler to its N-th (N - 1 messages): the steady
+rate, without each system's start-up.
 
 `--workload feed` turns the module into a feeder: a raw aiormq publisher (1,000 confirms in flight,
 or paced with `--rate`) that sends N messages in the system's own wire format (`System.wire`), so
@@ -210,6 +212,7 @@ class Tally:
     def __init__(self, n: int, *, latency: bool) -> None:
         self.n = n
         self.count = 0
+        self.first_at: float | None = None
         self.done_at: float | None = None
         self.latencies_ns: list[int] = []
         self.on_done: Callable[[], None] = lambda: None
@@ -223,6 +226,8 @@ class Tally:
     def _hit(self, body: Payload) -> None:
         with self._lock:
             self.count += 1
+            if self.count == 1:
+                self.first_at = time.perf_counter()
             if self.count != self.n:
                 return
         self.done_at = time.perf_counter()
@@ -360,21 +365,24 @@ async def _drive(system: System, settings: Settings, protocol: Protocol) -> None
     if workload == "publish":
         await system.publish(settings.n)
         end = time.perf_counter()
-        count = settings.n
+        count = timed = settings.n
     else:
         if not consumer_first:
             await system.start_consumer(tally.hit)
         await done.wait()
-        assert tally.done_at is not None
-        end = tally.done_at
+        assert tally.first_at is not None and tally.done_at is not None
+        # Steady state: from the first finished handler to the N-th, so that start-up
+        # (connecting, declaring queues, the first prefetch) is not part of the rate.
+        start, end = tally.first_at, tally.done_at
         count = tally.count
+        timed = count - 1  # the first message only starts the clock
     cpu = time.process_time() - cpu_start
     seconds = end - start
     fields: dict[str, Any] = {
         "status": "ok",
         "n": count,
         "seconds": round(seconds, 4),
-        "rate": round(count / seconds, 1),
+        "rate": round(timed / seconds, 1),
         "cpu_seconds": round(cpu, 3),
         "cpu_us_per_msg": round(cpu / count * 1e6, 1),
     }
