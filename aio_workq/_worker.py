@@ -22,7 +22,7 @@ import multiprocessing
 import pickle
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -159,6 +159,8 @@ class Worker:
         exchange: bind the queue to this exchange (declared durable when an `Exchange`, checked
             when a name) with `binding_keys`.
         binding_keys: routing keys or patterns to bind with (default: the queue name).
+        binding_arguments: arguments of each binding: for a headers exchange, the headers to
+            match and `"x-match": "all"` or `"any"` (routing keys are then ignored).
         handler_timeout: seconds a handler may run before it counts as failed.
         shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
             the queue.
@@ -181,6 +183,7 @@ class Worker:
         connection: AbstractRobustConnection | None = None,
         exchange: str | Exchange | None = None,
         binding_keys: Sequence[str] = (),
+        binding_arguments: Mapping[str, Any] | None = None,
         handler_timeout: float | None = None,
         shutdown_timeout: float = 30.0,
         executor: Literal["thread", "process"] = "thread",
@@ -205,8 +208,8 @@ class Worker:
             raise ConfigurationError(f"executor must be 'thread' or 'process', got {executor!r}")
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
-        if binding_keys and exchange is None:
-            raise ConfigurationError("binding_keys need an exchange= to bind to")
+        if (binding_keys or binding_arguments) and exchange is None:
+            raise ConfigurationError("binding_keys and binding_arguments need an exchange=")
         try:
             queue_type = QueueType(queue_type)
         except ValueError:
@@ -239,6 +242,7 @@ class Worker:
         self._retry = retry
         self._exchange = exchange
         self._binding_keys = tuple(binding_keys)
+        self._binding_arguments = dict(binding_arguments or {})
         self._handler_timeout = handler_timeout
         self._shutdown_timeout = shutdown_timeout
         self._name = name
@@ -386,7 +390,10 @@ class Worker:
             await declare_exchange(channel, exchange)
             for key in keys:
                 with translate_errors(f"binding {self._queue_name!r} to {exchange.name!r}"):
-                    await channel.queue_bind(self._queue_name, exchange.name, routing_key=key)
+                    await channel.queue_bind(
+                        self._queue_name, exchange.name, routing_key=key,
+                        arguments=self._binding_arguments,
+                    )  # fmt: skip
 
     def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
         reason = None if closing.cancelled() else closing.exception()

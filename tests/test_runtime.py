@@ -302,3 +302,36 @@ async def test_stop_while_starting_leaves_nothing_running(
         )
 
     await wait_until(no_consumer_and_all_messages_ready)
+
+
+async def test_a_second_sigterm_stops_fast_and_the_message_returns(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "hang",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            assert (await proc.stdout.readline()).strip() == b"READY"
+            await producer.publish("stuck", queue=queue_name)
+            assert (await proc.stdout.readline()).strip() == b"STARTED stuck"
+            proc.send_signal(signal.SIGTERM)  # graceful: would wait 10 s for the handler
+            while b"gracefully" not in await proc.stderr.readline():
+                pass  # run_workers logs that it is stopping gracefully
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)  # fast: cancel the handler now
+            assert (await proc.stdout.readline()).strip() == b"STOPPED"
+            assert time.monotonic() - started < 5
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+    async def handler(job: Job) -> None:
+        counter.add((job.data, job.redelivered))
+
+    await make_worker(queue=queue_name, handler=handler).start()
+    assert await counter.wait_for(1) == [("stuck", True)]

@@ -213,3 +213,23 @@ async def test_graceful_handover_mid_stream_keeps_order(
     await second.stop()
     await asyncio.wait_for(stopping[0], 10)
     assert seen == list(range(100))
+
+
+async def test_headers_exchange_routes_by_matching_headers(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    exchange = Exchange(f"{queue_name}-h", "headers")
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    await make_worker(
+        queue=queue_name, handler=handler, exchange=exchange,
+        binding_arguments={"x-match": "all", "format": "pdf", "type": "report"},
+    ).start()  # fmt: skip
+    await producer.publish("match", exchange=exchange, headers={"format": "pdf", "type": "report"})
+    await producer.publish(
+        "half", exchange=exchange, headers={"format": "pdf", "type": "log"}, mandatory=False
+    )
+    await producer.publish("also", exchange=exchange, headers={"format": "pdf", "type": "report"})
+    assert await counter.wait_for(2) == ["match", "also"]
