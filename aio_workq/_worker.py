@@ -20,7 +20,6 @@ import inspect
 import logging
 import multiprocessing
 import pickle
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
@@ -745,16 +744,11 @@ async def _first_failure(links: list[asyncio.Future[str]]) -> BaseException | No
 
 
 def _qualname(obj: Any) -> str:
-    cls = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
-    if inspect.isfunction(obj):
-        return f"{obj.__module__}.{obj.__qualname__}"
-    return f"{cls.__module__}.{cls.__qualname__}"
+    """`module.Name` of a function or class, or of an instance's class."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    return f"{target.__module__}.{target.__qualname__}"
 
 
 def _traceback(exc: BaseException) -> str:
     text = "".join(traceback.format_exception(exc))
     return text[-_TRACEBACK_LIMIT:]
-
-
-def _now() -> float:
-    return time.time()
