@@ -16,11 +16,10 @@ from ._exceptions import (
     ConfigurationError,
     PublishError,
     PublishNackedError,
-    TopologyError,
     UnroutableError,
 )
 from ._job import ATTEMPT_HEADER, BROKER_HEADERS
-from ._topology import Queue
+from ._topology import Queue, raw_channel
 
 __all__ = ("DeadLetter", "DeadLetters")
 
@@ -73,44 +72,23 @@ class DeadLetters:
         """The dead-letter queue's name."""
         return self._queue.dead_letter_queue
 
-    async def _channel(self, confirms: bool = False) -> aiormq.Channel:
-        await self._connection.ready()
-        transport = self._connection.transport
-        if transport is None:
-            raise TopologyError("the connection is not open")
-        channel = await transport.connection.channel(publisher_confirms=confirms)
-        return channel  # type: ignore[return-value]
-
     async def count(self) -> int:
         """Messages waiting in the dead-letter queue."""
-        channel = await self._channel()
-        try:
+        async with raw_channel(self._connection) as channel:
             with translate_errors(f"counting dead letters in {self.name!r}"):
                 ok = await channel.queue_declare(self.name, passive=True)
-            return int(ok.message_count or 0)
-        finally:
-            await _close(channel)
+        return int(ok.message_count or 0)
 
     async def read(self, limit: int = 10) -> list[DeadLetter]:
         """Up to `limit` dead letters, oldest first, left in the queue."""
-        channel = await self._channel()
-        letters: list[DeadLetter] = []
-        try:
-            with translate_errors(f"reading dead letters from {self.name!r}"):
-                while len(letters) < limit:
-                    message = await channel.basic_get(self.name, no_ack=False)
-                    if message.delivery_tag is None:
-                        break
-                    letters.append(_letter(message))
-        finally:
-            await _close(channel)  # unacked: the broker puts them back
-        return letters
+        async with raw_channel(self._connection) as channel:
+            batch = await self._get_batch(channel, limit)
+        return [_letter(message) for message in batch]  # unacked: the broker puts them back
 
     async def replay(self, limit: int | None = None) -> int:
         """Move dead letters back to the work queue with attempts reset; returns how many."""
-        channel = await self._channel(confirms=True)
         moved = 0
-        try:
+        async with raw_channel(self._connection, publisher_confirms=True) as channel:
             while limit is None or moved < limit:
                 batch = await self._get_batch(
                     channel, _BATCH if limit is None else min(_BATCH, limit - moved)
@@ -122,19 +100,14 @@ class DeadLetters:
                 assert last is not None
                 await channel.basic_ack(last, multiple=True)
                 moved += len(batch)
-        finally:
-            await _close(channel)
         return moved
 
     async def purge(self) -> int:
         """Delete every dead letter; returns how many."""
-        channel = await self._channel()
-        try:
+        async with raw_channel(self._connection) as channel:
             with translate_errors(f"purging {self.name!r}"):
                 ok = await channel.queue_purge(self.name)
-            return int(ok.message_count or 0)
-        finally:
-            await _close(channel)
+        return int(ok.message_count or 0)
 
     async def _get_batch(self, channel: aiormq.Channel, size: int) -> list[DeliveredMessage]:
         batch: list[DeliveredMessage] = []
@@ -190,11 +163,3 @@ def _letter(message: DeliveredMessage) -> DeadLetter:
         headers=dict(props.headers or {}),
         content_type=props.content_type,
     )
-
-
-async def _close(channel: aiormq.Channel) -> None:
-    if not channel.is_closed:
-        try:
-            await channel.close()
-        except aiormq.exceptions.AMQPError:
-            pass

@@ -29,6 +29,13 @@ BROKER_HEADERS = frozenset(
 _UNSET: Any = object()
 
 
+def _decode_or_reject(body: bytes, content_type: str | None) -> Any:
+    try:
+        return decode_body(body, content_type)
+    except ValueError as exc:
+        raise Reject(f"the body does not decode as {content_type}: {exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class JobData:
     """A picklable copy of a job, for handlers run in a process pool (`executor="process"`)."""
@@ -45,10 +52,7 @@ class JobData:
     @property
     def data(self) -> Any:
         """The body decoded by its content type (see `Job.data`)."""
-        try:
-            return decode_body(self.body, self.content_type)
-        except ValueError as exc:
-            raise Reject(f"the body does not decode as {self.content_type}: {exc}") from exc
+        return _decode_or_reject(self.body, self.content_type)
 
 
 class Job:
@@ -80,10 +84,7 @@ class Job:
                 straight to the dead-letter queue.
         """
         if self._data is _UNSET:
-            try:
-                self._data = decode_body(self._message.body, self.content_type)
-            except ValueError as exc:
-                raise Reject(f"the body does not decode as {self.content_type}: {exc}") from exc
+            self._data = _decode_or_reject(self._message.body, self.content_type)
         return self._data
 
     @property

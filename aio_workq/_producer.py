@@ -28,7 +28,7 @@ from ._topology import (
     QueueType,
     declare_exchange,
     declare_queue,
-    topology_channel,
+    raw_channel,
 )
 
 __all__ = ("Producer", "Router")
@@ -80,14 +80,14 @@ class Router:
         return "", routing_key
 
     async def declare(self, spec: Queue, delays_ms: tuple[int, ...] = ()) -> str:
-        async with topology_channel(self._connection) as channel:
+        async with raw_channel(self._connection) as channel:
             name = await declare_queue(channel, spec, delays_ms=delays_ms)
         if not spec.server_named:
             self._queues[spec.name] = spec
         return name
 
     async def _declare_exchange(self, exchange: Exchange) -> None:
-        async with topology_channel(self._connection) as channel:
+        async with raw_channel(self._connection) as channel:
             await declare_exchange(channel, exchange)
         self._exchanges.add(exchange.name)
 

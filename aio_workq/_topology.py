@@ -14,7 +14,7 @@ import enum
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
@@ -29,7 +29,7 @@ __all__ = (
     "QueueType",
     "declare_exchange",
     "declare_queue",
-    "topology_channel",
+    "raw_channel",
 )
 
 DEFAULT_DELIVERY_LIMIT = 20
@@ -249,16 +249,20 @@ async def declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Exchan
 
 
 @asynccontextmanager
-async def topology_channel(
-    connection: AbstractRobustConnection,
-) -> AsyncIterator[aiormq.abc.AbstractChannel]:
-    """A short-lived raw channel for declarations: a 406 there closes nothing else."""
+async def raw_channel(
+    connection: AbstractRobustConnection, *, publisher_confirms: bool = False
+) -> AsyncIterator[aiormq.Channel]:
+    """A short-lived aiormq channel (declarations, dead-letter moves), closed on exit: a 406 on
+    it closes nothing else."""
     with translate_errors("opening a channel"):
         await connection.ready()
         transport = connection.transport
         if transport is None:
             raise TopologyError("the connection is not open")
-        channel = await transport.connection.channel(publisher_confirms=False)
+        channel = cast(
+            aiormq.Channel,
+            await transport.connection.channel(publisher_confirms=publisher_confirms),
+        )
     try:
         yield channel
     finally:

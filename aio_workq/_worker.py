@@ -39,7 +39,7 @@ from ._producer import Router
 from ._retry import RetryPolicy
 from ._serialization import encode_body
 from ._settings import redact_url, resolve_url
-from ._topology import Exchange, Queue, QueueType, declare_exchange, topology_channel
+from ._topology import Exchange, Queue, QueueType, declare_exchange, raw_channel
 from ._wire import Properties, ack_frame, nack_frame
 
 __all__ = ("Handler", "Worker", "WorkerState")
@@ -385,7 +385,7 @@ class Worker:
             exchange = Exchange(exchange, passive=True)
         assert exchange is not None
         keys = self._binding_keys or (self._queue_name,)
-        async with topology_channel(self._connection) as channel:
+        async with raw_channel(self._connection) as channel:
             await declare_exchange(channel, exchange)
             for key in keys:
                 with translate_errors(f"binding {self._queue_name!r} to {exchange.name!r}"):
