@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
@@ -28,22 +31,48 @@ class Counter:
         return self.items
 
 
-async def queue_depth(amqp_url: str, name: str) -> int:
-    """Messages ready in a queue, read with a passive declare."""
+async def _declared(amqp_url: str, name: str) -> Any:
+    """A passive declare's answer: the queue's message and consumer counts."""
     conn = await aio_pika.connect(amqp_url)
     async with conn:
         channel = await conn.channel()
         queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.message_count or 0)
+        return queue.declaration_result
+
+
+async def queue_depth(amqp_url: str, name: str) -> int:
+    """Messages ready in a queue."""
+    return int((await _declared(amqp_url, name)).message_count or 0)
 
 
 async def queue_consumers(amqp_url: str, name: str) -> int:
-    """Consumers on a queue, read with a passive declare."""
-    conn = await aio_pika.connect(amqp_url)
-    async with conn:
-        channel = await conn.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        return int(queue.declaration_result.consumer_count or 0)
+    """Consumers on a queue."""
+    return int((await _declared(amqp_url, name)).consumer_count or 0)
+
+
+@asynccontextmanager
+async def worker_process(
+    url: str, queue: str, mode: str, *, stderr: bool = False
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`tests.worker_proc` in a process of its own, once it says READY; killed on exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.worker_proc", url, queue, mode,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE if stderr else None,
+    )  # fmt: skip
+    try:
+        assert await read_line(proc) == "READY"
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
+async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20) -> str:
+    """The next line the process prints, stripped ("" once it has exited)."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        return (await proc.stdout.readline()).decode().strip()
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-import sys
 from collections.abc import Callable
 
 import pytest
 
 from aio_workq import Job, Producer, RetryPolicy, UnroutableError, Worker
-from tests.helpers import Counter, queue_depth, wait_until
+from tests.helpers import Counter, queue_depth, read_line, wait_until, worker_process
 
 pytestmark = pytest.mark.broker
 
@@ -72,22 +69,12 @@ async def test_killed_between_downstream_confirm_and_upstream_ack_redelivers_ups
     down = f"{queue_name}-down"
     await producer.declare(queue_name)
     await producer.declare(down)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "chain-hang",
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(20):
-            assert (await proc.stdout.readline()).strip() == b"READY"
-            await producer.publish_many(range(20), queue=queue_name)
-            forwarded = 0
-            while forwarded < 5:  # concurrency 5: five confirmed downstream, none acked
-                line = (await proc.stdout.readline()).decode()
-                forwarded += line.startswith("FORWARDED")
-    finally:
-        proc.kill()
-        await proc.wait()
+    async with worker_process(amqp_url, queue_name, "chain-hang") as proc:
+        await producer.publish_many(range(20), queue=queue_name)
+        forwarded = 0
+        while forwarded < 5:  # concurrency 5: five confirmed downstream, none acked
+            forwarded += (await read_line(proc)).startswith("FORWARDED")
+    # leaving the block SIGKILLs it: after the downstream confirms, before the upstream acks
 
     async def relay(job: Job) -> None:
         await job.forward(job.data, queue=down)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
@@ -15,7 +13,14 @@ import pytest
 from aio_workq import ConfigurationError, Job, Producer, Worker, connect
 from scripts.broker import LocalBroker
 from tests.handlers import square_in_process
-from tests.helpers import Counter, queue_consumers, queue_depth, wait_until
+from tests.helpers import (
+    Counter,
+    queue_consumers,
+    queue_depth,
+    read_line,
+    wait_until,
+    worker_process,
+)
 from tests.test_producer import connection_names
 
 pytestmark = pytest.mark.broker
@@ -175,25 +180,14 @@ async def test_sigterm_to_a_worker_process_mid_batch_loses_nothing(
     amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
     counter: Counter,
 ) -> None:  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "slow",
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None
     lines: list[str] = []
-    try:
-        async with asyncio.timeout(30):
-            assert (await proc.stdout.readline()).strip() == b"READY"
-            await producer.publish_many(range(20), queue=queue_name)
-            while sum(line.startswith("STARTED") for line in lines) < 5:
-                lines.append((await proc.stdout.readline()).decode().strip())
-            proc.send_signal(signal.SIGTERM)
-            while line := (await proc.stdout.readline()).decode():
-                lines.append(line.strip())
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+    async with worker_process(amqp_url, queue_name, "slow") as proc:
+        await producer.publish_many(range(20), queue=queue_name)
+        while sum(line.startswith("STARTED") for line in lines) < 5:
+            lines.append(await read_line(proc))
+        proc.send_signal(signal.SIGTERM)
+        while line := await read_line(proc):
+            lines.append(line)
     started = {line.split()[1] for line in lines if line.startswith("STARTED")}
     done = {line.split()[1] for line in lines if line.startswith("DONE")}
     assert started == done and len(done) == 5  # the running five finished
@@ -308,27 +302,18 @@ async def test_a_second_sigterm_stops_fast_and_the_message_returns(
     amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
     counter: Counter,
 ) -> None:  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.worker_proc", amqp_url, queue_name, "hang",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+    async with worker_process(amqp_url, queue_name, "hang", stderr=True) as proc:
+        assert proc.stderr is not None
+        await producer.publish("stuck", queue=queue_name)
+        assert await read_line(proc) == "STARTED stuck"
+        proc.send_signal(signal.SIGTERM)  # graceful: would wait 10 s for the handler
         async with asyncio.timeout(20):
-            assert (await proc.stdout.readline()).strip() == b"READY"
-            await producer.publish("stuck", queue=queue_name)
-            assert (await proc.stdout.readline()).strip() == b"STARTED stuck"
-            proc.send_signal(signal.SIGTERM)  # graceful: would wait 10 s for the handler
             while b"gracefully" not in await proc.stderr.readline():
                 pass  # run_workers logs that it is stopping gracefully
-            started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)  # fast: cancel the handler now
-            assert (await proc.stdout.readline()).strip() == b"STOPPED"
-            assert time.monotonic() - started < 5
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # fast: cancel the handler now
+        assert await read_line(proc) == "STOPPED"
+        assert time.monotonic() - started < 5
 
     async def handler(job: Job) -> None:
         counter.add((job.data, job.redelivered))

@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import aiormq
 import pytest
 
 from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
 from scripts.broker import LocalBroker
-from tests.helpers import Counter, queue_depth, wait_until
+from tests.helpers import Counter, queue_depth, read_line, wait_until, worker_process
 
 pytestmark = pytest.mark.broker
 
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, jitter=0)
-
-
-@asynccontextmanager
-async def worker_process(
-    url: str, queue: str, mode: str
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.worker_proc", url, queue, mode,
-        stdout=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        assert await read_line(proc) == "READY"
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
-
-
-async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20) -> str:
-    assert proc.stdout is not None
-    async with asyncio.timeout(timeout):
-        return (await proc.stdout.readline()).decode().strip()
 
 
 async def test_fair_dispatch_splits_equal_work_evenly(
