@@ -62,7 +62,9 @@ class Router:
             if exchange:
                 raise ConfigurationError("publish to queue= or to exchange=, not both")
             spec = self.queue_spec(queue)
-            if self._queues.get(spec.name) != spec:
+            declared = self._queues.get(spec.name)
+            # A plain name maps to the cached spec itself: no field-by-field compare per publish.
+            if declared is not spec and declared != spec:
                 await self.declare(spec)
             return "", spec.name
         if isinstance(exchange, Exchange):
