@@ -14,6 +14,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustConnection
 
+from ._demux import DemuxTransportFactory, register
 from ._exceptions import (
     AuthenticationError,
     BrokerConnectionError,
@@ -46,6 +47,8 @@ class BackoffConnection(aio_pika.RobustConnection):
         self._last_read = 0.0
         super().__init__(*args, **kwargs)
         self.reconnect_callbacks.add(self._reset_backoff)
+        self._transports = DemuxTransportFactory()
+        self.kwargs["transport_factory"] = self._transports
 
     @property
     def reconnect_interval(self) -> float:
@@ -62,6 +65,12 @@ class BackoffConnection(aio_pika.RobustConnection):
     @reconnect_interval.setter
     def reconnect_interval(self, value: float) -> None:
         self._base_interval = max(4 * _SAME_ATTEMPT, float(value))
+
+    async def _on_connected(self) -> None:
+        # Before the channels are restored: a worker's restored channel attaches to the demux.
+        if self.transport is not None and self._transports.last is not None:
+            register(self.transport.connection, self._transports.last)
+        await super()._on_connected()
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
         await super()._on_connection_close(closing)

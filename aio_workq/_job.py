@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-from aiormq.abc import DeliveredMessage
 
+from ._demux import Delivery
 from ._exceptions import Reject
 from ._serialization import decode_body
 
@@ -62,10 +62,10 @@ class Job:
     `body` pays for nothing else.
     """
 
-    __slots__ = ("_data", "_message", "_worker", "links")
+    __slots__ = ("_data", "_delivery", "_worker", "links")
 
-    def __init__(self, message: DeliveredMessage, worker: Worker) -> None:
-        self._message = message
+    def __init__(self, delivery: Delivery, worker: Worker) -> None:
+        self._delivery = delivery
         self._worker = worker
         self._data: Any = _UNSET
         self.links: list[asyncio.Future[str]] | None = None
@@ -73,7 +73,7 @@ class Job:
     @property
     def body(self) -> bytes:
         """The raw body."""
-        return self._message.body
+        return self._delivery.body
 
     @property
     def data(self) -> Any:
@@ -84,48 +84,48 @@ class Job:
                 straight to the dead-letter queue.
         """
         if self._data is _UNSET:
-            self._data = _decode_or_reject(self._message.body, self.content_type)
+            self._data = _decode_or_reject(self._delivery.body, self.content_type)
         return self._data
 
     @property
     def headers(self) -> Mapping[str, Any]:
         """The message headers (empty if none)."""
-        return self._message.header.properties.headers or {}
+        return self._delivery.properties.headers or {}
 
     @property
     def message_id(self) -> str | None:
         """The publisher's message id."""
-        return self._message.header.properties.message_id
+        return self._delivery.properties.message_id
 
     @property
     def content_type(self) -> str | None:
         """The content type the publisher set."""
-        return self._message.header.properties.content_type
+        return self._delivery.properties.content_type
 
     @property
     def correlation_id(self) -> str | None:
         """The correlation id (RPC requests carry one)."""
-        return self._message.header.properties.correlation_id
+        return self._delivery.properties.correlation_id
 
     @property
     def reply_to(self) -> str | None:
         """Where an RPC reply goes."""
-        return self._message.header.properties.reply_to
+        return self._delivery.reply_to
 
     @property
     def redelivered(self) -> bool:
         """True when the broker delivered this message before (a crash or a lost connection)."""
-        return bool(self._message.delivery.redelivered)  # type: ignore[union-attr]
+        return self._delivery.redelivered
 
     @property
     def routing_key(self) -> str:
         """The routing key the message was published with."""
-        return self._message.routing_key or ""
+        return self._delivery.routing_key
 
     @property
     def exchange(self) -> str:
         """The exchange the message was published to (`""` for the default exchange)."""
-        return self._message.exchange or ""
+        return self._delivery.exchange
 
     @property
     def attempt(self) -> int:
@@ -136,12 +136,12 @@ class Job:
     @property
     def delivery_tag(self) -> int:
         """The delivery tag on the worker's channel."""
-        return int(self._message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
+        return self._delivery.delivery_tag
 
     @property
     def message(self) -> aio_pika.IncomingMessage:
         """The aio-pika message, for reading properties; the worker settles it, not you."""
-        return aio_pika.IncomingMessage(self._message, no_ack=True)
+        return aio_pika.IncomingMessage(self._delivery.message(), no_ack=True)
 
     async def forward(
         self,

@@ -33,6 +33,7 @@ from aiormq.abc import ChannelFrame, DeliveredMessage
 
 from ._confirms import ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
+from ._demux import Delivery, demux_of
 from ._exceptions import ConfigurationError, Reject, Retry, WorkqError
 from ._job import ATTEMPT_HEADER, BROKER_HEADERS, Job, JobData
 from ._producer import Router
@@ -374,6 +375,9 @@ class Worker:
                 self._acker = _Acker(channel)
                 channel.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
                 channel.closing.add_done_callback(self._on_channel_closed)
+                demux = demux_of(channel.connection)
+                if demux is not None:  # the lean path: deliveries skip aiormq's frame parsing
+                    demux.attach(channel, self._on_delivery)
                 await channel.basic_qos(prefetch_count=self._prefetch)
             ok = await channel.basic_consume(self._queue_name, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
@@ -510,20 +514,25 @@ class Worker:
 
     # -- the hot path ---------------------------------------------------------------------
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    def _on_delivery(self, delivery: Delivery) -> None:
         acker = self._acker
-        if acker is None or acker.channel is not message.channel:
+        if acker is None or acker.channel is not delivery.channel:
             return  # from a channel already replaced: the broker redelivers it
-        tag = int(message.delivery.delivery_tag or 0)  # type: ignore[union-attr]
+        tag = delivery.delivery_tag
         acker.track(tag)
         self._deliveries += 1
-        task = asyncio.current_task()
-        assert task is not None
+        task = asyncio.ensure_future(self._process(Job(delivery, self), acker, tag))
         self._tasks.add(task)
-        try:
-            await self._process(Job(message, self), acker, tag)
-        finally:
-            self._tasks.discard(task)
+        task.add_done_callback(self._on_task_done)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        """aiormq's consumer callback, on a connection without a demux (`connection=` given)."""
+        self._on_delivery(Delivery.of(message))
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("worker %r failed to settle a message: %r", self._queue_name, exc)
 
     async def _process(self, job: Job, acker: _Acker, tag: int) -> None:
         slots = self._slots
@@ -658,7 +667,7 @@ class Worker:
         self, job: Job, target: str, headers: dict[str, Any], expiration: str | None
     ) -> None:
         assert self._publisher is not None
-        original = job._message.header.properties
+        original = job._delivery.properties
         props = Properties(
             message_id=original.message_id or "",
             content_type=original.content_type,

@@ -7,6 +7,7 @@ import signal
 import time
 from collections.abc import Callable
 
+import aio_pika
 import aiormq
 import pytest
 
@@ -232,3 +233,79 @@ async def test_worker_resumes_after_its_queue_is_deleted_and_recreated(
     async with Producer(amqp_url) as fresh:  # the first producer's declaration cache is stale
         await fresh.publish("two", queue=queue_name)
     assert await counter.wait_for(2) == ["one", "two"]
+
+
+def _job_view(job: Job) -> dict[str, object]:
+    message = job.message
+    return {
+        "body": job.body,
+        "data": job.data,
+        "headers": dict(job.headers),
+        "message_id": job.message_id,
+        "content_type": job.content_type,
+        "correlation_id": job.correlation_id,
+        "reply_to": job.reply_to,
+        "redelivered": job.redelivered,
+        "routing_key": job.routing_key,
+        "exchange": job.exchange,
+        "attempt": job.attempt,
+        "aio_pika": (message.body, message.message_id, message.headers, message.priority),
+    }
+
+
+@pytest.mark.parametrize("own_connection", [True, False], ids=["aio-workq", "plain-aio-pika"])
+async def test_a_job_reads_the_same_on_the_lean_path_and_through_aio_pika(
+    amqp_url: str, producer: Producer, queue_name: str, counter: Counter, own_connection: bool
+) -> None:
+    # aio-workq's connections hand deliveries to the worker straight off the socket; a plain
+    # aio-pika connection goes through aiormq's consumer callback. Jobs must not differ.
+    conn = await (connect(amqp_url) if own_connection else aio_pika.connect_robust(amqp_url))
+
+    async def handler(job: Job) -> None:
+        counter.add(_job_view(job))
+
+    async with conn, Worker(connection=conn, queue=queue_name, handler=handler):
+        await producer.publish(
+            {"n": 1}, queue=queue_name, headers={"x-workq-attempt": 2, "k": "v"},
+            message_id="id-1", correlation_id="c-1", priority=3,
+        )  # fmt: skip
+        [view] = await counter.wait_for(1)
+    assert view == {
+        "body": b'{"n":1}',
+        "data": {"n": 1},
+        "headers": {"x-workq-attempt": 2, "k": "v"},
+        "message_id": "id-1",
+        "content_type": "application/json",
+        "correlation_id": "c-1",
+        "reply_to": None,
+        "redelivered": False,
+        "routing_key": queue_name,
+        "exchange": "",
+        "attempt": 2,
+        "aio_pika": (b'{"n":1}', "id-1", {"x-workq-attempt": 2, "k": "v"}, 3),
+    }
+
+
+async def test_a_steady_stream_of_deliveries_keeps_the_connection_alive(
+    amqp_url: str, producer: Producer, queue_name: str, counter: Counter
+) -> None:
+    # The broker sends no heartbeat while it sends deliveries, and the worker takes those
+    # before aiormq sees them: aiormq must still see a sign of life, or it drops the
+    # connection after three heartbeat intervals (here (1 + 1) * 3 = 6 s) without frames.
+    conn = await connect(amqp_url + "?heartbeat=1")
+    reconnects: list[object] = []
+    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    async with conn, Worker(connection=conn, queue=queue_name, handler=handler):
+        loop = asyncio.get_running_loop()
+        end, sent = loop.time() + 8, 0
+        while loop.time() < end:
+            await producer.publish(sent, queue=queue_name)
+            sent += 1
+            await asyncio.sleep(0.02)  # pacing the stream, not waiting for a result
+        await counter.wait_for(sent)
+        assert not reconnects and not conn.is_closed
+    assert counter.items == list(range(sent))

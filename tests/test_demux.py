@@ -1,0 +1,160 @@
+"""The delivery demux, offline: real AMQP bytes in, aiormq's own frame receiver on top.
+
+The demux takes the deliveries of attached channels and passes every other frame to aiormq; these
+tests cut one byte stream at every possible point and check that the deliveries and the frames
+aiormq sees are the same either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+from typing import Any
+
+import aiormq
+import pytest
+from aiormq.connection import FrameReceiver
+from pamqp import frame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic, Channel
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+from aio_workq._demux import Delivery, FrameDemux
+
+TAPPED, OTHER = 1, 2
+PROPS = Basic.Properties(
+    content_type="application/json",
+    headers={"x-workq-attempt": 2, "trace": "abc"},
+    delivery_mode=2,
+    message_id="m-1",
+    correlation_id="c-1",
+    timestamp=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+)
+
+
+class Pieces:
+    """A socket read in fixed-size pieces: the part of a StreamReader the demux uses."""
+
+    def __init__(self, data: bytes, size: int) -> None:
+        self._pieces = [data[i : i + size] for i in range(0, len(data), size)]
+
+    async def read(self, n: int) -> bytes:
+        return self._pieces.pop(0) if self._pieces else b""
+
+    def at_eof(self) -> bool:
+        return not self._pieces
+
+
+class FakeChannel:
+    """What the demux reads of an aiormq channel."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.closing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.is_closed = False
+
+
+def content(channel: int, method: Any, body: bytes, props: Basic.Properties = PROPS) -> bytes:
+    header = ContentHeader(body_size=len(body), properties=props)
+    frames = [frame.marshal(method, channel), frame.marshal(header, channel)]
+    frames += [frame.marshal(ContentBody(body[i : i + 7]), channel) for i in range(0, len(body), 7)]
+    return b"".join(frames)
+
+
+def deliver(tag: int, **kwargs: Any) -> Basic.Deliver:
+    return Basic.Deliver(
+        consumer_tag="ctag", delivery_tag=tag, exchange="ex", routing_key="rk", **kwargs
+    )
+
+
+STREAM = [
+    # (bytes, taken by the demux?)
+    (frame.marshal(Basic.QosOk(), TAPPED), False),
+    (content(TAPPED, deliver(1), b"first"), True),
+    (content(OTHER, deliver(1), b"not tapped"), False),
+    (content(TAPPED, deliver(2, redelivered=True), b"x" * 20), True),  # three body frames
+    (content(TAPPED, Basic.Return(reply_code=312, exchange="", routing_key="q"), b"back"), False),
+    (content(TAPPED, deliver(3), b""), True),  # no body frame at all
+    (frame.marshal(Channel.Flow(active=True), TAPPED), False),
+]
+
+
+async def read_all(demux: FrameDemux) -> list[Any]:
+    """Every frame aiormq's receiver gets from the demux, until the stream ends."""
+    receiver = FrameReceiver(demux)  # type: ignore[arg-type]
+    frames = []
+    with contextlib.suppress(aiormq.exceptions.AMQPConnectionError):  # the stream ends
+        async for _, number, value in receiver:
+            frames.append((number, value))
+    return frames
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7, 8, 13, 64, 10_000])
+async def test_deliveries_are_taken_and_every_other_frame_reaches_aiormq_in_order(
+    piece: int,
+) -> None:
+    data = b"".join(chunk for chunk, _ in STREAM)
+    demux = FrameDemux(Pieces(data, piece))  # type: ignore[arg-type]
+    channel = FakeChannel(TAPPED)
+    deliveries: list[Delivery] = []
+    demux.attach(channel, deliveries.append)  # type: ignore[arg-type]
+
+    frames = await read_all(demux)
+
+    expected_frames: list[Any] = []
+    for chunk, taken in STREAM:
+        while chunk and not taken:
+            used, number, value = frame.unmarshal(chunk)
+            expected_frames.append((number, value))
+            chunk = chunk[used:]
+    assert len(expected_frames) == 9  # qos-ok, 4 of the other channel, 3 of the return, flow
+    passed = [(number, value) for number, value in frames if not isinstance(value, Heartbeat)]
+    assert [(n, type(v).__name__, v.__dict__) for n, v in passed] == [
+        (n, type(v).__name__, v.__dict__) for n, v in expected_frames
+    ]
+    assert any(isinstance(value, Heartbeat) for _, value in frames)  # aiormq saw a sign of life
+
+    assert [(d.delivery_tag, d.body, d.redelivered) for d in deliveries] == [
+        (1, b"first", False),
+        (2, b"x" * 20, True),
+        (3, b"", False),
+    ]
+    first = deliveries[0]
+    assert (first.consumer_tag, first.exchange, first.routing_key) == ("ctag", "ex", "rk")
+    assert first.channel is channel  # type: ignore[comparison-overlap]
+    assert first.properties.headers == {"x-workq-attempt": 2, "trace": "abc"}
+    assert first.properties.message_id == "m-1"
+    assert first.properties.timestamp == PROPS.timestamp
+    assert first.reply_to is None
+
+
+async def test_reply_to_is_read_without_decoding_only_when_absent() -> None:
+    with_reply = Basic.Properties(reply_to="amq.rabbitmq.reply-to", correlation_id="c")
+    data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b", with_reply)
+    demux = FrameDemux(Pieces(data, 5))  # type: ignore[arg-type]
+    deliveries: list[Delivery] = []
+    demux.attach(FakeChannel(TAPPED), deliveries.append)  # type: ignore[arg-type]
+    await read_all(demux)
+    assert [d.reply_to for d in deliveries] == [None, "amq.rabbitmq.reply-to"]
+    message = deliveries[1].message()  # as aiormq would have delivered it
+    assert message.delivery_tag == 2 and message.body == b"b"
+    assert message.header.properties.correlation_id == "c"
+
+
+async def test_a_closed_channel_is_no_longer_tapped() -> None:
+    channel = FakeChannel(TAPPED)
+    data = content(TAPPED, deliver(1), b"a")
+    demux = FrameDemux(Pieces(data, 100))  # type: ignore[arg-type]
+    deliveries: list[Delivery] = []
+    demux.attach(channel, deliveries.append)  # type: ignore[arg-type]
+    channel.closing.set_result(None)
+    await asyncio.sleep(0)  # the closing callbacks run
+    frames = await read_all(demux)
+    assert deliveries == []
+    assert [type(value).__name__ for _, value in frames] == [
+        "Deliver",
+        "ContentHeader",
+        "ContentBody",
+    ]
