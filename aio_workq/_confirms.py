@@ -35,13 +35,16 @@ from ._exceptions import (
 )
 from ._wire import Properties, publish_frames
 
-__all__ = ("ConfirmPublisher", "new_message_id")
+__all__ = ("DEFAULT_WINDOW", "DEFAULT_WINDOW_BYTES", "ConfirmPublisher", "new_message_id")
 
 log = logging.getLogger("aio_workq")
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 _SWEEP_INTERVAL = 0.1
+DEFAULT_WINDOW = 10_000
+DEFAULT_WINDOW_BYTES = 64 * 2**20
+_BURST = 256  # messages marshalled before a burst is written out
 _UNROUTABLE = (
     "returned as unroutable: no queue is bound for this routing key (declare the queue or a "
     "binding, or publish with mandatory=False)"
@@ -137,16 +140,22 @@ class ConfirmPublisher:
         channel: AbstractRobustChannel,
         *,
         window: int,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         timeout: float,
         resend: bool,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window!r}")
+        if window_bytes < 1:
+            raise ValueError(f"window_bytes must be >= 1, got {window_bytes!r}")
         if timeout <= 0:
             raise ValueError(f"publish timeout must be > 0 seconds, got {timeout!r}")
         self._robust = channel
         self._window = window
         self._low_water = window - max(1, window // 4)
+        self._window_bytes = window_bytes
+        self._low_water_bytes = window_bytes - window_bytes // 4
+        self._bytes = 0  # body bytes of the messages in flight
         self._timeout = timeout
         self._resend = resend
         self._loop = asyncio.get_running_loop()
@@ -234,7 +243,7 @@ class ConfirmPublisher:
             )
         timeout = self._timeout if timeout is None else timeout
         deadline = self._loop.time() + timeout
-        if self._ch is None or len(self._pending) + len(self._waiting) >= self._window:
+        if self._ch is None or self._full():
             await self._wait_for_space(deadline, props.message_id, exchange, routing_key)
         out = _Outgoing(
             self,
@@ -246,15 +255,25 @@ class ConfirmPublisher:
             self._loop.create_future(),
             deadline,
         )
+        self._bytes += len(body)
         self._write(out)
+        if len(self._buffer) >= _BURST:
+            # A long burst (publish_many): write what is marshalled and let the writer run, so
+            # the broker starts on these while the rest are marshalled.
+            self._flush()
+            await asyncio.sleep(0)
         return out.future
+
+    def _full(self) -> bool:
+        in_flight = len(self._pending) + len(self._waiting)
+        return in_flight >= self._window or self._bytes >= self._window_bytes
 
     async def _wait_for_space(
         self, deadline: float, message_id: str, exchange: str, routing_key: str
     ) -> None:
         try:
             async with asyncio.timeout_at(deadline):
-                while self._ch is None or len(self._pending) + len(self._waiting) >= self._window:
+                while self._ch is None or self._full():
                     if self._ch is None:
                         await self._ready.wait()
                         continue
@@ -320,6 +339,7 @@ class ConfirmPublisher:
         if out.settled:
             return
         out.settled = True
+        self._bytes -= len(out.body)
         if self._pending.get(out.tag) is out:
             del self._pending[out.tag]
         ch = self._ch
@@ -332,7 +352,11 @@ class ConfirmPublisher:
                 out.future.set_result(out.props.message_id)
             else:
                 out.future.set_exception(error)
-        if self._space and len(self._pending) + len(self._waiting) <= self._low_water:
+        if (
+            self._space
+            and len(self._pending) + len(self._waiting) <= self._low_water
+            and self._bytes <= self._low_water_bytes
+        ):
             # Hysteresis: senders resume together once a quarter of the window is free, so
             # they refill it in one burst (one write) instead of one message per confirm.
             while self._space:

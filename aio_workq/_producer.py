@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from ._confirms import ConfirmPublisher, make_properties
+from ._confirms import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, ConfirmPublisher, make_properties
 from ._connection import connect, translate_errors
 from ._dead_letters import DeadLetters
 from ._exceptions import (
@@ -108,6 +108,10 @@ class Producer:
         connection: share an existing robust connection (from `aio_workq.connect()`) instead.
         queue_type: the type of queues declared from a plain name: `"quorum"` or `"classic"`.
         window: the most unconfirmed messages in flight; `send()` waits for space beyond it.
+            The default is deep enough to keep the broker busy between its confirm bursts
+            (a classic queue confirms persistent messages when it syncs to disk).
+        window_bytes: the most body bytes in flight (64 MiB by default): whichever of the two
+            fills first bounds the window; one message larger than this still goes alone.
         timeout: seconds a publish may take until its confirm; then `PublishTimeoutError`.
         on_reconnect: unconfirmed messages after a lost connection are re-sent with the same
             message id (`"resend"`, at-least-once: duplicates possible) or failed (`"fail"`).
@@ -121,7 +125,8 @@ class Producer:
         *,
         connection: AbstractRobustConnection | None = None,
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
-        window: int = 1000,
+        window: int = DEFAULT_WINDOW,
+        window_bytes: int = DEFAULT_WINDOW_BYTES,
         timeout: float = 30.0,
         on_reconnect: Literal["resend", "fail"] = "resend",
         connect_timeout: float = 10.0,
@@ -131,6 +136,8 @@ class Producer:
             raise ConfigurationError("pass url= or connection=, not both")
         if window < 1:
             raise ConfigurationError(f"window must be >= 1, got {window!r}")
+        if window_bytes < 1:
+            raise ConfigurationError(f"window_bytes must be >= 1, got {window_bytes!r}")
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         if on_reconnect not in ("resend", "fail"):
@@ -147,6 +154,7 @@ class Producer:
         self._connection = connection
         self._owns_connection = connection is None
         self._window = window
+        self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
         self._connect_timeout = connect_timeout
@@ -187,6 +195,7 @@ class Producer:
         publisher = ConfirmPublisher(
             self._channel,
             window=self._window,
+            window_bytes=self._window_bytes,
             timeout=self._timeout,
             resend=self._resend,
         )

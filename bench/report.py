@@ -286,7 +286,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         "What is deliberately not equal, because each system is used its own way:",
         "",
         "- Messages in flight when publishing: raw aiormq, aio-pika, FastStream and taskiq "
-        "gather batches of 1,000; aio-workq keeps a sliding window of 2,000; lapinmq's async "
+        "gather batches of 1,000; aio-workq keeps its default sliding window (10,000 "
+        "unconfirmed messages or 64 MiB); lapinmq's async "
         "publisher has no window (all N handed over at once); Dramatiq, Celery and lapinmq's sync "
         "publisher wait for each confirm before the next publish (they have no pipelined API).",
         "- chain: most handlers wait for the downstream confirm, then return and get acked; "

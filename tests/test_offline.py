@@ -222,6 +222,23 @@ def test_invalid_worker_settings_raise_configuration_error(
         Worker("amqp://localhost/", **settings)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"window": 0}, "window must"),
+        ({"window_bytes": 0}, "window_bytes"),
+        ({"timeout": 0}, "timeout"),
+        ({"on_reconnect": "drop"}, "on_reconnect"),
+        ({"queue_type": "stream"}, "queue_type"),
+    ],
+)
+def test_invalid_producer_settings_raise_configuration_error(
+    kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        aio_workq.Producer("amqp://localhost/", **kwargs)  # type: ignore[arg-type]
+
+
 def test_queue_arguments_quorum_and_classic() -> None:
     quorum = Queue("tasks").arguments_for_work_queue()
     assert quorum == {

@@ -321,3 +321,21 @@ async def test_the_window_bounds_unconfirmed_messages(amqp_url: str, queue_name:
         assert len(set(await asyncio.gather(*confirms))) == 300
     assert most == 10  # filled, never exceeded
     assert await queue_depth(amqp_url, queue_name) == 300
+
+
+@pytest.mark.parametrize(("window_bytes", "expected"), [(1000, 4), (10, 1)])
+async def test_window_bytes_bounds_the_bodies_in_flight(
+    amqp_url: str, queue_name: str, window_bytes: int, expected: int
+) -> None:
+    # 300-byte bodies: three (900 bytes) leave room, the fourth fills 1,000 bytes; with a
+    # 10-byte window each message is larger than the window and goes alone.
+    async with Producer(amqp_url, window_bytes=window_bytes) as producer:
+        await producer.declare(queue_name)
+        confirms = []
+        most = 0
+        for _ in range(40):
+            confirms.append(await producer.send(b"x" * 300, queue=queue_name))
+            most = max(most, producer.in_flight)
+        assert len(set(await asyncio.gather(*confirms))) == 40
+    assert most == expected
+    assert await queue_depth(amqp_url, queue_name) == 40

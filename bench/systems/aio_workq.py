@@ -1,9 +1,10 @@
 """aio-workq, this project, with its defaults except where the bench makes settings equal.
 
-Settings: `Producer(queue_type=…, window=2000)` and `Worker(queue_type=…, concurrency=100,
-prefetch=100)`; everything else is the library's default (persistent messages, confirms always
-on, mandatory publishes, its retry policy and dead-letter queue). The queues are declared by the
-library (`Producer.declare`), with whatever arguments it gives its work queues.
+Settings: `Producer(queue_type=…)` and `Worker(queue_type=…, concurrency=100, prefetch=100)`;
+everything else is the library's default (persistent messages, confirms always on, mandatory
+publishes, a window of 10,000 unconfirmed messages or 64 MiB, its retry policy and dead-letter
+queue). The queues are declared by the library (`Producer.declare`), with whatever arguments
+it gives its work queues.
 - publish: `producer.publish_many([body] * n)`: pipelined within the window, returns once every
   message is confirmed.
 - consume: a `Worker` whose handler does nothing; the library acks.
@@ -20,8 +21,6 @@ import uuid
 from aio_workq import Job, Producer, Worker
 from bench.systems._common import Hook, System, Wire, main, payload, persistent_properties
 
-WINDOW = 2_000
-
 
 class AioWorkq(System):
     name = "aio_workq"
@@ -36,7 +35,7 @@ class AioWorkq(System):
     async def setup(self) -> None:
         s = self.settings
         self._stack = contextlib.AsyncExitStack()
-        producer = Producer(s.url, queue_type=s.queue_type, window=WINDOW)
+        producer = Producer(s.url, queue_type=s.queue_type)
         self._producer = await self._stack.enter_async_context(producer)
         await self._producer.declare(s.queue)
         if s.chain:
