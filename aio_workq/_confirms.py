@@ -1,10 +1,13 @@
 """Pipelined publishing with publisher confirms: the publish hot path.
 
 Each message becomes an `_Outgoing` record. Its frames are marshalled by `_wire` and buffered;
-every message sent in one event-loop iteration goes out in one write. The record itself is put
-in aiormq's confirmation table under its delivery tag, so aiormq's channel reader settles it
-(ack, nack, or return) without a per-message future of its own; the caller gets one
-`asyncio.Future` per message. A bounded window of unconfirmed messages gives backpressure.
+every message sent in one event-loop iteration goes out in one write (a long burst every 256).
+Records wait in `_pending` under their delivery tag. On aio-workq's own connections the frame
+demux (`_demux`) hands the channel's confirms and returns straight to `on_confirm` and
+`on_return`; on other connections the record goes into aiormq's confirmation table, and aiormq's
+channel reader settles it through its Future-like methods. Either way the caller gets one
+`asyncio.Future` per message. A bounded window of unconfirmed messages (count and bytes) gives
+backpressure.
 
 Every record ends in exactly one of: confirmed (the future's result is the message id), or a
 typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError`, or
@@ -26,6 +29,7 @@ import aiormq
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import ChannelFrame
 
+from ._demux import Delivery, demux_of
 from ._exceptions import (
     ConnectionLostError,
     PublishError,
@@ -50,6 +54,7 @@ _UNROUTABLE = (
     "binding, or publish with mandatory=False)"
 )
 _MAYBE = "it may or may not have reached the queue"
+_NACKED = "nacked by the broker (e.g. the queue is full with overflow=reject-publish)"
 
 
 def new_message_id() -> str:
@@ -113,10 +118,7 @@ class _Outgoing:
         if isinstance(exc, aiormq.exceptions.PublishError):
             self.fail(UnroutableError, _UNROUTABLE)
         else:
-            self.fail(
-                PublishNackedError,
-                "nacked by the broker (e.g. the queue is full with overflow=reject-publish)",
-            )
+            self.fail(PublishNackedError, _NACKED)
 
     def fail(self, cls: type[PublishError], what: str) -> None:
         """Settle with a `cls` error saying what happened to this message."""
@@ -160,6 +162,7 @@ class ConfirmPublisher:
         self._resend = resend
         self._loop = asyncio.get_running_loop()
         self._ch: aiormq.Channel | None = None
+        self._direct = False  # the channel's confirms come from the demux, not aiormq
         self._frame_max = 131072
         self._pending: dict[int, _Outgoing] = {}
         self._waiting: deque[_Outgoing] = deque()  # to (re)send once a channel is open
@@ -185,6 +188,10 @@ class ConfirmPublisher:
             return
         self._ch = ch
         self._frame_max = ch.connection.connection_tune.frame_max or 131072
+        demux = demux_of(ch.connection)
+        self._direct = demux is not None
+        if demux is not None:
+            demux.attach(ch, confirms=self)
         ch.closing.add_done_callback(lambda fut: self._on_channel_closed(ch, fut))
         self._ready.set()
         while self._waiting and self._ch is ch:
@@ -302,9 +309,10 @@ class ConfirmPublisher:
         tag = ch.delivery_tag + 1
         ch.delivery_tag = tag
         out.tag = tag
-        ch.confirmations[tag] = out  # type: ignore[assignment]
-        if out.mandatory:
-            ch.message_id_delivery_tag[out.props.message_id] = tag
+        if not self._direct:
+            ch.confirmations[tag] = out  # type: ignore[assignment]
+            if out.mandatory:
+                ch.message_id_delivery_tag[out.props.message_id] = tag
         self._pending[tag] = out
         self._buffer.append(
             publish_frames(
@@ -343,7 +351,7 @@ class ConfirmPublisher:
         if self._pending.get(out.tag) is out:
             del self._pending[out.tag]
         ch = self._ch
-        if ch is not None and out.mandatory:
+        if ch is not None and out.mandatory and not self._direct:
             ids: dict[str, int] = ch.message_id_delivery_tag
             if ids.get(out.props.message_id) == out.tag:
                 del ids[out.props.message_id]
@@ -363,6 +371,31 @@ class ConfirmPublisher:
                 waiter = self._space.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
+
+    # The demux's `Confirms`: confirms and returns straight off the socket.
+    def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
+        pending = self._pending
+        settled: list[_Outgoing] = []
+        if multiple:
+            for tag, out in pending.items():  # in delivery-tag order
+                if tag > delivery_tag:
+                    break
+                settled.append(out)
+        elif (single := pending.get(delivery_tag)) is not None:
+            settled.append(single)
+        for out in settled:
+            if ack:
+                self._settle(out, None)
+            else:
+                out.fail(PublishNackedError, _NACKED)
+
+    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None:
+        message_id = message.properties.message_id
+        for out in self._pending.values():  # returns are rare: a scan beats an index per message
+            if out.props.message_id == message_id and out.mandatory:
+                out.fail(UnroutableError, _UNROUTABLE)
+                return
+        log.debug("returned message %s is not pending (%d %s)", message_id, reply_code, reply_text)
 
     def _sweep(self) -> None:
         self._sweep_handle = None

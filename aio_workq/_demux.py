@@ -1,25 +1,28 @@
-"""The consume hot path: deliveries taken off the socket before aiormq parses them.
+"""The hot paths' reader: deliveries and confirms taken off the socket before aiormq parses them.
 
 aiormq reads every frame with three awaited `readexactly` calls, unmarshals it with pamqp into
 objects, and passes it through two `asyncio.Queue`s (connection, then channel) before a consumer
-sees a message: about half of a worker's CPU per message. A `FrameDemux` stands in for the
-`asyncio.StreamReader` that aiormq's frame receiver reads from. It reads the socket in large
-chunks and splits them into frames; the `Basic.Deliver` frames of a channel that a worker
-attached to — with their content header and body — are handed to the worker as a `Delivery`
-right there, and every other frame is passed on to aiormq byte for byte, in order. Properties
-are decoded (by pamqp) only when something reads them.
+or a publisher sees it: about half of a worker's CPU per message. A `FrameDemux` stands in for
+the `asyncio.StreamReader` that aiormq's frame receiver reads from. It reads the socket in large
+chunks and splits them into frames. On the channels attached to it, it takes
+- `Basic.Deliver` with its content header and body, handed to the worker as a `Delivery`
+  (properties are decoded by pamqp only when something reads them);
+- `Basic.Ack` / `Basic.Nack` (publisher confirms) and `Basic.Return` with its content, handed to
+  the channel's `ConfirmPublisher`, which settles by delivery tag (`multiple` honoured).
+Every other frame is passed on to aiormq byte for byte, in order.
 
 aiormq also takes the time of the last frame it read as the connection's sign of life; while
-deliveries are taken here it sees none, so the demux passes it a heartbeat frame now and then.
+frames are taken here it sees none, so the demux passes it a heartbeat frame now and then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
@@ -27,20 +30,32 @@ from pamqp import commands
 from pamqp.header import ContentHeader
 from yarl import URL
 
-__all__ = ("Delivery", "DemuxTransportFactory", "FrameDemux", "demux_of", "register")
+__all__ = (
+    "Confirms",
+    "Delivery",
+    "DemuxTransportFactory",
+    "FrameDemux",
+    "demux_of",
+    "register",
+)
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
-_DELIVER = struct.Struct(">HH")  # class, method
+_METHOD_ID = struct.Struct(">HH")  # class, method
+_TAG_BITS = struct.Struct(">QB")  # delivery tag, bits (multiple first)
+_U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
 _BODY_SIZE = struct.Struct(">Q")
 _FLAGS = struct.Struct(">H")
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
-_BASIC_DELIVER = (60, 60)
+_BASIC = 60
+_RETURN, _DELIVER, _ACK, _NACK = 50, 60, 80, 120
 _HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 _REPLY_TO_FLAG = 1 << 9
 _READ_SIZE = 1 << 18
 _ALIVE_EVERY = 1.0  # seconds between heartbeats passed to aiormq while deliveries are taken
+
+log = logging.getLogger("aio_workq")
 
 OnDelivery = Callable[["Delivery"], None]
 
@@ -132,15 +147,35 @@ class Delivery:
         )
 
 
+class Confirms(Protocol):
+    """Takes the publisher confirms and returns of a channel (`ConfirmPublisher`)."""
+
+    def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None: ...
+
+    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None: ...
+
+
 class _Tap:
-    """A channel whose deliveries are taken by the demux: the content being assembled."""
+    """A channel whose deliveries and/or confirms the demux takes: the content being assembled."""
 
-    __slots__ = ("body", "body_size", "channel", "deliver", "header", "on_delivery", "parts")
+    __slots__ = (
+        "body_size",
+        "channel",
+        "confirms",
+        "header",
+        "on_delivery",
+        "parts",
+        "pending",
+        "returned",
+    )
 
-    def __init__(self, channel: AbstractChannel, on_delivery: OnDelivery) -> None:
+    def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
-        self.on_delivery = on_delivery
-        self.deliver: tuple[str, int, bool, str, str] | None = None
+        self.on_delivery: OnDelivery | None = None
+        self.confirms: Confirms | None = None
+        # The method whose content comes next: a delivery's fields, or a return's.
+        self.pending: tuple[str, int, bool, str, str] | None = None
+        self.returned: tuple[int, str] | None = None  # reply code and text, for a return
         self.header = b""
         self.body_size = 0
         self.parts: list[bytes] = []
@@ -148,25 +183,35 @@ class _Tap:
     def take(self, kind: int, data: bytearray, start: int, end: int) -> bool:
         """Handle one frame's payload `data[start:end]`; False leaves the frame to aiormq."""
         if kind == _METHOD:
-            if self.deliver is not None or _DELIVER.unpack_from(data, start) != _BASIC_DELIVER:
+            if self.pending is not None or self.channel.is_closed:
                 return False
-            pos = start + 4
-            size = data[pos]
-            consumer_tag = data[pos + 1 : pos + 1 + size].decode()
-            pos += 1 + size
-            delivery_tag = _U64.unpack_from(data, pos)[0]
-            redelivered = bool(data[pos + 8] & 1)
-            pos += 9
-            size = data[pos]
-            exchange = data[pos + 1 : pos + 1 + size].decode()
-            pos += 1 + size
-            size = data[pos]
-            routing_key = data[pos + 1 : pos + 1 + size].decode()
-            self.deliver = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-            self.header = b""
-            return True
-        if self.deliver is None:
-            return False  # the content of a frame aiormq handles (a return, a basic.get)
+            class_id, method_id = _METHOD_ID.unpack_from(data, start)
+            if class_id != _BASIC:
+                return False
+            if method_id == _DELIVER and self.on_delivery is not None:
+                self._start_delivery(data, start + 4)
+                return True
+            confirms = self.confirms
+            if confirms is None:
+                return False
+            if method_id == _ACK or method_id == _NACK:
+                tag, bits = _TAG_BITS.unpack_from(data, start + 4)
+                try:
+                    confirms.on_confirm(tag, bool(bits & 1), method_id == _ACK)
+                except Exception:  # the reader must go on
+                    log.exception("settling the confirm of delivery tag %d failed", tag)
+                return True
+            if method_id == _RETURN:
+                reply_code = _U16.unpack_from(data, start + 4)[0]
+                reply_text, pos = _shortstr(data, start + 6)
+                exchange, pos = _shortstr(data, pos)
+                routing_key, _ = _shortstr(data, pos)
+                self.returned = (reply_code, reply_text)
+                self.pending = ("", 0, False, exchange, routing_key)
+                return True
+            return False
+        if self.pending is None:
+            return False  # the content of a frame aiormq handles (a basic.get)
         if kind == _HEADER and not self.header:
             self.header = bytes(data[start:end])
             self.body_size = _BODY_SIZE.unpack_from(data, start + 4)[0]
@@ -182,11 +227,35 @@ class _Tap:
             return True
         return False
 
+    def _start_delivery(self, data: bytearray, pos: int) -> None:
+        consumer_tag, pos = _shortstr(data, pos)
+        delivery_tag = _U64.unpack_from(data, pos)[0]
+        redelivered = bool(data[pos + 8] & 1)
+        exchange, pos = _shortstr(data, pos + 9)
+        routing_key, _ = _shortstr(data, pos)
+        self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+
     def _complete(self, body: bytes) -> None:
-        deliver, self.deliver = self.deliver, None
-        assert deliver is not None
+        fields, self.pending = self.pending, None
+        returned, self.returned = self.returned, None
         header, self.header = self.header, b""
-        self.on_delivery(Delivery(self.channel, *deliver, header, body))
+        assert fields is not None
+        message = Delivery(self.channel, *fields, header, body)
+        try:
+            if returned is not None:
+                assert self.confirms is not None
+                self.confirms.on_return(*returned, message)
+            else:
+                assert self.on_delivery is not None
+                self.on_delivery(message)
+        except Exception:  # the reader must go on; the broker redelivers when the channel closes
+            log.exception("a consumer of channel %d failed to take a delivery", self.channel.number)
+
+
+def _shortstr(data: bytearray, pos: int) -> tuple[str, int]:
+    """An AMQP short string at `pos`, and the position after it."""
+    size = data[pos]
+    return data[pos + 1 : pos + 1 + size].decode(), pos + 1 + size
 
 
 class FrameDemux:
@@ -204,12 +273,24 @@ class FrameDemux:
         self._taps: dict[int, _Tap] = {}
         self._alive_at = 0.0
 
-    def attach(self, channel: AbstractChannel, on_delivery: OnDelivery) -> None:
-        """Hand `channel`'s deliveries to `on_delivery`, until the channel closes."""
+    def attach(
+        self,
+        channel: AbstractChannel,
+        *,
+        on_delivery: OnDelivery | None = None,
+        confirms: Confirms | None = None,
+    ) -> None:
+        """Hand `channel`'s deliveries to `on_delivery` and/or its publisher confirms and
+        returns to `confirms`, until the channel closes."""
         number = channel.number
-        tap = _Tap(channel, on_delivery)
-        self._taps[number] = tap
-        channel.closing.add_done_callback(lambda _: self._detach(number, tap))
+        tap = self._taps.get(number)
+        if tap is None or tap.channel is not channel:
+            tap = self._taps[number] = _Tap(channel)
+            channel.closing.add_done_callback(lambda _: self._detach(number, tap))
+        if on_delivery is not None:
+            tap.on_delivery = on_delivery
+        if confirms is not None:
+            tap.confirms = confirms
 
     def _detach(self, number: int, tap: _Tap) -> None:
         if self._taps.get(number) is tap:
@@ -226,7 +307,7 @@ class FrameDemux:
         return data
 
     async def read(self, n: int = -1) -> bytes:
-        if not self._out:
+        while not self._out:
             await self._fill(1)
         size = len(self._out) if n < 0 else min(n, len(self._out))
         data = bytes(self._out[:size])
@@ -250,12 +331,7 @@ class FrameDemux:
             if end >= size:
                 break
             tap = taps.get(number)
-            if (
-                tap is not None
-                and raw[end] == _FRAME_END
-                and not tap.channel.is_closed
-                and tap.take(kind, raw, pos + 7, end)
-            ):
+            if tap is not None and raw[end] == _FRAME_END and tap.take(kind, raw, pos + 7, end):
                 taken = True
             else:
                 out += raw[pos : end + 1]

@@ -377,7 +377,7 @@ class Worker:
                 channel.closing.add_done_callback(self._on_channel_closed)
                 demux = demux_of(channel.connection)
                 if demux is not None:  # the lean path: deliveries skip aiormq's frame parsing
-                    demux.attach(channel, self._on_delivery)
+                    demux.attach(channel, on_delivery=self._on_delivery)
                 await channel.basic_qos(prefetch_count=self._prefetch)
             ok = await channel.basic_consume(self._queue_name, self._on_message, no_ack=False)
         self._consumer_tag = ok.consumer_tag
@@ -516,8 +516,8 @@ class Worker:
 
     def _on_delivery(self, delivery: Delivery) -> None:
         acker = self._acker
-        if acker is None or acker.channel is not delivery.channel:
-            return  # from a channel already replaced: the broker redelivers it
+        if acker is None or acker.channel is not delivery.channel or acker.channel.is_closed:
+            return  # from a channel closed or replaced: the broker redelivers it
         tag = delivery.delivery_tag
         acker.track(tag)
         self._deliveries += 1

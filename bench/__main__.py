@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import tempfile
 from importlib import metadata
@@ -206,6 +207,10 @@ def write_outputs(
     print(f"wrote {DOC.relative_to(REPO_ROOT)} and {len(images)} charts", file=sys.stderr)
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report_only:
@@ -221,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         from scripts.broker import LocalBroker, ensure_installed
 
         ensure_installed()
+        # A killed bench (SIGTERM) unwinds like Ctrl-C, so its broker node is stopped too.
+        signal.signal(signal.SIGTERM, _exit)
         with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
             node = LocalBroker(Path(tmp), name="workqbench")
             print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)

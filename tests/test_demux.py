@@ -40,6 +40,12 @@ class Pieces:
     def __init__(self, data: bytes, size: int) -> None:
         self._pieces = [data[i : i + size] for i in range(0, len(data), size)]
 
+    @classmethod
+    def of(cls, *pieces: bytes) -> Pieces:
+        reader = cls(b"", 1)
+        reader._pieces = list(pieces)
+        return reader
+
     async def read(self, n: int) -> bytes:
         return self._pieces.pop(0) if self._pieces else b""
 
@@ -99,7 +105,7 @@ async def test_deliveries_are_taken_and_every_other_frame_reaches_aiormq_in_orde
     demux = FrameDemux(Pieces(data, piece))  # type: ignore[arg-type]
     channel = FakeChannel(TAPPED)
     deliveries: list[Delivery] = []
-    demux.attach(channel, deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
 
     frames = await read_all(demux)
 
@@ -135,7 +141,7 @@ async def test_reply_to_is_read_without_decoding_only_when_absent() -> None:
     data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b", with_reply)
     demux = FrameDemux(Pieces(data, 5))  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(FakeChannel(TAPPED), deliveries.append)  # type: ignore[arg-type]
+    demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
     await read_all(demux)
     assert [d.reply_to for d in deliveries] == [None, "amq.rabbitmq.reply-to"]
     message = deliveries[1].message()  # as aiormq would have delivered it
@@ -148,13 +154,116 @@ async def test_a_closed_channel_is_no_longer_tapped() -> None:
     data = content(TAPPED, deliver(1), b"a")
     demux = FrameDemux(Pieces(data, 100))  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(channel, deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
     channel.closing.set_result(None)
     await asyncio.sleep(0)  # the closing callbacks run
     frames = await read_all(demux)
     assert deliveries == []
     assert [type(value).__name__ for _, value in frames] == [
         "Deliver",
+        "ContentHeader",
+        "ContentBody",
+    ]
+
+
+async def test_a_delivery_under_way_when_the_channel_closes_is_taken_whole() -> None:
+    # aiormq must not get the content frames of a delivery whose method frame it never saw.
+    channel = FakeChannel(TAPPED)
+    first = content(TAPPED, deliver(1), b"x" * 20)
+    method_end = len(frame.marshal(deliver(1), TAPPED))
+    second = content(TAPPED, deliver(2), b"y")
+
+    class ClosingMidway(Pieces):
+        async def read(self, n: int) -> bytes:
+            piece = await super().read(n)
+            if piece == first[method_end:]:
+                channel.is_closed = True  # after the method frame, before the content
+            return piece
+
+    demux = FrameDemux(ClosingMidway.of(first[:method_end], first[method_end:], second))  # type: ignore[arg-type]
+    deliveries: list[Delivery] = []
+    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    assert [d.delivery_tag for d in deliveries] == [1]
+    passed = [type(value).__name__ for _, value in frames if not isinstance(value, Heartbeat)]
+    assert passed == ["Deliver", "ContentHeader", "ContentBody"]  # the second, whole
+
+
+async def test_a_failing_consumer_callback_does_not_stop_the_reader(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b")
+    data += frame.marshal(Basic.QosOk(), TAPPED)
+    demux = FrameDemux(Pieces(data, 1000))  # type: ignore[arg-type]
+    taken: list[int] = []
+
+    def on_delivery(delivery: Delivery) -> None:
+        if delivery.delivery_tag == 1:
+            raise RuntimeError("boom")
+        taken.append(delivery.delivery_tag)
+
+    demux.attach(FakeChannel(TAPPED), on_delivery=on_delivery)  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    assert taken == [2]
+    assert [type(v).__name__ for _, v in frames if not isinstance(v, Heartbeat)] == ["QosOk"]
+    assert "failed to take a delivery" in caplog.text
+
+
+class RecordingConfirms:
+    """A `Confirms` sink that records what the demux hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
+        self.calls.append(("ack" if ack else "nack", delivery_tag, multiple))
+
+    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None:
+        self.calls.append(("return", reply_code, reply_text, message.properties.message_id))
+
+
+@pytest.mark.parametrize("piece", [1, 5, 10_000])
+async def test_confirms_and_returns_go_to_the_publisher_and_deliveries_to_the_worker(
+    piece: int,
+) -> None:
+    returned = Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q")
+    data = b"".join(
+        [
+            frame.marshal(Basic.Ack(delivery_tag=3, multiple=True), TAPPED),
+            content(TAPPED, returned, b"back"),
+            frame.marshal(Basic.Ack(delivery_tag=4), TAPPED),
+            content(TAPPED, deliver(1), b"work"),
+            frame.marshal(Basic.Nack(delivery_tag=5, requeue=False), TAPPED),
+            frame.marshal(Basic.Ack(delivery_tag=1), OTHER),  # not this channel's
+        ]
+    )
+    demux = FrameDemux(Pieces(data, piece))  # type: ignore[arg-type]
+    confirms = RecordingConfirms()
+    deliveries: list[Delivery] = []
+    channel = FakeChannel(TAPPED)
+    demux.attach(channel, confirms=confirms)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    assert confirms.calls == [
+        ("ack", 3, True),
+        ("return", 312, "NO_ROUTE", "m-1"),
+        ("ack", 4, False),
+        ("nack", 5, False),
+    ]
+    assert [d.body for d in deliveries] == [b"work"]
+    passed = [(n, type(v).__name__) for n, v in frames if not isinstance(v, Heartbeat)]
+    assert passed == [(OTHER, "Ack")]
+
+
+async def test_without_a_confirms_sink_confirms_and_returns_reach_aiormq() -> None:
+    returned = Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q")
+    data = frame.marshal(Basic.Ack(delivery_tag=1), TAPPED) + content(TAPPED, returned, b"x")
+    demux = FrameDemux(Pieces(data, 3))  # type: ignore[arg-type]
+    demux.attach(FakeChannel(TAPPED), on_delivery=lambda d: None)  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    assert [type(v).__name__ for _, v in frames] == [
+        "Ack",
+        "Return",
         "ContentHeader",
         "ContentBody",
     ]
