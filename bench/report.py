@@ -226,6 +226,33 @@ def _docstring(system: str) -> str:
     return "\n".join(lines)
 
 
+WHERE_THE_TIME_GOES = (
+    "## Where the time goes",
+    "",
+    "Read the client CPU µs/msg columns next to the rates.",
+    "",
+    "- Consume: aiormq reads each frame with three awaited `readexactly` calls, builds pamqp "
+    "objects and passes them through two `asyncio.Queue`s before a consumer sees a message; "
+    "in a profile of a worker on aiormq's path that was more than half of its CPU per message, "
+    "and every framework built on aiormq pays it too. "
+    "aio-workq's connections read the socket through a frame demux that takes a worker's "
+    "deliveries (and a publisher's confirms) straight off the socket, decodes properties only "
+    "when read, and coalesces acks (`multiple=True` for a completed run of delivery tags).",
+    "- Publish, classic queue: aio-workq's process is idle most of the run; the broker is the "
+    "limit. Sampled with `rabbitmqctl eval` during a run, the classic queue process did about "
+    "60 % of the broker's work and the channel process about 30 %, and garbage collection of "
+    "the queue's growing in-memory backlog kept a dirty CPU scheduler about half busy. The "
+    "queue confirms persistent messages in bursts, when it syncs; the library's default window "
+    "(10,000 messages) keeps it busy between bursts, where a 2,000 window measured about a "
+    "tenth slower in side runs. lapinmq's async publisher, with no window at all, reaches the "
+    "same ceiling.",
+    "- Publish, quorum queue: the broker confirms sooner and in larger batches, so the client's "
+    "own cost per message decides, and the gap to the other clients is widest.",
+    "- Chain: each message is a delivery, a downstream publish and its confirm, and an ack; "
+    "the downstream confirm, taken off the socket by the demux, releases the upstream ack.",
+)
+
+
 def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) -> str:
     plan = meta["plan"]
     systems: list[str] = plan["systems"]
@@ -247,6 +274,8 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         "(medians; > 1 means faster than that system).",
         "",
         *_headline(rows, systems, plan["queue_types"][0]),
+        "",
+        *WHERE_THE_TIME_GOES,
         "",
         "## Settings",
         "",

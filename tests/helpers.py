@@ -10,6 +10,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+
+import aio_workq
 
 
 class Counter:
@@ -80,3 +83,13 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
     async with asyncio.timeout(timeout):
         while not await predicate():  # noqa: ASYNC110 - broker state has no event
             await asyncio.sleep(0.05)
+
+
+async def heartbeat_connection(
+    amqp_url: str, heartbeat: int
+) -> tuple[AbstractRobustConnection, list[object]]:
+    """An aio-workq connection with a short heartbeat, and the list its reconnects go to."""
+    conn = await aio_workq.connect(f"{amqp_url}?heartbeat={heartbeat}")
+    reconnects: list[object] = []
+    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+    return conn, reconnects

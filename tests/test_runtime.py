@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
-from aio_workq import ConfigurationError, Job, Producer, Worker, connect
+from aio_workq import ConfigurationError, Job, Producer, Worker
 from scripts.broker import LocalBroker
 from tests.handlers import square_in_process
 from tests.helpers import (
     Counter,
+    heartbeat_connection,
     queue_consumers,
     queue_depth,
     read_line,
@@ -114,9 +115,7 @@ def test_process_pool_needs_a_picklable_plain_function() -> None:
 async def test_heartbeat_two_seconds_and_a_ten_second_blocking_def_handler(
     amqp_url: str, producer: Producer, queue_name: str, counter: Counter
 ) -> None:
-    conn = await connect(amqp_url + "?heartbeat=2")
-    reconnects: list[object] = []
-    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+    conn, reconnects = await heartbeat_connection(amqp_url, 2)
 
     def blocking(job: Job) -> None:
         time.sleep(10)

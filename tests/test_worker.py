@@ -13,7 +13,14 @@ import pytest
 
 from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
 from scripts.broker import LocalBroker
-from tests.helpers import Counter, queue_depth, read_line, wait_until, worker_process
+from tests.helpers import (
+    Counter,
+    heartbeat_connection,
+    queue_depth,
+    read_line,
+    wait_until,
+    worker_process,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -80,9 +87,7 @@ async def _true(value: bool) -> bool:
 async def test_blocking_sync_handler_keeps_the_connection_alive(
     amqp_url: str, producer: Producer, queue_name: str, counter: Counter
 ) -> None:
-    conn = await connect(amqp_url + "?heartbeat=1")
-    reconnects: list[object] = []
-    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+    conn, reconnects = await heartbeat_connection(amqp_url, 1)
 
     def blocking(job: Job) -> None:
         time.sleep(3.5)  # 3.5x the heartbeat interval, in the worker's thread pool
@@ -292,9 +297,7 @@ async def test_a_steady_stream_of_deliveries_keeps_the_connection_alive(
     # The broker sends no heartbeat while it sends deliveries, and the worker takes those
     # before aiormq sees them: aiormq must still see a sign of life, or it drops the
     # connection after three heartbeat intervals (here (1 + 1) * 3 = 6 s) without frames.
-    conn = await connect(amqp_url + "?heartbeat=1")
-    reconnects: list[object] = []
-    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
+    conn, reconnects = await heartbeat_connection(amqp_url, 1)
 
     async def handler(job: Job) -> None:
         counter.add(job.data)
