@@ -207,8 +207,12 @@ def write_outputs(
     print(f"wrote {DOC.relative_to(REPO_ROOT)} and {len(images)} charts", file=sys.stderr)
 
 
-def _exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+async def _measure(url: str, plan: Plan, log_dir: Path) -> tuple[dict[str, Any], list[Record]]:
+    """`measure`, cancelled cleanly by SIGTERM (the broker node is then stopped as on Ctrl-C)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    return await measure(url, plan, log_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,19 +224,21 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args)
     log_dir = RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    if args.url:
-        meta, records = asyncio.run(measure(args.url, plan, log_dir))
-    else:
-        from scripts.broker import LocalBroker, ensure_installed
+    try:
+        if args.url:
+            meta, records = asyncio.run(_measure(args.url, plan, log_dir))
+        else:
+            from scripts.broker import LocalBroker, ensure_installed
 
-        ensure_installed()
-        # A killed bench (SIGTERM) unwinds like Ctrl-C, so its broker node is stopped too.
-        signal.signal(signal.SIGTERM, _exit)
-        with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
-            node = LocalBroker(Path(tmp), name="workqbench")
-            print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)
-            with node:
-                meta, records = asyncio.run(measure(node.url, plan, log_dir))
+            ensure_installed()
+            with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
+                node = LocalBroker(Path(tmp), name="workqbench")
+                print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)
+                with node:
+                    meta, records = asyncio.run(_measure(node.url, plan, log_dir))
+    except asyncio.CancelledError:
+        print("bench terminated (SIGTERM): nothing written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     write_outputs(meta, records, docs=not args.no_docs)
     failed = [r for r in records if r["status"] == "error"]
     if failed:
