@@ -526,7 +526,7 @@ class Worker:
         task.add_done_callback(self._on_task_done)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        """aiormq's consumer callback, on a connection without a demux (`connection=` given)."""
+        """aiormq's consumer callback, used on a connection aio-workq did not open (no demux)."""
         self._on_delivery(Delivery.of(message))
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
