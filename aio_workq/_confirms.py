@@ -272,8 +272,7 @@ class ConfirmPublisher:
         return out.future
 
     def _full(self) -> bool:
-        in_flight = len(self._pending) + len(self._waiting)
-        return in_flight >= self._window or self._bytes >= self._window_bytes
+        return self.in_flight >= self._window or self._bytes >= self._window_bytes
 
     async def _wait_for_space(
         self, deadline: float, message_id: str, exchange: str, routing_key: str
@@ -362,7 +361,7 @@ class ConfirmPublisher:
                 out.future.set_exception(error)
         if (
             self._space
-            and len(self._pending) + len(self._waiting) <= self._low_water
+            and self.in_flight <= self._low_water
             and self._bytes <= self._low_water_bytes
         ):
             # Hysteresis: senders resume together once a quarter of the window is free, so
