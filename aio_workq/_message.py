@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from ._confirms import ConfirmPublisher
     from ._topology import Exchange, Queue, Router
 
-__all__ = ("PublishOptions", "build_message", "new_message_id", "send_message")
+__all__ = ("PublishOptions", "Sender", "build_message", "new_message_id")
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
@@ -110,44 +110,52 @@ def _seconds(timestamp: object) -> int:
     return int(timestamp.timestamp())
 
 
-async def send_message(
-    publisher: ConfirmPublisher,
-    router: Router,
-    default_timeout: float,
-    body: Any,
-    queue: str | Queue | None,
-    exchange: str | Exchange,
-    routing_key: str | None,
-    options: Mapping[str, Any],
-) -> asyncio.Future[str]:
-    """Encode, route (declaring on first use) and send one message; returns its confirm.
+class Sender:
+    """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
+    `Forwarder` of a worker's jobs."""
 
-    The declaration counts against the message's timeout.
+    __slots__ = ("_publisher", "_router", "_timeout")
 
-    Raises:
-        ConfigurationError, SerializationError: bad input; nothing was sent.
-        TopologyError: the destination can't be declared.
-        PublishTimeoutError: no declaration, window room or channel within the timeout.
-    """
-    data, props, mandatory, timeout = build_message(body, options)
-    timeout = default_timeout if timeout is None else timeout
-    destination = router.lookup(queue, exchange, routing_key)
-    if destination is None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            async with asyncio.timeout_at(deadline):
-                destination = await router.destination(queue, exchange, routing_key)
-        except TimeoutError:
-            raise PublishTimeoutError(
-                f"message {props.message_id}: its destination could not be declared within "
-                f"{timeout:g} s (the connection is down, or the broker does not answer); nothing "
-                "was sent",
-                message_id=props.message_id,
-                routing_key=routing_key or "",
-            ) from None
-        timeout = max(0.001, deadline - loop.time())
-    target_exchange, key = destination
-    return await publisher.send(
-        target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
-    )
+    def __init__(self, publisher: ConfirmPublisher, router: Router, timeout: float) -> None:
+        self._publisher = publisher
+        self._router = router
+        self._timeout = timeout
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: Mapping[str, Any],
+    ) -> asyncio.Future[str]:
+        """Send one message; returns its confirm. The declaration counts against its timeout.
+
+        Raises:
+            ConfigurationError, SerializationError: bad input; nothing was sent.
+            TopologyError: the destination can't be declared.
+            PublishTimeoutError: no declaration, window room or channel within the timeout.
+        """
+        data, props, mandatory, timeout = build_message(body, options)
+        timeout = self._timeout if timeout is None else timeout
+        router = self._router
+        destination = router.lookup(queue, exchange, routing_key)
+        if destination is None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    destination = await router.destination(queue, exchange, routing_key)
+            except TimeoutError:
+                raise PublishTimeoutError(
+                    f"message {props.message_id}: its destination could not be declared within "
+                    f"{timeout:g} s (the connection is down, or the broker does not answer); "
+                    "nothing was sent",
+                    message_id=props.message_id,
+                    routing_key=routing_key or "",
+                ) from None
+            timeout = max(0.001, deadline - loop.time())
+        target_exchange, key = destination
+        return await self._publisher.send(
+            target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
+        )

@@ -19,7 +19,7 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._message import PublishOptions, send_message
+from ._message import PublishOptions, Sender
 from ._rpc import REPLY_TO, RPCClient
 from ._settings import URLs, redact_url, resolve_url
 from ._topology import Exchange, Queue, QueueType, Router
@@ -104,6 +104,7 @@ class Producer:
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None
         self._router: Router | None = None
+        self._sender: Sender | None = None
         self._rpc: RPCClient | None = None
 
     def __repr__(self) -> str:
@@ -164,6 +165,7 @@ class Producer:
                 await self._connection.close()
             raise
         self._router = Router(self._source, self._queue_type)
+        self._sender = Sender(publisher, self._router, self._timeout)
         self._publisher = publisher
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -217,10 +219,9 @@ class Producer:
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
         """
-        publisher, router = self._ready()
-        return await send_message(
-            publisher, router, self._timeout, body, queue, exchange, routing_key, options
-        )
+        self._ready()
+        assert self._sender is not None
+        return await self._sender.forward(body, queue, exchange, routing_key, options)
 
     async def publish(
         self,

@@ -22,7 +22,7 @@ from ._connection import Connection, LinkSource, link_source
 from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError
 from ._execution import Handler, HandlerRunner
-from ._message import PublishOptions, send_message
+from ._message import Sender
 from ._mover import Mover
 from ._retry import RetryPolicy
 from ._settings import URLs, redact_url, resolve_url
@@ -113,15 +113,7 @@ class Worker:
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
-        prefetch = concurrency if prefetch is None else prefetch
-        if not concurrency <= prefetch <= 65535:
-            raise ConfigurationError(
-                f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
-            )
-        if shutdown_timeout < 0:
-            raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+        prefetch = _check_settings(concurrency, prefetch, shutdown_timeout)
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
         if (binding_keys or binding_arguments) and exchange is None:
@@ -273,7 +265,7 @@ class Worker:
             queue=queue,
             publisher=publisher,
             mover=mover,
-            forwarder=self,
+            forwarder=Sender(publisher, router, 30.0),
             concurrency=self._concurrency,
             prefetch=self._prefetch,
         )
@@ -292,20 +284,6 @@ class Worker:
             on_delivery=self._dispatcher.dispatch,
         )
         await self._subscription.start(self._connect_timeout)
-
-    async def forward(
-        self,
-        body: Any,
-        queue: str | Queue | None,
-        exchange: str | Exchange,
-        routing_key: str | None,
-        options: PublishOptions,
-    ) -> asyncio.Future[str]:
-        """The `Forwarder` of this worker's jobs (`Job.forward` / `Job.send`)."""
-        assert self._publisher is not None and self._router is not None
-        return await send_message(
-            self._publisher, self._router, 30.0, body, queue, exchange, routing_key, options
-        )
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop consuming, let running handlers finish, and close.
@@ -368,6 +346,20 @@ class Worker:
         self._runner.close()
         if self._connection is not None:
             await self._connection.close()
+
+
+def _check_settings(concurrency: int, prefetch: int | None, shutdown_timeout: float) -> int:
+    """Validate the numbers; returns the prefetch (default: `concurrency`)."""
+    if concurrency < 1:
+        raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
+    prefetch = concurrency if prefetch is None else prefetch
+    if not concurrency <= prefetch <= 65535:
+        raise ConfigurationError(
+            f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
+        )
+    if shutdown_timeout < 0:
+        raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+    return prefetch
 
 
 def _queue_spec(queue: str | Queue, queue_type: QueueType | str | None) -> Queue:
