@@ -49,6 +49,7 @@ __all__ = (
     "connect",
     "fast_path_default",
     "link_source",
+    "open_source",
     "translate_errors",
 )
 
@@ -494,3 +495,14 @@ def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource
         "connection= takes an aio_workq.Connection (from aio_workq.connect()) or a robust "
         f"aio-pika connection (aio_pika.connect_robust()), got {type(connection).__name__}"
     )
+
+
+async def open_source(
+    own: Connection | None, shared: Connection | AbstractRobustConnection | None
+) -> LinkSource:
+    """Open the connection a producer or worker made itself, or adapt the one it was given."""
+    if own is not None:
+        await own.open()
+        return own
+    assert shared is not None
+    return link_source(shared)
