@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +44,13 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 _GRACE = 0.25
 
 H = TypeVar("H", bound=Handler)
+
+# Producer -> queue name -> its first declaration, which concurrent first publishes share.
+# Workaround: the producer's router declares once per caller, and RabbitMQ 3.10 nacks messages
+# published to a quorum queue while it is being re-declared (notes/requests-apps.md).
+_first_declarations: weakref.WeakKeyDictionary[Producer, dict[str, asyncio.Future[str]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class IntegrationError(WorkqError, RuntimeError):
@@ -103,6 +111,24 @@ class ProducerView:
     def _resolve(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else _check_timeout("timeout", timeout)
 
+    async def _declare_once(self, queue: str | Queue) -> None:
+        """Declare `queue` on its first use by this producer, once however many wait for it."""
+        if isinstance(queue, Queue) and (queue.server_named or queue.passive):
+            return
+        name = queue.name if isinstance(queue, Queue) else queue
+        declarations = _first_declarations.setdefault(self.producer, {})
+        declaration = declarations.get(name)
+        if declaration is None:
+            declaration = asyncio.ensure_future(self.producer.declare(queue))
+            declarations[name] = declaration
+
+            def forget_failure(done: asyncio.Future[str]) -> None:
+                if done.cancelled() or done.exception() is not None:
+                    declarations.pop(name, None)  # the next publish tries again
+
+            declaration.add_done_callback(forget_failure)
+        await asyncio.shield(declaration)
+
     async def send(
         self,
         body: Any,
@@ -127,6 +153,8 @@ class ProducerView:
         seconds = self._resolve(timeout)
         try:
             async with asyncio.timeout(seconds + _GRACE):
+                if queue is not None:
+                    await self._declare_once(queue)
                 return await self.producer.send(
                     body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
                     message_id=message_id, mandatory=mandatory, timeout=seconds, **properties,
