@@ -21,10 +21,13 @@ import os
 from pathlib import PurePath
 from typing import Any
 
+# --8<-- [start:imports]
 from aiohttp import web
 
 from aio_workq import Job
 from aio_workq.aiohttp import PRODUCER, Workq
+
+# --8<-- [end:imports]
 
 QUEUE = os.environ.get("IMAGES_QUEUE", "images")
 # Done jobs by job id: this process's memory stands in for the application's database.
@@ -60,6 +63,7 @@ def lookup(job: Job) -> dict[str, str] | None:
     return RESULTS.get(job.data["job_id"])
 
 
+# --8<-- [start:app]
 def create_app(
     url: str | None = None, *, queue: str = QUEUE, request_timeout: float = 3
 ) -> web.Application:
@@ -85,6 +89,9 @@ def create_app(
     app.router.add_post("/images", enqueue)
     app.router.add_get("/images/{job_id}", status)
     return app
+
+
+# --8<-- [end:app]
 
 
 if __name__ == "__main__":

@@ -21,11 +21,14 @@ import os
 from pathlib import PurePath
 from typing import Literal
 
+# --8<-- [start:imports]
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
 from aio_workq import Job
 from aio_workq.fastapi import ProducerDep, Workq
+
+# --8<-- [end:imports]
 
 QUEUE = os.environ.get("IMAGES_QUEUE", "images")
 # Done jobs by job id: this process's memory stands in for the application's database.
@@ -66,6 +69,7 @@ def lookup(job: Job) -> dict[str, str] | None:
     return RESULTS.get(job.data["job_id"])
 
 
+# --8<-- [start:app]
 def create_app(
     url: str | None = None, *, queue: str = QUEUE, request_timeout: float = 3
 ) -> FastAPI:
@@ -89,6 +93,9 @@ def create_app(
         )
 
     return app
+
+
+# --8<-- [end:app]
 
 
 app = create_app()  # uvicorn examples.fastapi_app:app

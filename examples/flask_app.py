@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import os
 
+# --8<-- [start:imports]
 from flask import Flask, abort, request
 
 from aio_workq import BrokerConnectionError, PublishError
 from aio_workq.sync import SyncProducer
 
+# --8<-- [end:imports]
+
 QUEUE = os.environ.get("IMAGES_QUEUE", "images")
 
 
+# --8<-- [start:app]
 def create_app(url: str | None = None, *, queue: str = QUEUE, timeout: float = 3) -> Flask:
     producer = SyncProducer(url, timeout=timeout)  # connects on first use, closed at exit
     app = Flask(__name__)
@@ -50,6 +54,9 @@ def create_app(url: str | None = None, *, queue: str = QUEUE, timeout: float = 3
     app.register_error_handler(PublishError, unavailable)
     app.register_error_handler(BrokerConnectionError, unavailable)
     return app
+
+
+# --8<-- [end:app]
 
 
 app = create_app()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -26,7 +29,7 @@ from aio_workq import fastapi as workq_fastapi
 from aio_workq._web import IntegrationError, ProducerView
 from scripts.broker import LocalBroker, free_port
 from tests.helpers import queue_consumers, queue_depth
-from tests.servers import load_example, serve_aiohttp, serve_asgi, serve_wsgi
+from tests.servers import EXAMPLES, load_example, serve_aiohttp, serve_asgi, serve_wsgi
 
 aiohttp_app = load_example("aiohttp_app")
 fastapi_app = load_example("fastapi_app")
@@ -352,3 +355,42 @@ async def test_view_publish_times_out_while_broker_paused(
         assert asyncio.get_running_loop().time() - started < 5
     finally:
         await asyncio.to_thread(local_broker.resume)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_example_runs_as_a_script(framework: str, amqp_url: str, queue_name: str) -> None:
+    """`python examples/<framework>_app.py` serves, and SIGTERM shuts it down cleanly."""
+    port = free_port()
+    env = {**os.environ, "AMQP_URL": amqp_url, "PORT": str(port), "IMAGES_QUEUE": queue_name}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / f"{framework}_app.py"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            async with asyncio.timeout(30):
+                while True:  # poll until the server listens (its startup includes the broker)
+                    try:
+                        posted = await client.post("/images", json=image("script.png"))
+                        break
+                    except httpx.ConnectError:
+                        assert proc.returncode is None, "the example exited during startup"
+                        await asyncio.sleep(0.1)
+            assert posted.status_code == 202, posted.text
+            status = await wait_done(client, posted.json()["job_id"])
+            assert status["thumbnail"] == "script_64x48.png"
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = output.decode()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; aiohttp exits 0.
+    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert "Traceback" not in text
+    if framework == "fastapi":
+        assert "Application shutdown complete." in text
+    assert await queue_consumers(amqp_url, queue_name) == 0
