@@ -148,7 +148,8 @@ class ProducerView:
             PublishTimeoutError: the message could not be handed to the broker in time (the
                 connection is down, the queue could not be declared, or the window stayed
                 full); it was not sent.
-            SerializationError, TopologyError: see `Producer.send`.
+            SerializationError: the body can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
         """
         seconds = self._resolve(timeout)
         try:
@@ -187,8 +188,9 @@ class ProducerView:
 
         Raises:
             PublishTimeoutError: not confirmed within the timeout.
-            PublishNackedError, UnroutableError, ConnectionLostError, SerializationError,
-                TopologyError: see `Producer.publish`.
+            PublishError: nacked, unroutable or connection lost (see `Producer.publish`).
+            SerializationError: the body can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
         """
         confirm = await self.send(
             body, queue, exchange=exchange, routing_key=routing_key, headers=headers,

@@ -255,8 +255,9 @@ class SyncProducer:
         Raises:
             PublishTimeoutError: not confirmed within the timeout (e.g. the broker is down);
                 the message says whether it was sent at all.
-            PublishNackedError, UnroutableError, ConnectionLostError, SerializationError,
-                TopologyError: as `Producer.publish`.
+            PublishError: nacked, unroutable or connection lost (see `Producer.publish`).
+            SerializationError: the body can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
             BrokerConnectionError: connecting on first use failed.
             IntegrationError: called from the producer's own loop thread, or after `close()`.
         """
@@ -294,7 +295,8 @@ class SyncProducer:
         Raises:
             PublishError: the first failure once all are settled (unless `return_exceptions`).
             SerializationError: a body can't be encoded (unless `return_exceptions`).
-            BrokerConnectionError, IntegrationError: see `publish()`.
+            BrokerConnectionError: connecting on first use failed.
+            IntegrationError: see `publish()`.
         """
         items = list(bodies)  # consumed here, not on the loop thread
         result: list[Any] = self._do(
@@ -323,7 +325,8 @@ class SyncProducer:
             RPCError: the remote handler raised.
             RPCTimeoutError: no reply within the timeout.
             PublishError: the request was not confirmed.
-            BrokerConnectionError, IntegrationError: see `publish()`.
+            BrokerConnectionError: connecting on first use failed.
+            IntegrationError: see `publish()`.
         """
         return self._do(
             "calling",
