@@ -196,3 +196,38 @@ async def test_flask_example_through_a_threaded_server(amqp_url: str, queue_name
     assert len({r.json()["job_id"] for r in posted}) == 20
     assert bad.status_code == 422
     assert await queue_depth(amqp_url, queue_name) == 20
+
+
+@pytest.mark.broker
+async def test_a_forked_child_opens_its_own_connection(amqp_url: str, queue_name: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os
+        from aio_workq.sync import SyncProducer
+
+        producer = SyncProducer({amqp_url!r})
+        producer.publish("parent, before the fork", queue={queue_name!r})
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's loop thread did not survive the fork
+            producer.publish("child", queue={queue_name!r})
+            producer.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        producer.publish("parent, after the fork", queue={queue_name!r})
+        print("child exit status", os.waitstatus_to_exitcode(status))
+        """
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, out.decode()
+    assert "child exit status 0" in out.decode(), out.decode()
+    assert await queue_depth(amqp_url, queue_name) == 3
