@@ -152,13 +152,18 @@ class ProducerView:
             TopologyError: the queue exists with other arguments, or the exchange doesn't.
         """
         seconds = self._resolve(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         try:
-            async with asyncio.timeout(seconds + _GRACE):
+            async with asyncio.timeout_at(deadline + _GRACE):
                 if queue is not None:
                     await self._declare_once(queue)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError
                 return await self.producer.send(
                     body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
-                    message_id=message_id, mandatory=mandatory, timeout=seconds, **properties,
+                    message_id=message_id, mandatory=mandatory, timeout=left, **properties,
                 )  # fmt: skip
         except TimeoutError as exc:
             if isinstance(exc, PublishError):
