@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
@@ -296,7 +296,7 @@ class Producer:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: dict[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
         timeout: float = 30.0,
     ) -> Any:
         """Send a request and wait for the worker's reply (RPC over direct reply-to).

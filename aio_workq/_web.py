@@ -11,19 +11,18 @@ import asyncio
 import contextlib
 import logging
 import math
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 from ._exceptions import (
     BrokerConnectionError,
     ConfigurationError,
+    IntegrationError,
     PublishError,
-    PublishTimeoutError,
     RPCTimeoutError,
-    SerializationError,
     WorkqError,
 )
+from ._message import PublishOptions
 from ._producer import Producer
 from ._topology import Exchange, Queue, QueueType
 from ._worker import Handler, Worker
@@ -41,20 +40,8 @@ log = logging.getLogger("aio_workq")
 DEFAULT_REQUEST_TIMEOUT = 5.0
 # The view's own bound sits a little after the producer's deadline, so that the producer's
 # precise error (e.g. "the connection is down; nothing was sent") is the one raised.
-_GRACE = 0.25
 
 H = TypeVar("H", bound=Handler)
-
-# Producer -> queue name -> its first declaration, which concurrent first publishes share.
-# Workaround: the producer's router declares once per caller, and RabbitMQ 3.10 nacks messages
-# published to a quorum queue while it is being re-declared (notes/requests-apps.md).
-_first_declarations: weakref.WeakKeyDictionary[Producer, dict[str, asyncio.Future[str]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-class IntegrationError(WorkqError, RuntimeError):
-    """A web integration or sync producer is used the wrong way (e.g. before its app started)."""
 
 
 def _check_timeout(what: str, value: float) -> float:
@@ -111,24 +98,6 @@ class ProducerView:
     def _resolve(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else _check_timeout("timeout", timeout)
 
-    async def _declare_once(self, queue: str | Queue) -> None:
-        """Declare `queue` on its first use by this producer, once however many wait for it."""
-        if isinstance(queue, Queue) and (queue.server_named or queue.passive):
-            return
-        name = queue.name if isinstance(queue, Queue) else queue
-        declarations = _first_declarations.setdefault(self.producer, {})
-        declaration = declarations.get(name)
-        if declaration is None:
-            declaration = asyncio.ensure_future(self.producer.declare(queue))
-            declarations[name] = declaration
-
-            def forget_failure(done: asyncio.Future[str]) -> None:
-                if done.cancelled() or done.exception() is not None:
-                    declarations.pop(name, None)  # the next publish tries again
-
-            declaration.add_done_callback(forget_failure)
-        await asyncio.shield(declaration)
-
     async def send(
         self,
         body: Any,
@@ -136,45 +105,24 @@ class ProducerView:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        mandatory: bool = True,
-        timeout: float | None = None,
-        **properties: Any,
+        **options: Unpack[PublishOptions],
     ) -> asyncio.Future[str]:
-        """`Producer.send` within the timeout; the future settles by the same deadline.
+        """`Producer.send` with the view's timeout: the future settles by that deadline.
+
+        The producer's timeout covers the queue's first declaration, the window and the
+        confirm.
 
         Raises:
             PublishTimeoutError: the message could not be handed to the broker in time (the
                 connection is down, the queue could not be declared, or the window stayed
                 full); it was not sent.
-            SerializationError: the body can't be encoded; nothing was sent.
+            SerializationError: the body or an option can't be encoded; nothing was sent.
             TopologyError: the queue exists with other arguments, or the exchange doesn't.
         """
-        seconds = self._resolve(timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        try:
-            async with asyncio.timeout_at(deadline + _GRACE):
-                if queue is not None:
-                    await self._declare_once(queue)
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError
-                return await self.producer.send(
-                    body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
-                    message_id=message_id, mandatory=mandatory, timeout=left, **properties,
-                )  # fmt: skip
-        except TimeoutError as exc:
-            if isinstance(exc, PublishError):
-                raise
-            raise PublishTimeoutError(
-                f"could not publish to {_target(queue, exchange, routing_key)} within "
-                f"{seconds:g} s: the broker did not answer (connection down?); nothing was sent",
-                message_id=message_id,
-                exchange=exchange.name if isinstance(exchange, Exchange) else exchange,
-                routing_key=routing_key or "",
-            ) from None
+        options["timeout"] = self._resolve(options.get("timeout"))
+        return await self.producer.send(
+            body, queue, exchange=exchange, routing_key=routing_key, **options
+        )
 
     async def publish(
         self,
@@ -183,11 +131,7 @@ class ProducerView:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        mandatory: bool = True,
-        timeout: float | None = None,
-        **properties: Any,
+        **options: Unpack[PublishOptions],
     ) -> str:
         """`Producer.publish` within the timeout: the message id once confirmed.
 
@@ -198,11 +142,9 @@ class ProducerView:
             TopologyError: the queue exists with other arguments, or the exchange doesn't.
         """
         confirm = await self.send(
-            body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
-            message_id=message_id, mandatory=mandatory, timeout=timeout, **properties,
-        )  # fmt: skip
-        # The producer settles the confirm by the deadline: a timeout fails it, never hangs.
-        return await confirm
+            body, queue, exchange=exchange, routing_key=routing_key, **options
+        )
+        return await confirm  # settled by the deadline: a timeout fails it, never hangs
 
     async def publish_many(
         self,
@@ -211,9 +153,8 @@ class ProducerView:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
         return_exceptions: bool = False,
-        timeout: float | None = None,
+        **options: Unpack[PublishOptions],
     ) -> list[Any]:
         """`Producer.publish_many` with one deadline for the whole batch.
 
@@ -223,24 +164,19 @@ class ProducerView:
             PublishError: the first failure, once all are settled (unless `return_exceptions`).
             SerializationError: a body can't be encoded (unless `return_exceptions`).
         """
-        seconds = self._resolve(timeout)
+        seconds = self._resolve(options.get("timeout"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         outcomes: list[asyncio.Future[str] | WorkqError] = []
         for body in bodies:
-            left = max(deadline - loop.time(), 0.001)
+            options["timeout"] = max(deadline - loop.time(), 0.001)
             try:
                 outcomes.append(
-                    await self.send(
-                        body,
-                        queue,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        headers=headers,
-                        timeout=left,
-                    )  # fmt: skip
+                    await self.producer.send(
+                        body, queue, exchange=exchange, routing_key=routing_key, **options
+                    )
                 )
-            except (SerializationError, PublishError) as exc:
+            except WorkqError as exc:
                 if not return_exceptions:
                     sent = [o for o in outcomes if isinstance(o, asyncio.Future)]
                     await asyncio.gather(*sent, return_exceptions=True)
