@@ -136,7 +136,7 @@ class ManagedChannel:
 
     async def _reopen(self) -> None:
         delay = _REOPEN_FIRST
-        while not self._closed and not self.is_open:
+        while not self._closed and not self.is_open and not self._source.is_closed:
             try:
                 await self._open(None)
             except asyncio.CancelledError:

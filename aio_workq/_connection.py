@@ -112,6 +112,11 @@ class LinkSource(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def is_closed(self) -> bool:
+        """Closed for good: no channel will be opened on it again."""
+        ...
+
     async def link(self, timeout: float | None = None) -> Link: ...
 
 
@@ -183,6 +188,10 @@ class Connection:
     def is_connected(self) -> bool:
         current = self._current
         return current is not None and not current.connection.is_closed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
 
     @property
     def fast_path(self) -> bool:
@@ -463,6 +472,10 @@ class _RobustLinks:
     def is_connected(self) -> bool:
         transport = self._robust.transport
         return transport is not None and not transport.connection.is_closed
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._robust.is_closed)
 
     async def link(self, timeout: float | None = None) -> Link:
         try:
