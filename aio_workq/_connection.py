@@ -219,12 +219,16 @@ class Connection:
             raise BrokerConnectionError("the connection is closed; open a new one")
         last: BrokerConnectionError | None = None
         for url in self._rotation():
+            if self._closed:
+                raise BrokerConnectionError("the connection was closed while it was being opened")
             try:
                 await self._attempt(url)
             except (AuthenticationError, AccessRefusedError, TLSError):
                 raise
             except BrokerConnectionError as exc:
                 last = exc
+                if self._closed:
+                    raise
                 self._log_failure(url, exc, None)
                 continue
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
@@ -314,6 +318,10 @@ class Connection:
             raise
         finally:
             _connecting.reset(token)
+        if self._closed:  # close() ran while this attempt was under way
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise BrokerConnectionError("the connection was closed while it was being opened")
         self._url = url
         self._current = Link(connection, factory.wire if factory else None)
         self._connected.set()
