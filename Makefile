@@ -13,7 +13,7 @@ venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e . --group dev
+	$(PIP) install -q -e '.[cli]' --group dev
 	touch $@
 
 demo: venv

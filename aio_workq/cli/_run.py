@@ -1,0 +1,87 @@
+"""`aio-workq worker` in one process: load the target, run it with signals, serve health."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from aio_workq import run_workers
+
+from ._health import HealthServer, WorkersHealth
+from ._target import WorkerOptions, build_workers, import_target
+
+__all__ = ("STATUS_FD_ENV", "SUPERVISOR_ENV", "HealthOptions", "run_in_process")
+
+log = logging.getLogger("aio_workq.cli")
+
+STATUS_FD_ENV = "AIO_WORKQ_STATUS_FD"
+"""Set by the supervisor: a pipe to write `1`/`0` lines to when the child's health changes."""
+SUPERVISOR_ENV = "AIO_WORKQ_SUPERVISOR_PID"
+"""Set by the supervisor: its pid; the child drains (SIGTERM) if that process dies."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthOptions:
+    """Where `/healthz` listens (`port=None`: nowhere) and how long a lapse is forgiven."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    grace: float = 10.0
+
+
+async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
+    """Build the workers and run them until SIGTERM/SIGINT (a second one stops fast).
+
+    Raises:
+        TargetError: the target does not give workers.
+        WorkqError: a worker failed to start (e.g. `BrokerConnectionError`, `TopologyError`).
+        OSError: the health port is taken.
+    """
+    _follow_supervisor()
+    workers = await build_workers(import_target(options.target), options)
+    status_fd = _status_fd()
+    on_change = None
+    if status_fd is not None:
+
+        def on_change(healthy: bool) -> None:
+            with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
+                os.write(status_fd, b"1\n" if healthy else b"0\n")
+
+    monitor = WorkersHealth(workers, grace=health.grace, on_change=on_change)
+    server = None
+    if health.port is not None:
+        server = HealthServer(monitor.check, host=health.host, port=health.port)
+        await server.start()
+    polling = asyncio.create_task(monitor.run())
+    try:
+        await run_workers(*workers)
+    finally:
+        polling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await polling
+        if server is not None:
+            await server.close()
+    log.info("stopped: %s", ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers))
+
+
+def _status_fd() -> int | None:
+    value = os.environ.get(STATUS_FD_ENV)
+    return int(value) if value and value.isdigit() else None
+
+
+def _follow_supervisor() -> None:
+    """Under a supervisor: get SIGTERM (drain) when it dies, even by SIGKILL (Linux)."""
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if not parent or not parent.isdigit():
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
