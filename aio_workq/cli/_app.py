@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -73,12 +74,16 @@ def _resolve(url: str | None) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="aio-workq")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Run workers, publish, look at queues and dead letters, and run a local RabbitMQ node.
 
     Errors are one line on stderr with exit code 1 (2 for a usage error, 130 when
     interrupted); passwords in URLs are always shown as ***.
     """
+    if ctx.invoked_subcommand != "worker":  # their errors are ours to report, once
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # --- worker ------------------------------------------------------------------------------
@@ -307,17 +312,18 @@ def _queue_table(rows: list[QueueRow], source: str, amqp_url: str) -> Table:
     rates = any(row.publish_rate is not None for row in rows)
     now = datetime.datetime.now().strftime("%H:%M:%S")
     table = Table(
+        box=box.SIMPLE_HEAD,
         title=f"queues at {redact_url(amqp_url)}",
-        caption=f"{now} · from the {source}" + ("" if rates else " · no rates without it"),
+        caption=f"{now} · from {source}" + ("" if rates else " (no rates)"),
     )
     table.add_column("queue", style="bold")
     for name in ("ready", "unacked", "consumers"):
         table.add_column(name, justify="right")
     if rates:
-        for name in ("publish/s", "deliver/s", "ack/s"):
+        for name in ("pub/s", "deliver/s", "ack/s"):
             table.add_column(name, justify="right")
     table.add_column("retrying", justify="right")
-    table.add_column("dead letters", justify="right")
+    table.add_column("dlq", justify="right")
     for row in rows:
         cells = [row.queue, _n(row.ready), _n(row.unacked), _n(row.consumers)]
         if rates:

@@ -120,7 +120,7 @@ async def _channel(url: str, *, confirms: bool) -> AsyncIterator[AbstractChannel
             f"cannot connect to {redact_url(url)}: {type(exc).__name__}: {exc}"
         ) from None
     async with connection:
-        channel = await connection.channel(publisher_confirms=confirms, on_return_raises=True)
+        channel = await connection.channel(publisher_confirms=confirms, on_return_raises=confirms)
         yield channel  # closing it hands every unacked dead letter back to the queue
 
 

@@ -104,7 +104,7 @@ def group_rows(raws: Iterable[_Raw], names: Sequence[str] = ()) -> list[QueueRow
 async def collect(
     amqp_url: str, names: Sequence[str], management_url: str | None, *, explicit: bool
 ) -> tuple[list[QueueRow], str]:
-    """The rows, and where they came from (`"management API"` or `"AMQP"`).
+    """The rows, and where they came from (the management API or passive declares).
 
     Raises:
         ManagementAPIError: the management API was asked for explicitly and did not answer.
@@ -114,7 +114,7 @@ async def collect(
     mgmt = management_url or default_management_url(amqp_url)
     try:
         raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
-        return group_rows(raws, names), "management API"
+        return group_rows(raws, names), "the management API"
     except ManagementAPIError as exc:
         if explicit or not names:
             hint = (
@@ -124,7 +124,7 @@ async def collect(
                 "or give --management-url"
             )
             raise ManagementAPIError(f"{exc}{hint}") from exc
-    return group_rows(await _from_amqp(amqp_url, names), names), "AMQP"
+    return group_rows(await _from_amqp(amqp_url, names), names), "passive declares"
 
 
 def _vhost(amqp_url: str) -> str:
