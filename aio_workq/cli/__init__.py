@@ -11,8 +11,7 @@ import sys
 __all__ = ("main",)
 
 INSTALL_HINT = (
-    "aio-workq: the command line needs the cli extra (Click and Rich): "
-    "pip install 'aio-workq[cli]'"
+    "aio-workq: the command line needs the cli extra (Click and Rich): pip install 'aio-workq[cli]'"
 )
 
 

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 from rich import box
@@ -176,7 +176,13 @@ def worker(
     show_default=True, help="Type of the queue if it has to be declared.",
 )  # fmt: skip
 @_url_option
-def publish(queue: str, body: str | None, as_json: bool, queue_type: str, url: str | None) -> None:
+def publish(
+    queue: str,
+    body: str | None,
+    as_json: bool,
+    queue_type: Literal["quorum", "classic"],
+    url: str | None,
+) -> None:
     """Publish BODY to QUEUE, or one message per line of stdin (BODY '-' or omitted).
 
     Every message is confirmed by the broker; the count is printed at the end. Empty lines
@@ -214,10 +220,10 @@ async def _publish(
     queue: str,
     source: Callable[[], list[tuple[int, str]]],
     as_json: bool,
-    queue_type: str,
+    queue_type: Literal["quorum", "classic"],
 ) -> int:
     total = 0
-    async with Producer(url, queue_type=queue_type, name="aio-workq publish") as producer:  # type: ignore[arg-type]
+    async with Producer(url, queue_type=queue_type, name="aio-workq publish") as producer:
         while chunk := await asyncio.to_thread(source):
             bodies: list[Any] = []
             for number, line in chunk:
@@ -607,7 +613,7 @@ def broker_status(state_dir: str) -> None:
 @cli.command()
 @_url_option
 def demo(url: str | None) -> None:
-    """Two workers share ten tasks (examples/demo.py); starts a local node unless AMQP_URL is set."""
+    """Two workers share ten tasks (examples/demo.py); a local node unless AMQP_URL is set."""
     module = load_demo()
     if url is not None:
         os.environ["AMQP_URL"] = _resolve(url)

@@ -188,7 +188,9 @@ async def replay_matching(
     return moved, left
 
 
-async def _publish_copy(channel: AbstractChannel, queue: str, message: AbstractIncomingMessage) -> None:
+async def _publish_copy(
+    channel: AbstractChannel, queue: str, message: AbstractIncomingMessage
+) -> None:
     headers = {
         key: value
         for key, value in (message.headers or {}).items()

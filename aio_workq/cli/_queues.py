@@ -150,7 +150,7 @@ def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
     request.add_header("Authorization", f"Basic {token}")
     shown = redact_url(mgmt_url)
     try:
-        with urllib.request.urlopen(request, timeout=3) as response:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(request, timeout=3) as response:
             payload = json.load(response)
     except urllib.error.HTTPError as exc:
         raise ManagementAPIError(
@@ -158,7 +158,9 @@ def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
         ) from None
     except (OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise ManagementAPIError(f"the management API at {shown} is not reachable ({reason})") from None
+        raise ManagementAPIError(
+            f"the management API at {shown} is not reachable ({reason})"
+        ) from None
     if not isinstance(payload, list):
         raise ManagementAPIError(f"the management API at {shown} sent no queue list")
     return [_raw_from_api(item) for item in payload if isinstance(item, dict)]

@@ -66,7 +66,8 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
             await polling
         if server is not None:
             await server.close()
-    log.info("stopped: %s", ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers))
+    done = ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers)
+    log.info("stopped: %s", done)
 
 
 def _status_fd() -> int | None:

@@ -160,8 +160,9 @@ class Supervisor:
                 return 1
             delay = self._policy.delay(len(child.crashes))
             log.warning(
-                "child %d (pid %d) %s; restarting in %.1f s", child.index, proc.pid, _how(code), delay
-            )
+                "child %d (pid %d) %s; restarting in %.1f s",
+                child.index, proc.pid, _how(code), delay,
+            )  # fmt: skip
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stopping.wait()

@@ -57,9 +57,7 @@ def import_target(target: str) -> Any:
             ) from exc
         raise TargetError(f"importing {module_name!r} failed: {exc}") from exc
     except Exception as exc:
-        raise TargetError(
-            f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise TargetError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
