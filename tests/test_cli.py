@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -338,6 +338,26 @@ async def test_processes_drain_on_sigterm_and_lose_nothing(
     assert drained < 10, f"drained in {drained:.1f} s"
 
 
+async def test_second_sigterm_stops_fast_and_messages_go_back(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    args = ["worker", "tests.cli_app:hold_unless_redelivered", "-q", queue_name, "-p", "2"]
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(lambda: len(sup.lines(r"worker consuming", "err")) == 2)
+        async with Producer(amqp_url) as producer:
+            await producer.publish_many(["a", "b"], queue=queue_name)
+        await sup.wait_for(lambda: len(sup.lines(r"^STARTED")) == 2)
+        sup.proc.send_signal(signal.SIGTERM)  # drain: the handlers hold for a minute...
+        await sup.wait_for(lambda: len(sup.lines(r"stopping 1 worker\(s\) gracefully", "err")) == 2)
+        sup.proc.send_signal(signal.SIGTERM)  # ...so stop them now
+        assert await sup.exit_code(timeout=15) == 0
+    assert sup.lines(r"received again: stopping the children fast", "err")
+    assert not sup.lines(r"^DONE")
+    assert await queue_depth(amqp_url, queue_name) == 2  # both back on the queue
+
+
 async def test_killed_child_is_restarted_and_its_message_redelivered(
     env: dict[str, str], amqp_url: str, queue_name: str
 ) -> None:
@@ -395,3 +415,59 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         await wait_health(port, 200, timeout=30)  # reconnects every 5 s
         worker.proc.send_signal(signal.SIGTERM)
         assert await worker.exit_code() == 0
+
+
+# --- with the management plugin (a node of its own: slow) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def management_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from scripts.broker import LocalBroker
+
+    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name="workqclimgmt", management=True)
+    node.start()
+    yield node
+    node.close()
+
+
+@pytest.mark.slow
+async def test_queues_from_the_management_api_with_rates_and_watch(
+    management_broker: Any, queue_name: str
+) -> None:
+    env = {
+        **os.environ,
+        "AMQP_URL": management_broker.url,
+        "AIO_WORKQ_MANAGEMENT_URL": management_broker.management_url,
+    }
+    await make_dead_letters(management_broker.url, queue_name, ["ValueError: 1"])
+    async with Producer(management_broker.url) as producer:
+        await producer.publish_many(["a", "b", "c"], queue=queue_name)
+
+    rows: dict[str, Any] = {}
+
+    async def listed() -> bool:  # the API refreshes its figures every 5 s
+        nonlocal rows
+        code, out, err = await run_cli("queues", "--json", env=env)
+        assert code == 0, err
+        rows = {row["queue"]: row for row in json.loads(out)}
+        return queue_name in rows and rows[queue_name]["ready"] == 3
+
+    await wait_until(listed, timeout=30)
+    row = rows[queue_name]
+    assert (row["unacked"], row["consumers"], row["dead_letters"]) == (0, 0, 1)
+    assert isinstance(row["publish_rate"], float) and isinstance(row["deliver_rate"], float)
+    assert f"{queue_name}.dlq" not in rows  # folded into its work queue's row
+
+    code, out, _ = await run_cli("queues", queue_name, env=env)
+    assert code == 0 and "pub/s" in out and "from the management API" in out
+
+    watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.5")
+    async with cli(*watch, env=env) as watching:
+        await watching.wait_for(lambda: len(watching.out) >= 2)
+        watching.proc.send_signal(signal.SIGINT)
+        assert await watching.exit_code() == 0
+    assert all(json.loads(line)[0]["queue"] == queue_name for line in watching.out)
+
+    bad = {**env, "AIO_WORKQ_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}/"}
+    code, _, err = await run_cli("queues", env=bad)
+    assert code == 1 and "management API at http://127.0.0.1:" in err
