@@ -114,6 +114,9 @@ async def collect(
     mgmt = management_url or default_management_url(amqp_url)
     try:
         raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        missing = sorted(set(names) - {raw.name for raw in raws})
+        if missing:
+            raise CliError(f"queue {missing[0]!r} does not exist")
         return group_rows(raws, names), "the management API"
     except ManagementAPIError as exc:
         if explicit or not names:
