@@ -304,8 +304,8 @@ async def test_replay_interrupted_by_sigint_loses_nothing(
     moved = await ids_in(amqp_url, queue_name)
     left = await ids_in(amqp_url, f"{queue_name}.dlq")
     assert 20 <= len(moved) < 200 and left  # it was interrupted half-way
-    assert set(moved) | set(left) == set(ids)  # and nothing was lost
-    assert len(moved) + len(left) <= len(ids) + 1  # at most the one in flight is in both
+    # Nothing lost, nothing doubled: the message under way was settled before it stopped.
+    assert sorted(moved + left) == sorted(ids)
 
 
 async def _depth_at_least(amqp_url: str, name: str, count: int) -> bool:

@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
@@ -442,8 +443,9 @@ def dlq_replay(
 ) -> None:
     """Move dead letters back to QUEUE, attempts reset, oldest first.
 
-    Each copy is confirmed by the broker before its dead letter is removed: interrupted (Ctrl-C,
-    SIGTERM, a lost connection), nothing is lost; a message may then be in both queues.
+    Each copy is confirmed by the broker before its dead letter is removed, so nothing is lost.
+    Ctrl-C or SIGTERM settles the message under way, then stops (exit 130); a second one stops
+    at once (the message in flight may then be in both queues).
     """
     amqp_url = _resolve(url)
     match = DeadLetterFilter(exception=exception)
@@ -453,9 +455,8 @@ def dlq_replay(
         click.echo(f"would replay {len(selected)} dead letters of {queue!r} (dry run)")
         return
     moved = [0]
-    try:
-        asyncio.run(_replay(amqp_url, queue, match, limit, rate, moved))
-    except KeyboardInterrupt:
+    interrupted = asyncio.run(_replay(amqp_url, queue, match, limit, rate, moved))
+    if interrupted:
         click.echo(
             f"aio-workq: interrupted: {moved[0]} dead letters replayed and confirmed; the rest "
             f"are still in {queue + '.dlq'!r}",
@@ -472,31 +473,51 @@ async def _replay(
     limit: int | None,
     rate: float | None,
     moved: list[int],
-) -> None:
-    async with Producer(url, name="aio-workq dlq replay") as producer:
-        letters = producer.dead_letters(queue)
-        total = await letters.count()
-        total = min(total, limit) if limit is not None else total
-        with Progress(
-            TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=err,
-        ) as progress:  # fmt: skip
-            task = progress.add_task("replay", total=total)
+) -> bool:
+    """Replay; True when a signal stopped it (after the message under way was settled)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
 
-            def on_moved(count: int) -> None:
-                moved[0] = count
-                progress.update(task, completed=count)
+    def on_signal() -> None:  # the first finishes the message under way; a second cancels
+        if stop.is_set():
+            main.cancel()
+        stop.set()
 
-            if match.empty and rate is None:  # the library's own move, in chunks for progress
-                while limit is None or moved[0] < limit:
-                    step = _REPLAY_CHUNK if limit is None else min(_REPLAY_CHUNK, limit - moved[0])
-                    done = await letters.replay(limit=step)
-                    if done == 0:
-                        break
-                    on_moved(moved[0] + done)
-            else:
-                await replay_matching(url, queue, match, limit=limit, rate=rate, on_moved=on_moved)
-            progress.update(task, total=moved[0], completed=moved[0])
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with Producer(url, name="aio-workq dlq replay") as producer:
+            letters = producer.dead_letters(queue)
+            total = await letters.count()
+            total = min(total, limit) if limit is not None else total
+            with Progress(
+                TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=err,
+            ) as progress:  # fmt: skip
+                task = progress.add_task("replay", total=total)
+
+                def on_moved(count: int) -> None:
+                    moved[0] = count
+                    progress.update(task, completed=count)
+
+                if match.empty and rate is None:  # the library's own move, chunked for progress
+                    while (limit is None or moved[0] < limit) and not stop.is_set():
+                        left = _REPLAY_CHUNK if limit is None else limit - moved[0]
+                        done = await letters.replay(limit=min(_REPLAY_CHUNK, left))
+                        if done == 0:
+                            break
+                        on_moved(moved[0] + done)
+                else:
+                    await replay_matching(
+                        url, queue, match, limit=limit, rate=rate, on_moved=on_moved, stop=stop
+                    )
+                progress.update(task, total=moved[0], completed=moved[0])
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return stop.is_set()
 
 
 @dlq.command("purge")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -156,11 +157,13 @@ async def replay_matching(
     limit: int | None = None,
     rate: float | None = None,
     on_moved: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> tuple[int, int]:
     """Move matching dead letters back to `queue`; returns `(moved, left)`.
 
     Each copy (headers of the failure removed, attempt 1) is confirmed before its dead letter is
-    acked. `rate` caps the messages moved per second.
+    acked. `rate` caps the messages moved per second; once `stop` is set, it returns after the
+    message under way.
 
     Raises:
         CliError: the work or dead-letter queue does not exist.
@@ -171,7 +174,7 @@ async def replay_matching(
     async with _channel(url, confirms=True) as channel:
         await _passive(channel, queue, "work queue")
         dlq = await _passive(channel, f"{queue}.dlq", "dead-letter queue")
-        while limit is None or moved < limit:
+        while (limit is None or moved < limit) and not (stop is not None and stop.is_set()):
             message = await dlq.get(no_ack=False, fail=False)
             if message is None:
                 break
@@ -183,7 +186,11 @@ async def replay_matching(
             moved += 1
             if on_moved is not None:
                 on_moved(moved)
-            if rate:
+            if rate and stop is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1 / rate):
+                        await stop.wait()
+            elif rate:
                 await asyncio.sleep(1 / rate)
     return moved, left
 
