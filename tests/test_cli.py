@@ -240,6 +240,13 @@ async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_n
     assert line.split() == [queue_name, "2", "-", "0", "0", "1"]
     assert "passive declares" in out
 
+    watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.2")
+    async with cli(*watch, env=env) as watching:
+        await watching.wait_for(lambda: len(watching.out) >= 2)
+        watching.proc.send_signal(signal.SIGINT)
+        assert await watching.exit_code() == 0
+    assert all(json.loads(line)[0]["ready"] == 2 for line in watching.out)
+
     code, _, err = await run_cli("queues", f"{queue_name}-missing", env=env)
     assert code == 1 and f"queue '{queue_name}-missing' does not exist" in err
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import logging
@@ -293,26 +294,39 @@ def queues(
         else:
             Console().print(_queue_table(rows, source, amqp_url))
         return
-    try:
-        asyncio.run(_watch(snapshot, as_json, interval, amqp_url))
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(_watch(snapshot, as_json, interval, amqp_url))
 
 
 async def _watch(
     snapshot: Callable[[], Any], as_json: bool, interval: float, amqp_url: str
 ) -> None:
-    if as_json:
-        while True:
-            rows, _ = await snapshot()
-            click.echo(json.dumps([row.to_json() for row in rows]))
-            await asyncio.sleep(interval)
-    rows, source = await snapshot()
-    with Live(_queue_table(rows, source, amqp_url), auto_refresh=False) as live:
-        while True:
-            await asyncio.sleep(interval)
-            rows, source = await snapshot()
-            live.update(_queue_table(rows, source, amqp_url), refresh=True)
+    """Refresh every `interval` seconds until SIGINT or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def pause() -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()
+        return not stop.is_set()
+
+    try:
+        if as_json:
+            while not stop.is_set():
+                rows, _ = await snapshot()
+                click.echo(json.dumps([row.to_json() for row in rows]))
+                await pause()
+            return
+        rows, source = await snapshot()
+        with Live(_queue_table(rows, source, amqp_url), auto_refresh=False) as live:
+            while await pause():
+                rows, source = await snapshot()
+                live.update(_queue_table(rows, source, amqp_url), refresh=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _queue_table(rows: list[QueueRow], source: str, amqp_url: str) -> Table:
