@@ -396,6 +396,20 @@ def _restarts(body: dict[str, Any]) -> list[int]:
     return sorted(p["restarts"] for p in body["processes"])
 
 
+async def test_children_drain_when_the_supervisor_is_killed(
+    env: dict[str, str], queue_name: str
+) -> None:
+    args = ["worker", "tests.cli_app:quick", "-q", queue_name, "-p", "2"]
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(lambda: len(sup.lines(r"worker consuming", "err")) == 2)
+        sup.proc.kill()
+        # The children hold the output pipes: they close once both have drained and exited.
+        assert await sup.exit_code() == -signal.SIGKILL
+    assert len(sup.lines(r"the supervisor \(pid \d+\) is gone: draining", "err")) == 2
+    assert len(sup.lines(r"stopping 1 worker\(s\) gracefully", "err")) == 2
+    assert len(sup.lines(r"stopped: ", "err")) == 2
+
+
 async def test_supervisor_gives_up_when_children_keep_crashing(env: dict[str, str]) -> None:
     args = ["worker", "tests.cli_app:broken_factory", "--processes", "2", "--max-restarts", "1"]
     async with cli(*args, env=env) as sup:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ log = logging.getLogger("aio_workq.cli")
 
 STATUS_FD_ENV = "AIO_WORKQ_STATUS_FD"
 """Set by the supervisor: a pipe to write `1`/`0` lines to when the child's health changes."""
+_PARENT_POLL = 0.5
 SUPERVISOR_ENV = "AIO_WORKQ_SUPERVISOR_PID"
 """Set by the supervisor: its pid; the child drains (SIGTERM) if that process dies."""
 
@@ -42,7 +42,6 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
         WorkqError: a worker failed to start (e.g. `BrokerConnectionError`, `TopologyError`).
         OSError: the health port is taken.
     """
-    _follow_supervisor()
     workers = await build_workers(import_target(options.target), options)
     status_fd = _status_fd()
     on_change = None
@@ -57,13 +56,13 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
     if health.port is not None:
         server = HealthServer(monitor.check, host=health.host, port=health.port)
         await server.start()
-    polling = asyncio.create_task(monitor.run())
+    background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
     try:
         await run_workers(*workers)
     finally:
-        polling.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await polling
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             await server.close()
     done = ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers)
@@ -75,14 +74,16 @@ def _status_fd() -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def _follow_supervisor() -> None:
-    """Under a supervisor: get SIGTERM (drain) when it dies, even by SIGKILL (Linux)."""
+async def _follow_supervisor() -> None:
+    """Under a supervisor: drain (one SIGTERM to ourselves) once it is gone, even by SIGKILL.
+
+    Polls the parent pid: Linux's `PR_SET_PDEATHSIG` fires once per exiting thread of the
+    parent, and a second SIGTERM would stop the workers fast instead of draining them.
+    """
     parent = os.environ.get(SUPERVISOR_ENV)
     if not parent or not parent.isdigit():
         return
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != int(parent):  # it died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    while os.getppid() == int(parent):  # noqa: ASYNC110 - a parent's death has no event
+        await asyncio.sleep(_PARENT_POLL)
+    log.warning("the supervisor (pid %s) is gone: draining", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
