@@ -38,7 +38,7 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 _LEVELS = click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)
 _REPLAY_CHUNK = 100
 
-err = Console(stderr=True)
+_err = Console(stderr=True)
 
 
 def run(argv: Sequence[str] | None = None) -> None:
@@ -66,7 +66,7 @@ def _url_option(func: F) -> F:
         "--url",
         envvar="AMQP_URL",
         show_envvar=True,
-        help="Broker URL (default: AMQP_URL, RABBITMQ_HOST/..., else amqp://guest:guest@localhost/).",
+        help="Broker URL (default: AMQP_URL, then RABBITMQ_HOST/..., then localhost as guest).",
     )(func)
 
 
@@ -508,7 +508,7 @@ async def _replay(
             total = min(total, limit) if limit is not None else total
             with Progress(
                 TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                console=err,
+                console=_err,
             ) as progress:  # fmt: skip
                 task = progress.add_task("replay", total=total)
 
