@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?= -m "not slow"
 BROKER_DIR ?= .broker/dev
 
-.PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
+.PHONY: venv demo test test-slow test-cli lint docs bench broker-start broker-stop check
 
 venv: $(VENV)/.stamp
 
@@ -24,6 +24,10 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow
+
+# The `aio-workq` command end to end, the management-API (slow) test included.
+test-cli: venv
+	$(PY) -m pytest -m cli tests/test_cli.py tests/test_cli_offline.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

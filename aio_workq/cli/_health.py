@@ -21,7 +21,7 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 
 class Debounce:
-    """Healthy until a condition has been false for longer than `grace` seconds.
+    """Healthy until a condition has been false for `grace` seconds (at once with 0).
 
     Before the condition first held (still starting) it is unhealthy.
     """
@@ -40,7 +40,7 @@ class Debounce:
             return True
         if self._bad_since is None:
             self._bad_since = now
-        return self._ever_ok and now - self._bad_since <= self._grace
+        return self._ever_ok and now - self._bad_since < self._grace
 
 
 class WorkersHealth:
