@@ -229,7 +229,8 @@ class Connection:
                 last = exc
                 if self._closed:
                     raise
-                self._log_failure(url, exc, None)
+                if len(self._urls) > 1:  # the last one is raised, not logged
+                    self._log_failure(url, exc, "trying the next URL")
                 continue
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
             return
@@ -462,6 +463,9 @@ def translate_errors(doing: str) -> Iterator[None]:
 
 def _reason(exc: BaseException) -> str:
     """A short, password-free description of an aiormq/OS error."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:  # aiormq re-raises OSError's args
+        return cause.strerror
     if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
         first = exc.args[0]
         text = getattr(first, "reply_text", None) or str(first)
