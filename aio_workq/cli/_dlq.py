@@ -32,6 +32,7 @@ from aio_workq import (
     redact_url,
 )
 
+from .._dead_letters import replay_headers
 from ._errors import CliError
 
 __all__ = (
@@ -40,14 +41,6 @@ __all__ = (
     "replay_matching",
     "scan",
 )
-
-# Headers the worker writes on a dead letter, and the broker's own: a replayed copy starts clean.
-_WORKQ_PREFIX = "x-workq-"
-_ATTEMPT_HEADER = "x-workq-attempt"
-_BROKER_HEADERS = frozenset(
-    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
-     "x-first-death-reason"}
-)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +64,7 @@ class DeadLetterFilter:
         if self.message_id is not None and letter.message_id != self.message_id:
             return False
         if self.exception is not None:
-            kind = str(letter.headers.get("x-workq-exception-type") or "")
+            kind = letter.exception_type or ""
             if self.exception not in (kind, kind.rsplit(".", 1)[-1]):
                 return False
         return True
@@ -97,7 +90,7 @@ def letter_json(letter: DeadLetter) -> dict[str, Any]:
     return {
         "message_id": letter.message_id,
         "reason": letter.reason,
-        "exception_type": letter.headers.get("x-workq-exception-type"),
+        "exception_type": letter.exception_type,
         "attempts": letter.attempts,
         "content_type": letter.content_type,
         "body": body,
@@ -198,12 +191,7 @@ async def replay_matching(
 async def _publish_copy(
     channel: AbstractChannel, queue: str, message: AbstractIncomingMessage
 ) -> None:
-    headers = {
-        key: value
-        for key, value in (message.headers or {}).items()
-        if not key.startswith(_WORKQ_PREFIX) and key not in _BROKER_HEADERS
-    }
-    headers[_ATTEMPT_HEADER] = 1
+    headers = replay_headers(message.headers or {})  # the library's rule for a replayed copy
     copy = aio_pika.Message(
         message.body,
         headers=headers,
