@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import psycopg
@@ -99,5 +100,9 @@ async def worker(dsn: str, schema: str, url: str, queue: str) -> None:
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    actors = {"app": app, "relay": relay, "worker": worker}
+    actors: dict[str, Callable[..., Coroutine[Any, Any, None]]] = {
+        "app": app,
+        "relay": relay,
+        "worker": worker,
+    }
     asyncio.run(actors[mode](*args))

@@ -1,4 +1,4 @@
-"""aio_workq.outbox against a real PostgreSQL and RabbitMQ: insert side, relay, idempotent consumer."""
+"""aio_workq.outbox on a real PostgreSQL and RabbitMQ: insert side, relay, idempotent consumer."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from aio_workq.outbox import (
     schema_sql,
 )
 from aio_workq.outbox._schema import redact_dsn
-from tests.helpers import Counter, queue_depth
+from tests.helpers import Counter, queue_depth, wait_until
 
 pytestmark = pytest.mark.postgres
 
@@ -201,13 +201,14 @@ async def test_bad_input_is_refused_before_anything_is_written(
 
 
 def test_relay_arguments_are_checked(postgres_dsn: str, amqp_url: str) -> None:
-    for kwargs, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"batch_size": 0}, "batch_size"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"retry_delay": float("inf")}, "retry_delay"),
         ({"schema": "no-dash"}, "identifier"),
         ({"producer": Producer(amqp_url)}, "not both"),
-    ]:
+    ]
+    for kwargs, match in cases:
         with pytest.raises(OutboxConfigurationError, match=match):
             OutboxRelay(postgres_dsn, url=amqp_url, **kwargs)
 
@@ -235,9 +236,7 @@ async def test_relay_wakes_on_notify_and_keeps_the_message_id(
     await make_worker(queue=queue_name, handler=handler).start()
     # A poll interval of a minute: only the NOTIFY of the commit can wake the relay in time.
     async with OutboxRelay(postgres_dsn, url=amqp_url, schema=schema, poll_interval=60) as relay:
-        async with asyncio.timeout(10):
-            while not relay.listening:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: asyncio.sleep(0, relay.listening))
         async with conn.transaction():
             for i in range(20):
                 await outbox.publish(
@@ -247,9 +246,11 @@ async def test_relay_wakes_on_notify_and_keeps_the_message_id(
         assert sorted(got) == sorted(
             (f"m{i}", {"i": i}, {"i": i}, "application/json") for i in range(20)
         )
-        async with asyncio.timeout(10):
-            while await outbox_rows(conn, schema):  # deleted once confirmed
-                await asyncio.sleep(0.02)
+
+        async def emptied() -> bool:  # rows are deleted once confirmed
+            return not await outbox_rows(conn, schema)
+
+        await wait_until(emptied)
         assert relay.published == 20
         assert relay.failed == 0
 
@@ -368,12 +369,13 @@ async def test_idempotent_consumer_purges_ids_after_the_window(
 
 
 async def test_idempotent_arguments_are_checked(pool: AsyncConnectionPool[Any]) -> None:
-    for kwargs, match in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"keep": 0}, "keep"),
         ({"purge_every": -1}, "purge_every"),
         ({"name": ""}, "name"),
         ({"schema": "a b"}, "identifier"),
-    ]:
+    ]
+    for kwargs, match in cases:
         with pytest.raises(OutboxConfigurationError, match=match):
             idempotent(pool, **kwargs)
     with pytest.raises(OutboxConfigurationError, match="AsyncConnectionPool"):
