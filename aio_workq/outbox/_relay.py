@@ -239,10 +239,10 @@ class OutboxRelay:
             try:
                 claimed = await self.relay_batch()
                 failures = 0
-            except (psycopg.Error, OutboxSchemaError, OSError) as exc:
+            except Exception as exc:  # the relay outlives a database or broker outage
                 delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
                 failures += 1
-                log.warning("outbox relay: %s; again in %.1f s", exc, delay)
+                log.warning("outbox relay: %r; again in %.1f s", exc, delay)
                 await self._close_conn()
                 await asyncio.sleep(delay)
                 continue
