@@ -12,7 +12,14 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
-from .. import Producer, Queue, WorkqError
+from .. import (
+    BrokerConnectionError,
+    ConnectionLostError,
+    Producer,
+    PublishTimeoutError,
+    Queue,
+    WorkqError,
+)
 from ._errors import OutboxConfigurationError, OutboxSchemaError
 from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL, quote, redact_dsn
 
@@ -21,6 +28,7 @@ __all__ = ("OutboxRelay",)
 log = logging.getLogger("aio_workq.outbox")
 
 _RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+_CONNECTION_FAILURES = (PublishTimeoutError, ConnectionLostError, BrokerConnectionError)
 
 
 class OutboxRelay:
@@ -50,6 +58,8 @@ class OutboxRelay:
             number of attempts, up to 10 times this).
         queues: `Queue` specs to declare by name instead of the producer's default (for
             queues with arguments, such as a delivery limit).
+        publish_timeout: seconds to wait for a confirm (with `url`); a batch whose publishes
+            time out or lose the connection makes the relay replace its producer.
         name: the broker connection name (with `url`).
 
     Raises:
@@ -68,6 +78,7 @@ class OutboxRelay:
         poll_interval: float = 2.0,
         retry_delay: float = 5.0,
         queues: Iterable[Queue] = (),
+        publish_timeout: float = 30.0,
         name: str | None = None,
     ) -> None:
         if producer is not None and url is not None:
@@ -78,14 +89,23 @@ class OutboxRelay:
             )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise OutboxConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        for label, value in (("poll_interval", poll_interval), ("retry_delay", retry_delay)):
+        intervals = (
+            ("poll_interval", poll_interval),
+            ("retry_delay", retry_delay),
+            ("publish_timeout", publish_timeout),
+        )
+        for label, value in intervals:
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
         table = f"{quote(schema)}.workq_outbox"
         self._dsn = dsn
         self._schema = schema
+        self._url = url
+        self._name = name
+        self._publish_timeout = float(publish_timeout)
         self._owns_producer = producer is None
-        self._producer = producer if producer is not None else Producer(url, name=name)
+        self._producer = producer if producer is not None else self._new_producer()
+        self._broken = False  # the owned producer lost its connection: replace it
         self._batch_size = batch_size
         self._poll_interval = float(poll_interval)
         self._retry_delay = float(retry_delay)
@@ -192,6 +212,8 @@ class OutboxRelay:
             psycopg.Error: the database failed (the batch rolled back; its rows stay).
         """
         async with self._lock:
+            if self._broken:
+                await self._replace_producer()
             conn = await self._connect()
             async with conn.transaction():
                 try:
@@ -213,12 +235,27 @@ class OutboxRelay:
                 if done:
                     await conn.execute(self._delete, (done,))
                 for row, outcome in zip(rows, outcomes, strict=True):
+                    if isinstance(outcome, _CONNECTION_FAILURES) and self._owns_producer:
+                        self._broken = True
                     if isinstance(outcome, BaseException):
                         self.failed += 1
                         log.warning("outbox message %s not published: %r", row[1], outcome)
                         await conn.execute(self._fail, (repr(outcome), self._retry_delay, row[0]))
             self.published += len(done)
             return len(rows)
+
+    def _new_producer(self) -> Producer:
+        return Producer(self._url, timeout=self._publish_timeout, name=self._name)
+
+    async def _replace_producer(self) -> None:
+        """A fresh producer (and connection) after one lost its connection mid-batch."""
+        log.warning("outbox relay: publishes failed on a lost connection; reconnecting")
+        old, self._producer = self._producer, self._new_producer()
+        with contextlib.suppress(Exception):  # closing a dead connection can hang: bounded
+            async with asyncio.timeout(2):
+                await old.close(timeout=0.1)
+        await self._producer.start()  # raises while the broker is down: the loop retries
+        self._broken = False
 
     async def _send(self, row: tuple[Any, ...]) -> asyncio.Future[str]:
         _, message_id, queue, exchange, routing_key, body, content_type, headers = row
