@@ -319,3 +319,48 @@ async def test_broker_killed_during_the_relay(
     assert killed_at < len(ids)  # the kill landed mid-relay
     await consume_all(postgres_dsn, amqp_url, schema, queue, ledger, timeout=120)
     ledger.check(capsys)
+
+
+@pytest.mark.slow
+async def test_broker_paused_during_the_relay_the_relay_reconnects(
+    postgres_dsn: str,
+    amqp_url: str,
+    local_broker: LocalBroker,
+    db: tuple[str, psycopg.AsyncConnection[Any]],
+    queue_name: str,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    schema, conn = db
+    ledger = Ledger("broker SIGSTOP for 8 s during the relay (publish_timeout=1)")
+    ids = [f"p{i}" for i in range(2000)]
+    await commit_orders(postgres_dsn, schema, queue_name, ids, per_tx=100)
+    ledger.committed = set(ids)
+    async with OutboxRelay(
+        postgres_dsn, url=amqp_url, schema=schema, batch_size=100, publish_timeout=1
+    ) as relay:
+
+        async def started() -> bool:
+            return relay.published > 0
+
+        await wait_until(started, timeout=30)
+        local_broker.pause()
+        try:
+
+            async def timed_out() -> bool:
+                return relay.failed > 0
+
+            await wait_until(timed_out, timeout=30)  # publishes time out: rows stay
+            await asyncio.sleep(8)  # the broker stays silent; the relay keeps trying
+        finally:
+            local_broker.resume()
+
+        async def emptied() -> bool:
+            return not await column(conn, schema, "workq_outbox")
+
+        await wait_until(emptied, timeout=120)
+    with capsys.disabled():
+        print(f"\nfailed publishes while paused: {relay.failed}")  # noqa: T201
+    assert "publishes failed on a lost connection; reconnecting" in caplog.text
+    await consume_all(postgres_dsn, amqp_url, schema, queue_name, ledger, timeout=120)
+    ledger.check(capsys)
