@@ -93,6 +93,19 @@ def _alive(pid: int | None) -> bool:
     return stat.rsplit(") ", 1)[1][0] != "Z"
 
 
+def _children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            found.append(int(stat_file.parent.name))
+    return found
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()[-lines:]
@@ -177,14 +190,23 @@ class LocalPostgres:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the postmaster (a crash); start() recovers the cluster from its WAL."""
+        """SIGKILL the server and its processes (a crash); start() recovers from the WAL."""
         pid = self.postmaster_pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGKILL)
+        pids = [pid, *_children(pid)]
+        for each in pids:
+            try:
+                os.kill(each, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while any(_alive(each) for each in pids) and time.monotonic() < deadline:
             time.sleep(0.05)
+        # Where nothing reaps orphans, the dead postmaster stays a zombie whose pid still "runs"
+        # for the next postmaster's lock checks; every process of the node is gone by now.
+        (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+        (self.base_dir / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
     def close(self) -> None:
         self.stop()

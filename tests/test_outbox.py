@@ -398,3 +398,20 @@ async def test_idempotent_worker_smoke(
         await p.publish("x", queue=queue_name)
         async with asyncio.timeout(10):
             await done.wait()
+
+
+# --- the command line ---
+
+
+async def test_cli_prints_and_applies_the_migration(
+    postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aio_workq.outbox.__main__ import main
+
+    assert main(["schema", "--schema", "cli_print"]) == 0
+    assert 'CREATE TABLE IF NOT EXISTS "cli_print".workq_outbox' in capsys.readouterr().out
+    name = f"cli_{uuid.uuid4().hex[:8]}"
+    assert await asyncio.to_thread(main, ["migrate", "--dsn", postgres_dsn, "--schema", name]) == 0
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as c:
+        assert await (await c.execute(f"SELECT count(*) FROM {name}.workq_outbox")).fetchone()
+        await c.execute(f'DROP SCHEMA "{name}" CASCADE')

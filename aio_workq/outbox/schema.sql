@@ -1,6 +1,6 @@
 -- aio-workq outbox and idempotent-consumer tables (aio_workq.outbox).
--- {schema} is replaced by the quoted schema name (default "public"); the statements are idempotent,
--- so running them again is safe. Copy this file into your migration tool as it is, or call
+-- The schema placeholder in braces is replaced by the quoted schema name (default "public"); the
+-- statements are idempotent, so running them again is safe. Copy this file into your migration tool as it is, or call
 -- `await aio_workq.outbox.migrate(connection)`, or print it: `python -m aio_workq.outbox schema`.
 
 CREATE SCHEMA IF NOT EXISTS {schema};
