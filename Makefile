@@ -8,7 +8,7 @@ BROKER_DIR ?= .broker/dev
 POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
-.PHONY: postgres-start postgres-stop outbox-test
+.PHONY: postgres-start postgres-stop outbox-test bench-outbox
 
 venv: $(VENV)/.stamp
 
@@ -53,5 +53,9 @@ postgres-stop:
 # Every outbox / idempotent-consumer test, the long crash scenarios too, with their ledgers.
 outbox-test: venv
 	$(PY) -m pytest -m postgres --timeout 600 tests/test_outbox.py tests/test_outbox_ledger.py
+
+# Outbox / idempotent-consumer throughput as ratios (own broker and PostgreSQL; see bench/outbox.py).
+bench-outbox: venv
+	$(PY) -m bench.outbox $(BENCH_ARGS)
 
 check: lint docs test
