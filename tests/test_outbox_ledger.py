@@ -322,14 +322,13 @@ async def test_broker_killed_during_the_relay(
 
 
 @pytest.mark.slow
-async def test_broker_paused_during_the_relay_the_relay_reconnects(
+async def test_broker_paused_during_the_relay(
     postgres_dsn: str,
     amqp_url: str,
     local_broker: LocalBroker,
     db: tuple[str, psycopg.AsyncConnection[Any]],
     queue_name: str,
     capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     schema, conn = db
     ledger = Ledger("broker SIGSTOP for 8 s during the relay (publish_timeout=1)")
@@ -361,6 +360,5 @@ async def test_broker_paused_during_the_relay_the_relay_reconnects(
         await wait_until(emptied, timeout=120)
     with capsys.disabled():
         print(f"\nfailed publishes while paused: {relay.failed}")  # noqa: T201
-    assert "publishes failed on a lost connection; reconnecting" in caplog.text
     await consume_all(postgres_dsn, amqp_url, schema, queue_name, ledger, timeout=120)
     ledger.check(capsys)

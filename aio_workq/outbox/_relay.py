@@ -12,14 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import TupleRow
 
-from .. import (
-    BrokerConnectionError,
-    ConnectionLostError,
-    Producer,
-    PublishTimeoutError,
-    Queue,
-    WorkqError,
-)
+from .. import Producer, Queue, WorkqError
 from ._errors import OutboxConfigurationError, OutboxSchemaError
 from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL, quote, redact_dsn
 
@@ -28,7 +21,6 @@ __all__ = ("OutboxRelay",)
 log = logging.getLogger("aio_workq.outbox")
 
 _RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
-_CONNECTION_FAILURES = (PublishTimeoutError, ConnectionLostError, BrokerConnectionError)
 
 
 class OutboxRelay:
@@ -58,8 +50,8 @@ class OutboxRelay:
             number of attempts, up to 10 times this).
         queues: `Queue` specs to declare by name instead of the producer's default (for
             queues with arguments, such as a delivery limit).
-        publish_timeout: seconds to wait for a confirm (with `url`); a batch whose publishes
-            time out or lose the connection makes the relay replace its producer.
+        publish_timeout: seconds to wait for a confirm (with `url`); a row whose confirm does
+            not come in time stays for a later attempt.
         name: the broker connection name (with `url`).
 
     Raises:
@@ -100,12 +92,8 @@ class OutboxRelay:
         table = f"{quote(schema)}.workq_outbox"
         self._dsn = dsn
         self._schema = schema
-        self._url = url
-        self._name = name
-        self._publish_timeout = float(publish_timeout)
         self._owns_producer = producer is None
-        self._producer = producer if producer is not None else self._new_producer()
-        self._broken = False  # the owned producer lost its connection: replace it
+        self._producer = producer or Producer(url, timeout=publish_timeout, name=name)
         self._batch_size = batch_size
         self._poll_interval = float(poll_interval)
         self._retry_delay = float(retry_delay)
@@ -212,8 +200,6 @@ class OutboxRelay:
             psycopg.Error: the database failed (the batch rolled back; its rows stay).
         """
         async with self._lock:
-            if self._broken:
-                await self._replace_producer()
             conn = await self._connect()
             async with conn.transaction():
                 try:
@@ -235,27 +221,12 @@ class OutboxRelay:
                 if done:
                     await conn.execute(self._delete, (done,))
                 for row, outcome in zip(rows, outcomes, strict=True):
-                    if isinstance(outcome, _CONNECTION_FAILURES) and self._owns_producer:
-                        self._broken = True
                     if isinstance(outcome, BaseException):
                         self.failed += 1
                         log.warning("outbox message %s not published: %r", row[1], outcome)
                         await conn.execute(self._fail, (repr(outcome), self._retry_delay, row[0]))
             self.published += len(done)
             return len(rows)
-
-    def _new_producer(self) -> Producer:
-        return Producer(self._url, timeout=self._publish_timeout, name=self._name)
-
-    async def _replace_producer(self) -> None:
-        """A fresh producer (and connection) after one lost its connection mid-batch."""
-        log.warning("outbox relay: publishes failed on a lost connection; reconnecting")
-        old, self._producer = self._producer, self._new_producer()
-        with contextlib.suppress(Exception):  # closing a dead connection can hang: bounded
-            async with asyncio.timeout(2):
-                await old.close(timeout=0.1)
-        await self._producer.start()  # raises while the broker is down: the loop retries
-        self._broken = False
 
     async def _send(self, row: tuple[Any, ...]) -> asyncio.Future[str]:
         _, message_id, queue, exchange, routing_key, body, content_type, headers = row
