@@ -162,9 +162,17 @@ def test_publish_sync_through_psycopg_and_sqlalchemy(postgres_dsn: str, schema: 
             outbox.publish_sync(session, "orm", queue="q", message_id="m-orm")
     finally:
         engine.dispose()
+    import psycopg2  # any DB-API connection with cursor(), as Django's `connection` is
+
+    dbapi = psycopg2.connect(postgres_dsn)
+    try:
+        with dbapi:  # commits on success
+            outbox.publish_sync(dbapi, {"x": 1}, queue="q", message_id="m-dbapi", headers={"h": 1})
+    finally:
+        dbapi.close()
     with psycopg.connect(postgres_dsn) as check:
         ids = check.execute(f"SELECT message_id FROM {schema}.workq_outbox ORDER BY id")
-        assert [r[0] for r in ids.fetchall()] == ["m-sync", "m-orm"]
+        assert [r[0] for r in ids.fetchall()] == ["m-sync", "m-orm", "m-dbapi"]
 
 
 async def test_bad_input_is_refused_before_anything_is_written(
@@ -415,3 +423,15 @@ async def test_cli_prints_and_applies_the_migration(
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as c:
         assert await (await c.execute(f"SELECT count(*) FROM {name}.workq_outbox")).fetchone()
         await c.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+async def test_relay_without_listen_only_polls(
+    postgres_dsn: str, amqp_url: str, conn: psycopg.AsyncConnection[Any], schema: str
+) -> None:
+    async with OutboxRelay(
+        postgres_dsn, url=amqp_url, schema=schema, listen=False, poll_interval=0.05
+    ) as relay:
+        async with conn.transaction():
+            await Outbox(schema=schema).publish(conn, "x", routing_key="amq.nothing")
+        await wait_until(lambda: asyncio.sleep(0, relay.failed > 0))  # polled, tried, failed
+        assert not relay.listening

@@ -23,6 +23,11 @@ log = logging.getLogger("aio_workq.outbox")
 _RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
+def _observe(future: asyncio.Future[str]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class OutboxRelay:
     """Publishes committed outbox rows with confirms and deletes each row once it is confirmed.
 
@@ -52,6 +57,8 @@ class OutboxRelay:
             queues with arguments, such as a delivery limit).
         publish_timeout: seconds to wait for a confirm (with `url`); a row whose confirm does
             not come in time stays for a later attempt.
+        listen: wake on `LISTEN/NOTIFY`; `False` only polls (for a connection pooler in
+            transaction mode, such as PgBouncer's, where `LISTEN` does not work).
         name: the broker connection name (with `url`).
 
     Raises:
@@ -71,6 +78,7 @@ class OutboxRelay:
         retry_delay: float = 5.0,
         queues: Iterable[Queue] = (),
         publish_timeout: float = 30.0,
+        listen: bool = True,
         name: str | None = None,
     ) -> None:
         if producer is not None and url is not None:
@@ -93,7 +101,10 @@ class OutboxRelay:
         self._dsn = dsn
         self._schema = schema
         self._owns_producer = producer is None
-        self._producer = producer or Producer(url, timeout=publish_timeout, name=name)
+        self._producer = (
+            producer if producer is not None else Producer(url, timeout=publish_timeout, name=name)
+        )
+        self._listen_enabled = listen
         self._batch_size = batch_size
         self._poll_interval = float(poll_interval)
         self._retry_delay = float(retry_delay)
@@ -155,10 +166,9 @@ class OutboxRelay:
         except BaseException:
             await self._close_conn()
             raise
-        self._tasks = [
-            asyncio.create_task(self._listen(), name="outbox-listen"),
-            asyncio.create_task(self._loop(), name="outbox-relay"),
-        ]
+        self._tasks = [asyncio.create_task(self._loop(), name="outbox-relay")]
+        if self._listen_enabled:
+            self._tasks.append(asyncio.create_task(self._listen(), name="outbox-listen"))
 
     async def stop(self) -> None:
         """Stop relaying: a batch in flight is rolled back (its rows are published again later,
@@ -211,9 +221,13 @@ class OutboxRelay:
                 sent: list[asyncio.Future[str] | BaseException] = []
                 for row in rows:
                     try:
-                        sent.append(await self._send(row))
+                        confirm = await self._send(row)
                     except WorkqError as exc:
                         sent.append(exc)
+                    else:
+                        # Observed even if this batch is abandoned (stop, a database error).
+                        confirm.add_done_callback(_observe)
+                        sent.append(confirm)
                 futures = [s for s in sent if isinstance(s, asyncio.Future)]
                 settled = iter(await asyncio.gather(*futures, return_exceptions=True))
                 outcomes = [next(settled) if isinstance(s, asyncio.Future) else s for s in sent]
