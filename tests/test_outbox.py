@@ -129,6 +129,14 @@ async def test_publish_through_psycopg_cursor_sqlalchemy_and_asyncpg(
             await outbox.publish(sa_conn, [1, 2], routing_key="q", message_id="m-saconn")
     finally:
         await engine.dispose()
+    engine = create_async_engine(postgres_dsn.replace("postgresql://", "postgresql+asyncpg://"))
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            await outbox.publish(
+                session, "sa-asyncpg", queue="q", message_id="m-sa-asyncpg", headers={"a": [1]}
+            )
+    finally:
+        await engine.dispose()
 
     pg = await asyncpg.connect(postgres_dsn)
     try:
@@ -138,7 +146,8 @@ async def test_publish_through_psycopg_cursor_sqlalchemy_and_asyncpg(
         await pg.close()
 
     rows = {r[0]: r for r in await outbox_rows(conn, schema)}
-    assert sorted(rows) == ["m-asyncpg", "m-cursor", "m-saconn", "m-session"]
+    assert sorted(rows) == ["m-asyncpg", "m-cursor", "m-sa-asyncpg", "m-saconn", "m-session"]
+    assert rows["m-sa-asyncpg"][4] == {"a": [1]}
     assert rows["m-cursor"][2:4] == (b"cursor", None)
     assert rows["m-session"][2:4] == (b"session", "text/plain; charset=utf-8")
     assert rows["m-saconn"][1:3] == (None, b"[1,2]")
@@ -388,6 +397,16 @@ async def test_idempotent_arguments_are_checked(pool: AsyncConnectionPool[Any]) 
             idempotent(pool, **kwargs)
     with pytest.raises(OutboxConfigurationError, match="AsyncConnectionPool"):
         idempotent("postgresql://x")  # type: ignore[arg-type]
+
+    async def first(job: Job, conn: psycopg.AsyncConnection[Any]) -> None: ...
+
+    consumer = idempotent(pool)
+    consumer(first)
+    with pytest.raises(OutboxConfigurationError, match="one per handler"):
+        consumer(first)
+    shared = idempotent(pool, name="shared")
+    shared(first)
+    shared(first)  # an explicit name may be shared on purpose
 
 
 async def test_idempotent_worker_smoke(

@@ -95,6 +95,7 @@ class IdempotentConsumer:
         self._purge_every = purge_every
         self._key = key
         self._last_purge = time.monotonic()
+        self._derived = False  # the name came from the first wrapped handler
         self._record = (
             f"INSERT INTO {table} (consumer, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
         )
@@ -110,9 +111,20 @@ class IdempotentConsumer:
         return f"<IdempotentConsumer name={self.name!r} skipped={self.skipped}>"
 
     def __call__(self, handler: TransactionalHandler) -> Callable[[Job], Awaitable[Any]]:
-        """Wrap `handler` into a worker handler of one argument, the job."""
+        """Wrap `handler` into a worker handler of one argument, the job.
+
+        Raises:
+            OutboxConfigurationError: a second handler for a consumer whose name was taken
+                from the first one.
+        """
         if self.name is None:
             self.name = f"{handler.__module__}.{handler.__qualname__}"
+            self._derived = True
+        elif self._derived:
+            raise OutboxConfigurationError(
+                f"this idempotent consumer already wraps {self.name}: use one per handler, or "
+                "pass the same name= to share the processed ids on purpose"
+            )
         consumer = self.name
 
         @functools.wraps(handler)
