@@ -79,9 +79,12 @@ class Outbox:
     def __init__(self, *, schema: str = DEFAULT_SCHEMA) -> None:
         table = f"{quote(schema)}.workq_outbox"
         self.schema = schema
-        values = "%s, %s, %s, %s, %s, %s, CAST(%s AS jsonb), now() + CAST(%s AS float8) * {sec}"
-        sec = "interval '1 second'"
-        self._sql_pct = f"INSERT INTO {table} ({_COLUMNS}) VALUES ({values.format(sec=sec)})"
+        # One statement in the three placeholder styles: DB-API/psycopg, SQLAlchemy, asyncpg.
+        pct = (
+            "%s, %s, %s, %s, %s, %s, CAST(%s AS jsonb), "
+            "now() + CAST(%s AS float8) * interval '1 second'"
+        )
+        self._sql_pct = f"INSERT INTO {table} ({_COLUMNS}) VALUES ({pct})"
         named = (
             ":message_id, :queue, :exchange, :routing_key, :body, :content_type, "
             "CAST(:headers AS jsonb), now() + CAST(:delay AS float8) * interval '1 second'"
@@ -204,8 +207,9 @@ class Outbox:
 
     @staticmethod
     def _named(row: tuple[Any, ...]) -> dict[str, Any]:
-        keys = ("message_id", "queue", "exchange", "routing_key", "body", "content_type")
-        return {**dict(zip(keys, row, strict=False)), "headers": row[6], "delay": row[7]}
+        """The row's values by name, for SQLAlchemy's `text()`."""
+        names = ("message_id", "queue", "exchange", "routing_key", "body", "content_type")
+        return dict(zip((*names, "headers", "delay"), row, strict=True))
 
     @staticmethod
     def _row(
