@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow and not cluster"
+CLUSTER_DIR ?= .broker/cluster
 BROKER_DIR ?= .broker/dev
 
 .PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
+.PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
 
@@ -25,6 +27,10 @@ test: venv
 test-slow: venv
 	$(PY) -m pytest -m slow
 
+# Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
+cluster-test: venv
+	$(PY) -m pytest -m cluster
+
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
@@ -40,5 +46,12 @@ broker-start:
 
 broker-stop:
 	$(PYTHON) -m scripts.broker stop --dir $(BROKER_DIR)
+
+# A local 3-node cluster that keeps running; prints the host list (see scripts/cluster.py).
+cluster-start:
+	$(PYTHON) -m scripts.cluster start --dir $(CLUSTER_DIR)
+
+cluster-stop:
+	$(PYTHON) -m scripts.cluster stop --dir $(CLUSTER_DIR)
 
 check: lint docs test
