@@ -267,6 +267,30 @@ class LocalCluster:
         result: list[dict[str, Any]] = json.loads(out)
         return result
 
+    def connections(self) -> list[dict[str, Any]]:
+        """Client connections of the whole cluster: ``node`` (short name), ``name``, ``port``.
+
+        ``name`` is the client's ``connection_name`` (aio-workq's ``name=``), ``port`` the
+        node's listener port the client reached, so ``node`` is where the client sits.
+        """
+        out = self._ctl_any(
+            "list_connections", "-q", "--formatter", "json", "port", "client_properties", "ssl"
+        )
+        by_port = {n.amqp_port: n.name for n in self.nodes}
+        by_port.update({n.tls_port: n.name for n in self.nodes if n.tls})
+        found = []
+        for row in json.loads(out):
+            props = {p[0]: p[2] for p in row.get("client_properties") or [] if len(p) == 3}
+            found.append(
+                {
+                    "node": by_port.get(row.get("port")),
+                    "name": props.get("connection_name"),
+                    "port": row.get("port"),
+                    "ssl": row.get("ssl"),
+                }
+            )
+        return found
+
     def leader(self, queue: str) -> ClusterNode:
         """The node that leads the quorum queue named queue.
 
