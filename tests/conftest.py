@@ -182,8 +182,8 @@ def cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalC
 def cluster(cluster_session: LocalCluster) -> Iterator[LocalCluster]:
     """The session's 3-node cluster; after the test, partitions are healed and nodes restarted."""
     yield cluster_session
-    cluster_session.heal()
+    cluster_session.heal()  # a paused minority node resumes by itself once healed
     for node in cluster_session.nodes:
-        if not node.running():
+        if node.beam_pid() is None:  # killed or stopped
             node.start()
     cluster_session.wait_running(timeout=90)
