@@ -157,7 +157,7 @@ class LocalCluster:
         self._make_nodes()
         self._start_epmd()
         self._install_marks()
-        down = [n for n in self.nodes if not n.running()]
+        down = [n for n in self.nodes if n.beam_pid() is None]  # a paused node is not down
         try:
             with ThreadPoolExecutor(len(down) or 1) as pool:
                 for f in [pool.submit(n.start, timeout) for n in down]:
@@ -213,6 +213,11 @@ class LocalCluster:
     def restart(self, node: str, timeout: float = 90) -> None:
         """Start one stopped or killed node again; it rejoins the cluster with its data."""
         n = self.node(node)
+        if n.beam_pid() is not None and not n.running():
+            raise ClusterError(
+                f"{n.node} is running but not serving (paused in a minority?): heal() and it "
+                "resumes by itself; kill() it first to restart it"
+            )
         n.start(timeout)
         self.save_state()
         self.wait_running([n.node], timeout=timeout)
