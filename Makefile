@@ -3,11 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-PYTEST_ARGS ?= -m "not slow and not cluster"
-CLUSTER_DIR ?= .broker/cluster
+PYTEST_ARGS ?=
 BROKER_DIR ?= .broker/dev
+CLUSTER_DIR ?= .broker/cluster
 
-.PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
+.PHONY: venv demo test test-plain test-slow lint docs bench canary broker-start broker-stop check
 .PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
@@ -24,12 +24,26 @@ demo: venv
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The same suite on aiormq's public API for every frame (no demux, no own writer).
+test-plain: venv
+	AIO_WORKQ_FAST_PATH=0 $(PY) -m pytest $(PYTEST_ARGS)
+
 test-slow: venv
 	$(PY) -m pytest -m slow
 
 # Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
 cluster-test: venv
 	$(PY) -m pytest -m cluster
+
+# The suite against the newest aio-pika / aiormq / pamqp releases, in a venv of its own.
+canary:
+	$(PYTHON) -m venv .venv-canary
+	.venv-canary/bin/pip install -q -U pip
+	.venv-canary/bin/pip install -q -e . --group test
+	.venv-canary/bin/pip install -q -U --no-deps aio-pika aiormq pamqp yarl
+	.venv-canary/bin/pip list 2>/dev/null | grep -iE "^(aio-pika|aiormq|pamqp|yarl) "
+	.venv-canary/bin/python -m pytest $(PYTEST_ARGS)
+	AIO_WORKQ_FAST_PATH=0 .venv-canary/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
@@ -54,4 +68,4 @@ cluster-start:
 cluster-stop:
 	$(PYTHON) -m scripts.cluster stop --dir $(CLUSTER_DIR)
 
-check: lint docs test
+check: lint docs test test-plain
