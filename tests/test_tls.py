@@ -10,6 +10,7 @@ import json
 import logging
 import ssl
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -213,3 +214,33 @@ async def test_mutual_tls_without_a_client_certificate_is_a_typed_error(
                 mtls_broker.tls_url, ssl_context=client_context(tls_pki), connect_timeout=5
             ).start()
     assert await asyncio.to_thread(connections, mtls_broker) == []
+
+
+@pytest.mark.slow
+def test_broker_cli_starts_a_mutual_tls_node(tmp_path: Path) -> None:
+    """`python -m scripts.broker start --tls DIR --mtls` prints both URLs; status and stop work."""
+    root = Path(__file__).resolve().parent.parent
+    node_dir = tmp_path / "node"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "scripts.broker", *args, "--dir", str(node_dir)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    started = cli("start", "--tls", str(tmp_path / "pki"), "--mtls")
+    try:
+        assert started.returncode == 0, started.stderr
+        plain, tls = started.stdout.split()
+        assert plain.startswith("amqp://") and tls.startswith("amqps://guest:guest@localhost:")
+        status = cli("status")
+        assert status.returncode == 0 and tls in status.stdout
+        conf = (node_dir / "rabbitmq.conf").read_text()
+        assert "ssl_options.fail_if_no_peer_cert = true" in conf
+    finally:
+        stopped = cli("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert cli("status").returncode == 1
