@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 BROKER_DIR ?= .broker/dev
 CLUSTER_DIR ?= .broker/cluster
 
-.PHONY: venv demo test test-plain test-slow lint docs bench canary broker-start broker-stop check
+.PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
 .PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
@@ -15,7 +15,7 @@ venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e . --group dev
+	$(PIP) install -q -e '.[cli]' --group dev
 	touch $@
 
 demo: venv
@@ -39,11 +39,15 @@ cluster-test: venv
 canary:
 	$(PYTHON) -m venv .venv-canary
 	.venv-canary/bin/pip install -q -U pip
-	.venv-canary/bin/pip install -q -e . --group test
+	.venv-canary/bin/pip install -q -e '.[cli]' --group dev
 	.venv-canary/bin/pip install -q -U --no-deps aio-pika aiormq pamqp yarl
 	.venv-canary/bin/pip list 2>/dev/null | grep -iE "^(aio-pika|aiormq|pamqp|yarl) "
 	.venv-canary/bin/python -m pytest $(PYTEST_ARGS)
 	AIO_WORKQ_FAST_PATH=0 .venv-canary/bin/python -m pytest $(PYTEST_ARGS)
+
+# The `aio-workq` command end to end, the management-API (slow) test included.
+test-cli: venv
+	$(PY) -m pytest -m cli tests/test_cli.py tests/test_cli_offline.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

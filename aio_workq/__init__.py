@@ -13,6 +13,7 @@ from ._exceptions import BrokerConnectionError as BrokerConnectionError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionLostError as ConnectionLostError
 from ._exceptions import Defer as Defer
+from ._exceptions import IntegrationError as IntegrationError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNackedError as PublishNackedError
 from ._exceptions import PublishTimeoutError as PublishTimeoutError
@@ -59,6 +60,7 @@ __all__ = [
     "Exchange",
     "ExchangeType",
     "Handler",
+    "IntegrationError",
     "Job",
     "JobData",
     "Producer",

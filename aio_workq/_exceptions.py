@@ -14,6 +14,7 @@ WorkqError(Exception)
 │   └── ConnectionLostError                      the connection died before the confirm
 ├── TopologyError                                406 PRECONDITION_FAILED or 404 on declare
 ├── SerializationError(WorkqError, TypeError)    the body cannot be encoded
+├── IntegrationError(WorkqError, RuntimeError)   a web/sync integration used the wrong way
 ├── RPCError                                     .remote_type: the remote handler raised
 └── RPCTimeoutError(WorkqError, TimeoutError)    no reply in time
 
@@ -33,6 +34,7 @@ __all__ = (
     "ConfigurationError",
     "ConnectionLostError",
     "Defer",
+    "IntegrationError",
     "PublishError",
     "PublishNackedError",
     "PublishTimeoutError",
@@ -114,6 +116,10 @@ class TopologyError(WorkqError):
 
 class SerializationError(WorkqError, TypeError):
     """The body cannot be encoded; nothing was sent."""
+
+
+class IntegrationError(WorkqError, RuntimeError):
+    """A web integration or sync producer is used the wrong way (e.g. before its app started)."""
 
 
 class RPCError(WorkqError):

@@ -67,8 +67,8 @@ def build_message(
         ConfigurationError: an unknown option, or an option of the wrong kind.
         SerializationError: the body can't be encoded.
     """
-    unknown = options.keys() - _KNOWN
-    if unknown:
+    if options and not _KNOWN.issuperset(options):
+        unknown = options.keys() - _KNOWN
         raise ConfigurationError(
             f"unknown publish option(s) {', '.join(sorted(unknown))}; the options are: "
             f"{', '.join(sorted(_KNOWN))}"

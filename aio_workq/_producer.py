@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
 
 from ._confirms import ConfirmPublisher
-from ._connection import Connection, LinkSource, link_source
+from ._connection import Connection, LinkSource, open_source
 from ._dead_letters import DeadLetters
 from ._exceptions import (
     ConfigurationError,
@@ -144,12 +144,7 @@ class Producer:
         """
         if self._publisher is not None:
             return
-        if self._connection is not None:
-            await self._connection.open()
-            self._source = self._connection
-        else:
-            assert self._shared is not None
-            self._source = link_source(self._shared)
+        self._source = await open_source(self._connection, self._shared)
         publisher = ConfirmPublisher(
             self._source,
             window=Window(self._window, self._window_bytes),
@@ -301,7 +296,7 @@ class Producer:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: dict[str, Any] | None = None,
+        headers: Mapping[str, Any] | None = None,
         timeout: float = 30.0,
     ) -> Any:
         """Send a request and wait for the worker's reply (RPC over direct reply-to).

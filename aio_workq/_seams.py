@@ -21,7 +21,7 @@ against the newest releases):
 3. aiormq takes the time of the last frame it read as the connection's sign of life. Frames the
    demux takes never reach it, so the demux passes it a heartbeat frame (`ALIVE_FRAME`) at most
    once a second while it takes frames; aiormq ignores heartbeats other than noting the time
-   (`tests/test_demux.py::test_a_steady_stream_keeps_the_connection`).
+   (`tests/test_worker.py::test_a_steady_stream_of_deliveries_keeps_the_connection_alive`).
 4. A channel opened with `publisher_confirms=True` on which aio-workq publishes is not published
    on by aiormq, so the broker's delivery tags on it are the ones aio-workq counts; the confirms
    and returns of that channel are taken by the demux and never reach aiormq.

@@ -129,13 +129,18 @@ NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.:-]*$")
 """The characters AMQP 0-9-1 allows in queue and exchange names."""
 
 
+@lru_cache(maxsize=1024)
+def _valid_name(name: str) -> bool:
+    return NAME_PATTERN.match(name) is not None
+
+
 def check_destination(exchange: str, routing_key: str, mandatory: bool) -> None:
     """Raise `SerializationError` if the exchange name or routing key can't be sent.
 
     A bad exchange name would make the broker close the channel, failing every other message
     in flight on it: it is refused here instead.
     """
-    if not isinstance(exchange, str) or not NAME_PATTERN.match(exchange):
+    if exchange and (not isinstance(exchange, str) or not _valid_name(exchange)):
         raise SerializationError(
             f"exchange name {exchange!r} is invalid: use letters, digits, '-', '_', '.', ':'"
         )

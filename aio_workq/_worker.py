@@ -18,7 +18,7 @@ from typing import Any, Literal
 from aio_pika.abc import AbstractRobustConnection
 
 from ._confirms import ConfirmPublisher
-from ._connection import Connection, LinkSource, link_source
+from ._connection import Connection, LinkSource, open_source
 from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError
 from ._execution import Handler, HandlerRunner
@@ -241,12 +241,7 @@ class Worker:
         log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
 
     async def _open(self) -> None:
-        if self._connection is not None:
-            await self._connection.open()
-            self._source = self._connection
-        else:
-            assert self._shared is not None
-            self._source = link_source(self._shared)
+        self._source = await open_source(self._connection, self._shared)
         source = self._source
         queue = self._queue
         self._router = router = Router(source, QueueType(self._queue_type))

@@ -122,6 +122,10 @@ class FakeSource:
     def is_connected(self) -> bool:
         return True
 
+    @property
+    def is_closed(self) -> bool:
+        return False
+
     async def link(self, timeout: float | None = None) -> Link:
         from aio_workq._seams import Wire
 

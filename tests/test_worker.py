@@ -201,7 +201,7 @@ async def test_concurrency_limits_handlers_running_at_once(
     await counter.wait_for(20)
     elapsed = time.monotonic() - started
     assert peak == 5
-    assert 1.9 < elapsed < 4.0
+    assert elapsed > 1.9  # 20 half-second handlers, 5 at a time (load only makes it longer)
 
 
 async def test_passive_queue_that_does_not_exist_is_a_topology_error(
