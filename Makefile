@@ -6,8 +6,10 @@ PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 BROKER_DIR ?= .broker/dev
 CLUSTER_DIR ?= .broker/cluster
+POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
+.PHONY: postgres-start postgres-stop outbox-test bench-outbox
 .PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
@@ -71,5 +73,20 @@ cluster-start:
 
 cluster-stop:
 	$(PYTHON) -m scripts.cluster stop --dir $(CLUSTER_DIR)
+
+# A local PostgreSQL node (state in $(POSTGRES_DIR)); stdlib only. Prints its DSN.
+postgres-start:
+	$(PYTHON) -m scripts.postgres start --dir $(POSTGRES_DIR)
+
+postgres-stop:
+	$(PYTHON) -m scripts.postgres stop --dir $(POSTGRES_DIR)
+
+# Every outbox / idempotent-consumer test, the long crash scenarios too, with their ledgers.
+outbox-test: venv
+	$(PY) -m pytest -m postgres --timeout 600 tests/test_outbox.py tests/test_outbox_ledger.py
+
+# Outbox / idempotent-consumer throughput as ratios (own broker and PostgreSQL; see bench/outbox.py).
+bench-outbox: venv
+	$(PY) -m bench.outbox $(BENCH_ARGS)
 
 check: lint docs test test-plain

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 import aio_workq
 from scripts.broker import BrokerError, LocalBroker, TLSListener, ensure_installed
 from scripts.cluster import LocalCluster
+from scripts.postgres import LocalPostgres, PostgresError
 from scripts.tls import PKI, make_pki
 from tests.helpers import Counter
 
@@ -187,3 +191,37 @@ def cluster(cluster_session: LocalCluster) -> Iterator[LocalCluster]:
         if node.beam_pid() is None:  # killed or stopped
             node.start()
     cluster_session.wait_running(timeout=90)
+
+
+# --- postgres ---
+# Tests get a PostgreSQL DSN from `postgres_dsn`: AIO_WORKQ_POSTGRES_DSN if set, else a node of our
+# own (scripts/postgres.py) in a fresh directory under /tmp (the server runs as the `postgres`
+# user, who cannot enter pytest's root-only tmp dirs), stopped and removed after the session.
+
+POSTGRES_DSN_ENV = "AIO_WORKQ_POSTGRES_DSN"
+
+
+@pytest.fixture(scope="session")
+def postgres_node() -> Iterator[LocalPostgres | None]:
+    if os.environ.get(POSTGRES_DSN_ENV):
+        yield None
+        return
+    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-pg-")))
+    try:
+        node.start()
+    except PostgresError as e:
+        pytest.fail(
+            f"no PostgreSQL for the tests: {e}\n"
+            "Install it (`sudo apt-get install postgresql`) or point the tests at a running "
+            "server: "
+            f"{POSTGRES_DSN_ENV}=postgresql://postgres@localhost:5432/postgres",
+            pytrace=False,
+        )
+    yield node
+    node.close()
+    shutil.rmtree(node.base_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_node: LocalPostgres | None) -> str:
+    return os.environ.get(POSTGRES_DSN_ENV) or (postgres_node.dsn if postgres_node else "")
