@@ -55,7 +55,7 @@ from scripts.broker import (
     free_port,
 )
 
-__all__ = ("ClusterError", "ClusterNode", "LocalCluster", "main")
+__all__ = ("ClusterError", "ClusterNode", "LocalCluster", "ensure_iptables", "main")
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,21 @@ _GID_BASE = 200_000  # node i of the cluster whose epmd listens on port P runs a
 
 class ClusterError(BrokerError):
     """The local cluster could not be started, changed or queried."""
+
+
+def ensure_iptables() -> None:
+    """Install Debian's iptables if it is missing and we are root (partitions need it).
+
+    Without root, or if apt-get fails, the cluster still starts; only `partition` will fail.
+    """
+    if shutil.which("iptables") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    log.warning("iptables is missing: installing it with apt-get (for partitions)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "iptables"]):
+        if subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=2).returncode != 0:
+            log.warning("`%s` failed: partitions will not be available", " ".join(cmd))
+            return
 
 
 @dataclass
@@ -579,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "start":
             ensure_installed()
+            ensure_iptables()
             try:
                 cluster = LocalCluster.from_dir(args.dir)
             except ClusterError:

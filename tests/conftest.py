@@ -13,7 +13,7 @@ import pytest
 
 import aio_workq
 from scripts.broker import BrokerError, LocalBroker, TLSListener, ensure_installed
-from scripts.cluster import LocalCluster
+from scripts.cluster import LocalCluster, ensure_iptables
 from scripts.postgres import LocalPostgres, PostgresError
 from scripts.tls import PKI, make_pki
 from tests.helpers import Counter
@@ -174,6 +174,7 @@ def cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalC
     nodes = LocalCluster(tmp_path_factory.mktemp("cluster"), size=3, prefix="wqtest")
     try:
         ensure_installed()
+        ensure_iptables()
         nodes.start()
     except BrokerError as e:
         nodes.close()
