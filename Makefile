@@ -5,10 +5,12 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 BROKER_DIR ?= .broker/dev
+CLUSTER_DIR ?= .broker/cluster
 POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox
+.PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
 
@@ -30,6 +32,10 @@ test-plain: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow
+
+# Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
+cluster-test: venv
+	$(PY) -m pytest -m cluster
 
 # The suite against the newest aio-pika / aiormq / pamqp releases, in a venv of its own.
 canary:
@@ -60,6 +66,13 @@ broker-start:
 
 broker-stop:
 	$(PYTHON) -m scripts.broker stop --dir $(BROKER_DIR)
+
+# A local 3-node cluster that keeps running; prints the host list (see scripts/cluster.py).
+cluster-start:
+	$(PYTHON) -m scripts.cluster start --dir $(CLUSTER_DIR)
+
+cluster-stop:
+	$(PYTHON) -m scripts.cluster stop --dir $(CLUSTER_DIR)
 
 # A local PostgreSQL node (state in $(POSTGRES_DIR)); stdlib only. Prints its DSN.
 postgres-start:
