@@ -27,8 +27,13 @@ from ._exceptions import TopologyError as TopologyError
 from ._exceptions import UnroutableError as UnroutableError
 from ._exceptions import WorkqError as WorkqError
 from ._execution import Handler as Handler
+from ._hooks import HandleInfo as HandleInfo
+from ._hooks import Hook as Hook
+from ._hooks import Outcome as Outcome
+from ._hooks import PublishInfo as PublishInfo
 from ._job import Job as Job
 from ._job import JobData as JobData
+from ._logs import MessageFields as MessageFields
 from ._message import PublishOptions as PublishOptions
 from ._producer import Producer as Producer
 from ._retry import RetryPolicy as RetryPolicy
@@ -59,12 +64,17 @@ __all__ = [
     "Defer",
     "Exchange",
     "ExchangeType",
+    "HandleInfo",
     "Handler",
+    "Hook",
     "IntegrationError",
     "Job",
     "JobData",
+    "MessageFields",
+    "Outcome",
     "Producer",
     "PublishError",
+    "PublishInfo",
     "PublishNackedError",
     "PublishOptions",
     "PublishTimeoutError",

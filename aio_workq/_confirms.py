@@ -81,6 +81,11 @@ class ConfirmPublisher:
         return self._window.count
 
     @property
+    def window_size(self) -> int:
+        """The most messages in flight."""
+        return self._window.size
+
+    @property
     def channel(self) -> aiormq.abc.AbstractChannel | None:
         return self._channel.channel
 

@@ -20,7 +20,7 @@ import os
 import random
 import re
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +38,7 @@ from ._exceptions import (
     TLSError,
     TopologyError,
 )
+from ._hooks import Hook, Hooks
 from ._seams import Wire, WireFactory
 from ._settings import URLs, redact_url, resolve_urls
 
@@ -139,6 +140,7 @@ class Connection:
         backoff: delays between rounds of failed reconnect attempts.
         fast_path: take deliveries, confirms and acks off the socket (default, unless
             `AIO_WORKQ_FAST_PATH=0`); False uses aiormq's public API for everything.
+        hooks: `Hook`s told when the connection is lost and when it is back.
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class Connection:
         connect_timeout: float = 10.0,
         backoff: Backoff = Backoff(),
         fast_path: bool | None = None,
+        hooks: Iterable[Hook] | Hooks | None = None,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(
@@ -171,6 +174,7 @@ class Connection:
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._hooks = Hooks.of(hooks)
         self.reconnects = 0
         """Connections re-established after a loss since `open()`."""
 
@@ -342,11 +346,15 @@ class Connection:
                 redact_url(self._url or ""),
                 _closing_reason(current.connection.closing),
             )
+            if self._hooks is not None:
+                self._hooks.connection_lost(redact_url(self._url or ""))
             failed_rounds = 0
             while not self._closed:
                 if await self._reconnect_round():
                     self.reconnects += 1
                     log.info("reconnected to %s", redact_url(self._url or ""))
+                    if self._hooks is not None:
+                        self._hooks.reconnected(redact_url(self._url or ""))
                     break
                 failed_rounds += 1
                 await asyncio.sleep(self._backoff.delay(failed_rounds))

@@ -21,7 +21,9 @@ from ._demux import Delivery
 from ._exceptions import WorkqError
 from ._execution import HandlerRunner
 from ._failures import Failed, Move, MoveKind, route_failure
+from ._hooks import Hooks, Outcome, Settled
 from ._job import Forwarder, Job
+from ._logs import handling
 from ._mover import Mover
 from ._retry import RetryPolicy
 from ._rpc import send_reply
@@ -60,8 +62,11 @@ class Dispatcher:
         forwarder: Forwarder,
         concurrency: int,
         prefetch: int,
+        hooks: Hooks | None = None,
     ) -> None:
         self._runner = runner
+        self._hooks = hooks
+        self._run = runner.run if hooks is None else hooks.timed(runner.run)
         self._policy = policy
         self._queue = queue
         self._publisher = publisher
@@ -83,8 +88,12 @@ class Dispatcher:
         task.add_done_callback(self.tasks.discard)
 
     async def _process(self, job: Job, acker: Acker, tag: int) -> None:
+        handling(self.queue_name, job)  # log lines in this task name the message
         try:
-            await self._handle(job, acker, tag)
+            if self._hooks is None:
+                await self._handle(job, acker, tag)
+            else:
+                await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag))
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -95,7 +104,7 @@ class Dispatcher:
                 extra=_fields(self.queue_name, job), exc_info=exc,
             )  # fmt: skip
 
-    async def _handle(self, job: Job, acker: Acker, tag: int) -> None:
+    async def _handle(self, job: Job, acker: Acker, tag: int) -> Settled:
         slots = self._slots
         if slots is not None:
             await slots.acquire()
@@ -104,10 +113,10 @@ class Dispatcher:
                 if not self._queue.single_active_consumer:
                     acker.nack(tag, requeue=True)
                 # else: left unacked; closing the channel returns it in order (see Worker.stop)
-                return
+                return Outcome.REQUEUED, None
             failure: BaseException | None = None
             try:
-                result = await self._runner.run(job)
+                result = await self._run(job)
             except asyncio.CancelledError as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -128,17 +137,17 @@ class Dispatcher:
                 await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)
             acker.ack(tag)
             self.counters.processed += 1
-        else:
-            await self._on_failure(job, acker, tag, failure)
+            return Outcome.OK, None
+        return await self._on_failure(job, acker, tag, failure)
 
-    async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> None:
+    async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
         self.counters.failed += 1
         if job.reply_to:
             # An RPC caller gets the error; retrying would answer a caller that gave up.
             self._log_attempt(job, exc, "the caller gets the error")
             await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
             acker.ack(tag)
-            return
+            return Outcome.FAILED, exc
         failed = Failed(job.attempt, job.headers, self.queue_name)
         move = route_failure(failed, exc, self._policy, self._queue, now=datetime.now(UTC))
         if move.kind is MoveKind.DROP:
@@ -148,7 +157,7 @@ class Dispatcher:
                 extra=_fields(self.queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=False)
-            return
+            return Outcome.REJECTED, exc
         self._log_attempt(job, exc, _plan(move))
         try:
             await self._mover.move(job, move)
@@ -158,14 +167,16 @@ class Dispatcher:
                 job.message_id, move.target, error, extra=_fields(self.queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=True)
-            return
+            return Outcome.REQUEUED, exc
         acker.ack(tag)
         if move.kind is MoveKind.DEAD_LETTER:
             self.counters.dead_lettered += 1
-        elif move.kind is MoveKind.DEFER:
+            return Outcome.DEAD_LETTERED, exc
+        if move.kind is MoveKind.DEFER:
             self.counters.deferred += 1
-        else:
-            self.counters.retried += 1
+            return Outcome.DEFERRED, exc
+        self.counters.retried += 1
+        return Outcome.RETRY, exc
 
     def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""

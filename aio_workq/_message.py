@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._exceptions import ConfigurationError, PublishTimeoutError, SerializationError
+from ._hooks import Hooks, PublishInfo
 from ._serialization import encode_body
 from ._wire import Properties
 
@@ -114,12 +115,19 @@ class Sender:
     """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
     `Forwarder` of a worker's jobs."""
 
-    __slots__ = ("_publisher", "_router", "_timeout")
+    __slots__ = ("_hooks", "_publisher", "_router", "_timeout")
 
-    def __init__(self, publisher: ConfirmPublisher, router: Router, timeout: float) -> None:
+    def __init__(
+        self,
+        publisher: ConfirmPublisher,
+        router: Router,
+        timeout: float,
+        hooks: Hooks | None = None,
+    ) -> None:
         self._publisher = publisher
         self._router = router
         self._timeout = timeout
+        self._hooks = hooks
 
     async def forward(
         self,
@@ -156,6 +164,36 @@ class Sender:
                 ) from None
             timeout = max(0.001, deadline - loop.time())
         target_exchange, key = destination
+        if self._hooks is not None:
+            return await self._hooked(target_exchange, key, data, props, mandatory, timeout)
         return await self._publisher.send(
             target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
         )
+
+    async def _hooked(
+        self,
+        exchange: str,
+        routing_key: str,
+        data: bytes,
+        props: Properties,
+        mandatory: bool,
+        timeout: float,
+    ) -> asyncio.Future[str]:
+        """`send` through the hooks: they see the message and may add headers."""
+        assert self._hooks is not None
+        info = PublishInfo(
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=props.message_id,
+            headers=dict(props.headers or {}),
+            body_size=len(data),
+            window=self._publisher.window_size,
+        )
+
+        def send(headers: dict[str, Any]) -> Awaitable[asyncio.Future[str]]:
+            props.headers = headers or None
+            return self._publisher.send(
+                exchange, routing_key, data, props, mandatory=mandatory, timeout=timeout
+            )
+
+        return await self._hooks.publish(send, info)

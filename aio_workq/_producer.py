@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
@@ -19,6 +19,7 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
+from ._hooks import Hook, Hooks
 from ._message import PublishOptions, Sender
 from ._rpc import REPLY_TO, RPCClient
 from ._settings import URLs, redact_url, resolve_url
@@ -58,6 +59,8 @@ class Producer:
         connect_timeout: seconds for each connection attempt; `start()` tries each URL once.
         name: connection name shown in the management UI.
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
+        hooks: `Hook`s that observe each publish and confirm (metrics, tracing) and the
+            reconnects of the producer's own connection.
     """
 
     def __init__(
@@ -73,9 +76,11 @@ class Producer:
         connect_timeout: float = 10.0,
         name: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
+        self._hooks = Hooks.of(hooks)
         Window(window, window_bytes)  # validates both
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
@@ -94,7 +99,11 @@ class Producer:
         self._connection: Connection | None = None
         if connection is None:
             self._connection = Connection(
-                self._url, ssl_context=ssl_context, name=name, connect_timeout=connect_timeout
+                self._url,
+                ssl_context=ssl_context,
+                name=name,
+                connect_timeout=connect_timeout,
+                hooks=self._hooks,
             )
         self._window = window
         self._window_bytes = window_bytes
@@ -160,7 +169,7 @@ class Producer:
                 await self._connection.close()
             raise
         self._router = Router(self._source, self._queue_type)
-        self._sender = Sender(publisher, self._router, self._timeout)
+        self._sender = Sender(publisher, self._router, self._timeout, self._hooks)
         self._publisher = publisher
 
     async def close(self, timeout: float = 10.0) -> None:

@@ -22,6 +22,7 @@ from ._connection import Connection, LinkSource, open_source
 from ._dispatch import Dispatcher
 from ._exceptions import ConfigurationError
 from ._execution import Handler, HandlerRunner
+from ._hooks import Hook, Hooks
 from ._message import Sender
 from ._mover import Mover
 from ._retry import RetryPolicy
@@ -88,6 +89,8 @@ class Worker:
         name: connection name shown in the management UI.
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
         connect_timeout: seconds for each connection attempt (`start()` tries each URL once).
+        hooks: `Hook`s that observe and wrap each delivery's handling (metrics, tracing, log
+            context), what the handlers forward, and the worker's own reconnects.
     """
 
     def __init__(
@@ -110,9 +113,11 @@ class Worker:
         name: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
+        self._hooks = Hooks.of(hooks)
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout)
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
@@ -137,6 +142,7 @@ class Worker:
                 ssl_context=ssl_context,
                 name=name or f"aio-workq worker {name_part}",
                 connect_timeout=connect_timeout,
+                hooks=self._hooks,
             )
         self._connect_timeout = connect_timeout
         self._concurrency = concurrency
@@ -260,9 +266,10 @@ class Worker:
             queue=queue,
             publisher=publisher,
             mover=mover,
-            forwarder=Sender(publisher, router, 30.0),
+            forwarder=Sender(publisher, router, 30.0, self._hooks),
             concurrency=self._concurrency,
             prefetch=self._prefetch,
+            hooks=self._hooks,
         )
         retries = self._retry is not None and not queue.server_named
         delays = self._retry.levels_ms() if self._retry is not None and retries else ()

@@ -1,0 +1,289 @@
+"""Hooks: observe and wrap publishing, handling and reconnecting (metrics, tracing, your own).
+
+A `Hook` subclass overrides the methods it needs; the rest are no-ops. Producers, workers and
+connections take `hooks=[...]`. With none installed nothing is called and nothing is allocated
+per message: the call sites test `hooks is None` once.
+
+A hook never breaks a message: an exception from a hook method is logged (with the message's
+queue, id and attempt) and the message goes on as if the hook were not there. Every delivery is
+still settled exactly once.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import ConfigurationError
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._job import Job
+
+__all__ = ("HandleInfo", "Hook", "Hooks", "Outcome", "PublishInfo", "Settled")
+
+log = logging.getLogger("aio_workq")
+
+
+class Outcome(enum.StrEnum):
+    """How the worker settled a delivery."""
+
+    OK = "ok"
+    """The handler returned: acked (an RPC request was answered)."""
+    RETRY = "retry"
+    """The handler failed: moved to a delay queue as the next attempt."""
+    DEFERRED = "deferred"
+    """The handler raised `Defer`: moved to a delay queue, same attempt."""
+    DEAD_LETTERED = "dead-lettered"
+    """Moved to the dead-letter queue (`Reject`, the last attempt, or a `throws` exception)."""
+    REJECTED = "rejected"
+    """Dropped: it had to be dead-lettered but the queue has none (logged as an error)."""
+    FAILED = "failed"
+    """The handler of an RPC request failed: the caller got the error, the request was acked."""
+    REQUEUED = "requeued"
+    """Back to its queue: the worker stopped, or a failed message could not be moved."""
+
+
+Settled = tuple[Outcome, BaseException | None]
+"""What the dispatcher reports for one delivery: the outcome, and the handler's error."""
+
+
+class PublishInfo:
+    """One message being published, as hooks see it.
+
+    `headers` may be changed in `before_publish` (a tracing hook adds its context there): the
+    message is sent with them. After the confirm, `error` is `None` (confirmed) or the
+    `PublishError` the publish failed with, and `seconds` the time from the send to then.
+    """
+
+    __slots__ = ("body_size", "error", "exchange", "headers", "message_id", "routing_key",
+                 "seconds", "started", "window")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        exchange: str,
+        routing_key: str,
+        message_id: str,
+        headers: dict[str, Any],
+        body_size: int,
+        window: int,
+    ) -> None:
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.message_id = message_id
+        self.headers = headers
+        self.body_size = body_size
+        self.window = window
+        """The publisher's window (most unconfirmed messages)."""
+        self.started = time.perf_counter()
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    @property
+    def destination(self) -> str:
+        """The queue name for the default exchange, else the exchange name (a bounded label)."""
+        return self.exchange or self.routing_key
+
+
+@dataclass(frozen=True, slots=True)
+class HandleInfo:
+    """One delivery the worker has settled."""
+
+    job: Job
+    queue: str
+    outcome: Outcome
+    error: BaseException | None
+    """What the handler raised (or the failed confirm of something it forwarded)."""
+    seconds: float | None
+    """How long the handler ran (`None` if it did not run: the worker was stopping)."""
+
+
+class Hook:
+    """Observes and wraps publishes, deliveries and reconnects; override what you need.
+
+    ```python
+    class SlowJobs(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            if info.seconds and info.seconds > 5:
+                log.warning("%s took %.1f s", info.job.message_id, info.seconds)
+
+    Worker(queue="images", handler=resize, hooks=[SlowJobs()])
+    ```
+
+    Methods run on the event loop, in the task that publishes or handles: keep them quick. An
+    exception from one is logged and ignored.
+    """
+
+    def before_publish(self, message: PublishInfo) -> Any:
+        """A message is about to be sent; may change `message.headers`.
+
+        Returns a value handed back to `after_publish` (e.g. a span).
+        """
+        return None
+
+    def after_publish(self, message: PublishInfo, state: Any) -> None:
+        """The message was confirmed (`message.error is None`) or failed."""
+
+    def handling(self, job: Job, queue: str) -> AbstractContextManager[Any] | None:
+        """A context manager entered before the handler runs and exited once the delivery
+        is settled (after `after_handle`): e.g. a tracing span, current while the handler runs.
+        """
+        return None
+
+    def after_handle(self, info: HandleInfo) -> None:
+        """A delivery was settled: its outcome, the handler's error and duration."""
+
+    def on_connection_lost(self, url: str) -> None:
+        """The connection to `url` (password hidden) was lost; reconnecting."""
+
+    def on_reconnect(self, url: str) -> None:
+        """Connected again, to `url` (password hidden)."""
+
+
+class Hooks:
+    """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
+
+    __slots__ = ("_durations", "hooks")
+
+    def __init__(self, hooks: tuple[Hook, ...]) -> None:
+        self.hooks = hooks
+        self._durations: dict[Job, float] = {}
+
+    @classmethod
+    def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
+        """`None` when there are no hooks (the call sites then skip them altogether).
+
+        Raises:
+            ConfigurationError: an item is not a `Hook`.
+        """
+        if hooks is None or isinstance(hooks, Hooks):
+            return hooks
+        if isinstance(hooks, Hook):
+            raise ConfigurationError("hooks must be a list of Hook objects: hooks=[hook]")
+        items = tuple(hooks)
+        for hook in items:
+            if not isinstance(hook, Hook):
+                raise ConfigurationError(
+                    f"hooks must be Hook instances (subclass aio_workq.Hook), got {hook!r}"
+                )
+        return cls(items) if items else None
+
+    def _failed(self, hook: Hook, what: str, exc: Exception, extra: dict[str, Any]) -> None:
+        log.error("hook %r failed in %s: %r", hook, what, exc, exc_info=exc, extra=extra)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        send: Callable[[dict[str, Any]], Awaitable[asyncio.Future[str]]],
+        message: PublishInfo,
+    ) -> asyncio.Future[str]:
+        """Run `before_publish`, `send(headers)`, then `after_publish` once it settles."""
+        states = []
+        for hook in self.hooks:
+            try:
+                states.append(hook.before_publish(message))
+            except Exception as exc:
+                states.append(None)
+                self._failed(hook, "before_publish", exc, {"message_id": message.message_id})
+        try:
+            confirm = await send(message.headers)
+        except BaseException as exc:
+            self._published(message, states, exc)
+            raise
+        if confirm.done():
+            self._confirmed(message, states, confirm)
+        else:
+            confirm.add_done_callback(lambda future: self._confirmed(message, states, future))
+        return confirm
+
+    def _confirmed(
+        self, message: PublishInfo, states: list[Any], confirm: asyncio.Future[str]
+    ) -> None:
+        error = confirm.exception() if not confirm.cancelled() else None
+        self._published(message, states, error)
+
+    def _published(
+        self, message: PublishInfo, states: list[Any], error: BaseException | None
+    ) -> None:
+        message.seconds = time.perf_counter() - message.started
+        message.error = error
+        for hook, state in zip(self.hooks, states, strict=True):
+            try:
+                hook.after_publish(message, state)
+            except Exception as exc:
+                self._failed(hook, "after_publish", exc, {"message_id": message.message_id})
+
+    # -- handling ----------------------------------------------------------------------------
+
+    def timed(self, run: Callable[[Job], Awaitable[Any]]) -> Callable[[Job], Awaitable[Any]]:
+        """`run` (the handler runner), noting how long each call takes for `after_handle`."""
+        durations = self._durations
+
+        async def timed_run(job: Job) -> Any:
+            started = time.perf_counter()
+            try:
+                return await run(job)
+            finally:
+                durations[job] = time.perf_counter() - started
+
+        return timed_run
+
+    async def handle(self, job: Job, queue: str, settle: Awaitable[Settled]) -> None:
+        """Await `settle` (run the handler, settle the delivery) within the hooks' context
+        managers, then report the outcome. Only what `settle` raises propagates."""
+        fields = {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}
+        entered: list[tuple[Hook, AbstractContextManager[Any]]] = []
+        for hook in self.hooks:
+            try:
+                manager = hook.handling(job, queue)
+                if manager is not None:
+                    manager.__enter__()
+                    entered.append((hook, manager))
+            except Exception as exc:
+                self._failed(hook, "handling", exc, fields)
+        outcome, error = Outcome.REQUEUED, None
+        raised: BaseException | None = None
+        try:
+            outcome, error = await settle
+        except BaseException as exc:
+            raised = exc
+            raise
+        finally:
+            info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None))
+            for hook in self.hooks:
+                try:
+                    hook.after_handle(info)
+                except Exception as exc:
+                    self._failed(hook, "after_handle", exc, fields)
+            for hook, manager in reversed(entered):
+                try:
+                    if raised is None:
+                        manager.__exit__(None, None, None)
+                    else:
+                        manager.__exit__(type(raised), raised, raised.__traceback__)
+                except Exception as exc:
+                    self._failed(hook, "handling (exit)", exc, fields)
+
+    # -- connections -------------------------------------------------------------------------
+
+    def connection_lost(self, url: str) -> None:
+        for hook in self.hooks:
+            try:
+                hook.on_connection_lost(url)
+            except Exception as exc:
+                self._failed(hook, "on_connection_lost", exc, {})
+
+    def reconnected(self, url: str) -> None:
+        for hook in self.hooks:
+            try:
+                hook.on_reconnect(url)
+            except Exception as exc:
+                self._failed(hook, "on_reconnect", exc, {})

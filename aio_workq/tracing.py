@@ -1,0 +1,143 @@
+"""OpenTelemetry tracing: a producer span per publish, a consumer span per handled message.
+
+Needs the `otel` extra: `pip install 'aio-workq[otel]'` (the API only; your application sets
+up the SDK and an exporter).
+
+```python
+from aio_workq.tracing import TracingHook
+
+hooks = [TracingHook()]
+producer = Producer(hooks=hooks)
+worker = Worker(queue="images", handler=resize, hooks=hooks)
+```
+
+The trace context (W3C `traceparent`, by default) travels in the message headers. The
+failure headers of a retry or a dead letter copy the original headers, and a replay keeps
+them, so a retried, dead-lettered or replayed message is traced under the same producer span;
+a message a handler forwards (`job.forward()`) is a child of that handler's span: one trace
+shows the request, its job, and the jobs chained after it.
+
+Spans follow the OpenTelemetry messaging semantic conventions for RabbitMQ: `publish
+{destination}` (kind PRODUCER, operation type `send`) and `process {queue}` (kind CONSUMER,
+operation type `process`), with `messaging.system=rabbitmq`, `messaging.destination.name`
+(the exchange, `""` for the default one), `messaging.rabbitmq.destination.routing_key`,
+`messaging.message.id`, and on the consumer side the queue
+(`messaging.destination.subscription.name`), the delivery tag, `aio_workq.attempt` and
+`aio_workq.outcome`; a failed handler sets `error.type` and records the exception.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import ConfigurationError
+from ._failures import qualname
+from ._hooks import HandleInfo, Hook, Outcome, PublishInfo
+from ._version import __version__
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ConfigurationError(
+        "aio_workq.tracing needs opentelemetry-api: pip install 'aio-workq[otel]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from ._job import Job
+
+__all__ = ("TracingHook",)
+
+_FAILED = frozenset({Outcome.RETRY, Outcome.DEAD_LETTERED, Outcome.REJECTED, Outcome.FAILED})
+
+
+class TracingHook(Hook):
+    """Traces publishes and handled messages, carrying the context in message headers.
+
+    Args:
+        tracer_provider: where spans go (default: the global one, set by the SDK).
+        propagator: how the context is written to and read from headers (default: the
+            global propagator, W3C trace context and baggage).
+    """
+
+    def __init__(
+        self,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        propagator: TextMapPropagator | None = None,
+    ) -> None:
+        self._tracer = trace.get_tracer("aio_workq", __version__, tracer_provider=tracer_provider)
+        self._propagator = propagator
+
+    def _inject(self, headers: dict[str, Any], span: trace.Span) -> None:
+        context = trace.set_span_in_context(span)
+        if self._propagator is None:
+            propagate.inject(headers, context=context)
+        else:
+            self._propagator.inject(headers, context=context)
+
+    def before_publish(self, message: PublishInfo) -> Any:
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": message.exchange,
+            "messaging.message.id": message.message_id,
+            "messaging.message.body.size": message.body_size,
+        }
+        if message.routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = message.routing_key
+        span = self._tracer.start_span(
+            f"publish {message.destination}", kind=SpanKind.PRODUCER, attributes=attributes
+        )
+        self._inject(message.headers, span)
+        return span
+
+    def after_publish(self, message: PublishInfo, state: Any) -> None:
+        span: trace.Span = state
+        error = message.error
+        if error is not None:
+            span.set_attribute("error.type", qualname(error))
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
+
+    def handling(self, job: Job, queue: str) -> AbstractContextManager[Any]:
+        headers = job.headers
+        if self._propagator is None:
+            parent = propagate.extract(headers)
+        else:
+            parent = self._propagator.extract(headers)
+        attributes: dict[str, Any] = {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": job.exchange,
+            "messaging.destination.subscription.name": queue,
+            "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
+            "aio_workq.attempt": job.attempt,
+        }
+        if job.message_id:
+            attributes["messaging.message.id"] = job.message_id
+        if job.routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = job.routing_key
+        if job.correlation_id:
+            attributes["messaging.message.conversation_id"] = job.correlation_id
+        return self._tracer.start_as_current_span(
+            f"process {queue}",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+        )
+
+    def after_handle(self, info: HandleInfo) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("aio_workq.outcome", info.outcome.value)
+        error = info.error
+        if error is not None:
+            span.record_exception(error)
+            if info.outcome in _FAILED:
+                span.set_attribute("error.type", qualname(error))
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
