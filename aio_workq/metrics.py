@@ -35,6 +35,7 @@ try:
         Counter,
         Gauge,
         Histogram,
+        exposition,
         generate_latest,
         multiprocess,
         start_http_server,
@@ -51,8 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ("CONTENT_TYPE", "MetricsServer", "PrometheusHook", "render", "serve")
 
-CONTENT_TYPE: str = CONTENT_TYPE_LATEST
-"""The `Content-Type` of what `render()` returns."""
+CONTENT_TYPE: str = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", CONTENT_TYPE_LATEST)
+"""The `Content-Type` of what `render()` returns (Prometheus text format 0.0.4)."""
 
 # Seconds: from sub-millisecond handlers and confirms up to minutes-long jobs.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

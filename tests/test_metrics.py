@@ -1,0 +1,113 @@
+"""Prometheus metrics (issue 14, part 3): /metrics scraped over HTTP after known traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from aio_workq import HandleInfo, Hook, Job, Producer, Reject, Retry, UnroutableError, Worker
+from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render, serve
+from tests.helpers import Counter
+
+pytestmark = pytest.mark.broker
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _samples(text: str) -> Samples:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _scrape(port: int) -> tuple[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return response.read().decode(), response.headers["Content-Type"]
+
+
+async def test_metrics_after_known_traffic(
+    amqp_url: str, make_worker: Callable[..., Worker], queue_name: str
+) -> None:
+    registry = CollectorRegistry()
+    hooks = [PrometheusHook(registry=registry)]
+    server = serve(0, registry=registry)
+    settled = Counter()
+    release = asyncio.Event()
+    started = Counter()
+
+    async def handle(job: Job) -> None:
+        kind = job.data
+        if kind == "slow":
+            started.add(job.message_id)
+            await release.wait()
+        if kind == "retry" and job.attempt == 1:
+            raise Retry(delay=0)
+        if kind == "reject":
+            raise Reject("bad")
+
+    class Settled(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            settled.add(info)
+
+    try:
+        async with Producer(amqp_url, hooks=hooks, window=500) as producer:
+            await producer.declare(queue_name)
+            await producer.publish_many(["ok"] * 5 + ["retry", "reject", "slow"], queue=queue_name)
+            with pytest.raises(UnroutableError):
+                await producer.publish("lost", exchange="amq.direct", routing_key=queue_name)
+            worker = make_worker(
+                queue=queue_name, handler=handle, hooks=[*hooks, Settled()],
+                concurrency=4,
+            )  # fmt: skip
+            await worker.start()
+            await started.wait_for(1)
+            await settled.wait_for(8)  # all but the slow one (the retry is handled twice)
+            text, content_type = await asyncio.to_thread(_scrape, server.port)
+            during = _samples(text)
+            release.set()
+            await settled.wait_for(9)
+            after = _samples((await asyncio.to_thread(_scrape, server.port))[0])
+    finally:
+        server.close()
+
+    assert content_type == CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+    q = (("queue", queue_name),)
+    d = (("destination", queue_name),)
+    assert during["aio_workq_handlers_in_flight", q] == 1  # the slow one
+    assert after["aio_workq_handlers_in_flight", q] == 0
+    assert after["aio_workq_published_total", d] == 8
+    assert after["aio_workq_confirmed_total", d] == 8
+    assert after["aio_workq_returned_total", (("destination", "amq.direct"),)] == 1
+    assert after["aio_workq_published_total", (("destination", "amq.direct"),)] == 1
+    assert after["aio_workq_confirm_latency_seconds_count", d] == 8
+    assert after["aio_workq_publish_in_flight", ()] == 0
+    assert after["aio_workq_publish_window", ()] == 500
+
+    def handled(outcome: str) -> float:
+        return after["aio_workq_handled_total", (("outcome", outcome), ("queue", queue_name))]
+
+    assert handled("ok") == 7  # 5 ok, the retry's second attempt, the slow one
+    assert handled("retry") == 1
+    assert handled("dead-lettered") == 1
+    assert after["aio_workq_handler_duration_seconds_count", q] == 9
+    # The worker's own moves (retry, dead letter) are not publishes of the application.
+    published_to = {dict(labels)["destination"] for name, labels in after
+                    if name == "aio_workq_published_total"}  # fmt: skip
+    assert published_to == {queue_name, "amq.direct"}
+
+
+def test_render_gives_the_text_format_of_a_registry() -> None:
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry=registry)
+    again = PrometheusHook(registry=registry)  # shares the metrics: no duplicate error
+    hook.on_reconnect("amqp://guest:***@localhost/")
+    again.on_reconnect("amqp://guest:***@localhost/")
+    samples = _samples(render(registry).decode())
+    assert samples["aio_workq_reconnects_total", ()] == 2
