@@ -60,6 +60,11 @@ docs: venv
 bench: venv
 	$(PIP) install -q -e . --group bench && $(PY) -m bench
 
+# Consume with the metrics and tracing hooks on vs off (BENCH_ARGS=--quick for a short run).
+.PHONY: bench-observability
+bench-observability: venv
+	$(PIP) install -q -e . --group observability && $(PY) -m bench.observability $(BENCH_ARGS)
+
 # A local RabbitMQ node that keeps running (state in $(BROKER_DIR)); stdlib only, no venv needed.
 broker-start:
 	$(PYTHON) -m scripts.broker start --dir $(BROKER_DIR)

@@ -239,7 +239,6 @@ class Hooks:
     async def handle(self, job: Job, queue: str, settle: Awaitable[Settled]) -> None:
         """Await `settle` (run the handler, settle the delivery) within the hooks' context
         managers, then report the outcome. Only what `settle` raises propagates."""
-        fields = {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}
         entered: list[tuple[Hook, AbstractContextManager[Any]]] = []
         for hook in self.hooks:
             try:
@@ -248,7 +247,7 @@ class Hooks:
                     manager.__enter__()
                     entered.append((hook, manager))
             except Exception as exc:
-                self._failed(hook, "handling", exc, fields)
+                self._failed(hook, "handling", exc, _fields(queue, job))
         outcome, error = Outcome.REQUEUED, None
         raised: BaseException | None = None
         try:
@@ -262,7 +261,7 @@ class Hooks:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
-                    self._failed(hook, "after_handle", exc, fields)
+                    self._failed(hook, "after_handle", exc, _fields(queue, job))
             for hook, manager in reversed(entered):
                 try:
                     if raised is None:
@@ -270,7 +269,7 @@ class Hooks:
                     else:
                         manager.__exit__(type(raised), raised, raised.__traceback__)
                 except Exception as exc:
-                    self._failed(hook, "handling (exit)", exc, fields)
+                    self._failed(hook, "handling (exit)", exc, _fields(queue, job))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -287,3 +286,7 @@ class Hooks:
                 hook.on_reconnect(url)
             except Exception as exc:
                 self._failed(hook, "on_reconnect", exc, {})
+
+
+def _fields(queue: str, job: Job) -> dict[str, Any]:
+    return {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}

@@ -86,7 +86,6 @@ class TracingHook(Hook):
             "messaging.operation.name": "publish",
             "messaging.destination.name": message.exchange,
             "messaging.message.id": message.message_id,
-            "messaging.message.body.size": message.body_size,
         }
         if message.routing_key:
             attributes["messaging.rabbitmq.destination.routing_key"] = message.routing_key
