@@ -193,6 +193,20 @@ class Worker:
             deferred=counters.deferred if counters else 0,
         )
 
+    def add_hooks(self, *hooks: Hook) -> None:
+        """Add hooks before `start()`: e.g. a command line that serves metrics adds a
+        `PrometheusHook` to the workers it was given.
+
+        Raises:
+            ConfigurationError: the worker has started, or an item is not a `Hook`.
+        """
+        if self._started:
+            raise ConfigurationError("add hooks before the worker starts")
+        current = self._hooks.hooks if self._hooks is not None else ()
+        self._hooks = Hooks.of([*current, *hooks])
+        if self._connection is not None:
+            self._connection._hooks = self._hooks
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Worker:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -111,3 +115,27 @@ def test_render_gives_the_text_format_of_a_registry() -> None:
     again.on_reconnect("amqp://guest:***@localhost/")
     samples = _samples(render(registry).decode())
     assert samples["aio_workq_reconnects_total", ()] == 2
+
+
+def test_render_collects_every_process_with_a_multiprocess_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several worker processes (the CLI's --processes) behind one /metrics."""
+    script = (
+        "from aio_workq.metrics import PrometheusHook\nPrometheusHook().on_reconnect('amqp://x/')\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    samples = _samples(render().decode())
+    assert samples["aio_workq_reconnects_total", ()] == 2
+
+
+def test_workers_get_hooks_added_before_they_start() -> None:
+    worker = Worker("amqp://localhost/", queue="q", handler=print)
+    hook = PrometheusHook(registry=CollectorRegistry())
+    worker.add_hooks(hook)
+    worker.add_hooks(Hook())
+    assert worker._hooks is not None and worker._hooks.hooks[0] is hook
+    assert len(worker._hooks.hooks) == 2
