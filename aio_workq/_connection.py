@@ -383,6 +383,7 @@ async def connect(
     name: str | None = None,
     timeout: float = 10.0,
     backoff: Backoff = Backoff(),
+    hooks: Iterable[Hook] | None = None,
 ) -> Connection:
     """Open a `Connection` that several producers and workers can share.
 
@@ -393,6 +394,7 @@ async def connect(
         name: connection name shown in the management UI.
         timeout: seconds for each connection attempt; the first connect tries each URL once.
         backoff: delays between rounds of failed reconnect attempts.
+        hooks: `Hook`s told when the connection is lost and when it is back.
 
     Raises:
         ConfigurationError: an invalid URL or setting.
@@ -400,7 +402,12 @@ async def connect(
             `Connection.open`. A failed connect leaves nothing running.
     """
     connection = Connection(
-        url, ssl_context=ssl_context, name=name, connect_timeout=timeout, backoff=backoff
+        url,
+        ssl_context=ssl_context,
+        name=name,
+        connect_timeout=timeout,
+        backoff=backoff,
+        hooks=hooks,
     )
     await connection.open()
     return connection

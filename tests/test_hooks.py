@@ -229,10 +229,20 @@ async def test_message_lines_carry_queue_message_id_and_attempt(
 
     async def handle(job: Job) -> None:
         app_log.info("working on it")
+        logging.getLogger("aio_workq").info("a library line without extra=")
         if job.attempt == 1:
             raise ValueError("first attempt fails")
         done.add(job.message_id)
 
+    library: list[dict[str, Any]] = []  # as the aio_workq logger hands them to its handlers
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "a library line without extra=":
+                library.append(dict(record.__dict__))
+
+    keep = Keep()
+    logging.getLogger("aio_workq").addHandler(keep)
     caplog.handler.addFilter(fields)
     try:
         with caplog.at_level(logging.INFO):
@@ -244,6 +254,7 @@ async def test_message_lines_carry_queue_message_id_and_attempt(
             app_log.info(outside)
     finally:
         caplog.handler.removeFilter(fields)
+        logging.getLogger("aio_workq").removeHandler(keep)
     about = [r for r in caplog.records if r.getMessage() == "working on it"]
     fields_of = [(r.__dict__["queue"], r.__dict__["message_id"], r.__dict__["attempt"])
                  for r in about]  # fmt: skip
@@ -255,6 +266,8 @@ async def test_message_lines_carry_queue_message_id_and_attempt(
     )
     assert warning.__dict__["message_id"] == message_id
     assert warning.__dict__["attempt"] == 1
+    assert [r["attempt"] for r in library] == [1, 2]  # from the aio_workq logger's own filter
+    assert {r["message_id"] for r in library} == {message_id}
     line = next(r for r in caplog.records if r.getMessage() == outside)
     assert "message_id" not in line.__dict__
 
