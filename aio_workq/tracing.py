@@ -36,6 +36,7 @@ from ._hooks import HandleInfo, Hook, Outcome, PublishInfo
 from ._version import __version__
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
     from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
@@ -46,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
+    from types import TracebackType
 
     from ._job import Job
 
@@ -124,12 +126,10 @@ class TracingHook(Hook):
             attributes["messaging.rabbitmq.destination.routing_key"] = job.routing_key
         if job.correlation_id:
             attributes["messaging.message.conversation_id"] = job.correlation_id
-        return self._tracer.start_as_current_span(
-            f"process {queue}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
+        span = self._tracer.start_span(
+            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
+        return _Current(span)
 
     def after_handle(self, info: HandleInfo) -> None:
         span = trace.get_current_span()
@@ -140,3 +140,28 @@ class TracingHook(Hook):
             if info.outcome in _FAILED:
                 span.set_attribute("error.type", qualname(error))
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+
+
+class _Current:
+    """Makes a span current while a delivery is handled and settled, then ends it (a slimmer
+    `start_as_current_span`: this runs once per message)."""
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self._span = span
+
+    def __enter__(self) -> trace.Span:
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        return self._span
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_context.detach(self._token)
+        if exc is not None:  # the worker stopped (the message is requeued), or a bug
+            self._span.record_exception(exc)
+        self._span.end()
