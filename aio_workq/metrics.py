@@ -23,7 +23,12 @@ import threading
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
-from ._exceptions import ConfigurationError, PublishNackedError, PublishTimeoutError
+from ._exceptions import (
+    ConfigurationError,
+    ConnectionLostError,
+    PublishNackedError,
+    PublishTimeoutError,
+)
 from ._exceptions import UnroutableError as _UnroutableError
 from ._hooks import HandleInfo, Hook, PublishInfo
 
@@ -81,6 +86,11 @@ class _Metrics:
             "Messages whose connection closed before the confirm (on_reconnect='fail').",
             ("destination",),
         )
+        self.failed = counter(
+            "publish_failed",
+            "Messages refused before they were sent (e.g. a header that can't be encoded).",
+            ("destination",),
+        )
         self.handled = counter("handled", "Deliveries settled, by outcome.", ("queue", "outcome"))
         self.lost_connections = counter("connections_lost", "Connections lost.")
         self.reconnects = counter("reconnects", "Connections re-established after a loss.")
@@ -135,8 +145,9 @@ class PrometheusHook(Hook):
     """Counts publishes, confirms, deliveries and reconnects into Prometheus metrics.
 
     Metrics (all prefixed `aio_workq_`): counters `published_total`, `confirmed_total`,
-    `nacked_total`, `returned_total`, `publish_timed_out_total`, `publish_lost_total` (label
-    `destination`: the queue, or the exchange), `handled_total` (labels `queue`, `outcome`),
+    `nacked_total`, `returned_total`, `publish_timed_out_total`, `publish_lost_total`,
+    `publish_failed_total` (label `destination`: the queue, or the exchange), `handled_total`
+    (labels `queue`, `outcome`),
     `connections_lost_total`, `reconnects_total`; histograms `confirm_latency_seconds`
     (`destination`) and `handler_duration_seconds` (`queue`); gauges `handlers_in_flight`
     (`queue`), `publish_in_flight` and `publish_window`.
@@ -195,8 +206,10 @@ class PrometheusHook(Hook):
             m.nacked.labels(destination).inc()
         elif isinstance(error, PublishTimeoutError):
             m.timed_out.labels(destination).inc()
-        else:
+        elif isinstance(error, ConnectionLostError):
             m.lost.labels(destination).inc()
+        else:
+            m.failed.labels(destination).inc()
 
     def handling(self, job: Job, queue: str) -> _InFlight:
         return _InFlight(self._queue(queue)[0])

@@ -56,7 +56,11 @@ class Recorder(Hook):
     @contextmanager
     def _around(self, job: Job) -> Iterator[None]:
         self.events.append(f"enter {job.message_id}")
-        yield
+        try:
+            yield
+        except BaseException as exc:
+            self.events.append(f"exit {job.message_id} {type(exc).__name__}")
+            raise
         self.events.append(f"exit {job.message_id}")
 
     def handling(self, job: Job, queue: str) -> Any:
@@ -294,3 +298,30 @@ async def _close_connection(broker: LocalBroker, name: str) -> None:
     pids = [line.split("\t")[0] for line in listed.splitlines() if name in line]
     assert len(pids) == 1, listed
     await asyncio.to_thread(broker.ctl, "close_connection", pids[0], "test")
+
+
+@pytest.mark.broker
+async def test_a_delivery_cut_short_by_the_stop_is_reported_requeued(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, amqp_url: str
+) -> None:
+    recorder = Recorder()
+    started = Counter()
+
+    async def handle(job: Job) -> None:
+        started.add(job.message_id)
+        await asyncio.Event().wait()  # until the stop cancels it
+
+    worker = make_worker(queue=queue_name, handler=handle, hooks=[recorder])
+    await worker.start()
+    message_id = await producer.publish("x", queue=queue_name)
+    await started.wait_for(1)
+    await worker.stop(timeout=0)
+    (info,) = recorder.handled
+    assert (info.job.message_id, info.outcome) == (message_id, Outcome.REQUEUED)
+    assert info.seconds is not None  # the handler ran, until cancelled
+    assert recorder.events[-1] == f"exit {message_id} CancelledError"  # passed to __exit__
+
+    async def back_in_the_queue() -> bool:
+        return await queue_depth(amqp_url, queue_name) == 1
+
+    await wait_until(back_in_the_queue)

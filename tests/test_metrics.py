@@ -14,7 +14,17 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from aio_workq import HandleInfo, Hook, Job, Producer, Reject, Retry, UnroutableError, Worker
+from aio_workq import (
+    HandleInfo,
+    Hook,
+    Job,
+    Producer,
+    Reject,
+    Retry,
+    SerializationError,
+    UnroutableError,
+    Worker,
+)
 from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render, serve
 from tests.helpers import Counter
 
@@ -66,6 +76,8 @@ async def test_metrics_after_known_traffic(
             await producer.publish_many(["ok"] * 5 + ["retry", "reject", "slow"], queue=queue_name)
             with pytest.raises(UnroutableError):
                 await producer.publish("lost", exchange="amq.direct", routing_key=queue_name)
+            with pytest.raises(SerializationError):  # refused before it was sent
+                await producer.publish("bad", queue=queue_name, headers={"x": object()})
             worker = make_worker(
                 queue=queue_name, handler=handle, hooks=[*hooks, Settled()],
                 concurrency=4,
@@ -86,7 +98,8 @@ async def test_metrics_after_known_traffic(
     d = (("destination", queue_name),)
     assert during["aio_workq_handlers_in_flight", q] == 1  # the slow one
     assert after["aio_workq_handlers_in_flight", q] == 0
-    assert after["aio_workq_published_total", d] == 8
+    assert after["aio_workq_published_total", d] == 9
+    assert after["aio_workq_publish_failed_total", d] == 1
     assert after["aio_workq_confirmed_total", d] == 8
     assert after["aio_workq_returned_total", (("destination", "amq.direct"),)] == 1
     assert after["aio_workq_published_total", (("destination", "amq.direct"),)] == 1
