@@ -28,8 +28,8 @@ from ._exceptions import (
     ConnectionLostError,
     PublishNackedError,
     PublishTimeoutError,
+    UnroutableError,
 )
-from ._exceptions import UnroutableError as _UnroutableError
 from ._hooks import HandleInfo, Hook, PublishInfo
 
 try:
@@ -200,7 +200,7 @@ class PrometheusHook(Hook):
             _, confirmed, latency = self._destination(destination)
             confirmed.inc()
             latency.observe(message.seconds)
-        elif isinstance(error, _UnroutableError):
+        elif isinstance(error, UnroutableError):
             m.returned.labels(destination).inc()
         elif isinstance(error, PublishNackedError):
             m.nacked.labels(destination).inc()
