@@ -7,23 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from aio_workq import Job, Worker
 
 
 async def slow(job: Job) -> None:
     """Takes a second."""
-    print("STARTED", os.getpid(), job.data, flush=True)
+    _say("STARTED", os.getpid(), job.data)
     await asyncio.sleep(1)
-    print("DONE", os.getpid(), job.data, flush=True)
+    _say("DONE", os.getpid(), job.data)
 
 
 async def hold_unless_redelivered(job: Job) -> None:
     """Holds a first delivery for a minute (to be killed); finishes a redelivery at once."""
-    print("STARTED", os.getpid(), job.data, job.redelivered, flush=True)
+    _say("STARTED", os.getpid(), job.data, job.redelivered)
     if not job.redelivered:
         await asyncio.sleep(60)
-    print("DONE", os.getpid(), job.data, flush=True)
+    _say("DONE", os.getpid(), job.data)
 
 
 async def quick(job: Job) -> None:
@@ -38,3 +39,9 @@ def slow_workers() -> list[Worker]:
 def broken_factory() -> list[Worker]:
     """A factory that always fails: its processes keep crashing."""
     raise RuntimeError("no workers today")
+
+
+def _say(*parts: object) -> None:
+    """One line in one write: the two children of a test share a pipe."""
+    sys.stdout.write(" ".join(str(part) for part in parts) + "\n")
+    sys.stdout.flush()

@@ -436,6 +436,31 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+async def test_metrics_are_served_beside_healthz_with_the_counts_of_known_traffic(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    port = free_port()
+    args = ["worker", "tests.cli_app:quick", "--queue", queue_name, "--metrics-port", str(port)]
+    async with cli(*args, env=env) as worker:
+        await wait_health(port, 200)
+        async with Producer(amqp_url) as producer:
+            await producer.publish_many(["a", "b", "c"], queue=queue_name)
+        wanted = f'aio_workq_handled_total{{outcome="ok",queue="{queue_name}"}} 3.0'
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                assert response.headers["Content-Type"].startswith("text/plain")
+                return str(response.read().decode())
+
+        async with asyncio.timeout(20):
+            while wanted not in (text := await asyncio.to_thread(scrape)):  # noqa: ASYNC110 - an HTTP endpoint has no event
+                await asyncio.sleep(0.2)  # polling an HTTP endpoint: nothing to wait on
+        assert "aio_workq_handler_duration_seconds" in text
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.exit_code() == 0
+
+
 # --- with the management plugin (a node of its own: slow) ----------------------------------
 
 

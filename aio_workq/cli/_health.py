@@ -93,18 +93,26 @@ class WorkersHealth:
 
 
 class HealthServer:
-    """Serves `GET /healthz`: 200 or 503 with a JSON body from `check()`; nothing else.
+    """Serves `GET /healthz`: 200 or 503 with a JSON body from `check()`; and `GET /metrics`
+    when `metrics` is given.
 
     Args:
         check: returns `(healthy, body)`.
+        metrics: returns `(body, content type)` of the Prometheus text format.
         host: address to listen on (`0.0.0.0` in a container, for the kubelet's probes).
         port: TCP port; 0 picks a free one (see `port` once started).
     """
 
     def __init__(
-        self, check: Callable[[], tuple[bool, dict[str, Any]]], *, host: str, port: int
+        self,
+        check: Callable[[], tuple[bool, dict[str, Any]]],
+        *,
+        host: str,
+        port: int,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
     ) -> None:
         self._check = check
+        self._metrics = metrics
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -138,17 +146,22 @@ class HealthServer:
                 request = await reader.readuntil(b"\r\n\r\n")
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             path = path.split("?", 1)[0]
-            if path not in ("/healthz", "/healthz/"):
-                status, body = 404, {"error": "not found: try /healthz"}
-            elif method not in ("GET", "HEAD"):
+            content_type = "application/json"
+            if method not in ("GET", "HEAD"):
                 status, body = 405, {"error": "GET only"}
+            elif path in ("/metrics", "/metrics/") and self._metrics is not None:
+                status, body = 200, None
+                payload, content_type = self._metrics()
+            elif path not in ("/healthz", "/healthz/"):
+                status, body = 404, {"error": "not found: try /healthz"}
             else:
                 healthy, body = self._check()
                 status = 200 if healthy else 503
-            payload = json.dumps(body).encode()
+            if body is not None:
+                payload = json.dumps(body).encode()
             head = (
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-                "Content-Type: application/json\r\n"
+                f"Content-Type: {content_type}\r\n"
                 f"Content-Length: {len(payload)}\r\n"
                 "Cache-Control: no-store\r\n"
                 "Connection: close\r\n\r\n"

@@ -7,9 +7,10 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from aio_workq import run_workers
+from aio_workq import Worker, run_workers
 
 from ._health import HealthServer, WorkersHealth
 from ._target import WorkerOptions, build_workers, import_target
@@ -54,7 +55,9 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
     monitor = WorkersHealth(workers, grace=health.grace, on_change=on_change)
     server = None
     if health.port is not None:
-        server = HealthServer(monitor.check, host=health.host, port=health.port)
+        server = HealthServer(
+            monitor.check, host=health.host, port=health.port, metrics=_metrics(workers)
+        )
         await server.start()
     background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
     try:
@@ -67,6 +70,19 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
             await server.close()
     done = ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers)
     log.info("stopped: %s", done)
+
+
+def _metrics(workers: list[Worker]) -> Callable[[], tuple[bytes, str]] | None:
+    """`/metrics` for these workers, when prometheus-client (`aio-workq[prometheus]`) is there."""
+    try:
+        from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render
+    except ImportError:
+        log.info("/metrics is off: install aio-workq[prometheus] for it")
+        return None
+    hook = PrometheusHook()
+    for worker in workers:
+        worker.add_hooks(hook)
+    return lambda: (render(), CONTENT_TYPE)
 
 
 def _status_fd() -> int | None:
