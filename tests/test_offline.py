@@ -234,3 +234,14 @@ def test_redaction_hides_every_password_of_a_list_even_unencoded() -> None:
     shown = aio_workq.redact_url("amqp://u:s3cr#t/x@a/,amqp://v:other@b/")
     assert "s3cr" not in shown and "other" not in shown
     assert shown == "amqp://u:***@a/,amqp://v:***@b/"
+
+
+def test_an_ssl_context_with_a_plain_url_is_refused_not_silently_ignored() -> None:
+    import ssl
+
+    context = ssl.create_default_context()
+    with pytest.raises(ConfigurationError, match="amqps://"):
+        aio_workq.Connection("amqp://u:secret@h/", ssl_context=context)
+    with pytest.raises(ConfigurationError) as info:
+        aio_workq.Producer("amqps://u:secret@a/,amqp://u:secret@b/", ssl_context=context)
+    assert "secret" not in str(info.value)
