@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 import subprocess
 import sys
@@ -244,3 +245,16 @@ def test_broker_cli_starts_a_mutual_tls_node(tmp_path: Path) -> None:
         stopped = cli("stop")
     assert stopped.returncode == 0, stopped.stderr
     assert cli("status").returncode == 1
+
+
+async def test_the_demo_runs_over_tls_with_the_ca_in_the_url(
+    tls_broker: LocalBroker, tls_pki: PKI
+) -> None:
+    from urllib.parse import quote
+
+    from tests.test_examples import run
+
+    url = f"{tls_broker.tls_url}?cafile={quote(str(tls_pki.ca_cert))}"
+    output = await run("demo.py", env={**os.environ, "AMQP_URL": url}, timeout=90)
+    assert "nothing lost" in output
+    assert "guest:guest" not in output
