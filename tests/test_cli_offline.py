@@ -102,3 +102,17 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
 def test_management_url_defaults_to_the_broker_host_and_user() -> None:
     assert default_management_url("amqp://u:p@rabbit:5672/vh") == "http://u:p@rabbit:15672/"
     assert default_management_url("amqps://h/") == "https://h:15671/"
+
+
+def test_outbox_subcommand_prints_the_migration() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "aio_workq", "outbox", "schema"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "CREATE TABLE" in proc.stdout.upper()

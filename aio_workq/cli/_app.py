@@ -653,3 +653,24 @@ def demo(url: str | None) -> None:
     if url is not None:
         os.environ["AMQP_URL"] = _resolve(url)
     sys.exit(module.main())
+
+
+@cli.command(
+    "outbox",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def outbox(args: tuple[str, ...]) -> None:
+    """The transactional outbox (aio-workq[postgres]): `schema`, `migrate`, `relay`.
+
+    `aio-workq outbox relay --dsn DSN [--url AMQP_URL]` publishes committed outbox rows with
+    confirms until SIGTERM; `aio-workq outbox --help` lists the options.
+    """
+    try:
+        from aio_workq.outbox.__main__ import main as outbox_main
+    except ImportError:
+        raise CliError(
+            "the outbox needs PostgreSQL's driver: pip install 'aio-workq[postgres]'"
+        ) from None
+    sys.exit(outbox_main(list(args)))
