@@ -93,7 +93,9 @@ class Subscription:
         if wire is not None:  # the lean path: deliveries skip aiormq's frame parsing
             gate = wire.demux.attach(channel)
             acker = Acker(channel, (wire.writer, gate))
-            gate.on_delivery = lambda delivery: self._deliver(delivery, acker)
+            # The demux detaches a closed channel's tap: no stale check needed on this path.
+            on_delivery = self._on_delivery
+            gate.on_delivery = lambda delivery: on_delivery(delivery, acker)
         else:
             acker = Acker(channel, None)
 
