@@ -102,10 +102,12 @@ def _validate(url: str) -> None:
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
-        reason = str(exc).replace(url, shown)
+    except ValueError:
+        # urlsplit's own message may quote part of the password: it is not repeated here.
         raise ConfigurationError(
-            f"invalid broker URL {shown!r}: {reason}; expected amqp://user:pass@host:5672/vhost"
+            f"invalid broker URL {shown!r}: its host or port does not parse (percent-encode "
+            "special characters in the user name and password); expected "
+            "amqp://user:pass@host:5672/vhost"
         ) from None
     if parts.scheme not in ("amqp", "amqps"):
         raise ConfigurationError(
