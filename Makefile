@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?= -m "not slow and not chaos"
 BROKER_DIR ?= .broker/dev
 
-.PHONY: venv demo test test-slow lint docs bench broker-start broker-stop check
+.PHONY: venv demo test test-slow chaos chaos-table lint docs bench broker-start broker-stop check
 
 venv: $(VENV)/.stamp
 
@@ -24,6 +24,14 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow
+
+# The whole fault suite (about 10 minutes): its figures go to .chaos/results.jsonl.
+chaos: venv
+	$(PY) -m pytest tests/chaos -m ""
+	$(PY) -m scripts.chaos_table
+
+chaos-table:
+	$(PYTHON) -m scripts.chaos_table
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

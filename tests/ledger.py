@@ -8,8 +8,10 @@ on the way. From those it computes one `Row`:
 - **duplicates**: extra deliveries of an id already processed (at-least-once allows them);
 - **typed errors**: errors raised by the API, by class name; an error that is not a `WorkqError`
   is counted under `untyped:<class>` (bad: users could not catch it as documented);
-- **recover_s**: after each fault was cleared, the time until both a confirm and a processed
-  message came again; the worst of the faults.
+- **recover_s**: after each fault was cleared (for kill -9: the kill itself, so it includes the
+  node's restart), the time until both a confirm and a processed message came again; the worst;
+- **longest_s**: the longest any one publish (`send()` and its confirm) took to return or raise:
+  the bound that held.
 
 `Ledger.report()` appends the row to `.chaos/results.jsonl` (or `$AIO_WORKQ_CHAOS_RESULTS`), which
 `python -m scripts.chaos_table` turns into the Markdown table of docs/guarantees.md, and keeps it for
@@ -48,6 +50,7 @@ class Row:
     duplicates: int
     errors: dict[str, int]
     recover_s: float | None
+    longest_s: float
     seconds: float
     date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -65,7 +68,8 @@ class Row:
         return (
             f"{self.scenario}: confirmed {self.confirmed}, processed {self.processed}, "
             f"dead-lettered {self.dead_lettered}, lost {self.lost}, duplicates {self.duplicates}, "
-            f"errors: {errors}, recover {recover} s, {self.seconds:.0f} s"
+            f"errors: {errors}, recover {recover} s, longest call {self.longest_s:.1f} s, "
+            f"{self.seconds:.0f} s"
         )
 
 
@@ -82,6 +86,7 @@ class Ledger:
         self.processed: collections.Counter[str] = collections.Counter()
         self.dead_lettered: set[str] = set()
         self.errors: collections.Counter[str] = collections.Counter()
+        self.longest = 0.0
         self._started = time.monotonic()
         self._cleared: list[float] = []
         self._first_confirm_after: dict[int, float] = {}
@@ -107,6 +112,10 @@ class Ledger:
         """An API call raised `exc` (counted by class; `untyped:` when not a WorkqError)."""
         name = type(exc).__name__
         self.errors[name if isinstance(exc, WorkqError) else f"untyped:{name}"] += 1
+
+    def took(self, seconds: float) -> None:
+        """One API call (a publish: send and confirm) took `seconds` until it returned or raised."""
+        self.longest = max(self.longest, seconds)
 
     def cleared(self) -> None:
         """A fault was cleared now (broker back, proxy healed): recovery is timed from here."""
@@ -179,6 +188,7 @@ class Ledger:
             duplicates=duplicates,
             errors=dict(self.errors),
             recover_s=round(max(recoveries), 2) if recoveries else None,
+            longest_s=round(self.longest, 2),
             seconds=round(time.monotonic() - self._started, 1),
         )
 

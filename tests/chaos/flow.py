@@ -24,6 +24,7 @@ async def publish_all(
     queue: str | Queue,
     *,
     pause: float = 0.2,
+    rate: float | None = None,
     **kwargs: Any,
 ) -> None:
     """Publish every id (as its own body) until each one is confirmed, as an application would.
@@ -31,15 +32,20 @@ async def publish_all(
     Messages go out pipelined through `send()`; a confirm settles in the ledger as it arrives.
     A message whose `send()` raised, or whose confirm failed, is recorded as an error and sent
     again (same id) after `pause` seconds: a re-sent message that had reached the broker after all
-    is a duplicate, which the ledger counts. Run it under `asyncio.timeout`.
+    is a duplicate, which the ledger counts. `rate` caps the messages sent per second (a steady
+    flow for time-based faults). Run it under `asyncio.timeout`.
     """
+    loop = asyncio.get_running_loop()
     pending = list(message_ids)
+    started = loop.time()
+    sent = 0
     while pending:
         failed: list[str] = []
         confirms: list[asyncio.Future[str]] = []
 
-        def settle(message_id: str) -> Callable[[asyncio.Future[str]], None]:
+        def settle(message_id: str, at: float) -> Callable[[asyncio.Future[str]], None]:
             def done(confirm: asyncio.Future[str]) -> None:
+                ledger.took(loop.time() - at)
                 exc = confirm.exception()
                 if exc is None:
                     ledger.confirm(message_id)
@@ -50,14 +56,21 @@ async def publish_all(
             return done
 
         for message_id in pending:
+            if rate is not None:
+                ahead = started + sent / rate - loop.time()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            sent += 1
             while True:
+                at = loop.time()
                 try:
                     confirm = await producer.send(message_id, queue, message_id=message_id, **kwargs)
                     break
                 except Exception as exc:  # counted: typed or not, then tried again
+                    ledger.took(loop.time() - at)
                     ledger.error(exc)
                     await asyncio.sleep(pause)
-            confirm.add_done_callback(settle(message_id))
+            confirm.add_done_callback(settle(message_id, at))
             confirms.append(confirm)
         await asyncio.gather(*confirms, return_exceptions=True)
         pending = failed

@@ -134,7 +134,13 @@ async def test_kill_9_three_times_with_retries_in_flight(
 
 
 @pytest.mark.chaos
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(300)
+@pytest.mark.xfail(
+    strict=True,
+    reason="core bug: after the broker restarts, a worker's job.forward() is never confirmed "
+    "(PublishTimeoutError on every forward, the move to the delay queue times out too), so a "
+    "chain stalls with its messages requeued (found by this suite; issue 15)",
+)
 async def test_kill_9_three_times_during_chains(
     local_broker: LocalBroker, queue_name: str
 ) -> None:
@@ -148,7 +154,7 @@ async def test_kill_9_three_times_during_chains(
     second = Worker(
         local_broker.url, queue=downstream, handler=recording_handler(ledger), concurrency=50
     )
-    async with asyncio.timeout(540):
+    async with asyncio.timeout(240):
         await run_kills(
             local_broker, ledger, total=TOTAL_CHAIN, kills=KILLS_CHAIN, queue=Queue(queue_name),
             handler=forward, extra_workers=(second,),
