@@ -1,6 +1,6 @@
 """Turn the fault suite's results file into a Markdown table (the latest row of each scenario).
 
-    python -m scripts.chaos_table [.chaos/results.jsonl] [--all]
+python -m scripts.chaos_table [.chaos/results.jsonl] [--all]
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ HEADER = (
 def row(r: dict[str, Any]) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(r["errors"].items())) or "none"
     recover = "-" if r["recover_s"] is None else f"{r['recover_s']:.1f}"
+    longest = r.get("longest_s") or 0.0
     return (
         f"| {r['scenario']} | {r['confirmed']:,} | {r['processed']:,} | {r['dead_lettered']:,} "
-        f"| {r['lost']} | {r['duplicates']:,} | {errors} | {recover} | {r.get("longest_s") or 0:.1f} "
+        f"| {r['lost']} | {r['duplicates']:,} | {errors} | {recover} | {longest:.1f} "
         f"| {r['seconds']:.0f} |"
     )
 

@@ -13,9 +13,9 @@ on the way. From those it computes one `Row`:
 - **longest_s**: the longest any one publish (`send()` and its confirm) took to return or raise:
   the bound that held.
 
-`Ledger.report()` appends the row to `.chaos/results.jsonl` (or `$AIO_WORKQ_CHAOS_RESULTS`), which
-`python -m scripts.chaos_table` turns into the Markdown table of docs/guarantees.md, and keeps it for
-the end-of-session summary that tests/chaos/conftest.py prints.
+`Ledger.report()` appends the row to `.chaos/results.jsonl` (or `$AIO_WORKQ_CHAOS_RESULTS`),
+which `python -m scripts.chaos_table` turns into the Markdown table of docs/guarantees.md, and
+keeps it for the end-of-session summary that tests/chaos/conftest.py prints.
 """
 
 from __future__ import annotations

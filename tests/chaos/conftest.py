@@ -13,4 +13,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     terminalreporter.section("fault suite ledger")
     for row in ROWS:
         terminalreporter.write_line(row.line())
-    terminalreporter.write_line(f"(appended to {RESULTS}; `python -m scripts.chaos_table` tabulates)")
+    terminalreporter.write_line(
+        f"(appended to {RESULTS}; `python -m scripts.chaos_table` tabulates)"
+    )

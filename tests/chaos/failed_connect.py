@@ -36,7 +36,11 @@ async def main(url: str) -> None:
         except TimeoutError:
             pass
         left = [t for t in asyncio.all_tasks() - before if not t.done()]
-        result = {"error": error, "connected_after": proxy.accepted - accepted, "tasks_left": len(left)}
+        result = {
+            "error": error,
+            "connected_after": proxy.accepted - accepted,
+            "tasks_left": len(left),
+        }
         print(json.dumps(result), flush=True)  # noqa: T201
         os._exit(0)  # no teardown: a leak must not hold the process
 

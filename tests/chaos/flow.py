@@ -43,10 +43,12 @@ async def publish_all(
         failed: list[str] = []
         confirms: list[asyncio.Future[str]] = []
 
-        def settle(message_id: str, at: float) -> Callable[[asyncio.Future[str]], None]:
-            def done(confirm: asyncio.Future[str]) -> None:
+        def settle(
+            message_id: str, at: float, failed: list[str] = failed
+        ) -> Callable[[asyncio.Future[str]], None]:
+            def done(future: asyncio.Future[str]) -> None:
                 ledger.took(loop.time() - at)
-                exc = confirm.exception()
+                exc = future.exception()
                 if exc is None:
                     ledger.confirm(message_id)
                 else:
@@ -64,7 +66,9 @@ async def publish_all(
             while True:
                 at = loop.time()
                 try:
-                    confirm = await producer.send(message_id, queue, message_id=message_id, **kwargs)
+                    confirm = await producer.send(
+                        message_id, queue, message_id=message_id, **kwargs
+                    )
                     break
                 except Exception as exc:  # counted: typed or not, then tried again
                     ledger.took(loop.time() - at)

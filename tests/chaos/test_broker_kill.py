@@ -25,9 +25,7 @@ TOTAL_CHAIN, KILLS_CHAIN = 20_000, 3
 FAST_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.5, multiplier=2.0, jitter=0.0)
 
 
-async def kill_during(
-    broker: LocalBroker, ledger: Ledger, total: int, *, kills: int = 3
-) -> None:
+async def kill_during(broker: LocalBroker, ledger: Ledger, total: int, *, kills: int = 3) -> None:
     """Kill -9 the node and start it again each time another share of `total` is confirmed."""
     for n in range(1, kills + 1):
         await ledger.wait_confirmed(total * n // (kills + 2))
@@ -93,9 +91,7 @@ async def test_kill_9_three_times_during_20000_messages(
 
 
 @pytest.mark.timeout(300)
-async def test_kill_9_once_during_2000_messages(
-    local_broker: LocalBroker, queue_name: str
-) -> None:
+async def test_kill_9_once_during_2000_messages(local_broker: LocalBroker, queue_name: str) -> None:
     """The default run's short version: one kill, a quorum queue."""
     ledger = Ledger("kill -9 x1, 2,000 msgs, quorum (default run)")
     async with asyncio.timeout(240):
@@ -141,9 +137,7 @@ async def test_kill_9_three_times_with_retries_in_flight(
     "(PublishTimeoutError on every forward, the move to the delay queue times out too), so a "
     "chain stalls with its messages requeued (found by this suite; issue 15)",
 )
-async def test_kill_9_three_times_during_chains(
-    local_broker: LocalBroker, queue_name: str
-) -> None:
+async def test_kill_9_three_times_during_chains(local_broker: LocalBroker, queue_name: str) -> None:
     """Stage 1 forwards each message to stage 2 (same id); the ledger counts stage 2."""
     ledger = Ledger(f"kill -9 x{KILLS_CHAIN}, {TOTAL_CHAIN:,} msgs, chains (job.forward)")
     downstream = Queue(f"{queue_name}-down")
