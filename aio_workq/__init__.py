@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from ._connection import Backoff as Backoff
+from ._connection import Connection as Connection
 from ._connection import connect as connect
 from ._dead_letters import DeadLetter as DeadLetter
 from ._dead_letters import DeadLetters as DeadLetters
+from ._exceptions import AccessRefusedError as AccessRefusedError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import BrokerConnectionError as BrokerConnectionError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionLostError as ConnectionLostError
+from ._exceptions import Defer as Defer
+from ._exceptions import IntegrationError as IntegrationError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNackedError as PublishNackedError
 from ._exceptions import PublishTimeoutError as PublishTimeoutError
@@ -17,54 +22,65 @@ from ._exceptions import Retry as Retry
 from ._exceptions import RPCError as RPCError
 from ._exceptions import RPCTimeoutError as RPCTimeoutError
 from ._exceptions import SerializationError as SerializationError
+from ._exceptions import TLSError as TLSError
 from ._exceptions import TopologyError as TopologyError
 from ._exceptions import UnroutableError as UnroutableError
 from ._exceptions import WorkqError as WorkqError
+from ._execution import Handler as Handler
 from ._job import Job as Job
 from ._job import JobData as JobData
+from ._message import PublishOptions as PublishOptions
 from ._producer import Producer as Producer
 from ._retry import RetryPolicy as RetryPolicy
 from ._runner import run_workers as run_workers
 from ._settings import redact_url as redact_url
 from ._settings import resolve_url as resolve_url
+from ._settings import resolve_urls as resolve_urls
 from ._topology import Exchange as Exchange
 from ._topology import ExchangeType as ExchangeType
 from ._topology import Queue as Queue
 from ._topology import QueueType as QueueType
 from ._version import __version__ as __version__
-from ._worker import Handler as Handler
 from ._worker import Worker as Worker
 from ._worker import WorkerState as WorkerState
 
 __all__ = [
     "__version__",
+    "AccessRefusedError",
     "AuthenticationError",
+    "Backoff",
     "BrokerConnectionError",
     "ConfigurationError",
     "connect",
+    "Connection",
     "ConnectionLostError",
     "DeadLetter",
     "DeadLetters",
+    "Defer",
     "Exchange",
     "ExchangeType",
     "Handler",
+    "IntegrationError",
     "Job",
     "JobData",
     "Producer",
     "PublishError",
     "PublishNackedError",
+    "PublishOptions",
     "PublishTimeoutError",
     "Queue",
     "QueueType",
     "redact_url",
     "Reject",
     "resolve_url",
+    "resolve_urls",
     "Retry",
     "RetryPolicy",
     "RPCError",
     "RPCTimeoutError",
     "run_workers",
     "SerializationError",
+    "TLSError",
     "TopologyError",
     "UnroutableError",
     "Worker",

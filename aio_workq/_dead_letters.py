@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 
-from ._connection import translate_errors
+from ._connection import LinkSource, translate_errors
 from ._exceptions import (
+    BrokerConnectionError,
     ConfigurationError,
     PublishError,
     PublishNackedError,
@@ -61,11 +62,28 @@ class DeadLetters:
     every message in one of the two queues (a message can be in both: at-least-once).
     """
 
-    def __init__(self, connection: AbstractRobustConnection, queue: Queue) -> None:
+    def __init__(self, source: LinkSource, queue: Queue, *, timeout: float = 30.0) -> None:
         if queue.server_named or not queue.dead_letter:
             raise ConfigurationError(f"queue {queue.name!r} has no dead-letter queue")
-        self._connection = connection
+        self._source = source
         self._queue = queue
+        self._timeout = timeout
+
+    @asynccontextmanager
+    async def _channel(
+        self, doing: str, *, confirms: bool = False
+    ) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A channel for one operation, which must finish within the timeout (per batch for
+        `replay`)."""
+        try:
+            async with raw_channel(
+                self._source, publisher_confirms=confirms, timeout=self._timeout
+            ) as channel:
+                yield channel
+        except TimeoutError:
+            raise BrokerConnectionError(
+                f"{doing} {self.name!r}: the broker did not answer within {self._timeout:g} s"
+            ) from None
 
     @property
     def name(self) -> str:
@@ -74,42 +92,48 @@ class DeadLetters:
 
     async def count(self) -> int:
         """Messages waiting in the dead-letter queue."""
-        async with raw_channel(self._connection) as channel:
+        async with self._channel("counting dead letters in") as channel:
             with translate_errors(f"counting dead letters in {self.name!r}"):
-                ok = await channel.queue_declare(self.name, passive=True)
+                async with asyncio.timeout(self._timeout):
+                    ok = await channel.queue_declare(self.name, passive=True)
         return int(ok.message_count or 0)
 
     async def read(self, limit: int = 10) -> list[DeadLetter]:
         """Up to `limit` dead letters, oldest first, left in the queue."""
-        async with raw_channel(self._connection) as channel:
-            batch = await self._get_batch(channel, limit)
+        async with self._channel("reading dead letters from") as channel:
+            async with asyncio.timeout(self._timeout):
+                batch = await self._get_batch(channel, limit)
         return [_letter(message) for message in batch]  # unacked: the broker puts them back
 
     async def replay(self, limit: int | None = None) -> int:
         """Move dead letters back to the work queue with attempts reset; returns how many."""
         moved = 0
-        async with raw_channel(self._connection, publisher_confirms=True) as channel:
+        async with self._channel("replaying", confirms=True) as channel:
             while limit is None or moved < limit:
-                batch = await self._get_batch(
-                    channel, _BATCH if limit is None else min(_BATCH, limit - moved)
-                )
-                if not batch:
-                    break
-                await asyncio.gather(*(self._publish_back(channel, m) for m in batch))
-                last = batch[-1].delivery_tag
-                assert last is not None
-                await channel.basic_ack(last, multiple=True)
+                async with asyncio.timeout(self._timeout):
+                    batch = await self._get_batch(
+                        channel, _BATCH if limit is None else min(_BATCH, limit - moved)
+                    )
+                    if not batch:
+                        break
+                    await asyncio.gather(*(self._publish_back(channel, m) for m in batch))
+                    last = batch[-1].delivery_tag
+                    assert last is not None
+                    await channel.basic_ack(last, multiple=True)
                 moved += len(batch)
         return moved
 
     async def purge(self) -> int:
         """Delete every dead letter; returns how many."""
-        async with raw_channel(self._connection) as channel:
+        async with self._channel("purging") as channel:
             with translate_errors(f"purging {self.name!r}"):
-                ok = await channel.queue_purge(self.name)
+                async with asyncio.timeout(self._timeout):
+                    ok = await channel.queue_purge(self.name)
         return int(ok.message_count or 0)
 
-    async def _get_batch(self, channel: aiormq.Channel, size: int) -> list[DeliveredMessage]:
+    async def _get_batch(
+        self, channel: aiormq.abc.AbstractChannel, size: int
+    ) -> list[DeliveredMessage]:
         batch: list[DeliveredMessage] = []
         with translate_errors(f"reading dead letters from {self.name!r}"):
             while len(batch) < size:
@@ -119,7 +143,9 @@ class DeadLetters:
                 batch.append(message)
         return batch
 
-    async def _publish_back(self, channel: aiormq.Channel, message: DeliveredMessage) -> None:
+    async def _publish_back(
+        self, channel: aiormq.abc.AbstractChannel, message: DeliveredMessage
+    ) -> None:
         props = message.header.properties
         headers = {
             key: value

@@ -12,7 +12,8 @@ chunks and splits them into frames. On the channels attached to it, it takes
 Every other frame is passed on to aiormq byte for byte, in order.
 
 aiormq also takes the time of the last frame it read as the connection's sign of life; while
-frames are taken here it sees none, so the demux passes it a heartbeat frame now and then.
+frames are taken here it sees none, so the demux passes it `alive_frame` (a heartbeat) now and
+then: reliance 3 in `_seams`.
 """
 
 from __future__ import annotations
@@ -20,24 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import weakref
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
-from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands
 from pamqp.header import ContentHeader
-from yarl import URL
 
-__all__ = (
-    "Confirms",
-    "Delivery",
-    "DemuxTransportFactory",
-    "FrameDemux",
-    "demux_of",
-    "register",
-)
+__all__ = ("Confirms", "Delivery", "FrameDemux", "Tap")
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _METHOD_ID = struct.Struct(">HH")  # class, method
@@ -49,8 +40,8 @@ _FLAGS = struct.Struct(">H")
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
 _BASIC = 60
+_CHANNEL, _CLOSE, _CLOSE_OK = 20, 40, 41
 _RETURN, _DELIVER, _ACK, _NACK = 50, 60, 80, 120
-_HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 _REPLY_TO_FLAG = 1 << 9
 _READ_SIZE = 1 << 18
 _ALIVE_EVERY = 1.0  # seconds between heartbeats passed to aiormq while deliveries are taken
@@ -155,8 +146,14 @@ class Confirms(Protocol):
     def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None: ...
 
 
-class _Tap:
-    """A channel whose deliveries and/or confirms the demux takes: the content being assembled."""
+class Tap:
+    """A channel whose deliveries and/or confirms the demux takes: the content being assembled.
+
+    `open` turns False as soon as the broker's `Channel.Close` (or `Close-Ok`) for the channel
+    arrives, before aiormq sees it, or when aio-workq closes the channel itself: the
+    `FrameWriter` then drops frames still buffered for it, so none reaches the broker after the
+    channel's number is freed (which would close the whole connection).
+    """
 
     __slots__ = (
         "body_size",
@@ -164,6 +161,7 @@ class _Tap:
         "confirms",
         "header",
         "on_delivery",
+        "open",
         "parts",
         "pending",
         "returned",
@@ -171,6 +169,7 @@ class _Tap:
 
     def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
+        self.open = True
         self.on_delivery: OnDelivery | None = None
         self.confirms: Confirms | None = None
         # The method whose content comes next: a delivery's fields, or a return's.
@@ -184,9 +183,13 @@ class _Tap:
         """Handle one frame's payload `data[start:end]`; False leaves the frame to aiormq."""
         if kind == _METHOD:
             if self.pending is not None or self.channel.is_closed:
+                if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
+                    self.open = False
                 return False
             class_id, method_id = _METHOD_ID.unpack_from(data, start)
             if class_id != _BASIC:
+                if class_id == _CHANNEL and method_id in (_CLOSE, _CLOSE_OK):
+                    self.open = False
                 return False
             if method_id == _DELIVER and self.on_delivery is not None:
                 self._start_delivery(data, start + 4)
@@ -265,12 +268,13 @@ class FrameDemux:
     and `at_eof`.
     """
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, *, alive_frame: bytes) -> None:
         self._reader = reader
+        self._alive_frame = alive_frame
         self._loop = asyncio.get_running_loop()
         self._raw = bytearray()  # read from the socket, not yet split into frames
         self._out = bytearray()  # whole frames for aiormq
-        self._taps: dict[int, _Tap] = {}
+        self._taps: dict[int, Tap] = {}
         self._alive_at = 0.0
 
     def attach(
@@ -279,20 +283,24 @@ class FrameDemux:
         *,
         on_delivery: OnDelivery | None = None,
         confirms: Confirms | None = None,
-    ) -> None:
+    ) -> Tap:
         """Hand `channel`'s deliveries to `on_delivery` and/or its publisher confirms and
-        returns to `confirms`, until the channel closes."""
+        returns to `confirms`, until the channel closes. Returns the channel's tap, which the
+        `FrameWriter` checks before writing aio-workq's frames for the channel."""
         number = channel.number
         tap = self._taps.get(number)
         if tap is None or tap.channel is not channel:
-            tap = self._taps[number] = _Tap(channel)
-            channel.closing.add_done_callback(lambda _: self._detach(number, tap))
+            new = self._taps[number] = Tap(channel)
+            channel.closing.add_done_callback(lambda _: self._detach(number, new))
+            tap = new
         if on_delivery is not None:
             tap.on_delivery = on_delivery
         if confirms is not None:
             tap.confirms = confirms
+        return tap
 
-    def _detach(self, number: int, tap: _Tap) -> None:
+    def _detach(self, number: int, tap: Tap) -> None:
+        tap.open = False
         if self._taps.get(number) is tap:
             del self._taps[number]
 
@@ -341,30 +349,4 @@ class FrameDemux:
             now = self._loop.time()
             if now - self._alive_at >= _ALIVE_EVERY:
                 self._alive_at = now
-                out += _HEARTBEAT
-
-
-_demuxes: weakref.WeakKeyDictionary[AbstractConnection, FrameDemux] = weakref.WeakKeyDictionary()
-
-
-def register(connection: AbstractConnection, demux: FrameDemux) -> None:
-    """Record that `connection` reads its frames through `demux`."""
-    _demuxes[connection] = demux
-
-
-def demux_of(connection: AbstractConnection) -> FrameDemux | None:
-    """The demux of an aiormq connection opened by aio-workq (None for any other)."""
-    return _demuxes.get(connection)
-
-
-class DemuxTransportFactory(TransportFactory):
-    """aiormq's TCP/TLS transport, with the reader wrapped in a `FrameDemux`."""
-
-    def __init__(self) -> None:
-        self.last: FrameDemux | None = None
-
-    async def create(self, url: URL, **kwargs: Any) -> tuple[Any, asyncio.StreamWriter]:
-        base = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
-        reader, writer = await base.create(url, **kwargs)
-        self.last = FrameDemux(reader)
-        return self.last, writer
+                out += self._alive_frame

@@ -4,7 +4,9 @@
 WorkqError(Exception)
 ├── ConfigurationError(WorkqError, ValueError)   invalid settings or URL
 ├── BrokerConnectionError(WorkqError, ConnectionError)
-│   └── AuthenticationError                      wrong user name or password
+│   ├── AuthenticationError                      wrong user name or password
+│   ├── AccessRefusedError                       no such vhost, or the user may not use it
+│   └── TLSError                                 the TLS handshake failed (certificate, host name)
 ├── PublishError                                 .message_id, .exchange, .routing_key
 │   ├── PublishNackedError                       the broker nacked the publish
 │   ├── UnroutableError                          a mandatory publish was returned
@@ -12,10 +14,11 @@ WorkqError(Exception)
 │   └── ConnectionLostError                      the connection died before the confirm
 ├── TopologyError                                406 PRECONDITION_FAILED or 404 on declare
 ├── SerializationError(WorkqError, TypeError)    the body cannot be encoded
+├── IntegrationError(WorkqError, RuntimeError)   a web/sync integration used the wrong way
 ├── RPCError                                     .remote_type: the remote handler raised
 └── RPCTimeoutError(WorkqError, TimeoutError)    no reply in time
 
-Retry, Reject (Exception)                        handler signals, outside WorkqError
+Retry, Defer, Reject (Exception)                 handler signals, outside WorkqError
 ```
 
 aio-pika and aiormq errors are translated in one place, `aio_workq._connection.translate_errors`,
@@ -25,10 +28,13 @@ with `raise ... from exc`, so users only ever catch the classes above.
 from __future__ import annotations
 
 __all__ = (
+    "AccessRefusedError",
     "AuthenticationError",
     "BrokerConnectionError",
     "ConfigurationError",
     "ConnectionLostError",
+    "Defer",
+    "IntegrationError",
     "PublishError",
     "PublishNackedError",
     "PublishTimeoutError",
@@ -37,6 +43,7 @@ __all__ = (
     "Reject",
     "Retry",
     "SerializationError",
+    "TLSError",
     "TopologyError",
     "UnroutableError",
     "WorkqError",
@@ -57,6 +64,17 @@ class BrokerConnectionError(WorkqError, ConnectionError):
 
 class AuthenticationError(BrokerConnectionError):
     """The broker refused the user name or password (never retried)."""
+
+
+class AccessRefusedError(BrokerConnectionError):
+    """The broker refused the virtual host: it does not exist, or the user may not use it."""
+
+
+class TLSError(BrokerConnectionError):
+    """The TLS handshake failed: an unknown CA, a wrong host name, or a missing client certificate.
+
+    aio-workq never falls back to plain text.
+    """
 
 
 class PublishError(WorkqError):
@@ -100,6 +118,10 @@ class SerializationError(WorkqError, TypeError):
     """The body cannot be encoded; nothing was sent."""
 
 
+class IntegrationError(WorkqError, RuntimeError):
+    """A web integration or sync producer is used the wrong way (e.g. before its app started)."""
+
+
 class RPCError(WorkqError):
     """The remote handler raised; `remote_type` names its exception class."""
 
@@ -124,6 +146,23 @@ class Retry(Exception):
     def __init__(self, delay: float | None = None) -> None:
         if delay is not None and delay < 0:
             raise ConfigurationError(f"Retry(delay=...) must be >= 0 seconds, got {delay!r}")
+        super().__init__(delay)
+        self.delay = delay
+
+
+class Defer(Exception):
+    """Raise in a handler to run the job again after `delay` seconds *without* using an attempt.
+
+    For "not yet, ask me later" (a resource is busy, a rate limit): the message waits on the
+    broker in a delay queue, and `job.attempt` stays the same, so deferrals never dead-letter it.
+
+    Args:
+        delay: seconds to wait before the job runs again (> 0).
+    """
+
+    def __init__(self, delay: float) -> None:
+        if not delay > 0:
+            raise ConfigurationError(f"Defer(delay=...) must be > 0 seconds, got {delay!r}")
         super().__init__(delay)
         self.delay = delay
 

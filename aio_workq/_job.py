@@ -5,26 +5,34 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import aio_pika
 
 from ._demux import Delivery
 from ._exceptions import Reject
+from ._failures import ATTEMPT_HEADER, BROKER_HEADERS
+from ._message import PublishOptions
 from ._serialization import decode_body
 
 if TYPE_CHECKING:
     from ._topology import Exchange, Queue
-    from ._worker import Worker
 
-__all__ = ("ATTEMPT_HEADER", "BROKER_HEADERS", "Job", "JobData")
+__all__ = ("ATTEMPT_HEADER", "BROKER_HEADERS", "Forwarder", "Job", "JobData")
 
-ATTEMPT_HEADER = "x-workq-attempt"
-# Set by the broker; a copy moved to another queue must not carry them.
-BROKER_HEADERS = frozenset(
-    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
-     "x-first-death-reason"}
-)  # fmt: skip
+
+class Forwarder(Protocol):
+    """Publishes what a handler forwards (the worker's publisher), returning the confirm."""
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: PublishOptions,
+    ) -> asyncio.Future[str]: ...
+
 
 _UNSET: Any = object()
 
@@ -62,13 +70,18 @@ class Job:
     `body` pays for nothing else.
     """
 
-    __slots__ = ("_data", "_delivery", "_worker", "links")
+    __slots__ = ("_data", "_delivery", "_forwarder", "links")
 
-    def __init__(self, delivery: Delivery, worker: Worker) -> None:
+    def __init__(self, delivery: Delivery, forwarder: Forwarder) -> None:
         self._delivery = delivery
-        self._worker = worker
+        self._forwarder = forwarder
         self._data: Any = _UNSET
         self.links: list[asyncio.Future[str]] | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        """The delivery as it came off the socket (properties decoded on first use)."""
+        return self._delivery
 
     @property
     def body(self) -> bytes:
@@ -150,25 +163,37 @@ class Job:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-    ) -> asyncio.Future[str]:
-        """Publish downstream and tie this job's ack to the downstream confirm.
+        **options: Unpack[PublishOptions],
+    ) -> str:
+        """Publish downstream and wait for the broker's confirm; returns the message id.
 
-        The job is acked only once every forwarded message is confirmed; if one fails, the job
-        is retried under the worker's policy, never acked. Returns the downstream confirm.
+        The job is acked only once everything it forwarded is confirmed: if a forward fails,
+        the job is retried under the worker's policy, never acked (even if the handler caught
+        the error). Takes the same arguments as `Producer.publish`.
 
         Raises:
-            SerializationError: the body cannot be encoded (nothing was sent).
+            SerializationError: the body or an option can't be encoded (nothing was sent).
+            PublishError: the broker did not confirm the message.
         """
-        confirm = await self._worker._forward(
-            body,
-            queue,
-            exchange=exchange,
-            routing_key=routing_key,
-            headers=headers,
-            message_id=message_id,
+        confirm = await self.send(
+            body, queue, exchange=exchange, routing_key=routing_key, **options
         )
+        return await confirm
+
+    async def send(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> asyncio.Future[str]:
+        """Like `forward`, without waiting: returns the confirm future (to pipeline many).
+
+        The job's ack still waits for the confirm.
+        """
+        confirm = await self._forwarder.forward(body, queue, exchange, routing_key, options)
         if self.links is None:
             self.links = []
         self.links.append(confirm)

@@ -4,94 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustConnection
 
-from ._confirms import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, ConfirmPublisher, make_properties
-from ._connection import connect, translate_errors
+from ._confirms import ConfirmPublisher
+from ._connection import Connection, LinkSource, open_source
 from ._dead_letters import DeadLetters
 from ._exceptions import (
     ConfigurationError,
     PublishError,
     RPCTimeoutError,
-    SerializationError,
     WorkqError,
 )
+from ._message import PublishOptions, Sender
 from ._rpc import REPLY_TO, RPCClient
-from ._serialization import encode_body
-from ._settings import redact_url, resolve_url
-from ._topology import (
-    Exchange,
-    Queue,
-    QueueType,
-    declare_exchange,
-    declare_queue,
-    raw_channel,
-)
+from ._settings import URLs, redact_url, resolve_url
+from ._topology import Exchange, Queue, QueueType, Router
+from ._window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 
-__all__ = ("Producer", "Router")
+__all__ = ("Producer",)
 
 log = logging.getLogger("aio_workq")
-
-
-class Router:
-    """Turns `queue=` / `exchange=` / `routing_key=` into a destination, declaring it once."""
-
-    def __init__(self, connection: AbstractRobustConnection, queue_type: QueueType) -> None:
-        self._connection = connection
-        self._queue_type = queue_type
-        self._queues: dict[str, Queue] = {}
-        self._exchanges: set[str] = set()
-
-    def queue_spec(self, queue: str | Queue) -> Queue:
-        if isinstance(queue, Queue):
-            return queue
-        spec = self._queues.get(queue)
-        return spec if spec is not None else Queue(queue, type=self._queue_type)
-
-    async def destination(
-        self,
-        queue: str | Queue | None,
-        exchange: str | Exchange,
-        routing_key: str | None,
-    ) -> tuple[str, str]:
-        """`(exchange, routing_key)` to publish to, declared or checked on first use."""
-        if queue is not None:
-            if exchange:
-                raise ConfigurationError("publish to queue= or to exchange=, not both")
-            spec = self.queue_spec(queue)
-            declared = self._queues.get(spec.name)
-            # A plain name maps to the cached spec itself: no field-by-field compare per publish.
-            if declared is not spec and declared != spec:
-                await self.declare(spec)
-            return "", spec.name
-        if isinstance(exchange, Exchange):
-            if exchange.name not in self._exchanges:
-                await self._declare_exchange(exchange)
-            return exchange.name, routing_key or ""
-        if exchange:
-            if exchange not in self._exchanges:
-                await self._declare_exchange(Exchange(exchange, passive=True))
-            return exchange, routing_key or ""
-        if not routing_key:
-            raise ConfigurationError(
-                "nowhere to publish: pass queue='name', or exchange= and routing_key="
-            )
-        return "", routing_key
-
-    async def declare(self, spec: Queue, delays_ms: tuple[int, ...] = ()) -> str:
-        async with raw_channel(self._connection) as channel:
-            name = await declare_queue(channel, spec, delays_ms=delays_ms)
-        if not spec.server_named:
-            self._queues[spec.name] = spec
-        return name
-
-    async def _declare_exchange(self, exchange: Exchange) -> None:
-        async with raw_channel(self._connection) as channel:
-            await declare_exchange(channel, exchange)
-        self._exchanges.add(exchange.name)
 
 
 class Producer:
@@ -103,27 +39,32 @@ class Producer:
     ```
 
     Args:
-        url: broker URL; by default `AMQP_URL`, then `RABBITMQ_HOST`/`_PORT`/`_USERNAME`/
-            `_PASSWORD`/`_VHOST`, then `amqp://guest:guest@localhost/`.
-        connection: share an existing robust connection (from `aio_workq.connect()`) instead.
+        url: broker URL, several separated by commas, or a list of them (the nodes of a
+            cluster: reconnects rotate through them); by default `AMQP_URL`, then
+            `RABBITMQ_HOST`/`_PORT`/`_USERNAME`/`_PASSWORD`/`_VHOST`, then
+            `amqp://guest:guest@localhost/`.
+        connection: share a `Connection` (from `aio_workq.connect()`), or a robust aio-pika
+            connection (then aiormq's public API carries every frame), instead.
         queue_type: the type of queues declared from a plain name: `"quorum"` or `"classic"`.
-        window: the most unconfirmed messages in flight; `send()` waits for space beyond it.
+        window: the most unconfirmed messages in flight; `send()` waits for room beyond it.
             The default is deep enough to keep the broker busy between its confirm bursts
             (a classic queue confirms persistent messages when it syncs to disk).
         window_bytes: the most body bytes in flight (64 MiB by default): whichever of the two
             fills first bounds the window; one message larger than this still goes alone.
-        timeout: seconds a publish may take until its confirm; then `PublishTimeoutError`.
+        timeout: seconds a publish may take, from the call to its confirm (declaring its queue
+            and waiting for room in the window included); then `PublishTimeoutError`.
         on_reconnect: unconfirmed messages after a lost connection are re-sent with the same
             message id (`"resend"`, at-least-once: duplicates possible) or failed (`"fail"`).
-        connect_timeout: seconds for the first connection attempt.
+        connect_timeout: seconds for each connection attempt; `start()` tries each URL once.
         name: connection name shown in the management UI.
+        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: URLs | None = None,
         *,
-        connection: AbstractRobustConnection | None = None,
+        connection: Connection | AbstractRobustConnection | None = None,
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
         window: int = DEFAULT_WINDOW,
         window_bytes: int = DEFAULT_WINDOW_BYTES,
@@ -131,13 +72,11 @@ class Producer:
         on_reconnect: Literal["resend", "fail"] = "resend",
         connect_timeout: float = 10.0,
         name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
-        if window < 1:
-            raise ConfigurationError(f"window must be >= 1, got {window!r}")
-        if window_bytes < 1:
-            raise ConfigurationError(f"window_bytes must be >= 1, got {window_bytes!r}")
+        Window(window, window_bytes)  # validates both
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         if on_reconnect not in ("resend", "fail"):
@@ -151,17 +90,21 @@ class Producer:
                 f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
             ) from None
         self._url = None if connection is not None else resolve_url(url)
-        self._connection = connection
-        self._owns_connection = connection is None
+        self._shared = connection
+        self._connection: Connection | None = None
+        if connection is None:
+            self._connection = Connection(
+                self._url, ssl_context=ssl_context, name=name, connect_timeout=connect_timeout
+            )
         self._window = window
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
         self._connect_timeout = connect_timeout
-        self._name = name
-        self._channel: AbstractRobustChannel | None = None
+        self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None
         self._router: Router | None = None
+        self._sender: Sender | None = None
         self._rpc: RPCClient | None = None
 
     def __repr__(self) -> str:
@@ -173,6 +116,18 @@ class Producer:
         """Messages sent whose confirm has not arrived yet."""
         return self._publisher.in_flight if self._publisher else 0
 
+    @property
+    def connected(self) -> bool:
+        """True while the producer has a connection and an open publishing channel."""
+        publisher = self._publisher
+        return bool(
+            self._source is not None
+            and self._source.is_connected
+            and publisher is not None
+            and publisher.channel is not None
+            and not publisher.channel.is_closed
+        )
+
     async def __aenter__(self) -> Producer:
         await self.start()
         return self
@@ -181,26 +136,31 @@ class Producer:
         await self.close()
 
     async def start(self) -> None:
-        """Connect and open the publishing channel (done by `async with`)."""
+        """Connect and open the publishing channel (done by `async with`).
+
+        Raises:
+            BrokerConnectionError (and its subclasses): the broker can't be reached within
+                `connect_timeout` per URL. A failed start leaves nothing running.
+        """
         if self._publisher is not None:
             return
-        if self._connection is None:
-            self._connection = await connect(
-                self._url, timeout=self._connect_timeout, name=self._name
-            )
-        with translate_errors("opening the producer's channel"):
-            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._channel = channel
-        self._router = Router(self._connection, self._queue_type)
+        self._source = await open_source(self._connection, self._shared)
         publisher = ConfirmPublisher(
-            self._channel,
-            window=self._window,
-            window_bytes=self._window_bytes,
+            self._source,
+            window=Window(self._window, self._window_bytes),
             timeout=self._timeout,
             resend=self._resend,
+            what="producer",
         )
-        with translate_errors("opening the producer's channel"):
-            await publisher.start()
+        try:
+            await publisher.start(self._connect_timeout)
+        except BaseException:
+            await publisher.close(0)
+            if self._connection is not None:
+                await self._connection.close()
+            raise
+        self._router = Router(self._source, self._queue_type)
+        self._sender = Sender(publisher, self._router, self._timeout)
         self._publisher = publisher
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -214,12 +174,8 @@ class Producer:
         if self._publisher is not None:
             await self._publisher.close(timeout)
             self._publisher = None
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
-        if self._owns_connection and self._connection is not None:
+        if self._connection is not None:
             await self._connection.close()
-            self._connection = None
 
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
@@ -233,47 +189,34 @@ class Producer:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        mandatory: bool = True,
-        timeout: float | None = None,
-        **properties: Any,
+        **options: Unpack[PublishOptions],
     ) -> asyncio.Future[str]:
         """Hand a message to the connection and return its confirm without waiting for it.
 
         The returned future resolves to the message id once the broker confirms the message,
         or raises `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` or
-        `ConnectionLostError`. `send()` itself waits only while the window is full.
+        `ConnectionLostError`. `send()` itself waits only while the queue is declared the first
+        time, the window is full, or the connection is down: all within the timeout.
 
         Args:
             body: bytes, str (sent as UTF-8 text) or JSON-serialisable data.
             queue: a queue name or `Queue`; declared on first use.
-            exchange: an exchange name (must exist) or an `Exchange` (declared on first use).
+            exchange: an exchange *name* must exist already (it is checked, never declared);
+                an `Exchange(...)` is declared on first use.
             routing_key: the routing key, with `exchange=`.
-            headers: message headers.
-            message_id: defaults to a fresh unique id.
-            mandatory: raise `UnroutableError` when no queue receives the message.
-            timeout: seconds until the confirm; defaults to the producer's `timeout`.
-            **properties: `priority`, `expiration`, `correlation_id`, `reply_to`, `type`,
-                `timestamp`, `content_type`.
+            **options: `headers`, `message_id`, `mandatory`, `timeout`, `priority`,
+                `expiration` (seconds), `correlation_id`, `reply_to`, `message_type`,
+                `content_type`, `timestamp`, `persistent` (see `PublishOptions`).
 
         Raises:
-            SerializationError: the body can't be encoded; nothing was sent.
+            SerializationError: the body or a property can't be encoded; nothing was sent.
+            ConfigurationError: an unknown option, or no destination.
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
-            PublishTimeoutError: the window stayed full (or the connection down) until timeout.
+            PublishTimeoutError: the declaration, window or connection took until the timeout.
         """
-        publisher, router = self._ready()
-        data, content_type = encode_body(body)
-        target_exchange, key = await router.destination(queue, exchange, routing_key)
-        props = make_properties(
-            message_id=message_id,
-            content_type=properties.pop("content_type", content_type),
-            headers=headers,
-            **properties,
-        )
-        return await publisher.send(
-            target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
-        )
+        self._ready()
+        assert self._sender is not None
+        return await self._sender.forward(body, queue, exchange, routing_key, options)
 
     async def publish(
         self,
@@ -282,15 +225,11 @@ class Producer:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
-        message_id: str | None = None,
-        mandatory: bool = True,
-        timeout: float | None = None,
-        **properties: Any,
+        **options: Unpack[PublishOptions],
     ) -> str:
         """Publish one message and wait for its confirm; returns the message id.
 
-        Takes the same arguments as `send()`.
+        Takes the same arguments as `send()`; returns or raises within `timeout`.
 
         Raises:
             PublishNackedError: the broker refused the message.
@@ -298,18 +237,10 @@ class Producer:
             PublishTimeoutError: no confirm within `timeout`.
             ConnectionLostError: the connection closed before the confirm (with
                 `on_reconnect="fail"`; by default the message is re-sent).
-            SerializationError, TopologyError: see `send()`.
+            SerializationError, ConfigurationError, TopologyError: see `send()`.
         """
         confirm = await self.send(
-            body,
-            queue,
-            exchange=exchange,
-            routing_key=routing_key,
-            headers=headers,
-            message_id=message_id,
-            mandatory=mandatory,
-            timeout=timeout,
-            **properties,
+            body, queue, exchange=exchange, routing_key=routing_key, **options
         )
         return await confirm
 
@@ -320,31 +251,28 @@ class Producer:
         *,
         exchange: str | Exchange = "",
         routing_key: str | None = None,
-        headers: Mapping[str, Any] | None = None,
         return_exceptions: bool = False,
-        timeout: float | None = None,
+        **options: Unpack[PublishOptions],
     ) -> list[Any]:
         """Publish many messages pipelined within the window; wait for every confirm.
 
         Returns the message ids in order. Every message is settled before this returns: with
-        `return_exceptions=True` failed ones appear as their `PublishError` in the list;
-        otherwise the first failure is raised once all are settled.
+        `return_exceptions=True` failed ones appear as their error in the list; otherwise the
+        first failure is raised once all are settled. `options` apply to every message
+        (`message_id` is not allowed: each message gets its own).
         """
+        if options.get("message_id"):
+            raise ConfigurationError("publish_many gives each message its own message_id")
         outcomes: list[asyncio.Future[str] | WorkqError] = []
         for body in bodies:
             try:
                 outcomes.append(
                     await self.send(
-                        body,
-                        queue,
-                        exchange=exchange,
-                        routing_key=routing_key,
-                        headers=headers,
-                        timeout=timeout,
-                    )  # fmt: skip
+                        body, queue, exchange=exchange, routing_key=routing_key, **options
+                    )
                 )
-            except (SerializationError, PublishError) as exc:
-                if not return_exceptions:
+            except (WorkqError, RuntimeError) as exc:
+                if not return_exceptions or not isinstance(exc, WorkqError):
                     # Settle what was sent before raising: no confirm is left unobserved.
                     await asyncio.gather(
                         *(o for o in outcomes if isinstance(o, asyncio.Future)),
@@ -374,6 +302,7 @@ class Producer:
         """Send a request and wait for the worker's reply (RPC over direct reply-to).
 
         The worker's handler return value comes back decoded (JSON data, text, or bytes).
+        Returns or raises within `timeout`.
 
         Raises:
             RPCError: the remote handler raised; `remote_type` names the exception class.
@@ -384,8 +313,7 @@ class Producer:
         if timeout <= 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         if self._rpc is None:
-            assert self._channel is not None
-            self._rpc = RPCClient(self._channel)
+            self._rpc = RPCClient(publisher)
         rpc: RPCClient = self._rpc
         try:
             async with asyncio.timeout(timeout):
@@ -412,8 +340,8 @@ class Producer:
     def dead_letters(self, queue: str | Queue) -> DeadLetters:
         """The dead-letter queue of `queue`: count, read, replay and purge its messages."""
         _, router = self._ready()
-        assert self._connection is not None
-        return DeadLetters(self._connection, router.queue_spec(queue))
+        assert self._source is not None
+        return DeadLetters(self._source, router.queue_spec(queue))
 
     async def declare(self, queue: str | Queue) -> str:
         """Declare a queue (with its dead-letter queue) now; returns its name."""

@@ -37,6 +37,9 @@ class RetryPolicy:
     seconds before attempt `n + 1`, shortened by up to `jitter` (a fraction) at random so a burst
     of failures doesn't come back in lock step. After `max_attempts` the message is dead-lettered.
 
+    `throws` lists exception classes that are never retried: a handler raising one of them
+    (or a subclass) dead-letters the message at once, like `Reject` (Dramatiq's `throws`).
+
     Raises:
         ConfigurationError: a setting is out of range (a `ValueError`).
     """
@@ -46,6 +49,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_delay: float = 300.0
     jitter: float = 0.1
+    throws: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -67,6 +71,17 @@ class RetryPolicy:
             )
         if not 0 <= self.jitter < 1:
             raise ConfigurationError(f"RetryPolicy.jitter must be in [0, 1), got {self.jitter!r}")
+        if isinstance(self.throws, type) or not all(
+            isinstance(cls, type) and issubclass(cls, BaseException) for cls in self.throws
+        ):
+            raise ConfigurationError(
+                "RetryPolicy.throws must be a tuple of exception classes, e.g. (KeyError,), "
+                f"got {self.throws!r}"
+            )
+
+    def gives_up_on(self, exc: BaseException) -> bool:
+        """True when `exc` is one of `throws`: dead-letter without retrying."""
+        return isinstance(exc, self.throws)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt `attempt` (1-based), before jitter."""

@@ -1,20 +1,28 @@
-"""RPC over RabbitMQ's direct reply-to: requests through the producer, replies without a queue."""
+"""RPC over RabbitMQ's direct reply-to: requests through the producer, replies without a queue.
+
+The producer side is `RPCClient`; the worker side is `send_reply`, which answers a request
+with the handler's return value or error.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 
-from ._confirms import new_message_id
-from ._exceptions import ConnectionLostError, RPCError
-from ._serialization import decode_body
+from ._confirms import ConfirmPublisher
+from ._exceptions import ConnectionLostError, RPCError, WorkqError
+from ._failures import qualname
+from ._message import new_message_id
+from ._serialization import decode_body, encode_body
+from ._wire import Properties
 
-__all__ = ("REPLY_TO", "RPCClient")
+__all__ = ("REPLY_TO", "RPCClient", "send_reply")
+
+_ERROR_TEXT_LIMIT = 1000
 
 log = logging.getLogger("aio_workq")
 
@@ -29,17 +37,23 @@ class RPCClient:
     were waiting when the channel closed fail: their replies can no longer arrive.
     """
 
-    def __init__(self, channel: AbstractRobustChannel) -> None:
-        self._robust = channel
+    def __init__(self, publisher: ConfirmPublisher) -> None:
+        self._publisher = publisher
         self._calls: dict[str, asyncio.Future[Any]] = {}
-        self._channel: aiormq.Channel | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None
         self._lock = asyncio.Lock()
+        publisher.add_channel_listener(self._consume)
 
     async def ready(self) -> None:
-        """Consume replies on the current channel (once per channel)."""
+        """Consume replies on the publisher's current channel (once per channel)."""
+        channel = self._publisher.channel
+        if channel is None or channel is self._channel:
+            return  # reopening: the listener consumes on the next channel
+        await self._consume(channel)
+
+    async def _consume(self, channel: aiormq.abc.AbstractChannel) -> None:
         async with self._lock:
-            channel = cast(aiormq.Channel, await self._robust.get_underlay_channel())
-            if channel is self._channel and not channel.is_closed:
+            if channel is self._channel or channel.is_closed:
                 return
             await channel.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
             channel.closing.add_done_callback(self._on_closed)
@@ -88,3 +102,37 @@ class RPCClient:
     async def close(self) -> None:
         for future in self._calls.values():
             future.cancel()
+
+
+async def send_reply(
+    publisher: ConfirmPublisher,
+    reply_to: str,
+    correlation_id: str | None,
+    result: Any,
+    error: BaseException | None,
+) -> None:
+    """Answer an RPC request with the handler's `result`, or its `error`.
+
+    The caller may be gone: the reply is not mandatory, and a lost reply is the caller's
+    timeout; failures are logged, not raised.
+    """
+    if error is None:
+        try:
+            body, content_type = encode_body(result)
+        except WorkqError as exc:
+            error = exc
+    headers: dict[str, Any] = {"x-workq-status": "ok"}
+    if error is not None:
+        headers = {"x-workq-status": "error", "x-workq-exception-type": qualname(error)}
+        body, content_type = str(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
+    props = Properties(
+        message_id=new_message_id(),
+        content_type=content_type,
+        headers=headers,
+        delivery_mode=1,
+        correlation_id=correlation_id,
+    )
+    try:
+        await publisher.send("", reply_to, body, props, mandatory=False)
+    except WorkqError as exc:
+        log.warning("could not send the RPC reply to %s: %s", reply_to, exc)

@@ -10,23 +10,25 @@ A work queue `tasks` comes with:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
 
-from ._connection import translate_errors
+from ._connection import LinkSource, translate_errors
 from ._exceptions import ConfigurationError, TopologyError
+from ._wire import NAME_PATTERN
 
 __all__ = (
     "Exchange",
     "ExchangeType",
     "Queue",
     "QueueType",
+    "Router",
     "declare_exchange",
     "declare_queue",
     "raw_channel",
@@ -55,6 +57,20 @@ class ExchangeType(enum.StrEnum):
     """Every bound queue gets every message."""
     HEADERS = "headers"
     """Routes on message headers."""
+
+
+def _check_name(kind: str, name: object, limit: int) -> None:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"a {kind} name must be a str, got {type(name).__name__}")
+    if len(name.encode()) > limit:
+        raise ConfigurationError(
+            f"{kind} name longer than {limit} bytes: {name[:40]!r}...; use a shorter name"
+        )
+    if not NAME_PATTERN.match(name):
+        raise ConfigurationError(
+            f"{kind} name {name!r} is invalid: AMQP names use letters, digits, '-', '_', '.' "
+            "and ':' only"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +108,7 @@ class Queue:
             raise ConfigurationError(
                 f"queue {self.name!r}: delivery_limit must be >= 1, got {self.delivery_limit!r}"
             )
-        if len(self.name.encode()) > 200:
-            raise ConfigurationError(f"queue name longer than 200 bytes: {self.name[:40]!r}...")
+        _check_name("queue", self.name, 200)
 
     @property
     def server_named(self) -> bool:
@@ -168,6 +183,7 @@ class Exchange:
             raise ConfigurationError(
                 "the default exchange '' can't be declared; leave exchange unset"
             )
+        _check_name("exchange", self.name, 255)
 
 
 async def _declare_one(
@@ -240,8 +256,9 @@ async def declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Exchan
     except TopologyError as exc:
         if exchange.passive:
             raise TopologyError(
-                f"exchange {exchange.name!r} does not exist (passive use); declare it first "
-                "or drop passive=True"
+                f"exchange {exchange.name!r} does not exist. exchange='{exchange.name}' (a name) "
+                f"only checks that an exchange exists; pass Exchange({exchange.name!r}) to "
+                "declare it (durable), or declare it first"
             ) from exc
         raise TopologyError(
             f"exchange {exchange.name!r} already exists with another type or arguments ({exc})"
@@ -250,22 +267,129 @@ async def declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Exchan
 
 @asynccontextmanager
 async def raw_channel(
-    connection: AbstractRobustConnection, *, publisher_confirms: bool = False
-) -> AsyncIterator[aiormq.Channel]:
+    source: LinkSource, *, publisher_confirms: bool = False, timeout: float | None = None
+) -> AsyncIterator[aiormq.abc.AbstractChannel]:
     """A short-lived aiormq channel (declarations, dead-letter moves), closed on exit: a 406 on
-    it closes nothing else."""
+    it closes nothing else. Opening waits at most `timeout` for the connection."""
+    link = await source.link(timeout)
     with translate_errors("opening a channel"):
-        await connection.ready()
-        transport = connection.transport
-        if transport is None:
-            raise TopologyError("the connection is not open")
-        channel = cast(
-            aiormq.Channel,
-            await transport.connection.channel(publisher_confirms=publisher_confirms),
-        )
+        async with asyncio.timeout(timeout):
+            channel = await link.connection.channel(publisher_confirms=publisher_confirms)
     try:
         yield channel
     finally:
         if not channel.is_closed:
             with suppress(Exception):
-                await channel.close()
+                await asyncio.wait_for(channel.close(), 5)
+
+
+class Router:
+    """Turns `queue=` / `exchange=` / `routing_key=` into a destination, declaring it once.
+
+    `exchange="name"` only checks that the exchange exists (it is someone else's); an
+    `Exchange(...)` is declared on first use.
+    """
+
+    def __init__(self, source: LinkSource, queue_type: QueueType) -> None:
+        self._source = source
+        self._queue_type = queue_type
+        self._queues: dict[str, Queue] = {}
+        self._exchanges: set[str] = set()
+        # One declaration in flight per queue: concurrent first publishes share it (re-declaring
+        # a quorum queue while messages arrive for it makes the broker nack some of them).
+        self._declaring: dict[tuple[str, tuple[int, ...]], tuple[Queue, asyncio.Future[str]]] = {}
+
+    def queue_spec(self, queue: str | Queue) -> Queue:
+        if isinstance(queue, Queue):
+            return queue
+        spec = self._queues.get(queue)
+        return spec if spec is not None else Queue(queue, type=self._queue_type)
+
+    def lookup(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str] | None:
+        """The destination when nothing needs declaring (the hot path), else None."""
+        if queue is not None:
+            if exchange:
+                return None
+            if isinstance(queue, str):
+                return ("", queue) if queue in self._queues else None
+            declared = self._queues.get(queue.name)
+            return ("", queue.name) if declared is queue or declared == queue else None
+        name = exchange.name if isinstance(exchange, Exchange) else exchange
+        if name:
+            return (name, routing_key or "") if name in self._exchanges else None
+        return ("", routing_key) if routing_key else None
+
+    async def destination(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str]:
+        """`(exchange, routing_key)` to publish to, declared or checked on first use.
+
+        Raises:
+            ConfigurationError: both or neither of a queue and an exchange are given.
+            TopologyError: the queue exists with other arguments, or the named exchange does not.
+        """
+        if queue is not None:
+            if exchange:
+                raise ConfigurationError("publish to queue= or to exchange=, not both")
+            spec = self.queue_spec(queue)
+            declared = self._queues.get(spec.name)
+            # A plain name maps to the cached spec itself: no field-by-field compare per publish.
+            if declared is not spec and declared != spec:
+                await self.declare(spec)
+            return "", spec.name
+        if isinstance(exchange, Exchange):
+            if exchange.name not in self._exchanges:
+                await self._declare_exchange(exchange)
+            return exchange.name, routing_key or ""
+        if exchange:
+            if exchange not in self._exchanges:
+                await self._declare_exchange(Exchange(exchange, passive=True))
+            return exchange, routing_key or ""
+        if not routing_key:
+            raise ConfigurationError(
+                "nowhere to publish: pass queue='name', or exchange= and routing_key="
+            )
+        return "", routing_key
+
+    async def declare(self, spec: Queue, delays_ms: tuple[int, ...] = ()) -> str:
+        """Declare `spec` (and these delay levels); returns the queue's name.
+
+        Raises:
+            TopologyError: the queue exists with other arguments (or not at all, if passive).
+            BrokerConnectionError: the connection is down.
+        """
+        key = (spec.name, delays_ms)
+        pending = self._declaring.get(key) if not spec.server_named else None
+        if pending is not None and pending[0] == spec:
+            return await asyncio.shield(pending[1])
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not spec.server_named:
+            self._declaring[key] = (spec, future)
+        try:
+            async with raw_channel(self._source) as channel:
+                name = await declare_queue(channel, spec, delays_ms=delays_ms)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # retrieved here; waiters get it too
+            raise
+        else:
+            future.set_result(name)
+        finally:
+            if key in self._declaring and self._declaring[key][1] is future:
+                del self._declaring[key]
+        if not spec.server_named:
+            self._queues[spec.name] = spec
+        return name
+
+    async def _declare_exchange(self, exchange: Exchange) -> None:
+        async with raw_channel(self._source) as channel:
+            await declare_exchange(channel, exchange)
+        self._exchanges.add(exchange.name)

@@ -4,10 +4,15 @@ A confirmed publish is three frames (Basic.Publish, content header, body); build
 pamqp's frame classes costs more than the rest of the publish. Here the method frame for an
 (exchange, routing key) pair is built once and cached, the content header is packed directly,
 and acks are 21 bytes. `tests/test_wire.py` checks every encoder against pamqp byte for byte.
+
+Validation comes first: `encode_properties` and `check_destination` raise `SerializationError`
+naming the field for anything that can't go on the wire, before a delivery tag is taken or
+anything is recorded; `publish_frames` then only packs what was validated and cannot fail.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping
 from functools import lru_cache
@@ -15,7 +20,19 @@ from typing import Any
 
 from pamqp.encode import field_table
 
-__all__ = ("Properties", "ack_frame", "nack_frame", "publish_frames", "reject_frame")
+from ._exceptions import SerializationError
+
+__all__ = (
+    "NAME_PATTERN",
+    "EncodedProperties",
+    "Properties",
+    "ack_frame",
+    "check_destination",
+    "encode_properties",
+    "nack_frame",
+    "publish_frames",
+    "reject_frame",
+)
 
 FRAME_END = b"\xce"
 _FRAME_HEADER = struct.Struct(">BHI")
@@ -81,10 +98,14 @@ class Properties:
         self.type = type
 
 
-def _shortstr(value: str) -> bytes:
+def _shortstr(value: str, field: str) -> bytes:
+    if not isinstance(value, str):
+        raise SerializationError(f"{field} must be a str, got {type(value).__name__}")
     data = value.encode()
     if len(data) > 255:
-        raise ValueError(f"AMQP short string longer than 255 bytes: {value[:40]!r}...")
+        raise SerializationError(
+            f"{field} is {len(data)} bytes long: AMQP allows at most 255 ({value[:40]!r}...)"
+        )
     return bytes((len(data),)) + data
 
 
@@ -92,8 +113,8 @@ def _shortstr(value: str) -> bytes:
 def _method_payload(exchange: str, routing_key: str, mandatory: bool) -> bytes:
     return (
         struct.pack(">HHH", _BASIC, 40, 0)
-        + _shortstr(exchange)
-        + _shortstr(routing_key)
+        + _shortstr(exchange, "the exchange name")
+        + _shortstr(routing_key, "the routing key")
         + bytes((1 if mandatory else 0,))
     )
 
@@ -104,38 +125,108 @@ def _method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool
     return _FRAME_HEADER.pack(_METHOD, channel, len(payload)) + payload + FRAME_END
 
 
-def _properties(props: Properties) -> tuple[int, bytes]:
+NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.:-]*$")
+"""The characters AMQP 0-9-1 allows in queue and exchange names."""
+
+
+@lru_cache(maxsize=1024)
+def _valid_name(name: str) -> bool:
+    return NAME_PATTERN.match(name) is not None
+
+
+def check_destination(exchange: str, routing_key: str, mandatory: bool) -> None:
+    """Raise `SerializationError` if the exchange name or routing key can't be sent.
+
+    A bad exchange name would make the broker close the channel, failing every other message
+    in flight on it: it is refused here instead.
+    """
+    if exchange and (not isinstance(exchange, str) or not _valid_name(exchange)):
+        raise SerializationError(
+            f"exchange name {exchange!r} is invalid: use letters, digits, '-', '_', '.', ':'"
+        )
+    if not isinstance(routing_key, str):
+        raise SerializationError(f"the routing key must be a str, got {type(routing_key).__name__}")
+    _method_payload(exchange, routing_key, mandatory)
+
+
+EncodedProperties = tuple[int, bytes]
+"""Property flags and the encoded property list of a content header."""
+
+
+def _octet(value: object, field: str, low: int, high: int) -> bytes:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise SerializationError(f"{field} must be an int from {low} to {high}, got {value!r}")
+    return bytes((value,))
+
+
+def _table(headers: Mapping[str, Any]) -> bytes:
+    try:
+        return field_table(dict(headers))
+    except Exception:
+        pass
+    for key, value in headers.items():  # find the culprit, to name it
+        if not isinstance(key, str) or len(key.encode()) > 255:
+            raise SerializationError(f"header name {key!r} must be a str of at most 255 bytes")
+        try:
+            field_table({key: value})
+        except Exception as exc:
+            raise SerializationError(
+                f"header {key!r}: cannot encode a value of type {type(value).__name__} ({exc}); "
+                "use str, int, float, bool, None, datetime, Decimal, or lists and dicts of "
+                "those"
+            ) from None
+    raise SerializationError("the headers cannot be encoded")  # pragma: no cover
+
+
+def encode_properties(props: Properties) -> EncodedProperties:
+    """Validate and encode `props`.
+
+    Raises:
+        SerializationError: a property can't go on the wire; the message names it.
+    """
     flags = 0
     parts: list[bytes] = []
     if props.content_type is not None:
         flags |= _CONTENT_TYPE
-        parts.append(_shortstr(props.content_type))
+        parts.append(_shortstr(props.content_type, "content_type"))
     if props.headers:
+        if not isinstance(props.headers, Mapping):
+            raise SerializationError(
+                f"headers must be a mapping, got {type(props.headers).__name__}"
+            )
         flags |= _HEADERS
-        parts.append(field_table(dict(props.headers)))
+        parts.append(_table(props.headers))
     if props.delivery_mode is not None:
         flags |= _DELIVERY_MODE
-        parts.append(bytes((props.delivery_mode,)))
+        parts.append(_octet(props.delivery_mode, "delivery_mode", 1, 2))
     if props.priority is not None:
         flags |= _PRIORITY
-        parts.append(bytes((props.priority,)))
+        parts.append(_octet(props.priority, "priority", 0, 255))
     if props.correlation_id is not None:
         flags |= _CORRELATION_ID
-        parts.append(_shortstr(props.correlation_id))
+        parts.append(_shortstr(props.correlation_id, "correlation_id"))
     if props.reply_to is not None:
         flags |= _REPLY_TO
-        parts.append(_shortstr(props.reply_to))
+        parts.append(_shortstr(props.reply_to, "reply_to"))
     if props.expiration is not None:
+        if not isinstance(props.expiration, str) or not props.expiration.isdigit():
+            raise SerializationError(
+                f"expiration must be whole milliseconds as a str, got {props.expiration!r}"
+            )
         flags |= _EXPIRATION
-        parts.append(_shortstr(props.expiration))
+        parts.append(_shortstr(props.expiration, "expiration"))
     flags |= _MESSAGE_ID
-    parts.append(_shortstr(props.message_id))
+    parts.append(_shortstr(props.message_id, "message_id"))
     if props.timestamp is not None:
+        if not isinstance(props.timestamp, int) or not 0 <= props.timestamp < 2**63:
+            raise SerializationError(
+                f"timestamp must be whole seconds since the epoch, got {props.timestamp!r}"
+            )
         flags |= _TIMESTAMP
         parts.append(struct.pack(">Q", props.timestamp))
     if props.type is not None:
         flags |= _TYPE
-        parts.append(_shortstr(props.type))
+        parts.append(_shortstr(props.type, "message_type"))
     return flags, b"".join(parts)
 
 
@@ -144,16 +235,20 @@ def publish_frames(
     exchange: str,
     routing_key: str,
     mandatory: bool,
-    props: Properties,
+    encoded: EncodedProperties,
     body: bytes,
     frame_max: int,
 ) -> bytes:
-    """Basic.Publish, its content header and body frame(s), as one byte string."""
-    flags, encoded = _properties(props)
+    """Basic.Publish, its content header and body frame(s), as one byte string.
+
+    The destination and properties must have been validated (`check_destination`,
+    `encode_properties`): this only packs them.
+    """
+    flags, properties = encoded
     body_size = len(body)
     header = (
-        _HEADER_PREFIX.pack(_HEADER, channel, 14 + len(encoded), _BASIC, 0, body_size, flags)
-        + encoded
+        _HEADER_PREFIX.pack(_HEADER, channel, 14 + len(properties), _BASIC, 0, body_size, flags)
+        + properties
         + FRAME_END
     )
     out = [_method_frame(channel, exchange, routing_key, mandatory), header]

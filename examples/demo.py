@@ -18,9 +18,17 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from aio_pika.abc import AbstractRobustConnection
-
-from aio_workq import Handler, Job, Producer, Queue, RetryPolicy, Worker, connect, redact_url
+from aio_workq import (
+    Connection,
+    Handler,
+    Job,
+    Producer,
+    Queue,
+    RetryPolicy,
+    Worker,
+    connect,
+    redact_url,
+)
 
 QUEUE = Queue("workq-demo")
 TASKS = [f"task {i} {'.' * random.randint(0, 3)}".strip() for i in range(1, 11)]
@@ -84,19 +92,25 @@ async def demo(url: str) -> bool:
     return ok
 
 
-async def queue_length(connection: AbstractRobustConnection) -> int:
-    async with connection.channel() as channel:
-        queue = await channel.declare_queue(QUEUE.name, passive=True)
-        return queue.declaration_result.message_count or 0
+async def queue_length(connection: Connection) -> int:
+    channel = await connection.channel()  # a plain aiormq channel
+    try:
+        ok = await channel.queue_declare(QUEUE.name, passive=True)
+        return ok.message_count or 0
+    finally:
+        await channel.close()
 
 
-async def delete_queues(connection: AbstractRobustConnection) -> None:
+async def delete_queues(connection: Connection) -> None:
     """Remove the demo's queue with its dead-letter and retry queues (they are re-declared)."""
     delays = RetryPolicy().levels_ms()  # the workers' default policy: one delay queue per level
     names = [QUEUE.name, QUEUE.dead_letter_queue, *(QUEUE.delay_queue(ms) for ms in delays)]
-    async with connection.channel() as channel:
+    channel = await connection.channel()
+    try:
         for name in names:
             await channel.queue_delete(name)
+    finally:
+        await channel.close()
 
 
 def main() -> int:

@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractRobustConnection
 
 import aio_workq
 
@@ -85,11 +84,6 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
             await asyncio.sleep(0.05)
 
 
-async def heartbeat_connection(
-    amqp_url: str, heartbeat: int
-) -> tuple[AbstractRobustConnection, list[object]]:
-    """An aio-workq connection with a short heartbeat, and the list its reconnects go to."""
-    conn = await aio_workq.connect(f"{amqp_url}?heartbeat={heartbeat}")
-    reconnects: list[object] = []
-    conn.reconnect_callbacks.add(lambda *args: reconnects.append(args))
-    return conn, reconnects
+async def heartbeat_connection(amqp_url: str, heartbeat: int) -> aio_workq.Connection:
+    """An aio-workq connection with a short heartbeat (its `reconnects` counts the losses)."""
+    return await aio_workq.connect(f"{amqp_url}?heartbeat={heartbeat}")

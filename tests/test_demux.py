@@ -22,6 +22,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from aio_workq._demux import Delivery, FrameDemux
+from aio_workq._seams import ALIVE_FRAME
 
 TAPPED, OTHER = 1, 2
 PROPS = Basic.Properties(
@@ -102,7 +103,7 @@ async def test_deliveries_are_taken_and_every_other_frame_reaches_aiormq_in_orde
     piece: int,
 ) -> None:
     data = b"".join(chunk for chunk, _ in STREAM)
-    demux = FrameDemux(Pieces(data, piece))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, piece), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     channel = FakeChannel(TAPPED)
     deliveries: list[Delivery] = []
     demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
@@ -139,7 +140,7 @@ async def test_deliveries_are_taken_and_every_other_frame_reaches_aiormq_in_orde
 async def test_reply_to_is_read_without_decoding_only_when_absent() -> None:
     with_reply = Basic.Properties(reply_to="amq.rabbitmq.reply-to", correlation_id="c")
     data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b", with_reply)
-    demux = FrameDemux(Pieces(data, 5))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, 5), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
     demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
     await read_all(demux)
@@ -152,7 +153,7 @@ async def test_reply_to_is_read_without_decoding_only_when_absent() -> None:
 async def test_a_closed_channel_is_no_longer_tapped() -> None:
     channel = FakeChannel(TAPPED)
     data = content(TAPPED, deliver(1), b"a")
-    demux = FrameDemux(Pieces(data, 100))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, 100), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
     demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
     channel.closing.set_result(None)
@@ -180,7 +181,8 @@ async def test_a_delivery_under_way_when_the_channel_closes_is_taken_whole() -> 
                 channel.is_closed = True  # after the method frame, before the content
             return piece
 
-    demux = FrameDemux(ClosingMidway.of(first[:method_end], first[method_end:], second))  # type: ignore[arg-type]
+    reader = ClosingMidway.of(first[:method_end], first[method_end:], second)
+    demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
     demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
     frames = await read_all(demux)
@@ -194,7 +196,7 @@ async def test_a_failing_consumer_callback_does_not_stop_the_reader(
 ) -> None:
     data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b")
     data += frame.marshal(Basic.QosOk(), TAPPED)
-    demux = FrameDemux(Pieces(data, 1000))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, 1000), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     taken: list[int] = []
 
     def on_delivery(delivery: Delivery) -> None:
@@ -237,7 +239,7 @@ async def test_confirms_and_returns_go_to_the_publisher_and_deliveries_to_the_wo
             frame.marshal(Basic.Ack(delivery_tag=1), OTHER),  # not this channel's
         ]
     )
-    demux = FrameDemux(Pieces(data, piece))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, piece), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     confirms = RecordingConfirms()
     deliveries: list[Delivery] = []
     channel = FakeChannel(TAPPED)
@@ -258,7 +260,7 @@ async def test_confirms_and_returns_go_to_the_publisher_and_deliveries_to_the_wo
 async def test_without_a_confirms_sink_confirms_and_returns_reach_aiormq() -> None:
     returned = Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q")
     data = frame.marshal(Basic.Ack(delivery_tag=1), TAPPED) + content(TAPPED, returned, b"x")
-    demux = FrameDemux(Pieces(data, 3))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces(data, 3), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     demux.attach(FakeChannel(TAPPED), on_delivery=lambda d: None)  # type: ignore[arg-type]
     frames = await read_all(demux)
     assert [type(v).__name__ for _, v in frames] == [

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
-from pamqp import frame
-from pamqp.body import ContentBody
-from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
 import aio_workq
 from aio_workq import ConfigurationError, Queue, RetryPolicy, SerializationError, Worker
 from aio_workq._serialization import decode_body, encode_body
 from aio_workq._settings import redact_url, resolve_url
-from aio_workq._wire import Properties, ack_frame, nack_frame, publish_frames, reject_frame
 
 
 def test_exported_members_are_sorted_and_complete() -> None:
@@ -103,60 +96,6 @@ def test_bodies_encode_by_type() -> None:
 def test_unserialisable_body_raises_a_serialization_error(body: object) -> None:
     with pytest.raises(SerializationError, match="cannot encode"):
         encode_body(body)
-
-
-# --- wire -----------------------------------------------------------------------------------
-
-
-def test_publish_frames_match_pamqp_byte_for_byte() -> None:
-    props = Properties(
-        message_id="abc",
-        content_type="application/json",
-        headers={"x-workq-attempt": 2, "s": "v"},
-        priority=3,
-        correlation_id="c",
-        reply_to="r",
-        expiration="100",
-        timestamp=123,
-        type="t",
-    )
-    body = b"hello" * 10
-    ours = publish_frames(5, "ex", "rk", True, props, body, 131072)
-    reference = Basic.Properties(
-        message_id="abc",
-        content_type="application/json",
-        headers={"x-workq-attempt": 2, "s": "v"},
-        delivery_mode=2,
-        priority=3,
-        correlation_id="c",
-        reply_to="r",
-        expiration="100",
-        timestamp=datetime.fromtimestamp(123, UTC),
-        message_type="t",
-    )
-    expected = (
-        frame.marshal(Basic.Publish(exchange="ex", routing_key="rk", mandatory=True), 5)
-        + frame.marshal(ContentHeader(0, len(body), reference), 5)
-        + frame.marshal(ContentBody(body), 5)
-    )
-    assert ours == expected
-
-
-def test_large_bodies_are_split_at_frame_max() -> None:
-    body = bytes(range(256)) * 100  # 25,600 bytes
-    ours = publish_frames(1, "", "q", False, Properties(message_id="m"), body, 4096)
-    chunks = [body[i : i + 4088] for i in range(0, len(body), 4088)]
-    tail = b"".join(frame.marshal(ContentBody(chunk), 1) for chunk in chunks)
-    assert ours.endswith(tail)
-    assert len(chunks) == 7
-
-
-def test_settle_frames_match_pamqp() -> None:
-    assert ack_frame(3, 99, True) == frame.marshal(Basic.Ack(99, True), 3)
-    assert ack_frame(3, 7, False) == frame.marshal(Basic.Ack(7, False), 3)
-    assert nack_frame(3, 99, True) == frame.marshal(Basic.Nack(99, False, True), 3)
-    assert nack_frame(3, 99, False) == frame.marshal(Basic.Nack(99, False, False), 3)
-    assert reject_frame(3, 99, False) == frame.marshal(Basic.Reject(99, False), 3)
 
 
 # --- retry policy and settings validation ----------------------------------------------------
@@ -261,20 +200,37 @@ def test_queue_arguments_quorum_and_classic() -> None:
         Queue("tasks", type="stream")  # type: ignore[arg-type]
 
 
-def test_reconnect_backoff_doubles_with_jitter_and_resets() -> None:
-    from aio_workq._connection import BackoffConnection
+@pytest.mark.parametrize("name", ["with space", "ünïcode", "x" * 201, "a/b"])
+def test_queue_and_exchange_names_outside_amqp_are_configuration_errors(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="name"):
+        Queue(name)
+    with pytest.raises(ConfigurationError, match="name"):
+        aio_workq.Exchange(name + "x" * 60)
 
-    conn = BackoffConnection.__new__(BackoffConnection)
-    conn._failures, conn._delay, conn._last_read = 0, 0.5, 0.0
-    conn.reconnect_interval = 0.5
-    delays = []
-    for _ in range(8):
-        conn._last_read = 0.0  # a new failed attempt, not a second read of the same one
-        first = conn.reconnect_interval
-        assert conn.reconnect_interval == first  # aio-pika's log line and sleep agree
-        delays.append(first)
-    caps = [min(30.0, 0.5 * 2**n) for n in range(8)]
-    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
-    conn._reset_backoff()
-    conn._last_read = 0.0
-    assert conn.reconnect_interval <= 0.5
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://a,amqp://b", ["amqp://a", "amqp://b"]),
+        (" amqp://u:p@a:5672/v?x=1,2 , amqps://b/ ", ["amqp://u:p@a:5672/v?x=1,2", "amqps://b/"]),
+        (["amqp://a/", "amqp://b/"], ["amqp://a/", "amqp://b/"]),
+    ],
+)
+def test_host_lists_split_on_commas_but_not_inside_a_query(
+    url: object, expected: list[str]
+) -> None:
+    assert aio_workq.resolve_urls(url, {}) == expected  # type: ignore[arg-type]
+
+
+def test_rabbitmq_host_may_list_hosts_sharing_credentials() -> None:
+    env = {"RABBITMQ_HOST": "a, b:5673", "RABBITMQ_PASSWORD": "p@ss"}
+    assert aio_workq.resolve_urls(None, env) == [
+        "amqp://guest:p%40ss@a:5672/%2F",
+        "amqp://guest:p%40ss@b:5673/%2F",
+    ]
+
+
+def test_redaction_hides_every_password_of_a_list_even_unencoded() -> None:
+    shown = aio_workq.redact_url("amqp://u:s3cr#t/x@a/,amqp://v:other@b/")
+    assert "s3cr" not in shown and "other" not in shown
+    assert shown == "amqp://u:***@a/,amqp://v:***@b/"

@@ -27,7 +27,7 @@ async def main(url: str, queue: str, mode: str, delivery_limit: str = "20") -> N
         if mode == "slow":
             await asyncio.sleep(1)
         if mode == "chain-hang":  # forward, wait for the confirm, then die before the ack
-            await (await job.forward(job.data, queue=f"{queue}-down"))
+            await job.forward(job.data, queue=f"{queue}-down")
             print("FORWARDED", job.data, flush=True)
             await asyncio.Event().wait()
         print("DONE", job.data, flush=True)

@@ -8,7 +8,7 @@ it gives its work queues.
 - publish: `producer.publish_many([body] * n)`: pipelined within the window, returns once every
   message is confirmed.
 - consume: a `Worker` whose handler does nothing; the library acks.
-- chain: the handler calls `job.forward(body, queue=forward)`, which ties the upstream ack to
+- chain: the handler calls `job.send(body, queue=forward)`, which ties the upstream ack to
   the downstream confirm; the message counts as done when that confirm arrives.
 """
 
@@ -52,7 +52,7 @@ class AioWorkq(System):
 
         async def handle_chain(job: Job) -> None:
             body = job.body
-            confirm = await job.forward(body, queue=s.forward_queue)
+            confirm = await job.send(body, queue=s.forward_queue)
 
             def confirmed(future: asyncio.Future[str]) -> None:
                 if not future.cancelled() and future.exception() is None:

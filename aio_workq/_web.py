@@ -1,0 +1,377 @@
+"""What the web-framework integrations share: a bounded producer view and the app's runtime.
+
+`aio_workq.fastapi` and `aio_workq.aiohttp` are thin layers over `Integration` (start a
+`Producer` and in-process `Worker`s with the app, stop them with it) and `ProducerView` (every
+call bounded by a short, request-sized timeout). Nothing here imports a web framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, Literal, TypeVar, Unpack
+
+from ._exceptions import (
+    BrokerConnectionError,
+    ConfigurationError,
+    IntegrationError,
+    PublishError,
+    RPCTimeoutError,
+    WorkqError,
+)
+from ._message import PublishOptions
+from ._producer import Producer
+from ._topology import Exchange, Queue, QueueType
+from ._worker import Handler, Worker
+
+__all__ = (
+    "DEFAULT_REQUEST_TIMEOUT",
+    "Integration",
+    "IntegrationError",
+    "ProducerView",
+    "error_response",
+)
+
+log = logging.getLogger("aio_workq")
+
+DEFAULT_REQUEST_TIMEOUT = 5.0
+# The view's own bound sits a little after the producer's deadline, so that the producer's
+# precise error (e.g. "the connection is down; nothing was sent") is the one raised.
+
+H = TypeVar("H", bound=Handler)
+
+
+def _check_timeout(what: str, value: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ConfigurationError(f"{what} must be a number of seconds > 0, got {value!r}")
+    if math.isinf(value):
+        raise ConfigurationError(f"{what} must be finite, got {value!r}")
+    return float(value)
+
+
+def _target(queue: str | Queue | None, exchange: str | Exchange, routing_key: str | None) -> str:
+    if queue is not None:
+        return f"queue {queue.name if isinstance(queue, Queue) else queue!r}"
+    name = exchange.name if isinstance(exchange, Exchange) else exchange
+    return f"exchange {name!r} routing key {routing_key!r}"
+
+
+class ProducerView:
+    """A started `Producer` whose every call is bounded by a short default timeout.
+
+    A web request should answer "try again later" in seconds, not wait 30 s for a broker that
+    is down. The view passes `timeout=` to each call and also bounds the steps the producer does
+    not time itself (declaring a queue on first use), so a call never takes much longer than its
+    timeout. Errors are the producer's own typed errors.
+
+    ```python
+    view = ProducerView(producer, timeout=3.0)
+    job_id = await view.publish({"path": "cat.png"}, queue="images")  # <= about 3 s
+    ```
+
+    Args:
+        producer: a started producer (the view does not start or close it).
+        timeout: the default bound of each call, in seconds.
+    """
+
+    __slots__ = ("_timeout", "producer")
+
+    def __init__(self, producer: Producer, *, timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        self.producer = producer
+        self._timeout = _check_timeout("timeout", timeout)
+
+    def __repr__(self) -> str:
+        return f"<ProducerView timeout={self._timeout:g} {self.producer!r}>"
+
+    @property
+    def timeout(self) -> float:
+        """The default bound of each call, in seconds."""
+        return self._timeout
+
+    def with_timeout(self, timeout: float) -> ProducerView:
+        """The same producer with another default timeout (e.g. for one slow route)."""
+        return ProducerView(self.producer, timeout=timeout)
+
+    def _resolve(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else _check_timeout("timeout", timeout)
+
+    async def send(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> asyncio.Future[str]:
+        """`Producer.send` with the view's timeout: the future settles by that deadline.
+
+        The producer's timeout covers the queue's first declaration, the window and the
+        confirm.
+
+        Raises:
+            PublishTimeoutError: the message could not be handed to the broker in time (the
+                connection is down, the queue could not be declared, or the window stayed
+                full); it was not sent.
+            SerializationError: the body or an option can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
+        """
+        options["timeout"] = self._resolve(options.get("timeout"))
+        return await self.producer.send(
+            body, queue, exchange=exchange, routing_key=routing_key, **options
+        )
+
+    async def publish(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> str:
+        """`Producer.publish` within the timeout: the message id once confirmed.
+
+        Raises:
+            PublishTimeoutError: not confirmed within the timeout.
+            PublishError: nacked, unroutable or connection lost (see `Producer.publish`).
+            SerializationError: the body can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
+        """
+        confirm = await self.send(
+            body, queue, exchange=exchange, routing_key=routing_key, **options
+        )
+        return await confirm  # settled by the deadline: a timeout fails it, never hangs
+
+    async def publish_many(
+        self,
+        bodies: Iterable[Any],
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        return_exceptions: bool = False,
+        **options: Unpack[PublishOptions],
+    ) -> list[Any]:
+        """`Producer.publish_many` with one deadline for the whole batch.
+
+        Every message sent is settled before this returns or raises.
+
+        Raises:
+            PublishError: the first failure, once all are settled (unless `return_exceptions`).
+            SerializationError: a body can't be encoded (unless `return_exceptions`).
+        """
+        seconds = self._resolve(options.get("timeout"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        outcomes: list[asyncio.Future[str] | WorkqError] = []
+        for body in bodies:
+            options["timeout"] = max(deadline - loop.time(), 0.001)
+            try:
+                outcomes.append(
+                    await self.producer.send(
+                        body, queue, exchange=exchange, routing_key=routing_key, **options
+                    )
+                )
+            except WorkqError as exc:
+                if not return_exceptions:
+                    sent = [o for o in outcomes if isinstance(o, asyncio.Future)]
+                    await asyncio.gather(*sent, return_exceptions=True)
+                    raise
+                outcomes.append(exc)
+        sent = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        settled = iter(await asyncio.gather(*sent, return_exceptions=True))
+        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    async def call(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """`Producer.call` (RPC) within the timeout: the worker's reply.
+
+        Raises:
+            RPCError: the remote handler raised.
+            RPCTimeoutError: no reply within the timeout (no worker, or the broker is down).
+            PublishError: the request was not confirmed.
+        """
+        seconds = self._resolve(timeout)
+        return await self.producer.call(
+            body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+            timeout=seconds,
+        )  # fmt: skip
+
+    async def declare(self, queue: str | Queue, *, timeout: float | None = None) -> str:
+        """`Producer.declare` within the timeout; returns the queue's name.
+
+        Raises:
+            BrokerConnectionError: no answer within the timeout.
+            TopologyError: the queue exists with other arguments.
+        """
+        seconds = self._resolve(timeout)
+        try:
+            async with asyncio.timeout(seconds):
+                return await self.producer.declare(queue)
+        except TimeoutError as exc:
+            if isinstance(exc, WorkqError):
+                raise
+            name = queue.name if isinstance(queue, Queue) else queue
+            raise BrokerConnectionError(
+                f"declaring queue {name!r}: no answer from the broker within {seconds:g} s"
+            ) from None
+
+
+def error_response(exc: BaseException, retry_after: float) -> tuple[int, dict[str, str], str]:
+    """The HTTP status, headers and message for an aio-workq error a route let through.
+
+    `PublishError` and `BrokerConnectionError` are 503 (the job queue is unavailable, try again:
+    nothing was enqueued unless the error says it may have been); `RPCTimeoutError` is 504.
+    Other errors are the application's bugs (500), left to the framework.
+
+    Raises:
+        TypeError: `exc` is not one of the errors above.
+    """
+    if isinstance(exc, PublishError | BrokerConnectionError):
+        status, what = 503, "the job queue is unavailable, try again later"
+    elif isinstance(exc, RPCTimeoutError):
+        status, what = 504, "no answer from the workers in time"
+    else:
+        raise TypeError(f"no HTTP status for {type(exc).__name__}")
+    log.warning("answering %d: %s: %s", status, type(exc).__name__, exc)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if status == 503 else {}
+    return status, headers, f"{what} ({type(exc).__name__})"
+
+
+class Integration:
+    """Runs a `Producer`, and optionally `Worker`s, for as long as a web app runs.
+
+    The framework modules subclass this with their hooks: `aio_workq.fastapi.Workq` (lifespan)
+    and `aio_workq.aiohttp.Workq` (cleanup context). Routes get a `ProducerView` bounded by
+    `request_timeout`. On shutdown the workers stop gracefully (running handlers get their
+    `shutdown_timeout`), then the producer waits up to `close_timeout` for outstanding confirms.
+
+    Args:
+        url: broker URL, for the producer and the workers (see `Producer`).
+        request_timeout: the default bound, in seconds, of each publish or call from a route.
+        close_timeout: seconds the producer waits for outstanding confirms on shutdown.
+        connect_timeout: seconds for the first connection at startup; the app fails to start
+            with `BrokerConnectionError` if the broker can't be reached by then.
+        queue_type: the type of queues declared from a plain name.
+        name: connection name shown in the management UI.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        close_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
+        name: str | None = None,
+    ) -> None:
+        self._request_timeout = _check_timeout("request_timeout", request_timeout)
+        self._close_timeout = _check_timeout("close_timeout", close_timeout)
+        self._connect_timeout = _check_timeout("connect_timeout", connect_timeout)
+        self._url = url
+        self._queue_type = queue_type
+        self._name = name
+        # Validates the settings now (a bad URL fails at import, not at the first request).
+        Producer(url, queue_type=queue_type, connect_timeout=connect_timeout, name=name)
+        self._worker_specs: list[tuple[Handler, dict[str, Any]]] = []
+        self._view: ProducerView | None = None
+        self._workers: list[Worker] = []
+
+    @property
+    def request_timeout(self) -> float:
+        """The default bound of each publish or call from a route, in seconds."""
+        return self._request_timeout
+
+    def add_worker(self, handler: Handler, *, queue: str | Queue, **options: Any) -> None:
+        """Run a `Worker` for `queue` in the app process while the app runs.
+
+        For small deployments: the app serves requests and works through the queue. Each app
+        start builds a fresh `Worker(url, queue=queue, handler=handler, **options)`.
+
+        Raises:
+            ConfigurationError: an option is invalid (checked now).
+            TypeError: an option is not a `Worker` argument.
+        """
+        options = {"queue_type": self._queue_type, **options}
+        Worker(self._url, queue=queue, handler=handler, **options)  # validate now
+        self._worker_specs.append((handler, {"queue": queue, **options}))
+
+    def worker(self, *, queue: str | Queue, **options: Any) -> Callable[[H], H]:
+        """Decorator form of `add_worker`: `@workq.worker(queue="images", concurrency=4)`."""
+
+        def register(handler: H) -> H:
+            self.add_worker(handler, queue=queue, **options)
+            return handler
+
+        return register
+
+    @property
+    def producer(self) -> ProducerView:
+        """The running app's producer view (also for background tasks of the app).
+
+        Raises:
+            IntegrationError: the app is not running.
+        """
+        if self._view is None:
+            raise IntegrationError(
+                "the aio-workq producer is not running: it starts with the app (install the "
+                "integration's lifespan or cleanup context)"
+            )
+        return self._view
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """The workers running in the app process (their `state` serves health checks)."""
+        return tuple(self._workers)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[ProducerView]:
+        """Start the producer and the workers; stop them on exit (workers first).
+
+        Raises:
+            BrokerConnectionError: the broker can't be reached within `connect_timeout`.
+            TopologyError: a worker's queue exists with other arguments.
+            IntegrationError: already running.
+        """
+        if self._view is not None:
+            raise IntegrationError("this aio-workq integration is already running an app")
+        producer = Producer(
+            self._url,
+            queue_type=self._queue_type,
+            connect_timeout=self._connect_timeout,
+            name=self._name,
+        )
+        await producer.start()
+        try:
+            for handler, options in self._worker_specs:
+                worker = Worker(self._url, handler=handler, **options)
+                self._workers.append(worker)
+                await worker.start()
+            self._view = ProducerView(producer, timeout=self._request_timeout)
+            yield self._view
+        finally:
+            self._view = None
+            workers, self._workers = self._workers, []
+            stops = await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+            for worker, outcome in zip(workers, stops, strict=True):
+                if isinstance(outcome, Exception):
+                    log.error("stopping %r failed: %r", worker, outcome)
+            await producer.close(self._close_timeout)

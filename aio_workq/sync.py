@@ -1,0 +1,369 @@
+"""Publishing from synchronous code: Django, Flask, scripts, thread pools.
+
+`SyncProducer` runs one `Producer` (one connection) on a background thread with an event loop of
+its own. Its `publish()` blocks the calling thread until the broker confirms the message, or
+raises the same typed errors as `Producer.publish` within its timeout. Any number of threads may
+publish at once: their messages are pipelined on the one connection.
+
+```python
+from aio_workq.sync import SyncProducer
+
+producer = SyncProducer(timeout=5)  # connects on first use; closed at exit
+
+
+def resize_view(request):  # a Django view, a Flask route, a thread...
+    job_id = producer.publish({"path": request.POST["path"]}, queue="images")
+```
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Literal, TypeVar
+
+from ._exceptions import (
+    BrokerConnectionError,
+    PublishTimeoutError,
+    RPCTimeoutError,
+    WorkqError,
+)
+from ._producer import Producer
+from ._settings import redact_url, resolve_url
+from ._topology import Exchange, Queue, QueueType
+from ._web import DEFAULT_REQUEST_TIMEOUT, IntegrationError, ProducerView, _check_timeout
+
+__all__ = ("SyncProducer",)
+
+log = logging.getLogger("aio_workq")
+
+T = TypeVar("T")
+
+# How much longer than its own timeout a caller waits for the loop thread's answer. The loop
+# thread bounds every call itself; this only guards against a loop that is stuck.
+_SLACK = 2.0
+
+
+class _LoopThread:
+    """An event loop on a daemon thread, running one started `Producer` behind a view.
+
+    Holds no reference to its `SyncProducer`, so that a finaliser can close it.
+    """
+
+    def __init__(self, producer: Producer, timeout: float) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, name="aio-workq SyncProducer", daemon=True)
+        self._producer = producer
+        self._timeout = timeout
+        self.view: ProducerView | None = None
+        self.closed = False
+        self._close_lock = threading.Lock()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_forever()
+        finally:
+            try:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+
+    def start(self, connect_timeout: float) -> None:
+        self.thread.start()
+
+        async def start() -> ProducerView:
+            await self._producer.start()
+            return ProducerView(self._producer, timeout=self._timeout)
+
+        try:
+            self.view = self.submit(
+                start(), connect_timeout + _SLACK, "connecting", BrokerConnectionError
+            )
+        except BaseException:
+            self.close(0)
+            raise
+
+    def submit(
+        self,
+        coro: Coroutine[Any, Any, T],
+        bound: float,
+        doing: str,
+        stuck: type[WorkqError] = PublishTimeoutError,
+    ) -> T:
+        """Run `coro` on the loop thread; its result, or its exception, in this thread.
+
+        Raises:
+            WorkqError: `stuck` when no answer came within `bound` (a blocked loop).
+        """
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout=bound)
+        except TimeoutError as exc:
+            if isinstance(exc, WorkqError):  # the call's own typed timeout
+                raise
+            future.cancel()
+            raise stuck(
+                f"{doing}: no answer from the SyncProducer's event-loop thread within "
+                f"{bound:g} s (is that loop blocked?)"
+            ) from None
+
+    def close(self, timeout: float) -> None:
+        """Wait up to `timeout` for outstanding confirms, close, stop the loop thread."""
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        if self.pid != os.getpid() or not self.thread.is_alive():
+            return  # a forked child: the thread (and its connection) belong to the parent
+        if threading.current_thread() is self.thread:
+            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
+        try:
+            self.submit(self._producer.close(timeout), timeout + _SLACK, "closing")
+        except Exception as exc:  # closing at exit: say what happened, never raise there
+            log.warning("closing the SyncProducer failed: %r", exc)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=_SLACK)
+
+
+class SyncProducer:
+    """A thread-safe, blocking producer for synchronous code.
+
+    It connects on first use (or `start()`), on a background thread of its own, and is closed by
+    `close()`, by `with SyncProducer(...)`, when it is garbage-collected, or at interpreter exit
+    (outstanding confirms are awaited up to `close_timeout`). A process forked after it
+    started (e.g. by a pre-forking server) opens a connection of its own on first use.
+
+    Call it from any thread except its own event-loop thread (e.g. not from a coroutine that
+    the producer itself runs). A thread that runs an event loop of its own may call it: the call
+    blocks that loop while it waits, so async code should use `aio_workq.Producer` instead.
+
+    Args:
+        url: broker URL (see `Producer`).
+        timeout: the default bound, in seconds, of each `publish()` or `call()`.
+        connect_timeout: seconds for connecting on first use.
+        close_timeout: seconds `close()` waits for outstanding confirms.
+        queue_type: the type of queues declared from a plain name.
+        name: connection name shown in the management UI.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+        queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
+        name: str | None = None,
+    ) -> None:
+        self._timeout = _check_timeout("timeout", timeout)
+        self._connect_timeout = _check_timeout("connect_timeout", connect_timeout)
+        self._close_timeout = _check_timeout("close_timeout", close_timeout)
+        self._url = resolve_url(url)
+        self._make_producer: Callable[[], Producer] = lambda: Producer(
+            self._url, queue_type=queue_type, connect_timeout=connect_timeout, name=name
+        )
+        self._make_producer()  # validates the settings now
+        self._lock = threading.Lock()
+        self._runner: _LoopThread | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "started" if self._runner else "not started"
+        return f"<SyncProducer {redact_url(self._url)} {state}>"
+
+    def __enter__(self) -> SyncProducer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Connect now instead of on first use.
+
+        Raises:
+            BrokerConnectionError: the broker can't be reached within `connect_timeout`.
+            IntegrationError: the producer is closed.
+        """
+        self._running()
+
+    def _running(self) -> _LoopThread:
+        runner = self._runner
+        if runner is not None and runner.pid == os.getpid() and not runner.closed:
+            if threading.current_thread() is runner.thread:
+                raise IntegrationError(
+                    "SyncProducer called from its own event-loop thread: it would wait for "
+                    "itself; in async code use aio_workq.Producer"
+                )
+            return runner
+        with self._lock:
+            if self._closed:
+                raise IntegrationError("this SyncProducer is closed")
+            runner = self._runner
+            if runner is None or runner.pid != os.getpid() or runner.closed:
+                if self._finalizer is not None:
+                    self._finalizer.detach()  # a parent's thread, or a failed start
+                runner = _LoopThread(self._make_producer(), self._timeout)
+                runner.start(self._connect_timeout)
+                self._finalizer = weakref.finalize(self, runner.close, self._close_timeout)
+                self._runner = runner
+            return runner
+
+    def _do(
+        self,
+        doing: str,
+        timeout: float | None,
+        make: Callable[[ProducerView], Coroutine[Any, Any, Any]],
+        stuck: type[WorkqError] = PublishTimeoutError,
+    ) -> Any:
+        runner = self._running()
+        seconds = self._timeout if timeout is None else _check_timeout("timeout", timeout)
+        view = runner.view
+        assert view is not None
+
+        async def run() -> Any:
+            return await make(view)
+
+        return runner.submit(run(), seconds + _SLACK, doing, stuck)
+
+    def publish(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        mandatory: bool = True,
+        timeout: float | None = None,
+        **properties: Any,
+    ) -> str:
+        """Publish one message and block until its confirm; returns the message id.
+
+        Takes the arguments of `Producer.publish`; `timeout` defaults to the producer's.
+
+        Raises:
+            PublishTimeoutError: not confirmed within the timeout (e.g. the broker is down);
+                the message says whether it was sent at all.
+            PublishError: nacked, unroutable or connection lost (see `Producer.publish`).
+            SerializationError: the body can't be encoded; nothing was sent.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't.
+            BrokerConnectionError: connecting on first use failed.
+            IntegrationError: called from the producer's own loop thread, or after `close()`.
+        """
+        return str(
+            self._do(
+                "publishing",
+                timeout,
+                lambda view: view.publish(
+                    body,
+                    queue,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    headers=headers,
+                    message_id=message_id,
+                    mandatory=mandatory,
+                    timeout=timeout,
+                    **properties,
+                ),
+            )  # fmt: skip
+        )
+
+    def publish_many(
+        self,
+        bodies: Iterable[Any],
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        return_exceptions: bool = False,
+        timeout: float | None = None,
+    ) -> list[Any]:
+        """Publish many messages pipelined, one timeout for the batch; the message ids in order.
+
+        Raises:
+            PublishError: the first failure once all are settled (unless `return_exceptions`).
+            SerializationError: a body can't be encoded (unless `return_exceptions`).
+            BrokerConnectionError: connecting on first use failed.
+            IntegrationError: see `publish()`.
+        """
+        items = list(bodies)  # consumed here, not on the loop thread
+        result: list[Any] = self._do(
+            "publishing a batch",
+            timeout,
+            lambda view: view.publish_many(
+                items, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+                return_exceptions=return_exceptions, timeout=timeout,
+            ),
+        )  # fmt: skip
+        return result
+
+    def call(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send an RPC request and block until the worker's reply.
+
+        Raises:
+            RPCError: the remote handler raised.
+            RPCTimeoutError: no reply within the timeout.
+            PublishError: the request was not confirmed.
+            BrokerConnectionError: connecting on first use failed.
+            IntegrationError: see `publish()`.
+        """
+        return self._do(
+            "calling",
+            timeout,
+            lambda view: view.call(
+                body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+                timeout=timeout,
+            ),
+            RPCTimeoutError,
+        )  # fmt: skip
+
+    def declare(self, queue: str | Queue, *, timeout: float | None = None) -> str:
+        """Declare a queue (with its dead-letter queue) now; returns its name.
+
+        Raises:
+            BrokerConnectionError: no answer within the timeout.
+            TopologyError: the queue exists with other arguments.
+        """
+        return str(
+            self._do(
+                "declaring",
+                timeout,
+                lambda view: view.declare(queue, timeout=timeout),
+                BrokerConnectionError,
+            )
+        )
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait up to `timeout` (default `close_timeout`) for outstanding confirms, then close.
+
+        Idempotent; later calls to `publish()` raise `IntegrationError`.
+        """
+        with self._lock:
+            self._closed = True
+            runner, self._runner = self._runner, None
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer.detach()
+        if runner is not None:
+            runner.close(self._close_timeout if timeout is None else timeout)

@@ -1,0 +1,396 @@
+"""The FastAPI and aiohttp integrations and their examples, through real HTTP servers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from fastapi import FastAPI
+
+from aio_workq import (
+    BrokerConnectionError,
+    ConfigurationError,
+    Job,
+    Producer,
+    PublishTimeoutError,
+    TopologyError,
+)
+from aio_workq import aiohttp as workq_aiohttp
+from aio_workq import fastapi as workq_fastapi
+from aio_workq._web import IntegrationError, ProducerView
+from scripts.broker import LocalBroker, free_port
+from tests.helpers import queue_consumers, queue_depth
+from tests.servers import EXAMPLES, load_example, serve_aiohttp, serve_asgi, serve_wsgi
+
+aiohttp_app = load_example("aiohttp_app")
+fastapi_app = load_example("fastapi_app")
+flask_app = load_example("flask_app")
+
+FRAMEWORKS = ("fastapi", "aiohttp")
+
+
+def serve_example(
+    framework: str, url: str, queue: str, request_timeout: float = 3
+) -> AbstractAsyncContextManager[str]:
+    """The framework's example app on a free port, its workers running in-process."""
+    if framework == "fastapi":
+        return serve_asgi(fastapi_app.create_app(url, queue=queue, request_timeout=request_timeout))
+    return serve_aiohttp(aiohttp_app.create_app(url, queue=queue, request_timeout=request_timeout))
+
+
+def results(framework: str) -> dict[str, dict[str, str]]:
+    module = fastapi_app if framework == "fastapi" else aiohttp_app
+    done: dict[str, dict[str, str]] = module.RESULTS
+    return done
+
+
+def image(name: str) -> dict[str, Any]:
+    return {"name": name, "width": 64, "height": 48}
+
+
+async def wait_done(client: httpx.AsyncClient, job_id: str, timeout: float = 15) -> dict[str, Any]:
+    """Poll the status endpoint (an RPC to the in-process worker) until the job is done."""
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await client.get(f"/images/{job_id}")
+            assert response.status_code == 200, response.text
+            status: dict[str, Any] = response.json()
+            if status["status"] == "done":
+                return status
+            assert status == {"job_id": job_id, "status": "pending"} or "thumbnail" not in status
+            await asyncio.sleep(0.05)
+
+
+# --- the examples, broker up ----------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_example_enqueues_processes_and_reports(
+    framework: str, amqp_url: str, queue_name: str
+) -> None:
+    async with (
+        serve_example(framework, amqp_url, queue_name) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        assert await queue_consumers(amqp_url, queue_name) == 1  # the in-process worker
+        names = [f"photo-{i}.jpg" for i in range(8)]
+        posted = await asyncio.gather(*(client.post("/images", json=image(n)) for n in names))
+        assert [r.status_code for r in posted] == [202] * len(names), [r.text for r in posted]
+        job_ids = [r.json()["job_id"] for r in posted]
+        assert len(set(job_ids)) == len(names)
+
+        statuses = await asyncio.gather(*(wait_done(client, job_id) for job_id in job_ids))
+
+        for name, job_id, status in zip(names, job_ids, statuses, strict=True):
+            checksum = hashlib.sha256(f"{name}:64x48".encode()).hexdigest()
+            assert status["checksum"] == checksum
+            assert status["thumbnail"] == f"{name.removesuffix('.jpg')}_64x48.png"
+            assert results(framework)[job_id]["name"] == name
+        bad = await client.post("/images", json={"name": "x.png", "width": 0, "height": 1})
+        assert bad.status_code == 422
+        assert await queue_depth(amqp_url, queue_name) == 0
+
+    # Shutdown stopped the in-process workers.
+    assert await queue_consumers(amqp_url, queue_name) == 0
+    assert await queue_consumers(amqp_url, f"{queue_name}.status") == 0
+
+
+# --- the integrations' contracts ------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_shutdown_waits_for_outstanding_confirms(amqp_url: str, queue_name: str) -> None:
+    workq = workq_fastapi.Workq(amqp_url, close_timeout=20)
+    app = FastAPI(lifespan=workq.lifespan)
+    async with serve_asgi(app):
+        confirms = [await workq.producer.send({"n": n}, queue=queue_name) for n in range(2000)]
+        assert not all(confirm.done() for confirm in confirms)  # still in flight at shutdown
+    # The lifespan's shutdown waited for them: all confirmed, none failed by the close.
+    assert all(confirm.done() and confirm.exception() is None for confirm in confirms)
+    assert await queue_depth(amqp_url, queue_name) == 2000
+    with pytest.raises(IntegrationError, match="not running"):
+        workq.producer  # noqa: B018
+
+
+@pytest.mark.broker
+async def test_fastapi_dependency_and_error_handlers(amqp_url: str, queue_name: str) -> None:
+    workq = workq_fastapi.Workq(amqp_url, request_timeout=2)
+    app = FastAPI(lifespan=workq.lifespan)
+    workq.add_exception_handlers(app)
+    seen: list[ProducerView] = []
+
+    @app.post("/publish")
+    async def publish(producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        seen.append(producer)
+        return {"id": await producer.publish({"x": 1}, queue=queue_name)}
+
+    @app.post("/unroutable")
+    async def unroutable(producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        return {"id": await producer.publish({}, exchange="amq.direct", routing_key="nobody")}
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        ok = await client.post("/publish")
+        assert ok.status_code == 200 and ok.json()["id"]
+        assert seen == [workq.producer] and seen[0].timeout == 2
+        failed = await client.post("/unroutable")
+        assert failed.status_code == 503
+        assert failed.headers["retry-after"] == "2"
+        assert failed.json() == {
+            "detail": "the job queue is unavailable, try again later (UnroutableError)"
+        }
+    assert await queue_depth(amqp_url, queue_name) == 1
+
+
+async def test_fastapi_dependency_without_lifespan_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = FastAPI()  # no lifespan=workq.lifespan
+
+    @app.get("/")
+    async def route(producer: workq_fastapi.ProducerDep) -> None:
+        raise AssertionError("not reached")
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        assert (await client.get("/")).status_code == 500
+    errors = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert any(
+        isinstance(e, IntegrationError) and "lifespan=workq.lifespan" in str(e) for e in errors
+    ), caplog.text
+
+
+@pytest.mark.broker
+async def test_aiohttp_app_key_and_middleware(amqp_url: str, queue_name: str) -> None:
+    workq = workq_aiohttp.Workq(amqp_url, request_timeout=2)
+    app = web.Application()
+    workq.setup(app)
+
+    async def publish(request: web.Request) -> web.Response:
+        producer: ProducerView = request.app[workq_aiohttp.PRODUCER]  # typed by the AppKey
+        return web.json_response({"id": await producer.publish({"x": 1}, queue=queue_name)})
+
+    async def unroutable(request: web.Request) -> web.Response:
+        await request.app[workq_aiohttp.PRODUCER].publish({}, exchange="amq.direct")
+        raise AssertionError("not reached")
+
+    app.router.add_post("/publish", publish)
+    app.router.add_post("/unroutable", unroutable)
+    async with serve_aiohttp(app) as base, httpx.AsyncClient(base_url=base) as client:
+        assert app[workq_aiohttp.PRODUCER] is workq.producer
+        assert (await client.post("/publish")).status_code == 200
+        failed = await client.post("/unroutable")
+        assert failed.status_code == 503, failed.text
+        assert failed.headers["retry-after"] == "2"
+        assert "UnroutableError" in failed.json()["detail"]
+    assert await queue_depth(amqp_url, queue_name) == 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_app_fails_to_start_without_a_broker(framework: str) -> None:
+    url = f"amqp://guest:secret@127.0.0.1:{free_port()}/"  # nothing listens there
+    with pytest.raises(BrokerConnectionError) as caught:
+        if framework == "fastapi":
+            workq = workq_fastapi.Workq(url, connect_timeout=2)
+            async with workq.lifespan(FastAPI()):
+                pass
+        else:
+            app = web.Application()
+            workq_aiohttp.Workq(url, connect_timeout=2).setup(app)
+            runner = web.AppRunner(app)
+            try:
+                await runner.setup()
+            finally:
+                await runner.cleanup()
+    assert "secret" not in str(caught.value)
+
+
+@pytest.mark.broker
+async def test_view_bounds_each_call(producer: Producer, queue_name: str) -> None:
+    view = ProducerView(producer, timeout=4)
+    assert view.timeout == 4 and view.with_timeout(1).timeout == 1
+    assert view.with_timeout(1).producer is producer
+    # Concurrent first publishes to a fresh (quorum) queue: one declaration, none nacked.
+    first = await asyncio.gather(*(view.publish({"n": n}, queue=queue_name) for n in range(8)))
+    ids = await view.publish_many([{"n": n} for n in range(50)], queue=queue_name)
+    assert len(set(first + ids)) == 58
+    assert await view.declare(queue_name) == queue_name
+    # An exchange that doesn't exist fails fast with the producer's own typed error.
+    with pytest.raises(TopologyError, match="does not exist"):
+        await view.publish({}, exchange="no-such-exchange", routing_key="x")
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), float("nan"), "3", True])
+def test_bad_timeouts_are_configuration_errors(bad: Any) -> None:
+    with pytest.raises(ConfigurationError, match="timeout"):
+        workq_fastapi.Workq("amqp://127.0.0.1/", request_timeout=bad)
+    with pytest.raises(ConfigurationError, match="timeout"):
+        ProducerView(Producer("amqp://127.0.0.1/"), timeout=bad)
+
+
+def test_worker_options_are_checked_when_added() -> None:
+    workq = workq_aiohttp.Workq("amqp://127.0.0.1/")
+
+    async def handler(job: Job) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="concurrency"):
+        workq.add_worker(handler, queue="q", concurrency=0)
+    with pytest.raises(TypeError):
+        workq.worker(queue="q", no_such_option=1)(handler)
+    registered: Callable[[Job], Any] = workq.worker(queue="q", concurrency=2)(handler)
+    assert registered is handler
+    assert workq.workers == ()  # built when the app starts
+
+
+# --- broker outage --------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def three_apps(
+    amqp_url: str, queue_name: str
+) -> AsyncIterator[dict[str, tuple[httpx.AsyncClient, str]]]:
+    """The FastAPI, aiohttp and Flask examples served at once, each with a client and queue.
+
+    The first two run their workers in-process; Flask publishes with a `SyncProducer`.
+    """
+    queues = {name: f"{queue_name}-{name}" for name in ("fastapi", "aiohttp", "flask")}
+    flask = flask_app.create_app(amqp_url, queue=queues["flask"], timeout=2)
+    try:
+        with serve_wsgi(flask) as flask_base:
+            async with (
+                serve_example("fastapi", amqp_url, queues["fastapi"], request_timeout=2) as f,
+                serve_example("aiohttp", amqp_url, queues["aiohttp"], request_timeout=2) as a,
+                httpx.AsyncClient(base_url=f, timeout=30) as fastapi_client,
+                httpx.AsyncClient(base_url=a, timeout=30) as aiohttp_client,
+                httpx.AsyncClient(base_url=flask_base, timeout=30) as flask_client,
+            ):
+                yield {
+                    "fastapi": (fastapi_client, queues["fastapi"]),
+                    "aiohttp": (aiohttp_client, queues["aiohttp"]),
+                    "flask": (flask_client, queues["flask"]),
+                }
+    finally:
+        flask.extensions["aio_workq"].close()
+
+
+@pytest.mark.broker
+async def test_broker_down_answers_503_then_recovers(
+    local_broker: LocalBroker, three_apps: dict[str, tuple[httpx.AsyncClient, str]]
+) -> None:
+    loop = asyncio.get_running_loop()
+    accepted: dict[str, list[str]] = {app: [] for app in three_apps}
+    refused: dict[str, list[str]] = {app: [] for app in three_apps}
+
+    async def post(app: str, name: str) -> httpx.Response:
+        client, _ = three_apps[app]
+        response = await client.post("/images", json=image(name))
+        assert response.status_code in (202, 503), response.text
+        (accepted if response.status_code == 202 else refused)[app].append(name)
+        return response
+
+    for app in three_apps:
+        assert (await post(app, "before.png")).status_code == 202
+
+    await asyncio.to_thread(local_broker.stop)
+
+    async def refused_in_time(app: str) -> float:
+        started = loop.time()
+        response = await post(app, "during.png")
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "2"
+        assert "PublishTimeoutError" in response.json()["detail"]
+        return loop.time() - started
+
+    elapsed = await asyncio.gather(*(refused_in_time(app) for app in three_apps))
+    # The request timeout is 2 s (the producer's own default is 30 s).
+    assert all(1.5 < seconds < 10 for seconds in elapsed), elapsed
+
+    await asyncio.to_thread(local_broker.start)
+
+    async def recovers(app: str) -> None:
+        async with asyncio.timeout(60):  # the connection comes back with backoff
+            attempt = 0
+            while (await post(app, f"after-{attempt}.png")).status_code != 202:
+                attempt += 1
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(recovers(app) for app in three_apps))
+
+    # Nothing half-sent: each accepted job is processed (or queued, for Flask, whose workers
+    # run elsewhere), and a refused request left no message behind.
+    for app in FRAMEWORKS:
+        client, _ = three_apps[app]
+        done = {result["name"] for result in results(app).values()}
+        async with asyncio.timeout(30):
+            while not done >= set(accepted[app]):
+                await asyncio.sleep(0.05)
+                done = {result["name"] for result in results(app).values()}
+        assert not done & set(refused[app]), (done, refused)
+    url = local_broker.url
+    depths = {app: await queue_depth(url, queue) for app, (_, queue) in three_apps.items()}
+    assert depths == {"fastapi": 0, "aiohttp": 0, "flask": len(accepted["flask"])}
+    assert len(accepted["flask"]) == 2  # before.png and the first after-N that got through
+    assert all("during.png" in names for names in refused.values()), refused
+
+
+@pytest.mark.broker
+async def test_view_publish_times_out_while_broker_paused(
+    local_broker: LocalBroker, producer: Producer, queue_name: str
+) -> None:
+    view = ProducerView(producer, timeout=1)
+    await view.declare(queue_name)
+    await asyncio.to_thread(local_broker.pause)  # TCP stays open, nothing answers
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PublishTimeoutError):
+            await view.publish({"n": 1}, queue=queue_name)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        await asyncio.to_thread(local_broker.resume)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_example_runs_as_a_script(framework: str, amqp_url: str, queue_name: str) -> None:
+    """`python examples/<framework>_app.py` serves, and SIGTERM shuts it down cleanly."""
+    port = free_port()
+    env = {**os.environ, "AMQP_URL": amqp_url, "PORT": str(port), "IMAGES_QUEUE": queue_name}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / f"{framework}_app.py"),
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            async with asyncio.timeout(30):
+                while True:  # poll until the server listens (its startup includes the broker)
+                    try:
+                        posted = await client.post("/images", json=image("script.png"))
+                        break
+                    except httpx.ConnectError:
+                        assert proc.returncode is None, "the example exited during startup"
+                        await asyncio.sleep(0.1)
+            assert posted.status_code == 202, posted.text
+            status = await wait_done(client, posted.json()["job_id"])
+            assert status["thumbnail"] == "script_64x48.png"
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            output, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = output.decode()
+    # uvicorn re-raises SIGTERM after its graceful shutdown; aiohttp exits 0.
+    assert proc.returncode in (0, -signal.SIGTERM), text
+    assert "Traceback" not in text
+    if framework == "fastapi":
+        assert "Application shutdown complete." in text
+    assert await queue_consumers(amqp_url, queue_name) == 0

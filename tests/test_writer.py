@@ -1,0 +1,126 @@
+"""The ordered frame writer, the acker and the window, offline."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pamqp import frame as pamqp_frame
+from pamqp.commands import Basic
+
+from aio_workq._acker import Acker
+from aio_workq._window import Window
+from aio_workq._wire import ack_frame
+from aio_workq._writer import FrameWriter
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.size = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+
+class Stream:
+    """A StreamWriter whose send buffer can be made to look full, then drained."""
+
+    def __init__(self) -> None:
+        self.transport = Transport()
+        self.written: list[bytes] = []
+        self.drained = asyncio.Event()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:
+        await self.drained.wait()
+        self.transport.size = 0
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.open = True
+
+
+def acks(data: bytes) -> list[tuple[int, int, bool]]:
+    out = []
+    while data:
+        size, channel, value = pamqp_frame.unmarshal(data)
+        data = data[size:]
+        assert isinstance(value, Basic.Ack)
+        out.append((channel, value.delivery_tag, value.multiple))
+    return out
+
+
+async def test_frames_leave_in_order_even_while_the_socket_is_full() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream, high_water=100)  # type: ignore[arg-type]
+    gate = Gate()
+    writer.write(gate, ack_frame(1, 1, False))
+    writer.flush()
+    stream.transport.size = 1000  # over the high-water mark: writing pauses
+    for tag in range(2, 50):
+        writer.write(gate, ack_frame(1, tag, False))
+        await asyncio.sleep(0)
+    assert acks(b"".join(stream.written)) == [(1, 1, False)]
+    stream.drained.set()
+    for _ in range(10):  # the drain task, then the flush it schedules
+        await asyncio.sleep(0)
+    assert [tag for _, tag, _ in acks(b"".join(stream.written))] == list(range(1, 50))
+
+
+async def test_frames_of_a_closed_channel_are_dropped_others_kept() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    one, two = Gate(), Gate()
+    writer.write(one, ack_frame(1, 1, False))
+    writer.write(two, ack_frame(2, 1, False))
+    one.open = False  # its Channel.Close arrived before the flush
+    writer.flush()
+    assert acks(b"".join(stream.written)) == [(2, 1, False)]
+
+
+class Channel:
+    number = 3
+    is_closed = False
+
+
+async def test_the_acker_coalesces_a_completed_prefix_into_one_multiple_ack() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    acker = Acker(Channel(), (writer, Gate()))  # type: ignore[arg-type]
+    for tag in range(1, 6):
+        acker.track(tag)
+    for tag in (1, 2, 4):
+        acker.ack(tag)
+    acker.nack(4, requeue=True)  # settled already: an ack asked for wins
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert acks(b"".join(stream.written)) == [(3, 2, True), (3, 4, False)]
+    assert acker.unsettled == 2
+
+
+async def test_the_window_resumes_waiters_together_at_three_quarters() -> None:
+    window = Window(8)
+    for _ in range(8):
+        window.take(1)
+    waiter = asyncio.ensure_future(window.wait())
+    await asyncio.sleep(0)
+    window.release(1)  # 7 in flight: not yet
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    window.release(1)  # 6 = 8 - 8 // 4: resume
+    await asyncio.wait_for(waiter, 1)
+    assert window.count == 6 and window.bytes == 6
+
+
+def test_one_message_bigger_than_the_byte_window_still_fits_when_alone() -> None:
+    window = Window(10, max_bytes=100)
+    assert not window.full
+    window.take(1000)
+    assert window.full
+    window.release(1000)
+    assert not window.full
