@@ -11,7 +11,6 @@ import asyncio
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import frame
@@ -20,6 +19,7 @@ from pamqp.heartbeat import Heartbeat
 
 from aio_workq import ConfigurationError, redact_url, resolve_url
 from aio_workq._demux import Delivery, FrameDemux
+from aio_workq._seams import ALIVE_FRAME
 from tests.test_demux import OTHER, TAPPED, FakeChannel, Pieces, content, deliver, read_all
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,7 +60,7 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 async def _demux(pieces: list[bytes]) -> tuple[list[Delivery], list[tuple[int, Any]]]:
-    demux = FrameDemux(Pieces.of(*pieces))  # type: ignore[arg-type]
+    demux = FrameDemux(Pieces.of(*pieces), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
     demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
     frames = await read_all(demux)
@@ -123,11 +123,6 @@ def test_an_unencoded_password_is_never_shown_in_the_url_or_its_error(middle: st
         assert not _shows_password(str(exc), password), str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a password with an unencoded '/', '#' or '?' ends the URL's authority "
-    "early, so redact_url finds no password and shows it (issue 15, Why 4)",
-)
 @SETTINGS
 @given(middle=_middle.filter(lambda m: bool(set(m) & set("/#?"))))
 def test_an_unencoded_password_with_a_delimiter_is_never_shown(middle: str) -> None:

@@ -22,6 +22,7 @@ from aio_workq import (
     Producer,
     PublishTimeoutError,
     WorkqError,
+    redact_url,
     resolve_url,
 )
 from tests.faultproxy import FaultProxy
@@ -52,11 +53,6 @@ async def test_publish_timeout_holds_in_a_black_hole_for_a_declared_queue(
             proxy.cut()  # don't wait for the held bytes on the way out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: the queue declaration before a first publish is not under the publish "
-    "timeout; it waits for the whole outage (issue 15, Why 1)",
-)
 async def test_publish_timeout_covers_the_declare_of_a_new_queue(
     proxy: FaultProxy, amqp_url: str, queue_name: str
 ) -> None:
@@ -70,11 +66,6 @@ async def test_publish_timeout_covers_the_declare_of_a_new_queue(
                 proxy.cut()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a connect that timed out leaves aio-pika's reconnect loop running, "
-    "which connects later (issue 15, Why 2)",
-)
 async def test_a_failed_connect_leaves_nothing_running(amqp_url: str) -> None:
     # In a process of its own: the leak would otherwise hold up this loop's teardown.
     proc = await asyncio.create_subprocess_exec(
@@ -88,11 +79,6 @@ async def test_a_failed_connect_leaves_nothing_running(amqp_url: str) -> None:
     assert result["tasks_left"] == 0, "tasks were left running after the failed connect"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a non-existent vhost raises aiormq's error, not a WorkqError, and the "
-    "broker's reason is lost (issue 15, Why 3)",
-)
 async def test_a_missing_vhost_is_a_typed_error_with_the_brokers_reason(amqp_url: str) -> None:
     url = amqp_url.rstrip("/") + "/no-such-vhost"
     with pytest.raises(BrokerConnectionError, match="no-such-vhost"):
@@ -104,15 +90,7 @@ async def test_a_missing_vhost_is_a_typed_error_with_the_brokers_reason(amqp_url
     "name",
     [
         pytest.param("q" * 256, id="over-255-bytes"),
-        pytest.param(
-            "has space",
-            id="outside-the-amqp-charset",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="core bug: a queue name outside AMQP's character set raises pamqp's "
-                "ValueError, not a WorkqError (issue 15, Why 3)",
-            ),
-        ),
+        pytest.param("has space", id="outside-the-amqp-charset"),
     ],
 )
 async def test_a_bad_queue_name_is_a_typed_error(producer: Producer, name: str) -> None:
@@ -121,11 +99,6 @@ async def test_a_bad_queue_name_is_a_typed_error(producer: Producer, name: str) 
     await producer.publish("still usable", queue="test-bounds-usable", timeout=5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a routing key over 255 bytes raises pamqp's ValueError, not a WorkqError "
-    "(issue 11 Why 1, issue 15 Why 3)",
-)
 async def test_an_overlong_routing_key_is_a_typed_error(amqp_url: str) -> None:
     exchange = Exchange("test-bounds-topic", type="topic")
     producer = Producer(amqp_url)
@@ -137,15 +110,13 @@ async def test_an_overlong_routing_key_is_a_typed_error(amqp_url: str) -> None:
         await producer.close(timeout=1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: with an unencoded '/', '#' or '?' the URL's password is not recognised "
-    "and the ConfigurationError shows it in full (issue 15, Why 4)",
-)
 @pytest.mark.parametrize("char", ["/", "#", "?"])
-def test_an_unencoded_special_character_in_the_password_is_never_shown(char: str) -> None:
-    password = f"Sec{char}ret-4711"
-    try:
-        resolve_url(f"amqp://user:{password}@localhost:5672/")
-    except ConfigurationError as exc:
-        assert "4711" not in str(exc) and "Sec" not in str(exc), str(exc)
+def test_an_unencoded_special_character_in_the_password_is_a_typed_error_never_shown(
+    char: str,
+) -> None:
+    url = f"amqp://user:Sec{char}ret-4711@localhost:5672/"
+    with pytest.raises(ConfigurationError) as info:
+        resolve_url(url)
+    assert "4711" not in str(info.value) and "Sec" not in str(info.value), str(info.value)
+    assert "percent-encode" in str(info.value)  # it says how to fix it
+    assert "4711" not in redact_url(url) and "Sec" not in redact_url(url)

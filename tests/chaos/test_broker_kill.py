@@ -143,7 +143,7 @@ async def test_kill_9_three_times_during_chains(local_broker: LocalBroker, queue
     downstream = Queue(f"{queue_name}-down")
 
     async def forward(job: Job) -> None:
-        await (await job.forward(job.data, downstream, message_id=job.message_id))
+        await job.forward(job.data, downstream, message_id=job.message_id)
 
     second = Worker(
         local_broker.url, queue=downstream, handler=recording_handler(ledger), concurrency=50

@@ -164,11 +164,6 @@ async def test_bad_url_with_an_encoded_password(evidence: Evidence) -> None:
     evidence.check()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a bad URL whose password holds an unencoded '/', '#' or '?' is shown in "
-    "full in the ConfigurationError (issue 15, Why 4)",
-)
 def test_bad_url_with_an_unencoded_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         resolve_url(f"amqp://{USER}:{PASSWORD}@127.0.0.1:5672/")
