@@ -29,7 +29,7 @@ test-plain: venv
 test-slow: venv
 	$(PY) -m pytest -m slow
 
-# The whole fault suite (about 15 minutes; `-m ""` lifts the default `not chaos`): its figures
+# The whole fault suite (about 10 minutes; `-m ""` lifts the default `not chaos`): its figures
 # go to .chaos/results.jsonl.
 chaos: venv
 	$(PY) -m pytest tests/chaos -m ""
