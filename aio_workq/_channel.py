@@ -121,6 +121,9 @@ class ManagedChannel:
         self.channel = channel
         self.wire = link.wire
         channel.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        # The connection's end is the channel's too, even when aiormq's own close of the channel
+        # does not finish (its Channel.Close RPC is cancelled with the dead connection).
+        link.connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         self._ready.set()
 
     def _on_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:

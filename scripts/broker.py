@@ -6,7 +6,7 @@ name, ports and epmd, bound to loopback only.
 
 CLI::
 
-    python -m scripts.broker start --dir .broker/dev [--port N] [--management]
+    python -m scripts.broker start --dir .broker/dev [--port N] [--management] [--tls DIR]
     python -m scripts.broker status --dir .broker/dev
     python -m scripts.broker stop --dir .broker/dev
 """
@@ -24,10 +24,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from scripts.tls import TLSError, make_pki
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,38 @@ HOW_TO_GET_ONE = (
 )
 _STATE_KEYS = (
     "name", "amqp_port", "dist_port", "epmd_port", "management", "management_port",
-    "consumer_timeout_ms", "server_pid", "epmd_pid",
+    "consumer_timeout_ms", "server_pid", "epmd_pid", "tls", "tls_port",
 )  # fmt: skip
 
 
 class BrokerError(RuntimeError):
     """A local broker could not be installed, started, stopped or queried."""
+
+
+@dataclass(frozen=True)
+class TLSListener:
+    """A TLS listener (``listeners.ssl.default``): PEM paths, and whether clients need a cert.
+
+    `scripts.tls.make_pki` writes a matching CA, server certificate and key.
+    """
+
+    cacertfile: str
+    certfile: str
+    keyfile: str
+    verify_peer: bool = False  # mutual TLS: verify_peer + fail_if_no_peer_cert
+
+    def config(self, port: int) -> list[str]:
+        lines = [
+            f"listeners.ssl.default = 127.0.0.1:{port}",
+            f"ssl_options.cacertfile = {self.cacertfile}",
+            f"ssl_options.certfile = {self.certfile}",
+            f"ssl_options.keyfile = {self.keyfile}",
+        ]
+        if self.verify_peer:
+            lines += ["ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"]
+        else:
+            lines += ["ssl_options.verify = verify_none"]
+        return lines
 
 
 def ensure_installed() -> None:
@@ -140,6 +168,8 @@ class LocalBroker:
     management: bool = False
     management_port: int = 0
     consumer_timeout_ms: int | None = None
+    tls: TLSListener | None = None
+    tls_port: int = 0
     server_pid: int | None = field(default=None, repr=False)  # the rabbitmq-server shell wrapper
     epmd_pid: int | None = field(default=None, repr=False)
     _procs: dict[int, subprocess.Popen[bytes]] = field(
@@ -150,6 +180,8 @@ class LocalBroker:
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).resolve()
+        if isinstance(self.tls, dict):  # from state.json
+            self.tls = TLSListener(**self.tls)
 
     @property
     def node(self) -> str:
@@ -158,6 +190,13 @@ class LocalBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """The amqps:// URL of the TLS listener (host ``localhost``, as the certificate says)."""
+        if self.tls is None:
+            raise BrokerError(f"{self.node} has no TLS listener: pass tls=TLSListener(...)")
+        return f"amqps://guest:guest@localhost:{self.tls_port}/"
 
     @property
     def management_url(self) -> str:
@@ -220,7 +259,7 @@ class LocalBroker:
             self.pid_file.unlink(missing_ok=True)
             with self.log_file.open("ab") as out:
                 proc = subprocess.Popen(
-                    [str(SERVER)],
+                    self._server_command(),
                     env=self.env(),
                     cwd=self.base_dir,
                     stdin=subprocess.DEVNULL,
@@ -344,6 +383,7 @@ class LocalBroker:
         if not self.base_dir.is_dir():  # never started: nothing to record
             return
         state = {k: getattr(self, k) for k in _STATE_KEYS}
+        state["tls"] = asdict(self.tls) if self.tls else None
         (self.base_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
     @classmethod
@@ -360,7 +400,7 @@ class LocalBroker:
 
     def _pick_ports(self) -> None:
         taken: set[int] = set()
-        for attr in ("amqp_port", "dist_port", "epmd_port", "management_port"):
+        for attr in ("amqp_port", "dist_port", "epmd_port", "management_port", "tls_port"):
             port = getattr(self, attr)
             while not port or port in taken:
                 port = free_port()
@@ -390,6 +430,8 @@ class LocalBroker:
             ]
         if self.consumer_timeout_ms is not None:
             conf.append(f"consumer_timeout = {self.consumer_timeout_ms}")
+        if self.tls is not None:
+            conf += self.tls.config(self.tls_port)
         (d / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
 
     def _start_epmd(self) -> None:
@@ -446,6 +488,10 @@ class LocalBroker:
             if proc.poll() is not None:
                 del self._procs[pid]
 
+    def _server_command(self) -> list[str]:
+        """The command that starts the node (a subclass may wrap it, e.g. in setpriv)."""
+        return [str(SERVER)]
+
     def _require_beam(self) -> int:
         pid = self.beam_pid()
         if pid is None:
@@ -469,6 +515,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="AMQP port (start; default: free)")
     parser.add_argument("--management", action="store_true", help="enable the HTTP API (start)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds (start/stop)")
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="also listen for amqps:// with a test CA and certificates made in DIR (start)",
+    )
+    parser.add_argument("--mtls", action="store_true", help="with --tls: require a client cert")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
@@ -482,8 +535,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.port and not broker.running():
                 broker.amqp_port = args.port
             broker.management = broker.management or args.management
+            if args.tls and not broker.running():
+                pki = make_pki(args.tls)
+                broker.tls = TLSListener(
+                    str(pki.ca_cert), str(pki.server_cert), str(pki.server_key), args.mtls
+                )
             broker.start(timeout=args.timeout)
             print(broker.url)
+            if broker.tls:
+                print(broker.tls_url)
             return 0
         if args.command == "stop" and not (args.dir / "state.json").exists():
             print(f"no broker in {args.dir}")
@@ -495,9 +555,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped {broker.node}")
             return 0
         up = broker.running()
-        print(f"{broker.node}: {'running' if up else 'stopped'}, {broker.url}")
+        tls = f", {broker.tls_url}" if broker.tls else ""
+        print(f"{broker.node}: {'running' if up else 'stopped'}, {broker.url}{tls}")
         return 0 if up else 1
-    except BrokerError as e:
+    except (BrokerError, TLSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -1,202 +1,184 @@
-"""A ledger for the fault suite: what the producer was told against what the workers saw.
+"""A ledger for failover tests: ids the broker confirmed vs ids processed or dead-lettered.
 
-Each scenario keeps one `Ledger`: the ids the broker confirmed to the producer, the ids a worker
-processed (with how often), the ids found in the dead-letter queue, and every error the API raised
-on the way. From those it computes one `Row`:
-
-- **lost**: confirmed, yet neither processed nor dead-lettered (the number that must be 0);
-- **duplicates**: extra deliveries of an id already processed (at-least-once allows them);
-- **typed errors**: errors raised by the API, by class name; an error that is not a `WorkqError`
-  is counted under `untyped:<class>` (bad: users could not catch it as documented);
-- **recover_s**: after each fault was cleared (for kill -9: the kill itself, so it includes the
-  node's restart), the time until both a confirm and a processed message came again; the worst;
-- **longest_s**: the longest any one publish (`send()` and its confirm) took to return or raise:
-  the bound that held.
-
-`Ledger.report()` appends the row to `.chaos/results.jsonl` (or `$AIO_WORKQ_CHAOS_RESULTS`),
-which `python -m scripts.chaos_table` turns into the Markdown table of docs/guarantees.md, and
-keeps it for the end-of-session summary that tests/chaos/conftest.py prints.
+The producer side records when each message was handed over and when (or whether) it was
+confirmed; the handler records each run; the dead-letter queue is read at the end. Nothing confirmed
+may be missing from processed + dead-lettered; duplicates (at-least-once) are counted. A fault
+time (`mark_fault`) turns the event times into failover timings.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
-import json
-import os
+import functools
 import time
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
-from aio_workq import DeadLetters, WorkqError
+import aio_pika
 
-__all__ = ("RESULTS", "Ledger", "Row", "ROWS")
+import aio_workq
 
-RESULTS = Path(os.environ.get("AIO_WORKQ_CHAOS_RESULTS", ".chaos/results.jsonl"))
-ROWS: list[Row] = []  # every row reported in this session, for the terminal summary
+__all__ = ("Ledger", "drain_ids", "produce")
 
 
-@dataclass(frozen=True)
-class Row:
-    """One scenario's figures."""
-
-    scenario: str
-    confirmed: int
-    processed: int
-    dead_lettered: int
-    lost: int
-    duplicates: int
-    errors: dict[str, int]
-    recover_s: float | None
-    longest_s: float
-    seconds: float
-    date: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"))
-
-    @property
-    def typed_errors(self) -> int:
-        return sum(n for name, n in self.errors.items() if not name.startswith("untyped:"))
-
-    @property
-    def untyped_errors(self) -> dict[str, int]:
-        return {name: n for name, n in self.errors.items() if name.startswith("untyped:")}
-
-    def line(self) -> str:
-        recover = "-" if self.recover_s is None else f"{self.recover_s:.1f}"
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"
-        return (
-            f"{self.scenario}: confirmed {self.confirmed}, processed {self.processed}, "
-            f"dead-lettered {self.dead_lettered}, lost {self.lost}, duplicates {self.duplicates}, "
-            f"errors: {errors}, recover {recover} s, longest call {self.longest_s:.1f} s, "
-            f"{self.seconds:.0f} s"
-        )
-
-
+@dataclass
 class Ledger:
-    """Ids confirmed to the producer against ids processed or dead-lettered.
+    """What happened to every message id, with monotonic event times."""
 
-    Args:
-        scenario: the row's name.
-    """
+    sent: dict[str, float] = field(default_factory=dict)  # id -> time handed to send()
+    confirmed: dict[str, float] = field(default_factory=dict)  # id -> confirm time
+    failed: dict[str, str] = field(default_factory=dict)  # id -> error class (not confirmed)
+    processed: Counter[str] = field(default_factory=Counter)  # id -> handler runs (returned)
+    processed_at: list[tuple[float, str, bool]] = field(default_factory=list)  # (t, id, redeliv.)
+    rejected: set[str] = field(default_factory=set)  # ids the handler rejected
+    dead: set[str] = field(default_factory=set)  # ids found in the dead-letter queue
+    fault_at: float | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
-    def __init__(self, scenario: str) -> None:
-        self.scenario = scenario
-        self.confirmed: set[str] = set()
-        self.processed: collections.Counter[str] = collections.Counter()
-        self.dead_lettered: set[str] = set()
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.longest = 0.0
-        self._started = time.monotonic()
-        self._cleared: list[float] = []
-        self._first_confirm_after: dict[int, float] = {}
-        self._first_process_after: dict[int, float] = {}
-        self._changed = asyncio.Event()
+    # --- recording ------------------------------------------------------------------------
 
-    # -- recording -------------------------------------------------------------------------
+    def mark_fault(self) -> float:
+        self.fault_at = time.monotonic()
+        return self.fault_at
 
-    def confirm(self, message_id: str) -> None:
-        """The broker confirmed `message_id` to the producer."""
-        self.confirmed.add(message_id)
-        self._mark(self._first_confirm_after)
+    def on_sent(self, message_id: str) -> None:
+        self.sent[message_id] = time.monotonic()
+
+    def on_confirm(self, message_id: str, outcome: asyncio.Future[str]) -> None:
+        if outcome.cancelled():
+            self.failed[message_id] = "cancelled"
+        elif (exc := outcome.exception()) is not None:
+            self.failed[message_id] = type(exc).__name__
+        else:
+            self.confirmed[message_id] = time.monotonic()
         self._changed.set()
 
-    def process(self, message_id: str | None) -> None:
-        """A worker's handler ran for `message_id` (call it from the handler)."""
-        assert message_id is not None, "every message of the suite has an id"
-        self.processed[message_id] += 1
-        self._mark(self._first_process_after)
+    def on_processed(self, job: aio_workq.Job) -> None:
+        assert job.message_id is not None
+        self.processed[job.message_id] += 1
+        self.processed_at.append((time.monotonic(), job.message_id, job.redelivered))
         self._changed.set()
 
-    def error(self, exc: BaseException) -> None:
-        """An API call raised `exc` (counted by class; `untyped:` when not a WorkqError)."""
-        name = type(exc).__name__
-        self.errors[name if isinstance(exc, WorkqError) else f"untyped:{name}"] += 1
+    def on_rejected(self, job: aio_workq.Job) -> None:
+        assert job.message_id is not None
+        self.rejected.add(job.message_id)
+        self._changed.set()
 
-    def took(self, seconds: float) -> None:
-        """One API call (a publish: send and confirm) took `seconds` until it returned or raised."""
-        self.longest = max(self.longest, seconds)
+    # --- waiting --------------------------------------------------------------------------
 
-    def cleared(self) -> None:
-        """A fault was cleared now (broker back, proxy healed): recovery is timed from here."""
-        self._cleared.append(time.monotonic())
+    async def wait_for(self, predicate: Any, timeout: float) -> None:
+        """Wait until predicate(self) holds; it is checked after each recorded event."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
 
-    def _mark(self, first_after: dict[int, float]) -> None:
-        if self._cleared:
-            first_after.setdefault(len(self._cleared) - 1, time.monotonic())
+    async def wait_settled(self, count: int, timeout: float) -> None:
+        """Wait until count publishes have settled (confirmed or failed)."""
+        await self.wait_for(lambda s: len(s.confirmed) + len(s.failed) >= count, timeout)
 
-    # -- waiting ---------------------------------------------------------------------------
+    async def wait_all_handled(self, timeout: float) -> None:
+        """Wait until every confirmed id was processed or rejected by the handler."""
+        await self.wait_for(lambda s: not s.unhandled(), timeout)
 
-    async def wait_confirmed(self, count: int) -> None:
-        """Wait until `count` ids are confirmed (use under `asyncio.timeout`)."""
-        while len(self.confirmed) < count:
-            self._changed.clear()
-            await self._changed.wait()
+    # --- results --------------------------------------------------------------------------
 
-    async def wait_processed(self, ids: Iterable[str]) -> None:
-        """Wait until every id in `ids` was processed (use under `asyncio.timeout`)."""
-        wanted = set(ids)
-        while not wanted <= self.processed.keys():
-            self._changed.clear()
-            await self._changed.wait()
+    def unhandled(self) -> set[str]:
+        return set(self.confirmed) - set(self.processed) - self.rejected
 
-    async def settle(self, dead_letters: DeadLetters | None, *, quiet: float = 2.0) -> None:
-        """Wait until every confirmed id was processed or is in the dead-letter queue.
+    def lost(self) -> set[str]:
+        """Confirmed ids neither processed nor in the dead-letter queue: must be empty."""
+        return set(self.confirmed) - set(self.processed) - self.dead
 
-        Waits for processing to go quiet for `quiet` seconds before each read of the dead-letter
-        queue; use under `asyncio.timeout` (a lost message never settles).
-        """
-        while True:
-            missing = self.confirmed - self.processed.keys() - self.dead_lettered
-            if not missing:
-                return
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(quiet):
-                    await self._changed.wait()
-                continue
-            except TimeoutError:
-                pass
-            if dead_letters is not None:
-                await self.read_dead_letters(dead_letters)
+    def duplicates(self) -> int:
+        """Handler runs beyond the first, over all ids."""
+        return sum(n - 1 for n in self.processed.values() if n > 1)
 
-    async def read_dead_letters(self, dead_letters: DeadLetters) -> None:
-        """Record every id now in the dead-letter queue (the messages stay there)."""
-        count = await dead_letters.count()
-        if count:
-            letters = await dead_letters.read(limit=count)
-            self.dead_lettered |= {d.message_id for d in letters if d.message_id is not None}
-
-    # -- the figures -----------------------------------------------------------------------
-
-    def row(self) -> Row:
-        """The figures so far."""
-        seen = self.processed.keys() | self.dead_lettered
-        duplicates = sum(n - 1 for n in self.processed.values())
-        duplicates += len(self.processed.keys() & self.dead_lettered)
-        recoveries = [
-            max(self._first_confirm_after.get(i, at), self._first_process_after.get(i, at)) - at
-            for i, at in enumerate(self._cleared)
-            if i in self._first_confirm_after or i in self._first_process_after
+    def first_confirm_after_fault(self) -> float | None:
+        """Seconds from the fault to the first confirm of a message handed over after it."""
+        if self.fault_at is None:
+            return None
+        times = [
+            t - self.fault_at
+            for i, t in self.confirmed.items()
+            if self.sent.get(i, 0.0) > self.fault_at
         ]
-        return Row(
-            scenario=self.scenario,
-            confirmed=len(self.confirmed),
-            processed=len(self.processed),
-            dead_lettered=len(self.dead_lettered),
-            lost=len(self.confirmed - seen),
-            duplicates=duplicates,
-            errors=dict(self.errors),
-            recover_s=round(max(recoveries), 2) if recoveries else None,
-            longest_s=round(self.longest, 2),
-            seconds=round(time.monotonic() - self._started, 1),
-        )
+        return min(times, default=None)
 
-    def report(self) -> Row:
-        """The row, appended to the results file and kept for the session summary."""
-        row = self.row()
-        ROWS.append(row)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with RESULTS.open("a") as out:
-            out.write(json.dumps(asdict(row)) + "\n")
-        return row
+    def first_processed_after_fault(self, *, redelivered: bool | None = None) -> float | None:
+        """Seconds from the fault to the first handler run that came over a new connection.
+
+        `redelivered=True`: the first redelivery (a message the dead connection had unacked,
+        returned by the queue); `None`: the first message handed to the producer after the fault.
+        """
+        if self.fault_at is None:
+            return None
+        fault = self.fault_at
+        if redelivered:
+            times = [t - fault for t, _, again in self.processed_at if t > fault and again]
+        else:
+            times = [
+                t - fault
+                for t, i, _ in self.processed_at
+                if t > fault and self.sent.get(i, 0.0) > fault
+            ]
+        return min(times, default=None)
+
+    def summary(self) -> dict[str, Any]:
+        def rounded(x: float | None) -> float | None:
+            return None if x is None else round(x, 2)
+
+        return {
+            "sent": len(self.sent),
+            "confirmed": len(self.confirmed),
+            "failed": dict(Counter(self.failed.values())),
+            "processed": len(self.processed),
+            "dead_lettered": len(self.dead),
+            "lost": len(self.lost()),
+            "duplicates": self.duplicates(),
+            "first_confirm_after_fault_s": rounded(self.first_confirm_after_fault()),
+            "first_redelivery_processed_s": rounded(
+                self.first_processed_after_fault(redelivered=True)
+            ),
+            "first_new_message_processed_s": rounded(self.first_processed_after_fault()),
+        }
+
+
+async def produce(
+    producer: aio_workq.Producer,
+    queue: str,
+    ledger: Ledger,
+    ids: Iterable[str],
+    *,
+    fault_after: int | None = None,
+    fault: asyncio.Event | None = None,
+) -> None:
+    """Send one message per id (pipelined in the producer's window), recording confirms.
+
+    With fault_after, `fault` is set once that many messages were confirmed (the test then
+    injects its fault and calls `ledger.mark_fault()`).
+    """
+    for message_id in ids:
+        ledger.on_sent(message_id)
+        try:
+            confirm = await producer.send({"id": message_id}, queue, message_id=message_id)
+        except aio_workq.PublishError as exc:
+            ledger.failed[message_id] = type(exc).__name__
+            continue
+        confirm.add_done_callback(functools.partial(ledger.on_confirm, message_id))
+        if fault is not None and fault_after is not None and len(ledger.confirmed) >= fault_after:
+            fault.set()
+
+
+async def drain_ids(url: str, queue: str) -> set[str]:
+    """The message ids in a queue (e.g. `<queue>.dlq`), removed with acks."""
+    ids: set[str] = set()
+    async with await aio_pika.connect(url) as conn:
+        channel = await conn.channel()
+        q = await channel.declare_queue(queue, passive=True)
+        while (message := await q.get(fail=False, no_ack=True)) is not None:
+            if message.message_id:
+                ids.add(message.message_id)
+    return ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.ledger import RESULTS, ROWS
+from tests.chaos.ledger import RESULTS, ROWS
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aio_workq import Job, Producer, Queue
-from tests.ledger import Ledger
+from tests.chaos.ledger import Ledger
 
 __all__ = ("ids", "publish_all", "recording_handler")
 

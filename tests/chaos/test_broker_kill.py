@@ -17,7 +17,7 @@ import pytest
 from aio_workq import Job, Producer, Queue, Reject, RetryPolicy, Worker
 from scripts.broker import LocalBroker
 from tests.chaos.flow import ids, publish_all, recording_handler
-from tests.ledger import Ledger
+from tests.chaos.ledger import Ledger
 
 pytestmark = [pytest.mark.broker]
 

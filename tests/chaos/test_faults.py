@@ -17,7 +17,7 @@ from scripts.broker import LocalBroker
 from tests.chaos.flow import ids, publish_all, recording_handler
 from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth, wait_until
-from tests.ledger import Ledger
+from tests.chaos.ledger import Ledger
 
 pytestmark = [pytest.mark.broker]
 

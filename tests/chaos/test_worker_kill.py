@@ -20,7 +20,7 @@ import pytest
 from aio_workq import Producer
 from tests.chaos.flow import ids, publish_all
 from tests.helpers import read_line
-from tests.ledger import Ledger
+from tests.chaos.ledger import Ledger
 
 pytestmark = [pytest.mark.broker]
 
