@@ -15,7 +15,8 @@ on the way. From those it computes one `Row`:
 
 `Ledger.report()` appends the row to `.chaos/results.jsonl` (or `$AIO_WORKQ_CHAOS_RESULTS`),
 which `python -m scripts.chaos_table` turns into the Markdown table of docs/guarantees.md, and
-keeps it for the end-of-session summary that tests/chaos/conftest.py prints.
+keeps it for the end-of-session summary that tests/chaos/conftest.py prints. (tests/ledger.py
+is the failover tests' own ledger, with failover timings.)
 """
 
 from __future__ import annotations

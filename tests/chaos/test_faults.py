@@ -15,9 +15,9 @@ import pytest
 from aio_workq import Producer, PublishNackedError, Queue, Worker
 from scripts.broker import LocalBroker
 from tests.chaos.flow import ids, publish_all, recording_handler
+from tests.chaos.ledger import Ledger
 from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth, wait_until
-from tests.chaos.ledger import Ledger
 
 pytestmark = [pytest.mark.broker]
 

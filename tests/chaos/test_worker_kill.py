@@ -19,8 +19,8 @@ import pytest
 
 from aio_workq import Producer
 from tests.chaos.flow import ids, publish_all
-from tests.helpers import read_line
 from tests.chaos.ledger import Ledger
+from tests.helpers import read_line
 
 pytestmark = [pytest.mark.broker]
 
