@@ -9,6 +9,7 @@ CLUSTER_DIR ?= .broker/cluster
 POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
+.PHONY: chaos chaos-table
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
 
@@ -32,6 +33,15 @@ test-plain: venv
 
 test-slow: venv
 	$(PY) -m pytest -m slow
+
+# The whole fault suite (about 10 minutes; `-m ""` lifts the default `not chaos`): its figures
+# go to .chaos/results.jsonl.
+chaos: venv
+	$(PY) -m pytest tests/chaos -m ""
+	$(PY) -m scripts.chaos_table
+
+chaos-table:
+	$(PYTHON) -m scripts.chaos_table
 
 # Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
 cluster-test: venv
