@@ -136,12 +136,6 @@ def test_an_unencoded_password_with_a_delimiter_is_never_shown(middle: str) -> N
         assert not _shows_password(str(exc), password), str(exc)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: with ']' then '[' unencoded in the password, urlsplit's IPv6 check fails "
-    "and the ConfigurationError quotes its message, which holds the rest of the password "
-    "(found by the property test above; issue 15, Why 4)",
-)
 def test_an_unencoded_password_with_brackets_is_never_shown() -> None:
     password = HEAD + "][" + TAIL
     url = f"amqp://user:{password}@broker.example:5672/vhost"
