@@ -132,7 +132,7 @@ async def test_kill_9_three_times_with_retries_in_flight(
 @pytest.mark.chaos
 @pytest.mark.timeout(240)
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # the broker recovers the queue now and then
     reason="RabbitMQ 3.10.8, one node: a quorum queue being written at a kill -9 may never "
     "elect its leader again (a fresh producer gets no confirm for it either), so forwards to it "
     "time out and the chain stalls; nothing confirmed is lost (issue 15)",
