@@ -4,7 +4,6 @@ as JSON."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import os
@@ -20,7 +19,7 @@ from aio_workq import ConfigurationError, Job, JobData, PayloadError, Producer, 
 from aio_workq._execution import HandlerRunner
 from aio_workq._serialization import encode_body
 from aio_workq._typed import build_validator, resolve_payload
-from tests.helpers import Counter
+from tests.helpers import Counter, wait_until
 
 
 class Order(pydantic.BaseModel):
@@ -121,8 +120,7 @@ async def typed_with_job(order: Order, job: Job) -> None: ...
 async def of_job(job: Job) -> None: ...
 
 
-async def unannotated(job):  # type: ignore[no-untyped-def]
-    ...
+async def unannotated(job): ...
 
 
 def of_job_data(job: JobData) -> None: ...
@@ -227,11 +225,13 @@ async def test_a_typed_worker_handles_valid_bodies_and_dead_letters_the_rest(
     await producer.publish(Order(id=2, item="cake"), queue=queue_name)
     assert await handled.wait_for(1) == [(Order(id=2, item="cake"), 1)]
     dead = producer.dead_letters(queue_name)
-    async with asyncio.timeout(10):
-        while worker.state.dead_lettered < 1:
-            await asyncio.sleep(0.02)
+    await wait_until(lambda: _true(worker.state.dead_lettered == 1))
     [letter] = await dead.read()
     assert letter.attempts == 1  # never retried
     assert letter.headers["x-workq-exception-type"] == "aio_workq._exceptions.PayloadError"
     assert "id" in letter.headers["x-workq-validation-error"]
     assert worker.state.retried == 0
+
+
+async def _true(value: bool) -> bool:
+    return value
