@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import inspect
 import types
 import typing
@@ -58,25 +59,41 @@ def resolve_payload(handler: Callable[..., Any], *, pydantic: bool | None = None
     if not positional or positional[0].annotation is inspect.Parameter.empty:
         return None
     first = positional[0]
-    target = handler
-    if not (inspect.isfunction(handler) or inspect.ismethod(handler)):
-        target = getattr(handler, "__call__", handler)  # noqa: B004 - callable objects
-    try:
-        hints = typing.get_type_hints(target, include_extras=True)
-    except Exception as exc:
-        raw = first.annotation
-        if isinstance(raw, str) and raw.rpartition(".")[2] in _JOB_NAMES:
+    raw = first.annotation
+    if isinstance(raw, str):
+        payload_type = _resolve(handler, first.name, raw)
+        if payload_type is None:
             return None
-        raise ConfigurationError(
-            f"handler {_name(handler)}: can't resolve the annotation {raw!r} of its parameter "
-            f"{first.name!r} ({exc}); define the type at module level, or annotate with Job"
-        ) from exc
-    payload_type = hints.get(first.name, Any)
+    else:
+        payload_type = raw
     if _is_job(payload_type):
         return None
     with_job = len(positional) > 1 and positional[1].default is inspect.Parameter.empty
     validate = build_validator(payload_type, pydantic=pydantic)
     return Payload(payload_type, validate, with_job)
+
+
+def _resolve(handler: Callable[..., Any], parameter: str, raw: str) -> Any:
+    """The type a string annotation names (`from __future__ import annotations`), or None
+    for a `Job` that can't be resolved (a handler that takes the job).
+
+    Raises:
+        ConfigurationError: the annotation names a type that can't be found.
+    """
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        target = getattr(target, "__call__", target)  # noqa: B004 - callable objects
+    try:
+        return typing.get_type_hints(target, include_extras=True).get(parameter, Any)
+    except Exception as exc:
+        if raw.rpartition(".")[2] in _JOB_NAMES:
+            return None
+        raise ConfigurationError(
+            f"handler {_name(handler)}: can't resolve the annotation {raw!r} of its parameter "
+            f"{parameter!r} ({exc}); define the type at module level, or annotate with Job"
+        ) from exc
 
 
 def _is_job(tp: Any) -> bool:

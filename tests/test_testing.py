@@ -3,6 +3,9 @@ failure routing; the pytest plugin's broker fixtures; running a worker until N a
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pydantic
@@ -131,3 +134,18 @@ async def test_run_worker_handles_n_messages_on_the_session_broker(
         await producer.publish_many([Resize(path="p", width=n) for n in range(5)], queue=queue_name)
     state = await run_worker(workq_amqp_url, queue=queue_name, handler=handle, count=5)
     assert state.processed == 5 and sorted(seen) == [0, 1, 2, 3, 4]
+
+
+def test_the_broker_script_needs_no_dependencies_of_the_package() -> None:
+    """`make broker-start` runs `python3 -m scripts.broker` outside the venv."""
+    code = (
+        "import sys; sys.modules['aio_pika'] = None\n"  # as if not installed
+        "import scripts.broker as b; print(b.LocalBroker.__module__)\n"
+        "sys.argv = ['x', '--help']; b.main()"
+    )
+    root = Path(__file__).parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.startswith("aio_workq_testing_broker\n"), done.stderr
+    assert "start,stop,status" in done.stdout

@@ -5,6 +5,7 @@ as JSON."""
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -133,6 +134,27 @@ def test_only_handlers_annotated_with_a_payload_type_are_typed() -> None:
     assert plan is not None and plan.with_job
     for handler in (of_job, unannotated, of_job_data, lambda job: None):
         assert resolve_payload(handler) is None
+
+
+def test_partials_and_callable_objects_are_typed_by_their_function() -> None:
+    async def with_prefix(prefix: str, order: Order) -> None: ...
+
+    class Handler:
+        async def __call__(self, order: Order, job: Job) -> None: ...
+
+    def create() -> Any:  # built at run time: the annotation is an object, not a str
+        namespace: dict[str, Any] = {"Line": Line}
+        exec("def handle(line: Line) -> None: ...", namespace)
+        return namespace["handle"]
+
+    plan = resolve_payload(functools.partial(typed_with_job))
+    assert plan is not None and plan.type is Order and plan.with_job
+    plan = resolve_payload(functools.partial(with_prefix, "p"))
+    assert plan is not None and plan.type is Order and not plan.with_job
+    plan = resolve_payload(Handler())
+    assert plan is not None and plan.type is Order and plan.with_job
+    plan = resolve_payload(create())
+    assert plan is not None and plan.type is Line
 
 
 def test_an_annotation_that_cannot_be_resolved_is_a_configuration_error() -> None:
