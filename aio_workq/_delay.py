@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Coroutine
 from datetime import timedelta
 from typing import Any
 
@@ -96,6 +97,18 @@ def _queue_arguments(level: int) -> dict[str, Any]:
     }
 
 
+def _failed(task: asyncio.Future[None] | None) -> bool:
+    """No declaration yet, or the last one failed (then it is tried again)."""
+    return task is None or (task.done() and (task.cancelled() or task.exception() is not None))
+
+
+def _start(declaration: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """Run a declaration that callers share (each waits for it shielded, within its timeout)."""
+    task = asyncio.ensure_future(declaration)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved
+    return task
+
+
 class DelayLadder:
     """The delay exchanges and queues of one connection, declared on first use."""
 
@@ -123,12 +136,13 @@ class DelayLadder:
         """
         if queue in self._bound:
             return
-        if self._declared is None or (self._declared.done() and self._declared.exception()):
-            self._declared = asyncio.ensure_future(self._declare_ladder())
+        if _failed(self._declared):
+            self._declared = _start(self._declare_ladder())
+        assert self._declared is not None
         await asyncio.shield(self._declared)
         pending = self._binding.get(queue)
-        if pending is None or (pending.done() and pending.exception()):
-            pending = self._binding[queue] = asyncio.ensure_future(self._bind(queue))
+        if pending is None or _failed(pending):
+            pending = self._binding[queue] = _start(self._bind(queue))
         await asyncio.shield(pending)
         self._bound.add(queue)
         self._binding.pop(queue, None)
