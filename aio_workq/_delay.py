@@ -3,10 +3,11 @@
 A delay is a whole number of ticks (100 ms, rounded up: a message never arrives early). Level
 `k` of the ladder is a topic exchange `workq.delay.k` and a queue `workq.delay.k` whose
 `x-message-ttl` is `2**k` ticks and whose dead-letter exchange is level `k - 1` (level 0's is
-`workq.delay.deliver`). A message is published to the exchange of the top level with the routing
-key `b31.b30. ... .b0.<queue>`: the bits of its delay, then its destination queue. Exchange `k`
-routes it into queue `k` when bit `k` is 1 (it waits `2**k` ticks there, then the broker
-dead-letters it into exchange `k - 1`), and on to exchange `k - 1` when it is 0. After level 0,
+`workq.delay.deliver`). A message is published with the routing key `b31.b30. ... .b0.<queue>`,
+the bits of its delay then its destination queue, to the exchange of the level of its delay's
+highest bit (the levels above would only pass it on). Exchange `k` routes it into queue `k`
+when bit `k` is 1 (it waits `2**k` ticks there, then the broker dead-letters it into exchange
+`k - 1`), and on to exchange `k - 1` when it is 0. After level 0,
 `workq.delay.deliver` routes it by the destination part of the key, through one binding per
 destination queue (`*` for each of the 32 bits, then the queue's name, so only that exact name
 matches).
@@ -118,10 +119,12 @@ class DelayLadder:
         self._bound: set[str] = set()
         self._binding: dict[str, asyncio.Future[None]] = {}
 
-    @property
-    def top_exchange(self) -> str:
-        """Where delayed messages are published."""
-        return _exchange(LEVELS - 1)
+    @staticmethod
+    def exchange_for(ticks: int) -> str:
+        """Where a message delayed by `ticks` (> 0) is published: the level of its highest
+        bit. The levels above would only pass it on; each exchange it skips is routing work
+        the broker saves (it shows in bursts of delayed publishes)."""
+        return _exchange(ticks.bit_length() - 1)
 
     def ready_for(self, queue: str) -> bool:
         """True when the ladder is declared and `queue` is bound to it (the hot path)."""

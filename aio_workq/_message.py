@@ -153,7 +153,7 @@ class Sender:
             key = delayed_key(ticks, name)
             ladder = router.delays
             ready = ladder.ready_for(name) and router.lookup(queue, "", None) is not None
-            destination = (ladder.top_exchange, key) if ready else None
+            destination = (ladder.exchange_for(ticks), key) if ready else None
         else:
             destination = router.lookup(queue, exchange, routing_key)
         if destination is None:
@@ -164,7 +164,8 @@ class Sender:
                     if ticks:
                         _, name = await router.destination(queue, "", None)
                         await router.delays.prepare(name)
-                        destination = (router.delays.top_exchange, delayed_key(ticks, name))
+                        key = delayed_key(ticks, name)
+                        destination = (router.delays.exchange_for(ticks), key)
                     else:
                         destination = await router.destination(queue, exchange, routing_key)
             except TimeoutError:
