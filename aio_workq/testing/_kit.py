@@ -259,8 +259,10 @@ async def run_handler(
     )
     failure: list[BaseException] = []
     result: list[Any] = []
+    run = runner.run
 
     async def observed(job: Job) -> Any:
+        """The runner's own `run`, with its return value or exception noted for the outcome."""
         try:
             value = await run(job)
         except BaseException as exc:
@@ -269,7 +271,6 @@ async def run_handler(
         result.append(value)
         return value
 
-    run = runner.run
     runner.run = observed  # type: ignore[method-assign]
     redelivered = bool(options.pop("redelivered", False))
     delivery = _delivery(body, spec.name, attempt, rpc, redelivered, options)
@@ -278,9 +279,7 @@ async def run_handler(
         await asyncio.gather(*dispatcher.tasks)
     finally:
         runner.close()
-    return _outcome(
-        acks, replies, moves, forwards, failure[0] if failure else None, result, spec.name
-    )
+    return _outcome(acks, replies, moves, forwards, failure[0] if failure else None, result)
 
 
 def _outcome(
@@ -290,7 +289,6 @@ def _outcome(
     forwards: _Forwards,
     error: BaseException | None,
     result: list[Any],
-    queue: str,
 ) -> Outcome:
     outcome = Outcome(
         kind="acked",
