@@ -5,15 +5,19 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 BROKER_DIR ?= .broker/dev
+CLUSTER_DIR ?= .broker/cluster
+POSTGRES_DIR ?= .postgres/dev
 
-.PHONY: venv demo test test-plain test-slow lint docs bench canary broker-start broker-stop check
+.PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
+.PHONY: postgres-start postgres-stop outbox-test bench-outbox
+.PHONY: cluster-test cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
 
 $(VENV)/.stamp: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -e . --group dev
+	$(PIP) install -q -e '.[cli]' --group dev
 	touch $@
 
 demo: venv
@@ -29,15 +33,23 @@ test-plain: venv
 test-slow: venv
 	$(PY) -m pytest -m slow
 
+# Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
+cluster-test: venv
+	$(PY) -m pytest -m cluster
+
 # The suite against the newest aio-pika / aiormq / pamqp releases, in a venv of its own.
 canary:
 	$(PYTHON) -m venv .venv-canary
 	.venv-canary/bin/pip install -q -U pip
-	.venv-canary/bin/pip install -q -e . --group test
+	.venv-canary/bin/pip install -q -e '.[cli]' --group dev
 	.venv-canary/bin/pip install -q -U --no-deps aio-pika aiormq pamqp yarl
 	.venv-canary/bin/pip list 2>/dev/null | grep -iE "^(aio-pika|aiormq|pamqp|yarl) "
 	.venv-canary/bin/python -m pytest $(PYTEST_ARGS)
 	AIO_WORKQ_FAST_PATH=0 .venv-canary/bin/python -m pytest $(PYTEST_ARGS)
+
+# The `aio-workq` command end to end, the management-API (slow) test included.
+test-cli: venv
+	$(PY) -m pytest -m cli tests/test_cli.py tests/test_cli_offline.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
@@ -54,5 +66,27 @@ broker-start:
 
 broker-stop:
 	$(PYTHON) -m scripts.broker stop --dir $(BROKER_DIR)
+
+# A local 3-node cluster that keeps running; prints the host list (see scripts/cluster.py).
+cluster-start:
+	$(PYTHON) -m scripts.cluster start --dir $(CLUSTER_DIR)
+
+cluster-stop:
+	$(PYTHON) -m scripts.cluster stop --dir $(CLUSTER_DIR)
+
+# A local PostgreSQL node (state in $(POSTGRES_DIR)); stdlib only. Prints its DSN.
+postgres-start:
+	$(PYTHON) -m scripts.postgres start --dir $(POSTGRES_DIR)
+
+postgres-stop:
+	$(PYTHON) -m scripts.postgres stop --dir $(POSTGRES_DIR)
+
+# Every outbox / idempotent-consumer test, the long crash scenarios too, with their ledgers.
+outbox-test: venv
+	$(PY) -m pytest -m postgres --timeout 600 tests/test_outbox.py tests/test_outbox_ledger.py
+
+# Outbox / idempotent-consumer throughput as ratios (own broker and PostgreSQL; see bench/outbox.py).
+bench-outbox: venv
+	$(PY) -m bench.outbox $(BENCH_ARGS)
 
 check: lint docs test test-plain

@@ -17,7 +17,7 @@ from typing import Any
 import aiormq
 
 from ._connection import LinkSource, translate_errors
-from ._exceptions import BrokerConnectionError
+from ._exceptions import BrokerConnectionError, WorkqError
 from ._seams import Wire
 
 __all__ = ("ManagedChannel",)
@@ -96,16 +96,23 @@ class ManagedChannel:
 
     async def _open(self, timeout: float | None) -> None:
         link = await self._source.link(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         with translate_errors(f"opening a channel for {self._what}"):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 channel = await link.connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
                 )
         try:
-            await self._setup(channel, link.wire)
-        except BaseException:
+            async with asyncio.timeout_at(deadline):  # declarations, QoS, consume
+                await self._setup(channel, link.wire)
+        except BaseException as exc:
             with contextlib.suppress(Exception):
-                await channel.close()
+                await asyncio.wait_for(channel.close(), 5)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, WorkqError):
+                raise BrokerConnectionError(
+                    f"{self._what}: the broker did not answer within {timeout:g} s"
+                ) from None
             raise
         if self._closed:
             with contextlib.suppress(Exception):
@@ -114,6 +121,9 @@ class ManagedChannel:
         self.channel = channel
         self.wire = link.wire
         channel.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        # The connection's end is the channel's too, even when aiormq's own close of the channel
+        # does not finish (its Channel.Close RPC is cancelled with the dead connection).
+        link.connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         self._ready.set()
 
     def _on_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
@@ -136,7 +146,7 @@ class ManagedChannel:
 
     async def _reopen(self) -> None:
         delay = _REOPEN_FIRST
-        while not self._closed and not self.is_open:
+        while not self._closed and not self.is_open and not self._source.is_closed:
             try:
                 await self._open(None)
             except asyncio.CancelledError:

@@ -114,9 +114,12 @@ class ConfirmPublisher:
     def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
         self._lane = None
         self._ready.clear()
-        connection_lost = (reason is None and channel.connection.is_closed) or isinstance(
-            reason, aiormq.exceptions.AMQPConnectionError | ConnectionError | asyncio.CancelledError
+        # Resend unless the broker closed this channel alone for an error of its own (404/406):
+        # the same messages would only close the next channel too.
+        channel_error = isinstance(reason, aiormq.exceptions.AMQPChannelError) and not (
+            channel.connection.is_closed
         )
+        connection_lost = not channel_error
         for out in self._tracker.take_all():
             if out.settled:
                 continue

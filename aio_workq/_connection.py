@@ -112,6 +112,11 @@ class LinkSource(Protocol):
     @property
     def is_connected(self) -> bool: ...
 
+    @property
+    def is_closed(self) -> bool:
+        """Closed for good: no channel will be opened on it again."""
+        ...
+
     async def link(self, timeout: float | None = None) -> Link: ...
 
 
@@ -185,6 +190,10 @@ class Connection:
         return current is not None and not current.connection.is_closed
 
     @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
     def fast_path(self) -> bool:
         return self._fast_path
 
@@ -210,13 +219,18 @@ class Connection:
             raise BrokerConnectionError("the connection is closed; open a new one")
         last: BrokerConnectionError | None = None
         for url in self._rotation():
+            if self._closed:
+                raise BrokerConnectionError("the connection was closed while it was being opened")
             try:
                 await self._attempt(url)
             except (AuthenticationError, AccessRefusedError, TLSError):
                 raise
             except BrokerConnectionError as exc:
                 last = exc
-                self._log_failure(url, exc, None)
+                if self._closed:
+                    raise
+                if len(self._urls) > 1:  # the last one is raised, not logged
+                    self._log_failure(url, exc, "trying the next URL")
                 continue
             self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
             return
@@ -305,6 +319,10 @@ class Connection:
             raise
         finally:
             _connecting.reset(token)
+        if self._closed:  # close() ran while this attempt was under way
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise BrokerConnectionError("the connection was closed while it was being opened")
         self._url = url
         self._current = Link(connection, factory.wire if factory else None)
         self._connected.set()
@@ -445,6 +463,9 @@ def translate_errors(doing: str) -> Iterator[None]:
 
 def _reason(exc: BaseException) -> str:
     """A short, password-free description of an aiormq/OS error."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:  # aiormq re-raises OSError's args
+        return cause.strerror
     if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
         first = exc.args[0]
         text = getattr(first, "reply_text", None) or str(first)
@@ -463,6 +484,10 @@ class _RobustLinks:
     def is_connected(self) -> bool:
         transport = self._robust.transport
         return transport is not None and not transport.connection.is_closed
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._robust.is_closed)
 
     async def link(self, timeout: float | None = None) -> Link:
         try:

@@ -22,7 +22,7 @@ from ._exceptions import (
 from ._job import ATTEMPT_HEADER, BROKER_HEADERS
 from ._topology import Queue, raw_channel
 
-__all__ = ("DeadLetter", "DeadLetters")
+__all__ = ("DeadLetter", "DeadLetters", "replay_headers")
 
 _BATCH = 100
 
@@ -46,6 +46,13 @@ class DeadLetter:
         if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
             return str(deaths[0].get("reason", "dead-lettered by the broker"))
         return "unknown"
+
+    @property
+    def exception_type(self) -> str | None:
+        """The qualified name of the exception that dead-lettered it (`None` when the broker
+        did, e.g. at the delivery limit)."""
+        value = self.headers.get("x-workq-exception-type")
+        return str(value) if value else None
 
     @property
     def attempts(self) -> int | None:
@@ -147,13 +154,7 @@ class DeadLetters:
         self, channel: aiormq.abc.AbstractChannel, message: DeliveredMessage
     ) -> None:
         props = message.header.properties
-        headers = {
-            key: value
-            for key, value in (props.headers or {}).items()
-            if not key.startswith("x-workq-") and key not in BROKER_HEADERS
-        }
-        headers[ATTEMPT_HEADER] = 1
-        props.headers = headers
+        props.headers = replay_headers(props.headers or {})
         props.delivery_mode = 2
         try:
             with translate_errors(f"replaying into {self._queue.name!r}"):
@@ -179,6 +180,17 @@ class DeadLetters:
                 "stays in the dead-letter queue",
                 message_id=props.message_id, routing_key=self._queue.name,
             )  # fmt: skip
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a replayed copy: the failure's and the broker's removed, attempt 1."""
+    kept = {
+        key: value
+        for key, value in headers.items()
+        if not key.startswith("x-workq-") and key not in BROKER_HEADERS
+    }
+    kept[ATTEMPT_HEADER] = 1
+    return kept
 
 
 def _letter(message: DeliveredMessage) -> DeadLetter:

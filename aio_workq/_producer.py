@@ -262,12 +262,17 @@ class Producer:
         Returns the message ids in order. Every message is settled before this returns: with
         `return_exceptions=True` failed ones appear as their error in the list; otherwise the
         first failure is raised once all are settled. `options` apply to every message
-        (`message_id` is not allowed: each message gets its own).
+        (`message_id` is not allowed: each message gets its own); `timeout` bounds the whole
+        batch, not each message.
         """
         if options.get("message_id"):
             raise ConfigurationError("publish_many gives each message its own message_id")
+        loop = asyncio.get_running_loop()
+        timeout = options.get("timeout")
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
         outcomes: list[asyncio.Future[str] | WorkqError] = []
         for body in bodies:
+            options["timeout"] = max(deadline - loop.time(), 0.001)
             try:
                 outcomes.append(
                     await self.send(

@@ -124,7 +124,11 @@ def redact_url(url: str) -> str:
     characters (everything between the user name and the last `@` is hidden).
     """
     if "," in url:
-        return ",".join(redact_url(part) for part in _split(url))
+        return ",".join(_redact_one(part) for part in _split(url))
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
     start, end = _userinfo_end(url)
     if not end:
         return url

@@ -164,32 +164,15 @@ class ProducerView:
             PublishError: the first failure, once all are settled (unless `return_exceptions`).
             SerializationError: a body can't be encoded (unless `return_exceptions`).
         """
-        seconds = self._resolve(options.get("timeout"))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        outcomes: list[asyncio.Future[str] | WorkqError] = []
-        for body in bodies:
-            options["timeout"] = max(deadline - loop.time(), 0.001)
-            try:
-                outcomes.append(
-                    await self.producer.send(
-                        body, queue, exchange=exchange, routing_key=routing_key, **options
-                    )
-                )
-            except WorkqError as exc:
-                if not return_exceptions:
-                    sent = [o for o in outcomes if isinstance(o, asyncio.Future)]
-                    await asyncio.gather(*sent, return_exceptions=True)
-                    raise
-                outcomes.append(exc)
-        sent = [o for o in outcomes if isinstance(o, asyncio.Future)]
-        settled = iter(await asyncio.gather(*sent, return_exceptions=True))
-        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-        return results
+        options["timeout"] = self._resolve(options.get("timeout"))
+        return await self.producer.publish_many(
+            bodies,
+            queue,
+            exchange=exchange,
+            routing_key=routing_key,
+            return_exceptions=return_exceptions,
+            **options,
+        )
 
     async def call(
         self,

@@ -1,59 +1,130 @@
-"""The local RabbitMQ node for tests, demos and benchmarks: `aio_workq/testing/_broker.py`.
+"""Run an isolated local RabbitMQ node (Debian's rabbitmq-server) for tests, demos and benchmarks.
 
-It ships inside the package (users' tests get it through `aio_workq.testing`); this module
-keeps the repository's entry points working, also without the venv (`python3 -m scripts.broker`
-in the Makefile): the broker module is standard library only, so it is loaded from its file
-when the package's dependencies are not installed.
+The node itself is `aio_workq/testing/_broker.py`, shipped inside the package so that users' test
+suites get it too; this module re-exports it for the repository (tests, bench, cluster, demos)
+and is its command line. It also works without the venv (`python3 -m scripts.broker` in the
+Makefile): the broker module is standard library only, so it is loaded from its file when the
+package's dependencies are not installed.
 
 CLI::
 
-    python -m scripts.broker start --dir .broker/dev [--port N] [--management]
+    python -m scripts.broker start --dir .broker/dev [--port N] [--management] [--tls DIR]
     python -m scripts.broker status --dir .broker/dev
     python -m scripts.broker stop --dir .broker/dev
 """
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scripts.tls import TLSError, make_pki
 
 if TYPE_CHECKING:
-    from aio_workq.testing._broker import (
-        BrokerError,
-        LocalBroker,
-        amqp_answers,
-        ensure_installed,
-        free_port,
-        main,
-    )
+    # `X as X`: re-exported, also the private names scripts/cluster.py builds on
+    from aio_workq.testing._broker import _STATE_KEYS as _STATE_KEYS
+    from aio_workq.testing._broker import DIST_ARGS as DIST_ARGS
+    from aio_workq.testing._broker import SERVER as SERVER
+    from aio_workq.testing._broker import BrokerError as BrokerError
+    from aio_workq.testing._broker import LocalBroker as LocalBroker
+    from aio_workq.testing._broker import TLSListener as TLSListener
+    from aio_workq.testing._broker import _alive as _alive
+    from aio_workq.testing._broker import _signal as _signal
+    from aio_workq.testing._broker import _tail as _tail
+    from aio_workq.testing._broker import _wait as _wait
+    from aio_workq.testing._broker import amqp_answers as amqp_answers
+    from aio_workq.testing._broker import ensure_installed as ensure_installed
+    from aio_workq.testing._broker import free_port as free_port
 else:
+
+    def _load() -> Any:
+        try:
+            from aio_workq.testing import _broker
+        except ImportError:  # no venv: load the stdlib-only file without the package
+            import importlib.util
+
+            path = Path(__file__).resolve().parent.parent / "aio_workq" / "testing" / "_broker.py"
+            spec = importlib.util.spec_from_file_location("aio_workq_testing_broker", path)
+            assert spec is not None and spec.loader is not None
+            _broker = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = _broker  # dataclasses look their module up
+            spec.loader.exec_module(_broker)
+        return _broker
+
+    globals().update(
+        {k: v for k, v in vars(_load()).items() if not k.startswith("__") and k != "annotations"}
+    )
+
+__all__ = (
+    "BrokerError",
+    "LocalBroker",
+    "TLSListener",
+    "amqp_answers",
+    "ensure_installed",
+    "free_port",
+    "main",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.broker", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--dir", type=Path, default=Path(".broker/dev"), help="node directory")
+    parser.add_argument("--port", type=int, default=0, help="AMQP port (start; default: free)")
+    parser.add_argument("--management", action="store_true", help="enable the HTTP API (start)")
+    parser.add_argument("--timeout", type=float, default=60, help="seconds (start/stop)")
+    parser.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="also listen for amqps:// with a test CA and certificates made in DIR (start)",
+    )
+    parser.add_argument("--mtls", action="store_true", help="with --tls: require a client cert")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
-        from aio_workq.testing._broker import (
-            BrokerError,
-            LocalBroker,
-            amqp_answers,
-            ensure_installed,
-            free_port,
-            main,
-        )
-    except ImportError:  # no venv: load the stdlib-only file without the package
-        import importlib.util
-        from pathlib import Path
+        if args.command == "start":
+            ensure_installed()
+            args.dir.mkdir(parents=True, exist_ok=True)
+            try:
+                broker = LocalBroker.from_dir(args.dir)
+            except BrokerError:
+                broker = LocalBroker(args.dir)
+            if args.port and not broker.running():
+                broker.amqp_port = args.port
+            broker.management = broker.management or args.management
+            if args.tls and not broker.running():
+                pki = make_pki(args.tls)
+                broker.tls = TLSListener(
+                    str(pki.ca_cert), str(pki.server_cert), str(pki.server_key), args.mtls
+                )
+            broker.start(timeout=args.timeout)
+            print(broker.url)
+            if broker.tls:
+                print(broker.tls_url)
+            return 0
+        if args.command == "stop" and not (args.dir / "state.json").exists():
+            print(f"no broker in {args.dir}")
+            return 0
+        broker = LocalBroker.from_dir(args.dir)
+        if args.command == "stop":
+            broker.stop(timeout=args.timeout)
+            broker.close()
+            print(f"stopped {broker.node}")
+            return 0
+        up = broker.running()
+        tls = f", {broker.tls_url}" if broker.tls else ""
+        print(f"{broker.node}: {'running' if up else 'stopped'}, {broker.url}{tls}")
+        return 0 if up else 1
+    except (BrokerError, TLSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
-        _path = Path(__file__).resolve().parent.parent / "aio_workq" / "testing" / "_broker.py"
-        _spec = importlib.util.spec_from_file_location("aio_workq_testing_broker", _path)
-        assert _spec is not None and _spec.loader is not None
-        _module = importlib.util.module_from_spec(_spec)
-        sys.modules[_spec.name] = _module  # dataclasses look their module up
-        _spec.loader.exec_module(_module)
-        BrokerError = _module.BrokerError
-        LocalBroker = _module.LocalBroker
-        amqp_answers = _module.amqp_answers
-        ensure_installed = _module.ensure_installed
-        free_port = _module.free_port
-        main = _module.main
-
-__all__ = ("BrokerError", "LocalBroker", "amqp_answers", "ensure_installed", "free_port", "main")
 
 if __name__ == "__main__":
     sys.exit(main())

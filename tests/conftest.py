@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import aio_workq
-from scripts.broker import BrokerError, LocalBroker
+from scripts.broker import BrokerError, LocalBroker, TLSListener, ensure_installed
+from scripts.cluster import LocalCluster, ensure_iptables
+from scripts.postgres import LocalPostgres, PostgresError
+from scripts.tls import PKI, make_pki
 from tests.helpers import Counter
 
 # --- broker ---
@@ -87,3 +95,121 @@ async def make_worker(amqp_url: str) -> AsyncIterator[Callable[..., aio_workq.Wo
 @pytest.fixture
 def counter() -> Counter:
     return Counter()
+
+
+# --- cluster and TLS nodes (scripts/cluster.py, scripts/tls.py) ---
+# Own nodes even when AIO_WORKQ_AMQP_URL is set: these tests need RabbitMQ installed locally.
+
+
+def _own_nodes_or_fail(what: str, error: Exception) -> None:
+    pytest.fail(
+        f"no local RabbitMQ for the {what} tests: {error}\n"
+        "They start nodes of their own, so rabbitmq-server must be installed "
+        "(`sudo apt-get install rabbitmq-server`); or deselect them.",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA, a server certificate (localhost, 127.0.0.1), a client one, and an unrelated CA."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def tls_nodes(
+    tmp_path_factory: pytest.TempPathFactory, tls_pki: PKI
+) -> Iterator[tuple[LocalBroker, LocalBroker]]:
+    """Two TLS nodes started side by side: server-authenticated TLS, and mutual TLS."""
+    files = (str(tls_pki.ca_cert), str(tls_pki.server_cert), str(tls_pki.server_key))
+    nodes = (
+        LocalBroker(tmp_path_factory.mktemp("tls"), name="workqtls", tls=TLSListener(*files)),
+        LocalBroker(
+            tmp_path_factory.mktemp("mtls"),
+            name="workqmtls",
+            tls=TLSListener(*files, verify_peer=True),
+        ),
+    )
+    try:
+        ensure_installed()
+        with ThreadPoolExecutor(2) as pool:
+            for started in [pool.submit(n.start) for n in nodes]:
+                started.result()
+    except BrokerError as e:
+        for n in nodes:
+            n.close()
+        _own_nodes_or_fail("TLS", e)
+    yield nodes
+    for n in nodes:
+        n.close()
+
+
+@pytest.fixture(scope="session")
+def tls_broker(tls_nodes: tuple[LocalBroker, LocalBroker]) -> LocalBroker:
+    """A node with an amqps:// listener (`.tls_url`) that verifies no client certificate."""
+    return tls_nodes[0]
+
+
+@pytest.fixture(scope="session")
+def mtls_broker(tls_nodes: tuple[LocalBroker, LocalBroker]) -> LocalBroker:
+    """A node whose amqps:// listener requires a client certificate signed by the test CA."""
+    return tls_nodes[1]
+
+
+@pytest.fixture(scope="session")
+def cluster_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    nodes = LocalCluster(tmp_path_factory.mktemp("cluster"), size=3, prefix="wqtest")
+    try:
+        ensure_installed()
+        ensure_iptables()
+        nodes.start()
+    except BrokerError as e:
+        nodes.close()
+        _own_nodes_or_fail("cluster", e)
+    yield nodes
+    nodes.close()
+
+
+@pytest.fixture
+def cluster(cluster_session: LocalCluster) -> Iterator[LocalCluster]:
+    """The session's 3-node cluster; after the test, partitions are healed and nodes restarted."""
+    yield cluster_session
+    cluster_session.heal()  # a paused minority node resumes by itself once healed
+    for node in cluster_session.nodes:
+        if node.beam_pid() is None:  # killed or stopped
+            node.start()
+    cluster_session.wait_running(timeout=90)
+
+
+# --- postgres ---
+# Tests get a PostgreSQL DSN from `postgres_dsn`: AIO_WORKQ_POSTGRES_DSN if set, else a node of our
+# own (scripts/postgres.py) in a fresh directory under /tmp (the server runs as the `postgres`
+# user, who cannot enter pytest's root-only tmp dirs), stopped and removed after the session.
+
+POSTGRES_DSN_ENV = "AIO_WORKQ_POSTGRES_DSN"
+
+
+@pytest.fixture(scope="session")
+def postgres_node() -> Iterator[LocalPostgres | None]:
+    if os.environ.get(POSTGRES_DSN_ENV):
+        yield None
+        return
+    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-pg-")))
+    try:
+        node.start()
+    except PostgresError as e:
+        pytest.fail(
+            f"no PostgreSQL for the tests: {e}\n"
+            "Install it (`sudo apt-get install postgresql`) or point the tests at a running "
+            "server: "
+            f"{POSTGRES_DSN_ENV}=postgresql://postgres@localhost:5432/postgres",
+            pytrace=False,
+        )
+    yield node
+    node.close()
+    shutil.rmtree(node.base_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(postgres_node: LocalPostgres | None) -> str:
+    return os.environ.get(POSTGRES_DSN_ENV) or (postgres_node.dsn if postgres_node else "")

@@ -42,6 +42,7 @@ class FakeConnection:
         self.is_closed = False
         self.connection_tune = FakeTune()
         self.channels: list[FakeChannel] = []
+        self.closing: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def channel(self, **_: Any) -> FakeChannel:
         channel = FakeChannel(self, len(self.channels) + 1)
@@ -122,17 +123,25 @@ class FakeSource:
     def is_connected(self) -> bool:
         return True
 
+    @property
+    def is_closed(self) -> bool:
+        return False
+
     async def link(self, timeout: float | None = None) -> Link:
         from aio_workq._seams import Wire
 
         return Link(self.connection, Wire(self.demux, self.writer))  # type: ignore[arg-type]
 
 
+async def _new_source() -> FakeSource:
+    return FakeSource()  # on the machine's loop: its futures belong to it
+
+
 class PublishMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.source = FakeSource()
+        self.source: FakeSource = self.run(_new_source())
         self.publisher: ConfirmPublisher = self.run(self._start())
         self.futures: dict[str, asyncio.Future[str]] = {}
         self.expected: dict[str, str] = {}  # message id -> "ok" | "nacked" | ...

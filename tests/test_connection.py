@@ -53,8 +53,7 @@ async def test_no_url_answering_is_a_typed_error_and_leaves_nothing_running() ->
     with pytest.raises(BrokerConnectionError) as info:
         await aio_workq.connect(urls, timeout=2)
     assert "s3cr3t" not in str(info.value)
-    await asyncio.sleep(0)
-    assert len(asyncio.all_tasks()) == tasks_before
+    await wait_until(lambda: _true(len(asyncio.all_tasks()) == tasks_before), timeout=5)
 
 
 async def test_wrong_password_and_unknown_vhost_are_typed_and_redacted(amqp_url: str) -> None:
@@ -111,3 +110,30 @@ def _attempts(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_publish_to_an_undeclared_queue_is_bounded_while_the_broker_is_paused(
+    local_broker: LocalBroker, queue_name: str
+) -> None:
+    async with Producer(local_broker.url, timeout=2) as producer:
+        local_broker.pause()  # SIGSTOP: connects succeed, nothing answers
+        try:
+            with pytest.raises(aio_workq.PublishTimeoutError, match="declared within 2 s"):
+                async with asyncio.timeout(30):  # a hang guard: the 2 s timeout fails it first
+                    await producer.publish("x", queue=queue_name)
+        finally:
+            local_broker.resume()
+
+
+async def test_a_connect_to_a_paused_broker_times_out_and_leaves_nothing_running(
+    local_broker: LocalBroker,
+) -> None:
+    tasks_before = len(asyncio.all_tasks())
+    local_broker.pause()
+    try:
+        with pytest.raises(BrokerConnectionError, match="no answer within 1 s"):
+            await aio_workq.connect(local_broker.url, timeout=1)
+    finally:
+        local_broker.resume()
+    # aiormq's own clean-up finishes; nothing keeps running (no reconnect loop).
+    await wait_until(lambda: _true(len(asyncio.all_tasks()) == tasks_before), timeout=5)

@@ -198,3 +198,39 @@ def test_queue_arguments_quorum_and_classic() -> None:
     assert delay["x-message-ttl"] == 5000 and delay["x-dead-letter-routing-key"] == "tasks"
     with pytest.raises(ValueError, match="type"):
         Queue("tasks", type="stream")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["with space", "ünïcode", "x" * 201, "a/b"])
+def test_queue_and_exchange_names_outside_amqp_are_configuration_errors(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="name"):
+        Queue(name)
+    with pytest.raises(ConfigurationError, match="name"):
+        aio_workq.Exchange(name + "x" * 60)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("amqp://a,amqp://b", ["amqp://a", "amqp://b"]),
+        (" amqp://u:p@a:5672/v?x=1,2 , amqps://b/ ", ["amqp://u:p@a:5672/v?x=1,2", "amqps://b/"]),
+        (["amqp://a/", "amqp://b/"], ["amqp://a/", "amqp://b/"]),
+    ],
+)
+def test_host_lists_split_on_commas_but_not_inside_a_query(
+    url: object, expected: list[str]
+) -> None:
+    assert aio_workq.resolve_urls(url, {}) == expected  # type: ignore[arg-type]
+
+
+def test_rabbitmq_host_may_list_hosts_sharing_credentials() -> None:
+    env = {"RABBITMQ_HOST": "a, b:5673", "RABBITMQ_PASSWORD": "p@ss"}
+    assert aio_workq.resolve_urls(None, env) == [
+        "amqp://guest:p%40ss@a:5672/%2F",
+        "amqp://guest:p%40ss@b:5673/%2F",
+    ]
+
+
+def test_redaction_hides_every_password_of_a_list_even_unencoded() -> None:
+    shown = aio_workq.redact_url("amqp://u:s3cr#t/x@a/,amqp://v:other@b/")
+    assert "s3cr" not in shown and "other" not in shown
+    assert shown == "amqp://u:***@a/,amqp://v:***@b/"

@@ -122,7 +122,7 @@ async def test_a_pending_retry_survives_a_broker_restart(
     local_broker.stop()
     local_broker.start()
     async with Worker(amqp_url, queue=queue_name, handler=handler):
-        assert await counter.wait_for(2, timeout=20) == [1, 2]
+        assert await counter.wait_for(2, timeout=60) == [1, 2]  # quorum queues recover first
 
 
 async def test_crash_loop_message_reaches_the_dead_letter_queue_by_delivery_limit(

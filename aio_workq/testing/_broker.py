@@ -5,19 +5,12 @@ pid file and ``state.json`` (ports and pids, so another process can stop it). Th
 name, ports and epmd, bound to loopback only.
 
 Shipped in the package so that users' test suites get it too (`aio_workq.testing`, the
-`workq_amqp_url` pytest fixture). Standard library only: `scripts/broker.py` in the repository
-loads this file without the package's dependencies.
-
-CLI::
-
-    python -m aio_workq.testing.broker start --dir .broker/dev [--port N] [--management]
-    python -m aio_workq.testing.broker status --dir .broker/dev
-    python -m aio_workq.testing.broker stop --dir .broker/dev
+`workq_amqp_url` pytest fixture). Standard library only: the repository's `scripts/broker.py`
+(its command line) loads this file also without the package's dependencies.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -25,10 +18,9 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -36,10 +28,10 @@ from typing import Any
 __all__ = (
     "BrokerError",
     "LocalBroker",
+    "TLSListener",
     "amqp_answers",
     "ensure_installed",
     "free_port",
-    "main",
 )
 
 log = logging.getLogger(__name__)
@@ -56,12 +48,39 @@ HOW_TO_GET_ONE = (
 )
 _STATE_KEYS = (
     "name", "amqp_port", "dist_port", "epmd_port", "management", "management_port",
-    "consumer_timeout_ms", "server_pid", "epmd_pid",
+    "consumer_timeout_ms", "server_pid", "epmd_pid", "tls", "tls_port",
 )  # fmt: skip
 
 
 class BrokerError(RuntimeError):
     """A local broker could not be installed, started, stopped or queried."""
+
+
+@dataclass(frozen=True)
+class TLSListener:
+    """A TLS listener (``listeners.ssl.default``): PEM paths, and whether clients need a cert.
+
+    `make_pki` of the repository's `scripts/tls.py` writes a matching CA, server certificate
+    and key.
+    """
+
+    cacertfile: str
+    certfile: str
+    keyfile: str
+    verify_peer: bool = False  # mutual TLS: verify_peer + fail_if_no_peer_cert
+
+    def config(self, port: int) -> list[str]:
+        lines = [
+            f"listeners.ssl.default = 127.0.0.1:{port}",
+            f"ssl_options.cacertfile = {self.cacertfile}",
+            f"ssl_options.certfile = {self.certfile}",
+            f"ssl_options.keyfile = {self.keyfile}",
+        ]
+        if self.verify_peer:
+            lines += ["ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"]
+        else:
+            lines += ["ssl_options.verify = verify_none"]
+        return lines
 
 
 def ensure_installed() -> None:
@@ -153,6 +172,8 @@ class LocalBroker:
     management: bool = False
     management_port: int = 0
     consumer_timeout_ms: int | None = None
+    tls: TLSListener | None = None
+    tls_port: int = 0
     server_pid: int | None = field(default=None, repr=False)  # the rabbitmq-server shell wrapper
     epmd_pid: int | None = field(default=None, repr=False)
     _procs: dict[int, subprocess.Popen[bytes]] = field(
@@ -163,6 +184,8 @@ class LocalBroker:
 
     def __post_init__(self) -> None:
         self.base_dir = Path(self.base_dir).resolve()
+        if isinstance(self.tls, dict):  # from state.json
+            self.tls = TLSListener(**self.tls)
 
     @property
     def node(self) -> str:
@@ -171,6 +194,13 @@ class LocalBroker:
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def tls_url(self) -> str:
+        """The amqps:// URL of the TLS listener (host ``localhost``, as the certificate says)."""
+        if self.tls is None:
+            raise BrokerError(f"{self.node} has no TLS listener: pass tls=TLSListener(...)")
+        return f"amqps://guest:guest@localhost:{self.tls_port}/"
 
     @property
     def management_url(self) -> str:
@@ -233,7 +263,7 @@ class LocalBroker:
             self.pid_file.unlink(missing_ok=True)
             with self.log_file.open("ab") as out:
                 proc = subprocess.Popen(
-                    [str(SERVER)],
+                    self._server_command(),
                     env=self.env(),
                     cwd=self.base_dir,
                     stdin=subprocess.DEVNULL,
@@ -357,6 +387,7 @@ class LocalBroker:
         if not self.base_dir.is_dir():  # never started: nothing to record
             return
         state = {k: getattr(self, k) for k in _STATE_KEYS}
+        state["tls"] = asdict(self.tls) if self.tls else None
         (self.base_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
     @classmethod
@@ -373,7 +404,7 @@ class LocalBroker:
 
     def _pick_ports(self) -> None:
         taken: set[int] = set()
-        for attr in ("amqp_port", "dist_port", "epmd_port", "management_port"):
+        for attr in ("amqp_port", "dist_port", "epmd_port", "management_port", "tls_port"):
             port = getattr(self, attr)
             while not port or port in taken:
                 port = free_port()
@@ -403,6 +434,8 @@ class LocalBroker:
             ]
         if self.consumer_timeout_ms is not None:
             conf.append(f"consumer_timeout = {self.consumer_timeout_ms}")
+        if self.tls is not None:
+            conf += self.tls.config(self.tls_port)
         (d / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
 
     def _start_epmd(self) -> None:
@@ -459,6 +492,10 @@ class LocalBroker:
             if proc.poll() is not None:
                 del self._procs[pid]
 
+    def _server_command(self) -> list[str]:
+        """The command that starts the node (a subclass may wrap it, e.g. in setpriv)."""
+        return [str(SERVER)]
+
     def _require_beam(self) -> int:
         pid = self.beam_pid()
         if pid is None:
@@ -471,49 +508,3 @@ class LocalBroker:
             f"{_tail(self.log_file)}\n{_tail(self.node_log_file)}\n"
             f"If RabbitMQ itself is the problem, {HOW_TO_GET_ONE}."
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m aio_workq.testing.broker", description=(__doc__ or "").split("\n")[0]
-    )
-    parser.add_argument("command", choices=["start", "stop", "status"])
-    parser.add_argument("--dir", type=Path, default=Path(".broker/dev"), help="node directory")
-    parser.add_argument("--port", type=int, default=0, help="AMQP port (start; default: free)")
-    parser.add_argument("--management", action="store_true", help="enable the HTTP API (start)")
-    parser.add_argument("--timeout", type=float, default=60, help="seconds (start/stop)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    try:
-        if args.command == "start":
-            ensure_installed()
-            args.dir.mkdir(parents=True, exist_ok=True)
-            try:
-                broker = LocalBroker.from_dir(args.dir)
-            except BrokerError:
-                broker = LocalBroker(args.dir)
-            if args.port and not broker.running():
-                broker.amqp_port = args.port
-            broker.management = broker.management or args.management
-            broker.start(timeout=args.timeout)
-            print(broker.url)
-            return 0
-        if args.command == "stop" and not (args.dir / "state.json").exists():
-            print(f"no broker in {args.dir}")
-            return 0
-        broker = LocalBroker.from_dir(args.dir)
-        if args.command == "stop":
-            broker.stop(timeout=args.timeout)
-            broker.close()
-            print(f"stopped {broker.node}")
-            return 0
-        up = broker.running()
-        print(f"{broker.node}: {'running' if up else 'stopped'}, {broker.url}")
-        return 0 if up else 1
-    except BrokerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Queue depths for `aio-workq queues`: from the management HTTP API, else passive declares.
+
+Queues are grouped by work queue: `X` with its dead-letter queue `X.dlq` and its delay queues
+`X.retry.<ms>ms`. The management API gives every queue of the vhost, unacked counts and rates;
+without it, only the queues named are looked at (passive declares: ready messages and
+consumers), with the delay queues of the default `RetryPolicy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import aio_pika
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
+
+from ._errors import CliError, ManagementAPIError
+
+__all__ = ("QueueRow", "collect", "default_management_url", "group_rows")
+
+_RETRY = re.compile(r"^(?P<base>.+)\.retry\.(?P<ms>\d+)ms$")
+_DLQ = re.compile(r"^(?P<base>.+)\.dlq$")
+
+
+@dataclass(slots=True)
+class QueueRow:
+    """One work queue with its retry and dead-letter queues (`None`: not known)."""
+
+    queue: str
+    ready: int | None = None
+    unacked: int | None = None
+    consumers: int | None = None
+    publish_rate: float | None = None
+    deliver_rate: float | None = None
+    ack_rate: float | None = None
+    retry: int = 0
+    dead_letters: int | None = None
+    retry_queues: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class _Raw:
+    name: str
+    ready: int | None
+    unacked: int | None
+    consumers: int | None
+    publish_rate: float | None = None
+    deliver_rate: float | None = None
+    ack_rate: float | None = None
+
+
+def default_management_url(amqp_url: str) -> str:
+    """The management API next to the broker: same host and credentials, port 15672."""
+    parts = urlsplit(amqp_url)
+    scheme, port = ("https", 15671) if parts.scheme == "amqps" else ("http", 15672)
+    userinfo = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    return urlunsplit((scheme, f"{userinfo}{host}:{port}", "/", "", ""))
+
+
+def group_rows(raws: Iterable[_Raw], names: Sequence[str] = ()) -> list[QueueRow]:
+    """Fold `X.dlq` and `X.retry.*ms` into the row of `X`; keep only `names` when given."""
+    raws = list(raws)
+    present = {raw.name for raw in raws}
+    rows: dict[str, QueueRow] = {}
+
+    def row(name: str) -> QueueRow:
+        return rows.setdefault(name, QueueRow(queue=name))
+
+    for raw in sorted(raws, key=lambda r: r.name):
+        retry, dlq = _RETRY.match(raw.name), _DLQ.match(raw.name)
+        if retry and retry["base"] in present:
+            target = row(retry["base"])
+            target.retry_queues[raw.name] = (raw.ready or 0) + (raw.unacked or 0)
+            target.retry += target.retry_queues[raw.name]
+        elif dlq and dlq["base"] in present:
+            row(dlq["base"]).dead_letters = (raw.ready or 0) + (raw.unacked or 0)
+        else:
+            target = row(raw.name)
+            target.ready, target.unacked, target.consumers = raw.ready, raw.unacked, raw.consumers
+            target.publish_rate, target.deliver_rate = raw.publish_rate, raw.deliver_rate
+            target.ack_rate = raw.ack_rate
+    if names:
+        return [rows[name] for name in names if name in rows]
+    return sorted(rows.values(), key=lambda r: r.queue)
+
+
+async def collect(
+    amqp_url: str, names: Sequence[str], management_url: str | None, *, explicit: bool
+) -> tuple[list[QueueRow], str]:
+    """The rows, and where they came from (the management API or passive declares).
+
+    Raises:
+        ManagementAPIError: the management API was asked for explicitly and did not answer.
+        CliError: no management API and no queue names, or a named queue does not exist.
+        BrokerConnectionError: the broker cannot be reached.
+    """
+    mgmt = management_url or default_management_url(amqp_url)
+    try:
+        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        missing = sorted(set(names) - {raw.name for raw in raws})
+        if missing:
+            raise CliError(f"queue {missing[0]!r} does not exist")
+        return group_rows(raws, names), "the management API"
+    except ManagementAPIError as exc:
+        if explicit or not names:
+            hint = (
+                ""
+                if explicit
+                else "; name the queues to look at them over AMQP: aio-workq queues QUEUE..., "
+                "or give --management-url"
+            )
+            raise ManagementAPIError(f"{exc}{hint}") from exc
+    return group_rows(await _from_amqp(amqp_url, names), names), "passive declares"
+
+
+def _vhost(amqp_url: str) -> str:
+    path = urlsplit(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
+    parts = urlsplit(mgmt_url)
+    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
+    host = parts.hostname or "localhost"
+    host = f"[{host}]" if ":" in host else host
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    base = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+    columns = ",".join(
+        ("name", "messages_ready", "messages_unacknowledged", "consumers",
+         "message_stats.publish_details.rate", "message_stats.deliver_get_details.rate",
+         "message_stats.ack_details.rate")
+    )  # fmt: skip
+    url = f"{base}/api/queues/{quote(vhost, safe='')}?columns={columns}"
+    request = urllib.request.Request(url)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    shown = redact_url(mgmt_url)
+    try:
+        with urllib.request.urlopen(request, timeout=3) as response:
+            payload = json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise ManagementAPIError(
+            f"the management API at {shown} answered {exc.code} {exc.reason}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ManagementAPIError(
+            f"the management API at {shown} is not reachable ({reason})"
+        ) from None
+    if not isinstance(payload, list):
+        raise ManagementAPIError(f"the management API at {shown} sent no queue list")
+    return [_raw_from_api(item) for item in payload if isinstance(item, dict)]
+
+
+def _raw_from_api(item: dict[str, Any]) -> _Raw:
+    stats = item.get("message_stats") or {}
+
+    def rate(key: str) -> float:
+        detail = stats.get(key) or {}
+        return float(detail.get("rate", 0.0))
+
+    return _Raw(
+        name=str(item.get("name", "")),
+        ready=int(item.get("messages_ready") or 0),
+        unacked=int(item.get("messages_unacknowledged") or 0),
+        consumers=int(item.get("consumers") or 0),
+        publish_rate=rate("publish_details"),
+        deliver_rate=rate("deliver_get_details"),
+        ack_rate=rate("ack_details"),
+    )
+
+
+async def _from_amqp(amqp_url: str, names: Sequence[str]) -> list[_Raw]:
+    delays = RetryPolicy().levels_ms()
+    wanted = [
+        name
+        for base in names
+        for name in (base, f"{base}.dlq", *(f"{base}.retry.{ms}ms" for ms in delays))
+    ]
+    try:
+        connection = await aio_pika.connect(amqp_url, timeout=10)
+    except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+        raise BrokerConnectionError(
+            f"cannot connect to {redact_url(amqp_url)}: {type(exc).__name__}: {exc}"
+        ) from None
+    raws: list[_Raw] = []
+    async with connection:
+        channel = await connection.channel()
+        for name in wanted:
+            try:
+                queue = await channel.declare_queue(name, passive=True)
+            except aio_pika.exceptions.ChannelClosed:  # 404: no such queue
+                if name in names:
+                    raise CliError(f"queue {name!r} does not exist") from None
+                channel = await connection.channel()
+                continue
+            ok = queue.declaration_result
+            raws.append(_Raw(name, int(ok.message_count or 0), None, int(ok.consumer_count or 0)))
+    return raws

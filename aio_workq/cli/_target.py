@@ -1,0 +1,142 @@
+"""`MODULE:ATTR` → the workers to run: a Worker, a list of them, a factory, or a handler."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aio_workq import Worker
+
+from ._errors import TargetError
+
+__all__ = ("WorkerOptions", "build_workers", "import_target")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """What the command line says about the workers to build.
+
+    Args:
+        target: `MODULE:ATTR`.
+        queue: run ATTR as a handler on this queue.
+        concurrency: handlers at once, for a handler run with `queue`.
+        url: broker URL for a handler run with `queue` (others read `AMQP_URL`).
+    """
+
+    target: str
+    queue: str | None = None
+    concurrency: int | None = None
+    url: str | None = None
+
+
+def import_target(target: str) -> Any:
+    """The object `MODULE:ATTR` names (ATTR may be dotted); the current directory is importable.
+
+    Raises:
+        TargetError: `target` is not `MODULE:ATTR`, the module does not import, or it has no ATTR.
+    """
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(
+            f"{target!r} is not MODULE:ATTR; e.g. `aio-workq worker myapp.tasks:worker`"
+        )
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise TargetError(
+                f"cannot import {module_name!r} ({exc}): run from the directory that holds it, "
+                "or add that directory to PYTHONPATH"
+            ) from exc
+        raise TargetError(f"importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise TargetError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TargetError(f"{module_name!r} has no attribute {attr!r} ({target!r})") from None
+    return obj
+
+
+async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
+    """The workers `obj` stands for, under `options`.
+
+    Raises:
+        TargetError: `obj` is none of the accepted kinds, or an option does not apply to it.
+    """
+    target = options.target
+    if options.queue is not None:
+        if isinstance(obj, Worker) or not callable(obj):
+            raise TargetError(
+                f"--queue runs {target!r} as a handler, but it is {_kind(obj)}; drop --queue"
+            )
+        return [
+            Worker(
+                options.url,
+                queue=options.queue,
+                handler=obj,
+                concurrency=options.concurrency or 1,
+                name=f"aio-workq worker {options.queue}",
+            )
+        ]
+    if options.concurrency is not None:
+        raise TargetError(
+            "--concurrency applies to a handler run with --queue; for a Worker, set "
+            "Worker(concurrency=...) in the code"
+        )
+    if not isinstance(obj, Worker) and callable(obj) and not isinstance(obj, type):
+        if _needs_arguments(obj):
+            raise TargetError(
+                f"{target!r} takes an argument, so it looks like a handler: pass --queue QUEUE"
+            )
+        try:
+            obj = obj()
+            if inspect.isawaitable(obj):
+                obj = await obj
+        except TargetError:
+            raise
+        except Exception as exc:
+            raise TargetError(
+                f"the factory {target!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return _workers_of(obj, f"the factory {target!r} returned {_kind(obj)}")
+    return _workers_of(obj, f"{target!r} is {_kind(obj)}")
+
+
+def _workers_of(obj: Any, what: str) -> list[Worker]:
+    if isinstance(obj, Worker):
+        return [obj]
+    if isinstance(obj, Sequence) and not isinstance(obj, str | bytes) and obj:
+        if all(isinstance(item, Worker) for item in obj):
+            return list(obj)
+    raise TargetError(
+        f"{what}; expected a Worker, a non-empty list of Workers, a factory returning them, "
+        "or a handler with --queue QUEUE"
+    )
+
+
+def _needs_arguments(func: Any) -> bool:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        for p in signature.parameters.values()
+    )
+
+
+def _kind(obj: Any) -> str:
+    if isinstance(obj, Worker):
+        return "a Worker"
+    if isinstance(obj, list | tuple):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"

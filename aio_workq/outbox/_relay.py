@@ -1,0 +1,322 @@
+"""The relay: moves committed outbox rows to RabbitMQ, deleting each only after its confirm."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+from psycopg.rows import TupleRow
+
+from .. import Producer, Queue, WorkqError
+from ._errors import OutboxConfigurationError, OutboxSchemaError
+from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL, quote, redact_dsn
+
+__all__ = ("OutboxRelay",)
+
+log = logging.getLogger("aio_workq.outbox")
+
+_RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def _observe(future: asyncio.Future[str]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class OutboxRelay:
+    """Publishes committed outbox rows with confirms and deletes each row once it is confirmed.
+
+    It wakes on `LISTEN/NOTIFY` when an insert commits, and polls every `poll_interval` seconds
+    as well (a missed notification, a lost listening connection, `delay=` rows coming due).
+    Rows are claimed with `SELECT ... FOR UPDATE SKIP LOCKED` in batches, so any number of
+    relays can run against one database: each row is locked by one of them at a time. A relay
+    that dies mid-batch leaves its rows unlocked and undeleted, so another relay publishes them
+    again: delivery is at-least-once, with the row's message id on every copy for consumers to
+    deduplicate (see `idempotent`).
+
+    ```python
+    async with OutboxRelay("postgresql://app@db/app", url="amqp://guest:guest@mq/"):
+        ...  # runs in the background until the block exits
+    ```
+
+    Args:
+        dsn: the PostgreSQL connection string (libpq URL or key=value).
+        url: the broker URL for a producer of the relay's own ...
+        producer: ... or a started `Producer` to publish through (not closed by the relay).
+        schema: the schema that holds the outbox tables.
+        batch_size: rows claimed (and published pipelined) per transaction.
+        poll_interval: seconds between polls when no notification arrives.
+        retry_delay: seconds before a row whose publish failed is tried again (times the
+            number of attempts, up to 10 times this).
+        queues: `Queue` specs to declare by name instead of the producer's default (for
+            queues with arguments, such as a delivery limit).
+        publish_timeout: seconds to wait for a confirm (with `url`); a row whose confirm does
+            not come in time stays for a later attempt.
+        listen: wake on `LISTEN/NOTIFY`; `False` only polls (for a connection pooler in
+            transaction mode, such as PgBouncer's, where `LISTEN` does not work).
+        name: the broker connection name (with `url`).
+
+    Raises:
+        OutboxConfigurationError: a bad argument (both `url` and `producer`, a batch size < 1,
+            a non-positive interval, a bad schema name).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        url: str | None = None,
+        producer: Producer | None = None,
+        schema: str = DEFAULT_SCHEMA,
+        batch_size: int = 500,
+        poll_interval: float = 2.0,
+        retry_delay: float = 5.0,
+        queues: Iterable[Queue] = (),
+        publish_timeout: float = 30.0,
+        listen: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if producer is not None and url is not None:
+            raise OutboxConfigurationError("pass url= or producer=, not both")
+        if not isinstance(dsn, str) or not dsn:
+            raise OutboxConfigurationError(
+                f"dsn must be a PostgreSQL connection string, got {dsn!r}"
+            )
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise OutboxConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        intervals = (
+            ("poll_interval", poll_interval),
+            ("retry_delay", retry_delay),
+            ("publish_timeout", publish_timeout),
+        )
+        for label, value in intervals:
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
+        table = f"{quote(schema)}.workq_outbox"
+        self._dsn = dsn
+        self._schema = schema
+        self._owns_producer = producer is None
+        self._producer = (
+            producer if producer is not None else Producer(url, timeout=publish_timeout, name=name)
+        )
+        self._listen_enabled = listen
+        self._batch_size = batch_size
+        self._poll_interval = float(poll_interval)
+        self._retry_delay = float(retry_delay)
+        self._queues = {q.name: q for q in queues}
+        self._claim = (
+            "SELECT id, message_id, queue, exchange, routing_key, body, content_type, headers "
+            f"FROM {table} WHERE available_at <= now() ORDER BY id LIMIT %s "
+            "FOR UPDATE SKIP LOCKED"
+        )
+        self._delete = f"DELETE FROM {table} WHERE id = ANY(%s)"
+        self._fail = (
+            f"UPDATE {table} SET attempts = attempts + 1, last_error = %s, available_at = now() "
+            "+ CAST(%s AS float8) * LEAST(attempts + 1, 10) * interval '1 second' WHERE id = %s"
+        )
+        self._conn: psycopg.AsyncConnection[TupleRow] | None = None
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._listening = False
+        self.published = 0
+        """Rows published, confirmed and deleted by this relay."""
+        self.failed = 0
+        """Publish attempts that failed (the row stays and is retried after `retry_delay`)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"<OutboxRelay schema={self._schema!r} published={self.published} "
+            f"listening={self._listening}>"
+        )
+
+    @property
+    def listening(self) -> bool:
+        """Whether the relay's LISTEN connection is up (else it only polls)."""
+        return self._listening
+
+    async def __aenter__(self) -> OutboxRelay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to the database and the broker, and relay in the background.
+
+        Raises:
+            OutboxSchemaError: the outbox table is missing (run `migrate()`).
+            psycopg.OperationalError: the database cannot be reached.
+            BrokerConnectionError: the broker cannot be reached.
+        """
+        if self._tasks:
+            return
+        self._stopped.clear()
+        try:
+            await self._connect()
+            if self._owns_producer:
+                await self._producer.start()
+        except BaseException:
+            await self._close_conn()
+            raise
+        self._tasks = [asyncio.create_task(self._loop(), name="outbox-relay")]
+        if self._listen_enabled:
+            self._tasks.append(asyncio.create_task(self._listen(), name="outbox-listen"))
+
+    async def stop(self) -> None:
+        """Stop relaying: a batch in flight is rolled back (its rows are published again later,
+        with the same message ids), then close what the relay opened."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close_conn()
+        if self._owns_producer:
+            await self._producer.close()
+        self._stopped.set()
+
+    async def run(self) -> None:
+        """Relay until this task is cancelled (then stop)."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    async def drain(self) -> int:
+        """Relay batches until no row is due; returns how many rows this call published.
+
+        Rows whose publish fails stay for a later attempt and do not count. Needs `start()`.
+        """
+        before = self.published
+        while await self.relay_batch() >= self._batch_size:
+            pass
+        return self.published - before
+
+    async def relay_batch(self) -> int:
+        """Claim one batch, publish it, delete the confirmed rows; returns the rows claimed.
+
+        Raises:
+            OutboxSchemaError: the outbox table is missing.
+            psycopg.Error: the database failed (the batch rolled back; its rows stay).
+        """
+        async with self._lock:
+            conn = await self._connect()
+            async with conn.transaction():
+                try:
+                    rows = await (await conn.execute(self._claim, (self._batch_size,))).fetchall()
+                except psycopg.errors.UndefinedTable as exc:
+                    raise self._no_table() from exc
+                if not rows:
+                    return 0
+                sent: list[asyncio.Future[str] | BaseException] = []
+                for row in rows:
+                    try:
+                        confirm = await self._send(row)
+                    except WorkqError as exc:
+                        sent.append(exc)
+                    else:
+                        # Observed even if this batch is abandoned (stop, a database error).
+                        confirm.add_done_callback(_observe)
+                        sent.append(confirm)
+                futures = [s for s in sent if isinstance(s, asyncio.Future)]
+                settled = iter(await asyncio.gather(*futures, return_exceptions=True))
+                outcomes = [next(settled) if isinstance(s, asyncio.Future) else s for s in sent]
+                done = [row[0] for row, o in zip(rows, outcomes, strict=True) if isinstance(o, str)]
+                if done:
+                    await conn.execute(self._delete, (done,))
+                for row, outcome in zip(rows, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        self.failed += 1
+                        log.warning("outbox message %s not published: %r", row[1], outcome)
+                        await conn.execute(self._fail, (repr(outcome), self._retry_delay, row[0]))
+            self.published += len(done)
+            return len(rows)
+
+    async def _send(self, row: tuple[Any, ...]) -> asyncio.Future[str]:
+        _, message_id, queue, exchange, routing_key, body, content_type, headers = row
+        return await self._producer.send(
+            body,
+            self._queues.get(queue, queue) if queue is not None else None,
+            exchange=exchange,
+            routing_key=routing_key or None,
+            headers=headers,
+            message_id=message_id,
+            content_type=content_type,
+        )
+
+    async def _loop(self) -> None:
+        failures = 0
+        while True:
+            self._wake.clear()
+            try:
+                claimed = await self.relay_batch()
+                failures = 0
+            except Exception as exc:  # the relay outlives a database or broker outage
+                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                failures += 1
+                log.warning("outbox relay: %r; again in %.1f s", exc, delay)
+                await self._close_conn()
+                await asyncio.sleep(delay)
+                continue
+            if claimed >= self._batch_size:
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wake.wait()
+
+    async def _listen(self) -> None:
+        failures = 0
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+                async with conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._listening = True
+                    failures = 0
+                    self._wake.set()  # catch up with what committed while nobody listened
+                    async for notify in conn.notifies():
+                        if notify.payload == self._schema:
+                            self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                failures += 1
+                log.warning("outbox relay: LISTEN connection lost (%s); polling meanwhile", exc)
+                await asyncio.sleep(delay)
+            finally:
+                self._listening = False
+
+    async def _connect(self) -> psycopg.AsyncConnection[TupleRow]:
+        if self._conn is None or self._conn.closed:
+            self._conn = await psycopg.AsyncConnection.connect(self._dsn)
+            try:
+                await self._conn.execute(
+                    f"SELECT 1 FROM {quote(self._schema)}.workq_outbox LIMIT 0"
+                )
+                await self._conn.commit()
+            except psycopg.errors.UndefinedTable as exc:
+                await self._close_conn()
+                raise self._no_table() from exc
+        return self._conn
+
+    async def _close_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+
+    def _no_table(self) -> OutboxSchemaError:
+        return OutboxSchemaError(
+            f"no table {self._schema}.workq_outbox in the database at "
+            f"{redact_dsn(self._dsn)}: create it with `await aio_workq.outbox.migrate(conn, "
+            f"schema={self._schema!r})` or the SQL of `aio_workq.outbox.schema_sql()`"
+        )

@@ -1,0 +1,492 @@
+"""The `aio-workq` command end to end, in subprocesses against the session's broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import pytest
+
+from aio_workq import Job, Producer, Reject, Worker
+from tests.helpers import queue_depth, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.cli]
+
+
+class Cli:
+    """A running `python -m aio_workq ...`; its output lines are collected as they come."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._changed = asyncio.Event()
+        assert proc.stdout is not None and proc.stderr is not None
+        self._readers = [
+            asyncio.create_task(self._read(proc.stdout, self.out)),
+            asyncio.create_task(self._read(proc.stderr, self.err)),
+        ]
+
+    async def _read(self, stream: asyncio.StreamReader, lines: list[str]) -> None:
+        while line := await stream.readline():
+            lines.append(line.decode().rstrip("\n"))
+            self._changed.set()
+        self._changed.set()
+
+    async def wait_for(
+        self, predicate: Callable[[], Any], timeout: float = 20.0, what: str = ""
+    ) -> Any:
+        """Wait until `predicate()` is truthy (checked on each new line of output)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not (result := predicate()):
+                    self._changed.clear()
+                    await self._changed.wait()
+                return result
+        except TimeoutError:
+            raise AssertionError(
+                f"timed out waiting for {what or predicate}\nstdout: {self.out}\nstderr: {self.err}"
+            ) from None
+
+    def lines(self, pattern: str, stream: str = "out") -> list[re.Match[str]]:
+        source = self.out if stream == "out" else self.err
+        return [m for line in source if (m := re.search(pattern, line))]
+
+    async def exit_code(self, timeout: float = 30.0) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.proc.wait()
+            await asyncio.gather(*self._readers)
+        return code
+
+
+@asynccontextmanager
+async def cli(*args: str, env: dict[str, str], stdin: bytes | None = None) -> AsyncIterator[Cli]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aio_workq", *args,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    if stdin is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        await proc.stdin.drain()
+        proc.stdin.close()
+    running = Cli(proc)
+    try:
+        yield running
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def run_cli(
+    *args: str, env: dict[str, str], stdin: bytes | None = None
+) -> tuple[int, str, str]:
+    async with cli(*args, env=env, stdin=stdin) as proc:
+        code = await proc.exit_code()
+    return code, "\n".join(proc.out), "\n".join(proc.err)
+
+
+@pytest.fixture
+def env(amqp_url: str) -> dict[str, str]:
+    return {**os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+    except OSError:
+        return 0, {}
+
+
+async def wait_health(
+    port: int,
+    status: int,
+    timeout: float = 20.0,
+    where: Callable[[dict[str, Any]], bool] = lambda body: True,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal body
+        code, body = await asyncio.to_thread(healthz, port)
+        return code == status and where(body)
+
+    await wait_until(reached, timeout=timeout)
+    return body
+
+
+async def make_dead_letters(amqp_url: str, queue: str, bodies: list[str]) -> list[str]:
+    """Dead-letter `bodies` through a worker whose handler raises the exception each names."""
+    errors: dict[str, type[Exception]] = {"ValueError": ValueError, "KeyError": KeyError}
+
+    async def fail(job: Job) -> None:
+        raise errors.get(str(job.data).split(":")[0], Reject)(job.data)
+
+    async with Producer(amqp_url) as producer:
+        ids = await producer.publish_many(bodies, queue=queue)
+        async with Worker(amqp_url, queue=queue, handler=fail, retry=None, concurrency=10):
+            letters = producer.dead_letters(queue)
+            await wait_until(lambda: _has(letters, len(bodies)), timeout=20)
+    return [str(i) for i in ids]
+
+
+async def _has(letters: Any, count: int) -> bool:
+    return bool(await letters.count() >= count)
+
+
+async def ids_in(amqp_url: str, name: str) -> list[str]:
+    """Message ids in a queue, all left in place."""
+    ids: list[str] = []
+    async with await aio_pika.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        while (message := await queue.get(no_ack=False, fail=False)) is not None:
+            ids.append(str(message.message_id))
+    return ids
+
+
+# --- errors and the extra ------------------------------------------------------------------
+
+
+def test_core_imports_without_click_and_cli_says_how_to_install() -> None:
+    code = (
+        "import sys; sys.modules['click'] = None; import aio_workq, aio_workq.cli; "
+        "assert 'rich' not in sys.modules; aio_workq.cli.main(['--help'])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pip install 'aio-workq[cli]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_errors_are_one_line_without_traceback_or_password(env: dict[str, str]) -> None:
+    code, out, err = await run_cli("worker", "tests.no_such_module:worker", env=env)
+    assert code == 1 and out == ""
+    assert err.startswith("aio-workq: error: cannot import 'tests.no_such_module'")
+    assert len(err.splitlines()) == 1
+
+    code, _, err = await run_cli("worker", "tests.cli_app:quick", env=env)  # no --queue
+    assert code == 1 and "looks like a handler: pass --queue QUEUE" in err
+
+    dead = f"amqp://user:s3cret-pw@127.0.0.1:{free_port()}/"
+    code, out, err = await run_cli("publish", "q", "x", "--url", dead, env=env)
+    assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "s3cret-pw" not in out + err and "user:***@127.0.0.1" in err
+
+
+# --- publish and queues --------------------------------------------------------------------
+
+
+async def test_publish_from_stdin_counts_confirmed_messages(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    code, out, err = await run_cli("publish", queue_name, "-", env=env, stdin=b"a\n\nb\nc\n")
+    assert (code, out) == (0, f"published 3 messages to {queue_name!r}, all confirmed"), err
+    assert await queue_depth(amqp_url, queue_name) == 3
+
+    lines = b'{"n": 1}\n[2, 3]\n'
+    code, out, err = await run_cli("publish", queue_name, "--json", env=env, stdin=lines)
+    assert (code, out) == (0, f"published 2 messages to {queue_name!r}, all confirmed"), err
+    bodies = []
+    async with await aio_pika.connect(amqp_url) as connection:
+        queue = await (await connection.channel()).declare_queue(queue_name, passive=True)
+        while (message := await queue.get(fail=False)) is not None:
+            bodies.append((message.content_type, message.body))
+    assert bodies[3:] == [("application/json", b'{"n":1}'), ("application/json", b"[2,3]")]
+
+    code, _, err = await run_cli("publish", queue_name, "--json", env=env, stdin=b"{}\nnot json\n")
+    assert code == 1 and "line 2 is not JSON" in err and "the 1 messages before it" in err
+
+
+async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_name: str) -> None:
+    await make_dead_letters(amqp_url, queue_name, ["ValueError: x"])
+    async with Producer(amqp_url) as producer:
+        await producer.publish_many(["a", "b"], queue=queue_name)
+
+    code, out, err = await run_cli("queues", queue_name, "--json", env=env)
+    assert code == 0, err
+    [row] = json.loads(out)
+    assert row["queue"] == queue_name
+    assert (row["ready"], row["consumers"], row["dead_letters"], row["retry"]) == (2, 0, 1, 0)
+
+    code, out, err = await run_cli("queues", queue_name, env=env)
+    assert code == 0, err
+    [line] = [line for line in out.splitlines() if queue_name in line]
+    assert line.split() == [queue_name, "2", "-", "0", "0", "1"]
+    assert "passive declares" in out
+
+    watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.2")
+    async with cli(*watch, env=env) as watching:
+        await watching.wait_for(lambda: len(watching.out) >= 2)
+        watching.proc.send_signal(signal.SIGINT)
+        assert await watching.exit_code() == 0
+    assert all(json.loads(line)[0]["ready"] == 2 for line in watching.out)
+
+    code, _, err = await run_cli("queues", f"{queue_name}-missing", env=env)
+    assert code == 1 and f"queue '{queue_name}-missing' does not exist" in err
+
+
+# --- dead letters --------------------------------------------------------------------------
+
+
+async def test_dlq_list_show_replay_with_filter_and_purge(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    bodies = ["ValueError: 1", "KeyError: 2", "ValueError: 3", "KeyError: 4", "Reject: 5"]
+    ids = await make_dead_letters(amqp_url, queue_name, bodies)
+
+    code, out, err = await run_cli("dlq", "list", queue_name, "--json", env=env)
+    assert code == 0, err
+    listed = json.loads(out)
+    assert sorted(item["message_id"] for item in listed) == sorted(ids)
+    code, out, _ = await run_cli("dlq", "list", queue_name, "--json", "-e", "KeyError", env=env)
+    assert sorted(item["body"] for item in json.loads(out)) == ["KeyError: 2", "KeyError: 4"]
+
+    code, out, err = await run_cli("dlq", "show", queue_name, ids[1], "--json", env=env)
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["exception_type"] == "builtins.KeyError" and shown["body"] == "KeyError: 2"
+    code, _, err = await run_cli("dlq", "show", queue_name, "nope", env=env)
+    assert code == 1 and "no dead letter with message id 'nope'" in err
+
+    dry = ("dlq", "replay", queue_name, "-e", "KeyError", "--dry-run")
+    code, out, _ = await run_cli(*dry, env=env)
+    assert (code, out) == (0, f"would replay 2 dead letters of {queue_name!r} (dry run)")
+    assert await queue_depth(amqp_url, queue_name) == 0
+
+    code, out, err = await run_cli("dlq", "replay", queue_name, "--exception", "KeyError", env=env)
+    assert (code, out) == (0, f"replayed 2 dead letters into {queue_name!r}, all confirmed"), err
+    assert sorted(await ids_in(amqp_url, queue_name)) == sorted([ids[1], ids[3]])
+    # The others stay, in their order.
+    assert await ids_in(amqp_url, f"{queue_name}.dlq") == [ids[0], ids[2], ids[4]]
+
+    code, _, err = await run_cli("dlq", "purge", queue_name, env=env, stdin=b"n\n")
+    assert code == 1 and "aborted" in err
+    assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 3
+    code, out, _ = await run_cli("dlq", "purge", queue_name, "--yes", env=env)
+    assert (code, out) == (0, f"purged 3 dead letters from '{queue_name}.dlq'")
+
+    await make_dead_letters(amqp_url, f"{queue_name}-2", ["ValueError"] * 3)
+    code, out, err = await run_cli("dlq", "replay", f"{queue_name}-2", "--limit", "2", env=env)
+    assert (code, out) == (0, f"replayed 2 dead letters into '{queue_name}-2', all confirmed"), err
+    assert await queue_depth(amqp_url, f"{queue_name}-2.dlq") == 1
+
+
+async def test_replay_interrupted_by_sigint_loses_nothing(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    ids = await make_dead_letters(amqp_url, queue_name, [f"ValueError: {i}" for i in range(200)])
+    async with cli(
+        "dlq", "replay", queue_name, "-e", "ValueError", "--rate", "50", env=env
+    ) as replay:
+        await wait_until(lambda: _depth_at_least(amqp_url, queue_name, 20), timeout=20)
+        replay.proc.send_signal(signal.SIGINT)
+        assert await replay.exit_code() == 130
+    assert "interrupted" in replay.err[-1]
+    moved = await ids_in(amqp_url, queue_name)
+    left = await ids_in(amqp_url, f"{queue_name}.dlq")
+    assert 20 <= len(moved) < 200 and left  # it was interrupted half-way
+    # Nothing lost, nothing doubled: the message under way was settled before it stopped.
+    assert sorted(moved + left) == sorted(ids)
+
+
+async def _depth_at_least(amqp_url: str, name: str, count: int) -> bool:
+    return await queue_depth(amqp_url, name) >= count
+
+
+# --- worker and supervisor -----------------------------------------------------------------
+
+
+async def test_processes_drain_on_sigterm_and_lose_nothing(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    env = {**env, "CLI_TEST_QUEUE": queue_name}
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    async with cli("worker", "tests.cli_app:slow_workers", "--processes", "2", env=env) as sup:
+        await sup.wait_for(lambda: len(sup.lines(r"worker consuming", "err")) == 2)
+        async with Producer(amqp_url) as producer:
+            await producer.publish_many([f"m{i}" for i in range(10)], queue=queue_name)
+        # Two processes, two handlers each: four messages under way.
+        await sup.wait_for(lambda: len(sup.lines(r"^STARTED")) >= 4, what="4 handlers running")
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.exit_code() == 0, sup.err
+    begun = {m[1] for m in sup.lines(r"^STARTED \d+ (\S+)")}
+    done = {m[1] for m in sup.lines(r"^DONE \d+ (\S+)")}
+    assert begun == done  # every handler that started finished before its process exited
+    assert len({m[1] for m in sup.lines(r"^STARTED (\d+)")}) == 2  # in two processes
+    left = await ids_in(amqp_url, queue_name)
+    assert len(done) + len(left) == 10  # the rest wait on the broker
+
+
+async def test_second_sigterm_stops_fast_and_messages_go_back(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    args = ["worker", "tests.cli_app:hold_unless_redelivered", "-q", queue_name, "-p", "2"]
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(lambda: len(sup.lines(r"worker consuming", "err")) == 2)
+        async with Producer(amqp_url) as producer:
+            await producer.publish_many(["a", "b"], queue=queue_name)
+        await sup.wait_for(lambda: len(sup.lines(r"^STARTED")) == 2)
+        sup.proc.send_signal(signal.SIGTERM)  # drain: the handlers hold for a minute...
+        await sup.wait_for(lambda: len(sup.lines(r"stopping 1 worker\(s\) gracefully", "err")) == 2)
+        sup.proc.send_signal(signal.SIGTERM)  # ...so stop them now
+        assert await sup.exit_code(timeout=15) == 0
+    assert sup.lines(r"received again: stopping the children fast", "err")
+    assert not sup.lines(r"^DONE")
+    assert await queue_depth(amqp_url, queue_name) == 2  # both back on the queue
+
+
+async def test_killed_child_is_restarted_and_its_message_redelivered(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    port = free_port()
+    args = [
+        "worker", "tests.cli_app:hold_unless_redelivered", "--queue", queue_name,
+        "--processes", "2", "--metrics-port", str(port), "--health-grace", "0",
+    ]  # fmt: skip
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    async with cli(*args, env=env) as sup:
+        await wait_health(port, 200)
+        async with Producer(amqp_url) as producer:
+            await producer.publish("held", queue=queue_name)
+        [first] = await sup.wait_for(lambda: sup.lines(r"^STARTED (\d+) held False"))
+        os.kill(int(first[1]), signal.SIGKILL)
+        await sup.wait_for(lambda: sup.lines(r"was killed by SIGKILL; restarting in", "err"))
+        await wait_health(port, 503)  # one process short (no grace)
+        await wait_health(port, 200, where=lambda body: _restarts(body) == [0, 1])
+        # Redelivered (to either process), and finished this time.
+        await sup.wait_for(lambda: sup.lines(r"^DONE \d+ held"), what="the redelivery")
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.exit_code() == 0
+    assert sup.lines(r"^STARTED \d+ held True")
+    assert await queue_depth(amqp_url, queue_name) == 0
+
+
+def _restarts(body: dict[str, Any]) -> list[int]:
+    return sorted(p["restarts"] for p in body["processes"])
+
+
+async def test_children_drain_when_the_supervisor_is_killed(
+    env: dict[str, str], queue_name: str
+) -> None:
+    args = ["worker", "tests.cli_app:quick", "-q", queue_name, "-p", "2"]
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(lambda: len(sup.lines(r"worker consuming", "err")) == 2)
+        sup.proc.kill()
+        # The children hold the output pipes: they close once both have drained and exited.
+        assert await sup.exit_code() == -signal.SIGKILL
+    assert len(sup.lines(r"the supervisor \(pid \d+\) is gone: draining", "err")) == 2
+    assert len(sup.lines(r"stopping 1 worker\(s\) gracefully", "err")) == 2
+    assert len(sup.lines(r"stopped: ", "err")) == 2
+
+
+async def test_supervisor_gives_up_when_children_keep_crashing(env: dict[str, str]) -> None:
+    args = ["worker", "tests.cli_app:broken_factory", "--processes", "2", "--max-restarts", "1"]
+    async with cli(*args, env=env) as sup:
+        assert await sup.exit_code() == 1
+    assert sup.lines(r"2 crashes in 60 s, giving up", "err")
+    assert sup.lines(r"no workers today", "err")
+
+
+async def test_healthz_flips_to_503_while_the_broker_is_down(
+    env: dict[str, str], local_broker: Any, queue_name: str
+) -> None:
+    port = free_port()
+    args = [
+        "worker", "tests.cli_app:quick", "--queue", queue_name,
+        "--metrics-port", str(port), "--health-grace", "0",
+    ]  # fmt: skip
+    async with cli(*args, env=env) as worker:
+        body = await wait_health(port, 200)
+        assert body["workers"][0]["queue"] == queue_name and body["workers"][0]["consuming"]
+        await asyncio.to_thread(local_broker.stop)
+        body = await wait_health(port, 503)
+        assert body["status"] == "unavailable" and not body["workers"][0]["connected"]
+        await asyncio.to_thread(local_broker.start)
+        await wait_health(port, 200, timeout=30)  # reconnects every 5 s
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.exit_code() == 0
+
+
+# --- with the management plugin (a node of its own: slow) ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def management_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from scripts.broker import LocalBroker
+
+    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name="workqclimgmt", management=True)
+    node.start()
+    yield node
+    node.close()
+
+
+@pytest.mark.slow
+async def test_queues_from_the_management_api_with_rates_and_watch(
+    management_broker: Any, queue_name: str
+) -> None:
+    env = {
+        **os.environ,
+        "AMQP_URL": management_broker.url,
+        "AIO_WORKQ_MANAGEMENT_URL": management_broker.management_url,
+    }
+    await make_dead_letters(management_broker.url, queue_name, ["ValueError: 1"])
+    async with Producer(management_broker.url) as producer:
+        await producer.publish_many(["a", "b", "c"], queue=queue_name)
+
+    rows: dict[str, Any] = {}
+
+    async def listed() -> bool:  # the API refreshes its figures every 5 s
+        nonlocal rows
+        code, out, err = await run_cli("queues", "--json", env=env)
+        assert code == 0, err
+        rows = {row["queue"]: row for row in json.loads(out)}
+        return queue_name in rows and rows[queue_name]["ready"] == 3
+
+    await wait_until(listed, timeout=30)
+    row = rows[queue_name]
+    assert (row["unacked"], row["consumers"], row["dead_letters"]) == (0, 0, 1)
+    assert isinstance(row["publish_rate"], float) and isinstance(row["deliver_rate"], float)
+    assert f"{queue_name}.dlq" not in rows  # folded into its work queue's row
+
+    code, out, _ = await run_cli("queues", queue_name, env=env)
+    assert code == 0 and "pub/s" in out and "from the management API" in out
+
+    watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.5")
+    async with cli(*watch, env=env) as watching:
+        await watching.wait_for(lambda: len(watching.out) >= 2)
+        watching.proc.send_signal(signal.SIGINT)
+        assert await watching.exit_code() == 0
+    assert all(json.loads(line)[0]["queue"] == queue_name for line in watching.out)
+
+    bad = {**env, "AIO_WORKQ_MANAGEMENT_URL": f"http://127.0.0.1:{free_port()}/"}
+    code, _, err = await run_cli("queues", env=bad)
+    assert code == 1 and "management API at http://127.0.0.1:" in err

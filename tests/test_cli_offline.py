@@ -1,0 +1,104 @@
+"""The `aio-workq` command's parts that need no broker: targets, health rule, grouping."""
+
+from __future__ import annotations
+
+import pytest
+
+from aio_workq import Worker
+from aio_workq.cli._errors import TargetError
+from aio_workq.cli._health import Debounce
+from aio_workq.cli._queues import _Raw, default_management_url, group_rows
+from aio_workq.cli._supervisor import RestartPolicy
+from aio_workq.cli._target import WorkerOptions, build_workers, import_target
+from tests import cli_app
+
+pytestmark = pytest.mark.cli
+
+URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def test_import_target_names_what_is_wrong() -> None:
+    assert import_target("tests.cli_app:slow") is cli_app.slow
+    with pytest.raises(TargetError, match="is not MODULE:ATTR"):
+        import_target("tests.cli_app")
+    with pytest.raises(TargetError, match="has no attribute 'nope'"):
+        import_target("tests.cli_app:nope")
+    with pytest.raises(TargetError, match="cannot import 'tests.missing'"):
+        import_target("tests.missing:x")
+
+
+async def test_build_workers_from_each_kind_of_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CLI_TEST_QUEUE", "q1")
+    [from_factory] = await build_workers(cli_app.slow_workers, WorkerOptions("m:f"))
+    assert from_factory.queue_name == "q1"
+    options = WorkerOptions("m:h", queue="q2", concurrency=3, url=URL)
+    [from_handler] = await build_workers(cli_app.slow, options)
+    assert from_handler.queue_name == "q2" and "concurrency=3" in repr(from_handler)
+    worker = Worker(URL, queue="q3", handler=cli_app.quick)
+    assert await build_workers(worker, WorkerOptions("m:w")) == [worker]
+    assert await build_workers([worker, worker], WorkerOptions("m:l")) == [worker, worker]
+
+    async def async_factory() -> Worker:
+        return worker
+
+    assert await build_workers(async_factory, WorkerOptions("m:a")) == [worker]
+
+
+async def test_build_workers_rejects_what_it_cannot_run() -> None:
+    worker = Worker(URL, queue="q", handler=cli_app.quick)
+    with pytest.raises(TargetError, match="looks like a handler: pass --queue"):
+        await build_workers(cli_app.quick, WorkerOptions("m:h"))
+    with pytest.raises(TargetError, match="drop --queue"):
+        await build_workers(worker, WorkerOptions("m:w", queue="q"))
+    with pytest.raises(TargetError, match="--concurrency applies to a handler"):
+        await build_workers(worker, WorkerOptions("m:w", concurrency=2))
+    with pytest.raises(TargetError, match="'m:x' is a int; expected a Worker"):
+        await build_workers(3, WorkerOptions("m:x"))
+    with pytest.raises(TargetError, match="the factory 'm:f' failed: RuntimeError"):
+        await build_workers(cli_app.broken_factory, WorkerOptions("m:f"))
+
+    def no_workers() -> list[Worker]:
+        return []
+
+    with pytest.raises(TargetError, match="returned a list of 0 items"):
+        await build_workers(no_workers, WorkerOptions("m:f"))
+
+
+def test_health_is_forgiven_a_lapse_up_to_the_grace_only_once_it_was_up() -> None:
+    health = Debounce(grace=5)
+    assert not health.update(False, now=0)  # starting
+    assert health.update(True, now=1)
+    assert health.update(False, now=2)  # a lapse...
+    assert health.update(False, now=6.9)  # ...of under 5 s is forgiven
+    assert not health.update(False, now=7)
+    assert health.update(True, now=8)
+    assert not Debounce(grace=0).update(False, now=0)
+
+
+def test_restart_backoff_doubles_up_to_its_bound() -> None:
+    policy = RestartPolicy(backoff_min=0.5, backoff_max=4)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 10)] == [0.5, 1, 2, 4, 4, 4]
+
+
+def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
+    raws = [
+        _Raw("a", 3, 1, 2),
+        _Raw("a.dlq", 4, 0, 0),
+        _Raw("a.retry.1000ms", 2, 0, 0),
+        _Raw("a.retry.2000ms", 1, 0, 0),
+        _Raw("orphan.dlq", 5, 0, 0),
+        _Raw("b", 0, 0, 1),
+    ]
+    rows = {row.queue: row for row in group_rows(raws)}
+    assert sorted(rows) == ["a", "b", "orphan.dlq"]
+    assert (rows["a"].ready, rows["a"].unacked, rows["a"].retry, rows["a"].dead_letters) == (
+        3, 1, 3, 4,
+    )  # fmt: skip
+    assert rows["a"].retry_queues == {"a.retry.1000ms": 2, "a.retry.2000ms": 1}
+    assert rows["b"].dead_letters is None
+    assert [row.queue for row in group_rows(raws, ["b", "a"])] == ["b", "a"]
+
+
+def test_management_url_defaults_to_the_broker_host_and_user() -> None:
+    assert default_management_url("amqp://u:p@rabbit:5672/vh") == "http://u:p@rabbit:15672/"
+    assert default_management_url("amqps://h/") == "https://h:15671/"
