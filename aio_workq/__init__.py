@@ -14,6 +14,7 @@ from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionLostError as ConnectionLostError
 from ._exceptions import Defer as Defer
 from ._exceptions import IntegrationError as IntegrationError
+from ._exceptions import PayloadError as PayloadError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNackedError as PublishNackedError
 from ._exceptions import PublishTimeoutError as PublishTimeoutError
@@ -72,6 +73,7 @@ __all__ = [
     "JobData",
     "MessageFields",
     "Outcome",
+    "PayloadError",
     "Producer",
     "PublishError",
     "PublishInfo",

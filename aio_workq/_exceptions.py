@@ -33,6 +33,7 @@ __all__ = (
     "BrokerConnectionError",
     "ConfigurationError",
     "ConnectionLostError",
+    "PayloadError",
     "Defer",
     "IntegrationError",
     "PublishError",
@@ -173,3 +174,8 @@ class Reject(Exception):
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class PayloadError(Reject, WorkqError):
+    """The body does not validate as the handler's payload type: the message goes straight to
+    the dead-letter queue, with the validation error in its `x-workq-validation-error` header."""

@@ -15,13 +15,23 @@ from typing import Any, Literal
 from ._exceptions import ConfigurationError
 from ._failures import qualname
 from ._job import Job, JobData
+from ._typed import Payload, resolve_payload
 
 __all__ = ("Handler", "HandlerRunner")
 
 log = logging.getLogger("aio_workq")
 
-# A coroutine function or plain function of a Job; with executor="process", of a JobData.
-Handler = Callable[[Job], Awaitable[Any]] | Callable[[Job], Any] | Callable[[JobData], Any]
+# A coroutine function or plain function of a Job; with executor="process", of a JobData; or of
+# a typed payload (the body validated into the type its first parameter is annotated with),
+# optionally followed by the Job (or JobData).
+Handler = (
+    Callable[[Job], Awaitable[Any]]
+    | Callable[[Job], Any]
+    | Callable[[JobData], Any]
+    | Callable[[Any], Any]
+    | Callable[[Any, Job], Any]
+    | Callable[[Any, JobData], Any]
+)
 
 _BLOCKED_AFTER = 0.5
 _WATCH_INTERVAL = 0.1
@@ -35,6 +45,12 @@ class HandlerRunner:
             threads, or processes with `executor="process"` (then it gets a `JobData`).
         timeout: seconds a call may take before it fails with `TimeoutError`.
         name: names the threads.
+        pydantic: validate typed payloads with pydantic (`None`: where it is installed).
+
+    A handler whose first parameter is annotated with a type other than `Job` (or `JobData`)
+    gets the body validated into that type (`_typed`), and the job as its second argument if
+    it takes one; a body that does not validate fails with `PayloadError` before the handler
+    runs (in the event loop's process, also for `executor="process"`).
 
     Raises:
         ConfigurationError: the handler can't run the way asked.
@@ -48,6 +64,7 @@ class HandlerRunner:
         concurrency: int,
         timeout: float | None,
         name: str,
+        pydantic: bool | None = None,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, got {handler!r}")
@@ -70,7 +87,8 @@ class HandlerRunner:
                     f"executor='process' needs a picklable handler (a module-level function): "
                     f"{handler!r} is not ({exc})"
                 ) from exc
-        self.handler: Callable[[Any], Any] = handler
+        self.handler: Callable[..., Any] = handler
+        self.payload: Payload | None = resolve_payload(handler, pydantic=pydantic)
         self._kind = executor
         self._concurrency = concurrency
         self._timeout = timeout
@@ -83,6 +101,8 @@ class HandlerRunner:
 
     async def run(self, job: Job) -> Any:
         """Call the handler on `job`; its return value, or its exception."""
+        if self.payload is not None:
+            return await self._run_typed(job, self.payload)
         if self.is_async:
             call: Awaitable[Any] = self.handler(job)
         else:
@@ -91,6 +111,26 @@ class HandlerRunner:
             argument: Job | JobData = job.snapshot() if self._kind == "process" else job
             loop = asyncio.get_running_loop()
             call = loop.run_in_executor(self._executor, self.handler, argument)
+        if self._timeout is None:
+            return await call
+        async with asyncio.timeout(self._timeout):
+            return await call
+
+    async def _run_typed(self, job: Job, payload: Payload) -> Any:
+        value = payload.validate(job.body, job.content_type)
+        if self.is_async:
+            call: Awaitable[Any] = (
+                self.handler(value, job) if payload.with_job else self.handler(value)
+            )
+        else:
+            if self._executor is None:
+                self._executor = self._make_executor()
+            loop = asyncio.get_running_loop()
+            if payload.with_job:
+                argument: Job | JobData = job.snapshot() if self._kind == "process" else job
+                call = loop.run_in_executor(self._executor, self.handler, value, argument)
+            else:
+                call = loop.run_in_executor(self._executor, self.handler, value)
         if self._timeout is None:
             return await call
         async with asyncio.timeout(self._timeout):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ._exceptions import Defer, Reject, Retry
+from ._exceptions import Defer, PayloadError, Reject, Retry
 from ._retry import RetryPolicy
 from ._topology import Queue
 
@@ -117,6 +117,8 @@ def route_failure(
         headers["x-workq-traceback"] = format_traceback(exc)
         if isinstance(exc, Reject):
             headers["x-workq-rejected"] = True
+        if isinstance(exc, PayloadError):
+            headers["x-workq-validation-error"] = str(exc)[:_TRACEBACK_LIMIT]
         return Move(MoveKind.DEAD_LETTER, queue.dead_letter_queue, headers)
     assert policy is not None
     headers[ATTEMPT_HEADER] = attempt + 1

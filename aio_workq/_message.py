@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from ._delay import delay_ticks
+from ._delay import routing_key as delayed_key
 from ._exceptions import ConfigurationError, PublishTimeoutError, SerializationError
 from ._hooks import Hooks, PublishInfo
 from ._serialization import encode_body
@@ -54,6 +56,9 @@ class PublishOptions(TypedDict, total=False):
     timestamp: datetime | None
     persistent: bool
     """Written to disk by the broker (default True)."""
+    delay: float | timedelta | None
+    """Seconds the broker holds the message before it reaches its queue (100 ms precision,
+    rounded up; never early). Publishes to a queue only; not with `expiration`."""
 
 
 _KNOWN = frozenset(PublishOptions.__annotations__)
@@ -147,13 +152,30 @@ class Sender:
         data, props, mandatory, timeout = build_message(body, options)
         timeout = self._timeout if timeout is None else timeout
         router = self._router
-        destination = router.lookup(queue, exchange, routing_key)
+        delay = options.get("delay")
+        ticks = 0 if delay is None else delay_ticks(delay)
+        destination: tuple[str, str] | None
+        if ticks:
+            queue = _delayed_queue(queue, exchange, routing_key, options)
+            name = queue.name if not isinstance(queue, str) else queue
+            key = delayed_key(ticks, name)
+            ladder = router.delays
+            ready = ladder.ready_for(name) and router.lookup(queue, "", None) is not None
+            destination = (ladder.exchange_for(ticks), key) if ready else None
+        else:
+            destination = router.lookup(queue, exchange, routing_key)
         if destination is None:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             try:
                 async with asyncio.timeout_at(deadline):
-                    destination = await router.destination(queue, exchange, routing_key)
+                    if ticks:
+                        _, name = await router.destination(queue, "", None)
+                        await router.delays.prepare(name)
+                        key = delayed_key(ticks, name)
+                        destination = (router.delays.exchange_for(ticks), key)
+                    else:
+                        destination = await router.destination(queue, exchange, routing_key)
             except TimeoutError:
                 raise PublishTimeoutError(
                     f"message {props.message_id}: its destination could not be declared within "
@@ -197,3 +219,31 @@ class Sender:
             )
 
         return await self._hooks.publish(send, info)
+
+
+def _delayed_queue(
+    queue: str | Queue | None,
+    exchange: str | Exchange,
+    routing_key: str | None,
+    options: Mapping[str, Any],
+) -> str | Queue:
+    """The queue a delayed message goes to.
+
+    Raises:
+        ConfigurationError: the message goes to an exchange, or has an expiration too.
+    """
+    if options.get("expiration") is not None:
+        raise ConfigurationError(
+            "delay= and expiration= can't be combined: the expiration would cut the delay "
+            "short; drop one of them"
+        )
+    if exchange:
+        raise ConfigurationError(
+            "delay= publishes to a queue (queue='name'); a delayed message can't go through "
+            "an exchange: publish it delayed to a queue bound to what the exchange routes to"
+        )
+    if queue is not None:
+        return queue
+    if routing_key:
+        return routing_key
+    raise ConfigurationError("nowhere to publish: pass queue='name'")

@@ -208,18 +208,21 @@ class Producer:
         time, the window is full, or the connection is down: all within the timeout.
 
         Args:
-            body: bytes, str (sent as UTF-8 text) or JSON-serialisable data.
+            body: bytes, str (sent as UTF-8 text), JSON-serialisable data, or a pydantic
+                model or dataclass (sent as JSON).
             queue: a queue name or `Queue`; declared on first use.
             exchange: an exchange *name* must exist already (it is checked, never declared);
                 an `Exchange(...)` is declared on first use.
             routing_key: the routing key, with `exchange=`.
             **options: `headers`, `message_id`, `mandatory`, `timeout`, `priority`,
                 `expiration` (seconds), `correlation_id`, `reply_to`, `message_type`,
-                `content_type`, `timestamp`, `persistent` (see `PublishOptions`).
+                `content_type`, `timestamp`, `persistent`, and `delay` (seconds the broker
+                holds the message before it reaches its queue) (see `PublishOptions`).
 
         Raises:
             SerializationError: the body or a property can't be encoded; nothing was sent.
-            ConfigurationError: an unknown option, or no destination.
+            ConfigurationError: an unknown option, or no destination; a `delay` that is
+                negative, through an exchange, or with `expiration`.
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
         """

@@ -15,13 +15,16 @@ import enum
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiormq
 
 from ._connection import LinkSource, translate_errors
 from ._exceptions import ConfigurationError, TopologyError
 from ._wire import NAME_PATTERN
+
+if TYPE_CHECKING:
+    from ._delay import DelayLadder
 
 __all__ = (
     "Exchange",
@@ -298,6 +301,16 @@ class Router:
         # One declaration in flight per queue: concurrent first publishes share it (re-declaring
         # a quorum queue while messages arrive for it makes the broker nack some of them).
         self._declaring: dict[tuple[str, tuple[int, ...]], tuple[Queue, asyncio.Future[str]]] = {}
+        self._ladder: DelayLadder | None = None
+
+    @property
+    def delays(self) -> DelayLadder:
+        """The delayed-publish ladder of this connection (declared on its first use)."""
+        if self._ladder is None:
+            from ._delay import DelayLadder
+
+            self._ladder = DelayLadder(self._source)
+        return self._ladder
 
     def queue_spec(self, queue: str | Queue) -> Queue:
         if isinstance(queue, Queue):

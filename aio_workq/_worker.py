@@ -68,6 +68,10 @@ class Worker:
         queue: the queue name or `Queue`; `""` for a server-named subscriber queue.
         handler: `async def handler(job)` runs on the event loop; a plain `def` runs in a thread
             pool of `concurrency` threads. Its return value becomes the reply to RPC requests.
+            A handler whose first parameter is annotated with a payload type (`order: Order`:
+            a pydantic model, dataclass, TypedDict or plain type), optionally followed by the
+            job, gets the body validated into it; a body that does not validate is
+            dead-lettered at once (`PayloadError`).
         concurrency: handlers running at once.
         prefetch: unacked deliveries the broker may send ahead (>= concurrency; default equal).
             Deliveries waiting for `job.forward()` confirms hold a prefetch slot, not a

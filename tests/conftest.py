@@ -20,35 +20,22 @@ from tests.helpers import Counter
 
 # --- broker ---
 # Tests get a broker URL from `amqp_url`: AIO_WORKQ_AMQP_URL if set, else a RabbitMQ node of our own
-# started once per session (scripts/broker.py). Tests that stop, kill or pause the node take
-# `local_broker`, which needs that node and brings it back up after the test.
+# started once per session (the `workq_amqp_url` fixture of aio_workq.testing's pytest plugin).
+# Tests that stop, kill or pause the node take `local_broker`, which needs that node and brings it
+# back up after the test.
 
 AMQP_URL_ENV = "AIO_WORKQ_AMQP_URL"
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker | None]:
-    if os.environ.get(AMQP_URL_ENV):
-        yield None
-        return
-    node = LocalBroker(tmp_path_factory.mktemp("broker"), name="workqtest")
-    try:
-        ensure_installed()
-        node.start()
-    except BrokerError as e:
-        pytest.fail(
-            f"no RabbitMQ for the tests: {e}\n"
-            "Install it (`sudo apt-get install rabbitmq-server`) or point the tests at a running "
-            f"broker: {AMQP_URL_ENV}=amqp://guest:guest@localhost:5672/ (`docker compose up -d`).",
-            pytrace=False,
-        )
-    yield node
-    node.close()
+def broker(workq_broker: LocalBroker | None) -> LocalBroker | None:
+    """The session's node, from aio-workq's own pytest plugin (`aio_workq.testing`)."""
+    return workq_broker
 
 
 @pytest.fixture(scope="session")
-def amqp_url(broker: LocalBroker | None) -> str:
-    return os.environ.get(AMQP_URL_ENV) or (broker.url if broker else "")
+def amqp_url(workq_amqp_url: str) -> str:
+    return workq_amqp_url
 
 
 @pytest.fixture

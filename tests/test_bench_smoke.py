@@ -28,3 +28,10 @@ async def test_system_runs_workload(amqp_url: str, tmp_path: Path, system: str, 
     assert record["n"] == N
     assert record["rate"] > 0
     assert record["seconds"] > 0
+
+
+def test_typed_bench_runs(amqp_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.typed import main
+
+    assert main(["--url", amqp_url, "--messages", "200", "--rounds", "1"]) == 0
+    assert "typed/untyped = " in capsys.readouterr().out
