@@ -4,6 +4,7 @@ and a watchdog that says when a coroutine handler blocks the event loop."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import logging
 import multiprocessing
@@ -110,7 +111,7 @@ class HandlerRunner:
                 self._executor = self._make_executor()
             argument: Job | JobData = job.snapshot() if self._kind == "process" else job
             loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._executor, self.handler, argument)
+            call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, argument))
         if self._timeout is None:
             return await call
         async with asyncio.timeout(self._timeout):
@@ -128,13 +129,22 @@ class HandlerRunner:
             loop = asyncio.get_running_loop()
             if payload.with_job:
                 argument: Job | JobData = job.snapshot() if self._kind == "process" else job
-                call = loop.run_in_executor(self._executor, self.handler, value, argument)
+                call = loop.run_in_executor(
+                    self._executor, *self._in_pool(self.handler, value, argument)
+                )
             else:
-                call = loop.run_in_executor(self._executor, self.handler, value)
+                call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, value))
         if self._timeout is None:
             return await call
         async with asyncio.timeout(self._timeout):
             return await call
+
+    def _in_pool(self, func: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], ...]:
+        """What the pool runs: in a thread, inside a copy of this task's context, so log lines
+        of a plain `def` handler carry the message's fields too (processes get no context)."""
+        if self._kind == "thread":
+            return (contextvars.copy_context().run, func, *args)
+        return (func, *args)
 
     def _make_executor(self) -> Executor:
         if self._kind == "process":

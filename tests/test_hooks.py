@@ -325,3 +325,36 @@ async def test_a_delivery_cut_short_by_the_stop_is_reported_requeued(
         return await queue_depth(amqp_url, queue_name) == 1
 
     await wait_until(back_in_the_queue)
+
+
+@pytest.mark.broker
+async def test_a_plain_def_handler_in_a_thread_logs_with_the_message_fields(
+    producer: Producer,
+    make_worker: Callable[..., Worker],
+    queue_name: str,
+) -> None:
+    seen: list[dict[str, Any]] = []
+    done = Counter()
+    fields = MessageFields()
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields.filter(record)
+            seen.append(dict(record.__dict__))
+            done.add(record.getMessage())
+
+    log = logging.getLogger("tests.thread_handler")
+    keep = Keep()
+    log.addHandler(keep)
+    log.setLevel(logging.INFO)
+
+    def handle(job: Job) -> None:  # runs in the worker's thread pool
+        log.info("in a thread")
+
+    try:
+        await make_worker(queue=queue_name, handler=handle).start()
+        message_id = await producer.publish("x", queue=queue_name)
+        await done.wait_for(1)
+    finally:
+        log.removeHandler(keep)
+    assert seen[0]["message_id"] == message_id and seen[0]["queue"] == queue_name

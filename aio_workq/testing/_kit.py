@@ -247,16 +247,6 @@ async def run_handler(
         name=spec.name or "testing",
     )
     acks, replies, moves, forwards = _Acks(), _Replies(), _Moves(), _Forwards()
-    dispatcher = Dispatcher(
-        runner=runner,
-        policy=retry,
-        queue=spec,
-        publisher=cast(Any, replies),
-        mover=cast(Any, moves),
-        forwarder=forwards,
-        concurrency=1,
-        prefetch=1,
-    )
     failure: list[BaseException] = []
     result: list[Any] = []
     run = runner.run
@@ -272,6 +262,17 @@ async def run_handler(
         return value
 
     runner.run = observed  # type: ignore[method-assign]
+    # Built after the observation is in place: the dispatcher binds `runner.run` once.
+    dispatcher = Dispatcher(
+        runner=runner,
+        policy=retry,
+        queue=spec,
+        publisher=cast(Any, replies),
+        mover=cast(Any, moves),
+        forwarder=forwards,
+        concurrency=1,
+        prefetch=1,
+    )
     redelivered = bool(options.pop("redelivered", False))
     delivery = _delivery(body, spec.name, attempt, rpc, redelivered, options)
     try:
