@@ -22,18 +22,21 @@ import aiormq
 
 from ._channel import ManagedChannel
 from ._connection import LinkSource
-from ._exceptions import ConnectionLostError, PublishTimeoutError
+from ._exceptions import ConnectionLostError, PublishTimeoutError, SerializationError
 from ._lanes import FastLane, Lane, PlainLane
 from ._seams import Wire
 from ._tracker import MAYBE, ConfirmTracker, Outgoing
 from ._window import Window
 from ._wire import Properties, check_destination, encode_properties
 
-__all__ = ("ConfirmPublisher",)
+__all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 
 log = logging.getLogger("aio_workq")
 
 _SWEEP_INTERVAL = 0.1
+MAX_MESSAGE_SIZE = 128 * 2**20
+"""RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
+resend every other message on it), so it is refused before it is sent."""
 
 ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
 
@@ -149,13 +152,20 @@ class ConfirmPublisher:
         Waits only while the window is full or the channel is reopening, up to `timeout`.
 
         Raises:
-            SerializationError: a property, header, name or id can't be sent; nothing was.
+            SerializationError: a property, header, name or id can't be sent, or the body is
+                over RabbitMQ's 128 MiB limit; nothing was sent.
             ConfigurationError: the message id of a mandatory message is already in flight.
             PublishTimeoutError: no room in the window, or no channel, within `timeout`.
             ConnectionLostError: the publisher is closed.
         """
         check_destination(exchange, routing_key, mandatory)
         encoded = encode_properties(props)
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise SerializationError(
+                f"message {props.message_id} has a body of {len(body):,} bytes: RabbitMQ refuses "
+                f"more than {MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store "
+                "large payloads elsewhere and send a reference"
+            )
         if self._closed:
             raise ConnectionLostError(
                 "the publisher is closed",

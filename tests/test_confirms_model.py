@@ -304,3 +304,22 @@ def _outcome(future: asyncio.Future[str]) -> str:
 
 PublishMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_publish_model = PublishMachine.TestCase
+
+
+def test_a_body_over_rabbitmqs_limit_is_refused_before_anything_is_sent() -> None:
+    from aio_workq._confirms import MAX_MESSAGE_SIZE
+
+    async def scenario() -> None:
+        source = FakeSource()
+        publisher = ConfirmPublisher(source, window=Window(10), timeout=5, resend=True)
+        await publisher.start()
+        with pytest.raises(SerializationError, match="128 MiB"):
+            await publisher.send("", "q", bytes(MAX_MESSAGE_SIZE + 1), Properties(message_id="big"))
+        ok = await publisher.send("", "q", b"small", Properties(message_id="small"))
+        source.writer.flush()
+        assert source.connection.channels[-1].published == ["small"]  # tag 1 is the small one
+        source.demux.sinks[source.connection.channels[-1].number].on_confirm(1, False, True)
+        assert await ok == "small"
+        await publisher.close(0)
+
+    asyncio.run(scenario())

@@ -27,6 +27,7 @@ from aio_workq import (
     resolve_url,
 )
 from scripts.broker import LocalBroker, free_port
+from scripts.tls import PKI
 from tests.faultproxy import FaultProxy
 
 pytestmark = [pytest.mark.broker]
@@ -168,3 +169,17 @@ def test_bad_url_with_an_unencoded_password() -> None:
     with pytest.raises(ConfigurationError) as info:
         resolve_url(f"amqp://{USER}:{PASSWORD}@127.0.0.1:5672/")
     assert not leaks(str(info.value)), str(info.value)
+
+
+async def test_a_tls_failure(tls_broker: LocalBroker, tls_pki: PKI, evidence: Evidence) -> None:
+    from aio_workq import TLSError
+    from tests.test_tls import client_context
+
+    wrong_ca = client_context(tls_pki, ca=tls_pki.other_ca_cert)
+    url = tls_broker.tls_url.replace("guest:guest@", f"{USER}:{ENCODED}@")
+    producer = Producer(url, ssl_context=wrong_ca, connect_timeout=10)
+    evidence.obj(producer)
+    with pytest.raises(TLSError) as info:
+        await producer.start()
+    evidence.error(info.value)
+    evidence.check()
