@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from aio_workq.testing._broker import amqp_answers as amqp_answers
     from aio_workq.testing._broker import ensure_installed as ensure_installed
     from aio_workq.testing._broker import free_port as free_port
+    from aio_workq.testing._broker import start_epmd as start_epmd
 else:
 
     def _load() -> Any:

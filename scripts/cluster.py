@@ -31,7 +31,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,10 +48,10 @@ from scripts.broker import (
     LocalBroker,
     _alive,
     _signal,
-    _tail,
     _wait,
     ensure_installed,
     free_port,
+    start_epmd,
 )
 
 __all__ = ("ClusterError", "ClusterNode", "LocalCluster", "ensure_iptables", "main")
@@ -456,31 +455,8 @@ class LocalCluster:
 
     def _start_epmd(self) -> None:
         if not _alive(self.epmd_pid, "epmd"):
-            (self.base_dir / "log").mkdir(exist_ok=True)
-            with (self.base_dir / "log" / "epmd.log").open("ab") as out:
-                self._epmd = subprocess.Popen(
-                    ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self._epmd = start_epmd(self.epmd_port, self.base_dir / "log")
             self.epmd_pid = self._epmd.pid
-
-            def listening() -> bool:
-                if self._epmd is not None and self._epmd.poll() is not None:
-                    raise ClusterError(
-                        f"epmd exited (port {self.epmd_port} taken?)\n"
-                        + _tail(self.base_dir / "log" / "epmd.log")
-                    )
-                try:
-                    socket.create_connection(("127.0.0.1", self.epmd_port), timeout=1).close()
-                except OSError:
-                    return False
-                return True
-
-            if not _wait(listening, 10):
-                raise ClusterError(f"epmd did not listen on 127.0.0.1:{self.epmd_port} in 10s")
         for n in self.nodes:
             n.epmd_pid = self.epmd_pid  # so LocalBroker.start does not start one of its own
         self.save_state()

@@ -32,6 +32,7 @@ __all__ = (
     "amqp_answers",
     "ensure_installed",
     "free_port",
+    "start_epmd",
 )
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,42 @@ def _tail(path: Path, lines: int = 25) -> str:
     except OSError:
         return f"({path} not found)"
     return f"--- last lines of {path} ---\n" + "\n".join(text)
+
+
+def start_epmd(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
+    """An epmd of our own on 127.0.0.1:`port`, logging to `log_dir/epmd.log`; it listens when
+    this returns. A node must find it, or Erlang would start an untracked epmd of its own.
+
+    Raises:
+        BrokerError: epmd exited (its port taken?) or did not listen within 10 s.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "epmd.log").open("ab") as out:
+        proc = subprocess.Popen(
+            ["epmd", "-address", "127.0.0.1", "-port", str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def listening() -> bool:
+        if proc.poll() is not None:
+            raise BrokerError(
+                f"epmd exited with code {proc.returncode} (port {port} taken?)\n"
+                + _tail(log_dir / "epmd.log")
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    if not _wait(listening, 10):
+        proc.kill()
+        proc.wait()
+        raise BrokerError(f"epmd did not listen on 127.0.0.1:{port} in 10s")
+    return proc
 
 
 @dataclass
@@ -441,32 +478,9 @@ class LocalBroker:
     def _start_epmd(self) -> None:
         if _alive(self.epmd_pid, "epmd"):
             return
-        with (self.base_dir / "log" / "epmd.log").open("ab") as out:
-            proc = subprocess.Popen(
-                ["epmd", "-address", "127.0.0.1", "-port", str(self.epmd_port)],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        proc = start_epmd(self.epmd_port, self.base_dir / "log")
         self.epmd_pid = proc.pid
         self._procs[proc.pid] = proc
-
-        def listening() -> bool:
-            if proc.poll() is not None:
-                raise BrokerError(
-                    f"epmd exited with code {proc.returncode} (port {self.epmd_port} taken?)\n"
-                    + _tail(self.base_dir / "log" / "epmd.log")
-                )
-            try:
-                socket.create_connection(("127.0.0.1", self.epmd_port), timeout=1).close()
-            except OSError:
-                return False
-            return True
-
-        # The node must find our epmd; otherwise Erlang would start an untracked one of its own.
-        if not _wait(listening, 10):
-            raise BrokerError(f"epmd did not listen on 127.0.0.1:{self.epmd_port} in 10s")
 
     def _finish(self, beam: int | None) -> None:
         """After beam was signalled: wait for it, then make sure the wrapper's group is gone."""
