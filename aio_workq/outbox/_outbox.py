@@ -15,8 +15,6 @@ from ._schema import DEFAULT_SCHEMA, quote
 
 __all__ = ("Outbox", "encode", "new_message_id")
 
-JSON = "application/json"
-TEXT_UTF8 = "text/plain; charset=utf-8"
 _COLUMNS = "message_id, queue, exchange, routing_key, body, content_type, headers, available_at"
 
 
