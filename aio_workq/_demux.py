@@ -28,6 +28,8 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands
 from pamqp.header import ContentHeader
 
+from ._wire import decode_header
+
 __all__ = ("Confirms", "Delivery", "FrameDemux", "Tap")
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
@@ -107,9 +109,7 @@ class Delivery:
     def header(self) -> ContentHeader:
         header = self._header
         if isinstance(header, bytes):
-            decoded = ContentHeader()
-            decoded.unmarshal(header)
-            self._header = header = decoded
+            self._header = header = decode_header(header)
         return header
 
     @property

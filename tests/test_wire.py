@@ -7,6 +7,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pamqp import frame
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
@@ -17,6 +19,7 @@ from aio_workq._wire import (
     Properties,
     ack_frame,
     check_destination,
+    decode_header,
     encode_properties,
     nack_frame,
     publish_frames,
@@ -117,3 +120,60 @@ def test_header_values_of_every_supported_type_encode() -> None:
 def test_bad_destinations_are_serialization_errors(exchange: str, routing_key: Any) -> None:
     with pytest.raises(SerializationError):
         check_destination(exchange, routing_key, True)
+
+
+_shortstr = st.text(max_size=40)
+_properties = st.fixed_dictionaries(
+    {},
+    optional={
+        "content_type": _shortstr,
+        "content_encoding": _shortstr,
+        "headers": st.dictionaries(
+            st.text(max_size=10),
+            st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), _shortstr,
+                      st.lists(st.integers(0, 9), max_size=3)),
+            max_size=4,
+        ),
+        "delivery_mode": st.sampled_from([1, 2]),
+        "priority": st.integers(0, 255),
+        "correlation_id": _shortstr,
+        "reply_to": _shortstr,
+        "expiration": st.integers(0, 10**9).map(str),
+        "message_id": _shortstr,
+        "timestamp": st.integers(0, 2**32 - 1).map(lambda s: datetime.fromtimestamp(s, tz=UTC)),
+        "message_type": _shortstr,
+        "user_id": _shortstr,
+        "app_id": _shortstr,
+    },
+)  # fmt: skip
+
+
+def _header_payload(header: ContentHeader) -> bytes:
+    return header.marshal()  # the frame's payload, as the demux hands it over
+
+
+@given(_properties, st.integers(0, 2**40))
+def test_decode_header_reads_what_pamqp_reads(values: dict[str, Any], body_size: int) -> None:
+    payload = _header_payload(ContentHeader(0, body_size, Basic.Properties(**values)))
+    theirs = ContentHeader()
+    theirs.unmarshal(payload)
+    ours = decode_header(payload)
+    assert (ours.body_size, ours.properties) == (theirs.body_size, theirs.properties)
+    assert ours.properties.headers == values.get("headers")
+
+
+def test_decode_header_leaves_the_unusual_to_pamqp() -> None:
+    """A delivery mode pamqp's constructor refuses, a cluster id, a truncated table: decoded
+    (or refused) exactly as pamqp's decoder does."""
+    odd = bytearray(_header_payload(ContentHeader(0, 5, Basic.Properties(delivery_mode=2))))
+    odd[-1] = 7  # delivery_mode 7, which only a foreign publisher would send
+    assert decode_header(bytes(odd)).properties.delivery_mode == 7
+    cluster = Basic.Properties()
+    cluster.cluster_id = "c"
+    payload = _header_payload(ContentHeader(0, 5, cluster))
+    assert decode_header(payload).properties.cluster_id == "c"
+    whole = _header_payload(ContentHeader(0, 5, Basic.Properties(headers={"k": "v" * 20})))
+    with pytest.raises(ValueError):
+        ContentHeader().unmarshal(whole[:-10])
+    with pytest.raises(ValueError):
+        decode_header(whole[:-10])
