@@ -106,7 +106,9 @@ class TracingHook(Hook):
         span.end()
 
     def handling(self, job: Job, queue: str) -> AbstractContextManager[Any]:
-        headers = job.headers
+        delivery = job.delivery
+        props = delivery.properties  # read once: this runs for every message
+        headers = props.headers or {}
         if self._propagator is None:
             parent = propagate.extract(headers)
         else:
@@ -115,17 +117,17 @@ class TracingHook(Hook):
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
-            "messaging.destination.name": job.exchange,
+            "messaging.destination.name": delivery.exchange,
             "messaging.destination.subscription.name": queue,
-            "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
+            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
             "aio_workq.attempt": job.attempt,
         }
-        if job.message_id:
-            attributes["messaging.message.id"] = job.message_id
-        if job.routing_key:
-            attributes["messaging.rabbitmq.destination.routing_key"] = job.routing_key
-        if job.correlation_id:
-            attributes["messaging.message.conversation_id"] = job.correlation_id
+        if props.message_id:
+            attributes["messaging.message.id"] = props.message_id
+        if delivery.routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = delivery.routing_key
+        if props.correlation_id:
+            attributes["messaging.message.conversation_id"] = props.correlation_id
         span = self._tracer.start_span(
             f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
@@ -133,6 +135,8 @@ class TracingHook(Hook):
 
     def after_handle(self, info: HandleInfo) -> None:
         span = trace.get_current_span()
+        if not span.is_recording():  # sampled out: nothing to add
+            return
         span.set_attribute("aio_workq.outcome", info.outcome.value)
         error = info.error
         if error is not None:
