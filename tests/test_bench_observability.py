@@ -11,13 +11,14 @@ import pytest
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 
-async def test_a_run_with_metrics_and_tracing_on(amqp_url: str) -> None:
+@pytest.mark.parametrize(("mode", "work"), [("on", "0"), ("sampled", "20")])
+async def test_a_run_with_metrics_and_tracing_on(amqp_url: str, mode: str, work: str) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.observability", "--child", "on", "--url", amqp_url,
-        "--n", "300", stdout=asyncio.subprocess.PIPE,
+        sys.executable, "-m", "bench.observability", "--child", mode, "--url", amqp_url,
+        "--n", "300", "--work", work, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=100)
     assert proc.returncode == 0
     run = json.loads(out.decode().strip().splitlines()[-1])
-    assert run["mode"] == "on" and run["n"] == 300
+    assert run["mode"] == mode and run["n"] == 300
     assert run["rate"] > 0 and run["cpu_us"] > 0
