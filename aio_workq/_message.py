@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ._delay import delay_ticks
 from ._delay import routing_key as delayed_key
-from ._exceptions import ConfigurationError, PublishTimeoutError, SerializationError
+from ._exceptions import (
+    ConfigurationError,
+    PublishTimeoutError,
+    SerializationError,
+    WorkqError,
+)
 from ._hooks import Hooks, PublishInfo
 from ._serialization import encode_body
 from ._wire import Properties
@@ -191,6 +196,45 @@ class Sender:
         return await self._publisher.send(
             target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
         )
+
+    async def forward_many(
+        self,
+        bodies: Iterable[Any],
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: dict[str, Any],
+        return_exceptions: bool,
+    ) -> list[Any]:
+        """Send every message pipelined within the window and wait for every confirm, all
+        within one timeout (`Producer.publish_many`)."""
+        if options.get("message_id"):
+            raise ConfigurationError("publish_many gives each message its own message_id")
+        loop = asyncio.get_running_loop()
+        timeout = options.get("timeout")
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        outcomes: list[asyncio.Future[str] | WorkqError] = []
+        for body in bodies:
+            options["timeout"] = max(deadline - loop.time(), 0.001)
+            try:
+                outcomes.append(await self.forward(body, queue, exchange, routing_key, options))
+            except WorkqError as exc:
+                if not return_exceptions:
+                    # Settle what was sent before raising: no confirm is left unobserved.
+                    await asyncio.gather(
+                        *(o for o in outcomes if isinstance(o, asyncio.Future)),
+                        return_exceptions=True,
+                    )
+                    raise
+                outcomes.append(exc)
+        confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
+        settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
+        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
 
     async def _hooked(
         self,

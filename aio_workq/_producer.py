@@ -15,9 +15,6 @@ from ._connection import Connection, LinkSource, open_source
 from ._dead_letters import DeadLetters
 from ._exceptions import (
     ConfigurationError,
-    PublishError,
-    RPCTimeoutError,
-    WorkqError,
 )
 from ._hooks import Hook, Hooks
 from ._message import PublishOptions, Sender
@@ -81,19 +78,7 @@ class Producer:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
         self._hooks = Hooks.of(hooks)
-        Window(window, window_bytes)  # validates both
-        if timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
-        if on_reconnect not in ("resend", "fail"):
-            raise ConfigurationError(
-                f"on_reconnect must be 'resend' or 'fail', got {on_reconnect!r}"
-            )
-        try:
-            self._queue_type = QueueType(queue_type)
-        except ValueError:
-            raise ConfigurationError(
-                f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
-            ) from None
+        self._queue_type = _check_settings(window, window_bytes, timeout, on_reconnect, queue_type)
         self._url = None if connection is not None else resolve_url(url)
         self._shared = connection
         self._connection: Connection | None = None
@@ -274,37 +259,11 @@ class Producer:
         (`message_id` is not allowed: each message gets its own); `timeout` bounds the whole
         batch, not each message.
         """
-        if options.get("message_id"):
-            raise ConfigurationError("publish_many gives each message its own message_id")
-        loop = asyncio.get_running_loop()
-        timeout = options.get("timeout")
-        deadline = loop.time() + (self._timeout if timeout is None else timeout)
-        outcomes: list[asyncio.Future[str] | WorkqError] = []
-        for body in bodies:
-            options["timeout"] = max(deadline - loop.time(), 0.001)
-            try:
-                outcomes.append(
-                    await self.send(
-                        body, queue, exchange=exchange, routing_key=routing_key, **options
-                    )
-                )
-            except (WorkqError, RuntimeError) as exc:
-                if not return_exceptions or not isinstance(exc, WorkqError):
-                    # Settle what was sent before raising: no confirm is left unobserved.
-                    await asyncio.gather(
-                        *(o for o in outcomes if isinstance(o, asyncio.Future)),
-                        return_exceptions=True,
-                    )
-                    raise
-                outcomes.append(exc)
-        confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
-        settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
-        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
-        if not return_exceptions:
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-        return results
+        self._ready()
+        assert self._sender is not None
+        return await self._sender.forward_many(
+            bodies, queue, exchange, routing_key, dict(options), return_exceptions
+        )
 
     async def call(
         self,
@@ -331,28 +290,16 @@ class Producer:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         if self._rpc is None:
             self._rpc = RPCClient(publisher)
-        rpc: RPCClient = self._rpc
-        try:
-            async with asyncio.timeout(timeout):
-                await rpc.ready()
-                correlation_id, reply = rpc.expect()
-                try:
-                    await self.publish(
-                        body, queue, exchange=exchange, routing_key=routing_key,
-                        headers=headers, correlation_id=correlation_id, reply_to=REPLY_TO,
-                        persistent=False, timeout=timeout,
-                    )  # fmt: skip
-                    return await reply
-                finally:
-                    reply.cancel()
-        except TimeoutError as exc:
-            if isinstance(exc, PublishError):
-                raise
-            target = routing_key or (queue.name if isinstance(queue, Queue) else queue)
-            raise RPCTimeoutError(
-                f"no reply within {timeout:g} s to the call on {target!r}: is a worker consuming "
-                "that queue?"
-            ) from None
+        target = routing_key or (queue.name if isinstance(queue, Queue) else queue)
+        return await self._rpc.call(
+            lambda correlation_id: self.publish(
+                body, queue, exchange=exchange, routing_key=routing_key, headers=headers,
+                correlation_id=correlation_id, reply_to=REPLY_TO, persistent=False,
+                timeout=timeout,
+            ),
+            target,
+            timeout,
+        )  # fmt: skip
 
     def dead_letters(self, queue: str | Queue) -> DeadLetters:
         """The dead-letter queue of `queue`: count, read, replay and purge its messages."""
@@ -364,3 +311,24 @@ class Producer:
         """Declare a queue (with its dead-letter queue) now; returns its name."""
         _, router = self._ready()
         return await router.declare(router.queue_spec(queue))
+
+
+def _check_settings(
+    window: int, window_bytes: int, timeout: float, on_reconnect: str, queue_type: str
+) -> QueueType:
+    """The queue type, once every setting is checked.
+
+    Raises:
+        ConfigurationError: a setting is out of range; the message names it.
+    """
+    Window(window, window_bytes)  # validates both
+    if timeout <= 0:
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if on_reconnect not in ("resend", "fail"):
+        raise ConfigurationError(f"on_reconnect must be 'resend' or 'fail', got {on_reconnect!r}")
+    try:
+        return QueueType(queue_type)
+    except ValueError:
+        raise ConfigurationError(
+            f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
+        ) from None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiormq
 from aiormq.abc import DeliveredMessage
 
 from ._confirms import ConfirmPublisher
-from ._exceptions import ConnectionLostError, RPCError, WorkqError
+from ._exceptions import ConnectionLostError, PublishError, RPCError, RPCTimeoutError, WorkqError
 from ._failures import qualname
 from ._message import new_message_id
 from ._serialization import decode_body, encode_body
@@ -58,6 +59,33 @@ class RPCClient:
             await channel.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
             channel.closing.add_done_callback(self._on_closed)
             self._channel = channel
+
+    async def call(
+        self, publish: Callable[[str], Awaitable[object]], target: str | None, timeout: float
+    ) -> Any:
+        """`publish(correlation_id)` a request, then wait for its reply: all within `timeout`.
+
+        Raises:
+            RPCError: the remote handler raised.
+            RPCTimeoutError: no reply within `timeout` seconds.
+            PublishError: the request was not confirmed.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await self.ready()
+                correlation_id, reply = self.expect()
+                try:
+                    await publish(correlation_id)
+                    return await reply
+                finally:
+                    reply.cancel()
+        except TimeoutError as exc:
+            if isinstance(exc, PublishError):
+                raise
+            raise RPCTimeoutError(
+                f"no reply within {timeout:g} s to the call on {target!r}: is a worker consuming "
+                "that queue?"
+            ) from None
 
     def expect(self) -> tuple[str, asyncio.Future[Any]]:
         """A fresh correlation id and the future its reply will settle."""

@@ -88,7 +88,9 @@ async def test_concurrency_five_runs_twenty_half_second_jobs_in_about_two_second
     elapsed = time.monotonic() - started
     assert peak == 5
     assert elapsed > 1.9  # 20 half-second handlers, 5 at a time (load only makes it longer)
-    assert lag.stop() < 0.1
+    # A handler that blocked the loop would stall it for its whole 0.5 s sleep; the margin
+    # below that absorbs a loaded machine's scheduling delays.
+    assert lag.stop() < 0.4
 
 
 async def test_process_pool_runs_cpu_bound_handlers_in_other_processes(
