@@ -191,7 +191,8 @@ class Connection:
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
-        self._hooks = Hooks.of(hooks)
+        self.hooks: Hooks | None = Hooks.of(hooks)
+        """What is told of connection losses and reconnects (set before `open()`)."""
         self.reconnects = 0
         """Connections re-established after a loss since `open()`."""
 
@@ -363,16 +364,16 @@ class Connection:
                 redact_url(self._url or ""),
                 _closing_reason(current.connection.closing),
             )
-            if self._hooks is not None:
-                self._hooks.connection_lost(redact_url(self._url or ""))
+            if self.hooks is not None:
+                self.hooks.connection_lost(redact_url(self._url or ""))
             failed_rounds = 0
             await asyncio.sleep(self._backoff.settle_delay())
             while not self._closed:
                 if await self._reconnect_round():
                     self.reconnects += 1
                     log.info("reconnected to %s", redact_url(self._url or ""))
-                    if self._hooks is not None:
-                        self._hooks.reconnected(redact_url(self._url or ""))
+                    if self.hooks is not None:
+                        self.hooks.reconnected(redact_url(self._url or ""))
                     break
                 failed_rounds += 1
                 await asyncio.sleep(self._backoff.delay(failed_rounds))

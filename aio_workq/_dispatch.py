@@ -87,6 +87,25 @@ class Dispatcher:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
+        the rest: their deliveries go back to the queue. Call once `stopping` is set."""
+        tasks = self.tasks
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            while tasks and not hurried.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(
+                    {*tasks, hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurried.cancel()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
     async def _process(self, job: Job, acker: Acker, tag: int) -> None:
         handling(self.queue_name, job)  # log lines in this task name the message
         try:

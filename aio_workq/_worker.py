@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from ._confirms import ConfirmPublisher
 from ._connection import Connection, LinkSource, open_source
-from ._dispatch import Dispatcher
+from ._dispatch import Counters, Dispatcher
 from ._exceptions import ConfigurationError
 from ._execution import Handler, HandlerRunner
 from ._hooks import Hook, Hooks
@@ -181,21 +181,8 @@ class Worker:
         """Connected, consuming, in flight, and the counters since start."""
         subscription, dispatcher = self._subscription, self._dispatcher
         connected = subscription is not None and subscription.connected
-        counters = dispatcher.counters if dispatcher is not None else None
-        return WorkerState(
-            queue=self.queue_name,
-            connected=connected,
-            consuming=connected
-            and subscription is not None
-            and subscription.consuming
-            and not self._stopping,
-            in_flight=len(dispatcher.tasks) if dispatcher else 0,
-            processed=counters.processed if counters else 0,
-            failed=counters.failed if counters else 0,
-            retried=counters.retried if counters else 0,
-            dead_lettered=counters.dead_lettered if counters else 0,
-            deferred=counters.deferred if counters else 0,
-        )
+        consuming = connected and subscription is not None and subscription.consuming
+        return _snapshot(self.queue_name, connected, consuming and not self._stopping, dispatcher)
 
     def add_hooks(self, *hooks: Hook) -> None:
         """Add hooks before `start()`: e.g. a command line that serves metrics adds a
@@ -209,7 +196,7 @@ class Worker:
         current = self._hooks.hooks if self._hooks is not None else ()
         self._hooks = Hooks.of([*current, *hooks])
         if self._connection is not None:
-            self._connection._hooks = self._hooks
+            self._connection.hooks = self._hooks
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -330,27 +317,10 @@ class Worker:
             # consumer active before our unfinished deliveries are back in the queue, and order
             # would break. Closing the channel at the end returns them first, then hands over.
             if dispatcher is not None:
-                await self._wait_for_handlers(dispatcher.tasks, timeout)
-                for task in dispatcher.tasks:
-                    task.cancel()
-                if dispatcher.tasks:
-                    await asyncio.wait(dispatcher.tasks, timeout=5)
+                await dispatcher.drain(timeout, self._hurry)
         finally:
             await self._teardown()
             self._stopped.set()
-
-    async def _wait_for_handlers(self, tasks: set[asyncio.Task[None]], timeout: float) -> None:
-        """Wait until no handler runs, `timeout` passes, or `stop(0)` hurries the stop."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        try:
-            while tasks and not hurry.done() and (left := deadline - loop.time()) > 0:
-                await asyncio.wait(
-                    {*tasks, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-        finally:
-            hurry.cancel()
 
     async def _teardown(self) -> None:
         """Close what this worker opened; safe to call more than once."""
@@ -401,3 +371,20 @@ def _queue_spec(queue: str | Queue, queue_type: QueueType | str | None) -> Queue
     if not isinstance(queue, str):
         raise ConfigurationError(f"queue must be a name or a Queue, got {type(queue).__name__}")
     return Queue(queue, type=queue_type or QueueType.QUORUM)
+
+
+def _snapshot(
+    queue: str, connected: bool, consuming: bool, dispatcher: Dispatcher | None
+) -> WorkerState:
+    counters = dispatcher.counters if dispatcher is not None else Counters()
+    return WorkerState(
+        queue=queue,
+        connected=connected,
+        consuming=consuming,
+        in_flight=len(dispatcher.tasks) if dispatcher is not None else 0,
+        processed=counters.processed,
+        failed=counters.failed,
+        retried=counters.retried,
+        dead_lettered=counters.dead_lettered,
+        deferred=counters.deferred,
+    )
