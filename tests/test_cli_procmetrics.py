@@ -190,7 +190,7 @@ async def test_a_used_multiproc_dir_is_refused_with_what_to_do(
     args = ["worker", "tests.cli_app:quick", "-q", queue_name, "-p", "2", "--metrics-port", "0"]
     code, _, err = await run_cli(*args, env=env)
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert f"PROMETHEUS_MULTIPROC_DIR='{tmp_path}' is not empty (1 files: counter_123.db)" in err
+    assert f"PROMETHEUS_MULTIPROC_DIR='{tmp_path}' is not empty (1 file: counter_123.db)" in err
     assert f"empty it before starting (rm {tmp_path}/*.db), or unset" in err
 
 

@@ -148,7 +148,8 @@ def _check_empty(path: Path) -> None:
     if left:
         shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
         raise MetricsDirError(
-            f"{MULTIPROC_DIR_ENV}={str(path)!r} is not empty ({len(left)} files: {shown}), "
+            f"{MULTIPROC_DIR_ENV}={str(path)!r} is not empty ({len(left)} "
+            f"file{'s' if len(left) > 1 else ''}: {shown}), "
             "and a previous run's metrics would be counted again: empty it before starting "
             f"(rm {os.path.join(str(path), '*.db')}), or unset {MULTIPROC_DIR_ENV} and the "
             "supervisor uses a private one"
