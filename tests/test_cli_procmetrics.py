@@ -28,9 +28,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture
-def env(amqp_url: str) -> dict[str, str]:
+def env(amqp_url: str, tmp_path: Path) -> dict[str, str]:
+    """The supervisor's private directory goes under `tmp_path` (even if a test kills it)."""
     clean = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    return {**clean, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1"}
+    return {**clean, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp_path)}
 
 
 def scrape(port: int) -> tuple[int, str, Samples]:
@@ -98,6 +99,7 @@ async def test_processes_serve_summed_metrics_that_survive_a_killed_child(
             lambda: sup.lines(r"sums the children's metrics from (\S+)", "err")
         )
         directory = shared[1]
+        assert directory.startswith(env["TMPDIR"])
         await wait_health(port, 200)
         status, content_type, _ = await asyncio.to_thread(scrape, port)
         assert (status, content_type) == (200, "text/plain; version=0.0.4; charset=utf-8")
