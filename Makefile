@@ -63,7 +63,7 @@ canary:
 
 # The `aio-workq` command end to end, the management-API (slow) test included.
 test-cli: venv
-	$(PY) -m pytest -m cli tests/test_cli.py tests/test_cli_offline.py
+	$(PY) -m pytest -m cli tests/test_cli.py tests/test_cli_offline.py tests/test_cli_procmetrics.py
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

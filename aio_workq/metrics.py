@@ -13,7 +13,10 @@ await Worker(queue="images", handler=resize, hooks=hooks).run()
 
 Every `PrometheusHook` on the same registry shares the same metrics, so one per producer or
 worker is fine. With `PROMETHEUS_MULTIPROC_DIR` set (several worker processes behind one
-endpoint), `render()` collects the metrics of every process.
+endpoint), `render()` collects the metrics of every process: counters and histograms are summed
+over every process that ever wrote there (a dead one's counts stay), the in-flight gauges over
+the live ones (`livesum`), and the publisher window is the largest of the live ones (`livemax`);
+call `prometheus_client.multiprocess.mark_process_dead(pid)` when a process exits.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class _Metrics:
             "aio_workq_publish_window",
             "The publisher window (most unconfirmed messages) of the last publish.",
             registry=registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
 
 

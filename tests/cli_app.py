@@ -45,3 +45,11 @@ def _say(*parts: object) -> None:
     """One line in one write: the two children of a test share a pipe."""
     sys.stdout.write(" ".join(str(part) for part in parts) + "\n")
     sys.stdout.flush()
+
+
+async def tally(job: Job) -> None:
+    """Says which process handled each message; holds a first delivery of "hold" a minute."""
+    if job.data == "hold" and not job.redelivered:
+        _say("HOLDING", os.getpid(), job.data)
+        await asyncio.sleep(60)
+    _say("DONE", os.getpid(), job.data)

@@ -24,6 +24,7 @@ from aio_workq import DeadLetter, Producer, WorkqError, __version__, redact_url,
 
 from ._dlq import DeadLetterFilter, letter_json, replay_matching, scan
 from ._errors import CliError
+from ._procmetrics import ProcessMetrics
 from ._queues import QueueRow, collect
 from ._repo import load_broker_script, load_demo
 from ._run import HealthOptions, run_in_process
@@ -104,11 +105,12 @@ def cli(ctx: click.Context) -> None:
 @_url_option
 @click.option(
     "--metrics-port", type=click.IntRange(0, 65535),
-    help="Serve GET /healthz on this port (200 while every worker consumes, else 503).",
+    help="Serve GET /healthz on this port (200 while every worker consumes, else 503) and, "
+    "with aio-workq[prometheus], GET /metrics (summed over all --processes).",
 )  # fmt: skip
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True,
-    help="Address for /healthz (0.0.0.0 in a container).",
+    help="Address for /healthz and /metrics (0.0.0.0 in a container).",
 )  # fmt: skip
 @click.option(
     "--health-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
@@ -151,19 +153,28 @@ def worker(
         options = WorkerOptions(target=target, queue=queue, concurrency=concurrency, url=url)
         asyncio.run(run_in_process(options, health))
         return
-    import_target(target)  # fail here, once, rather than in every child
-    args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]
-    if queue is not None:
-        args += ["--queue", queue]
-    if concurrency is not None:
-        args += ["--concurrency", str(concurrency)]
-    supervisor = Supervisor(
-        command=child_command(args),
-        processes=processes,
-        policy=RestartPolicy(max_restarts=max_restarts, window=restart_window),
-        health=health,
-    )
-    sys.exit(asyncio.run(supervisor.run()))
+    # The children's summed /metrics: its directory is checked before the target is imported
+    # here (which may write metric files of its own into it).
+    metrics = ProcessMetrics.create() if metrics_port is not None else None
+    try:
+        import_target(target)  # fail here, once, rather than in every child
+        args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]
+        if queue is not None:
+            args += ["--queue", queue]
+        if concurrency is not None:
+            args += ["--concurrency", str(concurrency)]
+        supervisor = Supervisor(
+            command=child_command(args),
+            processes=processes,
+            policy=RestartPolicy(max_restarts=max_restarts, window=restart_window),
+            health=health,
+            metrics=metrics,
+        )
+        code = asyncio.run(supervisor.run())
+    finally:
+        if metrics is not None:
+            metrics.close()
+    sys.exit(code)
 
 
 # --- publish -----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from aio_workq import Worker, run_workers
 
 from ._health import HealthServer, WorkersHealth
+from ._procmetrics import CHILD_METRICS_ENV
 from ._target import WorkerOptions, build_workers, import_target
 
 __all__ = ("STATUS_FD_ENV", "SUPERVISOR_ENV", "HealthOptions", "run_in_process")
@@ -59,6 +60,8 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
             monitor.check, host=health.host, port=health.port, metrics=_metrics(workers)
         )
         await server.start()
+    elif os.environ.get(CHILD_METRICS_ENV):  # the supervisor serves the sum of its children's
+        _metrics(workers)
     background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
     try:
         await run_workers(*workers)
@@ -75,10 +78,12 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
 def _metrics(workers: list[Worker]) -> Callable[[], tuple[bytes, str]] | None:
     """`/metrics` for these workers, when prometheus-client (`aio-workq[prometheus]`) is there."""
     try:
-        from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render
+        import prometheus_client  # noqa: F401 - aio_workq.metrics raises a ConfigurationError
     except ImportError:
         log.info("/metrics is off: install aio-workq[prometheus] for it")
         return None
+    from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render
+
     hook = PrometheusHook()
     for worker in workers:
         worker.add_hooks(hook)

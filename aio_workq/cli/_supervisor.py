@@ -11,6 +11,9 @@ reaches only the supervisor, which forwards it once to every child.
 - A child that exits on its own (crash, SIGKILL, OOM) is restarted after a backoff that doubles
   with each crash in the restart window; past `max_restarts` crashes in the window the supervisor
   stops the others and exits 1.
+- With `metrics` (`--metrics-port` and prometheus-client installed), `/metrics` serves the sum
+  of every child's metrics (see `_procmetrics`): a child that exits has its gauges dropped, and
+  its counters stay in the sum, so they never go backwards across a restart.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._health import Debounce, HealthServer
+from ._procmetrics import ProcessMetrics
 from ._run import STATUS_FD_ENV, SUPERVISOR_ENV, HealthOptions
 
 __all__ = ("RestartPolicy", "Supervisor")
@@ -85,6 +89,8 @@ class Supervisor:
         health: serve `/healthz` for all children here (200 while every child reports its
             workers consuming) when `health.port` is set.
         env: extra environment for the children.
+        metrics: where the children write their metrics; `/metrics` on the health port
+            serves their sum.
     """
 
     def __init__(
@@ -95,12 +101,16 @@ class Supervisor:
         policy: RestartPolicy,
         health: HealthOptions,
         env: Mapping[str, str] | None = None,
+        metrics: ProcessMetrics | None = None,
     ) -> None:
         self._command = list(command)
         self._children = [_Child(index) for index in range(1, processes + 1)]
         self._policy = policy
         self._health = health
         self._env = dict(env or {})
+        self._metrics = metrics
+        if metrics is not None:
+            self._env.update(metrics.env)
         self._stopping = asyncio.Event()
         self._signals = 0
         self._stop_started: float | None = None
@@ -114,7 +124,12 @@ class Supervisor:
             loop.add_signal_handler(sig, self._on_signal, sig)
         server = None
         if self._health.port is not None:
-            server = HealthServer(self._check, host=self._health.host, port=self._health.port)
+            server = HealthServer(
+                self._check,
+                host=self._health.host,
+                port=self._health.port,
+                metrics=self._metrics.render if self._metrics is not None else None,
+            )
             await server.start()
         polling = asyncio.create_task(self._poll_health())
         try:
@@ -142,6 +157,8 @@ class Supervisor:
             code = await proc.wait()
             child.healthy = False
             reader.cancel()
+            if self._metrics is not None:
+                self._metrics.exited(proc.pid)
             if self._stopping.is_set():
                 log.info("child %d (pid %d) %s", child.index, proc.pid, _how(code))
                 return 0 if code in (0, -signal.SIGTERM) else code
@@ -190,6 +207,8 @@ class Supervisor:
         finally:
             os.close(write_fd)
         child.proc = proc
+        if self._metrics is not None:
+            self._metrics.started(proc.pid)
         log.info("child %d started (pid %d)", child.index, proc.pid)
         return proc, asyncio.create_task(self._read_status(child, read_fd))
 
