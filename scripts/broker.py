@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     # `X as X`: re-exported
     from aio_workq.testing._broker import DIST_ARGS as DIST_ARGS
     from aio_workq.testing._broker import SERVER as SERVER
+    from aio_workq.testing._broker import STATE_KEYS as STATE_KEYS
     from aio_workq.testing._broker import BrokerError as BrokerError
     from aio_workq.testing._broker import LocalBroker as LocalBroker
     from aio_workq.testing._broker import TLSListener as TLSListener
