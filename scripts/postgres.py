@@ -195,11 +195,7 @@ class LocalPostgres:
 
     def postmaster_pid(self) -> int | None:
         """The running server's pid (first line of ``data/postmaster.pid``), or None."""
-        try:
-            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-        return pid if nodekit.alive(pid) else None
+        return nodekit.read_pid(self.data_dir / "postmaster.pid")
 
     def running(self) -> bool:
         if self.postmaster_pid() is None or not self.port:

@@ -26,6 +26,7 @@ from ._node import (
     alive,
     free_port,
     pick_ports,
+    read_pid,
     read_state,
     send_signal,
     spawn,
@@ -216,11 +217,7 @@ class LocalBroker:
 
     def beam_pid(self) -> int | None:
         """The running node's pid (from RABBITMQ_PID_FILE), or None."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if alive(pid, "beam.smp") else None
+        return read_pid(self.pid_file, "beam.smp")
 
     def running(self) -> bool:
         return self.beam_pid() is not None and amqp_answers(self.amqp_port)

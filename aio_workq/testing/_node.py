@@ -27,6 +27,7 @@ __all__ = (
     "apt_install",
     "free_port",
     "pick_ports",
+    "read_pid",
     "read_state",
     "send_signal",
     "spawn",
@@ -70,6 +71,15 @@ def alive(pid: int | None, comm: str | None = None) -> bool:
         return False
     name, rest = stat.split(" (", 1)[1].rsplit(") ", 1)
     return rest[0] != "Z" and (comm is None or name == comm)
+
+
+def read_pid(path: Path, comm: str | None = None) -> int | None:
+    """The pid on the first line of a pid file, if that process runs (as comm, if given)."""
+    try:
+        pid = int(path.read_text().split("\n", 1)[0].strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid, comm) else None
 
 
 def send_signal(pid: int | None, sig: signal.Signals) -> None:
