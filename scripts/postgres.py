@@ -23,10 +23,8 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -240,26 +238,16 @@ class LocalPostgres:
                 )
 
     def _run(self, *cmd: str | Path, timeout: float) -> str:
-        argv: Sequence[str] = [str(c) for c in cmd]
+        argv = [str(c) for c in cmd]
         if self._as_root():
             argv = ["runuser", "-u", RUN_AS, "--", *argv]
-        try:
-            res = subprocess.run(
-                argv,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise PostgresError(f"`{Path(str(cmd[0])).name}` timed out after {timeout}s") from e
-        if res.returncode != 0:
-            raise PostgresError(
-                f"`{Path(str(cmd[0])).name} {' '.join(argv[-1:])}` failed "
-                f"(exit {res.returncode}): {(res.stderr or res.stdout).strip()}"
-            )
-        return res.stdout
+        return nodekit.run_tool(
+            argv,
+            label=f"{Path(str(cmd[0])).name} {argv[-1]}",
+            error=PostgresError,
+            cwd=self.base_dir,
+            timeout=timeout,
+        )
 
     @staticmethod
     def _port_free(port: int) -> bool:

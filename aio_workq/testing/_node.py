@@ -29,6 +29,7 @@ __all__ = (
     "pick_ports",
     "read_pid",
     "read_state",
+    "run_tool",
     "send_signal",
     "spawn",
     "tail",
@@ -127,6 +128,40 @@ def spawn(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def run_tool(
+    argv: list[str],
+    *,
+    label: str,
+    error: Callable[[str], Exception],
+    cwd: Path,
+    timeout: float,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """Run a server's command-line tool to completion; returns its stdout.
+
+    Raises:
+        Exception: `error(message)` if it timed out or exited non-zero; the message names it as
+            label and carries its stderr (or stdout).
+    """
+    try:
+        res = subprocess.run(
+            argv,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise error(f"`{label}` timed out after {timeout}s") from e
+    if res.returncode != 0:
+        raise error(
+            f"`{label}` failed (exit {res.returncode}): {(res.stderr or res.stdout).strip()}"
+        )
+    return res.stdout
 
 
 def tail(path: Path, lines: int = 25) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._node import apt_install, spawn, tail, wait_until, write_cookie
+from ._node import apt_install, run_tool, spawn, tail, wait_until, write_cookie
 
 __all__ = (
     "AMQP_HEADER",
@@ -251,21 +251,11 @@ def rabbitmqctl(
     Raises:
         BrokerError: it failed or timed out (the message has its stderr).
     """
-    try:
-        res = subprocess.run(
-            [str(CTL), "-n", node, *args],
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise BrokerError(f"`rabbitmqctl {' '.join(args)}` timed out after {timeout}s") from e
-    if res.returncode != 0:
-        raise BrokerError(
-            f"`rabbitmqctl {' '.join(args)}` failed (exit {res.returncode}): "
-            f"{(res.stderr or res.stdout).strip()}"
-        )
-    return res.stdout
+    return run_tool(
+        [str(CTL), "-n", node, *args],
+        label=f"rabbitmqctl {' '.join(args)}",
+        error=BrokerError,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
