@@ -3,8 +3,8 @@
 The node itself is `aio_workq/testing/_broker.py`, shipped inside the package so that users' test
 suites get it too; this module re-exports it for the repository (tests, bench, cluster, demos)
 and is its command line. It also works without the venv (`python3 -m scripts.broker` in the
-Makefile): the broker module is standard library only, so it is loaded from its file when the
-package's dependencies are not installed.
+Makefile): the broker's modules are standard library only, so they are loaded without the
+package when its dependencies are not installed (`scripts/_testing.py`).
 
 CLI::
 
@@ -19,44 +19,31 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from scripts.tls import TLSError, make_pki
 
 if TYPE_CHECKING:
-    # `X as X`: re-exported, also the private names scripts/cluster.py builds on
-    from aio_workq.testing._broker import _STATE_KEYS as _STATE_KEYS
+    # `X as X`: re-exported
     from aio_workq.testing._broker import DIST_ARGS as DIST_ARGS
     from aio_workq.testing._broker import SERVER as SERVER
+    from aio_workq.testing._broker import STATE_KEYS as STATE_KEYS
     from aio_workq.testing._broker import BrokerError as BrokerError
     from aio_workq.testing._broker import LocalBroker as LocalBroker
     from aio_workq.testing._broker import TLSListener as TLSListener
-    from aio_workq.testing._broker import _alive as _alive
-    from aio_workq.testing._broker import _signal as _signal
-    from aio_workq.testing._broker import _tail as _tail
-    from aio_workq.testing._broker import _wait as _wait
     from aio_workq.testing._broker import amqp_answers as amqp_answers
     from aio_workq.testing._broker import ensure_installed as ensure_installed
     from aio_workq.testing._broker import free_port as free_port
     from aio_workq.testing._broker import start_epmd as start_epmd
 else:
-
-    def _load() -> Any:
-        try:
-            from aio_workq.testing import _broker
-        except ImportError:  # no venv: load the stdlib-only file without the package
-            import importlib.util
-
-            path = Path(__file__).resolve().parent.parent / "aio_workq" / "testing" / "_broker.py"
-            spec = importlib.util.spec_from_file_location("aio_workq_testing_broker", path)
-            assert spec is not None and spec.loader is not None
-            _broker = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = _broker  # dataclasses look their module up
-            spec.loader.exec_module(_broker)
-        return _broker
+    from scripts._testing import load_testing_module
 
     globals().update(
-        {k: v for k, v in vars(_load()).items() if not k.startswith("__") and k != "annotations"}
+        {
+            k: v
+            for k, v in vars(load_testing_module("_broker")).items()
+            if not k.startswith("__") and k != "annotations"
+        }
     )
 
 __all__ = (

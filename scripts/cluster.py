@@ -11,6 +11,11 @@ loopback connection with a bit per node that sent on it (``CONNMARK --or-mark``,
 node and of any other node. That cuts the Erlang distribution links both ways, while AMQP clients
 (and rabbitmqctl) still reach every node. Needs root and Debian's ``iptables``.
 
+The pieces: `ClusterNode` (a member: a `LocalBroker` with a group id and cluster settings),
+`ClusterView` (what the running cluster reports, asked of whichever node answers),
+`Partitioner` (the iptables chain) and `LocalCluster`, which owns the nodes' processes, epmd and
+state, and offers all of it as one API.
+
 CLI::
 
     python -m scripts.cluster start --dir .broker/cluster [--size 3]
@@ -28,9 +33,7 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -40,26 +43,32 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from scripts._testing import nodekit
 from scripts.broker import (
-    _STATE_KEYS,
     DIST_ARGS,
     SERVER,
+    STATE_KEYS,
     BrokerError,
     LocalBroker,
-    _alive,
-    _signal,
-    _wait,
     ensure_installed,
-    free_port,
     start_epmd,
 )
 
-__all__ = ("ClusterError", "ClusterNode", "LocalCluster", "ensure_iptables", "main")
+__all__ = (
+    "ClusterError",
+    "ClusterNode",
+    "ClusterView",
+    "LocalCluster",
+    "Partitioner",
+    "ensure_iptables",
+    "main",
+)
 
 log = logging.getLogger(__name__)
 
 _NODE_BIT = 0x10000  # connmark bit of node i: _NODE_BIT << i (low bits left to anyone else)
 _GID_BASE = 200_000  # node i of the cluster whose epmd listens on port P runs as gid BASE + 8P + i
+_NODE_PORTS = ("amqp_port", "dist_port", "management_port", "tls_port")  # epmd: the cluster's
 
 
 class ClusterError(BrokerError):
@@ -74,11 +83,9 @@ def ensure_iptables() -> None:
     if shutil.which("iptables") or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     log.warning("iptables is missing: installing it with apt-get (for partitions)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "iptables"]):
-        if subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=2).returncode != 0:
-            log.warning("`%s` failed: partitions will not be available", " ".join(cmd))
-            return
+    failed = nodekit.apt_install("iptables")
+    if failed is not None:
+        log.warning("`%s` failed: partitions will not be available", failed)
 
 
 @dataclass
@@ -89,26 +96,23 @@ class ClusterNode(LocalBroker):
     net_ticktime: int = 10
     partition_handling: str = "pause_minority"
 
-    def env(self) -> dict[str, str]:
-        env = super().env()
-        args = f"{DIST_ARGS} -kernel net_ticktime {self.net_ticktime}"
-        env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = args
-        env["RABBITMQ_CTL_ERL_ARGS"] = args
-        return env
-
     def close(self) -> None:
         """Stop the node; the cluster owns the shared epmd."""
         self.stop()
 
     def state(self) -> dict[str, Any]:
-        state = {k: getattr(self, k) for k in _STATE_KEYS if k != "tls"}
+        state = {k: getattr(self, k) for k in STATE_KEYS if k != "tls"}
         state.update(gid=self.gid, net_ticktime=self.net_ticktime)
         return state
 
-    def _write_files(self) -> None:
-        super()._write_files()
-        with (self.base_dir / "rabbitmq.conf").open("a") as conf:
-            conf.write(f"cluster_partition_handling = {self.partition_handling}\n")
+    def _erl_args(self) -> str:
+        return f"{DIST_ARGS} -kernel net_ticktime {self.net_ticktime}"
+
+    def _config_lines(self) -> list[str]:
+        return [
+            *super()._config_lines(),
+            f"cluster_partition_handling = {self.partition_handling}",
+        ]
 
     def _server_command(self) -> list[str]:
         if not self.gid or not shutil.which("setpriv"):
@@ -116,43 +120,119 @@ class ClusterNode(LocalBroker):
         return ["setpriv", f"--regid={self.gid}", "--clear-groups", str(SERVER)]
 
 
-@dataclass
-class LocalCluster:
-    """N RabbitMQ nodes on 127.0.0.1 that form one cluster; its state lives in ``base_dir``.
+@dataclass(frozen=True)
+class Partitioner:
+    """Cuts and heals the Erlang distribution links of a cluster's nodes with iptables.
 
-    Node names are ``<prefix>-a``, ``<prefix>-b``, ...; every method that takes a node accepts the
-    short name (``"a"``), the name (``"workq-a"``) or the Erlang node (``"workq-a@localhost"``).
+    One chain in the mangle table per cluster (named after its epmd port) marks each loopback
+    connection with the bit of every node that sent on it (by the node's group id); a cut drops
+    the packets of connections that carry the bits of the cut-off node and of another node.
+    Needs root and Debian's ``iptables``; without them only `cut` fails.
+    """
+
+    epmd_port: int
+    nodes: tuple[ClusterNode, ...]
+
+    @property
+    def chain(self) -> str:
+        return f"WORKQ{self.epmd_port}"
+
+    @staticmethod
+    def available() -> bool:
+        return os.geteuid() == 0 and shutil.which("iptables") is not None
+
+    def install(self) -> None:
+        """Mark connections by the nodes that use them (best effort: no iptables, no cuts)."""
+        if not self.available():
+            log.info("no iptables (or not root): partitions will not be available")
+            return
+        if not self._chain_exists():
+            self._iptables("-N", self.chain)
+            self._iptables("-A", "OUTPUT", "-o", "lo", "-j", self.chain)
+        self._iptables("-F", self.chain)
+        self._add_mark_rules()
+
+    def cut(self, cut: ClusterNode) -> None:
+        """Drop the traffic between cut and every other node (both ways).
+
+        Raises:
+            ClusterError: iptables is not available, or the chain was never installed.
+        """
+        self._require_chain()
+        for other in self.nodes:
+            if other is cut:
+                continue
+            bits = self._bit(cut) | self._bit(other)
+            for owner in (cut, other):
+                self._iptables(
+                    "-A", self.chain, "-m", "owner", "--gid-owner", str(owner.gid),
+                    "-m", "connmark", "--mark", f"{bits:#x}/{bits:#x}", "-j", "DROP",
+                )  # fmt: skip
+
+    def heal(self) -> None:
+        """Remove every cut (the marks stay, so later cuts cut live links too)."""
+        if not self.available():
+            return
+        self._iptables("-F", self.chain)
+        self._add_mark_rules()
+
+    def remove(self) -> None:
+        """Remove the chain and its jump from OUTPUT."""
+        if not self.available() or not self._chain_exists():
+            return
+        self._iptables("-D", "OUTPUT", "-o", "lo", "-j", self.chain, check=False)
+        self._iptables("-F", self.chain, check=False)
+        self._iptables("-X", self.chain, check=False)
+
+    def _bit(self, node: ClusterNode) -> int:
+        return _NODE_BIT << self.nodes.index(node)
+
+    def _add_mark_rules(self) -> None:
+        for n in self.nodes:
+            self._iptables(
+                "-A", self.chain, "-m", "owner", "--gid-owner", str(n.gid),
+                "-j", "CONNMARK", "--or-mark", f"{self._bit(n):#x}",
+            )  # fmt: skip
+
+    def _require_chain(self) -> None:
+        if not self.available():
+            raise ClusterError(
+                "partitions need root and iptables (`apt-get install iptables`); "
+                "the chain is installed when the cluster starts, so restart it afterwards"
+            )
+        if not self._chain_exists():
+            raise ClusterError(
+                f"iptables chain {self.chain} is missing: it is made when the cluster starts "
+                "(connections older than the chain are not tracked); restart the cluster"
+            )
+
+    def _chain_exists(self) -> bool:
+        return self._iptables("-S", self.chain, check=False)
+
+    def _iptables(self, *args: str, check: bool = True) -> bool:
+        res = subprocess.run(
+            ["iptables", "-w", "5", "-t", "mangle", *args],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        if check and res.returncode != 0:
+            cmd = " ".join(args)
+            raise ClusterError(f"`iptables -t mangle {cmd}` failed: {res.stderr.strip()}")
+        return res.returncode == 0
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What a running cluster reports, asked of whichever of its nodes answers.
+
+    Node lookup by any of a member's names, `rabbitmqctl` queries (status, queues and their
+    leaders, client connections, partitions) and waits on them. It starts, stops and changes
+    nothing: `LocalCluster` does, and answers its queries through a view of its nodes.
     """
 
     base_dir: Path
-    size: int = 3
-    prefix: str = "workq"
-    net_ticktime: int = 10
-    epmd_port: int = 0
-    epmd_pid: int | None = None
-    joined: bool = False
-    nodes: list[ClusterNode] = field(default_factory=list)
-    _epmd: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.base_dir = Path(self.base_dir).resolve()
-        if self.size < 1:
-            raise ClusterError(f"a cluster needs at least 1 node, got size={self.size}")
-
-    # --- addresses ------------------------------------------------------------------------
-
-    @property
-    def urls(self) -> list[str]:
-        """Every node's AMQP URL, in node order."""
-        return [n.url for n in self.nodes]
-
-    @property
-    def host_list(self) -> str:
-        """The URLs as one comma-separated string (for AMQP_URL)."""
-        return ",".join(self.urls)
-
-    def url(self, node: str) -> str:
-        return self.node(node).url
+    nodes: tuple[ClusterNode, ...]
 
     def node(self, node: str) -> ClusterNode:
         """The member called node (short name, name or Erlang node name)."""
@@ -161,92 +241,6 @@ class LocalCluster:
                 return n
         names = ", ".join(n.name for n in self.nodes) or "none (start the cluster first)"
         raise ClusterError(f"no node {node!r} in the cluster in {self.base_dir}: nodes are {names}")
-
-    # --- lifecycle ------------------------------------------------------------------------
-
-    def start(self, timeout: float = 120) -> None:
-        """Start every node that is down (in parallel) and, the first time, form the cluster."""
-        t0 = time.monotonic()
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self._make_nodes()
-        self._start_epmd()
-        self._install_marks()
-        down = [n for n in self.nodes if n.beam_pid() is None]  # a paused node is not down
-        try:
-            with ThreadPoolExecutor(len(down) or 1) as pool:
-                for f in [pool.submit(n.start, timeout) for n in down]:
-                    f.result()
-            if not self.joined:
-                seed = self.nodes[0]
-                for n in self.nodes[1:]:
-                    n.ctl("stop_app")
-                    n.ctl("join_cluster", seed.node)
-                    n.ctl("start_app")
-                self.joined = True
-            self.save_state()
-            self.wait_running(timeout=max(timeout - (time.monotonic() - t0), 10))
-        except BaseException:
-            self.save_state()
-            raise
-        log.info(
-            "cluster of %d nodes up in %.1fs: %s", self.size, time.monotonic() - t0, self.host_list
-        )
-
-    def stop(self, timeout: float = 30) -> None:
-        """Stop every node gracefully (in parallel); data and membership are kept."""
-        with ThreadPoolExecutor(len(self.nodes) or 1) as pool:
-            for f in [pool.submit(n.stop, timeout) for n in self.nodes]:
-                f.result()
-        self.save_state()
-
-    def close(self) -> None:
-        """stop(), remove the iptables chain, stop the cluster's epmd."""
-        try:
-            self.stop()
-        finally:
-            self._remove_marks()
-            if _alive(self.epmd_pid, "epmd"):
-                _signal(self.epmd_pid, signal.SIGTERM)
-                _wait(lambda: not _alive(self.epmd_pid), 5)
-            if self._epmd is not None:
-                self._epmd.poll()
-                self._epmd = None
-            self.epmd_pid = None
-            self.save_state()
-
-    def kill(self, node: str) -> None:
-        """SIGKILL one node's beam (a crash); `restart` brings it back with its data."""
-        self.node(node).kill()
-        self.save_state()
-
-    def stop_node(self, node: str, timeout: float = 30) -> None:
-        """Stop one node gracefully."""
-        self.node(node).stop(timeout)
-        self.save_state()
-
-    def restart(self, node: str, timeout: float = 90) -> None:
-        """Start one stopped or killed node again; it rejoins the cluster with its data."""
-        n = self.node(node)
-        if n.beam_pid() is not None and not n.running():
-            raise ClusterError(
-                f"{n.node} is running but not serving (paused in a minority?): heal() and it "
-                "resumes by itself; kill() it first to restart it"
-            )
-        n.start(timeout)
-        self.save_state()
-        self.wait_running([n.node], timeout=timeout)
-
-    def __enter__(self) -> LocalCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- queries --------------------------------------------------------------------------
 
@@ -271,7 +265,7 @@ class LocalCluster:
             except BrokerError:
                 return False
 
-        if not _wait(up, timeout):
+        if not nodekit.wait_until(up, timeout):
             raise ClusterError(
                 f"nodes {sorted(want)} not all running after {timeout:g}s "
                 f"(running: {self._running_or_error()})"
@@ -337,40 +331,9 @@ class LocalCluster:
             found[:] = [leader]
             return leader != avoid
 
-        if not _wait(elected, timeout):
+        if not nodekit.wait_until(elected, timeout):
             raise ClusterError(f"queue {queue!r}: no new leader in {timeout:g}s (saw {found})")
         return self.node(found[0]).name
-
-    # --- partitions -----------------------------------------------------------------------
-
-    def partition(self, node: str) -> None:
-        """Cut node's Erlang distribution links to all other nodes (both ways).
-
-        AMQP clients still reach every node; with ``pause_minority`` the cut-off node pauses
-        itself (closing its client connections) once it sees it is in a minority.
-
-        Raises:
-            ClusterError: iptables is not available (not root, or ``apt-get install iptables``).
-        """
-        cut = self.node(node)
-        self._require_iptables()
-        for other in self.nodes:
-            if other is cut:
-                continue
-            bits = self._bit(cut) | self._bit(other)
-            for owner in (cut, other):
-                self._iptables(
-                    "-A", self._chain, "-m", "owner", "--gid-owner", str(owner.gid),
-                    "-m", "connmark", "--mark", f"{bits:#x}/{bits:#x}", "-j", "DROP",
-                )  # fmt: skip
-        log.info("partitioned %s from the other nodes", cut.node)
-
-    def heal(self) -> None:
-        """Remove every partition (the marks stay, so later partitions cut live links too)."""
-        if not self._have_iptables():
-            return
-        self._iptables("-F", self._chain)
-        self._add_mark_rules()
 
     def partitions(self) -> list[str]:
         """The partitions RabbitMQ itself reports (`cluster_status`), asked of a live node."""
@@ -385,81 +348,6 @@ class LocalCluster:
             for node, seen in (status.get("partitions") or {}).items():
                 found.append(f"{node}: {sorted(seen)}")
         return sorted(set(found))
-
-    # --- state (lets another process drive the cluster) -----------------------------------
-
-    def save_state(self) -> None:
-        if not self.base_dir.is_dir():
-            return
-        state = {
-            "size": self.size,
-            "prefix": self.prefix,
-            "net_ticktime": self.net_ticktime,
-            "epmd_port": self.epmd_port,
-            "epmd_pid": self.epmd_pid,
-            "joined": self.joined,
-            "nodes": [n.state() for n in self.nodes],
-        }
-        (self.base_dir / "cluster.json").write_text(json.dumps(state, indent=1) + "\n")
-
-    @classmethod
-    def from_dir(cls, base_dir: Path) -> LocalCluster:
-        """The cluster whose cluster.json is in base_dir.
-
-        Raises:
-            ClusterError: there is no cluster state in base_dir.
-        """
-        path = Path(base_dir) / "cluster.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ClusterError(f"no cluster state in {path} ({e}): start one first") from e
-        nodes = state.pop("nodes")
-        cluster = cls(Path(base_dir), **state)
-        cluster.nodes = [ClusterNode(cluster.base_dir / n["name"], **n) for n in nodes]
-        return cluster
-
-    # --- internals ------------------------------------------------------------------------
-
-    def _make_nodes(self) -> None:
-        if not self.epmd_port:
-            self.epmd_port = free_port()
-        cookie = self.base_dir / "cookie"
-        if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
-            cookie.chmod(0o400)
-        if not self.nodes:
-            self.nodes = [
-                ClusterNode(
-                    self.base_dir / f"{self.prefix}-{chr(ord('a') + i)}",
-                    name=f"{self.prefix}-{chr(ord('a') + i)}",
-                    gid=_GID_BASE + 8 * self.epmd_port + i,
-                    net_ticktime=self.net_ticktime,
-                )
-                for i in range(self.size)
-            ]
-        taken = {self.epmd_port}
-        for n in self.nodes:
-            n.epmd_port = self.epmd_port
-            for attr in ("amqp_port", "dist_port", "management_port", "tls_port"):
-                port = getattr(n, attr)
-                while not port or port in taken:
-                    port = free_port()
-                taken.add(port)
-                setattr(n, attr, port)
-            n.base_dir.mkdir(parents=True, exist_ok=True)
-            node_cookie = n.base_dir / ".erlang.cookie"
-            if not node_cookie.exists():
-                node_cookie.write_text(cookie.read_text())
-                node_cookie.chmod(0o400)
-
-    def _start_epmd(self) -> None:
-        if not _alive(self.epmd_pid, "epmd"):
-            self._epmd = start_epmd(self.epmd_port, self.base_dir / "log")
-            self.epmd_pid = self._epmd.pid
-        for n in self.nodes:
-            n.epmd_pid = self.epmd_pid  # so LocalBroker.start does not start one of its own
-        self.save_state()
 
     def _running_or_error(self) -> str:
         try:
@@ -481,70 +369,254 @@ class LocalCluster:
             + (": " + "; ".join(errors) if errors else " (none is running)")
         )
 
-    # iptables: one chain per cluster, named after its epmd port.
+
+@dataclass
+class LocalCluster:
+    """N RabbitMQ nodes on 127.0.0.1 that form one cluster; its state lives in ``base_dir``.
+
+    Node names are ``<prefix>-a``, ``<prefix>-b``, ...; every method that takes a node accepts the
+    short name (``"a"``), the name (``"workq-a"``) or the Erlang node (``"workq-a@localhost"``).
+    """
+
+    base_dir: Path
+    size: int = 3
+    prefix: str = "workq"
+    net_ticktime: int = 10
+    epmd_port: int = 0
+    epmd_pid: int | None = None
+    joined: bool = False
+    nodes: list[ClusterNode] = field(default_factory=list)
+    _epmd: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.base_dir = Path(self.base_dir).resolve()
+        if self.size < 1:
+            raise ClusterError(f"a cluster needs at least 1 node, got size={self.size}")
+
+    # --- addresses ------------------------------------------------------------------------
 
     @property
-    def _chain(self) -> str:
-        return f"WORKQ{self.epmd_port}"
+    def urls(self) -> list[str]:
+        """Every node's AMQP URL, in node order."""
+        return [n.url for n in self.nodes]
 
-    def _bit(self, node: ClusterNode) -> int:
-        return _NODE_BIT << self.nodes.index(node)
+    @property
+    def host_list(self) -> str:
+        """The URLs as one comma-separated string (for AMQP_URL)."""
+        return ",".join(self.urls)
 
-    @staticmethod
-    def _have_iptables() -> bool:
-        return os.geteuid() == 0 and shutil.which("iptables") is not None
+    def url(self, node: str) -> str:
+        return self.node(node).url
 
-    def _require_iptables(self) -> None:
-        if not self._have_iptables():
-            raise ClusterError(
-                "partitions need root and iptables (`apt-get install iptables`); "
-                "the chain is installed when the cluster starts, so restart it afterwards"
-            )
-        if not self._chain_exists():
-            raise ClusterError(
-                f"iptables chain {self._chain} is missing: it is made when the cluster starts "
-                "(connections older than the chain are not tracked); restart the cluster"
-            )
+    def node(self, node: str) -> ClusterNode:
+        """The member called node (short name, name or Erlang node name)."""
+        return self._view.node(node)
 
-    def _iptables(self, *args: str, check: bool = True) -> bool:
-        res = subprocess.run(
-            ["iptables", "-w", "5", "-t", "mangle", *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self, timeout: float = 120) -> None:
+        """Start every node that is down (in parallel) and, the first time, form the cluster."""
+        t0 = time.monotonic()
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._make_nodes()
+        self._start_epmd()
+        self._partitioner.install()
+        down = [n for n in self.nodes if n.beam_pid() is None]  # a paused node is not down
+        try:
+            with ThreadPoolExecutor(len(down) or 1) as pool:
+                for f in [pool.submit(n.start, timeout) for n in down]:
+                    f.result()
+            if not self.joined:
+                seed = self.nodes[0]
+                for n in self.nodes[1:]:
+                    n.ctl("stop_app")
+                    n.ctl("join_cluster", seed.node)
+                    n.ctl("start_app")
+                self.joined = True
+            self.save_state()
+            self.wait_running(timeout=max(timeout - (time.monotonic() - t0), 10))
+        except BaseException:
+            self.save_state()
+            raise
+        log.info(
+            "cluster of %d nodes up in %.1fs: %s", self.size, time.monotonic() - t0, self.host_list
         )
-        if check and res.returncode != 0:
-            cmd = " ".join(args)
-            raise ClusterError(f"`iptables -t mangle {cmd}` failed: {res.stderr.strip()}")
-        return res.returncode == 0
 
-    def _chain_exists(self) -> bool:
-        return self._iptables("-S", self._chain, check=False)
+    def stop(self, timeout: float = 30) -> None:
+        """Stop every node gracefully (in parallel); data and membership are kept."""
+        with ThreadPoolExecutor(len(self.nodes) or 1) as pool:
+            for f in [pool.submit(n.stop, timeout) for n in self.nodes]:
+                f.result()
+        self.save_state()
 
-    def _install_marks(self) -> None:
-        """Mark connections by the nodes that use them (best effort: no iptables, no partitions)."""
-        if not self._have_iptables():
-            log.info("no iptables (or not root): partitions will not be available")
+    def close(self) -> None:
+        """stop(), remove the iptables chain, stop the cluster's epmd."""
+        try:
+            self.stop()
+        finally:
+            self._partitioner.remove()
+            nodekit.terminate(self.epmd_pid, "epmd")
+            if self._epmd is not None:
+                self._epmd.poll()
+                self._epmd = None
+            self.epmd_pid = None
+            self.save_state()
+
+    def kill(self, node: str) -> None:
+        """SIGKILL one node's beam (a crash); `restart` brings it back with its data."""
+        self.node(node).kill()
+        self.save_state()
+
+    def stop_node(self, node: str, timeout: float = 30) -> None:
+        """Stop one node gracefully."""
+        self.node(node).stop(timeout)
+        self.save_state()
+
+    def restart(self, node: str, timeout: float = 90) -> None:
+        """Start one stopped or killed node again; it rejoins the cluster with its data."""
+        n = self.node(node)
+        if n.beam_pid() is not None and not n.running():
+            raise ClusterError(
+                f"{n.node} is running but not serving (paused in a minority?): heal() and it "
+                "resumes by itself; kill() it first to restart it"
+            )
+        n.start(timeout)
+        self.save_state()
+        self.wait_running([n.node], timeout=timeout)
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- queries (see ClusterView) --------------------------------------------------------
+
+    def running_nodes(self) -> list[str]:
+        """The Erlang names of the nodes the cluster reports as running."""
+        return self._view.running_nodes()
+
+    def cluster_status(self) -> dict[str, Any]:
+        """`rabbitmqctl cluster_status` of the first node that answers, as a dict."""
+        return self._view.cluster_status()
+
+    def wait_running(self, nodes: list[str] | None = None, timeout: float = 60) -> None:
+        """Wait until the cluster reports nodes (default: all) as running."""
+        self._view.wait_running(nodes, timeout)
+
+    def queues(self) -> list[dict[str, Any]]:
+        """Queues with their type, leader, members and counts."""
+        return self._view.queues()
+
+    def connections(self) -> list[dict[str, Any]]:
+        """Client connections of the whole cluster: ``node`` (short name), ``name``, ``port``."""
+        return self._view.connections()
+
+    def leader(self, queue: str) -> ClusterNode:
+        """The node that leads the quorum queue named queue (ClusterError if none)."""
+        return self._view.leader(queue)
+
+    def wait_leader(self, queue: str, *, not_on: str | None = None, timeout: float = 30) -> str:
+        """Wait until queue has a leader (other than not_on) and return its node name."""
+        return self._view.wait_leader(queue, not_on=not_on, timeout=timeout)
+
+    def partitions(self) -> list[str]:
+        """The partitions RabbitMQ itself reports (`cluster_status`)."""
+        return self._view.partitions()
+
+    @property
+    def _view(self) -> ClusterView:
+        return ClusterView(self.base_dir, tuple(self.nodes))
+
+    # --- partitions -----------------------------------------------------------------------
+
+    def partition(self, node: str) -> None:
+        """Cut node's Erlang distribution links to all other nodes (both ways).
+
+        AMQP clients still reach every node; with ``pause_minority`` the cut-off node pauses
+        itself (closing its client connections) once it sees it is in a minority.
+
+        Raises:
+            ClusterError: iptables is not available (not root, or ``apt-get install iptables``).
+        """
+        cut = self.node(node)
+        self._partitioner.cut(cut)
+        log.info("partitioned %s from the other nodes", cut.node)
+
+    def heal(self) -> None:
+        """Remove every partition (the marks stay, so later partitions cut live links too)."""
+        self._partitioner.heal()
+
+    @property
+    def _partitioner(self) -> Partitioner:
+        return Partitioner(self.epmd_port, tuple(self.nodes))
+
+    # --- state (lets another process drive the cluster) -----------------------------------
+
+    def save_state(self) -> None:
+        if not self.base_dir.is_dir():
             return
-        if not self._chain_exists():
-            self._iptables("-N", self._chain)
-            self._iptables("-A", "OUTPUT", "-o", "lo", "-j", self._chain)
-        self._iptables("-F", self._chain)
-        self._add_mark_rules()
+        state = {
+            "size": self.size,
+            "prefix": self.prefix,
+            "net_ticktime": self.net_ticktime,
+            "epmd_port": self.epmd_port,
+            "epmd_pid": self.epmd_pid,
+            "joined": self.joined,
+            "nodes": [n.state() for n in self.nodes],
+        }
+        nodekit.write_state(self.base_dir / "cluster.json", state)
 
-    def _add_mark_rules(self) -> None:
+    @classmethod
+    def from_dir(cls, base_dir: Path) -> LocalCluster:
+        """The cluster whose cluster.json is in base_dir.
+
+        Raises:
+            ClusterError: there is no cluster state in base_dir.
+        """
+        state = nodekit.read_state(Path(base_dir) / "cluster.json", ClusterError, "cluster")
+        nodes = state.pop("nodes")
+        cluster = cls(Path(base_dir), **state)
+        cluster.nodes = [ClusterNode(cluster.base_dir / n["name"], **n) for n in nodes]
+        return cluster
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _make_nodes(self) -> None:
+        """The members (made the first time), their ports and the cluster's cookie."""
+        if not self.epmd_port:
+            self.epmd_port = nodekit.free_port()
+        cookie = nodekit.write_cookie(self.base_dir / "cookie")
+        if not self.nodes:
+            self.nodes = [
+                ClusterNode(
+                    self.base_dir / f"{self.prefix}-{chr(ord('a') + i)}",
+                    name=f"{self.prefix}-{chr(ord('a') + i)}",
+                    gid=_GID_BASE + 8 * self.epmd_port + i,
+                    net_ticktime=self.net_ticktime,
+                )
+                for i in range(self.size)
+            ]
+        taken = {self.epmd_port}
         for n in self.nodes:
-            self._iptables(
-                "-A", self._chain, "-m", "owner", "--gid-owner", str(n.gid),
-                "-j", "CONNMARK", "--or-mark", f"{self._bit(n):#x}",
-            )  # fmt: skip
+            n.epmd_port = self.epmd_port
+            nodekit.pick_ports(n, _NODE_PORTS, taken)
+            n.base_dir.mkdir(parents=True, exist_ok=True)
+            nodekit.write_cookie(n.base_dir / ".erlang.cookie", cookie)
 
-    def _remove_marks(self) -> None:
-        if not self._have_iptables() or not self._chain_exists():
-            return
-        self._iptables("-D", "OUTPUT", "-o", "lo", "-j", self._chain, check=False)
-        self._iptables("-F", self._chain, check=False)
-        self._iptables("-X", self._chain, check=False)
+    def _start_epmd(self) -> None:
+        if not nodekit.alive(self.epmd_pid, "epmd"):
+            self._epmd = start_epmd(self.epmd_port, self.base_dir / "log")
+            self.epmd_pid = self._epmd.pid
+        for n in self.nodes:
+            n.epmd_pid = self.epmd_pid  # so LocalBroker.start does not start one of its own
+        self.save_state()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,19 +18,18 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from scripts._testing import nodekit
 
 log = logging.getLogger(__name__)
 
@@ -64,33 +63,13 @@ def ensure_installed() -> Path:
     if os.geteuid() != 0:
         raise PostgresError(f"PostgreSQL is not installed (no {PG_ROOT}/*/bin): {HOW_TO_GET_ONE}")
     log.warning("PostgreSQL is missing: installing postgresql with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "postgresql"]):
-        # apt's chatter goes to stderr so that stdout stays clean for the CLI's DSN.
-        if subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=2).returncode != 0:
-            raise PostgresError(f"`{' '.join(cmd)}` failed: {HOW_TO_GET_ONE}")
+    failed = nodekit.apt_install("postgresql")  # its chatter goes to stderr, not to the DSN
+    if failed is not None:
+        raise PostgresError(f"`{failed}` failed: {HOW_TO_GET_ONE}")
     found = bin_dir()
     if found is None:
         raise PostgresError(f"postgresql was installed but {PG_ROOT}/*/bin/initdb is missing")
     return found
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(") ", 1)[1][0] != "Z"
 
 
 def _children(pid: int) -> list[int]:
@@ -104,14 +83,6 @@ def _children(pid: int) -> list[int]:
         if fields[1] == str(pid):
             found.append(int(stat_file.parent.name))
     return found
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f"({path} not found)"
-    return f"--- last lines of {path} ---\n" + "\n".join(text)
 
 
 @dataclass
@@ -154,7 +125,7 @@ class LocalPostgres:
                 "-E", "UTF8", "--no-sync", timeout=timeout,
             )  # fmt: skip
         if not self.port or not self._port_free(self.port):
-            self.port = free_port()
+            self.port = nodekit.free_port()
         options = (
             f"-p {self.port} -k {self.base_dir} -c listen_addresses=127.0.0.1 "
             "-c max_connections=200"
@@ -166,7 +137,7 @@ class LocalPostgres:
             )  # fmt: skip
         except PostgresError as e:
             raise PostgresError(
-                f"{e}\n{_tail(self.log_file)}\n"
+                f"{e}\n{nodekit.tail(self.log_file)}\n"
                 f"If PostgreSQL itself is the problem, {HOW_TO_GET_ONE}."
             ) from None
         self.save_state()
@@ -186,7 +157,7 @@ class LocalPostgres:
                 )  # fmt: skip
             except PostgresError as e:
                 log.warning("pg_ctl stop failed (%s): SIGKILL", e)
-        if _alive(pid):
+        if nodekit.alive(pid):
             self.kill()
 
     def kill(self) -> None:
@@ -196,13 +167,8 @@ class LocalPostgres:
             return
         pids = [pid, *_children(pid)]
         for each in pids:
-            try:
-                os.kill(each, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while any(_alive(each) for each in pids) and time.monotonic() < deadline:
-            time.sleep(0.05)
+            nodekit.send_signal(each, signal.SIGKILL)
+        nodekit.wait_until(lambda: not any(nodekit.alive(each) for each in pids), 10)
         # Where nothing reaps orphans, the dead postmaster stays a zombie whose pid still "runs"
         # for the next postmaster's lock checks; every process of the node is gone by now.
         (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
@@ -227,11 +193,7 @@ class LocalPostgres:
 
     def postmaster_pid(self) -> int | None:
         """The running server's pid (first line of ``data/postmaster.pid``), or None."""
-        try:
-            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid) else None
+        return nodekit.read_pid(self.data_dir / "postmaster.pid")
 
     def running(self) -> bool:
         if self.postmaster_pid() is None or not self.port:
@@ -245,17 +207,14 @@ class LocalPostgres:
     # --- state file (lets another process stop or query the node) -------------------------
 
     def save_state(self) -> None:
-        state = {k: getattr(self, k) for k in _STATE_KEYS}
-        (self.base_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        nodekit.write_state(
+            self.base_dir / "state.json", {k: getattr(self, k) for k in _STATE_KEYS}
+        )
 
     @classmethod
     def from_dir(cls, base_dir: Path) -> LocalPostgres:
         """The node whose state.json is in base_dir (raises PostgresError if there is none)."""
-        path = Path(base_dir) / "state.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise PostgresError(f"no PostgreSQL state in {path} ({e}): start one first") from e
+        state = nodekit.read_state(Path(base_dir) / "state.json", PostgresError, "PostgreSQL")
         return cls(Path(base_dir), **{k: state[k] for k in _STATE_KEYS if k in state})
 
     # --- internals ------------------------------------------------------------------------
@@ -279,26 +238,16 @@ class LocalPostgres:
                 )
 
     def _run(self, *cmd: str | Path, timeout: float) -> str:
-        argv: Sequence[str] = [str(c) for c in cmd]
+        argv = [str(c) for c in cmd]
         if self._as_root():
             argv = ["runuser", "-u", RUN_AS, "--", *argv]
-        try:
-            res = subprocess.run(
-                argv,
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise PostgresError(f"`{Path(str(cmd[0])).name}` timed out after {timeout}s") from e
-        if res.returncode != 0:
-            raise PostgresError(
-                f"`{Path(str(cmd[0])).name} {' '.join(argv[-1:])}` failed "
-                f"(exit {res.returncode}): {(res.stderr or res.stdout).strip()}"
-            )
-        return res.stdout
+        return nodekit.run_tool(
+            argv,
+            label=f"{Path(str(cmd[0])).name} {argv[-1]}",
+            error=PostgresError,
+            cwd=self.base_dir,
+            timeout=timeout,
+        )
 
     @staticmethod
     def _port_free(port: int) -> bool:

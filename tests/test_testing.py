@@ -141,11 +141,12 @@ def test_the_broker_script_needs_no_dependencies_of_the_package() -> None:
     code = (
         "import sys; sys.modules['aio_pika'] = None\n"  # as if not installed
         "import scripts.broker as b; print(b.LocalBroker.__module__)\n"
+        "import scripts.cluster, scripts.postgres\n"  # on the same stdlib-only node helpers
         "sys.argv = ['x', '--help']; b.main()"
     )
     root = Path(__file__).parent.parent
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60
     )
-    assert done.stdout.startswith("aio_workq_testing_broker\n"), done.stderr
+    assert done.stdout.startswith("_aio_workq_testing._broker\n"), done.stderr
     assert "start,stop,status" in done.stdout

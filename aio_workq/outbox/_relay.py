@@ -1,4 +1,8 @@
-"""The relay: moves committed outbox rows to RabbitMQ, deleting each only after its confirm."""
+"""The relay: moves committed outbox rows to RabbitMQ, deleting each only after its confirm.
+
+`OutboxRelay` is the lifecycle and the loops (poll, LISTEN/NOTIFY, reconnect); the claiming SQL
+is `_claims.OutboxTable`, the pipelined publishing `_publishing.RowPublisher`.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,14 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
 
 import psycopg
-from psycopg.rows import TupleRow
 
-from .. import Producer, Queue, WorkqError
-from ._errors import OutboxConfigurationError, OutboxSchemaError
-from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL, quote, redact_dsn
+from .. import Producer, Queue
+from ._claims import OutboxTable
+from ._errors import OutboxConfigurationError
+from ._publishing import RowPublisher
+from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL
 
 __all__ = ("OutboxRelay",)
 
@@ -23,9 +27,9 @@ log = logging.getLogger("aio_workq.outbox")
 _RECONNECT_DELAYS = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
-def _observe(future: asyncio.Future[str]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _reconnect_delay(failures: int) -> float:
+    """Seconds to wait after `failures` failures in a row (the last delay repeats)."""
+    return _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
 
 
 class OutboxRelay:
@@ -97,29 +101,18 @@ class OutboxRelay:
         for label, value in intervals:
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
-        table = f"{quote(schema)}.workq_outbox"
+        self._table = OutboxTable(dsn, schema)
         self._dsn = dsn
         self._schema = schema
         self._owns_producer = producer is None
         self._producer = (
             producer if producer is not None else Producer(url, timeout=publish_timeout, name=name)
         )
+        self._publisher = RowPublisher(self._producer, {q.name: q for q in queues})
         self._listen_enabled = listen
         self._batch_size = batch_size
         self._poll_interval = float(poll_interval)
         self._retry_delay = float(retry_delay)
-        self._queues = {q.name: q for q in queues}
-        self._claim = (
-            "SELECT id, message_id, queue, exchange, routing_key, body, content_type, headers "
-            f"FROM {table} WHERE available_at <= now() ORDER BY id LIMIT %s "
-            "FOR UPDATE SKIP LOCKED"
-        )
-        self._delete = f"DELETE FROM {table} WHERE id = ANY(%s)"
-        self._fail = (
-            f"UPDATE {table} SET attempts = attempts + 1, last_error = %s, available_at = now() "
-            "+ CAST(%s AS float8) * LEAST(attempts + 1, 10) * interval '1 second' WHERE id = %s"
-        )
-        self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -160,11 +153,11 @@ class OutboxRelay:
             return
         self._stopped.clear()
         try:
-            await self._connect()
+            await self._table.connect()
             if self._owns_producer:
                 await self._producer.start()
         except BaseException:
-            await self._close_conn()
+            await self._table.close()
             raise
         self._tasks = [asyncio.create_task(self._loop(), name="outbox-relay")]
         if self._listen_enabled:
@@ -179,7 +172,7 @@ class OutboxRelay:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._close_conn()
+        await self._table.close()
         if self._owns_producer:
             await self._producer.close()
         self._stopped.set()
@@ -209,50 +202,21 @@ class OutboxRelay:
             OutboxSchemaError: the outbox table is missing.
             psycopg.Error: the database failed (the batch rolled back; its rows stay).
         """
-        async with self._lock:
-            conn = await self._connect()
-            async with conn.transaction():
-                try:
-                    rows = await (await conn.execute(self._claim, (self._batch_size,))).fetchall()
-                except psycopg.errors.UndefinedTable as exc:
-                    raise self._no_table() from exc
-                if not rows:
-                    return 0
-                sent: list[asyncio.Future[str] | BaseException] = []
-                for row in rows:
-                    try:
-                        confirm = await self._send(row)
-                    except WorkqError as exc:
-                        sent.append(exc)
-                    else:
-                        # Observed even if this batch is abandoned (stop, a database error).
-                        confirm.add_done_callback(_observe)
-                        sent.append(confirm)
-                futures = [s for s in sent if isinstance(s, asyncio.Future)]
-                settled = iter(await asyncio.gather(*futures, return_exceptions=True))
-                outcomes = [next(settled) if isinstance(s, asyncio.Future) else s for s in sent]
-                done = [row[0] for row, o in zip(rows, outcomes, strict=True) if isinstance(o, str)]
-                if done:
-                    await conn.execute(self._delete, (done,))
-                for row, outcome in zip(rows, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        self.failed += 1
-                        log.warning("outbox message %s not published: %r", row[1], outcome)
-                        await conn.execute(self._fail, (repr(outcome), self._retry_delay, row[0]))
-            self.published += len(done)
-            return len(rows)
-
-    async def _send(self, row: tuple[Any, ...]) -> asyncio.Future[str]:
-        _, message_id, queue, exchange, routing_key, body, content_type, headers = row
-        return await self._producer.send(
-            body,
-            self._queues.get(queue, queue) if queue is not None else None,
-            exchange=exchange,
-            routing_key=routing_key or None,
-            headers=headers,
-            message_id=message_id,
-            content_type=content_type,
-        )
+        async with self._lock, self._table.claim(self._batch_size) as batch:
+            if not batch.rows:
+                return 0
+            outcomes = await self._publisher.publish(batch.rows)
+            pairs = list(zip(batch.rows, outcomes, strict=True))
+            done = [row[0] for row, outcome in pairs if isinstance(outcome, str)]
+            if done:
+                await batch.delete(done)
+            for row, outcome in pairs:
+                if isinstance(outcome, BaseException):
+                    self.failed += 1
+                    log.warning("outbox message %s not published: %r", row[1], outcome)
+                    await batch.reschedule(row[0], repr(outcome), self._retry_delay)
+        self.published += len(done)
+        return len(batch.rows)
 
     async def _loop(self) -> None:
         failures = 0
@@ -262,10 +226,10 @@ class OutboxRelay:
                 claimed = await self.relay_batch()
                 failures = 0
             except Exception as exc:  # the relay outlives a database or broker outage
-                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                delay = _reconnect_delay(failures)
                 failures += 1
                 log.warning("outbox relay: %r; again in %.1f s", exc, delay)
-                await self._close_conn()
+                await self._table.close()
                 await asyncio.sleep(delay)
                 continue
             if claimed >= self._batch_size:
@@ -288,35 +252,9 @@ class OutboxRelay:
                         if notify.payload == self._schema:
                             self._wake.set()
             except (psycopg.Error, OSError) as exc:
-                delay = _RECONNECT_DELAYS[min(failures, len(_RECONNECT_DELAYS) - 1)]
+                delay = _reconnect_delay(failures)
                 failures += 1
                 log.warning("outbox relay: LISTEN connection lost (%s); polling meanwhile", exc)
                 await asyncio.sleep(delay)
             finally:
                 self._listening = False
-
-    async def _connect(self) -> psycopg.AsyncConnection[TupleRow]:
-        if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn)
-            try:
-                await self._conn.execute(
-                    f"SELECT 1 FROM {quote(self._schema)}.workq_outbox LIMIT 0"
-                )
-                await self._conn.commit()
-            except psycopg.errors.UndefinedTable as exc:
-                await self._close_conn()
-                raise self._no_table() from exc
-        return self._conn
-
-    async def _close_conn(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await conn.close()
-
-    def _no_table(self) -> OutboxSchemaError:
-        return OutboxSchemaError(
-            f"no table {self._schema}.workq_outbox in the database at "
-            f"{redact_dsn(self._dsn)}: create it with `await aio_workq.outbox.migrate(conn, "
-            f"schema={self._schema!r})` or the SQL of `aio_workq.outbox.schema_sql()`"
-        )

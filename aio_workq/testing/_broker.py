@@ -14,18 +14,44 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import signal
-import socket
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ._node import (
+    alive,
+    free_port,
+    pick_ports,
+    read_pid,
+    read_state,
+    send_signal,
+    spawn,
+    tail,
+    terminate,
+    wait_until,
+    write_state,
+)
+
+# Re-exported: the names this module has always offered (scripts/broker.py re-exports them).
+from ._rabbitmq import AMQP_HEADER as AMQP_HEADER
+from ._rabbitmq import BIN as BIN
+from ._rabbitmq import CTL as CTL
+from ._rabbitmq import DIST_ARGS as DIST_ARGS
+from ._rabbitmq import HOW_TO_GET_ONE as HOW_TO_GET_ONE
+from ._rabbitmq import SERVER as SERVER
+from ._rabbitmq import BrokerError as BrokerError
+from ._rabbitmq import TLSListener as TLSListener
+from ._rabbitmq import amqp_answers as amqp_answers
+from ._rabbitmq import ensure_installed as ensure_installed
+from ._rabbitmq import node_env, rabbitmq_conf, rabbitmqctl, wait_ready, write_node_files
+from ._rabbitmq import start_epmd as start_epmd
+
 __all__ = (
+    "STATE_KEYS",
     "BrokerError",
     "LocalBroker",
     "TLSListener",
@@ -37,164 +63,12 @@ __all__ = (
 
 log = logging.getLogger(__name__)
 
-BIN = Path("/usr/lib/rabbitmq/bin")
-SERVER = BIN / "rabbitmq-server"
-CTL = BIN / "rabbitmqctl"
-AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
-DIST_ARGS = "-kernel inet_dist_use_interface {127,0,0,1}"
-HOW_TO_GET_ONE = (
-    "install it with `sudo apt-get install rabbitmq-server` (Debian/Ubuntu), or use a running "
-    "broker instead: set AIO_WORKQ_AMQP_URL for the tests, AMQP_URL for the examples "
-    "(e.g. amqp://guest:guest@localhost:5672/ after `docker compose up -d` with compose.yaml)"
-)
-_STATE_KEYS = (
+STATE_KEYS = (
     "name", "amqp_port", "dist_port", "epmd_port", "management", "management_port",
     "consumer_timeout_ms", "server_pid", "epmd_pid", "tls", "tls_port",
 )  # fmt: skip
-
-
-class BrokerError(RuntimeError):
-    """A local broker could not be installed, started, stopped or queried."""
-
-
-@dataclass(frozen=True)
-class TLSListener:
-    """A TLS listener (``listeners.ssl.default``): PEM paths, and whether clients need a cert.
-
-    `make_pki` of the repository's `scripts/tls.py` writes a matching CA, server certificate
-    and key.
-    """
-
-    cacertfile: str
-    certfile: str
-    keyfile: str
-    verify_peer: bool = False  # mutual TLS: verify_peer + fail_if_no_peer_cert
-
-    def config(self, port: int) -> list[str]:
-        lines = [
-            f"listeners.ssl.default = 127.0.0.1:{port}",
-            f"ssl_options.cacertfile = {self.cacertfile}",
-            f"ssl_options.certfile = {self.certfile}",
-            f"ssl_options.keyfile = {self.keyfile}",
-        ]
-        if self.verify_peer:
-            lines += ["ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"]
-        else:
-            lines += ["ssl_options.verify = verify_none"]
-        return lines
-
-
-def ensure_installed() -> None:
-    """Install Debian's rabbitmq-server if it is missing (only as root; otherwise explain how)."""
-    if SERVER.exists():
-        return
-    if os.geteuid() != 0:
-        raise BrokerError(f"RabbitMQ is not installed ({SERVER} is missing): {HOW_TO_GET_ONE}")
-    log.warning("%s is missing: installing rabbitmq-server with apt-get", SERVER)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "rabbitmq-server"]):
-        # apt's chatter goes to stderr so that stdout stays clean for the CLI's URL.
-        if subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=2).returncode != 0:
-            raise BrokerError(f"`{' '.join(cmd)}` failed: {HOW_TO_GET_ONE}")
-    if not SERVER.exists():
-        raise BrokerError(f"rabbitmq-server was installed but {SERVER} is still missing")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def amqp_answers(port: int, timeout: float = 1.0) -> bool:
-    """True when something on 127.0.0.1:port answers the AMQP 0-9-1 protocol header."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(AMQP_HEADER)
-            data = b""
-            while len(data) < 4:
-                chunk = s.recv(64)
-                if not chunk:
-                    return False
-                data += chunk
-            return True
-    except OSError:
-        return False
-
-
-def _alive(pid: int | None, comm: str | None = None) -> bool:
-    """Whether pid runs (and is named comm, if given); a zombie counts as gone."""
-    if not pid:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    name, rest = stat.split(" (", 1)[1].rsplit(") ", 1)
-    return rest[0] != "Z" and (comm is None or name == comm)
-
-
-def _signal(pid: int | None, sig: signal.Signals) -> None:
-    if pid:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def _wait(gone: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not gone():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return f"({path} not found)"
-    return f"--- last lines of {path} ---\n" + "\n".join(text)
-
-
-def start_epmd(port: int, log_dir: Path) -> subprocess.Popen[bytes]:
-    """An epmd of our own on 127.0.0.1:`port`, logging to `log_dir/epmd.log`; it listens when
-    this returns. A node must find it, or Erlang would start an untracked epmd of its own.
-
-    Raises:
-        BrokerError: epmd exited (its port taken?) or did not listen within 10 s.
-    """
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / "epmd.log").open("ab") as out:
-        proc = subprocess.Popen(
-            ["epmd", "-address", "127.0.0.1", "-port", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def listening() -> bool:
-        if proc.poll() is not None:
-            raise BrokerError(
-                f"epmd exited with code {proc.returncode} (port {port} taken?)\n"
-                + _tail(log_dir / "epmd.log")
-            )
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    if not _wait(listening, 10):
-        proc.kill()
-        proc.wait()
-        raise BrokerError(f"epmd did not listen on 127.0.0.1:{port} in 10s")
-    return proc
+"""The fields of a `LocalBroker` that its ``state.json`` keeps."""
+PORTS = ("amqp_port", "dist_port", "epmd_port", "management_port", "tls_port")
 
 
 @dataclass
@@ -258,31 +132,15 @@ class LocalBroker:
 
     def env(self) -> dict[str, str]:
         """The environment that isolates this node; the CLI tools need the same one."""
-        d = self.base_dir
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("RABBITMQ_", "ERL_")) and k != "NOTIFY_SOCKET"
-        }
-        env.update(
-            HOME=str(d),
-            RABBITMQ_CONF_ENV_FILE=str(d / "rabbitmq-env.conf"),
-            RABBITMQ_NODENAME=self.node,
-            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
-            RABBITMQ_NODE_PORT=str(self.amqp_port),
-            RABBITMQ_DIST_PORT=str(self.dist_port),
-            RABBITMQ_MNESIA_BASE=str(d / "mnesia"),
-            RABBITMQ_LOG_BASE=str(d / "log"),
-            RABBITMQ_PID_FILE=str(self.pid_file),
-            RABBITMQ_CONFIG_FILE=str(d / "rabbitmq.conf"),
-            RABBITMQ_ADVANCED_CONFIG_FILE=str(d / "advanced.config"),
-            RABBITMQ_ENABLED_PLUGINS_FILE=str(d / "enabled_plugins"),
-            ERL_EPMD_ADDRESS="127.0.0.1",
-            ERL_EPMD_PORT=str(self.epmd_port),
-            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=DIST_ARGS,
-            RABBITMQ_CTL_ERL_ARGS=DIST_ARGS,
+        return node_env(
+            self.base_dir,
+            self.node,
+            amqp_port=self.amqp_port,
+            dist_port=self.dist_port,
+            epmd_port=self.epmd_port,
+            pid_file=self.pid_file,
+            erl_args=self._erl_args(),
         )
-        return env
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -291,35 +149,18 @@ class LocalBroker:
         if self.running():
             return
         t0 = time.monotonic()
-        deadline = t0 + timeout
         self._reap()
-        self._pick_ports()
-        self._write_files()
+        pick_ports(self, PORTS)
+        write_node_files(self.base_dir, self._config_lines(), management=self.management)
         try:
             self._start_epmd()
             self.pid_file.unlink(missing_ok=True)
-            with self.log_file.open("ab") as out:
-                proc = subprocess.Popen(
-                    self._server_command(),
-                    env=self.env(),
-                    cwd=self.base_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            proc = spawn(self._server_command(), self.log_file, env=self.env(), cwd=self.base_dir)
             self.server_pid = proc.pid
             self._procs[proc.pid] = proc
             self.save_state()
-            while not amqp_answers(self.amqp_port):
-                if proc.poll() is not None:
-                    raise self._error(f"rabbitmq-server exited with code {proc.returncode}")
-                if time.monotonic() > deadline:
-                    raise self._error(f"no AMQP answer on port {self.amqp_port} in {timeout}s")
-                time.sleep(0.1)
-            left = max(deadline - time.monotonic(), 1.0)
             try:
-                self.ctl("await_startup", "--timeout", str(int(left) + 1), timeout=left)
+                wait_ready(proc, self.amqp_port, self.ctl, since=t0, timeout=timeout)
             except BrokerError as e:
                 raise self._error(str(e)) from None
         except BaseException:
@@ -330,34 +171,32 @@ class LocalBroker:
     def stop(self, timeout: float = 30) -> None:
         """Graceful stop (SIGTERM to beam, SIGKILL after timeout). Idempotent; data is kept."""
         beam = self.beam_pid()
-        target = beam or (self.server_pid if _alive(self.server_pid, "rabbitmq-server") else None)
+        target = beam or (self.server_pid if alive(self.server_pid, "rabbitmq-server") else None)
         if target:
-            _signal(target, signal.SIGCONT)  # a paused node cannot handle SIGTERM
-            _signal(target, signal.SIGTERM)
-            if not _wait(lambda: not _alive(target), timeout):
+            send_signal(target, signal.SIGCONT)  # a paused node cannot handle SIGTERM
+            send_signal(target, signal.SIGTERM)
+            if not wait_until(lambda: not alive(target), timeout):
                 log.warning("%s did not stop in %ss: SIGKILL", self.node, timeout)
-                _signal(target, signal.SIGKILL)
+                send_signal(target, signal.SIGKILL)
         self._finish(beam)
 
     def kill(self) -> None:
         """SIGKILL the node (a crash); start() brings it back with its durable data."""
         beam = self.beam_pid()
-        _signal(beam, signal.SIGKILL)
+        send_signal(beam, signal.SIGKILL)
         self._finish(beam)
 
     def pause(self) -> None:
         """SIGSTOP the node: TCP connects still succeed, but nothing answers."""
-        _signal(self._require_beam(), signal.SIGSTOP)
+        send_signal(self._require_beam(), signal.SIGSTOP)
 
     def resume(self) -> None:
-        _signal(self._require_beam(), signal.SIGCONT)
+        send_signal(self._require_beam(), signal.SIGCONT)
 
     def close(self) -> None:
         """stop() and stop this node's epmd."""
         self.stop()
-        if _alive(self.epmd_pid, "epmd"):
-            _signal(self.epmd_pid, signal.SIGTERM)
-            _wait(lambda: not _alive(self.epmd_pid), 5)
+        terminate(self.epmd_pid, "epmd")
         self._reap()
         self.epmd_pid = None
         self.save_state()
@@ -378,36 +217,14 @@ class LocalBroker:
 
     def beam_pid(self) -> int | None:
         """The running node's pid (from RABBITMQ_PID_FILE), or None."""
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _alive(pid, "beam.smp") else None
+        return read_pid(self.pid_file, "beam.smp")
 
     def running(self) -> bool:
         return self.beam_pid() is not None and amqp_answers(self.amqp_port)
 
     def ctl(self, *args: str, timeout: float = 30) -> str:
         """Run rabbitmqctl against this node; returns its stdout."""
-        cmd = [str(CTL), "-n", self.node, *args]
-        try:
-            res = subprocess.run(
-                cmd,
-                env=self.env(),
-                cwd=self.base_dir,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired as e:
-            raise BrokerError(f"`rabbitmqctl {' '.join(args)}` timed out after {timeout}s") from e
-        if res.returncode != 0:
-            raise BrokerError(
-                f"`rabbitmqctl {' '.join(args)}` failed (exit {res.returncode}): "
-                f"{(res.stderr or res.stdout).strip()}"
-            )
-        return res.stdout
+        return rabbitmqctl(self.node, *args, env=self.env(), cwd=self.base_dir, timeout=timeout)
 
     def queues(self) -> list[dict[str, Any]]:
         out = self.ctl(
@@ -423,60 +240,40 @@ class LocalBroker:
     def save_state(self) -> None:
         if not self.base_dir.is_dir():  # never started: nothing to record
             return
-        state = {k: getattr(self, k) for k in _STATE_KEYS}
+        state = {k: getattr(self, k) for k in STATE_KEYS}
         state["tls"] = asdict(self.tls) if self.tls else None
-        (self.base_dir / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+        write_state(self.base_dir / "state.json", state)
 
     @classmethod
     def from_dir(cls, base_dir: Path) -> LocalBroker:
         """The broker whose state.json is in base_dir (raises BrokerError if there is none)."""
-        path = Path(base_dir) / "state.json"
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise BrokerError(f"no broker state in {path} ({e}): start one first") from e
-        return cls(Path(base_dir), **{k: state[k] for k in _STATE_KEYS if k in state})
+        state = read_state(Path(base_dir) / "state.json", BrokerError, "broker")
+        return cls(Path(base_dir), **{k: state[k] for k in STATE_KEYS if k in state})
+
+    # --- what a subclass may change (scripts/cluster.py's ClusterNode does) ---------------
+
+    def _erl_args(self) -> str:
+        """Extra Erlang VM arguments of the node and of its CLI tools."""
+        return DIST_ARGS
+
+    def _config_lines(self) -> list[str]:
+        """The lines of the node's ``rabbitmq.conf``."""
+        return rabbitmq_conf(
+            amqp_port=self.amqp_port,
+            management_port=self.management_port if self.management else None,
+            consumer_timeout_ms=self.consumer_timeout_ms,
+            tls=self.tls,
+            tls_port=self.tls_port,
+        )
+
+    def _server_command(self) -> list[str]:
+        """The command that starts the node (a subclass may wrap it, e.g. in setpriv)."""
+        return [str(SERVER)]
 
     # --- internals ------------------------------------------------------------------------
 
-    def _pick_ports(self) -> None:
-        taken: set[int] = set()
-        for attr in ("amqp_port", "dist_port", "epmd_port", "management_port", "tls_port"):
-            port = getattr(self, attr)
-            while not port or port in taken:
-                port = free_port()
-            taken.add(port)
-            setattr(self, attr, port)
-
-    def _write_files(self) -> None:
-        d = self.base_dir
-        (d / "log").mkdir(parents=True, exist_ok=True)
-        (d / "mnesia").mkdir(exist_ok=True)
-        cookie = d / ".erlang.cookie"
-        if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
-            cookie.chmod(0o400)
-        (d / "rabbitmq-env.conf").write_text("")
-        (d / "advanced.config").write_text("[].\n")
-        plugins = "rabbitmq_management" if self.management else ""
-        (d / "enabled_plugins").write_text(f"[{plugins}].\n")
-        conf = [
-            f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
-            "disk_free_limit.absolute = 100MB",
-        ]
-        if self.management:
-            conf += [
-                "management.tcp.ip = 127.0.0.1",
-                f"management.tcp.port = {self.management_port}",
-            ]
-        if self.consumer_timeout_ms is not None:
-            conf.append(f"consumer_timeout = {self.consumer_timeout_ms}")
-        if self.tls is not None:
-            conf += self.tls.config(self.tls_port)
-        (d / "rabbitmq.conf").write_text("\n".join(conf) + "\n")
-
     def _start_epmd(self) -> None:
-        if _alive(self.epmd_pid, "epmd"):
+        if alive(self.epmd_pid, "epmd"):
             return
         proc = start_epmd(self.epmd_port, self.base_dir / "log")
         self.epmd_pid = proc.pid
@@ -484,17 +281,17 @@ class LocalBroker:
 
     def _finish(self, beam: int | None) -> None:
         """After beam was signalled: wait for it, then make sure the wrapper's group is gone."""
-        _wait(lambda: not _alive(beam), 10)
+        wait_until(lambda: not alive(beam), 10)
         wrapper = self.server_pid
-        if wrapper in self._procs or _alive(wrapper, "rabbitmq-server"):
+        if wrapper in self._procs or alive(wrapper, "rabbitmq-server"):
             assert wrapper is not None
-            if not _wait(lambda: not _alive(wrapper), 5):
+            if not wait_until(lambda: not alive(wrapper), 5):
                 log.warning("rabbitmq-server wrapper %s still alive: SIGKILL", wrapper)
             try:
                 os.killpg(wrapper, signal.SIGKILL)  # wrapper, erl_child_setup, anything left
             except (ProcessLookupError, PermissionError):
                 pass
-            _wait(lambda: not _alive(wrapper), 5)
+            wait_until(lambda: not alive(wrapper), 5)
         self._reap()
         self.pid_file.unlink(missing_ok=True)
         if wrapper is not None:
@@ -506,10 +303,6 @@ class LocalBroker:
             if proc.poll() is not None:
                 del self._procs[pid]
 
-    def _server_command(self) -> list[str]:
-        """The command that starts the node (a subclass may wrap it, e.g. in setpriv)."""
-        return [str(SERVER)]
-
     def _require_beam(self) -> int:
         pid = self.beam_pid()
         if pid is None:
@@ -519,6 +312,6 @@ class LocalBroker:
     def _error(self, what: str) -> BrokerError:
         return BrokerError(
             f"RabbitMQ node {self.node} in {self.base_dir} failed to start: {what}\n"
-            f"{_tail(self.log_file)}\n{_tail(self.node_log_file)}\n"
+            f"{tail(self.log_file)}\n{tail(self.node_log_file)}\n"
             f"If RabbitMQ itself is the problem, {HOW_TO_GET_ONE}."
         )
