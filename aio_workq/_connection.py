@@ -460,8 +460,8 @@ def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
             "it (rabbitmqctl add_vhost) and grant the user access (rabbitmqctl set_permissions), "
             "or fix the vhost in the URL"
         )
-    cause: BaseException | None = exc
-    while cause is not None:
+    causes = list(_chain(exc))
+    for cause in causes:
         if isinstance(cause, ssl.SSLError):
             detail = cause.reason or str(cause)
             verify = getattr(cause, "verify_message", None)
@@ -472,10 +472,27 @@ def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
                 "check the CA in ssl_context, the host name in the URL against the server "
                 "certificate, and the client certificate if the broker asks for one"
             )
-        cause = cause.__cause__ or cause.__context__
-        if cause is exc:
-            break
+    if url.lower().startswith("amqps:") and any(
+        isinstance(c, ConnectionResetError) for c in causes
+    ):
+        # TLS 1.3: a broker that refuses the client's certificate (or its absence) may reset
+        # the connection before its alert is read; say where to look.
+        return BrokerConnectionError(
+            f"cannot connect to {target}: {_reason(exc)}; the broker closed the TLS "
+            "connection: if it asks for a client certificate, load one into ssl_context "
+            "(load_cert_chain)"
+        )
     return BrokerConnectionError(f"cannot connect to {target}: {_reason(exc)}")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and its causes and contexts, each once (chains can loop)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 @contextmanager

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
+import aiormq
 import pytest
 
 import aio_workq
@@ -18,6 +20,7 @@ from aio_workq import (
     Connection,
     Producer,
 )
+from aio_workq._connection import connect_error
 from scripts.broker import LocalBroker
 from tests.helpers import wait_until
 
@@ -137,3 +140,31 @@ async def test_a_connect_to_a_paused_broker_times_out_and_leaves_nothing_running
         local_broker.resume()
     # aiormq's own clean-up finishes; nothing keeps running (no reconnect loop).
     await wait_until(lambda: _true(len(asyncio.all_tasks()) == tasks_before), timeout=5)
+
+
+def _looped(first: BaseException, second: BaseException) -> BaseException:
+    first.__cause__ = second
+    second.__context__ = first  # a chain that loops, as aiormq's re-raises can make
+    return first
+
+
+def test_a_reset_over_tls_names_the_client_certificate_and_a_looping_chain_ends() -> None:
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    error = connect_error(
+        _looped(aiormq.exceptions.AMQPConnectionError("reset"), reset),
+        "amqps://guest:secret@localhost:5671/",
+    )
+    assert type(error) is aio_workq.BrokerConnectionError
+    assert "Connection reset by peer" in str(error) and "client certificate" in str(error)
+    assert "secret" not in str(error)
+    plain = connect_error(
+        _looped(aiormq.exceptions.AMQPConnectionError("reset"), reset),
+        "amqp://guest:secret@localhost:5672/",
+    )
+    assert "certificate" not in str(plain)
+    alert = ssl.SSLError(1, "[SSL: TLSV13_ALERT_CERTIFICATE_REQUIRED] certificate required")
+    alert.reason = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    tls = connect_error(
+        _looped(aiormq.exceptions.AMQPConnectionError("tls"), alert), "amqps://localhost/"
+    )
+    assert isinstance(tls, aio_workq.TLSError) and "CERTIFICATE_REQUIRED" in str(tls)
