@@ -25,10 +25,20 @@ if TYPE_CHECKING:
     from ._confirms import ConfirmPublisher
     from ._topology import Exchange, Queue, Router
 
-__all__ = ("PublishOptions", "Sender", "build_message", "new_message_id")
+__all__ = ("PublishOptions", "Sender", "build_message", "new_message_id", "settle_in_order")
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
+
+
+async def settle_in_order(
+    outcomes: list[asyncio.Future[str] | WorkqError],
+) -> list[str | BaseException]:
+    """Wait for every confirm among `outcomes`; each slot becomes its message id or its error
+    (a send's error stays as it is)."""
+    confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
+    settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
+    return [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
 
 
 def new_message_id() -> str:
@@ -227,9 +237,7 @@ class Sender:
                     )
                     raise
                 outcomes.append(exc)
-        confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
-        settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
-        results = [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
+        results = await settle_in_order(outcomes)
         if not return_exceptions:
             for result in results:
                 if isinstance(result, BaseException):

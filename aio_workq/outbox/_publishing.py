@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import Producer, Queue, WorkqError
+from .._message import settle_in_order
 
 __all__ = ("RowPublisher",)
 
@@ -31,7 +32,7 @@ class RowPublisher:
     async def publish(self, rows: Sequence[tuple[Any, ...]]) -> list[str | BaseException]:
         """Send every row, then wait for every confirm; returns each row's outcome in order:
         the confirmed message id, or the error (the send's `WorkqError` or the confirm's)."""
-        sent: list[asyncio.Future[str] | BaseException] = []
+        sent: list[asyncio.Future[str] | WorkqError] = []
         for row in rows:
             try:
                 confirm = await self._send(row)
@@ -41,9 +42,7 @@ class RowPublisher:
                 # Observed even if the batch is abandoned (stop, a database error).
                 confirm.add_done_callback(_observe)
                 sent.append(confirm)
-        futures = [s for s in sent if isinstance(s, asyncio.Future)]
-        settled = iter(await asyncio.gather(*futures, return_exceptions=True))
-        return [next(settled) if isinstance(s, asyncio.Future) else s for s in sent]
+        return await settle_in_order(sent)
 
     async def _send(self, row: tuple[Any, ...]) -> asyncio.Future[str]:
         _, message_id, queue, exchange, routing_key, body, content_type, headers = row
