@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from ._connection import Backoff as Backoff
-from ._connection import Connection as Connection
-from ._connection import connect as connect
-from ._dead_letters import DeadLetter as DeadLetter
-from ._dead_letters import DeadLetters as DeadLetters
+from ._consume.dead_letters import DeadLetter as DeadLetter
+from ._consume.dead_letters import DeadLetters as DeadLetters
+from ._consume.execution import Handler as Handler
+from ._consume.job import Job as Job
+from ._consume.job import JobData as JobData
+from ._consume.retry import RetryPolicy as RetryPolicy
+from ._consume.runner import run_workers as run_workers
+from ._consume.worker import Worker as Worker
+from ._consume.worker import WorkerState as WorkerState
 from ._exceptions import AccessRefusedError as AccessRefusedError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import BrokerConnectionError as BrokerConnectionError
@@ -27,28 +31,24 @@ from ._exceptions import TLSError as TLSError
 from ._exceptions import TopologyError as TopologyError
 from ._exceptions import UnroutableError as UnroutableError
 from ._exceptions import WorkqError as WorkqError
-from ._execution import Handler as Handler
 from ._hooks import HandleInfo as HandleInfo
 from ._hooks import Hook as Hook
 from ._hooks import Outcome as Outcome
 from ._hooks import PublishInfo as PublishInfo
-from ._job import Job as Job
-from ._job import JobData as JobData
+from ._link.connection import Backoff as Backoff
+from ._link.connection import Connection as Connection
+from ._link.connection import connect as connect
+from ._link.settings import redact_url as redact_url
+from ._link.settings import resolve_url as resolve_url
+from ._link.settings import resolve_urls as resolve_urls
+from ._link.topology import Exchange as Exchange
+from ._link.topology import ExchangeType as ExchangeType
+from ._link.topology import Queue as Queue
+from ._link.topology import QueueType as QueueType
 from ._logs import MessageFields as MessageFields
-from ._message import PublishOptions as PublishOptions
-from ._producer import Producer as Producer
-from ._retry import RetryPolicy as RetryPolicy
-from ._runner import run_workers as run_workers
-from ._settings import redact_url as redact_url
-from ._settings import resolve_url as resolve_url
-from ._settings import resolve_urls as resolve_urls
-from ._topology import Exchange as Exchange
-from ._topology import ExchangeType as ExchangeType
-from ._topology import Queue as Queue
-from ._topology import QueueType as QueueType
+from ._publish.message import PublishOptions as PublishOptions
+from ._publish.producer import Producer as Producer
 from ._version import __version__ as __version__
-from ._worker import Worker as Worker
-from ._worker import WorkerState as WorkerState
 
 __all__ = [
     "__version__",

@@ -21,7 +21,8 @@ WorkqError(Exception)
 Retry, Defer, Reject (Exception)                 handler signals, outside WorkqError
 ```
 
-aio-pika and aiormq errors are translated in one place, `aio_workq._connection.translate_errors`,
+aio-pika and aiormq errors are translated in one place,
+`aio_workq._link.connection.translate_errors`,
 with `raise ... from exc`, so users only ever catch the classes above.
 """
 

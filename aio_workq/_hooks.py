@@ -24,7 +24,7 @@ from ._exceptions import ConfigurationError
 if TYPE_CHECKING:
     import asyncio
 
-    from ._job import Job
+    from ._consume.job import Job
 
 __all__ = ("HandleInfo", "Hook", "Hooks", "Outcome", "PublishInfo", "Settled")
 

@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._job import Job
+    from ._consume.job import Job
 
 __all__ = ("FIELDS", "MessageFields", "handling")
 

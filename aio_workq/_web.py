@@ -14,6 +14,7 @@ import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar, Unpack
 
+from ._consume.worker import Handler, Worker
 from ._exceptions import (
     BrokerConnectionError,
     ConfigurationError,
@@ -22,10 +23,9 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._message import PublishOptions
-from ._producer import Producer
-from ._topology import Exchange, Queue, QueueType
-from ._worker import Handler, Worker
+from ._link.topology import Exchange, Queue, QueueType
+from ._publish.message import PublishOptions
+from ._publish.producer import Producer
 
 __all__ = (
     "DEFAULT_REQUEST_TIMEOUT",

@@ -56,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from ._job import Job
+    from ._consume.job import Job
 
 __all__ = ("CONTENT_TYPE", "MetricsServer", "PrometheusHook", "render", "serve")
 

@@ -32,9 +32,9 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._producer import Producer
-from ._settings import redact_url, resolve_url
-from ._topology import Exchange, Queue, QueueType
+from ._link.settings import redact_url, resolve_url
+from ._link.topology import Exchange, Queue, QueueType
+from ._publish.producer import Producer
 from ._web import DEFAULT_REQUEST_TIMEOUT, IntegrationError, ProducerView, _check_timeout
 
 __all__ = ("SyncProducer",)

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._consume.failures import qualname
 from ._exceptions import ConfigurationError
-from ._failures import qualname
 from ._hooks import HandleInfo, Hook, Outcome, PublishInfo
 from ._version import __version__
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from types import TracebackType
 
-    from ._job import Job
+    from ._consume.job import Job
 
 __all__ = ("TracingHook",)
 

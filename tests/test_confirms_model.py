@@ -27,10 +27,10 @@ from aio_workq import (
     SerializationError,
     UnroutableError,
 )
-from aio_workq._confirms import ConfirmPublisher
-from aio_workq._connection import Link
-from aio_workq._window import Window
-from aio_workq._wire import Properties
+from aio_workq._link.connection import Link
+from aio_workq._publish.confirms import ConfirmPublisher
+from aio_workq._wire.frames import Properties
+from aio_workq._wire.window import Window
 
 
 class FakeTune:
@@ -128,7 +128,7 @@ class FakeSource:
         return False
 
     async def link(self, timeout: float | None = None) -> Link:
-        from aio_workq._seams import Wire
+        from aio_workq._wire.seams import Wire
 
         return Link(self.connection, Wire(self.demux, self.writer))  # type: ignore[arg-type]
 
@@ -307,7 +307,7 @@ test_publish_model = PublishMachine.TestCase
 
 
 def test_a_body_over_rabbitmqs_limit_is_refused_before_anything_is_sent() -> None:
-    from aio_workq._confirms import MAX_MESSAGE_SIZE
+    from aio_workq._publish.confirms import MAX_MESSAGE_SIZE
 
     async def scenario() -> None:
         source = FakeSource()

@@ -15,7 +15,7 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, Producer
-from aio_workq._delay import LEVELS, MAX_DELAY, delay_ticks, routing_key
+from aio_workq._link.delay import LEVELS, MAX_DELAY, delay_ticks, routing_key
 from scripts.broker import LocalBroker
 from tests.helpers import Counter
 

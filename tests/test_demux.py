@@ -21,8 +21,8 @@ from pamqp.commands import Basic, Channel
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from aio_workq._demux import Delivery, FrameDemux
-from aio_workq._seams import ALIVE_FRAME
+from aio_workq._wire.demux import Delivery, FrameDemux
+from aio_workq._wire.seams import ALIVE_FRAME
 
 TAPPED, OTHER = 1, 2
 PROPS = Basic.Properties(

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aio_workq import ConfigurationError, JobData
-from aio_workq._execution import HandlerRunner
+from aio_workq._consume.execution import HandlerRunner
 
 
 class FakeJob:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aio_workq import ConfigurationError, Defer, Queue, Reject, Retry, RetryPolicy
-from aio_workq._failures import ATTEMPT_HEADER, Failed, MoveKind, route_failure
+from aio_workq._consume.failures import ATTEMPT_HEADER, Failed, MoveKind, route_failure
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=3, initial_delay=1, multiplier=2, jitter=0, throws=(KeyError,))

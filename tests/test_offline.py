@@ -6,8 +6,8 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Queue, RetryPolicy, SerializationError, Worker
-from aio_workq._serialization import decode_body, encode_body
-from aio_workq._settings import redact_url, resolve_url
+from aio_workq._link.settings import redact_url, resolve_url
+from aio_workq._publish.serialization import decode_body, encode_body
 
 
 def test_exported_members_are_sorted_and_complete() -> None:

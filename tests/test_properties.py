@@ -19,8 +19,8 @@ from pamqp.commands import Basic, Channel
 from pamqp.heartbeat import Heartbeat
 
 from aio_workq import ConfigurationError, redact_url, resolve_url
-from aio_workq._demux import Delivery, FrameDemux
-from aio_workq._seams import ALIVE_FRAME
+from aio_workq._wire.demux import Delivery, FrameDemux
+from aio_workq._wire.seams import ALIVE_FRAME
 from tests.test_demux import OTHER, TAPPED, FakeChannel, Pieces, content, deliver, read_all
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -17,9 +17,9 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, JobData, PayloadError, Producer, RetryPolicy
-from aio_workq._execution import HandlerRunner
-from aio_workq._serialization import encode_body
-from aio_workq._typed import build_validator, resolve_payload
+from aio_workq._consume.execution import HandlerRunner
+from aio_workq._consume.typed import build_validator, resolve_payload
+from aio_workq._publish.serialization import encode_body
 from tests.helpers import Counter, wait_until
 
 

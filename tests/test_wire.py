@@ -15,7 +15,7 @@ from pamqp.commands import Basic
 from pamqp.header import ContentHeader
 
 from aio_workq import SerializationError
-from aio_workq._wire import (
+from aio_workq._wire.frames import (
     Properties,
     ack_frame,
     check_destination,

@@ -7,10 +7,10 @@ import asyncio
 from pamqp import frame as pamqp_frame
 from pamqp.commands import Basic
 
-from aio_workq._acker import Acker
-from aio_workq._window import Window
-from aio_workq._wire import ack_frame
-from aio_workq._writer import FrameWriter
+from aio_workq._wire.acker import Acker
+from aio_workq._wire.frames import ack_frame
+from aio_workq._wire.window import Window
+from aio_workq._wire.writer import FrameWriter
 
 
 class Transport:

@@ -32,7 +32,7 @@ from aio_workq import (
     redact_url,
 )
 
-from .._dead_letters import replay_headers
+from .._consume.dead_letters import replay_headers
 from ._errors import CliError
 
 __all__ = (

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import SerializationError
-from .._serialization import encode_body
+from .._publish.serialization import encode_body
 from ._errors import OutboxConfigurationError, UnsupportedConnectionError
 from ._schema import DEFAULT_SCHEMA, quote
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .. import Producer, Queue, WorkqError
-from .._message import settle_in_order
+from .._publish.message import settle_in_order
 
 __all__ = ("RowPublisher",)
 

@@ -16,19 +16,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
-from .._delay import delay_ticks
-from .._demux import Delivery
-from .._dispatch import Dispatcher
-from .._execution import Handler, HandlerRunner
-from .._failures import ATTEMPT_HEADER, Move, MoveKind
-from .._job import Job
-from .._message import PublishOptions, _delayed_queue, build_message, new_message_id
-from .._retry import RetryPolicy
-from .._rpc import REPLY_TO
-from .._serialization import decode_body
-from .._topology import Exchange, Queue
-from .._wire import Properties, encode_properties
-from .._worker import WorkerState
+from .._consume.dispatch import Dispatcher
+from .._consume.execution import Handler, HandlerRunner
+from .._consume.failures import ATTEMPT_HEADER, Move, MoveKind
+from .._consume.job import Job
+from .._consume.retry import RetryPolicy
+from .._consume.worker import WorkerState
+from .._link.delay import delay_ticks
+from .._link.topology import Exchange, Queue
+from .._publish.message import PublishOptions, _delayed_queue, build_message, new_message_id
+from .._publish.rpc import REPLY_TO
+from .._publish.serialization import decode_body
+from .._wire.demux import Delivery
+from .._wire.frames import Properties, encode_properties
 
 __all__ = ("Forwarded", "Outcome", "run_handler", "run_worker", "wait_handled")
 
@@ -360,7 +360,7 @@ async def run_worker(
             stopped all the same).
         BrokerConnectionError, TopologyError: the worker could not start.
     """
-    from .._worker import Worker
+    from .._consume.worker import Worker
 
     worker = Worker(url, queue=queue, handler=handler, **worker_options)
     async with worker:

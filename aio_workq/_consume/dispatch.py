@@ -1,0 +1,230 @@
+"""From a delivery to its settlement: run the handler, then ack, answer, or move the message.
+
+Outcomes: the handler returns → ack (after the confirms of what it forwarded), and for an RPC
+request the return value is the reply; it raises `Reject` → dead-letter queue; `Defer` → a
+delay queue, same attempt; anything else → a delayed retry, or the dead-letter queue after the
+last attempt (`_failures.route_failure`), carried out by the `Mover`. Every delivery is settled
+exactly once, whatever the handler does: a `CancelledError` or other `BaseException` from it is
+a failure like any other; only the worker's own stop cancels, and then the message is requeued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from .._exceptions import WorkqError
+from .._hooks import Hooks, Outcome, Settled
+from .._link.topology import Queue
+from .._logs import handling
+from .._publish.confirms import ConfirmPublisher
+from .._publish.rpc import send_reply
+from .._wire.acker import Acker
+from .._wire.demux import Delivery
+from .execution import HandlerRunner
+from .failures import Failed, Move, MoveKind, route_failure
+from .job import Forwarder, Job
+from .mover import Mover
+from .retry import RetryPolicy
+
+__all__ = ("Counters", "Dispatcher")
+
+log = logging.getLogger("aio_workq")
+
+
+class Counters:
+    """What a worker did since it started."""
+
+    __slots__ = ("dead_lettered", "deferred", "deliveries", "failed", "processed", "retried")
+
+    def __init__(self) -> None:
+        self.deliveries = 0
+        self.processed = 0
+        self.failed = 0
+        self.retried = 0
+        self.deferred = 0
+        self.dead_lettered = 0
+
+
+class Dispatcher:
+    """Runs each delivery's handler in a task of its own and settles the delivery."""
+
+    def __init__(
+        self,
+        *,
+        runner: HandlerRunner,
+        policy: RetryPolicy | None,
+        queue: Queue,
+        publisher: ConfirmPublisher,
+        mover: Mover,
+        forwarder: Forwarder,
+        concurrency: int,
+        prefetch: int,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self._runner = runner
+        self._hooks = hooks
+        self._run = runner.run if hooks is None else hooks.timed(runner.run)
+        self._policy = policy
+        self._queue = queue
+        self._publisher = publisher
+        self._mover = mover
+        self._forwarder = forwarder
+        self._slots = asyncio.Semaphore(concurrency) if prefetch > concurrency else None
+        self.queue_name = queue.name
+        self.counters = Counters()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    def dispatch(self, delivery: Delivery, acker: Acker) -> None:
+        """Start handling one delivery (called for each delivery, in order)."""
+        tag = delivery.delivery_tag
+        acker.track(tag)
+        self.counters.deliveries += 1
+        task = asyncio.ensure_future(self._process(Job(delivery, self._forwarder), acker, tag))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
+        the rest: their deliveries go back to the queue. Call once `stopping` is set."""
+        tasks = self.tasks
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            while tasks and not hurried.done() and (left := deadline - loop.time()) > 0:
+                await asyncio.wait(
+                    {*tasks, hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurried.cancel()
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+
+    async def _process(self, job: Job, acker: Acker, tag: int) -> None:
+        handling(self.queue_name, job)  # log lines in this task name the message
+        try:
+            if self._hooks is None:
+                await self._handle(job, acker, tag)
+            else:
+                await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag))
+        except BaseException as exc:
+            acker.nack(tag, requeue=True)  # not settled yet: back to the queue
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            log.error(
+                "worker %r failed to settle message %s; it goes back to the queue: %r",
+                self.queue_name, job.message_id, exc,
+                extra=_fields(self.queue_name, job), exc_info=exc,
+            )  # fmt: skip
+
+    async def _handle(self, job: Job, acker: Acker, tag: int) -> Settled:
+        slots = self._slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            if self.stopping:
+                if not self._queue.single_active_consumer:
+                    acker.nack(tag, requeue=True)
+                # else: left unacked; closing the channel returns it in order (see Worker.stop)
+                return Outcome.REQUEUED, None
+            failure: BaseException | None = None
+            try:
+                result = await self._run(job)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the worker is stopping: requeued by _process
+                failure = exc  # the handler's own cancellation: a failure like any other
+            except BaseException as exc:  # noqa: B036 - every delivery is settled
+                failure = exc
+        finally:
+            if slots is not None:
+                slots.release()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError  # returned after a stop cancelled it: requeued
+        if failure is None and job.links:
+            failure = await _first_failure(job.links)
+        if failure is None:
+            if job.reply_to:
+                await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)
+            acker.ack(tag)
+            self.counters.processed += 1
+            return Outcome.OK, None
+        return await self._on_failure(job, acker, tag, failure)
+
+    async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
+        self.counters.failed += 1
+        if job.reply_to:
+            # An RPC caller gets the error; retrying would answer a caller that gave up.
+            self._log_attempt(job, exc, "the caller gets the error")
+            await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
+            acker.ack(tag)
+            return Outcome.FAILED, exc
+        failed = Failed(job.attempt, job.headers, self.queue_name)
+        move = route_failure(failed, exc, self._policy, self._queue, now=datetime.now(UTC))
+        if move.kind is MoveKind.DROP:
+            log.error(
+                "dropping message %s from %r after %d attempt(s): %r (the queue has no "
+                "dead-letter queue)", job.message_id, self.queue_name, job.attempt, exc,
+                extra=_fields(self.queue_name, job),
+            )  # fmt: skip
+            acker.nack(tag, requeue=False)
+            return Outcome.REJECTED, exc
+        self._log_attempt(job, exc, _plan(move))
+        try:
+            await self._mover.move(job, move)
+        except WorkqError as error:
+            log.error(
+                "could not move failed message %s to %r (%s); returning it to the queue",
+                job.message_id, move.target, error, extra=_fields(self.queue_name, job),
+            )  # fmt: skip
+            acker.nack(tag, requeue=True)
+            return Outcome.REQUEUED, exc
+        acker.ack(tag)
+        if move.kind is MoveKind.DEAD_LETTER:
+            self.counters.dead_lettered += 1
+            return Outcome.DEAD_LETTERED, exc
+        if move.kind is MoveKind.DEFER:
+            self.counters.deferred += 1
+            return Outcome.DEFERRED, exc
+        self.counters.retried += 1
+        return Outcome.RETRY, exc
+
+    def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
+        """One WARNING per failed attempt; the traceback too when DEBUG is on."""
+        attempts = self._policy.max_attempts if self._policy else 1
+        log.warning(
+            "handler %s failed on message %s from %r (attempt %d of %d): %r; %s",
+            self._runner.name, job.message_id, self.queue_name, job.attempt, attempts, exc, then,
+            extra=_fields(self.queue_name, job),
+            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
+        )  # fmt: skip
+
+
+def _plan(move: Move) -> str:
+    if move.kind is MoveKind.DEAD_LETTER:
+        return f"dead-lettering it to {move.target!r}"
+    if move.delay_ms is None:
+        return "retrying it now"
+    what = "deferring it" if move.kind is MoveKind.DEFER else "retrying it"
+    return f"{what} in {(move.expiration_ms or move.delay_ms) / 1000:g} s"
+
+
+def _fields(queue: str, job: Job) -> dict[str, Any]:
+    """`extra=` fields of every log line about a message."""
+    return {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}
+
+
+async def _first_failure(links: list[asyncio.Future[str]]) -> BaseException | None:
+    results = await asyncio.gather(*links, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            return result
+    return None

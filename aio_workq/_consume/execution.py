@@ -1,0 +1,180 @@
+"""Running a handler: on the event loop, in a thread pool or in a process pool, with a timeout,
+and a watchdog that says when a coroutine handler blocks the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import multiprocessing
+import pickle
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Literal
+
+from .._exceptions import ConfigurationError
+from .failures import qualname
+from .job import Job, JobData
+from .typed import Payload, resolve_payload
+
+__all__ = ("Handler", "HandlerRunner")
+
+log = logging.getLogger("aio_workq")
+
+# A coroutine function or plain function of a Job; with executor="process", of a JobData; or of
+# a typed payload (the body validated into the type its first parameter is annotated with),
+# optionally followed by the Job (or JobData).
+Handler = (
+    Callable[[Job], Awaitable[Any]]
+    | Callable[[Job], Any]
+    | Callable[[JobData], Any]
+    | Callable[[Any], Any]
+    | Callable[[Any, Job], Any]
+    | Callable[[Any, JobData], Any]
+)
+
+_BLOCKED_AFTER = 0.5
+_WATCH_INTERVAL = 0.1
+
+
+class HandlerRunner:
+    """Calls one handler the way it asks to be called.
+
+    Args:
+        handler: `async def` runs on the loop; a plain `def` in a pool of `concurrency`
+            threads, or processes with `executor="process"` (then it gets a `JobData`).
+        timeout: seconds a call may take before it fails with `TimeoutError`.
+        name: names the threads.
+        pydantic: validate typed payloads with pydantic (`None`: where it is installed).
+
+    A handler whose first parameter is annotated with a type other than `Job` (or `JobData`)
+    gets the body validated into that type (`_typed`), and the job as its second argument if
+    it takes one; a body that does not validate fails with `PayloadError` before the handler
+    runs (in the event loop's process, also for `executor="process"`).
+
+    Raises:
+        ConfigurationError: the handler can't run the way asked.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        executor: Literal["thread", "process"],
+        concurrency: int,
+        timeout: float | None,
+        name: str,
+        pydantic: bool | None = None,
+    ) -> None:
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, got {handler!r}")
+        if executor not in ("thread", "process"):
+            raise ConfigurationError(f"executor must be 'thread' or 'process', got {executor!r}")
+        if timeout is not None and timeout <= 0:
+            raise ConfigurationError(f"handler_timeout must be > 0, got {timeout!r}")
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        if executor == "process":
+            if self.is_async:
+                raise ConfigurationError(
+                    "executor='process' runs plain def handlers; an async handler runs on the loop"
+                )
+            try:
+                pickle.dumps(handler)
+            except Exception as exc:
+                raise ConfigurationError(
+                    f"executor='process' needs a picklable handler (a module-level function): "
+                    f"{handler!r} is not ({exc})"
+                ) from exc
+        self.handler: Callable[..., Any] = handler
+        self.payload: Payload | None = resolve_payload(handler, pydantic=pydantic)
+        self._kind = executor
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._name = name
+        self._executor: Executor | None = None
+
+    @property
+    def name(self) -> str:
+        return qualname(self.handler)
+
+    async def run(self, job: Job) -> Any:
+        """Call the handler on `job`; its return value, or its exception."""
+        if self.payload is not None:
+            return await self._run_typed(job, self.payload)
+        if self.is_async:
+            call: Awaitable[Any] = self.handler(job)
+        else:
+            if self._executor is None:
+                self._executor = self._make_executor()
+            argument: Job | JobData = job.snapshot() if self._kind == "process" else job
+            loop = asyncio.get_running_loop()
+            call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, argument))
+        if self._timeout is None:
+            return await call
+        async with asyncio.timeout(self._timeout):
+            return await call
+
+    async def _run_typed(self, job: Job, payload: Payload) -> Any:
+        value = payload.validate(job.body, job.content_type)
+        if self.is_async:
+            call: Awaitable[Any] = (
+                self.handler(value, job) if payload.with_job else self.handler(value)
+            )
+        else:
+            if self._executor is None:
+                self._executor = self._make_executor()
+            loop = asyncio.get_running_loop()
+            if payload.with_job:
+                argument: Job | JobData = job.snapshot() if self._kind == "process" else job
+                call = loop.run_in_executor(
+                    self._executor, *self._in_pool(self.handler, value, argument)
+                )
+            else:
+                call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, value))
+        if self._timeout is None:
+            return await call
+        async with asyncio.timeout(self._timeout):
+            return await call
+
+    def _in_pool(self, func: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], ...]:
+        """What the pool runs: in a thread, inside a copy of this task's context, so log lines
+        of a plain `def` handler carry the message's fields too (processes get no context)."""
+        if self._kind == "thread":
+            return (contextvars.copy_context().run, func, *args)
+        return (func, *args)
+
+    def _make_executor(self) -> Executor:
+        if self._kind == "process":
+            context = multiprocessing.get_context("forkserver")
+            return ProcessPoolExecutor(self._concurrency, mp_context=context)
+        return ThreadPoolExecutor(self._concurrency, thread_name_prefix=f"workq-{self._name}")
+
+    async def watch_loop(
+        self, running: Callable[[], int], taken: Callable[[], int], what: str
+    ) -> None:
+        """Log when a coroutine handler blocks the event loop (heartbeats stop meanwhile).
+
+        The handler is blamed only if one ran in the blocked stretch: one is `running()`, or
+        `taken()` (deliveries so far) moved, so one may have finished already.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            before, seen = loop.time(), taken()
+            await asyncio.sleep(_WATCH_INTERVAL)
+            lag = loop.time() - before - _WATCH_INTERVAL
+            if lag > _BLOCKED_AFTER and (running() or taken() != seen):
+                log.warning(
+                    "handler %s of %s blocked the event loop for %.2f s; use a plain def "
+                    "handler (run in a thread) or await instead of blocking",
+                    self.name,
+                    what,
+                    lag,
+                )
+
+    def close(self) -> None:
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)

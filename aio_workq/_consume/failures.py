@@ -1,0 +1,164 @@
+"""Failure routing: where a message whose handler failed goes next, decided without a broker.
+
+`route_failure(failed, exc, policy, queue)` is a pure function of the failed message's attempt
+and headers, the exception, the retry policy and the queue: it returns a `Move`, which the
+worker's mover carries out (publish a copy, wait for its confirm, then ack the original).
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .._exceptions import Defer, PayloadError, Reject, Retry
+from .._link.topology import Queue
+from .retry import RetryPolicy
+
+__all__ = (
+    "ATTEMPT_HEADER",
+    "BROKER_HEADERS",
+    "Failed",
+    "Move",
+    "MoveKind",
+    "format_traceback",
+    "qualname",
+    "route_failure",
+)
+
+ATTEMPT_HEADER = "x-workq-attempt"
+# Set by the broker; a copy moved to another queue must not carry them.
+BROKER_HEADERS = frozenset(
+    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
+     "x-first-death-reason"}
+)  # fmt: skip
+
+_ERROR_TEXT_LIMIT = 1000
+_TRACEBACK_LIMIT = 4000
+
+
+class MoveKind(enum.StrEnum):
+    """What happens to a failed message."""
+
+    RETRY = "retry"
+    """Back to the work queue after a delay, as the next attempt."""
+    DEFER = "defer"
+    """Back to the work queue after a delay, as the same attempt (`Defer`)."""
+    DEAD_LETTER = "dead-letter"
+    """To the dead-letter queue, with headers saying why."""
+    DROP = "drop"
+    """Rejected without requeue: the queue has no dead-letter queue (logged as an error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """What routing needs to know of a failed message."""
+
+    attempt: int
+    headers: Mapping[str, Any]
+    queue_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """A routing decision: the queue to publish the copy to, its headers, and its delay."""
+
+    kind: MoveKind
+    target: str = ""
+    headers: dict[str, Any] = field(default_factory=dict)
+    delay_ms: int | None = None
+    """The delay queue level to declare and publish into (`None`: no delay queue)."""
+    expiration_ms: int | None = None
+    """A per-message TTL shorter than the level (backoff jitter)."""
+
+    @property
+    def final(self) -> bool:
+        return self.kind in (MoveKind.DEAD_LETTER, MoveKind.DROP)
+
+
+def route_failure(
+    failed: Failed,
+    exc: BaseException,
+    policy: RetryPolicy | None,
+    queue: Queue,
+    *,
+    now: datetime,
+) -> Move:
+    """Decide where a failed message goes.
+
+    - `Reject`, an exception the policy `throws`, no policy, or the last attempt: the
+      dead-letter queue (or dropped, for a queue without one);
+    - `Defer(delay)`: a delay queue, the attempt unchanged;
+    - `Retry(delay)`: a delay queue (or straight back with `delay=0`), as the next attempt;
+    - anything else: the policy's backoff for this attempt, as the next attempt.
+    """
+    if queue.server_named:
+        return Move(MoveKind.DROP)
+    attempt = failed.attempt
+    headers = _failure_headers(failed.headers, exc, now)
+    if isinstance(exc, Defer):
+        level = (policy or _LADDER_ONLY).level_for(exc.delay)
+        return Move(MoveKind.DEFER, queue.delay_queue(level), headers, delay_ms=level)
+    final = (
+        isinstance(exc, Reject)
+        or policy is None
+        or attempt >= policy.max_attempts
+        or policy.gives_up_on(exc)
+    )
+    if final and not queue.dead_letter:
+        return Move(MoveKind.DROP)
+    if final:
+        headers["x-workq-original-queue"] = failed.queue_name
+        headers["x-workq-attempts"] = attempt
+        headers["x-workq-traceback"] = format_traceback(exc)
+        if isinstance(exc, Reject):
+            headers["x-workq-rejected"] = True
+        if isinstance(exc, PayloadError):
+            headers["x-workq-validation-error"] = str(exc)[:_TRACEBACK_LIMIT]
+        return Move(MoveKind.DEAD_LETTER, queue.dead_letter_queue, headers)
+    assert policy is not None
+    headers[ATTEMPT_HEADER] = attempt + 1
+    requested = exc.delay if isinstance(exc, Retry) else None
+    if requested == 0:
+        return Move(MoveKind.RETRY, failed.queue_name, headers)
+    if requested is not None:
+        level = policy.level_for(requested)
+        return Move(MoveKind.RETRY, queue.delay_queue(level), headers, delay_ms=level)
+    level = policy.delay_ms(attempt)
+    return Move(
+        MoveKind.RETRY,
+        queue.delay_queue(level),
+        headers,
+        delay_ms=level,
+        expiration_ms=policy.jittered_ms(level),
+    )
+
+
+_LADDER_ONLY = RetryPolicy(max_attempts=1)
+
+
+def _failure_headers(
+    original: Mapping[str, Any], exc: BaseException, now: datetime
+) -> dict[str, Any]:
+    headers = {k: v for k, v in original.items() if k not in BROKER_HEADERS}
+    stamp = now.isoformat()
+    headers.setdefault("x-workq-first-failure", stamp)
+    headers["x-workq-last-failure"] = stamp
+    headers["x-workq-exception-type"] = qualname(exc)
+    headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
+    return headers
+
+
+def qualname(obj: Any) -> str:
+    """`module.Name` of a function or class, or of an instance's class."""
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def format_traceback(exc: BaseException) -> str:
+    """The exception's traceback, its last 4,000 characters."""
+    return "".join(traceback.format_exception(exc))[-_TRACEBACK_LIMIT:]

@@ -1,0 +1,219 @@
+"""The job a handler receives: one delivery, decoded lazily."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, Unpack
+
+import aio_pika
+
+from .._exceptions import Reject
+from .._publish.message import PublishOptions
+from .._publish.serialization import decode_body
+from .._wire.demux import Delivery
+from .failures import ATTEMPT_HEADER, BROKER_HEADERS
+
+if TYPE_CHECKING:
+    from .._link.topology import Exchange, Queue
+
+__all__ = ("ATTEMPT_HEADER", "BROKER_HEADERS", "Forwarder", "Job", "JobData")
+
+
+class Forwarder(Protocol):
+    """Publishes what a handler forwards (the worker's publisher), returning the confirm."""
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: PublishOptions,
+    ) -> asyncio.Future[str]: ...
+
+
+_UNSET: Any = object()
+
+
+def _decode_or_reject(body: bytes, content_type: str | None) -> Any:
+    try:
+        return decode_body(body, content_type)
+    except ValueError as exc:
+        raise Reject(f"the body does not decode as {content_type}: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class JobData:
+    """A picklable copy of a job, for handlers run in a process pool (`executor="process"`)."""
+
+    body: bytes
+    content_type: str | None
+    headers: Mapping[str, Any]
+    message_id: str | None
+    attempt: int
+    redelivered: bool
+    routing_key: str
+    exchange: str
+
+    @property
+    def data(self) -> Any:
+        """The body decoded by its content type (see `Job.data`)."""
+        return _decode_or_reject(self.body, self.content_type)
+
+
+class Job:
+    """One delivery handed to a handler.
+
+    Attributes are read from the AMQP message on first use, so a handler that only looks at
+    `body` pays for nothing else.
+    """
+
+    __slots__ = ("_data", "_delivery", "_forwarder", "links")
+
+    def __init__(self, delivery: Delivery, forwarder: Forwarder) -> None:
+        self._delivery = delivery
+        self._forwarder = forwarder
+        self._data: Any = _UNSET
+        self.links: list[asyncio.Future[str]] | None = None
+
+    @property
+    def delivery(self) -> Delivery:
+        """The delivery as it came off the socket (properties decoded on first use)."""
+        return self._delivery
+
+    @property
+    def body(self) -> bytes:
+        """The raw body."""
+        return self._delivery.body
+
+    @property
+    def data(self) -> Any:
+        """The body decoded by its content type: JSON data, `str` for text, else the bytes.
+
+        Raises:
+            Reject: the body does not decode; retrying can't help, so the message goes
+                straight to the dead-letter queue.
+        """
+        if self._data is _UNSET:
+            self._data = _decode_or_reject(self._delivery.body, self.content_type)
+        return self._data
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        """The message headers (empty if none)."""
+        return self._delivery.properties.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        """The publisher's message id."""
+        return self._delivery.properties.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        """The content type the publisher set."""
+        return self._delivery.properties.content_type
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The correlation id (RPC requests carry one)."""
+        return self._delivery.properties.correlation_id
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where an RPC reply goes."""
+        return self._delivery.reply_to
+
+    @property
+    def redelivered(self) -> bool:
+        """True when the broker delivered this message before (a crash or a lost connection)."""
+        return self._delivery.redelivered
+
+    @property
+    def routing_key(self) -> str:
+        """The routing key the message was published with."""
+        return self._delivery.routing_key
+
+    @property
+    def exchange(self) -> str:
+        """The exchange the message was published to (`""` for the default exchange)."""
+        return self._delivery.exchange
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first delivery, then one more for each retry."""
+        value = self.headers.get(ATTEMPT_HEADER, 1)
+        return value if isinstance(value, int) and value >= 1 else 1
+
+    @property
+    def delivery_tag(self) -> int:
+        """The delivery tag on the worker's channel."""
+        return self._delivery.delivery_tag
+
+    @property
+    def message(self) -> aio_pika.IncomingMessage:
+        """The aio-pika message, for reading properties; the worker settles it, not you."""
+        return aio_pika.IncomingMessage(self._delivery.message(), no_ack=True)
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> str:
+        """Publish downstream and wait for the broker's confirm; returns the message id.
+
+        The job is acked only once everything it forwarded is confirmed: if a forward fails,
+        the job is retried under the worker's policy, never acked (even if the handler caught
+        the error). Takes the same arguments as `Producer.publish`.
+
+        Raises:
+            SerializationError: the body or an option can't be encoded (nothing was sent).
+            PublishError: the broker did not confirm the message.
+        """
+        confirm = await self.send(
+            body, queue, exchange=exchange, routing_key=routing_key, **options
+        )
+        return await confirm
+
+    async def send(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> asyncio.Future[str]:
+        """Like `forward`, without waiting: returns the confirm future (to pipeline many).
+
+        The job's ack still waits for the confirm.
+        """
+        confirm = await self._forwarder.forward(body, queue, exchange, routing_key, options)
+        if self.links is None:
+            self.links = []
+        self.links.append(confirm)
+        return confirm
+
+    def snapshot(self) -> JobData:
+        """A picklable copy of this job's data, for handlers in a process pool."""
+        return JobData(
+            body=self.body,
+            content_type=self.content_type,
+            headers=dict(self.headers),
+            message_id=self.message_id,
+            attempt=self.attempt,
+            redelivered=self.redelivered,
+            routing_key=self.routing_key,
+            exchange=self.exchange,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Job message_id={self.message_id!r} routing_key={self.routing_key!r} "
+            f"attempt={self.attempt} redelivered={self.redelivered}>"
+        )

@@ -1,0 +1,164 @@
+"""A worker's subscription: declare the queue (and its retry and dead-letter queues), bind it,
+set QoS and consume, on a channel that reopens and does it all again after a loss.
+
+On aio-workq's own connections deliveries come straight off the socket (`FrameDemux`); on
+others through aiormq's consumer callback. Either way each becomes a `Delivery` for the
+dispatcher, with the channel's `Acker`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+
+from .._link.channel import ManagedChannel
+from .._link.connection import LinkSource, translate_errors
+from .._link.topology import Exchange, Queue, Router, declare_exchange, raw_channel
+from .._wire.acker import Acker
+from .._wire.demux import Delivery
+from .._wire.seams import Wire
+
+__all__ = ("Subscription",)
+
+log = logging.getLogger("aio_workq")
+
+OnDelivery = Callable[[Delivery, Acker], None]
+
+
+class Subscription:
+    """Consumes one queue with a prefetch window, through whatever channel is current."""
+
+    def __init__(
+        self,
+        source: LinkSource,
+        router: Router,
+        *,
+        queue: Queue,
+        delays_ms: tuple[int, ...],
+        exchange: str | Exchange | None,
+        binding_keys: Sequence[str],
+        binding_arguments: Mapping[str, Any],
+        prefetch: int,
+        on_delivery: OnDelivery,
+    ) -> None:
+        self._source = source
+        self._router = router
+        self._queue = queue
+        self._delays_ms = delays_ms
+        self._exchange = exchange
+        self._binding_keys = tuple(binding_keys)
+        self._binding_arguments = dict(binding_arguments)
+        self._prefetch = prefetch
+        self._on_delivery = on_delivery
+        self.queue_name = queue.name
+        self.acker: Acker | None = None
+        self.consumer_tag: str | None = None
+        self.stopping = False
+        self._closing: asyncio.Future[Any] | None = None
+        self._channel = ManagedChannel(
+            source,
+            confirms=False,
+            setup=self._setup,
+            on_lost=self._on_lost,
+            what=f"worker {queue.name!r}",
+        )
+
+    @property
+    def consuming(self) -> bool:
+        return self.consumer_tag is not None and self._channel.is_open
+
+    @property
+    def connected(self) -> bool:
+        return self._source.is_connected and self._channel.is_open
+
+    async def start(self, timeout: float | None) -> None:
+        """Declare, bind and consume.
+
+        Raises:
+            BrokerConnectionError: no connection within `timeout`.
+            TopologyError: a declaration or binding failed.
+        """
+        await self._channel.open(timeout)
+
+    async def _setup(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
+        self.queue_name = await self._router.declare(self._queue, delays_ms=self._delays_ms)
+        if self._exchange is not None:
+            await self._bind()
+        if wire is not None:  # the lean path: deliveries skip aiormq's frame parsing
+            gate = wire.demux.attach(channel)
+            acker = Acker(channel, (wire.writer, gate))
+            # The demux detaches a closed channel's tap: no stale check needed on this path.
+            on_delivery = self._on_delivery
+            gate.on_delivery = lambda delivery: on_delivery(delivery, acker)
+        else:
+            acker = Acker(channel, None)
+
+        async def callback(message: DeliveredMessage) -> None:  # aiormq's: the plain path
+            self._deliver(Delivery.of(message), acker)
+
+        with translate_errors(f"consuming {self.queue_name!r}"):
+            await channel.basic_qos(prefetch_count=self._prefetch)
+            self.acker = acker
+            ok = await channel.basic_consume(self.queue_name, callback, no_ack=False)
+        self.consumer_tag = ok.consumer_tag
+        channel.on_consumer_cancel_callbacks.add(self._on_cancelled)
+
+    def _deliver(self, delivery: Delivery, acker: Acker) -> None:
+        if acker is not self.acker or acker.channel.is_closed:
+            return  # from a channel closed or replaced: the broker redelivers it
+        self._on_delivery(delivery, acker)
+
+    async def _bind(self) -> None:
+        exchange = self._exchange
+        if isinstance(exchange, str):
+            exchange = Exchange(exchange, passive=True)
+        assert exchange is not None
+        keys = self._binding_keys or (self.queue_name,)
+        async with raw_channel(self._source) as channel:
+            await declare_exchange(channel, exchange)
+            for key in keys:
+                with translate_errors(f"binding {self.queue_name!r} to {exchange.name!r}"):
+                    await channel.queue_bind(
+                        self.queue_name, exchange.name, routing_key=key,
+                        arguments=self._binding_arguments,
+                    )  # fmt: skip
+
+    def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
+        self.consumer_tag = None
+        if reason is not None and not self.stopping:
+            log.warning(
+                "worker %r lost its channel (%s); unacked deliveries go back to the queue, "
+                "consuming resumes when the channel reopens",
+                self.queue_name,
+                reason,
+            )
+
+    def _on_cancelled(self, consumer_tag: Any) -> None:
+        channel = self._channel.channel
+        if self.stopping or channel is None:
+            return
+        log.warning("the broker cancelled the consumer of %r; re-declaring", self.queue_name)
+        self.consumer_tag = None
+        # Reopen: the new channel declares the queue again and consumes.
+        self._closing = asyncio.ensure_future(channel.close())
+
+    async def cancel(self) -> None:
+        """Stop new deliveries (running ones still settle on this channel)."""
+        self.stopping = True
+        channel, tag = self._channel.channel, self.consumer_tag
+        if channel is None or tag is None or channel.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await channel.basic_cancel(tag, timeout=5)
+
+    async def close(self) -> None:
+        self.stopping = True
+        if self.acker is not None:
+            self.acker.flush()
+        await self._channel.close()

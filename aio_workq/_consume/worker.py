@@ -1,0 +1,390 @@
+"""Worker: consume a queue, run the handler, settle every delivery exactly once.
+
+The worker holds the lifecycle and the state; its parts are the `Subscription` (declare, bind,
+consume, resume), the `HandlerRunner` (loop, thread or process pool, timeout, loop watchdog),
+the `Dispatcher` (from a delivery to its settlement), failure routing (`_failures`, a pure
+function) and the `Mover` (publish a copy, confirm, then ack).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aio_pika.abc import AbstractRobustConnection
+
+from .._exceptions import ConfigurationError
+from .._hooks import Hook, Hooks
+from .._link.connection import Connection, LinkSource, open_source
+from .._link.settings import URLs, redact_url, resolve_url
+from .._link.topology import Exchange, Queue, QueueType, Router
+from .._publish.confirms import ConfirmPublisher
+from .._publish.message import Sender
+from .._wire.window import Window
+from .dispatch import Counters, Dispatcher
+from .execution import Handler, HandlerRunner
+from .mover import Mover
+from .retry import RetryPolicy
+from .subscription import Subscription
+
+__all__ = ("Handler", "Worker", "WorkerState")
+
+log = logging.getLogger("aio_workq")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A snapshot of a worker, for health checks."""
+
+    queue: str
+    connected: bool
+    consuming: bool
+    in_flight: int
+    processed: int
+    failed: int
+    retried: int
+    dead_lettered: int
+    deferred: int = 0
+
+
+class Worker:
+    """Consumes a queue and runs `handler` for each message.
+
+    ```python
+    async def resize(job: Job) -> None:
+        await make_thumbnail(job.data["path"])
+
+    await Worker(queue="images", handler=resize, concurrency=10).run()
+    ```
+
+    Args:
+        url: broker URL, several separated by commas, or a list (see `Producer`).
+        connection: share a `Connection` (from `aio_workq.connect()`) or a robust aio-pika
+            connection; each worker opens its own channels on it.
+        queue: the queue name or `Queue`; `""` for a server-named subscriber queue.
+        handler: `async def handler(job)` runs on the event loop; a plain `def` runs in a thread
+            pool of `concurrency` threads. Its return value becomes the reply to RPC requests.
+            A handler whose first parameter is annotated with a payload type (`order: Order`:
+            a pydantic model, dataclass, TypedDict or plain type), optionally followed by the
+            job, gets the body validated into it; a body that does not validate is
+            dead-lettered at once (`PayloadError`).
+        concurrency: handlers running at once.
+        prefetch: unacked deliveries the broker may send ahead (>= concurrency; default equal).
+            Deliveries waiting for `job.forward()` confirms hold a prefetch slot, not a
+            concurrency slot.
+        retry: the retry policy; `None` dead-letters on the first failure.
+        queue_type: the type of a queue given by name: `"quorum"` (default) or `"classic"`
+            (a `Queue` says its own type; giving both raises `ConfigurationError`).
+        exchange: bind the queue to this exchange with `binding_keys`: an `Exchange` is
+            declared (durable); a plain name must exist already (it is only checked).
+        binding_keys: routing keys or patterns to bind with (default: the queue name).
+        binding_arguments: arguments of each binding: for a headers exchange, the headers to
+            match and `"x-match": "all"` or `"any"` (routing keys are then ignored).
+        handler_timeout: seconds a handler may run before it counts as failed.
+        shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
+            the queue.
+        executor: where a plain `def` handler runs: `"thread"` (a pool of `concurrency`
+            threads) or `"process"` (a pool of `concurrency` processes, for CPU-bound work: the
+            handler must be a module-level function and gets a picklable `JobData`).
+        name: connection name shown in the management UI.
+        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
+        connect_timeout: seconds for each connection attempt (`start()` tries each URL once).
+        hooks: `Hook`s that observe and wrap each delivery's handling (metrics, tracing, log
+            context), what the handlers forward, and the worker's own reconnects.
+    """
+
+    def __init__(
+        self,
+        url: URLs | None = None,
+        *,
+        queue: str | Queue,
+        handler: Handler,
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
+        queue_type: QueueType | Literal["quorum", "classic"] | None = None,
+        connection: Connection | AbstractRobustConnection | None = None,
+        exchange: str | Exchange | None = None,
+        binding_keys: Sequence[str] = (),
+        binding_arguments: Mapping[str, Any] | None = None,
+        handler_timeout: float | None = None,
+        shutdown_timeout: float = 30.0,
+        executor: Literal["thread", "process"] = "thread",
+        name: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 10.0,
+        hooks: Sequence[Hook] = (),
+    ) -> None:
+        if connection is not None and url is not None:
+            raise ConfigurationError("pass url= or connection=, not both")
+        self._hooks = Hooks.of(hooks)
+        prefetch = _check_settings(concurrency, prefetch, shutdown_timeout)
+        if isinstance(binding_keys, str):
+            raise ConfigurationError("binding_keys must be a list of keys, not one string")
+        if (binding_keys or binding_arguments) and exchange is None:
+            raise ConfigurationError("binding_keys and binding_arguments need an exchange=")
+        self._queue = _queue_spec(queue, queue_type)
+        self._queue_type = self._queue.type
+        name_part = self._queue.name or "subscriber"
+        self._runner = HandlerRunner(
+            handler,
+            executor=executor,
+            concurrency=concurrency,
+            timeout=handler_timeout,
+            name=name_part,
+        )
+        self._url = None if connection is not None else resolve_url(url)
+        self._shared = connection
+        self._connection: Connection | None = None
+        if connection is None:
+            self._connection = Connection(
+                self._url,
+                ssl_context=ssl_context,
+                name=name or f"aio-workq worker {name_part}",
+                connect_timeout=connect_timeout,
+                hooks=self._hooks,
+            )
+        self._connect_timeout = connect_timeout
+        self._concurrency = concurrency
+        self._prefetch = prefetch
+        self._retry = retry
+        self._exchange = exchange
+        self._binding_keys = tuple(binding_keys)
+        self._binding_arguments = dict(binding_arguments or {})
+        self._shutdown_timeout = shutdown_timeout
+        self._source: LinkSource | None = None
+        self._router: Router | None = None
+        self._publisher: ConfirmPublisher | None = None
+        self._subscription: Subscription | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
+
+    def __repr__(self) -> str:
+        where = redact_url(self._url) if self._url else "shared connection"
+        return f"<Worker queue={self.queue_name!r} {where} concurrency={self._concurrency}>"
+
+    @property
+    def queue_name(self) -> str:
+        """The queue consumed (the broker's name for a server-named queue)."""
+        return self._subscription.queue_name if self._subscription else self._queue.name
+
+    @property
+    def state(self) -> WorkerState:
+        """Connected, consuming, in flight, and the counters since start."""
+        subscription, dispatcher = self._subscription, self._dispatcher
+        connected = subscription is not None and subscription.connected
+        consuming = connected and subscription is not None and subscription.consuming
+        return _snapshot(self.queue_name, connected, consuming and not self._stopping, dispatcher)
+
+    def add_hooks(self, *hooks: Hook) -> None:
+        """Add hooks before `start()`: e.g. a command line that serves metrics adds a
+        `PrometheusHook` to the workers it was given.
+
+        Raises:
+            ConfigurationError: the worker has started, or an item is not a `Hook`.
+        """
+        if self._started:
+            raise ConfigurationError("add hooks before the worker starts")
+        current = self._hooks.hooks if self._hooks is not None else ()
+        self._hooks = Hooks.of([*current, *hooks])
+        if self._connection is not None:
+            self._connection.hooks = self._hooks
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Consume until `stop()` is called or this task is cancelled (then stops gracefully)."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        except asyncio.CancelledError:
+            await self.stop()
+            raise
+
+    async def start(self) -> None:
+        """Connect, declare the queues, and start consuming in the background.
+
+        Bounded by `connect_timeout` per connection attempt and for the declarations.
+
+        Raises:
+            BrokerConnectionError (and its subclasses): the broker can't be reached.
+            TopologyError: a queue or exchange declaration failed.
+        """
+        if self._started:
+            return
+        self._started = True
+        try:
+            await self._open()
+        except BaseException:
+            await self._teardown()
+            task = asyncio.current_task()
+            if self._stopping and task is not None and not task.cancelling():
+                return  # stop() was called while starting: nothing is left running
+            raise
+        if self._stopping:  # stop() ran while we were starting: undo what we opened
+            await self._teardown()
+            return
+        if self._runner.is_async:
+            dispatcher = self._dispatcher
+            assert dispatcher is not None
+            self._watchdog = asyncio.ensure_future(
+                self._runner.watch_loop(
+                    lambda: len(dispatcher.tasks),
+                    lambda: dispatcher.counters.deliveries,
+                    f"worker {self.queue_name!r}",
+                )
+            )
+        log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
+
+    async def _open(self) -> None:
+        self._source = await open_source(self._connection, self._shared)
+        source = self._source
+        queue = self._queue
+        self._router = router = Router(source, QueueType(self._queue_type))
+        self._publisher = publisher = ConfirmPublisher(
+            source,
+            window=Window(max(1000, 4 * self._prefetch)),
+            timeout=30.0,
+            resend=False,  # the upstream delivery is redelivered instead
+            what=f"worker {queue.name!r} publisher",
+        )
+        await publisher.start(self._connect_timeout)
+        mover = Mover(publisher, router, queue)
+        self._dispatcher = Dispatcher(
+            runner=self._runner,
+            policy=self._retry,
+            queue=queue,
+            publisher=publisher,
+            mover=mover,
+            forwarder=Sender(publisher, router, 30.0, self._hooks),
+            concurrency=self._concurrency,
+            prefetch=self._prefetch,
+            hooks=self._hooks,
+        )
+        retries = self._retry is not None and not queue.server_named
+        delays = self._retry.levels_ms() if self._retry is not None and retries else ()
+        mover.declared(delays)
+        self._subscription = Subscription(
+            source,
+            router,
+            queue=queue,
+            delays_ms=delays,
+            exchange=self._exchange,
+            binding_keys=self._binding_keys,
+            binding_arguments=self._binding_arguments,
+            prefetch=self._prefetch,
+            on_delivery=self._dispatcher.dispatch,
+        )
+        await self._subscription.start(self._connect_timeout)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop consuming, let running handlers finish, and close.
+
+        New deliveries stop at once. Handlers running get `timeout` seconds (default:
+        `shutdown_timeout`) to finish and be acked; the rest are cancelled and their messages go
+        back to the queue. Calling `stop(0)` while a stop is under way hurries it. Returns
+        within `timeout` plus about 10 s (closing the publisher and channels).
+        """
+        if self._stopping:
+            if timeout == 0:
+                self._hurry.set()
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        timeout = self._shutdown_timeout if timeout is None else timeout
+        subscription, dispatcher = self._subscription, self._dispatcher
+        try:
+            if dispatcher is not None:
+                dispatcher.stopping = True
+            if subscription is not None and not self._queue.single_active_consumer:
+                await subscription.cancel()
+            # A single-active-consumer queue is not cancelled: the broker would make the next
+            # consumer active before our unfinished deliveries are back in the queue, and order
+            # would break. Closing the channel at the end returns them first, then hands over.
+            if dispatcher is not None:
+                await dispatcher.drain(timeout, self._hurry)
+        finally:
+            await self._teardown()
+            self._stopped.set()
+
+    async def _teardown(self) -> None:
+        """Close what this worker opened; safe to call more than once."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+        subscription = self._subscription
+        if subscription is not None:
+            await subscription.close()
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            await publisher.close(timeout=5)
+        self._runner.close()
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _check_settings(concurrency: int, prefetch: int | None, shutdown_timeout: float) -> int:
+    """Validate the numbers; returns the prefetch (default: `concurrency`)."""
+    if concurrency < 1:
+        raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
+    prefetch = concurrency if prefetch is None else prefetch
+    if not concurrency <= prefetch <= 65535:
+        raise ConfigurationError(
+            f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
+        )
+    if shutdown_timeout < 0:
+        raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+    return prefetch
+
+
+def _queue_spec(queue: str | Queue, queue_type: QueueType | str | None) -> Queue:
+    """The `Queue` to consume; `queue_type` only for a queue given by name."""
+    if queue_type is not None:
+        try:
+            queue_type = QueueType(queue_type)
+        except ValueError:
+            raise ConfigurationError(
+                f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
+            ) from None
+    if isinstance(queue, Queue):
+        if queue_type is not None and queue_type != queue.type:
+            raise ConfigurationError(
+                f"queue_type={queue_type.value!r} conflicts with Queue({queue.name!r}, "
+                f"type={QueueType(queue.type).value!r}); set the type on the Queue only"
+            )
+        return queue
+    if not isinstance(queue, str):
+        raise ConfigurationError(f"queue must be a name or a Queue, got {type(queue).__name__}")
+    return Queue(queue, type=queue_type or QueueType.QUORUM)
+
+
+def _snapshot(
+    queue: str, connected: bool, consuming: bool, dispatcher: Dispatcher | None
+) -> WorkerState:
+    counters = dispatcher.counters if dispatcher is not None else Counters()
+    return WorkerState(
+        queue=queue,
+        connected=connected,
+        consuming=consuming,
+        in_flight=len(dispatcher.tasks) if dispatcher is not None else 0,
+        processed=counters.processed,
+        failed=counters.failed,
+        retried=counters.retried,
+        dead_lettered=counters.dead_lettered,
+        deferred=counters.deferred,
+    )

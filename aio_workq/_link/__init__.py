@@ -1,0 +1,2 @@
+"""Connections, channels and declarations: the link to the broker that publishing and
+consuming share."""

@@ -1,0 +1,177 @@
+"""A channel of aio-workq's own that reopens itself and runs its owner's set-up again.
+
+A producer's or worker's channel closes when the connection is lost, or when the broker closes
+the channel alone (a 404 on a publish to a missing exchange, a consumer timeout). Either way the
+owner hears of it at once (`on_lost`), and the channel is reopened, with backoff, as soon as the
+connection is up, then handed to the owner's `setup` (declare, QoS, consume, resend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+
+from .._exceptions import BrokerConnectionError, WorkqError
+from .._wire.seams import Wire
+from .connection import LinkSource, translate_errors
+
+__all__ = ("ManagedChannel",)
+
+log = logging.getLogger("aio_workq")
+
+Setup = Callable[[aiormq.abc.AbstractChannel, Wire | None], Awaitable[None]]
+OnLost = Callable[[aiormq.abc.AbstractChannel, BaseException | None], None]
+
+_REOPEN_FIRST = 0.2
+_REOPEN_CAP = 15.0
+
+
+class ManagedChannel:
+    """One channel at a time on `source`, reopened and set up again until `close()`.
+
+    Args:
+        source: the connection (or adapted aio-pika connection) to open channels on.
+        confirms: open the channel in publisher-confirm mode (returns raise).
+        setup: runs on each new channel before it counts as open.
+        on_lost: runs when the current channel closes (not on `close()`).
+        what: how log lines name the owner, e.g. "worker 'tasks'".
+    """
+
+    def __init__(
+        self,
+        source: LinkSource,
+        *,
+        confirms: bool,
+        setup: Setup,
+        on_lost: OnLost | None = None,
+        what: str,
+    ) -> None:
+        self._source = source
+        self._confirms = confirms
+        self._setup = setup
+        self._on_lost = on_lost
+        self._what = what
+        self._loop = asyncio.get_running_loop()
+        self.channel: aiormq.abc.AbstractChannel | None = None
+        self.wire: Wire | None = None
+        self._ready = asyncio.Event()
+        self._reopening: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def is_open(self) -> bool:
+        channel = self.channel
+        return channel is not None and not channel.is_closed
+
+    async def open(self, timeout: float | None = None) -> None:
+        """Open the first channel and set it up.
+
+        Raises:
+            BrokerConnectionError: no connection within `timeout`.
+            TopologyError: the set-up's declarations failed.
+        """
+        await self._open(timeout)
+
+    async def wait_open(self, timeout: float | None = None) -> aiormq.abc.AbstractChannel:
+        """The open channel, waiting up to `timeout` while it reopens.
+
+        Raises:
+            TimeoutError: no channel within `timeout`.
+            BrokerConnectionError: closed.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                channel = self.channel
+                if channel is not None and not channel.is_closed:
+                    return channel
+                if self._closed:
+                    raise BrokerConnectionError(f"{self._what} is closed")
+                self._ready.clear()
+                await self._ready.wait()
+
+    async def _open(self, timeout: float | None) -> None:
+        link = await self._source.link(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        with translate_errors(f"opening a channel for {self._what}"):
+            async with asyncio.timeout_at(deadline):
+                channel = await link.connection.channel(
+                    publisher_confirms=self._confirms, on_return_raises=self._confirms
+                )
+        try:
+            async with asyncio.timeout_at(deadline):  # declarations, QoS, consume
+                await self._setup(channel, link.wire)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, WorkqError):
+                raise BrokerConnectionError(
+                    f"{self._what}: the broker did not answer within {timeout:g} s"
+                ) from None
+            raise
+        if self._closed:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            return
+        self.channel = channel
+        self.wire = link.wire
+        channel.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        # The connection's end is the channel's too, even when aiormq's own close of the channel
+        # does not finish (its Channel.Close RPC is cancelled with the dead connection).
+        link.connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        self._ready.set()
+
+    def _on_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
+        if channel is not self.channel:
+            return
+        self.channel = None
+        self.wire = None
+        if self._closed:
+            return
+        reason = None if closing.cancelled() else closing.exception()
+        if self._on_lost is not None:
+            self._on_lost(channel, reason)
+        self.reopen_soon()
+
+    def reopen_soon(self) -> None:
+        """Reopen the channel in the background (once at a time), with backoff."""
+        if self._closed or (self._reopening is not None and not self._reopening.done()):
+            return
+        self._reopening = self._loop.create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        delay = _REOPEN_FIRST
+        while not self._closed and not self.is_open and not self._source.is_closed:
+            try:
+                await self._open(None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a background loop: log, back off, try again
+                log.warning("%s can't reopen its channel yet (%s); retrying", self._what, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _REOPEN_CAP)
+            else:
+                log.info("%s has a channel again", self._what)
+
+    async def close(self) -> None:
+        """Close the channel and stop reopening it."""
+        self._closed = True
+        reopening, self._reopening = self._reopening, None
+        if reopening is not None:
+            reopening.cancel()
+            await asyncio.gather(reopening, return_exceptions=True)
+        channel, self.channel = self.channel, None
+        wire, self.wire = self.wire, None
+        self._ready.set()
+        if channel is not None and not channel.is_closed:
+            if wire is not None:
+                # What is buffered for it goes out first; nothing after the Channel.Close.
+                wire.writer.flush()
+                wire.demux.attach(channel).open = False
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)

@@ -1,0 +1,588 @@
+"""Connecting to one of several brokers, reconnecting with backoff, and translating errors.
+
+A `Connection` owns one aiormq connection at a time. When it is lost, the connection tries the
+broker URLs in turn (a shuffled rotation, so that a fleet of workers spreads over a cluster),
+waiting after each full round of failures `min(cap, initial * 2**round)` seconds with jitter,
+and logs one WARNING per failed attempt with the password hidden. Producers and workers open
+their channels on whatever connection is current (`link()`), and reopen them after a reconnect.
+
+`AIO_WORKQ_FAST_PATH=0` in the environment (or `fast_path=False`) opens plain aiormq connections:
+every publish, confirm, delivery and ack then goes through aiormq's own public API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import os
+import random
+import re
+import ssl
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiormq
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.abc import AbstractConnection
+from yarl import URL
+
+from .._exceptions import (
+    AccessRefusedError,
+    AuthenticationError,
+    BrokerConnectionError,
+    ConfigurationError,
+    TLSError,
+    TopologyError,
+)
+from .._hooks import Hook, Hooks
+from .._wire.seams import Wire, WireFactory
+from .settings import URLs, redact_url, resolve_urls
+
+__all__ = (
+    "Backoff",
+    "Connection",
+    "Link",
+    "LinkSource",
+    "connect",
+    "fast_path_default",
+    "link_source",
+    "open_source",
+    "translate_errors",
+)
+
+log = logging.getLogger("aio_workq")
+
+_connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_connecting")
+
+
+class _QuietAttempts(logging.Filter):
+    """Drops aiormq's per-attempt ERROR ("error when creating transport") while aio-workq is the
+    one connecting: aio-workq logs one WARNING per attempt itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            _connecting.get(False) and str(record.msg).startswith("error when creating transport")
+        )
+
+
+logging.getLogger("aiormq.connection").addFilter(_QuietAttempts())
+
+
+def fast_path_default() -> bool:
+    """False when `AIO_WORKQ_FAST_PATH=0` is set: use aiormq's public API for every frame."""
+    return os.environ.get("AIO_WORKQ_FAST_PATH", "1").strip().lower() not in ("0", "false", "no")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Reconnect delays: after the n-th failed round, wait `min(cap, initial * 2**n)` seconds,
+    shortened at random by up to half (jitter), so reconnecting clients don't move in lock step.
+    """
+
+    initial: float = 0.5
+    cap: float = 30.0
+    settle: float = 1.0
+    """Seconds to wait after a lost connection before the first attempt (up to half as much
+    again, at random). A cluster re-elects the leaders of the dead node's quorum queues in about
+    a second; on RabbitMQ 3.10 a channel that first publishes during that election can have
+    every publish nacked for good."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial <= self.cap:
+            raise ConfigurationError(
+                f"Backoff needs 0 < initial <= cap, got initial={self.initial!r} cap={self.cap!r}"
+            )
+        if self.settle < 0:
+            raise ConfigurationError(f"Backoff.settle must be >= 0, got {self.settle!r}")
+
+    def settle_delay(self) -> float:
+        """Seconds to wait after a loss before the first reconnect attempt."""
+        return random.uniform(self.settle, 1.5 * self.settle)
+
+    def delay(self, failed_rounds: int) -> float:
+        """Seconds to wait after `failed_rounds` (>= 1) rounds in a row failed."""
+        ceiling = min(self.cap, self.initial * 2 ** min(failed_rounds - 1, 32))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """The current aiormq connection and, on the fast path, aio-workq's wire on it."""
+
+    connection: AbstractConnection
+    wire: Wire | None
+
+
+class LinkSource(Protocol):
+    """What producers and workers open their channels on: a `Connection`, or an adapter of a
+    robust aio-pika connection that someone else opened."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def is_closed(self) -> bool:
+        """Closed for good: no channel will be opened on it again."""
+        ...
+
+    async def link(self, timeout: float | None = None) -> Link: ...
+
+
+class Connection:
+    """A connection to RabbitMQ (one of several URLs) that reconnects with backoff.
+
+    Producers and workers share it with `connection=`; each opens its own channels on it.
+
+    ```python
+    async with await aio_workq.connect(["amqp://a/", "amqp://b/"]) as connection:
+        await run_workers(Worker(connection=connection, queue="q", handler=handle))
+    ```
+
+    Args:
+        url: a broker URL, several separated by commas, or a list (the nodes of a cluster);
+            by default from the environment (see `resolve_urls`).
+        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
+        name: connection name shown in the management UI.
+        connect_timeout: seconds for each connection attempt.
+        backoff: delays between rounds of failed reconnect attempts.
+        fast_path: take deliveries, confirms and acks off the socket (default, unless
+            `AIO_WORKQ_FAST_PATH=0`); False uses aiormq's public API for everything.
+        hooks: `Hook`s told when the connection is lost and when it is back.
+    """
+
+    def __init__(
+        self,
+        url: URLs | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str | None = None,
+        connect_timeout: float = 10.0,
+        backoff: Backoff = Backoff(),
+        fast_path: bool | None = None,
+        hooks: Iterable[Hook] | Hooks | None = None,
+    ) -> None:
+        if connect_timeout <= 0:
+            raise ConfigurationError(
+                f"connect_timeout must be > 0 seconds, got {connect_timeout!r}"
+            )
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigurationError(
+                f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
+            )
+        self._urls = resolve_urls(url)
+        if ssl_context is not None and not all(u.startswith("amqps://") for u in self._urls):
+            plain = next(u for u in self._urls if not u.startswith("amqps://"))
+            raise ConfigurationError(
+                f"ssl_context= is given but {redact_url(plain)!r} is not an amqps:// URL: it "
+                "would connect in plain text; use amqps://"
+            )
+        self._next = random.randrange(len(self._urls))
+        self._ssl_context = ssl_context
+        self._name = name
+        self._connect_timeout = connect_timeout
+        self._backoff = backoff
+        self._fast_path = fast_path_default() if fast_path is None else fast_path
+        self._current: Link | None = None
+        self._url: str | None = None
+        self._connected = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.hooks: Hooks | None = Hooks.of(hooks)
+        """What is told of connection losses and reconnects (set before `open()`)."""
+        self.reconnects = 0
+        """Connections re-established after a loss since `open()`."""
+
+    def __repr__(self) -> str:
+        shown = redact_url(self._url) if self._url else redact_url(",".join(self._urls))
+        state = "connected" if self.is_connected else "closed" if self._closed else "connecting"
+        return f"<Connection {shown} {state}>"
+
+    @property
+    def url(self) -> str | None:
+        """The URL connected to, password hidden (`None` while disconnected)."""
+        return redact_url(self._url) if self._url and self.is_connected else None
+
+    @property
+    def is_connected(self) -> bool:
+        current = self._current
+        return current is not None and not current.connection.is_closed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def fast_path(self) -> bool:
+        return self._fast_path
+
+    async def __aenter__(self) -> Connection:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Connect: one round over the URLs, each attempt bounded by `connect_timeout`.
+
+        Raises:
+            AuthenticationError: the broker refused the credentials (never retried).
+            AccessRefusedError: the vhost does not exist or the user may not use it.
+            TLSError: the TLS handshake failed.
+            BrokerConnectionError: no URL answered; the message says why for the last one.
+        """
+        if self._supervisor is not None:
+            return
+        if self._closed:
+            raise BrokerConnectionError("the connection is closed; open a new one")
+        last: BrokerConnectionError | None = None
+        for url in self._rotation():
+            if self._closed:
+                raise BrokerConnectionError("the connection was closed while it was being opened")
+            try:
+                await self._attempt(url)
+            except (AuthenticationError, AccessRefusedError, TLSError):
+                raise
+            except BrokerConnectionError as exc:
+                last = exc
+                if self._closed:
+                    raise
+                if len(self._urls) > 1:  # the last one is raised, not logged
+                    self._log_failure(url, exc, "trying the next URL")
+                continue
+            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+            return
+        assert last is not None
+        raise last
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting. Channels on it close too."""
+        self._closed = True
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            await asyncio.gather(supervisor, return_exceptions=True)
+        current, self._current = self._current, None
+        self._connected.clear()
+        if current is not None:
+            with contextlib.suppress(Exception):
+                await current.connection.close()
+
+    async def link(self, timeout: float | None = None) -> Link:
+        """The current connection, waiting up to `timeout` seconds while reconnecting.
+
+        Raises:
+            BrokerConnectionError: closed, or still reconnecting after `timeout`.
+        """
+        while True:
+            current = self._current
+            if current is not None and not current.connection.is_closed:
+                return current
+            if self._closed or self._supervisor is None:
+                raise BrokerConnectionError("the connection is closed (or was never opened)")
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._connected.wait()
+            except TimeoutError:
+                raise BrokerConnectionError(
+                    f"still reconnecting to {redact_url(','.join(self._urls))} after {timeout:g} s"
+                ) from None
+            if self._current is None:  # set and cleared within one iteration
+                await asyncio.sleep(0)
+
+    async def channel(
+        self, *, publisher_confirms: bool = False, timeout: float | None = 10.0
+    ) -> aiormq.abc.AbstractChannel:
+        """A plain aiormq channel on the current connection, for what aio-workq does not wrap
+        (deleting queues, reading counts). It is not reopened after a reconnect: close it when
+        done (`await channel.close()`).
+
+        Raises:
+            BrokerConnectionError: no connection within `timeout`.
+        """
+        link = await self.link(timeout)
+        with translate_errors("opening a channel"):
+            return await link.connection.channel(publisher_confirms=publisher_confirms)
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def _rotation(self) -> Iterator[str]:
+        """Every URL once, starting after the last one tried."""
+        for _ in range(len(self._urls)):
+            url = self._urls[self._next]
+            self._next = (self._next + 1) % len(self._urls)
+            yield url
+
+    async def _attempt(self, url: str) -> None:
+        factory = WireFactory() if self._fast_path else None
+        connection = aiormq.Connection(
+            URL(url), context=self._ssl_context, transport_factory=factory
+        )
+        properties: dict[str, Any] = {"connection_name": self._name} if self._name else {}
+        token = _connecting.set(True)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await connection.connect(client_properties=properties)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            if isinstance(exc, TimeoutError):
+                raise BrokerConnectionError(
+                    f"cannot connect to {redact_url(url)}: no answer within "
+                    f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ is "
+                    "running (make broker-start starts a local one)"
+                ) from None
+            if isinstance(exc, Exception):
+                raise connect_error(exc, url) from exc
+            raise
+        finally:
+            _connecting.reset(token)
+        if self._closed:  # close() ran while this attempt was under way
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise BrokerConnectionError("the connection was closed while it was being opened")
+        self._url = url
+        self._current = Link(connection, factory.wire if factory else None)
+        self._connected.set()
+
+    async def _supervise(self) -> None:
+        """Wait for the connection to close; reconnect round after round until it comes back."""
+        while not self._closed:
+            current = self._current
+            assert current is not None
+            await asyncio.wait([current.connection.closing])
+            if self._closed:
+                return
+            self._connected.clear()
+            self._current = None
+            log.warning(
+                "lost the connection to %s (%s); reconnecting",
+                redact_url(self._url or ""),
+                _closing_reason(current.connection.closing),
+            )
+            if self.hooks is not None:
+                self.hooks.connection_lost(redact_url(self._url or ""))
+            failed_rounds = 0
+            await asyncio.sleep(self._backoff.settle_delay())
+            while not self._closed:
+                if await self._reconnect_round():
+                    self.reconnects += 1
+                    log.info("reconnected to %s", redact_url(self._url or ""))
+                    if self.hooks is not None:
+                        self.hooks.reconnected(redact_url(self._url or ""))
+                    break
+                failed_rounds += 1
+                await asyncio.sleep(self._backoff.delay(failed_rounds))
+
+    async def _reconnect_round(self) -> bool:
+        urls = list(self._rotation())
+        for index, url in enumerate(urls):
+            try:
+                await self._attempt(url)
+            except BrokerConnectionError as exc:
+                last = index == len(urls) - 1
+                self._log_failure(url, exc, "after a pause" if last else "trying the next URL")
+                continue
+            return True
+        return False
+
+    def _log_failure(self, url: str, exc: BaseException, then: str | None) -> None:
+        suffix = f"; {then}" if then else ""
+        log.warning("connecting to %s failed: %s%s", redact_url(url), exc, suffix)
+
+
+async def connect(
+    url: URLs | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    name: str | None = None,
+    timeout: float = 10.0,
+    backoff: Backoff = Backoff(),
+    hooks: Iterable[Hook] | None = None,
+) -> Connection:
+    """Open a `Connection` that several producers and workers can share.
+
+    Args:
+        url: a broker URL, several separated by commas, or a list; by default from the
+            environment (see `resolve_urls`).
+        ssl_context: for `amqps://` URLs.
+        name: connection name shown in the management UI.
+        timeout: seconds for each connection attempt; the first connect tries each URL once.
+        backoff: delays between rounds of failed reconnect attempts.
+        hooks: `Hook`s told when the connection is lost and when it is back.
+
+    Raises:
+        ConfigurationError: an invalid URL or setting.
+        AuthenticationError, AccessRefusedError, TLSError, BrokerConnectionError: see
+            `Connection.open`. A failed connect leaves nothing running.
+    """
+    connection = Connection(
+        url,
+        ssl_context=ssl_context,
+        name=name,
+        connect_timeout=timeout,
+        backoff=backoff,
+        hooks=hooks,
+    )
+    await connection.open()
+    return connection
+
+
+def _closing_reason(closing: asyncio.Future[Any]) -> str:
+    if closing.cancelled():
+        return "closed"
+    exc = closing.exception()
+    return _reason(exc) if exc is not None else "closed by the broker"
+
+
+_REPLY_TEXT = re.compile(r"reply_text='([^']*)'")
+
+
+def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
+    """The typed error for a failed connection attempt to `url` (password hidden)."""
+    target = redact_url(url)
+    if isinstance(exc, aiormq.exceptions.AuthenticationError | aiormq.ProbableAuthenticationError):
+        return AuthenticationError(
+            f"connecting to {target}: the broker refused the user name or password "
+            f"({_reason(exc)}); check the credentials in the URL or "
+            "RABBITMQ_USERNAME/RABBITMQ_PASSWORD"
+        )
+    text = str(exc)
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
+        match = _REPLY_TEXT.search(text)
+        reason = match.group(1) if match else text
+        return AccessRefusedError(
+            f"connecting to {target}: the broker refused the virtual host ({reason}); create "
+            "it (rabbitmqctl add_vhost) and grant the user access (rabbitmqctl set_permissions), "
+            "or fix the vhost in the URL"
+        )
+    causes = list(_chain(exc))
+    for cause in causes:
+        if isinstance(cause, ssl.SSLError):
+            detail = cause.reason or str(cause)
+            verify = getattr(cause, "verify_message", None)
+            if verify:
+                detail = f"{detail}: {verify}"
+            return TLSError(
+                f"connecting to {target}: the TLS handshake failed ({detail}); "
+                "check the CA in ssl_context, the host name in the URL against the server "
+                "certificate, and the client certificate if the broker asks for one"
+            )
+    if url.lower().startswith("amqps:") and any(
+        isinstance(c, ConnectionResetError) for c in causes
+    ):
+        # TLS 1.3: a broker that refuses the client's certificate (or its absence) may reset
+        # the connection before its alert is read; say where to look.
+        return BrokerConnectionError(
+            f"cannot connect to {target}: {_reason(exc)}; the broker closed the TLS "
+            "connection: if it asks for a client certificate, load one into ssl_context "
+            "(load_cert_chain)"
+        )
+    return BrokerConnectionError(f"cannot connect to {target}: {_reason(exc)}")
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and its causes and contexts, each once (chains can loop)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+@contextmanager
+def translate_errors(doing: str) -> Iterator[None]:
+    """Map aiormq errors raised while `doing` to aio-workq's error tree."""
+    try:
+        yield
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise TopologyError(f"{doing}: access refused: {_reason(exc)}") from exc
+    except (
+        aiormq.exceptions.ChannelPreconditionFailed,
+        aiormq.exceptions.ChannelNotFoundEntity,
+    ) as exc:
+        raise TopologyError(f"{doing}: {_reason(exc)}") from exc
+    except (
+        aiormq.exceptions.AMQPError,
+        aiormq.exceptions.ChannelInvalidStateError,
+        ConnectionError,
+        OSError,
+    ) as exc:
+        raise BrokerConnectionError(f"{doing}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, password-free description of an aiormq/OS error."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:  # aiormq re-raises OSError's args
+        return cause.strerror
+    if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
+        first = exc.args[0]
+        text = getattr(first, "reply_text", None) or str(first)
+        return str(text)
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _RobustLinks:
+    """A robust aio-pika connection opened by someone else, as a `LinkSource` (the plain path:
+    aio-workq then uses aiormq's public API for every frame on it)."""
+
+    def __init__(self, robust: AbstractRobustConnection) -> None:
+        self._robust = robust
+
+    @property
+    def is_connected(self) -> bool:
+        transport = self._robust.transport
+        return transport is not None and not transport.connection.is_closed
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self._robust.is_closed)
+
+    async def link(self, timeout: float | None = None) -> Link:
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    transport = self._robust.transport
+                    if transport is not None and not transport.connection.is_closed:
+                        return Link(transport.connection, None)
+                    if self._robust.is_closed:
+                        raise BrokerConnectionError("the shared aio-pika connection is closed")
+                    await self._robust.connected.wait()
+                    await asyncio.sleep(0)
+        except TimeoutError:
+            raise BrokerConnectionError(
+                f"the shared aio-pika connection is still reconnecting after {timeout:g} s"
+            ) from None
+
+
+def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource:
+    """`connection` as a `LinkSource`: an aio-workq `Connection` as it is, an aio-pika one adapted.
+
+    Raises:
+        ConfigurationError: `connection` is neither.
+    """
+    if isinstance(connection, Connection):
+        return connection
+    if isinstance(connection, AbstractRobustConnection):
+        return _RobustLinks(connection)
+    raise ConfigurationError(
+        "connection= takes an aio_workq.Connection (from aio_workq.connect()) or a robust "
+        f"aio-pika connection (aio_pika.connect_robust()), got {type(connection).__name__}"
+    )
+
+
+async def open_source(
+    own: Connection | None, shared: Connection | AbstractRobustConnection | None
+) -> LinkSource:
+    """Open the connection a producer or worker made itself, or adapt the one it was given."""
+    if own is not None:
+        await own.open()
+        return own
+    assert shared is not None
+    return link_source(shared)

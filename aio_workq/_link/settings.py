@@ -1,0 +1,141 @@
+"""Where the broker URLs come from, and how they are shown without their passwords.
+
+A setting may name several brokers (the nodes of a cluster): a sequence of URLs, or one string of
+URLs separated by commas. Each URL carries its own credentials and vhost.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote, urlsplit
+
+from .._exceptions import ConfigurationError
+
+__all__ = ("DEFAULT_URL", "URLs", "redact_url", "resolve_url", "resolve_urls")
+
+DEFAULT_URL = "amqp://guest:guest@localhost/"
+
+URLs = str | Sequence[str]
+"""One broker URL, several separated by commas, or a sequence of them."""
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)")
+
+
+def resolve_urls(url: URLs | None = None, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The broker URLs: `url`, else `AMQP_URL`, else lapinmq's `RABBITMQ_*` variables, else local.
+
+    `url` and `AMQP_URL` may list several URLs separated by commas; `RABBITMQ_HOST` may list
+    several hosts (`host1,host2:5673`), which share `RABBITMQ_PORT` (5672), `RABBITMQ_USERNAME`,
+    `RABBITMQ_PASSWORD` and `RABBITMQ_VHOST` (`/`).
+
+    Raises:
+        ConfigurationError: a URL is not an `amqp://` or `amqps://` URL with a host, or its
+            password holds characters that must be percent-encoded. The message never shows the
+            password.
+    """
+    env = os.environ if environ is None else environ
+    if url is None:
+        url = env.get("AMQP_URL") or _urls_from_parts(env) or DEFAULT_URL
+    parts = _split(url) if isinstance(url, str) else [u.strip() for u in url]
+    if not parts or not all(parts):
+        raise ConfigurationError(
+            "no broker URL: pass url='amqp://user:pass@host:5672/vhost' or a list of them"
+        )
+    for part in parts:
+        _validate(part)
+    return parts
+
+
+def resolve_url(url: URLs | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """`resolve_urls` as one string, URLs separated by commas (a single URL unchanged)."""
+    return ",".join(resolve_urls(url, environ))
+
+
+def _split(text: str) -> list[str]:
+    """Split `a,b` into URLs; a comma inside a URL's query (`?x=1,2`) is not a separator."""
+    pieces = [piece.strip() for piece in text.split(",")]
+    urls: list[str] = []
+    for piece in pieces:
+        if urls and not _SCHEME.match(piece):
+            urls[-1] += "," + piece  # a comma inside the previous URL
+        else:
+            urls.append(piece)
+    return urls
+
+
+def _urls_from_parts(env: Mapping[str, str]) -> str | None:
+    hosts = env.get("RABBITMQ_HOST")
+    if not hosts:
+        return None
+    port = env.get("RABBITMQ_PORT", "5672")
+    if not port.isdigit():
+        raise ConfigurationError(f"RABBITMQ_PORT must be a port number, got {port!r}")
+    user = quote(env.get("RABBITMQ_USERNAME", "guest"), safe="")
+    password = quote(env.get("RABBITMQ_PASSWORD", "guest"), safe="")
+    vhost = quote(env.get("RABBITMQ_VHOST", "/"), safe="")
+    urls = []
+    for host in hosts.split(","):
+        host = host.strip()
+        address = host if ":" in host else f"{host}:{port}"
+        urls.append(f"amqp://{user}:{password}@{address}/{vhost}")
+    return ",".join(urls)
+
+
+def _userinfo_end(url: str) -> tuple[int, int]:
+    """`(start, end)` of the userinfo of `url` (end at its last `@`); `(0, 0)` when none."""
+    match = _SCHEME.match(url)
+    start = match.end() if match else 0
+    end = url.rfind("@", start)
+    return (start, end) if end > 0 else (0, 0)
+
+
+def _validate(url: str) -> None:
+    shown = redact_url(url)
+    start, end = _userinfo_end(url)
+    if end and any(ch in url[start:end] for ch in "/?#"):
+        raise ConfigurationError(
+            f"invalid broker URL {shown!r}: the user name or password holds '/', '?' or '#'; "
+            "percent-encode them, e.g. urllib.parse.quote(password, safe='')"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        # urlsplit's own message may quote part of the password: it is not repeated here.
+        raise ConfigurationError(
+            f"invalid broker URL {shown!r}: its host or port does not parse (percent-encode "
+            "special characters in the user name and password); expected "
+            "amqp://user:pass@host:5672/vhost"
+        ) from None
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ConfigurationError(
+            f"invalid broker URL {shown!r}: scheme must be amqp:// or amqps://"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"invalid broker URL {shown!r}: it names no host")
+    if port == 0:
+        raise ConfigurationError(f"invalid broker URL {shown!r}: port 0")
+
+
+def redact_url(url: str) -> str:
+    """`url` with each password replaced by `***`, safe for logs, reprs and error messages.
+
+    Works on lists separated by commas, and on URLs whose password holds unencoded special
+    characters (everything between the user name and the last `@` is hidden).
+    """
+    if "," in url:
+        return ",".join(_redact_one(part) for part in _split(url))
+    return _redact_one(url)
+
+
+def _redact_one(url: str) -> str:
+    start, end = _userinfo_end(url)
+    if not end:
+        return url
+    userinfo = url[start:end]
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url
+    return f"{url[:start]}{user}:***{url[end:]}"

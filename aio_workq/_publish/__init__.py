@@ -1,0 +1,1 @@
+"""Publishing: the producer, messages, publisher confirms, delays and the RPC client."""

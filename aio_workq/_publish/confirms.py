@@ -1,0 +1,263 @@
+"""Pipelined publishing with publisher confirms: the publish hot path.
+
+`send()` first validates and encodes the message (`_wire`): a bad property, header, name or id
+raises `SerializationError` before anything is recorded. Then it waits, within the message's
+timeout, for room in the `Window` and for an open channel, and hands the message to the
+channel's lane (`_lanes`), which tags it and records it in the `ConfirmTracker`.
+
+Every message ends in exactly one of: confirmed (its future's result is the message id), or a
+typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` or
+`ConnectionLostError`. When the connection drops, unconfirmed messages are re-sent on the next
+channel with the same message id (`resend=True`, at-least-once) or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import aiormq
+
+from .._exceptions import ConnectionLostError, PublishTimeoutError, SerializationError
+from .._link.channel import ManagedChannel
+from .._link.connection import LinkSource
+from .._wire.frames import Properties, check_destination, encode_properties
+from .._wire.lanes import FastLane, Lane, PlainLane
+from .._wire.seams import Wire
+from .._wire.tracker import MAYBE, ConfirmTracker, Outgoing
+from .._wire.window import Window
+
+__all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
+
+log = logging.getLogger("aio_workq")
+
+_SWEEP_INTERVAL = 0.1
+MAX_MESSAGE_SIZE = 128 * 2**20
+"""RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
+resend every other message on it), so it is refused before it is sent."""
+
+ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
+
+
+class ConfirmPublisher:
+    """Publishes on one self-reopening channel in confirm mode, within a bounded window.
+
+    Args:
+        source: the connection to publish on.
+        window: how many messages and body bytes may wait for confirms.
+        timeout: default seconds from `send()` to the confirm.
+        resend: after a lost connection, resend unconfirmed messages (else fail them).
+        what: how log lines and errors name the owner.
+    """
+
+    def __init__(
+        self,
+        source: LinkSource,
+        *,
+        window: Window,
+        timeout: float,
+        resend: bool,
+        what: str = "publisher",
+    ) -> None:
+        self._source = source
+        self._window = window
+        self._timeout = timeout
+        self._resend = resend
+        self._what = what
+        self._loop = asyncio.get_running_loop()
+        self._tracker = ConfirmTracker(self._on_settled)
+        self._lane: Lane | None = None
+        self._waiting: deque[Outgoing] = deque()  # for the next channel
+        self._listeners: list[ChannelListener] = []
+        self._ready = asyncio.Event()
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._closed = False
+        self._channel = ManagedChannel(
+            source, confirms=True, setup=self._on_channel, on_lost=self._on_lost, what=what
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Messages sent or waiting to be sent whose confirm has not arrived."""
+        return self._window.count
+
+    @property
+    def window_size(self) -> int:
+        """The most messages in flight."""
+        return self._window.size
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel | None:
+        return self._channel.channel
+
+    def add_channel_listener(self, listener: ChannelListener) -> None:
+        """Run `listener` on every new channel, before messages are (re)sent on it."""
+        self._listeners.append(listener)
+
+    async def start(self, timeout: float | None = None) -> None:
+        """Open the channel.
+
+        Raises:
+            BrokerConnectionError: no connection within `timeout`.
+        """
+        await self._channel.open(timeout)
+
+    async def _on_channel(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
+        for listener in self._listeners:
+            await listener(channel)
+        lane: Lane = (
+            FastLane(channel, wire, self._tracker)
+            if wire is not None
+            else PlainLane(channel, self._tracker)
+        )
+        self._lane = lane
+        while self._waiting and self._lane is lane:
+            out = self._waiting.popleft()
+            if not out.settled:
+                lane.write(out)
+        self._ready.set()
+
+    def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
+        self._lane = None
+        self._ready.clear()
+        # Resend unless the broker closed this channel alone for an error of its own (404/406):
+        # the same messages would only close the next channel too.
+        channel_error = isinstance(reason, aiormq.exceptions.AMQPChannelError) and not (
+            channel.connection.is_closed
+        )
+        connection_lost = not channel_error
+        for out in self._tracker.take_all():
+            if out.settled:
+                continue
+            if self._resend and connection_lost and not self._closed:
+                self._waiting.append(out)
+            else:
+                why = f"the channel closed ({reason})" if reason else "the channel closed"
+                self._tracker.fail(out, ConnectionLostError, f"not confirmed: {why}; {MAYBE}")
+
+    async def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+    ) -> asyncio.Future[str]:
+        """Hand one message to the connection; the returned future settles with its confirm.
+
+        Waits only while the window is full or the channel is reopening, up to `timeout`.
+
+        Raises:
+            SerializationError: a property, header, name or id can't be sent, or the body is
+                over RabbitMQ's 128 MiB limit; nothing was sent.
+            ConfigurationError: the message id of a mandatory message is already in flight.
+            PublishTimeoutError: no room in the window, or no channel, within `timeout`.
+            ConnectionLostError: the publisher is closed.
+        """
+        check_destination(exchange, routing_key, mandatory)
+        encoded = encode_properties(props)
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise SerializationError(
+                f"message {props.message_id} has a body of {len(body):,} bytes: RabbitMQ refuses "
+                f"more than {MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store "
+                "large payloads elsewhere and send a reference"
+            )
+        if self._closed:
+            raise ConnectionLostError(
+                "the publisher is closed",
+                message_id=props.message_id,
+                exchange=exchange,
+                routing_key=routing_key,
+            )
+        timeout = self._timeout if timeout is None else timeout
+        deadline = self._loop.time() + timeout
+        if self._lane is None or self._window.full:
+            await self._wait_for_room(deadline, props.message_id, exchange, routing_key)
+        out = Outgoing(
+            exchange,
+            routing_key,
+            mandatory,
+            props.message_id,
+            encoded,
+            body,
+            self._loop.create_future(),
+            deadline,
+            props,
+        )
+        self._tracker.admit(out)
+        self._window.take(len(body))
+        lane = self._lane
+        assert lane is not None
+        lane.write(out)
+        if self._sweep_handle is None:
+            self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        if lane.burst_full():
+            # A long burst (publish_many): write what is marshalled and let the writer run, so
+            # the broker starts on these while the rest are marshalled.
+            lane.flush()
+            await asyncio.sleep(0)
+        return out.future
+
+    async def _wait_for_room(
+        self, deadline: float, message_id: str, exchange: str, routing_key: str
+    ) -> None:
+        try:
+            async with asyncio.timeout_at(deadline):
+                while self._lane is None or self._window.full:
+                    if self._lane is None:
+                        await self._ready.wait()
+                    else:
+                        await self._window.wait()
+        except TimeoutError:
+            state = "the connection is down" if self._lane is None else "the window is full"
+            raise PublishTimeoutError(
+                f"message {message_id} could not be sent in time: {state} (the broker may be "
+                "blocking publishers on a memory or disk alarm); nothing was sent",
+                message_id=message_id,
+                exchange=exchange,
+                routing_key=routing_key,
+            ) from None
+
+    def _on_settled(self, out: Outgoing) -> None:
+        self._window.release(len(out.body))
+
+    def _sweep(self) -> None:
+        self._sweep_handle = None
+        now = self._loop.time()
+        self._tracker.expire(now, iter(self._waiting))
+        if self._waiting:
+            self._waiting = deque(out for out in self._waiting if not out.settled)
+        if self._window.count:
+            self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
+    def _outstanding(self) -> list[Outgoing]:
+        return [*self._tracker, *self._waiting]
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every message is settled; False if some are still pending at `timeout`."""
+        outstanding = [out.future for out in self._outstanding()]
+        if not outstanding:
+            return True
+        done, pending = await asyncio.wait(outstanding, timeout=timeout)
+        for fut in done:
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the caller of send() owns the error
+        return not pending
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` for outstanding confirms, then fail whatever is left."""
+        if timeout > 0:
+            await self.wait_idle(timeout)
+        self._closed = True
+        for out in self._outstanding():
+            self._tracker.fail(out, ConnectionLostError, f"not confirmed before close; {MAYBE}")
+        self._waiting.clear()
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        self._lane = None
+        await self._channel.close()

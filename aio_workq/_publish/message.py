@@ -1,0 +1,301 @@
+"""What a publish may say about its message: typed options, checked and turned into properties."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from collections.abc import Awaitable, Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from .._exceptions import (
+    ConfigurationError,
+    PublishTimeoutError,
+    SerializationError,
+    WorkqError,
+)
+from .._hooks import Hooks, PublishInfo
+from .._link.delay import delay_ticks
+from .._link.delay import routing_key as delayed_key
+from .._wire.frames import Properties
+from .serialization import encode_body
+
+if TYPE_CHECKING:
+    from .._link.topology import Exchange, Queue, Router
+    from .confirms import ConfirmPublisher
+
+__all__ = ("PublishOptions", "Sender", "build_message", "new_message_id", "settle_in_order")
+
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+async def settle_in_order(
+    outcomes: list[asyncio.Future[str] | WorkqError],
+) -> list[str | BaseException]:
+    """Wait for every confirm among `outcomes`; each slot becomes its message id or its error
+    (a send's error stays as it is)."""
+    confirms = [o for o in outcomes if isinstance(o, asyncio.Future)]
+    settled = iter(await asyncio.gather(*confirms, return_exceptions=True))
+    return [next(settled) if isinstance(o, asyncio.Future) else o for o in outcomes]
+
+
+def new_message_id() -> str:
+    """A message id unique across processes: a random per-process prefix and a counter."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+class PublishOptions(TypedDict, total=False):
+    """The keyword arguments every publish takes (`send`, `publish`, `publish_many`,
+    `Job.forward`); mypy checks them in your code."""
+
+    headers: Mapping[str, Any] | None
+    """Message headers: str keys; str, bytes, int, float, bool, None, datetime, Decimal, or
+    lists and dicts of those."""
+    message_id: str | None
+    """Defaults to a fresh unique id."""
+    mandatory: bool
+    """Raise `UnroutableError` when no queue receives the message (default True)."""
+    timeout: float | None
+    """Seconds from the call to the confirm (declaration and window included)."""
+    priority: int | None
+    """0-255, for queues declared with `x-max-priority`."""
+    expiration: float | timedelta | None
+    """Per-message TTL, in seconds."""
+    correlation_id: str | None
+    reply_to: str | None
+    message_type: str | None
+    content_type: str | None
+    """Overrides the content type derived from the body."""
+    timestamp: datetime | None
+    persistent: bool
+    """Written to disk by the broker (default True)."""
+    delay: float | timedelta | None
+    """Seconds the broker holds the message before it reaches its queue (100 ms precision,
+    rounded up; never early). Publishes to a queue only; not with `expiration`."""
+
+
+_KNOWN = frozenset(PublishOptions.__annotations__)
+
+
+def build_message(
+    body: Any, options: Mapping[str, Any]
+) -> tuple[bytes, Properties, bool, float | None]:
+    """`(body bytes, properties, mandatory, timeout)` from a body and `PublishOptions`.
+
+    Raises:
+        ConfigurationError: an unknown option, or an option of the wrong kind.
+        SerializationError: the body can't be encoded.
+    """
+    if options and not _KNOWN.issuperset(options):
+        unknown = options.keys() - _KNOWN
+        raise ConfigurationError(
+            f"unknown publish option(s) {', '.join(sorted(unknown))}; the options are: "
+            f"{', '.join(sorted(_KNOWN))}"
+        )
+    data, content_type = encode_body(body)
+    expiration = options.get("expiration")
+    timestamp = options.get("timestamp")
+    timeout = options.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    props = Properties(
+        message_id=options.get("message_id") or new_message_id(),
+        content_type=options.get("content_type") or content_type,
+        headers=options.get("headers"),
+        delivery_mode=2 if options.get("persistent", True) else 1,
+        priority=options.get("priority"),
+        correlation_id=options.get("correlation_id"),
+        reply_to=options.get("reply_to"),
+        expiration=None if expiration is None else _milliseconds(expiration),
+        timestamp=None if timestamp is None else _seconds(timestamp),
+        type=options.get("message_type"),
+    )
+    return data, props, bool(options.get("mandatory", True)), timeout
+
+
+def _milliseconds(expiration: object) -> str:
+    if isinstance(expiration, timedelta):
+        expiration = expiration.total_seconds()
+    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or expiration < 0:
+        raise SerializationError(
+            f"expiration must be seconds (a number >= 0 or a timedelta), got {expiration!r}"
+        )
+    return str(round(expiration * 1000))
+
+
+def _seconds(timestamp: object) -> int:
+    if not isinstance(timestamp, datetime):
+        raise SerializationError(f"timestamp must be a datetime, got {timestamp!r}")
+    return int(timestamp.timestamp())
+
+
+class Sender:
+    """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
+    `Forwarder` of a worker's jobs."""
+
+    __slots__ = ("_hooks", "_publisher", "_router", "_timeout")
+
+    def __init__(
+        self,
+        publisher: ConfirmPublisher,
+        router: Router,
+        timeout: float,
+        hooks: Hooks | None = None,
+    ) -> None:
+        self._publisher = publisher
+        self._router = router
+        self._timeout = timeout
+        self._hooks = hooks
+
+    async def forward(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: Mapping[str, Any],
+    ) -> asyncio.Future[str]:
+        """Send one message; returns its confirm. The declaration counts against its timeout.
+
+        Raises:
+            ConfigurationError, SerializationError: bad input; nothing was sent.
+            TopologyError: the destination can't be declared.
+            PublishTimeoutError: no declaration, window room or channel within the timeout.
+        """
+        data, props, mandatory, timeout = build_message(body, options)
+        timeout = self._timeout if timeout is None else timeout
+        router = self._router
+        delay = options.get("delay")
+        ticks = 0 if delay is None else delay_ticks(delay)
+        destination: tuple[str, str] | None
+        if ticks:
+            queue = _delayed_queue(queue, exchange, routing_key, options)
+            name = queue.name if not isinstance(queue, str) else queue
+            key = delayed_key(ticks, name)
+            ladder = router.delays
+            ready = ladder.ready_for(name) and router.lookup(queue, "", None) is not None
+            destination = (ladder.exchange_for(ticks), key) if ready else None
+        else:
+            destination = router.lookup(queue, exchange, routing_key)
+        if destination is None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    if ticks:
+                        _, name = await router.destination(queue, "", None)
+                        await router.delays.prepare(name)
+                        key = delayed_key(ticks, name)
+                        destination = (router.delays.exchange_for(ticks), key)
+                    else:
+                        destination = await router.destination(queue, exchange, routing_key)
+            except TimeoutError:
+                raise PublishTimeoutError(
+                    f"message {props.message_id}: its destination could not be declared within "
+                    f"{timeout:g} s (the connection is down, or the broker does not answer); "
+                    "nothing was sent",
+                    message_id=props.message_id,
+                    routing_key=routing_key or "",
+                ) from None
+            timeout = max(0.001, deadline - loop.time())
+        target_exchange, key = destination
+        if self._hooks is not None:
+            return await self._hooked(target_exchange, key, data, props, mandatory, timeout)
+        return await self._publisher.send(
+            target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
+        )
+
+    async def forward_many(
+        self,
+        bodies: Iterable[Any],
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: dict[str, Any],
+        return_exceptions: bool,
+    ) -> list[Any]:
+        """Send every message pipelined within the window and wait for every confirm, all
+        within one timeout (`Producer.publish_many`)."""
+        if options.get("message_id"):
+            raise ConfigurationError("publish_many gives each message its own message_id")
+        loop = asyncio.get_running_loop()
+        timeout = options.get("timeout")
+        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        outcomes: list[asyncio.Future[str] | WorkqError] = []
+        for body in bodies:
+            options["timeout"] = max(deadline - loop.time(), 0.001)
+            try:
+                outcomes.append(await self.forward(body, queue, exchange, routing_key, options))
+            except WorkqError as exc:
+                if not return_exceptions:
+                    # Settle what was sent before raising: no confirm is left unobserved.
+                    await asyncio.gather(
+                        *(o for o in outcomes if isinstance(o, asyncio.Future)),
+                        return_exceptions=True,
+                    )
+                    raise
+                outcomes.append(exc)
+        results = await settle_in_order(outcomes)
+        if not return_exceptions:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return results
+
+    async def _hooked(
+        self,
+        exchange: str,
+        routing_key: str,
+        data: bytes,
+        props: Properties,
+        mandatory: bool,
+        timeout: float,
+    ) -> asyncio.Future[str]:
+        """`send` through the hooks: they see the message and may add headers."""
+        assert self._hooks is not None
+        info = PublishInfo(
+            exchange=exchange,
+            routing_key=routing_key,
+            message_id=props.message_id,
+            headers=dict(props.headers or {}),
+            body_size=len(data),
+            window=self._publisher.window_size,
+        )
+
+        def send(headers: dict[str, Any]) -> Awaitable[asyncio.Future[str]]:
+            props.headers = headers or None
+            return self._publisher.send(
+                exchange, routing_key, data, props, mandatory=mandatory, timeout=timeout
+            )
+
+        return await self._hooks.publish(send, info)
+
+
+def _delayed_queue(
+    queue: str | Queue | None,
+    exchange: str | Exchange,
+    routing_key: str | None,
+    options: Mapping[str, Any],
+) -> str | Queue:
+    """The queue a delayed message goes to.
+
+    Raises:
+        ConfigurationError: the message goes to an exchange, or has an expiration too.
+    """
+    if options.get("expiration") is not None:
+        raise ConfigurationError(
+            "delay= and expiration= can't be combined: the expiration would cut the delay "
+            "short; drop one of them"
+        )
+    if exchange:
+        raise ConfigurationError(
+            "delay= publishes to a queue (queue='name'); a delayed message can't go through "
+            "an exchange: publish it delayed to a queue bound to what the exchange routes to"
+        )
+    if queue is not None:
+        return queue
+    if routing_key:
+        return routing_key
+    raise ConfigurationError("nowhere to publish: pass queue='name'")

@@ -1,0 +1,130 @@
+"""Settling a consuming channel's deliveries: acks coalesced once per event-loop iteration.
+
+Deliveries are tracked in delivery order. At each flush, the completed prefix of tags is acked
+with one `multiple=True` ack; completed deliveries behind one still running are acked singly;
+nacks go out in the order they were asked for. On aio-workq's own connections the frames go
+through the connection's ordered `FrameWriter`; otherwise through aiormq's public
+`basic_ack` / `basic_nack`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiormq
+
+from .frames import ack_frame, nack_frame
+from .writer import FrameWriter, Gate
+
+__all__ = ("Acker",)
+
+log = logging.getLogger("aio_workq")
+
+_ACK, _NACK = 0, 1
+
+
+class Acker:
+    """Settles the deliveries of one channel, each exactly once."""
+
+    __slots__ = (
+        "_gate",
+        "_handle",
+        "_loop",
+        "_ops",
+        "_tasks",
+        "_unsettled",
+        "_writer",
+        "channel",
+    )
+
+    def __init__(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        writer: tuple[FrameWriter, Gate] | None,
+    ) -> None:
+        self.channel = channel
+        self._writer: FrameWriter | None = writer[0] if writer is not None else None
+        self._gate: Gate | None = writer[1] if writer is not None else None
+        self._loop = asyncio.get_running_loop()
+        self._unsettled: dict[int, bool] = {}  # delivery tag -> completed, in delivery order
+        self._ops: list[tuple[int, int, bool]] = []  # (kind, tag, multiple or requeue)
+        self._handle: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def unsettled(self) -> int:
+        return len(self._unsettled)
+
+    def track(self, tag: int) -> None:
+        self._unsettled[tag] = False
+
+    def ack(self, tag: int) -> None:
+        if tag in self._unsettled:
+            self._unsettled[tag] = True
+            self._schedule()
+
+    def nack(self, tag: int, *, requeue: bool) -> None:
+        """Nack `tag` unless it was settled already (an ack asked for wins)."""
+        if self._unsettled.get(tag) is False:
+            del self._unsettled[tag]
+            self._ops.append((_NACK, tag, requeue))
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if self._handle is None:
+            self._handle = self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._handle = None
+        if self.channel.is_closed:
+            # The broker requeues everything unacked on a closed channel: the documented
+            # duplicate case, never a loss.
+            self._unsettled.clear()
+            self._ops.clear()
+            return
+        unsettled = self._unsettled
+        last = 0
+        for tag, done in unsettled.items():
+            if not done:
+                break
+            last = tag
+        ops = self._ops
+        if last:
+            for tag in [tag for tag in unsettled if tag <= last]:
+                del unsettled[tag]
+            ops.append((_ACK, last, True))
+        if any(unsettled.values()):
+            for tag in [tag for tag, done in unsettled.items() if done]:
+                del unsettled[tag]
+                ops.append((_ACK, tag, False))
+        if not ops:
+            return
+        self._ops = []
+        if self._writer is not None:
+            assert self._gate is not None
+            number = self.channel.number
+            self._writer.write(
+                self._gate,
+                b"".join(
+                    ack_frame(number, tag, flag) if kind == _ACK else nack_frame(number, tag, flag)
+                    for kind, tag, flag in ops
+                ),
+            )
+            return
+        for kind, tag, flag in ops:  # tasks start in order: aiormq's write queue keeps it
+            task: asyncio.Task[Any] = self._loop.create_task(self._plain(kind, tag, flag))
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+
+    async def _plain(self, kind: int, tag: int, flag: bool) -> None:
+        if kind == _ACK:
+            await self.channel.basic_ack(tag, multiple=flag, wait=False)
+        else:
+            await self.channel.basic_nack(tag, requeue=flag, wait=False)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.debug("an ack was not written (the channel closed: the broker redelivers): %r", exc)

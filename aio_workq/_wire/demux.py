@@ -1,0 +1,352 @@
+"""The hot paths' reader: deliveries and confirms taken off the socket before aiormq parses them.
+
+aiormq reads every frame with three awaited `readexactly` calls, unmarshals it with pamqp into
+objects, and passes it through two `asyncio.Queue`s (connection, then channel) before a consumer
+or a publisher sees it: about half of a worker's CPU per message. A `FrameDemux` stands in for
+the `asyncio.StreamReader` that aiormq's frame receiver reads from. It reads the socket in large
+chunks and splits them into frames. On the channels attached to it, it takes
+- `Basic.Deliver` with its content header and body, handed to the worker as a `Delivery`
+  (properties are decoded by pamqp only when something reads them);
+- `Basic.Ack` / `Basic.Nack` (publisher confirms) and `Basic.Return` with its content, handed to
+  the channel's `ConfirmPublisher`, which settles by delivery tag (`multiple` honoured).
+Every other frame is passed on to aiormq byte for byte, in order.
+
+aiormq also takes the time of the last frame it read as the connection's sign of life; while
+frames are taken here it sees none, so the demux passes it `alive_frame` (a heartbeat) now and
+then: reliance 3 in `_seams`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp import commands
+from pamqp.header import ContentHeader
+
+from .frames import decode_header
+
+__all__ = ("Confirms", "Delivery", "FrameDemux", "Tap")
+
+_FRAME = struct.Struct(">BHI")  # type, channel, payload size
+_METHOD_ID = struct.Struct(">HH")  # class, method
+_TAG_BITS = struct.Struct(">QB")  # delivery tag, bits (multiple first)
+_U16 = struct.Struct(">H")
+_U64 = struct.Struct(">Q")
+_BODY_SIZE = struct.Struct(">Q")
+_FLAGS = struct.Struct(">H")
+_METHOD, _HEADER, _BODY = 1, 2, 3
+_FRAME_END = 0xCE
+_BASIC = 60
+_CHANNEL, _CLOSE, _CLOSE_OK = 20, 40, 41
+_RETURN, _DELIVER, _ACK, _NACK = 50, 60, 80, 120
+_REPLY_TO_FLAG = 1 << 9
+_READ_SIZE = 1 << 18
+_ALIVE_EVERY = 1.0  # seconds between heartbeats passed to aiormq while deliveries are taken
+
+log = logging.getLogger("aio_workq")
+
+OnDelivery = Callable[["Delivery"], None]
+
+
+class Delivery:
+    """One message delivered to a consumer, with its properties decoded on first use."""
+
+    __slots__ = (
+        "_header",
+        "_properties",
+        "body",
+        "channel",
+        "consumer_tag",
+        "delivery_tag",
+        "exchange",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        header: bytes | ContentHeader,
+        body: bytes,
+    ) -> None:
+        self.channel = channel
+        self.consumer_tag = consumer_tag
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self._header = header
+        self._properties: commands.Basic.Properties | None = None
+        self.body = body
+
+    @classmethod
+    def of(cls, message: DeliveredMessage) -> Delivery:
+        """The same, from a message aiormq delivered (a connection without a demux)."""
+        deliver = message.delivery
+        assert isinstance(deliver, commands.Basic.Deliver)
+        return cls(
+            message.channel,
+            deliver.consumer_tag or "",
+            deliver.delivery_tag or 0,
+            bool(deliver.redelivered),
+            deliver.exchange,
+            deliver.routing_key or "",
+            message.header,
+            message.body,
+        )
+
+    @property
+    def header(self) -> ContentHeader:
+        header = self._header
+        if isinstance(header, bytes):
+            self._header = header = decode_header(header)
+        return header
+
+    @property
+    def properties(self) -> commands.Basic.Properties:
+        return self.header.properties
+
+    @property
+    def reply_to(self) -> str | None:
+        """`properties.reply_to`, without decoding the properties when the flag is not set."""
+        header = self._header
+        if isinstance(header, bytes) and not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
+            return None
+        return self.properties.reply_to
+
+    def message(self) -> DeliveredMessage:
+        """As aiormq would have delivered it."""
+        deliver = commands.Basic.Deliver(
+            consumer_tag=self.consumer_tag,
+            delivery_tag=self.delivery_tag,
+            redelivered=self.redelivered,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+        )
+        return DeliveredMessage(
+            delivery=deliver, header=self.header, body=self.body, channel=self.channel
+        )
+
+
+class Confirms(Protocol):
+    """Takes the publisher confirms and returns of a channel (`ConfirmPublisher`)."""
+
+    def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None: ...
+
+    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None: ...
+
+
+class Tap:
+    """A channel whose deliveries and/or confirms the demux takes: the content being assembled.
+
+    `open` turns False as soon as the broker's `Channel.Close` (or `Close-Ok`) for the channel
+    arrives, before aiormq sees it, or when aio-workq closes the channel itself: the
+    `FrameWriter` then drops frames still buffered for it, so none reaches the broker after the
+    channel's number is freed (which would close the whole connection).
+    """
+
+    __slots__ = (
+        "body_size",
+        "channel",
+        "confirms",
+        "header",
+        "on_delivery",
+        "open",
+        "parts",
+        "pending",
+        "returned",
+    )
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+        self.open = True
+        self.on_delivery: OnDelivery | None = None
+        self.confirms: Confirms | None = None
+        # The method whose content comes next: a delivery's fields, or a return's.
+        self.pending: tuple[str, int, bool, str, str] | None = None
+        self.returned: tuple[int, str] | None = None  # reply code and text, for a return
+        self.header = b""
+        self.body_size = 0
+        self.parts: list[bytes] = []
+
+    def take(self, kind: int, data: bytearray, start: int, end: int) -> bool:
+        """Handle one frame's payload `data[start:end]`; False leaves the frame to aiormq."""
+        if kind == _METHOD:
+            if self.pending is not None or self.channel.is_closed:
+                if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
+                    self.open = False
+                return False
+            class_id, method_id = _METHOD_ID.unpack_from(data, start)
+            if class_id != _BASIC:
+                if class_id == _CHANNEL and method_id in (_CLOSE, _CLOSE_OK):
+                    self.open = False
+                return False
+            if method_id == _DELIVER and self.on_delivery is not None:
+                self._start_delivery(data, start + 4)
+                return True
+            confirms = self.confirms
+            if confirms is None:
+                return False
+            if method_id == _ACK or method_id == _NACK:
+                tag, bits = _TAG_BITS.unpack_from(data, start + 4)
+                try:
+                    confirms.on_confirm(tag, bool(bits & 1), method_id == _ACK)
+                except Exception:  # the reader must go on
+                    log.exception("settling the confirm of delivery tag %d failed", tag)
+                return True
+            if method_id == _RETURN:
+                reply_code = _U16.unpack_from(data, start + 4)[0]
+                reply_text, pos = _shortstr(data, start + 6)
+                exchange, pos = _shortstr(data, pos)
+                routing_key, _ = _shortstr(data, pos)
+                self.returned = (reply_code, reply_text)
+                self.pending = ("", 0, False, exchange, routing_key)
+                return True
+            return False
+        if self.pending is None:
+            return False  # the content of a frame aiormq handles (a basic.get)
+        if kind == _HEADER and not self.header:
+            self.header = bytes(data[start:end])
+            self.body_size = _BODY_SIZE.unpack_from(data, start + 4)[0]
+            if self.body_size == 0:
+                self._complete(b"")
+            return True
+        if kind == _BODY and self.header:
+            self.parts.append(bytes(data[start:end]))
+            self.body_size -= end - start
+            if self.body_size <= 0:
+                parts, self.parts = self.parts, []
+                self._complete(parts[0] if len(parts) == 1 else b"".join(parts))
+            return True
+        return False
+
+    def _start_delivery(self, data: bytearray, pos: int) -> None:
+        consumer_tag, pos = _shortstr(data, pos)
+        delivery_tag = _U64.unpack_from(data, pos)[0]
+        redelivered = bool(data[pos + 8] & 1)
+        exchange, pos = _shortstr(data, pos + 9)
+        routing_key, _ = _shortstr(data, pos)
+        self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+
+    def _complete(self, body: bytes) -> None:
+        fields, self.pending = self.pending, None
+        returned, self.returned = self.returned, None
+        header, self.header = self.header, b""
+        assert fields is not None
+        message = Delivery(self.channel, *fields, header, body)
+        try:
+            if returned is not None:
+                assert self.confirms is not None
+                self.confirms.on_return(*returned, message)
+            else:
+                assert self.on_delivery is not None
+                self.on_delivery(message)
+        except Exception:  # the reader must go on; the broker redelivers when the channel closes
+            log.exception("a consumer of channel %d failed to take a delivery", self.channel.number)
+
+
+def _shortstr(data: bytearray, pos: int) -> tuple[str, int]:
+    """An AMQP short string at `pos`, and the position after it."""
+    size = data[pos]
+    return data[pos + 1 : pos + 1 + size].decode(), pos + 1 + size
+
+
+class FrameDemux:
+    """Reads the socket for aiormq's frame receiver, taking the deliveries of attached channels.
+
+    Implements the part of `asyncio.StreamReader` that aiormq uses: `readexactly`, `read`
+    and `at_eof`.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, *, alive_frame: bytes) -> None:
+        self._reader = reader
+        self._alive_frame = alive_frame
+        self._loop = asyncio.get_running_loop()
+        self._raw = bytearray()  # read from the socket, not yet split into frames
+        self._out = bytearray()  # whole frames for aiormq
+        self._taps: dict[int, Tap] = {}
+        self._alive_at = 0.0
+
+    def attach(
+        self,
+        channel: AbstractChannel,
+        *,
+        on_delivery: OnDelivery | None = None,
+        confirms: Confirms | None = None,
+    ) -> Tap:
+        """Hand `channel`'s deliveries to `on_delivery` and/or its publisher confirms and
+        returns to `confirms`, until the channel closes. Returns the channel's tap, which the
+        `FrameWriter` checks before writing aio-workq's frames for the channel."""
+        number = channel.number
+        tap = self._taps.get(number)
+        if tap is None or tap.channel is not channel:
+            new = self._taps[number] = Tap(channel)
+            channel.closing.add_done_callback(lambda _: self._detach(number, new))
+            tap = new
+        if on_delivery is not None:
+            tap.on_delivery = on_delivery
+        if confirms is not None:
+            tap.confirms = confirms
+        return tap
+
+    def _detach(self, number: int, tap: Tap) -> None:
+        tap.open = False
+        if self._taps.get(number) is tap:
+            del self._taps[number]
+
+    def at_eof(self) -> bool:
+        return not self._out and self._reader.at_eof()
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._out) < n:
+            await self._fill(n)
+        data = bytes(self._out[:n])
+        del self._out[:n]
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        while not self._out:
+            await self._fill(1)
+        size = len(self._out) if n < 0 else min(n, len(self._out))
+        data = bytes(self._out[:size])
+        del self._out[:size]
+        return data
+
+    async def _fill(self, wanted: int) -> None:
+        chunk = await self._reader.read(_READ_SIZE)
+        if not chunk:
+            raise asyncio.IncompleteReadError(bytes(self._out), wanted)
+        raw = self._raw
+        raw += chunk
+        if not self._taps:
+            self._out += raw
+            raw.clear()
+            return
+        taps, out, size, pos, taken = self._taps, self._out, len(raw), 0, False
+        while size - pos >= 8:
+            kind, number, length = _FRAME.unpack_from(raw, pos)
+            end = pos + 7 + length
+            if end >= size:
+                break
+            tap = taps.get(number)
+            if tap is not None and raw[end] == _FRAME_END and tap.take(kind, raw, pos + 7, end):
+                taken = True
+            else:
+                out += raw[pos : end + 1]
+            pos = end + 1
+        del raw[:pos]
+        if taken:
+            now = self._loop.time()
+            if now - self._alive_at >= _ALIVE_EVERY:
+                self._alive_at = now
+                out += self._alive_frame

@@ -1,0 +1,68 @@
+"""Where aio-workq meets aiormq: the one public extension point it uses, and every reliance left.
+
+aio-workq writes no aiormq or aio-pika private attribute. Its fast path plugs into aiormq through
+the public `aiormq.connection.TransportFactory` (a constructor argument of `aiormq.Connection`):
+`WireFactory` opens aiormq's own TCP/TLS stream, and hands aiormq a `FrameDemux` as the reader,
+keeping the writer for aio-workq's own frames. What aio-workq owns from then on:
+
+- the delivery tags, pending confirms and returns of its publishing channels (`_tracker`);
+- the acks of its consuming channels (`_acker`);
+- one ordered `FrameWriter` per connection for those frames (`_writer`).
+
+The reliances that remain, each on aiormq behaviour that is not a documented promise; each is
+covered by tests that run on every aiormq version the project supports (`make canary` runs them
+against the newest releases):
+
+1. aiormq's `FrameReceiver` reads its stream with `readexactly()` only (plus `read()` and
+   `at_eof()` on some paths): `FrameDemux` implements exactly those (`tests/test_demux.py`).
+2. aiormq writes each of its frames with one `StreamWriter.write()` call of whole frames, so
+   aio-workq's writes on the same stream interleave with aiormq's at frame boundaries
+   (AMQP allows frames of different channels to interleave).
+3. aiormq takes the time of the last frame it read as the connection's sign of life. Frames the
+   demux takes never reach it, so the demux passes it a heartbeat frame (`ALIVE_FRAME`) at most
+   once a second while it takes frames; aiormq ignores heartbeats other than noting the time
+   (`tests/test_worker.py::test_a_steady_stream_of_deliveries_keeps_the_connection_alive`).
+4. A channel opened with `publisher_confirms=True` on which aio-workq publishes is not published
+   on by aiormq, so the broker's delivery tags on it are the ones aio-workq counts; the confirms
+   and returns of that channel are taken by the demux and never reach aiormq.
+5. `aiormq.Connection.connection_tune.frame_max` is the negotiated frame size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
+from yarl import URL
+
+from .demux import FrameDemux
+from .writer import FrameWriter
+
+__all__ = ("ALIVE_FRAME", "Wire", "WireFactory")
+
+ALIVE_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"  # a heartbeat frame, for reliance 3
+
+
+class Wire:
+    """aio-workq's side of one aiormq connection: the frame demux and the ordered writer."""
+
+    __slots__ = ("demux", "writer")
+
+    def __init__(self, demux: FrameDemux, writer: FrameWriter) -> None:
+        self.demux = demux
+        self.writer = writer
+
+
+class WireFactory(TransportFactory):
+    """aiormq's TCP/TLS transport, with the reader wrapped in a `FrameDemux`; one per attempt."""
+
+    def __init__(self) -> None:
+        self.wire: Wire | None = None
+
+    async def create(self, url: URL, **kwargs: Any) -> tuple[Any, asyncio.StreamWriter]:
+        base = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
+        reader, writer = await base.create(url, **kwargs)
+        demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)
+        self.wire = Wire(demux, FrameWriter(writer))
+        return demux, writer
