@@ -4,6 +4,11 @@ Starts a RabbitMQ node of its own (scripts/broker.py, in a temporary directory, 
 runs every workload for every system — each run in a fresh process, systems alternating, with
 repeats — then writes `bench/results/latest.json`, `docs/benchmarks.md` and `docs/img/bench_*.png`.
 `--quick` is the few-minutes version; a full run takes about half an hour on 2 cores.
+
+`--against [REV]` compares the working tree with a reference commit instead (default: the one in
+`bench/REFERENCE`): aio_workq, aio_workq@REV and raw aiormq alternate on one broker, and the
+table says, per workload and queue type, whether the working tree is within 10 % of the
+reference (bench/reference.py). It writes `bench/results/against-REV.json`, not the docs.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from typing import Any
 
 import aiormq
 
+from bench import reference
 from bench.report import charts, markdown, summarize
-from bench.runner import REPO_ROOT, SYSTEMS, Plan, Record, run_all
+from bench.runner import BASELINE, OURS, REPO_ROOT, SYSTEMS, Launcher, Plan, Record, run_all
 from bench.systems._common import PAYLOAD_SIZE, QUEUE_TYPES, WORKLOADS
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -74,12 +80,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", help="use this broker instead of starting a node of our own")
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON results")
     parser.add_argument(
+        "--against",
+        nargs="?",
+        const="",
+        metavar="REV",
+        help="compare the working tree with commit REV (default: bench/REFERENCE) "
+        "on publish, consume and chain; exit 3 if it is more than 10%% slower",
+    )
+    parser.add_argument(
         "--report-only",
         type=Path,
         metavar="JSON",
         help="regenerate docs/benchmarks.md and the charts from a results file; run nothing",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.against is not None:
+        if args.systems or args.report_only:
+            parser.error(
+                "--against runs aio_workq, aio_workq@REV and aiormq_raw: drop --systems "
+                "and --report-only"
+            )
+        extra = [w for w in args.workloads or () if w not in reference.WORKLOADS]
+        if extra:
+            parser.error(
+                f"--against compares rates: workloads {', '.join(reference.WORKLOADS)} "
+                f"(not {', '.join(extra)})"
+            )
+        args.workloads = args.workloads or reference.WORKLOADS
+    return args
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -147,7 +175,7 @@ def progress(total: int) -> Any:
         done += 1
         head = (
             f"[{done:>3}/{total}] {record['workload']:<8} {record['queue_type']:<7} "
-            f"{record['system']:<16} #{record.get('repeat', 0)}"
+            f"{record['system']:<18} #{record.get('repeat', 0)}"
         )
         status = record["status"]
         if status == "ok" and record["workload"] == "latency":
@@ -174,7 +202,12 @@ def planned_runs(plan: Plan) -> int:
     )
 
 
-async def measure(url: str, plan: Plan, log_dir: Path) -> tuple[dict[str, Any], list[Record]]:
+async def measure(
+    url: str,
+    plan: Plan,
+    log_dir: Path,
+    launchers: dict[str, Launcher] | None = None,
+) -> tuple[dict[str, Any], list[Record]]:
     meta: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
@@ -184,7 +217,7 @@ async def measure(url: str, plan: Plan, log_dir: Path) -> tuple[dict[str, Any], 
         "versions": versions(),
         "broker": await broker_info(url),
     }
-    records = await run_all(url, plan, log_dir, progress(planned_runs(plan)))
+    records = await run_all(url, plan, log_dir, progress(planned_runs(plan)), launchers)
     return meta, records
 
 
@@ -207,12 +240,73 @@ def write_outputs(
     print(f"wrote {DOC.relative_to(REPO_ROOT)} and {len(images)} charts", file=sys.stderr)
 
 
-async def _measure(url: str, plan: Plan, log_dir: Path) -> tuple[dict[str, Any], list[Record]]:
+async def _measure(
+    url: str, plan: Plan, log_dir: Path, launchers: dict[str, Launcher] | None
+) -> tuple[dict[str, Any], list[Record]]:
     """`measure`, cancelled cleanly by SIGTERM (the broker node is then stopped as on Ctrl-C)."""
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    return await measure(url, plan, log_dir)
+    return await measure(url, plan, log_dir, launchers)
+
+
+def run_measure(
+    url: str | None,
+    plan: Plan,
+    log_dir: Path,
+    launchers: dict[str, Launcher] | None = None,
+) -> tuple[dict[str, Any], list[Record]]:
+    """`measure` on url, or on a RabbitMQ node of its own started for the run.
+
+    Raises:
+        asyncio.CancelledError: the bench got SIGTERM.
+    """
+    if url:
+        return asyncio.run(_measure(url, plan, log_dir, launchers))
+    from scripts.broker import LocalBroker, ensure_installed
+
+    ensure_installed()
+    with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
+        node = LocalBroker(Path(tmp), name="workqbench")
+        print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)
+        with node:
+            return asyncio.run(_measure(node.url, plan, log_dir, launchers))
+
+
+REGRESSED = 3
+"""Exit status of `--against` when the working tree is slower than the rule allows."""
+
+
+def against(args: argparse.Namespace, log_dir: Path, results: Path = RESULTS) -> int:
+    """The reference comparison: build (or reuse) the reference, run, print the verdicts.
+
+    Writes `against-REV.json` into results; returns the exit status (0 PASS, 1 failed runs,
+    2 no reference, `REGRESSED`).
+    """
+    try:
+        ref = reference.prepare(args.against or reference.default_rev())
+    except reference.ReferenceError as exc:
+        print(f"bench --against: {exc}", file=sys.stderr)
+        return 2
+    log_dir.mkdir(parents=True, exist_ok=True)
+    base = make_plan(args)
+    plan = dataclasses.replace(base, systems=(OURS, ref.system, BASELINE))
+    meta, records = run_measure(args.url, plan, log_dir, {ref.system: ref.launcher})
+    meta["reference"] = ref.describe()
+    rows = reference.verdicts(records, ref.system)
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"against-{ref.label}.json"
+    out.write_text(json.dumps({"meta": meta, "runs": records, "verdicts": rows}, indent=1) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    print(reference.table(rows, ref, meta["plan"]), flush=True)
+    verdict = reference.outcome(rows)
+    print(f"against {ref.system}: {verdict}", flush=True)
+    failed = [r for r in records if r["status"] == "error"]
+    if failed:
+        print(f"{len(failed)} run(s) failed: see {log_dir}", file=sys.stderr)
+    if failed or verdict == reference.MISSING:
+        return 1
+    return REGRESSED if verdict == reference.REGRESSION else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,21 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.report_only.read_text())
         write_outputs(saved["meta"], saved["runs"], results=False)
         return 0
-    plan = make_plan(args)
     log_dir = RESULTS / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        if args.url:
-            meta, records = asyncio.run(_measure(args.url, plan, log_dir))
-        else:
-            from scripts.broker import LocalBroker, ensure_installed
-
-            ensure_installed()
-            with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
-                node = LocalBroker(Path(tmp), name="workqbench")
-                print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)
-                with node:
-                    meta, records = asyncio.run(_measure(node.url, plan, log_dir))
+        if args.against is not None:
+            return against(args, log_dir)
+        meta, records = run_measure(args.url, make_plan(args), log_dir)
     except asyncio.CancelledError:
         print("bench terminated (SIGTERM): nothing written", file=sys.stderr)
         return 128 + signal.SIGTERM

@@ -17,7 +17,7 @@ import os
 import secrets
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,31 @@ EXIT_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 15.0
 
 Record = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Launcher:
+    """How a system's process starts: interpreter, module, working directory and import path.
+
+    The default runs `bench.systems.<name>` with this interpreter from the working tree. The
+    reference commit's system (`bench.reference`) runs the same module with the reference's own
+    interpreter from a directory that holds only the bench, so that `aio_workq` is imported from
+    the reference tree and not from the working tree.
+    """
+
+    module: str
+    python: str = sys.executable
+    cwd: Path = REPO_ROOT
+    pythonpath: Path = REPO_ROOT
+
+    @classmethod
+    def default(cls, system: str) -> Launcher:
+        return cls(module=f"bench.systems.{system}")
+
+    def env(self) -> dict[str, str]:
+        path = os.environ.get("PYTHONPATH")
+        here = str(self.pythonpath)
+        return {**os.environ, "PYTHONPATH": f"{here}{os.pathsep}{path}" if path else here}
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,19 +125,24 @@ class Run:
     prefetch: int = 100
     latency_rate: float = 1_000.0
     """msg/s the feeder offers in the latency workload."""
+    launcher: Launcher | None = None
+    """How to start the system's process (default: `Launcher.default(system)`)."""
     queue: str = field(init=False)
 
     def __post_init__(self) -> None:
         token = secrets.token_hex(3)
         self.queue = f"bench.{self.workload}.{self.queue_type}.{self.system}.{self.repeat}.{token}"
+        if self.launcher is None:
+            self.launcher = Launcher.default(self.system)
 
     @property
     def forward_queue(self) -> str:
         return f"{self.queue}.out"
 
     def command(self, url: str, *, feed: bool = False, rate: float | None = None) -> list[str]:
+        assert self.launcher is not None
         cmd = [
-            sys.executable, "-m", f"bench.systems.{self.system}",
+            self.launcher.python, "-m", self.launcher.module,
             "--url", url,
             "--workload", "feed" if feed else self.workload,
             "--queue", self.queue,
@@ -128,14 +158,6 @@ class Run:
 
 class RunError(Exception):
     """The run failed; the message says how (with the system's last log lines)."""
-
-
-def _env() -> dict[str, str]:
-    path = os.environ.get("PYTHONPATH")
-    return {
-        **os.environ,
-        "PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT),
-    }
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -154,15 +176,16 @@ class _Process:
         self.log = log
 
     @classmethod
-    async def start(cls, cmd: Sequence[str], log: Path) -> _Process:
+    async def start(cls, run: Run, cmd: Sequence[str], log: Path) -> _Process:
+        launcher = run.launcher or Launcher.default(run.system)
         with log.open("ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
-                cwd=REPO_ROOT,
-                env=_env(),
+                cwd=launcher.cwd,
+                env=launcher.env(),
             )
         return cls(proc, log)
 
@@ -214,7 +237,7 @@ class _Process:
 
 
 async def _feed(run: Run, url: str, log: Path, rate: float | None = None) -> None:
-    proc = await _Process.start(run.command(url, feed=True, rate=rate), log)
+    proc = await _Process.start(run, run.command(url, feed=True, rate=rate), log)
     try:
         record = await proc.result(READY_TIMEOUT + run.n / 500)
     except BaseException:
@@ -311,7 +334,8 @@ async def run_one(url: str, run: Run, log_dir: Path) -> Record:
         record = await _run(url, run, log)
         if record.get("status") == "ok":
             await _check(connection, run)
-        return {**head, **record}
+        # The system's own name (`aio_workq`) must not replace the run's (`aio_workq@REV`).
+        return {**head, **record, "system": run.system}
     except (RunError, aiormq.exceptions.AMQPError, OSError) as exc:
         return {**head, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -320,7 +344,7 @@ async def run_one(url: str, run: Run, log_dir: Path) -> Record:
 
 
 async def _run(url: str, run: Run, log: Path) -> Record:
-    proc = await _Process.start(run.command(url), log)
+    proc = await _Process.start(run, run.command(url), log)
     feeder: asyncio.Task[None] | None = None
     sampler: asyncio.Task[list[float]] | None = None
     stop = asyncio.Event()
@@ -362,12 +386,18 @@ def rotated(items: Sequence[str], by: int) -> list[str]:
 
 
 async def run_all(
-    url: str, plan: Plan, log_dir: Path, progress: Callable[[Record], None]
+    url: str,
+    plan: Plan,
+    log_dir: Path,
+    progress: Callable[[Record], None],
+    launchers: Mapping[str, Launcher] | None = None,
 ) -> list[Record]:
     """Every workload, queue type and repeat, systems alternating; n/a ones are asked once.
 
-    Each system's stderr goes to a log file in log_dir (which must exist).
+    Each system's stderr goes to a log file in log_dir (which must exist). launchers: how to
+    start the systems that are not `bench.systems.<name>` of the working tree.
     """
+    launchers = launchers or {}
     records: list[Record] = []
     for workload in plan.workloads:
         not_applicable: set[str] = set()
@@ -384,6 +414,7 @@ async def run_all(
                         n=plan.messages(workload),
                         prefetch=plan.prefetch,
                         latency_rate=plan.latency_rate,
+                        launcher=launchers.get(system),
                     )
                     record = await run_one(url, run, log_dir)
                     if record["status"] == "n/a":
