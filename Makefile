@@ -71,8 +71,17 @@ lint: venv
 docs: venv
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
+# The full bench (writes docs/benchmarks.md), then the working tree against the reference commit
+# of bench/REFERENCE (`--against`: fails, exit 3, if more than 10 % slower). Both always run.
 bench: venv
-	$(PIP) install -q -e . --group bench && $(PY) -m bench
+	$(PIP) install -q -e . --group bench
+	$(PY) -m bench; full=$$?; $(PY) -m bench --against; ref=$$?; \
+	if [ $$full -ne 0 ]; then exit $$full; fi; exit $$ref
+
+# Only the reference comparison, quick (N=5,000, 3 repeats; BENCH_ARGS=--workloads publish …).
+.PHONY: bench-ref
+bench-ref: venv
+	$(PY) -m bench --against --quick --repeats 3 $(BENCH_ARGS)
 
 # Consume with the metrics and tracing hooks on vs off (BENCH_ARGS=--quick for a short run).
 .PHONY: bench-observability

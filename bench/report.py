@@ -253,6 +253,54 @@ WHERE_THE_TIME_GOES = (
 )
 
 
+def against_reference(rev: str) -> list[str]:
+    """The section on `python -m bench --against` (kept in the generated page)."""
+    return [
+        "## Against the reference commit",
+        "",
+        "`python -m bench --against` measures the working tree against a fixed reference "
+        f"commit, the one on the first line of `bench/REFERENCE` (now `{rev}`). The reference "
+        "is extracted with `git archive` into `.bench-ref/<commit>/` and installed, editable, "
+        "into a venv of its own with every dependency at the version the running venv has, so "
+        "that only aio-workq's code differs; that venv is built once per commit (about 10 s) "
+        f"and reused. Its runs, `aio_workq@{rev}`, use this tree's bench harness with the "
+        "reference's package. The working tree, the reference and raw aiormq (the yardstick) "
+        "alternate run by run on one broker (the order rotates with each repeat), for publish, "
+        "consume and chain on classic and quorum queues.",
+        "",
+        "```",
+        "make bench-ref                    # quick: N = 5,000, 3 repeats (a few minutes)",
+        "python -m bench --against         # N = 20,000, 3 repeats; the last step of `make bench`",
+        "python -m bench --against REV --quick --workloads publish,consume",
+        "```",
+        "",
+        "Per workload and queue type the table gives each side's throughput relative to raw "
+        "aiormq, working / reference (the median over the repeats, and the min – max of the "
+        "runs paired by repeat) and a verdict. The figures go to `bench/results/against-REV.json`.",
+        "",
+        "**The rule.** The working tree may be at most 10 % slower than the reference: "
+        "working / reference ≥ 0.90 on every row, otherwise the row says REGRESSION and the "
+        "command exits with status 3. A change note that touches speed quotes this table (with "
+        "its N and repeats). The machine is shared and noisy: a REGRESSION in a quick run is a "
+        "reason for a run with the full repeats, which decides.",
+        "",
+        "**Moving the reference.** When a commit beats the reference (every row at 1.00 or above "
+        "in a full run), put that commit's id on the first line of `bench/REFERENCE` and quote "
+        "the table in the commit's note; from then on the rule is against it. The next run "
+        "builds the new reference's venv; delete `.bench-ref/` to drop the old ones.",
+        "",
+    ]
+
+
+def _reference_rev() -> str:
+    from bench.reference import ReferenceError, default_rev
+
+    try:
+        return default_rev()
+    except ReferenceError:
+        return "REV"
+
+
 def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) -> str:
     plan = meta["plan"]
     systems: list[str] = plan["systems"]
@@ -370,6 +418,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         "`python -m bench --quick` takes a few minutes; `--systems a,b`, `--workloads …`, "
         "`--repeats N`, `--n N` narrow a run. Raw results: `bench/results/latest.json`.",
         "",
+        *against_reference(_reference_rev()),
     ]
     return "\n".join(out)
 

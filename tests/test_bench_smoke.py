@@ -197,3 +197,10 @@ def test_against_takes_the_throughput_workloads_only(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parse_args(["--against", "--systems", "celery"])
     assert "drop --systems" in capsys.readouterr().err
+
+
+def test_the_benchmarks_page_has_the_reference_section_as_generated() -> None:
+    from bench.report import against_reference
+
+    section = "\n".join(against_reference(reference.default_rev()))
+    assert section in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
