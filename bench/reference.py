@@ -278,10 +278,10 @@ def prepare(rev: str, cache: Path = CACHE) -> Reference:
 
 
 def _by_repeat(
-    records: Iterable[Record], system: str, workload: str, queue: str
+    records: Iterable[Record], system: str, workload: str, queue: str, field: str = "rate"
 ) -> dict[int, float]:
     return {
-        int(r.get("repeat", 0)): float(r["rate"])
+        int(r.get("repeat", 0)): float(r[field])
         for r in records
         if r["system"] == system
         and r["workload"] == workload
@@ -294,8 +294,10 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
     """Per workload and queue type: both sides' ratios to raw aiormq and working / reference.
 
     Rates are medians over the repeats; `over_min`/`over_max` pair each repeat's two runs (they
-    ran next to each other). verdict: PASS, REGRESSION (working / reference < FLOOR) or ERROR
-    (a side has no successful run).
+    ran next to each other). `*_cpu_us`: the median client CPU µs per message, which a loaded
+    machine moves less than the rates (shown beside them; the verdict is on the rates).
+    verdict: PASS, REGRESSION (working / reference < FLOOR) or ERROR (a side has no
+    successful run).
     """
     keys: list[tuple[str, str]] = []
     for r in records:
@@ -311,9 +313,11 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
         rates = {"ours": ours, "reference": ref, "baseline": base}
         for side, values in rates.items():
             row[f"{side}_rate"] = statistics.median(values.values()) if values else None
-        for side in ("ours", "reference"):
+        for side, system in (("ours", OURS), ("reference", reference)):
             rate, yard = row[f"{side}_rate"], row["baseline_rate"]
             row[f"{side}_x_baseline"] = rate / yard if rate and yard else None
+            cpu = _by_repeat(records, system, workload, queue, "cpu_us_per_msg")
+            row[f"{side}_cpu_us"] = statistics.median(cpu.values()) if cpu else None
         if row["ours_rate"] and row["reference_rate"]:
             row["over"] = row["ours_rate"] / row["reference_rate"]
             paired = [ours[k] / ref[k] for k in ours.keys() & ref.keys()]
@@ -327,6 +331,10 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
 
 def _x(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}×"
+
+
+def _cpu(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def _over(row: Row) -> str:
@@ -348,13 +356,14 @@ def table(rows: Sequence[Row], ref: Reference, plan: dict[str, Any]) -> str:
     out = [head, ""]
     out.append(
         f"| workload | queue | working × {BASELINE} | reference × {BASELINE} "
-        "| working / reference | verdict |"
+        "| working / reference | verdict | CPU µs/msg working, reference |"
     )
-    out.append("|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
             f"| {r['workload']} | {r['queue_type']} | {_x(r['ours_x_baseline'])} "
-            f"| {_x(r['reference_x_baseline'])} | {_over(r)} | {r['verdict']} |"
+            f"| {_x(r['reference_x_baseline'])} | {_over(r)} | {r['verdict']} "
+            f"| {_cpu(r['ours_cpu_us'])}, {_cpu(r['reference_cpu_us'])} |"
         )
     return "\n".join(out) + "\n"
 

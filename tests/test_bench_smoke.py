@@ -87,6 +87,7 @@ def test_against_runs_both_sides_on_one_broker(
             runs[OURS, workload]["rate"] / runs[system, workload]["rate"]
         )
         assert row["verdict"] in (reference.PASS, reference.REGRESSION)
+        assert row["ours_cpu_us"] > 0 and row["reference_cpu_us"] > 0
         assert f"| {workload} | classic | " in out
 
 
@@ -121,6 +122,7 @@ def _record(system: str, workload: str, rate: float, repeat: int = 0) -> Record:
         "repeat": repeat,
         "status": "ok",
         "rate": rate,
+        "cpu_us_per_msg": 1e6 / rate,
     }
 
 
@@ -158,11 +160,12 @@ def test_medians_over_repeats_and_paired_spread() -> None:
     assert row["over"] == pytest.approx(1.0)
     assert (row["over_min"], row["over_max"]) == (pytest.approx(0.9), pytest.approx(1.1))
     assert row["ours_x_baseline"] == pytest.approx(2.0)
+    assert (row["ours_cpu_us"], row["reference_cpu_us"]) == (pytest.approx(1e3), pytest.approx(1e3))
 
 
 def test_a_side_without_a_successful_run_is_an_error_not_a_pass() -> None:
     ref = "aio_workq@abc"
-    failed = {**_record(ref, "publish", 0.0), "status": "error", "error": "boom"}
+    failed = {**_record(ref, "publish", 1.0), "status": "error", "error": "boom"}
     records = [_record(BASELINE, "publish", 1_000.0), _record(OURS, "publish", 2_000.0), failed]
 
     rows = reference.verdicts(records, ref)
