@@ -84,7 +84,9 @@ class Worker:
         binding_keys: routing keys or patterns to bind with (default: the queue name).
         binding_arguments: arguments of each binding: for a headers exchange, the headers to
             match and `"x-match": "all"` or `"any"` (routing keys are then ignored).
-        handler_timeout: seconds a handler may run before it counts as failed.
+        handler_timeout: seconds a handler may run before it counts as failed, from when it
+            starts (a plain `def` handler waiting for a thread or process still busy with a
+            call that timed out is not timed meanwhile).
         shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
             the queue.
         executor: where a plain `def` handler runs: `"thread"` (a pool of `concurrency`
