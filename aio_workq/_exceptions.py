@@ -28,6 +28,10 @@ with `raise ... from exc`, so users only ever catch the classes above.
 
 from __future__ import annotations
 
+import inspect
+import sys
+from typing import Any
+
 __all__ = (
     "AccessRefusedError",
     "AuthenticationError",
@@ -49,6 +53,7 @@ __all__ = (
     "TopologyError",
     "UnroutableError",
     "WorkqError",
+    "qualname",
 )
 
 
@@ -180,3 +185,22 @@ class Reject(Exception):
 class PayloadError(Reject, WorkqError):
     """The body does not validate as the handler's payload type: the message goes straight to
     the dead-letter queue, with the validation error in its `x-workq-validation-error` header."""
+
+
+def qualname(obj: Any) -> str:
+    """`module.Name` of a function or class, or of an instance's class (error headers, reasons,
+    log lines).
+
+    aio-workq's own classes are named by the public path they are imported from,
+    `aio_workq.PayloadError` rather than `aio_workq._exceptions.PayloadError`; everything else,
+    a user's exception included, by its module's path.
+    """
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    module, name = target.__module__, target.__qualname__
+    if module.startswith("aio_workq.") and "._" in module:
+        parts = module.split(".")
+        public = ".".join(parts[: next(i for i, p in enumerate(parts) if p.startswith("_"))])
+        # Looked up, not imported: the package of a module that defined `target` is loaded.
+        if getattr(sys.modules.get(public), name, None) is target:
+            return f"{public}.{name}"
+    return f"{module}.{name}"

@@ -6,8 +6,20 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aio_workq import ConfigurationError, Defer, Queue, Reject, Retry, RetryPolicy
+from aio_workq import (
+    ConfigurationError,
+    Defer,
+    PayloadError,
+    Queue,
+    Reject,
+    Retry,
+    RetryPolicy,
+    UnroutableError,
+)
 from aio_workq._consume.failures import ATTEMPT_HEADER, Failed, MoveKind, route_failure
+from aio_workq._exceptions import qualname
+from aio_workq.cli._errors import CliError
+from aio_workq.outbox import OutboxError
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=3, initial_delay=1, multiplier=2, jitter=0, throws=(KeyError,))
@@ -92,3 +104,27 @@ def test_throws_must_be_exception_classes(throws: object) -> None:
 def test_defer_needs_a_positive_delay() -> None:
     with pytest.raises(ConfigurationError, match="Defer"):
         Defer(0)
+
+
+class AppError(Exception):
+    """A user's exception: named by its own module path."""
+
+
+@pytest.mark.parametrize(
+    ("exc", "name"),
+    [
+        (PayloadError("bad"), "aio_workq.PayloadError"),
+        (Reject("no"), "aio_workq.Reject"),
+        (Retry(1), "aio_workq.Retry"),
+        (UnroutableError("x"), "aio_workq.UnroutableError"),
+        (OutboxError("x"), "aio_workq.outbox.OutboxError"),
+        (AppError("x"), f"{__name__}.AppError"),
+        (CliError("x"), "aio_workq.cli._errors.CliError"),  # not exported: the module's path
+    ],
+)
+def test_the_exception_type_header_names_exported_classes_by_their_public_path(
+    exc: Exception, name: str
+) -> None:
+    move = route_failure(failed(3), exc, POLICY, QUEUE, now=NOW)
+    assert move.headers["x-workq-exception-type"] == name
+    assert qualname(type(exc)) == name

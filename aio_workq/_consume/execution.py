@@ -13,8 +13,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Literal
 
-from .._exceptions import ConfigurationError
-from .failures import qualname
+from .._exceptions import ConfigurationError, qualname
 from .job import Job, JobData
 from .typed import Payload, resolve_payload
 

@@ -8,14 +8,13 @@ worker's mover carries out (publish a copy, wait for its confirm, then ack the o
 from __future__ import annotations
 
 import enum
-import inspect
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .._exceptions import Defer, PayloadError, Reject, Retry
+from .._exceptions import Defer, PayloadError, Reject, Retry, qualname
 from .._link.topology import Queue
 from .retry import RetryPolicy
 
@@ -26,7 +25,6 @@ __all__ = (
     "Move",
     "MoveKind",
     "format_traceback",
-    "qualname",
     "route_failure",
 )
 
@@ -151,12 +149,6 @@ def _failure_headers(
     headers["x-workq-exception-type"] = qualname(exc)
     headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
     return headers
-
-
-def qualname(obj: Any) -> str:
-    """`module.Name` of a function or class, or of an instance's class."""
-    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
-    return f"{target.__module__}.{target.__qualname__}"
 
 
 def format_traceback(exc: BaseException) -> str:
