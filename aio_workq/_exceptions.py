@@ -147,7 +147,11 @@ class Retry(Exception):
 
     Args:
         delay: seconds to wait before the next attempt; `None` uses the worker's
-            `RetryPolicy` backoff.
+            `RetryPolicy` backoff. The copy waits on the broker in the smallest delay queue at
+            least that long (the policy's delays, and a ladder of 1, 2, 5, 10, 30 s, 1, 2, 5,
+            10, 30 min, 1, 6, 24 h) with `delay` as its own TTL: `Retry(delay=3)` waits 3 s in
+            a 4 s or 5 s queue, longer (up to that queue's delay) only behind a copy with
+            longer to wait. At most 24 h.
     """
 
     def __init__(self, delay: float | None = None) -> None:
@@ -161,10 +165,12 @@ class Defer(Exception):
     """Raise in a handler to run the job again after `delay` seconds *without* using an attempt.
 
     For "not yet, ask me later" (a resource is busy, a rate limit): the message waits on the
-    broker in a delay queue, and `job.attempt` stays the same, so deferrals never dead-letter it.
+    broker in a delay queue, and `job.attempt` stays the same. Deferrals are counted instead
+    (the `x-workq-defers` header): past the worker's `max_defers` (100 by default) the next
+    `Defer` dead-letters the message.
 
     Args:
-        delay: seconds to wait before the job runs again (> 0).
+        delay: seconds to wait before the job runs again (> 0); waits like `Retry(delay=...)`.
     """
 
     def __init__(self, delay: float) -> None:
