@@ -9,6 +9,7 @@ import pytest
 
 from aio_workq import (
     ConfigurationError,
+    DeadLetter,
     Job,
     Producer,
     RetryPolicy,
@@ -49,6 +50,18 @@ async def _is(value: bool) -> bool:
     return value
 
 
+async def _the_dead_letter(producer: Producer, queue_name: str) -> DeadLetter:
+    """The one message of `queue_name`'s dead-letter queue, once it is there."""
+    dead = producer.dead_letters(queue_name)
+
+    async def dead_lettered() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(dead_lettered)
+    [letter] = await dead.read()
+    return letter
+
+
 async def test_unroutable_downstream_keeps_the_upstream_and_retries_it(
     producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
 ) -> None:
@@ -59,15 +72,9 @@ async def test_unroutable_downstream_keeps_the_upstream_and_retries_it(
     worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
     await worker.start()
     await producer.publish("x", queue=queue_name)
-    dead = producer.dead_letters(queue_name)
-
-    async def dead_lettered() -> bool:
-        return await dead.count() == 1
-
-    await wait_until(dead_lettered)
+    letter = await _the_dead_letter(producer, queue_name)
     assert counter.items == [1, 2, 3]
-    [letter] = await dead.read()
-    assert letter.headers["x-workq-exception-type"].endswith(UnroutableError.__name__)
+    assert letter.exception_type == f"aio_workq.{UnroutableError.__name__}"
     assert worker.state.processed == 0
 
 
@@ -122,15 +129,9 @@ async def test_a_forward_whose_destination_fails_to_declare_keeps_the_upstream_e
     worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
     await worker.start()
     await producer.publish("x", queue=queue_name)
-    dead = producer.dead_letters(queue_name)
-
-    async def dead_lettered() -> bool:
-        return await dead.count() == 1
-
-    await wait_until(dead_lettered)
+    letter = await _the_dead_letter(producer, queue_name)
     assert counter.items == [1, 2, 3]  # retried under the policy, never acked
-    [letter] = await dead.read()
-    assert letter.headers["x-workq-exception-type"].endswith(TopologyError.__name__)
+    assert letter.exception_type == f"aio_workq.{TopologyError.__name__}"
     assert worker.state.processed == 0
     assert await queue_depth(amqp_url, down) == 0
 
@@ -153,14 +154,8 @@ async def test_a_forward_with_a_message_id_in_flight_keeps_the_upstream_even_if_
     worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
     await worker.start()
     await producer.publish("x", queue=queue_name)
-    dead = producer.dead_letters(queue_name)
-
-    async def dead_lettered() -> bool:
-        return await dead.count() == 1
-
-    await wait_until(dead_lettered)
+    letter = await _the_dead_letter(producer, queue_name)
     assert counter.items == [1, 2, 3]  # "second" was never sent: the upstream is not acked
-    [letter] = await dead.read()
-    assert letter.headers["x-workq-exception-type"].endswith(ConfigurationError.__name__)
+    assert letter.exception_type == f"aio_workq.{ConfigurationError.__name__}"
     assert worker.state.processed == 0
     assert await queue_depth(amqp_url, down) == 3  # "first", once per attempt
