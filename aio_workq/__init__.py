@@ -33,6 +33,7 @@ from ._exceptions import UnroutableError as UnroutableError
 from ._exceptions import WorkqError as WorkqError
 from ._hooks import HandleInfo as HandleInfo
 from ._hooks import Hook as Hook
+from ._hooks import JobView as JobView
 from ._hooks import Outcome as Outcome
 from ._hooks import PublishInfo as PublishInfo
 from ._link.connection import Backoff as Backoff
@@ -71,6 +72,7 @@ __all__ = [
     "IntegrationError",
     "Job",
     "JobData",
+    "JobView",
     "MessageFields",
     "Outcome",
     "PayloadError",

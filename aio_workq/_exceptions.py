@@ -28,6 +28,10 @@ with `raise ... from exc`, so users only ever catch the classes above.
 
 from __future__ import annotations
 
+import inspect
+import sys
+from typing import Any
+
 __all__ = (
     "AccessRefusedError",
     "AuthenticationError",
@@ -49,6 +53,7 @@ __all__ = (
     "TopologyError",
     "UnroutableError",
     "WorkqError",
+    "qualname",
 )
 
 
@@ -142,7 +147,11 @@ class Retry(Exception):
 
     Args:
         delay: seconds to wait before the next attempt; `None` uses the worker's
-            `RetryPolicy` backoff.
+            `RetryPolicy` backoff. The copy waits on the broker in the smallest delay queue at
+            least that long (the policy's delays, and a ladder of 1, 2, 5, 10, 30 s, 1, 2, 5,
+            10, 30 min, 1, 6, 24 h) with `delay` as its own TTL: `Retry(delay=3)` waits 3 s in
+            a 4 s or 5 s queue, longer (up to that queue's delay) only behind a copy with
+            longer to wait. At most 24 h.
     """
 
     def __init__(self, delay: float | None = None) -> None:
@@ -156,10 +165,12 @@ class Defer(Exception):
     """Raise in a handler to run the job again after `delay` seconds *without* using an attempt.
 
     For "not yet, ask me later" (a resource is busy, a rate limit): the message waits on the
-    broker in a delay queue, and `job.attempt` stays the same, so deferrals never dead-letter it.
+    broker in a delay queue, and `job.attempt` stays the same. Deferrals are counted instead
+    (the `x-workq-defers` header): past the worker's `max_defers` (100 by default) the next
+    `Defer` dead-letters the message.
 
     Args:
-        delay: seconds to wait before the job runs again (> 0).
+        delay: seconds to wait before the job runs again (> 0); waits like `Retry(delay=...)`.
     """
 
     def __init__(self, delay: float) -> None:
@@ -180,3 +191,22 @@ class Reject(Exception):
 class PayloadError(Reject, WorkqError):
     """The body does not validate as the handler's payload type: the message goes straight to
     the dead-letter queue, with the validation error in its `x-workq-validation-error` header."""
+
+
+def qualname(obj: Any) -> str:
+    """`module.Name` of a function or class, or of an instance's class (error headers, reasons,
+    log lines).
+
+    aio-workq's own classes are named by the public path they are imported from,
+    `aio_workq.PayloadError` rather than `aio_workq._exceptions.PayloadError`; everything else,
+    a user's exception included, by its module's path.
+    """
+    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
+    module, name = target.__module__, target.__qualname__
+    if module.startswith("aio_workq.") and "._" in module:
+        parts = module.split(".")
+        public = ".".join(parts[: next(i for i, p in enumerate(parts) if p.startswith("_"))])
+        # Looked up, not imported: the package of a module that defined `target` is loaded.
+        if getattr(sys.modules.get(public), name, None) is target:
+            return f"{public}.{name}"
+    return f"{module}.{name}"

@@ -14,21 +14,64 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     import asyncio
 
-    from ._consume.job import Job
-
-__all__ = ("HandleInfo", "Hook", "Hooks", "Outcome", "PublishInfo", "Settled")
+__all__ = ("HandleInfo", "Hook", "Hooks", "JobView", "Outcome", "PublishInfo", "Settled")
 
 log = logging.getLogger("aio_workq")
+
+_J = TypeVar("_J", bound="JobView")
+
+
+class JobView(Protocol):
+    """What a hook reads of the job being handled: the message, not the worker's handle on it.
+
+    The worker's `Job` is one; annotate a `Hook.handling` override's `job` with `JobView`.
+    """
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def data(self) -> Any: ...
+
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def content_type(self) -> str | None: ...
+
+    @property
+    def correlation_id(self) -> str | None: ...
+
+    @property
+    def reply_to(self) -> str | None: ...
+
+    @property
+    def redelivered(self) -> bool: ...
+
+    @property
+    def routing_key(self) -> str: ...
+
+    @property
+    def exchange(self) -> str: ...
+
+    @property
+    def attempt(self) -> int: ...
+
+    @property
+    def delivery_tag(self) -> int: ...
 
 
 class Outcome(enum.StrEnum):
@@ -96,7 +139,8 @@ class PublishInfo:
 class HandleInfo:
     """One delivery the worker has settled."""
 
-    job: Job
+    job: JobView
+    """The job (a `Job`)."""
     queue: str
     outcome: Outcome
     error: BaseException | None
@@ -131,7 +175,7 @@ class Hook:
     def after_publish(self, message: PublishInfo, state: Any) -> None:
         """The message was confirmed (`message.error is None`) or failed."""
 
-    def handling(self, job: Job, queue: str) -> AbstractContextManager[Any] | None:
+    def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any] | None:
         """A context manager entered before the handler runs and exited once the delivery
         is settled (after `after_handle`): e.g. a tracing span, current while the handler runs.
         """
@@ -154,7 +198,7 @@ class Hooks:
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
-        self._durations: dict[Job, float] = {}
+        self._durations: dict[JobView, float] = {}
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
@@ -223,11 +267,11 @@ class Hooks:
 
     # -- handling ----------------------------------------------------------------------------
 
-    def timed(self, run: Callable[[Job], Awaitable[Any]]) -> Callable[[Job], Awaitable[Any]]:
+    def timed(self, run: Callable[[_J], Awaitable[Any]]) -> Callable[[_J], Awaitable[Any]]:
         """`run` (the handler runner), noting how long each call takes for `after_handle`."""
         durations = self._durations
 
-        async def timed_run(job: Job) -> Any:
+        async def timed_run(job: _J) -> Any:
             started = time.perf_counter()
             try:
                 return await run(job)
@@ -236,7 +280,7 @@ class Hooks:
 
         return timed_run
 
-    async def handle(self, job: Job, queue: str, settle: Awaitable[Settled]) -> None:
+    async def handle(self, job: JobView, queue: str, settle: Awaitable[Settled]) -> None:
         """Await `settle` (run the handler, settle the delivery) within the hooks' context
         managers, then report the outcome. Only what `settle` raises propagates."""
         entered: list[tuple[Hook, AbstractContextManager[Any]]] = []
@@ -288,5 +332,5 @@ class Hooks:
                 self._failed(hook, "on_reconnect", exc, {})
 
 
-def _fields(queue: str, job: Job) -> dict[str, Any]:
+def _fields(queue: str, job: JobView) -> dict[str, Any]:
     return {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}

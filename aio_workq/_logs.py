@@ -14,19 +14,19 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ._consume.job import Job
+    from ._hooks import JobView
 
 __all__ = ("FIELDS", "MessageFields", "handling")
 
 FIELDS = ("queue", "message_id", "attempt")
 """The record attributes set for a line about a message."""
 
-_current: contextvars.ContextVar[tuple[str, Job] | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[tuple[str, JobView] | None] = contextvars.ContextVar(
     "aio_workq_message", default=None
 )
 
 
-def handling(queue: str, job: Job) -> None:
+def handling(queue: str, job: JobView) -> None:
     """The current task handles `job` from `queue` (each delivery has a task of its own)."""
     _current.set((queue, job))
 

@@ -33,7 +33,7 @@ from ._exceptions import (
     PublishTimeoutError,
     UnroutableError,
 )
-from ._hooks import HandleInfo, Hook, PublishInfo
+from ._hooks import HandleInfo, Hook, JobView, PublishInfo
 
 try:
     from prometheus_client import (
@@ -55,8 +55,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
-
-    from ._consume.job import Job
 
 __all__ = ("CONTENT_TYPE", "MetricsServer", "PrometheusHook", "render", "serve")
 
@@ -214,7 +212,7 @@ class PrometheusHook(Hook):
         else:
             m.failed.labels(destination).inc()
 
-    def handling(self, job: Job, queue: str) -> _InFlight:
+    def handling(self, job: JobView, queue: str) -> _InFlight:
         return _InFlight(self._queue(queue)[0])
 
     def after_handle(self, info: HandleInfo) -> None:

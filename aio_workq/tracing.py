@@ -30,9 +30,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._consume.failures import qualname
-from ._exceptions import ConfigurationError
-from ._hooks import HandleInfo, Hook, Outcome, PublishInfo
+from ._exceptions import ConfigurationError, qualname
+from ._hooks import HandleInfo, Hook, JobView, Outcome, PublishInfo
 from ._version import __version__
 
 try:
@@ -48,8 +47,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
     from types import TracebackType
-
-    from ._consume.job import Job
 
 __all__ = ("TracingHook",)
 
@@ -105,10 +102,8 @@ class TracingHook(Hook):
             span.set_status(Status(StatusCode.ERROR, str(error)))
         span.end()
 
-    def handling(self, job: Job, queue: str) -> AbstractContextManager[Any]:
-        delivery = job.delivery
-        props = delivery.properties  # read once: this runs for every message
-        headers = props.headers or {}
+    def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any]:
+        headers = job.headers
         if self._propagator is None:
             parent = propagate.extract(headers)
         else:
@@ -117,17 +112,17 @@ class TracingHook(Hook):
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
-            "messaging.destination.name": delivery.exchange,
+            "messaging.destination.name": job.exchange,
             "messaging.destination.subscription.name": queue,
-            "messaging.rabbitmq.message.delivery_tag": delivery.delivery_tag,
+            "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
             "aio_workq.attempt": job.attempt,
         }
-        if props.message_id:
-            attributes["messaging.message.id"] = props.message_id
-        if delivery.routing_key:
-            attributes["messaging.rabbitmq.destination.routing_key"] = delivery.routing_key
-        if props.correlation_id:
-            attributes["messaging.message.conversation_id"] = props.correlation_id
+        if message_id := job.message_id:
+            attributes["messaging.message.id"] = message_id
+        if routing_key := job.routing_key:
+            attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
+        if correlation_id := job.correlation_id:
+            attributes["messaging.message.conversation_id"] = correlation_id
         span = self._tracer.start_span(
             f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )

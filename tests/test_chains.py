@@ -4,9 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import aio_pika
 import pytest
 
-from aio_workq import Job, Producer, RetryPolicy, UnroutableError, Worker
+from aio_workq import (
+    ConfigurationError,
+    DeadLetter,
+    Job,
+    Producer,
+    RetryPolicy,
+    TopologyError,
+    UnroutableError,
+    Worker,
+)
 from tests.helpers import Counter, queue_depth, read_line, wait_until, worker_process
 
 pytestmark = pytest.mark.broker
@@ -40,6 +50,18 @@ async def _is(value: bool) -> bool:
     return value
 
 
+async def _the_dead_letter(producer: Producer, queue_name: str) -> DeadLetter:
+    """The one message of `queue_name`'s dead-letter queue, once it is there."""
+    dead = producer.dead_letters(queue_name)
+
+    async def dead_lettered() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(dead_lettered)
+    [letter] = await dead.read()
+    return letter
+
+
 async def test_unroutable_downstream_keeps_the_upstream_and_retries_it(
     producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
 ) -> None:
@@ -50,15 +72,9 @@ async def test_unroutable_downstream_keeps_the_upstream_and_retries_it(
     worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
     await worker.start()
     await producer.publish("x", queue=queue_name)
-    dead = producer.dead_letters(queue_name)
-
-    async def dead_lettered() -> bool:
-        return await dead.count() == 1
-
-    await wait_until(dead_lettered)
+    letter = await _the_dead_letter(producer, queue_name)
     assert counter.items == [1, 2, 3]
-    [letter] = await dead.read()
-    assert letter.headers["x-workq-exception-type"].endswith(UnroutableError.__name__)
+    assert letter.exception_type == f"aio_workq.{UnroutableError.__name__}"
     assert worker.state.processed == 0
 
 
@@ -88,3 +104,58 @@ async def test_killed_between_downstream_confirm_and_upstream_ack_redelivers_ups
     assert set(received) == set(range(20))  # every upstream appears downstream at least once
     assert len(received) == 25
     assert await queue_depth(amqp_url, queue_name) == 0
+
+
+async def _declare_classic(amqp_url: str, name: str) -> None:
+    conn = await aio_pika.connect(amqp_url)
+    async with conn:
+        channel = await conn.channel()
+        await channel.declare_queue(name, durable=True)  # classic; the worker would want quorum
+
+
+async def test_a_forward_whose_destination_fails_to_declare_keeps_the_upstream_even_if_caught(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    down = f"{queue_name}-down"
+    await _declare_classic(amqp_url, down)
+
+    async def relay(job: Job) -> None:
+        try:
+            await job.forward(job.data, queue=down)
+        except TopologyError:
+            counter.add(job.attempt)  # caught: the handler returns normally
+
+    worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
+    await worker.start()
+    await producer.publish("x", queue=queue_name)
+    letter = await _the_dead_letter(producer, queue_name)
+    assert counter.items == [1, 2, 3]  # retried under the policy, never acked
+    assert letter.exception_type == f"aio_workq.{TopologyError.__name__}"
+    assert worker.state.processed == 0
+    assert await queue_depth(amqp_url, down) == 0
+
+
+async def test_a_forward_with_a_message_id_in_flight_keeps_the_upstream_even_if_caught(
+    amqp_url: str, producer: Producer, make_worker: Callable[..., Worker], queue_name: str,
+    counter: Counter,
+) -> None:  # fmt: skip
+    down = f"{queue_name}-down"
+    await producer.declare(down)
+
+    async def relay(job: Job) -> None:
+        message_id = f"{job.message_id}-down"
+        await job.send("first", queue=down, message_id=message_id)
+        try:
+            await job.forward("second", queue=down, message_id=message_id)
+        except ConfigurationError:
+            counter.add(job.attempt)  # caught: the handler returns normally
+
+    worker = make_worker(queue=queue_name, handler=relay, retry=FAST_RETRY)
+    await worker.start()
+    await producer.publish("x", queue=queue_name)
+    letter = await _the_dead_letter(producer, queue_name)
+    assert counter.items == [1, 2, 3]  # "second" was never sent: the upstream is not acked
+    assert letter.exception_type == f"aio_workq.{ConfigurationError.__name__}"
+    assert worker.state.processed == 0
+    assert await queue_depth(amqp_url, down) == 3  # "first", once per attempt

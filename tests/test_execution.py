@@ -58,6 +58,36 @@ async def test_a_handler_over_its_timeout_fails_with_timeout_error() -> None:
         await runner.run(FakeJob())  # type: ignore[arg-type]
 
 
+class NamedJob(FakeJob):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+async def test_the_timeout_of_a_plain_handler_starts_when_it_starts_not_when_it_is_queued() -> None:
+    # One thread; the first handler runs 1.5 s and times out at 0.5 s, but its thread can't be
+    # stopped: the next handlers wait for the thread, and that wait is not their time (#20).
+    ran: list[str] = []
+
+    def handler(job: Any) -> str:
+        ran.append(job.name)
+        if job.name == "slow":
+            threading.Event().wait(1.5)  # a 1.5 s handler (the event is never set)
+        return str(job.name)
+
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=0.5, name="t")
+    outcomes: list[object] = []
+    try:
+        for name in ("slow", "fast-1", "fast-2", "fast-3"):
+            try:
+                outcomes.append(await runner.run(NamedJob(name)))  # type: ignore[arg-type]
+            except TimeoutError as exc:
+                outcomes.append(type(exc))
+    finally:
+        runner.close()
+    assert outcomes == [TimeoutError, "fast-1", "fast-2", "fast-3"]
+    assert ran == ["slow", "fast-1", "fast-2", "fast-3"]
+
+
 @pytest.mark.parametrize(
     ("handler", "executor", "match"),
     [

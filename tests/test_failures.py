@@ -6,8 +6,20 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aio_workq import ConfigurationError, Defer, Queue, Reject, Retry, RetryPolicy
+from aio_workq import (
+    ConfigurationError,
+    Defer,
+    PayloadError,
+    Queue,
+    Reject,
+    Retry,
+    RetryPolicy,
+    UnroutableError,
+)
 from aio_workq._consume.failures import ATTEMPT_HEADER, Failed, MoveKind, route_failure
+from aio_workq._exceptions import qualname
+from aio_workq.cli._errors import CliError
+from aio_workq.outbox import OutboxError
 
 NOW = datetime(2026, 11, 25, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=3, initial_delay=1, multiplier=2, jitter=0, throws=(KeyError,))
@@ -92,3 +104,78 @@ def test_throws_must_be_exception_classes(throws: object) -> None:
 def test_defer_needs_a_positive_delay() -> None:
     with pytest.raises(ConfigurationError, match="Defer"):
         Defer(0)
+
+
+class AppError(Exception):
+    """A user's exception: named by its own module path."""
+
+
+@pytest.mark.parametrize(
+    ("exc", "name"),
+    [
+        (PayloadError("bad"), "aio_workq.PayloadError"),
+        (Reject("no"), "aio_workq.Reject"),
+        (Retry(1), "aio_workq.Retry"),
+        (UnroutableError("x"), "aio_workq.UnroutableError"),
+        (OutboxError("x"), "aio_workq.outbox.OutboxError"),
+        (AppError("x"), f"{__name__}.AppError"),
+        (CliError("x"), "aio_workq.cli._errors.CliError"),  # not exported: the module's path
+    ],
+)
+def test_the_exception_type_header_names_exported_classes_by_their_public_path(
+    exc: Exception, name: str
+) -> None:
+    move = route_failure(failed(3), exc, POLICY, QUEUE, now=NOW)
+    assert move.headers["x-workq-exception-type"] == name
+    assert qualname(type(exc)) == name
+
+
+DEFERS = "x-workq-defers"
+
+
+def test_each_defer_is_counted_in_a_header_and_the_cap_dead_letters_with_the_reason() -> None:
+    first = route_failure(failed(1), Defer(5), POLICY, QUEUE, now=NOW, max_defers=2)
+    assert first.kind is MoveKind.DEFER and first.headers[DEFERS] == 1
+    second = route_failure(
+        failed(1, **first.headers), Defer(5), POLICY, QUEUE, now=NOW, max_defers=2
+    )
+    assert second.kind is MoveKind.DEFER and second.headers[DEFERS] == 2
+    third = route_failure(
+        failed(1, **second.headers), Defer(5), POLICY, QUEUE, now=NOW, max_defers=2
+    )
+    assert third.kind is MoveKind.DEAD_LETTER and third.target == "tasks.dlq"
+    assert third.headers[DEFERS] == 2  # deferred twice; the third was refused
+    assert third.headers["x-workq-exception-type"] == "aio_workq.Defer"
+    assert "max_defers=2" in third.headers["x-workq-exception-message"]
+    dropped = Queue("tasks", dead_letter=False)
+    over = route_failure(
+        failed(1, **second.headers), Defer(5), POLICY, dropped, now=NOW, max_defers=2
+    )
+    assert over.kind is MoveKind.DROP
+
+
+def test_defers_are_capped_at_100_by_default_and_none_is_unlimited() -> None:
+    at_99 = failed(1, **{DEFERS: 99})
+    assert route_failure(at_99, Defer(1), POLICY, QUEUE, now=NOW).kind is MoveKind.DEFER
+    at_100 = failed(1, **{DEFERS: 100})
+    assert route_failure(at_100, Defer(1), POLICY, QUEUE, now=NOW).kind is MoveKind.DEAD_LETTER
+    many = failed(1, **{DEFERS: 10_000})
+    move = route_failure(many, Defer(1), POLICY, QUEUE, now=NOW, max_defers=None)
+    assert move.kind is MoveKind.DEFER and move.headers[DEFERS] == 10_001
+
+
+def test_the_defer_count_survives_retries() -> None:
+    deferred = route_failure(failed(1), Defer(1), POLICY, QUEUE, now=NOW)
+    retried = route_failure(failed(1, **deferred.headers), ValueError(), POLICY, QUEUE, now=NOW)
+    assert retried.headers[DEFERS] == 1
+
+
+def test_a_delay_between_ladder_steps_waits_its_own_time_in_the_next_step() -> None:
+    # Retry(delay=3) waits in the 5 s delay queue with a 3 s per-message TTL: 3 s, unless a
+    # message ahead of it in that queue has longer to wait (never more than 5 s).
+    retry = route_failure(failed(1), Retry(delay=3), POLICY, QUEUE, now=NOW)
+    assert retry.delay_ms == 5_000 and retry.expiration_ms == 3_000
+    defer = route_failure(failed(1), Defer(0.25), POLICY, QUEUE, now=NOW)
+    assert defer.delay_ms == 1_000 and defer.expiration_ms == 250
+    on_a_step = route_failure(failed(1), Retry(delay=5), POLICY, QUEUE, now=NOW)
+    assert on_a_step.delay_ms == 5_000 and on_a_step.expiration_ms is None

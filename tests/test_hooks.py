@@ -17,6 +17,7 @@ from aio_workq import (
     HandleInfo,
     Hook,
     Job,
+    JobView,
     MessageFields,
     Outcome,
     Producer,
@@ -54,7 +55,7 @@ class Recorder(Hook):
         self.confirmed.append((message.message_id, message.error, state))
 
     @contextmanager
-    def _around(self, job: Job) -> Iterator[None]:
+    def _around(self, job: JobView) -> Iterator[None]:
         self.events.append(f"enter {job.message_id}")
         try:
             yield
@@ -63,7 +64,7 @@ class Recorder(Hook):
             raise
         self.events.append(f"exit {job.message_id}")
 
-    def handling(self, job: Job, queue: str) -> Any:
+    def handling(self, job: JobView, queue: str) -> Any:
         return self._around(job)
 
     def after_handle(self, info: HandleInfo) -> None:
@@ -87,7 +88,7 @@ class Broken(Hook):
     def after_publish(self, message: PublishInfo, state: Any) -> None:
         raise RuntimeError("after_publish broke")
 
-    def handling(self, job: Job, queue: str) -> Any:
+    def handling(self, job: JobView, queue: str) -> Any:
         raise RuntimeError("handling broke")
 
     def after_handle(self, info: HandleInfo) -> None:
@@ -100,7 +101,7 @@ class BrokenExit(Hook):
         yield
         raise RuntimeError("exit broke")
 
-    def handling(self, job: Job, queue: str) -> Any:
+    def handling(self, job: JobView, queue: str) -> Any:
         return self._around()
 
 

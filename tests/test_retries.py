@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 
 from aio_workq import (
+    Defer,
     Job,
     Producer,
     Queue,
@@ -264,3 +265,41 @@ async def test_undecodable_json_goes_straight_to_the_dead_letter_queue(
     [letter] = await dead.read()
     assert letter.headers["x-workq-rejected"] is True and "does not decode" in letter.reason
     assert counter.items == [1]
+
+
+async def test_a_message_deferred_past_max_defers_is_dead_lettered_saying_so(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def always_later(job: Job) -> None:
+        counter.add(job.headers.get("x-workq-defers", 0))
+        raise Defer(0.05)
+
+    worker = make_worker(queue=queue_name, handler=always_later, max_defers=2)
+    await worker.start()
+    await producer.publish("x", queue=queue_name)
+    dead = producer.dead_letters(queue_name)
+
+    async def dead_lettered() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(dead_lettered, timeout=20)
+    assert counter.items == [0, 1, 2]  # ran three times: deferred twice, the third refused
+    [letter] = await dead.read()
+    assert letter.exception_type == "aio_workq.Defer"
+    assert "max_defers=2" in letter.reason and letter.headers["x-workq-defers"] == 2
+    assert worker.state.deferred == 2 and worker.state.dead_lettered == 1
+
+
+async def test_a_retry_delay_between_ladder_steps_is_not_rounded_up_to_the_step(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    async def handler(job: Job) -> None:
+        counter.add(time.monotonic())
+        if job.attempt == 1:
+            raise Retry(delay=2.1)  # waits in the 5 s delay queue, with its own 2.1 s TTL
+
+    policy = RetryPolicy(max_attempts=2, initial_delay=0.1, jitter=0)  # levels: 0.1 s, ladder
+    await make_worker(queue=queue_name, handler=handler, retry=policy).start()
+    await producer.publish("x", queue=queue_name)
+    first, second = await counter.wait_for(2, timeout=20)
+    assert 2.1 <= second - first < 5.0

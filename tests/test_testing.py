@@ -72,7 +72,7 @@ async def test_retry_defer_and_reject_from_the_handler() -> None:
     assert outcome.deferred and outcome.delay is not None and outcome.delay >= 3
     assert outcome.headers["x-workq-attempt"] == 2  # the attempt is not used up
     outcome = await run_handler(reject, b"x")
-    assert outcome.dead_lettered and outcome.reason == "aio_workq._exceptions.Reject: no such image"
+    assert outcome.dead_lettered and outcome.reason == "aio_workq.Reject: no such image"
     assert outcome.headers["x-workq-rejected"] is True
 
 

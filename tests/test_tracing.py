@@ -123,7 +123,7 @@ async def test_one_trace_from_the_request_through_a_chain_and_a_retry(
     failed, retried = attempts
     assert failed.attributes is not None and retried.attributes is not None
     assert failed.attributes["aio_workq.outcome"] == "retry"
-    assert failed.attributes["error.type"] == "aio_workq._exceptions.Retry"
+    assert failed.attributes["error.type"] == "aio_workq.Retry"
     assert failed.status.status_code is StatusCode.ERROR
     assert retried.attributes["aio_workq.outcome"] == "ok"
     assert retried.status.status_code is not StatusCode.ERROR

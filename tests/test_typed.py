@@ -250,7 +250,7 @@ async def test_a_typed_worker_handles_valid_bodies_and_dead_letters_the_rest(
     await wait_until(lambda: _true(worker.state.dead_lettered == 1))
     [letter] = await dead.read()
     assert letter.attempts == 1  # never retried
-    assert letter.headers["x-workq-exception-type"] == "aio_workq._exceptions.PayloadError"
+    assert letter.headers["x-workq-exception-type"] == "aio_workq.PayloadError"
     assert "id" in letter.headers["x-workq-validation-error"]
     assert worker.state.retried == 0
 

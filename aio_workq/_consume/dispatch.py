@@ -24,7 +24,7 @@ from .._publish.rpc import send_reply
 from .._wire.acker import Acker
 from .._wire.demux import Delivery
 from .execution import HandlerRunner
-from .failures import Failed, Move, MoveKind, route_failure
+from .failures import MAX_DEFERS, Failed, Move, MoveKind, route_failure
 from .job import Forwarder, Job
 from .mover import Mover
 from .retry import RetryPolicy
@@ -63,8 +63,10 @@ class Dispatcher:
         concurrency: int,
         prefetch: int,
         hooks: Hooks | None = None,
+        max_defers: int | None = MAX_DEFERS,
     ) -> None:
         self._runner = runner
+        self._max_defers = max_defers
         self._hooks = hooks
         self._run = runner.run if hooks is None else hooks.timed(runner.run)
         self._policy = policy
@@ -168,7 +170,10 @@ class Dispatcher:
             acker.ack(tag)
             return Outcome.FAILED, exc
         failed = Failed(job.attempt, job.headers, self.queue_name)
-        move = route_failure(failed, exc, self._policy, self._queue, now=datetime.now(UTC))
+        move = route_failure(
+            failed, exc, self._policy, self._queue,
+            now=datetime.now(UTC), max_defers=self._max_defers,
+        )  # fmt: skip
         if move.kind is MoveKind.DROP:
             log.error(
                 "dropping message %s from %r after %d attempt(s): %r (the queue has no "

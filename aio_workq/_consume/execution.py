@@ -13,8 +13,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Literal
 
-from .._exceptions import ConfigurationError
-from .failures import qualname
+from .._exceptions import ConfigurationError, qualname
 from .job import Job, JobData
 from .typed import Payload, resolve_payload
 
@@ -95,6 +94,7 @@ class HandlerRunner:
         self._timeout = timeout
         self._name = name
         self._executor: Executor | None = None
+        self._free = asyncio.Semaphore(concurrency)  # pool workers not running a call
 
     @property
     def name(self) -> str:
@@ -104,40 +104,53 @@ class HandlerRunner:
         """Call the handler on `job`; its return value, or its exception."""
         if self.payload is not None:
             return await self._run_typed(job, self.payload)
-        if self.is_async:
-            call: Awaitable[Any] = self.handler(job)
-        else:
-            if self._executor is None:
-                self._executor = self._make_executor()
+        if not self.is_async:
             argument: Job | JobData = job.snapshot() if self._kind == "process" else job
-            loop = asyncio.get_running_loop()
-            call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, argument))
+            return await self._in_executor(argument)
+        if self._timeout is None:
+            return await self.handler(job)
+        async with asyncio.timeout(self._timeout):
+            return await self.handler(job)
+
+    async def _run_typed(self, job: Job, payload: Payload) -> Any:
+        value = payload.validate(job.body, job.content_type)
+        if not self.is_async:
+            if payload.with_job:
+                argument: Job | JobData = job.snapshot() if self._kind == "process" else job
+                return await self._in_executor(value, argument)
+            return await self._in_executor(value)
+        call: Awaitable[Any] = self.handler(value, job) if payload.with_job else self.handler(value)
         if self._timeout is None:
             return await call
         async with asyncio.timeout(self._timeout):
             return await call
 
-    async def _run_typed(self, job: Job, payload: Payload) -> Any:
-        value = payload.validate(job.body, job.content_type)
-        if self.is_async:
-            call: Awaitable[Any] = (
-                self.handler(value, job) if payload.with_job else self.handler(value)
-            )
-        else:
-            if self._executor is None:
-                self._executor = self._make_executor()
-            loop = asyncio.get_running_loop()
-            if payload.with_job:
-                argument: Job | JobData = job.snapshot() if self._kind == "process" else job
-                call = loop.run_in_executor(
-                    self._executor, *self._in_pool(self.handler, value, argument)
-                )
-            else:
-                call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, value))
+    async def _in_executor(self, *args: Any) -> Any:
+        """The handler called in the pool; with a timeout, it counts from when a pool worker is
+        free to run the call, not from when it was queued behind one still busy."""
+        if self._executor is None:
+            self._executor = self._make_executor()
+        loop = asyncio.get_running_loop()
         if self._timeout is None:
-            return await call
+            return await loop.run_in_executor(self._executor, *self._in_pool(self.handler, *args))
+        # A call that timed out goes on in its thread or process (neither can be stopped) and
+        # holds its pool worker: the next call waits for a free one, then its time starts.
+        free = self._free
+        await free.acquire()
+        try:
+            call = loop.run_in_executor(self._executor, *self._in_pool(self.handler, *args))
+        except BaseException:
+            free.release()
+            raise
+        call.add_done_callback(self._freed)
         async with asyncio.timeout(self._timeout):
-            return await call
+            return await asyncio.shield(call)  # the call's end frees its worker, not ours
+
+    def _freed(self, call: asyncio.Future[Any]) -> None:
+        """`call` ended in its pool worker: the worker is free (what it raised is observed)."""
+        self._free.release()
+        if not call.cancelled():
+            call.exception()
 
     def _in_pool(self, func: Callable[..., Any], *args: Any) -> tuple[Callable[..., Any], ...]:
         """What the pool runs: in a thread, inside a copy of this task's context, so log lines

@@ -8,29 +8,33 @@ worker's mover carries out (publish a copy, wait for its confirm, then ack the o
 from __future__ import annotations
 
 import enum
-import inspect
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .._exceptions import Defer, PayloadError, Reject, Retry
+from .._exceptions import Defer, PayloadError, Reject, Retry, qualname
 from .._link.topology import Queue
 from .retry import RetryPolicy
 
 __all__ = (
     "ATTEMPT_HEADER",
     "BROKER_HEADERS",
+    "DEFERS_HEADER",
+    "MAX_DEFERS",
     "Failed",
     "Move",
     "MoveKind",
     "format_traceback",
-    "qualname",
     "route_failure",
 )
 
 ATTEMPT_HEADER = "x-workq-attempt"
+DEFERS_HEADER = "x-workq-defers"
+"""How many times the message was deferred (`Defer`), over its whole life."""
+MAX_DEFERS = 100
+"""The worker's default `max_defers`."""
 # Set by the broker; a copy moved to another queue must not carry them.
 BROKER_HEADERS = frozenset(
     {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
@@ -73,7 +77,8 @@ class Move:
     delay_ms: int | None = None
     """The delay queue level to declare and publish into (`None`: no delay queue)."""
     expiration_ms: int | None = None
-    """A per-message TTL shorter than the level (backoff jitter)."""
+    """A per-message TTL shorter than the level: backoff jitter, or a `Retry`/`Defer` delay
+    between two levels."""
 
     @property
     def final(self) -> bool:
@@ -87,24 +92,42 @@ def route_failure(
     queue: Queue,
     *,
     now: datetime,
+    max_defers: int | None = MAX_DEFERS,
 ) -> Move:
     """Decide where a failed message goes.
 
     - `Reject`, an exception the policy `throws`, no policy, or the last attempt: the
       dead-letter queue (or dropped, for a queue without one);
-    - `Defer(delay)`: a delay queue, the attempt unchanged;
+    - `Defer(delay)`: a delay queue, the attempt unchanged, one more deferral counted; past
+      `max_defers` deferrals (`None`: no limit), the dead-letter queue;
     - `Retry(delay)`: a delay queue (or straight back with `delay=0`), as the next attempt;
     - anything else: the policy's backoff for this attempt, as the next attempt.
+
+    A `Retry` or `Defer` delay waits in the smallest delay level at least as long, with the
+    delay itself as the message's own TTL when it falls between two levels.
     """
     if queue.server_named:
         return Move(MoveKind.DROP)
     attempt = failed.attempt
     headers = _failure_headers(failed.headers, exc, now)
+    defers = _count(failed.headers.get(DEFERS_HEADER))
+    refused = ""
     if isinstance(exc, Defer):
-        level = (policy or _LADDER_ONLY).level_for(exc.delay)
-        return Move(MoveKind.DEFER, queue.delay_queue(level), headers, delay_ms=level)
+        if max_defers is None or defers < max_defers:
+            headers[DEFERS_HEADER] = defers + 1
+            level, expiration = _level((policy or _LADDER_ONLY), exc.delay)
+            return Move(
+                MoveKind.DEFER, queue.delay_queue(level), headers,
+                delay_ms=level, expiration_ms=expiration,
+            )  # fmt: skip
+        refused = (
+            f"deferred {defers} times already, the worker's max_defers={max_defers}; "
+            f"Defer({exc.delay:g}) refused"
+        )
+        headers["x-workq-exception-message"] = refused
     final = (
-        isinstance(exc, Reject)
+        bool(refused)
+        or isinstance(exc, Reject)
         or policy is None
         or attempt >= policy.max_attempts
         or policy.gives_up_on(exc)
@@ -126,8 +149,11 @@ def route_failure(
     if requested == 0:
         return Move(MoveKind.RETRY, failed.queue_name, headers)
     if requested is not None:
-        level = policy.level_for(requested)
-        return Move(MoveKind.RETRY, queue.delay_queue(level), headers, delay_ms=level)
+        level, expiration = _level(policy, requested)
+        return Move(
+            MoveKind.RETRY, queue.delay_queue(level), headers,
+            delay_ms=level, expiration_ms=expiration,
+        )  # fmt: skip
     level = policy.delay_ms(attempt)
     return Move(
         MoveKind.RETRY,
@@ -141,6 +167,19 @@ def route_failure(
 _LADDER_ONLY = RetryPolicy(max_attempts=1)
 
 
+def _level(policy: RetryPolicy, delay: float) -> tuple[int, int | None]:
+    """The delay level (ms) for a requested delay, and the message's own TTL when the delay
+    is shorter than the level (`None` when it is the level)."""
+    level = policy.level_for(delay)
+    wanted = max(1, round(delay * 1000))
+    return level, wanted if wanted < level else None
+
+
+def _count(value: Any) -> int:
+    """A count header's value; 0 when absent or not a count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 def _failure_headers(
     original: Mapping[str, Any], exc: BaseException, now: datetime
 ) -> dict[str, Any]:
@@ -151,12 +190,6 @@ def _failure_headers(
     headers["x-workq-exception-type"] = qualname(exc)
     headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
     return headers
-
-
-def qualname(obj: Any) -> str:
-    """`module.Name` of a function or class, or of an instance's class."""
-    target = obj if inspect.isfunction(obj) or inspect.isclass(obj) else type(obj)
-    return f"{target.__module__}.{target.__qualname__}"
 
 
 def format_traceback(exc: BaseException) -> str:

@@ -37,6 +37,17 @@ class Forwarder(Protocol):
 _UNSET: Any = object()
 
 
+def _failed(exc: BaseException) -> asyncio.Future[str]:
+    """A settled confirm standing for a forward that failed before it was sent."""
+    future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(exc)
+        future.exception()  # observed here: the dispatcher reads it, or the handler failed
+    return future
+
+
 def _decode_or_reject(body: bytes, content_type: str | None) -> Any:
     try:
         return decode_body(body, content_type)
@@ -168,11 +179,18 @@ class Job:
         """Publish downstream and wait for the broker's confirm; returns the message id.
 
         The job is acked only once everything it forwarded is confirmed: if a forward fails,
-        the job is retried under the worker's policy, never acked (even if the handler caught
-        the error). Takes the same arguments as `Producer.publish`.
+        whether before the message is sent or after, the job is retried under the worker's
+        policy (dead-lettered after its last attempt), never acked, even if the handler caught
+        the error. Takes the same arguments as `Producer.publish`.
 
         Raises:
             SerializationError: the body or an option can't be encoded (nothing was sent).
+            ConfigurationError: a bad option, or the `message_id` of a message forwarded
+                before is still unconfirmed (nothing was sent).
+            TopologyError: the destination queue can't be declared, e.g. it exists with other
+                arguments (nothing was sent).
+            PublishTimeoutError: no declaration, window room or channel within the timeout
+                (nothing was sent), or no confirm.
             PublishError: the broker did not confirm the message.
         """
         confirm = await self.send(
@@ -191,11 +209,22 @@ class Job:
     ) -> asyncio.Future[str]:
         """Like `forward`, without waiting: returns the confirm future (to pipeline many).
 
-        The job's ack still waits for the confirm.
+        The job's ack still waits for the confirm. A send that fails before its confirm
+        exists fails the job just the same (see `forward`).
+
+        Raises:
+            SerializationError, ConfigurationError, TopologyError, PublishTimeoutError: as
+                `forward`, before the message was sent.
         """
-        confirm = await self._forwarder.forward(body, queue, exchange, routing_key, options)
         if self.links is None:
             self.links = []
+        try:
+            confirm = await self._forwarder.forward(body, queue, exchange, routing_key, options)
+        except BaseException as exc:
+            # Recorded before it propagates: a handler that catches it must not get its
+            # delivery acked, since the message it meant to forward was never sent.
+            self.links.append(_failed(exc))
+            raise
         self.links.append(confirm)
         return confirm
 

@@ -102,7 +102,8 @@ class RetryPolicy:
         return max(1, round(level_ms * (1 - self.jitter * random.random())))
 
     def level_for(self, delay: float) -> int:
-        """The delay level (ms) for `Retry(delay=...)`: the smallest one long enough."""
+        """The delay level (ms) for `Retry(delay=...)`: the smallest one long enough (the
+        copy then has `delay` as its own TTL when it is shorter)."""
         wanted = max(1, round(delay * 1000))
         levels = sorted({*self.levels_ms(), *_LADDER_MS})
         index = bisect.bisect_left(levels, wanted)

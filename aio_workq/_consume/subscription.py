@@ -8,7 +8,6 @@ dispatcher, with the channel's `Acker`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -60,12 +59,12 @@ class Subscription:
         self.acker: Acker | None = None
         self.consumer_tag: str | None = None
         self.stopping = False
-        self._closing: asyncio.Future[Any] | None = None
         self._channel = ManagedChannel(
             source,
             confirms=False,
             setup=self._setup,
             on_lost=self._on_lost,
+            on_closing=self._on_closing,
             what=f"worker {queue.name!r}",
         )
 
@@ -93,9 +92,13 @@ class Subscription:
         if wire is not None:  # the lean path: deliveries skip aiormq's frame parsing
             gate = wire.demux.attach(channel)
             acker = Acker(channel, (wire.writer, gate))
-            # The demux detaches a closed channel's tap: no stale check needed on this path.
             on_delivery = self._on_delivery
-            gate.on_delivery = lambda delivery: on_delivery(delivery, acker)
+
+            def deliver(delivery: Delivery) -> None:
+                if gate.open:  # else closing: the broker redelivers it
+                    on_delivery(delivery, acker)
+
+            gate.on_delivery = deliver
         else:
             acker = Acker(channel, None)
 
@@ -139,14 +142,21 @@ class Subscription:
                 reason,
             )
 
+    def _on_closing(self, channel: aiormq.abc.AbstractChannel) -> None:
+        """The channel is about to be closed: its acks so far go out, none after."""
+        acker = self.acker
+        if acker is not None and acker.channel is channel:
+            self.acker = None  # deliveries still arriving on it are dropped (redelivered)
+            acker.close()
+
     def _on_cancelled(self, consumer_tag: Any) -> None:
-        channel = self._channel.channel
-        if self.stopping or channel is None:
+        if self.stopping or self._channel.channel is None:
             return
         log.warning("the broker cancelled the consumer of %r; re-declaring", self.queue_name)
         self.consumer_tag = None
-        # Reopen: the new channel declares the queue again and consumes.
-        self._closing = asyncio.ensure_future(channel.close())
+        # A new channel declares the queue again and consumes; the old one is closed the
+        # one safe way (its acks so far first, none after).
+        self._channel.recycle()
 
     async def cancel(self) -> None:
         """Stop new deliveries (running ones still settle on this channel)."""
@@ -159,6 +169,4 @@ class Subscription:
 
     async def close(self) -> None:
         self.stopping = True
-        if self.acker is not None:
-            self.acker.flush()
         await self._channel.close()

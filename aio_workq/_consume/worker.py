@@ -27,6 +27,7 @@ from .._publish.message import Sender
 from .._wire.window import Window
 from .dispatch import Counters, Dispatcher
 from .execution import Handler, HandlerRunner
+from .failures import MAX_DEFERS
 from .mover import Mover
 from .retry import RetryPolicy
 from .subscription import Subscription
@@ -77,6 +78,10 @@ class Worker:
             Deliveries waiting for `job.forward()` confirms hold a prefetch slot, not a
             concurrency slot.
         retry: the retry policy; `None` dead-letters on the first failure.
+        max_defers: how many times a message may be deferred (`Defer`), over its whole life
+            (the `x-workq-defers` header counts them; a replay from the dead-letter queue
+            starts again from 0): the next `Defer` dead-letters it, saying so. `None`: no
+            limit (a handler that always defers then keeps its message forever).
         queue_type: the type of a queue given by name: `"quorum"` (default) or `"classic"`
             (a `Queue` says its own type; giving both raises `ConfigurationError`).
         exchange: bind the queue to this exchange with `binding_keys`: an `Exchange` is
@@ -84,7 +89,9 @@ class Worker:
         binding_keys: routing keys or patterns to bind with (default: the queue name).
         binding_arguments: arguments of each binding: for a headers exchange, the headers to
             match and `"x-match": "all"` or `"any"` (routing keys are then ignored).
-        handler_timeout: seconds a handler may run before it counts as failed.
+        handler_timeout: seconds a handler may run before it counts as failed, from when it
+            starts (a plain `def` handler waiting for a thread or process still busy with a
+            call that timed out is not timed meanwhile).
         shutdown_timeout: seconds `stop()` lets running handlers finish; the rest go back to
             the queue.
         executor: where a plain `def` handler runs: `"thread"` (a pool of `concurrency`
@@ -106,6 +113,7 @@ class Worker:
         concurrency: int = 1,
         prefetch: int | None = None,
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
+        max_defers: int | None = MAX_DEFERS,
         queue_type: QueueType | Literal["quorum", "classic"] | None = None,
         connection: Connection | AbstractRobustConnection | None = None,
         exchange: str | Exchange | None = None,
@@ -123,6 +131,13 @@ class Worker:
             raise ConfigurationError("pass url= or connection=, not both")
         self._hooks = Hooks.of(hooks)
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout)
+        if max_defers is not None and (
+            isinstance(max_defers, bool) or not isinstance(max_defers, int) or max_defers < 0
+        ):
+            raise ConfigurationError(
+                f"max_defers must be a whole number >= 0, or None for no limit; got {max_defers!r}"
+            )
+        self._max_defers = max_defers
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
         if (binding_keys or binding_arguments) and exchange is None:
@@ -275,6 +290,7 @@ class Worker:
             concurrency=self._concurrency,
             prefetch=self._prefetch,
             hooks=self._hooks,
+            max_defers=self._max_defers,
         )
         retries = self._retry is not None and not queue.server_named
         delays = self._retry.levels_ms() if self._retry is not None and retries else ()

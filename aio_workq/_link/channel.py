@@ -4,6 +4,13 @@ A producer's or worker's channel closes when the connection is lost, or when the
 the channel alone (a 404 on a publish to a missing exchange, a consumer timeout). Either way the
 owner hears of it at once (`on_lost`), and the channel is reopened, with backoff, as soon as the
 connection is up, then handed to the owner's `setup` (declare, QoS, consume, resend).
+
+Closing a channel has one owner, `ManagedChannel._shut`, whatever the cause (`close()`, a
+`recycle()` after the broker cancelled a consumer, a failed set-up): it settles what the owner
+has buffered for the channel, hands the connection's buffered frames to the socket, closes the
+channel's gate so no later frame of it is written, and only then sends `Channel.Close`. A frame
+written after it would reach the broker once the channel's number is free, and the broker
+closes the whole connection for that (504 CHANNEL_ERROR), with every producer and worker on it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ log = logging.getLogger("aio_workq")
 
 Setup = Callable[[aiormq.abc.AbstractChannel, Wire | None], Awaitable[None]]
 OnLost = Callable[[aiormq.abc.AbstractChannel, BaseException | None], None]
+OnClosing = Callable[[aiormq.abc.AbstractChannel], None]
 
 _REOPEN_FIRST = 0.2
 _REOPEN_CAP = 15.0
@@ -39,6 +47,8 @@ class ManagedChannel:
         confirms: open the channel in publisher-confirm mode (returns raise).
         setup: runs on each new channel before it counts as open.
         on_lost: runs when the current channel closes (not on `close()`).
+        on_closing: runs just before aio-workq closes a channel of this owner: write what is
+            buffered for it now, and nothing after (e.g. the worker's acks).
         what: how log lines name the owner, e.g. "worker 'tasks'".
     """
 
@@ -49,18 +59,21 @@ class ManagedChannel:
         confirms: bool,
         setup: Setup,
         on_lost: OnLost | None = None,
+        on_closing: OnClosing | None = None,
         what: str,
     ) -> None:
         self._source = source
         self._confirms = confirms
         self._setup = setup
         self._on_lost = on_lost
+        self._on_closing = on_closing
         self._what = what
         self._loop = asyncio.get_running_loop()
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.wire: Wire | None = None
         self._ready = asyncio.Event()
         self._reopening: asyncio.Task[None] | None = None
+        self._recycling: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
@@ -107,16 +120,14 @@ class ManagedChannel:
             async with asyncio.timeout_at(deadline):  # declarations, QoS, consume
                 await self._setup(channel, link.wire)
         except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
+            await self._shut(channel, link.wire)
             if isinstance(exc, TimeoutError) and not isinstance(exc, WorkqError):
                 raise BrokerConnectionError(
                     f"{self._what}: the broker did not answer within {timeout:g} s"
                 ) from None
             raise
         if self._closed:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await self._shut(channel, link.wire)
             return
         self.channel = channel
         self.wire = link.wire
@@ -158,9 +169,30 @@ class ManagedChannel:
             else:
                 log.info("%s has a channel again", self._what)
 
+    def recycle(self) -> None:
+        """Close the current channel and open a new one, set up again (in the background).
+
+        For a channel the broker left unusable without closing it: a cancelled consumer.
+        """
+        channel, wire = self.channel, self.wire
+        if self._closed or channel is None or channel.is_closed:
+            return
+        self.channel = None
+        self.wire = None
+        if self._on_lost is not None:
+            self._on_lost(channel, None)
+        self._recycling = self._loop.create_task(self._recycle(channel, wire))
+
+    async def _recycle(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
+        await self._shut(channel, wire)
+        self.reopen_soon()
+
     async def close(self) -> None:
         """Close the channel and stop reopening it."""
         self._closed = True
+        recycling, self._recycling = self._recycling, None
+        if recycling is not None:  # let its close finish (bounded): it no longer reopens
+            await asyncio.gather(recycling, return_exceptions=True)
         reopening, self._reopening = self._reopening, None
         if reopening is not None:
             reopening.cancel()
@@ -168,10 +200,21 @@ class ManagedChannel:
         channel, self.channel = self.channel, None
         wire, self.wire = self.wire, None
         self._ready.set()
-        if channel is not None and not channel.is_closed:
-            if wire is not None:
-                # What is buffered for it goes out first; nothing after the Channel.Close.
-                wire.writer.flush()
-                wire.demux.attach(channel).open = False
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), 5)
+        if channel is not None:
+            await self._shut(channel, wire)
+
+    async def _shut(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
+        """The one way a channel of this owner is closed: what is buffered for it goes out
+        first, nothing after the `Channel.Close` (see the module docstring)."""
+        if channel.is_closed:
+            return
+        if self._on_closing is not None:
+            try:
+                self._on_closing(channel)
+            except Exception:  # closing goes on: the broker requeues what is unsettled
+                log.exception("%s failed to settle before closing its channel", self._what)
+        if wire is not None:
+            wire.writer.flush()
+            wire.demux.attach(channel).open = False
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(channel.close(), 5)

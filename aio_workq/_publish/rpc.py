@@ -14,8 +14,14 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
-from .._consume.failures import qualname
-from .._exceptions import ConnectionLostError, PublishError, RPCError, RPCTimeoutError, WorkqError
+from .._exceptions import (
+    ConnectionLostError,
+    PublishError,
+    RPCError,
+    RPCTimeoutError,
+    WorkqError,
+    qualname,
+)
 from .._wire.frames import Properties
 from .confirms import ConfirmPublisher
 from .message import new_message_id

@@ -29,6 +29,7 @@ class Acker:
     """Settles the deliveries of one channel, each exactly once."""
 
     __slots__ = (
+        "_closed",
         "_gate",
         "_handle",
         "_loop",
@@ -52,6 +53,7 @@ class Acker:
         self._ops: list[tuple[int, int, bool]] = []  # (kind, tag, multiple or requeue)
         self._handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     @property
     def unsettled(self) -> int:
@@ -76,9 +78,15 @@ class Acker:
         if self._handle is None:
             self._handle = self._loop.call_soon(self.flush)
 
+    def close(self) -> None:
+        """Write what is asked for so far, then nothing more: the channel is about to be
+        closed, and a frame after its `Channel.Close` would close the whole connection."""
+        self.flush()
+        self._closed = True
+
     def flush(self) -> None:
         self._handle = None
-        if self.channel.is_closed:
+        if self._closed or self.channel.is_closed:
             # The broker requeues everything unacked on a closed channel: the documented
             # duplicate case, never a loss.
             self._unsettled.clear()
