@@ -22,7 +22,8 @@ from .._wire.frames import Properties
 from .serialization import encode_body
 
 if TYPE_CHECKING:
-    from .._link.topology import Exchange, Queue, Router
+    from .._link.router import Router
+    from .._link.specs import Exchange, Queue
     from .confirms import ConfirmPublisher
 
 __all__ = ("PublishOptions", "Sender", "build_message", "new_message_id", "settle_in_order")

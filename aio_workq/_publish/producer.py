@@ -16,8 +16,9 @@ from .._exceptions import (
 )
 from .._hooks import Hook, Hooks
 from .._link.connection import Connection, LinkSource, open_source
+from .._link.router import Router
 from .._link.settings import URLs, redact_url, resolve_url
-from .._link.topology import Exchange, Queue, QueueType, Router
+from .._link.specs import Exchange, Queue, QueueType
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
 from .message import PublishOptions, Sender

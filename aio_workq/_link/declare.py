@@ -1,0 +1,113 @@
+"""Declaring queues and exchanges on a short-lived channel, with errors that say what to do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+
+import aiormq
+
+from .._exceptions import TopologyError
+from .connection import LinkSource, translate_errors
+from .specs import Exchange, ExchangeType, Queue
+
+__all__ = ("declare_exchange", "declare_queue", "raw_channel")
+
+
+async def _declare_one(
+    channel: aiormq.abc.AbstractChannel,
+    name: str,
+    arguments: dict[str, Any],
+    *,
+    passive: bool = False,
+    exclusive: bool = False,
+) -> str:
+    what = f"declaring queue {name!r}" if name else "declaring a server-named queue"
+    try:
+        with translate_errors(what):
+            ok = await channel.queue_declare(
+                queue=name,
+                durable=not exclusive,
+                exclusive=exclusive,
+                auto_delete=exclusive,
+                passive=passive,
+                arguments=arguments,
+            )
+    except TopologyError as exc:
+        if passive:
+            raise TopologyError(
+                f"queue {name!r} does not exist (passive use); declare it first or drop "
+                "passive=True"
+            ) from exc
+        raise TopologyError(
+            f"queue {name!r} already exists with other arguments ({exc}). aio-workq declares it "
+            f"with {arguments}. Nothing was changed or deleted. To migrate: drain and delete the "
+            f"old queue (rabbitmqctl delete_queue {name}), or use a new queue name, or pass "
+            f"Queue({name!r}, passive=True) to use the existing queue as it is."
+        ) from exc
+    return ok.queue or name
+
+
+async def declare_queue(
+    channel: aiormq.abc.AbstractChannel,
+    queue: Queue,
+    *,
+    delays_ms: tuple[int, ...] = (),
+) -> str:
+    """Declare `queue` with its dead-letter and delay queues; returns its (server) name."""
+    if queue.server_named:
+        return await _declare_one(channel, "", dict(queue.arguments), exclusive=True)
+    if queue.dead_letter:
+        await _declare_one(
+            channel, queue.dead_letter_queue, queue.arguments_for_dead_letter_queue()
+        )
+    for delay in delays_ms:
+        await _declare_one(
+            channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay)
+        )
+    if queue.passive:  # the work queue must exist; its retry and dead-letter queues are ours
+        return await _declare_one(channel, queue.name, {}, passive=True)
+    return await _declare_one(channel, queue.name, queue.arguments_for_work_queue())
+
+
+async def declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Exchange) -> None:
+    """Declare a durable exchange, or check that it exists when passive."""
+    try:
+        with translate_errors(f"declaring exchange {exchange.name!r}"):
+            await channel.exchange_declare(
+                exchange=exchange.name,
+                exchange_type=ExchangeType(exchange.type).value,
+                durable=True,
+                passive=exchange.passive,
+                arguments=dict(exchange.arguments),
+            )
+    except TopologyError as exc:
+        if exchange.passive:
+            raise TopologyError(
+                f"exchange {exchange.name!r} does not exist. exchange='{exchange.name}' (a name) "
+                f"only checks that an exchange exists; pass Exchange({exchange.name!r}) to "
+                "declare it (durable), or declare it first"
+            ) from exc
+        raise TopologyError(
+            f"exchange {exchange.name!r} already exists with another type or arguments ({exc})"
+        ) from exc
+
+
+@asynccontextmanager
+async def raw_channel(
+    source: LinkSource, *, publisher_confirms: bool = False, timeout: float | None = None
+) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+    """A short-lived aiormq channel (declarations, dead-letter moves), closed on exit: a 406 on
+    it closes nothing else. Opening waits at most `timeout` for the connection."""
+    link = await source.link(timeout)
+    with translate_errors("opening a channel"):
+        async with asyncio.timeout(timeout):
+            channel = await link.connection.channel(publisher_confirms=publisher_confirms)
+    try:
+        yield channel
+    finally:
+        if not channel.is_closed:
+            with suppress(Exception):
+                await asyncio.wait_for(channel.close(), 5)

@@ -1,0 +1,133 @@
+"""Where a publish goes: `queue=` / `exchange=` / `routing_key=` resolved, declared once."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .._exceptions import ConfigurationError
+from .connection import LinkSource
+from .declare import declare_exchange, declare_queue, raw_channel
+from .delay import DelayLadder
+from .specs import Exchange, Queue, QueueType
+
+__all__ = ("Router",)
+
+
+class Router:
+    """Turns `queue=` / `exchange=` / `routing_key=` into a destination, declaring it once.
+
+    `exchange="name"` only checks that the exchange exists (it is someone else's); an
+    `Exchange(...)` is declared on first use.
+    """
+
+    def __init__(self, source: LinkSource, queue_type: QueueType) -> None:
+        self._source = source
+        self._queue_type = queue_type
+        self._queues: dict[str, Queue] = {}
+        self._exchanges: set[str] = set()
+        # One declaration in flight per queue: concurrent first publishes share it (re-declaring
+        # a quorum queue while messages arrive for it makes the broker nack some of them).
+        self._declaring: dict[tuple[str, tuple[int, ...]], tuple[Queue, asyncio.Future[str]]] = {}
+        self._ladder: DelayLadder | None = None
+
+    @property
+    def delays(self) -> DelayLadder:
+        """The delayed-publish ladder of this connection (declared on its first use)."""
+        if self._ladder is None:
+            self._ladder = DelayLadder(self._source)
+        return self._ladder
+
+    def queue_spec(self, queue: str | Queue) -> Queue:
+        if isinstance(queue, Queue):
+            return queue
+        spec = self._queues.get(queue)
+        return spec if spec is not None else Queue(queue, type=self._queue_type)
+
+    def lookup(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str] | None:
+        """The destination when nothing needs declaring (the hot path), else None."""
+        if queue is not None:
+            if exchange:
+                return None
+            if isinstance(queue, str):
+                return ("", queue) if queue in self._queues else None
+            declared = self._queues.get(queue.name)
+            return ("", queue.name) if declared is queue or declared == queue else None
+        name = exchange.name if isinstance(exchange, Exchange) else exchange
+        if name:
+            return (name, routing_key or "") if name in self._exchanges else None
+        return ("", routing_key) if routing_key else None
+
+    async def destination(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str]:
+        """`(exchange, routing_key)` to publish to, declared or checked on first use.
+
+        Raises:
+            ConfigurationError: both or neither of a queue and an exchange are given.
+            TopologyError: the queue exists with other arguments, or the named exchange does not.
+        """
+        if queue is not None:
+            if exchange:
+                raise ConfigurationError("publish to queue= or to exchange=, not both")
+            spec = self.queue_spec(queue)
+            declared = self._queues.get(spec.name)
+            # A plain name maps to the cached spec itself: no field-by-field compare per publish.
+            if declared is not spec and declared != spec:
+                await self.declare(spec)
+            return "", spec.name
+        if isinstance(exchange, Exchange):
+            if exchange.name not in self._exchanges:
+                await self._declare_exchange(exchange)
+            return exchange.name, routing_key or ""
+        if exchange:
+            if exchange not in self._exchanges:
+                await self._declare_exchange(Exchange(exchange, passive=True))
+            return exchange, routing_key or ""
+        if not routing_key:
+            raise ConfigurationError(
+                "nowhere to publish: pass queue='name', or exchange= and routing_key="
+            )
+        return "", routing_key
+
+    async def declare(self, spec: Queue, delays_ms: tuple[int, ...] = ()) -> str:
+        """Declare `spec` (and these delay levels); returns the queue's name.
+
+        Raises:
+            TopologyError: the queue exists with other arguments (or not at all, if passive).
+            BrokerConnectionError: the connection is down.
+        """
+        key = (spec.name, delays_ms)
+        pending = self._declaring.get(key) if not spec.server_named else None
+        if pending is not None and pending[0] == spec:
+            return await asyncio.shield(pending[1])
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not spec.server_named:
+            self._declaring[key] = (spec, future)
+        try:
+            async with raw_channel(self._source) as channel:
+                name = await declare_queue(channel, spec, delays_ms=delays_ms)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.exception()  # retrieved here; waiters get it too
+            raise
+        else:
+            future.set_result(name)
+        finally:
+            if key in self._declaring and self._declaring[key][1] is future:
+                del self._declaring[key]
+        if not spec.server_named:
+            self._queues[spec.name] = spec
+        return name
+
+    async def _declare_exchange(self, exchange: Exchange) -> None:
+        async with raw_channel(self._source) as channel:
+            await declare_exchange(channel, exchange)
+        self._exchanges.add(exchange.name)
