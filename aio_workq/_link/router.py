@@ -13,6 +13,10 @@ from .specs import Exchange, Queue, QueueType
 __all__ = ("Router",)
 
 
+class _Abandoned(Exception):
+    """The caller running a shared declaration was cancelled; its waiters declare themselves."""
+
+
 class Router:
     """Turns `queue=` / `exchange=` / `routing_key=` into a destination, declaring it once.
 
@@ -105,9 +109,14 @@ class Router:
             BrokerConnectionError: the connection is down.
         """
         key = (spec.name, delays_ms)
-        pending = self._declaring.get(key) if not spec.server_named else None
-        if pending is not None and pending[0] == spec:
-            return await asyncio.shield(pending[1])
+        while not spec.server_named:
+            pending = self._declaring.get(key)
+            if pending is None or pending[0] != spec:
+                break
+            try:
+                return await asyncio.shield(pending[1])
+            except _Abandoned:
+                continue  # its caller was cancelled (its own timeout): declare it ourselves
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if not spec.server_named:
             self._declaring[key] = (spec, future)
@@ -115,7 +124,7 @@ class Router:
             async with raw_channel(self._source) as channel:
                 name = await declare_queue(channel, spec, delays_ms=delays_ms)
         except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("cancelled"))
+            future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
             future.exception()  # retrieved here; waiters get it too
             raise
         else:
