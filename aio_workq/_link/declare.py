@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from typing import Any
@@ -13,7 +14,10 @@ from .._exceptions import TopologyError
 from .connection import LinkSource, translate_errors
 from .specs import Exchange, ExchangeType, Queue
 
-__all__ = ("declare_exchange", "declare_queue", "raw_channel")
+__all__ = ("declare_exchange", "declare_queue", "missing_exchange", "raw_channel")
+
+# RabbitMQ's reply to a publish to an exchange that does not exist (rabbit_misc:not_found/1).
+_NO_EXCHANGE = re.compile(r"NOT_FOUND - no exchange '([^']*)' in vhost ")
 
 
 async def _declare_one(
@@ -111,3 +115,13 @@ async def raw_channel(
         if not channel.is_closed:
             with suppress(Exception):
                 await asyncio.wait_for(channel.close(), 5)
+
+
+def missing_exchange(reason: BaseException | None) -> str | None:
+    """The exchange named by a channel close for a publish to a missing exchange (a 404), or
+    None when `reason` is anything else."""
+    if not isinstance(reason, aiormq.exceptions.ChannelNotFoundEntity) or not reason.args:
+        return None
+    text = getattr(reason.args[0], "reply_text", reason.args[0])
+    match = _NO_EXCHANGE.match(text) if isinstance(text, str) else None
+    return match.group(1) if match else None

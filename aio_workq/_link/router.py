@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from .._exceptions import ConfigurationError
+import aiormq
+
+from .._exceptions import BrokerConnectionError, ConfigurationError
 from .connection import LinkSource
 from .declare import declare_exchange, declare_queue, raw_channel
 from .delay import DelayLadder
 from .specs import Exchange, Queue, QueueType
 
 __all__ = ("Router",)
+
+T = TypeVar("T")
+_ATTEMPTS = 3
 
 
 class _Abandoned(Exception):
@@ -121,8 +128,9 @@ class Router:
         if not spec.server_named:
             self._declaring[key] = (spec, future)
         try:
-            async with raw_channel(self._source) as channel:
-                name = await declare_queue(channel, spec, delays_ms=delays_ms)
+            name = await self._on_raw_channel(
+                lambda channel: declare_queue(channel, spec, delays_ms=delays_ms)
+            )
         except BaseException as exc:
             future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
             future.exception()  # retrieved here; waiters get it too
@@ -136,7 +144,30 @@ class Router:
             self._queues[spec.name] = spec
         return name
 
+    def forget_exchange(self, name: str) -> None:
+        """`name` was found missing (a publish to it closed the channel): check or declare it
+        again before the next publish to it."""
+        self._exchanges.discard(name)
+
     async def _declare_exchange(self, exchange: Exchange) -> None:
-        async with raw_channel(self._source) as channel:
-            await declare_exchange(channel, exchange)
+        await self._on_raw_channel(lambda channel: declare_exchange(channel, exchange))
         self._exchanges.add(exchange.name)
+
+    async def _on_raw_channel(
+        self, declare: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]
+    ) -> T:
+        """`declare` on a short-lived channel; again on the next connection when this one is
+        lost under it (the caller's timeout bounds the wait for that).
+
+        Raises:
+            BrokerConnectionError: the connection failed under it again, or it failed while
+                the connection stayed up.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with raw_channel(self._source) as channel:
+                    return await declare(channel)
+            except BrokerConnectionError:
+                if attempt == _ATTEMPTS or self._source.is_connected or self._source.is_closed:
+                    raise
+        raise AssertionError("unreachable")

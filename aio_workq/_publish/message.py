@@ -149,6 +149,7 @@ class Sender:
         self._router = router
         self._timeout = timeout
         self._hooks = hooks
+        publisher.add_missing_exchange_listener(router.forget_exchange)
 
     async def forward(
         self,
