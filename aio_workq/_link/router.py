@@ -54,6 +54,17 @@ class Router:
         spec = self._queues.get(queue)
         return spec if spec is not None else Queue(queue, type=self._queue_type)
 
+    def check_priority(self, queue: str | Queue) -> None:
+        """Check that `queue` honours message priorities (a publish with `priority=`).
+
+        Raises:
+            ConfigurationError: the queue's spec has no `x-max-priority`: the broker would
+                ignore the priority.
+        """
+        spec = self.queue_spec(queue)
+        if not spec.honours_priority:
+            raise spec.priority_error()
+
     def lookup(
         self,
         queue: str | Queue | None,

@@ -71,6 +71,10 @@ class Queue:
             the broker dead-letters a message; the guard against a message that kills its worker.
         dead_letter: declare `<name>.dlq` and route dead letters to it.
         single_active_consumer: only one consumer gets messages at a time (ordered processing).
+        max_priority: classic queues only: declare the queue with `x-max-priority` (1-255;
+            RabbitMQ advises at most 10), so that `publish(..., priority=N)` delivers higher
+            priorities first. A publish with `priority=` to a queue without it raises
+            `ConfigurationError` (the broker would ignore the priority).
         passive: don't declare, only check the queue exists (raises `TopologyError` if not).
         arguments: extra `x-` arguments, merged over the defaults.
     """
@@ -82,6 +86,7 @@ class Queue:
     single_active_consumer: bool = False
     passive: bool = False
     arguments: Mapping[str, Any] = field(default_factory=dict)
+    max_priority: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -95,6 +100,43 @@ class Queue:
                 f"queue {self.name!r}: delivery_limit must be >= 1, got {self.delivery_limit!r}"
             )
         _check_name("queue", self.name, 200)
+        if self.max_priority is not None:
+            self._check_max_priority(self.max_priority)
+
+    def _check_max_priority(self, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 255:
+            raise ConfigurationError(
+                f"queue {self.name!r}: max_priority must be an int from 1 to 255 (10 or less is "
+                f"advised), got {value!r}"
+            )
+        if self.type is not QueueType.CLASSIC:
+            raise ConfigurationError(
+                f"queue {self.name!r}: quorum queues have no message priorities (RabbitMQ "
+                f"3.x); use Queue({self.name!r}, type='classic', max_priority={value})"
+            )
+
+    @property
+    def honours_priority(self) -> bool:
+        """True when the broker orders this queue by message priority (`x-max-priority`), or
+        may (a passive queue: its arguments are not ours to know)."""
+        return self.passive or (
+            self.type is QueueType.CLASSIC
+            and (self.max_priority is not None or "x-max-priority" in self.arguments)
+        )
+
+    def priority_error(self) -> ConfigurationError:
+        """The error of a publish with `priority=` to this queue when it can't honour it."""
+        why = (
+            "a quorum queue has no message priorities"
+            if self.type is QueueType.QUORUM
+            else "it is not declared with max_priority"
+        )
+        return ConfigurationError(
+            f"publish to queue {self.name!r} with priority=: the broker would ignore it ({why}). "
+            f"Declare the queue as Queue({self.name!r}, type='classic', max_priority=10) on "
+            "the producer and the workers (a new queue name, or delete the old queue first), "
+            "or drop priority="
+        )
 
     @property
     def server_named(self) -> bool:
@@ -130,6 +172,8 @@ class Queue:
             args["x-delivery-limit"] = self.delivery_limit
         if self.single_active_consumer:
             args["x-single-active-consumer"] = True
+        if self.max_priority is not None:
+            args["x-max-priority"] = self.max_priority
         args.update(self.arguments)
         return args
 

@@ -61,7 +61,8 @@ class PublishOptions(TypedDict, total=False):
     timeout: float | None
     """Seconds from the call to the confirm (declaration and window included)."""
     priority: int | None
-    """0-255, for queues declared with `x-max-priority`."""
+    """0-255, to a queue declared with `Queue(name, type="classic", max_priority=N)` (or
+    `x-max-priority`); to any other queue it is a `ConfigurationError`."""
     expiration: float | timedelta | None
     """Per-message TTL, in seconds."""
     correlation_id: str | None
@@ -169,6 +170,8 @@ class Sender:
         data, props, mandatory, timeout = build_message(body, options)
         timeout = self._timeout if timeout is None else timeout
         router = self._router
+        if props.priority is not None and queue is not None and type(props.priority) is int:
+            router.check_priority(queue)  # before anything is declared (#21)
         delay = options.get("delay")
         ticks = 0 if delay is None else delay_ticks(delay)
         destination: tuple[str, str] | None

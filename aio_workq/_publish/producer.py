@@ -208,7 +208,8 @@ class Producer:
         Raises:
             SerializationError: the body or a property can't be encoded; nothing was sent.
             ConfigurationError: an unknown option, or no destination; a `delay` that is
-                negative, through an exchange, or with `expiration`.
+                negative, through an exchange, or with `expiration`; a `priority` to a queue
+                not declared with `max_priority`.
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
         """
