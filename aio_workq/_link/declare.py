@@ -14,7 +14,14 @@ from .._exceptions import TopologyError
 from .connection import LinkSource, translate_errors
 from .specs import Exchange, ExchangeType, Queue
 
-__all__ = ("declare_exchange", "declare_queue", "missing_exchange", "raw_channel")
+__all__ = (
+    "check_exchange",
+    "check_queue",
+    "declare_exchange",
+    "declare_queue",
+    "missing_exchange",
+    "raw_channel",
+)
 
 # RabbitMQ's reply to a publish to an exchange that does not exist (rabbit_misc:not_found/1).
 _NO_EXCHANGE = re.compile(r"NOT_FOUND - no exchange '([^']*)' in vhost ")
@@ -97,6 +104,39 @@ async def declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Exchan
         raise TopologyError(
             f"exchange {exchange.name!r} already exists with another type or arguments ({exc})"
         ) from exc
+
+
+async def check_queue(channel: aiormq.abc.AbstractChannel, name: str) -> None:
+    """Check that queue `name` exists, declaring nothing (`Producer(declare="never")`).
+
+    Raises:
+        TopologyError: it does not exist (or may not be used).
+    """
+    with translate_errors(f"checking that queue {name!r} exists"):
+        try:
+            await channel.queue_declare(queue=name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyError(
+                f"queue {name!r} does not exist, and this producer never declares queues "
+                f"(declare='never'): check the name for a typo, or declare the queue first (start "
+                f"its worker, or call producer.declare({name!r}))"
+            ) from exc
+
+
+async def check_exchange(channel: aiormq.abc.AbstractChannel, name: str) -> None:
+    """Check that exchange `name` exists, declaring nothing (`Producer(declare="never")`).
+
+    Raises:
+        TopologyError: it does not exist (or may not be used).
+    """
+    with translate_errors(f"checking that exchange {name!r} exists"):
+        try:
+            await channel.exchange_declare(exchange=name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise TopologyError(
+                f"exchange {name!r} does not exist, and this producer never declares exchanges "
+                "(declare='never'): check the name for a typo, or declare the exchange first"
+            ) from exc
 
 
 @asynccontextmanager

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import aiormq
 
 from .._exceptions import BrokerConnectionError, ConfigurationError
 from .connection import LinkSource
-from .declare import declare_exchange, declare_queue, raw_channel
+from .declare import check_exchange, check_queue, declare_exchange, declare_queue, raw_channel
 from .delay import DelayLadder
 from .specs import Exchange, Queue, QueueType
 
@@ -31,9 +31,18 @@ class Router:
     `Exchange(...)` is declared on first use.
     """
 
-    def __init__(self, source: LinkSource, queue_type: QueueType) -> None:
+    def __init__(
+        self,
+        source: LinkSource,
+        queue_type: QueueType,
+        *,
+        declare: Literal["always", "never"] = "always",
+    ) -> None:
         self._source = source
         self._queue_type = queue_type
+        # declare="never": destinations are only checked, never declared (`declare()` still
+        # declares when asked by name).
+        self._check_only = declare == "never"
         self._queues: dict[str, Queue] = {}
         self._exchanges: set[str] = set()
         # One declaration in flight per queue: concurrent first publishes share it (re-declaring
@@ -61,6 +70,8 @@ class Router:
             ConfigurationError: the queue's spec has no `x-max-priority`: the broker would
                 ignore the priority.
         """
+        if self._check_only and isinstance(queue, str):
+            return  # an existing queue, used as it is: its arguments are not ours to know
         spec = self.queue_spec(queue)
         if not spec.honours_priority:
             raise spec.priority_error()
@@ -94,7 +105,8 @@ class Router:
 
         Raises:
             ConfigurationError: both or neither of a queue and an exchange are given.
-            TopologyError: the queue exists with other arguments, or the named exchange does not.
+            TopologyError: the queue exists with other arguments, or the named exchange does not;
+                with `declare="never"`, the queue or exchange does not exist.
         """
         if queue is not None:
             if exchange:
@@ -103,11 +115,19 @@ class Router:
             declared = self._queues.get(spec.name)
             # A plain name maps to the cached spec itself: no field-by-field compare per publish.
             if declared is not spec and declared != spec:
-                await self.declare(spec)
+                if self._check_only:
+                    await self._on_raw_channel(lambda channel: check_queue(channel, spec.name))
+                    self._queues[spec.name] = spec
+                else:
+                    await self.declare(spec)
             return "", spec.name
         if isinstance(exchange, Exchange):
             if exchange.name not in self._exchanges:
-                await self._declare_exchange(exchange)
+                if self._check_only:
+                    await self._on_raw_channel(lambda ch: check_exchange(ch, exchange.name))
+                    self._exchanges.add(exchange.name)
+                else:
+                    await self._declare_exchange(exchange)
             return exchange.name, routing_key or ""
         if exchange:
             if exchange not in self._exchanges:
