@@ -42,10 +42,10 @@ from ._link.connection import connect as connect
 from ._link.settings import redact_url as redact_url
 from ._link.settings import resolve_url as resolve_url
 from ._link.settings import resolve_urls as resolve_urls
-from ._link.topology import Exchange as Exchange
-from ._link.topology import ExchangeType as ExchangeType
-from ._link.topology import Queue as Queue
-from ._link.topology import QueueType as QueueType
+from ._link.specs import Exchange as Exchange
+from ._link.specs import ExchangeType as ExchangeType
+from ._link.specs import Queue as Queue
+from ._link.specs import QueueType as QueueType
 from ._logs import MessageFields as MessageFields
 from ._publish.message import PublishOptions as PublishOptions
 from ._publish.producer import Producer as Producer

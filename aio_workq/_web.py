@@ -23,7 +23,7 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._link.topology import Exchange, Queue, QueueType
+from ._link.specs import Exchange, Queue, QueueType
 from ._publish.message import PublishOptions
 from ._publish.producer import Producer
 

@@ -33,7 +33,7 @@ from ._exceptions import (
     WorkqError,
 )
 from ._link.settings import redact_url, resolve_url
-from ._link.topology import Exchange, Queue, QueueType
+from ._link.specs import Exchange, Queue, QueueType
 from ._publish.producer import Producer
 from ._web import DEFAULT_REQUEST_TIMEOUT, IntegrationError, ProducerView, _check_timeout
 

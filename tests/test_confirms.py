@@ -105,7 +105,7 @@ async def test_unknown_and_mistyped_options_are_named(
         await any_producer.publish("x", queue=queue_name, delay_seconds=5)  # type: ignore[call-arg]
     with pytest.raises(SerializationError, match="expiration"):
         await any_producer.publish("x", queue=queue_name, expiration="soon")  # type: ignore[arg-type]
-    assert await any_producer.publish("x", queue=queue_name, expiration=60, priority=1)
+    assert await any_producer.publish("x", queue=queue_name, expiration=60)
 
 
 async def test_a_bad_forward_changes_no_other_move(

@@ -269,9 +269,10 @@ async def test_a_job_reads_the_same_on_the_lean_path_and_through_aio_pika(
     async def handler(job: Job) -> None:
         counter.add(_job_view(job))
 
-    async with conn, Worker(connection=conn, queue=queue_name, handler=handler):
+    spec = Queue(queue_name, type="classic", max_priority=5)  # for priority= (#21)
+    async with conn, Worker(connection=conn, queue=spec, handler=handler):
         await producer.publish(
-            {"n": 1}, queue=queue_name, headers={"x-workq-attempt": 2, "k": "v"},
+            {"n": 1}, queue=spec, headers={"x-workq-attempt": 2, "k": "v"},
             message_id="id-1", correlation_id="c-1", priority=3,
         )  # fmt: skip
         [view] = await counter.wait_for(1)

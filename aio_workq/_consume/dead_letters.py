@@ -19,7 +19,8 @@ from .._exceptions import (
     UnroutableError,
 )
 from .._link.connection import LinkSource, translate_errors
-from .._link.topology import Queue, raw_channel
+from .._link.declare import raw_channel
+from .._link.specs import Queue
 from .job import ATTEMPT_HEADER, BROKER_HEADERS
 
 __all__ = ("DeadLetter", "DeadLetters", "replay_headers")

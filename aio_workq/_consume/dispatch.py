@@ -17,7 +17,7 @@ from typing import Any
 
 from .._exceptions import WorkqError
 from .._hooks import Hooks, Outcome, Settled
-from .._link.topology import Queue
+from .._link.specs import Queue
 from .._logs import handling
 from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply

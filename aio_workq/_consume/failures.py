@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .._exceptions import Defer, PayloadError, Reject, Retry, qualname
-from .._link.topology import Queue
+from .._link.specs import Queue
 from .retry import RetryPolicy
 
 __all__ = (

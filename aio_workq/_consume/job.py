@@ -16,7 +16,7 @@ from .._wire.demux import Delivery
 from .failures import ATTEMPT_HEADER, BROKER_HEADERS
 
 if TYPE_CHECKING:
-    from .._link.topology import Exchange, Queue
+    from .._link.specs import Exchange, Queue
 
 __all__ = ("ATTEMPT_HEADER", "BROKER_HEADERS", "Forwarder", "Job", "JobData")
 

@@ -5,7 +5,8 @@ A crash at any point leaves the message on the broker (possibly twice, never zer
 
 from __future__ import annotations
 
-from .._link.topology import Queue, Router
+from .._link.router import Router
+from .._link.specs import Queue
 from .._publish.confirms import ConfirmPublisher
 from .._publish.message import new_message_id
 from .._wire.frames import Properties

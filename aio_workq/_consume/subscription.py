@@ -18,7 +18,9 @@ from aiormq.abc import DeliveredMessage
 
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource, translate_errors
-from .._link.topology import Exchange, Queue, Router, declare_exchange, raw_channel
+from .._link.declare import declare_exchange, raw_channel
+from .._link.router import Router
+from .._link.specs import Exchange, Queue
 from .._wire.acker import Acker
 from .._wire.demux import Delivery
 from .._wire.seams import Wire

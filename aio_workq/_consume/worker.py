@@ -20,8 +20,9 @@ from aio_pika.abc import AbstractRobustConnection
 from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.connection import Connection, LinkSource, open_source
+from .._link.router import Router
 from .._link.settings import URLs, redact_url, resolve_url
-from .._link.topology import Exchange, Queue, QueueType, Router
+from .._link.specs import Exchange, Queue, QueueType
 from .._publish.confirms import ConfirmPublisher
 from .._publish.message import Sender
 from .._wire.window import Window

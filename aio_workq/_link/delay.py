@@ -31,7 +31,7 @@ from typing import Any
 
 from .._exceptions import ConfigurationError
 from .connection import LinkSource, translate_errors
-from .topology import raw_channel
+from .declare import raw_channel
 
 __all__ = ("DELIVER_EXCHANGE", "LEVELS", "TICK_MS", "DelayLadder", "delay_ticks", "routing_key")
 

@@ -20,9 +20,15 @@ from collections.abc import Awaitable, Callable
 
 import aiormq
 
-from .._exceptions import ConnectionLostError, PublishTimeoutError, SerializationError
+from .._exceptions import (
+    ConnectionLostError,
+    PublishTimeoutError,
+    SerializationError,
+    TopologyError,
+)
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource
+from .._link.declare import missing_exchange
 from .._wire.frames import Properties, check_destination, encode_properties
 from .._wire.lanes import FastLane, Lane, PlainLane
 from .._wire.seams import Wire
@@ -39,6 +45,7 @@ MAX_MESSAGE_SIZE = 128 * 2**20
 resend every other message on it), so it is refused before it is sent."""
 
 ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
+ExchangeListener = Callable[[str], None]
 
 
 class ConfirmPublisher:
@@ -71,6 +78,7 @@ class ConfirmPublisher:
         self._lane: Lane | None = None
         self._waiting: deque[Outgoing] = deque()  # for the next channel
         self._listeners: list[ChannelListener] = []
+        self._missing_listeners: list[ExchangeListener] = []
         self._ready = asyncio.Event()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
@@ -95,6 +103,11 @@ class ConfirmPublisher:
     def add_channel_listener(self, listener: ChannelListener) -> None:
         """Run `listener` on every new channel, before messages are (re)sent on it."""
         self._listeners.append(listener)
+
+    def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
+        """Run `listener(name)` when a publish to exchange `name` closes the channel because
+        the exchange does not exist (a 404): the router checks it again before the next one."""
+        self._missing_listeners.append(listener)
 
     async def start(self, timeout: float | None = None) -> None:
         """Open the channel.
@@ -128,10 +141,19 @@ class ConfirmPublisher:
             channel.connection.is_closed
         )
         connection_lost = not channel_error
+        # --- a missing exchange (#20, finding 6): its own publishes fail with TopologyError; the
+        # others were not the cause, so they are resent like after a lost connection (or failed).
+        missing = missing_exchange(reason) if channel_error else None
+        if missing is not None:
+            for listener in self._missing_listeners:
+                listener(missing)
+        # ---
         for out in self._tracker.take_all():
             if out.settled:
                 continue
-            if self._resend and connection_lost and not self._closed:
+            if missing is not None and out.exchange == missing:
+                self._tracker.settle(out, _no_exchange(out))
+            elif self._resend and (connection_lost or missing is not None) and not self._closed:
                 self._waiting.append(out)
             else:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
@@ -261,3 +283,12 @@ class ConfirmPublisher:
             self._sweep_handle = None
         self._lane = None
         await self._channel.close()
+
+
+def _no_exchange(out: Outgoing) -> TopologyError:
+    """The error of a message published to an exchange that does not exist (#20, finding 6)."""
+    return TopologyError(
+        f"message {out.message_id} to exchange {out.exchange!r} routing key {out.routing_key!r} "
+        f"was not confirmed: exchange {out.exchange!r} does not exist (deleted?); declare it, "
+        f"or publish with Exchange({out.exchange!r}) to have it declared; {MAYBE}"
+    )

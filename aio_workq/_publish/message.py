@@ -22,7 +22,8 @@ from .._wire.frames import Properties
 from .serialization import encode_body
 
 if TYPE_CHECKING:
-    from .._link.topology import Exchange, Queue, Router
+    from .._link.router import Router
+    from .._link.specs import Exchange, Queue
     from .confirms import ConfirmPublisher
 
 __all__ = ("PublishOptions", "Sender", "build_message", "new_message_id", "settle_in_order")
@@ -60,7 +61,8 @@ class PublishOptions(TypedDict, total=False):
     timeout: float | None
     """Seconds from the call to the confirm (declaration and window included)."""
     priority: int | None
-    """0-255, for queues declared with `x-max-priority`."""
+    """0-255, to a queue declared with `Queue(name, type="classic", max_priority=N)` (or
+    `x-max-priority`); to any other queue it is a `ConfigurationError`."""
     expiration: float | timedelta | None
     """Per-message TTL, in seconds."""
     correlation_id: str | None
@@ -148,6 +150,7 @@ class Sender:
         self._router = router
         self._timeout = timeout
         self._hooks = hooks
+        publisher.add_missing_exchange_listener(router.forget_exchange)
 
     async def forward(
         self,
@@ -167,6 +170,8 @@ class Sender:
         data, props, mandatory, timeout = build_message(body, options)
         timeout = self._timeout if timeout is None else timeout
         router = self._router
+        if props.priority is not None and queue is not None and type(props.priority) is int:
+            router.check_priority(queue)  # before anything is declared (#21)
         delay = options.get("delay")
         ticks = 0 if delay is None else delay_ticks(delay)
         destination: tuple[str, str] | None

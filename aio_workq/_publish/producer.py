@@ -16,8 +16,9 @@ from .._exceptions import (
 )
 from .._hooks import Hook, Hooks
 from .._link.connection import Connection, LinkSource, open_source
+from .._link.router import Router
 from .._link.settings import URLs, redact_url, resolve_url
-from .._link.topology import Exchange, Queue, QueueType, Router
+from .._link.specs import Exchange, Queue, QueueType
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
 from .message import PublishOptions, Sender
@@ -58,6 +59,10 @@ class Producer:
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
         hooks: `Hook`s that observe each publish and confirm (metrics, tracing) and the
             reconnects of the producer's own connection.
+        declare: `"always"` (default): a queue or `Exchange(...)` is declared on its first
+            publish. `"never"`: it is only checked, and must exist already, else the publish
+            raises `TopologyError` naming it (a misspelt queue name then fails instead of
+            creating a queue nobody consumes). `producer.declare()` still declares.
     """
 
     def __init__(
@@ -74,9 +79,13 @@ class Producer:
         name: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         hooks: Sequence[Hook] = (),
+        declare: Literal["always", "never"] = "always",
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
+        if not isinstance(declare, str) or declare not in ("always", "never"):
+            raise ConfigurationError(f"declare must be 'always' or 'never', got {declare!r}")
+        self._declare: Literal["always", "never"] = declare
         self._hooks = Hooks.of(hooks)
         self._queue_type = _check_settings(window, window_bytes, timeout, on_reconnect, queue_type)
         self._url = None if connection is not None else resolve_url(url)
@@ -153,7 +162,7 @@ class Producer:
             if self._connection is not None:
                 await self._connection.close()
             raise
-        self._router = Router(self._source, self._queue_type)
+        self._router = Router(self._source, self._queue_type, declare=self._declare)
         self._sender = Sender(publisher, self._router, self._timeout, self._hooks)
         self._publisher = publisher
 
@@ -207,8 +216,10 @@ class Producer:
         Raises:
             SerializationError: the body or a property can't be encoded; nothing was sent.
             ConfigurationError: an unknown option, or no destination; a `delay` that is
-                negative, through an exchange, or with `expiration`.
-            TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
+                negative, through an exchange, or with `expiration`; a `priority` to a queue
+                not declared with `max_priority`.
+            TopologyError: the queue exists with other arguments, or the exchange doesn't exist;
+                with `declare="never"`, the queue or exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
         """
         self._ready()

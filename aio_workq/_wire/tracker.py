@@ -19,6 +19,7 @@ from .._exceptions import (
     PublishNackedError,
     PublishTimeoutError,
     UnroutableError,
+    WorkqError,
 )
 from .frames import EncodedProperties, Properties
 
@@ -129,7 +130,7 @@ class ConfirmTracker:
         out.tag = tag
         self._pending[tag] = out
 
-    def settle(self, out: Outgoing, error: PublishError | None) -> None:
+    def settle(self, out: Outgoing, error: WorkqError | None) -> None:
         """Settle `out` (once): confirmed when `error` is None, else failed with it."""
         if out.settled:
             return

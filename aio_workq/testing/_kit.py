@@ -23,7 +23,7 @@ from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import WorkerState
 from .._link.delay import delay_ticks
-from .._link.topology import Exchange, Queue
+from .._link.specs import Exchange, Queue
 from .._publish.message import PublishOptions, _delayed_queue, build_message, new_message_id
 from .._publish.rpc import REPLY_TO
 from .._publish.serialization import decode_body

@@ -1,0 +1,204 @@
+"""Where a publish goes: `queue=` / `exchange=` / `routing_key=` resolved, declared once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Literal, TypeVar
+
+import aiormq
+
+from .._exceptions import BrokerConnectionError, ConfigurationError
+from .connection import LinkSource
+from .declare import check_exchange, check_queue, declare_exchange, declare_queue, raw_channel
+from .delay import DelayLadder
+from .specs import Exchange, Queue, QueueType
+
+__all__ = ("Router",)
+
+T = TypeVar("T")
+_ATTEMPTS = 3
+
+
+class _Abandoned(Exception):
+    """The caller running a shared declaration was cancelled; its waiters declare themselves."""
+
+
+class Router:
+    """Turns `queue=` / `exchange=` / `routing_key=` into a destination, declaring it once.
+
+    `exchange="name"` only checks that the exchange exists (it is someone else's); an
+    `Exchange(...)` is declared on first use.
+    """
+
+    def __init__(
+        self,
+        source: LinkSource,
+        queue_type: QueueType,
+        *,
+        declare: Literal["always", "never"] = "always",
+    ) -> None:
+        self._source = source
+        self._queue_type = queue_type
+        # declare="never": destinations are only checked, never declared (`declare()` still
+        # declares when asked by name).
+        self._check_only = declare == "never"
+        self._queues: dict[str, Queue] = {}
+        self._exchanges: set[str] = set()
+        # One declaration in flight per queue: concurrent first publishes share it (re-declaring
+        # a quorum queue while messages arrive for it makes the broker nack some of them).
+        self._declaring: dict[tuple[str, tuple[int, ...]], tuple[Queue, asyncio.Future[str]]] = {}
+        self._ladder: DelayLadder | None = None
+
+    @property
+    def delays(self) -> DelayLadder:
+        """The delayed-publish ladder of this connection (declared on its first use)."""
+        if self._ladder is None:
+            self._ladder = DelayLadder(self._source)
+        return self._ladder
+
+    def queue_spec(self, queue: str | Queue) -> Queue:
+        if isinstance(queue, Queue):
+            return queue
+        spec = self._queues.get(queue)
+        return spec if spec is not None else Queue(queue, type=self._queue_type)
+
+    def check_priority(self, queue: str | Queue) -> None:
+        """Check that `queue` honours message priorities (a publish with `priority=`).
+
+        Raises:
+            ConfigurationError: the queue's spec has no `x-max-priority`: the broker would
+                ignore the priority.
+        """
+        if self._check_only and isinstance(queue, str):
+            return  # an existing queue, used as it is: its arguments are not ours to know
+        spec = self.queue_spec(queue)
+        if not spec.honours_priority:
+            raise spec.priority_error()
+
+    def lookup(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str] | None:
+        """The destination when nothing needs declaring (the hot path), else None."""
+        if queue is not None:
+            if exchange:
+                return None
+            if isinstance(queue, str):
+                return ("", queue) if queue in self._queues else None
+            declared = self._queues.get(queue.name)
+            return ("", queue.name) if declared is queue or declared == queue else None
+        name = exchange.name if isinstance(exchange, Exchange) else exchange
+        if name:
+            return (name, routing_key or "") if name in self._exchanges else None
+        return ("", routing_key) if routing_key else None
+
+    async def destination(
+        self,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+    ) -> tuple[str, str]:
+        """`(exchange, routing_key)` to publish to, declared or checked on first use.
+
+        Raises:
+            ConfigurationError: both or neither of a queue and an exchange are given.
+            TopologyError: the queue exists with other arguments, or the named exchange does not;
+                with `declare="never"`, the queue or exchange does not exist.
+        """
+        if queue is not None:
+            if exchange:
+                raise ConfigurationError("publish to queue= or to exchange=, not both")
+            spec = self.queue_spec(queue)
+            declared = self._queues.get(spec.name)
+            # A plain name maps to the cached spec itself: no field-by-field compare per publish.
+            if declared is not spec and declared != spec:
+                if self._check_only:
+                    await self._on_raw_channel(lambda channel: check_queue(channel, spec.name))
+                    self._queues[spec.name] = spec
+                else:
+                    await self.declare(spec)
+            return "", spec.name
+        if isinstance(exchange, Exchange):
+            if exchange.name not in self._exchanges:
+                if self._check_only:
+                    await self._on_raw_channel(lambda ch: check_exchange(ch, exchange.name))
+                    self._exchanges.add(exchange.name)
+                else:
+                    await self._declare_exchange(exchange)
+            return exchange.name, routing_key or ""
+        if exchange:
+            if exchange not in self._exchanges:
+                await self._declare_exchange(Exchange(exchange, passive=True))
+            return exchange, routing_key or ""
+        if not routing_key:
+            raise ConfigurationError(
+                "nowhere to publish: pass queue='name', or exchange= and routing_key="
+            )
+        return "", routing_key
+
+    async def declare(self, spec: Queue, delays_ms: tuple[int, ...] = ()) -> str:
+        """Declare `spec` (and these delay levels); returns the queue's name.
+
+        Raises:
+            TopologyError: the queue exists with other arguments (or not at all, if passive).
+            BrokerConnectionError: the connection is down.
+        """
+        key = (spec.name, delays_ms)
+        while not spec.server_named:
+            pending = self._declaring.get(key)
+            if pending is None or pending[0] != spec:
+                break
+            try:
+                return await asyncio.shield(pending[1])
+            except _Abandoned:
+                continue  # its caller was cancelled (its own timeout): declare it ourselves
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if not spec.server_named:
+            self._declaring[key] = (spec, future)
+        try:
+            name = await self._on_raw_channel(
+                lambda channel: declare_queue(channel, spec, delays_ms=delays_ms)
+            )
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
+            future.exception()  # retrieved here; waiters get it too
+            raise
+        else:
+            future.set_result(name)
+        finally:
+            if key in self._declaring and self._declaring[key][1] is future:
+                del self._declaring[key]
+        if not spec.server_named:
+            self._queues[spec.name] = spec
+        return name
+
+    def forget_exchange(self, name: str) -> None:
+        """`name` was found missing (a publish to it closed the channel): check or declare it
+        again before the next publish to it."""
+        self._exchanges.discard(name)
+
+    async def _declare_exchange(self, exchange: Exchange) -> None:
+        await self._on_raw_channel(lambda channel: declare_exchange(channel, exchange))
+        self._exchanges.add(exchange.name)
+
+    async def _on_raw_channel(
+        self, declare: Callable[[aiormq.abc.AbstractChannel], Awaitable[T]]
+    ) -> T:
+        """`declare` on a short-lived channel; again on the next connection when this one is
+        lost under it (the caller's timeout bounds the wait for that).
+
+        Raises:
+            BrokerConnectionError: the connection failed under it again, or it failed while
+                the connection stayed up.
+        """
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with raw_channel(self._source) as channel:
+                    return await declare(channel)
+            except BrokerConnectionError:
+                if attempt == _ATTEMPTS or self._source.is_connected or self._source.is_closed:
+                    raise
+        raise AssertionError("unreachable")

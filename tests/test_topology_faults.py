@@ -1,0 +1,94 @@
+"""Declarations under faults (issue #20): a cancelled shared declaration, a deleted exchange."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal
+
+import aio_pika
+import pytest
+
+from aio_workq import ConnectionLostError, Producer, PublishTimeoutError, TopologyError
+from tests.helpers import queue_depth
+
+pytestmark = pytest.mark.broker
+
+
+async def test_a_publish_sharing_a_cancelled_declaration_declares_the_queue_itself(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    # Two first publishes to a new queue share one declaration; the first one's timeout cancels
+    # it mid-way. The second, with its whole timeout left, must not inherit that cancellation.
+    hasty = producer.publish("hasty", queue=queue_name, timeout=0.001)
+    patient = producer.publish("patient", queue=queue_name, timeout=30)
+    first, second = await asyncio.gather(hasty, patient, return_exceptions=True)
+    assert isinstance(first, PublishTimeoutError), first  # the scenario: it was cut short
+    assert isinstance(second, str), second  # the message id: declared and confirmed
+    assert await queue_depth(amqp_url, queue_name) == 1
+    await producer.publish("after", queue=queue_name)  # and the queue is known from now on
+    assert await queue_depth(amqp_url, queue_name) == 2
+
+
+async def _outcomes(
+    producer: Producer, queue: str, exchange: str, key: str, n: int
+) -> tuple[list[str | BaseException], list[str | BaseException]]:
+    """`n` publishes to `queue` and `n // 10` to `exchange`, concurrently: their outcomes."""
+    to_queue = [producer.publish(i, queue=queue) for i in range(n)]
+    to_exchange = [producer.publish(i, exchange=exchange, routing_key=key) for i in range(n // 10)]
+    results = await asyncio.gather(*to_queue, *to_exchange, return_exceptions=True)
+    return results[:n], results[n:]
+
+
+@pytest.mark.parametrize("on_reconnect", ["resend", "fail"])
+async def test_a_deleted_exchange_fails_only_its_own_publishes(
+    amqp_url: str, queue_name: str, on_reconnect: Literal["resend", "fail"]
+) -> None:
+    exchange, bound = f"{queue_name}-x", f"{queue_name}-bound"
+    admin = await aio_pika.connect(amqp_url)
+    async with admin, Producer(amqp_url, on_reconnect=on_reconnect) as producer:
+        channel = await admin.channel()
+        declared = await channel.declare_exchange(exchange, "direct", durable=True)
+        target = await channel.declare_queue(bound, durable=True)
+        await target.bind(declared, routing_key="k")
+        await producer.declare(queue_name)
+
+        to_queue, to_exchange = await _outcomes(producer, queue_name, exchange, "k", 100)
+        assert all(isinstance(r, str) for r in to_queue + to_exchange)
+
+        # Deleted while a round is in flight. The first publish to it after that closes the
+        # producer's channel (in that round or the next) and fails with TopologyError, like
+        # every later one; the queue's publishes in flight on the channel are resent (or,
+        # with "fail", fail typed). On the plain path aiormq may write publishes after its
+        # Channel.CloseOk, and the broker then closes the connection too: later rounds still
+        # see only typed outcomes, and the rounds after that a stable producer.
+        during = asyncio.ensure_future(_outcomes(producer, queue_name, exchange, "k", 100))
+        await channel.exchange_delete(exchange)
+        rounds = [await during]
+        for _ in range(4):
+            rounds.append(await _outcomes(producer, queue_name, exchange, "k", 100))
+        for number, (to_queue, to_exchange) in enumerate(rounds):
+            expected = TopologyError if number else str | TopologyError
+            assert all(isinstance(r, expected) for r in to_exchange), (number, _kinds(to_exchange))
+            if on_reconnect == "resend" or number >= 3:
+                assert all(isinstance(r, str) for r in to_queue), (number, _kinds(to_queue))
+            else:
+                assert all(isinstance(r, str | ConnectionLostError) for r in to_queue)
+        assert exchange in str(rounds[-1][1][0])
+
+        await channel.declare_exchange(exchange, "direct", durable=True)  # back again
+        await target.bind(exchange, routing_key="k")
+        to_queue, to_exchange = await _outcomes(producer, queue_name, exchange, "k", 100)
+        assert all(isinstance(r, str) for r in to_queue + to_exchange), _kinds(to_exchange)
+        await channel.exchange_delete(exchange)
+        await channel.queue_delete(bound)
+
+
+def _kinds(results: list[str | BaseException]) -> dict[str, object]:
+    """How many of each outcome, and the first error of each kind (for a failing assert)."""
+    kinds: dict[str, object] = {}
+    for r in results:
+        name = type(r).__name__
+        count = kinds.get(name, 0)
+        kinds[name] = count + 1 if isinstance(count, int) else count
+        kinds.setdefault(f"{name} (first)", r) if isinstance(r, Exception) else None
+    return kinds
