@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from .._exceptions import Defer, PayloadError, Reject, Retry
+from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
 from .._link.topology import Queue
 from .retry import RetryPolicy
 
@@ -30,12 +31,6 @@ __all__ = (
     "route_failure",
 )
 
-ATTEMPT_HEADER = "x-workq-attempt"
-# Set by the broker; a copy moved to another queue must not carry them.
-BROKER_HEADERS = frozenset(
-    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
-     "x-first-death-reason"}
-)  # fmt: skip
 
 _ERROR_TEXT_LIMIT = 1000
 _TRACEBACK_LIMIT = 4000
