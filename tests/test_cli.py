@@ -436,6 +436,28 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+async def test_healthz_under_processes_turns_503_after_the_grace_not_twice_it(
+    env: dict[str, str], local_broker: Any, queue_name: str
+) -> None:
+    port, grace = free_port(), 6.0
+    args = [
+        "worker", "tests.cli_app:quick", "--queue", queue_name, "--processes", "2",
+        "--metrics-port", str(port), "--health-grace", str(grace),
+    ]  # fmt: skip
+    async with cli(*args, env=env) as sup:
+        await wait_health(port, 200, timeout=30)
+        lost = asyncio.get_running_loop().time()  # the connections drop as the stop begins
+        await asyncio.to_thread(local_broker.stop)
+        await wait_health(port, 503, timeout=30)
+        waited = asyncio.get_running_loop().time() - lost
+        await asyncio.to_thread(local_broker.start)
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.exit_code() == 0
+    # The children notice the lost connection at once; the grace is counted once, by the
+    # supervisor (it was counted by each child and then again by the supervisor: ~12 s).
+    assert grace - 0.5 <= waited < grace + 4, waited
+
+
 async def test_metrics_are_served_beside_healthz_with_the_counts_of_known_traffic(
     env: dict[str, str], amqp_url: str, queue_name: str
 ) -> None:

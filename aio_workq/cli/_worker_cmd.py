@@ -52,6 +52,10 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
     "--restart-window", type=click.FloatRange(min=1), default=60.0, show_default=True,
     help="Seconds over which crashes are counted.",
 )  # fmt: skip
+@click.option(
+    "--wait-for-broker", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+    help="At start, keep trying to reach the broker for up to this long (0: fail at once).",
+)  # fmt: skip
 @click.option("--log-level", type=LEVELS, default="INFO", show_default=True)
 def worker(
     target: str,
@@ -64,6 +68,7 @@ def worker(
     health_grace: float,
     max_restarts: int,
     restart_window: float,
+    wait_for_broker: float,
     log_level: str,
 ) -> None:
     """Run the workers that MODULE:ATTR names until SIGTERM or Ctrl-C.
@@ -78,7 +83,10 @@ def worker(
         os.environ["AMQP_URL"] = resolve(url)
     health = HealthOptions(port=metrics_port, host=metrics_host, grace=health_grace)
     if processes == 1:
-        options = WorkerOptions(target=target, queue=queue, concurrency=concurrency, url=url)
+        options = WorkerOptions(
+            target=target, queue=queue, concurrency=concurrency, url=url,
+            wait_for_broker=wait_for_broker,
+        )  # fmt: skip
         asyncio.run(run_in_process(options, health))
         return
     # The children's summed /metrics: its directory is checked before the target is imported
@@ -91,6 +99,8 @@ def worker(
             args += ["--queue", queue]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency)]
+        if wait_for_broker:
+            args += ["--wait-for-broker", str(wait_for_broker)]
         supervisor = Supervisor(
             command=child_command(args),
             processes=processes,
