@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+import aio_pika.exceptions
 import pytest
 
 from aio_workq import Job, Producer, Reject, Worker
@@ -248,6 +249,38 @@ async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_n
 
     code, _, err = await run_cli("queues", f"{queue_name}-missing", env=env)
     assert code == 1 and f"queue '{queue_name}-missing' does not exist" in err
+
+
+async def test_queues_delete_removes_the_queue_with_its_dlq_and_retry_queues(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    await make_dead_letters(amqp_url, queue_name, ["ValueError: x"])
+    async with Producer(amqp_url) as producer:
+        await producer.publish_many(["a", "b"], queue=queue_name)
+        await producer.declare(queue_name)
+    retry = f"{queue_name}.retry.1000ms"
+    async with await aio_pika.connect(amqp_url) as connection:
+        args: dict[str, Any] = {"x-queue-type": "quorum", "x-message-ttl": 1000}
+        await (await connection.channel()).declare_queue(retry, durable=True, arguments=args)
+
+    code, _, err = await run_cli("queues", "delete", queue_name, env=env, stdin=b"n\n")
+    assert code == 1 and "aborted" in err
+    assert await queue_depth(amqp_url, queue_name) == 2
+    code, _, err = await run_cli("queues", "delete", f"{queue_name}.dlq", "--yes", env=env)
+    assert code == 1 and "name its work queue instead" in err
+
+    code, out, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"deleted {queue_name} (2 messages)",
+        f"deleted {queue_name}.dlq (1 message)",
+        f"deleted {retry} (0 messages)",
+    ]
+    for name in (queue_name, f"{queue_name}.dlq", retry):
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await queue_depth(amqp_url, name)
+    code, _, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
+    assert code == 1 and "does not exist" in err
 
 
 # --- dead letters --------------------------------------------------------------------------
@@ -524,8 +557,10 @@ async def test_queues_from_the_management_api_with_rates_and_watch(
     assert isinstance(row["publish_rate"], float) and isinstance(row["deliver_rate"], float)
     assert f"{queue_name}.dlq" not in rows  # folded into its work queue's row
 
-    code, out, _ = await run_cli("queues", queue_name, env=env)
+    code, out, _ = await run_cli("queues", queue_name, env={**env, "COLUMNS": "200"})
     assert code == 0 and "pub/s" in out and "from the management API" in out
+    code, out, _ = await run_cli("queues", queue_name, env={**env, "COLUMNS": "80"})
+    assert code == 0 and "pub/s" not in out and "rates: widen or" in out
 
     watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.5")
     async with cli(*watch, env=env) as watching:
