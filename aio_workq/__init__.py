@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from ._consume.dead_letters import DeadLetter as DeadLetter
-from ._consume.dead_letters import DeadLetters as DeadLetters
 from ._consume.execution import Handler as Handler
 from ._consume.job import Job as Job
 from ._consume.job import JobData as JobData
@@ -47,6 +45,8 @@ from ._link.specs import ExchangeType as ExchangeType
 from ._link.specs import Queue as Queue
 from ._link.specs import QueueType as QueueType
 from ._logs import MessageFields as MessageFields
+from ._publish.dead_letters import DeadLetter as DeadLetter
+from ._publish.dead_letters import DeadLetters as DeadLetters
 from ._publish.message import PublishOptions as PublishOptions
 from ._publish.producer import Producer as Producer
 from ._version import __version__ as __version__

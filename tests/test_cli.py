@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+import aio_pika.exceptions
 import pytest
 
 from aio_workq import Job, Producer, Reject, Worker
@@ -250,6 +251,38 @@ async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_n
     assert code == 1 and f"queue '{queue_name}-missing' does not exist" in err
 
 
+async def test_queues_delete_removes_the_queue_with_its_dlq_and_retry_queues(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    await make_dead_letters(amqp_url, queue_name, ["ValueError: x"])
+    async with Producer(amqp_url) as producer:
+        await producer.publish_many(["a", "b"], queue=queue_name)
+        await producer.declare(queue_name)
+    retry = f"{queue_name}.retry.1000ms"
+    async with await aio_pika.connect(amqp_url) as connection:
+        args: dict[str, Any] = {"x-queue-type": "quorum", "x-message-ttl": 1000}
+        await (await connection.channel()).declare_queue(retry, durable=True, arguments=args)
+
+    code, _, err = await run_cli("queues", "delete", queue_name, env=env, stdin=b"n\n")
+    assert code == 1 and "aborted" in err
+    assert await queue_depth(amqp_url, queue_name) == 2
+    code, _, err = await run_cli("queues", "delete", f"{queue_name}.dlq", "--yes", env=env)
+    assert code == 1 and "name its work queue instead" in err
+
+    code, out, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"deleted {queue_name} (2 messages)",
+        f"deleted {queue_name}.dlq (1 message)",
+        f"deleted {retry} (0 messages)",
+    ]
+    for name in (queue_name, f"{queue_name}.dlq", retry):
+        with pytest.raises(aio_pika.exceptions.ChannelClosed):
+            await queue_depth(amqp_url, name)
+    code, _, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
+    assert code == 1 and "does not exist" in err
+
+
 # --- dead letters --------------------------------------------------------------------------
 
 
@@ -436,6 +469,28 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+async def test_healthz_under_processes_turns_503_after_the_grace_not_twice_it(
+    env: dict[str, str], local_broker: Any, queue_name: str
+) -> None:
+    port, grace = free_port(), 6.0
+    args = [
+        "worker", "tests.cli_app:quick", "--queue", queue_name, "--processes", "2",
+        "--metrics-port", str(port), "--health-grace", str(grace),
+    ]  # fmt: skip
+    async with cli(*args, env=env) as sup:
+        await wait_health(port, 200, timeout=30)
+        lost = asyncio.get_running_loop().time()  # the connections drop as the stop begins
+        await asyncio.to_thread(local_broker.stop)
+        await wait_health(port, 503, timeout=30)
+        waited = asyncio.get_running_loop().time() - lost
+        await asyncio.to_thread(local_broker.start)
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.exit_code() == 0
+    # The children notice the lost connection at once; the grace is counted once, by the
+    # supervisor (it was counted by each child and then again by the supervisor: ~12 s).
+    assert grace - 0.5 <= waited < grace + 4, waited
+
+
 async def test_metrics_are_served_beside_healthz_with_the_counts_of_known_traffic(
     env: dict[str, str], amqp_url: str, queue_name: str
 ) -> None:
@@ -502,8 +557,10 @@ async def test_queues_from_the_management_api_with_rates_and_watch(
     assert isinstance(row["publish_rate"], float) and isinstance(row["deliver_rate"], float)
     assert f"{queue_name}.dlq" not in rows  # folded into its work queue's row
 
-    code, out, _ = await run_cli("queues", queue_name, env=env)
+    code, out, _ = await run_cli("queues", queue_name, env={**env, "COLUMNS": "200"})
     assert code == 0 and "pub/s" in out and "from the management API" in out
+    code, out, _ = await run_cli("queues", queue_name, env={**env, "COLUMNS": "80"})
+    assert code == 0 and "pub/s" not in out and "rates: widen or" in out
 
     watch = ("queues", queue_name, "--watch", "--json", "--interval", "0.5")
     async with cli(*watch, env=env) as watching:

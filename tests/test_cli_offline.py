@@ -87,16 +87,43 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
         _Raw("a.retry.1000ms", 2, 0, 0),
         _Raw("a.retry.2000ms", 1, 0, 0),
         _Raw("orphan.dlq", 5, 0, 0),
+        _Raw("gone.retry.500ms", 6, 0, 0),
         _Raw("b", 0, 0, 1),
+        *(_Raw(f"workq.delay.{k}", 1, 0, 0) for k in range(32)),
     ]
     rows = {row.queue: row for row in group_rows(raws)}
-    assert sorted(rows) == ["a", "b", "orphan.dlq"]
+    assert sorted(rows) == ["a", "b", "gone", "orphan"]  # no ladder, no internal queue alone
     assert (rows["a"].ready, rows["a"].unacked, rows["a"].retry, rows["a"].dead_letters) == (
         3, 1, 3, 4,
     )  # fmt: skip
     assert rows["a"].retry_queues == {"a.retry.1000ms": 2, "a.retry.2000ms": 1}
     assert rows["b"].dead_letters is None
+    assert not rows["orphan"].present and rows["orphan"].dead_letters == 5
+    assert not rows["gone"].present and rows["gone"].retry == 6
     assert [row.queue for row in group_rows(raws, ["b", "a"])] == ["b", "a"]
+    [ladder] = [row for row in group_rows(raws, all_queues=True) if row.kind == "delay-ladder"]
+    assert (ladder.queue, ladder.ready) == ("workq.delay.* (32 queues)", 32)
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_queue_names_are_never_cut_at_80_or_200_columns(width: int) -> None:
+    from rich.console import Console
+
+    from aio_workq.cli._queues_cmd import _TableMaker
+
+    name = "billing-invoices-reconciliation-eu-west-1"
+    raws = [
+        _Raw(name, 1_234, 56, 3, 10.0, 12.5, 12.5),
+        _Raw(f"{name}.dlq", 7, 0, 0),
+        _Raw("images", 0, 0, 1, 0.0, 0.0, 0.0),
+    ]
+    console = Console(width=width, record=True, color_system=None)
+    console.print(_TableMaker(URL, all_queues=True)(group_rows(raws), "test", width))
+    text = console.export_text()
+    assert all(len(line) <= width for line in text.splitlines())
+    [line] = [line for line in text.splitlines() if line.startswith(name)]
+    assert line.split()[:3] == [name, "1,234", "56"]
+    assert ("deliver/s" in text) == (width == 200)  # the rates go first when it is narrow
 
 
 def test_management_url_defaults_to_the_broker_host_and_user() -> None:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from .._exceptions import Defer, PayloadError, Reject, Retry, qualname
+from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
 from .._link.specs import Queue
 from .retry import RetryPolicy
 
@@ -30,16 +31,10 @@ __all__ = (
     "route_failure",
 )
 
-ATTEMPT_HEADER = "x-workq-attempt"
 DEFERS_HEADER = "x-workq-defers"
 """How many times the message was deferred (`Defer`), over its whole life."""
 MAX_DEFERS = 100
 """The worker's default `max_defers`."""
-# Set by the broker; a copy moved to another queue must not carry them.
-BROKER_HEADERS = frozenset(
-    {"x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue",
-     "x-first-death-reason"}
-)  # fmt: skip
 
 _ERROR_TEXT_LIMIT = 1000
 _TRACEBACK_LIMIT = 4000

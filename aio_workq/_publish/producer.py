@@ -10,7 +10,6 @@ from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
 
-from .._consume.dead_letters import DeadLetters
 from .._exceptions import (
     ConfigurationError,
 )
@@ -21,6 +20,7 @@ from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
+from .dead_letters import DeadLetters
 from .message import PublishOptions, Sender
 from .rpc import REPLY_TO, RPCClient
 

@@ -24,18 +24,32 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
+from aio_workq._link.delay import PREFIX as DELAY_PREFIX
 
 from ._errors import CliError, ManagementAPIError
 
-__all__ = ("QueueRow", "collect", "default_management_url", "group_rows")
+__all__ = (
+    "QueueRow",
+    "collect",
+    "default_management_url",
+    "delete_queues",
+    "group_rows",
+    "is_internal",
+    "queue_group",
+)
 
 _RETRY = re.compile(r"^(?P<base>.+)\.retry\.(?P<ms>\d+)ms$")
 _DLQ = re.compile(r"^(?P<base>.+)\.dlq$")
+_LADDER = f"{DELAY_PREFIX}."
 
 
 @dataclass(slots=True)
 class QueueRow:
-    """One work queue with its retry and dead-letter queues (`None`: not known)."""
+    """One work queue with its retry and dead-letter queues (`None`: not known).
+
+    `present` is false for a work queue that is gone while its internal queues remain;
+    `kind` is `"work"`, or `"delay-ladder"` for the shared `workq.delay.*` queues (one row).
+    """
 
     queue: str
     ready: int | None = None
@@ -47,6 +61,8 @@ class QueueRow:
     retry: int = 0
     dead_letters: int | None = None
     retry_queues: dict[str, int] = field(default_factory=dict)
+    present: bool = True
+    kind: str = "work"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict."""
@@ -74,22 +90,34 @@ def default_management_url(amqp_url: str) -> str:
     return urlunsplit((scheme, f"{userinfo}{host}:{port}", "/", "", ""))
 
 
-def group_rows(raws: Iterable[_Raw], names: Sequence[str] = ()) -> list[QueueRow]:
-    """Fold `X.dlq` and `X.retry.*ms` into the row of `X`; keep only `names` when given."""
+def is_internal(name: str) -> bool:
+    """True for a dead-letter, retry or delay-ladder queue."""
+    return bool(_RETRY.match(name) or _DLQ.match(name) or name.startswith(_LADDER))
+
+
+def group_rows(
+    raws: Iterable[_Raw], names: Sequence[str] = (), *, all_queues: bool = False
+) -> list[QueueRow]:
+    """Fold `X.dlq` and `X.retry.*ms` into the row of `X` (a row of its own when `X` is gone);
+    the delay ladder's `workq.delay.*` queues are one row with `all_queues`, else left out.
+    Keep only `names` when given."""
     raws = list(raws)
     present = {raw.name for raw in raws}
     rows: dict[str, QueueRow] = {}
+    ladder: list[_Raw] = []
 
     def row(name: str) -> QueueRow:
-        return rows.setdefault(name, QueueRow(queue=name))
+        return rows.setdefault(name, QueueRow(queue=name, present=name in present))
 
     for raw in sorted(raws, key=lambda r: r.name):
         retry, dlq = _RETRY.match(raw.name), _DLQ.match(raw.name)
-        if retry and retry["base"] in present:
+        if raw.name.startswith(_LADDER):
+            ladder.append(raw)
+        elif retry:
             target = row(retry["base"])
             target.retry_queues[raw.name] = (raw.ready or 0) + (raw.unacked or 0)
             target.retry += target.retry_queues[raw.name]
-        elif dlq and dlq["base"] in present:
+        elif dlq:
             row(dlq["base"]).dead_letters = (raw.ready or 0) + (raw.unacked or 0)
         else:
             target = row(raw.name)
@@ -98,11 +126,28 @@ def group_rows(raws: Iterable[_Raw], names: Sequence[str] = ()) -> list[QueueRow
             target.ack_rate = raw.ack_rate
     if names:
         return [rows[name] for name in names if name in rows]
-    return sorted(rows.values(), key=lambda r: r.queue)
+    result = sorted(rows.values(), key=lambda r: r.queue)
+    if all_queues and ladder:
+        result.append(
+            QueueRow(
+                queue=f"{_LADDER}* ({len(ladder)} queues)",
+                ready=sum(raw.ready or 0 for raw in ladder),
+                unacked=sum(raw.unacked or 0 for raw in ladder)
+                if all(raw.unacked is not None for raw in ladder) else None,
+                consumers=sum(raw.consumers or 0 for raw in ladder),
+                kind="delay-ladder",
+            )
+        )  # fmt: skip
+    return result
 
 
 async def collect(
-    amqp_url: str, names: Sequence[str], management_url: str | None, *, explicit: bool
+    amqp_url: str,
+    names: Sequence[str],
+    management_url: str | None,
+    *,
+    explicit: bool,
+    all_queues: bool = False,
 ) -> tuple[list[QueueRow], str]:
     """The rows, and where they came from (the management API or passive declares).
 
@@ -117,7 +162,7 @@ async def collect(
         missing = sorted(set(names) - {raw.name for raw in raws})
         if missing:
             raise CliError(f"queue {missing[0]!r} does not exist")
-        return group_rows(raws, names), "the management API"
+        return group_rows(raws, names, all_queues=all_queues), "the management API"
     except ManagementAPIError as exc:
         if explicit or not names:
             hint = (
@@ -127,7 +172,74 @@ async def collect(
                 "or give --management-url"
             )
             raise ManagementAPIError(f"{exc}{hint}") from exc
-    return group_rows(await _from_amqp(amqp_url, names), names), "passive declares"
+    rows = group_rows(await _from_amqp(amqp_url, names), names, all_queues=all_queues)
+    return rows, "passive declares"
+
+
+async def queue_group(
+    amqp_url: str, name: str, management_url: str | None, *, explicit: bool
+) -> list[tuple[str, int]]:
+    """`name` with its dead-letter and retry queues that exist, and the messages in each.
+
+    From the management API (every `name.retry.*ms`), else passive declares (the delay
+    queues of the default `RetryPolicy`).
+
+    Raises:
+        CliError: `name` is an internal queue, or neither it nor its internal queues exist.
+        ManagementAPIError: the management API was asked for explicitly and did not answer.
+        BrokerConnectionError: the broker cannot be reached.
+    """
+    base = (m := _RETRY.match(name) or _DLQ.match(name)) and m["base"]
+    mgmt = management_url or default_management_url(amqp_url)
+    try:
+        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+    except ManagementAPIError:
+        if explicit:
+            raise
+        raws = await _from_amqp(amqp_url, [name, *([base] if base else [])], require=False)
+    if name.startswith(_LADDER) or (base and base in {raw.name for raw in raws}):
+        raise CliError(
+            f"{name!r} is a dead-letter, retry or delay queue; name its work queue instead"
+        )
+    group = [
+        (raw.name, (raw.ready or 0) + (raw.unacked or 0))
+        for raw in raws
+        if raw.name == name
+        or raw.name == f"{name}.dlq"
+        or ((m := _RETRY.match(raw.name)) is not None and m["base"] == name)
+    ]
+    if not group:
+        raise CliError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
+    return sorted(group, key=lambda item: (item[0] != name, item[0]))
+
+
+async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, int]]:
+    """Delete these queues (messages and all); each with the messages it held.
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached.
+    """
+    connection = await _connect(amqp_url)
+    deleted: list[tuple[str, int]] = []
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            try:
+                ok = await channel.queue_delete(name)
+            except aio_pika.exceptions.ChannelClosed:  # gone meanwhile
+                channel = await connection.channel()
+                continue
+            deleted.append((name, int(getattr(ok, "message_count", 0) or 0)))
+    return deleted
+
+
+async def _connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+    try:
+        return await aio_pika.connect(amqp_url, timeout=10)
+    except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+        raise BrokerConnectionError(
+            f"cannot connect to {redact_url(amqp_url)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _vhost(amqp_url: str) -> str:
@@ -187,19 +299,14 @@ def _raw_from_api(item: dict[str, Any]) -> _Raw:
     )
 
 
-async def _from_amqp(amqp_url: str, names: Sequence[str]) -> list[_Raw]:
+async def _from_amqp(amqp_url: str, names: Sequence[str], *, require: bool = True) -> list[_Raw]:
     delays = RetryPolicy().levels_ms()
     wanted = [
         name
         for base in names
         for name in (base, f"{base}.dlq", *(f"{base}.retry.{ms}ms" for ms in delays))
     ]
-    try:
-        connection = await aio_pika.connect(amqp_url, timeout=10)
-    except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-        raise BrokerConnectionError(
-            f"cannot connect to {redact_url(amqp_url)}: {type(exc).__name__}: {exc}"
-        ) from None
+    connection = await _connect(amqp_url)
     raws: list[_Raw] = []
     async with connection:
         channel = await connection.channel()
@@ -207,7 +314,7 @@ async def _from_amqp(amqp_url: str, names: Sequence[str]) -> list[_Raw]:
             try:
                 queue = await channel.declare_queue(name, passive=True)
             except aio_pika.exceptions.ChannelClosed:  # 404: no such queue
-                if name in names:
+                if require and name in names:
                     raise CliError(f"queue {name!r} does not exist") from None
                 channel = await connection.channel()
                 continue

@@ -9,6 +9,7 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aio_workq import Worker, run_workers
 
@@ -53,7 +54,10 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
             with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
                 os.write(status_fd, b"1\n" if healthy else b"0\n")
 
-    monitor = WorkersHealth(workers, grace=health.grace, on_change=on_change)
+    # Under a supervisor the child reports each change at once and the supervisor forgives a
+    # lapse of up to the grace, once: counted here as well, it would be twice the grace.
+    grace = 0.0 if status_fd is not None else health.grace
+    monitor = WorkersHealth(workers, grace=grace, on_change=on_change)
     server = None
     if health.port is not None:
         server = HealthServer(
@@ -63,8 +67,11 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
     elif os.environ.get(CHILD_METRICS_ENV):  # the supervisor serves the sum of its children's
         _metrics(workers)
     background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
+    kwargs: dict[str, Any] = {}
+    if options.wait_for_broker:
+        kwargs["wait_for_broker"] = options.wait_for_broker
     try:
-        await run_workers(*workers)
+        await run_workers(*workers, **kwargs)
     finally:
         for task in background:
             task.cancel()

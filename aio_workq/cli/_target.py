@@ -26,12 +26,14 @@ class WorkerOptions:
         queue: run ATTR as a handler on this queue.
         concurrency: handlers at once, for a handler run with `queue`.
         url: broker URL for a handler run with `queue` (others read `AMQP_URL`).
+        wait_for_broker: seconds to keep trying to reach the broker at start (0: fail at once).
     """
 
     target: str
     queue: str | None = None
     concurrency: int | None = None
     url: str | None = None
+    wait_for_broker: float = 0.0
 
 
 def import_target(target: str) -> Any:

@@ -1,0 +1,373 @@
+"""Count, read, replay and purge a queue's dead letters.
+
+Every read and every replay is one **pass** over the dead letters that were in the queue when it
+began (the count of a passive declare): each of them is taken once, and what arrives during the
+pass (new dead letters, or replayed copies that failed again) is left for the next one. A dead
+letter taken is settled in one of two ways, each copy confirmed by the broker before the original
+is acked:
+
+- **moved**: a copy with its failure headers removed and its attempt reset goes to the work queue;
+- **kept**: an exact copy (body, properties, every header) goes to the back of the dead-letter
+  queue. After a whole pass the kept letters are in their old order, behind nothing older.
+
+Nothing is ever handed back to the queue unacked: a quorum queue counts every such return in
+`x-delivery-count` and, from RabbitMQ 4.0 on (a default delivery limit of 20), drops a message it
+has returned too often. Reading a dead letter leaves its headers as they were.
+
+Interrupted, every message is in one of the two queues; a copy confirmed whose original was not
+yet acked is in both (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+
+from .._exceptions import (
+    BrokerConnectionError,
+    ConfigurationError,
+    PublishError,
+    PublishNackedError,
+    UnroutableError,
+)
+from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
+from .._link.connection import LinkSource, translate_errors
+from .._link.declare import raw_channel
+from .._link.specs import Queue
+
+__all__ = ("DeadLetter", "DeadLetters", "public_name", "replay_headers")
+
+_BATCH = 100
+
+
+def public_name(qualified: str) -> str:
+    """`aio_workq.X` for an aio-workq class recorded under a private module
+    (`aio_workq._exceptions.PayloadError`); any other name as it is."""
+    module, _, name = qualified.rpartition(".")
+    parts = module.split(".")
+    if parts[0] == "aio_workq" and any(part.startswith("_") for part in parts[1:]):
+        return f"aio_workq.{name}"
+    return qualified
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message in a dead-letter queue, with why it got there."""
+
+    body: bytes
+    message_id: str | None
+    headers: Mapping[str, Any]
+    content_type: str | None
+
+    @property
+    def reason(self) -> str:
+        """`type: message` of the exception, or the broker's reason (e.g. `delivery_limit`)."""
+        exc_type = self.exception_type
+        if exc_type:
+            return f"{exc_type}: {self.headers.get('x-workq-exception-message', '')}"
+        death = self._death()
+        if death is not None:
+            return str(death.get("reason", "dead-lettered by the broker"))
+        return "unknown"
+
+    @property
+    def exception_type(self) -> str | None:
+        """The qualified name of the exception that dead-lettered it (`None` when the broker
+        did, e.g. at the delivery limit). aio-workq's own exceptions read `aio_workq.Name`."""
+        value = self.headers.get("x-workq-exception-type")
+        return public_name(str(value)) if value else None
+
+    @property
+    def attempts(self) -> int | None:
+        """How many attempts the worker made, when it dead-lettered the message itself."""
+        value = self.headers.get("x-workq-attempts")
+        return value if isinstance(value, int) else None
+
+    @property
+    def failed_at(self) -> datetime.datetime | None:
+        """When it was dead-lettered (UTC): the worker's last failure, else the broker's."""
+        stamp = self.headers.get("x-workq-last-failure")
+        when: Any = None
+        if isinstance(stamp, str):
+            try:
+                when = datetime.datetime.fromisoformat(stamp)
+            except ValueError:
+                when = None
+        if when is None and (death := self._death()) is not None:
+            when = death.get("time")
+        if not isinstance(when, datetime.datetime):
+            return None
+        return when.replace(tzinfo=datetime.UTC) if when.tzinfo is None else when
+
+    def _death(self) -> Mapping[str, Any] | None:
+        deaths = self.headers.get("x-death")
+        if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
+            return deaths[0]
+        return None
+
+
+Where = Callable[[DeadLetter], bool]
+
+
+class DeadLetters:
+    """The dead-letter queue of a work queue: count, read, replay, purge.
+
+    Each call is one pass over the dead letters there when it began (see the module's notes):
+    `replay()` moves each of them at most once, even when its copy fails again at once and
+    lands back in the dead-letter queue, and a read leaves every dead letter as it was (headers,
+    `x-delivery-count` included, and order).
+    """
+
+    def __init__(self, source: LinkSource, queue: Queue, *, timeout: float = 30.0) -> None:
+        if queue.server_named or not queue.dead_letter:
+            raise ConfigurationError(f"queue {queue.name!r} has no dead-letter queue")
+        self._source = source
+        self._queue = queue
+        self._timeout = timeout
+
+    @asynccontextmanager
+    async def _channel(
+        self, doing: str, *, confirms: bool = False
+    ) -> AsyncIterator[aiormq.abc.AbstractChannel]:
+        """A channel for one operation, which must finish within the timeout (per batch for
+        a pass)."""
+        try:
+            async with raw_channel(
+                self._source, publisher_confirms=confirms, timeout=self._timeout
+            ) as channel:
+                yield channel
+        except TimeoutError:
+            raise BrokerConnectionError(
+                f"{doing} {self.name!r}: the broker did not answer within {self._timeout:g} s"
+            ) from None
+
+    @property
+    def name(self) -> str:
+        """The dead-letter queue's name."""
+        return self._queue.dead_letter_queue
+
+    async def count(self) -> int:
+        """Messages waiting in the dead-letter queue."""
+        async with self._channel("counting dead letters in") as channel:
+            return await self._count(channel)
+
+    async def read(self, limit: int = 10) -> list[DeadLetter]:
+        """Up to `limit` dead letters, oldest first, left in the queue as they were."""
+        return await self.find(limit=limit)
+
+    async def find(
+        self, where: Where | None = None, *, limit: int | None = None
+    ) -> list[DeadLetter]:
+        """The dead letters for which `where` is true (all without it), oldest first, at most
+        `limit`; all left in the queue as they were. `replay()` with the same arguments moves
+        these, if nothing changes in between."""
+        found: list[DeadLetter] = []
+        async with aclosing(self._pass(where, limit=limit, move=False, batch=_BATCH)) as steps:
+            async for batch in steps:
+                found.extend(batch)
+        return found
+
+    async def replay(self, limit: int | None = None, *, where: Where | None = None) -> int:
+        """Move dead letters back to the work queue with attempts reset; returns how many.
+
+        Args:
+            limit: move at most this many (the oldest).
+            where: move only the dead letters for which it is true, e.g.
+                `lambda d: d.exception_type == "myapp.errors.Timeout"`; the others stay, in
+                their order.
+
+        Raises:
+            UnroutableError: the work queue does not exist; that dead letter and the rest stay.
+            PublishError: a copy was not confirmed; that dead letter and the rest stay.
+            BrokerConnectionError: the broker did not answer within the timeout.
+        """
+        moved = 0
+        async with aclosing(self.replay_batches(limit, where=where)) as batches:
+            async for batch in batches:
+                moved += len(batch)
+        return moved
+
+    async def replay_batches(
+        self, limit: int | None = None, *, where: Where | None = None, batch: int = _BATCH
+    ) -> AsyncGenerator[list[DeadLetter], None]:
+        """`replay()`, one batch of at most `batch` dead letters at a time: yields the letters
+        of each batch once every one of them is moved. Stop iterating to stop: the rest stay.
+
+        Raises:
+            ConfigurationError: `batch` is not positive.
+            UnroutableError: the work queue does not exist; that dead letter and the rest stay.
+            PublishError: a copy was not confirmed; that dead letter and the rest stay.
+            BrokerConnectionError: the broker did not answer within the timeout.
+        """
+        if batch < 1:
+            raise ConfigurationError(f"batch must be >= 1, got {batch!r}")
+        async with aclosing(self._pass(where, limit=limit, move=True, batch=batch)) as steps:
+            async for moved in steps:
+                if moved:
+                    yield moved
+
+    async def purge(self) -> int:
+        """Delete every dead letter; returns how many."""
+        async with self._channel("purging") as channel:
+            with translate_errors(f"purging {self.name!r}"):
+                async with asyncio.timeout(self._timeout):
+                    ok = await channel.queue_purge(self.name)
+        return int(ok.message_count or 0)
+
+    # -- one pass ---------------------------------------------------------------------------
+
+    async def _count(self, channel: aiormq.abc.AbstractChannel) -> int:
+        with translate_errors(f"counting dead letters in {self.name!r}"):
+            async with asyncio.timeout(self._timeout):
+                ok = await channel.queue_declare(self.name, passive=True)
+        return int(ok.message_count or 0)
+
+    async def _pass(
+        self, where: Where | None, *, limit: int | None, move: bool, batch: int
+    ) -> AsyncGenerator[list[DeadLetter], None]:
+        """Take each dead letter there now once; yields, per batch, the selected ones (moved
+        to the work queue when `move`, else kept like the others)."""
+        doing = "replaying" if move else "reading dead letters from"
+        async with self._channel(doing, confirms=True) as channel:
+            left = await self._count(channel)
+            chosen = 0
+            kept = False  # once one is kept at the back, the pass goes round to keep the order
+            moved_ids: set[str] = set()  # never twice in one pass, even out of FIFO order
+            while left > 0 and (kept or limit is None or chosen < limit):
+                async with asyncio.timeout(self._timeout):
+                    messages = await self._get_batch(channel, min(batch, left))
+                    if not messages:
+                        break
+                    left -= len(messages)
+                    selected: list[DeadLetter] = []
+                    plan: list[tuple[DeliveredMessage, bool]] = []
+                    for message in messages:
+                        letter = _letter(message)
+                        take = (
+                            (limit is None or chosen < limit)
+                            and (where is None or where(letter))
+                            and letter.message_id not in moved_ids
+                        )
+                        if take:
+                            chosen += 1
+                            selected.append(letter)
+                            if move and letter.message_id is not None:
+                                moved_ids.add(letter.message_id)
+                        plan.append((message, take and move))
+                        kept = kept or not (take and move)
+                    await self._settle(channel, plan)
+                yield selected
+
+    async def _settle(
+        self, channel: aiormq.abc.AbstractChannel, plan: list[tuple[DeliveredMessage, bool]]
+    ) -> None:
+        """Copy each message (to the work queue, or back to the dead-letter queue), then ack
+        each original whose copy was confirmed; raise the first failure after that."""
+        results = await asyncio.gather(
+            *(
+                self._publish_back(channel, message) if to_work else self._keep(channel, message)
+                for message, to_work in plan
+            ),
+            return_exceptions=True,
+        )
+        failure: BaseException | None = None
+        with translate_errors(f"acking dead letters in {self.name!r}"):
+            for (message, _), result in zip(plan, results, strict=True):
+                if isinstance(result, BaseException):
+                    failure = failure or result
+                    continue
+                assert message.delivery_tag is not None
+                await channel.basic_ack(message.delivery_tag)
+        if failure is not None:
+            raise failure
+
+    async def _get_batch(
+        self, channel: aiormq.abc.AbstractChannel, size: int
+    ) -> list[DeliveredMessage]:
+        batch: list[DeliveredMessage] = []
+        with translate_errors(f"reading dead letters from {self.name!r}"):
+            while len(batch) < size:
+                message = await channel.basic_get(self.name, no_ack=False)
+                if message.delivery_tag is None:
+                    break
+                batch.append(message)
+        return batch
+
+    async def _keep(self, channel: aiormq.abc.AbstractChannel, message: DeliveredMessage) -> None:
+        """An exact copy to the back of the dead-letter queue."""
+        props = message.header.properties
+        await self._publish(
+            channel, message.body, props, self.name,
+            f"keeping {props.message_id} in {self.name!r}", "the dead-letter queue is gone",
+        )  # fmt: skip
+
+    async def _publish_back(
+        self, channel: aiormq.abc.AbstractChannel, message: DeliveredMessage
+    ) -> None:
+        props = message.header.properties
+        props.headers = replay_headers(props.headers or {})
+        props.delivery_mode = 2
+        await self._publish(
+            channel, message.body, props, self._queue.name,
+            f"replaying {props.message_id} into {self._queue.name!r}",
+            f"the work queue {self._queue.name!r} does not exist; declare it first",
+        )  # fmt: skip
+
+    async def _publish(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        body: bytes,
+        props: aiormq.spec.Basic.Properties,
+        routing_key: str,
+        doing: str,
+        unroutable: str,
+    ) -> None:
+        ident = props.message_id
+        try:
+            with translate_errors(doing):
+                confirm = await channel.basic_publish(
+                    body, exchange="", routing_key=routing_key, properties=props, mandatory=True
+                )
+        except aiormq.exceptions.PublishError as exc:
+            raise UnroutableError(
+                f"{doing}: {unroutable}. The message stays in the dead-letter queue",
+                message_id=ident, routing_key=routing_key,
+            ) from exc  # fmt: skip
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishNackedError(
+                f"{doing} failed: {exc}; it stays in the dead-letter queue",
+                message_id=ident, routing_key=routing_key,
+            ) from exc  # fmt: skip
+        if not isinstance(confirm, aiormq.spec.Basic.Ack):
+            raise PublishError(
+                f"{doing} was not confirmed; it stays in the dead-letter queue",
+                message_id=ident, routing_key=routing_key,
+            )  # fmt: skip
+
+
+def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers of a replayed copy: the failure's and the broker's removed, attempt 1."""
+    kept = {
+        key: value
+        for key, value in headers.items()
+        if not key.startswith("x-workq-") and key not in BROKER_HEADERS
+    }
+    kept[ATTEMPT_HEADER] = 1
+    return kept
+
+
+def _letter(message: DeliveredMessage) -> DeadLetter:
+    props = message.header.properties
+    return DeadLetter(
+        body=message.body,
+        message_id=props.message_id,
+        headers=dict(props.headers or {}),
+        content_type=props.content_type,
+    )

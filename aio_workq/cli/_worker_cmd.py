@@ -1,0 +1,115 @@
+"""`aio-workq worker`: run workers in this process, or N supervised processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+
+import click
+
+from ._options import LEVELS, resolve, url_option
+from ._procmetrics import ProcessMetrics
+from ._run import HealthOptions, run_in_process
+from ._supervisor import RestartPolicy, Supervisor, child_command
+from ._target import WorkerOptions, import_target
+
+__all__ = ("worker",)
+
+_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+
+
+@click.command()
+@click.argument("target", metavar="MODULE:ATTR")
+@click.option("--queue", "-q", help="Run ATTR as a handler on this queue.")
+@click.option(
+    "--concurrency", "-c", type=click.IntRange(min=1), help="Handlers at once (with --queue)."
+)
+@click.option(
+    "--processes", "-p", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Worker processes; more than 1 runs a supervisor that restarts crashed ones.",
+)  # fmt: skip
+@url_option
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535),
+    help="Serve GET /healthz on this port (200 while every worker consumes, else 503) and, "
+    "with aio-workq[prometheus], GET /metrics (summed over all --processes).",
+)  # fmt: skip
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True,
+    help="Address for /healthz and /metrics (0.0.0.0 in a container).",
+)  # fmt: skip
+@click.option(
+    "--health-grace", type=click.FloatRange(min=0), default=10.0, show_default=True,
+    help="Seconds a worker may be not consuming (e.g. reconnecting) before /healthz says 503.",
+)  # fmt: skip
+@click.option(
+    "--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
+    help="Crashes of one process within --restart-window that are restarted; then exit 1.",
+)  # fmt: skip
+@click.option(
+    "--restart-window", type=click.FloatRange(min=1), default=60.0, show_default=True,
+    help="Seconds over which crashes are counted.",
+)  # fmt: skip
+@click.option(
+    "--wait-for-broker", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+    help="At start, keep trying to reach the broker for up to this long (0: fail at once).",
+)  # fmt: skip
+@click.option("--log-level", type=LEVELS, default="INFO", show_default=True)
+def worker(
+    target: str,
+    queue: str | None,
+    concurrency: int | None,
+    processes: int,
+    url: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    health_grace: float,
+    max_restarts: int,
+    restart_window: float,
+    wait_for_broker: float,
+    log_level: str,
+) -> None:
+    """Run the workers that MODULE:ATTR names until SIGTERM or Ctrl-C.
+
+    ATTR is a Worker, a list of Workers, a function returning them (sync or async), or a
+    handler run on --queue. The first SIGTERM/SIGINT drains: running handlers finish, the rest
+    of the messages stay on the broker. A second signal stops fast: running handlers are
+    cancelled and their messages go back to the queue.
+    """
+    logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
+    if url is not None:  # module-level Workers read AMQP_URL; so do the children
+        os.environ["AMQP_URL"] = resolve(url)
+    health = HealthOptions(port=metrics_port, host=metrics_host, grace=health_grace)
+    if processes == 1:
+        options = WorkerOptions(
+            target=target, queue=queue, concurrency=concurrency, url=url,
+            wait_for_broker=wait_for_broker,
+        )  # fmt: skip
+        asyncio.run(run_in_process(options, health))
+        return
+    # The children's summed /metrics: its directory is checked before the target is imported
+    # here (which may write metric files of its own into it).
+    metrics = ProcessMetrics.create() if metrics_port is not None else None
+    try:
+        import_target(target)  # fail here, once, rather than in every child
+        args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]
+        if queue is not None:
+            args += ["--queue", queue]
+        if concurrency is not None:
+            args += ["--concurrency", str(concurrency)]
+        if wait_for_broker:
+            args += ["--wait-for-broker", str(wait_for_broker)]
+        supervisor = Supervisor(
+            command=child_command(args),
+            processes=processes,
+            policy=RestartPolicy(max_restarts=max_restarts, window=restart_window),
+            health=health,
+            metrics=metrics,
+        )
+        code = asyncio.run(supervisor.run())
+    finally:
+        if metrics is not None:
+            metrics.close()
+    sys.exit(code)
