@@ -22,7 +22,7 @@ Retry, Defer, Reject (Exception)                 handler signals, outside WorkqE
 ```
 
 aio-pika and aiormq errors are translated in one place,
-`aio_workq._link.connection.translate_errors`,
+`aio_workq._link.errors.translate_errors`,
 with `raise ... from exc`, so users only ever catch the classes above.
 """
 

@@ -19,7 +19,8 @@ from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
-from .._link.connection import Connection, LinkSource, open_source
+from .._link.aiopika import open_source
+from .._link.connection import Connection, LinkSource
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.topology import Exchange, Queue, QueueType, Router
 from .._publish.confirms import ConfirmPublisher

@@ -1,4 +1,4 @@
-"""Connecting to one of several brokers, reconnecting with backoff, and translating errors.
+"""Connecting to one of several brokers, and reconnecting with backoff.
 
 A `Connection` owns one aiormq connection at a time. When it is lost, the connection tries the
 broker URLs in turn (a shuffled rotation, so that a fleet of workers spreads over a cluster),
@@ -8,26 +8,23 @@ their channels on whatever connection is current (`link()`), and reopen them aft
 
 `AIO_WORKQ_FAST_PATH=0` in the environment (or `fast_path=False`) opens plain aiormq connections:
 every publish, confirm, delivery and ack then goes through aiormq's own public API.
+
+Errors are translated in `errors`; a robust aio-pika connection is adapted in `aiopika`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
 import random
-import re
 import ssl
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
-from aiormq.abc import AbstractConnection
 from yarl import URL
 
 from .._exceptions import (
@@ -36,11 +33,13 @@ from .._exceptions import (
     BrokerConnectionError,
     ConfigurationError,
     TLSError,
-    TopologyError,
 )
 from .._hooks import Hook, Hooks
-from .._wire.seams import Wire, WireFactory
+from .._wire.seams import WireFactory
+from . import quiet
+from .errors import closing_reason, connect_error, translate_errors
 from .settings import URLs, redact_url, resolve_urls
+from .source import Link, LinkSource
 
 __all__ = (
     "Backoff",
@@ -48,28 +47,12 @@ __all__ = (
     "Link",
     "LinkSource",
     "connect",
+    "connect_error",
     "fast_path_default",
-    "link_source",
-    "open_source",
     "translate_errors",
 )
 
 log = logging.getLogger("aio_workq")
-
-_connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_connecting")
-
-
-class _QuietAttempts(logging.Filter):
-    """Drops aiormq's per-attempt ERROR ("error when creating transport") while aio-workq is the
-    one connecting: aio-workq logs one WARNING per attempt itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            _connecting.get(False) and str(record.msg).startswith("error when creating transport")
-        )
-
-
-logging.getLogger("aiormq.connection").addFilter(_QuietAttempts())
 
 
 def fast_path_default() -> bool:
@@ -107,29 +90,6 @@ class Backoff:
         """Seconds to wait after `failed_rounds` (>= 1) rounds in a row failed."""
         ceiling = min(self.cap, self.initial * 2 ** min(failed_rounds - 1, 32))
         return random.uniform(ceiling / 2, ceiling)
-
-
-@dataclass(frozen=True, slots=True)
-class Link:
-    """The current aiormq connection and, on the fast path, aio-workq's wire on it."""
-
-    connection: AbstractConnection
-    wire: Wire | None
-
-
-class LinkSource(Protocol):
-    """What producers and workers open their channels on: a `Connection`, or an adapter of a
-    robust aio-pika connection that someone else opened."""
-
-    @property
-    def is_connected(self) -> bool: ...
-
-    @property
-    def is_closed(self) -> bool:
-        """Closed for good: no channel will be opened on it again."""
-        ...
-
-    async def link(self, timeout: float | None = None) -> Link: ...
 
 
 class Connection:
@@ -239,6 +199,7 @@ class Connection:
             return
         if self._closed:
             raise BrokerConnectionError("the connection is closed; open a new one")
+        quiet.install()
         last: BrokerConnectionError | None = None
         for url in self._rotation():
             if self._closed:
@@ -323,24 +284,22 @@ class Connection:
             URL(url), context=self._ssl_context, transport_factory=factory
         )
         properties: dict[str, Any] = {"connection_name": self._name} if self._name else {}
-        token = _connecting.set(True)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await connection.connect(client_properties=properties)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            if isinstance(exc, TimeoutError):
-                raise BrokerConnectionError(
-                    f"cannot connect to {redact_url(url)}: no answer within "
-                    f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ is "
-                    "running (make broker-start starts a local one)"
-                ) from None
-            if isinstance(exc, Exception):
-                raise connect_error(exc, url) from exc
-            raise
-        finally:
-            _connecting.reset(token)
+        with quiet.connecting():
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await connection.connect(client_properties=properties)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if isinstance(exc, TimeoutError):
+                    raise BrokerConnectionError(
+                        f"cannot connect to {redact_url(url)}: no answer within "
+                        f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ "
+                        "is running (make broker-start starts a local one)"
+                    ) from None
+                if isinstance(exc, Exception):
+                    raise connect_error(exc, url) from exc
+                raise
         if self._closed:  # close() ran while this attempt was under way
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -362,7 +321,7 @@ class Connection:
             log.warning(
                 "lost the connection to %s (%s); reconnecting",
                 redact_url(self._url or ""),
-                _closing_reason(current.connection.closing),
+                closing_reason(current.connection.closing),
             )
             if self.hooks is not None:
                 self.hooks.connection_lost(redact_url(self._url or ""))
@@ -430,159 +389,3 @@ async def connect(
     )
     await connection.open()
     return connection
-
-
-def _closing_reason(closing: asyncio.Future[Any]) -> str:
-    if closing.cancelled():
-        return "closed"
-    exc = closing.exception()
-    return _reason(exc) if exc is not None else "closed by the broker"
-
-
-_REPLY_TEXT = re.compile(r"reply_text='([^']*)'")
-
-
-def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
-    """The typed error for a failed connection attempt to `url` (password hidden)."""
-    target = redact_url(url)
-    if isinstance(exc, aiormq.exceptions.AuthenticationError | aiormq.ProbableAuthenticationError):
-        return AuthenticationError(
-            f"connecting to {target}: the broker refused the user name or password "
-            f"({_reason(exc)}); check the credentials in the URL or "
-            "RABBITMQ_USERNAME/RABBITMQ_PASSWORD"
-        )
-    text = str(exc)
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
-        match = _REPLY_TEXT.search(text)
-        reason = match.group(1) if match else text
-        return AccessRefusedError(
-            f"connecting to {target}: the broker refused the virtual host ({reason}); create "
-            "it (rabbitmqctl add_vhost) and grant the user access (rabbitmqctl set_permissions), "
-            "or fix the vhost in the URL"
-        )
-    causes = list(_chain(exc))
-    for cause in causes:
-        if isinstance(cause, ssl.SSLError):
-            detail = cause.reason or str(cause)
-            verify = getattr(cause, "verify_message", None)
-            if verify:
-                detail = f"{detail}: {verify}"
-            return TLSError(
-                f"connecting to {target}: the TLS handshake failed ({detail}); "
-                "check the CA in ssl_context, the host name in the URL against the server "
-                "certificate, and the client certificate if the broker asks for one"
-            )
-    if url.lower().startswith("amqps:") and any(
-        isinstance(c, ConnectionResetError) for c in causes
-    ):
-        # TLS 1.3: a broker that refuses the client's certificate (or its absence) may reset
-        # the connection before its alert is read; say where to look.
-        return BrokerConnectionError(
-            f"cannot connect to {target}: {_reason(exc)}; the broker closed the TLS "
-            "connection: if it asks for a client certificate, load one into ssl_context "
-            "(load_cert_chain)"
-        )
-    return BrokerConnectionError(f"cannot connect to {target}: {_reason(exc)}")
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and its causes and contexts, each once (chains can loop)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        yield cause
-        cause = cause.__cause__ or cause.__context__
-
-
-@contextmanager
-def translate_errors(doing: str) -> Iterator[None]:
-    """Map aiormq errors raised while `doing` to aio-workq's error tree."""
-    try:
-        yield
-    except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise TopologyError(f"{doing}: access refused: {_reason(exc)}") from exc
-    except (
-        aiormq.exceptions.ChannelPreconditionFailed,
-        aiormq.exceptions.ChannelNotFoundEntity,
-    ) as exc:
-        raise TopologyError(f"{doing}: {_reason(exc)}") from exc
-    except (
-        aiormq.exceptions.AMQPError,
-        aiormq.exceptions.ChannelInvalidStateError,
-        ConnectionError,
-        OSError,
-    ) as exc:
-        raise BrokerConnectionError(f"{doing}: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, password-free description of an aiormq/OS error."""
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:  # aiormq re-raises OSError's args
-        return cause.strerror
-    if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
-        first = exc.args[0]
-        text = getattr(first, "reply_text", None) or str(first)
-        return str(text)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _RobustLinks:
-    """A robust aio-pika connection opened by someone else, as a `LinkSource` (the plain path:
-    aio-workq then uses aiormq's public API for every frame on it)."""
-
-    def __init__(self, robust: AbstractRobustConnection) -> None:
-        self._robust = robust
-
-    @property
-    def is_connected(self) -> bool:
-        transport = self._robust.transport
-        return transport is not None and not transport.connection.is_closed
-
-    @property
-    def is_closed(self) -> bool:
-        return bool(self._robust.is_closed)
-
-    async def link(self, timeout: float | None = None) -> Link:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    transport = self._robust.transport
-                    if transport is not None and not transport.connection.is_closed:
-                        return Link(transport.connection, None)
-                    if self._robust.is_closed:
-                        raise BrokerConnectionError("the shared aio-pika connection is closed")
-                    await self._robust.connected.wait()
-                    await asyncio.sleep(0)
-        except TimeoutError:
-            raise BrokerConnectionError(
-                f"the shared aio-pika connection is still reconnecting after {timeout:g} s"
-            ) from None
-
-
-def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource:
-    """`connection` as a `LinkSource`: an aio-workq `Connection` as it is, an aio-pika one adapted.
-
-    Raises:
-        ConfigurationError: `connection` is neither.
-    """
-    if isinstance(connection, Connection):
-        return connection
-    if isinstance(connection, AbstractRobustConnection):
-        return _RobustLinks(connection)
-    raise ConfigurationError(
-        "connection= takes an aio_workq.Connection (from aio_workq.connect()) or a robust "
-        f"aio-pika connection (aio_pika.connect_robust()), got {type(connection).__name__}"
-    )
-
-
-async def open_source(
-    own: Connection | None, shared: Connection | AbstractRobustConnection | None
-) -> LinkSource:
-    """Open the connection a producer or worker made itself, or adapt the one it was given."""
-    if own is not None:
-        await own.open()
-        return own
-    assert shared is not None
-    return link_source(shared)

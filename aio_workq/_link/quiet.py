@@ -1,0 +1,45 @@
+"""aiormq logs an ERROR for each failed connection attempt; aio-workq logs its own WARNING.
+
+`install()` puts a filter on aiormq's connection logger that drops those records while
+aio-workq is the one connecting (`connecting()`); other users of aiormq in the process keep
+theirs. It is installed when the first `Connection` opens, not at import, and only once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ("connecting", "install")
+
+_connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_connecting")
+_AIORMQ_LOGGER = "aiormq.connection"
+
+
+class QuietAttempts(logging.Filter):
+    """Drops aiormq's per-attempt ERROR ("error when creating transport") while aio-workq is the
+    one connecting: aio-workq logs one WARNING per attempt itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            _connecting.get(False) and str(record.msg).startswith("error when creating transport")
+        )
+
+
+def install() -> None:
+    """Put the filter on aiormq's connection logger, once per process."""
+    logger = logging.getLogger(_AIORMQ_LOGGER)
+    if not any(isinstance(f, QuietAttempts) for f in logger.filters):
+        logger.addFilter(QuietAttempts())
+
+
+@contextmanager
+def connecting() -> Iterator[None]:
+    """Within: aio-workq is connecting (aiormq's per-attempt error is dropped)."""
+    token = _connecting.set(True)
+    try:
+        yield
+    finally:
+        _connecting.reset(token)
