@@ -20,7 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
-from .._link.connection import Connection, LinkSource
+from .._link.connection import Connection, LinkSource, finish_by
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.topology import Exchange, Queue, QueueType, Router
 from .._publish.confirms import ConfirmPublisher
@@ -35,6 +35,8 @@ from .subscription import Subscription
 __all__ = ("Handler", "Worker", "WorkerState")
 
 log = logging.getLogger("aio_workq")
+
+_CLOSE_GRACE = 5.0  # seconds stop() gives the closes after `timeout`, before aborting the socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +301,9 @@ class Worker:
         New deliveries stop at once. Handlers running get `timeout` seconds (default:
         `shutdown_timeout`) to finish and be acked; the rest are cancelled and their messages go
         back to the queue. Calling `stop(0)` while a stop is under way hurries it. Returns
-        within `timeout` plus about 10 s (closing the publisher and channels).
+        within `timeout` plus about 5 s (closing the publisher and channels), whatever the
+        broker's state: a worker's own connection that does not close in time has its socket
+        aborted (deliveries not acked go back to the queue).
         """
         if self._stopping:
             if timeout == 0:
@@ -308,6 +312,7 @@ class Worker:
             return
         self._stopping = True
         timeout = self._shutdown_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + timeout + _CLOSE_GRACE
         subscription, dispatcher = self._subscription, self._dispatcher
         try:
             if dispatcher is not None:
@@ -320,7 +325,9 @@ class Worker:
             if dispatcher is not None:
                 await dispatcher.drain(timeout, self._hurry)
         finally:
-            await self._teardown()
+            # A broker that stopped answering would hold each polite close for its own bound
+            # (or aiormq's heartbeat grace): at the deadline, the socket is aborted instead.
+            await finish_by(deadline, self._teardown(), self._connection)
             self._stopped.set()
 
     async def _teardown(self) -> None:

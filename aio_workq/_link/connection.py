@@ -20,7 +20,7 @@ import logging
 import os
 import random
 import ssl
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
 from .settings import URLs, redact_url, resolve_urls
 from .source import Link, LinkSource
+from .transport import SocketFactory
 
 __all__ = (
     "Backoff",
@@ -47,12 +48,19 @@ __all__ = (
     "Link",
     "LinkSource",
     "connect",
+    "CLOSE_GRACE",
     "connect_error",
     "fast_path_default",
+    "finish_by",
     "translate_errors",
 )
 
 log = logging.getLogger("aio_workq")
+
+CLOSE_GRACE = 1.0
+"""Seconds a producer's polite close (Channel.Close, Connection.Close) gets after its confirms
+wait, before its socket is aborted."""
+_ABORTED_GRACE = 1.0  # seconds for aiormq's tasks to end once the socket is aborted
 
 
 def fast_path_default() -> bool:
@@ -147,6 +155,7 @@ class Connection:
         self._backoff = backoff
         self._fast_path = fast_path_default() if fast_path is None else fast_path
         self._current: Link | None = None
+        self._socket: SocketFactory | None = None
         self._url: str | None = None
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -220,18 +229,35 @@ class Connection:
         assert last is not None
         raise last
 
-    async def close(self) -> None:
-        """Close the connection and stop reconnecting. Channels on it close too."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop reconnecting. Channels on it close too.
+
+        The polite AMQP close gets `timeout` seconds; a broker that does not answer by then
+        (paused, or no longer reading a full socket) has the socket aborted instead, so this
+        returns within about `timeout`.
+        """
         self._closed = True
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
         current, self._current = self._current, None
+        socket, self._socket = self._socket, None
         self._connected.clear()
-        if current is not None:
-            with contextlib.suppress(Exception):
-                await current.connection.close()
+        if current is None:
+            return
+        closing = asyncio.ensure_future(current.connection.close())
+        await asyncio.wait({closing}, timeout=max(timeout, 0))
+        if not closing.done() and socket is not None:
+            log.warning(
+                "closing the connection to %s did not finish within %g s (the broker does not "
+                "answer); aborting its socket",
+                redact_url(self._url or ""),
+                timeout,
+            )
+            socket.abort()
+            await asyncio.wait({closing}, timeout=_ABORTED_GRACE)
+        _settle(closing)
 
     async def link(self, timeout: float | None = None) -> Link:
         """The current connection, waiting up to `timeout` seconds while reconnecting.
@@ -280,8 +306,9 @@ class Connection:
 
     async def _attempt(self, url: str) -> None:
         factory = WireFactory() if self._fast_path else None
+        socket = SocketFactory(factory)
         connection = aiormq.Connection(
-            URL(url), context=self._ssl_context, transport_factory=factory
+            URL(url), context=self._ssl_context, transport_factory=socket
         )
         properties: dict[str, Any] = {"connection_name": self._name} if self._name else {}
         with quiet.connecting():
@@ -305,6 +332,7 @@ class Connection:
                 await connection.close()
             raise BrokerConnectionError("the connection was closed while it was being opened")
         self._url = url
+        self._socket = socket
         self._current = Link(connection, factory.wire if factory else None)
         self._connected.set()
 
@@ -389,3 +417,36 @@ async def connect(
     )
     await connection.open()
     return connection
+
+
+async def finish_by(deadline: float, step: Awaitable[Any], connection: Connection | None) -> None:
+    """Await a closing `step` (a publisher's or channel's close) until `deadline` (loop time);
+    if it is still running then, close `connection` at once (its socket aborted) so that the
+    step ends too.
+
+    Errors of the step are dropped: it is a close. Without a `connection` of one's own (a shared
+    one is not closed for one producer), the step's own bounds apply.
+    """
+    task = asyncio.ensure_future(step)
+    loop = asyncio.get_running_loop()
+    if connection is None:
+        await asyncio.wait({task})
+    else:
+        await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0))
+        if not task.done():
+            await connection.close(0)
+            await asyncio.wait({task}, timeout=_ABORTED_GRACE)
+    _settle(task)
+
+
+def _settle(task: asyncio.Future[Any]) -> None:
+    """Retrieve `task`'s outcome, now or when it ends (a close's errors are not raised)."""
+    if task.done():
+        _drop_result(task)
+    else:
+        task.add_done_callback(_drop_result)
+
+
+def _drop_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

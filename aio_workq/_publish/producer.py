@@ -16,7 +16,7 @@ from .._exceptions import (
 )
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
-from .._link.connection import Connection, LinkSource
+from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.topology import Exchange, Queue, QueueType, Router
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
@@ -161,16 +161,20 @@ class Producer:
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
 
-        Messages still unconfirmed then fail with `ConnectionLostError`.
+        Messages still unconfirmed then fail with `ConnectionLostError`. Returns within
+        `timeout` plus about a second in every broker state: a connection of its own whose
+        polite close the broker does not answer in time has its socket aborted.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
         if self._rpc is not None:
             await self._rpc.close()
             self._rpc = None
         if self._publisher is not None:
-            await self._publisher.close(timeout)
+            await finish_by(deadline, self._publisher.close(timeout), self._connection)
             self._publisher = None
         if self._connection is not None:
-            await self._connection.close()
+            await self._connection.close(deadline - loop.time())
 
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
