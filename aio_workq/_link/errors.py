@@ -14,8 +14,10 @@ import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aiormq
+from aiormq import spec
 
 from .._exceptions import (
     AccessRefusedError,
@@ -52,7 +54,7 @@ def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
     text = str(exc)
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
         match = _REPLY_TEXT.search(text)
-        why = match.group(1) if match else text
+        why = match.group(1) if match else _refusal(exc, url)
         return AccessRefusedError(
             f"connecting to {target}: the broker refused the virtual host ({why}); create "
             "it (rabbitmqctl add_vhost) and grant the user access (rabbitmqctl set_permissions), "
@@ -81,6 +83,24 @@ def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
             "(load_cert_chain)"
         )
     return BrokerConnectionError(f"cannot connect to {target}: {reason(exc)}")
+
+
+def _refusal(exc: BaseException, url: str) -> str:
+    """The broker's reply text of the Connection.Close that refused the vhost.
+
+    aiormq's error shows only the frame's repr; the frame itself is still a local of the frame
+    that raised it (aiormq's handshake), reached through the traceback. Without it, the reason
+    is told from the URL.
+    """
+    for cause in _chain(exc):
+        tb = cause.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, spec.Connection.Close) and value.reply_text:
+                    return str(value.reply_text)
+            tb = tb.tb_next
+    vhost = unquote(urlsplit(url).path[1:]) or "/"
+    return f"vhost {vhost!r} does not exist, or the user may not use it"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
