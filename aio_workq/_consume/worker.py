@@ -98,6 +98,9 @@ class Worker:
         connect_timeout: seconds for each connection attempt (`start()` tries each URL once).
         hooks: `Hook`s that observe and wrap each delivery's handling (metrics, tracing, log
             context), what the handlers forward, and the worker's own reconnects.
+        wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
+            answers (a worker that may start before its broker); 0 (the default) raises after
+            one round over the URLs. For the worker's own connection only.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class Worker:
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
         hooks: Sequence[Hook] = (),
+        wait_for_broker: float = 0.0,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -150,6 +154,7 @@ class Worker:
                 name=name or f"aio-workq worker {name_part}",
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
+                wait_for_broker=wait_for_broker,
             )
         self._connect_timeout = connect_timeout
         self._concurrency = concurrency
@@ -210,19 +215,24 @@ class Worker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def run(self) -> None:
-        """Consume until `stop()` is called or this task is cancelled (then stops gracefully)."""
-        await self.start()
+    async def run(self, *, wait_for_broker: float | None = None) -> None:
+        """Consume until `stop()` is called or this task is cancelled (then stops gracefully).
+
+        `wait_for_broker`, if given, replaces the worker's own for this start (see `start()`).
+        """
+        await self.start(wait_for_broker=wait_for_broker)
         try:
             await self._stopped.wait()
         except asyncio.CancelledError:
             await self.stop()
             raise
 
-    async def start(self) -> None:
+    async def start(self, *, wait_for_broker: float | None = None) -> None:
         """Connect, declare the queues, and start consuming in the background.
 
-        Bounded by `connect_timeout` per connection attempt and for the declarations.
+        Bounded by `connect_timeout` per connection attempt and for the declarations; with
+        `wait_for_broker` (by default the worker's own), the first connect keeps retrying with
+        backoff for up to that many seconds while no broker answers.
 
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached.
@@ -232,7 +242,7 @@ class Worker:
             return
         self._started = True
         try:
-            await self._open()
+            await self._open(wait_for_broker)
         except BaseException:
             await self._teardown()
             task = asyncio.current_task()
@@ -254,8 +264,8 @@ class Worker:
             )
         log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
 
-    async def _open(self) -> None:
-        self._source = await open_source(self._connection, self._shared)
+    async def _open(self, wait_for_broker: float | None) -> None:
+        self._source = await open_source(self._connection, self._shared, wait_for_broker)
         source = self._source
         queue = self._queue
         self._router = router = Router(source, QueueType(self._queue_type))

@@ -64,11 +64,14 @@ def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource
 
 
 async def open_source(
-    own: Connection | None, shared: Connection | AbstractRobustConnection | None
+    own: Connection | None,
+    shared: Connection | AbstractRobustConnection | None,
+    wait_for_broker: float | None = None,
 ) -> LinkSource:
-    """Open the connection a producer or worker made itself, or adapt the one it was given."""
+    """Open the connection a producer or worker made itself (waiting up to `wait_for_broker`
+    seconds for a broker, by default its own setting), or adapt the one it was given."""
     if own is not None:
-        await own.open()
+        await own.open(wait_for_broker=wait_for_broker)
         return own
     assert shared is not None
     return link_source(shared)

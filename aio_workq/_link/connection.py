@@ -126,6 +126,9 @@ class Connection:
         fast_path: take deliveries, confirms and acks off the socket (default, unless
             `AIO_WORKQ_FAST_PATH=0`); False uses aiormq's public API for everything.
         hooks: `Hook`s told when the connection is lost and when it is back.
+        wait_for_broker: seconds the first connect (`open()`) keeps retrying, with `backoff`,
+            while no broker answers, before it raises; 0 (the default) fails after one round.
+            For a client that may start before its broker (containers, systemd).
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class Connection:
         backoff: Backoff = Backoff(),
         fast_path: bool | None = None,
         hooks: Iterable[Hook] | Hooks | None = None,
+        wait_for_broker: float = 0.0,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(
@@ -166,6 +170,8 @@ class Connection:
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = asyncio.Event()
+        self._wait_for_broker = _check_wait(wait_for_broker)
         self.hooks: Hooks | None = Hooks.of(hooks)
         """What is told of connection losses and reconnects (set before `open()`)."""
         self.reconnects = 0
@@ -201,21 +207,50 @@ class Connection:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
-        """Connect: one round over the URLs, each attempt bounded by `connect_timeout`.
+    async def open(self, *, wait_for_broker: float | None = None) -> None:
+        """Connect: one round over the URLs, each attempt bounded by `connect_timeout`; with
+        `wait_for_broker` (by default the constructor's), more rounds with the reconnect backoff
+        for up to that many seconds, for a client that starts before its broker.
 
         Raises:
             AuthenticationError: the broker refused the credentials (never retried).
             AccessRefusedError: the vhost does not exist or the user may not use it.
             TLSError: the TLS handshake failed.
-            BrokerConnectionError: no URL answered; the message says why for the last one.
+            BrokerConnectionError: no URL answered (within `wait_for_broker`); the message says
+                why for the last one.
         """
         if self._supervisor is not None:
             return
         if self._closed:
             raise BrokerConnectionError("the connection is closed; open a new one")
+        wait = self._wait_for_broker if wait_for_broker is None else _check_wait(wait_for_broker)
         quiet.install()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        failed_rounds = 0
+        while True:
+            last, url = await self._first_round()
+            if last is None:
+                self._supervisor = loop.create_task(self._supervise())
+                return
+            failed_rounds += 1
+            left = deadline - loop.time()
+            if left <= 0 or self._closed:
+                raise last
+            self._log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self._backoff.delay(failed_rounds), left)):
+                    await self._closing.wait()  # close() ends the wait at once
+
+    async def _first_round(self) -> tuple[BrokerConnectionError | None, str]:
+        """One round over the URLs: `(None, url)` once connected, else the last error.
+
+        Raises:
+            AuthenticationError, AccessRefusedError, TLSError: never retried.
+            BrokerConnectionError: closed meanwhile.
+        """
         last: BrokerConnectionError | None = None
+        url = ""
         for url in self._rotation():
             if self._closed:
                 raise BrokerConnectionError("the connection was closed while it was being opened")
@@ -227,13 +262,12 @@ class Connection:
                 last = exc
                 if self._closed:
                     raise
-                if len(self._urls) > 1:  # the last one is raised, not logged
+                if len(self._urls) > 1:  # the last one is raised or logged by open()
                     self._log_failure(url, exc, "trying the next URL")
                 continue
-            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-            return
+            return None, url
         assert last is not None
-        raise last
+        return last, url
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the connection and stop reconnecting. Channels on it close too.
@@ -243,6 +277,7 @@ class Connection:
         returns within about `timeout`.
         """
         self._closed = True
+        self._closing.set()
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
@@ -396,6 +431,7 @@ async def connect(
     timeout: float = 10.0,
     backoff: Backoff = Backoff(),
     hooks: Iterable[Hook] | None = None,
+    wait_for_broker: float = 0.0,
 ) -> Connection:
     """Open a `Connection` that several producers and workers can share.
 
@@ -407,6 +443,7 @@ async def connect(
         timeout: seconds for each connection attempt; the first connect tries each URL once.
         backoff: delays between rounds of failed reconnect attempts.
         hooks: `Hook`s told when the connection is lost and when it is back.
+        wait_for_broker: seconds to keep retrying the first connect while no broker answers.
 
     Raises:
         ConfigurationError: an invalid URL or setting.
@@ -420,9 +457,27 @@ async def connect(
         connect_timeout=timeout,
         backoff=backoff,
         hooks=hooks,
+        wait_for_broker=wait_for_broker,
     )
     await connection.open()
     return connection
+
+
+def _check_wait(wait_for_broker: float) -> float:
+    """`wait_for_broker` once checked.
+
+    Raises:
+        ConfigurationError: not a number of seconds >= 0.
+    """
+    if (
+        isinstance(wait_for_broker, bool)
+        or not isinstance(wait_for_broker, int | float)
+        or not wait_for_broker >= 0
+    ):
+        raise ConfigurationError(
+            f"wait_for_broker must be a number of seconds >= 0, got {wait_for_broker!r}"
+        )
+    return float(wait_for_broker)
 
 
 async def finish_by(deadline: float, step: Awaitable[Any], connection: Connection | None) -> None:

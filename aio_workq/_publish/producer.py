@@ -59,6 +59,9 @@ class Producer:
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
         hooks: `Hook`s that observe each publish and confirm (metrics, tracing) and the
             reconnects of the producer's own connection.
+        wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
+            answers (a producer that may start before its broker); 0 (the default) raises after
+            one round over the URLs. For the producer's own connection only.
     """
 
     def __init__(
@@ -75,6 +78,7 @@ class Producer:
         name: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         hooks: Sequence[Hook] = (),
+        wait_for_broker: float = 0.0,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -90,6 +94,7 @@ class Producer:
                 name=name,
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
+                wait_for_broker=wait_for_broker,
             )
         self._window = window
         self._window_bytes = window_bytes
@@ -135,7 +140,8 @@ class Producer:
 
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached within
-                `connect_timeout` per URL. A failed start leaves nothing running.
+                `connect_timeout` per URL (and `wait_for_broker`). A failed start leaves
+                nothing running.
         """
         if self._publisher is not None:
             return
