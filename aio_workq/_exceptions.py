@@ -6,7 +6,8 @@ WorkqError(Exception)
 ├── BrokerConnectionError(WorkqError, ConnectionError)
 │   ├── AuthenticationError                      wrong user name or password
 │   ├── AccessRefusedError                       no such vhost, or the user may not use it
-│   └── TLSError                                 the TLS handshake failed (certificate, host name)
+│   ├── TLSError                                 the TLS handshake failed (certificate, host name)
+│   └── BrokerUnavailableError                   the connection is down (`fail_fast=True`)
 ├── PublishError                                 .message_id, .exchange, .routing_key
 │   ├── PublishNackedError                       the broker nacked the publish
 │   ├── UnroutableError                          a mandatory publish was returned
@@ -32,6 +33,7 @@ __all__ = (
     "AccessRefusedError",
     "AuthenticationError",
     "BrokerConnectionError",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "ConnectionLostError",
     "PayloadError",
@@ -180,3 +182,8 @@ class Reject(Exception):
 class PayloadError(Reject, WorkqError):
     """The body does not validate as the handler's payload type: the message goes straight to
     the dead-letter queue, with the validation error in its `x-workq-validation-error` header."""
+
+
+class BrokerUnavailableError(BrokerConnectionError):
+    """The connection to the broker is down (reconnecting): a `Producer(fail_fast=True)` raises
+    this at once instead of waiting for the publish timeout; nothing was sent."""

@@ -8,6 +8,7 @@ import asyncio
 from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import BrokerConnectionError, ConfigurationError
+from . import quiet
 from .connection import Connection
 from .source import Link, LinkSource
 
@@ -20,6 +21,7 @@ class _RobustLinks:
 
     def __init__(self, robust: AbstractRobustConnection) -> None:
         self._robust = robust
+        quiet.install()
 
     @property
     def is_connected(self) -> bool:
@@ -29,6 +31,17 @@ class _RobustLinks:
     @property
     def is_closed(self) -> bool:
         return bool(self._robust.is_closed)
+
+    def trouble(self) -> str | None:
+        transport = self._robust.transport
+        if self._robust.is_closed:
+            return "the shared aio-pika connection is closed"
+        if transport is None or transport.connection.is_closed:
+            return "the connection to the broker is down (shared aio-pika connection), reconnecting"
+        reason = quiet.blocked_reason(transport.connection)
+        if reason is not None:
+            return f"the broker blocked publishers: memory/disk alarm ({reason})"
+        return None
 
     async def link(self, timeout: float | None = None) -> Link:
         try:

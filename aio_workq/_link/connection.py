@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import ssl
+import time
 from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -166,6 +167,7 @@ class Connection:
         self._fast_path = fast_path_default() if fast_path is None else fast_path
         self._current: Link | None = None
         self._socket: SocketFactory | None = None
+        self._down_since: float | None = None  # time.time() of the loss, while reconnecting
         self._url: str | None = None
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -300,6 +302,26 @@ class Connection:
             await asyncio.wait({closing}, timeout=_ABORTED_GRACE)
         _settle(closing)
 
+    def trouble(self) -> str | None:
+        """What is known to keep messages from getting through: the connection is down (since
+        when), or the broker blocked publishers; None when nothing is known."""
+        if self._closed:
+            return "the connection is closed"
+        current = self._current
+        if current is None or current.connection.is_closed:
+            down_since = self._down_since
+            if down_since is None:
+                return "the connection to the broker was just lost, reconnecting"
+            at = time.strftime("%H:%M:%S", time.localtime(down_since))
+            return (
+                f"the connection to the broker is down since {at} "
+                f"({time.time() - down_since:.0f} s), reconnecting"
+            )
+        reason = quiet.blocked_reason(current.connection)
+        if reason is not None:
+            return f"the broker blocked publishers: memory/disk alarm ({reason})"
+        return None
+
     async def link(self, timeout: float | None = None) -> Link:
         """The current connection, waiting up to `timeout` seconds while reconnecting.
 
@@ -374,6 +396,7 @@ class Connection:
             raise BrokerConnectionError("the connection was closed while it was being opened")
         self._url = url
         self._socket = socket
+        self._down_since = None
         self._current = Link(connection, factory.wire if factory else None)
         self._connected.set()
 
@@ -387,6 +410,7 @@ class Connection:
                 return
             self._connected.clear()
             self._current = None
+            self._down_since = time.time()
             log.warning(
                 "lost the connection to %s (%s); reconnecting",
                 redact_url(self._url or ""),

@@ -33,3 +33,9 @@ class LinkSource(Protocol):
         ...
 
     async def link(self, timeout: float | None = None) -> Link: ...
+
+    def trouble(self) -> str | None:
+        """What is known to keep messages from getting through, in words for an error: the
+        connection is down (since when), or the broker blocked publishers (memory or disk
+        alarm); None when nothing is known."""
+        ...

@@ -62,6 +62,9 @@ class Producer:
         wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
             answers (a producer that may start before its broker); 0 (the default) raises after
             one round over the URLs. For the producer's own connection only.
+        fail_fast: while the connection is known to be down, `send()` and `publish()` raise
+            `BrokerUnavailableError` at once (a web handler answers 503) instead of waiting
+            for the connection within the publish timeout.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class Producer:
         ssl_context: ssl.SSLContext | None = None,
         hooks: Sequence[Hook] = (),
         wait_for_broker: float = 0.0,
+        fail_fast: bool = False,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -100,6 +104,7 @@ class Producer:
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
+        self._fail_fast = bool(fail_fast)
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None
@@ -152,6 +157,7 @@ class Producer:
             timeout=self._timeout,
             resend=self._resend,
             what="producer",
+            fail_fast=self._fail_fast,
         )
         try:
             await publisher.start(self._connect_timeout)
@@ -221,6 +227,8 @@ class Producer:
                 negative, through an exchange, or with `expiration`.
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
+            BrokerUnavailableError: with `fail_fast=True`, the connection is down; nothing was
+                sent.
         """
         self._ready()
         assert self._sender is not None
