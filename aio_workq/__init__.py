@@ -12,6 +12,7 @@ from ._consume.worker import WorkerState as WorkerState
 from ._exceptions import AccessRefusedError as AccessRefusedError
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import BrokerConnectionError as BrokerConnectionError
+from ._exceptions import BrokerUnavailableError as BrokerUnavailableError
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionLostError as ConnectionLostError
 from ._exceptions import Defer as Defer
@@ -57,6 +58,7 @@ __all__ = [
     "AuthenticationError",
     "Backoff",
     "BrokerConnectionError",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "connect",
     "Connection",

@@ -6,7 +6,8 @@ WorkqError(Exception)
 ├── BrokerConnectionError(WorkqError, ConnectionError)
 │   ├── AuthenticationError                      wrong user name or password
 │   ├── AccessRefusedError                       no such vhost, or the user may not use it
-│   └── TLSError                                 the TLS handshake failed (certificate, host name)
+│   ├── TLSError                                 the TLS handshake failed (certificate, host name)
+│   └── BrokerUnavailableError                   the connection is down (`fail_fast=True`)
 ├── PublishError                                 .message_id, .exchange, .routing_key
 │   ├── PublishNackedError                       the broker nacked the publish
 │   ├── UnroutableError                          a mandatory publish was returned
@@ -22,7 +23,7 @@ Retry, Defer, Reject (Exception)                 handler signals, outside WorkqE
 ```
 
 aio-pika and aiormq errors are translated in one place,
-`aio_workq._link.connection.translate_errors`,
+`aio_workq._link.errors.translate_errors`,
 with `raise ... from exc`, so users only ever catch the classes above.
 """
 
@@ -36,6 +37,7 @@ __all__ = (
     "AccessRefusedError",
     "AuthenticationError",
     "BrokerConnectionError",
+    "BrokerUnavailableError",
     "ConfigurationError",
     "ConnectionLostError",
     "PayloadError",
@@ -210,3 +212,8 @@ def qualname(obj: Any) -> str:
         if getattr(sys.modules.get(public), name, None) is target:
             return f"{public}.{name}"
     return f"{module}.{name}"
+
+
+class BrokerUnavailableError(BrokerConnectionError):
+    """The connection to the broker is down (reconnecting): a `Producer(fail_fast=True)` raises
+    this at once instead of waiting for the publish timeout; nothing was sent."""

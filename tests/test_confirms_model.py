@@ -127,6 +127,9 @@ class FakeSource:
     def is_closed(self) -> bool:
         return False
 
+    def trouble(self) -> str | None:
+        return None
+
     async def link(self, timeout: float | None = None) -> Link:
         from aio_workq._wire.seams import Wire
 

@@ -20,7 +20,7 @@ from aio_workq import (
     Connection,
     Producer,
 )
-from aio_workq._link.connection import connect_error
+from aio_workq._link.errors import connect_error
 from scripts.broker import LocalBroker
 from tests.helpers import wait_until
 

@@ -19,7 +19,8 @@ from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
-from .._link.connection import Connection, LinkSource, open_source
+from .._link.aiopika import open_source
+from .._link.connection import Connection, LinkSource, finish_by
 from .._link.router import Router
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType
@@ -36,6 +37,8 @@ from .subscription import Subscription
 __all__ = ("Handler", "Worker", "WorkerState")
 
 log = logging.getLogger("aio_workq")
+
+_CLOSE_GRACE = 5.0  # seconds stop() gives the closes after `timeout`, before aborting the socket
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,9 @@ class Worker:
         connect_timeout: seconds for each connection attempt (`start()` tries each URL once).
         hooks: `Hook`s that observe and wrap each delivery's handling (metrics, tracing, log
             context), what the handlers forward, and the worker's own reconnects.
+        wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
+            answers (a worker that may start before its broker); 0 (the default) raises after
+            one round over the URLs. For the worker's own connection only.
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class Worker:
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
         hooks: Sequence[Hook] = (),
+        wait_for_broker: float = 0.0,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -163,6 +170,7 @@ class Worker:
                 name=name or f"aio-workq worker {name_part}",
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
+                wait_for_broker=wait_for_broker,
             )
         self._connect_timeout = connect_timeout
         self._concurrency = concurrency
@@ -223,19 +231,24 @@ class Worker:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def run(self) -> None:
-        """Consume until `stop()` is called or this task is cancelled (then stops gracefully)."""
-        await self.start()
+    async def run(self, *, wait_for_broker: float | None = None) -> None:
+        """Consume until `stop()` is called or this task is cancelled (then stops gracefully).
+
+        `wait_for_broker`, if given, replaces the worker's own for this start (see `start()`).
+        """
+        await self.start(wait_for_broker=wait_for_broker)
         try:
             await self._stopped.wait()
         except asyncio.CancelledError:
             await self.stop()
             raise
 
-    async def start(self) -> None:
+    async def start(self, *, wait_for_broker: float | None = None) -> None:
         """Connect, declare the queues, and start consuming in the background.
 
-        Bounded by `connect_timeout` per connection attempt and for the declarations.
+        Bounded by `connect_timeout` per connection attempt and for the declarations; with
+        `wait_for_broker` (by default the worker's own), the first connect keeps retrying with
+        backoff for up to that many seconds while no broker answers.
 
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached.
@@ -245,7 +258,7 @@ class Worker:
             return
         self._started = True
         try:
-            await self._open()
+            await self._open(wait_for_broker)
         except BaseException:
             await self._teardown()
             task = asyncio.current_task()
@@ -267,8 +280,8 @@ class Worker:
             )
         log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
 
-    async def _open(self) -> None:
-        self._source = await open_source(self._connection, self._shared)
+    async def _open(self, wait_for_broker: float | None) -> None:
+        self._source = await open_source(self._connection, self._shared, wait_for_broker)
         source = self._source
         queue = self._queue
         self._router = router = Router(source, QueueType(self._queue_type))
@@ -315,7 +328,9 @@ class Worker:
         New deliveries stop at once. Handlers running get `timeout` seconds (default:
         `shutdown_timeout`) to finish and be acked; the rest are cancelled and their messages go
         back to the queue. Calling `stop(0)` while a stop is under way hurries it. Returns
-        within `timeout` plus about 10 s (closing the publisher and channels).
+        within `timeout` plus about 5 s (closing the publisher and channels), whatever the
+        broker's state: a worker's own connection that does not close in time has its socket
+        aborted (deliveries not acked go back to the queue).
         """
         if self._stopping:
             if timeout == 0:
@@ -324,6 +339,7 @@ class Worker:
             return
         self._stopping = True
         timeout = self._shutdown_timeout if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + timeout + _CLOSE_GRACE
         subscription, dispatcher = self._subscription, self._dispatcher
         try:
             if dispatcher is not None:
@@ -336,7 +352,9 @@ class Worker:
             if dispatcher is not None:
                 await dispatcher.drain(timeout, self._hurry)
         finally:
-            await self._teardown()
+            # A broker that stopped answering would hold each polite close for its own bound
+            # (or aiormq's heartbeat grace): at the deadline, the socket is aborted instead.
+            await finish_by(deadline, self._teardown(), self._connection)
             self._stopped.set()
 
     async def _teardown(self) -> None:

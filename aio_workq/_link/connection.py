@@ -1,4 +1,4 @@
-"""Connecting to one of several brokers, reconnecting with backoff, and translating errors.
+"""Connecting to one of several brokers, and reconnecting with backoff.
 
 A `Connection` owns one aiormq connection at a time. When it is lost, the connection tries the
 broker URLs in turn (a shuffled rotation, so that a fleet of workers spreads over a cluster),
@@ -8,26 +8,24 @@ their channels on whatever connection is current (`link()`), and reopen them aft
 
 `AIO_WORKQ_FAST_PATH=0` in the environment (or `fast_path=False`) opens plain aiormq connections:
 every publish, confirm, delivery and ack then goes through aiormq's own public API.
+
+Errors are translated in `errors`; a robust aio-pika connection is adapted in `aiopika`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import os
 import random
-import re
 import ssl
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Awaitable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
-from aiormq.abc import AbstractConnection
 from yarl import URL
 
 from .._exceptions import (
@@ -36,11 +34,14 @@ from .._exceptions import (
     BrokerConnectionError,
     ConfigurationError,
     TLSError,
-    TopologyError,
 )
 from .._hooks import Hook, Hooks
-from .._wire.seams import Wire, WireFactory
+from .._wire.seams import WireFactory
+from . import quiet
+from .errors import closing_reason, connect_error, translate_errors
 from .settings import URLs, redact_url, resolve_urls
+from .source import Link, LinkSource
+from .transport import SocketFactory
 
 __all__ = (
     "Backoff",
@@ -48,28 +49,19 @@ __all__ = (
     "Link",
     "LinkSource",
     "connect",
+    "CLOSE_GRACE",
+    "connect_error",
     "fast_path_default",
-    "link_source",
-    "open_source",
+    "finish_by",
     "translate_errors",
 )
 
 log = logging.getLogger("aio_workq")
 
-_connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_connecting")
-
-
-class _QuietAttempts(logging.Filter):
-    """Drops aiormq's per-attempt ERROR ("error when creating transport") while aio-workq is the
-    one connecting: aio-workq logs one WARNING per attempt itself."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            _connecting.get(False) and str(record.msg).startswith("error when creating transport")
-        )
-
-
-logging.getLogger("aiormq.connection").addFilter(_QuietAttempts())
+CLOSE_GRACE = 1.0
+"""Seconds a producer's polite close (Channel.Close, Connection.Close) gets after its confirms
+wait, before its socket is aborted."""
+_ABORTED_GRACE = 1.0  # seconds for aiormq's tasks to end once the socket is aborted
 
 
 def fast_path_default() -> bool:
@@ -81,10 +73,16 @@ def fast_path_default() -> bool:
 class Backoff:
     """Reconnect delays: after the n-th failed round, wait `min(cap, initial * 2**n)` seconds,
     shortened at random by up to half (jitter), so reconnecting clients don't move in lock step.
+
+    The cap bounds how long a client takes to notice that the broker is back, whatever the
+    length of the outage: with 5 s, a client tries every 2.5 to 5 s (about 0.27 attempts a
+    second, one refused TCP connect each while the broker is down), and is publishing again a
+    median of about 2 s after the broker answers (`scripts/recovery.py`). A fleet's attempts
+    stay spread over the 2.5 s of jitter.
     """
 
     initial: float = 0.5
-    cap: float = 30.0
+    cap: float = 5.0
     settle: float = 1.0
     """Seconds to wait after a lost connection before the first attempt (up to half as much
     again, at random). A cluster re-elects the leaders of the dead node's quorum queues in about
@@ -109,29 +107,6 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)
 
 
-@dataclass(frozen=True, slots=True)
-class Link:
-    """The current aiormq connection and, on the fast path, aio-workq's wire on it."""
-
-    connection: AbstractConnection
-    wire: Wire | None
-
-
-class LinkSource(Protocol):
-    """What producers and workers open their channels on: a `Connection`, or an adapter of a
-    robust aio-pika connection that someone else opened."""
-
-    @property
-    def is_connected(self) -> bool: ...
-
-    @property
-    def is_closed(self) -> bool:
-        """Closed for good: no channel will be opened on it again."""
-        ...
-
-    async def link(self, timeout: float | None = None) -> Link: ...
-
-
 class Connection:
     """A connection to RabbitMQ (one of several URLs) that reconnects with backoff.
 
@@ -152,6 +127,9 @@ class Connection:
         fast_path: take deliveries, confirms and acks off the socket (default, unless
             `AIO_WORKQ_FAST_PATH=0`); False uses aiormq's public API for everything.
         hooks: `Hook`s told when the connection is lost and when it is back.
+        wait_for_broker: seconds the first connect (`open()`) keeps retrying, with `backoff`,
+            while no broker answers, before it raises; 0 (the default) fails after one round.
+            For a client that may start before its broker (containers, systemd).
     """
 
     def __init__(
@@ -164,6 +142,7 @@ class Connection:
         backoff: Backoff = Backoff(),
         fast_path: bool | None = None,
         hooks: Iterable[Hook] | Hooks | None = None,
+        wait_for_broker: float = 0.0,
     ) -> None:
         if connect_timeout <= 0:
             raise ConfigurationError(
@@ -187,10 +166,14 @@ class Connection:
         self._backoff = backoff
         self._fast_path = fast_path_default() if fast_path is None else fast_path
         self._current: Link | None = None
+        self._socket: SocketFactory | None = None
+        self._down_since: float | None = None  # time.time() of the loss, while reconnecting
         self._url: str | None = None
         self._connected = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = asyncio.Event()
+        self._wait_for_broker = _check_wait(wait_for_broker)
         self.hooks: Hooks | None = Hooks.of(hooks)
         """What is told of connection losses and reconnects (set before `open()`)."""
         self.reconnects = 0
@@ -226,20 +209,50 @@ class Connection:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
-        """Connect: one round over the URLs, each attempt bounded by `connect_timeout`.
+    async def open(self, *, wait_for_broker: float | None = None) -> None:
+        """Connect: one round over the URLs, each attempt bounded by `connect_timeout`; with
+        `wait_for_broker` (by default the constructor's), more rounds with the reconnect backoff
+        for up to that many seconds, for a client that starts before its broker.
 
         Raises:
             AuthenticationError: the broker refused the credentials (never retried).
             AccessRefusedError: the vhost does not exist or the user may not use it.
             TLSError: the TLS handshake failed.
-            BrokerConnectionError: no URL answered; the message says why for the last one.
+            BrokerConnectionError: no URL answered (within `wait_for_broker`); the message says
+                why for the last one.
         """
         if self._supervisor is not None:
             return
         if self._closed:
             raise BrokerConnectionError("the connection is closed; open a new one")
+        wait = self._wait_for_broker if wait_for_broker is None else _check_wait(wait_for_broker)
+        quiet.install()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        failed_rounds = 0
+        while True:
+            last, url = await self._first_round()
+            if last is None:
+                self._supervisor = loop.create_task(self._supervise())
+                return
+            failed_rounds += 1
+            left = deadline - loop.time()
+            if left <= 0 or self._closed:
+                raise last
+            self._log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(self._backoff.delay(failed_rounds), left)):
+                    await self._closing.wait()  # close() ends the wait at once
+
+    async def _first_round(self) -> tuple[BrokerConnectionError | None, str]:
+        """One round over the URLs: `(None, url)` once connected, else the last error.
+
+        Raises:
+            AuthenticationError, AccessRefusedError, TLSError: never retried.
+            BrokerConnectionError: closed meanwhile.
+        """
         last: BrokerConnectionError | None = None
+        url = ""
         for url in self._rotation():
             if self._closed:
                 raise BrokerConnectionError("the connection was closed while it was being opened")
@@ -251,26 +264,63 @@ class Connection:
                 last = exc
                 if self._closed:
                     raise
-                if len(self._urls) > 1:  # the last one is raised, not logged
+                if len(self._urls) > 1:  # the last one is raised or logged by open()
                     self._log_failure(url, exc, "trying the next URL")
                 continue
-            self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
-            return
+            return None, url
         assert last is not None
-        raise last
+        return last, url
 
-    async def close(self) -> None:
-        """Close the connection and stop reconnecting. Channels on it close too."""
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the connection and stop reconnecting. Channels on it close too.
+
+        The polite AMQP close gets `timeout` seconds; a broker that does not answer by then
+        (paused, or no longer reading a full socket) has the socket aborted instead, so this
+        returns within about `timeout`.
+        """
         self._closed = True
+        self._closing.set()
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
             await asyncio.gather(supervisor, return_exceptions=True)
         current, self._current = self._current, None
+        socket, self._socket = self._socket, None
         self._connected.clear()
-        if current is not None:
-            with contextlib.suppress(Exception):
-                await current.connection.close()
+        if current is None:
+            return
+        closing = asyncio.ensure_future(current.connection.close())
+        await asyncio.wait({closing}, timeout=max(timeout, 0))
+        if not closing.done() and socket is not None:
+            log.warning(
+                "closing the connection to %s did not finish within %g s (the broker does not "
+                "answer); aborting its socket",
+                redact_url(self._url or ""),
+                timeout,
+            )
+            socket.abort()
+            await asyncio.wait({closing}, timeout=_ABORTED_GRACE)
+        _settle(closing)
+
+    def trouble(self) -> str | None:
+        """What is known to keep messages from getting through: the connection is down (since
+        when), or the broker blocked publishers; None when nothing is known."""
+        if self._closed:
+            return "the connection is closed"
+        current = self._current
+        if current is None or current.connection.is_closed:
+            down_since = self._down_since
+            if down_since is None:
+                return "the connection to the broker was just lost, reconnecting"
+            at = time.strftime("%H:%M:%S", time.localtime(down_since))
+            return (
+                f"the connection to the broker is down since {at} "
+                f"({time.time() - down_since:.0f} s), reconnecting"
+            )
+        reason = quiet.blocked_reason(current.connection)
+        if reason is not None:
+            return f"the broker blocked publishers: memory/disk alarm ({reason})"
+        return None
 
     async def link(self, timeout: float | None = None) -> Link:
         """The current connection, waiting up to `timeout` seconds while reconnecting.
@@ -319,33 +369,34 @@ class Connection:
 
     async def _attempt(self, url: str) -> None:
         factory = WireFactory() if self._fast_path else None
+        socket = SocketFactory(factory)
         connection = aiormq.Connection(
-            URL(url), context=self._ssl_context, transport_factory=factory
+            URL(url), context=self._ssl_context, transport_factory=socket
         )
         properties: dict[str, Any] = {"connection_name": self._name} if self._name else {}
-        token = _connecting.set(True)
-        try:
-            async with asyncio.timeout(self._connect_timeout):
-                await connection.connect(client_properties=properties)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):
-                await connection.close()
-            if isinstance(exc, TimeoutError):
-                raise BrokerConnectionError(
-                    f"cannot connect to {redact_url(url)}: no answer within "
-                    f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ is "
-                    "running (make broker-start starts a local one)"
-                ) from None
-            if isinstance(exc, Exception):
-                raise connect_error(exc, url) from exc
-            raise
-        finally:
-            _connecting.reset(token)
+        with quiet.connecting():
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await connection.connect(client_properties=properties)
+            except BaseException as exc:
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                if isinstance(exc, TimeoutError):
+                    raise BrokerConnectionError(
+                        f"cannot connect to {redact_url(url)}: no answer within "
+                        f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ "
+                        "is running (make broker-start starts a local one)"
+                    ) from None
+                if isinstance(exc, Exception):
+                    raise connect_error(exc, url) from exc
+                raise
         if self._closed:  # close() ran while this attempt was under way
             with contextlib.suppress(Exception):
                 await connection.close()
             raise BrokerConnectionError("the connection was closed while it was being opened")
         self._url = url
+        self._socket = socket
+        self._down_since = None
         self._current = Link(connection, factory.wire if factory else None)
         self._connected.set()
 
@@ -359,10 +410,11 @@ class Connection:
                 return
             self._connected.clear()
             self._current = None
+            self._down_since = time.time()
             log.warning(
                 "lost the connection to %s (%s); reconnecting",
                 redact_url(self._url or ""),
-                _closing_reason(current.connection.closing),
+                closing_reason(current.connection.closing),
             )
             if self.hooks is not None:
                 self.hooks.connection_lost(redact_url(self._url or ""))
@@ -403,6 +455,7 @@ async def connect(
     timeout: float = 10.0,
     backoff: Backoff = Backoff(),
     hooks: Iterable[Hook] | None = None,
+    wait_for_broker: float = 0.0,
 ) -> Connection:
     """Open a `Connection` that several producers and workers can share.
 
@@ -414,6 +467,7 @@ async def connect(
         timeout: seconds for each connection attempt; the first connect tries each URL once.
         backoff: delays between rounds of failed reconnect attempts.
         hooks: `Hook`s told when the connection is lost and when it is back.
+        wait_for_broker: seconds to keep retrying the first connect while no broker answers.
 
     Raises:
         ConfigurationError: an invalid URL or setting.
@@ -427,162 +481,57 @@ async def connect(
         connect_timeout=timeout,
         backoff=backoff,
         hooks=hooks,
+        wait_for_broker=wait_for_broker,
     )
     await connection.open()
     return connection
 
 
-def _closing_reason(closing: asyncio.Future[Any]) -> str:
-    if closing.cancelled():
-        return "closed"
-    exc = closing.exception()
-    return _reason(exc) if exc is not None else "closed by the broker"
-
-
-_REPLY_TEXT = re.compile(r"reply_text='([^']*)'")
-
-
-def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
-    """The typed error for a failed connection attempt to `url` (password hidden)."""
-    target = redact_url(url)
-    if isinstance(exc, aiormq.exceptions.AuthenticationError | aiormq.ProbableAuthenticationError):
-        return AuthenticationError(
-            f"connecting to {target}: the broker refused the user name or password "
-            f"({_reason(exc)}); check the credentials in the URL or "
-            "RABBITMQ_USERNAME/RABBITMQ_PASSWORD"
-        )
-    text = str(exc)
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in text:
-        match = _REPLY_TEXT.search(text)
-        reason = match.group(1) if match else text
-        return AccessRefusedError(
-            f"connecting to {target}: the broker refused the virtual host ({reason}); create "
-            "it (rabbitmqctl add_vhost) and grant the user access (rabbitmqctl set_permissions), "
-            "or fix the vhost in the URL"
-        )
-    causes = list(_chain(exc))
-    for cause in causes:
-        if isinstance(cause, ssl.SSLError):
-            detail = cause.reason or str(cause)
-            verify = getattr(cause, "verify_message", None)
-            if verify:
-                detail = f"{detail}: {verify}"
-            return TLSError(
-                f"connecting to {target}: the TLS handshake failed ({detail}); "
-                "check the CA in ssl_context, the host name in the URL against the server "
-                "certificate, and the client certificate if the broker asks for one"
-            )
-    if url.lower().startswith("amqps:") and any(
-        isinstance(c, ConnectionResetError) for c in causes
-    ):
-        # TLS 1.3: a broker that refuses the client's certificate (or its absence) may reset
-        # the connection before its alert is read; say where to look.
-        return BrokerConnectionError(
-            f"cannot connect to {target}: {_reason(exc)}; the broker closed the TLS "
-            "connection: if it asks for a client certificate, load one into ssl_context "
-            "(load_cert_chain)"
-        )
-    return BrokerConnectionError(f"cannot connect to {target}: {_reason(exc)}")
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc` and its causes and contexts, each once (chains can loop)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        yield cause
-        cause = cause.__cause__ or cause.__context__
-
-
-@contextmanager
-def translate_errors(doing: str) -> Iterator[None]:
-    """Map aiormq errors raised while `doing` to aio-workq's error tree."""
-    try:
-        yield
-    except aiormq.exceptions.ChannelAccessRefused as exc:
-        raise TopologyError(f"{doing}: access refused: {_reason(exc)}") from exc
-    except (
-        aiormq.exceptions.ChannelPreconditionFailed,
-        aiormq.exceptions.ChannelNotFoundEntity,
-    ) as exc:
-        raise TopologyError(f"{doing}: {_reason(exc)}") from exc
-    except (
-        aiormq.exceptions.AMQPError,
-        aiormq.exceptions.ChannelInvalidStateError,
-        ConnectionError,
-        OSError,
-    ) as exc:
-        raise BrokerConnectionError(f"{doing}: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    """A short, password-free description of an aiormq/OS error."""
-    cause = exc.__cause__
-    if isinstance(cause, OSError) and cause.strerror:  # aiormq re-raises OSError's args
-        return cause.strerror
-    if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
-        first = exc.args[0]
-        text = getattr(first, "reply_text", None) or str(first)
-        return str(text)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _RobustLinks:
-    """A robust aio-pika connection opened by someone else, as a `LinkSource` (the plain path:
-    aio-workq then uses aiormq's public API for every frame on it)."""
-
-    def __init__(self, robust: AbstractRobustConnection) -> None:
-        self._robust = robust
-
-    @property
-    def is_connected(self) -> bool:
-        transport = self._robust.transport
-        return transport is not None and not transport.connection.is_closed
-
-    @property
-    def is_closed(self) -> bool:
-        return bool(self._robust.is_closed)
-
-    async def link(self, timeout: float | None = None) -> Link:
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    transport = self._robust.transport
-                    if transport is not None and not transport.connection.is_closed:
-                        return Link(transport.connection, None)
-                    if self._robust.is_closed:
-                        raise BrokerConnectionError("the shared aio-pika connection is closed")
-                    await self._robust.connected.wait()
-                    await asyncio.sleep(0)
-        except TimeoutError:
-            raise BrokerConnectionError(
-                f"the shared aio-pika connection is still reconnecting after {timeout:g} s"
-            ) from None
-
-
-def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource:
-    """`connection` as a `LinkSource`: an aio-workq `Connection` as it is, an aio-pika one adapted.
+def _check_wait(wait_for_broker: float) -> float:
+    """`wait_for_broker` once checked.
 
     Raises:
-        ConfigurationError: `connection` is neither.
+        ConfigurationError: not a number of seconds >= 0.
     """
-    if isinstance(connection, Connection):
-        return connection
-    if isinstance(connection, AbstractRobustConnection):
-        return _RobustLinks(connection)
-    raise ConfigurationError(
-        "connection= takes an aio_workq.Connection (from aio_workq.connect()) or a robust "
-        f"aio-pika connection (aio_pika.connect_robust()), got {type(connection).__name__}"
-    )
+    if (
+        isinstance(wait_for_broker, bool)
+        or not isinstance(wait_for_broker, int | float)
+        or not wait_for_broker >= 0
+    ):
+        raise ConfigurationError(
+            f"wait_for_broker must be a number of seconds >= 0, got {wait_for_broker!r}"
+        )
+    return float(wait_for_broker)
 
 
-async def open_source(
-    own: Connection | None, shared: Connection | AbstractRobustConnection | None
-) -> LinkSource:
-    """Open the connection a producer or worker made itself, or adapt the one it was given."""
-    if own is not None:
-        await own.open()
-        return own
-    assert shared is not None
-    return link_source(shared)
+async def finish_by(deadline: float, step: Awaitable[Any], connection: Connection | None) -> None:
+    """Await a closing `step` (a publisher's or channel's close) until `deadline` (loop time);
+    if it is still running then, close `connection` at once (its socket aborted) so that the
+    step ends too.
+
+    Errors of the step are dropped: it is a close. Without a `connection` of one's own (a shared
+    one is not closed for one producer), the step's own bounds apply.
+    """
+    task = asyncio.ensure_future(step)
+    loop = asyncio.get_running_loop()
+    if connection is None:
+        await asyncio.wait({task})
+    else:
+        await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0))
+        if not task.done():
+            await connection.close(0)
+            await asyncio.wait({task}, timeout=_ABORTED_GRACE)
+    _settle(task)
+
+
+def _settle(task: asyncio.Future[Any]) -> None:
+    """Retrieve `task`'s outcome, now or when it ends (a close's errors are not raised)."""
+    if task.done():
+        _drop_result(task)
+    else:
+        task.add_done_callback(_drop_result)
+
+
+def _drop_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

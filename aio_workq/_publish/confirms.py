@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 import aiormq
 
 from .._exceptions import (
+    BrokerUnavailableError,
     ConnectionLostError,
     PublishTimeoutError,
     SerializationError,
@@ -44,6 +45,11 @@ MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
 
+_SLOW = (
+    "the broker did not confirm in time (it may be overloaded, or blocking publishers on a "
+    "memory or disk alarm)"
+)
+
 ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
 ExchangeListener = Callable[[str], None]
 
@@ -57,6 +63,8 @@ class ConfirmPublisher:
         timeout: default seconds from `send()` to the confirm.
         resend: after a lost connection, resend unconfirmed messages (else fail them).
         what: how log lines and errors name the owner.
+        fail_fast: while the connection is down, `send()` raises `BrokerUnavailableError` at
+            once instead of waiting for it within the timeout.
     """
 
     def __init__(
@@ -67,12 +75,14 @@ class ConfirmPublisher:
         timeout: float,
         resend: bool,
         what: str = "publisher",
+        fail_fast: bool = False,
     ) -> None:
         self._source = source
         self._window = window
         self._timeout = timeout
         self._resend = resend
         self._what = what
+        self._fail_fast = fail_fast
         self._loop = asyncio.get_running_loop()
         self._tracker = ConfirmTracker(self._on_settled)
         self._lane: Lane | None = None
@@ -178,6 +188,7 @@ class ConfirmPublisher:
                 over RabbitMQ's 128 MiB limit; nothing was sent.
             ConfigurationError: the message id of a mandatory message is already in flight.
             PublishTimeoutError: no room in the window, or no channel, within `timeout`.
+            BrokerUnavailableError: with `fail_fast`, the connection is down; nothing was sent.
             ConnectionLostError: the publisher is closed.
         """
         check_destination(exchange, routing_key, mandatory)
@@ -198,6 +209,11 @@ class ConfirmPublisher:
         timeout = self._timeout if timeout is None else timeout
         deadline = self._loop.time() + timeout
         if self._lane is None or self._window.full:
+            if self._fail_fast and self._lane is None and not self._source.is_connected:
+                raise BrokerUnavailableError(
+                    f"message {props.message_id} was not sent: "
+                    f"{self._source.trouble() or 'the connection to the broker is down'}"
+                )
             await self._wait_for_room(deadline, props.message_id, exchange, routing_key)
         out = Outgoing(
             exchange,
@@ -235,10 +251,14 @@ class ConfirmPublisher:
                     else:
                         await self._window.wait()
         except TimeoutError:
-            state = "the connection is down" if self._lane is None else "the window is full"
+            trouble = self._source.trouble()
+            if self._lane is None:
+                state = trouble or "its channel is being reopened"
+            else:
+                state = f"the window is full ({self._window.count} messages wait for confirms): "
+                state += trouble or _SLOW
             raise PublishTimeoutError(
-                f"message {message_id} could not be sent in time: {state} (the broker may be "
-                "blocking publishers on a memory or disk alarm); nothing was sent",
+                f"message {message_id} could not be sent in time: {state}; nothing was sent",
                 message_id=message_id,
                 exchange=exchange,
                 routing_key=routing_key,
@@ -250,7 +270,11 @@ class ConfirmPublisher:
     def _sweep(self) -> None:
         self._sweep_handle = None
         now = self._loop.time()
-        self._tracker.expire(now, iter(self._waiting))
+        expired = [out for out in (*self._tracker, *self._waiting) if out.deadline <= now]
+        if expired:
+            why = f"not confirmed within its timeout: {self._source.trouble() or _SLOW}; {MAYBE}"
+            for out in expired:
+                self._tracker.fail(out, PublishTimeoutError, why)
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
         if self._window.count:

@@ -14,7 +14,8 @@ from .._exceptions import (
     ConfigurationError,
 )
 from .._hooks import Hook, Hooks
-from .._link.connection import Connection, LinkSource, open_source
+from .._link.aiopika import open_source
+from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType
@@ -63,6 +64,12 @@ class Producer:
             publish. `"never"`: it is only checked, and must exist already, else the publish
             raises `TopologyError` naming it (a misspelt queue name then fails instead of
             creating a queue nobody consumes). `producer.declare()` still declares.
+        wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
+            answers (a producer that may start before its broker); 0 (the default) raises after
+            one round over the URLs. For the producer's own connection only.
+        fail_fast: while the connection is known to be down, `send()` and `publish()` raise
+            `BrokerUnavailableError` at once (a web handler answers 503) instead of waiting
+            for the connection within the publish timeout.
     """
 
     def __init__(
@@ -80,6 +87,8 @@ class Producer:
         ssl_context: ssl.SSLContext | None = None,
         hooks: Sequence[Hook] = (),
         declare: Literal["always", "never"] = "always",
+        wait_for_broker: float = 0.0,
+        fail_fast: bool = False,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -98,11 +107,13 @@ class Producer:
                 name=name,
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
+                wait_for_broker=wait_for_broker,
             )
         self._window = window
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
+        self._fail_fast = bool(fail_fast)
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None
@@ -143,7 +154,8 @@ class Producer:
 
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached within
-                `connect_timeout` per URL. A failed start leaves nothing running.
+                `connect_timeout` per URL (and `wait_for_broker`). A failed start leaves
+                nothing running.
         """
         if self._publisher is not None:
             return
@@ -154,6 +166,7 @@ class Producer:
             timeout=self._timeout,
             resend=self._resend,
             what="producer",
+            fail_fast=self._fail_fast,
         )
         try:
             await publisher.start(self._connect_timeout)
@@ -169,16 +182,20 @@ class Producer:
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
 
-        Messages still unconfirmed then fail with `ConnectionLostError`.
+        Messages still unconfirmed then fail with `ConnectionLostError`. Returns within
+        `timeout` plus about a second in every broker state: a connection of its own whose
+        polite close the broker does not answer in time has its socket aborted.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
         if self._rpc is not None:
             await self._rpc.close()
             self._rpc = None
         if self._publisher is not None:
-            await self._publisher.close(timeout)
+            await finish_by(deadline, self._publisher.close(timeout), self._connection)
             self._publisher = None
         if self._connection is not None:
-            await self._connection.close()
+            await self._connection.close(deadline - loop.time())
 
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
@@ -221,6 +238,8 @@ class Producer:
             TopologyError: the queue exists with other arguments, or the exchange doesn't exist;
                 with `declare="never"`, the queue or exchange doesn't exist.
             PublishTimeoutError: the declaration, window or connection took until the timeout.
+            BrokerUnavailableError: with `fail_fast=True`, the connection is down; nothing was
+                sent.
         """
         self._ready()
         assert self._sender is not None

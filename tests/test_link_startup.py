@@ -1,0 +1,113 @@
+"""Start-up order (issue #21, item 5): `wait_for_broker=` lets a client start before its broker.
+
+The first connect retries with the reconnect backoff for up to `wait_for_broker` seconds before it
+raises the usual typed error; by default (0) it fails at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+from aio_workq import (
+    Backoff,
+    BrokerConnectionError,
+    ConfigurationError,
+    Connection,
+    Job,
+    Producer,
+    Worker,
+    run_workers,
+)
+from scripts.broker import LocalBroker
+
+SLACK = 5.0
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def nowhere() -> str:
+    return f"amqp://guest:s3cret@127.0.0.1:{closed_port()}/"
+
+
+async def ignore(job: Job) -> None:
+    pass
+
+
+@pytest.mark.broker
+async def test_a_producer_started_before_its_broker_connects_once_the_broker_is_up(
+    local_broker: LocalBroker, queue_name: str
+) -> None:
+    await asyncio.to_thread(local_broker.stop)  # the port stays the node's when it starts again
+    producer = Producer(local_broker.url, wait_for_broker=120, connect_timeout=2)
+    starting = asyncio.ensure_future(producer.start())
+    try:
+        await asyncio.sleep(2)  # the client is up first: it keeps trying
+        assert not starting.done()
+        await asyncio.to_thread(local_broker.start)
+        async with asyncio.timeout(60):
+            await starting
+        await producer.publish("up", queue=queue_name, timeout=30)
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await producer.close(timeout=1)
+
+
+async def test_by_default_the_first_connect_fails_at_once_with_the_typed_error() -> None:
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError) as info:
+        await Producer(nowhere(), connect_timeout=2).start()
+    assert time.monotonic() - started < 2 + SLACK
+    assert "s3cret" not in str(info.value)
+
+
+async def test_the_wait_ends_with_the_typed_error_when_no_broker_comes() -> None:
+    connection = Connection(
+        nowhere(), connect_timeout=1, wait_for_broker=2.0, backoff=Backoff(initial=0.2, cap=0.5)
+    )
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError, match="Connect call failed|cannot connect"):
+        await connection.open()
+    took = time.monotonic() - started
+    assert 2.0 <= took < 2.0 + 1 + SLACK, took
+    assert not connection.is_connected
+
+
+async def test_worker_and_run_workers_take_wait_for_broker() -> None:
+    worker = Worker(nowhere(), queue="q", handler=ignore, wait_for_broker=1.5, connect_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
+        await worker.start()
+    assert 1.5 <= time.monotonic() - started < 1.5 + 1 + SLACK
+    plain = Worker(nowhere(), queue="q", handler=ignore, connect_timeout=1)
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError):
+        await run_workers(plain, handle_signals=False, wait_for_broker=1.5)
+    assert 1.5 <= time.monotonic() - started < 1.5 + 1 + SLACK
+
+
+async def test_closing_while_waiting_for_the_broker_ends_the_wait() -> None:
+    connection = Connection(nowhere(), connect_timeout=1, wait_for_broker=60)
+    opening = asyncio.ensure_future(connection.open())
+    await asyncio.sleep(0.5)  # let it fail once and back off
+    started = time.monotonic()
+    await connection.close()
+    with pytest.raises(BrokerConnectionError, match="closed"):
+        async with asyncio.timeout(10):
+            await opening
+    assert time.monotonic() - started < 1 + SLACK
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), "10"])
+def test_a_bad_wait_for_broker_is_a_configuration_error(value: object) -> None:
+    with pytest.raises(ConfigurationError, match="wait_for_broker"):
+        Connection(nowhere(), wait_for_broker=value)  # type: ignore[arg-type]
