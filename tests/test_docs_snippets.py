@@ -172,6 +172,8 @@ RUNS = [
     Run("docs/guides/web-apps.md", 'job_id = producer.publish({"path": "cat.png"}', "script",
         queues=("images",), left=1),
     Run("docs/guides/web-apps.md", "# myproject/jobs.py", "offline"),
+    Run("docs/guides/web-apps.md", 'name="images-api",', "offline"),
+    Run("docs/guides/web-apps.md", "FastAPIInstrumentor.instrument_app(app)", "offline"),
     Run("docs/operations.md", "class SlowJobs(Hook):", "offline"),
     Run("docs/operations.md", "ParentBased(TraceIdRatioBased(0.1))", "offline"),
 ]  # fmt: skip

@@ -546,3 +546,68 @@ async def test_fastapi_app_on_a_private_ca_amqps_broker(
     with pytest.raises(TLSError):
         async with untrusted.lifespan(FastAPI()):
             pass
+
+
+# --- one trace from the request to the forwarded job (#20.3) ----------------------------------
+
+
+@pytest.mark.broker
+async def test_one_trace_from_the_request_through_its_job_to_the_forwarded_job(
+    amqp_url: str, queue_name: str
+) -> None:
+    """The documented FastAPI set-up: `Workq(hooks=[TracingHook()])` and the app instrumented."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from aio_workq.tracing import TracingHook
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    thumbnails = f"{queue_name}.thumbnails"
+    workq = workq_fastapi.Workq(amqp_url, hooks=[TracingHook(tracer_provider=provider)])
+    done = Counter()
+
+    @workq.worker(queue=queue_name)
+    async def resize(job: Job) -> None:
+        await job.forward({"thumbnail": job.data["path"]}, queue=thumbnails)
+
+    @workq.worker(queue=thumbnails)
+    async def thumbnail(job: Job) -> None:
+        done.add(job.message_id)
+
+    app = FastAPI(lifespan=workq.lifespan)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+
+    @app.post("/images", status_code=202)
+    async def enqueue(path: str, producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        return {"job_id": await producer.publish({"path": path}, queue=queue_name)}
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        response = await client.post("/images", params={"path": "cat.png"})
+        assert response.status_code == 202, response.text
+        await done.wait_for(1)
+    # The app has stopped: its workers settled their deliveries and ended their spans.
+
+    spans = {(s.kind, s.name): s for s in exporter.get_finished_spans()}
+    server = spans[SpanKind.SERVER, "POST /images"]
+    chain = [
+        spans[SpanKind.PRODUCER, f"publish {queue_name}"],
+        spans[SpanKind.CONSUMER, f"process {queue_name}"],
+        spans[SpanKind.PRODUCER, f"publish {thumbnails}"],
+        spans[SpanKind.CONSUMER, f"process {thumbnails}"],
+    ]
+    assert server.context is not None
+    assert {s.context.trace_id for s in chain if s.context} == {server.context.trace_id}
+    # Each step is the child of the one before: the publish is inside the request's span.
+    ancestors = {s.context.span_id: s.parent for s in exporter.get_finished_spans() if s.context}
+    parent = chain[0].parent
+    while parent is not None and parent.span_id != server.context.span_id:
+        parent = ancestors[parent.span_id]
+    assert parent is not None, "the publish is not inside the request's span"
+    for child, step in zip(chain[1:], chain, strict=False):
+        assert child.parent is not None and step.context is not None
+        assert child.parent.span_id == step.context.span_id, (child.name, step.name)
