@@ -26,7 +26,8 @@ import httpx
 import pytest
 
 import aio_workq
-from aio_workq import Queue, RetryPolicy
+from aio_workq import Producer, PublishTimeoutError, Queue, RetryPolicy
+from scripts.broker import LocalBroker
 from tests.helpers import queue_consumers, queue_depth, wait_until
 from tests.servers import serve_asgi
 
@@ -145,6 +146,7 @@ class Run:
     queues: tuple[str, ...] = ()
     stop: signal.Signals = signal.SIGINT
     then: str = ""  # appended to the block (a block that defines main() without running it)
+    defines: tuple[str, ...] = ()  # names an offline block must leave defined (for the text)
     left: int = 0  # messages each of `queues` holds afterwards (published, not consumed)
 
     @property
@@ -175,6 +177,8 @@ RUNS = [
     Run("docs/guides/web-apps.md", 'name="images-api",', "offline"),
     Run("docs/guides/web-apps.md", "FastAPIInstrumentor.instrument_app(app)", "offline"),
     Run("docs/operations.md", "class SlowJobs(Hook):", "offline"),
+    Run("docs/guides/exactly-once.md", 'consumer = idempotent(pool, name="confirm-order")',
+        "offline", defines=("consumer", "confirm_order")),
     Run("docs/operations.md", "ParentBased(TraceIdRatioBased(0.1))", "offline"),
 ]  # fmt: skip
 
@@ -193,7 +197,30 @@ def test_every_run_names_one_block() -> None:
 @pytest.mark.parametrize("run", [r for r in RUNS if r.how == "offline"], ids=lambda r: r.id)
 def test_offline_block_runs(run: Run) -> None:
     block = block_of(run)
-    exec(compile(block.source, block.where, "exec"), {"__name__": "snippet"})
+    namespace: dict[str, Any] = {"__name__": "snippet"}
+    exec(compile(block.source, block.where, "exec"), namespace)
+    assert set(run.defines) <= set(namespace), f"{run.id} does not define {run.defines}"
+
+
+def test_exactly_once_page_keeps_the_consumer_in_reach() -> None:
+    """The page says to read `consumer.skipped` and call `consumer.purge()`: its snippet keeps
+    the `IdempotentConsumer` that `idempotent()` returns, which the decorator form would lose."""
+    from aio_workq.outbox import IdempotentConsumer
+
+    run = next(r for r in RUNS if r.page == "docs/guides/exactly-once.md")
+    namespace: dict[str, Any] = {"__name__": "snippet"}
+    exec(compile(block_of(run).source, run.id, "exec"), namespace)
+    assert isinstance(namespace["consumer"], IdempotentConsumer)
+    assert namespace["consumer"].skipped == 0 and callable(namespace["consumer"].purge)
+
+
+def test_outbox_recipe_says_what_it_needs() -> None:
+    """The FastAPI + SQLAlchemy recipe's async engine needs SQLAlchemy's asyncio extra
+    (greenlet); the page and the script say so."""
+    page = (ROOT / "docs/guides/exactly-once.md").read_text(encoding="utf-8")
+    recipe = page[page.index("## Recipe: FastAPI + SQLAlchemy") :]
+    assert "'sqlalchemy[asyncio]'" in recipe[: recipe.index("outbox_app.py")]
+    assert "'sqlalchemy[asyncio]'" in (ROOT / "docs/examples/outbox/outbox_app.py").read_text()
 
 
 def queue_family(name: str) -> list[str]:
@@ -301,3 +328,29 @@ async def test_readme_fastapi_block_serves(
     assert response.status_code == 202, response.text
     assert response.json()["job_id"]
     assert await queue_depth(amqp_url, "images") == 1
+
+
+# --- documented bounds ------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_publish_many_timeout_bounds_the_whole_batch(
+    local_broker: LocalBroker, amqp_url: str, queue_name: str
+) -> None:
+    """docs/guarantees.md: `publish_many()`'s `timeout` is one deadline for the batch. Twenty
+    messages through a window of two on a broker that answers nothing: each message bounded on
+    its own would take about ten timeouts; the batch ends after one."""
+    async with Producer(amqp_url, window=2) as producer:
+        await producer.declare(queue_name)
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(local_broker.pause)  # TCP stays open, nothing answers
+        try:
+            started = loop.time()
+            results = await producer.publish_many(
+                range(20), queue=queue_name, timeout=1, return_exceptions=True
+            )
+            elapsed = loop.time() - started
+        finally:
+            await asyncio.to_thread(local_broker.resume)
+    assert all(isinstance(r, PublishTimeoutError) for r in results), results
+    assert elapsed < 5, f"{elapsed:.1f} s: the timeout bounded each message, not the batch"
