@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from typing import Any, Literal, TypeVar, Unpack
+import ssl
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
 
 from ._consume.worker import Handler, Worker
 from ._exceptions import (
@@ -23,14 +24,21 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
+from ._hooks import Hook
+from ._link.connection import Backoff, Connection
+from ._link.settings import URLs
 from ._link.specs import Exchange, Queue, QueueType
 from ._publish.message import PublishOptions
 from ._publish.producer import Producer
 
 __all__ = (
     "DEFAULT_REQUEST_TIMEOUT",
+    "ConnectionOptions",
     "Integration",
     "IntegrationError",
+    "OwnedProducer",
+    "ProducerOptions",
+    "ProducerSettings",
     "ProducerView",
     "error_response",
 )
@@ -42,6 +50,156 @@ DEFAULT_REQUEST_TIMEOUT = 5.0
 # precise error (e.g. "the connection is down; nothing was sent") is the one raised.
 
 H = TypeVar("H", bound=Handler)
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """The `Connection` settings an integration passes on to every connection it opens.
+
+    Each key is a keyword argument of `Connection` (mypy checks that): adding one here passes it
+    through `Workq`, the aiohttp `Workq` and `SyncProducer` alike.
+    """
+
+    ssl_context: ssl.SSLContext | None
+    """For `amqps://` URLs: the CA, client certificate and host-name checks."""
+    name: str | None
+    """Connection name shown in the management UI (the producer's connection)."""
+    backoff: Backoff
+    """Delays between rounds of failed reconnect attempts."""
+    hooks: Sequence[Hook]
+    """`Hook`s that observe publishes, the in-process workers' jobs, and reconnects."""
+
+
+class _ProducerOnly(TypedDict, total=False):
+    window: int
+    """The most unconfirmed messages in flight (see `Producer`)."""
+    window_bytes: int
+    """The most body bytes in flight (see `Producer`)."""
+    on_reconnect: Literal["resend", "fail"]
+    """Unconfirmed messages after a lost connection: re-sent (default) or failed."""
+
+
+class ProducerOptions(ConnectionOptions, _ProducerOnly, total=False):
+    """The keyword arguments of `Producer` and `Connection` the integrations take as they are
+    (`ssl_context`, `name`, `backoff`, `hooks`, `window`, `window_bytes`, `on_reconnect`)."""
+
+
+def _split(options: ProducerOptions) -> tuple[ConnectionOptions, _ProducerOnly]:
+    link = {k: v for k, v in options.items() if k in ConnectionOptions.__optional_keys__}
+    rest = {k: v for k, v in options.items() if k not in ConnectionOptions.__optional_keys__}
+    return cast(ConnectionOptions, link), cast(_ProducerOnly, rest)
+
+
+class OwnedProducer:
+    """A `Producer` on a `Connection` of its own, made with every setting; closes both."""
+
+    __slots__ = ("connection", "producer")
+
+    def __init__(self, connection: Connection, producer: Producer) -> None:
+        self.connection = connection
+        self.producer = producer
+
+    async def start(self) -> None:
+        """Connect, then open the producer's channel.
+
+        Raises:
+            BrokerConnectionError (and its subclasses): see `Connection.open`. A failed start
+                leaves nothing open.
+        """
+        try:
+            await self.connection.open()
+            await self.producer.start()
+        except BaseException:
+            await self.connection.close()
+            raise
+
+    async def close(self, timeout: float) -> None:
+        """Wait up to `timeout` for outstanding confirms, then close the connection."""
+        try:
+            await self.producer.close(timeout)
+        finally:
+            await self.connection.close()
+
+
+class ProducerSettings:
+    """Everything an integration needs to open its producer and its in-process workers.
+
+    Args:
+        url: broker URL(s) (see `Producer`).
+        queue_type: the type of queues declared from a plain name.
+        connect_timeout: seconds for each connection attempt.
+        options: `ProducerOptions`, passed on as they are.
+
+    Raises:
+        ConfigurationError: a setting is invalid (checked now, by building them once).
+        TypeError: an unknown setting.
+    """
+
+    __slots__ = ("_connection", "_producer", "connect_timeout", "queue_type", "url")
+
+    def __init__(
+        self,
+        url: URLs | None,
+        *,
+        queue_type: QueueType | Literal["quorum", "classic"],
+        connect_timeout: float,
+        options: ProducerOptions,
+    ) -> None:
+        self.url = url
+        self.queue_type = queue_type
+        self.connect_timeout = _check_timeout("connect_timeout", connect_timeout)
+        connection, producer = _split(options)
+        if "hooks" in connection:  # a generator would be used up by the first connection
+            connection["hooks"] = tuple(connection["hooks"])
+        self._connection = connection
+        self._producer = producer
+        self.producer()  # validates every setting now (a bad one fails at import)
+
+    @property
+    def hooks(self) -> Sequence[Hook]:
+        return self._connection.get("hooks", ())
+
+    def producer(self) -> OwnedProducer:
+        """A new producer on a new connection (neither opened)."""
+        connection = Connection(self.url, connect_timeout=self.connect_timeout, **self._connection)
+        producer = Producer(
+            connection=connection,
+            queue_type=self.queue_type,
+            connect_timeout=self.connect_timeout,
+            hooks=self.hooks,
+            **self._producer,
+        )
+        return OwnedProducer(connection, producer)
+
+    def worker(self, handler: Handler, options: dict[str, Any]) -> tuple[Worker, Connection | None]:
+        """A new `Worker(handler=handler, **options)` on a new connection (neither opened),
+        made with the integration's settings unless `options` has its own; and that connection
+        (None when `options` gives a `connection=` to share).
+
+        Raises:
+            ConfigurationError: an option is invalid.
+            TypeError: an option is not a `Worker` argument.
+        """
+        options = {"queue_type": self.queue_type, **options}
+        if options.get("connection") is not None:
+            return Worker(handler=handler, **options), None
+        queue = options.get("queue")
+        link: dict[str, Any] = {**self._connection, "name": None}
+        for key in ConnectionOptions.__optional_keys__:
+            if key in options:
+                link[key] = options.pop(key)
+        if link["name"] is None:  # the name `Worker` gives its own connection
+            label = queue.name if isinstance(queue, Queue) else queue
+            link["name"] = f"aio-workq worker {label or 'subscriber'}"
+        timeout = options.pop("connect_timeout", self.connect_timeout)
+        connection = Connection(self.url, connect_timeout=timeout, **link)
+        worker = Worker(
+            connection=connection,
+            handler=handler,
+            connect_timeout=timeout,
+            hooks=link.get("hooks", ()),
+            **options,
+        )
+        return worker, connection
 
 
 def _check_timeout(what: str, value: float) -> float:
@@ -247,33 +405,39 @@ class Integration:
     `shutdown_timeout`), then the producer waits up to `close_timeout` for outstanding confirms.
 
     Args:
-        url: broker URL, for the producer and the workers (see `Producer`).
+        url: broker URL(s), for the producer and the workers (see `Producer`).
         request_timeout: the default bound, in seconds, of each publish or call from a route.
         close_timeout: seconds the producer waits for outstanding confirms on shutdown.
         connect_timeout: seconds for the first connection at startup; the app fails to start
             with `BrokerConnectionError` if the broker can't be reached by then.
         queue_type: the type of queues declared from a plain name.
-        name: connection name shown in the management UI.
+        **options: `Producer` and `Connection` settings, passed on as they are: `ssl_context`
+            (for `amqps://`), `name` (the producer's connection name), `backoff`
+            (reconnect delays), `hooks` (metrics, tracing: they see each publish and, in the
+            in-process workers, each job), `window`, `window_bytes`, `on_reconnect`. The
+            in-process workers take `ssl_context`, `backoff`, `hooks` and `connect_timeout`
+            too, unless their own options say otherwise.
+
+    Raises:
+        ConfigurationError: a setting is invalid.
+        TypeError: an unknown setting.
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: URLs | None = None,
         *,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         close_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
-        name: str | None = None,
+        **options: Unpack[ProducerOptions],
     ) -> None:
         self._request_timeout = _check_timeout("request_timeout", request_timeout)
         self._close_timeout = _check_timeout("close_timeout", close_timeout)
-        self._connect_timeout = _check_timeout("connect_timeout", connect_timeout)
-        self._url = url
-        self._queue_type = queue_type
-        self._name = name
-        # Validates the settings now (a bad URL fails at import, not at the first request).
-        Producer(url, queue_type=queue_type, connect_timeout=connect_timeout, name=name)
+        self._settings = ProducerSettings(
+            url, queue_type=queue_type, connect_timeout=connect_timeout, options=options
+        )
         self._worker_specs: list[tuple[Handler, dict[str, Any]]] = []
         self._view: ProducerView | None = None
         self._workers: list[Worker] = []
@@ -287,15 +451,17 @@ class Integration:
         """Run a `Worker` for `queue` in the app process while the app runs.
 
         For small deployments: the app serves requests and works through the queue. Each app
-        start builds a fresh `Worker(url, queue=queue, handler=handler, **options)`.
+        start builds a fresh `Worker(url, queue=queue, handler=handler, **options)` on a
+        connection of its own, with the integration's `ssl_context`, `backoff`, `hooks`,
+        `connect_timeout` and `queue_type` unless `options` has its own.
 
         Raises:
             ConfigurationError: an option is invalid (checked now).
             TypeError: an option is not a `Worker` argument.
         """
-        options = {"queue_type": self._queue_type, **options}
-        Worker(self._url, queue=queue, handler=handler, **options)  # validate now
-        self._worker_specs.append((handler, {"queue": queue, **options}))
+        spec = {"queue": queue, **options}
+        self._settings.worker(handler, dict(spec))  # validate now
+        self._worker_specs.append((handler, spec))
 
     def worker(self, *, queue: str | Queue, **options: Any) -> Callable[[H], H]:
         """Decorator form of `add_worker`: `@workq.worker(queue="images", concurrency=4)`."""
@@ -336,19 +502,18 @@ class Integration:
         """
         if self._view is not None:
             raise IntegrationError("this aio-workq integration is already running an app")
-        producer = Producer(
-            self._url,
-            queue_type=self._queue_type,
-            connect_timeout=self._connect_timeout,
-            name=self._name,
-        )
-        await producer.start()
+        owned = self._settings.producer()
+        await owned.start()
+        connections: list[Connection] = []
         try:
-            for handler, options in self._worker_specs:
-                worker = Worker(self._url, handler=handler, **options)
+            for handler, spec in self._worker_specs:
+                worker, connection = self._settings.worker(handler, dict(spec))
+                if connection is not None:
+                    connections.append(connection)
+                    await connection.open()
                 self._workers.append(worker)
                 await worker.start()
-            self._view = ProducerView(producer, timeout=self._request_timeout)
+            self._view = ProducerView(owned.producer, timeout=self._request_timeout)
             yield self._view
         finally:
             self._view = None
@@ -357,4 +522,5 @@ class Integration:
             for worker, outcome in zip(workers, stops, strict=True):
                 if isinstance(outcome, Exception):
                     log.error("stopping %r failed: %r", worker, outcome)
-            await producer.close(self._close_timeout)
+            await asyncio.gather(*(c.close() for c in connections))
+            await owned.close(self._close_timeout)

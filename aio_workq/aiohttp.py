@@ -42,7 +42,9 @@ class Workq(Integration):
     when the app starts, stores a `ProducerView` bounded by `request_timeout` under
     `app[PRODUCER]`, and on cleanup stops the workers gracefully, then waits up to
     `close_timeout` for outstanding confirms. Takes the arguments of `Integration`: `url`,
-    `request_timeout` (5 s), `close_timeout` (10 s), `connect_timeout`, `queue_type`, `name`.
+    `request_timeout` (5 s), `close_timeout` (10 s), `connect_timeout`, `queue_type`, and the
+    producer's and connection's own (`ssl_context`, `name`, `backoff`, `hooks`, `window`,
+    `window_bytes`, `on_reconnect`).
     """
 
     def setup(self, app: web.Application) -> None:

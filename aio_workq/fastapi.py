@@ -46,7 +46,9 @@ class Workq(Integration):
     the app serves, puts a `ProducerView` bounded by `request_timeout` into the lifespan state
     for `ProducerDep`, and on shutdown stops the workers gracefully, then waits up to
     `close_timeout` for outstanding confirms. Takes the arguments of `Integration`: `url`,
-    `request_timeout` (5 s), `close_timeout` (10 s), `connect_timeout`, `queue_type`, `name`.
+    `request_timeout` (5 s), `close_timeout` (10 s), `connect_timeout`, `queue_type`, and the
+    producer's and connection's own (`ssl_context`, `name`, `backoff`, `hooks`, `window`,
+    `window_bytes`, `on_reconnect`).
     """
 
     @asynccontextmanager

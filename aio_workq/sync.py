@@ -24,7 +24,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 from ._exceptions import (
     BrokerConnectionError,
@@ -32,10 +32,17 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._link.settings import redact_url, resolve_url
+from ._link.settings import URLs, redact_url, resolve_url
 from ._link.specs import Exchange, Queue, QueueType
-from ._publish.producer import Producer
-from ._web import DEFAULT_REQUEST_TIMEOUT, IntegrationError, ProducerView, _check_timeout
+from ._web import (
+    DEFAULT_REQUEST_TIMEOUT,
+    IntegrationError,
+    OwnedProducer,
+    ProducerOptions,
+    ProducerSettings,
+    ProducerView,
+    _check_timeout,
+)
 
 __all__ = ("SyncProducer",)
 
@@ -54,7 +61,7 @@ class _LoopThread:
     Holds no reference to its `SyncProducer`, so that a finaliser can close it.
     """
 
-    def __init__(self, producer: Producer, timeout: float) -> None:
+    def __init__(self, producer: OwnedProducer, timeout: float) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, name="aio-workq SyncProducer", daemon=True)
@@ -79,7 +86,7 @@ class _LoopThread:
 
         async def start() -> ProducerView:
             await self._producer.start()
-            return ProducerView(self._producer, timeout=self._timeout)
+            return ProducerView(self._producer.producer, timeout=self._timeout)
 
         try:
             self.view = self.submit(
@@ -145,32 +152,37 @@ class SyncProducer:
     blocks that loop while it waits, so async code should use `aio_workq.Producer` instead.
 
     Args:
-        url: broker URL (see `Producer`).
+        url: broker URL(s) (see `Producer`).
         timeout: the default bound, in seconds, of each `publish()` or `call()`.
         connect_timeout: seconds for connecting on first use.
         close_timeout: seconds `close()` waits for outstanding confirms.
         queue_type: the type of queues declared from a plain name.
-        name: connection name shown in the management UI.
+        **options: `Producer` and `Connection` settings, passed on as they are: `ssl_context`
+            (for `amqps://`), `name` (connection name), `backoff` (reconnect delays), `hooks`
+            (metrics, tracing), `window`, `window_bytes`, `on_reconnect`.
+
+    Raises:
+        ConfigurationError: a setting is invalid.
+        TypeError: an unknown setting.
     """
 
     def __init__(
         self,
-        url: str | None = None,
+        url: URLs | None = None,
         *,
         timeout: float = DEFAULT_REQUEST_TIMEOUT,
         connect_timeout: float = 10.0,
         close_timeout: float = 10.0,
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
-        name: str | None = None,
+        **options: Unpack[ProducerOptions],
     ) -> None:
         self._timeout = _check_timeout("timeout", timeout)
-        self._connect_timeout = _check_timeout("connect_timeout", connect_timeout)
         self._close_timeout = _check_timeout("close_timeout", close_timeout)
         self._url = resolve_url(url)
-        self._make_producer: Callable[[], Producer] = lambda: Producer(
-            self._url, queue_type=queue_type, connect_timeout=connect_timeout, name=name
+        self._settings = ProducerSettings(
+            url, queue_type=queue_type, connect_timeout=connect_timeout, options=options
         )
-        self._make_producer()  # validates the settings now
+        self._connect_timeout = self._settings.connect_timeout
         self._lock = threading.Lock()
         self._runner: _LoopThread | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
@@ -212,7 +224,7 @@ class SyncProducer:
             if runner is None or runner.pid != os.getpid() or runner.closed:
                 if self._finalizer is not None:
                     self._finalizer.detach()  # a parent's thread, or a failed start
-                runner = _LoopThread(self._make_producer(), self._timeout)
+                runner = _LoopThread(self._settings.producer(), self._timeout)
                 runner.start(self._connect_timeout)
                 self._finalizer = weakref.finalize(self, runner.close, self._close_timeout)
                 self._runner = runner

@@ -138,3 +138,7 @@ async def test_demo(amqp_url: str, env: dict[str, str]) -> None:
     assert total == 10 and first + second == total and first > 0 and second > 0, out
     assert len(re.findall(r"^ +[\d.]+ s  worker [12] took 'task \d+", out, re.MULTILINE)) == total
     assert await message_count(amqp_url, DEMO_QUEUE) is None  # the demo cleans up after itself
+    # The README's sample output of `make demo` starts as the demo does.
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    sample = readme[readme.index("- **`make demo`**") :].split("```text\n", 1)[1]
+    assert sample.split("\n", 1)[0].strip() == out.splitlines()[0], out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import sys
 import textwrap
 import threading
@@ -14,18 +15,23 @@ import httpx
 import pytest
 
 from aio_workq import (
+    Backoff,
     BrokerConnectionError,
     ConfigurationError,
+    Hook,
     Job,
+    PublishInfo,
     RPCError,
     SerializationError,
+    TLSError,
     TopologyError,
     UnroutableError,
     Worker,
 )
 from aio_workq._web import IntegrationError
 from aio_workq.sync import SyncProducer
-from scripts.broker import free_port
+from scripts.broker import LocalBroker, free_port
+from scripts.tls import PKI
 from tests.helpers import queue_depth
 from tests.servers import load_example, serve_wsgi
 
@@ -231,3 +237,31 @@ async def test_a_forked_child_opens_its_own_connection(amqp_url: str, queue_name
     assert proc.returncode == 0, out.decode()
     assert "child exit status 0" in out.decode(), out.decode()
     assert await queue_depth(amqp_url, queue_name) == 3
+
+
+@pytest.mark.broker
+def test_hooks_see_the_publishes(amqp_url: str, queue_name: str) -> None:
+    class Recorder(Hook):
+        def __init__(self) -> None:
+            self.published: list[str] = []
+
+        def before_publish(self, message: PublishInfo) -> None:
+            self.published.append(message.message_id)
+
+    recorder = Recorder()
+    with SyncProducer(amqp_url, hooks=[recorder], name="sync app", on_reconnect="fail") as p:
+        job_id = p.publish({"n": 1}, queue=queue_name)
+    assert recorder.published == [job_id]
+
+
+@pytest.mark.broker
+async def test_publishes_to_a_private_ca_amqps_broker(
+    tls_broker: LocalBroker, tls_pki: PKI, queue_name: str
+) -> None:
+    context = ssl.create_default_context(cafile=str(tls_pki.ca_cert))
+    with SyncProducer(tls_broker.tls_url, ssl_context=context, backoff=Backoff(initial=0.1)) as p:
+        assert await asyncio.to_thread(p.publish, "secure", queue=queue_name)
+    assert await queue_depth(tls_broker.url, queue_name) == 1
+    untrusted = SyncProducer(tls_broker.tls_url, connect_timeout=5)
+    with pytest.raises(TLSError):
+        await asyncio.to_thread(untrusted.start)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import os
 import signal
+import ssl
 import sys
+import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -15,20 +18,30 @@ import httpx
 import pytest
 from aiohttp import web
 from fastapi import FastAPI
+from yarl import URL
 
 from aio_workq import (
+    Backoff,
     BrokerConnectionError,
     ConfigurationError,
+    Connection,
+    HandleInfo,
+    Hook,
     Job,
     Producer,
+    PublishInfo,
     PublishTimeoutError,
+    TLSError,
     TopologyError,
 )
 from aio_workq import aiohttp as workq_aiohttp
 from aio_workq import fastapi as workq_fastapi
 from aio_workq._web import IntegrationError, ProducerView
+from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
-from tests.helpers import queue_consumers, queue_depth
+from scripts.tls import PKI
+from tests.faultproxy import FaultProxy
+from tests.helpers import Counter, queue_consumers, queue_depth
 from tests.servers import EXAMPLES, load_example, serve_aiohttp, serve_asgi, serve_wsgi
 
 aiohttp_app = load_example("aiohttp_app")
@@ -394,3 +407,207 @@ async def test_example_runs_as_a_script(framework: str, amqp_url: str, queue_nam
     if framework == "fastapi":
         assert "Application shutdown complete." in text
     assert await queue_consumers(amqp_url, queue_name) == 0
+
+
+# --- the producer's settings pass through (#21.4) --------------------------------------------
+
+
+class Recorder(Hook):
+    """Records what it sees: publishes (message ids), handled jobs, reconnects."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.handled = Counter()
+        self.reconnects = Counter()
+
+    def before_publish(self, message: PublishInfo) -> None:
+        self.published.append(message.message_id)
+
+    def after_handle(self, info: HandleInfo) -> None:
+        self.handled.add(info.job.message_id)
+
+    def on_reconnect(self, url: str) -> None:
+        self.reconnects.add(url)
+
+
+def accepted_names(cls: type) -> set[str]:
+    """The keyword arguments a constructor takes, those of a `**options: Unpack[...]` too."""
+    names = set()
+    for name, parameter in inspect.signature(cls).parameters.items():
+        if parameter.kind is parameter.VAR_KEYWORD:
+            init = next(vars(base)["__init__"] for base in cls.__mro__ if "__init__" in vars(base))
+            hint = typing.get_type_hints(init, include_extras=True)[name]
+            names |= set(typing.get_type_hints(typing.get_args(hint)[0]))
+        else:
+            names.add(name)
+    return names
+
+
+@pytest.mark.parametrize(
+    "integration", [workq_fastapi.Workq, workq_aiohttp.Workq, SyncProducer], ids=repr
+)
+def test_integrations_take_every_producer_and_connection_setting(integration: type) -> None:
+    """What a `Producer` or its `Connection` can be given, the integrations can be given too."""
+    producer = set(inspect.signature(Producer).parameters) - {"connection", "timeout"}
+    connection = set(inspect.signature(Connection).parameters) - {"fast_path"}
+    missing = (producer | connection) - accepted_names(integration)
+    assert not missing, f"{integration.__qualname__} does not take {sorted(missing)}"
+
+
+def test_connection_settings_are_checked_at_construction() -> None:
+    context = ssl.create_default_context()
+    for make in (workq_fastapi.Workq, workq_aiohttp.Workq, SyncProducer):
+        with pytest.raises(ConfigurationError, match="not an amqps:// URL"):
+            make("amqp://127.0.0.1/", ssl_context=context)
+        with pytest.raises(ConfigurationError, match="hooks must be"):
+            make("amqp://127.0.0.1/", hooks=[object()])  # type: ignore[list-item]
+        with pytest.raises(ConfigurationError, match="on_reconnect"):
+            make("amqp://127.0.0.1/", on_reconnect="never")  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            make("amqp://127.0.0.1/", no_such_setting=1)  # type: ignore[call-arg]
+
+
+@pytest.mark.broker
+async def test_fastapi_hooks_see_the_routes_publishes_and_the_workers_jobs(
+    amqp_url: str, queue_name: str
+) -> None:
+    recorder = Recorder()
+    workq = workq_fastapi.Workq(amqp_url, hooks=[recorder], name="hooked app")
+
+    @workq.worker(queue=queue_name)
+    async def handle(job: Job) -> None: ...
+
+    app = FastAPI(lifespan=workq.lifespan)
+
+    @app.post("/jobs")
+    async def enqueue(producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        return {"job_id": await producer.publish({"n": 1}, queue=queue_name)}
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        job_id = (await client.post("/jobs")).json()["job_id"]
+        assert await recorder.handled.wait_for(1) == [job_id]  # the in-process worker's hooks
+    assert recorder.published == [job_id]
+
+
+@pytest.mark.broker
+async def test_aiohttp_backoff_and_hooks_reach_every_connection(
+    amqp_url: str, queue_name: str
+) -> None:
+    settles = Counter()
+
+    class Quick(Backoff):
+        def settle_delay(self) -> float:
+            settles.add(1)
+            return 0.0
+
+    async def handle(job: Job) -> None: ...
+
+    recorder = Recorder()
+    async with FaultProxy(upstream_port=URL(amqp_url).port or 5672) as proxy:
+        workq = workq_aiohttp.Workq(proxy.url(amqp_url), backoff=Quick(), hooks=[recorder])
+        workq.add_worker(handle, queue=queue_name)
+        app = web.Application()
+        workq.setup(app)
+        async with serve_aiohttp(app):
+            await proxy.wait_accepted(2)  # the producer's connection and the worker's
+            proxy.cut()
+            await settles.wait_for(2)  # both reconnect with the app's backoff...
+            await recorder.reconnects.wait_for(2)  # ... and tell the app's hooks
+            job_id = await workq.producer.publish({"n": 1}, queue=queue_name)
+            assert await recorder.handled.wait_for(1) == [job_id]
+
+
+@pytest.mark.broker
+async def test_fastapi_app_on_a_private_ca_amqps_broker(
+    tls_broker: LocalBroker, tls_pki: PKI, queue_name: str
+) -> None:
+    context = ssl.create_default_context(cafile=str(tls_pki.ca_cert))
+    workq = workq_fastapi.Workq(tls_broker.tls_url, ssl_context=context, connect_timeout=5)
+    seen = Counter()
+
+    async def handle(job: Job) -> None:
+        seen.add(job)
+
+    workq.add_worker(handle, queue=queue_name)
+    app = FastAPI(lifespan=workq.lifespan)
+
+    @app.post("/jobs")
+    async def enqueue(producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        return {"job_id": await producer.publish("secure", queue=queue_name)}
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        response = await client.post("/jobs")
+        assert response.status_code == 200, response.text
+        [job] = await seen.wait_for(1)
+        assert job.message_id == response.json()["job_id"] and job.data == "secure"
+
+    # Without the CA the same app does not start: the context above was what verified the broker.
+    untrusted = workq_fastapi.Workq(tls_broker.tls_url, connect_timeout=5)
+    with pytest.raises(TLSError):
+        async with untrusted.lifespan(FastAPI()):
+            pass
+
+
+# --- one trace from the request to the forwarded job (#20.3) ----------------------------------
+
+
+@pytest.mark.broker
+async def test_one_trace_from_the_request_through_its_job_to_the_forwarded_job(
+    amqp_url: str, queue_name: str
+) -> None:
+    """The documented FastAPI set-up: `Workq(hooks=[TracingHook()])` and the app instrumented."""
+    from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from aio_workq.tracing import TracingHook
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    thumbnails = f"{queue_name}.thumbnails"
+    workq = workq_fastapi.Workq(amqp_url, hooks=[TracingHook(tracer_provider=provider)])
+    done = Counter()
+
+    @workq.worker(queue=queue_name)
+    async def resize(job: Job) -> None:
+        await job.forward({"thumbnail": job.data["path"]}, queue=thumbnails)
+
+    @workq.worker(queue=thumbnails)
+    async def thumbnail(job: Job) -> None:
+        done.add(job.message_id)
+
+    app = FastAPI(lifespan=workq.lifespan)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=provider)
+
+    @app.post("/images", status_code=202)
+    async def enqueue(path: str, producer: workq_fastapi.ProducerDep) -> dict[str, str]:
+        return {"job_id": await producer.publish({"path": path}, queue=queue_name)}
+
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        response = await client.post("/images", params={"path": "cat.png"})
+        assert response.status_code == 202, response.text
+        await done.wait_for(1)
+    # The app has stopped: its workers settled their deliveries and ended their spans.
+
+    spans = {(s.kind, s.name): s for s in exporter.get_finished_spans()}
+    server = spans[SpanKind.SERVER, "POST /images"]
+    chain = [
+        spans[SpanKind.PRODUCER, f"publish {queue_name}"],
+        spans[SpanKind.CONSUMER, f"process {queue_name}"],
+        spans[SpanKind.PRODUCER, f"publish {thumbnails}"],
+        spans[SpanKind.CONSUMER, f"process {thumbnails}"],
+    ]
+    assert server.context is not None
+    assert {s.context.trace_id for s in chain if s.context} == {server.context.trace_id}
+    # Each step is the child of the one before: the publish is inside the request's span.
+    ancestors = {s.context.span_id: s.parent for s in exporter.get_finished_spans() if s.context}
+    parent = chain[0].parent
+    while parent is not None and parent.span_id != server.context.span_id:
+        parent = ancestors[parent.span_id]
+    assert parent is not None, "the publish is not inside the request's span"
+    for child, step in zip(chain[1:], chain, strict=False):
+        assert child.parent is not None and step.context is not None
+        assert child.parent.span_id == step.context.span_id, (child.name, step.name)

@@ -97,11 +97,12 @@ async def main() -> None:
 
 
 async def delete_queues() -> None:
+    """Delete the queues this example declared: the work queues, their .dlq and delay queues."""
     names = []
-    for name in (ORDERS, EMAILS):
+    for name, policy in ((ORDERS, POLICY), (EMAILS, RetryPolicy())):  # each worker's policy
         queue = Queue(name)
         names += [name, queue.dead_letter_queue]
-        names += [queue.delay_queue(ms) for ms in POLICY.levels_ms()]
+        names += [queue.delay_queue(ms) for ms in policy.levels_ms()]
     async with await aio_workq.connect(URL) as connection:
         channel = await connection.channel()
         for name in names:

@@ -2,23 +2,20 @@
 
 Run it with a broker URL in AMQP_URL (`make broker-start` prints one):
 `AMQP_URL=amqp://guest:guest@localhost:5672/ python docs/examples/quickstart.py`.
-It declares a fresh queue, finishes within seconds and deletes what it declared.
+It declares the queue `quickstart`, finishes within seconds and deletes what it declared.
+The docs show the part between the `--8<--` markers, followed by `asyncio.run(main())`.
 """
 
 from __future__ import annotations
 
+# --8<-- [start:main]
 import asyncio
 import os
-import uuid
 
-import aio_workq
-from aio_workq import Job, Producer, Queue, RetryPolicy, Worker
+from aio_workq import Job, Producer, Worker
 
 URL = os.environ.get("AMQP_URL")  # None: RABBITMQ_* variables, else amqp://guest:guest@localhost/
-QUEUE = f"docs-quickstart-{uuid.uuid4().hex[:8]}"
-
-
-# --8<-- [start:main]
+QUEUE = "quickstart"
 TASKS = ["resize cat.png", "resize dog.png", "resize owl.png"]
 
 
@@ -47,10 +44,12 @@ async def main() -> None:
 
 async def delete_queues() -> None:
     """Delete the queues this example declared: the work queue, its .dlq and delay queues."""
+    from aio_workq import Queue, RetryPolicy, connect
+
     queue = Queue(QUEUE)
     names = [queue.name, queue.dead_letter_queue]
     names += [queue.delay_queue(ms) for ms in RetryPolicy().levels_ms()]
-    async with await aio_workq.connect(URL) as connection:
+    async with await connect(URL) as connection:
         channel = await connection.channel()
         for name in names:
             await channel.queue_delete(name)

@@ -16,7 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 import aio_workq
-from aio_workq import Job, Producer, Queue, Worker
+from aio_workq import Job, Producer, Queue, RetryPolicy, Worker
 
 URL = os.environ.get("AMQP_URL")  # None: RABBITMQ_* variables, else amqp://guest:guest@localhost/
 QUEUE = f"docs-orders-{uuid.uuid4().hex[:8]}"
@@ -63,8 +63,16 @@ async def main() -> None:
 
 
 async def delete_queues() -> None:
-    """Delete the queues this example declared (the shared delay ladder stays)."""
-    names = [QUEUE, Queue(QUEUE).dead_letter_queue, REMINDERS, Queue(REMINDERS).dead_letter_queue]
+    """Delete the queues this example declared: the work queues, their .dlq and delay queues.
+
+    The delay ladder `workq.delay.*` that `delay=` publishes through stays: it is shared by every
+    delayed publish on the vhost (deleting it would drop other applications' delayed messages).
+    """
+    names: list[str] = []
+    for name in (QUEUE, REMINDERS):  # both workers retry with the default policy
+        queue = Queue(name)
+        names += [name, queue.dead_letter_queue]
+        names += [queue.delay_queue(ms) for ms in RetryPolicy().levels_ms()]
     async with await aio_workq.connect(URL) as connection:
         channel = await connection.channel()
         for name in names:

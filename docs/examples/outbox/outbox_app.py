@@ -1,5 +1,6 @@
 """FastAPI + SQLAlchemy: an order row and its job commit together; the relay runs in the app.
 
+pip install 'aio-workq[postgres]' fastapi 'sqlalchemy[asyncio]' uvicorn  # asyncio: greenlet
 DATABASE_URL=postgresql://... AMQP_URL=amqp://... uvicorn docs.examples.outbox.outbox_app:app
 """
 
