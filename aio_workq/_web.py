@@ -67,6 +67,8 @@ class ConnectionOptions(TypedDict, total=False):
     """Delays between rounds of failed reconnect attempts."""
     hooks: Sequence[Hook]
     """`Hook`s that observe publishes, the in-process workers' jobs, and reconnects."""
+    wait_for_broker: float
+    """Seconds the app's start-up keeps retrying while no broker answers (0: fail at once)."""
 
 
 class _ProducerOnly(TypedDict, total=False):
@@ -76,11 +78,16 @@ class _ProducerOnly(TypedDict, total=False):
     """The most body bytes in flight (see `Producer`)."""
     on_reconnect: Literal["resend", "fail"]
     """Unconfirmed messages after a lost connection: re-sent (default) or failed."""
+    fail_fast: bool
+    """While the connection is down, publishes raise `BrokerUnavailableError` at once."""
+    declare: Literal["always", "never"]
+    """`"never"`: queues are only checked, so a misspelt name fails instead of being created."""
 
 
 class ProducerOptions(ConnectionOptions, _ProducerOnly, total=False):
     """The keyword arguments of `Producer` and `Connection` the integrations take as they are
-    (`ssl_context`, `name`, `backoff`, `hooks`, `window`, `window_bytes`, `on_reconnect`)."""
+    (`ssl_context`, `name`, `backoff`, `hooks`, `wait_for_broker`, `window`, `window_bytes`,
+    `on_reconnect`, `fail_fast`, `declare`)."""
 
 
 def _split(options: ProducerOptions) -> tuple[ConnectionOptions, _ProducerOnly]:
