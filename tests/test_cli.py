@@ -469,6 +469,32 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+async def test_wait_for_broker_lets_the_worker_start_before_its_broker(
+    env: dict[str, str], local_broker: Any, queue_name: str
+) -> None:
+    await asyncio.to_thread(local_broker.stop)
+    try:
+        # By default a worker whose broker is not up exits at once, saying so.
+        code, _, err = await run_cli("worker", "tests.cli_app:quick", "-q", queue_name, env=env)
+        assert code != 0 and "Traceback" not in err
+        port = free_port()
+        args = [
+            "worker", "tests.cli_app:quick", "--queue", queue_name, "--wait-for-broker", "120",
+            "--metrics-port", str(port), "--health-grace", "0",
+        ]  # fmt: skip
+        async with cli(*args, env=env) as worker:
+            await wait_health(port, 503, timeout=30)  # up, and still waiting for its broker
+            assert worker.proc.returncode is None
+            await asyncio.to_thread(local_broker.start)
+            body = await wait_health(port, 200, timeout=60)
+            assert body["workers"][0]["consuming"]
+            worker.proc.send_signal(signal.SIGTERM)
+            assert await worker.exit_code() == 0
+    finally:
+        if not local_broker.running():
+            await asyncio.to_thread(local_broker.start)
+
+
 async def test_healthz_under_processes_turns_503_after_the_grace_not_twice_it(
     env: dict[str, str], local_broker: Any, queue_name: str
 ) -> None:

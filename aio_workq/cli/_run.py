@@ -9,7 +9,6 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aio_workq import Worker, run_workers
 
@@ -67,11 +66,8 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
     elif os.environ.get(CHILD_METRICS_ENV):  # the supervisor serves the sum of its children's
         _metrics(workers)
     background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
-    kwargs: dict[str, Any] = {}
-    if options.wait_for_broker:
-        kwargs["wait_for_broker"] = options.wait_for_broker
     try:
-        await run_workers(*workers, **kwargs)
+        await run_workers(*workers, wait_for_broker=options.wait_for_broker)
     finally:
         for task in background:
             task.cancel()
