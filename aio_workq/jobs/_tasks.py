@@ -234,13 +234,13 @@ class Task(Generic[P, R]):
             IntegrationError: the registry has no producer (`tasks.bind(producer)`).
             PublishError (and its subclasses): the broker did not confirm the job.
         """
+        body = self.arguments.encode(args, kwargs)
         publisher = self._registry.publisher
         if publisher is None:
             raise IntegrationError(
                 f"task {self.name!r}: the tasks are not bound to a producer: call "
                 "tasks.bind(producer) (e.g. in your app's lifespan) before enqueueing"
             )
-        body = self.arguments.encode(args, kwargs)
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
         await publisher.publish(
