@@ -51,6 +51,15 @@ def w(state: JobState, job_id: str = "a", **fields: Any) -> Write:
 
 
 async def test_a_late_write_never_overwrites_a_newer_state(store: JobStore) -> None:
+    await check_late_writes(store)
+
+
+async def test_cancel_ends_a_waiting_job_and_flags_a_running_one(store: JobStore) -> None:
+    await check_cancel(store)
+
+
+async def check_late_writes(store: JobStore) -> None:
+    """The write rules, for every store (the PostgreSQL tests run it too)."""
     assert await store.record([w(JobState.QUEUED)]) == [True]
     assert await store.record([w(JobState.RUNNING, claim=True)]) == [True]
     assert await store.record([w(JobState.QUEUED)]) == [True]  # requeued by a stopping worker
@@ -71,7 +80,8 @@ async def test_a_late_write_never_overwrites_a_newer_state(store: JobStore) -> N
     assert record.status.state is JobState.SUCCEEDED and record.status.attempt == 2
 
 
-async def test_cancel_ends_a_waiting_job_and_flags_a_running_one(store: JobStore) -> None:
+async def check_cancel(store: JobStore) -> None:
+    """Cancelling, for every store (the PostgreSQL tests run it too)."""
     await store.record([w(JobState.QUEUED, "queued"), w(JobState.RUNNING, "running")])
     status = await store.cancel("queued", now=time.time())
     assert status is not None and status.state is JobState.CANCELLED and status.done
