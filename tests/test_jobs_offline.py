@@ -249,3 +249,24 @@ def test_the_jobs_exports_are_sorted_and_complete() -> None:
         and not isinstance(value, type(aio_workq))
     }
     assert public == set(names)
+
+
+async def test_a_job_whose_arguments_do_not_validate_is_recorded_failed() -> None:
+    from aio_workq.jobs._recorder import Recorder
+    from aio_workq.jobs._running import QueueRunner
+    from aio_workq.testing import run_handler
+
+    tasks = make_tasks()
+    resize: Any = tasks.tasks["images.resize"]
+    store = MemoryStore()
+    recorder = Recorder(store)
+    runner = QueueRunner("images", {resize.name: resize}, recorder)
+    outcome = await run_handler(
+        runner, {"path": 3}, queue="images", hooks=[recorder], message_id="bad-1",
+        headers={"x-workq-task": resize.name},
+    )  # fmt: skip
+    await recorder.close()
+    assert outcome.dead_lettered
+    record = await store.get("bad-1")
+    assert record is not None and record.status.state is JobState.FAILED
+    assert record.status.error_type == "aio_workq.PayloadError"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
@@ -106,6 +106,12 @@ class QueueRunner:
 
         name = job.headers.get(TASK_HEADER)
         task = self._tasks.get(name) if isinstance(name, str) else None
+        recorder, job_id = self._recorder, job.message_id
+        running = None
+        if recorder is not None and job_id:
+            # Before anything can fail: a job that fails here is recorded as failed too.
+            running = Running(job_id, str(name), self.queue, job.attempt, defers_of(job))
+            recorder.begin(job, running)
         if task is None:
             raise Reject(
                 f"no task {name!r} runs on queue {self.queue!r} (this worker runs "
@@ -113,11 +119,8 @@ class QueueRunner:
                 "once it is"
             )
         kwargs = task.arguments.decode(job.body, job.content_type)
-        recorder, job_id = self._recorder, job.message_id
-        if recorder is None or not job_id:
+        if recorder is None or running is None:
             return await run_task(task, kwargs, None)
-        running = Running(job_id, task.name, self.queue, job.attempt, defers_of(job))
-        recorder.begin(job, running)
         if not await recorder.claim(running):
             running.skipped = True
             log.info("job %s (%s) skipped: it was cancelled or is done", job_id, task.name)
@@ -139,7 +142,7 @@ def build_workers(
     url: URLs | None,
     *,
     concurrency: int,
-    retry: RetryPolicy | None | Literal["default"],
+    retry: RetryPolicy | None,
     queues: Sequence[str] | None,
     hooks: Sequence[Hook],
     options: dict[str, Any],
@@ -166,7 +169,6 @@ def build_workers(
     recorder = Recorder(store) if store is not None else None
     session = _Session(recorder)
     extra = [recorder] if recorder is not None else []
-    policy = RetryPolicy() if retry == "default" else retry
     workers: list[Worker] = [
         TaskWorker(
             url,
@@ -174,7 +176,7 @@ def build_workers(
             queue=specs[name],
             handler=QueueRunner(name, group, recorder),
             concurrency=concurrency,
-            retry=policy,
+            retry=retry,
             hooks=[*extra, *hooks],
             **options,
         )  # fmt: skip

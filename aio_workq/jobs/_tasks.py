@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
+from .._consume.retry import RetryPolicy
 from .._consume.typed import Validator, build_validator
 from .._exceptions import (
     ConfigurationError,
@@ -29,7 +30,6 @@ from ._status import JobState, Write
 from ._store import JobStore
 
 if typing.TYPE_CHECKING:
-    from .._consume.retry import RetryPolicy
     from .._consume.worker import Worker
     from .._hooks import Hook
     from .._link.settings import URLs
@@ -406,7 +406,7 @@ class Tasks:
         url: URLs | None = None,
         *,
         concurrency: int = 1,
-        retry: RetryPolicy | None | Literal["default"] = "default",
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
         queues: Sequence[str] | None = None,
         hooks: Sequence[Hook] = (),
         **options: Any,
