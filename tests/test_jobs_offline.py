@@ -119,8 +119,8 @@ def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:
 # --- declaring and enqueueing --------------------------------------------------------------
 
 
-def make_tasks() -> Tasks:
-    tasks = Tasks()
+def make_tasks(store: JobStore | None = None) -> Tasks:
+    tasks = Tasks(store=store)
 
     @tasks.task(queue="images", name="images.resize")
     async def resize(path: str, width: int = 800) -> Thumb:
@@ -167,8 +167,7 @@ def test_declarations_are_checked() -> None:
 
 
 async def test_the_cli_runs_a_registry_through_its_workers_factory() -> None:
-    tasks = make_tasks()
-    tasks.bind(object.__new__(aio_workq.Producer), store=MemoryStore())
+    tasks = make_tasks(MemoryStore())  # the worker processes need no producer
     workers = await build_workers(tasks.workers, WorkerOptions(target="app:tasks.workers"))
     assert [type(worker) for worker in workers] == [aio_workq.jobs.TaskWorker] * 2
     assert all(isinstance(worker, Worker) for worker in workers)
