@@ -93,8 +93,9 @@ class Outcome(enum.StrEnum):
     """Back to its queue: the worker stopped, or a failed message could not be moved."""
 
 
-Settled = tuple[Outcome, BaseException | None]
-"""What the dispatcher reports for one delivery: the outcome, and the handler's error."""
+Settled = tuple[Outcome, BaseException | None, float | None]
+"""What the dispatcher reports for one delivery: the outcome, the handler's error, and the
+seconds until the next run of a retried or deferred message."""
 
 
 class PublishInfo:
@@ -147,6 +148,9 @@ class HandleInfo:
     """What the handler raised (or the failed confirm of something it forwarded)."""
     seconds: float | None
     """How long the handler ran (`None` if it did not run: the worker was stopping)."""
+    delay: float | None = None
+    """For `RETRY` and `DEFERRED`: seconds until the message runs again (its wait in the delay
+    queue, jitter included; 0 for an immediate retry)."""
 
 
 class Hook:
@@ -292,15 +296,15 @@ class Hooks:
                     entered.append((hook, manager))
             except Exception as exc:
                 self._failed(hook, "handling", exc, _fields(queue, job))
-        outcome, error = Outcome.REQUEUED, None
+        outcome, error, delay = Outcome.REQUEUED, None, None
         raised: BaseException | None = None
         try:
-            outcome, error = await settle
+            outcome, error, delay = await settle
         except BaseException as exc:
             raised = exc
             raise
         finally:
-            info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None))
+            info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None), delay)
             for hook in self.hooks:
                 try:
                     hook.after_handle(info)

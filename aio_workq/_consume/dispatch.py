@@ -134,7 +134,7 @@ class Dispatcher:
                 if not self._queue.single_active_consumer:
                     acker.nack(tag, requeue=True)
                 # else: left unacked; closing the channel returns it in order (see Worker.stop)
-                return Outcome.REQUEUED, None
+                return Outcome.REQUEUED, None, None
             failure: BaseException | None = None
             try:
                 result = await self._run(job)
@@ -158,7 +158,7 @@ class Dispatcher:
                 await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)
             acker.ack(tag)
             self.counters.processed += 1
-            return Outcome.OK, None
+            return Outcome.OK, None, None
         return await self._on_failure(job, acker, tag, failure)
 
     async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
@@ -168,7 +168,7 @@ class Dispatcher:
             self._log_attempt(job, exc, "the caller gets the error")
             await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
             acker.ack(tag)
-            return Outcome.FAILED, exc
+            return Outcome.FAILED, exc, None
         failed = Failed(job.attempt, job.headers, self.queue_name)
         move = route_failure(
             failed, exc, self._policy, self._queue,
@@ -181,7 +181,7 @@ class Dispatcher:
                 extra=_fields(self.queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=False)
-            return Outcome.REJECTED, exc
+            return Outcome.REJECTED, exc, None
         self._log_attempt(job, exc, _plan(move))
         try:
             await self._mover.move(job, move)
@@ -191,16 +191,18 @@ class Dispatcher:
                 job.message_id, move.target, error, extra=_fields(self.queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=True)
-            return Outcome.REQUEUED, exc
+            return Outcome.REQUEUED, exc, None
         acker.ack(tag)
         if move.kind is MoveKind.DEAD_LETTER:
             self.counters.dead_lettered += 1
-            return Outcome.DEAD_LETTERED, exc
+            return Outcome.DEAD_LETTERED, exc, None
+        wait_ms = move.expiration_ms or move.delay_ms
+        delay = 0.0 if wait_ms is None else wait_ms / 1000
         if move.kind is MoveKind.DEFER:
             self.counters.deferred += 1
-            return Outcome.DEFERRED, exc
+            return Outcome.DEFERRED, exc, delay
         self.counters.retried += 1
-        return Outcome.RETRY, exc
+        return Outcome.RETRY, exc, delay
 
     def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""

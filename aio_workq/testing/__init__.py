@@ -8,6 +8,8 @@
   `AIO_WORKQ_AMQP_URL`) and `workq_broker` (the node itself, to stop and start it).
 - `run_worker(url, queue=, handler=, count=N)` and `wait_handled(worker, N)` run a real worker
   until it has handled N messages.
+- `run_task(task, args, kwargs)` runs a task of `aio_workq.jobs` on one job the same way, and
+  returns the status and result its worker would record (in a store in memory).
 - `LocalBroker` starts and stops an isolated RabbitMQ node (Debian's `rabbitmq-server`).
 """
 
@@ -20,6 +22,8 @@ from ._kit import Outcome as Outcome
 from ._kit import run_handler as run_handler
 from ._kit import run_worker as run_worker
 from ._kit import wait_handled as wait_handled
+from ._tasks import TaskRun as TaskRun
+from ._tasks import run_task as run_task
 
 AMQP_URL_ENV = "AIO_WORKQ_AMQP_URL"
 
@@ -30,6 +34,8 @@ __all__ = [
     "LocalBroker",
     "Outcome",
     "run_handler",
+    "run_task",
     "run_worker",
+    "TaskRun",
     "wait_handled",
 ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
@@ -22,6 +22,7 @@ from .._consume.failures import ATTEMPT_HEADER, Move, MoveKind
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import WorkerState
+from .._hooks import Hook, Hooks
 from .._link.delay import delay_ticks
 from .._link.specs import Exchange, Queue
 from .._publish.message import PublishOptions, _delayed_queue, build_message, new_message_id
@@ -211,6 +212,7 @@ async def run_handler(
     rpc: bool = False,
     executor: Literal["thread", "process"] = "thread",
     handler_timeout: float | None = None,
+    hooks: Sequence[Hook] = (),
     **options: Any,
 ) -> Outcome:
     """Run `handler` on one message, as a worker of `queue` would, and say what happened.
@@ -230,6 +232,7 @@ async def run_handler(
         rpc: the message is an RPC request (has `reply_to`): the outcome has the reply.
         executor: `"thread"` or `"process"`, as for `Worker`.
         handler_timeout: as for `Worker`.
+        hooks: `Hook`s around the handling, as a worker's (`handling`, `after_handle`).
         **options: publish options of the message (`headers`, `content_type`,
             `message_id`, ...), and `redelivered=True`.
 
@@ -272,6 +275,7 @@ async def run_handler(
         forwarder=forwards,
         concurrency=1,
         prefetch=1,
+        hooks=Hooks.of(hooks),
     )
     redelivered = bool(options.pop("redelivered", False))
     delivery = _delivery(body, spec.name, attempt, rpc, redelivered, options)

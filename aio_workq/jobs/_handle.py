@@ -1,0 +1,199 @@
+"""A handle on one job: its status, its result, and cancelling it, from any process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar, Unpack
+
+from .._exceptions import ConfigurationError, IntegrationError
+from .._link.topology import Exchange, ExchangeType, Queue
+from .._publish.message import PublishOptions
+from .._publish.serialization import decode_body
+from ._errors import JobCancelledError, JobFailedError, JobNotFoundError, JobTimeoutError
+from ._status import JobRecord, JobState, JobStatus
+from ._store import JobStore
+
+__all__ = ("CONTROL_EXCHANGE", "JobHandle", "Publisher")
+
+log = logging.getLogger("aio_workq.jobs")
+
+R = TypeVar("R")
+
+CONTROL_EXCHANGE = Exchange("workq.control", ExchangeType.FANOUT)
+"""The fanout exchange every task worker process listens on (cancel requests)."""
+
+_POLL_FIRST, _POLL_FACTOR = 0.05, 1.5
+
+
+class Publisher(Protocol):
+    """What enqueues and cancels publish through: a `Producer`, or a web integration's
+    `ProducerView`."""
+
+    async def publish(
+        self,
+        body: Any,
+        queue: str | Queue | None = None,
+        *,
+        exchange: str | Exchange = "",
+        routing_key: str | None = None,
+        **options: Unpack[PublishOptions],
+    ) -> str: ...
+
+
+class Context(Protocol):
+    """Where a handle finds the store and the publisher (the `Tasks` registry)."""
+
+    @property
+    def store(self) -> JobStore | None: ...
+
+    @property
+    def publisher(self) -> Publisher | None: ...
+
+
+class JobHandle(Generic[R]):
+    """One job, followed from any process that shares the store.
+
+    `Task.enqueue()` returns one; `Tasks.job(id)` / `Task.job(id)` make one from a job id (for
+    a status route of a web app). `R` is the task's return type: `result()` returns the stored
+    value validated as it, like a typed payload.
+    """
+
+    __slots__ = ("_context", "_validate", "job_id", "poll_cap")
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        context: Context,
+        validate: Callable[[bytes, str | None], Any] | None = None,
+        poll_cap: float = 1.0,
+    ) -> None:
+        self.job_id = job_id
+        self._context = context
+        self._validate = validate
+        self.poll_cap = poll_cap
+        """`result()` polls the store from every 50 ms, backing off to every `poll_cap` s."""
+
+    def __repr__(self) -> str:
+        return f"<JobHandle {self.job_id}>"
+
+    def _store(self) -> JobStore:
+        store = self._context.store
+        if store is None:
+            raise ConfigurationError(
+                "job tracking needs a store: Tasks(store=SQLiteStore('jobs.db')) or "
+                "PostgresStore(dsn), in the processes that enqueue and that run the workers"
+            )
+        return store
+
+    async def _record(self) -> JobRecord:
+        record = await self._store().get(self.job_id)
+        if record is None:
+            raise JobNotFoundError(
+                f"no record of job {self.job_id}: an unknown id, a record past the store's TTL, "
+                "or a job enqueued while the store was unreachable that no worker recorded yet",
+                job_id=self.job_id,
+            )
+        return record
+
+    async def status(self) -> JobStatus:
+        """The job's recorded status.
+
+        Raises:
+            JobNotFoundError: the store has no record of it.
+            StoreError: the store can't be reached.
+            ConfigurationError: the registry has no store.
+        """
+        return (await self._record()).status
+
+    async def wait(self, timeout: float | None = None) -> JobStatus:
+        """Wait until the job is done (succeeded, failed or cancelled); its final status.
+
+        Polls the store with a backoff: every 50 ms at first, then 1.5 times longer each time
+        up to `poll_cap` (1 s), so a long wait costs one read a second.
+
+        Raises:
+            JobTimeoutError: not done within `timeout` seconds.
+            JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pause = _POLL_FIRST
+        while True:
+            status = await self.status()
+            if status.done:
+                return status
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise JobTimeoutError(
+                        f"job {self.job_id} not done within {timeout:g} s (it is {status.state}"
+                        f", attempt {status.attempt})",
+                        job_id=self.job_id,
+                    )
+                pause = min(pause, left)
+            await asyncio.sleep(pause)
+            pause = min(pause * _POLL_FACTOR, self.poll_cap)
+
+    async def result(self, timeout: float | None = None) -> R:
+        """Wait for the job to finish and return the task's return value.
+
+        Raises:
+            JobTimeoutError: not done within `timeout` seconds (a `TimeoutError`).
+            JobFailedError: it failed for good; `error_type` and `error_message` say why.
+            JobCancelledError: it was cancelled.
+            PayloadError: the stored value does not validate as the task's return type.
+            JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+        """
+        status = await self.wait(timeout)
+        if status.state is JobState.FAILED:
+            raise JobFailedError(
+                f"job {self.job_id} ({status.task}) failed after {status.attempt} attempt(s): "
+                f"{status.error_type}: {status.error_message}",
+                job_id=self.job_id,
+                error_type=status.error_type or "",
+                error_message=status.error_message or "",
+            )
+        if status.state is JobState.CANCELLED:
+            raise JobCancelledError(f"job {self.job_id} was cancelled", job_id=self.job_id)
+        record = await self._record()
+        body = record.result if record.result is not None else b"null"
+        content_type = record.content_type if record.result is not None else "application/json"
+        if self._validate is None:
+            return decode_body(body, content_type)  # type: ignore[no-any-return]
+        return self._validate(body, content_type)  # type: ignore[no-any-return]
+
+    async def cancel(self) -> JobStatus:
+        """Cancel the job from any process; its status after the request.
+
+        A queued or retrying job is marked cancelled at once and skipped when it arrives (acked,
+        never run). For a running one, every worker process is told through the control
+        exchange: an `async def` task has its asyncio task cancelled, a plain `def` task is
+        flagged (`current_job().cancelled`); the status turns `cancelled` when it has stopped
+        (`succeeded` if it finished first). A finished job is left as it is.
+
+        Raises:
+            JobNotFoundError: the store has no record of it.
+            StoreError, ConfigurationError: as `status()`.
+            IntegrationError: a running job, and the registry has no producer to tell the
+                workers with.
+            PublishError: the cancel request to the workers was not confirmed.
+        """
+        status = await self._store().cancel(self.job_id, now=time.time())
+        if status is None:
+            raise JobNotFoundError(f"no record of job {self.job_id}", job_id=self.job_id)
+        if status.state is JobState.RUNNING:
+            publisher = self._context.publisher
+            if publisher is None:
+                raise IntegrationError(
+                    f"job {self.job_id} is running: telling its worker to stop needs a "
+                    "producer (tasks.bind(producer))"
+                )
+            await publisher.publish(
+                {"cancel": self.job_id}, exchange=CONTROL_EXCHANGE, routing_key="",
+                mandatory=False, persistent=False,
+            )  # fmt: skip
+        return status

@@ -1,0 +1,311 @@
+"""The worker's side of tracking: claim each job at delivery, record every transition.
+
+The `Recorder` is a `Hook` on the task workers. A task's handler claims its job before it runs
+(the store's check at delivery: a cancelled or already succeeded job is skipped), and the hook's
+`after_handle` records how the delivery was settled: succeeded with the return value, retrying
+with the next run's time, failed for good, cancelled, or back in the queue.
+
+Writes go through one flusher task that commits what has gathered in one store transaction.
+While the store is unreachable the queue does not wait for it: claims are granted, and the
+latest state of each job is kept here (at most `buffer` jobs) and written once the store
+answers again: the status catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._exceptions import qualname
+from .._hooks import HandleInfo, Hook, JobView, Outcome
+from ._errors import Cancelled
+from ._status import JobState, Write
+from ._store import JobStore
+
+__all__ = ("Recorder", "Running", "current_job")
+
+log = logging.getLogger("aio_workq.jobs")
+
+DEFERS_HEADER = "x-workq-defers"
+_ERROR_LIMIT = 1000
+_RETRY_FIRST, _RETRY_CAP = 0.5, 10.0
+
+_current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
+    "aio_workq_job", default=None
+)
+
+
+def current_job() -> Running | None:
+    """The task job running in this context (its id, attempt, cancel flag), or None.
+
+    Plain `def` tasks run in threads with a copy of the context, so they see it too.
+    """
+    return _current.get()
+
+
+def defers_of(job: JobView) -> int:
+    value = job.headers.get(DEFERS_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+@dataclass(eq=False, slots=True)
+class Running:
+    """A task job on this worker: what `current_job()` returns inside a task."""
+
+    job_id: str
+    task: str
+    queue: str
+    attempt: int
+    defers: int = 0
+    handler: asyncio.Task[Any] | None = None
+    """The task running an async handler (cancelled by a cancel request)."""
+    skipped: bool = False
+    result: tuple[bytes, str | None] | None = None
+    _flag: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once a cancel was requested for this job (a thread handler polls it)."""
+        return self._flag.is_set()
+
+    def check(self) -> None:
+        """Raise `Cancelled` if a cancel was requested: the job ends as cancelled.
+
+        Raises:
+            Cancelled: the job's cancel was requested.
+        """
+        if self._flag.is_set():
+            raise Cancelled(f"job {self.job_id} was cancelled")
+
+    def request_cancel(self) -> None:
+        self._flag.set()
+        handler = self.handler
+        if handler is not None and not handler.done():
+            handler.cancel("aio-workq: the job was cancelled")
+
+    def write(self, state: JobState, **fields: Any) -> Write:
+        return Write(
+            job_id=self.job_id, task=self.task, queue=self.queue, state=state, at=time.time(),
+            attempt=self.attempt, defers=self.defers, **fields,
+        )  # fmt: skip
+
+    def enter(self) -> contextvars.Token[Running | None]:
+        return _current.set(self)
+
+    @staticmethod
+    def leave(token: contextvars.Token[Running | None]) -> None:
+        _current.reset(token)
+
+
+def _error(exc: BaseException | None) -> dict[str, Any]:
+    if exc is None:
+        return {}
+    return {"error_type": qualname(exc), "error_message": str(exc)[:_ERROR_LIMIT]}
+
+
+class Recorder(Hook):
+    """Records the task jobs of one process's workers in `store`.
+
+    Args:
+        store: the job store.
+        buffer: most jobs whose latest state is kept while the store is unreachable; beyond
+            it the oldest is dropped (logged), and its status stays at what was recorded.
+        timeout: seconds one store transaction may take before the store counts as down.
+    """
+
+    def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
+        self.store = store
+        self._buffer = buffer
+        self._timeout = timeout
+        self._jobs: dict[JobView, Running] = {}
+        self._by_id: dict[str, Running] = {}
+        self._queued: list[tuple[Write, asyncio.Future[bool] | None]] = []
+        self._pending: dict[str, Write] = {}  # catch-up: the latest write per job
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.down = False
+        self._backoff = _RETRY_FIRST
+        self._closed = False
+
+    # -- the task handler's side ------------------------------------------------------------
+
+    def begin(self, job: JobView, running: Running) -> None:
+        self._jobs[job] = running
+        self._by_id[running.job_id] = running
+
+    async def claim(self, running: Running) -> bool:
+        """Claim the job in the store: False if it was cancelled or already succeeded.
+
+        Granted without waiting while the store is down (the job runs; its state is recorded
+        when the store is back)."""
+        write = running.write(JobState.RUNNING, claim=True)
+        if self.down or self._closed:
+            self._keep(running.write(JobState.RUNNING))
+            return True
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._enqueue(write, future)
+        return await future
+
+    def cancel_local(self, job_id: str) -> bool:
+        """A cancel request from the control exchange: stop the job if it runs here."""
+        running = self._by_id.get(job_id)
+        if running is None:
+            return False
+        log.info("job %s (%s): cancel requested, stopping it", job_id, running.task)
+        running.request_cancel()
+        return True
+
+    # -- the hook ---------------------------------------------------------------------------
+
+    def after_handle(self, info: HandleInfo) -> None:
+        running = self._jobs.pop(info.job, None)
+        if running is None:
+            return
+        self._by_id.pop(running.job_id, None)
+        if running.skipped:
+            return
+        outcome = info.outcome
+        if outcome is Outcome.OK:
+            if running.cancelled and running.result is None:
+                write = running.write(JobState.CANCELLED)
+            else:
+                body, content_type = running.result or (None, None)
+                write = running.write(JobState.SUCCEEDED, result=body, content_type=content_type)
+        elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
+            retry_at = time.time() + (info.delay or 0.0)
+            write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
+        elif outcome is Outcome.REQUEUED:
+            write = running.write(JobState.QUEUED)
+        else:  # DEAD_LETTERED, REJECTED, FAILED
+            write = running.write(JobState.FAILED, **_error(info.error))
+        self.write(write)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write(self, write: Write) -> None:
+        """Record `write` soon (batched with others); never waits."""
+        if self.down or self._closed:
+            self._keep(write)
+        else:
+            self._enqueue(write, None)
+
+    def _enqueue(self, write: Write, future: asyncio.Future[bool] | None) -> None:
+        self._queued.append((write, future))
+        self._idle.clear()
+        self._wake.set()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+
+    def _keep(self, write: Write) -> None:
+        pending = self._pending
+        pending.pop(write.job_id, None)
+        pending[write.job_id] = write  # the latest last: the oldest go first when full
+        if len(pending) > self._buffer:
+            dropped = next(iter(pending))
+            del pending[dropped]
+            log.error(
+                "job store unreachable and %d job states waiting: job %s's state is dropped "
+                "(its status stays at what was recorded before)", self._buffer, dropped,
+            )  # fmt: skip
+        self._idle.clear()
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+        if not self.down:
+            self._wake.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._queued and not self._pending:
+                self._idle.set()
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queued = self._queued, []
+            caught_up = list(self._pending.values())
+            writes = caught_up + [write for write, _ in batch]
+            try:
+                async with asyncio.timeout(self._timeout):
+                    applied = await self.store.record(writes)
+            except Exception as exc:
+                self._store_down(exc, batch)
+                if self._closed:
+                    self._idle.set()
+                    return
+                try:  # wait before trying again, unless close() hurries us
+                    async with asyncio.timeout(self._backoff):
+                        self._wake.clear()
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+                self._backoff = min(self._backoff * 2, _RETRY_CAP)
+                continue
+            if self.down:
+                log.warning("job store reachable again: %d job state(s) caught up", len(caught_up))
+            self.down = False
+            self._backoff = _RETRY_FIRST
+            for write in caught_up:
+                if self._pending.get(write.job_id) is write:
+                    del self._pending[write.job_id]
+            for (write, future), granted in zip(batch, applied[len(caught_up) :], strict=True):
+                if future is not None and not future.done():
+                    future.set_result(granted)
+                if write.claim and not granted:  # cancelled, or a cancel was requested
+                    self._enqueue(_cancelled(write), None)
+
+    def _store_down(self, exc: Exception, batch: list[tuple[Write, Any]]) -> None:
+        if not self.down:
+            log.warning(
+                "job store %r unreachable (%s): jobs go on running, their states are kept "
+                "and recorded when it answers again", self.store, str(exc) or type(exc).__name__,
+            )  # fmt: skip
+        self.down = True
+        for write, future in batch:
+            if future is not None and not future.done():
+                future.set_result(True)  # the job runs: the queue does not wait for the store
+            self._keep(write if not write.claim else _plain(write))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Record what is pending, waiting at most `timeout` seconds; what is left then is
+        logged as lost."""
+        self._closed = True
+        flusher = self._flusher
+        if flusher is None:
+            return
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            pass
+        if not flusher.done():
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+        left = len(self._pending) + len(self._queued)
+        if left:
+            log.error(
+                "job store unreachable at shutdown: the states of %d job(s) were not recorded "
+                "(their status stays at what was recorded before)", left,
+            )  # fmt: skip
+
+
+def _plain(write: Write) -> Write:
+    return Write(
+        job_id=write.job_id, task=write.task, queue=write.queue, state=write.state,
+        at=write.at, attempt=write.attempt, defers=write.defers,
+    )  # fmt: skip
+
+
+def _cancelled(write: Write) -> Write:
+    return Write(
+        job_id=write.job_id, task=write.task, queue=write.queue, state=JobState.CANCELLED,
+        at=time.time(), attempt=write.attempt, defers=write.defers,
+    )  # fmt: skip

@@ -1,0 +1,211 @@
+"""Running tasks: one worker per queue, dispatching by the task header; cancel requests from
+the control exchange; the recorder's lifecycle tied to the workers'."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .._consume.job import Job
+from .._consume.retry import RetryPolicy
+from .._consume.worker import Worker
+from .._exceptions import ConfigurationError, Reject, SerializationError
+from .._hooks import Hook
+from .._publish.serialization import encode_body
+from ._errors import Cancelled
+from ._handle import CONTROL_EXCHANGE
+from ._recorder import Recorder, Running, defers_of
+
+if TYPE_CHECKING:
+    from .._link.settings import URLs
+    from ._tasks import Task, Tasks
+
+__all__ = ("TaskWorker", "build_workers", "run_task")
+
+log = logging.getLogger("aio_workq.jobs")
+
+
+class _Session:
+    """The workers one `tasks.workers()` call built, and their recorder: closed (what is
+    pending recorded) once the last of them stops."""
+
+    def __init__(self, recorder: Recorder | None) -> None:
+        self.recorder = recorder
+        self.open: set[Worker] = set()
+
+    async def stopped(self, worker: Worker) -> None:
+        if worker not in self.open:
+            return
+        self.open.discard(worker)
+        if not self.open and self.recorder is not None:
+            await self.recorder.close()
+
+
+class TaskWorker(Worker):
+    """A `Worker` built by `Tasks.workers()`: stopping the last one records what its job
+    recorder still holds."""
+
+    def __init__(self, url: URLs | None = None, *, session: _Session, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._session = session
+        session.open.add(self)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        try:
+            await super().stop(timeout)
+        finally:
+            await self._session.stopped(self)
+
+
+async def run_task(task: Task[Any, Any], kwargs: dict[str, Any], running: Running | None) -> Any:
+    """Call the task's function with `kwargs`: an `async def` in a task of its own (so a
+    cancel request can cancel it), a plain `def` in a thread; `running` is the tracked job
+    (`current_job()` inside).
+
+    Returns the function's value; `None` when it was cancelled (`running` then says so).
+    """
+    if running is None:
+        try:
+            if task.is_async:
+                return await task.fn(**kwargs)
+            return await asyncio.to_thread(task.fn, **kwargs)
+        except Cancelled:
+            return None
+    token = running.enter()
+    try:
+        if task.is_async:
+            running.handler = handler = asyncio.ensure_future(task.fn(**kwargs))
+            try:
+                return await handler
+            except asyncio.CancelledError:
+                outer = asyncio.current_task()
+                if running.cancelled and handler.cancelled() and not (outer and outer.cancelling()):
+                    return None
+                raise
+        return await asyncio.to_thread(task.fn, **kwargs)
+    except Cancelled:
+        running.request_cancel()  # the task stopped itself: recorded as cancelled
+        return None
+    finally:
+        running.leave(token)
+
+
+class QueueRunner:
+    """The handler of one queue's worker: finds the task by its header and runs it."""
+
+    def __init__(self, queue: str, tasks: Mapping[str, Task[Any, Any]], recorder: Recorder | None):
+        self.queue = queue
+        self._tasks = dict(tasks)
+        self._recorder = recorder
+        self.__qualname__ = f"tasks of {queue!r}"
+
+    async def __call__(self, job: Job) -> Any:
+        from ._tasks import TASK_HEADER
+
+        name = job.headers.get(TASK_HEADER)
+        task = self._tasks.get(name) if isinstance(name, str) else None
+        recorder, job_id = self._recorder, job.message_id
+        running = None
+        if recorder is not None and job_id:
+            # Before anything can fail: a job that fails here is recorded as failed too.
+            running = Running(job_id, str(name), self.queue, job.attempt, defers_of(job))
+            recorder.begin(job, running)
+        if task is None:
+            raise Reject(
+                f"no task {name!r} runs on queue {self.queue!r} (this worker runs "
+                f"{', '.join(sorted(self._tasks))}): deploy the task, or replay the message "
+                "once it is"
+            )
+        kwargs = task.arguments.decode(job.body, job.content_type)
+        if recorder is None or running is None:
+            return await run_task(task, kwargs, None)
+        if not await recorder.claim(running):
+            running.skipped = True
+            log.info("job %s (%s) skipped: it was cancelled or is done", job_id, task.name)
+            return None
+        value = await run_task(task, kwargs, running)
+        if running.cancelled and value is None:
+            return None
+        try:
+            running.result = encode_body(value)
+        except SerializationError as exc:
+            raise Reject(
+                f"task {task.name!r} returned a value that can't be stored: {exc}"
+            ) from exc
+        return value
+
+
+def build_workers(
+    tasks: Tasks,
+    url: URLs | None,
+    *,
+    concurrency: int,
+    retry: RetryPolicy | None,
+    queues: Sequence[str] | None,
+    hooks: Sequence[Hook],
+    options: dict[str, Any],
+) -> list[Worker]:
+    """`Tasks.workers()`.
+
+    Raises:
+        ConfigurationError: no tasks to run, or an option `Tasks.workers()` sets itself.
+    """
+    for key in ("queue", "handler", "exchange", "binding_keys"):
+        if key in options:
+            raise ConfigurationError(f"tasks.workers() sets {key}= itself")
+    by_queue: dict[str, dict[str, Task[Any, Any]]] = {}
+    specs = {}
+    for task in tasks.tasks.values():
+        if queues is not None and task.queue.name not in queues:
+            continue
+        by_queue.setdefault(task.queue.name, {})[task.name] = task
+        specs[task.queue.name] = task.queue
+    if not by_queue:
+        wanted = f" on queues {list(queues)}" if queues is not None else ""
+        raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
+    store = tasks.store
+    recorder = Recorder(store) if store is not None else None
+    session = _Session(recorder)
+    extra = [recorder] if recorder is not None else []
+    workers: list[Worker] = [
+        TaskWorker(
+            url,
+            session=session,
+            queue=specs[name],
+            handler=QueueRunner(name, group, recorder),
+            concurrency=concurrency,
+            retry=retry,
+            hooks=[*extra, *hooks],
+            **options,
+        )  # fmt: skip
+        for name, group in by_queue.items()
+    ]
+    if recorder is not None:
+        control = _control_handler(recorder)
+        connection = options.get("connection")
+        workers.append(
+            TaskWorker(
+                None if connection is not None else url,
+                session=session,
+                queue="",
+                exchange=CONTROL_EXCHANGE,
+                handler=control,
+                retry=None,
+                connection=connection,
+                name="aio-workq control",
+            )  # fmt: skip
+        )
+    return workers
+
+
+def _control_handler(recorder: Recorder) -> Any:
+    async def control(job: Job) -> None:
+        data = job.data
+        job_id = data.get("cancel") if isinstance(data, dict) else None
+        if isinstance(job_id, str):
+            recorder.cancel_local(job_id)
+
+    control.__qualname__ = "workq.control"
+    return control

@@ -1,0 +1,119 @@
+"""A job's state as the store keeps it: the states, the status a handle reads, the writes."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+__all__ = ("RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "timestamp")
+
+
+class JobState(enum.StrEnum):
+    """Where a job is in its life."""
+
+    QUEUED = "queued"
+    """Published, waiting in its queue (or back in it after a worker stopped)."""
+    RUNNING = "running"
+    """A worker is running it (`attempt` says which attempt)."""
+    RETRYING = "retrying"
+    """It failed (or deferred) and waits in a delay queue until `next_retry_at`."""
+    SUCCEEDED = "succeeded"
+    """It returned; `result()` gives the return value."""
+    FAILED = "failed"
+    """It failed for good and was dead-lettered; `error_type` and `error_message` say why."""
+    CANCELLED = "cancelled"
+    """Cancelled: skipped when it arrived, or stopped while running."""
+
+
+TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+RANK = {
+    JobState.QUEUED: 0,
+    JobState.RUNNING: 1,
+    JobState.RETRYING: 2,
+    JobState.FAILED: 3,
+    JobState.SUCCEEDED: 3,
+    JobState.CANCELLED: 4,
+}
+"""Order of the states within one run (attempt, deferrals): a write older than what the store
+has (a late catch-up) never overwrites a newer state."""
+
+
+def timestamp(seconds: float | None) -> datetime | None:
+    """Unix seconds as an aware UTC datetime."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    """A job's recorded status, as `JobHandle.status()` returns it."""
+
+    job_id: str
+    task: str
+    queue: str
+    state: JobState
+    attempt: int
+    """The attempt running, or the last one that ran (1 before the first)."""
+    next_retry_at: datetime | None = None
+    """When `retrying`: when the next attempt runs (at the latest; behind a longer-waiting
+    message in the same delay queue it can be later)."""
+    error_type: str | None = None
+    """When `retrying` or `failed`: the exception's class (`module.Name`)."""
+    error_message: str | None = None
+    cancel_requested: bool = False
+    """A cancel was asked for while it ran: its worker was told to stop it."""
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the job succeeded, failed for good, or was cancelled."""
+        return self.state in TERMINAL
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """What a store returns for one job: its status, and its stored result."""
+
+    status: JobStatus
+    result: bytes | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Write:
+    """One status change, as a worker or producer hands it to the store.
+
+    A store applies a batch of writes in one transaction. A plain write is an upsert applied
+    only if it is newer than what the store has: a later run (attempt, deferrals), or a later
+    state in the same run (`RANK`); a succeeded or cancelled job is never changed again, and
+    a record past its TTL counts as absent. A requeue (`QUEUED` over `RUNNING` in the same run)
+    applies too. A claim (`claim=True`, state `RUNNING`) is the worker's check at delivery:
+    granted unless the job is already succeeded or cancelled.
+    """
+
+    job_id: str
+    task: str
+    queue: str
+    state: JobState
+    at: float
+    """Unix seconds of the change."""
+    attempt: int = 1
+    defers: int = 0
+    claim: bool = False
+    next_retry_at: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    result: bytes | None = None
+    content_type: str | None = None
+
+    @property
+    def rank(self) -> int:
+        return RANK[self.state]
+
+    @property
+    def finished(self) -> bool:
+        return self.state in TERMINAL

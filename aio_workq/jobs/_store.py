@@ -1,0 +1,247 @@
+"""The job store: one small protocol, an in-memory reference, and the SQL its databases share.
+
+A store keeps one row per job: its state, attempt, error, result, and when it expires. All it
+has to do is apply a batch of `Write`s in one transaction, each under the rules of `Write`
+(a late write never overwrites a newer state; succeeded and cancelled are final), read a job,
+and cancel one. Group completion ("the last job of a group is done") fits the same shape: a
+write that carries its group id, counted in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .._exceptions import ConfigurationError
+from ._status import RANK, JobRecord, JobState, JobStatus, Write, timestamp
+
+__all__ = ("DAY", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "write_params")
+
+DAY = 86_400.0
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Where job states and results are kept (`SQLiteStore`, `PostgresStore`, `MemoryStore`).
+
+    Every method may raise `StoreError` when the store can't be reached.
+    """
+
+    ttl: float
+    """Seconds a record is kept after its last change; then it reads as absent."""
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        """Apply `writes` in one transaction, in order; for each, whether it was applied (for
+        a claim: granted)."""
+        ...
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None (unknown, or past its TTL)."""
+        ...
+
+    async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
+        """Cancel the job in one transaction: a queued or retrying job becomes `cancelled`; a
+        running one gets `cancel_requested` (its worker is told by the caller). Returns the
+        status after that, or None for an unknown job."""
+        ...
+
+    async def purge(self) -> int:
+        """Delete the records past their TTL; returns how many."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads; the store may not be used afterwards."""
+        ...
+
+
+def check_ttl(ttl: float) -> float:
+    """The TTL as a float.
+
+    Raises:
+        ConfigurationError: not a number > 0.
+    """
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+        raise ConfigurationError(f"ttl must be > 0 seconds, got {ttl!r}")
+    return float(ttl)
+
+
+COLUMNS = (
+    "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
+    "error_message, result, content_type, cancel_requested, created_at, started_at, "
+    "finished_at, updated_at, expires_at"
+)
+
+
+class SQL:
+    """The statements of a SQL store on table `table`, with `:name` parameters (SQLite's
+    style; `PostgresStore` rewrites them to psycopg's)."""
+
+    def __init__(self, table: str) -> None:
+        upsert = f"""
+            INSERT INTO {table} AS j ({COLUMNS}) VALUES (
+                :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
+                :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
+                :finished_at, :at, :expires_at)
+            ON CONFLICT (job_id) DO UPDATE SET
+                task = excluded.task, queue = excluded.queue, state = excluded.state,
+                rank = excluded.rank, attempt = excluded.attempt, defers = excluded.defers,
+                next_retry_at = excluded.next_retry_at, error_type = excluded.error_type,
+                error_message = excluded.error_message, result = excluded.result,
+                content_type = excluded.content_type,
+                cancel_requested = CASE WHEN j.expires_at <= :at THEN FALSE
+                                        ELSE j.cancel_requested END,
+                created_at = CASE WHEN j.expires_at <= :at THEN excluded.created_at
+                                  ELSE j.created_at END,
+                started_at = COALESCE(excluded.started_at, j.started_at),
+                finished_at = excluded.finished_at, updated_at = excluded.updated_at,
+                expires_at = excluded.expires_at
+            WHERE j.expires_at <= :at OR (j.state NOT IN ('succeeded', 'cancelled') AND ({{}}))
+            RETURNING state"""
+        self.write = upsert.format(
+            "(excluded.attempt, excluded.defers, excluded.rank) > (j.attempt, j.defers, j.rank)"
+            " OR (excluded.state = 'queued' AND j.state = 'running'"
+            " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
+        )
+        self.claim = upsert.format("NOT j.cancel_requested")
+        self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
+        self.cancel_waiting = (
+            f"UPDATE {table} SET state = 'cancelled', rank = {RANK[JobState.CANCELLED]}, "
+            "next_retry_at = NULL, finished_at = :now, updated_at = :now, expires_at = :expires "
+            "WHERE job_id = :job_id AND state IN ('queued', 'retrying') AND expires_at > :now"
+        )
+        self.cancel_running = (
+            f"UPDATE {table} SET cancel_requested = TRUE, updated_at = :now, "
+            "expires_at = :expires "
+            "WHERE job_id = :job_id AND state = 'running' AND expires_at > :now"
+        )
+        self.purge = f"DELETE FROM {table} WHERE expires_at <= :now"
+
+
+def write_params(write: Write, ttl: float) -> dict[str, Any]:
+    """The parameters of `SQL.write` / `SQL.claim` for one write."""
+    return {
+        "job_id": write.job_id,
+        "task": write.task,
+        "queue": write.queue,
+        "state": write.state.value,
+        "rank": write.rank,
+        "attempt": write.attempt,
+        "defers": write.defers,
+        "next_retry_at": write.next_retry_at,
+        "error_type": write.error_type,
+        "error_message": write.error_message,
+        "result": write.result,
+        "content_type": write.content_type,
+        "at": write.at,
+        "started_at": write.at if write.state is JobState.RUNNING else None,
+        "finished_at": write.at if write.finished else None,
+        "expires_at": write.at + ttl,
+    }
+
+
+def row_record(row: Sequence[Any] | Mapping[str, Any]) -> JobRecord:
+    """A `JobRecord` from a row of `COLUMNS` (a sequence in their order, or a mapping)."""
+    if not isinstance(row, Mapping):
+        row = dict(zip([c.strip() for c in COLUMNS.split(",")], row, strict=True))
+    status = JobStatus(
+        job_id=row["job_id"],
+        task=row["task"],
+        queue=row["queue"],
+        state=JobState(row["state"]),
+        attempt=int(row["attempt"]),
+        next_retry_at=timestamp(row["next_retry_at"]),
+        error_type=row["error_type"],
+        error_message=row["error_message"],
+        cancel_requested=bool(row["cancel_requested"]),
+        created_at=timestamp(row["created_at"]),
+        started_at=timestamp(row["started_at"]),
+        finished_at=timestamp(row["finished_at"]),
+        updated_at=timestamp(row["updated_at"]),
+    )
+    result = row["result"]
+    return JobRecord(status, None if result is None else bytes(result), row["content_type"])
+
+
+class MemoryStore:
+    """A store in this process's memory: for tests and the `aio_workq.testing` kit.
+
+    It follows the same rules as the SQL stores (it is their reference), but nothing survives
+    the process and other processes can't see it.
+
+    Args:
+        ttl: seconds a record is kept after its last change.
+
+    Raises:
+        ConfigurationError: a bad `ttl`.
+    """
+
+    def __init__(self, *, ttl: float = DAY) -> None:
+        self.ttl = check_ttl(ttl)
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore jobs={len(self._rows)} ttl={self.ttl:g}>"
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        return [self._apply(write) for write in writes]
+
+    def _apply(self, write: Write) -> bool:
+        row = self._rows.get(write.job_id)
+        params = write_params(write, self.ttl)
+        if row is not None and row["expires_at"] > write.at:
+            if row["state"] in ("succeeded", "cancelled"):
+                return False
+            if write.claim:
+                if row["cancel_requested"]:
+                    return False
+            else:
+                newer = (write.attempt, write.defers, write.rank) > (
+                    row["attempt"], row["defers"], row["rank"],
+                )  # fmt: skip
+                requeued = (
+                    write.state is JobState.QUEUED
+                    and row["state"] == "running"
+                    and (write.attempt, write.defers) == (row["attempt"], row["defers"])
+                )
+                if not (newer or requeued):
+                    return False
+            params["created_at"] = row["created_at"]
+            params["cancel_requested"] = row["cancel_requested"]
+            params["started_at"] = params["started_at"] or row["started_at"]
+        else:
+            params["created_at"] = write.at
+            params["cancel_requested"] = False
+        params["updated_at"] = write.at
+        del params["at"]
+        self._rows[write.job_id] = params
+        return True
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        row = self._rows.get(job_id)
+        if row is None or row["expires_at"] <= time.time():
+            return None
+        return row_record(row)
+
+    async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
+        row = self._rows.get(job_id)
+        if row is None or row["expires_at"] <= now:
+            return None
+        if row["state"] in ("queued", "retrying"):
+            row.update(
+                state="cancelled", rank=RANK[JobState.CANCELLED], next_retry_at=None,
+                finished_at=now, updated_at=now, expires_at=now + self.ttl,
+            )  # fmt: skip
+        elif row["state"] == "running":
+            row.update(cancel_requested=True, updated_at=now, expires_at=now + self.ttl)
+        return row_record(row).status
+
+    async def purge(self) -> int:
+        now = time.time()
+        expired = [job_id for job_id, row in self._rows.items() if row["expires_at"] <= now]
+        for job_id in expired:
+            del self._rows[job_id]
+        return len(expired)
+
+    async def close(self) -> None:
+        pass

@@ -1,0 +1,436 @@
+"""Typed task definitions: declare a function once with its queue, enqueue it with checked
+arguments, run every task of a registry with one worker per queue."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import re
+import time
+import typing
+import uuid
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from datetime import timedelta
+from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
+
+from .._consume.retry import RetryPolicy
+from .._consume.typed import Validator, build_validator
+from .._exceptions import (
+    ConfigurationError,
+    IntegrationError,
+    PayloadError,
+    SerializationError,
+)
+from .._link.topology import Queue
+from .._publish.serialization import JSON, encode_body
+from ._errors import StoreError, TaskArgumentError
+from ._handle import JobHandle, Publisher
+from ._status import JobState, Write
+from ._store import JobStore
+
+if typing.TYPE_CHECKING:
+    from .._consume.worker import Worker
+    from .._hooks import Hook
+    from .._link.settings import URLs
+
+__all__ = ("TASK_HEADER", "Task", "Tasks")
+
+log = logging.getLogger("aio_workq.jobs")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TASK_HEADER = "x-workq-task"
+"""The header naming the task a message is for (several tasks can share a queue)."""
+_NAME = re.compile(r"[A-Za-z_][\w.:-]{0,199}")
+
+
+class _Unset:
+    """A parameter not given at enqueue: the function's own default applies at the worker."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+    def __copy__(self) -> _Unset:
+        return self
+
+    def __deepcopy__(self, memo: Any) -> _Unset:
+        return self
+
+
+_UNSET: Any = _Unset()
+
+
+class Arguments:
+    """A task's parameters: bound and checked at enqueue, validated again at the worker.
+
+    The body is a JSON object of the arguments given, by name; parameters left out take the
+    function's defaults when it runs. Each value is validated as its parameter's annotation,
+    the way typed payloads are (pydantic where installed).
+    """
+
+    def __init__(self, fn: Callable[..., Any], task: str) -> None:
+        self.task = task
+        self.signature = inspect.signature(fn)
+        for p in self.signature.parameters.values():
+            if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                raise ConfigurationError(
+                    f"task {task!r}: parameter {p.name!r} is {p.kind.description}; a task's "
+                    "arguments travel by name: use plain or keyword-only parameters"
+                )
+        try:
+            self.hints = typing.get_type_hints(fn, include_extras=True)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"task {task!r}: can't resolve its annotations ({exc}); define the types at "
+                "module level"
+            ) from exc
+        self._validator: Validator | None = None
+        self._fields: tuple[str, ...] = ()
+
+    @property
+    def validator(self) -> Validator:
+        if self._validator is None:
+            fields = []
+            for p in self.signature.parameters.values():
+                tp = self.hints.get(p.name, Any)
+                if p.default is p.empty:
+                    fields.append((p.name, tp))
+                else:
+                    fields.append((p.name, tp, dataclasses.field(default=_UNSET)))  # type: ignore[arg-type]
+            cls = dataclasses.make_dataclass(re.sub(r"\W", "_", self.task) + "_arguments", fields)
+            self._validator = build_validator(cls)
+            self._fields = tuple(self.signature.parameters)
+        return self._validator
+
+    def encode(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
+        """The body for these arguments.
+
+        Raises:
+            TaskArgumentError: they don't bind to the signature, can't be sent as JSON, or
+                don't validate as the parameters' types.
+        """
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TaskArgumentError(f"task {self.task!r}: {exc}") from None
+        arguments = dict(bound.arguments)
+        try:
+            body, _ = encode_body(arguments)
+        except SerializationError:
+            for name, value in arguments.items():
+                try:
+                    encode_body(value)
+                except SerializationError as exc:
+                    raise TaskArgumentError(
+                        f"task {self.task!r}: argument {name!r} can't be sent as JSON: {exc}"
+                    ) from None
+            raise
+        try:
+            self.validator(body, JSON)
+        except PayloadError as exc:
+            raise TaskArgumentError(
+                f"task {self.task!r}: the arguments don't validate as its parameters: {exc}"
+            ) from None
+        return body
+
+    def decode(self, body: bytes, content_type: str | None) -> dict[str, Any]:
+        """The keyword arguments to call the function with.
+
+        Raises:
+            PayloadError: the body does not validate (dead-lettered, never retried).
+        """
+        value = self.validator(body, content_type)
+        return {
+            name: item
+            for name in self._fields
+            if (item := getattr(value, name, _UNSET)) is not _UNSET
+        }
+
+
+class Task(Generic[P, R]):
+    """A function declared as a task: `await task.enqueue(...)` runs it on a worker.
+
+    Made by `@tasks.task(queue=...)`. Calling the task calls the function itself (its
+    coroutine, for an `async def`), e.g. in a unit test.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str,
+        queue: Queue,
+        registry: Tasks,
+        publish: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.name = name
+        self.queue = queue
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._registry = registry
+        self._publish = dict(publish or {})
+        self.arguments = Arguments(fn, name)
+        self._returns: Any = self.arguments.hints.get("return", Any)
+        self._result_validator: Validator | None = None
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue.name!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        delay: float | timedelta | None = None,
+        priority: int | None = None,
+        expiration: float | timedelta | None = None,
+        timeout: float | None = None,
+        job_id: str | None = None,
+    ) -> Task[P, R]:
+        """The same task with publish options for its next enqueues:
+        `await resize.options(delay=60).enqueue("cat.png")`.
+
+        Args:
+            delay: seconds the broker holds the message before it reaches the queue.
+            priority: 0-255, for a queue declared with `x-max-priority`.
+            expiration: seconds the message may wait in the queue.
+            timeout: seconds the publish may take, to its confirm.
+            job_id: the job id (and message id) instead of a fresh one.
+        """
+        given = {
+            "delay": delay, "priority": priority, "expiration": expiration,
+            "timeout": timeout, "message_id": job_id,
+        }  # fmt: skip
+        publish = {**self._publish, **{k: v for k, v in given.items() if v is not None}}
+        clone: Task[P, R] = Task(
+            self.fn, name=self.name, queue=self.queue, registry=self._registry, publish=publish
+        )
+        clone.arguments = self.arguments
+        return clone
+
+    def result_validator(self) -> Validator:
+        if self._result_validator is None:
+            self._result_validator = build_validator(self._returns)
+        return self._result_validator
+
+    def job(self, job_id: str) -> JobHandle[R]:
+        """A handle on a job of this task by its id (its `result()` is typed as the task's)."""
+        return JobHandle(job_id, context=self._registry, validate=self.result_validator())
+
+    async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
+        """Publish a job of this task; returns its handle once the broker confirmed it.
+
+        The arguments are bound to the function's signature and validated as its parameters'
+        types before anything is sent. With a store, the job is recorded as queued (if the
+        store is unreachable the job is still sent; a worker records it when it runs).
+
+        Raises:
+            TaskArgumentError: the arguments don't fit the signature (nothing was sent).
+            IntegrationError: the registry has no producer (`tasks.bind(producer)`).
+            PublishError (and its subclasses): the broker did not confirm the job.
+        """
+        body = self.arguments.encode(args, kwargs)
+        publisher = self._registry.publisher
+        if publisher is None:
+            raise IntegrationError(
+                f"task {self.name!r}: the tasks are not bound to a producer: call "
+                "tasks.bind(producer) (e.g. in your app's lifespan) before enqueueing"
+            )
+        options = dict(self._publish)
+        job_id = options.pop("message_id", None) or uuid.uuid4().hex
+        await publisher.publish(
+            body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+            content_type=JSON, **options,
+        )  # fmt: skip
+        store = self._registry.store
+        if store is not None:
+            write = Write(
+                job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
+                at=time.time(),
+            )  # fmt: skip
+            try:
+                await store.record([write])
+            except StoreError as exc:
+                log.warning(
+                    "job %s (%s) enqueued, but the store did not record it (%s): its status "
+                    "appears once a worker runs it", job_id, self.name, exc,
+                )  # fmt: skip
+        return JobHandle(job_id, context=self._registry, validate=self.result_validator())
+
+
+class _Decorator:
+    """What `tasks.task(queue=...)` returns: turns a function into a `Task`."""
+
+    def __init__(self, registry: Tasks, queue: Queue, name: str | None) -> None:
+        self._registry = registry
+        self._queue = queue
+        self._name = name
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Task[P, R]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Task[P, Any]:
+        if not callable(fn) or isinstance(fn, Task):
+            raise ConfigurationError(f"@tasks.task(...) decorates a function, got {fn!r}")
+        name = self._name or f"{fn.__module__}.{fn.__qualname__}"
+        task: Task[P, Any] = Task(fn, name=name, queue=self._queue, registry=self._registry)
+        self._registry._add(task)
+        return task
+
+
+class Tasks:
+    """A registry of tasks: where they are declared, enqueued from, and run.
+
+    ```python
+    tasks = Tasks(store=SQLiteStore("jobs.db"))
+
+    @tasks.task(queue="images")
+    async def resize(path: str, width: int = 800) -> Thumb: ...
+
+    # the web app, once its producer is started:
+    tasks.bind(producer)
+    job = await resize.enqueue("cat.png", width=400)
+    thumb = await job.result(timeout=30)
+
+    # the worker process (or `aio-workq worker myapp.tasks:tasks.workers`):
+    await run_workers(*tasks.workers())
+    ```
+
+    The producer is usually bound later (`bind()`): the registry is made when the module is
+    imported, the producer only once an event loop runs (a web app's lifespan). A script can
+    pass it here.
+
+    Args:
+        producer: a started `Producer` (or a web integration's `ProducerView`).
+        store: where job states and results are kept (`SQLiteStore`, `PostgresStore`); without
+            one, jobs run but are not tracked.
+    """
+
+    def __init__(self, *, producer: Publisher | None = None, store: JobStore | None = None) -> None:
+        self._producer = producer
+        self._store = store
+        self._tasks: dict[str, Task[Any, Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<Tasks {len(self._tasks)} task(s) store={self._store!r}>"
+
+    @property
+    def publisher(self) -> Publisher | None:
+        """The producer enqueues publish through (None until bound)."""
+        return self._producer
+
+    @property
+    def store(self) -> JobStore | None:
+        """The job store (None: jobs are not tracked)."""
+        return self._store
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]:
+        """The tasks declared, by name."""
+        return dict(self._tasks)
+
+    def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
+        """Enqueue through `producer` from now on (and keep states in `store`, if given).
+
+        Returns the registry itself.
+        """
+        if not callable(getattr(producer, "publish", None)):
+            raise ConfigurationError(f"bind() takes a Producer, got {producer!r}")
+        self._producer = producer
+        if store is not None:
+            self._store = store
+        return self
+
+    def task(
+        self,
+        *,
+        queue: str | Queue,
+        name: str | None = None,
+        queue_type: Literal["quorum", "classic"] | None = None,
+    ) -> _Decorator:
+        """Declare a function as a task of `queue`.
+
+        Args:
+            queue: the queue name (or a `Queue`); several tasks may share one.
+            name: the task's name in the `x-workq-task` header (default: `module.function`;
+                give one for a task defined in a script run as `__main__`).
+            queue_type: `"quorum"` (default) or `"classic"`, for a queue given by name.
+
+        Raises:
+            ConfigurationError: a bad name or queue, or a parameter a task can't take
+                (`*args`, `**kwargs`, positional-only), when the function is decorated.
+        """
+        if isinstance(queue, str):
+            spec = Queue(queue, type=queue_type or "quorum")
+        elif isinstance(queue, Queue) and queue_type is None:
+            spec = queue
+        else:
+            raise ConfigurationError(
+                f"queue must be a name or a Queue (with its own type), got {queue!r}"
+            )
+        if spec.server_named:
+            raise ConfigurationError("a task needs a named queue, not ''")
+        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+            raise ConfigurationError(
+                f"task name must be letters, digits, '_', '.', ':' or '-', got {name!r}"
+            )
+        return _Decorator(self, spec, name)
+
+    def _add(self, task: Task[Any, Any]) -> None:
+        if task.name in self._tasks:
+            raise ConfigurationError(
+                f"a task named {task.name!r} is declared already; give one of them name=..."
+            )
+        for other in self._tasks.values():
+            if other.queue.name == task.queue.name and other.queue != task.queue:
+                raise ConfigurationError(
+                    f"task {task.name!r}: queue {task.queue.name!r} is declared differently "
+                    f"by task {other.name!r}; declare it once as a Queue and pass that"
+                )
+        self._tasks[task.name] = task
+
+    def job(self, job_id: str) -> JobHandle[Any]:
+        """A handle on any job by its id (its `result()` is the decoded JSON, untyped)."""
+        return JobHandle(job_id, context=self)
+
+    def workers(
+        self,
+        url: URLs | None = None,
+        *,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
+        queues: Sequence[str] | None = None,
+        hooks: Sequence[Hook] = (),
+        **options: Any,
+    ) -> list[Worker]:
+        """One `Worker` per queue that runs its tasks (dispatched by the `x-workq-task`
+        header), and with a store, one listening for cancel requests on `workq.control`.
+
+        Call it once per process: `aio-workq worker myapp.tasks:tasks.workers` does (also
+        with `--processes`). Start them with `run_workers(*tasks.workers())`.
+
+        Args:
+            url: the broker URL (default: `AMQP_URL`).
+            concurrency: handlers running at once, per queue.
+            retry: the retry policy of every queue (`None`: dead-letter on the first failure).
+            queues: run only the tasks of these queues.
+            hooks: more hooks for every worker.
+            **options: more `Worker` arguments (`prefetch`, `handler_timeout`, ...).
+
+        Raises:
+            ConfigurationError: no tasks (on those queues), or a bad worker option.
+        """
+        from ._running import build_workers
+
+        return build_workers(
+            self, url, concurrency=concurrency, retry=retry, queues=queues, hooks=hooks,
+            options=options,
+        )  # fmt: skip

@@ -1,0 +1,175 @@
+"""The production job store: a table in the PostgreSQL you already run.
+
+Needs the `postgres` extra (`pip install 'aio-workq[postgres]'`, psycopg 3). Create the table
+with `migrate()` or ship `schema_sql()` with your migrations, like the outbox's tables.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg import Error as PsycopgError
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from .._exceptions import ConfigurationError
+from ..outbox._schema import check_schema, quote, redact_dsn
+from ._errors import StoreError
+from ._status import JobRecord, JobStatus, Write
+from ._store import DAY, SQL, check_ttl, row_record, write_params
+
+__all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
+
+DEFAULT_SCHEMA = "public"
+_MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
+_PURGE_EVERY = 60.0
+
+
+def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
+    """The migration that creates the job table in `schema` (idempotent).
+
+    Raises:
+        ConfigurationError: `schema` is not a plain SQL identifier.
+    """
+    text = resources.files(__package__).joinpath("schema.sql").read_text(encoding="utf-8")
+    return text.replace("{schema}", quote(schema))
+
+
+async def migrate(connection: AsyncConnection[Any], *, schema: str = DEFAULT_SCHEMA) -> None:
+    """Create the job table (if missing) on a psycopg async connection, in a transaction.
+
+    Raises:
+        ConfigurationError: `schema` is not a plain SQL identifier.
+    """
+    statements = schema_sql(schema)
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await connection.execute(statements)
+
+
+def _psycopg(sql: str) -> str:
+    return _PARAM.sub(r"%(\1)s", sql)
+
+
+class PostgresStore:
+    """Job states and results in PostgreSQL, shared by every process and host.
+
+    ```python
+    tasks = Tasks(store=PostgresStore(os.environ["DATABASE_URL"]))
+    ```
+
+    Args:
+        dsn: a PostgreSQL DSN (a pool of `max_size` connections is opened on first use) ...
+        pool: ... or a psycopg `AsyncConnectionPool` of yours (opened and closed by you).
+        schema: the schema that holds `workq_jobs` (create it with `migrate()`).
+        ttl: seconds a record is kept after its last change (1 day by default).
+        timeout: seconds to wait for a connection from the pool before `StoreError`.
+        max_size: connections in the pool this store opens.
+
+    Raises:
+        ConfigurationError: a bad argument.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool: AsyncConnectionPool[Any] | None = None,
+        schema: str = DEFAULT_SCHEMA,
+        ttl: float = DAY,
+        timeout: float = 5.0,
+        max_size: int = 4,
+    ) -> None:
+        if (dsn is None) == (pool is None):
+            raise ConfigurationError("pass dsn= or pool=, one of them")
+        if pool is not None and not isinstance(pool, AsyncConnectionPool):
+            raise ConfigurationError(
+                f"pool must be a psycopg_pool.AsyncConnectionPool, got {type(pool).__name__}"
+            )
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_schema(schema)
+        self.ttl = check_ttl(ttl)
+        self._dsn = dsn
+        self._where = redact_dsn(dsn) if dsn else "the given pool"
+        self._own = pool is None
+        self._pool = pool or AsyncConnectionPool(
+            dsn or "", min_size=1, max_size=max_size, open=False, timeout=timeout
+        )
+        self._opened = not self._own
+        self._timeout = timeout
+        sql = SQL(f"{quote(schema)}.workq_jobs")
+        self._write = _psycopg(sql.write)
+        self._claim = _psycopg(sql.claim)
+        self._get = _psycopg(sql.get)
+        self._cancel_waiting = _psycopg(sql.cancel_waiting)
+        self._cancel_running = _psycopg(sql.cancel_running)
+        self._purge = _psycopg(sql.purge)
+        self._last_purge = 0.0
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self._where} ttl={self.ttl:g}>"
+
+    async def _connection(self) -> Any:
+        if not self._opened:
+            self._opened = True
+            await self._pool.open(wait=False)
+        return self._pool.connection(timeout=self._timeout)
+
+    def _failed(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        now = time.time()
+        purge = now - self._last_purge > _PURGE_EVERY
+        try:
+            async with await self._connection() as conn, conn.transaction():
+                applied = []
+                for write in writes:
+                    sql = self._claim if write.claim else self._write
+                    cursor = await conn.execute(sql, write_params(write, self.ttl))
+                    applied.append(await cursor.fetchone() is not None)
+                if purge:
+                    await conn.execute(self._purge, {"now": now})
+                    self._last_purge = now
+                return applied
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed("recording job states", exc) from exc
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        try:
+            async with await self._connection() as conn:
+                cursor = await conn.execute(self._get, {"job_id": job_id, "now": time.time()})
+                row = await cursor.fetchone()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"reading job {job_id}", exc) from exc
+        return None if row is None else row_record(row)
+
+    async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
+        params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
+        try:
+            async with await self._connection() as conn, conn.transaction():
+                await conn.execute(self._cancel_waiting, params)
+                await conn.execute(self._cancel_running, params)
+                cursor = await conn.execute(self._get, params)
+                row = await cursor.fetchone()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"cancelling job {job_id}", exc) from exc
+        return None if row is None else row_record(row).status
+
+    async def purge(self) -> int:
+        try:
+            async with await self._connection() as conn:
+                cursor = await conn.execute(self._purge, {"now": time.time()})
+                return int(cursor.rowcount)
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed("purging expired jobs", exc) from exc
+
+    async def close(self) -> None:
+        if self._own and self._opened:
+            await self._pool.close()

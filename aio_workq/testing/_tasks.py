@@ -1,0 +1,89 @@
+"""Run a task on one job without a broker or a store, and read what its worker would record."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .._consume.retry import RetryPolicy
+from .._publish.serialization import JSON
+from ..jobs import JobHandle, JobState, JobStatus, JobStore, MemoryStore, Task
+from ..jobs._handle import Publisher
+from ..jobs._recorder import Recorder
+from ..jobs._running import QueueRunner
+from ..jobs._tasks import TASK_HEADER
+from ._kit import Outcome, run_handler
+
+__all__ = ("TaskRun", "run_task")
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRun(Generic[R]):
+    """One job of a task, run as its worker would: the delivery's outcome, and the status and
+    result the worker recorded."""
+
+    outcome: Outcome
+    """What the worker did with the message (acked, retried, dead-lettered, ...)."""
+    status: JobStatus
+    """The status recorded after the run (`succeeded`, `retrying` with `next_retry_at`, ...)."""
+    result: R | None
+    """The return value as `JobHandle.result()` reads it back (typed); None unless succeeded."""
+
+
+class _Context:
+    def __init__(self, store: JobStore) -> None:
+        self.store: JobStore | None = store
+        self.publisher: Publisher | None = None
+
+
+async def run_task(
+    task: Task[Any, R],
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, immutable
+    attempt: int = 1,
+    handler_timeout: float | None = None,
+) -> TaskRun[R]:
+    """Run `task(*args, **kwargs)` as one job on a worker of its queue, without a broker, and
+    return what was recorded (in a store in memory).
+
+    ```python
+    run = await run_task(resize, ["cat.png"], {"width": 400})
+    assert run.status.state is JobState.SUCCEEDED and run.result == Thumb("cat.png", 400)
+    ```
+
+    Args:
+        task: a task declared with `@tasks.task(queue=...)`.
+        args, kwargs: its arguments, bound and checked as `enqueue()` does.
+        retry: the worker's retry policy (`None`: dead-letter on the first failure).
+        attempt: the delivery's attempt (e.g. the last one).
+        handler_timeout: as for `Worker`.
+
+    Raises:
+        TaskArgumentError: the arguments don't fit the task (as `enqueue()` says).
+    """
+    body = task.arguments.encode(args, kwargs or {})
+    store = MemoryStore()
+    recorder = Recorder(store)
+    runner = QueueRunner(task.queue.name, {task.name: task}, recorder)
+    job_id = uuid.uuid4().hex
+    outcome = await run_handler(
+        runner, body, queue=task.queue, retry=retry, attempt=attempt,
+        handler_timeout=handler_timeout, hooks=[recorder], headers={TASK_HEADER: task.name},
+        message_id=job_id, content_type=JSON,
+    )  # fmt: skip
+    await recorder.close()
+    record = await store.get(job_id)
+    assert record is not None, "the recorder wrote nothing"
+    result: R | None = None
+    if record.status.state is JobState.SUCCEEDED:
+        handle: JobHandle[R] = JobHandle(
+            job_id, context=_Context(store), validate=task.result_validator()
+        )
+        result = await handle.result(timeout=0)
+    return TaskRun(outcome=outcome, status=record.status, result=result)

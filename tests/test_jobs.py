@@ -1,0 +1,311 @@
+"""aio_workq.jobs on a real broker with the SQLite store: a job's states from enqueue to result,
+failures, retries, cancelling (queued and running, async and thread tasks), timeouts, the TTL,
+and a store that is down while the queue goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aio_workq import Producer, RetryPolicy, Worker
+from aio_workq.jobs import (
+    JobCancelledError,
+    JobFailedError,
+    JobHandle,
+    JobNotFoundError,
+    JobState,
+    JobStatus,
+    JobTimeoutError,
+    SQLiteStore,
+    Tasks,
+    current_job,
+)
+
+pytestmark = pytest.mark.broker
+
+
+@dataclass
+class Thumb:
+    path: str
+    width: int
+
+
+@pytest.fixture
+def make_tasks(tmp_path: Path, producer: Producer) -> Callable[..., Tasks]:
+    def make(**store_options: Any) -> Tasks:
+        return Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db", **store_options))
+
+    return make
+
+
+@asynccontextmanager
+async def running(tasks: Tasks, url: str, **options: Any) -> AsyncIterator[list[Worker]]:
+    workers = tasks.workers(url, **options)
+    try:
+        for worker in workers:
+            await worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
+async def until(handle: JobHandle[Any], check: Callable[[JobStatus], bool]) -> JobStatus:
+    """The job's status once `check` holds (polled; the store has no event to wait on)."""
+    async with asyncio.timeout(20):
+        while True:
+            try:
+                status = await handle.status()
+            except JobNotFoundError:
+                status = None
+            if status is not None and check(status):
+                return status
+            await asyncio.sleep(0.05)
+
+
+async def test_a_job_goes_queued_running_succeeded_with_its_typed_result(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    started, release = asyncio.Event(), asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def resize(path: str, width: int = 800) -> Thumb:
+        job = current_job()
+        assert job is not None and job.attempt == 1
+        started.set()
+        await release.wait()
+        return Thumb(path, width)
+
+    @tasks.task(queue=queue_name)  # a second task on the same queue
+    def shout(word: str) -> str:
+        return word.upper()
+
+    job = await resize.enqueue("cat.png", width=400)
+    status = await job.status()
+    assert status.state is JobState.QUEUED and status.queue == queue_name
+    assert status.task == resize.name and status.attempt == 1 and not status.done
+    async with running(tasks, amqp_url, concurrency=2):
+        loud = await shout.enqueue("hi")
+        async with asyncio.timeout(20):
+            await started.wait()
+        status = await job.status()
+        assert status.state is JobState.RUNNING and status.started_at is not None
+        release.set()
+        thumb = await job.result(timeout=20)
+        assert thumb == Thumb("cat.png", 400)  # validated back into the return type
+        assert await loud.result(timeout=20) == "HI"
+        status = await job.status()
+        assert status.state is JobState.SUCCEEDED and status.finished_at is not None
+        # Any process that knows the id can follow the job.
+        assert await tasks.job(job.job_id).result() == {"path": "cat.png", "width": 400}
+
+
+async def test_a_failure_ends_failed_with_the_error(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    async def broken(n: int) -> int:
+        raise ValueError(f"no good: {n}")
+
+    job = await broken.enqueue(7)
+    async with running(tasks, amqp_url, retry=None):
+        with pytest.raises(JobFailedError) as failed:
+            await job.result(timeout=20)
+    assert failed.value.error_type == "builtins.ValueError"
+    assert failed.value.error_message == "no good: 7" and failed.value.job_id == job.job_id
+    status = await job.status()
+    assert status.state is JobState.FAILED and status.error_message == "no good: 7"
+
+
+async def test_a_retry_shows_retrying_with_the_attempt_and_next_retry_time(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    failed_at: list[float] = []
+
+    @tasks.task(queue=queue_name)
+    async def flaky() -> str:
+        job = current_job()
+        assert job is not None
+        if job.attempt == 1:
+            failed_at.append(time.time())
+            raise ConnectionError("try again")
+        return f"attempt {job.attempt}"
+
+    job = await flaky.enqueue()
+    policy = RetryPolicy(max_attempts=2, initial_delay=2.0, jitter=0)
+    async with running(tasks, amqp_url, retry=policy):
+        retrying = await until(job, lambda s: s.state is JobState.RETRYING)
+        assert retrying.state is JobState.RETRYING and retrying.attempt == 1
+        assert retrying.error_type == "builtins.ConnectionError"
+        assert retrying.next_retry_at is not None
+        # the policy's 2 s from the failure (no jitter), as the worker's dispatcher decided it
+        assert failed_at[0] + 1.9 <= retrying.next_retry_at.timestamp() <= failed_at[0] + 2.5
+        assert await job.result(timeout=20) == "attempt 2"
+        assert (await job.status()).attempt == 2
+
+
+async def test_a_queued_job_cancelled_is_skipped_when_it_arrives(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    ran: list[str] = []
+
+    @tasks.task(queue=queue_name)
+    async def work(name: str) -> str:
+        ran.append(name)
+        return name
+
+    doomed = await work.enqueue("doomed")
+    status = await doomed.cancel()
+    assert status.state is JobState.CANCELLED
+    after = await work.enqueue("after")
+    async with running(tasks, amqp_url):  # one at a time: "doomed" arrives first
+        assert await after.result(timeout=20) == "after"
+    assert ran == ["after"]
+    with pytest.raises(JobCancelledError):
+        await doomed.result(timeout=1)
+    assert (await doomed.cancel()).state is JobState.CANCELLED  # a finished job stays
+
+
+async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    job = await forever.enqueue()
+    async with running(tasks, amqp_url):
+        async with asyncio.timeout(20):
+            await started.wait()
+        status = await job.cancel()
+        assert status.state is JobState.RUNNING and status.cancel_requested
+        async with asyncio.timeout(20):
+            await cancelled.wait()
+        status = await until(job, lambda s: s.done)
+        assert status.state is JobState.CANCELLED
+        with pytest.raises(JobCancelledError):
+            await job.result()
+
+
+async def test_a_running_thread_task_is_flagged_and_stops_itself(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    def crunch() -> None:
+        job = current_job()
+        assert job is not None
+        loop.call_soon_threadsafe(started.set)
+        while not job.cancelled:
+            time.sleep(0.01)
+        job.check()  # raises Cancelled
+
+    job = await crunch.enqueue()
+    async with running(tasks, amqp_url):
+        async with asyncio.timeout(20):
+            await started.wait()
+        await job.cancel()
+        status = await until(job, lambda s: s.done)
+        assert status.state is JobState.CANCELLED
+
+
+async def test_result_with_a_timeout_raises_a_typed_timeout(
+    make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    async def never_run() -> None: ...
+
+    job = await never_run.enqueue()  # no worker runs
+    started = time.monotonic()
+    with pytest.raises(JobTimeoutError, match="not done within 0.3 s") as timed_out:
+        await job.result(timeout=0.3)
+    assert isinstance(timed_out.value, TimeoutError)
+    assert time.monotonic() - started < 5
+    assert tasks.store is not None
+    await tasks.store.close()
+
+
+async def test_a_finished_job_expires_after_the_ttl(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks(ttl=1.0)
+
+    @tasks.task(queue=queue_name)
+    async def quick() -> int:
+        return 42
+
+    job = await quick.enqueue()
+    async with running(tasks, amqp_url):
+        assert await job.result(timeout=20) == 42
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await job.status()
+                except JobNotFoundError:
+                    break
+                await asyncio.sleep(0.1)
+        with pytest.raises(JobNotFoundError):
+            await job.result()
+
+
+async def test_the_store_down_does_not_stop_the_queue_and_the_status_catches_up(
+    amqp_url: str,
+    make_tasks: Callable[..., Tasks],
+    queue_name: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = make_tasks(busy_timeout=0.05)
+    ran = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def important(n: int) -> int:
+        ran.set()
+        return n * 2
+
+    assert tasks.store is not None
+    await tasks.store.purge()  # the file and its table exist
+    lock = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
+    try:
+        job = await important.enqueue(21)  # the queued state can't be recorded: sent anyway
+        async with running(tasks, amqp_url):
+            async with asyncio.timeout(20):
+                await ran.wait()  # the job ran while the store was down
+            assert "did not record it" in caplog.text  # the enqueue said so
+            assert "unreachable" in caplog.text  # the worker's recorder too
+            lock.execute("ROLLBACK")
+            status = await until(job, lambda s: s.done)
+            assert status.state is JobState.SUCCEEDED
+            assert await job.result() == 42
+    finally:
+        lock.close()

@@ -1,0 +1,271 @@
+"""aio_workq.jobs without a broker: the store rules (memory and SQLite alike), argument
+checks at enqueue, the testing kit's `run_task`, and the layering."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aio_workq.jobs
+from aio_workq import ConfigurationError, IntegrationError, Reject, RetryPolicy, Worker
+from aio_workq.cli._target import WorkerOptions, build_workers
+from aio_workq.jobs import (
+    Cancelled,
+    JobState,
+    JobStore,
+    MemoryStore,
+    SQLiteStore,
+    TaskArgumentError,
+    Tasks,
+    Write,
+    current_job,
+)
+from aio_workq.testing import run_task
+from tests.test_consume_layers import PACKAGE, _imported
+
+
+@dataclass
+class Thumb:
+    path: str
+    width: int
+
+
+# --- the store rules ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    made: JobStore = MemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "j.db")
+    yield made
+    await made.close()
+
+
+def w(state: JobState, job_id: str = "a", **fields: Any) -> Write:
+    return Write(job_id=job_id, task="t", queue="q", state=state, at=time.time(), **fields)
+
+
+async def test_a_late_write_never_overwrites_a_newer_state(store: JobStore) -> None:
+    await check_late_writes(store)
+
+
+async def test_cancel_ends_a_waiting_job_and_flags_a_running_one(store: JobStore) -> None:
+    await check_cancel(store)
+
+
+async def check_late_writes(store: JobStore) -> None:
+    """The write rules, for every store (the PostgreSQL tests run it too)."""
+    assert await store.record([w(JobState.QUEUED)]) == [True]
+    assert await store.record([w(JobState.RUNNING, claim=True)]) == [True]
+    assert await store.record([w(JobState.QUEUED)]) == [True]  # requeued by a stopping worker
+    assert await store.record([w(JobState.RUNNING, claim=True), w(JobState.RETRYING)]) == [
+        True,
+        True,
+    ]
+    assert await store.record([w(JobState.RUNNING)]) == [False]  # a late catch-up: older
+    assert await store.record([w(JobState.QUEUED, attempt=1)]) == [False]
+    assert await store.record([w(JobState.RUNNING, attempt=2)]) == [True]  # the next attempt
+    done = w(JobState.SUCCEEDED, attempt=2, result=b'"x"', content_type="application/json")
+    assert await store.record([done]) == [True]
+    # Succeeded is final: no claim (a redelivery is skipped), no later write.
+    assert await store.record([w(JobState.RUNNING, attempt=3, claim=True)]) == [False]
+    assert await store.record([w(JobState.FAILED, attempt=9)]) == [False]
+    record = await store.get("a")
+    assert record is not None and record.result == b'"x"'
+    assert record.status.state is JobState.SUCCEEDED and record.status.attempt == 2
+
+
+async def check_cancel(store: JobStore) -> None:
+    """Cancelling, for every store (the PostgreSQL tests run it too)."""
+    await store.record([w(JobState.QUEUED, "queued"), w(JobState.RUNNING, "running")])
+    status = await store.cancel("queued", now=time.time())
+    assert status is not None and status.state is JobState.CANCELLED and status.done
+    assert await store.record([w(JobState.RUNNING, "queued", claim=True)]) == [False]
+    status = await store.cancel("running", now=time.time())
+    assert status is not None and status.state is JobState.RUNNING and status.cancel_requested
+    # A redelivery of a job whose cancel was requested is not run again.
+    assert await store.record([w(JobState.RUNNING, "running", claim=True)]) == [False]
+    assert await store.record([w(JobState.CANCELLED, "running")]) == [True]
+    assert await store.cancel("nobody", now=time.time()) is None
+
+
+async def test_records_expire_after_the_ttl(tmp_path: Path) -> None:
+    for store in (MemoryStore(ttl=0.2), SQLiteStore(tmp_path / "ttl.db", ttl=0.2)):
+        await store.record([w(JobState.SUCCEEDED, result=b"1")])
+        assert await store.get("a") is not None
+        async with asyncio.timeout(5):
+            while await store.get("a") is not None:  # noqa: ASYNC110 - time is the event
+                await asyncio.sleep(0.05)
+        # an expired record counts as absent: a new write starts it afresh
+        assert await store.record([w(JobState.QUEUED)]) == [True]
+        assert await store.purge() == 0
+        await store.close()
+
+
+def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="ttl"):
+        MemoryStore(ttl=0)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        SQLiteStore(tmp_path / "x.db", ttl=-1)
+    with pytest.raises(ConfigurationError, match="path"):
+        SQLiteStore("")
+
+
+# --- declaring and enqueueing --------------------------------------------------------------
+
+
+def make_tasks(store: JobStore | None = None) -> Tasks:
+    tasks = Tasks(store=store)
+
+    @tasks.task(queue="images", name="images.resize")
+    async def resize(path: str, width: int = 800) -> Thumb:
+        return Thumb(path, width)
+
+    return tasks
+
+
+async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> None:
+    tasks = make_tasks()
+    resize: Any = tasks.tasks["images.resize"]
+    with pytest.raises(TaskArgumentError, match=r"'images.resize'.*'hieght'"):
+        await resize.enqueue("cat.png", hieght=3)
+    with pytest.raises(TaskArgumentError, match=r"'images.resize'.*'path'"):
+        await resize.enqueue(width=3)
+    with pytest.raises(TaskArgumentError, match=r"(?s)'images.resize'.*width"):
+        await resize.enqueue("cat.png", width="wide")
+    with pytest.raises(TaskArgumentError, match=r"argument 'path' can't be sent as JSON"):
+        await resize.enqueue(object())
+    assert isinstance(TaskArgumentError("x"), TypeError | ConfigurationError)
+    # Good arguments, but no producer yet.
+    with pytest.raises(IntegrationError, match=r"tasks.bind\(producer\)"):
+        await resize.enqueue("cat.png", width=3)
+
+
+def test_declarations_are_checked() -> None:
+    tasks = make_tasks()
+    with pytest.raises(ConfigurationError, match="declared already"):
+
+        @tasks.task(queue="images", name="images.resize")
+        def again(path: str) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"parameter 'rest' is variadic positional"):
+
+        @tasks.task(queue="images")
+        def spread(*rest: int) -> None: ...
+
+    with pytest.raises(ConfigurationError, match="task name"):
+        tasks.task(queue="images", name="no spaces")
+    with pytest.raises(ConfigurationError, match="named queue"):
+        tasks.task(queue="")
+    with pytest.raises(ConfigurationError, match="no tasks on queues"):
+        tasks.workers(queues=["other"])
+
+
+async def test_the_cli_runs_a_registry_through_its_workers_factory() -> None:
+    tasks = make_tasks(MemoryStore())  # the worker processes need no producer
+    workers = await build_workers(tasks.workers, WorkerOptions(target="app:tasks.workers"))
+    assert [type(worker) for worker in workers] == [aio_workq.jobs.TaskWorker] * 2
+    assert all(isinstance(worker, Worker) for worker in workers)
+    assert workers[0].queue_name == "images"  # and a server-named one for cancel requests
+
+
+# --- the testing kit -------------------------------------------------------------------------
+
+
+async def test_run_task_shows_the_recorded_status_and_typed_result() -> None:
+    tasks = make_tasks()
+    resize: Any = tasks.tasks["images.resize"]
+    run = await run_task(resize, ["cat.png"], {"width": 400})
+    assert run.outcome.acked and run.result == Thumb("cat.png", 400)
+    assert run.status.state is JobState.SUCCEEDED and run.status.attempt == 1
+
+
+async def test_run_task_records_retrying_failed_and_cancelled() -> None:
+    tasks = Tasks()
+
+    @tasks.task(queue="work")
+    def flaky(n: int) -> int:
+        raise ValueError(f"boom {n}")
+
+    @tasks.task(queue="work")
+    def stopping() -> None:
+        job = current_job()
+        assert job is not None and job.attempt == 1
+        raise Cancelled("enough")
+
+    policy = RetryPolicy(max_attempts=2, initial_delay=2, jitter=0)
+    before = time.time()
+    run = await run_task(flaky, [1], retry=policy)
+    assert run.outcome.retried and run.status.state is JobState.RETRYING
+    assert run.status.error_type == "builtins.ValueError" and run.status.error_message == "boom 1"
+    assert run.status.next_retry_at is not None
+    assert before + 1.9 <= run.status.next_retry_at.timestamp() <= time.time() + 2.1
+    last = await run_task(flaky, [2], retry=policy, attempt=2)
+    assert last.outcome.dead_lettered and last.status.state is JobState.FAILED
+    assert last.status.attempt == 2 and last.status.error_message == "boom 2"
+    stopped = await run_task(stopping)
+    assert stopped.outcome.acked and stopped.status.state is JobState.CANCELLED
+
+
+async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
+    from aio_workq.jobs._running import QueueRunner
+    from aio_workq.testing import run_handler
+
+    runner = QueueRunner("work", {}, None)
+    outcome = await run_handler(runner, {}, headers={"x-workq-task": "nope"})
+    assert outcome.dead_lettered and isinstance(outcome.error, Reject)
+    assert "no task 'nope' runs on queue 'work'" in str(outcome.error)
+
+
+# --- layering and exports ---------------------------------------------------------------------
+
+
+def test_nothing_below_jobs_imports_it() -> None:
+    above = ("jobs", "testing")
+    bad = sorted(
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for path in PACKAGE.rglob("*.py")
+        if path.relative_to(PACKAGE).parts[0] not in above
+        for name in _imported(path)
+        if name.startswith("aio_workq.jobs")
+    )
+    assert not bad
+
+
+def test_the_jobs_exports_are_sorted_and_complete() -> None:
+    names = aio_workq.jobs.__all__
+    assert names == sorted(names, key=str.casefold)
+    public = {
+        name
+        for name, value in vars(aio_workq.jobs).items()
+        if not name.startswith(("_", "@"))
+        and name != "annotations"
+        and not isinstance(value, type(aio_workq))
+    }
+    assert public == set(names)
+
+
+async def test_a_job_whose_arguments_do_not_validate_is_recorded_failed() -> None:
+    from aio_workq.jobs._recorder import Recorder
+    from aio_workq.jobs._running import QueueRunner
+    from aio_workq.testing import run_handler
+
+    tasks = make_tasks()
+    resize: Any = tasks.tasks["images.resize"]
+    store = MemoryStore()
+    recorder = Recorder(store)
+    runner = QueueRunner("images", {resize.name: resize}, recorder)
+    outcome = await run_handler(
+        runner, {"path": 3}, queue="images", hooks=[recorder], message_id="bad-1",
+        headers={"x-workq-task": resize.name},
+    )  # fmt: skip
+    await recorder.close()
+    assert outcome.dead_lettered
+    record = await store.get("bad-1")
+    assert record is not None and record.status.state is JobState.FAILED
+    assert record.status.error_type == "aio_workq.PayloadError"

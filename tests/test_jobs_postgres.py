@@ -1,0 +1,121 @@
+"""The PostgreSQL job store: its migration, the store rules, a job end to end, and a store
+that can't be reached (the queue goes on)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from aio_workq import ConfigurationError, Producer
+from aio_workq.jobs import JobState, StoreError, Tasks, Write
+from aio_workq.jobs.postgres import PostgresStore, migrate, schema_sql
+from scripts.broker import free_port
+from tests.test_jobs_offline import check_cancel, check_late_writes
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def schema(postgres_dsn: str) -> AsyncIterator[str]:
+    """A fresh schema with the job table (migrated twice: it is idempotent), dropped after."""
+    name = f"j_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=name)
+        await migrate(conn, schema=name)
+        yield name
+        await conn.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+@pytest.fixture
+async def store(postgres_dsn: str, schema: str) -> AsyncIterator[PostgresStore]:
+    made = PostgresStore(postgres_dsn, schema=schema)
+    yield made
+    await made.close()
+
+
+def test_the_migration_and_arguments() -> None:
+    assert '"jobs_x".workq_jobs' in schema_sql("jobs_x")
+    with pytest.raises(ConfigurationError):
+        schema_sql("bad name")
+    with pytest.raises(ConfigurationError, match="dsn= or pool="):
+        PostgresStore()
+    with pytest.raises(ConfigurationError, match="ttl"):
+        PostgresStore("postgresql://x@localhost/db", ttl=0)
+    assert "s3cret" not in repr(PostgresStore("postgresql://app:s3cret@db/app"))
+
+
+async def test_the_store_rules(store: PostgresStore) -> None:
+    await check_late_writes(store)
+    await check_cancel(store)
+
+
+async def test_records_expire_after_the_ttl(postgres_dsn: str, schema: str) -> None:
+    store = PostgresStore(postgres_dsn, schema=schema, ttl=0.2)
+    try:
+        write = Write(job_id="e", task="t", queue="q", state=JobState.QUEUED, at=time.time())
+        await store.record([write])
+        assert await store.get("e") is not None
+        async with asyncio.timeout(5):
+            while await store.get("e") is not None:  # noqa: ASYNC110 - time is the event
+                await asyncio.sleep(0.05)
+        assert await store.purge() == 1
+    finally:
+        await store.close()
+
+
+@pytest.mark.broker
+async def test_a_job_end_to_end(
+    amqp_url: str, producer: Producer, store: PostgresStore, queue_name: str
+) -> None:
+    tasks = Tasks(producer=producer, store=store)
+
+    @tasks.task(queue=queue_name)
+    async def add(a: int, b: int = 1) -> int:
+        return a + b
+
+    job = await add.enqueue(40, b=2)
+    assert (await job.status()).state is JobState.QUEUED
+    workers = tasks.workers(amqp_url)
+    try:
+        for worker in workers:
+            await worker.start()
+        assert await job.result(timeout=20) == 42
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+    status = await job.status()
+    assert status.state is JobState.SUCCEEDED and status.attempt == 1
+
+
+@pytest.mark.broker
+async def test_an_unreachable_store_does_not_stop_the_queue(
+    amqp_url: str, producer: Producer, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    down = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", timeout=0.5)
+    tasks = Tasks(producer=producer, store=down)
+    ran = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def important() -> None:
+        ran.set()
+
+    job = await important.enqueue()  # recorded nowhere, sent all the same
+    assert "did not record it" in caplog.text
+    workers = tasks.workers(amqp_url)
+    try:
+        for worker in workers:
+            await worker.start()
+        async with asyncio.timeout(20):
+            await ran.wait()
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+    assert "unreachable" in caplog.text
+    with pytest.raises(StoreError, match="PostgreSQL store"):
+        await job.status()
+    await down.close()
