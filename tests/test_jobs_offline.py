@@ -27,7 +27,7 @@ from aio_workq.jobs import (
     current_job,
 )
 from aio_workq.testing import run_task
-from tests.test_consume_layers import PACKAGE, _imported
+from tests.test_layers import PACKAGE, imports, modules
 
 
 @dataclass
@@ -227,11 +227,12 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
 
 def test_nothing_below_jobs_imports_it() -> None:
     above = ("jobs", "testing")
+    found = modules()
     bad = sorted(
         f"{path.relative_to(PACKAGE)} imports {name}"
-        for path in PACKAGE.rglob("*.py")
+        for module, path in found.items()
         if path.relative_to(PACKAGE).parts[0] not in above
-        for name in _imported(path)
+        for name, _ in imports(module, path, set(found))
         if name.startswith("aio_workq.jobs")
     )
     assert not bad

@@ -30,6 +30,7 @@ from ._errors import JobTimeoutError as JobTimeoutError
 from ._errors import StoreError as StoreError
 from ._errors import TaskArgumentError as TaskArgumentError
 from ._handle import CONTROL_EXCHANGE as CONTROL_EXCHANGE
+from ._handle import TASK_HEADER as TASK_HEADER
 from ._handle import JobHandle as JobHandle
 from ._handle import Publisher as Publisher
 from ._recorder import Running as Running
@@ -42,7 +43,6 @@ from ._status import JobStatus as JobStatus
 from ._status import Write as Write
 from ._store import JobStore as JobStore
 from ._store import MemoryStore as MemoryStore
-from ._tasks import TASK_HEADER as TASK_HEADER
 from ._tasks import Task as Task
 from ._tasks import Tasks as Tasks
 

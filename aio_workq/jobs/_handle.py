@@ -9,18 +9,21 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, Unpack
 
 from .._exceptions import ConfigurationError, IntegrationError
-from .._link.topology import Exchange, ExchangeType, Queue
+from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
 from ._errors import JobCancelledError, JobFailedError, JobNotFoundError, JobTimeoutError
 from ._status import JobRecord, JobState, JobStatus
 from ._store import JobStore
 
-__all__ = ("CONTROL_EXCHANGE", "JobHandle", "Publisher")
+__all__ = ("CONTROL_EXCHANGE", "TASK_HEADER", "JobHandle", "Publisher")
 
 log = logging.getLogger("aio_workq.jobs")
 
 R = TypeVar("R")
+
+TASK_HEADER = "x-workq-task"
+"""The header that names a job's task (several tasks can share a queue)."""
 
 CONTROL_EXCHANGE = Exchange("workq.control", ExchangeType.FANOUT)
 """The fanout exchange every task worker process listens on (cancel requests)."""

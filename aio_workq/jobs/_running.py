@@ -5,26 +5,46 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import Worker
 from .._exceptions import ConfigurationError, Reject, SerializationError
 from .._hooks import Hook
+from .._link.specs import Queue
 from .._publish.serialization import encode_body
 from ._errors import Cancelled
-from ._handle import CONTROL_EXCHANGE
+from ._handle import CONTROL_EXCHANGE, TASK_HEADER
 from ._recorder import Recorder, Running, defers_of
 
 if TYPE_CHECKING:
     from .._link.settings import URLs
-    from ._tasks import Task, Tasks
+    from ._store import JobStore
 
 __all__ = ("TaskWorker", "build_workers", "run_task")
 
 log = logging.getLogger("aio_workq.jobs")
+
+
+class TaskArguments(Protocol):
+    def decode(self, body: bytes, content_type: str | None) -> dict[str, Any]: ...
+
+
+class RunnableTask(Protocol):
+    """What running needs of a `Task` (`_tasks` imports this module, never the reverse)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def queue(self) -> Queue: ...
+    @property
+    def is_async(self) -> bool: ...
+    @property
+    def arguments(self) -> TaskArguments: ...
+
+    def fn(self, **kwargs: Any) -> Any: ...
 
 
 class _Session:
@@ -59,7 +79,7 @@ class TaskWorker(Worker):
             await self._session.stopped(self)
 
 
-async def run_task(task: Task[Any, Any], kwargs: dict[str, Any], running: Running | None) -> Any:
+async def run_task(task: RunnableTask, kwargs: dict[str, Any], running: Running | None) -> Any:
     """Call the task's function with `kwargs`: an `async def` in a task of its own (so a
     cancel request can cancel it), a plain `def` in a thread; `running` is the tracked job
     (`current_job()` inside).
@@ -95,15 +115,13 @@ async def run_task(task: Task[Any, Any], kwargs: dict[str, Any], running: Runnin
 class QueueRunner:
     """The handler of one queue's worker: finds the task by its header and runs it."""
 
-    def __init__(self, queue: str, tasks: Mapping[str, Task[Any, Any]], recorder: Recorder | None):
+    def __init__(self, queue: str, tasks: Mapping[str, RunnableTask], recorder: Recorder | None):
         self.queue = queue
         self._tasks = dict(tasks)
         self._recorder = recorder
         self.__qualname__ = f"tasks of {queue!r}"
 
     async def __call__(self, job: Job) -> Any:
-        from ._tasks import TASK_HEADER
-
         name = job.headers.get(TASK_HEADER)
         task = self._tasks.get(name) if isinstance(name, str) else None
         recorder, job_id = self._recorder, job.message_id
@@ -138,7 +156,8 @@ class QueueRunner:
 
 
 def build_workers(
-    tasks: Tasks,
+    tasks: Iterable[RunnableTask],
+    store: JobStore | None,
     url: URLs | None,
     *,
     concurrency: int,
@@ -155,9 +174,9 @@ def build_workers(
     for key in ("queue", "handler", "exchange", "binding_keys"):
         if key in options:
             raise ConfigurationError(f"tasks.workers() sets {key}= itself")
-    by_queue: dict[str, dict[str, Task[Any, Any]]] = {}
+    by_queue: dict[str, dict[str, RunnableTask]] = {}
     specs = {}
-    for task in tasks.tasks.values():
+    for task in tasks:
         if queues is not None and task.queue.name not in queues:
             continue
         by_queue.setdefault(task.queue.name, {})[task.name] = task
@@ -165,7 +184,6 @@ def build_workers(
     if not by_queue:
         wanted = f" on queues {list(queues)}" if queues is not None else ""
         raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
-    store = tasks.store
     recorder = Recorder(store) if store is not None else None
     session = _Session(recorder)
     extra = [recorder] if recorder is not None else []

@@ -22,10 +22,11 @@ from .._exceptions import (
     PayloadError,
     SerializationError,
 )
-from .._link.topology import Queue
+from .._link.specs import Queue
 from .._publish.serialization import JSON, encode_body
 from ._errors import StoreError, TaskArgumentError
-from ._handle import JobHandle, Publisher
+from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._running import build_workers
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -41,7 +42,6 @@ log = logging.getLogger("aio_workq.jobs")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-TASK_HEADER = "x-workq-task"
 """The header naming the task a message is for (several tasks can share a queue)."""
 _NAME = re.compile(r"[A-Za-z_][\w.:-]{0,199}")
 
@@ -428,9 +428,7 @@ class Tasks:
         Raises:
             ConfigurationError: no tasks (on those queues), or a bad worker option.
         """
-        from ._running import build_workers
-
         return build_workers(
-            self, url, concurrency=concurrency, retry=retry, queues=queues, hooks=hooks,
-            options=options,
+            self.tasks.values(), self.store, url, concurrency=concurrency, retry=retry,
+            queues=queues, hooks=hooks, options=options,
         )  # fmt: skip
