@@ -253,7 +253,7 @@ class PublishMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def timeout(self, data: st.DataObject) -> None:
         message_id = data.draw(st.sampled_from(self.unsettled))
-        for out in [*self.publisher._tracker, *self.publisher._waiting]:
+        for out in self.publisher._outstanding():
             if out.message_id == message_id:
                 out.deadline = 0
         self._settle(message_id, "timeout")
@@ -323,6 +323,44 @@ def test_a_body_over_rabbitmqs_limit_is_refused_before_anything_is_sent() -> Non
         assert source.connection.channels[-1].published == ["small"]  # tag 1 is the small one
         source.demux.sinks[source.connection.channels[-1].number].on_confirm(1, False, True)
         assert await ok == "small"
+        await publisher.close(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_new_channel_writing_before_the_old_ones_loss_is_handled_mixes_no_tags() -> None:
+    """Each channel has its own confirm tracker: a channel set up before the loss of the one
+    before it is handled (an order another module decides) still settles every message by its
+    own channel's tags, and the old channel's messages are resent, none forgotten (#20)."""
+
+    async def scenario() -> None:
+        from aio_workq._wire.seams import Wire
+
+        source = FakeSource()
+        publisher = ConfirmPublisher(source, window=Window(10), timeout=3600, resend=True)
+        await publisher.start()
+        first = source.connection.channels[-1]
+        m1 = await publisher.send("", "q", b"1", Properties(message_id="m1"))
+        m2 = await publisher.send("", "q", b"2", Properties(message_id="m2"))
+        source.writer.flush()
+        assert first.published == ["m1", "m2"]  # tags 1 and 2 on the first channel
+        # The second channel is set up while the first one's loss is not handled yet.
+        second = await source.connection.channel()
+        await publisher._on_channel(second, Wire(source.demux, source.writer))  # type: ignore[arg-type]
+        m3 = await publisher.send("", "q", b"3", Properties(message_id="m3"))
+        source.writer.flush()
+        assert second.published == ["m3"]  # tag 1 on the second channel
+        source.demux.sinks[second.number].on_confirm(1, True, True)
+        assert await m3 == "m3" and not m1.done() and not m2.done()
+        # Now the first channel's loss: what it did not confirm goes out on the second.
+        first.connection.is_closed = False
+        publisher._on_lost(first, ConnectionError("connection lost"))  # type: ignore[arg-type]
+        source.writer.flush()
+        assert second.published == ["m3", "m1", "m2"]
+        source.demux.sinks[second.number].on_confirm(3, True, True)
+        async with asyncio.timeout(5):
+            assert [await m1, await m2] == ["m1", "m2"]
+        assert publisher.in_flight == 0
         await publisher.close(0)
 
     asyncio.run(scenario())

@@ -3,7 +3,10 @@
 `send()` first validates and encodes the message (`_wire`): a bad property, header, name or id
 raises `SerializationError` before anything is recorded. Then it waits, within the message's
 timeout, for room in the `Window` and for an open channel, and hands the message to the
-channel's lane (`_lanes`), which tags it and records it in the `ConfirmTracker`.
+channel's lane (`_lanes`), which tags it and records it in that channel's own `ConfirmTracker`.
+The content header must fit in one frame of the connection's negotiated `frame_max`: larger
+properties (in practice, the headers) are refused with `SerializationError` before anything is
+recorded, instead of making the broker close the connection (501 FRAME_ERROR).
 
 Every message ends in exactly one of: confirmed (its future's result is the message id), or a
 typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` or
@@ -30,10 +33,16 @@ from .._exceptions import (
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource
 from .._link.declare import missing_exchange
-from .._wire.frames import Properties, check_destination, encode_properties
-from .._wire.lanes import FastLane, Lane, PlainLane
+from .._wire.frames import (
+    Properties,
+    check_destination,
+    encode_properties,
+    header_too_large,
+    properties_limit,
+)
+from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
 from .._wire.seams import Wire
-from .._wire.tracker import MAYBE, ConfirmTracker, Outgoing
+from .._wire.tracker import MAYBE, ConfirmTracker, InFlight, Outgoing
 from .._wire.window import Window
 
 __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
@@ -84,8 +93,11 @@ class ConfirmPublisher:
         self._what = what
         self._fail_fast = fail_fast
         self._loop = asyncio.get_running_loop()
-        self._tracker = ConfirmTracker(self._on_settled)
-        self._lane: Lane | None = None
+        self._in_flight = InFlight(self._on_settled)
+        self._lane: Lane | None = None  # the current channel's, while it is open
+        self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
+        self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
+        self._properties_max = properties_limit(0)
         self._waiting: deque[Outgoing] = deque()  # for the next channel
         self._listeners: list[ChannelListener] = []
         self._missing_listeners: list[ExchangeListener] = []
@@ -130,21 +142,37 @@ class ConfirmPublisher:
     async def _on_channel(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
         for listener in self._listeners:
             await listener(channel)
+        self._frame_max = frame_max = negotiated_frame_max(channel)
+        self._properties_max = properties_limit(frame_max)
+        tracker = ConfirmTracker(self._in_flight)  # this channel's own: its tags are its own
         lane: Lane = (
-            FastLane(channel, wire, self._tracker)
+            FastLane(channel, wire, tracker, frame_max)
             if wire is not None
-            else PlainLane(channel, self._tracker)
+            else PlainLane(channel, tracker)
         )
+        self._lanes.append(lane)
         self._lane = lane
         while self._waiting and self._lane is lane:
             out = self._waiting.popleft()
-            if not out.settled:
-                lane.write(out)
+            if out.settled:
+                continue
+            if len(out.encoded[1]) > self._properties_max:  # a new node with a smaller frame_max
+                error = header_too_large(out.props or Properties(message_id=out.message_id),
+                                         len(out.encoded[1]), frame_max)  # fmt: skip
+                self._in_flight.fail(out, ConnectionLostError, f"not resent: {error}; {MAYBE}")
+                continue
+            lane.write(out)
         self._ready.set()
 
     def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
-        self._lane = None
-        self._ready.clear()
+        # The lane of `channel`, whichever is current: a new channel may already be writing.
+        lane = next((lane for lane in self._lanes if lane.channel is channel), None)
+        if lane is None:
+            return
+        self._lanes.remove(lane)
+        if self._lane is lane:
+            self._lane = None
+            self._ready.clear()
         # Resend unless the broker closed this channel alone for an error of its own (404/406):
         # the same messages would only close the next channel too.
         channel_error = isinstance(reason, aiormq.exceptions.AMQPChannelError) and not (
@@ -158,16 +186,19 @@ class ConfirmPublisher:
             for listener in self._missing_listeners:
                 listener(missing)
         # ---
-        for out in self._tracker.take_all():
+        for out in lane.tracker.take_all():
             if out.settled:
                 continue
             if missing is not None and out.exchange == missing:
-                self._tracker.settle(out, _no_exchange(out))
+                self._in_flight.settle(out, _no_exchange(out))
             elif self._resend and (connection_lost or missing is not None) and not self._closed:
-                self._waiting.append(out)
+                if self._lane is not None:
+                    self._lane.write(out)  # the next channel is open already
+                else:
+                    self._waiting.append(out)
             else:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
-                self._tracker.fail(out, ConnectionLostError, f"not confirmed: {why}; {MAYBE}")
+                self._in_flight.fail(out, ConnectionLostError, f"not confirmed: {why}; {MAYBE}")
 
     async def send(
         self,
@@ -184,8 +215,9 @@ class ConfirmPublisher:
         Waits only while the window is full or the channel is reopening, up to `timeout`.
 
         Raises:
-            SerializationError: a property, header, name or id can't be sent, or the body is
-                over RabbitMQ's 128 MiB limit; nothing was sent.
+            SerializationError: a property, header, name or id can't be sent, the headers
+                make a content header larger than the connection's `frame_max`, or the body
+                is over RabbitMQ's 128 MiB limit; nothing was sent.
             ConfigurationError: the message id of a mandatory message is already in flight.
             PublishTimeoutError: no room in the window, or no channel, within `timeout`.
             BrokerUnavailableError: with `fail_fast`, the connection is down; nothing was sent.
@@ -193,6 +225,8 @@ class ConfirmPublisher:
         """
         check_destination(exchange, routing_key, mandatory)
         encoded = encode_properties(props)
+        if len(encoded[1]) > self._properties_max:
+            raise header_too_large(props, len(encoded[1]), self._frame_max)
         if len(body) > MAX_MESSAGE_SIZE:
             raise SerializationError(
                 f"message {props.message_id} has a body of {len(body):,} bytes: RabbitMQ refuses "
@@ -215,6 +249,8 @@ class ConfirmPublisher:
                     f"{self._source.trouble() or 'the connection to the broker is down'}"
                 )
             await self._wait_for_room(deadline, props.message_id, exchange, routing_key)
+            if len(encoded[1]) > self._properties_max:  # the new connection allows less
+                raise header_too_large(props, len(encoded[1]), self._frame_max)
         out = Outgoing(
             exchange,
             routing_key,
@@ -226,7 +262,7 @@ class ConfirmPublisher:
             deadline,
             props,
         )
-        self._tracker.admit(out)
+        self._in_flight.admit(out)
         self._window.take(len(body))
         lane = self._lane
         assert lane is not None
@@ -270,18 +306,18 @@ class ConfirmPublisher:
     def _sweep(self) -> None:
         self._sweep_handle = None
         now = self._loop.time()
-        expired = [out for out in (*self._tracker, *self._waiting) if out.deadline <= now]
+        expired = [out for out in self._outstanding() if out.deadline <= now]
         if expired:
             why = f"not confirmed within its timeout: {self._source.trouble() or _SLOW}; {MAYBE}"
             for out in expired:
-                self._tracker.fail(out, PublishTimeoutError, why)
+                self._in_flight.fail(out, PublishTimeoutError, why)
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
         if self._window.count:
             self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
     def _outstanding(self) -> list[Outgoing]:
-        return [*self._tracker, *self._waiting]
+        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every message is settled; False if some are still pending at `timeout`."""
@@ -300,12 +336,13 @@ class ConfirmPublisher:
             await self.wait_idle(timeout)
         self._closed = True
         for out in self._outstanding():
-            self._tracker.fail(out, ConnectionLostError, f"not confirmed before close; {MAYBE}")
+            self._in_flight.fail(out, ConnectionLostError, f"not confirmed before close; {MAYBE}")
         self._waiting.clear()
         if self._sweep_handle is not None:
             self._sweep_handle.cancel()
             self._sweep_handle = None
         self._lane = None
+        self._lanes.clear()
         await self._channel.close()
 
 

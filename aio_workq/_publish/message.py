@@ -32,6 +32,17 @@ _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 
 
+def _reseed_ids() -> None:
+    """A forked child gets a prefix and counter of its own: the parent's would hand out the
+    parent's ids again (and `idempotent()` would skip a different message as a duplicate)."""
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(8).hex()
+    _ID_COUNTER = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 async def settle_in_order(
     outcomes: list[asyncio.Future[str] | WorkqError],
 ) -> list[str | BaseException]:
@@ -43,7 +54,8 @@ async def settle_in_order(
 
 
 def new_message_id() -> str:
-    """A message id unique across processes: a random per-process prefix and a counter."""
+    """A message id unique across processes: a random per-process prefix (drawn again in a
+    forked child) and a counter."""
     return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
 
 

@@ -29,13 +29,16 @@ from .._exceptions import SerializationError
 
 __all__ = (
     "NAME_PATTERN",
+    "HEADER_FRAME_OVERHEAD",
     "EncodedProperties",
     "Properties",
     "ack_frame",
     "check_destination",
     "decode_header",
     "encode_properties",
+    "header_too_large",
     "nack_frame",
+    "properties_limit",
     "publish_frames",
     "reject_frame",
 )
@@ -295,6 +298,40 @@ def encode_properties(props: Properties) -> EncodedProperties:
         flags |= _TYPE
         parts.append(_shortstr(props.type, "message_type"))
     return flags, b"".join(parts)
+
+
+HEADER_FRAME_OVERHEAD = 22
+"""Bytes of a content header frame besides the encoded properties: the frame's type, channel
+and size (7) and end octet (1), then class, weight, body size and property flags (14)."""
+
+
+def properties_limit(frame_max: int) -> int:
+    """The most bytes of encoded properties whose content header fits in one frame of
+    `frame_max` bytes (0: the broker set no limit). AMQP sends the content header in one frame
+    whatever its size; RabbitMQ closes the connection (501 FRAME_ERROR) on a larger one."""
+    return frame_max - HEADER_FRAME_OVERHEAD if frame_max > 0 else 2**63
+
+
+def header_too_large(props: Properties, size: int, frame_max: int) -> SerializationError:
+    """The error for `props` whose `size` bytes of encoded properties are over
+    `properties_limit(frame_max)`, naming the field (only the headers can grow that large:
+    every other property is at most 255 bytes) and its largest entry."""
+    where = "the properties"
+    headers = props.headers
+    if isinstance(headers, Mapping) and headers:
+        sizes = {key: len(_table({key: value})) for key, value in headers.items()}
+        largest = max(sizes, key=sizes.__getitem__)
+        where = (
+            f"the headers ({len(_table(headers)):,} bytes encoded; the largest is {largest!r}, "
+            f"{sizes[largest]:,} bytes)"
+        )
+    return SerializationError(
+        f"message {props.message_id}: {where} make a content header of "
+        f"{size + HEADER_FRAME_OVERHEAD:,} bytes, over the connection's frame_max of "
+        f"{frame_max:,} bytes (the broker would close the connection: the content header must "
+        f"fit in one frame, so at most {properties_limit(frame_max):,} bytes of properties); "
+        "put large values in the body"
+    )
 
 
 def publish_frames(

@@ -1,17 +1,18 @@
 """How a publishing channel's messages go out and their confirms come back: two lanes.
 
+Each lane is made for one channel, with that channel's own `ConfirmTracker` (`tracker`).
 `FastLane` (connections aio-workq opened): frames are marshalled by `_wire`, tagged by the lane's
 own counter and written by the connection's one ordered `FrameWriter`; confirms and returns come
 straight off the socket from the `FrameDemux`. `PlainLane` (an aio-pika connection someone else
 opened, or `AIO_WORKQ_FAST_PATH=0`): each message is one `aiormq.Channel.basic_publish()` call,
-aiormq's public API, whose result settles it. Both record every message in the same
-`ConfirmTracker` before it can be confirmed.
+aiormq's public API, whose result settles that message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -23,17 +24,25 @@ from .frames import Properties, publish_frames
 from .seams import Wire
 from .tracker import ConfirmTracker, Outgoing
 
-__all__ = ("FastLane", "Lane", "PlainLane", "pamqp_properties")
+__all__ = ("FastLane", "Lane", "PlainLane", "negotiated_frame_max", "pamqp_properties")
 
 log = logging.getLogger("aio_workq")
 
 _BURST = 256  # buffered writes after which a long burst is written out at once
 
 
+def negotiated_frame_max(channel: aiormq.abc.AbstractChannel) -> int:
+    """The connection's negotiated frame_max (0: no limit): `connection_tune`, a public
+    attribute of `aiormq.abc.AbstractConnection` (reliance 5 in `_seams`)."""
+    tune = channel.connection.connection_tune
+    return int(tune.frame_max or 0) if tune is not None else 0
+
+
 class Lane(Protocol):
-    """Writes messages on one channel and records them in the tracker under their tags."""
+    """Writes messages on one channel and records them in its tracker under their tags."""
 
     channel: aiormq.abc.AbstractChannel
+    tracker: ConfirmTracker
 
     def write(self, out: Outgoing) -> None: ...
 
@@ -45,18 +54,21 @@ class Lane(Protocol):
 class FastLane:
     """aio-workq's own tags and ordered writer; confirms from the demux (see `_seams`)."""
 
-    __slots__ = ("_frame_max", "_gate", "_number", "_tag", "_tracker", "_writer", "channel")
+    __slots__ = ("_frame_max", "_gate", "_number", "_tag", "_writer", "channel", "tracker")
 
     def __init__(
-        self, channel: aiormq.abc.AbstractChannel, wire: Wire, tracker: ConfirmTracker
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        wire: Wire,
+        tracker: ConfirmTracker,
+        frame_max: int,
     ) -> None:
         self.channel = channel
+        self.tracker = tracker
         self._number = channel.number
         self._writer = wire.writer
-        self._tracker = tracker
         self._tag = 0  # the broker numbers a confirm channel's publishes from 1
-        tune = channel.connection.connection_tune  # reliance 5 in _seams
-        self._frame_max = (tune.frame_max if tune is not None else 0) or 131072
+        self._frame_max = frame_max or 131072  # 0 is "no limit": body frames of the default size
         self._gate = wire.demux.attach(channel, confirms=self)
 
     def write(self, out: Outgoing) -> None:
@@ -70,7 +82,7 @@ class FastLane:
             self._frame_max,
         )
         self._tag += 1
-        self._tracker.record(self._tag, out)
+        self.tracker.record(self._tag, out)
         self._writer.write(self._gate, frames)
 
     def burst_full(self) -> bool:
@@ -81,33 +93,55 @@ class FastLane:
 
     # The demux's `Confirms`.
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
-        self._tracker.on_confirm(delivery_tag, multiple, ack)
+        self.tracker.on_confirm(delivery_tag, multiple, ack)
 
     def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None:
+        # The broker returns the content header it was sent: aio-workq's own encoding, which
+        # always decodes back with its message id (tests/test_publish_returns.py), and a return
+        # comes before the ack of its message. So a return is never dropped here for its
+        # header, which would let that ack count the message as confirmed.
         message_id = message.properties.message_id
-        if not self._tracker.on_return(message_id):
+        if not self.tracker.on_return(message_id):
             log.debug(
                 "returned message %s is not pending (%d %s)", message_id, reply_code, reply_text
             )
 
 
 class PlainLane:
-    """One `basic_publish()` per message through aiormq's public API."""
+    """One `basic_publish()` per message through aiormq's public API.
 
-    __slots__ = ("_loop", "_seq", "_tasks", "_tracker", "channel")
+    aiormq matches a `Basic.Return` to a publish by message id: to the latest publish with
+    that id. So that it is always the right one, a message whose id is the id of a mandatory
+    publish still unconfirmed in aiormq waits (with every message after it, to keep their
+    order) until that publish is settled. Only mandatory messages are returned, and two of
+    them with one id are never in aiormq at once: the return of each reaches its own publish,
+    and each publish's result settles only its own record.
+    """
+
+    __slots__ = ("_held", "_loop", "_mandatory", "_seq", "_tasks", "channel", "tracker")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, tracker: ConfirmTracker) -> None:
         self.channel = channel
-        self._tracker = tracker
+        self.tracker = tracker
         self._seq = 0
         self._loop = asyncio.get_running_loop()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._mandatory: set[str] = set()  # ids of mandatory publishes unconfirmed in aiormq
+        self._held: deque[Outgoing] = deque()  # waiting for one of those, in write order
 
     def write(self, out: Outgoing) -> None:
-        assert out.props is not None
         self._seq += 1
-        self._tracker.record(self._seq, out)
-        task = self._loop.create_task(self._publish(out, self._seq, pamqp_properties(out.props)))
+        self.tracker.record(self._seq, out)
+        if self._held or out.message_id in self._mandatory:
+            self._held.append(out)
+        else:
+            self._start(out)
+
+    def _start(self, out: Outgoing) -> None:
+        assert out.props is not None
+        if out.mandatory:
+            self._mandatory.add(out.message_id)
+        task = self._loop.create_task(self._publish(out, pamqp_properties(out.props)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -117,7 +151,11 @@ class PlainLane:
     def flush(self) -> None:
         pass
 
-    async def _publish(self, out: Outgoing, seq: int, props: Basic.Properties) -> None:
+    async def _publish(self, out: Outgoing, props: Basic.Properties) -> None:
+        # Each outcome is this publish's own: aiormq settles its future by delivery tag, and
+        # its return by message id, which no other publish in aiormq shares (see the class).
+        # A multiple ack is split by aiormq into one result per publish, so the order in
+        # which these tasks resume cannot give one message another's outcome.
         try:
             result = await self.channel.basic_publish(
                 out.body,
@@ -127,17 +165,30 @@ class PlainLane:
                 mandatory=out.mandatory,
             )
         except aiormq.exceptions.PublishError:  # returned (the channel raises on returns)
-            self._tracker.on_return(out.message_id)
-            return
+            if out.tracker is self.tracker:
+                self.tracker.returned(out)
         except aiormq.exceptions.DeliveryError:  # nacked
-            self._tracker.on_confirm(seq, False, False)
-            return
+            self.tracker.settle(out, False)
         except Exception:
-            return  # the channel closed: the publisher resends or fails the record
-        if isinstance(result, Basic.Ack):
-            self._tracker.on_confirm(seq, False, True)
-        elif isinstance(result, Basic.Nack):
-            self._tracker.on_confirm(seq, False, False)
+            pass  # the channel closed: the publisher resends or fails the record
+        else:
+            if isinstance(result, Basic.Ack | Basic.Nack):
+                self.tracker.settle(out, isinstance(result, Basic.Ack))
+        finally:
+            if out.mandatory:
+                self._mandatory.discard(out.message_id)
+                self._release()
+
+    def _release(self) -> None:
+        """Start the held messages, in order, up to the next one that must still wait."""
+        held = self._held
+        if self.tracker.closed or self.channel.is_closed:
+            held.clear()  # handed back to the publisher with the channel's other records
+            return
+        while held and held[0].message_id not in self._mandatory:
+            out = held.popleft()
+            if not out.settled:
+                self._start(out)
 
 
 def pamqp_properties(props: Properties) -> Basic.Properties:

@@ -1,11 +1,17 @@
-"""The confirm tracker: which unconfirmed message each broker confirm, nack or return is about.
+"""The confirm trackers: which unconfirmed message each broker confirm, nack or return is about.
 
-Every message becomes an `Outgoing` record. The tracker holds the records of the current channel
-under their delivery tags (in tag order) and, for mandatory messages, under their message id
-(returns name only the message id). It settles each record exactly once: the future gets the
-message id (confirmed), or a `PublishError` saying what happened. A confirm for a tag it does not
-hold changes nothing. When the channel closes, `take_all()` hands back every unsettled record,
-for the publisher to resend or fail.
+Every message becomes an `Outgoing` record. Two bookkeepers settle it, each exactly once: the
+future gets the message id (confirmed), or a `PublishError` saying what happened.
+
+- `InFlight`, one per publisher: every unsettled record, whichever channel it was written on
+  (or none yet, while it waits for a channel); mandatory records also under their message id,
+  which must be unique among them (a return names only the message id).
+- `ConfirmTracker`, one per publishing channel, made with the channel's lane: the records
+  written on that channel under their delivery tags (in tag order). A confirm on the channel
+  only ever reaches its own tracker, so a channel's tags can never be taken for another's:
+  this does not depend on the order in which the old channel's loss and the new channel's
+  first writes are handled. `take_all()` closes the tracker and hands back what was written on
+  the channel and not settled, for the publisher to resend or fail; it ignores anything later.
 """
 
 from __future__ import annotations
@@ -17,13 +23,12 @@ from .._exceptions import (
     ConfigurationError,
     PublishError,
     PublishNackedError,
-    PublishTimeoutError,
     UnroutableError,
     WorkqError,
 )
 from .frames import EncodedProperties, Properties
 
-__all__ = ("MAYBE", "ConfirmTracker", "Outgoing")
+__all__ = ("MAYBE", "ConfirmTracker", "InFlight", "Outgoing")
 
 MAYBE = "it may or may not have reached the queue"
 _UNROUTABLE = (
@@ -31,10 +36,6 @@ _UNROUTABLE = (
     "binding, or publish with mandatory=False)"
 )
 _NACKED = "nacked by the broker (e.g. the queue is full with overflow=reject-publish)"
-_TIMED_OUT = (
-    "not confirmed within its timeout (connection down, or the broker blocks publishers on a "
-    f"memory or disk alarm); {MAYBE}"
-)
 
 
 class Outgoing:
@@ -52,6 +53,7 @@ class Outgoing:
         "routing_key",
         "settled",
         "tag",
+        "tracker",
     )
 
     def __init__(
@@ -77,6 +79,7 @@ class Outgoing:
         self.props = props  # for the plain lane, which hands aiormq the properties
         self.settled = False
         self.tag = 0
+        self.tracker: ConfirmTracker | None = None  # the channel's, while written on it
 
     def error(self, cls: type[PublishError], what: str) -> PublishError:
         """A `cls` error saying `what` happened to this message."""
@@ -89,25 +92,18 @@ class Outgoing:
         )
 
 
-class ConfirmTracker:
-    """Settles the records of one publishing channel by delivery tag and by message id.
+class InFlight:
+    """Every unsettled message of one publisher; settles each exactly once.
 
     Args:
         on_settled: called once for every record settled (the publisher's window release).
     """
 
-    __slots__ = ("_by_id", "_on_settled", "_pending")
+    __slots__ = ("_by_id", "_on_settled")
 
     def __init__(self, on_settled: Callable[[Outgoing], None]) -> None:
-        self._pending: dict[int, Outgoing] = {}  # delivery tag -> record, in tag order
-        self._by_id: dict[str, Outgoing] = {}  # message id -> mandatory record
+        self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
         self._on_settled = on_settled
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def __iter__(self) -> Iterator[Outgoing]:
-        return iter(self._pending.values())
 
     def admit(self, out: Outgoing) -> None:
         """Take on a new record, before it is written or queued for a channel.
@@ -125,18 +121,21 @@ class ConfirmTracker:
                 )
             self._by_id[out.message_id] = out
 
-    def record(self, tag: int, out: Outgoing) -> None:
-        """`out` was written with delivery tag `tag` (tags strictly increase per channel)."""
-        out.tag = tag
-        self._pending[tag] = out
+    def mandatory(self, message_id: str) -> Outgoing | None:
+        """The unsettled mandatory record with this id, if any."""
+        return self._by_id.get(message_id)
 
     def settle(self, out: Outgoing, error: WorkqError | None) -> None:
-        """Settle `out` (once): confirmed when `error` is None, else failed with it."""
+        """Settle `out` (once): confirmed when `error` is None, else failed with it.
+
+        `settled` is set first: whatever happens after, a later confirm changes nothing.
+        """
         if out.settled:
             return
         out.settled = True
-        if self._pending.get(out.tag) is out:
-            del self._pending[out.tag]
+        tracker = out.tracker
+        if tracker is not None:
+            tracker.discard(out)
         if out.mandatory and self._by_id.get(out.message_id) is out:
             del self._by_id[out.message_id]
         if not out.future.done():
@@ -148,6 +147,40 @@ class ConfirmTracker:
 
     def fail(self, out: Outgoing, cls: type[PublishError], what: str) -> None:
         self.settle(out, out.error(cls, what))
+
+
+class ConfirmTracker:
+    """The records written on one publishing channel, under the channel's delivery tags.
+
+    Args:
+        in_flight: the publisher's `InFlight`, which settles them.
+    """
+
+    __slots__ = ("_in_flight", "_pending", "closed")
+
+    def __init__(self, in_flight: InFlight) -> None:
+        self._in_flight = in_flight
+        self._pending: dict[int, Outgoing] = {}  # delivery tag -> record, in tag order
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def __iter__(self) -> Iterator[Outgoing]:
+        return iter(self._pending.values())
+
+    def record(self, tag: int, out: Outgoing) -> None:
+        """`out` was written with delivery tag `tag` (tags strictly increase per channel)."""
+        out.tag = tag
+        out.tracker = self
+        self._pending[tag] = out
+
+    def discard(self, out: Outgoing) -> None:
+        """`out` was settled: forget its tag."""
+        pending = self._pending
+        if pending.get(out.tag) is out:
+            del pending[out.tag]
+        out.tracker = None
 
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         """A `Basic.Ack` (ack) or `Basic.Nack` for `delivery_tag` (and all before, if multiple)."""
@@ -161,32 +194,37 @@ class ConfirmTracker:
         else:
             single = pending.get(delivery_tag)
             settled = [single] if single is not None else []
+        settle = self._in_flight.settle
         for out in settled:
-            if ack:
-                self.settle(out, None)
-            else:
-                self.fail(out, PublishNackedError, _NACKED)
+            del pending[out.tag]  # here rather than in settle(): the hot path
+            out.tracker = None
+            settle(out, None if ack else out.error(PublishNackedError, _NACKED))
 
     def on_return(self, message_id: str | None) -> bool:
-        """A `Basic.Return` of a mandatory message; False when no pending message has the id."""
-        out = self._by_id.get(message_id or "")
-        if out is None or self._pending.get(out.tag) is not out:
+        """A `Basic.Return` of a mandatory message on this channel, found by its id (unique
+        among unsettled mandatory records); False when none written here has the id."""
+        out = self._in_flight.mandatory(message_id or "")
+        if out is None or out.tracker is not self:
             return False
-        self.fail(out, UnroutableError, _UNROUTABLE)
+        self.returned(out)
         return True
 
-    def expire(self, now: float, also: Iterator[Outgoing] | None = None) -> None:
-        """Fail every record (written, or in `also`) whose deadline has passed."""
-        records = list(self._pending.values()) if also is None else [*self._pending.values(), *also]
-        for out in records:
-            if out.deadline <= now:
-                self.fail(out, PublishTimeoutError, _TIMED_OUT)
+    def returned(self, out: Outgoing) -> None:
+        """`out` itself, written on this channel, was returned as unroutable."""
+        self._in_flight.fail(out, UnroutableError, _UNROUTABLE)
+
+    def settle(self, out: Outgoing, ack: bool) -> None:
+        """`out` itself, written on this channel, was acked (or nacked); ignored once the
+        tracker is closed (it was handed back for a resend or a failure)."""
+        if out.tracker is self:
+            self._in_flight.settle(out, None if ack else out.error(PublishNackedError, _NACKED))
 
     def take_all(self) -> list[Outgoing]:
-        """Remove and return every record written on the channel that closed, oldest first.
-
-        They stay admitted: each is resent (and recorded again) or settled.
-        """
+        """Close the tracker (its channel closed): remove and return every record written on
+        it and not settled, oldest first. They stay in flight: each is resent or settled."""
+        self.closed = True
         taken = list(self._pending.values())
         self._pending.clear()
+        for out in taken:
+            out.tracker = None
         return taken

@@ -1,0 +1,181 @@
+"""Publish outcomes on a real broker, the fast and the plain path side by side (issue #20).
+
+Each test takes `path`: a `Producer` on an aio-workq `Connection` with the fast path (own
+frames, demux) and one with `fast_path=False` (aiormq's public API for every frame, as with
+`AIO_WORKQ_FAST_PATH=0`), so one run of the file covers both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+import aio_workq
+from aio_workq import (
+    Connection,
+    Hook,
+    Producer,
+    PublishNackedError,
+    PublishTimeoutError,
+    Queue,
+    SerializationError,
+    UnroutableError,
+)
+from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
+from tests.helpers import queue_depth
+
+pytestmark = pytest.mark.broker
+
+
+class Losses(Hook):
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+
+    def on_connection_lost(self, url: str) -> None:
+        self.lost.append(url)
+
+
+@dataclass
+class Path:
+    name: str
+    connection: Connection
+    producer: Producer
+    losses: Losses
+
+    def assert_never_lost(self) -> None:
+        assert self.losses.lost == [] and self.connection.reconnects == 0
+        assert self.producer.connected
+
+
+@pytest.fixture(params=["fast", "plain"])
+async def path(request: pytest.FixtureRequest, amqp_url: str) -> AsyncIterator[Path]:
+    losses = Losses()
+    connection = Connection(
+        amqp_url, fast_path=request.param == "fast", hooks=[losses], name=request.node.nodeid
+    )
+    await connection.open()
+    try:
+        async with Producer(connection=connection, timeout=20) as producer:
+            yield Path(request.param, connection, producer, losses)
+    finally:
+        await connection.close()
+
+
+async def _frame_max(amqp_url: str) -> int:
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    return frame_max
+
+
+async def outcome(confirm: asyncio.Future[str]) -> str:
+    try:
+        await confirm
+    except PublishNackedError:
+        return "nacked"
+    except UnroutableError:
+        return "unroutable"
+    except PublishTimeoutError:
+        return "timeout"
+    return "confirmed"
+
+
+# --- finding 1: a content header larger than frame_max ----------------------------------------
+
+
+async def test_a_header_table_over_frame_max_is_refused_and_nothing_else_changes(
+    path: Path, queue_name: str, amqp_url: str
+) -> None:
+    producer = path.producer
+    await producer.declare(queue_name)
+    frame_max = await _frame_max(amqp_url)
+    confirms = [await producer.send(f"before {n}", queue=queue_name) for n in range(3)]
+    async with asyncio.timeout(1):  # at once: nothing waits for the broker
+        with pytest.raises(SerializationError, match=r"headers.*'big'.*frame_max") as info:
+            await producer.send("big", queue=queue_name, headers={"big": "x" * 200_000})
+    assert f"{frame_max:,}" in str(info.value)
+    confirms += [await producer.send(f"after {n}", queue=queue_name) for n in range(3)]
+    # The largest header that fits is sent and confirmed: the limit is the broker's.
+    props = Properties(message_id="edge", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1])
+    confirms.append(
+        await producer.send(b"edge", queue=queue_name, message_id="edge", headers={"h": "x" * room})
+    )
+    with pytest.raises(SerializationError, match="frame_max"):
+        await producer.send(b"edge", queue=queue_name, headers={"h": "x" * (room + 1)})
+    assert [await outcome(c) for c in confirms] == ["confirmed"] * 7
+    path.assert_never_lost()
+
+
+# --- the outcome matrix: every outcome on both paths, each message its own ---------------------
+
+NOWHERE = {"exchange": "amq.direct", "routing_key": "no-queue-is-bound-to-this-key"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "confirmed",
+        "nacked",
+        "returned",
+        "returned, then a routable one with its id",
+        "routable, then a returned one with its id",
+        "timeout",
+    ],
+)
+async def test_every_outcome_is_the_messages_own(
+    path: Path, case: str, queue_name: str, amqp_url: str, request: pytest.FixtureRequest
+) -> None:
+    producer = path.producer
+    await producer.declare(queue_name)
+    sent: list[tuple[str, asyncio.Future[str]]] = []  # (expected outcome, confirm)
+
+    async def send(expected: str, body: str, **options: object) -> None:
+        if "exchange" not in options:
+            options.setdefault("queue", queue_name)
+        sent.append((expected, await producer.send(body, **options)))  # type: ignore[arg-type]
+
+    for n in range(5):
+        await send("confirmed", f"before {n}")
+    if case == "confirmed":
+        await send("confirmed", "it")
+    elif case == "nacked":
+        # A full queue nacks; the acks of the 20 after it may come as one multiple ack.
+        full = Queue(
+            f"{queue_name}-full",
+            type="classic",
+            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await producer.publish("fills it", queue=full)
+        await send("nacked", "it", queue=full)
+        await send("nacked", "it again", queue=full)
+    elif case == "returned":
+        await send("unroutable", "it", **NOWHERE)
+    elif case == "returned, then a routable one with its id":
+        await send("unroutable", "returned", message_id="same", **NOWHERE)
+        await send("confirmed", "routable", message_id="same", mandatory=False)
+    elif case == "routable, then a returned one with its id":
+        await send("confirmed", "routable", message_id="same", mandatory=False)
+        await send("unroutable", "returned", message_id="same", **NOWHERE)
+    else:
+        broker = request.getfixturevalue("local_broker")
+        broker.ctl("set_vm_memory_high_watermark", "0")  # the broker blocks publishers
+        try:
+            await send("timeout", "it", timeout=2)
+            async with asyncio.timeout(30):  # a hang guard: its 2 s timeout fails it first
+                assert await outcome(sent[-1][1]) == "timeout"
+        finally:
+            broker.ctl("set_vm_memory_high_watermark", "0.4")
+    for n in range(20):
+        await send("confirmed", f"after {n}")
+    async with asyncio.timeout(60):
+        outcomes = [await outcome(confirm) for _, confirm in sent]
+    assert outcomes == [expected for expected, _ in sent], str(outcomes)
+    depth = await queue_depth(amqp_url, queue_name)
+    routed = sum(1 for expected, _ in sent if expected == "confirmed")
+    assert depth == routed or (case == "timeout" and depth == routed + 1)  # "may or may not"
+    path.assert_never_lost()
