@@ -84,10 +84,24 @@ def meta(command: Sequence[str]) -> dict[str, Any]:
 
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(command),
+        "command": " ".join(_redacted(command)),
         "machine": machine(),
         "load_before": [round(x, 1) for x in os.getloadavg()],
     }
+
+
+def _redacted(command: Sequence[str]) -> list[str]:
+    """command with any broker URL (`--url X` or `--url=X`) shown without its password."""
+    from aio_workq import redact_url
+
+    out = []
+    for arg in command:
+        if arg.startswith("--url="):
+            arg = "--url=" + redact_url(arg[len("--url=") :])
+        elif out and out[-1] == "--url":
+            arg = redact_url(arg)
+        out.append(arg)
+    return out
 
 
 def spin(microseconds: float) -> None:

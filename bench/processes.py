@@ -170,6 +170,16 @@ def section(result: dict[str, Any], image: str) -> list[str]:
     header = ["handler CPU", "--processes", "msg/s", "× 1 process", "CPU µs/msg (all processes)",
               "messages per process"]  # fmt: skip
     ceilings = []
+    scaling = []
+    for work in plan["works"]:
+        base = _find(result, plan["processes"][0], work)
+        for n in plan["processes"][1:]:
+            r = _find(result, n, work)
+            if "rate" in r and "rate" in base:
+                scaling.append(
+                    f"--processes {n} gave {r['rate'] / base['rate']:.2f}× the rate of "
+                    f"--processes {plan['processes'][0]} with a {work:g} µs handler"
+                )
     for work in plan["works"]:
         r = _find(result, plan["processes"][0], work)
         if "cpu_us_per_msg" in r:
@@ -192,18 +202,23 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         "",
         *harness.table(header, lines),
         "",
-        "This machine has 2 cores, and the broker needs one of them at these rates (and other "
-        "jobs were running): a second process has no core of its own, so it cannot double the "
-        "rate here, and with a handler that does nothing it mostly adds contention. "
-        "The per-message CPU says what a bigger machine would do: "
-        + "; ".join(ceilings)
-        + ". With a core for each process and one or more for the broker, N processes handle "
-        "up to N times that, until the broker becomes the limit: a queue is one Erlang "
-        "process, so one queue delivers at most what one broker core can (in the bench above, "
-        "tens of thousands of small messages per second); past that, more processes only help "
-        "across several queues. The heavier the handler, the longer the processes scale: "
-        "--processes is for CPU-bound handlers, which one event loop (one core) would "
-        "otherwise limit.",
+        " ".join(
+            [
+                "Here: " + "; ".join(scaling) + ".",
+                "This machine has 2 cores, shared with the broker (which needs most of one at",
+                "these rates) and with other jobs, so a second process has no core of its own",
+                "and the ratio above says more about the load than about aio-workq.",
+                "The CPU per message says what a bigger machine would do:",
+                "; ".join(ceilings) + ".",
+                "With a core for each process and one or more for the broker, N processes",
+                "handle up to N times that, until the broker becomes the limit: a queue is one",
+                "Erlang process, so one queue delivers at most what one broker core can (tens of",
+                "thousands of small messages per second); past that, more processes help only",
+                "across several queues. The heavier the handler, the further the processes",
+                "scale: --processes is for CPU-bound handlers, which one event loop (one core)",
+                "would otherwise limit.",
+            ]
+        ),
     ]
 
 

@@ -9,7 +9,8 @@ the broker before the reply counts: all four publish on a channel in confirm mod
 - `aio_workq`: `Producer.call(body, queue=…)` against a `Worker` (concurrency 100) whose
   handler returns the body; direct reply-to;
 - `aiormq_raw`: by hand: the client consumes `amq.rabbitmq.reply-to` (no ack) and publishes
-  with `reply_to` and a `correlation_id`; the server publishes the reply, then acks;
+  with `reply_to` and a `correlation_id`; the server publishes the reply (on a channel in
+  confirm mode, waiting for the confirm), then acks;
 - `aiopika`: `aio_pika.patterns.RPC` on both sides (`register` / `call`, its pickle
   serializer, its own exclusive reply queue), prefetch 100;
 - `faststream`: `RabbitBroker.request(…)` against a subscriber that returns the body; direct

@@ -319,11 +319,15 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for i, name in enumerate(("producer", "worker")):
         ax.plot(times, [s[i + 1] for s in samples], label=f"{name} process", color=f"C{i}")
     if samples:
-        warm = samples[len(samples) // 5][0]
-        ax.axvline(warm, color="grey", linestyle="--", linewidth=0.8, label="end of warm-up")
+        warm = samples[len(samples) // 5]
+        ax.axvline(warm[0], color="grey", linestyle="--", linewidth=0.8, label="end of warm-up")
+        for i in range(2):  # the goal: no more than GROWTH_GOAL_MB over the warm-up sample
+            ax.hlines(warm[i + 1] + GROWTH_GOAL_MB, warm[0], times[-1], color=f"C{i}",
+                      linestyle=":", linewidth=0.8)  # fmt: skip
+        values = [v for s in samples for v in s[1:]]
+        ax.set_ylim(min(values) - 3, max(max(values), max(warm[1:]) + GROWTH_GOAL_MB) + 3)
     ax.set_xlabel("seconds")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"RSS (MiB); dotted: warm-up + {GROWTH_GOAL_MB:g} MB")
     ax.set_title(f"Soak: {run['n']:,} messages, publish → forward → consume (loaded machine)",
                  fontsize=10)  # fmt: skip
     ax.grid(alpha=0.3)
