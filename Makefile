@@ -88,6 +88,34 @@ bench-ref: venv
 bench-observability: venv
 	$(PIP) install -q -e . --group observability && $(PY) -m bench.observability $(BENCH_ARGS)
 
+# The stand-alone workloads (#22), each writing docs/img/bench_<name>.{json,png} and its section of
+# docs/benchmarks.md: BENCH_ARGS=--quick for a short run, BENCH_ARGS=--url=... for a running broker.
+.PHONY: bench-large bench-queues bench-rpc bench-processes soak bench-extra bench-deps
+SOAK_N ?= 1000000
+
+bench-deps: venv
+	$(PIP) install -q -e '.[cli]' --group bench
+
+bench-large: bench-deps
+	$(PY) -m bench.large $(BENCH_ARGS)
+
+bench-queues: bench-deps
+	$(PY) -m bench.queues $(BENCH_ARGS)
+
+bench-rpc: bench-deps
+	$(PY) -m bench.rpc $(BENCH_ARGS)
+
+bench-processes: bench-deps
+	$(PY) -m bench.processes $(BENCH_ARGS)
+
+# SOAK_N messages (default 1,000,000) through publish -> consume -> forward -> consume; fails
+# (exit 1) if RSS grows more than 5 MB after warm-up or tasks/futures/window waiters remain.
+soak: bench-deps
+	$(PY) -m bench.soak $(SOAK_N) $(BENCH_ARGS)
+
+# All of the above and the hooks' cost (bench.observability), one after the other.
+bench-extra: bench-large bench-queues bench-rpc bench-processes bench-observability soak
+
 # A local RabbitMQ node that keeps running (state in $(BROKER_DIR)); stdlib only, no venv needed.
 broker-start:
 	$(PYTHON) -m scripts.broker start --dir $(BROKER_DIR)

@@ -20,6 +20,8 @@ over on) and the hooks' cost per message (on minus off): on a busy machine those
 steadier figures.
 
 Starts a RabbitMQ node of its own unless `--url` is given. `--quick`: N=5,000, 3 runs each.
+Writes docs/img/bench_observability.json and .png and its section of docs/benchmarks.md
+(bench/harness.py) unless `--no-docs`.
 Needs the bench's and the hooks' packages: `pip install -e '.[prometheus,otel]' --group bench`.
 """
 
@@ -31,12 +33,13 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bench import harness
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PAYLOAD = b"." * 100
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--work", type=float, default=0, help="CPU microseconds the handler spins (default 0)"
     )
+    parser.add_argument(
+        "--no-docs", action="store_true", help="print only; do not write docs/img or the docs"
+    )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     n = args.n or (5_000 if args.quick else 20_000)
@@ -176,17 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(args.url, args.child, n, args.work)
         return 0
-    if args.url:
-        result = _measure(args.url, n, repeats, args.work)
-    else:
-        from scripts.broker import LocalBroker, ensure_installed
-
-        ensure_installed()
-        with tempfile.TemporaryDirectory(prefix="aio-workq-bench-") as tmp:
-            node = LocalBroker(Path(tmp), name="workqbenchobs")
-            print("starting a RabbitMQ node for the bench…", file=sys.stderr, flush=True)
-            with node:
-                result = _measure(node.url, n, repeats, args.work)
+    meta = harness.meta(["python", "-m", "bench.observability", *(argv or sys.argv[1:])])
+    result = harness.on_broker(
+        args.url, lambda url: _measure(url, n, repeats, args.work), "workqbenchobs"
+    )
     medians, ratios = result["medians"], result["ratios"]
     cpu, cpu_ratios = result["cpu_medians"], result["cpu_ratios"]
     handler = f"a handler spinning {args.work:g} µs" if args.work else "a handler doing nothing"
@@ -202,7 +201,83 @@ def main(argv: list[str] | None = None) -> int:
             f"+{cpu[mode] - cpu['off']:.0f} µs)"
         )
     print(json.dumps(result))
+    if not args.no_docs:
+        harness.save("observability", {"meta": meta, **result}, chart)
     return 0
+
+
+WHAT = (
+    ("metrics", "`PrometheusHook`"),
+    ("tracing", "`TracingHook`, every span recorded"),
+    ("on", "both, every span recorded"),
+    ("sampled", "both, 1 trace in 10 recorded"),
+)
+
+
+def section(result: dict[str, Any], image: str) -> list[str]:
+    """The docs section (bench/harness.py renders it from docs/img/bench_observability.json)."""
+    medians, cpu = result["medians"], result["cpu_medians"]
+    lines = [["none", f"{medians['off']:,.0f}", "1.00", f"{cpu['off']:.0f}", "—"]]
+    for mode, what in WHAT:
+        lines.append([
+            what, f"{medians[mode]:,.0f}", f"{result['ratios'][mode]:.2f}",
+            f"{cpu[mode]:.0f}", f"+{cpu[mode] - cpu['off']:.0f}",
+        ])  # fmt: skip
+    handler = (
+        f"a handler spinning {result['work_us']:g} µs of CPU"
+        if result["work_us"]
+        else "a handler that does nothing"
+    )
+    return [
+        "### The hooks: metrics and tracing on vs off",
+        "",
+        harness.measured_on(result),
+        "",
+        f"One worker (concurrency and prefetch 100) consuming {result['n']:,} persistent "
+        f"messages with {handler}, each mode in a fresh process, the median of "
+        f"{result['repeats']} runs per mode (`python -m bench.observability`; the tracing modes "
+        "use the OpenTelemetry SDK with a `BatchSpanProcessor` into an exporter that drops the "
+        "spans). The full discussion, with a 100 µs handler too, is in "
+        "[Operations: what it costs](operations.md#what-it-costs).",
+        "",
+        f"![hooks]({image})",
+        "",
+        *harness.table(["hooks", "msg/s", "× off", "CPU µs/msg", "added µs/msg"], lines),
+        "",
+        " ".join(
+            [
+                "Against a handler that does nothing every microsecond the hooks add shows.",
+                f"Here metrics added {cpu['metrics'] - cpu['off']:.0f} µs of CPU per message,",
+                f"tracing every message {cpu['tracing'] - cpu['off']:.0f} µs (most of it in the",
+                "OpenTelemetry SDK), both with 1 trace in 10 recorded",
+                f"{cpu['sampled'] - cpu['off']:.0f} µs, against {cpu['off']:.0f} µs for the",
+                "message itself. On a loaded machine the rates swing from run to run (a mode can",
+                "come out faster than a lighter one); the CPU per message is the steadier figure.",
+            ]
+        ),
+    ]
+
+
+def chart(result: dict[str, Any], path: Path) -> None:
+    plt = harness.pyplot()
+    labels = ["off", "metrics", "tracing", "both", "both, 1 in 10"]
+    modes = MODES
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for ax, key, title in (
+        (axes[0], "medians", "consume msg/s (median)"),
+        (axes[1], "cpu_medians", "CPU µs per message (median)"),
+    ):
+        values = [result[key][mode] for mode in modes]
+        bars = ax.bar(range(len(modes)), values, color=[f"C{i}" for i in range(len(modes))])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks(range(len(modes)))
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Hooks on vs off, do-nothing handler (loaded machine)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,14 @@ def _reference_rev() -> str:
         return "REV"
 
 
+def _extra_workloads() -> list[str]:
+    """The stand-alone workloads' sections (bench/harness.py), kept when the page is rewritten."""
+    from bench.harness import extra_sections
+
+    sections = extra_sections()
+    return [*sections, ""] if sections else []
+
+
 def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) -> str:
     plan = meta["plan"]
     systems: list[str] = plan["systems"]
@@ -401,6 +409,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
             first = str(text).splitlines()[0] if text else ""
             out.append(f"- {r['workload']} / {r['queue_type']} / {r['system']}: {first}")
         out.append("")
+    out += _extra_workloads()
     out += ["## Systems and the settings that make them comparable", ""]
     for system in systems:
         doc = _docstring(system)
