@@ -172,6 +172,8 @@ class ManagedChannel:
             if wire is not None:
                 # What is buffered for it goes out first; nothing after the Channel.Close.
                 wire.writer.flush()
-                wire.demux.attach(channel).open = False
+                tap = wire.demux.tap(channel)
+                if tap is not None:
+                    tap.open = False
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(channel.close(), 5)
