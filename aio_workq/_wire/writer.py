@@ -37,11 +37,11 @@ class FrameWriter:
 
     __slots__ = (
         "_buffer",
-        "_bytes",
         "_draining",
         "_handle",
         "_left",
         "_loop",
+        "_pressed",
         "_stream",
         "_watchers",
         "high_water",
@@ -51,8 +51,8 @@ class FrameWriter:
         self._stream = stream
         self._loop = asyncio.get_running_loop()
         self._buffer: list[tuple[Gate, bytes]] = []
-        self._bytes = 0  # in the buffer
         self._left = 0  # writes that have left the buffer (to the transport, or dropped), ever
+        self._pressed = False  # the buffer has not fit under the mark since it last emptied
         self._watchers: deque[tuple[int, Callable[[], None]]] = deque()
         self._handle: asyncio.Handle | None = None
         self._draining: asyncio.Task[None] | None = None
@@ -69,8 +69,8 @@ class FrameWriter:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes waiting in this writer, not yet handed to the socket."""
-        return self._bytes
+        """Bytes waiting in this writer, not yet handed to the socket (counted on each call)."""
+        return sum(len(frames) for _, frames in self._buffer)
 
     @property
     def socket_buffered(self) -> int:
@@ -81,7 +81,6 @@ class FrameWriter:
         """Append whole frames of one channel; they leave after every frame appended before
         them, unless the channel closes first (its `gate` is no longer open)."""
         self._buffer.append((gate, frames))
-        self._bytes += len(frames)
         if self._handle is None and self._draining is None:
             self._handle = self._loop.call_soon(self.flush)
 
@@ -101,38 +100,51 @@ class FrameWriter:
             return
         stream = self._stream
         if stream.is_closing():  # the connection is gone: the confirm tracker fails or resends
-            self._gone(len(buffer), self._bytes)
+            self._gone(len(buffer))
             return
         room = self.high_water - stream.transport.get_write_buffer_size()
         if room <= 0:
             self._draining = self._loop.create_task(self._drain())
             return
-        if self._bytes <= room:  # all of it (the usual case)
+        if not self._pressed:  # the usual case: all of it fits
             data = b"".join([frames for gate, frames in buffer if gate.open])
-            self._gone(len(buffer), self._bytes)
-        else:  # whole writes up to the mark; the rest once the transport drains
-            count = size = 0
-            for _, frames in buffer:
-                count += 1
-                size += len(frames)
-                if size >= room:
-                    break
-            data = b"".join([frames for gate, frames in buffer[:count] if gate.open])
-            self._gone(count, size)
+            if len(data) <= room:
+                self._left += len(buffer)
+                buffer.clear()
+                if self._watchers:
+                    self._notify()
+                if data:
+                    stream.write(data)
+                return
+            self._pressed = True  # until the buffer empties: measured write by write
+        count = size = 0
+        for _, frames in buffer:  # whole writes up to the mark; the rest once it drains
+            count += 1
+            size += len(frames)
+            if size >= room:
+                break
+        data = b"".join([frames for gate, frames in buffer[:count] if gate.open])
+        self._gone(count)
+        if buffer:
             self._draining = self._loop.create_task(self._drain())
+        else:
+            self._pressed = False
         if data:
             stream.write(data)
 
-    def _gone(self, count: int, size: int) -> None:
-        """The first `count` writes (`size` bytes) have left the buffer."""
+    def _gone(self, count: int) -> None:
+        """The first `count` writes have left the buffer."""
         if count == len(self._buffer):
             self._buffer.clear()
         else:
             del self._buffer[:count]
-        self._bytes -= size
         self._left += count
-        watchers = self._watchers
-        while watchers and watchers[0][0] <= self._left:
+        if self._watchers:
+            self._notify()
+
+    def _notify(self) -> None:
+        watchers, left = self._watchers, self._left
+        while watchers and watchers[0][0] <= left:
             watchers.popleft()[1]()
 
     async def _drain(self) -> None:
