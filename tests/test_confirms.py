@@ -128,6 +128,7 @@ async def test_a_bad_forward_fails_only_its_own_job(
     await counter.wait_for(3)
     await wait_until(lambda: _depth_is(amqp_url, down, 3))
     await wait_until(lambda: _depth_is(amqp_url, queue_name, 0))
+
     # The caught error still fails its own job (the message it meant to forward was never sent):
     # retried, not acked; the other three go on as if it never happened.
     async def retried() -> bool:

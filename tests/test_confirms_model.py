@@ -80,6 +80,9 @@ class FakeDemux:
             self.sinks[channel.number] = confirms
         return Gate()
 
+    def tap(self, channel: FakeChannel) -> Gate | None:
+        return None
+
 
 class FakeWriter:
     """Parses what the lane writes, as the broker would: one Basic.Publish per message."""
@@ -87,6 +90,7 @@ class FakeWriter:
     def __init__(self, connection: FakeConnection) -> None:
         self.connection = connection
         self.pending: list[tuple[Gate, bytes]] = []
+        self.watchers: list[Any] = []
 
     @property
     def buffered(self) -> int:
@@ -95,11 +99,20 @@ class FakeWriter:
     def write(self, gate: Gate, frames: bytes) -> None:
         self.pending.append((gate, frames))
 
+    def when_flushed(self, callback: Any) -> None:
+        if self.pending:
+            self.watchers.append(callback)
+        else:
+            callback()
+
     def flush(self) -> None:
         for gate, frames in self.pending:
             if gate.open:
                 self._receive(frames)
         self.pending.clear()
+        watchers, self.watchers = self.watchers, []
+        for callback in watchers:
+            callback()
 
     def _receive(self, data: bytes) -> None:
         channel_number = None

@@ -269,3 +269,16 @@ async def test_without_a_confirms_sink_confirms_and_returns_reach_aiormq() -> No
         "ContentHeader",
         "ContentBody",
     ]
+
+
+async def test_tap_looks_a_channel_up_without_attaching_it() -> None:
+    demux = FrameDemux(Pieces(b"", 1), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+    channel = FakeChannel(TAPPED)
+    assert demux.tap(channel) is None  # type: ignore[arg-type]
+    assert demux.tap(channel) is None  # type: ignore[arg-type]  # still not attached
+    tap = demux.attach(channel)  # type: ignore[arg-type]
+    assert demux.tap(channel) is tap  # type: ignore[arg-type]
+    assert demux.tap(FakeChannel(TAPPED)) is None  # type: ignore[arg-type]  # same number, other
+    channel.closing.set_result(None)
+    await asyncio.sleep(0)  # the closing callbacks run
+    assert demux.tap(channel) is None and not tap.open  # type: ignore[arg-type]

@@ -87,6 +87,98 @@ def test_demux_takes_the_same_deliveries_however_the_stream_is_cut(
     assert [(d.delivery_tag, d.body) for d in whole_deliveries] == taken
 
 
+def _groups(items: list[tuple[str, int, Any]]) -> list[tuple[list[bytes], int, bytes | None]]:
+    """The stream as groups of frames: (frames, channel, body of a delivery or None)."""
+    groups: list[tuple[list[bytes], int, bytes | None]] = []
+    tags = {TAPPED: 0, OTHER: 0}
+    for kind, channel, value in items:
+        if kind == "deliver":
+            tags[channel] += 1
+            data = content(channel, deliver(tags[channel]), value)
+            frames = []
+            while data:
+                used = frame.unmarshal(data)[0]
+                frames.append(data[:used])
+                data = data[used:]
+            groups.append((frames, channel, value))
+        else:
+            method = Basic.QosOk() if value == "qos" else Channel.Flow(active=True)
+            groups.append(([frame.marshal(method, channel)], channel, None))
+    return groups
+
+
+class AttachingReader:
+    """Hands out `pieces`; attaches the tap just before handing out piece `at`."""
+
+    def __init__(self, pieces: list[bytes], at: int, attach: Any) -> None:
+        self._pieces = pieces
+        self._at = at
+        self._attach = attach
+        self._reads = 0
+
+    async def read(self, n: int) -> bytes:
+        if self._reads == self._at:
+            self._attach()
+        self._reads += 1
+        return self._pieces.pop(0) if self._pieces else b""
+
+    def at_eof(self) -> bool:
+        return not self._pieces
+
+
+@SETTINGS
+@given(
+    items=st.lists(_items, min_size=1, max_size=20),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+    at=st.integers(min_value=0, max_value=31),
+)
+def test_a_channel_attached_between_any_two_reads_keeps_frame_boundaries(
+    items: list[tuple[str, int, Any]], cuts: list[int], at: int
+) -> None:
+    # Finding 7 (#20): before any channel is attached the demux passes whole reads to aiormq;
+    # a channel attached after a read that ended mid-frame must not make the demux parse the
+    # next read from the middle of that frame.
+    groups = _groups(items)
+    data = b"".join(b"".join(frames) for frames, _, _ in groups)
+    pieces = _cut(data, cuts)
+    at = min(at, len(pieces))
+    attached_at = sum(len(piece) for piece in pieces[:at])  # bytes read before the attach
+
+    async def run() -> tuple[list[Delivery], list[tuple[int, Any]]]:
+        deliveries: list[Delivery] = []
+        demux: FrameDemux
+
+        def attach() -> None:
+            demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
+
+        reader = AttachingReader(pieces, at, attach)
+        demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        frames = await read_all(demux)
+        return deliveries, [(n, v) for n, v in frames if not isinstance(v, Heartbeat)]
+
+    deliveries, frames = asyncio.run(run())
+    taken_bodies = {d.delivery_tag: d.body for d in deliveries}
+    expected_taken: list[tuple[int, bytes]] = []
+    expected_frames: list[bytes] = []
+    start, tag = 0, 0
+    for group, channel, body in groups:
+        method_end = start + len(group[0])
+        tapped = channel == TAPPED and body is not None
+        tag += tapped
+        # A delivery whose method frame was wholly read before the attach goes to aiormq; one
+        # read wholly after it is taken; one the attach cut through may go either way, whole.
+        if tapped and (start >= attached_at or (method_end > attached_at and tag in taken_bodies)):
+            expected_taken.append((tag, body))  # type: ignore[arg-type]
+        else:
+            expected_frames += group
+        start += sum(len(f) for f in group)
+    assert [(d.delivery_tag, d.body) for d in deliveries] == expected_taken
+    assert [(n, type(v).__name__, v.__dict__) for n, v in frames] == [
+        (n, type(v).__name__, v.__dict__)
+        for n, v in (frame.unmarshal(f)[1:] for f in expected_frames)
+    ]
+
+
 # -- URLs and passwords ----------------------------------------------------------------------
 
 # Distinctive ends: a password shown whole or in part shows one of them.

@@ -124,3 +124,63 @@ def test_one_message_bigger_than_the_byte_window_still_fits_when_alone() -> None
     assert window.full
     window.release(1000)
     assert not window.full
+
+
+class FillingStream(Stream):
+    """A StreamWriter whose send buffer holds what was written until drained."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.transport.size += len(data)
+
+    async def drain(self) -> None:
+        await self.drained.wait()
+        self.drained.clear()
+        self.transport.size = 0
+
+
+async def test_the_writer_fills_the_socket_buffer_only_up_to_the_high_water_mark() -> None:
+    # Finding 10 (#20): the mark was checked only before writing, and then the whole buffer went.
+    stream = FillingStream()
+    writer = FrameWriter(stream, high_water=100)  # type: ignore[arg-type]
+    gate = Gate()
+    frame = ack_frame(1, 1, False)  # 21 bytes
+    for tag in range(1, 51):
+        writer.write(gate, ack_frame(1, tag, False))
+    assert writer.buffered_bytes == 50 * len(frame)
+    writer.flush()
+    assert stream.transport.size < 100 + len(frame)  # up to the mark, in whole frames
+    sent = [tag for _, tag, _ in acks(b"".join(stream.written))]
+    assert sent == list(range(1, len(sent) + 1))
+    assert writer.buffered_bytes == (50 - len(sent)) * len(frame)
+    async with asyncio.timeout(5):
+        while writer.buffered:  # each drain lets the next high-water mark's worth go
+            stream.drained.set()
+            await asyncio.sleep(0)
+            assert stream.transport.size < 100 + len(frame)
+    assert [tag for _, tag, _ in acks(b"".join(stream.written))] == list(range(1, 51))
+    assert writer.buffered_bytes == 0
+
+
+async def test_when_flushed_runs_once_everything_buffered_before_it_has_left() -> None:
+    stream = FillingStream()
+    writer = FrameWriter(stream, high_water=50)  # type: ignore[arg-type]
+    gate, closed = Gate(), Gate()
+    calls: list[str] = []
+    writer.when_flushed(lambda: calls.append("empty"))
+    assert calls == ["empty"]  # nothing buffered: at once
+    for tag in range(1, 7):
+        writer.write(closed if tag == 2 else gate, ack_frame(1, tag, False))
+    closed.open = False  # dropped, which counts as leaving
+    writer.when_flushed(lambda: calls.append("first six"))
+    writer.write(gate, ack_frame(1, 7, False))
+    writer.when_flushed(lambda: calls.append("seven"))
+    writer.flush()  # 3 of 21 bytes fit under 50
+    assert calls == ["empty"]
+    stream.drained.set()
+    async with asyncio.timeout(5):
+        while len(calls) < 3:
+            await asyncio.sleep(0)
+            stream.drained.set()
+    assert calls == ["empty", "first six", "seven"]
+    assert [tag for _, tag, _ in acks(b"".join(stream.written))] == [1, 3, 4, 5, 6, 7]

@@ -215,6 +215,8 @@ class ManagedChannel:
                 log.exception("%s failed to settle before closing its channel", self._what)
         if wire is not None:
             wire.writer.flush()
-            wire.demux.attach(channel).open = False
+            tap = wire.demux.tap(channel)
+            if tap is not None:
+                tap.open = False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 5)

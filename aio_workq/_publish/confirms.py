@@ -103,6 +103,8 @@ class ConfirmPublisher:
         self._missing_listeners: list[ExchangeListener] = []
         self._ready = asyncio.Event()
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._expiring = False  # in _sweep: settled records may still have frames buffered
+        self._held: list[int] = []  # their body sizes: window room once their frames left
         self._closed = False
         self._channel = ManagedChannel(
             source, confirms=True, setup=self._on_channel, on_lost=self._on_lost, what=what
@@ -110,7 +112,8 @@ class ConfirmPublisher:
 
     @property
     def in_flight(self) -> int:
-        """Messages sent or waiting to be sent whose confirm has not arrived."""
+        """Messages sent or waiting to be sent whose confirm has not arrived (and those that
+        timed out while their frames still wait to be written)."""
         return self._window.count
 
     @property
@@ -301,7 +304,10 @@ class ConfirmPublisher:
             ) from None
 
     def _on_settled(self, out: Outgoing) -> None:
-        self._window.release(len(out.body))
+        if self._expiring and out.tag:  # timed out after it took a tag: its frames may wait
+            self._held.append(len(out.body))
+        else:
+            self._window.release(len(out.body))
 
     def _sweep(self) -> None:
         self._sweep_handle = None
@@ -309,8 +315,24 @@ class ConfirmPublisher:
         expired = [out for out in self._outstanding() if out.deadline <= now]
         if expired:
             why = f"not confirmed within its timeout: {self._source.trouble() or _SLOW}; {MAYBE}"
-            for out in expired:
-                self._in_flight.fail(out, PublishTimeoutError, why)
+            self._expiring = True
+            try:
+                for out in expired:
+                    self._in_flight.fail(out, PublishTimeoutError, why)
+            finally:
+                self._expiring = False
+        if self._held:  # they keep their window room until their frames have left (#20)
+            held, self._held = self._held, []
+            release = self._window.release
+
+            def free() -> None:
+                for size in held:
+                    release(size)
+
+            if self._lane is not None:
+                self._lane.when_flushed(free)
+            else:
+                free()
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
         if self._window.count:

@@ -36,6 +36,7 @@ _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _METHOD_ID = struct.Struct(">HH")  # class, method
 _TAG_BITS = struct.Struct(">QB")  # delivery tag, bits (multiple first)
 _U16 = struct.Struct(">H")
+_SIZE = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _BODY_SIZE = struct.Struct(">Q")
 _FLAGS = struct.Struct(">H")
@@ -274,6 +275,7 @@ class FrameDemux:
         self._loop = asyncio.get_running_loop()
         self._raw = bytearray()  # read from the socket, not yet split into frames
         self._out = bytearray()  # whole frames for aiormq
+        self._owed = 0  # bytes of a frame partly passed to aiormq untapped, still to come
         self._taps: dict[int, Tap] = {}
         self._alive_at = 0.0
 
@@ -284,9 +286,11 @@ class FrameDemux:
         on_delivery: OnDelivery | None = None,
         confirms: Confirms | None = None,
     ) -> Tap:
-        """Hand `channel`'s deliveries to `on_delivery` and/or its publisher confirms and
-        returns to `confirms`, until the channel closes. Returns the channel's tap, which the
-        `FrameWriter` checks before writing aio-workq's frames for the channel."""
+        """Tap `channel` until it closes: hand its deliveries to `on_delivery` and/or its
+        publisher confirms and returns to `confirms` (each kept if already set).
+
+        Returns the channel's tap (made on the first call), which the `FrameWriter` checks
+        before writing aio-workq's frames for the channel. Look a tap up with `tap()`."""
         number = channel.number
         tap = self._taps.get(number)
         if tap is None or tap.channel is not channel:
@@ -298,6 +302,11 @@ class FrameDemux:
         if confirms is not None:
             tap.confirms = confirms
         return tap
+
+    def tap(self, channel: AbstractChannel) -> Tap | None:
+        """`channel`'s tap, or None if it is not attached (or closed); changes nothing."""
+        tap = self._taps.get(channel.number)
+        return tap if tap is not None and tap.channel is channel else None
 
     def _detach(self, number: int, tap: Tap) -> None:
         tap.open = False
@@ -327,10 +336,19 @@ class FrameDemux:
         if not chunk:
             raise asyncio.IncompleteReadError(bytes(self._out), wanted)
         raw = self._raw
-        raw += chunk
+        owed = self._owed
+        if owed:  # the rest of a frame whose start went to aiormq before any channel was tapped
+            if len(chunk) <= owed:
+                self._owed = owed - len(chunk)
+                self._out += chunk
+                return
+            self._owed = 0
+            self._out += chunk[:owed]
+            raw += memoryview(chunk)[owed:]
+        else:
+            raw += chunk
         if not self._taps:
-            self._out += raw
-            raw.clear()
+            self._pass(raw)
             return
         taps, out, size, pos, taken = self._taps, self._out, len(raw), 0, False
         while size - pos >= 8:
@@ -350,3 +368,20 @@ class FrameDemux:
             if now - self._alive_at >= _ALIVE_EVERY:
                 self._alive_at = now
                 out += self._alive_frame
+
+    def _pass(self, raw: bytearray) -> None:
+        """With no channel tapped: pass `raw` to aiormq up to the last frame whose header is
+        whole, and remember how much of that frame is still to come (`_owed`), so that a
+        channel tapped before the next read does not split the stream inside a frame."""
+        size, pos = len(raw), 0
+        while size - pos >= 7:  # hop from frame to frame by the payload sizes
+            pos += 8 + _SIZE.unpack_from(raw, pos + 3)[0]
+        if pos > size:  # the last frame is cut: pass its start, owe the rest
+            self._owed = pos - size
+            pos = size
+        if pos == size:
+            self._out += raw
+            raw.clear()
+        else:  # a frame header cut short stays for the next read
+            self._out += raw[:pos]
+            del raw[:pos]

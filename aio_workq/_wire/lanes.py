@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -49,6 +50,9 @@ class Lane(Protocol):
     def burst_full(self) -> bool: ...
 
     def flush(self) -> None: ...
+
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the frames of every message written so far have left us."""
 
 
 class FastLane:
@@ -90,6 +94,9 @@ class FastLane:
 
     def flush(self) -> None:
         self._writer.flush()
+
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        self._writer.when_flushed(callback)
 
     # The demux's `Confirms`.
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
@@ -150,6 +157,23 @@ class PlainLane:
 
     def flush(self) -> None:
         pass
+
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        # aiormq holds a message until its publish returns: at its confirm, or its channel's end.
+        tasks = [task for task in self._tasks if not task.done()]
+        if not tasks:
+            callback()
+            return
+        remaining = len(tasks)
+
+        def done(_: asyncio.Task[None]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if not remaining:
+                callback()
+
+        for task in tasks:
+            task.add_done_callback(done)
 
     async def _publish(self, out: Outgoing, props: Basic.Properties) -> None:
         # Each outcome is this publish's own: aiormq settles its future by delivery tag, and

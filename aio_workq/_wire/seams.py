@@ -26,6 +26,12 @@ against the newest releases):
    on by aiormq, so the broker's delivery tags on it are the ones aio-workq counts; the confirms
    and returns of that channel are taken by the demux and never reach aiormq.
 5. `aiormq.Connection.connection_tune.frame_max` is the negotiated frame size.
+6. The writer aiormq's `TransportFactory` returns is an `asyncio.StreamWriter` whose
+   `transport.get_write_buffer_size()` counts the bytes not yet handed to the kernel and whose
+   `drain()` waits while the transport has paused writing (asyncio's flow control; aiormq drains
+   the same stream for its own frames): the `FrameWriter` fills that buffer only up to its
+   high-water mark and waits in `drain()` for the rest
+   (`tests/test_wire_bounds.py::test_the_socket_buffer_stays_at_the_high_water_mark_while_the_broker_reads_nothing`).
 """
 
 from __future__ import annotations

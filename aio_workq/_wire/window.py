@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from .._exceptions import ConfigurationError
 
@@ -18,7 +17,8 @@ class Window:
 
     Hysteresis: waiting senders resume together once a quarter of the window is free, so they
     refill it in one burst (one write) instead of one message per confirm. One message larger
-    than `max_bytes` still goes, alone.
+    than `max_bytes` still goes, alone. A sender that stops waiting (its timeout) is let go at
+    once, not kept until the window drains.
     """
 
     __slots__ = ("_bytes", "_count", "_low", "_low_bytes", "_waiters", "max_bytes", "size")
@@ -34,7 +34,7 @@ class Window:
         self._low_bytes = max_bytes - max_bytes // 4
         self._count = 0
         self._bytes = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: dict[asyncio.Future[None], None] = {}  # in arrival order
 
     @property
     def count(self) -> int:
@@ -45,6 +45,11 @@ class Window:
     def bytes(self) -> int:
         """Body bytes in flight."""
         return self._bytes
+
+    @property
+    def waiting(self) -> int:
+        """Senders waiting for room."""
+        return len(self._waiters)
 
     @property
     def full(self) -> bool:
@@ -60,8 +65,8 @@ class Window:
         self._count -= 1
         self._bytes -= size
         if self._waiters and self._count <= self._low and self._bytes <= self._low_bytes:
-            while self._waiters:
-                waiter = self._waiters.popleft()
+            waiters, self._waiters = self._waiters, {}
+            for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
 
@@ -69,9 +74,10 @@ class Window:
         """Wait until the window has room (the caller bounds this with a timeout)."""
         while self.full:
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            self._waiters[waiter] = None
             try:
                 await waiter
             finally:
                 if not waiter.done():
                     waiter.cancel()
+                self._waiters.pop(waiter, None)  # timed out or cancelled: let go now

@@ -1,9 +1,11 @@
 """The one ordered writer of aio-workq's frames on a connection.
 
 Publishes and acks are appended in the order they are made (a publish's delivery tag is taken
-at the moment it is appended) and written together once per event-loop iteration. When the
-socket's send buffer is over `HIGH_WATER`, writing pauses until it drains; frames keep their
-order in the buffer meanwhile, and the publisher's window bounds how much can pile up.
+at the moment it is appended) and written together once per event-loop iteration. The socket's
+send buffer (the transport's) is filled only up to `HIGH_WATER`, in whole writes: what does not
+fit waits here, in order, until the transport drains (asyncio's flow control, `StreamWriter.drain`;
+reliance 6 in `_seams`). The publisher's window bounds how much can wait here: a message's slot is
+held until its frames have left (`when_flushed`).
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ("HIGH_WATER", "FrameWriter", "Gate")
 
 log = logging.getLogger("aio_workq")
 
-HIGH_WATER = 4 * 2**20  # bytes in the socket's send buffer before writing pauses
+HIGH_WATER = 4 * 2**20  # bytes in the socket's send buffer beyond which nothing more is written
 
 
 class Gate(Protocol):
@@ -28,14 +32,28 @@ class Gate(Protocol):
 
 
 class FrameWriter:
-    """Buffers whole frames in order and writes them once per loop iteration."""
+    """Buffers whole frames in order and writes them once per loop iteration, never filling the
+    transport's buffer past `high_water` by more than one write."""
 
-    __slots__ = ("_buffer", "_draining", "_handle", "_loop", "_stream", "high_water")
+    __slots__ = (
+        "_buffer",
+        "_draining",
+        "_handle",
+        "_left",
+        "_loop",
+        "_pressed",
+        "_stream",
+        "_watchers",
+        "high_water",
+    )
 
     def __init__(self, stream: asyncio.StreamWriter, *, high_water: int = HIGH_WATER) -> None:
         self._stream = stream
         self._loop = asyncio.get_running_loop()
         self._buffer: list[tuple[Gate, bytes]] = []
+        self._left = 0  # writes that have left the buffer (to the transport, or dropped), ever
+        self._pressed = False  # the buffer has not fit under the mark since it last emptied
+        self._watchers: deque[tuple[int, Callable[[], None]]] = deque()
         self._handle: asyncio.Handle | None = None
         self._draining: asyncio.Task[None] | None = None
         self.high_water = high_water
@@ -49,6 +67,16 @@ class FrameWriter:
         """Frames (as write calls) waiting in this writer, not yet handed to the socket."""
         return len(self._buffer)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in this writer, not yet handed to the socket (counted on each call)."""
+        return sum(len(frames) for _, frames in self._buffer)
+
+    @property
+    def socket_buffered(self) -> int:
+        """Bytes written to the transport that it has not yet handed to the kernel."""
+        return self._stream.transport.get_write_buffer_size()
+
     def write(self, gate: Gate, frames: bytes) -> None:
         """Append whole frames of one channel; they leave after every frame appended before
         them, unless the channel closes first (its `gate` is no longer open)."""
@@ -56,22 +84,68 @@ class FrameWriter:
         if self._handle is None and self._draining is None:
             self._handle = self._loop.call_soon(self.flush)
 
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once every write appended so far has left this writer (handed to
+        the socket, or dropped with its channel or connection): at once if none waits."""
+        if not self._buffer:
+            callback()
+        else:
+            self._watchers.append((self._left + len(self._buffer), callback))
+
     def flush(self) -> None:
-        """Hand the buffered frames to the socket now (unless it is over the high-water mark)."""
+        """Hand the buffered frames to the socket now, up to its high-water mark."""
         self._handle = None
-        if not self._buffer or self._draining is not None:
+        buffer = self._buffer
+        if not buffer or self._draining is not None:
             return
         stream = self._stream
-        if stream.is_closing():
-            self._buffer.clear()  # the connection is gone: the confirm tracker fails or resends
+        if stream.is_closing():  # the connection is gone: the confirm tracker fails or resends
+            self._gone(len(buffer))
             return
-        if stream.transport.get_write_buffer_size() > self.high_water:
+        room = self.high_water - stream.transport.get_write_buffer_size()
+        if room <= 0:
             self._draining = self._loop.create_task(self._drain())
             return
-        data = b"".join([frames for gate, frames in self._buffer if gate.open])
-        self._buffer.clear()
+        if not self._pressed:  # the usual case: all of it fits
+            data = b"".join([frames for gate, frames in buffer if gate.open])
+            if len(data) <= room:
+                self._left += len(buffer)
+                buffer.clear()
+                if self._watchers:
+                    self._notify()
+                if data:
+                    stream.write(data)
+                return
+            self._pressed = True  # until the buffer empties: measured write by write
+        count = size = 0
+        for _, frames in buffer:  # whole writes up to the mark; the rest once it drains
+            count += 1
+            size += len(frames)
+            if size >= room:
+                break
+        data = b"".join([frames for gate, frames in buffer[:count] if gate.open])
+        self._gone(count)
+        if buffer:
+            self._draining = self._loop.create_task(self._drain())
+        else:
+            self._pressed = False
         if data:
             stream.write(data)
+
+    def _gone(self, count: int) -> None:
+        """The first `count` writes have left the buffer."""
+        if count == len(self._buffer):
+            self._buffer.clear()
+        else:
+            del self._buffer[:count]
+        self._left += count
+        if self._watchers:
+            self._notify()
+
+    def _notify(self) -> None:
+        watchers, left = self._watchers, self._left
+        while watchers and watchers[0][0] <= left:
+            watchers.popleft()[1]()
 
     async def _drain(self) -> None:
         try:
