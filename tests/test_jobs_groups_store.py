@@ -46,7 +46,7 @@ async def check_group_claims(stores: Sequence[Any]) -> None:
     Every member is finished twice (a redelivery), all at once from all the stores: exactly
     one finish claims the callback, with every member's outcome in order.
     """
-    first: GroupStore = stores[0]
+    first = stores[0]
     group_id = uuid.uuid4().hex
     spec = _spec(group_id)
     queued = [

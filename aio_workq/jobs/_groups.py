@@ -241,6 +241,11 @@ class Group(Generic[R]):
                   at=now)
             for i, m in zip(ids, self.members, strict=True)
         ]  # fmt: skip
+        if self.then is not None:  # its handle can wait on it from now on
+            queued.append(
+                Write(job_id=callback_id(self.group_id), task=self.then.task.name,
+                      queue=self.then.task.queue.name, state=JobState.QUEUED, at=now)
+            )  # fmt: skip
         await store.create_group(spec, queued)
         await asyncio.gather(
             *(

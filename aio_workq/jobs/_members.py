@@ -198,15 +198,6 @@ class Member:
         job_id = callback_id(due.group_id)
         queue = self._members.queues.get(due.task) or Queue(due.queue)
         body = callback_body(due)
-        if due.claimed_now:
-            queued = Write(
-                job_id=job_id, task=due.task, queue=queue.name, state=JobState.QUEUED,
-                at=time.time(),
-            )  # fmt: skip
-            try:
-                await self._members.store.record([queued])
-            except StoreError:
-                pass  # the callback's worker records it when it runs
         try:
             await self._job.forward(
                 body, queue, message_id=job_id, headers={TASK_HEADER: due.task},
