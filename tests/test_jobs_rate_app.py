@@ -9,6 +9,7 @@ Each job prints `RAN <pid> <unix time>` when it starts.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from aio_workq import Worker
@@ -24,7 +25,8 @@ tasks = Tasks(store=SQLiteStore(os.environ.get("WORKQ_RATE_DB", "rate-jobs.db"),
 )
 async def tick(i: int) -> float:
     now = time.time()
-    print("RAN", os.getpid(), repr(now), flush=True)
+    sys.stdout.write(f"RAN {os.getpid()} {now!r}\n")
+    sys.stdout.flush()
     return now
 
 
