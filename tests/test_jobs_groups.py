@@ -5,6 +5,7 @@ claim and the callback's publish."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections import Counter
@@ -35,6 +36,7 @@ from aio_workq.jobs import (
 )
 from aio_workq.jobs._groups import GROUP_HEADER, INDEX_HEADER
 from aio_workq.jobs._handle import TASK_HEADER
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.broker
 
@@ -218,3 +220,45 @@ async def test_group_arguments_are_checked_before_anything_is_sent(
     with pytest.raises(IntegrationError, match="store"):
         await group([bare_task.s(1)]).enqueue()
     await app.store.close()
+
+
+async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_run_once(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of the process that claimed the callback, before it published it and acked the
+    member: the member is redelivered (to the other process, or the restarted one), finds the
+    callback claimed and unpublished, publishes it; it runs exactly once."""
+    queue = f"g-kill-{uuid.uuid4().hex[:8]}"
+    db, marker = tmp_path / "jobs.db", tmp_path / "die.mark"
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_GROUPS_DB": str(db), "WORKQ_GROUPS_DIE": str(marker), "WORKQ_GROUPS_QUEUE": queue,
+    }  # fmt: skip
+    args = ["worker", "tests.test_jobs_groups_app:workers", "--processes", "2"]
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        store = SQLiteStore(db)
+        try:
+            async with Producer(amqp_url) as producer:
+                tasks = Tasks(producer=producer, store=store)
+
+                @tasks.task(queue=queue, name="g.square")
+                async def square(n: int) -> int:
+                    return n * n  # runs in the worker processes (tests/test_jobs_groups_app.py)
+
+                @tasks.task(queue=f"{queue}-report", name="g.report")
+                async def report(results: list[GroupResult]) -> int:
+                    return 0
+
+                handle = await group([square.s(n) for n in range(10)], then=report).enqueue()
+                assert await handle.result(timeout=90) == sum(n * n for n in range(10))
+        finally:
+            await store.close()
+        assert len(sup.lines(r"^DYING ")) == 1, sup.out
+        callbacks = sup.lines(r"^CALLBACK (\d+) (\d+)")
+        assert [m[2] for m in callbacks] == ["10"], sup.out
+        sup.proc.terminate()
+        await sup.exit_code()
