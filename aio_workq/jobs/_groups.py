@@ -17,23 +17,23 @@ member done and the callback claimed but unpublished, and publishes it (the same
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .._exceptions import ConfigurationError, IntegrationError, SerializationError
+from .._link.specs import Queue
 from .._publish.serialization import JSON, decode_body, encode_body
 from ._errors import TaskArgumentError
 from ._groupstore import CallbackDue, GroupSpec, GroupStore
-from ._handle import TASK_HEADER, JobHandle
+from ._handle import TASK_HEADER, JobHandle, Publisher
 from ._status import JobState, Write
-
-if TYPE_CHECKING:
-    from ._tasks import Task, Tasks
+from ._store import JobStore
 
 __all__ = (
     "GROUP_HEADER",
@@ -54,6 +54,33 @@ GROUP_HEADER = "x-workq-group"
 """The header naming the group a member job belongs to."""
 INDEX_HEADER = "x-workq-group-index"
 """The header giving a member's place in its group (0-based)."""
+
+
+class Registry(Protocol):
+    """What a group needs of the `Tasks` registry."""
+
+    @property
+    def store(self) -> JobStore | None: ...
+
+    @property
+    def publisher(self) -> Publisher | None: ...
+
+
+class GroupTask(Protocol[R]):
+    """What a group needs of a `Task` (`_tasks` imports this module, never the reverse)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def queue(self) -> Queue: ...
+    @property
+    def arguments(self) -> Any: ...
+    @property
+    def registry(self) -> Any: ...
+    @property
+    def publish_options(self) -> dict[str, Any]: ...
+
+    def job(self, job_id: str) -> JobHandle[R]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +115,7 @@ class Signature(Generic[R]):
 
     def __init__(
         self,
-        task: Task[Any, R],
+        task: GroupTask[R],
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         *,
@@ -149,7 +176,7 @@ class Group(Generic[R]):
         self,
         members: Sequence[Signature[Any]],
         *,
-        then: Task[Any, R] | Signature[R] | None = None,
+        then: GroupTask[R] | Signature[R] | None = None,
         group_id: str | None = None,
     ) -> None:
         members = list(members)
@@ -162,15 +189,13 @@ class Group(Generic[R]):
         if any(m.task.registry is not registry for m in members):
             raise ConfigurationError("a group's member tasks must come from one Tasks registry")
         if then is not None and not isinstance(then, Signature):
-            from ._tasks import Task
-
-            if not isinstance(then, Task):
+            if not callable(getattr(then, "partial", None)):
                 raise ConfigurationError(f"then= takes a task or task.partial(...), got {then!r}")
             then = Signature(then, (), {}, complete=False)
         self.members = members
         self.then = then
         self.group_id = group_id or uuid.uuid4().hex
-        self._registry: Tasks = registry
+        self._registry: Registry = registry
 
     def __repr__(self) -> str:
         return f"<Group {self.group_id} members={len(self.members)} then={self.then!r}>"
@@ -213,8 +238,6 @@ class Group(Generic[R]):
             StoreError: the store could not record the group (nothing was sent).
             PublishError (and its subclasses): a member was not confirmed (enqueue again).
         """
-        import asyncio
-
         registry = self._registry
         store = registry.store
         if not isinstance(store, GroupStore):
@@ -276,7 +299,7 @@ class Group(Generic[R]):
 def group(
     members: Sequence[Signature[Any]],
     *,
-    then: Task[Any, R] | Signature[R] | None = None,
+    then: GroupTask[R] | Signature[R] | None = None,
     group_id: str | None = None,
 ) -> Group[R]:
     """Jobs that run in parallel, and `then`, a task run once after all of them finished

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -51,6 +51,10 @@ class _Task(Protocol):
     def rate_limit(self) -> RateLimit | None: ...
     @property
     def arguments(self) -> Any: ...
+
+
+RunTask = Callable[[Any, dict[str, Any], Running], Awaitable[Any]]
+"""`_running.run_task` (passed in: `_running` imports this module)."""
 
 
 class Members:
@@ -93,10 +97,11 @@ class Member:
         self.group_id = group_id
         self.index = index
 
-    async def handle(self, task: _Task, running: Running, recorder: Recorder) -> Any:
-        """Run the member's task and finish it in the group; the value to return."""
-        from ._running import run_task  # _running imports this module
-
+    async def handle(
+        self, task: _Task, running: Running, recorder: Recorder, run_task: RunTask
+    ) -> Any:
+        """Run the member's task (with `run_task`) and finish it in the group; the value to
+        return."""
         try:
             kwargs = task.arguments.decode(self._job.body, self._job.content_type)
         except Exception as exc:
@@ -110,7 +115,7 @@ class Member:
         try:
             if task.rate_limit is not None and self._members.rates is not None:
                 await acquire(self._members.rates, task.name, task.rate_limit, kwargs)
-            value = await run_task(task, kwargs, running)  # type: ignore[arg-type]
+            value = await run_task(task, kwargs, running)
             if not (running.cancelled and value is None):
                 try:
                     running.result = encode_body(value)

@@ -154,7 +154,7 @@ class QueueRunner:
         if recorder is not None and running is not None and members is not None:
             member = members.member_of(job)
             if member is not None:
-                return await member.handle(task, running, recorder)
+                return await member.handle(task, running, recorder, run_task)
         kwargs = task.arguments.decode(job.body, job.content_type)
         limit = task.rate_limit
         if recorder is None or running is None:
