@@ -6,9 +6,11 @@ member; concurrent token takes get distinct, evenly spaced slots."""
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +161,57 @@ async def test_sqlite_store_groups_from_several_connections(
     finally:
         for store in stores:
             await store.close()
+
+
+def _finish_in_process(path: str, group_id: str, indexes: list[int]) -> int:
+    """In a process of its own: finish these members (each twice); how many claims it got."""
+
+    async def run() -> int:
+        store = SQLiteStore(path, busy_timeout=30)
+        try:
+            claims = 0
+            for i in indexes * 2:
+                due = await store.finish_member(
+                    _terminal(f"{group_id}.{i}", i), group_id=group_id, index=i
+                )
+                claims += due is not None and due.claimed_now
+            return claims
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+async def test_sqlite_store_last_members_in_four_processes(tmp_path: Path) -> None:
+    path = str(tmp_path / "jobs.db")
+    store = SQLiteStore(path)
+    group_id = uuid.uuid4().hex
+    try:
+        await store.create_group(_spec(group_id), [])
+    finally:
+        await store.close()
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=context) as pool:
+        claims = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    pool, _finish_in_process, path, group_id, list(range(k, MEMBERS, 4))
+                )
+                for k in range(4)
+            )
+        )
+    assert sum(claims) == 1, claims
+
+
+async def test_expired_groups_are_purged(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "jobs.db", ttl=0.05)
+    try:
+        group_id = uuid.uuid4().hex
+        await store.create_group(_spec(group_id, 2), [])
+        await asyncio.sleep(0.1)  # the TTL passing is what is tested
+        await store.purge()
+        assert await store.finish_member(_terminal("a", 0), group_id=group_id, index=0) is None
+        assert await store.finish_member(_terminal("b", 1), group_id=group_id, index=1) is None
+    finally:
+        await store.close()

@@ -125,7 +125,7 @@ class SQLiteStore:
     async def record(self, writes: Sequence[Write]) -> list[bool]:
         params = [write_params(w, self.ttl) for w in writes]
         claims = [w.claim for w in writes]
-        sql = self._sql
+        sql, gsql = self._sql, self._gsql
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         if purge:
@@ -140,6 +140,8 @@ class SQLiteStore:
                     applied.append(cursor.fetchone() is not None)
                 if purge:
                     conn.execute(sql.purge, {"now": now})
+                    for statement in gsql.purge:
+                        conn.execute(statement, {"now": now})
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

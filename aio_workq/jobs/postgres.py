@@ -154,6 +154,8 @@ class PostgresStore:
                     applied.append(await cursor.fetchone() is not None)
                 if purge:
                     await conn.execute(self._purge, {"now": now})
+                    for statement in self._gpurge:
+                        await conn.execute(statement, {"now": now})
                     self._last_purge = now
                 return applied
         except (PsycopgError, PoolTimeout, OSError) as exc:
