@@ -29,10 +29,18 @@ from ._errors import JobNotFoundError as JobNotFoundError
 from ._errors import JobTimeoutError as JobTimeoutError
 from ._errors import StoreError as StoreError
 from ._errors import TaskArgumentError as TaskArgumentError
+from ._groups import Group as Group
+from ._groups import GroupHandle as GroupHandle
+from ._groups import GroupResult as GroupResult
+from ._groups import Signature as Signature
+from ._groups import group as group
+from ._groupstore import GroupStore as GroupStore
+from ._groupstore import RateStore as RateStore
 from ._handle import CONTROL_EXCHANGE as CONTROL_EXCHANGE
 from ._handle import TASK_HEADER as TASK_HEADER
 from ._handle import JobHandle as JobHandle
 from ._handle import Publisher as Publisher
+from ._rate import RateLimit as RateLimit
 from ._recorder import Running as Running
 from ._recorder import current_job as current_job
 from ._running import TaskWorker as TaskWorker
@@ -50,6 +58,11 @@ __all__ = [
     "Cancelled",
     "CONTROL_EXCHANGE",
     "current_job",
+    "group",
+    "Group",
+    "GroupHandle",
+    "GroupResult",
+    "GroupStore",
     "JobCancelledError",
     "JobError",
     "JobFailedError",
@@ -62,7 +75,10 @@ __all__ = [
     "JobTimeoutError",
     "MemoryStore",
     "Publisher",
+    "RateLimit",
+    "RateStore",
     "Running",
+    "Signature",
     "SQLiteStore",
     "StoreError",
     "Task",

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._consume.failures import MAX_DEFERS
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import Worker
@@ -16,7 +17,10 @@ from .._hooks import Hook
 from .._link.specs import Queue
 from .._publish.serialization import encode_body
 from ._errors import Cancelled
+from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
+from ._members import Members
+from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, defers_of
 
 if TYPE_CHECKING:
@@ -43,6 +47,9 @@ class RunnableTask(Protocol):
     def is_async(self) -> bool: ...
     @property
     def arguments(self) -> TaskArguments: ...
+
+    @property
+    def rate_limit(self) -> RateLimit | None: ...
 
     def fn(self, **kwargs: Any) -> Any: ...
 
@@ -115,10 +122,17 @@ async def run_task(task: RunnableTask, kwargs: dict[str, Any], running: Running 
 class QueueRunner:
     """The handler of one queue's worker: finds the task by its header and runs it."""
 
-    def __init__(self, queue: str, tasks: Mapping[str, RunnableTask], recorder: Recorder | None):
+    def __init__(
+        self,
+        queue: str,
+        tasks: Mapping[str, RunnableTask],
+        recorder: Recorder | None,
+        members: Members | None = None,
+    ):
         self.queue = queue
         self._tasks = dict(tasks)
         self._recorder = recorder
+        self._members = members
         self.__qualname__ = f"tasks of {queue!r}"
 
     async def __call__(self, job: Job) -> Any:
@@ -136,13 +150,21 @@ class QueueRunner:
                 f"{', '.join(sorted(self._tasks))}): deploy the task, or replay the message "
                 "once it is"
             )
+        members = self._members
+        if recorder is not None and running is not None and members is not None:
+            member = members.member_of(job)
+            if member is not None:
+                return await member.handle(task, running, recorder, run_task)
         kwargs = task.arguments.decode(job.body, job.content_type)
+        limit = task.rate_limit
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
         if not await recorder.claim(running):
             running.skipped = True
             log.info("job %s (%s) skipped: it was cancelled or is done", job_id, task.name)
             return None
+        if limit is not None and members is not None and members.rates is not None:
+            await acquire(members.rates, task.name, limit, kwargs)
         value = await run_task(task, kwargs, running)
         if running.cancelled and value is None:
             return None
@@ -174,6 +196,7 @@ def build_workers(
     for key in ("queue", "handler", "exchange", "binding_keys"):
         if key in options:
             raise ConfigurationError(f"tasks.workers() sets {key}= itself")
+    tasks = list(tasks)
     by_queue: dict[str, dict[str, RunnableTask]] = {}
     specs = {}
     for task in tasks:
@@ -185,6 +208,19 @@ def build_workers(
         wanted = f" on queues {list(queues)}" if queues is not None else ""
         raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
     recorder = Recorder(store) if store is not None else None
+    members = None
+    if store is not None:
+        members = Members(
+            store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS),
+            queues={task.name: task.queue for task in tasks},
+        )  # fmt: skip
+    for group in by_queue.values():
+        for task in group.values():
+            if task.rate_limit is not None and not isinstance(store, RateStore):
+                raise ConfigurationError(
+                    f"task {task.name!r} has a rate_limit: it needs a job store that keeps "
+                    f"rate limits (SQLiteStore, PostgresStore), got {store!r}"
+                )
     session = _Session(recorder)
     extra = [recorder] if recorder is not None else []
     workers: list[Worker] = [
@@ -192,7 +228,7 @@ def build_workers(
             url,
             session=session,
             queue=specs[name],
-            handler=QueueRunner(name, group, recorder),
+            handler=QueueRunner(name, group, recorder, members),
             concurrency=concurrency,
             retry=retry,
             hooks=[*extra, *hooks],

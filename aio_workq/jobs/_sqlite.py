@@ -18,6 +18,16 @@ from typing import Any, TypeVar
 
 from .._exceptions import ConfigurationError
 from ._errors import StoreError
+from ._groupstore import (
+    SQLITE_DDL,
+    CallbackDue,
+    GroupSpec,
+    GroupSQL,
+    due_from,
+    group_params,
+    mark_params,
+    rate_expiry,
+)
 from ._status import JobRecord, JobStatus, Write
 from ._store import DAY, SQL, check_ttl, row_record, write_params
 
@@ -80,6 +90,7 @@ class SQLiteStore:
         self.ttl = check_ttl(ttl)
         self._busy_ms = int(busy_timeout * 1000)
         self._sql = SQL("workq_jobs")
+        self._gsql = GroupSQL("", greatest="MAX")
         self._thread: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
@@ -104,7 +115,7 @@ class SQLiteStore:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.executescript(_SCHEMA)
+                conn.executescript(_SCHEMA + SQLITE_DDL)
             except BaseException:
                 conn.close()
                 raise
@@ -114,7 +125,7 @@ class SQLiteStore:
     async def record(self, writes: Sequence[Write]) -> list[bool]:
         params = [write_params(w, self.ttl) for w in writes]
         claims = [w.claim for w in writes]
-        sql = self._sql
+        sql, gsql = self._sql, self._gsql
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         if purge:
@@ -129,6 +140,8 @@ class SQLiteStore:
                     applied.append(cursor.fetchone() is not None)
                 if purge:
                     conn.execute(sql.purge, {"now": now})
+                    for statement in gsql.purge:
+                        conn.execute(statement, {"now": now})
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -163,9 +176,76 @@ class SQLiteStore:
         row = await self._run(cancel, f"cancelling job {job_id}")
         return None if row is None else row_record(row).status
 
+    async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
+        gsql, sql = self._gsql, self._sql
+        params = group_params(group, time.time(), self.ttl)
+        members = [
+            {"group_id": group.group_id, "idx": i, "job_id": job_id, "expires": params["expires"]}
+            for i, job_id in enumerate(group.member_ids)
+        ]
+        job_writes = [write_params(w, self.ttl) for w in writes]
+
+        def create(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(gsql.insert_group, params)
+                conn.executemany(gsql.insert_member, members)
+                for p in job_writes:
+                    conn.execute(sql.write, p).fetchall()
+
+        await self._run(create, f"recording group {group.group_id}")
+
+    async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
+        gsql, sql = self._gsql, self._sql
+        job = write_params(write, self.ttl)
+        mark = mark_params(write, group_id, index, self.ttl)
+        key = {"group_id": group_id}
+
+        def finish(conn: sqlite3.Connection) -> CallbackDue | None:
+            with _transaction(conn):
+                conn.execute(sql.write, job).fetchall()
+                claimed = False
+                if conn.execute(gsql.mark_member, mark).fetchall():
+                    conn.execute(gsql.count_down, mark).fetchall()
+                    claimed = bool(conn.execute(gsql.claim_callback, key).fetchall())
+                row = conn.execute(gsql.group, key).fetchone()
+                if row is None or not row[4] or row[5]:
+                    return None
+                members = conn.execute(gsql.members, key).fetchall()
+            return due_from(group_id, row, members, claimed)
+
+        return await self._run(finish, f"finishing job {write.job_id} of group {group_id}")
+
+    async def callback_published(self, group_id: str) -> None:
+        def published(conn: sqlite3.Connection) -> None:
+            conn.execute(self._gsql.published, {"group_id": group_id})
+
+        await self._run(published, f"recording group {group_id}'s callback")
+
+    async def take_token(
+        self, key: str, *, interval: float, tau: float, max_wait: float, now: float
+    ) -> float:
+        gsql = self._gsql
+        params = {
+            "key": key, "interval": interval, "tau": tau, "max_wait": max_wait, "now": now,
+            "expires": rate_expiry(now, tau, interval),
+        }  # fmt: skip
+
+        def take(conn: sqlite3.Connection) -> float:
+            with _transaction(conn):
+                conn.execute(gsql.insert_bucket, params)
+                row = conn.execute(gsql.take, params).fetchone()
+                if row is None:
+                    row = conn.execute(gsql.peek, params).fetchone()
+            return float(row[0]) - now
+
+        return await self._run(take, f"taking a token of rate limit {key!r}")
+
     async def purge(self) -> int:
         def purge(conn: sqlite3.Connection) -> int:
-            return conn.execute(self._sql.purge, {"now": time.time()}).rowcount
+            now = {"now": time.time()}
+            for statement in self._gsql.purge:
+                conn.execute(statement, now)
+            return conn.execute(self._sql.purge, now).rowcount
 
         return await self._run(purge, "purging expired jobs")
 
@@ -177,3 +257,16 @@ class SQLiteStore:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(thread, conn.close)
         thread.shutdown(wait=False)
+
+
+class _transaction:
+    """`BEGIN IMMEDIATE` ... `COMMIT` (or `ROLLBACK` on any exception)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
+        self._conn.execute("ROLLBACK" if kind is not None else "COMMIT")

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import ConfigurationError
+from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
 from ._status import RANK, JobRecord, JobState, JobStatus, Write, timestamp
 
 __all__ = ("DAY", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "write_params")
@@ -179,6 +180,7 @@ class MemoryStore:
     def __init__(self, *, ttl: float = DAY) -> None:
         self.ttl = check_ttl(ttl)
         self._rows: dict[str, dict[str, Any]] = {}
+        self._groups = MemoryGroups()
 
     def __repr__(self) -> str:
         return f"<MemoryStore jobs={len(self._rows)} ttl={self.ttl:g}>"
@@ -236,7 +238,25 @@ class MemoryStore:
             row.update(cancel_requested=True, updated_at=now, expires_at=now + self.ttl)
         return row_record(row).status
 
+    async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
+        self._groups.create(group, self.ttl)
+        for write in writes:
+            self._apply(write)
+
+    async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
+        self._apply(write)
+        return self._groups.finish(write, group_id, index, self.ttl)
+
+    async def callback_published(self, group_id: str) -> None:
+        self._groups.published(group_id)
+
+    async def take_token(
+        self, key: str, *, interval: float, tau: float, max_wait: float, now: float
+    ) -> float:
+        return self._groups.take(key, interval=interval, tau=tau, max_wait=max_wait, now=now)
+
     async def purge(self) -> int:
+        self._groups.purge()
         now = time.time()
         expired = [job_id for job_id, row in self._rows.items() if row["expires_at"] <= now]
         for job_id in expired:

@@ -25,7 +25,9 @@ from .._exceptions import (
 from .._link.specs import Queue
 from .._publish.serialization import JSON, encode_body
 from ._errors import StoreError, TaskArgumentError
+from ._groups import Signature
 from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._rate import RateLimit
 from ._running import build_workers
 from ._status import JobState, Write
 from ._store import JobStore
@@ -164,10 +166,12 @@ class Task(Generic[P, R]):
         queue: Queue,
         registry: Tasks,
         publish: Mapping[str, Any] | None = None,
+        rate_limit: RateLimit | None = None,
     ) -> None:
         self.fn = fn
         self.name = name
         self.queue = queue
+        self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
         self._registry = registry
         self._publish = dict(publish or {})
@@ -208,10 +212,34 @@ class Task(Generic[P, R]):
         }  # fmt: skip
         publish = {**self._publish, **{k: v for k, v in given.items() if v is not None}}
         clone: Task[P, R] = Task(
-            self.fn, name=self.name, queue=self.queue, registry=self._registry, publish=publish
-        )
+            self.fn, name=self.name, queue=self.queue, registry=self._registry, publish=publish,
+            rate_limit=self.rate_limit,
+        )  # fmt: skip
         clone.arguments = self.arguments
         return clone
+
+    @property
+    def registry(self) -> Tasks:
+        """The `Tasks` registry the task was declared in."""
+        return self._registry
+
+    @property
+    def publish_options(self) -> dict[str, Any]:
+        """The publish options set with `options()` (without `job_id`)."""
+        return {k: v for k, v in self._publish.items() if k != "message_id"}
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """This task with its arguments, for a `group([...])`: `resize.s("a.png")`.
+
+        The arguments are checked when the group is enqueued.
+        """
+        return Signature(self, args, kwargs)
+
+    def partial(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """This task as a group's callback with its other arguments:
+        `group([...], then=report.partial(title="daily"))`; the first parameter receives the
+        members' results."""
+        return Signature(self, args, kwargs, complete=False)
 
     def result_validator(self) -> Validator:
         if self._result_validator is None:
@@ -266,10 +294,13 @@ class Task(Generic[P, R]):
 class _Decorator:
     """What `tasks.task(queue=...)` returns: turns a function into a `Task`."""
 
-    def __init__(self, registry: Tasks, queue: Queue, name: str | None) -> None:
+    def __init__(
+        self, registry: Tasks, queue: Queue, name: str | None, rate_limit: RateLimit | None
+    ) -> None:
         self._registry = registry
         self._queue = queue
         self._name = name
+        self._rate_limit = rate_limit
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]: ...
@@ -281,7 +312,9 @@ class _Decorator:
         if not callable(fn) or isinstance(fn, Task):
             raise ConfigurationError(f"@tasks.task(...) decorates a function, got {fn!r}")
         name = self._name or f"{fn.__module__}.{fn.__qualname__}"
-        task: Task[P, Any] = Task(fn, name=name, queue=self._queue, registry=self._registry)
+        task: Task[P, Any] = Task(
+            fn, name=name, queue=self._queue, registry=self._registry, rate_limit=self._rate_limit
+        )
         self._registry._add(task)
         return task
 
@@ -355,6 +388,10 @@ class Tasks:
         queue: str | Queue,
         name: str | None = None,
         queue_type: Literal["quorum", "classic"] | None = None,
+        rate_limit: str | float | None = None,
+        rate_key: Callable[..., Any] | None = None,
+        rate_burst: int = 1,
+        rate_max_wait: float = 5.0,
     ) -> _Decorator:
         """Declare a function as a task of `queue`.
 
@@ -363,6 +400,13 @@ class Tasks:
             name: the task's name in the `x-workq-task` header (default: `module.function`;
                 give one for a task defined in a script run as `__main__`).
             queue_type: `"quorum"` (default) or `"classic"`, for a queue given by name.
+            rate_limit: at most this many jobs start, for all worker processes together:
+                `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (needs a store).
+            rate_key: a bucket per key: called with the job's arguments by name, e.g.
+                `lambda customer, **_: customer`.
+            rate_burst: jobs that may start at once after an idle time (1: evenly spaced).
+            rate_max_wait: longest a worker holds a delivery waiting for its slot (at most
+                60 s); a job whose slot is further away is deferred on the broker.
 
         Raises:
             ConfigurationError: a bad name or queue, or a parameter a task can't take
@@ -382,7 +426,12 @@ class Tasks:
             raise ConfigurationError(
                 f"task name must be letters, digits, '_', '.', ':' or '-', got {name!r}"
             )
-        return _Decorator(self, spec, name)
+        limit = None
+        if rate_limit is not None:
+            limit = RateLimit.of(rate_limit, burst=rate_burst, key=rate_key, max_wait=rate_max_wait)
+        elif rate_key is not None:
+            raise ConfigurationError("rate_key= needs a rate_limit=")
+        return _Decorator(self, spec, name, limit)
 
     def _add(self, task: Task[Any, Any]) -> None:
         if task.name in self._tasks:

@@ -19,6 +19,15 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .._exceptions import ConfigurationError
 from ..outbox._schema import check_schema, quote, redact_dsn
 from ._errors import StoreError
+from ._groupstore import (
+    CallbackDue,
+    GroupSpec,
+    GroupSQL,
+    due_from,
+    group_params,
+    mark_params,
+    rate_expiry,
+)
 from ._status import JobRecord, JobStatus, Write
 from ._store import DAY, SQL, check_ttl, row_record, write_params
 
@@ -110,6 +119,15 @@ class PostgresStore:
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
         self._cancel_running = _psycopg(sql.cancel_running)
         self._purge = _psycopg(sql.purge)
+        g = GroupSQL(f"{quote(schema)}.", greatest="GREATEST")
+        self._g = {
+            name: _psycopg(getattr(g, name))
+            for name in (
+                "insert_group", "insert_member", "mark_member", "count_down", "claim_callback",
+                "group", "members", "published", "insert_bucket", "take", "peek",
+            )
+        }  # fmt: skip
+        self._gpurge = [_psycopg(statement) for statement in g.purge]
         self._last_purge = 0.0
 
     def __repr__(self) -> str:
@@ -136,6 +154,8 @@ class PostgresStore:
                     applied.append(await cursor.fetchone() is not None)
                 if purge:
                     await conn.execute(self._purge, {"now": now})
+                    for statement in self._gpurge:
+                        await conn.execute(statement, {"now": now})
                     self._last_purge = now
                 return applied
         except (PsycopgError, PoolTimeout, OSError) as exc:
@@ -162,9 +182,81 @@ class PostgresStore:
             raise self._failed(f"cancelling job {job_id}", exc) from exc
         return None if row is None else row_record(row).status
 
+    async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
+        g = self._g
+        params = group_params(group, time.time(), self.ttl)
+        try:
+            async with await self._connection() as conn, conn.transaction():
+                await conn.execute(g["insert_group"], params)
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        g["insert_member"],
+                        [
+                            {"group_id": group.group_id, "idx": i, "job_id": job_id,
+                             "expires": params["expires"]}
+                            for i, job_id in enumerate(group.member_ids)
+                        ],
+                    )  # fmt: skip
+                for write in writes:
+                    await conn.execute(self._write, write_params(write, self.ttl))
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"recording group {group.group_id}", exc) from exc
+
+    async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
+        g = self._g
+        key = {"group_id": group_id}
+        mark = mark_params(write, group_id, index, self.ttl)
+        try:
+            async with await self._connection() as conn, conn.transaction():
+                await conn.execute(self._write, write_params(write, self.ttl))
+                claimed = False
+                cursor = await conn.execute(g["mark_member"], mark)
+                if await cursor.fetchone() is not None:
+                    await conn.execute(g["count_down"], mark)
+                    cursor = await conn.execute(g["claim_callback"], key)
+                    claimed = await cursor.fetchone() is not None
+                cursor = await conn.execute(g["group"], key)
+                row = await cursor.fetchone()
+                if row is None or not row[4] or row[5]:
+                    return None
+                cursor = await conn.execute(g["members"], key)
+                members = await cursor.fetchall()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"finishing job {write.job_id} of group {group_id}", exc) from exc
+        return due_from(group_id, row, members, claimed)
+
+    async def callback_published(self, group_id: str) -> None:
+        try:
+            async with await self._connection() as conn:
+                await conn.execute(self._g["published"], {"group_id": group_id})
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"recording group {group_id}'s callback", exc) from exc
+
+    async def take_token(
+        self, key: str, *, interval: float, tau: float, max_wait: float, now: float
+    ) -> float:
+        params = {
+            "key": key, "interval": interval, "tau": tau, "max_wait": max_wait, "now": now,
+            "expires": rate_expiry(now, tau, interval),
+        }  # fmt: skip
+        try:
+            async with await self._connection() as conn, conn.transaction():
+                await conn.execute(self._g["insert_bucket"], params)
+                cursor = await conn.execute(self._g["take"], params)
+                row = await cursor.fetchone()
+                if row is None:
+                    cursor = await conn.execute(self._g["peek"], params)
+                    row = await cursor.fetchone()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"taking a token of rate limit {key!r}", exc) from exc
+        assert row is not None
+        return float(row[0]) - now
+
     async def purge(self) -> int:
         try:
             async with await self._connection() as conn:
+                for statement in self._gpurge:
+                    await conn.execute(statement, {"now": time.time()})
                 cursor = await conn.execute(self._purge, {"now": time.time()})
                 return int(cursor.rowcount)
         except (PsycopgError, PoolTimeout, OSError) as exc:

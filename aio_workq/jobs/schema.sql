@@ -28,3 +28,40 @@ CREATE TABLE IF NOT EXISTS {schema}.workq_jobs (
     expires_at        double precision  NOT NULL   -- the record reads as absent from then on
 );
 CREATE INDEX IF NOT EXISTS workq_jobs_expires_idx ON {schema}.workq_jobs (expires_at);
+
+-- Groups (aio_workq.jobs.group): one row per group, one per member. A member's terminal write
+-- marks its row done and counts the group down in one transaction; the one that reaches zero
+-- sets callback_claimed (once).
+CREATE TABLE IF NOT EXISTS {schema}.workq_groups (
+    group_id            text              PRIMARY KEY,
+    size                integer           NOT NULL,
+    remaining           integer           NOT NULL,
+    callback_task       text,
+    callback_queue      text,
+    callback_param      text,
+    callback_body       bytea,
+    callback_claimed    boolean           NOT NULL DEFAULT false,
+    callback_published  boolean           NOT NULL DEFAULT false,
+    created_at          double precision  NOT NULL,
+    expires_at          double precision  NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {schema}.workq_group_members (
+    group_id       text              NOT NULL,
+    idx            integer           NOT NULL,
+    job_id         text              NOT NULL,
+    done           boolean           NOT NULL DEFAULT false,
+    state          text,
+    result         bytea,
+    content_type   text,
+    error_type     text,
+    error_message  text,
+    expires_at     double precision  NOT NULL,
+    PRIMARY KEY (group_id, idx)
+);
+-- Rate limits (@tasks.task(rate_limit=...)): one token bucket per key, as its theoretical
+-- arrival time (GCRA).
+CREATE TABLE IF NOT EXISTS {schema}.workq_rates (
+    key         text              PRIMARY KEY,
+    tat         double precision  NOT NULL,
+    expires_at  double precision  NOT NULL
+);

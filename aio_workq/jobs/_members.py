@@ -1,0 +1,224 @@
+"""The worker's side of groups: a member's terminal write before its ack, and the callback.
+
+A group member's outcome is not left to the recorder's batched writes (which may still be in
+memory when the process dies after the ack): the handler itself writes the terminal state and
+counts the group down (`GroupStore.finish_member`, one transaction) before it returns, so the
+message is acked only once that is committed. A failure is written as final when the worker's
+failure routing will dead-letter it (the same `route_failure` decision, made in advance).
+Whatever can't be finished now (the store down, the callback not confirmed) defers the member
+(`Defer`: no attempt used): its next delivery finishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .._consume.failures import Failed, MoveKind, route_failure
+from .._consume.job import Job
+from .._consume.retry import RetryPolicy
+from .._exceptions import Defer, Reject, SerializationError, qualname
+from .._link.specs import Queue
+from .._publish.serialization import JSON, encode_body
+from ._errors import StoreError
+from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
+from ._groupstore import CallbackDue, GroupStore, RateStore
+from ._handle import TASK_HEADER
+from ._rate import RateLimit, acquire
+from ._recorder import Recorder, Running
+from ._status import JobState, Write
+
+if TYPE_CHECKING:
+    from ._store import JobStore
+
+__all__ = ("Member", "Members")
+
+log = logging.getLogger("aio_workq.jobs")
+
+_RETRY_FINISH = 2.0
+_ERROR_LIMIT = 1000
+
+
+class _Task(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def queue(self) -> Queue: ...
+    @property
+    def rate_limit(self) -> RateLimit | None: ...
+    @property
+    def arguments(self) -> Any: ...
+
+
+RunTask = Callable[[Any, dict[str, Any], Running], Awaitable[Any]]
+"""`_running.run_task` (passed in: `_running` imports this module)."""
+
+
+class Members:
+    """What the task workers of one process need for groups and rate limits."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        retry: RetryPolicy | None,
+        max_defers: int | None,
+        queues: Mapping[str, Queue],
+    ) -> None:
+        self.store = store
+        self.groups: GroupStore | None = store if isinstance(store, GroupStore) else None
+        self.rates: RateStore | None = store if isinstance(store, RateStore) else None
+        self.retry = retry
+        self.max_defers = max_defers
+        self.queues = dict(queues)
+
+    def member_of(self, job: Job) -> Member | None:
+        group_id = job.headers.get(GROUP_HEADER)
+        index = job.headers.get(INDEX_HEADER)
+        if not isinstance(group_id, str) or self.groups is None:
+            return None
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            return None
+        return Member(self, self.groups, job, group_id, index)
+
+
+class Member:
+    """One delivery of a group member."""
+
+    def __init__(
+        self, members: Members, store: GroupStore, job: Job, group_id: str, index: int
+    ) -> None:
+        self._members = members
+        self._store = store
+        self._job = job
+        self.group_id = group_id
+        self.index = index
+
+    async def handle(
+        self, task: _Task, running: Running, recorder: Recorder, run_task: RunTask
+    ) -> Any:
+        """Run the member's task (with `run_task`) and finish it in the group; the value to
+        return."""
+        try:
+            kwargs = task.arguments.decode(self._job.body, self._job.content_type)
+        except Exception as exc:
+            await self._failed(exc, running, task.queue)
+            raise
+        if not await recorder.claim(running):
+            running.skipped = True
+            log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, task.name)
+            await self.skipped(running)
+            return None
+        try:
+            if task.rate_limit is not None and self._members.rates is not None:
+                await acquire(self._members.rates, task.name, task.rate_limit, kwargs)
+            value = await run_task(task, kwargs, running)
+            if not (running.cancelled and value is None):
+                try:
+                    running.result = encode_body(value)
+                except SerializationError as exc:
+                    raise Reject(
+                        f"task {task.name!r} returned a value that can't be stored: {exc}"
+                    ) from exc
+        except Exception as exc:
+            await self._failed(exc, running, task.queue)
+            raise
+        if running.result is None:
+            await self._finish(running.write(JobState.CANCELLED))
+            return None
+        body, content_type = running.result
+        await self._finish(
+            running.write(JobState.SUCCEEDED, result=body, content_type=content_type)
+        )
+        return value
+
+    async def skipped(self, running: Running) -> None:
+        """The claim found the job succeeded or cancelled: count it in the group (again: a
+        member counts once) and publish the callback if it was claimed and not published."""
+        try:
+            record = await self._store_get(running.job_id)
+        except StoreError as exc:
+            log.warning(
+                "group %s: job %s can't be read (%s); deferring", self.group_id, running.job_id, exc
+            )
+            raise Defer(_RETRY_FINISH) from exc
+        if record is None:
+            write = running.write(JobState.CANCELLED)
+        else:
+            status = record.status
+            state = status.state if status.done else JobState.CANCELLED
+            write = Write(
+                job_id=running.job_id, task=running.task, queue=running.queue, state=state,
+                at=time.time(), attempt=status.attempt, defers=running.defers,
+                result=record.result, content_type=record.content_type,
+                error_type=status.error_type, error_message=status.error_message,
+            )  # fmt: skip
+        await self._finish(write)
+
+    async def _store_get(self, job_id: str) -> Any:
+        return await self._members.store.get(job_id)
+
+    def _final(self, exc: BaseException, queue: Queue) -> bool:
+        """Whether the worker's failure routing will end this delivery for good."""
+        job = self._job
+        if job.reply_to:
+            return True
+        move = route_failure(
+            Failed(job.attempt, job.headers, queue.name), exc, self._members.retry, queue,
+            now=datetime.now(UTC), max_defers=self._members.max_defers,
+        )  # fmt: skip
+        return move.kind in (MoveKind.DEAD_LETTER, MoveKind.DROP)
+
+    async def _failed(self, exc: BaseException, running: Running, queue: Queue) -> None:
+        if not self._final(exc, queue):
+            return
+        await self._finish(
+            running.write(
+                JobState.FAILED, error_type=qualname(exc), error_message=str(exc)[:_ERROR_LIMIT]
+            )
+        )
+
+    async def _finish(self, write: Write) -> None:
+        """Write the member's terminal state and count the group down, before the ack.
+
+        Raises:
+            Defer: the store can't be reached, or the callback was not confirmed: the member
+                comes back (no attempt used) and finishes then.
+        """
+        try:
+            due = await self._store.finish_member(write, group_id=self.group_id, index=self.index)
+        except StoreError as exc:
+            log.warning(
+                "group %s: job %s's outcome can't be recorded (%s); deferring it to finish "
+                "later", self.group_id, write.job_id, exc,
+            )  # fmt: skip
+            raise Defer(_RETRY_FINISH) from exc
+        if due is not None:
+            await self._publish(due)
+
+    async def _publish(self, due: CallbackDue) -> None:
+        job_id = callback_id(due.group_id)
+        queue = self._members.queues.get(due.task) or Queue(due.queue)
+        body = callback_body(due)
+        try:
+            await self._job.forward(
+                body, queue, message_id=job_id, headers={TASK_HEADER: due.task},
+                content_type=JSON,
+            )  # fmt: skip
+        except Exception as exc:
+            log.warning(
+                "group %s: its callback was not confirmed (%r); deferring member %s to "
+                "publish it again", due.group_id, exc, self._job.message_id,
+            )  # fmt: skip
+            raise Defer(_RETRY_FINISH) from exc
+        try:
+            await self._store.callback_published(due.group_id)
+        except StoreError as exc:
+            log.warning(
+                "group %s: callback %s published, but not recorded so (%s): a redelivered "
+                "member may publish it again (the same job id)", due.group_id, job_id, exc,
+            )  # fmt: skip
+        log.info("group %s complete: callback %s (%s) published", due.group_id, job_id, due.task)

@@ -1,0 +1,127 @@
+"""Rate limits across the cluster: a token bucket per key in the job store.
+
+`@tasks.task(queue=..., rate_limit="50/s", rate_key=lambda customer, **_: customer)`: before a
+job runs, its worker reserves the next slot of the bucket in one UPDATE of the store (GCRA: the
+row holds the bucket's *theoretical arrival time*; a reservation moves it on by one interval).
+The worker sleeps until its slot -- at most `max_wait` seconds, far below the broker's consumer
+timeout -- or, when the slot is further away, reserves nothing and defers the message by that
+long (`Defer`: it waits on the broker, not unacked in memory). No polling: one store round trip
+per delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._exceptions import ConfigurationError, Defer
+from ._errors import StoreError
+from ._groupstore import RateStore
+
+__all__ = ("RateLimit", "acquire")
+
+log = logging.getLogger("aio_workq.jobs")
+
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
+_UNIT |= {"h": 3600.0, "hour": 3600.0}
+_STORE_DOWN_DEFER = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A task's rate limit, shared by every worker process through the store.
+
+    Args:
+        per_second: jobs a second, for all processes together (per key).
+        burst: jobs that may start at once after an idle time (1: evenly spaced).
+        key: called with the job's arguments (by name), returns the key of the bucket
+            (e.g. the customer); None: one bucket for the task.
+        max_wait: longest a worker holds a delivery waiting for its slot; a later slot
+            defers the message on the broker instead.
+    """
+
+    per_second: float
+    burst: int = 1
+    key: Callable[..., Any] | None = None
+    max_wait: float = 5.0
+
+    @classmethod
+    def of(
+        cls,
+        rate: str | float,
+        *,
+        burst: int = 1,
+        key: Callable[..., Any] | None = None,
+        max_wait: float = 5.0,
+    ) -> RateLimit:
+        """Parse `"50/s"`, `"600/m"`, `"1000/h"` or a number of jobs a second.
+
+        Raises:
+            ConfigurationError: a rate, burst, key or max_wait that does not fit.
+        """
+        if isinstance(rate, str):
+            match = _RATE.fullmatch(rate)
+            if match is None:
+                raise ConfigurationError(
+                    f"rate_limit must look like '50/s', '600/m' or '1000/h', got {rate!r}"
+                )
+            per_second = float(match[1]) / _UNIT[match[2]]
+        elif isinstance(rate, int | float) and not isinstance(rate, bool):
+            per_second = float(rate)
+        else:
+            raise ConfigurationError(f"rate_limit must be '50/s' or a number, got {rate!r}")
+        if not per_second > 0:
+            raise ConfigurationError(f"rate_limit must be > 0, got {rate!r}")
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ConfigurationError(f"rate_burst must be a whole number >= 1, got {burst!r}")
+        if key is not None and not callable(key):
+            raise ConfigurationError(f"rate_key must be a function of the arguments, got {key!r}")
+        if not 0 < max_wait <= 60:
+            raise ConfigurationError(f"rate_max_wait must be in (0, 60] seconds, got {max_wait!r}")
+        return cls(per_second, burst, key, float(max_wait))
+
+    @property
+    def interval(self) -> float:
+        return 1.0 / self.per_second
+
+    @property
+    def tau(self) -> float:
+        return (self.burst - 1) * self.interval
+
+    def bucket(self, task: str, kwargs: Mapping[str, Any]) -> str:
+        """The bucket's key for a job of `task` with these arguments."""
+        if self.key is None:
+            return task
+        return f"{task}:{self.key(**kwargs)}"
+
+
+async def acquire(
+    store: RateStore, task: str, limit: RateLimit, kwargs: Mapping[str, Any]
+) -> float:
+    """Wait for this job's slot; returns the seconds waited.
+
+    Raises:
+        Defer: the slot is more than `max_wait` away (nothing reserved), or the store can't
+            be reached (the limit is not exceeded while it is down).
+    """
+    key = limit.bucket(task, kwargs)
+    now = time.time()
+    try:
+        wait = await store.take_token(
+            key, interval=limit.interval, tau=limit.tau, max_wait=limit.max_wait, now=now
+        )
+    except StoreError as exc:
+        log.warning("rate limit %r: the store can't be reached (%s); deferring the job", key, exc)
+        raise Defer(_STORE_DOWN_DEFER) from exc
+    if wait > limit.max_wait:
+        raise Defer(wait)
+    if wait > 0:
+        await asyncio.sleep(wait)
+        return wait
+    return 0.0

@@ -1,0 +1,264 @@
+"""Groups on a real broker with the SQLite store: fan-out, fan-in with a callback that runs
+exactly once with every member's outcome, failures, redeliveries, and the crash between the
+claim and the callback's publish."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aio_workq import (
+    ConfigurationError,
+    HandleInfo,
+    Hook,
+    IntegrationError,
+    Producer,
+    RetryPolicy,
+    Worker,
+)
+from aio_workq.jobs import (
+    GroupResult,
+    JobState,
+    SQLiteStore,
+    TaskArgumentError,
+    Tasks,
+    Write,
+    group,
+)
+from aio_workq.jobs._groups import GROUP_HEADER, INDEX_HEADER
+from aio_workq.jobs._handle import TASK_HEADER
+from tests.test_cli import cli
+
+pytestmark = pytest.mark.broker
+
+
+@asynccontextmanager
+async def running(tasks: Tasks, url: str, **options: Any) -> AsyncIterator[list[Worker]]:
+    workers = tasks.workers(url, **options)
+    try:
+        for worker in workers:
+            await worker.start()
+        yield workers
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
+class App:
+    """A registry with a member task and a callback task on queues of their own."""
+
+    def __init__(self, tmp_path: Path, producer: Producer) -> None:
+        self.store = SQLiteStore(tmp_path / "jobs.db")
+        self.tasks = Tasks(producer=producer, store=self.store)
+        self.calls: list[list[GroupResult]] = []
+        self.runs: Counter[str] = Counter()
+        self.done = asyncio.Event()
+        suffix = uuid.uuid4().hex[:8]
+
+        @self.tasks.task(queue=f"g-members-{suffix}", name="t.square")
+        async def square(n: int) -> int:
+            self.runs[f"square {n}"] += 1
+            if n < 0:
+                raise ValueError(f"negative: {n}")
+            return n * n
+
+        @self.tasks.task(queue=f"g-reports-{suffix}", name="t.report")
+        async def report(results: list[GroupResult], title: str = "") -> str:
+            self.calls.append(results)
+            self.done.set()
+            ok = sum(r.value for r in results if r.ok)
+            return f"{title}{ok}/{len(results)}"
+
+        self.square = square
+        self.report = report
+
+
+class Handled(Hook):
+    """Counts the deliveries the workers settled."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = asyncio.Event()
+
+    def after_handle(self, info: HandleInfo) -> None:
+        self.count += 1
+        self.changed.set()
+
+    async def reach(self, n: int) -> None:
+        async with asyncio.timeout(30):
+            while self.count < n:
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+def app(tmp_path: Path, producer: Producer) -> App:
+    return App(tmp_path, producer)
+
+
+async def test_twenty_members_then_one_callback_with_twenty_results(
+    app: App, amqp_url: str
+) -> None:
+    async with running(app.tasks, amqp_url, concurrency=8):
+        handle = await group(
+            [app.square.s(n) for n in range(20)], then=app.report.partial(title="sum ")
+        ).enqueue()
+        assert await handle.result(timeout=60) == f"sum {sum(n * n for n in range(20))}/20"
+        assert len(app.calls) == 1
+        assert [r.value for r in app.calls[0]] == [n * n for n in range(20)]
+        assert [r.job_id for r in app.calls[0]] == [h.job_id for h in handle.members]
+        statuses = [await h.status() for h in handle.members]
+        assert {s.state for s in statuses} == {JobState.SUCCEEDED}
+        assert handle.callback is not None
+        assert handle.callback.job_id == f"{handle.group_id}.callback"
+
+
+async def test_a_failed_member_is_in_the_results_and_the_callback_runs_once(
+    app: App, amqp_url: str
+) -> None:
+    async with running(app.tasks, amqp_url, concurrency=4, retry=RetryPolicy(max_attempts=2)):
+        members = [app.square.s(3), app.square.s(-1), app.square.s(4)]
+        handle = await group(members, then=app.report).enqueue()
+        assert await handle.result(timeout=60) == "25/3"
+        assert len(app.calls) == 1
+        failed = app.calls[0][1]
+        assert (failed.ok, failed.state) == (False, "failed")
+        assert failed.error_type == "builtins.ValueError"
+        assert failed.error_message == "negative: -1"
+        assert app.runs["square -1"] == 2  # retried, then failed for good: counted once
+        status = await handle.members[1].status()
+        assert status.state is JobState.FAILED
+
+
+async def test_a_member_delivered_again_after_it_finished_does_not_run_the_callback_again(
+    app: App, amqp_url: str, producer: Producer
+) -> None:
+    handled = Handled()
+    async with running(app.tasks, amqp_url, concurrency=4, hooks=[handled]):
+        handle = await group([app.square.s(n) for n in range(3)], then=app.report).enqueue()
+        await handle.result(timeout=60)
+        # The broker delivers member 1 again (as after a lost ack): the same message.
+        for index in (1, 1, 2):
+            await producer.publish(
+                {"n": index}, app.square.queue, message_id=f"{handle.group_id}.{index}",
+                headers={TASK_HEADER: "t.square", GROUP_HEADER: handle.group_id,
+                         INDEX_HEADER: index},
+            )  # fmt: skip
+        await handled.reach(3 + 1 + 3)  # the members, the callback, the three redeliveries
+        assert app.runs["square 1"] == 1  # skipped at delivery: it succeeded already
+        assert len(app.calls) == 1
+        assert (await handle.callback.status()).state is JobState.SUCCEEDED  # type: ignore[union-attr]
+
+
+async def test_a_crash_between_the_claim_and_the_publish_is_recovered_by_the_redelivery(
+    app: App, amqp_url: str, producer: Producer
+) -> None:
+    """The worker that claimed the callback died before publishing it (simulated: the
+    members' terminal writes are made straight in the store, and nobody publishes); the
+    member it was running comes back from the broker and publishes the callback."""
+    g = group([app.square.s(n) for n in range(3)], then=app.report)
+    spec_members = [f"{g.group_id}.{i}" for i in range(3)]
+    from aio_workq.jobs._groupstore import GroupSpec
+
+    await app.store.create_group(
+        GroupSpec(
+            group_id=g.group_id, member_ids=tuple(spec_members), callback_task="t.report",
+            callback_queue=app.report.queue.name, callback_param="results", callback_body=b"{}",
+        ),
+        [],
+    )  # fmt: skip
+    dues = []
+    for i, job_id in enumerate(spec_members):
+        write = Write(
+            job_id=job_id, task="t.square", queue=app.square.queue.name,
+            state=JobState.SUCCEEDED, at=time.time(),
+            result=str(i * i).encode(), content_type="application/json",
+        )  # fmt: skip
+        dues.append(await app.store.finish_member(write, group_id=g.group_id, index=i))
+    assert dues[-1] is not None and dues[-1].claimed_now  # claimed; never published
+    async with running(app.tasks, amqp_url, concurrency=2):
+        await producer.publish(
+            {"n": 2}, app.square.queue, message_id=spec_members[2],
+            headers={TASK_HEADER: "t.square", GROUP_HEADER: g.group_id, INDEX_HEADER: 2},
+        )  # fmt: skip
+        async with asyncio.timeout(30):
+            await app.done.wait()
+        result = await app.tasks.job(f"{g.group_id}.callback").result(timeout=30)
+        assert result == "5/3"
+        assert app.runs["square 2"] == 0  # it had succeeded: skipped, the callback published
+        assert len(app.calls) == 1
+
+
+async def test_group_arguments_are_checked_before_anything_is_sent(
+    app: App, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigurationError, match="at least one"):
+        group([], then=app.report)
+    with pytest.raises(ConfigurationError, match="signatures"):
+        group([app.square], then=app.report)  # type: ignore[list-item]
+    with pytest.raises(TaskArgumentError, match="t.square"):
+        await group([app.square.s("x")], then=app.report).enqueue()  # type: ignore[arg-type]
+    with pytest.raises(TaskArgumentError, match="t.report"):
+        await group([app.square.s(1)], then=app.report.partial(nope=1)).enqueue()
+    bare = Tasks(producer=app.tasks.publisher)
+
+    @bare.task(queue="unused", name="t.bare")
+    async def bare_task(n: int) -> int:
+        return n
+
+    with pytest.raises(IntegrationError, match="store"):
+        await group([bare_task.s(1)]).enqueue()
+    await app.store.close()
+
+
+async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_run_once(
+    amqp_url: str, tmp_path: Path
+) -> None:
+    """kill -9 of the process that claimed the callback, before it published it and acked the
+    member: the member is redelivered (to the other process, or the restarted one), finds the
+    callback claimed and unpublished, publishes it; it runs exactly once."""
+    queue = f"g-kill-{uuid.uuid4().hex[:8]}"
+    db, marker = tmp_path / "jobs.db", tmp_path / "die.mark"
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_GROUPS_DB": str(db), "WORKQ_GROUPS_DIE": str(marker), "WORKQ_GROUPS_QUEUE": queue,
+    }  # fmt: skip
+    args = ["worker", "tests.test_jobs_groups_app:workers", "--processes", "2"]
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        store = SQLiteStore(db)
+        try:
+            async with Producer(amqp_url) as producer:
+                tasks = Tasks(producer=producer, store=store)
+
+                @tasks.task(queue=queue, name="g.square")
+                async def square(n: int) -> int:
+                    return n * n  # runs in the worker processes (tests/test_jobs_groups_app.py)
+
+                @tasks.task(queue=f"{queue}-report", name="g.report")
+                async def report(results: list[GroupResult]) -> int:
+                    return 0
+
+                handle = await group([square.s(n) for n in range(10)], then=report).enqueue()
+                assert await handle.result(timeout=90) == sum(n * n for n in range(10))
+        finally:
+            await store.close()
+        assert len(sup.lines(r"^DYING ")) == 1, sup.out
+        callbacks = sup.lines(r"^CALLBACK (\d+) (\d+)")
+        assert [m[2] for m in callbacks] == ["10"], sup.out
+        sup.proc.terminate()
+        await sup.exit_code()

@@ -1,0 +1,171 @@
+"""Rate limits across worker processes: 3 processes (`aio-workq worker --processes 3`) share
+one limit through the store; a job whose slot is far away is deferred on the broker, not held;
+per-key buckets; the options are checked."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aio_workq import ConfigurationError, Producer, Worker
+from aio_workq.jobs import JobState, MemoryStore, RateLimit, SQLiteStore, Tasks
+from tests.test_cli import cli
+from tests.test_jobs import until
+
+RATE = 20.0
+
+
+def steady_rate(times: list[float], trim: float = 0.15) -> float:
+    """Jobs a second over the steady part: the first and last `trim` of the starts dropped
+    (the ramp-up of the processes, the tail)."""
+    times = sorted(times)
+    cut = int(len(times) * trim)
+    middle = times[cut : len(times) - cut]
+    return (len(middle) - 1) / (middle[-1] - middle[0])
+
+
+async def measure(
+    amqp_url: str, tmp_path: Path, *, processes: int, jobs: int, rate: str
+) -> tuple[float, set[str]]:
+    queue = f"rate-{uuid.uuid4().hex[:8]}"
+    db = tmp_path / "rate.db"
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_RATE_DB": str(db), "WORKQ_RATE": rate, "WORKQ_RATE_QUEUE": queue,
+    }  # fmt: skip
+    args = ["worker", "tests.test_jobs_rate_app:workers", "--processes", str(processes)]
+    async with cli(*args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= 2 * processes,
+            timeout=60, what="the workers consuming",
+        )  # fmt: skip
+        store = SQLiteStore(db)
+        try:
+            async with Producer(amqp_url) as producer:
+                tasks = Tasks(producer=producer, store=store)
+
+                @tasks.task(queue=queue, name="rate.tick")
+                async def tick(i: int) -> float:
+                    return 0.0  # runs in the worker processes (tests/test_jobs_rate_app.py)
+
+                await asyncio.gather(*(tick.enqueue(i) for i in range(jobs)))
+        finally:
+            await store.close()
+        await sup.wait_for(
+            lambda: len(sup.lines(r"^RAN ")) >= jobs, timeout=jobs / RATE * 3 + 60,
+            what=f"{jobs} jobs run",
+        )  # fmt: skip
+        ran = sup.lines(r"^RAN (\d+) ([\d.]+)")
+        sup.proc.terminate()
+        await sup.exit_code()
+    return steady_rate([float(m[2]) for m in ran]), {m[1] for m in ran}
+
+
+@pytest.mark.broker
+async def test_three_processes_together_hold_the_rate(amqp_url: str, tmp_path: Path) -> None:
+    """200 jobs at once on 3 processes of 8 handlers each, limited to 20/s: about 10 s."""
+    measured, pids = await measure(amqp_url, tmp_path, processes=3, jobs=200, rate="20/s")
+    print(f"\nmeasured {measured:.2f} jobs/s (limit 20/s) on {len(pids)} processes")  # noqa: T201
+    assert len(pids) == 3  # every process ran some
+    assert RATE * 0.9 <= measured <= RATE * 1.1, measured
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_four_processes_for_a_minute(amqp_url: str, tmp_path: Path) -> None:
+    """The figure in the guide: 4 processes, 50/s, 3000 jobs (a minute)."""
+    measured, pids = await measure(amqp_url, tmp_path, processes=4, jobs=3000, rate="50/s")
+    print(f"\nmeasured {measured:.2f} jobs/s, steady part (limit 50/s), {len(pids)} pids")  # noqa: T201
+    assert len(pids) == 4
+    assert 45 <= measured <= 55, measured
+
+
+@pytest.mark.broker
+async def test_a_slot_far_away_defers_the_job_on_the_broker(
+    tmp_path: Path, producer: Producer, amqp_url: str
+) -> None:
+    """12/m: one job every 5 s; a worker holds a delivery at most 0.5 s (rate_max_wait), so
+    the second job is deferred (recorded `retrying`), not held, and runs about 5 s later."""
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+    ran: list[float] = []
+
+    queue = f"rate-defer-{uuid.uuid4().hex[:8]}"
+
+    @tasks.task(queue=queue, name="rate.slow", rate_limit="12/m", rate_max_wait=0.5)
+    async def slow(i: int) -> int:
+        ran.append(time.time())
+        return i
+
+    workers: list[Worker] = tasks.workers(amqp_url, concurrency=4)
+    try:
+        for worker in workers:
+            await worker.start()
+        first = await slow.enqueue(1)
+        assert await first.result(timeout=30) == 1
+        second = await slow.enqueue(2)
+        status = await until(second, lambda s: s.state is JobState.RETRYING)
+        assert status.error_type == "aio_workq.Defer"
+        assert status.next_retry_at is not None
+        assert 3.0 <= status.next_retry_at.timestamp() - time.time() <= 5.5
+        # `retrying` is recorded once the worker moved the message to a delay queue and
+        # acked it: it waits on the broker, not unacked in this process.
+        assert await second.result(timeout=30) == 2
+        assert ran[1] - ran[0] >= 5.0 - 0.05  # not before its slot
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
+async def test_per_key_buckets_are_separate() -> None:
+    limit = RateLimit.of("1/s", key=lambda customer, **_: customer)
+    store = MemoryStore()
+    now = time.time()
+    waits = [
+        await store.take_token(
+            limit.bucket("t", {"customer": c, "n": 1}),
+            interval=limit.interval,
+            tau=limit.tau,
+            max_wait=limit.max_wait,
+            now=now,
+        )  # fmt: skip
+        for c in ("a", "b", "a")
+    ]
+    assert waits == [0.0, 0.0, 1.0]
+    assert limit.bucket("t", {"customer": "a"}) == "t:a"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"rate_limit": "fast"}, "'50/s'"),
+        ({"rate_limit": 0}, "> 0"),
+        ({"rate_limit": "5/s", "rate_burst": 0}, "rate_burst"),
+        ({"rate_limit": "5/s", "rate_max_wait": 600}, "rate_max_wait"),
+        ({"rate_key": str}, "rate_key= needs a rate_limit="),
+        ({"rate_limit": "5/s", "rate_key": 3}, "rate_key"),
+    ],
+)
+def test_bad_rate_options_are_refused(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Tasks().task(queue="q", **options)
+
+
+def test_parsing_and_a_store_is_needed() -> None:
+    assert RateLimit.of("600/m").per_second == 10.0
+    assert RateLimit.of("3600/h").interval == 1.0
+    assert RateLimit.of(2.5, burst=3).tau == pytest.approx(0.8)
+    tasks = Tasks()
+
+    @tasks.task(queue="q", name="t.limited", rate_limit="5/s")
+    async def limited() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="rate_limit"):
+        tasks.workers("amqp://localhost/")
