@@ -234,7 +234,7 @@ async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_r
         **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
         "WORKQ_GROUPS_DB": str(db), "WORKQ_GROUPS_DIE": str(marker), "WORKQ_GROUPS_QUEUE": queue,
     }  # fmt: skip
-    args = ["worker", "tests.test_jobs_groups_app:workers", "--processes", "2"]
+    args = ["worker", "tests.jobs_groups_app:workers", "--processes", "2"]
     async with cli(*args, env=env) as sup:
         await sup.wait_for(
             lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
@@ -247,7 +247,7 @@ async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_r
 
                 @tasks.task(queue=queue, name="g.square")
                 async def square(n: int) -> int:
-                    return n * n  # runs in the worker processes (tests/test_jobs_groups_app.py)
+                    return n * n  # runs in the worker processes (tests/jobs_groups_app.py)
 
                 @tasks.task(queue=f"{queue}-report", name="g.report")
                 async def report(results: list[GroupResult]) -> int:

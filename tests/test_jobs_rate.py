@@ -39,7 +39,7 @@ async def measure(
         **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
         "WORKQ_RATE_DB": str(db), "WORKQ_RATE": rate, "WORKQ_RATE_QUEUE": queue,
     }  # fmt: skip
-    args = ["worker", "tests.test_jobs_rate_app:workers", "--processes", str(processes)]
+    args = ["worker", "tests.jobs_rate_app:workers", "--processes", str(processes)]
     async with cli(*args, env=env) as sup:
         await sup.wait_for(
             lambda: len(sup.lines(r"worker consuming", "err")) >= 2 * processes,
@@ -52,7 +52,7 @@ async def measure(
 
                 @tasks.task(queue=queue, name="rate.tick")
                 async def tick(i: int) -> float:
-                    return 0.0  # runs in the worker processes (tests/test_jobs_rate_app.py)
+                    return 0.0  # runs in the worker processes (tests/jobs_rate_app.py)
 
                 await asyncio.gather(*(tick.enqueue(i) for i in range(jobs)))
         finally:
