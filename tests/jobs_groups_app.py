@@ -1,7 +1,7 @@
 """The tasks of the kill -9 group test, run in worker processes (no tests here):
 
     WORKQ_GROUPS_DB=jobs.db WORKQ_GROUPS_DIE=die.mark WORKQ_GROUPS_QUEUE=q \\
-        aio-workq worker tests.test_jobs_groups_app:workers --processes 2
+        aio-workq worker tests.jobs_groups_app:workers --processes 2
 
 The store kills its own process with SIGKILL right after the transaction that claimed a
 group's callback committed, before the callback is published and the member acked (once: the

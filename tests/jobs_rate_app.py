@@ -1,7 +1,7 @@
 """The tasks the rate-limit tests run in worker processes (no tests here):
 
     WORKQ_RATE_DB=jobs.db WORKQ_RATE=20/s WORKQ_RATE_QUEUE=q \\
-        aio-workq worker tests.test_jobs_rate_app:workers --processes 3
+        aio-workq worker tests.jobs_rate_app:workers --processes 3
 
 Each job prints `RAN <pid> <unix time>` when it starts.
 """
