@@ -21,7 +21,9 @@ from pamqp.commands import Basic, Channel
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
-from aio_workq._wire.demux import Delivery, FrameDemux
+from aio_workq._consume.delivery import Delivery
+from aio_workq._wire.demux import FrameDemux, OnDelivery
+from aio_workq._wire.frames import decode_header
 from aio_workq._wire.seams import ALIVE_FRAME
 
 TAPPED, OTHER = 1, 2
@@ -88,6 +90,15 @@ STREAM = [
 ]
 
 
+def collect(into: list[Delivery]) -> OnDelivery:
+    """An `on_delivery` that makes the consuming layer's `Delivery` of each and keeps it."""
+
+    def take(*fields: Any) -> None:
+        into.append(Delivery(*fields))
+
+    return take
+
+
 async def read_all(demux: FrameDemux) -> list[Any]:
     """Every frame aiormq's receiver gets from the demux, until the stream ends."""
     receiver = FrameReceiver(demux)  # type: ignore[arg-type]
@@ -106,7 +117,7 @@ async def test_deliveries_are_taken_and_every_other_frame_reaches_aiormq_in_orde
     demux = FrameDemux(Pieces(data, piece), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     channel = FakeChannel(TAPPED)
     deliveries: list[Delivery] = []
-    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=collect(deliveries))  # type: ignore[arg-type]
 
     frames = await read_all(demux)
 
@@ -142,7 +153,7 @@ async def test_reply_to_is_read_without_decoding_only_when_absent() -> None:
     data = content(TAPPED, deliver(1), b"a") + content(TAPPED, deliver(2), b"b", with_reply)
     demux = FrameDemux(Pieces(data, 5), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
     await read_all(demux)
     assert [d.reply_to for d in deliveries] == [None, "amq.rabbitmq.reply-to"]
     message = deliveries[1].message()  # as aiormq would have delivered it
@@ -155,7 +166,7 @@ async def test_a_closed_channel_is_no_longer_tapped() -> None:
     data = content(TAPPED, deliver(1), b"a")
     demux = FrameDemux(Pieces(data, 100), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=collect(deliveries))  # type: ignore[arg-type]
     channel.closing.set_result(None)
     await asyncio.sleep(0)  # the closing callbacks run
     frames = await read_all(demux)
@@ -184,7 +195,7 @@ async def test_a_delivery_under_way_when_the_channel_closes_is_taken_whole() -> 
     reader = ClosingMidway.of(first[:method_end], first[method_end:], second)
     demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=collect(deliveries))  # type: ignore[arg-type]
     frames = await read_all(demux)
     assert [d.delivery_tag for d in deliveries] == [1]
     passed = [type(value).__name__ for _, value in frames if not isinstance(value, Heartbeat)]
@@ -199,7 +210,8 @@ async def test_a_failing_consumer_callback_does_not_stop_the_reader(
     demux = FrameDemux(Pieces(data, 1000), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     taken: list[int] = []
 
-    def on_delivery(delivery: Delivery) -> None:
+    def on_delivery(*fields: Any) -> None:
+        delivery = Delivery(*fields)
         if delivery.delivery_tag == 1:
             raise RuntimeError("boom")
         taken.append(delivery.delivery_tag)
@@ -220,8 +232,9 @@ class RecordingConfirms:
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         self.calls.append(("ack" if ack else "nack", delivery_tag, multiple))
 
-    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None:
-        self.calls.append(("return", reply_code, reply_text, message.properties.message_id))
+    def on_return(self, reply_code: int, reply_text: str, header: bytes) -> None:
+        message_id = decode_header(header).properties.message_id
+        self.calls.append(("return", reply_code, reply_text, message_id))
 
 
 @pytest.mark.parametrize("piece", [1, 5, 10_000])
@@ -244,7 +257,7 @@ async def test_confirms_and_returns_go_to_the_publisher_and_deliveries_to_the_wo
     deliveries: list[Delivery] = []
     channel = FakeChannel(TAPPED)
     demux.attach(channel, confirms=confirms)  # type: ignore[arg-type]
-    demux.attach(channel, on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(channel, on_delivery=collect(deliveries))  # type: ignore[arg-type]
     frames = await read_all(demux)
     assert confirms.calls == [
         ("ack", 3, True),
@@ -261,7 +274,7 @@ async def test_without_a_confirms_sink_confirms_and_returns_reach_aiormq() -> No
     returned = Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="", routing_key="q")
     data = frame.marshal(Basic.Ack(delivery_tag=1), TAPPED) + content(TAPPED, returned, b"x")
     demux = FrameDemux(Pieces(data, 3), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
-    demux.attach(FakeChannel(TAPPED), on_delivery=lambda d: None)  # type: ignore[arg-type]
+    demux.attach(FakeChannel(TAPPED), on_delivery=lambda *fields: None)  # type: ignore[arg-type]
     frames = await read_all(demux)
     assert [type(v).__name__ for _, v in frames] == [
         "Ack",

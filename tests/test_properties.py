@@ -19,9 +19,19 @@ from pamqp.commands import Basic, Channel
 from pamqp.heartbeat import Heartbeat
 
 from aio_workq import ConfigurationError, redact_url, resolve_url
-from aio_workq._wire.demux import Delivery, FrameDemux
+from aio_workq._consume.delivery import Delivery
+from aio_workq._wire.demux import FrameDemux
 from aio_workq._wire.seams import ALIVE_FRAME
-from tests.test_demux import OTHER, TAPPED, FakeChannel, Pieces, content, deliver, read_all
+from tests.test_demux import (
+    OTHER,
+    TAPPED,
+    FakeChannel,
+    Pieces,
+    collect,
+    content,
+    deliver,
+    read_all,
+)
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -63,7 +73,7 @@ def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
 async def _demux(pieces: list[bytes]) -> tuple[list[Delivery], list[tuple[int, Any]]]:
     demux = FrameDemux(Pieces.of(*pieces), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
-    demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
+    demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
     frames = await read_all(demux)
     return deliveries, [(n, v) for n, v in frames if not isinstance(v, Heartbeat)]
 
@@ -149,7 +159,7 @@ def test_a_channel_attached_between_any_two_reads_keeps_frame_boundaries(
         demux: FrameDemux
 
         def attach() -> None:
-            demux.attach(FakeChannel(TAPPED), on_delivery=deliveries.append)  # type: ignore[arg-type]
+            demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
 
         reader = AttachingReader(pieces, at, attach)
         demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from .._logs import handling
 from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
 from .._wire.acker import Acker
-from .._wire.demux import Delivery
+from .delivery import Delivery
 from .execution import HandlerRunner
 from .failures import MAX_DEFERS, Failed, Move, MoveKind, route_failure
 from .job import Forwarder, Job

@@ -12,7 +12,7 @@ import aio_pika
 from .._exceptions import Reject
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
-from .._wire.demux import Delivery
+from .delivery import Delivery
 from .failures import ATTEMPT_HEADER, BROKER_HEADERS
 
 if TYPE_CHECKING:

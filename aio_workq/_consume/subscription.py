@@ -22,8 +22,8 @@ from .._link.declare import declare_exchange, raw_channel
 from .._link.router import Router
 from .._link.specs import Exchange, Queue
 from .._wire.acker import Acker
-from .._wire.demux import Delivery
 from .._wire.seams import Wire
+from .delivery import Delivery
 
 __all__ = ("Subscription",)
 
@@ -96,8 +96,21 @@ class Subscription:
             acker = Acker(channel, (wire.writer, gate))
             on_delivery = self._on_delivery
 
-            def deliver(delivery: Delivery) -> None:
+            def deliver(
+                channel: aiormq.abc.AbstractChannel,
+                consumer_tag: str,
+                delivery_tag: int,
+                redelivered: bool,
+                exchange: str,
+                routing_key: str,
+                header: bytes,
+                body: bytes,
+            ) -> None:
                 if gate.open:  # else closing: the broker redelivers it
+                    delivery = Delivery(
+                        channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key,
+                        header, body,
+                    )  # fmt: skip
                     on_delivery(delivery, acker)
 
             gate.on_delivery = deliver

@@ -5,7 +5,8 @@ objects, and passes it through two `asyncio.Queue`s (connection, then channel) b
 or a publisher sees it: about half of a worker's CPU per message. A `FrameDemux` stands in for
 the `asyncio.StreamReader` that aiormq's frame receiver reads from. It reads the socket in large
 chunks and splits them into frames. On the channels attached to it, it takes
-- `Basic.Deliver` with its content header and body, handed to the worker as a `Delivery`
+- `Basic.Deliver` with its content header and body, handed to the consumer's callback as its
+  fields (the consuming layer makes its `Delivery` of them)
   (properties are decoded by pamqp only when something reads them);
 - `Basic.Ack` / `Basic.Nack` (publisher confirms) and `Basic.Return` with its content, handed to
   the channel's `ConfirmPublisher`, which settles by delivery tag (`multiple` honoured).
@@ -24,13 +25,9 @@ import struct
 from collections.abc import Callable
 from typing import Protocol
 
-from aiormq.abc import AbstractChannel, DeliveredMessage
-from pamqp import commands
-from pamqp.header import ContentHeader
+from aiormq.abc import AbstractChannel
 
-from .frames import decode_header
-
-__all__ = ("Confirms", "Delivery", "FrameDemux", "Tap")
+__all__ = ("Confirms", "FrameDemux", "OnDelivery", "Tap")
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
 _METHOD_ID = struct.Struct(">HH")  # class, method
@@ -39,104 +36,20 @@ _U16 = struct.Struct(">H")
 _SIZE = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _BODY_SIZE = struct.Struct(">Q")
-_FLAGS = struct.Struct(">H")
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
 _BASIC = 60
 _CHANNEL, _CLOSE, _CLOSE_OK = 20, 40, 41
 _RETURN, _DELIVER, _ACK, _NACK = 50, 60, 80, 120
-_REPLY_TO_FLAG = 1 << 9
 _READ_SIZE = 1 << 18
 _ALIVE_EVERY = 1.0  # seconds between heartbeats passed to aiormq while deliveries are taken
 
 log = logging.getLogger("aio_workq")
 
-OnDelivery = Callable[["Delivery"], None]
-
-
-class Delivery:
-    """One message delivered to a consumer, with its properties decoded on first use."""
-
-    __slots__ = (
-        "_header",
-        "_properties",
-        "body",
-        "channel",
-        "consumer_tag",
-        "delivery_tag",
-        "exchange",
-        "redelivered",
-        "routing_key",
-    )
-
-    def __init__(
-        self,
-        channel: AbstractChannel,
-        consumer_tag: str,
-        delivery_tag: int,
-        redelivered: bool,
-        exchange: str,
-        routing_key: str,
-        header: bytes | ContentHeader,
-        body: bytes,
-    ) -> None:
-        self.channel = channel
-        self.consumer_tag = consumer_tag
-        self.delivery_tag = delivery_tag
-        self.redelivered = redelivered
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self._header = header
-        self._properties: commands.Basic.Properties | None = None
-        self.body = body
-
-    @classmethod
-    def of(cls, message: DeliveredMessage) -> Delivery:
-        """The same, from a message aiormq delivered (a connection without a demux)."""
-        deliver = message.delivery
-        assert isinstance(deliver, commands.Basic.Deliver)
-        return cls(
-            message.channel,
-            deliver.consumer_tag or "",
-            deliver.delivery_tag or 0,
-            bool(deliver.redelivered),
-            deliver.exchange,
-            deliver.routing_key or "",
-            message.header,
-            message.body,
-        )
-
-    @property
-    def header(self) -> ContentHeader:
-        header = self._header
-        if isinstance(header, bytes):
-            self._header = header = decode_header(header)
-        return header
-
-    @property
-    def properties(self) -> commands.Basic.Properties:
-        return self.header.properties
-
-    @property
-    def reply_to(self) -> str | None:
-        """`properties.reply_to`, without decoding the properties when the flag is not set."""
-        header = self._header
-        if isinstance(header, bytes) and not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
-            return None
-        return self.properties.reply_to
-
-    def message(self) -> DeliveredMessage:
-        """As aiormq would have delivered it."""
-        deliver = commands.Basic.Deliver(
-            consumer_tag=self.consumer_tag,
-            delivery_tag=self.delivery_tag,
-            redelivered=self.redelivered,
-            exchange=self.exchange,
-            routing_key=self.routing_key,
-        )
-        return DeliveredMessage(
-            delivery=deliver, header=self.header, body=self.body, channel=self.channel
-        )
+OnDelivery = Callable[[AbstractChannel, str, int, bool, str, str, bytes, bytes], None]
+"""Takes a delivery's fields as the demux read them: channel, consumer tag, delivery tag,
+redelivered, exchange, routing key, the content header's payload and the body. The consuming
+layer makes its `Delivery` of them; the demux knows no message type of its own."""
 
 
 class Confirms(Protocol):
@@ -144,7 +57,8 @@ class Confirms(Protocol):
 
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None: ...
 
-    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None: ...
+    def on_return(self, reply_code: int, reply_text: str, header: bytes) -> None:
+        """A `Basic.Return`, with the returned message's content header payload."""
 
 
 class Tap:
@@ -244,14 +158,13 @@ class Tap:
         returned, self.returned = self.returned, None
         header, self.header = self.header, b""
         assert fields is not None
-        message = Delivery(self.channel, *fields, header, body)
         try:
             if returned is not None:
                 assert self.confirms is not None
-                self.confirms.on_return(*returned, message)
+                self.confirms.on_return(*returned, header)
             else:
                 assert self.on_delivery is not None
-                self.on_delivery(message)
+                self.on_delivery(self.channel, *fields, header, body)
         except Exception:  # the reader must go on; the broker redelivers when the channel closes
             log.exception("a consumer of channel %d failed to take a delivery", self.channel.number)
 

@@ -20,8 +20,7 @@ from typing import Any, Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .demux import Delivery
-from .frames import Properties, publish_frames
+from .frames import Properties, decode_header, publish_frames
 from .seams import Wire
 from .tracker import ConfirmTracker, Outgoing
 
@@ -102,12 +101,12 @@ class FastLane:
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         self.tracker.on_confirm(delivery_tag, multiple, ack)
 
-    def on_return(self, reply_code: int, reply_text: str, message: Delivery) -> None:
+    def on_return(self, reply_code: int, reply_text: str, header: bytes) -> None:
         # The broker returns the content header it was sent: aio-workq's own encoding, which
         # always decodes back with its message id (tests/test_publish_returns.py), and a return
         # comes before the ack of its message. So a return is never dropped here for its
         # header, which would let that ack count the message as confirmed.
-        message_id = message.properties.message_id
+        message_id = decode_header(header).properties.message_id
         if not self.tracker.on_return(message_id):
             log.debug(
                 "returned message %s is not pending (%d %s)", message_id, reply_code, reply_text

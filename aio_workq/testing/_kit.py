@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from .._consume.delivery import Delivery
 from .._consume.dispatch import Dispatcher
 from .._consume.execution import Handler, HandlerRunner
 from .._consume.failures import ATTEMPT_HEADER, Move, MoveKind
@@ -28,7 +29,6 @@ from .._link.specs import Exchange, Queue
 from .._publish.message import PublishOptions, _delayed_queue, build_message, new_message_id
 from .._publish.rpc import REPLY_TO
 from .._publish.serialization import decode_body
-from .._wire.demux import Delivery
 from .._wire.frames import Properties, encode_properties
 
 __all__ = ("Forwarded", "Outcome", "run_handler", "run_worker", "wait_handled")

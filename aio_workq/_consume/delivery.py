@@ -1,0 +1,107 @@
+"""The consuming layer's view of one delivered message: its fields as the broker sent them, and
+its properties decoded on first use.
+
+The wire layer hands a delivery's fields to a callback (`FrameDemux`) or aiormq hands a
+`DeliveredMessage` (the plain path); either way the worker sees a `Delivery`, a type of this layer,
+so a change to how frames are read never reaches the worker's code.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp import commands
+from pamqp.header import ContentHeader
+
+from .._wire.frames import decode_header
+
+__all__ = ("Delivery",)
+
+_FLAGS = struct.Struct(">H")
+_REPLY_TO_FLAG = 1 << 9
+
+
+class Delivery:
+    """One message delivered to a consumer, with its properties decoded on first use."""
+
+    __slots__ = (
+        "_header",
+        "_properties",
+        "body",
+        "channel",
+        "consumer_tag",
+        "delivery_tag",
+        "exchange",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        header: bytes | ContentHeader,
+        body: bytes,
+    ) -> None:
+        self.channel = channel
+        self.consumer_tag = consumer_tag
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self._header = header
+        self._properties: commands.Basic.Properties | None = None
+        self.body = body
+
+    @classmethod
+    def of(cls, message: DeliveredMessage) -> Delivery:
+        """The same, from a message aiormq delivered (a connection without a demux)."""
+        deliver = message.delivery
+        assert isinstance(deliver, commands.Basic.Deliver)
+        return cls(
+            message.channel,
+            deliver.consumer_tag or "",
+            deliver.delivery_tag or 0,
+            bool(deliver.redelivered),
+            deliver.exchange,
+            deliver.routing_key or "",
+            message.header,
+            message.body,
+        )
+
+    @property
+    def header(self) -> ContentHeader:
+        header = self._header
+        if isinstance(header, bytes):
+            self._header = header = decode_header(header)
+        return header
+
+    @property
+    def properties(self) -> commands.Basic.Properties:
+        return self.header.properties
+
+    @property
+    def reply_to(self) -> str | None:
+        """`properties.reply_to`, without decoding the properties when the flag is not set."""
+        header = self._header
+        if isinstance(header, bytes) and not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
+            return None
+        return self.properties.reply_to
+
+    def message(self) -> DeliveredMessage:
+        """As aiormq would have delivered it."""
+        deliver = commands.Basic.Deliver(
+            consumer_tag=self.consumer_tag,
+            delivery_tag=self.delivery_tag,
+            redelivered=self.redelivered,
+            exchange=self.exchange,
+            routing_key=self.routing_key,
+        )
+        return DeliveredMessage(
+            delivery=deliver, header=self.header, body=self.body, channel=self.channel
+        )
