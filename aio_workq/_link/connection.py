@@ -36,7 +36,7 @@ from .._exceptions import (
     TLSError,
 )
 from .._hooks import Hook, Hooks
-from .._wire.seams import WireFactory
+from .._wire.seams import Wire, WireFactory
 from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
 from .settings import URLs, redact_url, resolve_urls
@@ -287,20 +287,8 @@ class Connection:
         current, self._current = self._current, None
         socket, self._socket = self._socket, None
         self._connected.clear()
-        if current is None:
-            return
-        closing = asyncio.ensure_future(current.connection.close())
-        await asyncio.wait({closing}, timeout=max(timeout, 0))
-        if not closing.done() and socket is not None:
-            log.warning(
-                "closing the connection to %s did not finish within %g s (the broker does not "
-                "answer); aborting its socket",
-                redact_url(self._url or ""),
-                timeout,
-            )
-            socket.abort()
-            await asyncio.wait({closing}, timeout=_ABORTED_GRACE)
-        _settle(closing)
+        if current is not None:
+            await _close_or_abort(current.connection, socket, timeout, self._url or "")
 
     def trouble(self) -> str | None:
         """What is known to keep messages from getting through: the connection is down (since
@@ -309,14 +297,7 @@ class Connection:
             return "the connection is closed"
         current = self._current
         if current is None or current.connection.is_closed:
-            down_since = self._down_since
-            if down_since is None:
-                return "the connection to the broker was just lost, reconnecting"
-            at = time.strftime("%H:%M:%S", time.localtime(down_since))
-            return (
-                f"the connection to the broker is down since {at} "
-                f"({time.time() - down_since:.0f} s), reconnecting"
-            )
+            return _down(self._down_since)
         reason = quiet.blocked_reason(current.connection)
         if reason is not None:
             return f"the broker blocked publishers: memory/disk alarm ({reason})"
@@ -368,28 +349,13 @@ class Connection:
             yield url
 
     async def _attempt(self, url: str) -> None:
-        factory = WireFactory() if self._fast_path else None
-        socket = SocketFactory(factory)
-        connection = aiormq.Connection(
-            URL(url), context=self._ssl_context, transport_factory=socket
+        connection, socket, wire = await dial(
+            url,
+            ssl_context=self._ssl_context,
+            name=self._name,
+            connect_timeout=self._connect_timeout,
+            fast_path=self._fast_path,
         )
-        properties: dict[str, Any] = {"connection_name": self._name} if self._name else {}
-        with quiet.connecting():
-            try:
-                async with asyncio.timeout(self._connect_timeout):
-                    await connection.connect(client_properties=properties)
-            except BaseException as exc:
-                with contextlib.suppress(Exception):
-                    await connection.close()
-                if isinstance(exc, TimeoutError):
-                    raise BrokerConnectionError(
-                        f"cannot connect to {redact_url(url)}: no answer within "
-                        f"{self._connect_timeout:g} s; check the host and port, and that RabbitMQ "
-                        "is running (make broker-start starts a local one)"
-                    ) from None
-                if isinstance(exc, Exception):
-                    raise connect_error(exc, url) from exc
-                raise
         if self._closed:  # close() ran while this attempt was under way
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -397,7 +363,7 @@ class Connection:
         self._url = url
         self._socket = socket
         self._down_since = None
-        self._current = Link(connection, factory.wire if factory else None)
+        self._current = Link(connection, wire)
         self._connected.set()
 
     async def _supervise(self) -> None:
@@ -445,6 +411,74 @@ class Connection:
     def _log_failure(self, url: str, exc: BaseException, then: str | None) -> None:
         suffix = f"; {then}" if then else ""
         log.warning("connecting to %s failed: %s%s", redact_url(url), exc, suffix)
+
+
+async def dial(
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    name: str | None,
+    connect_timeout: float,
+    fast_path: bool,
+) -> tuple[aiormq.Connection, SocketFactory, Wire | None]:
+    """One connection attempt to one URL: the aiormq connection, the socket it can be aborted
+    through, and the fast path's wire (None on the plain path).
+
+    Raises:
+        BrokerConnectionError: no answer within `connect_timeout`, or the broker refused.
+    """
+    factory = WireFactory() if fast_path else None
+    socket = SocketFactory(factory)
+    connection = aiormq.Connection(URL(url), context=ssl_context, transport_factory=socket)
+    properties: dict[str, Any] = {"connection_name": name} if name else {}
+    with quiet.connecting():
+        try:
+            async with asyncio.timeout(connect_timeout):
+                await connection.connect(client_properties=properties)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            if isinstance(exc, TimeoutError):
+                raise BrokerConnectionError(
+                    f"cannot connect to {redact_url(url)}: no answer within "
+                    f"{connect_timeout:g} s; check the host and port, and that RabbitMQ "
+                    "is running (make broker-start starts a local one)"
+                ) from None
+            if isinstance(exc, Exception):
+                raise connect_error(exc, url) from exc
+            raise
+    return connection, socket, factory.wire if factory else None
+
+
+async def _close_or_abort(
+    connection: aiormq.abc.AbstractConnection,
+    socket: SocketFactory | None,
+    timeout: float,
+    url: str,
+) -> None:
+    """The polite AMQP close for up to `timeout` seconds, then the socket aborted."""
+    closing = asyncio.ensure_future(connection.close())
+    await asyncio.wait({closing}, timeout=max(timeout, 0))
+    if not closing.done() and socket is not None:
+        log.warning(
+            "closing the connection to %s did not finish within %g s (the broker does not "
+            "answer); aborting its socket",
+            redact_url(url),
+            timeout,
+        )
+        socket.abort()
+        await asyncio.wait({closing}, timeout=_ABORTED_GRACE)
+    _settle(closing)
+
+
+def _down(down_since: float | None) -> str:
+    if down_since is None:
+        return "the connection to the broker was just lost, reconnecting"
+    at = time.strftime("%H:%M:%S", time.localtime(down_since))
+    return (
+        f"the connection to the broker is down since {at} "
+        f"({time.time() - down_since:.0f} s), reconnecting"
+    )
 
 
 async def connect(
