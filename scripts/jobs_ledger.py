@@ -186,6 +186,7 @@ class Plan:
     queued_cancels: int = 100
     running_cancels: int = 20
     hold: float = 20.0  # seconds a held job would take if nobody cancelled it
+    hold_delay: float = 0.0  # enqueue the held jobs with this delay (see --hold-delay)
     rate: str = "20/s"
     rate_jobs: int = 200
     timeout: float = 600.0
@@ -470,9 +471,8 @@ async def _run(
 
             # 2. cancellation: running ones, then queued ones on a queue nobody consumes yet
             t2 = time.monotonic()
-            held = [
-                await app.hold.enqueue(n) for n in range(plan.running_cancels)
-            ]  # fmt: skip
+            hold_task = app.hold.options(delay=plan.hold_delay) if plan.hold_delay else app.hold
+            held = [await hold_task.enqueue(n) for n in range(plan.running_cancels)]
             held_ids = [h.job_id for h in held]
 
             async def all_running() -> bool:
@@ -646,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=float, default=d.work, help="seconds a member takes")
     parser.add_argument("--queued-cancels", type=int, default=d.queued_cancels)
     parser.add_argument("--running-cancels", type=int, default=d.running_cancels)
+    parser.add_argument(
+        "--hold-delay", type=float, default=d.hold_delay,
+        help="enqueue the jobs cancelled while running with this delay (s), so that the "
+        "enqueue's `queued` write lands before the worker's claim",
+    )  # fmt: skip
     parser.add_argument("--rate", default=d.rate)
     parser.add_argument("--rate-jobs", type=int, default=d.rate_jobs)
     parser.add_argument("--url", default=None, help="broker URL (default: a node of its own)")
@@ -657,7 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan(
         jobs=args.jobs, group_size=args.group_size, processes=args.processes,
         kill_every=args.kill_every, work=args.work, queued_cancels=args.queued_cancels,
-        running_cancels=args.running_cancels, rate=args.rate, rate_jobs=args.rate_jobs,
+        running_cancels=args.running_cancels, hold_delay=args.hold_delay, rate=args.rate,
+        rate_jobs=args.rate_jobs,
     )  # fmt: skip
     broker = postgres = None
     base = Path(tempfile.mkdtemp(prefix="aio-workq-jobs-ledger-"))
