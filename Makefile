@@ -10,7 +10,7 @@ POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
 .PHONY: chaos chaos-table
-.PHONY: postgres-start postgres-stop outbox-test bench-outbox
+.PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
 
 venv: $(VENV)/.stamp
@@ -140,6 +140,17 @@ postgres-stop:
 # Every outbox / idempotent-consumer test, the long crash scenarios too, with their ledgers.
 outbox-test: venv
 	$(PY) -m pytest -m postgres --timeout 600 tests/test_outbox.py tests/test_outbox_ledger.py
+
+# The jobs ledger (#23), a few minutes on a broker and PostgreSQL of its own: 2,000 jobs in groups
+# of 20 with callbacks on 3 worker processes, one killed -9 every 10 s; 100 queued and 20 running
+# jobs cancelled; the rate limit measured (tests/test_jobs_ledger.py is the CI subset).
+jobs-ledger: venv
+	$(PY) -m scripts.jobs_ledger $(LEDGER_ARGS)
+
+# What job tracking costs: enqueue and consume through Tasks with a store vs none, same run
+# (writes docs/img/bench_tracking.json; BENCH_ARGS=--quick for a short run).
+bench-tracking: venv
+	$(PY) -m bench.tracking $(BENCH_ARGS)
 
 # Outbox / idempotent-consumer throughput as ratios (own broker and PostgreSQL; see bench/outbox.py).
 bench-outbox: venv

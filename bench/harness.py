@@ -33,7 +33,7 @@ END = "<!-- /extra workloads -->"
 ANCHOR = "## Systems and the settings that make them comparable"
 """The extra sections go before this heading of the generated page (at the end if absent)."""
 
-SECTIONS = ("large", "queues", "rpc", "processes", "observability", "soak")
+SECTIONS = ("large", "queues", "rpc", "processes", "observability", "tracking", "soak")
 """The stand-alone workloads, in the order of their sections (module `bench.<name>`, each with
 `section(result, image) -> list[str]`)."""
 
