@@ -47,12 +47,6 @@ async def test_the_small_ledger_is_right(
     assert 20 * 0.85 <= result.rate_measured <= 20 * 1.1, result.rate_measured
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug found by the ledger: Task.enqueue()'s `queued` write, landing after the "
-    "worker's claim, counts as a requeue and overwrites `running`; cancel() then takes the "
-    "queued path (no message to the worker) and the job runs to completion",
-)
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 async def test_the_enqueue_write_landing_after_the_claim_keeps_the_job_running(
     kind: str, tmp_path: Path

@@ -62,7 +62,10 @@ async def check_late_writes(store: JobStore) -> None:
     """The write rules, for every store (the PostgreSQL tests run it too)."""
     assert await store.record([w(JobState.QUEUED)]) == [True]
     assert await store.record([w(JobState.RUNNING, claim=True)]) == [True]
-    assert await store.record([w(JobState.QUEUED)]) == [True]  # requeued by a stopping worker
+    # The enqueue's own record landing after the worker's claim changes nothing (#23 ledger).
+    assert await store.record([w(JobState.QUEUED)]) == [False]
+    requeue = w(JobState.QUEUED, requeue=True)
+    assert await store.record([requeue]) == [True]  # requeued by a stopping worker
     assert await store.record([w(JobState.RUNNING, claim=True), w(JobState.RETRYING)]) == [
         True,
         True,

@@ -182,7 +182,7 @@ class Recorder(Hook):
             retry_at = time.time() + (info.delay or 0.0)
             write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
         elif outcome is Outcome.REQUEUED:
-            write = running.write(JobState.QUEUED)
+            write = running.write(JobState.QUEUED, requeue=True)
         else:  # DEAD_LETTERED, REJECTED, FAILED
             write = running.write(JobState.FAILED, **_error(info.error))
         self.write(write)

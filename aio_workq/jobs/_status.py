@@ -90,8 +90,10 @@ class Write:
     A store applies a batch of writes in one transaction. A plain write is an upsert applied
     only if it is newer than what the store has: a later run (attempt, deferrals), or a later
     state in the same run (`RANK`); a succeeded or cancelled job is never changed again, and
-    a record past its TTL counts as absent. A requeue (`QUEUED` over `RUNNING` in the same run)
-    applies too. A claim (`claim=True`, state `RUNNING`) is the worker's check at delivery:
+    a record past its TTL counts as absent. A requeue (`requeue=True`: the worker hands a
+    running job back to the queue, `QUEUED` over `RUNNING` in the same run) applies too; the
+    enqueue's own `QUEUED` record, which can land after the worker's claim, never does. A claim
+    (`claim=True`, state `RUNNING`) is the worker's check at delivery:
     granted unless the job is already succeeded or cancelled.
     """
 
@@ -104,6 +106,7 @@ class Write:
     attempt: int = 1
     defers: int = 0
     claim: bool = False
+    requeue: bool = False
     next_retry_at: float | None = None
     error_type: str | None = None
     error_message: str | None = None

@@ -101,7 +101,7 @@ class SQL:
             RETURNING state"""
         self.write = upsert.format(
             "(excluded.attempt, excluded.defers, excluded.rank) > (j.attempt, j.defers, j.rank)"
-            " OR (excluded.state = 'queued' AND j.state = 'running'"
+            " OR (:requeue AND excluded.state = 'queued' AND j.state = 'running'"
             " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
         )
         self.claim = upsert.format("NOT j.cancel_requested")
@@ -134,6 +134,7 @@ def write_params(write: Write, ttl: float) -> dict[str, Any]:
         "error_message": write.error_message,
         "result": write.result,
         "content_type": write.content_type,
+        "requeue": write.requeue,
         "at": write.at,
         "started_at": write.at if write.state is JobState.RUNNING else None,
         "finished_at": write.at if write.finished else None,
@@ -202,7 +203,8 @@ class MemoryStore:
                     row["attempt"], row["defers"], row["rank"],
                 )  # fmt: skip
                 requeued = (
-                    write.state is JobState.QUEUED
+                    write.requeue
+                    and write.state is JobState.QUEUED
                     and row["state"] == "running"
                     and (write.attempt, write.defers) == (row["attempt"], row["defers"])
                 )
