@@ -130,6 +130,26 @@ async def test_a_failure_ends_failed_with_the_error(
     assert status.state is JobState.FAILED and status.error_message == "no good: 7"
 
 
+async def test_a_dead_lettered_job_replayed_runs_its_task_again(
+    amqp_url: str, make_tasks: Callable[..., Tasks], producer: Producer, queue_name: str
+) -> None:
+    tasks = make_tasks()
+    fixed = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def fragile(n: int) -> int:
+        if not fixed.is_set():
+            raise ValueError("not yet")
+        return n * 2
+
+    job = await fragile.enqueue(21)
+    async with running(tasks, amqp_url, retry=None):
+        await until(job, lambda status: status.state is JobState.FAILED)
+        fixed.set()  # the fix is deployed: replaying the dead letter runs the task again
+        assert await producer.dead_letters(queue_name).replay() == 1
+        assert await job.result(timeout=20) == 42
+
+
 async def test_a_retry_shows_retrying_with_the_attempt_and_next_retry_time(
     amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
 ) -> None:

@@ -37,7 +37,7 @@ from .._exceptions import (
     PublishNackedError,
     UnroutableError,
 )
-from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
+from .._headers import ATTEMPT_HEADER, BROKER_HEADERS, FAILURE_HEADERS
 from .._link.connection import LinkSource, translate_errors
 from .._link.declare import raw_channel
 from .._link.specs import Queue
@@ -353,11 +353,12 @@ class DeadLetters:
 
 
 def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """The headers of a replayed copy: the failure's and the broker's removed, attempt 1."""
+    """The headers of a replayed copy: the failure's and the broker's removed, attempt 1;
+    what says what the message is (a task's name, its group) kept."""
     kept = {
         key: value
         for key, value in headers.items()
-        if not key.startswith("x-workq-") and key not in BROKER_HEADERS
+        if key not in FAILURE_HEADERS and key not in BROKER_HEADERS
     }
     kept[ATTEMPT_HEADER] = 1
     return kept
