@@ -258,7 +258,7 @@ class PublishMachine(RuleBasedStateMachine):
         tag, message_id = data.draw(st.sampled_from(self._returnable()))
         sink = self.source.demux.sinks[self.channel.number]
         self._settle(message_id, "unroutable")
-        sink.on_return(312, "NO_ROUTE", _Returned(message_id))
+        sink.on_return(312, "NO_ROUTE", _returned(message_id))
         sink.on_confirm(tag, False, True)
         self.settle_loop()
 
@@ -300,9 +300,9 @@ class PublishMachine(RuleBasedStateMachine):
         assert self.publisher.in_flight == len(self.unsettled)
 
 
-class _Returned:
-    def __init__(self, message_id: str) -> None:
-        self.properties = Basic.Properties(message_id=message_id)
+def _returned(message_id: str) -> bytes:
+    """The content header payload of a returned message, as the demux hands it over."""
+    return ContentHeader(body_size=0, properties=Basic.Properties(message_id=message_id)).marshal()
 
 
 def _outcome(future: asyncio.Future[str]) -> str:
