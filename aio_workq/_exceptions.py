@@ -15,7 +15,7 @@ WorkqError(Exception)
 │   └── ConnectionLostError                      the connection died before the confirm
 ├── TopologyError                                406 PRECONDITION_FAILED or 404 on declare
 ├── SerializationError(WorkqError, TypeError)    the body cannot be encoded
-├── IntegrationError(WorkqError, RuntimeError)   a web/sync integration used the wrong way
+├── IntegrationError(WorkqError, RuntimeError)   used the wrong way (e.g. not started)
 ├── RPCError                                     .remote_type: the remote handler raised
 └── RPCTimeoutError(WorkqError, TimeoutError)    no reply in time
 
@@ -128,7 +128,8 @@ class SerializationError(WorkqError, TypeError):
 
 
 class IntegrationError(WorkqError, RuntimeError):
-    """A web integration or sync producer is used the wrong way (e.g. before its app started)."""
+    """A producer, web integration or sync producer is used the wrong way: before it was
+    started (`async with Producer(...)`, the app's lifespan), or after it was closed."""
 
 
 class RPCError(WorkqError):

@@ -17,6 +17,7 @@ from aio_workq import (
     BrokerConnectionError,
     ConnectionLostError,
     Exchange,
+    IntegrationError,
     Job,
     Producer,
     PublishNackedError,
@@ -288,6 +289,14 @@ def test_every_error_is_a_workq_error() -> None:
     for cls in (AuthenticationError, BrokerConnectionError, TopologyError, UnroutableError):
         assert issubclass(cls, WorkqError)
     assert issubclass(PublishTimeoutError, TimeoutError)
+
+
+async def test_a_producer_used_before_it_started_raises_a_typed_error() -> None:
+    producer = Producer("amqp://guest:guest@127.0.0.1:1/")
+    with pytest.raises(IntegrationError, match="not started"):
+        await producer.publish({"a": 1}, queue="q")
+    with pytest.raises(IntegrationError, match="not started"):
+        producer.dead_letters("q")
 
 
 async def test_a_worker_started_after_the_publish_takes_what_waits(

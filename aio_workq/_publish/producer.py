@@ -10,9 +10,7 @@ from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
 
-from .._exceptions import (
-    ConfigurationError,
-)
+from .._exceptions import ConfigurationError, IntegrationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
@@ -199,7 +197,10 @@ class Producer:
 
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
-            raise RuntimeError("the producer is not started: use `async with Producer(...)`")
+            raise IntegrationError(
+                "the producer is not started: use `async with Producer(...)`, or "
+                "`await producer.start()` first"
+            )
         return self._publisher, self._router
 
     async def send(
