@@ -16,7 +16,15 @@ import pydantic
 import pytest
 
 import aio_workq
-from aio_workq import ConfigurationError, Job, JobData, PayloadError, Producer, RetryPolicy
+from aio_workq import (
+    ConfigurationError,
+    Job,
+    JobData,
+    PayloadError,
+    Producer,
+    RetryPolicy,
+    Worker,
+)
 from aio_workq._consume.execution import HandlerRunner
 from aio_workq._consume.typed import build_validator, resolve_payload
 from aio_workq._publish.serialization import encode_body
@@ -125,6 +133,34 @@ async def unannotated(job): ...
 
 
 def of_job_data(job: JobData) -> None: ...
+
+
+def test_a_handler_that_cannot_take_the_job_is_refused_when_the_worker_is_built() -> None:
+    async def no_arguments() -> None:
+        pass
+
+    async def two_required(job: Job, extra: int) -> None:
+        pass
+
+    @dataclass
+    class Order:
+        id: int
+
+    async def payload_then_two(order: Order, job: Job, more: int) -> None:
+        pass
+
+    for handler in (no_arguments, two_required, payload_then_two):
+        with pytest.raises(ConfigurationError, match="can't be called with"):
+            Worker(queue="q", handler=handler)  # type: ignore[arg-type]
+
+    async def fine(job: Job, extra: int = 0) -> None:
+        pass
+
+    async def typed(order: Order, job: Job) -> None:
+        pass
+
+    Worker(queue="q", handler=fine)
+    Worker(queue="q", handler=typed)
 
 
 def test_only_handlers_annotated_with_a_payload_type_are_typed() -> None:

@@ -21,7 +21,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .._exceptions import ConfigurationError, PayloadError
+from .._exceptions import ConfigurationError, PayloadError, qualname
 from .._publish.serialization import JSON, decode_body
 
 __all__ = ("Payload", "build_validator", "resolve_payload")
@@ -57,6 +57,7 @@ def resolve_payload(handler: Callable[..., Any], *, pydantic: bool | None = None
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if not positional or positional[0].annotation is inspect.Parameter.empty:
+        _check_call(handler, signature, 1)
         return None
     first = positional[0]
     raw = first.annotation
@@ -67,10 +68,29 @@ def resolve_payload(handler: Callable[..., Any], *, pydantic: bool | None = None
     else:
         payload_type = raw
     if _is_job(payload_type):
+        _check_call(handler, signature, 1)
         return None
     with_job = len(positional) > 1 and positional[1].default is inspect.Parameter.empty
+    _check_call(handler, signature, 2 if with_job else 1)
     validate = build_validator(payload_type, pydantic=pydantic)
     return Payload(payload_type, validate, with_job)
+
+
+def _check_call(handler: Callable[..., Any], signature: inspect.Signature, args: int) -> None:
+    """A handler must take what the worker passes it: the job (or a payload, and the job).
+
+    Raises:
+        ConfigurationError: it can't be called that way (every message would fail).
+    """
+    try:
+        signature.bind(*range(args))
+    except TypeError as exc:
+        what = "the job" if args == 1 else "the payload and the job"
+        raise ConfigurationError(
+            f"handler {qualname(handler)} can't be called with {what} ({exc}): a handler takes "
+            "one argument, the job (`async def handle(job: Job)`) or a typed payload, and "
+            "optionally the job after it"
+        ) from None
 
 
 def _resolve(handler: Callable[..., Any], parameter: str, raw: str) -> Any:
