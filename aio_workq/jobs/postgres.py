@@ -17,7 +17,7 @@ from psycopg import Error as PsycopgError
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._exceptions import ConfigurationError
-from ..outbox._schema import check_schema, quote, redact_dsn
+from ..outbox._schema import apply_locked, check_schema, quote, redact_dsn
 from ._errors import StoreError
 from ._groupstore import (
     CallbackDue,
@@ -55,10 +55,7 @@ async def migrate(connection: AsyncConnection[Any], *, schema: str = DEFAULT_SCH
     Raises:
         ConfigurationError: `schema` is not a plain SQL identifier.
     """
-    statements = schema_sql(schema)
-    async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await connection.execute(statements)
+    await apply_locked(connection, schema_sql(schema), _MIGRATION_LOCK)
 
 
 def _psycopg(sql: str) -> str:

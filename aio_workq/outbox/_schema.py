@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from typing import Any
 
 from psycopg import AsyncConnection
 
@@ -64,9 +65,14 @@ async def migrate(connection: AsyncConnection[object], *, schema: str = DEFAULT_
     Raises:
         OutboxConfigurationError: `schema` is not a plain SQL identifier.
     """
-    statements = schema_sql(schema)
+    await apply_locked(connection, schema_sql(schema), _MIGRATION_LOCK)
+
+
+async def apply_locked(connection: AsyncConnection[Any], statements: str, lock: int) -> None:
+    """Run `statements` in one transaction under the advisory lock `lock`, so that processes
+    migrating at once wait in turn (the outbox's and the job store's migrations)."""
     async with connection.transaction():
-        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        await connection.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
         await connection.execute(statements)
 
 
