@@ -29,7 +29,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from .._exceptions import ConfigurationError, WorkqError
+from .._exceptions import BrokerConnectionError, ConfigurationError, WorkqError
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Queue
 from .._publish.producer import Producer
@@ -456,8 +456,6 @@ async def read_status(url: URLs | None = None, *, group: str = GROUP) -> State |
     Raises:
         BrokerConnectionError: the broker can't be reached.
     """
-    from .._exceptions import BrokerConnectionError
-
     names = Names.of(group)
     target = resolve_url(url)
     try:
@@ -466,8 +464,10 @@ async def read_status(url: URLs | None = None, *, group: str = GROUP) -> State |
         raise BrokerConnectionError(f"cannot reach {redact_url(target)}: {exc}") from None
     try:
         channel = await connection.channel()
-        await declare_state(channel, names)
-        queue = await channel.get_queue(names.status, ensure=False)
+        try:  # passive: looking creates nothing
+            queue = await channel.get_queue(names.status, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
             return None
