@@ -46,6 +46,7 @@ class LedgerResult:
     duration: float
     kills: int
     outage: float
+    fault: str = "kill"
     ticks_due: dict[str, int] = field(default_factory=dict)
     raw: dict[str, dict[str, int]] = field(default_factory=dict)  # schedule -> {"0","1",">1"}
     deduped: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -62,10 +63,14 @@ class LedgerResult:
     def doubled_raw(self) -> int:
         return sum(counts[">1"] for counts in self.raw.values())
 
+    @property
+    def fault_name(self) -> str:
+        return "kill -9" if self.fault == "kill" else "SIGSTOP (a partition: heartbeat timeout)"
+
     def summary(self) -> str:
         lines = [
             f"schedules ledger: {self.replicas} replicas, {self.duration:.0f} s, "
-            f"{self.kills} kill -9 of the active one, outage {self.outage:.0f} s",
+            f"{self.kills} {self.fault_name} of the active one, outage {self.outage:.0f} s",
         ]
         for name, due in self.ticks_due.items():
             raw, dedup = self.raw[name], self.deduped[name]
@@ -74,8 +79,9 @@ class LedgerResult:
                 f"deduped by id 0/1 = {dedup['0']}/{dedup['1']}"
             )
         if self.takeovers:
+            median = statistics.median(self.takeovers)
             lines.append(
-                f"  takeover after kill -9: median {statistics.median(self.takeovers):.3f} s, "
+                f"  takeover after {self.fault_name}: median {median:.3f} s, "
                 f"max {max(self.takeovers):.3f} s (n={len(self.takeovers)})"
             )
         if self.outage_recovery is not None:
@@ -149,6 +155,10 @@ class Replica:
             if word in ("ACTIVE", "PASSIVE"):
                 await events.put((word, float(rest), self))
 
+    def pause(self, paused: bool) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     async def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGKILL)
@@ -176,8 +186,13 @@ async def run_ledger(
     kill_every: float = 20.0,
     outage: float = 30.0,
     settle: float = 8.0,
+    fault: str = "kill",
 ) -> LedgerResult:
-    """Run the scenario against the broker at `url` and count every tick."""
+    """Run the scenario against the broker at `url` and count every tick.
+
+    `fault="pause"` stops the active replica with SIGSTOP instead (the broker sees a silent
+    peer, as in a partition, until the heartbeat timeout), resuming it once another is active.
+    """
     import aio_workq
 
     group = f"ledger-{uuid.uuid4().hex[:8]}"
@@ -199,7 +214,7 @@ async def run_ledger(
     events: asyncio.Queue[tuple[str, float, Replica]] = asyncio.Queue()
     fleet = [Replica(url, group, prefix) for _ in range(replicas)]
     active: Replica | None = None
-    result = LedgerResult(replicas=replicas, duration=duration, kills=0, outage=outage)
+    result = LedgerResult(replicas=replicas, duration=duration, kills=0, outage=outage, fault=fault)
 
     async def next_active(deadline: float) -> tuple[float, Replica] | None:
         nonlocal active
@@ -255,13 +270,19 @@ async def run_ledger(
             if now >= next_kill and active is not None:
                 victim = active
                 killed_at = time.time()
-                await victim.kill()
+                if fault == "pause":
+                    victim.pause(True)
+                else:
+                    await victim.kill()
                 active = None
                 result.kills += 1
                 got = await next_active(time.monotonic() + 60)
                 if got is not None:
                     result.takeovers.append(got[0] - killed_at)
-                await victim.start(events)
+                if fault == "pause":
+                    victim.pause(False)
+                else:
+                    await victim.start(events)
                 next_kill = time.monotonic() + kill_every
                 continue
             await asyncio.sleep(0.2)  # the orchestrator's own pace
@@ -300,11 +321,18 @@ async def run_ledger(
     return result
 
 
+def _with_heartbeat(url: str, heartbeat: int | None) -> str:
+    if heartbeat is None:
+        return url
+    return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
+
+
 async def _main(args: argparse.Namespace) -> LedgerResult:
     if args.url:
         result = await run_ledger(
-            args.url, replicas=args.replicas, duration=args.duration,
-            kill_every=args.kill_every, outage=args.outage,
+            _with_heartbeat(args.url, args.heartbeat),
+            replicas=args.replicas, duration=args.duration,
+            kill_every=args.kill_every, outage=args.outage, fault=args.fault,
         )  # fmt: skip
     else:
         from scripts.broker import LocalBroker, ensure_installed
@@ -315,8 +343,9 @@ async def _main(args: argparse.Namespace) -> LedgerResult:
             node.start()
             try:
                 result = await run_ledger(
-                    node.url, replicas=args.replicas, duration=args.duration,
-                    kill_every=args.kill_every, outage=args.outage,
+                    _with_heartbeat(node.url, args.heartbeat),
+                    replicas=args.replicas, duration=args.duration,
+                    kill_every=args.kill_every, outage=args.outage, fault=args.fault,
                 )  # fmt: skip
             finally:
                 node.close()
@@ -336,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=180.0)
     parser.add_argument("--kill-every", type=float, default=20.0)
     parser.add_argument("--outage", type=float, default=30.0)
+    parser.add_argument("--heartbeat", type=int, help="the replicas' AMQP heartbeat (s)")
+    parser.add_argument(
+        "--fault", choices=("kill", "pause"), default="kill",
+        help="kill -9 the active replica, or SIGSTOP it (a partition; add ?heartbeat=N to the URL)",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = asyncio.run(_main(args))

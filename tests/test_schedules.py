@@ -234,6 +234,18 @@ async def test_killing_the_active_scheduler_process_loses_no_tick(amqp_url: str)
     assert max(result.takeovers) < 10.0, result.summary()
 
 
+async def test_a_silent_active_scheduler_is_replaced_after_the_heartbeat_timeout(
+    amqp_url: str,
+) -> None:
+    # SIGSTOP: the socket stays open but nothing answers, as in a partition; the broker closes
+    # the connection after missing heartbeats (here every 2 s), and the lease moves on.
+    url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}heartbeat=2"
+    result = await run_ledger(url, replicas=2, duration=30, kill_every=10, outage=0, fault="pause")
+    assert result.takeovers, result.summary()
+    assert result.missed == 0, result.summary()
+    assert max(result.takeovers) < 15.0, result.summary()
+
+
 @pytest.mark.slow
 async def test_schedules_ledger_three_replicas_kills_and_an_outage(amqp_url: str) -> None:
     result = await run_ledger(amqp_url, replicas=3, duration=180, kill_every=20, outage=30)
