@@ -17,6 +17,7 @@ import pytest
 
 import aio_workq
 from aio_workq.schedules import Schedule, Scheduler, read_status
+from scripts.broker import LocalBroker
 from scripts.schedules_ledger import run_ledger
 
 pytestmark = pytest.mark.broker
@@ -251,3 +252,20 @@ async def test_schedules_ledger_three_replicas_kills_and_an_outage(amqp_url: str
     result = await run_ledger(amqp_url, replicas=3, duration=180, kill_every=20, outage=30)
     assert result.missed == 0, result.summary()
     assert result.kills >= 5
+
+
+async def test_a_broker_restart_pauses_the_schedule_and_it_goes_on_without_a_lost_tick(
+    local_broker: LocalBroker, group: str, ticks: Ticks
+) -> None:
+    scheduler = Scheduler(local_broker.url, [poll(group)], group=group, retry_delay=0.5)
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    local_broker.stop()
+    local_broker.start()
+    async with asyncio.timeout(60):
+        await scheduler.wait_active()
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 3, timeout=60)
+    await scheduler.stop()
+    await run
+    assert_contiguous(ticks.due_times())  # the ticks due while it was down came late, not never
