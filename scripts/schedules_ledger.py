@@ -114,11 +114,23 @@ async def replica(url: str, group: str, prefix: str) -> None:
         print("ACTIVE" if active else "PASSIVE", f"{time.time():.6f}", flush=True)
 
     scheduler.on_active = on_active
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print("STARTED", os.getpid(), flush=True)
     await run_workers(schedules=scheduler)
 
 
 # --- the run --------------------------------------------------------------------------------
+
+
+def _stderr() -> int:
+    """Where replicas log: `$SCHEDULES_LEDGER_LOGS/replica-<n>.log` if set, else nowhere."""
+    folder = os.environ.get("SCHEDULES_LEDGER_LOGS")
+    if not folder:
+        return asyncio.subprocess.DEVNULL
+    path = os.path.join(folder, f"replica-{time.monotonic_ns()}.log")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
 class Replica:
@@ -138,12 +150,14 @@ class Replica:
         self.reader: asyncio.Task[None] | None = None
 
     async def start(self, events: asyncio.Queue[tuple[str, float, Replica]]) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-            cwd=ROOT,
-        )
+        stderr = _stderr()
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.args, stdout=asyncio.subprocess.PIPE, stderr=stderr, cwd=ROOT
+            )
+        finally:
+            if stderr >= 0:
+                os.close(stderr)
         self.reader = asyncio.create_task(self._read(self.process, events))
 
     async def _read(

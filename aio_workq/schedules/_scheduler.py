@@ -67,6 +67,7 @@ _LAST_VALUE: dict[str, Any] = {
 _LEASE_ARGS: dict[str, Any] = {**_LAST_VALUE, "x-single-active-consumer": True}
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
 
+_WATCH_EVERY = 0.5  # seconds between looks at the connection's and channel's state
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -271,8 +272,11 @@ class Scheduler:
         )
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
+        channel: AbstractChannel | None = None
+        watch = asyncio.ensure_future(self._watch(connection, lambda: channel, lost))
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            channel.close_callbacks.add(lambda *_: lost.set())
             await channel.set_qos(prefetch_count=1)
             lease, exchange, state_queue = await declare_state(channel, self.names)
             # A lease message per session start: the queue keeps at most one ready.
@@ -291,7 +295,7 @@ class Scheduler:
             self._set_active(True)
             log.info("scheduler %s is active", self.identity)
             try:
-                firing = asyncio.ensure_future(self._fire(exchange, state_queue, lost))
+                firing = asyncio.ensure_future(self._fire(channel, exchange, state_queue, lost))
                 ended = asyncio.ensure_future(self._until(lost))
                 try:
                     await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -305,8 +309,26 @@ class Scheduler:
                 self._set_active(False)
                 log.info("scheduler %s is no longer active", self.identity)
         finally:
+            watch.cancel()
             with contextlib.suppress(Exception):
                 await connection.close()
+
+    @staticmethod
+    async def _watch(
+        connection: aio_pika.abc.AbstractConnection,
+        channel: Callable[[], AbstractChannel | None],
+        lost: asyncio.Event,
+    ) -> None:
+        """Set `lost` once the connection or the channel is closed, should a close callback
+        not come (belt and braces: holding a dead lease must never look like holding one)."""
+        while not lost.is_set():
+            current = channel()
+            if connection.is_closed or (current is not None and current.is_closed):
+                lost.set()
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_WATCH_EVERY):
+                    await lost.wait()
 
     async def _until(self, lost: asyncio.Event) -> None:
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -339,12 +361,23 @@ class Scheduler:
 
     async def _publisher(self) -> Producer:
         if self._producer is None:
-            self._producer = Producer(self._url, name=f"aio-workq scheduler {self.identity}")
+            # A tick whose publish the connection took down is not re-sent later by a process
+            # that may no longer be active: the next active scheduler fires it (same id).
+            self._producer = Producer(
+                self._url,
+                name=f"aio-workq scheduler {self.identity}",
+                on_reconnect="fail",
+                fail_fast=True,
+            )
             await self._producer.start()
         return self._producer
 
     async def _fire(
-        self, exchange: AbstractExchange, state_queue: AbstractQueue, lost: asyncio.Event
+        self,
+        channel: AbstractChannel,
+        exchange: AbstractExchange,
+        state_queue: AbstractQueue,
+        lost: asyncio.Event,
     ) -> None:
         producer = await self._publisher()
         state = await _read(state_queue)
@@ -355,9 +388,17 @@ class Scheduler:
         while not self._stopping.is_set() and not lost.is_set():
             now = _now()
             fired = False
+            plans = {
+                name: schedule.plan(cursor=state.entries[name].cursor, now=now)
+                for name, schedule in self._schedules.items()
+            }
+            if any(plans.values()):
+                # One round trip on the lease's channel first: a process that was frozen (a
+                # partition, SIGSTOP) and has lost the lease learns it here, not after firing.
+                await channel.get_queue(self.names.lease, ensure=True)
             for schedule in self._schedules.values():
                 entry = state.entries[schedule.name]
-                for due in schedule.plan(cursor=entry.cursor, now=now):
+                for due in plans[schedule.name]:
                     if self._stopping.is_set() or lost.is_set():
                         return
                     await producer.publish(
