@@ -241,7 +241,7 @@ async def test_a_silent_active_scheduler_is_replaced_after_the_heartbeat_timeout
     # SIGSTOP: the socket stays open but nothing answers, as in a partition; the broker closes
     # the connection after missing heartbeats (here every 2 s), and the lease moves on.
     url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}heartbeat=2"
-    result = await run_ledger(url, replicas=2, duration=30, kill_every=10, outage=0, fault="pause")
+    result = await run_ledger(url, replicas=2, duration=20, kill_every=8, outage=0, fault="pause")
     assert result.takeovers, result.summary()
     assert result.missed == 0, result.summary()
     assert max(result.takeovers) < 15.0, result.summary()

@@ -8,6 +8,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from aio_workq import ConfigurationError
+from aio_workq.cli._errors import TargetError
+from aio_workq.cli._target import build_scheduler
 from aio_workq.schedules import Schedule, Scheduler, State, tick_id
 from aio_workq.schedules._state import Entry
 
@@ -189,3 +191,14 @@ def test_the_decorator_adds_a_schedule_and_returns_the_handler() -> None:
     assert callable(poll)
     assert scheduler.schedules["poll"].queue_name == "poll"
     assert "secret" not in repr(scheduler)
+
+
+SCHEDULES = [Schedule("poll", every=timedelta(seconds=30), queue="poll")]
+NOT_SCHEDULES = ["poll"]
+
+
+def test_worker_schedules_option_takes_schedules_or_a_scheduler_and_names_a_wrong_target() -> None:
+    scheduler = build_scheduler(f"{__name__}:SCHEDULES", "amqp://guest:guest@localhost/")
+    assert isinstance(scheduler, Scheduler) and list(scheduler.schedules) == ["poll"]
+    with pytest.raises(TargetError, match="expected a Scheduler, a Schedule or a non-empty list"):
+        build_scheduler(f"{__name__}:NOT_SCHEDULES", None)
