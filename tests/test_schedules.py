@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aio_pika
 import pytest
@@ -269,3 +270,35 @@ async def test_a_broker_restart_pauses_the_schedule_and_it_goes_on_without_a_los
     await scheduler.stop()
     await run
     assert_contiguous(ticks.due_times())  # the ticks due while it was down came late, not never
+
+
+class StoppingProducer(aio_workq.Producer):
+    """Asks its scheduler to stop just as it publishes a tick (a deploy's SIGTERM mid-tick)."""
+
+    scheduler: Scheduler | None = None
+
+    async def publish(self, body: Any, queue: Any = None, **options: Any) -> str:
+        if self.scheduler is not None and self.scheduler.fired >= 2:
+            await self.scheduler.stop()
+            self.scheduler = None
+        return await super().publish(body, queue, **options)
+
+
+async def test_a_stop_during_a_tick_records_it_so_the_next_scheduler_does_not_fire_it_again(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    producer = StoppingProducer(amqp_url)
+    async with producer:
+        first = Scheduler(amqp_url, [poll(group)], group=group, producer=producer)
+        producer.scheduler = first
+        run = await start(first)
+        async with asyncio.timeout(30):
+            await run
+    assert first.fired == 3
+    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
+    run = await start(second)
+    await ticks.wait_for(6)
+    await second.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())

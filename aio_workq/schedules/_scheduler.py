@@ -67,6 +67,7 @@ _LAST_VALUE: dict[str, Any] = {
 _LEASE_ARGS: dict[str, Any] = {**_LAST_VALUE, "x-single-active-consumer": True}
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
 
+_STOP_GRACE = 35.0  # seconds a stop waits for the tick being published (publish timeout 30 s)
 _WATCH_EVERY = 0.5  # seconds between looks at the connection's and channel's state
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -230,7 +231,8 @@ class Scheduler:
         await self._active.wait()
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop: the round under way finishes, the lease goes back to the broker."""
+        """Stop: the tick being published is confirmed and recorded, then the lease goes back
+        to the broker (the next candidate is active at once)."""
         del timeout  # a round is bounded by the producer's publish timeout
         self._stopping.set()
 
@@ -299,6 +301,11 @@ class Scheduler:
                 ended = asyncio.ensure_future(self._until(lost))
                 try:
                     await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
+                    if not lost.is_set() and not firing.done():
+                        # A stop: the tick being published is recorded before the lease goes.
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(_STOP_GRACE):
+                                await asyncio.shield(firing)
                 finally:
                     for task in (firing, ended):
                         task.cancel()
@@ -399,8 +406,10 @@ class Scheduler:
             for schedule in self._schedules.values():
                 entry = state.entries[schedule.name]
                 for due in plans[schedule.name]:
-                    if self._stopping.is_set() or lost.is_set():
-                        return
+                    if lost.is_set():
+                        return  # nothing more can be published or recorded on this connection
+                    if self._stopping.is_set():
+                        break  # record what was fired, then go
                     await producer.publish(
                         {} if schedule.body is None else schedule.body,
                         schedule.queue,
