@@ -302,3 +302,30 @@ async def test_a_stop_during_a_tick_records_it_so_the_next_scheduler_does_not_fi
     await run
     assert max(ticks.seen.values()) == 1, ticks.seen
     assert_contiguous(ticks.due_times())
+
+
+async def test_two_versions_during_a_rolling_deploy_fire_each_tick_once(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    v1 = Scheduler(amqp_url, [poll(group)], group=group, identity="v1")
+    v2_spec = Schedule("poll", every=2 * SECOND, queue=f"{group}.poll")
+    v2 = Scheduler(amqp_url, [v2_spec], group=group, identity="v2")
+    someone = asyncio.Event()
+    v1.on_active = v2.on_active = lambda active: someone.set() if active else None
+    runs = [await start(v1), await start(v2)]
+    async with asyncio.timeout(30):
+        await someone.wait()
+    old, new = (v1, v2) if v1.active else (v2, v1)
+    await ticks.wait_for(2)
+    await old.stop()  # the deploy replaces the active replica
+    async with asyncio.timeout(30):
+        await new.wait_active()
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 2)
+    await new.stop()
+    await asyncio.gather(*runs)
+    assert max(ticks.seen.values()) == 1, ticks.seen  # one active at a time: no doubles
+    times = ticks.due_times()
+    assert times == sorted(set(times))
+    step = 2 * SECOND if new is v2 else SECOND
+    assert all(b - a == step for a, b in zip(times[count:], times[count + 1 :], strict=False))
