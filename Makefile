@@ -12,6 +12,7 @@ POSTGRES_DIR ?= .postgres/dev
 .PHONY: chaos chaos-table
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
+.PHONY: schedules-ledger
 
 venv: $(VENV)/.stamp
 
@@ -42,6 +43,12 @@ chaos: venv
 
 chaos-table:
 	$(PYTHON) -m scripts.chaos_table
+
+# 3 scheduler replicas, a 1-second and a 1-minute schedule, 3 minutes, the active one killed
+# (-9) every 20 s and all down for 30 s once: each tick's deliveries counted (about 4 minutes).
+schedules-ledger: venv
+	$(PY) -m scripts.schedules_ledger --replicas 3 --duration 180 --kill-every 20 --outage 30 \
+		--json .chaos/schedules-ledger.json
 
 # Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
 cluster-test: venv

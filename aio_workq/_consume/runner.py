@@ -6,18 +6,31 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Any
+from typing import Any, Protocol
 
 from .._exceptions import ConfigurationError
 from .worker import Worker
 
-__all__ = ("run_workers",)
+__all__ = ("Scheduled", "run_workers")
 
 log = logging.getLogger("aio_workq")
 
 
+class Scheduled(Protocol):
+    """What `run_workers(schedules=...)` runs beside the workers (`aio_workq.schedules`)."""
+
+    async def run(self) -> None:
+        """Run until `stop()`."""
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Ask `run()` to return."""
+
+
 async def run_workers(
-    *workers: Worker, handle_signals: bool = True, wait_for_broker: float = 0.0
+    *workers: Worker,
+    handle_signals: bool = True,
+    wait_for_broker: float = 0.0,
+    schedules: Scheduled | None = None,
 ) -> None:
     """Run workers until SIGTERM or SIGINT; a second signal stops them fast.
 
@@ -29,6 +42,9 @@ async def run_workers(
     `wait_for_broker` (seconds, > 0) replaces each worker's own: their first connect keeps
     retrying with backoff while no broker answers, for a process that may start before its
     broker. 0 (the default) leaves each worker's own setting.
+
+    `schedules` (an `aio_workq.schedules.Scheduler`) runs beside the workers, in every replica:
+    the broker makes one of them the active scheduler. A signal stops it with the workers.
     """
     if isinstance(wait_for_broker, bool) or not (
         isinstance(wait_for_broker, int | float) and wait_for_broker >= 0
@@ -51,8 +67,11 @@ async def run_workers(
             len(workers),
             "now" if fast else "gracefully",
         )
-        for worker in workers:
-            task = loop.create_task(worker.stop(0 if fast else None))
+        stops = [worker.stop(0 if fast else None) for worker in workers]
+        if schedules is not None:
+            stops.append(schedules.stop())
+        for stop in stops:
+            task = loop.create_task(stop)
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -62,12 +81,17 @@ async def run_workers(
             loop.add_signal_handler(sig, on_signal, sig)
             installed.append(sig)
     runs = [asyncio.ensure_future(worker.run(wait_for_broker=wait)) for worker in workers]
+    if schedules is not None:
+        runs.append(asyncio.ensure_future(schedules.run()))
     try:
         await asyncio.gather(*runs)
     except BaseException:
         for worker in workers:
             with contextlib.suppress(Exception):
                 await worker.stop()
+        if schedules is not None:
+            with contextlib.suppress(Exception):
+                await schedules.stop()
         for run in runs:
             run.cancel()
         raise

@@ -1,7 +1,7 @@
 """The `aio-workq` Click application: the root group and how errors end a run.
 
 Each command group lives in a module of its own (`_worker_cmd`, `_publish_cmd`, `_queues_cmd`,
-`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`); this module puts them together.
+`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`); this module puts them together.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ._dlq_cmd import dlq
 from ._outbox_cmd import outbox
 from ._publish_cmd import publish
 from ._queues_cmd import queues
+from ._schedules_cmd import schedules
 from ._worker_cmd import worker
 
 __all__ = ("cli", "run")
@@ -58,5 +59,5 @@ def cli(ctx: click.Context) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-for _command in (worker, publish, queues, dlq, broker, demo, outbox):
+for _command in (worker, publish, queues, dlq, broker, demo, outbox, schedules):
     cli.add_command(_command)

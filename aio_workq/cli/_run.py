@@ -14,7 +14,7 @@ from aio_workq import Worker, run_workers
 
 from ._health import HealthServer, WorkersHealth
 from ._procmetrics import CHILD_METRICS_ENV
-from ._target import WorkerOptions, build_workers, import_target
+from ._target import WorkerOptions, build_scheduler, build_workers, import_target
 
 __all__ = ("STATUS_FD_ENV", "SUPERVISOR_ENV", "HealthOptions", "run_in_process")
 
@@ -45,6 +45,9 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
         OSError: the health port is taken.
     """
     workers = await build_workers(import_target(options.target), options)
+    scheduler = None
+    if options.schedules is not None:
+        scheduler = build_scheduler(options.schedules, options.url)
     status_fd = _status_fd()
     on_change = None
     if status_fd is not None:
@@ -67,7 +70,7 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
         _metrics(workers)
     background = [asyncio.create_task(monitor.run()), asyncio.create_task(_follow_supervisor())]
     try:
-        await run_workers(*workers, wait_for_broker=options.wait_for_broker)
+        await run_workers(*workers, wait_for_broker=options.wait_for_broker, schedules=scheduler)
     finally:
         for task in background:
             task.cancel()

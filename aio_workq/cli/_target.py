@@ -14,7 +14,7 @@ from aio_workq import Worker
 
 from ._errors import TargetError
 
-__all__ = ("WorkerOptions", "build_workers", "import_target")
+__all__ = ("WorkerOptions", "build_scheduler", "build_workers", "import_target")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,7 @@ class WorkerOptions:
         concurrency: handlers at once, for a handler run with `queue`.
         url: broker URL for a handler run with `queue` (others read `AMQP_URL`).
         wait_for_broker: seconds to keep trying to reach the broker at start (0: fail at once).
+        schedules: `MODULE:ATTR` of a `Scheduler` (or of `Schedule`s) to run beside the workers.
     """
 
     target: str
@@ -34,6 +35,7 @@ class WorkerOptions:
     concurrency: int | None = None
     url: str | None = None
     wait_for_broker: float = 0.0
+    schedules: str | None = None
 
 
 def import_target(target: str) -> Any:
@@ -142,3 +144,25 @@ def _kind(obj: Any) -> str:
     if isinstance(obj, list | tuple):
         return f"a {type(obj).__name__} of {len(obj)} items"
     return f"a {type(obj).__name__}"
+
+
+def build_scheduler(target: str, url: str | None) -> Any:
+    """The `Scheduler` that `--schedules MODULE:ATTR` names: a Scheduler, a Schedule, or a
+    non-empty list of Schedules (run by a Scheduler on `url`).
+
+    Raises:
+        TargetError: ATTR is none of these.
+    """
+    from aio_workq.schedules import Schedule, Scheduler
+
+    obj = import_target(target)
+    if isinstance(obj, Scheduler):
+        return obj
+    if isinstance(obj, Schedule):
+        obj = [obj]
+    if isinstance(obj, Sequence) and obj and all(isinstance(item, Schedule) for item in obj):
+        return Scheduler(url, obj)
+    raise TargetError(
+        f"--schedules {target!r} is {_kind(obj)}; expected a Scheduler, a Schedule or a "
+        "non-empty list of Schedules"
+    )

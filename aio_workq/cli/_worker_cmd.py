@@ -13,7 +13,7 @@ from ._options import LEVELS, resolve, url_option
 from ._procmetrics import ProcessMetrics
 from ._run import HealthOptions, run_in_process
 from ._supervisor import RestartPolicy, Supervisor, child_command
-from ._target import WorkerOptions, import_target
+from ._target import WorkerOptions, build_scheduler, import_target
 
 __all__ = ("worker",)
 
@@ -56,6 +56,11 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
     "--wait-for-broker", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
     help="At start, keep trying to reach the broker for up to this long (0: fail at once).",
 )  # fmt: skip
+@click.option(
+    "--schedules", metavar="MODULE:ATTR",
+    help="Also run this Scheduler (or these Schedules) in every process: the broker makes one "
+    "scheduler active among all replicas.",
+)  # fmt: skip
 @click.option("--log-level", type=LEVELS, default="INFO", show_default=True)
 def worker(
     target: str,
@@ -69,6 +74,7 @@ def worker(
     max_restarts: int,
     restart_window: float,
     wait_for_broker: float,
+    schedules: str | None,
     log_level: str,
 ) -> None:
     """Run the workers that MODULE:ATTR names until SIGTERM or Ctrl-C.
@@ -85,7 +91,7 @@ def worker(
     if processes == 1:
         options = WorkerOptions(
             target=target, queue=queue, concurrency=concurrency, url=url,
-            wait_for_broker=wait_for_broker,
+            wait_for_broker=wait_for_broker, schedules=schedules,
         )  # fmt: skip
         asyncio.run(run_in_process(options, health))
         return
@@ -94,6 +100,8 @@ def worker(
     metrics = ProcessMetrics.create() if metrics_port is not None else None
     try:
         import_target(target)  # fail here, once, rather than in every child
+        if schedules is not None:
+            build_scheduler(schedules, url)
         args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]
         if queue is not None:
             args += ["--queue", queue]
@@ -101,6 +109,8 @@ def worker(
             args += ["--concurrency", str(concurrency)]
         if wait_for_broker:
             args += ["--wait-for-broker", str(wait_for_broker)]
+        if schedules is not None:
+            args += ["--schedules", schedules]
         supervisor = Supervisor(
             command=child_command(args),
             processes=processes,

@@ -1,0 +1,88 @@
+"""`aio-workq schedules`: each schedule's next and last fire, and the active scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import click
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from aio_workq.schedules import GROUP, State, read_status
+
+from ._options import url_option
+
+__all__ = ("schedules",)
+
+
+@click.command("schedules")
+@url_option
+@click.option(
+    "--group", default=GROUP, show_default=True,
+    help="The schedulers' group (Scheduler(group=...)).",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+def schedules(url: str | None, group: str, as_json: bool) -> None:
+    """Each schedule with its next fire (UTC and its time zone), its last fire, and which
+    process is the active scheduler, as the active scheduler last recorded them on the broker.
+    """
+    state = asyncio.run(read_status(url, group=group))
+    rows = _rows(state)
+    if as_json:
+        document = {
+            "active": None if state is None else state.active or None,
+            "updated": None
+            if state is None or state.updated is None
+            else state.updated.isoformat(),
+            "schedules": rows,
+        }
+        click.echo(json.dumps(document, indent=2))
+        return
+    console = Console()
+    if state is None:
+        console.print(f"no scheduler has run on this broker yet (group {group})")
+        return
+    table = Table(box=box.SIMPLE_HEAD)
+    for column in ("schedule", "spec", "queue", "next (UTC)", "next (local)", "last (UTC)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"], row["spec"], row["queue"], row["next_utc"] or "-",
+            row["next_local"] or "-", row["last_utc"] or "-",
+        )  # fmt: skip
+    console.print(table)
+    updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
+    console.print(f"active scheduler: {state.active or '-'} (state recorded {updated})")
+
+
+def _rows(state: State | None) -> list[dict[str, Any]]:
+    if state is None:
+        return []
+    rows = []
+    for name, entry in sorted(state.entries.items()):
+        rows.append(
+            {
+                "name": name,
+                "spec": entry.describe,
+                "queue": entry.queue,
+                "tz": entry.tz,
+                "next_utc": _iso(entry.next),
+                "next_local": _iso(entry.next, entry.tz),
+                "last_utc": _iso(entry.last),
+                "known_to_active": entry.next is not None,
+            }
+        )
+    return rows
+
+
+def _iso(moment: datetime | None, tz: str | None = None) -> str | None:
+    if moment is None:
+        return None
+    if tz is not None:
+        moment = moment.astimezone(ZoneInfo(tz))
+    return moment.isoformat(timespec="seconds")

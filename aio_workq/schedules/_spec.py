@@ -1,0 +1,223 @@
+"""What a schedule is and when it is due: pure time arithmetic, no broker.
+
+Cron expressions are evaluated by `cronsim` (the `schedules` extra) in the schedule's own time
+zone (`zoneinfo`); every due time is then handled in UTC. A tick is named by its schedule and
+its due time in UTC: `nightly-report:2026-03-29T01:00:00+00:00`, which is also the message id
+of the job it publishes, so two publishes of one tick carry the same id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .._exceptions import ConfigurationError
+from .._link.specs import Queue
+from .._wire.frames import NAME_PATTERN
+
+__all__ = ("EPOCH", "Misfire", "Schedule", "tick_id")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Misfire = Literal["skip", "catch_up"]
+_SCAN_LIMIT = 1_000_000  # cron due times looked at after one outage, at most
+
+
+def tick_id(name: str, due: datetime) -> str:
+    """The message id of a schedule's tick: `{name}:{due time in UTC, ISO 8601}`."""
+    return f"{name}:{due.astimezone(UTC).isoformat()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A job published to `queue` on a cron expression or at a fixed interval.
+
+    Args:
+        name: unique among the schedules of one broker; names the ticks' message ids.
+        cron: a 5-field cron expression, read in `tz` (`"0 3 * * *"`: 03:00 every day).
+        every: a fixed interval (at least 1 s), counted from `start` (default the Unix epoch,
+            so that every replica computes the same due times).
+        tz: the IANA time zone `cron` is read in (default UTC). Daylight saving time: a time
+            skipped by the spring-forward change fires once, at the first valid minute after
+            it; a time repeated by the fall-back change fires once (its first occurrence).
+        queue: the queue the job goes to (a name or a `Queue`).
+        body: the job's body (anything `Producer.publish` takes); default `{}`.
+        headers: extra headers of the job.
+        start: no tick before this time (timezone-aware); the anchor of `every`.
+        misfire: what happens to ticks missed by more than `grace` while no scheduler ran:
+            `"skip"` (default): the latest of them fires once, now, the older ones never;
+            `"catch_up"`: the latest `catch_up_limit` of them fire, oldest first.
+        catch_up_limit: the most missed ticks `"catch_up"` fires (default 10).
+        grace: a tick late by less than this always fires (a failover's gap); default 60 s.
+
+    Raises:
+        ConfigurationError: neither or both of `cron` and `every`, a bad expression, interval,
+            time zone, name, misfire policy or limit.
+    """
+
+    name: str
+    _: KW_ONLY
+    queue: str | Queue
+    cron: str | None = None
+    every: timedelta | None = None
+    tz: str = "UTC"
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    start: datetime | None = None
+    misfire: Misfire = "skip"
+    catch_up_limit: int = 10
+    grace: timedelta = timedelta(seconds=60)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or not NAME_PATTERN.match(self.name):
+            raise ConfigurationError(
+                f"schedule name {self.name!r} is invalid: use letters, digits, '-', '_', '.' "
+                "and ':' (it names the ticks' message ids)"
+            )
+        where = f"schedule {self.name!r}"
+        if (self.cron is None) == (self.every is None):
+            raise ConfigurationError(f"{where}: give exactly one of cron= and every=")
+        if not isinstance(self.queue, str | Queue) or not str(_queue_name(self.queue)):
+            raise ConfigurationError(f"{where}: queue= must be a queue name or a Queue")
+        try:
+            zone = ZoneInfo(self.tz)
+        except (ZoneInfoNotFoundError, ValueError, TypeError):
+            raise ConfigurationError(
+                f"{where}: unknown time zone {self.tz!r}; use an IANA name such as "
+                "'Europe/Paris' or 'UTC'"
+            ) from None
+        if self.every is not None:
+            if not isinstance(self.every, timedelta) or self.every < timedelta(seconds=1):
+                raise ConfigurationError(
+                    f"{where}: every= must be a timedelta of at least 1 second, got {self.every!r}"
+                )
+        if self.cron is not None:
+            _cron_class()  # the extra is installed
+            if not isinstance(self.cron, str):
+                raise ConfigurationError(f"{where}: cron= must be a str, got {self.cron!r}")
+            try:
+                _cron_class()(self.cron, datetime(2026, 1, 1, tzinfo=zone))
+            except Exception as exc:  # cronsim raises CronSimError (a ValueError)
+                raise ConfigurationError(
+                    f"{where}: cron expression {self.cron!r} is invalid: {exc}"
+                ) from None
+        if self.start is not None and (
+            not isinstance(self.start, datetime) or self.start.tzinfo is None
+        ):
+            raise ConfigurationError(f"{where}: start= must be a timezone-aware datetime")
+        if self.misfire not in ("skip", "catch_up"):
+            raise ConfigurationError(
+                f"{where}: misfire must be 'skip' or 'catch_up', got {self.misfire!r}"
+            )
+        limit = self.catch_up_limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"{where}: catch_up_limit must be an int >= 1, got {limit!r}")
+        if not isinstance(self.grace, timedelta) or self.grace < timedelta(0):
+            raise ConfigurationError(f"{where}: grace must be a timedelta >= 0")
+
+    # --- description ----------------------------------------------------------------------------
+
+    @property
+    def queue_name(self) -> str:
+        """The name of the queue the ticks go to."""
+        return _queue_name(self.queue)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The time zone `cron` is read in."""
+        return ZoneInfo(self.tz)
+
+    def describe(self) -> str:
+        """`cron 0 3 * * * Europe/Paris` or `every 0:00:30`."""
+        if self.cron is not None:
+            return f"cron {self.cron} {self.tz}"
+        return f"every {self.every}"
+
+    def fingerprint(self) -> str:
+        """Changes when the times the schedule fires change (not its body or queue)."""
+        spec = {
+            "cron": self.cron,
+            "every": None if self.every is None else self.every.total_seconds(),
+            "tz": self.tz,
+            "start": None if self.start is None else self.start.astimezone(UTC).isoformat(),
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    # --- due times ------------------------------------------------------------------------------
+
+    def next_after(self, moment: datetime) -> datetime:
+        """The first due time strictly after `moment` (aware), in UTC."""
+        moment = moment.astimezone(UTC)
+        if self.start is not None and moment < self.start:
+            start = self.start.astimezone(UTC)
+            if self.every is not None:
+                return start
+            moment = start - timedelta(microseconds=1)
+        if self.every is not None:
+            anchor = EPOCH if self.start is None else self.start.astimezone(UTC)
+            steps = (moment - anchor) // self.every + 1
+            return anchor + steps * self.every
+        return next(self._cron_after(moment))
+
+    def due_between(self, after: datetime, until: datetime) -> Iterator[datetime]:
+        """Every due time in `(after, until]`, oldest first, in UTC."""
+        if self.every is not None:
+            due = self.next_after(after)
+            while due <= until:
+                yield due
+                due += self.every
+            return
+        for due in self._cron_after(after.astimezone(UTC)):
+            if due > until:
+                return
+            if self.start is None or due >= self.start:
+                yield due
+
+    def _cron_after(self, moment: datetime) -> Iterator[datetime]:
+        assert self.cron is not None
+        last = moment
+        for local in _cron_class()(self.cron, moment.astimezone(self.zone)):
+            due = local.astimezone(UTC)
+            if due > last:  # never the same instant twice, never backwards (DST folds)
+                last = due
+                yield due
+
+    def plan(self, *, cursor: datetime, now: datetime) -> list[datetime]:
+        """The ticks to fire now, oldest first, given that every tick up to `cursor` is done.
+
+        Ticks due within `grace` before `now` all fire; older ones follow `misfire`.
+        """
+        horizon = now - self.grace
+        late: deque[datetime] = deque(maxlen=1 if self.misfire == "skip" else self.catch_up_limit)
+        recent: list[datetime] = []
+        if self.every is not None and cursor < horizon:
+            # Jump over a long outage arithmetically rather than counting every interval.
+            keep = late.maxlen or 1
+            last_late = self.next_after(horizon) - self.every  # the newest tick <= horizon
+            oldest_kept = last_late - (keep - 1) * self.every
+            if oldest_kept > cursor:
+                cursor = oldest_kept - timedelta(microseconds=1)
+        for seen, due in enumerate(self.due_between(cursor, now)):
+            if seen > _SCAN_LIMIT:
+                break
+            (late if due <= horizon else recent).append(due)
+        return [*late, *recent]
+
+
+def _queue_name(queue: str | Queue) -> str:
+    return queue.name if isinstance(queue, Queue) else queue
+
+
+def _cron_class() -> Any:
+    try:
+        from cronsim import CronSim
+    except ImportError:
+        raise ConfigurationError(
+            "cron schedules need cronsim: pip install 'aio-workq[schedules]'"
+        ) from None
+    return CronSim

@@ -1,0 +1,331 @@
+"""Schedules against the real broker: election, failover, state on the broker, changes, CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aio_pika
+import pytest
+
+import aio_workq
+from aio_workq.schedules import Schedule, Scheduler, read_status
+from scripts.broker import LocalBroker
+from scripts.schedules_ledger import run_ledger
+
+pytestmark = pytest.mark.broker
+
+SECOND = timedelta(seconds=1)
+
+
+class Ticks:
+    """The ticks that reach a queue: message id -> deliveries."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+        self.changed = asyncio.Event()
+
+    async def handler(self, job: aio_workq.Job) -> None:
+        self.seen[job.message_id or ""] += 1
+        self.changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.seen) < count:
+                self.changed.clear()
+                await self.changed.wait()
+
+    def due_times(self) -> list[datetime]:
+        return sorted(datetime.fromisoformat(i.partition(":")[2]) for i in self.seen)
+
+
+@pytest.fixture
+def group() -> str:
+    return f"test-sched-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def ticks(amqp_url: str, group: str) -> AsyncIterator[Ticks]:
+    recorder = Ticks()
+    worker = aio_workq.Worker(amqp_url, queue=f"{group}.poll", handler=recorder.handler)
+    async with worker:
+        yield recorder
+
+
+def poll(group: str, **kwargs: object) -> Schedule:
+    return Schedule("poll", every=SECOND, queue=f"{group}.poll", **kwargs)  # type: ignore[arg-type]
+
+
+async def start(scheduler: Scheduler) -> asyncio.Task[None]:
+    return asyncio.create_task(scheduler.run())
+
+
+def assert_contiguous(times: list[datetime]) -> None:
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert all(gap == SECOND for gap in gaps), f"ticks not one second apart: {times}"
+
+
+async def test_one_of_two_schedulers_is_active_and_a_stop_hands_over_without_a_lost_tick(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    first = Scheduler(amqp_url, [poll(group)], group=group, identity="first")
+    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
+    someone = asyncio.Event()
+    first.on_active = second.on_active = lambda active: someone.set() if active else None
+    runs = [await start(first), await start(second)]
+    async with asyncio.timeout(30):
+        await someone.wait()
+    assert first.active != second.active
+    active, standby = (first, second) if first.active else (second, first)
+    await ticks.wait_for(3)
+    await active.stop()
+    async with asyncio.timeout(30):
+        await standby.wait_active()
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 3)
+    await standby.stop()
+    await asyncio.gather(*runs)
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+    assert active.fired > 0 and standby.fired > 0
+
+
+async def test_a_scheduler_started_after_an_outage_fires_the_ticks_missed_within_grace(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    first = Scheduler(amqp_url, [poll(group)], group=group, identity="first")
+    run = await start(first)
+    await ticks.wait_for(2)
+    await first.stop()
+    await run
+    stopped_at = datetime.now(UTC)
+    await asyncio.sleep(3)  # the outage: no scheduler runs for 3 s
+    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
+    run = await start(second)
+    async with asyncio.timeout(30):
+        while not any(t > stopped_at + 3 * SECOND for t in ticks.due_times()):
+            await ticks.wait_for(len(ticks.seen) + 1)
+    await second.stop()
+    await run
+    assert max(ticks.seen.values()) == 1
+    assert_contiguous(ticks.due_times())  # the state on the broker said where to go on
+
+
+async def test_misfire_skip_fires_one_of_the_ticks_missed_beyond_grace(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    spec = poll(group, grace=timedelta(0), misfire="skip")
+    first = Scheduler(amqp_url, [spec], group=group, identity="first")
+    run = await start(first)
+    await ticks.wait_for(2)
+    await first.stop()
+    await run
+    before = ticks.due_times()[-1]
+    await asyncio.sleep(4)  # the outage: 4 ticks are missed
+    second = Scheduler(amqp_url, [spec], group=group, identity="second")
+    run = await start(second)
+    await ticks.wait_for(len(ticks.seen) + 2)
+    await second.stop()
+    await run
+    after = [t for t in ticks.due_times() if t > before]
+    gap = after[1] - after[0] if after[0] - before > SECOND else after[0] - before
+    assert after[0] - before > 2 * SECOND, "skip fired every missed tick"
+    assert gap <= 2 * SECOND
+
+
+async def test_a_changed_schedule_fires_on_its_new_spec_and_a_removed_one_stops(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    old = Scheduler(
+        amqp_url,
+        [poll(group), Schedule("gone", every=SECOND, queue=f"{group}.gone")],
+        group=group, identity="v1",
+    )  # fmt: skip
+    run = await start(old)
+    await ticks.wait_for(2)
+    await old.stop()
+    await run
+    changed = Schedule("poll", every=2 * SECOND, queue=f"{group}.poll")
+    new = Scheduler(amqp_url, [changed], group=group, identity="v2")
+    run = await start(new)
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 2)
+    status = await read_status(amqp_url, group=group)
+    await new.stop()
+    await run
+    fresh = ticks.due_times()[count:]
+    assert all(t.second % 2 == 0 for t in fresh), fresh
+    assert status is not None and status.active == "v2"
+    assert status.entries["poll"].describe == "every 0:00:02"
+    assert status.entries["gone"].next is None  # kept a while for the other version, not fired
+
+
+async def test_the_lease_queue_never_piles_up_lease_messages(amqp_url: str, group: str) -> None:
+    for n in range(4):
+        scheduler = Scheduler(amqp_url, [poll(group)], group=group, identity=f"s{n}")
+        run = await start(scheduler)
+        async with asyncio.timeout(30):
+            await scheduler.wait_active()
+        await scheduler.stop()
+        await run
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        lease = await channel.get_queue(f"{group}.lease", ensure=True)
+        assert lease.declaration_result.message_count == 1
+
+
+async def test_aio_workq_schedules_lists_next_and_last_fire_and_the_active_process(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    report = Schedule(
+        "nightly-report", cron="0 3 * * *", tz="Europe/Paris", queue=f"{group}.reports"
+    )
+    scheduler = Scheduler(amqp_url, [poll(group), report], group=group, identity="web-1:42")
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    await ticks.changed.wait()  # one more tick: its state is recorded after the previous one
+    args = [sys.executable, "-m", "aio_workq", "schedules", "--url", amqp_url, "--group", group]
+    done = await asyncio.to_thread(
+        subprocess.run, [*args, "--json"], capture_output=True, text=True, timeout=60
+    )
+    wide = {**os.environ, "COLUMNS": "200"}
+    table = await asyncio.to_thread(
+        subprocess.run, args, capture_output=True, text=True, timeout=60, env=wide
+    )
+    await scheduler.stop()
+    await run
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["active"] == "web-1:42"
+    rows = {row["name"]: row for row in document["schedules"]}
+    assert rows["nightly-report"]["next_local"].endswith(("T03:00:00+01:00", "T03:00:00+02:00"))
+    assert rows["nightly-report"]["last_utc"] is None
+    assert rows["poll"]["last_utc"] is not None
+    assert table.returncode == 0 and "nightly-report" in table.stdout and "web-1:42" in table.stdout
+
+
+async def test_run_workers_runs_the_scheduler_beside_the_workers(amqp_url: str, group: str) -> None:
+    recorder = Ticks()
+    worker = aio_workq.Worker(amqp_url, queue=f"{group}.poll", handler=recorder.handler)
+    scheduler = Scheduler(amqp_url, [poll(group)], group=group)
+    run = asyncio.create_task(
+        aio_workq.run_workers(worker, schedules=scheduler, handle_signals=False)
+    )
+    await recorder.wait_for(2)
+    await worker.stop()
+    await scheduler.stop()
+    async with asyncio.timeout(30):
+        await run
+
+
+async def test_killing_the_active_scheduler_process_loses_no_tick(amqp_url: str) -> None:
+    # The CI subset of `make schedules-ledger`: 2 processes, ~30 s, one kill -9 of the active.
+    result = await run_ledger(amqp_url, replicas=2, duration=30, kill_every=15, outage=0)
+    assert result.kills >= 1 and result.takeovers
+    assert result.missed == 0, result.summary()
+    assert result.ticks_due["interval"] >= 20
+    assert max(result.takeovers) < 10.0, result.summary()
+
+
+async def test_a_silent_active_scheduler_is_replaced_after_the_heartbeat_timeout(
+    amqp_url: str,
+) -> None:
+    # SIGSTOP: the socket stays open but nothing answers, as in a partition; the broker closes
+    # the connection after missing heartbeats (here every 2 s), and the lease moves on.
+    url = f"{amqp_url}{'&' if '?' in amqp_url else '?'}heartbeat=2"
+    result = await run_ledger(url, replicas=2, duration=20, kill_every=8, outage=0, fault="pause")
+    assert result.takeovers, result.summary()
+    assert result.missed == 0, result.summary()
+    assert max(result.takeovers) < 15.0, result.summary()
+
+
+@pytest.mark.slow
+async def test_schedules_ledger_three_replicas_kills_and_an_outage(amqp_url: str) -> None:
+    result = await run_ledger(amqp_url, replicas=3, duration=180, kill_every=20, outage=30)
+    assert result.missed == 0, result.summary()
+    assert result.kills >= 5
+
+
+async def test_a_broker_restart_pauses_the_schedule_and_it_goes_on_without_a_lost_tick(
+    local_broker: LocalBroker, group: str, ticks: Ticks
+) -> None:
+    scheduler = Scheduler(local_broker.url, [poll(group)], group=group, retry_delay=0.5)
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    local_broker.stop()
+    local_broker.start()
+    async with asyncio.timeout(60):
+        await scheduler.wait_active()
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 3, timeout=60)
+    await scheduler.stop()
+    await run
+    assert_contiguous(ticks.due_times())  # the ticks due while it was down came late, not never
+
+
+class StoppingProducer(aio_workq.Producer):
+    """Asks its scheduler to stop just as it publishes a tick (a deploy's SIGTERM mid-tick)."""
+
+    scheduler: Scheduler | None = None
+
+    async def publish(self, body: Any, queue: Any = None, **options: Any) -> str:
+        if self.scheduler is not None and self.scheduler.fired >= 2:
+            await self.scheduler.stop()
+            self.scheduler = None
+        return await super().publish(body, queue, **options)
+
+
+async def test_a_stop_during_a_tick_records_it_so_the_next_scheduler_does_not_fire_it_again(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    producer = StoppingProducer(amqp_url)
+    async with producer:
+        first = Scheduler(amqp_url, [poll(group)], group=group, producer=producer)
+        producer.scheduler = first
+        run = await start(first)
+        async with asyncio.timeout(30):
+            await run
+    assert first.fired == 3
+    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
+    run = await start(second)
+    await ticks.wait_for(6)
+    await second.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+
+
+async def test_two_versions_during_a_rolling_deploy_fire_each_tick_once(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    v1 = Scheduler(amqp_url, [poll(group)], group=group, identity="v1")
+    v2_spec = Schedule("poll", every=2 * SECOND, queue=f"{group}.poll")
+    v2 = Scheduler(amqp_url, [v2_spec], group=group, identity="v2")
+    someone = asyncio.Event()
+    v1.on_active = v2.on_active = lambda active: someone.set() if active else None
+    runs = [await start(v1), await start(v2)]
+    async with asyncio.timeout(30):
+        await someone.wait()
+    old, new = (v1, v2) if v1.active else (v2, v1)
+    await ticks.wait_for(2)
+    await old.stop()  # the deploy replaces the active replica
+    async with asyncio.timeout(30):
+        await new.wait_active()
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 2)
+    await new.stop()
+    await asyncio.gather(*runs)
+    assert max(ticks.seen.values()) == 1, ticks.seen  # one active at a time: no doubles
+    times = ticks.due_times()
+    assert times == sorted(set(times))
+    step = 2 * SECOND if new is v2 else SECOND
+    assert all(b - a == step for a, b in zip(times[count:], times[count + 1 :], strict=False))

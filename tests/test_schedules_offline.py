@@ -1,0 +1,204 @@
+"""Schedules without a broker: due times, daylight saving time, misfires, bad input."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from aio_workq import ConfigurationError
+from aio_workq.cli._errors import TargetError
+from aio_workq.cli._target import build_scheduler
+from aio_workq.schedules import Schedule, Scheduler, State, tick_id
+from aio_workq.schedules._state import Entry
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def fires_between(schedule: Schedule, start: datetime, end: datetime) -> list[datetime]:
+    return list(schedule.due_between(start, end))
+
+
+def test_0230_in_paris_fires_once_on_the_spring_forward_day() -> None:
+    # 2026-03-29: 02:00 -> 03:00 in Europe/Paris; 02:30 does not exist that day.
+    daily = Schedule("nightly", cron="30 2 * * *", tz="Europe/Paris", queue="reports")
+    fired = fires_between(
+        daily, datetime(2026, 3, 28, 12, tzinfo=PARIS), datetime(2026, 3, 30, 12, tzinfo=PARIS)
+    )
+    on_the_day = [d for d in fired if d.astimezone(PARIS).date().day == 29]
+    assert len(on_the_day) == 1
+    assert on_the_day[0].astimezone(PARIS).strftime("%H:%M") == "03:00"  # first valid minute
+    assert len(fired) == 2  # and 02:30 again the next day
+
+
+def test_0230_in_paris_fires_once_on_the_fall_back_day() -> None:
+    # 2026-10-25: 03:00 -> 02:00 in Europe/Paris; 02:30 happens twice that day.
+    daily = Schedule("nightly", cron="30 2 * * *", tz="Europe/Paris", queue="reports")
+    fired = fires_between(
+        daily, datetime(2026, 10, 24, 12, tzinfo=PARIS), datetime(2026, 10, 26, 12, tzinfo=PARIS)
+    )
+    on_the_day = [d for d in fired if d.astimezone(PARIS).date().day == 25]
+    assert on_the_day == [datetime(2026, 10, 25, 0, 30, tzinfo=UTC)]  # 02:30 CEST, once
+    assert len(fired) == 2
+
+
+def test_a_fall_back_day_restarted_inside_the_repeated_hour_does_not_fire_0230_again() -> None:
+    daily = Schedule("nightly", cron="30 2 * * *", tz="Europe/Paris", queue="reports")
+    # The cursor sits just after the first 02:30 (00:30 UTC), during the repeated hour.
+    after = datetime(2026, 10, 25, 0, 45, tzinfo=UTC)
+    assert daily.next_after(after) == datetime(2026, 10, 26, 1, 30, tzinfo=UTC)
+
+
+def test_hourly_wildcards_fire_in_both_copies_of_the_repeated_hour() -> None:
+    half_hourly = Schedule("half", cron="*/30 * * * *", tz="Europe/Paris", queue="q")
+    fired = fires_between(
+        half_hourly,
+        datetime(2026, 10, 24, 23, 45, tzinfo=UTC),
+        datetime(2026, 10, 25, 2, 1, tzinfo=UTC),
+    )
+    assert fired == [datetime(2026, 10, 24, 23, 45, tzinfo=UTC) + timedelta(minutes=15 + 30 * i)
+                     for i in range(5)]  # fmt: skip
+    assert len(set(fired)) == len(fired)
+
+
+def test_cron_is_read_in_its_time_zone() -> None:
+    report = Schedule("nightly-report", cron="0 3 * * *", tz="Europe/Paris", queue="reports")
+    assert report.next_after(datetime(2026, 1, 10, tzinfo=UTC)) == datetime(
+        2026, 1, 10, 2, tzinfo=UTC
+    )
+    assert report.next_after(datetime(2026, 7, 10, tzinfo=UTC)) == datetime(
+        2026, 7, 10, 1, tzinfo=UTC
+    )
+
+
+def test_every_is_anchored_so_every_replica_computes_the_same_ticks() -> None:
+    poll = Schedule("poll", every=timedelta(seconds=30), queue="poll")
+    moment = datetime(2026, 12, 6, 4, 0, 17, 123, tzinfo=UTC)
+    assert poll.next_after(moment) == datetime(2026, 12, 6, 4, 0, 30, tzinfo=UTC)
+    assert poll.next_after(datetime(2026, 12, 6, 4, 0, 30, tzinfo=UTC)) == datetime(
+        2026, 12, 6, 4, 1, tzinfo=UTC
+    )
+    start = datetime(2026, 12, 6, 4, 0, 5, tzinfo=UTC)
+    later = Schedule("poll", every=timedelta(seconds=30), queue="poll", start=start)
+    assert later.next_after(moment - timedelta(hours=1)) == start
+    assert later.next_after(moment) == datetime(2026, 12, 6, 4, 0, 35, tzinfo=UTC)
+
+
+def test_tick_ids_are_the_name_and_the_due_time_in_utc() -> None:
+    due = datetime(2026, 3, 29, 3, tzinfo=PARIS)
+    assert tick_id("nightly", due) == "nightly:2026-03-29T01:00:00+00:00"
+
+
+def test_a_short_gap_fires_every_tick_it_missed() -> None:
+    poll = Schedule("poll", every=timedelta(seconds=1), queue="poll")
+    now = datetime(2026, 12, 6, 4, 0, 10, 500_000, tzinfo=UTC)
+    plan = poll.plan(cursor=now - timedelta(seconds=5), now=now)
+    assert len(plan) == 5  # within the 60 s grace: a failover's gap loses nothing
+
+
+def test_misfire_skip_fires_the_latest_missed_tick_once() -> None:
+    poll = Schedule("poll", every=timedelta(seconds=10), queue="poll", grace=timedelta(0))
+    now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
+    plan = poll.plan(cursor=now - timedelta(days=3), now=now)
+    assert plan == [datetime(2026, 12, 6, 5, 0, 0, tzinfo=UTC)]
+
+
+def test_misfire_catch_up_fires_up_to_its_limit_oldest_first() -> None:
+    poll = Schedule(
+        "poll", every=timedelta(seconds=10), queue="poll", grace=timedelta(0),
+        misfire="catch_up", catch_up_limit=3,
+    )  # fmt: skip
+    now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
+    plan = poll.plan(cursor=now - timedelta(days=3), now=now)
+    first = datetime(2026, 12, 6, 4, 59, 40, tzinfo=UTC)
+    assert plan == [first + timedelta(seconds=10 * i) for i in range(3)]
+    cron = Schedule(
+        "minutely", cron="* * * * *", queue="q", grace=timedelta(0), misfire="catch_up",
+        catch_up_limit=2,
+    )  # fmt: skip
+    assert cron.plan(cursor=now - timedelta(hours=5), now=now) == [
+        datetime(2026, 12, 6, 4, 59, tzinfo=UTC),
+        datetime(2026, 12, 6, 5, 0, tzinfo=UTC),
+    ]
+
+
+def test_nothing_is_due_before_the_first_tick() -> None:
+    poll = Schedule("poll", every=timedelta(seconds=30), queue="poll")
+    now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
+    assert poll.plan(cursor=now - timedelta(seconds=1), now=now) == []
+
+
+def test_a_changed_spec_has_another_fingerprint() -> None:
+    a = Schedule("r", cron="0 3 * * *", tz="Europe/Paris", queue="q")
+    assert (
+        a.fingerprint()
+        == Schedule("r", cron="0 3 * * *", tz="Europe/Paris", queue="x").fingerprint()
+    )
+    assert (
+        a.fingerprint()
+        != Schedule("r", cron="0 4 * * *", tz="Europe/Paris", queue="q").fingerprint()
+    )
+    assert a.fingerprint() != Schedule("r", cron="0 3 * * *", queue="q").fingerprint()
+
+
+def test_state_round_trips_through_its_message() -> None:
+    now = datetime(2026, 12, 6, 5, tzinfo=UTC)
+    state = State(entries={"poll": Entry(cursor=now, fingerprint="f", last=now)}, active="h:1")
+    again = State.decode(state.encode())
+    assert again.entries["poll"].cursor == now and again.active == "h:1"
+    with pytest.raises(ValueError, match="not a schedules state"):
+        State.decode(b'{"format": 99}')
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"queue": "q"}, "exactly one of cron= and every="),
+        ({"queue": "q", "cron": "* * * * *", "every": timedelta(seconds=1)}, "exactly one"),
+        ({"queue": "q", "cron": "61 * * * *"}, "cron expression '61 \\* \\* \\* \\*' is invalid"),
+        ({"queue": "q", "every": timedelta(milliseconds=10)}, "at least 1 second"),
+        ({"queue": "q", "every": 30}, "every= must be a timedelta"),
+        ({"queue": "q", "cron": "0 3 * * *", "tz": "Paris"}, "unknown time zone 'Paris'"),
+        ({"queue": "q", "every": timedelta(seconds=1), "misfire": "all"}, "misfire must be"),
+        ({"queue": "q", "every": timedelta(seconds=1), "catch_up_limit": 0}, "catch_up_limit"),
+        (
+            {"queue": "q", "every": timedelta(seconds=1), "start": datetime(2026, 1, 1)},
+            "timezone-aware",
+        ),
+    ],
+)
+def test_bad_schedules_are_refused_with_the_reason(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Schedule("s", **kwargs)  # type: ignore[arg-type]
+
+
+def test_bad_names_and_duplicates_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="schedule name 'a b' is invalid"):
+        Schedule("a b", every=timedelta(seconds=1), queue="q")
+    poll = Schedule("poll", every=timedelta(seconds=1), queue="poll")
+    with pytest.raises(ConfigurationError, match="two schedules named 'poll'"):
+        Scheduler("amqp://guest:secret@localhost/", [poll, poll])
+
+
+def test_the_decorator_adds_a_schedule_and_returns_the_handler() -> None:
+    scheduler = Scheduler("amqp://guest:secret@localhost/")
+
+    @scheduler.schedule(every=timedelta(seconds=30))
+    async def poll(job: object) -> None:
+        del job
+
+    assert callable(poll)
+    assert scheduler.schedules["poll"].queue_name == "poll"
+    assert "secret" not in repr(scheduler)
+
+
+SCHEDULES = [Schedule("poll", every=timedelta(seconds=30), queue="poll")]
+NOT_SCHEDULES = ["poll"]
+
+
+def test_worker_schedules_option_takes_schedules_or_a_scheduler_and_names_a_wrong_target() -> None:
+    scheduler = build_scheduler(f"{__name__}:SCHEDULES", "amqp://guest:guest@localhost/")
+    assert isinstance(scheduler, Scheduler) and list(scheduler.schedules) == ["poll"]
+    with pytest.raises(TargetError, match="expected a Scheduler, a Schedule or a non-empty list"):
+        build_scheduler(f"{__name__}:NOT_SCHEDULES", None)
