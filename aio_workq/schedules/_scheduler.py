@@ -134,11 +134,7 @@ class Scheduler:
         for item in schedules:
             self.add(item)
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
-        if isinstance(retry_delay, bool) or not isinstance(retry_delay, int | float):
-            raise ConfigurationError(f"retry_delay must be seconds > 0, got {retry_delay!r}")
-        if retry_delay <= 0:
-            raise ConfigurationError(f"retry_delay must be seconds > 0, got {retry_delay!r}")
-        self._retry_delay = float(retry_delay)
+        self._retry_delay = _seconds("retry_delay", retry_delay)
         self._producer = producer
         self._own_producer = producer is None
         self._stopping = asyncio.Event()
@@ -275,7 +271,7 @@ class Scheduler:
         lost = asyncio.Event()
         connection.close_callbacks.add(lambda *_: lost.set())
         channel: AbstractChannel | None = None
-        watch = asyncio.ensure_future(self._watch(connection, lambda: channel, lost))
+        watch = asyncio.ensure_future(_watch(connection, lambda: channel, lost))
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             channel.close_callbacks.add(lambda *_: lost.set())
@@ -292,13 +288,13 @@ class Scheduler:
                 granted.set()  # held, never acked: the broker requeues it when we go
 
             await lease.consume(on_lease, no_ack=False)
-            if not await self._first(granted, lost):
+            if not await _first(granted, lost, self._stopping):
                 return
             self._set_active(True)
             log.info("scheduler %s is active", self.identity)
             try:
                 firing = asyncio.ensure_future(self._fire(channel, exchange, state_queue, lost))
-                ended = asyncio.ensure_future(self._until(lost))
+                ended = asyncio.ensure_future(_any(self._stopping, lost))
                 try:
                     await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
                     if not lost.is_set() and not firing.done():
@@ -319,44 +315,6 @@ class Scheduler:
             watch.cancel()
             with contextlib.suppress(Exception):
                 await connection.close()
-
-    @staticmethod
-    async def _watch(
-        connection: aio_pika.abc.AbstractConnection,
-        channel: Callable[[], AbstractChannel | None],
-        lost: asyncio.Event,
-    ) -> None:
-        """Set `lost` once the connection or the channel is closed, should a close callback
-        not come (belt and braces: holding a dead lease must never look like holding one)."""
-        while not lost.is_set():
-            current = channel()
-            if connection.is_closed or (current is not None and current.is_closed):
-                lost.set()
-                return
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_WATCH_EVERY):
-                    await lost.wait()
-
-    async def _until(self, lost: asyncio.Event) -> None:
-        stop = asyncio.ensure_future(self._stopping.wait())
-        gone = asyncio.ensure_future(lost.wait())
-        try:
-            await asyncio.wait({stop, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            gone.cancel()
-
-    async def _first(self, granted: asyncio.Event, lost: asyncio.Event) -> bool:
-        """Wait for the lease; False when the connection or the scheduler stops first."""
-        waits = [asyncio.ensure_future(e.wait()) for e in (granted, lost, self._stopping)]
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-        if lost.is_set():
-            raise ConnectionError("the connection to the broker closed")
-        return granted.is_set() and not self._stopping.is_set()
 
     def _set_active(self, active: bool) -> None:
         if active:
@@ -389,7 +347,7 @@ class Scheduler:
         producer = await self._publisher()
         state = await _read(state_queue)
         now = _now()
-        self._reconcile(state, now)
+        reconcile(self._schedules, state, now)
         state.active = self.identity
         await _publish_state(exchange, state, now)
         while not self._stopping.is_set() and not lost.is_set():
@@ -432,30 +390,72 @@ class Scheduler:
                 async with asyncio.timeout(min(max(pause, 0.0), 5.0)):
                     await self._stopping.wait()
 
-    def _reconcile(self, state: State, now: datetime) -> None:
-        """New or changed schedules start from now; unknown ones are kept a while, then dropped."""
-        for name, schedule in self._schedules.items():
-            entry = state.entries.get(name)
-            fingerprint = schedule.fingerprint()
-            if entry is None or entry.fingerprint != fingerprint:
-                if entry is not None:
-                    log.info("schedule %r changed: it fires on its new spec from now", name)
-                entry = Entry(
-                    cursor=now, fingerprint=fingerprint, last=None if entry is None else entry.last
-                )
-                state.entries[name] = entry
-            entry.describe = schedule.describe()
-            entry.tz = schedule.tz
-            entry.queue = schedule.queue_name
-            entry.next = schedule.next_after(max(entry.cursor, now))
-        for name in [n for n in state.entries if n not in self._schedules]:
-            entry = state.entries[name]
-            if (entry.last or entry.cursor) < now - RETAIN_UNKNOWN:
-                log.info("schedule %r is unknown here and idle for a week: its state is dropped",
-                         name)  # fmt: skip
-                del state.entries[name]
-            else:
-                entry.next = None  # not fired by this version
+
+def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) -> None:
+    """New or changed schedules start from now; unknown ones are kept a while, then dropped."""
+    for name, schedule in schedules.items():
+        entry = state.entries.get(name)
+        fingerprint = schedule.fingerprint()
+        if entry is None or entry.fingerprint != fingerprint:
+            if entry is not None:
+                log.info("schedule %r changed: it fires on its new spec from now", name)
+            entry = Entry(
+                cursor=now, fingerprint=fingerprint, last=None if entry is None else entry.last
+            )
+            state.entries[name] = entry
+        entry.describe = schedule.describe()
+        entry.tz = schedule.tz
+        entry.queue = schedule.queue_name
+        entry.next = schedule.next_after(max(entry.cursor, now))
+    for name in [n for n in state.entries if n not in schedules]:
+        entry = state.entries[name]
+        if (entry.last or entry.cursor) < now - RETAIN_UNKNOWN:
+            log.info("schedule %r is unknown here and idle for a week: its state is dropped",
+                     name)  # fmt: skip
+            del state.entries[name]
+        else:
+            entry.next = None  # not fired by this version
+
+
+async def _watch(
+    connection: aio_pika.abc.AbstractConnection,
+    channel: Callable[[], AbstractChannel | None],
+    lost: asyncio.Event,
+) -> None:
+    """Set `lost` once the connection or the channel is closed, should a close callback
+    not come (belt and braces: holding a dead lease must never look like holding one)."""
+    while not lost.is_set():
+        current = channel()
+        if connection.is_closed or (current is not None and current.is_closed):
+            lost.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_WATCH_EVERY):
+                await lost.wait()
+
+
+def _seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigurationError(f"{name} must be seconds > 0, got {value!r}")
+    return float(value)
+
+
+async def _first(granted: asyncio.Event, lost: asyncio.Event, stopping: asyncio.Event) -> bool:
+    """Wait for the lease; False when the connection or the scheduler stops first."""
+    await _any(granted, lost, stopping)
+    if lost.is_set():
+        raise ConnectionError("the connection to the broker closed")
+    return granted.is_set() and not stopping.is_set()
+
+
+async def _any(*events: asyncio.Event) -> None:
+    """Return once any of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def declare_state(
