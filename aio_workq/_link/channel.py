@@ -7,7 +7,8 @@ connection is up, then handed to the owner's `setup` (declare, QoS, consume, res
 
 Closing a channel has one owner, `ManagedChannel._shut`, whatever the cause (`close()`, a
 `recycle()` after the broker cancelled a consumer, a failed set-up): it settles what the owner
-has buffered for the channel, hands the connection's buffered frames to the socket, closes the
+has buffered for the channel, hands the connection's buffered frames to the socket (waiting, up
+to a few seconds, while the socket is backed up), closes the
 channel's gate so no later frame of it is written, and only then sends `Channel.Close`. A frame
 written after it would reach the broker once the channel's number is free, and the broker
 closes the whole connection for that (504 CHANNEL_ERROR), with every producer and worker on it.
@@ -37,6 +38,7 @@ OnClosing = Callable[[aiormq.abc.AbstractChannel], None]
 
 _REOPEN_FIRST = 0.2
 _REOPEN_CAP = 15.0
+_FLUSH_WAIT = 5.0  # seconds a close waits for the frames buffered before it to reach the socket
 
 
 class ManagedChannel:
@@ -214,9 +216,34 @@ class ManagedChannel:
             except Exception:  # closing goes on: the broker requeues what is unsettled
                 log.exception("%s failed to settle before closing its channel", self._what)
         if wire is not None:
-            wire.writer.flush()
+            await self._flushed(wire)
             tap = wire.demux.tap(channel)
             if tap is not None:
                 tap.open = False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 5)
+
+    async def _flushed(self, wire: Wire) -> None:
+        """Hand the connection's buffered frames to the socket, waiting (up to `_FLUSH_WAIT`)
+        while it is backed up: the acks of finished handlers written before the close reach
+        the broker instead of being dropped with the channel's gate (#20), and are not
+        redelivered. The connection's close (a stop's deadline) ends the wait sooner."""
+        writer = wire.writer
+        writer.flush()
+        if not writer.buffered:
+            return
+        log.debug(
+            "%s waits for its buffered frames (%d writes) to reach the socket before closing "
+            "its channel",
+            self._what,
+            writer.buffered,
+        )
+        flushed: asyncio.Future[None] = self._loop.create_future()
+
+        def done() -> None:
+            if not flushed.done():
+                flushed.set_result(None)
+
+        writer.when_flushed(done)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(flushed, _FLUSH_WAIT)
