@@ -32,6 +32,13 @@ against the newest releases):
    the same stream for its own frames): the `FrameWriter` fills that buffer only up to its
    high-water mark and waits in `drain()` for the rest
    (`tests/test_wire_bounds.py::test_the_socket_buffer_stays_at_the_high_water_mark_while_the_broker_reads_nothing`).
+7. The plain lane (`AIO_WORKQ_FAST_PATH=0`, or an aio-pika connection) hands
+   `aiormq.Channel.basic_publish()` a `pamqp.commands.Basic.Properties` subclass whose
+   `marshal()` returns aio-workq's own encoding of the properties: aiormq puts the properties
+   object as given into pamqp's `ContentHeader`, whose `marshal()` calls it. So both paths send
+   the same bytes, floats in the headers as 64-bit doubles where pamqp's encoder would send
+   32-bit floats (`tests/test_publish_outcomes.py::test_a_float_header_arrives_exactly_as_sent`,
+   plain).
 """
 
 from __future__ import annotations
