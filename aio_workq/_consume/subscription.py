@@ -97,7 +97,8 @@ class Subscription:
             on_delivery = self._on_delivery
 
             def deliver(delivery: Delivery) -> None:
-                if gate.open:  # else closing: the broker redelivers it
+                # Else closing (its acks so far are being written): the broker redelivers it.
+                if gate.open and self.acker is acker:
                     on_delivery(delivery, acker)
 
             gate.on_delivery = deliver

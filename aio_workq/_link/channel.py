@@ -118,10 +118,17 @@ class ManagedChannel:
                 channel = await link.connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
                 )
+        setup = asyncio.ensure_future(self._setup(channel, link.wire))
         try:
             async with asyncio.timeout_at(deadline):  # declarations, QoS, consume
-                await self._setup(channel, link.wire)
+                await asyncio.shield(setup)
         except BaseException as exc:
+            set_up = await self._settle_setup(setup, exc, deadline)
+            if set_up and not self._closed and not channel.is_closed:
+                # Cancelled (Ctrl-C) once the set-up had gone out: the channel is the owner's,
+                # which closes it its graceful way (`close()`: handlers drained, acks written).
+                self._adopt(channel, link.connection, link.wire)
+                raise
             await self._shut(channel, link.wire)
             if isinstance(exc, TimeoutError) and not isinstance(exc, WorkqError):
                 raise BrokerConnectionError(
@@ -131,13 +138,43 @@ class ManagedChannel:
         if self._closed:
             await self._shut(channel, link.wire)
             return
+        self._adopt(channel, link.connection, link.wire)
+
+    def _adopt(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        connection: aiormq.abc.AbstractConnection,
+        wire: Wire | None,
+    ) -> None:
         self.channel = channel
-        self.wire = link.wire
+        self.wire = wire
         channel.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         # The connection's end is the channel's too, even when aiormq's own close of the channel
         # does not finish (its Channel.Close RPC is cancelled with the dead connection).
-        link.connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         self._ready.set()
+
+    async def _settle_setup(
+        self, setup: asyncio.Future[None], exc: BaseException, deadline: float | None
+    ) -> bool:
+        """After the set-up was cut short by `exc`; True when the set-up finished all the same.
+
+        On a cancellation (Ctrl-C during `start()`) its RPC in flight (e.g. `basic_consume`,
+        whose deliveries may have been handled already) is let finish, up to `_FLUSH_WAIT` s or
+        the deadline: aiormq closes a channel whose RPC is cancelled, and the acks of those
+        handlers would be lost with it (#20); the owner's graceful close writes them instead.
+        On a timeout, the set-up is cancelled at once.
+        """
+        if not setup.done() and isinstance(exc, asyncio.CancelledError):
+            until = self._loop.time() + _FLUSH_WAIT
+            until = until if deadline is None else min(until, deadline)
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout_at(until):
+                    await asyncio.shield(setup)
+        if not setup.done():
+            setup.cancel()
+        await asyncio.gather(setup, return_exceptions=True)
+        return not setup.cancelled() and setup.exception() is None
 
     def _on_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
         if channel is not self.channel:
