@@ -23,7 +23,7 @@ from pamqp.commands import Basic
 
 from .demux import Delivery
 from .frames import EncodedProperties, Properties, publish_frames
-from .seams import Wire
+from .seams import Wire, await_written, channel_closing
 from .tracker import ConfirmTracker, Outgoing
 
 __all__ = ("FastLane", "Lane", "PlainLane", "negotiated_frame_max", "pamqp_properties")
@@ -126,7 +126,7 @@ class PlainLane:
     and each publish's result settles only its own record.
     """
 
-    __slots__ = ("_held", "_loop", "_mandatory", "_seq", "_tasks", "channel", "tracker")
+    __slots__ = ("_held", "_loop", "_mandatory", "_seq", "_tasks", "_turn", "channel", "tracker")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, tracker: ConfirmTracker) -> None:
         self.channel = channel
@@ -136,6 +136,7 @@ class PlainLane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._mandatory: set[str] = set()  # ids of mandatory publishes unconfirmed in aiormq
         self._held: deque[Outgoing] = deque()  # waiting for one of those, in write order
+        self._turn = asyncio.Lock()  # one publish at a time into aiormq (reliance 10)
 
     def write(self, out: Outgoing) -> None:
         self._seq += 1
@@ -181,8 +182,17 @@ class PlainLane:
         # its return by message id, which no other publish in aiormq shares (see the class).
         # A multiple ack is split by aiormq into one result per publish, so the order in
         # which these tasks resume cannot give one message another's outcome.
+        channel = self.channel
         try:
-            result = await self.channel.basic_publish(
+            # One at a time into aiormq, each once the previous one's frames are written, and
+            # never once the broker's Channel.Close is answered: the check and aiormq's
+            # taking of its lock and queueing of the frames run in one step (reliance 10).
+            await self._turn.acquire()
+            if channel_closing(channel):
+                self._turn.release()
+                return  # still recorded: resent or failed with the channel's end
+            self._loop.create_task(self._pass_turn(channel))
+            result = await channel.basic_publish(
                 out.body,
                 exchange=out.exchange,
                 routing_key=out.routing_key,
@@ -203,6 +213,12 @@ class PlainLane:
             if out.mandatory:
                 self._mandatory.discard(out.message_id)
                 self._release()
+
+    async def _pass_turn(self, channel: aiormq.abc.AbstractChannel) -> None:
+        try:
+            await await_written(channel)
+        finally:
+            self._turn.release()
 
     def _release(self) -> None:
         """Start the held messages, in order, up to the next one that must still wait."""

@@ -54,15 +54,30 @@ against the newest releases):
    reason per connection for `blocked_reason()`
    (`tests/test_link_outage.py::test_a_timeout_during_a_memory_alarm_says_the_broker_blocked_publishers`,
    `tests/test_link_quiet.py`). With that logger raised above WARNING, a block is not known.
+10. When the broker closes a channel (`Channel.Close`, e.g. a 404 on a publish to a deleted
+    exchange), aiormq queues its `Channel.CloseOk` and sets the channel's `_close_exception` in
+    one step, but `is_closed` turns true only a few loop iterations later, and
+    `basic_publish()` checks only `is_closed`: a publish let in meanwhile is written after the
+    Close-Ok, and the broker closes the whole connection (504 CHANNEL_ERROR - expected
+    'channel.open'). aiormq's `basic_publish()` takes the channel's `lock` (a property of
+    `aiormq.Channel`) in its first step, without yielding while it is free, puts its frames
+    on the connection's write queue, and holds it until they are written. So the plain lane
+    lets one publish at a time into aiormq, once the previous one's frames are written
+    (`await_written()`), and checks `channel_closing()` (which reads `_close_exception`, never
+    writes it) in the same step as that first step: no publish follows a Close-Ok
+    (`tests/test_topology_faults.py::test_a_deleted_exchange_fails_only_its_own_publishes`,
+    plain path, which counts connection losses).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import weakref
 from typing import Any
 
+import aiormq
 from aiormq import spec
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
@@ -74,7 +89,9 @@ __all__ = (
     "ALIVE_FRAME",
     "Wire",
     "WireFactory",
+    "await_written",
     "blocked_reason",
+    "channel_closing",
     "note_block",
     "refusing_close_text",
 )
@@ -146,3 +163,20 @@ def note_block(record: logging.LogRecord) -> None:
 def blocked_reason(connection: object) -> str | None:
     """The broker's reason (e.g. "low on memory") while it blocks `connection`, else None."""
     return _blocked.get(connection)
+
+
+def channel_closing(channel: aiormq.abc.AbstractChannel) -> bool:
+    """True once `channel` is closed, or the broker's `Channel.Close` of it has been answered
+    (reliance 10): nothing more may be written on it."""
+    return channel.is_closed or getattr(channel, "_close_exception", None) is not None
+
+
+async def await_written(channel: aiormq.abc.AbstractChannel) -> None:
+    """Return once no `basic_publish()` holds `channel`'s lock: the frames of the last one are
+    written (reliance 10). Returns at once on a closed channel (aiormq refuses its lock)."""
+    lock = getattr(channel, "lock", None)
+    if lock is None:  # pragma: no cover - an aiormq without it: the canary tells
+        return
+    with contextlib.suppress(Exception):
+        async with lock:
+            pass
