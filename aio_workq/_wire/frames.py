@@ -231,6 +231,7 @@ def _octet(value: object, field: str, low: int, high: int) -> bytes:
 
 _DOUBLE = struct.Struct(">d")
 _LONG = struct.Struct(">I")
+_OWN = (float, dict, list)  # the values encoded here; the rest by pamqp
 
 
 def _field_table(table: Mapping[str, Any]) -> bytes:
@@ -239,7 +240,12 @@ def _field_table(table: Mapping[str, Any]) -> bytes:
     arrive as 16777216.0 (#20). Keys are sorted, like pamqp's."""
     if not table:
         return b"\x00\x00\x00\x00"
-    data = b"".join([short_string(key) + _field_value(table[key]) for key in sorted(table)])
+    parts = []
+    for key in sorted(table):
+        value = table[key]
+        parts.append(short_string(key))
+        parts.append(_field_value(value) if isinstance(value, _OWN) else encode_table_value(value))
+    data = b"".join(parts)
     return _LONG.pack(len(data)) + data
 
 
