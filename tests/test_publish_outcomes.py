@@ -179,3 +179,32 @@ async def test_every_outcome_is_the_messages_own(
     routed = sum(1 for expected, _ in sent if expected == "confirmed")
     assert depth == routed or (case == "timeout" and depth == routed + 1)  # "may or may not"
     path.assert_never_lost()
+
+
+# --- #20 side road 3: float headers arrive exactly as sent ------------------------------------
+
+
+async def test_a_float_header_arrives_exactly_as_sent(path: Path, queue_name: str) -> None:
+    # 16777217.0 is the first integer a 32-bit float can't hold: sent as one, it would arrive
+    # as 16777216.0, silently. Nested tables and arrays too.
+    headers = {
+        "f": 16777217.0,
+        "third": 1 / 3,
+        "big": 1e300,
+        "nested": {"g": 0.1, "list": [2.5e-310, -0.0, 16777217.0]},
+    }
+    got: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+
+    async def handle(job: aio_workq.Job) -> None:
+        if not got.done():
+            got.set_result(dict(job.headers))
+
+    await path.producer.publish("x", queue=queue_name, headers=headers)
+    async with aio_workq.Worker(connection=path.connection, queue=queue_name, handler=handle):
+        async with asyncio.timeout(30):
+            received = await got
+    assert received == headers
+    nested = received["nested"]
+    assert isinstance(nested, dict)
+    assert repr(nested["list"]) == "[2.5e-310, -0.0, 16777217.0]"  # -0.0 and subnormals too
+    path.assert_never_lost()

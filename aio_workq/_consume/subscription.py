@@ -106,7 +106,8 @@ class Subscription:
                 header: bytes,
                 body: bytes,
             ) -> None:
-                if gate.open:  # else closing: the broker redelivers it
+                # Else closing (its acks so far are being written): the broker redelivers it.
+                if gate.open and self.acker is acker:
                     delivery = Delivery(
                         channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key,
                         header, body,

@@ -260,9 +260,15 @@ class Worker:
         try:
             await self._open(wait_for_broker)
         except BaseException:
-            await self._teardown()
             task = asyncio.current_task()
-            if self._stopping and task is not None and not task.cancelling():
+            cancelled = task is not None and task.cancelling() > 0
+            if cancelled and not self._stopping:
+                # Ctrl-C while starting: deliveries may have been handled already (they follow
+                # the broker's ConsumeOk at once): stop the graceful way, their acks first (#20).
+                await self.stop()
+                raise
+            await self._teardown()
+            if self._stopping and not cancelled:
                 return  # stop() was called while starting: nothing is left running
             raise
         if self._stopping:  # stop() ran while we were starting: undo what we opened

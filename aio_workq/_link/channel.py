@@ -7,7 +7,8 @@ connection is up, then handed to the owner's `setup` (declare, QoS, consume, res
 
 Closing a channel has one owner, `ManagedChannel._shut`, whatever the cause (`close()`, a
 `recycle()` after the broker cancelled a consumer, a failed set-up): it settles what the owner
-has buffered for the channel, hands the connection's buffered frames to the socket, closes the
+has buffered for the channel, hands the connection's buffered frames to the socket (waiting, up
+to a few seconds, while the socket is backed up), closes the
 channel's gate so no later frame of it is written, and only then sends `Channel.Close`. A frame
 written after it would reach the broker once the channel's number is free, and the broker
 closes the whole connection for that (504 CHANNEL_ERROR), with every producer and worker on it.
@@ -37,6 +38,7 @@ OnClosing = Callable[[aiormq.abc.AbstractChannel], None]
 
 _REOPEN_FIRST = 0.2
 _REOPEN_CAP = 15.0
+_FLUSH_WAIT = 5.0  # seconds a close waits for the frames buffered before it to reach the socket
 
 
 class ManagedChannel:
@@ -116,10 +118,17 @@ class ManagedChannel:
                 channel = await link.connection.channel(
                     publisher_confirms=self._confirms, on_return_raises=self._confirms
                 )
+        setup = asyncio.ensure_future(self._setup(channel, link.wire))
         try:
             async with asyncio.timeout_at(deadline):  # declarations, QoS, consume
-                await self._setup(channel, link.wire)
+                await asyncio.shield(setup)
         except BaseException as exc:
+            set_up = await self._settle_setup(setup, exc, deadline)
+            if set_up and not self._closed and not channel.is_closed:
+                # Cancelled (Ctrl-C) once the set-up had gone out: the channel is the owner's,
+                # which closes it its graceful way (`close()`: handlers drained, acks written).
+                self._adopt(channel, link.connection, link.wire)
+                raise
             await self._shut(channel, link.wire)
             if isinstance(exc, TimeoutError) and not isinstance(exc, WorkqError):
                 raise BrokerConnectionError(
@@ -129,13 +138,43 @@ class ManagedChannel:
         if self._closed:
             await self._shut(channel, link.wire)
             return
+        self._adopt(channel, link.connection, link.wire)
+
+    def _adopt(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        connection: aiormq.abc.AbstractConnection,
+        wire: Wire | None,
+    ) -> None:
         self.channel = channel
-        self.wire = link.wire
+        self.wire = wire
         channel.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         # The connection's end is the channel's too, even when aiormq's own close of the channel
         # does not finish (its Channel.Close RPC is cancelled with the dead connection).
-        link.connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
+        connection.closing.add_done_callback(lambda fut: self._on_closed(channel, fut))
         self._ready.set()
+
+    async def _settle_setup(
+        self, setup: asyncio.Future[None], exc: BaseException, deadline: float | None
+    ) -> bool:
+        """After the set-up was cut short by `exc`; True when the set-up finished all the same.
+
+        On a cancellation (Ctrl-C during `start()`) its RPC in flight (e.g. `basic_consume`,
+        whose deliveries may have been handled already) is let finish, up to `_FLUSH_WAIT` s or
+        the deadline: aiormq closes a channel whose RPC is cancelled, and the acks of those
+        handlers would be lost with it (#20); the owner's graceful close writes them instead.
+        On a timeout, the set-up is cancelled at once.
+        """
+        if not setup.done() and isinstance(exc, asyncio.CancelledError):
+            until = self._loop.time() + _FLUSH_WAIT
+            until = until if deadline is None else min(until, deadline)
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout_at(until):
+                    await asyncio.shield(setup)
+        if not setup.done():
+            setup.cancel()
+        await asyncio.gather(setup, return_exceptions=True)
+        return not setup.cancelled() and setup.exception() is None
 
     def _on_closed(self, channel: aiormq.abc.AbstractChannel, closing: asyncio.Future[Any]) -> None:
         if channel is not self.channel:
@@ -214,9 +253,34 @@ class ManagedChannel:
             except Exception:  # closing goes on: the broker requeues what is unsettled
                 log.exception("%s failed to settle before closing its channel", self._what)
         if wire is not None:
-            wire.writer.flush()
+            await self._flushed(wire)
             tap = wire.demux.tap(channel)
             if tap is not None:
                 tap.open = False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 5)
+
+    async def _flushed(self, wire: Wire) -> None:
+        """Hand the connection's buffered frames to the socket, waiting (up to `_FLUSH_WAIT`)
+        while it is backed up: the acks of finished handlers written before the close reach
+        the broker instead of being dropped with the channel's gate (#20), and are not
+        redelivered. The connection's close (a stop's deadline) ends the wait sooner."""
+        writer = wire.writer
+        writer.flush()
+        if not writer.buffered:
+            return
+        log.debug(
+            "%s waits for its buffered frames (%d writes) to reach the socket before closing "
+            "its channel",
+            self._what,
+            writer.buffered,
+        )
+        flushed: asyncio.Future[None] = self._loop.create_future()
+
+        def done() -> None:
+            if not flushed.done():
+                flushed.set_result(None)
+
+        writer.when_flushed(done)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(flushed, _FLUSH_WAIT)

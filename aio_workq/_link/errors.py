@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiormq
-from aiormq import spec
 
 from .._exceptions import (
     AccessRefusedError,
@@ -26,6 +25,7 @@ from .._exceptions import (
     TLSError,
     TopologyError,
 )
+from .._wire.seams import refusing_close_text
 from .settings import redact_url
 
 __all__ = ("closing_reason", "connect_error", "reason", "translate_errors")
@@ -88,17 +88,12 @@ def connect_error(exc: BaseException, url: str) -> BrokerConnectionError:
 def _refusal(exc: BaseException, url: str) -> str:
     """The broker's reply text of the Connection.Close that refused the vhost.
 
-    aiormq's error shows only the frame's repr; the frame itself is still a local of the frame
-    that raised it (aiormq's handshake), reached through the traceback. Without it, the reason
-    is told from the URL.
+    aiormq's error shows only the frame's repr; the frame is read from the traceback
+    (`_wire.seams.refusing_close_text`, reliance 8). Without it, the reason is told from the URL.
     """
-    for cause in _chain(exc):
-        tb = cause.__traceback__
-        while tb is not None:
-            for value in tb.tb_frame.f_locals.values():
-                if isinstance(value, spec.Connection.Close) and value.reply_text:
-                    return str(value.reply_text)
-            tb = tb.tb_next
+    text = refusing_close_text(exc)
+    if text is not None:
+        return text
     vhost = unquote(urlsplit(url).path[1:]) or "/"
     return f"vhost {vhost!r} does not exist, or the user may not use it"
 

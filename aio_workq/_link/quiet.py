@@ -6,7 +6,8 @@ aiormq tells of the broker's `Connection.Blocked` (a memory or disk alarm) and
 
 `install()` puts a filter on aiormq's connection logger that drops the per-attempt records while
 aio-workq is the one connecting (`connecting()`; other users of aiormq in the process keep
-theirs), and notes which connections the broker blocked, and why (`blocked_reason()`). It is
+theirs), and hands the block records to `_wire.seams.note_block` (reliance 9 there), which
+notes which connections the broker blocked, and why (`blocked_reason()`). It is
 installed when the first `Connection` opens, not at import, and only once. The notes need that
 logger enabled for WARNING (the default); raised above it, a block is not known.
 """
@@ -15,17 +16,15 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from .._wire.seams import blocked_reason, note_block
 
 __all__ = ("blocked_reason", "connecting", "install")
 
 _connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_connecting")
 _AIORMQ_LOGGER = "aiormq.connection"
-_BLOCKED = "Connection %r was blocked by: %r"
-_UNBLOCKED = "Connection %r was unblocked"
-_blocked: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
 
 
 class QuietAttempts(logging.Filter):
@@ -33,27 +32,10 @@ class QuietAttempts(logging.Filter):
     one connecting: aio-workq logs one WARNING per attempt itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg in (_BLOCKED, _UNBLOCKED) and isinstance(record.args, tuple):
-            _note_block(record.msg, record.args)
-            return True
+        note_block(record)
         return not (
             _connecting.get(False) and str(record.msg).startswith("error when creating transport")
         )
-
-
-def _note_block(msg: object, args: tuple[object, ...]) -> None:
-    try:
-        if msg == _BLOCKED and len(args) == 2:
-            _blocked[args[0]] = str(args[1])
-        elif args:
-            _blocked.pop(args[0], None)
-    except TypeError:  # not weak-referenceable: the block is not known
-        pass
-
-
-def blocked_reason(connection: object) -> str | None:
-    """The broker's reason (e.g. "low on memory") while it blocks `connection`, else None."""
-    return _blocked.get(connection)
 
 
 def install() -> None:

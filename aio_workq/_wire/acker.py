@@ -85,11 +85,6 @@ class Acker:
         self._closed = True
 
     def flush(self) -> None:
-        # Known gap (#20 (c)): on a graceful stop, `ManagedChannel._shut()` calls `close()`
-        # here, flushes the connection's `FrameWriter`, then closes this channel's gate. While
-        # the socket is backed up (the writer is draining), that flush writes nothing, and the
-        # acks written here are dropped with the gate: the broker redelivers those finished
-        # messages. A fix needs the writer to say when its buffer has reached the socket.
         self._handle = None
         if self._closed or self.channel.is_closed:
             # The broker requeues everything unacked on a closed channel: the documented

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from pamqp import commands, decode
-from pamqp.encode import field_table
+from pamqp.encode import encode_table_value, short_string
 from pamqp.header import ContentHeader
 
 from .._exceptions import SerializationError
@@ -229,16 +229,47 @@ def _octet(value: object, field: str, low: int, high: int) -> bytes:
     return bytes((value,))
 
 
+_DOUBLE = struct.Struct(">d")
+_LONG = struct.Struct(">I")
+_OWN = (float, dict, list)  # the values encoded here; the rest by pamqp
+
+
+def _field_table(table: Mapping[str, Any]) -> bytes:
+    """An AMQP field table, as pamqp's `field_table` encodes it but for floats: a Python float
+    is a 64-bit double ('d'), where pamqp sends a 32-bit float ('f') and 16777217.0 would
+    arrive as 16777216.0 (#20). Keys are sorted, like pamqp's."""
+    if not table:
+        return b"\x00\x00\x00\x00"
+    parts = []
+    for key in sorted(table):
+        value = table[key]
+        parts.append(short_string(key))
+        parts.append(_field_value(value) if isinstance(value, _OWN) else encode_table_value(value))
+    data = b"".join(parts)
+    return _LONG.pack(len(data)) + data
+
+
+def _field_value(value: Any) -> bytes:
+    if isinstance(value, float):
+        return b"d" + _DOUBLE.pack(value)
+    if isinstance(value, dict):
+        return b"F" + _field_table(value)
+    if isinstance(value, list):
+        data = b"".join([_field_value(item) for item in value])
+        return b"A" + _LONG.pack(len(data)) + data
+    return encode_table_value(value)
+
+
 def _table(headers: Mapping[str, Any]) -> bytes:
     try:
-        return field_table(dict(headers))
+        return _field_table(headers)
     except Exception:
         pass
     for key, value in headers.items():  # find the culprit, to name it
         if not isinstance(key, str) or len(key.encode()) > 255:
             raise SerializationError(f"header name {key!r} must be a str of at most 255 bytes")
         try:
-            field_table({key: value})
+            _field_table({key: value})
         except Exception as exc:
             raise SerializationError(
                 f"header {key!r}: cannot encode a value of type {type(value).__name__} ({exc}); "

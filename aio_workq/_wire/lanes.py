@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -20,8 +21,8 @@ from typing import Any, Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .frames import Properties, decode_header, publish_frames
-from .seams import Wire
+from .frames import EncodedProperties, Properties, decode_header, publish_frames
+from .seams import Wire, await_written, channel_closing
 from .tracker import ConfirmTracker, Outgoing
 
 __all__ = ("FastLane", "Lane", "PlainLane", "negotiated_frame_max", "pamqp_properties")
@@ -124,7 +125,7 @@ class PlainLane:
     and each publish's result settles only its own record.
     """
 
-    __slots__ = ("_held", "_loop", "_mandatory", "_seq", "_tasks", "channel", "tracker")
+    __slots__ = ("_held", "_loop", "_mandatory", "_seq", "_tasks", "_turn", "channel", "tracker")
 
     def __init__(self, channel: aiormq.abc.AbstractChannel, tracker: ConfirmTracker) -> None:
         self.channel = channel
@@ -134,6 +135,7 @@ class PlainLane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._mandatory: set[str] = set()  # ids of mandatory publishes unconfirmed in aiormq
         self._held: deque[Outgoing] = deque()  # waiting for one of those, in write order
+        self._turn = asyncio.Lock()  # one publish at a time into aiormq (reliance 10)
 
     def write(self, out: Outgoing) -> None:
         self._seq += 1
@@ -147,7 +149,7 @@ class PlainLane:
         assert out.props is not None
         if out.mandatory:
             self._mandatory.add(out.message_id)
-        task = self._loop.create_task(self._publish(out, pamqp_properties(out.props)))
+        task = self._loop.create_task(self._publish(out, pamqp_properties(out.props, out.encoded)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -179,8 +181,17 @@ class PlainLane:
         # its return by message id, which no other publish in aiormq shares (see the class).
         # A multiple ack is split by aiormq into one result per publish, so the order in
         # which these tasks resume cannot give one message another's outcome.
+        channel = self.channel
         try:
-            result = await self.channel.basic_publish(
+            # One at a time into aiormq, each once the previous one's frames are written, and
+            # never once the broker's Channel.Close is answered: the check and aiormq's
+            # taking of its lock and queueing of the frames run in one step (reliance 10).
+            await self._turn.acquire()
+            if channel_closing(channel):
+                self._turn.release()
+                return  # still recorded: resent or failed with the channel's end
+            self._loop.create_task(self._pass_turn(channel))
+            result = await channel.basic_publish(
                 out.body,
                 exchange=out.exchange,
                 routing_key=out.routing_key,
@@ -202,6 +213,12 @@ class PlainLane:
                 self._mandatory.discard(out.message_id)
                 self._release()
 
+    async def _pass_turn(self, channel: aiormq.abc.AbstractChannel) -> None:
+        try:
+            await await_written(channel)
+        finally:
+            self._turn.release()
+
     def _release(self) -> None:
         """Start the held messages, in order, up to the next one that must still wait."""
         held = self._held
@@ -214,12 +231,31 @@ class PlainLane:
                 self._start(out)
 
 
-def pamqp_properties(props: Properties) -> Basic.Properties:
-    """`props` as pamqp properties, for aiormq's `basic_publish`."""
+class _Encoded(Basic.Properties):
+    """pamqp properties that go on the wire as aio-workq encoded them (`encode_properties`):
+    the same bytes as on the fast path, floats in the headers as 64-bit doubles, where
+    pamqp's own encoder sends 32-bit floats (#20). aiormq hands them to pamqp's
+    `ContentHeader`, whose `marshal()` calls theirs (reliance 7 in `_seams`)."""
+
+    def __init__(self, encoded: EncodedProperties, **fields: Any) -> None:
+        super().__init__(**fields)
+        self.encoded = encoded
+
+    def marshal(self) -> bytes:
+        flags, data = self.encoded
+        return _FLAGS.pack(flags) + data
+
+
+_FLAGS = struct.Struct(">H")
+
+
+def pamqp_properties(props: Properties, encoded: EncodedProperties) -> Basic.Properties:
+    """`props` as pamqp properties, for aiormq's `basic_publish`, marshalled as `encoded`."""
     extra: dict[str, Any] = {}
     if props.timestamp is not None:
         extra["timestamp"] = datetime.fromtimestamp(props.timestamp, UTC)
-    return Basic.Properties(
+    return _Encoded(
+        encoded,
         content_type=props.content_type,
         headers=dict(props.headers) if props.headers else None,
         delivery_mode=props.delivery_mode,

@@ -32,20 +32,69 @@ against the newest releases):
    the same stream for its own frames): the `FrameWriter` fills that buffer only up to its
    high-water mark and waits in `drain()` for the rest
    (`tests/test_wire_bounds.py::test_the_socket_buffer_stays_at_the_high_water_mark_while_the_broker_reads_nothing`).
+7. The plain lane (`AIO_WORKQ_FAST_PATH=0`, or an aio-pika connection) hands
+   `aiormq.Channel.basic_publish()` a `pamqp.commands.Basic.Properties` subclass whose
+   `marshal()` returns aio-workq's own encoding of the properties: aiormq puts the properties
+   object as given into pamqp's `ContentHeader`, whose `marshal()` calls it. So both paths send
+   the same bytes, floats in the headers as 64-bit doubles where pamqp's encoder would send
+   32-bit floats (`tests/test_publish_outcomes.py::test_a_float_header_arrives_exactly_as_sent`,
+   plain).
+8. aiormq raises a refused handshake (a missing vhost: `NOT_ALLOWED - vhost nope not found`)
+   as an `InvalidFrameError` whose text shows only the `Connection.Close` frame's repr; the
+   frame itself is a local of aiormq's handshake frame in the error's traceback.
+   `refusing_close_text()` reads it from there (read only), for the broker's own reason
+   (`tests/test_link_errors.py::test_a_missing_vhost_shows_the_brokers_reply_text`); without
+   it, the error names the URL's vhost
+   (`tests/test_link_errors.py::test_without_the_frame_the_refusal_names_the_vhost_of_the_url`).
+9. aiormq tells of the broker's `Connection.Blocked` (a memory or disk alarm) and
+   `Connection.Unblocked` only in WARNING records of the `aiormq.connection` logger, "Connection
+   %r was blocked by: %r" and "Connection %r was unblocked", whose first argument is the
+   connection; it offers no public state or callback for them (its own `Connection` keeps a
+   private event). `note_block()`, called by the log filter `_link/quiet.py` installs, keeps the
+   reason per connection for `blocked_reason()`
+   (`tests/test_link_outage.py::test_a_timeout_during_a_memory_alarm_says_the_broker_blocked_publishers`,
+   `tests/test_link_quiet.py`). With that logger raised above WARNING, a block is not known.
+10. When the broker closes a channel (`Channel.Close`, e.g. a 404 on a publish to a deleted
+    exchange), aiormq queues its `Channel.CloseOk` and sets the channel's `_close_exception` in
+    one step, but `is_closed` turns true only a few loop iterations later, and
+    `basic_publish()` checks only `is_closed`: a publish let in meanwhile is written after the
+    Close-Ok, and the broker closes the whole connection (504 CHANNEL_ERROR - expected
+    'channel.open'). aiormq's `basic_publish()` takes the channel's `lock` (a property of
+    `aiormq.Channel`) in its first step, without yielding while it is free, puts its frames
+    on the connection's write queue, and holds it until they are written. So the plain lane
+    lets one publish at a time into aiormq, once the previous one's frames are written
+    (`await_written()`), and checks `channel_closing()` (which reads `_close_exception`, never
+    writes it) in the same step as that first step: no publish follows a Close-Ok
+    (`tests/test_topology_faults.py::test_a_deleted_exchange_fails_only_its_own_publishes`,
+    plain path, which counts connection losses).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import weakref
 from typing import Any
 
+import aiormq
+from aiormq import spec
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
 from .demux import FrameDemux
 from .writer import FrameWriter
 
-__all__ = ("ALIVE_FRAME", "Wire", "WireFactory")
+__all__ = (
+    "ALIVE_FRAME",
+    "Wire",
+    "WireFactory",
+    "await_written",
+    "blocked_reason",
+    "channel_closing",
+    "note_block",
+    "refusing_close_text",
+)
 
 ALIVE_FRAME = b"\x08\x00\x00\x00\x00\x00\x00\xce"  # a heartbeat frame, for reliance 3
 
@@ -72,3 +121,62 @@ class WireFactory(TransportFactory):
         demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)
         self.wire = Wire(demux, FrameWriter(writer))
         return demux, writer
+
+
+def refusing_close_text(exc: BaseException) -> str | None:
+    """The reply text of the broker's `Connection.Close` that refused aiormq's handshake, found
+    among the locals of the frames in the tracebacks of `exc` and its causes (reliance 8)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        tb = cause.__traceback__
+        while tb is not None:
+            for value in tb.tb_frame.f_locals.values():
+                if isinstance(value, spec.Connection.Close) and value.reply_text:
+                    return str(value.reply_text)
+            tb = tb.tb_next
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+_BLOCKED = "Connection %r was blocked by: %r"
+_UNBLOCKED = "Connection %r was unblocked"
+_blocked: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+def note_block(record: logging.LogRecord) -> None:
+    """Note a block or unblock of a connection told by an `aiormq.connection` record
+    (reliance 9); other records are ignored."""
+    args = record.args
+    if record.msg not in (_BLOCKED, _UNBLOCKED) or not isinstance(args, tuple) or not args:
+        return
+    try:
+        if record.msg == _BLOCKED and len(args) == 2:
+            _blocked[args[0]] = str(args[1])
+        else:
+            _blocked.pop(args[0], None)
+    except TypeError:  # not weak-referenceable: the block is not known
+        pass
+
+
+def blocked_reason(connection: object) -> str | None:
+    """The broker's reason (e.g. "low on memory") while it blocks `connection`, else None."""
+    return _blocked.get(connection)
+
+
+def channel_closing(channel: aiormq.abc.AbstractChannel) -> bool:
+    """True once `channel` is closed, or the broker's `Channel.Close` of it has been answered
+    (reliance 10): nothing more may be written on it."""
+    return channel.is_closed or getattr(channel, "_close_exception", None) is not None
+
+
+async def await_written(channel: aiormq.abc.AbstractChannel) -> None:
+    """Return once no `basic_publish()` holds `channel`'s lock: the frames of the last one are
+    written (reliance 10). Returns at once on a closed channel (aiormq refuses its lock)."""
+    lock = getattr(channel, "lock", None)
+    if lock is None:  # pragma: no cover - an aiormq without it: the canary tells
+        return
+    with contextlib.suppress(Exception):
+        async with lock:
+            pass
