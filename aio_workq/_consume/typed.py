@@ -79,11 +79,18 @@ def resolve_payload(handler: Callable[..., Any], *, pydantic: bool | None = None
 def _check_call(handler: Callable[..., Any], signature: inspect.Signature, args: int) -> None:
     """A handler must take what the worker passes it: the job (or a payload, and the job).
 
+    A wrapper (`functools.wraps`, e.g. `idempotent()`) is checked as itself: it is what the
+    worker calls, whatever the function it wraps takes.
+
     Raises:
         ConfigurationError: it can't be called that way (every message would fail).
     """
     try:
-        signature.bind(*range(args))
+        own = inspect.signature(handler, follow_wrapped=False)
+    except (TypeError, ValueError):
+        own = signature
+    try:
+        own.bind(*range(args))
     except TypeError as exc:
         what = "the job" if args == 1 else "the payload and the job"
         raise ConfigurationError(
