@@ -143,20 +143,22 @@ class PostgresStore:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         try:
-            # Pipeline mode: the batch's statements (the same ones, in order, each under its
-            # rules) go in one round trip, then their results are read; the commit is another.
-            async with await self._connection() as conn, conn.pipeline(), conn.transaction():
+            # Pipeline mode: BEGIN, the batch's statements (the same ones, in order, each under
+            # its rules) and COMMIT go in one round trip; then their results are read. A failed
+            # statement aborts the rest and the transaction: reading raises its error.
+            async with await self._connection() as conn, conn.pipeline():
                 ttl, claim_sql, write_sql = self.ttl, self._claim, self._write
-                cursors = [
-                    await conn.execute(
-                        claim_sql if write.claim else write_sql, write_params(write, ttl)
-                    )
-                    for write in writes
-                ]
-                if purge:
-                    await conn.execute(self._purge, {"now": now})
-                    for statement in self._gpurge:
-                        await conn.execute(statement, {"now": now})
+                async with conn.transaction():
+                    cursors = [
+                        await conn.execute(
+                            claim_sql if write.claim else write_sql, write_params(write, ttl)
+                        )
+                        for write in writes
+                    ]
+                    if purge:
+                        await conn.execute(self._purge, {"now": now})
+                        for statement in self._gpurge:
+                            await conn.execute(statement, {"now": now})
                 applied = [await cursor.fetchone() is not None for cursor in cursors]
             if purge:
                 self._last_purge = now
