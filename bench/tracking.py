@@ -3,8 +3,8 @@
 
 - **enqueue**: N jobs of a task (`async def noop(i: int) -> int`) through `Task.enqueue()`,
   `--inflight` at once; each returns once the broker confirmed it and, with a store, once the
-  store recorded it `queued` (one store transaction per enqueue). Timed from the first call to
-  the last return.
+  store recorded it `queued` (concurrent enqueues share a store transaction). Timed from the
+  first call to the last return.
 - **consume**: a worker from `tasks.workers(concurrency=--concurrency)` draining those N jobs
   (enqueued beforehand with the same store). With a store each delivery is claimed (one store
   round trip: the check at delivery, `running`) and its outcome written in batches
@@ -203,7 +203,8 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         f"({result['inflight']} at once) and consumed by `tasks.workers(concurrency="
         f"{result['concurrency']})`, with each store and without one, the kinds taking turns on "
         f"the same broker, the median of {result['repeats']} runs (`python -m bench.tracking`). "
-        "With a store an enqueue also records the job `queued` (one transaction each); a "
+        "With a store an enqueue also records the job `queued` (concurrent enqueues share a "
+        "transaction, each returns once it is committed); a "
         "delivery is claimed at delivery (one round trip) and its outcome written in batches; "
         "the consume clock stops once the store holds every `succeeded`.",
         "",
@@ -214,10 +215,10 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         "",
         f"The goal for PostgreSQL, 0.8× of untracked, is not met here "
         f"({ratios['postgres']['enqueue']:.2f}× enqueue, {ratios['postgres']['consume']:.2f}× "
-        "consume). Where it goes: an enqueue waits for a transaction of its own (the `queued` "
-        "record) after the broker's confirm, through a pool of 4 connections; the worker's "
-        "batches are one transaction each but one round trip per write inside it, and a "
-        "delivery waits for its claim's batch before the task runs.",
+        "consume). Where it goes: an enqueue waits for its batch's transaction (the `queued` "
+        "record) after the broker's confirm; the worker's batches are one transaction and one "
+        "round trip each (pipeline mode) but one statement per write, and a delivery waits "
+        "for its claim's batch before the task runs.",
     ]
 
 

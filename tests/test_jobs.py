@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ from aio_workq.jobs import (
     JobTimeoutError,
     SQLiteStore,
     Tasks,
+    Write,
     current_job,
 )
 
@@ -329,3 +330,39 @@ async def test_the_store_down_does_not_stop_the_queue_and_the_status_catches_up(
             assert await job.result() == 42
     finally:
         lock.close()
+
+
+class CountingStore(SQLiteStore):
+    """A SQLite store that notes the size of each batch it records."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        self.batches.append(len(writes))
+        return await super().record(writes)
+
+
+async def test_concurrent_enqueues_share_store_transactions_and_each_is_found_on_return(
+    producer: Producer, tmp_path: Path, queue_name: str
+) -> None:
+    store = CountingStore(tmp_path / "jobs.db")
+    tasks = Tasks(producer=producer, store=store)
+
+    @tasks.task(queue=queue_name)
+    async def noop(i: int) -> int:
+        return i
+
+    async def enqueue_and_read(i: int) -> None:
+        job = await noop.enqueue(i)
+        status = await job.status()  # recorded by the time enqueue returns
+        assert status.state is JobState.QUEUED
+
+    try:
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(enqueue_and_read(i) for i in range(50)))
+    finally:
+        await store.close()
+    assert sum(store.batches) == 50
+    assert len(store.batches) < 50, store.batches  # not one transaction per enqueue

@@ -273,3 +273,47 @@ async def test_a_job_whose_arguments_do_not_validate_is_recorded_failed() -> Non
     record = await store.get("bad-1")
     assert record is not None and record.status.state is JobState.FAILED
     assert record.status.error_type == "aio_workq.PayloadError"
+
+
+async def test_group_commit_shares_a_batch_a_cancelled_caller_leaves_it_and_errors_reach_all() -> (
+    None
+):
+    from aio_workq.jobs import StoreError
+    from aio_workq.jobs._recorder import GroupCommit
+
+    class Gated(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate, self.entered = asyncio.Event(), asyncio.Event()
+            self.batches: list[list[str]] = []
+            self.fail = False
+
+        async def record(self, writes: Any) -> list[bool]:
+            self.batches.append([write.job_id for write in writes])
+            self.entered.set()
+            await self.gate.wait()  # one batch through per gate.set()
+            self.gate.clear()
+            if self.fail:
+                raise StoreError("store down")
+            return await super().record(writes)
+
+    store = Gated()
+    commits = GroupCommit(store)
+    async with asyncio.timeout(5):
+        first = asyncio.create_task(commits.record(w(JobState.QUEUED, "a")))
+        await store.entered.wait()  # the first batch is in flight: the next ones gather
+        store.entered.clear()
+        rest = [asyncio.create_task(commits.record(w(JobState.QUEUED, i))) for i in "bcd"]
+        store.gate.set()
+        await first
+        await store.entered.wait()  # the second batch is in flight ...
+        rest[0].cancel()  # ... a caller gives up: the others still get theirs
+        store.gate.set()
+        await asyncio.gather(*rest[1:])
+        assert store.batches == [["a"], ["b", "c", "d"]]
+        assert all([await store.get(i) for i in "abcd"])
+        store.fail = True
+        store.gate.set()
+        failing = [asyncio.create_task(commits.record(w(JobState.QUEUED, i))) for i in "ef"]
+        results = await asyncio.gather(*failing, return_exceptions=True)
+        assert all(isinstance(r, StoreError) for r in results), results

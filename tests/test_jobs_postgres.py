@@ -119,3 +119,23 @@ async def test_an_unreachable_store_does_not_stop_the_queue(
     with pytest.raises(StoreError, match="PostgreSQL store"):
         await job.status()
     await down.close()
+
+
+async def test_a_failed_write_fails_its_whole_batch_and_the_store_goes_on(
+    store: PostgresStore,
+) -> None:
+    def write(job_id: str, attempt: int = 1) -> Write:
+        return Write(
+            job_id=job_id, task="t", queue="q", state=JobState.QUEUED, at=time.time(),
+            attempt=attempt,
+        )  # fmt: skip
+
+    # The second write fails in the server (attempt out of the column's range): the batch is
+    # one transaction, so the first is not recorded either.
+    with pytest.raises(StoreError, match="recording job states"):
+        await store.record([write("first"), write("second", attempt=2**40), write("third")])
+    assert await store.get("first") is None
+    # The connection went back to the pool usable: the next batch is recorded.
+    assert await store.record([write("first"), write("third")]) == [True, True]
+    record = await store.get("first")
+    assert record is not None and record.status.state is JobState.QUEUED

@@ -27,7 +27,7 @@ from ._errors import Cancelled
 from ._status import JobState, Write
 from ._store import JobStore
 
-__all__ = ("Recorder", "Running", "current_job")
+__all__ = ("GroupCommit", "Recorder", "Running", "current_job")
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -295,6 +295,58 @@ class Recorder(Hook):
                 "job store unreachable at shutdown: the states of %d job(s) were not recorded "
                 "(their status stays at what was recorded before)", left,
             )  # fmt: skip
+
+
+class GroupCommit:
+    """Concurrent callers' writes, committed together: each `record()` joins the next batch
+    and returns once that batch is committed (or raises what the store raised for it).
+
+    One batch is in flight at a time; what arrives meanwhile forms the next one, so N
+    concurrent enqueues cost a few store transactions instead of N.
+
+    Args:
+        store: the job store.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._writes: list[Write] = []
+        self._next: asyncio.Future[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def record(self, write: Write) -> None:
+        """Record `write` with the batch it joins; returns once that batch is committed.
+
+        Raises:
+            StoreError: the store could not record the batch.
+        """
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop: what the old one held is gone
+            self._loop, self._writes, self._next, self._flusher = loop, [], None, None
+        if self._next is None:
+            self._next = loop.create_future()
+        future = self._next
+        self._writes.append(write)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        # shielded: a caller cancelled does not cancel the batch the others wait for
+        await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        while self._writes:
+            writes, future = self._writes, self._next
+            self._writes, self._next = [], None
+            assert future is not None
+            try:
+                await self.store.record(writes)
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # retrieved: every caller may have been cancelled
+            else:
+                if not future.done():
+                    future.set_result(None)
 
 
 def _plain(write: Write) -> Write:

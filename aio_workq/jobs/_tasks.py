@@ -28,6 +28,7 @@ from ._errors import StoreError, TaskArgumentError
 from ._groups import Signature
 from ._handle import TASK_HEADER, JobHandle, Publisher
 from ._rate import RateLimit
+from ._recorder import GroupCommit
 from ._running import build_workers
 from ._status import JobState, Write
 from ._store import JobStore
@@ -281,8 +282,8 @@ class Task(Generic[P, R]):
                 job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
                 at=time.time(),
             )  # fmt: skip
-            try:
-                await store.record([write])
+            try:  # batched with the concurrent enqueues' records, one transaction
+                await self._registry.record_queued(store, write)
             except StoreError as exc:
                 log.warning(
                     "job %s (%s) enqueued, but the store did not record it (%s): its status "
@@ -351,6 +352,7 @@ class Tasks:
         self._producer = producer
         self._store = store
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._commits: GroupCommit | None = None
 
     def __repr__(self) -> str:
         return f"<Tasks {len(self._tasks)} task(s) store={self._store!r}>"
@@ -369,6 +371,18 @@ class Tasks:
     def tasks(self) -> Mapping[str, Task[Any, Any]]:
         """The tasks declared, by name."""
         return dict(self._tasks)
+
+    async def record_queued(self, store: JobStore, write: Write) -> None:
+        """Record an enqueue's `queued` write in `store`, in one transaction with the
+        concurrent enqueues' writes; returns once it is committed.
+
+        Raises:
+            StoreError: the store could not record it.
+        """
+        commits = self._commits
+        if commits is None or commits.store is not store:
+            commits = self._commits = GroupCommit(store)
+        await commits.record(write)
 
     def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
         """Enqueue through `producer` from now on (and keep states in `store`, if given).

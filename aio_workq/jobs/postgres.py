@@ -143,18 +143,26 @@ class PostgresStore:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         try:
-            async with await self._connection() as conn, conn.transaction():
-                applied = []
-                for write in writes:
-                    sql = self._claim if write.claim else self._write
-                    cursor = await conn.execute(sql, write_params(write, self.ttl))
-                    applied.append(await cursor.fetchone() is not None)
-                if purge:
-                    await conn.execute(self._purge, {"now": now})
-                    for statement in self._gpurge:
-                        await conn.execute(statement, {"now": now})
-                    self._last_purge = now
-                return applied
+            # Pipeline mode: BEGIN, the batch's statements (the same ones, in order, each under
+            # its rules) and COMMIT go in one round trip; then their results are read. A failed
+            # statement aborts the rest and the transaction: reading raises its error.
+            async with await self._connection() as conn, conn.pipeline():
+                ttl, claim_sql, write_sql = self.ttl, self._claim, self._write
+                async with conn.transaction():
+                    cursors = [
+                        await conn.execute(
+                            claim_sql if write.claim else write_sql, write_params(write, ttl)
+                        )
+                        for write in writes
+                    ]
+                    if purge:
+                        await conn.execute(self._purge, {"now": now})
+                        for statement in self._gpurge:
+                            await conn.execute(statement, {"now": now})
+                applied = [await cursor.fetchone() is not None for cursor in cursors]
+            if purge:
+                self._last_purge = now
+            return applied
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self._failed("recording job states", exc) from exc
 
