@@ -248,12 +248,50 @@ def _table(headers: Mapping[str, Any]) -> bytes:
     raise SerializationError("the headers cannot be encoded")  # pragma: no cover
 
 
+_COMMON: dict[tuple[str | None, int], tuple[int, bytes]] = {}
+"""(content_type, delivery_mode) -> their flags and encoding, for the usual properties."""
+
+
+def _common_prefix(content_type: str | None, delivery_mode: int) -> tuple[int, bytes]:
+    flags = _DELIVERY_MODE
+    prefix = bytes((delivery_mode,))
+    if content_type is not None:
+        flags |= _CONTENT_TYPE
+        prefix = _shortstr(content_type, "content_type") + prefix
+    if len(_COMMON) < 256:
+        _COMMON[(content_type, delivery_mode)] = (flags, prefix)
+    return flags, prefix
+
+
 def encode_properties(props: Properties) -> EncodedProperties:
     """Validate and encode `props`.
 
     Raises:
         SerializationError: a property can't go on the wire; the message names it.
     """
+    if (  # the usual message: a content type, a delivery mode and its id (the hot path)
+        (mode := props.delivery_mode) in (1, 2)
+        and type(mode) is int
+        and not props.headers
+        and props.priority is None
+        and props.correlation_id is None
+        and props.reply_to is None
+        and props.expiration is None
+        and props.timestamp is None
+        and props.type is None
+        and type(message_id := props.message_id) is str
+        and ((content_type := props.content_type) is None or type(content_type) is str)
+    ):
+        key = (content_type, mode)
+        common = _COMMON.get(key)
+        flags, prefix = common if common is not None else _common_prefix(*key)
+        data = message_id.encode()
+        if len(data) > 255:
+            raise SerializationError(
+                f"message_id is {len(data)} bytes long: AMQP allows at most 255 "
+                f"({message_id[:40]!r}...)"
+            )
+        return flags | _MESSAGE_ID, prefix + bytes((len(data),)) + data
     flags = 0
     parts: list[bytes] = []
     if props.content_type is not None:
