@@ -3,11 +3,22 @@ as the general code, and a large body is never copied into its frames."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from aio_workq._exceptions import SerializationError
 from aio_workq._publish.message import build_message
-from aio_workq._wire.frames import Properties, encode_properties
+from aio_workq._wire import frames
+from aio_workq._wire.frames import (
+    LARGE_BODY,
+    Chunked,
+    Properties,
+    encode_properties,
+    publish_frames,
+    publish_write,
+)
+from aio_workq._wire.writer import FrameWriter
 
 
 def _general(props: Properties) -> tuple[int, bytes]:
@@ -59,3 +70,63 @@ def test_a_message_without_options_is_built_as_with_the_defaults() -> None:
     )
     with pytest.raises(Exception, match="timeout must be > 0"):
         build_message(b"x", {"timeout": 0})
+
+
+@pytest.mark.parametrize("size", [LARGE_BODY + 1, 131064, 131065, 3 * 2**20 + 7])
+def test_a_large_body_is_framed_as_views_of_itself(size: int) -> None:
+    body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    encoded = encode_properties(Properties(message_id="m"))
+    out = publish_write(5, "", "q", True, encoded, body, 131072)
+    assert isinstance(out, Chunked)
+    assert publish_frames(5, "", "q", True, encoded, body, 131072) == bytes(out)
+    views = [part for part in out.parts if isinstance(part, memoryview)]
+    assert views and all(view.obj is body for view in views)  # no copy of the body
+    frames.LARGE_BODY, saved = 2**62, frames.LARGE_BODY
+    try:
+        joined = publish_frames(5, "", "q", True, encoded, body, 131072)
+    finally:
+        frames.LARGE_BODY = saved
+    assert bytes(out) == joined and len(out) == len(joined)
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+        self.written: list[bytes | memoryview] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:  # pragma: no cover - never full here
+        return None
+
+
+class _Gate:
+    open = True
+
+
+async def test_the_writer_hands_a_large_body_to_the_socket_without_joining_it() -> None:
+    stream = _Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate = _Gate()
+    body = b"b" * (2**20)
+    encoded = encode_properties(Properties(message_id="m"))
+    small = publish_frames(1, "", "q", True, encoded, b"small", 131072)
+    large = publish_write(1, "", "q", True, encoded, body, 131072)
+    writer.write(gate, small)
+    writer.write(gate, large)
+    writer.write(gate, small)
+    await asyncio.sleep(0)
+    assert writer.buffered == 0
+    assert b"".join(bytes(part) for part in stream.written) == small + bytes(large) + small
+    views = [part for part in stream.written if isinstance(part, memoryview)]
+    assert views and all(view.obj is body for view in views)
+    assert max(len(part) for part in stream.written) <= 131072

@@ -40,6 +40,9 @@ __all__ = (
     "nack_frame",
     "properties_limit",
     "publish_frames",
+    "publish_write",
+    "Chunked",
+    "LARGE_BODY",
     "reject_frame",
 )
 
@@ -372,6 +375,31 @@ def header_too_large(props: Properties, size: int, frame_max: int) -> Serializat
     )
 
 
+LARGE_BODY = 64 * 1024
+"""Bodies larger than this go out as views of the body (`Chunked`), never copied into frames."""
+
+
+class Chunked:
+    """A large message's frames as parts: its small frame headers and views of its body.
+
+    `len()` is the byte size of all its frames. The parts are written one by one (the
+    transport copies only what the socket does not take at once), so a large body is never
+    joined into a second copy of itself while it waits for its confirm.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def publish_frames(
     channel: int,
     exchange: str,
@@ -381,7 +409,22 @@ def publish_frames(
     body: bytes,
     frame_max: int,
 ) -> bytes:
-    """Basic.Publish, its content header and body frame(s), as one byte string.
+    """Basic.Publish, its content header and body frame(s), as one byte string."""
+    out = publish_write(channel, exchange, routing_key, mandatory, encoded, body, frame_max)
+    return out if type(out) is bytes else bytes(out)
+
+
+def publish_write(
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    encoded: EncodedProperties,
+    body: bytes,
+    frame_max: int,
+) -> bytes | Chunked:
+    """Basic.Publish, its content header and body frame(s), as one byte string; a body over
+    `LARGE_BODY` as `Chunked` parts that refer to the body instead (`bytes()` joins them).
 
     The destination and properties must have been validated (`check_destination`,
     `encode_properties`): this only packs them.
@@ -393,14 +436,29 @@ def publish_frames(
         + properties
         + FRAME_END
     )
-    out = [_method_frame(channel, exchange, routing_key, mandatory), header]
     chunk = frame_max - 8
+    if body_size > LARGE_BODY:
+        return _chunked(_method_frame(channel, exchange, routing_key, mandatory) + header,
+                        channel, memoryview(body), chunk)  # fmt: skip
+    out = [_method_frame(channel, exchange, routing_key, mandatory), header]
     for start in range(0, body_size, chunk):
         piece = body[start : start + chunk]
         out.append(_FRAME_HEADER.pack(_BODY, channel, len(piece)))
         out.append(piece)
         out.append(FRAME_END)
     return b"".join(out)
+
+
+def _chunked(head: bytes, channel: int, body: memoryview, chunk: int) -> Chunked:
+    parts: list[bytes | memoryview] = []
+    lead = head
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        parts.append(lead + _FRAME_HEADER.pack(_BODY, channel, len(piece)))
+        parts.append(piece)
+        lead = FRAME_END
+    parts.append(FRAME_END)
+    return Chunked(parts, sum(map(len, parts)))
 
 
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:

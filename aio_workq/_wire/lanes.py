@@ -21,7 +21,7 @@ import aiormq
 from pamqp.commands import Basic
 
 from .demux import Delivery
-from .frames import Properties, publish_frames
+from .frames import Properties, publish_write
 from .seams import Wire
 from .tracker import ConfirmTracker, Outgoing
 
@@ -76,7 +76,7 @@ class FastLane:
         self._gate = wire.demux.attach(channel, confirms=self)
 
     def write(self, out: Outgoing) -> None:
-        frames = publish_frames(
+        frames = publish_write(
             self._number,
             out.exchange,
             out.routing_key,
