@@ -239,6 +239,28 @@ async def _large(url: str, size: int, inflight: int, total: int) -> None:
     )
 
 
+async def _workers(url: str, n: int) -> None:
+    """`n` Workers started one after the other on one shared connection (bench.queues)."""
+    import contextlib
+
+    from aio_workq import Connection, Job, Worker
+
+    async def handle(job: Job) -> None:
+        pass
+
+    async with contextlib.AsyncExitStack() as stack:
+        connection = await stack.enter_async_context(Connection(url))
+        t0 = time.process_time()
+        for i in range(n):
+            worker = Worker(
+                connection=connection, queue=f"q{i}", handler=handle, queue_type="classic",
+                concurrency=10, prefetch=10,
+            )  # fmt: skip
+            await stack.enter_async_context(worker)
+        t1 = time.process_time()
+    print(f"workers {n}: {(t1 - t0) / n * 1e3:.2f} ms CPU/start", file=sys.stderr)
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -262,7 +284,7 @@ def _reset_peak() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.micro")
-    parser.add_argument("workload", choices=("publish", "consume", "chain", "large"))
+    parser.add_argument("workload", choices=("publish", "consume", "chain", "large", "workers"))
     parser.add_argument("--size", type=int, default=2**20)
     parser.add_argument("n", type=int)
     args = parser.parse_args()
@@ -271,6 +293,13 @@ def main() -> None:
         try:
             inflight = max(1, 64 * 2**20 // args.size)
             asyncio.run(_large(url, args.size, inflight, max(args.n, inflight)))
+        finally:
+            proc.kill()
+        os._exit(0)
+    if args.workload == "workers":
+        proc, url = start_fake_broker()
+        try:
+            asyncio.run(_workers(url, args.n))
         finally:
             proc.kill()
         os._exit(0)

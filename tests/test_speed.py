@@ -4,6 +4,7 @@ as the general code, and a large body is never copied into its frames."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -130,3 +131,60 @@ async def test_the_writer_hands_a_large_body_to_the_socket_without_joining_it() 
     views = [part for part in stream.written if isinstance(part, memoryview)]
     assert views and all(view.obj is body for view in views)
     assert max(len(part) for part in stream.written) <= 131072
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.is_closed = False
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+    def close_now(self) -> None:
+        self.is_closed = True
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.opened: list[_Channel] = []
+
+    async def channel(self, publisher_confirms: bool = False) -> _Channel:
+        self.opened.append(_Channel())
+        return self.opened[-1]
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.connection = _Connection()
+
+
+class _Source:
+    def __init__(self) -> None:
+        self.current = _Link()
+
+    async def link(self, timeout: float | None = None) -> _Link:
+        return self.current
+
+
+async def test_declarations_reuse_a_channel_until_one_fails() -> None:
+    from aio_workq._link.declare import declaring_channel
+
+    source: Any = _Source()
+    opened: list[_Channel] = source.current.connection.opened
+    for _ in range(5):  # one after the other (workers starting): one channel
+        async with declaring_channel(source) as channel:
+            assert not channel.is_closed
+    assert len(opened) == 1 and not opened[0].is_closed
+    with pytest.raises(RuntimeError):
+        async with declaring_channel(source):
+            raise RuntimeError("a 406, say")
+    assert opened[0].is_closed  # an error closes it, as raw_channel does
+    async with declaring_channel(source) as channel:
+        assert channel is opened[1]
+    opened[1].close_now()  # closed under it (the broker): not handed out again
+    async with declaring_channel(source) as channel:
+        assert channel is opened[2]
+    source.current = _Link()  # a new connection: its own channels
+    async with declaring_channel(source) as channel:
+        assert channel is source.current.connection.opened[0]
