@@ -4,6 +4,7 @@ as the general code, and a large body is never copied into its frames."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import pytest
@@ -131,6 +132,49 @@ async def test_the_writer_hands_a_large_body_to_the_socket_without_joining_it() 
     views = [part for part in stream.written if isinstance(part, memoryview)]
     assert views and all(view.obj is body for view in views)
     assert max(len(part) for part in stream.written) <= 131072
+
+
+async def test_every_watchdog_on_a_loop_shares_one_timer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thousand workers must not wake the loop a thousand times per interval."""
+    from aio_workq._consume import execution
+    from aio_workq._consume.execution import HandlerRunner
+
+    async def handler(job: object) -> None:
+        pass
+
+    sleeps = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)  # the module execution uses
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="w")
+    busy = [0] * 20
+    watches = [
+        asyncio.ensure_future(runner.watch_loop(partial(busy.__getitem__, i), int, f"worker {i}"))
+        for i in range(20)
+    ]
+    await real_sleep(0.35)
+    assert 1 <= sleeps <= 5  # one timer, ~3 intervals (was one per watch: ~60)
+    busy[7] = 1
+    import time
+
+    time.sleep(0.7)  # noqa: ASYNC251 - the blocked loop the watch reports
+    async with asyncio.timeout(5):
+        while not any("worker 7" in r.getMessage() for r in caplog.records):
+            await real_sleep(0.05)
+    blamed = {r.getMessage().split(" of ")[1].split(" blocked")[0] for r in caplog.records}
+    assert blamed == {"worker 7"}  # only the one with a handler running
+    for watch in watches:
+        watch.cancel()
+    await asyncio.gather(*watches, return_exceptions=True)
+    await real_sleep(0.15)
+    assert not execution._WATCHES[asyncio.get_running_loop()]._watched
 
 
 class _Channel:
