@@ -38,6 +38,10 @@ class _Session(asyncio.Protocol):
         self.confirming: set[int] = set()
         self.deliver = deliver
         self.consumers = 0
+        self.prefetch = 0
+        self.sent = 0  # deliveries sent
+        self.acked = 0  # highest delivery tag settled (the client acks in order here)
+        self.consuming: tuple[int, str, str] | None = None
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -119,24 +123,38 @@ class _Session(asyncio.Protocol):
         elif name == "Exchange.Bind":
             self.send(channel, commands.Exchange.BindOk())
         elif name == "Basic.Qos":
+            self.prefetch = value.prefetch_count
             self.send(channel, commands.Basic.QosOk())
         elif name == "Basic.Consume":
             self.consumers += 1
             tag = value.consumer_tag or f"ctag{self.consumers}"
             self.send(channel, commands.Basic.ConsumeOk(tag))
             if self.consumers == 1 and self.deliver:
-                self.deliver_all(channel, tag, value.queue)
+                self.consuming = (channel, tag, value.queue)
+                self.deliver_more()
         elif name == "Basic.Cancel":
             self.send(channel, commands.Basic.CancelOk(value.consumer_tag))
-        elif name in ("Basic.Ack", "Basic.Nack", "Basic.Reject", "Connection.CloseOk"):
+        elif name in ("Basic.Ack", "Basic.Nack", "Basic.Reject"):
+            if self.consuming is not None and channel == self.consuming[0]:
+                self.acked = max(self.acked, value.delivery_tag)
+                self.deliver_more()
+        elif name == "Connection.CloseOk":
             pass
         elif name == "Channel.CloseOk":
             pass
 
-    def deliver_all(self, channel: int, tag: str, queue: str) -> None:
+    def deliver_more(self) -> None:
+        """Deliver up to the prefetch (unacked), as the broker does."""
+        assert self.consuming is not None
+        channel, tag, queue = self.consuming
+        limit = self.acked + (self.prefetch or self.deliver)
+        first, last = self.sent + 1, min(self.deliver, limit)
+        if first > last:
+            return
+        self.sent = last
         props = commands.Basic.Properties(delivery_mode=2, message_id="m", content_type=None)
         chunk: list[bytes] = []
-        for n in range(1, self.deliver + 1):
+        for n in range(first, last + 1):
             props.message_id = f"m{n:016x}"
             chunk.append(frame.marshal(commands.Basic.Deliver(tag, n, False, "", queue), channel))
             chunk.append(frame.marshal(header.ContentHeader(0, len(BODY), props), channel))
@@ -168,7 +186,8 @@ def start_fake_broker(deliver: int = 0) -> tuple[multiprocessing.Process, str]:
 async def _publish(url: str, n: int) -> None:
     from aio_workq import Producer
 
-    async with Producer(url) as producer:
+    # A timeout far beyond the run: under callgrind on a loaded machine a batch is slow.
+    async with Producer(url, timeout=3600) as producer:
         await producer.publish_many([BODY] * 10, queue="micro")  # declared, warmed
         t0 = time.process_time()
         await producer.publish_many([BODY] * n, queue="micro")

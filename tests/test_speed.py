@@ -232,3 +232,25 @@ async def test_declarations_reuse_a_channel_until_one_fails() -> None:
     source.current = _Link()  # a new connection: its own channels
     async with declaring_channel(source) as channel:
         assert channel is source.current.connection.opened[0]
+
+
+async def test_one_link_is_awaited_as_gather_would_report_it() -> None:
+    from aio_workq._consume.dispatch import _first_failure
+
+    loop = asyncio.get_running_loop()
+    ok: asyncio.Future[str] = loop.create_future()
+    ok.set_result("id")
+    assert await _first_failure([ok]) is None
+    failed: asyncio.Future[str] = loop.create_future()
+    failed.set_exception(ValueError("nacked"))
+    assert isinstance(await _first_failure([failed]), ValueError)
+    cancelled: asyncio.Future[str] = loop.create_future()
+    cancelled.cancel()
+    assert isinstance(await _first_failure([cancelled]), asyncio.CancelledError)
+    pending: asyncio.Future[str] = loop.create_future()
+    waiting = asyncio.ensure_future(_first_failure([pending]))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the task itself is stopped: it raises, as with gather
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pending.cancelled()  # and the confirm it awaited is cancelled, as gather does
