@@ -306,7 +306,12 @@ def main() -> None:
     parser.add_argument("workload", choices=("publish", "consume", "chain", "large", "workers"))
     parser.add_argument("--size", type=int, default=2**20)
     parser.add_argument("n", type=int)
+    parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
     args = parser.parse_args()
+    if args.uvloop:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.workload == "large":
         proc, url = start_fake_broker()
         try:
