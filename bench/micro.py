@@ -1,6 +1,8 @@
 """Offline micro-benchmarks of the client's per-message CPU: a fake broker, no RabbitMQ.
 
-`python -m bench.micro publish|consume|chain N [--warm W]` runs one workload against a minimal
+`python -m bench.micro publish|consume|chain|large|workers N [--size S] [--uvloop]` runs one
+workload (`large`: 64 MiB of S-byte bodies in flight, peak RSS growth over them; `workers`: N
+Workers started one after the other on one connection) against a minimal
 in-process AMQP 0-9-1 server (`FakeBroker`, pamqp on a loopback socket) that answers every
 declaration, confirms every publish at once (one multiple ack per read) and, for consume, delivers
 N recorded messages. The client is the library's public API (`Producer.publish_many`, `Worker`),
