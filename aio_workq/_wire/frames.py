@@ -375,7 +375,7 @@ def header_too_large(props: Properties, size: int, frame_max: int) -> Serializat
     )
 
 
-LARGE_BODY = 64 * 1024
+LARGE_BODY = 32 * 1024
 """Bodies larger than this go out as views of the body (`Chunked`), never copied into frames."""
 
 
