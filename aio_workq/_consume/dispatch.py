@@ -85,7 +85,8 @@ class Dispatcher:
         tag = delivery.delivery_tag
         acker.track(tag)
         self.counters.deliveries += 1
-        task = asyncio.ensure_future(self._process(Job(delivery, self._forwarder), acker, tag))
+        job = Job(delivery, self._forwarder)
+        task = asyncio.get_running_loop().create_task(self._process(job, acker, tag))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -230,6 +231,17 @@ def _fields(queue: str, job: Job) -> dict[str, Any]:
 
 
 async def _first_failure(links: list[asyncio.Future[str]]) -> BaseException | None:
+    if len(links) == 1:  # the usual chain step: one message sent; no gather for it
+        try:
+            await links[0]
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is stopping (as gather would raise)
+            return exc  # the confirm itself was cancelled: as gather returns it
+        except BaseException as exc:  # noqa: B036 - as gather(return_exceptions=True)
+            return exc
+        return None
     results = await asyncio.gather(*links, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):

@@ -9,6 +9,7 @@ import inspect
 import logging
 import multiprocessing
 import pickle
+import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Literal
@@ -168,26 +169,94 @@ class HandlerRunner:
     async def watch_loop(
         self, running: Callable[[], int], taken: Callable[[], int], what: str
     ) -> None:
-        """Log when a coroutine handler blocks the event loop (heartbeats stop meanwhile).
+        """Log when a coroutine handler blocks the event loop (heartbeats stop meanwhile);
+        runs until cancelled.
 
         The handler is blamed only if one ran in the blocked stretch: one is `running()`, or
-        `taken()` (deliveries so far) moved, so one may have finished already.
+        `taken()` (deliveries so far) moved, so one may have finished already. Every watch on
+        an event loop shares one timer (`_LoopWatch`): a thousand workers cost one wake-up per
+        interval, not a thousand.
         """
+        name = self.name
+
+        def report(lag: float) -> None:
+            log.warning(
+                "handler %s of %s blocked the event loop for %.2f s; use a plain def "
+                "handler (run in a thread) or await instead of blocking",
+                name,
+                what,
+                lag,
+            )
+
         loop = asyncio.get_running_loop()
-        while True:
-            before, seen = loop.time(), taken()
-            await asyncio.sleep(_WATCH_INTERVAL)
-            lag = loop.time() - before - _WATCH_INTERVAL
-            if lag > _BLOCKED_AFTER and (running() or taken() != seen):
-                log.warning(
-                    "handler %s of %s blocked the event loop for %.2f s; use a plain def "
-                    "handler (run in a thread) or await instead of blocking",
-                    self.name,
-                    what,
-                    lag,
-                )
+        watch = _WATCHES.get(loop)
+        if watch is None:
+            watch = _WATCHES[loop] = _LoopWatch()
+        watched = _Watched(running, taken, report)
+        watch.add(watched)
+        try:
+            await loop.create_future()  # until cancelled (the worker stops)
+        finally:
+            watch.remove(watched)
 
     def close(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Watched:
+    """One worker's watch: its handlers' counters and what it logs."""
+
+    __slots__ = ("report", "running", "seen", "taken")
+
+    def __init__(
+        self,
+        running: Callable[[], int],
+        taken: Callable[[], int],
+        report: Callable[[float], None],
+    ) -> None:
+        self.running = running
+        self.taken = taken
+        self.report = report
+        self.seen = taken()
+
+
+class _LoopWatch:
+    """The one timer of an event loop's watches: every interval, how late it woke (the loop was
+    blocked that long) is checked against every watch's counters of that interval."""
+
+    __slots__ = ("_task", "_watched")
+
+    def __init__(self) -> None:
+        # No reference to the loop: it keys `_WATCHES`, which must not keep it alive.
+        self._watched: dict[_Watched, None] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, watched: _Watched) -> None:
+        self._watched[watched] = None
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._tick())
+
+    def remove(self, watched: _Watched) -> None:
+        self._watched.pop(watched, None)  # the timer stops once none is left
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._watched:
+                before = loop.time()
+                await asyncio.sleep(_WATCH_INTERVAL)
+                lag = loop.time() - before - _WATCH_INTERVAL
+                for watched in list(self._watched):
+                    taken = watched.taken()
+                    if lag > _BLOCKED_AFTER and (watched.running() or taken != watched.seen):
+                        watched.report(lag)
+                    watched.seen = taken
+        finally:
+            self._task = None
+
+
+_WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWatch] = (
+    weakref.WeakKeyDictionary()
+)

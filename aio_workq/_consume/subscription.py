@@ -18,7 +18,7 @@ from aiormq.abc import DeliveredMessage
 
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource, translate_errors
-from .._link.declare import declare_exchange, raw_channel
+from .._link.declare import declare_exchange, declaring_channel
 from .._link.router import Router
 from .._link.specs import Exchange, Queue
 from .._wire.acker import Acker
@@ -139,7 +139,7 @@ class Subscription:
             exchange = Exchange(exchange, passive=True)
         assert exchange is not None
         keys = self._binding_keys or (self.queue_name,)
-        async with raw_channel(self._source) as channel:
+        async with declaring_channel(self._source) as channel:
             await declare_exchange(channel, exchange)
             for key in keys:
                 with translate_errors(f"binding {self.queue_name!r} to {exchange.name!r}"):

@@ -31,7 +31,7 @@ from typing import Any
 
 from .._exceptions import ConfigurationError
 from .connection import LinkSource, translate_errors
-from .declare import raw_channel
+from .declare import declaring_channel
 
 __all__ = ("DELIVER_EXCHANGE", "LEVELS", "TICK_MS", "DelayLadder", "delay_ticks", "routing_key")
 
@@ -151,7 +151,7 @@ class DelayLadder:
         self._binding.pop(queue, None)
 
     async def _declare_ladder(self) -> None:
-        async with raw_channel(self._source) as channel:
+        async with declaring_channel(self._source) as channel:
             with translate_errors("declaring the delayed-publish exchanges and queues"):
                 await channel.exchange_declare(
                     exchange=DELIVER_EXCHANGE, exchange_type="topic", durable=True
@@ -172,6 +172,6 @@ class DelayLadder:
                     )
 
     async def _bind(self, queue: str) -> None:
-        async with raw_channel(self._source) as channel:
+        async with declaring_channel(self._source) as channel:
             with translate_errors(f"binding queue {queue!r} to the delayed-publish exchange"):
                 await channel.queue_bind(queue, DELIVER_EXCHANGE, routing_key="*." * LEVELS + queue)

@@ -10,7 +10,13 @@ import aiormq
 
 from .._exceptions import BrokerConnectionError, ConfigurationError
 from .connection import LinkSource
-from .declare import check_exchange, check_queue, declare_exchange, declare_queue, raw_channel
+from .declare import (
+    check_exchange,
+    check_queue,
+    declare_exchange,
+    declare_queue,
+    declaring_channel,
+)
 from .delay import DelayLadder
 from .specs import Exchange, Queue, QueueType
 
@@ -196,7 +202,7 @@ class Router:
         """
         for attempt in range(1, _ATTEMPTS + 1):
             try:
-                async with raw_channel(self._source) as channel:
+                async with declaring_channel(self._source) as channel:
                     return await declare(channel)
             except BrokerConnectionError:
                 if attempt == _ATTEMPTS or self._source.is_connected or self._source.is_closed:

@@ -50,6 +50,7 @@ __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 log = logging.getLogger("aio_workq")
 
 _SWEEP_INTERVAL = 0.1
+_CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
@@ -226,7 +227,15 @@ class ConfirmPublisher:
             BrokerUnavailableError: with `fail_fast`, the connection is down; nothing was sent.
             ConnectionLostError: the publisher is closed.
         """
-        check_destination(exchange, routing_key, mandatory)
+        destination = (exchange, routing_key, mandatory)
+        try:
+            checked = destination in _CHECKED  # the usual case: a destination checked before
+        except TypeError:  # unhashable: not a str; check_destination names it
+            checked = False
+        if not checked:
+            check_destination(exchange, routing_key, mandatory)
+            if len(_CHECKED) < 4096:
+                _CHECKED.add(destination)
         encoded = encode_properties(props)
         if len(encoded[1]) > self._properties_max:
             raise header_too_large(props, len(encoded[1]), self._frame_max)
@@ -269,10 +278,10 @@ class ConfirmPublisher:
         self._window.take(len(body))
         lane = self._lane
         assert lane is not None
-        lane.write(out)
+        burst = lane.write(out)
         if self._sweep_handle is None:
             self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
-        if lane.burst_full():
+        if burst:
             # A long burst (publish_many): write what is marshalled and let the writer run, so
             # the broker starts on these while the rest are marshalled.
             lane.flush()

@@ -102,7 +102,18 @@ def build_message(
         ConfigurationError: an unknown option, or an option of the wrong kind.
         SerializationError: the body can't be encoded.
     """
-    if options and not _KNOWN.issuperset(options):
+    if not options or (len(options) == 1 and "timeout" in options):  # the hot path
+        data, content_type = encode_body(body)
+        timeout = options.get("timeout") if options else None
+        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        return (
+            data,
+            Properties(message_id=new_message_id(), content_type=content_type),
+            True,
+            timeout,
+        )
+    if not _KNOWN.issuperset(options):
         unknown = options.keys() - _KNOWN
         raise ConfigurationError(
             f"unknown publish option(s) {', '.join(sorted(unknown))}; the options are: "

@@ -40,6 +40,9 @@ __all__ = (
     "nack_frame",
     "properties_limit",
     "publish_frames",
+    "publish_write",
+    "Chunked",
+    "LARGE_BODY",
     "reject_frame",
 )
 
@@ -279,12 +282,50 @@ def _table(headers: Mapping[str, Any]) -> bytes:
     raise SerializationError("the headers cannot be encoded")  # pragma: no cover
 
 
+_COMMON: dict[tuple[str | None, int], tuple[int, bytes]] = {}
+"""(content_type, delivery_mode) -> their flags and encoding, for the usual properties."""
+
+
+def _common_prefix(content_type: str | None, delivery_mode: int) -> tuple[int, bytes]:
+    flags = _DELIVERY_MODE
+    prefix = bytes((delivery_mode,))
+    if content_type is not None:
+        flags |= _CONTENT_TYPE
+        prefix = _shortstr(content_type, "content_type") + prefix
+    if len(_COMMON) < 256:
+        _COMMON[(content_type, delivery_mode)] = (flags, prefix)
+    return flags, prefix
+
+
 def encode_properties(props: Properties) -> EncodedProperties:
     """Validate and encode `props`.
 
     Raises:
         SerializationError: a property can't go on the wire; the message names it.
     """
+    if (  # the usual message: a content type, a delivery mode and its id (the hot path)
+        (mode := props.delivery_mode) in (1, 2)
+        and type(mode) is int
+        and not props.headers
+        and props.priority is None
+        and props.correlation_id is None
+        and props.reply_to is None
+        and props.expiration is None
+        and props.timestamp is None
+        and props.type is None
+        and type(message_id := props.message_id) is str
+        and ((content_type := props.content_type) is None or type(content_type) is str)
+    ):
+        key = (content_type, mode)
+        common = _COMMON.get(key)
+        flags, prefix = common if common is not None else _common_prefix(*key)
+        data = message_id.encode()
+        if len(data) > 255:
+            raise SerializationError(
+                f"message_id is {len(data)} bytes long: AMQP allows at most 255 "
+                f"({message_id[:40]!r}...)"
+            )
+        return flags | _MESSAGE_ID, prefix + bytes((len(data),)) + data
     flags = 0
     parts: list[bytes] = []
     if props.content_type is not None:
@@ -365,6 +406,31 @@ def header_too_large(props: Properties, size: int, frame_max: int) -> Serializat
     )
 
 
+LARGE_BODY = 32 * 1024
+"""Bodies larger than this go out as views of the body (`Chunked`), never copied into frames."""
+
+
+class Chunked:
+    """A large message's frames as parts: its small frame headers and views of its body.
+
+    `len()` is the byte size of all its frames. The parts are written one by one (the
+    transport copies only what the socket does not take at once), so a large body is never
+    joined into a second copy of itself while it waits for its confirm.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
+        self.parts = parts
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def publish_frames(
     channel: int,
     exchange: str,
@@ -374,7 +440,22 @@ def publish_frames(
     body: bytes,
     frame_max: int,
 ) -> bytes:
-    """Basic.Publish, its content header and body frame(s), as one byte string.
+    """Basic.Publish, its content header and body frame(s), as one byte string."""
+    out = publish_write(channel, exchange, routing_key, mandatory, encoded, body, frame_max)
+    return out if type(out) is bytes else bytes(out)
+
+
+def publish_write(
+    channel: int,
+    exchange: str,
+    routing_key: str,
+    mandatory: bool,
+    encoded: EncodedProperties,
+    body: bytes,
+    frame_max: int,
+) -> bytes | Chunked:
+    """Basic.Publish, its content header and body frame(s), as one byte string; a body over
+    `LARGE_BODY` as `Chunked` parts that refer to the body instead (`bytes()` joins them).
 
     The destination and properties must have been validated (`check_destination`,
     `encode_properties`): this only packs them.
@@ -386,14 +467,29 @@ def publish_frames(
         + properties
         + FRAME_END
     )
-    out = [_method_frame(channel, exchange, routing_key, mandatory), header]
     chunk = frame_max - 8
+    if body_size > LARGE_BODY:
+        return _chunked(_method_frame(channel, exchange, routing_key, mandatory) + header,
+                        channel, memoryview(body), chunk)  # fmt: skip
+    out = [_method_frame(channel, exchange, routing_key, mandatory), header]
     for start in range(0, body_size, chunk):
         piece = body[start : start + chunk]
         out.append(_FRAME_HEADER.pack(_BODY, channel, len(piece)))
         out.append(piece)
         out.append(FRAME_END)
     return b"".join(out)
+
+
+def _chunked(head: bytes, channel: int, body: memoryview, chunk: int) -> Chunked:
+    parts: list[bytes | memoryview] = []
+    lead = head
+    for start in range(0, len(body), chunk):
+        piece = body[start : start + chunk]
+        parts.append(lead + _FRAME_HEADER.pack(_BODY, channel, len(piece)))
+        parts.append(piece)
+        lead = FRAME_END
+    parts.append(FRAME_END)
+    return Chunked(parts, sum(map(len, parts)))
 
 
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:

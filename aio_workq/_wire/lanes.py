@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .frames import EncodedProperties, Properties, decode_header, publish_frames
+from .frames import EncodedProperties, Properties, decode_header, publish_write
 from .seams import Wire, await_written, channel_closing
 from .tracker import ConfirmTracker, Outgoing
 
@@ -45,9 +45,9 @@ class Lane(Protocol):
     channel: aiormq.abc.AbstractChannel
     tracker: ConfirmTracker
 
-    def write(self, out: Outgoing) -> None: ...
-
-    def burst_full(self) -> bool: ...
+    def write(self, out: Outgoing) -> bool:
+        """Write `out`; True when a long burst is buffered (time to `flush`)."""
+        ...
 
     def flush(self) -> None: ...
 
@@ -75,8 +75,8 @@ class FastLane:
         self._frame_max = frame_max or 131072  # 0 is "no limit": body frames of the default size
         self._gate = wire.demux.attach(channel, confirms=self)
 
-    def write(self, out: Outgoing) -> None:
-        frames = publish_frames(
+    def write(self, out: Outgoing) -> bool:
+        frames = publish_write(
             self._number,
             out.exchange,
             out.routing_key,
@@ -87,10 +87,9 @@ class FastLane:
         )
         self._tag += 1
         self.tracker.record(self._tag, out)
-        self._writer.write(self._gate, frames)
-
-    def burst_full(self) -> bool:
-        return self._writer.buffered >= _BURST
+        writer = self._writer
+        writer.write(self._gate, frames)
+        return writer.buffered >= _BURST
 
     def flush(self) -> None:
         self._writer.flush()
@@ -137,13 +136,14 @@ class PlainLane:
         self._held: deque[Outgoing] = deque()  # waiting for one of those, in write order
         self._turn = asyncio.Lock()  # one publish at a time into aiormq (reliance 10)
 
-    def write(self, out: Outgoing) -> None:
+    def write(self, out: Outgoing) -> bool:
         self._seq += 1
         self.tracker.record(self._seq, out)
         if self._held or out.message_id in self._mandatory:
             self._held.append(out)
         else:
             self._start(out)
+        return False
 
     def _start(self, out: Outgoing) -> None:
         assert out.props is not None
@@ -152,9 +152,6 @@ class PlainLane:
         task = self._loop.create_task(self._publish(out, pamqp_properties(out.props, out.encoded)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def burst_full(self) -> bool:
-        return False
 
     def flush(self) -> None:
         pass

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from .frames import Chunked
+
 __all__ = ("HIGH_WATER", "FrameWriter", "Gate")
 
 log = logging.getLogger("aio_workq")
@@ -37,6 +39,7 @@ class FrameWriter:
 
     __slots__ = (
         "_buffer",
+        "_chunked",
         "_draining",
         "_handle",
         "_left",
@@ -50,7 +53,8 @@ class FrameWriter:
     def __init__(self, stream: asyncio.StreamWriter, *, high_water: int = HIGH_WATER) -> None:
         self._stream = stream
         self._loop = asyncio.get_running_loop()
-        self._buffer: list[tuple[Gate, bytes]] = []
+        self._buffer: list[tuple[Gate, bytes | Chunked]] = []
+        self._chunked = 0  # `Chunked` writes in the buffer (large bodies, written part by part)
         self._left = 0  # writes that have left the buffer (to the transport, or dropped), ever
         self._pressed = False  # the buffer has not fit under the mark since it last emptied
         self._watchers: deque[tuple[int, Callable[[], None]]] = deque()
@@ -77,10 +81,13 @@ class FrameWriter:
         """Bytes written to the transport that it has not yet handed to the kernel."""
         return self._stream.transport.get_write_buffer_size()
 
-    def write(self, gate: Gate, frames: bytes) -> None:
+    def write(self, gate: Gate, frames: bytes | Chunked) -> None:
         """Append whole frames of one channel; they leave after every frame appended before
-        them, unless the channel closes first (its `gate` is no longer open)."""
+        them, unless the channel closes first (its `gate` is no longer open). A `Chunked`
+        write (a large body) is handed to the socket part by part, never joined."""
         self._buffer.append((gate, frames))
+        if type(frames) is Chunked:
+            self._chunked += 1
         if self._handle is None and self._draining is None:
             self._handle = self._loop.call_soon(self.flush)
 
@@ -106,8 +113,8 @@ class FrameWriter:
         if room <= 0:
             self._draining = self._loop.create_task(self._drain())
             return
-        if not self._pressed:  # the usual case: all of it fits
-            data = b"".join([frames for gate, frames in buffer if gate.open])
+        if not self._pressed and not self._chunked:  # the usual case: all of it fits
+            data = b"".join([frames for gate, frames in buffer if gate.open])  # type: ignore[misc]
             if len(data) <= room:
                 self._left += len(buffer)
                 buffer.clear()
@@ -123,20 +130,28 @@ class FrameWriter:
             size += len(frames)
             if size >= room:
                 break
-        data = b"".join([frames for gate, frames in buffer[:count] if gate.open])
+        taken = [frames for gate, frames in buffer[:count] if gate.open]
+        chunked = self._chunked
         self._gone(count)
         if buffer:
             self._draining = self._loop.create_task(self._drain())
         else:
             self._pressed = False
-        if data:
-            stream.write(data)
+        if chunked and any(type(frames) is Chunked for frames in taken):
+            _write_parts(stream, taken)
+        else:
+            data = b"".join(taken)  # type: ignore[arg-type]
+            if data:
+                stream.write(data)
 
     def _gone(self, count: int) -> None:
         """The first `count` writes have left the buffer."""
         if count == len(self._buffer):
             self._buffer.clear()
+            self._chunked = 0
         else:
+            if self._chunked:
+                self._chunked -= sum(type(f) is Chunked for _, f in self._buffer[:count])
             del self._buffer[:count]
         self._left += count
         if self._watchers:
@@ -154,3 +169,21 @@ class FrameWriter:
         finally:
             self._draining = None
             self.flush()
+
+
+def _write_parts(stream: asyncio.StreamWriter, writes: list[bytes | Chunked]) -> None:
+    """Hand `writes` to the socket in order: runs of small frames joined, the body parts of
+    `Chunked` writes one by one (the transport sends what it can at once and copies only the
+    rest; asyncio's `writelines` would join them into a copy first)."""
+    small: list[bytes] = []
+    for frames in writes:
+        if type(frames) is Chunked:
+            if small:
+                stream.write(b"".join(small))
+                small.clear()
+            for part in frames.parts:
+                stream.write(part)
+        else:
+            small.append(frames)  # type: ignore[arg-type]
+    if small:
+        stream.write(b"".join(small))

@@ -1,0 +1,256 @@
+"""The publish hot path's shortcuts (#22 item 2), offline: each gives the same bytes and errors
+as the general code, and a large body is never copied into its frames."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import pytest
+
+from aio_workq._exceptions import SerializationError
+from aio_workq._publish.message import build_message
+from aio_workq._wire import frames
+from aio_workq._wire.frames import (
+    LARGE_BODY,
+    Chunked,
+    Properties,
+    encode_properties,
+    publish_frames,
+    publish_write,
+)
+from aio_workq._wire.writer import FrameWriter
+
+
+def _general(props: Properties) -> tuple[int, bytes]:
+    """`encode_properties` through its general branch (a falsy-but-present header dict
+    is the same message, and keeps the shortcut out)."""
+
+    class Headers(dict[str, object]):
+        def __bool__(self) -> bool:
+            return False
+
+    slow = Properties(
+        message_id=props.message_id,
+        content_type=props.content_type,
+        delivery_mode=props.delivery_mode,
+    )
+    slow.headers = Headers()
+    return encode_properties(slow)
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain; charset=utf-8"])
+@pytest.mark.parametrize("mode", [1, 2])
+def test_usual_properties_encode_as_the_general_code_does(
+    content_type: str | None, mode: int
+) -> None:
+    props = Properties(message_id="a1b2", content_type=content_type, delivery_mode=mode)
+    assert encode_properties(props) == _general(props)
+    assert encode_properties(props) == _general(props)  # the cached prefix too
+
+
+def test_usual_properties_refuse_what_the_general_code_refuses() -> None:
+    with pytest.raises(SerializationError, match="message_id is 256 bytes long"):
+        encode_properties(Properties(message_id="x" * 256))
+    with pytest.raises(SerializationError, match="content_type must be a str"):
+        encode_properties(Properties(message_id="m", content_type=["json"]))  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match="delivery_mode"):
+        encode_properties(Properties(message_id="m", delivery_mode=True))
+    with pytest.raises(SerializationError, match="message_id must be a str"):
+        encode_properties(Properties(message_id=5))  # type: ignore[arg-type]
+
+
+def test_a_message_without_options_is_built_as_with_the_defaults() -> None:
+    data, props, mandatory, timeout = build_message({"a": 1}, {"timeout": 2.5})
+    assert (data, props.content_type, props.delivery_mode, mandatory, timeout) == (
+        b'{"a":1}',
+        "application/json",
+        2,
+        True,
+        2.5,
+    )
+    with pytest.raises(Exception, match="timeout must be > 0"):
+        build_message(b"x", {"timeout": 0})
+
+
+@pytest.mark.parametrize("size", [LARGE_BODY + 1, 131064, 131065, 3 * 2**20 + 7])
+def test_a_large_body_is_framed_as_views_of_itself(size: int) -> None:
+    body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    encoded = encode_properties(Properties(message_id="m"))
+    out = publish_write(5, "", "q", True, encoded, body, 131072)
+    assert isinstance(out, Chunked)
+    assert publish_frames(5, "", "q", True, encoded, body, 131072) == bytes(out)
+    views = [part for part in out.parts if isinstance(part, memoryview)]
+    assert views and all(view.obj is body for view in views)  # no copy of the body
+    frames.LARGE_BODY, saved = 2**62, frames.LARGE_BODY
+    try:
+        joined = publish_frames(5, "", "q", True, encoded, body, 131072)
+    finally:
+        frames.LARGE_BODY = saved
+    assert bytes(out) == joined and len(out) == len(joined)
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.transport = _Transport()
+        self.written: list[bytes | memoryview] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:  # pragma: no cover - never full here
+        return None
+
+
+class _Gate:
+    open = True
+
+
+async def test_the_writer_hands_a_large_body_to_the_socket_without_joining_it() -> None:
+    stream = _Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate = _Gate()
+    body = b"b" * (2**20)
+    encoded = encode_properties(Properties(message_id="m"))
+    small = publish_frames(1, "", "q", True, encoded, b"small", 131072)
+    large = publish_write(1, "", "q", True, encoded, body, 131072)
+    writer.write(gate, small)
+    writer.write(gate, large)
+    writer.write(gate, small)
+    await asyncio.sleep(0)
+    assert writer.buffered == 0
+    assert b"".join(bytes(part) for part in stream.written) == small + bytes(large) + small
+    views = [part for part in stream.written if isinstance(part, memoryview)]
+    assert views and all(view.obj is body for view in views)
+    assert max(len(part) for part in stream.written) <= 131072
+
+
+async def test_every_watchdog_on_a_loop_shares_one_timer(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thousand workers must not wake the loop a thousand times per interval."""
+    from aio_workq._consume import execution
+    from aio_workq._consume.execution import HandlerRunner
+
+    async def handler(job: object) -> None:
+        pass
+
+    sleeps = 0
+    real_sleep = asyncio.sleep
+
+    async def counting_sleep(delay: float) -> None:
+        nonlocal sleeps
+        sleeps += 1
+        await real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", counting_sleep)  # the module execution uses
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="w")
+    busy = [0] * 20
+    watches = [
+        asyncio.ensure_future(runner.watch_loop(partial(busy.__getitem__, i), int, f"worker {i}"))
+        for i in range(20)
+    ]
+    await real_sleep(0.35)
+    assert 1 <= sleeps <= 5  # one timer, ~3 intervals (was one per watch: ~60)
+    busy[7] = 1
+    import time
+
+    time.sleep(0.7)  # noqa: ASYNC251 - the blocked loop the watch reports
+    async with asyncio.timeout(5):
+        while not any("worker 7" in r.getMessage() for r in caplog.records):
+            await real_sleep(0.05)
+    blamed = {r.getMessage().split(" of ")[1].split(" blocked")[0] for r in caplog.records}
+    assert blamed == {"worker 7"}  # only the one with a handler running
+    for watch in watches:
+        watch.cancel()
+    await asyncio.gather(*watches, return_exceptions=True)
+    await real_sleep(0.15)
+    assert not execution._WATCHES[asyncio.get_running_loop()]._watched
+
+
+class _Channel:
+    def __init__(self) -> None:
+        self.is_closed = False
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+    def close_now(self) -> None:
+        self.is_closed = True
+
+
+class _Connection:
+    def __init__(self) -> None:
+        self.is_closed = False
+        self.opened: list[_Channel] = []
+
+    async def channel(self, publisher_confirms: bool = False) -> _Channel:
+        self.opened.append(_Channel())
+        return self.opened[-1]
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.connection = _Connection()
+
+
+class _Source:
+    def __init__(self) -> None:
+        self.current = _Link()
+
+    async def link(self, timeout: float | None = None) -> _Link:
+        return self.current
+
+
+async def test_declarations_reuse_a_channel_until_one_fails() -> None:
+    from aio_workq._link.declare import declaring_channel
+
+    source: Any = _Source()
+    opened: list[_Channel] = source.current.connection.opened
+    for _ in range(5):  # one after the other (workers starting): one channel
+        async with declaring_channel(source) as channel:
+            assert not channel.is_closed
+    assert len(opened) == 1 and not opened[0].is_closed
+    with pytest.raises(RuntimeError):
+        async with declaring_channel(source):
+            raise RuntimeError("a 406, say")
+    assert opened[0].is_closed  # an error closes it, as raw_channel does
+    async with declaring_channel(source) as channel:
+        assert channel is opened[1]
+    opened[1].close_now()  # closed under it (the broker): not handed out again
+    async with declaring_channel(source) as channel:
+        assert channel is opened[2]
+    source.current = _Link()  # a new connection: its own channels
+    async with declaring_channel(source) as channel:
+        assert channel is source.current.connection.opened[0]
+
+
+async def test_one_link_is_awaited_as_gather_would_report_it() -> None:
+    from aio_workq._consume.dispatch import _first_failure
+
+    loop = asyncio.get_running_loop()
+    ok: asyncio.Future[str] = loop.create_future()
+    ok.set_result("id")
+    assert await _first_failure([ok]) is None
+    failed: asyncio.Future[str] = loop.create_future()
+    failed.set_exception(ValueError("nacked"))
+    assert isinstance(await _first_failure([failed]), ValueError)
+    cancelled: asyncio.Future[str] = loop.create_future()
+    cancelled.cancel()
+    assert isinstance(await _first_failure([cancelled]), asyncio.CancelledError)
+    pending: asyncio.Future[str] = loop.create_future()
+    waiting = asyncio.ensure_future(_first_failure([pending]))
+    await asyncio.sleep(0)
+    waiting.cancel()  # the task itself is stopped: it raises, as with gather
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert pending.cancelled()  # and the confirm it awaited is cancelled, as gather does
