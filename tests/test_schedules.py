@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import subprocess
 import sys
 import uuid
@@ -20,6 +21,7 @@ import aio_workq
 from aio_workq.schedules import Schedule, Scheduler, read_status
 from scripts.broker import LocalBroker
 from scripts.schedules_ledger import run_ledger
+from scripts.tls import PKI
 
 pytestmark = pytest.mark.broker
 
@@ -258,7 +260,10 @@ async def test_schedules_ledger_three_replicas_kills_and_an_outage(amqp_url: str
 async def test_a_broker_restart_pauses_the_schedule_and_it_goes_on_without_a_lost_tick(
     local_broker: LocalBroker, group: str, ticks: Ticks
 ) -> None:
-    scheduler = Scheduler(local_broker.url, [poll(group)], group=group, retry_delay=0.5)
+    hook = LinkHook()
+    scheduler = Scheduler(
+        local_broker.url, [poll(group)], group=group, retry_delay=0.5, hooks=[hook]
+    )
     run = await start(scheduler)
     await ticks.wait_for(2)
     local_broker.stop()
@@ -270,6 +275,7 @@ async def test_a_broker_restart_pauses_the_schedule_and_it_goes_on_without_a_los
     await scheduler.stop()
     await run
     assert_contiguous(ticks.due_times())  # the ticks due while it was down came late, not never
+    assert hook.lost and hook.back  # the hooks see the scheduler's connection go and come back
 
 
 class StoppingProducer(aio_workq.Producer):
@@ -329,3 +335,56 @@ async def test_two_versions_during_a_rolling_deploy_fire_each_tick_once(
     assert times == sorted(set(times))
     step = 2 * SECOND if new is v2 else SECOND
     assert all(b - a == step for a, b in zip(times[count:], times[count + 1 :], strict=False))
+
+
+# --- the library's own connection: TLS, URL lists, hooks ---
+
+
+class LinkHook(aio_workq.Hook):
+    """Records the connection losses and reconnects it is told of."""
+
+    def __init__(self) -> None:
+        self.lost: list[str] = []
+        self.back: list[str] = []
+
+    def on_connection_lost(self, url: str) -> None:
+        self.lost.append(url)
+
+    def on_reconnect(self, url: str) -> None:
+        self.back.append(url)
+
+
+async def test_a_scheduler_fires_over_amqps_with_a_private_ca(
+    tls_broker: LocalBroker, tls_pki: PKI, group: str
+) -> None:
+    context = ssl.create_default_context(cafile=str(tls_pki.ca_cert))
+    recorder = Ticks()
+    async with aio_workq.Worker(
+        tls_broker.tls_url, ssl_context=context, queue=f"{group}.poll", handler=recorder.handler
+    ):
+        scheduler = Scheduler(
+            tls_broker.tls_url, [poll(group)], group=group, ssl_context=context, identity="tls"
+        )
+        run = await start(scheduler)
+        try:
+            await recorder.wait_for(2)
+            assert scheduler.active
+        finally:
+            await scheduler.stop()
+            async with asyncio.timeout(30):
+                await run
+    assert_contiguous(recorder.due_times())
+
+
+async def test_a_scheduler_given_a_url_list_passes_over_a_dead_node(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    dead = "amqp://guest:guest@127.0.0.1:1/"
+    scheduler = Scheduler([dead, amqp_url], [poll(group)], group=group, retry_delay=0.5)
+    run = await start(scheduler)
+    try:
+        await ticks.wait_for(2)
+    finally:
+        await scheduler.stop()
+        async with asyncio.timeout(30):
+            await run

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import ssl
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -202,3 +205,42 @@ def test_worker_schedules_option_takes_schedules_or_a_scheduler_and_names_a_wron
     assert isinstance(scheduler, Scheduler) and list(scheduler.schedules) == ["poll"]
     with pytest.raises(TargetError, match="expected a Scheduler, a Schedule or a non-empty list"):
         build_scheduler(f"{__name__}:NOT_SCHEDULES", None)
+
+
+def test_ssl_context_with_a_plain_url_is_refused_naming_amqps() -> None:
+    context = ssl.create_default_context()
+    with pytest.raises(ConfigurationError, match="amqps://"):
+        Scheduler("amqp://guest:secret@localhost/", ssl_context=context)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+        self.arrived = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.arrived.set()
+
+
+async def test_an_unreachable_broker_is_logged_as_a_typed_error_without_the_password() -> None:
+    records = _Records()
+    logger = logging.getLogger("aio_workq")
+    logger.addHandler(records)
+    scheduler = Scheduler("amqp://guest:s3cret-pw@127.0.0.1:1/", retry_delay=0.2)
+    run = asyncio.create_task(scheduler.run())
+    try:
+        async with asyncio.timeout(20):
+            while not any("retrying" in m for m in records.messages):
+                records.arrived.clear()
+                await records.arrived.wait()
+    finally:
+        await scheduler.stop()
+        async with asyncio.timeout(10):
+            await run
+        logger.removeHandler(records)
+    retrying = [m for m in records.messages if "retrying" in m]
+    assert "BrokerConnectionError" in retrying[0], retrying
+    assert "127.0.0.1:1" in retrying[0]
+    assert not any("s3cret-pw" in m for m in records.messages)

@@ -20,16 +20,20 @@ import contextlib
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aiormq import spec
+from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from .._exceptions import BrokerConnectionError, ConfigurationError, WorkqError
+from .._hooks import Hook, Hooks
+from .._link.connection import Backoff, Connection
+from .._link.errors import translate_errors
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Queue
 from .._publish.producer import Producer
@@ -66,6 +70,8 @@ _LAST_VALUE: dict[str, Any] = {
 }
 _LEASE_ARGS: dict[str, Any] = {**_LAST_VALUE, "x-single-active-consumer": True}
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
+_PERSISTENT = 2
+_CHANNEL_CLOSE_GRACE = 5.0  # seconds for a polite channel close before the connection goes
 
 _STOP_GRACE = 35.0  # seconds a stop waits for the tick being published (publish timeout 30 s)
 _WATCH_EVERY = 0.5  # seconds between looks at the connection's and channel's state
@@ -104,18 +110,31 @@ class Scheduler:
     Run one in every replica (`run_workers(..., schedules=scheduler)` or
     `aio-workq worker ... --schedules MODULE:ATTR`); see the guide *Periodic jobs*.
 
+    The lease and the state travel on a `Connection` of the library's own (a URL list is
+    rotated, `amqps://` takes `ssl_context=`, errors are typed and logs hide the password);
+    the ticks go through a `Producer` on the same settings.
+
     Args:
-        url: the broker URL (default: `AMQP_URL`, as `Producer` resolves it). Add
-            `?heartbeat=5` to detect a partitioned active scheduler sooner.
+        url: the broker URL, several separated by commas, or a list (the nodes of a cluster);
+            default: `AMQP_URL`, as `Producer` resolves it. Add `?heartbeat=5` to detect a
+            partitioned active scheduler sooner.
         schedules: the `Schedule`s; more with `add()` or the `schedule()` decorator.
         identity: how `aio-workq schedules` names this process (default `host:pid`).
         retry_delay: seconds between attempts to reach the broker (default 1).
-        producer: a started `Producer` to publish the ticks with (default: one of its own).
+        producer: a started `Producer` to publish the ticks with (default: one of its own, on
+            `url`, `ssl_context`, `name` and `hooks`).
         group: the prefix of the lease and state queues (default `workq.scheduler`): schedulers
             of one group elect one active among them; another group is independent.
+        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
+        name: connection name shown in the management UI (default
+            `aio-workq scheduler {identity}`).
+        backoff: delays between rounds of failed reconnect attempts of the lease's connection
+            (default `Backoff()`).
+        hooks: `Hook`s told of connection losses and reconnects (and the ticks' publishes).
 
     Raises:
-        ConfigurationError: two schedules of one name, or not a `Schedule`.
+        ConfigurationError: two schedules of one name, or not a `Schedule`; an invalid URL,
+            `ssl_context=` with an `amqp://` URL, or a hook that is not a `Hook`.
     """
 
     def __init__(
@@ -127,6 +146,10 @@ class Scheduler:
         retry_delay: float = 1.0,
         producer: Producer | None = None,
         group: str = GROUP,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str | None = None,
+        backoff: Backoff | None = None,
+        hooks: Iterable[Hook] | None = None,
     ) -> None:
         self.names = Names.of(group)
         self._url = resolve_url(url)
@@ -135,6 +158,12 @@ class Scheduler:
             self.add(item)
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self._retry_delay = _seconds("retry_delay", retry_delay)
+        self._ssl_context = ssl_context
+        self._name = name or f"aio-workq scheduler {self.identity}"
+        self._backoff = backoff or Backoff()
+        checked = Hooks.of(hooks)
+        self._hooks: tuple[Hook, ...] = () if checked is None else checked.hooks
+        self._connection()  # checks the settings now (nothing connects until run())
         self._producer = producer
         self._own_producer = producer is None
         self._stopping = asyncio.Event()
@@ -147,6 +176,20 @@ class Scheduler:
         return (
             f"<Scheduler {self.identity} {redact_url(self._url)} "
             f"schedules={sorted(self._schedules)} active={self.active}>"
+        )
+
+    def _connection(self) -> Connection:
+        """A new (unopened) connection on this scheduler's settings.
+
+        Raises:
+            ConfigurationError: an invalid URL or setting.
+        """
+        return Connection(
+            self._url,
+            ssl_context=self._ssl_context,
+            name=self._name,
+            backoff=self._backoff,
+            hooks=self._hooks or None,
         )
 
     # --- declaring ----------------------------------------------------------------------------
@@ -236,14 +279,19 @@ class Scheduler:
         """Take part in the election until `stop()`; fire the ticks while active.
 
         Broker outages are retried every `retry_delay` seconds, without end: a replica that
-        can't reach the broker is simply not a candidate.
+        can't reach the broker is simply not a candidate. Each failure is logged (one WARNING,
+        its typed error, no password); a lost connection is reconnected with `backoff`.
         """
         del wait_for_broker
         self._stopping.clear()
+        connection = self._connection()
         try:
             while not self._stopping.is_set():
                 try:
-                    await self._session()
+                    if connection.is_closed:  # given up on after a channel that would not close
+                        connection = self._connection()
+                    await connection.open()
+                    await self._session(connection)
                 except (*_BROKER_ERRORS, WorkqError) as exc:
                     log.warning(
                         "scheduler %s: %s: %s; retrying in %.1f s",
@@ -256,44 +304,44 @@ class Scheduler:
                     async with asyncio.timeout(self._retry_delay):
                         await self._stopping.wait()
         finally:
+            with contextlib.suppress(Exception):
+                await connection.close()
             if self._own_producer and self._producer is not None:
                 with contextlib.suppress(Exception):
                     await self._producer.close()
                 self._producer = None
 
-    async def _session(self) -> None:
-        """One connection: be a candidate; while holding the lease, fire."""
-        connection = await aio_pika.connect(
-            self._url,
-            timeout=10,
-            client_properties={"connection_name": f"aio-workq scheduler {self.identity}"},
-        )
+    async def _session(self, connection: Connection) -> None:
+        """One channel on `connection`: be a candidate; while holding the lease, fire.
+
+        Raises:
+            BrokerConnectionError: the connection or the channel was lost (or never came).
+            WorkqError: a declare or a publish failed.
+        """
         lost = asyncio.Event()
-        connection.close_callbacks.add(lambda *_: lost.set())
-        channel: AbstractChannel | None = None
-        watch = asyncio.ensure_future(_watch(connection, lambda: channel, lost))
+        channel = await connection.channel(
+            publisher_confirms=True, timeout=max(self._retry_delay, 10.0)
+        )
+        channel.closing.add_done_callback(lambda _: lost.set())
+        watch = asyncio.ensure_future(_watch(connection, channel, lost))
         try:
-            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-            channel.close_callbacks.add(lambda *_: lost.set())
-            await channel.set_qos(prefetch_count=1)
-            lease, exchange, state_queue = await declare_state(channel, self.names)
-            # A lease message per session start: the queue keeps at most one ready.
-            await channel.default_exchange.publish(
-                aio_pika.Message(b"lease", delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-                routing_key=self.names.lease,
-            )
-            granted = asyncio.Event()
+            with translate_errors("taking part in the scheduler election"):
+                await channel.basic_qos(prefetch_count=1)
+                await declare_state(channel, self.names)
+                # A lease message per session start: the queue keeps at most one ready.
+                await _publish(channel, b"lease", exchange="", routing_key=self.names.lease)
+                granted = asyncio.Event()
 
-            async def on_lease(message: AbstractIncomingMessage) -> None:
-                granted.set()  # held, never acked: the broker requeues it when we go
+                async def on_lease(message: DeliveredMessage) -> None:
+                    granted.set()  # held, never acked: the broker requeues it when we go
 
-            await lease.consume(on_lease, no_ack=False)
+                await channel.basic_consume(self.names.lease, on_lease, no_ack=False)
             if not await _first(granted, lost, self._stopping):
                 return
             self._set_active(True)
             log.info("scheduler %s is active", self.identity)
             try:
-                firing = asyncio.ensure_future(self._fire(channel, exchange, state_queue, lost))
+                firing = asyncio.ensure_future(self._fire(channel, lost))
                 ended = asyncio.ensure_future(_any(self._stopping, lost))
                 try:
                     await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -307,14 +355,14 @@ class Scheduler:
                         task.cancel()
                     await asyncio.gather(ended, return_exceptions=True)
                     with contextlib.suppress(asyncio.CancelledError):
-                        await firing  # raises what stopped the firing
+                        with translate_errors("firing the schedules"):
+                            await firing  # raises what stopped the firing
             finally:
                 self._set_active(False)
                 log.info("scheduler %s is no longer active", self.identity)
         finally:
             watch.cancel()
-            with contextlib.suppress(Exception):
-                await connection.close()
+            await _release(channel, connection)
 
     def _set_active(self, active: bool) -> None:
         if active:
@@ -330,26 +378,22 @@ class Scheduler:
             # that may no longer be active: the next active scheduler fires it (same id).
             self._producer = Producer(
                 self._url,
-                name=f"aio-workq scheduler {self.identity}",
+                ssl_context=self._ssl_context,
+                name=self._name,
+                hooks=self._hooks,
                 on_reconnect="fail",
                 fail_fast=True,
             )
             await self._producer.start()
         return self._producer
 
-    async def _fire(
-        self,
-        channel: AbstractChannel,
-        exchange: AbstractExchange,
-        state_queue: AbstractQueue,
-        lost: asyncio.Event,
-    ) -> None:
+    async def _fire(self, channel: AbstractChannel, lost: asyncio.Event) -> None:
         producer = await self._publisher()
-        state = await _read(state_queue)
+        state = await _read(channel, self.names.state)
         now = _now()
         reconcile(self._schedules, state, now)
         state.active = self.identity
-        await _publish_state(exchange, state, now)
+        await _publish_state(channel, self.names, state, now)
         while not self._stopping.is_set() and not lost.is_set():
             now = _now()
             fired = False
@@ -360,7 +404,7 @@ class Scheduler:
             if any(plans.values()):
                 # One round trip on the lease's channel first: a process that was frozen (a
                 # partition, SIGSTOP) and has lost the lease learns it here, not after firing.
-                await channel.get_queue(self.names.lease, ensure=True)
+                await channel.queue_declare(self.names.lease, passive=True)
             for schedule in self._schedules.values():
                 entry = state.entries[schedule.name]
                 for due in plans[schedule.name]:
@@ -383,7 +427,7 @@ class Scheduler:
                     fired = True
                 entry.next = schedule.next_after(max(entry.cursor, now))
             if fired:
-                await _publish_state(exchange, state, _now())
+                await _publish_state(channel, self.names, state, _now())
             soonest = min((e.next for e in state.entries.values() if e.next), default=None)
             pause = 5.0 if soonest is None else (soonest - _now()).total_seconds()
             with contextlib.suppress(TimeoutError):
@@ -417,21 +461,30 @@ def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) ->
             entry.next = None  # not fired by this version
 
 
-async def _watch(
-    connection: aio_pika.abc.AbstractConnection,
-    channel: Callable[[], AbstractChannel | None],
-    lost: asyncio.Event,
-) -> None:
+async def _watch(connection: Connection, channel: AbstractChannel, lost: asyncio.Event) -> None:
     """Set `lost` once the connection or the channel is closed, should a close callback
     not come (belt and braces: holding a dead lease must never look like holding one)."""
     while not lost.is_set():
-        current = channel()
-        if connection.is_closed or (current is not None and current.is_closed):
+        if not connection.is_connected or channel.is_closed:
             lost.set()
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_WATCH_EVERY):
                 await lost.wait()
+
+
+async def _release(channel: AbstractChannel, connection: Connection) -> None:
+    """Close the lease's channel (the lease goes back to the broker); should the broker not
+    answer in time, close the whole connection instead (its socket aborted if need be), so
+    that a lease is never kept by a channel left open."""
+    if channel.is_closed:
+        return
+    try:
+        async with asyncio.timeout(_CHANNEL_CLOSE_GRACE):
+            await channel.close()
+    except Exception:  # any failure: the connection goes instead
+        if not channel.is_closed:
+            await connection.close(0)
 
 
 def _seconds(name: str, value: object) -> float:
@@ -444,7 +497,7 @@ async def _first(granted: asyncio.Event, lost: asyncio.Event, stopping: asyncio.
     """Wait for the lease; False when the connection or the scheduler stops first."""
     await _any(granted, lost, stopping)
     if lost.is_set():
-        raise ConnectionError("the connection to the broker closed")
+        raise BrokerConnectionError("the connection (or the channel) to the broker closed")
     return granted.is_set() and not stopping.is_set()
 
 
@@ -458,72 +511,109 @@ async def _any(*events: asyncio.Event) -> None:
             wait.cancel()
 
 
-async def declare_state(
-    channel: AbstractChannel, names: Names
-) -> tuple[AbstractQueue, AbstractExchange, AbstractQueue]:
-    """Declare the lease queue, the state exchange and its two last-value queues."""
-    lease = await channel.declare_queue(names.lease, durable=True, arguments=_LEASE_ARGS)
-    exchange = await channel.declare_exchange(
-        names.state, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    state_queue = await channel.declare_queue(names.state, durable=True, arguments=_LAST_VALUE)
-    status_queue = await channel.declare_queue(names.status, durable=True, arguments=_LAST_VALUE)
-    await state_queue.bind(exchange)
-    await status_queue.bind(exchange)
-    return lease, exchange, state_queue
+async def declare_state(channel: AbstractChannel, names: Names) -> None:
+    """Declare the lease queue, the state exchange and its two last-value queues.
+
+    Raises:
+        aiormq.exceptions.AMQPError: a declare failed (the caller translates it).
+    """
+    await channel.queue_declare(names.lease, durable=True, arguments=_LEASE_ARGS)
+    await channel.exchange_declare(names.state, exchange_type="fanout", durable=True)
+    await channel.queue_declare(names.state, durable=True, arguments=_LAST_VALUE)
+    await channel.queue_declare(names.status, durable=True, arguments=_LAST_VALUE)
+    await channel.queue_bind(names.state, names.state, routing_key="")
+    await channel.queue_bind(names.status, names.state, routing_key="")
 
 
-async def _read(queue: AbstractQueue) -> State:
-    """The newest state message, left in its queue (got, then requeued at once)."""
-    message = await queue.get(no_ack=False, fail=False)
-    if message is None:
+async def _get(channel: AbstractChannel, queue: str) -> bytes | None:
+    """The body of the newest message in `queue`, left in it (got, then requeued at once);
+    None when the queue is empty."""
+    message = await channel.basic_get(queue, no_ack=False)
+    delivery = message.delivery
+    if not isinstance(delivery, spec.Basic.GetOk) or delivery.delivery_tag is None:
+        return None
+    try:
+        return message.body
+    finally:
+        await channel.basic_reject(delivery.delivery_tag, requeue=True)
+
+
+async def _read(channel: AbstractChannel, queue: str) -> State:
+    """The newest state message, left in its queue."""
+    body = await _get(channel, queue)
+    if body is None:
         return State()
     try:
-        return State.decode(message.body)
+        return State.decode(body)
     except ValueError as exc:
-        log.error("the schedules state in %r is unreadable (%s): starting afresh", queue.name, exc)
+        log.error("the schedules state in %r is unreadable (%s): starting afresh", queue, exc)
         return State()
-    finally:
-        await message.reject(requeue=True)
 
 
-async def _publish_state(exchange: AbstractExchange, state: State, now: datetime) -> None:
+async def _publish(
+    channel: AbstractChannel,
+    body: bytes,
+    *,
+    exchange: str,
+    routing_key: str,
+    content_type: str | None = None,
+) -> None:
+    """Publish persistent `body` and wait for the broker's confirm.
+
+    Raises:
+        BrokerConnectionError: the broker nacked it (or the channel closed meanwhile).
+    """
+    confirm = await channel.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=spec.Basic.Properties(delivery_mode=_PERSISTENT, content_type=content_type),
+    )
+    if not isinstance(confirm, spec.Basic.Ack):
+        raise BrokerConnectionError(
+            f"the broker did not confirm a message to {exchange or routing_key!r} "
+            f"({type(confirm).__name__})"
+        )
+
+
+async def _publish_state(
+    channel: AbstractChannel, names: Names, state: State, now: datetime
+) -> None:
     state.updated = now
-    await exchange.publish(
-        aio_pika.Message(
-            state.encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        ),
+    await _publish(
+        channel,
+        state.encode(),
+        exchange=names.state,
         routing_key="",
+        content_type="application/json",
     )
 
 
-async def read_status(url: URLs | None = None, *, group: str = GROUP) -> State | None:
+async def read_status(
+    url: URLs | None = None,
+    *,
+    group: str = GROUP,
+    ssl_context: ssl.SSLContext | None = None,
+) -> State | None:
     """The state the active scheduler last published (None before any), for `aio-workq
     schedules`.
 
     Raises:
+        ConfigurationError: an invalid URL, or `ssl_context=` with an `amqp://` URL.
+        AuthenticationError, AccessRefusedError, TLSError: the broker refused.
         BrokerConnectionError: the broker can't be reached.
     """
     names = Names.of(group)
-    target = resolve_url(url)
-    try:
-        connection = await aio_pika.connect(target, timeout=10)
-    except (*_BROKER_ERRORS,) as exc:
-        raise BrokerConnectionError(f"cannot reach {redact_url(target)}: {exc}") from None
+    connection = Connection(url, ssl_context=ssl_context, name="aio-workq schedules")
+    await connection.open()
     try:
         channel = await connection.channel()
-        try:  # passive: looking creates nothing
-            queue = await channel.get_queue(names.status, ensure=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return None
-        message = await queue.get(no_ack=False, fail=False)
-        if message is None:
-            return None
-        try:
-            return State.decode(message.body)
-        finally:
-            await message.reject(requeue=True)
+        with translate_errors("reading the schedules' status"):
+            try:  # passive: looking creates nothing
+                await channel.queue_declare(names.status, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return None
+            body = await _get(channel, names.status)
+        return None if body is None else State.decode(body)
     finally:
         await connection.close()
