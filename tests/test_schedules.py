@@ -251,6 +251,7 @@ async def test_a_silent_active_scheduler_is_replaced_after_the_heartbeat_timeout
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 async def test_schedules_ledger_three_replicas_kills_and_an_outage(amqp_url: str) -> None:
     result = await run_ledger(amqp_url, replicas=3, duration=180, kill_every=20, outage=30)
     assert result.missed == 0, result.summary()
