@@ -9,10 +9,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,7 +20,6 @@ from aio_workq import (
     IntegrationError,
     Producer,
     RetryPolicy,
-    Worker,
 )
 from aio_workq.jobs import (
     GroupResult,
@@ -37,22 +33,9 @@ from aio_workq.jobs import (
 from aio_workq.jobs._groups import GROUP_HEADER, INDEX_HEADER
 from aio_workq.jobs._handle import TASK_HEADER
 from tests.test_cli import cli
+from tests.test_jobs import running
 
 pytestmark = pytest.mark.broker
-
-
-@asynccontextmanager
-async def running(tasks: Tasks, url: str, **options: Any) -> AsyncIterator[list[Worker]]:
-    workers = tasks.workers(url, **options)
-    try:
-        for worker in workers:
-            await worker.start()
-        yield workers
-    finally:
-        for worker in workers:
-            await worker.stop(timeout=1)
-        assert tasks.store is not None
-        await tasks.store.close()
 
 
 class App:
