@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
-from collections.abc import Callable
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aio_pika
@@ -12,6 +17,9 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, PresenceWatcher, WorkerBeat, WorkerPresence
+from aio_workq.testing import LocalBroker
+from tests.helpers import Counter
+from tests.test_cli import cli
 
 INTERVAL = 0.5
 
@@ -41,6 +49,28 @@ def of_queue(queue: str) -> Callable[[list[WorkerPresence]], list[WorkerPresence
         return [w for w in workers if queue in w.beat.queues]
 
     return pick
+
+
+async def wait_for_records(caplog: pytest.LogCaptureFixture, text: str, count: int) -> None:
+    """Wait until `count` log records contain `text` (told by a handler as they are logged)."""
+    logged = asyncio.Event()
+
+    class Tell(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.set()
+
+    def seen() -> int:
+        return len([r for r in caplog.records if text in r.getMessage()])
+
+    tell = Tell()
+    logging.getLogger("aio_workq").addHandler(tell)
+    try:
+        async with asyncio.timeout(20):
+            while seen() < count:
+                logged.clear()
+                await logged.wait()
+    finally:
+        logging.getLogger("aio_workq").removeHandler(tell)
 
 
 # --- offline ------------------------------------------------------------------------------
@@ -192,3 +222,139 @@ async def test_a_message_that_is_not_a_beat_is_skipped(
         worker = make_worker(queue=queue_name, handler=_noop, presence_interval=INTERVAL)
         await worker.start()
         await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=INTERVAL + 5)
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def env(amqp_url: str, queue_name: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "AMQP_URL": amqp_url,
+        "PRESENCE_TEST_QUEUE": queue_name,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@pytest.mark.broker
+async def test_a_worker_killed_is_gone_after_three_intervals(
+    amqp_url: str, queue_name: str, env: dict[str, str]
+) -> None:
+    mine = of_queue(queue_name)
+    async with PresenceWatcher(amqp_url) as watcher:
+        async with cli("worker", "tests.presence_app:workers", env=env) as proc:
+            [seen] = mine(await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=20))
+            assert seen.beat.pid == proc.proc.pid and seen.beat.interval == INTERVAL
+            proc.proc.kill()  # -9: no goodbye
+            await proc.proc.wait()
+        killed = time.time()
+        [gone] = mine(await watcher.wait_for(lambda ws: not mine(ws)[0].alive, timeout=10))
+    assert not gone.beat.stopping
+    # Gone 3 intervals after its last beat (sent at most one interval before the kill).
+    assert time.time() - killed >= 3 * INTERVAL - INTERVAL - 0.1
+
+
+@pytest.mark.broker
+async def test_processes_2_shows_two_pids(
+    amqp_url: str, queue_name: str, env: dict[str, str]
+) -> None:
+    mine = of_queue(queue_name)
+    async with PresenceWatcher(amqp_url) as watcher:
+        args = ("worker", "tests.presence_app:workers", "--processes", "2")
+        async with cli(*args, env=env) as supervisor:
+            found = await watcher.wait_for(
+                lambda ws: len({w.beat.pid for w in mine(ws) if w.alive}) == 2, timeout=30
+            )
+            pids = {w.beat.pid for w in mine(found)}
+            assert supervisor.proc.pid not in pids  # the children beat, not the supervisor
+            supervisor.proc.send_signal(signal.SIGTERM)
+            assert await supervisor.exit_code() == 0
+        # Both said goodbye on their clean stop.
+        await watcher.wait_for(lambda ws: not any(w.alive for w in mine(ws)), timeout=5)
+
+
+# --- a broker that refuses the beats --------------------------------------------------------
+
+
+@pytest.fixture
+def vhost(local_broker: LocalBroker) -> Iterator[tuple[LocalBroker, str]]:
+    """A vhost of its own (its exchanges don't disturb other tests'), guest allowed all."""
+    name = f"presence-{uuid.uuid4().hex[:8]}"
+    local_broker.ctl("add_vhost", name)
+    local_broker.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    yield local_broker, name
+    local_broker.ctl("delete_vhost", name)
+
+
+async def _declare_exchange(url: str, kind: aio_pika.ExchangeType) -> None:
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_exchange("workq.presence", kind, durable=True)
+
+
+async def _keeps_working(url: str, queue: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker on `url` handles messages and stops in time although its beats fail; the
+    failure is logged once, as a warning."""
+    counter = Counter()
+
+    async def handler(job: Job) -> None:
+        counter.add(job.data)
+
+    caplog.set_level(logging.DEBUG, logger="aio_workq")
+    worker = aio_workq.Worker(url, queue=queue, handler=handler, presence_interval=0.2)
+    await worker.start()
+    try:
+        async with aio_workq.Producer(url) as producer:
+            for n in range(20):
+                await producer.publish(n, queue=queue)
+            await counter.wait_for(20, timeout=20)
+            # More beats fail meanwhile (0.2 s each); one warning says so.
+            await wait_for_records(caplog, "presence beat failed again", count=3)
+    finally:
+        began = time.monotonic()
+        await worker.stop()
+        took = time.monotonic() - began
+    assert took < 3, f"stop() took {took:.1f} s"
+    warnings = [r for r in caplog.records if "could not send its presence beat" in r.message]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert worker.state.processed == 20
+
+
+@pytest.mark.broker
+async def test_an_exchange_of_another_type_does_not_stop_the_worker(
+    vhost: tuple[LocalBroker, str], queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker, name = vhost
+    url = f"amqp://guest:guest@127.0.0.1:{broker.amqp_port}/{name}"
+    await _declare_exchange(url, aio_pika.ExchangeType.DIRECT)
+    await _keeps_working(url, queue_name, caplog)
+    warning = next(r for r in caplog.records if "could not send its presence" in r.message)
+    assert "another type" in warning.message and "delete_exchange" in warning.message
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("exists", [True, False], ids=["exchange-exists", "no-exchange"])
+async def test_a_user_who_may_not_use_the_exchange_keeps_working(
+    vhost: tuple[LocalBroker, str],
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+    exists: bool,
+) -> None:
+    broker, name = vhost
+    user = f"u{uuid.uuid4().hex[:8]}"
+    broker.ctl("add_user", user, "pw")
+    others = r"^(?!workq\.presence$).*"  # everything but the presence exchange
+    broker.ctl("set_permissions", "-p", name, user, others, others, ".*")
+    try:
+        if exists:  # declared by someone allowed to: the passive check passes, publishes fail
+            await _declare_exchange(
+                f"amqp://guest:guest@127.0.0.1:{broker.amqp_port}/{name}",
+                aio_pika.ExchangeType.FANOUT,
+            )
+        url = f"amqp://{user}:pw@127.0.0.1:{broker.amqp_port}/{name}"
+        await _keeps_working(url, queue_name, caplog)
+    finally:
+        broker.ctl("delete_user", user)
+    assert not [r for r in caplog.records if "pw@" in r.getMessage()]

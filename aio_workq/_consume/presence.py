@@ -285,15 +285,15 @@ class Beacon:
         while True:
             try:
                 async with asyncio.timeout(min(self._interval, _SEND_CAP)):
-                    await self._send(self.beat())
+                    proven = await self._send(self.beat())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a background loop: say so once, try again next time
                 self._failed(exc)
             else:
-                if self._failing:
+                if proven and self._failing:
                     log.info("%s sends its presence beats again", self._what)
-                self._failing = False
+                    self._failing = False
             await asyncio.sleep(self._interval)
 
     def _failed(self, exc: BaseException) -> None:
@@ -315,16 +315,32 @@ class Beacon:
             self._interval,
         )
 
-    async def _send(self, beat: WorkerBeat) -> None:
+    async def _send(self, beat: WorkerBeat) -> bool:
+        """Publish `beat`; True when it went on a channel that outlived the beat before it (the
+        broker may close a channel for a publish it refuses, a moment after it was written).
+
+        Raises:
+            BrokerConnectionError: the connection is in trouble, or the broker closed the
+                channel of the last beat (refused it).
+            TopologyError: the exchange can't be used.
+        """
         trouble = self._source.trouble()
         if trouble is not None:
             raise BrokerConnectionError(trouble)  # a publish now would block the connection
         channel = self._channel
-        if channel is None or channel_closing(channel):
+        proven = channel is not None
+        if channel is not None and channel_closing(channel):
+            self._channel = None
+            raise BrokerConnectionError(f"the broker closed its channel ({_closed(channel)})")
+        if channel is None:
             channel = await self._open()
+        await self._publish(channel, beat)
+        return proven
+
+    async def _publish(self, channel: aiormq.abc.AbstractChannel, beat: WorkerBeat) -> None:
         body = beat.encode()
         if channel_closing(channel):  # checked in the step the publish takes the channel
-            raise BrokerConnectionError("the presence channel was closed by the broker")
+            raise BrokerConnectionError(f"the broker closed its channel ({_closed(channel)})")
         with translate_errors(f"sending a presence beat to {EXCHANGE!r}"):
             await channel.basic_publish(
                 body, exchange=EXCHANGE, routing_key="", properties=self._properties
@@ -372,15 +388,15 @@ class Beacon:
         channel, self._channel = self._channel, None
         if channel is None or channel_closing(channel):
             return
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(_GOODBYE_WAIT):
-                if goodbye and not self._failing and self._source.trouble() is None:
-                    self._channel = channel
-                    try:
-                        await self._send(self.beat(stopping=True))
-                    finally:
-                        self._channel = None
-                await channel.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _GOODBYE_WAIT
+        if goodbye and self._source.trouble() is None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout_at(deadline):
+                    await self._publish(channel, self.beat(stopping=True))
+        closing = asyncio.ensure_future(channel.close())
+        await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
+        closing.add_done_callback(_drop_result)  # not waited for longer: the connection's own
 
 
 async def _new_channel(connection: aiormq.abc.AbstractConnection) -> aiormq.abc.AbstractChannel:
@@ -391,6 +407,14 @@ async def _new_channel(connection: aiormq.abc.AbstractConnection) -> aiormq.abc.
 async def _close_channel(channel: aiormq.abc.AbstractChannel) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(channel.close(), _GOODBYE_WAIT)
+
+
+def _closed(channel: aiormq.abc.AbstractChannel) -> str:
+    """Why the broker closed `channel`, in its words."""
+    closing = channel.closing
+    if closing.done() and not closing.cancelled() and closing.exception() is not None:
+        return translate_reason(closing.exception())  # type: ignore[arg-type]
+    return "closed"
 
 
 def _drop_result(task: asyncio.Future[Any]) -> None:
