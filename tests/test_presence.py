@@ -358,3 +358,55 @@ async def test_a_user_who_may_not_use_the_exchange_keeps_working(
     finally:
         broker.ctl("delete_user", user)
     assert not [r for r in caplog.records if "pw@" in r.getMessage()]
+
+
+# --- aio-workq workers ----------------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.cli
+async def test_the_workers_command_lists_a_worker_as_json(
+    amqp_url: str,
+    queue_name: str,
+    env: dict[str, str],
+    make_worker: Callable[..., aio_workq.Worker],
+    producer: aio_workq.Producer,
+) -> None:
+    worker = make_worker(queue=queue_name, handler=_noop, concurrency=2, retry=None,
+                         presence_interval=INTERVAL)  # fmt: skip
+    await worker.start()
+    await producer.publish("ok", queue=queue_name)
+    await producer.publish("fail", queue=queue_name)
+    async with cli("workers", "--json", "--wait", "2", env=env) as proc:
+        code = await proc.exit_code()
+    assert code == 0, proc.err
+    out = "\n".join(proc.out)
+    [row] = [row for row in json.loads(out) if queue_name in row["queues"]]
+    assert row["pid"] == os.getpid() and row["alive"] is True
+    assert row["concurrency"] == 2 and row["queues"] == [queue_name]
+    assert row["handled"] == 2 and row["failed"] == 1
+    assert row["version"] == aio_workq.__version__ and row["uptime"] >= 0
+    await worker.stop()
+
+
+@pytest.mark.broker
+@pytest.mark.cli
+async def test_the_workers_table_shows_a_gone_worker_and_no_password(
+    amqp_url: str,
+    queue_name: str,
+    env: dict[str, str],
+    make_worker: Callable[..., aio_workq.Worker],
+) -> None:
+    worker = make_worker(queue=queue_name, handler=_noop, presence_interval=INTERVAL)
+    await worker.start()
+    async with cli("workers", "--wait", "3", env={**env, "COLUMNS": "200"}) as proc:
+        await proc.wait_for(lambda: proc.lines("^listening", "err"), what="listening")
+        async with PresenceWatcher(amqp_url) as watcher:  # a beat, heard by the command too
+            await watcher.wait_for(lambda ws: bool(of_queue(queue_name)(ws)), timeout=10)
+        await worker.stop()  # its goodbye, while the command listens
+        code = await proc.exit_code()
+    assert code == 0, proc.err
+    out = "\n".join(proc.out)
+    [line] = [line for line in proc.out if queue_name in line]
+    assert str(os.getpid()) in line and "gone" in line
+    assert "workers at amqp://guest:***@" in out and "guest:guest" not in out
