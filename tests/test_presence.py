@@ -410,3 +410,44 @@ async def test_the_workers_table_shows_a_gone_worker_and_no_password(
     [line] = [line for line in proc.out if queue_name in line]
     assert str(os.getpid()) in line and "gone" in line
     assert "workers at amqp://guest:***@" in out and "guest:guest" not in out
+
+
+# --- a memory alarm -------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_beats_during_a_memory_alarm_do_not_block_the_workers_connection(
+    local_broker: LocalBroker, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The broker blocks a connection that publishes during an alarm, and then reads nothing
+    # more from it, acks included: beats on the worker's own connection would stop its work
+    # (and a consumer's work is what frees memory). They go on a connection of their own.
+    url = local_broker.url
+    go = asyncio.Event()
+    counter = Counter()
+
+    async def handler(job: Job) -> None:
+        await go.wait()
+        counter.add(job.data)
+
+    async with aio_workq.Producer(url) as producer:
+        await producer.declare(queue_name)
+        for n in range(10):
+            await producer.publish(n, queue=queue_name)
+    mine = of_queue(queue_name)
+    caplog.set_level(logging.INFO, logger="aio_workq")
+    async with PresenceWatcher(url) as watcher:
+        worker = aio_workq.Worker(url, queue=queue_name, handler=handler, presence_interval=0.2)
+        await worker.start()
+        try:
+            await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=10)
+            await asyncio.to_thread(local_broker.ctl, "set_vm_memory_high_watermark", "0.0000001")
+            try:
+                # A beat was sent during the alarm: the broker blocked its connection.
+                await wait_for_records(caplog, "blocked publishers: memory", count=1)
+                go.set()
+                await counter.wait_for(10, timeout=15)  # the acks are read: work goes on
+            finally:
+                await asyncio.to_thread(local_broker.ctl, "set_vm_memory_high_watermark", "0.4")
+        finally:
+            await worker.stop()

@@ -214,10 +214,17 @@ class Activity(NamedTuple):
 
 
 class Beacon:
-    """Sends one worker's beats from a task of its own, on a channel of its own on `source`.
+    """Sends one worker's beats from a task of its own, on a channel of its own.
+
+    The beats go on a connection of their own (`side`), opened in the background, when there
+    is one: RabbitMQ blocks a connection that publishes during a memory or disk alarm and then
+    reads nothing more from it, acks included, so beats on the worker's connection would stop
+    its work (whose acks are what frees the broker's memory) for as long as the alarm lasts.
 
     Args:
-        source: the connection to publish on.
+        source: the worker's connection: no beat while it is down (the worker is cut off).
+        side: a connection of the beacon's own (not opened; closed by `close()`) to publish
+            on; `None` publishes on `source` (an aio-pika connection given to the worker).
         interval: seconds between beats.
         concurrency: the worker's concurrency, as reported.
         activity: reads the worker's queues and counters, once per beat.
@@ -228,12 +235,15 @@ class Beacon:
         self,
         source: LinkSource,
         *,
+        side: Connection | None,
         interval: float,
         concurrency: int,
         activity: Callable[[], Activity],
         what: str,
     ) -> None:
-        self._source = source
+        self._worker_link = source
+        self._side = side
+        self._source: LinkSource = side if side is not None else source
         self._interval = interval
         self._concurrency = concurrency
         self._activity = activity
@@ -284,6 +294,8 @@ class Beacon:
     async def _run(self) -> None:
         while True:
             try:
+                if self._side is not None and not self._side.is_connected:
+                    await self._side.open()  # one round over the URLs; then it reconnects
                 async with asyncio.timeout(min(self._interval, _SEND_CAP)):
                     proven = await self._send(self.beat())
             except asyncio.CancelledError:
@@ -297,10 +309,11 @@ class Beacon:
             await asyncio.sleep(self._interval)
 
     def _failed(self, exc: BaseException) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None and not channel.is_closed:
-            task = asyncio.get_running_loop().create_task(_close_channel(channel))
-            task.add_done_callback(_drop_result)
+        if not isinstance(exc, _Skipped):  # the channel may be at fault: a new one next time
+            channel, self._channel = self._channel, None
+            if channel is not None and not channel.is_closed:
+                task = asyncio.get_running_loop().create_task(_close_channel(channel))
+                task.add_done_callback(_drop_result)
         if self._failing:
             log.debug("%s: presence beat failed again: %s", self._what, exc)
             return
@@ -324,9 +337,11 @@ class Beacon:
                 channel of the last beat (refused it).
             TopologyError: the exchange can't be used.
         """
+        if not self._worker_link.is_connected:
+            raise _Skipped("the worker's connection is down")
         trouble = self._source.trouble()
         if trouble is not None:
-            raise BrokerConnectionError(trouble)  # a publish now would block the connection
+            raise _Skipped(trouble)  # a publish now would only wait
         channel = self._channel
         proven = channel is not None
         if channel is not None and channel_closing(channel):
@@ -385,18 +400,24 @@ class Beacon:
             return
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        channel, self._channel = self._channel, None
-        if channel is None or channel_closing(channel):
-            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _GOODBYE_WAIT
-        if goodbye and self._source.trouble() is None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout_at(deadline):
-                    await self._publish(channel, self.beat(stopping=True))
-        closing = asyncio.ensure_future(channel.close())
-        await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
-        closing.add_done_callback(_drop_result)  # not waited for longer: the connection's own
+        channel, self._channel = self._channel, None
+        if channel is not None and not channel_closing(channel):
+            if goodbye and self._source.trouble() is None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout_at(deadline):
+                        await self._publish(channel, self.beat(stopping=True))
+            if self._side is None:  # on the worker's connection: the channel is closed alone
+                closing = asyncio.ensure_future(channel.close())
+                await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
+                closing.add_done_callback(_drop_result)  # the connection's close ends it
+        if self._side is not None:  # the goodbye's frames go out before Connection.Close
+            await self._side.close(timeout=max(0.0, deadline - loop.time()))
+
+
+class _Skipped(BrokerConnectionError):
+    """No beat this time: a connection is down or blocked (its channel is not at fault)."""
 
 
 async def _new_channel(connection: aiormq.abc.AbstractConnection) -> aiormq.abc.AbstractChannel:

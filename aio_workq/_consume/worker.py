@@ -166,6 +166,7 @@ class Worker:
         self._queue = _queue_spec(queue, queue_type)
         self._queue_type = self._queue.type
         name_part = self._queue.name or "subscriber"
+        self._name = name or f"aio-workq worker {name_part}"
         self._runner = HandlerRunner(
             handler,
             executor=executor,
@@ -180,7 +181,7 @@ class Worker:
             self._connection = Connection(
                 self._url,
                 ssl_context=ssl_context,
-                name=name or f"aio-workq worker {name_part}",
+                name=self._name,
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
                 wait_for_broker=wait_for_broker,
@@ -355,8 +356,13 @@ class Worker:
             handled = counters.processed + counters.failed
             return Activity((self.queue_name,), len(tasks), handled, counters.failed)
 
+        # The beats' own connection (see `Beacon`); on a robust aio-pika connection given to the
+        # worker, the beats share it.
+        own = self._connection if self._connection is not None else self._shared
+        side = own.sibling(name=f"{self._name} presence") if isinstance(own, Connection) else None
         return Beacon(
             source,
+            side=side,
             interval=interval,
             concurrency=self._concurrency,
             activity=activity,
