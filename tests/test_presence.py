@@ -14,11 +14,16 @@ from typing import Any
 
 import aio_pika
 import pytest
+from aiohttp import web
+from fastapi import FastAPI
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, PresenceWatcher, WorkerBeat, WorkerPresence
+from aio_workq import aiohttp as workq_aiohttp
+from aio_workq import fastapi as workq_fastapi
 from aio_workq.testing import LocalBroker
 from tests.helpers import Counter
+from tests.servers import serve_aiohttp, serve_asgi
 from tests.test_cli import cli
 
 INTERVAL = 0.5
@@ -96,6 +101,7 @@ def test_a_beat_round_trips_through_json_with_its_version() -> None:
         json.dumps({**json.loads(_beat().encode()), "interval": 0}).encode(),
         json.dumps({**json.loads(_beat().encode()), "stopping": 1}).encode(),
         b"{" + b" " * 70_000 + b"}",
+        b"[" * 60_000,
     ],
 )
 def test_a_message_that_is_not_a_beat_raises_value_error(body: bytes) -> None:
@@ -451,3 +457,29 @@ async def test_beats_during_a_memory_alarm_do_not_block_the_workers_connection(
                 await asyncio.to_thread(local_broker.ctl, "set_vm_memory_high_watermark", "0.4")
         finally:
             await worker.stop()
+
+
+# --- the web integrations -------------------------------------------------------------------
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("framework", ["fastapi", "aiohttp"])
+async def test_a_web_apps_worker_beats_and_says_goodbye(
+    amqp_url: str, queue_name: str, framework: str
+) -> None:
+    mine = of_queue(queue_name)
+    async with PresenceWatcher(amqp_url, gone_after=60) as watcher:
+        if framework == "fastapi":
+            fastapi_workq = workq_fastapi.Workq(amqp_url)
+            fastapi_workq.add_worker(_noop, queue=queue_name, presence_interval=INTERVAL)
+            serving: Any = serve_asgi(FastAPI(lifespan=fastapi_workq.lifespan))
+        else:
+            aiohttp_workq = workq_aiohttp.Workq(amqp_url)
+            aiohttp_workq.add_worker(_noop, queue=queue_name, presence_interval=INTERVAL)
+            app = web.Application()
+            aiohttp_workq.setup(app)
+            serving = serve_aiohttp(app)
+        async with serving:
+            [seen] = mine(await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=10))
+            assert seen.alive and seen.beat.pid == os.getpid()
+        await watcher.wait_for(lambda ws: not mine(ws)[0].alive, timeout=5)  # its goodbye

@@ -114,8 +114,8 @@ class WorkerBeat:
             raise ValueError(f"{len(body)} bytes is too long for a beat")
         try:
             data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"not JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"not JSON: {type(exc).__name__}: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"not a JSON object but {type(data).__name__}")
         version = data.get("v")
@@ -558,7 +558,7 @@ class PresenceWatcher:
     async def _on_message(self, message: DeliveredMessage) -> None:
         try:
             beat = WorkerBeat.decode(message.body)
-        except ValueError as exc:
+        except Exception as exc:  # whatever is on the exchange, the watcher goes on
             log.debug("presence watcher: skipped a message that is not a beat: %s", exc)
             return
         previous = self._seen.get(beat.id)

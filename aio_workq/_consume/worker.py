@@ -407,18 +407,22 @@ class Worker:
     async def _teardown(self) -> None:
         """Close what this worker opened; safe to call more than once."""
         beacon, self._beacon = self._beacon, None
-        if beacon is not None:  # the goodbye, once the handlers are done (bounded: ~1 s)
-            await beacon.close(goodbye=True)
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.cancel()
-        subscription = self._subscription
-        if subscription is not None:
-            await subscription.close()
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.close(timeout=5)
-        self._runner.close()
+        # The goodbye, once the handlers are done (bounded: ~1 s), beside the closes below.
+        goodbye = asyncio.ensure_future(beacon.close(goodbye=True)) if beacon else None
+        try:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.cancel()
+            subscription = self._subscription
+            if subscription is not None:
+                await subscription.close()
+            publisher, self._publisher = self._publisher, None
+            if publisher is not None:
+                await publisher.close(timeout=5)
+            self._runner.close()
+        finally:
+            if goodbye is not None:
+                await asyncio.gather(goodbye, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
 
