@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -483,3 +484,31 @@ async def test_a_web_apps_worker_beats_and_says_goodbye(
             [seen] = mine(await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=10))
             assert seen.alive and seen.beat.pid == os.getpid()
         await watcher.wait_for(lambda ws: not mine(ws)[0].alive, timeout=5)  # its goodbye
+
+
+@pytest.mark.broker
+@pytest.mark.cli
+async def test_the_workers_command_watches_until_interrupted(
+    queue_name: str, env: dict[str, str], make_worker: Callable[..., aio_workq.Worker]
+) -> None:
+    worker = make_worker(queue=queue_name, handler=_noop, presence_interval=INTERVAL)
+    await worker.start()
+
+    def listed() -> bool:
+        return any(queue_name in line for line in proc.out)
+
+    async with cli("workers", "--watch", "--json", env=env) as proc:
+        await proc.wait_for(listed, what="the worker in a refresh")
+        rows = json.loads(next(line for line in proc.out if queue_name in line))
+        assert [row["pid"] for row in rows if queue_name in row["queues"]] == [os.getpid()]
+        proc.proc.send_signal(signal.SIGINT)
+        assert await proc.exit_code() == 0, proc.err
+
+
+def test_a_sibling_connection_has_the_same_settings_on_the_plain_path() -> None:
+    context = ssl.create_default_context()
+    urls = ["amqps://u:p@a/", "amqps://u:p@b/"]
+    connection = aio_workq.Connection(urls, ssl_context=context, connect_timeout=3)
+    sibling = connection.sibling(name="beats")
+    assert sibling is not connection and not sibling.fast_path and not sibling.is_connected
+    assert repr(sibling) == repr(connection)  # the same URLs, password hidden
