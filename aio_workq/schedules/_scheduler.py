@@ -225,6 +225,7 @@ class Scheduler:
         misfire: Misfire = "skip",
         catch_up_limit: int = 10,
         start: datetime | None = None,
+        jitter: timedelta = timedelta(0),
     ) -> Callable[[F], F]:
         """Decorate a handler: its schedule publishes to `queue` (default: the handler's name).
 
@@ -247,6 +248,7 @@ class Scheduler:
                     misfire=misfire,
                     catch_up_limit=catch_up_limit,
                     start=start,
+                    jitter=jitter,
                 )
             )
             return handler
@@ -425,10 +427,17 @@ class Scheduler:
                     self._fired += 1
                     entry.cursor = entry.last = due
                     fired = True
-                entry.next = schedule.next_after(max(entry.cursor, now))
+                entry.next = schedule.next_pending(cursor=entry.cursor, now=now)
             if fired:
                 await _publish_state(channel, self.names, state, _now())
-            soonest = min((e.next for e in state.entries.values() if e.next), default=None)
+            soonest = min(
+                (
+                    s.fire_at(e.next)
+                    for n, s in self._schedules.items()
+                    if (e := state.entries[n]).next
+                ),
+                default=None,
+            )
             pause = 5.0 if soonest is None else (soonest - _now()).total_seconds()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(max(pause, 0.0), 5.0)):
@@ -450,7 +459,7 @@ def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) ->
         entry.describe = schedule.describe()
         entry.tz = schedule.tz
         entry.queue = schedule.queue_name
-        entry.next = schedule.next_after(max(entry.cursor, now))
+        entry.next = schedule.next_pending(cursor=entry.cursor, now=now)
     for name in [n for n in state.entries if n not in schedules]:
         entry = state.entries[name]
         if (entry.last or entry.cursor) < now - RETAIN_UNKNOWN:
