@@ -12,7 +12,9 @@ The replicas are never killed: they reconnect to another node and stand again.
 The ticks are counted from the queues themselves after the run (every message drained and
 counted by id), not by a consumer during it: a consumer whose node dies gets its unacked
 messages again, which would count as doubles that no scheduler published. Takeover is the
-time from the node's SIGKILL to the moment a replica says it is active; a kill of the lease
+time from the node's SIGKILL to the start of the first active term that lasts (1 s or more;
+a replica made active while the state queue's leader is still being re-elected fails its first
+read and stands again: such brief terms are counted apart); a kill of the lease
 queue's leader that the active scheduler outlives (its connection is on another node) is
 counted as kept, not as a takeover.
 """
@@ -33,6 +35,7 @@ from scripts.schedules_ledger import LedgerResult, Replica, count_ticks
 __all__ = ("lease_holder", "run_cluster_ledger")
 
 SCHEDULES = ("interval", "minutely")
+_LASTING = 1.0  # seconds an active term lasts to count as a takeover
 _PID_NODE = re.compile(r"<([^.<>]+@[^.<>]+)\.")
 
 
@@ -51,17 +54,31 @@ class Fleet:
         elif who is self.active:
             self.active = None
 
+    def terms(self) -> list[tuple[float, float, Replica]]:
+        """Each replica's active terms: (ACTIVE at, PASSIVE at or +inf, replica), by start."""
+        terms: list[tuple[float, float, Replica]] = []
+        began: dict[int, tuple[float, Replica]] = {}
+        for at, word, who in sorted(self.log, key=lambda e: e[0]):
+            if word == "ACTIVE":
+                began.setdefault(id(who), (at, who))
+            elif id(who) in began:
+                terms.append((began.pop(id(who))[0], at, who))
+        terms += [(at, float("inf"), who) for at, who in began.values()]
+        return sorted(terms, key=lambda t: t[0])
+
+    def settled(self, after: float, lasting: float) -> float | None:
+        """When the first term that began after `after` and lasted `lasting` s began: a
+        replica that failed at once (its first read of the state on a queue whose leader had
+        just died) is not a takeover yet."""
+        for start, end, _ in self.terms():
+            if start >= after and end - start >= lasting:
+                return start
+        return None
+
     def overlaps(self, until: float) -> list[float]:
         """How long each two replicas both said they were active (by their own clocks: one
         machine), for the terms that began before `until`."""
-        terms: list[tuple[float, float, Replica]] = []
-        began: dict[int, float] = {}
-        for at, word, who in sorted(self.log, key=lambda e: e[0]):
-            if word == "ACTIVE":
-                began.setdefault(id(who), at)
-            elif id(who) in began:
-                terms.append((began.pop(id(who)), at, who))
-        terms = [t for t in terms if t[0] < until]
+        terms = [t for t in self.terms() if t[0] < until]
         found = []
         for i, (a1, p1, r1) in enumerate(terms):
             for a2, p2, r2 in terms[i + 1 :]:
@@ -163,6 +180,7 @@ async def run_cluster_ledger(
         start = time.monotonic()
         next_kill = start + kill_every
         rounds = 0
+        takeovers: list[float] = []  # the kills after which the active scheduler changed
         while time.monotonic() - start < duration:
             if time.monotonic() < next_kill:
                 await asyncio.sleep(0.2)  # the orchestrator's own pace
@@ -184,13 +202,13 @@ async def run_cluster_ledger(
             rounds += 1
             result.kill_targets.append(kind)
             if target == holder:
-                at = await fleet.next_event("ACTIVE", 60)
+                await fleet.next_event("ACTIVE", 60)
+                takeovers.append(killed_at)
             elif await fleet.next_event("PASSIVE", 15, fleet.active) is None:
-                at, result.kept = None, result.kept + 1  # it kept the lease
+                result.kept += 1  # it kept the lease
             else:
-                at = await fleet.next_event("ACTIVE", 60)
-            if at is not None:
-                result.takeovers.append(at - killed_at)
+                await fleet.next_event("ACTIVE", 60)
+                takeovers.append(killed_at)
             await asyncio.to_thread(cluster.restart, target)
         ended = datetime.now(UTC)
         ended_at = time.time()
@@ -201,6 +219,11 @@ async def run_cluster_ledger(
         fleet.drain()
     deliveries = await drain(cluster.urls[0], tick_queues)
     count_ticks(result, deliveries, began, ended)
+    for killed_at in takeovers:
+        settled = fleet.settled(killed_at, _LASTING)
+        if settled is not None:
+            result.takeovers.append(settled - killed_at)
+    result.brief_terms = sum(1 for a, p, _ in fleet.terms() if a < ended_at and p - a < _LASTING)
     overlaps = fleet.overlaps(ended_at)
     result.overlaps = len(overlaps)
     result.max_overlap = max(overlaps, default=0.0)

@@ -63,6 +63,7 @@ class LedgerResult:
     kept: int = 0
     overlaps: int = 0  # two replicas said they were active at once
     max_overlap: float = 0.0  # seconds
+    brief_terms: int = 0  # active terms shorter than 1 s (a failed first read of the state)
 
     @property
     def missed(self) -> int:
@@ -106,6 +107,7 @@ class LedgerResult:
                 + f"; the active scheduler kept the lease through {self.kept} of them; "
                 + f"{self.overlaps} overlaps of two active replicas"
                 + (f" (max {self.max_overlap:.3f} s)" if self.overlaps else "")
+                + f"; {self.brief_terms} active terms shorter than 1 s"
             )  # fmt: skip
             lines.append(
                 "  queue types: " + ", ".join(f"{q} {t}" for q, t in self.queue_types.items())
