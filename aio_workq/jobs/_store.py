@@ -17,7 +17,10 @@ from .._exceptions import ConfigurationError
 from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
 from ._status import RANK, JobRecord, JobState, JobStatus, Write, timestamp
 
-__all__ = ("DAY", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "write_params")
+__all__ = (
+    "DAY", "ROWS", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "rows_params",
+    "statements", "write_params",
+)  # fmt: skip
 
 DAY = 86_400.0
 
@@ -74,37 +77,64 @@ COLUMNS = (
 )
 
 
+ROWS = (
+    "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
+    "error_message, result, content_type, at, started_at, finished_at, expires_at"
+)
+"""The fields of one write, as `write_params` gives them (`requeue` aside)."""
+
+
 class SQL:
     """The statements of a SQL store on table `table`, with `:name` parameters (SQLite's
-    style; `PostgresStore` rewrites them to psycopg's)."""
+    style; `PostgresStore` rewrites them to psycopg's).
 
-    def __init__(self, table: str) -> None:
+    `write` and `claim` apply one write (`write_params`). With `rows`, a query yielding the
+    columns of `ROWS`, one row per write, `write_rows` and `claim_rows` apply many in one
+    statement (each job at most once in it: a row can't be changed twice by one statement);
+    the rules are the same text, and each returns the `job_id` of every write applied.
+    """
+
+    def __init__(self, table: str, rows: str | None = None) -> None:
+        # The conflict rules read the write's time as excluded.updated_at (= its `at`), so
+        # the one-write and the many-writes forms share them word for word.
         upsert = f"""
-            INSERT INTO {table} AS j ({COLUMNS}) VALUES (
-                :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
-                :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
-                :finished_at, :at, :expires_at)
+            INSERT INTO {table} AS j ({COLUMNS}) {{source}}
             ON CONFLICT (job_id) DO UPDATE SET
                 task = excluded.task, queue = excluded.queue, state = excluded.state,
                 rank = excluded.rank, attempt = excluded.attempt, defers = excluded.defers,
                 next_retry_at = excluded.next_retry_at, error_type = excluded.error_type,
                 error_message = excluded.error_message, result = excluded.result,
                 content_type = excluded.content_type,
-                cancel_requested = CASE WHEN j.expires_at <= :at THEN FALSE
+                cancel_requested = CASE WHEN j.expires_at <= excluded.updated_at THEN FALSE
                                         ELSE j.cancel_requested END,
-                created_at = CASE WHEN j.expires_at <= :at THEN excluded.created_at
-                                  ELSE j.created_at END,
+                created_at = CASE WHEN j.expires_at <= excluded.updated_at
+                                  THEN excluded.created_at ELSE j.created_at END,
                 started_at = COALESCE(excluded.started_at, j.started_at),
                 finished_at = excluded.finished_at, updated_at = excluded.updated_at,
                 expires_at = excluded.expires_at
-            WHERE j.expires_at <= :at OR (j.state NOT IN ('succeeded', 'cancelled') AND ({{}}))
-            RETURNING state"""
-        self.write = upsert.format(
+            WHERE j.expires_at <= excluded.updated_at
+               OR (j.state NOT IN ('succeeded', 'cancelled') AND ({{rule}}))
+            RETURNING job_id"""
+        write_rule = (
             "(excluded.attempt, excluded.defers, excluded.rank) > (j.attempt, j.defers, j.rank)"
             " OR (:requeue AND excluded.state = 'queued' AND j.state = 'running'"
             " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
         )
-        self.claim = upsert.format("NOT j.cancel_requested")
+        claim_rule = "NOT j.cancel_requested"
+        values = """VALUES (
+                :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
+                :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
+                :finished_at, :at, :expires_at)"""
+        self.write = upsert.format(source=values, rule=write_rule)
+        self.claim = upsert.format(source=values, rule=claim_rule)
+        if rows is not None:
+            many = (
+                "SELECT job_id, task, queue, state, rank, attempt, defers, next_retry_at, "
+                "error_type, error_message, result, content_type, FALSE, at, started_at, "
+                f"finished_at, at, expires_at FROM ({rows}) AS w"
+            )
+            self.write_rows = upsert.format(source=many, rule=write_rule)
+            self.claim_rows = upsert.format(source=many, rule=claim_rule)
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
         self.cancel_waiting = (
             f"UPDATE {table} SET state = 'cancelled', rank = {RANK[JobState.CANCELLED]}, "
@@ -117,6 +147,56 @@ class SQL:
             "WHERE job_id = :job_id AND state = 'running' AND expires_at > :now"
         )
         self.purge = f"DELETE FROM {table} WHERE expires_at <= :now"
+
+
+def statements(writes: Sequence[Write]) -> list[tuple[bool, bool, list[int]]]:
+    """How to apply `writes` with many-row statements: `(claim, requeue, indexes)` each, in
+    order. Writes of different jobs touch different rows, so only the order of each job's
+    own writes matters; each statement holds a job at most once (a row can't be changed
+    twice by one statement): the k-th write of a job goes in the k-th round, and a round
+    is split by kind (claim, requeue, plain). Indexes are sorted by job id, so concurrent
+    transactions lock rows in the same order."""
+    rounds: list[dict[tuple[bool, bool], list[int]]] = []
+    seen: dict[str, int] = {}
+    for i, write in enumerate(writes):
+        k = seen.get(write.job_id, 0)
+        seen[write.job_id] = k + 1
+        if k == len(rounds):
+            rounds.append({})
+        rounds[k].setdefault((write.claim, write.requeue and not write.claim), []).append(i)
+    return [
+        (claim, requeue, sorted(indexes, key=lambda i: writes[i].job_id))
+        for kinds in rounds
+        for (claim, requeue), indexes in kinds.items()
+    ]
+
+
+def rows_params(writes: Sequence[Write], indexes: Sequence[int], ttl: float) -> dict[str, Any]:
+    """The parameters of `SQL.write_rows` / `SQL.claim_rows`: one list per field of `ROWS`,
+    the writes at `indexes` in that order."""
+    columns: dict[str, list[Any]] = {name.strip(): [] for name in ROWS.split(",")}
+    (job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type,
+     error_message, result, content_type, at, started_at, finished_at, expires_at,
+     ) = columns.values()  # fmt: skip
+    for i in indexes:
+        write = writes[i]
+        job_id.append(write.job_id)
+        task.append(write.task)
+        queue.append(write.queue)
+        state.append(write.state.value)
+        rank.append(write.rank)
+        attempt.append(write.attempt)
+        defers.append(write.defers)
+        next_retry_at.append(write.next_retry_at)
+        error_type.append(write.error_type)
+        error_message.append(write.error_message)
+        result.append(write.result)
+        content_type.append(write.content_type)
+        at.append(write.at)
+        started_at.append(write.at if write.state is JobState.RUNNING else None)
+        finished_at.append(write.at if write.finished else None)
+        expires_at.append(write.at + ttl)
+    return columns
 
 
 def write_params(write: Write, ttl: float) -> dict[str, Any]:

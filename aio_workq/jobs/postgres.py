@@ -29,7 +29,7 @@ from ._groupstore import (
     rate_expiry,
 )
 from ._status import JobRecord, JobStatus, Write
-from ._store import DAY, SQL, check_ttl, row_record, write_params
+from ._store import DAY, ROWS, SQL, check_ttl, row_record, rows_params, statements, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
 
@@ -37,6 +37,14 @@ DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 _PURGE_EVERY = 60.0
+# A batch's writes as rows: one array parameter per field (SQL.write_rows reads them).
+_UNNEST = (
+    "SELECT * FROM unnest(:job_id::text[], :task::text[], :queue::text[], :state::text[], "
+    ":rank::smallint[], :attempt::integer[], :defers::integer[], :next_retry_at::float8[], "
+    ":error_type::text[], :error_message::text[], :result::bytea[], :content_type::text[], "
+    ":at::float8[], :started_at::float8[], :finished_at::float8[], :expires_at::float8[]) "
+    f"AS u({ROWS})"
+)
 
 
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
@@ -109,8 +117,10 @@ class PostgresStore:
         )
         self._opened = not self._own
         self._timeout = timeout
-        sql = SQL(f"{quote(schema)}.workq_jobs")
+        sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
         self._write = _psycopg(sql.write)
+        self._write_rows = _psycopg(sql.write_rows)
+        self._claim_rows = _psycopg(sql.claim_rows)
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
@@ -142,24 +152,32 @@ class PostgresStore:
     async def record(self, writes: Sequence[Write]) -> list[bool]:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
+        applied = [False] * len(writes)
         try:
-            # Pipeline mode: BEGIN, the batch's statements (the same ones, in order, each under
-            # its rules) and COMMIT go in one round trip; then their results are read. A failed
-            # statement aborts the rest and the transaction: reading raises its error.
+            # Pipeline mode: BEGIN, a few many-row statements (`statements()`: each job at
+            # most once in each, its writes in order) and COMMIT go in one round trip; then
+            # their results are read. A failed statement aborts the rest and the transaction:
+            # reading raises its error.
             async with await self._connection() as conn, conn.pipeline():
-                ttl, claim_sql, write_sql = self.ttl, self._claim, self._write
+                ttl = self.ttl
+                sent = []
                 async with conn.transaction():
-                    cursors = [
-                        await conn.execute(
-                            claim_sql if write.claim else write_sql, write_params(write, ttl)
-                        )
-                        for write in writes
-                    ]
+                    for claim, requeue, indexes in statements(writes):
+                        params = rows_params(writes, indexes, ttl)
+                        if claim:
+                            cursor = await conn.execute(self._claim_rows, params)
+                        else:
+                            params["requeue"] = requeue
+                            cursor = await conn.execute(self._write_rows, params)
+                        sent.append((cursor, indexes))
                     if purge:
                         await conn.execute(self._purge, {"now": now})
                         for statement in self._gpurge:
                             await conn.execute(statement, {"now": now})
-                applied = [await cursor.fetchone() is not None for cursor in cursors]
+                for cursor, indexes in sent:
+                    done = {row[0] for row in await cursor.fetchall()}
+                    for i in indexes:
+                        applied[i] = writes[i].job_id in done
             if purge:
                 self._last_purge = now
             return applied
