@@ -100,24 +100,22 @@ async def test_a_failed_batch_is_caught_up_after_and_under_the_writes_held_behin
     recorder = Recorder(store)
     claim_x = asyncio.ensure_future(recorder.claim(running("x")))
     assert await store.batch(0) == [("x", JobState.RUNNING, True)]
-    claim_y = asyncio.ensure_future(recorder.claim(running("y")))
-    assert await store.batch(1) == [("y", JobState.RUNNING, True)]
+    recorder.write(write("y", JobState.QUEUED, requeue=True))  # y handed back to the queue
+    assert await store.batch(1) == [("y", JobState.QUEUED, False)]
     store.fail(0)  # x's claim fails: the store counts as down, the job runs all the same
     assert await claim_x is True
-    recorder.write(write("x", JobState.SUCCEEDED, result=b"1"))  # kept: the store is down
-    store.fail(1)  # y's batch fails too: its older claim must not replace a newer write
-    assert await claim_y is True
-    recorder.write(write("y", JobState.SUCCEEDED, result=b"2"))
-    # the catch-up: one batch with the latest write of each job
-    batch = await store.batch(2)
-    assert sorted(batch) == [
-        ("x", JobState.SUCCEEDED, False),
-        ("y", JobState.SUCCEEDED, False),
-    ]
+    # y is redelivered while its requeue is in flight: granted at once (the store is down)
+    assert await recorder.claim(running("y")) is True
+    store.fail(1)  # the requeue fails too: older than y's claim, it must not replace it
+    batch = await store.batch(2)  # the catch-up: the latest write of each job
+    assert sorted(batch) == [("x", JobState.RUNNING, False), ("y", JobState.RUNNING, False)]
     store.release(2)
+    recorder.write(write("x", JobState.SUCCEEDED, result=b"1"))
+    assert await store.batch(3) == [("x", JobState.SUCCEEDED, False)]
+    store.release(3)
     await recorder.close()
     assert await state_of(store, "x") is JobState.SUCCEEDED
-    assert await state_of(store, "y") is JobState.SUCCEEDED
+    assert await state_of(store, "y") is JobState.RUNNING
 
 
 async def test_concurrent_enqueues_go_out_without_waiting_for_the_batch_in_flight() -> None:
