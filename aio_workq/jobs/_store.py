@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import ConfigurationError
 from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
-from ._status import RANK, JobRecord, JobState, JobStatus, Write, timestamp
+from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, timestamp
 
 __all__ = (
     "DAY", "ROWS", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "rows_params",
@@ -79,9 +79,10 @@ COLUMNS = (
 
 ROWS = (
     "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
-    "error_message, result, content_type, at, started_at, finished_at, expires_at"
+    "error_message, result, content_type, at"
 )
-"""The fields of one write, as `write_params` gives them (`requeue` aside)."""
+"""The fields of one write in `rows_params` (what `write_params` derives from them, the
+statement derives too)."""
 
 
 class SQL:
@@ -89,9 +90,10 @@ class SQL:
     style; `PostgresStore` rewrites them to psycopg's).
 
     `write` and `claim` apply one write (`write_params`). With `rows`, a query yielding the
-    columns of `ROWS`, one row per write, `write_rows` and `claim_rows` apply many in one
-    statement (each job at most once in it: a row can't be changed twice by one statement);
-    the rules are the same text, and each returns the `job_id` of every write applied.
+    columns of `ROWS`, one row per write (`rows_params`), `write_rows` and `claim_rows` apply
+    many in one statement (each job at most once in it: a row can't be changed twice by one
+    statement; `statements()` plans them); the rules are the same text, and each returns the
+    `job_id` of every write applied.
     """
 
     def __init__(self, table: str, rows: str | None = None) -> None:
@@ -128,10 +130,13 @@ class SQL:
         self.write = upsert.format(source=values, rule=write_rule)
         self.claim = upsert.format(source=values, rule=claim_rule)
         if rows is not None:
-            many = (
+            terminal = ", ".join(sorted(f"'{state.value}'" for state in TERMINAL))
+            many = (  # started_at, finished_at and expires_at as write_params has them
                 "SELECT job_id, task, queue, state, rank, attempt, defers, next_retry_at, "
-                "error_type, error_message, result, content_type, FALSE, at, started_at, "
-                f"finished_at, at, expires_at FROM ({rows}) AS w"
+                "error_type, error_message, result, content_type, FALSE, at, "
+                f"CASE WHEN state = '{JobState.RUNNING.value}' THEN at END, "
+                f"CASE WHEN state IN ({terminal}) THEN at END, at, at + :ttl "
+                f"FROM ({rows}) AS w"
             )
             self.write_rows = upsert.format(source=many, rule=write_rule)
             self.claim_rows = upsert.format(source=many, rule=claim_rule)
@@ -173,11 +178,10 @@ def statements(writes: Sequence[Write]) -> list[tuple[bool, bool, list[int]]]:
 
 def rows_params(writes: Sequence[Write], indexes: Sequence[int], ttl: float) -> dict[str, Any]:
     """The parameters of `SQL.write_rows` / `SQL.claim_rows`: one list per field of `ROWS`,
-    the writes at `indexes` in that order."""
+    the writes at `indexes` in that order, and the `ttl`."""
     columns: dict[str, list[Any]] = {name.strip(): [] for name in ROWS.split(",")}
     (job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type,
-     error_message, result, content_type, at, started_at, finished_at, expires_at,
-     ) = columns.values()  # fmt: skip
+     error_message, result, content_type, at) = columns.values()  # fmt: skip
     for i in indexes:
         write = writes[i]
         job_id.append(write.job_id)
@@ -193,10 +197,7 @@ def rows_params(writes: Sequence[Write], indexes: Sequence[int], ttl: float) -> 
         result.append(write.result)
         content_type.append(write.content_type)
         at.append(write.at)
-        started_at.append(write.at if write.state is JobState.RUNNING else None)
-        finished_at.append(write.at if write.finished else None)
-        expires_at.append(write.at + ttl)
-    return columns
+    return {**columns, "ttl": ttl}
 
 
 def write_params(write: Write, ttl: float) -> dict[str, Any]:
