@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from aio_workq.jobs import JobState, MemoryStore, StoreError, Write
 from aio_workq.jobs._recorder import GroupCommit, Recorder, Running
+from aio_workq.jobs._running import run_task
 
 
 class GatedStore(MemoryStore):
@@ -132,3 +133,52 @@ async def test_concurrent_enqueues_go_out_without_waiting_for_the_batch_in_fligh
     assert not first.done()
     store.release(0)
     await first
+
+
+class Delivery:
+    """What the recorder reads of a delivery (a `JobView`'s id, headers and attempt)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.message_id = job_id
+        self.headers = {"x-workq-task": "t"}
+        self.attempt = 1
+
+
+async def test_a_delivery_is_claimed_when_it_arrives_and_runs_only_once_granted() -> None:
+    store = GatedStore()
+    recorder = Recorder(store)
+    delivery = Delivery("x")
+    # the worker enters its hooks when the delivery arrives, before it waits for a handler
+    recorder.handling(delivery, "q")  # type: ignore[arg-type]
+    assert await store.batch(0) == [("x", JobState.RUNNING, True)]
+    tracked = recorder.running(delivery)  # type: ignore[arg-type]
+    assert tracked is not None and (tracked.job_id, tracked.queue) == ("x", "q")
+    granted = asyncio.ensure_future(recorder.claim(tracked))  # the handler's turn comes
+    await asyncio.sleep(0)
+    assert not granted.done()  # it runs only once the store granted the claim
+    store.release(0)
+    assert await granted is True
+    assert len(store.batches) == 1  # claimed once
+    await recorder.close()
+
+
+class Task:
+    """What `run_task` needs of a task."""
+
+    name = "t"
+    is_async = True
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    async def fn(self) -> int:
+        self.ran = True
+        return 1
+
+
+async def test_a_job_cancelled_before_its_handler_starts_does_not_run() -> None:
+    task = Task()
+    tracked = running("x")
+    tracked.request_cancel()  # e.g. while it waited for a free handler, or a rate limit
+    assert await run_task(task, {}, tracked) is None  # type: ignore[arg-type]
+    assert not task.ran and tracked.cancelled

@@ -26,6 +26,7 @@ from typing import Any
 from .._exceptions import qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from ._errors import Cancelled
+from ._handle import TASK_HEADER
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -68,6 +69,8 @@ class Running:
     defers: int = 0
     handler: asyncio.Task[Any] | None = None
     """The task running an async handler (cancelled by a cancel request)."""
+    claimed: asyncio.Future[bool] | None = None
+    """The claim, sent when the delivery arrived (`Recorder.handling`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
     _flag: threading.Event = field(default_factory=threading.Event)
@@ -146,21 +149,43 @@ class Recorder(Hook):
         self._jobs[job] = running
         self._by_id[running.job_id] = running
 
+    def running(self, job: JobView) -> Running | None:
+        """The tracked job of this delivery (`handling` made it), if any."""
+        return self._jobs.get(job)
+
+    def arrived(self, job: JobView, queue: str) -> Running | None:
+        """A delivery arrived: follow its job (if it has an id) and send its claim now."""
+        job_id = job.message_id
+        if not job_id:
+            return None
+        name = job.headers.get(TASK_HEADER)
+        running = Running(job_id, str(name), queue, job.attempt, defers_of(job))
+        self.begin(job, running)
+        running.claimed = self._claim(running)
+        return running
+
+    def _claim(self, running: Running) -> asyncio.Future[bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self.down:
+            self._keep(running.write(JobState.RUNNING))
+            future.set_result(True)
+        elif self._closed:
+            self._enqueue(running.write(JobState.RUNNING), None)
+            future.set_result(True)
+        else:
+            self._enqueue(running.write(JobState.RUNNING, claim=True), future)
+        return future
+
     async def claim(self, running: Running) -> bool:
-        """Claim the job in the store: False if it was cancelled or already succeeded.
+        """Whether the job may run: False if it was cancelled or already succeeded (the
+        store's answer to its claim, sent when it arrived or now).
 
         Granted without waiting while the store is down (the job runs; its state is recorded
         when the store is back)."""
-        write = running.write(JobState.RUNNING, claim=True)
-        if self.down:
-            self._keep(running.write(JobState.RUNNING))
-            return True
-        if self._closed:
-            self._enqueue(running.write(JobState.RUNNING), None)
-            return True
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._enqueue(write, future)
-        return await future
+        claimed = running.claimed
+        if claimed is None:
+            claimed = running.claimed = self._claim(running)
+        return await claimed
 
     def cancel_local(self, job_id: str) -> bool:
         """A cancel request from the control exchange: stop the job if it runs here."""
@@ -172,6 +197,13 @@ class Recorder(Hook):
         return True
 
     # -- the hook ---------------------------------------------------------------------------
+
+    def handling(self, job: JobView, queue: str) -> None:
+        """A delivery arrived, before it waits for a free handler (with `prefetch` above
+        `concurrency`): its claim goes out now, so the round trip overlaps the handlers
+        running. The handler still runs only once the claim is granted."""
+        if job not in self._jobs:
+            self.arrived(job, queue)
 
     def after_handle(self, info: HandleInfo) -> None:
         running = self._jobs.pop(info.job, None)

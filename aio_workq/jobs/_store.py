@@ -18,8 +18,8 @@ from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
 from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, timestamp
 
 __all__ = (
-    "DAY", "ROWS", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "rows_params",
-    "statements", "write_params",
+    "CLAIM", "DAY", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL", "check_ttl",
+    "row_record", "rounds", "rows_params", "write_params",
 )  # fmt: skip
 
 DAY = 86_400.0
@@ -90,10 +90,10 @@ class SQL:
     style; `PostgresStore` rewrites them to psycopg's).
 
     `write` and `claim` apply one write (`write_params`). With `rows`, a query yielding the
-    columns of `ROWS`, one row per write (`rows_params`), `write_rows` and `claim_rows` apply
-    many in one statement (each job at most once in it: a row can't be changed twice by one
-    statement; `statements()` plans them); the rules are the same text, and each returns the
-    `job_id` of every write applied.
+    columns of `ROWS` from parameters named with a `{p}` prefix (`rows_params`), `round()`
+    gives one statement applying a round of writes (`rounds()`: each job at most once, as a
+    row can't be changed twice by one statement), a part per kind; the rules are the same
+    text, and it returns the `job_id` of every write applied.
     """
 
     def __init__(self, table: str, rows: str | None = None) -> None:
@@ -119,7 +119,7 @@ class SQL:
             RETURNING job_id"""
         write_rule = (
             "(excluded.attempt, excluded.defers, excluded.rank) > (j.attempt, j.defers, j.rank)"
-            " OR (:requeue AND excluded.state = 'queued' AND j.state = 'running'"
+            " OR ({requeue} AND excluded.state = 'queued' AND j.state = 'running'"
             " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
         )
         claim_rule = "NOT j.cancel_requested"
@@ -127,8 +127,9 @@ class SQL:
                 :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
                 :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
                 :finished_at, :at, :expires_at)"""
-        self.write = upsert.format(source=values, rule=write_rule)
+        self.write = upsert.format(source=values, rule=write_rule.format(requeue=":requeue"))
         self.claim = upsert.format(source=values, rule=claim_rule)
+        self._parts: dict[str, str] = {}
         if rows is not None:
             terminal = ", ".join(sorted(f"'{state.value}'" for state in TERMINAL))
             many = (  # started_at, finished_at and expires_at as write_params has them
@@ -136,10 +137,17 @@ class SQL:
                 "error_type, error_message, result, content_type, FALSE, at, "
                 f"CASE WHEN state = '{JobState.RUNNING.value}' THEN at END, "
                 f"CASE WHEN state IN ({terminal}) THEN at END, at, at + :ttl "
-                f"FROM ({rows}) AS w"
+                "FROM ({rows}) AS w"
             )
-            self.write_rows = upsert.format(source=many, rule=write_rule)
-            self.claim_rows = upsert.format(source=many, rule=claim_rule)
+            rules = {
+                CLAIM: claim_rule,
+                WRITE: write_rule.format(requeue="FALSE"),
+                REQUEUE: write_rule.format(requeue="TRUE"),
+            }
+            self._parts = {
+                kind: upsert.format(source=many.format(rows=rows.format(p=f"{kind}_")), rule=rule)
+                for kind, rule in rules.items()
+            }
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
         self.cancel_waiting = (
             f"UPDATE {table} SET state = 'cancelled', rank = {RANK[JobState.CANCELLED]}, "
@@ -153,32 +161,44 @@ class SQL:
         )
         self.purge = f"DELETE FROM {table} WHERE expires_at <= :now"
 
+    def round(self, kinds: Sequence[str]) -> str:
+        """One statement applying a round's writes of `kinds` (`CLAIM`, `WRITE`, `REQUEUE`,
+        each from its `rows_params(..., prefix=kind)`); it returns the `job_id` of each write
+        applied. Parts of one statement see the same snapshot: fine, as a round holds each
+        job once."""
+        ctes = ", ".join(f"{kind} AS ({self._parts[kind]})" for kind in kinds)
+        union = " UNION ALL ".join(f"SELECT job_id FROM {kind}" for kind in kinds)
+        return f"WITH {ctes} {union}"
 
-def statements(writes: Sequence[Write]) -> list[tuple[bool, bool, list[int]]]:
-    """How to apply `writes` with many-row statements: `(claim, requeue, indexes)` each, in
-    order. Writes of different jobs touch different rows, so only the order of each job's
-    own writes matters; each statement holds a job at most once (a row can't be changed
-    twice by one statement): the k-th write of a job goes in the k-th round, and a round
-    is split by kind (claim, requeue, plain). Indexes are sorted by job id, so concurrent
+
+CLAIM, WRITE, REQUEUE = "claim", "write", "requeue"
+"""The kinds of write a round statement applies, each under its rule."""
+
+
+def rounds(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
+    """How to apply `writes` with one statement per round: the indexes of each kind in each
+    round, rounds in order. Writes of different jobs touch different rows, so only the order
+    of each job's own writes matters: the k-th write of a job goes in the k-th round (one
+    round unless a job is written twice). Indexes are sorted by job id, so concurrent
     transactions lock rows in the same order."""
-    rounds: list[dict[tuple[bool, bool], list[int]]] = []
+    plan: list[dict[str, list[int]]] = []
     seen: dict[str, int] = {}
     for i, write in enumerate(writes):
         k = seen.get(write.job_id, 0)
         seen[write.job_id] = k + 1
-        if k == len(rounds):
-            rounds.append({})
-        rounds[k].setdefault((write.claim, write.requeue and not write.claim), []).append(i)
-    return [
-        (claim, requeue, sorted(indexes, key=lambda i: writes[i].job_id))
-        for kinds in rounds
-        for (claim, requeue), indexes in kinds.items()
-    ]
+        if k == len(plan):
+            plan.append({})
+        kind = CLAIM if write.claim else REQUEUE if write.requeue else WRITE
+        plan[k].setdefault(kind, []).append(i)
+    for kinds in plan:
+        for indexes in kinds.values():
+            indexes.sort(key=lambda i: writes[i].job_id)
+    return plan
 
 
-def rows_params(writes: Sequence[Write], indexes: Sequence[int], ttl: float) -> dict[str, Any]:
-    """The parameters of `SQL.write_rows` / `SQL.claim_rows`: one list per field of `ROWS`,
-    the writes at `indexes` in that order, and the `ttl`."""
+def rows_params(writes: Sequence[Write], indexes: Sequence[int], prefix: str) -> dict[str, Any]:
+    """The parameters of a part of `SQL.round()`: one list per field of `ROWS`, named with
+    `prefix` and `_`, of the writes at `indexes` in that order (and `ttl` to add)."""
     columns: dict[str, list[Any]] = {name.strip(): [] for name in ROWS.split(",")}
     (job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type,
      error_message, result, content_type, at) = columns.values()  # fmt: skip
@@ -197,7 +217,7 @@ def rows_params(writes: Sequence[Write], indexes: Sequence[int], ttl: float) -> 
         result.append(write.result)
         content_type.append(write.content_type)
         at.append(write.at)
-    return {**columns, "ttl": ttl}
+    return {f"{prefix}_{name}": values for name, values in columns.items()}
 
 
 def write_params(write: Write, ttl: float) -> dict[str, Any]:
