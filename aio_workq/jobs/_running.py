@@ -133,7 +133,11 @@ class QueueRunner:
         self._tasks = dict(tasks)
         self._recorder = recorder
         self._members = members
-        self.__qualname__ = f"tasks of {queue!r}"
+
+    def __workq_name__(self, job: Job | None) -> str:
+        """How the logs name what ran `job`: its task (`NamedHandler`)."""
+        name = job.headers.get(TASK_HEADER) if job is not None else None
+        return f"task {name!r}" if isinstance(name, str) else f"a task of queue {self.queue!r}"
 
     async def __call__(self, job: Job) -> Any:
         name = job.headers.get(TASK_HEADER)
