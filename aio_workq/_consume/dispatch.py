@@ -210,7 +210,8 @@ class Dispatcher:
         attempts = self._policy.max_attempts if self._policy else 1
         log.warning(
             "%s failed on message %s from %r (attempt %d of %d): %r; %s",
-            self._runner.name_for(job), job.message_id, self.queue_name, job.attempt, attempts, exc, then,
+            self._runner.name_for(job), job.message_id, self.queue_name, job.attempt, attempts,
+            exc, then,
             extra=_fields(self.queue_name, job),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip
