@@ -15,6 +15,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from .._exceptions import ConfigurationError, qualname
+from .._link.settings import check_seconds
 from .job import Job, JobData
 from .typed import Payload, resolve_payload
 
@@ -82,8 +83,8 @@ class HandlerRunner:
             raise ConfigurationError(f"handler must be callable, got {handler!r}")
         if executor not in ("thread", "process"):
             raise ConfigurationError(f"executor must be 'thread' or 'process', got {executor!r}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"handler_timeout must be > 0, got {timeout!r}")
+        if timeout is not None:
+            check_seconds("handler_timeout", timeout)
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
