@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import qualname
+from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
+from .._publish.serialization import encode_body
 from ._errors import Cancelled
 from ._status import JobState, Write
 from ._store import JobStore
@@ -88,6 +89,19 @@ class Running:
         if handler is not None and not handler.done():
             handler.cancel("aio-workq: the job was cancelled")
 
+    def keep_result(self, value: Any) -> None:
+        """Encode the task's return value as the job's result.
+
+        Raises:
+            Reject: the value can't be encoded, so it can't be stored: the job fails.
+        """
+        try:
+            self.result = encode_body(value)
+        except SerializationError as exc:
+            raise Reject(
+                f"task {self.task!r} returned a value that can't be stored: {exc}"
+            ) from exc
+
     def write(self, state: JobState, **fields: Any) -> Write:
         return Write(
             job_id=self.job_id, task=self.task, queue=self.queue, state=state, at=time.time(),
@@ -141,7 +155,8 @@ class Recorder(Hook):
         self._by_id[running.job_id] = running
 
     async def claim(self, running: Running) -> bool:
-        """Claim the job in the store: False if it was cancelled or already succeeded.
+        """Claim the job in the store: False if it was cancelled or already succeeded (then
+        `running` is marked skipped, and that is logged).
 
         Granted without waiting while the store is down (the job runs; its state is recorded
         when the store is back)."""
@@ -151,7 +166,11 @@ class Recorder(Hook):
             return True
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._enqueue(write, future)
-        return await future
+        if await future:
+            return True
+        running.skipped = True
+        log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, running.task)
+        return False
 
     def cancel_local(self, job_id: str) -> bool:
         """A cancel request from the control exchange: stop the job if it runs here."""

@@ -12,10 +12,9 @@ from .._consume.failures import MAX_DEFERS
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import Worker
-from .._exceptions import ConfigurationError, Reject, SerializationError
+from .._exceptions import ConfigurationError, Reject
 from .._hooks import Hook
 from .._link.specs import Queue
-from .._publish.serialization import encode_body
 from ._errors import Cancelled
 from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
@@ -164,20 +163,13 @@ class QueueRunner:
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
         if not await recorder.claim(running):
-            running.skipped = True
-            log.info("job %s (%s) skipped: it was cancelled or is done", job_id, task.name)
             return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
         value = await run_task(task, kwargs, running)
         if running.cancelled and value is None:
             return None
-        try:
-            running.result = encode_body(value)
-        except SerializationError as exc:
-            raise Reject(
-                f"task {task.name!r} returned a value that can't be stored: {exc}"
-            ) from exc
+        running.keep_result(value)
         return value
 
 
