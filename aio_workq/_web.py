@@ -27,6 +27,7 @@ from ._exceptions import (
 from ._hooks import Hook
 from ._link.connection import Backoff, Connection
 from ._link.settings import URLs
+from ._link.settings import check_seconds as _check_timeout
 from ._link.specs import Exchange, Queue, QueueType
 from ._publish.message import PublishOptions
 from ._publish.producer import Producer
@@ -232,14 +233,6 @@ class ProducerSettings:
             **options,
         )
         return worker, connection
-
-
-def _check_timeout(what: str, value: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise ConfigurationError(f"{what} must be a number of seconds > 0, got {value!r}")
-    if math.isinf(value):
-        raise ConfigurationError(f"{what} must be finite, got {value!r}")
-    return float(value)
 
 
 def _target(queue: str | Queue | None, exchange: str | Exchange, routing_key: str | None) -> str:

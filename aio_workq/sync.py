@@ -32,7 +32,7 @@ from ._exceptions import (
     RPCTimeoutError,
     WorkqError,
 )
-from ._link.settings import URLs, redact_url, resolve_url
+from ._link.settings import URLs, check_seconds, redact_url, resolve_url
 from ._link.specs import Exchange, Queue, QueueType
 from ._web import (
     DEFAULT_REQUEST_TIMEOUT,
@@ -41,7 +41,6 @@ from ._web import (
     ProducerOptions,
     ProducerSettings,
     ProducerView,
-    _check_timeout,
 )
 
 __all__ = ("SyncProducer",)
@@ -176,8 +175,8 @@ class SyncProducer:
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
         **options: Unpack[ProducerOptions],
     ) -> None:
-        self._timeout = _check_timeout("timeout", timeout)
-        self._close_timeout = _check_timeout("close_timeout", close_timeout)
+        self._timeout = check_seconds("timeout", timeout)
+        self._close_timeout = check_seconds("close_timeout", close_timeout)
         self._url = resolve_url(url)
         self._settings = ProducerSettings(
             url, queue_type=queue_type, connect_timeout=connect_timeout, options=options
@@ -238,7 +237,7 @@ class SyncProducer:
         stuck: type[WorkqError] = PublishTimeoutError,
     ) -> Any:
         runner = self._running()
-        seconds = self._timeout if timeout is None else _check_timeout("timeout", timeout)
+        seconds = self._timeout if timeout is None else check_seconds("timeout", timeout)
         view = runner.view
         assert view is not None
 

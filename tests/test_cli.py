@@ -20,7 +20,7 @@ import aio_pika
 import aio_pika.exceptions
 import pytest
 
-from aio_workq import Job, Producer, Reject, Worker
+from aio_workq import Job, Producer, Reject, RetryPolicy, Worker
 from tests.helpers import queue_depth, wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.cli]
@@ -281,6 +281,43 @@ async def test_queues_delete_removes_the_queue_with_its_dlq_and_retry_queues(
             await queue_depth(amqp_url, name)
     code, _, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
     assert code == 1 and "does not exist" in err
+
+
+async def test_queues_delete_without_the_management_api_finds_a_policys_retry_queues(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    # Without the management API the retry queues are found by name: those of the default
+    # RetryPolicy and of Retry(delay=...) always, another policy's with --retry-delays; the
+    # output says which were looked for and how to find the others.
+    async def handler(job: Job) -> None:
+        pass
+
+    policy = RetryPolicy(initial_delay=0.5, max_attempts=3)  # retry.500ms and retry.1000ms
+    async with Worker(amqp_url, queue=queue_name, handler=handler, retry=policy):
+        pass
+    ladder = f"{queue_name}.retry.5000ms"  # where a Retry(delay=5) waits
+    async with await aio_pika.connect(amqp_url) as connection:
+        args: dict[str, Any] = {"x-queue-type": "quorum", "x-message-ttl": 5000}
+        await (await connection.channel()).declare_queue(ladder, durable=True, arguments=args)
+
+    code, out, err = await run_cli("queues", "delete", queue_name, "--yes", env=env)
+    assert code == 0, err
+    assert out.splitlines() == [
+        f"deleted {queue_name} (0 messages)",
+        f"deleted {queue_name}.dlq (0 messages)",
+        f"deleted {queue_name}.retry.1000ms (0 messages)",
+        f"deleted {ladder} (0 messages)",
+    ]
+    assert "--retry-delays" in err and f"{queue_name}.retry.<ms>ms" in err
+    assert await queue_depth(amqp_url, f"{queue_name}.retry.500ms") == 0  # still there
+
+    code, out, err = await run_cli(
+        "queues", "delete", queue_name, "--yes", "--retry-delays", "0.5,1", env=env
+    )
+    assert code == 0, err
+    assert out.splitlines() == [f"deleted {queue_name}.retry.500ms (0 messages)"]
+    with pytest.raises(aio_pika.exceptions.ChannelClosed):
+        await queue_depth(amqp_url, f"{queue_name}.retry.500ms")
 
 
 # --- dead letters --------------------------------------------------------------------------

@@ -266,11 +266,11 @@ class PublishMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def timeout(self, data: st.DataObject) -> None:
         message_id = data.draw(st.sampled_from(self.unsettled))
-        for out in self.publisher._outstanding():
+        for out in self.publisher.outstanding():
             if out.message_id == message_id:
                 out.deadline = 0
         self._settle(message_id, "timeout")
-        self.publisher._sweep()
+        self.publisher._expiry.sweep()
         self.settle_loop()
 
     @rule()

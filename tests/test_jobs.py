@@ -5,6 +5,7 @@ and a store that is down while the queue goes on."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -129,6 +130,28 @@ async def test_a_failure_ends_failed_with_the_error(
     assert failed.value.error_message == "no good: 7" and failed.value.job_id == job.job_id
     status = await job.status()
     assert status.state is JobState.FAILED and status.error_message == "no good: 7"
+
+
+async def test_a_failed_task_is_logged_under_its_own_name(
+    amqp_url: str,
+    make_tasks: Callable[..., Tasks],
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    async def broken(n: int) -> int:
+        raise ValueError(f"no good: {n}")
+
+    job = await broken.enqueue(7)
+    with caplog.at_level(logging.WARNING, logger="aio_workq"):
+        async with running(tasks, amqp_url, retry=None):
+            with pytest.raises(JobFailedError):
+                await job.result(timeout=20)
+    [failure] = [r.getMessage() for r in caplog.records if "failed on message" in r.getMessage()]
+    assert failure.startswith(f"task {broken.name!r} failed on message {job.job_id}")
+    assert "QueueRunner" not in failure
 
 
 async def test_a_dead_lettered_job_replayed_runs_its_task_again(

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from yarl import URL
 
 import aio_workq
 from aio_workq import (
@@ -25,6 +26,7 @@ from aio_workq import (
     UnroutableError,
 )
 from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
+from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth
 
 pytestmark = pytest.mark.broker
@@ -208,3 +210,41 @@ async def test_a_float_header_arrives_exactly_as_sent(path: Path, queue_name: st
     assert isinstance(nested, dict)
     assert repr(nested["list"]) == "[2.5e-310, -0.0, 16777217.0]"  # -0.0 and subnormals too
     path.assert_never_lost()
+
+
+# --- a message that was never sent says so -----------------------------------------------------
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+async def test_a_timed_out_message_that_was_never_sent_says_it_did_not_reach_the_queue(
+    request: pytest.FixtureRequest, amqp_url: str, queue_name: str, fast: bool
+) -> None:
+    # Behind a black hole nothing is confirmed. The mandatory publish goes out; on the plain
+    # path the second one, with the same message id, waits in the lane for the first one's
+    # outcome (aiormq matches a return by id), so it never reaches aiormq: its timeout must not
+    # say that it may have reached the queue. On the fast path both are written at once.
+    port = URL(amqp_url).port
+    assert port is not None
+    async with FaultProxy(upstream_port=port) as proxy:
+        connection = Connection(proxy.url(amqp_url), fast_path=fast, name=request.node.nodeid)
+        await connection.open()
+        try:
+            async with Producer(connection=connection, timeout=20) as producer:
+                await producer.publish("declare", queue=queue_name)
+                proxy.black_hole()
+                first = await producer.send("a", queue=queue_name, message_id="same", timeout=1)
+                second = await producer.send(
+                    "b", queue=queue_name, message_id="same", mandatory=False, timeout=1
+                )
+                with pytest.raises(PublishTimeoutError, match="may or may not have reached"):
+                    await first
+                with pytest.raises(PublishTimeoutError) as timed_out:
+                    await second
+                proxy.heal()
+        finally:
+            await connection.close()
+    if fast:
+        assert "may or may not have reached the queue" in str(timed_out.value)
+    else:
+        assert "did not reach the queue" in str(timed_out.value)
+        assert "may or may not" not in str(timed_out.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+import aio_pika
 import pytest
 
 from aio_workq import (
@@ -233,3 +234,31 @@ async def test_headers_exchange_routes_by_matching_headers(
     )
     await producer.publish("also", exchange=exchange, headers={"format": "pdf", "type": "report"})
     assert await counter.wait_for(2) == ["match", "also"]
+
+
+async def test_a_dead_letter_queue_declared_otherwise_names_a_fix_a_worker_can_apply(
+    amqp_url: str, queue_name: str
+) -> None:
+    # A classic queue where the worker's (quorum) dead-letter queue goes: a Worker takes no
+    # passive=True for its .dlq, so the advice must be one the user can follow.
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(
+            f"{queue_name}.dlq", durable=True, arguments={"x-queue-type": "classic"}
+        )
+
+    async def handler(job: Job) -> None:
+        pass
+
+    worker = Worker(amqp_url, queue=queue_name, handler=handler)
+    try:
+        with pytest.raises(TopologyError) as info:
+            await worker.start()
+    finally:
+        await worker.stop()
+    text = str(info.value)
+    assert f"'{queue_name}.dlq'" in text and "passive" not in text
+    assert f"dead-letter queue of Queue('{queue_name}')" in text
+    assert f"aio-workq queues delete {queue_name}" in text
+    assert "queue_type" in text

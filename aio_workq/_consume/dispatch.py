@@ -209,8 +209,9 @@ class Dispatcher:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""
         attempts = self._policy.max_attempts if self._policy else 1
         log.warning(
-            "handler %s failed on message %s from %r (attempt %d of %d): %r; %s",
-            self._runner.name, job.message_id, self.queue_name, job.attempt, attempts, exc, then,
+            "%s failed on message %s from %r (attempt %d of %d): %r; %s",
+            self._runner.name_for(job), job.message_id, self.queue_name, job.attempt, attempts,
+            exc, then,
             extra=_fields(self.queue_name, job),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip

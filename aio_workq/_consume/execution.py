@@ -12,13 +12,14 @@ import pickle
 import weakref
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .._exceptions import ConfigurationError, qualname
+from .._link.settings import check_seconds
 from .job import Job, JobData
 from .typed import Payload, resolve_payload
 
-__all__ = ("Handler", "HandlerRunner")
+__all__ = ("Handler", "HandlerRunner", "NamedHandler")
 
 log = logging.getLogger("aio_workq")
 
@@ -33,6 +34,17 @@ Handler = (
     | Callable[[Any, Job], Any]
     | Callable[[Any, JobData], Any]
 )
+
+
+@runtime_checkable
+class NamedHandler(Protocol):
+    """A handler object that says what it runs, for the logs to name that rather than its
+    class: a task registry's queue runner names the task of each job."""
+
+    def __workq_name__(self, job: Job | None) -> str:
+        """What runs `job` (e.g. "task 'images.resize'"); with None, what runs any job."""
+        ...
+
 
 _BLOCKED_AFTER = 0.5
 _WATCH_INTERVAL = 0.1
@@ -71,8 +83,8 @@ class HandlerRunner:
             raise ConfigurationError(f"handler must be callable, got {handler!r}")
         if executor not in ("thread", "process"):
             raise ConfigurationError(f"executor must be 'thread' or 'process', got {executor!r}")
-        if timeout is not None and timeout <= 0:
-            raise ConfigurationError(f"handler_timeout must be > 0, got {timeout!r}")
+        if timeout is not None:
+            check_seconds("handler_timeout", timeout)
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004 - async callable objects
         )
@@ -89,6 +101,7 @@ class HandlerRunner:
                     f"{handler!r} is not ({exc})"
                 ) from exc
         self.handler: Callable[..., Any] = handler
+        self._named = handler if isinstance(handler, NamedHandler) else None
         self.payload: Payload | None = resolve_payload(handler, pydantic=pydantic)
         self._kind = executor
         self._concurrency = concurrency
@@ -99,7 +112,14 @@ class HandlerRunner:
 
     @property
     def name(self) -> str:
-        return qualname(self.handler)
+        """How the logs name the handler: `handler module.function`, or what it says it runs."""
+        return self.name_for(None)
+
+    def name_for(self, job: Job | None) -> str:
+        """How the logs name what ran `job` (a handler object may name it, see `NamedHandler`)."""
+        if self._named is not None:
+            return self._named.__workq_name__(job)
+        return f"handler {qualname(self.handler)}"
 
     async def run(self, job: Job) -> Any:
         """Call the handler on `job`; its return value, or its exception."""
@@ -181,7 +201,7 @@ class HandlerRunner:
 
         def report(lag: float) -> None:
             log.warning(
-                "handler %s of %s blocked the event loop for %.2f s; use a plain def "
+                "%s of %s blocked the event loop for %.2f s; use a plain def "
                 "handler (run in a thread) or await instead of blocking",
                 name,
                 what,

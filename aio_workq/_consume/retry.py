@@ -101,10 +101,15 @@ class RetryPolicy:
             return level_ms
         return max(1, round(level_ms * (1 - self.jitter * random.random())))
 
+    def queues_ms(self) -> tuple[int, ...]:
+        """Every delay-queue TTL a worker with this policy may declare: `levels_ms()`, and
+        the ladder `Retry(delay=...)` takes its level from (`level_for`)."""
+        return tuple(sorted({*self.levels_ms(), *_LADDER_MS}))
+
     def level_for(self, delay: float) -> int:
         """The delay level (ms) for `Retry(delay=...)`: the smallest one long enough (the
         copy then has `delay` as its own TTL when it is shorter)."""
         wanted = max(1, round(delay * 1000))
-        levels = sorted({*self.levels_ms(), *_LADDER_MS})
+        levels = self.queues_ms()
         index = bisect.bisect_left(levels, wanted)
         return levels[min(index, len(levels) - 1)]

@@ -8,7 +8,7 @@ import logging
 import signal
 from typing import Any, Protocol
 
-from .._exceptions import ConfigurationError
+from .._link.settings import check_seconds
 from .worker import Worker
 
 __all__ = ("Scheduled", "run_workers")
@@ -46,12 +46,7 @@ async def run_workers(
     `schedules` (an `aio_workq.schedules.Scheduler`) runs beside the workers, in every replica:
     the broker makes one of them the active scheduler. A signal stops it with the workers.
     """
-    if isinstance(wait_for_broker, bool) or not (
-        isinstance(wait_for_broker, int | float) and wait_for_broker >= 0
-    ):
-        raise ConfigurationError(
-            f"wait_for_broker must be a number of seconds >= 0, got {wait_for_broker!r}"
-        )
+    check_seconds("wait_for_broker", wait_for_broker, zero=True, forever=True)
     wait = float(wait_for_broker) if wait_for_broker > 0 else None
     loop = asyncio.get_running_loop()
     signals_seen = 0

@@ -22,8 +22,8 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, redact_url, resolve_url
-from .._link.specs import Exchange, Queue, QueueType
+from .._link.settings import URLs, check_seconds, redact_url, resolve_url
+from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
 from .._publish.message import Sender
 from .._wire.window import Window
@@ -440,20 +440,14 @@ def _check_settings(concurrency: int, prefetch: int | None, shutdown_timeout: fl
         raise ConfigurationError(
             f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
         )
-    if shutdown_timeout < 0:
-        raise ConfigurationError(f"shutdown_timeout must be >= 0, got {shutdown_timeout!r}")
+    check_seconds("shutdown_timeout", shutdown_timeout, zero=True)
     return prefetch
 
 
 def _queue_spec(queue: str | Queue, queue_type: QueueType | str | None) -> Queue:
     """The `Queue` to consume; `queue_type` only for a queue given by name."""
     if queue_type is not None:
-        try:
-            queue_type = QueueType(queue_type)
-        except ValueError:
-            raise ConfigurationError(
-                f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
-            ) from None
+        queue_type = check_queue_type(queue_type)
     if isinstance(queue, Queue):
         if queue_type is not None and queue_type != queue.type:
             raise ConfigurationError(

@@ -39,7 +39,7 @@ from .._hooks import Hook, Hooks
 from .._wire.seams import Wire, WireFactory
 from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
-from .settings import URLs, redact_url, resolve_urls
+from .settings import URLs, check_seconds, redact_url, resolve_urls
 from .source import Link, LinkSource
 from .transport import SocketFactory
 
@@ -144,10 +144,7 @@ class Connection:
         hooks: Iterable[Hook] | Hooks | None = None,
         wait_for_broker: float = 0.0,
     ) -> None:
-        if connect_timeout <= 0:
-            raise ConfigurationError(
-                f"connect_timeout must be > 0 seconds, got {connect_timeout!r}"
-            )
+        check_seconds("connect_timeout", connect_timeout)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigurationError(
                 f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
@@ -173,7 +170,9 @@ class Connection:
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self._closing = asyncio.Event()
-        self._wait_for_broker = _check_wait(wait_for_broker)
+        self._wait_for_broker = check_seconds(
+            "wait_for_broker", wait_for_broker, zero=True, forever=True
+        )
         self.hooks: Hooks | None = Hooks.of(hooks)
         """What is told of connection losses and reconnects (set before `open()`)."""
         self.reconnects = 0
@@ -225,7 +224,11 @@ class Connection:
             return
         if self._closed:
             raise BrokerConnectionError("the connection is closed; open a new one")
-        wait = self._wait_for_broker if wait_for_broker is None else _check_wait(wait_for_broker)
+        wait = (
+            self._wait_for_broker
+            if wait_for_broker is None
+            else check_seconds("wait_for_broker", wait_for_broker, zero=True, forever=True)
+        )
         quiet.install()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -538,23 +541,6 @@ async def connect(
     )
     await connection.open()
     return connection
-
-
-def _check_wait(wait_for_broker: float) -> float:
-    """`wait_for_broker` once checked.
-
-    Raises:
-        ConfigurationError: not a number of seconds >= 0.
-    """
-    if (
-        isinstance(wait_for_broker, bool)
-        or not isinstance(wait_for_broker, int | float)
-        or not wait_for_broker >= 0
-    ):
-        raise ConfigurationError(
-            f"wait_for_broker must be a number of seconds >= 0, got {wait_for_broker!r}"
-        )
-    return float(wait_for_broker)
 
 
 async def finish_by(deadline: float, step: Awaitable[Any], connection: Connection | None) -> None:

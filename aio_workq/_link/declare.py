@@ -36,7 +36,9 @@ async def _declare_one(
     *,
     passive: bool = False,
     exclusive: bool = False,
+    owner: Queue | None = None,
 ) -> str:
+    """Declare one queue; `owner` is the work queue whose dead-letter or delay queue it is."""
     what = f"declaring queue {name!r}" if name else "declaring a server-named queue"
     try:
         with translate_errors(what):
@@ -56,11 +58,28 @@ async def _declare_one(
             ) from exc
         raise TopologyError(
             f"queue {name!r} already exists with other arguments ({exc}). aio-workq declares it "
-            f"with {arguments}. Nothing was changed or deleted. To migrate: drain and delete the "
-            f"old queue (rabbitmqctl delete_queue {name}), or use a new queue name, or pass "
-            f"Queue({name!r}, passive=True) to use the existing queue as it is."
+            f"with {arguments}. Nothing was changed or deleted. {_fix(name, owner)}"
         ) from exc
     return ok.queue or name
+
+
+def _fix(name: str, owner: Queue | None) -> str:
+    """What to do about queue `name` declared with other arguments than aio-workq's."""
+    if owner is None:
+        return (
+            f"To migrate: drain and delete the old queue (rabbitmqctl delete_queue {name}), or "
+            f"use a new queue name, or pass Queue({name!r}, passive=True) to use the existing "
+            "queue as it is."
+        )
+    role = "dead-letter queue" if name == owner.dead_letter_queue else "retry (delay) queue"
+    return (
+        f"It is the {role} of Queue({owner.name!r}), which aio-workq declares itself: give "
+        f"Queue({owner.name!r}) the type and arguments it had when {name!r} was created "
+        "(Queue(type=...), Worker(queue_type=...)), or delete the old queue once its messages "
+        f"are dealt with (rabbitmqctl delete_queue {name}; `aio-workq queues delete "
+        f"{owner.name}` deletes the work queue with its dead-letter and retry queues, messages "
+        "and all)."
+    )
 
 
 async def declare_queue(
@@ -74,11 +93,14 @@ async def declare_queue(
         return await _declare_one(channel, "", dict(queue.arguments), exclusive=True)
     if queue.dead_letter:
         await _declare_one(
-            channel, queue.dead_letter_queue, queue.arguments_for_dead_letter_queue()
+            channel,
+            queue.dead_letter_queue,
+            queue.arguments_for_dead_letter_queue(),
+            owner=queue,
         )
     for delay in delays_ms:
         await _declare_one(
-            channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay)
+            channel, queue.delay_queue(delay), queue.arguments_for_delay_queue(delay), owner=queue
         )
     if queue.passive:  # the work queue must exist; its retry and dead-letter queues are ours
         return await _declare_one(channel, queue.name, {}, passive=True)

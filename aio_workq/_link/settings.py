@@ -1,4 +1,6 @@
-"""Where the broker URLs come from, and how they are shown without their passwords.
+"""Settings every entry point shares: where the broker URLs come from, how they are shown
+without their passwords, and the check of a number of seconds (`Producer`, `Worker`,
+`Connection`, the web integrations and `SyncProducer` take timeouts alike).
 
 A setting may name several brokers (the nodes of a cluster): a sequence of URLs, or one string of
 URLs separated by commas. Each URL carries its own credentials and vhost.
@@ -6,6 +8,7 @@ URLs separated by commas. Each URL carries its own credentials and vhost.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -13,7 +16,14 @@ from urllib.parse import quote, urlsplit
 
 from .._exceptions import ConfigurationError
 
-__all__ = ("DEFAULT_URL", "URLs", "redact_url", "resolve_url", "resolve_urls")
+__all__ = (
+    "DEFAULT_URL",
+    "URLs",
+    "check_seconds",
+    "redact_url",
+    "resolve_url",
+    "resolve_urls",
+)
 
 DEFAULT_URL = "amqp://guest:guest@localhost/"
 
@@ -139,3 +149,20 @@ def _redact_one(url: str) -> str:
     if not colon:
         return url
     return f"{url[:start]}{user}:***{url[end:]}"
+
+
+def check_seconds(what: str, value: object, *, zero: bool = False, forever: bool = False) -> float:
+    """`value`, a number of seconds: more than 0 (or 0 too, with `zero`), and finite (or
+    infinite too, with `forever`).
+
+    Raises:
+        ConfigurationError: not a number (a bool is not one), out of range, or NaN; the
+            message names `what`.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+        if (number >= 0 if zero else number > 0) and (forever or not math.isinf(number)):
+            return number
+    kind = "a number" if forever else "a finite number"
+    bound = ">= 0" if zero else "> 0"
+    raise ConfigurationError(f"{what} must be {kind} of seconds {bound}, got {value!r}")

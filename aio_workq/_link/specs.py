@@ -18,7 +18,14 @@ from typing import Any, Literal
 from .._exceptions import ConfigurationError
 from .._wire.frames import NAME_PATTERN
 
-__all__ = ("DEFAULT_DELIVERY_LIMIT", "Exchange", "ExchangeType", "Queue", "QueueType")
+__all__ = (
+    "DEFAULT_DELIVERY_LIMIT",
+    "Exchange",
+    "ExchangeType",
+    "Queue",
+    "QueueType",
+    "check_queue_type",
+)
 
 DEFAULT_DELIVERY_LIMIT = 20
 
@@ -30,6 +37,18 @@ class QueueType(enum.StrEnum):
     """Replicated (in a cluster), counts redeliveries; RabbitMQ's choice for durable work."""
     CLASSIC = "classic"
     """The tutorials' classic durable queue: one node, no delivery limit."""
+
+
+def check_queue_type(value: str, what: str = "queue_type") -> QueueType:
+    """`value` ('quorum', 'classic' or a `QueueType`) as a `QueueType`.
+
+    Raises:
+        ConfigurationError: any other value; the message names `what`.
+    """
+    try:
+        return QueueType(value)
+    except ValueError:
+        raise ConfigurationError(f"{what} must be 'quorum' or 'classic', got {value!r}") from None
 
 
 class ExchangeType(enum.StrEnum):
@@ -89,12 +108,7 @@ class Queue:
     max_priority: int | None = None
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "type", QueueType(self.type))
-        except ValueError:
-            raise ConfigurationError(
-                f"queue {self.name!r}: type must be 'quorum' or 'classic', got {self.type!r}"
-            ) from None
+        object.__setattr__(self, "type", check_queue_type(self.type, f"queue {self.name!r}: type"))
         if self.delivery_limit is not None and self.delivery_limit < 1:
             raise ConfigurationError(
                 f"queue {self.name!r}: delivery_limit must be >= 1, got {self.delivery_limit!r}"

@@ -9,9 +9,10 @@ properties (in practice, the headers) are refused with `SerializationError` befo
 recorded, instead of making the broker close the connection (501 FRAME_ERROR).
 
 Every message ends in exactly one of: confirmed (its future's result is the message id), or a
-typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` or
-`ConnectionLostError`. When the connection drops, unconfirmed messages are re-sent on the next
-channel with the same message id (`resend=True`, at-least-once) or failed.
+typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` (its
+deadline passed: `expiry`) or `ConnectionLostError`. When the connection drops, unconfirmed
+messages are re-sent on the next channel with the same message id (`resend=True`,
+at-least-once) or failed.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiormq
 
 from .._exceptions import (
     BrokerUnavailableError,
     ConnectionLostError,
+    PublishError,
     PublishTimeoutError,
     SerializationError,
     TopologyError,
@@ -44,21 +46,16 @@ from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
 from .._wire.seams import Wire
 from .._wire.tracker import MAYBE, ConfirmTracker, InFlight, Outgoing
 from .._wire.window import Window
+from .expiry import SLOW, Expiry
 
 __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 
 log = logging.getLogger("aio_workq")
 
-_SWEEP_INTERVAL = 0.1
 _CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
-
-_SLOW = (
-    "the broker did not confirm in time (it may be overloaded, or blocking publishers on a "
-    "memory or disk alarm)"
-)
 
 ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
 ExchangeListener = Callable[[str], None]
@@ -91,10 +88,10 @@ class ConfirmPublisher:
         self._window = window
         self._timeout = timeout
         self._resend = resend
-        self._what = what
         self._fail_fast = fail_fast
         self._loop = asyncio.get_running_loop()
-        self._in_flight = InFlight(self._on_settled)
+        self._expiry = Expiry(self, window, source)
+        self._in_flight = InFlight(self._expiry.on_settled)
         self._lane: Lane | None = None  # the current channel's, while it is open
         self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
@@ -103,9 +100,6 @@ class ConfirmPublisher:
         self._listeners: list[ChannelListener] = []
         self._missing_listeners: list[ExchangeListener] = []
         self._ready = asyncio.Event()
-        self._sweep_handle: asyncio.TimerHandle | None = None
-        self._expiring = False  # in _sweep: settled records may still have frames buffered
-        self._held: list[int] = []  # their body sizes: window room once their frames left
         self._closed = False
         self._channel = ManagedChannel(
             source, confirms=True, setup=self._on_channel, on_lost=self._on_lost, what=what
@@ -163,7 +157,8 @@ class ConfirmPublisher:
             if len(out.encoded[1]) > self._properties_max:  # a new node with a smaller frame_max
                 error = header_too_large(out.props or Properties(message_id=out.message_id),
                                          len(out.encoded[1]), frame_max)  # fmt: skip
-                self._in_flight.fail(out, ConnectionLostError, f"not resent: {error}; {MAYBE}")
+                why = f"(it can't go on the new connection: {error})"
+                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, why))
                 continue
             lane.write(out)
         self._ready.set()
@@ -202,7 +197,7 @@ class ConfirmPublisher:
                     self._waiting.append(out)
             else:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
-                self._in_flight.fail(out, ConnectionLostError, f"not confirmed: {why}; {MAYBE}")
+                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
 
     async def send(
         self,
@@ -279,8 +274,8 @@ class ConfirmPublisher:
         lane = self._lane
         assert lane is not None
         burst = lane.write(out)
-        if self._sweep_handle is None:
-            self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
+        if self._expiry.handle is None:
+            self._expiry.start()
         if burst:
             # A long burst (publish_many): write what is marshalled and let the writer run, so
             # the broker starts on these while the rest are marshalled.
@@ -304,7 +299,7 @@ class ConfirmPublisher:
                 state = trouble or "its channel is being reopened"
             else:
                 state = f"the window is full ({self._window.count} messages wait for confirms): "
-                state += trouble or _SLOW
+                state += trouble or SLOW
             raise PublishTimeoutError(
                 f"message {message_id} could not be sent in time: {state}; nothing was sent",
                 message_id=message_id,
@@ -312,47 +307,29 @@ class ConfirmPublisher:
                 routing_key=routing_key,
             ) from None
 
-    def _on_settled(self, out: Outgoing) -> None:
-        if self._expiring and out.tag:  # timed out after it took a tag: its frames may wait
-            self._held.append(len(out.body))
-        else:
-            self._window.release(len(out.body))
+    def outstanding(self) -> list[Outgoing]:
+        """Every unsettled message: written on a channel or waiting for the next one."""
+        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
 
-    def _sweep(self) -> None:
-        self._sweep_handle = None
-        now = self._loop.time()
-        expired = [out for out in self._outstanding() if out.deadline <= now]
-        if expired:
-            why = f"not confirmed within its timeout: {self._source.trouble() or _SLOW}; {MAYBE}"
-            self._expiring = True
-            try:
-                for out in expired:
-                    self._in_flight.fail(out, PublishTimeoutError, why)
-            finally:
-                self._expiring = False
-        if self._held:  # they keep their window room until their frames have left (#20)
-            held, self._held = self._held, []
-            release = self._window.release
-
-            def free() -> None:
-                for size in held:
-                    release(size)
-
-            if self._lane is not None:
-                self._lane.when_flushed(free)
-            else:
-                free()
+    def fail(self, records: Iterable[Outgoing], cls: type[PublishError], why: str) -> None:
+        """Fail `records` with a `cls` error each: not confirmed `why` (or not sent, which
+        says it did not reach the queue), and stop waiting for a channel to send them on."""
+        fail = self._in_flight.settle
+        for out in records:
+            fail(out, out.unconfirmed(cls, why))
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
-        if self._window.count:
-            self._sweep_handle = self._loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
-    def _outstanding(self) -> list[Outgoing]:
-        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the frames of every message written so far have left."""
+        if self._lane is not None:
+            self._lane.when_flushed(callback)
+        else:
+            callback()  # no channel: its frames are gone with the connection
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every message is settled; False if some are still pending at `timeout`."""
-        outstanding = [out.future for out in self._outstanding()]
+        outstanding = [out.future for out in self.outstanding()]
         if not outstanding:
             return True
         done, pending = await asyncio.wait(outstanding, timeout=timeout)
@@ -366,12 +343,8 @@ class ConfirmPublisher:
         if timeout > 0:
             await self.wait_idle(timeout)
         self._closed = True
-        for out in self._outstanding():
-            self._in_flight.fail(out, ConnectionLostError, f"not confirmed before close; {MAYBE}")
-        self._waiting.clear()
-        if self._sweep_handle is not None:
-            self._sweep_handle.cancel()
-            self._sweep_handle = None
+        self.fail(self.outstanding(), ConnectionLostError, "before close")
+        self._expiry.stop()
         self._lane = None
         self._lanes.clear()
         await self._channel.close()

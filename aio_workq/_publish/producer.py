@@ -15,8 +15,8 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, redact_url, resolve_url
-from .._link.specs import Exchange, Queue, QueueType
+from .._link.settings import URLs, check_seconds, redact_url, resolve_url
+from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
 from .dead_letters import DeadLetters
@@ -317,8 +317,7 @@ class Producer:
             PublishError: the request was not confirmed (e.g. `UnroutableError`).
         """
         publisher, _ = self._ready()
-        if timeout <= 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        check_seconds("timeout", timeout)
         if self._rpc is None:
             self._rpc = RPCClient(publisher)
         target = routing_key or (queue.name if isinstance(queue, Queue) else queue)
@@ -353,13 +352,7 @@ def _check_settings(
         ConfigurationError: a setting is out of range; the message names it.
     """
     Window(window, window_bytes)  # validates both
-    if timeout <= 0:
-        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    check_seconds("timeout", timeout)
     if on_reconnect not in ("resend", "fail"):
         raise ConfigurationError(f"on_reconnect must be 'resend' or 'fail', got {on_reconnect!r}")
-    try:
-        return QueueType(queue_type)
-    except ValueError:
-        raise ConfigurationError(
-            f"queue_type must be 'quorum' or 'classic', got {queue_type!r}"
-        ) from None
+    return check_queue_type(queue_type)

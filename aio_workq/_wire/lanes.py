@@ -87,6 +87,7 @@ class FastLane:
         )
         self._tag += 1
         self.tracker.record(self._tag, out)
+        out.sent = True  # in the writer's buffer: it leaves unless the connection dies first
         writer = self._writer
         writer.write(self._gate, frames)
         return writer.buffered >= _BURST
@@ -188,6 +189,7 @@ class PlainLane:
                 self._turn.release()
                 return  # still recorded: resent or failed with the channel's end
             self._loop.create_task(self._pass_turn(channel))
+            out.sent = True  # aiormq has it: once this call runs, it may reach the queue
             result = await channel.basic_publish(
                 out.body,
                 exchange=out.exchange,

@@ -1,7 +1,9 @@
 """The confirm trackers: which unconfirmed message each broker confirm, nack or return is about.
 
 Every message becomes an `Outgoing` record. Two bookkeepers settle it, each exactly once: the
-future gets the message id (confirmed), or a `PublishError` saying what happened.
+future gets the message id (confirmed), or a `PublishError` saying what happened. A record that
+ends unconfirmed says whether it may have reached the queue: only if it was `sent` (handed to
+the connection's writer, or to aiormq on the plain path), at least once.
 
 - `InFlight`, one per publisher: every unsettled record, whichever channel it was written on
   (or none yet, while it waits for a channel); mandatory records also under their message id,
@@ -28,9 +30,10 @@ from .._exceptions import (
 )
 from .frames import EncodedProperties, Properties
 
-__all__ = ("MAYBE", "ConfirmTracker", "InFlight", "Outgoing")
+__all__ = ("MAYBE", "NOT_SENT", "ConfirmTracker", "InFlight", "Outgoing")
 
 MAYBE = "it may or may not have reached the queue"
+NOT_SENT = "it was never sent, so it did not reach the queue"
 _UNROUTABLE = (
     "returned as unroutable: no queue is bound for this routing key (declare the queue or a "
     "binding, or publish with mandatory=False)"
@@ -51,6 +54,7 @@ class Outgoing:
         "message_id",
         "props",
         "routing_key",
+        "sent",
         "settled",
         "tag",
         "tracker",
@@ -77,6 +81,7 @@ class Outgoing:
         self.future = future
         self.deadline = deadline
         self.props = props  # for the plain lane, which hands aiormq the properties
+        self.sent = False  # set by the lane that hands it on: it may reach the queue
         self.settled = False
         self.tag = 0
         self.tracker: ConfirmTracker | None = None  # the channel's, while written on it
@@ -90,6 +95,13 @@ class Outgoing:
             exchange=self.exchange,
             routing_key=self.routing_key,
         )
+
+    def unconfirmed(self, cls: type[PublishError], why: str) -> PublishError:
+        """A `cls` error: this message was not confirmed because of `why` (e.g. "within its
+        timeout: ..."), saying whether it may have reached the queue (it was sent) or not."""
+        if self.sent:
+            return self.error(cls, f"not confirmed {why}; {MAYBE}")
+        return self.error(cls, f"not sent {why}; {NOT_SENT}")
 
 
 class InFlight:

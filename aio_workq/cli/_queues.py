@@ -3,7 +3,8 @@
 Queues are grouped by work queue: `X` with its dead-letter queue `X.dlq` and its delay queues
 `X.retry.<ms>ms`. The management API gives every queue of the vhost, unacked counts and rates;
 without it, only the queues named are looked at (passive declares: ready messages and
-consumers), with the delay queues of the default `RetryPolicy`.
+consumers), with the delay queues of the default `RetryPolicy` and of `Retry(delay=...)`, and
+those of the delays given (`--retry-delays`).
 """
 
 from __future__ import annotations
@@ -177,12 +178,18 @@ async def collect(
 
 
 async def queue_group(
-    amqp_url: str, name: str, management_url: str | None, *, explicit: bool
-) -> list[tuple[str, int]]:
-    """`name` with its dead-letter and retry queues that exist, and the messages in each.
+    amqp_url: str,
+    name: str,
+    management_url: str | None,
+    *,
+    explicit: bool,
+    retry_delays_ms: Sequence[int] = (),
+) -> tuple[list[tuple[str, int]], tuple[int, ...] | None]:
+    """`name` with its dead-letter and retry queues that exist, and the messages in each;
+    and the retry delays (ms) looked for, or None when every queue was listed.
 
     From the management API (every `name.retry.*ms`), else passive declares (the delay
-    queues of the default `RetryPolicy`).
+    queues of the default `RetryPolicy`, of `Retry(delay=...)` and of `retry_delays_ms`).
 
     Raises:
         CliError: `name` is an internal queue, or neither it nor its internal queues exist.
@@ -191,12 +198,15 @@ async def queue_group(
     """
     base = (m := _RETRY.match(name) or _DLQ.match(name)) and m["base"]
     mgmt = management_url or default_management_url(amqp_url)
+    looked_for: tuple[int, ...] | None = None
     try:
         raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
     except ManagementAPIError:
         if explicit:
             raise
-        raws = await _from_amqp(amqp_url, [name, *([base] if base else [])], require=False)
+        looked_for = _delays_ms(retry_delays_ms)
+        names = [name, *([base] if base else [])]
+        raws = await _from_amqp(amqp_url, names, require=False, delays_ms=looked_for)
     if name.startswith(_LADDER) or (base and base in {raw.name for raw in raws}):
         raise CliError(
             f"{name!r} is a dead-letter, retry or delay queue; name its work queue instead"
@@ -210,7 +220,19 @@ async def queue_group(
     ]
     if not group:
         raise CliError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
-    return sorted(group, key=lambda item: (item[0] != name, item[0]))
+    return sorted(group, key=lambda item: (item[0] != name, _delay_of(item[0]))), looked_for
+
+
+def _delays_ms(extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """The retry delays (ms) looked for by name: those of the default `RetryPolicy` and of
+    `Retry(delay=...)`, and `extra` (another policy's)."""
+    return tuple(sorted({*RetryPolicy().queues_ms(), *extra}))
+
+
+def _delay_of(name: str) -> int:
+    """A retry queue's delay (ms), to list them in order; -1 for the others."""
+    match = _RETRY.match(name)
+    return int(match["ms"]) if match else -1
 
 
 async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, int]]:
@@ -299,8 +321,14 @@ def _raw_from_api(item: dict[str, Any]) -> _Raw:
     )
 
 
-async def _from_amqp(amqp_url: str, names: Sequence[str], *, require: bool = True) -> list[_Raw]:
-    delays = RetryPolicy().levels_ms()
+async def _from_amqp(
+    amqp_url: str,
+    names: Sequence[str],
+    *,
+    require: bool = True,
+    delays_ms: Sequence[int] | None = None,
+) -> list[_Raw]:
+    delays = _delays_ms() if delays_ms is None else delays_ms
     wanted = [
         name
         for base in names

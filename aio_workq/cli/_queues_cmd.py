@@ -44,6 +44,22 @@ def _management_option(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)  # fmt: skip
 
 
+def _seconds_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """`0.5,1,2` → (500, 1000, 2000): delays in whole milliseconds, as `RetryPolicy` names
+    its delay queues."""
+    if not value:
+        return ()
+    try:
+        seconds = [float(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"seconds separated by commas (e.g. 0.5,1,2), got {value!r}"
+        ) from None
+    if any(not 0 < s <= 86_400 for s in seconds):
+        raise click.BadParameter(f"each delay must be 0-86400 seconds, got {value!r}")
+    return tuple(max(1, round(s * 1000)) for s in seconds)
+
+
 @click.group(cls=_DefaultShow)
 def queues() -> None:
     """Depths of work queues (`queues [QUEUE]...`, the same as `queues show`), or delete one."""
@@ -110,20 +126,50 @@ def show(
 @queues.command("delete")
 @click.argument("name", metavar="QUEUE")
 @click.option("--yes", "-y", is_flag=True, help="Don't ask.")
+@click.option(
+    "--retry-delays", metavar="SECONDS,...", callback=_seconds_list,
+    help="The retry delays of the worker's RetryPolicy (e.g. 0.5,1,2), to find its retry "
+    "queues without the management API (RetryPolicy(...).levels_ms() / 1000).",
+)  # fmt: skip
 @url_option
 @_management_option
-def delete(name: str, yes: bool, url: str | None, management_url: str | None) -> None:
+def delete(
+    name: str,
+    yes: bool,
+    retry_delays: tuple[int, ...],
+    url: str | None,
+    management_url: str | None,
+) -> None:
     """Delete QUEUE with its dead-letter queue (QUEUE.dlq) and retry queues (QUEUE.retry.*),
-    messages and all (asks first unless --yes)."""
+    messages and all (asks first unless --yes).
+
+    Without the management API the retry queues are found by name: those of the default
+    RetryPolicy and of Retry(delay=...), and those of --retry-delays.
+    """
     amqp_url = resolve(url)
-    group = asyncio.run(
-        queue_group(amqp_url, name, management_url, explicit=management_url is not None)
+    group, looked_for = asyncio.run(
+        queue_group(
+            amqp_url,
+            name,
+            management_url,
+            explicit=management_url is not None,
+            retry_delays_ms=retry_delays,
+        )
     )
     if not yes:
         listing = ", ".join(f"{queue} ({_messages(count)})" for queue, count in group)
         click.confirm(f"Delete {listing}? This cannot be undone", abort=True)
     for queue, count in asyncio.run(delete_queues(amqp_url, [queue for queue, _ in group])):
         click.echo(f"deleted {queue} ({_messages(count)})")
+    if looked_for is not None:
+        delays = ", ".join(map(str, looked_for))
+        click.echo(
+            f"Without the management API, retry queues were looked for by name, for these "
+            f"delays (ms): {delays}. A worker whose RetryPolicy has other delays leaves "
+            f"{name}.retry.<ms>ms queues: run this again with --retry-delays (its delays in "
+            "seconds), or with --management-url to find every one.",
+            err=True,
+        )
 
 
 def _messages(count: int) -> str:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._consume.failures import Failed, MoveKind, route_failure
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
-from .._exceptions import Defer, Reject, SerializationError, qualname
+from .._exceptions import Defer, qualname
 from .._link.specs import Queue
-from .._publish.serialization import JSON, encode_body
+from .._publish.serialization import JSON
 from ._errors import StoreError
 from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
@@ -108,8 +108,6 @@ class Member:
             await self._failed(exc, running, task.queue)
             raise
         if not await recorder.claim(running):
-            running.skipped = True
-            log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, task.name)
             await self.skipped(running)
             return None
         try:
@@ -117,12 +115,7 @@ class Member:
                 await acquire(self._members.rates, task.name, task.rate_limit, kwargs)
             value = await run_task(task, kwargs, running)
             if not (running.cancelled and value is None):
-                try:
-                    running.result = encode_body(value)
-                except SerializationError as exc:
-                    raise Reject(
-                        f"task {task.name!r} returned a value that can't be stored: {exc}"
-                    ) from exc
+                running.keep_result(value)
         except Exception as exc:
             await self._failed(exc, running, task.queue)
             raise

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._exceptions import qualname
+from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
+from .._publish.serialization import encode_body
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
 from ._status import JobState, Write
@@ -94,6 +95,19 @@ class Running:
         handler = self.handler
         if handler is not None and not handler.done():
             handler.cancel("aio-workq: the job was cancelled")
+
+    def keep_result(self, value: Any) -> None:
+        """Encode the task's return value as the job's result.
+
+        Raises:
+            Reject: the value can't be encoded, so it can't be stored: the job fails.
+        """
+        try:
+            self.result = encode_body(value)
+        except SerializationError as exc:
+            raise Reject(
+                f"task {self.task!r} returned a value that can't be stored: {exc}"
+            ) from exc
 
     def write(self, state: JobState, **fields: Any) -> Write:
         return Write(
@@ -178,14 +192,19 @@ class Recorder(Hook):
 
     async def claim(self, running: Running) -> bool:
         """Whether the job may run: False if it was cancelled or already succeeded (the
-        store's answer to its claim, sent when it arrived or now).
+        store's answer to its claim, sent when it arrived or now; then `running` is marked
+        skipped, and that is logged).
 
         Granted without waiting while the store is down (the job runs; its state is recorded
         when the store is back)."""
         claimed = running.claimed
         if claimed is None:
             claimed = running.claimed = self._claim(running)
-        return await claimed
+        if await claimed:
+            return True
+        running.skipped = True
+        log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, running.task)
+        return False
 
     def cancel_local(self, job_id: str) -> bool:
         """A cancel request from the control exchange: stop the job if it runs here."""

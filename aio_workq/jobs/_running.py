@@ -12,10 +12,9 @@ from .._consume.failures import MAX_DEFERS
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import Worker
-from .._exceptions import ConfigurationError, Reject, SerializationError
+from .._exceptions import ConfigurationError, Reject
 from .._hooks import Hook
 from .._link.specs import Queue
-from .._publish.serialization import encode_body
 from ._errors import Cancelled
 from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
@@ -138,7 +137,11 @@ class QueueRunner:
         self._tasks = dict(tasks)
         self._recorder = recorder
         self._members = members
-        self.__qualname__ = f"tasks of {queue!r}"
+
+    def __workq_name__(self, job: Job | None) -> str:
+        """How the logs name what ran `job`: its task (`NamedHandler`)."""
+        name = job.headers.get(TASK_HEADER) if job is not None else None
+        return f"task {name!r}" if isinstance(name, str) else f"a task of queue {self.queue!r}"
 
     async def __call__(self, job: Job) -> Any:
         name = job.headers.get(TASK_HEADER)
@@ -165,20 +168,13 @@ class QueueRunner:
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
         if not await recorder.claim(running):
-            running.skipped = True
-            log.info("job %s (%s) skipped: it was cancelled or is done", job.message_id, task.name)
             return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
         value = await run_task(task, kwargs, running)
         if running.cancelled and value is None:
             return None
-        try:
-            running.result = encode_body(value)
-        except SerializationError as exc:
-            raise Reject(
-                f"task {task.name!r} returned a value that can't be stored: {exc}"
-            ) from exc
+        running.keep_result(value)
         return value
 
 
