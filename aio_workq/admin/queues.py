@@ -1,4 +1,5 @@
-"""Queue depths for `aio-workq queues`: from the management HTTP API, else passive declares.
+"""Queue depths, for `aio-workq queues` and the dashboard: from the management HTTP API, else
+passive declares.
 
 Queues are grouped by work queue: `X` with its dead-letter queue `X.dlq` and its delay queues
 `X.retry.<ms>ms`. The management API gives every queue of the vhost, unacked counts and rates;
@@ -26,10 +27,14 @@ import aiormq.exceptions
 from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
 from aio_workq._link.delay import PREFIX as DELAY_PREFIX
 
-from ._errors import CliError, ManagementAPIError
+from ._errors import AdminError, ManagementAPIError
 
 __all__ = (
     "QueueRow",
+    "RawQueue",
+    "amqp_raws",
+    "management_raws",
+    "vhost_of",
     "collect",
     "default_management_url",
     "delete_queues",
@@ -70,7 +75,9 @@ class QueueRow:
 
 
 @dataclass(frozen=True, slots=True)
-class _Raw:
+class RawQueue:
+    """One queue as the broker reports it (`None`: not known by that source)."""
+
     name: str
     ready: int | None
     unacked: int | None
@@ -96,7 +103,7 @@ def is_internal(name: str) -> bool:
 
 
 def group_rows(
-    raws: Iterable[_Raw], names: Sequence[str] = (), *, all_queues: bool = False
+    raws: Iterable[RawQueue], names: Sequence[str] = (), *, all_queues: bool = False
 ) -> list[QueueRow]:
     """Fold `X.dlq` and `X.retry.*ms` into the row of `X` (a row of its own when `X` is gone);
     the delay ladder's `workq.delay.*` queues are one row with `all_queues`, else left out.
@@ -104,7 +111,7 @@ def group_rows(
     raws = list(raws)
     present = {raw.name for raw in raws}
     rows: dict[str, QueueRow] = {}
-    ladder: list[_Raw] = []
+    ladder: list[RawQueue] = []
 
     def row(name: str) -> QueueRow:
         return rows.setdefault(name, QueueRow(queue=name, present=name in present))
@@ -153,15 +160,15 @@ async def collect(
 
     Raises:
         ManagementAPIError: the management API was asked for explicitly and did not answer.
-        CliError: no management API and no queue names, or a named queue does not exist.
+        AdminError: no management API and no queue names, or a named queue does not exist.
         BrokerConnectionError: the broker cannot be reached.
     """
     mgmt = management_url or default_management_url(amqp_url)
     try:
-        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
         missing = sorted(set(names) - {raw.name for raw in raws})
         if missing:
-            raise CliError(f"queue {missing[0]!r} does not exist")
+            raise AdminError(f"queue {missing[0]!r} does not exist")
         return group_rows(raws, names, all_queues=all_queues), "the management API"
     except ManagementAPIError as exc:
         if explicit or not names:
@@ -172,7 +179,7 @@ async def collect(
                 "or give --management-url"
             )
             raise ManagementAPIError(f"{exc}{hint}") from exc
-    rows = group_rows(await _from_amqp(amqp_url, names), names, all_queues=all_queues)
+    rows = group_rows(await amqp_raws(amqp_url, names), names, all_queues=all_queues)
     return rows, "passive declares"
 
 
@@ -185,20 +192,20 @@ async def queue_group(
     queues of the default `RetryPolicy`).
 
     Raises:
-        CliError: `name` is an internal queue, or neither it nor its internal queues exist.
+        AdminError: `name` is an internal queue, or neither it nor its internal queues exist.
         ManagementAPIError: the management API was asked for explicitly and did not answer.
         BrokerConnectionError: the broker cannot be reached.
     """
     base = (m := _RETRY.match(name) or _DLQ.match(name)) and m["base"]
     mgmt = management_url or default_management_url(amqp_url)
     try:
-        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
     except ManagementAPIError:
         if explicit:
             raise
-        raws = await _from_amqp(amqp_url, [name, *([base] if base else [])], require=False)
+        raws = await amqp_raws(amqp_url, [name, *([base] if base else [])], require=False)
     if name.startswith(_LADDER) or (base and base in {raw.name for raw in raws}):
-        raise CliError(
+        raise AdminError(
             f"{name!r} is a dead-letter, retry or delay queue; name its work queue instead"
         )
     group = [
@@ -209,7 +216,7 @@ async def queue_group(
         or ((m := _RETRY.match(raw.name)) is not None and m["base"] == name)
     ]
     if not group:
-        raise CliError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
+        raise AdminError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
     return sorted(group, key=lambda item: (item[0] != name, item[0]))
 
 
@@ -242,12 +249,12 @@ async def _connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
         ) from None
 
 
-def _vhost(amqp_url: str) -> str:
+def vhost_of(amqp_url: str) -> str:
     path = urlsplit(amqp_url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
+def management_raws(mgmt_url: str, vhost: str) -> list[RawQueue]:
     parts = urlsplit(mgmt_url)
     user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
     host = parts.hostname or "localhost"
@@ -281,14 +288,14 @@ def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
     return [_raw_from_api(item) for item in payload if isinstance(item, dict)]
 
 
-def _raw_from_api(item: dict[str, Any]) -> _Raw:
+def _raw_from_api(item: dict[str, Any]) -> RawQueue:
     stats = item.get("message_stats") or {}
 
     def rate(key: str) -> float:
         detail = stats.get(key) or {}
         return float(detail.get("rate", 0.0))
 
-    return _Raw(
+    return RawQueue(
         name=str(item.get("name", "")),
         ready=int(item.get("messages_ready") or 0),
         unacked=int(item.get("messages_unacknowledged") or 0),
@@ -299,7 +306,7 @@ def _raw_from_api(item: dict[str, Any]) -> _Raw:
     )
 
 
-async def _from_amqp(amqp_url: str, names: Sequence[str], *, require: bool = True) -> list[_Raw]:
+async def amqp_raws(amqp_url: str, names: Sequence[str], *, require: bool = True) -> list[RawQueue]:
     delays = RetryPolicy().levels_ms()
     wanted = [
         name
@@ -307,7 +314,7 @@ async def _from_amqp(amqp_url: str, names: Sequence[str], *, require: bool = Tru
         for name in (base, f"{base}.dlq", *(f"{base}.retry.{ms}ms" for ms in delays))
     ]
     connection = await _connect(amqp_url)
-    raws: list[_Raw] = []
+    raws: list[RawQueue] = []
     async with connection:
         channel = await connection.channel()
         for name in wanted:
@@ -315,9 +322,11 @@ async def _from_amqp(amqp_url: str, names: Sequence[str], *, require: bool = Tru
                 queue = await channel.declare_queue(name, passive=True)
             except aio_pika.exceptions.ChannelClosed:  # 404: no such queue
                 if require and name in names:
-                    raise CliError(f"queue {name!r} does not exist") from None
+                    raise AdminError(f"queue {name!r} does not exist") from None
                 channel = await connection.channel()
                 continue
             ok = queue.declaration_result
-            raws.append(_Raw(name, int(ok.message_count or 0), None, int(ok.consumer_count or 0)))
+            raws.append(
+                RawQueue(name, int(ok.message_count or 0), None, int(ok.consumer_count or 0))
+            )
     return raws
