@@ -459,7 +459,7 @@ class Dashboard:
         if record.result is not None:
             result = record.result[:4096].decode(errors="replace")
         return self._render(
-            request, "job.html", status=status, timeline=timeline, result=result,
+            request, "job.html", job=status, timeline=timeline, result=result,
             content_type=record.content_type,
         )  # fmt: skip
 
