@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -288,6 +289,9 @@ async def test_queues_show_their_depths_from_passive_declares(
         assert "2 shown of 2" in listing and "still broken" in listing
         missing = await client.get("/dead-letters/no-such-queue-here")
         assert missing.status_code == 404 and "does not exist" in missing.text
+        evil = await client.get("/dead-letters/" + quote(EVIL, safe=""))
+        assert evil.status_code == 400 and EVIL not in evil.text
+        assert "Not an aio-workq queue" in evil.text
 
 
 @pytest.mark.broker

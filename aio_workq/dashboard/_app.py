@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlencode
 import jinja2
 
 from aio_workq import (
+    ConfigurationError,
     DeadLetter,
     DeadLetters,
     Producer,
@@ -310,7 +311,10 @@ class Dashboard:
             PageError: 404 when `queue.dlq` does not exist.
         """
         producer = await self._get_producer()
-        letters = producer.dead_letters(queue)
+        try:
+            letters = producer.dead_letters(queue)
+        except ConfigurationError as exc:
+            raise PageError(400, "Not an aio-workq queue", str(exc)) from None
         try:
             return letters, await letters.count()
         except TopologyError:
