@@ -72,7 +72,9 @@ def ensure_installed() -> Browser:
             raise BrowserError(f"`{failed}` failed: {HOW_TO_GET_ONE}")
     found = find()
     if found is None:
-        raise BrowserError(f"the packages were installed but {CHROMIUM} or {CHROMEDRIVER} is missing")
+        raise BrowserError(
+            f"the packages were installed but {CHROMIUM} or {CHROMEDRIVER} is missing"
+        )
     return found
 
 
