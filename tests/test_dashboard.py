@@ -39,6 +39,9 @@ class FixedQueues:
     async def snapshot(self) -> QueueSnapshot:
         return self._snap
 
+    async def close(self) -> None:
+        pass
+
 
 def board(*, actions: bool = False, rows: list[QueueRow] | None = None, **kw: Any) -> Dashboard:
     security = Security(allow_actions=actions, tokens=(TOKEN,) if actions else ())

@@ -33,6 +33,7 @@ __all__ = (
     "QueueRow",
     "RawQueue",
     "amqp_raws",
+    "connect",
     "management_raws",
     "vhost_of",
     "collect",
@@ -226,7 +227,7 @@ async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, 
     Raises:
         BrokerConnectionError: the broker cannot be reached.
     """
-    connection = await _connect(amqp_url)
+    connection = await connect(amqp_url)
     deleted: list[tuple[str, int]] = []
     async with connection:
         channel = await connection.channel()
@@ -240,7 +241,12 @@ async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, 
     return deleted
 
 
-async def _connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+    """A plain aio-pika connection for looking at queues.
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached (the URL shown without password).
+    """
     try:
         return await aio_pika.connect(amqp_url, timeout=10)
     except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
@@ -306,17 +312,48 @@ def _raw_from_api(item: dict[str, Any]) -> RawQueue:
     )
 
 
-async def amqp_raws(amqp_url: str, names: Sequence[str], *, require: bool = True) -> list[RawQueue]:
+async def amqp_raws(
+    amqp_url: str,
+    names: Sequence[str],
+    *,
+    require: bool = True,
+    connection: aio_pika.abc.AbstractConnection | None = None,
+) -> list[RawQueue]:
+    """Each of `names` with its `.dlq` and the default `RetryPolicy`'s delay queues, by passive
+    declares: ready messages and consumers of those that exist (unacked: not known).
+
+    Args:
+        amqp_url: the broker, connected to for this call unless `connection` is given.
+        names: the work queues.
+        require: a work queue that does not exist is an error (else left out).
+        connection: an open connection to use (left open).
+
+    Raises:
+        AdminError: `require`, and a work queue does not exist.
+        BrokerConnectionError: the broker cannot be reached.
+    """
     delays = RetryPolicy().levels_ms()
     wanted = [
         name
         for base in names
         for name in (base, f"{base}.dlq", *(f"{base}.retry.{ms}ms" for ms in delays))
     ]
-    connection = await _connect(amqp_url)
+    if connection is not None:
+        return await _declare_each(connection, wanted, names, require=require)
+    async with await connect(amqp_url) as own:
+        return await _declare_each(own, wanted, names, require=require)
+
+
+async def _declare_each(
+    connection: aio_pika.abc.AbstractConnection,
+    wanted: Sequence[str],
+    names: Sequence[str],
+    *,
+    require: bool,
+) -> list[RawQueue]:
     raws: list[RawQueue] = []
-    async with connection:
-        channel = await connection.channel()
+    channel = await connection.channel()
+    try:
         for name in wanted:
             try:
                 queue = await channel.declare_queue(name, passive=True)
@@ -326,7 +363,9 @@ async def amqp_raws(amqp_url: str, names: Sequence[str], *, require: bool = True
                 channel = await connection.channel()
                 continue
             ok = queue.declaration_result
-            raws.append(
-                RawQueue(name, int(ok.message_count or 0), None, int(ok.consumer_count or 0))
-            )
+            ready, consumers = int(ok.message_count or 0), int(ok.consumer_count or 0)
+            raws.append(RawQueue(name, ready, None, consumers))
+    finally:
+        if not channel.is_closed:
+            await channel.close()
     return raws

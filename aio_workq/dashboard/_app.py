@@ -52,6 +52,7 @@ _STATIC = {
 _SHOWN_LETTERS = 200
 _BODY_PREVIEW = 80
 _REFRESH = 3
+_SCHEDULES_TTL = 10.0
 
 
 class PageError(Exception):
@@ -110,7 +111,8 @@ class Dashboard:
         self.queues = QueueData(
             url=self._url, management_url=management_url, names=queues, ttl=self._refresh - 0.5
         )
-        self._schedules: Cached[Any] = Cached(self._read_schedules, ttl=self._refresh - 0.5)
+        # the schedules change once per tick: read (a connection each time) every 10 s at most
+        self._schedules: Cached[Any] = Cached(self._read_schedules, ttl=_SCHEDULES_TTL)
         self.queues.also_watch(self._schedule_queues)
         self._last_schedules: Any = None
         self._producer: Producer | None = None
@@ -160,6 +162,7 @@ class Dashboard:
     async def close(self) -> None:
         """Stop the actions under way and close the broker connection (if one was opened)."""
         await self.actions.close()
+        await self.queues.close()
         if self._producer is not None:
             await self._producer.close()
             self._producer = None

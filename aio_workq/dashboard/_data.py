@@ -14,11 +14,15 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import aio_pika
+import aio_pika.exceptions
+
 from aio_workq import WorkqError, redact_url
 from aio_workq.admin import ManagementAPIError
 from aio_workq.admin.queues import (
     QueueRow,
     amqp_raws,
+    connect,
     default_management_url,
     group_rows,
     management_raws,
@@ -106,8 +110,16 @@ class QueueData:
         self._names = list(dict.fromkeys(names))
         self._extra: Callable[[], Iterable[str]] = list
         self._mgmt_failed_at = float("-inf")
+        self._mgmt_reason = ""
         self._cache: Cached[QueueSnapshot] = Cached(self._fetch, ttl=ttl)
         self.history: deque[Sample] = deque()
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+
+    async def close(self) -> None:
+        """Close the connection kept for passive declares (opened again when needed)."""
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed:
+            await connection.close()
 
     def also_watch(self, names: Callable[[], Iterable[str]]) -> None:
         """Queue names learnt elsewhere (workers' beats, schedules), asked on each fetch."""
@@ -123,7 +135,6 @@ class QueueData:
 
     async def _fetch(self) -> QueueSnapshot:
         shown = redact_url(self._mgmt)
-        reason = ""
         if self._explicit or time.monotonic() - self._mgmt_failed_at > _MANAGEMENT_RETRY:
             try:
                 raws = await asyncio.to_thread(management_raws, self._mgmt, vhost_of(self._url))
@@ -131,15 +142,15 @@ class QueueData:
                 if self._explicit:
                     return QueueSnapshot([], f"the management API at {shown}", True, error=str(exc))
                 self._mgmt_failed_at = time.monotonic()
-                reason = f" ({exc})"
+                self._mgmt_reason = f" ({exc})"
             else:
                 snap = QueueSnapshot(group_rows(raws), f"the management API at {shown}", True)
                 self._record(snap)
                 return snap
         names = self.names()
         source = (
-            "passive declares of the queues the dashboard knows by name, and the workers' "
-            f"counters; the management API is not used{reason}"
+            "passive declares of the queues the dashboard knows by name (no rates, no unacked "
+            f"counts); the management API is not used{self._mgmt_reason}"
         )
         if not names:
             return QueueSnapshot(
@@ -148,9 +159,14 @@ class QueueData:
                 "--queue NAME (or enable the management plugin)",
             )  # fmt: skip
         try:
-            raws = await amqp_raws(self._url, names, require=False)
+            if self._connection is None or self._connection.is_closed:
+                self._connection = await connect(self._url)
+            raws = await amqp_raws(self._url, names, require=False, connection=self._connection)
         except WorkqError as exc:
             return QueueSnapshot([], source, False, error=str(exc))
+        except aio_pika.exceptions.AMQPError as exc:  # the connection dropped: a new one next time
+            await self.close()
+            return QueueSnapshot([], source, False, error=f"the broker connection failed: {exc}")
         snap = QueueSnapshot(group_rows(raws, names), source, False)
         self._record(snap)
         return snap
