@@ -239,6 +239,14 @@ async def test_mounted_in_fastapi_under_a_prefix() -> None:
     await dashboard.close()
 
 
+async def test_the_asgi_app_served_alone_from_options() -> None:
+    app = asgi_app(url=NOWHERE, management_url="http://127.0.0.1:1/", queues=["emails"])
+    async with serve_asgi(app) as base, httpx.AsyncClient(base_url=base) as client:
+        page = await client.get("/")
+        assert page.status_code == 200 and 'href="/dead-letters"' in page.text
+        assert "s3cret-pass" not in page.text
+
+
 # --- against the broker ------------------------------------------------------------------------
 
 

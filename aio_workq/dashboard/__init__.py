@@ -28,17 +28,26 @@ if TYPE_CHECKING:
 __all__ = ("Dashboard", "PageError", "Request", "Response", "Security", "aiohttp_app", "asgi_app")
 
 
-def aiohttp_app(dashboard: Dashboard) -> web.Application:
-    """An aiohttp application serving `dashboard`: `app.add_subapp("/workq", ...)` mounts it
-    (aiohttp is imported only here)."""
+def aiohttp_app(dashboard: Dashboard | None = None, **options: Any) -> web.Application:
+    """An aiohttp application serving `dashboard` (else a `Dashboard(**options)`):
+    `app.add_subapp("/workq", ...)` mounts it; its cleanup closes the dashboard.
+
+    Raises:
+        ConfigurationError: as `Dashboard`.
+    """
     from ._aiohttp import aiohttp_app as build
 
-    return build(dashboard)
+    return build(dashboard if dashboard is not None else Dashboard(**options))
 
 
-def asgi_app(dashboard: Dashboard) -> Any:
-    """An ASGI application serving `dashboard`: `app.mount("/workq", ...)` in FastAPI or
-    Starlette; its lifespan (when served alone) closes the dashboard."""
+def asgi_app(dashboard: Dashboard | None = None, **options: Any) -> Any:
+    """An ASGI application serving `dashboard` (else a `Dashboard(**options)`):
+    `app.mount("/workq", ...)` in FastAPI or Starlette. Served alone, its lifespan closes the
+    dashboard; mounted, close it in the host application's lifespan.
+
+    Raises:
+        ConfigurationError: as `Dashboard`.
+    """
     from ._asgi import asgi_app as build
 
-    return build(dashboard)
+    return build(dashboard if dashboard is not None else Dashboard(**options))
