@@ -123,9 +123,16 @@ def _wait_http(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"the dashboard did not listen on port {port} within {timeout} s")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _run(url: str, mode: str, n: int) -> dict[str, Any]:
     queue = f"bench-dash-{uuid.uuid4().hex[:8]}"
     procs: list[subprocess.Popen[str]] = []
+    started = time.monotonic()
     try:
         if mode == "dashboard":
             port = _free_port()
@@ -146,6 +153,10 @@ def _run(url: str, mode: str, n: int) -> dict[str, Any]:
             cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=900,
         )  # fmt: skip
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        if procs:  # the share of a core the dashboard and the tabs used meanwhile
+            elapsed = time.monotonic() - started
+            result["dashboard_cpu"] = _cpu_seconds(procs[0].pid) / elapsed
+            result["tabs_cpu"] = _cpu_seconds(procs[1].pid) / elapsed
         if len(procs) == 2:
             tabs = procs[1]
             tabs.terminate()
@@ -160,12 +171,16 @@ def _run(url: str, mode: str, n: int) -> dict[str, Any]:
 
 def _measure(url: str, n: int, repeats: int) -> dict[str, Any]:
     rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu: dict[str, list[float]] = {"dashboard": [], "tabs": []}
     for repeat in range(repeats):
         order = MODES if repeat % 2 == 0 else MODES[::-1]
         for mode in order:
-            rate = _run(url, mode, n)["rate"]
-            rates[mode].append(rate)
-            print(f"  {mode:>9}: {rate:,.0f} msg/s", file=sys.stderr, flush=True)
+            run = _run(url, mode, n)
+            rates[mode].append(run["rate"])
+            if mode == "dashboard":
+                cpu["dashboard"].append(run["dashboard_cpu"])
+                cpu["tabs"].append(run["tabs_cpu"])
+            print(f"  {mode:>9}: {run['rate']:,.0f} msg/s", file=sys.stderr, flush=True)
     medians = {mode: statistics.median(rates[mode]) for mode in MODES}
     return {
         "n": n,
@@ -177,6 +192,8 @@ def _measure(url: str, n: int, repeats: int) -> dict[str, Any]:
         "ratio": medians["dashboard"] / medians["off"],
         "cost_percent": (1 - medians["dashboard"] / medians["off"]) * 100,
         "cpus": os.cpu_count(),
+        "dashboard_cpu_share": statistics.median(cpu["dashboard"]),
+        "tabs_cpu_share": statistics.median(cpu["tabs"]),
     }
 
 
@@ -208,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  5 tabs polling        {medians['dashboard']:>9,.0f} msg/s "
         f"({result['cost_percent']:+.1f} % cost)"
+    )
+    print(
+        f"  the dashboard process used {result['dashboard_cpu_share']:.1%} of a core, "
+        f"the 5 tabs {result['tabs_cpu_share']:.1%}"
     )
     print(json.dumps(result))
     if not args.no_docs:
