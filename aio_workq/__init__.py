@@ -5,6 +5,9 @@ from __future__ import annotations
 from ._consume.execution import Handler as Handler
 from ._consume.job import Job as Job
 from ._consume.job import JobData as JobData
+from ._consume.presence import PresenceWatcher as PresenceWatcher
+from ._consume.presence import WorkerBeat as WorkerBeat
+from ._consume.presence import WorkerPresence as WorkerPresence
 from ._consume.retry import RetryPolicy as RetryPolicy
 from ._consume.runner import run_workers as run_workers
 from ._consume.worker import Worker as Worker
@@ -78,6 +81,7 @@ __all__ = [
     "MessageFields",
     "Outcome",
     "PayloadError",
+    "PresenceWatcher",
     "Producer",
     "PublishError",
     "PublishInfo",
@@ -100,6 +104,8 @@ __all__ = [
     "TopologyError",
     "UnroutableError",
     "Worker",
+    "WorkerBeat",
+    "WorkerPresence",
     "WorkerState",
     "WorkqError",
 ]

@@ -58,6 +58,32 @@ def on_broker(url: str | None, run: Callable[[str], T], name: str = "workqbenchx
             return run(node.url)
 
 
+def workload(
+    name: str,
+    argv: Sequence[str] | None,
+    *,
+    url: str | None,
+    measure: Callable[[str], list[dict[str, Any]]],
+    plan: dict[str, Any],
+    chart: Callable[[dict[str, Any], Path], None],
+    no_docs: bool,
+) -> int:
+    """Run one stand-alone workload (`python -m bench.<name>`) and keep what it measured.
+
+    measure(url) runs on url, or on a node of its own; its runs, the plan and when/where it ran
+    are printed as JSON (no_docs) or saved beside the chart with the page's section rewritten.
+    Returns the exit status: 1 if any run recorded an "error", else 0.
+    """
+    command = ["python", "-m", f"bench.{name}", *(sys.argv[1:] if argv is None else argv)]
+    result = {"meta": meta(command), "plan": plan}
+    result["runs"] = runs = on_broker(url, measure, f"workqbench{name}")
+    if no_docs:
+        print_json(result)
+    else:
+        save(name, result, chart)
+    return 1 if any("error" in run for run in runs) else 0
+
+
 def child(module: str, args: Sequence[str], timeout: float = 900) -> dict[str, Any]:
     """Run `python -m module --child …args` and return its last stdout line, parsed as JSON.
 

@@ -444,25 +444,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     total_mb = args.total_mb or (128 if args.quick else 512)
-    meta = harness.meta(["python", "-m", "bench.large", *(argv or sys.argv[1:])])
-    runs = harness.on_broker(
-        args.url, lambda url: measure(url, args.sizes, total_mb, args.systems), "workqbenchlarge"
-    )
-    result = {
-        "meta": meta,
-        "plan": {
+    return harness.workload(
+        "large",
+        argv,
+        url=args.url,
+        measure=lambda url: measure(url, args.sizes, total_mb, args.systems),
+        plan={
             "sizes": list(args.sizes),
             "systems": list(args.systems),
             "total_mb": total_mb,
             "inflight_bytes": INFLIGHT_BYTES,
-        },  # fmt: skip
-        "runs": runs,
-    }
-    if args.no_docs:
-        harness.print_json(result)
-    else:
-        harness.save("large", result, chart)
-    return 1 if any("error" in r for r in runs) else 0
+        },
+        chart=chart,
+        no_docs=args.no_docs,
+    )
 
 
 if __name__ == "__main__":

@@ -262,20 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     m = args.m or (10_000 if args.quick else 40_000)
     processes = tuple(int(n) for n in args.processes)
-    meta = harness.meta(["python", "-m", "bench.processes", *(argv or sys.argv[1:])])
-    runs = harness.on_broker(
-        args.url, lambda url: measure(url, processes, args.work, m), "workqbenchprocs"
+    return harness.workload(
+        "processes",
+        argv,
+        url=args.url,
+        measure=lambda url: measure(url, processes, args.work, m),
+        plan={"m": m, "processes": list(processes), "works": list(args.work)},
+        chart=chart,
+        no_docs=args.no_docs,
     )
-    result = {
-        "meta": meta,
-        "plan": {"m": m, "processes": list(processes), "works": list(args.work)},
-        "runs": runs,
-    }
-    if args.no_docs:
-        harness.print_json(result)
-    else:
-        harness.save("processes", result, chart)
-    return 1 if any("error" in r for r in runs) else 0
 
 
 if __name__ == "__main__":

@@ -394,25 +394,20 @@ def main(argv: list[str] | None = None) -> int:
         work = _load if args.phase == "load" else _consume
         harness.print_json(asyncio.run(work(args.system, args.url, queues, m)))
         return 0
-    meta = harness.meta(["python", "-m", "bench.queues", *(argv or sys.argv[1:])])
-    runs = harness.on_broker(
-        args.url, lambda url: measure(url, args.q, m, args.systems), "workqbenchqueues"
-    )
-    result = {
-        "meta": meta,
-        "plan": {
+    return harness.workload(
+        "queues",
+        argv,
+        url=args.url,
+        measure=lambda url: measure(url, args.q, m, args.systems),
+        plan={
             "queues": args.q,
             "per_queue": m,
             "prefetch": PREFETCH,
             "systems": list(args.systems),
-        },  # fmt: skip
-        "runs": runs,
-    }
-    if args.no_docs:
-        harness.print_json(result)
-    else:
-        harness.save("queues", result, chart)
-    return 1 if any("error" in r for r in runs) else 0
+        },
+        chart=chart,
+        no_docs=args.no_docs,
+    )
 
 
 if __name__ == "__main__":

@@ -358,20 +358,15 @@ def main(argv: list[str] | None = None) -> int:
                 asyncio.run(_client(args.system, args.url, args.queue, calls, LEVELS))
             )
         return 0
-    meta = harness.meta(["python", "-m", "bench.rpc", *(argv or sys.argv[1:])])
-    runs = harness.on_broker(
-        args.url, lambda url: measure(url, calls, args.systems), "workqbenchrpc"
+    return harness.workload(
+        "rpc",
+        argv,
+        url=args.url,
+        measure=lambda url: measure(url, calls, args.systems),
+        plan={"calls": calls, "levels": list(LEVELS), "systems": list(args.systems)},
+        chart=chart,
+        no_docs=args.no_docs,
     )
-    result = {
-        "meta": meta,
-        "plan": {"calls": calls, "levels": list(LEVELS), "systems": list(args.systems)},
-        "runs": runs,
-    }
-    if args.no_docs:
-        harness.print_json(result)
-    else:
-        harness.save("rpc", result, chart)
-    return 1 if any("error" in r for r in runs) else 0
 
 
 if __name__ == "__main__":

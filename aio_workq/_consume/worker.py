@@ -31,6 +31,7 @@ from .dispatch import Counters, Dispatcher
 from .execution import Handler, HandlerRunner
 from .failures import MAX_DEFERS
 from .mover import Mover
+from .presence import Activity, Beacon, check_interval
 from .retry import RetryPolicy
 from .subscription import Subscription
 
@@ -109,6 +110,11 @@ class Worker:
         wait_for_broker: seconds `start()` keeps retrying, with backoff, while no broker
             answers (a worker that may start before its broker); 0 (the default) raises after
             one round over the URLs. For the worker's own connection only.
+        presence: send presence beats (`WorkerBeat`) to the `workq.presence` exchange, for
+            `aio-workq workers`, the dashboard and `PresenceWatcher`: one at start, one every
+            `presence_interval` seconds, and a goodbye when the worker stops. A beat that fails
+            is logged once and never holds up message processing or `stop()`.
+        presence_interval: seconds between beats (a worker counts as gone after 3 without).
     """
 
     def __init__(
@@ -134,6 +140,8 @@ class Worker:
         connect_timeout: float = 10.0,
         hooks: Sequence[Hook] = (),
         wait_for_broker: float = 0.0,
+        presence: bool = True,
+        presence_interval: float = 5.0,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
@@ -146,6 +154,11 @@ class Worker:
                 f"max_defers must be a whole number >= 0, or None for no limit; got {max_defers!r}"
             )
         self._max_defers = max_defers
+        if not isinstance(presence, bool):
+            raise ConfigurationError(f"presence must be True or False, got {presence!r}")
+        interval = check_interval(presence_interval)
+        self._presence_interval = interval if presence else None
+        self._beacon: Beacon | None = None
         if isinstance(binding_keys, str):
             raise ConfigurationError("binding_keys must be a list of keys, not one string")
         if (binding_keys or binding_arguments) and exchange is None:
@@ -153,6 +166,7 @@ class Worker:
         self._queue = _queue_spec(queue, queue_type)
         self._queue_type = self._queue.type
         name_part = self._queue.name or "subscriber"
+        self._name = name or f"aio-workq worker {name_part}"
         self._runner = HandlerRunner(
             handler,
             executor=executor,
@@ -167,7 +181,7 @@ class Worker:
             self._connection = Connection(
                 self._url,
                 ssl_context=ssl_context,
-                name=name or f"aio-workq worker {name_part}",
+                name=self._name,
                 connect_timeout=connect_timeout,
                 hooks=self._hooks,
                 wait_for_broker=wait_for_broker,
@@ -284,6 +298,9 @@ class Worker:
                     f"worker {self.queue_name!r}",
                 )
             )
+        if self._presence_interval is not None:
+            self._beacon = self._make_beacon(self._presence_interval)
+            self._beacon.start()
         log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
 
     async def _open(self, wait_for_broker: float | None) -> None:
@@ -328,6 +345,30 @@ class Worker:
         )
         await self._subscription.start(self._connect_timeout)
 
+    def _make_beacon(self, interval: float) -> Beacon:
+        """The worker's presence beats, reading the counters it keeps anyway (nothing is added
+        to the handling of a message)."""
+        source, dispatcher = self._source, self._dispatcher
+        assert source is not None and dispatcher is not None
+        counters, tasks = dispatcher.counters, dispatcher.tasks
+
+        def activity() -> Activity:
+            handled = counters.processed + counters.failed
+            return Activity((self.queue_name,), len(tasks), handled, counters.failed)
+
+        # The beats' own connection (see `Beacon`); on a robust aio-pika connection given to the
+        # worker, the beats share it.
+        own = self._connection if self._connection is not None else self._shared
+        side = own.sibling(name=f"{self._name} presence") if isinstance(own, Connection) else None
+        return Beacon(
+            source,
+            side=side,
+            interval=interval,
+            concurrency=self._concurrency,
+            activity=activity,
+            what=f"worker {self.queue_name!r}",
+        )
+
     async def stop(self, timeout: float | None = None) -> None:
         """Stop consuming, let running handlers finish, and close.
 
@@ -365,16 +406,23 @@ class Worker:
 
     async def _teardown(self) -> None:
         """Close what this worker opened; safe to call more than once."""
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.cancel()
-        subscription = self._subscription
-        if subscription is not None:
-            await subscription.close()
-        publisher, self._publisher = self._publisher, None
-        if publisher is not None:
-            await publisher.close(timeout=5)
-        self._runner.close()
+        beacon, self._beacon = self._beacon, None
+        # The goodbye, once the handlers are done (bounded: ~1 s), beside the closes below.
+        goodbye = asyncio.ensure_future(beacon.close(goodbye=True)) if beacon else None
+        try:
+            watchdog, self._watchdog = self._watchdog, None
+            if watchdog is not None:
+                watchdog.cancel()
+            subscription = self._subscription
+            if subscription is not None:
+                await subscription.close()
+            publisher, self._publisher = self._publisher, None
+            if publisher is not None:
+                await publisher.close(timeout=5)
+            self._runner.close()
+        finally:
+            if goodbye is not None:
+                await asyncio.gather(goodbye, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
 

@@ -339,6 +339,20 @@ class Connection:
         with translate_errors("opening a channel"):
             return await link.connection.channel(publisher_confirms=publisher_confirms)
 
+    def sibling(self, *, name: str | None = None) -> Connection:
+        """A new connection, not opened, to the same brokers with the same TLS context, timeout
+        and backoff, on aiormq's plain path and without hooks: for traffic that must not share
+        this connection's fate (a worker's presence beats: publishing during a memory alarm
+        gets a connection blocked, its acks unread)."""
+        return Connection(
+            self._urls,
+            ssl_context=self._ssl_context,
+            name=name,
+            connect_timeout=self._connect_timeout,
+            backoff=self._backoff,
+            fast_path=False,
+        )
+
     # -- attempts ----------------------------------------------------------------------------
 
     def _rotation(self) -> Iterator[str]:

@@ -1,8 +1,8 @@
 """The `aio-workq` Click application: the root group and how errors end a run.
 
 Each command group lives in a module of its own (`_worker_cmd`, `_publish_cmd`, `_queues_cmd`,
-`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_dashboard_cmd`); this module
-puts them together.
+`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_workers_cmd`,
+`_dashboard_cmd`); this module puts them together.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ._publish_cmd import publish
 from ._queues_cmd import queues
 from ._schedules_cmd import schedules
 from ._worker_cmd import worker
+from ._workers_cmd import workers
 
 __all__ = ("cli", "run")
 
@@ -61,5 +62,5 @@ def cli(ctx: click.Context) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-for _command in (worker, publish, queues, dlq, broker, demo, outbox, schedules, dashboard):
+for _command in (worker, workers, publish, queues, dlq, broker, demo, outbox, schedules, dashboard):
     cli.add_command(_command)
