@@ -138,7 +138,7 @@ def _run(url: str, mode: str, n: int) -> dict[str, Any]:
             port = _free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "aio_workq", "dashboard", "--port", str(port), "--url", url,
-                 "--queue", queue], cwd=REPO_ROOT, text=True,
+                 "--queue", queue, "--no-management"], cwd=REPO_ROOT, text=True,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
             _wait_http(port)

@@ -287,10 +287,7 @@ async def test_queues_show_their_depths_from_passive_declares(
     await make_dead_letters(amqp_url, queue_name, 2)
     async with Producer(amqp_url) as producer:
         await producer.publish_many(["a", "b", "c"], queue=queue_name)
-    dashboard = Dashboard(url=amqp_url, queues=[queue_name],
-                          management_url="http://127.0.0.1:1/")  # fmt: skip
-    dashboard.queues = type(dashboard.queues)(url=amqp_url, management_url=None,
-                                              names=[queue_name])  # fmt: skip
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="")
     async with served(dashboard) as client:
         page = (await client.get("/")).text
         assert cell(page, queue_name, "ready") == "3"
@@ -310,7 +307,7 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
     amqp_url: str, queue_name: str
 ) -> None:
     ids = await make_dead_letters(amqp_url, queue_name, 3)
-    dashboard = Dashboard(url=amqp_url, queues=[queue_name],
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="",
                           security=Security(allow_actions=True, tokens=(TOKEN,)))  # fmt: skip
     async with served(dashboard) as client:
         refused = await client.post(f"/dead-letters/{queue_name}/replay",
@@ -376,3 +373,33 @@ async def test_schedules_page_without_a_scheduler_says_so(amqp_url: str) -> None
     async with served(dashboard) as client:
         page = (await client.get("/schedules")).text
         assert "No scheduler has run on this broker yet" in page
+
+
+async def nothing(job: Job) -> None:
+    pass
+
+
+@pytest.mark.broker
+async def test_a_worker_appears_live_and_is_greyed_out_when_gone(
+    amqp_url: str, queue_name: str
+) -> None:
+    dashboard = Dashboard(url=amqp_url, management_url="")
+    async with served(dashboard) as client:
+        empty = (await client.get("/workers")).text  # the watcher starts listening
+        assert "No worker has sent a heartbeat" in empty
+        worker = Worker(amqp_url, queue=queue_name, handler=nothing, presence_interval=0.5)
+        async with worker:
+
+            async def alive() -> bool:
+                page = (await client.get("/fragments/workers")).text
+                return queue_name in page and 'class="alive"' in page
+
+            await wait_until(alive, timeout=20)
+            overview = (await client.get("/")).text  # its queue is known by its beats
+            assert f'data-queue="{queue_name}"' in overview
+
+        async def gone() -> bool:
+            page = (await client.get("/fragments/workers")).text
+            return queue_name in page and 'class="gone"' in page and 'class="alive"' not in page
+
+        await wait_until(gone, timeout=20)  # its goodbye beat

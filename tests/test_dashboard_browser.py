@@ -28,7 +28,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from aio_workq import Producer
+from aio_workq import Job, Producer, Worker
 from aio_workq.dashboard import Dashboard, Security, aiohttp_app
 from aio_workq.jobs import JobState, MemoryStore, Write
 from scripts.browser import BrowserError, ensure_installed
@@ -104,7 +104,7 @@ async def serve(dashboard: Dashboard) -> AsyncIterator[str]:
 
 def passive(amqp_url: str, queues: list[str], **kw: Any) -> Dashboard:
     """A dashboard on passive declares (the test broker has no management plugin)."""
-    return Dashboard(url=amqp_url, queues=queues, refresh=2, **kw)
+    return Dashboard(url=amqp_url, queues=queues, management_url="", refresh=2, **kw)
 
 
 # --- the fast subset (make check) --------------------------------------------------------------
@@ -178,6 +178,30 @@ async def test_the_pages_fit_a_narrow_screen_and_escape_names(
 
         text = await run(evil)
         assert "Not an aio-workq queue" in text and EVIL in text
+
+
+async def idle(job: Job) -> None:
+    pass
+
+
+async def test_a_worker_appears_and_disappears(
+    driver: WebDriver, amqp_url: str, queue_name: str
+) -> None:
+    async with serve(passive(amqp_url, [queue_name])) as base:
+        await run(lambda: driver.get(base + "/workers"))
+
+        def row_state(d: WebDriver) -> str:
+            return str(d.execute_script(
+                """const row = document.querySelector('tr[data-worker]');
+                return row ? row.className : '';"""))  # fmt: skip
+
+        async with Worker(amqp_url, queue=queue_name, handler=idle, presence_interval=0.5):
+            await run(lambda: until(driver, lambda d: row_state(d) == "alive", "a live worker"))
+            await run(lambda: shot(driver, "workers"))
+        await run(lambda: until(driver, lambda d: row_state(d) == "gone", "the worker greyed out"))
+        color = await run(lambda: driver.execute_script(
+            "return getComputedStyle(document.querySelector('tr.gone')).opacity"))  # fmt: skip
+        assert float(color) < 1
 
 
 # --- the rest (make dashboard-test) ---------------------------------------------------------------

@@ -25,6 +25,10 @@ __all__ = ("dashboard",)
     help="The management API (default: tried next to the broker, else passive declares).",
 )
 @click.option(
+    "--no-management", is_flag=True,
+    help="Don't use the management API: passive declares of the --queue names only.",
+)  # fmt: skip
+@click.option(
     "--queue", "queues", multiple=True, metavar="NAME",
     help="A queue to show without the management API; repeat for more.",
 )  # fmt: skip
@@ -49,6 +53,7 @@ def dashboard(
     port: int,
     url: str | None,
     management_url: str | None,
+    no_management: bool,
     queues: tuple[str, ...],
     store: str | None,
     schedules_target: str | None,
@@ -79,7 +84,7 @@ def dashboard(
         scheduler = build_scheduler(schedules_target, amqp_url)
         group_kw["schedules_group"] = scheduler.names.lease.removesuffix(".lease")
     board = Dashboard(
-        url=amqp_url, management_url=management_url, queues=queues,
+        url=amqp_url, management_url="" if no_management else management_url, queues=queues,
         store=_store(store), security=security, **group_kw,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

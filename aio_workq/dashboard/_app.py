@@ -23,8 +23,10 @@ from aio_workq import (
     ConfigurationError,
     DeadLetter,
     DeadLetters,
+    PresenceWatcher,
     Producer,
     TopologyError,
+    WorkerPresence,
     WorkqError,
     __version__,
     redact_url,
@@ -81,7 +83,8 @@ class Dashboard:
 
     Args:
         url: the broker (default: what `aio-workq` resolves from the environment).
-        management_url: the management API (default: tried next to the broker).
+        management_url: the management API (default: tried next to the broker; `""`: not
+            used, passive declares only).
         queues: queues to show without the management API (passive declares).
         store: a job store (`SQLiteStore`, `PostgresStore`, ...): the Jobs page.
         schedules_group: the schedulers' group, for the Schedules page.
@@ -113,10 +116,14 @@ class Dashboard:
         )
         # the schedules change once per tick: read (a connection each time) every 10 s at most
         self._schedules: Cached[Any] = Cached(self._read_schedules, ttl=_SCHEDULES_TTL)
-        self.queues.also_watch(self._schedule_queues)
+        self.queues.also_watch(self._known_queues)
+        self.queues.count_handled(self._handled)
         self._last_schedules: Any = None
         self._producer: Producer | None = None
         self._producer_lock = asyncio.Lock()
+        self._watcher: PresenceWatcher | None = None
+        self._watcher_error: str | None = None
+        self._watcher_lock = asyncio.Lock()
         self.actions = Actions()
         self._env = jinja2.Environment(
             loader=jinja2.PackageLoader("aio_workq.dashboard", "templates"),
@@ -127,6 +134,7 @@ class Dashboard:
             ("GET", re.compile(r"/"), self._overview),
             ("GET", re.compile(r"/fragments/queues"), self._queues_fragment),
             ("GET", re.compile(r"/workers"), self._workers),
+            ("GET", re.compile(r"/fragments/workers"), self._workers_fragment),
             ("GET", re.compile(r"/dead-letters"), self._dlq_index),
             ("GET", re.compile(r"/fragments/dead-letters"), self._dlq_index_fragment),
             ("GET", re.compile(r"/dead-letters/(?P<queue>[^/]+)"), self._dlq_list),
@@ -159,10 +167,40 @@ class Dashboard:
                 self._producer = producer
             return self._producer
 
+    async def _presence(self) -> PresenceWatcher | None:
+        """The watcher of the workers' beats, opened on first use (None while it can't be)."""
+        async with self._watcher_lock:
+            if self._watcher is None:
+                watcher = PresenceWatcher(self._url)
+                try:
+                    await watcher.open()
+                except WorkqError as exc:
+                    self._watcher_error = str(exc)
+                    return None
+                self._watcher, self._watcher_error = watcher, None
+            return self._watcher
+
+    def _workers_seen(self) -> list[WorkerPresence]:
+        return [] if self._watcher is None else self._watcher.workers()
+
+    def _known_queues(self) -> list[str]:
+        named = [queue for worker in self._workers_seen() for queue in worker.beat.queues]
+        return [*self._schedule_queues(), *named]
+
+    def _handled(self) -> int | None:
+        """The live workers' handled count (their own counters), for a rate without the
+        management API."""
+        if self._watcher is None:
+            return None
+        return sum(w.beat.handled for w in self._watcher.workers() if w.alive)
+
     async def close(self) -> None:
-        """Stop the actions under way and close the broker connection (if one was opened)."""
+        """Stop the actions under way and close the broker connections (those opened)."""
         await self.actions.close()
         await self.queues.close()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await watcher.close()
         if self._producer is not None:
             await self._producer.close()
             self._producer = None
@@ -251,6 +289,7 @@ class Dashboard:
     # -- overview ------------------------------------------------------------------------------
 
     async def _overview_context(self) -> dict[str, Any]:
+        await self._presence()  # the workers' queues and counters, without the management API
         snap = await self.queues.snapshot()
         now = time.time()
         history = list(self.queues.history)
@@ -262,8 +301,17 @@ class Dashboard:
             ]
             unit = "msg/s"
         else:
-            series = [Series("ready", "ready", [(now - s.at, float(s.ready)) for s in history])]
-            unit = "messages"
+            handled = [
+                (now - b.at, (b.handled - a.handled) / (b.at - a.at))
+                for a, b in zip(history, history[1:], strict=False)
+                if a.handled is not None and b.handled is not None and b.at > a.at
+                and b.handled >= a.handled
+            ]  # fmt: skip
+            series = [
+                Series("ready", "ready", [(now - s.at, float(s.ready)) for s in history]),
+                Series("handled /s (workers' counters)", "pub", handled),
+            ]
+            unit = "messages, msg/s"
         chart = line_chart(series, span=span, unit=unit)
         return {"snap": snap, "chart": chart, "unit": unit}
 
@@ -275,8 +323,32 @@ class Dashboard:
 
     # -- workers -------------------------------------------------------------------------------
 
+    async def _workers_context(self) -> dict[str, Any]:
+        watcher = await self._presence()
+        found = [] if watcher is None else watcher.workers()
+        now = time.time()
+        rows = [
+            {
+                "id": w.beat.id, "host": w.beat.host, "pid": w.beat.pid,
+                "queues": ", ".join(w.beat.queues), "concurrency": w.beat.concurrency,
+                "in_flight": w.beat.in_flight, "handled": w.beat.handled,
+                "failed": w.beat.failed, "uptime": _duration(w.uptime),
+                "version": w.beat.version, "alive": w.alive,
+                "seen": _duration(now - w.last_seen),
+            }
+            for w in found
+        ]  # fmt: skip
+        return {
+            "rows": rows,
+            "alive": sum(1 for row in rows if row["alive"]),
+            "error": self._watcher_error if watcher is None else None,
+        }
+
     async def _workers(self, request: Request, match: dict[str, str]) -> Response:
-        return self._render(request, "workers.html")
+        return self._render(request, "workers.html", **await self._workers_context())
+
+    async def _workers_fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._render(request, "_workers.html", **await self._workers_context())
 
     # -- dead letters --------------------------------------------------------------------------
 
@@ -588,6 +660,18 @@ def _when(moment: datetime | float | None) -> str:
     if isinstance(moment, int | float):
         moment = datetime.fromtimestamp(moment, UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    """`42 s`, `3 min`, `2 h 5 min`, `3 d 4 h`."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    if seconds < 86400:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
 
 
 def _number(value: float | None, digits: int = 0) -> str:

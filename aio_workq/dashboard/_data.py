@@ -66,6 +66,8 @@ class Sample:
     ready: int
     publish_rate: float | None
     deliver_rate: float | None
+    handled: int | None = None
+    """The live workers' handled count (their own counters), when the dashboard watches them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,8 @@ class QueueData:
     Args:
         url: the broker.
         management_url: the management API; when given, it is the only source (its failure is
-            shown). Without it, the API next to the broker is tried, then every minute again.
+            shown). Without it, the API next to the broker is tried, then every minute again;
+            `""` turns it off (passive declares only).
         names: queues to look at without the management API.
         ttl: seconds a snapshot is served before the next fetch.
     """
@@ -105,10 +108,12 @@ class QueueData:
         ttl: float = 2.0,
     ) -> None:
         self._url = url
-        self._explicit = management_url is not None
+        self._off = management_url == ""
+        self._explicit = bool(management_url)
         self._mgmt = management_url or default_management_url(url)
         self._names = list(dict.fromkeys(names))
         self._extra: Callable[[], Iterable[str]] = list
+        self._handled: Callable[[], int | None] = lambda: None
         self._mgmt_failed_at = float("-inf")
         self._mgmt_reason = ""
         self._cache: Cached[QueueSnapshot] = Cached(self._fetch, ttl=ttl)
@@ -125,6 +130,10 @@ class QueueData:
         """Queue names learnt elsewhere (workers' beats, schedules), asked on each fetch."""
         self._extra = names
 
+    def count_handled(self, handled: Callable[[], int | None]) -> None:
+        """The workers' handled count, sampled with each snapshot (a rate without the API)."""
+        self._handled = handled
+
     def names(self) -> list[str]:
         """The queues looked at without the management API."""
         return list(dict.fromkeys([*self._names, *self._extra()]))
@@ -135,7 +144,9 @@ class QueueData:
 
     async def _fetch(self) -> QueueSnapshot:
         shown = redact_url(self._mgmt)
-        if self._explicit or time.monotonic() - self._mgmt_failed_at > _MANAGEMENT_RETRY:
+        if self._off:
+            self._mgmt_reason = " (turned off)"
+        elif self._explicit or time.monotonic() - self._mgmt_failed_at > _MANAGEMENT_RETRY:
             try:
                 raws = await asyncio.to_thread(management_raws, self._mgmt, vhost_of(self._url))
             except ManagementAPIError as exc:
@@ -178,6 +189,7 @@ class QueueData:
             ready=sum(row.ready or 0 for row in work),
             publish_rate=sum(row.publish_rate or 0.0 for row in work) if snap.management else None,
             deliver_rate=sum(row.deliver_rate or 0.0 for row in work) if snap.management else None,
+            handled=self._handled(),
         )
         self.history.append(sample)
         while self.history and self.history[0].at < sample.at - _HISTORY:
