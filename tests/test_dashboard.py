@@ -219,6 +219,9 @@ async def test_mounted_in_aiohttp_under_a_prefix() -> None:
         assert script.status_code == 200 and script.headers["content-type"].startswith(
             "application/javascript"
         )
+        assert script.headers.get_list("cache-control") == ["public, max-age=3600"]
+        assert page.headers.get_list("cache-control") == ["no-store"]
+        assert page.headers["x-frame-options"] == "DENY"
         assert (await client.get("/workq/nope")).status_code == 404
         assert (await client.get("/workq/dead-letters/%3Cx%3E/%20")).status_code == 400
 

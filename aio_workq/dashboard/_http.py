@@ -86,12 +86,14 @@ class Response:
 
     def all_headers(self) -> list[tuple[str, str]]:
         """The headers to send: content type and the safety headers first."""
+        own = {name.lower() for name, _ in self.headers}
+        cache = [] if "cache-control" in own else [("Cache-Control", "no-store")]
         return [
             ("Content-Type", self.content_type),
             ("X-Content-Type-Options", "nosniff"),
             ("X-Frame-Options", "DENY"),
             ("Referrer-Policy", "same-origin"),
-            ("Cache-Control", "no-store"),
+            *cache,
             (
                 "Content-Security-Policy",
                 "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
