@@ -18,9 +18,16 @@ from fastapi import FastAPI
 
 from aio_workq import ConfigurationError, Job, Producer, Reject, Worker
 from aio_workq.admin.queues import QueueRow
-from aio_workq.dashboard import Dashboard, Request, Security, aiohttp_app, asgi_app
+from aio_workq.dashboard import (
+    Dashboard,
+    Request,
+    Security,
+    aiohttp_app,
+    asgi_app,
+    store_from_url,
+)
 from aio_workq.dashboard._data import QueueSnapshot
-from aio_workq.jobs import JobState, MemoryStore, Write
+from aio_workq.jobs import JobState, MemoryStore, SQLiteStore, Write
 from tests.helpers import queue_depth, wait_until
 from tests.servers import serve_aiohttp, serve_asgi
 
@@ -136,6 +143,13 @@ def test_the_token_file_and_the_environment(tmp_path: Any, monkeypatch: Any) -> 
         Security.load(allow_actions=True, token_file=path)
     with pytest.raises(ConfigurationError, match="cannot read the token file"):
         Security.load(allow_actions=True, token_file=tmp_path / "missing")
+
+
+def test_a_store_from_its_url(tmp_path: Any) -> None:
+    store = store_from_url(f"sqlite:///{tmp_path}/jobs.db")
+    assert isinstance(store, SQLiteStore)
+    with pytest.raises(ConfigurationError, match=r"redis://u:\*\*\*@h/.*sqlite:///"):
+        store_from_url("redis://u:pw@h/0")
 
 
 def test_a_session_cookie_is_signed_and_expires() -> None:

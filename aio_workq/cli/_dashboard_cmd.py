@@ -68,7 +68,7 @@ def dashboard(
     try:
         from aiohttp import web
 
-        from aio_workq.dashboard import Dashboard, Security, aiohttp_app
+        from aio_workq.dashboard import Dashboard, Security, aiohttp_app, store_from_url
     except ImportError:
         raise CliError(
             "the dashboard needs its extra: pip install 'aio-workq[dashboard]'"
@@ -85,7 +85,7 @@ def dashboard(
         group_kw["schedules_group"] = scheduler.names.lease.removesuffix(".lease")
     board = Dashboard(
         url=amqp_url, management_url="" if no_management else management_url, queues=queues,
-        store=_store(store), security=security, **group_kw,
+        store=None if store is None else store_from_url(store), security=security, **group_kw,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
@@ -95,21 +95,3 @@ def dashboard(
         highlight=False,
     )
     web.run_app(aiohttp_app(board), host=host, port=port, print=None, handle_signals=True)
-
-
-def _store(url: str | None) -> Any:
-    if url is None:
-        return None
-    if url.startswith("sqlite:///"):
-        from aio_workq.jobs import SQLiteStore
-
-        return SQLiteStore(url.removeprefix("sqlite:///") or "jobs.db")
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from aio_workq.jobs.postgres import PostgresStore
-        except ImportError:
-            raise CliError("a PostgreSQL store needs: pip install 'aio-workq[postgres]'") from None
-        return PostgresStore(url)
-    raise CliError(
-        f"--store {redact_url(url)!r}: give sqlite:///path/jobs.db or postgresql://user@host/db"
-    )

@@ -21,11 +21,21 @@ from ._app import PageError as PageError
 from ._auth import Security as Security
 from ._http import Request as Request
 from ._http import Response as Response
+from ._stores import store_from_url as store_from_url
 
 if TYPE_CHECKING:
     from aiohttp import web
 
-__all__ = ("Dashboard", "PageError", "Request", "Response", "Security", "aiohttp_app", "asgi_app")
+__all__ = (
+    "Dashboard",
+    "PageError",
+    "Request",
+    "Response",
+    "Security",
+    "aiohttp_app",
+    "asgi_app",
+    "store_from_url",
+)
 
 
 def aiohttp_app(dashboard: Dashboard | None = None, **options: Any) -> web.Application:
