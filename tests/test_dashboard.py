@@ -420,3 +420,16 @@ async def test_a_worker_appears_live_and_is_greyed_out_when_gone(
             return queue_name in page and 'class="gone"' in page and 'class="alive"' not in page
 
         await wait_until(gone, timeout=20)  # its goodbye beat
+
+
+def test_the_command_refuses_actions_without_a_token(monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from aio_workq.cli._app import cli
+
+    monkeypatch.delenv("AIO_WORKQ_DASHBOARD_TOKEN", raising=False)
+    result = CliRunner().invoke(cli, ["dashboard", "--allow-actions", "--url", NOWHERE])
+    assert result.exit_code != 0
+    assert "actions need a token" in str(result.exception)
+    result = CliRunner().invoke(cli, ["dashboard", "--store", "redis://u:pw@h/0", "--url", NOWHERE])
+    assert "sqlite:///" in str(result.exception) and "pw" not in str(result.exception)

@@ -190,18 +190,22 @@ async def test_a_worker_appears_and_disappears(
     async with serve(passive(amqp_url, [queue_name])) as base:
         await run(lambda: driver.get(base + "/workers"))
 
-        def row_state(d: WebDriver) -> str:
-            return str(d.execute_script(
-                """const row = document.querySelector('tr[data-worker]');
-                return row ? row.className : '';"""))  # fmt: skip
+        def states(d: WebDriver) -> list[str]:
+            return list(d.execute_script(
+                "return [...document.querySelectorAll('tr[data-worker]')].map(r => r.className);"
+            ))  # fmt: skip
 
         async with Worker(amqp_url, queue=queue_name, handler=idle, presence_interval=0.5):
-            await run(lambda: until(driver, lambda d: row_state(d) == "alive", "a live worker"))
+            async with Worker(amqp_url, queue=queue_name, handler=idle, presence_interval=0.5):
+                await run(lambda: until(driver, lambda d: states(d) == ["alive", "alive"],
+                                        "two live workers"))  # fmt: skip
+            await run(lambda: until(driver, lambda d: states(d) == ["alive", "gone"],
+                                    "one greyed out"))  # fmt: skip
             await run(lambda: shot(driver, "workers"))
-        await run(lambda: until(driver, lambda d: row_state(d) == "gone", "the worker greyed out"))
-        color = await run(lambda: driver.execute_script(
+        await run(lambda: until(driver, lambda d: states(d) == ["gone", "gone"], "both gone"))
+        opacity = await run(lambda: driver.execute_script(
             "return getComputedStyle(document.querySelector('tr.gone')).opacity"))  # fmt: skip
-        assert float(color) < 1
+        assert float(opacity) < 1
 
 
 # --- the rest (make dashboard-test) ---------------------------------------------------------------
