@@ -433,3 +433,20 @@ def test_the_command_refuses_actions_without_a_token(monkeypatch: Any) -> None:
     assert "actions need a token" in str(result.exception)
     result = CliRunner().invoke(cli, ["dashboard", "--store", "redis://u:pw@h/0", "--url", NOWHERE])
     assert "sqlite:///" in str(result.exception) and "pw" not in str(result.exception)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_stores_list_recent_jobs_by_state_newest_first(kind: str, tmp_path: Any) -> None:
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "jobs.db")
+    now = time.time()
+    await store.record([
+        Write(job_id=f"j{i}", task="t", queue="q", state=state, at=now - 100 + i)
+        for i, state in enumerate([JobState.FAILED, JobState.SUCCEEDED, JobState.FAILED,
+                                   JobState.FAILED])
+    ])  # fmt: skip
+    try:
+        failed = await store.recent(state="failed", limit=2)
+        assert [status.job_id for status in failed] == ["j3", "j2"]
+        assert [s.job_id for s in await store.recent(state=JobState.SUCCEEDED)] == ["j1"]
+    finally:
+        await store.close()

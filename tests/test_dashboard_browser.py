@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -31,6 +32,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from aio_workq import Job, Producer, Worker
 from aio_workq.dashboard import Dashboard, Security, aiohttp_app
 from aio_workq.jobs import JobState, MemoryStore, Write
+from aio_workq.schedules import Schedule, Scheduler
 from scripts.browser import BrowserError, ensure_installed
 from tests.helpers import queue_depth
 from tests.servers import serve_aiohttp
@@ -267,8 +269,36 @@ async def test_jobs_and_schedules_pages(driver: WebDriver, amqp_url: str, queue_
             until(driver, lambda d: "succeeded" in d.page_source, "the job")
             assert '"width": 400' in driver.find_element(By.TAG_NAME, "main").text
             shot(driver, "job")
-            driver.get(base + "/schedules")
-            until(driver, lambda d: "Schedules" in d.title, "the schedules page")
-            shot(driver, "schedules")
 
         await run(pages)
+
+
+@pytest.mark.browser_full
+async def test_the_schedules_page_shows_the_active_scheduler(
+    driver: WebDriver, amqp_url: str, queue_name: str
+) -> None:
+    group = f"test-dash-{queue_name}"
+    schedules = [
+        Schedule("poll-feeds", every=timedelta(seconds=1), queue=f"{queue_name}.poll"),
+        Schedule("nightly-report", cron="0 3 * * *", tz="Europe/Paris",
+                 queue=f"{queue_name}.reports"),
+    ]  # fmt: skip
+    scheduler = Scheduler(amqp_url, schedules, group=group, identity="scheduler-a")
+    running = asyncio.create_task(scheduler.run())
+    try:
+        async with asyncio.timeout(30):
+            await scheduler.wait_active()
+        async with serve(passive(amqp_url, [], schedules_group=group)) as base:
+
+            def page() -> str:
+                driver.get(base + "/schedules")
+                until(driver, lambda d: "scheduler-a" in d.page_source, "the active scheduler")
+                until(driver, lambda d: "nightly-report" in d.page_source, "the schedules")
+                shot(driver, "schedules")
+                return str(driver.find_element(By.TAG_NAME, "main").text)
+
+            text = await run(page)
+            assert "poll-feeds" in text and f"{queue_name}.reports" in text
+    finally:
+        await scheduler.stop()
+        await running
