@@ -17,7 +17,7 @@ from aiohttp import web
 from fastapi import FastAPI
 
 from aio_workq import ConfigurationError, Job, Producer, Reject, Worker
-from aio_workq.admin.queues import QueueRow
+from aio_workq.admin.queues import QueueRow, RawQueue
 from aio_workq.dashboard import (
     Dashboard,
     Request,
@@ -26,7 +26,7 @@ from aio_workq.dashboard import (
     asgi_app,
     store_from_url,
 )
-from aio_workq.dashboard._data import QueueSnapshot
+from aio_workq.dashboard._data import QueueSnapshot, visible
 from aio_workq.jobs import JobState, MemoryStore, SQLiteStore, Write
 from tests.helpers import queue_depth, wait_until
 from tests.servers import serve_aiohttp, serve_asgi
@@ -85,6 +85,11 @@ async def test_a_queue_named_like_a_script_is_shown_as_text() -> None:
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in body
     # ...and its links percent-encode it
     assert "/workq/dead-letters/%3Cscript%3Ealert%281%29%3C%2Fscript%3E" in body
+
+
+def test_server_named_queues_are_not_listed() -> None:
+    raws = [RawQueue("amq.gen-x1", 0, 0, 1), RawQueue("emails", 3, 0, 1)]
+    assert [raw.name for raw in visible(raws)] == ["emails"]
 
 
 async def test_every_link_and_form_respects_the_mount_prefix() -> None:

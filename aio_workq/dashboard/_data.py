@@ -21,6 +21,7 @@ from aio_workq import WorkqError, redact_url
 from aio_workq.admin import ManagementAPIError
 from aio_workq.admin.queues import (
     QueueRow,
+    RawQueue,
     amqp_raws,
     connect,
     default_management_url,
@@ -29,12 +30,18 @@ from aio_workq.admin.queues import (
     vhost_of,
 )
 
-__all__ = ("Cached", "QueueData", "QueueSnapshot", "Sample")
+__all__ = ("Cached", "QueueData", "QueueSnapshot", "Sample", "visible")
 
 T = TypeVar("T")
 
 _MANAGEMENT_RETRY = 60.0
 _HISTORY = 10 * 60.0
+
+
+def visible(raws: Iterable[RawQueue]) -> list[RawQueue]:
+    """The queues a page lists: not the server-named `amq.*` ones (exclusive reply and
+    listener queues, the dashboard's own presence watcher among them)."""
+    return [raw for raw in raws if not raw.name.startswith("amq.")]
 
 
 class Cached(Generic[T]):
@@ -155,7 +162,9 @@ class QueueData:
                 self._mgmt_failed_at = time.monotonic()
                 self._mgmt_reason = f" ({exc})"
             else:
-                snap = QueueSnapshot(group_rows(raws), f"the management API at {shown}", True)
+                snap = QueueSnapshot(
+                    group_rows(visible(raws)), f"the management API at {shown}", True
+                )
                 self._record(snap)
                 return snap
         names = self.names()
