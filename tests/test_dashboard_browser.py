@@ -125,7 +125,6 @@ async def test_queues_appear_with_their_depths_and_update_live(
             # no reload: htmx polls the fragment
             await run(lambda: until(driver, lambda d: cell_text(d, queue_name, "ready") == "5",
                                     "5 ready after the live update"))  # fmt: skip
-            await run(lambda: shot(driver, "overview"))
 
 
 async def test_an_action_without_the_token_is_refused(
@@ -302,3 +301,46 @@ async def test_the_schedules_page_shows_the_active_scheduler(
     finally:
         await scheduler.stop()
         await running
+
+
+@pytest.fixture(scope="module")
+def management_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from scripts.broker import LocalBroker
+
+    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name="workqdashmgmt", management=True)
+    node.start()
+    yield node
+    node.close()
+
+
+@pytest.mark.browser_full
+async def test_the_overview_from_the_management_api(
+    driver: WebDriver, management_broker: Any, queue_name: str
+) -> None:
+    url = management_broker.url
+    await make_dead_letters(url, queue_name, 1)
+    busy = f"{queue_name}-busy"
+    handled = asyncio.Event()
+
+    async def slow(job: Job) -> None:
+        await asyncio.sleep(0.05)
+        handled.set()
+
+    async with Producer(url) as producer:
+        await producer.publish_many([f"m{i}" for i in range(3)], queue=queue_name)
+        await producer.publish_many([f"b{i}" for i in range(2000)], queue=busy)
+        dashboard = Dashboard(url=url, management_url=management_broker.management_url, refresh=2)
+        async with serve(dashboard) as base, Worker(url, queue=busy, handler=slow,
+                                                     concurrency=20):  # fmt: skip
+            await run(lambda: driver.get(base + "/"))
+            await run(lambda: until(driver, lambda d: cell_text(d, queue_name, "ready") == "3",
+                                    "3 ready (the API refreshes every 5 s)"))  # fmt: skip
+            assert await run(lambda: cell_text(driver, queue_name, "dead")) == "1"
+            text = await run(lambda: driver.find_element(By.TAG_NAME, "main").text)
+            assert "Source: the management API at http://127.0.0.1:" in text
+            assert "Throughput" in text
+            await run(lambda: until(
+                driver, lambda d: cell_text(d, busy, "num:last-child") not in ("", "0.0"),
+                "a deliver rate",
+            ))  # fmt: skip
+            await run(lambda: shot(driver, "overview"))
