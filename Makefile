@@ -12,7 +12,7 @@ POSTGRES_DIR ?= .postgres/dev
 .PHONY: chaos chaos-table
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
-.PHONY: schedules-ledger
+.PHONY: schedules-ledger schedules-ledger-cluster
 .PHONY: dashboard-test dashboard-screenshots bench-dashboard
 
 venv: $(VENV)/.stamp
@@ -50,6 +50,12 @@ chaos-table:
 schedules-ledger: venv
 	$(PY) -m scripts.schedules_ledger --replicas 3 --duration 180 --kill-every 20 --outage 30 \
 		--json .chaos/schedules-ledger.json
+
+# The same on a local 3-node cluster of its own: 3 replicas on the URL list, the active scheduler's
+# node (and in turn the lease queue's leader) killed -9 every 20 s and restarted (~5 min).
+schedules-ledger-cluster: venv
+	$(PY) -m scripts.schedules_ledger --cluster --replicas 3 --duration 180 --kill-every 20 \
+		--json .chaos/schedules-ledger-cluster.json
 
 # Failover tests on a 3-node cluster the session starts (needs rabbitmq-server; iptables for partitions).
 cluster-test: venv

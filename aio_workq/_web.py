@@ -30,6 +30,7 @@ from ._link.settings import URLs
 from ._link.specs import Exchange, Queue, QueueType
 from ._publish.message import PublishOptions
 from ._publish.producer import Producer
+from .schedules import Schedule, Scheduler
 
 __all__ = (
     "DEFAULT_REQUEST_TIMEOUT",
@@ -176,6 +177,30 @@ class ProducerSettings:
             **self._producer,
         )
         return OwnedProducer(connection, producer)
+
+    def scheduler(self, schedules: Scheduler | Schedule | Iterable[Schedule]) -> Scheduler:
+        """The `Scheduler` an app hosts: `schedules` itself if it is one, else a new one for
+        these `Schedule`s, on the integration's URL, `ssl_context`, `backoff` and `hooks`.
+
+        Raises:
+            ConfigurationError: `schedules` is none of these, or holds two of one name.
+        """
+        if isinstance(schedules, Scheduler):
+            return schedules
+        items = [schedules] if isinstance(schedules, Schedule) else schedules
+        if isinstance(items, str | bytes) or not isinstance(items, Iterable):
+            raise ConfigurationError(
+                f"schedules= must be a Scheduler, a Schedule or a list of Schedules, "
+                f"got {type(schedules).__name__}"
+            )
+        link = self._connection
+        return Scheduler(
+            self.url,
+            list(items),
+            ssl_context=link.get("ssl_context"),
+            backoff=link.get("backoff"),
+            hooks=link.get("hooks") or None,
+        )
 
     def worker(self, handler: Handler, options: dict[str, Any]) -> tuple[Worker, Connection | None]:
         """A new `Worker(handler=handler, **options)` on a new connection (neither opened),
@@ -424,6 +449,10 @@ class Integration:
             in-process workers, each job), `window`, `window_bytes`, `on_reconnect`. The
             in-process workers take `ssl_context`, `backoff`, `hooks` and `connect_timeout`
             too, unless their own options say otherwise.
+        schedules: periodic jobs the app hosts (`aio_workq.schedules`): a `Scheduler`, or
+            `Schedule`s (run by a `Scheduler` on `url`, `ssl_context`, `backoff`, `hooks`).
+            Its `run()` starts with the app and stops with it; every replica of the app is a
+            candidate and the broker makes one of them the active scheduler.
 
     Raises:
         ConfigurationError: a setting is invalid.
@@ -438,6 +467,7 @@ class Integration:
         close_timeout: float = 10.0,
         connect_timeout: float = 10.0,
         queue_type: QueueType | Literal["quorum", "classic"] = QueueType.QUORUM,
+        schedules: Scheduler | Schedule | Iterable[Schedule] | None = None,
         **options: Unpack[ProducerOptions],
     ) -> None:
         self._request_timeout = _check_timeout("request_timeout", request_timeout)
@@ -448,6 +478,7 @@ class Integration:
         self._worker_specs: list[tuple[Handler, dict[str, Any]]] = []
         self._view: ProducerView | None = None
         self._workers: list[Worker] = []
+        self._scheduler = None if schedules is None else self._settings.scheduler(schedules)
 
     @property
     def request_timeout(self) -> float:
@@ -498,9 +529,16 @@ class Integration:
         """The workers running in the app process (their `state` serves health checks)."""
         return tuple(self._workers)
 
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The `Scheduler` the app hosts (`schedules=`), None without one; its `active` tells
+        whether this replica is the active scheduler."""
+        return self._scheduler
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ProducerView]:
-        """Start the producer and the workers; stop them on exit (workers first).
+        """Start the producer, the workers and the scheduler; stop them on exit (the
+        scheduler first, its lease going back to the broker, then the workers).
 
         Raises:
             BrokerConnectionError: the broker can't be reached within `connect_timeout`.
@@ -521,7 +559,8 @@ class Integration:
                 self._workers.append(worker)
                 await worker.start()
             self._view = ProducerView(owned.producer, timeout=self._request_timeout)
-            yield self._view
+            async with _hosting(self._scheduler):
+                yield self._view
         finally:
             self._view = None
             workers, self._workers = self._workers, []
@@ -531,3 +570,21 @@ class Integration:
                     log.error("stopping %r failed: %r", worker, outcome)
             await asyncio.gather(*(c.close() for c in connections))
             await owned.close(self._close_timeout)
+
+
+@contextlib.asynccontextmanager
+async def _hosting(scheduler: Scheduler | None) -> AsyncIterator[None]:
+    """Run `scheduler` (a candidate in the election) while the block runs; on exit stop it:
+    the tick being published is recorded, then the lease goes back to the broker."""
+    if scheduler is None:
+        yield
+        return
+    run = asyncio.create_task(scheduler.run(), name=f"aio-workq scheduler {scheduler.identity}")
+    try:
+        yield
+    finally:
+        await scheduler.stop()
+        try:
+            await run  # bounded: a stop waits for at most the tick being published
+        except Exception as exc:  # the app's shutdown goes on: the workers and the producer
+            log.error("the scheduler %s failed: %r", scheduler.identity, exc)

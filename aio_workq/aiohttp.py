@@ -45,6 +45,10 @@ class Workq(Integration):
     `request_timeout` (5 s), `close_timeout` (10 s), `connect_timeout`, `queue_type`, and the
     producer's and connection's own (`ssl_context`, `name`, `backoff`, `hooks`, `window`,
     `window_bytes`, `on_reconnect`).
+
+    `schedules=[Schedule(...), ...]` (or a `Scheduler`) hosts the periodic jobs: every
+    replica of the app is a candidate, the broker makes one active, and the scheduler starts
+    and stops with the app (`workq.scheduler.active` tells whether this one fires).
     """
 
     def setup(self, app: web.Application) -> None:

@@ -75,7 +75,7 @@ def workload(
     Returns the exit status: 1 if any run recorded an "error", else 0.
     """
     command = ["python", "-m", f"bench.{name}", *(sys.argv[1:] if argv is None else argv)]
-    result = {"meta": meta(command), "plan": plan}
+    result: dict[str, Any] = {"meta": meta(command), "plan": plan}
     result["runs"] = runs = on_broker(url, measure, f"workqbench{name}")
     if no_docs:
         print_json(result)

@@ -6,9 +6,10 @@
   store recorded it `queued` (concurrent enqueues share a store transaction). Timed from the
   first call to the last return.
 - **consume**: a worker from `tasks.workers(concurrency=--concurrency)` draining those N jobs
-  (enqueued beforehand with the same store). With a store each delivery is claimed (one store
-  round trip: the check at delivery, `running`) and its outcome written in batches
-  (`succeeded` with the result). Timed from the first job settled to the last one settled and,
+  (enqueued beforehand with the same store). With a store each delivery is claimed when it
+  arrives (the check at delivery, `running`; the worker prefetches 2x its concurrency, so the
+  claims overlap the handlers running) and its outcome written in batches (`succeeded` with
+  the result). Timed from the first job settled to the last one settled and,
   with a store, every `succeeded` recorded in it (the batched writes included).
 
 The kinds take turns (none, SQLite, PostgreSQL, again), a fresh queue and schema each run; the
@@ -204,22 +205,35 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         f"{result['concurrency']})`, with each store and without one, the kinds taking turns on "
         f"the same broker, the median of {result['repeats']} runs (`python -m bench.tracking`). "
         "With a store an enqueue also records the job `queued` (concurrent enqueues share a "
-        "transaction, each returns once it is committed); a "
-        "delivery is claimed at delivery (one round trip) and its outcome written in batches; "
-        "the consume clock stops once the store holds every `succeeded`.",
+        "transaction, up to two in flight; each returns once its record is committed); a "
+        "delivery is claimed when it arrives (a task worker with a store prefetches twice its "
+        "concurrency, so the claims of the deliveries waiting for a handler overlap the "
+        "handlers running; without a store the prefetch is the concurrency) and its outcome "
+        "written in batches (on PostgreSQL one statement per batch, up to two batches in "
+        "flight); the consume clock stops once the store holds every `succeeded`.",
         "",
         *harness.table(["store", "enqueue jobs/s", "× none", "consume jobs/s", "× none"], lines),
         "",
         "On this loaded machine the rates swing from run to run; read the ratios, measured in "
         "the same run. The PostgreSQL server ran on the same 2 cores as the broker and the bench.",
         "",
-        f"The goal for PostgreSQL, 0.8× of untracked, is not met here "
-        f"({ratios['postgres']['enqueue']:.2f}× enqueue, {ratios['postgres']['consume']:.2f}× "
-        "consume). Where it goes: an enqueue waits for its batch's transaction (the `queued` "
-        "record) after the broker's confirm; the worker's batches are one transaction and one "
-        "round trip each (pipeline mode) but one statement per write, and a delivery waits "
-        "for its claim's batch before the task runs.",
+        goal(ratios["postgres"]),
     ]
+
+
+def goal(postgres: dict[str, float]) -> str:
+    """Whether the 0.8× aimed for on PostgreSQL was reached, and if not, where it goes."""
+    figures = f"{postgres['enqueue']:.2f}× enqueue, {postgres['consume']:.2f}× consume"
+    if min(postgres.values()) >= 0.8:
+        return f"The goal for PostgreSQL, 0.8× of untracked, is met here ({figures})."
+    return (
+        f"The goal for PostgreSQL, 0.8× of untracked, is not met here ({figures}). What is "
+        "left is the store's own work for each job: three writes (`queued`, `running`, "
+        "`succeeded`), a few tens of microseconds of CPU each in the client and in the server, "
+        "here on the same 2 cores as the broker; and the claim's round trip before the task "
+        "runs (a job cancelled while queued must not run), hidden only while deliveries wait "
+        "for a handler."
+    )
 
 
 def chart(result: dict[str, Any], path: Path) -> None:

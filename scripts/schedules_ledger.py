@@ -11,6 +11,9 @@ restarted; once, halfway, every replica is killed and all stay down for `--outag
 Then each tick due in the run is counted: fired 0, 1 or more times, both raw (deliveries) and
 deduplicated by message id; takeover is the time from the SIGKILL to the moment another
 replica says it is active.
+
+`--cluster` runs it on a local 3-node cluster instead, killing nodes rather than replicas
+(`scripts/schedules_cluster.py`; `make schedules-ledger-cluster`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,13 @@ class LedgerResult:
     outage_recovery: float | None = None
     max_lateness: float = 0.0
     strays: int = 0  # ids outside the counted window
+    # --cluster: which node each kill hit, the queues' types, kills the active scheduler outlived
+    kill_targets: list[str] = field(default_factory=list)
+    queue_types: dict[str, str] = field(default_factory=dict)
+    kept: int = 0
+    overlaps: int = 0  # two replicas said they were active at once
+    max_overlap: float = 0.0  # seconds
+    brief_terms: int = 0  # active terms shorter than 1 s (a failed first read of the state)
 
     @property
     def missed(self) -> int:
@@ -65,6 +75,8 @@ class LedgerResult:
 
     @property
     def fault_name(self) -> str:
+        if self.fault == "node":
+            return "kill -9 of a cluster node"
         return "kill -9" if self.fault == "kill" else "SIGSTOP (a partition: heartbeat timeout)"
 
     def summary(self) -> str:
@@ -88,7 +100,20 @@ class LedgerResult:
             lines.append(
                 f"  after the outage: active again {self.outage_recovery:.3f} s after restart"
             )
-        lines.append(f"  latest tick arrival after its due time: {self.max_lateness:.3f} s")
+        if self.fault == "node":
+            targets = Counter(self.kill_targets)
+            lines.append(
+                "  nodes killed: " + ", ".join(f"{k} {n}" for k, n in sorted(targets.items()))
+                + f"; the active scheduler kept the lease through {self.kept} of them; "
+                + f"{self.overlaps} overlaps of two active replicas"
+                + (f" (max {self.max_overlap:.3f} s)" if self.overlaps else "")
+                + f"; {self.brief_terms} active terms shorter than 1 s"
+            )  # fmt: skip
+            lines.append(
+                "  queue types: " + ", ".join(f"{q} {t}" for q, t in self.queue_types.items())
+            )
+        else:
+            lines.append(f"  latest tick arrival after its due time: {self.max_lateness:.3f} s")
         return "\n".join(lines)
 
 
@@ -309,6 +334,15 @@ async def run_ledger(
             await consumer.stop()
         await asyncio.gather(*runs, return_exceptions=True)
 
+    count_ticks(result, deliveries, began, ended)
+    result.max_lateness = max(lateness, default=0.0)
+    return result
+
+
+def count_ticks(
+    result: LedgerResult, deliveries: Counter[str], began: datetime, ended: datetime
+) -> None:
+    """Count each tick due in the run (2 s margins) as fired 0, 1 or more times."""
     from aio_workq.schedules import Schedule, tick_id
 
     window_start = began + timedelta(seconds=2)
@@ -331,8 +365,6 @@ async def run_ledger(
             "1": raw["1"] + raw[">1"],
         }
     result.strays = sum(1 for ident in deliveries if ident not in counted)
-    result.max_lateness = max(lateness, default=0.0)
-    return result
 
 
 def _with_heartbeat(url: str, heartbeat: int | None) -> str:
@@ -341,7 +373,24 @@ def _with_heartbeat(url: str, heartbeat: int | None) -> str:
     return f"{url}{'&' if '?' in url else '?'}heartbeat={heartbeat}"
 
 
+async def _cluster(args: argparse.Namespace) -> LedgerResult:
+    from scripts.cluster import LocalCluster
+    from scripts.schedules_cluster import run_cluster_ledger, start_cluster
+
+    options = {"replicas": args.replicas, "duration": args.duration, "kill_every": args.kill_every}
+    if args.cluster_dir:
+        return await run_cluster_ledger(LocalCluster.from_dir(Path(args.cluster_dir)), **options)
+    with tempfile.TemporaryDirectory(prefix="schedules-cluster-") as tmp:
+        cluster = await asyncio.to_thread(start_cluster, Path(tmp))
+        try:
+            return await run_cluster_ledger(cluster, **options)
+        finally:
+            await asyncio.to_thread(cluster.close)
+
+
 async def _main(args: argparse.Namespace) -> LedgerResult:
+    if args.cluster or args.cluster_dir:
+        return await _cluster(args)
     if args.url:
         result = await run_ledger(
             _with_heartbeat(args.url, args.heartbeat),
@@ -384,13 +433,19 @@ def main(argv: list[str] | None = None) -> int:
         "--fault", choices=("kill", "pause"), default="kill",
         help="kill -9 the active replica, or SIGSTOP it (a partition; add ?heartbeat=N to the URL)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cluster", action="store_true",
+        help="on a 3-node cluster of its own (or --cluster-dir): kill -9 the active "
+        "scheduler's node and the lease queue's leader, in turn (scripts/schedules_cluster.py)",
+    )  # fmt: skip
+    parser.add_argument("--cluster-dir", help="a running cluster (`make cluster-start`)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = asyncio.run(_main(args))
     print(result.summary())
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
-    return 0 if result.missed == 0 else 1
+    return 0 if result.missed == 0 and result.overlaps == 0 else 1
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ checks at enqueue, the testing kit's `run_task`, and the layering."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -95,6 +96,95 @@ async def check_cancel(store: JobStore) -> None:
     assert await store.record([w(JobState.RUNNING, "running", claim=True)]) == [False]
     assert await store.record([w(JobState.CANCELLED, "running")]) == [True]
     assert await store.cancel("nobody", now=time.time()) is None
+
+
+async def test_the_same_job_twice_in_one_batch_follows_the_rules_in_order(store: JobStore) -> None:
+    await check_batches(store)
+
+
+async def test_random_batches_end_as_the_reference_store_says(store: JobStore) -> None:
+    await check_against_reference(store)
+
+
+async def check_batches(store: JobStore) -> None:
+    """A batch holding the same job more than once applies its writes in order, each under the
+    rules, as if they came one batch each (for every store; the PostgreSQL tests run it too)."""
+    # claimed, then succeeded: both apply; other jobs in between change nothing
+    assert await store.record(
+        [w(JobState.RUNNING, "x", claim=True), w(JobState.QUEUED, "o"),
+         w(JobState.SUCCEEDED, "x", result=b"1")]
+    ) == [True, True, True]  # fmt: skip
+    # a redelivery of the succeeded job, in the batch that records it succeeded: refused
+    assert await store.record(
+        [w(JobState.SUCCEEDED, "y"), w(JobState.RUNNING, "y", claim=True)]
+    ) == [True, False]  # fmt: skip
+    # the enqueue's queued record landing after the claim, in the same batch: refused
+    assert await store.record(
+        [w(JobState.RUNNING, "z", claim=True), w(JobState.QUEUED, "z")]
+    ) == [True, False]  # fmt: skip
+    # queued, claimed, handed back (requeue), claimed again: all four apply, it ends running
+    assert await store.record(
+        [w(JobState.QUEUED, "r"), w(JobState.RUNNING, "r", claim=True),
+         w(JobState.QUEUED, "r", requeue=True), w(JobState.RUNNING, "r", claim=True)]
+    ) == [True, True, True, True]  # fmt: skip
+    # three runs in one batch: retrying after the first, succeeded on the second
+    assert await store.record(
+        [w(JobState.RUNNING, "m", claim=True), w(JobState.RETRYING, "m", next_retry_at=1.0),
+         w(JobState.RUNNING, "m", attempt=2, claim=True), w(JobState.RUNNING, "m"),
+         w(JobState.SUCCEEDED, "m", attempt=2, result=b"2")]
+    ) == [True, True, True, False, True]  # fmt: skip
+    # a cancelled job: its claim is refused, so is every later write of the batch
+    await store.record([w(JobState.QUEUED, "c")])
+    await store.cancel("c", now=time.time())
+    assert await store.record(
+        [w(JobState.RUNNING, "c", claim=True), w(JobState.SUCCEEDED, "c")]
+    ) == [False, False]  # fmt: skip
+    expected = {
+        "x": (JobState.SUCCEEDED, 1, b"1"), "o": (JobState.QUEUED, 1, None),
+        "y": (JobState.SUCCEEDED, 1, None), "z": (JobState.RUNNING, 1, None),
+        "r": (JobState.RUNNING, 1, None), "m": (JobState.SUCCEEDED, 2, b"2"),
+        "c": (JobState.CANCELLED, 1, None),
+    }  # fmt: skip
+    for job_id, (state, attempt, result) in expected.items():
+        record = await store.get(job_id)
+        assert record is not None, job_id
+        assert (record.status.state, record.status.attempt, record.result) == (
+            state, attempt, result,
+        ), job_id  # fmt: skip
+
+
+def random_write(rng: random.Random, at: float) -> Write:
+    """A write of one of a few jobs, of any kind a worker or producer sends."""
+    state = rng.choice(list(JobState))
+    return Write(
+        job_id=rng.choice("abcd"), task="t", queue="q", state=state, at=at,
+        attempt=rng.randint(1, 3), defers=rng.randint(0, 1),
+        claim=state is JobState.RUNNING and rng.random() < 0.5,
+        requeue=state is JobState.QUEUED and rng.random() < 0.5,
+        next_retry_at=at + 1 if state is JobState.RETRYING else None,
+        error_type="E" if state in (JobState.RETRYING, JobState.FAILED) else None,
+        result=str(at).encode() if state is JobState.SUCCEEDED else None,
+    )  # fmt: skip
+
+
+async def check_against_reference(store: JobStore, rounds: int = 150) -> None:
+    """Random batches (the same job often several times in one) and cancels: every write's
+    answer and every final record as `MemoryStore`, the reference, has them."""
+    rng = random.Random(23)
+    reference = MemoryStore()
+    at = time.time()
+    for _ in range(rounds):
+        at += 1.0
+        if rng.random() < 0.1:
+            job_id = rng.choice("abcd")
+            expected = await reference.cancel(job_id, now=at)
+            assert await store.cancel(job_id, now=at) == expected
+            continue
+        batch = [random_write(rng, at + i / 100) for i in range(rng.randint(1, 8))]
+        expected_applied = await reference.record(batch)
+        assert await store.record(batch) == expected_applied, batch
+    for job_id in "abcd":
+        assert await store.get(job_id) == await reference.get(job_id), job_id
 
 
 async def test_records_expire_after_the_ttl(tmp_path: Path) -> None:

@@ -15,7 +15,12 @@ from aio_workq import ConfigurationError, Producer
 from aio_workq.jobs import JobState, StoreError, Tasks, Write
 from aio_workq.jobs.postgres import PostgresStore, migrate, schema_sql
 from scripts.broker import free_port
-from tests.test_jobs_offline import check_cancel, check_late_writes
+from tests.test_jobs_offline import (
+    check_against_reference,
+    check_batches,
+    check_cancel,
+    check_late_writes,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -52,6 +57,16 @@ def test_the_migration_and_arguments() -> None:
 async def test_the_store_rules(store: PostgresStore) -> None:
     await check_late_writes(store)
     await check_cancel(store)
+
+
+async def test_the_same_job_twice_in_one_batch_follows_the_rules_in_order(
+    store: PostgresStore,
+) -> None:
+    await check_batches(store)
+
+
+async def test_random_batches_end_as_the_reference_store_says(store: PostgresStore) -> None:
+    await check_against_reference(store, rounds=400)
 
 
 async def test_records_expire_after_the_ttl(postgres_dsn: str, schema: str) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from aio_workq import ConfigurationError, Job, PresenceWatcher, WorkerBeat, Work
 from aio_workq import aiohttp as workq_aiohttp
 from aio_workq import fastapi as workq_fastapi
 from aio_workq.testing import LocalBroker
-from tests.helpers import Counter
+from tests.helpers import Counter, wait_until
 from tests.servers import serve_aiohttp, serve_asgi
 from tests.test_cli import cli
 
@@ -483,3 +484,90 @@ async def test_a_web_apps_worker_beats_and_says_goodbye(
             [seen] = mine(await watcher.wait_for(lambda ws: bool(mine(ws)), timeout=10))
             assert seen.alive and seen.beat.pid == os.getpid()
         await watcher.wait_for(lambda ws: not mine(ws)[0].alive, timeout=5)  # its goodbye
+
+
+@pytest.mark.broker
+@pytest.mark.cli
+async def test_the_workers_command_watches_until_interrupted(
+    queue_name: str, env: dict[str, str], make_worker: Callable[..., aio_workq.Worker]
+) -> None:
+    worker = make_worker(queue=queue_name, handler=_noop, presence_interval=INTERVAL)
+    await worker.start()
+
+    def listed() -> bool:
+        return any(queue_name in line for line in proc.out)
+
+    async with cli("workers", "--watch", "--json", env=env) as proc:
+        await proc.wait_for(listed, what="the worker in a refresh")
+        rows = json.loads(next(line for line in proc.out if queue_name in line))
+        assert [row["pid"] for row in rows if queue_name in row["queues"]] == [os.getpid()]
+        proc.proc.send_signal(signal.SIGINT)
+        assert await proc.exit_code() == 0, proc.err
+
+
+def test_a_sibling_connection_has_the_same_settings_on_the_plain_path() -> None:
+    context = ssl.create_default_context()
+    urls = ["amqps://u:p@a/", "amqps://u:p@b/"]
+    connection = aio_workq.Connection(urls, ssl_context=context, connect_timeout=3)
+    sibling = connection.sibling(name="beats")
+    assert sibling is not connection and not sibling.fast_path and not sibling.is_connected
+    assert repr(sibling) == repr(connection)  # the same URLs, password hidden
+
+
+def _presence_connections(node: LocalBroker) -> list[str]:
+    """The names of the node's client connections that carry presence beats."""
+    out = node.ctl("list_connections", "-q", "--formatter", "json", "client_properties")
+    names = [
+        value  # rabbitmqctl lists a client's properties as [name, type, value]
+        for connection in json.loads(out)
+        for name, _, value in connection["client_properties"]
+        if name == "connection_name"
+    ]
+    return [name for name in names if name.endswith(" presence")]
+
+
+@pytest.mark.broker
+async def test_workers_on_the_same_brokers_share_one_presence_connection(
+    amqp_url: str,
+    local_broker: LocalBroker,
+    queue_name: str,
+    make_worker: Callable[..., aio_workq.Worker],
+) -> None:
+    """Three workers on one connection and two with their own: one presence connection, kept
+    while a worker beats on it and closed with the last one."""
+
+    def alive(ws: list[WorkerPresence]) -> list[WorkerPresence]:
+        return [w for w in ws if w.alive and w.beat.queues[0].startswith(queue_name)]
+
+    async def presence_connections() -> int:
+        return len(await asyncio.to_thread(_presence_connections, local_broker))
+
+    async with aio_workq.Connection(amqp_url, name="shared") as shared:
+        workers = [
+            make_worker(
+                queue=f"{queue_name}-{i}",
+                handler=_noop,
+                presence_interval=INTERVAL,
+                **({"connection": shared} if i < 3 else {}),
+            )  # fmt: skip
+            for i in range(5)
+        ]
+        async with PresenceWatcher(amqp_url) as watcher:
+            for worker in workers:
+                await worker.start()
+            await watcher.wait_for(lambda ws: len(alive(ws)) == 5, timeout=INTERVAL + 10)
+            assert await presence_connections() == 1
+            for worker in workers[:4]:
+                await worker.stop()
+            after = time.time()
+            # The last worker still beats: the link stayed open for it.
+            await watcher.wait_for(
+                lambda ws: [w.beat.sent_at > after for w in alive(ws)] == [True], timeout=5
+            )
+            assert await presence_connections() == 1
+            await workers[4].stop()
+
+    async def none_left() -> bool:
+        return await presence_connections() == 0
+
+    await wait_until(none_left)  # the last one let go: closed

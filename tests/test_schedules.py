@@ -8,6 +8,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import aio_pika
 import pytest
 
 import aio_workq
-from aio_workq.schedules import Schedule, Scheduler, read_status
+from aio_workq.schedules import Schedule, Scheduler, read_status, tick_id
 from scripts.broker import LocalBroker
 from scripts.schedules_ledger import run_ledger
 from scripts.tls import PKI
@@ -336,6 +337,35 @@ async def test_two_versions_during_a_rolling_deploy_fire_each_tick_once(
     assert times == sorted(set(times))
     step = 2 * SECOND if new is v2 else SECOND
     assert all(b - a == step for a, b in zip(times[count:], times[count + 1 :], strict=False))
+
+
+async def test_jittered_ticks_fire_at_their_offset_and_keep_their_due_time_as_id(
+    amqp_url: str, group: str
+) -> None:
+    spec = poll(group, jitter=timedelta(milliseconds=900))
+    arrived: dict[str, float] = {}
+    done = asyncio.Event()
+
+    async def record(job: aio_workq.Job) -> None:
+        arrived.setdefault(job.message_id or "", time.time())
+        if len(arrived) >= 5:
+            done.set()
+
+    async with aio_workq.Worker(amqp_url, queue=f"{group}.poll", handler=record):
+        scheduler = Scheduler(amqp_url, [spec], group=group, identity="jitter")
+        run = await start(scheduler)
+        try:
+            async with asyncio.timeout(30):
+                await done.wait()
+        finally:
+            await scheduler.stop()
+            await run
+    dues = sorted(datetime.fromisoformat(i.partition(":")[2]) for i in arrived)
+    assert_contiguous(dues)  # the ids are the due times, one a second, none lost
+    for due in dues:
+        fire = spec.fire_at(due)
+        assert arrived[tick_id("poll", due)] >= fire.timestamp(), (due, fire)  # not before
+    assert all(spec.offset(d) < timedelta(milliseconds=900) for d in dues)
 
 
 # --- the library's own connection: TLS, URL lists, hooks ---

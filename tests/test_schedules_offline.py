@@ -244,3 +244,80 @@ async def test_an_unreachable_broker_is_logged_as_a_typed_error_without_the_pass
     assert "BrokerConnectionError" in retrying[0], retrying
     assert "127.0.0.1:1" in retrying[0]
     assert not any("s3cret-pw" in m for m in records.messages)
+
+
+# --- jitter ---
+
+
+def test_jitter_offsets_are_deterministic_per_tick_and_within_the_jitter() -> None:
+    spread = timedelta(seconds=7)
+    poll = Schedule("poll", every=timedelta(seconds=10), queue="poll", jitter=spread)
+    twin = Schedule("poll", every=timedelta(seconds=10), queue="other", jitter=spread)
+    other = Schedule("other", every=timedelta(seconds=10), queue="poll", jitter=spread)
+    start = datetime(2026, 12, 6, 5, tzinfo=UTC)
+    dues = [start + timedelta(seconds=10 * i) for i in range(200)]
+    offsets = [poll.offset(due) for due in dues]
+    assert all(timedelta(0) <= o < spread for o in offsets)
+    assert offsets == [twin.offset(due) for due in dues]  # every replica computes the same
+    assert offsets != [other.offset(due) for due in dues]  # the name is part of the draw
+    assert len(set(offsets)) > 150  # spread out, not one fixed delay
+    assert max(offsets) > spread * 0.9 and min(offsets) < spread * 0.1
+    assert Schedule("poll", every=timedelta(seconds=10), queue="q").offset(start) == timedelta(0)
+
+
+def test_a_jittered_tick_fires_at_its_offset_with_the_due_time_as_its_id() -> None:
+    poll = Schedule("poll", every=timedelta(seconds=10), queue="poll", jitter=timedelta(seconds=9))
+    due = datetime(2026, 12, 6, 5, 0, 10, tzinfo=UTC)
+    fire = poll.fire_at(due)
+    assert fire == due + poll.offset(due) and fire >= due
+    cursor = due - timedelta(seconds=10)
+    assert poll.plan(cursor=cursor, now=fire - timedelta(microseconds=1)) == []
+    assert poll.plan(cursor=cursor, now=fire) == [due]
+    assert tick_id("poll", due) == "poll:2026-12-06T05:00:10+00:00"
+    assert poll.next_pending(cursor=cursor, now=fire - timedelta(seconds=0.001)) == due
+
+
+def test_jittered_ticks_fire_in_due_order_a_later_one_waits_for_an_earlier_one() -> None:
+    minutely = Schedule("m", cron="* * * * *", queue="q", jitter=timedelta(minutes=5))
+    base = datetime(2026, 12, 6, 5, tzinfo=UTC)
+    dues = [base + timedelta(minutes=i) for i in range(1, 30)]
+    # Find two consecutive ticks whose fire times are out of order.
+    first = next(d for d, e in zip(dues, dues[1:], strict=False)
+                 if minutely.fire_at(e) < minutely.fire_at(d))  # fmt: skip
+    later = first + timedelta(minutes=1)
+    now = minutely.fire_at(later)
+    assert now < minutely.fire_at(first)
+    plan = minutely.plan(cursor=first - timedelta(minutes=1), now=now)
+    assert first not in plan and later not in plan  # never fired past an unfired tick
+
+
+def test_jitter_does_not_change_the_fingerprint_or_the_due_times() -> None:
+    plain = Schedule("poll", every=timedelta(seconds=10), queue="q")
+    jittered = Schedule("poll", every=timedelta(seconds=10), queue="q", jitter=timedelta(seconds=3))
+    assert plain.fingerprint() == jittered.fingerprint()
+    moment = datetime(2026, 12, 6, 5, 0, 3, tzinfo=UTC)
+    assert plain.next_after(moment) == jittered.next_after(moment)
+    assert "jitter 0:00:03" in jittered.describe()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": timedelta(seconds=10), "jitter": timedelta(seconds=-1)}, "jitter= must be"),
+        ({"every": timedelta(seconds=10), "jitter": 3}, "jitter= must be a timedelta"),
+        ({"every": timedelta(seconds=10), "jitter": timedelta(seconds=10)}, "shorter than every"),
+    ],
+)
+def test_bad_jitter_is_refused_with_the_reason(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        Schedule("s", queue="q", **kwargs)  # type: ignore[arg-type]
+
+
+def test_the_decorator_takes_a_jitter() -> None:
+    scheduler = Scheduler("amqp://guest:secret@localhost/")
+
+    @scheduler.schedule(every=timedelta(seconds=30), jitter=timedelta(seconds=5))
+    async def poll(job: object) -> None:
+        del job
+
+    assert scheduler.schedules["poll"].jitter == timedelta(seconds=5)

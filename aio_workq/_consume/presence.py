@@ -25,6 +25,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -46,6 +47,7 @@ __all__ = (
     "EXCHANGE",
     "Activity",
     "Beacon",
+    "SideLink",
     "PresenceWatcher",
     "WorkerBeat",
     "WorkerPresence",
@@ -213,18 +215,69 @@ class Activity(NamedTuple):
     failed: int
 
 
+class SideLink:
+    """The connection the beats go on, one per event loop for every worker whose connection
+    reaches the same brokers the same way (`Connection.sibling_key()`): a process running 1,000
+    workers on one connection, or a web app with a connection per worker, opens one more
+    connection for presence, not one per worker. Opened by the first beacon that needs it,
+    closed when the last one lets go (`release`).
+    """
+
+    def __init__(self, connection: Connection, key: tuple[object, ...]) -> None:
+        self.connection = connection
+        self.key = key
+        self.users = 0
+        self._opening = asyncio.Lock()
+
+    @classmethod
+    def acquire(cls, parent: Connection, *, name: str) -> SideLink:
+        """The side link of `parent`'s brokers in this event loop, made on first use."""
+        sides = _SIDES.setdefault(asyncio.get_running_loop(), {})
+        key = parent.sibling_key()
+        side = sides.get(key)
+        if side is None or side.connection.is_closed:
+            side = sides[key] = cls(parent.sibling(name=name), key)
+        side.users += 1
+        return side
+
+    async def open(self) -> None:
+        """Connect unless connected or reconnecting (one beacon at a time opens it).
+
+        Raises:
+            BrokerConnectionError (and its subclasses): no broker answered.
+        """
+        async with self._opening:
+            if not self.connection.is_connected:
+                await self.connection.open()  # one round over the URLs; then it reconnects
+
+    async def release(self, timeout: float) -> None:
+        """One beacon lets go; the last one closes the connection (within `timeout`)."""
+        self.users -= 1
+        if self.users > 0:
+            return
+        sides = _SIDES.get(asyncio.get_running_loop(), {})
+        if sides.get(self.key) is self:
+            del sides[self.key]
+        await self.connection.close(timeout=timeout)
+
+
+_SIDES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[object, ...], SideLink]]
+_SIDES = weakref.WeakKeyDictionary()
+
+
 class Beacon:
     """Sends one worker's beats from a task of its own, on a channel of its own.
 
-    The beats go on a connection of their own (`side`), opened in the background, when there
-    is one: RabbitMQ blocks a connection that publishes during a memory or disk alarm and then
-    reads nothing more from it, acks included, so beats on the worker's connection would stop
-    its work (whose acks are what frees the broker's memory) for as long as the alarm lasts.
+    The beats go on a connection apart from the worker's (`side`, shared with the other workers
+    on the same brokers), opened in the background, when there is one: RabbitMQ blocks a
+    connection that publishes during a memory or disk alarm and then reads nothing more from it,
+    acks included, so beats on the worker's connection would stop its work (whose acks are what
+    frees the broker's memory) for as long as the alarm lasts.
 
     Args:
         source: the worker's connection: no beat while it is down (the worker is cut off).
-        side: a connection of the beacon's own (not opened; closed by `close()`) to publish
-            on; `None` publishes on `source` (an aio-pika connection given to the worker).
+        side: the side link to publish on (acquired for this beacon; released by `close()`);
+            `None` publishes on `source` (an aio-pika connection given to the worker).
         interval: seconds between beats.
         concurrency: the worker's concurrency, as reported.
         activity: reads the worker's queues and counters, once per beat.
@@ -235,7 +288,7 @@ class Beacon:
         self,
         source: LinkSource,
         *,
-        side: Connection | None,
+        side: SideLink | None,
         interval: float,
         concurrency: int,
         activity: Callable[[], Activity],
@@ -243,7 +296,7 @@ class Beacon:
     ) -> None:
         self._worker_link = source
         self._side = side
-        self._source: LinkSource = side if side is not None else source
+        self._source: LinkSource = side.connection if side is not None else source
         self._interval = interval
         self._concurrency = concurrency
         self._activity = activity
@@ -294,8 +347,8 @@ class Beacon:
     async def _run(self) -> None:
         while True:
             try:
-                if self._side is not None and not self._side.is_connected:
-                    await self._side.open()  # one round over the URLs; then it reconnects
+                if self._side is not None:
+                    await self._side.open()
                 async with asyncio.timeout(min(self._interval, _SEND_CAP)):
                     proven = await self._send(self.beat())
             except asyncio.CancelledError:
@@ -408,12 +461,13 @@ class Beacon:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout_at(deadline):
                         await self._publish(channel, self.beat(stopping=True))
-            if self._side is None:  # on the worker's connection: the channel is closed alone
-                closing = asyncio.ensure_future(channel.close())
-                await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
-                closing.add_done_callback(_drop_result)  # the connection's close ends it
-        if self._side is not None:  # the goodbye's frames go out before Connection.Close
-            await self._side.close(timeout=max(0.0, deadline - loop.time()))
+            # The channel is closed alone: the connection is the worker's, or shared.
+            closing = asyncio.ensure_future(channel.close())
+            await asyncio.wait({closing}, timeout=max(0.0, deadline - loop.time()))
+            closing.add_done_callback(_drop_result)  # the connection's close ends it
+        if self._side is not None:  # the last beacon on it closes the side link
+            side, self._side = self._side, None
+            await side.release(timeout=max(0.0, deadline - loop.time()))
 
 
 class _Skipped(BrokerConnectionError):

@@ -31,7 +31,7 @@ from .dispatch import Counters, Dispatcher
 from .execution import Handler, HandlerRunner
 from .failures import MAX_DEFERS
 from .mover import Mover
-from .presence import Activity, Beacon, check_interval
+from .presence import Activity, Beacon, SideLink, check_interval
 from .retry import RetryPolicy
 from .subscription import Subscription
 
@@ -359,7 +359,11 @@ class Worker:
         # The beats' own connection (see `Beacon`); on a robust aio-pika connection given to the
         # worker, the beats share it.
         own = self._connection if self._connection is not None else self._shared
-        side = own.sibling(name=f"{self._name} presence") if isinstance(own, Connection) else None
+        side = (
+            SideLink.acquire(own, name=f"{self._name} presence")
+            if isinstance(own, Connection)
+            else None
+        )
         return Beacon(
             source,
             side=side,

@@ -339,6 +339,11 @@ class Connection:
         with translate_errors("opening a channel"):
             return await link.connection.channel(publisher_confirms=publisher_confirms)
 
+    def sibling_key(self) -> tuple[object, ...]:
+        """What `sibling()` copies that decides where and how it connects (the URLs and the TLS
+        context): connections with equal keys may share one sibling."""
+        return (tuple(self._urls), self._ssl_context)
+
     def sibling(self, *, name: str | None = None) -> Connection:
         """A new connection, not opened, to the same brokers with the same TLS context, timeout
         and backoff, on aiormq's plain path and without hooks: for traffic that must not share

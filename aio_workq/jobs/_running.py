@@ -21,7 +21,7 @@ from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
 from ._members import Members
 from ._rate import RateLimit, acquire
-from ._recorder import Recorder, Running, defers_of
+from ._recorder import Recorder, Running
 
 if TYPE_CHECKING:
     from .._link.settings import URLs
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 __all__ = ("TaskWorker", "build_workers", "run_task")
 
 log = logging.getLogger("aio_workq.jobs")
+
+CLAIM_AHEAD = 2
+"""With a store, task workers prefetch this many times `concurrency` by default."""
 
 
 class TaskArguments(Protocol):
@@ -100,6 +103,8 @@ async def run_task(task: RunnableTask, kwargs: dict[str, Any], running: Running 
             return await asyncio.to_thread(task.fn, **kwargs)
         except Cancelled:
             return None
+    if running.cancelled:  # cancelled between its claim and now (e.g. waiting for a slot)
+        return None
     token = running.enter()
     try:
         if task.is_async:
@@ -138,12 +143,12 @@ class QueueRunner:
     async def __call__(self, job: Job) -> Any:
         name = job.headers.get(TASK_HEADER)
         task = self._tasks.get(name) if isinstance(name, str) else None
-        recorder, job_id = self._recorder, job.message_id
+        recorder = self._recorder
         running = None
-        if recorder is not None and job_id:
-            # Before anything can fail: a job that fails here is recorded as failed too.
-            running = Running(job_id, str(name), self.queue, job.attempt, defers_of(job))
-            recorder.begin(job, running)
+        if recorder is not None:
+            # Made (and claimed) when the delivery arrived, before anything can fail here: a
+            # job that fails here is recorded as failed too.
+            running = recorder.running(job) or recorder.arrived(job, self.queue)
         if task is None:
             raise Reject(
                 f"no task {name!r} runs on queue {self.queue!r} (this worker runs "
@@ -161,7 +166,7 @@ class QueueRunner:
             return await run_task(task, kwargs, None)
         if not await recorder.claim(running):
             running.skipped = True
-            log.info("job %s (%s) skipped: it was cancelled or is done", job_id, task.name)
+            log.info("job %s (%s) skipped: it was cancelled or is done", job.message_id, task.name)
             return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
@@ -223,6 +228,10 @@ def build_workers(
                 )
     session = _Session(recorder)
     extra = [recorder] if recorder is not None else []
+    if recorder is not None and options.get("prefetch") is None:
+        # Deliveries beyond `concurrency` wait for a free handler with their claims sent
+        # (Recorder.handling): the claim's round trip overlaps the handlers running.
+        options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     workers: list[Worker] = [
         TaskWorker(
             url,

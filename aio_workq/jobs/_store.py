@@ -15,9 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 
 from .._exceptions import ConfigurationError
 from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
-from ._status import RANK, JobRecord, JobState, JobStatus, Write, timestamp
+from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, timestamp
 
-__all__ = ("DAY", "JobStore", "MemoryStore", "SQL", "check_ttl", "row_record", "write_params")
+__all__ = (
+    "CLAIM", "DAY", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL", "check_ttl",
+    "row_record", "rounds", "rows_params", "write_params",
+)  # fmt: skip
 
 DAY = 86_400.0
 
@@ -74,37 +77,77 @@ COLUMNS = (
 )
 
 
+ROWS = (
+    "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
+    "error_message, result, content_type, at"
+)
+"""The fields of one write in `rows_params` (what `write_params` derives from them, the
+statement derives too)."""
+
+
 class SQL:
     """The statements of a SQL store on table `table`, with `:name` parameters (SQLite's
-    style; `PostgresStore` rewrites them to psycopg's)."""
+    style; `PostgresStore` rewrites them to psycopg's).
 
-    def __init__(self, table: str) -> None:
+    `write` and `claim` apply one write (`write_params`). With `rows`, a query yielding the
+    columns of `ROWS` from parameters named with a `{p}` prefix (`rows_params`), `round()`
+    gives one statement applying a round of writes (`rounds()`: each job at most once, as a
+    row can't be changed twice by one statement), a part per kind; the rules are the same
+    text, and it returns the `job_id` of every write applied.
+    """
+
+    def __init__(self, table: str, rows: str | None = None) -> None:
+        # The conflict rules read the write's time as excluded.updated_at (= its `at`), so
+        # the one-write and the many-writes forms share them word for word.
         upsert = f"""
-            INSERT INTO {table} AS j ({COLUMNS}) VALUES (
-                :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
-                :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
-                :finished_at, :at, :expires_at)
+            INSERT INTO {table} AS j ({COLUMNS}) {{source}}
             ON CONFLICT (job_id) DO UPDATE SET
                 task = excluded.task, queue = excluded.queue, state = excluded.state,
                 rank = excluded.rank, attempt = excluded.attempt, defers = excluded.defers,
                 next_retry_at = excluded.next_retry_at, error_type = excluded.error_type,
                 error_message = excluded.error_message, result = excluded.result,
                 content_type = excluded.content_type,
-                cancel_requested = CASE WHEN j.expires_at <= :at THEN FALSE
+                cancel_requested = CASE WHEN j.expires_at <= excluded.updated_at THEN FALSE
                                         ELSE j.cancel_requested END,
-                created_at = CASE WHEN j.expires_at <= :at THEN excluded.created_at
-                                  ELSE j.created_at END,
+                created_at = CASE WHEN j.expires_at <= excluded.updated_at
+                                  THEN excluded.created_at ELSE j.created_at END,
                 started_at = COALESCE(excluded.started_at, j.started_at),
                 finished_at = excluded.finished_at, updated_at = excluded.updated_at,
                 expires_at = excluded.expires_at
-            WHERE j.expires_at <= :at OR (j.state NOT IN ('succeeded', 'cancelled') AND ({{}}))
-            RETURNING state"""
-        self.write = upsert.format(
+            WHERE j.expires_at <= excluded.updated_at
+               OR (j.state NOT IN ('succeeded', 'cancelled') AND ({{rule}}))
+            RETURNING job_id"""
+        write_rule = (
             "(excluded.attempt, excluded.defers, excluded.rank) > (j.attempt, j.defers, j.rank)"
-            " OR (:requeue AND excluded.state = 'queued' AND j.state = 'running'"
+            " OR ({requeue} AND excluded.state = 'queued' AND j.state = 'running'"
             " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
         )
-        self.claim = upsert.format("NOT j.cancel_requested")
+        claim_rule = "NOT j.cancel_requested"
+        values = """VALUES (
+                :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
+                :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
+                :finished_at, :at, :expires_at)"""
+        self.write = upsert.format(source=values, rule=write_rule.format(requeue=":requeue"))
+        self.claim = upsert.format(source=values, rule=claim_rule)
+        self._parts: dict[str, str] = {}
+        if rows is not None:
+            terminal = ", ".join(sorted(f"'{state.value}'" for state in TERMINAL))
+            many = (  # started_at, finished_at and expires_at as write_params has them
+                "SELECT job_id, task, queue, state, rank, attempt, defers, next_retry_at, "
+                "error_type, error_message, result, content_type, FALSE, at, "
+                f"CASE WHEN state = '{JobState.RUNNING.value}' THEN at END, "
+                f"CASE WHEN state IN ({terminal}) THEN at END, at, at + :ttl "
+                "FROM ({rows}) AS w"
+            )
+            rules = {
+                CLAIM: claim_rule,
+                WRITE: write_rule.format(requeue="FALSE"),
+                REQUEUE: write_rule.format(requeue="TRUE"),
+            }
+            self._parts = {
+                kind: upsert.format(source=many.format(rows=rows.format(p=f"{kind}_")), rule=rule)
+                for kind, rule in rules.items()
+            }
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
         self.cancel_waiting = (
             f"UPDATE {table} SET state = 'cancelled', rank = {RANK[JobState.CANCELLED]}, "
@@ -121,6 +164,64 @@ class SQL:
             f"SELECT {COLUMNS} FROM {table} WHERE state = :state AND expires_at > :now "
             "ORDER BY updated_at DESC LIMIT :limit"
         )
+
+    def round(self, kinds: Sequence[str]) -> str:
+        """One statement applying a round's writes of `kinds` (`CLAIM`, `WRITE`, `REQUEUE`,
+        each from its `rows_params(..., prefix=kind)`); it returns the `job_id` of each write
+        applied. Parts of one statement see the same snapshot: fine, as a round holds each
+        job once."""
+        ctes = ", ".join(f"{kind} AS ({self._parts[kind]})" for kind in kinds)
+        union = " UNION ALL ".join(f"SELECT job_id FROM {kind}" for kind in kinds)
+        return f"WITH {ctes} {union}"
+
+
+CLAIM, WRITE, REQUEUE = "claim", "write", "requeue"
+"""The kinds of write a round statement applies, each under its rule."""
+
+
+def rounds(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
+    """How to apply `writes` with one statement per round: the indexes of each kind in each
+    round, rounds in order. Writes of different jobs touch different rows, so only the order
+    of each job's own writes matters: the k-th write of a job goes in the k-th round (one
+    round unless a job is written twice). Indexes are sorted by job id, so concurrent
+    transactions lock rows in the same order."""
+    plan: list[dict[str, list[int]]] = []
+    seen: dict[str, int] = {}
+    for i, write in enumerate(writes):
+        k = seen.get(write.job_id, 0)
+        seen[write.job_id] = k + 1
+        if k == len(plan):
+            plan.append({})
+        kind = CLAIM if write.claim else REQUEUE if write.requeue else WRITE
+        plan[k].setdefault(kind, []).append(i)
+    for kinds in plan:
+        for indexes in kinds.values():
+            indexes.sort(key=lambda i: writes[i].job_id)
+    return plan
+
+
+def rows_params(writes: Sequence[Write], indexes: Sequence[int], prefix: str) -> dict[str, Any]:
+    """The parameters of a part of `SQL.round()`: one list per field of `ROWS`, named with
+    `prefix` and `_`, of the writes at `indexes` in that order (and `ttl` to add)."""
+    columns: dict[str, list[Any]] = {name.strip(): [] for name in ROWS.split(",")}
+    (job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type,
+     error_message, result, content_type, at) = columns.values()  # fmt: skip
+    for i in indexes:
+        write = writes[i]
+        job_id.append(write.job_id)
+        task.append(write.task)
+        queue.append(write.queue)
+        state.append(write.state.value)
+        rank.append(write.rank)
+        attempt.append(write.attempt)
+        defers.append(write.defers)
+        next_retry_at.append(write.next_retry_at)
+        error_type.append(write.error_type)
+        error_message.append(write.error_message)
+        result.append(write.result)
+        content_type.append(write.content_type)
+        at.append(write.at)
+    return {f"{prefix}_{name}": values for name, values in columns.items()}
 
 
 def write_params(write: Write, ttl: float) -> dict[str, Any]:

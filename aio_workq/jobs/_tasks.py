@@ -486,7 +486,11 @@ class Tasks:
             retry: the retry policy of every queue (`None`: dead-letter on the first failure).
             queues: run only the tasks of these queues.
             hooks: more hooks for every worker.
-            **options: more `Worker` arguments (`prefetch`, `handler_timeout`, ...).
+            **options: more `Worker` arguments (`prefetch`, `handler_timeout`, ...). With a
+                store `prefetch` is twice `concurrency` unless given: a delivery's claim
+                (the check at delivery) is sent when it arrives, so the claims of the
+                deliveries waiting for a handler overlap the handlers running. Such a job
+                reads `running` while it waits.
 
         Raises:
             ConfigurationError: no tasks (on those queues), or a bad worker option.

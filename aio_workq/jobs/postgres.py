@@ -29,7 +29,7 @@ from ._groupstore import (
     rate_expiry,
 )
 from ._status import JobRecord, JobState, JobStatus, Write
-from ._store import DAY, SQL, check_ttl, row_record, write_params
+from ._store import DAY, ROWS, SQL, check_ttl, rounds, row_record, rows_params, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
 
@@ -37,6 +37,15 @@ DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 _PURGE_EVERY = 60.0
+# A batch's writes as rows: one array parameter per field (SQL.write_rows reads them), sent
+# in binary (text arrays cost psycopg several times more to build).
+_UNNEST = (
+    "SELECT * FROM unnest(:{p}job_id::text[], :{p}task::text[], :{p}queue::text[], "
+    ":{p}state::text[], :{p}rank::smallint[], :{p}attempt::integer[], :{p}defers::integer[], "
+    ":{p}next_retry_at::float8[], :{p}error_type::text[], :{p}error_message::text[], "
+    ":{p}result::bytea[], :{p}content_type::text[], :{p}at::float8[]) "
+    f"AS u({ROWS})"
+)
 
 
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
@@ -58,8 +67,8 @@ async def migrate(connection: AsyncConnection[Any], *, schema: str = DEFAULT_SCH
     await apply_locked(connection, schema_sql(schema), _MIGRATION_LOCK)
 
 
-def _psycopg(sql: str) -> str:
-    return _PARAM.sub(r"%(\1)s", sql)
+def _psycopg(sql: str, binary: bool = False) -> str:
+    return _PARAM.sub(r"%(\1)b" if binary else r"%(\1)s", sql)
 
 
 class PostgresStore:
@@ -109,8 +118,10 @@ class PostgresStore:
         )
         self._opened = not self._own
         self._timeout = timeout
-        sql = SQL(f"{quote(schema)}.workq_jobs")
+        sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
         self._write = _psycopg(sql.write)
+        self._sql = sql
+        self._rounds: dict[tuple[str, ...], str] = {}
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
         self._recent = _psycopg(sql.recent)
@@ -140,32 +151,57 @@ class PostgresStore:
     def _failed(self, what: str, exc: Exception) -> StoreError:
         return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
 
+    def _round(self, kinds: tuple[str, ...]) -> str:
+        statement = self._rounds.get(kinds)
+        if statement is None:
+            statement = self._rounds[kinds] = _psycopg(self._sql.round(kinds), binary=True)
+        return statement
+
     async def record(self, writes: Sequence[Write]) -> list[bool]:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
+        applied = [False] * len(writes)
+        plan = rounds(writes)
         try:
-            # Pipeline mode: BEGIN, the batch's statements (the same ones, in order, each under
-            # its rules) and COMMIT go in one round trip; then their results are read. A failed
-            # statement aborts the rest and the transaction: reading raises its error.
-            async with await self._connection() as conn, conn.pipeline():
-                ttl, claim_sql, write_sql = self.ttl, self._claim, self._write
-                async with conn.transaction():
-                    cursors = [
-                        await conn.execute(
-                            claim_sql if write.claim else write_sql, write_params(write, ttl)
-                        )
-                        for write in writes
-                    ]
-                    if purge:
-                        await conn.execute(self._purge, {"now": now})
-                        for statement in self._gpurge:
-                            await conn.execute(statement, {"now": now})
-                applied = [await cursor.fetchone() is not None for cursor in cursors]
-            if purge:
-                self._last_purge = now
+            async with await self._connection() as conn:
+                # One statement per round (one round unless a job is written twice), a part
+                # per kind of write. One round runs on its own (its own transaction, one
+                # round trip); more run in order in one transaction. A failed statement
+                # fails the whole batch.
+                autocommit = conn.autocommit
+                if len(plan) == 1 and not autocommit:
+                    await conn.set_autocommit(True)
+                try:
+                    if purge:  # first: if it fails, the batch fails with nothing written
+                        async with conn.transaction():
+                            await conn.execute(self._purge, {"now": now})
+                            for statement in self._gpurge:
+                                await conn.execute(statement, {"now": now})
+                        self._last_purge = now
+                    if len(plan) == 1:
+                        await self._apply(conn, writes, plan[0], applied)
+                    else:
+                        async with conn.transaction():
+                            for kinds in plan:
+                                await self._apply(conn, writes, kinds, applied)
+                finally:
+                    if conn.autocommit != autocommit:
+                        await conn.set_autocommit(autocommit)
             return applied
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self._failed("recording job states", exc) from exc
+
+    async def _apply(
+        self, conn: Any, writes: Sequence[Write], kinds: dict[str, list[int]], applied: list[bool]
+    ) -> None:
+        params: dict[str, Any] = {"ttl": self.ttl}
+        for kind, indexes in kinds.items():
+            params.update(rows_params(writes, indexes, kind))
+        cursor = await conn.execute(self._round(tuple(kinds)), params)
+        done = {row[0] for row in await cursor.fetchall()}
+        for indexes in kinds.values():
+            for i in indexes:
+                applied[i] = writes[i].job_id in done
 
     async def get(self, job_id: str) -> JobRecord | None:
         try:

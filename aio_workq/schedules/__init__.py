@@ -8,12 +8,12 @@ need the `schedules` extra (`pip install 'aio-workq[schedules]'`, for `cronsim`)
 
 from __future__ import annotations
 
-from ._scheduler import GROUP as GROUP
-from ._scheduler import LEASE_QUEUE as LEASE_QUEUE
-from ._scheduler import STATE_QUEUE as STATE_QUEUE
-from ._scheduler import STATUS_QUEUE as STATUS_QUEUE
+from ._broker import GROUP as GROUP
+from ._broker import LEASE_QUEUE as LEASE_QUEUE
+from ._broker import STATE_QUEUE as STATE_QUEUE
+from ._broker import STATUS_QUEUE as STATUS_QUEUE
+from ._broker import read_status as read_status
 from ._scheduler import Scheduler as Scheduler
-from ._scheduler import read_status as read_status
 from ._spec import Schedule as Schedule
 from ._spec import tick_id as tick_id
 from ._state import Entry as Entry

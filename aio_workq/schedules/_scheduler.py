@@ -1,16 +1,10 @@
 """The scheduler: every replica runs one; the broker makes exactly one of them active.
 
-Election: every replica consumes the quorum queue `workq.scheduler.lease`, declared with
-`x-single-active-consumer`, with a prefetch of 1. RabbitMQ delivers only to the active consumer;
-the replica that holds the lease message (never acked) is the active scheduler. When its
-connection ends (a stop, `kill -9`: the kernel closes the socket at once; a partition: after the
-heartbeat timeout), the broker requeues the lease and makes the next consumer active.
-
-Each tick: the job is published with publisher confirms and the message id
-`{schedule}:{due time in UTC}`; only then is the new state (the last tick fired per schedule)
-published, confirmed, to the state queue. A failover between the two makes the next active
-scheduler fire that tick again with the same message id (a duplicate a consumer can drop by id),
-never skip it.
+The pieces: `_lease` (the election: a candidacy per channel, the lease held by the single
+active consumer), `_firing` (the active scheduler's rounds of ticks and their record),
+`_broker` (the group's queues and the confirmed messages in them), `_spec` (when a schedule is
+due) and `_state` (what is recorded). `Scheduler` ties them together: its settings, its
+schedules, and its run: reconnect, stand, fire while active, stop.
 """
 
 from __future__ import annotations
@@ -22,86 +16,30 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import aiormq
-from aiormq import spec
-from aiormq.abc import AbstractChannel, DeliveredMessage
 
-from .._exceptions import BrokerConnectionError, ConfigurationError, WorkqError
+from .._exceptions import ConfigurationError, WorkqError
 from .._hooks import Hook, Hooks
 from .._link.connection import Backoff, Connection
 from .._link.errors import translate_errors
 from .._link.settings import URLs, redact_url, resolve_url
 from .._link.specs import Queue
 from .._publish.producer import Producer
-from .._wire.frames import NAME_PATTERN
-from ._spec import Misfire, Schedule, tick_id
-from ._state import RETAIN_UNKNOWN, Entry, State
+from ._broker import GROUP, Names
+from ._firing import Firing
+from ._lease import Lease, any_of
+from ._spec import Misfire, Schedule
 
-__all__ = (
-    "GROUP",
-    "LEASE_QUEUE",
-    "STATE_EXCHANGE",
-    "STATE_QUEUE",
-    "STATUS_QUEUE",
-    "Names",
-    "Scheduler",
-    "declare_state",
-    "read_status",
-)
+__all__ = ("Scheduler",)
 
 log = logging.getLogger("aio_workq.schedules")
 
-GROUP = "workq.scheduler"
-LEASE_QUEUE = f"{GROUP}.lease"
-STATE_EXCHANGE = f"{GROUP}.state"
-STATE_QUEUE = f"{GROUP}.state"
-STATUS_QUEUE = f"{GROUP}.status"
-SCHEDULE_HEADER = "x-workq-schedule"
-DUE_HEADER = "x-workq-due"
-
-_LAST_VALUE: dict[str, Any] = {
-    "x-queue-type": "quorum",
-    "x-max-length": 1,
-    "x-overflow": "drop-head",
-}
-_LEASE_ARGS: dict[str, Any] = {**_LAST_VALUE, "x-single-active-consumer": True}
 _BROKER_ERRORS = (aiormq.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
-_PERSISTENT = 2
-_CHANNEL_CLOSE_GRACE = 5.0  # seconds for a polite channel close before the connection goes
-
 _STOP_GRACE = 35.0  # seconds a stop waits for the tick being published (publish timeout 30 s)
-_WATCH_EVERY = 0.5  # seconds between looks at the connection's and channel's state
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True, slots=True)
-class Names:
-    """The broker objects of one scheduler group."""
-
-    lease: str
-    state: str
-    status: str
-
-    @classmethod
-    def of(cls, group: str) -> Names:
-        """The names for `group`.
-
-        Raises:
-            ConfigurationError: `group` is not a valid queue name prefix.
-        """
-        if not isinstance(group, str) or not group or not NAME_PATTERN.match(group):
-            raise ConfigurationError(
-                f"group {group!r} is invalid: use letters, digits, '-', '_', '.' and ':'"
-            )
-        return cls(lease=f"{group}.lease", state=f"{group}.state", status=f"{group}.status")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Scheduler:
@@ -225,6 +163,7 @@ class Scheduler:
         misfire: Misfire = "skip",
         catch_up_limit: int = 10,
         start: datetime | None = None,
+        jitter: timedelta = timedelta(0),
     ) -> Callable[[F], F]:
         """Decorate a handler: its schedule publishes to `queue` (default: the handler's name).
 
@@ -247,6 +186,7 @@ class Scheduler:
                     misfire=misfire,
                     catch_up_limit=catch_up_limit,
                     start=start,
+                    jitter=jitter,
                 )
             )
             return handler
@@ -312,57 +252,47 @@ class Scheduler:
                 self._producer = None
 
     async def _session(self, connection: Connection) -> None:
-        """One channel on `connection`: be a candidate; while holding the lease, fire.
+        """One candidacy on `connection`; while it holds the lease, fire.
 
         Raises:
             BrokerConnectionError: the connection or the channel was lost (or never came).
             WorkqError: a declare or a publish failed.
         """
-        lost = asyncio.Event()
-        channel = await connection.channel(
-            publisher_confirms=True, timeout=max(self._retry_delay, 10.0)
-        )
-        channel.closing.add_done_callback(lambda _: lost.set())
-        watch = asyncio.ensure_future(_watch(connection, channel, lost))
-        try:
-            with translate_errors("taking part in the scheduler election"):
-                await channel.basic_qos(prefetch_count=1)
-                await declare_state(channel, self.names)
-                # A lease message per session start: the queue keeps at most one ready.
-                await _publish(channel, b"lease", exchange="", routing_key=self.names.lease)
-                granted = asyncio.Event()
-
-                async def on_lease(message: DeliveredMessage) -> None:
-                    granted.set()  # held, never acked: the broker requeues it when we go
-
-                await channel.basic_consume(self.names.lease, on_lease, no_ack=False)
-            if not await _first(granted, lost, self._stopping):
+        timeout = max(self._retry_delay, 10.0)
+        async with Lease(connection, self.names, open_timeout=timeout) as lease:
+            if not await lease.granted(self._stopping):
                 return
             self._set_active(True)
             log.info("scheduler %s is active", self.identity)
             try:
-                firing = asyncio.ensure_future(self._fire(channel, lost))
-                ended = asyncio.ensure_future(_any(self._stopping, lost))
-                try:
-                    await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
-                    if not lost.is_set() and not firing.done():
-                        # A stop: the tick being published is recorded before the lease goes.
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(_STOP_GRACE):
-                                await asyncio.shield(firing)
-                finally:
-                    for task in (firing, ended):
-                        task.cancel()
-                    await asyncio.gather(ended, return_exceptions=True)
-                    with contextlib.suppress(asyncio.CancelledError):
-                        with translate_errors("firing the schedules"):
-                            await firing  # raises what stopped the firing
+                await self._fire_while_held(lease)
             finally:
                 self._set_active(False)
                 log.info("scheduler %s is no longer active", self.identity)
+
+    async def _fire_while_held(self, lease: Lease) -> None:
+        """Fire until a stop or the lease's loss; a stop lets the tick being published be
+        confirmed and recorded first (within `_STOP_GRACE`).
+
+        Raises:
+            WorkqError: what stopped the firing (translated).
+        """
+        firing = asyncio.ensure_future(self._fire(lease))
+        ended = asyncio.ensure_future(any_of(self._stopping, lease.lost))
+        try:
+            await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
+            if not lease.lost.is_set() and not firing.done():
+                # A stop: the tick being published is recorded before the lease goes.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_STOP_GRACE):
+                        await asyncio.shield(firing)
         finally:
-            watch.cancel()
-            await _release(channel, connection)
+            for task in (firing, ended):
+                task.cancel()
+            await asyncio.gather(ended, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                with translate_errors("firing the schedules"):
+                    await firing  # raises what stopped the firing
 
     def _set_active(self, active: bool) -> None:
         if active:
@@ -387,233 +317,22 @@ class Scheduler:
             await self._producer.start()
         return self._producer
 
-    async def _fire(self, channel: AbstractChannel, lost: asyncio.Event) -> None:
-        producer = await self._publisher()
-        state = await _read(channel, self.names.state)
-        now = _now()
-        reconcile(self._schedules, state, now)
-        state.active = self.identity
-        await _publish_state(channel, self.names, state, now)
-        while not self._stopping.is_set() and not lost.is_set():
-            now = _now()
-            fired = False
-            plans = {
-                name: schedule.plan(cursor=state.entries[name].cursor, now=now)
-                for name, schedule in self._schedules.items()
-            }
-            if any(plans.values()):
-                # One round trip on the lease's channel first: a process that was frozen (a
-                # partition, SIGSTOP) and has lost the lease learns it here, not after firing.
-                await channel.queue_declare(self.names.lease, passive=True)
-            for schedule in self._schedules.values():
-                entry = state.entries[schedule.name]
-                for due in plans[schedule.name]:
-                    if lost.is_set():
-                        return  # nothing more can be published or recorded on this connection
-                    if self._stopping.is_set():
-                        break  # record what was fired, then go
-                    await producer.publish(
-                        {} if schedule.body is None else schedule.body,
-                        schedule.queue,
-                        message_id=tick_id(schedule.name, due),
-                        headers={
-                            **schedule.headers,
-                            SCHEDULE_HEADER: schedule.name,
-                            DUE_HEADER: due.isoformat(),
-                        },
-                    )
-                    self._fired += 1
-                    entry.cursor = entry.last = due
-                    fired = True
-                entry.next = schedule.next_after(max(entry.cursor, now))
-            if fired:
-                await _publish_state(channel, self.names, state, _now())
-            soonest = min((e.next for e in state.entries.values() if e.next), default=None)
-            pause = 5.0 if soonest is None else (soonest - _now()).total_seconds()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(max(pause, 0.0), 5.0)):
-                    await self._stopping.wait()
+    async def _fire(self, lease: Lease) -> None:
+        firing = Firing(
+            self._schedules,
+            lease=lease,
+            producer=await self._publisher(),
+            identity=self.identity,
+            stopping=self._stopping,
+            on_fired=self._count,
+        )
+        await firing.run()
 
-
-def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) -> None:
-    """New or changed schedules start from now; unknown ones are kept a while, then dropped."""
-    for name, schedule in schedules.items():
-        entry = state.entries.get(name)
-        fingerprint = schedule.fingerprint()
-        if entry is None or entry.fingerprint != fingerprint:
-            if entry is not None:
-                log.info("schedule %r changed: it fires on its new spec from now", name)
-            entry = Entry(
-                cursor=now, fingerprint=fingerprint, last=None if entry is None else entry.last
-            )
-            state.entries[name] = entry
-        entry.describe = schedule.describe()
-        entry.tz = schedule.tz
-        entry.queue = schedule.queue_name
-        entry.next = schedule.next_after(max(entry.cursor, now))
-    for name in [n for n in state.entries if n not in schedules]:
-        entry = state.entries[name]
-        if (entry.last or entry.cursor) < now - RETAIN_UNKNOWN:
-            log.info("schedule %r is unknown here and idle for a week: its state is dropped",
-                     name)  # fmt: skip
-            del state.entries[name]
-        else:
-            entry.next = None  # not fired by this version
-
-
-async def _watch(connection: Connection, channel: AbstractChannel, lost: asyncio.Event) -> None:
-    """Set `lost` once the connection or the channel is closed, should a close callback
-    not come (belt and braces: holding a dead lease must never look like holding one)."""
-    while not lost.is_set():
-        if not connection.is_connected or channel.is_closed:
-            lost.set()
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_WATCH_EVERY):
-                await lost.wait()
-
-
-async def _release(channel: AbstractChannel, connection: Connection) -> None:
-    """Close the lease's channel (the lease goes back to the broker); should the broker not
-    answer in time, close the whole connection instead (its socket aborted if need be), so
-    that a lease is never kept by a channel left open."""
-    if channel.is_closed:
-        return
-    try:
-        async with asyncio.timeout(_CHANNEL_CLOSE_GRACE):
-            await channel.close()
-    except Exception:  # any failure: the connection goes instead
-        if not channel.is_closed:
-            await connection.close(0)
+    def _count(self) -> None:
+        self._fired += 1
 
 
 def _seconds(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigurationError(f"{name} must be seconds > 0, got {value!r}")
     return float(value)
-
-
-async def _first(granted: asyncio.Event, lost: asyncio.Event, stopping: asyncio.Event) -> bool:
-    """Wait for the lease; False when the connection or the scheduler stops first."""
-    await _any(granted, lost, stopping)
-    if lost.is_set():
-        raise BrokerConnectionError("the connection (or the channel) to the broker closed")
-    return granted.is_set() and not stopping.is_set()
-
-
-async def _any(*events: asyncio.Event) -> None:
-    """Return once any of `events` is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
-
-
-async def declare_state(channel: AbstractChannel, names: Names) -> None:
-    """Declare the lease queue, the state exchange and its two last-value queues.
-
-    Raises:
-        aiormq.exceptions.AMQPError: a declare failed (the caller translates it).
-    """
-    await channel.queue_declare(names.lease, durable=True, arguments=_LEASE_ARGS)
-    await channel.exchange_declare(names.state, exchange_type="fanout", durable=True)
-    await channel.queue_declare(names.state, durable=True, arguments=_LAST_VALUE)
-    await channel.queue_declare(names.status, durable=True, arguments=_LAST_VALUE)
-    await channel.queue_bind(names.state, names.state, routing_key="")
-    await channel.queue_bind(names.status, names.state, routing_key="")
-
-
-async def _get(channel: AbstractChannel, queue: str) -> bytes | None:
-    """The body of the newest message in `queue`, left in it (got, then requeued at once);
-    None when the queue is empty."""
-    message = await channel.basic_get(queue, no_ack=False)
-    delivery = message.delivery
-    if not isinstance(delivery, spec.Basic.GetOk) or delivery.delivery_tag is None:
-        return None
-    try:
-        return message.body
-    finally:
-        await channel.basic_reject(delivery.delivery_tag, requeue=True)
-
-
-async def _read(channel: AbstractChannel, queue: str) -> State:
-    """The newest state message, left in its queue."""
-    body = await _get(channel, queue)
-    if body is None:
-        return State()
-    try:
-        return State.decode(body)
-    except ValueError as exc:
-        log.error("the schedules state in %r is unreadable (%s): starting afresh", queue, exc)
-        return State()
-
-
-async def _publish(
-    channel: AbstractChannel,
-    body: bytes,
-    *,
-    exchange: str,
-    routing_key: str,
-    content_type: str | None = None,
-) -> None:
-    """Publish persistent `body` and wait for the broker's confirm.
-
-    Raises:
-        BrokerConnectionError: the broker nacked it (or the channel closed meanwhile).
-    """
-    confirm = await channel.basic_publish(
-        body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=spec.Basic.Properties(delivery_mode=_PERSISTENT, content_type=content_type),
-    )
-    if not isinstance(confirm, spec.Basic.Ack):
-        raise BrokerConnectionError(
-            f"the broker did not confirm a message to {exchange or routing_key!r} "
-            f"({type(confirm).__name__})"
-        )
-
-
-async def _publish_state(
-    channel: AbstractChannel, names: Names, state: State, now: datetime
-) -> None:
-    state.updated = now
-    await _publish(
-        channel,
-        state.encode(),
-        exchange=names.state,
-        routing_key="",
-        content_type="application/json",
-    )
-
-
-async def read_status(
-    url: URLs | None = None,
-    *,
-    group: str = GROUP,
-    ssl_context: ssl.SSLContext | None = None,
-) -> State | None:
-    """The state the active scheduler last published (None before any), for `aio-workq
-    schedules`.
-
-    Raises:
-        ConfigurationError: an invalid URL, or `ssl_context=` with an `amqp://` URL.
-        AuthenticationError, AccessRefusedError, TLSError: the broker refused.
-        BrokerConnectionError: the broker can't be reached.
-    """
-    names = Names.of(group)
-    connection = Connection(url, ssl_context=ssl_context, name="aio-workq schedules")
-    await connection.open()
-    try:
-        channel = await connection.channel()
-        with translate_errors("reading the schedules' status"):
-            try:  # passive: looking creates nothing
-                await channel.queue_declare(names.status, passive=True)
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                return None
-            body = await _get(channel, names.status)
-        return None if body is None else State.decode(body)
-    finally:
-        await connection.close()

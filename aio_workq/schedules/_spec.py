@@ -25,6 +25,7 @@ __all__ = ("EPOCH", "Misfire", "Schedule", "tick_id")
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Misfire = Literal["skip", "catch_up"]
+_MICROSECOND = timedelta(microseconds=1)
 _SCAN_LIMIT = 1_000_000  # cron due times looked at after one outage, at most
 
 
@@ -54,10 +55,15 @@ class Schedule:
             `"catch_up"`: the latest `catch_up_limit` of them fire, oldest first.
         catch_up_limit: the most missed ticks `"catch_up"` fires (default 10).
         grace: a tick late by less than this always fires (a failover's gap); default 60 s.
+        jitter: spread the ticks: each fires at its due time plus an offset in `[0, jitter)`,
+            drawn from the schedule's name and the due time (so every replica computes the
+            same offset, and the message id stays `{name}:{due time}`). Default 0; with
+            `every=`, shorter than the interval. Keep it below a cron schedule's period too:
+            a tick never fires before the one due before it.
 
     Raises:
         ConfigurationError: neither or both of `cron` and `every`, a bad expression, interval,
-            time zone, name, misfire policy or limit.
+            time zone, name, misfire policy, limit or jitter.
     """
 
     name: str
@@ -72,6 +78,7 @@ class Schedule:
     misfire: Misfire = "skip"
     catch_up_limit: int = 10
     grace: timedelta = timedelta(seconds=60)
+    jitter: timedelta = timedelta(0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or not NAME_PATTERN.match(self.name):
@@ -119,6 +126,14 @@ class Schedule:
             raise ConfigurationError(f"{where}: catch_up_limit must be an int >= 1, got {limit!r}")
         if not isinstance(self.grace, timedelta) or self.grace < timedelta(0):
             raise ConfigurationError(f"{where}: grace must be a timedelta >= 0")
+        if not isinstance(self.jitter, timedelta) or self.jitter < timedelta(0):
+            raise ConfigurationError(
+                f"{where}: jitter= must be a timedelta >= 0, got {self.jitter!r}"
+            )
+        if self.every is not None and self.jitter >= self.every:
+            raise ConfigurationError(
+                f"{where}: jitter= ({self.jitter}) must be shorter than every= ({self.every})"
+            )
 
     # --- description ----------------------------------------------------------------------------
 
@@ -133,13 +148,13 @@ class Schedule:
         return ZoneInfo(self.tz)
 
     def describe(self) -> str:
-        """`cron 0 3 * * * Europe/Paris` or `every 0:00:30`."""
-        if self.cron is not None:
-            return f"cron {self.cron} {self.tz}"
-        return f"every {self.every}"
+        """`cron 0 3 * * * Europe/Paris` or `every 0:00:30` (`... jitter 0:00:05`)."""
+        what = f"cron {self.cron} {self.tz}" if self.cron is not None else f"every {self.every}"
+        return f"{what} jitter {self.jitter}" if self.jitter else what
 
     def fingerprint(self) -> str:
-        """Changes when the times the schedule fires change (not its body or queue)."""
+        """Changes when the schedule's due times change (not its body, queue or jitter:
+        those change no tick id, so the ticks go on where they were)."""
         spec = {
             "cron": self.cron,
             "every": None if self.every is None else self.every.total_seconds(),
@@ -163,6 +178,23 @@ class Schedule:
             steps = (moment - anchor) // self.every + 1
             return anchor + steps * self.every
         return next(self._cron_after(moment))
+
+    def offset(self, due: datetime) -> timedelta:
+        """The jitter of the tick due at `due`: in `[0, jitter)`, the same in every process
+        (drawn from a hash of the tick's id)."""
+        if not self.jitter:
+            return timedelta(0)
+        digest = hashlib.sha256(tick_id(self.name, due).encode()).digest()
+        return timedelta(microseconds=int.from_bytes(digest[:8]) % (self.jitter // _MICROSECOND))
+
+    def fire_at(self, due: datetime) -> datetime:
+        """When the tick due at `due` fires: `due` plus its jitter `offset`."""
+        return due + self.offset(due) if self.jitter else due
+
+    def next_pending(self, *, cursor: datetime, now: datetime) -> datetime:
+        """The due time of the next tick to fire, given that every tick up to `cursor` is done:
+        the first after `now`, or one due already whose jittered fire time is still ahead."""
+        return self.next_after(max(cursor, now - self.jitter))
 
     def due_between(self, after: datetime, until: datetime) -> Iterator[datetime]:
         """Every due time in `(after, until]`, oldest first, in UTC."""
@@ -190,7 +222,9 @@ class Schedule:
     def plan(self, *, cursor: datetime, now: datetime) -> list[datetime]:
         """The ticks to fire now, oldest first, given that every tick up to `cursor` is done.
 
-        Ticks due within `grace` before `now` all fire; older ones follow `misfire`.
+        A tick is ready at its `fire_at` time (its due time, plus its jitter), and never before
+        the tick due before it. Ticks ready within `grace` before `now` all fire; older ones
+        follow `misfire`.
         """
         horizon = now - self.grace
         late: deque[datetime] = deque(maxlen=1 if self.misfire == "skip" else self.catch_up_limit)
@@ -198,14 +232,18 @@ class Schedule:
         if self.every is not None and cursor < horizon:
             # Jump over a long outage arithmetically rather than counting every interval.
             keep = late.maxlen or 1
-            last_late = self.next_after(horizon) - self.every  # the newest tick <= horizon
+            # The newest tick ready by the horizon whatever its jitter.
+            last_late = self.next_after(horizon - self.jitter) - self.every
             oldest_kept = last_late - (keep - 1) * self.every
             if oldest_kept > cursor:
                 cursor = oldest_kept - timedelta(microseconds=1)
         for seen, due in enumerate(self.due_between(cursor, now)):
             if seen > _SCAN_LIMIT:
                 break
-            (late if due <= horizon else recent).append(due)
+            fire = self.fire_at(due)
+            if fire > now:
+                break  # not ready yet, and so neither is any tick after it
+            (late if fire <= horizon else recent).append(due)
         return [*late, *recent]
 
 

@@ -1,0 +1,165 @@
+"""The active scheduler's work: read the state, fire the ticks due, record them.
+
+Each tick: the job is published with publisher confirms and the message id
+`{schedule}:{due time in UTC}`; only then is the new state (the last tick fired per schedule)
+published, confirmed, to the state queue. A failover between the two makes the next active
+scheduler fire that tick again with the same message id (a duplicate a consumer can drop by id),
+never skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+
+from .._publish.producer import Producer
+from ._broker import publish_state, read_state
+from ._lease import Lease
+from ._spec import Schedule, tick_id
+from ._state import RETAIN_UNKNOWN, Entry, State
+
+__all__ = ("DUE_HEADER", "SCHEDULE_HEADER", "Firing", "reconcile")
+
+log = logging.getLogger("aio_workq.schedules")
+
+SCHEDULE_HEADER = "x-workq-schedule"
+DUE_HEADER = "x-workq-due"
+_MAX_PAUSE = 5.0  # seconds between rounds at most (a stop is noticed at once regardless)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Firing:
+    """Fires `schedules` while this process holds `lease`, until `stopping` is set or the lease
+    is lost.
+
+    Args:
+        schedules: the schedules by name.
+        lease: the held lease; the state travels on its channel.
+        producer: a started producer for the ticks.
+        identity: recorded in the state as the active process.
+        stopping: set to stop after the tick being published is recorded.
+        on_fired: called after each confirmed tick.
+    """
+
+    def __init__(
+        self,
+        schedules: Mapping[str, Schedule],
+        *,
+        lease: Lease,
+        producer: Producer,
+        identity: str,
+        stopping: asyncio.Event,
+        on_fired: Callable[[], None],
+    ) -> None:
+        self._schedules = schedules
+        self._lease = lease
+        self._producer = producer
+        self._identity = identity
+        self._stopping = stopping
+        self._on_fired = on_fired
+
+    def _ending(self) -> bool:
+        return self._stopping.is_set() or self._lease.lost.is_set()
+
+    async def run(self) -> None:
+        """Read the state, then fire round after round.
+
+        Raises:
+            aiormq.exceptions.AMQPError, ConnectionError: the lease's channel failed.
+            PublishError, BrokerConnectionError: a tick or the state was not confirmed.
+        """
+        channel, names = self._lease.channel, self._lease.names
+        state = await read_state(channel, names.state)
+        now = _now()
+        reconcile(self._schedules, state, now)
+        state.active = self._identity
+        await publish_state(channel, names, state, now)
+        while not self._ending():
+            fired = await self._round(state)
+            if fired is None:
+                return  # the lease is lost: nothing more can be published or recorded here
+            if fired:
+                await publish_state(channel, names, state, _now())
+            await self._pause(state)
+
+    async def _round(self, state: State) -> bool | None:
+        """Fire every tick due now, oldest first per schedule; True if any was fired, None if
+        the lease was lost meanwhile."""
+        now = _now()
+        fired = False
+        plans = {
+            name: schedule.plan(cursor=state.entries[name].cursor, now=now)
+            for name, schedule in self._schedules.items()
+        }
+        if any(plans.values()):
+            await self._lease.confirm_held()
+        for schedule in self._schedules.values():
+            entry = state.entries[schedule.name]
+            for due in plans[schedule.name]:
+                if self._lease.lost.is_set():
+                    return None
+                if self._stopping.is_set():
+                    break  # record what was fired, then go
+                await self._publish(schedule, due)
+                entry.cursor = entry.last = due
+                fired = True
+            entry.next = schedule.next_pending(cursor=entry.cursor, now=now)
+        return fired
+
+    async def _publish(self, schedule: Schedule, due: datetime) -> None:
+        await self._producer.publish(
+            {} if schedule.body is None else schedule.body,
+            schedule.queue,
+            message_id=tick_id(schedule.name, due),
+            headers={
+                **schedule.headers,
+                SCHEDULE_HEADER: schedule.name,
+                DUE_HEADER: due.isoformat(),
+            },
+        )
+        self._on_fired()
+
+    async def _pause(self, state: State) -> None:
+        """Wait until the next tick's fire time (at most `_MAX_PAUSE`), or a stop."""
+        fire_times = [
+            schedule.fire_at(entry.next)
+            for name, schedule in self._schedules.items()
+            if (entry := state.entries[name]).next is not None
+        ]
+        soonest = min(fire_times, default=None)
+        pause = _MAX_PAUSE if soonest is None else (soonest - _now()).total_seconds()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(max(pause, 0.0), _MAX_PAUSE)):
+                await self._stopping.wait()
+
+
+def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) -> None:
+    """New or changed schedules start from now; unknown ones are kept a while, then dropped."""
+    for name, schedule in schedules.items():
+        entry = state.entries.get(name)
+        fingerprint = schedule.fingerprint()
+        if entry is None or entry.fingerprint != fingerprint:
+            if entry is not None:
+                log.info("schedule %r changed: it fires on its new spec from now", name)
+            entry = Entry(
+                cursor=now, fingerprint=fingerprint, last=None if entry is None else entry.last
+            )
+            state.entries[name] = entry
+        entry.describe = schedule.describe()
+        entry.tz = schedule.tz
+        entry.queue = schedule.queue_name
+        entry.next = schedule.next_pending(cursor=entry.cursor, now=now)
+    for name in [n for n in state.entries if n not in schedules]:
+        entry = state.entries[name]
+        if (entry.last or entry.cursor) < now - RETAIN_UNKNOWN:
+            log.info("schedule %r is unknown here and idle for a week: its state is dropped",
+                     name)  # fmt: skip
+            del state.entries[name]
+        else:
+            entry.next = None  # not fired by this version

@@ -1,0 +1,184 @@
+"""The worker's recorder without a broker: batches go out without waiting behind the one in
+flight, a job's writes never overtake each other, and a failed batch is caught up in order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from aio_workq.jobs import JobState, MemoryStore, StoreError, Write
+from aio_workq.jobs._recorder import GroupCommit, Recorder, Running
+from aio_workq.jobs._running import run_task
+
+
+class GatedStore(MemoryStore):
+    """A memory store whose batches wait for `release(n)` (or fail with `fail(n)`): each
+    batch is noted when it arrives, applied when released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[tuple[str, JobState, bool]]] = []
+        self._gates: list[asyncio.Future[bool]] = []
+        self.arrived = asyncio.Condition()
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        gate = asyncio.get_running_loop().create_future()
+        self.batches.append([(w.job_id, w.state, w.claim) for w in writes])
+        self._gates.append(gate)
+        async with self.arrived:
+            self.arrived.notify_all()
+        if not await gate:
+            raise StoreError("the test failed this batch")
+        return await super().record(writes)
+
+    async def batch(self, n: int) -> list[tuple[str, JobState, bool]]:
+        """Batch `n` (0-based), once it has arrived."""
+        async with asyncio.timeout(5), self.arrived:
+            await self.arrived.wait_for(lambda: len(self.batches) > n)
+        return self.batches[n]
+
+    def release(self, n: int) -> None:
+        self._gates[n].set_result(True)
+
+    def fail(self, n: int) -> None:
+        self._gates[n].set_result(False)
+
+
+def running(job_id: str) -> Running:
+    return Running(job_id, "t", "q", 1)
+
+
+def write(job_id: str, state: JobState, **fields: object) -> Write:
+    return Write(job_id=job_id, task="t", queue="q", state=state, at=time.time(), **fields)  # type: ignore[arg-type]
+
+
+async def state_of(store: MemoryStore, job_id: str) -> JobState:
+    record = await store.get(job_id)
+    assert record is not None
+    return record.status.state
+
+
+async def test_a_claim_does_not_wait_behind_the_batch_in_flight() -> None:
+    store = GatedStore()
+    recorder = Recorder(store)
+    first = asyncio.ensure_future(recorder.claim(running("x")))
+    assert await store.batch(0) == [("x", JobState.RUNNING, True)]
+    second = asyncio.ensure_future(recorder.claim(running("y")))
+    # batch 0 is still in flight: y's claim goes out in a batch of its own all the same
+    assert await store.batch(1) == [("y", JobState.RUNNING, True)]
+    store.release(1)
+    assert await second is True and not first.done()
+    store.release(0)
+    assert await first is True
+    await recorder.close()
+
+
+async def test_a_jobs_writes_never_overtake_each_other() -> None:
+    store = GatedStore()
+    recorder = Recorder(store)
+    # x ran here and is handed back to the queue (a stopping worker's requeue) ...
+    recorder.write(write("x", JobState.QUEUED, requeue=True))
+    assert await store.batch(0) == [("x", JobState.QUEUED, False)]
+    # ... and redelivered at once: its claim must not reach the store before the requeue
+    claim_x = asyncio.ensure_future(recorder.claim(running("x")))
+    claim_y = asyncio.ensure_future(recorder.claim(running("y")))
+    assert await store.batch(1) == [("y", JobState.RUNNING, True)]  # y does not wait
+    store.release(1)
+    assert await claim_y is True
+    await asyncio.sleep(0)
+    assert len(store.batches) == 2 and not claim_x.done()  # x's claim waits for its requeue
+    store.release(0)
+    assert await store.batch(2) == [("x", JobState.RUNNING, True)]
+    store.release(2)
+    assert await claim_x is True
+    assert await state_of(store, "x") is JobState.RUNNING
+    await recorder.close()
+
+
+async def test_a_failed_batch_is_caught_up_after_and_under_the_writes_held_behind_it() -> None:
+    store = GatedStore()
+    recorder = Recorder(store)
+    claim_x = asyncio.ensure_future(recorder.claim(running("x")))
+    assert await store.batch(0) == [("x", JobState.RUNNING, True)]
+    recorder.write(write("y", JobState.QUEUED, requeue=True))  # y handed back to the queue
+    assert await store.batch(1) == [("y", JobState.QUEUED, False)]
+    store.fail(0)  # x's claim fails: the store counts as down, the job runs all the same
+    assert await claim_x is True
+    # y is redelivered while its requeue is in flight: granted at once (the store is down)
+    assert await recorder.claim(running("y")) is True
+    store.fail(1)  # the requeue fails too: older than y's claim, it must not replace it
+    batch = await store.batch(2)  # the catch-up: the latest write of each job
+    assert sorted(batch) == [("x", JobState.RUNNING, False), ("y", JobState.RUNNING, False)]
+    store.release(2)
+    recorder.write(write("x", JobState.SUCCEEDED, result=b"1"))
+    assert await store.batch(3) == [("x", JobState.SUCCEEDED, False)]
+    store.release(3)
+    await recorder.close()
+    assert await state_of(store, "x") is JobState.SUCCEEDED
+    assert await state_of(store, "y") is JobState.RUNNING
+
+
+async def test_concurrent_enqueues_go_out_without_waiting_for_the_batch_in_flight() -> None:
+    store = GatedStore()
+    commits = GroupCommit(store)
+    first = asyncio.ensure_future(commits.record(write("a", JobState.QUEUED)))
+    assert await store.batch(0) == [("a", JobState.QUEUED, False)]
+    second = asyncio.ensure_future(commits.record(write("b", JobState.QUEUED)))
+    third = asyncio.ensure_future(commits.record(write("c", JobState.QUEUED)))
+    assert await store.batch(1) == [("b", JobState.QUEUED, False), ("c", JobState.QUEUED, False)]
+    store.release(1)
+    await second
+    await third
+    assert not first.done()
+    store.release(0)
+    await first
+
+
+class Delivery:
+    """What the recorder reads of a delivery (a `JobView`'s id, headers and attempt)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.message_id = job_id
+        self.headers = {"x-workq-task": "t"}
+        self.attempt = 1
+
+
+async def test_a_delivery_is_claimed_when_it_arrives_and_runs_only_once_granted() -> None:
+    store = GatedStore()
+    recorder = Recorder(store)
+    delivery = Delivery("x")
+    # the worker enters its hooks when the delivery arrives, before it waits for a handler
+    recorder.handling(delivery, "q")  # type: ignore[arg-type]
+    assert await store.batch(0) == [("x", JobState.RUNNING, True)]
+    tracked = recorder.running(delivery)  # type: ignore[arg-type]
+    assert tracked is not None and (tracked.job_id, tracked.queue) == ("x", "q")
+    granted = asyncio.ensure_future(recorder.claim(tracked))  # the handler's turn comes
+    await asyncio.sleep(0)
+    assert not granted.done()  # it runs only once the store granted the claim
+    store.release(0)
+    assert await granted is True
+    assert len(store.batches) == 1  # claimed once
+    await recorder.close()
+
+
+class Task:
+    """What `run_task` needs of a task."""
+
+    name = "t"
+    is_async = True
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    async def fn(self) -> int:
+        self.ran = True
+        return 1
+
+
+async def test_a_job_cancelled_before_its_handler_starts_does_not_run() -> None:
+    task = Task()
+    tracked = running("x")
+    tracked.request_cancel()  # e.g. while it waited for a free handler, or a rate limit
+    assert await run_task(task, {}, tracked) is None  # type: ignore[arg-type]
+    assert not task.ran and tracked.cancelled
