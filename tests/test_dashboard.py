@@ -440,18 +440,41 @@ def test_the_command_refuses_actions_without_a_token(monkeypatch: Any) -> None:
     assert "sqlite:///" in str(result.exception) and "pw" not in str(result.exception)
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
-async def test_stores_list_recent_jobs_by_state_newest_first(kind: str, tmp_path: Any) -> None:
-    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "jobs.db")
+async def check_recent(store: Any) -> None:
     now = time.time()
     await store.record([
         Write(job_id=f"j{i}", task="t", queue="q", state=state, at=now - 100 + i)
         for i, state in enumerate([JobState.FAILED, JobState.SUCCEEDED, JobState.FAILED,
                                    JobState.FAILED])
     ])  # fmt: skip
+    failed = await store.recent(state="failed", limit=2)
+    assert [status.job_id for status in failed] == ["j3", "j2"]
+    assert [s.job_id for s in await store.recent(state=JobState.SUCCEEDED)] == ["j1"]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_stores_list_recent_jobs_by_state_newest_first(kind: str, tmp_path: Any) -> None:
+    store = MemoryStore() if kind == "memory" else SQLiteStore(tmp_path / "jobs.db")
     try:
-        failed = await store.recent(state="failed", limit=2)
-        assert [status.job_id for status in failed] == ["j3", "j2"]
-        assert [s.job_id for s in await store.recent(state=JobState.SUCCEEDED)] == ["j1"]
+        await check_recent(store)
     finally:
         await store.close()
+
+
+@pytest.mark.postgres
+async def test_the_postgres_store_lists_recent_jobs_too(postgres_dsn: str) -> None:
+    import uuid
+
+    import psycopg
+
+    from aio_workq.jobs.postgres import PostgresStore, migrate
+
+    schema = f"j_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+        store = PostgresStore(postgres_dsn, schema=schema)
+        try:
+            await check_recent(store)
+        finally:
+            await store.close()
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
