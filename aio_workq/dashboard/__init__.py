@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._app import Dashboard as Dashboard
-from ._app import PageError as PageError
 from ._auth import Security as Security
 from ._http import Request as Request
 from ._http import Response as Response
+from ._site import PageError as PageError
 from ._stores import store_from_url as store_from_url
 
 if TYPE_CHECKING:
