@@ -13,6 +13,7 @@ POSTGRES_DIR ?= .postgres/dev
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
 .PHONY: schedules-ledger schedules-ledger-cluster
+.PHONY: dashboard-test dashboard-screenshots bench-dashboard
 
 venv: $(VENV)/.stamp
 
@@ -73,6 +74,21 @@ canary:
 	.venv-canary/bin/pip list 2>/dev/null | grep -iE "^(aio-pika|aiormq|pamqp|yarl) "
 	.venv-canary/bin/python -m pytest $(PYTEST_ARGS)
 	AIO_WORKQ_FAST_PATH=0 .venv-canary/bin/python -m pytest $(PYTEST_ARGS)
+
+# Every dashboard test: the core, the pages on the broker, and all the browser tests (headless
+# Chromium from Debian's packages: scripts/browser.py installs them as root). `make test` runs
+# the fast browser subset; `browser_full` ones run here.
+dashboard-test: venv
+	$(PY) -m scripts.browser
+	$(PY) -m pytest -m "browser or not browser" tests/test_dashboard.py tests/test_dashboard_browser.py
+
+# The same browser run, saving docs/img/dashboard_*.png (the docs' screenshots).
+dashboard-screenshots: venv
+	AIO_WORKQ_SCREENSHOTS=1 $(PY) -m pytest -m browser tests/test_dashboard_browser.py
+
+# A consume benchmark with and without 5 clients polling every dashboard page (BENCH_ARGS=--quick).
+bench-dashboard: venv
+	$(PY) -m bench.dashboard $(BENCH_ARGS)
 
 # The `aio-workq` command end to end, the management-API (slow) test included.
 test-cli: venv

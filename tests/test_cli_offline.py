@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from aio_workq import Worker
+from aio_workq.admin.queues import RawQueue as _Raw
+from aio_workq.admin.queues import default_management_url, group_rows
 from aio_workq.cli._errors import TargetError
 from aio_workq.cli._health import Debounce
-from aio_workq.cli._queues import _Raw, default_management_url, group_rows
 from aio_workq.cli._supervisor import RestartPolicy
 from aio_workq.cli._target import WorkerOptions, build_workers, import_target
 from tests import cli_app

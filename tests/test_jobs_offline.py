@@ -319,7 +319,7 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
 
 
 def test_nothing_below_jobs_imports_it() -> None:
-    above = ("jobs", "testing")
+    above = ("jobs", "testing", "dashboard")  # the dashboard shows the jobs: it is above them
     found = modules()
     bad = sorted(
         f"{path.relative_to(PACKAGE)} imports {name}"

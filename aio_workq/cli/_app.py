@@ -1,8 +1,8 @@
 """The `aio-workq` Click application: the root group and how errors end a run.
 
 Each command group lives in a module of its own (`_worker_cmd`, `_publish_cmd`, `_queues_cmd`,
-`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_workers_cmd`); this module puts
-them together.
+`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_workers_cmd`,
+`_dashboard_cmd`); this module puts them together.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import click
 from aio_workq import WorkqError, __version__
 
 from ._broker_cmd import broker, demo
+from ._dashboard_cmd import dashboard
 from ._dlq_cmd import dlq
 from ._outbox_cmd import outbox
 from ._publish_cmd import publish
@@ -61,5 +62,5 @@ def cli(ctx: click.Context) -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-for _command in (worker, workers, publish, queues, dlq, broker, demo, outbox, schedules):
+for _command in (worker, workers, publish, queues, dlq, broker, demo, outbox, schedules, dashboard):
     cli.add_command(_command)

@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aio_workq import DeadLetter, DeadLetters, Producer
+from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, resolve_ids, short_ids
 
-from ._dlq import DeadLetterFilter, letter_json, resolve_ids, short_ids
 from ._options import err_console, number, resolve, url_option
 
 __all__ = ("dlq",)

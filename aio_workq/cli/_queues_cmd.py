@@ -18,9 +18,9 @@ from rich.live import Live
 from rich.table import Table
 
 from aio_workq import redact_url
+from aio_workq.admin.queues import QueueRow, collect, delete_queues, queue_group
 
 from ._options import number, resolve, url_option
-from ._queues import QueueRow, collect, delete_queues, queue_group
 
 __all__ = ("queues",)
 

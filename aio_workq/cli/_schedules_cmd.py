@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime
-from typing import Any
-from zoneinfo import ZoneInfo
 
 import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from aio_workq.schedules import GROUP, State, read_status
+from aio_workq.admin.schedules import schedule_rows
+from aio_workq.schedules import GROUP, read_status
 
 from ._options import url_option
 
@@ -32,7 +30,7 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
     process is the active scheduler, as the active scheduler last recorded them on the broker.
     """
     state = asyncio.run(read_status(url, group=group))
-    rows = _rows(state)
+    rows = schedule_rows(state)
     if as_json:
         document = {
             "active": None if state is None else state.active or None,
@@ -58,31 +56,3 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
     console.print(table)
     updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
     console.print(f"active scheduler: {state.active or '-'} (state recorded {updated})")
-
-
-def _rows(state: State | None) -> list[dict[str, Any]]:
-    if state is None:
-        return []
-    rows = []
-    for name, entry in sorted(state.entries.items()):
-        rows.append(
-            {
-                "name": name,
-                "spec": entry.describe,
-                "queue": entry.queue,
-                "tz": entry.tz,
-                "next_utc": _iso(entry.next),
-                "next_local": _iso(entry.next, entry.tz),
-                "last_utc": _iso(entry.last),
-                "known_to_active": entry.next is not None,
-            }
-        )
-    return rows
-
-
-def _iso(moment: datetime | None, tz: str | None = None) -> str | None:
-    if moment is None:
-        return None
-    if tz is not None:
-        moment = moment.astimezone(ZoneInfo(tz))
-    return moment.isoformat(timespec="seconds")

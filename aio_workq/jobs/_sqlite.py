@@ -28,7 +28,7 @@ from ._groupstore import (
     mark_params,
     rate_expiry,
 )
-from ._status import JobRecord, JobStatus, Write
+from ._status import JobRecord, JobState, JobStatus, Write
 from ._store import DAY, SQL, check_ttl, row_record, write_params
 
 __all__ = ("SQLiteStore",)
@@ -175,6 +175,21 @@ class SQLiteStore:
 
         row = await self._run(cancel, f"cancelling job {job_id}")
         return None if row is None else row_record(row).status
+
+    async def recent(self, *, state: JobState | str, limit: int = 20) -> list[JobStatus]:
+        """The jobs in `state` (e.g. failed), most recently changed first (the dashboard's
+        "recent failures"; a scan of the table, not for hot paths).
+
+        Raises:
+            StoreError: the database can't be read.
+        """
+        params = {"state": JobState(state).value, "now": time.time(), "limit": limit}
+
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(self._sql.recent, params).fetchall()
+
+        rows = await self._run(read, f"listing {params['state']} jobs")
+        return [row_record(row).status for row in rows]
 
     async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
         gsql, sql = self._gsql, self._sql

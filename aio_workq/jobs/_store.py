@@ -160,6 +160,10 @@ class SQL:
             "WHERE job_id = :job_id AND state = 'running' AND expires_at > :now"
         )
         self.purge = f"DELETE FROM {table} WHERE expires_at <= :now"
+        self.recent = (
+            f"SELECT {COLUMNS} FROM {table} WHERE state = :state AND expires_at > :now "
+            "ORDER BY updated_at DESC LIMIT :limit"
+        )
 
     def round(self, kinds: Sequence[str]) -> str:
         """One statement applying a round's writes of `kinds` (`CLAIM`, `WRITE`, `REQUEUE`,
@@ -340,6 +344,17 @@ class MemoryStore:
         elif row["state"] == "running":
             row.update(cancel_requested=True, updated_at=now, expires_at=now + self.ttl)
         return row_record(row).status
+
+    async def recent(self, *, state: JobState | str, limit: int = 20) -> list[JobStatus]:
+        """The jobs in `state` (e.g. failed), most recently changed first (the dashboard's
+        "recent failures")."""
+        now = time.time()
+        rows = [
+            row for row in self._rows.values()
+            if row["state"] == JobState(state).value and row["expires_at"] > now
+        ]  # fmt: skip
+        rows.sort(key=lambda row: row["updated_at"], reverse=True)
+        return [row_record(row).status for row in rows[:limit]]
 
     async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
         self._groups.create(group, self.ttl)

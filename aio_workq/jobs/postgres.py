@@ -28,7 +28,7 @@ from ._groupstore import (
     mark_params,
     rate_expiry,
 )
-from ._status import JobRecord, JobStatus, Write
+from ._status import JobRecord, JobState, JobStatus, Write
 from ._store import DAY, ROWS, SQL, check_ttl, rounds, row_record, rows_params, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
@@ -124,6 +124,7 @@ class PostgresStore:
         self._rounds: dict[tuple[str, ...], str] = {}
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
+        self._recent = _psycopg(sql.recent)
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
         self._cancel_running = _psycopg(sql.cancel_running)
         self._purge = _psycopg(sql.purge)
@@ -222,6 +223,22 @@ class PostgresStore:
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self._failed(f"cancelling job {job_id}", exc) from exc
         return None if row is None else row_record(row).status
+
+    async def recent(self, *, state: JobState | str, limit: int = 20) -> list[JobStatus]:
+        """The jobs in `state` (e.g. failed), most recently changed first (the dashboard's
+        "recent failures"; a scan of the table, not for hot paths).
+
+        Raises:
+            StoreError: the database can't be reached.
+        """
+        params = {"state": JobState(state).value, "now": time.time(), "limit": limit}
+        try:
+            async with await self._connection() as conn:
+                cursor = await conn.execute(self._recent, params)
+                rows = await cursor.fetchall()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(f"listing {params['state']} jobs", exc) from exc
+        return [row_record(row).status for row in rows]
 
     async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
         g = self._g

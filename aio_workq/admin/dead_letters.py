@@ -1,4 +1,5 @@
-"""Dead letters for `aio-workq dlq`: which ones a command means, and how they are shown.
+"""Dead letters for `aio-workq dlq` and the dashboard: which ones a command means, and how
+they are shown.
 
 Reading and replaying are the library's (`Producer.dead_letters(queue)`): one pass over the dead
 letters there when the command began, every read leaving them as they were.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +18,12 @@ from typing import Any
 from aio_workq import DeadLetter
 from aio_workq._publish.dead_letters import public_name
 
-from ._errors import CliError
+from ._errors import AdminError
 
 __all__ = (
     "DeadLetterFilter",
     "letter_json",
+    "parse_when",
     "resolve_ids",
     "short_ids",
 )
@@ -81,7 +84,7 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
     or a unique `HEAD..TAIL` (also `HEAD…TAIL`, as `dlq list` shows long ids).
 
     Raises:
-        CliError: one names no dead letter, or more than one (the candidates are listed).
+        AdminError: one names no dead letter, or more than one (the candidates are listed).
     """
     ids = [letter.message_id for letter in letters if letter.message_id]
     resolved: set[str] = set()
@@ -94,11 +97,11 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
             {i for i in ids if i.startswith(head) and (not sep or i[len(head) :].endswith(tail))}
         )
         if not matches:
-            raise CliError(f"no dead letter with message id {text!r} in {dlq!r}")
+            raise AdminError(f"no dead letter with message id {text!r} in {dlq!r}")
         if len(matches) > 1:
             shown = ", ".join(matches[:_CANDIDATES_SHOWN])
             more = len(matches) - _CANDIDATES_SHOWN
-            raise CliError(
+            raise AdminError(
                 f"message id {text!r} is ambiguous in {dlq!r}: {len(matches)} dead letters "
                 f"match ({shown}{f', and {more} more' if more > 0 else ''}); give more of it"
             )
@@ -168,3 +171,28 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime.datetime):
         return value.isoformat()
     return str(value)
+
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_when(text: str, *, now: datetime.datetime | None = None) -> datetime.datetime:
+    """A time as a filter takes it: ISO 8601 (without an offset: local time) or a duration ago
+    (`30m`, `2h`, `1d`), as an aware UTC datetime.
+
+    Raises:
+        AdminError: neither.
+    """
+    text = text.strip()
+    if match := _AGO.match(text):
+        delta = datetime.timedelta(**{_UNITS[match[2]]: float(match[1])})
+        return (now or datetime.datetime.now(datetime.UTC)) - delta
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise AdminError(
+            f"{text!r} is neither ISO 8601 (2024-05-01, 2024-05-01T12:00, "
+            "2024-05-01T12:00+02:00) nor a time ago (30m, 2h, 1d)"
+        ) from None
+    return when.astimezone(datetime.UTC)

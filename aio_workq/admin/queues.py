@@ -1,4 +1,5 @@
-"""Queue depths for `aio-workq queues`: from the management HTTP API, else passive declares.
+"""Queue depths, for `aio-workq queues` and the dashboard: from the management HTTP API, else
+passive declares.
 
 Queues are grouped by work queue: `X` with its dead-letter queue `X.dlq` and its delay queues
 `X.retry.<ms>ms`. The management API gives every queue of the vhost, unacked counts and rates;
@@ -27,10 +28,15 @@ import aiormq.exceptions
 from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
 from aio_workq._link.delay import PREFIX as DELAY_PREFIX
 
-from ._errors import CliError, ManagementAPIError
+from ._errors import AdminError, ManagementAPIError
 
 __all__ = (
     "QueueRow",
+    "RawQueue",
+    "amqp_raws",
+    "connect",
+    "management_raws",
+    "vhost_of",
     "collect",
     "default_management_url",
     "delete_queues",
@@ -71,7 +77,9 @@ class QueueRow:
 
 
 @dataclass(frozen=True, slots=True)
-class _Raw:
+class RawQueue:
+    """One queue as the broker reports it (`None`: not known by that source)."""
+
     name: str
     ready: int | None
     unacked: int | None
@@ -97,7 +105,7 @@ def is_internal(name: str) -> bool:
 
 
 def group_rows(
-    raws: Iterable[_Raw], names: Sequence[str] = (), *, all_queues: bool = False
+    raws: Iterable[RawQueue], names: Sequence[str] = (), *, all_queues: bool = False
 ) -> list[QueueRow]:
     """Fold `X.dlq` and `X.retry.*ms` into the row of `X` (a row of its own when `X` is gone);
     the delay ladder's `workq.delay.*` queues are one row with `all_queues`, else left out.
@@ -105,7 +113,7 @@ def group_rows(
     raws = list(raws)
     present = {raw.name for raw in raws}
     rows: dict[str, QueueRow] = {}
-    ladder: list[_Raw] = []
+    ladder: list[RawQueue] = []
 
     def row(name: str) -> QueueRow:
         return rows.setdefault(name, QueueRow(queue=name, present=name in present))
@@ -154,15 +162,16 @@ async def collect(
 
     Raises:
         ManagementAPIError: the management API was asked for explicitly and did not answer.
-        CliError: no management API and no queue names, or a named queue does not exist.
+        AdminError: no management API and no queue names, or a named queue does not exist.
         BrokerConnectionError: the broker cannot be reached.
     """
     mgmt = management_url or default_management_url(amqp_url)
+    looked_for: tuple[int, ...] | None = None
     try:
-        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
         missing = sorted(set(names) - {raw.name for raw in raws})
         if missing:
-            raise CliError(f"queue {missing[0]!r} does not exist")
+            raise AdminError(f"queue {missing[0]!r} does not exist")
         return group_rows(raws, names, all_queues=all_queues), "the management API"
     except ManagementAPIError as exc:
         if explicit or not names:
@@ -173,7 +182,7 @@ async def collect(
                 "or give --management-url"
             )
             raise ManagementAPIError(f"{exc}{hint}") from exc
-    rows = group_rows(await _from_amqp(amqp_url, names), names, all_queues=all_queues)
+    rows = group_rows(await amqp_raws(amqp_url, names), names, all_queues=all_queues)
     return rows, "passive declares"
 
 
@@ -192,23 +201,22 @@ async def queue_group(
     queues of the default `RetryPolicy`, of `Retry(delay=...)` and of `retry_delays_ms`).
 
     Raises:
-        CliError: `name` is an internal queue, or neither it nor its internal queues exist.
+        AdminError: `name` is an internal queue, or neither it nor its internal queues exist.
         ManagementAPIError: the management API was asked for explicitly and did not answer.
         BrokerConnectionError: the broker cannot be reached.
     """
     base = (m := _RETRY.match(name) or _DLQ.match(name)) and m["base"]
     mgmt = management_url or default_management_url(amqp_url)
-    looked_for: tuple[int, ...] | None = None
     try:
-        raws = await asyncio.to_thread(_from_management, mgmt, _vhost(amqp_url))
+        raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
     except ManagementAPIError:
         if explicit:
             raise
         looked_for = _delays_ms(retry_delays_ms)
         names = [name, *([base] if base else [])]
-        raws = await _from_amqp(amqp_url, names, require=False, delays_ms=looked_for)
+        raws = await amqp_raws(amqp_url, names, require=False, delays_ms=looked_for)
     if name.startswith(_LADDER) or (base and base in {raw.name for raw in raws}):
-        raise CliError(
+        raise AdminError(
             f"{name!r} is a dead-letter, retry or delay queue; name its work queue instead"
         )
     group = [
@@ -219,7 +227,7 @@ async def queue_group(
         or ((m := _RETRY.match(raw.name)) is not None and m["base"] == name)
     ]
     if not group:
-        raise CliError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
+        raise AdminError(f"queue {name!r} does not exist, nor its .dlq or .retry queues")
     return sorted(group, key=lambda item: (item[0] != name, _delay_of(item[0]))), looked_for
 
 
@@ -241,7 +249,7 @@ async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, 
     Raises:
         BrokerConnectionError: the broker cannot be reached.
     """
-    connection = await _connect(amqp_url)
+    connection = await connect(amqp_url)
     deleted: list[tuple[str, int]] = []
     async with connection:
         channel = await connection.channel()
@@ -255,7 +263,12 @@ async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, 
     return deleted
 
 
-async def _connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
+    """A plain aio-pika connection for looking at queues.
+
+    Raises:
+        BrokerConnectionError: the broker cannot be reached (the URL shown without password).
+    """
     try:
         return await aio_pika.connect(amqp_url, timeout=10)
     except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
@@ -264,12 +277,12 @@ async def _connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
         ) from None
 
 
-def _vhost(amqp_url: str) -> str:
+def vhost_of(amqp_url: str) -> str:
     path = urlsplit(amqp_url).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
+def management_raws(mgmt_url: str, vhost: str) -> list[RawQueue]:
     parts = urlsplit(mgmt_url)
     user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
     host = parts.hostname or "localhost"
@@ -303,14 +316,14 @@ def _from_management(mgmt_url: str, vhost: str) -> list[_Raw]:
     return [_raw_from_api(item) for item in payload if isinstance(item, dict)]
 
 
-def _raw_from_api(item: dict[str, Any]) -> _Raw:
+def _raw_from_api(item: dict[str, Any]) -> RawQueue:
     stats = item.get("message_stats") or {}
 
     def rate(key: str) -> float:
         detail = stats.get(key) or {}
         return float(detail.get("rate", 0.0))
 
-    return _Raw(
+    return RawQueue(
         name=str(item.get("name", "")),
         ready=int(item.get("messages_ready") or 0),
         unacked=int(item.get("messages_unacknowledged") or 0),
@@ -321,31 +334,63 @@ def _raw_from_api(item: dict[str, Any]) -> _Raw:
     )
 
 
-async def _from_amqp(
+async def amqp_raws(
     amqp_url: str,
     names: Sequence[str],
     *,
     require: bool = True,
+    connection: aio_pika.abc.AbstractConnection | None = None,
     delays_ms: Sequence[int] | None = None,
-) -> list[_Raw]:
+) -> list[RawQueue]:
+    """Each of `names` with its `.dlq` and its retry queues (those of `delays_ms`, by default
+    of the default `RetryPolicy` and of `Retry(delay=...)`), by passive declares: ready messages
+    and consumers of those that exist (unacked: not known).
+
+    Args:
+        amqp_url: the broker, connected to for this call unless `connection` is given.
+        names: the work queues.
+        require: a work queue that does not exist is an error (else left out).
+        connection: an open connection to use (left open).
+        delays_ms: the retry delays to look for.
+
+    Raises:
+        AdminError: `require`, and a work queue does not exist.
+        BrokerConnectionError: the broker cannot be reached.
+    """
     delays = _delays_ms() if delays_ms is None else delays_ms
     wanted = [
         name
         for base in names
         for name in (base, f"{base}.dlq", *(f"{base}.retry.{ms}ms" for ms in delays))
     ]
-    connection = await _connect(amqp_url)
-    raws: list[_Raw] = []
-    async with connection:
-        channel = await connection.channel()
+    if connection is not None:
+        return await _declare_each(connection, wanted, names, require=require)
+    async with await connect(amqp_url) as own:
+        return await _declare_each(own, wanted, names, require=require)
+
+
+async def _declare_each(
+    connection: aio_pika.abc.AbstractConnection,
+    wanted: Sequence[str],
+    names: Sequence[str],
+    *,
+    require: bool,
+) -> list[RawQueue]:
+    raws: list[RawQueue] = []
+    channel = await connection.channel()
+    try:
         for name in wanted:
             try:
                 queue = await channel.declare_queue(name, passive=True)
             except aio_pika.exceptions.ChannelClosed:  # 404: no such queue
                 if require and name in names:
-                    raise CliError(f"queue {name!r} does not exist") from None
+                    raise AdminError(f"queue {name!r} does not exist") from None
                 channel = await connection.channel()
                 continue
             ok = queue.declaration_result
-            raws.append(_Raw(name, int(ok.message_count or 0), None, int(ok.consumer_count or 0)))
+            ready, consumers = int(ok.message_count or 0), int(ok.consumer_count or 0)
+            raws.append(RawQueue(name, ready, None, consumers))
+    finally:
+        if not channel.is_closed:
+            await channel.close()
     return raws

@@ -1,0 +1,353 @@
+"""The dashboard: its routes, pages and actions, on the framework-neutral `Request`/`Response`.
+
+`Dashboard.handle(request)` is all an adapter calls (`aiohttp_app`, `asgi_app`). Every answer
+is a rendered page or fragment; bad input gets a message page with a 4xx, an unexpected error
+a 500 page that names no secret (the traceback goes to the log only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from importlib import resources
+from typing import Any
+from urllib.parse import unquote
+
+from aio_workq import (
+    PresenceWatcher,
+    Producer,
+    WorkerPresence,
+    WorkqError,
+    redact_url,
+)
+from aio_workq._link.settings import resolve_url
+from aio_workq.admin.schedules import schedule_rows
+from aio_workq.schedules import GROUP, read_status
+
+from ._actions import Actions, log
+from ._auth import Security
+from ._chart import Series, line_chart
+from ._data import Cached, QueueData, QueueSnapshot
+from ._dead_letter_pages import DeadLetterPages
+from ._http import Request, Response
+from ._job_pages import JobPages
+from ._site import PageError, Site, cookie, duration
+
+__all__ = ("Dashboard",)
+
+_STATIC = {
+    "htmx.min.js": "application/javascript",
+    "dashboard.css": "text/css; charset=utf-8",
+}
+_REFRESH = 3
+_SCHEDULES_TTL = 10.0
+
+
+Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
+
+
+class Dashboard:
+    """The aio-workq dashboard, served by `aiohttp_app()` / `asgi_app()` or `aio-workq dashboard`.
+
+    Args:
+        url: the broker (default: what `aio-workq` resolves from the environment).
+        management_url: the management API (default: tried next to the broker; `""`: not
+            used, passive declares only).
+        queues: queues to show without the management API (passive declares).
+        store: a job store (`SQLiteStore`, `PostgresStore`, ...): the Jobs page.
+        schedules_group: the schedulers' group, for the Schedules page.
+        security: read-only unless it allows actions (`Security.load(...)`).
+        refresh: seconds between the pages' live updates (2-5).
+
+    Raises:
+        ConfigurationError: a bad URL or refresh interval.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None = None,
+        management_url: str | None = None,
+        queues: Iterable[str] = (),
+        store: Any = None,
+        schedules_group: str = GROUP,
+        security: Security | None = None,
+        refresh: float = _REFRESH,
+    ) -> None:
+        self._url = resolve_url(url)
+        self._security = security or Security()
+        self._store = store
+        self._group = schedules_group
+        self._refresh = max(2.0, min(float(refresh), 5.0))
+        self.queues = QueueData(
+            url=self._url, management_url=management_url, names=queues, ttl=self._refresh - 0.5
+        )
+        # the schedules change once per tick: read (a connection each time) every 10 s at most
+        self._schedules: Cached[Any] = Cached(self._read_schedules, ttl=_SCHEDULES_TTL)
+        self.queues.also_watch(self._known_queues)
+        self.queues.count_handled(self._handled)
+        self._last_schedules: Any = None
+        self._producer: Producer | None = None
+        self._producer_lock = asyncio.Lock()
+        self._watcher: PresenceWatcher | None = None
+        self._watcher_error: str | None = None
+        self._watcher_lock = asyncio.Lock()
+        self.actions = Actions()
+        self._site = Site(security=self._security, refresh=self._refresh)
+        self._dead_letters = DeadLetterPages(
+            site=self._site,
+            snapshot=self._snapshot,
+            producer=self._get_producer,
+            actions=self.actions,
+        )
+        self._jobs = JobPages(site=self._site, store=store, producer=self._get_producer)
+        dead, jobs = self._dead_letters, self._jobs
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
+            ("GET", re.compile(r"/"), self._overview),
+            ("GET", re.compile(r"/fragments/queues"), self._queues_fragment),
+            ("GET", re.compile(r"/workers"), self._workers),
+            ("GET", re.compile(r"/fragments/workers"), self._workers_fragment),
+            ("GET", re.compile(r"/dead-letters"), dead.index),
+            ("GET", re.compile(r"/fragments/dead-letters"), dead.index_fragment),
+            ("GET", re.compile(r"/dead-letters/(?P<queue>[^/]+)"), dead.listing),
+            (
+                "GET",
+                re.compile(r"/dead-letters/(?P<queue>[^/]+)/(?P<id>.+)"),
+                dead.show,
+            ),
+            (
+                "POST",
+                re.compile(r"/dead-letters/(?P<queue>[^/]+)/replay"),
+                dead.replay,
+            ),
+            ("POST", re.compile(r"/dead-letters/(?P<queue>[^/]+)/purge"), dead.purge),
+            ("GET", re.compile(r"/actions/(?P<id>[0-9a-f]{16})"), dead.action),
+            ("GET", re.compile(r"/jobs"), jobs.index),
+            ("GET", re.compile(r"/jobs/(?P<id>[^/]+)"), jobs.show),
+            ("POST", re.compile(r"/jobs/(?P<id>[^/]+)/cancel"), jobs.cancel),
+            ("GET", re.compile(r"/schedules"), self._schedules_page),
+            ("GET", re.compile(r"/fragments/schedules"), self._schedules_fragment),
+            ("GET", re.compile(r"/login"), self._login_form),
+            ("POST", re.compile(r"/login"), self._login),
+            ("POST", re.compile(r"/logout"), self._logout),
+            ("GET", re.compile(r"/static/(?P<name>[a-z.]+)"), self._static),
+        ]
+
+    def __repr__(self) -> str:
+        mode = "actions allowed" if self._security.allow_actions else "read-only"
+        return f"<Dashboard {redact_url(self._url)} {mode}>"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def _get_producer(self) -> Producer:
+        async with self._producer_lock:
+            if self._producer is None:
+                producer = Producer(self._url, name="aio-workq dashboard")
+                await producer.start()
+                self._producer = producer
+            return self._producer
+
+    async def _presence(self) -> PresenceWatcher | None:
+        """The watcher of the workers' beats, opened on first use (None while it can't be)."""
+        async with self._watcher_lock:
+            if self._watcher is None:
+                watcher = PresenceWatcher(self._url)
+                try:
+                    await watcher.open()
+                except WorkqError as exc:
+                    self._watcher_error = str(exc)
+                    return None
+                self._watcher, self._watcher_error = watcher, None
+            return self._watcher
+
+    def _workers_seen(self) -> list[WorkerPresence]:
+        return [] if self._watcher is None else self._watcher.workers()
+
+    def _known_queues(self) -> list[str]:
+        named = [queue for worker in self._workers_seen() for queue in worker.beat.queues]
+        return [*self._schedule_queues(), *named]
+
+    def _handled(self) -> int | None:
+        """The live workers' handled count (their own counters), for a rate without the
+        management API."""
+        if self._watcher is None:
+            return None
+        return sum(w.beat.handled for w in self._watcher.workers() if w.alive)
+
+    async def _snapshot(self) -> QueueSnapshot:
+        return await self.queues.snapshot()
+
+    async def close(self) -> None:
+        """Stop the actions under way and close the broker connections (those opened)."""
+        await self.actions.close()
+        await self.queues.close()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await watcher.close()
+        if self._producer is not None:
+            await self._producer.close()
+            self._producer = None
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        """The response to `request`; never raises (but for cancellation)."""
+        try:
+            for method, pattern, handler in self._routes:
+                match = pattern.fullmatch(request.path)
+                if match is None:
+                    continue
+                if method != request.method and not (method == "GET" and request.method == "HEAD"):
+                    continue
+                params = {key: unquote(value) for key, value in match.groupdict().items()}
+                return await handler(request, params)
+            allowed = [m for m, p, _ in self._routes if p.fullmatch(request.path)]
+            if allowed:
+                raise PageError(405, "Method not allowed", f"use {' or '.join(allowed)} here")
+            raise PageError(404, "Not found", "there is no page here")
+        except PageError as exc:
+            return self._site.message(request, exc.status, exc.title, exc.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dashboard: %s %s failed", request.method, request.path)
+            return self._site.message(
+                request, 500, "Something went wrong",
+                "the dashboard could not build this page; the details are in its log",
+            )  # fmt: skip
+
+    # -- rendering -----------------------------------------------------------------------------
+
+    # -- overview ------------------------------------------------------------------------------
+
+    async def _overview_context(self) -> dict[str, Any]:
+        await self._presence()  # the workers' queues and counters, without the management API
+        snap = await self.queues.snapshot()
+        now = time.time()
+        history = list(self.queues.history)
+        span = 600.0
+        if snap.management:
+            series = [
+                Series("published", "pub", [(now - s.at, s.publish_rate or 0.0) for s in history]),
+                Series("delivered", "del", [(now - s.at, s.deliver_rate or 0.0) for s in history]),
+            ]
+            unit = "msg/s"
+        else:
+            handled = [
+                (now - b.at, (b.handled - a.handled) / (b.at - a.at))
+                for a, b in zip(history, history[1:], strict=False)
+                if a.handled is not None and b.handled is not None and b.at > a.at
+                and b.handled >= a.handled
+            ]  # fmt: skip
+            series = [
+                Series("ready", "ready", [(now - s.at, float(s.ready)) for s in history]),
+                Series("handled /s (workers' counters)", "pub", handled),
+            ]
+            unit = "messages, msg/s"
+        chart = line_chart(series, span=span, unit=unit)
+        return {"snap": snap, "chart": chart, "unit": unit}
+
+    async def _overview(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "overview.html", **await self._overview_context())
+
+    async def _queues_fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "_queues.html", **await self._overview_context())
+
+    # -- workers -------------------------------------------------------------------------------
+
+    async def _workers_context(self) -> dict[str, Any]:
+        watcher = await self._presence()
+        found = [] if watcher is None else watcher.workers()
+        now = time.time()
+        rows = [
+            {
+                "id": w.beat.id, "host": w.beat.host, "pid": w.beat.pid,
+                "queues": ", ".join(w.beat.queues), "concurrency": w.beat.concurrency,
+                "in_flight": w.beat.in_flight, "handled": w.beat.handled,
+                "failed": w.beat.failed, "uptime": duration(w.uptime),
+                "version": w.beat.version, "alive": w.alive,
+                "seen": duration(now - w.last_seen),
+            }
+            for w in found
+        ]  # fmt: skip
+        return {
+            "rows": rows,
+            "alive": sum(1 for row in rows if row["alive"]),
+            "error": self._watcher_error if watcher is None else None,
+        }
+
+    async def _workers(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "workers.html", **await self._workers_context())
+
+    async def _workers_fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "_workers.html", **await self._workers_context())
+
+    # -- dead letters --------------------------------------------------------------------------
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    # -- schedules -----------------------------------------------------------------------------
+
+    async def _read_schedules(self) -> Any:
+        try:
+            state = await read_status(self._url, group=self._group)
+        except WorkqError as exc:
+            return exc
+        self._last_schedules = state
+        return state
+
+    def _schedule_queues(self) -> list[str]:
+        state = self._last_schedules
+        return [] if state is None else [row["queue"] for row in schedule_rows(state)]
+
+    async def _schedules_context(self) -> dict[str, Any]:
+        state = await self._schedules.get()
+        error = str(state) if isinstance(state, Exception) else None
+        state = None if error else state
+        return {"state": state, "rows": schedule_rows(state), "error": error, "group": self._group}
+
+    async def _schedules_page(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "schedules.html", **await self._schedules_context())
+
+    async def _schedules_fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "_schedules.html", **await self._schedules_context())
+
+    # -- sign in -------------------------------------------------------------------------------
+
+    async def _login_form(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "login.html", failed=False)
+
+    async def _login(self, request: Request, match: dict[str, str]) -> Response:
+        if not self._security.allow_actions:
+            raise PageError(
+                403, "Read-only", "this dashboard is read-only: there is nothing to sign in for"
+            )
+        token_id = self._security.check_token(request.field("token"))
+        if token_id is None:
+            log.warning("sign-in refused (wrong token) from %s", request.remote)
+            response = self._site.render(request, "login.html", status=401, failed=True)
+            return response
+        log.info("signed in: token %s from %s", token_id, request.remote)
+        session = self._security.session_cookie(token_id)
+        response = Response.redirect(request.link("/"))
+        response.headers.append(("Set-Cookie", cookie(request, session, max_age=12 * 3600)))
+        return response
+
+    async def _logout(self, request: Request, match: dict[str, str]) -> Response:
+        response = Response.redirect(request.link("/"))
+        response.headers.append(("Set-Cookie", cookie(request, "", max_age=0)))
+        return response
+
+    # -- static --------------------------------------------------------------------------------
+
+    async def _static(self, request: Request, match: dict[str, str]) -> Response:
+        name = match["name"]
+        if name not in _STATIC:
+            raise PageError(404, "Not found", "no such file")
+        data = resources.files("aio_workq.dashboard").joinpath("static", name).read_bytes()
+        return Response(
+            body=data, content_type=_STATIC[name],
+            headers=[("Cache-Control", "public, max-age=3600")],
+        )  # fmt: skip

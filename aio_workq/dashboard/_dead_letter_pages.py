@@ -1,0 +1,178 @@
+"""The dead-letter pages: the dead-letter queues, a queue's dead letters (filters), one dead
+letter, and the replay (in the background, with progress) and purge (asked first) actions."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlencode
+
+from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
+from aio_workq.admin import AdminError
+from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, parse_when, short_ids
+
+from ._actions import Action, Actions, log
+from ._data import QueueSnapshot
+from ._http import Request, Response, quote_path
+from ._site import PageError, Site, message_id, queue_name
+
+__all__ = ("DeadLetterPages",)
+
+_MAX_NAME = 255
+_SHOWN_LETTERS = 200
+_BODY_PREVIEW = 80
+
+
+class DeadLetterPages:
+    """The dead-letter pages' handlers."""
+
+    def __init__(
+        self,
+        *,
+        site: Site,
+        snapshot: Callable[[], Awaitable[QueueSnapshot]],
+        producer: Callable[[], Awaitable[Producer]],
+        actions: Actions,
+    ) -> None:
+        self._site = site
+        self._snapshot = snapshot
+        self._producer = producer
+        self._actions = actions
+
+    async def index(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "dead_letters.html", snap=await self._snapshot())
+
+    async def index_fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "_dead_letters.html", snap=await self._snapshot())
+
+    def _filter(
+        self, request: Request, *, form: bool = False
+    ) -> tuple[DeadLetterFilter, dict[str, str]]:
+        get = request.field if form else request.arg
+        given = {key: get(key).strip() for key in ("exception", "since", "before")}
+        if len(given["exception"]) > _MAX_NAME:
+            raise PageError(400, "Bad filter", "the exception class name is too long")
+        try:
+            since = parse_when(given["since"]) if given["since"] else None
+            before = parse_when(given["before"]) if given["before"] else None
+        except AdminError as exc:
+            raise PageError(400, "Bad filter", str(exc)) from None
+        return (
+            DeadLetterFilter(exception=given["exception"] or None, since=since, before=before),
+            given,
+        )
+
+    async def _letters(self, queue: str) -> list[DeadLetter]:
+        letters, _ = await self._dead_letters(queue)
+        return await letters.find()
+
+    async def _dead_letters(self, queue: str) -> tuple[DeadLetters, int]:
+        """The queue's dead letters, and how many wait there.
+
+        Raises:
+            PageError: 404 when `queue.dlq` does not exist.
+        """
+        producer = await self._producer()
+        try:
+            letters = producer.dead_letters(queue)
+        except ConfigurationError as exc:
+            raise PageError(400, "Not an aio-workq queue", str(exc)) from None
+        try:
+            return letters, await letters.count()
+        except TopologyError:
+            raise PageError(
+                404, "No such dead-letter queue",
+                f"queue {queue!r} has no dead-letter queue ({queue + '.dlq'!r} does not exist)",
+            ) from None  # fmt: skip
+
+    async def listing(self, request: Request, match: dict[str, str]) -> Response:
+        queue = queue_name(match["queue"])
+        where, given = self._filter(request)
+        every = await self._letters(queue)
+        letters = [letter for letter in every if where(letter)]
+        short = short_ids([letter.message_id for letter in every if letter.message_id])
+        rows = [
+            {
+                "id": letter.message_id or "",
+                "short": short.get(letter.message_id or "", "-"),
+                "reason": letter.reason,
+                "attempts": letter.attempts,
+                "failed_at": letter.failed_at,
+                "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
+            }
+            for letter in letters[:_SHOWN_LETTERS]
+        ]
+        return self._site.render(
+            request, "dead_letter_list.html", queue=queue, rows=rows, total=len(every),
+            matching=len(letters), filtered=not where.empty, given=given,
+            filter_query=urlencode({k: v for k, v in given.items() if v}),
+        )  # fmt: skip
+
+    async def show(self, request: Request, match: dict[str, str]) -> Response:
+        queue = queue_name(match["queue"])
+        wanted = message_id(match["id"])
+        letters = await self._letters(queue)
+        letter = next((one for one in letters if one.message_id == wanted), None)
+        if letter is None:
+            raise PageError(
+                404, "No such dead letter",
+                f"no dead letter with message id {wanted!r} in {queue + '.dlq'!r} "
+                "(replayed or purged meanwhile?)",
+            )  # fmt: skip
+        data = letter_json(letter)
+        headers = sorted(data["headers"].items())
+        traceback = str(data["headers"].get("x-workq-traceback", "") or "")
+        return self._site.render(
+            request, "dead_letter.html", queue=queue, letter=data, headers=headers,
+            traceback=traceback,
+        )  # fmt: skip
+
+    async def replay(self, request: Request, match: dict[str, str]) -> Response:
+        queue = queue_name(match["queue"])
+        ids = [message_id(one) for one in request.fields("id")]
+        scope = request.field("scope", "selected")
+        if scope == "selected" and not ids:
+            raise PageError(400, "Nothing selected", "tick the dead letters to replay first")
+        where, given = self._filter(request, form=True)
+        if scope == "selected":
+            where = DeadLetterFilter(message_ids=frozenset(ids))
+            what = f"replay {len(ids)} selected dead letters of {queue!r}"
+        elif scope == "filter":
+            shown = ", ".join(f"{k}={v}" for k, v in given.items() if v) or "all"
+            what = f"replay the dead letters of {queue!r} matching {shown}"
+        else:
+            raise PageError(400, "Bad request", f"unknown replay scope {scope!r}")
+        caller = self._site.require_action(request, what)
+        letters, total = await self._dead_letters(queue)
+        matcher = None if where.empty else where
+
+        async def run(action: Action) -> None:
+            async for batch in letters.replay_batches(where=matcher):
+                action.step(len(batch))
+
+        action = self._actions.start(
+            what=what, who=str(caller), run=run,
+            total=len(ids) if scope == "selected" else total,
+            back=f"/dead-letters/{quote_path(queue)}",
+        )  # fmt: skip
+        return Response.redirect(request.link(f"/actions/{action.id}"))
+
+    async def purge(self, request: Request, match: dict[str, str]) -> Response:
+        queue = queue_name(match["queue"])
+        what = f"purge the dead letters of {queue!r}"
+        caller = self._site.require_action(request, what)
+        letters, waiting = await self._dead_letters(queue)
+        if request.field("confirm") != "yes":
+            return self._site.render(request, "confirm_purge.html", queue=queue, waiting=waiting)
+        log.info("action: %s, by %s", what, caller)
+        purged = await letters.purge()
+        log.info("action done: %s, by %s: %d purged", what, caller, purged)
+        return self._site.message(
+            request, 200, "Purged", f"purged {purged} dead letters from {queue + '.dlq'!r}"
+        )
+
+    async def action(self, request: Request, match: dict[str, str]) -> Response:
+        action = self._actions.get(match["id"])
+        if action is None:
+            raise PageError(404, "No such action", "it ended long ago, or the dashboard restarted")
+        template = "_action.html" if request.htmx else "action.html"
+        return self._site.render(request, template, action=action)
