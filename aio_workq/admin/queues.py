@@ -166,7 +166,6 @@ async def collect(
         BrokerConnectionError: the broker cannot be reached.
     """
     mgmt = management_url or default_management_url(amqp_url)
-    looked_for: tuple[int, ...] | None = None
     try:
         raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
         missing = sorted(set(names) - {raw.name for raw in raws})
@@ -207,6 +206,7 @@ async def queue_group(
     """
     base = (m := _RETRY.match(name) or _DLQ.match(name)) and m["base"]
     mgmt = management_url or default_management_url(amqp_url)
+    looked_for: tuple[int, ...] | None = None
     try:
         raws = await asyncio.to_thread(management_raws, mgmt, vhost_of(amqp_url))
     except ManagementAPIError:
