@@ -326,3 +326,63 @@ async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
     await asyncio.wait(dispatcher.tasks)
     assert settled.acked == [1, 2, 3]
     assert asked == []
+
+
+def _dispatcher() -> Dispatcher:
+    async def handler(job: Job) -> None:
+        pass
+
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    return Dispatcher(
+        runner=runner,
+        policy=None,
+        queue=Queue("tasks"),
+        publisher=cast(Any, None),
+        mover=cast(Any, None),
+        forwarder=cast(Any, None),
+        concurrency=1,
+        prefetch=1,
+    )
+
+
+async def test_a_delivery_costs_the_event_loop_one_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its task's one step: no done callback per delivery to take the task out of the
+    dispatcher's set (a Handle, a call_soon and a Context.run each) (#22 item 2)."""
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon(callback, *args, context=context)
+
+    monkeypatch.setattr(loop, "call_soon", counted)
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+
+    async def callbacks(deliveries: int) -> int:
+        dispatcher, settled = _dispatcher(), _Settled()
+        scheduled.clear()
+        for tag in range(1, deliveries + 1):
+            delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+            dispatcher.dispatch(delivery, cast(Any, settled))
+        await asyncio.wait(set(dispatcher.tasks))  # adds one callback per task of its own
+        assert settled.acked == list(range(1, deliveries + 1))
+        assert not dispatcher.tasks
+        return len(scheduled)
+
+    one, five = await callbacks(1), await callbacks(5)
+    assert (five - one) / 4 == 2  # the task's step, and asyncio.wait's own
+
+
+async def test_a_task_cancelled_before_it_ran_leaves_the_dispatcher() -> None:
+    dispatcher, settled = _dispatcher(), _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    delivery = Delivery(cast(Any, None), "c", 1, False, "", "tasks", header, b"x")
+    dispatcher.dispatch(delivery, cast(Any, settled))
+    dispatcher.stopping = True
+    hurry = asyncio.Event()
+    hurry.set()
+    await dispatcher.drain(0, hurry)  # cancels it before its first step
+    assert not dispatcher.tasks and settled.acked == []

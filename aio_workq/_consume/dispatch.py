@@ -92,9 +92,9 @@ class Dispatcher:
         acker.track(tag)
         self.counters.deliveries += 1
         job = Job(delivery, self._forwarder)
-        task = self._loop.create_task(self._process(job, acker, tag))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        # The task takes itself out of `tasks` as it ends (`_process`): a done callback
+        # would cost the loop a callback more per delivery.
+        self.tasks.add(self._loop.create_task(self._process(job, acker, tag)))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
@@ -114,6 +114,8 @@ class Dispatcher:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        # A task cancelled before its first step never ran `_process` to take itself out.
+        tasks.difference_update([task for task in tasks if task.done()])
 
     async def _process(self, job: Job, acker: Acker, tag: int) -> None:
         handling(self.queue_name, job)  # log lines in this task name the message
@@ -131,6 +133,8 @@ class Dispatcher:
                 self.queue_name, job.message_id, exc,
                 extra=_fields(self.queue_name, job), exc_info=exc,
             )  # fmt: skip
+        finally:
+            self.tasks.discard(asyncio.current_task(self._loop))
 
     async def _handle(self, job: Job, acker: Acker, tag: int) -> Settled:
         slots = self._slots
