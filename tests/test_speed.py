@@ -292,9 +292,12 @@ async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
         asked.append("get_running_loop")
         return running()
 
+    tasks_asked: list[object] = []
+
     def current_task(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task[Any] | None:
         if loop is None:
             asked.append("current_task")
+        tasks_asked.append(loop)  # a Python function on 3.11: once per delivery is enough
         return current(loop)
 
     confirm: asyncio.Future[str] = loop.create_future()
@@ -326,6 +329,7 @@ async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
     await asyncio.wait(dispatcher.tasks)
     assert settled.acked == [1, 2, 3]
     assert asked == []
+    assert len(tasks_asked) == 3
 
 
 def _dispatcher() -> Dispatcher:

@@ -119,11 +119,13 @@ class Dispatcher:
 
     async def _process(self, job: Job, acker: Acker, tag: int) -> None:
         handling(self.queue_name, job)  # log lines in this task name the message
+        task = asyncio.current_task(self._loop)
+        assert task is not None
         try:
             if self._hooks is None:
-                await self._handle(job, acker, tag)
+                await self._handle(job, acker, tag, task)
             else:
-                await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag))
+                await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag, task))
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -134,9 +136,10 @@ class Dispatcher:
                 extra=_fields(self.queue_name, job), exc_info=exc,
             )  # fmt: skip
         finally:
-            self.tasks.discard(asyncio.current_task(self._loop))
+            self.tasks.discard(task)
 
-    async def _handle(self, job: Job, acker: Acker, tag: int) -> Settled:
+    async def _handle(self, job: Job, acker: Acker, tag: int, task: asyncio.Task[Any]) -> Settled:
+        """Run the handler and settle the delivery; `task` is the one running this."""
         slots = self._slots
         if slots is not None:
             await slots.acquire()
@@ -150,8 +153,7 @@ class Dispatcher:
             try:
                 result = await self._run(job)
             except asyncio.CancelledError as exc:
-                task = asyncio.current_task(self._loop)
-                if task is not None and task.cancelling():
+                if task.cancelling():
                     raise  # the worker is stopping: requeued by _process
                 failure = exc  # the handler's own cancellation: a failure like any other
             except BaseException as exc:  # noqa: B036 - every delivery is settled
@@ -159,8 +161,7 @@ class Dispatcher:
         finally:
             if slots is not None:
                 slots.release()
-        task = asyncio.current_task(self._loop)
-        if task is not None and task.cancelling():
+        if task.cancelling():
             raise asyncio.CancelledError  # returned after a stop cancelled it: requeued
         if failure is None and job.links:
             failure = await _first_failure(job.links, self._loop)
