@@ -228,3 +228,13 @@ def test_the_benchmarks_page_has_the_reference_section_as_generated() -> None:
 
     section = "\n".join(against_reference(reference.default_rev()))
     assert section in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_a_reference_run_has_a_queue_name_every_commit_accepts() -> None:
+    """`aio_workq@REV` is the system's name; newer commits check queue names (no '@')."""
+    from aio_workq import Queue
+
+    run = Run("aio_workq@b28dd61", "chain", "classic", repeat=0, n=N)
+    Queue(run.queue)
+    Queue(run.forward_queue)
+    assert "b28dd61" in run.queue
