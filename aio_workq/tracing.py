@@ -24,10 +24,17 @@ operation type `process`), with `messaging.system=rabbitmq`, `messaging.destinat
 `messaging.message.id`, and on the consumer side the queue
 (`messaging.destination.subscription.name`), the delivery tag, `aio_workq.attempt` and
 `aio_workq.outcome`; a failed handler sets `error.type` and records the exception.
+
+Sampled (e.g. `ParentBased(TraceIdRatioBased(0.1))`), a message the sampler leaves out costs
+close to nothing: the decision comes first, shown the attributes every message of the queue
+shares (system, operation, exchange, queue); the message's own (id, delivery tag, attempt,
+routing key, correlation id) are read and set only on a span that records.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ConfigurationError, qualname
@@ -50,6 +57,9 @@ if TYPE_CHECKING:
 
 __all__ = ("TracingHook",)
 
+_NO_PARENT = otel_context.Context()
+_SHARED_MAX = 1024
+"""(queue, exchange) pairs whose span name and shared attributes are kept (then started over)."""
 _FAILED = frozenset({Outcome.RETRY, Outcome.DEAD_LETTERED, Outcome.REJECTED, Outcome.FAILED})
 
 
@@ -70,6 +80,7 @@ class TracingHook(Hook):
     ) -> None:
         self._tracer = trace.get_tracer("aio_workq", __version__, tracer_provider=tracer_provider)
         self._propagator = propagator
+        self._shared: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
 
     def _inject(self, headers: dict[str, Any], span: trace.Span) -> None:
         context = trace.set_span_in_context(span)
@@ -103,30 +114,55 @@ class TracingHook(Hook):
         span.end()
 
     def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any]:
+        # Sampling is decided first, on what every message of the queue shares (what a
+        # sampler is shown); the message's own attributes are read only for a span that
+        # records. A sampled-out message costs its headers (none decoded if it has none),
+        # the SDK's decision and making its span current (so what it forwards carries the
+        # decision on).
         headers = job.headers
-        if self._propagator is None:
+        if not headers:
+            parent = _NO_PARENT  # what extracting from no headers gives
+        elif self._propagator is None:
             parent = propagate.extract(headers)
         else:
             parent = self._propagator.extract(headers)
-        attributes: dict[str, Any] = {
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": job.exchange,
-            "messaging.destination.subscription.name": queue,
-            "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
-            "aio_workq.attempt": job.attempt,
-        }
-        if message_id := job.message_id:
-            attributes["messaging.message.id"] = message_id
-        if routing_key := job.routing_key:
-            attributes["messaging.rabbitmq.destination.routing_key"] = routing_key
-        if correlation_id := job.correlation_id:
-            attributes["messaging.message.conversation_id"] = correlation_id
+        exchange = job.exchange
+        shared = self._shared.get((queue, exchange))
+        if shared is None:
+            shared = self._share(queue, exchange)
+        name, attributes = shared
         span = self._tracer.start_span(
-            f"process {queue}", context=parent, kind=SpanKind.CONSUMER, attributes=attributes
+            name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
+        if span.is_recording():
+            own: dict[str, Any] = {
+                "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
+                "aio_workq.attempt": job.attempt,
+            }
+            if message_id := job.message_id:
+                own["messaging.message.id"] = message_id
+            if routing_key := job.routing_key:
+                own["messaging.rabbitmq.destination.routing_key"] = routing_key
+            if correlation_id := job.correlation_id:
+                own["messaging.message.conversation_id"] = correlation_id
+            span.set_attributes(own)
         return _Current(span)
+
+    def _share(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
+        """The span name and the attributes every message of (queue, exchange) shares."""
+        if len(self._shared) >= _SHARED_MAX:
+            self._shared.clear()
+        attributes = MappingProxyType(
+            {
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": exchange,
+                "messaging.destination.subscription.name": queue,
+            }
+        )
+        shared = self._shared[(queue, exchange)] = (f"process {queue}", attributes)
+        return shared
 
     def after_handle(self, info: HandleInfo) -> None:
         span = trace.get_current_span()

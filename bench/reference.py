@@ -297,7 +297,9 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
     ran next to each other). `*_cpu_us`: the median client CPU µs per message, which a loaded
     machine moves less than the rates (shown beside them; the verdict is on the rates).
     verdict: PASS, REGRESSION (working / reference < FLOOR) or ERROR (a side has no
-    successful run).
+    successful run). `ceiling`: the best median rate of any system in the run (`ceiling_system`),
+    and `*_share` each side's rate over it: one process's share of the broker's ceiling (#22;
+    every system here runs one process).
     """
     keys: list[tuple[str, str]] = []
     for r in records:
@@ -318,6 +320,16 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
             row[f"{side}_x_baseline"] = rate / yard if rate and yard else None
             cpu = _by_repeat(records, system, workload, queue, "cpu_us_per_msg")
             row[f"{side}_cpu_us"] = statistics.median(cpu.values()) if cpu else None
+        best = {
+            system: statistics.median(values.values())
+            for system in {r["system"] for r in records}
+            if (values := _by_repeat(records, system, workload, queue))
+        }
+        row["ceiling_system"] = max(best, key=best.__getitem__, default=None)
+        row["ceiling"] = best.get(row["ceiling_system"]) if best else None
+        for side in ("ours", "reference"):
+            rate, ceiling = row[f"{side}_rate"], row["ceiling"]
+            row[f"{side}_share"] = rate / ceiling if rate and ceiling else None
         if row["ours_rate"] and row["reference_rate"]:
             row["over"] = row["ours_rate"] / row["reference_rate"]
             paired = [ours[k] / ref[k] for k in ours.keys() & ref.keys()]
@@ -335,6 +347,13 @@ def _x(value: float | None) -> str:
 
 def _cpu(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
+
+
+def _share(row: Row) -> str:
+    ours, ref = row.get("ours_share"), row.get("reference_share")
+    if ours is None:
+        return "—"
+    return f"{ours:.2f}" + ("" if ref is None else f" ({ref:.2f})")
 
 
 def _over(row: Row) -> str:
@@ -356,15 +375,22 @@ def table(rows: Sequence[Row], ref: Reference, plan: dict[str, Any]) -> str:
     out = [head, ""]
     out.append(
         f"| workload | queue | working × {BASELINE} | reference × {BASELINE} "
-        "| working / reference | verdict | CPU µs/msg working, reference |"
+        "| working / reference | verdict | CPU µs/msg working, reference "
+        "| share of the ceiling: working (reference) |"
     )
-    out.append("|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
             f"| {r['workload']} | {r['queue_type']} | {_x(r['ours_x_baseline'])} "
             f"| {_x(r['reference_x_baseline'])} | {_over(r)} | {r['verdict']} "
-            f"| {_cpu(r['ours_cpu_us'])}, {_cpu(r['reference_cpu_us'])} |"
+            f"| {_cpu(r['ours_cpu_us'])}, {_cpu(r['reference_cpu_us'])} | {_share(r)} |"
         )
+    out += [
+        "",
+        "Share of the ceiling: each side's rate over the best median rate any system reached in "
+        "this run on that row (one process each; the ceiling with two processes is measured by "
+        "`python -m bench.processes`, not here).",
+    ]
     return "\n".join(out) + "\n"
 
 

@@ -226,31 +226,15 @@ def _docstring(system: str) -> str:
     return "\n".join(lines)
 
 
-WHERE_THE_TIME_GOES = (
-    "## Where the time goes",
-    "",
-    "Read the client CPU µs/msg columns next to the rates.",
-    "",
-    "- Consume: aiormq reads each frame with three awaited `readexactly` calls, builds pamqp "
-    "objects and passes them through two `asyncio.Queue`s before a consumer sees a message; "
-    "in a profile of a worker on aiormq's path that was more than half of its CPU per message, "
-    "and every framework built on aiormq pays it too. "
-    "aio-workq's connections read the socket through a frame demux that takes a worker's "
-    "deliveries (and a publisher's confirms) straight off the socket, decodes properties only "
-    "when read, and coalesces acks (`multiple=True` for a completed run of delivery tags).",
-    "- Publish, classic queue: aio-workq's process is idle most of the run; the broker is the "
-    "limit. Sampled with `rabbitmqctl eval` during a run, the classic queue process did about "
-    "60 % of the broker's work and the channel process about 30 %, and garbage collection of "
-    "the queue's growing in-memory backlog kept a dirty CPU scheduler about half busy. The "
-    "queue confirms persistent messages in bursts, when it syncs; the library's default window "
-    "(10,000 messages) keeps it busy between bursts, where a 2,000 window measured about a "
-    "tenth slower in side runs. lapinmq's async publisher, with no window at all, reaches the "
-    "same ceiling.",
-    "- Publish, quorum queue: the broker confirms sooner and in larger batches, so the client's "
-    "own cost per message decides, and the gap to the other clients is widest.",
-    "- Chain: each message is a delivery, a downstream publish and its confirm, and an ack; "
-    "the downstream confirm, taken off the socket by the demux, releases the upstream ack.",
-)
+WHERE_THE_TIME_GOES = Path(__file__).with_name("where_the_time_goes.md")
+"""The page's "Where the time goes" section, profiles included: prose measured by hand (with
+`bench.micro`, callgrind, cProfile), kept in a file of its own so that every rewrite of the page
+keeps it. Edit it there."""
+
+
+def where_the_time_goes(path: Path = WHERE_THE_TIME_GOES) -> list[str]:
+    """The lines of the hand-written section, as the page gets them."""
+    return path.read_text().rstrip("\n").splitlines()
 
 
 def against_reference(rev: str) -> list[str]:
@@ -277,7 +261,9 @@ def against_reference(rev: str) -> list[str]:
         "Per workload and queue type the table gives each side's throughput relative to raw "
         "aiormq, working / reference (the median over the repeats, and the min – max of the "
         "runs paired by repeat) and a verdict; beside them each side's client CPU µs per "
-        "message, which a loaded machine moves less than the rates. The figures go to "
+        "message, which a loaded machine moves less than the rates; and each side's share of "
+        "the ceiling, its rate over the best median rate any system reached on that row in the "
+        "same run (one process each: #22 asks one process for 0.95 of it). The figures go to "
         "`bench/results/against-REV.json`.",
         "",
         "**The rule.** The working tree may be at most 10 % slower than the reference: "
@@ -333,7 +319,7 @@ def markdown(meta: dict[str, Any], rows: Sequence[Row], images: dict[str, str]) 
         "",
         *_headline(rows, systems, plan["queue_types"][0]),
         "",
-        *WHERE_THE_TIME_GOES,
+        *where_the_time_goes(),
         "",
         "## Settings",
         "",

@@ -131,7 +131,9 @@ class Run:
 
     def __post_init__(self) -> None:
         token = secrets.token_hex(3)
-        self.queue = f"bench.{self.workload}.{self.queue_type}.{self.system}.{self.repeat}.{token}"
+        # `aio_workq@REV` names a system; a queue name has no '@' (newer commits refuse it).
+        system = self.system.replace("@", ".at.")
+        self.queue = f"bench.{self.workload}.{self.queue_type}.{system}.{self.repeat}.{token}"
         if self.launcher is None:
             self.launcher = Launcher.default(self.system)
 

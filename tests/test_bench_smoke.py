@@ -163,6 +163,27 @@ def test_medians_over_repeats_and_paired_spread() -> None:
     assert (row["ours_cpu_us"], row["reference_cpu_us"]) == (pytest.approx(1e3), pytest.approx(1e3))
 
 
+def test_the_share_of_the_ceiling_is_against_the_best_system_of_the_run() -> None:
+    """#22 item 2: one process's share of the best aggregate any client reached in the run."""
+    ref = "aio_workq@abc"
+    records = [
+        _record(BASELINE, "consume", 4_000.0),
+        _record(OURS, "consume", 3_000.0),
+        _record(ref, "consume", 2_000.0),
+        _record("lapinmq", "consume", 3_750.0),
+    ]
+
+    (row,) = reference.verdicts(records, ref)
+
+    assert row["ceiling"] == pytest.approx(4_000.0)
+    assert row["ceiling_system"] == BASELINE
+    assert row["ours_share"] == pytest.approx(0.75)
+    assert row["reference_share"] == pytest.approx(0.5)
+    fake = Reference("abc", "abc" * 13 + "a", Path("/nowhere"), Path("/nowhere"))
+    text = reference.table([row], fake, {"n": 5_000, "repeats": 1})
+    assert "share of the ceiling" in text and "0.75 (0.50)" in text
+
+
 def test_a_side_without_a_successful_run_is_an_error_not_a_pass() -> None:
     ref = "aio_workq@abc"
     failed = {**_record(ref, "publish", 1.0), "status": "error", "error": "boom"}
@@ -207,3 +228,13 @@ def test_the_benchmarks_page_has_the_reference_section_as_generated() -> None:
 
     section = "\n".join(against_reference(reference.default_rev()))
     assert section in (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def test_a_reference_run_has_a_queue_name_every_commit_accepts() -> None:
+    """`aio_workq@REV` is the system's name; newer commits check queue names (no '@')."""
+    from aio_workq import Queue
+
+    run = Run("aio_workq@b28dd61", "chain", "classic", repeat=0, n=N)
+    Queue(run.queue)
+    Queue(run.forward_queue)
+    assert "b28dd61" in run.queue

@@ -4,11 +4,16 @@ as the general code, and a large body is never copied into its frames."""
 from __future__ import annotations
 
 import asyncio
+import struct
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from aio_workq import Job, Queue
+from aio_workq._consume.delivery import Delivery
+from aio_workq._consume.dispatch import Dispatcher
+from aio_workq._consume.execution import HandlerRunner
 from aio_workq._exceptions import SerializationError
 from aio_workq._publish.message import build_message
 from aio_workq._wire import frames
@@ -240,17 +245,148 @@ async def test_one_link_is_awaited_as_gather_would_report_it() -> None:
     loop = asyncio.get_running_loop()
     ok: asyncio.Future[str] = loop.create_future()
     ok.set_result("id")
-    assert await _first_failure([ok]) is None
+    assert await _first_failure([ok], loop) is None
     failed: asyncio.Future[str] = loop.create_future()
     failed.set_exception(ValueError("nacked"))
-    assert isinstance(await _first_failure([failed]), ValueError)
+    assert isinstance(await _first_failure([failed], loop), ValueError)
     cancelled: asyncio.Future[str] = loop.create_future()
     cancelled.cancel()
-    assert isinstance(await _first_failure([cancelled]), asyncio.CancelledError)
+    assert isinstance(await _first_failure([cancelled], loop), asyncio.CancelledError)
     pending: asyncio.Future[str] = loop.create_future()
-    waiting = asyncio.ensure_future(_first_failure([pending]))
+    waiting = asyncio.ensure_future(_first_failure([pending], loop))
     await asyncio.sleep(0)
     waiting.cancel()  # the task itself is stopped: it raises, as with gather
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert pending.cancelled()  # and the confirm it awaited is cancelled, as gather does
+
+
+class _Settled:
+    """An acker's interface, noting what was settled."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def track(self, tag: int) -> None:
+        pass
+
+    def ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+    def nack(self, tag: int, *, requeue: bool) -> None:
+        raise AssertionError(f"nack({tag}, requeue={requeue})")
+
+
+@pytest.mark.parametrize("links", [0, 1], ids=["consume", "chain"])
+async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
+    links: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Python 3.11 every `asyncio.get_running_loop()`, and `current_task()` without its
+    loop, is a getpid() system call: the consume and chain paths make none per delivery (the
+    dispatcher knows its loop), where a8e9305 made one and main two (#22 item 1)."""
+    loop = asyncio.get_running_loop()
+    asked: list[str] = []
+    running, current = asyncio.get_running_loop, asyncio.current_task
+
+    def get_running_loop() -> asyncio.AbstractEventLoop:
+        asked.append("get_running_loop")
+        return running()
+
+    tasks_asked: list[object] = []
+
+    def current_task(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task[Any] | None:
+        if loop is None:
+            asked.append("current_task")
+        tasks_asked.append(loop)  # a Python function on 3.11: once per delivery is enough
+        return current(loop)
+
+    confirm: asyncio.Future[str] = loop.create_future()
+    confirm.set_result("m")
+
+    async def handler(job: Job) -> None:
+        if links:
+            job.links = [confirm]  # as Job.send leaves it once the message is sent
+
+    queue = Queue("tasks")
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner,
+        policy=None,
+        queue=queue,
+        publisher=cast(Any, None),
+        mover=cast(Any, None),
+        forwarder=cast(Any, None),
+        concurrency=1,
+        prefetch=1,
+    )
+    settled = _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    monkeypatch.setattr(asyncio, "get_running_loop", get_running_loop)
+    monkeypatch.setattr(asyncio, "current_task", current_task)
+    for tag in (1, 2, 3):
+        delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+        dispatcher.dispatch(delivery, cast(Any, settled))
+    await asyncio.wait(dispatcher.tasks)
+    assert settled.acked == [1, 2, 3]
+    assert asked == []
+    assert len(tasks_asked) == 3
+
+
+def _dispatcher() -> Dispatcher:
+    async def handler(job: Job) -> None:
+        pass
+
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    return Dispatcher(
+        runner=runner,
+        policy=None,
+        queue=Queue("tasks"),
+        publisher=cast(Any, None),
+        mover=cast(Any, None),
+        forwarder=cast(Any, None),
+        concurrency=1,
+        prefetch=1,
+    )
+
+
+async def test_a_delivery_costs_the_event_loop_one_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its task's one step: no done callback per delivery to take the task out of the
+    dispatcher's set (a Handle, a call_soon and a Context.run each) (#22 item 2)."""
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon(callback, *args, context=context)
+
+    monkeypatch.setattr(loop, "call_soon", counted)
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+
+    async def callbacks(deliveries: int) -> int:
+        dispatcher, settled = _dispatcher(), _Settled()
+        scheduled.clear()
+        for tag in range(1, deliveries + 1):
+            delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+            dispatcher.dispatch(delivery, cast(Any, settled))
+        await asyncio.wait(set(dispatcher.tasks))  # adds one callback per task of its own
+        assert settled.acked == list(range(1, deliveries + 1))
+        assert not dispatcher.tasks
+        return len(scheduled)
+
+    one, five = await callbacks(1), await callbacks(5)
+    assert (five - one) / 4 == 2  # the task's step, and asyncio.wait's own
+
+
+async def test_a_task_cancelled_before_it_ran_leaves_the_dispatcher() -> None:
+    dispatcher, settled = _dispatcher(), _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    delivery = Delivery(cast(Any, None), "c", 1, False, "", "tasks", header, b"x")
+    dispatcher.dispatch(delivery, cast(Any, settled))
+    dispatcher.stopping = True
+    hurry = asyncio.Event()
+    hurry.set()
+    await dispatcher.drain(0, hurry)  # cancels it before its first step
+    assert not dispatcher.tasks and settled.acked == []

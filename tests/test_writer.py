@@ -103,6 +103,25 @@ async def test_the_acker_coalesces_a_completed_prefix_into_one_multiple_ack() ->
     assert acker.unsettled == 2
 
 
+async def test_acks_reach_the_socket_in_the_loop_iteration_after_they_are_asked_for() -> None:
+    """One hop, not two: the acker's flush hands what the writer holds to the socket itself,
+    so the broker's prefetch window reopens an iteration sooner (#22 item 1)."""
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate = Gate()
+    acker = Acker(Channel(), (writer, gate))  # type: ignore[arg-type]
+    writer.write(gate, ack_frame(5, 9, False))  # another channel's frame, written first
+    for tag in range(1, 4):
+        acker.track(tag)
+        acker.ack(tag)
+    assert stream.written == []
+    await asyncio.sleep(0)  # one loop iteration: the acker's flush
+    assert acks(b"".join(stream.written)) == [(5, 9, False), (3, 3, True)]
+    writes = len(stream.written)
+    await asyncio.sleep(0)  # the writer's own flush finds nothing left
+    assert len(stream.written) == writes
+
+
 async def test_the_window_resumes_waiters_together_at_three_quarters() -> None:
     window = Window(8)
     for _ in range(8):

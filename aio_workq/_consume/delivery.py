@@ -20,6 +20,7 @@ __all__ = ("Delivery",)
 
 _FLAGS = struct.Struct(">H")
 _REPLY_TO_FLAG = 1 << 9
+_HEADERS_FLAG = 1 << 13
 
 
 class Delivery:
@@ -92,6 +93,15 @@ class Delivery:
         if isinstance(header, bytes) and not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
             return None
         return self.properties.reply_to
+
+    @property
+    def has_headers(self) -> bool:
+        """Whether the message carries a headers table, without decoding the properties when
+        the flag is not set (a message with none: `Job.headers` and `attempt` cost nothing)."""
+        header = self._header
+        if isinstance(header, bytes):
+            return bool(_FLAGS.unpack_from(header, 12)[0] & _HEADERS_FLAG)
+        return bool(header.properties.headers)
 
     def message(self) -> DeliveredMessage:
         """As aiormq would have delivered it."""

@@ -114,7 +114,10 @@ class Job:
     @property
     def headers(self) -> Mapping[str, Any]:
         """The message headers (empty if none)."""
-        return self._delivery.properties.headers or {}
+        delivery = self._delivery
+        if not delivery.has_headers:
+            return {}
+        return delivery.properties.headers or {}
 
     @property
     def message_id(self) -> str | None:

@@ -3,7 +3,8 @@
 Deliveries are tracked in delivery order. At each flush, the completed prefix of tags is acked
 with one `multiple=True` ack; completed deliveries behind one still running are acked singly;
 nacks go out in the order they were asked for. On aio-workq's own connections the frames go
-through the connection's ordered `FrameWriter`; otherwise through aiormq's public
+through the connection's ordered `FrameWriter`, which the flush empties into the socket at once
+(one loop iteration after the acks were asked for, not two); otherwise through aiormq's public
 `basic_ack` / `basic_nack`.
 """
 
@@ -110,16 +111,20 @@ class Acker:
         if not ops:
             return
         self._ops = []
-        if self._writer is not None:
+        writer = self._writer
+        if writer is not None:
             assert self._gate is not None
             number = self.channel.number
-            self._writer.write(
+            writer.write(
                 self._gate,
                 b"".join(
                     ack_frame(number, tag, flag) if kind == _ACK else nack_frame(number, tag, flag)
                     for kind, tag, flag in ops
                 ),
             )
+            # Now, with whatever the writer holds before them (in order), not an iteration
+            # later: the broker's prefetch window reopens as soon as the acks arrive.
+            writer.flush()
             return
         for kind, tag, flag in ops:  # tasks start in order: aiormq's write queue keeps it
             task: asyncio.Task[Any] = self._loop.create_task(self._plain(kind, tag, flag))

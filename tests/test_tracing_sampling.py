@@ -1,0 +1,179 @@
+"""Tracing at a sampling rate: a sampled-out message costs close to nothing (#22 item 3).
+
+Offline: `TracingHook.handling` on a job that notes what is read of it, and on a `Job` whose
+properties decode on first use.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+)
+from opentelemetry.trace import Link, SpanKind
+from opentelemetry.util.types import Attributes
+
+from aio_workq import Job
+from aio_workq._consume.delivery import Delivery
+from aio_workq._wire.frames import Properties, decode_header, encode_properties
+from aio_workq.tracing import TracingHook
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"  # sampled out upstream
+
+
+class NotedJob:
+    """A `JobView` that notes which of its fields were read."""
+
+    def __init__(self, headers: Mapping[str, Any] | None = None) -> None:
+        self.read: set[str] = set()
+        self._headers = dict(headers or {})
+
+    def _note(self, name: str, value: Any) -> Any:
+        self.read.add(name)
+        return value
+
+    headers = property(lambda self: self._note("headers", self._headers))
+    body = property(lambda self: self._note("body", b""))
+    data = property(lambda self: self._note("data", b""))
+    message_id = property(lambda self: self._note("message_id", "m-1"))
+    content_type = property(lambda self: self._note("content_type", None))
+    correlation_id = property(lambda self: self._note("correlation_id", "c-1"))
+    reply_to = property(lambda self: self._note("reply_to", None))
+    redelivered = property(lambda self: self._note("redelivered", False))
+    routing_key = property(lambda self: self._note("routing_key", "tasks"))
+    exchange = property(lambda self: self._note("exchange", ""))
+    attempt = property(lambda self: self._note("attempt", 2))
+    delivery_tag = property(lambda self: self._note("delivery_tag", 7))
+
+
+class Noting(Sampler):
+    """Samples everything in, noting the attributes it was shown."""
+
+    def __init__(self) -> None:
+        self.shown: list[dict[str, Any]] = []
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        self.shown.append(dict(attributes or {}))
+        return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+
+    def get_description(self) -> str:
+        return "Noting"
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    yield exporter
+    exporter.clear()
+
+
+def _hook(sampler: Sampler, exporter: InMemorySpanExporter) -> TracingHook:
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return TracingHook(tracer_provider=provider)
+
+
+def _handle(hook: TracingHook, job: NotedJob) -> trace.SpanContext:
+    manager = hook.handling(job, "tasks")
+    with manager:
+        return trace.get_current_span().get_span_context()
+
+
+@pytest.mark.parametrize("headers", [None, {"traceparent": PARENT}], ids=["root", "child"])
+def test_a_sampled_out_message_reads_only_its_headers(
+    headers: dict[str, Any] | None, exporter: InMemorySpanExporter
+) -> None:
+    hook = _hook(ParentBased(ALWAYS_OFF), exporter)
+    job = NotedJob(headers)
+    context = _handle(hook, job)
+    assert job.read <= {"headers", "exchange"}
+    assert not context.trace_flags.sampled
+    if headers:  # still current while handled: what it forwards carries the decision on
+        assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_recorded_message_has_every_attribute(exporter: InMemorySpanExporter) -> None:
+    sampler = Noting()
+    hook = _hook(sampler, exporter)
+    _handle(hook, NotedJob())
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "process tasks" and span.kind is SpanKind.CONSUMER
+    assert dict(span.attributes or {}) == {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+        "messaging.destination.name": "",
+        "messaging.destination.subscription.name": "tasks",
+        "messaging.rabbitmq.message.delivery_tag": 7,
+        "aio_workq.attempt": 2,
+        "messaging.message.id": "m-1",
+        "messaging.rabbitmq.destination.routing_key": "tasks",
+        "messaging.message.conversation_id": "c-1",
+    }
+    # The sampler decides on what is the same for every message of the queue.
+    assert sampler.shown == [
+        {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": "",
+            "messaging.destination.subscription.name": "tasks",
+        }
+    ]
+
+
+def test_every_message_is_recorded_with_sampling_on(exporter: InMemorySpanExporter) -> None:
+    hook = _hook(ALWAYS_ON, exporter)
+    for tag in range(3):
+        _handle(hook, NotedJob({"n": tag}))
+    assert len(exporter.get_finished_spans()) == 3
+
+
+def test_the_headers_of_a_message_without_any_are_read_without_decoding_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[bytes] = []
+
+    def noted(header: bytes) -> Any:
+        decoded.append(header)
+        return decode_header(header)
+
+    monkeypatch.setattr("aio_workq._consume.delivery.decode_header", noted)
+
+    def job(props: Properties) -> Job:
+        flags, encoded = encode_properties(props)
+        header = struct.pack(">HHQH", 60, 0, 1, flags) + encoded
+        delivery = Delivery(cast(Any, None), "c", 1, False, "", "tasks", header, b"x")
+        return Job(delivery, cast(Any, None))
+
+    plain = job(Properties(message_id="m-1", delivery_mode=2))
+    assert plain.headers == {} and plain.attempt == 1
+    assert decoded == []
+    assert plain.message_id == "m-1"  # decoded once asked for
+    assert len(decoded) == 1
+    with_headers = job(Properties(message_id="m-2", headers={"x-workq-attempt": 3}))
+    assert with_headers.headers == {"x-workq-attempt": 3} and with_headers.attempt == 3
