@@ -1,7 +1,8 @@
 """The scheduler: every replica runs one; the broker makes exactly one of them active.
 
 The pieces: `_lease` (the election: a candidacy per channel, the lease held by the single
-active consumer), `_firing` (the active scheduler's rounds of ticks and their record),
+active consumer), `_guard` (the fence: an exclusive queue one connection holds while it fires),
+`_firing` (the active scheduler's rounds of ticks and their record),
 `_broker` (the group's queues and the confirmed messages in them), `_spec` (when a schedule is
 due) and `_state` (what is recorded). `Scheduler` ties them together: its settings, its
 schedules, and its run: reconnect, stand, fire while active, stop.
@@ -30,6 +31,7 @@ from .._link.specs import Queue
 from .._publish.producer import Producer
 from ._broker import GROUP, Names
 from ._firing import Firing
+from ._guard import Guard
 from ._lease import Lease, any_of
 from ._spec import Misfire, Schedule
 
@@ -78,6 +80,8 @@ class Scheduler:
     _lease_type: ClassVar[type[Lease]] = Lease
     """The election (a seam: a test subclass stands with a lease that is granted at once, as
     the broker did once for two standbys after a node failure)."""
+    _guard_type: ClassVar[type[Guard]] = Guard
+    """The fence (a seam: a test subclass goes without it, to show what it prevents)."""
 
     def __init__(
         self,
@@ -201,7 +205,7 @@ class Scheduler:
 
     @property
     def active(self) -> bool:
-        """True while this process holds the lease and fires the ticks."""
+        """True while this process holds the lease and the guard, and fires the ticks."""
         return self._active.is_set()
 
     @property
@@ -266,26 +270,32 @@ class Scheduler:
         async with self._lease_type(connection, self.names, open_timeout=timeout) as lease:
             if not await lease.granted(self._stopping):
                 return
-            self._set_active(True)
-            log.info("scheduler %s is active", self.identity)
-            try:
-                await self._fire_while_held(lease)
-            finally:
-                self._set_active(False)
-                log.info("scheduler %s is no longer active", self.identity)
+            # The guard is released before the lease (inner block): the next scheduler the
+            # broker makes active finds it free.
+            async with self._guard_type(connection, self.names, open_timeout=timeout) as guard:
+                if not await guard.acquire(self._stopping, lease.lost):
+                    return
+                self._set_active(True)
+                log.info("scheduler %s is active", self.identity)
+                try:
+                    await self._fire_while_held(lease, guard)
+                finally:
+                    self._set_active(False)
+                    log.info("scheduler %s is no longer active", self.identity)
 
-    async def _fire_while_held(self, lease: Lease) -> None:
-        """Fire until a stop or the lease's loss; a stop lets the tick being published be
-        confirmed and recorded first (within `_STOP_GRACE`).
+    async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
+        """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
+        published be confirmed and recorded first (within `_STOP_GRACE`).
 
         Raises:
             WorkqError: what stopped the firing (translated).
         """
-        firing = asyncio.ensure_future(self._fire(lease))
-        ended = asyncio.ensure_future(any_of(self._stopping, lease.lost))
+        firing = asyncio.ensure_future(self._fire(lease, guard))
+        ended = asyncio.ensure_future(any_of(self._stopping, lease.lost, guard.lost))
         try:
             await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
-            if not lease.lost.is_set() and not firing.done():
+            lost = lease.lost.is_set() or guard.lost.is_set()
+            if not lost and not firing.done():
                 # A stop: the tick being published is recorded before the lease goes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_STOP_GRACE):
@@ -321,10 +331,11 @@ class Scheduler:
             await self._producer.start()
         return self._producer
 
-    async def _fire(self, lease: Lease) -> None:
+    async def _fire(self, lease: Lease, guard: Guard) -> None:
         firing = Firing(
             self._schedules,
             lease=lease,
+            guard=guard,
             producer=await self._publisher(),
             identity=self.identity,
             stopping=self._stopping,
