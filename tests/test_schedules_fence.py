@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import aiormq
 import pytest
 
 from aio_workq import BrokerConnectionError
@@ -116,6 +117,10 @@ async def test_the_guard_is_held_by_one_connection_until_it_ends_or_releases(
     done, _ = await asyncio.wait({taking}, timeout=1.0)
     assert not done, "a second connection took a guard that another one holds"
     await first.confirm_held()
+    # Only the owner's connection passes the check a holder makes before each round.
+    other = await connections[1].channel()
+    with pytest.raises(aiormq.exceptions.ChannelLockedResource):
+        await other.queue_declare(names.active, passive=True)
     # The holder's connection ends (as with kill -9): the broker frees the guard.
     await connections[0].close(0)
     async with asyncio.timeout(10):
