@@ -295,7 +295,11 @@ class Scheduler:
         try:
             await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
             lost = lease.lost.is_set() or guard.lost.is_set()
-            if not lost and not firing.done():
+            if lost or firing.done():
+                # Say so at once, not after the clean-up below: once the broker has freed the
+                # guard, the next scheduler may hold it within a round trip.
+                self._set_active(False)
+            else:
                 # A stop: the tick being published is recorded before the lease goes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_STOP_GRACE):
@@ -309,6 +313,8 @@ class Scheduler:
                     await firing  # raises what stopped the firing
 
     def _set_active(self, active: bool) -> None:
+        if active == self._active.is_set():
+            return
         if active:
             self._active.set()
         else:
