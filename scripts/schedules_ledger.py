@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(_main(args))
     print(result.summary())
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return 0 if result.missed == 0 and result.overlaps == 0 else 1
 

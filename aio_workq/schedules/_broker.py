@@ -3,7 +3,8 @@
 A group (default `workq.scheduler`) has a lease queue (the election, see `_lease`), a fanout
 exchange for the state, and two last-value queues bound to it: `.state`, which the next active
 scheduler reads, and `.status`, which `aio-workq schedules` reads. All of them are quorum queues
-that keep only their newest message (`x-max-length: 1`, `drop-head`).
+that keep only their newest message (`x-max-length: 1`, `drop-head`). The active scheduler also
+holds the guard `.active`, an exclusive classic queue (see `_guard`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Names:
     lease: str
     state: str
     status: str
+    active: str
 
     @classmethod
     def of(cls, group: str) -> Names:
@@ -75,7 +77,12 @@ class Names:
             raise ConfigurationError(
                 f"group {group!r} is invalid: use letters, digits, '-', '_', '.' and ':'"
             )
-        return cls(lease=f"{group}.lease", state=f"{group}.state", status=f"{group}.status")
+        return cls(
+            lease=f"{group}.lease",
+            state=f"{group}.state",
+            status=f"{group}.status",
+            active=f"{group}.active",
+        )
 
 
 async def declare_state(channel: AbstractChannel, names: Names) -> None:

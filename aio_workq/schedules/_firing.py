@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from .._publish.producer import Producer
 from ._broker import publish_state, read_state
+from ._guard import Guard
 from ._lease import Lease
 from ._spec import Schedule, tick_id
 from ._state import RETAIN_UNKNOWN, Entry, State
@@ -35,12 +36,13 @@ def _now() -> datetime:
 
 
 class Firing:
-    """Fires `schedules` while this process holds `lease`, until `stopping` is set or the lease
-    is lost.
+    """Fires `schedules` while this process holds `lease` and `guard`, until `stopping` is set
+    or either is lost.
 
     Args:
         schedules: the schedules by name.
         lease: the held lease; the state travels on its channel.
+        guard: the held guard (the fence against a second active scheduler).
         producer: a started producer for the ticks.
         identity: recorded in the state as the active process.
         stopping: set to stop after the tick being published is recorded.
@@ -52,6 +54,7 @@ class Firing:
         schedules: Mapping[str, Schedule],
         *,
         lease: Lease,
+        guard: Guard,
         producer: Producer,
         identity: str,
         stopping: asyncio.Event,
@@ -59,16 +62,21 @@ class Firing:
     ) -> None:
         self._schedules = schedules
         self._lease = lease
+        self._guard = guard
         self._producer = producer
         self._identity = identity
         self._stopping = stopping
         self._on_fired = on_fired
 
+    def _lost(self) -> bool:
+        return self._lease.lost.is_set() or self._guard.lost.is_set()
+
     def _ending(self) -> bool:
-        return self._stopping.is_set() or self._lease.lost.is_set()
+        return self._stopping.is_set() or self._lost()
 
     async def run(self) -> None:
-        """Read the state, then fire round after round.
+        """Read the state (the guard is held by now: no other scheduler fires), then fire
+        round after round.
 
         Raises:
             aiormq.exceptions.AMQPError, ConnectionError: the lease's channel failed.
@@ -83,14 +91,14 @@ class Firing:
         while not self._ending():
             fired = await self._round(state)
             if fired is None:
-                return  # the lease is lost: nothing more can be published or recorded here
+                return  # the lease or guard is lost: nothing more can be published or recorded here
             if fired:
                 await publish_state(channel, names, state, _now())
             await self._pause(state)
 
     async def _round(self, state: State) -> bool | None:
         """Fire every tick due now, oldest first per schedule; True if any was fired, None if
-        the lease was lost meanwhile."""
+        the lease or the guard was lost meanwhile."""
         now = _now()
         fired = False
         plans = {
@@ -99,10 +107,11 @@ class Firing:
         }
         if any(plans.values()):
             await self._lease.confirm_held()
+            await self._guard.confirm_held()
         for schedule in self._schedules.values():
             entry = state.entries[schedule.name]
             for due in plans[schedule.name]:
-                if self._lease.lost.is_set():
+                if self._lost():
                     return None
                 if self._stopping.is_set():
                     break  # record what was fired, then go

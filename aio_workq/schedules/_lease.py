@@ -2,7 +2,8 @@
 
 Every replica consumes the quorum queue `{group}.lease`, declared with
 `x-single-active-consumer`, with a prefetch of 1. RabbitMQ delivers only to the active consumer;
-the replica that holds the lease message (never acked) is the active scheduler. When its
+the replica that holds the lease message (never acked) may become the active scheduler, once
+it also holds the guard (`_guard`: the queue can briefly grant two leases). When its
 connection ends (a stop, `kill -9`: the kernel closes the socket at once; a partition: after the
 heartbeat timeout), the broker requeues the lease and makes the next consumer active.
 """

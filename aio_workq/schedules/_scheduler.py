@@ -1,7 +1,8 @@
 """The scheduler: every replica runs one; the broker makes exactly one of them active.
 
 The pieces: `_lease` (the election: a candidacy per channel, the lease held by the single
-active consumer), `_firing` (the active scheduler's rounds of ticks and their record),
+active consumer), `_guard` (the fence: an exclusive queue one connection holds while it fires),
+`_firing` (the active scheduler's rounds of ticks and their record),
 `_broker` (the group's queues and the confirmed messages in them), `_spec` (when a schedule is
 due) and `_state` (what is recorded). `Scheduler` ties them together: its settings, its
 schedules, and its run: reconnect, stand, fire while active, stop.
@@ -17,7 +18,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import aiormq
 
@@ -30,6 +31,7 @@ from .._link.specs import Queue
 from .._publish.producer import Producer
 from ._broker import GROUP, Names
 from ._firing import Firing
+from ._guard import Guard
 from ._lease import Lease, any_of
 from ._spec import Misfire, Schedule
 
@@ -74,6 +76,12 @@ class Scheduler:
         ConfigurationError: two schedules of one name, or not a `Schedule`; an invalid URL,
             `ssl_context=` with an `amqp://` URL, or a hook that is not a `Hook`.
     """
+
+    _lease_type: ClassVar[type[Lease]] = Lease
+    """The election (a seam: a test subclass stands with a lease that is granted at once, as
+    the broker did once for two standbys after a node failure)."""
+    _guard_type: ClassVar[type[Guard]] = Guard
+    """The fence (a seam: a test subclass goes without it, to show what it prevents)."""
 
     def __init__(
         self,
@@ -197,7 +205,7 @@ class Scheduler:
 
     @property
     def active(self) -> bool:
-        """True while this process holds the lease and fires the ticks."""
+        """True while this process holds the lease and the guard, and fires the ticks."""
         return self._active.is_set()
 
     @property
@@ -259,29 +267,39 @@ class Scheduler:
             WorkqError: a declare or a publish failed.
         """
         timeout = max(self._retry_delay, 10.0)
-        async with Lease(connection, self.names, open_timeout=timeout) as lease:
+        async with self._lease_type(connection, self.names, open_timeout=timeout) as lease:
             if not await lease.granted(self._stopping):
                 return
-            self._set_active(True)
-            log.info("scheduler %s is active", self.identity)
-            try:
-                await self._fire_while_held(lease)
-            finally:
-                self._set_active(False)
-                log.info("scheduler %s is no longer active", self.identity)
+            # The guard is released before the lease (inner block): the next scheduler the
+            # broker makes active finds it free.
+            async with self._guard_type(connection, self.names, open_timeout=timeout) as guard:
+                if not await guard.acquire(self._stopping, lease.lost):
+                    return
+                self._set_active(True)
+                log.info("scheduler %s is active", self.identity)
+                try:
+                    await self._fire_while_held(lease, guard)
+                finally:
+                    self._set_active(False)
+                    log.info("scheduler %s is no longer active", self.identity)
 
-    async def _fire_while_held(self, lease: Lease) -> None:
-        """Fire until a stop or the lease's loss; a stop lets the tick being published be
-        confirmed and recorded first (within `_STOP_GRACE`).
+    async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
+        """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
+        published be confirmed and recorded first (within `_STOP_GRACE`).
 
         Raises:
             WorkqError: what stopped the firing (translated).
         """
-        firing = asyncio.ensure_future(self._fire(lease))
-        ended = asyncio.ensure_future(any_of(self._stopping, lease.lost))
+        firing = asyncio.ensure_future(self._fire(lease, guard))
+        ended = asyncio.ensure_future(any_of(self._stopping, lease.lost, guard.lost))
         try:
             await asyncio.wait({firing, ended}, return_when=asyncio.FIRST_COMPLETED)
-            if not lease.lost.is_set() and not firing.done():
+            lost = lease.lost.is_set() or guard.lost.is_set()
+            if lost or firing.done():
+                # Say so at once, not after the clean-up below: once the broker has freed the
+                # guard, the next scheduler may hold it within a round trip.
+                self._set_active(False)
+            else:
                 # A stop: the tick being published is recorded before the lease goes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(_STOP_GRACE):
@@ -295,6 +313,8 @@ class Scheduler:
                     await firing  # raises what stopped the firing
 
     def _set_active(self, active: bool) -> None:
+        if active == self._active.is_set():
+            return
         if active:
             self._active.set()
         else:
@@ -317,10 +337,11 @@ class Scheduler:
             await self._producer.start()
         return self._producer
 
-    async def _fire(self, lease: Lease) -> None:
+    async def _fire(self, lease: Lease, guard: Guard) -> None:
         firing = Firing(
             self._schedules,
             lease=lease,
+            guard=guard,
             producer=await self._publisher(),
             identity=self.identity,
             stopping=self._stopping,
