@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -213,3 +214,18 @@ def postgres_node() -> Iterator[LocalPostgres | None]:
 @pytest.fixture(scope="session")
 def postgres_dsn(postgres_node: LocalPostgres | None) -> str:
     return os.environ.get(POSTGRES_DSN_ENV) or (postgres_node.dsn if postgres_node else "")
+
+
+@pytest.fixture
+def restored_loggers() -> Iterator[None]:
+    """aiormq's and aio-pika's loggers put back after a test that runs the CLI in-process (it
+    sets up logging for a whole process)."""
+    saved = [
+        (logger, logger.level, logger.propagate, list(logger.handlers))
+        for logger in map(logging.getLogger, ("aiormq", "aio_pika"))
+    ]
+    yield
+    for logger, level, propagate, handlers in saved:
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logger.handlers[:] = handlers

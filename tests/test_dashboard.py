@@ -427,6 +427,7 @@ async def test_a_worker_appears_live_and_is_greyed_out_when_gone(
         await wait_until(gone, timeout=20)  # its goodbye beat
 
 
+@pytest.mark.usefixtures("restored_loggers")
 def test_the_command_refuses_actions_without_a_token(monkeypatch: Any) -> None:
     from click.testing import CliRunner
 

@@ -59,7 +59,16 @@ def cli(ctx: click.Context) -> None:
     """
     if ctx.invoked_subcommand != "worker":  # their errors are ours to report, once
         for name in ("aiormq", "aio_pika"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
+            _keep_off_stderr(logging.getLogger(name))
+
+
+def _keep_off_stderr(logger: logging.Logger) -> None:
+    """Print none of `logger`'s records, but let them be made: aio-workq learns of a broker's
+    block of publishers from an aiormq record (`_wire/seams.py`, reliance 9), which a raised
+    level would drop before it is read."""
+    logger.propagate = False
+    if not any(isinstance(handler, logging.NullHandler) for handler in logger.handlers):
+        logger.addHandler(logging.NullHandler())
 
 
 for _command in (worker, workers, publish, queues, dlq, broker, demo, outbox, schedules, dashboard):
