@@ -5,12 +5,9 @@ The `Recorder` is a `Hook` on the task workers. A task's handler claims its job 
 `after_handle` records how the delivery was settled: succeeded with the return value, retrying
 with the next run's time, failed for good, cancelled, or back in the queue.
 
-Writes go through a flusher that commits what has gathered in one store transaction, with up
-to `LANES` such batches in flight at once: a claim does not wait behind a batch being written,
-and a batch never holds a job that one in flight holds (a job's writes reach the store in the
-order they were made). While the store is unreachable the queue does not wait for it: claims
-are granted, and the latest state of each job is kept here (at most `buffer` jobs) and written
-once the store answers again: the status catches up.
+Writes go through `WriteBatches` (`_batches.py`): batched in store transactions, up to `LANES`
+in flight, and kept while the store is unreachable (claims are granted, the queue does not wait
+for it) until the status catches up.
 """
 
 from __future__ import annotations
@@ -26,6 +23,7 @@ from typing import Any
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import encode_body
+from ._batches import LANES, WriteBatches
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
 from ._status import JobState, Write
@@ -37,9 +35,6 @@ log = logging.getLogger("aio_workq.jobs")
 
 DEFERS_HEADER = "x-workq-defers"
 _ERROR_LIMIT = 1000
-_RETRY_FIRST, _RETRY_CAP = 0.5, 10.0
-LANES = 2
-"""Store transactions a recorder (or an enqueue's `GroupCommit`) has in flight at once."""
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
     "aio_workq_job", default=None
@@ -141,21 +136,9 @@ class Recorder(Hook):
 
     def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
         self.store = store
-        self._buffer = buffer
-        self._timeout = timeout
         self._jobs: dict[JobView, Running] = {}
         self._by_id: dict[str, Running] = {}
-        self._queued: list[tuple[Write, asyncio.Future[bool] | None]] = []
-        self._pending: dict[str, Write] = {}  # catch-up: the latest write per job
-        self._wake = asyncio.Event()
-        self._flusher: asyncio.Task[None] | None = None
-        self._lanes: set[asyncio.Task[Any]] = set()  # batches in flight
-        self._busy: set[str] = set()  # the jobs they hold
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self.down = False
-        self._backoff = _RETRY_FIRST
-        self._closed = False
+        self._batches = WriteBatches(store, buffer=buffer, timeout=timeout)
 
     # -- the task handler's side ------------------------------------------------------------
 
@@ -179,16 +162,7 @@ class Recorder(Hook):
         return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self.down:
-            self._keep(running.write(JobState.RUNNING))
-            future.set_result(True)
-        elif self._closed:
-            self._enqueue(running.write(JobState.RUNNING), None)
-            future.set_result(True)
-        else:
-            self._enqueue(running.write(JobState.RUNNING, claim=True), future)
-        return future
+        return self._batches.claim(running.write(JobState.RUNNING, claim=True))
 
     async def claim(self, running: Running) -> bool:
         """Whether the job may run: False if it was cancelled or already succeeded (the
@@ -249,176 +223,19 @@ class Recorder(Hook):
 
     # -- writing ----------------------------------------------------------------------------
 
+    @property
+    def down(self) -> bool:
+        """True while the store is unreachable (the jobs' states are kept, then caught up)."""
+        return self._batches.down
+
     def write(self, write: Write) -> None:
         """Record `write` soon (batched with others); never waits."""
-        if self.down:
-            self._keep(write)
-        else:
-            self._enqueue(write, None)
-
-    def _enqueue(self, write: Write, future: asyncio.Future[bool] | None) -> None:
-        self._queued.append((write, future))
-        self._kick()
-
-    def _kick(self) -> None:
-        self._idle.clear()
-        self._wake.set()
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush_loop())
-
-    def _keep(self, write: Write, *, older: bool = False) -> None:
-        """Keep `write` for the catch-up: the latest write of each job is kept (`older`: a
-        write made before the one kept, if any, which then stays)."""
-        pending = self._pending
-        if older and write.job_id in pending:
-            return
-        pending.pop(write.job_id, None)
-        pending[write.job_id] = write  # the latest last: the oldest go first when full
-        if len(pending) > self._buffer:
-            dropped = next(iter(pending))
-            del pending[dropped]
-            log.error(
-                "job store unreachable and %d job states waiting: job %s's state is dropped "
-                "(its status stays at what was recorded before)", self._buffer, dropped,
-            )  # fmt: skip
-        self._idle.clear()
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.ensure_future(self._flush_loop())
-        if not self.down:
-            self._wake.set()
-
-    async def _flush_loop(self) -> None:
-        """Start batches while there is room; while the store is down, retry what is kept in
-        one batch at a time, backing off."""
-        while True:
-            self._wake.clear()
-            if self.down:
-                if self._lanes:
-                    await self._wake.wait()  # the batches in flight settle first
-                    continue
-                if not await self._send():
-                    if self._closed:
-                        self._idle.set()
-                        return
-                    try:  # wait before trying again, unless close() hurries us
-                        async with asyncio.timeout(self._backoff):
-                            await self._wake.wait()
-                    except TimeoutError:
-                        pass
-                    self._backoff = min(self._backoff * 2, _RETRY_CAP)
-                continue
-            while len(self._lanes) < LANES and (self._queued or self._pending):
-                if not self._start():
-                    break  # what is left waits for its job's batch in flight
-            if not self._lanes and not self._queued and not self._pending:
-                self._idle.set()
-                if self._closed:
-                    return
-            await self._wake.wait()
-
-    def _start(self) -> bool:
-        """Start a batch of what is kept and queued, leaving out the jobs a batch in flight
-        holds (and so their later writes); False if there was nothing to send."""
-        busy = self._busy
-        caught_up = [w for job_id, w in self._pending.items() if job_id not in busy]
-        batch: list[tuple[Write, asyncio.Future[bool] | None]] = []
-        held: list[tuple[Write, asyncio.Future[bool] | None]] = []
-        for item in self._queued:
-            (held if item[0].job_id in busy else batch).append(item)
-        if not caught_up and not batch:
-            return False
-        self._queued = held
-        ids = {write.job_id for write in caught_up}
-        ids.update(write.job_id for write, _ in batch)
-        busy |= ids
-        self._lanes.add(asyncio.ensure_future(self._send(caught_up, batch, ids)))
-        return True
-
-    async def _send(
-        self,
-        caught_up: list[Write] | None = None,
-        batch: list[tuple[Write, asyncio.Future[bool] | None]] | None = None,
-        ids: set[str] | None = None,
-    ) -> bool:
-        """Record one batch (a lane's: the jobs `ids` are busy until it settles); False if
-        the store failed it (then it is kept for the catch-up, and the store counts as down).
-        Without arguments: everything kept and queued, the retry while the store is down."""
-        if caught_up is None:
-            caught_up = list(self._pending.values())
-        if batch is None:
-            batch, self._queued = self._queued, []
-        writes = caught_up + [write for write, _ in batch]
-        try:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    applied = await self.store.record(writes)
-            except Exception as exc:
-                self._store_down(exc, caught_up, batch)
-                return False
-            if self.down and ids is None:
-                log.warning("job store reachable again: %d job state(s) caught up", len(caught_up))
-                self.down = False
-                self._backoff = _RETRY_FIRST
-            for write in caught_up:
-                if self._pending.get(write.job_id) is write:
-                    del self._pending[write.job_id]
-            for (write, future), granted in zip(batch, applied[len(caught_up) :], strict=True):
-                if future is not None and not future.done():
-                    future.set_result(granted)
-                if write.claim and not granted:  # cancelled, or a cancel was requested
-                    self._enqueue(_cancelled(write), None)
-            return True
-        finally:
-            if ids is not None:
-                self._busy -= ids
-                task = asyncio.current_task()
-                if task is not None:
-                    self._lanes.discard(task)
-            self._wake.set()
-
-    def _store_down(
-        self, exc: Exception, caught_up: list[Write], batch: list[tuple[Write, Any]]
-    ) -> None:
-        if not self.down:
-            log.warning(
-                "job store %r unreachable (%s): jobs go on running, their states are kept "
-                "and recorded when it answers again", self.store, str(exc) or type(exc).__name__,
-            )  # fmt: skip
-        self.down = True
-        # What failed is older than what was kept since the store went down (kept: newer
-        # wins); the writes queued behind it are newer, and replace it.
-        held, self._queued = self._queued, []
-        for write in caught_up:
-            self._keep(write, older=True)
-        for items, older in ((batch, True), (held, False)):
-            for write, future in items:
-                if future is not None and not future.done():
-                    future.set_result(True)  # the job runs: the queue does not wait for it
-                self._keep(write if not write.claim else _plain(write), older=older)
+        self._batches.write(write)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Record what is pending, waiting at most `timeout` seconds; what is left then is
         logged as lost."""
-        self._closed = True
-        flusher = self._flusher
-        if flusher is None:
-            return
-        self._wake.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            pass
-        stuck = [task for task in (flusher, *self._lanes) if not task.done()]
-        for task in stuck:
-            task.cancel()
-        await asyncio.gather(*stuck, return_exceptions=True)
-        left = len(self._pending) + len(self._queued)
-        if left:
-            log.error(
-                "job store unreachable at shutdown: the states of %d job(s) were not recorded "
-                "(their status stays at what was recorded before)", left,
-            )  # fmt: skip
+        await self._batches.close(timeout)
 
 
 class GroupCommit:
@@ -473,17 +290,3 @@ class GroupCommit:
             else:
                 if not future.done():
                     future.set_result(None)
-
-
-def _plain(write: Write) -> Write:
-    return Write(
-        job_id=write.job_id, task=write.task, queue=write.queue, state=write.state,
-        at=write.at, attempt=write.attempt, defers=write.defers,
-    )  # fmt: skip
-
-
-def _cancelled(write: Write) -> Write:
-    return Write(
-        job_id=write.job_id, task=write.task, queue=write.queue, state=JobState.CANCELLED,
-        at=time.time(), attempt=write.attempt, defers=write.defers,
-    )  # fmt: skip
