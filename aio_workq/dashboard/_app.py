@@ -15,25 +15,20 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from aio_workq import (
-    PresenceWatcher,
-    Producer,
-    WorkerPresence,
-    WorkqError,
-    redact_url,
-)
+from aio_workq import Producer, redact_url
 from aio_workq._link.settings import resolve_url
-from aio_workq.admin.schedules import schedule_rows
-from aio_workq.schedules import GROUP, read_status
+from aio_workq.schedules import GROUP
 
 from ._actions import Actions, log
 from ._auth import Security
 from ._chart import Series, line_chart
-from ._data import Cached, QueueData, QueueSnapshot
+from ._data import QueueData, QueueSnapshot
 from ._dead_letter_pages import DeadLetterPages
 from ._http import Request, Response
 from ._job_pages import JobPages
-from ._site import PageError, Site, cookie, duration
+from ._schedule_pages import SchedulePages
+from ._site import PageError, Site, cookie
+from ._worker_pages import WorkerPages
 
 __all__ = ("Dashboard",)
 
@@ -42,7 +37,6 @@ _STATIC = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 _REFRESH = 3
-_SCHEDULES_TTL = 10.0
 
 
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
@@ -78,24 +72,18 @@ class Dashboard:
     ) -> None:
         self._url = resolve_url(url)
         self._security = security or Security()
-        self._store = store
-        self._group = schedules_group
         self._refresh = max(2.0, min(float(refresh), 5.0))
         self.queues = QueueData(
             url=self._url, management_url=management_url, names=queues, ttl=self._refresh - 0.5
         )
-        # the schedules change once per tick: read (a connection each time) every 10 s at most
-        self._schedules: Cached[Any] = Cached(self._read_schedules, ttl=_SCHEDULES_TTL)
-        self.queues.also_watch(self._known_queues)
-        self.queues.count_handled(self._handled)
-        self._last_schedules: Any = None
         self._producer: Producer | None = None
         self._producer_lock = asyncio.Lock()
-        self._watcher: PresenceWatcher | None = None
-        self._watcher_error: str | None = None
-        self._watcher_lock = asyncio.Lock()
         self.actions = Actions()
         self._site = Site(security=self._security, refresh=self._refresh)
+        self._workers = WorkerPages(site=self._site, url=self._url)
+        self._schedules = SchedulePages(site=self._site, url=self._url, group=schedules_group)
+        self.queues.also_watch(self._known_queues)
+        self.queues.count_handled(self._workers.handled)
         self._dead_letters = DeadLetterPages(
             site=self._site,
             snapshot=self._snapshot,
@@ -104,11 +92,12 @@ class Dashboard:
         )
         self._jobs = JobPages(site=self._site, store=store, producer=self._get_producer)
         dead, jobs = self._dead_letters, self._jobs
+        workers, schedules = self._workers, self._schedules
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = [
             ("GET", re.compile(r"/"), self._overview),
             ("GET", re.compile(r"/fragments/queues"), self._queues_fragment),
-            ("GET", re.compile(r"/workers"), self._workers),
-            ("GET", re.compile(r"/fragments/workers"), self._workers_fragment),
+            ("GET", re.compile(r"/workers"), workers.index),
+            ("GET", re.compile(r"/fragments/workers"), workers.fragment),
             ("GET", re.compile(r"/dead-letters"), dead.index),
             ("GET", re.compile(r"/fragments/dead-letters"), dead.index_fragment),
             ("GET", re.compile(r"/dead-letters/(?P<queue>[^/]+)"), dead.listing),
@@ -127,8 +116,8 @@ class Dashboard:
             ("GET", re.compile(r"/jobs"), jobs.index),
             ("GET", re.compile(r"/jobs/(?P<id>[^/]+)"), jobs.show),
             ("POST", re.compile(r"/jobs/(?P<id>[^/]+)/cancel"), jobs.cancel),
-            ("GET", re.compile(r"/schedules"), self._schedules_page),
-            ("GET", re.compile(r"/fragments/schedules"), self._schedules_fragment),
+            ("GET", re.compile(r"/schedules"), schedules.index),
+            ("GET", re.compile(r"/fragments/schedules"), schedules.fragment),
             ("GET", re.compile(r"/login"), self._login_form),
             ("POST", re.compile(r"/login"), self._login),
             ("POST", re.compile(r"/logout"), self._logout),
@@ -149,32 +138,9 @@ class Dashboard:
                 self._producer = producer
             return self._producer
 
-    async def _presence(self) -> PresenceWatcher | None:
-        """The watcher of the workers' beats, opened on first use (None while it can't be)."""
-        async with self._watcher_lock:
-            if self._watcher is None:
-                watcher = PresenceWatcher(self._url)
-                try:
-                    await watcher.open()
-                except WorkqError as exc:
-                    self._watcher_error = str(exc)
-                    return None
-                self._watcher, self._watcher_error = watcher, None
-            return self._watcher
-
-    def _workers_seen(self) -> list[WorkerPresence]:
-        return [] if self._watcher is None else self._watcher.workers()
-
     def _known_queues(self) -> list[str]:
-        named = [queue for worker in self._workers_seen() for queue in worker.beat.queues]
-        return [*self._schedule_queues(), *named]
-
-    def _handled(self) -> int | None:
-        """The live workers' handled count (their own counters), for a rate without the
-        management API."""
-        if self._watcher is None:
-            return None
-        return sum(w.beat.handled for w in self._watcher.workers() if w.alive)
+        named = [queue for worker in self._workers.seen() for queue in worker.beat.queues]
+        return [*self._schedules.queues(), *named]
 
     async def _snapshot(self) -> QueueSnapshot:
         return await self.queues.snapshot()
@@ -183,9 +149,7 @@ class Dashboard:
         """Stop the actions under way and close the broker connections (those opened)."""
         await self.actions.close()
         await self.queues.close()
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            await watcher.close()
+        await self._workers.close()
         if self._producer is not None:
             await self._producer.close()
             self._producer = None
@@ -218,12 +182,11 @@ class Dashboard:
                 "the dashboard could not build this page; the details are in its log",
             )  # fmt: skip
 
-    # -- rendering -----------------------------------------------------------------------------
-
     # -- overview ------------------------------------------------------------------------------
 
     async def _overview_context(self) -> dict[str, Any]:
-        await self._presence()  # the workers' queues and counters, without the management API
+        # the workers' queues and counters, without the management API
+        await self._workers.presence()
         snap = await self.queues.snapshot()
         now = time.time()
         history = list(self.queues.history)
@@ -254,65 +217,6 @@ class Dashboard:
 
     async def _queues_fragment(self, request: Request, match: dict[str, str]) -> Response:
         return self._site.render(request, "_queues.html", **await self._overview_context())
-
-    # -- workers -------------------------------------------------------------------------------
-
-    async def _workers_context(self) -> dict[str, Any]:
-        watcher = await self._presence()
-        found = [] if watcher is None else watcher.workers()
-        now = time.time()
-        rows = [
-            {
-                "id": w.beat.id, "host": w.beat.host, "pid": w.beat.pid,
-                "queues": ", ".join(w.beat.queues), "concurrency": w.beat.concurrency,
-                "in_flight": w.beat.in_flight, "handled": w.beat.handled,
-                "failed": w.beat.failed, "uptime": duration(w.uptime),
-                "version": w.beat.version, "alive": w.alive,
-                "seen": duration(now - w.last_seen),
-            }
-            for w in found
-        ]  # fmt: skip
-        return {
-            "rows": rows,
-            "alive": sum(1 for row in rows if row["alive"]),
-            "error": self._watcher_error if watcher is None else None,
-        }
-
-    async def _workers(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "workers.html", **await self._workers_context())
-
-    async def _workers_fragment(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "_workers.html", **await self._workers_context())
-
-    # -- dead letters --------------------------------------------------------------------------
-
-    # -- jobs ----------------------------------------------------------------------------------
-
-    # -- schedules -----------------------------------------------------------------------------
-
-    async def _read_schedules(self) -> Any:
-        try:
-            state = await read_status(self._url, group=self._group)
-        except WorkqError as exc:
-            return exc
-        self._last_schedules = state
-        return state
-
-    def _schedule_queues(self) -> list[str]:
-        state = self._last_schedules
-        return [] if state is None else [row["queue"] for row in schedule_rows(state)]
-
-    async def _schedules_context(self) -> dict[str, Any]:
-        state = await self._schedules.get()
-        error = str(state) if isinstance(state, Exception) else None
-        state = None if error else state
-        return {"state": state, "rows": schedule_rows(state), "error": error, "group": self._group}
-
-    async def _schedules_page(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "schedules.html", **await self._schedules_context())
-
-    async def _schedules_fragment(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "_schedules.html", **await self._schedules_context())
 
     # -- sign in -------------------------------------------------------------------------------
 

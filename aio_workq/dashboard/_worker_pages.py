@@ -1,0 +1,83 @@
+"""The workers page: the live workers' beats, read by a `PresenceWatcher` opened on first use
+(the overview reads its queues and counters too, without the management API)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aio_workq import PresenceWatcher, WorkerPresence, WorkqError
+
+from ._http import Request, Response
+from ._site import Site, duration
+
+__all__ = ("WorkerPages",)
+
+
+class WorkerPages:
+    """The workers page's handlers, and the watcher of the workers' beats they read."""
+
+    def __init__(self, *, site: Site, url: str) -> None:
+        self._site = site
+        self._url = url
+        self._watcher: PresenceWatcher | None = None
+        self._watcher_error: str | None = None
+        self._watcher_lock = asyncio.Lock()
+
+    async def presence(self) -> PresenceWatcher | None:
+        """The watcher of the workers' beats, opened on first use (None while it can't be)."""
+        async with self._watcher_lock:
+            if self._watcher is None:
+                watcher = PresenceWatcher(self._url)
+                try:
+                    await watcher.open()
+                except WorkqError as exc:
+                    self._watcher_error = str(exc)
+                    return None
+                self._watcher, self._watcher_error = watcher, None
+            return self._watcher
+
+    def seen(self) -> list[WorkerPresence]:
+        """The workers the watcher has seen (none before it is open)."""
+        return [] if self._watcher is None else self._watcher.workers()
+
+    def handled(self) -> int | None:
+        """The live workers' handled count (their own counters), for a rate without the
+        management API."""
+        if self._watcher is None:
+            return None
+        return sum(w.beat.handled for w in self._watcher.workers() if w.alive)
+
+    async def close(self) -> None:
+        """Close the watcher, if it was opened."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await watcher.close()
+
+    async def _context(self) -> dict[str, Any]:
+        watcher = await self.presence()
+        found = [] if watcher is None else watcher.workers()
+        now = time.time()
+        rows = [
+            {
+                "id": w.beat.id, "host": w.beat.host, "pid": w.beat.pid,
+                "queues": ", ".join(w.beat.queues), "concurrency": w.beat.concurrency,
+                "in_flight": w.beat.in_flight, "handled": w.beat.handled,
+                "failed": w.beat.failed, "uptime": duration(w.uptime),
+                "version": w.beat.version, "alive": w.alive,
+                "seen": duration(now - w.last_seen),
+            }
+            for w in found
+        ]  # fmt: skip
+        return {
+            "rows": rows,
+            "alive": sum(1 for row in rows if row["alive"]),
+            "error": self._watcher_error if watcher is None else None,
+        }
+
+    async def index(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "workers.html", **await self._context())
+
+    async def fragment(self, request: Request, match: dict[str, str]) -> Response:
+        return self._site.render(request, "_workers.html", **await self._context())
