@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -146,23 +146,10 @@ class Worker:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
         self._hooks = Hooks.of(hooks)
-        prefetch = _check_settings(concurrency, prefetch, shutdown_timeout)
-        if max_defers is not None and (
-            isinstance(max_defers, bool) or not isinstance(max_defers, int) or max_defers < 0
-        ):
-            raise ConfigurationError(
-                f"max_defers must be a whole number >= 0, or None for no limit; got {max_defers!r}"
-            )
+        prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
         self._max_defers = max_defers
-        if not isinstance(presence, bool):
-            raise ConfigurationError(f"presence must be True or False, got {presence!r}")
-        interval = check_interval(presence_interval)
-        self._presence_interval = interval if presence else None
-        self._beacon: Beacon | None = None
-        if isinstance(binding_keys, str):
-            raise ConfigurationError("binding_keys must be a list of keys, not one string")
-        if (binding_keys or binding_arguments) and exchange is None:
-            raise ConfigurationError("binding_keys and binding_arguments need an exchange=")
+        self._presence = _Presence(presence, presence_interval)
+        _check_bindings(exchange, binding_keys, binding_arguments)
         self._queue = _queue_spec(queue, queue_type)
         self._queue_type = self._queue.type
         name_part = self._queue.name or "subscriber"
@@ -288,9 +275,9 @@ class Worker:
         if self._stopping:  # stop() ran while we were starting: undo what we opened
             await self._teardown()
             return
+        source, dispatcher = self._source, self._dispatcher
+        assert source is not None and dispatcher is not None
         if self._runner.is_async:
-            dispatcher = self._dispatcher
-            assert dispatcher is not None
             self._watchdog = asyncio.ensure_future(
                 self._runner.watch_loop(
                     lambda: len(dispatcher.tasks),
@@ -298,9 +285,16 @@ class Worker:
                     f"worker {self.queue_name!r}",
                 )
             )
-        if self._presence_interval is not None:
-            self._beacon = self._make_beacon(self._presence_interval)
-            self._beacon.start()
+        # The beats' own connection (see `Beacon`); a robust aio-pika connection is shared.
+        own = self._connection if self._connection is not None else self._shared
+        self._presence.start(
+            source,
+            dispatcher,
+            own if isinstance(own, Connection) else None,
+            name=self._name,
+            concurrency=self._concurrency,
+            queue_name=lambda: self.queue_name,
+        )
         log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
 
     async def _open(self, wait_for_broker: float | None) -> None:
@@ -345,34 +339,6 @@ class Worker:
         )
         await self._subscription.start(self._connect_timeout)
 
-    def _make_beacon(self, interval: float) -> Beacon:
-        """The worker's presence beats, reading the counters it keeps anyway (nothing is added
-        to the handling of a message)."""
-        source, dispatcher = self._source, self._dispatcher
-        assert source is not None and dispatcher is not None
-        counters, tasks = dispatcher.counters, dispatcher.tasks
-
-        def activity() -> Activity:
-            handled = counters.processed + counters.failed
-            return Activity((self.queue_name,), len(tasks), handled, counters.failed)
-
-        # The beats' own connection (see `Beacon`); on a robust aio-pika connection given to the
-        # worker, the beats share it.
-        own = self._connection if self._connection is not None else self._shared
-        side = (
-            SideLink.acquire(own, name=f"{self._name} presence")
-            if isinstance(own, Connection)
-            else None
-        )
-        return Beacon(
-            source,
-            side=side,
-            interval=interval,
-            concurrency=self._concurrency,
-            activity=activity,
-            what=f"worker {self.queue_name!r}",
-        )
-
     async def stop(self, timeout: float | None = None) -> None:
         """Stop consuming, let running handlers finish, and close.
 
@@ -410,9 +376,8 @@ class Worker:
 
     async def _teardown(self) -> None:
         """Close what this worker opened; safe to call more than once."""
-        beacon, self._beacon = self._beacon, None
         # The goodbye, once the handlers are done (bounded: ~1 s), beside the closes below.
-        goodbye = asyncio.ensure_future(beacon.close(goodbye=True)) if beacon else None
+        goodbye = self._presence.goodbye()
         try:
             watchdog, self._watchdog = self._watchdog, None
             if watchdog is not None:
@@ -431,7 +396,62 @@ class Worker:
             await self._connection.close()
 
 
-def _check_settings(concurrency: int, prefetch: int | None, shutdown_timeout: float) -> int:
+class _Presence:
+    """A worker's presence beats: the options, then a `Beacon` from `start()` to `goodbye()`.
+
+    The beats read the counters the dispatcher keeps anyway: nothing is added to the handling
+    of a message.
+
+    Raises:
+        ConfigurationError: `presence` is not a bool, or a bad `interval`.
+    """
+
+    def __init__(self, presence: bool, interval: float) -> None:
+        if not isinstance(presence, bool):
+            raise ConfigurationError(f"presence must be True or False, got {presence!r}")
+        interval = check_interval(interval)
+        self._interval = interval if presence else None
+        self._beacon: Beacon | None = None
+
+    def start(
+        self,
+        source: LinkSource,
+        dispatcher: Dispatcher,
+        own: Connection | None,
+        *,
+        name: str,
+        concurrency: int,
+        queue_name: Callable[[], str],
+    ) -> None:
+        """Start beating (unless presence is off); on a side link of `own`, else on `source`."""
+        if self._interval is None:
+            return
+        counters, tasks = dispatcher.counters, dispatcher.tasks
+
+        def activity() -> Activity:
+            handled = counters.processed + counters.failed
+            return Activity((queue_name(),), len(tasks), handled, counters.failed)
+
+        side = SideLink.acquire(own, name=f"{name} presence") if own is not None else None
+        self._beacon = Beacon(
+            source,
+            side=side,
+            interval=self._interval,
+            concurrency=concurrency,
+            activity=activity,
+            what=f"worker {queue_name()!r}",
+        )
+        self._beacon.start()
+
+    def goodbye(self) -> asyncio.Future[None] | None:
+        """Stop beating: the goodbye beat and the close, running (None if never started)."""
+        beacon, self._beacon = self._beacon, None
+        return asyncio.ensure_future(beacon.close(goodbye=True)) if beacon else None
+
+
+def _check_settings(
+    concurrency: int, prefetch: int | None, shutdown_timeout: float, max_defers: int | None
+) -> int:
     """Validate the numbers; returns the prefetch (default: `concurrency`)."""
     if concurrency < 1:
         raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
@@ -441,7 +461,25 @@ def _check_settings(concurrency: int, prefetch: int | None, shutdown_timeout: fl
             f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
         )
     check_seconds("shutdown_timeout", shutdown_timeout, zero=True)
+    if max_defers is not None and (
+        isinstance(max_defers, bool) or not isinstance(max_defers, int) or max_defers < 0
+    ):
+        raise ConfigurationError(
+            f"max_defers must be a whole number >= 0, or None for no limit; got {max_defers!r}"
+        )
     return prefetch
+
+
+def _check_bindings(
+    exchange: str | Exchange | None,
+    binding_keys: Sequence[str],
+    binding_arguments: Mapping[str, Any] | None,
+) -> None:
+    """Bindings need an exchange, and keys come as a list."""
+    if isinstance(binding_keys, str):
+        raise ConfigurationError("binding_keys must be a list of keys, not one string")
+    if (binding_keys or binding_arguments) and exchange is None:
+        raise ConfigurationError("binding_keys and binding_arguments need an exchange=")
 
 
 def _queue_spec(queue: str | Queue, queue_type: QueueType | str | None) -> Queue:

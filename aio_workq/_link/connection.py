@@ -144,22 +144,10 @@ class Connection:
         hooks: Iterable[Hook] | Hooks | None = None,
         wait_for_broker: float = 0.0,
     ) -> None:
-        check_seconds("connect_timeout", connect_timeout)
-        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise ConfigurationError(
-                f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
-            )
-        self._urls = resolve_urls(url)
-        if ssl_context is not None and not all(u.startswith("amqps://") for u in self._urls):
-            plain = next(u for u in self._urls if not u.startswith("amqps://"))
-            raise ConfigurationError(
-                f"ssl_context= is given but {redact_url(plain)!r} is not an amqps:// URL: it "
-                "would connect in plain text; use amqps://"
-            )
-        self._next = random.randrange(len(self._urls))
-        self._ssl_context = ssl_context
-        self._name = name
-        self._connect_timeout = connect_timeout
+        self._dialer = _Dialer(
+            url, ssl_context=ssl_context, name=name, connect_timeout=connect_timeout
+        )
+        self._urls = self._dialer.urls
         self._backoff = backoff
         self._fast_path = fast_path_default() if fast_path is None else fast_path
         self._current: Link | None = None
@@ -242,7 +230,7 @@ class Connection:
             left = deadline - loop.time()
             if left <= 0 or self._closed:
                 raise last
-            self._log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
+            _log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(self._backoff.delay(failed_rounds), left)):
                     await self._closing.wait()  # close() ends the wait at once
@@ -256,7 +244,7 @@ class Connection:
         """
         last: BrokerConnectionError | None = None
         url = ""
-        for url in self._rotation():
+        for url in self._dialer.rotation():
             if self._closed:
                 raise BrokerConnectionError("the connection was closed while it was being opened")
             try:
@@ -268,7 +256,7 @@ class Connection:
                 if self._closed:
                     raise
                 if len(self._urls) > 1:  # the last one is raised or logged by open()
-                    self._log_failure(url, exc, "trying the next URL")
+                    _log_failure(url, exc, "trying the next URL")
                 continue
             return None, url
         assert last is not None
@@ -345,7 +333,7 @@ class Connection:
     def sibling_key(self) -> tuple[object, ...]:
         """What `sibling()` copies that decides where and how it connects (the URLs and the TLS
         context): connections with equal keys may share one sibling."""
-        return (tuple(self._urls), self._ssl_context)
+        return (tuple(self._urls), self._dialer.ssl_context)
 
     def sibling(self, *, name: str | None = None) -> Connection:
         """A new connection, not opened, to the same brokers with the same TLS context, timeout
@@ -354,30 +342,17 @@ class Connection:
         gets a connection blocked, its acks unread)."""
         return Connection(
             self._urls,
-            ssl_context=self._ssl_context,
+            ssl_context=self._dialer.ssl_context,
             name=name,
-            connect_timeout=self._connect_timeout,
+            connect_timeout=self._dialer.connect_timeout,
             backoff=self._backoff,
             fast_path=False,
         )
 
     # -- attempts ----------------------------------------------------------------------------
 
-    def _rotation(self) -> Iterator[str]:
-        """Every URL once, starting after the last one tried."""
-        for _ in range(len(self._urls)):
-            url = self._urls[self._next]
-            self._next = (self._next + 1) % len(self._urls)
-            yield url
-
     async def _attempt(self, url: str) -> None:
-        connection, socket, wire = await dial(
-            url,
-            ssl_context=self._ssl_context,
-            name=self._name,
-            connect_timeout=self._connect_timeout,
-            fast_path=self._fast_path,
-        )
+        connection, socket, wire = await self._dialer.dial(url, self._fast_path)
         if self._closed:  # close() ran while this attempt was under way
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -419,20 +394,79 @@ class Connection:
                 await asyncio.sleep(self._backoff.delay(failed_rounds))
 
     async def _reconnect_round(self) -> bool:
-        urls = list(self._rotation())
+        urls = list(self._dialer.rotation())
         for index, url in enumerate(urls):
             try:
                 await self._attempt(url)
             except BrokerConnectionError as exc:
                 last = index == len(urls) - 1
-                self._log_failure(url, exc, "after a pause" if last else "trying the next URL")
+                _log_failure(url, exc, "after a pause" if last else "trying the next URL")
                 continue
             return True
         return False
 
-    def _log_failure(self, url: str, exc: BaseException, then: str | None) -> None:
-        suffix = f"; {then}" if then else ""
-        log.warning("connecting to %s failed: %s%s", redact_url(url), exc, suffix)
+
+class _Dialer:
+    """Where and how a `Connection` connects: its URLs, tried in a rotation that starts at
+    random (a fleet spreads over a cluster), and the TLS context, name and timeout of each
+    attempt.
+
+    Raises:
+        ConfigurationError: a bad URL, timeout or TLS context, or TLS with a plain URL.
+    """
+
+    def __init__(
+        self,
+        url: URLs | None,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        name: str | None,
+        connect_timeout: float,
+    ) -> None:
+        check_seconds("connect_timeout", connect_timeout)
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigurationError(
+                f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
+            )
+        self.urls = resolve_urls(url)
+        if ssl_context is not None and not all(u.startswith("amqps://") for u in self.urls):
+            plain = next(u for u in self.urls if not u.startswith("amqps://"))
+            raise ConfigurationError(
+                f"ssl_context= is given but {redact_url(plain)!r} is not an amqps:// URL: it "
+                "would connect in plain text; use amqps://"
+            )
+        self._next = random.randrange(len(self.urls))
+        self.ssl_context = ssl_context
+        self.name = name
+        self.connect_timeout = connect_timeout
+
+    def rotation(self) -> Iterator[str]:
+        """Every URL once, starting after the last one tried."""
+        for _ in range(len(self.urls)):
+            url = self.urls[self._next]
+            self._next = (self._next + 1) % len(self.urls)
+            yield url
+
+    async def dial(
+        self, url: str, fast_path: bool
+    ) -> tuple[aiormq.Connection, SocketFactory, Wire | None]:
+        """One attempt to `url` (see `dial`).
+
+        Raises:
+            BrokerConnectionError: no answer within `connect_timeout`, or the broker refused.
+        """
+        return await dial(
+            url,
+            ssl_context=self.ssl_context,
+            name=self.name,
+            connect_timeout=self.connect_timeout,
+            fast_path=fast_path,
+        )
+
+
+def _log_failure(url: str, exc: BaseException, then: str | None) -> None:
+    suffix = f"; {then}" if then else ""
+    log.warning("connecting to %s failed: %s%s", redact_url(url), exc, suffix)
 
 
 async def dial(
