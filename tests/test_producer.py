@@ -270,6 +270,11 @@ async def test_connection_closed_with_messages_in_flight_settles_every_future(
         # dies (kill -9); it comes back without the alarm.
         local_broker.ctl("set_vm_memory_high_watermark", "0")
         confirms = [await producer.send(b"x" * 100, queue=queue) for _ in range(1000)]
+        # The queue's record must outlive the kill -9: Mnesia's transaction log (disk_log)
+        # keeps a write cache in the broker's memory, and a declaration it still held was lost
+        # (after the restart every re-sent message came back unroutable). This tests the
+        # client, so the broker's metadata is put on disk first.
+        local_broker.ctl("eval", "mnesia:dump_log().")
         local_broker.kill()
         await wait_until(lambda: _true(not producer.connected))
         local_broker.start()
