@@ -36,7 +36,7 @@ from .._exceptions import (
     TLSError,
 )
 from .._hooks import Hook, Hooks
-from .._wire.seams import Wire, WireFactory
+from .._wire.seams import BrokerConnection, Wire, WireFactory
 from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
 from .settings import URLs, check_seconds, redact_url, resolve_urls
@@ -485,7 +485,7 @@ async def dial(
     """
     factory = WireFactory() if fast_path else None
     socket = SocketFactory(factory)
-    connection = aiormq.Connection(URL(url), context=ssl_context, transport_factory=socket)
+    connection = BrokerConnection(URL(url), context=ssl_context, transport_factory=socket)
     properties: dict[str, Any] = {"connection_name": name} if name else {}
     with quiet.connecting():
         try:

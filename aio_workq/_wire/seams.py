@@ -67,6 +67,19 @@ against the newest releases):
     writes it) in the same step as that first step: no publish follows a Close-Ok
     (`tests/test_topology_faults.py::test_a_deleted_exchange_fails_only_its_own_publishes`,
     plain path, which counts connection losses).
+11. aiormq answers the broker's `Channel.Close` with a `Channel.CloseOk` put on the
+    connection's write queue with `put_nowait()`, dropping it when the queue is full, and
+    frees the channel's number at once: with many channels closed by the broker at once (20
+    checks of a missing exchange), a `Channel.CloseOk` was dropped, the broker kept the number
+    waiting for it, and the next channel aiormq opened on that number closed the whole
+    connection (504 "second 'channel.open' seen"). aiormq sizes that queue from its
+    `Connection.FRAME_BUFFER_SIZE` class attribute when a connection is made, so aio-workq's
+    connections are an `aiormq.Connection` subclass, `BrokerConnection`, whose queue has no
+    bound: no frame of aiormq's is dropped. Every writer into it is bounded elsewhere: a publish
+    holds its channel's lock until its frames are written, an RPC waits for its reply, acks and
+    rejects are at most the deliveries the prefetch lets in, heartbeats come once an interval
+    (`tests/test_channel_closes.py`, both paths). A connection made by aio-pika (`connection=`
+    an aio-pika connection) keeps aiormq's bounded queue.
 """
 
 from __future__ import annotations
@@ -87,6 +100,7 @@ from .writer import FrameWriter
 
 __all__ = (
     "ALIVE_FRAME",
+    "BrokerConnection",
     "Wire",
     "WireFactory",
     "await_written",
@@ -107,6 +121,13 @@ class Wire:
     def __init__(self, demux: FrameDemux, writer: FrameWriter) -> None:
         self.demux = demux
         self.writer = writer
+
+
+class BrokerConnection(aiormq.Connection):
+    """aiormq's connection, with a write queue of no bound: aiormq drops a `Channel.CloseOk`
+    it cannot queue at once (reliance 11)."""
+
+    FRAME_BUFFER_SIZE = 0  # asyncio.Queue(maxsize=0): no bound
 
 
 class WireFactory(TransportFactory):
