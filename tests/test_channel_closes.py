@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 
+import aio_pika
 import aiormq
 import pytest
 
 import aio_workq
-from aio_workq import Hook, Producer, TopologyError
+from aio_workq import Exchange, Hook, Producer, TopologyError
+from aio_workq._link import declare as declare_module
+from aio_workq._link import router as router_module
 
 pytestmark = pytest.mark.broker
 
@@ -79,3 +82,42 @@ async def test_publishes_to_a_missing_exchange_at_once_keep_the_connection(
                 assert isinstance(await producer.publish("after", queue=queue_name), str)
         assert losses.lost == [], f"the connection was lost: {losses.lost}"
         assert conn.reconnects == 0
+
+
+async def test_concurrent_first_publishes_to_an_exchange_check_it_once(
+    amqp_url: str, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 20 first publishes to one exchange share one check (one channel), whether it exists or
+    # not: not 20 channels, each closed by the broker with a 404 when it is missing.
+    checks: list[str] = []
+    real = declare_module.declare_exchange
+
+    async def counted(channel: aiormq.abc.AbstractChannel, exchange: Exchange) -> None:
+        checks.append(exchange.name)
+        await real(channel, exchange)
+
+    monkeypatch.setattr(router_module, "declare_exchange", counted)
+    admin = await aio_pika.connect(amqp_url)
+    async with admin, Producer(amqp_url) as producer:
+        missing = f"{queue_name}-missing"
+        async with asyncio.timeout(60):
+            outcomes = await asyncio.gather(
+                *(producer.publish(i, exchange=missing, routing_key="k") for i in range(20)),
+                return_exceptions=True,
+            )
+        assert all(isinstance(r, TopologyError) for r in outcomes), outcomes
+        assert checks == [missing]
+
+        channel = await admin.channel()
+        present = await channel.declare_exchange(f"{queue_name}-x", "direct", auto_delete=True)
+        bound = await channel.declare_queue(f"{queue_name}-bound", auto_delete=True)
+        await bound.bind(present, routing_key="k")
+        async with asyncio.timeout(60):
+            outcomes = await asyncio.gather(
+                *(producer.publish(i, exchange=present.name, routing_key="k") for i in range(20)),
+                return_exceptions=True,
+            )
+        assert all(isinstance(r, str) for r in outcomes), outcomes
+        assert checks == [missing, present.name]
+        await bound.delete(if_unused=False, if_empty=False)
+        await present.delete()

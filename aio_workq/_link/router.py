@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiormq
 
@@ -51,9 +51,11 @@ class Router:
         self._check_only = declare == "never"
         self._queues: dict[str, Queue] = {}
         self._exchanges: set[str] = set()
-        # One declaration in flight per queue: concurrent first publishes share it (re-declaring
-        # a quorum queue while messages arrive for it makes the broker nack some of them).
-        self._declaring: dict[tuple[str, tuple[int, ...]], tuple[Queue, asyncio.Future[str]]] = {}
+        # One declaration or check in flight per queue or exchange: concurrent first publishes
+        # share it (re-declaring a quorum queue while messages arrive for it makes the broker
+        # nack some of them; 20 publishes to a missing exchange would open 20 channels, each
+        # closed by the broker with a 404).
+        self._pending: dict[object, tuple[object, asyncio.Future[Any]]] = {}
         self._ladder: DelayLadder | None = None
 
     @property
@@ -130,7 +132,11 @@ class Router:
         if isinstance(exchange, Exchange):
             if exchange.name not in self._exchanges:
                 if self._check_only:
-                    await self._on_raw_channel(lambda ch: check_exchange(ch, exchange.name))
+                    await self._shared(
+                        ("check", exchange.name),
+                        None,
+                        lambda: self._on_raw_channel(lambda ch: check_exchange(ch, exchange.name)),
+                    )
                     self._exchanges.add(exchange.name)
                 else:
                     await self._declare_exchange(exchange)
@@ -152,34 +158,49 @@ class Router:
             TopologyError: the queue exists with other arguments (or not at all, if passive).
             BrokerConnectionError: the connection is down.
         """
-        key = (spec.name, delays_ms)
-        while not spec.server_named:
-            pending = self._declaring.get(key)
+        if spec.server_named:  # a new queue each time: nothing to share
+            return await self._on_raw_channel(
+                lambda channel: declare_queue(channel, spec, delays_ms=delays_ms)
+            )
+        name: str = await self._shared(
+            ("queue", spec.name, delays_ms),
+            spec,
+            lambda: self._on_raw_channel(
+                lambda channel: declare_queue(channel, spec, delays_ms=delays_ms)
+            ),
+        )
+        self._queues[spec.name] = spec
+        return name
+
+    async def _shared(self, key: object, spec: object, run: Callable[[], Awaitable[T]]) -> T:
+        """`run()`, or the result of the one already in flight for `key` with an equal `spec`.
+
+        A caller cancelled while running it (its own timeout) leaves the waiters to run it
+        themselves: they do not inherit its cancellation.
+        """
+        while True:
+            pending = self._pending.get(key)
             if pending is None or pending[0] != spec:
                 break
             try:
-                return await asyncio.shield(pending[1])
+                result: T = await asyncio.shield(pending[1])
             except _Abandoned:
-                continue  # its caller was cancelled (its own timeout): declare it ourselves
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        if not spec.server_named:
-            self._declaring[key] = (spec, future)
+                continue  # its caller was cancelled: run it ourselves
+            return result
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[key] = (spec, future)
         try:
-            name = await self._on_raw_channel(
-                lambda channel: declare_queue(channel, spec, delays_ms=delays_ms)
-            )
+            result = await run()
         except BaseException as exc:
             future.set_exception(exc if isinstance(exc, Exception) else _Abandoned())
             future.exception()  # retrieved here; waiters get it too
             raise
         else:
-            future.set_result(name)
+            future.set_result(result)
         finally:
-            if key in self._declaring and self._declaring[key][1] is future:
-                del self._declaring[key]
-        if not spec.server_named:
-            self._queues[spec.name] = spec
-        return name
+            if key in self._pending and self._pending[key][1] is future:
+                del self._pending[key]
+        return result
 
     def forget_exchange(self, name: str) -> None:
         """`name` was found missing (a publish to it closed the channel): check or declare it
@@ -187,7 +208,11 @@ class Router:
         self._exchanges.discard(name)
 
     async def _declare_exchange(self, exchange: Exchange) -> None:
-        await self._on_raw_channel(lambda channel: declare_exchange(channel, exchange))
+        await self._shared(
+            ("exchange", exchange.name),
+            exchange,
+            lambda: self._on_raw_channel(lambda channel: declare_exchange(channel, exchange)),
+        )
         self._exchanges.add(exchange.name)
 
     async def _on_raw_channel(
