@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.runner import BASELINE, OURS, REPO_ROOT, Launcher, Record
+from bench.runner import BASELINE, OURS, PAIR, REPO_ROOT, Launcher, Record
 
 REFERENCE_FILE = REPO_ROOT / "bench" / "REFERENCE"
 CACHE = REPO_ROOT / ".bench-ref"
@@ -299,7 +299,7 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
     verdict: PASS, REGRESSION (working / reference < FLOOR) or ERROR (a side has no
     successful run). `ceiling`: the best median rate of any system in the run (`ceiling_system`),
     and `*_share` each side's rate over it: one process's share of the broker's ceiling (#22;
-    every system here runs one process).
+    `PAIR`, aio-workq in two processes, runs for that ceiling).
     """
     keys: list[tuple[str, str]] = []
     for r in records:
@@ -388,8 +388,8 @@ def table(rows: Sequence[Row], ref: Reference, plan: dict[str, Any]) -> str:
     out += [
         "",
         "Share of the ceiling: each side's rate over the best median rate any system reached in "
-        "this run on that row (one process each; the ceiling with two processes is measured by "
-        "`python -m bench.processes`, not here).",
+        f"this run on that row, aio-workq in two processes on the one queue (`{PAIR}`) included "
+        "(every other system runs one process).",
     ]
     return "\n".join(out) + "\n"
 

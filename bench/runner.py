@@ -24,7 +24,7 @@ from typing import Any
 
 import aiormq
 
-from bench.systems._common import GO, READY, WORKLOADS
+from bench.systems._common import GO, READY, STOP, WORKLOADS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SYSTEMS = (
@@ -40,6 +40,8 @@ SYSTEMS = (
 )
 BASELINE = "aiormq_raw"
 OURS = "aio_workq"
+PAIR = f"{OURS}.x2"
+"""aio-workq in two processes on one queue: with the others, the broker's ceiling (#22)."""
 
 READY_TIMEOUT = 120.0
 EXIT_TIMEOUT = 60.0
@@ -129,19 +131,31 @@ class Run:
     """How to start the system's process (default: `Launcher.default(system)`)."""
     queue: str = field(init=False)
 
+    @property
+    def processes(self) -> int:
+        """`NAME.xK` runs K processes of system NAME on the one queue, N/K messages each."""
+        _, sep, count = self.system.rpartition(".x")
+        return int(count) if sep and count.isdigit() else 1
+
+    @property
+    def base_system(self) -> str:
+        return self.system.rpartition(".x")[0] if self.processes > 1 else self.system
+
     def __post_init__(self) -> None:
         token = secrets.token_hex(3)
         # `aio_workq@REV` names a system; a queue name has no '@' (newer commits refuse it).
         system = self.system.replace("@", ".at.")
         self.queue = f"bench.{self.workload}.{self.queue_type}.{system}.{self.repeat}.{token}"
         if self.launcher is None:
-            self.launcher = Launcher.default(self.system)
+            self.launcher = Launcher.default(self.base_system)
 
     @property
     def forward_queue(self) -> str:
         return f"{self.queue}.out"
 
-    def command(self, url: str, *, feed: bool = False, rate: float | None = None) -> list[str]:
+    def command(
+        self, url: str, *, feed: bool = False, rate: float | None = None, n: int | None = None
+    ) -> list[str]:
         assert self.launcher is not None
         cmd = [
             self.launcher.python, "-m", self.launcher.module,
@@ -149,12 +163,14 @@ class Run:
             "--workload", "feed" if feed else self.workload,
             "--queue", self.queue,
             "--forward-queue", self.forward_queue,
-            "--n", str(self.n),
+            "--n", str(self.n if n is None else n),
             "--prefetch", str(self.prefetch),
             "--queue-type", self.queue_type,
         ]  # fmt: skip
         if rate is not None:
             cmd += ["--rate", str(rate)]
+        if n is not None:
+            cmd.append("--shared")
         return cmd
 
 
@@ -179,7 +195,7 @@ class _Process:
 
     @classmethod
     async def start(cls, run: Run, cmd: Sequence[str], log: Path) -> _Process:
-        launcher = run.launcher or Launcher.default(run.system)
+        launcher = run.launcher or Launcher.default(run.base_system)
         with log.open("ab") as err:
             proc = await asyncio.create_subprocess_exec(
                 *cmd,
@@ -333,7 +349,10 @@ async def run_one(url: str, run: Run, log_dir: Path) -> Record:
     }
     connection = await aiormq.connect(url)
     try:
-        record = await _run(url, run, log)
+        if run.processes > 1:
+            record = await _run_shared(url, run, log, connection)
+        else:
+            record = await _run(url, run, log)
         if record.get("status") == "ok":
             await _check(connection, run)
         # The system's own name (`aio_workq`) must not replace the run's (`aio_workq@REV`).
@@ -380,6 +399,87 @@ async def _run(url: str, run: Run, log: Path) -> Record:
         raise
     await proc.finish()
     return record
+
+
+async def _run_shared(
+    url: str, run: Run, log: Path, connection: aiormq.abc.AbstractConnection
+) -> Record:
+    """`run.processes` processes of one system on one queue, as one run: N/K messages each to
+    publish; N to consume between them, each until its N/K or, once the queue is empty, STOP
+    (a process can take more than its share while another takes less). The rate is all the
+    messages over the span from the first process's start to the last one's end."""
+    if run.workload not in ("publish", "consume", "chain"):
+        return {"status": "n/a", "reason": f"{run.processes} processes: throughput only"}
+    k = run.processes
+    shares = [run.n // k + (1 if i < run.n % k else 0) for i in range(k)]
+    procs = [await _Process.start(run, run.command(url, n=share), log) for share in shares]
+    pending: dict[asyncio.Task[Record], _Process] = {}
+    try:
+        for proc in procs:
+            first = await proc.line(READY_TIMEOUT)
+            if first != READY:
+                for other in procs:
+                    await other.kill()
+                answer: Record = json.loads(first)
+                return answer
+        if run.workload != "publish":
+            await _feed(run, url, log)
+        for proc in procs:
+            await proc.send(GO)
+        for proc in procs:
+            pending[asyncio.create_task(proc.result(READY_TIMEOUT + run.n / 100))] = proc
+        if run.workload != "publish":
+            await _stop_when_drained(connection, run, pending)
+        records = [await task for task in pending]
+    except BaseException:
+        for task in pending:
+            task.cancel()
+        for proc in procs:
+            await proc.kill()
+        raise
+    for proc in procs:
+        await proc.finish()
+    return _added_up(records)
+
+
+async def _stop_when_drained(
+    connection: aiormq.abc.AbstractConnection,
+    run: Run,
+    pending: dict[asyncio.Task[Record], _Process],
+) -> None:
+    """Once one process has its share and the queue is empty, STOP the others."""
+    await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    while not all(task.done() for task in pending):
+        ready, _ = await _depth(connection, run.queue)
+        if ready == 0:
+            await asyncio.sleep(0.5)  # what was delivered but not handled yet finishes
+            for task, proc in pending.items():
+                if not task.done():
+                    await proc.send(STOP)
+            return
+        await asyncio.wait(pending, timeout=0.1)
+
+
+def _added_up(records: Sequence[Record]) -> Record:
+    """One record for the processes of a shared run (each "ok" with `start_at`/`end_at`)."""
+    failed = [r for r in records if r.get("status") != "ok"]
+    if failed:
+        return failed[0]
+    count = sum(int(r["n"]) for r in records)
+    cpu = sum(float(r["cpu_seconds"]) for r in records)
+    seconds = max(r["end_at"] for r in records) - min(r["start_at"] for r in records)
+    timed = count - (0 if records[0]["workload"] == "publish" else 1)
+    return {
+        "status": "ok",
+        "n": count,
+        "seconds": round(seconds, 4),
+        "rate": round(timed / seconds, 1),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_us_per_msg": round(cpu / count * 1e6, 1),
+        "processes": [
+            {"n": r["n"], "rate": r["rate"], "cpu_us_per_msg": r["cpu_us_per_msg"]} for r in records
+        ],
+    }
 
 
 def rotated(items: Sequence[str], by: int) -> list[str]:

@@ -16,7 +16,7 @@ import pytest
 from bench import reference
 from bench.__main__ import REGRESSED, against, parse_args
 from bench.reference import FLOOR, Reference, ReferenceError
-from bench.runner import BASELINE, OURS, REPO_ROOT, Record, Run, run_one
+from bench.runner import BASELINE, OURS, PAIR, REPO_ROOT, Record, Run, run_one
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -238,3 +238,23 @@ def test_a_reference_run_has_a_queue_name_every_commit_accepts() -> None:
     Queue(run.queue)
     Queue(run.forward_queue)
     assert "b28dd61" in run.queue
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("workload", ["publish", "consume", "chain"])
+async def test_two_processes_share_one_queue_as_one_run(
+    amqp_url: str, tmp_path: Path, workload: str
+) -> None:
+    # The broker's ceiling counts aio-workq in two processes too (#22): one run, N messages
+    # between them, checked by the broker like any run (all published, or the queue empty).
+    run = Run(PAIR, workload, "classic", repeat=0, n=N)
+    assert run.processes == 2 and run.base_system == OURS
+
+    record = await run_one(amqp_url, run, tmp_path)
+
+    assert record["status"] == "ok", record
+    assert record["system"] == PAIR
+    # Consuming, what a process finishes after its share (while it closes) is not counted.
+    assert record["n"] == N if workload == "publish" else N // 2 < record["n"] <= N
+    assert [p["n"] > 0 for p in record["processes"]] == [True, True]
+    assert record["rate"] > 0 and record["cpu_us_per_msg"] > 0

@@ -56,6 +56,9 @@ PERSISTENT = 2
 
 READY = "READY"
 GO = "GO"
+STOP = "STOP"
+"""Sent after GO to one of several processes sharing a queue (`--shared`) once the queue is
+empty: report what was handled so far (the others took the rest)."""
 
 Payload = bytes | str
 Hook = Callable[[Payload], None]
@@ -99,6 +102,8 @@ class Settings:
     prefetch: int
     queue_type: Literal["classic", "quorum"]
     rate: float | None
+    shared: bool = False
+    """One of several processes on the queue: consume until N or STOP; times are absolute."""
 
     @property
     def chain(self) -> bool:
@@ -115,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--prefetch", type=int, default=CONCURRENCY)
     parser.add_argument("--queue-type", choices=QUEUE_TYPES, default="classic")
     parser.add_argument("--rate", type=float, help="feed: offered msg/s (default: flat out)")
+    parser.add_argument(
+        "--shared", action="store_true", help="one of several processes on the queue (STOP)"
+    )
     args = parser.parse_args(argv)
     return Settings(
         url=args.url,
@@ -125,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         prefetch=args.prefetch,
         queue_type=args.queue_type,
         rate=args.rate,
+        shared=args.shared,
     )
 
 
@@ -209,15 +218,23 @@ class ThreadedSystem(System):
 class Tally:
     """Counts finished messages from any thread and notes when the n-th one finished."""
 
-    def __init__(self, n: int, *, latency: bool) -> None:
+    def __init__(self, n: int, *, latency: bool, track_last: bool = False) -> None:
         self.n = n
         self.count = 0
         self.first_at: float | None = None
+        self.last_at: float | None = None
+        """When the latest finished (kept only with `track_last`: a run shared by processes)."""
         self.done_at: float | None = None
         self.latencies_ns: list[int] = []
         self.on_done: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self.hit: Hook = self._hit_latency if latency else self._hit
+        if track_last:
+            self.hit = self._hit_last
+
+    def _hit_last(self, body: Payload) -> None:
+        self.last_at = time.perf_counter()
+        self._hit(body)
 
     def _hit_latency(self, body: Payload) -> None:
         self.latencies_ns.append(time.monotonic_ns() - stamp_of(body))
@@ -342,7 +359,7 @@ async def _drive(system: System, settings: Settings, protocol: Protocol) -> None
         protocol.result(settings, system.name, status="ok", n=settings.n)
         return
 
-    tally = Tally(settings.n, latency=workload == "latency")
+    tally = Tally(settings.n, latency=workload == "latency", track_last=settings.shared)
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
 
@@ -369,23 +386,29 @@ async def _drive(system: System, settings: Settings, protocol: Protocol) -> None
     else:
         if not consumer_first:
             await system.start_consumer(tally.hit)
-        await done.wait()
-        assert tally.first_at is not None and tally.done_at is not None
-        # Steady state: from the first finished handler to the N-th, so that start-up
-        # (connecting, declaring queues, the first prefetch) is not part of the rate.
-        start, end = tally.first_at, tally.done_at
+        if settings.shared:
+            await _until_done_or_stopped(done)
+        else:
+            await done.wait()
+        # Steady state: from the first finished handler to the N-th (or, when stopped, the
+        # last), so that start-up (connecting, declaring queues, the first prefetch) is not
+        # part of the rate.
+        start = tally.first_at if tally.first_at is not None else start
+        end = tally.done_at or tally.last_at or start
         count = tally.count
-        timed = count - 1  # the first message only starts the clock
+        timed = max(count - 1, 0)  # the first message only starts the clock
     cpu = time.process_time() - cpu_start
     seconds = end - start
     fields: dict[str, Any] = {
         "status": "ok",
         "n": count,
         "seconds": round(seconds, 4),
-        "rate": round(timed / seconds, 1),
+        "rate": round(timed / seconds, 1) if seconds > 0 else 0.0,
         "cpu_seconds": round(cpu, 3),
-        "cpu_us_per_msg": round(cpu / count * 1e6, 1),
+        "cpu_us_per_msg": round(cpu / count * 1e6, 1) if count else 0.0,
     }
+    if settings.shared:  # the runner adds the processes up on one clock (perf_counter: monotonic)
+        fields.update(start_at=start, end_at=end)
     if workload == "latency":
         fields["latency_ms"] = percentiles_ms(tally.latencies_ns)
     protocol.result(settings, system.name, **fields)
@@ -393,6 +416,14 @@ async def _drive(system: System, settings: Settings, protocol: Protocol) -> None
         await system.close()
     except Exception:  # the result stands; the runner's queue check catches unsettled messages
         traceback.print_exc()
+
+
+async def _until_done_or_stopped(done: asyncio.Event) -> None:
+    """Wait for the N-th message, or for the runner's STOP (the other processes took the rest)."""
+    stopped = asyncio.ensure_future(asyncio.to_thread(sys.stdin.readline))
+    finished = asyncio.ensure_future(done.wait())
+    await asyncio.wait((stopped, finished), return_when=asyncio.FIRST_COMPLETED)
+    finished.cancel()  # the reader thread ends with stdin (the process exits with os._exit)
 
 
 def main(system_cls: type[System], argv: list[str] | None = None) -> None:
