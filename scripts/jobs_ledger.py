@@ -466,6 +466,14 @@ async def _run(
                 done.set()
                 await kill_task
             result.kills = len(kills)
+
+            async def restarted() -> bool:  # every process killed is consuming again
+                per_process = len(app.busy_queues) + 1
+                return sup.consuming() >= per_process * (plan.processes + len(kills))
+
+            # else the jobs of phase 2 meet fewer processes than planned, and the held ones
+            # more than the handlers there to run them at once
+            await until("the killed worker processes back", restarted, 120)
             result.seconds["groups"] = round(time.monotonic() - t1, 1)
             say(f"phase 1 done in {result.seconds['groups']} s with {len(kills)} kills")
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .._exceptions import Reject, SerializationError, qualname
@@ -69,12 +68,14 @@ class Running:
     """The claim, sent when the delivery arrived (`Recorder.handling`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
-    _flag: threading.Event = field(default_factory=threading.Event)
+    _cancel: bool = False
+    """Set once (by the event loop), read by a thread handler: a plain attribute suffices (a
+    `threading.Event` per job cost more than the rest of its `Running`)."""
 
     @property
     def cancelled(self) -> bool:
         """True once a cancel was requested for this job (a thread handler polls it)."""
-        return self._flag.is_set()
+        return self._cancel
 
     def check(self) -> None:
         """Raise `Cancelled` if a cancel was requested: the job ends as cancelled.
@@ -82,11 +83,11 @@ class Running:
         Raises:
             Cancelled: the job's cancel was requested.
         """
-        if self._flag.is_set():
+        if self._cancel:
             raise Cancelled(f"job {self.job_id} was cancelled")
 
     def request_cancel(self) -> None:
-        self._flag.set()
+        self._cancel = True
         handler = self.handler
         if handler is not None and not handler.done():
             handler.cancel("aio-workq: the job was cancelled")
