@@ -603,3 +603,13 @@ def test_the_startup_line_is_one_line_whatever_the_width(monkeypatch: Any) -> No
     )
     line = next(x for x in result.stderr.splitlines() if x.startswith("aio-workq dashboard on"))
     assert line.endswith("read-only"), result.stderr
+
+
+async def test_without_queue_names_an_unreachable_broker_is_said_so() -> None:
+    dashboard = Dashboard(url=NOWHERE, management_url="")
+    try:
+        _, page, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert "cannot connect to amqp://guest:***@127.0.0.1:1/" in page
+    assert "no worker has named a queue" not in page and "s3cret-pass" not in page

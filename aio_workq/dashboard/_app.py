@@ -94,7 +94,9 @@ class Dashboard:
         self._site = Site(security=self._security, refresh=self._refresh)
         self._workers = WorkerPages(site=self._site, url=self._url)
         self._schedules = SchedulePages(site=self._site, url=self._url, group=schedules_group)
-        self.queues.also_watch(self._known_queues, listening=self._workers.listening)
+        self.queues.also_watch(
+            self._known_queues, listening=self._workers.listening, unheard=self._workers.unheard
+        )
         self.queues.count_handled(self._workers.handled)
         self._dead_letters = DeadLetterPages(
             site=self._site,

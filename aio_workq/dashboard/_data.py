@@ -121,6 +121,7 @@ class QueueData:
         self._names = list(dict.fromkeys(names))
         self._extra: Callable[[], Iterable[str]] = list
         self._listening: Callable[[], bool] = lambda: False
+        self._unheard: Callable[[], str | None] = lambda: None
         self._handled: Callable[[], int | None] = lambda: None
         self._mgmt_failed_at = float("-inf")
         self._mgmt_reason = ""
@@ -135,14 +136,21 @@ class QueueData:
             await connection.close()
 
     def also_watch(
-        self, names: Callable[[], Iterable[str]], *, listening: Callable[[], bool] | None = None
+        self,
+        names: Callable[[], Iterable[str]],
+        *,
+        listening: Callable[[], bool] | None = None,
+        unheard: Callable[[], str | None] | None = None,
     ) -> None:
         """Queue names learnt elsewhere (workers' beats, schedules), asked on each fetch;
         `listening()` is true while the first beats may still be on their way (then a page
-        without queue names says it is waiting for them rather than asking for `--queue`)."""
+        without queue names says it is waiting for them rather than asking for `--queue`), and
+        `unheard()` says why the beats can't be read (the broker refused or is not reachable)."""
         self._extra = names
         if listening is not None:
             self._listening = listening
+        if unheard is not None:
+            self._unheard = unheard
 
     def count_handled(self, handled: Callable[[], int | None]) -> None:
         """The workers' handled count, sampled with each snapshot (a rate without the API)."""
@@ -184,6 +192,13 @@ class QueueData:
             "passive declares of the queues the dashboard knows by name (no rates, no unacked "
             f"counts); the management API is not used{self._mgmt_reason}"
         )
+        unheard = None if names else self._unheard()
+        if unheard:
+            return QueueSnapshot(
+                [], source, False,
+                error=f"no management API, and the workers' presence beats (which name their "
+                f"queues) can't be read: {unheard}",
+            )  # fmt: skip
         if not names and self._listening():
             return QueueSnapshot(
                 [], source, False,

@@ -50,6 +50,10 @@ class WorkerPages:
         opened = self._opened_at
         return opened is not None and time.monotonic() - opened < _FIRST_BEATS
 
+    def unheard(self) -> str | None:
+        """Why the watcher could not be opened (None when it is open, or not tried yet)."""
+        return self._watcher_error if self._watcher is None else None
+
     def seen(self) -> list[WorkerPresence]:
         """The workers the watcher has seen (none before it is open)."""
         return [] if self._watcher is None else self._watcher.workers()
