@@ -9,8 +9,13 @@ package when its dependencies are not installed (`scripts/_testing.py`).
 CLI::
 
     python -m scripts.broker start --dir .broker/dev [--port N] [--management] [--tls DIR]
-    python -m scripts.broker status --dir .broker/dev
+    python -m scripts.broker status --dir .broker/dev [--url-only]
     python -m scripts.broker stop --dir .broker/dev
+
+`start` and `status` show the URLs without the password (`amqp://guest:***@...`) and the
+management API's URL when the node has one; `--url-only` prints only the full URLs (the
+amqps:// one second when there is a TLS listener), for scripts:
+`export AMQP_URL=$(python3 -m scripts.broker status --url-only)`.
 """
 
 from __future__ import annotations
@@ -54,7 +59,41 @@ __all__ = (
     "ensure_installed",
     "free_port",
     "main",
+    "report",
 )
+
+
+def shown(url: str) -> str:
+    """`url` without its password: the library's `redact_url`, or (no venv) the same for the
+    node's own `scheme://user:password@host:port/` URLs."""
+    try:
+        from aio_workq import redact_url
+    except ImportError:
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if not at or ":" not in userinfo:
+            return url
+        return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}"
+    return redact_url(url)
+
+
+def report(broker: LocalBroker, *, running: bool, started: bool = False) -> list[str]:
+    """What `start` (`started`) and `status` print: the URLs without the password, the
+    management API's URL, and where the full URL is."""
+    if started:
+        lines = [f"RabbitMQ node {broker.node} is up at {shown(broker.url)}"]
+    else:
+        lines = [f"{broker.node}: {'running' if running else 'stopped'}, {shown(broker.url)}"]
+    if broker.tls:
+        lines.append(f"TLS: {shown(broker.tls_url)}")
+    if running and broker.management:
+        lines.append(f"management API: {broker.management_url}")
+    if started:
+        lines.append(
+            "the full URL, for AMQP_URL: python3 -m scripts.broker status "
+            f"--dir {broker.base_dir} --url-only"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also listen for amqps:// with a test CA and certificates made in DIR (start)",
     )
     parser.add_argument("--mtls", action="store_true", help="with --tls: require a client cert")
+    parser.add_argument(
+        "--url-only",
+        action="store_true",
+        help="start/status: print only the URLs, with the password, one a line (for scripts)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
@@ -92,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                     str(pki.ca_cert), str(pki.server_cert), str(pki.server_key), args.mtls
                 )
             broker.start(timeout=args.timeout)
-            print(broker.url)
-            if broker.tls:
-                print(broker.tls_url)
+            print(
+                "\n".join(
+                    _urls(broker) if args.url_only else report(broker, running=True, started=True)
+                )
+            )
             return 0
         if args.command == "stop" and not (args.dir / "state.json").exists():
             print(f"no broker in {args.dir}")
@@ -106,12 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped {broker.node}")
             return 0
         up = broker.running()
-        tls = f", {broker.tls_url}" if broker.tls else ""
-        print(f"{broker.node}: {'running' if up else 'stopped'}, {broker.url}{tls}")
+        print("\n".join(_urls(broker) if args.url_only else report(broker, running=up)))
         return 0 if up else 1
     except (BrokerError, TLSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _urls(broker: LocalBroker) -> list[str]:
+    return [broker.url, *([broker.tls_url] if broker.tls else [])]
 
 
 if __name__ == "__main__":

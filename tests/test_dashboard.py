@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -479,3 +479,137 @@ async def test_the_postgres_store_lists_recent_jobs_too(postgres_dsn: str) -> No
         finally:
             await store.close()
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+# --- what a new user met first (docs/dashboard.md walked through) ----------------------------
+
+
+def wrong_password(amqp_url: str) -> str:
+    parts = urlsplit(amqp_url)
+    netloc = f"guest:not-the-password@{parts.hostname}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.mark.broker
+async def test_a_wrong_password_is_explained_on_the_overview_as_elsewhere(amqp_url: str) -> None:
+    dashboard = Dashboard(url=wrong_password(amqp_url), management_url="", queues=["emails"])
+    try:
+        status, body, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert status == 200
+    assert "refused the user name or password" in body and "RABBITMQ_PASSWORD" in body
+    assert "not-the-password" not in body
+
+
+@pytest.mark.broker
+@pytest.mark.usefixtures("restored_loggers")
+def test_the_command_checks_the_credentials_before_serving(amqp_url: str, monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from aio_workq.cli._app import cli
+
+    served: list[Any] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **kw: served.append(app))
+    result = CliRunner().invoke(cli, ["dashboard", "--url", wrong_password(amqp_url)])
+    assert served == [] and result.exit_code != 0
+    assert "refused the user name or password" in str(result.exception)
+    assert "not-the-password" not in str(result.exception)
+    result = CliRunner().invoke(cli, ["dashboard", "--url", amqp_url, "--no-management"])
+    assert result.exit_code == 0 and len(served) == 1
+
+
+@pytest.mark.broker
+async def test_a_named_queue_that_does_not_exist_gets_a_row_saying_so(
+    amqp_url: str, queue_name: str
+) -> None:
+    async with Producer(amqp_url) as producer:
+        await producer.publish_many(["a"], queue=queue_name)
+    missing = f"{queue_name}-emailz"
+    dashboard = Dashboard(url=amqp_url, management_url="", queues=[queue_name, missing])
+    try:
+        _, page, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert cell(page, queue_name, "ready") == "1"
+    row = page.split(f'data-queue="{missing}"', 1)[1].split("</tr>", 1)[0]
+    assert "does not exist" in row
+    only_missing = Dashboard(url=amqp_url, management_url="", queues=[missing])
+    try:
+        _, page, _ = await get(only_missing, "/")
+    finally:
+        await only_missing.close()
+    assert "No queues." not in page and f'data-queue="{missing}"' in page
+
+
+@pytest.mark.broker
+async def test_the_first_overview_says_it_listens_for_beats_before_suggesting_queue(
+    amqp_url: str,
+) -> None:
+    dashboard = Dashboard(url=amqp_url, management_url="")
+    try:
+        _, page, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert "listening for the workers" in page
+    assert "no queue names: start the dashboard with" not in page
+
+
+async def test_an_unreachable_default_management_api_says_how_to_give_its_address() -> None:
+    dashboard = Dashboard(url=NOWHERE, queues=["emails"])  # tries 127.0.0.1:15672
+    try:
+        _, page, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert "--management-url" in page
+    assert "s3cret-pass" not in page
+
+
+async def test_a_store_that_cannot_be_opened_is_said_so_on_the_jobs_page(tmp_path: Any) -> None:
+    store = SQLiteStore(tmp_path / "nodir" / "jobs.db")
+    dashboard = board(store=store)
+    status, body, _ = await get(dashboard, "/jobs")
+    assert status == 503, body
+    assert "nodir/jobs.db" in body and "unable to open database file" in body
+    status, body, _ = await get(dashboard, "/jobs/job-1")
+    assert status == 503 and "unable to open database file" in body
+    await store.close()
+
+
+async def test_a_wrong_bearer_token_is_told_apart_from_none() -> None:
+    dashboard = board(actions=True)
+    status, body, _ = await post(dashboard, "/jobs/j1/cancel", {})
+    assert status == 401 and "not the dashboard" not in body
+    wrong = "wrong-token-xxxxxxxx"
+    status, body, _ = await post(
+        dashboard, "/jobs/j1/cancel", {}, headers={"authorization": f"Bearer {wrong}"}
+    )
+    assert status == 401 and "that is not the dashboard&#39;s token" in body
+    assert wrong not in body
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_the_startup_line_is_one_line_whatever_the_width(monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from aio_workq.cli import _dashboard_cmd
+    from aio_workq.cli._app import cli
+
+    monkeypatch.setattr(web, "run_app", lambda app, **kw: None)
+    monkeypatch.setattr(_dashboard_cmd, "check_broker", lambda url: None, raising=False)
+    long_url = "amqp://guest:pw@" + "a-rather-long-host-name." * 4 + "example:5672/vhost"
+    result = CliRunner().invoke(
+        cli, ["dashboard", "--url", long_url, "--no-management", "--port", "18931"]
+    )
+    line = next(x for x in result.stderr.splitlines() if x.startswith("aio-workq dashboard on"))
+    assert line.endswith("read-only"), result.stderr
+
+
+async def test_without_queue_names_an_unreachable_broker_is_said_so() -> None:
+    dashboard = Dashboard(url=NOWHERE, management_url="")
+    try:
+        _, page, _ = await get(dashboard, "/")
+    finally:
+        await dashboard.close()
+    assert "cannot connect to amqp://guest:***@127.0.0.1:1/" in page
+    assert "no worker has named a queue" not in page and "s3cret-pass" not in page

@@ -242,13 +242,15 @@ def test_broker_cli_starts_a_mutual_tls_node(tmp_path: Path) -> None:
             timeout=120,
         )
 
-    started = cli("start", "--tls", str(tmp_path / "pki"), "--mtls")
+    started = cli("start", "--tls", str(tmp_path / "pki"), "--mtls", "--url-only")
     try:
         assert started.returncode == 0, started.stderr
         plain, tls = started.stdout.split()
         assert plain.startswith("amqp://") and tls.startswith("amqps://guest:guest@localhost:")
-        status = cli("status")
+        status = cli("status", "--url-only")
         assert status.returncode == 0 and tls in status.stdout
+        shown = cli("status")
+        assert "amqps://guest:***@localhost:" in shown.stdout and "guest:guest" not in shown.stdout
         conf = (node_dir / "rabbitmq.conf").read_text()
         assert "ssl_options.fail_if_no_peer_cert = true" in conf
     finally:

@@ -25,8 +25,9 @@ import aio_pika
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
+from aio_workq import RetryPolicy, redact_url
 from aio_workq._link.delay import PREFIX as DELAY_PREFIX
+from aio_workq._link.errors import connect_error
 
 from ._errors import AdminError, ManagementAPIError
 
@@ -55,7 +56,8 @@ class QueueRow:
     """One work queue with its retry and dead-letter queues (`None`: not known).
 
     `present` is false for a work queue that is gone while its internal queues remain;
-    `kind` is `"work"`, or `"delay-ladder"` for the shared `workq.delay.*` queues (one row).
+    `kind` is `"work"`, `"delay-ladder"` for the shared `workq.delay.*` queues (one row), or
+    `"missing"` for a queue named (the dashboard's `--queue`) that does not exist.
     """
 
     queue: str
@@ -267,14 +269,14 @@ async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
     """A plain aio-pika connection for looking at queues.
 
     Raises:
-        BrokerConnectionError: the broker cannot be reached (the URL shown without password).
+        BrokerConnectionError: the broker cannot be reached (the URL shown without password);
+            `AuthenticationError`, `AccessRefusedError` or `TLSError` when it refused, with
+            what to fix (the translation every connection of aio-workq uses).
     """
     try:
         return await aio_pika.connect(amqp_url, timeout=10)
     except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-        raise BrokerConnectionError(
-            f"cannot connect to {redact_url(amqp_url)}: {type(exc).__name__}: {exc}"
-        ) from None
+        raise connect_error(exc, amqp_url) from None
 
 
 def vhost_of(amqp_url: str) -> str:

@@ -2,18 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
 
 import click
 
-from aio_workq import redact_url
+from aio_workq import (
+    AccessRefusedError,
+    AuthenticationError,
+    BrokerConnectionError,
+    TLSError,
+    redact_url,
+)
 
 from ._errors import CliError
 from ._options import err_console, resolve, url_option
 
-__all__ = ("dashboard",)
+__all__ = ("check_broker", "dashboard")
+
+
+def check_broker(amqp_url: str) -> None:
+    """Connect once before serving: credentials, vhost or TLS the broker refuses end the command
+    (they won't fix themselves); a broker not reachable yet is only noted (the pages say so
+    until it answers).
+
+    Raises:
+        AuthenticationError: the broker refused the user name or password.
+        AccessRefusedError: the broker refused the virtual host.
+        TLSError: the TLS handshake failed.
+    """
+    from aio_workq.admin.queues import connect
+
+    async def once() -> None:
+        connection = await connect(amqp_url)
+        await connection.close()
+
+    try:
+        asyncio.run(once())
+    except (AuthenticationError, AccessRefusedError, TLSError):
+        raise
+    except BrokerConnectionError as exc:
+        err_console.print(
+            f"note: {exc}; serving anyway, the pages say so until it answers",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
 
 
 @click.command("dashboard")
@@ -87,11 +121,12 @@ def dashboard(
         url=amqp_url, management_url="" if no_management else management_url, queues=queues,
         store=None if store is None else store_from_url(store), security=security, **group_kw,
     )  # fmt: skip
+    check_broker(amqp_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     mode = "actions allowed (with the token)" if allow_actions else "read-only"
     err_console.print(
         f"aio-workq dashboard on http://{host}:{port}/ for {redact_url(amqp_url)}, {mode}",
-        highlight=False,
-    )
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
     web.run_app(aiohttp_app(board), host=host, port=port, print=None, handle_signals=True)

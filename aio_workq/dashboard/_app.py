@@ -1,8 +1,9 @@
 """The dashboard: its routes, pages and actions, on the framework-neutral `Request`/`Response`.
 
 `Dashboard.handle(request)` is all an adapter calls (`aiohttp_app`, `asgi_app`). Every answer
-is a rendered page or fragment; bad input gets a message page with a 4xx, an unexpected error
-a 500 page that names no secret (the traceback goes to the log only).
+is a rendered page or fragment; bad input gets a message page with a 4xx, a typed `WorkqError`
+(a job store or a broker that fails) a 503 page with its message, an unexpected error a 500
+page that names no secret (the traceback goes to the log only).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from aio_workq import Producer, redact_url
+from aio_workq import BrokerConnectionError, Producer, WorkqError, redact_url
 from aio_workq._link.settings import resolve_url
 from aio_workq.schedules import GROUP
 
@@ -40,6 +41,17 @@ _REFRESH = 3
 
 
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
+
+
+def _unavailable(exc: WorkqError) -> str:
+    """The title of the page shown for a typed error: what could not be read."""
+    from aio_workq.jobs import StoreError
+
+    if isinstance(exc, StoreError):
+        return "The job store failed"
+    if isinstance(exc, BrokerConnectionError):
+        return "The broker is not reachable"
+    return "Could not build this page"
 
 
 class Dashboard:
@@ -82,7 +94,9 @@ class Dashboard:
         self._site = Site(security=self._security, refresh=self._refresh)
         self._workers = WorkerPages(site=self._site, url=self._url)
         self._schedules = SchedulePages(site=self._site, url=self._url, group=schedules_group)
-        self.queues.also_watch(self._known_queues)
+        self.queues.also_watch(
+            self._known_queues, listening=self._workers.listening, unheard=self._workers.unheard
+        )
         self.queues.count_handled(self._workers.handled)
         self._dead_letters = DeadLetterPages(
             site=self._site,
@@ -175,6 +189,9 @@ class Dashboard:
             return self._site.message(request, exc.status, exc.title, exc.message)
         except asyncio.CancelledError:
             raise
+        except WorkqError as exc:  # a typed error says what failed, without a password
+            log.warning("dashboard: %s %s: %s", request.method, request.path, exc)
+            return self._site.message(request, 503, _unavailable(exc), str(exc))
         except Exception:
             log.exception("dashboard: %s %s failed", request.method, request.path)
             return self._site.message(

@@ -31,11 +31,13 @@ _MIN_TOKEN = 16
 @dataclass(frozen=True, slots=True)
 class Caller:
     """Who sent a request: `token_id` (a hash prefix of the token; never the token) when it
-    carried a valid one, and whether it came with the session cookie (then forms need CSRF)."""
+    carried a valid one, whether it came with the session cookie (then forms need CSRF), and
+    whether it sent a bearer token that is none of the dashboard's (`wrong_token`)."""
 
     token_id: str | None
     remote: str
     by_cookie: bool = False
+    wrong_token: bool = False
 
     def __str__(self) -> str:
         who = f"token {self.token_id}" if self.token_id else "anonymous"
@@ -160,7 +162,8 @@ class Security:
         """Who sent `request`: a bearer token first, then the session cookie."""
         auth = request.headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
-            return Caller(self.check_token(auth[7:].strip()), request.remote)
+            token_id = self.check_token(auth[7:].strip())
+            return Caller(token_id, request.remote, wrong_token=token_id is None)
         session = request.cookies.get(COOKIE, "")
         if session:
             token_id = self.check_session(session)

@@ -120,6 +120,8 @@ class QueueData:
         self._mgmt = management_url or default_management_url(url)
         self._names = list(dict.fromkeys(names))
         self._extra: Callable[[], Iterable[str]] = list
+        self._listening: Callable[[], bool] = lambda: False
+        self._unheard: Callable[[], str | None] = lambda: None
         self._handled: Callable[[], int | None] = lambda: None
         self._mgmt_failed_at = float("-inf")
         self._mgmt_reason = ""
@@ -133,9 +135,22 @@ class QueueData:
         if connection is not None and not connection.is_closed:
             await connection.close()
 
-    def also_watch(self, names: Callable[[], Iterable[str]]) -> None:
-        """Queue names learnt elsewhere (workers' beats, schedules), asked on each fetch."""
+    def also_watch(
+        self,
+        names: Callable[[], Iterable[str]],
+        *,
+        listening: Callable[[], bool] | None = None,
+        unheard: Callable[[], str | None] | None = None,
+    ) -> None:
+        """Queue names learnt elsewhere (workers' beats, schedules), asked on each fetch;
+        `listening()` is true while the first beats may still be on their way (then a page
+        without queue names says it is waiting for them rather than asking for `--queue`), and
+        `unheard()` says why the beats can't be read (the broker refused or is not reachable)."""
         self._extra = names
+        if listening is not None:
+            self._listening = listening
+        if unheard is not None:
+            self._unheard = unheard
 
     def count_handled(self, handled: Callable[[], int | None]) -> None:
         """The workers' handled count, sampled with each snapshot (a rate without the API)."""
@@ -160,10 +175,15 @@ class QueueData:
                 if self._explicit:
                     return QueueSnapshot([], f"the management API at {shown}", True, error=str(exc))
                 self._mgmt_failed_at = time.monotonic()
-                self._mgmt_reason = f" ({exc})"
+                self._mgmt_reason = (
+                    f" ({exc}; if it listens elsewhere, give its address: "
+                    "--management-url http://HOST:PORT/)"
+                )
             else:
                 snap = QueueSnapshot(
-                    group_rows(visible(raws)), f"the management API at {shown}", True
+                    self._with_missing(group_rows(visible(raws))),
+                    f"the management API at {shown}",
+                    True,
                 )
                 self._record(snap)
                 return snap
@@ -172,11 +192,25 @@ class QueueData:
             "passive declares of the queues the dashboard knows by name (no rates, no unacked "
             f"counts); the management API is not used{self._mgmt_reason}"
         )
+        unheard = None if names else self._unheard()
+        if unheard:
+            return QueueSnapshot(
+                [], source, False,
+                error=f"no management API, and the workers' presence beats (which name their "
+                f"queues) can't be read: {unheard}",
+            )  # fmt: skip
+        if not names and self._listening():
+            return QueueSnapshot(
+                [], source, False,
+                error="no management API, and no queue names yet: listening for the workers' "
+                "presence beats, which name their queues (a worker beats every 5 s by default)",
+            )  # fmt: skip
         if not names:
             return QueueSnapshot(
                 [], source, False,
-                error="no management API, and no queue names: start the dashboard with "
-                "--queue NAME (or enable the management plugin)",
+                error="no management API, and no worker has named a queue in a presence beat: "
+                "start the dashboard with --queue NAME (or enable the management plugin, or "
+                "give its address with --management-url)",
             )  # fmt: skip
         try:
             if self._connection is None or self._connection.is_closed:
@@ -187,9 +221,16 @@ class QueueData:
         except aio_pika.exceptions.AMQPError as exc:  # the connection dropped: a new one next time
             await self.close()
             return QueueSnapshot([], source, False, error=f"the broker connection failed: {exc}")
-        snap = QueueSnapshot(group_rows(raws, names), source, False)
+        snap = QueueSnapshot(self._with_missing(group_rows(raws, names)), source, False)
         self._record(snap)
         return snap
+
+    def _with_missing(self, rows: list[QueueRow]) -> list[QueueRow]:
+        """`rows`, and a row of kind `"missing"` for each queue named by the dashboard's user
+        (`queues=`, `--queue`) that the broker does not have."""
+        have = {row.queue for row in rows}
+        missing = [name for name in self._names if name not in have]
+        return [*rows, *(QueueRow(queue=n, present=False, kind="missing") for n in missing)]
 
     def _record(self, snap: QueueSnapshot) -> None:
         work = [row for row in snap.rows if row.kind == "work"]

@@ -96,6 +96,13 @@ class Site:
                 "this dashboard is read-only: start it with --allow-actions and a token "
                 "(--token-file PATH or AIO_WORKQ_DASHBOARD_TOKEN) to act",
             )  # fmt: skip
+        if caller.token_id is None and caller.wrong_token:
+            log.warning("refused (wrong bearer token): %s, by %s", what, caller)
+            raise PageError(
+                401, "Wrong token",
+                "that is not the dashboard's token: send one of the tokens it was started with "
+                "(--token-file PATH or AIO_WORKQ_DASHBOARD_TOKEN)",
+            )  # fmt: skip
         if caller.token_id is None:
             log.warning("refused (no valid token): %s, by %s", what, caller)
             raise PageError(401, "Sign in first", "this action needs the dashboard's token")

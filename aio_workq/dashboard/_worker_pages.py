@@ -14,6 +14,10 @@ from ._site import Site, duration
 
 __all__ = ("WorkerPages",)
 
+# A running worker beats when it starts and every `presence_interval` (5 s by default): after
+# this long listening, a worker that has not been heard from is not there (or beats less often).
+_FIRST_BEATS = 6.0
+
 
 class WorkerPages:
     """The workers page's handlers, and the watcher of the workers' beats they read."""
@@ -24,6 +28,7 @@ class WorkerPages:
         self._watcher: PresenceWatcher | None = None
         self._watcher_error: str | None = None
         self._watcher_lock = asyncio.Lock()
+        self._opened_at: float | None = None
 
     async def presence(self) -> PresenceWatcher | None:
         """The watcher of the workers' beats, opened on first use (None while it can't be)."""
@@ -36,7 +41,18 @@ class WorkerPages:
                     self._watcher_error = str(exc)
                     return None
                 self._watcher, self._watcher_error = watcher, None
+                self._opened_at = time.monotonic()
             return self._watcher
+
+    def listening(self) -> bool:
+        """True for the first beat interval after the watcher opened: workers that run may not
+        have been heard from yet."""
+        opened = self._opened_at
+        return opened is not None and time.monotonic() - opened < _FIRST_BEATS
+
+    def unheard(self) -> str | None:
+        """Why the watcher could not be opened (None when it is open, or not tried yet)."""
+        return self._watcher_error if self._watcher is None else None
 
     def seen(self) -> list[WorkerPresence]:
         """The workers the watcher has seen (none before it is open)."""

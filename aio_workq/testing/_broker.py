@@ -166,7 +166,10 @@ class LocalBroker:
         except BaseException:
             self.close()
             raise
-        log.info("RabbitMQ %s up on %s in %.1fs", self.node, self.url, time.monotonic() - t0)
+        log.info(  # the address only: the URL carries the password
+            "RabbitMQ %s up on 127.0.0.1:%s in %.1fs", self.node, self.amqp_port,
+            time.monotonic() - t0,
+        )  # fmt: skip
 
     def stop(self, timeout: float = 30) -> None:
         """Graceful stop (SIGTERM to beam, SIGKILL after timeout). Idempotent; data is kept."""
