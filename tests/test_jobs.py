@@ -113,6 +113,31 @@ async def test_a_job_goes_queued_running_succeeded_with_its_typed_result(
         assert await tasks.job(job.job_id).result() == {"path": "cat.png", "width": 400}
 
 
+async def test_a_job_is_created_before_it_starts_even_when_a_worker_is_quicker_than_the_confirm(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    # An idle worker gets a job before its publisher has the confirm: the job's created time
+    # is when it was enqueued, not when its `queued` record was written after the confirm.
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    def echo(n: int) -> int:
+        return n
+
+    statuses = []
+    async with running(tasks, amqp_url, concurrency=20):
+        for n in range(20):  # one at a time, to an idle worker
+            job = await echo.enqueue(n)
+            assert await job.result(timeout=30) == n
+            statuses.append(await job.status())
+    inverted = [
+        (s.job_id, s.created_at, s.started_at)
+        for s in statuses
+        if s.created_at is None or s.started_at is None or s.started_at < s.created_at
+    ]
+    assert inverted == []
+
+
 async def test_a_failure_ends_failed_with_the_error(
     amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
 ) -> None:

@@ -272,6 +272,8 @@ class Task(Generic[P, R]):
             )
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
+        # Its created time: a worker may start the job before the confirm is back.
+        enqueued_at = time.time()
         await publisher.publish(
             body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
             content_type=JSON, **options,
@@ -280,7 +282,7 @@ class Task(Generic[P, R]):
         if store is not None:
             write = Write(
                 job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
-                at=time.time(),
+                at=enqueued_at,
             )  # fmt: skip
             try:  # batched with the concurrent enqueues' records, one transaction
                 await self._registry.record_queued(store, write)
