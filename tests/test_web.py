@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-import json
 import os
 import signal
 import ssl
@@ -42,7 +41,7 @@ from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
 from scripts.tls import PKI
 from tests.faultproxy import FaultProxy
-from tests.helpers import Counter, queue_consumers, queue_depth, wait_until
+from tests.helpers import Counter, connection_names, queue_consumers, queue_depth, wait_until
 from tests.servers import EXAMPLES, load_example, serve_aiohttp, serve_asgi, serve_wsgi
 
 aiohttp_app = load_example("aiohttp_app")
@@ -264,18 +263,6 @@ def test_worker_options_are_checked_when_added() -> None:
     assert workq.workers == ()  # built when the app starts
 
 
-def _client_connections(node: LocalBroker, prefix: str) -> list[str]:
-    """The names of the node's client connections that start with `prefix`."""
-    out = node.ctl("list_connections", "-q", "--formatter", "json", "client_properties")
-    names = [
-        value  # rabbitmqctl lists a client's properties as [name, type, value]
-        for connection in json.loads(out)
-        for name, _, value in connection["client_properties"]
-        if name == "connection_name"
-    ]
-    return [name for name in names if name.startswith(prefix)]
-
-
 @pytest.mark.broker
 async def test_a_shutdown_cancelled_while_the_workers_drain_still_closes_every_connection(
     amqp_url: str, local_broker: LocalBroker, queue_name: str
@@ -297,7 +284,7 @@ async def test_a_shutdown_cancelled_while_the_workers_drain_still_closes_every_c
             await shutdown.wait()
 
     def connections() -> list[str]:
-        return _client_connections(local_broker, queue_name)
+        return [name for name in connection_names(local_broker) if name.startswith(queue_name)]
 
     running = asyncio.create_task(app())
     async with asyncio.timeout(30):
