@@ -557,12 +557,16 @@ class Integration:
         finally:
             self._view = None
             workers, self._workers = self._workers, []
-            stops = await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
-            for worker, outcome in zip(workers, stops, strict=True):
-                if isinstance(outcome, Exception):
-                    log.error("stopping %r failed: %r", worker, outcome)
-            await asyncio.gather(*(c.close() for c in connections))
-            await owned.close(self._close_timeout)
+            try:
+                stops = await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+                for worker, outcome in zip(workers, stops, strict=True):
+                    if isinstance(outcome, Exception):
+                        log.error("stopping %r failed: %r", worker, outcome)
+            finally:  # a shutdown cancelled while the workers drain still closes every connection
+                try:
+                    await asyncio.gather(*(c.close() for c in connections))
+                finally:
+                    await owned.close(self._close_timeout)
 
 
 @contextlib.asynccontextmanager

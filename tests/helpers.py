@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,6 +13,7 @@ from typing import Any
 import aio_pika
 
 import aio_workq
+from scripts.broker import LocalBroker
 
 
 class Counter:
@@ -87,3 +89,14 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
 async def heartbeat_connection(amqp_url: str, heartbeat: int) -> aio_workq.Connection:
     """An aio-workq connection with a short heartbeat (its `reconnects` counts the losses)."""
     return await aio_workq.connect(f"{amqp_url}?heartbeat={heartbeat}")
+
+
+def connection_names(node: LocalBroker) -> list[str]:
+    """The names of the client connections open on the node (rabbitmqctl, so in a thread)."""
+    out = node.ctl("list_connections", "-q", "--formatter", "json", "client_properties")
+    return [
+        value  # rabbitmqctl lists a client's properties as [name, type, value]
+        for connection in json.loads(out)
+        for name, _, value in connection["client_properties"]
+        if name == "connection_name"
+    ]

@@ -73,7 +73,9 @@ def test_rpc_round_trips_at_each_level(amqp_url: str, capsys: pytest.CaptureFixt
             assert level["calls_per_s"] > 0
 
 
+# ~14 s: `make test-slow`.
 @pytest.mark.broker
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_worker_processes_one_and_two(amqp_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     # 1,000 messages of 2 ms of CPU each: long enough for the second process to start and take

@@ -486,6 +486,10 @@ async def test_supervisor_gives_up_when_children_keep_crashing(env: dict[str, st
     assert sup.lines(r"no workers today", "err")
 
 
+# ~17 s: `make test-cli` and `make test-slow`. In the default run: 503 while the broker is down
+# (the --processes test below), the health rule's recovery (tests/test_cli_offline.py) and a
+# worker's reconnect (tests/chaos/test_broker_kill.py, kill -9 once).
+@pytest.mark.slow
 async def test_healthz_flips_to_503_while_the_broker_is_down(
     env: dict[str, str], local_broker: Any, queue_name: str
 ) -> None:
@@ -506,6 +510,9 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+# ~13 s: `make test-cli` and `make test-slow`; wait_for_broker itself is in the default run
+# (tests/test_link_startup.py).
+@pytest.mark.slow
 async def test_wait_for_broker_lets_the_worker_start_before_its_broker(
     env: dict[str, str], local_broker: Any, queue_name: str
 ) -> None:

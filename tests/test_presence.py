@@ -23,7 +23,7 @@ from aio_workq import ConfigurationError, Job, PresenceWatcher, WorkerBeat, Work
 from aio_workq import aiohttp as workq_aiohttp
 from aio_workq import fastapi as workq_fastapi
 from aio_workq.testing import LocalBroker
-from tests.helpers import Counter, wait_until
+from tests.helpers import Counter, connection_names, wait_until
 from tests.servers import serve_aiohttp, serve_asgi
 from tests.test_cli import cli
 
@@ -516,14 +516,7 @@ def test_a_sibling_connection_has_the_same_settings_on_the_plain_path() -> None:
 
 def _presence_connections(node: LocalBroker) -> list[str]:
     """The names of the node's client connections that carry presence beats."""
-    out = node.ctl("list_connections", "-q", "--formatter", "json", "client_properties")
-    names = [
-        value  # rabbitmqctl lists a client's properties as [name, type, value]
-        for connection in json.loads(out)
-        for name, _, value in connection["client_properties"]
-        if name == "connection_name"
-    ]
-    return [name for name in names if name.endswith(" presence")]
+    return [name for name in connection_names(node) if name.endswith(" presence")]
 
 
 @pytest.mark.broker

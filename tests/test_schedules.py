@@ -239,6 +239,9 @@ async def test_killing_the_active_scheduler_process_loses_no_tick(amqp_url: str)
     assert max(result.takeovers) < 10.0, result.summary()
 
 
+# ~30 s: `make test-slow`. In the default run: the takeover from an active that is gone (the
+# kill -9 test above), and a stale active that comes back firing nothing (test_schedules_fence).
+@pytest.mark.slow
 async def test_a_silent_active_scheduler_is_replaced_after_the_heartbeat_timeout(
     amqp_url: str,
 ) -> None:

@@ -41,7 +41,7 @@ from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
 from scripts.tls import PKI
 from tests.faultproxy import FaultProxy
-from tests.helpers import Counter, queue_consumers, queue_depth
+from tests.helpers import Counter, connection_names, queue_consumers, queue_depth, wait_until
 from tests.servers import EXAMPLES, load_example, serve_aiohttp, serve_asgi, serve_wsgi
 
 aiohttp_app = load_example("aiohttp_app")
@@ -261,6 +261,50 @@ def test_worker_options_are_checked_when_added() -> None:
     registered: Callable[[Job], Any] = workq.worker(queue="q", concurrency=2)(handler)
     assert registered is handler
     assert workq.workers == ()  # built when the app starts
+
+
+@pytest.mark.broker
+async def test_a_shutdown_cancelled_while_the_workers_drain_still_closes_every_connection(
+    amqp_url: str, local_broker: LocalBroker, queue_name: str
+) -> None:
+    """The app's shutdown is cancelled (a second Ctrl-C, a timeout around it) while an
+    in-process worker waits for its handler: the workers' connections and the producer's are
+    closed all the same, not left open until the process ends."""
+    started, shutdown = asyncio.Event(), asyncio.Event()
+    workq = workq_fastapi.Workq(amqp_url, name=f"{queue_name} producer")
+
+    @workq.worker(queue=queue_name, shutdown_timeout=60, name=f"{queue_name} worker")
+    async def handle(job: Job) -> None:
+        started.set()
+        await asyncio.Event().wait()  # still running at shutdown
+
+    async def app() -> None:
+        async with workq.lifespan(FastAPI()):
+            await workq.producer.publish("x", queue=queue_name)
+            await shutdown.wait()
+
+    def connections() -> list[str]:
+        return [name for name in connection_names(local_broker) if name.startswith(queue_name)]
+
+    running = asyncio.create_task(app())
+    async with asyncio.timeout(30):
+        await started.wait()
+        assert sorted(await asyncio.to_thread(connections)) == [
+            f"{queue_name} producer",
+            f"{queue_name} worker",
+        ]
+        [worker] = workq.workers
+        shutdown.set()
+        while worker.state.consuming:  # noqa: ASYNC110 - the stop has no event to wait on
+            await asyncio.sleep(0.01)
+    running.cancel()  # the workers are draining: their handler would hold them for 60 s
+    with pytest.raises(asyncio.CancelledError):
+        await running
+
+    async def all_closed() -> bool:
+        return not await asyncio.to_thread(connections)
+
+    await wait_until(all_closed, timeout=15)
 
 
 # --- broker outage --------------------------------------------------------------------------

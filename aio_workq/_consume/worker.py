@@ -21,16 +21,13 @@ from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
-from .._link.router import Router
 from .._link.settings import URLs, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
-from .._publish.message import Sender
-from .._wire.window import Window
 from .dispatch import Counters, Dispatcher
 from .execution import Handler, HandlerRunner
 from .failures import MAX_DEFERS
-from .mover import Mover
+from .plan import ConsumePlan
 from .presence import Activity, Beacon, SideLink, check_interval
 from .retry import RetryPolicy
 from .subscription import Subscription
@@ -147,12 +144,21 @@ class Worker:
             raise ConfigurationError("pass url= or connection=, not both")
         self._hooks = Hooks.of(hooks)
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
-        self._max_defers = max_defers
         self._presence = _Presence(presence, presence_interval)
         _check_bindings(exchange, binding_keys, binding_arguments)
-        self._queue = _queue_spec(queue, queue_type)
-        self._queue_type = self._queue.type
-        name_part = self._queue.name or "subscriber"
+        queue = _queue_spec(queue, queue_type)
+        self._plan = ConsumePlan(
+            queue=queue,
+            concurrency=concurrency,
+            prefetch=prefetch,
+            retry=retry,
+            max_defers=max_defers,
+            exchange=exchange,
+            binding_keys=tuple(binding_keys),
+            binding_arguments=dict(binding_arguments or {}),
+            connect_timeout=connect_timeout,
+        )
+        name_part = queue.name or "subscriber"
         self._name = name or f"aio-workq worker {name_part}"
         self._runner = HandlerRunner(
             handler,
@@ -173,16 +179,8 @@ class Worker:
                 hooks=self._hooks,
                 wait_for_broker=wait_for_broker,
             )
-        self._connect_timeout = connect_timeout
-        self._concurrency = concurrency
-        self._prefetch = prefetch
-        self._retry = retry
-        self._exchange = exchange
-        self._binding_keys = tuple(binding_keys)
-        self._binding_arguments = dict(binding_arguments or {})
         self._shutdown_timeout = shutdown_timeout
         self._source: LinkSource | None = None
-        self._router: Router | None = None
         self._publisher: ConfirmPublisher | None = None
         self._subscription: Subscription | None = None
         self._dispatcher: Dispatcher | None = None
@@ -194,12 +192,12 @@ class Worker:
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url else "shared connection"
-        return f"<Worker queue={self.queue_name!r} {where} concurrency={self._concurrency}>"
+        return f"<Worker queue={self.queue_name!r} {where} concurrency={self._plan.concurrency}>"
 
     @property
     def queue_name(self) -> str:
         """The queue consumed (the broker's name for a server-named queue)."""
-        return self._subscription.queue_name if self._subscription else self._queue.name
+        return self._subscription.queue_name if self._subscription else self._plan.queue.name
 
     @property
     def state(self) -> WorkerState:
@@ -292,52 +290,20 @@ class Worker:
             dispatcher,
             own if isinstance(own, Connection) else None,
             name=self._name,
-            concurrency=self._concurrency,
+            concurrency=self._plan.concurrency,
             queue_name=lambda: self.queue_name,
         )
-        log.info("worker consuming %r (concurrency %d)", self.queue_name, self._concurrency)
+        log.info("worker consuming %r (concurrency %d)", self.queue_name, self._plan.concurrency)
 
     async def _open(self, wait_for_broker: float | None) -> None:
-        self._source = await open_source(self._connection, self._shared, wait_for_broker)
-        source = self._source
-        queue = self._queue
-        self._router = router = Router(source, QueueType(self._queue_type))
-        self._publisher = publisher = ConfirmPublisher(
-            source,
-            window=Window(max(1000, 4 * self._prefetch)),
-            timeout=30.0,
-            resend=False,  # the upstream delivery is redelivered instead
-            what=f"worker {queue.name!r} publisher",
+        self._source = source = await open_source(self._connection, self._shared, wait_for_broker)
+        plan = self._plan
+        self._publisher = publisher = plan.publisher(source)
+        await publisher.start(plan.connect_timeout)
+        self._dispatcher, self._subscription = plan.consumer(
+            source, publisher, self._runner, self._hooks
         )
-        await publisher.start(self._connect_timeout)
-        mover = Mover(publisher, router, queue)
-        self._dispatcher = Dispatcher(
-            runner=self._runner,
-            policy=self._retry,
-            queue=queue,
-            publisher=publisher,
-            mover=mover,
-            forwarder=Sender(publisher, router, 30.0, self._hooks),
-            concurrency=self._concurrency,
-            prefetch=self._prefetch,
-            hooks=self._hooks,
-            max_defers=self._max_defers,
-        )
-        retries = self._retry is not None and not queue.server_named
-        delays = self._retry.levels_ms() if self._retry is not None and retries else ()
-        mover.declared(delays)
-        self._subscription = Subscription(
-            source,
-            router,
-            queue=queue,
-            delays_ms=delays,
-            exchange=self._exchange,
-            binding_keys=self._binding_keys,
-            binding_arguments=self._binding_arguments,
-            prefetch=self._prefetch,
-            on_delivery=self._dispatcher.dispatch,
-        )
-        await self._subscription.start(self._connect_timeout)
+        await self._subscription.start(plan.connect_timeout)
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop consuming, let running handlers finish, and close.
@@ -361,7 +327,7 @@ class Worker:
         try:
             if dispatcher is not None:
                 dispatcher.stopping = True
-            if subscription is not None and not self._queue.single_active_consumer:
+            if subscription is not None and not self._plan.queue.single_active_consumer:
                 await subscription.cancel()
             # A single-active-consumer queue is not cancelled: the broker would make the next
             # consumer active before our unfinished deliveries are back in the queue, and order

@@ -4,23 +4,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
-import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
 from rich import box
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from aio_workq import redact_url
 from aio_workq.admin.queues import QueueRow, collect, delete_queues, queue_group
 
 from ._options import number, resolve, url_option
+from ._watch import Ticker, live_refresh
 
 __all__ = ("queues",)
 
@@ -180,33 +178,19 @@ async def _watch(
     snapshot: Callable[[], Any], as_json: bool, interval: float, table: _TableMaker
 ) -> None:
     """Refresh every `interval` seconds until SIGINT or SIGTERM."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def pause() -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await stop.wait()
-        return not stop.is_set()
-
-    try:
+    async with Ticker(interval=interval) as ticker:
         if as_json:
-            while not stop.is_set():
+            while not ticker.stopped:
                 rows, _ = await snapshot()
                 click.echo(json.dumps([row.to_json() for row in rows]))
-                await pause()
+                await ticker.pause()
             return
-        console = Console()
-        rows, source = await snapshot()
-        with Live(table(rows, source, console.width), console=console, auto_refresh=False) as live:
-            while await pause():
-                rows, source = await snapshot()
-                live.update(table(rows, source, console.width), refresh=True)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+
+        async def frame(console: Console) -> Table:
+            rows, source = await snapshot()
+            return table(rows, source, console.width)
+
+        await live_refresh(ticker, frame)
 
 
 class _TableMaker:

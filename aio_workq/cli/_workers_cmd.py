@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import json
-import signal
 import time
 from typing import Any
 
 import click
 from rich import box
 from rich.console import Console
-from rich.live import Live
 from rich.table import Table
 
 from aio_workq import PresenceWatcher, WorkerPresence, redact_url
 
 from ._options import number, resolve, url_option
+from ._watch import Ticker, live_refresh
 
 __all__ = ("workers",)
 
@@ -65,29 +63,16 @@ async def _run(amqp_url: str, as_json: bool, watch: bool, wait: float) -> None:
 
 async def _watch(watcher: PresenceWatcher, as_json: bool, title: str) -> None:
     """Refresh every second until SIGINT or SIGTERM."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-
-    async def pause() -> bool:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_REFRESH):
-                await stop.wait()
-        return not stop.is_set()
-
-    try:
+    async with Ticker(interval=_REFRESH) as ticker:
         if as_json:
-            while await pause():
+            while await ticker.pause():
                 click.echo(json.dumps([to_json(w) for w in watcher.workers()]))
             return
-        console = Console()
-        with Live(_table([], title, None), console=console, auto_refresh=False) as live:
-            while await pause():
-                live.update(_table(watcher.workers(), title, None), refresh=True)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+
+        async def frame(console: Console) -> Table:
+            return _table(watcher.workers(), title, None)
+
+        await live_refresh(ticker, frame, first=_table([], title, None))
 
 
 def to_json(worker: WorkerPresence) -> dict[str, Any]:
