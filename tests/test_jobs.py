@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from aio_workq import Producer, RetryPolicy, Worker
+from aio_workq import PresenceWatcher, Producer, RetryPolicy, Worker, WorkerPresence
 from aio_workq.jobs import (
     JobCancelledError,
     JobFailedError,
@@ -136,6 +137,37 @@ async def test_a_job_is_created_before_it_starts_even_when_a_worker_is_quicker_t
         if s.created_at is None or s.started_at is None or s.started_at < s.created_at
     ]
     assert inverted == []
+
+
+async def test_the_cancel_listener_is_named_by_its_exchange_and_not_listed_as_a_worker(
+    amqp_url: str,
+    make_tasks: Callable[..., Tasks],
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    def noop() -> None:
+        pass
+
+    def ours(workers: Sequence[WorkerPresence]) -> list[WorkerPresence]:
+        return [w for w in workers if w.beat.pid == os.getpid()]
+
+    async with PresenceWatcher(amqp_url) as watcher:
+        with caplog.at_level(logging.INFO, logger="aio_workq"):
+            async with running(tasks, amqp_url, presence_interval=0.5) as workers:
+                assert len(workers) == 2  # the task queue's worker and the cancel listener
+                # Two beats of the task worker arrived: the listener, started with it, sent none.
+                await watcher.wait_for(
+                    lambda ws: any(w.beat.queues == (queue_name,)
+                                   and w.beat.sent_at > w.beat.started_at + 0.5 for w in ws),
+                    timeout=10,
+                )  # fmt: skip
+                assert [w.beat.queues for w in ours(watcher.workers())] == [(queue_name,)]
+                listener = workers[1]
+    assert listener.consuming.endswith("(bound to exchange 'workq.control')"), listener.consuming
+    assert f"worker consuming {listener.consuming} (concurrency 1)" in caplog.text
 
 
 async def test_a_failure_ends_failed_with_the_error(

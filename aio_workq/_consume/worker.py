@@ -200,6 +200,16 @@ class Worker:
         return self._subscription.queue_name if self._subscription else self._plan.queue.name
 
     @property
+    def consuming(self) -> str:
+        """What it consumes, as its log lines say: the queue, and the exchange a server-named
+        queue is bound to (its name alone, `amq.gen-...`, says nothing)."""
+        exchange = self._plan.exchange
+        if not self._plan.queue.server_named or not exchange:
+            return repr(self.queue_name)
+        name = exchange.name if isinstance(exchange, Exchange) else exchange
+        return f"{self.queue_name!r} (bound to exchange {name!r})"
+
+    @property
     def state(self) -> WorkerState:
         """Connected, consuming, in flight, and the counters since start."""
         subscription, dispatcher = self._subscription, self._dispatcher
@@ -293,7 +303,7 @@ class Worker:
             concurrency=self._plan.concurrency,
             queue_name=lambda: self.queue_name,
         )
-        log.info("worker consuming %r (concurrency %d)", self.queue_name, self._plan.concurrency)
+        log.info("worker consuming %s (concurrency %d)", self.consuming, self._plan.concurrency)
 
     async def _open(self, wait_for_broker: float | None) -> None:
         self._source = source = await open_source(self._connection, self._shared, wait_for_broker)

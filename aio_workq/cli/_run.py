@@ -77,7 +77,7 @@ async def run_in_process(options: WorkerOptions, health: HealthOptions) -> None:
         await asyncio.gather(*background, return_exceptions=True)
         if server is not None:
             await server.close()
-    done = ", ".join(f"{w.queue_name} ({w.state.processed} done)" for w in workers)
+    done = ", ".join(f"{w.consuming} ({w.state.processed} done)" for w in workers)
     log.info("stopped: %s", done)
 
 

@@ -254,6 +254,7 @@ def build_workers(
                 retry=None,
                 connection=connection,
                 name="aio-workq control",
+                presence=False,  # a listener of aio-workq's own, not a worker to list
             )  # fmt: skip
         )
     return workers
