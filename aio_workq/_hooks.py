@@ -136,7 +136,7 @@ class PublishInfo:
         return self.exchange or self.routing_key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HandleInfo:
     """One delivery the worker has settled."""
 
@@ -151,6 +151,30 @@ class HandleInfo:
     delay: float | None = None
     """For `RETRY` and `DEFERRED`: seconds until the message runs again (its wait in the delay
     queue, jitter included; 0 for an immediate retry)."""
+
+    def __init__(
+        self,
+        job: JobView,
+        queue: str,
+        outcome: Outcome,
+        error: BaseException | None,
+        seconds: float | None,
+        delay: float | None = None,
+    ) -> None:
+        # One per handled message: the slots' own setters, a third of what the frozen
+        # dataclass's `object.__setattr__` per field costs.
+        _set_job(self, job)
+        _set_queue(self, queue)
+        _set_outcome(self, outcome)
+        _set_error(self, error)
+        _set_seconds(self, seconds)
+        _set_delay(self, delay)
+
+
+_set_job, _set_queue, _set_outcome, _set_error, _set_seconds, _set_delay = (
+    HandleInfo.__dict__[name].__set__
+    for name in ("job", "queue", "outcome", "error", "seconds", "delay")
+)
 
 
 class Hook:
@@ -198,11 +222,15 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_durations", "hooks")
+    __slots__ = ("_after_handle", "_durations", "_handling", "hooks")
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
         self._durations: dict[JobView, float] = {}
+        # Per delivery only the hooks that override a method are called (a hook that counts
+        # deliveries need not be asked for a context manager).
+        self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
+        self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
@@ -287,12 +315,14 @@ class Hooks:
     async def handle(self, job: JobView, queue: str, settle: Awaitable[Settled]) -> None:
         """Await `settle` (run the handler, settle the delivery) within the hooks' context
         managers, then report the outcome. Only what `settle` raises propagates."""
-        entered: list[tuple[Hook, AbstractContextManager[Any]]] = []
-        for hook in self.hooks:
+        entered: list[tuple[Hook, AbstractContextManager[Any]]] | None = None
+        for hook in self._handling:
             try:
                 manager = hook.handling(job, queue)
                 if manager is not None:
                     manager.__enter__()
+                    if entered is None:
+                        entered = []
                     entered.append((hook, manager))
             except Exception as exc:
                 self._failed(hook, "handling", exc, _fields(queue, job))
@@ -305,19 +335,20 @@ class Hooks:
             raise
         finally:
             info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None), delay)
-            for hook in self.hooks:
+            for hook in self._after_handle:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
-            for hook, manager in reversed(entered):
-                try:
-                    if raised is None:
-                        manager.__exit__(None, None, None)
-                    else:
-                        manager.__exit__(type(raised), raised, raised.__traceback__)
-                except Exception as exc:
-                    self._failed(hook, "handling (exit)", exc, _fields(queue, job))
+            if entered is not None:
+                for hook, manager in reversed(entered):
+                    try:
+                        if raised is None:
+                            manager.__exit__(None, None, None)
+                        else:
+                            manager.__exit__(type(raised), raised, raised.__traceback__)
+                    except Exception as exc:
+                        self._failed(hook, "handling (exit)", exc, _fields(queue, job))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -334,6 +365,11 @@ class Hooks:
                 hook.on_reconnect(url)
             except Exception as exc:
                 self._failed(hook, "on_reconnect", exc, {})
+
+
+def _overrides(hook: Hook, method: str) -> bool:
+    """Whether `hook` does something in `method` (the base class's does nothing)."""
+    return getattr(type(hook), method, None) is not getattr(Hook, method)
 
 
 def _fields(queue: str, job: JobView) -> dict[str, Any]:
