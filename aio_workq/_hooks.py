@@ -96,6 +96,7 @@ class Outcome(enum.StrEnum):
 Settled = tuple[Outcome, BaseException | None, float | None]
 """What the dispatcher reports for one delivery: the outcome, the handler's error, and the
 seconds until the next run of a retried or deferred message."""
+_UNSETTLED: Settled = (Outcome.REQUEUED, None, None)
 
 
 class PublishInfo:
@@ -315,6 +316,19 @@ class Hooks:
     async def handle(self, job: JobView, queue: str, settle: Awaitable[Settled]) -> None:
         """Await `settle` (run the handler, settle the delivery) within the hooks' context
         managers, then report the outcome. Only what `settle` raises propagates."""
+        entered = self.begin(job, queue)
+        try:
+            settled = await settle
+        except BaseException as exc:
+            self.end(job, queue, entered, None, exc)
+            raise
+        self.end(job, queue, entered, settled, None)
+
+    def begin(
+        self, job: JobView, queue: str
+    ) -> list[tuple[Hook, AbstractContextManager[Any]]] | None:
+        """Before the handler runs: call `handling` and enter what it returns; pass the result
+        to `end` (`handle` in two calls, without a coroutine of its own)."""
         entered: list[tuple[Hook, AbstractContextManager[Any]]] | None = None
         for hook in self._handling:
             try:
@@ -326,29 +340,37 @@ class Hooks:
                     entered.append((hook, manager))
             except Exception as exc:
                 self._failed(hook, "handling", exc, _fields(queue, job))
-        outcome, error, delay = Outcome.REQUEUED, None, None
-        raised: BaseException | None = None
-        try:
-            outcome, error, delay = await settle
-        except BaseException as exc:
-            raised = exc
-            raise
-        finally:
+        return entered
+
+    def end(
+        self,
+        job: JobView,
+        queue: str,
+        entered: list[tuple[Hook, AbstractContextManager[Any]]] | None,
+        settled: Settled | None,
+        raised: BaseException | None,
+    ) -> None:
+        """Once the delivery is settled (`settled`), or settling it raised (`raised`): call
+        `after_handle`, then leave what `begin` entered."""
+        outcome, error, delay = settled if settled is not None else _UNSETTLED
+        if self._after_handle:
             info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None), delay)
             for hook in self._after_handle:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
-            if entered is not None:
-                for hook, manager in reversed(entered):
-                    try:
-                        if raised is None:
-                            manager.__exit__(None, None, None)
-                        else:
-                            manager.__exit__(type(raised), raised, raised.__traceback__)
-                    except Exception as exc:
-                        self._failed(hook, "handling (exit)", exc, _fields(queue, job))
+        else:
+            self._durations.pop(job, None)
+        if entered is not None:
+            for hook, manager in reversed(entered):
+                try:
+                    if raised is None:
+                        manager.__exit__(None, None, None)
+                    else:
+                        manager.__exit__(type(raised), raised, raised.__traceback__)
+                except Exception as exc:
+                    self._failed(hook, "handling (exit)", exc, _fields(queue, job))
 
     # -- connections -------------------------------------------------------------------------
 

@@ -102,7 +102,7 @@ _HELP = {
 # A publish's end, after its confirm or failure: the `_Destination` attribute it counts in.
 _PUBLISH_ENDS = ("confirmed", "nacked", "returned", "publish_timed_out", "publish_lost",
                  "publish_failed")  # fmt: skip
-_OUTCOMES = tuple(Outcome)
+_OUTCOMES = tuple(outcome.value for outcome in Outcome)
 
 
 def _multiprocess() -> bool:
@@ -163,6 +163,7 @@ class _Queue:
         self.created = time.time()
         self.started = 0
         self.handled = dict.fromkeys(_OUTCOMES, 0)
+        """By `Outcome` value (an `Outcome`'s own hash is a Python call)."""
         self.duration = _Histogram()
 
 
@@ -237,7 +238,7 @@ class _Collector(Collector):
         for outcome in _OUTCOMES:
             for label, consumed in queues.items():
                 if count := sum(part.handled[outcome] for part in consumed):
-                    handled.add_metric([label, outcome.value], count, created=when(consumed))
+                    handled.add_metric([label, outcome], count, created=when(consumed))
         yield handled
         lost = counter("connections_lost")
         lost.add_metric([], sum(counts.lost_connections for counts in every),
@@ -397,10 +398,12 @@ class PrometheusHook(Hook):
         counts = self._counts if get_ident() == self._thread else self._own()
         queue = info.queue
         counted = counts.queues.get(queue) or counts.queue(queue)
-        counted.handled[info.outcome] += 1
+        counted.handled[info.outcome._value_] += 1
         seconds = info.seconds
-        if seconds is not None:
-            counted.duration.observe(seconds)
+        if seconds is not None:  # `_Histogram.observe`, without the call
+            duration = counted.duration
+            duration.buckets[bisect_left(_BUCKETS, seconds)] += 1
+            duration.sum += seconds
 
     def on_connection_lost(self, url: str) -> None:
         counts = self._counts if get_ident() == self._thread else self._own()
