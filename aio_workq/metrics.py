@@ -335,8 +335,8 @@ class PrometheusHook(Hook):
     """
 
     def __new__(cls, *, registry: CollectorRegistry = REGISTRY) -> PrometheusHook:
-        if cls is PrometheusHook and _multiprocess():
-            return super().__new__(_SharedPrometheusHook)
+        if _multiprocess() and not issubclass(cls, _SharedPrometheusHook):
+            return super().__new__(_shared_class(cls))
         return super().__new__(cls)
 
     def __init__(self, *, registry: CollectorRegistry = REGISTRY) -> None:
@@ -562,6 +562,22 @@ class _SharedPrometheusHook(PrometheusHook):
 
     def on_reconnect(self, url: str) -> None:
         self._m.reconnects.inc()
+
+
+_shared_classes: dict[type[PrometheusHook], type[PrometheusHook]] = {}
+
+
+def _shared_class(cls: type[PrometheusHook]) -> type[PrometheusHook]:
+    """`cls` writing to prometheus-client's metrics: a subclass of yours overrides them too."""
+    if cls is PrometheusHook:
+        return _SharedPrometheusHook
+    with _lock:
+        shared = _shared_classes.get(cls)
+        if shared is None:
+            shared = _shared_classes[cls] = type(
+                cls.__name__, (cls, _SharedPrometheusHook), {"__module__": cls.__module__}
+            )
+        return shared
 
 
 class _InFlight:

@@ -228,3 +228,27 @@ def test_a_registry_keeps_the_mode_of_its_first_hook(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
     with pytest.raises(ConfigurationError, match="PROMETHEUS_MULTIPROC_DIR"):
         PrometheusHook(registry=registry)
+
+
+def test_a_hook_made_in_multiprocess_mode_writes_to_prometheus_client_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under PROMETHEUS_MULTIPROC_DIR the values must go where every process reads them: a
+    subclass of `PrometheusHook` keeps its own overrides there too."""
+    from aio_workq.metrics import _SharedPrometheusHook
+
+    class Mine(PrometheusHook):
+        def on_reconnect(self, url: str) -> None:
+            super().on_reconnect(url)
+            super().on_reconnect(url)
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    registry = CollectorRegistry()
+    plain, mine = PrometheusHook(registry=registry), Mine(registry=registry)
+    assert isinstance(plain, _SharedPrometheusHook)
+    assert isinstance(mine, Mine) and isinstance(mine, _SharedPrometheusHook)
+    mine.on_reconnect("amqp://x/")
+    job = SimpleNamespace(message_id="m", attempt=1)
+    assert plain.handling(job, "q") is not None  # prometheus-client's gauge, in and out
+    samples = _samples(render(registry).decode())
+    assert samples["aio_workq_reconnects_total", ()] == 2
