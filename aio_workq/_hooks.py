@@ -96,6 +96,7 @@ class Outcome(enum.StrEnum):
 Settled = tuple[Outcome, BaseException | None, float | None]
 """What the dispatcher reports for one delivery: the outcome, the handler's error, and the
 seconds until the next run of a retried or deferred message."""
+_UNSETTLED: Settled = (Outcome.REQUEUED, None, None)
 
 
 class PublishInfo:
@@ -136,7 +137,7 @@ class PublishInfo:
         return self.exchange or self.routing_key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class HandleInfo:
     """One delivery the worker has settled."""
 
@@ -151,6 +152,30 @@ class HandleInfo:
     delay: float | None = None
     """For `RETRY` and `DEFERRED`: seconds until the message runs again (its wait in the delay
     queue, jitter included; 0 for an immediate retry)."""
+
+    def __init__(
+        self,
+        job: JobView,
+        queue: str,
+        outcome: Outcome,
+        error: BaseException | None,
+        seconds: float | None,
+        delay: float | None = None,
+    ) -> None:
+        # One per handled message: the slots' own setters, a third of what the frozen
+        # dataclass's `object.__setattr__` per field costs.
+        _set_job(self, job)
+        _set_queue(self, queue)
+        _set_outcome(self, outcome)
+        _set_error(self, error)
+        _set_seconds(self, seconds)
+        _set_delay(self, delay)
+
+
+_set_job, _set_queue, _set_outcome, _set_error, _set_seconds, _set_delay = (
+    HandleInfo.__dict__[name].__set__
+    for name in ("job", "queue", "outcome", "error", "seconds", "delay")
+)
 
 
 class Hook:
@@ -198,11 +223,15 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_durations", "hooks")
+    __slots__ = ("_after_handle", "_durations", "_handling", "hooks")
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
         self._durations: dict[JobView, float] = {}
+        # Per delivery only the hooks that override a method are called (a hook that counts
+        # deliveries need not be asked for a context manager).
+        self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
+        self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
@@ -287,29 +316,53 @@ class Hooks:
     async def handle(self, job: JobView, queue: str, settle: Awaitable[Settled]) -> None:
         """Await `settle` (run the handler, settle the delivery) within the hooks' context
         managers, then report the outcome. Only what `settle` raises propagates."""
-        entered: list[tuple[Hook, AbstractContextManager[Any]]] = []
-        for hook in self.hooks:
+        entered = self.begin(job, queue)
+        try:
+            settled = await settle
+        except BaseException as exc:
+            self.end(job, queue, entered, None, exc)
+            raise
+        self.end(job, queue, entered, settled, None)
+
+    def begin(
+        self, job: JobView, queue: str
+    ) -> list[tuple[Hook, AbstractContextManager[Any]]] | None:
+        """Before the handler runs: call `handling` and enter what it returns; pass the result
+        to `end` (`handle` in two calls, without a coroutine of its own)."""
+        entered: list[tuple[Hook, AbstractContextManager[Any]]] | None = None
+        for hook in self._handling:
             try:
                 manager = hook.handling(job, queue)
                 if manager is not None:
                     manager.__enter__()
+                    if entered is None:
+                        entered = []
                     entered.append((hook, manager))
             except Exception as exc:
                 self._failed(hook, "handling", exc, _fields(queue, job))
-        outcome, error, delay = Outcome.REQUEUED, None, None
-        raised: BaseException | None = None
-        try:
-            outcome, error, delay = await settle
-        except BaseException as exc:
-            raised = exc
-            raise
-        finally:
+        return entered
+
+    def end(
+        self,
+        job: JobView,
+        queue: str,
+        entered: list[tuple[Hook, AbstractContextManager[Any]]] | None,
+        settled: Settled | None,
+        raised: BaseException | None,
+    ) -> None:
+        """Once the delivery is settled (`settled`), or settling it raised (`raised`): call
+        `after_handle`, then leave what `begin` entered."""
+        outcome, error, delay = settled if settled is not None else _UNSETTLED
+        if self._after_handle:
             info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None), delay)
-            for hook in self.hooks:
+            for hook in self._after_handle:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
+        else:
+            self._durations.pop(job, None)
+        if entered is not None:
             for hook, manager in reversed(entered):
                 try:
                     if raised is None:
@@ -334,6 +387,11 @@ class Hooks:
                 hook.on_reconnect(url)
             except Exception as exc:
                 self._failed(hook, "on_reconnect", exc, {})
+
+
+def _overrides(hook: Hook, method: str) -> bool:
+    """Whether `hook` does something in `method` (the base class's does nothing)."""
+    return getattr(type(hook), method, None) is not getattr(Hook, method)
 
 
 def _fields(queue: str, job: JobView) -> dict[str, Any]:

@@ -26,13 +26,19 @@ operation type `process`), with `messaging.system=rabbitmq`, `messaging.destinat
 `aio_workq.outcome`; a failed handler sets `error.type` and records the exception.
 
 Sampled (e.g. `ParentBased(TraceIdRatioBased(0.1))`), a message the sampler leaves out costs
-close to nothing: the decision comes first, shown the attributes every message of the queue
-shares (system, operation, exchange, queue); the message's own (id, delivery tag, attempt,
-routing key, correlation id) are read and set only on a span that records.
+little: the decision comes first, shown the attributes every message of the queue shares
+(system, operation, exchange, queue); the message's own (id, delivery tag, attempt, routing
+key, correlation id) are read and set only on a span that records. A message whose producer
+did not sample it (its `traceparent` says so) is not shown to the SDK at all when the sampler
+follows the parent's decision (`ParentBased`, as by default, or `ALWAYS_OFF`) and the
+propagator is the default W3C one: its `traceparent` is read here and made current, so what
+the handler forwards carries the trace id and the decision on. A message without a trace
+context (a root) still costs the SDK's decision.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -45,7 +51,16 @@ try:
     from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
     from opentelemetry.propagators.textmap import TextMapPropagator
-    from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
+    from opentelemetry.trace import (
+        NonRecordingSpan,
+        ProxyTracer,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+        TracerProvider,
+    )
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ConfigurationError(
         "aio_workq.tracing needs opentelemetry-api: pip install 'aio-workq[otel]'"
@@ -58,6 +73,15 @@ if TYPE_CHECKING:
 __all__ = ("TracingHook",)
 
 _NO_PARENT = otel_context.Context()
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+"""A W3C `traceparent` of version 00 as it is written (the propagator also takes spaces)."""
+_W3C = (
+    frozenset({"traceparent", "tracestate"}),
+    frozenset({"traceparent", "tracestate", "baggage"}),
+)
+"""The fields of W3C trace context (and baggage) propagators: the default one."""
+_UNSAMPLED_PARENT_DROPS = "remoteParentNotSampled:AlwaysOffSampler,"
+_FLAGS = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}
 _SHARED_MAX = 1024
 """(queue, exchange) pairs whose span name and shared attributes are kept (then started over)."""
 _FAILED = frozenset({Outcome.RETRY, Outcome.DEAD_LETTERED, Outcome.REJECTED, Outcome.FAILED})
@@ -79,8 +103,42 @@ class TracingHook(Hook):
         propagator: TextMapPropagator | None = None,
     ) -> None:
         self._tracer = trace.get_tracer("aio_workq", __version__, tracer_provider=tracer_provider)
+        self._tracer_provider = tracer_provider
         self._propagator = propagator
         self._shared: dict[tuple[str, str], tuple[str, Mapping[str, Any]]] = {}
+        self._w3c_of: TextMapPropagator | None = None
+        """The propagator `_w3c` was found for."""
+        self._w3c = False
+        """Whether the propagator reads W3C trace context only (and baggage)."""
+        self._drops_unsampled: bool | None = None
+        """Whether the sampler drops a span whose remote parent was not sampled (`None`: the
+        tracer is not the SDK's yet)."""
+
+    def _reads_w3c(self) -> bool:
+        """Whether the propagator in use reads W3C trace context (and baggage) only, so that
+        a `traceparent` read here gives what it would."""
+        propagator = self._propagator or propagate.get_global_textmap()
+        if propagator is not self._w3c_of:
+            self._w3c_of = propagator
+            self._w3c = frozenset(propagator.fields) in _W3C
+        return self._w3c
+
+    def _sampler_drops_unsampled(self) -> bool:
+        """Whether the SDK's sampler drops every span whose remote parent was not sampled
+        (`ParentBased`, as by default, or `ALWAYS_OFF`): told by its description."""
+        tracer = self._tracer
+        if isinstance(tracer, ProxyTracer):  # no SDK when the hook was made: maybe now
+            tracer = trace.get_tracer("aio_workq", __version__, self._tracer_provider)
+            if isinstance(tracer, ProxyTracer):
+                return False
+            self._tracer = tracer
+        sampler = getattr(tracer, "sampler", None)
+        description = sampler.get_description() if sampler is not None else ""
+        drops = description == "AlwaysOffSampler" or (
+            description.startswith("ParentBased{") and _UNSAMPLED_PARENT_DROPS in description
+        )
+        self._drops_unsampled = drops
+        return drops
 
     def _inject(self, headers: dict[str, Any], span: trace.Span) -> None:
         context = trace.set_span_in_context(span)
@@ -116,12 +174,30 @@ class TracingHook(Hook):
     def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any]:
         # Sampling is decided first, on what every message of the queue shares (what a
         # sampler is shown); the message's own attributes are read only for a span that
-        # records. A sampled-out message costs its headers (none decoded if it has none),
-        # the SDK's decision and making its span current (so what it forwards carries the
-        # decision on).
+        # records. A message whose producer did not sample it costs reading its traceparent
+        # and making it current (so what it forwards carries the decision on): no SDK span.
+        # A root costs the SDK's decision and making its span current.
         headers = job.headers
         if not headers:
             parent = _NO_PARENT  # what extracting from no headers gives
+        elif (
+            (traceparent := headers.get("traceparent")).__class__ is str
+            and "tracestate" not in headers
+            and "baggage" not in headers
+            and self._reads_w3c()
+            and (found := _TRACEPARENT.fullmatch(traceparent)) is not None
+        ):
+            # What the W3C propagator reads from a traceparent alone, without its layers.
+            trace_id, span_id, flags = found.groups()
+            context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
+            if not context.is_valid:
+                parent = _NO_PARENT
+            elif not context.trace_flags.sampled and (
+                self._drops_unsampled or self._sampler_drops_unsampled()
+            ):
+                return _Current(NonRecordingSpan(context))  # sampled out by its producer
+            else:
+                parent = trace.set_span_in_context(NonRecordingSpan(context))
         elif self._propagator is None:
             parent = propagate.extract(headers)
         else:

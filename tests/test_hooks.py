@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -359,3 +360,14 @@ async def test_a_plain_def_handler_in_a_thread_logs_with_the_message_fields(
     finally:
         log.removeHandler(keep)
     assert seen[0]["message_id"] == message_id and seen[0]["queue"] == queue_name
+
+
+def test_handle_info_stays_a_frozen_dataclass() -> None:
+    """`HandleInfo` is built per message by its own `__init__`: still frozen, equal by value."""
+    info = HandleInfo(cast(Any, "job"), "q", Outcome.RETRY, None, 0.5)
+    assert info.delay is None and info.seconds == 0.5 and info.outcome is Outcome.RETRY
+    assert info == HandleInfo(cast(Any, "job"), "q", Outcome.RETRY, None, 0.5, None)
+    assert hash(info) == hash(dataclasses.replace(info))
+    assert dataclasses.replace(info, delay=2.0).delay == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        info.queue = "other"  # type: ignore[misc]

@@ -6,19 +6,24 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from aio_workq import (
+    ConfigurationError,
     HandleInfo,
     Hook,
     Job,
+    Outcome,
     Producer,
+    PublishInfo,
     Reject,
     Retry,
     SerializationError,
@@ -152,3 +157,98 @@ def test_workers_get_hooks_added_before_they_start() -> None:
     worker.add_hooks(Hook())
     assert worker._hooks is not None and worker._hooks.hooks[0] is hook
     assert len(worker._hooks.hooks) == 2
+
+
+def _handle(hook: PrometheusHook, queue: str, outcome: Outcome, seconds: float | None) -> None:
+    job = SimpleNamespace(message_id="m", attempt=1)
+    assert hook.handling(job, queue) is None  # counted, no manager
+    hook.after_handle(HandleInfo(job, queue, outcome, None, seconds))
+
+
+def test_counts_made_on_several_threads_add_up() -> None:
+    """The hook adds to plain numbers, one set per thread: none is lost, a scrape sums them."""
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry=registry)
+    other = PrometheusHook(registry=registry)
+
+    def work(which: PrometheusHook) -> None:
+        for _ in range(2_000):
+            _handle(which, "q", Outcome.OK, 0.003)
+
+    threads = [threading.Thread(target=work, args=(h,)) for h in (hook, hook, other, other)]
+    for thread in threads:
+        thread.start()
+    work(hook)
+    for thread in threads:
+        thread.join(30)
+    hook.on_reconnect("amqp://x/")
+    samples = _samples(render(registry).decode())
+    q = (("queue", "q"),)
+    assert samples["aio_workq_handled_total", (("outcome", "ok"), *q)] == 10_000
+    assert samples["aio_workq_handler_duration_seconds_count", q] == 10_000
+    assert samples["aio_workq_handler_duration_seconds_bucket", (("le", "0.0025"), *q)] == 0
+    assert samples["aio_workq_handler_duration_seconds_bucket", (("le", "0.005"), *q)] == 10_000
+    assert samples["aio_workq_handler_duration_seconds_sum", q] == pytest.approx(30.0)
+    assert samples["aio_workq_handlers_in_flight", q] == 0
+    assert samples["aio_workq_reconnects_total", ()] == 1
+
+
+def test_the_exposition_names_types_and_help_texts() -> None:
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry=registry)
+    info = PublishInfo(exchange="", routing_key="q", message_id="m", headers={}, body_size=1,
+                       window=7)  # fmt: skip
+    hook.before_publish(info)
+    job = SimpleNamespace(message_id="m", attempt=1)
+    hook.handling(job, "q")
+    families = {f.name: f for f in text_string_to_metric_families(render(registry).decode())}
+    types = {name: f.type for name, f in families.items() if not name.endswith("_created")}
+    assert types == {
+        "aio_workq_published": "counter", "aio_workq_confirmed": "counter",
+        "aio_workq_nacked": "counter", "aio_workq_returned": "counter",
+        "aio_workq_publish_timed_out": "counter", "aio_workq_publish_lost": "counter",
+        "aio_workq_publish_failed": "counter", "aio_workq_handled": "counter",
+        "aio_workq_connections_lost": "counter", "aio_workq_reconnects": "counter",
+        "aio_workq_confirm_latency_seconds": "histogram",
+        "aio_workq_handler_duration_seconds": "histogram",
+        "aio_workq_handlers_in_flight": "gauge", "aio_workq_publish_in_flight": "gauge",
+        "aio_workq_publish_window": "gauge",
+    }  # fmt: skip
+    assert families["aio_workq_handled"].documentation == "Deliveries settled, by outcome."
+    samples = _samples(render(registry).decode())
+    assert samples["aio_workq_publish_in_flight", ()] == 1
+    assert samples["aio_workq_publish_window", ()] == 7
+    assert samples["aio_workq_handlers_in_flight", (("queue", "q"),)] == 1
+    assert samples["aio_workq_confirmed_total", (("destination", "q"),)] == 0
+
+
+def test_a_registry_keeps_the_mode_of_its_first_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = CollectorRegistry()
+    PrometheusHook(registry=registry)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    with pytest.raises(ConfigurationError, match="PROMETHEUS_MULTIPROC_DIR"):
+        PrometheusHook(registry=registry)
+
+
+def test_a_hook_made_in_multiprocess_mode_writes_to_prometheus_client_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under PROMETHEUS_MULTIPROC_DIR the values must go where every process reads them: a
+    subclass of `PrometheusHook` keeps its own overrides there too."""
+    from aio_workq.metrics import _SharedPrometheusHook
+
+    class Mine(PrometheusHook):
+        def on_reconnect(self, url: str) -> None:
+            super().on_reconnect(url)
+            super().on_reconnect(url)
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent")
+    registry = CollectorRegistry()
+    plain, mine = PrometheusHook(registry=registry), Mine(registry=registry)
+    assert isinstance(plain, _SharedPrometheusHook)
+    assert isinstance(mine, Mine) and isinstance(mine, _SharedPrometheusHook)
+    mine.on_reconnect("amqp://x/")
+    job = SimpleNamespace(message_id="m", attempt=1)
+    assert plain.handling(job, "q") is not None  # prometheus-client's gauge, in and out
+    samples = _samples(render(registry).decode())
+    assert samples["aio_workq_reconnects_total", ()] == 2

@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
@@ -23,11 +23,13 @@ from opentelemetry.sdk.trace.sampling import (
     ParentBased,
     Sampler,
     SamplingResult,
+    TraceIdRatioBased,
 )
 from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
-from aio_workq import Job
+from aio_workq import Job, PublishInfo
 from aio_workq._consume.delivery import Delivery
 from aio_workq._wire.frames import Properties, decode_header, encode_properties
 from aio_workq.tracing import TracingHook
@@ -177,3 +179,99 @@ def test_the_headers_of_a_message_without_any_are_read_without_decoding_it(
     assert len(decoded) == 1
     with_headers = job(Properties(message_id="m-2", headers={"x-workq-attempt": 3}))
     assert with_headers.headers == {"x-workq-attempt": 3} and with_headers.attempt == 3
+
+
+def _forward(hook: TracingHook) -> dict[str, Any]:
+    """The headers of a message published while a delivery is handled (a forward)."""
+    info = PublishInfo(exchange="", routing_key="next", message_id="f-1", headers={},
+                       body_size=1, window=10)  # fmt: skip
+    hook.after_publish(info, hook.before_publish(info))
+    return info.headers
+
+
+def test_a_message_its_producer_sampled_out_asks_the_sdk_nothing(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its traceparent says not sampled and the sampler follows the parent: no extract, no
+    span from the SDK; what the handler forwards carries the trace id and the decision on."""
+    asked: list[str] = []
+
+    def noted(name: str, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            asked.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(Tracer, "start_span", noted("start_span", Tracer.start_span))
+    extract = TraceContextTextMapPropagator.extract
+    monkeypatch.setattr(TraceContextTextMapPropagator, "extract", noted("extract", extract))
+    hook = _hook(ParentBased(TraceIdRatioBased(0.5)), exporter)
+    job = NotedJob({"traceparent": PARENT})
+    with hook.handling(job, "tasks"):
+        context = trace.get_current_span().get_span_context()
+        asked_for_the_message = list(asked)
+        forwarded = _forward(hook)
+    assert asked_for_the_message == []
+    assert not context.trace_flags.sampled and not trace.get_current_span().is_recording()
+    assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    version, trace_id, _, flags = forwarded["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "00")
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_forward_of_a_sampled_message_is_a_child_of_its_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    hook = _hook(ParentBased(ALWAYS_OFF), exporter)
+    sampled = PARENT[:-2] + "01"
+    with hook.handling(NotedJob({"traceparent": sampled}), "tasks"):
+        forwarded = _forward(hook)
+    publish, process = exporter.get_finished_spans()
+    assert process.name == "process tasks" and publish.name == "publish next"
+    assert process.parent is not None and process.parent.span_id == 0xB7AD6B7169203331
+    assert process.parent.is_remote
+    assert publish.parent is not None and publish.parent.span_id == process.context.span_id
+    assert (
+        process.context.trace_id == publish.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    )
+    assert forwarded["traceparent"] == (
+        f"00-0af7651916cd43dd8448eb211c80319c-{publish.context.span_id:016x}-01"
+    )
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON), ALWAYS_ON],
+    ids=["parent-based-keeping-unsampled-parents", "always-on"],
+)
+def test_a_sampler_that_keeps_unsampled_parents_is_asked(
+    sampler: Sampler, exporter: InMemorySpanExporter
+) -> None:
+    hook = _hook(sampler, exporter)
+    _handle(hook, NotedJob({"traceparent": PARENT}))
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331
+    assert span.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": PARENT, "baggage": "tenant=acme"},
+        {"traceparent": PARENT, "tracestate": "vendor=x"},
+        {"traceparent": " " + PARENT},  # what the propagator also takes
+    ],
+    ids=["baggage", "tracestate", "spaces"],
+)
+def test_what_the_propagator_reads_beyond_a_traceparent_is_kept(
+    headers: dict[str, Any], exporter: InMemorySpanExporter
+) -> None:
+    hook = _hook(ParentBased(ALWAYS_OFF), exporter)
+    with hook.handling(NotedJob(headers), "tasks"):
+        context = trace.get_current_span().get_span_context()
+        forwarded = _forward(hook)
+    assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert forwarded["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
+    assert forwarded.get("tracestate") == headers.get("tracestate")
+    assert exporter.get_finished_spans() == ()

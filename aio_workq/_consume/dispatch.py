@@ -122,10 +122,17 @@ class Dispatcher:
         task = asyncio.current_task(self._loop)
         assert task is not None
         try:
-            if self._hooks is None:
+            hooks = self._hooks
+            if hooks is None:
                 await self._handle(job, acker, tag, task)
-            else:
-                await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag, task))
+            else:  # `hooks.handle`, without a coroutine more per message
+                entered = hooks.begin(job, self.queue_name)
+                try:
+                    settled = await self._handle(job, acker, tag, task)
+                except BaseException as exc:
+                    hooks.end(job, self.queue_name, entered, None, exc)
+                    raise
+                hooks.end(job, self.queue_name, entered, settled, None)
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
