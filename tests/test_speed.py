@@ -390,3 +390,89 @@ async def test_a_task_cancelled_before_it_ran_leaves_the_dispatcher() -> None:
     hurry.set()
     await dispatcher.drain(0, hurry)  # cancels it before its first step
     assert not dispatcher.tasks and settled.acked == []
+
+
+def _own_calls(counted: list[int]) -> Any:
+    """A profile function counting the calls (and coroutine resumes) of aio-workq's own code."""
+    import os
+    import sys
+
+    import aio_workq
+
+    root = os.path.dirname(aio_workq.__file__)
+    previous = sys.getprofile()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            counted[0] += 1
+
+    sys.setprofile(profile)
+    return previous
+
+
+async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine() -> None:
+    """An async handler with no timeout, no payload type and no hooks is awaited by the
+    delivery's task itself: no coroutine of the runner's or of `_handle` in between (#22
+    item 2: each coroutine is an object, a frame and a resume per delivery)."""
+    import sys
+
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+
+    async def per_delivery(deliveries: int) -> int:
+        dispatcher, settled = _dispatcher(), _Settled()
+        counted = [0]
+        previous = _own_calls(counted)
+        try:
+            for tag in range(1, deliveries + 1):
+                delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+                dispatcher.dispatch(delivery, cast(Any, settled))
+            await asyncio.wait(set(dispatcher.tasks))
+        finally:
+            sys.setprofile(previous)
+        assert settled.acked == list(range(1, deliveries + 1))
+        return counted[0]
+
+    one, eleven = await per_delivery(1), await per_delivery(11)
+    # The Delivery, dispatch, the Job, the task's coroutine, the log fields and reply_to
+    # (the job's and the delivery's): 9 before, with the runner's `run` and `_handle`.
+    assert (eleven - one) / 10 <= 7, (eleven - one) / 10
+
+
+async def test_a_delivery_whole_in_one_read_is_taken_in_one_step() -> None:
+    """Its method, content header and body frame are taken together, not frame by frame
+    through the tap's state machine (#22 item 2)."""
+    import sys
+
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from aio_workq._wire.demux import FrameDemux
+    from aio_workq._wire.seams import ALIVE_FRAME
+    from tests.test_demux import PROPS, TAPPED, FakeChannel, Pieces, collect, deliver
+
+    def message(tag: int) -> bytes:  # one body frame, as RabbitMQ sends a small body
+        header = ContentHeader(body_size=64, properties=PROPS)
+        return b"".join(
+            frame.marshal(value, TAPPED) for value in (deliver(tag), header, ContentBody(b"x" * 64))
+        )
+
+    async def per_read(deliveries: int) -> int:
+        data = b"".join(message(tag) for tag in range(deliveries))
+        demux = FrameDemux(Pieces(data, len(data)), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        taken: list[Delivery] = []
+        demux.attach(FakeChannel(TAPPED), on_delivery=collect(taken))  # type: ignore[arg-type]
+        counted = [0]
+        previous = _own_calls(counted)
+        try:
+            passed = await demux.read()  # every frame taken: aiormq gets a sign of life only
+        finally:
+            sys.setprofile(previous)
+        assert passed == ALIVE_FRAME
+        assert [d.body for d in taken] == [b"x" * 64] * deliveries
+        return counted[0]
+
+    one, eleven = await per_read(1), await per_read(11)
+    # The tap's step, the delivery's fields and the consumer's Delivery: 9 before (a step
+    # per frame, the short strings one call each, the content completed on its own).
+    assert (eleven - one) / 10 <= 3, (eleven - one) / 10

@@ -74,7 +74,7 @@ class Dispatcher:
         self._runner = runner
         self._max_defers = max_defers
         self._hooks = hooks
-        self._run = runner.run if hooks is None else hooks.timed(runner.run)
+        self._run = runner.caller() if hooks is None else hooks.timed(runner.caller())
         self._policy = policy
         self._queue = queue
         self._publisher = publisher
@@ -122,10 +122,25 @@ class Dispatcher:
         task = asyncio.current_task(self._loop)
         assert task is not None
         try:
-            if self._hooks is None:
-                await self._handle(job, acker, tag, task)
-            else:
+            if self._hooks is not None:
                 await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag, task))
+            elif self._slots is not None or self.stopping:
+                await self._handle(job, acker, tag, task)
+            else:  # the usual delivery: `_handle`'s steps here, one coroutine less
+                try:
+                    result = await self._run(job)
+                except asyncio.CancelledError as exc:
+                    if task.cancelling():
+                        raise  # the worker is stopping: requeued below
+                    await self._settle(job, acker, tag, task, exc, None)
+                except BaseException as exc:  # noqa: B036 - every delivery is settled
+                    await self._settle(job, acker, tag, task, exc, None)
+                else:
+                    if task.cancelling() or job.links or job.reply_to:
+                        await self._settle(job, acker, tag, task, None, result)
+                    else:
+                        acker.ack(tag)
+                        self.counters.processed += 1
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -150,6 +165,7 @@ class Dispatcher:
                 # else: left unacked; closing the channel returns it in order (see Worker.stop)
                 return Outcome.REQUEUED, None, None
             failure: BaseException | None = None
+            result: Any = None
             try:
                 result = await self._run(job)
             except asyncio.CancelledError as exc:
@@ -161,6 +177,18 @@ class Dispatcher:
         finally:
             if slots is not None:
                 slots.release()
+        return await self._settle(job, acker, tag, task, failure, result)
+
+    async def _settle(
+        self,
+        job: Job,
+        acker: Acker,
+        tag: int,
+        task: asyncio.Task[Any],
+        failure: BaseException | None,
+        result: Any,
+    ) -> Settled:
+        """Settle the delivery once the handler returned `result` or raised `failure`."""
         if task.cancelling():
             raise asyncio.CancelledError  # returned after a stop cancelled it: requeued
         if failure is None and job.links:
