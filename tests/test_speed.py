@@ -476,3 +476,16 @@ async def test_a_delivery_whole_in_one_read_is_taken_in_one_step() -> None:
     # The tap's step, the delivery's fields and the consumer's Delivery: 9 before (a step
     # per frame, the short strings one call each, the content completed on its own).
     assert (eleven - one) / 10 <= 3, (eleven - one) / 10
+
+
+async def test_a_delivery_s_task_is_named_after_its_queue() -> None:
+    """`asyncio.all_tasks()` says whose a task is; and on Python 3.11 a task without a name
+    formats a fresh "Task-N" string, one per delivery (#22 item 2)."""
+    dispatcher, settled = _dispatcher(), _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    delivery = Delivery(cast(Any, None), "c", 1, False, "", "tasks", header, b"x")
+    dispatcher.dispatch(delivery, cast(Any, settled))
+    (task,) = dispatcher.tasks
+    assert task.get_name() == "aio-workq worker 'tasks'"
+    await task
+    assert settled.acked == [1]

@@ -82,6 +82,9 @@ class Dispatcher:
         self._forwarder = forwarder
         self._slots = asyncio.Semaphore(concurrency) if prefetch > concurrency else None
         self.queue_name = queue.name
+        # Every delivery's task has this name: asyncio.all_tasks() says whose it is, and on
+        # Python 3.11 a task without one formats a "Task-N" of its own.
+        self._task_name = f"aio-workq worker {queue.name!r}"
         self.counters = Counters()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -94,7 +97,7 @@ class Dispatcher:
         job = Job(delivery, self._forwarder)
         # The task takes itself out of `tasks` as it ends (`_process`): a done callback
         # would cost the loop a callback more per delivery.
-        self.tasks.add(self._loop.create_task(self._process(job, acker, tag)))
+        self.tasks.add(self._loop.create_task(self._process(job, acker, tag), name=self._task_name))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
