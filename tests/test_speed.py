@@ -332,10 +332,11 @@ async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
     assert len(tasks_asked) == 3
 
 
-def _dispatcher() -> Dispatcher:
-    async def handler(job: Job) -> None:
-        pass
+async def _nothing(job: Job) -> None:
+    pass
 
+
+def _dispatcher(handler: Any = _nothing) -> Dispatcher:
     runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
     return Dispatcher(
         runner=runner,
@@ -410,16 +411,24 @@ def _own_calls(counted: list[int]) -> Any:
     return previous
 
 
-async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine() -> None:
+@pytest.mark.parametrize("links", [0, 1], ids=["consume", "chain"])
+async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine(links: int) -> None:
     """An async handler with no timeout, no payload type and no hooks is awaited by the
-    delivery's task itself: no coroutine of the runner's or of `_handle` in between (#22
-    item 2: each coroutine is an object, a frame and a resume per delivery)."""
+    delivery's task itself, and so is the one confirm of a chain step: no coroutine of the
+    runner's, of `_handle` or of `_first_failure` in between (#22 item 2: each coroutine is
+    an object, a frame and a resume per delivery)."""
     import sys
 
     header = struct.pack(">HHQH", 60, 0, 1, 0)
+    confirm: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    confirm.set_result("m")
+
+    async def handler(job: Job) -> None:
+        if links:
+            job.links = [confirm]  # as Job.send leaves it once the message is sent
 
     async def per_delivery(deliveries: int) -> int:
-        dispatcher, settled = _dispatcher(), _Settled()
+        dispatcher, settled = _dispatcher(handler), _Settled()
         counted = [0]
         previous = _own_calls(counted)
         try:
@@ -434,7 +443,8 @@ async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine()
 
     one, eleven = await per_delivery(1), await per_delivery(11)
     # The Delivery, dispatch, the Job, the task's coroutine, the log fields and reply_to
-    # (the job's and the delivery's): 9 before, with the runner's `run` and `_handle`.
+    # (the job's and the delivery's): 9 before, with the runner's `run` and `_handle`, and
+    # 10 with a confirm (`_first_failure` too).
     assert (eleven - one) / 10 <= 7, (eleven - one) / 10
 
 

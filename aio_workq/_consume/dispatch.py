@@ -129,21 +129,34 @@ class Dispatcher:
                 await self._hooks.handle(job, self.queue_name, self._handle(job, acker, tag, task))
             elif self._slots is not None or self.stopping:
                 await self._handle(job, acker, tag, task)
-            else:  # the usual delivery: `_handle`'s steps here, one coroutine less
+            else:  # the usual delivery: `_handle`'s steps here, in one coroutine
+                failure: BaseException | None = None
+                result: Any = None
                 try:
                     result = await self._run(job)
                 except asyncio.CancelledError as exc:
                     if task.cancelling():
                         raise  # the worker is stopping: requeued below
-                    await self._settle(job, acker, tag, task, exc, None)
+                    failure = exc  # the handler's own cancellation: a failure like any other
                 except BaseException as exc:  # noqa: B036 - every delivery is settled
-                    await self._settle(job, acker, tag, task, exc, None)
+                    failure = exc
+                links = job.links
+                if failure is None and links and len(links) == 1 and not task.cancelling():
+                    # The usual chain step: its one confirm awaited here (as _first_failure).
+                    confirm, links = links[0], None
+                    try:
+                        await confirm
+                    except asyncio.CancelledError as exc:
+                        if task.cancelling():
+                            raise  # the worker is stopping: requeued below
+                        failure = exc  # the confirm itself was cancelled
+                    except BaseException as exc:  # noqa: B036 - as gather(return_exceptions)
+                        failure = exc
+                if failure is None and not links and not task.cancelling() and not job.reply_to:
+                    acker.ack(tag)
+                    self.counters.processed += 1
                 else:
-                    if task.cancelling() or job.links or job.reply_to:
-                        await self._settle(job, acker, tag, task, None, result)
-                    else:
-                        acker.ack(tag)
-                        self.counters.processed += 1
+                    await self._settle(job, acker, tag, task, failure, result, links)
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -180,7 +193,7 @@ class Dispatcher:
         finally:
             if slots is not None:
                 slots.release()
-        return await self._settle(job, acker, tag, task, failure, result)
+        return await self._settle(job, acker, tag, task, failure, result, job.links)
 
     async def _settle(
         self,
@@ -190,12 +203,14 @@ class Dispatcher:
         task: asyncio.Task[Any],
         failure: BaseException | None,
         result: Any,
+        links: list[asyncio.Future[str]] | None,
     ) -> Settled:
-        """Settle the delivery once the handler returned `result` or raised `failure`."""
+        """Settle the delivery once the handler returned `result` or raised `failure`, and
+        the confirms of what it forwarded (`links`, unless awaited already) settled."""
         if task.cancelling():
             raise asyncio.CancelledError  # returned after a stop cancelled it: requeued
-        if failure is None and job.links:
-            failure = await _first_failure(job.links, self._loop)
+        if failure is None and links:
+            failure = await _first_failure(links, self._loop)
         if failure is None:
             if job.reply_to:
                 await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)
