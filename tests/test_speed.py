@@ -499,3 +499,55 @@ async def test_a_delivery_s_task_is_named_after_its_queue() -> None:
     assert task.get_name() == "aio-workq worker 'tasks'"
     await task
     assert settled.acked == [1]
+
+
+async def test_publish_many_waits_for_settled_confirms_without_a_callback_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`settle_in_order` (publish_many, the outbox) awaits the confirms one by one: one
+    settled already costs nothing, where gather added a done callback (a Handle, a
+    call_soon and a Context.run) to each (#22 item 2). Outcomes as gather's."""
+    from aio_workq._exceptions import PublishError
+    from aio_workq._publish.message import settle_in_order
+
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon(callback, *args, context=context)
+
+    monkeypatch.setattr(loop, "call_soon", counted)
+    confirms: list[asyncio.Future[str]] = [loop.create_future() for _ in range(100)]
+    for i, confirm in enumerate(confirms):
+        confirm.set_result(f"m{i}")
+    nacked = PublishError("nacked")
+    confirms[3] = loop.create_future()
+    confirms[3].set_exception(nacked)
+    confirms[5] = loop.create_future()
+    confirms[5].cancel()
+    refused = PublishError("not sent")
+    results = await settle_in_order([*confirms, refused])
+    assert len(scheduled) <= 1  # gather: 101
+    assert results[:3] == ["m0", "m1", "m2"] and results[3] is nacked and results[4] == "m4"
+    assert isinstance(results[5], asyncio.CancelledError) and results[-1] is refused
+
+
+async def test_publish_many_cancelled_cancels_the_confirms_it_waits_for() -> None:
+    """As gather did: a cancelled wait cancels every confirm still pending."""
+    from aio_workq._publish.message import settle_in_order
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    done.set_result("m0")
+    pending = [loop.create_future() for _ in range(3)]
+    failed: asyncio.Future[str] = loop.create_future()
+    waiting = asyncio.ensure_future(settle_in_order([done, *pending, failed]))
+    await asyncio.sleep(0)
+    failed.set_exception(ValueError("nacked"))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert all(confirm.cancelled() for confirm in pending)
+    assert failed.done() and not failed.cancelled()
