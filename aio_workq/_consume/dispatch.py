@@ -97,7 +97,8 @@ class Dispatcher:
         job = Job(delivery, self._forwarder)
         # The task takes itself out of `tasks` as it ends (`_process`): a done callback
         # would cost the loop a callback more per delivery.
-        self.tasks.add(self._loop.create_task(self._process(job, acker, tag), name=self._task_name))
+        process = self._process(job, acker, tag, delivery.reply_to is not None)
+        self.tasks.add(self._loop.create_task(process, name=self._task_name))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
@@ -120,7 +121,8 @@ class Dispatcher:
         # A task cancelled before its first step never ran `_process` to take itself out.
         tasks.difference_update([task for task in tasks if task.done()])
 
-    async def _process(self, job: Job, acker: Acker, tag: int) -> None:
+    async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
+        """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
         handling(self.queue_name, job)  # log lines in this task name the message
         task = asyncio.current_task(self._loop)
         assert task is not None
@@ -152,7 +154,7 @@ class Dispatcher:
                         failure = exc  # the confirm itself was cancelled
                     except BaseException as exc:  # noqa: B036 - as gather(return_exceptions)
                         failure = exc
-                if failure is None and not links and not task.cancelling() and not job.reply_to:
+                if failure is None and not links and not reply and not task.cancelling():
                     acker.ack(tag)
                     self.counters.processed += 1
                 else:
