@@ -584,3 +584,57 @@ async def test_an_ack_is_one_call_of_the_acker_s() -> None:
     async with asyncio.timeout(5):
         await channel.written.wait()
     assert channel.acked == [11]  # one multiple ack, written through aiormq's API
+
+
+async def test_the_timeout_sweep_walks_the_records_only_once_one_may_have_expired() -> None:
+    """Every 0.1 s the publisher's sweep looked at every record in flight (up to the whole
+    window) for one past its deadline; it now knows the earliest deadline and walks them
+    only once it has passed (#22 item 2)."""
+    from aio_workq._exceptions import PublishError
+    from aio_workq._publish.expiry import Expiry
+    from aio_workq._wire.window import Window
+
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+
+    class Out:
+        def __init__(self, deadline: float) -> None:
+            self.deadline = deadline
+
+    class Records:
+        def __init__(self) -> None:
+            self.live = [Out(now + 60), Out(now + 30)]
+            self.walks = 0
+            self.failed: list[Out] = []
+
+        def outstanding(self) -> list[Any]:
+            self.walks += 1
+            return list(self.live)
+
+        def fail(self, records: Any, cls: type[PublishError], why: str) -> None:
+            for out in records:
+                self.live.remove(out)
+                self.failed.append(out)
+
+        def when_flushed(self, callback: Any) -> None:
+            callback()
+
+    class Source:
+        def trouble(self) -> str | None:
+            return None
+
+    records, window = Records(), Window()
+    window.take(1)
+    expiry = Expiry(cast(Any, records), window, cast(Any, Source()))
+    for out in records.live:
+        expiry.expect(out.deadline)
+    for _ in range(5):
+        expiry.sweep()
+    assert records.walks == 0 and records.failed == []
+    late = Out(now - 1)
+    records.live.append(late)
+    expiry.expect(late.deadline)
+    for _ in range(5):
+        expiry.sweep()
+    assert records.walks == 1 and records.failed == [late]  # then none: the next is in 30 s
+    expiry.stop()
