@@ -269,6 +269,7 @@ class PublishMachine(RuleBasedStateMachine):
         for out in self.publisher.outstanding():
             if out.message_id == message_id:
                 out.deadline = 0
+        self.publisher._expiry.expect(0)  # as the publisher says of a deadline the earliest
         self._settle(message_id, "timeout")
         self.publisher._expiry.sweep()
         self.settle_loop()

@@ -332,10 +332,11 @@ async def test_a_delivery_is_handled_without_asking_for_the_running_loop(
     assert len(tasks_asked) == 3
 
 
-def _dispatcher() -> Dispatcher:
-    async def handler(job: Job) -> None:
-        pass
+async def _nothing(job: Job) -> None:
+    pass
 
+
+def _dispatcher(handler: Any = _nothing) -> Dispatcher:
     runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
     return Dispatcher(
         runner=runner,
@@ -390,3 +391,250 @@ async def test_a_task_cancelled_before_it_ran_leaves_the_dispatcher() -> None:
     hurry.set()
     await dispatcher.drain(0, hurry)  # cancels it before its first step
     assert not dispatcher.tasks and settled.acked == []
+
+
+def _own_calls(counted: list[int]) -> Any:
+    """A profile function counting the calls (and coroutine resumes) of aio-workq's own code."""
+    import os
+    import sys
+
+    import aio_workq
+
+    root = os.path.dirname(aio_workq.__file__)
+    previous = sys.getprofile()
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            counted[0] += 1
+
+    sys.setprofile(profile)
+    return previous
+
+
+@pytest.mark.parametrize("links", [0, 1], ids=["consume", "chain"])
+async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine(links: int) -> None:
+    """An async handler with no timeout, no payload type and no hooks is awaited by the
+    delivery's task itself, and so is the one confirm of a chain step: no coroutine of the
+    runner's, of `_handle` or of `_first_failure` in between (#22 item 2: each coroutine is
+    an object, a frame and a resume per delivery)."""
+    import sys
+
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    confirm: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    confirm.set_result("m")
+
+    async def handler(job: Job) -> None:
+        if links:
+            job.links = [confirm]  # as Job.send leaves it once the message is sent
+
+    async def per_delivery(deliveries: int) -> int:
+        dispatcher, settled = _dispatcher(handler), _Settled()
+        counted = [0]
+        previous = _own_calls(counted)
+        try:
+            for tag in range(1, deliveries + 1):
+                delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+                dispatcher.dispatch(delivery, cast(Any, settled))
+            await asyncio.wait(set(dispatcher.tasks))
+        finally:
+            sys.setprofile(previous)
+        assert settled.acked == list(range(1, deliveries + 1))
+        return counted[0]
+
+    one, eleven = await per_delivery(1), await per_delivery(11)
+    # The Delivery, dispatch, the Job, the delivery's reply_to, the task's coroutine and the
+    # log fields: 9 before, with the runner's `run`, `_handle` and the job's reply_to too,
+    # and 10 with a confirm (`_first_failure` too).
+    assert (eleven - one) / 10 <= 6, (eleven - one) / 10
+
+
+async def test_a_delivery_whole_in_one_read_is_taken_in_one_step() -> None:
+    """Its method, content header and body frame are taken together, not frame by frame
+    through the tap's state machine (#22 item 2)."""
+    import sys
+
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from aio_workq._wire.demux import FrameDemux
+    from aio_workq._wire.seams import ALIVE_FRAME
+    from tests.test_demux import PROPS, TAPPED, FakeChannel, Pieces, collect, deliver
+
+    def message(tag: int) -> bytes:  # one body frame, as RabbitMQ sends a small body
+        header = ContentHeader(body_size=64, properties=PROPS)
+        return b"".join(
+            frame.marshal(value, TAPPED) for value in (deliver(tag), header, ContentBody(b"x" * 64))
+        )
+
+    async def per_read(deliveries: int) -> int:
+        data = b"".join(message(tag) for tag in range(deliveries))
+        demux = FrameDemux(Pieces(data, len(data)), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        taken: list[Delivery] = []
+        demux.attach(FakeChannel(TAPPED), on_delivery=collect(taken))  # type: ignore[arg-type]
+        counted = [0]
+        previous = _own_calls(counted)
+        try:
+            passed = await demux.read()  # every frame taken: aiormq gets a sign of life only
+        finally:
+            sys.setprofile(previous)
+        assert passed == ALIVE_FRAME
+        assert [d.body for d in taken] == [b"x" * 64] * deliveries
+        return counted[0]
+
+    one, eleven = await per_read(1), await per_read(11)
+    # The tap's step, the delivery's fields and the consumer's Delivery: 9 before (a step
+    # per frame, the short strings one call each, the content completed on its own).
+    assert (eleven - one) / 10 <= 3, (eleven - one) / 10
+
+
+async def test_a_delivery_s_task_is_named_after_its_queue() -> None:
+    """`asyncio.all_tasks()` says whose a task is; and on Python 3.11 a task without a name
+    formats a fresh "Task-N" string, one per delivery (#22 item 2)."""
+    dispatcher, settled = _dispatcher(), _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    delivery = Delivery(cast(Any, None), "c", 1, False, "", "tasks", header, b"x")
+    dispatcher.dispatch(delivery, cast(Any, settled))
+    (task,) = dispatcher.tasks
+    assert task.get_name() == "aio-workq worker 'tasks'"
+    await task
+    assert settled.acked == [1]
+
+
+async def test_publish_many_waits_for_settled_confirms_without_a_callback_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`settle_in_order` (publish_many, the outbox) awaits the confirms one by one: one
+    settled already costs nothing, where gather added a done callback (a Handle, a
+    call_soon and a Context.run) to each (#22 item 2). Outcomes as gather's."""
+    from aio_workq._exceptions import PublishError
+    from aio_workq._publish.message import settle_in_order
+
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    call_soon = loop.call_soon
+
+    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+        scheduled.append(callback)
+        return call_soon(callback, *args, context=context)
+
+    monkeypatch.setattr(loop, "call_soon", counted)
+    confirms: list[asyncio.Future[str]] = [loop.create_future() for _ in range(100)]
+    for i, confirm in enumerate(confirms):
+        confirm.set_result(f"m{i}")
+    nacked = PublishError("nacked")
+    confirms[3] = loop.create_future()
+    confirms[3].set_exception(nacked)
+    confirms[5] = loop.create_future()
+    confirms[5].cancel()
+    refused = PublishError("not sent")
+    results = await settle_in_order([*confirms, refused])
+    assert len(scheduled) <= 1  # gather: 101
+    assert results[:3] == ["m0", "m1", "m2"] and results[3] is nacked and results[4] == "m4"
+    assert isinstance(results[5], asyncio.CancelledError) and results[-1] is refused
+
+
+async def test_publish_many_cancelled_cancels_the_confirms_it_waits_for() -> None:
+    """As gather did: a cancelled wait cancels every confirm still pending."""
+    from aio_workq._publish.message import settle_in_order
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[str] = loop.create_future()
+    done.set_result("m0")
+    pending = [loop.create_future() for _ in range(3)]
+    failed: asyncio.Future[str] = loop.create_future()
+    waiting = asyncio.ensure_future(settle_in_order([done, *pending, failed]))
+    await asyncio.sleep(0)
+    failed.set_exception(ValueError("nacked"))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert all(confirm.cancelled() for confirm in pending)
+    assert failed.done() and not failed.cancelled()
+
+
+async def test_an_ack_is_one_call_of_the_acker_s() -> None:
+    """`Acker.ack` schedules its flush inline: one call per delivery, not two (#22 item 2)."""
+    import sys
+
+    from aio_workq._wire.acker import Acker
+
+    class Channel:
+        number = 3
+        is_closed = False
+        acked: list[int] = []
+        written = asyncio.Event()
+
+        async def basic_ack(self, tag: int, *, multiple: bool, wait: bool) -> None:
+            self.acked.append(tag)
+            self.written.set()
+
+    channel = Channel()
+    acker = Acker(cast(Any, channel), None)
+    for tag in range(1, 12):
+        acker.track(tag)
+    counted = [0]
+    previous = _own_calls(counted)
+    try:
+        for tag in range(1, 12):
+            acker.ack(tag)
+    finally:
+        sys.setprofile(previous)
+    assert counted[0] == 11  # 22 before (`_schedule` each time)
+    async with asyncio.timeout(5):
+        await channel.written.wait()
+    assert channel.acked == [11]  # one multiple ack, written through aiormq's API
+
+
+async def test_the_timeout_sweep_walks_the_records_only_once_one_may_have_expired() -> None:
+    """Every 0.1 s the publisher's sweep looked at every record in flight (up to the whole
+    window) for one past its deadline; it now knows the earliest deadline and walks them
+    only once it has passed (#22 item 2)."""
+    from aio_workq._exceptions import PublishError
+    from aio_workq._publish.expiry import Expiry
+    from aio_workq._wire.window import Window
+
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+
+    class Out:
+        def __init__(self, deadline: float) -> None:
+            self.deadline = deadline
+
+    class Records:
+        def __init__(self) -> None:
+            self.live = [Out(now + 60), Out(now + 30)]
+            self.walks = 0
+            self.failed: list[Out] = []
+
+        def outstanding(self) -> list[Any]:
+            self.walks += 1
+            return list(self.live)
+
+        def fail(self, records: Any, cls: type[PublishError], why: str) -> None:
+            for out in records:
+                self.live.remove(out)
+                self.failed.append(out)
+
+        def when_flushed(self, callback: Any) -> None:
+            callback()
+
+    class Source:
+        def trouble(self) -> str | None:
+            return None
+
+    records, window = Records(), Window()
+    window.take(1)
+    expiry = Expiry(cast(Any, records), window, cast(Any, Source()))
+    for out in records.live:
+        expiry.expect(out.deadline)
+    for _ in range(5):
+        expiry.sweep()
+    assert records.walks == 0 and records.failed == []
+    late = Out(now - 1)
+    records.live.append(late)
+    expiry.expect(late.deadline)
+    for _ in range(5):
+        expiry.sweep()
+    assert records.walks == 1 and records.failed == [late]  # then none: the next is in 30 s
+    expiry.stop()

@@ -177,3 +177,20 @@ def test_decode_header_leaves_the_unusual_to_pamqp() -> None:
         ContentHeader().unmarshal(whole[:-10])
     with pytest.raises(ValueError):
         decode_header(whole[:-10])
+
+
+@pytest.mark.parametrize("size", [0, 1, 64, 4087, 4088, 4089, 9000])
+def test_publish_frames_of_every_size_match_pamqp(size: int) -> None:
+    """The one-body-frame message (joined at once) and the others, byte for byte."""
+    body = bytes(range(256)) * (size // 256 + 1)
+    body = body[:size]
+    ours = publish_frames(
+        7, "ex", "rk", False, encode_properties(Properties(message_id="m")), body, 4096
+    )
+    reference = Basic.Properties(message_id="m", delivery_mode=2)
+    expected = frame.marshal(Basic.Publish(exchange="ex", routing_key="rk"), 7)
+    expected += frame.marshal(ContentHeader(0, size, reference), 7)
+    expected += b"".join(
+        frame.marshal(ContentBody(body[i : i + 4088]), 7) for i in range(0, size, 4088)
+    )
+    assert ours == expected

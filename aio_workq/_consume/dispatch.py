@@ -74,7 +74,7 @@ class Dispatcher:
         self._runner = runner
         self._max_defers = max_defers
         self._hooks = hooks
-        self._run = runner.run if hooks is None else hooks.timed(runner.run)
+        self._run = runner.caller() if hooks is None else hooks.timed(runner.caller())
         self._policy = policy
         self._queue = queue
         self._publisher = publisher
@@ -82,6 +82,9 @@ class Dispatcher:
         self._forwarder = forwarder
         self._slots = asyncio.Semaphore(concurrency) if prefetch > concurrency else None
         self.queue_name = queue.name
+        # Every delivery's task has this name: asyncio.all_tasks() says whose it is, and on
+        # Python 3.11 a task without one formats a "Task-N" of its own.
+        self._task_name = f"aio-workq worker {queue.name!r}"
         self.counters = Counters()
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
@@ -94,7 +97,8 @@ class Dispatcher:
         job = Job(delivery, self._forwarder)
         # The task takes itself out of `tasks` as it ends (`_process`): a done callback
         # would cost the loop a callback more per delivery.
-        self.tasks.add(self._loop.create_task(self._process(job, acker, tag)))
+        process = self._process(job, acker, tag, delivery.reply_to is not None)
+        self.tasks.add(self._loop.create_task(process, name=self._task_name))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
@@ -117,15 +121,14 @@ class Dispatcher:
         # A task cancelled before its first step never ran `_process` to take itself out.
         tasks.difference_update([task for task in tasks if task.done()])
 
-    async def _process(self, job: Job, acker: Acker, tag: int) -> None:
+    async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
+        """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
         handling(self.queue_name, job)  # log lines in this task name the message
         task = asyncio.current_task(self._loop)
         assert task is not None
         try:
             hooks = self._hooks
-            if hooks is None:
-                await self._handle(job, acker, tag, task)
-            else:  # `hooks.handle`, without a coroutine more per message
+            if hooks is not None:  # `hooks.handle`, without a coroutine more per message
                 entered = hooks.begin(job, self.queue_name)
                 try:
                     settled = await self._handle(job, acker, tag, task)
@@ -133,6 +136,36 @@ class Dispatcher:
                     hooks.end(job, self.queue_name, entered, None, exc)
                     raise
                 hooks.end(job, self.queue_name, entered, settled, None)
+            elif self._slots is not None or self.stopping:
+                await self._handle(job, acker, tag, task)
+            else:  # the usual delivery: `_handle`'s steps here, in one coroutine
+                failure: BaseException | None = None
+                result: Any = None
+                try:
+                    result = await self._run(job)
+                except asyncio.CancelledError as exc:
+                    if task.cancelling():
+                        raise  # the worker is stopping: requeued below
+                    failure = exc  # the handler's own cancellation: a failure like any other
+                except BaseException as exc:  # noqa: B036 - every delivery is settled
+                    failure = exc
+                links = job.links
+                if failure is None and links and len(links) == 1 and not task.cancelling():
+                    # The usual chain step: its one confirm awaited here (as _first_failure).
+                    confirm, links = links[0], None
+                    try:
+                        await confirm
+                    except asyncio.CancelledError as exc:
+                        if task.cancelling():
+                            raise  # the worker is stopping: requeued below
+                        failure = exc  # the confirm itself was cancelled
+                    except BaseException as exc:  # noqa: B036 - as gather(return_exceptions)
+                        failure = exc
+                if failure is None and not links and not reply and not task.cancelling():
+                    acker.ack(tag)
+                    self.counters.processed += 1
+                else:
+                    await self._settle(job, acker, tag, task, failure, result, links)
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -157,6 +190,7 @@ class Dispatcher:
                 # else: left unacked; closing the channel returns it in order (see Worker.stop)
                 return Outcome.REQUEUED, None, None
             failure: BaseException | None = None
+            result: Any = None
             try:
                 result = await self._run(job)
             except asyncio.CancelledError as exc:
@@ -168,10 +202,24 @@ class Dispatcher:
         finally:
             if slots is not None:
                 slots.release()
+        return await self._settle(job, acker, tag, task, failure, result, job.links)
+
+    async def _settle(
+        self,
+        job: Job,
+        acker: Acker,
+        tag: int,
+        task: asyncio.Task[Any],
+        failure: BaseException | None,
+        result: Any,
+        links: list[asyncio.Future[str]] | None,
+    ) -> Settled:
+        """Settle the delivery once the handler returned `result` or raised `failure`, and
+        the confirms of what it forwarded (`links`, unless awaited already) settled."""
         if task.cancelling():
             raise asyncio.CancelledError  # returned after a stop cancelled it: requeued
-        if failure is None and job.links:
-            failure = await _first_failure(job.links, self._loop)
+        if failure is None and links:
+            failure = await _first_failure(links, self._loop)
         if failure is None:
             if job.reply_to:
                 await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)

@@ -269,13 +269,16 @@ class ConfirmPublisher:
             deadline,
             props,
         )
+        expiry = self._expiry
+        if deadline < expiry.earliest:  # a lower bound, so told before anything can fail
+            expiry.expect(deadline)
         self._in_flight.admit(out)
         self._window.take(len(body))
         lane = self._lane
         assert lane is not None
         burst = lane.write(out)
-        if self._expiry.handle is None:
-            self._expiry.start()
+        if expiry.handle is None:
+            expiry.start()
         if burst:
             # A long burst (publish_many): write what is marshalled and let the writer run, so
             # the broker starts on these while the rest are marshalled.

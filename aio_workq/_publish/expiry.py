@@ -5,7 +5,8 @@ A publisher's messages each carry a deadline (`send()` plus its timeout). While 
 flight, `Expiry` looks every `SWEEP_INTERVAL` s for those past it, wherever they are (written
 on a channel, or waiting for the next one), and fails them with `PublishTimeoutError`. One
 sweep for all of them, rather than a timer per message: the publish path only checks that a
-sweep is due.
+sweep is due, and whether the message's deadline is the earliest (a sweep walks the messages
+only once the earliest deadline has passed, not the whole window every 0.1 s).
 
 A message that timed out after it took a delivery tag may still have frames in the writer's
 buffer, which go out once the broker reads again: its window room is freed only once they have
@@ -15,6 +16,7 @@ left, so the window bounds the bytes held in every state (#20, finding 5).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -55,7 +57,16 @@ class Expiry:
         source: the connection, which may say why nothing was confirmed.
     """
 
-    __slots__ = ("_expiring", "_held", "_loop", "_records", "_source", "_window", "handle")
+    __slots__ = (
+        "_expiring",
+        "_held",
+        "_loop",
+        "_records",
+        "_source",
+        "_window",
+        "earliest",
+        "handle",
+    )
 
     def __init__(self, records: Records, window: Window, source: LinkSource) -> None:
         self._records = records
@@ -65,6 +76,13 @@ class Expiry:
         self._expiring = False  # in _sweep: settled messages may still have frames buffered
         self._held: list[int] = []  # their body sizes: window room once their frames left
         self.handle: asyncio.TimerHandle | None = None  # the next sweep, while one is due
+        # No message in flight has a deadline before this: a sweep before it walks none.
+        self.earliest = math.inf
+
+    def expect(self, deadline: float) -> None:
+        """A message with `deadline` earlier than `earliest` is in flight (the publisher
+        calls this only then: one comparison per message)."""
+        self.earliest = deadline
 
     def start(self) -> None:
         """Sweep in `SWEEP_INTERVAL` s, and after that as long as messages are in flight."""
@@ -87,7 +105,15 @@ class Expiry:
         """Fail the messages past their deadline now (`start` runs this on a timer)."""
         self.handle = None
         now = self._loop.time()
-        expired = [out for out in self._records.outstanding() if out.deadline <= now]
+        expired: list[Outgoing] = []
+        if now >= self.earliest:  # one may have expired: walk them (else none has)
+            earliest = math.inf
+            for out in self._records.outstanding():
+                if out.deadline <= now:
+                    expired.append(out)
+                elif out.deadline < earliest:
+                    earliest = out.deadline
+            self.earliest = earliest
         if expired:
             self._expiring = True
             try:

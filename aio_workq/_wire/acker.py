@@ -64,9 +64,11 @@ class Acker:
         self._unsettled[tag] = False
 
     def ack(self, tag: int) -> None:
-        if tag in self._unsettled:
-            self._unsettled[tag] = True
-            self._schedule()
+        unsettled = self._unsettled
+        if tag in unsettled:
+            unsettled[tag] = True
+            if self._handle is None:  # `_schedule`, inline: once per delivery
+                self._handle = self._loop.call_soon(self.flush)
 
     def nack(self, tag: int, *, requeue: bool) -> None:
         """Nack `tag` unless it was settled already (an ack asked for wins)."""

@@ -34,7 +34,6 @@ _METHOD_ID = struct.Struct(">HH")  # class, method
 _TAG_BITS = struct.Struct(">QB")  # delivery tag, bits (multiple first)
 _U16 = struct.Struct(">H")
 _SIZE = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
 _BODY_SIZE = struct.Struct(">Q")
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
@@ -77,6 +76,7 @@ class Tap:
         "header",
         "on_delivery",
         "open",
+        "number",
         "parts",
         "pending",
         "returned",
@@ -84,6 +84,7 @@ class Tap:
 
     def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
+        self.number = channel.number
         self.open = True
         self.on_delivery: OnDelivery | None = None
         self.confirms: Confirms | None = None
@@ -94,31 +95,32 @@ class Tap:
         self.body_size = 0
         self.parts: list[bytes] = []
 
-    def take(self, kind: int, data: bytearray, start: int, end: int) -> bool:
-        """Handle one frame's payload `data[start:end]`; False leaves the frame to aiormq."""
+    def take(self, kind: int, data: bytearray, start: int, end: int) -> int:
+        """Handle one frame's payload `data[start:end]` (its end octet at `end`): the position
+        after what was taken (further than the frame when a whole delivery was), or 0, which
+        leaves the frame to aiormq."""
         if kind == _METHOD:
             if self.pending is not None or self.channel.is_closed:
                 if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
                     self.open = False
-                return False
+                return 0
             class_id, method_id = _METHOD_ID.unpack_from(data, start)
             if class_id != _BASIC:
                 if class_id == _CHANNEL and method_id in (_CLOSE, _CLOSE_OK):
                     self.open = False
-                return False
+                return 0
             if method_id == _DELIVER and self.on_delivery is not None:
-                self._start_delivery(data, start + 4)
-                return True
+                return self._deliver(data, start + 4, end + 1)
             confirms = self.confirms
             if confirms is None:
-                return False
+                return 0
             if method_id == _ACK or method_id == _NACK:
                 tag, bits = _TAG_BITS.unpack_from(data, start + 4)
                 try:
                     confirms.on_confirm(tag, bool(bits & 1), method_id == _ACK)
                 except Exception:  # the reader must go on
                     log.exception("settling the confirm of delivery tag %d failed", tag)
-                return True
+                return end + 1
             if method_id == _RETURN:
                 reply_code = _U16.unpack_from(data, start + 4)[0]
                 reply_text, pos = _shortstr(data, start + 6)
@@ -126,32 +128,78 @@ class Tap:
                 routing_key, _ = _shortstr(data, pos)
                 self.returned = (reply_code, reply_text)
                 self.pending = ("", 0, False, exchange, routing_key)
-                return True
-            return False
+                return end + 1
+            return 0
         if self.pending is None:
-            return False  # the content of a frame aiormq handles (a basic.get)
+            return 0  # the content of a frame aiormq handles (a basic.get)
         if kind == _HEADER and not self.header:
             self.header = bytes(data[start:end])
             self.body_size = _BODY_SIZE.unpack_from(data, start + 4)[0]
             if self.body_size == 0:
                 self._complete(b"")
-            return True
+            return end + 1
         if kind == _BODY and self.header:
             self.parts.append(bytes(data[start:end]))
             self.body_size -= end - start
             if self.body_size <= 0:
                 parts, self.parts = self.parts, []
                 self._complete(parts[0] if len(parts) == 1 else b"".join(parts))
-            return True
-        return False
+            return end + 1
+        return 0
 
-    def _start_delivery(self, data: bytearray, pos: int) -> None:
-        consumer_tag, pos = _shortstr(data, pos)
-        delivery_tag = _U64.unpack_from(data, pos)[0]
-        redelivered = bool(data[pos + 8] & 1)
-        exchange, pos = _shortstr(data, pos + 9)
-        routing_key, _ = _shortstr(data, pos)
+    def _deliver(self, data: bytearray, pos: int, after: int) -> int:
+        """A `Basic.Deliver` whose arguments start at `pos` and whose frame ends before
+        `after`. When its content header and single body frame follow it whole in `data` (a
+        small message, as the broker writes it), the delivery is handed on at once and the
+        position after its body returned; otherwise its content comes frame by frame."""
+        size = data[pos]  # the short strings inline: a call each would cost more than them
+        consumer_tag = data[pos + 1 : pos + 1 + size].decode()
+        pos += 1 + size
+        delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
+        pos += 9
+        size = data[pos]
+        exchange = data[pos + 1 : pos + 1 + size].decode()
+        pos += 1 + size
+        size = data[pos]
+        routing_key = data[pos + 1 : pos + 1 + size].decode()
+        redelivered = bool(bits & 1)
+        total = len(data)
+        if total - after > 19:  # a content header frame's type, channel, size and body size
+            kind, number, length = _FRAME.unpack_from(data, after)
+            header_end: int = after + 7 + length
+            if (
+                kind == _HEADER
+                and number == self.number
+                and header_end < total
+                and data[header_end] == _FRAME_END
+            ):
+                body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
+                body_end = header_end + 8 + body_size  # its body frame's end octet
+                if body_size == 0:
+                    body, taken = b"", header_end + 1
+                elif (
+                    body_end < total
+                    and _FRAME.unpack_from(data, header_end + 1) == (_BODY, number, body_size)
+                    and data[body_end] == _FRAME_END
+                ):
+                    body, taken = bytes(data[header_end + 8 : body_end]), body_end + 1
+                else:
+                    taken = 0
+                if taken:
+                    on_delivery = self.on_delivery
+                    assert on_delivery is not None
+                    try:
+                        on_delivery(
+                            self.channel, consumer_tag, delivery_tag, redelivered, exchange,
+                            routing_key, bytes(data[after + 7 : header_end]), body,
+                        )  # fmt: skip
+                    except Exception:  # the reader must go on (as in `_complete`)
+                        log.exception(
+                            "a consumer of channel %d failed to take a delivery", self.number
+                        )
+                    return taken
         self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+        return after
 
     def _complete(self, body: bytes) -> None:
         fields, self.pending = self.pending, None
@@ -166,7 +214,7 @@ class Tap:
                 assert self.on_delivery is not None
                 self.on_delivery(self.channel, *fields, header, body)
         except Exception:  # the reader must go on; the broker redelivers when the channel closes
-            log.exception("a consumer of channel %d failed to take a delivery", self.channel.number)
+            log.exception("a consumer of channel %d failed to take a delivery", self.number)
 
 
 def _shortstr(data: bytearray, pos: int) -> tuple[str, int]:
@@ -270,10 +318,13 @@ class FrameDemux:
             if end >= size:
                 break
             tap = taps.get(number)
-            if tap is not None and raw[end] == _FRAME_END and tap.take(kind, raw, pos + 7, end):
-                taken = True
-            else:
-                out += raw[pos : end + 1]
+            if tap is not None and raw[end] == _FRAME_END:
+                after = tap.take(kind, raw, pos + 7, end)
+                if after:
+                    taken = True
+                    pos = after
+                    continue
+            out += raw[pos : end + 1]
             pos = end + 1
         del raw[:pos]
         if taken:

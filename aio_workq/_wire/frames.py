@@ -48,12 +48,14 @@ __all__ = (
 
 FRAME_END = b"\xce"
 _FRAME_HEADER = struct.Struct(">BHI")
+_END_AND_FRAME_HEADER = struct.Struct(">BBHI")  # a frame's end octet, the next one's header
 _HEADER_PREFIX = struct.Struct(">BHIHHQH")  # frame type, channel, size | class, weight, size, flags
 _ACK = struct.Struct(">BHIHHQB")  # frame type, channel, size | class, method, tag, bits
 _ACK_SIZE = 13  # class + method + delivery tag + bits
 
 _BASIC = 60
 _METHOD, _HEADER, _BODY = 1, 2, 3
+_FRAME_END = 0xCE
 
 # Property flags, in wire order (AMQP 0-9-1, section 4.2.6.1).
 _CONTENT_TYPE = 1 << 15
@@ -462,16 +464,16 @@ def publish_write(
     """
     flags, properties = encoded
     body_size = len(body)
-    header = (
-        _HEADER_PREFIX.pack(_HEADER, channel, 14 + len(properties), _BASIC, 0, body_size, flags)
-        + properties
-        + FRAME_END
-    )
+    head = _HEADER_PREFIX.pack(_HEADER, channel, 14 + len(properties), _BASIC, 0, body_size, flags)
     chunk = frame_max - 8
+    method = _method_frame(channel, exchange, routing_key, mandatory)
+    if 0 < body_size <= chunk and body_size <= LARGE_BODY:  # the usual message: one join
+        body_head = _END_AND_FRAME_HEADER.pack(_FRAME_END, _BODY, channel, body_size)
+        return b"".join((method, head, properties, body_head, body, FRAME_END))
+    header = head + properties + FRAME_END
     if body_size > LARGE_BODY:
-        return _chunked(_method_frame(channel, exchange, routing_key, mandatory) + header,
-                        channel, memoryview(body), chunk)  # fmt: skip
-    out = [_method_frame(channel, exchange, routing_key, mandatory), header]
+        return _chunked(method + header, channel, memoryview(body), chunk)
+    out = [method, header]
     for start in range(0, body_size, chunk):
         piece = body[start : start + chunk]
         out.append(_FRAME_HEADER.pack(_BODY, channel, len(piece)))
