@@ -13,7 +13,7 @@ from rich.table import Table
 from aio_workq.admin.schedules import schedule_rows
 from aio_workq.schedules import GROUP, read_status
 
-from ._options import url_option
+from ._options import print_table, url_option
 
 __all__ = ("schedules",)
 
@@ -53,6 +53,6 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
             row["name"], row["spec"], row["queue"], row["next_utc"] or "-",
             row["next_local"] or "-", row["last_utc"] or "-",
         )  # fmt: skip
-    console.print(table)
+    print_table(table, console)
     updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
     console.print(f"active scheduler: {state.active or '-'} (state recorded {updated})")

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from aio_workq import PresenceWatcher, WorkerPresence, redact_url
 
-from ._options import number, resolve, url_option
+from ._options import number, print_table, resolve, url_option
 from ._watch import Ticker, live_refresh
 
 __all__ = ("workers",)
@@ -56,7 +56,7 @@ async def _run(amqp_url: str, as_json: bool, watch: bool, wait: float) -> None:
             if as_json:
                 click.echo(json.dumps([to_json(w) for w in found], indent=2))
             else:
-                Console().print(_table(found, title, wait))
+                print_table(_table(found, title, wait))
             return
         await _watch(watcher, as_json, title)
 
