@@ -282,16 +282,24 @@ def refresh_doc() -> None:
     DOC.write_text(splice(page, extra_sections()))
 
 
+QUIET_LOAD = 2.5
+"""A load average below this before and after a run (2 cores: the bench's own processes
+count) marks its figures as from a quiet machine."""
+
+
 def measured_on(result: dict[str, Any]) -> str:
     """One sentence: when, on what and how loaded, with the command."""
     m = result.get("meta", {})
     machine = m.get("machine", {})
     before = m.get("load_before", ["?"])[0]
     after = m.get("load_after", ["?"])[0]
+    loads = [x for x in (before, after) if isinstance(x, int | float)]
+    quiet = len(loads) == 2 and max(loads) < QUIET_LOAD
     return (
         f"Measured {m.get('date', '?')} on {machine.get('cpus', '?')} × "
         f"{machine.get('cpu_model', '?')}, Python {machine.get('python', '?')}, load average "
-        f"{before} before and {after} after (loaded: to be refreshed); `{m.get('command', '?')}`."
+        f"{before} before and {after} after{'' if quiet else ' (loaded: to be refreshed)'}; "
+        f"`{m.get('command', '?')}`."
     )
 
 
