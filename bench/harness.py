@@ -239,11 +239,11 @@ INTRO = (
     "process, and writes its figures to `docs/img/bench_<name>.json` beside its chart; this "
     "part of the page is rendered from those files.",
     "",
-    "**These figures came from a loaded machine**: 2 cores shared with other jobs (the load "
-    "average at the start and end of each run is given with it; 2.0 would be a full machine), "
-    "each workload run once at a moderate size. They will be refreshed on a quiet machine; "
-    "until then read the ratios between systems measured in the same run, not the absolute "
-    "rates.",
+    "The machine has 2 cores, shared with the broker: each section gives the load average at "
+    "the start and end of its run (2.0 is a full machine; the bench's own processes count), "
+    "and one run while the machine was loaded by other jobs says so. Each workload ran once, "
+    "at a moderate size: read the ratios between systems measured in the same run before "
+    "the absolute rates.",
     "",
 )
 
