@@ -350,12 +350,10 @@ def _dispatcher(handler: Any = _nothing) -> Dispatcher:
     )
 
 
-async def test_a_delivery_costs_the_event_loop_one_callback(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Its task's one step: no done callback per delivery to take the task out of the
-    dispatcher's set (a Handle, a call_soon and a Context.run each) (#22 item 2)."""
-    loop = asyncio.get_running_loop()
+def _count_call_soon(
+    loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch
+) -> list[object]:
+    """The callbacks `loop.call_soon` is asked to schedule from now on, in order."""
     scheduled: list[object] = []
     call_soon = loop.call_soon
 
@@ -364,6 +362,16 @@ async def test_a_delivery_costs_the_event_loop_one_callback(
         return call_soon(callback, *args, context=context)
 
     monkeypatch.setattr(loop, "call_soon", counted)
+    return scheduled
+
+
+async def test_a_delivery_costs_the_event_loop_one_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its task's one step: no done callback per delivery to take the task out of the
+    dispatcher's set (a Handle, a call_soon and a Context.run each) (#22 item 2)."""
+    loop = asyncio.get_running_loop()
+    scheduled = _count_call_soon(loop, monkeypatch)
     header = struct.pack(">HHQH", 60, 0, 1, 0)
 
     async def callbacks(deliveries: int) -> int:
@@ -511,14 +519,7 @@ async def test_publish_many_waits_for_settled_confirms_without_a_callback_each(
     from aio_workq._publish.message import settle_in_order
 
     loop = asyncio.get_running_loop()
-    scheduled: list[object] = []
-    call_soon = loop.call_soon
-
-    def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
-        scheduled.append(callback)
-        return call_soon(callback, *args, context=context)
-
-    monkeypatch.setattr(loop, "call_soon", counted)
+    scheduled = _count_call_soon(loop, monkeypatch)
     confirms: list[asyncio.Future[str]] = [loop.create_future() for _ in range(100)]
     for i, confirm in enumerate(confirms):
         confirm.set_result(f"m{i}")
