@@ -564,3 +564,25 @@ async def test_workers_on_the_same_brokers_share_one_presence_connection(
         return await presence_connections() == 0
 
     await wait_until(none_left)  # the last one let go: closed
+
+
+@pytest.mark.broker
+async def test_a_worker_stopped_while_its_first_beat_is_on_its_way_leaves_no_warning(
+    amqp_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopped a few loop steps after start, the beacon may be opening its channel or declaring
+    the exchange: aiormq warns "Closing channel ... because RPC call ... cancelled" when such a
+    call is cancelled half way; the beacon lets it finish (bounded) instead."""
+    caplog.set_level(logging.WARNING)
+    async with aio_workq.Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    for steps in range(0, 60, 2):
+        worker = aio_workq.Worker(
+            amqp_url, queue=queue_name, handler=_noop, presence_interval=INTERVAL
+        )
+        await worker.start()
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        await worker.stop()
+    cancelled = [r.getMessage() for r in caplog.records if "cancelled" in r.getMessage()]
+    assert cancelled == []

@@ -314,6 +314,8 @@ class Beacon:
         self._channel: aiormq.abc.AbstractChannel | None = None
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        self._sending = False  # a beat on its way (its channel may be opening)
+        self._stopping = False
         self.sent = 0
         """Beats sent (handed to the socket) since `start()`."""
 
@@ -349,6 +351,7 @@ class Beacon:
             try:
                 if self._side is not None:
                     await self._side.open()
+                self._sending = True
                 async with asyncio.timeout(min(self._interval, _SEND_CAP)):
                     proven = await self._send(self.beat())
             except asyncio.CancelledError:
@@ -359,6 +362,10 @@ class Beacon:
                 if proven and self._failing:
                     log.info("%s sends its presence beats again", self._what)
                     self._failing = False
+            finally:
+                self._sending = False
+            if self._stopping:
+                return
             await asyncio.sleep(self._interval)
 
     def _failed(self, exc: BaseException) -> None:
@@ -451,10 +458,13 @@ class Beacon:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + _GOODBYE_WAIT
+        self._stopping = True
+        if self._sending:  # aiormq warns of a channel open or a declare cancelled half way:
+            await asyncio.wait({task}, timeout=_GOODBYE_WAIT)  # let the beat end (bounded)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
         channel, self._channel = self._channel, None
         if channel is not None and not channel_closing(channel):
             if goodbye and self._source.trouble() is None:
