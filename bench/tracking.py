@@ -12,6 +12,11 @@
   the result). Timed from the first job settled to the last one settled and,
   with a store, every `succeeded` recorded in it (the batched writes included).
 
+Beside each rate, the CPU time one job cost each process on this machine (`psutil`, summed
+over the phase: the bench's own process, the broker's, PostgreSQL's), so the store's own cost
+can be told from a machine where the three share two cores: the sum says how many jobs a second
+the machine's cores could serve at most.
+
 The kinds take turns (none, SQLite, PostgreSQL, again), a fresh queue and schema each run; the
 figure of a kind is its median rate, its ratio that over the median without a store. Starts a
 RabbitMQ node and a PostgreSQL node of its own unless `--url` / `--dsn` are given. Writes
@@ -43,6 +48,36 @@ from aio_workq.jobs.postgres import PostgresStore, migrate
 from bench import harness
 
 KINDS = ("none", "sqlite", "postgres")
+PARTS = ("client", "broker", "postgres")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process, the local broker's and PostgreSQL's (by process
+    name: `beam.smp`, `postgres`; a broker or a database elsewhere counts 0)."""
+    import psutil  # the bench group's
+
+    me = os.getpid()
+    total = dict.fromkeys(PARTS, 0.0)
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        times, name = process.info["cpu_times"], process.info["name"] or ""
+        if times is None:
+            continue
+        part = (
+            "client" if process.pid == me
+            else "broker" if name.startswith(("beam", "erl"))
+            else "postgres" if name.startswith("postgres")
+            else None
+        )  # fmt: skip
+        if part is not None:
+            total[part] += times.user + times.system
+    return total
+
+
+def per_job(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    """CPU µs per job of each part between two `cpu_seconds()`."""
+    return {part: 1e6 * (after[part] - before[part]) / n for part in PARTS}
+
+
 LABELS = {"none": "no store", "sqlite": "SQLiteStore", "postgres": "PostgresStore"}
 
 
@@ -109,10 +144,9 @@ class Run:
         return await asyncio.to_thread(read)
 
 
-async def one(
-    url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
-) -> dict[str, float]:
-    """Enqueue N jobs then consume them, with this kind's store; the two rates."""
+async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Enqueue N jobs then consume them, with this kind's store; the two rates, and the CPU
+    µs per job of each part in each phase."""
     n: int = args.n
     queue = f"bench.tracking.{kind}.{uuid.uuid4().hex[:6]}"
     async with Run(kind, dsn, tmp) as run, Producer(url) as producer:
@@ -129,9 +163,11 @@ async def one(
             async with gate:
                 await noop.enqueue(i)
 
+        cpu0 = cpu_seconds()
         t0 = time.perf_counter()
         await asyncio.gather(*(enqueue(i) for i in range(n)))
         enqueue_s = time.perf_counter() - t0
+        cpu1 = cpu_seconds()
 
         settled = Settled(n)
         workers: list[Worker] = tasks.workers(
@@ -146,25 +182,35 @@ async def one(
                     while await run.succeeded() < n:  # noqa: ASYNC110 - the store is elsewhere
                         await asyncio.sleep(0.02)
             end = time.perf_counter() if run.store is not None else settled.last
+            cpu2 = cpu_seconds()
         finally:
             for worker in workers:
                 await worker.stop(timeout=10)
         consume_s = end - settled.first
-    return {"enqueue": n / enqueue_s, "consume": (n - 1) / consume_s}
+    return {
+        "enqueue": n / enqueue_s,
+        "consume": (n - 1) / consume_s,
+        "cpu": {"enqueue": per_job(cpu0, cpu1, n), "consume": per_job(cpu1, cpu2, n)},
+    }
 
 
 async def measure(url: str, dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     rates: dict[str, dict[str, list[float]]] = {k: {"enqueue": [], "consume": []} for k in KINDS}
+    cpu: dict[str, dict[str, list[dict[str, float]]]] = {
+        k: {"enqueue": [], "consume": []} for k in KINDS
+    }
     with tempfile.TemporaryDirectory(prefix="aio-workq-bench-tracking-") as tmp:
         await one(url, dsn, "none", argparse.Namespace(**{**vars(args), "n": 200}), Path(tmp))
         for r in range(args.repeats):
             for kind in KINDS:
                 got = await one(url, dsn, kind, args, Path(tmp))
-                for side, rate in got.items():
-                    rates[kind][side].append(rate)
+                for side in ("enqueue", "consume"):
+                    rates[kind][side].append(got[side])
+                    cpu[kind][side].append(got["cpu"][side])
                 print(
                     f"run {r + 1}/{args.repeats} {kind:<9} enqueue {got['enqueue']:>7,.0f}/s  "
-                    f"consume {got['consume']:>7,.0f}/s",
+                    f"consume {got['consume']:>7,.0f}/s  CPU µs/job consume "
+                    + " ".join(f"{p} {got['cpu']['consume'][p]:.0f}" for p in PARTS),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -174,9 +220,17 @@ async def measure(url: str, dsn: str, args: argparse.Namespace) -> dict[str, Any
         for k in KINDS
         if k != "none"
     }
+    cpu_medians = {
+        k: {
+            side: {p: statistics.median(run[p] for run in runs) for p in PARTS}
+            for side, runs in sides.items()
+        }
+        for k, sides in cpu.items()
+    }
     return {
         "n": args.n,
         "repeats": args.repeats,
+        "cpu": cpu_medians,
         "inflight": args.inflight,
         "concurrency": args.concurrency,
         "rates": rates,
@@ -216,23 +270,57 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         "",
         "On this loaded machine the rates swing from run to run; read the ratios, measured in "
         "the same run. The PostgreSQL server ran on the same 2 cores as the broker and the bench.",
+        *cpu_section(result),
         "",
-        goal(ratios["postgres"]),
+        goal(ratios["postgres"], result),
     ]
 
 
-def goal(postgres: dict[str, float]) -> str:
+def cpu_section(result: dict[str, Any]) -> list[str]:
+    """The CPU each job cost each process (older results carry none)."""
+    cpu = result.get("cpu")
+    if cpu is None:
+        return []
+    lines = [
+        [LABELS[kind], side, *(f"{cpu[kind][side][p]:.0f}" for p in PARTS),
+         f"{sum(cpu[kind][side].values()):.0f}"]
+        for side in ("enqueue", "consume") for kind in KINDS
+    ]  # fmt: skip
+    return [
+        "",
+        "CPU time per job in each process over each phase (µs, the median of the runs; "
+        "`client` is the bench's process, the library's side):",
+        "",
+        *harness.table(["store", "phase", "client", "broker", "PostgreSQL", "sum"], lines),
+    ]
+
+
+def goal(postgres: dict[str, float], result: dict[str, Any]) -> str:
     """Whether the 0.8× aimed for on PostgreSQL was reached, and if not, where it goes."""
     figures = f"{postgres['enqueue']:.2f}× enqueue, {postgres['consume']:.2f}× consume"
     if min(postgres.values()) >= 0.8:
         return f"The goal for PostgreSQL, 0.8× of untracked, is met here ({figures})."
-    return (
+    text = (
         f"The goal for PostgreSQL, 0.8× of untracked, is not met here ({figures}). What is "
         "left is the store's own work for each job: three writes (`queued`, `running`, "
-        "`succeeded`), a few tens of microseconds of CPU each in the client and in the server, "
-        "here on the same 2 cores as the broker; and the claim's round trip before the task "
-        "runs (a job cancelled while queued must not run), hidden only while deliveries wait "
-        "for a handler."
+        "`succeeded`), CPU in the client and in the server, here on the same 2 cores as the "
+        "broker; and the claim's round trip before the task runs (a job cancelled while "
+        "queued must not run), hidden only while deliveries wait for a handler."
+    )
+    cpu = result.get("cpu")
+    if cpu is None:
+        return text
+    cores = result.get("meta", {}).get("machine", {}).get("cpus") or os.cpu_count() or 1
+    none, pg = cpu["none"]["consume"], cpu["postgres"]["consume"]
+    ceiling = cores * 1e6 / sum(pg.values())
+    untracked = result["medians"]["none"]["consume"]
+    return text + (
+        f" On consume, a tracked job cost {sum(pg.values()):.0f} µs of CPU in all (client "
+        f"{pg['client']:.0f}, broker {pg['broker']:.0f}, PostgreSQL {pg['postgres']:.0f}) "
+        f"against {sum(none.values()):.0f} untracked: {cores} cores could serve at most "
+        f"{ceiling:,.0f} tracked jobs/s, {ceiling / untracked:.2f}× the untracked rate "
+        f"measured here, and the client alone, one Python thread, at most "
+        f"{1e6 / pg['client']:,.0f}/s."
     )
 
 
