@@ -33,7 +33,11 @@ did not sample it (its `traceparent` says so) is not shown to the SDK at all whe
 follows the parent's decision (`ParentBased`, as by default, or `ALWAYS_OFF`) and the
 propagator is the default W3C one: its `traceparent` is read here and made current, so what
 the handler forwards carries the trace id and the decision on. A message without a trace
-context (a root) still costs the SDK's decision.
+context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased` (alone or as
+`ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
+decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
+the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
+id. Any other sampler is asked by the SDK for every root, as before.
 """
 
 from __future__ import annotations
@@ -336,29 +340,27 @@ class _Roots:
         ids = getattr(tracer, "id_generator", None)
         if sampler is None or ids is None or _sdk_counts_spans():
             return None
-        from opentelemetry.sdk.trace.sampling import (  # the SDK is there: a sampler is
-            ParentBased,
-            StaticSampler,
-            TraceIdRatioBased,
-        )
+        from opentelemetry.sdk.trace import sampling  # the SDK is there: a sampler is
 
-        kind = type(sampler)
-        if kind is TraceIdRatioBased:
+        if type(sampler).__module__ != sampling.__name__:  # not the SDK's (or a subclass)
+            return None
+        if isinstance(sampler, sampling.TraceIdRatioBased):
             return cls(tracer, ids, sampler.bound)
-        if kind is StaticSampler:
-            root = description
-        elif kind is ParentBased:  # its root is told only by its description
+        parent_based = isinstance(sampler, sampling.ParentBased)
+        if parent_based:  # its root is told only by its description
             root = description.removeprefix("ParentBased{root:").split(",", 1)[0]
+        elif isinstance(sampler, sampling.StaticSampler):
+            root = description
         else:
             return None
         if root in _STATIC:
             return cls(tracer, ids, _STATIC[root])
-        if kind is ParentBased and (found := _RATIO.fullmatch(root)) is not None:
+        if parent_based and (found := _RATIO.fullmatch(root)) is not None:
             try:
                 rate = float(found[1])
             except ValueError:
                 return None
-            return cls(tracer, ids, TraceIdRatioBased.get_bound_for_rate(rate))
+            return cls(tracer, ids, sampling.TraceIdRatioBased.get_bound_for_rate(rate))
         return None
 
     def start(self, trace_id: int, name: str, attributes: dict[str, Any]) -> trace.Span:

@@ -396,3 +396,53 @@ def test_the_outcome_goes_on_the_messages_own_span_whatever_span_is_current(
     hooks.end(job, "tasks", entered, (Outcome.OK, None, None), None)
     (span,) = exporter.get_finished_spans()
     assert dict(span.attributes or {})["aio_workq.outcome"] == "ok"
+
+
+class Ratio(TraceIdRatioBased):
+    """A user's subclass of the SDK's ratio sampler: its decision is its own."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.asked = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.asked += 1
+        return SamplingResult(Decision.DROP)
+
+
+def test_a_subclass_of_the_ratio_sampler_is_asked_for_every_root(
+    exporter: InMemorySpanExporter,
+) -> None:
+    sampler = Ratio()
+    hook = _hook(sampler, exporter)
+    for _ in range(3):
+        assert not _handle(hook, NotedJob()).trace_flags.sampled
+    assert sampler.asked == 3 and exporter.get_finished_spans() == ()
+
+
+def test_the_samplers_the_sdk_configures_from_the_environment_are_decided_here(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`OTEL_TRACES_SAMPLER=parentbased_traceidratio` gives the SDK's `ParentBased` subclass."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    counted = Counted(monkeypatch)
+    provider = TracerProvider()
+    assert type(provider.sampler) is not ParentBased
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hook = TracingHook(tracer_provider=provider)
+    for _ in range(3):
+        assert _handle(hook, NotedJob()).is_valid
+    assert counted.calls == 0 and exporter.get_finished_spans() == ()
+
+
+def test_with_the_sdks_own_span_counts_on_every_root_is_its_span(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`: the SDK counts the spans it starts."""
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    counted = Counted(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    for _ in range(3):
+        _handle(hook, NotedJob())
+    assert counted.calls == 3
