@@ -87,7 +87,6 @@ _W3C = (
     frozenset({"traceparent", "tracestate", "baggage"}),
 )
 """The fields of W3C trace context (and baggage) propagators: the default one."""
-_UNSAMPLED_PARENT_DROPS = "remoteParentNotSampled:AlwaysOffSampler,"
 _RATIO = re.compile(r"TraceIdRatioBased\{(.+)\}")
 """The description of the SDK's `TraceIdRatioBased` (as `ParentBased`'s root)."""
 _STATIC = {"AlwaysOffSampler": 0, "AlwaysOnSampler": 1 << 64}
@@ -154,7 +153,7 @@ class TracingHook(Hook):
         sampler = getattr(tracer, "sampler", None)
         description = sampler.get_description() if sampler is not None else ""
         drops = description == "AlwaysOffSampler" or (
-            description.startswith("ParentBased{") and _UNSAMPLED_PARENT_DROPS in description
+            _delegates(description).get("remoteParentNotSampled") == "AlwaysOffSampler"
         )
         self._drops_unsampled = drops
         if not self._roots_known:
@@ -175,6 +174,24 @@ class TracingHook(Hook):
             self._propagator.inject(headers, context=context)
 
     def before_publish(self, message: PublishInfo) -> Any:
+        roots = self._roots if self._roots_known else self._root_plan()
+        if roots is not None:  # the SDK's ratio sampler: a span it drops is made here
+            parent = trace.get_current_span().get_span_context()
+            ids = roots.ids
+            if not parent.is_valid:  # a root
+                root_id: int = ids.generate_trace_id()
+                if root_id & _LOW_64 >= roots.bound:
+                    context = SpanContext(root_id, ids.generate_span_id(), False, roots.flags)
+                    return self._inject_dropped(message, context)
+            elif not parent.trace_flags.sampled and (
+                roots.drops_remote_unsampled if parent.is_remote else roots.drops_local_unsampled
+            ):  # under a span not sampled: what the SDK makes, as its trace's
+                flags = TraceFlags(parent.trace_flags & roots.random_flag)
+                span_id = ids.generate_span_id()
+                context = SpanContext(parent.trace_id, span_id, False, flags, parent.trace_state)
+                return self._inject_dropped(message, context)
+            else:
+                roots = None
         attributes: dict[str, Any] = {
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "send",
@@ -184,9 +201,17 @@ class TracingHook(Hook):
         }
         if message.routing_key:
             attributes["messaging.rabbitmq.destination.routing_key"] = message.routing_key
-        span = self._tracer.start_span(
-            f"publish {message.destination}", kind=SpanKind.PRODUCER, attributes=attributes
-        )
+        name = f"publish {message.destination}"
+        if roots is not None:  # a root the ratio keeps: the SDK starts it, on that trace id
+            span = roots.start(root_id, name, attributes, SpanKind.PRODUCER, None)
+        else:
+            span = self._tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+        self._inject(message.headers, span)
+        return span
+
+    def _inject_dropped(self, message: PublishInfo, context: SpanContext) -> trace.Span:
+        """The span for a publish the sampler drops, its context written to the headers."""
+        span = NonRecordingSpan(context)
         self._inject(message.headers, span)
         return span
 
@@ -245,7 +270,8 @@ class TracingHook(Hook):
                     span_id = ids.generate_span_id()
                     context = SpanContext(root_id, span_id, False, roots.flags)
                     return _Current(NonRecordingSpan(context))
-                span = roots.start(root_id, name, {**attributes, **_own(job)})
+                own = {**attributes, **_own(job)}
+                span = roots.start(root_id, name, own, SpanKind.CONSUMER, _NO_PARENT)
                 if span.is_recording():  # as the sampler, asked again there, says
                     return _Recording(span, self._recording, id(job))
                 return _Current(span)
@@ -317,17 +343,38 @@ class _Roots:
     again there, keeps it; one SDK span per recorded message, none per dropped one.
     """
 
-    __slots__ = ("_pinned", "_trace_id", "bound", "flags", "ids")
+    __slots__ = (
+        "_pinned",
+        "_trace_id",
+        "bound",
+        "drops_local_unsampled",
+        "drops_remote_unsampled",
+        "flags",
+        "ids",
+        "random_flag",
+    )
 
-    def __init__(self, tracer: trace.Tracer, ids: Any, bound: int) -> None:
+    def __init__(self, tracer: trace.Tracer, ids: Any, bound: int, description: str) -> None:
         self.bound = bound
         """A root whose trace id's low 64 bits are below this is recorded."""
         self.ids = ids
         """The SDK's id generator."""
-        random_ids = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+        self.random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+        """The random-trace-id flag (0 before the API had it), which a child keeps."""
         is_random = getattr(ids, "is_trace_id_random", None)
-        self.flags = TraceFlags(random_ids if is_random is not None and is_random() else 0)
+        random_ids = is_random is not None and is_random()
+        self.flags = TraceFlags(self.random_flag if random_ids else 0)
         """The trace flags of a root the SDK does not sample."""
+        always_off = description == "AlwaysOffSampler"
+        delegates = _delegates(description)
+        self.drops_remote_unsampled = (
+            always_off or delegates.get("remoteParentNotSampled") == "AlwaysOffSampler"
+        )
+        """Whether a span whose remote parent was not sampled is dropped."""
+        self.drops_local_unsampled = (
+            always_off or delegates.get("localParentNotSampled") == "AlwaysOffSampler"
+        )
+        """Whether a span whose parent in this process was not sampled is dropped."""
         self._trace_id = _Pending()
         self._pinned = copy.copy(tracer)
         cast(Any, self._pinned).id_generator = _Pinned(ids, self._trace_id)
@@ -345,32 +392,38 @@ class _Roots:
         if type(sampler).__module__ != sampling.__name__:  # not the SDK's (or a subclass)
             return None
         if isinstance(sampler, sampling.TraceIdRatioBased):
-            return cls(tracer, ids, sampler.bound)
+            return cls(tracer, ids, sampler.bound, description)
         parent_based = isinstance(sampler, sampling.ParentBased)
         if parent_based:  # its root is told only by its description
-            root = description.removeprefix("ParentBased{root:").split(",", 1)[0]
+            root = _delegates(description).get("root", "")
         elif isinstance(sampler, sampling.StaticSampler):
             root = description
         else:
             return None
         if root in _STATIC:
-            return cls(tracer, ids, _STATIC[root])
+            return cls(tracer, ids, _STATIC[root], description)
         if parent_based and (found := _RATIO.fullmatch(root)) is not None:
             try:
                 rate = float(found[1])
             except ValueError:
                 return None
-            return cls(tracer, ids, sampling.TraceIdRatioBased.get_bound_for_rate(rate))
+            bound = sampling.TraceIdRatioBased.get_bound_for_rate(rate)
+            return cls(tracer, ids, bound, description)
         return None
 
-    def start(self, trace_id: int, name: str, attributes: dict[str, Any]) -> trace.Span:
+    def start(
+        self,
+        trace_id: int,
+        name: str,
+        attributes: dict[str, Any],
+        kind: SpanKind,
+        context: otel_context.Context | None,
+    ) -> trace.Span:
         """The SDK's span for a root its sampler keeps, on `trace_id`."""
         pending = self._trace_id
         pending.value = trace_id
         try:
-            return self._pinned.start_span(
-                name, context=_NO_PARENT, kind=SpanKind.CONSUMER, attributes=attributes
-            )
+            return self._pinned.start_span(name, context=context, kind=kind, attributes=attributes)
         finally:
             pending.value = None
 
@@ -404,6 +457,26 @@ class _Pinned:
     def is_trace_id_random(self) -> bool:
         is_random = getattr(self._ids, "is_trace_id_random", None)
         return bool(is_random()) if is_random is not None else False
+
+
+def _delegates(description: str) -> dict[str, str]:
+    """The samplers a description of the SDK's `ParentBased` names, by role (`root`,
+    `remoteParentNotSampled`, ...: theirs may nest); empty for any other description."""
+    if not (description.startswith("ParentBased{") and description.endswith("}")):
+        return {}
+    delegates: dict[str, str] = {}
+    depth = start = 0
+    inner = description[len("ParentBased{") : -1] + ","
+    for at, char in enumerate(inner):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            role, _, sampler = inner[start:at].partition(":")
+            delegates[role] = sampler
+            start = at + 1
+    return delegates
 
 
 def _sdk_counts_spans() -> bool:

@@ -245,8 +245,16 @@ def test_a_forward_of_a_sampled_message_is_a_child_of_its_span(
 
 @pytest.mark.parametrize(
     "sampler",
-    [ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON), ALWAYS_ON],
-    ids=["parent-based-keeping-unsampled-parents", "always-on"],
+    [
+        ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON),
+        ALWAYS_ON,
+        ParentBased(
+            ALWAYS_OFF,
+            remote_parent_sampled=ParentBased(ALWAYS_ON),  # names a ParentBased that drops them
+            remote_parent_not_sampled=ALWAYS_ON,
+        ),
+    ],
+    ids=["parent-based-keeping-unsampled-parents", "always-on", "nested"],
 )
 def test_a_sampler_that_keeps_unsampled_parents_is_asked(
     sampler: Sampler, exporter: InMemorySpanExporter
@@ -446,3 +454,49 @@ def test_with_the_sdks_own_span_counts_on_every_root_is_its_span(
     for _ in range(3):
         _handle(hook, NotedJob())
     assert counted.calls == 3
+
+
+def test_a_publish_the_sampler_drops_asks_the_sdk_for_no_span(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer's root, and a forward under a consumer span sampled out: their spans are
+    the SDK's non-recording ones, made without it; the traceparent carries them on."""
+    counted = Counted(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    root = _forward(hook)["traceparent"]
+    with hook.handling(NotedJob(), "tasks"):
+        consumer = trace.get_current_span().get_span_context()
+        forwarded = _forward(hook)["traceparent"]
+    assert counted.calls == 0
+    version, trace_id, span_id, flags = root.split("-")
+    assert version == "00" and int(trace_id, 16) != 0 and flags == "02"
+    assert trace_id != f"{consumer.trace_id:032x}"
+    version, trace_id, span_id, flags = forwarded.split("-")
+    assert (version, trace_id, flags) == ("00", f"{consumer.trace_id:032x}", "02")
+    assert span_id != f"{consumer.span_id:016x}"
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_ratio_sampled_publish_is_recorded_at_its_rate_and_as_the_sdk_records_it(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    random.seed(22)
+    counted = Counted(monkeypatch)
+    sampler = TraceIdRatioBased(0.5)
+    hook = _hook(ParentBased(sampler), exporter)
+    sent = [_forward(hook)["traceparent"] for _ in range(400)]
+    spans = exporter.get_finished_spans()
+    assert 150 <= len(spans) <= 250 and counted.calls == len(spans)
+    assert sum(parent.endswith("-03") for parent in sent) == len(spans)
+    for span in spans:
+        assert span.context is not None and span.parent is None
+        assert span.context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < sampler.bound
+        assert span.name == "publish next" and span.kind is SpanKind.PRODUCER
+        assert dict(span.attributes or {}) == {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": "",
+            "messaging.message.id": "f-1",
+            "messaging.rabbitmq.destination.routing_key": "next",
+        }
