@@ -376,7 +376,7 @@ class _Roots:
         )
         """Whether a span whose parent in this process was not sampled is dropped."""
         self._trace_id = _Pending()
-        self._pinned = copy.copy(tracer)
+        self._pinned = copy.copy(tracer)  # ours: the provider's tracer is left as it is
         cast(Any, self._pinned).id_generator = _Pinned(ids, self._trace_id)
 
     @classmethod
@@ -387,6 +387,13 @@ class _Roots:
         ids = getattr(tracer, "id_generator", None)
         if sampler is None or ids is None or _sdk_counts_spans():
             return None
+        try:
+            return cls._of(tracer, ids, sampler, description)
+        except Exception:  # an SDK that differs from the one known here: it decides
+            return None
+
+    @classmethod
+    def _of(cls, tracer: trace.Tracer, ids: Any, sampler: Any, description: str) -> _Roots | None:
         from opentelemetry.sdk.trace import sampling  # the SDK is there: a sampler is
 
         if type(sampler).__module__ != sampling.__name__:  # not the SDK's (or a subclass)
