@@ -346,6 +346,8 @@ def test_a_ratio_sampled_root_is_recorded_at_its_rate_and_as_the_sdk_records_it(
         assert span.context.trace_id & limit < sampler.bound
         assert span.parent is None and span.name == "process tasks"
         assert span.kind is SpanKind.CONSUMER
+        assert span.instrumentation_scope is not None
+        assert span.instrumentation_scope.name == "aio_workq"
         assert list(span.attributes or {}) == [
             "messaging.system",
             "messaging.operation.type",
@@ -500,3 +502,11 @@ def test_a_ratio_sampled_publish_is_recorded_at_its_rate_and_as_the_sdk_records_
             "messaging.message.id": "f-1",
             "messaging.rabbitmq.destination.routing_key": "next",
         }
+
+
+@pytest.mark.parametrize("parent", ["none", "unsampled"])
+def test_the_hooks_only_bench_runs(parent: str) -> None:
+    """`python -m bench.observability --hooks-only` (for callgrind) can't rot."""
+    from bench.observability import main
+
+    assert main(["--child", "sampled", "--hooks-only", "--n", "50", "--parent", parent]) == 0
