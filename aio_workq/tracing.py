@@ -274,14 +274,14 @@ class TracingHook(Hook):
                 span = roots.start(root_id, name, own, SpanKind.CONSUMER, _NO_PARENT)
                 if span.is_recording():  # as the sampler, asked again there, says
                     return _Recording(span, self._recording, id(job))
-                return _Current(span)
+                return _Ended(span)
         span = self._tracer.start_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         if span.is_recording():
             span.set_attributes(_own(job))
             return _Recording(span, self._recording, id(job))
-        return _Current(span)
+        return _Ended(span)
 
     def _share(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
         """The span name and the attributes every message of (queue, exchange) shares."""
@@ -493,8 +493,8 @@ def _sdk_counts_spans() -> bool:
 
 
 class _Current:
-    """Makes a span that does not record current while a delivery is handled and settled (a
-    slimmer `start_as_current_span`: this runs once per message)."""
+    """Makes a span made here (not recording: nothing to end) current while a delivery is
+    handled and settled (a slimmer `start_as_current_span`: this runs once per message)."""
 
     __slots__ = ("_span", "_token")
 
@@ -514,7 +514,25 @@ class _Current:
         otel_context.detach(self._token)
 
 
-class _Recording(_Current):
+class _Ended(_Current):
+    """Makes a span the tracer started current while a delivery is handled and settled, then
+    ends it."""
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_context.detach(self._token)
+        if exc is not None:  # the worker stopped (the message is requeued), or a bug
+            self._span.record_exception(exc)
+        self._span.end()
+
+
+class _Recording(_Ended):
     """Makes a recording span current while a delivery is handled and settled, known by its
     job's id to `after_handle` meanwhile, then ends it."""
 
@@ -535,8 +553,5 @@ class _Recording(_Current):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
         self._recording.pop(self._key, None)
-        if exc is not None:  # the worker stopped (the message is requeued), or a bug
-            self._span.record_exception(exc)
-        self._span.end()
+        super().__exit__(exc_type, exc, tb)
