@@ -33,15 +33,22 @@ did not sample it (its `traceparent` says so) is not shown to the SDK at all whe
 follows the parent's decision (`ParentBased`, as by default, or `ALWAYS_OFF`) and the
 propagator is the default W3C one: its `traceparent` is read here and made current, so what
 the handler forwards carries the trace id and the decision on. A message without a trace
-context (a root) still costs the SDK's decision.
+context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased` (alone or as
+`ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
+decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
+the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
+id. Any other sampler is asked by the SDK for every root, as before.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import threading
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._exceptions import ConfigurationError, qualname
 from ._hooks import HandleInfo, Hook, JobView, Outcome, PublishInfo
@@ -80,7 +87,12 @@ _W3C = (
     frozenset({"traceparent", "tracestate", "baggage"}),
 )
 """The fields of W3C trace context (and baggage) propagators: the default one."""
-_UNSAMPLED_PARENT_DROPS = "remoteParentNotSampled:AlwaysOffSampler,"
+_RATIO = re.compile(r"TraceIdRatioBased\{(.+)\}")
+"""The description of the SDK's `TraceIdRatioBased` (as `ParentBased`'s root)."""
+_STATIC = {"AlwaysOffSampler": 0, "AlwaysOnSampler": 1 << 64}
+"""The root bounds of the SDK's `ALWAYS_OFF` and `ALWAYS_ON` (alone or as a root)."""
+_LOW_64 = (1 << 64) - 1
+"""The bits of a trace id the SDK's `TraceIdRatioBased` decides on."""
 _FLAGS = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}
 _SHARED_MAX = 1024
 """(queue, exchange) pairs whose span name and shared attributes are kept (then started over)."""
@@ -113,6 +125,12 @@ class TracingHook(Hook):
         self._drops_unsampled: bool | None = None
         """Whether the sampler drops a span whose remote parent was not sampled (`None`: the
         tracer is not the SDK's yet)."""
+        self._roots: _Roots | None = None
+        """How a root is decided here (`None`: not looked at yet, or the SDK decides)."""
+        self._roots_known = False
+        """Whether `_roots` was worked out (from the SDK's tracer)."""
+        self._recording: dict[int, trace.Span] = {}
+        """The recording consumer spans, by the id of their job, while it is handled."""
 
     def _reads_w3c(self) -> bool:
         """Whether the propagator in use reads W3C trace context (and baggage) only, so that
@@ -135,10 +153,18 @@ class TracingHook(Hook):
         sampler = getattr(tracer, "sampler", None)
         description = sampler.get_description() if sampler is not None else ""
         drops = description == "AlwaysOffSampler" or (
-            description.startswith("ParentBased{") and _UNSAMPLED_PARENT_DROPS in description
+            _delegates(description).get("remoteParentNotSampled") == "AlwaysOffSampler"
         )
         self._drops_unsampled = drops
+        if not self._roots_known:
+            self._roots = _Roots.of(tracer, sampler, description)
+            self._roots_known = True
         return drops
+
+    def _root_plan(self) -> _Roots | None:
+        """How a root is decided here, once the SDK's tracer is known (`None`: by the SDK)."""
+        self._sampler_drops_unsampled()
+        return self._roots
 
     def _inject(self, headers: dict[str, Any], span: trace.Span) -> None:
         context = trace.set_span_in_context(span)
@@ -148,6 +174,24 @@ class TracingHook(Hook):
             self._propagator.inject(headers, context=context)
 
     def before_publish(self, message: PublishInfo) -> Any:
+        roots = self._roots if self._roots_known else self._root_plan()
+        if roots is not None:  # the SDK's ratio sampler: a span it drops is made here
+            parent = trace.get_current_span().get_span_context()
+            ids = roots.ids
+            if not parent.is_valid:  # a root
+                root_id: int = ids.generate_trace_id()
+                if root_id & _LOW_64 >= roots.bound:
+                    context = SpanContext(root_id, ids.generate_span_id(), False, roots.flags)
+                    return self._inject_dropped(message, context)
+            elif not parent.trace_flags.sampled and (
+                roots.drops_remote_unsampled if parent.is_remote else roots.drops_local_unsampled
+            ):  # under a span not sampled: what the SDK makes, as its trace's
+                flags = TraceFlags(parent.trace_flags & roots.random_flag)
+                span_id = ids.generate_span_id()
+                context = SpanContext(parent.trace_id, span_id, False, flags, parent.trace_state)
+                return self._inject_dropped(message, context)
+            else:
+                roots = None
         attributes: dict[str, Any] = {
             "messaging.system": "rabbitmq",
             "messaging.operation.type": "send",
@@ -157,9 +201,17 @@ class TracingHook(Hook):
         }
         if message.routing_key:
             attributes["messaging.rabbitmq.destination.routing_key"] = message.routing_key
-        span = self._tracer.start_span(
-            f"publish {message.destination}", kind=SpanKind.PRODUCER, attributes=attributes
-        )
+        name = f"publish {message.destination}"
+        if roots is not None:  # a root the ratio keeps: the SDK starts it, on that trace id
+            span = roots.start(root_id, name, attributes, SpanKind.PRODUCER, None)
+        else:
+            span = self._tracer.start_span(name, kind=SpanKind.PRODUCER, attributes=attributes)
+        self._inject(message.headers, span)
+        return span
+
+    def _inject_dropped(self, message: PublishInfo, context: SpanContext) -> trace.Span:
+        """The span for a publish the sampler drops, its context written to the headers."""
+        span = NonRecordingSpan(context)
         self._inject(message.headers, span)
         return span
 
@@ -198,6 +250,8 @@ class TracingHook(Hook):
                 return _Current(NonRecordingSpan(context))  # sampled out by its producer
             else:
                 parent = trace.set_span_in_context(NonRecordingSpan(context))
+        elif "traceparent" not in headers and "baggage" not in headers and self._reads_w3c():
+            parent = _NO_PARENT  # what the W3C propagator reads from them: no trace context
         elif self._propagator is None:
             parent = propagate.extract(headers)
         else:
@@ -207,22 +261,27 @@ class TracingHook(Hook):
         if shared is None:
             shared = self._share(queue, exchange)
         name, attributes = shared
+        if parent is _NO_PARENT:
+            roots = self._roots if self._roots_known else self._root_plan()
+            if roots is not None:  # the SDK's ratio sampler: decided here, as it would
+                ids = roots.ids
+                root_id: int = ids.generate_trace_id()
+                if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
+                    span_id = ids.generate_span_id()
+                    context = SpanContext(root_id, span_id, False, roots.flags)
+                    return _Current(NonRecordingSpan(context))
+                own = {**attributes, **_own(job)}
+                span = roots.start(root_id, name, own, SpanKind.CONSUMER, _NO_PARENT)
+                if span.is_recording():  # as the sampler, asked again there, says
+                    return _Recording(span, self._recording, id(job))
+                return _Ended(span)
         span = self._tracer.start_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         if span.is_recording():
-            own: dict[str, Any] = {
-                "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
-                "aio_workq.attempt": job.attempt,
-            }
-            if message_id := job.message_id:
-                own["messaging.message.id"] = message_id
-            if routing_key := job.routing_key:
-                own["messaging.rabbitmq.destination.routing_key"] = routing_key
-            if correlation_id := job.correlation_id:
-                own["messaging.message.conversation_id"] = correlation_id
-            span.set_attributes(own)
-        return _Current(span)
+            span.set_attributes(_own(job))
+            return _Recording(span, self._recording, id(job))
+        return _Ended(span)
 
     def _share(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
         """The span name and the attributes every message of (queue, exchange) shares."""
@@ -241,8 +300,11 @@ class TracingHook(Hook):
         return shared
 
     def after_handle(self, info: HandleInfo) -> None:
-        span = trace.get_current_span()
-        if not span.is_recording():  # sampled out: nothing to add
+        recording = self._recording
+        if not recording:
+            return
+        span = recording.get(id(info.job))
+        if span is None:  # sampled out: nothing to add
             return
         span.set_attribute("aio_workq.outcome", info.outcome.value)
         error = info.error
@@ -253,9 +315,186 @@ class TracingHook(Hook):
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
+def _own(job: JobView) -> dict[str, Any]:
+    """The attributes of a consumer span that are the message's own (read only to record)."""
+    own: dict[str, Any] = {
+        "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
+        "aio_workq.attempt": job.attempt,
+    }
+    if message_id := job.message_id:
+        own["messaging.message.id"] = message_id
+    if routing_key := job.routing_key:
+        own["messaging.rabbitmq.destination.routing_key"] = routing_key
+    if correlation_id := job.correlation_id:
+        own["messaging.message.conversation_id"] = correlation_id
+    return own
+
+
+class _Roots:
+    """Decides a root consumer span (a message without a trace context) as the SDK's
+    `TraceIdRatioBased` (alone or as `ParentBased`'s root; `ALWAYS_ON`, `ALWAYS_OFF` too) does:
+    on the low 64 bits of a trace id from the SDK's id generator.
+
+    A root the ratio leaves out is made here as the SDK's `Tracer.start_span` makes it, with
+    public API and without asking it: a `NonRecordingSpan` of that trace id, a new span id,
+    not sampled (the random-trace-id flag as the SDK sets it), no trace state. A root the
+    ratio keeps is started by the SDK, on that same trace id: a copy of the SDK's tracer whose
+    id generator hands it the id decided on (once, in this thread), so the sampler, asked
+    again there, keeps it; one SDK span per recorded message, none per dropped one.
+    """
+
+    __slots__ = (
+        "_pinned",
+        "_trace_id",
+        "bound",
+        "drops_local_unsampled",
+        "drops_remote_unsampled",
+        "flags",
+        "ids",
+        "random_flag",
+    )
+
+    def __init__(self, tracer: trace.Tracer, ids: Any, bound: int, description: str) -> None:
+        self.bound = bound
+        """A root whose trace id's low 64 bits are below this is recorded."""
+        self.ids = ids
+        """The SDK's id generator."""
+        self.random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
+        """The random-trace-id flag (0 before the API had it), which a child keeps."""
+        is_random = getattr(ids, "is_trace_id_random", None)
+        random_ids = is_random is not None and is_random()
+        self.flags = TraceFlags(self.random_flag if random_ids else 0)
+        """The trace flags of a root the SDK does not sample."""
+        always_off = description == "AlwaysOffSampler"
+        delegates = _delegates(description)
+        self.drops_remote_unsampled = (
+            always_off or delegates.get("remoteParentNotSampled") == "AlwaysOffSampler"
+        )
+        """Whether a span whose remote parent was not sampled is dropped."""
+        self.drops_local_unsampled = (
+            always_off or delegates.get("localParentNotSampled") == "AlwaysOffSampler"
+        )
+        """Whether a span whose parent in this process was not sampled is dropped."""
+        self._trace_id = _Pending()
+        self._pinned = copy.copy(tracer)  # ours: the provider's tracer is left as it is
+        cast(Any, self._pinned).id_generator = _Pinned(ids, self._trace_id)
+
+    @classmethod
+    def of(cls, tracer: trace.Tracer, sampler: Any, description: str) -> _Roots | None:
+        """How `tracer` (the SDK's) decides roots, if its sampler is one of the SDK's that
+        decide on the trace id alone; `None` (the SDK decides) for any other sampler, and when
+        the SDK counts the spans it starts (`OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`)."""
+        ids = getattr(tracer, "id_generator", None)
+        if sampler is None or ids is None or _sdk_counts_spans():
+            return None
+        try:
+            return cls._of(tracer, ids, sampler, description)
+        except Exception:  # an SDK that differs from the one known here: it decides
+            return None
+
+    @classmethod
+    def _of(cls, tracer: trace.Tracer, ids: Any, sampler: Any, description: str) -> _Roots | None:
+        from opentelemetry.sdk.trace import sampling  # the SDK is there: a sampler is
+
+        if type(sampler).__module__ != sampling.__name__:  # not the SDK's (or a subclass)
+            return None
+        if isinstance(sampler, sampling.TraceIdRatioBased):
+            return cls(tracer, ids, sampler.bound, description)
+        parent_based = isinstance(sampler, sampling.ParentBased)
+        if parent_based:  # its root is told only by its description
+            root = _delegates(description).get("root", "")
+        elif isinstance(sampler, sampling.StaticSampler):
+            root = description
+        else:
+            return None
+        if root in _STATIC:
+            return cls(tracer, ids, _STATIC[root], description)
+        if parent_based and (found := _RATIO.fullmatch(root)) is not None:
+            try:
+                rate = float(found[1])
+            except ValueError:
+                return None
+            bound = sampling.TraceIdRatioBased.get_bound_for_rate(rate)
+            return cls(tracer, ids, bound, description)
+        return None
+
+    def start(
+        self,
+        trace_id: int,
+        name: str,
+        attributes: dict[str, Any],
+        kind: SpanKind,
+        context: otel_context.Context | None,
+    ) -> trace.Span:
+        """The SDK's span for a root its sampler keeps, on `trace_id`."""
+        pending = self._trace_id
+        pending.value = trace_id
+        try:
+            return self._pinned.start_span(name, context=context, kind=kind, attributes=attributes)
+        finally:
+            pending.value = None
+
+
+class _Pending(threading.local):
+    """The trace id the next root span started in this thread is to have."""
+
+    value: int | None = None
+
+
+class _Pinned:
+    """The SDK's id generator, but for the trace id of a root decided on already."""
+
+    __slots__ = ("_ids", "_pending")
+
+    def __init__(self, ids: Any, pending: _Pending) -> None:
+        self._ids = ids
+        self._pending = pending
+
+    def generate_trace_id(self) -> int:
+        trace_id = self._pending.value
+        if trace_id is None:
+            trace_id = self._ids.generate_trace_id()
+        else:
+            self._pending.value = None
+        return int(trace_id)
+
+    def generate_span_id(self) -> int:
+        return int(self._ids.generate_span_id())
+
+    def is_trace_id_random(self) -> bool:
+        is_random = getattr(self._ids, "is_trace_id_random", None)
+        return bool(is_random()) if is_random is not None else False
+
+
+def _delegates(description: str) -> dict[str, str]:
+    """The samplers a description of the SDK's `ParentBased` names, by role (`root`,
+    `remoteParentNotSampled`, ...: theirs may nest); empty for any other description."""
+    if not (description.startswith("ParentBased{") and description.endswith("}")):
+        return {}
+    delegates: dict[str, str] = {}
+    depth = start = 0
+    inner = description[len("ParentBased{") : -1] + ","
+    for at, char in enumerate(inner):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            role, _, sampler = inner[start:at].partition(":")
+            delegates[role] = sampler
+            start = at + 1
+    return delegates
+
+
+def _sdk_counts_spans() -> bool:
+    """Whether the SDK counts the spans it starts, dropped ones too (then it starts them)."""
+    value = os.environ.get("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "")
+    return value.strip().lower() == "true"
+
+
 class _Current:
-    """Makes a span current while a delivery is handled and settled, then ends it (a slimmer
-    `start_as_current_span`: this runs once per message)."""
+    """Makes a span made here (not recording: nothing to end) current while a delivery is
+    handled and settled (a slimmer `start_as_current_span`: this runs once per message)."""
 
     __slots__ = ("_span", "_token")
 
@@ -273,6 +512,46 @@ class _Current:
         tb: TracebackType | None,
     ) -> None:
         otel_context.detach(self._token)
+
+
+class _Ended(_Current):
+    """Makes a span the tracer started current while a delivery is handled and settled, then
+    ends it."""
+
+    __slots__ = ()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        otel_context.detach(self._token)
         if exc is not None:  # the worker stopped (the message is requeued), or a bug
             self._span.record_exception(exc)
         self._span.end()
+
+
+class _Recording(_Ended):
+    """Makes a recording span current while a delivery is handled and settled, known by its
+    job's id to `after_handle` meanwhile, then ends it."""
+
+    __slots__ = ("_key", "_recording")
+
+    def __init__(self, span: trace.Span, recording: dict[int, trace.Span], key: int) -> None:
+        self._span = span
+        self._recording = recording
+        self._key = key
+
+    def __enter__(self) -> trace.Span:
+        self._recording[self._key] = self._span
+        return super().__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._recording.pop(self._key, None)
+        super().__exit__(exc_type, exc, tb)

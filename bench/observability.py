@@ -19,6 +19,13 @@ goal for both hooks on: >= 0.85). The CPU time per message is printed too, with 
 over on) and the hooks' cost per message (on minus off): on a busy machine those are the
 steadier figures.
 
+`--hooks-only --child MODE --n N [--parent unsampled]`: no broker, the consumer's hooks alone
+for N messages, called as the worker calls them (`Hooks.begin`/`end` around a do-nothing
+handler), each message a root (its producer did not trace) or, with `--parent unsampled`, one
+whose `traceparent` says its producer did not sample it. Made for `valgrind --tool=callgrind`
+(the ids are seeded: which messages are recorded is the same from run to run): instructions per
+message = (I(N2) - I(N1)) / (N2 - N1), against `--child off`.
+
 Starts a RabbitMQ node of its own unless `--url` is given. `--quick`: N=5,000, 3 runs each.
 Writes docs/img/bench_observability.json and .png and its section of docs/benchmarks.md
 (bench/harness.py) unless `--no-docs`.
@@ -128,6 +135,42 @@ def _child(url: str, mode: str, n: int, work: float) -> None:
 
 
 MODES = ("off", "metrics", "tracing", "on", "sampled")
+UNSAMPLED = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+
+
+class _Message:
+    """What the hooks read of a delivery (a `JobView`), for `--hooks-only`."""
+
+    def __init__(self, tag: int, headers: dict[str, Any]) -> None:
+        self.delivery_tag = tag
+        self.headers = headers
+
+    body = data = PAYLOAD
+    message_id: str | None = "m-1"
+    content_type: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    redelivered = False
+    routing_key = exchange = ""
+    attempt = 1
+
+
+def _hooks_only(mode: str, n: int, parent: str) -> None:
+    """N messages through the consumer's hooks of `mode`, as the worker calls them."""
+    import random
+
+    from aio_workq import Outcome
+    from aio_workq._hooks import Hooks
+
+    random.seed(22)  # the SDK's ids: the same messages recorded in every run
+    hooks = Hooks.of(_hooks(mode))
+    headers = {"traceparent": UNSAMPLED} if parent == "unsampled" else {}
+    settled = (Outcome.OK, None, None)
+    for tag in range(1, n + 1):
+        job = _Message(tag, headers)
+        if hooks is not None:
+            entered = hooks.begin(job, "bench")
+            hooks.end(job, "bench", entered, settled, None)
 
 
 def _measure(url: str, n: int, repeats: int, work: float) -> dict[str, Any]:
@@ -176,9 +219,21 @@ def main(argv: list[str] | None = None) -> int:
         "--no-docs", action="store_true", help="print only; do not write docs/img or the docs"
     )
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--hooks-only", action="store_true", help="with --child: the hooks alone, no broker"
+    )
+    parser.add_argument(
+        "--parent",
+        choices=("none", "unsampled"),
+        default="none",
+        help="with --hooks-only: whether each message carries a traceparent that says not sampled",
+    )
     args = parser.parse_args(argv)
     n = args.n or (5_000 if args.quick else 20_000)
     repeats = args.repeats or (3 if args.quick else 5)
+    if args.child and args.hooks_only:
+        _hooks_only(args.child, n, args.parent)
+        return 0
     if args.child:
         _child(args.url, args.child, n, args.work)
         return 0

@@ -6,8 +6,10 @@ properties decode on first use.
 
 from __future__ import annotations
 
+import random
 import struct
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import pytest
@@ -29,8 +31,9 @@ from opentelemetry.trace import Link, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
-from aio_workq import Job, PublishInfo
+from aio_workq import Hook, Job, JobView, Outcome, PublishInfo
 from aio_workq._consume.delivery import Delivery
+from aio_workq._hooks import Hooks
 from aio_workq._wire.frames import Properties, decode_header, encode_properties
 from aio_workq.tracing import TracingHook
 
@@ -242,8 +245,16 @@ def test_a_forward_of_a_sampled_message_is_a_child_of_its_span(
 
 @pytest.mark.parametrize(
     "sampler",
-    [ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON), ALWAYS_ON],
-    ids=["parent-based-keeping-unsampled-parents", "always-on"],
+    [
+        ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON),
+        ALWAYS_ON,
+        ParentBased(
+            ALWAYS_OFF,
+            remote_parent_sampled=ParentBased(ALWAYS_ON),  # names a ParentBased that drops them
+            remote_parent_not_sampled=ALWAYS_ON,
+        ),
+    ],
+    ids=["parent-based-keeping-unsampled-parents", "always-on", "nested"],
 )
 def test_a_sampler_that_keeps_unsampled_parents_is_asked(
     sampler: Sampler, exporter: InMemorySpanExporter
@@ -275,3 +286,227 @@ def test_what_the_propagator_reads_beyond_a_traceparent_is_kept(
     assert forwarded["traceparent"].startswith("00-0af7651916cd43dd8448eb211c80319c-")
     assert forwarded.get("tracestate") == headers.get("tracestate")
     assert exporter.get_finished_spans() == ()
+
+
+class Counted:
+    """Counts the SDK's `Tracer.start_span` calls (a span the SDK started, recording or not)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        start_span = Tracer.start_span
+
+        def counted(tracer: Tracer, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return start_span(tracer, *args, **kwargs)
+
+        monkeypatch.setattr(Tracer, "start_span", counted)
+
+
+def test_a_root_the_sampler_drops_asks_the_sdk_for_no_span(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Root (its producer did not trace) and sampled out by the SDK's ratio sampler: no SDK
+    span, yet what the handler forwards carries the consumer's trace id on, as the SDK's own
+    non-recording span would (not sampled, the random-trace-id flag of the SDK's ids)."""
+    counted = Counted(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    with hook.handling(NotedJob(), "tasks"):
+        span = trace.get_current_span()
+        context = span.get_span_context()
+        asked = counted.calls
+        forwarded = _forward(hook)
+    assert asked == 0
+    assert not span.is_recording() and context.is_valid and not context.is_remote
+    assert context.trace_flags == 0x02  # what the SDK gives: not sampled, random trace id
+    version, trace_id, _, flags = forwarded["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", f"{context.trace_id:032x}", "02")
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_ratio_sampled_root_is_recorded_at_its_rate_and_as_the_sdk_records_it(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One SDK span per recorded message, as many recorded as the ratio says (not the ratio
+    squared), each with a trace id the ratio keeps, its attributes as before."""
+    random.seed(22)
+    counted = Counted(monkeypatch)
+    sampler = TraceIdRatioBased(0.5)
+    hook = _hook(ParentBased(sampler), exporter)
+    dropped = []
+    for _ in range(400):
+        context = _handle(hook, NotedJob())
+        if not context.trace_flags.sampled:
+            dropped.append(context.trace_id)
+    spans = exporter.get_finished_spans()
+    assert 150 <= len(spans) <= 250  # 200 expected; the ratio squared would give 100
+    assert counted.calls == len(spans) and len(dropped) == 400 - len(spans)
+    limit = TraceIdRatioBased.TRACE_ID_LIMIT
+    for span in spans:
+        assert span.context is not None
+        assert span.context.trace_id & limit < sampler.bound
+        assert span.parent is None and span.name == "process tasks"
+        assert span.kind is SpanKind.CONSUMER
+        assert span.instrumentation_scope is not None
+        assert span.instrumentation_scope.name == "aio_workq"
+        assert list(span.attributes or {}) == [
+            "messaging.system",
+            "messaging.operation.type",
+            "messaging.operation.name",
+            "messaging.destination.name",
+            "messaging.destination.subscription.name",
+            "messaging.rabbitmq.message.delivery_tag",
+            "aio_workq.attempt",
+            "messaging.message.id",
+            "messaging.rabbitmq.destination.routing_key",
+            "messaging.message.conversation_id",
+        ]
+    assert all(trace_id & limit >= sampler.bound for trace_id in dropped)
+    assert len(set(dropped) | {span.context.trace_id for span in spans if span.context}) == 400
+
+
+class Dropping(Noting):
+    """Drops everything, noting each call."""
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        super().should_sample(*args, **kwargs)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "Dropping"
+
+
+@pytest.mark.parametrize("parent_based", [False, True], ids=["alone", "parent-based-root"])
+def test_a_custom_sampler_is_asked_for_every_root(
+    parent_based: bool, exporter: InMemorySpanExporter
+) -> None:
+    sampler = Dropping()
+    hook = _hook(ParentBased(sampler) if parent_based else sampler, exporter)
+    for _ in range(3):
+        _handle(hook, NotedJob())
+    assert len(sampler.shown) == 3
+    assert exporter.get_finished_spans() == ()
+
+
+def test_the_outcome_goes_on_the_messages_own_span_whatever_span_is_current(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """`after_handle` finds the message's span by its job, not as the current span: a hook
+    entered after the tracing one may have made a span of its own current."""
+    hook = _hook(ALWAYS_ON, exporter)
+    tracer = trace.get_tracer("inner", tracer_provider=TracerProvider())  # not exported
+
+    class Inner(Hook):
+        def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any]:
+            return tracer.start_as_current_span("inner")
+
+    hooks = Hooks.of([hook, Inner()])
+    assert hooks is not None
+    job = NotedJob()
+    entered = hooks.begin(job, "tasks")
+    hooks.end(job, "tasks", entered, (Outcome.OK, None, None), None)
+    (span,) = exporter.get_finished_spans()
+    assert dict(span.attributes or {})["aio_workq.outcome"] == "ok"
+
+
+class Ratio(TraceIdRatioBased):
+    """A user's subclass of the SDK's ratio sampler: its decision is its own."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.asked = 0
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        self.asked += 1
+        return SamplingResult(Decision.DROP)
+
+
+def test_a_subclass_of_the_ratio_sampler_is_asked_for_every_root(
+    exporter: InMemorySpanExporter,
+) -> None:
+    sampler = Ratio()
+    hook = _hook(sampler, exporter)
+    for _ in range(3):
+        assert not _handle(hook, NotedJob()).trace_flags.sampled
+    assert sampler.asked == 3 and exporter.get_finished_spans() == ()
+
+
+def test_the_samplers_the_sdk_configures_from_the_environment_are_decided_here(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`OTEL_TRACES_SAMPLER=parentbased_traceidratio` gives the SDK's `ParentBased` subclass."""
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    counted = Counted(monkeypatch)
+    provider = TracerProvider()
+    assert type(provider.sampler) is not ParentBased
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hook = TracingHook(tracer_provider=provider)
+    for _ in range(3):
+        assert _handle(hook, NotedJob()).is_valid
+    assert counted.calls == 0 and exporter.get_finished_spans() == ()
+
+
+def test_with_the_sdks_own_span_counts_on_every_root_is_its_span(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED`: the SDK counts the spans it starts."""
+    monkeypatch.setenv("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "true")
+    counted = Counted(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    for _ in range(3):
+        _handle(hook, NotedJob())
+    assert counted.calls == 3
+
+
+def test_a_publish_the_sampler_drops_asks_the_sdk_for_no_span(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer's root, and a forward under a consumer span sampled out: their spans are
+    the SDK's non-recording ones, made without it; the traceparent carries them on."""
+    counted = Counted(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    root = _forward(hook)["traceparent"]
+    with hook.handling(NotedJob(), "tasks"):
+        consumer = trace.get_current_span().get_span_context()
+        forwarded = _forward(hook)["traceparent"]
+    assert counted.calls == 0
+    version, trace_id, span_id, flags = root.split("-")
+    assert version == "00" and int(trace_id, 16) != 0 and flags == "02"
+    assert trace_id != f"{consumer.trace_id:032x}"
+    version, trace_id, span_id, flags = forwarded.split("-")
+    assert (version, trace_id, flags) == ("00", f"{consumer.trace_id:032x}", "02")
+    assert span_id != f"{consumer.span_id:016x}"
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_ratio_sampled_publish_is_recorded_at_its_rate_and_as_the_sdk_records_it(
+    exporter: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    random.seed(22)
+    counted = Counted(monkeypatch)
+    sampler = TraceIdRatioBased(0.5)
+    hook = _hook(ParentBased(sampler), exporter)
+    sent = [_forward(hook)["traceparent"] for _ in range(400)]
+    spans = exporter.get_finished_spans()
+    assert 150 <= len(spans) <= 250 and counted.calls == len(spans)
+    assert sum(parent.endswith("-03") for parent in sent) == len(spans)
+    for span in spans:
+        assert span.context is not None and span.parent is None
+        assert span.context.trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < sampler.bound
+        assert span.name == "publish next" and span.kind is SpanKind.PRODUCER
+        assert dict(span.attributes or {}) == {
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "send",
+            "messaging.operation.name": "publish",
+            "messaging.destination.name": "",
+            "messaging.message.id": "f-1",
+            "messaging.rabbitmq.destination.routing_key": "next",
+        }
+
+
+@pytest.mark.parametrize("parent", ["none", "unsampled"])
+def test_the_hooks_only_bench_runs(parent: str) -> None:
+    """`python -m bench.observability --hooks-only` (for callgrind) can't rot."""
+    from bench.observability import main
+
+    assert main(["--child", "sampled", "--hooks-only", "--n", "50", "--parent", parent]) == 0
