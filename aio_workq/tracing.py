@@ -38,6 +38,20 @@ context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased`
 decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
 the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
 id. Any other sampler is asked by the SDK for every root, as before.
+
+What this relies on in the OpenTelemetry SDK beyond its documented API, all read, none written
+on the SDK's own objects, and each checked by `tests/test_tracing_sampling.py` (an SDK that
+differs makes the hook stand aside and the SDK decide, as it does for a custom sampler):
+
+1. `ParentBased.get_description()` names its delegates as `ParentBased{root:...,
+   remoteParentSampled:...,...}` (`_delegates`; the `[nested]` cases of
+   `test_a_sampler_that_keeps_unsampled_parents_is_asked`).
+2. `TraceIdRatioBased.bound` and `get_bound_for_rate()` decide on the low 64 bits of the trace
+   id (`test_a_ratio_sampled_root_is_recorded_at_its_rate_and_as_the_sdk_records_it`).
+3. The SDK's `Tracer` takes its ids from its public `id_generator` attribute when it starts a
+   span, and a shallow copy of it starts spans like it: the hook starts a kept root on a copy
+   of its own whose `id_generator` hands over the trace id decided on (the provider's tracer
+   is never changed; same test, and `test_a_root_the_sampler_drops_asks_the_sdk_for_no_span`).
 """
 
 from __future__ import annotations
