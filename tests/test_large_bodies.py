@@ -14,11 +14,14 @@ import tracemalloc
 
 import aiormq
 import pytest
+from pamqp import frame as pamqp_frame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
 
 from aio_workq import Connection, Producer, Queue
+from aio_workq._wire.frames import Chunked, Properties, ack_frame, encode_properties, publish_write
+from aio_workq._wire.writer import FrameWriter
 from aio_workq.testing import LocalBroker
-
-pytestmark = pytest.mark.broker
 
 MiB = 2**20
 SIZE = 16 * MiB
@@ -40,6 +43,7 @@ async def bodies_in(url: str, queue: str) -> list[bytes]:
         await connection.close()
 
 
+@pytest.mark.broker
 @pytest.mark.timeout(120)
 async def test_publishing_a_16_mib_body_holds_little_more_than_the_body(
     local_broker: LocalBroker, queue_name: str
@@ -64,6 +68,7 @@ async def test_publishing_a_16_mib_body_holds_little_more_than_the_body(
     assert bodies[1] == template  # framed from views of the body: the same bytes arrive
 
 
+@pytest.mark.broker
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "plain"])
 async def test_a_bytearray_changed_after_send_arrives_as_it_was_sent(
@@ -79,3 +84,137 @@ async def test_a_bytearray_changed_after_send_arrives_as_it_was_sent(
             async with asyncio.timeout(60):
                 await confirm
     assert await bodies_in(local_broker.url, queue_name) == [b"a" * (4 * MiB)]
+
+
+# --- the writer, offline ---
+
+FRAME_MAX = 131072
+LOW, HIGH = 16384, 65536  # asyncio's default write buffer limits
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.size = 0
+        self.most = 0  # the most it held
+
+    def get_write_buffer_size(self) -> int:
+        return self.size
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return LOW, HIGH
+
+
+class Stream:
+    """A StreamWriter whose transport keeps all that is written until drained (the socket
+    takes nothing at once), as asyncio's copies what the socket does not take."""
+
+    def __init__(self) -> None:
+        self.transport = Transport()
+        self.written: list[bytes] = []
+        self.drained = asyncio.Event()
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.written.append(bytes(data))
+        self.transport.size += len(data)
+        self.transport.most = max(self.transport.most, self.transport.size)
+
+    async def drain(self) -> None:
+        await self.drained.wait()
+        self.drained.clear()
+        self.transport.size = 0
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.open = True
+
+
+def frames_of(data: bytes) -> list[tuple[int, object]]:
+    """`data` as whole frames (channel, value); fails on a partial frame."""
+    out: list[tuple[int, object]] = []
+    while data:
+        size, channel, value = pamqp_frame.unmarshal(data)
+        data = data[size:]
+        out.append((channel, value))
+    return out
+
+
+def large(channel: int, size: int) -> tuple[bytes, Chunked]:
+    body = bytes(range(256)) * (size // 256)
+    frames = publish_write(
+        channel, "", "q", True, encode_properties(Properties(message_id="m")), body, FRAME_MAX
+    )
+    assert isinstance(frames, Chunked)
+    return body, frames
+
+
+async def test_a_large_body_goes_to_the_transport_a_frame_at_a_time_as_it_drains() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate, other = Gate(), Gate()
+    body, frames = large(1, 2 * 2**20)
+    writer.write(gate, frames)
+    writer.write(other, ack_frame(2, 1, False))  # after the body: it waits for all of it
+    writer.flush()
+    assert stream.transport.size <= HIGH + FRAME_MAX  # not the whole body (was 2 MiB)
+    written = frames_of(b"".join(stream.written))  # stopped between two frames
+    assert all(channel == 1 for channel, _ in written)
+    assert writer.buffered == 2
+    async with asyncio.timeout(5):
+        while writer.buffered:
+            stream.drained.set()
+            await asyncio.sleep(0)
+    assert stream.transport.most <= HIGH + FRAME_MAX
+    written = frames_of(b"".join(stream.written))
+    assert isinstance(written[0][1], Basic.Publish)
+    parts = [value for _, value in written if isinstance(value, ContentBody)]
+    assert b"".join(part.value for part in parts) == body
+    assert len(parts) == -(-len(body) // (FRAME_MAX - 8))
+    channel, ack = written[-1]
+    assert channel == 2 and isinstance(ack, Basic.Ack) and ack.delivery_tag == 1
+
+
+async def test_a_body_whose_channel_the_broker_closes_midway_stops_at_a_frame_boundary() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate, other = Gate(), Gate()
+    _, frames = large(1, 2 * 2**20)
+    writer.write(gate, frames)
+    writer.write(other, ack_frame(2, 1, False))
+    writer.flush()
+    before = len(frames_of(b"".join(stream.written)))
+    gate.open = False  # the broker's Channel.Close: it drops the rest, none may follow Close-Ok
+    async with asyncio.timeout(5):
+        while writer.buffered:
+            stream.drained.set()
+            await asyncio.sleep(0)
+    written = frames_of(b"".join(stream.written))
+    assert len(written) == before + 1
+    channel, ack = written[-1]
+    assert channel == 2 and isinstance(ack, Basic.Ack) and ack.delivery_tag == 1
+
+
+async def test_complete_hands_over_the_rest_of_a_body_before_its_channel_is_closed() -> None:
+    stream = Stream()
+    writer = FrameWriter(stream)  # type: ignore[arg-type]
+    gate, other = Gate(), Gate()
+    body, frames = large(1, 2 * 2**20)
+    writer.write(gate, frames)
+    writer.write(gate, ack_frame(1, 7, False))
+    writer.flush()
+    writer.complete(other)  # not its channel: nothing changes
+    assert writer.buffered == 2
+    writer.complete(gate)  # the transport is full, but the message must not be cut
+    gate.open = False  # then closed: what was buffered after the body is dropped
+    assert writer.buffered == 1
+    written = frames_of(b"".join(stream.written))
+    parts = [value for _, value in written if isinstance(value, ContentBody)]
+    assert b"".join(part.value for part in parts) == body
+    async with asyncio.timeout(5):
+        while writer.buffered:
+            stream.drained.set()
+            await asyncio.sleep(0)
+    assert len(frames_of(b"".join(stream.written))) == len(written)
