@@ -5,7 +5,10 @@ at the moment it is appended) and written together once per event-loop iteration
 send buffer (the transport's) is filled only up to `HIGH_WATER`, in whole writes: what does not
 fit waits here, in order, until the transport drains (asyncio's flow control, `StreamWriter.drain`;
 reliance 6 in `_seams`). The publisher's window bounds how much can wait here: a message's slot is
-held until its frames have left (`when_flushed`).
+held until its frames have left (`when_flushed`). A large body (`Chunked`) is handed over a frame
+at a time, only while the transport's buffer is under the transport's own high-water mark: the
+transport copies what the socket does not take at once, and a whole body handed to it was held
+twice until sent (#22).
 """
 
 from __future__ import annotations
