@@ -10,6 +10,7 @@ it drains: the copy is at most a frame or two.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import tracemalloc
 
 import aiormq
@@ -22,6 +23,7 @@ from aio_workq import Connection, Producer, Queue
 from aio_workq._wire.frames import Chunked, Properties, ack_frame, encode_properties, publish_write
 from aio_workq._wire.writer import FrameWriter
 from aio_workq.testing import LocalBroker
+from scripts.tls import PKI
 
 MiB = 2**20
 SIZE = 16 * MiB
@@ -66,6 +68,28 @@ async def test_publishing_a_16_mib_body_holds_little_more_than_the_body(
     bodies = await bodies_in(local_broker.url, queue_name)
     assert bodies[0] == b"warm-up"
     assert bodies[1] == template  # framed from views of the body: the same bytes arrive
+
+
+@pytest.mark.broker
+@pytest.mark.timeout(120)
+async def test_a_16_mib_body_over_tls_arrives_whole_and_is_held_once(
+    tls_broker: LocalBroker, tls_pki: PKI, queue_name: str
+) -> None:
+    context = ssl.create_default_context(cafile=str(tls_pki.ca_cert))
+    template = bytearray(range(256)) * (SIZE // 256)
+    async with Producer(tls_broker.tls_url, ssl_context=context, timeout=60) as producer:
+        await producer.declare(Queue(queue_name, type="classic"))
+        await producer.publish(b"warm-up", queue_name)
+        tracemalloc.start()
+        try:
+            body = bytes(template)
+            async with asyncio.timeout(60):
+                await producer.publish(body, queue_name)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak <= 1.2 * SIZE + SLACK, f"publishing held {peak / SIZE:.2f} bodies"
+    assert (await bodies_in(tls_broker.url, queue_name))[1] == template
 
 
 @pytest.mark.broker
