@@ -77,7 +77,8 @@ async def test_a_16_mib_body_over_tls_arrives_whole_and_is_held_once(
 ) -> None:
     context = ssl.create_default_context(cafile=str(tls_pki.ca_cert))
     template = bytearray(range(256)) * (SIZE // 256)
-    async with Producer(tls_broker.tls_url, ssl_context=context, timeout=60) as producer:
+    connection = Connection(tls_broker.tls_url, ssl_context=context, fast_path=True)
+    async with connection, Producer(connection=connection, timeout=60) as producer:
         await producer.declare(Queue(queue_name, type="classic"))
         await producer.publish(b"warm-up", queue_name)
         tracemalloc.start()
