@@ -100,6 +100,9 @@ class _Transport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return 16384, 65536
+
 
 class _Stream:
     def __init__(self) -> None:

@@ -256,6 +256,7 @@ class ManagedChannel:
             await self._flushed(wire)
             tap = wire.demux.tap(channel)
             if tap is not None:
+                wire.writer.complete(tap)  # a large body partly written: not cut by the Close
                 tap.open = False
         with contextlib.suppress(Exception):
             await asyncio.wait_for(channel.close(), 5)

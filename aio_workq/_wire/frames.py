@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -413,24 +413,73 @@ LARGE_BODY = 32 * 1024
 
 
 class Chunked:
-    """A large message's frames as parts: its small frame headers and views of its body.
+    """A large message's frames: its method and content header frames, then its body frames,
+    each a small frame header, a `memoryview` slice of the body and the end octet.
 
-    `len()` is the byte size of all its frames. The parts are written one by one (the
-    transport copies only what the socket does not take at once), so a large body is never
-    joined into a second copy of itself while it waits for its confirm.
+    `len()` is the byte size of all its frames. `write()` hands them to a stream a whole frame
+    at a time and may stop between two frames (when the socket is backed up) and go on from
+    there later, so a large body is never joined into a second copy of itself, nor handed to a
+    transport that would copy what the socket does not take at once (asyncio 3.11's does).
     """
 
-    __slots__ = ("parts", "size")
+    __slots__ = ("_body", "_channel", "_chunk", "_head", "_next", "size")
 
-    def __init__(self, parts: list[bytes | memoryview], size: int) -> None:
-        self.parts = parts
-        self.size = size
+    def __init__(self, head: bytes, channel: int, body: memoryview, chunk: int) -> None:
+        self._head = head  # the method and content header frames
+        self._channel = channel
+        self._body = body
+        self._chunk = chunk
+        self._next = 0  # where in the body the next frame to write starts
+        self.size = len(head) + len(body) + 8 * -(-len(body) // chunk)
 
     def __len__(self) -> int:
         return self.size
 
     def __bytes__(self) -> bytes:
         return b"".join(self.parts)
+
+    @property
+    def started(self) -> bool:
+        """Some of its frames are written, not all: nothing but the rest may follow them on
+        its channel (AMQP sends a message's frames together)."""
+        return 0 < self._next < len(self._body)
+
+    @property
+    def parts(self) -> list[bytes | memoryview]:
+        """All its frames as parts: frame headers (with the method and content header frames
+        before the first) and views of the body, joined by the end octets."""
+        parts: list[bytes | memoryview] = []
+        self._frames(parts.append, 0, None)
+        return parts
+
+    def write(
+        self, write: Callable[[bytes | memoryview], object], full: Callable[[], bool]
+    ) -> bool:
+        """Hand the frames not yet written to `write`, whole frames, until `full()` is true
+        after one of them; True once the last one is written (else call again to go on)."""
+        if self._next >= len(self._body):
+            return True
+        self._next = self._frames(write, self._next, full)
+        return self._next >= len(self._body)
+
+    def _frames(
+        self,
+        write: Callable[[bytes | memoryview], object],
+        start: int,
+        full: Callable[[], bool] | None,
+    ) -> int:
+        body, chunk, channel, pack = self._body, self._chunk, self._channel, _FRAME_HEADER.pack
+        end = len(body)
+        lead = self._head if start == 0 else b""
+        while True:
+            piece = body[start : start + chunk]
+            write(lead + pack(_BODY, channel, len(piece)))
+            write(piece)
+            start += chunk
+            if start >= end or (full is not None and full()):
+                write(FRAME_END)
+                return min(start, end)
+            lead = FRAME_END  # the end octet joined to the next frame's header: one write
 
 
 def publish_frames(
@@ -472,7 +521,7 @@ def publish_write(
         return b"".join((method, head, properties, body_head, body, FRAME_END))
     header = head + properties + FRAME_END
     if body_size > LARGE_BODY:
-        return _chunked(method + header, channel, memoryview(body), chunk)
+        return Chunked(method + header, channel, memoryview(body), chunk)
     out = [method, header]
     for start in range(0, body_size, chunk):
         piece = body[start : start + chunk]
@@ -480,18 +529,6 @@ def publish_write(
         out.append(piece)
         out.append(FRAME_END)
     return b"".join(out)
-
-
-def _chunked(head: bytes, channel: int, body: memoryview, chunk: int) -> Chunked:
-    parts: list[bytes | memoryview] = []
-    lead = head
-    for start in range(0, len(body), chunk):
-        piece = body[start : start + chunk]
-        parts.append(lead + _FRAME_HEADER.pack(_BODY, channel, len(piece)))
-        parts.append(piece)
-        lead = FRAME_END
-    parts.append(FRAME_END)
-    return Chunked(parts, sum(map(len, parts)))
 
 
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:

@@ -17,7 +17,13 @@ against the newest releases):
    `at_eof()` on some paths): `FrameDemux` implements exactly those (`tests/test_demux.py`).
 2. aiormq writes each of its frames with one `StreamWriter.write()` call of whole frames, so
    aio-workq's writes on the same stream interleave with aiormq's at frame boundaries
-   (AMQP allows frames of different channels to interleave).
+   (AMQP allows frames of different channels to interleave). A large body's frames may leave
+   over several loop iterations (the `FrameWriter` stops between two of them while the
+   transport is backed up), so aiormq's frames can come between them; on that channel aiormq
+   writes nothing meanwhile but the `Channel.CloseOk` of a broker's `Channel.Close` (the broker
+   drops the channel's frames until then, and the writer sends none of the rest once the demux
+   has seen the Close) or a `Channel.Close` aio-workq asks for, after `FrameWriter.complete()`
+   has handed over the rest (`tests/test_large_bodies.py`).
 3. aiormq takes the time of the last frame it read as the connection's sign of life. Frames the
    demux takes never reach it, so the demux passes it a heartbeat frame (`ALIVE_FRAME`) at most
    once a second while it takes frames; aiormq ignores heartbeats other than noting the time

@@ -5,7 +5,10 @@ at the moment it is appended) and written together once per event-loop iteration
 send buffer (the transport's) is filled only up to `HIGH_WATER`, in whole writes: what does not
 fit waits here, in order, until the transport drains (asyncio's flow control, `StreamWriter.drain`;
 reliance 6 in `_seams`). The publisher's window bounds how much can wait here: a message's slot is
-held until its frames have left (`when_flushed`).
+held until its frames have left (`when_flushed`). A large body (`Chunked`) is handed over a frame
+at a time, only while the transport's buffer is under the transport's own high-water mark: the
+transport copies what the socket does not take at once, and a whole body handed to it was held
+twice until sent (#22).
 """
 
 from __future__ import annotations
@@ -124,6 +127,9 @@ class FrameWriter:
                     stream.write(data)
                 return
             self._pressed = True  # until the buffer empties: measured write by write
+        if self._chunked:
+            self._write_chunked(stream, room)
+            return
         count = size = 0
         for _, frames in buffer:  # whole writes up to the mark; the rest once it drains
             count += 1
@@ -131,18 +137,78 @@ class FrameWriter:
             if size >= room:
                 break
         taken = [frames for gate, frames in buffer[:count] if gate.open]
-        chunked = self._chunked
         self._gone(count)
         if buffer:
             self._draining = self._loop.create_task(self._drain())
         else:
             self._pressed = False
-        if chunked and any(type(frames) is Chunked for frames in taken):
-            _write_parts(stream, taken)
+        data = b"".join(taken)  # type: ignore[arg-type]
+        if data:
+            stream.write(data)
+
+    def _write_chunked(self, stream: asyncio.StreamWriter, room: int) -> None:
+        """`flush` with large bodies (`Chunked`) in the buffer: runs of small writes joined up
+        to the mark as usual, and a large body's frames handed to the transport one by one
+        while its buffer is under the transport's own high-water mark (its flow control:
+        `drain()` waits while it is over). asyncio's transport copies into its buffer what the
+        socket does not take at once, so whole bodies handed to it were held twice; this way
+        it copies at most about one frame. A body can stop between two frames, at the head of
+        the buffer, and goes on from there once the transport drains; only the rest of it
+        may follow on its channel, so nothing else waiting passes it.
+
+        A body's channel closed by the broker meanwhile (its gate shut) gets none of the rest:
+        the broker drops a closing channel's frames until it is answered, and none may follow
+        the answer. A channel aio-workq closes itself first hands over the rest (`complete`).
+        """
+        buffer = self._buffer
+        transport = stream.transport
+        mark = min(self.high_water, transport.get_write_buffer_limits()[1])
+
+        def full() -> bool:
+            return transport.get_write_buffer_size() > mark
+
+        small: list[bytes] = []
+        count = size = 0
+        for gate, frames in buffer:
+            if type(frames) is Chunked:
+                if gate.open:
+                    if small:
+                        stream.write(b"".join(small))
+                        small.clear()
+                    if not frames.write(stream.write, full):
+                        break  # it stays first, partly written
+                count += 1
+                if full():
+                    break
+                room, size = self.high_water - transport.get_write_buffer_size(), 0
+                continue
+            count += 1
+            if gate.open:
+                small.append(frames)  # type: ignore[arg-type]
+                size += len(frames)
+            if size >= room:
+                break
+        if small:
+            stream.write(b"".join(small))
+        self._gone(count)
+        if buffer:
+            self._pressed = True
+            self._draining = self._loop.create_task(self._drain())
         else:
-            data = b"".join(taken)  # type: ignore[arg-type]
-            if data:
-                stream.write(data)
+            self._pressed = False
+
+    def complete(self, gate: Gate) -> None:
+        """Hand the socket the rest of a large body of `gate`'s channel that is partly written
+        now, whatever the socket holds: its channel is about to be closed by aio-workq, and the
+        `Channel.Close` must not come between the frames of one message (the broker would close
+        the whole connection). Nothing else changes order: such a body is first in line."""
+        buffer = self._buffer
+        if not buffer or buffer[0][0] is not gate:
+            return
+        frames = buffer[0][1]
+        if type(frames) is Chunked and frames.started and not self._stream.is_closing():
+            frames.write(self._stream.write, _never)
+            self._gone(1)
 
     def _gone(self, count: int) -> None:
         """The first `count` writes have left the buffer."""
@@ -171,19 +237,5 @@ class FrameWriter:
             self.flush()
 
 
-def _write_parts(stream: asyncio.StreamWriter, writes: list[bytes | Chunked]) -> None:
-    """Hand `writes` to the socket in order: runs of small frames joined, the body parts of
-    `Chunked` writes one by one (the transport sends what it can at once and copies only the
-    rest; asyncio's `writelines` would join them into a copy first)."""
-    small: list[bytes] = []
-    for frames in writes:
-        if type(frames) is Chunked:
-            if small:
-                stream.write(b"".join(small))
-                small.clear()
-            for part in frames.parts:
-                stream.write(part)
-        else:
-            small.append(frames)  # type: ignore[arg-type]
-    if small:
-        stream.write(b"".join(small))
+def _never() -> bool:
+    return False
