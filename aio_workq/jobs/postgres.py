@@ -9,11 +9,12 @@ from __future__ import annotations
 import re
 import struct
 import time
+import weakref
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg import Error as PsycopgError
 from psycopg.adapt import AdaptersMap, Dumper
 from psycopg.pq import Format
@@ -125,7 +126,7 @@ _DUMPERS: tuple[tuple[type[_Array], type[Dumper]], ...] = (
 
 
 def register_arrays(adapters: AdaptersMap) -> None:
-    """Let `adapters` (a cursor's) send the batch columns `Columns` builds."""
+    """Let `adapters` (a connection's) send the batch columns `Columns` builds."""
     for cls, dumper in _DUMPERS:
         adapters.register_dumper(cls, dumper)
 
@@ -249,6 +250,18 @@ def _psycopg(sql: str, binary: bool = False) -> str:
     return _PARAM.sub(r"%(\1)b" if binary else r"%(\1)s", sql)
 
 
+def _numbered(sql: str, encoding: str) -> tuple[bytes, tuple[str, ...]]:
+    """`sql` with PostgreSQL's own `$n` placeholders, for a raw cursor (psycopg parses a
+    statement this long again at each execution, otherwise), and the names in their order."""
+    names: dict[str, int] = {}
+
+    def number(match: re.Match[str]) -> str:
+        return f"${names.setdefault(match.group(1), len(names) + 1)}"
+
+    text = _PARAM.sub(number, sql)
+    return text.encode(encoding), tuple(names)
+
+
 class PostgresStore:
     """Job states and results in PostgreSQL, shared by every process and host.
 
@@ -291,16 +304,20 @@ class PostgresStore:
         self._dsn = dsn
         self._where = redact_dsn(dsn) if dsn else "the given pool"
         self._own = pool is None
+        # The pool this store opens has autocommit connections: a batch of one round is one
+        # statement, without toggling its connection (what a given pool's get, then get back).
         self._pool = pool or AsyncConnectionPool(
-            dsn or "", min_size=1, max_size=max_size, open=False, timeout=timeout
-        )
+            dsn or "", min_size=1, max_size=max_size, open=False, timeout=timeout,
+            kwargs={"autocommit": True},
+        )  # fmt: skip
         self._opened = not self._own
         self._timeout = timeout
         sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
         self._write = _psycopg(sql.write)
         self._sql = sql
-        self._rounds: dict[tuple[str, ...], str] = {}
+        self._rounds: dict[tuple[tuple[str, ...], str], tuple[bytes, tuple[str, ...]]] = {}
         self._columns = Columns()
+        self._arrays: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that send them
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
         self._recent = _psycopg(sql.recent)
@@ -330,10 +347,10 @@ class PostgresStore:
     def _failed(self, what: str, exc: Exception) -> StoreError:
         return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
 
-    def _round(self, kinds: tuple[str, ...]) -> str:
-        statement = self._rounds.get(kinds)
+    def _round(self, kinds: tuple[str, ...], encoding: str) -> tuple[bytes, tuple[str, ...]]:
+        statement = self._rounds.get((kinds, encoding))
         if statement is None:
-            statement = self._rounds[kinds] = _psycopg(self._sql.round(kinds), binary=True)
+            statement = self._rounds[kinds, encoding] = _numbered(self._sql.round(kinds), encoding)
         return statement
 
     async def record(self, writes: Sequence[Write]) -> list[bool]:
@@ -380,9 +397,12 @@ class PostgresStore:
                 params.update(self._columns.build(writes, indexes, kind, encoding))
         except ValueError as exc:  # nothing sent: the batch fails as the server would fail it
             raise self._failed("recording job states", exc) from exc
-        cursor = conn.cursor()
-        register_arrays(cursor.adapters)  # the cursor's own: the connection is left as it was
-        await cursor.execute(self._round(tuple(kinds)), params)
+        statement, names = self._round(tuple(kinds), encoding)
+        if conn not in self._arrays:  # our own column types only: nothing else changes
+            register_arrays(conn.adapters)
+            self._arrays.add(conn)
+        cursor: AsyncRawCursor[Any] = AsyncRawCursor(conn)
+        await cursor.execute(statement, [params[name] for name in names])
         done = {row[0] for row in await cursor.fetchall()}
         for indexes in kinds.values():
             for i in indexes:
