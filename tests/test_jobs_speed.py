@@ -5,6 +5,7 @@ store's binary arrays built as psycopg's own dumpers would."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 import pytest
@@ -213,3 +214,44 @@ async def test_the_worker_stopping_with_a_cancel_request_requeues_the_delivery()
     assert delivery_task.cancelled()
     assert settled.acked == [] and settled.requeued == [1]
     await recorder.close()
+
+
+async def test_concurrent_enqueues_records_cost_the_event_loop_one_callback_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each caller of a `GroupCommit` batch is woken by its own future: one callback (its
+    task's step), not a shield's two (#23: an enqueue's record)."""
+    from aio_workq.jobs._recorder import GroupCommit
+    from aio_workq.jobs._status import Write
+
+    loop = asyncio.get_running_loop()
+
+    async def callbacks(callers: int) -> int:
+        store = MemoryStore()
+        commits = GroupCommit(store)
+        writes = [
+            Write(job_id=f"j{i}", task="t", queue="q", state=JobState.QUEUED, at=time.time())
+            for i in range(callers)
+        ]
+        started = [asyncio.ensure_future(commits.record(write)) for write in writes]
+        await asyncio.sleep(0)  # each caller joined the batch (its flusher not yet done)
+        scheduled = [0]
+        call_soon = loop.call_soon
+
+        def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+            scheduled[0] += 1
+            return call_soon(callback, *args, context=context)
+
+        monkeypatch.setattr(loop, "call_soon", counted)
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.gather(*started)
+        finally:
+            monkeypatch.undo()
+        assert all([await store.get(f"j{i}") for i in range(callers)])
+        return scheduled[0]
+
+    # 11 and 21 callers: both with a second batch's flusher. Each caller: its task's step
+    # and gather's callback (4 before: the shield's two more).
+    eleven, twenty_one = await callbacks(11), await callbacks(21)
+    assert (twenty_one - eleven) / 10 == 2, (twenty_one - eleven) / 10

@@ -267,9 +267,11 @@ class GroupCommit:
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        self._writes: list[Write] = []
-        self._next: asyncio.Future[None] | None = None
-        self._flushers: set[asyncio.Task[None]] = set()
+        # The next batch: each write with its caller's own future (a caller cancelled
+        # cancels only its own; the batch is recorded all the same).
+        self._writes: list[tuple[Write, asyncio.Future[None]]] = []
+        self._flushers = 0
+        self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def record(self, write: Write) -> None:
@@ -280,28 +282,30 @@ class GroupCommit:
         """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new event loop: what the old one held is gone
-            self._loop, self._writes, self._next, self._flushers = loop, [], None, set()
-        if self._next is None:
-            self._next = loop.create_future()
-        future = self._next
-        self._writes.append(write)
-        flushers = self._flushers = {f for f in self._flushers if not f.done()}
-        if len(flushers) < LANES:
-            flushers.add(loop.create_task(self._flush()))
-        # shielded: a caller cancelled does not cancel the batch the others wait for
-        await asyncio.shield(future)
+            self._loop, self._writes, self._flushers, self._running = loop, [], 0, set()
+        future: asyncio.Future[None] = loop.create_future()
+        self._writes.append((write, future))
+        if self._flushers < LANES:
+            self._flushers += 1
+            flusher = loop.create_task(self._flush(loop))
+            self._running.add(flusher)  # referenced until done
+            flusher.add_done_callback(self._running.discard)
+        await future
 
-    async def _flush(self) -> None:
-        while self._writes:
-            writes, future = self._writes, self._next
-            self._writes, self._next = [], None
-            assert future is not None
-            try:
-                await self.store.record(writes)
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: every caller may have been cancelled
-            else:
-                if not future.done():
-                    future.set_result(None)
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while self._writes and self._loop is loop:
+                batch, self._writes = self._writes, []
+                try:
+                    await self.store.record([write for write, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            if self._loop is loop:
+                self._flushers -= 1
