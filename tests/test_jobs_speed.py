@@ -255,3 +255,51 @@ async def test_concurrent_enqueues_records_cost_the_event_loop_one_callback_each
     # and gather's callback (4 before: the shield's two more).
     eleven, twenty_one = await callbacks(11), await callbacks(21)
     assert (twenty_one - eleven) / 10 == 2, (twenty_one - eleven) / 10
+
+
+async def test_a_burst_of_freed_handler_slots_wakes_each_waiter_in_one_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tracked worker prefetches twice its concurrency (the claims go out ahead): the
+    deliveries beyond it wait for a handler slot. When many handlers end in one step, each
+    freed slot goes to the next waiter without walking past the ones woken before it
+    (asyncio.Semaphore on 3.11 looks at every one of them again: quadratic in the burst)."""
+    import struct
+
+    loop = asyncio.get_running_loop()
+    looks = [0]
+
+    class Counted(asyncio.Future):  # type: ignore[type-arg]
+        def done(self) -> bool:
+            looks[0] += 1
+            return super().done()
+
+    n = 40
+    gate, busy = asyncio.Event(), asyncio.Event()
+    running = [0]
+
+    async def handler(job: Any) -> None:
+        running[0] += 1
+        if running[0] == n:
+            busy.set()
+        await gate.wait()
+
+    runner = HandlerRunner(handler, executor="thread", concurrency=n, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=n, prefetch=2 * n,
+    )  # fmt: skip
+    acks = _Acks()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    monkeypatch.setattr(loop, "create_future", lambda: Counted(loop=loop))
+    for tag in range(1, 2 * n + 1):
+        delivery = Delivery(cast(Any, None), "c", tag, False, "", "work", header, b"x")
+        dispatcher.dispatch(delivery, cast(Any, acks))
+    async with asyncio.timeout(10):
+        await busy.wait()  # n handlers run, n deliveries wait for a slot
+        looks[0] = 0
+        gate.set()  # the n running end in one step: n slots freed in a row
+        await asyncio.wait(set(dispatcher.tasks))
+    monkeypatch.undo()
+    assert sorted(acks.acked) == list(range(1, 2 * n + 1))
+    assert looks[0] <= 6 * n, looks[0]  # about n * n / 2 with asyncio.Semaphore
