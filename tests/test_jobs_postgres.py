@@ -222,3 +222,25 @@ async def test_every_field_of_a_batch_reaches_postgresql_as_written(
         await latin.close()
         await pool.close()
     assert (await _rows(postgres_dsn, schema))["é-5"][:3] == ("tâche.ü", "qé", "succeeded")
+
+
+async def test_a_pool_of_yours_with_dict_rows_records_and_reads(
+    postgres_dsn: str, schema: str
+) -> None:
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        postgres_dsn, kwargs={"row_factory": dict_row}, open=False, min_size=1
+    )
+    await pool.open()
+    store = PostgresStore(pool=pool, schema=schema)
+    try:
+        at = time.time()
+        claim = Write(job_id="d1", task="t", queue="q", state=JobState.RUNNING, at=at, claim=True)
+        assert await store.record([claim]) == [True]
+        record = await store.get("d1")
+        assert record is not None and record.status.state is JobState.RUNNING
+    finally:
+        await store.close()
+        await pool.close()

@@ -18,6 +18,7 @@ from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg import Error as PsycopgError
 from psycopg.adapt import AdaptersMap, Dumper
 from psycopg.pq import Format
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._exceptions import ConfigurationError
@@ -401,7 +402,7 @@ class PostgresStore:
         if conn not in self._arrays:  # our own column types only: nothing else changes
             register_arrays(conn.adapters)
             self._arrays.add(conn)
-        cursor: AsyncRawCursor[Any] = AsyncRawCursor(conn)
+        cursor = AsyncRawCursor(conn, row_factory=tuple_row)  # whatever the pool's rows are
         await cursor.execute(statement, [params[name] for name in names])
         done = {row[0] for row in await cursor.fetchall()}
         for indexes in kinds.values():
