@@ -154,3 +154,93 @@ async def test_a_failed_write_fails_its_whole_batch_and_the_store_goes_on(
     assert await store.record([write("first"), write("third")]) == [True, True]
     record = await store.get("first")
     assert record is not None and record.status.state is JobState.QUEUED
+
+
+async def _rows(dsn: str, schema: str) -> dict[str, tuple[object, ...]]:
+    columns = (
+        "task, queue, state, rank, attempt, defers, next_retry_at, error_type, error_message, "
+        "result, content_type, updated_at"
+    )
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cursor = await conn.execute(f'SELECT job_id, {columns} FROM "{schema}".workq_jobs')
+        return {row[0]: tuple(row[1:]) for row in await cursor.fetchall()}
+
+
+async def test_every_field_of_a_batch_reaches_postgresql_as_written(
+    postgres_dsn: str, schema: str
+) -> None:
+    """The batch's columns, built as binary arrays by the store itself (#23): text in the
+    connection's encoding, NULL apart from empty, every float's bits, the int limits."""
+    from psycopg_pool import AsyncConnectionPool
+
+    at = time.time()
+    writes = [
+        Write(
+            job_id="é-1", task="tâche.ü", queue="q ☃", state=JobState.RETRYING, at=at,
+            attempt=2**31 - 1, defers=7, next_retry_at=at + 0.123456789, error_type="E",
+            error_message="line\n" * 300,
+        ),
+        Write(
+            job_id="j-2", task="t", queue="q", state=JobState.SUCCEEDED, at=at + 1e-6,
+            result=b"\x00\xff" * 5, content_type="application/octet-stream",
+        ),
+        Write(
+            job_id="j-3", task="t", queue="q", state=JobState.FAILED, at=at, result=b"",
+            content_type="", error_type="", error_message="",
+        ),
+        Write(job_id="j-4", task="t", queue="q", state=JobState.RUNNING, at=at, claim=True),
+    ] + [
+        Write(job_id=f"many-{i}", task=f"task-{i % 7}", queue="q", state=JobState.QUEUED, at=at)
+        for i in range(500)
+    ]  # fmt: skip
+    store = PostgresStore(postgres_dsn, schema=schema)
+    try:
+        assert await store.record(writes) == [True] * len(writes)
+    finally:
+        await store.close()
+    rows = await _rows(postgres_dsn, schema)
+    assert len(rows) == len(writes)
+    for write in writes:
+        assert rows[write.job_id] == (
+            write.task, write.queue, write.state.value, write.rank, write.attempt, write.defers,
+            write.next_retry_at, write.error_type, write.error_message, write.result,
+            write.content_type, write.at,
+        ), write.job_id  # fmt: skip
+    # A client encoding other than UTF-8: the strings are sent in it.
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        postgres_dsn, kwargs={"client_encoding": "LATIN1"}, open=False, min_size=1
+    )
+    await pool.open()
+    latin = PostgresStore(pool=pool, schema=schema)
+    try:
+        done = Write(job_id="é-1", task="tâche.ü", queue="q ☃", state=JobState.SUCCEEDED, at=at)
+        with pytest.raises(StoreError):  # "☃" has no LATIN1 form: the batch fails, typed
+            await latin.record([done])
+        done = Write(job_id="é-5", task="tâche.ü", queue="qé", state=JobState.SUCCEEDED, at=at)
+        assert await latin.record([done]) == [True]
+    finally:
+        await latin.close()
+        await pool.close()
+    assert (await _rows(postgres_dsn, schema))["é-5"][:3] == ("tâche.ü", "qé", "succeeded")
+
+
+async def test_a_pool_of_yours_with_dict_rows_records_and_reads(
+    postgres_dsn: str, schema: str
+) -> None:
+    from psycopg.rows import dict_row
+    from psycopg_pool import AsyncConnectionPool
+
+    pool: AsyncConnectionPool = AsyncConnectionPool(
+        postgres_dsn, kwargs={"row_factory": dict_row}, open=False, min_size=1
+    )
+    await pool.open()
+    store = PostgresStore(pool=pool, schema=schema)
+    try:
+        at = time.time()
+        claim = Write(job_id="d1", task="t", queue="q", state=JobState.RUNNING, at=at, claim=True)
+        assert await store.record([claim]) == [True]
+        record = await store.get("d1")
+        assert record is not None and record.status.state is JobState.RUNNING
+    finally:
+        await store.close()
+        await pool.close()

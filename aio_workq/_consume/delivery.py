@@ -90,9 +90,11 @@ class Delivery:
     def reply_to(self) -> str | None:
         """`properties.reply_to`, without decoding the properties when the flag is not set."""
         header = self._header
-        if isinstance(header, bytes) and not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
-            return None
-        return self.properties.reply_to
+        if isinstance(header, bytes):
+            if not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
+                return None
+            header = self.header
+        return header.properties.reply_to
 
     @property
     def has_headers(self) -> bool:

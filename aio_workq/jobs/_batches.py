@@ -53,12 +53,16 @@ class WriteBatches:
         self.down = False
         self._backoff = _RETRY_FIRST
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def claim(self, write: Write) -> asyncio.Future[bool]:
         """Send the claim `write` (`claim=True`); the future is the store's answer. Granted
         at once while the store is down or after `close()` (the claim then goes as a plain
         write)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:  # bound to its loop on first use, as its asyncio.Event are
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         if self.down:
             self._keep(_plain(write))
             future.set_result(True)

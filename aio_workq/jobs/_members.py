@@ -75,9 +75,12 @@ class Members:
         self.max_defers = max_defers
         self.queues = dict(queues)
 
-    def member_of(self, job: Job) -> Member | None:
-        group_id = job.headers.get(GROUP_HEADER)
-        index = job.headers.get(INDEX_HEADER)
+    def member_of(self, job: Job, headers: Mapping[str, Any] | None = None) -> Member | None:
+        """The group member this delivery is, if it is one (`headers`: the job's, if read)."""
+        if headers is None:
+            headers = job.headers
+        group_id = headers.get(GROUP_HEADER)
+        index = headers.get(INDEX_HEADER)
         if not isinstance(group_id, str) or self.groups is None:
             return None
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:

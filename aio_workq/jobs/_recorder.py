@@ -16,9 +16,11 @@ import asyncio
 import contextvars
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import encode_body
@@ -48,8 +50,8 @@ def current_job() -> Running | None:
     return _current.get()
 
 
-def defers_of(job: JobView) -> int:
-    value = job.headers.get(DEFERS_HEADER, 0)
+def _defers(headers: Mapping[str, Any]) -> int:
+    value = headers.get(DEFERS_HEADER, 0)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
@@ -63,11 +65,14 @@ class Running:
     attempt: int
     defers: int = 0
     handler: asyncio.Task[Any] | None = None
-    """The task running an async handler (cancelled by a cancel request)."""
+    """The task running the job's `async def` function, while it runs it (a cancel request
+    cancels it there, and `run_task` takes that cancellation back)."""
     claimed: asyncio.Future[bool] | None = None
     """The claim, sent when the delivery arrived (`Recorder.handling`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
+    interrupted: bool = False
+    """`request_cancel` cancelled `handler` (`run_task` undoes that count once it is seen)."""
     _cancel: bool = False
     """Set once (by the event loop), read by a thread handler: a plain attribute suffices (a
     `threading.Event` per job cost more than the rest of its `Running`)."""
@@ -89,7 +94,8 @@ class Running:
     def request_cancel(self) -> None:
         self._cancel = True
         handler = self.handler
-        if handler is not None and not handler.done():
+        if handler is not None and not self.interrupted and not handler.done():
+            self.interrupted = True
             handler.cancel("aio-workq: the job was cancelled")
 
     def keep_result(self, value: Any) -> None:
@@ -153,11 +159,19 @@ class Recorder(Hook):
 
     def arrived(self, job: JobView, queue: str) -> Running | None:
         """A delivery arrived: follow its job (if it has an id) and send its claim now."""
-        job_id = job.message_id
+        headers: Mapping[str, Any]
+        if isinstance(job, Job):  # the worker's: its properties read once for all of these
+            properties = job.delivery.properties
+            job_id, headers = properties.message_id, properties.headers or {}
+        else:
+            job_id, headers = job.message_id, job.headers
         if not job_id:
             return None
-        name = job.headers.get(TASK_HEADER)
-        running = Running(job_id, str(name), queue, job.attempt, defers_of(job))
+        attempt = headers.get(ATTEMPT_HEADER, 1)  # as `Job.attempt`
+        if not (isinstance(attempt, int) and attempt >= 1):
+            attempt = 1
+        name = headers.get(TASK_HEADER)
+        running = Running(job_id, str(name), queue, attempt, _defers(headers))
         self.begin(job, running)
         running.claimed = self._claim(running)
         return running
@@ -253,9 +267,11 @@ class GroupCommit:
 
     def __init__(self, store: JobStore) -> None:
         self.store = store
-        self._writes: list[Write] = []
-        self._next: asyncio.Future[None] | None = None
-        self._flushers: set[asyncio.Task[None]] = set()
+        # The next batch: each write with its caller's own future (a caller cancelled
+        # cancels only its own; the batch is recorded all the same).
+        self._writes: list[tuple[Write, asyncio.Future[None]]] = []
+        self._flushers = 0
+        self._running: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def record(self, write: Write) -> None:
@@ -266,28 +282,30 @@ class GroupCommit:
         """
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new event loop: what the old one held is gone
-            self._loop, self._writes, self._next, self._flushers = loop, [], None, set()
-        if self._next is None:
-            self._next = loop.create_future()
-        future = self._next
-        self._writes.append(write)
-        flushers = self._flushers = {f for f in self._flushers if not f.done()}
-        if len(flushers) < LANES:
-            flushers.add(loop.create_task(self._flush()))
-        # shielded: a caller cancelled does not cancel the batch the others wait for
-        await asyncio.shield(future)
+            self._loop, self._writes, self._flushers, self._running = loop, [], 0, set()
+        future: asyncio.Future[None] = loop.create_future()
+        self._writes.append((write, future))
+        if self._flushers < LANES:
+            self._flushers += 1
+            flusher = loop.create_task(self._flush(loop))
+            self._running.add(flusher)  # referenced until done
+            flusher.add_done_callback(self._running.discard)
+        await future
 
-    async def _flush(self) -> None:
-        while self._writes:
-            writes, future = self._writes, self._next
-            self._writes, self._next = [], None
-            assert future is not None
-            try:
-                await self.store.record(writes)
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-                    future.exception()  # retrieved: every caller may have been cancelled
-            else:
-                if not future.done():
-                    future.set_result(None)
+    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            while self._writes and self._loop is loop:
+                batch, self._writes = self._writes, []
+                try:
+                    await self.store.record([write for write, _ in batch])
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            if self._loop is loop:
+                self._flushers -= 1

@@ -88,10 +88,16 @@ class TaskWorker(Worker):
             await self._session.stopped(self)
 
 
-async def run_task(task: RunnableTask, kwargs: dict[str, Any], running: Running | None) -> Any:
-    """Call the task's function with `kwargs`: an `async def` in a task of its own (so a
-    cancel request can cancel it), a plain `def` in a thread; `running` is the tracked job
-    (`current_job()` inside).
+async def run_task(
+    task: RunnableTask,
+    kwargs: dict[str, Any],
+    running: Running | None,
+    current: asyncio.Task[Any] | None = None,
+) -> Any:
+    """Call the task's function with `kwargs`: an `async def` in the delivery's task (a cancel
+    request cancels that task while the function runs, and the cancellation is taken back
+    here), a plain `def` in a thread; `running` is the tracked job (`current_job()` inside),
+    `current` the task running this (default: `asyncio.current_task()`).
 
     Returns the function's value; `None` when it was cancelled (`running` then says so).
     """
@@ -107,14 +113,25 @@ async def run_task(task: RunnableTask, kwargs: dict[str, Any], running: Running 
     token = running.enter()
     try:
         if task.is_async:
-            running.handler = handler = asyncio.ensure_future(task.fn(**kwargs))
+            # No task of its own per job: `request_cancel` cancels this one, only while the
+            # function runs (`handler` is set), and the count it added is taken back here so
+            # the worker does not read it as its own stop (`Task.uncancel`).
+            outer = current or asyncio.current_task()
+            assert outer is not None
+            running.handler = outer
             try:
-                return await handler
+                return await task.fn(**kwargs)
             except asyncio.CancelledError:
-                outer = asyncio.current_task()
-                if running.cancelled and handler.cancelled() and not (outer and outer.cancelling()):
-                    return None
-                raise
+                if running.interrupted:
+                    running.interrupted = False
+                    if outer.uncancel() == 0:
+                        return None  # only the cancel request's: the job ends as cancelled
+                raise  # the worker stopping, a timeout, or the function's own
+            finally:
+                running.handler = None
+                if running.interrupted:  # the function swallowed the cancel request's
+                    running.interrupted = False
+                    outer.uncancel()
         return await asyncio.to_thread(task.fn, **kwargs)
     except Cancelled:
         running.request_cancel()  # the task stopped itself: recorded as cancelled
@@ -137,6 +154,7 @@ class QueueRunner:
         self._tasks = dict(tasks)
         self._recorder = recorder
         self._members = members
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def __workq_name__(self, job: Job | None) -> str:
         """How the logs name what ran `job`: its task (`NamedHandler`)."""
@@ -144,7 +162,9 @@ class QueueRunner:
         return f"task {name!r}" if isinstance(name, str) else f"a task of queue {self.queue!r}"
 
     async def __call__(self, job: Job) -> Any:
-        name = job.headers.get(TASK_HEADER)
+        properties = job.delivery.properties  # read once for the headers and content type
+        headers = properties.headers or {}
+        name = headers.get(TASK_HEADER)
         task = self._tasks.get(name) if isinstance(name, str) else None
         recorder = self._recorder
         running = None
@@ -160,10 +180,10 @@ class QueueRunner:
             )
         members = self._members
         if recorder is not None and running is not None and members is not None:
-            member = members.member_of(job)
+            member = members.member_of(job, headers)
             if member is not None:
                 return await member.handle(task, running, recorder, run_task)
-        kwargs = task.arguments.decode(job.body, job.content_type)
+        kwargs = task.arguments.decode(job.body, properties.content_type)
         limit = task.rate_limit
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
@@ -171,7 +191,14 @@ class QueueRunner:
             return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
-        value = await run_task(task, kwargs, running)
+        current = None
+        if task.is_async:
+            loop = self._loop
+            current = asyncio.current_task(loop) if loop is not None else None
+            if current is None:  # first call, or another event loop: without its loop
+                self._loop = loop = asyncio.get_running_loop()  # this asks the OS for its pid
+                current = asyncio.current_task(loop)
+        value = await run_task(task, kwargs, running, current)
         if running.cancelled and value is None:
             return None
         running.keep_result(value)

@@ -19,7 +19,7 @@ from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, time
 
 __all__ = (
     "CLAIM", "DAY", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL", "check_ttl",
-    "row_record", "rounds", "rows_params", "write_params",
+    "row_record", "rounds", "write_params",
 )  # fmt: skip
 
 DAY = 86_400.0
@@ -81,8 +81,8 @@ ROWS = (
     "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
     "error_message, result, content_type, at"
 )
-"""The fields of one write in `rows_params` (what `write_params` derives from them, the
-statement derives too)."""
+"""The fields of one write a round statement reads (`PostgresStore` sends each as an array
+parameter; what `write_params` derives from them, the statement derives too)."""
 
 
 class SQL:
@@ -90,7 +90,7 @@ class SQL:
     style; `PostgresStore` rewrites them to psycopg's).
 
     `write` and `claim` apply one write (`write_params`). With `rows`, a query yielding the
-    columns of `ROWS` from parameters named with a `{p}` prefix (`rows_params`), `round()`
+    columns of `ROWS` from parameters named with a `{p}` prefix (`{p}job_id`, ...), `round()`
     gives one statement applying a round of writes (`rounds()`: each job at most once, as a
     row can't be changed twice by one statement), a part per kind; the rules are the same
     text, and it returns the `job_id` of every write applied.
@@ -167,8 +167,8 @@ class SQL:
 
     def round(self, kinds: Sequence[str]) -> str:
         """One statement applying a round's writes of `kinds` (`CLAIM`, `WRITE`, `REQUEUE`,
-        each from its `rows_params(..., prefix=kind)`); it returns the `job_id` of each write
-        applied. Parts of one statement see the same snapshot: fine, as a round holds each
+        each from its parameters prefixed with the kind); it returns the `job_id` of each
+        write applied. Parts of one statement see the same snapshot: fine, as a round holds each
         job once."""
         ctes = ", ".join(f"{kind} AS ({self._parts[kind]})" for kind in kinds)
         union = " UNION ALL ".join(f"SELECT job_id FROM {kind}" for kind in kinds)
@@ -194,34 +194,11 @@ def rounds(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
             plan.append({})
         kind = CLAIM if write.claim else REQUEUE if write.requeue else WRITE
         plan[k].setdefault(kind, []).append(i)
+    job_ids = [write.job_id for write in writes]
     for kinds in plan:
         for indexes in kinds.values():
-            indexes.sort(key=lambda i: writes[i].job_id)
+            indexes.sort(key=job_ids.__getitem__)  # no Python call per index
     return plan
-
-
-def rows_params(writes: Sequence[Write], indexes: Sequence[int], prefix: str) -> dict[str, Any]:
-    """The parameters of a part of `SQL.round()`: one list per field of `ROWS`, named with
-    `prefix` and `_`, of the writes at `indexes` in that order (and `ttl` to add)."""
-    columns: dict[str, list[Any]] = {name.strip(): [] for name in ROWS.split(",")}
-    (job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type,
-     error_message, result, content_type, at) = columns.values()  # fmt: skip
-    for i in indexes:
-        write = writes[i]
-        job_id.append(write.job_id)
-        task.append(write.task)
-        queue.append(write.queue)
-        state.append(write.state.value)
-        rank.append(write.rank)
-        attempt.append(write.attempt)
-        defers.append(write.defers)
-        next_retry_at.append(write.next_retry_at)
-        error_type.append(write.error_type)
-        error_message.append(write.error_message)
-        result.append(write.result)
-        content_type.append(write.content_type)
-        at.append(write.at)
-    return {f"{prefix}_{name}": values for name, values in columns.items()}
 
 
 def write_params(write: Write, ttl: float) -> dict[str, Any]:

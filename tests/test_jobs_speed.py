@@ -1,0 +1,305 @@
+"""What a tracked job costs the worker's process (#23 "tracking cost"), offline: each delivery's
+properties read once, no task more than the delivery's own for an `async def` task, and the
+store's binary arrays built as psycopg's own dumpers would."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, cast
+
+import pytest
+
+from aio_workq import Queue
+from aio_workq._consume import delivery as delivery_module
+from aio_workq._consume.delivery import Delivery
+from aio_workq._consume.dispatch import Dispatcher
+from aio_workq._consume.execution import HandlerRunner
+from aio_workq._hooks import Hooks
+from aio_workq.jobs import MemoryStore, Tasks
+from aio_workq.jobs._recorder import Recorder
+from aio_workq.jobs._running import QueueRunner
+from aio_workq.jobs._status import JobState
+from aio_workq.testing._kit import _delivery
+
+
+class _Acks:
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+
+    def track(self, tag: int) -> None:
+        pass
+
+    def ack(self, tag: int) -> None:
+        self.acked.append(tag)
+
+    def nack(self, tag: int, requeue: bool) -> None:
+        raise AssertionError(f"nacked {tag}")
+
+
+def _tracked(recorder: Recorder) -> tuple[Dispatcher, Any]:
+    tasks = Tasks()
+
+    @tasks.task(queue="work", name="work.double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    handler = QueueRunner("work", {double.name: cast(Any, double)}, recorder)
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=1,
+        hooks=Hooks.of([recorder]),
+    )  # fmt: skip
+    return dispatcher, double
+
+
+async def _run_tracked(deliveries: int, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Handle `deliveries` tracked jobs; what they cost: properties read, headers decoded,
+    tasks created (beyond the deliveries' own)."""
+    store = MemoryStore()
+    recorder = Recorder(store)
+    dispatcher, task = _tracked(recorder)
+    counts = {"properties": 0, "decoded": 0, "tasks": 0}
+    properties = Delivery.properties
+    decode = delivery_module.decode_header  # type: ignore[attr-defined]
+
+    def counted_properties(self: Delivery) -> Any:
+        counts["properties"] += 1
+        return properties.fget(self)  # type: ignore[attr-defined]
+
+    def counted_decode(payload: bytes) -> Any:
+        counts["decoded"] += 1
+        return decode(payload)
+
+    monkeypatch.setattr(Delivery, "properties", property(counted_properties))
+    monkeypatch.setattr(delivery_module, "decode_header", counted_decode)
+    loop = asyncio.get_running_loop()
+    create_task = loop.create_task
+
+    def counted_task(coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        counts["tasks"] += 1
+        return create_task(coro, **kwargs)
+
+    monkeypatch.setattr(loop, "create_task", counted_task)
+    acks = _Acks()
+    try:
+        for i in range(deliveries):
+            delivery = _delivery(
+                {"n": i}, "work", 1, False, False,
+                {"message_id": f"job-{i}", "headers": {"x-workq-task": task.name}},
+            )  # fmt: skip
+            dispatcher.dispatch(delivery, cast(Any, acks))
+        await asyncio.wait(set(dispatcher.tasks))
+    finally:
+        monkeypatch.undo()
+    await recorder.close()
+    assert len(acks.acked) == deliveries
+    for i in range(deliveries):
+        record = await store.get(f"job-{i}")
+        assert record is not None and record.status.state is JobState.SUCCEEDED
+        assert record.result == str(2 * i).encode()
+    counts["tasks"] -= deliveries  # the deliveries' own
+    return counts
+
+
+async def test_a_tracked_delivery_reads_its_properties_once_and_runs_in_its_own_task(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The recorder and the task runner read the job id, attempt, task and group headers of
+    a delivery from one read of its properties (they read them 9 times), its header is decoded
+    once, and an `async def` task runs in the delivery's task (no task of its own each)."""
+    one = await _run_tracked(1, monkeypatch)
+    eleven = await _run_tracked(11, monkeypatch)
+    per = {key: (eleven[key] - one[key]) / 10 for key in one}
+    assert per["decoded"] == 1, per
+    assert per["properties"] <= 2, per
+    assert per["tasks"] == 0, per
+
+
+class _Settled(_Acks):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requeued: list[int] = []
+
+    def nack(self, tag: int, requeue: bool) -> None:
+        assert requeue
+        self.requeued.append(tag)
+
+
+async def _start(fn: Any) -> tuple[Dispatcher, Recorder, MemoryStore, _Settled]:
+    """A tracked delivery of job "j1" to `fn` (an `async def` task), started."""
+    store = MemoryStore()
+    recorder = Recorder(store)
+    tasks = Tasks()
+    task = tasks.task(queue="work", name="work.fn")(fn)
+    handler = QueueRunner("work", {task.name: task}, recorder)
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=1,
+        hooks=Hooks.of([recorder]),
+    )  # fmt: skip
+    settled = _Settled()
+    delivery = _delivery(
+        {}, "work", 1, False, False, {"message_id": "j1", "headers": {"x-workq-task": task.name}}
+    )
+    dispatcher.dispatch(delivery, cast(Any, settled))
+    return dispatcher, recorder, store, settled
+
+
+async def _state(recorder: Recorder, store: MemoryStore) -> JobState:
+    await recorder.close()
+    record = await store.get("j1")
+    assert record is not None
+    return record.status.state
+
+
+async def test_a_cancel_request_ends_a_running_async_task_and_its_delivery_is_acked() -> None:
+    """The request cancels the function where it waits; the delivery is acked (not read as
+    the worker's stop and requeued), and the job recorded cancelled."""
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await never.wait()
+
+    dispatcher, recorder, store, settled = await _start(waits)
+    async with asyncio.timeout(10):
+        await started.wait()
+        assert recorder.cancel_local("j1")
+        await asyncio.wait(set(dispatcher.tasks))
+    assert settled.acked == [1] and settled.requeued == []
+    assert await _state(recorder, store) is JobState.CANCELLED
+
+
+async def test_a_task_that_swallows_the_cancel_request_succeeds_and_is_acked() -> None:
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> int:
+        started.set()
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0)  # goes on awaiting: the cancellation was taken back
+        return 7
+
+    dispatcher, recorder, store, settled = await _start(stubborn)
+    async with asyncio.timeout(10):
+        await started.wait()
+        recorder.cancel_local("j1")
+        done, _ = await asyncio.wait(set(dispatcher.tasks))
+    assert not any(task.cancelled() for task in done)
+    assert settled.acked == [1] and settled.requeued == []
+    assert await _state(recorder, store) is JobState.SUCCEEDED
+
+
+async def test_the_worker_stopping_with_a_cancel_request_requeues_the_delivery() -> None:
+    """The worker's own cancellation is not taken back with the request's: the delivery goes
+    back to the queue."""
+    started, never = asyncio.Event(), asyncio.Event()
+
+    async def waits() -> None:
+        started.set()
+        await never.wait()
+
+    dispatcher, recorder, store, settled = await _start(waits)
+    async with asyncio.timeout(10):
+        await started.wait()
+        (delivery_task,) = dispatcher.tasks
+        recorder.cancel_local("j1")
+        delivery_task.cancel()  # the worker's stop, in the same step
+        await asyncio.wait({delivery_task})
+    assert delivery_task.cancelled()
+    assert settled.acked == [] and settled.requeued == [1]
+    await recorder.close()
+
+
+async def test_concurrent_enqueues_records_cost_the_event_loop_one_callback_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each caller of a `GroupCommit` batch is woken by its own future: one callback (its
+    task's step), not a shield's two (#23: an enqueue's record)."""
+    from aio_workq.jobs._recorder import GroupCommit
+    from aio_workq.jobs._status import Write
+
+    loop = asyncio.get_running_loop()
+
+    async def callbacks(callers: int) -> int:
+        store = MemoryStore()
+        commits = GroupCommit(store)
+        writes = [
+            Write(job_id=f"j{i}", task="t", queue="q", state=JobState.QUEUED, at=time.time())
+            for i in range(callers)
+        ]
+        started = [asyncio.ensure_future(commits.record(write)) for write in writes]
+        await asyncio.sleep(0)  # each caller joined the batch (its flusher not yet done)
+        scheduled = [0]
+        call_soon = loop.call_soon
+
+        def counted(callback: Any, *args: Any, context: Any = None) -> asyncio.Handle:
+            scheduled[0] += 1
+            return call_soon(callback, *args, context=context)
+
+        monkeypatch.setattr(loop, "call_soon", counted)
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.gather(*started)
+        finally:
+            monkeypatch.undo()
+        assert all([await store.get(f"j{i}") for i in range(callers)])
+        return scheduled[0]
+
+    # 11 and 21 callers: both with a second batch's flusher. Each caller: its task's step
+    # and gather's callback (4 before: the shield's two more).
+    eleven, twenty_one = await callbacks(11), await callbacks(21)
+    assert (twenty_one - eleven) / 10 == 2, (twenty_one - eleven) / 10
+
+
+async def test_a_burst_of_freed_handler_slots_wakes_each_waiter_in_one_look(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tracked worker prefetches twice its concurrency (the claims go out ahead): the
+    deliveries beyond it wait for a handler slot. When many handlers end in one step, each
+    freed slot goes to the next waiter without walking past the ones woken before it
+    (asyncio.Semaphore on 3.11 looks at every one of them again: quadratic in the burst)."""
+    import struct
+
+    loop = asyncio.get_running_loop()
+    looks = [0]
+
+    class Counted(asyncio.Future):  # type: ignore[type-arg]
+        def done(self) -> bool:
+            looks[0] += 1
+            return super().done()
+
+    n = 40
+    gate, busy = asyncio.Event(), asyncio.Event()
+    running = [0]
+
+    async def handler(job: Any) -> None:
+        running[0] += 1
+        if running[0] == n:
+            busy.set()
+        await gate.wait()
+
+    runner = HandlerRunner(handler, executor="thread", concurrency=n, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=n, prefetch=2 * n,
+    )  # fmt: skip
+    acks = _Acks()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    monkeypatch.setattr(loop, "create_future", lambda: Counted(loop=loop))
+    for tag in range(1, 2 * n + 1):
+        delivery = Delivery(cast(Any, None), "c", tag, False, "", "work", header, b"x")
+        dispatcher.dispatch(delivery, cast(Any, acks))
+    async with asyncio.timeout(10):
+        await busy.wait()  # n handlers run, n deliveries wait for a slot
+        looks[0] = 0
+        gate.set()  # the n running end in one step: n slots freed in a row
+        await asyncio.wait(set(dispatcher.tasks))
+    monkeypatch.undo()
+    assert sorted(acks.acked) == list(range(1, 2 * n + 1))
+    assert looks[0] <= 6 * n, looks[0]  # about n * n / 2 with asyncio.Semaphore
