@@ -12,10 +12,11 @@
   the result). Timed from the first job settled to the last one settled and,
   with a store, every `succeeded` recorded in it (the batched writes included).
 
-Beside each rate, the CPU time one job cost each process on this machine (`psutil`, summed
-over the phase: the bench's own process, the broker's, PostgreSQL's), so the store's own cost
-can be told from a machine where the three share two cores: the sum says how many jobs a second
-the machine's cores could serve at most.
+Beside each rate, the CPU time one job cost each process on this machine (`psutil`: the bench's
+own process, the broker's, PostgreSQL's; for enqueue over the whole phase, for consume from the
+first job handled to the last, so neither the worker's start nor the bench's polling of the
+store counts), so the store's own cost can be told from a machine where the three share two
+cores: the sum says how many jobs a second the machine's cores could serve at most.
 
 The kinds take turns (none, SQLite, PostgreSQL, again), a fresh queue and schema each run; the
 figure of a kind is its median rate, its ratio that over the median without a store. Starts a
@@ -89,6 +90,8 @@ class Settled(Hook):
         self.count = 0
         self.first = 0.0
         self.last = 0.0
+        self.cpu_first: dict[str, float] = {}
+        self.cpu_last: dict[str, float] = {}
         self.done = asyncio.Event()
 
     def after_handle(self, info: HandleInfo) -> None:
@@ -96,8 +99,10 @@ class Settled(Hook):
         now = time.perf_counter()
         if self.count == 1:
             self.first = now
+            self.cpu_first = cpu_seconds()
         if self.count >= self.n:
             self.last = now
+            self.cpu_last = cpu_seconds()
             self.done.set()
 
 
@@ -182,7 +187,6 @@ async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
                     while await run.succeeded() < n:  # noqa: ASYNC110 - the store is elsewhere
                         await asyncio.sleep(0.02)
             end = time.perf_counter() if run.store is not None else settled.last
-            cpu2 = cpu_seconds()
         finally:
             for worker in workers:
                 await worker.stop(timeout=10)
@@ -190,7 +194,10 @@ async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
     return {
         "enqueue": n / enqueue_s,
         "consume": (n - 1) / consume_s,
-        "cpu": {"enqueue": per_job(cpu0, cpu1, n), "consume": per_job(cpu1, cpu2, n)},
+        "cpu": {
+            "enqueue": per_job(cpu0, cpu1, n),
+            "consume": per_job(settled.cpu_first, settled.cpu_last, n - 1),
+        },
     }
 
 
