@@ -258,3 +258,13 @@ async def test_two_processes_share_one_queue_as_one_run(
     assert record["n"] == N if workload == "publish" else N // 2 < record["n"] <= N
     assert [p["n"] > 0 for p in record["processes"]] == [True, True]
     assert record["rate"] > 0 and record["cpu_us_per_msg"] > 0
+
+
+@pytest.mark.broker
+def test_the_channels_bench_runs_every_layout(amqp_url: str, capsys: pytest.CaptureFixture[str]):
+    from bench.channels import LAYOUTS, main
+
+    assert main(["--n", "200", "--repeats", "1", "--url", amqp_url]) == 0
+    out = capsys.readouterr().out
+    for layout in LAYOUTS:
+        assert f"  {layout} " in out
