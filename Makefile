@@ -137,13 +137,18 @@ bench-rpc: bench-deps
 bench-processes: bench-deps
 	$(PY) -m bench.processes $(BENCH_ARGS)
 
+# Where one process stops publishing to a quorum queue: one channel, two, two connections,
+# two processes (prints only).
+bench-channels: bench-deps
+	$(PY) -m bench.channels $(BENCH_ARGS)
+
 # SOAK_N messages (default 1,000,000) through publish -> consume -> forward -> consume; fails
 # (exit 1) if RSS grows more than 5 MB after warm-up or tasks/futures/window waiters remain.
 soak: bench-deps
 	$(PY) -m bench.soak $(SOAK_N) $(BENCH_ARGS)
 
 # All of the above and the hooks' cost (bench.observability), one after the other.
-bench-extra: bench-large bench-queues bench-rpc bench-processes bench-observability soak
+bench-extra: bench-large bench-queues bench-rpc bench-processes bench-channels bench-observability soak
 
 # A local RabbitMQ node that keeps running (state in $(BROKER_DIR)); stdlib only, no venv needed.
 broker-start:
