@@ -183,7 +183,7 @@ jobs-ledger: venv
 
 # What job tracking costs: enqueue and consume through Tasks with a store vs none, same run
 # (writes docs/img/bench_tracking.json; BENCH_ARGS=--quick for a short run).
-bench-tracking: venv
+bench-tracking: bench-deps
 	$(PY) -m bench.tracking $(BENCH_ARGS)
 
 # Outbox / idempotent-consumer throughput as ratios (own broker and PostgreSQL; see bench/outbox.py).

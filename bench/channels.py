@@ -35,9 +35,13 @@ LAYOUTS = ("1 channel", "2 channels", "2 connections", "2 processes")
 BODY = b"x" * 100
 
 
-def broker_cpu() -> float:
-    """CPU seconds of the local broker's processes so far (0 for a broker elsewhere)."""
-    import psutil  # the bench group's
+def broker_cpu() -> float | None:
+    """CPU seconds of the local broker's processes so far (0 for a broker elsewhere; None
+    without psutil, which `make bench-deps` installs)."""
+    try:
+        import psutil  # the bench group's
+    except ImportError:
+        return None
 
     total = 0.0
     for process in psutil.process_iter(["name", "cpu_times"]):
@@ -63,8 +67,9 @@ def _child(url: str, queue: str, n: int, go: Any) -> None:
     asyncio.run(publish(url, queue, n, go=go))
 
 
-async def layout(url: str, name: str, n: int) -> tuple[float, float]:
-    """One run of layout `name`: messages a second, broker CPU µs per message."""
+async def layout(url: str, name: str, n: int) -> tuple[float, float | None]:
+    """One run of layout `name`: messages a second, broker CPU µs per message (None
+    without psutil)."""
     queue = f"bench.channels.{uuid.uuid4().hex[:8]}"
     async with Producer(url, queue_type="quorum") as admin:
         await admin.declare(queue)
@@ -99,7 +104,7 @@ async def layout(url: str, name: str, n: int) -> tuple[float, float]:
             cpu, start = broker_cpu(), time.perf_counter()
             await asyncio.gather(*(publish(url, queue, n // k) for _ in range(k)))
         wall = time.perf_counter() - start
-        used = broker_cpu() - cpu
+        after = broker_cpu()
     raw = await aiormq.connect(url)  # the queue goes: it holds n messages
     try:
         channel = await raw.channel()
@@ -107,11 +112,12 @@ async def layout(url: str, name: str, n: int) -> tuple[float, float]:
     finally:
         await raw.close()
     sent = n if name == "1 channel" else 2 * half
-    return sent / wall, 1e6 * used / sent
+    used = None if after is None or cpu is None else 1e6 * (after - cpu) / sent
+    return sent / wall, used
 
 
-async def measure(url: str, n: int, repeats: int) -> dict[str, list[tuple[float, float]]]:
-    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in LAYOUTS}
+async def measure(url: str, n: int, repeats: int) -> dict[str, list[tuple[float, float | None]]]:
+    runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in LAYOUTS}
     for _ in range(repeats):
         for name in LAYOUTS:
             runs[name].append(await layout(url, name, n))
@@ -131,11 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.n:,} messages to one quorum queue, median of {args.repeats} runs:")
     for name, values in runs.items():
         rate = statistics.median(r for r, _ in values)
-        cpu = statistics.median(c for _, c in values)
-        print(
-            f"  {name:<14} {rate:>8,.0f} msg/s ({rate / best:.2f} of the best)  "
-            f"broker CPU {cpu:.1f} µs/msg"
-        )
+        cpus = [c for _, c in values if c is not None]
+        cpu = f"{statistics.median(cpus):.1f} µs/msg" if cpus else "n/a (no psutil)"
+        print(f"  {name:<14} {rate:>8,.0f} msg/s ({rate / best:.2f} of the best)  broker CPU {cpu}")
     return 0
 
 

@@ -357,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: a node of its own)")
     parser.add_argument("--no-docs", action="store_true", help="don't write docs/")
     args = parser.parse_args(argv)
+    try:
+        import psutil  # noqa: F401 - the CPU per job of each process
+    except ImportError:
+        parser.error("needs psutil, in the bench group: make bench-deps")
     args.n = args.n or (1_000 if args.quick else 5_000)
     args.repeats = args.repeats or (1 if args.quick else 3)
     meta = harness.meta(["python", "-m", "bench.tracking", *(argv or sys.argv[1:])])
