@@ -316,3 +316,32 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+CPU_PARTS = ("client", "broker", "postgres")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far of this process, the local broker's and PostgreSQL's (by process
+    name: `beam.smp`, `postgres`; a broker or a database elsewhere counts 0).
+
+    Raises:
+        ImportError: no psutil (the bench group's: `make bench-deps`).
+    """
+    import psutil  # the bench group's
+
+    me = os.getpid()
+    total = dict.fromkeys(CPU_PARTS, 0.0)
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        times, name = process.info["cpu_times"], process.info["name"] or ""
+        if times is None:
+            continue
+        part = (
+            "client" if process.pid == me
+            else "broker" if name.startswith(("beam", "erl"))
+            else "postgres" if name.startswith("postgres")
+            else None
+        )  # fmt: skip
+        if part is not None:
+            total[part] += times.user + times.system
+    return total

@@ -49,33 +49,11 @@ from aio_workq.jobs.postgres import PostgresStore, migrate
 from bench import harness
 
 KINDS = ("none", "sqlite", "postgres")
-PARTS = ("client", "broker", "postgres")
-
-
-def cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this process, the local broker's and PostgreSQL's (by process
-    name: `beam.smp`, `postgres`; a broker or a database elsewhere counts 0)."""
-    import psutil  # the bench group's
-
-    me = os.getpid()
-    total = dict.fromkeys(PARTS, 0.0)
-    for process in psutil.process_iter(["name", "cpu_times"]):
-        times, name = process.info["cpu_times"], process.info["name"] or ""
-        if times is None:
-            continue
-        part = (
-            "client" if process.pid == me
-            else "broker" if name.startswith(("beam", "erl"))
-            else "postgres" if name.startswith("postgres")
-            else None
-        )  # fmt: skip
-        if part is not None:
-            total[part] += times.user + times.system
-    return total
+PARTS = harness.CPU_PARTS
 
 
 def per_job(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
-    """CPU µs per job of each part between two `cpu_seconds()`."""
+    """CPU µs per job of each part between two `harness.cpu_seconds()`."""
     return {part: 1e6 * (after[part] - before[part]) / n for part in PARTS}
 
 
@@ -99,10 +77,10 @@ class Settled(Hook):
         now = time.perf_counter()
         if self.count == 1:
             self.first = now
-            self.cpu_first = cpu_seconds()
+            self.cpu_first = harness.cpu_seconds()
         if self.count >= self.n:
             self.last = now
-            self.cpu_last = cpu_seconds()
+            self.cpu_last = harness.cpu_seconds()
             self.done.set()
 
 
@@ -168,11 +146,11 @@ async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
             async with gate:
                 await noop.enqueue(i)
 
-        cpu0 = cpu_seconds()
+        cpu0 = harness.cpu_seconds()
         t0 = time.perf_counter()
         await asyncio.gather(*(enqueue(i) for i in range(n)))
         enqueue_s = time.perf_counter() - t0
-        cpu1 = cpu_seconds()
+        cpu1 = harness.cpu_seconds()
 
         settled = Settled(n)
         workers: list[Worker] = tasks.workers(
