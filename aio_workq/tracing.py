@@ -540,7 +540,7 @@ class _Ended(_Current):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
+        super().__exit__(exc_type, exc, tb)
         if exc is not None:  # the worker stopped (the message is requeued), or a bug
             self._span.record_exception(exc)
         self._span.end()

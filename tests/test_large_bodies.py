@@ -218,6 +218,14 @@ def large(channel: int, size: int) -> tuple[bytes, Chunked]:
     return body, frames
 
 
+async def drain(writer: FrameWriter, stream: Stream) -> None:
+    """Let the fake transport drain until the writer holds nothing more."""
+    async with asyncio.timeout(5):
+        while writer.buffered:
+            stream.drained.set()
+            await asyncio.sleep(0)
+
+
 async def test_a_large_body_goes_to_the_transport_a_frame_at_a_time_as_it_drains() -> None:
     stream = Stream()
     writer = FrameWriter(stream)  # type: ignore[arg-type]
@@ -230,10 +238,7 @@ async def test_a_large_body_goes_to_the_transport_a_frame_at_a_time_as_it_drains
     written = frames_of(b"".join(stream.written))  # stopped between two frames
     assert all(channel == 1 for channel, _ in written)
     assert writer.buffered == 2
-    async with asyncio.timeout(5):
-        while writer.buffered:
-            stream.drained.set()
-            await asyncio.sleep(0)
+    await drain(writer, stream)
     assert stream.transport.most <= HIGH + FRAME_MAX
     written = frames_of(b"".join(stream.written))
     assert isinstance(written[0][1], Basic.Publish)
@@ -254,10 +259,7 @@ async def test_a_body_whose_channel_the_broker_closes_midway_stops_at_a_frame_bo
     writer.flush()
     before = len(frames_of(b"".join(stream.written)))
     gate.open = False  # the broker's Channel.Close: it drops the rest, none may follow Close-Ok
-    async with asyncio.timeout(5):
-        while writer.buffered:
-            stream.drained.set()
-            await asyncio.sleep(0)
+    await drain(writer, stream)
     written = frames_of(b"".join(stream.written))
     assert len(written) == before + 1
     channel, ack = written[-1]
@@ -280,8 +282,5 @@ async def test_complete_hands_over_the_rest_of_a_body_before_its_channel_is_clos
     written = frames_of(b"".join(stream.written))
     parts = [value for _, value in written if isinstance(value, ContentBody)]
     assert b"".join(part.value for part in parts) == body
-    async with asyncio.timeout(5):
-        while writer.buffered:
-            stream.drained.set()
-            await asyncio.sleep(0)
+    await drain(writer, stream)
     assert len(frames_of(b"".join(stream.written))) == len(written)
