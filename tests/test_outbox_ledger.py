@@ -123,6 +123,7 @@ async def consume_all(
     """Consume every message in the queue with the idempotent consumer; fill in the ledger."""
     expected = await queue_depth(amqp_url, queue if isinstance(queue, str) else queue.name)
     done = asyncio.Event()
+    handled = 0  # this consume's deliveries (the ledger may hold some from before)
     async with AsyncConnectionPool(dsn, min_size=1, max_size=8, open=False) as pool:
         consumer = idempotent(pool, name="effects", schema=schema)
 
@@ -133,9 +134,11 @@ async def consume_all(
             )
 
         async def handler(job: Job) -> None:
+            nonlocal handled
             await apply(job)
             ledger.delivered.append(job.message_id or "")
-            if len(ledger.delivered) >= expected:
+            handled += 1
+            if handled >= expected:
                 done.set()
 
         async with Worker(amqp_url, queue=queue, handler=handler, concurrency=8):
