@@ -200,6 +200,31 @@ async def test_records_expire_after_the_ttl(tmp_path: Path) -> None:
         await store.close()
 
 
+async def check_purge_keeps_old_jobs_written_lately(store: JobStore) -> None:
+    """The purge deletes what is past its TTL, not what was created over a TTL ago and
+    written since (the SQL stores find expired rows by `created_at`, which no status write
+    changes)."""
+    ttl, now = store.ttl, time.time()
+
+    def at(ago: float, job_id: str, state: JobState) -> list[Write]:
+        return [Write(job_id=job_id, task="t", queue="q", state=state, at=now - ago * ttl)]
+
+    # (a store may purge at its first write: what must go is written after it)
+    await store.record(at(1.5, "kept", JobState.QUEUED))
+    await store.record(at(3, "gone", JobState.QUEUED))
+    await store.record(at(0.5, "kept", JobState.RUNNING))
+    assert await store.purge() == 1
+    assert await store.get("gone") is None
+    kept = await store.get("kept")
+    assert kept is not None and kept.status.state is JobState.RUNNING
+
+
+async def test_the_purge_keeps_old_jobs_written_lately(tmp_path: Path) -> None:
+    for store in (MemoryStore(ttl=60), SQLiteStore(tmp_path / "purge.db", ttl=60)):
+        await check_purge_keeps_old_jobs_written_lately(store)
+        await store.close()
+
+
 def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="ttl"):
         MemoryStore(ttl=0)

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -20,6 +21,7 @@ from tests.test_jobs_offline import (
     check_batches,
     check_cancel,
     check_late_writes,
+    check_purge_keeps_old_jobs_written_lately,
 )
 
 pytestmark = pytest.mark.postgres
@@ -81,6 +83,53 @@ async def test_records_expire_after_the_ttl(postgres_dsn: str, schema: str) -> N
         assert await store.purge() == 1
     finally:
         await store.close()
+
+
+async def test_the_purge_keeps_old_jobs_written_lately(postgres_dsn: str, schema: str) -> None:
+    store = PostgresStore(postgres_dsn, schema=schema, ttl=60)
+    try:
+        await check_purge_keeps_old_jobs_written_lately(store)
+    finally:
+        await store.close()
+
+
+async def test_status_writes_update_rows_in_place(postgres_dsn: str, schema: str) -> None:
+    """A job's status writes change no indexed column, so PostgreSQL updates its row in place
+    (heap-only tuples: no index entries per write) in the room the table's fillfactor leaves
+    on each page: most of a worker's claims and outcomes are such updates."""
+    store = PostgresStore(postgres_dsn, schema=schema)
+    ids = [f"hot-{i}" for i in range(500)]
+    now = time.time()
+
+    def writes(chunk: list[str], state: JobState, at: float, **fields: Any) -> list[Write]:
+        return [
+            Write(job_id=job_id, task="t", queue="q", state=state, at=at, **fields)
+            for job_id in chunk
+        ]  # fmt: skip
+
+    try:
+        await store.record(writes(ids, JobState.QUEUED, now))
+        for i in range(0, len(ids), 100):
+            chunk = ids[i : i + 100]
+            assert all(await store.record(writes(chunk, JobState.RUNNING, now + 1, claim=True)))
+            done = writes(chunk, JobState.SUCCEEDED, now + 2, result=b"1")
+            assert all(await store.record(done))
+    finally:
+        await store.close()  # its connections end, and with them their statistics are sent
+    query = (
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+        "WHERE schemaname = %s AND relname = 'workq_jobs'"
+    )
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        async with asyncio.timeout(10):
+            while True:
+                row = await (await conn.execute(query, (schema,))).fetchone()
+                assert row is not None
+                if row[0] >= 2 * len(ids):
+                    break
+                await asyncio.sleep(0.05)  # the statistics arrive by themselves
+    updates, in_place = row
+    assert in_place >= 0.9 * updates, (updates, in_place)
 
 
 @pytest.mark.broker

@@ -56,7 +56,10 @@ CREATE TABLE IF NOT EXISTS workq_jobs (
     updated_at        REAL NOT NULL,
     expires_at        REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS workq_jobs_expires_idx ON workq_jobs (expires_at);
+-- No index on what a status write changes (SQLite then leaves the indexes alone): the purge
+-- finds expired rows through created_at (a record expires at least its TTL after it was created).
+CREATE INDEX IF NOT EXISTS workq_jobs_created_idx ON workq_jobs (created_at);
+DROP INDEX IF EXISTS workq_jobs_expires_idx;
 """
 _PURGE_EVERY = 60.0
 
@@ -139,7 +142,7 @@ class SQLiteStore:
                     cursor = conn.execute(sql.claim if claim else sql.write, p)
                     applied.append(cursor.fetchone() is not None)
                 if purge:
-                    conn.execute(sql.purge, {"now": now})
+                    conn.execute(sql.purge, {"now": now, "oldest": now - self.ttl})
                     for statement in gsql.purge:
                         conn.execute(statement, {"now": now})
                 conn.execute("COMMIT")
@@ -257,10 +260,10 @@ class SQLiteStore:
 
     async def purge(self) -> int:
         def purge(conn: sqlite3.Connection) -> int:
-            now = {"now": time.time()}
+            now = time.time()
             for statement in self._gsql.purge:
-                conn.execute(statement, now)
-            return conn.execute(self._sql.purge, now).rowcount
+                conn.execute(statement, {"now": now})
+            return conn.execute(self._sql.purge, {"now": now, "oldest": now - self.ttl}).rowcount
 
         return await self._run(purge, "purging expired jobs")
 

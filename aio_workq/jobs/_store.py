@@ -159,7 +159,9 @@ class SQL:
             "expires_at = :expires "
             "WHERE job_id = :job_id AND state = 'running' AND expires_at > :now"
         )
-        self.purge = f"DELETE FROM {table} WHERE expires_at <= :now"
+        # `oldest`: now - the TTL. A record expires at least its TTL after it was created, so
+        # the expired ones are among those created before then (an index no write changes).
+        self.purge = f"DELETE FROM {table} WHERE created_at <= :oldest AND expires_at <= :now"
         self.recent = (
             f"SELECT {COLUMNS} FROM {table} WHERE state = :state AND expires_at > :now "
             "ORDER BY updated_at DESC LIMIT :limit"

@@ -194,7 +194,7 @@ class PostgresStore:
                 try:
                     if purge:  # first: if it fails, the batch fails with nothing written
                         async with conn.transaction():
-                            await conn.execute(self._purge, {"now": now})
+                            await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
                             for statement in self._gpurge:
                                 await conn.execute(statement, {"now": now})
                         self._last_purge = now
@@ -344,7 +344,8 @@ class PostgresStore:
             async with await self._connection() as conn:
                 for statement in self._gpurge:
                     await conn.execute(statement, {"now": time.time()})
-                cursor = await conn.execute(self._purge, {"now": time.time()})
+                now = time.time()
+                cursor = await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
                 return int(cursor.rowcount)
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self._failed("purging expired jobs", exc) from exc

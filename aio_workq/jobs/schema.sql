@@ -26,8 +26,14 @@ CREATE TABLE IF NOT EXISTS {schema}.workq_jobs (
     finished_at       double precision,
     updated_at        double precision  NOT NULL,
     expires_at        double precision  NOT NULL   -- the record reads as absent from then on
-);
-CREATE INDEX IF NOT EXISTS workq_jobs_expires_idx ON {schema}.workq_jobs (expires_at);
+) WITH (fillfactor = 50);
+-- A job's status writes change no indexed column, so PostgreSQL updates its row in place (a
+-- heap-only tuple: no new index entries per write) in the room the fillfactor leaves on each
+-- page. The purge finds expired rows through created_at (a record expires at least its TTL
+-- after it was created). Tables made by an earlier version get the same settings here.
+ALTER TABLE {schema}.workq_jobs SET (fillfactor = 50);
+CREATE INDEX IF NOT EXISTS workq_jobs_created_idx ON {schema}.workq_jobs (created_at);
+DROP INDEX IF EXISTS {schema}.workq_jobs_expires_idx;
 
 -- Groups (aio_workq.jobs.group): one row per group, one per member. A member's terminal write
 -- marks its row done and counts the group down in one transaction; the one that reaches zero
