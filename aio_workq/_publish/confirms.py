@@ -36,6 +36,7 @@ from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource
 from .._link.declare import missing_exchange
 from .._wire.frames import (
+    EncodedProperties,
     Properties,
     check_destination,
     encode_properties,
@@ -53,6 +54,7 @@ __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 log = logging.getLogger("aio_workq")
 
 _CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
+_new = object.__new__
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
@@ -208,10 +210,14 @@ class ConfirmPublisher:
         *,
         mandatory: bool = True,
         timeout: float | None = None,
+        deadline: float | None = None,
+        encoded: EncodedProperties | None = None,
     ) -> asyncio.Future[str]:
         """Hand one message to the connection; the returned future settles with its confirm.
 
-        Waits only while the window is full or the channel is reopening, up to `timeout`.
+        Waits only while the window is full or the channel is reopening, up to `timeout` (or
+        until `deadline`, the loop's time, when given: then `timeout` is not used). `encoded`
+        is `encode_properties(props)` when the caller has it already (`build_usual`).
 
         Raises:
             SerializationError: a property, header, name or id can't be sent, the headers
@@ -231,7 +237,8 @@ class ConfirmPublisher:
             check_destination(exchange, routing_key, mandatory)
             if len(_CHECKED) < 4096:
                 _CHECKED.add(destination)
-        encoded = encode_properties(props)
+        if encoded is None:
+            encoded = encode_properties(props)
         if len(encoded[1]) > self._properties_max:
             raise header_too_large(props, len(encoded[1]), self._frame_max)
         if len(body) > MAX_MESSAGE_SIZE:
@@ -247,8 +254,8 @@ class ConfirmPublisher:
                 exchange=exchange,
                 routing_key=routing_key,
             )
-        timeout = self._timeout if timeout is None else timeout
-        deadline = self._loop.time() + timeout
+        if deadline is None:
+            deadline = self._loop.time() + (self._timeout if timeout is None else timeout)
         if self._lane is None or self._window.full:
             if self._fail_fast and self._lane is None and not self._source.is_connected:
                 raise BrokerUnavailableError(
@@ -258,7 +265,10 @@ class ConfirmPublisher:
             await self._wait_for_room(deadline, props.message_id, exchange, routing_key)
             if len(encoded[1]) > self._properties_max:  # the new connection allows less
                 raise header_too_large(props, len(encoded[1]), self._frame_max)
-        out = Outgoing(
+        # `Outgoing(...)` without the class call (see `build_usual`): its __init__ directly.
+        out = _new(Outgoing)
+        Outgoing.__init__(
+            out,
             exchange,
             routing_key,
             mandatory,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from .._exceptions import PublishError, PublishTimeoutError
@@ -93,13 +93,20 @@ class Expiry:
             self.handle.cancel()
             self.handle = None
 
-    def on_settled(self, out: Outgoing) -> None:
-        """`InFlight`'s callback: a settled message's window room is free, unless it timed
+    def on_settled(self, records: Sequence[Outgoing]) -> None:
+        """`InFlight`'s callback: settled messages' window room is free, unless one timed
         out after it took a tag (its frames may still wait in the writer's buffer)."""
-        if self._expiring and out.tag:
-            self._held.append(len(out.body))
-        else:
-            self._window.release(len(out.body))
+        if self._expiring:
+            for out in records:
+                if out.tag:
+                    self._held.append(len(out.body))
+                else:
+                    self._window.release(len(out.body))
+            return
+        size = 0
+        for out in records:
+            size += len(out.body)
+        self._window.release_many(len(records), size)
 
     def sweep(self) -> None:
         """Fail the messages past their deadline now (`start` runs this on a timer)."""

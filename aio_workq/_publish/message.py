@@ -18,7 +18,7 @@ from .._exceptions import (
 from .._hooks import Hooks, PublishInfo
 from .._link.delay import delay_ticks
 from .._link.delay import routing_key as delayed_key
-from .._wire.frames import Properties
+from .._wire.frames import EncodedProperties, Properties, usual_properties
 from .serialization import encode_body
 
 if TYPE_CHECKING:
@@ -26,11 +26,20 @@ if TYPE_CHECKING:
     from .._link.specs import Exchange, Queue
     from .confirms import ConfirmPublisher
 
-__all__ = ("PublishOptions", "Sender", "build_message", "new_message_id", "settle_in_order")
+__all__ = (
+    "PublishOptions",
+    "Sender",
+    "build_message",
+    "build_usual",
+    "check_timeout",
+    "new_message_id",
+    "settle_in_order",
+)
 
 _ID_PREFIX = os.urandom(8).hex()
 _ID_FORMAT = _ID_PREFIX + "%016x"  # %-formatting: about half the cost of an f-string's format
 _ID_COUNTER = itertools.count(1)
+_new = object.__new__
 
 
 def _reseed_ids() -> None:
@@ -128,11 +137,12 @@ def build_message(
         ConfigurationError: an unknown option, or an option of the wrong kind.
         SerializationError: the body can't be encoded.
     """
-    if not options or (len(options) == 1 and "timeout" in options):  # the hot path
+    if not options:
+        data, props, _ = build_usual(body)
+        return data, props, True, None
+    if len(options) == 1 and "timeout" in options:
         data, content_type = encode_body(body)
-        timeout = options.get("timeout") if options else None
-        if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        timeout = check_timeout(options["timeout"])
         return (
             data,
             Properties(message_id=new_message_id(), content_type=content_type),
@@ -148,9 +158,7 @@ def build_message(
     data, content_type = encode_body(body)
     expiration = options.get("expiration")
     timestamp = options.get("timestamp")
-    timeout = options.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    timeout = check_timeout(options.get("timeout"))
     props = Properties(
         message_id=options.get("message_id") or new_message_id(),
         content_type=options.get("content_type") or content_type,
@@ -164,6 +172,38 @@ def build_message(
         type=options.get("message_type"),
     )
     return data, props, bool(options.get("mandatory", True)), timeout
+
+
+def build_usual(body: Any) -> tuple[bytes, Properties, EncodedProperties]:
+    """`build_message(body, {})`'s body and properties, and the properties' encoding (as
+    `encode_properties` gives it, without its checks: every property here is aio-workq's own).
+    The usual message, the hot path: a bytes body as it is, an id as `new_message_id()`.
+
+    Raises:
+        SerializationError: the body can't be encoded.
+    """
+    if type(body) is bytes:
+        data, content_type = body, None
+    else:
+        data, content_type = encode_body(body)
+    message_id = _ID_FORMAT % next(_ID_COUNTER)
+    # `Properties(...)` without the class call: on Python 3.11 calling a class whose
+    # `__init__` is Python packs the arguments into a tuple and a dict for it (about twice
+    # the cost of calling `__init__` itself).
+    props = _new(Properties)
+    Properties.__init__(props, message_id=message_id, content_type=content_type)
+    return data, props, usual_properties(message_id, content_type)
+
+
+def check_timeout(timeout: object) -> float | None:
+    """`timeout` (seconds, or None for the default) once checked.
+
+    Raises:
+        ConfigurationError: it is not a number of seconds > 0.
+    """
+    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    return timeout
 
 
 def _milliseconds(expiration: object) -> str:
@@ -208,16 +248,24 @@ class Sender:
         exchange: str | Exchange,
         routing_key: str | None,
         options: Mapping[str, Any],
+        deadline: float | None = None,
     ) -> asyncio.Future[str]:
-        """Send one message; returns its confirm. The declaration counts against its timeout.
+        """Send one message; returns its confirm. The declaration counts against its timeout,
+        or `deadline` (the loop's time) instead of one (`forward_many`: the batch's).
 
         Raises:
             ConfigurationError, SerializationError: bad input; nothing was sent.
             TopologyError: the destination can't be declared.
             PublishTimeoutError: no declaration, window room or channel within the timeout.
         """
-        data, props, mandatory, timeout = build_message(body, options)
-        timeout = self._timeout if timeout is None else timeout
+        encoded: EncodedProperties | None = None  # encoded by publisher.send, unless here
+        if options:
+            data, props, mandatory, timeout = build_message(body, options)
+            if timeout is None:
+                timeout = self._timeout
+        else:
+            data, props, encoded = build_usual(body)
+            mandatory, timeout = True, self._timeout
         router = self._router
         if props.priority is not None and queue is not None and type(props.priority) is int:
             router.check_priority(queue)  # before anything is declared (#21)
@@ -235,7 +283,9 @@ class Sender:
             destination = router.lookup(queue, exchange, routing_key)
         if destination is None:
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout
+            within = f"{timeout:g} s" if deadline is None else "the batch's timeout"
+            if deadline is None:
+                deadline = loop.time() + timeout
             try:
                 async with asyncio.timeout_at(deadline):
                     if ticks:
@@ -248,18 +298,20 @@ class Sender:
             except TimeoutError:
                 raise PublishTimeoutError(
                     f"message {props.message_id}: its destination could not be declared within "
-                    f"{timeout:g} s (the connection is down, or the broker does not answer); "
+                    f"{within} (the connection is down, or the broker does not answer); "
                     "nothing was sent",
                     message_id=props.message_id,
                     routing_key=routing_key or "",
                 ) from None
-            timeout = max(0.001, deadline - loop.time())
         target_exchange, key = destination
-        if self._hooks is not None:
-            return await self._hooked(target_exchange, key, data, props, mandatory, timeout)
+        if self._hooks is not None:  # they may add headers: `send` encodes the properties
+            return await self._hooked(
+                target_exchange, key, data, props, mandatory, timeout, deadline
+            )
         return await self._publisher.send(
-            target_exchange, key, data, props, mandatory=mandatory, timeout=timeout
-        )
+            target_exchange, key, data, props, mandatory=mandatory, timeout=timeout,
+            deadline=deadline, encoded=encoded,
+        )  # fmt: skip
 
     async def forward_many(
         self,
@@ -274,14 +326,27 @@ class Sender:
         within one timeout (`Producer.publish_many`)."""
         if options.get("message_id"):
             raise ConfigurationError("publish_many gives each message its own message_id")
-        loop = asyncio.get_running_loop()
-        timeout = options.get("timeout")
-        deadline = loop.time() + (self._timeout if timeout is None else timeout)
+        timeout = check_timeout(options.pop("timeout", None))
+        # One deadline for the batch, handed to each message as it is (no clock read each).
+        deadline = asyncio.get_running_loop().time() + (
+            self._timeout if timeout is None else timeout
+        )
         outcomes: list[asyncio.Future[str] | WorkqError] = []
+        forward, lookup, send = self.forward, self._router.lookup, self._publisher.send
+        usual = not options and self._hooks is None  # each message is `forward`'s usual one
         for body in bodies:
-            options["timeout"] = max(deadline - loop.time(), 0.001)
             try:
-                outcomes.append(await self.forward(body, queue, exchange, routing_key, options))
+                if usual and (destination := lookup(queue, exchange, routing_key)) is not None:
+                    # `forward`'s steps for a message without options to a known destination,
+                    # without a coroutine of its own (the hot path).
+                    data, props, encoded = build_usual(body)
+                    confirm = await send(
+                        destination[0], destination[1], data, props, deadline=deadline,
+                        encoded=encoded,
+                    )  # fmt: skip
+                else:  # declares the destination first, or has options or hooks
+                    confirm = await forward(body, queue, exchange, routing_key, options, deadline)
+                outcomes.append(confirm)
             except WorkqError as exc:
                 if not return_exceptions:
                     # Settle what was sent before raising: no confirm is left unobserved.
@@ -306,6 +371,7 @@ class Sender:
         props: Properties,
         mandatory: bool,
         timeout: float,
+        deadline: float | None,
     ) -> asyncio.Future[str]:
         """`send` through the hooks: they see the message and may add headers."""
         assert self._hooks is not None
@@ -321,8 +387,9 @@ class Sender:
         def send(headers: dict[str, Any]) -> Awaitable[asyncio.Future[str]]:
             props.headers = headers or None
             return self._publisher.send(
-                exchange, routing_key, data, props, mandatory=mandatory, timeout=timeout
-            )
+                exchange, routing_key, data, props, mandatory=mandatory, timeout=timeout,
+                deadline=deadline,
+            )  # fmt: skip
 
         return await self._hooks.publish(send, info)
 

@@ -267,9 +267,12 @@ class Producer:
                 `on_reconnect="fail"`; by default the message is re-sent).
             SerializationError, ConfigurationError, TopologyError: see `send()`.
         """
-        confirm = await self.send(
-            body, queue, exchange=exchange, routing_key=routing_key, **options
-        )
+        sender = self._sender
+        if sender is None or self._publisher is None:
+            self._ready()  # raises: not started, or closed
+        assert sender is not None
+        # `send()`'s work without its coroutine and options repacked (the hot path).
+        confirm = await sender.forward(body, queue, exchange, routing_key, options)
         return await confirm
 
     async def publish_many(

@@ -44,6 +44,7 @@ __all__ = (
     "Chunked",
     "LARGE_BODY",
     "reject_frame",
+    "usual_properties",
 )
 
 FRAME_END = b"\xce"
@@ -299,6 +300,25 @@ def _common_prefix(content_type: str | None, delivery_mode: int) -> tuple[int, b
     return flags, prefix
 
 
+_LENGTH = tuple(bytes((n,)) for n in range(256))  # a short string's length octet
+
+
+def usual_properties(message_id: str, content_type: str | None) -> EncodedProperties:
+    """`encode_properties` of `Properties(message_id=..., content_type=...)` (persistent, no
+    other property), without its checks: for a message id made by aio-workq and a content
+    type of its own (`build_usual`), both valid by construction.
+
+    Raises:
+        SerializationError: the content type or the message id is over 255 bytes.
+    """
+    common = _COMMON.get((content_type, 2))
+    flags, prefix = common if common is not None else _common_prefix(content_type, 2)
+    data = message_id.encode()
+    if len(data) > 255:
+        raise SerializationError(f"message_id is {len(data)} bytes long: AMQP allows at most 255")
+    return flags | _MESSAGE_ID, prefix + _LENGTH[len(data)] + data
+
+
 def encode_properties(props: Properties) -> EncodedProperties:
     """Validate and encode `props`.
 
@@ -327,7 +347,7 @@ def encode_properties(props: Properties) -> EncodedProperties:
                 f"message_id is {len(data)} bytes long: AMQP allows at most 255 "
                 f"({message_id[:40]!r}...)"
             )
-        return flags | _MESSAGE_ID, prefix + bytes((len(data),)) + data
+        return flags | _MESSAGE_ID, prefix + _LENGTH[len(data)] + data
     flags = 0
     parts: list[bytes] = []
     if props.content_type is not None:

@@ -19,7 +19,7 @@ the connection's writer, or to aiormq on the plain path), at least once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from .._exceptions import (
     ConfigurationError,
@@ -108,12 +108,13 @@ class InFlight:
     """Every unsettled message of one publisher; settles each exactly once.
 
     Args:
-        on_settled: called once for every record settled (the publisher's window release).
+        on_settled: called with the records settled, each record once: one at a time, or
+            the records a multiple confirm settled together (the publisher's window release).
     """
 
     __slots__ = ("_by_id", "_on_settled")
 
-    def __init__(self, on_settled: Callable[[Outgoing], None]) -> None:
+    def __init__(self, on_settled: Callable[[Sequence[Outgoing]], None]) -> None:
         self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
         self._on_settled = on_settled
 
@@ -155,7 +156,28 @@ class InFlight:
                 out.future.set_result(out.message_id)
             else:
                 out.future.set_exception(error)
-        self._on_settled(out)
+        self._on_settled((out,))
+
+    def confirmed(self, records: list[Outgoing]) -> None:
+        """Settle `records`, taken off their tracker already, as confirmed: `settle(out,
+        None)` for each, inline (the hot path: one call for a multiple ack's records), and
+        one `on_settled` for them all."""
+        by_id = self._by_id
+        stale: list[Outgoing] | None = None  # settled before (a tracker holds none: defensive)
+        for out in records:
+            if out.settled:
+                stale = [*(stale or ()), out]
+                continue
+            out.settled = True
+            if out.mandatory and by_id.get(out.message_id) is out:
+                del by_id[out.message_id]
+            future = out.future
+            if not future.done():
+                future.set_result(out.message_id)
+        if stale is not None:
+            records = [out for out in records if not any(out is old for old in stale)]
+        if records:
+            self._on_settled(records)
 
     def fail(self, out: Outgoing, cls: type[PublishError], what: str) -> None:
         self.settle(out, out.error(cls, what))
@@ -205,12 +227,18 @@ class ConfirmTracker:
                 settled.append(out)
         else:
             single = pending.get(delivery_tag)
-            settled = [single] if single is not None else []
-        settle = self._in_flight.settle
+            if single is None:
+                return
+            settled = [single]
         for out in settled:
             del pending[out.tag]  # here rather than in settle(): the hot path
             out.tracker = None
-            settle(out, None if ack else out.error(PublishNackedError, _NACKED))
+        if ack:
+            self._in_flight.confirmed(settled)
+            return
+        settle = self._in_flight.settle
+        for out in settled:
+            settle(out, out.error(PublishNackedError, _NACKED))
 
     def on_return(self, message_id: str | None) -> bool:
         """A `Basic.Return` of a mandatory message on this channel, found by its id (unique

@@ -21,7 +21,7 @@ class Window:
     once, not kept until the window drains.
     """
 
-    __slots__ = ("_bytes", "_count", "_low", "_low_bytes", "_waiters", "max_bytes", "size")
+    __slots__ = ("_bytes", "_count", "_low", "_low_bytes", "_waiters", "full", "max_bytes", "size")
 
     def __init__(self, size: int = DEFAULT_WINDOW, max_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
         if size < 1:
@@ -34,6 +34,7 @@ class Window:
         self._low_bytes = max_bytes - max_bytes // 4
         self._count = 0
         self._bytes = 0
+        self.full = False  # either limit is reached (kept by take and release: read per send)
         self._waiters: dict[asyncio.Future[None], None] = {}  # in arrival order
 
     @property
@@ -51,19 +52,22 @@ class Window:
         """Senders waiting for room."""
         return len(self._waiters)
 
-    @property
-    def full(self) -> bool:
-        return self._count >= self.size or self._bytes >= self.max_bytes
-
     def take(self, size: int) -> None:
         """A message of `size` body bytes is now in flight."""
-        self._count += 1
-        self._bytes += size
+        self._count = count = self._count + 1
+        self._bytes = total = self._bytes + size
+        if count >= self.size or total >= self.max_bytes:
+            self.full = True
 
     def release(self, size: int) -> None:
         """A message of `size` body bytes settled."""
-        self._count -= 1
+        self.release_many(1, size)
+
+    def release_many(self, count: int, size: int) -> None:
+        """`count` messages of `size` body bytes in all settled (a multiple confirm's)."""
+        self._count -= count
         self._bytes -= size
+        self.full = self._count >= self.size or self._bytes >= self.max_bytes
         if self._waiters and self._count <= self._low and self._bytes <= self._low_bytes:
             waiters, self._waiters = self._waiters, {}
             for waiter in waiters:

@@ -50,6 +50,7 @@ class FrameWriter:
         "_pressed",
         "_stream",
         "_watchers",
+        "buffered",
         "high_water",
     )
 
@@ -64,15 +65,13 @@ class FrameWriter:
         self._handle: asyncio.Handle | None = None
         self._draining: asyncio.Task[None] | None = None
         self.high_water = high_water
+        # Writes (calls of `write`) waiting here, not yet handed to the socket: an attribute,
+        # kept where the buffer changes, as a publishing lane reads it after every write.
+        self.buffered = 0
 
     @property
     def closed(self) -> bool:
         return self._stream.is_closing()
-
-    @property
-    def buffered(self) -> int:
-        """Frames (as write calls) waiting in this writer, not yet handed to the socket."""
-        return len(self._buffer)
 
     @property
     def buffered_bytes(self) -> int:
@@ -89,6 +88,7 @@ class FrameWriter:
         them, unless the channel closes first (its `gate` is no longer open). A `Chunked`
         write (a large body) is handed to the socket part by part, never joined."""
         self._buffer.append((gate, frames))
+        self.buffered += 1
         if type(frames) is Chunked:
             self._chunked += 1
         if self._handle is None and self._draining is None:
@@ -117,10 +117,16 @@ class FrameWriter:
             self._draining = self._loop.create_task(self._drain())
             return
         if not self._pressed and not self._chunked:  # the usual case: all of it fits
-            data = b"".join([frames for gate, frames in buffer if gate.open])  # type: ignore[misc]
+            data: bytes
+            if len(buffer) == 1:  # one publish awaited at a time: no list, no join
+                gate, frames = buffer[0]
+                data = frames if gate.open else b""  # type: ignore[assignment]
+            else:
+                data = b"".join([frames for gate, frames in buffer if gate.open])  # type: ignore[misc]
             if len(data) <= room:
                 self._left += len(buffer)
                 buffer.clear()
+                self.buffered = 0
                 if self._watchers:
                     self._notify()
                 if data:
@@ -219,6 +225,7 @@ class FrameWriter:
             if self._chunked:
                 self._chunked -= sum(type(f) is Chunked for _, f in self._buffer[:count])
             del self._buffer[:count]
+        self.buffered = len(self._buffer)
         self._left += count
         if self._watchers:
             self._notify()
