@@ -138,7 +138,7 @@ class Dispatcher:
         job = Job(delivery, self._forwarder)
         # The task takes itself out of `tasks` as it ends (`_process`): a done callback
         # would cost the loop a callback more per delivery.
-        process = self._process(job, acker, tag, delivery.reply_to is not None)
+        process = self._process(job, acker, tag, delivery.is_request)
         self.tasks.add(self._loop.create_task(process, name=self._task_name))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:

@@ -72,6 +72,7 @@ class Tap:
     __slots__ = (
         "body_size",
         "channel",
+        "closing",
         "confirms",
         "header",
         "on_delivery",
@@ -80,10 +81,14 @@ class Tap:
         "parts",
         "pending",
         "returned",
+        "strings",
     )
 
     def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
+        # Done once the channel closes (aiormq's `is_closed` is its `done()`): a C call where
+        # the property is a Python one, on every method frame.
+        self.closing = channel.closing
         self.number = channel.number
         self.open = True
         self.on_delivery: OnDelivery | None = None
@@ -94,13 +99,16 @@ class Tap:
         self.header = b""
         self.body_size = 0
         self.parts: list[bytes] = []
+        # The short strings of the last delivery, raw and decoded: the consumer tag, and
+        # mostly the routing key, repeat from one delivery to the next.
+        self.strings: tuple[bytes, str, bytes, str] = (b"", "", b"", "")
 
     def take(self, kind: int, data: bytearray, start: int, end: int) -> int:
         """Handle one frame's payload `data[start:end]` (its end octet at `end`): the position
         after what was taken (further than the frame when a whole delivery was), or 0, which
         leaves the frame to aiormq."""
         if kind == _METHOD:
-            if self.pending is not None or self.channel.is_closed:
+            if self.pending is not None or self.closing.done():
                 if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
                     self.open = False
                 return 0
@@ -152,16 +160,34 @@ class Tap:
         `after`. When its content header and single body frame follow it whole in `data` (a
         small message, as the broker writes it), the delivery is handed on at once and the
         position after its body returned; otherwise its content comes frame by frame."""
-        size = data[pos]  # the short strings inline: a call each would cost more than them
-        consumer_tag = data[pos + 1 : pos + 1 + size].decode()
-        pos += 1 + size
+        # The short strings inline (a call each would cost more than them), the consumer tag
+        # and routing key of the last delivery reused when they repeat, byte for byte.
+        tag_raw, consumer_tag, key_raw, routing_key = self.strings
+        changed = False
+        size = data[pos]
+        start = pos + 1
+        pos = start + size
+        if size != len(tag_raw) or not data.startswith(tag_raw, start):
+            tag_raw = bytes(data[start:pos])
+            consumer_tag = tag_raw.decode()
+            changed = True
         delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
         pos += 9
         size = data[pos]
-        exchange = data[pos + 1 : pos + 1 + size].decode()
-        pos += 1 + size
+        if size:
+            exchange = data[pos + 1 : pos + 1 + size].decode()
+            pos += 1 + size
+        else:
+            exchange = ""
+            pos += 1
         size = data[pos]
-        routing_key = data[pos + 1 : pos + 1 + size].decode()
+        start = pos + 1
+        if size != len(key_raw) or not data.startswith(key_raw, start):
+            key_raw = bytes(data[start : start + size])
+            routing_key = key_raw.decode()
+            changed = True
+        if changed:
+            self.strings = (tag_raw, consumer_tag, key_raw, routing_key)
         redelivered = bool(bits & 1)
         total = len(data)
         if total - after > 19:  # a content header frame's type, channel, size and body size
