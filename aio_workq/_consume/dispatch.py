@@ -20,7 +20,7 @@ from typing import Any
 from .._exceptions import WorkqError
 from .._hooks import Hooks, Outcome, Settled
 from .._link.specs import Queue
-from .._logs import handling
+from .._logs import set_handling
 from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
 from .._wire.acker import Acker
@@ -164,7 +164,7 @@ class Dispatcher:
 
     async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
-        handling(self.queue_name, job)  # log lines in this task name the message
+        set_handling((self.queue_name, job))  # log lines in this task name the message
         task = asyncio.current_task(self._loop)
         assert task is not None
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
@@ -39,6 +40,7 @@ class Acker:
         "_unsettled",
         "_writer",
         "channel",
+        "track",
     )
 
     def __init__(
@@ -50,7 +52,11 @@ class Acker:
         self._writer: FrameWriter | None = writer[0] if writer is not None else None
         self._gate: Gate | None = writer[1] if writer is not None else None
         self._loop = asyncio.get_running_loop()
-        self._unsettled: dict[int, bool] = {}  # delivery tag -> completed, in delivery order
+        # delivery tag -> True once completed (None until then), in delivery order
+        self._unsettled: dict[int, bool | None] = {}
+        # `track(tag)`: a delivery to settle. The dict's own method, called once per delivery:
+        # a C call where a method of this class would be a Python one.
+        self.track: Callable[[int], bool | None] = self._unsettled.setdefault
         self._ops: list[tuple[int, int, bool]] = []  # (kind, tag, multiple or requeue)
         self._handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -59,9 +65,6 @@ class Acker:
     @property
     def unsettled(self) -> int:
         return len(self._unsettled)
-
-    def track(self, tag: int) -> None:
-        self._unsettled[tag] = False
 
     def ack(self, tag: int) -> None:
         unsettled = self._unsettled
@@ -72,7 +75,8 @@ class Acker:
 
     def nack(self, tag: int, *, requeue: bool) -> None:
         """Nack `tag` unless it was settled already (an ack asked for wins)."""
-        if self._unsettled.get(tag) is False:
+        unsettled = self._unsettled
+        if tag in unsettled and unsettled[tag] is None:
             del self._unsettled[tag]
             self._ops.append((_NACK, tag, requeue))
             self._schedule()

@@ -118,7 +118,81 @@ class Tap:
                     self.open = False
                 return 0
             if method_id == _DELIVER and self.on_delivery is not None:
-                return self._deliver(data, start + 4, end + 1)
+                # A `Basic.Deliver` (here, not in a method of its own: a call per delivery).
+                # When its content header and single body frame follow it whole in `data` (a
+                # small message, as the broker writes it), the delivery is handed on at once
+                # and the position after its body returned; otherwise its content comes frame
+                # by frame.
+                # The short strings inline (a call each would cost more than them), the
+                # consumer tag and routing key of the last delivery reused when they repeat.
+                pos, after = start + 4, end + 1
+                tag_raw, consumer_tag, key_raw, routing_key = self.strings
+                changed = False
+                size = data[pos]
+                start = pos + 1
+                pos = start + size
+                if size != len(tag_raw) or not data.startswith(tag_raw, start):
+                    tag_raw = bytes(data[start:pos])
+                    consumer_tag = tag_raw.decode()
+                    changed = True
+                delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
+                pos += 9
+                size = data[pos]
+                if size:
+                    exchange = data[pos + 1 : pos + 1 + size].decode()
+                    pos += 1 + size
+                else:
+                    exchange = ""
+                    pos += 1
+                size = data[pos]
+                start = pos + 1
+                if size != len(key_raw) or not data.startswith(key_raw, start):
+                    key_raw = bytes(data[start : start + size])
+                    routing_key = key_raw.decode()
+                    changed = True
+                if changed:
+                    self.strings = (tag_raw, consumer_tag, key_raw, routing_key)
+                redelivered = bool(bits & 1)
+                total = len(data)
+                if total - after > 19:  # a content header frame: type, channel, sizes
+                    kind, number, length = _FRAME.unpack_from(data, after)
+                    header_end: int = after + 7 + length
+                    if (
+                        kind == _HEADER
+                        and number == self.number
+                        and header_end < total
+                        and data[header_end] == _FRAME_END
+                    ):
+                        body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
+                        body_end = header_end + 8 + body_size  # its body frame's end octet
+                        if body_size == 0:
+                            body, taken = b"", header_end + 1
+                        elif (
+                            body_end < total
+                            and _FRAME.unpack_from(data, header_end + 1)
+                            == (_BODY, number, body_size)
+                            and data[body_end] == _FRAME_END
+                        ):
+                            body, taken = bytes(data[header_end + 8 : body_end]), body_end + 1
+                        else:
+                            taken = 0
+                        if taken:
+                            on_delivery = self.on_delivery
+                            assert on_delivery is not None
+                            try:
+                                on_delivery(
+                                    self.channel, consumer_tag, delivery_tag, redelivered,
+                                    exchange, routing_key, bytes(data[after + 7 : header_end]),
+                                    body,
+                                )  # fmt: skip
+                            except Exception:  # the reader must go on (as in `_complete`)
+                                log.exception(
+                                    "a consumer of channel %d failed to take a delivery",
+                                    self.number,
+                                )
+                            return taken
+                self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+                return after
             confirms = self.confirms
             if confirms is None:
                 return 0
@@ -154,78 +228,6 @@ class Tap:
                 self._complete(parts[0] if len(parts) == 1 else b"".join(parts))
             return end + 1
         return 0
-
-    def _deliver(self, data: bytearray, pos: int, after: int) -> int:
-        """A `Basic.Deliver` whose arguments start at `pos` and whose frame ends before
-        `after`. When its content header and single body frame follow it whole in `data` (a
-        small message, as the broker writes it), the delivery is handed on at once and the
-        position after its body returned; otherwise its content comes frame by frame."""
-        # The short strings inline (a call each would cost more than them), the consumer tag
-        # and routing key of the last delivery reused when they repeat, byte for byte.
-        tag_raw, consumer_tag, key_raw, routing_key = self.strings
-        changed = False
-        size = data[pos]
-        start = pos + 1
-        pos = start + size
-        if size != len(tag_raw) or not data.startswith(tag_raw, start):
-            tag_raw = bytes(data[start:pos])
-            consumer_tag = tag_raw.decode()
-            changed = True
-        delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
-        pos += 9
-        size = data[pos]
-        if size:
-            exchange = data[pos + 1 : pos + 1 + size].decode()
-            pos += 1 + size
-        else:
-            exchange = ""
-            pos += 1
-        size = data[pos]
-        start = pos + 1
-        if size != len(key_raw) or not data.startswith(key_raw, start):
-            key_raw = bytes(data[start : start + size])
-            routing_key = key_raw.decode()
-            changed = True
-        if changed:
-            self.strings = (tag_raw, consumer_tag, key_raw, routing_key)
-        redelivered = bool(bits & 1)
-        total = len(data)
-        if total - after > 19:  # a content header frame's type, channel, size and body size
-            kind, number, length = _FRAME.unpack_from(data, after)
-            header_end: int = after + 7 + length
-            if (
-                kind == _HEADER
-                and number == self.number
-                and header_end < total
-                and data[header_end] == _FRAME_END
-            ):
-                body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
-                body_end = header_end + 8 + body_size  # its body frame's end octet
-                if body_size == 0:
-                    body, taken = b"", header_end + 1
-                elif (
-                    body_end < total
-                    and _FRAME.unpack_from(data, header_end + 1) == (_BODY, number, body_size)
-                    and data[body_end] == _FRAME_END
-                ):
-                    body, taken = bytes(data[header_end + 8 : body_end]), body_end + 1
-                else:
-                    taken = 0
-                if taken:
-                    on_delivery = self.on_delivery
-                    assert on_delivery is not None
-                    try:
-                        on_delivery(
-                            self.channel, consumer_tag, delivery_tag, redelivered, exchange,
-                            routing_key, bytes(data[after + 7 : header_end]), body,
-                        )  # fmt: skip
-                    except Exception:  # the reader must go on (as in `_complete`)
-                        log.exception(
-                            "a consumer of channel %d failed to take a delivery", self.number
-                        )
-                    return taken
-        self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-        return after
 
     def _complete(self, body: bytes) -> None:
         fields, self.pending = self.pending, None
