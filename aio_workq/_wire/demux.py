@@ -103,7 +103,7 @@ class Tap:
         # mostly the routing key, repeat from one delivery to the next.
         self.strings: tuple[bytes, str, bytes, str] = (b"", "", b"", "")
 
-    def take(self, kind: int, data: bytearray, start: int, end: int) -> int:
+    def take(self, kind: int, data: bytes | bytearray, start: int, end: int) -> int:
         """Handle one frame's payload `data[start:end]` (its end octet at `end`): the position
         after what was taken (further than the frame when a whole delivery was), or 0, which
         leaves the frame to aiormq."""
@@ -245,7 +245,7 @@ class Tap:
             log.exception("a consumer of channel %d failed to take a delivery", self.number)
 
 
-def _shortstr(data: bytearray, pos: int) -> tuple[str, int]:
+def _shortstr(data: bytes | bytearray, pos: int) -> tuple[str, int]:
     """An AMQP short string at `pos`, and the position after it."""
     size = data[pos]
     return data[pos + 1 : pos + 1 + size].decode(), pos + 1 + size
@@ -326,6 +326,7 @@ class FrameDemux:
             raise asyncio.IncompleteReadError(bytes(self._out), wanted)
         raw = self._raw
         owed = self._owed
+        data: bytes | bytearray = raw
         if owed:  # the rest of a frame whose start went to aiormq before any channel was tapped
             if len(chunk) <= owed:
                 self._owed = owed - len(chunk)
@@ -334,27 +335,36 @@ class FrameDemux:
             self._owed = 0
             self._out += chunk[:owed]
             raw += memoryview(chunk)[owed:]
+        elif raw:  # a frame cut short by the last read
+            raw += chunk
+        elif self._taps:
+            # Split the chunk itself: its slices are the bodies and headers handed on, with
+            # no copy of it into `raw` first and none back out of a bytearray per slice.
+            data = chunk
         else:
             raw += chunk
         if not self._taps:
             self._pass(raw)
             return
-        taps, out, size, pos, taken = self._taps, self._out, len(raw), 0, False
+        taps, out, size, pos, taken = self._taps, self._out, len(data), 0, False
         while size - pos >= 8:
-            kind, number, length = _FRAME.unpack_from(raw, pos)
+            kind, number, length = _FRAME.unpack_from(data, pos)
             end = pos + 7 + length
             if end >= size:
                 break
             tap = taps.get(number)
-            if tap is not None and raw[end] == _FRAME_END:
-                after = tap.take(kind, raw, pos + 7, end)
+            if tap is not None and data[end] == _FRAME_END:
+                after = tap.take(kind, data, pos + 7, end)
                 if after:
                     taken = True
                     pos = after
                     continue
-            out += raw[pos : end + 1]
+            out += data[pos : end + 1]
             pos = end + 1
-        del raw[:pos]
+        if data is raw:
+            del raw[:pos]
+        elif pos < size:  # the start of a frame still to come
+            raw += memoryview(data)[pos:]
         if taken:
             now = self._loop.time()
             if now - self._alive_at >= _ALIVE_EVERY:
