@@ -100,17 +100,22 @@ class Acker:
             self._ops.clear()
             return
         unsettled = self._unsettled
+        ops = self._ops
         last = 0
         for tag, done in unsettled.items():
             if not done:
                 break
             last = tag
-        ops = self._ops
+        else:  # every delivery tracked is completed (the usual case): acked up to the last
+            if last:
+                unsettled.clear()
+                ops.append((_ACK, last, True))
+            last = 0
         if last:
             for tag in [tag for tag in unsettled if tag <= last]:
                 del unsettled[tag]
             ops.append((_ACK, last, True))
-        if any(unsettled.values()):
+        if unsettled and any(unsettled.values()):
             for tag in [tag for tag, done in unsettled.items() if done]:
                 del unsettled[tag]
                 ops.append((_ACK, tag, False))

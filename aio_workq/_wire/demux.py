@@ -173,17 +173,19 @@ class Tap:
                             == (_BODY, number, body_size)
                             and data[body_end] == _FRAME_END
                         ):
-                            body, taken = bytes(data[header_end + 8 : body_end]), body_end + 1
+                            body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
                         else:
                             taken = 0
                         if taken:
+                            header: bytes = data[after + 7 : header_end]  # type: ignore[assignment]
+                            if data.__class__ is not bytes:  # slices of a bytearray: copied
+                                header, body = bytes(header), bytes(body)
                             on_delivery = self.on_delivery
                             assert on_delivery is not None
                             try:
                                 on_delivery(
                                     self.channel, consumer_tag, delivery_tag, redelivered,
-                                    exchange, routing_key, bytes(data[after + 7 : header_end]),
-                                    body,
+                                    exchange, routing_key, header, body,
                                 )  # fmt: skip
                             except Exception:  # the reader must go on (as in `_complete`)
                                 log.exception(
