@@ -31,7 +31,6 @@ class Acker:
     """Settles the deliveries of one channel, each exactly once."""
 
     __slots__ = (
-        "_closed",
         "_gate",
         "_handle",
         "_loop",
@@ -40,6 +39,7 @@ class Acker:
         "_unsettled",
         "_writer",
         "channel",
+        "closed",
         "track",
     )
 
@@ -60,7 +60,7 @@ class Acker:
         self._ops: list[tuple[int, int, bool]] = []  # (kind, tag, multiple or requeue)
         self._handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self.closed = False  # set by `close()` only; no ack is written after it
 
     @property
     def unsettled(self) -> int:
@@ -89,11 +89,11 @@ class Acker:
         """Write what is asked for so far, then nothing more: the channel is about to be
         closed, and a frame after its `Channel.Close` would close the whole connection."""
         self.flush()
-        self._closed = True
+        self.closed = True
 
     def flush(self) -> None:
         self._handle = None
-        if self._closed or self.channel.is_closed:
+        if self.closed or self.channel.is_closed:
             # The broker requeues everything unacked on a closed channel: the documented
             # duplicate case, never a loss.
             self._unsettled.clear()
