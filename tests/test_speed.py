@@ -454,7 +454,7 @@ async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine(l
         return counted[0]
 
     one, eleven = await per_delivery(1), await per_delivery(11)
-    # The Delivery, dispatch, the Job and the task's coroutine: 6 before #22 item 4 (the
+    # The Delivery, dispatch, the Job and the task's coroutine: 6 before #22 round 5 (the
     # delivery's reply_to and the log fields' `handling` too), 9 before item 2.
     assert (eleven - one) / 10 <= 4, (eleven - one) / 10
 
@@ -494,7 +494,7 @@ async def test_a_delivery_whole_in_one_read_is_taken_in_one_step() -> None:
         return counted[0]
 
     one, eleven = await per_read(1), await per_read(11)
-    # The tap's step and the consumer's Delivery: 3 before #22 item 4 (the delivery's fields
+    # The tap's step and the consumer's Delivery: 3 before #22 round 5 (the delivery's fields
     # in a method of their own), 9 before item 2 (a step per frame, the short strings one
     # call each, the content completed on its own).
     assert (eleven - one) / 10 <= 2, (eleven - one) / 10
@@ -668,7 +668,7 @@ def _own_and_c_calls(counted: list[int], c_calls: list[str]) -> Any:
 async def test_a_repeated_consumer_tag_and_routing_key_are_not_decoded_again() -> None:
     """The consumer tag and routing key of a delivery are mostly those of the last one: the
     demux compares their bytes and reuses the strings; an empty exchange is no decode
-    either (#22 item 4: three decodes per delivery before)."""
+    either (#22 round 5: three decodes per delivery before)."""
     import sys
 
     from pamqp import frame
@@ -715,9 +715,9 @@ async def test_a_delivery_goes_from_the_socket_to_its_ack_in_six_calls() -> None
     """The fast path's own calls per delivery, from the read to the ack: the tap's step,
     `Dispatcher.take` (bound to the channel's gate and acker: no closure of the
     subscription's in between), the Delivery, the Job, the task's coroutine and the ack;
-    tracking it is the acker's dict's own method (#22 item 4: 9 before, with the tap's
-    `_deliver`, the subscription's closure, `dispatch`, `Acker.track`, the delivery's
-    `reply_to` and the log fields' `handling`)."""
+    tracking it is the acker's dict's own method (#22 round 5: 11 before, with the tap's
+    `_deliver`, the subscription's closure, `dispatch` for `take`, `Acker.track`, the
+    delivery's `reply_to` and the log fields' `handling`)."""
     import functools
     import sys
 
@@ -795,7 +795,7 @@ async def test_a_delivery_for_a_closed_acker_is_dropped() -> None:
 
 async def test_tracking_a_delivery_is_no_call_of_the_acker_s() -> None:
     """`Acker.track` is the dict's own `setdefault`: a C call per delivery, where a method
-    of the acker's was a Python one (#22 item 4); a nack after an ack still loses."""
+    of the acker's was a Python one (#22 round 5); a nack after an ack still loses."""
     import sys
 
     from aio_workq._wire.acker import Acker
@@ -848,7 +848,7 @@ async def test_tracking_a_delivery_is_no_call_of_the_acker_s() -> None:
 
 def test_a_delivery_says_whether_it_is_an_rpc_request_from_one_byte() -> None:
     """`Delivery.is_request` is read off the property flags when the delivery is made (the
-    dispatcher asked the `reply_to` property per delivery before, #22 item 4), and agrees
+    dispatcher asked the `reply_to` property per delivery before, #22 round 5), and agrees
     with `reply_to` on both paths: raw header bytes (the demux) and pamqp's (aiormq)."""
     from pamqp.commands import Basic
     from pamqp.header import ContentHeader
