@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ._hooks import JobView
 
-__all__ = ("FIELDS", "MessageFields", "handling")
+__all__ = ("FIELDS", "MessageFields", "handling", "set_handling")
 
 FIELDS = ("queue", "message_id", "attempt")
 """The record attributes set for a line about a message."""
@@ -29,6 +29,10 @@ _current: contextvars.ContextVar[tuple[str, JobView] | None] = contextvars.Conte
 def handling(queue: str, job: JobView) -> None:
     """The current task handles `job` from `queue` (each delivery has a task of its own)."""
     _current.set((queue, job))
+
+
+set_handling = _current.set
+"""`handling` as one C call, `set_handling((queue, job))`: the worker's hot path."""
 
 
 class MessageFields(logging.Filter):

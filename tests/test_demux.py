@@ -189,7 +189,7 @@ async def test_a_delivery_under_way_when_the_channel_closes_is_taken_whole() -> 
         async def read(self, n: int) -> bytes:
             piece = await super().read(n)
             if piece == first[method_end:]:
-                channel.is_closed = True  # after the method frame, before the content
+                channel.closing.set_result(None)  # after the method frame, before the content
             return piece
 
     reader = ClosingMidway.of(first[:method_end], first[method_end:], second)

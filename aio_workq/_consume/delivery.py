@@ -21,6 +21,7 @@ __all__ = ("Delivery",)
 _FLAGS = struct.Struct(">H")
 _REPLY_TO_FLAG = 1 << 9
 _HEADERS_FLAG = 1 << 13
+_REPLY_TO_BYTE = _REPLY_TO_FLAG >> 8  # the flag in the flags' first octet (offset 12)
 
 
 class Delivery:
@@ -28,12 +29,12 @@ class Delivery:
 
     __slots__ = (
         "_header",
-        "_properties",
         "body",
         "channel",
         "consumer_tag",
         "delivery_tag",
         "exchange",
+        "is_request",
         "redelivered",
         "routing_key",
     )
@@ -56,8 +57,14 @@ class Delivery:
         self.exchange = exchange
         self.routing_key = routing_key
         self._header = header
-        self._properties: commands.Basic.Properties | None = None
         self.body = body
+        # An RPC request (it has a `reply_to`): read off the property flags here, one byte,
+        # where the `reply_to` property costs the dispatcher a call per delivery.
+        self.is_request: bool = (
+            header[12] & _REPLY_TO_BYTE != 0
+            if isinstance(header, bytes)
+            else header.properties.reply_to is not None
+        )
 
     @classmethod
     def of(cls, message: DeliveredMessage) -> Delivery:

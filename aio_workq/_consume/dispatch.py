@@ -17,13 +17,16 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import Any
 
+from aiormq.abc import AbstractChannel
+
 from .._exceptions import WorkqError
 from .._hooks import Hooks, Outcome, Settled
 from .._link.specs import Queue
-from .._logs import handling
+from .._logs import set_handling
 from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
 from .._wire.acker import Acker
+from .._wire.writer import Gate
 from .delivery import Delivery
 from .execution import HandlerRunner
 from .failures import MAX_DEFERS, Failed, Move, MoveKind, route_failure
@@ -138,7 +141,34 @@ class Dispatcher:
         job = Job(delivery, self._forwarder)
         # The task takes itself out of `tasks` as it ends (`_process`): a done callback
         # would cost the loop a callback more per delivery.
-        process = self._process(job, acker, tag, delivery.reply_to is not None)
+        process = self._process(job, acker, tag, delivery.is_request)
+        self.tasks.add(self._loop.create_task(process, name=self._task_name))
+
+    def take(
+        self,
+        gate: Gate,
+        acker: Acker,
+        channel: AbstractChannel,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+        header: bytes,
+        body: bytes,
+    ) -> None:
+        """`dispatch` for a delivery the demux took off the socket, as its fields (the tap's
+        `on_delivery`, with `gate` and `acker` bound: no function of the subscription's in
+        between). Dropped when the channel is closing: the broker redelivers it."""
+        if not gate.open or acker.closed:
+            return
+        delivery = Delivery(
+            channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key, header, body
+        )
+        acker.track(delivery_tag)
+        self.counters.deliveries += 1
+        job = Job(delivery, self._forwarder)
+        process = self._process(job, acker, delivery_tag, delivery.is_request)
         self.tasks.add(self._loop.create_task(process, name=self._task_name))
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
@@ -164,7 +194,7 @@ class Dispatcher:
 
     async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
-        handling(self.queue_name, job)  # log lines in this task name the message
+        set_handling((self.queue_name, job))  # log lines in this task name the message
         task = asyncio.current_task(self._loop)
         assert task is not None
         try:

@@ -84,5 +84,6 @@ class ConsumePlan:
             binding_arguments=self.binding_arguments,
             prefetch=self.prefetch,
             on_delivery=dispatcher.dispatch,
+            on_fields=dispatcher.take,
         )
         return dispatcher, subscription

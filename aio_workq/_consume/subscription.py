@@ -1,14 +1,15 @@
 """A worker's subscription: declare the queue (and its retry and dead-letter queues), bind it,
 set QoS and consume, on a channel that reopens and does it all again after a loss.
 
-On aio-workq's own connections deliveries come straight off the socket (`FrameDemux`); on
-others through aiormq's consumer callback. Either way each becomes a `Delivery` for the
-dispatcher, with the channel's `Acker`.
+On aio-workq's own connections deliveries come straight off the socket (`FrameDemux`) to the
+dispatcher as their fields (`on_fields`); on others through aiormq's consumer callback
+(`on_delivery`). Either way each becomes a `Delivery`, settled through the channel's `Acker`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,9 @@ __all__ = ("Subscription",)
 log = logging.getLogger("aio_workq")
 
 OnDelivery = Callable[[Delivery, Acker], None]
+OnFields = Callable[..., None]
+"""A delivery the demux took, as its fields, after the channel's gate and acker
+(`Dispatcher.take`)."""
 
 
 class Subscription:
@@ -47,6 +51,7 @@ class Subscription:
         binding_arguments: Mapping[str, Any],
         prefetch: int,
         on_delivery: OnDelivery,
+        on_fields: OnFields,
     ) -> None:
         self._source = source
         self._router = router
@@ -57,6 +62,7 @@ class Subscription:
         self._binding_arguments = dict(binding_arguments)
         self._prefetch = prefetch
         self._on_delivery = on_delivery
+        self._on_fields = on_fields
         self.queue_name = queue.name
         self.acker: Acker | None = None
         self.consumer_tag: str | None = None
@@ -94,27 +100,9 @@ class Subscription:
         if wire is not None:  # the lean path: deliveries skip aiormq's frame parsing
             gate = wire.demux.attach(channel)
             acker = Acker(channel, (wire.writer, gate))
-            on_delivery = self._on_delivery
-
-            def deliver(
-                channel: aiormq.abc.AbstractChannel,
-                consumer_tag: str,
-                delivery_tag: int,
-                redelivered: bool,
-                exchange: str,
-                routing_key: str,
-                header: bytes,
-                body: bytes,
-            ) -> None:
-                # Else closing (its acks so far are being written): the broker redelivers it.
-                if gate.open and self.acker is acker:
-                    delivery = Delivery(
-                        channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key,
-                        header, body,
-                    )  # fmt: skip
-                    on_delivery(delivery, acker)
-
-            gate.on_delivery = deliver
+            # Straight to the dispatcher (`Dispatcher.take`), which drops a delivery once the
+            # gate closes or the acker is closed (`_on_closing`): the broker redelivers it.
+            gate.on_delivery = functools.partial(self._on_fields, gate, acker)
         else:
             acker = Acker(channel, None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
@@ -30,7 +31,6 @@ class Acker:
     """Settles the deliveries of one channel, each exactly once."""
 
     __slots__ = (
-        "_closed",
         "_gate",
         "_handle",
         "_loop",
@@ -39,6 +39,8 @@ class Acker:
         "_unsettled",
         "_writer",
         "channel",
+        "closed",
+        "track",
     )
 
     def __init__(
@@ -50,18 +52,19 @@ class Acker:
         self._writer: FrameWriter | None = writer[0] if writer is not None else None
         self._gate: Gate | None = writer[1] if writer is not None else None
         self._loop = asyncio.get_running_loop()
-        self._unsettled: dict[int, bool] = {}  # delivery tag -> completed, in delivery order
+        # delivery tag -> True once completed (None until then), in delivery order
+        self._unsettled: dict[int, bool | None] = {}
+        # `track(tag)`: a delivery to settle. The dict's own method, called once per delivery:
+        # a C call where a method of this class would be a Python one.
+        self.track: Callable[[int], bool | None] = self._unsettled.setdefault
         self._ops: list[tuple[int, int, bool]] = []  # (kind, tag, multiple or requeue)
         self._handle: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._closed = False
+        self.closed = False  # set by `close()` only; no ack is written after it
 
     @property
     def unsettled(self) -> int:
         return len(self._unsettled)
-
-    def track(self, tag: int) -> None:
-        self._unsettled[tag] = False
 
     def ack(self, tag: int) -> None:
         unsettled = self._unsettled
@@ -72,7 +75,8 @@ class Acker:
 
     def nack(self, tag: int, *, requeue: bool) -> None:
         """Nack `tag` unless it was settled already (an ack asked for wins)."""
-        if self._unsettled.get(tag) is False:
+        unsettled = self._unsettled
+        if tag in unsettled and unsettled[tag] is None:
             del self._unsettled[tag]
             self._ops.append((_NACK, tag, requeue))
             self._schedule()
@@ -85,28 +89,33 @@ class Acker:
         """Write what is asked for so far, then nothing more: the channel is about to be
         closed, and a frame after its `Channel.Close` would close the whole connection."""
         self.flush()
-        self._closed = True
+        self.closed = True
 
     def flush(self) -> None:
         self._handle = None
-        if self._closed or self.channel.is_closed:
+        if self.closed or self.channel.is_closed:
             # The broker requeues everything unacked on a closed channel: the documented
             # duplicate case, never a loss.
             self._unsettled.clear()
             self._ops.clear()
             return
         unsettled = self._unsettled
+        ops = self._ops
         last = 0
         for tag, done in unsettled.items():
             if not done:
                 break
             last = tag
-        ops = self._ops
+        else:  # every delivery tracked is completed (the usual case): acked up to the last
+            if last:
+                unsettled.clear()
+                ops.append((_ACK, last, True))
+            last = 0
         if last:
             for tag in [tag for tag in unsettled if tag <= last]:
                 del unsettled[tag]
             ops.append((_ACK, last, True))
-        if any(unsettled.values()):
+        if unsettled and any(unsettled.values()):
             for tag in [tag for tag, done in unsettled.items() if done]:
                 del unsettled[tag]
                 ops.append((_ACK, tag, False))

@@ -72,6 +72,7 @@ class Tap:
     __slots__ = (
         "body_size",
         "channel",
+        "closing",
         "confirms",
         "header",
         "on_delivery",
@@ -80,10 +81,14 @@ class Tap:
         "parts",
         "pending",
         "returned",
+        "strings",
     )
 
     def __init__(self, channel: AbstractChannel) -> None:
         self.channel = channel
+        # Done once the channel closes (aiormq's `is_closed` is its `done()`): a C call where
+        # the property is a Python one, on every method frame.
+        self.closing = channel.closing
         self.number = channel.number
         self.open = True
         self.on_delivery: OnDelivery | None = None
@@ -94,13 +99,16 @@ class Tap:
         self.header = b""
         self.body_size = 0
         self.parts: list[bytes] = []
+        # The short strings of the last delivery, raw and decoded: the consumer tag, and
+        # mostly the routing key, repeat from one delivery to the next.
+        self.strings: tuple[bytes, str, bytes, str] = (b"", "", b"", "")
 
-    def take(self, kind: int, data: bytearray, start: int, end: int) -> int:
+    def take(self, kind: int, data: bytes | bytearray, start: int, end: int) -> int:
         """Handle one frame's payload `data[start:end]` (its end octet at `end`): the position
         after what was taken (further than the frame when a whole delivery was), or 0, which
         leaves the frame to aiormq."""
         if kind == _METHOD:
-            if self.pending is not None or self.channel.is_closed:
+            if self.pending is not None or self.closing.done():
                 if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
                     self.open = False
                 return 0
@@ -110,7 +118,83 @@ class Tap:
                     self.open = False
                 return 0
             if method_id == _DELIVER and self.on_delivery is not None:
-                return self._deliver(data, start + 4, end + 1)
+                # A `Basic.Deliver` (here, not in a method of its own: a call per delivery).
+                # When its content header and single body frame follow it whole in `data` (a
+                # small message, as the broker writes it), the delivery is handed on at once
+                # and the position after its body returned; otherwise its content comes frame
+                # by frame.
+                # The short strings inline (a call each would cost more than them), the
+                # consumer tag and routing key of the last delivery reused when they repeat.
+                pos, after = start + 4, end + 1
+                tag_raw, consumer_tag, key_raw, routing_key = self.strings
+                changed = False
+                size = data[pos]
+                start = pos + 1
+                pos = start + size
+                if size != len(tag_raw) or not data.startswith(tag_raw, start):
+                    tag_raw = bytes(data[start:pos])
+                    consumer_tag = tag_raw.decode()
+                    changed = True
+                delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
+                pos += 9
+                size = data[pos]
+                if size:
+                    exchange = data[pos + 1 : pos + 1 + size].decode()
+                    pos += 1 + size
+                else:
+                    exchange = ""
+                    pos += 1
+                size = data[pos]
+                start = pos + 1
+                if size != len(key_raw) or not data.startswith(key_raw, start):
+                    key_raw = bytes(data[start : start + size])
+                    routing_key = key_raw.decode()
+                    changed = True
+                if changed:
+                    self.strings = (tag_raw, consumer_tag, key_raw, routing_key)
+                redelivered = bool(bits & 1)
+                total = len(data)
+                if total - after > 19:  # a content header frame: type, channel, sizes
+                    kind, number, length = _FRAME.unpack_from(data, after)
+                    header_end: int = after + 7 + length
+                    if (
+                        kind == _HEADER
+                        and number == self.number
+                        and header_end < total
+                        and data[header_end] == _FRAME_END
+                    ):
+                        body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
+                        body_end = header_end + 8 + body_size  # its body frame's end octet
+                        if body_size == 0:
+                            body, taken = b"", header_end + 1
+                        elif (
+                            body_end < total
+                            and _FRAME.unpack_from(data, header_end + 1)
+                            == (_BODY, number, body_size)
+                            and data[body_end] == _FRAME_END
+                        ):
+                            body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
+                        else:
+                            taken = 0
+                        if taken:
+                            header: bytes = data[after + 7 : header_end]  # type: ignore[assignment]
+                            if data.__class__ is not bytes:  # slices of a bytearray: copied
+                                header, body = bytes(header), bytes(body)
+                            on_delivery = self.on_delivery
+                            assert on_delivery is not None
+                            try:
+                                on_delivery(
+                                    self.channel, consumer_tag, delivery_tag, redelivered,
+                                    exchange, routing_key, header, body,
+                                )  # fmt: skip
+                            except Exception:  # the reader must go on (as in `_complete`)
+                                log.exception(
+                                    "a consumer of channel %d failed to take a delivery",
+                                    self.number,
+                                )
+                            return taken
+                self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
+                return after
             confirms = self.confirms
             if confirms is None:
                 return 0
@@ -147,60 +231,6 @@ class Tap:
             return end + 1
         return 0
 
-    def _deliver(self, data: bytearray, pos: int, after: int) -> int:
-        """A `Basic.Deliver` whose arguments start at `pos` and whose frame ends before
-        `after`. When its content header and single body frame follow it whole in `data` (a
-        small message, as the broker writes it), the delivery is handed on at once and the
-        position after its body returned; otherwise its content comes frame by frame."""
-        size = data[pos]  # the short strings inline: a call each would cost more than them
-        consumer_tag = data[pos + 1 : pos + 1 + size].decode()
-        pos += 1 + size
-        delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
-        pos += 9
-        size = data[pos]
-        exchange = data[pos + 1 : pos + 1 + size].decode()
-        pos += 1 + size
-        size = data[pos]
-        routing_key = data[pos + 1 : pos + 1 + size].decode()
-        redelivered = bool(bits & 1)
-        total = len(data)
-        if total - after > 19:  # a content header frame's type, channel, size and body size
-            kind, number, length = _FRAME.unpack_from(data, after)
-            header_end: int = after + 7 + length
-            if (
-                kind == _HEADER
-                and number == self.number
-                and header_end < total
-                and data[header_end] == _FRAME_END
-            ):
-                body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
-                body_end = header_end + 8 + body_size  # its body frame's end octet
-                if body_size == 0:
-                    body, taken = b"", header_end + 1
-                elif (
-                    body_end < total
-                    and _FRAME.unpack_from(data, header_end + 1) == (_BODY, number, body_size)
-                    and data[body_end] == _FRAME_END
-                ):
-                    body, taken = bytes(data[header_end + 8 : body_end]), body_end + 1
-                else:
-                    taken = 0
-                if taken:
-                    on_delivery = self.on_delivery
-                    assert on_delivery is not None
-                    try:
-                        on_delivery(
-                            self.channel, consumer_tag, delivery_tag, redelivered, exchange,
-                            routing_key, bytes(data[after + 7 : header_end]), body,
-                        )  # fmt: skip
-                    except Exception:  # the reader must go on (as in `_complete`)
-                        log.exception(
-                            "a consumer of channel %d failed to take a delivery", self.number
-                        )
-                    return taken
-        self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-        return after
-
     def _complete(self, body: bytes) -> None:
         fields, self.pending = self.pending, None
         returned, self.returned = self.returned, None
@@ -217,7 +247,7 @@ class Tap:
             log.exception("a consumer of channel %d failed to take a delivery", self.number)
 
 
-def _shortstr(data: bytearray, pos: int) -> tuple[str, int]:
+def _shortstr(data: bytes | bytearray, pos: int) -> tuple[str, int]:
     """An AMQP short string at `pos`, and the position after it."""
     size = data[pos]
     return data[pos + 1 : pos + 1 + size].decode(), pos + 1 + size
@@ -298,6 +328,7 @@ class FrameDemux:
             raise asyncio.IncompleteReadError(bytes(self._out), wanted)
         raw = self._raw
         owed = self._owed
+        data: bytes | bytearray = raw
         if owed:  # the rest of a frame whose start went to aiormq before any channel was tapped
             if len(chunk) <= owed:
                 self._owed = owed - len(chunk)
@@ -306,27 +337,36 @@ class FrameDemux:
             self._owed = 0
             self._out += chunk[:owed]
             raw += memoryview(chunk)[owed:]
+        elif raw:  # a frame cut short by the last read
+            raw += chunk
+        elif self._taps:
+            # Split the chunk itself: its slices are the bodies and headers handed on, with
+            # no copy of it into `raw` first and none back out of a bytearray per slice.
+            data = chunk
         else:
             raw += chunk
         if not self._taps:
             self._pass(raw)
             return
-        taps, out, size, pos, taken = self._taps, self._out, len(raw), 0, False
+        taps, out, size, pos, taken = self._taps, self._out, len(data), 0, False
         while size - pos >= 8:
-            kind, number, length = _FRAME.unpack_from(raw, pos)
+            kind, number, length = _FRAME.unpack_from(data, pos)
             end = pos + 7 + length
             if end >= size:
                 break
             tap = taps.get(number)
-            if tap is not None and raw[end] == _FRAME_END:
-                after = tap.take(kind, raw, pos + 7, end)
+            if tap is not None and data[end] == _FRAME_END:
+                after = tap.take(kind, data, pos + 7, end)
                 if after:
                     taken = True
                     pos = after
                     continue
-            out += raw[pos : end + 1]
+            out += data[pos : end + 1]
             pos = end + 1
-        del raw[:pos]
+        if data is raw:
+            del raw[:pos]
+        elif pos < size:  # the start of a frame still to come
+            raw += memoryview(data)[pos:]
         if taken:
             now = self._loop.time()
             if now - self._alive_at >= _ALIVE_EVERY:
