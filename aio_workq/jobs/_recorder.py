@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ from typing import Any
 from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
-from .._publish.serialization import encode_body
+from .._publish.serialization import JSON, encode_body
 from ._batches import LANES, WriteBatches
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
@@ -35,6 +36,10 @@ __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
 log = logging.getLogger("aio_workq.jobs")
 
 DEFERS_HEADER = "x-workq-defers"
+# `encode_body`'s JSON, with an encoder made once (json.dumps makes one per call with these
+# options): for the scalars a task returns most, whose JSON needs no `default`.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_JSON_SCALARS = frozenset({int, float, bool})
 _ERROR_LIMIT = 1000
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
@@ -104,6 +109,12 @@ class Running:
         Raises:
             Reject: the value can't be encoded, so it can't be stored: the job fails.
         """
+        if value is None or type(value) in _JSON_SCALARS:  # what most tasks return
+            try:
+                self.result = _JSON_ENCODER.encode(value).encode(), JSON
+                return
+            except ValueError:  # NaN, infinity: encode_body says so
+                pass
         try:
             self.result = encode_body(value)
         except SerializationError as exc:
