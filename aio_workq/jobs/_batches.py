@@ -45,6 +45,7 @@ class WriteBatches:
         self._queued: list[tuple[Write, asyncio.Future[bool] | None]] = []
         self._pending: dict[str, Write] = {}  # catch-up: the latest write per job
         self._wake = asyncio.Event()
+        self._kicked = False  # _wake set for what was queued, not yet seen by the flusher
         self._flusher: asyncio.Task[None] | None = None
         self._lanes: set[asyncio.Task[Any]] = set()  # batches in flight
         self._busy: set[str] = set()  # the jobs they hold
@@ -85,6 +86,9 @@ class WriteBatches:
         self._kick()
 
     def _kick(self) -> None:
+        if self._kicked:  # the flusher is woken already and has not looked yet (#23)
+            return
+        self._kicked = True
         self._idle.clear()
         self._wake.set()
         if self._flusher is None or self._flusher.done():
@@ -114,8 +118,15 @@ class WriteBatches:
     async def _flush_loop(self) -> None:
         """Start batches while there is room; while the store is down, retry what is kept in
         one batch at a time, backing off."""
+        try:
+            await self._flushing()
+        finally:
+            self._kicked = False
+
+    async def _flushing(self) -> None:
         while True:
             self._wake.clear()
+            self._kicked = False
             if self.down:
                 if self._lanes:
                     await self._wake.wait()  # the batches in flight settle first

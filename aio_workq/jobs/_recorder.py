@@ -188,7 +188,12 @@ class Recorder(Hook):
         return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
-        return self._batches.claim(running.write(JobState.RUNNING, claim=True))
+        write = Write(
+            job_id=running.job_id, task=running.task, queue=running.queue,
+            state=JobState.RUNNING, at=time.time(), attempt=running.attempt,
+            defers=running.defers, claim=True,
+        )  # fmt: skip
+        return self._batches.claim(write)
 
     async def claim(self, running: Running) -> bool:
         """Whether the job may run: False if it was cancelled or already succeeded (the
@@ -237,7 +242,11 @@ class Recorder(Hook):
                 write = running.write(JobState.CANCELLED)
             else:
                 body, content_type = running.result or (None, None)
-                write = running.write(JobState.SUCCEEDED, result=body, content_type=content_type)
+                write = Write(
+                    job_id=running.job_id, task=running.task, queue=running.queue,
+                    state=JobState.SUCCEEDED, at=time.time(), attempt=running.attempt,
+                    defers=running.defers, result=body, content_type=content_type,
+                )  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
             retry_at = time.time() + (info.delay or 0.0)
             write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
