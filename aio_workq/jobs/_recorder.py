@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -36,10 +35,7 @@ __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
 log = logging.getLogger("aio_workq.jobs")
 
 DEFERS_HEADER = "x-workq-defers"
-# `encode_body`'s JSON, with an encoder made once (json.dumps makes one per call with these
-# options): for the scalars a task returns most, whose JSON needs no `default`.
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
-_JSON_SCALARS = frozenset({int, float, bool})
+_INT_LIMIT = 10**100  # far within the digits an int's str may have
 _ERROR_LIMIT = 1000
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
@@ -109,12 +105,13 @@ class Running:
         Raises:
             Reject: the value can't be encoded, so it can't be stored: the job fails.
         """
-        if value is None or type(value) in _JSON_SCALARS:  # what most tasks return
-            try:
-                self.result = _JSON_ENCODER.encode(value).encode(), JSON
-                return
-            except ValueError:  # NaN, infinity: encode_body says so
-                pass
+        kind = type(value)
+        if kind is int and -_INT_LIMIT < value < _INT_LIMIT:  # most tasks' (#23), as json has it
+            self.result = int.__repr__(value).encode(), JSON
+            return
+        if value is None or kind is bool:
+            self.result = b"null" if value is None else b"true" if value else b"false", JSON
+            return
         try:
             self.result = encode_body(value)
         except SerializationError as exc:

@@ -187,8 +187,10 @@ class QueueRunner:
         limit = task.rate_limit
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
-        if not await recorder.claim(running):
-            return None
+        claimed = running.claimed  # sent when the delivery arrived, often answered by now
+        if claimed is None or not claimed.done() or not claimed.result():
+            if not await recorder.claim(running):
+                return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
         current = None
