@@ -70,8 +70,10 @@ class WriteBatches:
         elif self._closed:
             self._enqueue(_plain(write), None)
             future.set_result(True)
-        else:
-            self._enqueue(write, future)
+        else:  # as `_enqueue`, a call less per job (#23)
+            self._queued.append((write, future))
+            if not self._kicked:
+                self._kick()
         return future
 
     def write(self, write: Write) -> None:
@@ -79,7 +81,9 @@ class WriteBatches:
         if self.down:
             self._keep(write)
         else:
-            self._enqueue(write, None)
+            self._queued.append((write, None))
+            if not self._kicked:
+                self._kick()
 
     def _enqueue(self, write: Write, future: asyncio.Future[bool] | None) -> None:
         self._queued.append((write, future))

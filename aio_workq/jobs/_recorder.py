@@ -179,9 +179,16 @@ class Recorder(Hook):
         if not (isinstance(attempt, int) and attempt >= 1):
             attempt = 1
         name = headers.get(TASK_HEADER)
-        running = Running(job_id, str(name), queue, attempt, _defers(headers))
-        self.begin(job, running)
-        running.claimed = self._claim(running)
+        defers = _defers(headers) if DEFERS_HEADER in headers else 0
+        running = Running(job_id, str(name), queue, attempt, defers)
+        self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
+        self._by_id[job_id] = running
+        running.claimed = self._batches.claim(
+            Write(
+                job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
+                at=time.time(), attempt=attempt, defers=defers, claim=True,
+            )
+        )  # fmt: skip
         return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
@@ -251,7 +258,7 @@ class Recorder(Hook):
             write = running.write(JobState.QUEUED, requeue=True)
         else:  # DEAD_LETTERED, REJECTED, FAILED
             write = running.write(JobState.FAILED, **_error(info.error))
-        self.write(write)
+        self._batches.write(write)
 
     # -- writing ----------------------------------------------------------------------------
 
