@@ -353,11 +353,11 @@ def test_a_batchs_columns_cost_no_python_call_per_write() -> None:
 
     def calls(n: int) -> int:
         writes = [
-            Write(job_id=f"j{i}", task="t", queue="q", state=JobState.RUNNING, at=1.0, claim=True)
+            Write(job_id=f"j{i:04}", task="t", queue="q", state=JobState.RUNNING, at=1, claim=True)
             for i in range(n)
         ] + [
             Write(
-                job_id=f"j{i}", task="t", queue="q", state=JobState.SUCCEEDED, at=2.0,
+                job_id=f"j{i:04}", task="t", queue="q", state=JobState.SUCCEEDED, at=2.0,
                 result=b"1", content_type="application/json",
             )
             for i in range(n)

@@ -28,13 +28,15 @@ _CACHED = 4096
 """Most encoded strings (task, queue, content type, error type) a store keeps."""
 
 
-class _Array:
-    """A column of a batch, as the bytes of a PostgreSQL binary array (`_ArrayDumper`s)."""
+class _Array(bytes):
+    """A column of a batch, the bytes of a PostgreSQL binary array (`_ArrayDumper`s); bytes
+    themselves, made without a Python `__init__` (#23)."""
 
-    __slots__ = ("data",)
+    __slots__ = ()
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    @property
+    def data(self) -> bytes:
+        return bytes(self)
 
 
 class _TextArray(_Array):
@@ -63,7 +65,7 @@ class _ArrayDumper(Dumper):
     format = Format.BINARY
 
     def dump(self, obj: Any) -> bytes:
-        data: bytes = obj.data
+        data: bytes = obj
         return data
 
 
@@ -169,17 +171,62 @@ def _texts(encoded: list[bytes]) -> bytes:
     return b"".join(_interleave(map(_LENGTH, map(len, encoded)), encoded, len(encoded)))
 
 
-def _shared(values: Sequence[str | None], strings: dict[str | None, bytes], encoding: str) -> bytes:
-    """Elements of a column most writes share values of, NULL for None (`strings` keeps
-    each value's element)."""
-    cells: list[Any] = list(map(strings.get, values))
-    if None in cells:
-        for i, cell in enumerate(cells):
-            if cell is None:
-                value = values[i]
-                assert value is not None  # None's element is kept from the start
-                cells[i] = strings[value] = _cell(value, encoding)
+def _uniform(values: tuple[Any, ...], n: int) -> bool:
+    """Whether the `n` values are all equal (a column of a worker's batch often is: one task,
+    one queue, one state, attempt 1); `count` compares identical objects without a call."""
+    return values.count(values[0]) == n
+
+
+def _ids(values: tuple[str, ...], n: int, encoding: str) -> bytes:
+    """Non-NULL text elements: ids of one length in ASCII (uuid hex, the usual) as one string
+    with each one's length between them, encoded at once; others one by one."""
+    first = len(values[0])
+    if list(map(len, values)).count(first) == n:
+        prefix = _LENGTH(first).decode("latin-1")
+        text = prefix + prefix.join(values)
+        if text.isascii():
+            data = text.encode(encoding)
+            if len(data) == len(text):
+                return data
+    return _texts(list(map(str.encode, values, [encoding] * n)))
+
+
+def _shared(
+    values: tuple[str | None, ...],
+    n: int,
+    strings: dict[str | None, bytes],
+    encoding: str,
+    nullable: bool,
+) -> bytes:
+    """Elements of a column most writes share values of (`strings` keeps each value's
+    element; None is NULL where `nullable`).
+
+    Raises:
+        TypeError: a None where the column can't be NULL.
+    """
+    if _uniform(values, n):
+        value = values[0]
+        cell = strings.get(value)
+        if cell is None:
+            cell = strings[value] = _cell(value, encoding)  # type: ignore[arg-type]
+        elif value is None and not nullable:
+            raise TypeError("None where a value is needed")
+        return cell * n
+    cells: list[bytes] = []
+    for value in values:
+        cell = strings.get(value)
+        if cell is None:
+            cell = strings[value] = _cell(value, encoding)  # type: ignore[arg-type]
+        elif value is None and not nullable:
+            raise TypeError("None where a value is needed")
+        cells.append(cell)
     return b"".join(cells)
+
+
+def _int4s(values: tuple[int, ...], n: int) -> bytes:
+    if _uniform(values, n):
+        return _INT4(4, values[0]) * n
+    return struct.pack(f">{2 * n}i", *_interleave([4] * n, values, n))
 
 
 def _fast(
@@ -189,7 +236,8 @@ def _fast(
     strings: dict[str | None, bytes],
     states: _States,
 ) -> list[bytes]:
-    """The columns' elements (in `_FIELDS` order), built a column at a time.
+    """The columns' elements (in `_FIELDS` order), built a column at a time: a column whose
+    values are all the same is one element repeated.
 
     Raises:
         struct.error, UnicodeError, TypeError, AttributeError, KeyError, ValueError: a value
@@ -199,47 +247,49 @@ def _fast(
     rows = map(writes.__getitem__, indexes)
     (job_id, task, queue, state, at, attempt, defers, _claim, _requeue, next_retry_at,
      error_type, error_message, result, content_type) = zip(*rows, strict=True)  # fmt: skip
-    if None in task or None in queue:
-        raise TypeError("task and queue can't be None")
-    ints = _interleave([4] * n, attempt, n) + _interleave([4] * n, defers, n)
-    packed_ints = struct.pack(f">{4 * n}i", *ints)
-    at_cells = struct.pack(">" + "id" * n, *_interleave([8] * n, at, n))
-    if next_retry_at.count(None) == n:
-        retry_cells = _NULL * n
+    nones = (None,) * n  # compared item by item, identical objects without a call
+    state_cells, rank_cells = states
+    if _uniform(state, n):
+        state_data = state_cells[state[0]] * n
+        rank_data = (_LENGTH(2) + rank_cells[state[0]]) * n
     else:
-        retry_cells = b"".join(
+        state_data = b"".join(map(state_cells.__getitem__, state))
+        rank_data = b"".join(_interleave([_LENGTH(2)] * n, map(rank_cells.__getitem__, state), n))
+    if next_retry_at == nones:
+        retry_data = _NULL * n
+    else:
+        retry_data = b"".join(
             [_NULL if value is None else _FLOAT8(8, value) for value in next_retry_at]
         )
-    if error_message.count(None) == n:
-        message_cells = _NULL * n
+    if error_message == nones:
+        message_data = _NULL * n
     else:
-        message_cells = b"".join(
+        message_data = b"".join(
             [_NULL if value is None else _cell(value, encoding) for value in error_message]
         )
-    nulls = result.count(None)
-    if nulls == n:
-        result_cells = _NULL * n
-    elif not nulls:
-        result_cells = _texts(list(map(bytes, result)))
+    if result == nones:
+        result_data = _NULL * n
     else:
-        result_cells = b"".join(
-            [_NULL if body is None else _LENGTH(len(body)) + bytes(body) for body in result]
-        )
-    state_cells, rank_cells = states
+        try:  # no NULL among them: their lengths and bytes by C loops
+            result_data = _texts(list(map(bytes, result)))
+        except TypeError:  # some None (bytes(None) raises)
+            result_data = b"".join(
+                [_NULL if body is None else _LENGTH(len(body)) + bytes(body) for body in result]
+            )
     return [
-        _texts(list(map(str.encode, job_id, [encoding] * n))),
-        _shared(task, strings, encoding),
-        _shared(queue, strings, encoding),
-        b"".join(map(state_cells.__getitem__, state)),
-        b"".join(_interleave([_LENGTH(2)] * n, map(rank_cells.__getitem__, state), n)),
-        packed_ints[: 8 * n],
-        packed_ints[8 * n :],
-        retry_cells,
-        _shared(error_type, strings, encoding),
-        message_cells,
-        result_cells,
-        _shared(content_type, strings, encoding),
-        at_cells,
+        _ids(job_id, n, encoding),
+        _shared(task, n, strings, encoding, False),
+        _shared(queue, n, strings, encoding, False),
+        state_data,
+        rank_data,
+        _int4s(attempt, n),
+        _int4s(defers, n),
+        retry_data,
+        _shared(error_type, n, strings, encoding, True),
+        message_data,
+        result_data,
+        _shared(content_type, n, strings, encoding, True),
+        struct.pack(">" + "id" * n, *_interleave([8] * n, at, n)),
     ]
 
 
