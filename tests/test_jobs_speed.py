@@ -369,3 +369,19 @@ def test_a_batchs_columns_cost_no_python_call_per_write() -> None:
         )
 
     assert calls(100) == calls(10), (calls(10), calls(100))
+
+
+def test_a_write_copies_and_pickles_as_it_did_as_a_dataclass() -> None:
+    """`Write` is a tuple built with keyword arguments (#23): copy and pickle still rebuild it."""
+    import copy
+    import pickle
+
+    from aio_workq.jobs._status import Write
+
+    write = Write(
+        job_id="j", task="t", queue="q", state=JobState.FAILED, at=1.0, attempt=2,
+        error_type="E", error_message="m",
+    )  # fmt: skip
+    assert pickle.loads(pickle.dumps(write)) == write
+    assert copy.copy(write) == write and copy.deepcopy(write) == write
+    assert write._replace(attempt=3).attempt == 3

@@ -148,6 +148,10 @@ class Write(_WriteFields):
             error_type, error_message, result, content_type,
         ))  # fmt: skip
 
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, object]]:
+        """Copy and pickle rebuild it with keyword arguments."""
+        return (), dict(zip(self._fields, self, strict=True))
+
     @property
     def rank(self) -> int:
         return RANK[self.state]
