@@ -303,3 +303,85 @@ async def test_a_burst_of_freed_handler_slots_wakes_each_waiter_in_one_look(
     monkeypatch.undo()
     assert sorted(acks.acked) == list(range(1, 2 * n + 1))
     assert looks[0] <= 6 * n, looks[0]  # about n * n / 2 with asyncio.Semaphore
+
+
+def _calls(run: Any) -> int:
+    """Python and C calls `run()` makes from Python code (sys.setprofile's events)."""
+    import sys
+
+    count = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event in ("call", "c_call"):
+            count[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return count[0]
+
+
+def test_a_write_is_built_without_a_step_per_field() -> None:
+    """A worker builds two `Write`s per tracked job (#23): one tuple made at once, not a
+    statement per field (a frozen dataclass's __init__ sets each with object.__setattr__)."""
+    import sys
+
+    from aio_workq.jobs._status import Write
+
+    lines = [0]
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            lines[0] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        Write(job_id="j", task="t", queue="q", state=JobState.RUNNING, at=1.0, claim=True)
+    finally:
+        sys.settrace(None)
+    assert lines[0] <= 5, lines[0]  # the frozen dataclass: 14
+
+
+def test_a_batchs_columns_cost_no_python_call_per_write() -> None:
+    """PostgresStore's binary arrays for a batch (#23): the calls made building them do not
+    grow with the batch (each column built by C loops), for the writes a worker makes."""
+    from aio_workq.jobs._pgcolumns import Columns
+    from aio_workq.jobs._status import Write
+
+    def calls(n: int) -> int:
+        writes = [
+            Write(job_id=f"j{i:04}", task="t", queue="q", state=JobState.RUNNING, at=1, claim=True)
+            for i in range(n)
+        ] + [
+            Write(
+                job_id=f"j{i:04}", task="t", queue="q", state=JobState.SUCCEEDED, at=2.0,
+                result=b"1", content_type="application/json",
+            )
+            for i in range(n)
+        ]  # fmt: skip
+        columns = Columns()
+        columns.build(writes, range(2 * n), "w", "utf-8")  # the strings encoded once
+        return _calls(lambda: columns.build(writes, range(n), "c", "utf-8")) + _calls(
+            lambda: columns.build(writes, range(n, 2 * n), "w", "utf-8")
+        )
+
+    assert calls(100) == calls(10), (calls(10), calls(100))
+
+
+def test_a_write_copies_and_pickles_as_it_did_as_a_dataclass() -> None:
+    """`Write` is a tuple built with keyword arguments (#23): copy and pickle still rebuild it."""
+    import copy
+    import pickle
+
+    from aio_workq.jobs._status import Write
+
+    write = Write(
+        job_id="j", task="t", queue="q", state=JobState.FAILED, at=1.0, attempt=2,
+        error_type="E", error_message="m",
+    )  # fmt: skip
+    assert pickle.loads(pickle.dumps(write)) == write
+    assert copy.copy(write) == write and copy.deepcopy(write) == write
+    assert write._replace(attempt=3).attempt == 3

@@ -23,7 +23,7 @@ from typing import Any
 from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
-from .._publish.serialization import encode_body
+from .._publish.serialization import JSON, encode_body
 from ._batches import LANES, WriteBatches
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
@@ -35,6 +35,7 @@ __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
 log = logging.getLogger("aio_workq.jobs")
 
 DEFERS_HEADER = "x-workq-defers"
+_INT_LIMIT = 10**100  # far within the digits an int's str may have
 _ERROR_LIMIT = 1000
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
@@ -104,6 +105,13 @@ class Running:
         Raises:
             Reject: the value can't be encoded, so it can't be stored: the job fails.
         """
+        kind = type(value)
+        if kind is int and -_INT_LIMIT < value < _INT_LIMIT:  # most tasks' (#23), as json has it
+            self.result = int.__repr__(value).encode(), JSON
+            return
+        if value is None or kind is bool:
+            self.result = b"null" if value is None else b"true" if value else b"false", JSON
+            return
         try:
             self.result = encode_body(value)
         except SerializationError as exc:
@@ -171,13 +179,25 @@ class Recorder(Hook):
         if not (isinstance(attempt, int) and attempt >= 1):
             attempt = 1
         name = headers.get(TASK_HEADER)
-        running = Running(job_id, str(name), queue, attempt, _defers(headers))
-        self.begin(job, running)
-        running.claimed = self._claim(running)
+        defers = _defers(headers) if DEFERS_HEADER in headers else 0
+        running = Running(job_id, str(name), queue, attempt, defers)
+        self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
+        self._by_id[job_id] = running
+        running.claimed = self._batches.claim(
+            Write(
+                job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
+                at=time.time(), attempt=attempt, defers=defers, claim=True,
+            )
+        )  # fmt: skip
         return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
-        return self._batches.claim(running.write(JobState.RUNNING, claim=True))
+        write = Write(
+            job_id=running.job_id, task=running.task, queue=running.queue,
+            state=JobState.RUNNING, at=time.time(), attempt=running.attempt,
+            defers=running.defers, claim=True,
+        )  # fmt: skip
+        return self._batches.claim(write)
 
     async def claim(self, running: Running) -> bool:
         """Whether the job may run: False if it was cancelled or already succeeded (the
@@ -226,7 +246,11 @@ class Recorder(Hook):
                 write = running.write(JobState.CANCELLED)
             else:
                 body, content_type = running.result or (None, None)
-                write = running.write(JobState.SUCCEEDED, result=body, content_type=content_type)
+                write = Write(
+                    job_id=running.job_id, task=running.task, queue=running.queue,
+                    state=JobState.SUCCEEDED, at=time.time(), attempt=running.attempt,
+                    defers=running.defers, result=body, content_type=content_type,
+                )  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
             retry_at = time.time() + (info.delay or 0.0)
             write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
@@ -234,7 +258,7 @@ class Recorder(Hook):
             write = running.write(JobState.QUEUED, requeue=True)
         else:  # DEAD_LETTERED, REJECTED, FAILED
             write = running.write(JobState.FAILED, **_error(info.error))
-        self.write(write)
+        self._batches.write(write)
 
     # -- writing ----------------------------------------------------------------------------
 

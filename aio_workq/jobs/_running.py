@@ -20,7 +20,7 @@ from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
 from ._members import Members
 from ._rate import RateLimit, acquire
-from ._recorder import Recorder, Running
+from ._recorder import Recorder, Running, _current
 
 if TYPE_CHECKING:
     from .._link.settings import URLs
@@ -110,7 +110,7 @@ async def run_task(
             return None
     if running.cancelled:  # cancelled between its claim and now (e.g. waiting for a slot)
         return None
-    token = running.enter()
+    token = _current.set(running)  # running.enter(), a call less per job
     try:
         if task.is_async:
             # No task of its own per job: `request_cancel` cancels this one, only while the
@@ -137,7 +137,7 @@ async def run_task(
         running.request_cancel()  # the task stopped itself: recorded as cancelled
         return None
     finally:
-        running.leave(token)
+        _current.reset(token)
 
 
 class QueueRunner:
@@ -187,8 +187,10 @@ class QueueRunner:
         limit = task.rate_limit
         if recorder is None or running is None:
             return await run_task(task, kwargs, None)
-        if not await recorder.claim(running):
-            return None
+        claimed = running.claimed  # sent when the delivery arrived, often answered by now
+        if claimed is None or not claimed.done() or not claimed.result():
+            if not await recorder.claim(running):
+                return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
         current = None

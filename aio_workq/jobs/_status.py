@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
 
 __all__ = ("RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "timestamp")
 
@@ -83,8 +84,27 @@ class JobRecord:
     content_type: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Write:
+class _WriteFields(NamedTuple):
+    job_id: str
+    task: str
+    queue: str
+    state: JobState
+    at: float
+    attempt: int = 1
+    defers: int = 0
+    claim: bool = False
+    requeue: bool = False
+    next_retry_at: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    result: bytes | None = None
+    content_type: str | None = None
+
+
+_tuple = tuple.__new__
+
+
+class Write(_WriteFields):
     """One status change, as a worker or producer hands it to the store.
 
     A store applies a batch of writes in one transaction. A plain write is an upsert applied
@@ -95,23 +115,42 @@ class Write:
     enqueue's own `QUEUED` record, which can land after the worker's claim, never does. A claim
     (`claim=True`, state `RUNNING`) is the worker's check at delivery:
     granted unless the job is already succeeded or cancelled.
+
+    Immutable, built with keyword arguments: `job_id`, `task`, `queue`, `state`, `at` (Unix
+    seconds of the change), then optionally `attempt` (1), `defers` (0), `claim`, `requeue`,
+    `next_retry_at`, `error_type`, `error_message`, `result`, `content_type`. A tuple underneath
+    (#23: a worker makes two per job; a frozen dataclass cost three times as much to build, and
+    a store reads a batch's fields column by column with `zip(*writes)`).
     """
 
-    job_id: str
-    task: str
-    queue: str
-    state: JobState
-    at: float
-    """Unix seconds of the change."""
-    attempt: int = 1
-    defers: int = 0
-    claim: bool = False
-    requeue: bool = False
-    next_retry_at: float | None = None
-    error_type: str | None = None
-    error_message: str | None = None
-    result: bytes | None = None
-    content_type: str | None = None
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        *,
+        job_id: str,
+        task: str,
+        queue: str,
+        state: JobState,
+        at: float,
+        attempt: int = 1,
+        defers: int = 0,
+        claim: bool = False,
+        requeue: bool = False,
+        next_retry_at: float | None = None,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        result: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Write:
+        return _tuple(cls, (
+            job_id, task, queue, state, at, attempt, defers, claim, requeue, next_retry_at,
+            error_type, error_message, result, content_type,
+        ))  # fmt: skip
+
+    def __getnewargs_ex__(self) -> tuple[tuple[()], dict[str, object]]:
+        """Copy and pickle rebuild it with keyword arguments."""
+        return (), dict(zip(self._fields, self, strict=True))
 
     @property
     def rank(self) -> int:

@@ -6,11 +6,13 @@ with `migrate()` or ship `schema_sql()` with your migrations, like the outbox's 
 
 from __future__ import annotations
 
+import operator
 import re
 import time
 import weakref
 from collections.abc import Sequence
 from importlib import resources
+from itertools import compress
 from typing import Any
 
 from psycopg import AsyncConnection, AsyncRawCursor
@@ -32,7 +34,7 @@ from ._groupstore import (
 )
 from ._pgcolumns import Columns, register_arrays
 from ._status import JobRecord, JobState, JobStatus, Write
-from ._store import DAY, ROWS, SQL, check_ttl, rounds, row_record, write_params
+from ._store import CLAIM, DAY, ROWS, SQL, WRITE, check_ttl, rounds, row_record, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
 
@@ -40,6 +42,10 @@ DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 _PURGE_EVERY = 60.0
+# A write's fields by their place in its tuple (cheaper than by name, once per write).
+_JOB_ID, _CLAIM_OF, _REQUEUE = (
+    operator.itemgetter(Write._fields.index(name)) for name in ("job_id", "claim", "requeue")
+)
 # A batch's writes as rows: one array parameter per field (SQL.round reads them), sent in
 # PostgreSQL's binary array format, built here (`Columns`) in one go per column.
 _UNNEST = (
@@ -49,6 +55,26 @@ _UNNEST = (
     ":{p}result::bytea[], :{p}content_type::text[], :{p}at::float8[]) "
     f"AS u({ROWS})"
 )
+
+
+def _plan(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
+    """`rounds(writes)`, without a step per write when each job is written once and no write
+    is a requeue (a worker's usual batch: claims and outcomes of different jobs, #23)."""
+    n = len(writes)
+    job_ids = list(map(_JOB_ID, writes))
+    if len(set(job_ids)) < n or any(map(_REQUEUE, writes)):
+        return rounds(writes)
+    order = sorted(range(n), key=job_ids.__getitem__)
+    claims = list(map(_CLAIM_OF, writes))
+    if all(claims):
+        return [{CLAIM: order}]
+    if not any(claims):
+        return [{WRITE: order}]
+    flags = list(map(claims.__getitem__, order))
+    claimed = list(compress(order, flags))
+    written = list(compress(order, map(operator.not_, flags)))
+    # The kinds in the order they first appear, as `rounds` has them (the statement's text).
+    return [{CLAIM: claimed, WRITE: written} if claims[0] else {WRITE: written, CLAIM: claimed}]
 
 
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
@@ -181,7 +207,7 @@ class PostgresStore:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         applied = [False] * len(writes)
-        plan = rounds(writes)
+        plan = _plan(writes)
         try:
             async with await self._connection() as conn:
                 # One statement per round (one round unless a job is written twice), a part
@@ -227,6 +253,12 @@ class PostgresStore:
             self._arrays.add(conn)
         cursor = AsyncRawCursor(conn, row_factory=tuple_row)  # whatever the pool's rows are
         await cursor.execute(statement, [params[name] for name in names])
+        if cursor.rowcount == sum(map(len, kinds.values())):
+            # Every write applied (the usual case): the ids returned need not be read (#23).
+            for indexes in kinds.values():
+                for i in indexes:
+                    applied[i] = True
+            return
         done = {row[0] for row in await cursor.fetchall()}
         for indexes in kinds.values():
             for i in indexes:
