@@ -315,6 +315,7 @@ def section(result: dict[str, Any], image: str) -> list[str]:
                 "come out faster than a lighter one); the CPU per message is the steadier figure.",
             ]
         ),
+        *(["", result["note"]] if result.get("note") else []),  # added by hand to a result
     ]
 
 
