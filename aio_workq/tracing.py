@@ -37,7 +37,10 @@ context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased`
 `ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
 decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
 the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
-id. Any other sampler is asked by the SDK for every root, as before.
+id. Any other sampler is asked by the SDK for every root, as before. The span made current for
+a sampled-out message (a dropped root, or its producer's unsampled parent) makes its span
+context the first time it is asked for (a dropped root's span id is drawn then): most handlers
+never ask, and what they forward, or an instrumented client they call, does.
 
 What this relies on in the OpenTelemetry SDK beyond its documented API, all read, none written
 on the SDK's own objects, and each checked by `tests/test_tracing_sampling.py` (an SDK that
