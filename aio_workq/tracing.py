@@ -37,7 +37,10 @@ context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased`
 `ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
 decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
 the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
-id. Any other sampler is asked by the SDK for every root, as before.
+id. Any other sampler is asked by the SDK for every root, as before. The span made current for
+a sampled-out message (a dropped root, or its producer's unsampled parent) makes its span
+context the first time it is asked for (a dropped root's span id is drawn then): most handlers
+never ask, and what they forward, or an instrumented client they call, does.
 
 What this relies on in the OpenTelemetry SDK beyond its documented API, all read, none written
 on the SDK's own objects, and each checked by `tests/test_tracing_sampling.py` (an SDK that
@@ -108,6 +111,9 @@ _STATIC = {"AlwaysOffSampler": 0, "AlwaysOnSampler": 1 << 64}
 _LOW_64 = (1 << 64) - 1
 """The bits of a trace id the SDK's `TraceIdRatioBased` decides on."""
 _FLAGS = {f"{flags:02x}": TraceFlags(flags) for flags in range(256)}
+_SAMPLED = {text: flags.sampled for text, flags in _FLAGS.items()}
+_INVALID_TRACE_ID = "0" * 32
+_INVALID_SPAN_ID = "0" * 16
 _SHARED_MAX = 1024
 """(queue, exchange) pairs whose span name and shared attributes are kept (then started over)."""
 _FAILED = frozenset({Outcome.RETRY, Outcome.DEAD_LETTERED, Outcome.REJECTED, Outcome.FAILED})
@@ -255,14 +261,12 @@ class TracingHook(Hook):
         ):
             # What the W3C propagator reads from a traceparent alone, without its layers.
             trace_id, span_id, flags = found.groups()
-            context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
-            if not context.is_valid:
+            if trace_id == _INVALID_TRACE_ID or span_id == _INVALID_SPAN_ID:
                 parent = _NO_PARENT
-            elif not context.trace_flags.sampled and (
-                self._drops_unsampled or self._sampler_drops_unsampled()
-            ):
-                return _Current(NonRecordingSpan(context))  # sampled out by its producer
+            elif not _SAMPLED[flags] and (self._drops_unsampled or self._sampler_drops_unsampled()):
+                return _Current(_Remote(trace_id, span_id, flags))  # sampled out by its producer
             else:
+                context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
                 parent = trace.set_span_in_context(NonRecordingSpan(context))
         elif "traceparent" not in headers and "baggage" not in headers and self._reads_w3c():
             parent = _NO_PARENT  # what the W3C propagator reads from them: no trace context
@@ -270,32 +274,31 @@ class TracingHook(Hook):
             parent = propagate.extract(headers)
         else:
             parent = self._propagator.extract(headers)
-        exchange = job.exchange
-        shared = self._shared.get((queue, exchange))
-        if shared is None:
-            shared = self._share(queue, exchange)
-        name, attributes = shared
         if parent is _NO_PARENT:
             roots = self._roots if self._roots_known else self._root_plan()
             if roots is not None:  # the SDK's ratio sampler: decided here, as it would
-                ids = roots.ids
-                root_id: int = ids.generate_trace_id()
+                root_id: int = roots.ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
-                    span_id = ids.generate_span_id()
-                    context = SpanContext(root_id, span_id, False, roots.flags)
-                    return _Current(NonRecordingSpan(context))
-                own = {**attributes, **_own(job)}
+                    return _Current(_Dropped(root_id, roots))
+                name, attributes = self._shared_of(queue, job.exchange)
+                own = _own(job, dict(attributes))
                 span = roots.start(root_id, name, own, SpanKind.CONSUMER, _NO_PARENT)
                 if span.is_recording():  # as the sampler, asked again there, says
                     return _Recording(span, self._recording, id(job))
                 return _Ended(span)
+        name, attributes = self._shared_of(queue, job.exchange)
         span = self._tracer.start_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         if span.is_recording():
-            span.set_attributes(_own(job))
+            span.set_attributes(_own(job, {}))
             return _Recording(span, self._recording, id(job))
         return _Ended(span)
+
+    def _shared_of(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
+        """The span name and the attributes every message of (queue, exchange) shares."""
+        shared = self._shared.get((queue, exchange))
+        return shared if shared is not None else self._share(queue, exchange)
 
     def _share(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
         """The span name and the attributes every message of (queue, exchange) shares."""
@@ -329,12 +332,11 @@ class TracingHook(Hook):
                 span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
-def _own(job: JobView) -> dict[str, Any]:
-    """The attributes of a consumer span that are the message's own (read only to record)."""
-    own: dict[str, Any] = {
-        "messaging.rabbitmq.message.delivery_tag": job.delivery_tag,
-        "aio_workq.attempt": job.attempt,
-    }
+def _own(job: JobView, own: dict[str, Any]) -> dict[str, Any]:
+    """`own` with the attributes of a consumer span that are the message's own (read only to
+    record) added."""
+    own["messaging.rabbitmq.message.delivery_tag"] = job.delivery_tag
+    own["aio_workq.attempt"] = job.attempt
     if message_id := job.message_id:
         own["messaging.message.id"] = message_id
     if routing_key := job.routing_key:
@@ -504,6 +506,72 @@ def _sdk_counts_spans() -> bool:
     """Whether the SDK counts the spans it starts, dropped ones too (then it starts them)."""
     value = os.environ.get("OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED", "")
     return value.strip().lower() == "true"
+
+
+class _Unsampled(NonRecordingSpan):
+    """A span not sampled, made current while its message is handled, whose span context is
+    made the first time it is asked for: most handlers never ask (what they forward, or an
+    instrumented client they call, does)."""
+
+    __slots__ = ("_made",)
+
+    _made: SpanContext | None
+
+    def __init__(self) -> None:  # no super().__init__(): its context is made on demand
+        self._made = None
+
+    def get_span_context(self) -> SpanContext:
+        made = self._made
+        if made is None:
+            with _MAKING:  # a sync handler's threads may ask at once: one context
+                made = self._made
+                if made is None:
+                    made = self._made = self._make()
+        return made
+
+    def _make(self) -> SpanContext:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+_MAKING = threading.Lock()
+
+
+class _Dropped(_Unsampled):
+    """The span the SDK makes for a root its sampler leaves out, made here: a
+    `NonRecordingSpan` of the trace id decided on, a new span id from the SDK's id generator,
+    not sampled (the random-trace-id flag as the SDK sets it), no trace state."""
+
+    __slots__ = ("_roots", "_trace_id")
+
+    def __init__(self, trace_id: int, roots: _Roots) -> None:
+        self._made = None
+        self._trace_id = trace_id
+        self._roots = roots
+
+    def _make(self) -> SpanContext:
+        roots = self._roots
+        return SpanContext(self._trace_id, roots.ids.generate_span_id(), False, roots.flags)
+
+
+class _Remote(_Unsampled):
+    """The context of a message's `traceparent` (valid, not sampled), as the W3C propagator
+    reads it: a remote `NonRecordingSpan`."""
+
+    __slots__ = ("_flags", "_span_id", "_trace_id")
+
+    def __init__(self, trace_id: str, span_id: str, flags: str) -> None:
+        self._made = None
+        self._trace_id = trace_id
+        self._span_id = span_id
+        self._flags = flags
+
+    def _make(self) -> SpanContext:
+        return SpanContext(
+            int(self._trace_id, 16), int(self._span_id, 16), True, _FLAGS[self._flags]
+        )
 
 
 class _Current:

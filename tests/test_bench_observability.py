@@ -11,7 +11,9 @@ import pytest
 pytestmark = [pytest.mark.broker, pytest.mark.timeout(120)]
 
 
-@pytest.mark.parametrize(("mode", "work"), [("on", "0"), ("sampled", "20")])
+@pytest.mark.parametrize(
+    ("mode", "work"), [("on", "0"), ("sampled", "20"), ("tracing-sampled", "0")]
+)
 async def test_a_run_with_metrics_and_tracing_on(amqp_url: str, mode: str, work: str) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.observability", "--child", mode, "--url", amqp_url,

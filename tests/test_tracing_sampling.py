@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import Attributes
 
@@ -114,7 +114,7 @@ def test_a_sampled_out_message_reads_only_its_headers(
     hook = _hook(ParentBased(ALWAYS_OFF), exporter)
     job = NotedJob(headers)
     context = _handle(hook, job)
-    assert job.read <= {"headers", "exchange"}
+    assert job.read == {"headers"}  # not even the exchange (the span name's)
     assert not context.trace_flags.sampled
     if headers:  # still current while handled: what it forwards carries the decision on
         assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
@@ -362,6 +362,70 @@ def test_a_ratio_sampled_root_is_recorded_at_its_rate_and_as_the_sdk_records_it(
         ]
     assert all(trace_id & limit >= sampler.bound for trace_id in dropped)
     assert len(set(dropped) | {span.context.trace_id for span in spans if span.context}) == 400
+
+
+class CountedContexts:
+    """Counts the `SpanContext`s the hook makes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.made = 0
+
+        def counted(*args: Any, **kwargs: Any) -> SpanContext:
+            self.made += 1
+            return SpanContext(*args, **kwargs)
+
+        monkeypatch.setattr("aio_workq.tracing.SpanContext", counted)
+
+
+@pytest.mark.parametrize("headers", [None, {"traceparent": PARENT}], ids=["root", "child"])
+def test_a_sampled_out_message_makes_its_span_context_only_when_asked(
+    headers: dict[str, Any] | None,
+    exporter: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Most handlers never look at their span: a sampled-out message's span context (a span id
+    from the SDK's ids for a root, the traceparent's numbers for a child) is made the first
+    time it is asked for, then is the same whenever asked, as the SDK's span's."""
+    made = CountedContexts(monkeypatch)
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)), exporter)
+    for _ in range(3):
+        with hook.handling(NotedJob(headers), "tasks"):
+            span = trace.get_current_span()
+    assert made.made == 0
+    assert not span.is_recording()
+    with hook.handling(NotedJob(headers), "tasks"):
+        span = trace.get_current_span()
+        context = span.get_span_context()
+        assert made.made == 1
+        assert span.get_span_context() is context and made.made == 1
+        forwarded = _forward(hook)["traceparent"]
+    assert repr(span) == f"NonRecordingSpan({context!r})"
+    assert context.is_valid and not context.trace_flags.sampled
+    assert forwarded.startswith(f"00-{context.trace_id:032x}-")
+    if headers:  # the producer's span, as the W3C propagator reads it
+        assert context.is_remote and context.span_id == 0xB7AD6B7169203331
+        assert context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    else:
+        assert not context.is_remote and context.trace_flags == 0x02
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        "00-00000000000000000000000000000000-b7ad6b7169203331-00",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-00",
+    ],
+    ids=["trace-id", "span-id"],
+)
+def test_an_invalid_traceparent_makes_the_message_a_root(
+    traceparent: str, exporter: InMemorySpanExporter
+) -> None:
+    """As the W3C propagator reads it: no parent, so the ratio decides (here: keeps it)."""
+    hook = _hook(ParentBased(TraceIdRatioBased(1.0)), exporter)
+    context = _handle(hook, NotedJob({"traceparent": traceparent}))
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is None and span.context is not None
+    assert span.context.trace_id == context.trace_id != 0
 
 
 class Dropping(Noting):
