@@ -186,7 +186,6 @@ class ConfirmPublisher:
         if missing is not None:
             for listener in self._missing_listeners:
                 listener(missing)
-        # ---
         for out in lane.tracker.take_all():
             if out.settled:
                 continue
@@ -242,11 +241,7 @@ class ConfirmPublisher:
         if len(encoded[1]) > self._properties_max:
             raise header_too_large(props, len(encoded[1]), self._frame_max)
         if len(body) > MAX_MESSAGE_SIZE:
-            raise SerializationError(
-                f"message {props.message_id} has a body of {len(body):,} bytes: RabbitMQ refuses "
-                f"more than {MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store "
-                "large payloads elsewhere and send a reference"
-            )
+            raise _body_too_large(props.message_id, len(body))
         if self._closed:
             raise ConnectionLostError(
                 "the publisher is closed",
@@ -290,8 +285,7 @@ class ConfirmPublisher:
         if expiry.handle is None:
             expiry.start()
         if burst:
-            # A long burst (publish_many): write what is marshalled and let the writer run, so
-            # the broker starts on these while the rest are marshalled.
+            # A long burst (publish_many): the broker starts on these while the rest are built.
             lane.flush()
             await asyncio.sleep(0)
         return out.future
@@ -361,6 +355,14 @@ class ConfirmPublisher:
         self._lane = None
         self._lanes.clear()
         await self._channel.close()
+
+
+def _body_too_large(message_id: str, size: int) -> SerializationError:
+    return SerializationError(
+        f"message {message_id} has a body of {size:,} bytes: RabbitMQ refuses more than "
+        f"{MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store large payloads "
+        "elsewhere and send a reference"
+    )
 
 
 def _no_exchange(out: Outgoing) -> TopologyError:
