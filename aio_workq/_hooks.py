@@ -223,11 +223,13 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_after_handle", "_durations", "_handling", "hooks")
+    __slots__ = ("_after_handle", "_handling", "durations", "hooks")
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
-        self._durations: dict[JobView, float] = {}
+        self.durations: dict[JobView, float] = {}
+        """How long each delivery's handler ran, from its end until `end` reports it (`timed`,
+        or the dispatcher timing its usual delivery itself)."""
         # Per delivery only the hooks that override a method are called (a hook that counts
         # deliveries need not be asked for a context manager).
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
@@ -302,7 +304,7 @@ class Hooks:
 
     def timed(self, run: Callable[[_J], Awaitable[Any]]) -> Callable[[_J], Awaitable[Any]]:
         """`run` (the handler runner), noting how long each call takes for `after_handle`."""
-        durations = self._durations
+        durations = self.durations
 
         async def timed_run(job: _J) -> Any:
             started = time.perf_counter()
@@ -354,14 +356,14 @@ class Hooks:
         `after_handle`, then leave what `begin` entered."""
         outcome, error, delay = settled if settled is not None else _UNSETTLED
         if self._after_handle:
-            info = HandleInfo(job, queue, outcome, error, self._durations.pop(job, None), delay)
+            info = HandleInfo(job, queue, outcome, error, self.durations.pop(job, None), delay)
             for hook in self._after_handle:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
         else:
-            self._durations.pop(job, None)
+            self.durations.pop(job, None)
         if entered is not None:
             for hook, manager in reversed(entered):
                 try:

@@ -197,7 +197,31 @@ async def _publish(url: str, n: int) -> None:
     print(f"publish {n}: {(t1 - t0) / n * 1e6:.1f} us CPU/message", file=sys.stderr)
 
 
-async def _consume(url: str, n: int, chain: bool) -> None:
+def _hooks(kind: str) -> list[Any]:
+    """The worker's hooks for `--hooks`: none; `noop`, a hook whose `after_handle` does
+    nothing (what installing any hook costs); `tracing-sampled`, `TracingHook` under a 1-in-10
+    ratio sampler (the observability group's OpenTelemetry SDK)."""
+    from aio_workq import HandleInfo, Hook
+
+    if kind == "none":
+        return []
+    if kind == "noop":
+
+        class Noop(Hook):
+            def after_handle(self, info: HandleInfo) -> None:
+                pass
+
+        return [Noop()]
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from aio_workq.tracing import TracingHook
+
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
+    return [TracingHook(tracer_provider=provider)]
+
+
+async def _consume(url: str, n: int, chain: bool, hooks: str = "none") -> None:
     from aio_workq import Job, Producer, Worker
 
     done = asyncio.Event()
@@ -223,6 +247,7 @@ async def _consume(url: str, n: int, chain: bool) -> None:
         handler=handle_chain if chain else handle,
         concurrency=100,
         prefetch=100,
+        hooks=_hooks(hooks),
     )
     t0 = time.process_time()
     async with worker:
@@ -309,6 +334,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2**20)
     parser.add_argument("n", type=int)
     parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
+    parser.add_argument(
+        "--hooks", choices=("none", "noop", "tracing-sampled"), default="none",
+        help="the worker's hooks (consume, chain)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
@@ -333,7 +362,7 @@ def main() -> None:
     proc, url = start_fake_broker(deliver=args.n if consume else 0)
     try:
         if consume:
-            asyncio.run(_consume(url, args.n, args.workload == "chain"))
+            asyncio.run(_consume(url, args.n, args.workload == "chain", args.hooks))
         else:
             asyncio.run(_publish(url, args.n))
     finally:

@@ -10,11 +10,12 @@ from typing import Any, cast
 
 import pytest
 
-from aio_workq import Job, Queue
+from aio_workq import HandleInfo, Hook, Job, Outcome, Queue
 from aio_workq._consume.delivery import Delivery
 from aio_workq._consume.dispatch import Dispatcher
 from aio_workq._consume.execution import HandlerRunner
 from aio_workq._exceptions import SerializationError
+from aio_workq._hooks import Hooks
 from aio_workq._publish.message import build_message
 from aio_workq._wire import frames
 from aio_workq._wire.frames import (
@@ -340,9 +341,10 @@ async def _nothing(job: Job) -> None:
     pass
 
 
-def _dispatcher(handler: Any = _nothing) -> Dispatcher:
+def _dispatcher(handler: Any = _nothing, hooks: Hooks | None = None) -> Dispatcher:
     runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
     return Dispatcher(
+        hooks=hooks,
         runner=runner,
         policy=None,
         queue=Queue("tasks"),
@@ -457,6 +459,43 @@ async def test_a_delivery_to_an_async_handler_runs_in_its_task_s_one_coroutine(l
     # The Delivery, dispatch, the Job and the task's coroutine: 6 before #22 round 5 (the
     # delivery's reply_to and the log fields' `handling` too), 9 before item 2.
     assert (eleven - one) / 10 <= 4, (eleven - one) / 10
+
+
+async def test_a_delivery_with_hooks_runs_in_its_task_s_one_coroutine() -> None:
+    """With hooks installed the usual delivery takes the same path, the hooks called around
+    it: no coroutine of `_handle`, of the handler's timing or of `_settle` (each an object, a
+    frame and a resume per delivery), and the handler's time still reaches `after_handle`."""
+    import sys
+
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    seen: list[HandleInfo] = []
+
+    class Noted(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            seen.append(info)
+
+    async def handler(job: Job) -> None:
+        pass
+
+    async def per_delivery(deliveries: int) -> int:
+        dispatcher, settled = _dispatcher(handler, Hooks.of([Noted()])), _Settled()
+        counted = [0]
+        previous = _own_calls(counted)
+        try:
+            for tag in range(1, deliveries + 1):
+                delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+                dispatcher.dispatch(delivery, cast(Any, settled))
+            await asyncio.wait(set(dispatcher.tasks))
+        finally:
+            sys.setprofile(previous)
+        assert settled.acked == list(range(1, deliveries + 1))
+        return counted[0]
+
+    one, eleven = await per_delivery(1), await per_delivery(11)
+    # Without hooks 4; `begin`, `end` and the HandleInfo (its __init__) add 3 (10 before).
+    assert (eleven - one) / 10 <= 7, (eleven - one) / 10
+    assert len(seen) == 12 and all(info.outcome is Outcome.OK for info in seen)
+    assert all(info.seconds is not None and info.seconds >= 0 for info in seen)
 
 
 async def test_a_delivery_whole_in_one_read_is_taken_in_one_step() -> None:

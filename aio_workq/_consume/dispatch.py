@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections import deque
 from datetime import UTC, datetime
+from time import perf_counter
 from typing import Any
 
 from aiormq.abc import AbstractChannel
@@ -37,6 +38,7 @@ from .retry import RetryPolicy
 __all__ = ("Counters", "Dispatcher")
 
 log = logging.getLogger("aio_workq")
+_ACKED: Settled = (Outcome.OK, None, None)
 
 
 class Counters:
@@ -118,7 +120,8 @@ class Dispatcher:
         self._runner = runner
         self._max_defers = max_defers
         self._hooks = hooks
-        self._run = runner.caller() if hooks is None else hooks.timed(runner.caller())
+        self._call = runner.caller()
+        self._run = self._call if hooks is None else hooks.timed(self._call)
         self._policy = policy
         self._queue = queue
         self._publisher = publisher
@@ -197,46 +200,52 @@ class Dispatcher:
         set_handling((self.queue_name, job))  # log lines in this task name the message
         task = asyncio.current_task(self._loop)
         assert task is not None
+        hooks = self._hooks
         try:
-            hooks = self._hooks
-            if hooks is not None:  # `hooks.handle`, without a coroutine more per message
-                entered = hooks.begin(job, self.queue_name)
-                try:
+            # With hooks: `hooks.handle` in two calls, without a coroutine more per message.
+            entered = hooks.begin(job, self.queue_name) if hooks is not None else None
+            try:
+                if self._slots is not None or self.stopping:
                     settled = await self._handle(job, acker, tag, task)
-                except BaseException as exc:
-                    hooks.end(job, self.queue_name, entered, None, exc)
-                    raise
-                hooks.end(job, self.queue_name, entered, settled, None)
-            elif self._slots is not None or self.stopping:
-                await self._handle(job, acker, tag, task)
-            else:  # the usual delivery: `_handle`'s steps here, in one coroutine
-                failure: BaseException | None = None
-                result: Any = None
-                try:
-                    result = await self._run(job)
-                except asyncio.CancelledError as exc:
-                    if task.cancelling():
-                        raise  # the worker is stopping: requeued below
-                    failure = exc  # the handler's own cancellation: a failure like any other
-                except BaseException as exc:  # noqa: B036 - every delivery is settled
-                    failure = exc
-                links = job.links
-                if failure is None and links and len(links) == 1 and not task.cancelling():
-                    # The usual chain step: its one confirm awaited here (as _first_failure).
-                    confirm, links = links[0], None
+                else:  # the usual delivery: `_handle`'s steps here, in one coroutine
+                    failure: BaseException | None = None
+                    result: Any = None
+                    started = perf_counter() if hooks is not None else 0.0
                     try:
-                        await confirm
+                        result = await self._call(job)
                     except asyncio.CancelledError as exc:
                         if task.cancelling():
                             raise  # the worker is stopping: requeued below
-                        failure = exc  # the confirm itself was cancelled
-                    except BaseException as exc:  # noqa: B036 - as gather(return_exceptions)
+                        failure = exc  # the handler's own cancellation: a failure like any other
+                    except BaseException as exc:  # noqa: B036 - every delivery is settled
                         failure = exc
-                if failure is None and not links and not reply and not task.cancelling():
-                    acker.ack(tag)
-                    self.counters.processed += 1
-                else:
-                    await self._settle(job, acker, tag, task, failure, result, links)
+                    finally:
+                        if hooks is not None:  # as `hooks.timed` notes it
+                            hooks.durations[job] = perf_counter() - started
+                    links = job.links
+                    if failure is None and links and len(links) == 1 and not task.cancelling():
+                        # The usual chain step: its one confirm awaited here (as _first_failure).
+                        confirm, links = links[0], None
+                        try:
+                            await confirm
+                        except asyncio.CancelledError as exc:
+                            if task.cancelling():
+                                raise  # the worker is stopping: requeued below
+                            failure = exc  # the confirm itself was cancelled
+                        except BaseException as exc:  # noqa: B036 - as gather(return_exceptions)
+                            failure = exc
+                    if failure is None and not links and not reply and not task.cancelling():
+                        acker.ack(tag)
+                        self.counters.processed += 1
+                        settled = _ACKED
+                    else:
+                        settled = await self._settle(job, acker, tag, task, failure, result, links)
+            except BaseException as exc:
+                if hooks is not None:
+                    hooks.end(job, self.queue_name, entered, None, exc)
+                raise
+            if hooks is not None:
+                hooks.end(job, self.queue_name, entered, settled, None)
         except BaseException as exc:
             acker.nack(tag, requeue=True)  # not settled yet: back to the queue
             if isinstance(exc, asyncio.CancelledError):
@@ -296,7 +305,7 @@ class Dispatcher:
                 await send_reply(self._publisher, job.reply_to, job.correlation_id, result, None)
             acker.ack(tag)
             self.counters.processed += 1
-            return Outcome.OK, None, None
+            return _ACKED
         return await self._on_failure(job, acker, tag, failure)
 
     async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
