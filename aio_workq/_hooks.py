@@ -315,22 +315,11 @@ class Hooks:
 
         return timed_run
 
-    async def handle(self, job: JobView, queue: str, settle: Awaitable[Settled]) -> None:
-        """Await `settle` (run the handler, settle the delivery) within the hooks' context
-        managers, then report the outcome. Only what `settle` raises propagates."""
-        entered = self.begin(job, queue)
-        try:
-            settled = await settle
-        except BaseException as exc:
-            self.end(job, queue, entered, None, exc)
-            raise
-        self.end(job, queue, entered, settled, None)
-
     def begin(
         self, job: JobView, queue: str
     ) -> list[tuple[Hook, AbstractContextManager[Any]]] | None:
         """Before the handler runs: call `handling` and enter what it returns; pass the result
-        to `end` (`handle` in two calls, without a coroutine of its own)."""
+        to `end` (the dispatcher calls the two around a delivery, in its own coroutine)."""
         entered: list[tuple[Hook, AbstractContextManager[Any]]] | None = None
         for hook in self._handling:
             try:

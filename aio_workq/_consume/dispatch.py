@@ -202,7 +202,7 @@ class Dispatcher:
         assert task is not None
         hooks = self._hooks
         try:
-            # With hooks: `hooks.handle` in two calls, without a coroutine more per message.
+            # With hooks: `begin` and `end` around the delivery, no coroutine more per message.
             entered = hooks.begin(job, self.queue_name) if hooks is not None else None
             try:
                 if self._slots is not None or self.stopping:
