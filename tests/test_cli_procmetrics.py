@@ -80,7 +80,11 @@ async def test_processes_serve_summed_metrics_that_survive_a_killed_child(
         nonlocal samples
         status, _, samples = await asyncio.to_thread(scrape, port)
         assert status == 200
-        return samples.get(handled) == count and samples.get(in_flight) == busy
+        # A scrape reads each child's files one after the other, while the child writes its
+        # counter, then its histogram: one scrape can catch the one without the other. The
+        # counts are read from a scrape where both have settled (and must then agree, below).
+        settled = samples.get(handled) == count and samples.get(durations) is not None
+        return settled and samples.get(in_flight) == busy and samples[durations] >= count
 
     async def wait_metrics(count: float, busy: float = 0) -> None:
         try:
@@ -88,7 +92,8 @@ async def test_processes_serve_summed_metrics_that_survive_a_killed_child(
         except TimeoutError:
             raise AssertionError(
                 f"wanted handled={count} in_flight={busy}; /metrics says handled="
-                f"{samples.get(handled)} in_flight={samples.get(in_flight)}"
+                f"{samples.get(handled)} in_flight={samples.get(in_flight)} durations="
+                f"{samples.get(durations)}"
             ) from None
 
     async with Producer(amqp_url) as producer:
