@@ -3,10 +3,11 @@ callbacks on 2 worker processes, one killed with SIGKILL; 10 queued and 3 runnin
 cancelled; a rate limit measured. `make jobs-ledger` runs the full plan (2,000 jobs, 3
 processes, a kill every 10 s, 100 + 20 cancels).
 
-The full plan found a race (the last test here reproduces it offline): the `queued` write of
-`Task.enqueue()` lands after the worker's claim wrote `running`, and overwrites it. The small
-plan enqueues the jobs it cancels while running with a delay, so that it checks the cancel
-itself; the full plan (`--hold-delay 0`, its default) shows the race.
+The full plan once found a race (the last test here reproduces it offline): the `queued`
+write of `Task.enqueue()` landed after the worker's claim had written `running`, and
+overwrote it, so `cancel()` took the queued path while the job ran on. The enqueue's record
+never overwrites a claim now; both plans enqueue the jobs they cancel while running with no
+delay (`--hold-delay 0`), so a worker picks them up within milliseconds of the enqueue.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from scripts.jobs_ledger import Plan, run
 
 SMALL = Plan(
     jobs=200, group_size=20, processes=2, kill_every=3.0, max_kills=1, work=0.3,
-    queued_cancels=10, running_cancels=3, hold=6.0, hold_delay=2.0, rate="20/s", rate_jobs=60,
+    queued_cancels=10, running_cancels=3, hold=6.0, hold_delay=0.0, rate="20/s", rate_jobs=60,
     timeout=120,
 )  # fmt: skip
 
