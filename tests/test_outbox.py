@@ -95,6 +95,26 @@ def test_redact_dsn_hides_passwords() -> None:
     assert "s3cret" not in redact_dsn("host=db password='s3cret x' dbname=app")
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgres:/app:s3cret@127.0.0.1:5432/postgres",  # a slash missing
+        "postgresql//app:s3cret@db/app",
+        "postgresql:/app:s3:cr/et@db/app",
+        "app:s3cret@db",
+        "mysql://app:s3cret@db/app",
+    ],
+)
+def test_a_malformed_dsn_is_refused_without_its_password(dsn: str) -> None:
+    """The password of a DSN psycopg can't parse is hidden too (found by a new user: a slash
+    missing printed it in the store's repr, its errors and psycopg's pool warnings)."""
+    assert "s3cret" not in redact_dsn(dsn) and "s3:cr/et" not in redact_dsn(dsn)
+    with pytest.raises(OutboxConfigurationError, match="not a PostgreSQL connection") as caught:
+        OutboxRelay(dsn, url="amqp://guest:guest@127.0.0.1:1/")
+    assert "s3cret" not in str(caught.value) and "s3:cr" not in str(caught.value)
+    assert "postgresql://user:password@host:5432/dbname" in str(caught.value)
+
+
 # --- the insert side ---
 
 

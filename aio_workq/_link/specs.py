@@ -146,10 +146,11 @@ class Queue:
             else "it is not declared with max_priority"
         )
         return ConfigurationError(
-            f"publish to queue {self.name!r} with priority=: the broker would ignore it ({why}). "
-            f"Declare the queue as Queue({self.name!r}, type='classic', max_priority=10) on "
-            "the producer and the workers (a new queue name, or delete the old queue first), "
-            "or drop priority="
+            f"publish to queue {self.name!r} with a message priority (priority=): the broker "
+            f"would ignore it ({why}). Declare the queue as Queue({self.name!r}, "
+            "type='classic', max_priority=10) where it is declared: the producer's and the "
+            "workers' queues, or a task's @tasks.task(queue=...) (a new queue name, or delete "
+            "the old queue first); or drop priority="
         )
 
     @property

@@ -21,7 +21,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._exceptions import ConfigurationError
-from ..outbox._schema import apply_locked, check_schema, quote, redact_dsn
+from ..outbox._schema import apply_locked, check_dsn, check_schema, quote, redact_dsn
 from ._errors import StoreError
 from ._groupstore import (
     CallbackDue,
@@ -150,6 +150,8 @@ class PostgresStore:
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         check_schema(schema)
+        if dsn:
+            check_dsn(dsn, ConfigurationError)
         self.ttl = check_ttl(ttl)
         self._dsn = dsn
         self._where = redact_dsn(dsn) if dsn else "the given pool"

@@ -18,7 +18,7 @@ from .. import Producer, Queue
 from ._claims import OutboxTable
 from ._errors import OutboxConfigurationError
 from ._publishing import RowPublisher
-from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL
+from ._schema import DEFAULT_SCHEMA, NOTIFY_CHANNEL, check_dsn
 
 __all__ = ("OutboxRelay",)
 
@@ -91,6 +91,7 @@ class OutboxRelay:
             raise OutboxConfigurationError(
                 f"dsn must be a PostgreSQL connection string, got {dsn!r}"
             )
+        check_dsn(dsn, OutboxConfigurationError)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise OutboxConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         intervals = (

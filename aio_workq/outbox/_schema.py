@@ -6,14 +6,17 @@ import re
 from importlib import resources
 from typing import Any
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
 
 from .. import redact_url
+from .._exceptions import ConfigurationError
 from ._errors import OutboxConfigurationError
 
 __all__ = (
     "DEFAULT_SCHEMA",
     "NOTIFY_CHANNEL",
+    "check_dsn",
     "check_schema",
     "migrate",
     "redact_dsn",
@@ -24,6 +27,12 @@ DEFAULT_SCHEMA = "public"
 NOTIFY_CHANNEL = "workq_outbox"
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+# `user:password@` wherever it stands, so that a malformed URL hides it too
+_USERINFO = re.compile(r"(^|[/\s])([^/:@\s]*):[^@\s]*@")
+_DSN_FORMS = (
+    "a URL like postgresql://user:password@host:5432/dbname, or key=value pairs like "
+    "'host=db port=5432 dbname=app user=app'"
+)
 _MIGRATION_LOCK = 0x776F726B71  # pg_advisory_xact_lock key: concurrent migrations wait in turn
 
 
@@ -77,7 +86,29 @@ async def apply_locked(connection: AsyncConnection[Any], statements: str, lock: 
 
 
 def redact_dsn(dsn: str) -> str:
-    """A PostgreSQL DSN (URL or key=value) with its password replaced by `***`."""
+    """A PostgreSQL DSN (URL or key=value) with its password replaced by `***`; in a string
+    that is neither, whatever stands between `user:` and `@`."""
     if "://" in dsn:
         dsn = redact_url(dsn)
-    return _PASSWORD.sub(r"\1***", dsn)
+    return _PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", dsn))
+
+
+def check_dsn(dsn: str, error: type[ConfigurationError]) -> str:
+    """`dsn` if psycopg can read it as a connection string (whose ports are numbers).
+
+    Raises:
+        error: it can't: the message says why, without the password, and the forms to use.
+    """
+    try:
+        ports = conninfo_to_dict(dsn).get("port")
+    except ProgrammingError as exc:  # its message quotes the DSN, password included
+        reason = redact_dsn(str(exc).strip())
+    else:
+        bad = [port for port in str(ports or "").split(",") if port and not port.isdigit()]
+        if not bad:
+            return dsn
+        reason = f"port {bad[0]!r} is not a number"
+    raise error(
+        f"dsn {redact_dsn(dsn)!r} is not a PostgreSQL connection string ({reason}): write "
+        f"it as {_DSN_FORMS}"
+    )
