@@ -10,7 +10,7 @@ POSTGRES_DIR ?= .postgres/dev
 
 .PHONY: venv demo test test-plain test-slow test-cli lint docs bench canary broker-start broker-stop check
 .PHONY: chaos chaos-table
-.PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger bench-tracking
+.PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger jobs-store-down bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
 .PHONY: schedules-ledger schedules-ledger-cluster
 .PHONY: dashboard-test dashboard-screenshots bench-dashboard
@@ -180,6 +180,10 @@ outbox-test: venv
 # jobs cancelled; the rate limit measured (tests/test_jobs_ledger.py is the CI subset).
 jobs-ledger: venv
 	$(PY) -m scripts.jobs_ledger $(LEDGER_ARGS)
+
+# A job store outage: PostgreSQL killed for 10 s while jobs are enqueued and run (a minute).
+jobs-store-down: venv
+	$(PY) -m scripts.jobs_store_down $(LEDGER_ARGS)
 
 # What job tracking costs: enqueue and consume through Tasks with a store vs none, same run
 # (writes docs/img/bench_tracking.json; BENCH_ARGS=--quick for a short run).

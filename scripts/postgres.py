@@ -252,6 +252,9 @@ class LocalPostgres:
     @staticmethod
     def _port_free(port: int) -> bool:
         with socket.socket() as s:
+            # as the server binds it: a port whose last connections linger in TIME_WAIT
+            # (a node killed, then started again on its port) is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:

@@ -402,10 +402,10 @@ async def test_the_store_down_does_not_stop_the_queue_and_the_status_catches_up(
         async with running(tasks, amqp_url):
             async with asyncio.timeout(20):
                 await ran.wait()  # the job ran while the store was down
-            assert "did not record it" in caplog.text  # the enqueue said so
-            assert "unreachable" in caplog.text  # the worker's recorder too
+            # the enqueue's record and the worker's states are kept (each said so) ...
+            assert caplog.text.count("unreachable") >= 2, caplog.text
             lock.execute("ROLLBACK")
-            status = await until(job, lambda s: s.done)
+            status = await until(job, lambda s: s.done)  # ... and caught up
             assert status.state is JobState.SUCCEEDED
             assert await job.result() == 42
     finally:

@@ -135,6 +135,37 @@ async def test_concurrent_enqueues_go_out_without_waiting_for_the_batch_in_fligh
     await first
 
 
+async def test_enqueues_while_the_store_is_down_do_not_wait_for_it_and_catch_up() -> None:
+    """The first enqueue to find the store down has waited for its batch; the ones after it
+    don't wait for the store at all (each waited the store's timeout before, 5 s by default,
+    one after the other), and their `queued` records are written once it answers again."""
+    store = GatedStore()
+    commits = GroupCommit(store)
+    first = asyncio.ensure_future(commits.record(write("a", JobState.QUEUED)))
+    assert await store.batch(0) == [("a", JobState.QUEUED, False)]
+    store.fail(0)  # the store is down: the enqueue goes on (its job was sent)
+    async with asyncio.timeout(5):
+        await first
+        # No gate is opened: an enqueue that waited for the store would hang here.
+        for job_id in "bcd":
+            await commits.record(write(job_id, JobState.QUEUED))
+    # None of them tried the store on its own: the failed batch, and at most the catch-up's
+    # first try (with what was kept by then) went out.
+    assert len(store.batches) <= 2
+
+    async def open_every_gate() -> None:  # the store answers again
+        n = 1
+        while True:
+            await store.batch(n)
+            store.release(n)
+            n += 1
+
+    opener = asyncio.ensure_future(open_every_gate())
+    await commits.close()  # returns once what was kept is recorded (at most 5 s)
+    opener.cancel()
+    assert all([await store.get(i) for i in "abcd"])
+
+
 class Delivery:
     """What the recorder reads of a delivery (a `JobView`'s id, headers and attempt)."""
 

@@ -24,7 +24,7 @@ __all__ = ("LANES", "WriteBatches")
 
 log = logging.getLogger("aio_workq.jobs")
 
-_RETRY_FIRST, _RETRY_CAP = 0.5, 10.0
+_RETRY_FIRST, _RETRY_CAP = 0.5, 2.0  # a retry while down costs a store attempt, little else
 LANES = 2
 _JOB_ID = operator.attrgetter("job_id")
 """Store transactions a recorder (or an enqueue's `GroupCommit`) has in flight at once."""
@@ -61,10 +61,11 @@ class WriteBatches:
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def claim(self, write: Write) -> asyncio.Future[bool]:
-        """Send the claim `write` (`claim=True`); the future is the store's answer. Granted
-        at once while the store is down or after `close()` (the claim then goes as a plain
-        write)."""
+    def commit(self, write: Write) -> asyncio.Future[bool]:
+        """Send `write` with the next batch; the future is the store's answer: for a claim
+        (`claim=True`) whether it is granted, for a plain write whether it was applied. While
+        the store is down or after `close()` it is True at once: the write is kept and caught
+        up (a claim is granted, and kept as a plain write)."""
         loop = self._loop
         if loop is None:  # bound to its loop on first use, as its asyncio.Event are
             loop = self._loop = asyncio.get_running_loop()

@@ -24,7 +24,7 @@ from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import JSON, encode_body
-from ._batches import LANES, WriteBatches
+from ._batches import WriteBatches
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
 from ._status import JobState, Write
@@ -183,7 +183,7 @@ class Recorder(Hook):
         running = Running(job_id, str(name), queue, attempt, defers)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         self._by_id[job_id] = running
-        running.claimed = self._batches.claim(
+        running.claimed = self._batches.commit(
             Write(
                 job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
                 at=time.time(), attempt=attempt, defers=defers, claim=True,
@@ -197,7 +197,7 @@ class Recorder(Hook):
             state=JobState.RUNNING, at=time.time(), attempt=running.attempt,
             defers=running.defers, claim=True,
         )  # fmt: skip
-        return self._batches.claim(write)
+        return self._batches.commit(write)
 
     async def claim(self, running: Running) -> bool:
         """Whether the job may run: False if it was cancelled or already succeeded (the
@@ -278,58 +278,42 @@ class Recorder(Hook):
 
 
 class GroupCommit:
-    """Concurrent callers' writes, committed together: each `record()` joins the next batch
-    and returns once that batch is committed (or raises what the store raised for it).
+    """Concurrent callers' writes (the enqueues' `queued` records), committed together:
+    each `record()` joins the next batch and returns once that batch is committed.
 
     Up to `LANES` batches are in flight at once; what arrives while they are forms the next
     one, so N concurrent enqueues cost a few store transactions instead of N, and a caller
-    does not wait behind a batch it is not in.
+    does not wait behind a batch it is not in. The queue does not wait for the store: once
+    a batch failed (or took longer than `timeout`), the store counts as down, and until it
+    answers again `record()` returns at once, its write kept (at most `buffer` jobs) and
+    written when the store is back, as a worker's are (`WriteBatches`).
 
     Args:
         store: the job store.
+        buffer: most writes kept while the store is down.
+        timeout: seconds one store transaction may take before the store counts as down.
     """
 
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
         self.store = store
-        # The next batch: each write with its caller's own future (a caller cancelled
-        # cancels only its own; the batch is recorded all the same).
-        self._writes: list[tuple[Write, asyncio.Future[None]]] = []
-        self._flushers = 0
-        self._running: set[asyncio.Task[None]] = set()
+        self._buffer, self._timeout = buffer, timeout
+        self._batches: WriteBatches | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def record(self, write: Write) -> None:
-        """Record `write` with the batch it joins; returns once that batch is committed.
-
-        Raises:
-            StoreError: the store could not record the batch.
-        """
+        """Record `write` with the batch it joins; returns once that batch is committed, or
+        at once while the store is down (the write is kept and caught up)."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:  # a new event loop: what the old one held is gone
-            self._loop, self._writes, self._flushers, self._running = loop, [], 0, set()
-        future: asyncio.Future[None] = loop.create_future()
-        self._writes.append((write, future))
-        if self._flushers < LANES:
-            self._flushers += 1
-            flusher = loop.create_task(self._flush(loop))
-            self._running.add(flusher)  # referenced until done
-            flusher.add_done_callback(self._running.discard)
-        await future
+        batches = self._batches
+        if batches is None or loop is not self._loop:  # a new event loop: the old one's
+            self._loop = loop  # batches went with it
+            batches = self._batches = WriteBatches(
+                self.store, buffer=self._buffer, timeout=self._timeout
+            )
+        await batches.commit(write)
 
-    async def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        try:
-            while self._writes and self._loop is loop:
-                batch, self._writes = self._writes, []
-                try:
-                    await self.store.record([write for write, _ in batch])
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                else:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(None)
-        finally:
-            if self._loop is loop:
-                self._flushers -= 1
+    async def close(self, timeout: float = 5.0) -> None:
+        """Record what is kept, waiting at most `timeout` seconds; what is left then is
+        logged as lost."""
+        if self._batches is not None:
+            await self._batches.close(timeout)

@@ -24,7 +24,7 @@ from .._exceptions import (
 )
 from .._link.specs import Queue
 from .._publish.serialization import JSON, encode_body
-from ._errors import StoreError, TaskArgumentError
+from ._errors import TaskArgumentError
 from ._groups import Signature
 from ._handle import TASK_HEADER, JobHandle, Publisher
 from ._rate import RateLimit
@@ -255,8 +255,10 @@ class Task(Generic[P, R]):
         """Publish a job of this task; returns its handle once the broker confirmed it.
 
         The arguments are bound to the function's signature and validated as its parameters'
-        types before anything is sent. With a store, the job is recorded as queued (if the
-        store is unreachable the job is still sent; a worker records it when it runs).
+        types before anything is sent. With a store, the job is recorded as queued before this
+        returns; if the store is unreachable the job is still sent and the record kept and
+        written when the store answers again (the first enqueue to find it down waits for the
+        store's timeout, 5 s, the ones after it don't wait).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -284,13 +286,9 @@ class Task(Generic[P, R]):
                 job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
                 at=enqueued_at,
             )  # fmt: skip
-            try:  # batched with the concurrent enqueues' records, one transaction
-                await self._registry.record_queued(store, write)
-            except StoreError as exc:
-                log.warning(
-                    "job %s (%s) enqueued, but the store did not record it (%s): its status "
-                    "appears once a worker runs it", job_id, self.name, exc,
-                )  # fmt: skip
+            # batched with the concurrent enqueues' records, one transaction; while the
+            # store is down, kept and written when it is back (not waited for)
+            await self._registry.record_queued(store, write)
         return JobHandle(job_id, context=self._registry, validate=self.result_validator())
 
 
@@ -376,11 +374,8 @@ class Tasks:
 
     async def record_queued(self, store: JobStore, write: Write) -> None:
         """Record an enqueue's `queued` write in `store`, in one transaction with the
-        concurrent enqueues' writes; returns once it is committed.
-
-        Raises:
-            StoreError: the store could not record it.
-        """
+        concurrent enqueues' writes; returns once it is committed, or at once while the store
+        is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
         commits = self._commits
         if commits is None or commits.store is not store:
             commits = self._commits = GroupCommit(store)
