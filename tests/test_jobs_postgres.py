@@ -56,6 +56,18 @@ def test_the_migration_and_arguments() -> None:
     assert "s3cret" not in repr(PostgresStore("postgresql://app:s3cret@db/app"))
 
 
+async def test_a_store_without_its_tables_says_to_run_the_migration(postgres_dsn: str) -> None:
+    store = PostgresStore(postgres_dsn, schema="never_migrated")
+    try:
+        with pytest.raises(StoreError, match=r"aio_workq\.jobs\.postgres\.migrate"):
+            await store.get("some-job")
+        with pytest.raises(StoreError, match="migrate"):
+            await store.record([Write(job_id="j", task="t", queue="q", state=JobState.QUEUED,
+                                      at=time.time())])  # fmt: skip
+    finally:
+        await store.close()
+
+
 async def test_the_store_rules(store: PostgresStore) -> None:
     await check_late_writes(store)
     await check_cancel(store)

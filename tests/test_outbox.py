@@ -93,6 +93,7 @@ def test_redact_dsn_hides_passwords() -> None:
     assert "s3cret" not in redact_dsn("postgresql://app:s3cret@db:5432/app")
     assert "s3cret" not in redact_dsn("host=db user=app password=s3cret dbname=app")
     assert "s3cret" not in redact_dsn("host=db password='s3cret x' dbname=app")
+    assert redact_dsn("postgresql://app@db:5432/app") == "postgresql://app@db:5432/app"
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg import Error as PsycopgError
+from psycopg.errors import UndefinedTable
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
@@ -150,6 +151,7 @@ class PostgresStore:
         if not timeout > 0:
             raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
         check_schema(schema)
+        self._schema = schema
         if dsn:
             check_dsn(dsn, ConfigurationError)
         self.ttl = check_ttl(ttl)
@@ -197,6 +199,13 @@ class PostgresStore:
         return self._pool.connection(timeout=self._timeout)
 
     def _failed(self, what: str, exc: Exception) -> StoreError:
+        if isinstance(exc, UndefinedTable):
+            how = (
+                f"; the store's tables are missing in schema {self._schema!r}: create them "
+                f"with `await aio_workq.jobs.postgres.migrate(conn, schema={self._schema!r})` "
+                "(or schema_sql() in your migrations)"
+            )
+            return StoreError(f"PostgreSQL store ({self._where}): {what} failed{how}: {exc}")
         return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
 
     def _round(self, kinds: tuple[str, ...], encoding: str) -> tuple[bytes, tuple[str, ...]]:

@@ -88,9 +88,8 @@ async def apply_locked(connection: AsyncConnection[Any], statements: str, lock: 
 def redact_dsn(dsn: str) -> str:
     """A PostgreSQL DSN (URL or key=value) with its password replaced by `***`; in a string
     that is neither, whatever stands between `user:` and `@`."""
-    if "://" in dsn:
-        dsn = redact_url(dsn)
-    return _PASSWORD.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", dsn))
+    dsn = redact_url(dsn) if "://" in dsn else _USERINFO.sub(r"\1\2:***@", dsn)
+    return _PASSWORD.sub(r"\1***", dsn)
 
 
 def check_dsn(dsn: str, error: type[ConfigurationError]) -> str:
