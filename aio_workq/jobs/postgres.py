@@ -206,6 +206,12 @@ class PostgresStore:
                 "(or schema_sql() in your migrations)"
             )
             return StoreError(f"PostgreSQL store ({self._where}): {what} failed{how}: {exc}")
+        if isinstance(exc, PoolTimeout) and self._own:
+            why = (
+                " (why it could not connect, e.g. the server down, a wrong host or port, "
+                "user, password or database, is logged by psycopg's logger 'psycopg.pool')"
+            )
+            return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}{why}")
         return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
 
     def _round(self, kinds: tuple[str, ...], encoding: str) -> tuple[bytes, tuple[str, ...]]:
