@@ -142,18 +142,8 @@ class PostgresStore:
         timeout: float = 5.0,
         max_size: int = 4,
     ) -> None:
-        if (dsn is None) == (pool is None):
-            raise ConfigurationError("pass dsn= or pool=, one of them")
-        if pool is not None and not isinstance(pool, AsyncConnectionPool):
-            raise ConfigurationError(
-                f"pool must be a psycopg_pool.AsyncConnectionPool, got {type(pool).__name__}"
-            )
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
-        check_schema(schema)
+        _check_arguments(dsn, pool, schema, timeout)
         self._schema = schema
-        if dsn:
-            check_dsn(dsn, ConfigurationError)
         self.ttl = check_ttl(ttl)
         self._dsn = dsn
         self._where = redact_dsn(dsn) if dsn else "the given pool"
@@ -199,20 +189,8 @@ class PostgresStore:
         return self._pool.connection(timeout=self._timeout)
 
     def _failed(self, what: str, exc: Exception) -> StoreError:
-        if isinstance(exc, UndefinedTable):
-            how = (
-                f"; the store's tables are missing in schema {self._schema!r}: create them "
-                f"with `await aio_workq.jobs.postgres.migrate(conn, schema={self._schema!r})` "
-                "(or schema_sql() in your migrations)"
-            )
-            return StoreError(f"PostgreSQL store ({self._where}): {what} failed{how}: {exc}")
-        if isinstance(exc, PoolTimeout) and self._own:
-            why = (
-                " (why it could not connect, e.g. the server down, a wrong host or port, "
-                "user, password or database, is logged by psycopg's logger 'psycopg.pool')"
-            )
-            return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}{why}")
-        return StoreError(f"PostgreSQL store ({self._where}): {what} failed: {exc}")
+        failed = f"PostgreSQL store ({self._where}): {what} failed"
+        return _store_error(failed, exc, schema=self._schema, own_pool=self._own)
 
     def _round(self, kinds: tuple[str, ...], encoding: str) -> tuple[bytes, tuple[str, ...]]:
         statement = self._rounds.get((kinds, encoding))
@@ -402,3 +380,36 @@ class PostgresStore:
     async def close(self) -> None:
         if self._own and self._opened:
             await self._pool.close()
+
+
+def _check_arguments(
+    dsn: str | None, pool: AsyncConnectionPool[Any] | None, schema: str, timeout: float
+) -> None:
+    """Raises `ConfigurationError` for a bad argument of `PostgresStore`."""
+    if (dsn is None) == (pool is None):
+        raise ConfigurationError("pass dsn= or pool=, one of them")
+    if pool is not None and not isinstance(pool, AsyncConnectionPool):
+        raise ConfigurationError(
+            f"pool must be a psycopg_pool.AsyncConnectionPool, got {type(pool).__name__}"
+        )
+    if not timeout > 0:
+        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    check_schema(schema)
+    if dsn:
+        check_dsn(dsn, ConfigurationError)
+
+
+def _store_error(failed: str, exc: Exception, *, schema: str, own_pool: bool) -> StoreError:
+    """The `StoreError` for `exc`, with what to do where that is known."""
+    if isinstance(exc, UndefinedTable):
+        return StoreError(
+            f"{failed}; the store's tables are missing in schema {schema!r}: create them with "
+            f"`await aio_workq.jobs.postgres.migrate(conn, schema={schema!r})` (or schema_sql() "
+            f"in your migrations): {exc}"
+        )
+    if isinstance(exc, PoolTimeout) and own_pool:
+        return StoreError(
+            f"{failed}: {exc} (why it could not connect, e.g. the server down, a wrong host or "
+            "port, user, password or database, is logged by psycopg's logger 'psycopg.pool')"
+        )
+    return StoreError(f"{failed}: {exc}")
