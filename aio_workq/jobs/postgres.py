@@ -145,7 +145,6 @@ class PostgresStore:
         _check_arguments(dsn, pool, schema, timeout)
         self._schema = schema
         self.ttl = check_ttl(ttl)
-        self._dsn = dsn
         self._where = redact_dsn(dsn) if dsn else "the given pool"
         self._own = pool is None
         # The pool this store opens has autocommit connections: a batch of one round is one
