@@ -10,6 +10,7 @@ messages came to: every id back, in order, every confirm settled and the window 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -20,8 +21,10 @@ import pytest
 import aio_workq
 from aio_workq import ConfigurationError, Connection, Producer
 from aio_workq._exceptions import PublishNackedError
+from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import build_message, build_usual
 from aio_workq._wire.frames import Properties, encode_properties
+from aio_workq._wire.lanes import plain_properties
 from aio_workq._wire.tracker import ConfirmTracker, InFlight, Outgoing
 from aio_workq._wire.window import Window
 from bench.micro import BODY, start_fake_broker
@@ -199,3 +202,77 @@ def test_the_usual_message_is_built_and_encoded_as_the_general_code_does(body: A
     assert props.message_id != general.message_id  # each its own
     assert encoded == encode_properties(props)
     assert build_message(body, {})[1].message_id != props.message_id
+
+
+def test_a_message_in_flight_on_the_fast_path_holds_only_its_future_and_its_encoding() -> None:
+    """What a message keeps alive while it waits for its confirm is what the garbage collector
+    walks and counts (#22: on a quorum queue the client's collections cost more): on the fast
+    path its properties are in its encoding already, so the `Properties` object is not kept
+    (the plain lane, which hands aiormq the properties, rebuilds them from the encoding)."""
+    from tests.test_confirms_model import FakeSource
+
+    async def scenario() -> None:
+        source = FakeSource()
+        publisher = ConfirmPublisher(source, window=Window(1000), timeout=3600, resend=True)
+        await publisher.start()
+        futures = []
+        gc.disable()  # no collection untracks anything while it is counted
+        try:
+            for _ in range(50):
+                data, props, encoded = build_usual(BODY)
+                futures.append(await publisher.send("", "q", data, props, encoded=encoded))
+            records = publisher.outstanding()
+            assert len(records) == 50
+            own = {
+                id(obj): type(obj).__name__
+                for out in records
+                for obj in gc.get_referents(out)
+                if gc.is_tracked(obj) and obj is not out.tracker and type(obj) is not type
+            }
+        finally:
+            gc.enable()
+        kinds = sorted(set(own.values()))
+        assert len(own) / len(records) <= 2, kinds  # the future and the encoding's tuple
+        assert "Properties" not in kinds
+        source.writer.flush()
+        source.demux.sinks[source.connection.channels[-1].number].on_confirm(50, True, True)
+        assert [await f for f in futures] == [out.message_id for out in records]
+        await publisher.close(0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        Properties(message_id="m1"),
+        Properties(message_id="m2", content_type="application/json", delivery_mode=1),
+        Properties(
+            message_id="m3",
+            headers={"a": 1, "b": "x", "f": 2.5},
+            priority=3,
+            correlation_id="c",
+            reply_to="r",
+            expiration="1500",
+            timestamp=1_700_000_000,
+            type="t",
+        ),  # fmt: skip
+    ],
+)
+def test_the_plain_lane_rebuilds_the_properties_of_a_message_first_written_on_the_fast_path(
+    props: Properties,
+) -> None:
+    """A message written on the fast path keeps only its encoding; resent on a plain channel
+    (a reconnect without the fast path), aiormq gets the same properties, which marshal to
+    the same bytes."""
+    encoded = encode_properties(props)
+    loop = asyncio.new_event_loop()
+    try:
+        fields = ("", "q", True, props.message_id, encoded, b"x")
+        kept = Outgoing(*fields, loop.create_future(), 0.0, props)
+        dropped = Outgoing(*fields, loop.create_future(), 0.0)
+        ours, rebuilt = plain_properties(kept), plain_properties(dropped)
+    finally:
+        loop.close()
+    assert rebuilt.marshal() == ours.marshal()
+    assert dict(rebuilt) == dict(ours)  # every field pamqp has, as aiormq reads them

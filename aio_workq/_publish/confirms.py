@@ -95,6 +95,9 @@ class ConfirmPublisher:
         self._expiry = Expiry(self, window, source)
         self._in_flight = InFlight(self._expiry.on_settled)
         self._lane: Lane | None = None  # the current channel's, while it is open
+        # The current lane is the plain one, which hands aiormq each message's properties: on
+        # the fast path a message keeps only their encoding (`plain_properties` decodes it).
+        self._keep_props = True
         self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
@@ -152,6 +155,7 @@ class ConfirmPublisher:
         )
         self._lanes.append(lane)
         self._lane = lane
+        self._keep_props = wire is None
         while self._waiting and self._lane is lane:
             out = self._waiting.popleft()
             if out.settled:
@@ -272,7 +276,7 @@ class ConfirmPublisher:
             body,
             self._loop.create_future(),
             deadline,
-            props,
+            props if self._keep_props else None,
         )
         expiry = self._expiry
         if deadline < expiry.earliest:  # a lower bound, so told before anything can fail
