@@ -333,7 +333,9 @@ def test_a_batch_resolves_once_every_message_sent_in_it_is_settled_each_with_its
 
         async def send() -> None:
             data, props, encoded = build_usual(BODY)
-            assert await publisher.send("", "q", data, props, encoded=encoded, batch=batch) is None
+            before = batch.left
+            await publisher.send("", "q", data, props, encoded=encoded, batch=batch)
+            assert batch.left == before + 1  # counted in the batch (no future of its own)
             ids.append(props.message_id)
 
         await send()
