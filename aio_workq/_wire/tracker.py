@@ -1,7 +1,8 @@
 """The confirm trackers: which unconfirmed message each broker confirm, nack or return is about.
 
 Every message becomes an `Outgoing` record. Two bookkeepers settle it, each exactly once: the
-future gets the message id (confirmed), or a `PublishError` saying what happened. A record that
+future gets the message id (confirmed), or a `PublishError` saying what happened (a message of a
+`Batch`, publish_many's, is counted in the batch instead, its error kept there). A record that
 ends unconfirmed says whether it may have reached the queue: only if it was `sent` (handed to
 the connection's writer, or to aiormq on the plain path), at least once.
 
