@@ -4,7 +4,8 @@
 workload (`large`: 64 MiB of S-byte bodies in flight, peak RSS growth over them; `workers`: N
 Workers started one after the other on one connection) against a minimal
 in-process AMQP 0-9-1 server (`FakeBroker`, pamqp on a loopback socket) that answers every
-declaration, confirms every publish at once (one multiple ack per read) and, for consume, delivers
+declaration, confirms every publish at once (one multiple ack per read; `--confirm-every K`: an
+ack every K publishes, as a quorum queue confirms) and, for consume, delivers
 N recorded messages. The client is the library's public API (`Producer.publish_many`, `Worker`),
 so the same driver runs on any commit: `PYTHONPATH=.bench-ref/<rev>/tree python -m bench.micro`.
 
@@ -33,8 +34,12 @@ _FRAME = struct.Struct(">BHI")
 
 
 class _Session(asyncio.Protocol):
-    def __init__(self, deliver: int) -> None:
+    def __init__(self, deliver: int, confirm_every: int = 0) -> None:
         self.buf = bytearray()
+        # 0: one multiple ack per read for everything read (a classic queue's large batches);
+        # K: an ack every K publishes as they are read, then one for the rest of the read (a
+        # quorum queue confirms about every 128; K=1 is a single, non-multiple ack each).
+        self.confirm_every = confirm_every
         self.transport: Any = None
         self.published: dict[int, int] = {}
         self.confirming: set[int] = set()
@@ -90,7 +95,9 @@ class _Session(asyncio.Protocol):
             del self.buf[:used]
             self.handle(channel, value, acks)
         for channel, tag in acks.items():
-            self.send(channel, commands.Basic.Ack(delivery_tag=tag, multiple=True))
+            self.send(
+                channel, commands.Basic.Ack(delivery_tag=tag, multiple=self.confirm_every != 1)
+            )
 
     def handle(self, channel: int, value: Any, acks: dict[int, int]) -> None:
         name = value.name
@@ -98,6 +105,10 @@ class _Session(asyncio.Protocol):
             if channel in self.confirming:
                 tag = self.published[channel] = self.published.get(channel, 0) + 1
                 acks[channel] = tag
+                every = self.confirm_every
+                if every and tag % every == 0:
+                    del acks[channel]
+                    self.send(channel, commands.Basic.Ack(delivery_tag=tag, multiple=every > 1))
         elif isinstance(value, header.ContentHeader | ContentBody | heartbeat.Heartbeat):
             pass
         elif name == "Connection.StartOk":
@@ -164,21 +175,24 @@ class _Session(asyncio.Protocol):
         self.transport.write(b"".join(chunk))
 
 
-def _serve(port_out: Any, deliver: int) -> None:
+def _serve(port_out: Any, deliver: int, confirm_every: int) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Session(deliver), "127.0.0.1", 0)
+        server = await loop.create_server(lambda: _Session(deliver, confirm_every), "127.0.0.1", 0)
         port_out.send(server.sockets[0].getsockname()[1])
         await asyncio.Event().wait()
 
     asyncio.run(main())
 
 
-def start_fake_broker(deliver: int = 0) -> tuple[multiprocessing.Process, str]:
-    """A fake broker in a child process; returns it and its URL."""
+def start_fake_broker(
+    deliver: int = 0, confirm_every: int = 0
+) -> tuple[multiprocessing.Process, str]:
+    """A fake broker in a child process; returns it and its URL. `confirm_every`: see
+    `_Session` (0, the default: one multiple ack per read)."""
     ours, theirs = multiprocessing.Pipe()
     proc = multiprocessing.get_context("fork").Process(
-        target=_serve, args=(theirs, deliver), daemon=True
+        target=_serve, args=(theirs, deliver, confirm_every), daemon=True
     )
     proc.start()
     port = ours.recv()
@@ -338,6 +352,11 @@ def main() -> None:
         "--hooks", choices=("none", "noop", "tracing-sampled"), default="none",
         help="the worker's hooks (consume, chain)",
     )  # fmt: skip
+    parser.add_argument(
+        "--confirm-every", type=int, default=0, metavar="K",
+        help="publish: the fake broker acks every K publishes (as a quorum queue does, about "
+        "128; 1: a single ack each) instead of once per read",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.uvloop:
         import uvloop
@@ -359,7 +378,9 @@ def main() -> None:
             proc.kill()
         os._exit(0)
     consume = args.workload != "publish"
-    proc, url = start_fake_broker(deliver=args.n if consume else 0)
+    proc, url = start_fake_broker(
+        deliver=args.n if consume else 0, confirm_every=args.confirm_every
+    )
     try:
         if consume:
             asyncio.run(_consume(url, args.n, args.workload == "chain", args.hooks))

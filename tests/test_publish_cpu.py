@@ -10,6 +10,7 @@ messages came to: every id back, in order, every confirm settled and the window 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -20,9 +21,11 @@ import pytest
 import aio_workq
 from aio_workq import ConfigurationError, Connection, Producer
 from aio_workq._exceptions import PublishNackedError
+from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import build_message, build_usual
 from aio_workq._wire.frames import Properties, encode_properties
-from aio_workq._wire.tracker import ConfirmTracker, InFlight, Outgoing
+from aio_workq._wire.lanes import plain_properties
+from aio_workq._wire.tracker import Batch, ConfirmTracker, InFlight, Outgoing
 from aio_workq._wire.window import Window
 from bench.micro import BODY, start_fake_broker
 
@@ -137,6 +140,11 @@ def _records(n: int, in_flight: InFlight, tracker: ConfirmTracker) -> list[Outgo
     return records
 
 
+def _future(out: Outgoing) -> asyncio.Future[str]:
+    assert isinstance(out.future, asyncio.Future)
+    return out.future
+
+
 async def test_a_multiple_confirm_settles_its_records_in_a_constant_number_of_calls() -> None:
     """One multiple ack settles every record up to its tag with one window release, not a
     settle, an `on_settled` and a release per record; each record is settled once, and its
@@ -156,15 +164,15 @@ async def test_a_multiple_confirm_settles_its_records_in_a_constant_number_of_ca
     with _Calls() as calls:
         tracker.on_confirm(80, True, True)
     assert calls.count <= 5, calls.names
-    assert [out.future.result() for out in records[:80]] == [f"m{t}" for t in range(1, 81)]
-    assert not any(out.future.done() for out in records[80:])
+    assert [_future(out).result() for out in records[:80]] == [f"m{t}" for t in range(1, 81)]
+    assert not any(_future(out).done() for out in records[80:])
     assert window.count == 20 and window.bytes == sum(range(81, 101))
     assert released == list(range(1, 81))
     tracker.on_confirm(80, True, True)  # again: nothing left to settle
     tracker.on_confirm(3, False, True)
     assert released == list(range(1, 81)) and len(tracker) == 20
     tracker.on_confirm(81, False, False)  # a nack: that record alone, with its error
-    assert isinstance(records[80].future.exception(), PublishNackedError)
+    assert isinstance(_future(records[80]).exception(), PublishNackedError)
     tracker.on_confirm(100, True, True)
     assert window.count == 0 and window.bytes == 0 and len(tracker) == 0
     assert released == list(range(1, 101))
@@ -199,3 +207,158 @@ def test_the_usual_message_is_built_and_encoded_as_the_general_code_does(body: A
     assert props.message_id != general.message_id  # each its own
     assert encoded == encode_properties(props)
     assert build_message(body, {})[1].message_id != props.message_id
+
+
+def test_a_message_in_flight_on_the_fast_path_holds_only_its_future_and_its_encoding() -> None:
+    """What a message keeps alive while it waits for its confirm is what the garbage collector
+    walks and counts (#22: on a quorum queue the client's collections cost more): on the fast
+    path its properties are in its encoding already, so the `Properties` object is not kept
+    (the plain lane, which hands aiormq the properties, rebuilds them from the encoding)."""
+    from tests.test_confirms_model import FakeSource
+
+    async def scenario() -> None:
+        source = FakeSource()
+        publisher = ConfirmPublisher(source, window=Window(1000), timeout=3600, resend=True)
+        await publisher.start()
+        futures = []
+        gc.disable()  # no collection untracks anything while it is counted
+        try:
+            for _ in range(50):
+                data, props, encoded = build_usual(BODY)
+                futures.append(await publisher.send("", "q", data, props, encoded=encoded))
+            records = publisher.outstanding()
+            assert len(records) == 50
+            own = {
+                id(obj): type(obj).__name__
+                for out in records
+                for obj in gc.get_referents(out)
+                if gc.is_tracked(obj) and obj is not out.tracker and type(obj) is not type
+            }
+        finally:
+            gc.enable()
+        kinds = sorted(set(own.values()))
+        assert len(own) / len(records) <= 2, kinds  # the future and the encoding's tuple
+        assert "Properties" not in kinds
+        source.writer.flush()
+        source.demux.sinks[source.connection.channels[-1].number].on_confirm(50, True, True)
+        assert [await f for f in futures] == [out.message_id for out in records]
+        await publisher.close(0)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        Properties(message_id="m1"),
+        Properties(message_id="m2", content_type="application/json", delivery_mode=1),
+        Properties(
+            message_id="m3",
+            headers={"a": 1, "b": "x", "f": 2.5},
+            priority=3,
+            correlation_id="c",
+            reply_to="r",
+            expiration="1500",
+            timestamp=1_700_000_000,
+            type="t",
+        ),  # fmt: skip
+    ],
+)
+def test_the_plain_lane_rebuilds_the_properties_of_a_message_first_written_on_the_fast_path(
+    props: Properties,
+) -> None:
+    """A message written on the fast path keeps only its encoding; resent on a plain channel
+    (a reconnect without the fast path), aiormq gets the same properties, which marshal to
+    the same bytes."""
+    encoded = encode_properties(props)
+    loop = asyncio.new_event_loop()
+    try:
+        fields = ("", "q", True, props.message_id, encoded, b"x")
+        kept = Outgoing(*fields, loop.create_future(), 0.0, props)
+        dropped = Outgoing(*fields, loop.create_future(), 0.0)
+        ours, rebuilt = plain_properties(kept), plain_properties(dropped)
+    finally:
+        loop.close()
+    assert rebuilt.marshal() == ours.marshal()
+    assert dict(rebuilt) == dict(ours)  # every field pamqp has, as aiormq reads them
+
+
+class _OwnFutures:
+    """Counts the futures aio-workq's own code makes (`loop.create_future()` called from it)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> _OwnFutures:
+        self._previous = sys.getprofile()
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        sys.setprofile(self._previous)
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "create_future":
+            caller = frame.f_back
+            if caller is not None and caller.f_code.co_filename.startswith(_ROOT):
+                self.count += 1
+
+
+async def test_publish_many_makes_no_future_per_message(producer: Producer) -> None:
+    """A batch's outcomes are counted in one `Batch`: no future per message to make, settle
+    and await, nor for the garbage collector to walk while the batch runs (#22)."""
+    n = 500
+    async with asyncio.timeout(60):
+        with _OwnFutures() as futures:
+            ids = await producer.publish_many([BODY] * n, queue="cpu")
+    assert len(set(ids)) == n and producer.in_flight == 0
+    assert futures.count <= 10, futures.count
+
+
+def test_a_batch_resolves_once_every_message_sent_in_it_is_settled_each_with_its_own_outcome() -> (
+    None
+):
+    """The batch's future waits for every message counted, also when all sent so far were
+    settled before the next was sent; a nacked message's error is kept under its own id;
+    `wait_idle` waits for the batch too."""
+    from tests.test_confirms_model import FakeSource
+
+    async def scenario() -> None:
+        source = FakeSource()
+        publisher = ConfirmPublisher(source, window=Window(1000), timeout=3600, resend=True)
+        await publisher.start()
+        sink = source.demux.sinks[source.connection.channels[-1].number]
+        batch = Batch(asyncio.get_running_loop())
+        ids = []
+
+        async def send() -> None:
+            data, props, encoded = build_usual(BODY)
+            before = batch.left
+            await publisher.send("", "q", data, props, encoded=encoded, batch=batch)
+            assert batch.left == before + 1  # counted in the batch (no future of its own)
+            ids.append(props.message_id)
+
+        await send()
+        await send()
+        early = batch.wait()
+        sink.on_confirm(2, True, True)  # all sent so far: settled
+        assert early.done() and batch.left == 0
+        for _ in range(3):
+            await send()
+        waiting = batch.wait()
+        assert not waiting.done() and batch.left == 3
+        idle = asyncio.ensure_future(publisher.wait_idle(5))
+        sink.on_confirm(4, False, False)  # the 4th message, nacked
+        sink.on_confirm(3, False, True)
+        await asyncio.sleep(0)
+        assert not waiting.done() and not idle.done() and batch.left == 1
+        sink.on_confirm(5, True, True)
+        async with asyncio.timeout(5):
+            await waiting
+            assert await idle
+        assert list(batch.errors) == [ids[3]]
+        assert isinstance(batch.errors[ids[3]], PublishNackedError)
+        assert publisher.in_flight == 0
+        await publisher.close(0)
+
+    asyncio.run(scenario())

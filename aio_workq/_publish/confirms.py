@@ -21,6 +21,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, overload
 
 import aiormq
 
@@ -45,7 +46,7 @@ from .._wire.frames import (
 )
 from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
 from .._wire.seams import Wire
-from .._wire.tracker import MAYBE, ConfirmTracker, InFlight, Outgoing
+from .._wire.tracker import MAYBE, Batch, ConfirmTracker, InFlight, Outgoing
 from .._wire.window import Window
 from .expiry import SLOW, Expiry
 
@@ -95,6 +96,9 @@ class ConfirmPublisher:
         self._expiry = Expiry(self, window, source)
         self._in_flight = InFlight(self._expiry.on_settled)
         self._lane: Lane | None = None  # the current channel's, while it is open
+        # The current lane is the plain one, which hands aiormq each message's properties: on
+        # the fast path a message keeps only their encoding (`plain_properties` decodes it).
+        self._keep_props = True
         self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
@@ -152,6 +156,7 @@ class ConfirmPublisher:
         )
         self._lanes.append(lane)
         self._lane = lane
+        self._keep_props = wire is None
         while self._waiting and self._lane is lane:
             out = self._waiting.popleft()
             if out.settled:
@@ -200,6 +205,7 @@ class ConfirmPublisher:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
                 self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
 
+    @overload
     async def send(
         self,
         exchange: str,
@@ -211,12 +217,44 @@ class ConfirmPublisher:
         timeout: float | None = None,
         deadline: float | None = None,
         encoded: EncodedProperties | None = None,
-    ) -> asyncio.Future[str]:
+        batch: None = None,
+    ) -> asyncio.Future[str]: ...
+
+    @overload
+    async def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        encoded: EncodedProperties | None = None,
+        batch: Batch,
+    ) -> None: ...
+
+    async def send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        props: Properties,
+        *,
+        mandatory: bool = True,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        encoded: EncodedProperties | None = None,
+        batch: Batch | None = None,
+    ) -> asyncio.Future[str] | None:
         """Hand one message to the connection; the returned future settles with its confirm.
 
         Waits only while the window is full or the channel is reopening, up to `timeout` (or
         until `deadline`, the loop's time, when given: then `timeout` is not used). `encoded`
-        is `encode_properties(props)` when the caller has it already (`build_usual`).
+        is `encode_properties(props)` when the caller has it already (`build_usual`). With a
+        `batch`, the message's outcome is counted in it instead (no future of its own): returns
+        None.
 
         Raises:
             SerializationError: a property, header, name or id can't be sent, the headers
@@ -270,14 +308,16 @@ class ConfirmPublisher:
             props.message_id,
             encoded,
             body,
-            self._loop.create_future(),
+            self._loop.create_future() if batch is None else batch,
             deadline,
-            props,
+            props if self._keep_props else None,
         )
         expiry = self._expiry
         if deadline < expiry.earliest:  # a lower bound, so told before anything can fail
             expiry.expect(deadline)
         self._in_flight.admit(out)
+        if batch is not None:
+            batch.left += 1
         self._window.take(len(body))
         lane = self._lane
         assert lane is not None
@@ -288,7 +328,7 @@ class ConfirmPublisher:
             # A long burst (publish_many): the broker starts on these while the rest are built.
             lane.flush()
             await asyncio.sleep(0)
-        return out.future
+        return out.future if batch is None else None  # type: ignore[return-value]
 
     async def _wait_for_room(
         self, deadline: float, message_id: str, exchange: str, routing_key: str
@@ -336,7 +376,11 @@ class ConfirmPublisher:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every message is settled; False if some are still pending at `timeout`."""
-        outstanding = [out.future for out in self.outstanding()]
+        waits: dict[asyncio.Future[Any], None] = {}  # each batch's once
+        for out in self.outstanding():
+            future = out.future
+            waits[future.wait() if isinstance(future, Batch) else future] = None
+        outstanding = list(waits)
         if not outstanding:
             return True
         done, pending = await asyncio.wait(outstanding, timeout=timeout)

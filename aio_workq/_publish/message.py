@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -19,6 +19,7 @@ from .._hooks import Hooks, PublishInfo
 from .._link.delay import delay_ticks
 from .._link.delay import routing_key as delayed_key
 from .._wire.frames import EncodedProperties, Properties, usual_properties
+from .._wire.tracker import Batch
 from .serialization import encode_body
 
 if TYPE_CHECKING:
@@ -55,10 +56,11 @@ os.register_at_fork(after_in_child=_reseed_ids)
 
 
 async def settle_in_order(
-    outcomes: list[asyncio.Future[str] | WorkqError],
+    outcomes: Sequence[asyncio.Future[str] | WorkqError | str],
 ) -> list[str | BaseException]:
     """Wait for every confirm among `outcomes`; each slot becomes its message id or its error
-    (a send's error stays as it is), as `gather(return_exceptions=True)` would give them.
+    (a send's error, or a message id settled already, stays as it is), as
+    `gather(return_exceptions=True)` would give them.
 
     The confirms are awaited one by one: one settled already costs nothing (they settle in
     batches, so most are), where gather added a done callback to each. Cancelled, it cancels
@@ -331,7 +333,11 @@ class Sender:
         deadline = asyncio.get_running_loop().time() + (
             self._timeout if timeout is None else timeout
         )
-        outcomes: list[asyncio.Future[str] | WorkqError] = []
+        # The usual messages' outcomes are counted in one `Batch` (no future each); their
+        # slots hold their message ids until then. Others (options, hooks, a first
+        # declaration) have their own futures.
+        batch = Batch(asyncio.get_running_loop())
+        outcomes: list[asyncio.Future[str] | WorkqError | str] = []
         forward, lookup, send = self.forward, self._router.lookup, self._publisher.send
         usual = not options and self._hooks is None  # each message is `forward`'s usual one
         for body in bodies:
@@ -340,22 +346,32 @@ class Sender:
                     # `forward`'s steps for a message without options to a known destination,
                     # without a coroutine of its own (the hot path).
                     data, props, encoded = build_usual(body)
-                    confirm = await send(
+                    await send(
                         destination[0], destination[1], data, props, deadline=deadline,
-                        encoded=encoded,
+                        encoded=encoded, batch=batch,
                     )  # fmt: skip
+                    outcomes.append(props.message_id)
                 else:  # declares the destination first, or has options or hooks
                     confirm = await forward(body, queue, exchange, routing_key, options, deadline)
-                outcomes.append(confirm)
+                    outcomes.append(confirm)
             except WorkqError as exc:
                 if not return_exceptions:
                     # Settle what was sent before raising: no confirm is left unobserved.
+                    while batch.left:
+                        await asyncio.shield(batch.wait())
                     await asyncio.gather(
                         *(o for o in outcomes if isinstance(o, asyncio.Future)),
                         return_exceptions=True,
                     )
                     raise
                 outcomes.append(exc)
+        while batch.left:
+            # Shielded: cancelling publish_many leaves its messages in flight, each settled
+            # by its confirm (or timeout) as before; nothing waits for them any more.
+            await asyncio.shield(batch.wait())
+        if batch.errors:
+            errors = batch.errors
+            outcomes = [errors.get(o, o) if type(o) is str else o for o in outcomes]
         results = await settle_in_order(outcomes)
         if not return_exceptions:
             for result in results:

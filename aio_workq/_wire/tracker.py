@@ -1,7 +1,8 @@
 """The confirm trackers: which unconfirmed message each broker confirm, nack or return is about.
 
 Every message becomes an `Outgoing` record. Two bookkeepers settle it, each exactly once: the
-future gets the message id (confirmed), or a `PublishError` saying what happened. A record that
+future gets the message id (confirmed), or a `PublishError` saying what happened (a message of a
+`Batch`, publish_many's, is counted in the batch instead, its error kept there). A record that
 ends unconfirmed says whether it may have reached the queue: only if it was `sent` (handed to
 the connection's writer, or to aiormq on the plain path), at least once.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator, Sequence
+from typing import final
 
 from .._exceptions import (
     ConfigurationError,
@@ -30,7 +32,7 @@ from .._exceptions import (
 )
 from .frames import EncodedProperties, Properties
 
-__all__ = ("MAYBE", "NOT_SENT", "ConfirmTracker", "InFlight", "Outgoing")
+__all__ = ("MAYBE", "NOT_SENT", "Batch", "ConfirmTracker", "InFlight", "Outgoing")
 
 MAYBE = "it may or may not have reached the queue"
 NOT_SENT = "it was never sent, so it did not reach the queue"
@@ -39,6 +41,52 @@ _UNROUTABLE = (
     "binding, or publish with mandatory=False)"
 )
 _NACKED = "nacked by the broker (e.g. the queue is full with overflow=reject-publish)"
+
+
+@final
+class Batch:
+    """The outcomes of a batch of messages (`publish_many`): one future for them all, where a
+    message sent alone has a future of its own.
+
+    A message of the batch has the batch as its `future`; it is settled like any other (each
+    exactly once, by `InFlight`), which counts it here: a failed one's error is kept under its
+    message id (the batch's ids are its own, all different). `wait()` gives a future resolved
+    once no message counted in `left` is unsettled. On a quorum queue the confirms come in
+    many small batches while publish_many runs: a future per message was an object per message
+    for the garbage collector to walk for the whole batch, and calls to make and settle (#22).
+    """
+
+    __slots__ = ("_loop", "_settled", "errors", "left")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._settled: asyncio.Future[None] | None = None  # made by `wait`
+        self.left = 0  # messages sent in the batch and not settled yet
+        self.errors: dict[str, WorkqError] = {}  # message id -> its error
+
+    def wait(self) -> asyncio.Future[None]:
+        """A future resolved once no message of the batch is unsettled (at once if none is).
+        More messages may be sent after it resolved: then wait again."""
+        settled = self._settled
+        if settled is None or settled.done():
+            settled = self._settled = self._loop.create_future()
+            if not self.left:
+                settled.set_result(None)
+        return settled
+
+    def settle(self, out: Outgoing, error: WorkqError | None) -> None:
+        """`out`, a message of the batch, is settled (confirmed when `error` is None)."""
+        if error is not None:
+            self.errors[out.message_id] = error
+        self.left -= 1
+        if not self.left:
+            self.drained()
+
+    def drained(self) -> None:
+        """No message of the batch is unsettled now: resolve the waiting future."""
+        settled = self._settled
+        if settled is not None and not settled.done():
+            settled.set_result(None)
 
 
 class Outgoing:
@@ -68,7 +116,7 @@ class Outgoing:
         message_id: str,
         encoded: EncodedProperties,
         body: bytes,
-        future: asyncio.Future[str],
+        future: asyncio.Future[str] | Batch,
         deadline: float,
         props: Properties | None = None,
     ) -> None:
@@ -151,11 +199,14 @@ class InFlight:
             tracker.discard(out)
         if out.mandatory and self._by_id.get(out.message_id) is out:
             del self._by_id[out.message_id]
-        if not out.future.done():
+        future = out.future
+        if type(future) is Batch:
+            future.settle(out, error)
+        elif not future.done():
             if error is None:
-                out.future.set_result(out.message_id)
+                future.set_result(out.message_id)
             else:
-                out.future.set_exception(error)
+                future.set_exception(error)
         self._on_settled((out,))
 
     def confirmed(self, records: list[Outgoing]) -> None:
@@ -172,7 +223,11 @@ class InFlight:
             if out.mandatory and by_id.get(out.message_id) is out:
                 del by_id[out.message_id]
             future = out.future
-            if not future.done():
+            if type(future) is Batch:  # `Batch.settle(out, None)`, inline
+                future.left -= 1
+                if not future.left:
+                    future.drained()
+            elif not future.done():
                 future.set_result(out.message_id)
         if stale is not None:
             records = [out for out in records if not any(out is old for old in stale)]
