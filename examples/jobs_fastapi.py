@@ -6,7 +6,7 @@
     curl -X POST localhost:8000/thumbnails -H 'content-type: application/json' \\
          -d '{"path": "cat.png", "width": 400}'                       # 202 {"job_id": "..."}
     curl localhost:8000/jobs/JOB_ID        # {"state": "succeeded", "result": {...}, ...}
-    curl -X DELETE localhost:8000/jobs/JOB_ID                       # cancel it
+    curl -X DELETE localhost:8000/jobs/JOB_ID     # cancel it (409 once it succeeded or failed)
 
 The task is declared once (`resize`); the route enqueues it with checked arguments, and the
 status route reads the job store (SQLite here: `JOBS_DB`, default `jobs.db`; PostgresStore in
@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from aio_workq import Producer
 from aio_workq.jobs import JobNotFoundError, JobState, JobStore, SQLiteStore, Tasks
@@ -52,6 +52,8 @@ async def resize(path: str, width: int = 800) -> Thumb:
 
 
 class ResizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 422, not a default
+
     path: str
     width: int = Field(default=800, gt=0, le=10_000)
 
@@ -110,6 +112,8 @@ def create_app(
             status = await resize.job(job_id).cancel()
         except JobNotFoundError:
             raise HTTPException(404, f"no job {job_id}") from None
+        if status.state in (JobState.SUCCEEDED, JobState.FAILED):  # too late: it ended
+            raise HTTPException(409, f"job {job_id} has already {status.state.value}")
         return {
             "job_id": job_id,
             "state": status.state,

@@ -37,5 +37,8 @@ async def test_post_answers_202_with_a_job_id_and_the_status_route_follows_it(
         assert body["attempt"] == 1 and body["error"] is None
         assert (await client.get("/jobs/no-such-job")).status_code == 404
         assert (await client.post("/thumbnails", json={"width": 3})).status_code == 422
-        done = await client.delete(f"/jobs/{job_id}")  # finished: stays succeeded
-        assert done.status_code == 202 and done.json()["state"] == "succeeded"
+        misspelt = {"path": "cat.png", "widht": 400}  # not the default width in silence
+        assert (await client.post("/thumbnails", json=misspelt)).status_code == 422
+        done = await client.delete(f"/jobs/{job_id}")  # finished: it stays succeeded
+        assert done.status_code == 409 and "already succeeded" in done.json()["detail"]
+        assert (await client.get(f"/jobs/{job_id}")).json()["state"] == "succeeded"
