@@ -7,7 +7,10 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+import pytest
+
 from aio_workq.jobs import JobState, MemoryStore, StoreError, Write
+from aio_workq.jobs._batches import WriteBatches
 from aio_workq.jobs._recorder import GroupCommit, Recorder, Running
 from aio_workq.jobs._running import run_task
 
@@ -213,3 +216,26 @@ async def test_a_job_cancelled_before_its_handler_starts_does_not_run() -> None:
     tracked.request_cancel()  # e.g. while it waited for a free handler, or a rate limit
     assert await run_task(task, {}, tracked) is None  # type: ignore[arg-type]
     assert not task.ran and tracked.cancelled
+
+
+@pytest.mark.timeout(30)
+async def test_a_store_failing_at_once_is_retried_after_a_backoff_not_in_a_tight_loop() -> None:
+    """A store that fails without waiting (a closed pool, a refused connection) is retried
+    0.5 s later, then up to 2 s apart: the retry did not wait at all before (its own batch's
+    end woke the wait for the backoff), so the flusher spun without ever yielding to the event
+    loop, which then ran nothing else."""
+
+    class Closed(MemoryStore):
+        calls = 0
+
+        async def record(self, writes: Sequence[Write]) -> list[bool]:
+            self.calls += 1
+            raise StoreError("the store is closed")
+
+    store = Closed()
+    batches = WriteBatches(store, buffer=10, timeout=5.0)
+    batches.write(write("a", JobState.QUEUED))
+    for _ in range(200):  # each lets the flusher take a step; a spinning one never returns
+        await asyncio.sleep(0)
+    assert store.calls <= 2, store.calls  # its batch, and the first retry
+    await batches.close(0.1)

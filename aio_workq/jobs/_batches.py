@@ -234,12 +234,15 @@ class WriteBatches:
                         self._enqueue(_cancelled(write), None)
             return True
         finally:
-            if ids is not None:
+            if ids is not None:  # a lane's batch: the flusher may start the next one
                 self._busy -= ids
                 task = asyncio.current_task()
                 if task is not None:
                     self._lanes.discard(task)
-            self._wake.set()
+                self._wake.set()
+            # (the retry while down runs in the flusher itself, which then waits for its
+            # backoff: a wake-up set here ended that wait at once, and a store failing
+            # without waiting was retried in a loop that never yielded)
 
     def _store_down(
         self,
