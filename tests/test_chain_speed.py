@@ -81,6 +81,8 @@ async def test_a_forward_to_a_known_queue_runs_no_coroutine_but_job_send_s() -> 
         sys.setprofile(previous)
     assert started == ["Job.send"] * 10, started
     assert job.links == confirms
+    # Nor a `Properties` each: the fast lane sends their encoding only.
+    assert [out.props for out in publisher.outstanding()] == [None] * 10
     _confirm_all(source)
     assert source.connection.channels[-1].published == [await c for c in confirms]
     await publisher.close(0)
