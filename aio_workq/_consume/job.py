@@ -33,6 +33,16 @@ class Forwarder(Protocol):
         options: PublishOptions,
     ) -> asyncio.Future[str]: ...
 
+    def send_now(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: PublishOptions,
+    ) -> asyncio.Future[str] | None:
+        """`forward` when it needs no wait (no coroutine); None, nothing sent, otherwise."""
+
 
 _UNSET: Any = object()
 
@@ -219,16 +229,22 @@ class Job:
             SerializationError, ConfigurationError, TopologyError, PublishTimeoutError: as
                 `forward`, before the message was sent.
         """
-        if self.links is None:
-            self.links = []
+        links = self.links
+        if links is None:
+            self.links = links = []
+        forwarder = self._forwarder
         try:
-            confirm = await self._forwarder.forward(body, queue, exchange, routing_key, options)
+            # The usual forward (no options, to a known queue, room in the window) is sent
+            # here without a coroutine; else it is awaited (declaring, waiting for room).
+            confirm = forwarder.send_now(body, queue, exchange, routing_key, options)
+            if confirm is None:
+                confirm = await forwarder.forward(body, queue, exchange, routing_key, options)
         except BaseException as exc:
             # Recorded before it propagates: a handler that catches it must not get its
             # delivery acked, since the message it meant to forward was never sent.
-            self.links.append(_failed(exc))
+            links.append(_failed(exc))
             raise
-        self.links.append(confirm)
+        links.append(confirm)
         return confirm
 
     def snapshot(self) -> JobData:

@@ -330,6 +330,56 @@ class ConfirmPublisher:
             await asyncio.sleep(0)
         return out.future if batch is None else None  # type: ignore[return-value]
 
+    def send_now(
+        self, exchange: str, routing_key: str, body: bytes, message_id: str,
+        content_type: str | None, encoded: EncodedProperties, timeout: float,
+    ) -> asyncio.Future[str] | None:  # fmt: skip
+        """`send(exchange, routing_key, body, props, timeout=timeout, encoded=encoded)` of a
+        message whose only properties are `message_id` and `content_type` (mandatory), when
+        it would not wait: its confirm; or None, nothing done, when the window is full, there
+        is no channel or the publisher is closed (then await `send`). No coroutine, and no
+        `Properties` unless the lane is the plain one (which hands them to aiormq): a
+        handler's forward, the hot path of a chain step.
+
+        Raises:
+            SerializationError: as `send`; nothing was sent.
+        """
+        lane = self._lane
+        if lane is None or self._window.full or self._closed:
+            return None
+        destination = (exchange, routing_key, True)
+        try:
+            checked = destination in _CHECKED
+        except TypeError:  # unhashable: not a str; check_destination names it
+            checked = False
+        if not checked:
+            check_destination(exchange, routing_key, True)
+            if len(_CHECKED) < 4096:
+                _CHECKED.add(destination)
+        props = None
+        if self._keep_props or len(encoded[1]) > self._properties_max:
+            props = Properties(message_id=message_id, content_type=content_type)
+            if len(encoded[1]) > self._properties_max:
+                raise header_too_large(props, len(encoded[1]), self._frame_max)
+        if len(body) > MAX_MESSAGE_SIZE:
+            raise _body_too_large(message_id, len(body))
+        deadline = self._loop.time() + timeout
+        future = self._loop.create_future()
+        out = _new(Outgoing)  # as in `send`
+        Outgoing.__init__(
+            out, exchange, routing_key, True, message_id, encoded, body, future, deadline, props
+        )
+        expiry = self._expiry
+        if deadline < expiry.earliest:
+            expiry.expect(deadline)
+        self._in_flight.admit(out)
+        self._window.take(len(body))
+        if lane.write(out):
+            lane.flush()  # a long burst: out at once (no yield here, unlike `send`)
+        if expiry.handle is None:
+            expiry.start()
+        return future
+
     async def _wait_for_room(
         self, deadline: float, message_id: str, exchange: str, routing_key: str
     ) -> None:

@@ -315,6 +315,37 @@ class Sender:
             deadline=deadline, encoded=encoded,
         )  # fmt: skip
 
+    def send_now(
+        self,
+        body: Any,
+        queue: str | Queue | None,
+        exchange: str | Exchange,
+        routing_key: str | None,
+        options: Mapping[str, Any],
+    ) -> asyncio.Future[str] | None:
+        """`forward`'s work, without its coroutine, for a message without options or hooks to
+        a destination known already, when it need not wait: its confirm. None, nothing sent,
+        when `forward` must be awaited instead (a handler's forward: the hot path).
+
+        Raises:
+            SerializationError: the body can't be encoded; nothing was sent.
+        """
+        if options or self._hooks is not None:
+            return None
+        destination = self._router.lookup(queue, exchange, routing_key)
+        if destination is None:
+            return None
+        # `build_usual`'s work without its `Properties`: the fast lane sends the encoding only.
+        if type(body) is bytes:
+            data, content_type = body, None
+        else:
+            data, content_type = encode_body(body)
+        message_id = _ID_FORMAT % next(_ID_COUNTER)
+        return self._publisher.send_now(
+            destination[0], destination[1], data, message_id, content_type,
+            usual_properties(message_id, content_type), self._timeout,
+        )  # fmt: skip
+
     async def forward_many(
         self,
         bodies: Iterable[Any],

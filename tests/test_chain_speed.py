@@ -1,0 +1,120 @@
+"""A chain step's forward (#22): `job.send` to a queue known already, with room in the window,
+is sent without a coroutine of the `Sender`'s or the publisher's (`send_now`), offline; when it
+must wait, or fails, it takes the awaited path and the job records the same links as before."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import struct
+import sys
+from typing import Any, cast
+
+import pytest
+
+import aio_workq
+from aio_workq import Job
+from aio_workq._consume.delivery import Delivery
+from aio_workq._exceptions import ConnectionLostError, SerializationError
+from aio_workq._publish.confirms import ConfirmPublisher
+from aio_workq._publish.message import Sender
+from aio_workq._wire.window import Window
+from tests.test_confirms_model import FakeSource
+
+_HEADER = struct.pack(">HHQH", 60, 0, 1, 0)
+
+
+class _Declared:
+    """The router's part a `Sender` uses, every queue declared already (`lookup` finds it)."""
+
+    def lookup(self, queue: Any, exchange: Any, routing_key: Any) -> tuple[str, str] | None:
+        return ("", queue) if isinstance(queue, str) and not exchange else None
+
+    async def destination(self, queue: Any, exchange: Any, routing_key: Any) -> tuple[str, str]:
+        return ("", queue)
+
+    def forget_exchange(self, name: str) -> None:
+        pass
+
+
+async def _sender(window: int = 100) -> tuple[FakeSource, ConfirmPublisher, Sender]:
+    source = FakeSource()
+    publisher = ConfirmPublisher(source, window=Window(window), timeout=3600, resend=True)
+    await publisher.start()
+    return source, publisher, Sender(publisher, cast(Any, _Declared()), 3600)
+
+
+def _job(sender: Sender, tag: int = 1) -> Job:
+    delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", _HEADER, b"x")
+    return Job(delivery, sender)
+
+
+def _confirm_all(source: FakeSource) -> None:
+    source.writer.flush()
+    channel = source.connection.channels[-1]
+    source.demux.sinks[channel.number].on_confirm(len(channel.published), True, True)
+
+
+async def test_a_forward_to_a_known_queue_runs_no_coroutine_but_job_send_s() -> None:
+    """Before: `Job.send`, `Sender.forward` and `ConfirmPublisher.send`, three coroutines per
+    forward (each an object, a frame and a resume: about 4k instructions of the chain step)."""
+    source, publisher, sender = await _sender()
+    root = os.path.dirname(aio_workq.__file__)
+    started: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if (
+            event == "call"
+            and code.co_flags & inspect.CO_COROUTINE
+            and code.co_filename.startswith(root)
+        ):
+            started.append(code.co_qualname)
+
+    job = _job(sender)
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        confirms = [await job.send(b"x", queue="out") for _ in range(10)]
+    finally:
+        sys.setprofile(previous)
+    assert started == ["Job.send"] * 10, started
+    assert job.links == confirms
+    # Nor a `Properties` each: the fast lane sends their encoding only.
+    assert [out.props for out in publisher.outstanding()] == [None] * 10
+    _confirm_all(source)
+    assert source.connection.channels[-1].published == [await c for c in confirms]
+    await publisher.close(0)
+
+
+async def test_a_forward_that_must_wait_for_room_is_awaited_and_linked() -> None:
+    """A full window: `send_now` sends nothing and the forward waits for room, then goes out."""
+    source, publisher, sender = await _sender(window=1)
+    job = _job(sender)
+    first = await job.send(b"1", queue="out")
+    second = asyncio.ensure_future(job.send(b"2", queue="out"))
+    await asyncio.sleep(0)
+    assert not second.done() and job.links == [first]  # waiting for room, nothing sent
+    _confirm_all(source)
+    async with asyncio.timeout(5):
+        confirm = await second
+    assert job.links == [first, confirm]
+    _confirm_all(source)
+    assert source.connection.channels[-1].published == [await first, await confirm]
+    await publisher.close(0)
+
+
+async def test_a_forward_that_fails_is_linked_as_failed_on_both_ways() -> None:
+    """A body that can't be encoded fails in `send_now`, a closed publisher in `send`: either
+    way the job records the failure, so it is never acked."""
+    _, publisher, sender = await _sender()
+    job = _job(sender)
+    with pytest.raises(SerializationError):
+        await job.send(object(), queue="out")
+    await publisher.close(0)
+    with pytest.raises(ConnectionLostError):
+        await job.send(b"x", queue="out")
+    assert job.links is not None and len(job.links) == 2
+    assert isinstance(job.links[0].exception(), SerializationError)
+    assert isinstance(job.links[1].exception(), ConnectionLostError)
