@@ -239,3 +239,19 @@ async def test_a_store_failing_at_once_is_retried_after_a_backoff_not_in_a_tight
         await asyncio.sleep(0)
     assert store.calls <= 2, store.calls  # its batch, and the first retry
     await batches.close(0.1)
+
+
+async def test_batches_with_nothing_left_to_write_leave_no_task_behind() -> None:
+    """An enqueue's records (`GroupCommit`) have no close: a flusher waiting for more after
+    its work was done outlived its registry, and was destroyed pending ("Task was destroyed
+    but it is pending!"). It ends once idle; the next write starts one again."""
+
+    def flushers() -> list[asyncio.Task[object]]:
+        return [t for t in asyncio.all_tasks() if "_flush_loop" in repr(t.get_coro())]
+
+    commits = GroupCommit(MemoryStore())
+    for job_id in "ab":  # twice: a write after the flusher ended starts a new one
+        await commits.record(write(job_id, JobState.QUEUED))
+        for _ in range(20):  # a few steps: the lane's end wakes the flusher, which ends
+            await asyncio.sleep(0)
+        assert not flushers()

@@ -160,8 +160,7 @@ class WriteBatches:
                     break  # what is left waits for its job's batch in flight
             if not self._lanes and not self._queued and not self._pending:
                 self._idle.set()
-                if self._closed:
-                    return
+                return  # all written: the next write starts a flusher again (`_kick`)
             await self._wake.wait()
 
     def _start(self) -> bool:
