@@ -214,7 +214,9 @@ async def _publish(url: str, n: int) -> None:
 def _hooks(kind: str) -> list[Any]:
     """The worker's hooks for `--hooks`: none; `noop`, a hook whose `after_handle` does
     nothing (what installing any hook costs); `tracing-sampled`, `TracingHook` under a 1-in-10
-    ratio sampler (the observability group's OpenTelemetry SDK)."""
+    ratio sampler (the observability group's OpenTelemetry SDK); `tracing-all`, `TracingHook`
+    recording every span (`ALWAYS_ON`) into a `BatchSpanProcessor` whose exporter drops them
+    (what a recorded span costs, its export's thread included)."""
     from aio_workq import HandleInfo, Hook
 
     if kind == "none":
@@ -226,11 +228,23 @@ def _hooks(kind: str) -> list[Any]:
                 pass
 
         return [Noop()]
+    from collections.abc import Sequence
+
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 
     from aio_workq.tracing import TracingHook
 
+    if kind == "tracing-all":
+
+        class Drop(SpanExporter):
+            def export(self, spans: Sequence[Any]) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider(sampler=ALWAYS_ON)
+        provider.add_span_processor(BatchSpanProcessor(Drop()))
+        return [TracingHook(tracer_provider=provider)]
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)))
     return [TracingHook(tracer_provider=provider)]
 
@@ -349,7 +363,7 @@ def main() -> None:
     parser.add_argument("n", type=int)
     parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
     parser.add_argument(
-        "--hooks", choices=("none", "noop", "tracing-sampled"), default="none",
+        "--hooks", choices=("none", "noop", "tracing-sampled", "tracing-all"), default="none",
         help="the worker's hooks (consume, chain)",
     )  # fmt: skip
     parser.add_argument(
