@@ -24,7 +24,16 @@ from ._exceptions import ConfigurationError
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ("HandleInfo", "Hook", "Hooks", "JobView", "Outcome", "PublishInfo", "Settled")
+__all__ = (
+    "HandleInfo",
+    "Hook",
+    "Hooks",
+    "JobView",
+    "Outcome",
+    "PublishInfo",
+    "Settled",
+    "Settling",
+)
 
 log = logging.getLogger("aio_workq")
 
@@ -176,6 +185,19 @@ _set_job, _set_queue, _set_outcome, _set_error, _set_seconds, _set_delay = (
     HandleInfo.__dict__[name].__set__
     for name in ("job", "queue", "outcome", "error", "seconds", "delay")
 )
+
+
+class Settling:
+    """A context manager `Hook.handling` may return (a subclass) to be told how the delivery
+    was settled, just before it is exited: what a hook needs that reads only the outcome of
+    some deliveries (a tracing span that records), without overriding `after_handle`, which
+    has every delivery build a `HandleInfo` and call it."""
+
+    __slots__ = ()
+
+    def settled(self, outcome: Outcome, error: BaseException | None) -> None:
+        """The delivery was settled (`Outcome.REQUEUED` if settling it raised): its outcome
+        and what the handler raised (or the failed confirm of something it forwarded)."""
 
 
 class Hook:
@@ -342,7 +364,7 @@ class Hooks:
         raised: BaseException | None,
     ) -> None:
         """Once the delivery is settled (`settled`), or settling it raised (`raised`): call
-        `after_handle`, then leave what `begin` entered."""
+        `after_handle`, then leave what `begin` entered (a `Settling` told the outcome first)."""
         outcome, error, delay = settled if settled is not None else _UNSETTLED
         if self._after_handle:
             info = HandleInfo(job, queue, outcome, error, self.durations.pop(job, None), delay)
@@ -355,6 +377,11 @@ class Hooks:
             self.durations.pop(job, None)
         if entered is not None:
             for hook, manager in reversed(entered):
+                if isinstance(manager, Settling):
+                    try:
+                        manager.settled(outcome, error)
+                    except Exception as exc:
+                        self._failed(hook, "handling (settled)", exc, _fields(queue, job))
                 try:
                     if raised is None:
                         manager.__exit__(None, None, None)

@@ -63,12 +63,12 @@ import copy
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
 from ._exceptions import ConfigurationError, qualname
-from ._hooks import HandleInfo, Hook, JobView, Outcome, PublishInfo
+from ._hooks import Hook, JobView, Outcome, PublishInfo, Settling
 from ._version import __version__
 
 try:
@@ -117,6 +117,8 @@ _INVALID_SPAN_ID = "0" * 16
 _SHARED_MAX = 1024
 """(queue, exchange) pairs whose span name and shared attributes are kept (then started over)."""
 _FAILED = frozenset({Outcome.RETRY, Outcome.DEAD_LETTERED, Outcome.REJECTED, Outcome.FAILED})
+_OUTCOMES = {outcome: outcome.value for outcome in Outcome}
+"""The `aio_workq.outcome` of each outcome (a plain str: `.value` is two calls of enum's)."""
 
 
 class TracingHook(Hook):
@@ -149,8 +151,6 @@ class TracingHook(Hook):
         """How a root is decided here (`None`: not looked at yet, or the SDK decides)."""
         self._roots_known = False
         """Whether `_roots` was worked out (from the SDK's tracer)."""
-        self._recording: dict[int, trace.Span] = {}
-        """The recording consumer spans, by the id of their job, while it is handled."""
 
     def _reads_w3c(self) -> bool:
         """Whether the propagator in use reads W3C trace context (and baggage) only, so that
@@ -280,25 +280,24 @@ class TracingHook(Hook):
                 root_id: int = roots.ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
                     return _Current(_Dropped(root_id, roots))
-                name, attributes = self._shared_of(queue, job.exchange)
+                exchange = job.exchange
+                name, attributes = self._shared.get((queue, exchange)) or self._share(
+                    queue, exchange
+                )
                 own = _own(job, dict(attributes))
                 span = roots.start(root_id, name, own, SpanKind.CONSUMER, _NO_PARENT)
                 if span.is_recording():  # as the sampler, asked again there, says
-                    return _Recording(span, self._recording, id(job))
+                    return _Recording(span)
                 return _Ended(span)
-        name, attributes = self._shared_of(queue, job.exchange)
+        exchange = job.exchange
+        name, attributes = self._shared.get((queue, exchange)) or self._share(queue, exchange)
         span = self._tracer.start_span(
             name, context=parent, kind=SpanKind.CONSUMER, attributes=attributes
         )
         if span.is_recording():
             span.set_attributes(_own(job, {}))
-            return _Recording(span, self._recording, id(job))
+            return _Recording(span)
         return _Ended(span)
-
-    def _shared_of(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
-        """The span name and the attributes every message of (queue, exchange) shares."""
-        shared = self._shared.get((queue, exchange))
-        return shared if shared is not None else self._share(queue, exchange)
 
     def _share(self, queue: str, exchange: str) -> tuple[str, Mapping[str, Any]]:
         """The span name and the attributes every message of (queue, exchange) shares."""
@@ -315,21 +314,6 @@ class TracingHook(Hook):
         )
         shared = self._shared[(queue, exchange)] = (f"process {queue}", attributes)
         return shared
-
-    def after_handle(self, info: HandleInfo) -> None:
-        recording = self._recording
-        if not recording:
-            return
-        span = recording.get(id(info.job))
-        if span is None:  # sampled out: nothing to add
-            return
-        span.set_attribute("aio_workq.outcome", info.outcome.value)
-        error = info.error
-        if error is not None:
-            span.record_exception(error)
-            if info.outcome in _FAILED:
-                span.set_attribute("error.type", qualname(error))
-                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
 
 
 def _own(job: JobView, own: dict[str, Any]) -> dict[str, Any]:
@@ -458,28 +442,50 @@ class _Pending(threading.local):
 
 
 class _Pinned:
-    """The SDK's id generator, but for the trace id of a root decided on already."""
+    """The SDK's id generator, but for the trace id of a root decided on already (its span
+    ids and whether its trace ids are random are the generator's own methods: no call of ours
+    in between)."""
 
-    __slots__ = ("_ids", "_pending")
+    __slots__ = ("_ids", "_pending", "generate_span_id", "is_trace_id_random")
 
     def __init__(self, ids: Any, pending: _Pending) -> None:
         self._ids = ids
         self._pending = pending
+        self.generate_span_id: Callable[[], int] = ids.generate_span_id
+        is_random = getattr(ids, "is_trace_id_random", None)
+        self.is_trace_id_random: Callable[[], bool] = is_random or _not_random
 
     def generate_trace_id(self) -> int:
-        trace_id = self._pending.value
+        pending = self._pending
+        trace_id = pending.value
         if trace_id is None:
-            trace_id = self._ids.generate_trace_id()
-        else:
-            self._pending.value = None
-        return int(trace_id)
+            return int(self._ids.generate_trace_id())
+        pending.value = None
+        return trace_id
 
-    def generate_span_id(self) -> int:
-        return int(self._ids.generate_span_id())
 
-    def is_trace_id_random(self) -> bool:
-        is_random = getattr(self._ids, "is_trace_id_random", None)
-        return bool(is_random()) if is_random is not None else False
+def _not_random() -> bool:
+    """`is_trace_id_random` of an id generator from before the SDK had it."""
+    return False
+
+
+def _span_key() -> str | None:
+    """The one key `trace.set_span_in_context` puts a span under in the `Context` (a dict) it
+    makes, when a `Context` of that key alone gives the span back to `get_current_span`;
+    `None` (the API's function is used) otherwise."""
+    probe = NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    made = trace.set_span_in_context(probe, otel_context.Context())
+    if len(made) != 1:
+        return None
+    (key,) = made
+    if made[key] is not probe or trace.get_current_span(otel_context.Context(made)) is not probe:
+        return None
+    return key
+
+
+_SPAN_KEY = _span_key()
+"""Where `set_span_in_context` puts the span (see `_span_key`): a span is made current with
+the current context's entries and it, as that function does, without its three calls."""
 
 
 def _delegates(description: str) -> dict[str, str]:
@@ -584,8 +590,13 @@ class _Current:
         self._span = span
 
     def __enter__(self) -> trace.Span:
-        self._token = otel_context.attach(trace.set_span_in_context(self._span))
-        return self._span
+        span = self._span
+        if _SPAN_KEY is None:
+            context = trace.set_span_in_context(span)
+        else:  # what it makes, without its layers
+            context = otel_context.Context({**otel_context.get_current(), _SPAN_KEY: span})
+        self._token = otel_context.attach(context)
+        return span
 
     def __exit__(
         self,
@@ -608,32 +619,24 @@ class _Ended(_Current):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        super().__exit__(exc_type, exc, tb)
+        otel_context.detach(self._token)
         if exc is not None:  # the worker stopped (the message is requeued), or a bug
             self._span.record_exception(exc)
         self._span.end()
 
 
-class _Recording(_Ended):
-    """Makes a recording span current while a delivery is handled and settled, known by its
-    job's id to `after_handle` meanwhile, then ends it."""
+class _Recording(_Ended, Settling):
+    """Makes a recording span current while a delivery is handled and settled, adds the
+    outcome once it is settled (told by the worker's hooks: no `HandleInfo` built for it, no
+    `after_handle` called for every message), then ends it."""
 
-    __slots__ = ("_key", "_recording")
+    __slots__ = ()
 
-    def __init__(self, span: trace.Span, recording: dict[int, trace.Span], key: int) -> None:
-        self._span = span
-        self._recording = recording
-        self._key = key
-
-    def __enter__(self) -> trace.Span:
-        self._recording[self._key] = self._span
-        return super().__enter__()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._recording.pop(self._key, None)
-        super().__exit__(exc_type, exc, tb)
+    def settled(self, outcome: Outcome, error: BaseException | None) -> None:
+        span = self._span
+        span.set_attribute("aio_workq.outcome", _OUTCOMES[outcome])
+        if error is not None:
+            span.record_exception(error)
+            if outcome in _FAILED:
+                span.set_attribute("error.type", qualname(error))
+                span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))

@@ -1,0 +1,119 @@
+"""What `TracingHook` costs a consumer per message, bounded without timing (#22, the hooks).
+
+Offline: the hooks called as the worker calls them (`Hooks.begin`/`end` around the handler),
+the Python calls per message counted by a profile function: for 11 messages less 1, over 10.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+
+from aio_workq import Outcome
+from aio_workq._hooks import Hooks
+from aio_workq.tracing import TracingHook
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"  # sampled out upstream
+
+
+class Job:
+    """A `JobView` whose fields are plain attributes (no call of their own to count)."""
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.headers = headers
+
+    body = data = b""
+    message_id: str | None = "m-1"
+    content_type: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    redelivered = False
+    routing_key = exchange = ""
+    attempt = 1
+    delivery_tag = 7
+
+
+def _calls_per_message(hook: TracingHook, headers: dict[str, Any]) -> Counter[str]:
+    """The Python calls (function: count) one message costs through the hooks."""
+    hooks = Hooks.of([hook])
+    assert hooks is not None
+
+    def count(messages: int) -> Counter[str]:
+        jobs = [Job(headers) for _ in range(messages)]
+        calls: Counter[str] = Counter()
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "call":
+                calls[frame.f_code.co_qualname] += 1
+
+        previous = sys.getprofile()
+        sys.setprofile(profile)
+        try:
+            for job in jobs:
+                entered = hooks.begin(job, "tasks")
+                hooks.end(job, "tasks", entered, (Outcome.OK, None, None), None)
+        finally:
+            sys.setprofile(previous)
+        return calls
+
+    one, eleven = count(1), count(11)
+    eleven.subtract(one)
+    return Counter({name: calls // 10 for name, calls in eleven.items() if calls >= 10})
+
+
+class Collect(SpanProcessor):
+    """Keeps the ended spans (no context of its own attached, as `SimpleSpanProcessor`
+    does: its calls would be counted with the hook's)."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+def _hook(sampler: Any, processor: SpanProcessor | None = None) -> TracingHook:
+    provider = TracerProvider(sampler=sampler)
+    if processor is not None:
+        provider.add_span_processor(processor)
+    return TracingHook(tracer_provider=provider)
+
+
+@pytest.mark.parametrize("headers", [{}, {"traceparent": PARENT}], ids=["root", "child"])
+def test_a_sampled_out_message_costs_a_few_calls_and_no_handle_info(
+    headers: dict[str, Any],
+) -> None:
+    """Sampled out (a root the ratio drops, or its producer's decision): the hook decides,
+    makes the span current and leaves it; no `HandleInfo` is built for it, no `after_handle`
+    called (only a recorded span takes the outcome), no context copied through
+    `set_span_in_context`'s layers. 20 calls a message before."""
+    calls = _calls_per_message(_hook(ParentBased(TraceIdRatioBased(0.0))), headers)
+    assert "HandleInfo.__init__" not in calls and "TracingHook.after_handle" not in calls
+    assert "set_value" not in calls
+    # begin, handling, the decision (a trace id, or the propagator's check), the span and
+    # its manager, enter (get_current, attach), end, exit (detach): their layers included.
+    assert sum(calls.values()) <= 15, calls
+
+
+def test_a_recorded_message_costs_few_calls_beyond_the_sdk_s() -> None:
+    """A recorded root: beyond the SDK's own calls (starting, ending and its attributes),
+    the hook's and the OpenTelemetry API's it calls. 27 a message before (the outcome through
+    `after_handle` and its `HandleInfo`, three layers of exit, the id generator's wrappers)."""
+    collect = Collect()
+    calls = _calls_per_message(_hook(ALWAYS_ON, collect), {})
+    ours = {
+        name: count
+        for name, count in calls.items()
+        if name.split(".")[0]
+        in {"Hooks", "TracingHook", "_Roots", "_Pinned", "_Recording", "_Ended", "_Current",
+            "_own", "HandleInfo", "set_span_in_context", "set_value", "get_current", "attach",
+            "detach", "ContextVarsRuntimeContext", "property", "Enum"}
+    }  # fmt: skip
+    assert sum(ours.values()) <= 17, ours
+    assert len(collect.spans) == 12  # the outcome still on each
+    assert all(dict(span.attributes or {})["aio_workq.outcome"] == "ok" for span in collect.spans)
