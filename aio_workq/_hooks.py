@@ -245,17 +245,19 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_after_handle", "_handling", "durations", "hooks")
+    __slots__ = ("_after_handle", "_handling", "durations", "hooks", "times")
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
         self.durations: dict[JobView, float] = {}
         """How long each delivery's handler ran, from its end until `end` reports it (`timed`,
-        or the dispatcher timing its usual delivery itself)."""
+        or the dispatcher timing its usual delivery itself), when `times`."""
         # Per delivery only the hooks that override a method are called (a hook that counts
         # deliveries need not be asked for a context manager).
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
         self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
+        self.times = bool(self._after_handle)
+        """Whether the handlers are timed (into `durations`): only `after_handle` reads it."""
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
@@ -373,8 +375,6 @@ class Hooks:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
-        else:
-            self.durations.pop(job, None)
         if entered is not None:
             for hook, manager in reversed(entered):
                 if isinstance(manager, Settling):

@@ -55,6 +55,18 @@ differs makes the hook stand aside and the SDK decide, as it does for a custom s
    span, and a shallow copy of it starts spans like it: the hook starts a kept root on a copy
    of its own whose `id_generator` hands over the trace id decided on (the provider's tracer
    is never changed; same test, and `test_a_root_the_sampler_drops_asks_the_sdk_for_no_span`).
+
+And one in the OpenTelemetry API, read once at import: `trace.set_span_in_context(span,
+context)` makes a `Context` (a dict) of `context`'s entries and the span under one key, which
+`trace.get_current_span` reads back. The span of each message is made current as a `Context`
+built so from the current one, without that function's three calls; an API that differs (more
+than one key, or a `Context` of that key the API does not read back) keeps the function in use
+(`_span_key`; `test_a_span_is_made_current_as_set_span_in_context_makes_it` in
+`tests/test_tracing_cost.py`).
+
+The worker's hooks tell a recording consumer span its outcome (`aio_workq.outcome`, the error)
+just before leaving it (`_hooks.Settling`): the hook has no `after_handle`, so a message it does
+not record costs no `HandleInfo` and no call for it.
 """
 
 from __future__ import annotations

@@ -117,3 +117,75 @@ def test_a_recorded_message_costs_few_calls_beyond_the_sdk_s() -> None:
     assert sum(ours.values()) <= 17, ours
     assert len(collect.spans) == 12  # the outcome still on each
     assert all(dict(span.attributes or {})["aio_workq.outcome"] == "ok" for span in collect.spans)
+
+
+def test_a_span_is_made_current_as_set_span_in_context_makes_it() -> None:
+    """The hook makes a message's span current in a `Context` it builds (the current one's
+    entries and the span, under the key `set_span_in_context` uses, read once at import):
+    what the API's function would make, other entries (baggage) kept, the span read back by
+    `get_current_span`."""
+    from opentelemetry import baggage, trace
+    from opentelemetry import context as otel_context
+
+    from aio_workq import tracing
+
+    assert tracing._SPAN_KEY is not None  # this API is the one known: the shortcut is taken
+    hook = _hook(ParentBased(TraceIdRatioBased(0.0)))
+    token = otel_context.attach(baggage.set_baggage("tenant", "acme"))
+    try:
+        outer = otel_context.get_current()
+        with hook.handling(Job({"traceparent": PARENT}), "tasks") as span:
+            current = otel_context.get_current()
+            assert current == trace.set_span_in_context(span, outer)
+            assert trace.get_current_span() is span
+            assert baggage.get_baggage("tenant") == "acme"
+        assert otel_context.get_current() is outer
+    finally:
+        otel_context.detach(token)
+
+
+@pytest.mark.parametrize("times", [False, True], ids=["tracing-alone", "with-after-handle"])
+async def test_a_handler_is_timed_only_for_a_hook_that_reads_its_time(
+    times: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How long the handler ran reaches only `after_handle` (`HandleInfo.seconds`): with no
+    hook that has one (`TracingHook` alone), the worker does not time its handlers (two clock
+    reads and a dict entry per delivery before)."""
+    import asyncio
+    import struct
+    import time
+    from typing import cast
+
+    from aio_workq import HandleInfo, Hook
+    from aio_workq._consume import dispatch
+    from aio_workq._consume.delivery import Delivery
+    from tests.test_speed import _dispatcher, _Settled
+
+    clock: list[float] = []
+    perf_counter = time.perf_counter
+
+    def counted() -> float:
+        clock.append(perf_counter())
+        return clock[-1]
+
+    monkeypatch.setattr(dispatch, "perf_counter", counted)
+    seen: list[HandleInfo] = []
+
+    class Timed(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            seen.append(info)
+
+    hooks = Hooks.of([_hook(ParentBased(TraceIdRatioBased(0.0))), *([Timed()] if times else [])])
+    dispatcher, settled = _dispatcher(hooks=hooks), _Settled()
+    header = struct.pack(">HHQH", 60, 0, 1, 0)
+    for tag in (1, 2, 3):
+        delivery = Delivery(cast(Any, None), "c", tag, False, "", "tasks", header, b"x")
+        dispatcher.dispatch(delivery, cast(Any, settled))
+    await asyncio.wait(set(dispatcher.tasks))
+    assert settled.acked == [1, 2, 3]
+    assert hooks is not None and not hooks.durations
+    if times:
+        assert len(clock) == 6 and len(seen) == 3
+        assert all(info.seconds is not None and info.seconds >= 0 for info in seen)
+    else:
+        assert clock == []

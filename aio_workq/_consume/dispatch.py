@@ -121,7 +121,9 @@ class Dispatcher:
         self._max_defers = max_defers
         self._hooks = hooks
         self._call = runner.caller()
-        self._run = self._call if hooks is None else hooks.timed(self._call)
+        # The handler is timed only for a hook that reads how long it ran (`after_handle`).
+        self._durations = hooks.durations if hooks is not None and hooks.times else None
+        self._run = self._call if hooks is None or not hooks.times else hooks.timed(self._call)
         self._policy = policy
         self._queue = queue
         self._publisher = publisher
@@ -210,7 +212,8 @@ class Dispatcher:
                 else:  # the usual delivery: `_handle`'s steps here, in one coroutine
                     failure: BaseException | None = None
                     result: Any = None
-                    started = perf_counter() if hooks is not None else 0.0
+                    durations = self._durations
+                    started = perf_counter() if durations is not None else 0.0
                     try:
                         result = await self._call(job)
                     except asyncio.CancelledError as exc:
@@ -220,8 +223,8 @@ class Dispatcher:
                     except BaseException as exc:  # noqa: B036 - every delivery is settled
                         failure = exc
                     finally:
-                        if hooks is not None:  # as `hooks.timed` notes it
-                            hooks.durations[job] = perf_counter() - started
+                        if durations is not None:  # as `hooks.timed` notes it
+                            durations[job] = perf_counter() - started
                     links = job.links
                     if failure is None and links and len(links) == 1 and not task.cancelling():
                         # The usual chain step: its one confirm awaited here (as _first_failure).
