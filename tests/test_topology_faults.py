@@ -9,7 +9,14 @@ import aio_pika
 import pytest
 
 import aio_workq
-from aio_workq import ConnectionLostError, Hook, Producer, PublishTimeoutError, TopologyError
+from aio_workq import (
+    ConnectionLostError,
+    Hook,
+    Producer,
+    PublishTimeoutError,
+    TopologyError,
+    UnroutableError,
+)
 from tests.helpers import queue_depth
 
 pytestmark = pytest.mark.broker
@@ -70,7 +77,10 @@ async def test_a_deleted_exchange_fails_only_its_own_publishes(
         for _ in range(4):
             rounds.append(await _outcomes(producer, queue_name, exchange, "k", 100))
         for number, (to_queue, to_exchange) in enumerate(rounds):
-            expected = TopologyError if number else str | TopologyError
+            # In the round the deletion lands in, a publish routed while the exchange was being
+            # deleted may find no binding left and come back returned as unroutable, which is
+            # true (seen once in CI, round 0). Later rounds: only the missing exchange's error.
+            expected = TopologyError if number else str | TopologyError | UnroutableError
             assert all(isinstance(r, expected) for r in to_exchange), (number, _kinds(to_exchange))
             if on_reconnect == "resend" or number >= 3:
                 assert all(isinstance(r, str) for r in to_queue), (number, _kinds(to_queue))
