@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import re
 import time
 import typing
@@ -40,7 +39,6 @@ if typing.TYPE_CHECKING:
 
 __all__ = ("TASK_HEADER", "Task", "Tasks")
 
-log = logging.getLogger("aio_workq.jobs")
 
 P = ParamSpec("P")
 R = TypeVar("R")
