@@ -107,6 +107,34 @@ async def test_closing_while_waiting_for_the_broker_ends_the_wait() -> None:
     assert time.monotonic() - started < 1 + SLACK
 
 
+async def test_closing_during_a_connect_attempt_says_closed_not_the_attempts_error() -> None:
+    """close() while an attempt is under way (a port that accepts and never answers): the wait
+    ends with "closed", not with the attempt's own timeout (seen in CI under load)."""
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = Connection(
+        f"amqp://guest:s3cret@127.0.0.1:{port}/", connect_timeout=1, wait_for_broker=60
+    )
+    opening = asyncio.ensure_future(connection.open())
+    try:
+        async with asyncio.timeout(10):
+            await accepted.wait()
+        await connection.close()
+        with pytest.raises(BrokerConnectionError, match="closed"):
+            async with asyncio.timeout(10):
+                await opening
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize("value", [-1, float("nan"), "10"])
 def test_a_bad_wait_for_broker_is_a_configuration_error(value: object) -> None:
     with pytest.raises(ConfigurationError, match="wait_for_broker"):

@@ -228,7 +228,9 @@ class Connection:
                 return
             failed_rounds += 1
             left = deadline - loop.time()
-            if left <= 0 or self._closed:
+            if self._closed:
+                raise _closed_while_opening() from last
+            if left <= 0:
                 raise last
             _log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
             with contextlib.suppress(TimeoutError):
@@ -246,7 +248,7 @@ class Connection:
         url = ""
         for url in self._dialer.rotation():
             if self._closed:
-                raise BrokerConnectionError("the connection was closed while it was being opened")
+                raise _closed_while_opening()
             try:
                 await self._attempt(url)
             except (AuthenticationError, AccessRefusedError, TLSError):
@@ -254,7 +256,7 @@ class Connection:
             except BrokerConnectionError as exc:
                 last = exc
                 if self._closed:
-                    raise
+                    raise _closed_while_opening() from exc
                 if len(self._urls) > 1:  # the last one is raised or logged by open()
                     _log_failure(url, exc, "trying the next URL")
                 continue
@@ -356,7 +358,7 @@ class Connection:
         if self._closed:  # close() ran while this attempt was under way
             with contextlib.suppress(Exception):
                 await connection.close()
-            raise BrokerConnectionError("the connection was closed while it was being opened")
+            raise _closed_while_opening()
         self._url = url
         self._socket = socket
         self._down_since = None
@@ -462,6 +464,10 @@ class _Dialer:
             connect_timeout=self.connect_timeout,
             fast_path=fast_path,
         )
+
+
+def _closed_while_opening() -> BrokerConnectionError:
+    return BrokerConnectionError("the connection was closed while it was being opened")
 
 
 def _log_failure(url: str, exc: BaseException, then: str | None) -> None:
