@@ -18,10 +18,8 @@ at-least-once) or failed.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, overload
+from collections.abc import Callable, Iterable
+from typing import overload
 
 import aiormq
 
@@ -31,11 +29,8 @@ from .._exceptions import (
     PublishError,
     PublishTimeoutError,
     SerializationError,
-    TopologyError,
 )
-from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource
-from .._link.declare import missing_exchange
 from .._wire.frames import (
     EncodedProperties,
     Properties,
@@ -44,24 +39,19 @@ from .._wire.frames import (
     header_too_large,
     properties_limit,
 )
-from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
-from .._wire.seams import Wire
-from .._wire.tracker import MAYBE, Batch, ConfirmTracker, InFlight, Outgoing
+from .._wire.lanes import FastLane, Lane
+from .._wire.tracker import Batch, InFlight, Outgoing
 from .._wire.window import Window
+from .channels import ChannelListener, ExchangeListener, PublisherLanes
 from .expiry import SLOW, Expiry
 
 __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
-
-log = logging.getLogger("aio_workq")
 
 _CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
 _new = object.__new__
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
-
-ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
-ExchangeListener = Callable[[str], None]
 
 
 class ConfirmPublisher:
@@ -99,16 +89,11 @@ class ConfirmPublisher:
         # The current lane is the plain one, which hands aiormq each message's properties: on
         # the fast path a message keeps only their encoding (`plain_properties` decodes it).
         self._keep_props = True
-        self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
-        self._waiting: deque[Outgoing] = deque()  # for the next channel
-        self._listeners: list[ChannelListener] = []
-        self._missing_listeners: list[ExchangeListener] = []
-        self._ready = asyncio.Event()
         self._closed = False
-        self._channel = ManagedChannel(
-            source, confirms=True, setup=self._on_channel, on_lost=self._on_lost, what=what
+        self._lanes = PublisherLanes(
+            source, in_flight=self._in_flight, resend=resend, use=self._use, what=what
         )
 
     @property
@@ -124,16 +109,16 @@ class ConfirmPublisher:
 
     @property
     def channel(self) -> aiormq.abc.AbstractChannel | None:
-        return self._channel.channel
+        return self._lanes.channel
 
     def add_channel_listener(self, listener: ChannelListener) -> None:
         """Run `listener` on every new channel, before messages are (re)sent on it."""
-        self._listeners.append(listener)
+        self._lanes.add_channel_listener(listener)
 
     def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
         """Run `listener(name)` when a publish to exchange `name` closes the channel because
         the exchange does not exist (a 404): the router checks it again before the next one."""
-        self._missing_listeners.append(listener)
+        self._lanes.add_missing_exchange_listener(listener)
 
     async def start(self, timeout: float | None = None) -> None:
         """Open the channel.
@@ -141,69 +126,15 @@ class ConfirmPublisher:
         Raises:
             BrokerConnectionError: no connection within `timeout`.
         """
-        await self._channel.open(timeout)
+        await self._lanes.open(timeout)
 
-    async def _on_channel(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
-        for listener in self._listeners:
-            await listener(channel)
-        self._frame_max = frame_max = negotiated_frame_max(channel)
-        self._properties_max = properties_limit(frame_max)
-        tracker = ConfirmTracker(self._in_flight)  # this channel's own: its tags are its own
-        lane: Lane = (
-            FastLane(channel, wire, tracker, frame_max)
-            if wire is not None
-            else PlainLane(channel, tracker)
-        )
-        self._lanes.append(lane)
+    def _use(self, lane: Lane | None) -> None:
+        """`PublisherLanes`: write on `lane` from now on (None: no channel, wait for one)."""
         self._lane = lane
-        self._keep_props = wire is None
-        while self._waiting and self._lane is lane:
-            out = self._waiting.popleft()
-            if out.settled:
-                continue
-            if len(out.encoded[1]) > self._properties_max:  # a new node with a smaller frame_max
-                error = header_too_large(out.props or Properties(message_id=out.message_id),
-                                         len(out.encoded[1]), frame_max)  # fmt: skip
-                why = f"(it can't go on the new connection: {error})"
-                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, why))
-                continue
-            lane.write(out)
-        self._ready.set()
-
-    def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
-        # The lane of `channel`, whichever is current: a new channel may already be writing.
-        lane = next((lane for lane in self._lanes if lane.channel is channel), None)
-        if lane is None:
-            return
-        self._lanes.remove(lane)
-        if self._lane is lane:
-            self._lane = None
-            self._ready.clear()
-        # Resend unless the broker closed this channel alone for an error of its own (404/406):
-        # the same messages would only close the next channel too.
-        channel_error = isinstance(reason, aiormq.exceptions.AMQPChannelError) and not (
-            channel.connection.is_closed
-        )
-        connection_lost = not channel_error
-        # --- a missing exchange (#20, finding 6): its own publishes fail with TopologyError; the
-        # others were not the cause, so they are resent like after a lost connection (or failed).
-        missing = missing_exchange(reason) if channel_error else None
-        if missing is not None:
-            for listener in self._missing_listeners:
-                listener(missing)
-        for out in lane.tracker.take_all():
-            if out.settled:
-                continue
-            if missing is not None and out.exchange == missing:
-                self._in_flight.settle(out, _no_exchange(out))
-            elif self._resend and (connection_lost or missing is not None) and not self._closed:
-                if self._lane is not None:
-                    self._lane.write(out)  # the next channel is open already
-                else:
-                    self._waiting.append(out)
-            else:
-                why = f"the channel closed ({reason})" if reason else "the channel closed"
-                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
+        if lane is not None:
+            self._frame_max = frame_max = self._lanes.frame_max
+            self._properties_max = properties_limit(frame_max)
+            self._keep_props = not isinstance(lane, FastLane)
 
     @overload
     async def send(
@@ -271,9 +202,7 @@ class ConfirmPublisher:
         except TypeError:  # unhashable: not a str; check_destination names it
             checked = False
         if not checked:
-            check_destination(exchange, routing_key, mandatory)
-            if len(_CHECKED) < 4096:
-                _CHECKED.add(destination)
+            _check_new(destination)
         if encoded is None:
             encoded = encode_properties(props)
         if len(encoded[1]) > self._properties_max:
@@ -353,9 +282,7 @@ class ConfirmPublisher:
         except TypeError:  # unhashable: not a str; check_destination names it
             checked = False
         if not checked:
-            check_destination(exchange, routing_key, True)
-            if len(_CHECKED) < 4096:
-                _CHECKED.add(destination)
+            _check_new(destination)
         props = None
         if self._keep_props or len(encoded[1]) > self._properties_max:
             props = Properties(message_id=message_id, content_type=content_type)
@@ -387,7 +314,7 @@ class ConfirmPublisher:
             async with asyncio.timeout_at(deadline):
                 while self._lane is None or self._window.full:
                     if self._lane is None:
-                        await self._ready.wait()
+                        await self._lanes.ready.wait()
                     else:
                         await self._window.wait()
         except TimeoutError:
@@ -397,16 +324,11 @@ class ConfirmPublisher:
             else:
                 state = f"the window is full ({self._window.count} messages wait for confirms): "
                 state += trouble or SLOW
-            raise PublishTimeoutError(
-                f"message {message_id} could not be sent in time: {state}; nothing was sent",
-                message_id=message_id,
-                exchange=exchange,
-                routing_key=routing_key,
-            ) from None
+            raise _not_sent_in_time(message_id, exchange, routing_key, state) from None
 
     def outstanding(self) -> list[Outgoing]:
         """Every unsettled message: written on a channel or waiting for the next one."""
-        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
+        return self._lanes.outstanding()
 
     def fail(self, records: Iterable[Outgoing], cls: type[PublishError], why: str) -> None:
         """Fail `records` with a `cls` error each: not confirmed `why` (or not sent, which
@@ -414,8 +336,7 @@ class ConfirmPublisher:
         fail = self._in_flight.settle
         for out in records:
             fail(out, out.unconfirmed(cls, why))
-        if self._waiting:
-            self._waiting = deque(out for out in self._waiting if not out.settled)
+        self._lanes.forget_settled()
 
     def when_flushed(self, callback: Callable[[], None]) -> None:
         """Call `callback` once the frames of every message written so far have left."""
@@ -426,29 +347,40 @@ class ConfirmPublisher:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every message is settled; False if some are still pending at `timeout`."""
-        waits: dict[asyncio.Future[Any], None] = {}  # each batch's once
-        for out in self.outstanding():
-            future = out.future
-            waits[future.wait() if isinstance(future, Batch) else future] = None
-        outstanding = list(waits)
-        if not outstanding:
-            return True
-        done, pending = await asyncio.wait(outstanding, timeout=timeout)
-        for fut in done:
-            if not fut.cancelled():
-                fut.exception()  # retrieved: the caller of send() owns the error
-        return not pending
+        return await self._lanes.wait_settled(timeout)
 
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then fail whatever is left."""
         if timeout > 0:
             await self.wait_idle(timeout)
         self._closed = True
+        self._lanes.closing()
         self.fail(self.outstanding(), ConnectionLostError, "before close")
         self._expiry.stop()
         self._lane = None
-        self._lanes.clear()
-        await self._channel.close()
+        await self._lanes.close()
+
+
+def _check_new(destination: tuple[str, str, bool]) -> None:
+    """Check a destination not seen before (`check_destination`), then remember it.
+
+    Raises:
+        SerializationError: a name can't be sent; nothing was.
+    """
+    check_destination(*destination)
+    if len(_CHECKED) < 4096:
+        _CHECKED.add(destination)
+
+
+def _not_sent_in_time(
+    message_id: str, exchange: str, routing_key: str, state: str
+) -> PublishTimeoutError:
+    return PublishTimeoutError(
+        f"message {message_id} could not be sent in time: {state}; nothing was sent",
+        message_id=message_id,
+        exchange=exchange,
+        routing_key=routing_key,
+    )
 
 
 def _body_too_large(message_id: str, size: int) -> SerializationError:
@@ -456,13 +388,4 @@ def _body_too_large(message_id: str, size: int) -> SerializationError:
         f"message {message_id} has a body of {size:,} bytes: RabbitMQ refuses more than "
         f"{MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store large payloads "
         "elsewhere and send a reference"
-    )
-
-
-def _no_exchange(out: Outgoing) -> TopologyError:
-    """The error of a message published to an exchange that does not exist (#20, finding 6)."""
-    return TopologyError(
-        f"message {out.message_id} to exchange {out.exchange!r} routing key {out.routing_key!r} "
-        f"was not confirmed: exchange {out.exchange!r} does not exist (deleted?); declare it, "
-        f"or publish with Exchange({out.exchange!r}) to have it declared; {MAYBE}"
     )

@@ -1,0 +1,199 @@
+"""A publisher's channel across its reopenings: a `Lane` per channel in confirm mode, and what
+the loss of a channel does to the messages written on it.
+
+`ConfirmPublisher` writes on the current lane; `PublisherLanes` decides which lane that is. A
+new channel gets a lane of its own (its delivery tags are its own), the messages waiting for it
+are written on it, and the publisher is told to use it. A lost channel's unconfirmed messages
+are resent on the next channel with the same message id (`resend=True`) or failed; when the
+broker closed the channel alone for an error of its own (a 404, a 406), they are failed, as the
+same messages would only close the next channel too, except after a missing exchange (#20,
+finding 6): its own messages fail with `TopologyError`, the others are resent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiormq
+
+from .._exceptions import ConnectionLostError, TopologyError
+from .._link.channel import ManagedChannel
+from .._link.connection import LinkSource
+from .._link.declare import missing_exchange
+from .._wire.frames import Properties, header_too_large, properties_limit
+from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
+from .._wire.seams import Wire
+from .._wire.tracker import MAYBE, Batch, ConfirmTracker, InFlight, Outgoing
+
+__all__ = ("ChannelListener", "ExchangeListener", "PublisherLanes")
+
+ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
+ExchangeListener = Callable[[str], None]
+
+
+class PublisherLanes:
+    """Opens (and reopens, until `close()`) one channel in confirm mode on `source`.
+
+    Args:
+        source: the connection to publish on.
+        in_flight: the publisher's unsettled messages (settles what a lost channel fails).
+        resend: after a lost connection, resend unconfirmed messages (else fail them).
+        use: called with each new lane once it takes messages, with None once it is lost;
+            `frame_max` is the last channel's connection's.
+        what: how log lines name the owner.
+    """
+
+    def __init__(
+        self,
+        source: LinkSource,
+        *,
+        in_flight: InFlight,
+        resend: bool,
+        use: Callable[[Lane | None], None],
+        what: str,
+    ) -> None:
+        self._in_flight = in_flight
+        self._resend = resend
+        self._use = use
+        self.current: Lane | None = None  # the current channel's, while it is open
+        self.frame_max = 0  # of the last channel's connection (0: unknown or no limit)
+        self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
+        self._waiting: deque[Outgoing] = deque()  # for the next channel
+        self._listeners: list[ChannelListener] = []
+        self._missing_listeners: list[ExchangeListener] = []
+        self.ready = asyncio.Event()
+        """Set while a channel is open."""
+        self._closing = False
+        self._channel = ManagedChannel(
+            source, confirms=True, setup=self._on_channel, on_lost=self._on_lost, what=what
+        )
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel | None:
+        return self._channel.channel
+
+    def add_channel_listener(self, listener: ChannelListener) -> None:
+        """Run `listener` on every new channel, before messages are (re)sent on it."""
+        self._listeners.append(listener)
+
+    def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
+        """Run `listener(name)` when a publish to exchange `name` closes the channel because
+        the exchange does not exist (a 404)."""
+        self._missing_listeners.append(listener)
+
+    async def open(self, timeout: float | None = None) -> None:
+        """Open the channel.
+
+        Raises:
+            BrokerConnectionError: no connection within `timeout`.
+        """
+        await self._channel.open(timeout)
+
+    def outstanding(self) -> list[Outgoing]:
+        """Every unsettled message: written on a channel or waiting for the next one."""
+        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait until every message is settled; False if some are still pending at `timeout`."""
+        waits: dict[asyncio.Future[Any], None] = {}  # each batch's once
+        for out in self.outstanding():
+            future = out.future
+            waits[future.wait() if isinstance(future, Batch) else future] = None
+        outstanding = list(waits)
+        if not outstanding:
+            return True
+        done, pending = await asyncio.wait(outstanding, timeout=timeout)
+        for fut in done:
+            if not fut.cancelled():
+                fut.exception()  # retrieved: the caller of send() owns the error
+        return not pending
+
+    def forget_settled(self) -> None:
+        """Stop waiting for a channel to send the messages settled meanwhile on."""
+        if self._waiting:
+            self._waiting = deque(out for out in self._waiting if not out.settled)
+
+    def closing(self) -> None:
+        """From now on a lost channel's messages are failed, not resent."""
+        self._closing = True
+
+    async def close(self) -> None:
+        self._closing = True
+        self.current = None
+        self._lanes.clear()
+        await self._channel.close()
+
+    async def _on_channel(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
+        for listener in self._listeners:
+            await listener(channel)
+        self.frame_max = frame_max = negotiated_frame_max(channel)
+        limit = properties_limit(frame_max)
+        tracker = ConfirmTracker(self._in_flight)  # this channel's own: its tags are its own
+        lane: Lane = (
+            FastLane(channel, wire, tracker, frame_max)
+            if wire is not None
+            else PlainLane(channel, tracker)
+        )
+        self._lanes.append(lane)
+        self.current = lane
+        self._use(lane)
+        while self._waiting and self.current is lane:
+            out = self._waiting.popleft()
+            if out.settled:
+                continue
+            if len(out.encoded[1]) > limit:  # a new node with a smaller frame_max
+                error = header_too_large(out.props or Properties(message_id=out.message_id),
+                                         len(out.encoded[1]), frame_max)  # fmt: skip
+                why = f"(it can't go on the new connection: {error})"
+                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, why))
+                continue
+            lane.write(out)
+        self.ready.set()
+
+    def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
+        # The lane of `channel`, whichever is current: a new channel may already be writing.
+        lane = next((lane for lane in self._lanes if lane.channel is channel), None)
+        if lane is None:
+            return
+        self._lanes.remove(lane)
+        if self.current is lane:
+            self.current = None
+            self.ready.clear()
+            self._use(None)
+        # Resend unless the broker closed this channel alone for an error of its own (404/406):
+        # the same messages would only close the next channel too.
+        channel_error = isinstance(reason, aiormq.exceptions.AMQPChannelError) and not (
+            channel.connection.is_closed
+        )
+        connection_lost = not channel_error
+        # --- a missing exchange (#20, finding 6): its own publishes fail with TopologyError; the
+        # others were not the cause, so they are resent like after a lost connection (or failed).
+        missing = missing_exchange(reason) if channel_error else None
+        if missing is not None:
+            for listener in self._missing_listeners:
+                listener(missing)
+        for out in lane.tracker.take_all():
+            if out.settled:
+                continue
+            if missing is not None and out.exchange == missing:
+                self._in_flight.settle(out, _no_exchange(out))
+            elif self._resend and (connection_lost or missing is not None) and not self._closing:
+                if self.current is not None:
+                    self.current.write(out)  # the next channel is open already
+                else:
+                    self._waiting.append(out)
+            else:
+                why = f"the channel closed ({reason})" if reason else "the channel closed"
+                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
+
+
+def _no_exchange(out: Outgoing) -> TopologyError:
+    """The error of a message published to an exchange that does not exist (#20, finding 6)."""
+    return TopologyError(
+        f"message {out.message_id} to exchange {out.exchange!r} routing key {out.routing_key!r} "
+        f"was not confirmed: exchange {out.exchange!r} does not exist (deleted?); declare it, "
+        f"or publish with Exchange({out.exchange!r}) to have it declared; {MAYBE}"
+    )
