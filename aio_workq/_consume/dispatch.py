@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from datetime import UTC, datetime
 from time import perf_counter
 from typing import Any
 
 from aiormq.abc import AbstractChannel
 
-from .._exceptions import WorkqError
 from .._hooks import Hooks, Outcome, Settled
 from .._link.specs import Queue
 from .._logs import set_handling
@@ -30,7 +28,8 @@ from .._wire.acker import Acker
 from .._wire.writer import Gate
 from .delivery import Delivery
 from .execution import HandlerRunner
-from .failures import MAX_DEFERS, Failed, Move, MoveKind, route_failure
+from .failing import Counters, FailedDeliveries, log_fields
+from .failures import MAX_DEFERS
 from .job import Forwarder, Job
 from .mover import Mover
 from .retry import RetryPolicy
@@ -39,20 +38,6 @@ __all__ = ("Counters", "Dispatcher")
 
 log = logging.getLogger("aio_workq")
 _ACKED: Settled = (Outcome.OK, None, None)
-
-
-class Counters:
-    """What a worker did since it started."""
-
-    __slots__ = ("dead_lettered", "deferred", "deliveries", "failed", "processed", "retried")
-
-    def __init__(self) -> None:
-        self.deliveries = 0
-        self.processed = 0
-        self.failed = 0
-        self.retried = 0
-        self.deferred = 0
-        self.dead_lettered = 0
 
 
 class _Slots:
@@ -117,17 +102,13 @@ class Dispatcher:
         max_defers: int | None = MAX_DEFERS,
     ) -> None:
         self._loop = asyncio.get_running_loop()
-        self._runner = runner
-        self._max_defers = max_defers
         self._hooks = hooks
         self._call = runner.caller()
         # The handler is timed only for a hook that reads how long it ran (`after_handle`).
         self._durations = hooks.durations if hooks is not None and hooks.times else None
         self._run = self._call if hooks is None or not hooks.times else hooks.timed(self._call)
-        self._policy = policy
         self._queue = queue
         self._publisher = publisher
-        self._mover = mover
         self._forwarder = forwarder
         self._slots = _Slots(concurrency, self._loop) if prefetch > concurrency else None
         self.queue_name = queue.name
@@ -135,6 +116,10 @@ class Dispatcher:
         # Python 3.11 a task without one formats a "Task-N" of its own.
         self._task_name = f"aio-workq worker {queue.name!r}"
         self.counters = Counters()
+        self._failed = FailedDeliveries(
+            runner=runner, policy=policy, queue=queue, publisher=publisher, mover=mover,
+            counters=self.counters, max_defers=max_defers,
+        )  # fmt: skip
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
 
@@ -256,7 +241,7 @@ class Dispatcher:
             log.error(
                 "worker %r failed to settle message %s; it goes back to the queue: %r",
                 self.queue_name, job.message_id, exc,
-                extra=_fields(self.queue_name, job), exc_info=exc,
+                extra=log_fields(self.queue_name, job), exc_info=exc,
             )  # fmt: skip
         finally:
             self.tasks.discard(task)
@@ -309,75 +294,7 @@ class Dispatcher:
             acker.ack(tag)
             self.counters.processed += 1
             return _ACKED
-        return await self._on_failure(job, acker, tag, failure)
-
-    async def _on_failure(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
-        self.counters.failed += 1
-        if job.reply_to:
-            # An RPC caller gets the error; retrying would answer a caller that gave up.
-            self._log_attempt(job, exc, "the caller gets the error")
-            await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
-            acker.ack(tag)
-            return Outcome.FAILED, exc, None
-        failed = Failed(job.attempt, job.headers, self.queue_name)
-        move = route_failure(
-            failed, exc, self._policy, self._queue,
-            now=datetime.now(UTC), max_defers=self._max_defers,
-        )  # fmt: skip
-        if move.kind is MoveKind.DROP:
-            log.error(
-                "dropping message %s from %r after %d attempt(s): %r (the queue has no "
-                "dead-letter queue)", job.message_id, self.queue_name, job.attempt, exc,
-                extra=_fields(self.queue_name, job),
-            )  # fmt: skip
-            acker.nack(tag, requeue=False)
-            return Outcome.REJECTED, exc, None
-        self._log_attempt(job, exc, _plan(move))
-        try:
-            await self._mover.move(job, move)
-        except WorkqError as error:
-            log.error(
-                "could not move failed message %s to %r (%s); returning it to the queue",
-                job.message_id, move.target, error, extra=_fields(self.queue_name, job),
-            )  # fmt: skip
-            acker.nack(tag, requeue=True)
-            return Outcome.REQUEUED, exc, None
-        acker.ack(tag)
-        if move.kind is MoveKind.DEAD_LETTER:
-            self.counters.dead_lettered += 1
-            return Outcome.DEAD_LETTERED, exc, None
-        wait_ms = move.expiration_ms or move.delay_ms
-        delay = 0.0 if wait_ms is None else wait_ms / 1000
-        if move.kind is MoveKind.DEFER:
-            self.counters.deferred += 1
-            return Outcome.DEFERRED, exc, delay
-        self.counters.retried += 1
-        return Outcome.RETRY, exc, delay
-
-    def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
-        """One WARNING per failed attempt; the traceback too when DEBUG is on."""
-        attempts = self._policy.max_attempts if self._policy else 1
-        log.warning(
-            "%s failed on message %s from %r (attempt %d of %d): %r; %s",
-            self._runner.name_for(job), job.message_id, self.queue_name, job.attempt, attempts,
-            exc, then,
-            extra=_fields(self.queue_name, job),
-            exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
-        )  # fmt: skip
-
-
-def _plan(move: Move) -> str:
-    if move.kind is MoveKind.DEAD_LETTER:
-        return f"dead-lettering it to {move.target!r}"
-    if move.delay_ms is None:
-        return "retrying it now"
-    what = "deferring it" if move.kind is MoveKind.DEFER else "retrying it"
-    return f"{what} in {(move.expiration_ms or move.delay_ms) / 1000:g} s"
-
-
-def _fields(queue: str, job: Job) -> dict[str, Any]:
-    """`extra=` fields of every log line about a message."""
-    return {"queue": queue, "message_id": job.message_id, "attempt": job.attempt}
+        return await self._failed.settle(job, acker, tag, failure)
 
 
 async def _first_failure(
