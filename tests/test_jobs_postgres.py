@@ -316,3 +316,106 @@ async def test_a_pool_of_yours_with_dict_rows_records_and_reads(
     finally:
         await store.close()
         await pool.close()
+
+
+_UNANSWERED = r"did not answer within 1 s|couldn't get a connection after 1 sec"
+
+
+async def test_a_store_that_stops_answering_fails_within_its_timeout(
+    postgres_dsn: str, schema: str
+) -> None:
+    """A server that stops answering mid-session (a partition: the connection stays open, no
+    byte comes back): every call raises `StoreError` within the store's `timeout`, and a
+    handle's `result(timeout=)` keeps its own bound (before: they waited forever)."""
+    from tests.faultproxy import FaultProxy
+
+    port = int(postgres_dsn.rsplit(":", 1)[1].split("/")[0])
+    async with FaultProxy(upstream_port=port) as proxy:
+        dsn = postgres_dsn.replace(f":{port}/", f":{proxy.port}/")
+        store = PostgresStore(dsn, schema=schema, timeout=1)
+        tasks = Tasks(store=store)
+        try:
+            at = time.time()
+            queued = Write(job_id="bh-1", task="t", queue="q", state=JobState.QUEUED, at=at)
+            assert await store.record([queued]) == [True]
+            assert await store.get("bh-1") is not None  # a connection in the pool, open
+            proxy.black_hole()
+            with pytest.raises(StoreError, match="did not answer within 1 s"):
+                async with asyncio.timeout(30):
+                    await store.get("bh-1")
+            for call in (
+                lambda: store.get("bh-1"),
+                lambda: store.record([queued]),
+                lambda: store.cancel("bh-1", now=time.time()),
+                lambda: store.recent(state="failed"),
+                lambda: tasks.job("bh-1").status(),
+            ):
+                started = time.monotonic()
+                # the first call's connection does not answer; later ones may find none
+                # (the pool's new connections do not get through either)
+                with pytest.raises(StoreError, match=_UNANSWERED):
+                    async with asyncio.timeout(30):
+                        await call()
+                assert time.monotonic() - started < 1 + 2
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):  # JobTimeoutError, within its own bound
+                async with asyncio.timeout(30):
+                    await tasks.job("bh-1").result(timeout=0.3)
+            assert time.monotonic() - started < 0.3 + 0.5
+            proxy.heal()
+            async with asyncio.timeout(30):  # the store comes back by itself
+                while True:
+                    try:
+                        record = await store.get("bh-1")
+                        break
+                    except StoreError:
+                        await asyncio.sleep(0.1)
+            assert record is not None and record.status.state is JobState.QUEUED
+        finally:
+            proxy.heal()
+            await store.close()
+
+
+async def test_a_forked_child_opens_connections_of_its_own(postgres_dsn: str, schema: str) -> None:
+    """A store used before `fork()` (e.g. a pre-forking server that loaded the app): the
+    child and the parent both use it at once, each on connections of its own (before: they
+    shared the parent's, read each other's answers, and one hung)."""
+    import os
+    import sys
+
+    store = PostgresStore(postgres_dsn, schema=schema, timeout=5)
+    try:
+        at = time.time()
+        await store.record([Write(job_id="f-1", task="t", queue="q", state=JobState.QUEUED, at=at)])
+        assert await store.get("f-1") is not None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its own event loop, the same store object
+            code = 1
+            try:
+                os.close(read)
+
+                async def child() -> None:
+                    for _ in range(200):
+                        record = await store.get("f-1")
+                        assert record is not None and record.status.job_id == "f-1"
+
+                asyncio.run(asyncio.wait_for(child(), 20))
+                code = 0
+            except BaseException as exc:  # noqa: B036 - reported to the parent
+                os.write(write, repr(exc).encode()[:500])
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        os.close(write)
+        async with asyncio.timeout(30):
+            for _ in range(200):
+                record = await store.get("f-1")
+                assert record is not None and record.status.job_id == "f-1"
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        why = os.read(read, 600).decode(errors="replace")
+        os.close(read)
+        assert os.waitstatus_to_exitcode(status) == 0, why
+        assert await store.get("f-1") is not None  # the parent's connections are intact
+    finally:
+        await store.close()

@@ -116,7 +116,9 @@ class JobHandle(Generic[R]):
         """Wait until the job is done (succeeded, failed or cancelled); its final status.
 
         Polls the store with a backoff: every 50 ms at first, then 1.5 times longer each time
-        up to `poll_cap` (1 s), so a long wait costs one read a second.
+        up to `poll_cap` (1 s), so a long wait costs one read a second. With a `timeout`, a
+        store that does not answer does not stretch it: each read ends by the deadline (the
+        last one may take 50 ms past it).
 
         Raises:
             JobTimeoutError: not done within `timeout` seconds.
@@ -125,21 +127,36 @@ class JobHandle(Generic[R]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         pause = _POLL_FIRST
+        status: JobStatus | None = None
         while True:
-            status = await self.status()
+            if deadline is None:
+                status = await self.status()
+            else:
+                try:
+                    async with asyncio.timeout_at(max(deadline, loop.time() + _POLL_FIRST)):
+                        status = await self.status()
+                except TimeoutError:
+                    raise self._late(timeout, status, unanswered=True) from None
             if status.done:
                 return status
             if deadline is not None:
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise JobTimeoutError(
-                        f"job {self.job_id} not done within {timeout:g} s (it is {status.state}"
-                        f", attempt {status.attempt})",
-                        job_id=self.job_id,
-                    )
+                    raise self._late(timeout, status)
                 pause = min(pause, left)
             await asyncio.sleep(pause)
             pause = min(pause * _POLL_FACTOR, self.poll_cap)
+
+    def _late(
+        self, timeout: float | None, status: JobStatus | None, unanswered: bool = False
+    ) -> JobTimeoutError:
+        said = [] if status is None else [f"it is {status.state}, attempt {status.attempt}"]
+        if unanswered:
+            said.append("the job store did not answer")
+        return JobTimeoutError(
+            f"job {self.job_id} not done within {timeout:g} s ({'; '.join(said)})",
+            job_id=self.job_id,
+        )
 
     async def result(self, timeout: float | None = None) -> R:
         """Wait for the job to finish and return the task's return value.

@@ -6,14 +6,16 @@ with `migrate()` or ship `schema_sql()` with your migrations, like the outbox's 
 
 from __future__ import annotations
 
+import asyncio
 import operator
+import os
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from itertools import compress
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg import Error as PsycopgError
@@ -38,6 +40,8 @@ from ._status import JobRecord, JobState, JobStatus, Write
 from ._store import CLAIM, DAY, ROWS, SQL, WRITE, check_ttl, rounds, row_record, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
+
+T = TypeVar("T")
 
 DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
@@ -125,7 +129,9 @@ class PostgresStore:
         pool: ... or a psycopg `AsyncConnectionPool` of yours (opened and closed by you).
         schema: the schema that holds `workq_jobs` (create it with `migrate()`).
         ttl: seconds a record is kept after its last change (1 day by default).
-        timeout: seconds to wait for a connection from the pool before `StoreError`.
+        timeout: seconds a call may take, a connection from the pool and the answer, before
+            it raises `StoreError` (a server that stops answering included; the connection
+            is then cancelled and closed in the background).
         max_size: connections in the pool this store opens.
 
     Raises:
@@ -147,14 +153,10 @@ class PostgresStore:
         self.ttl = check_ttl(ttl)
         self._where = redact_dsn(dsn) if dsn else "the given pool"
         self._own = pool is None
-        # The pool this store opens has autocommit connections: a batch of one round is one
-        # statement, without toggling its connection (what a given pool's get, then get back).
-        self._pool = pool or AsyncConnectionPool(
-            dsn or "", min_size=1, max_size=max_size, open=False, timeout=timeout,
-            kwargs={"autocommit": True},
-        )  # fmt: skip
+        self._dsn, self._max_size, self._timeout = dsn or "", max_size, timeout
+        self._pool = pool or self._new_pool()
         self._opened = not self._own
-        self._timeout = timeout
+        self._pid = os.getpid()
         sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
         self._write = _psycopg(sql.write)
         self._sql = sql
@@ -181,11 +183,59 @@ class PostgresStore:
     def __repr__(self) -> str:
         return f"<PostgresStore {self._where} ttl={self.ttl:g}>"
 
-    async def _connection(self) -> Any:
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        # The pool this store opens has autocommit connections: a batch of one round is one
+        # statement, without toggling its connection (what a given pool's get, then get back).
+        return AsyncConnectionPool(
+            self._dsn, min_size=1, max_size=self._max_size, open=False, timeout=self._timeout,
+            kwargs={"autocommit": True},
+        )  # fmt: skip
+
+    async def _run(self, what: str, operation: Callable[[Any], Awaitable[T]]) -> T:
+        """`operation(conn)` on a connection of the pool, within `timeout`.
+
+        Raises:
+            StoreError: no connection, an error, or no answer within `timeout` (the operation
+                is then cancelled in the background: psycopg cancels the query, then closes
+                the connection, which can take it seconds more).
+        """
+        if self._pid != os.getpid() and self._own:
+            # A forked child: the parent's connections stay the parent's (psycopg does not
+            # close them on collection in another process); the child opens its own.
+            self._pid = os.getpid()
+            self._pool, self._opened = self._new_pool(), False
+            self._arrays = weakref.WeakSet()
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
-        return self._pool.connection(timeout=self._timeout)
+        acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
+
+        async def use() -> T:
+            async with self._pool.connection(timeout=self._timeout) as conn:
+                acquired.append(True)
+                return await operation(conn)
+
+        task = asyncio.ensure_future(use())
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            if not acquired:  # as the pool says it (its timeout is the same)
+                late = PoolTimeout(f"couldn't get a connection after {self._timeout:g} sec")
+                raise self._failed(what, late) from None
+            raise StoreError(
+                f"PostgreSQL store ({self._where}): {what} failed: PostgreSQL did not answer "
+                f"within {self._timeout:g} s (timeout=)"
+            )
+        try:
+            return task.result()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self._failed(what, exc) from exc
 
     def _failed(self, what: str, exc: Exception) -> StoreError:
         failed = f"PostgreSQL store ({self._where}): {what} failed"
@@ -202,34 +252,33 @@ class PostgresStore:
         purge = now - self._last_purge > _PURGE_EVERY
         applied = [False] * len(writes)
         plan = _plan(writes)
-        try:
-            async with await self._connection() as conn:
-                # One statement per round (one round unless a job is written twice), a part
-                # per kind of write. One round runs on its own (its own transaction, one
-                # round trip); more run in order in one transaction. A failed statement
-                # fails the whole batch.
-                autocommit = conn.autocommit
-                if len(plan) == 1 and not autocommit:
-                    await conn.set_autocommit(True)
-                try:
-                    if purge:  # first: if it fails, the batch fails with nothing written
-                        async with conn.transaction():
-                            await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
-                            for statement in self._gpurge:
-                                await conn.execute(statement, {"now": now})
-                        self._last_purge = now
-                    if len(plan) == 1:
-                        await self._apply(conn, writes, plan[0], applied)
-                    else:
-                        async with conn.transaction():
-                            for kinds in plan:
-                                await self._apply(conn, writes, kinds, applied)
-                finally:
-                    if conn.autocommit != autocommit:
-                        await conn.set_autocommit(autocommit)
-            return applied
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed("recording job states", exc) from exc
+
+        async def apply(conn: Any) -> None:
+            # One statement per round (one round unless a job is written twice), a part per
+            # kind of write. One round runs on its own (its own transaction, one round trip);
+            # more run in order in one transaction. A failed statement fails the whole batch.
+            autocommit = conn.autocommit
+            if len(plan) == 1 and not autocommit:
+                await conn.set_autocommit(True)
+            try:
+                if purge:  # first: if it fails, the batch fails with nothing written
+                    async with conn.transaction():
+                        await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
+                        for statement in self._gpurge:
+                            await conn.execute(statement, {"now": now})
+                    self._last_purge = now
+                if len(plan) == 1:
+                    await self._apply(conn, writes, plan[0], applied)
+                else:
+                    async with conn.transaction():
+                        for kinds in plan:
+                            await self._apply(conn, writes, kinds, applied)
+            finally:
+                if conn.autocommit != autocommit:
+                    await conn.set_autocommit(autocommit)
+
+        await self._run("recording job states", apply)
+        return applied
 
     async def _apply(
         self, conn: Any, writes: Sequence[Write], kinds: dict[str, list[int]], applied: list[bool]
@@ -259,24 +308,24 @@ class PostgresStore:
                 applied[i] = writes[i].job_id in done
 
     async def get(self, job_id: str) -> JobRecord | None:
-        try:
-            async with await self._connection() as conn:
-                cursor = await conn.execute(self._get, {"job_id": job_id, "now": time.time()})
-                row = await cursor.fetchone()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"reading job {job_id}", exc) from exc
+        async def read(conn: Any) -> Any:
+            cursor = await conn.execute(self._get, {"job_id": job_id, "now": time.time()})
+            return await cursor.fetchone()
+
+        row = await self._run(f"reading job {job_id}", read)
         return None if row is None else row_record(row)
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
-        try:
-            async with await self._connection() as conn, conn.transaction():
+
+        async def cancel(conn: Any) -> Any:
+            async with conn.transaction():
                 await conn.execute(self._cancel_waiting, params)
                 await conn.execute(self._cancel_running, params)
                 cursor = await conn.execute(self._get, params)
-                row = await cursor.fetchone()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"cancelling job {job_id}", exc) from exc
+                return await cursor.fetchone()
+
+        row = await self._run(f"cancelling job {job_id}", cancel)
         return None if row is None else row_record(row).status
 
     async def recent(self, *, state: JobState | str, limit: int = 20) -> list[JobStatus]:
@@ -287,19 +336,21 @@ class PostgresStore:
             StoreError: the database can't be reached.
         """
         params = {"state": JobState(state).value, "now": time.time(), "limit": limit}
-        try:
-            async with await self._connection() as conn:
-                cursor = await conn.execute(self._recent, params)
-                rows = await cursor.fetchall()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"listing {params['state']} jobs", exc) from exc
+
+        async def read(conn: Any) -> list[Any]:
+            cursor = await conn.execute(self._recent, params)
+            rows: list[Any] = await cursor.fetchall()
+            return rows
+
+        rows = await self._run(f"listing {params['state']} jobs", read)
         return [row_record(row).status for row in rows]
 
     async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
         g = self._g
         params = group_params(group, time.time(), self.ttl)
-        try:
-            async with await self._connection() as conn, conn.transaction():
+
+        async def create(conn: Any) -> None:
+            async with conn.transaction():
                 await conn.execute(g["insert_group"], params)
                 async with conn.cursor() as cursor:
                     await cursor.executemany(
@@ -312,15 +363,16 @@ class PostgresStore:
                     )  # fmt: skip
                 for write in writes:
                     await conn.execute(self._write, write_params(write, self.ttl))
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"recording group {group.group_id}", exc) from exc
+
+        await self._run(f"recording group {group.group_id}", create)
 
     async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
         g = self._g
         key = {"group_id": group_id}
         mark = mark_params(write, group_id, index, self.ttl)
-        try:
-            async with await self._connection() as conn, conn.transaction():
+
+        async def finish(conn: Any) -> CallbackDue | None:
+            async with conn.transaction():
                 await conn.execute(self._write, write_params(write, self.ttl))
                 claimed = False
                 cursor = await conn.execute(g["mark_member"], mark)
@@ -334,16 +386,15 @@ class PostgresStore:
                     return None
                 cursor = await conn.execute(g["members"], key)
                 members = await cursor.fetchall()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"finishing job {write.job_id} of group {group_id}", exc) from exc
-        return due_from(group_id, row, members, claimed)
+            return due_from(group_id, row, members, claimed)
+
+        return await self._run(f"finishing job {write.job_id} of group {group_id}", finish)
 
     async def callback_published(self, group_id: str) -> None:
-        try:
-            async with await self._connection() as conn:
-                await conn.execute(self._g["published"], {"group_id": group_id})
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"recording group {group_id}'s callback", exc) from exc
+        async def mark(conn: Any) -> None:
+            await conn.execute(self._g["published"], {"group_id": group_id})
+
+        await self._run(f"recording group {group_id}'s callback", mark)
 
     async def take_token(
         self, key: str, *, interval: float, tau: float, max_wait: float, now: float
@@ -352,33 +403,40 @@ class PostgresStore:
             "key": key, "interval": interval, "tau": tau, "max_wait": max_wait, "now": now,
             "expires": rate_expiry(now, tau, interval),
         }  # fmt: skip
-        try:
-            async with await self._connection() as conn, conn.transaction():
+
+        async def take(conn: Any) -> Any:
+            async with conn.transaction():
                 await conn.execute(self._g["insert_bucket"], params)
                 cursor = await conn.execute(self._g["take"], params)
                 row = await cursor.fetchone()
                 if row is None:
                     cursor = await conn.execute(self._g["peek"], params)
                     row = await cursor.fetchone()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(f"taking a token of rate limit {key!r}", exc) from exc
+            return row
+
+        row = await self._run(f"taking a token of rate limit {key!r}", take)
         assert row is not None
         return float(row[0]) - now
 
     async def purge(self) -> int:
-        try:
-            async with await self._connection() as conn:
-                for statement in self._gpurge:
-                    await conn.execute(statement, {"now": time.time()})
-                now = time.time()
-                cursor = await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
-                return int(cursor.rowcount)
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed("purging expired jobs", exc) from exc
+        async def purge(conn: Any) -> int:
+            for statement in self._gpurge:
+                await conn.execute(statement, {"now": time.time()})
+            now = time.time()
+            cursor = await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
+            return int(cursor.rowcount)
+
+        return await self._run("purging expired jobs", purge)
 
     async def close(self) -> None:
         if self._own and self._opened:
             await self._pool.close()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Reads the outcome of an operation that was given up on (no "never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _check_arguments(
