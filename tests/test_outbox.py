@@ -475,3 +475,71 @@ async def test_relay_without_listen_only_polls(
             await Outbox(schema=schema).publish(conn, "x", routing_key="amq.nothing")
         await wait_until(lambda: asyncio.sleep(0, relay.failed > 0))  # polled, tried, failed
         assert not relay.listening
+
+
+@pytest.mark.slow
+async def test_a_relay_cut_off_from_its_database_mid_batch_goes_on_over_another_route(
+    postgres_dsn: str,
+    amqp_url: str,
+    conn: psycopg.AsyncConnection[Any],
+    schema: str,
+    queue_name: str,
+    make_worker: Any,
+    counter: Counter,
+) -> None:
+    """A partition between the relay and PostgreSQL while the relay holds a batch (its rows
+    locked, published, not yet deleted): the relay gives the batch up within its bound, its
+    next connection goes the other way (a DSN with two hosts), and the rows its cut-off session
+    still locks come free once PostgreSQL ends that session (idle in its transaction too
+    long): every message arrives. Before, the relay waited on the dead connection forever."""
+    from urllib.parse import urlsplit
+
+    from tests.faultproxy import FaultProxy
+
+    pg = urlsplit(postgres_dsn)
+    outbox = Outbox(schema=schema)
+
+    async def handler(job: Job) -> None:
+        counter.add(job.message_id)
+
+    await make_worker(queue=queue_name, handler=handler).start()
+    broker_port = int(urlsplit(amqp_url).port or 5672)
+    async with (
+        FaultProxy(upstream_port=pg.port or 5432) as db,
+        FaultProxy(upstream_port=broker_port) as mq,
+    ):
+        # The first host is the route that breaks, the second one the way around it.
+        dsn = (
+            f"host=127.0.0.1,127.0.0.1 port={db.port},{pg.port} user={pg.username} "
+            f"dbname={pg.path.lstrip('/') or 'postgres'}"
+        )
+        mq.latency = 0.5  # a confirm takes about a second: the batch is held that long
+        relay = OutboxRelay(
+            dsn, url=mq.url(amqp_url), schema=schema, poll_interval=0.2, listen=False,
+            publish_timeout=5, db_timeout=1,
+        )  # fmt: skip
+        async with relay:
+            async with conn.transaction():
+                for i in range(20):
+                    await outbox.publish(conn, i, queue=queue_name, message_id=f"p{i}")
+
+            async def holding() -> bool:  # the relay's session: in its transaction, publishing
+                cursor = await conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                    "AND pid <> pg_backend_pid()"
+                )
+                row = await cursor.fetchone()
+                await conn.commit()
+                return bool(row and row[0])
+
+            await wait_until(holding, timeout=15)
+            db.black_hole()  # the DELETE of the confirmed rows never arrives
+
+            async def emptied() -> bool:
+                return not await outbox_rows(conn, schema)
+
+            await wait_until(emptied, timeout=60)  # republished over the second route
+        db.heal()
+    delivered = list(counter.items)
+    assert set(delivered) == {f"p{i}" for i in range(20)}  # some twice: at-least-once
+    print(f"LEDGER outbox partition: committed=20 delivered={len(delivered)} lost=0")  # noqa: T201

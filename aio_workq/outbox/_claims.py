@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 
 from ._errors import OutboxSchemaError
@@ -53,9 +54,24 @@ class OutboxTable:
         OutboxConfigurationError: `schema` is not a plain SQL identifier.
     """
 
-    def __init__(self, dsn: str, schema: str) -> None:
+    def __init__(
+        self, dsn: str, schema: str, *, hold: float = 0.0, connect_timeout: int = 0
+    ) -> None:
         table = f"{quote(schema)}.workq_outbox"
         self._dsn = dsn
+        # libpq's own connect_timeout, unless the DSN says one: a host that does not answer
+        # is given up on (and the next one of a DSN with several hosts tried).
+        has_timeout = "connect_timeout" in conninfo_to_dict(dsn)
+        self._connect: dict[str, Any] = (
+            {"connect_timeout": connect_timeout} if connect_timeout and not has_timeout else {}
+        )
+        # The most a claim's transaction may sit idle on the server (PostgreSQL then ends the
+        # session): a relay cut off mid-batch does not keep its rows locked for hours.
+        self._hold_sql = (
+            f"SET LOCAL idle_in_transaction_session_timeout = {max(1, round(hold * 1000))}"
+            if hold > 0
+            else None
+        )
         self._schema = schema
         self._probe_sql = f"SELECT 1 FROM {table} LIMIT 0"
         self._claim_sql = (
@@ -78,7 +94,7 @@ class OutboxTable:
             psycopg.OperationalError: the database cannot be reached.
         """
         if self._conn is None or self._conn.closed:
-            self._conn = await psycopg.AsyncConnection.connect(self._dsn)
+            self._conn = await psycopg.AsyncConnection.connect(self._dsn, **self._connect)
             try:
                 await self._conn.execute(self._probe_sql)
                 await self._conn.commit()
@@ -105,6 +121,8 @@ class OutboxTable:
         """
         conn = await self.connect()
         async with conn.transaction():
+            if self._hold_sql is not None:
+                await conn.execute(self._hold_sql)
             try:
                 rows = await (await conn.execute(self._claim_sql, (limit,))).fetchall()
             except psycopg.errors.UndefinedTable as exc:

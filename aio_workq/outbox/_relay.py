@@ -61,6 +61,12 @@ class OutboxRelay:
             queues with arguments, such as a delivery limit).
         publish_timeout: seconds to wait for a confirm (with `url`); a row whose confirm does
             not come in time stays for a later attempt.
+        db_timeout: seconds a connection to PostgreSQL may take, and a step with it (claim,
+            delete) may add to a batch: a batch that takes longer than `publish_timeout + 2 *
+            db_timeout` is given up (rolled back, its rows published again later; psycopg
+            takes up to 10 s more to give the query up), and its connection replaced. On the
+            server a claim's transaction may sit idle that long too, then PostgreSQL ends it,
+            so a relay cut off mid-batch does not keep its rows locked.
         listen: wake on `LISTEN/NOTIFY`; `False` only polls (for a connection pooler in
             transaction mode, such as PgBouncer's, where `LISTEN` does not work).
         name: the broker connection name (with `url`).
@@ -82,6 +88,7 @@ class OutboxRelay:
         retry_delay: float = 5.0,
         queues: Iterable[Queue] = (),
         publish_timeout: float = 30.0,
+        db_timeout: float = 10.0,
         listen: bool = True,
         name: str | None = None,
     ) -> None:
@@ -98,11 +105,15 @@ class OutboxRelay:
             ("poll_interval", poll_interval),
             ("retry_delay", retry_delay),
             ("publish_timeout", publish_timeout),
+            ("db_timeout", db_timeout),
         )
         for label, value in intervals:
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
-        self._table = OutboxTable(dsn, schema)
+        self._batch_bound = float(publish_timeout + 2 * db_timeout)
+        self._table = OutboxTable(
+            dsn, schema, hold=self._batch_bound, connect_timeout=max(2, math.ceil(db_timeout))
+        )
         self._dsn = dsn
         self._schema = schema
         self._owns_producer = producer is None
@@ -224,11 +235,17 @@ class OutboxRelay:
         while True:
             self._wake.clear()
             try:
-                claimed = await self.relay_batch()
+                async with asyncio.timeout(self._batch_bound):
+                    claimed = await self.relay_batch()
                 failures = 0
             except Exception as exc:  # the relay outlives a database or broker outage
                 delay = _reconnect_delay(failures)
                 failures += 1
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError(
+                        f"a batch took longer than {self._batch_bound:g} s (the database or "
+                        "the broker stopped answering); its rows are published again later"
+                    )
                 log.warning("outbox relay: %r; again in %.1f s", exc, delay)
                 await self._table.close()
                 await asyncio.sleep(delay)
