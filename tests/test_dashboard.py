@@ -515,7 +515,9 @@ def test_the_command_checks_the_credentials_before_serving(amqp_url: str, monkey
     assert served == [] and result.exit_code != 0
     assert "refused the user name or password" in str(result.exception)
     assert "not-the-password" not in str(result.exception)
-    result = CliRunner().invoke(cli, ["dashboard", "--url", amqp_url, "--no-management"])
+    result = CliRunner().invoke(
+        cli, ["dashboard", "--url", amqp_url, "--no-management", "--port", "0"]
+    )
     assert result.exit_code == 0 and len(served) == 1
 
 
@@ -599,7 +601,7 @@ def test_the_startup_line_is_one_line_whatever_the_width(monkeypatch: Any) -> No
     monkeypatch.setattr(_dashboard_cmd, "check_broker", lambda url: None, raising=False)
     long_url = "amqp://guest:pw@" + "a-rather-long-host-name." * 4 + "example:5672/vhost"
     result = CliRunner().invoke(
-        cli, ["dashboard", "--url", long_url, "--no-management", "--port", "18931"]
+        cli, ["dashboard", "--url", long_url, "--no-management", "--port", "0"]
     )
     line = next(x for x in result.stderr.splitlines() if x.startswith("aio-workq dashboard on"))
     assert line.endswith("read-only"), result.stderr
@@ -613,3 +615,54 @@ async def test_without_queue_names_an_unreachable_broker_is_said_so() -> None:
         await dashboard.close()
     assert "cannot connect to amqp://guest:***@127.0.0.1:1/" in page
     assert "no worker has named a queue" not in page and "s3cret-pass" not in page
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_a_port_in_use_is_one_error_line_naming_it_and_nothing_says_it_serves(
+    monkeypatch: Any,
+) -> None:
+    # It printed "aio-workq dashboard on http://127.0.0.1:PORT/" and then aiohttp's
+    # "[Errno 98] error while attempting to bind on address ...", with no hint.
+    import socket
+
+    from click.testing import CliRunner
+
+    from aio_workq.cli import _dashboard_cmd
+    from aio_workq.cli._app import cli
+
+    served: list[Any] = []
+    monkeypatch.setattr(web, "run_app", lambda app, **kw: served.append(kw))
+    monkeypatch.setattr(_dashboard_cmd, "check_broker", lambda url: None, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["dashboard", "--url", NOWHERE, "--no-management", "--port", str(port)]
+        )
+    assert result.exit_code == 1 and served == [], result.output
+    assert str(result.exception) == (
+        f"cannot listen on 127.0.0.1:{port}: Address already in use; give another --port "
+        "(or --host)"
+    )
+    assert "aio-workq dashboard on" not in result.stderr
+
+
+@pytest.mark.usefixtures("restored_loggers")
+def test_port_0_says_the_port_it_listens_on(monkeypatch: Any) -> None:
+    # `--port 0` printed "aio-workq dashboard on http://127.0.0.1:0/": no way to find it.
+    from click.testing import CliRunner
+
+    from aio_workq.cli import _dashboard_cmd
+    from aio_workq.cli._app import cli
+
+    served: list[int] = []
+    monkeypatch.setattr(
+        web, "run_app", lambda app, **kw: served.append(kw["sock"].getsockname()[1])
+    )
+    monkeypatch.setattr(_dashboard_cmd, "check_broker", lambda url: None, raising=False)
+    result = CliRunner().invoke(
+        cli, ["dashboard", "--url", NOWHERE, "--no-management", "--port", "0"]
+    )
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stderr.splitlines() if x.startswith("aio-workq dashboard on"))
+    port = served[0]
+    assert port != 0 and f"http://127.0.0.1:{port}/" in line, line

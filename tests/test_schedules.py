@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import ssl
 import subprocess
@@ -216,6 +217,28 @@ async def test_aio_workq_schedules_lists_next_and_last_fire_and_the_active_proce
     assert table.returncode == 0 and "nightly-report" in table.stdout and "web-1:42" in table.stdout
 
 
+async def test_the_status_names_no_active_scheduler_once_the_last_one_stopped(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    # `aio-workq schedules` and the dashboard went on naming a stopped process as the active
+    # scheduler, next to next-fire times in the past.
+    scheduler = Scheduler(amqp_url, [poll(group)], group=group, identity="web-1:42")
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    await scheduler.stop()
+    async with asyncio.timeout(60):
+        await run
+    state = await read_status(amqp_url, group=group)
+    assert state is not None and state.entries["poll"].last is not None
+    assert state.active == "", state.active
+    args = [sys.executable, "-m", "aio_workq", "schedules", "--url", amqp_url, "--group", group]
+    table = await asyncio.to_thread(
+        subprocess.run, args, capture_output=True, text=True, timeout=60
+    )
+    assert table.returncode == 0, table.stderr
+    assert "web-1:42" not in table.stdout and "no scheduler is active" in table.stdout
+
+
 async def test_run_workers_runs_the_scheduler_beside_the_workers(amqp_url: str, group: str) -> None:
     recorder = Ticks()
     worker = aio_workq.Worker(amqp_url, queue=f"{group}.poll", handler=recorder.handler)
@@ -313,6 +336,37 @@ async def test_a_stop_during_a_tick_records_it_so_the_next_scheduler_does_not_fi
     await run
     assert max(ticks.seen.values()) == 1, ticks.seen
     assert_contiguous(ticks.due_times())
+
+
+async def test_a_schedule_whose_ticks_the_broker_refuses_neither_stops_nor_repeats_the_others(
+    amqp_url: str, group: str, ticks: Ticks, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The queue exists as a classic one: each tick's declare (a quorum queue) is refused with a
+    # TopologyError. That used to end the active term: the other schedules' ticks fired in the
+    # round went out again in each new term (one tick 7 times in 7 s), or, with the refused
+    # schedule first, never went out.
+    refused = f"{group}.classic"
+    async with aio_workq.Producer(amqp_url) as producer:
+        await producer.publish(b"x", queue=aio_workq.Queue(refused, type="classic"))
+    scheduler = Scheduler(
+        amqp_url, [Schedule("a-refused", every=SECOND, queue=refused), poll(group)], group=group
+    )
+    terms: list[bool] = []
+    scheduler.on_active = terms.append
+    caplog.set_level(logging.WARNING, logger="aio_workq.schedules")
+    run = await start(scheduler)
+    try:
+        await ticks.wait_for(4)
+    finally:
+        await scheduler.stop()
+        async with asyncio.timeout(60):
+            await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+    assert terms == [True, False]  # one active term throughout
+    refusals = [r.getMessage() for r in caplog.records if "a-refused" in r.getMessage()]
+    assert refusals, caplog.text
+    assert "TopologyError" in refusals[0] and "already exists" in refusals[0], refusals[0]
 
 
 async def test_two_versions_during_a_rolling_deploy_fire_each_tick_once(

@@ -321,3 +321,33 @@ def test_the_decorator_takes_a_jitter() -> None:
         del job
 
     assert scheduler.schedules["poll"].jitter == timedelta(seconds=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"body": {"at": object()}},
+            "schedule 's': its body can't be published: cannot encode a body of type dict",
+        ),
+        (
+            {"headers": {"x-tenant": object()}},
+            "schedule 's': its headers can't be published: .*x-tenant",
+        ),
+    ],
+)
+def test_a_body_or_headers_that_cant_be_published_are_refused_when_declared(
+    kwargs: dict[str, object], match: str
+) -> None:
+    # Found at the first tick instead, it ended every active term: the other schedules' ticks
+    # fired in that round were never recorded and went out again, once a term.
+    with pytest.raises(ConfigurationError, match=match):
+        Schedule("s", every=timedelta(seconds=5), queue="q", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cron", ["0 0 3 * * *", "*/10 * * * * *", "0 3 * * * 2026", "0 3 * *"])
+def test_a_cron_expression_not_of_5_fields_is_refused_naming_the_fields(cron: str) -> None:
+    # cronsim reads a 6th field as seconds (first): '0 0 3 * * *' was taken as 03:00 daily
+    # and '*/10 * * * * *' as every 10 s, against the documented 5 fields.
+    with pytest.raises(ConfigurationError, match="5 fields: minute hour day-of-month month"):
+        Schedule("s", cron=cron, queue="q")

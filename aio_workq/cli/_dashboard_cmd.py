@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from typing import Any
 
 import click
@@ -125,8 +126,29 @@ def dashboard(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     mode = "actions allowed (with the token)" if allow_actions else "read-only"
-    err_console.print(
-        f"aio-workq dashboard on http://{host}:{port}/ for {redact_url(amqp_url)}, {mode}",
-        highlight=False, soft_wrap=True,
-    )  # fmt: skip
-    web.run_app(aiohttp_app(board), host=host, port=port, print=None, handle_signals=True)
+    listening = listen(host, port)  # before saying where it serves: the port may be taken
+    with listening:
+        bound = listening.getsockname()[1]
+        where = f"[{host}]" if ":" in host else host
+        err_console.print(
+            f"aio-workq dashboard on http://{where}:{bound}/ for {redact_url(amqp_url)}, {mode}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        web.run_app(aiohttp_app(board), sock=listening, print=None, handle_signals=True)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port` (port 0: one the system picks).
+
+    Raises:
+        CliError: the address can't be bound (in use, not this machine's, no permission).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise CliError(
+            f"cannot listen on {host}:{port}: "
+            f"{os.strerror(exc.errno) if exc.errno else exc}; give another --port "
+            "(or --host)"
+        ) from None

@@ -55,4 +55,7 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
         )  # fmt: skip
     print_table(table, console)
     updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
-    console.print(f"active scheduler: {state.active or '-'} (state recorded {updated})")
+    if state.active:
+        console.print(f"active scheduler: {state.active} (state recorded {updated})")
+    else:
+        console.print(f"no scheduler is active: the last one stopped at {updated}")

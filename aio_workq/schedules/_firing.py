@@ -13,8 +13,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+from .._exceptions import (
+    ConfigurationError,
+    PublishNackedError,
+    SerializationError,
+    TopologyError,
+    UnroutableError,
+)
 from .._publish.producer import Producer
 from ._broker import publish_state, read_state
 from ._guard import Guard
@@ -29,6 +36,20 @@ log = logging.getLogger("aio_workq.schedules")
 SCHEDULE_HEADER = "x-workq-schedule"
 DUE_HEADER = "x-workq-due"
 _MAX_PAUSE = 5.0  # seconds between rounds at most (a stop is noticed at once regardless)
+_REFUSED_PAUSE = 5.0  # seconds before a refused tick is tried again (the others go on)
+# What the broker or the producer refuses for one schedule's tick (its queue, its message):
+# the other schedules go on and the term lasts. A lost connection or a publish timeout ends
+# the term instead (the next active scheduler fires what was not recorded, with the same ids).
+_TICK_REFUSALS = (
+    TopologyError,
+    PublishNackedError,
+    UnroutableError,
+    SerializationError,
+    ConfigurationError,
+)
+
+
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 def _now() -> datetime:
@@ -67,6 +88,7 @@ class Firing:
         self._identity = identity
         self._stopping = stopping
         self._on_fired = on_fired
+        self._refused_until: dict[str, datetime] = {}  # schedule -> when to try its tick again
 
     def _lost(self) -> bool:
         return self._lease.lost.is_set() or self._guard.lost.is_set()
@@ -95,6 +117,11 @@ class Firing:
             if fired:
                 await publish_state(channel, names, state, _now())
             await self._pause(state)
+        if not self._lost():
+            # A stop: no process fires now (the next active scheduler records its own name),
+            # which `aio-workq schedules` and the dashboard say.
+            state.active = ""
+            await publish_state(channel, names, state, _now())
 
     async def _round(self, state: State) -> bool | None:
         """Fire every tick due now, oldest first per schedule; True if any was fired, None if
@@ -102,7 +129,9 @@ class Firing:
         now = _now()
         fired = False
         plans = {
-            name: schedule.plan(cursor=state.entries[name].cursor, now=now)
+            name: []
+            if self._refused_until.get(name, now) > now
+            else schedule.plan(cursor=state.entries[name].cursor, now=now)
             for name, schedule in self._schedules.items()
         }
         if any(plans.values()):
@@ -115,11 +144,29 @@ class Firing:
                     return None
                 if self._stopping.is_set():
                     break  # record what was fired, then go
-                await self._publish(schedule, due)
+                try:
+                    await self._publish(schedule, due)
+                except _TICK_REFUSALS as exc:
+                    self._refused(schedule, due, exc)
+                    break  # its later ticks wait: a tick never fires before the one due before
+                self._refused_until.pop(schedule.name, None)
                 entry.cursor = entry.last = due
                 fired = True
             entry.next = schedule.next_pending(cursor=entry.cursor, now=now)
         return fired
+
+    def _refused(self, schedule: Schedule, due: datetime, exc: Exception) -> None:
+        """One schedule's tick was refused: say which and why; try it again later."""
+        self._refused_until[schedule.name] = _now() + timedelta(seconds=_REFUSED_PAUSE)
+        log.warning(
+            "schedule %r: tick %s was not published: %s: %s; the other schedules go on, "
+            "this one is tried again in %.0f s",
+            schedule.name,
+            tick_id(schedule.name, due),
+            type(exc).__name__,
+            exc,
+            _REFUSED_PAUSE,
+        )
 
     async def _publish(self, schedule: Schedule, due: datetime) -> None:
         await self._producer.publish(
@@ -137,7 +184,7 @@ class Firing:
     async def _pause(self, state: State) -> None:
         """Wait until the next tick's fire time (at most `_MAX_PAUSE`), or a stop."""
         fire_times = [
-            schedule.fire_at(entry.next)
+            max(schedule.fire_at(entry.next), self._refused_until.get(name, _EARLIEST))
             for name, schedule in self._schedules.items()
             if (entry := state.entries[name]).next is not None
         ]

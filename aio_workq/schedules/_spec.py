@@ -17,9 +17,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, SerializationError
 from .._link.specs import Queue
-from .._wire.frames import NAME_PATTERN
+from .._publish.serialization import encode_body
+from .._wire.frames import NAME_PATTERN, Properties, encode_properties
 
 __all__ = ("EPOCH", "Misfire", "Schedule", "tick_id")
 
@@ -107,12 +108,21 @@ class Schedule:
             _cron_class()  # the extra is installed
             if not isinstance(self.cron, str):
                 raise ConfigurationError(f"{where}: cron= must be a str, got {self.cron!r}")
+            fields = len(self.cron.split())
+            if fields != 5:  # cronsim would read a 6th field as seconds
+                raise ConfigurationError(
+                    f"{where}: cron expression {self.cron!r} has {fields} "
+                    f"field{'' if fields == 1 else 's'}; give 5 fields: minute hour "
+                    "day-of-month month day-of-week (e.g. '0 3 * * *')"
+                    + ("; for seconds, use every=" if fields > 5 else "")
+                )
             try:
                 _cron_class()(self.cron, datetime(2026, 1, 1, tzinfo=zone))
             except Exception as exc:  # cronsim raises CronSimError (a ValueError)
                 raise ConfigurationError(
                     f"{where}: cron expression {self.cron!r} is invalid: {exc}"
                 ) from None
+        _check_publishable(where, self.body, self.headers)
         if self.start is not None and (
             not isinstance(self.start, datetime) or self.start.tzinfo is None
         ):
@@ -245,6 +255,25 @@ class Schedule:
                 break  # not ready yet, and so neither is any tick after it
             (late if fire <= horizon else recent).append(due)
         return [*late, *recent]
+
+
+def _check_publishable(where: str, body: Any, headers: Mapping[str, str]) -> None:
+    """Encode the body and headers once, as each tick's publish would.
+
+    Raises:
+        ConfigurationError: the body or the headers can't go on the wire (found at the first
+            tick, it would end the active scheduler's term, once a term).
+    """
+    try:
+        encode_body({} if body is None else body)
+    except SerializationError as exc:
+        raise ConfigurationError(f"{where}: its body can't be published: {exc}") from None
+    try:
+        if not isinstance(headers, Mapping):
+            raise SerializationError(f"headers must be a mapping, got {headers!r}")
+        encode_properties(Properties(message_id="x", headers=dict(headers)))
+    except SerializationError as exc:
+        raise ConfigurationError(f"{where}: its headers can't be published: {exc}") from None
 
 
 def _queue_name(queue: str | Queue) -> str:
