@@ -221,6 +221,10 @@ async def test_publish_from_stdin_counts_confirmed_messages(
 
     code, _, err = await run_cli("publish", queue_name, "--json", env=env, stdin=b"{}\nnot json\n")
     assert code == 1 and "line 2 is not JSON" in err and "the 1 messages before it" in err
+    code, _, err = await run_cli("publish", queue_name, "not json", "--json", env=env)
+    assert code == 1 and "BODY is not JSON" in err and "nothing was published" in err
+    code, _, err = await run_cli("publish", queue_name, "x", "--url", " ", env=env)
+    assert code == 1 and "--url is empty" in err and "AMQP_URL" in err
 
 
 async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_name: str) -> None:

@@ -12,6 +12,8 @@ from rich.table import Table
 
 from aio_workq import resolve_url
 
+from ._errors import CliError
+
 __all__ = ("LEVELS", "err_console", "number", "print_table", "resolve", "url_option")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,7 +51,16 @@ def url_option(func: F) -> F:
 
 
 def resolve(url: str | None) -> str:
-    """The broker URL to use: `url`, else what the library resolves from the environment."""
+    """The broker URL to use: `url`, else what the library resolves from the environment.
+
+    Raises:
+        CliError: `--url` was given empty.
+    """
+    if url is not None and not url.strip():
+        raise CliError(
+            "--url is empty: give the broker URL (--url amqp://user:pass@host:5672/vhost), "
+            "or leave it out to use AMQP_URL"
+        )
     return resolve_url(url)
 
 

@@ -47,7 +47,7 @@ def publish(
 
 
 def _one(body: str) -> Callable[[], list[tuple[int, str]]]:
-    chunks = [[(1, body)]]
+    chunks = [[(0, body)]]  # line 0: BODY itself
     return lambda: chunks.pop() if chunks else []
 
 
@@ -84,6 +84,8 @@ async def _publish(
                 try:
                     bodies.append(json.loads(line))
                 except ValueError as exc:
+                    if not number:  # BODY, the one message
+                        raise CliError(f"BODY is not JSON ({exc}); nothing was published") from None
                     if bodies:
                         await producer.publish_many(bodies, queue=queue)
                     raise CliError(
