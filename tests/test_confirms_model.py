@@ -280,7 +280,7 @@ class PublishMachine(RuleBasedStateMachine):
         channel.connection.is_closed = False
         channel.closing.set_exception(ConnectionError("connection lost"))
         self.settle_loop()
-        self.run(self.publisher._channel.wait_open(5))  # reopened: unconfirmed ones resent
+        self.run(self.publisher._lanes._channel.wait_open(5))  # reopened: unconfirmed ones resent
         self.settle_loop()
         assert self.channel is not channel
         assert self.channel.published == self.unsettled  # every unconfirmed one, in order
@@ -360,7 +360,7 @@ def test_a_new_channel_writing_before_the_old_ones_loss_is_handled_mixes_no_tags
         assert first.published == ["m1", "m2"]  # tags 1 and 2 on the first channel
         # The second channel is set up while the first one's loss is not handled yet.
         second = await source.connection.channel()
-        await publisher._on_channel(second, Wire(source.demux, source.writer))  # type: ignore[arg-type]
+        await publisher._lanes._on_channel(second, Wire(source.demux, source.writer))  # type: ignore[arg-type]
         m3 = await publisher.send("", "q", b"3", Properties(message_id="m3"))
         source.writer.flush()
         assert second.published == ["m3"]  # tag 1 on the second channel
@@ -368,7 +368,7 @@ def test_a_new_channel_writing_before_the_old_ones_loss_is_handled_mixes_no_tags
         assert await m3 == "m3" and not m1.done() and not m2.done()
         # Now the first channel's loss: what it did not confirm goes out on the second.
         first.connection.is_closed = False
-        publisher._on_lost(first, ConnectionError("connection lost"))  # type: ignore[arg-type]
+        publisher._lanes._on_lost(first, ConnectionError("connection lost"))  # type: ignore[arg-type]
         source.writer.flush()
         assert second.published == ["m3", "m1", "m2"]
         source.demux.sinks[second.number].on_confirm(3, True, True)
