@@ -154,6 +154,25 @@ def test_state_round_trips_through_its_message() -> None:
         State.decode(b'{"format": 99}')
 
 
+def test_a_next_fire_long_past_is_marked_overdue() -> None:
+    """A killed active scheduler leaves its name in the state until another takes over; a
+    next fire over 30 s in the past says that nothing fired it (the new-user pass)."""
+    from aio_workq.admin.schedules import schedule_rows
+
+    now = datetime(2026, 12, 6, 5, tzinfo=UTC)
+    state = State(
+        entries={
+            "late": Entry(cursor=now, fingerprint="f", next=now - timedelta(seconds=31)),
+            "due": Entry(cursor=now, fingerprint="f", next=now - timedelta(seconds=29)),
+            "soon": Entry(cursor=now, fingerprint="f", next=now + timedelta(seconds=5)),
+            "unknown": Entry(cursor=now, fingerprint="f"),
+        },
+        active="h:1",
+    )
+    rows = {row["name"]: row["overdue"] for row in schedule_rows(state, now)}
+    assert rows == {"late": True, "due": False, "soon": False, "unknown": False}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

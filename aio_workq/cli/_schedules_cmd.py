@@ -10,7 +10,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from aio_workq.admin.schedules import schedule_rows
+from aio_workq.admin.schedules import OVERDUE_AFTER, schedule_rows
 from aio_workq.schedules import GROUP, read_status
 
 from ._options import print_table, url_option
@@ -49,11 +49,20 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
     for column in ("schedule", "spec", "queue", "next (UTC)", "next (local)", "last (UTC)"):
         table.add_column(column)
     for row in rows:
+        overdue = " (overdue)" if row["overdue"] else ""
         table.add_row(
-            row["name"], row["spec"], row["queue"], row["next_utc"] or "-",
+            row["name"], row["spec"], row["queue"], (row["next_utc"] or "-") + overdue,
             row["next_local"] or "-", row["last_utc"] or "-",
         )  # fmt: skip
     print_table(table, console)
+    late = sum(row["overdue"] for row in rows)
+    if late:
+        console.print(
+            f"{late} schedule{'s are' if late > 1 else ' is'} overdue (next fire over "
+            f"{OVERDUE_AFTER.seconds} s ago): no scheduler fired {'them' if late > 1 else 'it'}; "
+            "is one running? (a killed one is named below until another takes over; a refused "
+            "tick is in the active scheduler's log)"
+        )
     updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
     if state.active:
         console.print(f"active scheduler: {state.active} (state recorded {updated})")
