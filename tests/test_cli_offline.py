@@ -91,9 +91,10 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
         _Raw("gone.retry.500ms", 6, 0, 0),
         _Raw("b", 0, 0, 1),
         *(_Raw(f"workq.delay.{k}", 1, 0, 0) for k in range(32)),
+        *(_Raw(f"workq.scheduler.{k}", 1, 0, 1) for k in ("lease", "state", "status")),
     ]
     rows = {row.queue: row for row in group_rows(raws)}
-    assert sorted(rows) == ["a", "b", "gone", "orphan"]  # no ladder, no internal queue alone
+    assert sorted(rows) == ["a", "b", "gone", "orphan"]  # no ladder, scheduler, internal queue
     assert (rows["a"].ready, rows["a"].unacked, rows["a"].retry, rows["a"].dead_letters) == (
         3, 1, 3, 4,
     )  # fmt: skip
@@ -104,6 +105,8 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
     assert [row.queue for row in group_rows(raws, ["b", "a"])] == ["b", "a"]
     [ladder] = [row for row in group_rows(raws, all_queues=True) if row.kind == "delay-ladder"]
     assert (ladder.queue, ladder.ready) == ("workq.delay.* (32 queues)", 32)
+    [scheduler] = [row for row in group_rows(raws, all_queues=True) if row.kind == "scheduler"]
+    assert (scheduler.queue, scheduler.consumers) == ("workq.scheduler.* (3 queues)", 3)
 
 
 @pytest.mark.parametrize("width", [80, 200])

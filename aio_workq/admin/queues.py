@@ -28,10 +28,12 @@ import aiormq.exceptions
 from aio_workq import RetryPolicy, redact_url
 from aio_workq._link.delay import PREFIX as DELAY_PREFIX
 from aio_workq._link.errors import connect_error
+from aio_workq.schedules import GROUP as SCHEDULER_GROUP
 
 from ._errors import AdminError, ManagementAPIError
 
 __all__ = (
+    "OWN_KINDS",
     "QueueRow",
     "RawQueue",
     "amqp_raws",
@@ -49,6 +51,9 @@ __all__ = (
 _RETRY = re.compile(r"^(?P<base>.+)\.retry\.(?P<ms>\d+)ms$")
 _DLQ = re.compile(r"^(?P<base>.+)\.dlq$")
 _LADDER = f"{DELAY_PREFIX}."
+OWN_KINDS = {_LADDER: "delay-ladder", f"{SCHEDULER_GROUP}.": "scheduler"}
+"""aio-workq's own queues by name prefix, each family one row of its kind (with `all_queues`):
+the shared delay ladder, and the default scheduler group's lease, state and status queues."""
 
 
 @dataclass(slots=True)
@@ -56,8 +61,9 @@ class QueueRow:
     """One work queue with its retry and dead-letter queues (`None`: not known).
 
     `present` is false for a work queue that is gone while its internal queues remain;
-    `kind` is `"work"`, `"delay-ladder"` for the shared `workq.delay.*` queues (one row), or
-    `"missing"` for a queue named (the dashboard's `--queue`) that does not exist.
+    `kind` is `"work"`, `"delay-ladder"` for the shared `workq.delay.*` queues (one row),
+    `"scheduler"` for the schedulers' `workq.scheduler.*` queues (one row), or `"missing"` for
+    a queue named (the dashboard's `--queue`) that does not exist.
     """
 
     queue: str
@@ -102,28 +108,33 @@ def default_management_url(amqp_url: str) -> str:
 
 
 def is_internal(name: str) -> bool:
-    """True for a dead-letter, retry or delay-ladder queue."""
-    return bool(_RETRY.match(name) or _DLQ.match(name) or name.startswith(_LADDER))
+    """True for a dead-letter, retry, delay-ladder or scheduler queue."""
+    return bool(_RETRY.match(name) or _DLQ.match(name) or _own_kind(name))
+
+
+def _own_kind(name: str) -> str | None:
+    return next((kind for prefix, kind in OWN_KINDS.items() if name.startswith(prefix)), None)
 
 
 def group_rows(
     raws: Iterable[RawQueue], names: Sequence[str] = (), *, all_queues: bool = False
 ) -> list[QueueRow]:
     """Fold `X.dlq` and `X.retry.*ms` into the row of `X` (a row of its own when `X` is gone);
-    the delay ladder's `workq.delay.*` queues are one row with `all_queues`, else left out.
-    Keep only `names` when given."""
+    aio-workq's own queues (`OWN_KINDS`: the delay ladder's `workq.delay.*`, the schedulers'
+    `workq.scheduler.*`) are a row per family with `all_queues`, else left out. Keep only
+    `names` when given."""
     raws = list(raws)
     present = {raw.name for raw in raws}
     rows: dict[str, QueueRow] = {}
-    ladder: list[RawQueue] = []
+    own: dict[str, list[RawQueue]] = {}
 
     def row(name: str) -> QueueRow:
         return rows.setdefault(name, QueueRow(queue=name, present=name in present))
 
     for raw in sorted(raws, key=lambda r: r.name):
         retry, dlq = _RETRY.match(raw.name), _DLQ.match(raw.name)
-        if raw.name.startswith(_LADDER):
-            ladder.append(raw)
+        if kind := _own_kind(raw.name):
+            own.setdefault(kind, []).append(raw)
         elif retry:
             target = row(retry["base"])
             target.retry_queues[raw.name] = (raw.ready or 0) + (raw.unacked or 0)
@@ -138,17 +149,19 @@ def group_rows(
     if names:
         return [rows[name] for name in names if name in rows]
     result = sorted(rows.values(), key=lambda r: r.queue)
-    if all_queues and ladder:
-        result.append(
-            QueueRow(
-                queue=f"{_LADDER}* ({len(ladder)} queues)",
-                ready=sum(raw.ready or 0 for raw in ladder),
-                unacked=sum(raw.unacked or 0 for raw in ladder)
-                if all(raw.unacked is not None for raw in ladder) else None,
-                consumers=sum(raw.consumers or 0 for raw in ladder),
-                kind="delay-ladder",
-            )
-        )  # fmt: skip
+    if all_queues:
+        for prefix, kind in OWN_KINDS.items():
+            if family := own.get(kind):
+                result.append(
+                    QueueRow(
+                        queue=f"{prefix}* ({len(family)} queues)",
+                        ready=sum(raw.ready or 0 for raw in family),
+                        unacked=sum(raw.unacked or 0 for raw in family)
+                        if all(raw.unacked is not None for raw in family) else None,
+                        consumers=sum(raw.consumers or 0 for raw in family),
+                        kind=kind,
+                    )
+                )  # fmt: skip
     return result
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aio_workq import redact_url
-from aio_workq.admin.queues import QueueRow, collect, delete_queues, queue_group
+from aio_workq.admin.queues import OWN_KINDS, QueueRow, collect, delete_queues, queue_group
 
 from ._options import number, resolve, url_option
 from ._watch import Ticker, live_refresh
@@ -102,11 +102,11 @@ def show(
             amqp_url, names, management_url, explicit=explicit, all_queues=True
         )
         if not all_queues:
-            hidden = [row for row in rows if row.kind == "delay-ladder"]
-            rows = [row for row in rows if row.kind != "delay-ladder"]
-            if hidden:
-                count = hidden[0].queue.split("(")[-1].split()[0]
-                source += f" · {count} delay-ladder queues hidden (--all)"
+            hidden = [row for row in rows if row.kind in OWN_KINDS.values()]
+            rows = [row for row in rows if row.kind not in OWN_KINDS.values()]
+            for row in hidden:
+                count = row.queue.split("(")[-1].split()[0]
+                source += f" · {count} {row.kind} queues hidden (--all)"
         return rows, source
 
     table = _TableMaker(amqp_url, all_queues)
