@@ -197,6 +197,10 @@ async def test_errors_are_one_line_without_traceback_or_password(env: dict[str, 
     code, out, err = await run_cli("publish", "q", "x", "--url", dead, env=env)
     assert code == 1 and "Traceback" not in err and len(err.splitlines()) == 1
     assert "s3cret-pw" not in out + err and "user:***@127.0.0.1" in err
+    # No management API and no broker: the broker is what is down, not only the API.
+    code, out, err = await run_cli("queues", "--url", dead, env=env)
+    assert code == 1 and len(err.splitlines()) == 1 and "s3cret-pw" not in out + err
+    assert "cannot connect to amqp://user:***@127.0.0.1" in err, err
 
 
 # --- publish and queues --------------------------------------------------------------------

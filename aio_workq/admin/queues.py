@@ -188,6 +188,10 @@ async def collect(
             raise AdminError(f"queue {missing[0]!r} does not exist")
         return group_rows(raws, names, all_queues=all_queues), "the management API"
     except ManagementAPIError as exc:
+        if not explicit and not names:
+            # Is the broker itself down? Then that is the error to see, not the API's.
+            connection = await connect(amqp_url)
+            await connection.close()
         if explicit or not names:
             hint = (
                 ""
