@@ -128,6 +128,8 @@ class DeadLetterPages:
 
     async def replay(self, request: Request, match: dict[str, str]) -> Response:
         queue = queue_name(match["queue"])
+        # The token first: a request without one is refused (and logged) whatever it asks.
+        caller = self._site.require_action(request, f"replay dead letters of {queue!r}")
         ids = [message_id(one) for one in request.fields("id")]
         scope = request.field("scope", "selected")
         if scope == "selected" and not ids:
@@ -140,8 +142,10 @@ class DeadLetterPages:
             shown = ", ".join(f"{k}={v}" for k, v in given.items() if v) or "all"
             what = f"replay the dead letters of {queue!r} matching {shown}"
         else:
+            log.warning(
+                "refused (unknown replay scope %r): replay of %r, by %s", scope, queue, caller
+            )
             raise PageError(400, "Bad request", f"unknown replay scope {scope!r}")
-        caller = self._site.require_action(request, what)
         letters, total = await self._dead_letters(queue)
         matcher = None if where.empty else where
 
