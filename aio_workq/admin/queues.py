@@ -186,7 +186,10 @@ async def collect(
         missing = sorted(set(names) - {raw.name for raw in raws})
         if missing:
             raise AdminError(f"queue {missing[0]!r} does not exist")
-        return group_rows(raws, names, all_queues=all_queues), "the management API"
+        source = "the management API"
+        if management_url:  # given: say which, the table's title names the AMQP URL
+            source += f" at {redact_url(management_url)}"
+        return group_rows(raws, names, all_queues=all_queues), source
     except ManagementAPIError as exc:
         if not explicit and not names:
             # Is the broker itself down? Then that is the error to see, not the API's.
