@@ -191,13 +191,17 @@ class PostgresStore:
             kwargs={"autocommit": True},
         )  # fmt: skip
 
-    async def _run(self, what: str, operation: Callable[[Any], Awaitable[T]]) -> T:
+    async def _run(
+        self, what: str, operation: Callable[[Any], Awaitable[T]], *, detach: bool = True
+    ) -> T:
         """`operation(conn)` on a connection of the pool, within `timeout`.
 
         Raises:
-            StoreError: no connection, an error, or no answer within `timeout` (the operation
-                is then cancelled in the background: psycopg cancels the query, then closes
-                the connection, which can take it seconds more).
+            StoreError: no connection, an error, or no answer within `timeout`. The operation
+                is then cancelled: psycopg cancels the query, then closes the connection, which
+                can take it 10 s more; with `detach` that happens in the background (a task of
+                its own, which a call costs), else before this raises (the workers' batches of
+                writes, which the queue does not wait for).
         """
         if self._pid != os.getpid() and self._own:
             # A forked child: the parent's connections stay the parent's (psycopg does not
@@ -208,6 +212,15 @@ class PostgresStore:
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
+        if not detach:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async with self._pool.connection(timeout=self._timeout) as conn:
+                        return await operation(conn)
+            except TimeoutError:
+                raise self._unanswered(what) from None
+            except (PsycopgError, PoolTimeout, OSError) as exc:
+                raise self._failed(what, exc) from exc
         acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
 
         async def use() -> T:
@@ -228,14 +241,17 @@ class PostgresStore:
             if not acquired:  # as the pool says it (its timeout is the same)
                 late = PoolTimeout(f"couldn't get a connection after {self._timeout:g} sec")
                 raise self._failed(what, late) from None
-            raise StoreError(
-                f"PostgreSQL store ({self._where}): {what} failed: PostgreSQL did not answer "
-                f"within {self._timeout:g} s (timeout=)"
-            )
+            raise self._unanswered(what)
         try:
             return task.result()
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self._failed(what, exc) from exc
+
+    def _unanswered(self, what: str) -> StoreError:
+        return StoreError(
+            f"PostgreSQL store ({self._where}): {what} failed: PostgreSQL did not answer "
+            f"within {self._timeout:g} s (timeout=)"
+        )
 
     def _failed(self, what: str, exc: Exception) -> StoreError:
         failed = f"PostgreSQL store ({self._where}): {what} failed"
@@ -277,7 +293,7 @@ class PostgresStore:
                 if conn.autocommit != autocommit:
                     await conn.set_autocommit(autocommit)
 
-        await self._run("recording job states", apply)
+        await self._run("recording job states", apply, detach=False)  # no task more a batch
         return applied
 
     async def _apply(
