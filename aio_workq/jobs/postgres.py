@@ -6,26 +6,21 @@ with `migrate()` or ship `schema_sql()` with your migrations, like the outbox's 
 
 from __future__ import annotations
 
-import asyncio
 import operator
-import os
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from itertools import compress
-from typing import Any, TypeVar
+from typing import Any
 
 from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg import Error as PsycopgError
-from psycopg.errors import UndefinedTable
 from psycopg.rows import tuple_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from .._exceptions import ConfigurationError
 from ..outbox._schema import apply_locked, check_dsn, check_schema, quote, redact_dsn
-from ._errors import StoreError
 from ._groupstore import (
     CallbackDue,
     GroupSpec,
@@ -36,12 +31,11 @@ from ._groupstore import (
     rate_expiry,
 )
 from ._pgcolumns import Columns, register_arrays
+from ._pgpool import StorePool
 from ._status import JobRecord, JobState, JobStatus, Write
 from ._store import CLAIM, DAY, ROWS, SQL, WRITE, check_ttl, rounds, row_record, write_params
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
-
-T = TypeVar("T")
 
 DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
@@ -149,14 +143,13 @@ class PostgresStore:
         max_size: int = 4,
     ) -> None:
         _check_arguments(dsn, pool, schema, timeout)
-        self._schema = schema
         self.ttl = check_ttl(ttl)
         self._where = redact_dsn(dsn) if dsn else "the given pool"
-        self._own = pool is None
-        self._dsn, self._max_size, self._timeout = dsn or "", max_size, timeout
-        self._pool = pool or self._new_pool()
-        self._opened = not self._own
-        self._pid = os.getpid()
+        self._pool = StorePool(
+            dsn=dsn, pool=pool, max_size=max_size, timeout=timeout,
+            where=f"PostgreSQL store ({self._where})", schema=schema,
+        )  # fmt: skip
+        self._run = self._pool.run
         sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
         self._write = _psycopg(sql.write)
         self._sql = sql
@@ -182,80 +175,6 @@ class PostgresStore:
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self._where} ttl={self.ttl:g}>"
-
-    def _new_pool(self) -> AsyncConnectionPool[Any]:
-        # The pool this store opens has autocommit connections: a batch of one round is one
-        # statement, without toggling its connection (what a given pool's get, then get back).
-        return AsyncConnectionPool(
-            self._dsn, min_size=1, max_size=self._max_size, open=False, timeout=self._timeout,
-            kwargs={"autocommit": True},
-        )  # fmt: skip
-
-    async def _run(
-        self, what: str, operation: Callable[[Any], Awaitable[T]], *, detach: bool = True
-    ) -> T:
-        """`operation(conn)` on a connection of the pool, within `timeout`.
-
-        Raises:
-            StoreError: no connection, an error, or no answer within `timeout`. The operation
-                is then cancelled: psycopg cancels the query, then closes the connection, which
-                can take it 10 s more; with `detach` that happens in the background (a task of
-                its own, which a call costs), else before this raises (the workers' batches of
-                writes, which the queue does not wait for).
-        """
-        if self._pid != os.getpid() and self._own:
-            # A forked child: the parent's connections stay the parent's (psycopg does not
-            # close them on collection in another process); the child opens its own.
-            self._pid = os.getpid()
-            self._pool, self._opened = self._new_pool(), False
-            self._arrays = weakref.WeakSet()
-        if not self._opened:
-            self._opened = True
-            await self._pool.open(wait=False)
-        if not detach:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    async with self._pool.connection(timeout=self._timeout) as conn:
-                        return await operation(conn)
-            except TimeoutError:
-                raise self._unanswered(what) from None
-            except (PsycopgError, PoolTimeout, OSError) as exc:
-                raise self._failed(what, exc) from exc
-        acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
-
-        async def use() -> T:
-            async with self._pool.connection(timeout=self._timeout) as conn:
-                acquired.append(True)
-                return await operation(conn)
-
-        task = asyncio.ensure_future(use())
-        try:
-            done, _ = await asyncio.wait((task,), timeout=self._timeout)
-        except asyncio.CancelledError:
-            task.cancel()
-            task.add_done_callback(_retrieve)
-            raise
-        if not done:
-            task.cancel()
-            task.add_done_callback(_retrieve)
-            if not acquired:  # as the pool says it (its timeout is the same)
-                late = PoolTimeout(f"couldn't get a connection after {self._timeout:g} sec")
-                raise self._failed(what, late) from None
-            raise self._unanswered(what)
-        try:
-            return task.result()
-        except (PsycopgError, PoolTimeout, OSError) as exc:
-            raise self._failed(what, exc) from exc
-
-    def _unanswered(self, what: str) -> StoreError:
-        return StoreError(
-            f"PostgreSQL store ({self._where}): {what} failed: PostgreSQL did not answer "
-            f"within {self._timeout:g} s (timeout=)"
-        )
-
-    def _failed(self, what: str, exc: Exception) -> StoreError:
-        failed = f"PostgreSQL store ({self._where}): {what} failed"
-        return _store_error(failed, exc, schema=self._schema, own_pool=self._own)
 
     def _round(self, kinds: tuple[str, ...], encoding: str) -> tuple[bytes, tuple[str, ...]]:
         statement = self._rounds.get((kinds, encoding))
@@ -305,7 +224,7 @@ class PostgresStore:
             for kind, indexes in kinds.items():
                 params.update(self._columns.build(writes, indexes, kind, encoding))
         except ValueError as exc:  # nothing sent: the batch fails as the server would fail it
-            raise self._failed("recording job states", exc) from exc
+            raise self._pool.failed("recording job states", exc) from exc
         statement, names = self._round(tuple(kinds), encoding)
         if conn not in self._arrays:  # our own column types only: nothing else changes
             register_arrays(conn.adapters)
@@ -445,14 +364,7 @@ class PostgresStore:
         return await self._run("purging expired jobs", purge)
 
     async def close(self) -> None:
-        if self._own and self._opened:
-            await self._pool.close()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Reads the outcome of an operation that was given up on (no "never retrieved")."""
-    if not task.cancelled():
-        task.exception()
+        await self._pool.close()
 
 
 def _check_arguments(
@@ -470,19 +382,3 @@ def _check_arguments(
     check_schema(schema)
     if dsn:
         check_dsn(dsn, ConfigurationError)
-
-
-def _store_error(failed: str, exc: Exception, *, schema: str, own_pool: bool) -> StoreError:
-    """The `StoreError` for `exc`, with what to do where that is known."""
-    if isinstance(exc, UndefinedTable):
-        return StoreError(
-            f"{failed}; the store's tables are missing in schema {schema!r}: create them with "
-            f"`await aio_workq.jobs.postgres.migrate(conn, schema={schema!r})` (or schema_sql() "
-            f"in your migrations): {exc}"
-        )
-    if isinstance(exc, PoolTimeout) and own_pool:
-        return StoreError(
-            f"{failed}: {exc} (why it could not connect, e.g. the server down, a wrong host or "
-            "port, user, password or database, is logged by psycopg's logger 'psycopg.pool')"
-        )
-    return StoreError(f"{failed}: {exc}")

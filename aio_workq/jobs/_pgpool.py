@@ -1,0 +1,152 @@
+"""`PostgresStore`'s connections: a psycopg pool, each operation on it within the store's
+`timeout`, the pool's errors as `StoreError`s that say what to do, and a pool of its own for a
+forked child.
+
+A server that stops answering with its connections open (a partition, a stopped host) does not
+hang a caller: an operation that has not answered within `timeout` raises `StoreError`, and
+psycopg gives the query up (it cancels it, then closes the connection: up to 10 s more) in the
+background, or in place for the workers' batches of writes, which the queue does not wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from psycopg import Error as PsycopgError
+from psycopg.errors import UndefinedTable
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from ._errors import StoreError
+
+__all__ = ("StorePool",)
+
+T = TypeVar("T")
+
+
+class StorePool:
+    """The connections of one `PostgresStore`.
+
+    Args:
+        dsn: the DSN of a pool of `max_size` connections this opens on first use ...
+        pool: ... or a pool of the caller's (opened and closed by the caller).
+        timeout: seconds an operation may take, a connection and the answer together.
+        where: how errors name the store (no password).
+        schema: the store's schema (a missing table's error names it).
+    """
+
+    def __init__(
+        self,
+        *,
+        dsn: str | None,
+        pool: AsyncConnectionPool[Any] | None,
+        max_size: int,
+        timeout: float,
+        where: str,
+        schema: str,
+    ) -> None:
+        self._dsn, self._max_size, self._timeout = dsn or "", max_size, timeout
+        self._where, self._schema = where, schema
+        self._own = pool is None
+        self._pool = pool or self._new_pool()
+        self._opened = not self._own
+        self._pid = os.getpid()
+
+    def _new_pool(self) -> AsyncConnectionPool[Any]:
+        # The pool this store opens has autocommit connections: a batch of one round is one
+        # statement, without toggling its connection (what a given pool's get, then get back).
+        return AsyncConnectionPool(
+            self._dsn, min_size=1, max_size=self._max_size, open=False, timeout=self._timeout,
+            kwargs={"autocommit": True},
+        )  # fmt: skip
+
+    async def run(
+        self, what: str, operation: Callable[[Any], Awaitable[T]], *, detach: bool = True
+    ) -> T:
+        """`operation(conn)` on a connection of the pool, within `timeout`.
+
+        Raises:
+            StoreError: no connection, an error, or no answer within `timeout`. The operation
+                is then cancelled: psycopg cancels the query, then closes the connection, which
+                can take it 10 s more; with `detach` that happens in the background (a task of
+                its own, which a call costs), else before this raises (the workers' batches of
+                writes, which the queue does not wait for).
+        """
+        if self._pid != os.getpid() and self._own:
+            # A forked child: the parent's connections stay the parent's (psycopg does not
+            # close them on collection in another process); the child opens its own.
+            self._pid = os.getpid()
+            self._pool, self._opened = self._new_pool(), False
+        if not self._opened:
+            self._opened = True
+            await self._pool.open(wait=False)
+        if not detach:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    async with self._pool.connection(timeout=self._timeout) as conn:
+                        return await operation(conn)
+            except TimeoutError:
+                raise self._unanswered(what) from None
+            except (PsycopgError, PoolTimeout, OSError) as exc:
+                raise self.failed(what, exc) from exc
+        acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
+
+        async def use() -> T:
+            async with self._pool.connection(timeout=self._timeout) as conn:
+                acquired.append(True)
+                return await operation(conn)
+
+        task = asyncio.ensure_future(use())
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            if not acquired:  # as the pool says it (its timeout is the same)
+                late = PoolTimeout(f"couldn't get a connection after {self._timeout:g} sec")
+                raise self.failed(what, late) from None
+            raise self._unanswered(what)
+        try:
+            return task.result()
+        except (PsycopgError, PoolTimeout, OSError) as exc:
+            raise self.failed(what, exc) from exc
+
+    def failed(self, what: str, exc: Exception) -> StoreError:
+        """The `StoreError` of `what` failing with `exc`, with what to do where that is known."""
+        failed = f"{self._where}: {what} failed"
+        if isinstance(exc, UndefinedTable):
+            schema = self._schema
+            return StoreError(
+                f"{failed}; the store's tables are missing in schema {schema!r}: create them "
+                f"with `await aio_workq.jobs.postgres.migrate(conn, schema={schema!r})` (or "
+                f"schema_sql() in your migrations): {exc}"
+            )
+        if isinstance(exc, PoolTimeout) and self._own:
+            return StoreError(
+                f"{failed}: {exc} (why it could not connect, e.g. the server down, a wrong host "
+                "or port, user, password or database, is logged by psycopg's logger "
+                "'psycopg.pool')"
+            )
+        return StoreError(f"{failed}: {exc}")
+
+    def _unanswered(self, what: str) -> StoreError:
+        return StoreError(
+            f"{self._where}: {what} failed: PostgreSQL did not answer within "
+            f"{self._timeout:g} s (timeout=)"
+        )
+
+    async def close(self) -> None:
+        if self._own and self._opened:
+            await self._pool.close()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Reads the outcome of an operation that was given up on (no "never retrieved")."""
+    if not task.cancelled():
+        task.exception()
