@@ -84,12 +84,14 @@ class _ProducerOnly(TypedDict, total=False):
     """While the connection is down, publishes raise `BrokerUnavailableError` at once."""
     declare: Literal["always", "never"]
     """`"never"`: queues are only checked, so a misspelt name fails instead of being created."""
+    channels: int
+    """Channels to publish over, in turn (see `Producer`; 1 keeps the order sent)."""
 
 
 class ProducerOptions(ConnectionOptions, _ProducerOnly, total=False):
     """The keyword arguments of `Producer` and `Connection` the integrations take as they are
     (`ssl_context`, `name`, `backoff`, `hooks`, `wait_for_broker`, `window`, `window_bytes`,
-    `on_reconnect`, `fail_fast`, `declare`)."""
+    `on_reconnect`, `fail_fast`, `declare`, `channels`)."""
 
 
 def _split(options: ProducerOptions) -> tuple[ConnectionOptions, _ProducerOnly]:

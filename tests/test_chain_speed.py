@@ -42,7 +42,7 @@ async def _sender(window: int = 100) -> tuple[FakeSource, ConfirmPublisher, Send
     source = FakeSource()
     publisher = ConfirmPublisher(source, window=Window(window), timeout=3600, resend=True)
     await publisher.start()
-    return source, publisher, Sender(publisher, cast(Any, _Declared()), 3600)
+    return source, publisher, Sender((publisher,), cast(Any, _Declared()), 3600)
 
 
 def _job(sender: Sender, tag: int = 1) -> Job:

@@ -66,7 +66,7 @@ class ConsumePlan:
             queue=queue,
             publisher=publisher,
             mover=mover,
-            forwarder=Sender(publisher, router, _PUBLISH_TIMEOUT, hooks),
+            forwarder=Sender((publisher,), router, _PUBLISH_TIMEOUT, hooks),
             concurrency=self.concurrency,
             prefetch=self.prefetch,
             hooks=hooks,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypedDict
 
@@ -228,20 +228,26 @@ class Sender:
     """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
     `Forwarder` of a worker's jobs."""
 
-    __slots__ = ("_hooks", "_publisher", "_router", "_timeout")
+    __slots__ = ("_hooks", "_publisher", "_router", "_timeout", "_turn")
 
     def __init__(
         self,
-        publisher: ConfirmPublisher,
+        publishers: Sequence[ConfirmPublisher],
         router: Router,
         timeout: float,
         hooks: Hooks | None = None,
     ) -> None:
-        self._publisher = publisher
+        if not publishers:
+            raise ValueError("a Sender needs a publisher")
+        self._publisher = publishers[0]
+        # With several (a Producer's `channels=N`), each message goes out on the next one's
+        # channel in turn; with one (the usual case, and every worker's), no turn is taken.
+        self._turn = itertools.cycle(publishers).__next__ if len(publishers) > 1 else None
         self._router = router
         self._timeout = timeout
         self._hooks = hooks
-        publisher.add_missing_exchange_listener(router.forget_exchange)
+        for publisher in publishers:
+            publisher.add_missing_exchange_listener(router.forget_exchange)
 
     async def forward(
         self,
@@ -306,11 +312,12 @@ class Sender:
                     routing_key=routing_key or "",
                 ) from None
         target_exchange, key = destination
+        publisher = self._publisher if self._turn is None else self._turn()
         if self._hooks is not None:  # they may add headers: `send` encodes the properties
             return await self._hooked(
-                target_exchange, key, data, props, mandatory, timeout, deadline
+                publisher, target_exchange, key, data, props, mandatory, timeout, deadline
             )
-        return await self._publisher.send(
+        return await publisher.send(
             target_exchange, key, data, props, mandatory=mandatory, timeout=timeout,
             deadline=deadline, encoded=encoded,
         )  # fmt: skip
@@ -341,7 +348,8 @@ class Sender:
         else:
             data, content_type = encode_body(body)
         message_id = _ID_FORMAT % next(_ID_COUNTER)
-        return self._publisher.send_now(
+        publisher = self._publisher if self._turn is None else self._turn()
+        return publisher.send_now(
             destination[0], destination[1], data, message_id, content_type,
             usual_properties(message_id, content_type), self._timeout,
         )  # fmt: skip
@@ -369,7 +377,11 @@ class Sender:
         # declaration) have their own futures.
         batch = Batch(asyncio.get_running_loop())
         outcomes: list[asyncio.Future[str] | WorkqError | str] = []
-        forward, lookup, send = self.forward, self._router.lookup, self._publisher.send
+        forward, lookup = self.forward, self._router.lookup
+        turn = self._turn
+        send: Callable[..., Awaitable[Any]] = (
+            self._publisher.send if turn is None else _in_turn(turn)
+        )
         usual = not options and self._hooks is None  # each message is `forward`'s usual one
         for body in bodies:
             try:
@@ -412,6 +424,7 @@ class Sender:
 
     async def _hooked(
         self,
+        publisher: ConfirmPublisher,
         exchange: str,
         routing_key: str,
         data: bytes,
@@ -428,17 +441,26 @@ class Sender:
             message_id=props.message_id,
             headers=dict(props.headers or {}),
             body_size=len(data),
-            window=self._publisher.window_size,
+            window=publisher.window_size,
         )
 
         def send(headers: dict[str, Any]) -> Awaitable[asyncio.Future[str]]:
             props.headers = headers or None
-            return self._publisher.send(
+            return publisher.send(
                 exchange, routing_key, data, props, mandatory=mandatory, timeout=timeout,
                 deadline=deadline,
             )  # fmt: skip
 
         return await self._hooks.publish(send, info)
+
+
+def _in_turn(turn: Callable[[], ConfirmPublisher]) -> Callable[..., Awaitable[Any]]:
+    """`ConfirmPublisher.send` on the next publisher of `turn` at each call."""
+
+    def send(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return turn().send(*args, **kwargs)
+
+    return send
 
 
 def _delayed_queue(

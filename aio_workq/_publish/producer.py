@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal, Unpack
 
 from aio_pika.abc import AbstractRobustConnection
@@ -68,6 +68,12 @@ class Producer:
         fail_fast: while the connection is known to be down, `send()` and `publish()` raise
             `BrokerUnavailableError` at once (a web handler answers 503) instead of waiting
             for the connection within the publish timeout.
+        channels: publish over this many channels of the connection (1 to 16), each message
+            on the next in turn. The broker runs each channel as one process, which bounds
+            one channel's rate on a quorum queue; 2 lift one producer to what two processes
+            reach. Messages in flight on different channels may reach a queue in another
+            order than sent: keep 1 (the default) where the order matters. `window` and
+            `window_bytes` are shared out between the channels.
     """
 
     def __init__(
@@ -87,9 +93,11 @@ class Producer:
         declare: Literal["always", "never"] = "always",
         wait_for_broker: float = 0.0,
         fail_fast: bool = False,
+        channels: int = 1,
     ) -> None:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
+        self._channels = _check_channels(channels, window)
         if not isinstance(declare, str) or declare not in ("always", "never"):
             raise ConfigurationError(f"declare must be 'always' or 'never', got {declare!r}")
         self._declare: Literal["always", "never"] = declare
@@ -114,7 +122,8 @@ class Producer:
         self._fail_fast = bool(fail_fast)
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
-        self._publisher: ConfirmPublisher | None = None
+        self._publisher: ConfirmPublisher | None = None  # the first of `_publishers`
+        self._publishers: tuple[ConfirmPublisher, ...] = ()
         self._router: Router | None = None
         self._sender: Sender | None = None
         self._rpc: RPCClient | None = None
@@ -126,18 +135,19 @@ class Producer:
     @property
     def in_flight(self) -> int:
         """Messages sent whose confirm has not arrived yet."""
-        return self._publisher.in_flight if self._publisher else 0
+        return sum(publisher.in_flight for publisher in self._publishers)
 
     @property
     def connected(self) -> bool:
-        """True while the producer has a connection and an open publishing channel."""
-        publisher = self._publisher
+        """True while the producer has a connection and its publishing channels are open."""
         return bool(
             self._source is not None
             and self._source.is_connected
-            and publisher is not None
-            and publisher.channel is not None
-            and not publisher.channel.is_closed
+            and self._publishers
+            and all(
+                publisher.channel is not None and not publisher.channel.is_closed
+                for publisher in self._publishers
+            )
         )
 
     async def __aenter__(self) -> Producer:
@@ -158,24 +168,32 @@ class Producer:
         if self._publisher is not None:
             return
         self._source = await open_source(self._connection, self._shared)
-        publisher = ConfirmPublisher(
-            self._source,
-            window=Window(self._window, self._window_bytes),
-            timeout=self._timeout,
-            resend=self._resend,
-            what="producer",
-            fail_fast=self._fail_fast,
+        n = self._channels
+        publishers = tuple(
+            ConfirmPublisher(
+                self._source,
+                # shared out: the producer's window bounds all of its channels together
+                window=Window(max(1, self._window // n), max(1, self._window_bytes // n)),
+                timeout=self._timeout,
+                resend=self._resend,
+                what="producer",
+                fail_fast=self._fail_fast,
+            )
+            for _ in range(n)
         )
         try:
-            await publisher.start(self._connect_timeout)
+            for publisher in publishers:
+                await publisher.start(self._connect_timeout)
         except BaseException:
-            await publisher.close(0)
+            for publisher in publishers:
+                await publisher.close(0)
             if self._connection is not None:
                 await self._connection.close()
             raise
         self._router = Router(self._source, self._queue_type, declare=self._declare)
-        self._sender = Sender(publisher, self._router, self._timeout, self._hooks)
-        self._publisher = publisher
+        self._sender = Sender(publishers, self._router, self._timeout, self._hooks)
+        self._publishers = publishers
+        self._publisher = publishers[0]
 
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
@@ -189,9 +207,10 @@ class Producer:
         if self._rpc is not None:
             await self._rpc.close()
             self._rpc = None
-        if self._publisher is not None:
-            await finish_by(deadline, self._publisher.close(timeout), self._connection)
-            self._publisher = None
+        if self._publishers:
+            closing = [publisher.close(timeout) for publisher in self._publishers]
+            await finish_by(deadline, _all(closing), self._connection)
+            self._publisher, self._publishers = None, ()
         if self._connection is not None:
             await self._connection.close(deadline - loop.time())
 
@@ -344,6 +363,26 @@ class Producer:
         """Declare a queue (with its dead-letter queue) now; returns its name."""
         _, router = self._ready()
         return await router.declare(router.queue_spec(queue))
+
+
+async def _all(closing: list[Coroutine[Any, Any, None]]) -> None:
+    """Close the channels together (each within the same timeout); a close's errors are
+    dropped (as `finish_by` drops them)."""
+    await asyncio.gather(*closing, return_exceptions=True)
+
+
+def _check_channels(channels: object, window: object) -> int:
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= 16:
+        raise ConfigurationError(
+            f"channels must be a whole number from 1 to 16, got {channels!r}: 1 keeps the "
+            "order of the messages sent, 2 is enough to reach a quorum queue's rate"
+        )
+    if isinstance(window, int) and 1 <= window < channels:
+        raise ConfigurationError(
+            f"window ({window}) is shared out between the channels: it must be at least "
+            f"channels ({channels})"
+        )
+    return channels
 
 
 def _check_settings(
