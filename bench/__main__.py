@@ -32,7 +32,18 @@ import aiormq
 
 from bench import reference
 from bench.report import charts, markdown, summarize
-from bench.runner import BASELINE, OURS, PAIR, REPO_ROOT, SYSTEMS, Launcher, Plan, Record, run_all
+from bench.runner import (
+    BASELINE,
+    OURS,
+    PAIR,
+    REPO_ROOT,
+    SYSTEMS,
+    WIDE,
+    Launcher,
+    Plan,
+    Record,
+    run_all,
+)
 from bench.systems._common import PAYLOAD_SIZE, QUEUE_TYPES, WORKLOADS
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -290,8 +301,9 @@ def against(args: argparse.Namespace, log_dir: Path, results: Path = RESULTS) ->
         return 2
     log_dir.mkdir(parents=True, exist_ok=True)
     base = make_plan(args)
-    # PAIR (aio-workq in two processes) runs for the broker's ceiling: each side's share of it.
-    plan = dataclasses.replace(base, systems=(OURS, ref.system, BASELINE, PAIR))
+    # PAIR (aio-workq in two processes) runs for the broker's ceiling: each side's share of it;
+    # WIDE (one process with the pair's settings), for the share one process reaches.
+    plan = dataclasses.replace(base, systems=(OURS, ref.system, BASELINE, PAIR, WIDE))
     meta, records = run_measure(args.url, plan, log_dir, {ref.system: ref.launcher})
     meta["reference"] = ref.describe()
     rows = reference.verdicts(records, ref.system)

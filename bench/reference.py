@@ -30,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.runner import BASELINE, OURS, PAIR, REPO_ROOT, Launcher, Record
+from bench.runner import BASELINE, OURS, PAIR, REPO_ROOT, WIDE, Launcher, Record
 
 REFERENCE_FILE = REPO_ROOT / "bench" / "REFERENCE"
 CACHE = REPO_ROOT / ".bench-ref"
@@ -299,7 +299,8 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
     verdict: PASS, REGRESSION (working / reference < FLOOR) or ERROR (a side has no
     successful run). `ceiling`: the best median rate of any system in the run (`ceiling_system`),
     and `*_share` each side's rate over it: one process's share of the broker's ceiling (#22;
-    `PAIR`, aio-workq in two processes, runs for that ceiling).
+    `PAIR`, aio-workq in two processes, runs for that ceiling); `wide_share`, the share of
+    `WIDE`, one process with the pair's settings (None when it did not run).
     """
     keys: list[tuple[str, str]] = []
     for r in records:
@@ -327,6 +328,8 @@ def verdicts(records: Sequence[Record], reference: str) -> list[Row]:
         }
         row["ceiling_system"] = max(best, key=best.__getitem__, default=None)
         row["ceiling"] = best.get(row["ceiling_system"]) if best else None
+        wide = best.get(WIDE)
+        row["wide_share"] = wide / row["ceiling"] if wide and row["ceiling"] else None
         for side in ("ours", "reference"):
             rate, ceiling = row[f"{side}_rate"], row["ceiling"]
             row[f"{side}_share"] = rate / ceiling if rate and ceiling else None
@@ -347,6 +350,10 @@ def _x(value: float | None) -> str:
 
 def _cpu(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _share(row: Row) -> str:
@@ -376,20 +383,23 @@ def table(rows: Sequence[Row], ref: Reference, plan: dict[str, Any]) -> str:
     out.append(
         f"| workload | queue | working × {BASELINE} | reference × {BASELINE} "
         "| working / reference | verdict | CPU µs/msg working, reference "
-        "| share of the ceiling: working (reference) |"
+        "| share of the ceiling: working (reference) | one process, wide |"
     )
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         out.append(
             f"| {r['workload']} | {r['queue_type']} | {_x(r['ours_x_baseline'])} "
             f"| {_x(r['reference_x_baseline'])} | {_over(r)} | {r['verdict']} "
-            f"| {_cpu(r['ours_cpu_us'])}, {_cpu(r['reference_cpu_us'])} | {_share(r)} |"
+            f"| {_cpu(r['ours_cpu_us'])}, {_cpu(r['reference_cpu_us'])} | {_share(r)} "
+            f"| {_ratio(r.get('wide_share'))} |"
         )
     out += [
         "",
         "Share of the ceiling: each side's rate over the best median rate any system reached in "
         f"this run on that row, aio-workq in two processes on the one queue (`{PAIR}`) included "
-        "(every other system runs one process).",
+        "(every other system runs one process). One process, wide: aio-workq in one process "
+        f"with the pair's settings (`{WIDE}`: `Producer(channels=2)`, the worker's concurrency "
+        "and prefetch doubled to the pair's 200), over the same ceiling.",
     ]
     return "\n".join(out) + "\n"
 

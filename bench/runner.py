@@ -42,6 +42,9 @@ BASELINE = "aiormq_raw"
 OURS = "aio_workq"
 PAIR = f"{OURS}.x2"
 """aio-workq in two processes on one queue: with the others, the broker's ceiling (#22)."""
+WIDE = f"{OURS}_wide"
+"""aio-workq in one process with the settings of two (`Producer(channels=2)`, the pair's
+window of unacknowledged messages): the share of the ceiling one process reaches (#22)."""
 
 READY_TIMEOUT = 120.0
 EXIT_TIMEOUT = 60.0

@@ -25,6 +25,10 @@ from bench.systems._common import Hook, System, Wire, main, payload, persistent_
 
 class AioWorkq(System):
     name = "aio_workq"
+    channels = 1
+    """`Producer(channels=…)`; passed only when not 1 (older commits have no such argument)."""
+    widen = 1
+    """The worker's concurrency and prefetch: the bench's `--prefetch` times this."""
 
     _producer: Producer
     _stack: contextlib.AsyncExitStack
@@ -36,7 +40,8 @@ class AioWorkq(System):
     async def setup(self) -> None:
         s = self.settings
         self._stack = contextlib.AsyncExitStack()
-        producer = Producer(s.url, queue_type=s.queue_type)
+        wide = {"channels": self.channels} if self.channels != 1 else {}
+        producer = Producer(s.url, queue_type=s.queue_type, **wide)
         self._producer = await self._stack.enter_async_context(producer)
         await self._producer.declare(s.queue)
         if s.chain:
@@ -70,8 +75,8 @@ class AioWorkq(System):
             queue=s.queue,
             handler=handle_chain if s.chain else handle,
             queue_type=s.queue_type,
-            concurrency=s.prefetch,
-            prefetch=s.prefetch,
+            concurrency=s.prefetch * self.widen,
+            prefetch=s.prefetch * self.widen,
         )
         await self._stack.enter_async_context(worker)
 
