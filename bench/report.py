@@ -263,10 +263,13 @@ def against_reference(rev: str) -> list[str]:
         "runs paired by repeat) and a verdict; beside them each side's client CPU µs per "
         "message, which a loaded machine moves less than the rates; and each side's share of "
         "the ceiling, its rate over the best median rate any system reached on that row in the "
-        "same run, where the systems are the two sides, raw aiormq and `aio_workq.x2`: the "
+        "same run, where the systems are the two sides, raw aiormq, `aio_workq.x2` (the "
         "working tree in two processes on the one queue, N / 2 messages each to publish, N "
         "between them to consume, the rate all of them over the span from the first start to "
-        "the last end (#22 asks one process for 0.95 of that ceiling). The figures go to "
+        "the last end) and `aio_workq_wide` (the working tree in one process with the pair's "
+        "settings: `Producer(channels=2)`, and the worker's concurrency and prefetch doubled "
+        "to the pair's 200); the last column is that one process's share (#22 asks one "
+        "process for 0.95 of that ceiling). The figures go to "
         "`bench/results/against-REV.json`.",
         "",
         "**The rule.** The working tree may be at most 10 % slower than the reference: "

@@ -16,6 +16,7 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, Producer, TopologyError, Worker
+from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker
 from tests.helpers import wait_until
 
@@ -138,3 +139,14 @@ def test_a_bad_channel_count_is_refused_naming_it(channels: Any) -> None:
 def test_a_window_smaller_than_the_channels_is_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"window \(2\) .* at least channels \(4\)"):
         Producer("amqp://localhost/", channels=4, window=2)
+
+
+def test_the_sync_producer_takes_channels(amqp_url: str, queue_name: str) -> None:
+    with SyncProducer(amqp_url, channels=2) as producer:
+        ids = producer.publish_many([{"n": i} for i in range(50)], queue=queue_name)
+    assert len(set(ids)) == 50
+
+
+def test_the_integrations_check_channels_when_made() -> None:
+    with pytest.raises(ConfigurationError, match="channels must be a whole number"):
+        SyncProducer("amqp://localhost/", channels=0)
