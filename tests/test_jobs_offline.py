@@ -225,6 +225,42 @@ async def test_the_purge_keeps_old_jobs_written_lately(tmp_path: Path) -> None:
         await store.close()
 
 
+def remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_a_sqlite_file_deleted_while_open_is_reopened_not_written_into_the_void(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm jobs.db*` while a worker runs (a reset): the worker's store must not go on writing
+    into the deleted file, where no other process (the web app's, a new one) reads it."""
+    path = tmp_path / "jobs.db"
+    worker_store = SQLiteStore(path)
+    await worker_store.record([w(JobState.RUNNING, "old")])
+    remove_db(path)
+    app_store = SQLiteStore(path)  # the web app, started after the reset: a new file
+    await app_store.record([w(JobState.QUEUED, "new")])
+    with caplog.at_level("WARNING", logger="aio_workq.jobs"):
+        await worker_store.record([w(JobState.SUCCEEDED, "new", result=b"1")])
+    seen = await app_store.get("new")
+    assert seen is not None and seen.status.state is JobState.SUCCEEDED
+    assert await worker_store.get("old") is None  # the old records went with the file
+    assert any(str(path) in r.getMessage() and "reopen" in r.getMessage() for r in caplog.records)
+    # replaced by another file (moved over it): the same
+    await worker_store.record([w(JobState.RUNNING, "x")])
+    other = tmp_path / "other.db"
+    other_store = SQLiteStore(other)
+    await other_store.record([w(JobState.SUCCEEDED, "y", result=b"2")])
+    await other_store.close()
+    remove_db(path)
+    other.replace(path)
+    got = await worker_store.get("y")
+    assert got is not None and got.status.state is JobState.SUCCEEDED
+    for store in (worker_store, app_store):
+        await store.close()
+
+
 def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="ttl"):
         MemoryStore(ttl=0)
