@@ -14,7 +14,14 @@ from typing import Any
 import pytest
 
 import aio_workq.jobs
-from aio_workq import ConfigurationError, IntegrationError, Reject, RetryPolicy, Worker
+from aio_workq import (
+    ConfigurationError,
+    IntegrationError,
+    PayloadError,
+    Reject,
+    RetryPolicy,
+    Worker,
+)
 from aio_workq.cli._target import WorkerOptions, build_workers
 from aio_workq.jobs import (
     Cancelled,
@@ -364,6 +371,37 @@ async def test_run_task_records_retrying_failed_and_cancelled() -> None:
     assert last.status.attempt == 2 and last.status.error_message == "boom 2"
     stopped = await run_task(stopping)
     assert stopped.outcome.acked and stopped.status.state is JobState.CANCELLED
+
+
+async def test_a_result_that_does_not_validate_as_the_return_type_names_job_and_task() -> None:
+    """A task annotated `-> int` that returned a str: the job succeeded, but its typed
+    `result()` can't give an int. The error must say which job and task, and what to do (a
+    bare "does not validate as int" in a web app's 500 leaves a user guessing)."""
+    store = MemoryStore()
+    tasks = Tasks(store=store)
+
+    @tasks.task(queue="work", name="work.count")
+    async def count() -> int:
+        return "many"  # type: ignore[return-value]
+
+    run_error = None
+    try:
+        await run_task(count)
+    except PayloadError as exc:
+        run_error = str(exc)
+    assert run_error is not None and "work.count" in run_error, run_error
+    write = Write(
+        job_id="j1", task="work.count", queue="work", state=JobState.SUCCEEDED,
+        at=time.time(), result=b'"many"', content_type="application/json",
+    )  # fmt: skip
+    await store.record([write])
+    with pytest.raises(PayloadError) as caught:
+        await count.job("j1").result(timeout=1)
+    message = str(caught.value)
+    assert "j1" in message and "work.count" in message and "return type" in message, message
+    assert "tasks.job(" in message, message  # the untyped way to read it
+    assert await tasks.job("j1").result(timeout=1) == "many"
+    await store.close()
 
 
 async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
