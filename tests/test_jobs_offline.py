@@ -22,6 +22,7 @@ from aio_workq import (
     RetryPolicy,
     Worker,
 )
+from aio_workq.cli._errors import TargetError
 from aio_workq.cli._target import WorkerOptions, build_workers
 from aio_workq.jobs import (
     Cancelled,
@@ -333,6 +334,21 @@ async def test_the_cli_runs_a_registry_through_its_workers_factory() -> None:
     assert [type(worker) for worker in workers] == [aio_workq.jobs.TaskWorker] * 2
     assert all(isinstance(worker, Worker) for worker in workers)
     assert workers[0].queue_name == "images"  # and a server-named one for cancel requests
+
+
+async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() -> None:
+    """`aio-workq worker app:tasks` or `app:resize` (a Task, which is callable): the error
+    says what to name instead; a Task was taken for a handler ("pass --queue QUEUE"), and
+    with --queue it ran as one, untracked, called with the Job as its first argument."""
+    tasks = make_tasks(MemoryStore())
+    resize = tasks.tasks["images.resize"]
+    with pytest.raises(TargetError, match=r"'app:tasks' is a Tasks registry.*app:tasks\.workers"):
+        await build_workers(tasks, WorkerOptions(target="app:tasks"))
+    for queue in (None, "images"):
+        with pytest.raises(
+            TargetError, match=r"'app:resize' is the task 'images\.resize'.*workers"
+        ):
+            await build_workers(resize, WorkerOptions(target="app:resize", queue=queue))
 
 
 # --- the testing kit -------------------------------------------------------------------------
