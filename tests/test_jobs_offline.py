@@ -308,6 +308,16 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
         await resize.enqueue("cat.png", width=3)
 
 
+def test_an_empty_or_non_string_job_id_is_refused() -> None:
+    """`options(job_id="")` (an empty form field, say) took a fresh random id instead: the
+    enqueue was no longer safe to repeat, and nothing said so."""
+    resize: Any = make_tasks().tasks["images.resize"]
+    for bad in ("", "   ", 42):
+        with pytest.raises(ConfigurationError, match=r"'images.resize'.*job_id"):
+            resize.options(job_id=bad)
+    assert resize.options(job_id="order-7") is not resize
+
+
 def test_declarations_are_checked() -> None:
     tasks = make_tasks()
     with pytest.raises(ConfigurationError, match="declared already"):

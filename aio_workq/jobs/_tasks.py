@@ -204,7 +204,15 @@ class Task(Generic[P, R]):
             expiration: seconds the message may wait in the queue.
             timeout: seconds the publish may take, to its confirm.
             job_id: the job id (and message id) instead of a fresh one.
+
+        Raises:
+            ConfigurationError: a `job_id` that is not a non-empty string.
         """
+        if job_id is not None and (not isinstance(job_id, str) or not job_id.strip()):
+            raise ConfigurationError(
+                f"task {self.name!r}: job_id must be a non-empty string (it names the job), "
+                f"got {job_id!r}; leave it out for a fresh id"
+            )
         given = {
             "delay": delay, "priority": priority, "expiration": expiration,
             "timeout": timeout, "message_id": job_id,
