@@ -30,6 +30,7 @@ from aio_workq.jobs import (
     JobStore,
     MemoryStore,
     SQLiteStore,
+    StoreError,
     TaskArgumentError,
     Tasks,
     Write,
@@ -267,6 +268,13 @@ async def test_a_sqlite_file_deleted_while_open_is_reopened_not_written_into_the
     assert got is not None and got.status.state is JobState.SUCCEEDED
     for store in (worker_store, app_store):
         await store.close()
+
+
+async def test_a_sqlite_path_in_a_missing_directory_says_to_create_it(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "data" / "jobs.db")
+    with pytest.raises(StoreError, match=r"unable to open.*directory '.*data' does not exist"):
+        await store.get("a")
+    await store.close()
 
 
 def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:

@@ -125,7 +125,10 @@ class SQLiteStore:
             conn, self._conn = self._conn, None
             conn.close()
         if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise sqlite3.OperationalError(f"{exc}{_missing_directory(self.path)}") from exc
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -287,6 +290,14 @@ class SQLiteStore:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(thread, conn.close)
         thread.shutdown(wait=False)
+
+
+def _missing_directory(path: Path) -> str:
+    """A hint for a file that could not be opened because its directory is not there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return ""
+    return f" (the directory {directory!r} does not exist: create it, or give another path)"
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
