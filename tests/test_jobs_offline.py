@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +327,35 @@ def test_an_empty_or_non_string_job_id_is_refused() -> None:
         with pytest.raises(ConfigurationError, match=r"'images.resize'.*job_id"):
             resize.options(job_id=bad)
     assert resize.options(job_id="order-7") is not resize
+
+
+async def test_datetimes_uuids_and_decimals_travel_as_their_annotations_say() -> None:
+    """A task annotated `at: datetime` (or UUID, Decimal, date, timedelta, a set) could not
+    be enqueued with one ("can't be sent as JSON"), nor return one; the annotation brings them
+    back at the other end, so they are sent in their JSON form (ISO 8601, str, seconds)."""
+    tasks = Tasks()
+    seen: dict[str, Any] = {}
+
+    @tasks.task(queue="typed", name="typed.when")
+    async def when(
+        at: datetime, day: date, key: uuid.UUID, amount: Decimal, every: timedelta, tags: set[str]
+    ) -> tuple[datetime, uuid.UUID, Decimal]:
+        seen.update(at=at, day=day, key=key, amount=amount, every=every, tags=tags)
+        return at, key, amount
+
+    at = datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=UTC)
+    key = uuid.uuid4()
+    args = [at, date(2026, 12, 7), key, Decimal("12.50"), timedelta(minutes=5), {"a", "b"}]
+    run = await run_task(when, args)
+    assert run.status.state is JobState.SUCCEEDED, run.outcome
+    assert seen == {
+        "at": at, "day": date(2026, 12, 7), "key": key, "amount": Decimal("12.50"),
+        "every": timedelta(minutes=5), "tags": {"a", "b"},
+    }  # fmt: skip
+    assert run.result == (at, key, Decimal("12.50"))
+    # what JSON can't say at all is still refused, naming the argument
+    with pytest.raises(TaskArgumentError, match="argument 'at'"):
+        await when.enqueue(object(), *args[1:])  # type: ignore[arg-type]
 
 
 def test_declarations_are_checked() -> None:

@@ -37,6 +37,7 @@ from .._publish.serialization import JSON, decode_body, encode_body
 from ._errors import TaskArgumentError
 from ._groupstore import CallbackDue, GroupSpec, GroupStore
 from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._json import encode_typed
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -222,7 +223,7 @@ class Group(Generic[R]):
             raise TaskArgumentError(f"callback task {then.task.name!r}: {exc}") from None
         extra = {k: v for k, v in bound.arguments.items() if k != param}
         try:
-            body, _ = encode_body(extra)
+            body, _ = encode_typed(extra)
         except SerializationError as exc:
             raise TaskArgumentError(
                 f"callback task {then.task.name!r}: its arguments can't be sent as JSON: {exc}"
@@ -344,7 +345,7 @@ def _check_callback(task: GroupTask[Any], param: str, extra: dict[str, Any]) -> 
             f"it with then={task.name.rsplit('.', 1)[-1]}.partial({missing[0]}=...)"
         )
     try:
-        task.arguments.decode(encode_body({param: [], **extra})[0], JSON)
+        task.arguments.decode(encode_typed({param: [], **extra})[0], JSON)
     except PayloadError as exc:
         raise TaskArgumentError(
             f"callback task {task.name!r}: its first parameter {param!r} receives the members' "
