@@ -478,6 +478,11 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
     outcome = await run_handler(runner, {}, headers={"x-workq-task": "nope"})
     assert outcome.dead_lettered and isinstance(outcome.error, Reject)
     assert "no task 'nope' runs on queue 'work'" in str(outcome.error)
+    # a plain producer.publish() to a task queue: no header at all ("no task None" before)
+    plain = await run_handler(runner, {"path": "cat.png"})
+    assert plain.dead_lettered and isinstance(plain.error, Reject)
+    message = str(plain.error)
+    assert "None" not in message and "x-workq-task" in message and "enqueue" in message, message
 
 
 # --- layering and exports ---------------------------------------------------------------------
