@@ -18,17 +18,19 @@ production). The app runs the workers in-process for the demo; a larger deployme
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import datetime
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from aio_workq import Producer
-from aio_workq.jobs import JobNotFoundError, JobState, JobStore, SQLiteStore, Tasks
+from aio_workq.jobs import JobNotFoundError, JobState, JobStore, SQLiteStore, StoreError, Tasks
 
 QUEUE = os.environ.get("THUMBNAILS_QUEUE", "thumbnails")
 
@@ -86,6 +88,12 @@ def create_app(
             yield
 
     app = FastAPI(title="thumbnails", lifespan=lifespan)
+
+    @app.exception_handler(StoreError)  # the store is down: the status routes can't answer
+    async def store_down(request: Request, exc: StoreError) -> JSONResponse:
+        logging.getLogger("thumbnails").warning("job store unavailable: %s", exc)
+        detail = "the job store is unavailable, try again later"
+        return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
 
     @app.post("/thumbnails", status_code=202)
     async def create(request: ResizeRequest) -> Accepted:

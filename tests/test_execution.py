@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -55,6 +56,29 @@ async def test_a_handler_over_its_timeout_fails_with_timeout_error() -> None:
 
     runner = HandlerRunner(slow, executor="thread", concurrency=1, timeout=0.05, name="t")
     with pytest.raises(TimeoutError):
+        await runner.run(FakeJob())  # type: ignore[arg-type]
+
+
+async def test_the_timeout_error_says_it_was_the_handler_timeout() -> None:
+    """A bare `TimeoutError()` left a job's status with an empty error message (and the log
+    line with `TimeoutError()`): say which limit it ran over. A TimeoutError the handler
+    raises itself (an HTTP client's) is left as it is."""
+
+    async def slow(job: Any) -> None:
+        await asyncio.Event().wait()
+
+    def slow_sync(job: Any) -> None:
+        time.sleep(0.3)
+
+    async def own(job: Any) -> None:
+        raise TimeoutError("the upstream API did not answer")
+
+    for handler in (slow, slow_sync):
+        runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=0.05, name="t")
+        with pytest.raises(TimeoutError, match=r"ran over its handler_timeout of 0\.05 s"):
+            await runner.run(FakeJob())  # type: ignore[arg-type]
+    runner = HandlerRunner(own, executor="thread", concurrency=1, timeout=5, name="t")
+    with pytest.raises(TimeoutError, match="^the upstream API did not answer$"):
         await runner.run(FakeJob())  # type: ignore[arg-type]
 
 

@@ -205,6 +205,32 @@ async def test_group_arguments_are_checked_before_anything_is_sent(
     await app.store.close()
 
 
+async def test_a_callback_that_cannot_take_the_results_or_its_arguments_is_refused_at_enqueue(
+    app: App,
+) -> None:
+    """A callback that would fail only after every member ran (maybe hours later): refused by
+    enqueue(), naming the callback and the parameter, before anything is recorded or sent."""
+
+    @app.tasks.task(queue="unused-callbacks", name="t.wrong_first")
+    async def wrong_first(count: int) -> None: ...
+
+    @app.tasks.task(queue="unused-callbacks", name="t.album")
+    async def album(results: list[GroupResult], album: str, size: int = 0) -> None: ...
+
+    cases = [
+        (wrong_first, "'count'.*list\\[GroupResult\\]"),
+        (album, "missing a required argument: 'album'"),  # not given with partial()
+        (album.partial(album="x", size="big"), "'size'|size"),
+    ]
+    for n, (then, match) in enumerate(cases):
+        gid = f"refused-{n}-{uuid.uuid4().hex[:6]}"
+        with pytest.raises(TaskArgumentError, match="t\\.(wrong_first|album)") as caught:
+            await group([app.square.s(1)], then=then, group_id=gid).enqueue()  # type: ignore[arg-type]
+        assert caught.match(match), str(caught.value)
+        assert await app.store.get(f"{gid}.0") is None  # nothing recorded, nothing sent
+    await app.store.close()
+
+
 async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_run_once(
     amqp_url: str, tmp_path: Path
 ) -> None:

@@ -6,15 +6,26 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import aio_workq.jobs
-from aio_workq import ConfigurationError, IntegrationError, Reject, RetryPolicy, Worker
+from aio_workq import (
+    ConfigurationError,
+    IntegrationError,
+    PayloadError,
+    Reject,
+    RetryPolicy,
+    Worker,
+)
+from aio_workq.cli._errors import TargetError
 from aio_workq.cli._target import WorkerOptions, build_workers
 from aio_workq.jobs import (
     Cancelled,
@@ -22,6 +33,7 @@ from aio_workq.jobs import (
     JobStore,
     MemoryStore,
     SQLiteStore,
+    StoreError,
     TaskArgumentError,
     Tasks,
     Write,
@@ -225,6 +237,49 @@ async def test_the_purge_keeps_old_jobs_written_lately(tmp_path: Path) -> None:
         await store.close()
 
 
+def remove_db(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+async def test_a_sqlite_file_deleted_while_open_is_reopened_not_written_into_the_void(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`rm jobs.db*` while a worker runs (a reset): the worker's store must not go on writing
+    into the deleted file, where no other process (the web app's, a new one) reads it."""
+    path = tmp_path / "jobs.db"
+    worker_store = SQLiteStore(path)
+    await worker_store.record([w(JobState.RUNNING, "old")])
+    remove_db(path)
+    app_store = SQLiteStore(path)  # the web app, started after the reset: a new file
+    await app_store.record([w(JobState.QUEUED, "new")])
+    with caplog.at_level("WARNING", logger="aio_workq.jobs"):
+        await worker_store.record([w(JobState.SUCCEEDED, "new", result=b"1")])
+    seen = await app_store.get("new")
+    assert seen is not None and seen.status.state is JobState.SUCCEEDED
+    assert await worker_store.get("old") is None  # the old records went with the file
+    assert any(str(path) in r.getMessage() and "reopen" in r.getMessage() for r in caplog.records)
+    # replaced by another file (moved over it): the same
+    await worker_store.record([w(JobState.RUNNING, "x")])
+    other = tmp_path / "other.db"
+    other_store = SQLiteStore(other)
+    await other_store.record([w(JobState.SUCCEEDED, "y", result=b"2")])
+    await other_store.close()
+    remove_db(path)
+    other.replace(path)
+    got = await worker_store.get("y")
+    assert got is not None and got.status.state is JobState.SUCCEEDED
+    for store in (worker_store, app_store):
+        await store.close()
+
+
+async def test_a_sqlite_path_in_a_missing_directory_says_to_create_it(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "data" / "jobs.db")
+    with pytest.raises(StoreError, match=r"unable to open.*directory '.*data' does not exist"):
+        await store.get("a")
+    await store.close()
+
+
 def test_bad_store_arguments_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="ttl"):
         MemoryStore(ttl=0)
@@ -264,6 +319,45 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
         await resize.enqueue("cat.png", width=3)
 
 
+def test_an_empty_or_non_string_job_id_is_refused() -> None:
+    """`options(job_id="")` (an empty form field, say) took a fresh random id instead: the
+    enqueue was no longer safe to repeat, and nothing said so."""
+    resize: Any = make_tasks().tasks["images.resize"]
+    for bad in ("", "   ", 42):
+        with pytest.raises(ConfigurationError, match=r"'images.resize'.*job_id"):
+            resize.options(job_id=bad)
+    assert resize.options(job_id="order-7") is not resize
+
+
+async def test_datetimes_uuids_and_decimals_travel_as_their_annotations_say() -> None:
+    """A task annotated `at: datetime` (or UUID, Decimal, date, timedelta, a set) could not
+    be enqueued with one ("can't be sent as JSON"), nor return one; the annotation brings them
+    back at the other end, so they are sent in their JSON form (ISO 8601, str, seconds)."""
+    tasks = Tasks()
+    seen: dict[str, Any] = {}
+
+    @tasks.task(queue="typed", name="typed.when")
+    async def when(
+        at: datetime, day: date, key: uuid.UUID, amount: Decimal, every: timedelta, tags: set[str]
+    ) -> tuple[datetime, uuid.UUID, Decimal]:
+        seen.update(at=at, day=day, key=key, amount=amount, every=every, tags=tags)
+        return at, key, amount
+
+    at = datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=UTC)
+    key = uuid.uuid4()
+    args = [at, date(2026, 12, 7), key, Decimal("12.50"), timedelta(minutes=5), {"a", "b"}]
+    run = await run_task(when, args)
+    assert run.status.state is JobState.SUCCEEDED, run.outcome
+    assert seen == {
+        "at": at, "day": date(2026, 12, 7), "key": key, "amount": Decimal("12.50"),
+        "every": timedelta(minutes=5), "tags": {"a", "b"},
+    }  # fmt: skip
+    assert run.result == (at, key, Decimal("12.50"))
+    # what JSON can't say at all is still refused, naming the argument
+    with pytest.raises(TaskArgumentError, match="argument 'at'"):
+        await when.enqueue(object(), *args[1:])  # type: ignore[arg-type]
+
+
 def test_declarations_are_checked() -> None:
     tasks = make_tasks()
     with pytest.raises(ConfigurationError, match="declared already"):
@@ -290,6 +384,21 @@ async def test_the_cli_runs_a_registry_through_its_workers_factory() -> None:
     assert [type(worker) for worker in workers] == [aio_workq.jobs.TaskWorker] * 2
     assert all(isinstance(worker, Worker) for worker in workers)
     assert workers[0].queue_name == "images"  # and a server-named one for cancel requests
+
+
+async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() -> None:
+    """`aio-workq worker app:tasks` or `app:resize` (a Task, which is callable): the error
+    says what to name instead; a Task was taken for a handler ("pass --queue QUEUE"), and
+    with --queue it ran as one, untracked, called with the Job as its first argument."""
+    tasks = make_tasks(MemoryStore())
+    resize = tasks.tasks["images.resize"]
+    with pytest.raises(TargetError, match=r"'app:tasks' is a Tasks registry.*app:tasks\.workers"):
+        await build_workers(tasks, WorkerOptions(target="app:tasks"))
+    for queue in (None, "images"):
+        with pytest.raises(
+            TargetError, match=r"'app:resize' is the task 'images\.resize'.*workers"
+        ):
+            await build_workers(resize, WorkerOptions(target="app:resize", queue=queue))
 
 
 # --- the testing kit -------------------------------------------------------------------------
@@ -330,6 +439,37 @@ async def test_run_task_records_retrying_failed_and_cancelled() -> None:
     assert stopped.outcome.acked and stopped.status.state is JobState.CANCELLED
 
 
+async def test_a_result_that_does_not_validate_as_the_return_type_names_job_and_task() -> None:
+    """A task annotated `-> int` that returned a str: the job succeeded, but its typed
+    `result()` can't give an int. The error must say which job and task, and what to do (a
+    bare "does not validate as int" in a web app's 500 leaves a user guessing)."""
+    store = MemoryStore()
+    tasks = Tasks(store=store)
+
+    @tasks.task(queue="work", name="work.count")
+    async def count() -> int:
+        return "many"  # type: ignore[return-value]
+
+    run_error = None
+    try:
+        await run_task(count)
+    except PayloadError as exc:
+        run_error = str(exc)
+    assert run_error is not None and "work.count" in run_error, run_error
+    write = Write(
+        job_id="j1", task="work.count", queue="work", state=JobState.SUCCEEDED,
+        at=time.time(), result=b'"many"', content_type="application/json",
+    )  # fmt: skip
+    await store.record([write])
+    with pytest.raises(PayloadError) as caught:
+        await count.job("j1").result(timeout=1)
+    message = str(caught.value)
+    assert "j1" in message and "work.count" in message and "return type" in message, message
+    assert "tasks.job(" in message, message  # the untyped way to read it
+    assert await tasks.job("j1").result(timeout=1) == "many"
+    await store.close()
+
+
 async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
     from aio_workq.jobs._running import QueueRunner
     from aio_workq.testing import run_handler
@@ -338,6 +478,11 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
     outcome = await run_handler(runner, {}, headers={"x-workq-task": "nope"})
     assert outcome.dead_lettered and isinstance(outcome.error, Reject)
     assert "no task 'nope' runs on queue 'work'" in str(outcome.error)
+    # a plain producer.publish() to a task queue: no header at all ("no task None" before)
+    plain = await run_handler(runner, {"path": "cat.png"})
+    assert plain.dead_lettered and isinstance(plain.error, Reject)
+    message = str(plain.error)
+    assert "None" not in message and "x-workq-task" in message and "enqueue" in message, message
 
 
 # --- layering and exports ---------------------------------------------------------------------

@@ -163,8 +163,13 @@ async def test_passive_missing_exchange_is_a_topology_error_and_others_go_on(
 
 
 async def test_a_subscriber_queue_is_restored_after_a_broker_restart(
-    amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
+    amqp_url: str,
+    local_broker: LocalBroker,
+    queue_name: str,
+    counter: Counter,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level("INFO", logger="aio_workq")
     fanout = Exchange(f"{queue_name}-events", "fanout")
 
     async def handler(job: Job) -> None:
@@ -184,6 +189,12 @@ async def test_a_subscriber_queue_is_restored_after_a_broker_restart(
         async with Producer(amqp_url) as producer:
             await producer.publish("after", exchange=fanout)
         assert await counter.wait_for(2, timeout=20) == ["before", "after"]
+    # Its log lines name it by its exchange: a server-named queue's name is '' in its spec
+    # (they said "worker '' has a channel again", for a task worker's cancel listener too).
+    again = [r.getMessage() for r in caplog.records if "channel again" in r.getMessage()]
+    assert again, [r.getMessage() for r in caplog.records]
+    assert all(f"bound to exchange '{fanout.name}'" in line for line in again), again
+    assert not any("worker ''" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("prefetch", [1, 5])

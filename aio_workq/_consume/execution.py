@@ -140,8 +140,7 @@ class HandlerRunner:
             return await self._in_executor(argument)
         if self._timeout is None:
             return await self.handler(job)
-        async with asyncio.timeout(self._timeout):
-            return await self.handler(job)
+        return await self._bounded(self.handler(job))
 
     async def _run_typed(self, job: Job, payload: Payload) -> Any:
         value = payload.validate(job.body, job.content_type)
@@ -153,8 +152,7 @@ class HandlerRunner:
         call: Awaitable[Any] = self.handler(value, job) if payload.with_job else self.handler(value)
         if self._timeout is None:
             return await call
-        async with asyncio.timeout(self._timeout):
-            return await call
+        return await self._bounded(call)
 
     async def _in_executor(self, *args: Any) -> Any:
         """The handler called in the pool; with a timeout, it counts from when a pool worker is
@@ -174,8 +172,21 @@ class HandlerRunner:
             free.release()
             raise
         call.add_done_callback(self._freed)
-        async with asyncio.timeout(self._timeout):
-            return await asyncio.shield(call)  # the call's end frees its worker, not ours
+        return await self._bounded(asyncio.shield(call))  # its end frees its worker, not ours
+
+    async def _bounded(self, call: Awaitable[Any]) -> Any:
+        """`call` within the timeout; running over it raises a `TimeoutError` that says so (a
+        job's status and log line show its message), one the handler raised stays as it is."""
+        scope = asyncio.timeout(self._timeout)
+        try:
+            async with scope:
+                return await call
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise TimeoutError(
+                f"the handler ran over its handler_timeout of {self._timeout:g} s"
+            ) from None
 
     def _freed(self, call: asyncio.Future[Any]) -> None:
         """`call` ended in its pool worker: the worker is free (what it raised is observed)."""

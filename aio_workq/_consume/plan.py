@@ -17,7 +17,7 @@ from .dispatch import Dispatcher
 from .execution import HandlerRunner
 from .mover import Mover
 from .retry import RetryPolicy
-from .subscription import Subscription
+from .subscription import Subscription, worker_label
 
 __all__ = ("ConsumePlan",)
 
@@ -45,7 +45,7 @@ class ConsumePlan:
             window=Window(max(1000, 4 * self.prefetch)),
             timeout=_PUBLISH_TIMEOUT,
             resend=False,  # the upstream delivery is redelivered instead
-            what=f"worker {self.queue.name!r} publisher",
+            what=f"worker {worker_label(self.queue, self.exchange)} publisher",
         )
 
     def consumer(

@@ -26,7 +26,7 @@ from .._wire.acker import Acker
 from .._wire.seams import Wire
 from .delivery import Delivery
 
-__all__ = ("Subscription",)
+__all__ = ("Subscription", "worker_label")
 
 log = logging.getLogger("aio_workq")
 
@@ -34,6 +34,17 @@ OnDelivery = Callable[[Delivery, Acker], None]
 OnFields = Callable[..., None]
 """A delivery the demux took, as its fields, after the channel's gate and acker
 (`Dispatcher.take`)."""
+
+
+def worker_label(queue: Queue, exchange: str | Exchange | None) -> str:
+    """The queue a worker consumes, for its log lines: a server-named queue has no name until
+    declared (and another after each reconnect), so it is named by its exchange."""
+    if not queue.server_named:
+        return repr(queue.name)
+    name = exchange.name if isinstance(exchange, Exchange) else exchange
+    return (
+        f"on a server-named queue bound to exchange {name!r}" if name else "on a server-named queue"
+    )
 
 
 class Subscription:
@@ -73,7 +84,7 @@ class Subscription:
             setup=self._setup,
             on_lost=self._on_lost,
             on_closing=self._on_closing,
-            what=f"worker {queue.name!r}",
+            what=f"worker {worker_label(queue, exchange)}",
         )
 
     @property

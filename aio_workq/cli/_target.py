@@ -77,6 +77,7 @@ async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
         TargetError: `obj` is none of the accepted kinds, or an option does not apply to it.
     """
     target = options.target
+    _refuse_tasks(obj, target)
     if options.queue is not None:
         if isinstance(obj, Worker) or not callable(obj):
             raise TargetError(
@@ -113,6 +114,26 @@ async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
             ) from exc
         return _workers_of(obj, f"the factory {target!r} returned {_kind(obj)}")
     return _workers_of(obj, f"{target!r} is {_kind(obj)}")
+
+
+def _refuse_tasks(obj: Any, target: str) -> None:
+    """A `Tasks` registry, or one of its tasks (callable, so it looked like a handler), named
+    instead of the registry's `workers` factory (told by their shape: the CLI is below
+    `aio_workq.jobs` and does not import it)."""
+    name = getattr(obj, "name", None)
+    if callable(getattr(obj, "workers", None)) and callable(getattr(obj, "task", None)):
+        raise TargetError(
+            f"{target!r} is a Tasks registry: name its workers factory, "
+            f"aio-workq worker {target}.workers"
+        )
+    if isinstance(name, str) and all(
+        callable(getattr(obj, attr, None)) for attr in ("enqueue", "s", "job")
+    ):
+        module = target.partition(":")[0]
+        raise TargetError(
+            f"{target!r} is the task {name!r}, not a handler: run the workers of the Tasks "
+            f"registry it was declared on, e.g. aio-workq worker {module}:tasks.workers"
+        )
 
 
 def _workers_of(obj: Any, what: str) -> list[Worker]:

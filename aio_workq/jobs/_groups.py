@@ -26,12 +26,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
-from .._exceptions import ConfigurationError, IntegrationError, SerializationError
+from .._exceptions import (
+    ConfigurationError,
+    IntegrationError,
+    PayloadError,
+    SerializationError,
+)
 from .._link.specs import Queue
 from .._publish.serialization import JSON, decode_body, encode_body
 from ._errors import TaskArgumentError
 from ._groupstore import CallbackDue, GroupSpec, GroupStore
 from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._json import encode_typed
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -217,11 +223,12 @@ class Group(Generic[R]):
             raise TaskArgumentError(f"callback task {then.task.name!r}: {exc}") from None
         extra = {k: v for k, v in bound.arguments.items() if k != param}
         try:
-            body, _ = encode_body(extra)
+            body, _ = encode_typed(extra)
         except SerializationError as exc:
             raise TaskArgumentError(
                 f"callback task {then.task.name!r}: its arguments can't be sent as JSON: {exc}"
             ) from None
+        _check_callback(then.task, param, extra)
         return then.task.name, then.task.queue.name, param, body
 
     async def enqueue(self) -> GroupHandle[R]:
@@ -320,6 +327,31 @@ def group(
         ConfigurationError: no members, or something else than signatures.
     """
     return Group(members, then=then, group_id=group_id)
+
+
+def _check_callback(task: GroupTask[Any], param: str, extra: dict[str, Any]) -> None:
+    """Validate the callback's body as its worker will, with no results yet, so that a
+    callback that can't take them (or misses an argument) fails at `enqueue()`, not after
+    every member ran.
+
+    Raises:
+        TaskArgumentError: it does not validate.
+    """
+    parameters = list(task.arguments.signature.parameters.values())[1:]
+    missing = [p.name for p in parameters if p.default is p.empty and p.name not in extra]
+    if missing:
+        raise TaskArgumentError(
+            f"callback task {task.name!r}: missing a required argument: {missing[0]!r}; give "
+            f"it with then={task.name.rsplit('.', 1)[-1]}.partial({missing[0]}=...)"
+        )
+    try:
+        task.arguments.decode(encode_typed({param: [], **extra})[0], JSON)
+    except PayloadError as exc:
+        raise TaskArgumentError(
+            f"callback task {task.name!r}: its first parameter {param!r} receives the members' "
+            f"results (annotate it `{param}: list[GroupResult]`), and partial(...) gives the "
+            f"others; they don't validate: {exc}"
+        ) from None
 
 
 def _member_value(member: Any) -> Any:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, Unpack
 
-from .._exceptions import ConfigurationError, IntegrationError
+from .._exceptions import ConfigurationError, IntegrationError, PayloadError
 from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
@@ -165,7 +165,8 @@ class JobHandle(Generic[R]):
             JobTimeoutError: not done within `timeout` seconds (a `TimeoutError`).
             JobFailedError: it failed for good; `error_type` and `error_message` say why.
             JobCancelledError: it was cancelled.
-            PayloadError: the stored value does not validate as the task's return type.
+            PayloadError: the stored value does not validate as the task's return type (the
+                message names the job and its task; `Tasks.job(id)` reads it untyped).
             JobNotFoundError, StoreError, ConfigurationError: as `status()`.
         """
         status = await self.wait(timeout)
@@ -184,7 +185,15 @@ class JobHandle(Generic[R]):
         content_type = record.content_type if record.result is not None else "application/json"
         if self._validate is None:
             return decode_body(body, content_type)  # type: ignore[no-any-return]
-        return self._validate(body, content_type)  # type: ignore[no-any-return]
+        try:
+            return self._validate(body, content_type)  # type: ignore[no-any-return]
+        except PayloadError as exc:
+            raise PayloadError(
+                f"job {self.job_id} ({status.task}) succeeded, but the value it returned does "
+                f"not validate as the task's return type: {exc}; fix the task's return "
+                "annotation or what it returns, or read the value untyped with "
+                f"tasks.job({self.job_id!r}).result()"
+            ) from exc
 
     async def cancel(self) -> JobStatus:
         """Cancel the job from any process; its status after the request.

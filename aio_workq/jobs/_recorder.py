@@ -23,10 +23,11 @@ from typing import Any
 from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
-from .._publish.serialization import JSON, encode_body
+from .._publish.serialization import JSON
 from ._batches import WriteBatches
 from ._errors import Cancelled
 from ._handle import TASK_HEADER
+from ._json import encode_typed
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -113,7 +114,7 @@ class Running:
             self.result = b"null" if value is None else b"true" if value else b"false", JSON
             return
         try:
-            self.result = encode_body(value)
+            self.result = encode_typed(value)
         except SerializationError as exc:
             raise Reject(
                 f"task {self.task!r} returned a value that can't be stored: {exc}"

@@ -173,11 +173,7 @@ class QueueRunner:
             # job that fails here is recorded as failed too.
             running = recorder.running(job) or recorder.arrived(job, self.queue)
         if task is None:
-            raise Reject(
-                f"no task {name!r} runs on queue {self.queue!r} (this worker runs "
-                f"{', '.join(sorted(self._tasks))}): deploy the task, or replay the message "
-                "once it is"
-            )
+            raise Reject(_no_task(name, self.queue, self._tasks))
         members = self._members
         if recorder is not None and running is not None and members is not None:
             member = members.member_of(job, headers)
@@ -205,6 +201,21 @@ class QueueRunner:
             return None
         running.keep_result(value)
         return value
+
+
+def _no_task(name: Any, queue: str, tasks: Mapping[str, Any]) -> str:
+    """Why a delivery has no task to run it (it is dead-lettered)."""
+    runs = f"this worker runs {', '.join(sorted(tasks))}"
+    if name is None:
+        return (
+            f"the message names no task (no {TASK_HEADER} header: it was published with "
+            f"producer.publish(), not task.enqueue()) and queue {queue!r} runs tasks ({runs}): "
+            "enqueue it with its task, or publish it to a queue of its own"
+        )
+    return (
+        f"no task {name!r} runs on queue {queue!r} ({runs}): deploy the task, or replay the "
+        "message once it is"
+    )
 
 
 def build_workers(

@@ -8,6 +8,7 @@ store, never on the event loop, and a batch of writes commits in one transaction
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import time
@@ -34,6 +35,7 @@ from ._store import DAY, SQL, check_ttl, row_record, write_params
 __all__ = ("SQLiteStore",)
 
 _T = TypeVar("_T")
+log = logging.getLogger("aio_workq.jobs")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS workq_jobs (
@@ -96,6 +98,7 @@ class SQLiteStore:
         self._gsql = GroupSQL("", greatest="MAX")
         self._thread: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self._last_purge = 0.0
 
     def __repr__(self) -> str:
@@ -111,9 +114,21 @@ class SQLiteStore:
             raise StoreError(f"SQLite store {str(self.path)!r}: {what} failed: {exc}") from exc
 
     def _call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
-        """In the store's thread: connect on first use, then run `func`."""
+        """In the store's thread: connect on first use (and again when the file was deleted or
+        replaced since), then run `func`."""
+        if self._conn is not None and self._file is not None and self._file != _identity(self.path):
+            log.warning(
+                "SQLite job store %r: the file was deleted or replaced while open; reopening it "
+                "(the records of the old file are gone with it)",
+                str(self.path),
+            )
+            conn, self._conn = self._conn, None
+            conn.close()
         if self._conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise sqlite3.OperationalError(f"{exc}{_missing_directory(self.path)}") from exc
             try:
                 conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
                 conn.execute("PRAGMA journal_mode = WAL")
@@ -122,7 +137,7 @@ class SQLiteStore:
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
+            self._conn, self._file = conn, _identity(self.path)
         return func(self._conn)
 
     async def record(self, writes: Sequence[Write]) -> list[bool]:
@@ -275,6 +290,23 @@ class SQLiteStore:
         if conn is not None:
             await asyncio.get_running_loop().run_in_executor(thread, conn.close)
         thread.shutdown(wait=False)
+
+
+def _missing_directory(path: Path) -> str:
+    """A hint for a file that could not be opened because its directory is not there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(directory):
+        return ""
+    return f" (the directory {directory!r} does not exist: create it, or give another path)"
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file at `path` (device, inode), None when there is none (deleted; `:memory:`)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class _transaction:

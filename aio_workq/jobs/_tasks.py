@@ -22,10 +22,11 @@ from .._exceptions import (
     SerializationError,
 )
 from .._link.specs import Queue
-from .._publish.serialization import JSON, encode_body
+from .._publish.serialization import JSON
 from ._errors import TaskArgumentError
 from ._groups import Signature
 from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
 from ._running import build_workers
@@ -118,11 +119,11 @@ class Arguments:
             raise TaskArgumentError(f"task {self.task!r}: {exc}") from None
         arguments = dict(bound.arguments)
         try:
-            body, _ = encode_body(arguments)
+            body, _ = encode_typed(arguments)
         except SerializationError:
             for name, value in arguments.items():
                 try:
-                    encode_body(value)
+                    encode_typed(value)
                 except SerializationError as exc:
                     raise TaskArgumentError(
                         f"task {self.task!r}: argument {name!r} can't be sent as JSON: {exc}"
@@ -204,7 +205,15 @@ class Task(Generic[P, R]):
             expiration: seconds the message may wait in the queue.
             timeout: seconds the publish may take, to its confirm.
             job_id: the job id (and message id) instead of a fresh one.
+
+        Raises:
+            ConfigurationError: a `job_id` that is not a non-empty string.
         """
+        if job_id is not None and (not isinstance(job_id, str) or not job_id.strip()):
+            raise ConfigurationError(
+                f"task {self.name!r}: job_id must be a non-empty string (it names the job), "
+                f"got {job_id!r}; leave it out for a fresh id"
+            )
         given = {
             "delay": delay, "priority": priority, "expiration": expiration,
             "timeout": timeout, "message_id": job_id,
