@@ -304,6 +304,18 @@ async def test_a_producer_used_before_it_started_raises_a_typed_error() -> None:
         producer.dead_letters("q")
 
 
+async def test_a_closed_producer_says_it_is_closed_not_unstarted(
+    amqp_url: str, queue_name: str
+) -> None:
+    async with Producer(amqp_url) as producer:
+        await producer.publish(b"x", queue_name)
+    with pytest.raises(IntegrationError, match="the producer is closed .* make a new Producer"):
+        await producer.publish(b"x", queue_name)
+    with pytest.raises(IntegrationError, match="the producer is closed"):
+        await producer.start()
+    await producer.close()  # closing again is harmless
+
+
 async def test_a_worker_started_after_the_publish_takes_what_waits(
     producer: Producer, amqp_url: str, queue_name: str, counter: Counter
 ) -> None:

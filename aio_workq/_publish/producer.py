@@ -127,6 +127,7 @@ class Producer:
         self._router: Router | None = None
         self._sender: Sender | None = None
         self._rpc: RPCClient | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         where = redact_url(self._url) if self._url else "shared connection"
@@ -167,6 +168,8 @@ class Producer:
         """
         if self._publisher is not None:
             return
+        if self._closed:
+            raise IntegrationError(_CLOSED)
         self._source = await open_source(self._connection, self._shared)
         n = self._channels
         publishers = tuple(
@@ -204,6 +207,7 @@ class Producer:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
+        self._closed = self._publisher is not None or self._closed
         if self._rpc is not None:
             await self._rpc.close()
             self._rpc = None
@@ -216,6 +220,8 @@ class Producer:
 
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
+            if self._closed:
+                raise IntegrationError(_CLOSED)
             raise IntegrationError(
                 "the producer is not started: use `async with Producer(...)`, or "
                 "`await producer.start()` first"
@@ -369,6 +375,12 @@ async def _all(closing: list[Coroutine[Any, Any, None]]) -> None:
     """Close the channels together (each within the same timeout); a close's errors are
     dropped (as `finish_by` drops them)."""
     await asyncio.gather(*closing, return_exceptions=True)
+
+
+_CLOSED = (
+    "the producer is closed (its `async with` block ended, or `close()` was called): "
+    "make a new Producer"
+)
 
 
 def _check_channels(channels: object, window: object) -> int:
