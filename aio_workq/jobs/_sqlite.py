@@ -97,11 +97,24 @@ class SQLiteStore:
         self._thread: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_purge = 0.0
+        self._pid = os.getpid()
+        self._inherited: list[sqlite3.Connection] = []
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} ttl={self.ttl:g}>"
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread does not exist here and its connection must
+        not be used (SQLite forbids it), nor closed (a close may checkpoint the parent's WAL):
+        it is kept, unused, and the child opens a thread and a connection of its own."""
+        self._pid = os.getpid()
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+        self._thread, self._conn = None, None
+
     async def _run(self, func: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        if self._pid != os.getpid():
+            self._after_fork()
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="workq-sqlite")
         loop = asyncio.get_running_loop()
@@ -268,6 +281,8 @@ class SQLiteStore:
         return await self._run(purge, "purging expired jobs")
 
     async def close(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
         thread, self._thread = self._thread, None
         if thread is None:
             return
