@@ -23,6 +23,7 @@ from ._groupstore import (
     CallbackDue,
     GroupSpec,
     GroupSQL,
+    check_same_group,
     due_from,
     group_params,
     mark_params,
@@ -219,6 +220,7 @@ class SQLiteStore:
         def create(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.execute(gsql.insert_group, params)
+                check_same_group(group, conn.execute(gsql.spec, params).fetchone())
                 conn.executemany(gsql.insert_member, members)
                 for p in job_writes:
                     conn.execute(sql.write, p).fetchall()
