@@ -485,7 +485,8 @@ class Tasks:
                 store `prefetch` is twice `concurrency` unless given: a delivery's claim
                 (the check at delivery) is sent when it arrives, so the claims of the
                 deliveries waiting for a handler overlap the handlers running. Such a job
-                reads `running` while it waits.
+                reads `running` while it waits. `handler_timeout` times the task itself:
+                the check at delivery and the wait for a rate-limit slot do not count.
 
         Raises:
             ConfigurationError: no tasks (on those queues), or a bad worker option.
