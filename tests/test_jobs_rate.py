@@ -184,6 +184,38 @@ async def test_per_key_buckets_are_separate() -> None:
     assert limit.bucket("t", {"customer": "a"}) == "t:a"
 
 
+async def test_the_rate_key_sees_the_arguments_defaults(tmp_path: Path) -> None:
+    """A job that leaves out a defaulted argument: the key function is called with the
+    function's default for it, as the function itself is (before: without it, so
+    `lambda customer, **_: customer` raised TypeError and the job failed without running)."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+
+    @tasks.task(queue="api", name="api.sync", rate_limit="1/s",
+                rate_key=lambda customer, **_: customer)  # fmt: skip
+    async def sync(since: int, customer: str = "acme") -> None: ...
+
+    limit = sync.rate_limit
+    assert limit is not None
+    jobs = [sync.arguments.encode((1,), {}), sync.arguments.encode((2,), {"customer": "acme"})]
+    jobs.append(sync.arguments.encode((3,), {"customer": "zeta"}))
+    decoded = [sync.arguments.decode(body, "application/json") for body in jobs]
+    keys = [limit.bucket(sync.name, kwargs) for kwargs in decoded]
+    assert keys == ["api.sync:acme", "api.sync:acme", "api.sync:zeta"]
+    store = tasks.store
+    assert isinstance(store, SQLiteStore)
+    try:
+        now = time.time()
+        waits = [
+            await store.take_token(
+                key, interval=limit.interval, tau=limit.tau, max_wait=limit.max_wait, now=now
+            )
+            for key in keys
+        ]
+        assert waits == [0.0, pytest.approx(1.0), 0.0]  # the defaulted job shares acme's bucket
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
