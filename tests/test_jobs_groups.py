@@ -205,6 +205,27 @@ async def test_group_arguments_are_checked_before_anything_is_sent(
     await app.store.close()
 
 
+async def test_the_callbacks_arguments_are_validated_as_its_parameters_at_enqueue(
+    app: App,
+) -> None:
+    """A callback's other arguments are checked as a member's are, before anything is sent:
+    one missing, or of the wrong type (before: only unknown names were refused; the group
+    ran, and its callback failed for good with a PayloadError once every member had run)."""
+
+    @app.tasks.task(queue=app.report.queue, name="t.titled")
+    async def titled(results: list[GroupResult], title: str) -> str:
+        return title
+
+    for then in (titled, titled.partial(title=["x"])):
+        made = group([app.square.s(1)], then=then)
+        with pytest.raises(TaskArgumentError, match="t.titled.*title"):
+            await made.enqueue()
+        assert await app.store.get(f"{made.group_id}.0") is None  # nothing recorded or sent
+    fine = await group([app.square.s(2)], then=titled.partial(title="t")).enqueue()
+    assert fine.callback is not None and (await fine.callback.status()).state is JobState.QUEUED
+    await app.store.close()
+
+
 async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_run_once(
     amqp_url: str, tmp_path: Path
 ) -> None:

@@ -216,6 +216,10 @@ class Group(Generic[R]):
         except TypeError as exc:
             raise TaskArgumentError(f"callback task {then.task.name!r}: {exc}") from None
         extra = {k: v for k, v in bound.arguments.items() if k != param}
+        # Checked as a member's are (none missing, each of its parameter's type), with no
+        # results yet in the first parameter: a callback that can't run fails here, not after
+        # every member ran.
+        then.task.arguments.encode((), {param: [], **extra})
         try:
             body, _ = encode_body(extra)
         except SerializationError as exc:
