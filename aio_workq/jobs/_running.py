@@ -189,13 +189,18 @@ class QueueRunner:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
             running = recorder.running(job) or recorder.arrived(job, self.queue)
+        members = self._members
         if task is None:
-            raise Reject(
+            unknown = Reject(
                 f"no task {name!r} runs on queue {self.queue!r} (this worker runs "
                 f"{', '.join(sorted(self._tasks))}): deploy the task, or replay the message "
                 "once it is"
             )
-        members = self._members
+            if running is not None and members is not None:
+                member = members.member_of(job, headers)
+                if member is not None:  # dead-lettered: final, so its group counts it
+                    await member.failed_for_good(unknown, running)
+            raise unknown
         if recorder is not None and running is not None and members is not None:
             member = members.member_of(job, headers)
             if member is not None:
