@@ -124,6 +124,33 @@ async def test_a_failed_member_is_in_the_results_and_the_callback_runs_once(
         assert status.state is JobState.FAILED
 
 
+async def test_a_member_whose_task_this_worker_does_not_know_counts_as_failed(
+    app: App, amqp_url: str, tmp_path: Path
+) -> None:
+    """The workers of the members' queue run an older release without the members' task: each
+    member is dead-lettered (failed for good, as any member whose failure routing ends it), and
+    the group counts it, so the callback runs with it failed (before: the group waited for it
+    forever, its status `failed` and its callback never published)."""
+    old = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+
+    @old.task(queue=app.square.queue, name="t.other")
+    async def other(n: int) -> int:
+        return n
+
+    @old.task(queue=app.report.queue, name="t.report")
+    async def report(results: list[GroupResult], title: str = "") -> str:
+        return ",".join(f"{r.state}:{r.error_type}" for r in results)
+
+    async with running(old, amqp_url, concurrency=4):
+        handle = await group([app.square.s(1), app.square.s(2)], then=app.report).enqueue()
+        assert await handle.result(timeout=30) == "failed:aio_workq.Reject,failed:aio_workq.Reject"
+        status = await handle.members[0].status()
+        assert status.state is JobState.FAILED and "no task 't.square'" in (
+            status.error_message or ""
+        )
+    await app.store.close()
+
+
 async def test_a_member_delivered_again_after_it_finished_does_not_run_the_callback_again(
     app: App, amqp_url: str, producer: Producer
 ) -> None:
@@ -228,6 +255,27 @@ async def test_a_callback_that_cannot_take_the_results_or_its_arguments_is_refus
             await group([app.square.s(1)], then=then, group_id=gid).enqueue()  # type: ignore[arg-type]
         assert caught.match(match), str(caught.value)
         assert await app.store.get(f"{gid}.0") is None  # nothing recorded, nothing sent
+    await app.store.close()
+
+
+async def test_the_callbacks_arguments_are_validated_as_its_parameters_at_enqueue(
+    app: App,
+) -> None:
+    """A callback's other arguments are checked as a member's are, before anything is sent:
+    one missing, or of the wrong type (before: only unknown names were refused; the group
+    ran, and its callback failed for good with a PayloadError once every member had run)."""
+
+    @app.tasks.task(queue=app.report.queue, name="t.titled")
+    async def titled(results: list[GroupResult], title: str) -> str:
+        return title
+
+    for then in (titled, titled.partial(title=["x"])):
+        made = group([app.square.s(1)], then=then)
+        with pytest.raises(TaskArgumentError, match="t.titled.*title"):
+            await made.enqueue()
+        assert await app.store.get(f"{made.group_id}.0") is None  # nothing recorded or sent
+    fine = await group([app.square.s(2)], then=titled.partial(title="t")).enqueue()
+    assert fine.callback is not None and (await fine.callback.status()).state is JobState.QUEUED
     await app.store.close()
 
 

@@ -7,7 +7,11 @@ import pytest
 
 from aio_workq.jobs import GroupStore, RateStore
 from aio_workq.jobs.postgres import PostgresStore
-from tests.test_jobs_groups_store import check_group_claims, check_token_takes
+from tests.test_jobs_groups_store import (
+    check_group_claims,
+    check_group_id_reused,
+    check_token_takes,
+)
 from tests.test_jobs_postgres import schema  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.postgres
@@ -22,6 +26,7 @@ async def test_postgres_store_groups_from_several_connections(
         assert isinstance(stores[0], GroupStore) and isinstance(stores[0], RateStore)
         await check_group_claims(stores)
         await check_token_takes(stores)
+        await check_group_id_reused(stores[0])
         assert await stores[0].purge() == 0
     finally:
         for store in stores:

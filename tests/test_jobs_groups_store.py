@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from aio_workq import ConfigurationError
 from aio_workq.jobs import GroupStore, JobState, MemoryStore, RateStore, SQLiteStore, Write
 from aio_workq.jobs._groupstore import CallbackDue, GroupSpec
 
@@ -131,11 +132,46 @@ async def check_token_takes(stores: Sequence[Any]) -> None:
     assert burst[3] == pytest.approx(1.0, abs=1e-6)
 
 
+async def check_group_id_reused(store: Any) -> None:
+    """A group id recorded already, enqueued again as *another* group (other members, another
+    callback), is refused, and nothing of it is recorded (before: the first group's row was
+    kept and the new members added to it, so its callback was claimed before the added member
+    finished, with that member's outcome missing, or never, for a member left out)."""
+    group_id = uuid.uuid4().hex
+
+    def queued(spec: GroupSpec) -> list[Write]:
+        return [
+            Write(job_id=j, task="t.m", queue="q", state=JobState.QUEUED, at=time.time())
+            for j in spec.member_ids
+        ]
+
+    first = _spec(group_id, 2)
+    await store.create_group(first, queued(first))
+    await store.create_group(first, queued(first))  # the same group again: fine
+    more = _spec(group_id, 3)
+    with pytest.raises(ConfigurationError, match=f"{group_id}.*2 members.*3"):
+        await store.create_group(more, queued(more))
+    assert await store.get(f"{group_id}.2") is None  # nothing of it was recorded
+    other = GroupSpec(
+        group_id=group_id, member_ids=first.member_ids, callback_task="t.other",
+        callback_queue="reports", callback_param="results", callback_body=None,
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="callback"):
+        await store.create_group(other, queued(other))
+    # The group is the first one: its two members complete it, with their two outcomes.
+    zero = await store.finish_member(_terminal(f"{group_id}.0", 0), group_id=group_id, index=0)
+    assert zero is None
+    due = await store.finish_member(_terminal(f"{group_id}.1", 1), group_id=group_id, index=1)
+    assert due is not None and due.claimed_now and due.task == "t.report"
+    assert [m.job_id for m in due.members] == list(first.member_ids)
+
+
 async def test_memory_store_groups_and_rates() -> None:
     store = MemoryStore()
     assert isinstance(store, GroupStore) and isinstance(store, RateStore)
     await check_group_claims([store])
     await check_token_takes([store])
+    await check_group_id_reused(store)
 
 
 @pytest.fixture
@@ -158,6 +194,7 @@ async def test_sqlite_store_groups_from_several_connections(
         assert isinstance(stores[0], GroupStore) and isinstance(stores[0], RateStore)
         await check_group_claims(stores)
         await check_token_takes(stores)
+        await check_group_id_reused(stores[0])
     finally:
         for store in stores:
             await store.close()

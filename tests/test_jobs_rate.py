@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from aio_workq import ConfigurationError, Producer, Worker
-from aio_workq.jobs import JobState, MemoryStore, RateLimit, SQLiteStore, Tasks
+from aio_workq import ConfigurationError, Producer, RetryPolicy, Worker
+from aio_workq.jobs import JobFailedError, JobState, MemoryStore, RateLimit, SQLiteStore, Tasks
 from tests.test_cli import cli
 from tests.test_jobs import until
 
@@ -124,6 +124,48 @@ async def test_a_slot_far_away_defers_the_job_on_the_broker(
         await tasks.store.close()
 
 
+@pytest.mark.broker
+async def test_waiting_for_a_slot_does_not_count_against_the_handler_timeout(
+    tmp_path: Path, producer: Producer, amqp_url: str
+) -> None:
+    """4/s with `handler_timeout=0.5`: six jobs enqueued at once wait up to 1.25 s for their
+    slots, longer than the timeout. Every one runs and succeeds; the timeout bounds the task
+    itself, not its wait (before: the jobs that waited longer than 0.5 s failed with
+    `TimeoutError` without running, and were dead-lettered once their attempts ran out).
+    A task that runs longer than the timeout still fails with it."""
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+    ran: list[int] = []
+    queue = f"rate-timeout-{uuid.uuid4().hex[:8]}"
+
+    @tasks.task(queue=queue, name="rate.quick", rate_limit="4/s", rate_max_wait=5)
+    async def quick(i: int) -> int:
+        ran.append(i)
+        return i
+
+    @tasks.task(queue=queue, name="rate.stuck")
+    async def stuck() -> None:
+        await asyncio.sleep(30)
+
+    workers: list[Worker] = tasks.workers(
+        amqp_url, concurrency=8, handler_timeout=0.5, retry=RetryPolicy(max_attempts=1)
+    )
+    try:
+        for worker in workers:
+            await worker.start()
+        jobs = await asyncio.gather(*(quick.enqueue(i) for i in range(6)))
+        results = await asyncio.gather(*(job.result(timeout=30) for job in jobs))
+        assert results == list(range(6))
+        assert sorted(ran) == list(range(6))
+        late = await stuck.enqueue()
+        with pytest.raises(JobFailedError, match="TimeoutError"):
+            await late.result(timeout=30)
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
 async def test_per_key_buckets_are_separate() -> None:
     limit = RateLimit.of("1/s", key=lambda customer, **_: customer)
     store = MemoryStore()
@@ -140,6 +182,38 @@ async def test_per_key_buckets_are_separate() -> None:
     ]
     assert waits == [0.0, 0.0, 1.0]
     assert limit.bucket("t", {"customer": "a"}) == "t:a"
+
+
+async def test_the_rate_key_sees_the_arguments_defaults(tmp_path: Path) -> None:
+    """A job that leaves out a defaulted argument: the key function is called with the
+    function's default for it, as the function itself is (before: without it, so
+    `lambda customer, **_: customer` raised TypeError and the job failed without running)."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+
+    @tasks.task(queue="api", name="api.sync", rate_limit="1/s",
+                rate_key=lambda customer, **_: customer)  # fmt: skip
+    async def sync(since: int, customer: str = "acme") -> None: ...
+
+    limit = sync.rate_limit
+    assert limit is not None
+    jobs = [sync.arguments.encode((1,), {}), sync.arguments.encode((2,), {"customer": "acme"})]
+    jobs.append(sync.arguments.encode((3,), {"customer": "zeta"}))
+    decoded = [sync.arguments.decode(body, "application/json") for body in jobs]
+    keys = [limit.bucket(sync.name, kwargs) for kwargs in decoded]
+    assert keys == ["api.sync:acme", "api.sync:acme", "api.sync:zeta"]
+    store = tasks.store
+    assert isinstance(store, SQLiteStore)
+    try:
+        now = time.time()
+        waits = [
+            await store.take_token(
+                key, interval=limit.interval, tau=limit.tau, max_wait=limit.max_wait, now=now
+            )
+            for key in keys
+        ]
+        assert waits == [0.0, pytest.approx(1.0), 0.0]  # the defaulted job shares acme's bucket
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize(

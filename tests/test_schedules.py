@@ -217,6 +217,57 @@ async def test_aio_workq_schedules_lists_next_and_last_fire_and_the_active_proce
     assert table.returncode == 0 and "nightly-report" in table.stdout and "web-1:42" in table.stdout
 
 
+async def test_a_scheduler_made_before_fork_names_the_process_that_runs_it(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    """A scheduler made at import in a pre-forking server's parent, run in a forked child:
+    the status names the child (`host:childpid`), the process actually active (before: the
+    parent's pid, taken when the object was made, for every child)."""
+    import socket
+
+    scheduler = Scheduler(amqp_url, [poll(group)], group=group)
+    assert scheduler.identity == f"{socket.gethostname()}:{os.getpid()}"
+    read, write = os.pipe()
+    stop_read, stop_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its own event loop, the scheduler object made before the fork
+        code = 1
+        try:
+            os.close(read)
+            os.close(stop_write)
+
+            async def child() -> None:
+                active = asyncio.Event()
+                scheduler.on_active = lambda now: active.set() if now else None
+                run = asyncio.create_task(scheduler.run())
+                await active.wait()
+                os.write(write, scheduler.identity.encode())
+                await asyncio.to_thread(os.read, stop_read, 1)  # the parent read the status
+                await scheduler.stop()
+                await run
+
+            asyncio.run(asyncio.wait_for(child(), 30))
+            code = 0
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    os.close(write)
+    os.close(stop_read)
+    try:
+        said = (await asyncio.to_thread(os.read, read, 200)).decode()
+        await ticks.wait_for(2)
+        await ticks.changed.wait()  # one more tick: the state is recorded after the previous one
+        state = await read_status(amqp_url, group=group)
+    finally:
+        os.write(stop_write, b"x")
+        os.close(stop_write)
+        os.close(read)
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert said == f"{socket.gethostname()}:{pid}"
+    assert state is not None and state.active == said
+
+
 async def test_the_status_names_no_active_scheduler_once_the_last_one_stopped(
     amqp_url: str, group: str, ticks: Ticks
 ) -> None:

@@ -188,6 +188,17 @@ def test_a_next_fire_long_past_is_marked_overdue() -> None:
             {"queue": "q", "every": timedelta(seconds=1), "start": datetime(2026, 1, 1)},
             "timezone-aware",
         ),
+        # Due times out of datetime's range: refused here, not an OverflowError that ended the
+        # scheduler's run (and every other schedule's ticks) at its first round.
+        ({"queue": "q", "every": timedelta(days=3_000_000)}, "every= .* past the year 9999"),
+        (
+            {"queue": "q", "every": timedelta(days=1), "start": datetime(9999, 12, 31, tzinfo=UTC)},
+            "past the year 9999",
+        ),
+        (
+            {"queue": "q", "every": timedelta(seconds=1), "grace": timedelta(days=10**6)},
+            "grace= .* before the year 1",
+        ),
     ],
 )
 def test_bad_schedules_are_refused_with_the_reason(kwargs: dict[str, object], match: str) -> None:

@@ -243,6 +243,8 @@ class Group(Generic[R]):
                 was sent).
             IntegrationError: the registry has no producer, or no store that runs groups.
             StoreError: the store could not record the group (nothing was sent).
+            ConfigurationError: `group_id` is recorded already as another group (other
+                members or another callback; nothing was sent).
             PublishError (and its subclasses): a member was not confirmed (enqueue again).
         """
         registry = self._registry

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from .._exceptions import ConfigurationError
 from ._status import Write
 
 __all__ = (
@@ -117,7 +118,8 @@ class GroupStore(Protocol):
 
     async def create_group(self, group: GroupSpec, writes: Sequence[Write]) -> None:
         """Record the group, its members and `writes` (their queued states) in one
-        transaction; a group id recorded already is left as it is."""
+        transaction; a group id recorded already is left as it is, and refused
+        (`ConfigurationError`, nothing written) when recorded as another group."""
         ...
 
     async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
@@ -176,6 +178,10 @@ class GroupSQL:
             f"UPDATE {g} SET callback_claimed = TRUE WHERE group_id = :group_id "
             "AND remaining <= 0 AND NOT callback_claimed RETURNING group_id"
         )
+        self.spec = (
+            f"SELECT size, callback_task, callback_queue, callback_param, callback_body "
+            f"FROM {g} WHERE group_id = :group_id"
+        )
         self.group = (
             f"SELECT callback_task, callback_queue, callback_param, callback_body, "
             f"callback_claimed, callback_published FROM {g} WHERE group_id = :group_id"
@@ -213,6 +219,32 @@ def group_params(group: GroupSpec, now: float, ttl: float) -> dict[str, Any]:
         "now": now,
         "expires": now + ttl,
     }
+
+
+def check_same_group(group: GroupSpec, recorded: Sequence[Any] | None) -> None:
+    """Refuse `group` when its id is recorded already as another group (`recorded`: its
+    size, callback task, queue, parameter and body, or None).
+
+    Raises:
+        ConfigurationError: other members or another callback under the same id.
+    """
+    if recorded is None:
+        return
+    size, task, queue, param, body = recorded
+    body = None if body is None else bytes(body)
+    if size != len(group.member_ids):
+        differs = f"{size} members, enqueued again with {len(group.member_ids)}"
+    elif (task, queue, param, body) != (
+        group.callback_task, group.callback_queue, group.callback_param, group.callback_body,
+    ):  # fmt: skip
+        differs = f"callback {task!r}, enqueued again with callback {group.callback_task!r}"
+    else:
+        return
+    raise ConfigurationError(
+        f"group {group.group_id} is recorded already with {differs} (or other arguments): "
+        "enqueue a group again (after an error) with the same members and callback, and give "
+        "another group a group_id of its own"
+    )
 
 
 def mark_params(write: Write, group_id: str, index: int, ttl: float) -> dict[str, Any]:
@@ -275,6 +307,11 @@ class MemoryGroups:
         now = time.time()
         old = self.groups.get(group.group_id)
         if old is not None and old.expires_at > now:
+            spec = old.spec
+            check_same_group(group, (
+                len(spec.member_ids), spec.callback_task, spec.callback_queue,
+                spec.callback_param, spec.callback_body,
+            ))  # fmt: skip
             return
         self.groups[group.group_id] = _Group(
             group, len(group.member_ids), now + ttl,

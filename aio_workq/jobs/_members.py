@@ -169,8 +169,12 @@ class Member:
         return move.kind in (MoveKind.DEAD_LETTER, MoveKind.DROP)
 
     async def _failed(self, exc: BaseException, running: Running, queue: Queue) -> None:
-        if not self._final(exc, queue):
-            return
+        if self._final(exc, queue):
+            await self.failed_for_good(exc, running)
+
+    async def failed_for_good(self, exc: BaseException, running: Running) -> None:
+        """Count the member failed with `exc` (a delivery dead-lettered: e.g. for a task this
+        worker does not run)."""
         await self._finish(
             running.write(
                 JobState.FAILED, error_type=qualname(exc), error_message=str(exc)[:_ERROR_LIMIT]

@@ -12,6 +12,8 @@ per delivery.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import logging
 import re
 import time
@@ -50,6 +52,8 @@ class RateLimit:
     burst: int = 1
     key: Callable[..., Any] | None = None
     max_wait: float = 5.0
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """The task function's defaults: `key` gets them for the arguments a job left out."""
 
     @classmethod
     def of(
@@ -94,11 +98,22 @@ class RateLimit:
     def tau(self) -> float:
         return (self.burst - 1) * self.interval
 
+    def with_defaults(self, signature: inspect.Signature) -> RateLimit:
+        """This limit, its `key` given the defaults of the function of `signature`."""
+        defaults = tuple(
+            (name, p.default)
+            for name, p in signature.parameters.items()
+            if p.default is not inspect.Parameter.empty
+        )
+        return dataclasses.replace(self, defaults=defaults)
+
     def bucket(self, task: str, kwargs: Mapping[str, Any]) -> str:
-        """The bucket's key for a job of `task` with these arguments."""
+        """The bucket's key for a job of `task` with these arguments (the ones it left out
+        take the function's defaults, as when it runs)."""
         if self.key is None:
             return task
-        return f"{task}:{self.key(**kwargs)}"
+        arguments = {**dict(self.defaults), **kwargs} if self.defaults else kwargs
+        return f"{task}:{self.key(**arguments)}"
 
 
 async def acquire(

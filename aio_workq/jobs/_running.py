@@ -14,6 +14,7 @@ from .._consume.retry import RetryPolicy
 from .._consume.worker import Worker
 from .._exceptions import ConfigurationError, Reject
 from .._hooks import Hook
+from .._link.settings import check_seconds
 from .._link.specs import Queue
 from ._errors import Cancelled
 from ._groupstore import RateStore
@@ -149,12 +150,28 @@ class QueueRunner:
         tasks: Mapping[str, RunnableTask],
         recorder: Recorder | None,
         members: Members | None = None,
+        timeout: float | None = None,
     ):
         self.queue = queue
         self._tasks = dict(tasks)
         self._recorder = recorder
         self._members = members
+        self._timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _run(
+        self,
+        task: RunnableTask,
+        kwargs: dict[str, Any],
+        running: Running | None,
+        current: asyncio.Task[Any] | None = None,
+    ) -> Any:
+        """`run_task`, within the worker's `handler_timeout`: it times the task, not the
+        claim nor the wait for a rate-limit slot before it."""
+        if self._timeout is None:
+            return await run_task(task, kwargs, running, current)
+        async with asyncio.timeout(self._timeout):
+            return await run_task(task, kwargs, running, current)
 
     def __workq_name__(self, job: Job | None) -> str:
         """How the logs name what ran `job`: its task (`NamedHandler`)."""
@@ -172,17 +189,22 @@ class QueueRunner:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
             running = recorder.running(job) or recorder.arrived(job, self.queue)
-        if task is None:
-            raise Reject(_no_task(name, self.queue, self._tasks))
         members = self._members
+        if task is None:
+            unknown = Reject(_no_task(name, self.queue, self._tasks))
+            if running is not None and members is not None:
+                member = members.member_of(job, headers)
+                if member is not None:  # dead-lettered: final, so its group counts it
+                    await member.failed_for_good(unknown, running)
+            raise unknown
         if recorder is not None and running is not None and members is not None:
             member = members.member_of(job, headers)
             if member is not None:
-                return await member.handle(task, running, recorder, run_task)
+                return await member.handle(task, running, recorder, self._run)
         kwargs = task.arguments.decode(job.body, properties.content_type)
         limit = task.rate_limit
         if recorder is None or running is None:
-            return await run_task(task, kwargs, None)
+            return await self._run(task, kwargs, None)
         claimed = running.claimed  # sent when the delivery arrived, often answered by now
         if claimed is None or not claimed.done() or not claimed.result():
             if not await recorder.claim(running):
@@ -196,7 +218,7 @@ class QueueRunner:
             if current is None:  # first call, or another event loop: without its loop
                 self._loop = loop = asyncio.get_running_loop()  # this asks the OS for its pid
                 current = asyncio.current_task(loop)
-        value = await run_task(task, kwargs, running, current)
+        value = await self._run(task, kwargs, running, current)
         if running.cancelled and value is None:
             return None
         running.keep_result(value)
@@ -248,6 +270,12 @@ def build_workers(
     if not by_queue:
         wanted = f" on queues {list(queues)}" if queues is not None else ""
         raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
+    # The task workers time the task itself (`QueueRunner._run`), not the claim and the wait
+    # for a rate-limit slot before it: a job waiting for its slot must not fail for it.
+    options = dict(options)
+    timeout = options.pop("handler_timeout", None)
+    if timeout is not None:
+        timeout = check_seconds("handler_timeout", timeout)
     recorder = Recorder(store) if store is not None else None
     members = None
     if store is not None:
@@ -273,7 +301,7 @@ def build_workers(
             url,
             session=session,
             queue=specs[name],
-            handler=QueueRunner(name, group, recorder, members),
+            handler=QueueRunner(name, group, recorder, members, timeout),
             concurrency=concurrency,
             retry=retry,
             hooks=[*extra, *hooks],

@@ -24,6 +24,7 @@ from ._groupstore import (
     CallbackDue,
     GroupSpec,
     GroupSQL,
+    check_same_group,
     due_from,
     group_params,
     mark_params,
@@ -100,11 +101,24 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened
         self._last_purge = 0.0
+        self._pid = os.getpid()
+        self._inherited: list[sqlite3.Connection] = []
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {str(self.path)!r} ttl={self.ttl:g}>"
 
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's thread does not exist here and its connection must
+        not be used (SQLite forbids it), nor closed (a close may checkpoint the parent's WAL):
+        it is kept, unused, and the child opens a thread and a connection of its own."""
+        self._pid = os.getpid()
+        if self._conn is not None:
+            self._inherited.append(self._conn)
+        self._thread, self._conn = None, None
+
     async def _run(self, func: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        if self._pid != os.getpid():
+            self._after_fork()
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="workq-sqlite")
         loop = asyncio.get_running_loop()
@@ -221,6 +235,7 @@ class SQLiteStore:
         def create(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.execute(gsql.insert_group, params)
+                check_same_group(group, conn.execute(gsql.spec, params).fetchone())
                 conn.executemany(gsql.insert_member, members)
                 for p in job_writes:
                     conn.execute(sql.write, p).fetchall()
@@ -283,6 +298,8 @@ class SQLiteStore:
         return await self._run(purge, "purging expired jobs")
 
     async def close(self) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
         thread, self._thread = self._thread, None
         if thread is None:
             return

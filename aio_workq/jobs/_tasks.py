@@ -171,11 +171,13 @@ class Task(Generic[P, R]):
         self.fn = fn
         self.name = name
         self.queue = queue
-        self.rate_limit = rate_limit
         self.is_async = inspect.iscoroutinefunction(fn)
         self._registry = registry
         self._publish = dict(publish or {})
         self.arguments = Arguments(fn, name)
+        if rate_limit is not None and rate_limit.key is not None and not rate_limit.defaults:
+            rate_limit = rate_limit.with_defaults(self.arguments.signature)
+        self.rate_limit = rate_limit
         self._returns: Any = self.arguments.hints.get("return", Any)
         self._result_validator: Validator | None = None
         self.__doc__ = fn.__doc__
@@ -420,8 +422,8 @@ class Tasks:
             queue_type: `"quorum"` (default) or `"classic"`, for a queue given by name.
             rate_limit: at most this many jobs start, for all worker processes together:
                 `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (needs a store).
-            rate_key: a bucket per key: called with the job's arguments by name, e.g.
-                `lambda customer, **_: customer`.
+            rate_key: a bucket per key: called with the job's arguments by name (those it
+                left out with the function's defaults), e.g. `lambda customer, **_: customer`.
             rate_burst: jobs that may start at once after an idle time (1: evenly spaced).
             rate_max_wait: longest a worker holds a delivery waiting for its slot (at most
                 60 s); a job whose slot is further away is deferred on the broker.
@@ -494,7 +496,8 @@ class Tasks:
                 store `prefetch` is twice `concurrency` unless given: a delivery's claim
                 (the check at delivery) is sent when it arrives, so the claims of the
                 deliveries waiting for a handler overlap the handlers running. Such a job
-                reads `running` while it waits.
+                reads `running` while it waits. `handler_timeout` times the task itself:
+                the check at delivery and the wait for a rate-limit slot do not count.
 
         Raises:
             ConfigurationError: no tasks (on those queues), or a bad worker option.

@@ -25,6 +25,7 @@ from ._groupstore import (
     CallbackDue,
     GroupSpec,
     GroupSQL,
+    check_same_group,
     due_from,
     group_params,
     mark_params,
@@ -167,7 +168,7 @@ class PostgresStore:
             name: _psycopg(getattr(g, name))
             for name in (
                 "insert_group", "insert_member", "mark_member", "count_down", "claim_callback",
-                "group", "members", "published", "insert_bucket", "take", "peek",
+                "group", "members", "published", "insert_bucket", "take", "peek", "spec",
             )
         }  # fmt: skip
         self._gpurge = [_psycopg(statement) for statement in g.purge]
@@ -287,6 +288,8 @@ class PostgresStore:
         async def create(conn: Any) -> None:
             async with conn.transaction():
                 await conn.execute(g["insert_group"], params)
+                recorded = await (await conn.execute(g["spec"], params)).fetchone()
+                check_same_group(group, recorded)
                 async with conn.cursor() as cursor:
                     await cursor.executemany(
                         g["insert_member"],

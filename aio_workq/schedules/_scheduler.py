@@ -59,7 +59,8 @@ class Scheduler:
             default: `AMQP_URL`, as `Producer` resolves it. Add `?heartbeat=5` to detect a
             partitioned active scheduler sooner.
         schedules: the `Schedule`s; more with `add()` or the `schedule()` decorator.
-        identity: how `aio-workq schedules` names this process (default `host:pid`).
+        identity: how `aio-workq schedules` names this process (default `host:pid`, of the
+            process that runs it: a scheduler made before `fork()` names the child).
         retry_delay: seconds between attempts to reach the broker (default 1).
         producer: a started `Producer` to publish the ticks with (default: one of its own, on
             `url`, `ssl_context`, `name` and `hooks`).
@@ -102,10 +103,10 @@ class Scheduler:
         self._schedules: dict[str, Schedule] = {}
         for item in schedules:
             self.add(item)
-        self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
+        self._identity = identity
         self._retry_delay = _seconds("retry_delay", retry_delay)
         self._ssl_context = ssl_context
-        self._name = name or f"aio-workq scheduler {self.identity}"
+        self._given_name = name
         self._backoff = backoff or Backoff()
         checked = Hooks.of(hooks)
         self._hooks: tuple[Hook, ...] = () if checked is None else checked.hooks
@@ -117,6 +118,16 @@ class Scheduler:
         self._fired = 0
         self.on_active: Callable[[bool], None] | None = None
         """Called with True when this process becomes the active scheduler, False when not."""
+
+    @property
+    def identity(self) -> str:
+        """How `aio-workq schedules` names this process: the one given, or `host:pid` of the
+        process asking (read when used, so a scheduler made before `fork()` names the child)."""
+        return self._identity or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def _name(self) -> str:
+        return self._given_name or f"aio-workq scheduler {self.identity}"
 
     def __repr__(self) -> str:
         return (

@@ -144,6 +144,27 @@ class Schedule:
             raise ConfigurationError(
                 f"{where}: jitter= ({self.jitter}) must be shorter than every= ({self.every})"
             )
+        self._check_range(where)
+
+    def _check_range(self, where: str) -> None:
+        """Refuse what would put a due time out of datetime's range when the scheduler runs
+        (an OverflowError there would end its run, every schedule's ticks with it)."""
+        now = datetime.now(UTC)
+        try:
+            self.next_after(self.next_after(now))
+        except OverflowError:
+            said = f"every= ({self.every})" if self.every is not None else "its cron expression"
+            if self.start is not None:
+                said += f" from start= ({self.start.isoformat()})"
+            raise ConfigurationError(
+                f"{where}: {said} puts its next ticks past the year 9999"
+            ) from None
+        try:
+            now - self.grace
+        except OverflowError:
+            raise ConfigurationError(
+                f"{where}: grace= ({self.grace}) reaches before the year 1; give a shorter one"
+            ) from None
 
     # --- description ----------------------------------------------------------------------------
 
