@@ -157,8 +157,10 @@ async def test_waiting_for_a_slot_does_not_count_against_the_handler_timeout(
         assert results == list(range(6))
         assert sorted(ran) == list(range(6))
         late = await stuck.enqueue()
-        with pytest.raises(JobFailedError, match="TimeoutError"):
+        with pytest.raises(JobFailedError, match="TimeoutError") as failed:
             await late.result(timeout=30)
+        # as a plain worker's handler says it (the job's status shows the message)
+        assert failed.value.error_message == "the handler ran over its handler_timeout of 0.5 s"
     finally:
         for worker in workers:
             await worker.stop(timeout=1)

@@ -175,18 +175,7 @@ class HandlerRunner:
         return await self._bounded(asyncio.shield(call))  # its end frees its worker, not ours
 
     async def _bounded(self, call: Awaitable[Any]) -> Any:
-        """`call` within the timeout; running over it raises a `TimeoutError` that says so (a
-        job's status and log line show its message), one the handler raised stays as it is."""
-        scope = asyncio.timeout(self._timeout)
-        try:
-            async with scope:
-                return await call
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            raise TimeoutError(
-                f"the handler ran over its handler_timeout of {self._timeout:g} s"
-            ) from None
+        return await within_handler_timeout(self._timeout, call)
 
     def _freed(self, call: asyncio.Future[Any]) -> None:
         """`call` ended in its pool worker: the worker is free (what it raised is observed)."""
@@ -301,3 +290,16 @@ class _LoopWatch:
 _WATCHES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWatch] = (
     weakref.WeakKeyDictionary()
 )
+
+
+async def within_handler_timeout(timeout: float | None, call: Awaitable[Any]) -> Any:
+    """`call` within `timeout`; running over it raises a `TimeoutError` that says so (a job's
+    status and log line show its message), one the handler raised stays as it is."""
+    scope = asyncio.timeout(timeout)
+    try:
+        async with scope:
+            return await call
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise TimeoutError(f"the handler ran over its handler_timeout of {timeout:g} s") from None

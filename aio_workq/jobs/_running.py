@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .._consume.execution import within_handler_timeout
 from .._consume.failures import MAX_DEFERS
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
@@ -170,8 +171,7 @@ class QueueRunner:
         claim nor the wait for a rate-limit slot before it."""
         if self._timeout is None:
             return await run_task(task, kwargs, running, current)
-        async with asyncio.timeout(self._timeout):
-            return await run_task(task, kwargs, running, current)
+        return await within_handler_timeout(self._timeout, run_task(task, kwargs, running, current))
 
     def __workq_name__(self, job: Job | None) -> str:
         """How the logs name what ran `job`: its task (`NamedHandler`)."""
