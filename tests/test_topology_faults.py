@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Literal
 
 import aio_pika
@@ -12,12 +13,15 @@ import aio_workq
 from aio_workq import (
     ConnectionLostError,
     Hook,
+    Job,
     Producer,
     PublishTimeoutError,
     TopologyError,
     UnroutableError,
+    Worker,
 )
-from tests.helpers import queue_depth
+from aio_workq._consume import subscription as subscription_module
+from tests.helpers import queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -117,3 +121,58 @@ class _LossCounter(Hook):
 
     def on_connection_lost(self, url: str) -> None:
         self.lost.append(url)
+
+
+async def test_a_worker_bound_to_an_exchange_deleted_and_declared_again_is_bound_again(
+    amqp_url: str,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Deleting an exchange deletes its bindings without a word to the consumers: a worker
+    bound to it stayed deaf once it was declared again (a producer's publish declares it),
+    until its next reconnect. It binds again within `REBIND_EVERY`, and says while it can't."""
+    monkeypatch.setattr(subscription_module, "REBIND_EVERY", 0.2)
+    exchange = f"{queue_name}-x"
+    got: list[object] = []
+    received = asyncio.Event()
+
+    async def handle(job: Job) -> None:
+        got.append(job.data)
+        received.set()
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection, Producer(amqp_url) as producer:
+        channel = await connection.channel()
+        await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+        worker = Worker(
+            amqp_url, queue=queue_name, handler=handle, exchange=exchange, binding_keys=["k"]
+        )
+        async with worker:
+            await producer.publish("before", exchange=exchange, routing_key="k")
+            async with asyncio.timeout(10):
+                await received.wait()
+            with caplog.at_level(logging.WARNING, logger="aio_workq"):
+                await channel.exchange_delete(exchange)
+
+                async def warned() -> bool:
+                    return "can't bind its queue again" in caplog.text
+
+                await wait_until(warned)
+                await channel.declare_exchange(exchange, aio_pika.ExchangeType.DIRECT, durable=True)
+
+                async def routed() -> bool:
+                    try:
+                        await producer.publish("after", exchange=exchange, routing_key="k")
+                    except UnroutableError:
+                        return False  # not bound (yet)
+                    return True
+
+                await wait_until(routed)
+                await wait_until(lambda: _holds("after" in got))
+                assert "its queue is bound again" in caplog.text
+        await channel.exchange_delete(exchange)
+
+
+async def _holds(value: bool) -> bool:
+    return value

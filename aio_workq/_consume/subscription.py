@@ -4,10 +4,15 @@ set QoS and consume, on a channel that reopens and does it all again after a los
 On aio-workq's own connections deliveries come straight off the socket (`FrameDemux`) to the
 dispatcher as their fields (`on_fields`); on others through aiormq's consumer callback
 (`on_delivery`). Either way each becomes a `Delivery`, settled through the channel's `Acker`.
+
+A queue bound to an exchange is bound again every `REBIND_EVERY` seconds: deleting an exchange
+deletes its bindings without a word to the consumers, so a worker would stay deaf to it once it
+is declared again (a producer's next publish declares it) until its next reconnect.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -17,6 +22,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
+from .._exceptions import WorkqError
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource, translate_errors
 from .._link.declare import declare_exchange, declaring_channel
@@ -29,6 +35,9 @@ from .delivery import Delivery
 __all__ = ("Subscription", "worker_label")
 
 log = logging.getLogger("aio_workq")
+
+REBIND_EVERY = 5.0
+"""Seconds between a bound worker's checks that its bindings still stand."""
 
 OnDelivery = Callable[[Delivery, Acker], None]
 OnFields = Callable[..., None]
@@ -78,6 +87,7 @@ class Subscription:
         self.acker: Acker | None = None
         self.consumer_tag: str | None = None
         self.stopping = False
+        self._keeper: asyncio.Task[None] | None = None  # binds again, with an exchange
         self._channel = ManagedChannel(
             source,
             confirms=False,
@@ -103,6 +113,9 @@ class Subscription:
             TopologyError: a declaration or binding failed.
         """
         await self._channel.open(timeout)
+        if self._exchange is not None and self._keeper is None:
+            name = f"aio-workq binding of worker {worker_label(self._queue, self._exchange)}"
+            self._keeper = asyncio.create_task(self._keep_bound(), name=name)
 
     async def _setup(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
         self.queue_name = await self._router.declare(self._queue, delays_ms=self._delays_ms)
@@ -132,13 +145,42 @@ class Subscription:
             return  # from a channel closed or replaced: the broker redelivers it
         self._on_delivery(delivery, acker)
 
-    async def _bind(self) -> None:
+    async def _keep_bound(self) -> None:
+        """Bind the queue again every `REBIND_EVERY` s while the channel is open (a binding
+        that stands is left as it is): an exchange deleted and declared again is bound within
+        that time. While it can't be (the exchange is gone), one warning says so."""
+        failing = False
+        while True:
+            await asyncio.sleep(REBIND_EVERY)
+            channel = self._channel.channel
+            if channel is None or channel.is_closed or self.stopping:
+                continue  # a new channel binds as it opens
+            try:
+                async with asyncio.timeout(REBIND_EVERY):
+                    await self._bind(timeout=REBIND_EVERY)
+            except (WorkqError, TimeoutError) as exc:
+                if not failing and channel is self._channel.channel and not self.stopping:
+                    log.warning(
+                        "worker %s can't bind its queue again (%s): it receives nothing "
+                        "through that exchange until it can; trying again every %g s",
+                        worker_label(self._queue, self._exchange), exc, REBIND_EVERY,
+                    )  # fmt: skip
+                    failing = True
+            else:
+                if failing:
+                    log.warning(
+                        "worker %s: its queue is bound again",
+                        worker_label(self._queue, self._exchange),
+                    )
+                failing = False
+
+    async def _bind(self, timeout: float | None = None) -> None:
         exchange = self._exchange
         if isinstance(exchange, str):
             exchange = Exchange(exchange, passive=True)
         assert exchange is not None
         keys = self._binding_keys or (self.queue_name,)
-        async with declaring_channel(self._source) as channel:
+        async with declaring_channel(self._source, timeout=timeout) as channel:
             await declare_exchange(channel, exchange)
             for key in keys:
                 with translate_errors(f"binding {self.queue_name!r} to {exchange.name!r}"):
@@ -176,6 +218,7 @@ class Subscription:
     async def cancel(self) -> None:
         """Stop new deliveries (running ones still settle on this channel)."""
         self.stopping = True
+        await self._stop_keeper()
         channel, tag = self._channel.channel, self.consumer_tag
         if channel is None or tag is None or channel.is_closed:
             return
@@ -184,4 +227,11 @@ class Subscription:
 
     async def close(self) -> None:
         self.stopping = True
+        await self._stop_keeper()
         await self._channel.close()
+
+    async def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.wait({keeper})  # its end; a cancel of the caller still raises
