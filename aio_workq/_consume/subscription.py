@@ -22,7 +22,6 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
-from .._exceptions import WorkqError
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource, translate_errors
 from .._link.declare import declare_exchange, declaring_channel
@@ -158,7 +157,7 @@ class Subscription:
             try:
                 async with asyncio.timeout(REBIND_EVERY):
                     await self._bind(timeout=REBIND_EVERY)
-            except (WorkqError, TimeoutError) as exc:
+            except Exception as exc:  # a background loop: say it, try again
                 if not failing and channel is self._channel.channel and not self.stopping:
                     log.warning(
                         "worker %s can't bind its queue again (%s): it receives nothing "

@@ -207,7 +207,7 @@ class Producer:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
-        self._closed = self._publisher is not None or self._closed
+        self._closed = True
         if self._rpc is not None:
             await self._rpc.close()
             self._rpc = None
