@@ -51,6 +51,7 @@ class Plan:
     work: float = 0.002  # seconds a job takes
     concurrency: int = 20
     timeout: float = 180.0  # for the whole run
+    store_timeout: float = 5.0  # PostgresStore(timeout=): the longest an enqueue waits for it
 
 
 @dataclass
@@ -127,7 +128,7 @@ async def run(
     schema = f"storedown_{uuid.uuid4().hex[:10]}"
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as db:
         await migrate(db, schema=schema)
-    store = PostgresStore(dsn, schema=schema, max_size=4)
+    store = PostgresStore(dsn, schema=schema, max_size=4, timeout=plan.store_timeout)
     producer = Producer(url)
     tasks = Tasks(producer=producer, store=store)
     queue = f"storedown-{uuid.uuid4().hex[:8]}"
