@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 
 from aio_workq import PresenceWatcher, Producer, RetryPolicy, Worker, WorkerPresence
+from aio_workq._consume import subscription as subscription_module
 from aio_workq.jobs import (
     JobCancelledError,
     JobFailedError,
@@ -31,6 +33,8 @@ from aio_workq.jobs import (
     Write,
     current_job,
 )
+from aio_workq.jobs import _recorder as recorder_module
+from aio_workq.jobs._handle import CONTROL_EXCHANGE
 
 pytestmark = pytest.mark.broker
 
@@ -310,6 +314,47 @@ async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
         assert status.state is JobState.CANCELLED
         with pytest.raises(JobCancelledError):
             await job.result()
+
+
+async def test_a_cancel_request_no_worker_heard_still_stops_the_running_job(
+    amqp_url: str,
+    make_tasks: Callable[..., Tasks],
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request to stop a running job travels on `workq.control`, and a broadcast is heard
+    only by the workers bound at that moment: here the exchange was deleted (its bindings with
+    it) and declared again by the request's own publish, so no worker heard it. Before, the job
+    ran on with `cancel_requested` set; a worker now checks its long-running jobs' flags in the
+    store every `CANCEL_CHECK_EVERY` seconds."""
+    monkeypatch.setattr(subscription_module, "REBIND_EVERY", 3600.0)  # no rebinding to help
+    monkeypatch.setattr(recorder_module, "CANCEL_CHECK_EVERY", 0.2)
+    tasks = make_tasks()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    job = await forever.enqueue()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection, running(tasks, amqp_url):
+        async with asyncio.timeout(20):
+            await started.wait()
+        channel = await connection.channel()
+        await channel.exchange_delete(CONTROL_EXCHANGE.name)
+        status = await job.cancel()
+        assert status.state is JobState.RUNNING and status.cancel_requested
+        async with asyncio.timeout(10):
+            await cancelled.wait()
+        status = await until(job, lambda s: s.done)
+        assert status.state is JobState.CANCELLED
 
 
 async def test_a_running_thread_task_is_flagged_and_stops_itself(

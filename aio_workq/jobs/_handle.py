@@ -202,7 +202,9 @@ class JobHandle(Generic[R]):
         never run). For a running one, every worker process is told through the control
         exchange: an `async def` task has its asyncio task cancelled, a plain `def` task is
         flagged (`current_job().cancelled`); the status turns `cancelled` when it has stopped
-        (`succeeded` if it finished first). A finished job is left as it is.
+        (`succeeded` if it finished first). A worker that did not hear the request (it was
+        reconnecting) finds it in the store: each checks its jobs running for 5 s or more
+        every 5 s. A finished job is left as it is.
 
         Raises:
             JobNotFoundError: the store has no record of it.

@@ -25,7 +25,7 @@ from .._exceptions import Reject, SerializationError, qualname
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import JSON
 from ._batches import WriteBatches
-from ._errors import Cancelled
+from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
 from ._status import JobState, Write
@@ -38,6 +38,10 @@ log = logging.getLogger("aio_workq.jobs")
 DEFERS_HEADER = "x-workq-defers"
 _INT_LIMIT = 10**100  # far within the digits an int's str may have
 _ERROR_LIMIT = 1000
+CANCEL_CHECK_EVERY = 5.0
+"""Seconds between a worker's checks of its long-running jobs' cancel flags in the store: the
+bound on stopping a job whose cancel request no worker heard (`Recorder._check_cancels`)."""
+_CHECK_TIMEOUT = 5.0
 
 _current: contextvars.ContextVar[Running | None] = contextvars.ContextVar(
     "aio_workq_job", default=None
@@ -66,6 +70,8 @@ class Running:
     queue: str
     attempt: int
     defers: int = 0
+    since: float = 0.0
+    """When the delivery arrived (`time.time()`)."""
     handler: asyncio.Task[Any] | None = None
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `run_task` takes that cancellation back)."""
@@ -155,6 +161,7 @@ class Recorder(Hook):
         self._jobs: dict[JobView, Running] = {}
         self._by_id: dict[str, Running] = {}
         self._batches = WriteBatches(store, buffer=buffer, timeout=timeout)
+        self._checker: asyncio.Task[None] | None = None
 
     # -- the task handler's side ------------------------------------------------------------
 
@@ -181,15 +188,20 @@ class Recorder(Hook):
             attempt = 1
         name = headers.get(TASK_HEADER)
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
-        running = Running(job_id, str(name), queue, attempt, defers)
+        now = time.time()
+        running = Running(job_id, str(name), queue, attempt, defers, now)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         self._by_id[job_id] = running
         running.claimed = self._batches.commit(
             Write(
                 job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
-                at=time.time(), attempt=attempt, defers=defers, claim=True,
+                at=now, attempt=attempt, defers=defers, claim=True,
             )
         )  # fmt: skip
+        if self._checker is None:
+            self._checker = asyncio.get_running_loop().create_task(
+                self._check_cancels(), name="aio-workq cancel check"
+            )
         return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
@@ -215,6 +227,39 @@ class Recorder(Hook):
         running.skipped = True
         log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, running.task)
         return False
+
+    async def _check_cancels(self) -> None:
+        """Every `CANCEL_CHECK_EVERY` seconds, ask the store whether a job that has been here
+        that long had its cancel requested, and stop it if so.
+
+        `JobHandle.cancel()` tells the workers on the control exchange, and a broadcast reaches
+        only the workers bound at that moment: not one reconnecting, nor one whose binding went
+        with a deleted `workq.control` (bound again within 5 s). The store keeps the request,
+        so this finds it: a job whose request no worker heard stops within this interval. A
+        round is skipped while the store is down; an error ends the round, not the loop."""
+        while True:
+            await asyncio.sleep(CANCEL_CHECK_EVERY)
+            if self._batches.down:
+                continue
+            due = time.time() - CANCEL_CHECK_EVERY
+            jobs = [r for r in self._by_id.values() if r.since <= due and not r.cancelled]
+            try:
+                for running in jobs:
+                    if running.skipped or running.cancelled:
+                        continue
+                    async with asyncio.timeout(_CHECK_TIMEOUT):
+                        record = await self.store.get(running.job_id)
+                    if record is not None and record.status.cancel_requested:
+                        if self._by_id.get(running.job_id) is running:
+                            log.info(
+                                "job %s (%s): its cancel request was found in the store, "
+                                "stopping it", running.job_id, running.task,
+                            )  # fmt: skip
+                            running.request_cancel()
+            except (StoreError, TimeoutError) as exc:  # the next round asks again
+                log.debug("checking running jobs for cancel requests: %r", exc)
+            except Exception:  # a store's own bug must not end the checks (as the rounds')
+                log.exception("checking running jobs for cancel requests failed")
 
     def cancel_local(self, job_id: str) -> bool:
         """A cancel request from the control exchange: stop the job if it runs here."""
@@ -275,6 +320,10 @@ class Recorder(Hook):
     async def close(self, timeout: float = 5.0) -> None:
         """Record what is pending, waiting at most `timeout` seconds; what is left then is
         logged as lost."""
+        checker = self._checker  # kept, done: no new one starts after close
+        if checker is not None:
+            checker.cancel()
+            await asyncio.gather(checker, return_exceptions=True)
         await self._batches.close(timeout)
 
 
