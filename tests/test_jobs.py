@@ -286,14 +286,12 @@ async def test_a_queued_job_cancelled_is_skipped_when_it_arrives(
     assert (await doomed.cancel()).state is JobState.CANCELLED  # a finished job stays
 
 
-async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
-    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
-) -> None:
-    tasks = make_tasks()
+def _forever(tasks: Tasks, queue: str) -> tuple[Any, asyncio.Event, asyncio.Event]:
+    """A task that runs until cancelled; the events say it started and it was cancelled."""
     started = asyncio.Event()
     cancelled = asyncio.Event()
 
-    @tasks.task(queue=queue_name)
+    @tasks.task(queue=queue)
     async def forever() -> None:
         started.set()
         try:
@@ -302,6 +300,14 @@ async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
             cancelled.set()
             raise
 
+    return forever, started, cancelled
+
+
+async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    tasks = make_tasks()
+    forever, started, cancelled = _forever(tasks, queue_name)
     job = await forever.enqueue()
     async with running(tasks, amqp_url):
         async with asyncio.timeout(20):
@@ -330,18 +336,7 @@ async def test_a_cancel_request_no_worker_heard_still_stops_the_running_job(
     monkeypatch.setattr(subscription_module, "REBIND_EVERY", 3600.0)  # no rebinding to help
     monkeypatch.setattr(recorder_module, "CANCEL_CHECK_EVERY", 0.2)
     tasks = make_tasks()
-    started = asyncio.Event()
-    cancelled = asyncio.Event()
-
-    @tasks.task(queue=queue_name)
-    async def forever() -> None:
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-
+    forever, started, cancelled = _forever(tasks, queue_name)
     job = await forever.enqueue()
     connection = await aio_pika.connect(amqp_url)
     async with connection, running(tasks, amqp_url):
