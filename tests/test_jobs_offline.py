@@ -40,6 +40,7 @@ from aio_workq.jobs import (
     current_job,
 )
 from aio_workq.testing import run_task
+from tests.forking import fork_running
 from tests.test_layers import PACKAGE, imports, modules
 
 
@@ -285,45 +286,27 @@ async def test_a_sqlite_store_used_before_fork_works_in_the_child(tmp_path: Path
     touched the store): the child's calls answer, on a thread and a connection of its own,
     while the parent goes on using its own (before: the child's first call waited forever on
     the parent's store thread, which does not exist in the child)."""
-    import os
-    import sys
-
     store = SQLiteStore(tmp_path / "fork.db")
     try:
         at = time.time()
         await store.record([Write(job_id="f-1", task="t", queue="q", state=JobState.QUEUED, at=at)])
         assert await store.get("f-1") is not None
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: its own event loop, the same store object
-            code = 1
-            try:
-                os.close(read)
 
-                async def child() -> None:
-                    at = time.time()
-                    w = Write(job_id="f-2", task="t", queue="q", state=JobState.QUEUED, at=at)
-                    await store.record([w])
-                    for _ in range(50):
-                        record = await store.get("f-1")
-                        assert record is not None and record.status.job_id == "f-1"
-                    await store.close()
+        async def child() -> None:  # the child: its own event loop, the same store object
+            at = time.time()
+            await store.record(
+                [Write(job_id="f-2", task="t", queue="q", state=JobState.QUEUED, at=at)]
+            )
+            for _ in range(50):
+                record = await store.get("f-1")
+                assert record is not None and record.status.job_id == "f-1"
+            await store.close()
 
-                asyncio.run(asyncio.wait_for(child(), 10))
-                code = 0
-            except BaseException as exc:  # noqa: B036 - reported to the parent
-                os.write(write, repr(exc).encode()[:500])
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        os.close(write)
+        forked = fork_running(child, timeout=10)
         async with asyncio.timeout(20):
             for _ in range(50):
                 assert await store.get("f-1") is not None
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-        why = os.read(read, 600).decode(errors="replace")
-        os.close(read)
-        assert os.waitstatus_to_exitcode(status) == 0, why
+        await forked.wait()
         child_write = await store.get("f-2")  # the child's write, read by the parent's thread
         assert child_write is not None and child_write.status.state is JobState.QUEUED
     finally:

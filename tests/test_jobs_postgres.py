@@ -16,6 +16,7 @@ from aio_workq import ConfigurationError, Producer
 from aio_workq.jobs import JobState, StoreError, Tasks, Write
 from aio_workq.jobs.postgres import PostgresStore, migrate, schema_sql
 from scripts.broker import free_port
+from tests.forking import fork_running
 from tests.test_jobs_offline import (
     check_against_reference,
     check_batches,
@@ -383,42 +384,23 @@ async def test_a_forked_child_opens_connections_of_its_own(postgres_dsn: str, sc
     """A store used before `fork()` (e.g. a pre-forking server that loaded the app): the
     child and the parent both use it at once, each on connections of its own (before: they
     shared the parent's, read each other's answers, and one hung)."""
-    import os
-    import sys
-
     store = PostgresStore(postgres_dsn, schema=schema, timeout=5)
     try:
         at = time.time()
         await store.record([Write(job_id="f-1", task="t", queue="q", state=JobState.QUEUED, at=at)])
         assert await store.get("f-1") is not None
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: its own event loop, the same store object
-            code = 1
-            try:
-                os.close(read)
 
-                async def child() -> None:
-                    for _ in range(200):
-                        record = await store.get("f-1")
-                        assert record is not None and record.status.job_id == "f-1"
+        async def child() -> None:  # the child: its own event loop, the same store object
+            for _ in range(200):
+                record = await store.get("f-1")
+                assert record is not None and record.status.job_id == "f-1"
 
-                asyncio.run(asyncio.wait_for(child(), 20))
-                code = 0
-            except BaseException as exc:  # noqa: B036 - reported to the parent
-                os.write(write, repr(exc).encode()[:500])
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        os.close(write)
+        forked = fork_running(child, timeout=20)
         async with asyncio.timeout(30):
             for _ in range(200):
                 record = await store.get("f-1")
                 assert record is not None and record.status.job_id == "f-1"
-        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
-        why = os.read(read, 600).decode(errors="replace")
-        os.close(read)
-        assert os.waitstatus_to_exitcode(status) == 0, why
+        await forked.wait()
         assert await store.get("f-1") is not None  # the parent's connections are intact
     finally:
         await store.close()
