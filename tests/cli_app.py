@@ -9,7 +9,7 @@ import asyncio
 import os
 import sys
 
-from aio_workq import Job, Worker
+from aio_workq import Job, Producer, Worker
 
 
 async def slow(job: Job) -> None:
@@ -53,3 +53,14 @@ async def tally(job: Job) -> None:
         _say("HOLDING", os.getpid(), job.data)
         await asyncio.sleep(60)
     _say("DONE", os.getpid(), job.data)
+
+
+async def workers_with_a_producer_left_open() -> list[Worker]:
+    """A factory that starts a `Producer` (for its handlers) and never closes it."""
+    producer = Producer(os.environ["AMQP_URL"])
+    await producer.start()
+    _LEFT_OPEN.append(producer)
+    return [Worker(queue=os.environ["CLI_TEST_QUEUE"], handler=quick)]
+
+
+_LEFT_OPEN: list[Producer] = []

@@ -518,6 +518,22 @@ async def test_healthz_flips_to_503_while_the_broker_is_down(
         assert await worker.exit_code() == 0
 
 
+async def test_a_producer_the_factory_never_closed_ends_quietly_with_the_worker(
+    env: dict[str, str], queue_name: str
+) -> None:
+    """asyncio.run() ends by cancelling what is left, the producer's connection included: its
+    channel closing then is no broker trouble, and nothing tries to reopen it."""
+    env = {**env, "CLI_TEST_QUEUE": queue_name}
+    async with cli("worker", "tests.cli_app:workers_with_a_producer_left_open", env=env) as worker:
+        await worker.wait_for(lambda: worker.lines("consuming", "err"), what="consuming")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.exit_code() == 0
+    err = "\n".join(worker.err)
+    assert "stopped:" in err, err
+    for wrong in ("reopen its channel", "lost the connection", "Task was destroyed", "Traceback"):
+        assert wrong not in err, err
+
+
 # ~13 s: `make test-cli` and `make test-slow`; wait_for_broker itself is in the default run
 # (tests/test_link_startup.py).
 @pytest.mark.slow

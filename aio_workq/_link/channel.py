@@ -190,7 +190,9 @@ class ManagedChannel:
 
     def reopen_soon(self) -> None:
         """Reopen the channel in the background (once at a time), with backoff."""
-        if self._closed or (self._reopening is not None and not self._reopening.done()):
+        if self._closed or self._source.is_closed:
+            return  # e.g. the event loop's end closed the connection (`Connection._supervise`)
+        if self._reopening is not None and not self._reopening.done():
             return
         self._reopening = self._loop.create_task(self._reopen())
 
@@ -202,6 +204,8 @@ class ManagedChannel:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a background loop: log, back off, try again
+                if self._closed or self._source.is_closed:
+                    return  # closed meanwhile: not the broker's doing
                 log.warning("%s can't reopen its channel yet (%s); retrying", self._what, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _REOPEN_CAP)

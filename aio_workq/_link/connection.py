@@ -367,33 +367,37 @@ class Connection:
 
     async def _supervise(self) -> None:
         """Wait for the connection to close; reconnect round after round until it comes back."""
-        while not self._closed:
-            current = self._current
-            assert current is not None
-            await asyncio.wait([current.connection.closing])
-            if self._closed:
-                return
-            self._connected.clear()
-            self._current = None
-            self._down_since = time.time()
-            log.warning(
-                "lost the connection to %s (%s); reconnecting",
-                redact_url(self._url or ""),
-                closing_reason(current.connection.closing),
-            )
-            if self.hooks is not None:
-                self.hooks.connection_lost(redact_url(self._url or ""))
-            failed_rounds = 0
-            await asyncio.sleep(self._backoff.settle_delay())
+        try:
             while not self._closed:
-                if await self._reconnect_round():
-                    self.reconnects += 1
-                    log.info("reconnected to %s", redact_url(self._url or ""))
-                    if self.hooks is not None:
-                        self.hooks.reconnected(redact_url(self._url or ""))
-                    break
-                failed_rounds += 1
-                await asyncio.sleep(self._backoff.delay(failed_rounds))
+                current = self._current
+                assert current is not None
+                await asyncio.wait([current.connection.closing])
+                if self._closed:
+                    return
+                self._connected.clear()
+                self._current = None
+                self._down_since = time.time()
+                log.warning(
+                    "lost the connection to %s (%s); reconnecting",
+                    redact_url(self._url or ""),
+                    closing_reason(current.connection.closing),
+                )
+                if self.hooks is not None:
+                    self.hooks.connection_lost(redact_url(self._url or ""))
+                failed_rounds = 0
+                await asyncio.sleep(self._backoff.settle_delay())
+                while not self._closed:
+                    if await self._reconnect_round():
+                        self.reconnects += 1
+                        log.info("reconnected to %s", redact_url(self._url or ""))
+                        if self.hooks is not None:
+                            self.hooks.reconnected(redact_url(self._url or ""))
+                        break
+                    failed_rounds += 1
+                    await asyncio.sleep(self._backoff.delay(failed_rounds))
+        except asyncio.CancelledError:  # not by close(): the event loop's end (asyncio.run()
+            self._closed = True  # cancels what is left): no reconnect, channels stand down
+            raise
 
     async def _reconnect_round(self) -> bool:
         urls = list(self._dialer.rotation())

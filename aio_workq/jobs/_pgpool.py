@@ -6,15 +6,23 @@ A server that stops answering with its connections open (a partition, a stopped 
 hang a caller: an operation that has not answered within `timeout` raises `StoreError`, and
 psycopg gives the query up (it cancels it, then closes the connection: up to 10 s more) in the
 background, or in place for the workers' batches of writes, which the queue does not wait for.
+
+A pool of the store's own catches up within seconds of a long outage's end: psycopg_pool backs
+its reconnect attempts off, doubling the delay between them (1, 2, 4, 8, 16 s ... up to its
+`reconnect_timeout`), and `check()` does not reset that; so while the pool can't connect, the
+server is probed directly every second, and once it answers after having refused, a fresh pool
+takes the old one's place (the old one is closed in the background).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from psycopg import AsyncConnection
 from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -24,6 +32,11 @@ from ._errors import StoreError
 __all__ = ("StorePool",)
 
 T = TypeVar("T")
+
+log = logging.getLogger("aio_workq.jobs")
+
+PROBE_EVERY = 1.0
+"""Seconds between direct connection attempts while the store's own pool can't connect."""
 
 
 class StorePool:
@@ -53,6 +66,9 @@ class StorePool:
         self._pool = pool or self._new_pool()
         self._opened = not self._own
         self._pid = os.getpid()
+        self._stuck = False  # the last operation could not get a connection
+        self._prober: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         # The pool this store opens has autocommit connections: a batch of one round is one
@@ -79,24 +95,31 @@ class StorePool:
             # close them on collection in another process); the child opens its own.
             self._pid = os.getpid()
             self._pool, self._opened = self._new_pool(), False
+            self._prober, self._closing = None, set()
         if not self._opened:
             self._opened = True
             await self._pool.open(wait=False)
+        acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
+
+        async def use() -> T:
+            try:
+                async with self._pool.connection(timeout=self._timeout) as conn:
+                    acquired.append(True)
+                    self._stuck = False
+                    return await operation(conn)
+            except BaseException:  # a caller's timeout too (the recorder's is the store's)
+                if not acquired:
+                    self._unreachable()
+                raise
+
         if not detach:
             try:
                 async with asyncio.timeout(self._timeout):
-                    async with self._pool.connection(timeout=self._timeout) as conn:
-                        return await operation(conn)
+                    return await use()
             except TimeoutError:
                 raise self._unanswered(what) from None
             except (PsycopgError, PoolTimeout, OSError) as exc:
                 raise self.failed(what, exc) from exc
-        acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
-
-        async def use() -> T:
-            async with self._pool.connection(timeout=self._timeout) as conn:
-                acquired.append(True)
-                return await operation(conn)
 
         task = asyncio.ensure_future(use())
         try:
@@ -116,6 +139,40 @@ class StorePool:
             return task.result()
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self.failed(what, exc) from exc
+
+    def _unreachable(self) -> None:
+        """No connection was had: a pool of the store's own is watched until it has one."""
+        self._stuck = True
+        if self._own and (self._prober is None or self._prober.done()):
+            self._prober = asyncio.ensure_future(self._probe())
+            self._prober.add_done_callback(_retrieve)
+
+    async def _probe(self) -> None:
+        """Connects to the server directly every `PROBE_EVERY` s while the pool can't; once it
+        answers after having refused, and the pool still has no connection, a fresh pool
+        replaces it: the old one's next attempt may be many seconds away (its backoff)."""
+        refused = False
+        while self._stuck:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    probe = await AsyncConnection.connect(self._dsn, autocommit=True)
+                await probe.close()
+            except (PsycopgError, OSError, TimeoutError):
+                refused = True
+                await asyncio.sleep(PROBE_EVERY)
+                continue
+            if refused and self._stuck:
+                log.info(
+                    "%s answers again: a fresh pool replaces the reconnecting one", self._where
+                )
+                fresh = self._new_pool()
+                await fresh.open(wait=False)
+                old, self._pool = self._pool, fresh
+                closing = asyncio.ensure_future(old.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+                closing.add_done_callback(_retrieve)
+            return
 
     def failed(self, what: str, exc: Exception) -> StoreError:
         """The `StoreError` of `what` failing with `exc`, with what to do where that is known."""
@@ -142,6 +199,10 @@ class StorePool:
         )
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+        await asyncio.gather(*self._closing, return_exceptions=True)
         if self._own and self._opened:
             await self._pool.close()
 
