@@ -342,6 +342,10 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 3
 
         auth = {"Authorization": f"Bearer {TOKEN}"}
+        listed = await client.get(f"/dead-letters/{queue_name}", headers=auth)
+        assert ">Replay all (3)</button>" in listed.text  # one space, not two
+        filtered = await client.get(f"/dead-letters/{queue_name}?exception=Reject", headers=auth)
+        assert ">Replay all matching (3)</button>" in filtered.text
         bogus = await client.post(f"/dead-letters/{queue_name}/replay", headers=auth,
                                   data={"scope": "bogus"})  # fmt: skip
         assert bogus.status_code == 400 and "unknown replay scope" in bogus.text
