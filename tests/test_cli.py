@@ -224,7 +224,8 @@ async def test_publish_from_stdin_counts_confirmed_messages(
     assert bodies[3:] == [("application/json", b'{"n":1}'), ("application/json", b"[2,3]")]
 
     code, _, err = await run_cli("publish", queue_name, "--json", env=env, stdin=b"{}\nnot json\n")
-    assert code == 1 and "line 2 is not JSON" in err and "the 1 messages before it" in err
+    assert code == 1 and "line 2 is not JSON" in err
+    assert "the 1 message before it was published" in err
     code, _, err = await run_cli("publish", queue_name, "not json", "--json", env=env)
     assert code == 1 and "BODY is not JSON" in err and "nothing was published" in err
     code, _, err = await run_cli("publish", queue_name, "x", "--url", " ", env=env)

@@ -157,7 +157,7 @@ async def test_replay_by_id_prefix_exception_and_time(
     code, out, _ = await run_cli(
         "dlq", "replay", queue_name, "--before", future, "-e", "KeyError", "--dry-run", env=env
     )
-    assert out == f"would replay 1 dead letters of {queue_name!r} (dry run)"
+    assert out == f"would replay 1 dead letter of {queue_name!r} (dry run)"
     code, _, err = await run_cli("dlq", "replay", queue_name, "--since", "yesterday", env=env)
     assert code == 2 and "--since" in err and "ISO 8601" in err
 

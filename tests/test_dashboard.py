@@ -342,6 +342,10 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 3
 
         auth = {"Authorization": f"Bearer {TOKEN}"}
+        listed = await client.get(f"/dead-letters/{queue_name}", headers=auth)
+        assert ">Replay all (3)</button>" in listed.text  # one space, not two
+        filtered = await client.get(f"/dead-letters/{queue_name}?exception=Reject", headers=auth)
+        assert ">Replay all matching (3)</button>" in filtered.text
         bogus = await client.post(f"/dead-letters/{queue_name}/replay", headers=auth,
                                   data={"scope": "bogus"})  # fmt: skip
         assert bogus.status_code == 400 and "unknown replay scope" in bogus.text
@@ -571,7 +575,17 @@ async def test_an_unreachable_default_management_api_says_how_to_give_its_addres
     finally:
         await dashboard.close()
     assert "--management-url" in page
+    assert "Dashboard(management_url=" in page  # the fix for a dashboard mounted in an app
     assert "s3cret-pass" not in page
+
+
+async def test_with_no_queue_names_the_overview_says_how_to_name_them_in_code_too() -> None:
+    from aio_workq.dashboard._data import QueueData
+
+    data = QueueData(url=NOWHERE, management_url="")  # no API, no names, done listening
+    snapshot = await data.snapshot()
+    assert snapshot.error is not None and "--queue NAME" in snapshot.error
+    assert "Dashboard(queues=" in snapshot.error  # the fix for a dashboard mounted in an app
 
 
 async def test_a_store_that_cannot_be_opened_is_said_so_on_the_jobs_page(tmp_path: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -463,6 +464,36 @@ async def test_cli_prints_and_applies_the_migration(
     async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as c:
         assert await (await c.execute(f"SELECT count(*) FROM {name}.workq_outbox")).fetchone()
         await c.execute(f'DROP SCHEMA "{name}" CASCADE')
+
+
+@pytest.mark.parametrize("command", ["migrate", "relay"])
+async def test_cli_says_in_one_line_that_the_database_cannot_be_reached(
+    command: str, amqp_url: str
+) -> None:
+    """A DSN whose PostgreSQL refuses the connection is one line naming it (no password) and
+    the fix, exit code 1, in `python -m aio_workq.outbox` and in `aio-workq outbox`."""
+    import subprocess
+    import sys
+
+    errors = {}
+    with socket.socket() as closed:  # bound, not listening: a connection to it is refused
+        closed.bind(("127.0.0.1", 0))
+        dsn = f"postgresql://app:s3cret-pw@127.0.0.1:{closed.getsockname()[1]}/app"
+        for prog, module in [("python -m aio_workq.outbox", "aio_workq.outbox"),
+                             ("aio-workq", "aio_workq outbox")]:  # fmt: skip
+            proc = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", *module.split(), command, "--dsn", dsn, "--url", amqp_url],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert proc.returncode == 1, proc.stderr
+            errors[prog] = proc.stderr
+    for prog, err in errors.items():
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"{prog}: error: cannot connect to PostgreSQL"), err
+        assert "postgresql://app:***@127.0.0.1" in err and "--dsn" in err
+        assert "Connection refused" in err and "s3cret-pw" not in err
 
 
 async def test_relay_without_listen_only_polls(

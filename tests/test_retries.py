@@ -196,6 +196,21 @@ async def test_replay_moves_dead_letters_back_and_they_are_processed(
     assert await dead.count() == 0
 
 
+async def test_dead_letters_of_a_queue_that_does_not_exist_say_to_check_its_name(
+    producer: Producer, queue_name: str
+) -> None:
+    """A misspelt queue: every call names the dead-letter queue missing and the fix."""
+    dead_letters = producer.dead_letters(f"{queue_name}-misspelt")
+    calls = [dead_letters.count(), dead_letters.read(), dead_letters.replay(),
+             dead_letters.purge()]  # fmt: skip
+    for call in calls:
+        with pytest.raises(TopologyError) as caught:
+            await call
+        message = str(caught.value)
+        assert f"no queue '{queue_name}-misspelt.dlq'" in message, message
+        assert f"check the work queue's name ('{queue_name}-misspelt')" in message, message
+
+
 async def test_replay_killed_midway_loses_nothing(
     amqp_url: str, producer: Producer, queue_name: str
 ) -> None:

@@ -102,6 +102,41 @@ async def test_one_of_two_schedulers_is_active_and_a_stop_hands_over_without_a_l
     assert active.fired > 0 and standby.fired > 0
 
 
+async def test_a_standby_whose_schedules_the_active_one_does_not_fire_says_so(
+    amqp_url: str,
+    group: str,
+    ticks: Ticks,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two services' schedulers in one group: only the active one fires, its own schedules.
+    The other's replica stands by, and after a while warns, naming the schedule that never
+    fires (not the one both have) and the fix."""
+    from aio_workq.schedules import _standby
+
+    monkeypatch.setattr(_standby, "STANDBY_CHECK", 0.2)
+    first = Scheduler(amqp_url, [poll(group)], group=group, identity="reports-1")
+    other = Schedule("cleanup", every=SECOND, queue=f"{group}.cleanup")
+    second = Scheduler(amqp_url, [poll(group), other], group=group, identity="billing-1")
+    runs = [await start(first)]
+    async with asyncio.timeout(30):
+        await first.wait_active()
+    await ticks.wait_for(2)  # the active one has recorded its state
+    with caplog.at_level(logging.WARNING, logger="aio_workq.schedules"):
+        runs.append(await start(second))
+        async with asyncio.timeout(30):
+            while not (said := [r for r in caplog.records if "stands by" in r.getMessage()]):  # noqa: ASYNC110 - a log record has no event
+                await asyncio.sleep(0.05)
+    message = said[0].getMessage()
+    assert "billing-1" in message and "reports-1" in message and group in message
+    assert "'cleanup'" in message and "'poll'" not in message
+    assert "Scheduler(group=...)" in message
+    assert not second.active
+    await second.stop()
+    await first.stop()
+    await asyncio.gather(*runs)
+
+
 async def test_a_scheduler_started_after_an_outage_fires_the_ticks_missed_within_grace(
     amqp_url: str, group: str, ticks: Ticks
 ) -> None:

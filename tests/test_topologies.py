@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import aio_pika
@@ -74,6 +75,37 @@ async def test_fanout_reaches_every_subscriber_and_their_queues_go_away(
     for worker in workers:
         await worker.stop()
     assert not names & {q["name"] for q in local_broker.queues()}
+
+
+async def test_a_subscriber_drop_is_logged_with_the_queue_the_broker_named(
+    producer: Producer,
+    make_worker: Callable[..., Worker],
+    queue_name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failure on a server-named queue drops the message; the ERROR names that queue
+    (`amq.gen-...`, as the worker's own lines do), not `''`."""
+    news = Exchange(f"{queue_name}-news", "fanout")
+    failed = Counter()
+
+    async def handler(job: Job) -> None:
+        failed.add(job.data)
+        raise RuntimeError("boom")
+
+    worker = make_worker(queue=Queue(""), handler=handler, exchange=news)
+    await worker.start()
+    with caplog.at_level(logging.ERROR, logger="aio_workq"):
+        await producer.publish("x", exchange=news)
+        await failed.wait_for(1)
+
+        async def dropped() -> bool:  # logged just after the handler raised
+            return any("dropping" in r.getMessage() for r in caplog.records)
+
+        await wait_until(dropped)
+    [record] = [r for r in caplog.records if "dropping" in r.getMessage()]
+    assert worker.queue_name.startswith("amq.gen-")
+    assert f"from {worker.queue_name!r}" in record.getMessage(), record.getMessage()
+    assert record.queue == worker.queue_name  # type: ignore[attr-defined]
 
 
 async def test_rpc_calls_get_their_own_replies(

@@ -123,6 +123,12 @@ class Dispatcher:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
 
+    def declared(self, name: str) -> None:
+        """The queue was declared as `name` (the broker's, for a server-named queue): the
+        failure lines name it. Hooks and metrics keep the worker's `queue` (a server-named
+        queue's label stays `''`, not a new series per reconnect)."""
+        self._failed.declared(name)
+
     def dispatch(self, delivery: Delivery, acker: Acker) -> None:
         """Start handling one delivery (called for each delivery, in order)."""
         tag = delivery.delivery_tag

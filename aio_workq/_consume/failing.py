@@ -71,11 +71,16 @@ class FailedDeliveries:
         self._runner = runner
         self._policy = policy
         self._queue = queue
-        self._queue_name = queue.name
+        self._queue_name = queue.name  # the broker's name, for a server-named queue
         self._publisher = publisher
         self._mover = mover
         self._counters = counters
         self._max_defers = max_defers
+
+    def declared(self, name: str) -> None:
+        """The queue as declared: a server-named queue's lines name what the broker called it
+        (`amq.gen-...`, a new one after each reconnect), not `''`."""
+        self._queue_name = name
 
     async def settle(self, job: Job, acker: Acker, tag: int, exc: BaseException) -> Settled:
         """Answer, move or drop the delivery `tag` whose handler raised `exc`; its outcome."""
@@ -88,7 +93,7 @@ class FailedDeliveries:
             await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
             acker.ack(tag)
             return Outcome.FAILED, exc, None
-        failed = Failed(job.attempt, job.headers, queue_name)
+        failed = Failed(job.attempt, job.headers, self._queue.name)
         move = route_failure(
             failed, exc, self._policy, self._queue,
             now=datetime.now(UTC), max_defers=self._max_defers,

@@ -85,5 +85,6 @@ class ConsumePlan:
             prefetch=self.prefetch,
             on_delivery=dispatcher.dispatch,
             on_fields=dispatcher.take,
+            on_declared=dispatcher.declared,
         )
         return dispatcher, subscription

@@ -71,6 +71,7 @@ class Subscription:
         prefetch: int,
         on_delivery: OnDelivery,
         on_fields: OnFields,
+        on_declared: Callable[[str], None] | None = None,
     ) -> None:
         self._source = source
         self._router = router
@@ -82,6 +83,7 @@ class Subscription:
         self._prefetch = prefetch
         self._on_delivery = on_delivery
         self._on_fields = on_fields
+        self._on_declared = on_declared
         self.queue_name = queue.name
         self.acker: Acker | None = None
         self.consumer_tag: str | None = None
@@ -118,6 +120,8 @@ class Subscription:
 
     async def _setup(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:
         self.queue_name = await self._router.declare(self._queue, delays_ms=self._delays_ms)
+        if self._on_declared is not None:
+            self._on_declared(self.queue_name)
         if self._exchange is not None:
             await self._bind()
         if wire is not None:  # the lean path: deliveries skip aiormq's frame parsing

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from .._exceptions import (
     ConfigurationError,
     PublishError,
     PublishNackedError,
+    TopologyError,
     UnroutableError,
 )
 from .._headers import ATTEMPT_HEADER, BROKER_HEADERS, FAILURE_HEADERS
@@ -45,6 +46,22 @@ from .._link.specs import Queue
 __all__ = ("DeadLetter", "DeadLetters", "public_name", "replay_headers")
 
 _BATCH = 100
+
+
+@contextmanager
+def _missing_says_why(doing: str, queue: Queue) -> Iterator[None]:
+    """`translate_errors`; a dead-letter queue that does not exist is most often a misspelt
+    work queue (its `.dlq` is declared with it): the error says to check that name."""
+    try:
+        with translate_errors(doing):
+            yield
+    except TopologyError as exc:
+        if not isinstance(exc.__cause__, aiormq.exceptions.ChannelNotFoundEntity):
+            raise
+        raise TopologyError(
+            f"{exc}: check the work queue's name ({queue.name!r}); its dead-letter queue is "
+            "declared with it, by its first worker or publish"
+        ) from exc.__cause__
 
 
 def public_name(qualified: str) -> str:
@@ -216,7 +233,7 @@ class DeadLetters:
     async def purge(self) -> int:
         """Delete every dead letter; returns how many."""
         async with self._channel("purging") as channel:
-            with translate_errors(f"purging {self.name!r}"):
+            with _missing_says_why(f"purging {self.name!r}", self._queue):
                 async with asyncio.timeout(self._timeout):
                     ok = await channel.queue_purge(self.name)
         return int(ok.message_count or 0)
@@ -224,7 +241,7 @@ class DeadLetters:
     # -- one pass ---------------------------------------------------------------------------
 
     async def _count(self, channel: aiormq.abc.AbstractChannel) -> int:
-        with translate_errors(f"counting dead letters in {self.name!r}"):
+        with _missing_says_why(f"counting dead letters in {self.name!r}", self._queue):
             async with asyncio.timeout(self._timeout):
                 ok = await channel.queue_declare(self.name, passive=True)
         return int(ok.message_count or 0)

@@ -219,18 +219,18 @@ def dlq_replay(
             async with Producer(amqp_url, name="aio-workq dlq") as producer:
                 return len(await _letters(producer, queue).find(where, limit=limit))
 
-        click.echo(f"would replay {asyncio.run(count())} dead letters of {queue!r} (dry run)")
+        click.echo(f"would replay {_letters_n(asyncio.run(count()))} of {queue!r} (dry run)")
         return
     moved = [0]
     interrupted = asyncio.run(_replay(amqp_url, queue, where, limit, rate, moved))
     if interrupted:
         click.echo(
-            f"aio-workq: interrupted: {moved[0]} dead letters replayed and confirmed; the rest "
+            f"aio-workq: interrupted: {_letters_n(moved[0])} replayed and confirmed; the rest "
             f"are still in {queue + '.dlq'!r}",
             err=True,
         )
         sys.exit(130)
-    click.echo(f"replayed {moved[0]} dead letters into {queue!r}, all confirmed")
+    click.echo(f"replayed {_letters_n(moved[0])} into {queue!r}, all confirmed")
 
 
 async def _resolve_ids(url: str, queue: str, given: tuple[str, ...]) -> set[str]:
@@ -317,4 +317,9 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
             f"Delete all {waiting} dead letters in {queue + '.dlq'!r}? This cannot be undone",
             abort=True,
         )
-    click.echo(f"purged {asyncio.run(purge())} dead letters from {queue + '.dlq'!r}")
+    click.echo(f"purged {_letters_n(asyncio.run(purge()))} from {queue + '.dlq'!r}")
+
+
+def _letters_n(count: int) -> str:
+    """`1 dead letter`, `2 dead letters`."""
+    return f"{count} dead letter{'' if count == 1 else 's'}"

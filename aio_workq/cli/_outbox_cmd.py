@@ -29,4 +29,4 @@ def outbox(args: tuple[str, ...]) -> None:
         raise CliError(
             "the outbox needs PostgreSQL's driver: pip install 'aio-workq[postgres]'"
         ) from None
-    sys.exit(outbox_main(list(args)))
+    sys.exit(outbox_main(list(args), prog="aio-workq outbox"))

@@ -88,9 +88,11 @@ async def _publish(
                         raise CliError(f"BODY is not JSON ({exc}); nothing was published") from None
                     if bodies:
                         await producer.publish_many(bodies, queue=queue)
+                    done = total + len(bodies)
+                    were = "message before it was" if done == 1 else "messages before it were"
                     raise CliError(
-                        f"line {number} is not JSON ({exc}); the {total + len(bodies)} messages "
-                        "before it were published and confirmed"
+                        f"line {number} is not JSON ({exc}); the {done} {were} published and "
+                        "confirmed"
                     ) from None
             try:
                 await producer.publish_many(bodies, queue=queue)

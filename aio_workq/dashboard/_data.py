@@ -177,7 +177,8 @@ class QueueData:
                 self._mgmt_failed_at = time.monotonic()
                 self._mgmt_reason = (
                     f" ({exc}; if it listens elsewhere, give its address: "
-                    "--management-url http://HOST:PORT/)"
+                    "--management-url http://HOST:PORT/, or Dashboard(management_url=...) in "
+                    'an app; management_url="" turns it off)'
                 )
             else:
                 snap = QueueSnapshot(
@@ -209,8 +210,8 @@ class QueueData:
             return QueueSnapshot(
                 [], source, False,
                 error="no management API, and no worker has named a queue in a presence beat: "
-                "start the dashboard with --queue NAME (or enable the management plugin, or "
-                "give its address with --management-url)",
+                "start the dashboard with --queue NAME, or Dashboard(queues=[...]) in an app "
+                "(or enable the management plugin, or give its address with --management-url)",
             )  # fmt: skip
         try:
             if self._connection is None or self._connection.is_closed:

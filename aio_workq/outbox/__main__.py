@@ -19,6 +19,7 @@ import sys
 
 import psycopg
 
+from .._exceptions import WorkqError
 from ._relay import OutboxRelay
 from ._schema import DEFAULT_SCHEMA, migrate, redact_dsn, schema_sql
 
@@ -42,8 +43,9 @@ async def _relay(relay: OutboxRelay) -> None:
         pass
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aio_workq.outbox", description=__doc__)
+def main(argv: list[str] | None = None, prog: str = "python -m aio_workq.outbox") -> int:
+    """Run the command; an error is one line on stderr (the password hidden) and exit code 1."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("command", choices=["schema", "migrate", "relay"])
     parser.add_argument("--dsn", default=os.environ.get("DATABASE_URL"), help="PostgreSQL DSN")
     parser.add_argument("--url", default=None, help="broker URL (default: $AMQP_URL)")
@@ -56,6 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.dsn:
         parser.error("no database: pass --dsn or set DATABASE_URL")
+    name = "aio-workq" if prog.startswith("aio-workq") else prog  # as `aio-workq`'s errors
+    try:
+        return _run(args)
+    except psycopg.OperationalError as exc:
+        reason = redact_dsn(" ".join(str(exc).split()))  # libpq's lines, as one
+        message = (
+            f"cannot connect to PostgreSQL at {redact_dsn(args.dsn)} ({reason}); check --dsn "
+            "(or DATABASE_URL) and that the server is running"
+        )
+    except WorkqError as exc:  # the broker, or the outbox tables; it names the fix
+        message = str(exc)
+    sys.stderr.write(f"{name}: error: {message}\n")
+    return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         asyncio.run(_migrate(args.dsn, args.schema))
         logging.getLogger("aio_workq.outbox").info(

@@ -34,6 +34,7 @@ from ._firing import Firing
 from ._guard import Guard
 from ._lease import Lease, any_of
 from ._spec import Misfire, Schedule
+from ._standby import check_standby
 
 __all__ = ("Scheduler",)
 
@@ -99,6 +100,7 @@ class Scheduler:
         hooks: Iterable[Hook] | None = None,
     ) -> None:
         self.names = Names.of(group)
+        self._group = group
         self._url = resolve_url(url)
         self._schedules: dict[str, Schedule] = {}
         for item in schedules:
@@ -279,7 +281,15 @@ class Scheduler:
         """
         timeout = max(self._retry_delay, 10.0)
         async with self._lease_type(connection, self.names, open_timeout=timeout) as lease:
-            if not await lease.granted(self._stopping):
+            look = asyncio.create_task(check_standby(  # standing by: is ours fired? (a look)
+                dict(self._schedules), url=self._url, group=self._group, identity=self.identity,
+                ssl_context=self._ssl_context,
+            ))  # fmt: skip
+            try:
+                granted = await lease.granted(self._stopping)
+            finally:
+                look.cancel()
+            if not granted:
                 return
             # The guard is released before the lease (inner block): the next scheduler the
             # broker makes active finds it free.
