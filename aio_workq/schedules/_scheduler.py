@@ -34,7 +34,7 @@ from ._firing import Firing
 from ._guard import Guard
 from ._lease import Lease, any_of
 from ._spec import Misfire, Schedule
-from ._standby import check_standby
+from ._standby import standing_by
 
 __all__ = ("Scheduler",)
 
@@ -281,14 +281,11 @@ class Scheduler:
         """
         timeout = max(self._retry_delay, 10.0)
         async with self._lease_type(connection, self.names, open_timeout=timeout) as lease:
-            look = asyncio.create_task(check_standby(  # standing by: is ours fired? (a look)
-                dict(self._schedules), url=self._url, group=self._group, identity=self.identity,
+            async with standing_by(  # is ours fired meanwhile? (a look)
+                self._schedules, url=self._url, group=self._group, identity=self.identity,
                 ssl_context=self._ssl_context,
-            ))  # fmt: skip
-            try:
+            ):  # fmt: skip
                 granted = await lease.granted(self._stopping)
-            finally:
-                look.cancel()
             if not granted:
                 return
             # The guard is released before the lease (inner block): the next scheduler the

@@ -12,9 +12,10 @@ new version is active: the warning says so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aiormq
 
@@ -24,7 +25,7 @@ from ._broker import read_status
 from ._spec import Schedule
 from ._state import Entry
 
-__all__ = ("STANDBY_CHECK", "check_standby")
+__all__ = ("STANDBY_CHECK", "check_standby", "standing_by")
 
 log = logging.getLogger("aio_workq.schedules")
 
@@ -71,3 +72,26 @@ async def check_standby(
             "version is active",
             identity, group, state.active, ", ".join(repr(n) for n in sorted(unfired)),
         )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def standing_by(
+    schedules: Mapping[str, Schedule],
+    *,
+    url: URLs,
+    group: str,
+    identity: str,
+    ssl_context: ssl.SSLContext | None,
+) -> AsyncIterator[None]:
+    """While the block waits for the lease, `check_standby` runs beside it (on a copy of
+    `schedules`); it is cancelled when the block ends."""
+    look = asyncio.create_task(
+        check_standby(
+            dict(schedules), url=url, group=group, identity=identity, ssl_context=ssl_context
+        )
+    )
+    try:
+        yield
+    finally:
+        look.cancel()
+        await asyncio.gather(look, return_exceptions=True)
