@@ -162,6 +162,22 @@ async def test_replay_by_id_prefix_exception_and_time(
     assert code == 2 and "--since" in err and "ISO 8601" in err
 
 
+async def test_an_empty_id_is_refused_not_taken_for_every_dead_letter(
+    env: dict[str, str],  # noqa: F811 - the fixture
+    amqp_url: str,
+    queue_name: str,
+) -> None:
+    """`--id "$ID"` with `ID` unset: an empty id (or a bare `..`) is the start of every id, so
+    with one dead letter it replayed that one, and with more it said "ambiguous"."""
+    ids = await make_dead_letters(amqp_url, queue_name, ["ValueError: 1"])
+    for empty in ("", " ", "..", "…"):
+        code, out, err = await run_cli("dlq", "replay", queue_name, "--id", empty, env=env)
+        assert code == 1 and "empty message id" in err, (empty, out, err)
+        code, out, err = await run_cli("dlq", "show", queue_name, empty, env=env)
+        assert code == 1 and "empty message id" in err, (empty, out, err)
+    assert await ids_in(amqp_url, f"{queue_name}.dlq") == ids  # nothing replayed
+
+
 def _common_prefix(ids: list[str]) -> str:
     prefix = ids[0]
     for other in ids[1:]:

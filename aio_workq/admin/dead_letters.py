@@ -84,7 +84,8 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
     or a unique `HEAD..TAIL` (also `HEAD…TAIL`, as `dlq list` shows long ids).
 
     Raises:
-        AdminError: one names no dead letter, or more than one (the candidates are listed).
+        AdminError: one names no dead letter, or more than one (the candidates are listed), or
+            is empty.
     """
     ids = [letter.message_id for letter in letters if letter.message_id]
     resolved: set[str] = set()
@@ -92,7 +93,12 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
         if text in ids:
             resolved.add(text)
             continue
-        head, sep, tail = text.replace(_ELLIPSIS, "..").partition("..")
+        head, sep, tail = text.replace(_ELLIPSIS, "..").strip().partition("..")
+        if not head and not tail:  # the start of every id: `--id "$ID"` with ID unset
+            raise AdminError(
+                f"an empty message id ({text!r}) names no dead letter: give an id, or its "
+                "start, as `aio-workq dlq list` shows it"
+            )
         matches = sorted(
             {i for i in ids if i.startswith(head) and (not sep or i[len(head) :].endswith(tail))}
         )
