@@ -101,8 +101,8 @@ class PublishOptions(TypedDict, total=False):
     `Job.forward`); mypy checks them in your code."""
 
     headers: Mapping[str, Any] | None
-    """Message headers: str keys; str, bytes, int, float, bool, None, datetime, Decimal, or
-    lists and dicts of those."""
+    """Message headers: str keys; str, bytes, int, float (finite), bool, None, datetime,
+    Decimal, or lists and dicts of those."""
     message_id: str | None
     """Defaults to a fresh unique id."""
     mandatory: bool
@@ -113,7 +113,7 @@ class PublishOptions(TypedDict, total=False):
     """0-255, to a queue declared with `Queue(name, type="classic", max_priority=N)` (or
     `x-max-priority`); to any other queue it is a `ConfigurationError`."""
     expiration: float | timedelta | None
-    """Per-message TTL, in seconds."""
+    """Per-message TTL, in seconds: at most 315,360,000 (10 years, RabbitMQ's limit)."""
     correlation_id: str | None
     reply_to: str | None
     message_type: str | None
@@ -208,12 +208,22 @@ def check_timeout(timeout: object) -> float | None:
     return timeout
 
 
+MAX_EXPIRATION = 315_360_000
+"""RabbitMQ's largest per-message TTL, in seconds (10 years): over it, the broker closes the
+channel (406 PRECONDITION_FAILED), failing every other message in flight on it."""
+
+
 def _milliseconds(expiration: object) -> str:
     if isinstance(expiration, timedelta):
         expiration = expiration.total_seconds()
-    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or expiration < 0:
+    if (
+        isinstance(expiration, bool)
+        or not isinstance(expiration, int | float)
+        or not 0 <= expiration <= MAX_EXPIRATION  # NaN included
+    ):
         raise SerializationError(
-            f"expiration must be seconds (a number >= 0 or a timedelta), got {expiration!r}"
+            "expiration must be seconds (a number >= 0 or a timedelta), at most "
+            f"{MAX_EXPIRATION:,} (10 years, RabbitMQ's limit), got {expiration!r}"
         )
     return str(round(expiration * 1000))
 
