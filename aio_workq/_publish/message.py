@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .confirms import ConfirmPublisher
 
 __all__ = (
+    "REPLY_TO",
     "PublishOptions",
     "Sender",
     "build_message",
@@ -128,6 +129,9 @@ class PublishOptions(TypedDict, total=False):
 
 
 _KNOWN = frozenset(PublishOptions.__annotations__)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queue: `Producer.call()`'s requests carry it."""
 
 
 def build_message(
@@ -322,7 +326,12 @@ class Sender:
                     routing_key=routing_key or "",
                 ) from None
         target_exchange, key = destination
-        publisher = self._publisher if self._turn is None else self._turn()
+        # Direct reply-to answers on the channel that consumes the replies (the first: the
+        # RPC client's); a request on another one makes the broker close that channel.
+        if self._turn is None or props.reply_to == REPLY_TO:
+            publisher = self._publisher
+        else:
+            publisher = self._turn()
         if self._hooks is not None:  # they may add headers: `send` encodes the properties
             return await self._hooked(
                 publisher, target_exchange, key, data, props, mandatory, timeout, deadline

@@ -24,7 +24,7 @@ from .._exceptions import (
 )
 from .._wire.frames import Properties
 from .confirms import ConfirmPublisher
-from .message import new_message_id
+from .message import REPLY_TO, new_message_id
 from .serialization import decode_body, encode_body
 
 __all__ = ("REPLY_TO", "RPCClient", "send_reply")
@@ -32,8 +32,6 @@ __all__ = ("REPLY_TO", "RPCClient", "send_reply")
 _ERROR_TEXT_LIMIT = 1000
 
 log = logging.getLogger("aio_workq")
-
-REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class RPCClient:
