@@ -109,7 +109,7 @@ class PublishOptions(TypedDict, total=False):
     mandatory: bool
     """Raise `UnroutableError` when no queue receives the message (default True)."""
     timeout: float | None
-    """Seconds from the call to the confirm (declaration and window included)."""
+    """Seconds from the call to the confirm (declaration and window included): finite, > 0."""
     priority: int | None
     """0-255, to a queue declared with `Queue(name, type="classic", max_priority=N)` (or
     `x-max-priority`); to any other queue it is a `ConfigurationError`."""
@@ -205,11 +205,19 @@ def check_timeout(timeout: object) -> float | None:
     """`timeout` (seconds, or None for the default) once checked.
 
     Raises:
-        ConfigurationError: it is not a number of seconds > 0.
+        ConfigurationError: it is not a finite number of seconds > 0 (NaN never fires: the
+            publish would have no bound; a bool is not a number).
     """
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < _INFINITY  # NaN included
+    ):
+        raise ConfigurationError(f"timeout must be > 0 seconds and finite, got {timeout!r}")
     return timeout
+
+
+_INFINITY = float("inf")
 
 
 MAX_EXPIRATION = 315_360_000
