@@ -12,6 +12,7 @@ from collections.abc import Callable
 import aio_pika
 import pytest
 
+import aio_workq
 from aio_workq import (
     Defer,
     Job,
@@ -23,6 +24,7 @@ from aio_workq import (
     TopologyError,
     Worker,
 )
+from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
 from scripts.broker import LocalBroker
 from tests.helpers import Counter, queue_depth, wait_until
 
@@ -307,3 +309,38 @@ async def test_a_retry_delay_between_ladder_steps_is_not_rounded_up_to_the_step(
     await producer.publish("x", queue=queue_name)
     first, second = await counter.wait_for(2, timeout=20)
     assert 2.1 <= second - first < 5.0
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_failed_message_whose_copy_cant_be_sent_is_dead_lettered_not_run_forever(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    amqp_url: str, attempts: int,
+) -> None:  # fmt: skip
+    # Headers that fill the content header almost to frame_max: the copy with the failure's
+    # headers added can never be sent. It was returned to its queue and ran again at once,
+    # forever on a classic queue (about 1,000 runs a second, two log lines each).
+    spec = Queue(queue_name, type="classic")
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    props = Properties(message_id="too-full", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1])
+    await producer.publish(b"x", queue=spec, message_id="too-full", headers={"h": "x" * room})
+
+    async def fails(job: Job) -> None:
+        counter.add(job.attempt)
+        raise ValueError("it fails")
+
+    policy = RetryPolicy(max_attempts=attempts, initial_delay=0.1, jitter=0)
+    worker = make_worker(queue=spec, handler=fails, retry=policy)
+    await worker.start()
+    dead = producer.dead_letters(spec)
+
+    async def one_dead_letter() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(one_dead_letter, timeout=15)
+    assert counter.items == [1]  # the copy can't be sent, so there is no next attempt
+    assert await queue_depth(amqp_url, queue_name) == 0
+    assert worker.state.dead_lettered == 1

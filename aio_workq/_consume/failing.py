@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from .._exceptions import WorkqError
+from .._exceptions import SerializationError, WorkqError
 from .._hooks import Outcome, Settled
 from .._link.specs import Queue
 from .._publish.confirms import ConfirmPublisher
@@ -104,6 +104,8 @@ class FailedDeliveries:
         self._log_attempt(job, exc, _plan(move))
         try:
             await self._mover.move(job, move)
+        except SerializationError as error:
+            return self._cannot_copy(job, acker, tag, exc, move.target, error)
         except WorkqError as error:
             log.error(
                 "could not move failed message %s to %r (%s); returning it to the queue",
@@ -122,6 +124,29 @@ class FailedDeliveries:
             return Outcome.DEFERRED, exc, delay
         counters.retried += 1
         return Outcome.RETRY, exc, delay
+
+    def _cannot_copy(
+        self, job: Job, acker: Acker, tag: int, exc: BaseException, target: str, error: Exception
+    ) -> Settled:
+        """The copy can never be sent (e.g. its headers outgrow `frame_max`): back in its queue,
+        the message would run again at once, forever on a classic queue. The broker
+        dead-letters it instead, by the queue's own `x-dead-letter-*` arguments (with its
+        `x-death` reason "rejected", without the `x-workq-*` failure headers)."""
+        queue = self._queue
+        then = (
+            f"rejecting it: the broker dead-letters it to {queue.dead_letter_queue!r}"
+            if queue.dead_letter
+            else "dropping it (the queue has no dead-letter queue)"
+        )
+        log.error(
+            "could not move failed message %s to %r (%s); %s", job.message_id, target, error,
+            then, extra=log_fields(self._queue_name, job),
+        )  # fmt: skip
+        acker.nack(tag, requeue=False)
+        if queue.dead_letter:
+            self._counters.dead_lettered += 1
+            return Outcome.DEAD_LETTERED, exc, None
+        return Outcome.REJECTED, exc, None
 
     def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""
