@@ -21,6 +21,7 @@ from aio_workq import (
     Reject,
     Retry,
     RetryPolicy,
+    RPCError,
     TopologyError,
     Worker,
 )
@@ -344,3 +345,50 @@ async def test_a_failed_message_whose_copy_cant_be_sent_is_dead_lettered_not_run
     assert counter.items == [1]  # the copy can't be sent, so there is no next attempt
     assert await queue_depth(amqp_url, queue_name) == 0
     assert worker.state.dead_lettered == 1
+
+
+class _Unprintable(Exception):
+    """An exception whose str() and repr() raise (a typo in a custom __str__)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("'_Unprintable' object has no attribute 'cod'")
+
+    def __repr__(self) -> str:
+        raise AttributeError("'_Unprintable' object has no attribute 'cod'")
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (_Unprintable, "_Unprintable: str() failed"),
+        # a lone surrogate, as in a file name decoded with surrogateescape: not UTF-8
+        (lambda: OSError("no such file: 'caf\udce9.txt'"), "caf\\udce9.txt"),
+    ],
+    ids=["str-raises", "surrogate"],
+)
+async def test_an_exception_that_cant_be_printed_is_retried_and_answered_like_any_other(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    error: Callable[[], Exception], shown: str,
+) -> None:  # fmt: skip
+    # Its str() raised (or was not UTF-8) while the failure's headers or the RPC error reply
+    # were made: the delivery was never settled and went straight back to the queue, to fail
+    # the same way again at once, forever on a classic queue; an RPC caller waited for its
+    # whole timeout.
+    spec = Queue(queue_name, type="classic")
+
+    async def fails_once(job: Job) -> str:
+        counter.add(job.attempt)
+        if job.attempt == 1:
+            raise error()
+        return "done"
+
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0)
+    worker = make_worker(queue=spec, handler=fails_once, retry=policy)
+    await worker.start()
+    await producer.publish("x", queue=spec)
+    assert await counter.wait_for(2, timeout=15) == [1, 2]  # retried as attempt 2
+    async with asyncio.timeout(5):  # well within the call's 20 s
+        with pytest.raises(RPCError) as info:
+            await producer.call("y", queue=spec, timeout=20)
+    assert shown in str(info.value)
+    assert worker.state.retried == 1 and worker.state.processed == 1

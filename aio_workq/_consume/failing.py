@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from .._exceptions import SerializationError, WorkqError
+from .._exceptions import SerializationError, WorkqError, text_of
 from .._hooks import Outcome, Settled
 from .._link.specs import Queue
 from .._publish.confirms import ConfirmPublisher
@@ -96,7 +96,8 @@ class FailedDeliveries:
         if move.kind is MoveKind.DROP:
             log.error(
                 "dropping message %s from %r after %d attempt(s): %r (the queue has no "
-                "dead-letter queue)", job.message_id, queue_name, job.attempt, exc,
+                "dead-letter queue)", job.message_id, queue_name, job.attempt,
+                text_of(exc, as_repr=True),
                 extra=log_fields(queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=False)
@@ -154,7 +155,7 @@ class FailedDeliveries:
         log.warning(
             "%s failed on message %s from %r (attempt %d of %d): %r; %s",
             self._runner.name_for(job), job.message_id, self._queue_name, job.attempt, attempts,
-            exc, then,
+            text_of(exc, as_repr=True), then,
             extra=log_fields(self._queue_name, job),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip

@@ -21,6 +21,7 @@ from .._exceptions import (
     RPCTimeoutError,
     WorkqError,
     qualname,
+    text_of,
 )
 from .._wire.frames import Properties
 from .confirms import ConfirmPublisher
@@ -156,7 +157,7 @@ async def send_reply(
     headers: dict[str, Any] = {"x-workq-status": "ok"}
     if error is not None:
         headers = {"x-workq-status": "error", "x-workq-exception-type": qualname(error)}
-        body, content_type = str(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
+        body, content_type = text_of(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
     props = Properties(
         message_id=new_message_id(),
         content_type=content_type,
