@@ -22,6 +22,7 @@ from aio_workq import (
     Retry,
     RetryPolicy,
     RPCError,
+    SerializationError,
     TopologyError,
     Worker,
 )
@@ -392,3 +393,45 @@ async def test_an_exception_that_cant_be_printed_is_retried_and_answered_like_an
             await producer.call("y", queue=spec, timeout=20)
     assert shown in str(info.value)
     assert worker.state.retried == 1 and worker.state.processed == 1
+
+
+async def test_a_dead_letter_too_large_to_copy_fails_its_read_alone(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, amqp_url: str
+) -> None:
+    # The broker's x-death headers grew a dead letter past frame_max: reading it copies it,
+    # and that copy made the broker close the whole connection (FRAME_ERROR), the producer's
+    # own included, at every read.
+    spec = Queue(queue_name, type="classic")
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    props = Properties(message_id="near-full", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1]) - 100
+    await producer.publish(b"x", queue=spec, message_id="near-full", headers={"h": "x" * room})
+
+    async def fails(job: Job) -> None:
+        raise ValueError("it fails")
+
+    worker = make_worker(queue=spec, handler=fails, retry=None)
+    await worker.start()
+    dead = producer.dead_letters(spec)
+
+    async def one_dead_letter() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(one_dead_letter, timeout=15)
+    await worker.stop()
+    connection = await aio_workq.connect(amqp_url)  # shared: its reconnects are counted
+    try:
+        async with Producer(connection=connection) as shared:
+            with pytest.raises(SerializationError, match=r"near-full.*frame_max.*replay"):
+                await shared.dead_letters(spec).read()
+            assert connection.reconnects == 0 and shared.connected
+            assert await shared.publish("after", queue=f"{queue_name}-other")
+    finally:
+        await connection.close()
+    assert await producer.publish("after", queue=f"{queue_name}-other")
+    assert await dead.count() == 1  # it stays
+    assert await dead.replay() == 1  # without the broker's headers, it fits again
+    assert await queue_depth(amqp_url, queue_name) == 1

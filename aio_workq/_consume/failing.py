@@ -95,7 +95,7 @@ class FailedDeliveries:
         )  # fmt: skip
         if move.kind is MoveKind.DROP:
             log.error(
-                "dropping message %s from %r after %d attempt(s): %r (the queue has no "
+                "dropping message %s from %r after %d attempt(s): %s (the queue has no "
                 "dead-letter queue)", job.message_id, queue_name, job.attempt,
                 text_of(exc, as_repr=True),
                 extra=log_fields(queue_name, job),
@@ -153,7 +153,7 @@ class FailedDeliveries:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""
         attempts = self._policy.max_attempts if self._policy else 1
         log.warning(
-            "%s failed on message %s from %r (attempt %d of %d): %r; %s",
+            "%s failed on message %s from %r (attempt %d of %d): %s; %s",
             self._runner.name_for(job), job.message_id, self._queue_name, job.attempt, attempts,
             text_of(exc, as_repr=True), then,
             extra=log_fields(self._queue_name, job),
