@@ -133,8 +133,17 @@ class RPCClient:
                 )
 
     async def close(self) -> None:
-        for future in self._calls.values():
-            future.cancel()
+        """Fail the calls still waiting (a typed error: cancelling their futures would look,
+        to each caller, like its own task being cancelled)."""
+        for correlation_id, future in list(self._calls.items()):
+            if not future.done():
+                future.set_exception(
+                    ConnectionLostError(
+                        f"call {correlation_id}: the producer was closed before the reply "
+                        "arrived; the request may or may not have run",
+                        message_id=correlation_id,
+                    )
+                )
 
 
 async def send_reply(
