@@ -56,6 +56,7 @@ __all__ = (
     "UnroutableError",
     "WorkqError",
     "qualname",
+    "text_of",
 )
 
 
@@ -218,3 +219,16 @@ def qualname(obj: Any) -> str:
 class BrokerUnavailableError(BrokerConnectionError):
     """The connection to the broker is down (reconnecting): a `Producer(fail_fast=True)` raises
     this at once instead of waiting for the publish timeout; nothing was sent."""
+
+
+def text_of(exc: BaseException, *, as_repr: bool = False) -> str:
+    """`str(exc)` (or `repr(exc)`) as text UTF-8 can carry (a lone surrogate, as in a file name
+    decoded with `surrogateescape`, escaped), or a stand-in naming its class when that raises:
+    a custom `__str__` with a bug must not keep a failed message from being settled."""
+    try:
+        text = repr(exc) if as_repr else str(exc)
+    except Exception:
+        return f"<{qualname(exc)}: {'repr' if as_repr else 'str'}() failed>"
+    if not isinstance(text, str):  # pragma: no cover - str() and repr() return str or raise
+        return f"<{qualname(exc)}>"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -155,6 +155,13 @@ def test_retry_signal_rejects_negative_delay() -> None:
         ({"binding_keys": "a.b"}, "binding_keys"),
         ({"binding_keys": ["a"]}, "exchange"),
         ({"handler": 42}, "handler"),
+        # sideroads4: each failed at start() with a bare AttributeError / TypeError
+        ({"concurrency": 1.5}, "concurrency must be a whole number"),
+        ({"concurrency": True}, "concurrency must be a whole number"),
+        ({"concurrency": "2"}, "concurrency must be a whole number"),
+        ({"prefetch": 2.5}, "prefetch must be a whole number"),
+        ({"retry": 5}, "retry must be a RetryPolicy"),
+        ({"retry": True}, "retry must be a RetryPolicy"),
     ],
 )
 def test_invalid_worker_settings_raise_configuration_error(

@@ -236,6 +236,40 @@ async def test_bad_input_is_refused_before_anything_is_written(
     assert await outbox_rows(conn, schema) == []
 
 
+async def test_a_row_the_relay_could_never_publish_is_refused_before_it_is_written(
+    postgres_dsn: str, amqp_url: str, conn: psycopg.AsyncConnection[Any], schema: str
+) -> None:
+    # Each was written, then failed at every relay pass, retried forever (`last_error`).
+    outbox = Outbox(schema=schema)
+    bad = OutboxConfigurationError
+    bad_calls: list[tuple[type[Exception], str, dict[str, Any]]] = [
+        # 200 characters, 400 bytes: AMQP's limit is 255 bytes
+        (OutboxConfigurationError, "message_id", {"queue": "q", "message_id": "é" * 200}),
+        (OutboxConfigurationError, "queue name", {"queue": "a queue"}),
+        (OutboxConfigurationError, "queue name", {"queue": "q" * 256}),
+        (bad, "exchange name", {"exchange": "an exchange", "routing_key": "k"}),
+        (bad, "routing key", {"exchange": "amq.direct", "routing_key": "k" * 256}),
+        (SerializationError, "header 'n'", {"queue": "q", "headers": {"n": 2**80}}),
+        (SerializationError, "header name", {"queue": "q", "headers": {"h" * 256: 1}}),
+    ]  # fmt: skip
+    for error, match, kwargs in bad_calls:
+        # in a transaction of its own: a row written holds no lock past the failed check
+        with pytest.raises(error, match=match):
+            async with conn.transaction():
+                await outbox.publish(conn, "body", **kwargs)
+        with pytest.raises(error, match=match), psycopg.connect(postgres_dsn) as sync_conn:
+            outbox.publish_sync(sync_conn, "body", **kwargs)
+    assert await outbox_rows(conn, schema) == []
+    # The limits themselves are fine, and the relay publishes them.
+    async with conn.transaction():
+        await outbox.publish(
+            conn, "edge", queue="q" * 200, message_id="é" * 127, headers={"n": 2**63 - 1}
+        )
+    async with OutboxRelay(postgres_dsn, url=amqp_url, schema=schema, poll_interval=60) as relay:
+        assert await relay.drain() == 1
+    assert await queue_depth(amqp_url, "q" * 200) == 1
+
+
 # --- the relay ---
 
 

@@ -15,6 +15,7 @@ import pytest
 from aio_workq import (
     AuthenticationError,
     BrokerConnectionError,
+    ConfigurationError,
     ConnectionLostError,
     Exchange,
     IntegrationError,
@@ -89,6 +90,24 @@ async def test_unserialisable_body_raises_before_sending(
     await producer.declare(queue_name)
     with pytest.raises(SerializationError, match="object"):
         await producer.publish({"when": object()}, queue=queue_name)
+    await producer.publish({"ok": True}, queue=queue_name)
+    assert await queue_depth(amqp_url, queue_name) == 1
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), True], ids=repr)
+async def test_a_publish_timeout_that_bounds_nothing_is_refused(
+    producer: Producer, queue_name: str, amqp_url: str, timeout: float
+) -> None:
+    # A NaN (or infinite) timeout never fired: a publish to a broker that blocks publishers
+    # waited forever; True was taken as 1 s.
+    await producer.declare(queue_name)
+    for publish in (
+        lambda: producer.publish("x", queue=queue_name, timeout=timeout),
+        lambda: producer.send("x", queue=queue_name, timeout=timeout),
+        lambda: producer.publish_many(["x", "y"], queue=queue_name, timeout=timeout),
+    ):
+        with pytest.raises(ConfigurationError, match=r"timeout must be > 0 seconds.*finite"):
+            await publish()
     await producer.publish({"ok": True}, queue=queue_name)
     assert await queue_depth(amqp_url, queue_name) == 1
 

@@ -150,3 +150,24 @@ def test_the_sync_producer_takes_channels(amqp_url: str, queue_name: str) -> Non
 def test_the_integrations_check_channels_when_made() -> None:
     with pytest.raises(ConfigurationError, match="channels must be a whole number"):
         SyncProducer("amqp://localhost/", channels=0)
+
+
+async def test_every_call_of_a_producer_over_two_channels_gets_its_reply(
+    amqp_url: str, queue_name: str
+) -> None:
+    # Direct reply-to answers on the channel that consumes the replies: a request sent on the
+    # other channel made the broker close it (406 "fast reply consumer does not exist"), so
+    # every other call failed, and so did the messages in flight on that channel.
+    async def double(job: Job) -> int:
+        return 2 * int(job.data)
+
+    async with Worker(amqp_url, queue=queue_name, handler=double):
+        async with Producer(amqp_url, channels=2, timeout=10) as producer:
+            async with asyncio.timeout(60):
+                replies = [await producer.call(n, queue_name, timeout=10) for n in range(6)]
+                replies += await asyncio.gather(
+                    *(producer.call(n, queue_name, timeout=10) for n in range(6, 12))
+                )
+                assert replies == [2 * n for n in range(12)]
+                # the channels publish on as before
+                assert len(await producer.publish_many(range(50), queue=queue_name)) == 50

@@ -16,6 +16,7 @@ from yarl import URL
 
 import aio_workq
 from aio_workq import (
+    ConfigurationError,
     Connection,
     Hook,
     Producer,
@@ -248,3 +249,45 @@ async def test_a_timed_out_message_that_was_never_sent_says_it_did_not_reach_the
     else:
         assert "did not reach the queue" in str(timed_out.value)
         assert "may or may not" not in str(timed_out.value)
+
+
+# --- sideroads4: values the broker refuses are refused before they are sent --------------------
+
+BROKER_REFUSES = {
+    # RabbitMQ closes the whole connection (541 INTERNAL_ERROR) on a non-finite double in a
+    # header table; re-sent after the reconnect, it closed it again until its timeout.
+    "a NaN header": {"headers": {"ok": 1, "score": float("nan")}},
+    "an infinite header in a list": {"headers": {"scores": [1.0, float("inf")]}},
+    "a -inf header in a nested table": {"headers": {"t": {"low": float("-inf")}}},
+    # A raw ValueError / OverflowError from the conversion to milliseconds.
+    "a NaN expiration": {"expiration": float("nan")},
+    "an infinite expiration": {"expiration": float("inf")},
+    # Over RabbitMQ's limit (10 years): the broker closes the channel (406 PRECONDITION_FAILED).
+    "an expiration over 10 years": {"expiration": 315_360_000.001},
+}
+
+
+@pytest.mark.parametrize("case", list(BROKER_REFUSES))
+async def test_a_value_the_broker_refuses_is_a_serialization_error_and_nothing_else_changes(
+    path: Path, case: str, queue_name: str
+) -> None:
+    producer = path.producer
+    await producer.declare(queue_name)
+    confirms = [await producer.send(f"before {n}", queue=queue_name) for n in range(3)]
+    async with asyncio.timeout(1):  # at once: nothing waits for the broker
+        with pytest.raises(SerializationError) as info:
+            await producer.send("bad", queue=queue_name, **BROKER_REFUSES[case])  # type: ignore[arg-type]
+    what = "header" if "header" in case else "expiration"
+    assert what in str(info.value)
+    confirms += [await producer.send(f"after {n}", queue=queue_name) for n in range(3)]
+    async with asyncio.timeout(30):
+        assert [await outcome(c) for c in confirms] == ["confirmed"] * 6
+    path.assert_never_lost()
+    assert await producer.publish("the limit", queue=queue_name, expiration=315_360_000)
+
+
+async def test_a_queue_that_is_not_a_name_is_a_configuration_error(path: Path) -> None:
+    for queue in (5, b"tasks", ["tasks"]):
+        with pytest.raises(ConfigurationError, match="queue name must be a str"):
+            await path.producer.send("x", queue=queue)  # type: ignore[arg-type]
+    path.assert_never_lost()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import aio_pika
 import pytest
 
+import aio_workq
 from aio_workq import (
     Defer,
     Job,
@@ -20,9 +21,12 @@ from aio_workq import (
     Reject,
     Retry,
     RetryPolicy,
+    RPCError,
+    SerializationError,
     TopologyError,
     Worker,
 )
+from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
 from scripts.broker import LocalBroker
 from tests.helpers import Counter, queue_depth, wait_until
 
@@ -322,3 +326,127 @@ async def test_a_retry_delay_between_ladder_steps_is_not_rounded_up_to_the_step(
     await producer.publish("x", queue=queue_name)
     first, second = await counter.wait_for(2, timeout=20)
     assert 2.1 <= second - first < 5.0
+
+
+@pytest.mark.parametrize("attempts", [1, 3])
+async def test_a_failed_message_whose_copy_cant_be_sent_is_dead_lettered_not_run_forever(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    amqp_url: str, attempts: int,
+) -> None:  # fmt: skip
+    # Headers that fill the content header almost to frame_max: the copy with the failure's
+    # headers added can never be sent. It was returned to its queue and ran again at once,
+    # forever on a classic queue (about 1,000 runs a second, two log lines each).
+    spec = Queue(queue_name, type="classic")
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    props = Properties(message_id="too-full", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1])
+    await producer.publish(b"x", queue=spec, message_id="too-full", headers={"h": "x" * room})
+
+    async def fails(job: Job) -> None:
+        counter.add(job.attempt)
+        raise ValueError("it fails")
+
+    policy = RetryPolicy(max_attempts=attempts, initial_delay=0.1, jitter=0)
+    worker = make_worker(queue=spec, handler=fails, retry=policy)
+    await worker.start()
+    dead = producer.dead_letters(spec)
+
+    async def one_dead_letter() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(one_dead_letter, timeout=15)
+    assert counter.items == [1]  # the copy can't be sent, so there is no next attempt
+    assert await queue_depth(amqp_url, queue_name) == 0
+    assert worker.state.dead_lettered == 1
+
+
+class _Unprintable(Exception):
+    """An exception whose str() and repr() raise (a typo in a custom __str__)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("'_Unprintable' object has no attribute 'cod'")
+
+    def __repr__(self) -> str:
+        raise AttributeError("'_Unprintable' object has no attribute 'cod'")
+
+
+@pytest.mark.parametrize(
+    ("error", "shown"),
+    [
+        (_Unprintable, "_Unprintable: str() failed"),
+        # a lone surrogate, as in a file name decoded with surrogateescape: not UTF-8
+        (lambda: OSError("no such file: 'caf\udce9.txt'"), "caf\\udce9.txt"),
+    ],
+    ids=["str-raises", "surrogate"],
+)
+async def test_an_exception_that_cant_be_printed_is_retried_and_answered_like_any_other(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter,
+    error: Callable[[], Exception], shown: str,
+) -> None:  # fmt: skip
+    # Its str() raised (or was not UTF-8) while the failure's headers or the RPC error reply
+    # were made: the delivery was never settled and went straight back to the queue, to fail
+    # the same way again at once, forever on a classic queue; an RPC caller waited for its
+    # whole timeout.
+    spec = Queue(queue_name, type="classic")
+
+    async def fails_once(job: Job) -> str:
+        counter.add(job.attempt)
+        if job.attempt == 1:
+            raise error()
+        return "done"
+
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.1, jitter=0)
+    worker = make_worker(queue=spec, handler=fails_once, retry=policy)
+    await worker.start()
+    await producer.publish("x", queue=spec)
+    assert await counter.wait_for(2, timeout=15) == [1, 2]  # retried as attempt 2
+    async with asyncio.timeout(5):  # well within the call's 20 s
+        with pytest.raises(RPCError) as info:
+            await producer.call("y", queue=spec, timeout=20)
+    assert shown in str(info.value)
+    assert worker.state.retried == 1 and worker.state.processed == 1
+
+
+async def test_a_dead_letter_too_large_to_copy_fails_its_read_alone(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, amqp_url: str
+) -> None:
+    # The broker's x-death headers grew a dead letter past frame_max: reading it copies it,
+    # and that copy made the broker close the whole connection (FRAME_ERROR), the producer's
+    # own included, at every read.
+    spec = Queue(queue_name, type="classic")
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    props = Properties(message_id="near-full", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1]) - 100
+    await producer.publish(b"x", queue=spec, message_id="near-full", headers={"h": "x" * room})
+
+    async def fails(job: Job) -> None:
+        raise ValueError("it fails")
+
+    worker = make_worker(queue=spec, handler=fails, retry=None)
+    await worker.start()
+    dead = producer.dead_letters(spec)
+
+    async def one_dead_letter() -> bool:
+        return await dead.count() == 1
+
+    await wait_until(one_dead_letter, timeout=15)
+    await worker.stop()
+    connection = await aio_workq.connect(amqp_url)  # shared: its reconnects are counted
+    try:
+        async with Producer(connection=connection) as shared:
+            with pytest.raises(SerializationError, match=r"near-full.*frame_max.*replay"):
+                await shared.dead_letters(spec).read()
+            assert connection.reconnects == 0 and shared.connected
+            assert await shared.publish("after", queue=f"{queue_name}-other")
+    finally:
+        await connection.close()
+    assert await producer.publish("after", queue=f"{queue_name}-other")
+    assert await dead.count() == 1  # it stays
+    assert await dead.replay() == 1  # without the broker's headers, it fits again
+    assert await queue_depth(amqp_url, queue_name) == 1

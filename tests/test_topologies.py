@@ -10,6 +10,7 @@ import aio_pika
 import pytest
 
 from aio_workq import (
+    ConnectionLostError,
     Exchange,
     Job,
     Producer,
@@ -20,7 +21,7 @@ from aio_workq import (
     Worker,
 )
 from scripts.broker import LocalBroker
-from tests.helpers import Counter, wait_until
+from tests.helpers import Counter, queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -305,3 +306,24 @@ async def test_a_dead_letter_queue_declared_otherwise_names_a_fix_a_worker_can_a
     assert f"dead-letter queue of Queue('{queue_name}')" in text
     assert f"aio-workq queues delete {queue_name}" in text
     assert "queue_type" in text
+
+
+async def test_a_call_waiting_when_its_producer_closes_raises_a_typed_error(
+    amqp_url: str, queue_name: str
+) -> None:
+    # It ended in CancelledError: the caller's task looked cancelled (a TaskGroup or a web
+    # framework takes that for its own cancel) and `except WorkqError` missed it.
+    producer = Producer(amqp_url)
+    await producer.start()
+    await producer.declare(queue_name)  # no worker: the call waits for its reply
+    call = asyncio.create_task(producer.call("x", queue_name, timeout=30))
+
+    async def request_queued() -> bool:  # confirmed: the call now waits for its reply
+        return await queue_depth(amqp_url, queue_name) == 1
+
+    await wait_until(request_queued)
+    await producer.close()
+    async with asyncio.timeout(5):
+        with pytest.raises(ConnectionLostError, match="closed"):
+            await call
+    assert not call.cancelled()

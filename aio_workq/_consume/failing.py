@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from .._exceptions import WorkqError
+from .._exceptions import SerializationError, WorkqError, text_of
 from .._hooks import Outcome, Settled
 from .._link.specs import Queue
 from .._publish.confirms import ConfirmPublisher
@@ -100,8 +100,9 @@ class FailedDeliveries:
         )  # fmt: skip
         if move.kind is MoveKind.DROP:
             log.error(
-                "dropping message %s from %r after %d attempt(s): %r (the queue has no "
-                "dead-letter queue)", job.message_id, queue_name, job.attempt, exc,
+                "dropping message %s from %r after %d attempt(s): %s (the queue has no "
+                "dead-letter queue)", job.message_id, queue_name, job.attempt,
+                text_of(exc, as_repr=True),
                 extra=log_fields(queue_name, job),
             )  # fmt: skip
             acker.nack(tag, requeue=False)
@@ -109,6 +110,8 @@ class FailedDeliveries:
         self._log_attempt(job, exc, _plan(move))
         try:
             await self._mover.move(job, move)
+        except SerializationError as error:
+            return self._cannot_copy(job, acker, tag, exc, move.target, error)
         except WorkqError as error:
             log.error(
                 "could not move failed message %s to %r (%s); returning it to the queue",
@@ -128,13 +131,36 @@ class FailedDeliveries:
         counters.retried += 1
         return Outcome.RETRY, exc, delay
 
+    def _cannot_copy(
+        self, job: Job, acker: Acker, tag: int, exc: BaseException, target: str, error: Exception
+    ) -> Settled:
+        """The copy can never be sent (e.g. its headers outgrow `frame_max`): back in its queue,
+        the message would run again at once, forever on a classic queue. The broker
+        dead-letters it instead, by the queue's own `x-dead-letter-*` arguments (with its
+        `x-death` reason "rejected", without the `x-workq-*` failure headers)."""
+        queue = self._queue
+        then = (
+            f"rejecting it: the broker dead-letters it to {queue.dead_letter_queue!r}"
+            if queue.dead_letter
+            else "dropping it (the queue has no dead-letter queue)"
+        )
+        log.error(
+            "could not move failed message %s to %r (%s); %s", job.message_id, target, error,
+            then, extra=log_fields(self._queue_name, job),
+        )  # fmt: skip
+        acker.nack(tag, requeue=False)
+        if queue.dead_letter:
+            self._counters.dead_lettered += 1
+            return Outcome.DEAD_LETTERED, exc, None
+        return Outcome.REJECTED, exc, None
+
     def _log_attempt(self, job: Job, exc: BaseException, then: str) -> None:
         """One WARNING per failed attempt; the traceback too when DEBUG is on."""
         attempts = self._policy.max_attempts if self._policy else 1
         log.warning(
-            "%s failed on message %s from %r (attempt %d of %d): %r; %s",
+            "%s failed on message %s from %r (attempt %d of %d): %s; %s",
             self._runner.name_for(job), job.message_id, self._queue_name, job.attempt, attempts,
-            exc, then,
+            text_of(exc, as_repr=True), then,
             extra=log_fields(self._queue_name, job),
             exc_info=exc if log.isEnabledFor(logging.DEBUG) else None,
         )  # fmt: skip

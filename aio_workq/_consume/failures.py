@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .._exceptions import Defer, PayloadError, Reject, Retry, qualname
+from .._exceptions import Defer, PayloadError, Reject, Retry, qualname, text_of
 from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
 from .._link.specs import Queue
 from .retry import RetryPolicy
@@ -136,7 +136,7 @@ def route_failure(
         if isinstance(exc, Reject):
             headers["x-workq-rejected"] = True
         if isinstance(exc, PayloadError):
-            headers["x-workq-validation-error"] = str(exc)[:_TRACEBACK_LIMIT]
+            headers["x-workq-validation-error"] = text_of(exc)[:_TRACEBACK_LIMIT]
         return Move(MoveKind.DEAD_LETTER, queue.dead_letter_queue, headers)
     assert policy is not None
     headers[ATTEMPT_HEADER] = attempt + 1
@@ -183,7 +183,7 @@ def _failure_headers(
     headers.setdefault("x-workq-first-failure", stamp)
     headers["x-workq-last-failure"] = stamp
     headers["x-workq-exception-type"] = qualname(exc)
-    headers["x-workq-exception-message"] = str(exc)[:_ERROR_TEXT_LIMIT]
+    headers["x-workq-exception-message"] = text_of(exc)[:_ERROR_TEXT_LIMIT]
     return headers
 
 

@@ -144,6 +144,7 @@ class Worker:
             raise ConfigurationError("pass url= or connection=, not both")
         self._hooks = Hooks.of(hooks)
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
+        _check_retry(retry)
         self._presence = _Presence(presence, presence_interval)
         _check_bindings(exchange, binding_keys, binding_arguments)
         queue = _queue_spec(queue, queue_type)
@@ -429,9 +430,11 @@ def _check_settings(
     concurrency: int, prefetch: int | None, shutdown_timeout: float, max_defers: int | None
 ) -> int:
     """Validate the numbers; returns the prefetch (default: `concurrency`)."""
-    if concurrency < 1:
-        raise ConfigurationError(f"concurrency must be >= 1, got {concurrency!r}")
+    if not _whole(concurrency) or concurrency < 1:
+        raise ConfigurationError(f"concurrency must be a whole number >= 1, got {concurrency!r}")
     prefetch = concurrency if prefetch is None else prefetch
+    if not _whole(prefetch):
+        raise ConfigurationError(f"prefetch must be a whole number, got {prefetch!r}")
     if not concurrency <= prefetch <= 65535:
         raise ConfigurationError(
             f"prefetch must be between concurrency ({concurrency}) and 65535, got {prefetch!r}"
@@ -444,6 +447,18 @@ def _check_settings(
             f"max_defers must be a whole number >= 0, or None for no limit; got {max_defers!r}"
         )
     return prefetch
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_retry(retry: object) -> None:
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ConfigurationError(
+            f"retry must be a RetryPolicy, or None to dead-letter on the first failure; got "
+            f"{retry!r}"
+        )
 
 
 def _check_bindings(

@@ -68,7 +68,8 @@ class Router:
     def queue_spec(self, queue: str | Queue) -> Queue:
         if isinstance(queue, Queue):
             return queue
-        spec = self._queues.get(queue)
+        spec = self._queues.get(queue) if isinstance(queue, str) else None
+        # Not a str: `Queue(...)` raises the ConfigurationError that names it.
         return spec if spec is not None else Queue(queue, type=self._queue_type)
 
     def check_priority(self, queue: str | Queue) -> None:
@@ -96,6 +97,8 @@ class Router:
                 return None
             if isinstance(queue, str):
                 return ("", queue) if queue in self._queues else None
+            if not isinstance(queue, Queue):
+                return None  # `destination()` names what is wrong with it
             declared = self._queues.get(queue.name)
             return ("", queue.name) if declared is queue or declared == queue else None
         name = exchange.name if isinstance(exchange, Exchange) else exchange

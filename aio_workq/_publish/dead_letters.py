@@ -35,6 +35,7 @@ from .._exceptions import (
     ConfigurationError,
     PublishError,
     PublishNackedError,
+    SerializationError,
     TopologyError,
     UnroutableError,
 )
@@ -42,6 +43,7 @@ from .._headers import ATTEMPT_HEADER, BROKER_HEADERS, FAILURE_HEADERS
 from .._link.connection import LinkSource, translate_errors
 from .._link.declare import raw_channel
 from .._link.specs import Queue
+from .._wire.frames import properties_limit
 
 __all__ = ("DeadLetter", "DeadLetters", "public_name", "replay_headers")
 
@@ -347,6 +349,18 @@ class DeadLetters:
         unroutable: str,
     ) -> None:
         ident = props.message_id
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        size = len(props.marshal()) - 2  # the property flags are in the frame's overhead
+        if size > properties_limit(frame_max):
+            # The broker's own headers (x-death) can grow a dead letter past what a client
+            # may send: the broker would close the whole connection on the copy.
+            raise SerializationError(
+                f"{doing}: its properties ({size:,} bytes, the broker's x-death headers "
+                f"included) make a content header over the connection's frame_max of "
+                f"{frame_max:,} bytes, so it can't be copied; it stays in the dead-letter "
+                "queue. Move it with replay() (`aio-workq dlq replay`, without the broker's "
+                "headers), or purge it"
+            )
         try:
             with translate_errors(doing):
                 confirm = await channel.basic_publish(

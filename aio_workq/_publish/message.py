@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .confirms import ConfirmPublisher
 
 __all__ = (
+    "REPLY_TO",
     "PublishOptions",
     "Sender",
     "build_message",
@@ -101,19 +102,19 @@ class PublishOptions(TypedDict, total=False):
     `Job.forward`); mypy checks them in your code."""
 
     headers: Mapping[str, Any] | None
-    """Message headers: str keys; str, bytes, int, float, bool, None, datetime, Decimal, or
-    lists and dicts of those."""
+    """Message headers: str keys; str, bytes, int, float (finite), bool, None, datetime,
+    Decimal, or lists and dicts of those."""
     message_id: str | None
     """Defaults to a fresh unique id."""
     mandatory: bool
     """Raise `UnroutableError` when no queue receives the message (default True)."""
     timeout: float | None
-    """Seconds from the call to the confirm (declaration and window included)."""
+    """Seconds from the call to the confirm (declaration and window included): finite, > 0."""
     priority: int | None
     """0-255, to a queue declared with `Queue(name, type="classic", max_priority=N)` (or
     `x-max-priority`); to any other queue it is a `ConfigurationError`."""
     expiration: float | timedelta | None
-    """Per-message TTL, in seconds."""
+    """Per-message TTL, in seconds: at most 315,360,000 (10 years, RabbitMQ's limit)."""
     correlation_id: str | None
     reply_to: str | None
     message_type: str | None
@@ -128,6 +129,9 @@ class PublishOptions(TypedDict, total=False):
 
 
 _KNOWN = frozenset(PublishOptions.__annotations__)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queue: `Producer.call()`'s requests carry it."""
 
 
 def build_message(
@@ -201,19 +205,37 @@ def check_timeout(timeout: object) -> float | None:
     """`timeout` (seconds, or None for the default) once checked.
 
     Raises:
-        ConfigurationError: it is not a number of seconds > 0.
+        ConfigurationError: it is not a finite number of seconds > 0 (NaN never fires: the
+            publish would have no bound; a bool is not a number).
     """
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout <= 0):
-        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < _INFINITY  # NaN included
+    ):
+        raise ConfigurationError(f"timeout must be > 0 seconds and finite, got {timeout!r}")
     return timeout
+
+
+_INFINITY = float("inf")
+
+
+MAX_EXPIRATION = 315_360_000
+"""RabbitMQ's largest per-message TTL, in seconds (10 years): over it, the broker closes the
+channel (406 PRECONDITION_FAILED), failing every other message in flight on it."""
 
 
 def _milliseconds(expiration: object) -> str:
     if isinstance(expiration, timedelta):
         expiration = expiration.total_seconds()
-    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or expiration < 0:
+    if (
+        isinstance(expiration, bool)
+        or not isinstance(expiration, int | float)
+        or not 0 <= expiration <= MAX_EXPIRATION  # NaN included
+    ):
         raise SerializationError(
-            f"expiration must be seconds (a number >= 0 or a timedelta), got {expiration!r}"
+            "expiration must be seconds (a number >= 0 or a timedelta), at most "
+            f"{MAX_EXPIRATION:,} (10 years, RabbitMQ's limit), got {expiration!r}"
         )
     return str(round(expiration * 1000))
 
@@ -312,7 +334,12 @@ class Sender:
                     routing_key=routing_key or "",
                 ) from None
         target_exchange, key = destination
-        publisher = self._publisher if self._turn is None else self._turn()
+        # Direct reply-to answers on the channel that consumes the replies (the first: the
+        # RPC client's); a request on another one makes the broker close that channel.
+        if self._turn is None or props.reply_to == REPLY_TO:
+            publisher = self._publisher
+        else:
+            publisher = self._turn()
         if self._hooks is not None:  # they may add headers: `send` encodes the properties
             return await self._hooked(
                 publisher, target_exchange, key, data, props, mandatory, timeout, deadline

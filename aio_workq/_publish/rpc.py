@@ -21,10 +21,11 @@ from .._exceptions import (
     RPCTimeoutError,
     WorkqError,
     qualname,
+    text_of,
 )
 from .._wire.frames import Properties
 from .confirms import ConfirmPublisher
-from .message import new_message_id
+from .message import REPLY_TO, new_message_id
 from .serialization import decode_body, encode_body
 
 __all__ = ("REPLY_TO", "RPCClient", "send_reply")
@@ -32,8 +33,6 @@ __all__ = ("REPLY_TO", "RPCClient", "send_reply")
 _ERROR_TEXT_LIMIT = 1000
 
 log = logging.getLogger("aio_workq")
-
-REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class RPCClient:
@@ -134,8 +133,17 @@ class RPCClient:
                 )
 
     async def close(self) -> None:
-        for future in self._calls.values():
-            future.cancel()
+        """Fail the calls still waiting (a typed error: cancelling their futures would look,
+        to each caller, like its own task being cancelled)."""
+        for correlation_id, future in list(self._calls.items()):
+            if not future.done():
+                future.set_exception(
+                    ConnectionLostError(
+                        f"call {correlation_id}: the producer was closed before the reply "
+                        "arrived; the request may or may not have run",
+                        message_id=correlation_id,
+                    )
+                )
 
 
 async def send_reply(
@@ -158,7 +166,7 @@ async def send_reply(
     headers: dict[str, Any] = {"x-workq-status": "ok"}
     if error is not None:
         headers = {"x-workq-status": "error", "x-workq-exception-type": qualname(error)}
-        body, content_type = str(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
+        body, content_type = text_of(error)[:_ERROR_TEXT_LIMIT].encode(), "text/plain"
     props = Properties(
         message_id=new_message_id(),
         content_type=content_type,

@@ -257,6 +257,11 @@ def _field_table(table: Mapping[str, Any]) -> bytes:
 
 def _field_value(value: Any) -> bytes:
     if isinstance(value, float):
+        if value - value != 0.0:  # NaN or an infinity (x - x is NaN for both)
+            raise ValueError(
+                f"{value!r} is not a finite number: RabbitMQ closes the whole connection on it "
+                "(541 INTERNAL_ERROR); send a finite float, None, or a str such as 'nan'"
+            )
         return b"d" + _DOUBLE.pack(value)
     if isinstance(value, dict):
         return b"F" + _field_table(value)

@@ -8,8 +8,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from .._exceptions import SerializationError
+from .._exceptions import SerializationError, WorkqError
+from .._link.specs import Queue
 from .._publish.serialization import encode_body
+from .._wire.frames import Properties, check_destination, encode_properties
 from ._errors import OutboxConfigurationError, UnsupportedConnectionError
 from ._schema import DEFAULT_SCHEMA, quote
 
@@ -220,10 +222,12 @@ class Outbox:
             )
         if message_id is None:
             message_id = new_message_id()
-        elif not isinstance(message_id, str) or not message_id or len(message_id) > 255:
+        elif not isinstance(message_id, str) or not message_id or _octets(message_id) > 255:
             raise OutboxConfigurationError(
-                f"message_id must be a non-empty str of at most 255 characters, got {message_id!r}"
+                f"message_id must be a non-empty str of at most 255 bytes (UTF-8), got "
+                f"{message_id!r}"
             )
+        _check_destination(queue, exchange, routing_key)
         seconds = 0.0 if delay is None else delay
         if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
             raise OutboxConfigurationError(f"delay must be >= 0 seconds, got {delay!r}")
@@ -237,7 +241,33 @@ class Outbox:
                     f"outbox headers must be JSON-serialisable (str, int, float, bool, None, "
                     f"lists and dicts of them): {exc}"
                 ) from exc
+            # As the relay will send them (from JSON): what AMQP can't carry fails here, in
+            # the caller's transaction, not at every relay pass after it is committed.
+            encode_properties(Properties(message_id=message_id, headers=json.loads(header_json)))
         return (
             message_id, queue, exchange, routing_key or "", data, content_type, header_json,
             float(seconds),
         )  # fmt: skip
+
+
+def _octets(text: str) -> int:
+    """`text`'s length in UTF-8 (a lone surrogate, which can't be sent, counts as too long)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return 256
+
+
+def _check_destination(queue: str | None, exchange: str, routing_key: str | None) -> None:
+    """Refuse a destination the relay could never publish to, as the producer would.
+
+    Raises:
+        OutboxConfigurationError: an invalid queue or exchange name, or routing key.
+    """
+    try:
+        if queue is not None:
+            Queue(queue)
+        else:
+            check_destination(exchange, routing_key or "", True)
+    except WorkqError as exc:
+        raise OutboxConfigurationError(str(exc)) from None
