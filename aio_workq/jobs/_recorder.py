@@ -72,6 +72,8 @@ class Running:
     defers: int = 0
     since: float = 0.0
     """When the delivery arrived (`time.time()`)."""
+    redelivered: bool = False
+    """The delivery came back to the queue (its claim may take over a job recorded running)."""
     handler: asyncio.Task[Any] | None = None
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `run_task` takes that cancellation back)."""
@@ -177,10 +179,12 @@ class Recorder(Hook):
         """A delivery arrived: follow its job (if it has an id) and send its claim now."""
         headers: Mapping[str, Any]
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
-            properties = job.delivery.properties
+            delivery = job.delivery
+            properties = delivery.properties
             job_id, headers = properties.message_id, properties.headers or {}
+            redelivered = delivery.redelivered
         else:
-            job_id, headers = job.message_id, job.headers
+            job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
         if not job_id:
             return None
         attempt = headers.get(ATTEMPT_HEADER, 1)  # as `Job.attempt`
@@ -189,13 +193,13 @@ class Recorder(Hook):
         name = headers.get(TASK_HEADER)
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
         now = time.time()
-        running = Running(job_id, str(name), queue, attempt, defers, now)
+        running = Running(job_id, str(name), queue, attempt, defers, now, redelivered)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         self._by_id[job_id] = running
         running.claimed = self._batches.commit(
             Write(
                 job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
-                at=now, attempt=attempt, defers=defers, claim=True,
+                at=now, attempt=attempt, defers=defers, claim=True, requeue=redelivered,
             )
         )  # fmt: skip
         if self._checker is None:
@@ -208,7 +212,7 @@ class Recorder(Hook):
         write = Write(
             job_id=running.job_id, task=running.task, queue=running.queue,
             state=JobState.RUNNING, at=time.time(), attempt=running.attempt,
-            defers=running.defers, claim=True,
+            defers=running.defers, claim=True, requeue=running.redelivered,
         )  # fmt: skip
         return self._batches.commit(write)
 
