@@ -5,10 +5,13 @@ away."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import shutil
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,13 @@ from aio_workq.jobs import (
     JobStore,
     MemoryStore,
     SQLiteStore,
+    StoreError,
     Tasks,
     Write,
     group,
 )
 from aio_workq.jobs.postgres import PostgresStore, migrate
+from scripts.postgres import LocalPostgres
 
 pytestmark = pytest.mark.broker
 
@@ -279,5 +284,52 @@ async def test_a_group_enqueued_again_while_a_member_runs_counts_the_member_by_i
         finally:
             await stop(workers)
         assert runs == [1]
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL node of this test's own: it is stopped and started again."""
+    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-roads-pg-")))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()
+        shutil.rmtree(node.base_dir, ignore_errors=True)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(90)
+async def test_a_read_waiting_for_a_connection_when_the_fresh_pool_takes_over_is_answered(
+    own_postgres: LocalPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an outage, the store's fresh pool replaces the reconnecting one (closed in the
+    background). A read waiting on the old pool's connection then got psycopg's "the pool is
+    closed" as a `StoreError`, with the server up again: a `job.result(timeout=...)` across a
+    restart ended in an error instead of its answer. It now waits on the fresh pool."""
+    caplog.set_level(logging.CRITICAL, logger="psycopg.pool")  # its "error connecting" lines
+    caplog.set_level(logging.INFO, logger="aio_workq.jobs")
+    schema = f"j_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(own_postgres.dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    store = PostgresStore(own_postgres.dsn, schema=schema)  # timeout 5 s
+    try:
+        assert await store.record([_w("a", JobState.QUEUED)]) == [True]
+        await asyncio.to_thread(own_postgres.stop)
+        down_at = time.monotonic()
+        while True:  # the broken connections, then no connection: the store probes
+            with pytest.raises(StoreError) as failed:
+                await store.get("a")
+            if "couldn't get a connection" in str(failed.value):
+                break
+        # The old pool's next attempt is its backoff away (7 s, then 15 s into the outage).
+        await asyncio.sleep(max(0.0, 8.0 - (time.monotonic() - down_at)))
+        waiting = asyncio.ensure_future(store.get("a"))  # waits on the old pool
+        await asyncio.to_thread(own_postgres.start)
+        record = await waiting  # the fresh pool took over meanwhile (the store probes each 1 s)
+        assert record is not None and record.status.state is JobState.QUEUED
+        assert any("fresh pool" in r.getMessage() for r in caplog.records)
     finally:
         await store.close()
