@@ -333,3 +333,52 @@ async def test_a_read_waiting_for_a_connection_when_the_fresh_pool_takes_over_is
         assert any("fresh pool" in r.getMessage() for r in caplog.records)
     finally:
         await store.close()
+
+
+async def test_a_job_whose_second_message_was_skipped_can_still_be_cancelled(
+    amqp_url: str, tmp_path: Path, queue_name: str
+) -> None:
+    """Both messages of one job id reach the same worker process: the second one's claim is
+    refused and it is settled at once, while the first runs. Settling it must not make the
+    worker forget the run: `cancel()` stops it (before, the control message found no job of
+    that id here, nor did the store checks, and the job ran to its end)."""
+    started, cancelled = asyncio.Event(), asyncio.Event()
+    registries = []
+    async with Producer(amqp_url) as first, Producer(amqp_url) as second:
+        for producer in (first, second):
+            tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+
+            @tasks.task(queue=queue_name, name="roads.forever")
+            async def forever() -> None:
+                started.set()
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+
+            registries.append((tasks, forever))
+        (tasks, task_a), (_, task_b) = registries
+        try:
+            handles = await asyncio.gather(
+                task_a.options(job_id="roads-forever").enqueue(),
+                task_b.options(job_id="roads-forever").enqueue(),
+            )
+            hook = Settled(2, settles=1)  # two deliveries; the second skipped
+            workers = await start(tasks.workers(amqp_url, concurrency=4, hooks=[hook]))
+            try:
+                async with asyncio.timeout(20):
+                    await started.wait()
+                    await hook.settled.wait()
+                status = await handles[0].cancel()
+                assert status.state is JobState.RUNNING and status.cancel_requested
+                async with asyncio.timeout(15):
+                    await cancelled.wait()
+                status = await until(handles[1], lambda s: s.done)
+                assert status.state is JobState.CANCELLED
+            finally:
+                await stop(workers)
+        finally:
+            for registry, _ in registries:
+                assert registry.store is not None
+                await registry.store.close()

@@ -162,6 +162,10 @@ class Recorder(Hook):
         self.store = store
         self._jobs: dict[JobView, Running] = {}
         self._by_id: dict[str, Running] = {}
+        self._more: dict[str, list[Running]] = {}
+        """Other deliveries of a job id `_by_id` has (a second message, a redelivery while
+        the first still runs here): a cancel reaches them too, and one of them takes the
+        first's place in `_by_id` when it ends."""
         self._batches = WriteBatches(store, buffer=buffer, timeout=timeout)
         self._checker: asyncio.Task[None] | None = None
 
@@ -169,7 +173,29 @@ class Recorder(Hook):
 
     def begin(self, job: JobView, running: Running) -> None:
         self._jobs[job] = running
-        self._by_id[running.job_id] = running
+        self._follow(running)
+
+    def _follow(self, running: Running) -> None:
+        """Find `running` by its id (behind a delivery of the same id that is here first)."""
+        if self._by_id.setdefault(running.job_id, running) is not running:
+            self._more.setdefault(running.job_id, []).append(running)
+
+    def _forget(self, running: Running) -> None:
+        """`running` ended: another delivery of its id here, if any, takes its place."""
+        job_id = running.job_id
+        if self._by_id.get(job_id) is running:
+            del self._by_id[job_id]
+            if not self._more:
+                return
+            more = self._more.get(job_id)
+            if more:
+                self._by_id[job_id] = more.pop(0)
+        else:
+            more = self._more.get(job_id)
+            if more and running in more:
+                more.remove(running)
+        if more is not None and not more:
+            del self._more[job_id]
 
     def running(self, job: JobView) -> Running | None:
         """The tracked job of this delivery (`handling` made it), if any."""
@@ -195,7 +221,8 @@ class Recorder(Hook):
         now = time.time()
         running = Running(job_id, str(name), queue, attempt, defers, now, redelivered)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
-        self._by_id[job_id] = running
+        if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
+            self._more.setdefault(job_id, []).append(running)
         running.claimed = self._batches.commit(
             Write(
                 job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
@@ -217,9 +244,9 @@ class Recorder(Hook):
         return self._batches.commit(write)
 
     async def claim(self, running: Running) -> bool:
-        """Whether the job may run: False if it was cancelled or already succeeded (the
-        store's answer to its claim, sent when it arrived or now; then `running` is marked
-        skipped, and that is logged).
+        """Whether the job may run: False if it was cancelled or already succeeded, or if
+        this is a second message of a job that runs (the store's answer to its claim, sent
+        when it arrived or now; then `running` is marked skipped, and that is logged).
 
         Granted without waiting while the store is down (the job runs; its state is recorded
         when the store is back)."""
@@ -229,7 +256,10 @@ class Recorder(Hook):
         if await claimed:
             return True
         running.skipped = True
-        log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, running.task)
+        log.info(
+            "job %s (%s) skipped: it was cancelled, is done, or runs already (this is a second "
+            "message of it)", running.job_id, running.task,
+        )  # fmt: skip
         return False
 
     async def _check_cancels(self) -> None:
@@ -272,6 +302,8 @@ class Recorder(Hook):
             return False
         log.info("job %s (%s): cancel requested, stopping it", job_id, running.task)
         running.request_cancel()
+        for other in self._more.get(job_id, ()):
+            other.request_cancel()
         return True
 
     # -- the hook ---------------------------------------------------------------------------
@@ -287,7 +319,11 @@ class Recorder(Hook):
         running = self._jobs.pop(info.job, None)
         if running is None:
             return
-        self._by_id.pop(running.job_id, None)
+        by_id = self._by_id
+        if by_id.get(running.job_id) is running and not self._more:  # `_forget`, the usual
+            del by_id[running.job_id]
+        else:
+            self._forget(running)
         if running.skipped:
             return
         outcome = info.outcome
