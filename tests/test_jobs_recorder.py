@@ -176,6 +176,7 @@ class Delivery:
         self.message_id = job_id
         self.headers = {"x-workq-task": "t"}
         self.attempt = 1
+        self.redelivered = False
 
 
 async def test_a_delivery_is_claimed_when_it_arrives_and_runs_only_once_granted() -> None:

@@ -229,7 +229,8 @@ class WriteBatches:
                     future.set_result(answer)
             if not all(granted):
                 for write, answer in zip(batch, granted, strict=True):
-                    if write.claim and not answer:  # cancelled, or a cancel was requested
+                    if write.claim and not answer and write.state is JobState.RUNNING:
+                        # cancelled, done, a cancel requested, or a second message of a run
                         self._enqueue(_cancelled(write), None)
             return True
         finally:
@@ -266,7 +267,8 @@ class WriteBatches:
             for write, future in zip(writes, futures, strict=True):
                 if future is not None and not future.done():
                     future.set_result(True)  # the job runs: the queue does not wait for it
-                self._keep(write if not write.claim else _plain(write), older=older)
+                plain = not write.claim or write.state is JobState.CANCELLED  # a follow-up's
+                self._keep(write if plain else _plain(write), older=older)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Record what is pending, waiting at most `timeout` seconds; what is left then is
@@ -301,7 +303,9 @@ def _plain(write: Write) -> Write:
 
 
 def _cancelled(write: Write) -> Write:
+    """The follow-up of a refused claim: the job is cancelled if its cancel was requested (a
+    claim too: the store applies it only then, not to a job that runs elsewhere)."""
     return Write(
         job_id=write.job_id, task=write.task, queue=write.queue, state=JobState.CANCELLED,
-        at=time.time(), attempt=write.attempt, defers=write.defers,
+        at=time.time(), attempt=write.attempt, defers=write.defers, claim=True,
     )  # fmt: skip

@@ -132,8 +132,10 @@ class Member:
         return value
 
     async def skipped(self, running: Running) -> None:
-        """The claim found the job succeeded or cancelled: count it in the group (again: a
-        member counts once) and publish the callback if it was claimed and not published."""
+        """The claim found the job succeeded or cancelled (or its cancel requested): count it
+        in the group (again: a member counts once) and publish the callback if it was claimed
+        and not published. A second message of a member that runs elsewhere (the group was
+        enqueued again) counts nothing: that run finishes it."""
         try:
             record = await self._store_get(running.job_id)
         except StoreError as exc:
@@ -145,6 +147,12 @@ class Member:
             write = running.write(JobState.CANCELLED)
         else:
             status = record.status
+            if not status.done and not status.cancel_requested:
+                log.info(
+                    "group %s: job %s runs elsewhere; its second message is skipped",
+                    self.group_id, running.job_id,
+                )  # fmt: skip
+                return
             state = status.state if status.done else JobState.CANCELLED
             write = Write(
                 job_id=running.job_id, task=running.task, queue=running.queue, state=state,

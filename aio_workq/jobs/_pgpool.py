@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from psycopg import AsyncConnection
 from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from ._errors import StoreError
 
@@ -102,15 +102,22 @@ class StorePool:
         acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
 
         async def use() -> T:
-            try:
-                async with self._pool.connection(timeout=self._timeout) as conn:
-                    acquired.append(True)
-                    self._stuck = False
-                    return await operation(conn)
-            except BaseException:  # a caller's timeout too (the recorder's is the store's)
-                if not acquired:
-                    self._unreachable()
-                raise
+            while True:
+                pool = self._pool
+                try:
+                    async with pool.connection(timeout=self._timeout) as conn:
+                        acquired.append(True)
+                        self._stuck = False
+                        return await operation(conn)
+                except PoolClosed:
+                    if acquired or self._pool is pool:
+                        raise
+                    # A fresh pool replaced the one this waited on (`_probe`): the server
+                    # answers again, so wait on the fresh one (within the caller's bound).
+                except BaseException:  # a caller's timeout too (the recorder's is the store's)
+                    if not acquired:
+                        self._unreachable()
+                    raise
 
         if not detach:
             try:

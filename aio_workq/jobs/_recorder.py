@@ -72,6 +72,8 @@ class Running:
     defers: int = 0
     since: float = 0.0
     """When the delivery arrived (`time.time()`)."""
+    redelivered: bool = False
+    """The delivery came back to the queue (its claim may take over a job recorded running)."""
     handler: asyncio.Task[Any] | None = None
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `run_task` takes that cancellation back)."""
@@ -160,6 +162,10 @@ class Recorder(Hook):
         self.store = store
         self._jobs: dict[JobView, Running] = {}
         self._by_id: dict[str, Running] = {}
+        self._more: dict[str, list[Running]] = {}
+        """Other deliveries of a job id `_by_id` has (a second message, a redelivery while
+        the first still runs here): a cancel reaches them too, and one of them takes the
+        first's place in `_by_id` when it ends."""
         self._batches = WriteBatches(store, buffer=buffer, timeout=timeout)
         self._checker: asyncio.Task[None] | None = None
 
@@ -167,7 +173,29 @@ class Recorder(Hook):
 
     def begin(self, job: JobView, running: Running) -> None:
         self._jobs[job] = running
-        self._by_id[running.job_id] = running
+        self._follow(running)
+
+    def _follow(self, running: Running) -> None:
+        """Find `running` by its id (behind a delivery of the same id that is here first)."""
+        if self._by_id.setdefault(running.job_id, running) is not running:
+            self._more.setdefault(running.job_id, []).append(running)
+
+    def _forget(self, running: Running) -> None:
+        """`running` ended: another delivery of its id here, if any, takes its place."""
+        job_id = running.job_id
+        if self._by_id.get(job_id) is running:
+            del self._by_id[job_id]
+            if not self._more:
+                return
+            more = self._more.get(job_id)
+            if more:
+                self._by_id[job_id] = more.pop(0)
+        else:
+            more = self._more.get(job_id)
+            if more and running in more:
+                more.remove(running)
+        if more is not None and not more:
+            del self._more[job_id]
 
     def running(self, job: JobView) -> Running | None:
         """The tracked job of this delivery (`handling` made it), if any."""
@@ -177,10 +205,12 @@ class Recorder(Hook):
         """A delivery arrived: follow its job (if it has an id) and send its claim now."""
         headers: Mapping[str, Any]
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
-            properties = job.delivery.properties
+            delivery = job.delivery
+            properties = delivery.properties
             job_id, headers = properties.message_id, properties.headers or {}
+            redelivered = delivery.redelivered
         else:
-            job_id, headers = job.message_id, job.headers
+            job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
         if not job_id:
             return None
         attempt = headers.get(ATTEMPT_HEADER, 1)  # as `Job.attempt`
@@ -189,13 +219,14 @@ class Recorder(Hook):
         name = headers.get(TASK_HEADER)
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
         now = time.time()
-        running = Running(job_id, str(name), queue, attempt, defers, now)
+        running = Running(job_id, str(name), queue, attempt, defers, now, redelivered)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
-        self._by_id[job_id] = running
+        if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
+            self._more.setdefault(job_id, []).append(running)
         running.claimed = self._batches.commit(
             Write(
                 job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
-                at=now, attempt=attempt, defers=defers, claim=True,
+                at=now, attempt=attempt, defers=defers, claim=True, requeue=redelivered,
             )
         )  # fmt: skip
         if self._checker is None:
@@ -208,14 +239,14 @@ class Recorder(Hook):
         write = Write(
             job_id=running.job_id, task=running.task, queue=running.queue,
             state=JobState.RUNNING, at=time.time(), attempt=running.attempt,
-            defers=running.defers, claim=True,
+            defers=running.defers, claim=True, requeue=running.redelivered,
         )  # fmt: skip
         return self._batches.commit(write)
 
     async def claim(self, running: Running) -> bool:
-        """Whether the job may run: False if it was cancelled or already succeeded (the
-        store's answer to its claim, sent when it arrived or now; then `running` is marked
-        skipped, and that is logged).
+        """Whether the job may run: False if it was cancelled or already succeeded, or if
+        this is a second message of a job that runs (the store's answer to its claim, sent
+        when it arrived or now; then `running` is marked skipped, and that is logged).
 
         Granted without waiting while the store is down (the job runs; its state is recorded
         when the store is back)."""
@@ -225,7 +256,10 @@ class Recorder(Hook):
         if await claimed:
             return True
         running.skipped = True
-        log.info("job %s (%s) skipped: it was cancelled or is done", running.job_id, running.task)
+        log.info(
+            "job %s (%s) skipped: it was cancelled, is done, or runs already (this is a second "
+            "message of it)", running.job_id, running.task,
+        )  # fmt: skip
         return False
 
     async def _check_cancels(self) -> None:
@@ -268,6 +302,8 @@ class Recorder(Hook):
             return False
         log.info("job %s (%s): cancel requested, stopping it", job_id, running.task)
         running.request_cancel()
+        for other in self._more.get(job_id, ()):
+            other.request_cancel()
         return True
 
     # -- the hook ---------------------------------------------------------------------------
@@ -283,7 +319,11 @@ class Recorder(Hook):
         running = self._jobs.pop(info.job, None)
         if running is None:
             return
-        self._by_id.pop(running.job_id, None)
+        by_id = self._by_id
+        if by_id.get(running.job_id) is running and not self._more:  # `_forget`, the usual
+            del by_id[running.job_id]
+        else:
+            self._forget(running)
         if running.skipped:
             return
         outcome = info.outcome

@@ -113,8 +113,11 @@ class Write(_WriteFields):
     a record past its TTL counts as absent. A requeue (`requeue=True`: the worker hands a
     running job back to the queue, `QUEUED` over `RUNNING` in the same run) applies too; the
     enqueue's own `QUEUED` record, which can land after the worker's claim, never does. A claim
-    (`claim=True`, state `RUNNING`) is the worker's check at delivery:
-    granted unless the job is already succeeded or cancelled.
+    (`claim=True`, state `RUNNING`) is the worker's check at delivery: granted unless the job
+    is already succeeded or cancelled, its cancel was requested, or it is running or retrying
+    in the same run or a later one and the delivery was not redelivered (`requeue=True` on a
+    claim: the message came back to the queue, its worker gone). A refused claim is followed
+    by a `CANCELLED` claim, applied only to a job whose cancel was requested.
 
     Immutable, built with keyword arguments: `job_id`, `task`, `queue`, `state`, `at` (Unix
     seconds of the change), then optionally `attempt` (1), `defers` (0), `claim`, `requeue`,

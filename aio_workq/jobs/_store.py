@@ -18,8 +18,8 @@ from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
 from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, timestamp
 
 __all__ = (
-    "CLAIM", "DAY", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL", "check_ttl",
-    "row_record", "rounds", "write_params",
+    "CLAIM", "DAY", "RECLAIM", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL",
+    "check_ttl", "row_record", "rounds", "write_params",
 )  # fmt: skip
 
 DAY = 86_400.0
@@ -122,13 +122,22 @@ class SQL:
             " OR ({requeue} AND excluded.state = 'queued' AND j.state = 'running'"
             " AND excluded.attempt = j.attempt AND excluded.defers = j.defers)"
         )
-        claim_rule = "NOT j.cancel_requested"
+        # A claim is refused for a cancel request, and, unless its delivery came back to the
+        # queue (`requeue`: redelivered), for a job already past its queue in the same run or
+        # a later one: a second message of one job id (two processes enqueued it at once)
+        # must not run it again beside the first. The refused claim's follow-up (`CANCELLED`,
+        # also a claim) turns a job cancelled only if its cancel was requested.
+        claim_rule = (
+            "CASE WHEN excluded.state = 'cancelled' THEN j.cancel_requested"
+            " ELSE NOT j.cancel_requested AND ({requeue} OR j.state NOT IN ('running', 'retrying')"
+            " OR (excluded.attempt, excluded.defers) > (j.attempt, j.defers)) END"
+        )
         values = """VALUES (
                 :job_id, :task, :queue, :state, :rank, :attempt, :defers, :next_retry_at,
                 :error_type, :error_message, :result, :content_type, FALSE, :at, :started_at,
                 :finished_at, :at, :expires_at)"""
         self.write = upsert.format(source=values, rule=write_rule.format(requeue=":requeue"))
-        self.claim = upsert.format(source=values, rule=claim_rule)
+        self.claim = upsert.format(source=values, rule=claim_rule.format(requeue=":requeue"))
         self._parts: dict[str, str] = {}
         if rows is not None:
             terminal = ", ".join(sorted(f"'{state.value}'" for state in TERMINAL))
@@ -140,7 +149,8 @@ class SQL:
                 "FROM ({rows}) AS w"
             )
             rules = {
-                CLAIM: claim_rule,
+                CLAIM: claim_rule.format(requeue="FALSE"),
+                RECLAIM: claim_rule.format(requeue="TRUE"),
                 WRITE: write_rule.format(requeue="FALSE"),
                 REQUEUE: write_rule.format(requeue="TRUE"),
             }
@@ -177,8 +187,9 @@ class SQL:
         return f"WITH {ctes} {union}"
 
 
-CLAIM, WRITE, REQUEUE = "claim", "write", "requeue"
-"""The kinds of write a round statement applies, each under its rule."""
+CLAIM, RECLAIM, WRITE, REQUEUE = "claim", "reclaim", "write", "requeue"
+"""The kinds of write a round statement applies, each under its rule (`RECLAIM`: the claim of
+a redelivered message)."""
 
 
 def rounds(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
@@ -194,7 +205,10 @@ def rounds(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
         seen[write.job_id] = k + 1
         if k == len(plan):
             plan.append({})
-        kind = CLAIM if write.claim else REQUEUE if write.requeue else WRITE
+        if write.claim:
+            kind = RECLAIM if write.requeue else CLAIM
+        else:
+            kind = REQUEUE if write.requeue else WRITE
         plan[k].setdefault(kind, []).append(i)
     job_ids = [write.job_id for write in writes]
     for kinds in plan:
@@ -280,8 +294,17 @@ class MemoryStore:
             if row["state"] in ("succeeded", "cancelled"):
                 return False
             if write.claim:
-                if row["cancel_requested"]:
+                if write.state is JobState.CANCELLED:  # a refused claim's follow-up
+                    if not row["cancel_requested"]:
+                        return False
+                elif row["cancel_requested"]:
                     return False
+                elif (
+                    not write.requeue
+                    and row["state"] in ("running", "retrying")
+                    and (write.attempt, write.defers) <= (row["attempt"], row["defers"])
+                ):
+                    return False  # a second message of the same run (see SQL)
             else:
                 newer = (write.attempt, write.defers, write.rank) > (
                     row["attempt"], row["defers"], row["rank"],
