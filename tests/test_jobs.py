@@ -21,10 +21,12 @@ import pytest
 from aio_workq import PresenceWatcher, Producer, RetryPolicy, Worker, WorkerPresence
 from aio_workq._consume import subscription as subscription_module
 from aio_workq.jobs import (
+    CancelRequests,
     JobCancelledError,
     JobFailedError,
     JobHandle,
     JobNotFoundError,
+    JobRecord,
     JobState,
     JobStatus,
     JobTimeoutError,
@@ -322,11 +324,37 @@ async def test_a_running_async_task_is_cancelled_through_the_control_exchange(
             await job.result()
 
 
+class _OneByOne:
+    """A store of one's own, without `CancelRequests`: a worker asks it with `get()`."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+        self.ttl = store.ttl
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        return await self._store.record(writes)
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        return await self._store.get(job_id)
+
+    async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
+        return await self._store.cancel(job_id, now=now)
+
+    async def purge(self) -> int:
+        return await self._store.purge()
+
+    async def close(self) -> None:
+        await self._store.close()
+
+
+@pytest.mark.parametrize("reads", ["all at once", "one by one"])
 async def test_a_cancel_request_no_worker_heard_still_stops_the_running_job(
     amqp_url: str,
-    make_tasks: Callable[..., Tasks],
+    producer: Producer,
+    tmp_path: Path,
     queue_name: str,
     monkeypatch: pytest.MonkeyPatch,
+    reads: str,
 ) -> None:
     """The request to stop a running job travels on `workq.control`, and a broadcast is heard
     only by the workers bound at that moment: here the exchange was deleted (its bindings with
@@ -335,7 +363,10 @@ async def test_a_cancel_request_no_worker_heard_still_stops_the_running_job(
     store every `CANCEL_CHECK_EVERY` seconds."""
     monkeypatch.setattr(subscription_module, "REBIND_EVERY", 3600.0)  # no rebinding to help
     monkeypatch.setattr(recorder_module, "CANCEL_CHECK_EVERY", 0.2)
-    tasks = make_tasks()
+    sqlite = SQLiteStore(tmp_path / "jobs.db")
+    store = sqlite if reads == "all at once" else _OneByOne(sqlite)
+    assert isinstance(store, CancelRequests) is (reads == "all at once")
+    tasks = Tasks(producer=producer, store=store)
     forever, started, cancelled = _forever(tasks, queue_name)
     job = await forever.enqueue()
     connection = await aio_pika.connect(amqp_url)

@@ -29,6 +29,7 @@ from aio_workq.cli._errors import TargetError
 from aio_workq.cli._target import WorkerOptions, build_workers
 from aio_workq.jobs import (
     Cancelled,
+    CancelRequests,
     JobState,
     JobStore,
     MemoryStore,
@@ -105,6 +106,10 @@ async def check_cancel(store: JobStore) -> None:
     assert await store.record([w(JobState.RUNNING, "queued", claim=True)]) == [False]
     status = await store.cancel("running", now=time.time())
     assert status is not None and status.state is JobState.RUNNING and status.cancel_requested
+    # Many flags in one read: a task worker's check of its long-running jobs.
+    assert isinstance(store, CancelRequests)
+    assert await store.cancel_requested(["queued", "running", "nobody"]) == {"running"}
+    assert await store.cancel_requested([]) == set()
     # A redelivery of a job whose cancel was requested is not run again.
     assert await store.record([w(JobState.RUNNING, "running", claim=True)]) == [False]
     assert await store.record([w(JobState.CANCELLED, "running")]) == [True]

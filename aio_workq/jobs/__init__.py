@@ -49,6 +49,7 @@ from ._status import JobRecord as JobRecord
 from ._status import JobState as JobState
 from ._status import JobStatus as JobStatus
 from ._status import Write as Write
+from ._store import CancelRequests as CancelRequests
 from ._store import JobStore as JobStore
 from ._store import MemoryStore as MemoryStore
 from ._tasks import Task as Task
@@ -56,6 +57,7 @@ from ._tasks import Tasks as Tasks
 
 __all__ = [
     "Cancelled",
+    "CancelRequests",
     "CONTROL_EXCHANGE",
     "current_job",
     "group",

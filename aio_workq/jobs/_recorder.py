@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
 from ._status import JobState, Write
-from ._store import JobStore
+from ._store import CancelRequests, JobStore
 
 __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
 
@@ -276,31 +276,42 @@ class Recorder(Hook):
             if self._batches.down:
                 continue
             due = time.time() - CANCEL_CHECK_EVERY
-            jobs = [r for r in self._by_id.values() if r.since <= due and not r.cancelled]
+            ids = [r.job_id for r in self._by_id.values() if r.since <= due and not r.cancelled]
+            if not ids:
+                continue
             try:
-                for running in jobs:
-                    if running.skipped or running.cancelled:
-                        continue
-                    async with asyncio.timeout(_CHECK_TIMEOUT):
-                        record = await self.store.get(running.job_id)
-                    if record is not None and record.status.cancel_requested:
-                        if self._by_id.get(running.job_id) is running:
-                            log.info(
-                                "job %s (%s): its cancel request was found in the store, "
-                                "stopping it", running.job_id, running.task,
-                            )  # fmt: skip
-                            running.request_cancel()
+                for job_id in await self._cancel_requested(ids):
+                    self._stop(job_id, "its cancel request was found in the store")
             except (StoreError, TimeoutError) as exc:  # the next round asks again
                 log.debug("checking running jobs for cancel requests: %r", exc)
             except Exception:  # a store's own bug must not end the checks (as the rounds')
                 log.exception("checking running jobs for cancel requests failed")
 
+    async def _cancel_requested(self, job_ids: list[str]) -> Iterable[str]:
+        """Those of `job_ids` whose cancel the store holds: one read (`CancelRequests`), or a
+        `get()` each from a store without it."""
+        store = self.store
+        if isinstance(store, CancelRequests):
+            async with asyncio.timeout(_CHECK_TIMEOUT):
+                return await store.cancel_requested(job_ids)
+        requested = []
+        for job_id in job_ids:
+            async with asyncio.timeout(_CHECK_TIMEOUT):
+                record = await store.get(job_id)
+            if record is not None and record.status.cancel_requested:
+                requested.append(job_id)
+        return requested
+
     def cancel_local(self, job_id: str) -> bool:
         """A cancel request from the control exchange: stop the job if it runs here."""
+        return self._stop(job_id, "cancel requested")
+
+    def _stop(self, job_id: str, why: str) -> bool:
+        """Stop every delivery of `job_id` running here; False if none is."""
         running = self._by_id.get(job_id)
         if running is None:
             return False
-        log.info("job %s (%s): cancel requested, stopping it", job_id, running.task)
+        log.info("job %s (%s): %s, stopping it", job_id, running.task, why)
         running.request_cancel()
         for other in self._more.get(job_id, ()):
             other.request_cancel()

@@ -8,6 +8,7 @@ store, never on the event loop, and a batch of writes commits in one transaction
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
@@ -36,6 +37,8 @@ from ._store import DAY, SQL, check_ttl, row_record, write_params
 __all__ = ("SQLiteStore",)
 
 _T = TypeVar("_T")
+_JSON_IDS = "SELECT value FROM json_each(:ids)"  # the ids, a JSON array
+
 log = logging.getLogger("aio_workq.jobs")
 
 _SCHEMA = """
@@ -188,6 +191,14 @@ class SQLiteStore:
 
         row = await self._run(read, f"reading job {job_id}")
         return None if row is None else row_record(row)
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": json.dumps(list(job_ids)), "now": time.time()}
+
+        def read(conn: sqlite3.Connection) -> Any:
+            return conn.execute(self._sql.cancels.format(ids=_JSON_IDS), params).fetchall()
+
+        return {row[0] for row in await self._run(read, "reading cancel requests")}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}

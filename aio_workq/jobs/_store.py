@@ -18,8 +18,8 @@ from ._groupstore import CallbackDue, GroupSpec, MemoryGroups
 from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, timestamp
 
 __all__ = (
-    "CLAIM", "DAY", "RECLAIM", "REQUEUE", "ROWS", "WRITE", "JobStore", "MemoryStore", "SQL",
-    "check_ttl", "row_record", "rounds", "write_params",
+    "CLAIM", "DAY", "RECLAIM", "REQUEUE", "ROWS", "WRITE", "CancelRequests", "JobStore",
+    "MemoryStore", "SQL", "check_ttl", "row_record", "rounds", "write_params",
 )  # fmt: skip
 
 DAY = 86_400.0
@@ -56,6 +56,17 @@ class JobStore(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads; the store may not be used afterwards."""
+        ...
+
+
+@runtime_checkable
+class CancelRequests(Protocol):
+    """A store that reads many jobs' cancel flags at once (`SQLiteStore`, `PostgresStore`,
+    `MemoryStore`): a task worker's check of its long-running jobs is then one read a round,
+    where a store without it is asked with `get()`, a job at a time."""
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        """Those of `job_ids` whose cancel was requested (a record past its TTL is absent)."""
         ...
 
 
@@ -159,6 +170,10 @@ class SQL:
                 for kind, rule in rules.items()
             }
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
+        self.cancels = (  # `{ids}`: the store's way to take a list of ids
+            f"SELECT job_id FROM {table} WHERE job_id IN ({{ids}}) AND cancel_requested "
+            "AND expires_at > :now"
+        )
         self.cancel_waiting = (
             f"UPDATE {table} SET state = 'cancelled', rank = {RANK[JobState.CANCELLED]}, "
             "next_retry_at = NULL, finished_at = :now, updated_at = :now, expires_at = :expires "
@@ -333,6 +348,11 @@ class MemoryStore:
         if row is None or row["expires_at"] <= time.time():
             return None
         return row_record(row)
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        now = time.time()
+        rows = filter(None, map(self._rows.get, job_ids))
+        return {r["job_id"] for r in rows if r["cancel_requested"] and r["expires_at"] > now}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         row = self._rows.get(job_id)

@@ -159,6 +159,7 @@ class PostgresStore:
         self._arrays: weakref.WeakSet[Any] = weakref.WeakSet()  # connections that send them
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
+        self._cancels = _psycopg(sql.cancels.format(ids="SELECT unnest(:ids::text[])"))
         self._recent = _psycopg(sql.recent)
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
         self._cancel_running = _psycopg(sql.cancel_running)
@@ -250,6 +251,15 @@ class PostgresStore:
 
         row = await self._run(f"reading job {job_id}", read)
         return None if row is None else row_record(row)
+
+    async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": list(job_ids), "now": time.time()}
+
+        async def read(conn: Any) -> Any:
+            cursor = await conn.execute(self._cancels, params)
+            return await cursor.fetchall()
+
+        return {row[0] for row in await self._run("reading cancel requests", read)}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
