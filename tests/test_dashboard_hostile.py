@@ -1,0 +1,79 @@
+"""The dashboard against hostile or unusual content on a real broker: message and job ids a
+publisher chose, huge dead letters."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+from urllib.parse import quote
+
+import pytest
+
+from aio_workq import Producer, Worker
+from aio_workq.dashboard import Dashboard, Security
+from aio_workq.jobs import JobState, MemoryStore, Write
+from tests.helpers import queue_depth, wait_until
+from tests.test_dashboard import EVIL, TOKEN, reject, served
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def dead_letters_of(
+    amqp_url: str, queue: str, messages: list[tuple[Any, dict[str, Any]]]
+) -> None:
+    """Publish each `(body, options)` to `queue` and let a worker dead-letter them all."""
+    async with Producer(amqp_url) as producer:
+        for body, options in messages:
+            await producer.publish(body, queue=queue, **options)
+        async with Worker(amqp_url, queue=queue, handler=reject, retry=None, concurrency=10):
+            letters = producer.dead_letters(queue)
+
+            async def all_there() -> bool:
+                return await letters.count() == len(messages)
+
+            await wait_until(all_there, timeout=20)
+
+
+@pytest.mark.broker
+async def test_dead_letters_with_the_publishers_own_ids_are_shown_and_replayed(
+    amqp_url: str, queue_name: str
+) -> None:
+    ids = ["order 42", EVIL, "ünïcode-id", "a/b?c#d"]
+    await dead_letters_of(amqp_url, queue_name, [("m", {"message_id": one}) for one in ids])
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="",
+                          security=Security(allow_actions=True, tokens=(TOKEN,)))  # fmt: skip
+    async with served(dashboard) as client:
+        listing = await client.get(f"/dead-letters/{queue_name}", headers=AUTH)
+        assert listing.status_code == 200 and EVIL not in listing.text
+        links = re.findall(r'<a href="/workq(/dead-letters/[^"]+/[^"]+)">', listing.text)
+        assert len(links) == len(ids)
+        for link in links:  # every link the listing gives leads to its dead letter
+            shown = await client.get(link.replace("&amp;", "&"), headers=AUTH)
+            assert shown.status_code == 200, (link, shown.text)
+            assert EVIL not in shown.text
+        started = await client.post(f"/dead-letters/{queue_name}/replay", headers=AUTH,
+                                    data={"scope": "selected", "id": ids[:2]})  # fmt: skip
+        assert started.status_code == 303, started.text
+        progress = started.headers["location"].removeprefix("/workq")
+
+        async def finished() -> bool:
+            return "Done: 2 replayed" in (await client.get(progress)).text
+
+        await wait_until(finished, timeout=20)
+    assert await queue_depth(amqp_url, queue_name) == 2
+    assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2
+
+
+async def test_a_job_with_an_id_of_its_users_choice_is_looked_up() -> None:
+    store = MemoryStore()
+    await store.record([Write(job_id="invoice 2026/12", task="app.bill", queue="bills",
+                              state=JobState.QUEUED, at=time.time())])  # fmt: skip
+    dashboard = Dashboard(url="amqp://guest:guest@127.0.0.1:1/", store=store, management_url="")
+    async with served(dashboard) as client:
+        found = await client.get("/jobs", params={"id": "invoice 2026/12"}, follow_redirects=True)
+        assert found.status_code == 200 and "app.bill" in found.text
+        direct = await client.get("/jobs/" + quote("invoice 2026/12", safe=""))
+        assert direct.status_code == 200 and "app.bill" in direct.text
+        control = await client.get("/jobs/" + quote("bad\x01id", safe=""))
+        assert control.status_code == 400
