@@ -8,6 +8,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import pytest
 
 from aio_workq import Producer, Worker
@@ -77,3 +78,42 @@ async def test_a_job_with_an_id_of_its_users_choice_is_looked_up() -> None:
         assert direct.status_code == 200 and "app.bill" in direct.text
         control = await client.get("/jobs/" + quote("bad\x01id", safe=""))
         assert control.status_code == 400
+
+
+async def publish_raw(amqp_url: str, queue: str, body: bytes, headers: dict[str, Any]) -> None:
+    """A message put straight into `queue` by another publisher (no aio-workq checks)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        message = aio_pika.Message(body, headers=headers, message_id=f"raw-{len(body)}")
+        await channel.default_exchange.publish(message, routing_key=queue)
+
+
+@pytest.mark.broker
+async def test_a_huge_dead_letter_gives_a_page_of_bounded_size(
+    amqp_url: str, queue_name: str
+) -> None:
+    await dead_letters_of(amqp_url, queue_name, [("small", {})])
+    huge = 16 * 1024 * 1024
+    long_text = EVIL + "x" * 30_000  # three of them fill a frame, as headers must
+    headers = {
+        "x-workq-exception-type": "app.Broken",
+        "x-workq-exception-message": long_text,
+        "x-workq-traceback": long_text,
+        "x-other": long_text,
+    }
+    await publish_raw(amqp_url, f"{queue_name}.dlq", b"\xff" * huge, headers)
+    await publish_raw(amqp_url, f"{queue_name}.dlq", b"y" * huge, headers)
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="")
+    async with served(dashboard) as client:
+        listing = await client.get(f"/dead-letters/{queue_name}")
+        assert listing.status_code == 200 and "3 shown of 3" in listing.text
+        assert len(listing.content) < 40_000, len(listing.content)
+        assert EVIL not in listing.text
+        for size in (huge, huge):
+            page = await client.get(f"/dead-letters/{queue_name}/raw-{size}")
+            assert page.status_code == 200
+            assert len(page.content) < 200_000, len(page.content)
+            assert "16,777,216 bytes" in page.text  # says how much there is, and that it is cut
+            assert "aio-workq dlq show" in page.text
+            assert EVIL not in page.text

@@ -4,6 +4,7 @@ letter, and the replay (in the background, with progress) and purge (asked first
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from urllib.parse import urlencode
 
 from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
@@ -20,6 +21,8 @@ __all__ = ("DeadLetterPages",)
 _MAX_NAME = 255
 _SHOWN_LETTERS = 200
 _BODY_PREVIEW = 80
+_BODY_SHOWN = 64 * 1024
+"""The bytes of a dead letter's body its page shows (`aio-workq dlq show --json` has all)."""
 
 
 class DeadLetterPages:
@@ -118,12 +121,12 @@ class DeadLetterPages:
                 f"no dead letter with message id {wanted!r} in {queue + '.dlq'!r} "
                 "(replayed or purged meanwhile?)",
             )  # fmt: skip
-        data = letter_json(letter)
+        data = letter_json(replace(letter, body=_clip(letter.body)))
         headers = sorted(data["headers"].items())
         traceback = str(data["headers"].get("x-workq-traceback", "") or "")
         return self._site.render(
             request, "dead_letter.html", queue=queue, letter=data, headers=headers,
-            traceback=traceback,
+            traceback=traceback, size=len(letter.body), cut=len(letter.body) > _BODY_SHOWN,
         )  # fmt: skip
 
     async def replay(self, request: Request, match: dict[str, str]) -> Response:
@@ -180,3 +183,17 @@ class DeadLetterPages:
             raise PageError(404, "No such action", "it ended long ago, or the dashboard restarted")
         template = "_action.html" if request.htmx else "action.html"
         return self._site.render(request, template, action=action)
+
+
+def _clip(body: bytes) -> bytes:
+    """The first `_BODY_SHOWN` bytes of `body`, a UTF-8 character cut in half left out."""
+    if len(body) <= _BODY_SHOWN:
+        return body
+    shown = body[:_BODY_SHOWN]
+    for end in range(len(shown), len(shown) - 4, -1):
+        try:
+            shown[:end].decode()
+        except UnicodeDecodeError:
+            continue
+        return shown[:end]
+    return shown

@@ -17,6 +17,7 @@ from ._http import Request, Response, quote_path
 __all__ = (
     "PageError",
     "Site",
+    "clip",
     "cookie",
     "duration",
     "message_id",
@@ -73,6 +74,7 @@ class Site:
             csrf=self.security.csrf_token(session) if session else "",
             when=when,
             number=number,
+            clip=clip,
             **context,
         )
         return Response(status=status, body=body.encode())
@@ -170,6 +172,15 @@ def duration(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def clip(value: object, limit: int) -> str:
+    """`value` as text, at most `limit` characters of it (a page stays small whatever a header,
+    an exception message or a traceback holds)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def number(value: float | None, digits: int = 0) -> str:
