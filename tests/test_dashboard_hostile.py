@@ -3,17 +3,20 @@ publisher chose, huge dead letters."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import aio_pika
+import httpx
 import pytest
 
 from aio_workq import Producer, Worker
 from aio_workq.dashboard import Dashboard, Security
 from aio_workq.jobs import JobState, MemoryStore, Write
+from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth, wait_until
 from tests.test_dashboard import EVIL, TOKEN, reject, served
 
@@ -117,3 +120,30 @@ async def test_a_huge_dead_letter_gives_a_page_of_bounded_size(
             assert "16,777,216 bytes" in page.text  # says how much there is, and that it is cut
             assert "aio-workq dlq show" in page.text
             assert EVIL not in page.text
+
+
+@pytest.mark.broker
+async def test_a_broker_that_never_answers_holds_no_tab_for_one_connect_after_another(
+    amqp_url: str, queue_name: str
+) -> None:
+    port = urlsplit(amqp_url).port
+    assert port is not None
+    async with FaultProxy(upstream_port=port) as proxy:
+        proxy.black_hole()  # connections accepted, nothing ever answered
+        dashboard = Dashboard(url=proxy.url(amqp_url), queues=[queue_name], management_url="")
+        async with served(dashboard) as client:
+            client.timeout = httpx.Timeout(60)
+
+            async def poll() -> tuple[float, str]:
+                started = time.monotonic()
+                page = await client.get("/fragments/queues", headers={"HX-Request": "true"})
+                return time.monotonic() - started, page.text
+
+            # Five tabs polling at once: each waits for the connects under way (the beats'
+            # watcher's, then the queues'; 10 s each), not for one tab's after the other's.
+            polls = await asyncio.gather(*(poll() for _ in range(5)))
+            for took, text in polls:
+                assert "cannot connect" in text
+                assert took < 25, [round(took, 1) for took, _ in polls]
+            took, _ = await poll()  # the watcher failed a moment ago: not tried again yet
+            assert took < 15
