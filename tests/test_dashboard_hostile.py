@@ -16,6 +16,7 @@ import pytest
 from aio_workq import Producer, Worker
 from aio_workq.dashboard import Dashboard, Security
 from aio_workq.jobs import JobState, MemoryStore, Write
+from scripts.broker import LocalBroker
 from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth, wait_until
 from tests.test_dashboard import EVIL, TOKEN, reject, served
@@ -147,3 +148,25 @@ async def test_a_broker_that_never_answers_holds_no_tab_for_one_connect_after_an
                 assert took < 25, [round(took, 1) for took, _ in polls]
             took, _ = await poll()  # the watcher failed a moment ago: not tried again yet
             assert took < 15
+
+
+@pytest.mark.broker
+async def test_the_overview_recovers_when_the_broker_closes_its_connection(
+    amqp_url: str, queue_name: str, local_broker: LocalBroker
+) -> None:
+    await dead_letters_of(amqp_url, queue_name, [("m", {})])
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="")
+    async with served(dashboard) as client:
+        first = await client.get("/fragments/queues")
+        assert first.status_code == 200 and f'data-queue="{queue_name}"' in first.text
+        # as a broker restart or an operator does: CONNECTION_FORCED on every connection
+        await asyncio.to_thread(local_broker.ctl, "close_all_connections", "test")
+        closed = time.time()
+
+        async def back() -> bool:
+            page = await client.get("/fragments/queues")
+            assert page.status_code == 200, page.text  # never the 500 page
+            snap = await dashboard.queues.snapshot()  # the one the page showed, or a newer one
+            return snap.taken > closed and snap.error is None and bool(snap.row(queue_name))
+
+        await wait_until(back, timeout=20)
