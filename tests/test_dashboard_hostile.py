@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import tracemalloc
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -170,3 +171,34 @@ async def test_the_overview_recovers_when_the_broker_closes_its_connection(
             return snap.taken > closed and snap.error is None and bool(snap.row(queue_name))
 
         await wait_until(back, timeout=20)
+
+
+@pytest.mark.broker
+async def test_listing_many_large_dead_letters_keeps_only_those_it_shows(
+    amqp_url: str, queue_name: str
+) -> None:
+    await dead_letters_of(amqp_url, queue_name, [("first", {})])
+    body = b"x" * 64 * 1024
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await asyncio.gather(*(
+            channel.default_exchange.publish(
+                aio_pika.Message(body, message_id=f"big-{i}"), routing_key=f"{queue_name}.dlq"
+            )
+            for i in range(800)
+        ))  # fmt: skip
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="")
+    async with served(dashboard) as client:
+        client.timeout = httpx.Timeout(60)
+        tracemalloc.start()
+        try:
+            listing = await client.get(f"/dead-letters/{queue_name}")
+            one = await client.get(f"/dead-letters/{queue_name}/big-799")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert listing.status_code == 200 and "200 shown of 801" in listing.text
+    assert one.status_code == 200 and "big-799" in one.text
+    # 801 dead letters of 64 KiB are 51 MiB: the pages keep the 200 shown (13 MiB), not all
+    assert peak < 32 * 1024 * 1024, peak // 1024 // 1024

@@ -64,10 +64,6 @@ class DeadLetterPages:
             given,
         )
 
-    async def _letters(self, queue: str) -> list[DeadLetter]:
-        letters, _ = await self._dead_letters(queue)
-        return await letters.find()
-
     async def _dead_letters(self, queue: str) -> tuple[DeadLetters, int]:
         """The queue's dead letters, and how many wait there.
 
@@ -90,9 +86,23 @@ class DeadLetterPages:
     async def listing(self, request: Request, match: dict[str, str]) -> Response:
         queue = queue_name(match["queue"])
         where, given = self._filter(request)
-        every = await self._letters(queue)
-        letters = [letter for letter in every if where(letter)]
-        short = short_ids([letter.message_id for letter in every if letter.message_id])
+        dead, _ = await self._dead_letters(queue)
+        # One pass counts them all but keeps only the letters shown: a queue of large dead
+        # letters is not held in memory for a page of 200 rows.
+        ids: list[str] = []
+        counted = {"total": 0, "matching": 0}
+
+        def shown(letter: DeadLetter) -> bool:
+            counted["total"] += 1
+            if letter.message_id:
+                ids.append(letter.message_id)
+            if not where(letter):
+                return False
+            counted["matching"] += 1
+            return counted["matching"] <= _SHOWN_LETTERS
+
+        letters = await dead.find(shown)
+        short = short_ids(ids)
         rows = [
             {
                 "id": letter.message_id or "",
@@ -102,19 +112,20 @@ class DeadLetterPages:
                 "failed_at": letter.failed_at,
                 "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
             }
-            for letter in letters[:_SHOWN_LETTERS]
+            for letter in letters
         ]
         return self._site.render(
-            request, "dead_letter_list.html", queue=queue, rows=rows, total=len(every),
-            matching=len(letters), filtered=not where.empty, given=given,
+            request, "dead_letter_list.html", queue=queue, rows=rows, total=counted["total"],
+            matching=counted["matching"], filtered=not where.empty, given=given,
             filter_query=urlencode({k: v for k, v in given.items() if v}),
         )  # fmt: skip
 
     async def show(self, request: Request, match: dict[str, str]) -> Response:
         queue = queue_name(match["queue"])
         wanted = message_id(match["id"])
-        letters = await self._letters(queue)
-        letter = next((one for one in letters if one.message_id == wanted), None)
+        dead, _ = await self._dead_letters(queue)
+        found = await dead.find(lambda one: one.message_id == wanted, limit=1)
+        letter = found[0] if found else None
         if letter is None:
             raise PageError(
                 404, "No such dead letter",
