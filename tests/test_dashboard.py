@@ -105,10 +105,11 @@ async def test_bad_input_gets_a_message_page_with_a_4xx_never_a_traceback() -> N
     dashboard = board()
     cases = {
         "/nowhere": 404,
-        "/dead-letters/q/bad%20id%3Cb%3E": 400,  # a malformed message id
+        "/dead-letters/q/bad%01id%3Cb%3E": 400,  # a control character in a message id
+        "/dead-letters/q/" + "i" * 256: 400,  # longer than a message id can be
         "/dead-letters/%01ctl": 400,  # a control character in a queue name
         "/dead-letters/" + "x" * 300: 400,  # longer than AMQP allows
-        "/jobs/" + "%3Cscript%3E": 400,
+        "/jobs/" + "%3Cscript%3E%0A": 400,
         "/jobs/abc": 404,  # no store: said so
         "/static/secret.txt": 404,
     }
@@ -242,7 +243,7 @@ async def test_mounted_in_aiohttp_under_a_prefix() -> None:
         assert page.headers.get_list("cache-control") == ["no-store"]
         assert page.headers["x-frame-options"] == "DENY"
         assert (await client.get("/workq/nope")).status_code == 404
-        assert (await client.get("/workq/dead-letters/%3Cx%3E/%20")).status_code == 400
+        assert (await client.get("/workq/dead-letters/%3Cx%3E/%01")).status_code == 400
 
 
 async def test_mounted_in_fastapi_under_a_prefix() -> None:

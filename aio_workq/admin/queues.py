@@ -25,7 +25,7 @@ import aio_pika
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from aio_workq import RetryPolicy, redact_url
+from aio_workq import BrokerConnectionError, RetryPolicy, redact_url
 from aio_workq._link.delay import PREFIX as DELAY_PREFIX
 from aio_workq._link.errors import connect_error
 from aio_workq.schedules import GROUP as SCHEDULER_GROUP
@@ -47,6 +47,9 @@ __all__ = (
     "is_internal",
     "queue_group",
 )
+
+_CONNECT_TIMEOUT = 10.0
+"""Seconds a connection to look at queues waits for the broker's answer."""
 
 _RETRY = re.compile(r"^(?P<base>.+)\.retry\.(?P<ms>\d+)ms$")
 _DLQ = re.compile(r"^(?P<base>.+)\.dlq$")
@@ -294,8 +297,14 @@ async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
             what to fix (the translation every connection of aio-workq uses).
     """
     try:
-        return await aio_pika.connect(amqp_url, timeout=10)
-    except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+        return await aio_pika.connect(amqp_url, timeout=_CONNECT_TIMEOUT)
+    except TimeoutError:  # as aio-workq's own connections say it
+        raise BrokerConnectionError(
+            f"cannot connect to {redact_url(amqp_url)}: no answer within {_CONNECT_TIMEOUT:g} s; "
+            "check the host and port, and that RabbitMQ is running (make broker-start starts a "
+            "local one)"
+        ) from None
+    except (OSError, aiormq.exceptions.AMQPError) as exc:
         raise connect_error(exc, amqp_url) from None
 
 

@@ -8,6 +8,7 @@ under way instead of starting their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -133,7 +134,8 @@ class QueueData:
         """Close the connection kept for passive declares (opened again when needed)."""
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed:
-            await connection.close()
+            with contextlib.suppress(Exception):  # one the broker closed already: nothing to do
+                await connection.close()
 
     def also_watch(
         self,
@@ -214,12 +216,15 @@ class QueueData:
                 "(or enable the management plugin, or give its address with --management-url)",
             )  # fmt: skip
         try:
-            if self._connection is None or self._connection.is_closed:
+            if not _usable(self._connection):
+                await self.close()
                 self._connection = await connect(self._url)
             raws = await amqp_raws(self._url, names, require=False, connection=self._connection)
         except WorkqError as exc:
             return QueueSnapshot([], source, False, error=str(exc))
-        except aio_pika.exceptions.AMQPError as exc:  # the connection dropped: a new one next time
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # the connection dropped (aiormq says so with a RuntimeError when a channel is
+            # asked of a closed one): a new one next time
             await self.close()
             return QueueSnapshot([], source, False, error=f"the broker connection failed: {exc}")
         snap = QueueSnapshot(self._with_missing(group_rows(raws, names)), source, False)
@@ -245,3 +250,9 @@ class QueueData:
         self.history.append(sample)
         while self.history and self.history[0].at < sample.at - _HISTORY:
             self.history.popleft()
+
+
+def _usable(connection: aio_pika.abc.AbstractConnection | None) -> bool:
+    """Open and still connected: aio-pika's `is_closed` only says whether `close()` was called,
+    not whether the broker closed it (a restart, `rabbitmqctl close_connection`)."""
+    return connection is not None and not connection.is_closed and connection.connected.is_set()

@@ -4,6 +4,7 @@ letter, and the replay (in the background, with progress) and purge (asked first
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from urllib.parse import urlencode
 
 from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
@@ -20,6 +21,8 @@ __all__ = ("DeadLetterPages",)
 _MAX_NAME = 255
 _SHOWN_LETTERS = 200
 _BODY_PREVIEW = 80
+_BODY_SHOWN = 64 * 1024
+"""The bytes of a dead letter's body its page shows (`aio-workq dlq show --json` has all)."""
 
 
 class DeadLetterPages:
@@ -61,10 +64,6 @@ class DeadLetterPages:
             given,
         )
 
-    async def _letters(self, queue: str) -> list[DeadLetter]:
-        letters, _ = await self._dead_letters(queue)
-        return await letters.find()
-
     async def _dead_letters(self, queue: str) -> tuple[DeadLetters, int]:
         """The queue's dead letters, and how many wait there.
 
@@ -87,9 +86,23 @@ class DeadLetterPages:
     async def listing(self, request: Request, match: dict[str, str]) -> Response:
         queue = queue_name(match["queue"])
         where, given = self._filter(request)
-        every = await self._letters(queue)
-        letters = [letter for letter in every if where(letter)]
-        short = short_ids([letter.message_id for letter in every if letter.message_id])
+        dead, _ = await self._dead_letters(queue)
+        # One pass counts them all but keeps only the letters shown: a queue of large dead
+        # letters is not held in memory for a page of 200 rows.
+        ids: list[str] = []
+        counted = {"total": 0, "matching": 0}
+
+        def shown(letter: DeadLetter) -> bool:
+            counted["total"] += 1
+            if letter.message_id:
+                ids.append(letter.message_id)
+            if not where(letter):
+                return False
+            counted["matching"] += 1
+            return counted["matching"] <= _SHOWN_LETTERS
+
+        letters = await dead.find(shown)
+        short = short_ids(ids)
         rows = [
             {
                 "id": letter.message_id or "",
@@ -99,31 +112,32 @@ class DeadLetterPages:
                 "failed_at": letter.failed_at,
                 "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
             }
-            for letter in letters[:_SHOWN_LETTERS]
+            for letter in letters
         ]
         return self._site.render(
-            request, "dead_letter_list.html", queue=queue, rows=rows, total=len(every),
-            matching=len(letters), filtered=not where.empty, given=given,
+            request, "dead_letter_list.html", queue=queue, rows=rows, total=counted["total"],
+            matching=counted["matching"], filtered=not where.empty, given=given,
             filter_query=urlencode({k: v for k, v in given.items() if v}),
         )  # fmt: skip
 
     async def show(self, request: Request, match: dict[str, str]) -> Response:
         queue = queue_name(match["queue"])
         wanted = message_id(match["id"])
-        letters = await self._letters(queue)
-        letter = next((one for one in letters if one.message_id == wanted), None)
+        dead, _ = await self._dead_letters(queue)
+        found = await dead.find(lambda one: one.message_id == wanted, limit=1)
+        letter = found[0] if found else None
         if letter is None:
             raise PageError(
                 404, "No such dead letter",
                 f"no dead letter with message id {wanted!r} in {queue + '.dlq'!r} "
                 "(replayed or purged meanwhile?)",
             )  # fmt: skip
-        data = letter_json(letter)
+        data = letter_json(replace(letter, body=_clip(letter.body)))
         headers = sorted(data["headers"].items())
         traceback = str(data["headers"].get("x-workq-traceback", "") or "")
         return self._site.render(
             request, "dead_letter.html", queue=queue, letter=data, headers=headers,
-            traceback=traceback,
+            traceback=traceback, size=len(letter.body), cut=len(letter.body) > _BODY_SHOWN,
         )  # fmt: skip
 
     async def replay(self, request: Request, match: dict[str, str]) -> Response:
@@ -180,3 +194,17 @@ class DeadLetterPages:
             raise PageError(404, "No such action", "it ended long ago, or the dashboard restarted")
         template = "_action.html" if request.htmx else "action.html"
         return self._site.render(request, template, action=action)
+
+
+def _clip(body: bytes) -> bytes:
+    """The first `_BODY_SHOWN` bytes of `body`, a UTF-8 character cut in half left out."""
+    if len(body) <= _BODY_SHOWN:
+        return body
+    shown = body[:_BODY_SHOWN]
+    for end in range(len(shown), len(shown) - 4, -1):
+        try:
+            shown[:end].decode()
+        except UnicodeDecodeError:
+            continue
+        return shown[:end]
+    return shown

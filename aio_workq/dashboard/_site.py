@@ -3,7 +3,6 @@ message page, and the validation and formatting of what a request names."""
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +17,7 @@ from ._http import Request, Response, quote_path
 __all__ = (
     "PageError",
     "Site",
+    "clip",
     "cookie",
     "duration",
     "message_id",
@@ -27,7 +27,6 @@ __all__ = (
 )
 
 _MAX_NAME = 255
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}$")
 
 
 class PageError(Exception):
@@ -75,6 +74,7 @@ class Site:
             csrf=self.security.csrf_token(session) if session else "",
             when=when,
             number=number,
+            clip=clip,
             **context,
         )
         return Response(status=status, body=body.encode())
@@ -120,13 +120,18 @@ def cookie(request: Request, value: str, *, max_age: int) -> str:
     return f"{COOKIE}={value}; Path={path}; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"
 
 
+def _shortstr(text: str) -> bool:
+    """What AMQP carries as a queue name or a message id: 1-255 bytes, no control characters."""
+    return bool(text) and len(text.encode()) <= _MAX_NAME and not any(ord(c) < 32 for c in text)
+
+
 def queue_name(text: str) -> str:
     """A queue name from a path segment (already percent-decoded by the adapter).
 
     Raises:
         PageError: 400 when no broker would take it as a queue name.
     """
-    if not text or len(text.encode()) > _MAX_NAME or any(ord(c) < 32 for c in text):
+    if not _shortstr(text):
         raise PageError(
             400, "Bad queue name",
             f"{text[:80]!r} is not a queue name (1-255 bytes, no control characters)",
@@ -135,15 +140,16 @@ def queue_name(text: str) -> str:
 
 
 def message_id(text: str) -> str:
-    """A message or job id from the request.
+    """A message or job id from the request: whatever a publisher may have chosen (spaces,
+    slashes, any script), as long as a message can carry it.
 
     Raises:
-        PageError: 400 for anything but letters, digits and `._:@+=/-` (at most 200).
+        PageError: 400 for an empty id, one over 255 bytes or one with control characters.
     """
-    if not _ID.fullmatch(text):
+    if not _shortstr(text):
         raise PageError(
             400, "Malformed id",
-            f"{text[:80]!r} is not a message or job id (letters, digits and ._:@+=/- only)",
+            f"{text[:80]!r} is not a message or job id (1-255 bytes, no control characters)",
         )  # fmt: skip
     return text
 
@@ -166,6 +172,15 @@ def duration(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds // 3600} h {seconds % 3600 // 60} min"
     return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+
+
+def clip(value: object, limit: int) -> str:
+    """`value` as text, at most `limit` characters of it (a page stays small whatever a header,
+    an exception message or a traceback holds)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit:,} more characters)"
 
 
 def number(value: float | None, digits: int = 0) -> str:

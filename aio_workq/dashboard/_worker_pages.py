@@ -17,6 +17,9 @@ __all__ = ("WorkerPages",)
 # A running worker beats when it starts and every `presence_interval` (5 s by default): after
 # this long listening, a worker that has not been heard from is not there (or beats less often).
 _FIRST_BEATS = 6.0
+# A watcher that could not be opened (the broker refused or did not answer) is tried again after
+# this long; the pages meanwhile say why it failed.
+_RETRY = 30.0
 
 
 class WorkerPages:
@@ -29,16 +32,25 @@ class WorkerPages:
         self._watcher_error: str | None = None
         self._watcher_lock = asyncio.Lock()
         self._opened_at: float | None = None
+        self._retry_at = float("-inf")
 
     async def presence(self) -> PresenceWatcher | None:
-        """The watcher of the workers' beats, opened on first use (None while it can't be)."""
+        """The watcher of the workers' beats, opened on first use (None while it can't be).
+
+        After a failed open it is tried again `_RETRY` seconds later, not on every request:
+        requests that waited for the attempt take its outcome instead of starting their own
+        (a broker that never answers would otherwise hold each tab for a connect timeout, one
+        after the other)."""
+        if self._watcher is None and time.monotonic() < self._retry_at:
+            return None
         async with self._watcher_lock:
-            if self._watcher is None:
+            if self._watcher is None and time.monotonic() >= self._retry_at:
                 watcher = PresenceWatcher(self._url)
                 try:
                     await watcher.open()
                 except WorkqError as exc:
                     self._watcher_error = str(exc)
+                    self._retry_at = time.monotonic() + _RETRY
                     return None
                 self._watcher, self._watcher_error = watcher, None
                 self._opened_at = time.monotonic()
