@@ -102,7 +102,7 @@ class PublishOptions(TypedDict, total=False):
     `Job.forward`); mypy checks them in your code."""
 
     headers: Mapping[str, Any] | None
-    """Message headers: str keys; str, bytes, int, float (finite), bool, None, datetime,
+    """Message headers: str keys; str, int, float (finite), bool, None, datetime,
     Decimal, or lists and dicts of those."""
     message_id: str | None
     """Defaults to a fresh unique id."""
