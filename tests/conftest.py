@@ -217,6 +217,18 @@ def postgres_dsn(postgres_node: LocalPostgres | None) -> str:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[LocalPostgres]:
+    """A PostgreSQL node of the test's own, which it may stop, kill and start again."""
+    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-own-pg-")))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.close()
+        shutil.rmtree(node.base_dir, ignore_errors=True)
+
+
+@pytest.fixture
 def restored_loggers() -> Iterator[None]:
     """aiormq's and aio-pika's loggers put back after a test that runs the CLI in-process (it
     sets up logging for a whole process)."""

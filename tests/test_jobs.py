@@ -70,16 +70,21 @@ async def running(tasks: Tasks, url: str, **options: Any) -> AsyncIterator[list[
 
 
 async def until(handle: JobHandle[Any], check: Callable[[JobStatus], bool]) -> JobStatus:
-    """The job's status once `check` holds (polled; the store has no event to wait on)."""
-    async with asyncio.timeout(20):
-        while True:
-            try:
-                status = await handle.status()
-            except JobNotFoundError:
-                status = None
-            if status is not None and check(status):
-                return status
-            await asyncio.sleep(0.05)
+    """The job's status once `check` holds (polled: the store has no event to wait on; fails
+    after 20 s with the last status seen)."""
+    status: JobStatus | None = None
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                try:
+                    status = await handle.status()
+                except JobNotFoundError:
+                    status = None
+                if status is not None and check(status):
+                    return status
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        pytest.fail(f"job {handle.job_id} never got there; last status: {status}")
 
 
 async def test_a_job_goes_queued_running_succeeded_with_its_typed_result(

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,7 @@ from aio_workq import HandleInfo, Hook, JobView, Producer, Worker
 from aio_workq.jobs import (
     GroupResult,
     JobCancelledError,
-    JobHandle,
-    JobNotFoundError,
     JobState,
-    JobStatus,
     JobStore,
     MemoryStore,
     SQLiteStore,
@@ -36,25 +31,9 @@ from aio_workq.jobs import (
 )
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from scripts.postgres import LocalPostgres
+from tests.test_jobs import until
 
 pytestmark = pytest.mark.broker
-
-
-async def until(handle: JobHandle[Any], check: Callable[[JobStatus], bool]) -> JobStatus:
-    """The job's status once `check` holds (fails after 20 s with the last status seen)."""
-    status: JobStatus | None = None
-    try:
-        async with asyncio.timeout(20):
-            while True:
-                try:
-                    status = await handle.status()
-                except JobNotFoundError:
-                    status = None
-                if status is not None and check(status):
-                    return status
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        pytest.fail(f"job {handle.job_id} never got there; last status: {status}")
 
 
 class Settled(Hook):
@@ -286,18 +265,6 @@ async def test_a_group_enqueued_again_while_a_member_runs_counts_the_member_by_i
         assert runs == [1]
     finally:
         await store.close()
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[LocalPostgres]:
-    """A PostgreSQL node of this test's own: it is stopped and started again."""
-    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-roads-pg-")))
-    node.start()
-    try:
-        yield node
-    finally:
-        node.close()
-        shutil.rmtree(node.base_dir, ignore_errors=True)
 
 
 @pytest.mark.postgres

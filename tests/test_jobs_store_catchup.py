@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -28,18 +24,6 @@ pytestmark = pytest.mark.postgres
 
 OUTAGE = 18.0  # the pool's attempts: ~0, 1, 3, 7, 15, then ~31 s (±10 %) in
 CATCH_UP = 5.0  # the bound the docs give
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[LocalPostgres]:
-    """A PostgreSQL node of this test's own: it is stopped and started again."""
-    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-catchup-pg-")))
-    node.start()
-    try:
-        yield node
-    finally:
-        node.close()
-        shutil.rmtree(node.base_dir, ignore_errors=True)
 
 
 def write(job_id: str, state: JobState) -> Write:

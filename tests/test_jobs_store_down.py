@@ -4,11 +4,6 @@ full plan (4,000 jobs at 200/s, PostgreSQL down for 10 s)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from scripts.jobs_store_down import Plan, run
@@ -19,18 +14,6 @@ from scripts.postgres import LocalPostgres
 # enqueue would start while the store was down (seen once in CI: one waited 2.8 s, from just
 # before the kill to the restart). 0.5 s leaves most of the outage to enqueue into.
 SMALL = Plan(jobs=600, rate=200.0, down_at=0.8, down_for=1.5, timeout=120, store_timeout=0.5)
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[LocalPostgres]:
-    """A PostgreSQL node of this test's own: it is killed and started again."""
-    node = LocalPostgres(Path(tempfile.mkdtemp(prefix="aio-workq-store-down-pg-")))
-    node.start()
-    try:
-        yield node
-    finally:
-        node.close()
-        shutil.rmtree(node.base_dir, ignore_errors=True)
 
 
 @pytest.mark.postgres
