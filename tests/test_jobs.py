@@ -200,6 +200,41 @@ async def test_a_failure_ends_failed_with_the_error(
     assert status.state is JobState.FAILED and status.error_message == "no good: 7"
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("a bug in __str__")
+
+
+async def test_a_failure_whose_text_cant_be_stored_ends_failed_and_leaves_the_others_alone(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    """An exception whose `str()` raises, or holds a lone surrogate (a file name decoded with
+    `surrogateescape`): the worker settles such a failure like any other, and its job record
+    must follow. Before, the first left the job `running` forever (the recorder's hook
+    raised), the second failed the store's whole batch, the other jobs' writes with it."""
+    tasks = make_tasks()
+
+    @tasks.task(queue=queue_name)
+    async def broken(kind: str) -> str:
+        if kind == "unprintable":
+            raise _Unprintable()
+        if kind == "surrogate":
+            raise FileNotFoundError("no file " + b"caf\xe9".decode("utf-8", "surrogateescape"))
+        return kind
+
+    jobs = [await broken.enqueue(kind) for kind in ("unprintable", "surrogate", "fine")]
+    async with running(tasks, amqp_url, retry=None, concurrency=3):
+        for job in jobs[:2]:
+            with pytest.raises(JobFailedError):
+                await job.result(timeout=20)
+        assert await jobs[2].result(timeout=20) == "fine"
+    unprintable, surrogate = [await job.status() for job in jobs[:2]]
+    assert unprintable.state is JobState.FAILED
+    assert unprintable.error_message == "<tests.test_jobs._Unprintable: str() failed>"
+    assert surrogate.state is JobState.FAILED
+    assert surrogate.error_message == "no file caf\\udce9"
+
+
 async def test_a_failed_task_is_logged_under_its_own_name(
     amqp_url: str,
     make_tasks: Callable[..., Tasks],

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._consume.failures import Failed, MoveKind, route_failure
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
-from .._exceptions import Defer, qualname
+from .._exceptions import Defer, qualname, text_of
 from .._link.specs import Queue
 from .._publish.serialization import JSON
 from ._errors import StoreError
@@ -185,7 +185,7 @@ class Member:
         worker does not run)."""
         await self._finish(
             running.write(
-                JobState.FAILED, error_type=qualname(exc), error_message=str(exc)[:_ERROR_LIMIT]
+                JobState.FAILED, error_type=qualname(exc), error_message=text_of(exc)[:_ERROR_LIMIT]
             )
         )
 

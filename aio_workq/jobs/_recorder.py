@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._consume.job import ATTEMPT_HEADER, Job
-from .._exceptions import Reject, SerializationError, qualname
+from .._exceptions import Reject, SerializationError, qualname, text_of
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import JSON
 from ._batches import WriteBatches
@@ -145,7 +145,7 @@ class Running:
 def _error(exc: BaseException | None) -> dict[str, Any]:
     if exc is None:
         return {}
-    return {"error_type": qualname(exc), "error_message": str(exc)[:_ERROR_LIMIT]}
+    return {"error_type": qualname(exc), "error_message": text_of(exc)[:_ERROR_LIMIT]}
 
 
 class Recorder(Hook):
