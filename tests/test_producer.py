@@ -234,6 +234,42 @@ async def test_broker_nacks_surface_as_typed_errors(
         await producer.publish_many(range(2), queue=full)
 
 
+async def test_two_producers_publishing_at_once_to_a_new_quorum_queue_both_get_confirms(
+    amqp_url: str, queue_name: str
+) -> None:
+    """Two processes publish to one new quorum queue at the same moment (two producers: two
+    connections). The second declare-ok comes back while the first declarer's queue is still
+    starting, and the broker nacks what arrives meanwhile. Each message must be confirmed:
+    before, about one pair in eight had a `PublishNackedError` (CI, stop 32)."""
+    names = [f"{queue_name}-{n}" for n in range(24)]
+    async with Producer(amqp_url) as first, Producer(amqp_url) as second:
+        for name in names:
+            outcomes = await asyncio.gather(
+                first.publish(b"a", name), second.publish(b"b", name), return_exceptions=True
+            )
+            assert [type(o) for o in outcomes] == [str, str], (name, outcomes)
+    for name in names[:3]:
+        assert await queue_depth(amqp_url, name) == 2
+
+
+async def test_a_new_full_quorum_queue_still_nacks_after_its_few_sends_again(
+    producer: Producer, queue_name: str
+) -> None:
+    """The nacks of a quorum queue just declared are sent again a few times (it may still be
+    starting): a queue that is full keeps nacking, and the publish still fails, typed, within
+    those few tries and far within its timeout; the next message's outcome is its own."""
+    full = Queue(queue_name, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    outcomes: list[str | BaseException] = []
+    async with asyncio.timeout(20):  # a hang guard: 5 tries take 1.55 s
+        for n in range(3):  # a quorum queue takes one past its length (it checks as it applies)
+            try:
+                outcomes.append(await producer.publish(n, full, timeout=30))
+            except PublishNackedError as exc:
+                outcomes.append(exc)
+    assert isinstance(outcomes[-1], PublishNackedError), outcomes
+    assert await producer.publish(b"elsewhere", f"{queue_name}-other")
+
+
 async def test_memory_alarm_times_out_then_recovers(
     amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
 ) -> None:

@@ -62,6 +62,8 @@ class PublisherLanes:
         self.frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._waiting: deque[Outgoing] = deque()  # for the next channel
+        # Nacked by a queue still starting, each sent again once its timer fires.
+        self._resting: dict[Outgoing, asyncio.TimerHandle] = {}
         self._listeners: list[ChannelListener] = []
         self._missing_listeners: list[ExchangeListener] = []
         self.ready = asyncio.Event()
@@ -94,7 +96,11 @@ class PublisherLanes:
 
     def outstanding(self) -> list[Outgoing]:
         """Every unsettled message: written on a channel or waiting for the next one."""
-        return [*(out for lane in self._lanes for out in lane.tracker), *self._waiting]
+        return [
+            *(out for lane in self._lanes for out in lane.tracker),
+            *self._waiting,
+            *self._resting,
+        ]
 
     async def wait_settled(self, timeout: float) -> bool:
         """Wait until every message is settled; False if some are still pending at `timeout`."""
@@ -116,6 +122,22 @@ class PublisherLanes:
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
 
+    def send_again(self, out: Outgoing, delay: float) -> None:
+        """Write `out`, unsettled and on no channel's tracker (it was nacked), again in
+        `delay` s: on the channel open then, or on the next one."""
+        handle = asyncio.get_running_loop().call_later(delay, self._send_again, out)
+        self._resting[out] = handle
+
+    def _send_again(self, out: Outgoing) -> None:
+        del self._resting[out]
+        if out.settled:  # timed out, or failed at close, meanwhile
+            return
+        lane = self.current
+        if lane is None:
+            self._waiting.append(out)
+        elif lane.write(out):
+            lane.flush()
+
     def closing(self) -> None:
         """From now on a lost channel's messages are failed, not resent."""
         self._closing = True
@@ -124,6 +146,9 @@ class PublisherLanes:
         self._closing = True
         self.current = None
         self._lanes.clear()
+        for handle in self._resting.values():
+            handle.cancel()
+        self._resting.clear()
         await self._channel.close()
 
     async def _on_channel(self, channel: aiormq.abc.AbstractChannel, wire: Wire | None) -> None:

@@ -12,7 +12,9 @@ Every message ends in exactly one of: confirmed (its future's result is the mess
 typed error on its future: `PublishNackedError`, `UnroutableError`, `PublishTimeoutError` (its
 deadline passed: `expiry`) or `ConnectionLostError`. When the connection drops, unconfirmed
 messages are re-sent on the next channel with the same message id (`resend=True`,
-at-least-once) or failed.
+at-least-once) or failed. A nacked message is sent again, a few times within its timeout, when
+its quorum queue was declared a moment before and may still be starting
+(`send_again_while_starting`); otherwise, and after those tries, it fails.
 """
 
 from __future__ import annotations
@@ -45,13 +47,17 @@ from .._wire.window import Window
 from .channels import ChannelListener, ExchangeListener, PublisherLanes
 from .expiry import SLOW, Expiry
 
-__all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
+__all__ = ("MAX_MESSAGE_SIZE", "NACK_BACKOFF", "NACK_RETRIES", "ConfirmPublisher")
 
 _CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
 _new = object.__new__
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
+NACK_RETRIES = 5
+NACK_BACKOFF = 0.05
+"""A message nacked by a queue that may still be starting is sent again after 0.05 s, 0.1 s,
+... up to `NACK_RETRIES` times (1.55 s in all), within its timeout."""
 
 
 class ConfirmPublisher:
@@ -92,6 +98,7 @@ class ConfirmPublisher:
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
         self._closed = False
+        self._starting: Callable[[str, str], bool] = _never
         self._lanes = PublisherLanes(
             source, in_flight=self._in_flight, resend=resend, use=self._use, what=what
         )
@@ -114,6 +121,28 @@ class ConfirmPublisher:
     def add_channel_listener(self, listener: ChannelListener) -> None:
         """Run `listener` on every new channel, before messages are (re)sent on it."""
         self._lanes.add_channel_listener(listener)
+
+    def send_again_while_starting(self, starting: Callable[[str, str], bool]) -> None:
+        """Send a nacked message again, a few times within its timeout, when
+        `starting(exchange, routing_key)` says its queue may still be starting (see
+        `Router.starting`), instead of failing it with `PublishNackedError` at once."""
+        self._starting = starting
+        self._in_flight.send_again = self._send_again
+
+    def _send_again(self, out: Outgoing) -> bool:
+        """`InFlight`: the broker nacked `out`; True when it is sent again."""
+        nacks: int = getattr(out, "nacks", 0)  # a slot set only here
+        delay = NACK_BACKOFF * 2**nacks
+        if (
+            nacks >= NACK_RETRIES
+            or self._closed
+            or self._loop.time() + delay >= out.deadline
+            or not self._starting(out.exchange, out.routing_key)
+        ):
+            return False
+        out.nacks = nacks + 1
+        self._lanes.send_again(out, delay)
+        return True
 
     def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
         """Run `listener(name)` when a publish to exchange `name` closes the channel because
@@ -359,6 +388,10 @@ class ConfirmPublisher:
         self._expiry.stop()
         self._lane = None
         await self._lanes.close()
+
+
+def _never(exchange: str, routing_key: str) -> bool:
+    return False
 
 
 def _check_new(destination: tuple[str, str, bool]) -> None:

@@ -100,6 +100,7 @@ class Outgoing:
         "future",
         "mandatory",
         "message_id",
+        "nacks",
         "props",
         "routing_key",
         "sent",
@@ -107,6 +108,8 @@ class Outgoing:
         "tag",
         "tracker",
     )
+
+    nacks: int  # set only on the rare road: how often it was nacked and sent again
 
     def __init__(
         self,
@@ -160,11 +163,14 @@ class InFlight:
             the records a multiple confirm settled together (the publisher's window release).
     """
 
-    __slots__ = ("_by_id", "_on_settled")
+    __slots__ = ("_by_id", "_on_settled", "send_again")
 
     def __init__(self, on_settled: Callable[[Sequence[Outgoing]], None]) -> None:
         self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
         self._on_settled = on_settled
+        # Called with a nacked record: True when the publisher sends it again (a queue still
+        # starting), which leaves it unsettled; else it fails with `PublishNackedError`.
+        self.send_again: Callable[[Outgoing], bool] | None = None
 
     def admit(self, out: Outgoing) -> None:
         """Take on a new record, before it is written or queued for a channel.
@@ -237,6 +243,13 @@ class InFlight:
     def fail(self, out: Outgoing, cls: type[PublishError], what: str) -> None:
         self.settle(out, out.error(cls, what))
 
+    def nacked(self, out: Outgoing) -> None:
+        """The broker nacked `out`, taken off its tracker already: fail it, unless the
+        publisher sends it again (`send_again`)."""
+        send_again = self.send_again
+        if out.settled or send_again is None or not send_again(out):
+            self.settle(out, out.error(PublishNackedError, _NACKED))
+
 
 class ConfirmTracker:
     """The records written on one publishing channel, under the channel's delivery tags.
@@ -291,9 +304,9 @@ class ConfirmTracker:
         if ack:
             self._in_flight.confirmed(settled)
             return
-        settle = self._in_flight.settle
+        nacked = self._in_flight.nacked
         for out in settled:
-            settle(out, out.error(PublishNackedError, _NACKED))
+            nacked(out)
 
     def on_return(self, message_id: str | None) -> bool:
         """A `Basic.Return` of a mandatory message on this channel, found by its id (unique
@@ -311,8 +324,13 @@ class ConfirmTracker:
     def settle(self, out: Outgoing, ack: bool) -> None:
         """`out` itself, written on this channel, was acked (or nacked); ignored once the
         tracker is closed (it was handed back for a resend or a failure)."""
-        if out.tracker is self:
-            self._in_flight.settle(out, None if ack else out.error(PublishNackedError, _NACKED))
+        if out.tracker is not self:
+            return
+        if ack:
+            self._in_flight.settle(out, None)
+        else:
+            self.discard(out)
+            self._in_flight.nacked(out)
 
     def take_all(self) -> list[Outgoing]:
         """Close the tracker (its channel closed): remove and return every record written on
