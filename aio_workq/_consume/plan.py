@@ -59,7 +59,6 @@ class ConsumePlan:
         (started)."""
         queue, retry = self.queue, self.retry
         router = Router(source, QueueType(queue.type))
-        publisher.send_again_while_starting(router.starting)
         mover = Mover(publisher, router, queue)
         dispatcher = Dispatcher(
             runner=runner,

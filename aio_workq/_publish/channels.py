@@ -28,10 +28,14 @@ from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
 from .._wire.seams import Wire
 from .._wire.tracker import MAYBE, Batch, ConfirmTracker, InFlight, Outgoing
 
-__all__ = ("ChannelListener", "ExchangeListener", "PublisherLanes")
+__all__ = ("NACK_BACKOFF", "NACK_RETRIES", "ChannelListener", "ExchangeListener", "PublisherLanes")
 
 ChannelListener = Callable[[aiormq.abc.AbstractChannel], Awaitable[None]]
 ExchangeListener = Callable[[str], None]
+NACK_RETRIES = 5
+NACK_BACKOFF = 0.05
+"""A message nacked by a queue that may still be starting is sent again after 0.05 s, 0.1 s,
+... up to `NACK_RETRIES` times (1.55 s in all), within its timeout."""
 
 
 class PublisherLanes:
@@ -64,6 +68,7 @@ class PublisherLanes:
         self._waiting: deque[Outgoing] = deque()  # for the next channel
         # Nacked by a queue still starting, each sent again once its timer fires.
         self._resting: dict[Outgoing, asyncio.TimerHandle] = {}
+        self._starting: Callable[[str, str], bool] = _never  # see send_again_while_starting
         self._listeners: list[ChannelListener] = []
         self._missing_listeners: list[ExchangeListener] = []
         self.ready = asyncio.Event()
@@ -122,11 +127,29 @@ class PublisherLanes:
         if self._waiting:
             self._waiting = deque(out for out in self._waiting if not out.settled)
 
-    def send_again(self, out: Outgoing, delay: float) -> None:
-        """Write `out`, unsettled and on no channel's tracker (it was nacked), again in
-        `delay` s: on the channel open then, or on the next one."""
-        handle = asyncio.get_running_loop().call_later(delay, self._send_again, out)
-        self._resting[out] = handle
+    def send_again_while_starting(self, starting: Callable[[str, str], bool]) -> None:
+        """Send a nacked message again, a few times within its timeout, when
+        `starting(exchange, routing_key)` says its queue may still be starting (see
+        `Router.starting`), instead of failing it with `PublishNackedError` at once."""
+        self._starting = starting
+        self._in_flight.send_again = self._nacked
+
+    def _nacked(self, out: Outgoing) -> bool:
+        """`InFlight`: the broker nacked `out` (on no channel's tracker now); True when it is
+        written again in a moment: on the channel open then, or on the next one."""
+        nacks: int = getattr(out, "nacks", 0)  # a slot set only here
+        delay = NACK_BACKOFF * 2**nacks
+        loop = asyncio.get_running_loop()
+        if (
+            nacks >= NACK_RETRIES
+            or self._closing
+            or loop.time() + delay >= out.deadline
+            or not self._starting(out.exchange, out.routing_key)
+        ):
+            return False
+        out.nacks = nacks + 1
+        self._resting[out] = loop.call_later(delay, self._send_again, out)
+        return True
 
     def _send_again(self, out: Outgoing) -> None:
         del self._resting[out]
@@ -213,6 +236,10 @@ class PublisherLanes:
             else:
                 why = f"the channel closed ({reason})" if reason else "the channel closed"
                 self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
+
+
+def _never(exchange: str, routing_key: str) -> bool:
+    return False
 
 
 def _no_exchange(out: Outgoing) -> TopologyError:

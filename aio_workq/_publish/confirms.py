@@ -33,6 +33,7 @@ from .._exceptions import (
     SerializationError,
 )
 from .._link.connection import LinkSource
+from .._link.router import Router
 from .._wire.frames import (
     EncodedProperties,
     Properties,
@@ -44,20 +45,16 @@ from .._wire.frames import (
 from .._wire.lanes import FastLane, Lane
 from .._wire.tracker import Batch, InFlight, Outgoing
 from .._wire.window import Window
-from .channels import ChannelListener, ExchangeListener, PublisherLanes
+from .channels import ChannelListener, PublisherLanes
 from .expiry import SLOW, Expiry
 
-__all__ = ("MAX_MESSAGE_SIZE", "NACK_BACKOFF", "NACK_RETRIES", "ConfirmPublisher")
+__all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 
 _CHECKED: set[tuple[str, str, bool]] = set()  # destinations check_destination passed
 _new = object.__new__
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
-NACK_RETRIES = 5
-NACK_BACKOFF = 0.05
-"""A message nacked by a queue that may still be starting is sent again after 0.05 s, 0.1 s,
-... up to `NACK_RETRIES` times (1.55 s in all), within its timeout."""
 
 
 class ConfirmPublisher:
@@ -98,7 +95,6 @@ class ConfirmPublisher:
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
         self._closed = False
-        self._starting: Callable[[str, str], bool] = _never
         self._lanes = PublisherLanes(
             source, in_flight=self._in_flight, resend=resend, use=self._use, what=what
         )
@@ -122,32 +118,12 @@ class ConfirmPublisher:
         """Run `listener` on every new channel, before messages are (re)sent on it."""
         self._lanes.add_channel_listener(listener)
 
-    def send_again_while_starting(self, starting: Callable[[str, str], bool]) -> None:
-        """Send a nacked message again, a few times within its timeout, when
-        `starting(exchange, routing_key)` says its queue may still be starting (see
-        `Router.starting`), instead of failing it with `PublishNackedError` at once."""
-        self._starting = starting
-        self._in_flight.send_again = self._send_again
-
-    def _send_again(self, out: Outgoing) -> bool:
-        """`InFlight`: the broker nacked `out`; True when it is sent again."""
-        nacks: int = getattr(out, "nacks", 0)  # a slot set only here
-        delay = NACK_BACKOFF * 2**nacks
-        if (
-            nacks >= NACK_RETRIES
-            or self._closed
-            or self._loop.time() + delay >= out.deadline
-            or not self._starting(out.exchange, out.routing_key)
-        ):
-            return False
-        out.nacks = nacks + 1
-        self._lanes.send_again(out, delay)
-        return True
-
-    def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
-        """Run `listener(name)` when a publish to exchange `name` closes the channel because
-        the exchange does not exist (a 404): the router checks it again before the next one."""
-        self._lanes.add_missing_exchange_listener(listener)
+    def routed_by(self, router: Router) -> None:
+        """Tell `router` of a missing exchange (a publish to it closed the channel with a
+        404: it checks it again before the next one), and send a nacked message again while
+        `router` says its queue may still be starting (`Router.starting`)."""
+        self._lanes.add_missing_exchange_listener(router.forget_exchange)
+        self._lanes.send_again_while_starting(router.starting)
 
     async def start(self, timeout: float | None = None) -> None:
         """Open the channel.
@@ -388,10 +364,6 @@ class ConfirmPublisher:
         self._expiry.stop()
         self._lane = None
         await self._lanes.close()
-
-
-def _never(exchange: str, routing_key: str) -> bool:
-    return False
 
 
 def _check_new(destination: tuple[str, str, bool]) -> None:

@@ -269,7 +269,7 @@ class Sender:
         self._timeout = timeout
         self._hooks = hooks
         for publisher in publishers:
-            publisher.add_missing_exchange_listener(router.forget_exchange)
+            publisher.routed_by(router)
 
     async def forward(
         self,

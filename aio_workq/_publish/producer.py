@@ -193,9 +193,7 @@ class Producer:
             if self._connection is not None:
                 await self._connection.close()
             raise
-        self._router = router = Router(self._source, self._queue_type, declare=self._declare)
-        for publisher in publishers:
-            publisher.send_again_while_starting(router.starting)
+        self._router = Router(self._source, self._queue_type, declare=self._declare)
         self._sender = Sender(publishers, self._router, self._timeout, self._hooks)
         self._publishers = publishers
         self._publisher = publishers[0]
