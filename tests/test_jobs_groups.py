@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from aio_workq import (
 from aio_workq.jobs import (
     GroupResult,
     JobState,
+    Signature,
     SQLiteStore,
     TaskArgumentError,
     Tasks,
@@ -144,7 +146,9 @@ async def test_a_member_failing_with_an_unprintable_error_is_failed_in_the_callb
         raise FileNotFoundError("no file " + b"caf\xe9".decode("utf-8", "surrogateescape"))
 
     async with running(app.tasks, amqp_url, concurrency=4, retry=None):
-        members = [app.square.s(3), broken.s("unprintable"), broken.s("surrogate")]
+        members: list[Signature[Any]] = [
+            app.square.s(3), broken.s("unprintable"), broken.s("surrogate"),
+        ]  # fmt: skip
         handle = await group(members, then=app.report).enqueue()
         assert await handle.result(timeout=60) == "9/3"
         assert len(app.calls) == 1
