@@ -191,6 +191,7 @@ def test_invalid_worker_settings_raise_configuration_error(
         ({"on_reconnect": "drop"}, "on_reconnect"),
         ({"queue_type": "stream"}, "queue_type"),
         ({"name": 5}, "name must be a str.*int 5"),  # leftovers: was accepted
+        ({"fail_fast": "no"}, "fail_fast must be True or False, got 'no'"),  # was True
     ],
 )
 def test_invalid_producer_settings_raise_configuration_error(

@@ -120,7 +120,9 @@ class Producer:
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
-        self._fail_fast = bool(fail_fast)
+        if fail_fast is not True and fail_fast is not False:
+            raise ConfigurationError(f"fail_fast must be True or False, got {fail_fast!r}")
+        self._fail_fast = fail_fast
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None  # the first of `_publishers`
