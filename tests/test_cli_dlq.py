@@ -187,7 +187,13 @@ def _common_prefix(ids: list[str]) -> str:
 
 
 def _unique_prefix(one: str, ids: list[str]) -> str:
+    """The shortest prefix of `one` that no other id starts with (the common prefix of all
+    the ids and one character more was not: for ids ending 0e, 0f, 10, 11, as they do after
+    13 earlier publishes in the process, `...0` named two)."""
+    others = [i for i in ids if i != one]
     size = len(_common_prefix(ids)) + 1
+    while any(other.startswith(one[:size]) for other in others):
+        size += 1
     return one[:size]
 
 

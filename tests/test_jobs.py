@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ import pytest
 from aio_workq import PresenceWatcher, Producer, RetryPolicy, Worker, WorkerPresence
 from aio_workq._consume import subscription as subscription_module
 from aio_workq.jobs import (
+    Cancelled,
     CancelRequests,
     JobCancelledError,
     JobFailedError,
@@ -446,6 +448,73 @@ async def test_a_running_thread_task_is_flagged_and_stops_itself(
         await job.cancel()
         status = await until(job, lambda s: s.done)
         assert status.state is JobState.CANCELLED
+
+
+@pytest.mark.parametrize("value", [None, 7])
+async def test_a_thread_task_that_returns_as_its_cancel_arrives_is_recorded_succeeded(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str, value: int | None
+) -> None:
+    """A plain `def` task stops for a cancel request by raising `Cancelled`; one that returns
+    instead ran to its end: recorded `succeeded` with its value, whatever it is. Before, a
+    `None` returned after the request had reached it was recorded `cancelled` (and
+    `result()` raised JobCancelledError) where 7 was `succeeded`: the work was done all the
+    same."""
+    tasks = make_tasks()
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    finished = threading.Event()
+
+    @tasks.task(queue=queue_name)
+    def finish(value: int | None) -> int | None:
+        job = current_job()
+        assert job is not None
+        loop.call_soon_threadsafe(started.set)
+        deadline = time.monotonic() + 20
+        while not job.cancelled and time.monotonic() < deadline:  # the request reached it
+            time.sleep(0.01)
+        assert job.cancelled
+        finished.set()  # its work is done: it returns without looking at the flag again
+        return value
+
+    job = await finish.enqueue(value)
+    async with running(tasks, amqp_url):
+        async with asyncio.timeout(20):
+            await started.wait()
+        await job.cancel()
+        status = await until(job, lambda s: s.done)
+    assert finished.is_set()
+    assert status.state is JobState.SUCCEEDED, status
+    assert await job.result(timeout=5) == value
+
+
+async def test_a_thread_task_that_raises_cancelled_as_its_cancel_arrives_is_cancelled(
+    amqp_url: str, make_tasks: Callable[..., Tasks], queue_name: str
+) -> None:
+    """The other side of the test above: `Cancelled` raised (here without its flag looked
+    at) ends the job `cancelled`, never `succeeded`."""
+    tasks = make_tasks()
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+
+    @tasks.task(queue=queue_name)
+    def stop() -> None:
+        job = current_job()
+        assert job is not None
+        loop.call_soon_threadsafe(started.set)
+        deadline = time.monotonic() + 20
+        while not job.cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        raise Cancelled("stopping")
+
+    job = await stop.enqueue()
+    async with running(tasks, amqp_url):
+        async with asyncio.timeout(20):
+            await started.wait()
+        await job.cancel()
+        status = await until(job, lambda s: s.done)
+    assert status.state is JobState.CANCELLED, status
+    with pytest.raises(JobCancelledError):
+        await job.result(timeout=5)
 
 
 async def test_result_with_a_timeout_raises_a_typed_timeout(

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from aio_workq import (
 from aio_workq.jobs import (
     GroupResult,
     JobState,
+    Signature,
     SQLiteStore,
     TaskArgumentError,
     Tasks,
@@ -122,6 +124,47 @@ async def test_a_failed_member_is_in_the_results_and_the_callback_runs_once(
         assert app.runs["square -1"] == 2  # retried, then failed for good: counted once
         status = await handle.members[1].status()
         assert status.state is JobState.FAILED
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("a bug in __str__")
+
+
+async def test_a_member_failing_with_an_unprintable_error_is_failed_in_the_callbacks_results(
+    app: App, amqp_url: str
+) -> None:
+    """A member whose exception's `str()` raises, or holds a lone surrogate (a file name
+    decoded with `surrogateescape`): it is counted failed, with a readable error text, and the
+    callback runs exactly once (the group must not wait for it forever, nor the store's batch
+    fail on it)."""
+
+    @app.tasks.task(queue=app.square.queue.name, name="t.broken")
+    async def broken(kind: str) -> None:
+        if kind == "unprintable":
+            raise _Unprintable()
+        raise FileNotFoundError("no file " + b"caf\xe9".decode("utf-8", "surrogateescape"))
+
+    async with running(app.tasks, amqp_url, concurrency=4, retry=None):
+        members: list[Signature[Any]] = [
+            app.square.s(3), broken.s("unprintable"), broken.s("surrogate"),
+        ]  # fmt: skip
+        handle = await group(members, then=app.report).enqueue()
+        assert await handle.result(timeout=60) == "9/3"
+        assert len(app.calls) == 1
+        unprintable, surrogate = app.calls[0][1:]
+        assert (unprintable.ok, unprintable.state) == (False, "failed")
+        assert unprintable.error_type == "tests.test_jobs_groups._Unprintable"
+        assert unprintable.error_message == "<tests.test_jobs_groups._Unprintable: str() failed>"
+        assert (surrogate.ok, surrogate.state) == (False, "failed")
+        assert surrogate.error_type == "builtins.FileNotFoundError"
+        assert surrogate.error_message == "no file caf\\udce9"
+        assert surrogate.error_message.encode("utf-8")  # readable: UTF-8 can carry it
+        statuses = [await h.status() for h in handle.members]
+        assert [s.state for s in statuses] == [JobState.SUCCEEDED, JobState.FAILED, JobState.FAILED]
+        assert handle.callback is not None
+        assert (await handle.callback.status()).state is JobState.SUCCEEDED
+        assert len(app.calls) == 1
 
 
 async def test_a_member_whose_task_this_worker_does_not_know_counts_as_failed(

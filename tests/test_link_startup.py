@@ -7,6 +7,7 @@ raises the usual typed error; by default (0) it fails at once.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 
@@ -139,3 +140,34 @@ async def test_closing_during_a_connect_attempt_says_closed_not_the_attempts_err
 def test_a_bad_wait_for_broker_is_a_configuration_error(value: object) -> None:
     with pytest.raises(ConfigurationError, match="wait_for_broker"):
         Connection(nowhere(), wait_for_broker=value)  # type: ignore[arg-type]
+
+
+async def test_the_wait_logs_each_retry_and_the_time_waited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # leftovers: each retry said "waiting for the broker up to 0 s more" with 0.4 s left (and
+    # "up to 2 s more" for 2.5 s), and the final error did not say it had waited at all.
+    connection = Connection(
+        nowhere(), connect_timeout=1, wait_for_broker=1.5, backoff=Backoff(initial=0.2, cap=0.4)
+    )
+    caplog.set_level("WARNING", logger="aio_workq")
+    started = time.monotonic()
+    with pytest.raises(BrokerConnectionError) as info:
+        await connection.open()
+    took = time.monotonic() - started
+    retries = [r.getMessage() for r in caplog.records if "waiting for the broker" in r.getMessage()]
+    assert len(retries) >= 2, retries
+    pattern = re.compile(r"trying again in (\d+\.\d+) s \((\d+\.\d+) s waited, 1\.5 s allowed\)$")
+    waited = []
+    for line in retries:
+        match = pattern.search(line)
+        assert match, line
+        assert 0.0 <= float(match[1]) <= 0.4, line
+        waited.append(float(match[2]))
+        assert "s3cret" not in line
+    assert waited == sorted(waited) and waited[-1] <= 1.5, waited
+    found = re.search(r"gave up after waiting (\d+\.\d+) s for the broker", str(info.value))
+    assert found, info.value
+    assert 1.5 <= float(found[1]) <= took + 0.1, (found[1], took)
+    assert "wait_for_broker=1.5" in str(info.value)
+    assert "s3cret" not in str(info.value)

@@ -162,6 +162,12 @@ def test_retry_signal_rejects_negative_delay() -> None:
         ({"prefetch": 2.5}, "prefetch must be a whole number"),
         ({"retry": 5}, "retry must be a RetryPolicy"),
         ({"retry": True}, "retry must be a RetryPolicy"),
+        # leftovers: a non-str name reached the broker's client properties; an exchange or
+        # binding key failed at start() with a bare TypeError
+        ({"name": 5}, "name must be a str.*int 5"),
+        ({"name": b"w"}, "name must be a str.*bytes"),
+        ({"exchange": 5}, "exchange must be a name"),
+        ({"exchange": "amq.topic", "binding_keys": [5]}, "binding_keys must be str keys"),
     ],
 )
 def test_invalid_worker_settings_raise_configuration_error(
@@ -184,6 +190,8 @@ def test_invalid_worker_settings_raise_configuration_error(
         ({"connect_timeout": True}, "connect_timeout"),
         ({"on_reconnect": "drop"}, "on_reconnect"),
         ({"queue_type": "stream"}, "queue_type"),
+        ({"name": 5}, "name must be a str.*int 5"),  # leftovers: was accepted
+        ({"fail_fast": "no"}, "fail_fast must be True or False, got 'no'"),  # was True
     ],
 )
 def test_invalid_producer_settings_raise_configuration_error(
@@ -191,6 +199,18 @@ def test_invalid_producer_settings_raise_configuration_error(
 ) -> None:
     with pytest.raises(ConfigurationError, match=match):
         aio_workq.Producer("amqp://localhost/", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_connection_name_that_is_not_a_str_is_refused() -> None:
+    # leftovers: connect(name=5), Connection(name=5) and a Producer sharing a connection
+    # took it (nothing connects here: the check comes first)
+    with pytest.raises(ConfigurationError, match="name must be a str.*int 5"):
+        await aio_workq.connect("amqp://localhost/", name=5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="name must be a str.*int 5"):
+        aio_workq.Connection("amqp://localhost/", name=5)  # type: ignore[arg-type]
+    connection = aio_workq.Connection("amqp://localhost/")
+    with pytest.raises(ConfigurationError, match="name must be a str.*list"):
+        aio_workq.Producer(connection=connection, name=["p"])  # type: ignore[arg-type]
 
 
 def test_queue_arguments_quorum_and_classic() -> None:

@@ -112,6 +112,29 @@ async def test_a_publish_timeout_that_bounds_nothing_is_refused(
     assert await queue_depth(amqp_url, queue_name) == 1
 
 
+@pytest.mark.parametrize(
+    ("option", "value"), [("persistent", "no"), ("mandatory", "no"), ("persistent", 0)], ids=repr
+)
+async def test_a_publish_flag_that_is_not_a_bool_is_refused(
+    producer: Producer, queue_name: str, amqp_url: str, option: str, value: object
+) -> None:
+    # `persistent="no"` was taken as True (a persistent message), `mandatory="no"` too.
+    await producer.declare(queue_name)
+    options: dict[str, Any] = {option: value}
+    for publish in (
+        lambda: producer.publish("x", queue=queue_name, **options),
+        lambda: producer.send("x", queue=queue_name, **options),
+        lambda: producer.publish_many(["x", "y"], queue=queue_name, **options),
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            await publish()
+        assert f"{option}=" in str(info.value)
+        assert repr(value) in str(info.value)
+    assert await queue_depth(amqp_url, queue_name) == 0
+    await producer.publish("x", queue=queue_name, persistent=False, mandatory=False)
+    assert await queue_depth(amqp_url, queue_name) == 1
+
+
 async def test_queue_with_other_arguments_is_a_topology_error_and_nothing_is_deleted(
     amqp_url: str, queue_name: str
 ) -> None:

@@ -22,7 +22,6 @@ from aio_workq import (
     Retry,
     RetryPolicy,
     RPCError,
-    SerializationError,
     TopologyError,
     Worker,
 )
@@ -410,12 +409,14 @@ async def test_an_exception_that_cant_be_printed_is_retried_and_answered_like_an
     assert worker.state.retried == 1 and worker.state.processed == 1
 
 
-async def test_a_dead_letter_too_large_to_copy_fails_its_read_alone(
-    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, amqp_url: str
-) -> None:
+async def test_a_dead_letter_too_large_to_copy_is_reported_and_the_others_are_read_and_replayed(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, amqp_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     # The broker's x-death headers grew a dead letter past frame_max: reading it copies it,
     # and that copy made the broker close the whole connection (FRAME_ERROR), the producer's
-    # own included, at every read.
+    # own included, at every read. Then (leftovers) the read raised SerializationError for
+    # the whole queue: no other dead letter could be listed, nor replayed past it.
     spec = Queue(queue_name, type="classic")
     async with await aio_workq.connect(amqp_url) as connection:
         channel = await connection.channel()
@@ -423,7 +424,9 @@ async def test_a_dead_letter_too_large_to_copy_fails_its_read_alone(
         await channel.close()
     props = Properties(message_id="near-full", headers={"h": ""})
     room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1]) - 100
+    await producer.publish(b"a", queue=spec, message_id="before")
     await producer.publish(b"x", queue=spec, message_id="near-full", headers={"h": "x" * room})
+    await producer.publish(b"b", queue=spec, message_id="after")
 
     async def fails(job: Job) -> None:
         raise ValueError("it fails")
@@ -432,21 +435,30 @@ async def test_a_dead_letter_too_large_to_copy_fails_its_read_alone(
     await worker.start()
     dead = producer.dead_letters(spec)
 
-    async def one_dead_letter() -> bool:
-        return await dead.count() == 1
+    async def three_dead_letters() -> bool:
+        return await dead.count() == 3
 
-    await wait_until(one_dead_letter, timeout=15)
+    await wait_until(three_dead_letters, timeout=15)
     await worker.stop()
+    caplog.set_level("WARNING", logger="aio_workq")
     connection = await aio_workq.connect(amqp_url)  # shared: its reconnects are counted
     try:
         async with Producer(connection=connection) as shared:
-            with pytest.raises(SerializationError, match=r"near-full.*frame_max.*replay"):
-                await shared.dead_letters(spec).read()
+            letters = await shared.dead_letters(spec).find()
+            assert sorted(d.message_id or "" for d in letters) == ["after", "before", "near-full"]
             assert connection.reconnects == 0 and shared.connected
             assert await shared.publish("after", queue=f"{queue_name}-other")
     finally:
         await connection.close()
-    assert await producer.publish("after", queue=f"{queue_name}-other")
-    assert await dead.count() == 1  # it stays
+    [warning] = [r.getMessage() for r in caplog.records if "keeping near-full" in r.getMessage()]
+    assert "frame_max" in warning
+    assert f"aio-workq dlq replay {queue_name} --id near-full" in warning
+    assert "purge" in warning
+    assert await dead.count() == 3  # a read leaves every one of them
+    # A replay of the others passes it by; it stays, the others are moved.
+    assert await dead.replay(where=lambda d: d.message_id != "near-full") == 2
+    assert [d.message_id for d in await dead.find()] == ["near-full"]
+    assert await queue_depth(amqp_url, queue_name) == 2
     assert await dead.replay() == 1  # without the broker's headers, it fits again
-    assert await queue_depth(amqp_url, queue_name) == 1
+    assert await dead.count() == 0
+    assert await queue_depth(amqp_url, queue_name) == 3

@@ -21,7 +21,7 @@ from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
-from .._link.settings import URLs, check_seconds, redact_url, resolve_url
+from .._link.settings import URLs, check_name, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
 from .dispatch import Counters, Dispatcher
@@ -146,6 +146,7 @@ class Worker:
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
         _check_retry(retry)
         self._presence = _Presence(presence, presence_interval)
+        check_name("name", name)
         _check_bindings(exchange, binding_keys, binding_arguments)
         queue = _queue_spec(queue, queue_type)
         self._plan = ConsumePlan(
@@ -467,8 +468,18 @@ def _check_bindings(
     binding_arguments: Mapping[str, Any] | None,
 ) -> None:
     """Bindings need an exchange, and keys come as a list."""
+    if exchange is not None and not isinstance(exchange, str | Exchange):
+        raise ConfigurationError(
+            f"exchange must be a name (str) or an Exchange, got {type(exchange).__name__} "
+            f"{exchange!r}"
+        )
     if isinstance(binding_keys, str):
         raise ConfigurationError("binding_keys must be a list of keys, not one string")
+    for key in binding_keys:
+        if not isinstance(key, str):
+            raise ConfigurationError(
+                f"binding_keys must be str keys, got {type(key).__name__} {key!r}"
+            )
     if (binding_keys or binding_arguments) and exchange is None:
         raise ConfigurationError("binding_keys and binding_arguments need an exchange=")
 

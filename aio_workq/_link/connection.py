@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import ssl
@@ -39,7 +40,7 @@ from .._hooks import Hook, Hooks
 from .._wire.seams import BrokerConnection, Wire, WireFactory
 from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
-from .settings import URLs, check_seconds, redact_url, resolve_urls
+from .settings import URLs, check_name, check_seconds, redact_url, resolve_urls
 from .source import Link, LinkSource
 from .transport import SocketFactory
 
@@ -219,7 +220,8 @@ class Connection:
         )
         quiet.install()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
+        started = loop.time()
+        deadline = started + wait
         failed_rounds = 0
         while True:
             last, url = await self._first_round()
@@ -227,14 +229,27 @@ class Connection:
                 self._supervisor = loop.create_task(self._supervise())
                 return
             failed_rounds += 1
-            left = deadline - loop.time()
+            now = loop.time()
+            left = deadline - now
             if self._closed:
                 raise _closed_while_opening() from last
             if left <= 0:
-                raise last
-            _log_failure(url, last, f"waiting for the broker up to {left:.0f} s more")
+                if not wait:
+                    raise last
+                raise BrokerConnectionError(
+                    f"{last}; gave up after waiting {_duration(now - started)} for the broker "
+                    f"(wait_for_broker={wait:g})"
+                ) from last
+            pause = min(self._backoff.delay(failed_rounds), left)
+            limit = "no limit" if math.isinf(wait) else f"{_duration(wait)} allowed"
+            _log_failure(
+                url,
+                last,
+                f"waiting for the broker: trying again in {_duration(pause)} "
+                f"({_duration(now - started)} waited, {limit})",
+            )
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(self._backoff.delay(failed_rounds), left)):
+                async with asyncio.timeout(pause):
                     await self._closing.wait()  # close() ends the wait at once
 
     async def _first_round(self) -> tuple[BrokerConnectionError | None, str]:
@@ -430,6 +445,7 @@ class _Dialer:
         connect_timeout: float,
     ) -> None:
         check_seconds("connect_timeout", connect_timeout)
+        check_name("name", name)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigurationError(
                 f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"
@@ -472,6 +488,14 @@ class _Dialer:
 
 def _closed_while_opening() -> BrokerConnectionError:
     return BrokerConnectionError("the connection was closed while it was being opened")
+
+
+def _duration(seconds: float) -> str:
+    """Seconds as a log line says them: hundredths under a second, tenths under a minute
+    (0.4 s is not "0 s")."""
+    if seconds < 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds:.1f} s" if seconds < 60 else f"{seconds:.0f} s"
 
 
 def _log_failure(url: str, exc: BaseException, then: str | None) -> None:

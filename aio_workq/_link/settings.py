@@ -151,6 +151,18 @@ def _redact_one(url: str) -> str:
     return f"{url[:start]}{user}:***{url[end:]}"
 
 
+def check_name(what: str, value: object) -> None:
+    """`value`, a str setting (a name) or None.
+
+    Raises:
+        ConfigurationError: anything else (an int, bytes); the message names `what`.
+    """
+    if value is not None and not isinstance(value, str):
+        raise ConfigurationError(
+            f"{what} must be a str (or None), got {type(value).__name__} {value!r}"
+        )
+
+
 def check_seconds(what: str, value: object, *, zero: bool = False, forever: bool = False) -> float:
     """`value`, a number of seconds: more than 0 (or 0 too, with `zero`), and finite (or
     infinite too, with `forever`).

@@ -12,7 +12,10 @@ is acked:
 
 Nothing is ever handed back to the queue unacked: a quorum queue counts every such return in
 `x-delivery-count` and, from RabbitMQ 4.0 on (a default delivery limit of 20), drops a message it
-has returned too often. Reading a dead letter leaves its headers as they were.
+has returned too often. Reading a dead letter leaves its headers as they were. The one exception:
+a dead letter the broker's x-death headers grew past frame_max can't be copied; it is held
+unacked to the end of the pass, then returned (logged by id, with what to do), and the others
+are read or replayed as usual.
 
 Interrupted, every message is in one of the two queues; a copy confirmed whose original was not
 yet acked is in both (at-least-once).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -48,6 +52,12 @@ from .._wire.frames import properties_limit
 __all__ = ("DeadLetter", "DeadLetters", "public_name", "replay_headers")
 
 _BATCH = 100
+
+log = logging.getLogger("aio_workq")
+
+
+class _TooLarge(SerializationError):
+    """A dead letter whose copy would make a content header over the connection's frame_max."""
 
 
 @contextmanager
@@ -255,40 +265,62 @@ class DeadLetters:
         to the work queue when `move`, else kept like the others)."""
         doing = "replaying" if move else "reading dead letters from"
         async with self._channel(doing, confirms=True) as channel:
-            left = await self._count(channel)
-            chosen = 0
-            kept = False  # once one is kept at the back, the pass goes round to keep the order
-            moved_ids: set[str] = set()  # never twice in one pass, even out of FIFO order
-            while left > 0 and (kept or limit is None or chosen < limit):
-                async with asyncio.timeout(self._timeout):
-                    messages = await self._get_batch(channel, min(batch, left))
-                    if not messages:
-                        break
-                    left -= len(messages)
-                    selected: list[DeadLetter] = []
-                    plan: list[tuple[DeliveredMessage, bool]] = []
-                    for message in messages:
-                        letter = _letter(message)
-                        take = (
-                            (limit is None or chosen < limit)
-                            and (where is None or where(letter))
-                            and letter.message_id not in moved_ids
-                        )
-                        if take:
-                            chosen += 1
-                            selected.append(letter)
-                            if move and letter.message_id is not None:
-                                moved_ids.add(letter.message_id)
-                        plan.append((message, take and move))
-                        kept = kept or not (take and move)
-                    await self._settle(channel, plan)
-                yield selected
+            # Dead letters too large to copy back, held unacked to the end of the pass (so
+            # that it does not take them again), then returned to the queue.
+            held: list[DeliveredMessage] = []
+            try:
+                left = await self._count(channel)
+                chosen = 0
+                kept = False  # once one is kept at the back, the pass goes round (the order)
+                moved_ids: set[str] = set()  # never twice in one pass, even out of FIFO order
+                while left > 0 and (kept or limit is None or chosen < limit):
+                    async with asyncio.timeout(self._timeout):
+                        messages = await self._get_batch(channel, min(batch, left))
+                        if not messages:
+                            break
+                        left -= len(messages)
+                        selected: list[DeadLetter] = []
+                        plan: list[tuple[DeliveredMessage, bool]] = []
+                        for message in messages:
+                            letter = _letter(message)
+                            take = (
+                                (limit is None or chosen < limit)
+                                and (where is None or where(letter))
+                                and letter.message_id not in moved_ids
+                            )
+                            if take:
+                                chosen += 1
+                                selected.append(letter)
+                                if move and letter.message_id is not None:
+                                    moved_ids.add(letter.message_id)
+                            plan.append((message, take and move))
+                            kept = kept or not (take and move)
+                        held += await self._settle(channel, plan)
+                    yield selected
+            finally:
+                await self._give_back(channel, held)
+
+    async def _give_back(
+        self, channel: aiormq.abc.AbstractChannel, held: list[DeliveredMessage]
+    ) -> None:
+        """Return the dead letters too large to copy to the queue (a `basic.nack` with
+        requeue: the one way to leave them without a copy); a closed channel returns them
+        as well."""
+        if not held or channel.is_closed:
+            return
+        with translate_errors(f"returning dead letters to {self.name!r}"):
+            async with asyncio.timeout(self._timeout):
+                for message in held:
+                    assert message.delivery_tag is not None
+                    await channel.basic_nack(message.delivery_tag, requeue=True)
 
     async def _settle(
         self, channel: aiormq.abc.AbstractChannel, plan: list[tuple[DeliveredMessage, bool]]
-    ) -> None:
+    ) -> list[DeliveredMessage]:
         """Copy each message (to the work queue, or back to the dead-letter queue), then ack
-        each original whose copy was confirmed; raise the first failure after that."""
+        each original whose copy was confirmed; raise the first failure after that. Returns
+        the ones to keep that are too large to copy (left unacked, each logged by id): the
+        others are read or replayed all the same."""
         results = await asyncio.gather(
             *(
                 self._publish_back(channel, message) if to_work else self._keep(channel, message)
@@ -297,8 +329,16 @@ class DeadLetters:
             return_exceptions=True,
         )
         failure: BaseException | None = None
+        held: list[DeliveredMessage] = []
         with translate_errors(f"acking dead letters in {self.name!r}"):
-            for (message, _), result in zip(plan, results, strict=True):
+            for (message, to_work), result in zip(plan, results, strict=True):
+                if isinstance(result, _TooLarge) and not to_work:
+                    log.warning(
+                        "%s (it is returned to %r unacked, once per read; the other dead "
+                        "letters are read and replayed as usual)", result, self.name,
+                    )  # fmt: skip
+                    held.append(message)
+                    continue
                 if isinstance(result, BaseException):
                     failure = failure or result
                     continue
@@ -306,6 +346,7 @@ class DeadLetters:
                 await channel.basic_ack(message.delivery_tag)
         if failure is not None:
             raise failure
+        return held
 
     async def _get_batch(
         self, channel: aiormq.abc.AbstractChannel, size: int
@@ -354,12 +395,13 @@ class DeadLetters:
         if size > properties_limit(frame_max):
             # The broker's own headers (x-death) can grow a dead letter past what a client
             # may send: the broker would close the whole connection on the copy.
-            raise SerializationError(
+            raise _TooLarge(
                 f"{doing}: its properties ({size:,} bytes, the broker's x-death headers "
                 f"included) make a content header over the connection's frame_max of "
                 f"{frame_max:,} bytes, so it can't be copied; it stays in the dead-letter "
-                "queue. Move it with replay() (`aio-workq dlq replay`, without the broker's "
-                "headers), or purge it"
+                "queue. Move it with replay() "
+                f"(`aio-workq dlq replay {self._queue.name} --id {ident}`, "
+                "without the broker's headers), or purge it"
             )
         try:
             with translate_errors(doing):

@@ -161,6 +161,10 @@ def build_message(
             f"unknown publish option(s) {', '.join(sorted(unknown))}; the options are: "
             f"{', '.join(sorted(_KNOWN))}"
         )
+    if "persistent" in options:
+        _check_flag("persistent", options["persistent"])
+    if "mandatory" in options:
+        _check_flag("mandatory", options["mandatory"])
     data, content_type = encode_body(body)
     expiration = options.get("expiration")
     timestamp = options.get("timestamp")
@@ -177,7 +181,16 @@ def build_message(
         timestamp=None if timestamp is None else _seconds(timestamp),
         type=options.get("message_type"),
     )
-    return data, props, bool(options.get("mandatory", True)), timeout
+    return data, props, options.get("mandatory", True), timeout
+
+
+def _check_flag(name: str, value: object) -> None:
+    """Raises ConfigurationError: `value` of the publish option `name` is not a bool (taken
+    as its truth value, `persistent="no"` was a persistent message)."""
+    if value is not True and value is not False:
+        raise ConfigurationError(
+            f"publish option {name}= must be True or False, got {value!r}: pass a bool"
+        )
 
 
 def build_usual(body: Any) -> tuple[bytes, Properties, EncodedProperties]:

@@ -15,7 +15,7 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, check_seconds, redact_url, resolve_url
+from .._link.settings import URLs, check_name, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
@@ -98,6 +98,7 @@ class Producer:
         if connection is not None and url is not None:
             raise ConfigurationError("pass url= or connection=, not both")
         self._channels = _check_channels(channels, window)
+        check_name("name", name)  # also with connection=, where it is not used
         if not isinstance(declare, str) or declare not in ("always", "never"):
             raise ConfigurationError(f"declare must be 'always' or 'never', got {declare!r}")
         self._declare: Literal["always", "never"] = declare
@@ -119,7 +120,9 @@ class Producer:
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
-        self._fail_fast = bool(fail_fast)
+        if fail_fast is not True and fail_fast is not False:
+            raise ConfigurationError(f"fail_fast must be True or False, got {fail_fast!r}")
+        self._fail_fast = fail_fast
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None  # the first of `_publishers`

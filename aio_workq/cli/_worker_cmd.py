@@ -54,7 +54,8 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 )  # fmt: skip
 @click.option(
     "--wait-for-broker", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
-    help="At start, keep trying to reach the broker for up to this long (0: fail at once).",
+    help="At start, keep trying to reach the broker for up to this long, logging each retry "
+    "with the time waited (0: fail at once).",
 )  # fmt: skip
 @click.option(
     "--schedules", metavar="MODULE:ATTR",

@@ -117,7 +117,7 @@ class Member:
             if task.rate_limit is not None and self._members.rates is not None:
                 await acquire(self._members.rates, task.name, task.rate_limit, kwargs)
             value = await run_task(task, kwargs, running)
-            if not (running.cancelled and value is None):
+            if not running.stopped:
                 running.keep_result(value)
         except Exception as exc:
             await self._failed(exc, running, task.queue)

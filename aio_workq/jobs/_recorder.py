@@ -83,6 +83,10 @@ class Running:
     result: tuple[bytes, str | None] | None = None
     interrupted: bool = False
     """`request_cancel` cancelled `handler` (`run_task` undoes that count once it is seen)."""
+    stopped: bool = False
+    """The function ended for the job's cancel (it raised `Cancelled`, the request cancelled
+    its asyncio task, or it never started): the job ends `cancelled`. One that returns ran
+    to its end, whatever it returns and whenever the request came: `succeeded`."""
     _cancel: bool = False
     """Set once (by the event loop), read by a thread handler: a plain attribute suffices (a
     `threading.Event` per job cost more than the rest of its `Running`)."""

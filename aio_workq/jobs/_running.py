@@ -101,7 +101,8 @@ async def run_task(
     here), a plain `def` in a thread; `running` is the tracked job (`current_job()` inside),
     `current` the task running this (default: `asyncio.current_task()`).
 
-    Returns the function's value; `None` when it was cancelled (`running` then says so).
+    Returns the function's value; `None` when it was cancelled (`running.stopped` then says
+    so: a function that returns None as the request arrives ran to its end).
     """
     if running is None:
         try:
@@ -111,6 +112,7 @@ async def run_task(
         except Cancelled:
             return None
     if running.cancelled:  # cancelled between its claim and now (e.g. waiting for a slot)
+        running.stopped = True
         return None
     token = _current.set(running)  # running.enter(), a call less per job
     try:
@@ -127,7 +129,8 @@ async def run_task(
                 if running.interrupted:
                     running.interrupted = False
                     if outer.uncancel() == 0:
-                        return None  # only the cancel request's: the job ends as cancelled
+                        running.stopped = True  # only the request's: the job ends cancelled
+                        return None
                 raise  # the worker stopping, a timeout, or the function's own
             finally:
                 running.handler = None
@@ -137,6 +140,7 @@ async def run_task(
         return await asyncio.to_thread(task.fn, **kwargs)
     except Cancelled:
         running.request_cancel()  # the task stopped itself: recorded as cancelled
+        running.stopped = True
         return None
     finally:
         _current.reset(token)
@@ -219,7 +223,7 @@ class QueueRunner:
                 self._loop = loop = asyncio.get_running_loop()  # this asks the OS for its pid
                 current = asyncio.current_task(loop)
         value = await self._run(task, kwargs, running, current)
-        if running.cancelled and value is None:
+        if running.stopped:
             return None
         running.keep_result(value)
         return value
