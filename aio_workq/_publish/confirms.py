@@ -42,7 +42,7 @@ from .._wire.frames import (
     properties_limit,
 )
 from .._wire.lanes import FastLane, Lane
-from .._wire.tracker import Batch, InFlight, Outgoing
+from .._wire.tracker import Batch, ConfirmTracker, InFlight, Outgoing
 from .._wire.window import Window
 from .channels import ChannelListener, ExchangeListener, PublisherLanes
 from .expiry import SLOW, Expiry
@@ -129,8 +129,9 @@ class ConfirmPublisher:
         self._starting = starting
         self._in_flight.send_again = self._send_again
 
-    def _send_again(self, out: Outgoing) -> bool:
-        """`InFlight`: the broker nacked `out`; True when it is sent again."""
+    def _send_again(self, out: Outgoing, tracker: ConfirmTracker) -> bool:
+        """`InFlight`: the broker nacked `out` on `tracker`'s channel; True when it is sent
+        again."""
         nacks: int = getattr(out, "nacks", 0)  # a slot set only here
         delay = NACK_BACKOFF * 2**nacks
         if (
@@ -141,7 +142,7 @@ class ConfirmPublisher:
         ):
             return False
         out.nacks = nacks + 1
-        self._lanes.send_again(out, delay)
+        self._lanes.send_again(out, delay, tracker)
         return True
 
     def add_missing_exchange_listener(self, listener: ExchangeListener) -> None:
