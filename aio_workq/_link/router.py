@@ -179,12 +179,19 @@ class Router:
         )
         self._queues[spec.name] = spec
         if spec.type is QueueType.QUORUM:
-            self._declared_at[spec.name] = asyncio.get_running_loop().time()
+            # Its dead-letter and delay queues too: a worker's moves go to them.
+            now = asyncio.get_running_loop().time()
+            self._declared_at[spec.name] = now
+            if spec.dead_letter:
+                self._declared_at[spec.dead_letter_queue] = now
+            for delay in delays_ms:
+                self._declared_at[spec.delay_queue(delay)] = now
         return name
 
     def starting(self, exchange: str, routing_key: str) -> bool:
         """Whether the queue a message to `exchange` / `routing_key` went to is a quorum
-        queue declared here less than `STARTING` s ago, which may still be starting.
+        queue declared here less than `STARTING` s ago (a queue of `declare`, or its
+        dead-letter or delay queue), which may still be starting.
 
         Two processes declaring a new quorum queue at once: the second declare-ok comes back
         while the first declarer's queue is still starting its Raft member, and the broker
