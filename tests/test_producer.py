@@ -275,6 +275,32 @@ async def test_two_producers_publishing_at_once_to_a_new_quorum_queue_both_get_c
         assert await queue_depth(amqp_url, name) == 2
 
 
+async def test_a_producer_that_never_declares_publishing_as_another_declares_gets_confirms(
+    amqp_url: str, queue_name: str
+) -> None:
+    """A worker (here a producer) declares a new quorum queue while a `declare="never"`
+    producer of another process publishes to it as soon as its check finds it: the check's
+    declare-ok can come back while the queue is still starting, and the broker nacks what
+    arrives meanwhile. Each message must be confirmed: before, about one in five had a
+    `PublishNackedError` (its nacks were sent again only after a declare, not a check)."""
+    names = [f"{queue_name}-{n}" for n in range(30)]
+    async with Producer(amqp_url) as declarer, Producer(amqp_url, declare="never") as checker:
+
+        async def as_soon_as_it_exists(name: str) -> str:
+            while True:
+                try:
+                    return await checker.publish(b"b", name)
+                except TopologyError:  # not declared yet
+                    await asyncio.sleep(0)
+
+        for name in names:
+            outcomes = await asyncio.gather(
+                declarer.declare(name), as_soon_as_it_exists(name), return_exceptions=True
+            )
+            assert [type(o) for o in outcomes] == [str, str], (name, outcomes)
+    assert await queue_depth(amqp_url, names[0]) == 1
+
+
 async def test_a_new_full_quorum_queue_still_nacks_after_its_few_sends_again(
     producer: Producer, queue_name: str
 ) -> None:

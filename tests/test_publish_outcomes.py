@@ -18,6 +18,7 @@ import aio_workq
 from aio_workq import (
     ConfigurationError,
     Connection,
+    ConnectionLostError,
     Hook,
     Producer,
     PublishNackedError,
@@ -291,3 +292,51 @@ async def test_a_queue_that_is_not_a_name_is_a_configuration_error(path: Path) -
         with pytest.raises(ConfigurationError, match="queue name must be a str"):
             await path.producer.send("x", queue=queue)  # type: ignore[arg-type]
     path.assert_never_lost()
+
+
+# --- roads5: a nack of a quorum queue declared a moment before, sent again ---------------------
+
+
+def _full(name: str) -> Queue:
+    """A quorum queue that nacks every publish once full (a new one: its nacks are sent again,
+    as the nacks of a queue still starting are)."""
+    return Queue(name, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+
+
+async def _fill(producer: Producer, queue: Queue) -> None:
+    for n in range(3):  # a quorum queue takes one past its length (it checks as it applies)
+        try:
+            await producer.publish(n, queue)
+        except PublishNackedError:
+            return
+    raise AssertionError(f"{queue.name} never nacked")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_its_channel_without_resend(
+    request: pytest.FixtureRequest, amqp_url: str, queue_name: str, fast: bool
+) -> None:
+    """`on_reconnect="fail"` (and a worker's publisher, whose delivery is redelivered instead):
+    the connection drops while a nacked message waits to be sent again. It must fail with
+    `ConnectionLostError` like every other unconfirmed message of that connection; before, it
+    was sent on the next connection (a worker's copy next to its redelivered original)."""
+    port = URL(amqp_url).port
+    assert port is not None
+    async with FaultProxy(upstream_port=port) as proxy:
+        connection = Connection(proxy.url(amqp_url), fast_path=fast, name=request.node.nodeid)
+        await connection.open()
+        try:
+            async with Producer(connection=connection, timeout=20, on_reconnect="fail") as p:
+                queue = _full(queue_name)
+                await _fill(p, queue)
+                confirm = await p.send("waits", queue)
+                # Nacked within milliseconds, sent again after 0.05, 0.1, 0.2, 0.4 s...: at
+                # 0.4 s it is still unsettled, waiting for its next try.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(confirm), 0.4)
+                proxy.cut()
+                async with asyncio.timeout(1):  # at once: not after the next connection
+                    with pytest.raises(ConnectionLostError, match="before the channel closed"):
+                        await confirm
+        finally:
+            await connection.close()

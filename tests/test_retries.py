@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import subprocess
 import sys
 import time
@@ -462,3 +463,52 @@ async def test_a_dead_letter_too_large_to_copy_is_reported_and_the_others_are_re
     assert await dead.replay() == 1  # without the broker's headers, it fits again
     assert await dead.count() == 0
     assert await queue_depth(amqp_url, queue_name) == 3
+
+    assert await queue_depth(amqp_url, queue_name) == 1
+
+
+async def test_a_dead_letter_move_nacked_by_a_new_dead_letter_queue_is_sent_again(
+    producer: Producer,
+    make_worker: Callable[..., Worker],
+    queue_name: str,
+    local_broker: LocalBroker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker declares its queue with its dead-letter and retry queues, quorum queues all:
+    a nack from one of them right after (two workers starting at once on a new queue: the
+    queue may still be starting) is sent again, as a nack from the work queue itself is.
+    Before, only the work queue's nacks were: a retry or dead-letter move nacked then failed at
+    once and its message ran again at once, without its delay. Here a policy makes the new
+    dead-letter queue nack (full): the move is sent again for 1.55 s before it fails."""
+    name = f"{queue_name}-full-dlq"
+    definition = '{"max-length": 0, "overflow": "reject-publish"}'
+    local_broker.ctl(
+        "set_policy", name, f"^{queue_name}\\.dlq$", definition, "--apply-to", "queues",
+        "--priority", "100",
+    )  # fmt: skip
+    failed_at: dict[str, float] = {}
+    loop = asyncio.get_running_loop()
+
+    async def failing(job: Job) -> None:
+        failed_at.setdefault(str(job.message_id), loop.time())
+        raise ValueError("dead-letter me")
+
+    try:
+        worker = make_worker(queue=queue_name, handler=failing, retry=RetryPolicy(max_attempts=1))
+        with caplog.at_level(logging.ERROR, logger="aio_workq"):
+            await worker.start()
+            for n in range(3):  # the dead-letter queue takes one past its length (0)
+                await producer.publish(n, queue=queue_name, message_id=f"m{n}")
+            async with asyncio.timeout(15):
+                while not (said := _logged(caplog, "could not move")):  # noqa: ASYNC110 - a log record has no event
+                    await asyncio.sleep(0.01)
+            said_at = loop.time()
+        message_id = next(m for m in failed_at if m in said[0].getMessage())
+        assert said_at - failed_at[message_id] >= 1.4, (message_id, said[0].getMessage())
+        await worker.stop()
+    finally:
+        local_broker.ctl("clear_policy", name)
+
+
+def _logged(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if text in record.getMessage()]

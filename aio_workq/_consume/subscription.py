@@ -22,6 +22,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
+from .._exceptions import BrokerConnectionError
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource, translate_errors
 from .._link.declare import declare_exchange, declaring_channel
@@ -37,6 +38,8 @@ log = logging.getLogger("aio_workq")
 
 REBIND_EVERY = 5.0
 """Seconds between a bound worker's checks that its bindings still stand."""
+_STARTING_ATTEMPTS = 4
+"""Consumes at start while the new quorum queue may still be starting (`start`)."""
 
 OnDelivery = Callable[[Delivery, Acker], None]
 OnFields = Callable[..., None]
@@ -113,7 +116,28 @@ class Subscription:
             BrokerConnectionError: no connection within `timeout`.
             TopologyError: a declaration or binding failed.
         """
-        await self._channel.open(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        for attempt in range(_STARTING_ATTEMPTS):
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                await self._channel.open(left)
+                break
+            except BrokerConnectionError as exc:
+                # Two workers declaring one new quorum queue at once: the second declare-ok
+                # can come back while the queue is still starting, and a consume then makes
+                # the broker close the connection (541 INTERNAL_ERROR, `noproc`). Declared
+                # here a moment ago (`Router.starting`): consume again once it reconnected.
+                if (
+                    attempt == _STARTING_ATTEMPTS - 1
+                    or (deadline is not None and loop.time() >= deadline)
+                    or not self._router.starting("", self._queue.name)
+                ):
+                    raise
+                log.info(
+                    "worker %s: consuming its new queue failed (%s), it may still be "
+                    "starting: consuming again", worker_label(self._queue, self._exchange), exc,
+                )  # fmt: skip
         if self._exchange is not None and self._keeper is None:
             name = f"aio-workq binding of worker {worker_label(self._queue, self._exchange)}"
             self._keeper = asyncio.create_task(self._keep_bound(), name=name)

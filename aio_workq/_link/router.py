@@ -59,8 +59,9 @@ class Router:
         # closed by the broker with a 404).
         self._pending: dict[object, tuple[object, asyncio.Future[Any]]] = {}
         self._ladder: DelayLadder | None = None
-        # Quorum queues declared here -> when: the broker may nack publishes to one for a
-        # moment (`starting`). Kept until a lookup finds the moment over.
+        # Quorum queues declared here (and queues checked, `declare="never"`) -> when: the
+        # broker may nack publishes to one for a moment (`starting`). Kept until a lookup
+        # finds the moment over.
         self._declared_at: dict[str, float] = {}
 
     @property
@@ -134,6 +135,10 @@ class Router:
                 if self._check_only:
                     await self._on_raw_channel(lambda channel: check_queue(channel, spec.name))
                     self._queues[spec.name] = spec
+                    # Found moments after another process declared it, it may still be
+                    # starting (`starting`): its type is not known here, and a nack from the
+                    # one queue of a name is safe to send again whatever its type.
+                    self._declared_at[spec.name] = asyncio.get_running_loop().time()
                 else:
                     await self.declare(spec)
             return "", spec.name
@@ -179,12 +184,20 @@ class Router:
         )
         self._queues[spec.name] = spec
         if spec.type is QueueType.QUORUM:
-            self._declared_at[spec.name] = asyncio.get_running_loop().time()
+            # Its dead-letter and delay queues too: a worker's moves go to them.
+            now = asyncio.get_running_loop().time()
+            self._declared_at[spec.name] = now
+            if spec.dead_letter:
+                self._declared_at[spec.dead_letter_queue] = now
+            for delay in delays_ms:
+                self._declared_at[spec.delay_queue(delay)] = now
         return name
 
     def starting(self, exchange: str, routing_key: str) -> bool:
         """Whether the queue a message to `exchange` / `routing_key` went to is a quorum
-        queue declared here less than `STARTING` s ago, which may still be starting.
+        queue declared here less than `STARTING` s ago (a queue of `declare`, or its
+        dead-letter or delay queue; or a queue that `declare="never"` found then), which may
+        still be starting.
 
         Two processes declaring a new quorum queue at once: the second declare-ok comes back
         while the first declarer's queue is still starting its Raft member, and the broker

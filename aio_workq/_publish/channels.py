@@ -66,8 +66,9 @@ class PublisherLanes:
         self.frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._lanes: list[Lane] = []  # every lane whose channel's loss is not handled yet
         self._waiting: deque[Outgoing] = deque()  # for the next channel
-        # Nacked by a queue still starting, each sent again once its timer fires.
-        self._resting: dict[Outgoing, asyncio.TimerHandle] = {}
+        # Nacked by a queue still starting, each sent again once its timer fires; with the
+        # tracker of the channel that nacked it (its loss fails them unless they are resent).
+        self._resting: dict[Outgoing, tuple[asyncio.TimerHandle, ConfirmTracker]] = {}
         self._starting: Callable[[str, str], bool] = _never  # see send_again_while_starting
         self._listeners: list[ChannelListener] = []
         self._missing_listeners: list[ExchangeListener] = []
@@ -134,9 +135,11 @@ class PublisherLanes:
         self._starting = starting
         self._in_flight.send_again = self._nacked
 
-    def _nacked(self, out: Outgoing) -> bool:
-        """`InFlight`: the broker nacked `out` (on no channel's tracker now); True when it is
-        written again in a moment: on the channel open then, or on the next one."""
+    def _nacked(self, out: Outgoing, tracker: ConfirmTracker) -> bool:
+        """`InFlight`: the broker nacked `out` on `tracker`'s channel (it is off that tracker
+        now); True when it is written again in a moment: on the channel open then, or on the
+        next one (as after a lost connection: when the nacking channel is lost first without
+        `resend`, `out` fails instead)."""
         nacks: int = getattr(out, "nacks", 0)  # a slot set only here
         delay = NACK_BACKOFF * 2**nacks
         loop = asyncio.get_running_loop()
@@ -148,7 +151,7 @@ class PublisherLanes:
         ):
             return False
         out.nacks = nacks + 1
-        self._resting[out] = loop.call_later(delay, self._send_again, out)
+        self._resting[out] = (loop.call_later(delay, self._send_again, out), tracker)
         return True
 
     def _send_again(self, out: Outgoing) -> None:
@@ -169,7 +172,7 @@ class PublisherLanes:
         self._closing = True
         self.current = None
         self._lanes.clear()
-        for handle in self._resting.values():
+        for handle, _ in self._resting.values():
             handle.cancel()
         self._resting.clear()
         await self._channel.close()
@@ -201,6 +204,10 @@ class PublisherLanes:
             lane.write(out)
         self.ready.set()
 
+    def _resting_on(self, tracker: ConfirmTracker) -> list[Outgoing]:
+        """The messages waiting to be sent again after a nack on `tracker`'s channel."""
+        return [out for out, (_, nacked_on) in self._resting.items() if nacked_on is tracker]
+
     def _on_lost(self, channel: aiormq.abc.AbstractChannel, reason: BaseException | None) -> None:
         # The lane of `channel`, whichever is current: a new channel may already be writing.
         lane = next((lane for lane in self._lanes if lane.channel is channel), None)
@@ -223,6 +230,16 @@ class PublisherLanes:
         if missing is not None:
             for listener in self._missing_listeners:
                 listener(missing)
+        resend = self._resend and not self._closing
+        for out in self._resting_on(lane.tracker):
+            # Nacked on this channel, waiting to be sent again: it did not cause the loss, so
+            # it goes on the next channel like the others, or fails like them (a worker's
+            # publisher: its delivery is redelivered instead, a copy sent later is a duplicate).
+            if not resend:
+                handle, _ = self._resting.pop(out)
+                handle.cancel()
+                why = f"the channel closed ({reason})" if reason else "the channel closed"
+                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
         for out in lane.tracker.take_all():
             if out.settled:
                 continue

@@ -168,9 +168,10 @@ class InFlight:
     def __init__(self, on_settled: Callable[[Sequence[Outgoing]], None]) -> None:
         self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
         self._on_settled = on_settled
-        # Called with a nacked record: True when the publisher sends it again (a queue still
-        # starting), which leaves it unsettled; else it fails with `PublishNackedError`.
-        self.send_again: Callable[[Outgoing], bool] | None = None
+        # Called with a nacked record and the tracker of the channel that nacked it: True when
+        # the publisher sends it again (a queue still starting), which leaves it unsettled;
+        # else it fails with `PublishNackedError`.
+        self.send_again: Callable[[Outgoing, ConfirmTracker], bool] | None = None
 
     def admit(self, out: Outgoing) -> None:
         """Take on a new record, before it is written or queued for a channel.
@@ -243,11 +244,11 @@ class InFlight:
     def fail(self, out: Outgoing, cls: type[PublishError], what: str) -> None:
         self.settle(out, out.error(cls, what))
 
-    def nacked(self, out: Outgoing) -> None:
-        """The broker nacked `out`, taken off its tracker already: fail it, unless the
-        publisher sends it again (`send_again`)."""
+    def nacked(self, out: Outgoing, tracker: ConfirmTracker) -> None:
+        """The broker nacked `out`, taken off `tracker` (its channel's) already: fail it,
+        unless the publisher sends it again (`send_again`)."""
         send_again = self.send_again
-        if out.settled or send_again is None or not send_again(out):
+        if out.settled or send_again is None or not send_again(out, tracker):
             self.settle(out, out.error(PublishNackedError, _NACKED))
 
 
@@ -306,7 +307,7 @@ class ConfirmTracker:
             return
         nacked = self._in_flight.nacked
         for out in settled:
-            nacked(out)
+            nacked(out, self)
 
     def on_return(self, message_id: str | None) -> bool:
         """A `Basic.Return` of a mandatory message on this channel, found by its id (unique
@@ -330,7 +331,7 @@ class ConfirmTracker:
             self._in_flight.settle(out, None)
         else:
             self.discard(out)
-            self._in_flight.nacked(out)
+            self._in_flight.nacked(out, self)
 
     def take_all(self) -> list[Outgoing]:
         """Close the tracker (its channel closed): remove and return every record written on
