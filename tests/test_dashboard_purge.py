@@ -3,7 +3,10 @@ arrived after the page showed the count (against a real broker)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import sys
 
 import pytest
 
@@ -88,3 +91,39 @@ async def test_purge_with_a_limit_deletes_the_oldest_and_keeps_the_later_ones(
         for bad in (-1, 1.5, True):
             with pytest.raises(ConfigurationError, match="limit must be a whole number"):
                 await letters.purge(limit=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.broker
+async def test_the_cli_purge_deletes_the_letters_it_asked_about_not_those_that_arrive_meanwhile(
+    amqp_url: str, queue_name: str
+) -> None:
+    await make_dead_letters(amqp_url, queue_name, 2)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "aio_workq", "dlq", "purge", queue_name,
+        env={**os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1"},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        shown = b""
+        async with asyncio.timeout(30):
+            while b"This cannot be undone" not in shown:
+                chunk = await proc.stdout.read(200)
+                assert chunk, shown
+                shown += chunk
+        assert b"2 dead letters" in shown
+        # one arrives while the question waits: the user never saw it
+        await one_more_dead_letter(amqp_url, queue_name, "unseen")
+        proc.stdin.write(b"y\n")
+        await proc.stdin.drain()
+        proc.stdin.close()
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        assert b"purged 2 dead letters" in out
+        assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 1
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
