@@ -8,7 +8,7 @@ publish at once: their messages are pipelined on the one connection.
 ```python
 from aio_workq.sync import SyncProducer
 
-producer = SyncProducer(timeout=5)  # connects on first use; closed at exit
+producer = SyncProducer(timeout=5, connect_timeout=5)  # connects on first use; closed at exit
 
 
 def resize_view(request):  # a Django view, a Flask route, a thread...
@@ -269,7 +269,8 @@ class SyncProducer:
             PublishError: nacked, unroutable or connection lost (see `Producer.publish`).
             SerializationError: the body can't be encoded; nothing was sent.
             TopologyError: the queue exists with other arguments, or the exchange doesn't.
-            BrokerConnectionError: connecting on first use failed.
+            BrokerConnectionError: connecting on first use failed (that attempt is bounded by
+                `connect_timeout`, not `timeout`: give both for a short bound while it is down).
             IntegrationError: called from the producer's own loop thread, or after `close()`.
         """
         return str(

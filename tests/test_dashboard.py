@@ -363,10 +363,10 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2
 
         ask = await client.post(f"/dead-letters/{queue_name}/purge", headers=auth)
-        assert ask.status_code == 200 and "Delete all 2 dead letters" in ask.text
+        assert ask.status_code == 200 and "Delete the 2 dead letters" in ask.text
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2  # asked, not done
         done = await client.post(f"/dead-letters/{queue_name}/purge", headers=auth,
-                                 data={"confirm": "yes"})  # fmt: skip
+                                 data={"confirm": "yes", "count": "2"})  # fmt: skip
         assert "purged 2 dead letters" in done.text
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 0
 

@@ -242,13 +242,42 @@ class DeadLetters:
                 if moved:
                     yield moved
 
-    async def purge(self) -> int:
-        """Delete every dead letter; returns how many."""
+    async def purge(self, limit: int | None = None) -> int:
+        """Delete every dead letter, or with `limit` at most that many (the oldest); returns
+        how many.
+
+        `purge(limit=n)` after `count()` returned `n` deletes the letters counted and no
+        letter that arrived after the count (new ones go to the back of the queue), where
+        `purge()` deletes whatever is there by then.
+
+        Raises:
+            ConfigurationError: `limit` is not a whole number >= 0.
+            BrokerConnectionError: the broker did not answer within the timeout.
+        """
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        ):
+            raise ConfigurationError(f"limit must be a whole number >= 0 or None, got {limit!r}")
+        if limit is None:
+            async with self._channel("purging") as channel:
+                with _missing_says_why(f"purging {self.name!r}", self._queue):
+                    async with asyncio.timeout(self._timeout):
+                        ok = await channel.queue_purge(self.name)
+            return int(ok.message_count or 0)
+        deleted = 0
         async with self._channel("purging") as channel:
             with _missing_says_why(f"purging {self.name!r}", self._queue):
-                async with asyncio.timeout(self._timeout):
-                    ok = await channel.queue_purge(self.name)
-        return int(ok.message_count or 0)
+                while deleted < limit:
+                    async with asyncio.timeout(self._timeout):
+                        messages = await self._get_batch(channel, min(_BATCH, limit - deleted))
+                        if not messages:
+                            break
+                        last = messages[-1].delivery_tag
+                        assert last is not None
+                        with translate_errors(f"purging {self.name!r}"):
+                            await channel.basic_ack(last, multiple=True)
+                    deleted += len(messages)
+        return deleted
 
     # -- one pass ---------------------------------------------------------------------------
 

@@ -129,6 +129,7 @@ class Producer:
         self._publishers: tuple[ConfirmPublisher, ...] = ()
         self._router: Router | None = None
         self._sender: Sender | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was started on
         self._rpc: RPCClient | None = None
         self._closed = False
 
@@ -200,6 +201,7 @@ class Producer:
         self._sender = Sender(publishers, self._router, self._timeout, self._hooks)
         self._publishers = publishers
         self._publisher = publishers[0]
+        self._loop = asyncio.get_running_loop()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
@@ -229,6 +231,8 @@ class Producer:
                 "the producer is not started: use `async with Producer(...)`, or "
                 "`await producer.start()` first"
             )
+        if self._loop is not asyncio.get_running_loop():
+            raise IntegrationError(_other_loop(self._loop))
         return self._publisher, self._router
 
     async def send(
@@ -296,8 +300,12 @@ class Producer:
             SerializationError, ConfigurationError, TopologyError: see `send()`.
         """
         sender = self._sender
-        if sender is None or self._publisher is None:
-            self._ready()  # raises: not started, or closed
+        if (
+            sender is None
+            or self._publisher is None
+            or self._loop is not asyncio.get_running_loop()
+        ):
+            self._ready()  # raises: not started, closed, or on another loop
         assert sender is not None
         # `send()`'s work without its coroutine and options repacked (the hot path).
         confirm = await sender.forward(body, queue, exchange, routing_key, options)
@@ -372,6 +380,17 @@ class Producer:
         """Declare a queue (with its dead-letter queue) now; returns its name."""
         _, router = self._ready()
         return await router.declare(router.queue_spec(queue))
+
+
+def _other_loop(loop: asyncio.AbstractEventLoop | None) -> str:
+    state = "closed since" if loop is None or loop.is_closed() else "running in another thread"
+    return (
+        f"this producer was started on another event loop ({state}): a Producer works only on "
+        "the loop it was started on. Django runs each async view on an event loop of its own "
+        "under a WSGI server (runserver, gunicorn's sync workers): publish from those views "
+        "with aio_workq.sync.SyncProducer (one per process), or serve the app with an ASGI "
+        "server; threads with loops of their own need a Producer each, or the SyncProducer"
+    )
 
 
 async def _all(closing: list[Coroutine[Any, Any, None]]) -> None:

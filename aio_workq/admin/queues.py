@@ -288,8 +288,10 @@ async def delete_queues(amqp_url: str, names: Sequence[str]) -> list[tuple[str, 
     return deleted
 
 
-async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
-    """A plain aio-pika connection for looking at queues.
+async def connect(
+    amqp_url: str, *, timeout: float = _CONNECT_TIMEOUT
+) -> aio_pika.abc.AbstractConnection:
+    """A plain aio-pika connection for looking at queues (`timeout`: seconds for the attempt).
 
     Raises:
         BrokerConnectionError: the broker cannot be reached (the URL shown without password);
@@ -297,10 +299,10 @@ async def connect(amqp_url: str) -> aio_pika.abc.AbstractConnection:
             what to fix (the translation every connection of aio-workq uses).
     """
     try:
-        return await aio_pika.connect(amqp_url, timeout=_CONNECT_TIMEOUT)
+        return await aio_pika.connect(amqp_url, timeout=timeout)
     except TimeoutError:  # as aio-workq's own connections say it
         raise BrokerConnectionError(
-            f"cannot connect to {redact_url(amqp_url)}: no answer within {_CONNECT_TIMEOUT:g} s; "
+            f"cannot connect to {redact_url(amqp_url)}: no answer within {timeout:g} s; "
             "check the host and port, and that RabbitMQ is running (make broker-start starts a "
             "local one)"
         ) from None

@@ -297,16 +297,17 @@ async def _replay(
 @click.option("--yes", "-y", is_flag=True, help="Don't ask.")
 @url_option
 def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
-    """Delete every dead letter of QUEUE (asks first unless --yes)."""
+    """Delete the dead letters of QUEUE: asks first, then deletes the ones counted (not those
+    that arrive meanwhile); with --yes, every one there."""
     amqp_url = resolve(url)
 
     async def count() -> int:
         async with Producer(amqp_url, name="aio-workq dlq") as producer:
             return await _letters(producer, queue).count()
 
-    async def purge() -> int:
+    async def purge(limit: int | None) -> int:
         async with Producer(amqp_url, name="aio-workq dlq") as producer:
-            return await _letters(producer, queue).purge()
+            return await _letters(producer, queue).purge(limit=limit)
 
     waiting = asyncio.run(count())
     if waiting == 0:
@@ -314,10 +315,13 @@ def dlq_purge(queue: str, yes: bool, url: str | None) -> None:
         return
     if not yes:
         click.confirm(
-            f"Delete all {waiting} dead letters in {queue + '.dlq'!r}? This cannot be undone",
+            f"Delete the {waiting} dead letters in {queue + '.dlq'!r} (the oldest; those that "
+            "arrive meanwhile stay)? This cannot be undone",
             abort=True,
         )
-    click.echo(f"purged {_letters_n(asyncio.run(purge()))} from {queue + '.dlq'!r}")
+    # asked: the letters counted, not those that arrived while the question waited
+    purged = asyncio.run(purge(None if yes else waiting))
+    click.echo(f"purged {_letters_n(purged)} from {queue + '.dlq'!r}")
 
 
 def _letters_n(count: int) -> str:

@@ -16,7 +16,13 @@ from importlib import resources
 from typing import Any
 from urllib.parse import unquote
 
-from aio_workq import BrokerConnectionError, Producer, WorkqError, redact_url
+from aio_workq import (
+    BrokerConnectionError,
+    ConfigurationError,
+    Producer,
+    WorkqError,
+    redact_url,
+)
 from aio_workq._link.settings import resolve_url
 from aio_workq.schedules import GROUP
 
@@ -38,6 +44,9 @@ _STATIC = {
     "dashboard.css": "text/css; charset=utf-8",
 }
 _REFRESH = 3
+_CONNECT_TIMEOUT = 3.0
+"""Seconds a connection attempt to the broker may take: a page waits for one or two (the
+overview: the workers' beats, then the queues), not for the library's default 10 s each."""
 
 
 Handler = Callable[[Request, dict[str, str]], Awaitable[Response]]
@@ -54,6 +63,31 @@ def _unavailable(exc: WorkqError) -> str:
     return "Could not build this page"
 
 
+def _connect_timeout(seconds: float) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 60:
+        raise ConfigurationError(
+            f"connect_timeout must be a number of seconds in (0, 60], got {seconds!r}"
+        )
+    return float(seconds)
+
+
+async def _connected(producer: Producer, url: str, timeout: float) -> None:
+    """Wait up to `timeout` for `producer` to be connected (it reconnects by itself).
+
+    Raises:
+        BrokerConnectionError: not connected within `timeout`.
+    """
+    deadline = time.monotonic() + timeout
+    while not producer.connected:
+        if time.monotonic() >= deadline:
+            raise BrokerConnectionError(
+                f"the dashboard's connection to {redact_url(url)} is down and not back within "
+                f"{timeout:g} s (it keeps reconnecting in the background): check that RabbitMQ "
+                "is running; this page works again once it is back"
+            )
+        await asyncio.sleep(0.1)
+
+
 class Dashboard:
     """The aio-workq dashboard, served by `aiohttp_app()` / `asgi_app()` or `aio-workq dashboard`.
 
@@ -66,9 +100,11 @@ class Dashboard:
         schedules_group: the schedulers' group, for the Schedules page.
         security: read-only unless it allows actions (`Security.load(...)`).
         refresh: seconds between the pages' live updates (2-5).
+        connect_timeout: seconds a connection attempt to the broker may take (3 by default):
+            a broker that does not answer costs a page that long, not the library's 10 s.
 
     Raises:
-        ConfigurationError: a bad URL or refresh interval.
+        ConfigurationError: a bad URL, refresh interval or connect timeout.
     """
 
     def __init__(
@@ -81,19 +117,27 @@ class Dashboard:
         schedules_group: str = GROUP,
         security: Security | None = None,
         refresh: float = _REFRESH,
+        connect_timeout: float = _CONNECT_TIMEOUT,
     ) -> None:
         self._url = resolve_url(url)
+        self._connect_timeout = _connect_timeout(connect_timeout)
         self._security = security or Security()
         self._refresh = max(2.0, min(float(refresh), 5.0))
         self.queues = QueueData(
-            url=self._url, management_url=management_url, names=queues, ttl=self._refresh - 0.5
-        )
+            url=self._url, management_url=management_url, names=queues,
+            ttl=self._refresh - 0.5, connect_timeout=self._connect_timeout,
+        )  # fmt: skip
         self._producer: Producer | None = None
         self._producer_lock = asyncio.Lock()
         self.actions = Actions()
         self._site = Site(security=self._security, refresh=self._refresh)
-        self._workers = WorkerPages(site=self._site, url=self._url)
-        self._schedules = SchedulePages(site=self._site, url=self._url, group=schedules_group)
+        self._workers = WorkerPages(
+            site=self._site, url=self._url, connect_timeout=self._connect_timeout
+        )
+        self._schedules = SchedulePages(
+            site=self._site, url=self._url, group=schedules_group,
+            connect_timeout=self._connect_timeout,
+        )  # fmt: skip
         self.queues.also_watch(
             self._known_queues, listening=self._workers.listening, unheard=self._workers.unheard
         )
@@ -145,12 +189,23 @@ class Dashboard:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def _get_producer(self) -> Producer:
+        """The dashboard's producer, started on first use.
+
+        Raises:
+            BrokerConnectionError: it can't connect within the connect timeout, or its
+                connection is down and not back within it (it reconnects in the background:
+                a page says so at once instead of waiting the operations' 30 s).
+        """
         async with self._producer_lock:
             if self._producer is None:
-                producer = Producer(self._url, name="aio-workq dashboard")
+                producer = Producer(
+                    self._url, name="aio-workq dashboard", connect_timeout=self._connect_timeout
+                )
                 await producer.start()
                 self._producer = producer
-            return self._producer
+            producer = self._producer
+        await _connected(producer, self._url, self._connect_timeout)
+        return producer
 
     def _known_queues(self) -> list[str]:
         named = [queue for worker in self._workers.seen() for queue in worker.beat.queues]

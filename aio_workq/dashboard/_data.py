@@ -105,6 +105,7 @@ class QueueData:
             `""` turns it off (passive declares only).
         names: queues to look at without the management API.
         ttl: seconds a snapshot is served before the next fetch.
+        connect_timeout: seconds a connection attempt to the broker may take.
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class QueueData:
         management_url: str | None,
         names: Iterable[str] = (),
         ttl: float = 2.0,
+        connect_timeout: float = 10.0,
     ) -> None:
         self._url = url
+        self._connect_timeout = connect_timeout
         self._off = management_url == ""
         self._explicit = bool(management_url)
         self._mgmt = management_url or default_management_url(url)
@@ -218,7 +221,7 @@ class QueueData:
         try:
             if not _usable(self._connection):
                 await self.close()
-                self._connection = await connect(self._url)
+                self._connection = await connect(self._url, timeout=self._connect_timeout)
             raws = await amqp_raws(self._url, names, require=False, connection=self._connection)
         except WorkqError as exc:
             return QueueSnapshot([], source, False, error=str(exc))

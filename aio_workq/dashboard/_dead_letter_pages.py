@@ -175,14 +175,36 @@ class DeadLetterPages:
         return Response.redirect(request.link(f"/actions/{action.id}"))
 
     async def purge(self, request: Request, match: dict[str, str]) -> Response:
+        """Asked first; the confirmed form deletes the letters the user was asked about and no
+        other: it carries the count shown, is refused when the count changed meanwhile, and
+        deletes at most that many, the oldest (a letter that arrives later waits behind)."""
         queue = queue_name(match["queue"])
         what = f"purge the dead letters of {queue!r}"
         caller = self._site.require_action(request, what)
         letters, waiting = await self._dead_letters(queue)
+        seen = _count_field(request, "seen")
         if request.field("confirm") != "yes":
-            return self._site.render(request, "confirm_purge.html", queue=queue, waiting=waiting)
-        log.info("action: %s, by %s", what, caller)
-        purged = await letters.purge()
+            return self._site.render(
+                request, "confirm_purge.html", queue=queue, waiting=waiting, seen=seen,
+            )  # fmt: skip
+        asked = _count_field(request, "count")
+        if asked is None:
+            raise PageError(
+                400, "Bad request",
+                "the confirmation carries no count of the dead letters to delete: "
+                "purge from the dead-letter page again",
+            )  # fmt: skip
+        if asked != waiting:
+            log.warning(
+                "refused (the count changed: %d asked, %d now): %s, by %s",
+                asked, waiting, what, caller,
+            )  # fmt: skip
+            return self._site.render(
+                request, "confirm_purge.html", status=409, queue=queue, waiting=waiting,
+                seen=asked,
+            )  # fmt: skip
+        log.info("action: %s (%d), by %s", what, asked, caller)
+        purged = await letters.purge(limit=asked)
         log.info("action done: %s, by %s: %d purged", what, caller, purged)
         return self._site.message(
             request, 200, "Purged", f"purged {purged} dead letters from {queue + '.dlq'!r}"
@@ -194,6 +216,20 @@ class DeadLetterPages:
             raise PageError(404, "No such action", "it ended long ago, or the dashboard restarted")
         template = "_action.html" if request.htmx else "action.html"
         return self._site.render(request, template, action=action)
+
+
+def _count_field(request: Request, name: str) -> int | None:
+    """The form's count `name` (None when absent).
+
+    Raises:
+        PageError: 400, not a whole number >= 0.
+    """
+    given = request.field(name).strip()
+    if not given:
+        return None
+    if not given.isascii() or not given.isdigit() or len(given) > 12:
+        raise PageError(400, "Bad request", f"{name} must be a whole number >= 0")
+    return int(given)
 
 
 def _clip(body: bytes) -> bytes:

@@ -21,9 +21,10 @@ _SCHEDULES_TTL = 10.0
 class SchedulePages:
     """The schedules page's handlers, on the status of the schedulers' `group`."""
 
-    def __init__(self, *, site: Site, url: str, group: str) -> None:
+    def __init__(self, *, site: Site, url: str, group: str, connect_timeout: float) -> None:
         self._site = site
         self._url = url
+        self._connect_timeout = connect_timeout
         self._group = group
         # the schedules change once per tick: read (a connection each time) every 10 s at most
         self._schedules: Cached[Any] = Cached(self._read, ttl=_SCHEDULES_TTL)
@@ -31,7 +32,9 @@ class SchedulePages:
 
     async def _read(self) -> Any:
         try:
-            state = await read_status(self._url, group=self._group)
+            state = await read_status(
+                self._url, group=self._group, connect_timeout=self._connect_timeout
+            )
         except WorkqError as exc:
             return exc
         self._last = state

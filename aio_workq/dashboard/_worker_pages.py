@@ -7,7 +7,7 @@ import asyncio
 import time
 from typing import Any
 
-from aio_workq import PresenceWatcher, WorkerPresence, WorkqError
+from aio_workq import Connection, PresenceWatcher, WorkerPresence, WorkqError
 
 from ._http import Request, Response
 from ._site import Site, duration
@@ -25,9 +25,11 @@ _RETRY = 30.0
 class WorkerPages:
     """The workers page's handlers, and the watcher of the workers' beats they read."""
 
-    def __init__(self, *, site: Site, url: str) -> None:
+    def __init__(self, *, site: Site, url: str, connect_timeout: float) -> None:
         self._site = site
         self._url = url
+        self._connect_timeout = connect_timeout
+        self._connection: Connection | None = None
         self._watcher: PresenceWatcher | None = None
         self._watcher_error: str | None = None
         self._watcher_lock = asyncio.Lock()
@@ -45,14 +47,22 @@ class WorkerPages:
             return None
         async with self._watcher_lock:
             if self._watcher is None and time.monotonic() >= self._retry_at:
-                watcher = PresenceWatcher(self._url)
+                # its own connection, for the dashboard's connect timeout (not the default 10 s)
+                connection = Connection(
+                    self._url, name="aio-workq dashboard presence",
+                    connect_timeout=self._connect_timeout,
+                )  # fmt: skip
+                watcher = PresenceWatcher(connection)
                 try:
-                    await watcher.open()
+                    await connection.open()
+                    await watcher.open(timeout=self._connect_timeout)
                 except WorkqError as exc:
+                    await connection.close()
                     self._watcher_error = str(exc)
                     self._retry_at = time.monotonic() + _RETRY
                     return None
                 self._watcher, self._watcher_error = watcher, None
+                self._connection = connection
                 self._opened_at = time.monotonic()
             return self._watcher
 
@@ -80,8 +90,11 @@ class WorkerPages:
     async def close(self) -> None:
         """Close the watcher, if it was opened."""
         watcher, self._watcher = self._watcher, None
+        connection, self._connection = self._connection, None
         if watcher is not None:
             await watcher.close()
+        if connection is not None:
+            await connection.close()
 
     async def _context(self) -> dict[str, Any]:
         watcher = await self.presence()

@@ -395,8 +395,16 @@ class Tasks:
 
         Returns the registry itself.
         """
-        if not callable(getattr(producer, "publish", None)):
+        publish = getattr(producer, "publish", None)
+        if not callable(publish):
             raise ConfigurationError(f"bind() takes a Producer, got {producer!r}")
+        if not inspect.iscoroutinefunction(publish):
+            raise ConfigurationError(
+                f"bind() takes an async Producer (or a Workq's producer view), got {producer!r}, "
+                "whose publish() blocks: enqueue() awaits it. A SyncProducer publishes plain "
+                "messages from sync code; tasks are enqueued from async code (an async view "
+                "served by an ASGI server, see docs/guides/web-apps.md#tasks-from-django)"
+            )
         self._producer = producer
         if store is not None:
             self._store = store

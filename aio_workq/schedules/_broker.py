@@ -173,9 +173,10 @@ async def read_status(
     *,
     group: str = GROUP,
     ssl_context: ssl.SSLContext | None = None,
+    connect_timeout: float = 10.0,
 ) -> State | None:
     """The state the active scheduler last published (None before any), for `aio-workq
-    schedules`.
+    schedules` (`connect_timeout`: seconds for each connection attempt).
 
     Raises:
         ConfigurationError: an invalid URL, or `ssl_context=` with an `amqp://` URL.
@@ -183,10 +184,12 @@ async def read_status(
         BrokerConnectionError: the broker can't be reached.
     """
     names = Names.of(group)
-    connection = Connection(url, ssl_context=ssl_context, name="aio-workq schedules")
+    connection = Connection(
+        url, ssl_context=ssl_context, name="aio-workq schedules", connect_timeout=connect_timeout
+    )
     await connection.open()
     try:
-        channel = await connection.channel()
+        channel = await connection.channel(timeout=connect_timeout)
         with translate_errors("reading the schedules' status"):
             try:  # passive: looking creates nothing
                 await channel.queue_declare(names.status, passive=True)
