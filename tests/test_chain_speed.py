@@ -37,6 +37,9 @@ class _Declared:
     def forget_exchange(self, name: str) -> None:
         pass
 
+    def starting(self, exchange: str, routing_key: str) -> bool:
+        return False
+
 
 async def _sender(window: int = 100) -> tuple[FakeSource, ConfirmPublisher, Sender]:
     source = FakeSource()
