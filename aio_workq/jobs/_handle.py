@@ -13,7 +13,7 @@ from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
 from ._errors import JobCancelledError, JobFailedError, JobNotFoundError, JobTimeoutError
-from ._status import JobRecord, JobState, JobStatus
+from ._status import JobRecord, JobState, JobStatus, unstorable_id
 from ._store import JobStore
 
 __all__ = ("CONTROL_EXCHANGE", "TASK_HEADER", "JobHandle", "Publisher")
@@ -93,7 +93,9 @@ class JobHandle(Generic[R]):
         return store
 
     async def _record(self) -> JobRecord:
-        record = await self._store().get(self.job_id)
+        store = self._store()
+        # An id no job can have (a NUL, from a request's path, say) is not the store's failure.
+        record = None if unstorable_id(self.job_id) else await store.get(self.job_id)
         if record is None:
             raise JobNotFoundError(
                 f"no record of job {self.job_id}: an unknown id, a record past the store's TTL, "
@@ -213,7 +215,10 @@ class JobHandle(Generic[R]):
                 workers with.
             PublishError: the cancel request to the workers was not confirmed.
         """
-        status = await self._store().cancel(self.job_id, now=time.time())
+        store = self._store()
+        status = (
+            None if unstorable_id(self.job_id) else await store.cancel(self.job_id, now=time.time())
+        )
         if status is None:
             raise JobNotFoundError(f"no record of job {self.job_id}", job_id=self.job_id)
         if status.state is JobState.RUNNING:

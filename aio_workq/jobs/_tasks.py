@@ -30,7 +30,7 @@ from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
 from ._running import build_workers
-from ._status import JobState, Write
+from ._status import JobState, Write, unstorable_id
 from ._store import JobStore
 
 if typing.TYPE_CHECKING:
@@ -209,12 +209,17 @@ class Task(Generic[P, R]):
             job_id: the job id (and message id) instead of a fresh one.
 
         Raises:
-            ConfigurationError: a `job_id` that is not a non-empty string.
+            ConfigurationError: a `job_id` that is not a non-empty string, or has a NUL.
         """
         if job_id is not None and (not isinstance(job_id, str) or not job_id.strip()):
             raise ConfigurationError(
                 f"task {self.name!r}: job_id must be a non-empty string (it names the job), "
                 f"got {job_id!r}; leave it out for a fresh id"
+            )
+        if job_id is not None and unstorable_id(job_id):
+            raise ConfigurationError(
+                f"task {self.name!r}: job_id {job_id!r} has a NUL character, which a job "
+                "store can't keep: give an id without one (or leave it out for a fresh id)"
             )
         given = {
             "delay": delay, "priority": priority, "expiration": expiration,
