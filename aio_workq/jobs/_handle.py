@@ -12,7 +12,13 @@ from .._exceptions import ConfigurationError, IntegrationError, PayloadError
 from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
-from ._errors import JobCancelledError, JobFailedError, JobNotFoundError, JobTimeoutError
+from ._errors import (
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    StoreError,
+)
 from ._status import JobRecord, JobState, JobStatus, unstorable_id
 from ._store import JobStore
 
@@ -120,16 +126,20 @@ class JobHandle(Generic[R]):
         Polls the store with a backoff: every 50 ms at first, then 1.5 times longer each time
         up to `poll_cap` (1 s), so a long wait costs one read a second. With a `timeout`, a
         store that does not answer does not stretch it: each read ends by the deadline (the
-        last one may take 50 ms past it).
+        last one may take 50 ms past it); one that can't be reached (refused, restarting) is
+        read again until the deadline, so the wait rides through a short outage.
 
         Raises:
-            JobTimeoutError: not done within `timeout` seconds.
-            JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+            JobTimeoutError: not done within `timeout` seconds (or the store did not answer
+                until then).
+            JobNotFoundError, StoreError, ConfigurationError: as `status()` (with a
+                `timeout`, a `StoreError` only when the store answered with an error).
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         pause = _POLL_FIRST
         status: JobStatus | None = None
+        outage: StoreError | None = None  # the store's last "can't be reached", if any
         while True:
             if deadline is None:
                 status = await self.status()
@@ -138,7 +148,16 @@ class JobHandle(Generic[R]):
                     async with asyncio.timeout_at(max(deadline, loop.time() + _POLL_FIRST)):
                         status = await self.status()
                 except TimeoutError:
-                    raise self._late(timeout, status, unanswered=True) from None
+                    raise self._late(timeout, status, unanswered=True) from outage
+                except StoreError as exc:
+                    if not exc.unreachable:
+                        raise
+                    outage = exc
+                    if loop.time() >= deadline:
+                        raise self._late(timeout, status, unanswered=True) from exc
+                    await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                    pause = min(pause * _POLL_FACTOR, self.poll_cap)
+                    continue
             if status.done:
                 return status
             if deadline is not None:

@@ -22,7 +22,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, OperationalError
 from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -195,14 +195,17 @@ class StorePool:
             return StoreError(
                 f"{failed}: {exc} (why it could not connect, e.g. the server down, a wrong host "
                 "or port, user, password or database, is logged by psycopg's logger "
-                "'psycopg.pool')"
+                "'psycopg.pool')",
+                unreachable=True,
             )
-        return StoreError(f"{failed}: {exc}")
+        unreachable = isinstance(exc, OperationalError | PoolTimeout | OSError)
+        return StoreError(f"{failed}: {exc}", unreachable=unreachable)
 
     def _unanswered(self, what: str) -> StoreError:
         return StoreError(
             f"{self._where}: {what} failed: PostgreSQL did not answer within "
-            f"{self._timeout:g} s (timeout=)"
+            f"{self._timeout:g} s (timeout=)",
+            unreachable=True,
         )
 
     async def close(self) -> None:
