@@ -67,6 +67,6 @@ async def test_a_wait_with_a_deadline_rides_through_a_store_restart(
             await broken.job("a").wait(timeout=30)
         assert time.monotonic() - started < 10
         assert broken.store is not None
-        await broken.store.close()  # type: ignore[attr-defined]
+        await broken.store.close()
     finally:
         await store.close()
