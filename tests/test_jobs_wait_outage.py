@@ -70,3 +70,26 @@ async def test_a_wait_with_a_deadline_rides_through_a_store_restart(
         await broken.store.close()
     finally:
         await store.close()
+
+
+@pytest.mark.timeout(120)
+async def test_the_first_read_after_a_quiet_restart_of_the_server_is_answered(
+    own_postgres: LocalPostgres,
+) -> None:
+    """A web app's store, idle while PostgreSQL restarted (an upgrade, a failover): its pooled
+    connection is dead, and the next status read failed with `StoreError` ("terminating
+    connection due to administrator command"), a 503, with the server up for minutes. A
+    connection idle for a while is checked before use, and replaced when dead."""
+    schema = f"j_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(own_postgres.dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    store = PostgresStore(own_postgres.dsn, schema=schema)
+    try:
+        assert await store.record([_w("a", JobState.SUCCEEDED)]) == [True]
+        await asyncio.to_thread(own_postgres.stop)
+        await asyncio.to_thread(own_postgres.start)
+        await asyncio.sleep(2.5)  # the app was idle meanwhile
+        record = await store.get("a")
+        assert record is not None and record.status.state is JobState.SUCCEEDED
+    finally:
+        await store.close()
