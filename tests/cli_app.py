@@ -64,3 +64,17 @@ async def workers_with_a_producer_left_open() -> list[Worker]:
 
 
 _LEFT_OPEN: list[Producer] = []
+
+
+def _tasks() -> object:
+    from aio_workq.jobs import Tasks
+
+    registry = Tasks()
+
+    @registry.task(queue="cli-app-tasks")
+    async def noop() -> None: ...
+
+    return registry
+
+
+tasks = _tasks()  # `aio-workq worker tests.cli_app:tasks` names the registry, not its factory

@@ -487,6 +487,25 @@ async def test_children_drain_when_the_supervisor_is_killed(
     assert len(sup.lines(r"stopped: ", "err")) == 2
 
 
+async def test_a_target_the_children_cant_run_fails_once_in_the_supervisor(
+    env: dict[str, str],
+) -> None:
+    """`--processes 2` with a target of the wrong kind (the Tasks registry, not its factory;
+    --concurrency for a Worker): the children each failed and were restarted until the
+    supervisor gave up, 20 s later. Now the supervisor says it once, at once."""
+    for args, said in (
+        (["tests.cli_app:tasks"], r"is a Tasks registry: name its workers factory"),
+        (["tests.cli_app:slow_workers", "--concurrency", "2"], r"--concurrency applies to"),
+    ):
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with cli("worker", *args, "--processes", "2", env=env) as sup:
+            assert await sup.exit_code() == 1
+        assert loop.time() - started < 10
+        assert len(sup.lines(said, "err")) == 1
+        assert not sup.lines(r"child \d started|crashes in", "err")
+
+
 async def test_supervisor_gives_up_when_children_keep_crashing(env: dict[str, str]) -> None:
     args = ["worker", "tests.cli_app:broken_factory", "--processes", "2", "--max-restarts", "1"]
     async with cli(*args, env=env) as sup:

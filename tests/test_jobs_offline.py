@@ -424,6 +424,15 @@ async def test_the_cli_runs_a_registry_through_its_workers_factory() -> None:
     assert workers[0].queue_name == "images"  # and a server-named one for cancel requests
 
 
+async def test_the_cli_passes_concurrency_to_the_tasks_workers_factory() -> None:
+    """`aio-workq worker app:tasks.workers --concurrency 4`, as `celery worker --concurrency`:
+    it was refused, naming `Worker(concurrency=...)`, which a registry's workers don't take."""
+    tasks = make_tasks(MemoryStore())
+    options = WorkerOptions(target="app:tasks.workers", concurrency=3)
+    workers = await build_workers(tasks.workers, options)
+    assert workers[0].queue_name == "images" and "concurrency=3" in repr(workers[0])
+
+
 async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() -> None:
     """`aio-workq worker app:tasks` or `app:resize` (a Task, which is callable): the error
     says what to name instead; a Task was taken for a handler ("pass --queue QUEUE"), and

@@ -14,7 +14,7 @@ from aio_workq import Worker
 
 from ._errors import TargetError
 
-__all__ = ("WorkerOptions", "build_scheduler", "build_workers", "import_target")
+__all__ = ("WorkerOptions", "build_scheduler", "build_workers", "check_target", "import_target")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +70,34 @@ def import_target(target: str) -> Any:
     return obj
 
 
+def check_target(obj: Any, options: WorkerOptions) -> None:
+    """What can be told of `obj` without calling it: that it is a kind the options apply to.
+    The supervisor checks it once, before its children would each fail on it.
+
+    Raises:
+        TargetError: `obj` is a Tasks registry or task, or an option does not apply to it.
+    """
+    target = options.target
+    _refuse_tasks(obj, target)
+    factory = not isinstance(obj, Worker) and callable(obj) and not isinstance(obj, type)
+    if options.queue is not None:
+        if isinstance(obj, Worker) or not callable(obj):
+            raise TargetError(
+                f"--queue runs {target!r} as a handler, but it is {_kind(obj)}; drop --queue"
+            )
+        return
+    if options.concurrency is not None and not (factory and _takes_concurrency(obj)):
+        raise TargetError(
+            "--concurrency applies to a handler run with --queue, or to a factory that takes "
+            "concurrency= (a Tasks registry's tasks.workers does); for a Worker, set "
+            "Worker(concurrency=...) in the code"
+        )
+    if factory and _needs_arguments(obj):
+        raise TargetError(
+            f"{target!r} takes an argument, so it looks like a handler: pass --queue QUEUE"
+        )
+
+
 async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
     """The workers `obj` stands for, under `options`.
 
@@ -77,12 +105,8 @@ async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
         TargetError: `obj` is none of the accepted kinds, or an option does not apply to it.
     """
     target = options.target
-    _refuse_tasks(obj, target)
+    check_target(obj, options)
     if options.queue is not None:
-        if isinstance(obj, Worker) or not callable(obj):
-            raise TargetError(
-                f"--queue runs {target!r} as a handler, but it is {_kind(obj)}; drop --queue"
-            )
         return [
             Worker(
                 options.url,
@@ -92,18 +116,10 @@ async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
                 name=f"aio-workq worker {options.queue}",
             )
         ]
-    if options.concurrency is not None:
-        raise TargetError(
-            "--concurrency applies to a handler run with --queue; for a Worker, set "
-            "Worker(concurrency=...) in the code"
-        )
     if not isinstance(obj, Worker) and callable(obj) and not isinstance(obj, type):
-        if _needs_arguments(obj):
-            raise TargetError(
-                f"{target!r} takes an argument, so it looks like a handler: pass --queue QUEUE"
-            )
         try:
-            obj = obj()
+            given = {} if options.concurrency is None else {"concurrency": options.concurrency}
+            obj = obj(**given)
             if inspect.isawaitable(obj):
                 obj = await obj
         except TargetError:
@@ -145,6 +161,17 @@ def _workers_of(obj: Any, what: str) -> list[Worker]:
     raise TargetError(
         f"{what}; expected a Worker, a non-empty list of Workers, a factory returning them, "
         "or a handler with --queue QUEUE"
+    )
+
+
+def _takes_concurrency(func: Any) -> bool:
+    try:
+        parameter = inspect.signature(func).parameters.get("concurrency")
+    except (TypeError, ValueError):
+        return False
+    return parameter is not None and parameter.kind in (
+        parameter.POSITIONAL_OR_KEYWORD,
+        parameter.KEYWORD_ONLY,
     )
 
 

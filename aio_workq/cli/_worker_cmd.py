@@ -13,7 +13,7 @@ from ._options import LEVELS, resolve, url_option
 from ._procmetrics import ProcessMetrics
 from ._run import HealthOptions, run_in_process
 from ._supervisor import RestartPolicy, Supervisor, child_command
-from ._target import WorkerOptions, build_scheduler, import_target
+from ._target import WorkerOptions, build_scheduler, check_target, import_target
 
 __all__ = ("worker",)
 
@@ -100,7 +100,10 @@ def worker(
     # here (which may write metric files of its own into it).
     metrics = ProcessMetrics.create() if metrics_port is not None else None
     try:
-        import_target(target)  # fail here, once, rather than in every child
+        check_target(  # fail here, once, rather than in every child
+            import_target(target),
+            WorkerOptions(target=target, queue=queue, concurrency=concurrency),
+        )
         if schedules is not None:
             build_scheduler(schedules, url)
         args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]

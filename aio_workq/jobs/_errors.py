@@ -70,10 +70,14 @@ class JobTimeoutError(JobError, TimeoutError):
 
 
 class StoreError(JobError):
-    """The job store could not be reached, or failed the query (the message says which)."""
+    """The job store could not be reached, or failed the query (the message says which).
 
-    def __init__(self, message: str, *, job_id: str = "") -> None:
+    `unreachable` is True when the store did not answer (refused, restarting, timed out), which
+    waiting may cure: `job.result(timeout=)` reads it again until its deadline."""
+
+    def __init__(self, message: str, *, job_id: str = "", unreachable: bool = False) -> None:
         super().__init__(message, job_id=job_id)
+        self.unreachable = unreachable
 
 
 class Cancelled(Exception):

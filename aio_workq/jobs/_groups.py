@@ -38,7 +38,7 @@ from ._errors import TaskArgumentError
 from ._groupstore import CallbackDue, GroupSpec, GroupStore
 from ._handle import TASK_HEADER, JobHandle, Publisher
 from ._json import encode_typed
-from ._status import JobState, Write
+from ._status import JobState, Write, unstorable_id
 from ._store import JobStore
 
 __all__ = (
@@ -198,6 +198,11 @@ class Group(Generic[R]):
             if not callable(getattr(then, "partial", None)):
                 raise ConfigurationError(f"then= takes a task or task.partial(...), got {then!r}")
             then = Signature(then, (), {}, complete=False)
+        if group_id is not None and unstorable_id(group_id):
+            raise ConfigurationError(
+                f"group_id {group_id!r} has a NUL character, which a job store can't keep: "
+                "give an id without one (or leave it out for a fresh id)"
+            )
         self.members = members
         self.then = then
         self.group_id = group_id or uuid.uuid4().hex

@@ -12,8 +12,14 @@ from .._exceptions import ConfigurationError, IntegrationError, PayloadError
 from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
-from ._errors import JobCancelledError, JobFailedError, JobNotFoundError, JobTimeoutError
-from ._status import JobRecord, JobState, JobStatus
+from ._errors import (
+    JobCancelledError,
+    JobFailedError,
+    JobNotFoundError,
+    JobTimeoutError,
+    StoreError,
+)
+from ._status import JobRecord, JobState, JobStatus, unstorable_id
 from ._store import JobStore
 
 __all__ = ("CONTROL_EXCHANGE", "TASK_HEADER", "JobHandle", "Publisher")
@@ -93,7 +99,9 @@ class JobHandle(Generic[R]):
         return store
 
     async def _record(self) -> JobRecord:
-        record = await self._store().get(self.job_id)
+        store = self._store()
+        # An id no job can have (a NUL, from a request's path, say) is not the store's failure.
+        record = None if unstorable_id(self.job_id) else await store.get(self.job_id)
         if record is None:
             raise JobNotFoundError(
                 f"no record of job {self.job_id}: an unknown id, a record past the store's TTL, "
@@ -118,16 +126,20 @@ class JobHandle(Generic[R]):
         Polls the store with a backoff: every 50 ms at first, then 1.5 times longer each time
         up to `poll_cap` (1 s), so a long wait costs one read a second. With a `timeout`, a
         store that does not answer does not stretch it: each read ends by the deadline (the
-        last one may take 50 ms past it).
+        last one may take 50 ms past it); one that can't be reached (refused, restarting) is
+        read again until the deadline, so the wait rides through a short outage.
 
         Raises:
-            JobTimeoutError: not done within `timeout` seconds.
-            JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+            JobTimeoutError: not done within `timeout` seconds (or the store did not answer
+                until then).
+            JobNotFoundError, StoreError, ConfigurationError: as `status()` (with a
+                `timeout`, a `StoreError` only when the store answered with an error).
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         pause = _POLL_FIRST
         status: JobStatus | None = None
+        outage: StoreError | None = None  # the store's last "can't be reached", if any
         while True:
             if deadline is None:
                 status = await self.status()
@@ -136,7 +148,16 @@ class JobHandle(Generic[R]):
                     async with asyncio.timeout_at(max(deadline, loop.time() + _POLL_FIRST)):
                         status = await self.status()
                 except TimeoutError:
-                    raise self._late(timeout, status, unanswered=True) from None
+                    raise self._late(timeout, status, unanswered=True) from outage
+                except StoreError as exc:
+                    if not exc.unreachable:
+                        raise
+                    outage = exc
+                    if loop.time() >= deadline:
+                        raise self._late(timeout, status, unanswered=True) from exc
+                    await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+                    pause = min(pause * _POLL_FACTOR, self.poll_cap)
+                    continue
             if status.done:
                 return status
             if deadline is not None:
@@ -213,7 +234,10 @@ class JobHandle(Generic[R]):
                 workers with.
             PublishError: the cancel request to the workers was not confirmed.
         """
-        status = await self._store().cancel(self.job_id, now=time.time())
+        store = self._store()
+        status = (
+            None if unstorable_id(self.job_id) else await store.cancel(self.job_id, now=time.time())
+        )
         if status is None:
             raise JobNotFoundError(f"no record of job {self.job_id}", job_id=self.job_id)
         if status.state is JobState.RUNNING:

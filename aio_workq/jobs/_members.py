@@ -29,7 +29,7 @@ from ._groupstore import CallbackDue, GroupStore, RateStore
 from ._handle import TASK_HEADER
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running
-from ._status import JobState, Write
+from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
     from ._store import JobStore
@@ -185,7 +185,9 @@ class Member:
         worker does not run)."""
         await self._finish(
             running.write(
-                JobState.FAILED, error_type=qualname(exc), error_message=text_of(exc)[:_ERROR_LIMIT]
+                JobState.FAILED,
+                error_type=storable(qualname(exc)),
+                error_message=storable(text_of(exc)[:_ERROR_LIMIT]),
             )
         )
 

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, OperationalError
 from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -30,6 +32,29 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from ._errors import StoreError
 
 __all__ = ("StorePool",)
+
+_IDLE_CHECK = 2.0
+"""A pooled connection idle this long (s) is checked (an empty query) before it is used."""
+
+
+class _IdleCheck:
+    """The `check` and `reset` callbacks of the store's own pool: a connection that sat in the
+    pool for `_IDLE_CHECK` s or more is checked before use, so one a server restart (or a
+    proxy) closed meanwhile is replaced instead of failing the caller's query; a connection in
+    steady use costs nothing more."""
+
+    def __init__(self) -> None:
+        self._since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    async def idle(self, conn: Any) -> None:
+        """A connection made, or given back to the pool: idle from now."""
+        self._since[conn] = time.monotonic()
+
+    async def check(self, conn: Any) -> None:
+        since = self._since.get(conn)
+        if since is None or time.monotonic() - since >= _IDLE_CHECK:
+            await AsyncConnectionPool.check_connection(conn)  # raises: the pool replaces it
+
 
 T = TypeVar("T")
 
@@ -73,9 +98,10 @@ class StorePool:
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         # The pool this store opens has autocommit connections: a batch of one round is one
         # statement, without toggling its connection (what a given pool's get, then get back).
+        idle = _IdleCheck()
         return AsyncConnectionPool(
             self._dsn, min_size=1, max_size=self._max_size, open=False, timeout=self._timeout,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True}, configure=idle.idle, check=idle.check, reset=idle.idle,
         )  # fmt: skip
 
     async def run(
@@ -195,14 +221,17 @@ class StorePool:
             return StoreError(
                 f"{failed}: {exc} (why it could not connect, e.g. the server down, a wrong host "
                 "or port, user, password or database, is logged by psycopg's logger "
-                "'psycopg.pool')"
+                "'psycopg.pool')",
+                unreachable=True,
             )
-        return StoreError(f"{failed}: {exc}")
+        unreachable = isinstance(exc, OperationalError | PoolTimeout | OSError)
+        return StoreError(f"{failed}: {exc}", unreachable=unreachable)
 
     def _unanswered(self, what: str) -> StoreError:
         return StoreError(
             f"{self._where}: {what} failed: PostgreSQL did not answer within "
-            f"{self._timeout:g} s (timeout=)"
+            f"{self._timeout:g} s (timeout=)",
+            unreachable=True,
         )
 
     async def close(self) -> None:

@@ -28,7 +28,7 @@ from ._batches import WriteBatches
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
-from ._status import JobState, Write
+from ._status import JobState, Write, storable, unstorable_id
 from ._store import CancelRequests, JobStore
 
 __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
@@ -149,7 +149,8 @@ class Running:
 def _error(exc: BaseException | None) -> dict[str, Any]:
     if exc is None:
         return {}
-    return {"error_type": qualname(exc), "error_message": text_of(exc)[:_ERROR_LIMIT]}
+    message = storable(text_of(exc)[:_ERROR_LIMIT])
+    return {"error_type": storable(qualname(exc)), "error_message": message}
 
 
 class Recorder(Hook):
@@ -215,15 +216,15 @@ class Recorder(Hook):
             redelivered = delivery.redelivered
         else:
             job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
-        if not job_id:
+        if not job_id or unstorable_id(job_id):  # none, or one no store can keep: untracked
             return None
         attempt = headers.get(ATTEMPT_HEADER, 1)  # as `Job.attempt`
         if not (isinstance(attempt, int) and attempt >= 1):
             attempt = 1
-        name = headers.get(TASK_HEADER)
+        name = storable(str(headers.get(TASK_HEADER)))
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
         now = time.time()
-        running = Running(job_id, str(name), queue, attempt, defers, now, redelivered)
+        running = Running(job_id, name, queue, attempt, defers, now, redelivered)
         self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)

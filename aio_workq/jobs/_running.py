@@ -240,7 +240,7 @@ def _no_task(name: Any, queue: str, tasks: Mapping[str, Any]) -> str:
         )
     return (
         f"no task {name!r} runs on queue {queue!r} ({runs}): deploy the task, or replay the "
-        "message once it is"
+        "message once it is (a task renamed since: @tasks.task(..., aliases=[its old name]))"
     )
 
 
@@ -254,6 +254,7 @@ def build_workers(
     queues: Sequence[str] | None,
     hooks: Sequence[Hook],
     options: dict[str, Any],
+    aliases: Mapping[str, RunnableTask] | None = None,
 ) -> list[Worker]:
     """`Tasks.workers()`.
 
@@ -271,6 +272,9 @@ def build_workers(
             continue
         by_queue.setdefault(task.queue.name, {})[task.name] = task
         specs[task.queue.name] = task.queue
+    for alias, task in (aliases or {}).items():  # a former name: its queued jobs run too
+        if task.queue.name in by_queue:
+            by_queue[task.queue.name][alias] = task
     if not by_queue:
         wanted = f" on queues {list(queues)}" if queues is not None else ""
         raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
@@ -285,7 +289,10 @@ def build_workers(
     if store is not None:
         members = Members(
             store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS),
-            queues={task.name: task.queue for task in tasks},
+            queues={
+                **{alias: task.queue for alias, task in (aliases or {}).items()},
+                **{task.name: task.queue for task in tasks},
+            },
         )  # fmt: skip
     for group in by_queue.values():
         for task in group.values():

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-__all__ = ("RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "timestamp")
+__all__ = (
+    "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "storable", "timestamp",
+    "unstorable_id",
+)  # fmt: skip
 
 
 class JobState(enum.StrEnum):
@@ -28,6 +31,20 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def storable(text: str) -> str:
+    """`text` as every store can keep it: a NUL (which PostgreSQL's text refuses, failing the
+    whole batch of writes it is in) escaped as `\\x00`, as `text_of()` escapes what UTF-8
+    can't carry. For what describes a job (an error message, a task name from a header)."""
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
+def unstorable_id(job_id: str) -> bool:
+    """A job id no store can keep (it has a NUL): refused by `options(job_id=)` and `group()`,
+    never found by a handle, not recorded by a worker."""
+    return "\x00" in job_id
+
 
 RANK = {
     JobState.QUEUED: 0,

@@ -30,7 +30,7 @@ from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
 from ._running import build_workers
-from ._status import JobState, Write
+from ._status import JobState, Write, unstorable_id
 from ._store import JobStore
 
 if typing.TYPE_CHECKING:
@@ -209,12 +209,17 @@ class Task(Generic[P, R]):
             job_id: the job id (and message id) instead of a fresh one.
 
         Raises:
-            ConfigurationError: a `job_id` that is not a non-empty string.
+            ConfigurationError: a `job_id` that is not a non-empty string, or has a NUL.
         """
         if job_id is not None and (not isinstance(job_id, str) or not job_id.strip()):
             raise ConfigurationError(
                 f"task {self.name!r}: job_id must be a non-empty string (it names the job), "
                 f"got {job_id!r}; leave it out for a fresh id"
+            )
+        if job_id is not None and unstorable_id(job_id):
+            raise ConfigurationError(
+                f"task {self.name!r}: job_id {job_id!r} has a NUL character, which a job "
+                "store can't keep: give an id without one (or leave it out for a fresh id)"
             )
         given = {
             "delay": delay, "priority": priority, "expiration": expiration,
@@ -305,12 +310,18 @@ class _Decorator:
     """What `tasks.task(queue=...)` returns: turns a function into a `Task`."""
 
     def __init__(
-        self, registry: Tasks, queue: Queue, name: str | None, rate_limit: RateLimit | None
+        self,
+        registry: Tasks,
+        queue: Queue,
+        name: str | None,
+        rate_limit: RateLimit | None,
+        aliases: tuple[str, ...] = (),
     ) -> None:
         self._registry = registry
         self._queue = queue
         self._name = name
         self._rate_limit = rate_limit
+        self._aliases = aliases
 
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Task[P, R]: ...
@@ -325,7 +336,7 @@ class _Decorator:
         task: Task[P, Any] = Task(
             fn, name=name, queue=self._queue, registry=self._registry, rate_limit=self._rate_limit
         )
-        self._registry._add(task)
+        self._registry._add(task, self._aliases)
         return task
 
 
@@ -361,6 +372,7 @@ class Tasks:
         self._producer = producer
         self._store = store
         self._tasks: dict[str, Task[Any, Any]] = {}
+        self._aliases: dict[str, Task[Any, Any]] = {}
         self._commits: GroupCommit | None = None
 
     def __repr__(self) -> str:
@@ -420,6 +432,7 @@ class Tasks:
         rate_key: Callable[..., Any] | None = None,
         rate_burst: int = 1,
         rate_max_wait: float = 5.0,
+        aliases: Sequence[str] = (),
     ) -> _Decorator:
         """Declare a function as a task of `queue`.
 
@@ -435,6 +448,9 @@ class Tasks:
             rate_burst: jobs that may start at once after an idle time (1: evenly spaced).
             rate_max_wait: longest a worker holds a delivery waiting for its slot (at most
                 60 s); a job whose slot is further away is deferred on the broker.
+            aliases: names the task had before (a rename, or a move to another module,
+                which changes the default name): the workers run the messages of those
+                names, enqueued by the release before and still queued, with this task.
 
         Raises:
             ConfigurationError: a bad name or queue, or a parameter a task can't take
@@ -450,22 +466,29 @@ class Tasks:
             )
         if spec.server_named:
             raise ConfigurationError("a task needs a named queue, not ''")
-        if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+        if isinstance(aliases, str) or not isinstance(aliases, Sequence):
             raise ConfigurationError(
-                f"task name must be letters, digits, '_', '.', ':' or '-', got {name!r}"
+                f"aliases= takes a list of the task's former names, got {aliases!r}"
             )
+        for given in (name, *aliases):
+            if given is not None and (not isinstance(given, str) or not _NAME.fullmatch(given)):
+                raise ConfigurationError(
+                    f"task name must be letters, digits, '_', '.', ':' or '-', got {given!r}"
+                )
         limit = None
         if rate_limit is not None:
             limit = RateLimit.of(rate_limit, burst=rate_burst, key=rate_key, max_wait=rate_max_wait)
         elif rate_key is not None:
             raise ConfigurationError("rate_key= needs a rate_limit=")
-        return _Decorator(self, spec, name, limit)
+        return _Decorator(self, spec, name, limit, tuple(aliases))
 
-    def _add(self, task: Task[Any, Any]) -> None:
-        if task.name in self._tasks:
-            raise ConfigurationError(
-                f"a task named {task.name!r} is declared already; give one of them name=..."
-            )
+    def _add(self, task: Task[Any, Any], aliases: tuple[str, ...] = ()) -> None:
+        for taken in (task.name, *aliases):
+            if taken in self._tasks or taken in self._aliases or aliases.count(taken) > 1:
+                raise ConfigurationError(
+                    f"a task named {taken!r} is declared already (as a task's name or "
+                    "alias); give one of them name=..."
+                )
         for other in self._tasks.values():
             if other.queue.name == task.queue.name and other.queue != task.queue:
                 raise ConfigurationError(
@@ -473,6 +496,7 @@ class Tasks:
                     f"by task {other.name!r}; declare it once as a Queue and pass that"
                 )
         self._tasks[task.name] = task
+        self._aliases.update(dict.fromkeys(aliases, task))
 
     def job(self, job_id: str) -> JobHandle[Any]:
         """A handle on any job by its id (its `result()` is the decoded JSON, untyped)."""
@@ -512,5 +536,5 @@ class Tasks:
         """
         return build_workers(
             self.tasks.values(), self.store, url, concurrency=concurrency, retry=retry,
-            queues=queues, hooks=hooks, options=options,
+            queues=queues, hooks=hooks, options=options, aliases=self._aliases,
         )  # fmt: skip
