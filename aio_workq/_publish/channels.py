@@ -231,27 +231,27 @@ class PublisherLanes:
             for listener in self._missing_listeners:
                 listener(missing)
         resend = self._resend and not self._closing
-        for out in self._resting_on(lane.tracker):
-            # Nacked on this channel, waiting to be sent again: it did not cause the loss, so
-            # it goes on the next channel like the others, or fails like them (a worker's
-            # publisher: its delivery is redelivered instead, a copy sent later is a duplicate).
-            if not resend:
+        why = f"the channel closed ({reason})" if reason else "the channel closed"
+        if not resend:
+            # Nacked on this channel and waiting to be sent again: it did not cause the loss,
+            # so it fails like the others (a worker's publisher: its delivery is redelivered
+            # instead, a copy sent later is a duplicate); with `resend` its timer sends it on
+            # the next channel, like the others.
+            for out in self._resting_on(lane.tracker):
                 handle, _ = self._resting.pop(out)
                 handle.cancel()
-                why = f"the channel closed ({reason})" if reason else "the channel closed"
                 self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
         for out in lane.tracker.take_all():
             if out.settled:
                 continue
             if missing is not None and out.exchange == missing:
                 self._in_flight.settle(out, _no_exchange(out))
-            elif self._resend and (connection_lost or missing is not None) and not self._closing:
+            elif resend and (connection_lost or missing is not None):
                 if self.current is not None:
                     self.current.write(out)  # the next channel is open already
                 else:
                     self._waiting.append(out)
             else:
-                why = f"the channel closed ({reason})" if reason else "the channel closed"
                 self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
 
 
