@@ -15,7 +15,7 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
@@ -120,9 +120,7 @@ class Producer:
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
-        if fail_fast is not True and fail_fast is not False:
-            raise ConfigurationError(f"fail_fast must be True or False, got {fail_fast!r}")
-        self._fail_fast = fail_fast
+        self._fail_fast = check_flag("fail_fast", fail_fast)
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None  # the first of `_publishers`
