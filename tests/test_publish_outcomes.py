@@ -336,7 +336,75 @@ async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_its_channel_
                     await asyncio.wait_for(asyncio.shield(confirm), 0.4)
                 proxy.cut()
                 async with asyncio.timeout(1):  # at once: not after the next connection
-                    with pytest.raises(ConnectionLostError, match="before the channel closed"):
+                    # leftovers2: refused, not "maybe" (it was ConnectionLostError, which said
+                    # it may have reached the queue): the broker nacked every try
+                    with pytest.raises(PublishNackedError) as info:
                         await confirm
+                assert_refused(info.value, "before the channel closed")
         finally:
             await connection.close()
+
+
+def assert_refused(error: PublishNackedError, why: str) -> None:
+    """`error` says that each try was nacked, why there is no next one, and nothing "maybe"."""
+    text = str(error)
+    assert "nacked by the broker on each of its" in text, text
+    assert f"not sent again {why}" in text, text
+    assert "may or may not" not in text, text
+
+
+async def _resting(producer: Producer, queue_name: str) -> asyncio.Future[str]:
+    """A message nacked by a new full quorum queue, waiting (at 0.4 s) for its next try."""
+    queue = _full(queue_name)
+    await _fill(producer, queue)
+    confirm = await producer.send("waits", queue)
+    # Nacked within milliseconds, sent again after 0.05, 0.1, 0.2, 0.4 s...: at 0.4 s it is
+    # still unsettled, waiting for its next try (at 0.75 s).
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(confirm), 0.4)
+    return confirm
+
+
+async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_a_channel_the_broker_closed(
+    path: Path, queue_name: str, amqp_url: str
+) -> None:
+    """leftovers2: the broker closes the channel for an error (a 403, a publish to an internal
+    exchange) while a nacked message waits for its next try. The messages on the channel fail
+    (any may be the cause; the next channel would close again), and so does the waiting one:
+    nacked on that channel, it shares its fate, as it does after a lost connection. Before, it
+    was sent again on the next channel while the others failed. It was refused every time, so
+    its error says so (`PublishNackedError`), never "may or may not have reached the queue"."""
+    internal = f"{queue_name}-internal"
+    async with await aio_workq.connect(amqp_url) as admin:
+        channel = await admin.channel()
+        await channel.exchange_declare(internal, exchange_type="direct", internal=True)
+        try:
+            confirm = await _resting(path.producer, queue_name)
+            culprit = await path.producer.send("x", exchange=internal, routing_key="k")
+            async with asyncio.timeout(0.3):  # at once: before its next try (0.75 s)
+                with pytest.raises(PublishNackedError) as info:
+                    await confirm
+            assert_refused(info.value, "before the channel closed")
+            assert "ACCESS_REFUSED" in str(info.value) or "403" in str(info.value)
+            with pytest.raises(ConnectionLostError, match="may or may not"):
+                await culprit
+        finally:
+            await channel.exchange_delete(internal)
+    # The next channel takes messages as before.
+    assert await path.producer.publish("after", queue=f"{queue_name}-after")
+
+
+async def test_a_nacked_message_waiting_to_be_sent_again_fails_at_close_as_refused(
+    path: Path, queue_name: str
+) -> None:
+    """leftovers2: `close()` ends the tries of a message every one of whose tries was nacked.
+    It said "not confirmed before close; it may or may not have reached the queue"
+    (`ConnectionLostError`); the broker refused it each time: `PublishNackedError`."""
+    producer = Producer(connection=path.connection, timeout=20)
+    await producer.start()
+    confirm = await _resting(producer, queue_name)
+    await producer.close(timeout=0)
+    async with asyncio.timeout(1):
+        with pytest.raises(PublishNackedError) as info:
+            await confirm
+    assert_refused(info.value, "before close")

@@ -204,7 +204,9 @@ class Producer:
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
 
-        Messages still unconfirmed then fail with `ConnectionLostError`. Returns within
+        Messages still unconfirmed then fail with `ConnectionLostError`; a message nacked by a
+        quorum queue still starting and waiting for its next try fails with
+        `PublishNackedError` (refused on each try, it is not in the queue). Returns within
         `timeout` plus about a second in every broker state: a connection of its own whose
         polite close the broker does not answer in time has its socket aborted.
         """
