@@ -16,7 +16,9 @@ import pytest
 from aiohttp import web
 from fastapi import FastAPI
 
+import aio_workq
 from aio_workq import ConfigurationError, Job, Producer, Reject, Worker
+from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
 from aio_workq.admin.queues import QueueRow, RawQueue
 from aio_workq.dashboard import (
     Dashboard,
@@ -323,6 +325,52 @@ async def test_queues_show_their_depths_from_passive_declares(
         evil = await client.get("/dead-letters/" + quote(EVIL, safe=""))
         assert evil.status_code == 400 and EVIL not in evil.text
         assert "Not an aio-workq queue" in evil.text
+
+
+@pytest.mark.broker
+async def test_a_dead_letter_grown_past_frame_max_is_flagged_on_its_pages(
+    amqp_url: str, queue_name: str
+) -> None:
+    """leftovers2: the broker's x-death headers grew a dead letter past frame_max. It was listed
+    like the others, and why it can't be copied (and what to do) reached only the server's
+    log; its pages say so now, and the replay that moves it is offered."""
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        frame_max = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    props = Properties(message_id="near-full", headers={"h": ""})
+    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1]) - 100
+    async with Producer(amqp_url) as producer:
+        await producer.publish(b"small", queue=queue_name, message_id="small")
+        await producer.publish(b"x", queue=queue_name, message_id="near-full",
+                               headers={"h": "x" * room})  # fmt: skip
+        async with Worker(amqp_url, queue=queue_name, handler=reject, retry=None):
+            letters = producer.dead_letters(queue_name)
+
+            async def both_there() -> bool:
+                return await letters.count() == 2
+
+            await wait_until(both_there, timeout=20)
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="",
+                          security=Security(allow_actions=True, tokens=(TOKEN,)))  # fmt: skip
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with served(dashboard) as client:
+        listing = (await client.get(f"/dead-letters/{queue_name}", headers=auth)).text
+        assert "2 shown of 2" in listing
+        [alert] = re.findall(r'<p role="alert"[^>]*>(.*?)</p>', listing, re.S)
+        assert "near-full" in alert and "frame_max" in alert  # what it is
+        assert f"aio-workq dlq replay {queue_name} --id near-full" in alert  # what to do
+        assert "purge" in alert
+        small = listing.split('data-id="small"', 1)[1].split("</tr>", 1)[0]
+        large = listing.split('data-id="near-full"', 1)[1].split("</tr>", 1)[0]
+        assert "too large to copy" in large and "too large" not in small
+        page = (await client.get(f"/dead-letters/{queue_name}/near-full", headers=auth)).text
+        [alert] = re.findall(r'<p role="alert"[^>]*>(.*?)</p>', page, re.S)
+        assert "frame_max" in alert and "--id near-full" in alert
+        assert "Replay this dead letter" in page
+        other = (await client.get(f"/dead-letters/{queue_name}/small", headers=auth)).text
+        assert 'role="alert"' not in other
+    assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2  # the pages took nothing
 
 
 @pytest.mark.broker
