@@ -248,24 +248,23 @@ class PublisherLanes:
         resend = self._resend and not self._closing
         why = f"the channel closed ({reason})" if reason else "the channel closed"
         # Both kinds of this channel's messages by one rule: those on its tracker, and those it
-        # nacked that wait for their next try (`_resting`). To a missing exchange: failed with
-        # TopologyError. Resent (the waiting ones by their timer) only with `resend` after a
-        # lost connection or a missing exchange; else failed: after a lost connection without
+        # nacked that wait for their next try (`_resting`). Resent (the waiting ones by their
+        # timer) only with `resend` after a lost connection or a missing exchange (except the
+        # tracker's to that exchange: TopologyError; a waiting one went to the default
+        # exchange, which is never missing); else failed: after a lost connection without
         # `resend` (a worker's publisher: its delivery is redelivered instead, a copy sent later
         # is a duplicate), and after the broker closed the channel for an error of its own (any
         # message of the channel may be the cause). Each error says what is known: a message
         # written on the channel may have reached the queue; a waiting one was refused.
         resends = resend and (connection_lost or missing is not None)
-        for out in self._resting_on(lane.tracker):
-            if missing is not None and out.exchange == missing:
-                self._give_up(out, _no_exchange(out, _NOT_IN_QUEUE))
-            elif not resends:
+        if not resends:
+            for out in self._resting_on(lane.tracker):
                 self._give_up(out, _refused(out, f"before {why}"))
         for out in lane.tracker.take_all():
             if out.settled:
                 continue
             if missing is not None and out.exchange == missing:
-                self._in_flight.settle(out, _no_exchange(out, MAYBE))
+                self._in_flight.settle(out, _no_exchange(out))
             elif resends:
                 if self.current is not None:
                     self.current.write(out)  # the next channel is open already
@@ -282,13 +281,12 @@ def _never(exchange: str, routing_key: str) -> bool:
     return False
 
 
-def _no_exchange(out: Outgoing, known: str) -> TopologyError:
-    """The error of a message published to an exchange that does not exist (#20, finding 6);
-    `known`: whether it may have reached the queue."""
+def _no_exchange(out: Outgoing) -> TopologyError:
+    """The error of a message published to an exchange that does not exist (#20, finding 6)."""
     return TopologyError(
         f"message {out.message_id} to exchange {out.exchange!r} routing key {out.routing_key!r} "
         f"was not confirmed: exchange {out.exchange!r} does not exist (deleted?); declare it, "
-        f"or publish with Exchange({out.exchange!r}) to have it declared; {known}"
+        f"or publish with Exchange({out.exchange!r}) to have it declared; {MAYBE}"
     )
 
 
