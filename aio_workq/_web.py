@@ -31,9 +31,11 @@ from ._link.settings import check_seconds as _check_timeout
 from ._link.specs import Exchange, Queue, QueueType
 from ._publish.message import PublishOptions
 from ._publish.producer import Producer
+from .jobs._errors import StoreError
 from .schedules import Schedule, Scheduler
 
 __all__ = (
+    "ANSWERED",
     "DEFAULT_REQUEST_TIMEOUT",
     "ConnectionOptions",
     "Integration",
@@ -42,6 +44,7 @@ __all__ = (
     "ProducerOptions",
     "ProducerSettings",
     "ProducerView",
+    "answered",
     "error_response",
 )
 
@@ -402,22 +405,40 @@ class ProducerView:
             ) from None
 
 
+ANSWERED = (PublishError, BrokerConnectionError, RPCTimeoutError, StoreError)
+"""The error classes the integrations' handlers catch; `answered()` says which of their
+errors get an answer of aio-workq's (a `StoreError` only when the store can't be reached)."""
+
+
+def answered(exc: BaseException) -> bool:
+    """True when `error_response(exc)` answers `exc`; else it is the app's to answer (500)."""
+    if isinstance(exc, StoreError):
+        return exc.unreachable
+    return isinstance(exc, PublishError | BrokerConnectionError | RPCTimeoutError)
+
+
 def error_response(exc: BaseException, retry_after: float) -> tuple[int, dict[str, str], str]:
     """The HTTP status, headers and message for an aio-workq error a route let through.
 
     `PublishError` and `BrokerConnectionError` are 503 (the job queue is unavailable, try again:
-    nothing was enqueued unless the error says it may have been); `RPCTimeoutError` is 504.
-    Other errors are the application's bugs (500), left to the framework.
+    nothing was enqueued unless the error says it may have been); a `StoreError` of a job store
+    that can't be reached (`unreachable`: refused, restarting, not answering) is 503 too (the
+    job store is unavailable, try again); `RPCTimeoutError` is 504. Other errors, a
+    `StoreError` that waiting does not cure among them (the tables missing), are the
+    application's bugs (500), left to the framework. The message names the error class only:
+    the error itself, which names the store (its DSN without the password), goes to the log.
 
     Raises:
-        TypeError: `exc` is not one of the errors above.
+        TypeError: `exc` is not one of the errors above (`answered(exc)` is False).
     """
-    if isinstance(exc, PublishError | BrokerConnectionError):
-        status, what = 503, "the job queue is unavailable, try again later"
+    if not answered(exc):
+        raise TypeError(f"no HTTP status for {type(exc).__name__}")
+    if isinstance(exc, StoreError):
+        status, what = 503, "the job store is unavailable, try again later"
     elif isinstance(exc, RPCTimeoutError):
         status, what = 504, "no answer from the workers in time"
     else:
-        raise TypeError(f"no HTTP status for {type(exc).__name__}")
+        status, what = 503, "the job queue is unavailable, try again later"
     log.warning("answering %d: %s: %s", status, type(exc).__name__, exc)
     headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if status == 503 else {}
     return status, headers, f"{what} ({type(exc).__name__})"

@@ -26,8 +26,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ._exceptions import BrokerConnectionError, PublishError, RPCTimeoutError
-from ._web import Integration, ProducerView, error_response
+from ._web import ANSWERED, Integration, ProducerView, answered, error_response
 
 __all__ = ("PRODUCER", "ProducerView", "Workq", "error_middleware")
 
@@ -70,14 +69,18 @@ class Workq(Integration):
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer `PublishError` and `BrokerConnectionError` with 503, `RPCTimeoutError` with 504.
+    """Answer `PublishError` and `BrokerConnectionError` with 503, `RPCTimeoutError` with 504,
+    and a `StoreError` of a job store that can't be reached (`StoreError.unreachable`) with 503.
 
     The 503 carries `Retry-After` (the request timeout); the JSON body is
-    `{"detail": "..."}`, naming the error class but no broker address.
+    `{"detail": "..."}`, naming the error class but no broker or store address. Any other
+    `StoreError` (the tables missing) is the app's: a 500, as without this middleware.
     """
     try:
         return await handler(request)
-    except (PublishError, BrokerConnectionError, RPCTimeoutError) as exc:
+    except ANSWERED as exc:
+        if not answered(exc):
+            raise
         view = request.config_dict.get(PRODUCER)
         status, headers, detail = error_response(exc, view.timeout if view else 5.0)
         return web.json_response({"detail": detail}, status=status, headers=headers)

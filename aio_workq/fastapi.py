@@ -7,7 +7,7 @@ from aio_workq.fastapi import ProducerDep, Workq
 
 workq = Workq(request_timeout=3)  # URL from AMQP_URL
 app = FastAPI(lifespan=workq.lifespan)
-workq.add_exception_handlers(app)  # PublishError, BrokerConnectionError -> 503
+workq.add_exception_handlers(app)  # PublishError, BrokerConnectionError, StoreError -> 503
 
 
 @app.post("/images", status_code=202)
@@ -30,8 +30,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
-from ._exceptions import BrokerConnectionError, PublishError, RPCTimeoutError
-from ._web import Integration, IntegrationError, ProducerView, error_response
+from ._web import ANSWERED, Integration, IntegrationError, ProducerView, answered, error_response
 
 __all__ = ("STATE_KEY", "ProducerDep", "ProducerView", "Workq", "get_producer")
 
@@ -74,18 +73,23 @@ class Workq(Integration):
             yield {STATE_KEY: view}
 
     def add_exception_handlers(self, app: FastAPI) -> None:
-        """Answer `PublishError` and `BrokerConnectionError` with 503, `RPCTimeoutError` with 504.
+        """Answer `PublishError` and `BrokerConnectionError` with 503, `RPCTimeoutError` with 504,
+        and a `StoreError` of a job store that can't be reached (`StoreError.unreachable`)
+        with 503.
 
         The 503 carries `Retry-After`; the body is `{"detail": "..."}` like FastAPI's own
-        errors, and names the error class but no broker address.
+        errors, and names the error class but no broker or store address. Any other
+        `StoreError` (the tables missing) is the app's: a 500, as without these handlers.
         """
         retry_after = self.request_timeout
 
         async def handle(request: Request, exc: Exception) -> Response:
+            if not answered(exc):
+                raise exc  # left to the framework: a 500
             status, headers, detail = error_response(exc, retry_after)
             return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
-        for cls in (PublishError, BrokerConnectionError, RPCTimeoutError):
+        for cls in ANSWERED:
             app.add_exception_handler(cls, handle)
 
 

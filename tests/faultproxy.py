@@ -75,6 +75,14 @@ class FaultProxy:
         self._accepted_changed = asyncio.Event()
         self._handlers: set[asyncio.Task[None]] = set()
 
+    @classmethod
+    def to(cls, amqp_url: str) -> FaultProxy:
+        """A proxy (not started: `async with` it) to the broker of `amqp_url`; connect to it
+        with `proxy.url(amqp_url)`."""
+        port = urlsplit(amqp_url).port
+        assert port is not None, f"no port in {amqp_url!r}"
+        return cls(upstream_port=port)
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
 
 import aio_workq
+from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
 from scripts.broker import LocalBroker
 
 
@@ -84,6 +85,37 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 
     async with asyncio.timeout(timeout):
         while not await predicate():  # noqa: ASYNC110 - broker state has no event
             await asyncio.sleep(0.05)
+
+
+async def negotiated_frame_max(amqp_url: str) -> int:
+    """The frame_max the broker at `amqp_url` negotiates with a client."""
+    async with await aio_workq.connect(amqp_url) as connection:
+        channel = await connection.channel()
+        negotiated = int(channel.connection.connection_tune.frame_max)
+        await channel.close()
+    return negotiated
+
+
+def header_room(frame_max: int, message_id: str) -> int:
+    """How long the value of one header `h` of a message `message_id` (no other property) can
+    be, with the content header still in one frame of `frame_max`."""
+    props = Properties(message_id=message_id, headers={"h": ""})
+    return frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1])
+
+
+@asynccontextmanager
+async def running(
+    workers: Sequence[aio_workq.Worker], stop_timeout: float = 1.0
+) -> AsyncIterator[None]:
+    """Start `workers` (e.g. a `Tasks.workers()` list); stop every one of them on the way out,
+    whatever raised."""
+    try:
+        for worker in workers:
+            await worker.start()
+        yield
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=stop_timeout)
 
 
 async def heartbeat_connection(amqp_url: str, heartbeat: int) -> aio_workq.Connection:

@@ -28,12 +28,13 @@ from aio_workq.dashboard import (
 )
 from aio_workq.dashboard._data import QueueSnapshot, visible
 from aio_workq.jobs import JobState, MemoryStore, SQLiteStore, Write
-from tests.helpers import queue_depth, wait_until
+from tests.helpers import header_room, negotiated_frame_max, queue_depth, wait_until
 from tests.servers import serve_aiohttp, serve_asgi
 
 TOKEN = "t0ken-for-the-dashboard-tests"
 NOWHERE = "amqp://guest:s3cret-pass@127.0.0.1:1/"
 EVIL = "<script>alert(1)</script>"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 class FixedQueues:
@@ -277,17 +278,40 @@ async def reject(job: Job) -> None:
     raise Reject("still broken")
 
 
-async def make_dead_letters(amqp_url: str, queue: str, count: int) -> list[str]:
+async def dead_letters_of(
+    amqp_url: str, queue: str, messages: list[tuple[Any, dict[str, Any]]]
+) -> list[str]:
+    """Publish each `(body, options)` to `queue` and let a worker dead-letter them all; their
+    message ids."""
     async with Producer(amqp_url) as producer:
-        ids = await producer.publish_many([f"m{i}" for i in range(count)], queue=queue)
+        ids = [await producer.publish(body, queue=queue, **options) for body, options in messages]
         async with Worker(amqp_url, queue=queue, handler=reject, retry=None, concurrency=10):
             letters = producer.dead_letters(queue)
 
             async def all_there() -> bool:
-                return await letters.count() == count
+                return await letters.count() == len(messages)
 
             await wait_until(all_there, timeout=20)
-    return [str(one) for one in ids]
+    return ids
+
+
+async def make_dead_letters(amqp_url: str, queue: str, count: int) -> list[str]:
+    """`count` dead letters in `queue`'s dead-letter queue (bodies m0, m1, ...); their ids."""
+    return await dead_letters_of(amqp_url, queue, [(f"m{i}", {}) for i in range(count)])
+
+
+async def replay_from_the_page(client: httpx.AsyncClient, queue: str, ids: list[str]) -> None:
+    """Replay the dead letters `ids` of `queue` as the page's "Replay selected" does, and wait
+    for the action's page to say that every one of them was replayed."""
+    started = await client.post(f"/dead-letters/{queue}/replay", headers=AUTH,
+                                data={"scope": "selected", "id": ids})  # fmt: skip
+    assert started.status_code == 303, started.text
+    progress = started.headers["location"].removeprefix("/workq")
+
+    async def finished() -> bool:
+        return f"Done: {len(ids)} replayed" in (await client.get(progress)).text
+
+    await wait_until(finished, timeout=20)
 
 
 @asynccontextmanager
@@ -326,6 +350,39 @@ async def test_queues_show_their_depths_from_passive_declares(
 
 
 @pytest.mark.broker
+async def test_a_dead_letter_grown_past_frame_max_is_flagged_on_its_pages(
+    amqp_url: str, queue_name: str
+) -> None:
+    """leftovers2: the broker's x-death headers grew a dead letter past frame_max. It was listed
+    like the others, and why it can't be copied (and what to do) reached only the server's
+    log; its pages say so now, and the replay that moves it is offered."""
+    room = header_room(await negotiated_frame_max(amqp_url), "near-full") - 100
+    await dead_letters_of(amqp_url, queue_name, [
+        (b"small", {"message_id": "small"}),
+        (b"x", {"message_id": "near-full", "headers": {"h": "x" * room}}),
+    ])  # fmt: skip
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="",
+                          security=Security(allow_actions=True, tokens=(TOKEN,)))  # fmt: skip
+    async with served(dashboard) as client:
+        listing = (await client.get(f"/dead-letters/{queue_name}", headers=AUTH)).text
+        assert "2 shown of 2" in listing
+        [alert] = re.findall(r'<p role="alert"[^>]*>(.*?)</p>', listing, re.S)
+        assert "near-full" in alert and "frame_max" in alert  # what it is
+        assert f"aio-workq dlq replay {queue_name} --id near-full" in alert  # what to do
+        assert "purge" in alert
+        small = listing.split('data-id="small"', 1)[1].split("</tr>", 1)[0]
+        large = listing.split('data-id="near-full"', 1)[1].split("</tr>", 1)[0]
+        assert "too large to copy" in large and "too large" not in small
+        page = (await client.get(f"/dead-letters/{queue_name}/near-full", headers=AUTH)).text
+        [alert] = re.findall(r'<p role="alert"[^>]*>(.*?)</p>', page, re.S)
+        assert "frame_max" in alert and "--id near-full" in alert
+        assert "Replay this dead letter" in page
+        other = (await client.get(f"/dead-letters/{queue_name}/small", headers=AUTH)).text
+        assert 'role="alert"' not in other
+    assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2  # the pages took nothing
+
+
+@pytest.mark.broker
 async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
     amqp_url: str, queue_name: str
 ) -> None:
@@ -342,30 +399,21 @@ async def test_a_dead_letter_is_replayed_from_the_page_and_arrives(
             assert refused.status_code == 401, data
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 3
 
-        auth = {"Authorization": f"Bearer {TOKEN}"}
-        listed = await client.get(f"/dead-letters/{queue_name}", headers=auth)
+        listed = await client.get(f"/dead-letters/{queue_name}", headers=AUTH)
         assert ">Replay all (3)</button>" in listed.text  # one space, not two
-        filtered = await client.get(f"/dead-letters/{queue_name}?exception=Reject", headers=auth)
+        filtered = await client.get(f"/dead-letters/{queue_name}?exception=Reject", headers=AUTH)
         assert ">Replay all matching (3)</button>" in filtered.text
-        bogus = await client.post(f"/dead-letters/{queue_name}/replay", headers=auth,
+        bogus = await client.post(f"/dead-letters/{queue_name}/replay", headers=AUTH,
                                   data={"scope": "bogus"})  # fmt: skip
         assert bogus.status_code == 400 and "unknown replay scope" in bogus.text
-        started = await client.post(f"/dead-letters/{queue_name}/replay", headers=auth,
-                                    data={"scope": "selected", "id": ids[0]})  # fmt: skip
-        assert started.status_code == 303
-        progress = started.headers["location"].removeprefix("/workq")
-
-        async def finished() -> bool:
-            return "Done: 1 replayed" in (await client.get(progress)).text
-
-        await wait_until(finished, timeout=20)
+        await replay_from_the_page(client, queue_name, ids[:1])
         assert await queue_depth(amqp_url, queue_name) == 1
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2
 
-        ask = await client.post(f"/dead-letters/{queue_name}/purge", headers=auth)
+        ask = await client.post(f"/dead-letters/{queue_name}/purge", headers=AUTH)
         assert ask.status_code == 200 and "Delete the 2 dead letters" in ask.text
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2  # asked, not done
-        done = await client.post(f"/dead-letters/{queue_name}/purge", headers=auth,
+        done = await client.post(f"/dead-letters/{queue_name}/purge", headers=AUTH,
                                  data={"confirm": "yes", "count": "2"})  # fmt: skip
         assert "purged 2 dead letters" in done.text
         assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 0
@@ -392,9 +440,8 @@ async def test_jobs_are_looked_up_listed_and_cancelled(amqp_url: str, queue_name
             found.status_code == 200 and "queued" in found.text and "Cancel this job" in found.text
         )
         assert (await client.get("/jobs/nope")).status_code == 404
-        auth = {"Authorization": f"Bearer {TOKEN}"}
         cancelled = await client.post(
-            "/jobs/job-waiting/cancel", headers=auth, follow_redirects=True
+            "/jobs/job-waiting/cancel", headers=AUTH, follow_redirects=True
         )
         assert cancelled.status_code == 200 and "cancelled" in cancelled.text
     record = await store.get("job-waiting")

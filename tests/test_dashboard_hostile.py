@@ -8,37 +8,18 @@ import re
 import time
 import tracemalloc
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import aio_pika
 import httpx
 import pytest
 
-from aio_workq import Producer, Worker
 from aio_workq.dashboard import Dashboard, Security
 from aio_workq.jobs import JobState, MemoryStore, Write
 from scripts.broker import LocalBroker
 from tests.faultproxy import FaultProxy
 from tests.helpers import queue_depth, wait_until
-from tests.test_dashboard import EVIL, TOKEN, reject, served
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-async def dead_letters_of(
-    amqp_url: str, queue: str, messages: list[tuple[Any, dict[str, Any]]]
-) -> None:
-    """Publish each `(body, options)` to `queue` and let a worker dead-letter them all."""
-    async with Producer(amqp_url) as producer:
-        for body, options in messages:
-            await producer.publish(body, queue=queue, **options)
-        async with Worker(amqp_url, queue=queue, handler=reject, retry=None, concurrency=10):
-            letters = producer.dead_letters(queue)
-
-            async def all_there() -> bool:
-                return await letters.count() == len(messages)
-
-            await wait_until(all_there, timeout=20)
+from tests.test_dashboard import AUTH, EVIL, TOKEN, dead_letters_of, replay_from_the_page, served
 
 
 @pytest.mark.broker
@@ -58,15 +39,7 @@ async def test_dead_letters_with_the_publishers_own_ids_are_shown_and_replayed(
             shown = await client.get(link.replace("&amp;", "&"), headers=AUTH)
             assert shown.status_code == 200, (link, shown.text)
             assert EVIL not in shown.text
-        started = await client.post(f"/dead-letters/{queue_name}/replay", headers=AUTH,
-                                    data={"scope": "selected", "id": ids[:2]})  # fmt: skip
-        assert started.status_code == 303, started.text
-        progress = started.headers["location"].removeprefix("/workq")
-
-        async def finished() -> bool:
-            return "Done: 2 replayed" in (await client.get(progress)).text
-
-        await wait_until(finished, timeout=20)
+        await replay_from_the_page(client, queue_name, ids[:2])
     assert await queue_depth(amqp_url, queue_name) == 2
     assert await queue_depth(amqp_url, f"{queue_name}.dlq") == 2
 
@@ -128,9 +101,7 @@ async def test_a_huge_dead_letter_gives_a_page_of_bounded_size(
 async def test_a_broker_that_never_answers_holds_no_tab_for_one_connect_after_another(
     amqp_url: str, queue_name: str
 ) -> None:
-    port = urlsplit(amqp_url).port
-    assert port is not None
-    async with FaultProxy(upstream_port=port) as proxy:
+    async with FaultProxy.to(amqp_url) as proxy:
         proxy.black_hole()  # connections accepted, nothing ever answered
         dashboard = Dashboard(url=proxy.url(amqp_url), queues=[queue_name], management_url="")
         async with served(dashboard) as client:

@@ -77,12 +77,10 @@ async def test_every_page_answers_within_seconds_while_the_broker_is_stopped(
 async def test_every_page_answers_within_seconds_when_nothing_listens_or_answers(
     amqp_url: str, queue_name: str
 ) -> None:
-    port = urlsplit(amqp_url).port
-    assert port is not None
-    async with FaultProxy(upstream_port=port) as proxy:
+    async with FaultProxy.to(amqp_url) as proxy:
         await proxy.close()  # nothing listens on its port any more: connection refused
         refused = proxy.url(amqp_url)
-    async with FaultProxy(upstream_port=port) as proxy:
+    async with FaultProxy.to(amqp_url) as proxy:
         proxy.black_hole()  # connections accepted, nothing ever answered
         for url in (refused, proxy.url(amqp_url)):
             dashboard = Dashboard(url=url, queues=[queue_name], management_url="")

@@ -13,9 +13,7 @@ import pytest
 from aio_workq import ConfigurationError, Producer, Worker
 from aio_workq.dashboard import Dashboard, Security
 from tests.helpers import queue_depth, wait_until
-from tests.test_dashboard import TOKEN, make_dead_letters, reject, served
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+from tests.test_dashboard import AUTH, TOKEN, make_dead_letters, reject, served
 
 
 async def one_more_dead_letter(amqp_url: str, queue: str, body: str) -> None:

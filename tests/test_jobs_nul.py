@@ -8,29 +8,28 @@ import pytest
 from aio_workq import ConfigurationError, Producer
 from aio_workq.jobs import JobNotFoundError, JobState, Tasks, group
 from aio_workq.jobs.postgres import PostgresStore
+from tests.helpers import running
 from tests.test_jobs_postgres import schema, store  # noqa: F401 - the fixtures
 
 pytestmark = [pytest.mark.postgres, pytest.mark.broker]
 
 
-async def test_an_error_message_with_a_nul_is_recorded_and_the_next_jobs_too(
-    amqp_url: str,
-    producer: Producer,
-    store: PostgresStore,  # noqa: F811 - the fixture
-    queue_name: str,
-) -> None:
-    tasks = Tasks(producer=producer, store=store)
+@pytest.fixture
+def tasks(producer: Producer, store: PostgresStore) -> Tasks:  # noqa: F811 - the fixture
+    """A registry recording in a fresh PostgreSQL schema."""
+    return Tasks(producer=producer, store=store)
 
+
+async def test_an_error_message_with_a_nul_is_recorded_and_the_next_jobs_too(
+    amqp_url: str, producer: Producer, tasks: Tasks, queue_name: str
+) -> None:
     @tasks.task(queue=queue_name)
     async def parse(data: str) -> int:
         if "\x00" in data:
             raise ValueError(f"not a number: {data!s}")  # the raw input, NUL and all
         return int(data)
 
-    workers = tasks.workers(amqp_url, retry=None)
-    try:
-        for worker in workers:
-            await worker.start()
+    async with running(tasks.workers(amqp_url, retry=None)):
         bad = await parse.enqueue("4\x002")
         status = await bad.wait(timeout=20)
         assert status.state is JobState.FAILED
@@ -41,18 +40,11 @@ async def test_an_error_message_with_a_nul_is_recorded_and_the_next_jobs_too(
         await producer.publish({}, queue=queue_name, headers=headers)
         good = await parse.enqueue("42")
         assert await good.result(timeout=20) == 42  # the store still records this worker's jobs
-    finally:
-        for worker in workers:
-            await worker.stop(timeout=1)
 
 
 async def test_a_job_id_with_a_nul_is_refused_and_never_found(
-    producer: Producer,
-    store: PostgresStore,  # noqa: F811 - the fixture
-    queue_name: str,
+    tasks: Tasks, queue_name: str
 ) -> None:
-    tasks = Tasks(producer=producer, store=store)
-
     @tasks.task(queue=queue_name)
     async def noop() -> None: ...
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Queue, RetryPolicy, SerializationError, Worker
-from aio_workq._link.settings import redact_url, resolve_url
+from aio_workq._link.settings import check_flag, redact_url, resolve_url
 from aio_workq._publish.serialization import decode_body, encode_body
 
 
@@ -199,6 +201,23 @@ def test_invalid_producer_settings_raise_configuration_error(
 ) -> None:
     with pytest.raises(ConfigurationError, match=match):
         aio_workq.Producer("amqp://localhost/", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["no", 0, 1, None], ids=repr)
+def test_every_bool_setting_refuses_a_non_bool_in_the_same_words(value: object) -> None:
+    # leftovers2: the Producer's fail_fast, the worker's presence and the publish flags each
+    # had their own check; one `check_flag` now says the same thing with the same fix
+    assert check_flag("x", True) is True
+    assert check_flag("x", False) is False
+    bad: Any = value
+    for build, what in (
+        (lambda: check_flag("publish option persistent=", bad), "publish option persistent="),
+        (lambda: aio_workq.Producer("amqp://localhost/", fail_fast=bad), "fail_fast"),
+        (lambda: Worker("amqp://localhost/", queue="q", handler=print, presence=bad), "presence"),
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            build()
+        assert str(info.value) == f"{what} must be True or False, got {value!r}: pass a bool"
 
 
 async def test_a_connection_name_that_is_not_a_str_is_refused() -> None:

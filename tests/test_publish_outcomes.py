@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from yarl import URL
 
 import aio_workq
 from aio_workq import (
@@ -27,9 +26,8 @@ from aio_workq import (
     SerializationError,
     UnroutableError,
 )
-from aio_workq._wire.frames import HEADER_FRAME_OVERHEAD, Properties, encode_properties
 from tests.faultproxy import FaultProxy
-from tests.helpers import queue_depth
+from tests.helpers import header_room, negotiated_frame_max, queue_depth
 
 pytestmark = pytest.mark.broker
 
@@ -68,12 +66,24 @@ async def path(request: pytest.FixtureRequest, amqp_url: str) -> AsyncIterator[P
         await connection.close()
 
 
-async def _frame_max(amqp_url: str) -> int:
-    async with await aio_workq.connect(amqp_url) as connection:
-        channel = await connection.channel()
-        frame_max = int(channel.connection.connection_tune.frame_max)
-        await channel.close()
-    return frame_max
+@dataclass
+class Proxied:
+    fast: bool
+    proxy: FaultProxy
+    connection: Connection
+
+
+@pytest.fixture(params=["fast", "plain"])
+async def proxied(request: pytest.FixtureRequest, amqp_url: str) -> AsyncIterator[Proxied]:
+    """An open `Connection`, fast path or plain, through a `FaultProxy` to the broker."""
+    fast = request.param == "fast"
+    async with FaultProxy.to(amqp_url) as proxy:
+        connection = Connection(proxy.url(amqp_url), fast_path=fast, name=request.node.nodeid)
+        await connection.open()
+        try:
+            yield Proxied(fast, proxy, connection)
+        finally:
+            await connection.close()
 
 
 async def outcome(confirm: asyncio.Future[str]) -> str:
@@ -96,7 +106,7 @@ async def test_a_header_table_over_frame_max_is_refused_and_nothing_else_changes
 ) -> None:
     producer = path.producer
     await producer.declare(queue_name)
-    frame_max = await _frame_max(amqp_url)
+    frame_max = await negotiated_frame_max(amqp_url)
     confirms = [await producer.send(f"before {n}", queue=queue_name) for n in range(3)]
     async with asyncio.timeout(1):  # at once: nothing waits for the broker
         with pytest.raises(SerializationError, match=r"headers.*'big'.*frame_max") as info:
@@ -104,8 +114,7 @@ async def test_a_header_table_over_frame_max_is_refused_and_nothing_else_changes
     assert f"{frame_max:,}" in str(info.value)
     confirms += [await producer.send(f"after {n}", queue=queue_name) for n in range(3)]
     # The largest header that fits is sent and confirmed: the limit is the broker's.
-    props = Properties(message_id="edge", headers={"h": ""})
-    room = frame_max - HEADER_FRAME_OVERHEAD - len(encode_properties(props)[1])
+    room = header_room(frame_max, "edge")
     confirms.append(
         await producer.send(b"edge", queue=queue_name, message_id="edge", headers={"h": "x" * room})
     )
@@ -217,35 +226,26 @@ async def test_a_float_header_arrives_exactly_as_sent(path: Path, queue_name: st
 # --- a message that was never sent says so -----------------------------------------------------
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 async def test_a_timed_out_message_that_was_never_sent_says_it_did_not_reach_the_queue(
-    request: pytest.FixtureRequest, amqp_url: str, queue_name: str, fast: bool
+    proxied: Proxied, queue_name: str
 ) -> None:
     # Behind a black hole nothing is confirmed. The mandatory publish goes out; on the plain
     # path the second one, with the same message id, waits in the lane for the first one's
     # outcome (aiormq matches a return by id), so it never reaches aiormq: its timeout must not
     # say that it may have reached the queue. On the fast path both are written at once.
-    port = URL(amqp_url).port
-    assert port is not None
-    async with FaultProxy(upstream_port=port) as proxy:
-        connection = Connection(proxy.url(amqp_url), fast_path=fast, name=request.node.nodeid)
-        await connection.open()
-        try:
-            async with Producer(connection=connection, timeout=20) as producer:
-                await producer.publish("declare", queue=queue_name)
-                proxy.black_hole()
-                first = await producer.send("a", queue=queue_name, message_id="same", timeout=1)
-                second = await producer.send(
-                    "b", queue=queue_name, message_id="same", mandatory=False, timeout=1
-                )
-                with pytest.raises(PublishTimeoutError, match="may or may not have reached"):
-                    await first
-                with pytest.raises(PublishTimeoutError) as timed_out:
-                    await second
-                proxy.heal()
-        finally:
-            await connection.close()
-    if fast:
+    async with Producer(connection=proxied.connection, timeout=20) as producer:
+        await producer.publish("declare", queue=queue_name)
+        proxied.proxy.black_hole()
+        first = await producer.send("a", queue=queue_name, message_id="same", timeout=1)
+        second = await producer.send(
+            "b", queue=queue_name, message_id="same", mandatory=False, timeout=1
+        )
+        with pytest.raises(PublishTimeoutError, match="may or may not have reached"):
+            await first
+        with pytest.raises(PublishTimeoutError) as timed_out:
+            await second
+        proxied.proxy.heal()
+    if proxied.fast:
         assert "may or may not have reached the queue" in str(timed_out.value)
     else:
         assert "did not reach the queue" in str(timed_out.value)
@@ -312,31 +312,84 @@ async def _fill(producer: Producer, queue: Queue) -> None:
     raise AssertionError(f"{queue.name} never nacked")
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def assert_refused(error: PublishNackedError, why: str) -> None:
+    """`error` says that each try was nacked, why there is no next one, and nothing "maybe"."""
+    text = str(error)
+    assert "nacked by the broker on each of its" in text, text
+    assert f"not sent again {why}" in text, text
+    assert "may or may not" not in text, text
+
+
+async def _resting(producer: Producer, queue_name: str) -> asyncio.Future[str]:
+    """A message nacked by a new full quorum queue, waiting (at 0.4 s) for its next try."""
+    queue = _full(queue_name)
+    await _fill(producer, queue)
+    confirm = await producer.send("waits", queue)
+    # Nacked within milliseconds, sent again after 0.05, 0.1, 0.2, 0.4 s...: at 0.4 s it is
+    # still unsettled, waiting for its next try (at 0.75 s).
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(confirm), 0.4)
+    return confirm
+
+
 async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_its_channel_without_resend(
-    request: pytest.FixtureRequest, amqp_url: str, queue_name: str, fast: bool
+    proxied: Proxied, queue_name: str
 ) -> None:
     """`on_reconnect="fail"` (and a worker's publisher, whose delivery is redelivered instead):
-    the connection drops while a nacked message waits to be sent again. It must fail with
-    `ConnectionLostError` like every other unconfirmed message of that connection; before, it
-    was sent on the next connection (a worker's copy next to its redelivered original)."""
-    port = URL(amqp_url).port
-    assert port is not None
-    async with FaultProxy(upstream_port=port) as proxy:
-        connection = Connection(proxy.url(amqp_url), fast_path=fast, name=request.node.nodeid)
-        await connection.open()
+    the connection drops while a nacked message waits to be sent again. It must fail at once
+    like every other unconfirmed message of that connection; before, it was sent on the next
+    connection (a worker's copy next to its redelivered original)."""
+    async with Producer(connection=proxied.connection, timeout=20, on_reconnect="fail") as p:
+        confirm = await _resting(p, queue_name)
+        proxied.proxy.cut()
+        async with asyncio.timeout(1):  # at once: not after the next connection
+            # leftovers2: refused, not "maybe" (it was ConnectionLostError, which said it may
+            # have reached the queue): the broker nacked every try
+            with pytest.raises(PublishNackedError) as info:
+                await confirm
+        assert_refused(info.value, "before the channel closed")
+
+
+async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_a_channel_the_broker_closed(
+    path: Path, queue_name: str, amqp_url: str
+) -> None:
+    """leftovers2: the broker closes the channel for an error (a 403, a publish to an internal
+    exchange) while a nacked message waits for its next try. The messages on the channel fail
+    (any may be the cause; the next channel would close again), and so does the waiting one:
+    nacked on that channel, it shares its fate, as it does after a lost connection. Before, it
+    was sent again on the next channel while the others failed. It was refused every time, so
+    its error says so (`PublishNackedError`), never "may or may not have reached the queue"."""
+    internal = f"{queue_name}-internal"
+    async with await aio_workq.connect(amqp_url) as admin:
+        channel = await admin.channel()
+        await channel.exchange_declare(internal, exchange_type="direct", internal=True)
         try:
-            async with Producer(connection=connection, timeout=20, on_reconnect="fail") as p:
-                queue = _full(queue_name)
-                await _fill(p, queue)
-                confirm = await p.send("waits", queue)
-                # Nacked within milliseconds, sent again after 0.05, 0.1, 0.2, 0.4 s...: at
-                # 0.4 s it is still unsettled, waiting for its next try.
-                with pytest.raises(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(confirm), 0.4)
-                proxy.cut()
-                async with asyncio.timeout(1):  # at once: not after the next connection
-                    with pytest.raises(ConnectionLostError, match="before the channel closed"):
-                        await confirm
+            confirm = await _resting(path.producer, queue_name)
+            culprit = await path.producer.send("x", exchange=internal, routing_key="k")
+            async with asyncio.timeout(0.3):  # at once: before its next try (0.75 s)
+                with pytest.raises(PublishNackedError) as info:
+                    await confirm
+            assert_refused(info.value, "before the channel closed")
+            assert "ACCESS_REFUSED" in str(info.value) or "403" in str(info.value)
+            with pytest.raises(ConnectionLostError, match="may or may not"):
+                await culprit
         finally:
-            await connection.close()
+            await channel.exchange_delete(internal)
+    # The next channel takes messages as before.
+    assert await path.producer.publish("after", queue=f"{queue_name}-after")
+
+
+async def test_a_nacked_message_waiting_to_be_sent_again_fails_at_close_as_refused(
+    path: Path, queue_name: str
+) -> None:
+    """leftovers2: `close()` ends the tries of a message every one of whose tries was nacked.
+    It said "not confirmed before close; it may or may not have reached the queue"
+    (`ConnectionLostError`); the broker refused it each time: `PublishNackedError`."""
+    producer = Producer(connection=path.connection, timeout=20)
+    await producer.start()
+    confirm = await _resting(producer, queue_name)
+    await producer.close(timeout=0)
+    async with asyncio.timeout(1):
+        with pytest.raises(PublishNackedError) as info:
+            await confirm
+    assert_refused(info.value, "before close")

@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from aiohttp import web
 from fastapi import FastAPI
@@ -37,8 +38,10 @@ from aio_workq import (
 from aio_workq import aiohttp as workq_aiohttp
 from aio_workq import fastapi as workq_fastapi
 from aio_workq._web import IntegrationError, ProducerView
+from aio_workq.jobs.postgres import PostgresStore, migrate
 from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
+from scripts.postgres import LocalPostgres
 from scripts.tls import PKI
 from tests.faultproxy import FaultProxy
 from tests.helpers import Counter, connection_names, queue_consumers, queue_depth, wait_until
@@ -655,3 +658,65 @@ async def test_one_trace_from_the_request_through_its_job_to_the_forwarded_job(
     for child, step in zip(chain[1:], chain, strict=False):
         assert child.parent is not None and step.context is not None
         assert child.parent.span_id == step.context.span_id, (child.name, step.name)
+
+
+# --- leftovers2: the job store's errors ---------------------------------------------------------
+
+
+def _store_app(framework: str, store: PostgresStore) -> Any:
+    """A route that reads a job's record from `store`, with aio-workq's error handling."""
+    if framework == "fastapi":
+        app = FastAPI()
+        workq_fastapi.Workq("amqp://localhost/", request_timeout=2).add_exception_handlers(app)
+
+        @app.get("/jobs/{job_id}")
+        async def status(job_id: str) -> dict[str, str]:
+            return {"found": str(await store.get(job_id) is not None)}
+
+        return app
+
+    async def aiohttp_status(request: web.Request) -> web.Response:
+        found = await store.get(request.match_info["job_id"]) is not None
+        return web.json_response({"found": str(found)})
+
+    aiohttp_app = web.Application(middlewares=[workq_aiohttp.error_middleware])
+    aiohttp_app.router.add_get("/jobs/{job_id}", aiohttp_status)
+    return aiohttp_app
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_an_unreachable_job_store_answers_503_and_names_no_dsn(
+    framework: str, own_postgres: LocalPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A status route whose store is down was a 500 with a traceback under the handlers that
+    answer the broker's errors with 503. A store that can't be reached (`StoreError.unreachable`)
+    is 503 with `Retry-After` now, its address and password in neither the body nor the log;
+    a store error that waiting does not cure (the tables missing) stays a 500, the app's."""
+    password = "hunter2-secret"
+    dsn = own_postgres.dsn.replace("postgres@", f"postgres:{password}@")  # trust: not checked
+    port = str(URL(own_postgres.dsn).port)
+    store = PostgresStore(dsn, timeout=1)
+    serve = serve_asgi if framework == "fastapi" else serve_aiohttp
+    try:
+        async with (
+            serve(_store_app(framework, store)) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            missing = await client.get("/jobs/a")  # no tables: not cured by waiting
+            assert missing.status_code == 500, missing.text
+            async with await psycopg.AsyncConnection.connect(own_postgres.dsn) as conn:
+                await migrate(conn)
+            assert (await client.get("/jobs/a")).json() == {"found": "False"}
+            await asyncio.to_thread(own_postgres.stop)
+            down = await client.get("/jobs/a")
+            assert down.status_code == 503, down.text
+            assert down.headers["retry-after"] == ("2" if framework == "fastapi" else "5")
+            assert down.json() == {
+                "detail": "the job store is unavailable, try again later (StoreError)"
+            }
+            for text in (down.text, str(down.headers), caplog.text):
+                assert password not in text
+            assert port not in down.text
+            assert "answering 503: StoreError" in caplog.text  # the full error, for the operator
+    finally:
+        await store.close()

@@ -21,7 +21,7 @@ from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
-from .._link.settings import URLs, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
 from .dispatch import Counters, Dispatcher
@@ -385,8 +385,7 @@ class _Presence:
     """
 
     def __init__(self, presence: bool, interval: float) -> None:
-        if not isinstance(presence, bool):
-            raise ConfigurationError(f"presence must be True or False, got {presence!r}")
+        check_flag("presence", presence)
         interval = check_interval(interval)
         self._interval = interval if presence else None
         self._beacon: Beacon | None = None

@@ -19,6 +19,8 @@ from .._exceptions import ConfigurationError
 __all__ = (
     "DEFAULT_URL",
     "URLs",
+    "check_flag",
+    "check_name",
     "check_seconds",
     "redact_url",
     "resolve_url",
@@ -161,6 +163,18 @@ def check_name(what: str, value: object) -> None:
         raise ConfigurationError(
             f"{what} must be a str (or None), got {type(value).__name__} {value!r}"
         )
+
+
+def check_flag(what: str, value: object) -> bool:
+    """`value`, a bool setting (taken as its truth value, `persistent="no"` was True).
+
+    Raises:
+        ConfigurationError: anything but True or False (0, 1, "no", None); the message names
+            `what`.
+    """
+    if value is not True and value is not False:
+        raise ConfigurationError(f"{what} must be True or False, got {value!r}: pass a bool")
+    return value
 
 
 def check_seconds(what: str, value: object, *, zero: bool = False, forever: bool = False) -> float:

@@ -19,7 +19,13 @@ from typing import Any
 
 import aiormq
 
-from .._exceptions import ConnectionLostError, TopologyError
+from .._exceptions import (
+    ConnectionLostError,
+    PublishError,
+    PublishNackedError,
+    TopologyError,
+    WorkqError,
+)
 from .._link.channel import ManagedChannel
 from .._link.connection import LinkSource
 from .._link.declare import missing_exchange
@@ -165,8 +171,17 @@ class PublisherLanes:
             lane.flush()
 
     def closing(self) -> None:
-        """From now on a lost channel's messages are failed, not resent."""
+        """From now on a lost channel's messages are failed, not resent; the messages waiting
+        for their next try after a nack fail now, as refused (each try was nacked)."""
         self._closing = True
+        for out in list(self._resting):
+            self._give_up(out, _refused(out, "before close"))
+
+    def _give_up(self, out: Outgoing, error: WorkqError) -> None:
+        """End the tries of `out`, waiting for its next one after a nack: it fails with `error`."""
+        handle, _ = self._resting.pop(out)
+        handle.cancel()
+        self._in_flight.settle(out, error)
 
     async def close(self) -> None:
         self._closing = True
@@ -232,27 +247,34 @@ class PublisherLanes:
                 listener(missing)
         resend = self._resend and not self._closing
         why = f"the channel closed ({reason})" if reason else "the channel closed"
-        if not resend:
-            # Nacked on this channel and waiting to be sent again: it did not cause the loss,
-            # so it fails like the others (a worker's publisher: its delivery is redelivered
-            # instead, a copy sent later is a duplicate); with `resend` its timer sends it on
-            # the next channel, like the others.
+        # Both kinds of this channel's messages by one rule: those on its tracker, and those it
+        # nacked that wait for their next try (`_resting`). Resent (the waiting ones by their
+        # timer) only with `resend` after a lost connection or a missing exchange (except the
+        # tracker's to that exchange: TopologyError; a waiting one went to the default
+        # exchange, which is never missing); else failed: after a lost connection without
+        # `resend` (a worker's publisher: its delivery is redelivered instead, a copy sent later
+        # is a duplicate), and after the broker closed the channel for an error of its own (any
+        # message of the channel may be the cause). Each error says what is known: a message
+        # written on the channel may have reached the queue; a waiting one was refused.
+        resends = resend and (connection_lost or missing is not None)
+        if not resends:
             for out in self._resting_on(lane.tracker):
-                handle, _ = self._resting.pop(out)
-                handle.cancel()
-                self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
+                self._give_up(out, _refused(out, f"before {why}"))
         for out in lane.tracker.take_all():
             if out.settled:
                 continue
             if missing is not None and out.exchange == missing:
                 self._in_flight.settle(out, _no_exchange(out))
-            elif resend and (connection_lost or missing is not None):
+            elif resends:
                 if self.current is not None:
                     self.current.write(out)  # the next channel is open already
                 else:
                     self._waiting.append(out)
             else:
                 self._in_flight.settle(out, out.unconfirmed(ConnectionLostError, f"before {why}"))
+
+
+_NOT_IN_QUEUE = "each try was refused, so it did not reach the queue"
 
 
 def _never(exchange: str, routing_key: str) -> bool:
@@ -265,4 +287,15 @@ def _no_exchange(out: Outgoing) -> TopologyError:
         f"message {out.message_id} to exchange {out.exchange!r} routing key {out.routing_key!r} "
         f"was not confirmed: exchange {out.exchange!r} does not exist (deleted?); declare it, "
         f"or publish with Exchange({out.exchange!r}) to have it declared; {MAYBE}"
+    )
+
+
+def _refused(out: Outgoing, why: str) -> PublishError:
+    """The error of a message nacked on each of its tries, whose next try will not come: it was
+    refused, not lost on the way (the nacks of a queue still starting are sent again)."""
+    tries: int = getattr(out, "nacks", 0)
+    return out.error(
+        PublishNackedError,
+        f"nacked by the broker on each of its tries ({tries}, its queue just declared and maybe "
+        f"still starting); not sent again {why}; {_NOT_IN_QUEUE}",
     )

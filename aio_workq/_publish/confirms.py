@@ -14,7 +14,9 @@ deadline passed: `expiry`) or `ConnectionLostError`. When the connection drops, 
 messages are re-sent on the next channel with the same message id (`resend=True`,
 at-least-once) or failed. A nacked message is sent again, a few times within its timeout, when
 its quorum queue was declared a moment before and may still be starting
-(`send_again_while_starting`); otherwise, and after those tries, it fails.
+(`send_again_while_starting`); otherwise, and after those tries, it fails. Its tries cut short
+(the publisher closes, or its channel is lost and not resent), it fails as refused: it is not
+in the queue.
 """
 
 from __future__ import annotations

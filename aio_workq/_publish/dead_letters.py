@@ -28,7 +28,7 @@ import datetime
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiormq
@@ -94,6 +94,11 @@ class DeadLetter:
     message_id: str | None
     headers: Mapping[str, Any]
     content_type: str | None
+    too_large: str | None = None
+    """Set when the pass that read it could not copy it: its properties (the broker's x-death
+    headers included) are over the connection's frame_max. Says so and what to do (replay it,
+    which leaves the broker's headers, or purge it); it stays in the queue, returned to it at
+    the end of the pass. None for the others."""
 
     @property
     def reason(self) -> str:
@@ -309,6 +314,7 @@ class DeadLetters:
                             break
                         left -= len(messages)
                         selected: list[DeadLetter] = []
+                        shown: dict[int | None, int] = {}  # by delivery tag: index in selected
                         plan: list[tuple[DeliveredMessage, bool]] = []
                         for message in messages:
                             letter = _letter(message)
@@ -319,12 +325,16 @@ class DeadLetters:
                             )
                             if take:
                                 chosen += 1
+                                shown[message.delivery_tag] = len(selected)
                                 selected.append(letter)
                                 if move and letter.message_id is not None:
                                     moved_ids.add(letter.message_id)
                             plan.append((message, take and move))
                             kept = kept or not (take and move)
-                        held += await self._settle(channel, plan)
+                        for message, error in await self._settle(channel, plan):
+                            held.append(message)
+                            if (index := shown.get(message.delivery_tag)) is not None:
+                                selected[index] = replace(selected[index], too_large=str(error))
                     yield selected
             finally:
                 await self._give_back(channel, held)
@@ -345,11 +355,11 @@ class DeadLetters:
 
     async def _settle(
         self, channel: aiormq.abc.AbstractChannel, plan: list[tuple[DeliveredMessage, bool]]
-    ) -> list[DeliveredMessage]:
+    ) -> list[tuple[DeliveredMessage, _TooLarge]]:
         """Copy each message (to the work queue, or back to the dead-letter queue), then ack
         each original whose copy was confirmed; raise the first failure after that. Returns
-        the ones to keep that are too large to copy (left unacked, each logged by id): the
-        others are read or replayed all the same."""
+        the ones to keep that are too large to copy, each with its error (left unacked, each
+        logged by id): the others are read or replayed all the same."""
         results = await asyncio.gather(
             *(
                 self._publish_back(channel, message) if to_work else self._keep(channel, message)
@@ -358,7 +368,7 @@ class DeadLetters:
             return_exceptions=True,
         )
         failure: BaseException | None = None
-        held: list[DeliveredMessage] = []
+        held: list[tuple[DeliveredMessage, _TooLarge]] = []
         with translate_errors(f"acking dead letters in {self.name!r}"):
             for (message, to_work), result in zip(plan, results, strict=True):
                 if isinstance(result, _TooLarge) and not to_work:
@@ -366,7 +376,7 @@ class DeadLetters:
                         "%s (it is returned to %r unacked, once per read; the other dead "
                         "letters are read and replayed as usual)", result, self.name,
                     )  # fmt: skip
-                    held.append(message)
+                    held.append((message, result))
                     continue
                 if isinstance(result, BaseException):
                     failure = failure or result

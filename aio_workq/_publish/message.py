@@ -18,6 +18,7 @@ from .._exceptions import (
 from .._hooks import Hooks, PublishInfo
 from .._link.delay import delay_ticks
 from .._link.delay import routing_key as delayed_key
+from .._link.settings import check_flag
 from .._wire.frames import EncodedProperties, Properties, usual_properties
 from .._wire.tracker import Batch
 from .serialization import encode_body
@@ -162,9 +163,9 @@ def build_message(
             f"{', '.join(sorted(_KNOWN))}"
         )
     if "persistent" in options:
-        _check_flag("persistent", options["persistent"])
+        check_flag("publish option persistent=", options["persistent"])
     if "mandatory" in options:
-        _check_flag("mandatory", options["mandatory"])
+        check_flag("publish option mandatory=", options["mandatory"])
     data, content_type = encode_body(body)
     expiration = options.get("expiration")
     timestamp = options.get("timestamp")
@@ -182,15 +183,6 @@ def build_message(
         type=options.get("message_type"),
     )
     return data, props, options.get("mandatory", True), timeout
-
-
-def _check_flag(name: str, value: object) -> None:
-    """Raises ConfigurationError: `value` of the publish option `name` is not a bool (taken
-    as its truth value, `persistent="no"` was a persistent message)."""
-    if value is not True and value is not False:
-        raise ConfigurationError(
-            f"publish option {name}= must be True or False, got {value!r}: pass a bool"
-        )
 
 
 def build_usual(body: Any) -> tuple[bytes, Properties, EncodedProperties]:

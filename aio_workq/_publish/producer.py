@@ -15,7 +15,7 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
@@ -120,9 +120,7 @@ class Producer:
         self._window_bytes = window_bytes
         self._timeout = timeout
         self._resend = on_reconnect == "resend"
-        if fail_fast is not True and fail_fast is not False:
-            raise ConfigurationError(f"fail_fast must be True or False, got {fail_fast!r}")
-        self._fail_fast = fail_fast
+        self._fail_fast = check_flag("fail_fast", fail_fast)
         self._connect_timeout = connect_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None  # the first of `_publishers`
@@ -206,7 +204,9 @@ class Producer:
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
 
-        Messages still unconfirmed then fail with `ConnectionLostError`. Returns within
+        Messages still unconfirmed then fail with `ConnectionLostError`; a message nacked by a
+        quorum queue still starting and waiting for its next try fails with
+        `PublishNackedError` (refused on each try, it is not in the queue). Returns within
         `timeout` plus about a second in every broker state: a connection of its own whose
         polite close the broker does not answer in time has its socket aborted.
         """

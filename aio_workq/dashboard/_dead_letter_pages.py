@@ -111,6 +111,7 @@ class DeadLetterPages:
                 "attempts": letter.attempts,
                 "failed_at": letter.failed_at,
                 "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
+                "too_large": letter.too_large,
             }
             for letter in letters
         ]
@@ -138,6 +139,7 @@ class DeadLetterPages:
         return self._site.render(
             request, "dead_letter.html", queue=queue, letter=data, headers=headers,
             traceback=traceback, size=len(letter.body), cut=len(letter.body) > _BODY_SHOWN,
+            too_large=letter.too_large,
         )  # fmt: skip
 
     async def replay(self, request: Request, match: dict[str, str]) -> Response:
