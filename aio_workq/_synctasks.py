@@ -58,6 +58,7 @@ class Runner(Protocol):
         bound: float | None,
         doing: str,
         stuck: Callable[[str], WorkqError] = ...,
+        interruptible: bool = ...,
     ) -> T: ...
 
 
@@ -117,14 +118,15 @@ class SyncJobHandle(Generic[R]):
         bound: float | None,
         call: Callable[[JobHandle[R]], Coroutine[Any, Any, T]],
         stuck: Callable[[str], WorkqError],
+        interruptible: bool = False,
     ) -> T:
         def make(view: ProducerView) -> Coroutine[Any, Any, T]:
             context = _Context(self._registry.store, view)
             return call(JobHandle(self.job_id, context=context, validate=self._validate))
 
-        return self._producer._submit(
-            make, bound, f"{doing} job {self.job_id}", stuck, self._registry.store
-        )
+        doing = f"{doing} job {self.job_id}"
+        store = self._registry.store
+        return self._producer._submit(make, bound, doing, stuck, store, interruptible)
 
     def _store_stuck(self, message: str) -> WorkqError:
         return StoreError(message, job_id=self.job_id, unreachable=True)
@@ -157,9 +159,10 @@ class SyncJobHandle(Generic[R]):
         Raises:
             JobTimeoutError: not done within `timeout` seconds (`None`: no bound).
             JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+            IntegrationError: the producer was closed meanwhile (by another thread).
         """
         seconds = None if timeout is None else check_seconds("timeout", timeout)
-        return self._run("waiting for", seconds, lambda h: h.wait(seconds), self._late)
+        return self._run("waiting for", seconds, lambda h: h.wait(seconds), self._late, True)
 
     def result(self, timeout: float | None = None) -> R:
         """Block until the job is done and return the task's return value (see
@@ -171,10 +174,11 @@ class SyncJobHandle(Generic[R]):
             JobCancelledError: it was cancelled.
             PayloadError: the stored value does not validate as the task's return type.
             JobNotFoundError, StoreError, ConfigurationError: as `status()`.
+            IntegrationError: the producer was closed meanwhile (by another thread).
         """
         seconds = None if timeout is None else check_seconds("timeout", timeout)
         return self._run(
-            "waiting for the result of", seconds, lambda h: h.result(seconds), self._late
+            "waiting for the result of", seconds, lambda h: h.result(seconds), self._late, True
         )
 
     def cancel(self, *, timeout: float | None = None) -> JobStatus:
@@ -214,6 +218,7 @@ class SyncTaskCalls:
         doing: str,
         stuck: Callable[[str], WorkqError] = PublishTimeoutError,
         store: JobStore | None = None,
+        interruptible: bool = False,
     ) -> T:
         """Run `make(view)` on the loop thread (connecting on first use); its result here.
         `bound` is the call's own bound: the wait for the loop thread adds `SLACK` to it.
@@ -227,7 +232,8 @@ class SyncTaskCalls:
         async def run() -> T:
             return await make(view)
 
-        return runner.submit(run(), None if bound is None else bound + SLACK, doing, stuck)
+        slack = None if bound is None else bound + SLACK
+        return runner.submit(run(), slack, doing, stuck, interruptible)
 
     def enqueue(self, task: Task[P, R], /, *args: P.args, **kwargs: P.kwargs) -> SyncJobHandle[R]:
         """Enqueue a job of `task` (made by `@tasks.task`) and block until the broker

@@ -20,6 +20,7 @@ def resize_view(request):  # a Django view, a Flask route, a thread...
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -68,6 +69,7 @@ class _LoopThread:
         self.closed = False
         self._close_lock = threading.Lock()
         self._held: dict[int, Closeable] = {}  # job stores used on this loop, closed with it
+        self._waits: set[concurrent.futures.Future[Any]] = set()  # handles waiting for jobs
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -115,16 +117,28 @@ class _LoopThread:
         bound: float | None,
         doing: str,
         stuck: Callable[[str], WorkqError] = PublishTimeoutError,
+        interruptible: bool = False,
     ) -> T:
         """Run `coro` on the loop thread; its result, or its exception, in this thread.
+
+        An `interruptible` call (a handle waiting for its job) is ended by `close()`, which
+        does not wait for it.
 
         Raises:
             WorkqError: `stuck` when no answer came within `bound` (a blocked loop; `None`:
                 no bound).
+            IntegrationError: an interruptible call ended by `close()`.
         """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if interruptible:
+            self._waits.add(future)
+            future.add_done_callback(self._waits.discard)
+            if self.closed:  # close() may have passed over it
+                future.cancel()
         try:
             return future.result(timeout=bound)
+        except concurrent.futures.CancelledError:
+            raise IntegrationError(f"{doing}: the SyncProducer was closed meanwhile") from None
         except TimeoutError as exc:
             if isinstance(exc, WorkqError):  # the call's own typed timeout
                 raise
@@ -144,6 +158,8 @@ class _LoopThread:
             return  # a forked child: the thread (and its connection) belong to the parent
         if threading.current_thread() is self.thread:
             raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
+        for waiting in list(self._waits):  # their coroutines are cancelled on the loop
+            waiting.cancel()
         try:
             self.submit(self._shut(timeout), timeout + 2 * SLACK, "closing")
         except Exception as exc:  # closing at exit: say what happened, never raise there

@@ -44,7 +44,7 @@ from aio_workq.jobs import (
 from aio_workq.sync import SyncJobHandle, SyncProducer
 from scripts.broker import free_port
 from tests.faultproxy import FaultProxy
-from tests.helpers import queue_depth, run_script
+from tests.helpers import queue_depth, run_script, wait_until
 from tests.test_jobs import running
 
 
@@ -274,6 +274,26 @@ def test_a_closed_producer_refuses_tasks(amqp_url: str, web: App) -> None:
         producer.enqueue(web.thumb, "cat.png")
     with pytest.raises(IntegrationError, match="closed"):
         job.status()
+
+
+@pytest.mark.broker
+async def test_closing_ends_a_wait_for_a_result_without_a_timeout(amqp_url: str, web: App) -> None:
+    producer = SyncProducer(amqp_url)
+    job = await asyncio.to_thread(producer.enqueue, web.thumb, "cat.png")  # no worker runs it
+    runner = producer._runner
+    assert runner is not None
+
+    async def is_waiting() -> bool:
+        return bool(runner._waits)
+
+    waiting = asyncio.ensure_future(asyncio.to_thread(job.result))  # no timeout: until done
+    await wait_until(is_waiting)
+    async with asyncio.timeout(10):  # it hung until the process exited
+        await asyncio.to_thread(producer.close)
+        with pytest.raises(IntegrationError, match="closed meanwhile"):
+            await waiting
+    with pytest.raises(IntegrationError, match="closed"):
+        job.wait(1)
 
 
 @pytest.mark.broker
