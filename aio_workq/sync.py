@@ -13,12 +13,14 @@ producer = SyncProducer(timeout=5, connect_timeout=5)  # connects on first use; 
 
 def resize_view(request):  # a Django view, a Flask route, a thread...
     job_id = producer.publish({"path": request.POST["path"]}, queue="images")
+    job = producer.enqueue(resize, request.POST["path"], width=400)  # a task (@tasks.task)
 ```
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -34,6 +36,7 @@ from ._exceptions import (
 )
 from ._link.settings import URLs, check_seconds, redact_url, resolve_url
 from ._link.specs import Exchange, Queue, QueueType
+from ._synctasks import SLACK, Closeable, SyncJobHandle, SyncTaskCalls
 from ._web import (
     DEFAULT_REQUEST_TIMEOUT,
     IntegrationError,
@@ -43,15 +46,11 @@ from ._web import (
     ProducerView,
 )
 
-__all__ = ("SyncProducer",)
+__all__ = ("SyncJobHandle", "SyncProducer")
 
 log = logging.getLogger("aio_workq")
 
 T = TypeVar("T")
-
-# How much longer than its own timeout a caller waits for the loop thread's answer. The loop
-# thread bounds every call itself; this only guards against a loop that is stuck.
-_SLACK = 2.0
 
 
 class _LoopThread:
@@ -69,6 +68,8 @@ class _LoopThread:
         self.view: ProducerView | None = None
         self.closed = False
         self._close_lock = threading.Lock()
+        self._held: dict[int, Closeable] = {}  # job stores used on this loop, closed with it
+        self._waits: set[concurrent.futures.Future[Any]] = set()  # handles waiting for jobs
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -89,34 +90,62 @@ class _LoopThread:
 
         try:
             self.view = self.submit(
-                start(), connect_timeout + _SLACK, "connecting", BrokerConnectionError
+                start(), connect_timeout + SLACK, "connecting", BrokerConnectionError
             )
         except BaseException:
             self.close(0)
             raise
 
+    def hold(self, resource: Closeable) -> None:
+        """Close `resource` (a job store whose connections live on this loop) with the loop."""
+        self._held.setdefault(id(resource), resource)
+
+    async def _shut(self, timeout: float) -> None:
+        try:
+            await self._producer.close(timeout)
+        finally:
+            for resource in list(self._held.values()):
+                try:
+                    async with asyncio.timeout(SLACK):
+                        await resource.close()
+                except Exception as exc:
+                    log.warning("closing %r with the SyncProducer failed: %r", resource, exc)
+
     def submit(
         self,
         coro: Coroutine[Any, Any, T],
-        bound: float,
+        bound: float | None,
         doing: str,
-        stuck: type[WorkqError] = PublishTimeoutError,
+        stuck: Callable[[str], WorkqError] = PublishTimeoutError,
+        interruptible: bool = False,
     ) -> T:
         """Run `coro` on the loop thread; its result, or its exception, in this thread.
 
+        An `interruptible` call (a handle waiting for its job) is ended by `close()`, which
+        does not wait for it.
+
         Raises:
-            WorkqError: `stuck` when no answer came within `bound` (a blocked loop).
+            WorkqError: `stuck` when no answer came within `bound` (a blocked loop; `None`:
+                no bound).
+            IntegrationError: an interruptible call ended by `close()`.
         """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        if interruptible:
+            self._waits.add(future)
+            future.add_done_callback(self._waits.discard)
+            if self.closed:  # close() may have passed over it
+                future.cancel()
         try:
             return future.result(timeout=bound)
+        except concurrent.futures.CancelledError:
+            raise IntegrationError(f"{doing}: the SyncProducer was closed meanwhile") from None
         except TimeoutError as exc:
             if isinstance(exc, WorkqError):  # the call's own typed timeout
                 raise
             future.cancel()
             raise stuck(
                 f"{doing}: no answer from the SyncProducer's event-loop thread within "
-                f"{bound:g} s (is that loop blocked?)"
+                f"{bound or 0:g} s (is that loop blocked?)"
             ) from None
 
     def close(self, timeout: float) -> None:
@@ -129,17 +158,20 @@ class _LoopThread:
             return  # a forked child: the thread (and its connection) belong to the parent
         if threading.current_thread() is self.thread:
             raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
+        for waiting in list(self._waits):  # their coroutines are cancelled on the loop
+            waiting.cancel()
         try:
-            self.submit(self._producer.close(timeout), timeout + _SLACK, "closing")
+            self.submit(self._shut(timeout), timeout + 2 * SLACK, "closing")
         except Exception as exc:  # closing at exit: say what happened, never raise there
             log.warning("closing the SyncProducer failed: %r", exc)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=_SLACK)
+            self.thread.join(timeout=SLACK)
 
 
-class SyncProducer:
-    """A thread-safe, blocking producer for synchronous code.
+class SyncProducer(SyncTaskCalls):
+    """A thread-safe, blocking producer for synchronous code: plain messages (`publish()`)
+    and typed tasks (`enqueue(task, ...)`, `job(task, job_id)`).
 
     It connects on first use (or `start()`), on a background thread of its own, and is closed by
     `close()`, by `with SyncProducer(...)`, when it is garbage-collected, or at interpreter exit
@@ -236,15 +268,7 @@ class SyncProducer:
         make: Callable[[ProducerView], Coroutine[Any, Any, Any]],
         stuck: type[WorkqError] = PublishTimeoutError,
     ) -> Any:
-        runner = self._running()
-        seconds = self._timeout if timeout is None else check_seconds("timeout", timeout)
-        view = runner.view
-        assert view is not None
-
-        async def run() -> Any:
-            return await make(view)
-
-        return runner.submit(run(), seconds + _SLACK, doing, stuck)
+        return self._submit(make, self._seconds(timeout), doing, stuck)
 
     def publish(
         self,

@@ -73,6 +73,24 @@ async def worker_process(
         await proc.wait()
 
 
+async def run_script(script: str, *, timeout: float = 30) -> tuple[int, str]:
+    """Run `python -c script` within `timeout` seconds; its exit code and its output (stdout
+    and stderr together). Killed if it overruns."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
 async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20) -> str:
     """The next line the process prints, stripped ("" once it has exited)."""
     assert proc.stdout is not None

@@ -174,6 +174,8 @@ RUNS = [
     Run("docs/guides/web-apps.md", 'job_id = producer.publish({"path": "cat.png"}', "script",
         queues=("images",), left=1),
     Run("docs/guides/web-apps.md", "# myproject/jobs.py", "offline"),
+    Run("docs/guides/jobs.md", "producer.enqueue(thumb, \"cat.png\", width=64)", "script",
+        expect="queued\nqueued", queues=("thumbs",), left=1),
     Run("docs/guides/web-apps.md", 'name="images-api",', "offline"),
     Run("docs/guides/web-apps.md", "FastAPIInstrumentor.instrument_app(app)", "offline"),
     Run("docs/operations.md", "class SlowJobs(Hook):", "offline"),

@@ -536,7 +536,9 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
 
 
 def test_nothing_below_jobs_imports_it() -> None:
-    above = ("jobs", "testing", "dashboard")  # the dashboard shows the jobs: it is above them
+    # the dashboard shows the jobs, and sync.py enqueues tasks (SyncProducer.enqueue, in
+    # _synctasks.py): they are above them
+    above = ("jobs", "testing", "dashboard", "sync.py", "_synctasks.py")
     found = modules()
     bad = sorted(
         f"{path.relative_to(PACKAGE)} imports {name}"

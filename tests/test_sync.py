@@ -32,7 +32,7 @@ from aio_workq._web import IntegrationError
 from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
 from scripts.tls import PKI
-from tests.helpers import queue_depth
+from tests.helpers import queue_depth, run_script
 from tests.servers import load_example, serve_wsgi
 
 flask_app = load_example("flask_app")
@@ -223,19 +223,9 @@ async def test_a_forked_child_opens_its_own_connection(amqp_url: str, queue_name
         print("child exit status", os.waitstatus_to_exitcode(status))
         """
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        async with asyncio.timeout(30):
-            out, _ = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, out.decode()
-    assert "child exit status 0" in out.decode(), out.decode()
+    code, out = await run_script(script)
+    assert code == 0, out
+    assert "child exit status 0" in out, out
     assert await queue_depth(amqp_url, queue_name) == 3
 
 

@@ -22,7 +22,7 @@ from ._errors import (
 from ._status import JobRecord, JobState, JobStatus, unstorable_id
 from ._store import JobStore
 
-__all__ = ("CONTROL_EXCHANGE", "TASK_HEADER", "JobHandle", "Publisher")
+__all__ = ("CONTROL_EXCHANGE", "TASK_HEADER", "Context", "JobHandle", "Publisher")
 
 log = logging.getLogger("aio_workq.jobs")
 

@@ -31,7 +31,7 @@ from ._json import encode_typed
 from ._status import JobState, Write, storable, unstorable_id
 from ._store import CancelRequests, JobStore
 
-__all__ = ("GroupCommit", "Recorder", "Running", "current_job")
+__all__ = ("QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job")
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -383,6 +383,11 @@ class Recorder(Hook):
         await self._batches.close(timeout)
 
 
+QUEUED_RECORD_TIMEOUT = 5.0
+"""The longest an enqueue waits for its `queued` record (the store's first failure to answer;
+then the store counts as down and the record is kept)."""
+
+
 class GroupCommit:
     """Concurrent callers' writes (the enqueues' `queued` records), committed together:
     each `record()` joins the next batch and returns once that batch is committed.
@@ -400,7 +405,9 @@ class GroupCommit:
         timeout: seconds one store transaction may take before the store counts as down.
     """
 
-    def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
+    def __init__(
+        self, store: JobStore, *, buffer: int = 10_000, timeout: float = QUEUED_RECORD_TIMEOUT
+    ) -> None:
         self.store = store
         self._buffer, self._timeout = buffer, timeout
         self._batches: WriteBatches | None = None

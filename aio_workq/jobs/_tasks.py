@@ -25,7 +25,7 @@ from .._link.specs import Queue
 from .._publish.serialization import JSON
 from ._errors import TaskArgumentError
 from ._groups import Signature
-from ._handle import TASK_HEADER, JobHandle, Publisher
+from ._handle import TASK_HEADER, Context, JobHandle, Publisher
 from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
@@ -286,6 +286,18 @@ class Task(Generic[P, R]):
                 f"task {self.name!r}: the tasks are not bound to a producer: call "
                 "tasks.bind(producer) (e.g. in your app's lifespan) before enqueueing"
             )
+        return await self.send(body, publisher, self._registry)
+
+    async def send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
+        """Publish a job whose arguments `arguments.encode()` checked and encoded, through
+        `publisher`, and record it as queued in `context`'s store; its handle (on `context`).
+
+        The second half of `enqueue()`, shared with `SyncProducer.enqueue()` (which encodes
+        in the caller's thread and sends on its event-loop thread).
+
+        Raises:
+            PublishError (and its subclasses): the broker did not confirm the job.
+        """
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
         # Its created time: a worker may start the job before the confirm is back.
@@ -294,7 +306,7 @@ class Task(Generic[P, R]):
             body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
             content_type=JSON, **options,
         )  # fmt: skip
-        store = self._registry.store
+        store = context.store
         if store is not None:
             write = Write(
                 job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
@@ -303,7 +315,7 @@ class Task(Generic[P, R]):
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
             await self._registry.record_queued(store, write)
-        return JobHandle(job_id, context=self._registry, validate=self.result_validator())
+        return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
 class _Decorator:
@@ -413,9 +425,9 @@ class Tasks:
         if not inspect.iscoroutinefunction(publish):
             raise ConfigurationError(
                 f"bind() takes an async Producer (or a Workq's producer view), got {producer!r}, "
-                "whose publish() blocks: enqueue() awaits it. A SyncProducer publishes plain "
-                "messages from sync code; tasks are enqueued from async code (an async view "
-                "served by an ASGI server, see docs/guides/web-apps.md#tasks-from-django)"
+                "whose publish() blocks: enqueue() awaits it. From sync code, enqueue through "
+                "the SyncProducer itself, without bind(): producer.enqueue(task, *args) returns "
+                "a blocking handle (see docs/guides/web-apps.md#tasks-from-sync-code)"
             )
         self._producer = producer
         if store is not None:
