@@ -100,6 +100,26 @@ def test_a_short_gap_fires_every_tick_it_missed() -> None:
     assert len(plan) == 5  # within the 60 s grace: a failover's gap loses nothing
 
 
+def test_a_clock_set_back_or_forward_fires_no_tick_twice() -> None:
+    """The scheduler reads the wall clock: set back an hour after a tick, nothing fires again
+    until the clock passes the last tick fired; set a day forward, `misfire` and `grace`
+    apply as after an outage of a day, and once the clock is put right nothing fires until it reaches
+    that tick again (it was fired, early)."""
+    poll = Schedule("poll", every=timedelta(seconds=10), queue="poll")
+    fired = datetime(2026, 12, 6, 10, 0, 0, tzinfo=UTC)
+    back = fired - timedelta(hours=1)
+    assert poll.plan(cursor=fired, now=back) == []
+    assert poll.next_pending(cursor=fired, now=back) == fired + timedelta(seconds=10)
+    assert poll.plan(cursor=fired, now=fired + timedelta(seconds=10)) == [
+        fired + timedelta(seconds=10)
+    ]
+    ahead = fired + timedelta(days=1, seconds=3)
+    plan = poll.plan(cursor=fired, now=ahead)  # the latest beyond grace, then those within
+    early = fired + timedelta(days=1)
+    assert plan == [early - timedelta(seconds=10 * n) for n in range(6, -1, -1)]
+    assert poll.plan(cursor=early, now=fired + timedelta(seconds=30)) == []
+
+
 def test_misfire_skip_fires_the_latest_missed_tick_once() -> None:
     poll = Schedule("poll", every=timedelta(seconds=10), queue="poll", grace=timedelta(0))
     now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
