@@ -103,8 +103,8 @@ def test_a_short_gap_fires_every_tick_it_missed() -> None:
 def test_a_clock_set_back_or_forward_fires_no_tick_twice() -> None:
     """The scheduler reads the wall clock: set back an hour after a tick, nothing fires again
     until the clock passes the last tick fired; set a day forward, `misfire` and `grace`
-    apply as after an outage of a day, and once the clock is put right nothing fires until it reaches
-    that tick again (it was fired, early)."""
+    apply as after an outage of a day, and once the clock is put right nothing fires until
+    it reaches that tick again (it was fired, early)."""
     poll = Schedule("poll", every=timedelta(seconds=10), queue="poll")
     fired = datetime(2026, 12, 6, 10, 0, 0, tzinfo=UTC)
     back = fired - timedelta(hours=1)
@@ -125,6 +125,30 @@ def test_misfire_skip_fires_the_latest_missed_tick_once() -> None:
     now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
     plan = poll.plan(cursor=now - timedelta(days=3), now=now)
     assert plan == [datetime(2026, 12, 6, 5, 0, 0, tzinfo=UTC)]
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Paris"])
+def test_after_a_years_long_outage_a_cron_schedule_fires_its_latest_missed_tick(tz: str) -> None:
+    """A per-minute cron schedule whose state is 800 days old (every scheduler was off):
+    `plan` walked the due times forward from the cursor, half a million a year, seconds of
+    CPU with the event loop stopped (the lease's heartbeats too), and past a million it gave
+    up and fired a tick months old as "the latest". Now it counts back from the horizon."""
+    minutely = Schedule("minutely", cron="* * * * *", queue="q", tz=tz)
+    now = datetime(2026, 12, 6, 5, 0, 30, tzinfo=UTC)
+    latest = datetime(2026, 12, 6, 4, 59, tzinfo=UTC)  # the last minute beyond the 60 s grace
+    plan = minutely.plan(cursor=now - timedelta(days=800), now=now)
+    assert plan == [latest, latest + timedelta(minutes=1)]  # skip: it, then 05:00 (in grace)
+    catch_up = Schedule(
+        "every5", cron="*/5 * * * *", queue="q", tz=tz, misfire="catch_up", catch_up_limit=3
+    )
+    plan = catch_up.plan(cursor=now - timedelta(days=800), now=now)
+    fives = datetime(2026, 12, 6, 4, 45, tzinfo=UTC)  # the 3 latest beyond grace, then 05:00
+    assert plan == [fives + timedelta(minutes=5 * n) for n in range(4)]
+    # The same as a scan from a cursor a day and a half back (no jump needed).
+    recent = now - timedelta(days=1, hours=12)
+    assert catch_up.plan(cursor=now - timedelta(days=800), now=now) == catch_up.plan(
+        cursor=recent, now=now
+    )
 
 
 def test_misfire_catch_up_fires_up_to_its_limit_oldest_first() -> None:
