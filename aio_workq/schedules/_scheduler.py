@@ -116,6 +116,8 @@ class Scheduler:
         self._producer = producer
         self._own_producer = producer is None
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()  # a stop's timeout passed: give up the tick, abort
+        self._hurry_timer: asyncio.TimerHandle | None = None
         self._active = asyncio.Event()
         self._fired = 0
         self.on_active: Callable[[bool], None] | None = None
@@ -232,9 +234,25 @@ class Scheduler:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop: the tick being published is confirmed and recorded, then the lease goes back
-        to the broker (the next candidate is active at once)."""
-        del timeout  # a round is bounded by the producer's publish timeout
+        to the broker (the next candidate is active at once).
+
+        Args:
+            timeout: seconds to wait for that (default: the publish's own bound, 35 s, and 5 s
+                for each polite close after it). Past them, `run()` gives the tick up and
+                aborts its connections within about a second more: the broker frees the lease
+                and the guard as after a kill, and the next active scheduler fires whatever
+                was not recorded, with the same message ids. `run_workers` passes 0 on a
+                second signal.
+        """
         self._stopping.set()
+        if timeout is None:
+            return
+        if self._hurry_timer is not None:
+            self._hurry_timer.cancel()
+        if timeout <= 0:
+            self._hurry.set()
+        else:
+            self._hurry_timer = asyncio.get_running_loop().call_later(timeout, self._hurry.set)
 
     async def run(self, wait_for_broker: float | None = None) -> None:
         """Take part in the election until `stop()`; fire the ticks while active.
@@ -245,6 +263,7 @@ class Scheduler:
         """
         del wait_for_broker
         self._stopping.clear()
+        self._hurry.clear()
         connection = self._connection()
         try:
             while not self._stopping.is_set():
@@ -265,11 +284,15 @@ class Scheduler:
                     async with asyncio.timeout(self._retry_delay):
                         await self._stopping.wait()
         finally:
+            if self._hurry_timer is not None:
+                self._hurry_timer.cancel()
+                self._hurry_timer = None
+            hurry = self._hurry.is_set()
             with contextlib.suppress(Exception):
-                await connection.close()
+                await connection.close(0 if hurry else 5.0)
             if self._own_producer and self._producer is not None:
                 with contextlib.suppress(Exception):
-                    await self._producer.close()
+                    await self._producer.close(0 if hurry else 10.0)
                 self._producer = None
 
     async def _session(self, connection: Connection) -> None:
@@ -300,6 +323,10 @@ class Scheduler:
                 finally:
                     self._set_active(False)
                     log.info("scheduler %s is no longer active", self.identity)
+                    if self._hurry.is_set():
+                        # No polite release past a stop's timeout: the broker frees the guard
+                        # and the lease with the connection.
+                        await connection.close(0)
 
     async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
         """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
@@ -318,10 +345,15 @@ class Scheduler:
                 # guard, the next scheduler may hold it within a round trip.
                 self._set_active(False)
             else:
-                # A stop: the tick being published is recorded before the lease goes.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_STOP_GRACE):
-                        await asyncio.shield(firing)
+                # A stop: the tick being published is recorded before the lease goes (unless
+                # the stop's timeout passes first).
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                try:
+                    await asyncio.wait(
+                        {firing, hurry}, timeout=_STOP_GRACE, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    hurry.cancel()
         finally:
             for task in (firing, ended):
                 task.cancel()

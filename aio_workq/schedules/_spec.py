@@ -285,11 +285,11 @@ class Schedule:
             # Likewise for cron: counted back from the horizon, not forward over the outage
             # (a year of a per-minute schedule is half a million due times, seconds of CPU
             # with the event loop stopped; past `_SCAN_LIMIT` the wrong tick fired).
-            oldest_kept = self._cron_back(horizon - self.jitter, late.maxlen or 1)
-            if oldest_kept is not None and oldest_kept - _CRON_JUMP > cursor:
+            counted_back = self._cron_back(horizon - self.jitter, late.maxlen or 1)
+            if counted_back is not None and counted_back - _CRON_JUMP > cursor:
                 # A day earlier still: the forward scan from there finds what a scan from the
                 # cursor would have (a reverse scan can read a repeated hour differently).
-                cursor = oldest_kept - _CRON_JUMP
+                cursor = counted_back - _CRON_JUMP
         for seen, due in enumerate(self.due_between(cursor, now)):
             if seen > _SCAN_LIMIT:
                 break
