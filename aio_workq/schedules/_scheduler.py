@@ -116,8 +116,7 @@ class Scheduler:
         self._producer = producer
         self._own_producer = producer is None
         self._stopping = asyncio.Event()
-        self._hurry = asyncio.Event()  # a stop's timeout passed: give up the tick, abort
-        self._hurry_timer: asyncio.TimerHandle | None = None
+        self._hurry = _Deadline()  # a stop's timeout passed: give up the tick, abort
         self._active = asyncio.Event()
         self._fired = 0
         self.on_active: Callable[[bool], None] | None = None
@@ -245,14 +244,8 @@ class Scheduler:
                 second signal.
         """
         self._stopping.set()
-        if timeout is None:
-            return
-        if self._hurry_timer is not None:
-            self._hurry_timer.cancel()
-        if timeout <= 0:
-            self._hurry.set()
-        else:
-            self._hurry_timer = asyncio.get_running_loop().call_later(timeout, self._hurry.set)
+        if timeout is not None:
+            self._hurry.start(timeout)
 
     async def run(self, wait_for_broker: float | None = None) -> None:
         """Take part in the election until `stop()`; fire the ticks while active.
@@ -263,7 +256,7 @@ class Scheduler:
         """
         del wait_for_broker
         self._stopping.clear()
-        self._hurry.clear()
+        self._hurry.reset()  # a stop's timer from before this run
         connection = self._connection()
         try:
             while not self._stopping.is_set():
@@ -284,10 +277,8 @@ class Scheduler:
                     async with asyncio.timeout(self._retry_delay):
                         await self._stopping.wait()
         finally:
-            if self._hurry_timer is not None:
-                self._hurry_timer.cancel()
-                self._hurry_timer = None
             hurry = self._hurry.is_set()
+            self._hurry.reset()
             with contextlib.suppress(Exception):
                 await connection.close(0 if hurry else 5.0)
             if self._own_producer and self._producer is not None:
@@ -401,6 +392,33 @@ class Scheduler:
 
     def _count(self) -> None:
         self._fired += 1
+
+
+class _Deadline:
+    """An event set `timeout` seconds after `start()` (at once for 0)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, timeout: float) -> None:
+        self.reset()
+        if timeout <= 0:
+            self._event.set()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._event.set)
+
+    def reset(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 def _seconds(name: str, value: object) -> float:
