@@ -311,6 +311,9 @@ class Scheduler:
                 log.info("scheduler %s is active", self.identity)
                 try:
                     await self._fire_while_held(lease, guard)
+                except asyncio.CancelledError:
+                    self._hurry.start(0)  # a cancel is a stop with no time left
+                    raise
                 finally:
                     self._set_active(False)
                     log.info("scheduler %s is no longer active", self.identity)
