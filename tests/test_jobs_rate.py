@@ -304,3 +304,42 @@ async def test_a_rate_key_postgres_cant_index_is_limited_not_deferred_as_a_store
         await store.close()
         async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.broker
+async def test_a_rate_key_that_raises_dead_letters_the_job_at_once_naming_rate_key(
+    tmp_path: Path, producer: Producer, amqp_url: str
+) -> None:
+    """`rate_key=lambda customer, **_: customer["id"]` and a job whose customer has no id:
+    the job failed with a bare `KeyError: 'id'`, as if the task had raised it (it never
+    ran), and was retried with the same arguments until its attempts ran out. Now it is
+    rejected at once, the reason naming the task's rate_key and what it raised."""
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+    queue = f"rate-keyerror-{uuid.uuid4().hex[:8]}"
+    ran: list[str] = []
+
+    @tasks.task(queue=queue, name="rate.bykey", rate_limit="10/s",
+                rate_key=lambda customer, **_: customer["id"])  # fmt: skip
+    async def sync(customer: dict[str, str]) -> str:
+        ran.append(customer["id"])
+        return customer["id"]
+
+    workers: list[Worker] = tasks.workers(amqp_url, concurrency=4)
+    try:
+        for worker in workers:
+            await worker.start()
+        bad = await sync.enqueue({"name": "no id"})
+        good = await sync.enqueue({"id": "acme"})
+        with pytest.raises(JobFailedError) as failed:
+            await bad.result(timeout=10)
+        assert await good.result(timeout=10) == "acme"
+        assert ran == ["acme"]
+        message = failed.value.error_message or ""
+        assert "rate_key of task 'rate.bykey' raised KeyError('id')" in message, message
+        status = await bad.status()
+        assert status.attempt == 1  # not retried: the same arguments give the same error
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()

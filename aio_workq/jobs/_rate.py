@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._exceptions import ConfigurationError, Defer
+from .._exceptions import ConfigurationError, Defer, Reject
 from ._errors import StoreError
 from ._groupstore import RateStore
 
@@ -124,11 +124,22 @@ class RateLimit:
 
     def bucket(self, task: str, kwargs: Mapping[str, Any]) -> str:
         """The bucket's key for a job of `task` with these arguments (the ones it left out
-        take the function's defaults, as when it runs)."""
+        take the function's defaults, as when it runs).
+
+        Raises:
+            Reject: `key` raised (the job is dead-lettered, the reason naming `rate_key`).
+        """
         if self.key is None:
             return task
         arguments = {**dict(self.defaults), **kwargs} if self.defaults else kwargs
-        key = str(self.key(**arguments))
+        try:
+            key = str(self.key(**arguments))
+        except Exception as exc:  # the same arguments would raise it again: no retry
+            raise Reject(
+                f"rate_key of task {task!r} raised {exc!r} for this job's arguments, so the "
+                "job has no rate-limit bucket and did not run: make rate_key handle them "
+                "(it is called with the job's arguments by name), then replay the job"
+            ) from exc
         try:
             storable = len(key.encode()) <= KEY_MAX and "\x00" not in key
         except UnicodeEncodeError:  # a lone surrogate
