@@ -425,3 +425,14 @@ def test_a_cron_expression_not_of_5_fields_is_refused_naming_the_fields(cron: st
     # and '*/10 * * * * *' as every 10 s, against the documented 5 fields.
     with pytest.raises(ConfigurationError, match="5 fields: minute hour day-of-month month"):
         Schedule("s", cron=cron, queue="q")
+
+
+async def test_a_stop_timeout_that_is_not_seconds_is_refused() -> None:
+    """`stop(timeout=...)` was ignored, so any value went: "5" or NaN said nothing. Now a
+    timeout is checked (before anything is stopped), as the workers' is."""
+    scheduler = Scheduler("amqp://guest:guest@localhost/")
+    for bad in ("5", float("nan"), True, -1):
+        with pytest.raises(ConfigurationError, match="timeout must be"):
+            await scheduler.stop(bad)  # type: ignore[arg-type]
+    await scheduler.stop(float("inf"))  # no bound: as stop()
+    await scheduler.stop(0)

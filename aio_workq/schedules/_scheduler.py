@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -26,7 +27,7 @@ from .._exceptions import ConfigurationError, WorkqError
 from .._hooks import Hook, Hooks
 from .._link.connection import Backoff, Connection
 from .._link.errors import translate_errors
-from .._link.settings import URLs, redact_url, resolve_url
+from .._link.settings import URLs, check_seconds, redact_url, resolve_url
 from .._link.specs import Queue
 from .._publish.producer import Producer
 from ._broker import GROUP, Names
@@ -242,10 +243,15 @@ class Scheduler:
                 and the guard as after a kill, and the next active scheduler fires whatever
                 was not recorded, with the same message ids. `run_workers` passes 0 on a
                 second signal.
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds >= 0 (nothing stops).
         """
+        seconds = None if timeout is None else check_seconds("timeout", timeout, zero=True,
+                                                             forever=True)  # fmt: skip
         self._stopping.set()
-        if timeout is not None:
-            self._hurry.start(timeout)
+        if seconds is not None and not math.isinf(seconds):
+            self._hurry.start(seconds)
 
     async def run(self, wait_for_broker: float | None = None) -> None:
         """Take part in the election until `stop()`; fire the ticks while active.
