@@ -455,7 +455,8 @@ class Integration:
     Args:
         url: broker URL(s), for the producer and the workers (see `Producer`).
         request_timeout: the default bound, in seconds, of each publish or call from a route.
-        close_timeout: seconds the producer waits for outstanding confirms on shutdown.
+        close_timeout: seconds the producer waits for outstanding confirms on shutdown, and
+            the hosted scheduler for its tick being recorded (see `Scheduler.stop`).
         connect_timeout: seconds for the first connection at startup; the app fails to start
             with `BrokerConnectionError` if the broker can't be reached by then.
         queue_type: the type of queues declared from a plain name.
@@ -575,7 +576,7 @@ class Integration:
                 self._workers.append(worker)
                 await worker.start()
             self._view = ProducerView(owned.producer, timeout=self._request_timeout)
-            async with _hosting(self._scheduler):
+            async with _hosting(self._scheduler, self._close_timeout):
                 yield self._view
         finally:
             self._view = None
@@ -593,9 +594,10 @@ class Integration:
 
 
 @contextlib.asynccontextmanager
-async def _hosting(scheduler: Scheduler | None) -> AsyncIterator[None]:
+async def _hosting(scheduler: Scheduler | None, timeout: float) -> AsyncIterator[None]:
     """Run `scheduler` (a candidate in the election) while the block runs; on exit stop it:
-    the tick being published is recorded, then the lease goes back to the broker."""
+    the tick being published is recorded, then the lease goes back to the broker (within
+    `timeout` seconds, else given up: see `Scheduler.stop`)."""
     if scheduler is None:
         yield
         return
@@ -603,8 +605,8 @@ async def _hosting(scheduler: Scheduler | None) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await scheduler.stop()
+        await scheduler.stop(timeout)
         try:
-            await run  # bounded: a stop waits for at most the tick being published
+            await run  # bounded: `timeout`, then about a second to abort its connections
         except Exception as exc:  # the app's shutdown goes on: the workers and the producer
             log.error("the scheduler %s failed: %r", scheduler.identity, exc)

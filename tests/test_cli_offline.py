@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
 import pytest
 
 from aio_workq import Worker
@@ -9,7 +15,8 @@ from aio_workq.admin.queues import RawQueue as _Raw
 from aio_workq.admin.queues import default_management_url, group_rows
 from aio_workq.cli._errors import TargetError
 from aio_workq.cli._health import Debounce
-from aio_workq.cli._supervisor import RestartPolicy
+from aio_workq.cli._run import HealthOptions
+from aio_workq.cli._supervisor import RestartPolicy, Supervisor
 from aio_workq.cli._target import WorkerOptions, build_workers, import_target
 from tests import cli_app
 
@@ -147,3 +154,38 @@ def test_outbox_subcommand_prints_the_migration() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "CREATE TABLE" in proc.stdout.upper()
+
+
+async def test_a_stop_signal_while_a_child_is_being_spawned_reaches_that_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM to the supervisor while a child was being spawned (at start, or restarting a
+    crashed one): the signal went to the children already known, not to the one on its way,
+    so the supervisor waited on it until a second signal (or its SIGKILL). Now a child
+    spawned after the stop is told to stop at once."""
+    spawned: list[asyncio.subprocess.Process] = []
+    real = asyncio.create_subprocess_exec
+
+    async def spawn_then_signal(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real(*args, **kwargs)
+        spawned.append(proc)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled by the supervisor's loop handler...
+        await asyncio.sleep(0.2)  # ...which runs before the spawn returns
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_then_signal)
+    supervisor = Supervisor(
+        command=[sys.executable, "-c", "import time; time.sleep(60)"],
+        processes=1,
+        policy=RestartPolicy(),
+        health=HealthOptions(),
+    )
+    try:
+        async with asyncio.timeout(10):
+            assert await supervisor.run() == 0
+    finally:
+        for proc in spawned:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert [proc.returncode for proc in spawned] == [-signal.SIGTERM]

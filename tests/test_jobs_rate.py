@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import string
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from aio_workq import ConfigurationError, Producer, RetryPolicy, Worker
 from aio_workq.jobs import JobFailedError, JobState, MemoryStore, RateLimit, SQLiteStore, Tasks
+from aio_workq.jobs.postgres import PostgresStore, migrate
 from tests.test_cli import cli
 from tests.test_jobs import until
 
@@ -227,6 +231,13 @@ async def test_the_rate_key_sees_the_arguments_defaults(tmp_path: Path) -> None:
         ({"rate_limit": "5/s", "rate_max_wait": 600}, "rate_max_wait"),
         ({"rate_key": str}, "rate_key= needs a rate_limit="),
         ({"rate_limit": "5/s", "rate_key": 3}, "rate_key"),
+        # A bad type or an infinite rate: TypeError/OverflowError, or no limit at all.
+        ({"rate_limit": "5/s", "rate_max_wait": "5"}, "rate_max_wait"),
+        ({"rate_limit": "5/s", "rate_max_wait": None}, "rate_max_wait"),
+        ({"rate_limit": "5/s", "rate_max_wait": True}, "rate_max_wait"),
+        ({"rate_limit": 10**400}, "rate_limit must be a finite"),
+        ({"rate_limit": float("inf")}, "rate_limit must be a finite"),
+        ({"rate_limit": "1" * 400 + "/s"}, "rate_limit must be a finite"),
     ],
 )
 def test_bad_rate_options_are_refused(options: dict[str, Any], match: str) -> None:
@@ -245,3 +256,90 @@ def test_parsing_and_a_store_is_needed() -> None:
 
     with pytest.raises(ConfigurationError, match="rate_limit"):
         tasks.workers("amqp://localhost/")
+
+
+@pytest.mark.broker
+@pytest.mark.postgres
+async def test_a_rate_key_postgres_cant_index_is_limited_not_deferred_as_a_store_outage(
+    postgres_dsn: str, producer: Producer, amqp_url: str
+) -> None:
+    """`rate_key` returning a long key (a 4 KB document, past PostgreSQL's btree row limit) or
+    one with a NUL (which `text` can't hold): the bucket's INSERT failed, the job was deferred
+    5 s as if the store were down ("the store can't be reached"), again and again until its
+    defers ran out, logging the whole key each time. Now such a key is stored by its digest:
+    the job runs, within its limit, and jobs of equal keys share a bucket."""
+    schema = f"r_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    store = PostgresStore(postgres_dsn, schema=schema)
+    tasks = Tasks(producer=producer, store=store)
+    queue = f"rate-key-{uuid.uuid4().hex[:8]}"
+
+    @tasks.task(queue=queue, name="rate.doc", rate_limit="2/s", rate_key=lambda doc, **_: doc)
+    async def index(doc: str, i: int) -> int:
+        return i
+
+    long_key = "".join(random.choices(string.ascii_letters, k=4000))  # incompressible
+    workers: list[Worker] = tasks.workers(amqp_url, concurrency=4)
+    try:
+        for worker in workers:
+            await worker.start()
+        started = time.monotonic()
+        jobs = [
+            await index.enqueue(long_key, 1),
+            await index.enqueue(long_key, 2),
+            await index.enqueue("a\x00b", 3),
+        ]
+        assert [await job.result(timeout=4) for job in jobs] == [1, 2, 3]
+        assert time.monotonic() - started >= 0.5 - 0.05  # the two long ones share a bucket
+        statuses = [await job.status() for job in jobs]
+        assert [s.error_type for s in statuses] == [None, None, None]  # never deferred
+        limit = index.rate_limit
+        assert limit is not None
+        assert len(limit.bucket("rate.doc", {"doc": long_key, "i": 0})) < 120
+        assert limit.bucket("rate.doc", {"doc": "acme", "i": 0}) == "rate.doc:acme"
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        await store.close()
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.broker
+async def test_a_rate_key_that_raises_dead_letters_the_job_at_once_naming_rate_key(
+    tmp_path: Path, producer: Producer, amqp_url: str
+) -> None:
+    """`rate_key=lambda customer, **_: customer["id"]` and a job whose customer has no id:
+    the job failed with a bare `KeyError: 'id'`, as if the task had raised it (it never
+    ran), and was retried with the same arguments until its attempts ran out. Now it is
+    rejected at once, the reason naming the task's rate_key and what it raised."""
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+    queue = f"rate-keyerror-{uuid.uuid4().hex[:8]}"
+    ran: list[str] = []
+
+    @tasks.task(queue=queue, name="rate.bykey", rate_limit="10/s",
+                rate_key=lambda customer, **_: customer["id"])  # fmt: skip
+    async def sync(customer: dict[str, str]) -> str:
+        ran.append(customer["id"])
+        return customer["id"]
+
+    workers: list[Worker] = tasks.workers(amqp_url, concurrency=4)
+    try:
+        for worker in workers:
+            await worker.start()
+        bad = await sync.enqueue({"name": "no id"})
+        good = await sync.enqueue({"id": "acme"})
+        with pytest.raises(JobFailedError) as failed:
+            await bad.result(timeout=10)
+        assert await good.result(timeout=10) == "acme"
+        assert ran == ["acme"]
+        message = failed.value.error_message or ""
+        assert "rate_key of task 'rate.bykey' raised KeyError('id')" in message, message
+        status = await bad.status()
+        assert status.attempt == 1  # not retried: the same arguments give the same error
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()

@@ -278,6 +278,8 @@ def test_relay_arguments_are_checked(postgres_dsn: str, amqp_url: str) -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"retry_delay": float("inf")}, "retry_delay"),
+        ({"batch_size": True}, "batch_size"),
+        ({"publish_timeout": True}, "publish_timeout"),
         ({"schema": "no-dash"}, "identifier"),
         ({"producer": Producer(amqp_url)}, "not both"),
     ]
@@ -444,7 +446,11 @@ async def test_idempotent_consumer_purges_ids_after_the_window(
 async def test_idempotent_arguments_are_checked(pool: AsyncConnectionPool[Any]) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"keep": 0}, "keep"),
+        ({"keep": True}, "keep"),  # was taken as 1 s: every id forgotten at once
         ({"purge_every": -1}, "purge_every"),
+        ({"purge_every": float("nan")}, "purge_every"),  # was: a purge after every job
+        ({"purge_every": "300"}, "purge_every"),  # was: TypeError
+        ({"key": "message_id"}, "key"),  # was: TypeError at the first delivery
         ({"name": ""}, "name"),
         ({"schema": "a b"}, "identifier"),
     ]

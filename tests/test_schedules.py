@@ -562,3 +562,67 @@ async def test_a_scheduler_given_a_url_list_passes_over_a_dead_node(
         await scheduler.stop()
         async with asyncio.timeout(30):
             await run
+
+
+async def test_a_stop_with_a_timeout_returns_within_it_while_the_broker_does_not_answer(
+    local_broker: LocalBroker, group: str, ticks: Ticks
+) -> None:
+    """The broker stops answering (a partition, a paused node) and the app shuts down:
+    `stop(timeout=1)` ignored its timeout, and `run()` returned 47 s later (35 s for the
+    state that would not be confirmed, then a polite close of the guard, the lease and the
+    producer, 5 s each), past a container's 30 s grace. Now the firing is given up at the
+    timeout and the connections are aborted: the broker frees the lease and the guard as
+    after a kill, and the next scheduler fires what was not recorded, with the same ids."""
+    scheduler = Scheduler(local_broker.url, [poll(group)], group=group, identity="paused")
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    loop = asyncio.get_running_loop()
+    local_broker.pause()
+    try:
+        began = loop.time()
+        await scheduler.stop(timeout=1)
+        async with asyncio.timeout(30):  # a hang guard: the bound is far below it
+            await run
+        took = loop.time() - began
+    finally:
+        local_broker.resume()
+    assert took < 1 + 4, took
+    assert not scheduler.active
+    second = Scheduler(local_broker.url, [poll(group)], group=group, identity="next")
+    run = await start(second)
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 3, timeout=60)
+    await second.stop()
+    await run
+    assert_contiguous(ticks.due_times())  # nothing lost (a duplicate is allowed: same id)
+
+
+async def test_cancelling_an_active_scheduler_returns_at_once_while_the_broker_does_not_answer(
+    local_broker: LocalBroker, group: str, ticks: Ticks
+) -> None:
+    """The task running `run()` is cancelled (a task group or a cancel scope ending) while the
+    broker does not answer: the cancel waited 12 s for polite closes of the guard, the lease
+    and the producer that could not be answered. A cancel is a stop with no time left: the
+    connections are aborted and the broker frees the lease and the guard with them."""
+    scheduler = Scheduler(local_broker.url, [poll(group)], group=group, identity="cancelled")
+    run = await start(scheduler)
+    await ticks.wait_for(2)
+    loop = asyncio.get_running_loop()
+    local_broker.pause()
+    try:
+        began = loop.time()
+        run.cancel()
+        async with asyncio.timeout(30):  # a hang guard
+            with pytest.raises(asyncio.CancelledError):
+                await run
+        took = loop.time() - began
+    finally:
+        local_broker.resume()
+    assert took < 3, took
+    second = Scheduler(local_broker.url, [poll(group)], group=group, identity="next")
+    run = await start(second)
+    count = len(ticks.seen)
+    await ticks.wait_for(count + 3, timeout=60)
+    await second.stop()
+    await run
+    assert_contiguous(ticks.due_times())

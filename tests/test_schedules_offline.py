@@ -100,11 +100,55 @@ def test_a_short_gap_fires_every_tick_it_missed() -> None:
     assert len(plan) == 5  # within the 60 s grace: a failover's gap loses nothing
 
 
+def test_a_clock_set_back_or_forward_fires_no_tick_twice() -> None:
+    """The scheduler reads the wall clock: set back an hour after a tick, nothing fires again
+    until the clock passes the last tick fired; set a day forward, `misfire` and `grace`
+    apply as after an outage of a day, and once the clock is put right nothing fires until
+    it reaches that tick again (it was fired, early)."""
+    poll = Schedule("poll", every=timedelta(seconds=10), queue="poll")
+    fired = datetime(2026, 12, 6, 10, 0, 0, tzinfo=UTC)
+    back = fired - timedelta(hours=1)
+    assert poll.plan(cursor=fired, now=back) == []
+    assert poll.next_pending(cursor=fired, now=back) == fired + timedelta(seconds=10)
+    assert poll.plan(cursor=fired, now=fired + timedelta(seconds=10)) == [
+        fired + timedelta(seconds=10)
+    ]
+    ahead = fired + timedelta(days=1, seconds=3)
+    plan = poll.plan(cursor=fired, now=ahead)  # the latest beyond grace, then those within
+    early = fired + timedelta(days=1)
+    assert plan == [early - timedelta(seconds=10 * n) for n in range(6, -1, -1)]
+    assert poll.plan(cursor=early, now=fired + timedelta(seconds=30)) == []
+
+
 def test_misfire_skip_fires_the_latest_missed_tick_once() -> None:
     poll = Schedule("poll", every=timedelta(seconds=10), queue="poll", grace=timedelta(0))
     now = datetime(2026, 12, 6, 5, 0, 5, tzinfo=UTC)
     plan = poll.plan(cursor=now - timedelta(days=3), now=now)
     assert plan == [datetime(2026, 12, 6, 5, 0, 0, tzinfo=UTC)]
+
+
+@pytest.mark.parametrize("tz", ["UTC", "Europe/Paris"])
+def test_after_a_years_long_outage_a_cron_schedule_fires_its_latest_missed_tick(tz: str) -> None:
+    """A per-minute cron schedule whose state is 800 days old (every scheduler was off):
+    `plan` walked the due times forward from the cursor, half a million a year, seconds of
+    CPU with the event loop stopped (the lease's heartbeats too), and past a million it gave
+    up and fired a tick months old as "the latest". Now it counts back from the horizon."""
+    minutely = Schedule("minutely", cron="* * * * *", queue="q", tz=tz)
+    now = datetime(2026, 12, 6, 5, 0, 30, tzinfo=UTC)
+    latest = datetime(2026, 12, 6, 4, 59, tzinfo=UTC)  # the last minute beyond the 60 s grace
+    plan = minutely.plan(cursor=now - timedelta(days=800), now=now)
+    assert plan == [latest, latest + timedelta(minutes=1)]  # skip: it, then 05:00 (in grace)
+    catch_up = Schedule(
+        "every5", cron="*/5 * * * *", queue="q", tz=tz, misfire="catch_up", catch_up_limit=3
+    )
+    plan = catch_up.plan(cursor=now - timedelta(days=800), now=now)
+    fives = datetime(2026, 12, 6, 4, 45, tzinfo=UTC)  # the 3 latest beyond grace, then 05:00
+    assert plan == [fives + timedelta(minutes=5 * n) for n in range(4)]
+    # The same as a scan from a cursor a day and a half back (no jump needed).
+    recent = now - timedelta(days=1, hours=12)
+    assert catch_up.plan(cursor=now - timedelta(days=800), now=now) == catch_up.plan(
+        cursor=recent, now=now
+    )
 
 
 def test_misfire_catch_up_fires_up_to_its_limit_oldest_first() -> None:
@@ -381,3 +425,14 @@ def test_a_cron_expression_not_of_5_fields_is_refused_naming_the_fields(cron: st
     # and '*/10 * * * * *' as every 10 s, against the documented 5 fields.
     with pytest.raises(ConfigurationError, match="5 fields: minute hour day-of-month month"):
         Schedule("s", cron=cron, queue="q")
+
+
+async def test_a_stop_timeout_that_is_not_seconds_is_refused() -> None:
+    """`stop(timeout=...)` was ignored, so any value went: "5" or NaN said nothing. Now a
+    timeout is checked (before anything is stopped), as the workers' is."""
+    scheduler = Scheduler("amqp://guest:guest@localhost/")
+    for bad in ("5", float("nan"), True, -1):
+        with pytest.raises(ConfigurationError, match="timeout must be"):
+            await scheduler.stop(bad)  # type: ignore[arg-type]
+    await scheduler.stop(float("inf"))  # no bound: as stop()
+    await scheduler.stop(0)

@@ -64,7 +64,7 @@ async def run_workers(
         )
         stops = [worker.stop(0 if fast else None) for worker in workers]
         if schedules is not None:
-            stops.append(schedules.stop())
+            stops.append(schedules.stop(0 if fast else None))
         for stop in stops:
             task = loop.create_task(stop)
             tasks.add(task)

@@ -207,6 +207,10 @@ class Supervisor:
         finally:
             os.close(write_fd)
         child.proc = proc
+        if self._stopping.is_set():
+            # A stop signal came while this child was on its way: `_send` could not reach it.
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL if self._signals >= 3 else signal.SIGTERM)
         if self._metrics is not None:
             self._metrics.started(proc.pid)
         log.info("child %d started (pid %d)", child.index, proc.pid)

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import inspect
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._exceptions import ConfigurationError, Defer
+from .._exceptions import ConfigurationError, Defer, Reject
 from ._errors import StoreError
 from ._groupstore import RateStore
 
-__all__ = ("RateLimit", "acquire")
+__all__ = ("KEY_MAX", "RateLimit", "acquire")
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -33,6 +35,7 @@ _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)
 _UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _UNIT |= {"h": 3600.0, "hour": 3600.0}
 _STORE_DOWN_DEFER = 5.0
+KEY_MAX = 200  # bytes of a rate key kept as it is; a longer one is stored by its digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,16 +80,28 @@ class RateLimit:
                 )
             per_second = float(match[1]) / _UNIT[match[2]]
         elif isinstance(rate, int | float) and not isinstance(rate, bool):
-            per_second = float(rate)
+            try:
+                per_second = float(rate)
+            except OverflowError:
+                per_second = math.inf
         else:
             raise ConfigurationError(f"rate_limit must be '50/s' or a number, got {rate!r}")
         if not per_second > 0:
             raise ConfigurationError(f"rate_limit must be > 0, got {rate!r}")
+        if math.isinf(per_second):
+            raise ConfigurationError(
+                f"rate_limit must be a finite rate, got {_short(rate)}: for no limit, leave "
+                "rate_limit out"
+            )
         if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
             raise ConfigurationError(f"rate_burst must be a whole number >= 1, got {burst!r}")
         if key is not None and not callable(key):
             raise ConfigurationError(f"rate_key must be a function of the arguments, got {key!r}")
-        if not 0 < max_wait <= 60:
+        if (
+            isinstance(max_wait, bool)
+            or not isinstance(max_wait, int | float)
+            or not 0 < max_wait <= 60
+        ):
             raise ConfigurationError(f"rate_max_wait must be in (0, 60] seconds, got {max_wait!r}")
         return cls(per_second, burst, key, float(max_wait))
 
@@ -109,11 +124,40 @@ class RateLimit:
 
     def bucket(self, task: str, kwargs: Mapping[str, Any]) -> str:
         """The bucket's key for a job of `task` with these arguments (the ones it left out
-        take the function's defaults, as when it runs)."""
+        take the function's defaults, as when it runs).
+
+        Raises:
+            Reject: `key` raised (the job is dead-lettered, the reason naming `rate_key`).
+        """
         if self.key is None:
             return task
         arguments = {**dict(self.defaults), **kwargs} if self.defaults else kwargs
-        return f"{task}:{self.key(**arguments)}"
+        try:
+            key = str(self.key(**arguments))
+        except Exception as exc:  # the same arguments would raise it again: no retry
+            raise Reject(
+                f"rate_key of task {task!r} raised {exc!r} for this job's arguments, so the "
+                "job has no rate-limit bucket and did not run: make rate_key handle them "
+                "(it is called with the job's arguments by name), then replay the job"
+            ) from exc
+        try:
+            storable = len(key.encode()) <= KEY_MAX and "\x00" not in key
+        except UnicodeEncodeError:  # a lone surrogate
+            storable = False
+        if not storable:
+            # Too long for PostgreSQL's primary key (2704 bytes at most), or a NUL or a lone
+            # surrogate (text can hold neither): the bucket is named by the key's digest.
+            digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"{task}:sha256:{digest}"
+        return f"{task}:{key}"
+
+
+def _short(value: object) -> str:
+    """`repr(value)`, cut to 40 characters (an int too big for a float is not printed)."""
+    if isinstance(value, int) and value.bit_length() > 1024:
+        return "an int too large for a float"
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 async def acquire(

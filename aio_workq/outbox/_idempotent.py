@@ -80,13 +80,15 @@ class IdempotentConsumer:
             )
         if name is not None and (not isinstance(name, str) or not name):
             raise OutboxConfigurationError(f"name must be a non-empty str, got {name!r}")
-        if not isinstance(keep, int | float) or not math.isfinite(keep) or keep <= 0:
+        if not _seconds(keep):
             raise OutboxConfigurationError(f"keep must be > 0 seconds, got {keep!r}")
-        if purge_every is not None and (
-            not isinstance(purge_every, int | float) or purge_every <= 0
-        ):
+        if purge_every is not None and not _seconds(purge_every):
             raise OutboxConfigurationError(
                 f"purge_every must be > 0 seconds or None, got {purge_every!r}"
+            )
+        if key is not None and not callable(key):
+            raise OutboxConfigurationError(
+                f"key must be a function of the job that returns its deduplication key, got {key!r}"
             )
         table = f"{quote(schema)}.workq_processed"
         self._pool = pool
@@ -172,6 +174,16 @@ class IdempotentConsumer:
             log.warning("idempotent consumer %s: purging expired ids failed: %r", self.name, exc)
         else:
             log.debug("idempotent consumer %s: %d expired ids purged", self.name, removed)
+
+
+def _seconds(value: object) -> bool:
+    """Whether `value` is a finite number of seconds > 0 (not a bool)."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def idempotent(

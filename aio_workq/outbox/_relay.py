@@ -99,7 +99,7 @@ class OutboxRelay:
                 f"dsn must be a PostgreSQL connection string, got {dsn!r}"
             )
         check_dsn(dsn, OutboxConfigurationError)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OutboxConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r}")
         intervals = (
             ("poll_interval", poll_interval),
@@ -108,7 +108,12 @@ class OutboxRelay:
             ("db_timeout", db_timeout),
         )
         for label, value in intervals:
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
         self._batch_bound = float(publish_timeout + 2 * db_timeout)
         self._table = OutboxTable(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import ssl
@@ -26,7 +27,7 @@ from .._exceptions import ConfigurationError, WorkqError
 from .._hooks import Hook, Hooks
 from .._link.connection import Backoff, Connection
 from .._link.errors import translate_errors
-from .._link.settings import URLs, redact_url, resolve_url
+from .._link.settings import URLs, check_seconds, redact_url, resolve_url
 from .._link.specs import Queue
 from .._publish.producer import Producer
 from ._broker import GROUP, Names
@@ -116,6 +117,7 @@ class Scheduler:
         self._producer = producer
         self._own_producer = producer is None
         self._stopping = asyncio.Event()
+        self._hurry = _Deadline()  # a stop's timeout passed: give up the tick, abort
         self._active = asyncio.Event()
         self._fired = 0
         self.on_active: Callable[[bool], None] | None = None
@@ -232,9 +234,24 @@ class Scheduler:
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop: the tick being published is confirmed and recorded, then the lease goes back
-        to the broker (the next candidate is active at once)."""
-        del timeout  # a round is bounded by the producer's publish timeout
+        to the broker (the next candidate is active at once).
+
+        Args:
+            timeout: seconds to wait for that (default: the publish's own bound, 35 s, and 5 s
+                for each polite close after it). Past them, `run()` gives the tick up and
+                aborts its connections within about a second more: the broker frees the lease
+                and the guard as after a kill, and the next active scheduler fires whatever
+                was not recorded, with the same message ids. `run_workers` passes 0 on a
+                second signal.
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds >= 0 (nothing stops).
+        """
+        seconds = None if timeout is None else check_seconds("timeout", timeout, zero=True,
+                                                             forever=True)  # fmt: skip
         self._stopping.set()
+        if seconds is not None and not math.isinf(seconds):
+            self._hurry.start(seconds)
 
     async def run(self, wait_for_broker: float | None = None) -> None:
         """Take part in the election until `stop()`; fire the ticks while active.
@@ -245,6 +262,7 @@ class Scheduler:
         """
         del wait_for_broker
         self._stopping.clear()
+        self._hurry.reset()  # a stop's timer from before this run
         connection = self._connection()
         try:
             while not self._stopping.is_set():
@@ -265,11 +283,13 @@ class Scheduler:
                     async with asyncio.timeout(self._retry_delay):
                         await self._stopping.wait()
         finally:
+            hurry = self._hurry.is_set()
+            self._hurry.reset()
             with contextlib.suppress(Exception):
-                await connection.close()
+                await connection.close(0 if hurry else 5.0)
             if self._own_producer and self._producer is not None:
                 with contextlib.suppress(Exception):
-                    await self._producer.close()
+                    await self._producer.close(0 if hurry else 10.0)
                 self._producer = None
 
     async def _session(self, connection: Connection) -> None:
@@ -297,9 +317,16 @@ class Scheduler:
                 log.info("scheduler %s is active", self.identity)
                 try:
                     await self._fire_while_held(lease, guard)
+                except asyncio.CancelledError:
+                    self._hurry.start(0)  # a cancel is a stop with no time left
+                    raise
                 finally:
                     self._set_active(False)
                     log.info("scheduler %s is no longer active", self.identity)
+                    if self._hurry.is_set():
+                        # No polite release past a stop's timeout: the broker frees the guard
+                        # and the lease with the connection.
+                        await connection.close(0)
 
     async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
         """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
@@ -318,10 +345,15 @@ class Scheduler:
                 # guard, the next scheduler may hold it within a round trip.
                 self._set_active(False)
             else:
-                # A stop: the tick being published is recorded before the lease goes.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_STOP_GRACE):
-                        await asyncio.shield(firing)
+                # A stop: the tick being published is recorded before the lease goes (unless
+                # the stop's timeout passes first).
+                hurry = asyncio.ensure_future(self._hurry.wait())
+                try:
+                    await asyncio.wait(
+                        {firing, hurry}, timeout=_STOP_GRACE, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    hurry.cancel()
         finally:
             for task in (firing, ended):
                 task.cancel()
@@ -369,6 +401,33 @@ class Scheduler:
 
     def _count(self) -> None:
         self._fired += 1
+
+
+class _Deadline:
+    """An event set `timeout` seconds after `start()` (at once for 0)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, timeout: float) -> None:
+        self.reset()
+        if timeout <= 0:
+            self._event.set()
+        else:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self._event.set)
+
+    def reset(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 def _seconds(name: str, value: object) -> float:

@@ -8,6 +8,7 @@ of the job it publishes, so two publishes of one tick carry the same id.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import deque
@@ -28,6 +29,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Misfire = Literal["skip", "catch_up"]
 _MICROSECOND = timedelta(microseconds=1)
 _SCAN_LIMIT = 1_000_000  # cron due times looked at after one outage, at most
+_CRON_JUMP = timedelta(days=1)  # an outage longer than this is counted back from its end
 
 
 def tick_id(name: str, due: datetime) -> str:
@@ -250,6 +252,17 @@ class Schedule:
                 last = due
                 yield due
 
+    def _cron_back(self, moment: datetime, count: int) -> datetime | None:
+        """The `count`-th cron due time before `moment`, counting back (or the oldest there
+        is); None if there is none."""
+        assert self.cron is not None
+        found = None
+        back = _cron_class()(self.cron, moment.astimezone(self.zone), reverse=True)
+        with contextlib.suppress(OverflowError, ValueError):  # counted back to the year 1
+            for _, local in zip(range(count), back, strict=False):
+                found = local.astimezone(UTC)
+        return found
+
     def plan(self, *, cursor: datetime, now: datetime) -> list[datetime]:
         """The ticks to fire now, oldest first, given that every tick up to `cursor` is done.
 
@@ -268,6 +281,15 @@ class Schedule:
             oldest_kept = last_late - (keep - 1) * self.every
             if oldest_kept > cursor:
                 cursor = oldest_kept - timedelta(microseconds=1)
+        elif self.cron is not None and cursor < horizon - _CRON_JUMP:
+            # Likewise for cron: counted back from the horizon, not forward over the outage
+            # (a year of a per-minute schedule is half a million due times, seconds of CPU
+            # with the event loop stopped; past `_SCAN_LIMIT` the wrong tick fired).
+            counted_back = self._cron_back(horizon - self.jitter, late.maxlen or 1)
+            if counted_back is not None and counted_back - _CRON_JUMP > cursor:
+                # A day earlier still: the forward scan from there finds what a scan from the
+                # cursor would have (a reverse scan can read a repeated hour differently).
+                cursor = counted_back - _CRON_JUMP
         for seen, due in enumerate(self.due_between(cursor, now)):
             if seen > _SCAN_LIMIT:
                 break
