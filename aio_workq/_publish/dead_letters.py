@@ -165,6 +165,7 @@ class DeadLetters:
         self._source = source
         self._queue = queue
         self._timeout = timeout
+        self._copier = _Copier(queue, timeout)
 
     @asynccontextmanager
     async def _channel(
@@ -274,7 +275,8 @@ class DeadLetters:
             with _missing_says_why(f"purging {self.name!r}", self._queue):
                 while deleted < limit:
                     async with asyncio.timeout(self._timeout):
-                        messages = await self._get_batch(channel, min(_BATCH, limit - deleted))
+                        size = min(_BATCH, limit - deleted)
+                        messages = await self._copier.get_batch(channel, size)
                         if not messages:
                             break
                         last = messages[-1].delivery_tag
@@ -309,7 +311,7 @@ class DeadLetters:
                 moved_ids: set[str] = set()  # never twice in one pass, even out of FIFO order
                 while left > 0 and (kept or limit is None or chosen < limit):
                     async with asyncio.timeout(self._timeout):
-                        messages = await self._get_batch(channel, min(batch, left))
+                        messages = await self._copier.get_batch(channel, min(batch, left))
                         if not messages:
                             break
                         left -= len(messages)
@@ -331,15 +333,26 @@ class DeadLetters:
                                     moved_ids.add(letter.message_id)
                             plan.append((message, take and move))
                             kept = kept or not (take and move)
-                        for message, error in await self._settle(channel, plan):
+                        for message, error in await self._copier.settle(channel, plan):
                             held.append(message)
                             if (index := shown.get(message.delivery_tag)) is not None:
                                 selected[index] = replace(selected[index], too_large=str(error))
                     yield selected
             finally:
-                await self._give_back(channel, held)
+                await self._copier.give_back(channel, held)
 
-    async def _give_back(
+
+class _Copier:
+    """Takes dead letters off one dead-letter queue and copies them: to the back of that
+    queue (kept) or to the work queue (replayed), each copy confirmed before its original is
+    acked."""
+
+    def __init__(self, queue: Queue, timeout: float) -> None:
+        self._queue = queue
+        self._name = queue.dead_letter_queue
+        self._timeout = timeout
+
+    async def give_back(
         self, channel: aiormq.abc.AbstractChannel, held: list[DeliveredMessage]
     ) -> None:
         """Return the dead letters too large to copy to the queue (a `basic.nack` with
@@ -347,13 +360,13 @@ class DeadLetters:
         as well."""
         if not held or channel.is_closed:
             return
-        with translate_errors(f"returning dead letters to {self.name!r}"):
+        with translate_errors(f"returning dead letters to {self._name!r}"):
             async with asyncio.timeout(self._timeout):
                 for message in held:
                     assert message.delivery_tag is not None
                     await channel.basic_nack(message.delivery_tag, requeue=True)
 
-    async def _settle(
+    async def settle(
         self, channel: aiormq.abc.AbstractChannel, plan: list[tuple[DeliveredMessage, bool]]
     ) -> list[tuple[DeliveredMessage, _TooLarge]]:
         """Copy each message (to the work queue, or back to the dead-letter queue), then ack
@@ -369,12 +382,12 @@ class DeadLetters:
         )
         failure: BaseException | None = None
         held: list[tuple[DeliveredMessage, _TooLarge]] = []
-        with translate_errors(f"acking dead letters in {self.name!r}"):
+        with translate_errors(f"acking dead letters in {self._name!r}"):
             for (message, to_work), result in zip(plan, results, strict=True):
                 if isinstance(result, _TooLarge) and not to_work:
                     log.warning(
                         "%s (it is returned to %r unacked, once per read; the other dead "
-                        "letters are read and replayed as usual)", result, self.name,
+                        "letters are read and replayed as usual)", result, self._name,
                     )  # fmt: skip
                     held.append((message, result))
                     continue
@@ -387,13 +400,13 @@ class DeadLetters:
             raise failure
         return held
 
-    async def _get_batch(
+    async def get_batch(
         self, channel: aiormq.abc.AbstractChannel, size: int
     ) -> list[DeliveredMessage]:
         batch: list[DeliveredMessage] = []
-        with translate_errors(f"reading dead letters from {self.name!r}"):
+        with translate_errors(f"reading dead letters from {self._name!r}"):
             while len(batch) < size:
-                message = await channel.basic_get(self.name, no_ack=False)
+                message = await channel.basic_get(self._name, no_ack=False)
                 if message.delivery_tag is None:
                     break
                 batch.append(message)
@@ -403,8 +416,8 @@ class DeadLetters:
         """An exact copy to the back of the dead-letter queue."""
         props = message.header.properties
         await self._publish(
-            channel, message.body, props, self.name,
-            f"keeping {props.message_id} in {self.name!r}", "the dead-letter queue is gone",
+            channel, message.body, props, self._name,
+            f"keeping {props.message_id} in {self._name!r}", "the dead-letter queue is gone",
         )  # fmt: skip
 
     async def _publish_back(

@@ -46,114 +46,14 @@ _STOP_GRACE = 35.0  # seconds a stop waits for the tick being published (publish
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Scheduler:
-    """Fires `Schedule`s from whichever replica the broker makes active.
+class _Declared:
+    """What a `Scheduler` fires: its schedules, declared when it is made, with `add()` or with
+    the `schedule()` decorator."""
 
-    Run one in every replica (`run_workers(..., schedules=scheduler)` or
-    `aio-workq worker ... --schedules MODULE:ATTR`); see the guide *Periodic jobs*.
-
-    The lease and the state travel on a `Connection` of the library's own (a URL list is
-    rotated, `amqps://` takes `ssl_context=`, errors are typed and logs hide the password);
-    the ticks go through a `Producer` on the same settings.
-
-    Args:
-        url: the broker URL, several separated by commas, or a list (the nodes of a cluster);
-            default: `AMQP_URL`, as `Producer` resolves it. Add `?heartbeat=5` to detect a
-            partitioned active scheduler sooner.
-        schedules: the `Schedule`s; more with `add()` or the `schedule()` decorator.
-        identity: how `aio-workq schedules` names this process (default `host:pid`, of the
-            process that runs it: a scheduler made before `fork()` names the child).
-        retry_delay: seconds between attempts to reach the broker (default 1).
-        producer: a started `Producer` to publish the ticks with (default: one of its own, on
-            `url`, `ssl_context`, `name` and `hooks`).
-        group: the prefix of the lease and state queues (default `workq.scheduler`): schedulers
-            of one group elect one active among them; another group is independent.
-        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
-        name: connection name shown in the management UI (default
-            `aio-workq scheduler {identity}`).
-        backoff: delays between rounds of failed reconnect attempts of the lease's connection
-            (default `Backoff()`).
-        hooks: `Hook`s told of connection losses and reconnects (and the ticks' publishes).
-
-    Raises:
-        ConfigurationError: two schedules of one name, or not a `Schedule`; an invalid URL,
-            `ssl_context=` with an `amqp://` URL, or a hook that is not a `Hook`.
-    """
-
-    _lease_type: ClassVar[type[Lease]] = Lease
-    """The election (a seam: a test subclass stands with a lease that is granted at once, as
-    the broker did once for two standbys after a node failure)."""
-    _guard_type: ClassVar[type[Guard]] = Guard
-    """The fence (a seam: a test subclass goes without it, to show what it prevents)."""
-
-    def __init__(
-        self,
-        url: URLs | None = None,
-        schedules: Iterable[Schedule] = (),
-        *,
-        identity: str | None = None,
-        retry_delay: float = 1.0,
-        producer: Producer | None = None,
-        group: str = GROUP,
-        ssl_context: ssl.SSLContext | None = None,
-        name: str | None = None,
-        backoff: Backoff | None = None,
-        hooks: Iterable[Hook] | None = None,
-    ) -> None:
-        self.names = Names.of(group)
-        self._group = group
-        self._url = resolve_url(url)
+    def __init__(self, schedules: Iterable[Schedule]) -> None:
         self._schedules: dict[str, Schedule] = {}
         for item in schedules:
             self.add(item)
-        self._identity = identity
-        self._retry_delay = _seconds("retry_delay", retry_delay)
-        self._ssl_context = ssl_context
-        self._given_name = name
-        self._backoff = backoff or Backoff()
-        checked = Hooks.of(hooks)
-        self._hooks: tuple[Hook, ...] = () if checked is None else checked.hooks
-        self._connection()  # checks the settings now (nothing connects until run())
-        self._producer = producer
-        self._own_producer = producer is None
-        self._stopping = asyncio.Event()
-        self._hurry = _Deadline()  # a stop's timeout passed: give up the tick, abort
-        self._active = asyncio.Event()
-        self._fired = 0
-        self.on_active: Callable[[bool], None] | None = None
-        """Called with True when this process becomes the active scheduler, False when not."""
-
-    @property
-    def identity(self) -> str:
-        """How `aio-workq schedules` names this process: the one given, or `host:pid` of the
-        process asking (read when used, so a scheduler made before `fork()` names the child)."""
-        return self._identity or f"{socket.gethostname()}:{os.getpid()}"
-
-    @property
-    def _name(self) -> str:
-        return self._given_name or f"aio-workq scheduler {self.identity}"
-
-    def __repr__(self) -> str:
-        return (
-            f"<Scheduler {self.identity} {redact_url(self._url)} "
-            f"schedules={sorted(self._schedules)} active={self.active}>"
-        )
-
-    def _connection(self) -> Connection:
-        """A new (unopened) connection on this scheduler's settings.
-
-        Raises:
-            ConfigurationError: an invalid URL or setting.
-        """
-        return Connection(
-            self._url,
-            ssl_context=self._ssl_context,
-            name=self._name,
-            backoff=self._backoff,
-            hooks=self._hooks or None,
-        )
-
-    # --- declaring ----------------------------------------------------------------------------
 
     @property
     def schedules(self) -> Mapping[str, Schedule]:
@@ -215,6 +115,112 @@ class Scheduler:
             return handler
 
         return decorate
+
+
+class Scheduler(_Declared):
+    """Fires `Schedule`s from whichever replica the broker makes active.
+
+    Run one in every replica (`run_workers(..., schedules=scheduler)` or
+    `aio-workq worker ... --schedules MODULE:ATTR`); see the guide *Periodic jobs*.
+
+    The lease and the state travel on a `Connection` of the library's own (a URL list is
+    rotated, `amqps://` takes `ssl_context=`, errors are typed and logs hide the password);
+    the ticks go through a `Producer` on the same settings.
+
+    Args:
+        url: the broker URL, several separated by commas, or a list (the nodes of a cluster);
+            default: `AMQP_URL`, as `Producer` resolves it. Add `?heartbeat=5` to detect a
+            partitioned active scheduler sooner.
+        schedules: the `Schedule`s; more with `add()` or the `schedule()` decorator.
+        identity: how `aio-workq schedules` names this process (default `host:pid`, of the
+            process that runs it: a scheduler made before `fork()` names the child).
+        retry_delay: seconds between attempts to reach the broker (default 1).
+        producer: a started `Producer` to publish the ticks with (default: one of its own, on
+            `url`, `ssl_context`, `name` and `hooks`).
+        group: the prefix of the lease and state queues (default `workq.scheduler`): schedulers
+            of one group elect one active among them; another group is independent.
+        ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
+        name: connection name shown in the management UI (default
+            `aio-workq scheduler {identity}`).
+        backoff: delays between rounds of failed reconnect attempts of the lease's connection
+            (default `Backoff()`).
+        hooks: `Hook`s told of connection losses and reconnects (and the ticks' publishes).
+
+    Raises:
+        ConfigurationError: two schedules of one name, or not a `Schedule`; an invalid URL,
+            `ssl_context=` with an `amqp://` URL, or a hook that is not a `Hook`.
+    """
+
+    _lease_type: ClassVar[type[Lease]] = Lease
+    """The election (a seam: a test subclass stands with a lease that is granted at once, as
+    the broker did once for two standbys after a node failure)."""
+    _guard_type: ClassVar[type[Guard]] = Guard
+    """The fence (a seam: a test subclass goes without it, to show what it prevents)."""
+
+    def __init__(
+        self,
+        url: URLs | None = None,
+        schedules: Iterable[Schedule] = (),
+        *,
+        identity: str | None = None,
+        retry_delay: float = 1.0,
+        producer: Producer | None = None,
+        group: str = GROUP,
+        ssl_context: ssl.SSLContext | None = None,
+        name: str | None = None,
+        backoff: Backoff | None = None,
+        hooks: Iterable[Hook] | None = None,
+    ) -> None:
+        self.names = Names.of(group)
+        self._group = group
+        self._url = resolve_url(url)
+        super().__init__(schedules)
+        self._identity = identity
+        self._retry_delay = _seconds("retry_delay", retry_delay)
+        self._ssl_context = ssl_context
+        self._given_name = name
+        self._backoff = backoff or Backoff()
+        checked = Hooks.of(hooks)
+        self._hooks: tuple[Hook, ...] = () if checked is None else checked.hooks
+        self._connection()  # checks the settings now (nothing connects until run())
+        self._producer = producer
+        self._own_producer = producer is None
+        self._stopping = asyncio.Event()
+        self._hurry = _Deadline()  # a stop's timeout passed: give up the tick, abort
+        self._active = asyncio.Event()
+        self._fired = 0
+        self.on_active: Callable[[bool], None] | None = None
+        """Called with True when this process becomes the active scheduler, False when not."""
+
+    @property
+    def identity(self) -> str:
+        """How `aio-workq schedules` names this process: the one given, or `host:pid` of the
+        process asking (read when used, so a scheduler made before `fork()` names the child)."""
+        return self._identity or f"{socket.gethostname()}:{os.getpid()}"
+
+    @property
+    def _name(self) -> str:
+        return self._given_name or f"aio-workq scheduler {self.identity}"
+
+    def __repr__(self) -> str:
+        return (
+            f"<Scheduler {self.identity} {redact_url(self._url)} "
+            f"schedules={sorted(self._schedules)} active={self.active}>"
+        )
+
+    def _connection(self) -> Connection:
+        """A new (unopened) connection on this scheduler's settings.
+
+        Raises:
+            ConfigurationError: an invalid URL or setting.
+        """
+        return Connection(
+            self._url,
+            ssl_context=self._ssl_context,
+            name=self._name,
+            backoff=self._backoff,
+            hooks=self._hooks or None,
+        )
 
     # --- running ------------------------------------------------------------------------------
 
