@@ -72,8 +72,9 @@ def fast_path_default() -> bool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Backoff:
-    """Reconnect delays: after the n-th failed round, wait `min(cap, initial * 2**n)` seconds,
-    shortened at random by up to half (jitter), so reconnecting clients don't move in lock step.
+    """Reconnect delays: after the n-th failed round in a row, wait
+    `min(cap, initial * 2**(n-1))` seconds (0.5, 1, 2, 4, then 5 s by default), shortened at
+    random by up to half (jitter), so reconnecting clients don't move in lock step.
 
     The cap bounds how long a client takes to notice that the broker is back, whatever the
     length of the outage: with 5 s, a client tries every 2.5 to 5 s (about 0.27 attempts a
