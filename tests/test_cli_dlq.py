@@ -254,3 +254,20 @@ async def test_replay_where_selects_and_leaves_the_rest_in_order(
         kept = [letter.message_id for letter in await letters.read(10)]
     assert kept == [i for i in order if i in kept] and len(kept) == 3
     assert sorted(str(i) for i in order) == sorted(ids)
+
+
+async def test_an_id_given_by_its_end_says_how_to_name_the_dead_letter(
+    env: dict[str, str],  # noqa: F811 - the fixture
+    amqp_url: str,
+    queue_name: str,
+) -> None:
+    # `dlq list` shows f54c376c…0002; a user who types the end they can tell apart ("0002")
+    # learns which forms an id takes, and which dead letter ends so (it said only "no dead
+    # letter with message id '0002'").
+    ids = await make_dead_letters(amqp_url, queue_name, ["ValueError: 1", "KeyError: 2"])
+    tail = ids[1][-4:]
+    code, _, err = await run_cli("dlq", "show", queue_name, tail, env=env)
+    assert code == 1
+    assert f"no dead letter with message id {tail!r}" in err
+    assert "the whole id, its start, or HEAD…TAIL as `aio-workq dlq list` shows it" in err
+    assert f"{ids[1][:8]}…{tail}" in err or ids[1] in err, err

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
+import uuid
+
+import pytest
+
+from aio_workq import Connection
+from scripts.broker import LocalBroker
+from tests.helpers import wait_until
 
 SCRIPT = """
 import asyncio, logging, socket
@@ -34,3 +43,36 @@ def test_the_filter_is_installed_by_the_first_connection_and_only_once() -> None
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60, check=True
     ).stdout.split()
     assert out == ["0", "1"], out
+
+
+@pytest.mark.broker
+async def test_a_connection_the_broker_closes_is_logged_once_with_the_brokers_reason(
+    local_broker: LocalBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A broker restart, or an operator's close: aio-workq logs one WARNING saying why and
+    # reconnects. aiormq's ERROR and its traceback for the same close are not printed beside it
+    # (they were, for each of a worker's connections, on every broker restart).
+    caplog.set_level(logging.INFO)
+    name = f"quiet-{uuid.uuid4().hex[:8]}"
+    async with Connection(local_broker.url, name=name) as connection:
+        listed = await asyncio.to_thread(
+            local_broker.ctl, "list_connections", "pid", "client_properties", "-q"
+        )
+        pids = [line.split("\t")[0] for line in listed.splitlines() if name in line]
+        assert len(pids) == 1, listed
+        await asyncio.to_thread(local_broker.ctl, "close_connection", pids[0], "maintenance")
+
+        async def reconnected() -> bool:
+            return connection.reconnects == 1 and connection.is_connected
+
+        await wait_until(reconnected, timeout=30)
+    aiormq_lines = [
+        f"{r.levelname} {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("aiormq") and r.levelno >= logging.WARNING
+    ]
+    assert aiormq_lines == []
+    lost = [r.getMessage() for r in caplog.records if "lost the connection" in r.getMessage()]
+    assert len(lost) == 1, lost
+    assert "(320 CONNECTION_FORCED - maintenance)" in lost[0], lost[0]  # was "(320)"
+    assert "guest:guest" not in lost[0]

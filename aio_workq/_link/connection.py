@@ -72,8 +72,9 @@ def fast_path_default() -> bool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Backoff:
-    """Reconnect delays: after the n-th failed round, wait `min(cap, initial * 2**n)` seconds,
-    shortened at random by up to half (jitter), so reconnecting clients don't move in lock step.
+    """Reconnect delays: after the n-th failed round in a row, wait
+    `min(cap, initial * 2**(n-1))` seconds (0.5, 1, 2, 4, then 5 s by default), shortened at
+    random by up to half (jitter), so reconnecting clients don't move in lock step.
 
     The cap bounds how long a client takes to notice that the broker is back, whatever the
     length of the outage: with 5 s, a client tries every 2.5 to 5 s (about 0.27 attempts a
@@ -402,29 +403,39 @@ class Connection:
                 failed_rounds = 0
                 await asyncio.sleep(self._backoff.settle_delay())
                 while not self._closed:
-                    if await self._reconnect_round():
+                    failed = await self._reconnect_round()
+                    if failed is None:
                         self.reconnects += 1
                         log.info("reconnected to %s", redact_url(self._url or ""))
                         if self.hooks is not None:
                             self.hooks.reconnected(redact_url(self._url or ""))
                         break
                     failed_rounds += 1
-                    await asyncio.sleep(self._backoff.delay(failed_rounds))
+                    pause = self._backoff.delay(failed_rounds)
+                    url, exc = failed
+                    down = time.time() - (self._down_since or time.time())
+                    _log_failure(
+                        url, exc, f"trying again in {_duration(pause)} (down for {_duration(down)})"
+                    )
+                    await asyncio.sleep(pause)
         except asyncio.CancelledError:  # not by close(): the event loop's end (asyncio.run()
             self._closed = True  # cancels what is left): no reconnect, channels stand down
             raise
 
-    async def _reconnect_round(self) -> bool:
+    async def _reconnect_round(self) -> tuple[str, BrokerConnectionError] | None:
+        """One round over the URLs: None once connected, else the last URL and its error (the
+        caller logs it with the pause before the next round)."""
         urls = list(self._dialer.rotation())
         for index, url in enumerate(urls):
             try:
                 await self._attempt(url)
             except BrokerConnectionError as exc:
-                last = index == len(urls) - 1
-                _log_failure(url, exc, "after a pause" if last else "trying the next URL")
+                if index == len(urls) - 1:
+                    return url, exc
+                _log_failure(url, exc, "trying the next URL")
                 continue
-            return True
-        return False
+            return None
+        raise AssertionError("a rotation has at least one URL")
 
 
 class _Dialer:
@@ -499,8 +510,10 @@ def _duration(seconds: float) -> str:
 
 
 def _log_failure(url: str, exc: BaseException, then: str | None) -> None:
+    target = redact_url(url)
+    said = str(exc).removeprefix(f"cannot connect to {target}: ")  # the URL once
     suffix = f"; {then}" if then else ""
-    log.warning("connecting to %s failed: %s%s", redact_url(url), exc, suffix)
+    log.warning("connecting to %s failed: %s%s", target, said, suffix)
 
 
 async def dial(

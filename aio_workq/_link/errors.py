@@ -136,6 +136,8 @@ def reason(exc: BaseException) -> str:
         return cause.strerror
     if isinstance(exc, aiormq.exceptions.AMQPError) and exc.args:
         first = exc.args[0]
+        if isinstance(first, int) and len(exc.args) > 1:  # a Close: (reply code, reply text)
+            return f"{first} {exc.args[1]}"
         text = getattr(first, "reply_text", None) or str(first)
         return str(text)
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,15 +1,20 @@
-"""What aio-workq reads from aiormq's connection logger.
+"""What aio-workq reads from aiormq's connection logger, and what it keeps out of it.
 
-aiormq logs an ERROR for each failed connection attempt; aio-workq logs its own WARNING. And
-aiormq tells of the broker's `Connection.Blocked` (a memory or disk alarm) and
-`Connection.Unblocked` only in a WARNING: it offers no public state for it.
+aiormq logs an ERROR for each failed connection attempt; aio-workq logs its own WARNING. When
+the broker closes a connection (a restart, an operator's close), aiormq logs an ERROR and a
+WARNING with the reader's traceback; aio-workq logs one WARNING with the broker's reason
+("lost the connection ... (320 CONNECTION_FORCED - ...); reconnecting"). And aiormq tells of
+the broker's `Connection.Blocked` (a memory or disk alarm) and `Connection.Unblocked` only in a
+WARNING: it offers no public state for it.
 
-`install()` puts a filter on aiormq's connection logger that drops the per-attempt records while
-aio-workq is the one connecting (`connecting()`; other users of aiormq in the process keep
-theirs), and hands the block records to `_wire.seams.note_block` (reliance 9 there), which
-notes which connections the broker blocked, and why (`blocked_reason()`). It is
-installed when the first `Connection` opens, not at import, and only once. The notes need that
-logger enabled for WARNING (the default); raised above it, a block is not known.
+`install()` puts a filter on aiormq's connection logger that drops those records of aio-workq's
+own connections: made while aio-workq is connecting (`connecting()`), or later by the tasks
+aiormq started then (its reader and their callbacks inherit that context). Other users of aiormq
+in the process keep theirs. The filter also hands the block records to
+`_wire.seams.note_block` (reliance 9 there), which notes which connections the broker blocked,
+and why (`blocked_reason()`). It is installed when the first `Connection` opens, not at import,
+and only once. The notes need that logger enabled for WARNING (the default); raised above it, a
+block is not known.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import aiormq
+
 from .._wire.seams import blocked_reason, note_block
 
 __all__ = ("blocked_reason", "connecting", "install")
@@ -27,15 +34,30 @@ _connecting: contextvars.ContextVar[bool] = contextvars.ContextVar("aio_workq_co
 _AIORMQ_LOGGER = "aiormq.connection"
 
 
+_SAID_BY_US = ("error when creating transport", "Unexpected connection close from remote")
+
+
 class QuietAttempts(logging.Filter):
-    """Drops aiormq's per-attempt ERROR ("error when creating transport") while aio-workq is the
-    one connecting: aio-workq logs one WARNING per attempt itself."""
+    """Drops what aiormq logs about aio-workq's own connections that aio-workq says itself: the
+    per-attempt ERROR ("error when creating transport"), and a broker's close of the connection
+    (its ERROR, and the reader's WARNING with the traceback of that close)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         note_block(record)
-        return not (
-            _connecting.get(False) and str(record.msg).startswith("error when creating transport")
-        )
+        if not _connecting.get(False):
+            return True
+        message = str(record.msg)
+        if message.startswith(_SAID_BY_US):
+            return False
+        return not (message.startswith("Cancelling cause reader exited") and _closed(record))
+
+
+def _closed(record: logging.LogRecord) -> bool:
+    """The record's exception is the broker's Connection.Close (a reply code and text)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return isinstance(exc, aiormq.exceptions.AMQPConnectionError) and isinstance(
+        exc.args[0] if exc.args else None, int
+    )
 
 
 def install() -> None:
@@ -47,7 +69,8 @@ def install() -> None:
 
 @contextmanager
 def connecting() -> Iterator[None]:
-    """Within: aio-workq is connecting (aiormq's per-attempt error is dropped)."""
+    """Within: aio-workq is connecting (aiormq's per-attempt error is dropped); the tasks aiormq
+    starts meanwhile keep the mark for the connection's life."""
     token = _connecting.set(True)
     try:
         yield

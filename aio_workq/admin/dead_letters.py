@@ -103,7 +103,9 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
             {i for i in ids if i.startswith(head) and (not sep or i[len(head) :].endswith(tail))}
         )
         if not matches:
-            raise AdminError(f"no dead letter with message id {text!r} in {dlq!r}")
+            raise AdminError(
+                f"no dead letter with message id {text!r} in {dlq!r}{_hint(text, ids)}"
+            )
         if len(matches) > 1:
             shown = ", ".join(matches[:_CANDIDATES_SHOWN])
             more = len(matches) - _CANDIDATES_SHOWN
@@ -113,6 +115,20 @@ def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -
             )
         resolved.add(matches[0])
     return resolved
+
+
+def _hint(text: str, ids: Sequence[str]) -> str:
+    """What an id that named nothing could have been: the forms an id takes, and the dead
+    letters whose id ends with it (the part `dlq list` shows after the ellipsis)."""
+    hint = ": give the whole id, its start, or HEAD…TAIL as `aio-workq dlq list` shows it"
+    ending = sorted(i for i in ids if text and i.endswith(text))
+    if not ending:
+        return hint
+    shorts = short_ids(ids)
+    named = ", ".join(shorts[i] for i in ending[:_CANDIDATES_SHOWN])
+    more = len(ending) - _CANDIDATES_SHOWN
+    verb = "ends" if len(ending) == 1 else "end"
+    return f"{hint} ({named}{f', and {more} more' if more > 0 else ''} {verb} with it)"
 
 
 def short_ids(ids: Sequence[str]) -> dict[str, str]:
