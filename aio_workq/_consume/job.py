@@ -91,13 +91,15 @@ class Job:
     `body` pays for nothing else.
     """
 
-    __slots__ = ("_data", "_delivery", "_forwarder", "links")
+    __slots__ = ("_data", "_delivery", "_forwarder", "_task", "links")
 
     def __init__(self, delivery: Delivery, forwarder: Forwarder) -> None:
         self._delivery = delivery
         self._forwarder = forwarder
         self._data: Any = _UNSET
         self.links: list[asyncio.Future[str]] | None = None
+        # The task handling this job, while it runs (the dispatcher's, for its own use).
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def delivery(self) -> Delivery:
