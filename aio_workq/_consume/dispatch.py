@@ -27,11 +27,11 @@ from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
 from .._wire.acker import Acker
 from .._wire.writer import Gate
-from .delivery import Delivery
+from .delivery import REPLY_TO_BYTE, Delivery
 from .execution import HandlerRunner
 from .failing import Counters, FailedDeliveries, log_fields
 from .failures import MAX_DEFERS
-from .job import Forwarder, Job
+from .job import Forwarder, Job, job_of
 from .mover import Mover
 from .retry import RetryPolicy
 
@@ -169,13 +169,15 @@ class Dispatcher:
         between). Dropped when the channel is closing: the broker redelivers it."""
         if not gate.open or acker.closed:
             return
-        delivery = Delivery(
-            channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key, header, body
-        )
         acker.track(delivery_tag)
         self.counters.deliveries += 1
-        job = Job(delivery, self._forwarder)
-        process = self._process(job, acker, delivery_tag, delivery.is_request)
+        job = job_of(
+            self._forwarder, channel, consumer_tag, delivery_tag, redelivered, exchange,
+            routing_key, header, body,
+        )  # fmt: skip
+        # An RPC request (a `reply_to`), read off one byte of the property flags.
+        request = header[12] & REPLY_TO_BYTE != 0
+        process = self._process(job, acker, delivery_tag, request)
         # As in `dispatch` (inline: once per delivery).
         loop = self._loop
         if loop.get_task_factory() is None:
