@@ -121,3 +121,64 @@ async def test_a_forward_that_fails_is_linked_as_failed_on_both_ways() -> None:
     assert job.links is not None and len(job.links) == 2
     assert isinstance(job.links[0].exception(), SerializationError)
     assert isinstance(job.links[1].exception(), ConnectionLostError)
+
+
+async def test_a_forward_asks_no_python_method_of_the_loop_s() -> None:
+    """`send_now` reads asyncio's clock and makes the confirm's future without the loop's
+    Python `time` and `create_future` frames (#22 round 6: two calls per chain step)."""
+    source, publisher, sender = await _sender()
+    asked: list[str] = []
+    loop_file = inspect.getfile(asyncio.BaseEventLoop)
+    root = os.path.dirname(aio_workq.__file__)
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        caller = frame.f_back
+        if (
+            event == "call"
+            and frame.f_code.co_filename == loop_file
+            and caller is not None
+            and caller.f_code.co_filename.startswith(root)
+        ):
+            asked.append(frame.f_code.co_name)  # a method of the loop's, called by aio-workq
+
+    job = _job(sender)
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        confirms = [await job.send(b"x", queue="out") for _ in range(10)]
+    finally:
+        sys.setprofile(previous)
+    # The writer's flush and the timeout sweep are scheduled once, not per message.
+    assert "time" not in asked and "create_future" not in asked, asked
+    assert all(confirm.get_loop() is asyncio.get_running_loop() for confirm in confirms)
+    _confirm_all(source)
+    assert source.connection.channels[-1].published == [await c for c in confirms]
+    await publisher.close(0)
+
+
+async def test_a_loop_with_its_own_clock_and_futures_is_asked_for_them() -> None:
+    """A loop whose `time` or `create_future` is not asyncio's own (uvloop's, a test's) is
+    still asked for them."""
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.Future[Any]] = []
+    times: list[float] = []
+    create_future, time = loop.create_future, loop.time
+
+    def counted_future() -> asyncio.Future[Any]:
+        made.append(create_future())
+        return made[-1]
+
+    def counted_time() -> float:
+        times.append(time())
+        return times[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "create_future", counted_future)
+        patch.setattr(loop, "time", counted_time)
+        source, publisher, sender = await _sender()
+        job = _job(sender)
+        confirm = await job.send(b"x", queue="out")
+        assert made[-1] is confirm and times
+    _confirm_all(source)
+    assert await confirm
+    await publisher.close(0)

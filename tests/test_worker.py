@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -202,6 +203,52 @@ async def test_concurrency_limits_handlers_running_at_once(
     elapsed = time.monotonic() - started
     assert peak == 5
     assert elapsed > 1.9  # 20 half-second handlers, 5 at a time (load only makes it longer)
+
+
+@pytest.mark.parametrize("factory", [False, True], ids=["no-task-factory", "task-factory"])
+async def test_each_handler_runs_in_a_task_of_its_own(
+    factory: bool,
+    producer: Producer,
+    make_worker: Callable[..., Worker],
+    queue_name: str,
+    counter: Counter,
+) -> None:
+    """`asyncio.current_task()` in a handler is its delivery's own task, named after the queue,
+    in which `asyncio.timeout()` works; an application's task factory makes those tasks (the
+    dispatcher makes them itself only when none is set)."""
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.Task[Any]] = []
+
+    def task_factory(
+        loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    seen: list[asyncio.Task[Any]] = []
+
+    async def handler(job: Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(task)
+        async with asyncio.timeout(5):  # asks the task for its cancellations
+            await asyncio.sleep(0)
+        assert asyncio.current_task() is task
+        counter.add(job.data)
+
+    await producer.declare(queue_name)
+    await make_worker(queue=queue_name, handler=handler, concurrency=3).start()
+    if factory:
+        loop.set_task_factory(task_factory)
+    try:
+        await producer.publish_many(["a", "b", "c"], queue=queue_name)
+        assert sorted(await counter.wait_for(3)) == ["a", "b", "c"]
+    finally:
+        loop.set_task_factory(None)
+    assert len({id(task) for task in seen}) == 3
+    assert all(task.get_name() == f"aio-workq worker {queue_name!r}" for task in seen)
+    assert all(task in made for task in seen) is factory
 
 
 async def test_passive_queue_that_does_not_exist_is_a_topology_error(

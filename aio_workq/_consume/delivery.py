@@ -16,12 +16,20 @@ from pamqp.header import ContentHeader
 
 from .._wire.frames import decode_header
 
-__all__ = ("Delivery",)
+__all__ = ("HEADERS_FLAG", "REPLY_TO_FLAG", "REPLY_TO_BYTE", "Delivery", "header_flag")
 
 _FLAGS = struct.Struct(">H")
-_REPLY_TO_FLAG = 1 << 9
-_HEADERS_FLAG = 1 << 13
-_REPLY_TO_BYTE = _REPLY_TO_FLAG >> 8  # the flag in the flags' first octet (offset 12)
+REPLY_TO_FLAG = 1 << 9
+HEADERS_FLAG = 1 << 13
+REPLY_TO_BYTE = REPLY_TO_FLAG >> 8  # the flag in the flags' first octet (offset 12)
+
+
+def header_flag(header: bytes | ContentHeader, flag: int) -> bool | None:
+    """Whether a content header's property `flag` is set, read off its flags without decoding
+    it; None for a header decoded already (read its properties)."""
+    if isinstance(header, bytes):
+        return bool(_FLAGS.unpack_from(header, 12)[0] & flag)
+    return None
 
 
 class Delivery:
@@ -61,7 +69,7 @@ class Delivery:
         # An RPC request (it has a `reply_to`): read off the property flags here, one byte,
         # where the `reply_to` property costs the dispatcher a call per delivery.
         self.is_request: bool = (
-            header[12] & _REPLY_TO_BYTE != 0
+            header[12] & REPLY_TO_BYTE != 0
             if isinstance(header, bytes)
             else header.properties.reply_to is not None
         )
@@ -98,7 +106,7 @@ class Delivery:
         """`properties.reply_to`, without decoding the properties when the flag is not set."""
         header = self._header
         if isinstance(header, bytes):
-            if not _FLAGS.unpack_from(header, 12)[0] & _REPLY_TO_FLAG:
+            if not _FLAGS.unpack_from(header, 12)[0] & REPLY_TO_FLAG:
                 return None
             header = self.header
         return header.properties.reply_to
@@ -109,7 +117,7 @@ class Delivery:
         the flag is not set (a message with none: `Job.headers` and `attempt` cost nothing)."""
         header = self._header
         if isinstance(header, bytes):
-            return bool(_FLAGS.unpack_from(header, 12)[0] & _HEADERS_FLAG)
+            return bool(_FLAGS.unpack_from(header, 12)[0] & HEADERS_FLAG)
         return bool(header.properties.headers)
 
     def message(self) -> DeliveredMessage:

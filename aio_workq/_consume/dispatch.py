@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from asyncio import Task
 from collections import deque
 from time import perf_counter
 from typing import Any
@@ -26,11 +27,11 @@ from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
 from .._wire.acker import Acker
 from .._wire.writer import Gate
-from .delivery import Delivery
+from .delivery import REPLY_TO_BYTE, Delivery
 from .execution import HandlerRunner
 from .failing import Counters, FailedDeliveries, log_fields
 from .failures import MAX_DEFERS
-from .job import Forwarder, Job
+from .job import Forwarder, Job, job_of
 from .mover import Mover
 from .retry import RetryPolicy
 
@@ -135,10 +136,20 @@ class Dispatcher:
         acker.track(tag)
         self.counters.deliveries += 1
         job = Job(delivery, self._forwarder)
-        # The task takes itself out of `tasks` as it ends (`_process`): a done callback
-        # would cost the loop a callback more per delivery.
         process = self._process(job, acker, tag, delivery.is_request)
-        self.tasks.add(self._loop.create_task(process, name=self._task_name))
+        # The delivery's task, made as `loop.create_task` makes it but without its Python
+        # frame and its closed check (the task's first `call_soon` checks it), unless the
+        # application set a task factory, which then makes it. The job carries its task
+        # until it ends: `_process` reads it there, where `asyncio.current_task()` is a
+        # Python function on 3.11. The task takes itself out of `tasks` as it ends: a done
+        # callback would cost the loop a callback more per delivery.
+        loop = self._loop
+        if loop.get_task_factory() is None:
+            task = Task(process, loop=loop, name=self._task_name)
+        else:
+            task = loop.create_task(process, name=self._task_name)
+        job._task = task
+        self.tasks.add(task)
 
     def take(
         self,
@@ -158,14 +169,23 @@ class Dispatcher:
         between). Dropped when the channel is closing: the broker redelivers it."""
         if not gate.open or acker.closed:
             return
-        delivery = Delivery(
-            channel, consumer_tag, delivery_tag, redelivered, exchange, routing_key, header, body
-        )
         acker.track(delivery_tag)
         self.counters.deliveries += 1
-        job = Job(delivery, self._forwarder)
-        process = self._process(job, acker, delivery_tag, delivery.is_request)
-        self.tasks.add(self._loop.create_task(process, name=self._task_name))
+        job = job_of(
+            self._forwarder, channel, consumer_tag, delivery_tag, redelivered, exchange,
+            routing_key, header, body,
+        )  # fmt: skip
+        # An RPC request (a `reply_to`), read off one byte of the property flags.
+        request = header[12] & REPLY_TO_BYTE != 0
+        process = self._process(job, acker, delivery_tag, request)
+        # As in `dispatch` (inline: once per delivery).
+        loop = self._loop
+        if loop.get_task_factory() is None:
+            task = Task(process, loop=loop, name=self._task_name)
+        else:
+            task = loop.create_task(process, name=self._task_name)
+        job._task = task
+        self.tasks.add(task)
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
@@ -191,7 +211,7 @@ class Dispatcher:
     async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
         set_handling((self.queue_name, job))  # log lines in this task name the message
-        task = asyncio.current_task(self._loop)
+        task = job._task  # this task (`_start`)
         assert task is not None
         hooks = self._hooks
         try:
@@ -250,6 +270,7 @@ class Dispatcher:
                 extra=log_fields(self.queue_name, job), exc_info=exc,
             )  # fmt: skip
         finally:
+            job._task = None  # a job a handler keeps does not keep its task
             self.tasks.discard(task)
 
     async def _handle(self, job: Job, acker: Acker, tag: int, task: asyncio.Task[Any]) -> Settled:

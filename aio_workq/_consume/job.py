@@ -8,11 +8,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Unpack
 
 import aio_pika
+from aiormq.abc import AbstractChannel
+from pamqp import commands
+from pamqp.header import ContentHeader
 
 from .._exceptions import Reject
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
-from .delivery import Delivery
+from .._wire.frames import decode_header
+from .delivery import HEADERS_FLAG, REPLY_TO_FLAG, Delivery, header_flag
 from .failures import ATTEMPT_HEADER, BROKER_HEADERS
 
 if TYPE_CHECKING:
@@ -58,6 +62,39 @@ def _failed(exc: BaseException) -> asyncio.Future[str]:
     return future
 
 
+def job_of(
+    forwarder: Forwarder,
+    channel: AbstractChannel,
+    consumer_tag: str,
+    delivery_tag: int,
+    redelivered: bool,
+    exchange: str,
+    routing_key: str,
+    header: bytes,
+    body: bytes,
+) -> Job:
+    """The job of a delivery the demux took off the socket, as its fields: no `Delivery` until
+    something asks for it (`Job.delivery`)."""
+    job = _new_job(Job)
+    job._delivery = None
+    job._channel = channel
+    job._consumer_tag = consumer_tag
+    job._tag = delivery_tag
+    job._redelivered = redelivered
+    job._exchange = exchange
+    job._routing_key = routing_key
+    job._header = header
+    job._body = body
+    job._forwarder = forwarder
+    job._data = _UNSET
+    job.links = None
+    job._task = None
+    return job
+
+
+_new_job = object.__new__
+
+
 def _decode_or_reject(body: bytes, content_type: str | None) -> Any:
     try:
         return decode_body(body, content_type)
@@ -91,23 +128,65 @@ class Job:
     `body` pays for nothing else.
     """
 
-    __slots__ = ("_data", "_delivery", "_forwarder", "links")
+    # The delivery's fields are the job's own: on the fast path its `Delivery` is made only
+    # when something asks for it (`delivery`), one object and one call less per message.
+    __slots__ = (
+        "_body",
+        "_channel",
+        "_consumer_tag",
+        "_data",
+        "_delivery",
+        "_exchange",
+        "_forwarder",
+        "_header",
+        "_redelivered",
+        "_routing_key",
+        "_tag",
+        "_task",
+        "links",
+    )
 
     def __init__(self, delivery: Delivery, forwarder: Forwarder) -> None:
-        self._delivery = delivery
+        self._delivery: Delivery | None = delivery
+        self._channel = delivery.channel
+        self._consumer_tag = delivery.consumer_tag
+        self._tag = delivery.delivery_tag
+        self._redelivered = delivery.redelivered
+        self._exchange = delivery.exchange
+        self._routing_key = delivery.routing_key
+        self._header: bytes | ContentHeader = b""  # read through the delivery
+        self._body = delivery.body
         self._forwarder = forwarder
         self._data: Any = _UNSET
         self.links: list[asyncio.Future[str]] | None = None
+        # The task handling this job, while it runs (the dispatcher's, for its own use).
+        self._task: asyncio.Task[None] | None = None
 
     @property
     def delivery(self) -> Delivery:
         """The delivery as it came off the socket (properties decoded on first use)."""
-        return self._delivery
+        delivery = self._delivery
+        if delivery is None:
+            delivery = self._delivery = Delivery(
+                self._channel, self._consumer_tag, self._tag, self._redelivered,
+                self._exchange, self._routing_key, self._header, self._body,
+            )  # fmt: skip
+        return delivery
+
+    def _properties(self) -> commands.Basic.Properties:
+        """The properties, decoded once: by the job, or by its delivery once there is one."""
+        delivery = self._delivery
+        if delivery is not None:
+            return delivery.properties
+        header = self._header
+        if isinstance(header, bytes):
+            self._header = header = decode_header(header)
+        return header.properties
 
     @property
     def body(self) -> bytes:
         """The raw body."""
-        return self._delivery.body
+        return self._body
 
     @property
     def data(self) -> Any:
@@ -118,51 +197,59 @@ class Job:
                 straight to the dead-letter queue.
         """
         if self._data is _UNSET:
-            self._data = _decode_or_reject(self._delivery.body, self.content_type)
+            self._data = _decode_or_reject(self._body, self.content_type)
         return self._data
 
     @property
     def headers(self) -> Mapping[str, Any]:
         """The message headers (empty if none)."""
         delivery = self._delivery
-        if not delivery.has_headers:
+        if delivery is not None:
+            if not delivery.has_headers:
+                return {}
+        elif header_flag(self._header, HEADERS_FLAG) is False:
             return {}
-        return delivery.properties.headers or {}
+        return self._properties().headers or {}
 
     @property
     def message_id(self) -> str | None:
         """The publisher's message id."""
-        return self._delivery.properties.message_id
+        return self._properties().message_id
 
     @property
     def content_type(self) -> str | None:
         """The content type the publisher set."""
-        return self._delivery.properties.content_type
+        return self._properties().content_type
 
     @property
     def correlation_id(self) -> str | None:
         """The correlation id (RPC requests carry one)."""
-        return self._delivery.properties.correlation_id
+        return self._properties().correlation_id
 
     @property
     def reply_to(self) -> str | None:
         """Where an RPC reply goes."""
-        return self._delivery.reply_to
+        delivery = self._delivery
+        if delivery is not None:
+            return delivery.reply_to
+        if header_flag(self._header, REPLY_TO_FLAG) is False:
+            return None
+        return self._properties().reply_to
 
     @property
     def redelivered(self) -> bool:
         """True when the broker delivered this message before (a crash or a lost connection)."""
-        return self._delivery.redelivered
+        return self._redelivered
 
     @property
     def routing_key(self) -> str:
         """The routing key the message was published with."""
-        return self._delivery.routing_key
+        return self._routing_key
 
     @property
     def exchange(self) -> str:
         """The exchange the message was published to (`""` for the default exchange)."""
-        return self._delivery.exchange
+        return self._exchange
 
     @property
     def attempt(self) -> int:
@@ -173,12 +260,12 @@ class Job:
     @property
     def delivery_tag(self) -> int:
         """The delivery tag on the worker's channel."""
-        return self._delivery.delivery_tag
+        return self._tag
 
     @property
     def message(self) -> aio_pika.IncomingMessage:
         """The aio-pika message, for reading properties; the worker settles it, not you."""
-        return aio_pika.IncomingMessage(self._delivery.message(), no_ack=True)
+        return aio_pika.IncomingMessage(self.delivery.message(), no_ack=True)
 
     async def forward(
         self,

@@ -22,7 +22,9 @@ in the queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable
+from time import monotonic
 from typing import overload
 
 import aiormq
@@ -88,6 +90,7 @@ class ConfirmPublisher:
         self._resend = resend
         self._fail_fast = fail_fast
         self._loop = asyncio.get_running_loop()
+        self._time, self._new_future = _loop_calls(self._loop)
         self._expiry = Expiry(self, window, source)
         self._in_flight = InFlight(self._expiry.on_settled)
         self._lane: Lane | None = None  # the current channel's, while it is open
@@ -297,8 +300,8 @@ class ConfirmPublisher:
                 raise header_too_large(props, len(encoded[1]), self._frame_max)
         if len(body) > MAX_MESSAGE_SIZE:
             raise _body_too_large(message_id, len(body))
-        deadline = self._loop.time() + timeout
-        future = self._loop.create_future()
+        deadline = self._time() + timeout
+        future = self._new_future()
         out = _new(Outgoing)  # as in `send`
         Outgoing.__init__(
             out, exchange, routing_key, True, message_id, encoded, body, future, deadline, props
@@ -366,6 +369,23 @@ class ConfirmPublisher:
         self._expiry.stop()
         self._lane = None
         await self._lanes.close()
+
+
+def _loop_calls(
+    loop: asyncio.AbstractEventLoop,
+) -> tuple[Callable[[], float], Callable[[], asyncio.Future[str]]]:
+    """`loop.time` and `loop.create_future` for `send_now`, once per message: the calls they
+    make, without their Python frame, where the loop's are asyncio's own (`time.monotonic()`
+    and `asyncio.Future(loop=loop)`); a loop of another kind (uvloop) keeps its own."""
+    base = asyncio.BaseEventLoop
+    kind = type(loop)
+    time = monotonic if kind.time is base.time and "time" not in vars(loop) else loop.time
+    new_future: Callable[[], asyncio.Future[str]] = (
+        functools.partial(asyncio.Future, loop=loop)
+        if kind.create_future is base.create_future and "create_future" not in vars(loop)
+        else loop.create_future
+    )
+    return time, new_future
 
 
 def _check_new(destination: tuple[str, str, bool]) -> None:

@@ -30,11 +30,16 @@ from aiormq.abc import AbstractChannel
 __all__ = ("Confirms", "FrameDemux", "OnDelivery", "Tap")
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
-_METHOD_ID = struct.Struct(">HH")  # class, method
+# A frame header and, were it a method frame, its class and method ids (read for any frame:
+# the ids of another kind are not looked at).
+_FRAME_METHOD = struct.Struct(">BHIHH")
 _TAG_BITS = struct.Struct(">QB")  # delivery tag, bits (multiple first)
 _U16 = struct.Struct(">H")
 _SIZE = struct.Struct(">I")
 _BODY_SIZE = struct.Struct(">Q")
+# A content header frame's type, channel and payload size, then (past its class and weight) its
+# body size.
+_HEADER_HEAD = struct.Struct(">BHI4xQ")
 _METHOD, _HEADER, _BODY = 1, 2, 3
 _FRAME_END = 0xCE
 _BASIC = 60
@@ -103,16 +108,24 @@ class Tap:
         # mostly the routing key, repeat from one delivery to the next.
         self.strings: tuple[bytes, str, bytes, str] = (b"", "", b"", "")
 
-    def take(self, kind: int, data: bytes | bytearray, start: int, end: int) -> int:
-        """Handle one frame's payload `data[start:end]` (its end octet at `end`): the position
-        after what was taken (further than the frame when a whole delivery was), or 0, which
-        leaves the frame to aiormq."""
+    def take(
+        self,
+        kind: int,
+        data: bytes | bytearray,
+        start: int,
+        end: int,
+        class_id: int = 0,
+        method_id: int = 0,
+    ) -> int:
+        """Handle one frame's payload `data[start:end]` (its end octet at `end`); a method
+        frame's class and method ids, as the demux read them with its frame header: the
+        position after what was taken (further than the frame when a whole delivery was), or
+        0, which leaves the frame to aiormq."""
         if kind == _METHOD:
             if self.pending is not None or self.closing.done():
-                if _METHOD_ID.unpack_from(data, start)[0] == _CHANNEL:
+                if class_id == _CHANNEL:
                     self.open = False
                 return 0
-            class_id, method_id = _METHOD_ID.unpack_from(data, start)
             if class_id != _BASIC:
                 if class_id == _CHANNEL and method_id in (_CLOSE, _CLOSE_OK):
                     self.open = False
@@ -155,7 +168,8 @@ class Tap:
                 redelivered = bool(bits & 1)
                 total = len(data)
                 if total - after > 19:  # a content header frame: type, channel, sizes
-                    kind, number, length = _FRAME.unpack_from(data, after)
+                    # Its frame header and body size in one unpack (a call each cost more).
+                    kind, number, length, body_size = _HEADER_HEAD.unpack_from(data, after)
                     header_end: int = after + 7 + length
                     if (
                         kind == _HEADER
@@ -163,7 +177,6 @@ class Tap:
                         and header_end < total
                         and data[header_end] == _FRAME_END
                     ):
-                        body_size: int = _BODY_SIZE.unpack_from(data, after + 11)[0]
                         body_end = header_end + 8 + body_size  # its body frame's end octet
                         if body_size == 0:
                             body, taken = b"", header_end + 1
@@ -350,13 +363,17 @@ class FrameDemux:
             return
         taps, out, size, pos, taken = self._taps, self._out, len(data), 0, False
         while size - pos >= 8:
-            kind, number, length = _FRAME.unpack_from(data, pos)
+            if size - pos >= 11:  # with what would be a method frame's ids: one unpack
+                kind, number, length, class_id, method_id = _FRAME_METHOD.unpack_from(data, pos)
+            else:  # too short for a method frame's ids (a heartbeat, or cut short)
+                kind, number, length = _FRAME.unpack_from(data, pos)
+                class_id = method_id = 0
             end = pos + 7 + length
             if end >= size:
                 break
             tap = taps.get(number)
             if tap is not None and data[end] == _FRAME_END:
-                after = tap.take(kind, data, pos + 7, end)
+                after = tap.take(kind, data, pos + 7, end, class_id, method_id)
                 if after:
                     taken = True
                     pos = after
