@@ -22,7 +22,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -403,7 +403,7 @@ class Connection:
                 failed_rounds = 0
                 await asyncio.sleep(self._backoff.settle_delay())
                 while not self._closed:
-                    failed = await self._reconnect_round()
+                    failed = await self._dialer.reconnect_round(self._attempt)
                     if failed is None:
                         self.reconnects += 1
                         log.info("reconnected to %s", redact_url(self._url or ""))
@@ -421,21 +421,6 @@ class Connection:
         except asyncio.CancelledError:  # not by close(): the event loop's end (asyncio.run()
             self._closed = True  # cancels what is left): no reconnect, channels stand down
             raise
-
-    async def _reconnect_round(self) -> tuple[str, BrokerConnectionError] | None:
-        """One round over the URLs: None once connected, else the last URL and its error (the
-        caller logs it with the pause before the next round)."""
-        urls = list(self._dialer.rotation())
-        for index, url in enumerate(urls):
-            try:
-                await self._attempt(url)
-            except BrokerConnectionError as exc:
-                if index == len(urls) - 1:
-                    return url, exc
-                _log_failure(url, exc, "trying the next URL")
-                continue
-            return None
-        raise AssertionError("a rotation has at least one URL")
 
 
 class _Dialer:
@@ -479,6 +464,24 @@ class _Dialer:
             url = self.urls[self._next]
             self._next = (self._next + 1) % len(self.urls)
             yield url
+
+    async def reconnect_round(
+        self, attempt: Callable[[str], Awaitable[None]]
+    ) -> tuple[str, BrokerConnectionError] | None:
+        """One round of `attempt` over the URLs after a lost connection: None once one
+        connected, else the last URL and its error (the caller logs it with the pause before
+        the next round)."""
+        urls = list(self.rotation())
+        for index, url in enumerate(urls):
+            try:
+                await attempt(url)
+            except BrokerConnectionError as exc:
+                if index == len(urls) - 1:
+                    return url, exc
+                _log_failure(url, exc, "trying the next URL")
+                continue
+            return None
+        raise AssertionError("a rotation has at least one URL")
 
     async def dial(
         self, url: str, fast_path: bool

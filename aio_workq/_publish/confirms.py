@@ -89,8 +89,7 @@ class ConfirmPublisher:
         self._timeout = timeout
         self._resend = resend
         self._fail_fast = fail_fast
-        self._loop = asyncio.get_running_loop()
-        self._time, self._new_future = _loop_calls(self._loop)
+        self._time, self._new_future = _loop_calls(asyncio.get_running_loop())
         self._expiry = Expiry(self, window, source)
         self._in_flight = InFlight(self._expiry.on_settled)
         self._lane: Lane | None = None  # the current channel's, while it is open
@@ -227,7 +226,7 @@ class ConfirmPublisher:
                 routing_key=routing_key,
             )
         if deadline is None:
-            deadline = self._loop.time() + (self._timeout if timeout is None else timeout)
+            deadline = self._time() + (self._timeout if timeout is None else timeout)
         if self._lane is None or self._window.full:
             if self._fail_fast and self._lane is None and not self._source.is_connected:
                 raise BrokerUnavailableError(
@@ -247,7 +246,7 @@ class ConfirmPublisher:
             props.message_id,
             encoded,
             body,
-            self._loop.create_future() if batch is None else batch,
+            self._new_future() if batch is None else batch,
             deadline,
             props if self._keep_props else None,
         )
