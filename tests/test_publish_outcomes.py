@@ -26,6 +26,7 @@ from aio_workq import (
     SerializationError,
     UnroutableError,
 )
+from aio_workq._publish import channels
 from tests.faultproxy import FaultProxy
 from tests.helpers import header_room, negotiated_frame_max, queue_depth
 
@@ -320,27 +321,35 @@ def assert_refused(error: PublishNackedError, why: str) -> None:
     assert "may or may not" not in text, text
 
 
-async def _resting(producer: Producer, queue_name: str) -> asyncio.Future[str]:
-    """A message nacked by a new full quorum queue, waiting (at 0.4 s) for its next try."""
+async def _resting(
+    producer: Producer, queue_name: str, monkeypatch: pytest.MonkeyPatch
+) -> asyncio.Future[str]:
+    """A message nacked by a new full quorum queue, waiting (at 0.4 s) for its next try.
+
+    Its first next try comes 2 s after its nack (0.05 s by default), so that a test acting
+    while the message waits is not raced by that try on a loaded machine (CI once saw the try
+    in flight at the cut, and `ConnectionLostError`, rightly, for a message on the wire). The
+    queue is filled first at the usual pace: the queue's 5 s of "starting" must still cover
+    the message's tries."""
     queue = _full(queue_name)
     await _fill(producer, queue)
+    monkeypatch.setattr(channels, "NACK_BACKOFF", 2.0)
     confirm = await producer.send("waits", queue)
-    # Nacked within milliseconds, sent again after 0.05, 0.1, 0.2, 0.4 s...: at 0.4 s it is
-    # still unsettled, waiting for its next try (at 0.75 s).
+    # Nacked within milliseconds: at 0.4 s it is still unsettled, waiting for its next try.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(asyncio.shield(confirm), 0.4)
     return confirm
 
 
 async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_its_channel_without_resend(
-    proxied: Proxied, queue_name: str
+    proxied: Proxied, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`on_reconnect="fail"` (and a worker's publisher, whose delivery is redelivered instead):
     the connection drops while a nacked message waits to be sent again. It must fail at once
     like every other unconfirmed message of that connection; before, it was sent on the next
     connection (a worker's copy next to its redelivered original)."""
     async with Producer(connection=proxied.connection, timeout=20, on_reconnect="fail") as p:
-        confirm = await _resting(p, queue_name)
+        confirm = await _resting(p, queue_name, monkeypatch)
         proxied.proxy.cut()
         async with asyncio.timeout(1):  # at once: not after the next connection
             # leftovers2: refused, not "maybe" (it was ConnectionLostError, which said it may
@@ -351,7 +360,7 @@ async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_its_channel_
 
 
 async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_a_channel_the_broker_closed(
-    path: Path, queue_name: str, amqp_url: str
+    path: Path, queue_name: str, amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """leftovers2: the broker closes the channel for an error (a 403, a publish to an internal
     exchange) while a nacked message waits for its next try. The messages on the channel fail
@@ -364,9 +373,9 @@ async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_a_channel_th
         channel = await admin.channel()
         await channel.exchange_declare(internal, exchange_type="direct", internal=True)
         try:
-            confirm = await _resting(path.producer, queue_name)
+            confirm = await _resting(path.producer, queue_name, monkeypatch)
             culprit = await path.producer.send("x", exchange=internal, routing_key="k")
-            async with asyncio.timeout(0.3):  # at once: before its next try (0.75 s)
+            async with asyncio.timeout(1):  # at once: before its next try (2 s)
                 with pytest.raises(PublishNackedError) as info:
                     await confirm
             assert_refused(info.value, "before the channel closed")
@@ -380,14 +389,14 @@ async def test_a_nacked_message_waiting_to_be_sent_again_fails_with_a_channel_th
 
 
 async def test_a_nacked_message_waiting_to_be_sent_again_fails_at_close_as_refused(
-    path: Path, queue_name: str
+    path: Path, queue_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """leftovers2: `close()` ends the tries of a message every one of whose tries was nacked.
     It said "not confirmed before close; it may or may not have reached the queue"
     (`ConnectionLostError`); the broker refused it each time: `PublishNackedError`."""
     producer = Producer(connection=path.connection, timeout=20)
     await producer.start()
-    confirm = await _resting(producer, queue_name)
+    confirm = await _resting(producer, queue_name, monkeypatch)
     await producer.close(timeout=0)
     async with asyncio.timeout(1):
         with pytest.raises(PublishNackedError) as info:
