@@ -389,3 +389,68 @@ def test_a_write_copies_and_pickles_as_it_did_as_a_dataclass() -> None:
     assert pickle.loads(pickle.dumps(write)) == write
     assert copy.copy(write) == write and copy.deepcopy(write) == write
     assert write._replace(attempt=3).attempt == 3
+
+
+async def _calls_per_job(prefetch: int, concurrency: int = 2) -> float:
+    """Python and C calls per tracked job (a MemoryStore), deliveries handed in one at a time
+    (none waits for a handler slot): `(calls(41) - calls(11)) / 30`, start-up cancels out."""
+    import sys
+
+    async def calls(n: int) -> int:
+        recorder = Recorder(MemoryStore())
+        tasks = Tasks()
+
+        @tasks.task(queue="work", name="work.double")
+        async def double(n: int) -> int:
+            return 2 * n
+
+        handler = QueueRunner("work", {double.name: cast(Any, double)}, recorder)
+        runner = HandlerRunner(
+            handler, executor="thread", concurrency=concurrency, timeout=None, name="t"
+        )
+        dispatcher = Dispatcher(
+            runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+            mover=cast(Any, None), forwarder=cast(Any, None), concurrency=concurrency,
+            prefetch=prefetch, hooks=Hooks.of([recorder]),
+        )  # fmt: skip
+        deliveries = [
+            _delivery(
+                {"n": i},
+                "work",
+                1,
+                False,
+                False,
+                {"message_id": f"job-{i}", "headers": {"x-workq-task": double.name}},
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        acks = _Acks()
+        count = [0]
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event in ("call", "c_call"):
+                count[0] += 1
+
+        sys.setprofile(profile)
+        try:
+            for delivery in deliveries:
+                dispatcher.dispatch(delivery, cast(Any, acks))
+                await asyncio.wait(set(dispatcher.tasks))
+            await recorder.close()
+        finally:
+            sys.setprofile(None)
+        assert len(acks.acked) == n
+        return count[0]
+
+    await calls(3)  # first use: whatever is set up once
+    return (await calls(41) - await calls(11)) / 30
+
+
+async def test_a_delivery_under_a_prefetch_beyond_the_concurrency_costs_no_coroutine_more() -> None:
+    """A tracked worker prefetches twice its concurrency (its claims go out ahead, #23): a
+    delivery that finds a handler slot free costs what it costs without the slots, but for
+    the slot's release; it took `_handle`, the timing wrapper and the slot's `acquire`, three
+    coroutines and their steps, more (8 calls)."""
+    plain = await _calls_per_job(prefetch=2)
+    slots = await _calls_per_job(prefetch=4)
+    assert slots - plain <= 2, (plain, slots)  # the release (10.5 before)
