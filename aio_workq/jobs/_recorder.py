@@ -420,6 +420,12 @@ class GroupCommit:
     async def record(self, write: Write) -> None:
         """Record `write` with the batch it joins; returns once that batch is committed, or
         at once while the store is down (the write is kept and caught up)."""
+        await self.commit(write)
+
+    def commit(self, write: Write) -> asyncio.Future[bool]:
+        """`record()`'s future, to await (an enqueue awaits it without a coroutine between,
+        #23); True once the batch `write` joins is committed (or at once while the store is
+        down)."""
         loop = asyncio.get_running_loop()
         batches = self._batches
         if batches is None or loop is not self._loop:  # a new event loop: the old one's
@@ -427,7 +433,7 @@ class GroupCommit:
             batches = self._batches = WriteBatches(
                 self.store, buffer=self._buffer, timeout=self._timeout
             )
-        await batches.commit(write)
+        return batches.commit(write)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Record what is kept, waiting at most `timeout` seconds; what is left then is
