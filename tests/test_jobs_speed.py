@@ -514,3 +514,69 @@ async def test_an_enqueue_awaits_its_queued_records_future_with_no_coroutine_bet
     tracked = await _calls_per_enqueue(tracked=True)
     # the MemoryStore's batch of one included; 146 before
     assert tracked - untracked <= 144, (untracked, tracked)
+
+
+async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its_fields() -> None:
+    """The claim and the `succeeded` of each tracked job, and an enqueue's `queued` (#23):
+    built from their fields in order (`new_write`), not by `Write.__new__`'s call with
+    keywords (two calls a consumed job before, one an enqueue), and what they hold is what
+    the keyword form builds."""
+    import sys
+
+    from aio_workq.jobs._status import Write
+
+    class Kept(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[Write] = []
+
+        async def record(self, writes: Any) -> list[bool]:
+            self.writes.extend(writes)
+            return await super().record(writes)
+
+    class Confirmed:
+        async def publish(self, body: bytes, queue: Any, **options: Any) -> None:
+            return None
+
+    store = Kept()
+    recorder = Recorder(store)
+    tasks = Tasks(producer=cast(Any, Confirmed()), store=store)
+
+    @tasks.task(queue="work", name="work.double")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    handler = QueueRunner("work", {double.name: cast(Any, double)}, recorder)
+    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
+    dispatcher = Dispatcher(
+        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=2,
+        hooks=Hooks.of([recorder]),
+    )  # fmt: skip
+    built = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code is Write.__new__.__code__:
+            built[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        handle = await double.enqueue(3)
+        delivery = _delivery(
+            {"n": 3}, "work", 1, False, True,
+            {"message_id": handle.job_id, "headers": {"x-workq-task": double.name}},
+        )  # fmt: skip
+        dispatcher.dispatch(delivery, cast(Any, _Acks()))
+        await asyncio.wait(set(dispatcher.tasks))
+        await recorder.close()
+    finally:
+        sys.setprofile(None)
+    assert built[0] == 0, built[0]
+    queued, claim, succeeded = [w for w in store.writes if w.job_id == handle.job_id][:3]
+    common: dict[str, Any] = {"job_id": handle.job_id, "task": "work.double", "queue": "work"}
+    assert queued == Write(**common, state=JobState.QUEUED, at=queued.at)
+    assert claim == Write(**common, state=JobState.RUNNING, at=claim.at, claim=True, requeue=True)
+    assert succeeded == Write(
+        **common, state=JobState.SUCCEEDED, at=succeeded.at, result=b"6",
+        content_type="application/json",
+    )  # fmt: skip

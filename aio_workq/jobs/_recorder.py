@@ -28,7 +28,7 @@ from ._batches import WriteBatches
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
-from ._status import JobState, Write, storable
+from ._status import JobState, Write, new_write, storable
 from ._store import CancelRequests, JobStore
 
 __all__ = ("GroupCommit", "Recorder", "Running", "current_job")
@@ -244,10 +244,10 @@ class Recorder(Hook):
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)
         running.claimed = self._batches.commit(
-            Write(
-                job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
-                at=now, attempt=attempt, defers=defers, claim=True, requeue=redelivered,
-            )
+            new_write(Write, (
+                job_id, name, queue, JobState.RUNNING, now, attempt, defers, True, redelivered,
+                None, None, None, None, None,
+            ))
         )  # fmt: skip
         if self._checker is None:
             self._checker = asyncio.get_running_loop().create_task(
@@ -359,11 +359,11 @@ class Recorder(Hook):
                 write = running.write(JobState.CANCELLED)
             else:
                 body, content_type = running.result or (None, None)
-                write = Write(
-                    job_id=running.job_id, task=running.task, queue=running.queue,
-                    state=JobState.SUCCEEDED, at=time.time(), attempt=running.attempt,
-                    defers=running.defers, result=body, content_type=content_type,
-                )  # fmt: skip
+                write = new_write(Write, (
+                    running.job_id, running.task, running.queue, JobState.SUCCEEDED,
+                    time.time(), running.attempt, running.defers, False, False, None, None,
+                    None, body, content_type,
+                ))  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
             retry_at = time.time() + (info.delay or 0.0)
             write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))

@@ -31,7 +31,7 @@ from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
 from ._running import build_workers
-from ._status import JobState, Write, unstorable_id
+from ._status import JobState, Write, new_write, unstorable_id
 from ._store import JobStore
 
 if typing.TYPE_CHECKING:
@@ -297,10 +297,10 @@ class Task(Generic[P, R]):
         )  # fmt: skip
         store = self._registry.store
         if store is not None:
-            write = Write(
-                job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
-                at=enqueued_at,
-            )  # fmt: skip
+            write = new_write(Write, (
+                job_id, self.name, self.queue.name, JobState.QUEUED, enqueued_at, 1, 0, False,
+                False, None, None, None, None, None,
+            ))  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
             await self._registry.queued(store, write)  # a future: no coroutine between (#23)
