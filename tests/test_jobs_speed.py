@@ -113,7 +113,7 @@ async def test_a_tracked_delivery_reads_its_properties_once_and_runs_in_its_own_
     eleven = await _run_tracked(11, monkeypatch)
     per = {key: (eleven[key] - one[key]) / 10 for key in one}
     assert per["decoded"] == 1, per
-    assert per["properties"] <= 2, per
+    assert per["properties"] == 1, per  # the recorder's read, kept for the task runner (#23)
     assert per["tasks"] == 0, per
 
 

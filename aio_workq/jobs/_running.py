@@ -184,16 +184,19 @@ class QueueRunner:
         return f"task {name!r}" if isinstance(name, str) else f"a task of queue {self.queue!r}"
 
     async def __call__(self, job: Job) -> Any:
-        properties = job.delivery.properties  # read once for the headers and content type
-        headers = properties.headers or {}
-        name = headers.get(TASK_HEADER)
-        task = self._tasks.get(name) if isinstance(name, str) else None
         recorder = self._recorder
         running = None
         if recorder is not None:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
             running = recorder.jobs.get(job) or recorder.arrived(job, self.queue)
+        # read once for the headers and content type (the recorder's read, if it has it)
+        properties = running._properties if running is not None else None
+        if properties is None:
+            properties = job.delivery.properties
+        headers = properties.headers or {}
+        name = headers.get(TASK_HEADER)
+        task = self._tasks.get(name) if isinstance(name, str) else None
         members = self._members
         if task is None:
             unknown = Reject(_no_task(name, self.queue, self._tasks))
