@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._exceptions import ConfigurationError
 
@@ -36,8 +36,6 @@ __all__ = (
 )
 
 log = logging.getLogger("aio_workq")
-
-_J = TypeVar("_J", bound="JobView")
 
 
 class JobView(Protocol):
@@ -250,8 +248,8 @@ class Hooks:
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
         self.durations: dict[JobView, float] = {}
-        """How long each delivery's handler ran, from its end until `end` reports it (`timed`,
-        or the dispatcher timing its usual delivery itself), when `times`."""
+        """How long each delivery's handler ran, from its end until `end` reports it (the
+        dispatcher times the handler), when `times`."""
         # Per delivery only the hooks that override a method are called (a hook that counts
         # deliveries need not be asked for a context manager).
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
@@ -325,19 +323,6 @@ class Hooks:
                 self._failed(hook, "after_publish", exc, {"message_id": message.message_id})
 
     # -- handling ----------------------------------------------------------------------------
-
-    def timed(self, run: Callable[[_J], Awaitable[Any]]) -> Callable[[_J], Awaitable[Any]]:
-        """`run` (the handler runner), noting how long each call takes for `after_handle`."""
-        durations = self.durations
-
-        async def timed_run(job: _J) -> Any:
-            started = time.perf_counter()
-            try:
-                return await run(job)
-            finally:
-                durations[job] = time.perf_counter() - started
-
-        return timed_run
 
     def begin(
         self, job: JobView, queue: str

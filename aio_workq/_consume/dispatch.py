@@ -45,19 +45,20 @@ class _Slots:
     """The handler slots of a worker that prefetches beyond its concurrency: at most `size`
     held at once, given in arrival order. A freed slot goes straight to the next waiter
     (asyncio.Semaphore on Python 3.11 walks past the waiters it woke already on each
-    release, and all of them in `locked()`: quadratic in a burst of handlers ending)."""
+    release, and all of them in `locked()`: quadratic in a burst of handlers ending).
 
-    __slots__ = ("_free", "_loop", "_waiters")
+    Taken by the dispatcher without a coroutine while one is free (`free > 0`: then no one
+    waits, a freed slot goes to a waiter first): `free -= 1`, else `await wait()`."""
+
+    __slots__ = ("_loop", "_waiters", "free")
 
     def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
-        self._free = size
+        self.free = size
         self._loop = loop
         self._waiters: deque[asyncio.Future[None]] = deque()
 
-    async def acquire(self) -> None:
-        if self._free > 0:  # then no one waits: a freed slot goes to a waiter first
-            self._free -= 1
-            return
+    async def wait(self) -> None:
+        """Wait for a slot freed for this caller (when none is free)."""
         waiter = self._loop.create_future()
         self._waiters.append(waiter)
         try:
@@ -77,7 +78,7 @@ class _Slots:
             if not waiter.done():  # not cancelled meanwhile
                 waiter.set_result(None)
                 return
-        self._free += 1
+        self.free += 1
 
 
 class Dispatcher:
@@ -107,7 +108,6 @@ class Dispatcher:
         self._call = runner.caller()
         # The handler is timed only for a hook that reads how long it ran (`after_handle`).
         self._durations = hooks.durations if hooks is not None and hooks.times else None
-        self._run = self._call if hooks is None or not hooks.times else hooks.timed(self._call)
         self._queue = queue
         self._publisher = publisher
         self._forwarder = forwarder
@@ -218,9 +218,21 @@ class Dispatcher:
             # With hooks: `begin` and `end` around the delivery, no coroutine more per message.
             entered = hooks.begin(job, self.queue_name) if hooks is not None else None
             try:
-                if self._slots is not None or self.stopping:
-                    settled = await self._handle(job, acker, tag, task)
-                else:  # the usual delivery: `_handle`'s steps here, in one coroutine
+                # `_handle`'s steps here, in one coroutine, slots or not (#23: a tracked
+                # worker prefetches twice its concurrency, and its deliveries took two
+                # coroutines more each, `_handle` and the timing wrapper, and a third for
+                # the slot).
+                slots = self._slots
+                if slots is not None:
+                    if slots.free > 0:  # then no one waits: a freed slot goes to a waiter
+                        slots.free -= 1
+                    else:
+                        await slots.wait()
+                if self.stopping:
+                    if slots is not None:
+                        slots.release()
+                    settled = self._requeue(acker, tag)
+                else:
                     failure: BaseException | None = None
                     result: Any = None
                     durations = self._durations
@@ -234,8 +246,10 @@ class Dispatcher:
                     except BaseException as exc:  # noqa: B036 - every delivery is settled
                         failure = exc
                     finally:
-                        if durations is not None:  # as `hooks.timed` notes it
+                        if durations is not None:  # for `after_handle` (`Hooks.durations`)
                             durations[job] = perf_counter() - started
+                        if slots is not None:  # the handler ended: settling needs no slot
+                            slots.release()
                     links = job.links
                     if failure is None and links and len(links) == 1 and not task.cancelling():
                         # The usual chain step: its one confirm awaited here (as _first_failure).
@@ -273,31 +287,12 @@ class Dispatcher:
             job._task = None  # a job a handler keeps does not keep its task
             self.tasks.discard(task)
 
-    async def _handle(self, job: Job, acker: Acker, tag: int, task: asyncio.Task[Any]) -> Settled:
-        """Run the handler and settle the delivery; `task` is the one running this."""
-        slots = self._slots
-        if slots is not None:
-            await slots.acquire()
-        try:
-            if self.stopping:
-                if not self._queue.single_active_consumer:
-                    acker.nack(tag, requeue=True)
-                # else: left unacked; closing the channel returns it in order (see Worker.stop)
-                return Outcome.REQUEUED, None, None
-            failure: BaseException | None = None
-            result: Any = None
-            try:
-                result = await self._run(job)
-            except asyncio.CancelledError as exc:
-                if task.cancelling():
-                    raise  # the worker is stopping: requeued by _process
-                failure = exc  # the handler's own cancellation: a failure like any other
-            except BaseException as exc:  # noqa: B036 - every delivery is settled
-                failure = exc
-        finally:
-            if slots is not None:
-                slots.release()
-        return await self._settle(job, acker, tag, task, failure, result, job.links)
+    def _requeue(self, acker: Acker, tag: int) -> Settled:
+        """The worker is stopping: the delivery goes back to the queue, its handler not run."""
+        if not self._queue.single_active_consumer:
+            acker.nack(tag, requeue=True)
+        # else: left unacked; closing the channel returns it in order (see Worker.stop)
+        return Outcome.REQUEUED, None, None
 
     async def _settle(
         self,

@@ -17,7 +17,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._consume.job import ATTEMPT_HEADER, Job
@@ -28,7 +28,7 @@ from ._batches import WriteBatches
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
-from ._status import JobState, Write, storable, unstorable_id
+from ._status import JobState, Write, new_write, storable
 from ._store import CancelRequests, JobStore
 
 __all__ = ("QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job")
@@ -90,6 +90,9 @@ class Running:
     _cancel: bool = False
     """Set once (by the event loop), read by a thread handler: a plain attribute suffices (a
     `threading.Event` per job cost more than the rest of its `Running`)."""
+    _properties: Any = field(default=None, repr=False)
+    """The delivery's properties as the recorder read them when it arrived (the task runner
+    reads them from here: three calls less a job, #23), if it read them."""
 
     @property
     def cancelled(self) -> bool:
@@ -120,7 +123,7 @@ class Running:
         """
         kind = type(value)
         if kind is int and -_INT_LIMIT < value < _INT_LIMIT:  # most tasks' (#23), as json has it
-            self.result = int.__repr__(value).encode(), JSON
+            self.result = b"%d" % value, JSON  # no call: `int.__repr__(value).encode()`
             return
         if value is None or kind is bool:
             self.result = b"null" if value is None else b"true" if value else b"false", JSON
@@ -165,7 +168,8 @@ class Recorder(Hook):
 
     def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
         self.store = store
-        self._jobs: dict[JobView, Running] = {}
+        self.jobs: dict[JobView, Running] = {}
+        """The tracked job of each delivery here, from its arrival to its settlement."""
         self._by_id: dict[str, Running] = {}
         self._more: dict[str, list[Running]] = {}
         """Other deliveries of a job id `_by_id` has (a second message, a redelivery while
@@ -177,7 +181,7 @@ class Recorder(Hook):
     # -- the task handler's side ------------------------------------------------------------
 
     def begin(self, job: JobView, running: Running) -> None:
-        self._jobs[job] = running
+        self.jobs[job] = running
         self._follow(running)
 
     def _follow(self, running: Running) -> None:
@@ -204,11 +208,24 @@ class Recorder(Hook):
 
     def running(self, job: JobView) -> Running | None:
         """The tracked job of this delivery (`handling` made it), if any."""
-        return self._jobs.get(job)
+        return self.jobs.get(job)
 
     def arrived(self, job: JobView, queue: str) -> Running | None:
-        """A delivery arrived: follow its job (if it has an id) and send its claim now."""
+        """A delivery arrived: follow its job (if it has an id) and send its claim now (if
+        `handling` has not); its tracked job, if it has one."""
+        self.handling(job, queue)
+        return self.jobs.get(job)
+
+    def handling(self, job: JobView, queue: str) -> None:
+        """The hook's: a delivery arrived, before it waits for a free handler (with
+        `prefetch` above `concurrency`). Its job is followed (if it has an id) and its claim
+        goes out now, so the round trip overlaps the handlers running; the handler still runs
+        only once the claim is granted. (The work itself, not a call to `arrived`: a call less
+        per job, #23.)"""
+        if job in self.jobs:
+            return
         headers: Mapping[str, Any]
+        properties = None
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
             delivery = job.delivery
             properties = delivery.properties
@@ -216,29 +233,33 @@ class Recorder(Hook):
             redelivered = delivery.redelivered
         else:
             job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
-        if not job_id or unstorable_id(job_id):  # none, or one no store can keep: untracked
-            return None
-        attempt = headers.get(ATTEMPT_HEADER, 1)  # as `Job.attempt`
-        if not (isinstance(attempt, int) and attempt >= 1):
+        if not job_id or "\x00" in job_id:  # none, or one no store can keep (`unstorable_id`)
+            return
+        # (subscripts, not `get`: no call when the header is there or not, #23)
+        attempt = headers[ATTEMPT_HEADER] if ATTEMPT_HEADER in headers else 1  # as `Job.attempt`
+        if type(attempt) is not int and not isinstance(attempt, int) or attempt < 1:
             attempt = 1
-        name = storable(str(headers.get(TASK_HEADER)))
+        name = headers[TASK_HEADER] if TASK_HEADER in headers else None
+        if type(name) is not str or "\x00" in name:  # as `storable(str(name))`, rarely needed
+            name = storable(str(name))
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
         now = time.time()
-        running = Running(job_id, name, queue, attempt, defers, now, redelivered)
-        self._jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
+        running = Running(
+            job_id, name, queue, attempt, defers, now, redelivered, _properties=properties
+        )
+        self.jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)
         running.claimed = self._batches.commit(
-            Write(
-                job_id=job_id, task=running.task, queue=queue, state=JobState.RUNNING,
-                at=now, attempt=attempt, defers=defers, claim=True, requeue=redelivered,
-            )
+            new_write(Write, (
+                job_id, name, queue, JobState.RUNNING, now, attempt, defers, True, redelivered,
+                None, None, None, None, None,
+            ))
         )  # fmt: skip
         if self._checker is None:
             self._checker = asyncio.get_running_loop().create_task(
                 self._check_cancels(), name="aio-workq cancel check"
             )
-        return running
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
         write = Write(
@@ -260,12 +281,16 @@ class Recorder(Hook):
             claimed = running.claimed = self._claim(running)
         if await claimed:
             return True
+        self.refused(running)
+        return False
+
+    def refused(self, running: Running) -> None:
+        """`running`'s claim was refused: it is skipped (logged)."""
         running.skipped = True
         log.info(
             "job %s (%s) skipped: it was cancelled, is done, or runs already (this is a second "
             "message of it)", running.job_id, running.task,
         )  # fmt: skip
-        return False
 
     async def _check_cancels(self) -> None:
         """Every `CANCEL_CHECK_EVERY` seconds, ask the store whether a job that has been here
@@ -324,15 +349,8 @@ class Recorder(Hook):
 
     # -- the hook ---------------------------------------------------------------------------
 
-    def handling(self, job: JobView, queue: str) -> None:
-        """A delivery arrived, before it waits for a free handler (with `prefetch` above
-        `concurrency`): its claim goes out now, so the round trip overlaps the handlers
-        running. The handler still runs only once the claim is granted."""
-        if job not in self._jobs:
-            self.arrived(job, queue)
-
     def after_handle(self, info: HandleInfo) -> None:
-        running = self._jobs.pop(info.job, None)
+        running = self.jobs.pop(info.job, None)
         if running is None:
             return
         by_id = self._by_id
@@ -344,15 +362,15 @@ class Recorder(Hook):
             return
         outcome = info.outcome
         if outcome is Outcome.OK:
-            if running.cancelled and running.result is None:
+            if running._cancel and running.result is None:  # `cancelled`, a call less
                 write = running.write(JobState.CANCELLED)
             else:
                 body, content_type = running.result or (None, None)
-                write = Write(
-                    job_id=running.job_id, task=running.task, queue=running.queue,
-                    state=JobState.SUCCEEDED, at=time.time(), attempt=running.attempt,
-                    defers=running.defers, result=body, content_type=content_type,
-                )  # fmt: skip
+                write = new_write(Write, (
+                    running.job_id, running.task, running.queue, JobState.SUCCEEDED,
+                    time.time(), running.attempt, running.defers, False, False, None, None,
+                    None, body, content_type,
+                ))  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
             retry_at = time.time() + (info.delay or 0.0)
             write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
@@ -416,6 +434,12 @@ class GroupCommit:
     async def record(self, write: Write) -> None:
         """Record `write` with the batch it joins; returns once that batch is committed, or
         at once while the store is down (the write is kept and caught up)."""
+        await self.commit(write)
+
+    def commit(self, write: Write) -> asyncio.Future[bool]:
+        """`record()`'s future, to await (an enqueue awaits it without a coroutine between,
+        #23); True once the batch `write` joins is committed (or at once while the store is
+        down)."""
         loop = asyncio.get_running_loop()
         batches = self._batches
         if batches is None or loop is not self._loop:  # a new event loop: the old one's
@@ -423,7 +447,7 @@ class GroupCommit:
             batches = self._batches = WriteBatches(
                 self.store, buffer=self._buffer, timeout=self._timeout
             )
-        await batches.commit(write)
+        return batches.commit(write)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Record what is kept, waiting at most `timeout` seconds; what is left then is

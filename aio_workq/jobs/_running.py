@@ -18,6 +18,7 @@ from .._hooks import Hook
 from .._link.settings import check_seconds
 from .._link.specs import Queue
 from ._errors import Cancelled
+from ._groups import GROUP_HEADER
 from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
 from ._members import Members
@@ -111,7 +112,7 @@ async def run_task(
             return await asyncio.to_thread(task.fn, **kwargs)
         except Cancelled:
             return None
-    if running.cancelled:  # cancelled between its claim and now (e.g. waiting for a slot)
+    if running._cancel:  # `cancelled`, between its claim and now (e.g. waiting for a slot)
         running.stopped = True
         return None
     token = _current.set(running)  # running.enter(), a call less per job
@@ -183,16 +184,19 @@ class QueueRunner:
         return f"task {name!r}" if isinstance(name, str) else f"a task of queue {self.queue!r}"
 
     async def __call__(self, job: Job) -> Any:
-        properties = job.delivery.properties  # read once for the headers and content type
-        headers = properties.headers or {}
-        name = headers.get(TASK_HEADER)
-        task = self._tasks.get(name) if isinstance(name, str) else None
         recorder = self._recorder
         running = None
         if recorder is not None:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
-            running = recorder.running(job) or recorder.arrived(job, self.queue)
+            running = recorder.jobs.get(job) or recorder.arrived(job, self.queue)
+        # read once for the headers and content type (the recorder's read, if it has it)
+        properties = running._properties if running is not None else None
+        if properties is None:
+            properties = job.delivery.properties
+        headers = properties.headers or {}
+        name = headers.get(TASK_HEADER)
+        task = self._tasks.get(name) if isinstance(name, str) else None
         members = self._members
         if task is None:
             unknown = Reject(_no_task(name, self.queue, self._tasks))
@@ -202,7 +206,8 @@ class QueueRunner:
                     await member.failed_for_good(unknown, running)
             raise unknown
         if recorder is not None and running is not None and members is not None:
-            member = members.member_of(job, headers)
+            # (a group member has its header: `member_of` is not asked for every job, #23)
+            member = members.member_of(job, headers) if GROUP_HEADER in headers else None
             if member is not None:
                 return await member.handle(task, running, recorder, self._run)
         kwargs = task.arguments.decode(job.body, properties.content_type)
@@ -210,9 +215,12 @@ class QueueRunner:
         if recorder is None or running is None:
             return await self._run(task, kwargs, None)
         claimed = running.claimed  # sent when the delivery arrived, often answered by now
-        if claimed is None or not claimed.done() or not claimed.result():
+        if claimed is None:
             if not await recorder.claim(running):
                 return None
+        elif not await claimed:  # the future itself: no coroutine for it (#23)
+            recorder.refused(running)
+            return None
         if limit is not None and members is not None and members.rates is not None:
             await acquire(members.rates, task.name, limit, kwargs)
         current = None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 __all__ = (
-    "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "storable", "timestamp",
-    "unstorable_id",
+    "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "new_write", "storable",
+    "timestamp", "unstorable_id",
 )  # fmt: skip
 
 
@@ -179,3 +180,10 @@ class Write(_WriteFields):
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL
+
+
+new_write = cast("Callable[[type[Write], tuple[Any, ...]], Write]", _tuple)
+"""`new_write(Write, (job_id, task, queue, state, at, attempt, defers, claim, requeue,
+next_retry_at, error_type, error_message, result, content_type))`: a `Write` from all its
+fields in order, without `Write.__new__`'s call with keywords (a third of the cost): for the
+writes every tracked job makes (its `queued`, its claim, its `succeeded`, #23)."""

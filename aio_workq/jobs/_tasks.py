@@ -3,6 +3,7 @@ arguments, run every task of a registry with one worker per queue."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import re
@@ -30,7 +31,7 @@ from ._json import encode_typed
 from ._rate import RateLimit
 from ._recorder import GroupCommit
 from ._running import build_workers
-from ._status import JobState, Write, unstorable_id
+from ._status import JobState, Write, new_write, unstorable_id
 from ._store import JobStore
 
 if typing.TYPE_CHECKING:
@@ -308,13 +309,13 @@ class Task(Generic[P, R]):
         )  # fmt: skip
         store = context.store
         if store is not None:
-            write = Write(
-                job_id=job_id, task=self.name, queue=self.queue.name, state=JobState.QUEUED,
-                at=enqueued_at,
-            )  # fmt: skip
+            write = new_write(Write, (
+                job_id, self.name, self.queue.name, JobState.QUEUED, enqueued_at, 1, 0, False,
+                False, None, None, None, None, None,
+            ))  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
-            await self._registry.record_queued(store, write)
+            await self._registry.queued(store, write)  # a future: no coroutine between (#23)
         return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
@@ -405,14 +406,14 @@ class Tasks:
         """The tasks declared, by name."""
         return dict(self._tasks)
 
-    async def record_queued(self, store: JobStore, write: Write) -> None:
+    def queued(self, store: JobStore, write: Write) -> asyncio.Future[bool]:
         """Record an enqueue's `queued` write in `store`, in one transaction with the
-        concurrent enqueues' writes; returns once it is committed, or at once while the store
-        is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
+        concurrent enqueues' writes: the future is done once it is committed, or at once while
+        the store is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
         commits = self._commits
         if commits is None or commits.store is not store:
             commits = self._commits = GroupCommit(store)
-        await commits.record(write)
+        return commits.commit(write)
 
     def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
         """Enqueue through `producer` from now on (and keep states in `store`, if given).
