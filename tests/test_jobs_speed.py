@@ -37,8 +37,11 @@ class _Acks:
         raise AssertionError(f"nacked {tag}")
 
 
-def _tracked(recorder: Recorder) -> tuple[Dispatcher, Any]:
-    tasks = Tasks()
+def _tracked(
+    recorder: Recorder, tasks: Tasks | None = None, prefetch: int = 1
+) -> tuple[Dispatcher, Any]:
+    """A dispatcher of tracked `work.double` jobs (a task of `tasks`, a new registry without)."""
+    tasks = tasks or Tasks()
 
     @tasks.task(queue="work", name="work.double")
     async def double(n: int) -> int:
@@ -48,7 +51,7 @@ def _tracked(recorder: Recorder) -> tuple[Dispatcher, Any]:
     runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
     dispatcher = Dispatcher(
         runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
-        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=1,
+        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=prefetch,
         hooks=Hooks.of([recorder]),
     )  # fmt: skip
     return dispatcher, double
@@ -545,18 +548,7 @@ async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its
     store = Kept()
     recorder = Recorder(store)
     tasks = Tasks(producer=cast(Any, Confirmed()), store=store)
-
-    @tasks.task(queue="work", name="work.double")
-    async def double(n: int) -> int:
-        return 2 * n
-
-    handler = QueueRunner("work", {double.name: cast(Any, double)}, recorder)
-    runner = HandlerRunner(handler, executor="thread", concurrency=1, timeout=None, name="t")
-    dispatcher = Dispatcher(
-        runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
-        mover=cast(Any, None), forwarder=cast(Any, None), concurrency=1, prefetch=2,
-        hooks=Hooks.of([recorder]),
-    )  # fmt: skip
+    dispatcher, double = _tracked(recorder, tasks, prefetch=2)
     built = [0]
 
     def profile(frame: Any, event: str, arg: Any) -> None:
