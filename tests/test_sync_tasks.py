@@ -38,6 +38,7 @@ from aio_workq.jobs import (
     JobStore,
     JobTimeoutError,
     SQLiteStore,
+    StoreError,
     TaskArgumentError,
     Tasks,
 )
@@ -376,4 +377,51 @@ async def test_with_the_postgres_store(
             ):
                 assert await asyncio.to_thread(job.result, 20) == Thumb("pg.png", 3)
         finally:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.postgres
+@pytest.mark.broker
+@pytest.mark.xfail(
+    strict=True,
+    raises=StoreError,
+    reason="review7: SyncProducer.enqueue uses the registry's own store on its loop thread and "
+    "closes it with itself (`_LoopThread.hold`): an app that also enqueues and reads statuses "
+    "from async code (Django under ASGI: sync and async views, docs/guides/web-apps.md) shares "
+    "that PostgreSQL pool across two event loops, and closing the SyncProducer closes the "
+    "async side's pool",
+)
+async def test_a_store_shared_with_async_code_survives_the_sync_producer(
+    amqp_url: str, postgres_dsn: str, queue_name: str
+) -> None:
+    import psycopg
+
+    from aio_workq import Producer
+    from aio_workq.jobs.postgres import PostgresStore, migrate
+
+    schema = f"s_{queue_name.replace('-', '')[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+        store = PostgresStore(postgres_dsn, schema=schema)
+        try:
+            app = App(store, queue_name)
+            async with Producer(amqp_url) as async_producer:
+                app.tasks.bind(async_producer)
+                # the async views: enqueue and read on this loop (the pool opens here)
+                handle = await app.thumb.enqueue("async.png")
+                assert (await handle.status()).state is JobState.QUEUED
+                # the sync views: the same registry, through a SyncProducer
+                sync_producer = SyncProducer(amqp_url, timeout=5)
+                try:
+                    job = await asyncio.to_thread(sync_producer.enqueue, app.thumb, "sync.png")
+                    assert (await asyncio.to_thread(job.status)).state is JobState.QUEUED
+                finally:
+                    await asyncio.to_thread(sync_producer.close)
+                # the async side goes on with its store
+                async with asyncio.timeout(10):
+                    assert (await handle.status()).state is JobState.QUEUED
+                    again = await app.thumb.enqueue("after.png")
+                    assert (await again.status()).state is JobState.QUEUED
+        finally:
+            await store.close()
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -249,6 +250,37 @@ async def test_each_handler_runs_in_a_task_of_its_own(
     assert len({id(task) for task in seen}) == 3
     assert all(task.get_name() == f"aio-workq worker {queue_name!r}" for task in seen)
     assert all(task in made for task in seen) is factory
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks came with Python 3.12")
+@pytest.mark.parametrize("prefetch", [None, 8], ids=["prefetch-default", "prefetch-beyond"])
+async def test_handlers_run_under_an_eager_task_factory(
+    prefetch: int | None,
+    producer: Producer,
+    make_worker: Callable[..., Worker],
+    queue_name: str,
+    counter: Counter,
+) -> None:
+    """An application's eager task factory (Python 3.12's `asyncio.eager_task_factory`) runs a
+    delivery's first step inside `create_task`: every delivery is still handled and settled
+    (the handler that never suspends ends within `create_task` itself)."""
+    loop = asyncio.get_running_loop()
+
+    async def handler(job: Job) -> None:
+        if job.data % 2:
+            await asyncio.sleep(0)
+        counter.add(job.data)
+
+    options: dict[str, Any] = {} if prefetch is None else {"prefetch": prefetch}
+    await producer.declare(queue_name)
+    worker = make_worker(queue=queue_name, handler=handler, concurrency=2, **options)
+    await worker.start()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        await producer.publish_many(range(40), queue=queue_name)
+        assert sorted(await counter.wait_for(40)) == list(range(40))
+    finally:
+        loop.set_task_factory(None)
 
 
 async def test_passive_queue_that_does_not_exist_is_a_topology_error(

@@ -146,8 +146,10 @@ class Dispatcher:
         loop = self._loop
         if loop.get_task_factory() is None:
             task = Task(process, loop=loop, name=self._task_name)
-        else:
+        else:  # an eager one (Python 3.12+) may have run it, even to its end, by now
             task = loop.create_task(process, name=self._task_name)
+            if task.done():
+                return
         job._task = task
         self.tasks.add(task)
 
@@ -182,8 +184,10 @@ class Dispatcher:
         loop = self._loop
         if loop.get_task_factory() is None:
             task = Task(process, loop=loop, name=self._task_name)
-        else:
+        else:  # an eager one (Python 3.12+) may have run it, even to its end, by now
             task = loop.create_task(process, name=self._task_name)
+            if task.done():
+                return
         job._task = task
         self.tasks.add(task)
 
@@ -211,7 +215,9 @@ class Dispatcher:
     async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
         set_handling((self.queue_name, job))  # log lines in this task name the message
-        task = job._task  # this task (`_start`)
+        task = job._task  # this task (`dispatch`, `take`)
+        if task is None:  # its first step ran in `create_task` (an eager task factory)
+            task = job._task = asyncio.current_task(self._loop)
         assert task is not None
         hooks = self._hooks
         try:
