@@ -276,7 +276,11 @@ class Scheduler(_Declared):
                     if connection.is_closed:  # given up on after a channel that would not close
                         connection = self._connection()
                     await connection.open()
-                    await self._session(connection)
+                    aborting = asyncio.ensure_future(self._abort_when_hurried(connection))
+                    try:
+                        await self._session(connection)
+                    finally:
+                        aborting.cancel()
                 except (*_BROKER_ERRORS, WorkqError) as exc:
                     log.warning(
                         "scheduler %s: %s: %s; retrying in %.1f s",
@@ -297,6 +301,13 @@ class Scheduler(_Declared):
                 with contextlib.suppress(Exception):
                     await self._producer.close(0 if hurry else 10.0)
                 self._producer = None
+
+    async def _abort_when_hurried(self, connection: Connection) -> None:
+        """Past a stop's timeout, abort `connection`, whatever this process is doing on it: a
+        standby's polite close of its lease channel (5 s with a broker that does not answer)
+        ends at once, as the active one's firing does."""
+        await self._hurry.wait()
+        await connection.close(0)
 
     async def _session(self, connection: Connection) -> None:
         """One candidacy on `connection`; while it holds the lease, fire.
