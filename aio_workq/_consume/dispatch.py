@@ -15,6 +15,7 @@ import contextlib
 import logging
 from asyncio import Task
 from collections import deque
+from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
@@ -146,12 +147,10 @@ class Dispatcher:
         loop = self._loop
         if loop.get_task_factory() is None:
             task = Task(process, loop=loop, name=self._task_name)
-        else:  # an eager one (Python 3.12+) may have run it, even to its end, by now
-            task = loop.create_task(process, name=self._task_name)
-            if task.done():
-                return
-        job._task = task
-        self.tasks.add(task)
+            job._task = task
+            self.tasks.add(task)
+        else:
+            self._start_by_factory(job, process)
 
     def take(
         self,
@@ -184,12 +183,19 @@ class Dispatcher:
         loop = self._loop
         if loop.get_task_factory() is None:
             task = Task(process, loop=loop, name=self._task_name)
-        else:  # an eager one (Python 3.12+) may have run it, even to its end, by now
-            task = loop.create_task(process, name=self._task_name)
-            if task.done():
-                return
-        job._task = task
-        self.tasks.add(task)
+            job._task = task
+            self.tasks.add(task)
+        else:
+            self._start_by_factory(job, process)
+
+    def _start_by_factory(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
+        """Start a delivery's task with the application's task factory. An eager one (Python
+        3.12+) may have run it by now, even to its end: `_process` then found its task with
+        `current_task()`, and a task that ended is not kept."""
+        task = self._loop.create_task(process, name=self._task_name)
+        if not task.done():
+            job._task = task
+            self.tasks.add(task)
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
