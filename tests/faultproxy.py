@@ -137,6 +137,15 @@ class FaultProxy:
         self.cuts += len(links)
         return len(links)
 
+    def tell_clients(self, data: bytes) -> int:
+        """Write `data` to every client now, as if the broker had sent it (a forged frame: call
+        it while nothing else is in flight, so it does not land inside a frame); returns how
+        many clients."""
+        links = list(self._links)
+        for link in links:
+            link.client.write(data)
+        return len(links)
+
     @contextlib.asynccontextmanager
     async def cutting(self, *, every: float) -> AsyncIterator[None]:
         """Cut every connection every `every` seconds while inside the block."""

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import uuid
 
+import pamqp.commands
+import pamqp.frame
 import pytest
 
 from aio_workq import Connection
 from scripts.broker import LocalBroker
+from tests.faultproxy import FaultProxy
 from tests.helpers import wait_until
 
 SCRIPT = """
@@ -76,3 +79,41 @@ async def test_a_connection_the_broker_closes_is_logged_once_with_the_brokers_re
     assert len(lost) == 1, lost
     assert "(320 CONNECTION_FORCED - maintenance)" in lost[0], lost[0]  # was "(320)"
     assert "guest:guest" not in lost[0]
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "plain"])
+async def test_a_close_aiormq_maps_to_its_own_class_is_logged_once_with_its_code(
+    amqp_url: str, caplog: pytest.LogCaptureFixture, fast_path: bool
+) -> None:
+    # RabbitMQ 3.10 on a cluster closes a connection with 541 INTERNAL_ERROR when a consumer
+    # starts on a quorum queue just declared through another node (its local member not yet
+    # running). aiormq raises such a close as its own class (`ConnectionInternalError`, the
+    # reply text alone): its reader's WARNING and traceback were printed beside aio-workq's
+    # line, which said "(INTERNAL_ERROR)" without the code. The close is forged here through a
+    # proxy (the race is rare), as the broker sends it.
+    caplog.set_level(logging.INFO)
+    close = pamqp.frame.marshal(
+        pamqp.commands.Connection.Close(
+            reply_code=541, reply_text="INTERNAL_ERROR", class_id=0, method_id=0
+        ),
+        0,
+    )
+    async with FaultProxy.to(amqp_url) as proxy:
+        url = proxy.url(amqp_url)
+        async with Connection(url, fast_path=fast_path, name="forged-close") as connection:
+            assert proxy.tell_clients(close) == 1
+
+            async def reconnected() -> bool:
+                return connection.reconnects == 1 and connection.is_connected
+
+            await wait_until(reconnected, timeout=30)
+    aiormq_lines = [
+        f"{r.levelname} {r.getMessage()}"
+        for r in caplog.records
+        if r.name.startswith("aiormq") and r.levelno >= logging.WARNING
+    ]
+    assert aiormq_lines == []
+    lost = [r.getMessage() for r in caplog.records if "lost the connection" in r.getMessage()]
+    assert len(lost) == 1, lost
+    assert "(541 INTERNAL_ERROR)" in lost[0], lost[0]

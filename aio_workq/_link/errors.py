@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiormq
+import aiormq.connection
 
 from .._exceptions import (
     AccessRefusedError,
@@ -129,6 +130,14 @@ def translate_errors(doing: str) -> Iterator[None]:
         raise BrokerConnectionError(f"{doing}: {reason(exc)}") from exc
 
 
+_CLOSE_CODES: dict[type[BaseException], int] = {
+    cls: code for code, cls in aiormq.connection.EXCEPTION_MAPPING.items()
+}
+"""aiormq raises a broker's Connection.Close with a mapped reply code (541 INTERNAL_ERROR, 504
+CHANNEL_ERROR, ...) as `ConnectionInternalError(reply_text)` etc., without the code (reliance 12
+in `_wire/seams.py`); the others as `ConnectionClosed(code, text)`."""
+
+
 def reason(exc: BaseException) -> str:
     """A short, password-free description of an aiormq/OS error."""
     cause = exc.__cause__
@@ -138,6 +147,7 @@ def reason(exc: BaseException) -> str:
         first = exc.args[0]
         if isinstance(first, int) and len(exc.args) > 1:  # a Close: (reply code, reply text)
             return f"{first} {exc.args[1]}"
-        text = getattr(first, "reply_text", None) or str(first)
-        return str(text)
+        text = str(getattr(first, "reply_text", None) or first)
+        code = _CLOSE_CODES.get(type(exc))  # a Close aiormq raises as a class of its own
+        return f"{code} {text}" if code is not None else text
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -53,11 +53,11 @@ class QuietAttempts(logging.Filter):
 
 
 def _closed(record: logging.LogRecord) -> bool:
-    """The record's exception is the broker's Connection.Close (a reply code and text)."""
+    """The record's exception is the broker's Connection.Close: aiormq raises it as
+    `ConnectionClosed(code, text)`, or as a subclass of it with the text alone for the codes it
+    maps (541 INTERNAL_ERROR, 504 CHANNEL_ERROR, ...)."""
     exc = record.exc_info[1] if record.exc_info else None
-    return isinstance(exc, aiormq.exceptions.AMQPConnectionError) and isinstance(
-        exc.args[0] if exc.args else None, int
-    )
+    return isinstance(exc, aiormq.exceptions.ConnectionClosed)
 
 
 def install() -> None:

@@ -88,11 +88,14 @@ against the newest releases):
     an aio-pika connection) keeps aiormq's bounded queue.
 12. When the broker closes a connection, aiormq logs an ERROR "Unexpected connection close
     from remote ..." and, from the reader task's done callback, a WARNING "Cancelling cause
-    reader exited abnormally" with the close's exception (an `AMQPConnectionError` whose
-    args are the reply code and text); the reader task and that callback run in a copy of the
+    reader exited abnormally" with the close's exception (a `ConnectionClosed` whose args are
+    the reply code and text, or for the codes in aiormq's `connection.EXCEPTION_MAPPING`, 541
+    INTERNAL_ERROR among them, a subclass of it with the text alone: `_link/errors.reason`
+    puts the code back from that mapping); the reader task and that callback run in a copy of the
     context `connect()` was called in. The log filter of `_link/quiet.py` drops both for
     aio-workq's own connections, which log one WARNING of their own with the reason
-    (`tests/test_link_quiet.py::test_a_connection_the_broker_closes_is_logged_once_with_the_brokers_reason`).
+    (`tests/test_link_quiet.py::test_a_connection_the_broker_closes_is_logged_once_with_the_brokers_reason`
+    and `::test_a_close_aiormq_maps_to_its_own_class_is_logged_once_with_its_code`).
     Should aiormq change either, its lines are printed again beside aio-workq's: nothing is
     lost.
 """
