@@ -340,10 +340,8 @@ class Scheduler(_Declared):
                 finally:
                     self._set_active(False)
                     log.info("scheduler %s is no longer active", self.identity)
-                    if self._hurry.is_set():
-                        # No polite release past a stop's timeout: the broker frees the guard
-                        # and the lease with the connection.
-                        await connection.close(0)
+                    # Past a stop's timeout (or on a cancel) `_abort_when_hurried` aborts the
+                    # connection: no polite release, the broker frees the guard and the lease.
 
     async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
         """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
