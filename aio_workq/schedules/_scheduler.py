@@ -176,7 +176,7 @@ class Scheduler(_Declared):
         self._url = resolve_url(url)
         super().__init__(schedules)
         self._identity = identity
-        self._retry_delay = _seconds("retry_delay", retry_delay)
+        self._retry_delay = check_seconds("retry_delay", retry_delay)
         self._ssl_context = ssl_context
         self._given_name = name
         self._backoff = backoff or Backoff()
@@ -443,9 +443,3 @@ class _Deadline:
 
     async def wait(self) -> None:
         await self._event.wait()
-
-
-def _seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{name} must be seconds > 0, got {value!r}")
-    return float(value)
