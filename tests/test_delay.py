@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 import aio_workq
 from aio_workq import ConfigurationError, Job, Producer
-from aio_workq._link.delay import LEVELS, MAX_DELAY, delay_ticks, routing_key
+from aio_workq._link.delay import LEVELS, MAX_DELAY, DelayLadder, delay_ticks, routing_key
 from scripts.broker import LocalBroker
 from tests.helpers import Counter
 
@@ -150,3 +151,38 @@ async def test_a_delay_survives_a_broker_restart(
     async with aio_workq.Worker(amqp_url, queue=queue_name, handler=arrivals.handle):
         [(at, data)] = await arrivals.counter.wait_for(1, timeout=60)
     assert at >= data["due"]
+
+
+async def test_a_delayed_publish_nacked_by_a_new_delay_queue_is_sent_again(
+    amqp_url: str, queue_name: str, local_broker: LocalBroker
+) -> None:
+    """A delayed publish goes to the ladder's exchange of its delay's level, which routes it to
+    that level's quorum queue, declared by the producer on its first delayed publish (two
+    processes starting at once: the queue may still be starting, and the broker nacks). Such
+    a nack is sent again, as one from a queue published to by name is: before, every nack
+    through an exchange failed at once (`Router.starting` said no for any exchange). Here a
+    policy makes the level's queue nack (full): the publish is sent again for 1.55 s first."""
+    ticks = delay_ticks(60)  # its level holds it 51.2 s: full for the tries
+    level = DelayLadder.exchange_for(ticks)
+    name = f"{queue_name}-full-ladder"
+    definition = '{"max-length": 0, "overflow": "reject-publish"}'
+    local_broker.ctl(
+        "set_policy", name, f"^{re.escape(level)}$", definition, "--apply-to", "queues",
+        "--priority", "100",
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    try:
+        async with Producer(amqp_url) as producer:  # declares the ladder: its queues are new
+            async with asyncio.timeout(30):  # a hang guard: 5 tries take 1.55 s
+                for n in range(3):  # a quorum queue takes one past its length (0)
+                    began = loop.time()
+                    try:
+                        await producer.publish(n, queue=queue_name, delay=60, timeout=20)
+                    except aio_workq.PublishNackedError:
+                        took = loop.time() - began
+                        break
+                else:
+                    raise AssertionError(f"{level} never nacked")
+        assert took >= 1.4, took
+    finally:
+        local_broker.ctl("clear_policy", name)

@@ -5,6 +5,7 @@ store's binary arrays built as psycopg's own dumpers would."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from typing import Any, cast
 
@@ -316,29 +317,33 @@ async def test_a_burst_of_freed_handler_slots_wakes_each_waiter_in_one_look(
     assert looks[0] <= 6 * n, looks[0]  # about n * n / 2 with asyncio.Semaphore
 
 
-def _calls(run: Any) -> int:
-    """Python and C calls `run()` makes from Python code (sys.setprofile's events)."""
-    import sys
+class _Calls:
+    """`with _Calls() as calls:` counts the Python and C calls made from Python code in the
+    block (sys.setprofile's events) in `calls.count`; entering and leaving add a constant,
+    which the tests' differences cancel out. `_Calls(of=function)`: that function's calls."""
 
-    count = [0]
+    def __init__(self, of: Any = None) -> None:
+        self.count = 0
+        self._code = None if of is None else of.__code__
 
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event in ("call", "c_call"):
-            count[0] += 1
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if self._code is None:
+            if event in ("call", "c_call"):
+                self.count += 1
+        elif event == "call" and frame.f_code is self._code:
+            self.count += 1
 
-    sys.setprofile(profile)
-    try:
-        run()
-    finally:
+    def __enter__(self) -> _Calls:
+        sys.setprofile(self._profile)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         sys.setprofile(None)
-    return count[0]
 
 
 def test_a_write_is_built_without_a_step_per_field() -> None:
     """A worker builds two `Write`s per tracked job (#23): one tuple made at once, not a
     statement per field (a frozen dataclass's __init__ sets each with object.__setattr__)."""
-    import sys
-
     from aio_workq.jobs._status import Write
 
     lines = [0]
@@ -375,9 +380,10 @@ def test_a_batchs_columns_cost_no_python_call_per_write() -> None:
         ]  # fmt: skip
         columns = Columns()
         columns.build(writes, range(2 * n), "w", "utf-8")  # the strings encoded once
-        return _calls(lambda: columns.build(writes, range(n), "c", "utf-8")) + _calls(
-            lambda: columns.build(writes, range(n, 2 * n), "w", "utf-8")
-        )
+        with _Calls() as made:
+            columns.build(writes, range(n), "c", "utf-8")
+            columns.build(writes, range(n, 2 * n), "w", "utf-8")
+        return made.count
 
     assert calls(100) == calls(10), (calls(10), calls(100))
 
@@ -402,7 +408,6 @@ async def _calls_per_job(prefetch: int, concurrency: int = 2, tracked: bool = Tr
     """Python and C calls per job (tracked: in a MemoryStore), deliveries handed in one at a
     time (none waits for a handler slot): `(calls(41) - calls(11)) / 30`, start-up cancels
     out."""
-    import sys
 
     async def calls(n: int) -> int:
         recorder = Recorder(MemoryStore())
@@ -435,22 +440,13 @@ async def _calls_per_job(prefetch: int, concurrency: int = 2, tracked: bool = Tr
             for i in range(n)
         ]
         acks = _Acks()
-        count = [0]
-
-        def profile(frame: Any, event: str, arg: Any) -> None:
-            if event in ("call", "c_call"):
-                count[0] += 1
-
-        sys.setprofile(profile)
-        try:
+        with _Calls() as made:
             for delivery in deliveries:
                 dispatcher.dispatch(delivery, cast(Any, acks))
                 await asyncio.wait(set(dispatcher.tasks))
             await recorder.close()
-        finally:
-            sys.setprofile(None)
         assert len(acks.acked) == n
-        return count[0]
+        return made.count
 
     await calls(3)  # first use: whatever is set up once
     return (await calls(41) - await calls(11)) / 30
@@ -482,7 +478,6 @@ async def test_a_tracked_jobs_recorder_and_runner_cost_few_calls_more_than_an_un
 async def _calls_per_enqueue(tracked: bool) -> float:
     """Python and C calls per `Task.enqueue()` (tracked: recorded in a MemoryStore), one at a
     time, to a producer that confirms at once: `(calls(41) - calls(11)) / 30`."""
-    import sys
 
     class Confirmed:
         async def publish(self, body: bytes, queue: Any, **options: Any) -> None:
@@ -495,19 +490,10 @@ async def _calls_per_enqueue(tracked: bool) -> float:
         async def double(n: int) -> int:
             return 2 * n
 
-        count = [0]
-
-        def profile(frame: Any, event: str, arg: Any) -> None:
-            if event in ("call", "c_call"):
-                count[0] += 1
-
-        sys.setprofile(profile)
-        try:
+        with _Calls() as made:
             for i in range(n):
                 await double.enqueue(i)
-        finally:
-            sys.setprofile(None)
-        return count[0]
+        return made.count
 
     await calls(3)  # first use: whatever is set up once
     return (await calls(41) - await calls(11)) / 30
@@ -528,8 +514,6 @@ async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its
     built from their fields in order (`new_write`), not by `Write.__new__`'s call with
     keywords (two calls a consumed job before, one an enqueue), and what they hold is what
     the keyword form builds."""
-    import sys
-
     from aio_workq.jobs._status import Write
 
     class Kept(MemoryStore):
@@ -549,14 +533,7 @@ async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its
     recorder = Recorder(store)
     tasks = Tasks(producer=cast(Any, Confirmed()), store=store)
     dispatcher, double = _tracked(recorder, tasks, prefetch=2)
-    built = [0]
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if event == "call" and frame.f_code is Write.__new__.__code__:
-            built[0] += 1
-
-    sys.setprofile(profile)
-    try:
+    with _Calls(of=Write.__new__) as built:
         handle = await double.enqueue(3)
         delivery = _delivery(
             {"n": 3}, "work", 1, False, True,
@@ -565,9 +542,7 @@ async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its
         dispatcher.dispatch(delivery, cast(Any, _Acks()))
         await asyncio.wait(set(dispatcher.tasks))
         await recorder.close()
-    finally:
-        sys.setprofile(None)
-    assert built[0] == 0, built[0]
+    assert built.count == 0, built.count
     queued, claim, succeeded = [w for w in store.writes if w.job_id == handle.job_id][:3]
     common: dict[str, Any] = {"job_id": handle.job_id, "task": "work.double", "queue": "work"}
     assert queued == Write(**common, state=JobState.QUEUED, at=queued.at)

@@ -564,6 +564,21 @@ async def test_a_scheduler_given_a_url_list_passes_over_a_dead_node(
             await run
 
 
+async def stop_paused(broker: LocalBroker, scheduler: Scheduler, run: asyncio.Task[None]) -> float:
+    """`scheduler.stop(timeout=1)` while `broker` does not answer (paused); the seconds until
+    its `run()` returned. The broker answers again afterwards."""
+    loop = asyncio.get_running_loop()
+    broker.pause()
+    try:
+        began = loop.time()
+        await scheduler.stop(timeout=1)
+        async with asyncio.timeout(30):  # a hang guard: the bound is far below it
+            await run
+        return loop.time() - began
+    finally:
+        broker.resume()
+
+
 async def test_a_stop_with_a_timeout_returns_within_it_while_the_broker_does_not_answer(
     local_broker: LocalBroker, group: str, ticks: Ticks
 ) -> None:
@@ -576,16 +591,7 @@ async def test_a_stop_with_a_timeout_returns_within_it_while_the_broker_does_not
     scheduler = Scheduler(local_broker.url, [poll(group)], group=group, identity="paused")
     run = await start(scheduler)
     await ticks.wait_for(2)
-    loop = asyncio.get_running_loop()
-    local_broker.pause()
-    try:
-        began = loop.time()
-        await scheduler.stop(timeout=1)
-        async with asyncio.timeout(30):  # a hang guard: the bound is far below it
-            await run
-        took = loop.time() - began
-    finally:
-        local_broker.resume()
+    took = await stop_paused(local_broker, scheduler, run)
     assert took < 1 + 4, took
     assert not scheduler.active
     second = Scheduler(local_broker.url, [poll(group)], group=group, identity="next")
@@ -640,16 +646,9 @@ async def test_a_standby_schedulers_stop_with_a_timeout_returns_within_it_while_
     second = await start(standby)
     await ticks.wait_for(len(ticks.seen) + 2)  # two ticks more: it stands by meanwhile
     assert not standby.active
-    loop = asyncio.get_running_loop()
-    local_broker.pause()
     try:
-        began = loop.time()
-        await standby.stop(timeout=1)
-        async with asyncio.timeout(30):  # a hang guard
-            await second
-        took = loop.time() - began
+        took = await stop_paused(local_broker, standby, second)
     finally:
-        local_broker.resume()
         await active.stop()
         async with asyncio.timeout(60):
             await first

@@ -436,3 +436,11 @@ async def test_a_stop_timeout_that_is_not_seconds_is_refused() -> None:
             await scheduler.stop(bad)  # type: ignore[arg-type]
     await scheduler.stop(float("inf"))  # no bound: as stop()
     await scheduler.stop(0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "1", True, 0])
+def test_a_retry_delay_that_is_not_finite_seconds_is_refused(bad: object) -> None:
+    # NaN passed the scheduler's own check (NaN <= 0 is false) and inf made a replica that
+    # lost the broker wait forever; the check is now the one of every other setting.
+    with pytest.raises(ConfigurationError, match="retry_delay must be a finite number of sec"):
+        Scheduler("amqp://guest:guest@localhost/", retry_delay=bad)  # type: ignore[arg-type]

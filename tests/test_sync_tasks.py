@@ -38,7 +38,6 @@ from aio_workq.jobs import (
     JobStore,
     JobTimeoutError,
     SQLiteStore,
-    StoreError,
     TaskArgumentError,
     Tasks,
 )
@@ -382,15 +381,6 @@ async def test_with_the_postgres_store(
 
 @pytest.mark.postgres
 @pytest.mark.broker
-@pytest.mark.xfail(
-    strict=True,
-    raises=StoreError,
-    reason="review7: SyncProducer.enqueue uses the registry's own store on its loop thread and "
-    "closes it with itself (`_LoopThread.hold`): an app that also enqueues and reads statuses "
-    "from async code (Django under ASGI: sync and async views, docs/guides/web-apps.md) shares "
-    "that PostgreSQL pool across two event loops, and closing the SyncProducer closes the "
-    "async side's pool",
-)
 async def test_a_store_shared_with_async_code_survives_the_sync_producer(
     amqp_url: str, postgres_dsn: str, queue_name: str
 ) -> None:
@@ -424,4 +414,38 @@ async def test_a_store_shared_with_async_code_survives_the_sync_producer(
                     assert (await again.status()).state is JobState.QUEUED
         finally:
             await store.close()
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.postgres
+@pytest.mark.broker
+async def test_a_given_pool_used_from_the_sync_producers_loop_is_refused(
+    amqp_url: str, postgres_dsn: str, queue_name: str
+) -> None:
+    """A psycopg pool belongs to the loop it was opened on: a store made on the app's pool
+    refuses the SyncProducer's loop with an error that says what to do, instead of using the
+    pool from two loops."""
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+    from aio_workq.jobs.postgres import PostgresStore, migrate
+
+    schema = f"s_{queue_name.replace('-', '')[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+        try:
+            async with AsyncConnectionPool(
+                postgres_dsn, min_size=1, max_size=2, kwargs={"autocommit": True}, open=False
+            ) as pool:
+                app = App(PostgresStore(pool=pool, schema=schema), queue_name)
+                missing = "no-such-job"
+                with pytest.raises(JobNotFoundError):
+                    await app.tasks.job(missing).status()  # this loop: the pool's own
+                with SyncProducer(amqp_url, timeout=5) as producer:
+                    handle = producer.job(app.tasks, missing)
+                    with pytest.raises(ConfigurationError, match=r"give the store a dsn"):
+                        await asyncio.to_thread(handle.status)
+                with pytest.raises(JobNotFoundError):
+                    await app.tasks.job(missing).status()  # still serves its loop
+        finally:
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -116,6 +116,7 @@ class DelayLadder:
     def __init__(self, source: LinkSource) -> None:
         self._source = source
         self._declared: asyncio.Future[None] | None = None
+        self._declared_at: float | None = None  # when the ladder was last declared (loop time)
         self._bound: set[str] = set()
         self._binding: dict[str, asyncio.Future[None]] = {}
 
@@ -125,6 +126,17 @@ class DelayLadder:
         bit. The levels above would only pass it on; each exchange it skips is routing work
         the broker saves (it shows in bursts of delayed publishes)."""
         return _exchange(ticks.bit_length() - 1)
+
+    def starting(self, exchange: str, within: float) -> bool:
+        """Whether `exchange` is a level of the ladder, declared here less than `within` s
+        ago: a delayed publish to it goes to that level's quorum queue alone, which may still
+        be starting (its nack is worth sending again)."""
+        declared_at = self._declared_at
+        if declared_at is None or exchange == DELIVER_EXCHANGE:
+            return False
+        if not exchange.startswith(f"{PREFIX}."):
+            return False
+        return asyncio.get_running_loop().time() - declared_at < within
 
     def ready_for(self, queue: str) -> bool:
         """True when the ladder is declared and `queue` is bound to it (the hot path)."""
@@ -170,6 +182,7 @@ class DelayLadder:
                         source=name,
                         routing_key=_pattern(level, "0"),
                     )
+        self._declared_at = asyncio.get_running_loop().time()
 
     async def _bind(self, queue: str) -> None:
         async with declaring_channel(self._source) as channel:

@@ -196,8 +196,10 @@ class Router:
     def starting(self, exchange: str, routing_key: str) -> bool:
         """Whether the queue a message to `exchange` / `routing_key` went to is a quorum
         queue declared here less than `STARTING` s ago (a queue of `declare`, or its
-        dead-letter or delay queue; or a queue that `declare="never"` found then), which may
-        still be starting.
+        dead-letter or delay queue; or a queue that `declare="never"` found then; or, for a
+        delayed publish, the delay ladder's queue of its level), which may still be starting.
+        A message to another exchange is not sent again: where the exchange routes it is not
+        known here (it may have reached some of its queues).
 
         Two processes declaring a new quorum queue at once: the second declare-ok comes back
         while the first declarer's queue is still starting its Raft member, and the broker
@@ -205,7 +207,7 @@ class Router:
         its declare). Such a nack is worth sending again; later ones are the queue's answer.
         """
         if exchange:
-            return False
+            return self._ladder is not None and self._ladder.starting(exchange, STARTING)
         declared_at = self._declared_at.get(routing_key)
         if declared_at is None:
             return False

@@ -177,13 +177,20 @@ def check_flag(what: str, value: object) -> bool:
     return value
 
 
-def check_seconds(what: str, value: object, *, zero: bool = False, forever: bool = False) -> float:
+def check_seconds(
+    what: str,
+    value: object,
+    *,
+    zero: bool = False,
+    forever: bool = False,
+    error: type[ConfigurationError] = ConfigurationError,
+) -> float:
     """`value`, a number of seconds: more than 0 (or 0 too, with `zero`), and finite (or
     infinite too, with `forever`).
 
     Raises:
         ConfigurationError: not a number (a bool is not one), out of range, or NaN; the
-            message names `what`.
+            message names `what`. `error` is the subclass raised (e.g. the outbox's).
     """
     if isinstance(value, int | float) and not isinstance(value, bool):
         number = float(value)
@@ -191,4 +198,4 @@ def check_seconds(what: str, value: object, *, zero: bool = False, forever: bool
             return number
     kind = "a number" if forever else "a finite number"
     bound = ">= 0" if zero else "> 0"
-    raise ConfigurationError(f"{what} must be {kind} of seconds {bound}, got {value!r}")
+    raise error(f"{what} must be {kind} of seconds {bound}, got {value!r}")

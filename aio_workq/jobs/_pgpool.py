@@ -12,6 +12,12 @@ its reconnect attempts off, doubling the delay between them (1, 2, 4, 8, 16 s ..
 `reconnect_timeout`), and `check()` does not reset that; so while the pool can't connect, the
 server is probed directly every second, and once it answers after having refused, a fresh pool
 takes the old one's place (the old one is closed in the background).
+
+A psycopg async pool belongs to the event loop it was opened on (its locks, its workers), so
+the store opens a pool of its own on each loop it is used from: an app's loop and a
+`SyncProducer`'s thread each have theirs, and `close()` closes the running loop's. A pool
+given to the store serves the loop it was first used on; another loop gets a
+`ConfigurationError` that says so.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
+from .._exceptions import ConfigurationError
 from ._errors import StoreError
 
 __all__ = ("StorePool",)
@@ -88,12 +95,9 @@ class StorePool:
         self._dsn, self._max_size, self._timeout = dsn or "", max_size, timeout
         self._where, self._schema = where, schema
         self._own = pool is None
-        self._pool = pool or self._new_pool()
-        self._opened = not self._own
+        self._given = pool
         self._pid = os.getpid()
-        self._stuck = False  # the last operation could not get a connection
-        self._prober: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopPool] = {}  # a pool per event loop
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         # The pool this store opens has autocommit connections: a batch of one round is one
@@ -116,33 +120,28 @@ class StorePool:
                 its own, which a call costs), else before this raises (the workers' batches of
                 writes, which the queue does not wait for).
         """
-        if self._pid != os.getpid() and self._own:
-            # A forked child: the parent's connections stay the parent's (psycopg does not
-            # close them on collection in another process); the child opens its own.
-            self._pid = os.getpid()
-            self._pool, self._opened = self._new_pool(), False
-            self._prober, self._closing = None, set()
-        if not self._opened:
-            self._opened = True
-            await self._pool.open(wait=False)
+        here = self._here()
+        if not here.opened:
+            here.opened = True
+            await here.pool.open(wait=False)
         acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
 
         async def use() -> T:
             while True:
-                pool = self._pool
+                pool = here.pool
                 try:
                     async with pool.connection(timeout=self._timeout) as conn:
                         acquired.append(True)
-                        self._stuck = False
+                        here.stuck = False
                         return await operation(conn)
                 except PoolClosed:
-                    if acquired or self._pool is pool:
+                    if acquired or here.pool is pool:
                         raise
                     # A fresh pool replaced the one this waited on (`_probe`): the server
                     # answers again, so wait on the fresh one (within the caller's bound).
                 except BaseException:  # a caller's timeout too (the recorder's is the store's)
                     if not acquired:
-                        self._unreachable()
+                        self._unreachable(here)
                     raise
 
         if not detach:
@@ -173,19 +172,53 @@ class StorePool:
         except (PsycopgError, PoolTimeout, OSError) as exc:
             raise self.failed(what, exc) from exc
 
-    def _unreachable(self) -> None:
-        """No connection was had: a pool of the store's own is watched until it has one."""
-        self._stuck = True
-        if self._own and (self._prober is None or self._prober.done()):
-            self._prober = asyncio.ensure_future(self._probe())
-            self._prober.add_done_callback(_retrieve)
+    def _here(self) -> _LoopPool:
+        """The pool of the running event loop, made (not opened) on the loop's first use.
 
-    async def _probe(self) -> None:
+        Raises:
+            ConfigurationError: a pool given to the store, used from another loop than the
+                one it was first used on.
+        """
+        loop = asyncio.get_running_loop()
+        if self._pid != os.getpid():
+            # A forked child: the parent's connections stay the parent's (psycopg does not
+            # close them on collection in another process); the child opens its own.
+            self._pid = os.getpid()
+            if self._own:
+                self._loops = {}
+        here = self._loops.get(loop)
+        if here is not None:
+            return here
+        if self._given is not None:
+            if self._loops:
+                raise ConfigurationError(
+                    f"{self._where}: a pool given to PostgresStore(pool=...) belongs to the "
+                    "event loop it was first used on, and this call runs on another one (a "
+                    "SyncProducer's thread, another asyncio.run()): give the store a dsn "
+                    "instead (it opens a pool on each event loop it is used from), or give "
+                    "each loop a store of its own"
+                )
+            here = _LoopPool(self._given, opened=True)
+        else:
+            for gone in [other for other in self._loops if other.is_closed()]:
+                del self._loops[gone]  # its pool went with its loop
+            here = _LoopPool(self._new_pool(), opened=False)
+        self._loops[loop] = here
+        return here
+
+    def _unreachable(self, here: _LoopPool) -> None:
+        """No connection was had: a pool of the store's own is watched until it has one."""
+        here.stuck = True
+        if self._own and (here.prober is None or here.prober.done()):
+            here.prober = asyncio.ensure_future(self._probe(here))
+            here.prober.add_done_callback(_retrieve)
+
+    async def _probe(self, here: _LoopPool) -> None:
         """Connects to the server directly every `PROBE_EVERY` s while the pool can't; once it
         answers after having refused, and the pool still has no connection, a fresh pool
         replaces it: the old one's next attempt may be many seconds away (its backoff)."""
         refused = False
-        while self._stuck:
+        while here.stuck:
             try:
                 async with asyncio.timeout(self._timeout):
                     probe = await AsyncConnection.connect(self._dsn, autocommit=True)
@@ -194,16 +227,16 @@ class StorePool:
                 refused = True
                 await asyncio.sleep(PROBE_EVERY)
                 continue
-            if refused and self._stuck:
+            if refused and here.stuck:
                 log.info(
                     "%s answers again: a fresh pool replaces the reconnecting one", self._where
                 )
                 fresh = self._new_pool()
                 await fresh.open(wait=False)
-                old, self._pool = self._pool, fresh
+                old, here.pool = here.pool, fresh
                 closing = asyncio.ensure_future(old.close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
+                here.closing.add(closing)
+                closing.add_done_callback(here.closing.discard)
                 closing.add_done_callback(_retrieve)
             return
 
@@ -235,12 +268,33 @@ class StorePool:
         )
 
     async def close(self) -> None:
-        if self._prober is not None:
-            self._prober.cancel()
-            await asyncio.gather(self._prober, return_exceptions=True)
-        await asyncio.gather(*self._closing, return_exceptions=True)
-        if self._own and self._opened:
-            await self._pool.close()
+        """Closes the running event loop's pool (a given one is the caller's to close); the
+        pools of other loops still running stay open: each is closed on its own loop (a
+        `SyncProducer` closes its thread's when it closes)."""
+        if self._pid != os.getpid():
+            return  # a forked child that never used the store: the pools are the parent's
+        here = self._loops.get(asyncio.get_running_loop())
+        if here is None:
+            return
+        if here.prober is not None:
+            here.prober.cancel()
+            await asyncio.gather(here.prober, return_exceptions=True)
+        await asyncio.gather(*here.closing, return_exceptions=True)
+        if self._own and here.opened:
+            await here.pool.close()
+
+
+class _LoopPool:
+    """The store's pool on one event loop, and what watches it."""
+
+    __slots__ = ("closing", "opened", "pool", "prober", "stuck")
+
+    def __init__(self, pool: AsyncConnectionPool[Any], *, opened: bool) -> None:
+        self.pool = pool
+        self.opened = opened
+        self.stuck = False  # the last operation could not get a connection
+        self.prober: asyncio.Task[None] | None = None
+        self.closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

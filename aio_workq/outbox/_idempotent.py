@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +12,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from .. import Job, Reject
+from .._link.settings import check_seconds
 from ._errors import OutboxConfigurationError
 from ._schema import DEFAULT_SCHEMA, quote
 
@@ -80,12 +80,9 @@ class IdempotentConsumer:
             )
         if name is not None and (not isinstance(name, str) or not name):
             raise OutboxConfigurationError(f"name must be a non-empty str, got {name!r}")
-        if not _seconds(keep):
-            raise OutboxConfigurationError(f"keep must be > 0 seconds, got {keep!r}")
-        if purge_every is not None and not _seconds(purge_every):
-            raise OutboxConfigurationError(
-                f"purge_every must be > 0 seconds or None, got {purge_every!r}"
-            )
+        check_seconds("keep", keep, error=OutboxConfigurationError)
+        if purge_every is not None:
+            check_seconds("purge_every (or None)", purge_every, error=OutboxConfigurationError)
         if key is not None and not callable(key):
             raise OutboxConfigurationError(
                 f"key must be a function of the job that returns its deduplication key, got {key!r}"
@@ -174,16 +171,6 @@ class IdempotentConsumer:
             log.warning("idempotent consumer %s: purging expired ids failed: %r", self.name, exc)
         else:
             log.debug("idempotent consumer %s: %d expired ids purged", self.name, removed)
-
-
-def _seconds(value: object) -> bool:
-    """Whether `value` is a finite number of seconds > 0 (not a bool)."""
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
 
 
 def idempotent(

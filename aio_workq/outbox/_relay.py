@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import psycopg
 
 from .. import Producer, Queue
+from .._link.settings import check_seconds
 from ._claims import OutboxTable
 from ._errors import OutboxConfigurationError
 from ._publishing import RowPublisher
@@ -108,13 +109,7 @@ class OutboxRelay:
             ("db_timeout", db_timeout),
         )
         for label, value in intervals:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise OutboxConfigurationError(f"{label} must be > 0 seconds, got {value!r}")
+            check_seconds(label, value, error=OutboxConfigurationError)
         self._batch_bound = float(publish_timeout + 2 * db_timeout)
         self._table = OutboxTable(
             dsn, schema, hold=self._batch_bound, connect_timeout=max(2, math.ceil(db_timeout))

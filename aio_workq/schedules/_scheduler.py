@@ -176,7 +176,7 @@ class Scheduler(_Declared):
         self._url = resolve_url(url)
         super().__init__(schedules)
         self._identity = identity
-        self._retry_delay = _seconds("retry_delay", retry_delay)
+        self._retry_delay = check_seconds("retry_delay", retry_delay)
         self._ssl_context = ssl_context
         self._given_name = name
         self._backoff = backoff or Backoff()
@@ -340,10 +340,8 @@ class Scheduler(_Declared):
                 finally:
                     self._set_active(False)
                     log.info("scheduler %s is no longer active", self.identity)
-                    if self._hurry.is_set():
-                        # No polite release past a stop's timeout: the broker frees the guard
-                        # and the lease with the connection.
-                        await connection.close(0)
+                    # Past a stop's timeout (or on a cancel) `_abort_when_hurried` aborts the
+                    # connection: no polite release, the broker frees the guard and the lease.
 
     async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
         """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
@@ -445,9 +443,3 @@ class _Deadline:
 
     async def wait(self) -> None:
         await self._event.wait()
-
-
-def _seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigurationError(f"{name} must be seconds > 0, got {value!r}")
-    return float(value)
