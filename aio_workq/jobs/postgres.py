@@ -47,6 +47,7 @@ _PURGE_ROWS = 5000
 records (a day's, after the workers were stopped for one) is deleted a part in front of each
 batch, never all in one statement that could outlast the store's timeout and fail every batch
 (each attempt rolled back, to start over in front of the next)."""
+_MEMBERS = 2  # the members' purge among `_purge_some`
 _DELETE = re.compile(r"DELETE FROM (\S+) WHERE (.+)", re.DOTALL)
 # A write's fields by their place in its tuple (cheaper than by name, once per write).
 _JOB_ID, _CLAIM_OF, _REQUEUE = (
@@ -193,6 +194,7 @@ class PostgresStore:
             )
         }  # fmt: skip
         self._gpurge = [_psycopg(statement) for statement in g.purge]
+        # jobs, groups, members (`_MEMBERS`), rate buckets: a group's row before its members'
         self._purge_some = [
             _psycopg(_bounded(statement)) for statement in (sql.purge, *g.purge)
         ]  # fmt: skip
@@ -225,7 +227,11 @@ class PostgresStore:
                     params = {"now": now, "oldest": now - self.ttl, "limit": _PURGE_ROWS}
                     more = False
                     async with conn.transaction():
-                        for statement in self._purge_some:
+                        for i, statement in enumerate(self._purge_some):
+                            if i == _MEMBERS and more:
+                                # expired jobs or groups are left: the members wait for their
+                                # groups to go first (a group is never found without them)
+                                continue
                             cursor = await conn.execute(statement, params)
                             more = more or cursor.rowcount >= _PURGE_ROWS
                     if not more:  # else the next batch deletes the next part
