@@ -14,6 +14,7 @@ import pytest
 
 from aio_workq import ConfigurationError, Producer
 from aio_workq.jobs import JobState, StoreError, Tasks, Write
+from aio_workq.jobs import postgres as postgres_store
 from aio_workq.jobs.postgres import PostgresStore, migrate, schema_sql
 from scripts.broker import free_port
 from tests.forking import fork_running
@@ -96,6 +97,94 @@ async def test_records_expire_after_the_ttl(postgres_dsn: str, schema: str) -> N
         assert await store.purge() == 1
     finally:
         await store.close()
+
+
+async def test_a_backlog_of_expired_records_is_purged_a_part_in_front_of_each_batch(
+    postgres_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The purge in front of a batch deletes at most `_PURGE_ROWS` rows a table: a backlog of
+    expired records (the workers stopped for a day) could otherwise take one statement longer
+    than the store's timeout, fail the batch (the purge rolled back) and every batch after it.
+    The next batches delete the rest, then the purge waits its minute again."""
+    monkeypatch.setattr(postgres_store, "_PURGE_ROWS", 100)
+    old = time.time() - 3 * 86_400
+    table = f'"{schema}".workq_jobs'
+
+    async def expire(rows: int, first: int) -> None:
+        await conn.execute(
+            f"INSERT INTO {table} (job_id, task, queue, state, rank, attempt, created_at, "
+            "updated_at, expires_at) SELECT 'old-' || i, 't', 'q', 'succeeded', 5, 1, %(old)s, "
+            "%(old)s, %(old)s + 60 FROM generate_series(%(first)s::int, %(last)s::int) AS i",
+            {"old": old, "first": first, "last": first + rows - 1},
+        )
+
+    async def expired() -> int:
+        cursor = await conn.execute(f"SELECT count(*) FROM {table} WHERE job_id LIKE 'old-%%'")
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    store = PostgresStore(postgres_dsn, schema=schema, ttl=60)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        try:
+            await expire(250, 0)
+            left = []
+            for k in range(4):
+                write = Write(job_id=f"new-{k}", task="t", queue="q", state=JobState.QUEUED,
+                              at=time.time())  # fmt: skip
+                assert await store.record([write]) == [True]
+                left.append(await expired())
+            assert left == [150, 50, 0, 0]
+            await expire(1, 1000)  # within the minute after the backlog's end: kept for now
+            write = Write(job_id="new-5", task="t", queue="q", state=JobState.QUEUED,
+                          at=time.time())  # fmt: skip
+            assert await store.record([write]) == [True]
+            assert await expired() == 1
+            assert await store.purge() == 1  # the explicit purge deletes whatever has expired
+        finally:
+            await store.close()
+
+
+async def test_a_purged_group_never_loses_its_members_first(
+    postgres_dsn: str, schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While expired groups are left for the next batch's purge, their members are kept: a
+    group is never found without the members it had (a late member's finish reads them)."""
+    monkeypatch.setattr(postgres_store, "_PURGE_ROWS", 100)
+    old = time.time() - 3 * 86_400
+    groups, members = f'"{schema}".workq_groups', f'"{schema}".workq_group_members'
+    store = PostgresStore(postgres_dsn, schema=schema, ttl=60)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+
+        async def count(sql: str) -> int:
+            row = await (await conn.execute(sql)).fetchone()
+            assert row is not None
+            return int(row[0])
+
+        try:
+            await conn.execute(
+                f"INSERT INTO {groups} (group_id, size, remaining, created_at, expires_at) "
+                "SELECT 'g' || i, 1, 1, %(old)s, %(old)s FROM generate_series(1, 250) AS i",
+                {"old": old},
+            )
+            await conn.execute(  # the members in the other order: a purge's part of each
+                f"INSERT INTO {members} (group_id, idx, job_id, expires_at) "  # table differs
+                "SELECT 'g' || i, 0, 'j' || i, %(old)s FROM generate_series(250, 1, -1) AS i",
+                {"old": old},
+            )
+            orphans = (
+                f"SELECT count(*) FROM {groups} AS g WHERE NOT EXISTS "
+                f"(SELECT 1 FROM {members} AS m WHERE m.group_id = g.group_id)"
+            )
+            for k in range(6):
+                write = Write(job_id=f"new-{k}", task="t", queue="q", state=JobState.QUEUED,
+                              at=time.time())  # fmt: skip
+                assert await store.record([write]) == [True]
+                assert await count(orphans) == 0
+            assert await count(f"SELECT count(*) FROM {groups}") == 0
+            assert await count(f"SELECT count(*) FROM {members}") == 0
+        finally:
+            await store.close()
 
 
 async def test_the_purge_keeps_old_jobs_written_lately(postgres_dsn: str, schema: str) -> None:

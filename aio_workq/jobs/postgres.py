@@ -42,6 +42,13 @@ DEFAULT_SCHEMA = "public"
 _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migrations wait in turn
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 _PURGE_EVERY = 60.0
+_PURGE_ROWS = 5000
+"""Most rows of each table a purge in front of a batch of writes deletes: a backlog of expired
+records (a day's, after the workers were stopped for one) is deleted a part in front of each
+batch, never all in one statement that could outlast the store's timeout and fail every batch
+(each attempt rolled back, to start over in front of the next)."""
+_MEMBERS = 2  # the members' purge among `_purge_some`
+_DELETE = re.compile(r"DELETE FROM (\S+) WHERE (.+)", re.DOTALL)
 # A write's fields by their place in its tuple (cheaper than by name, once per write).
 _JOB_ID, _CLAIM_OF, _REQUEUE = (
     operator.itemgetter(Write._fields.index(name)) for name in ("job_id", "claim", "requeue")
@@ -75,6 +82,20 @@ def _plan(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
     written = list(compress(order, map(operator.not_, flags)))
     # The kinds in the order they first appear, as `rounds` has them (the statement's text).
     return [{CLAIM: claimed, WRITE: written} if claims[0] else {WRITE: written, CLAIM: claimed}]
+
+
+def _bounded(delete: str) -> str:
+    """`DELETE FROM t WHERE ...` for at most `:limit` of the rows it would delete (a row
+    written since the snapshot has a new ctid: it is left alone, as the full statement's
+    recheck of the condition would leave it)."""
+    match = _DELETE.fullmatch(delete)
+    if match is None:
+        raise ValueError(f"not a DELETE ... WHERE: {delete!r}")
+    table, condition = match.groups()
+    return (
+        f"DELETE FROM {table} WHERE ctid = ANY(ARRAY("
+        f"SELECT ctid FROM {table} WHERE {condition} LIMIT :limit))"
+    )
 
 
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
@@ -173,6 +194,10 @@ class PostgresStore:
             )
         }  # fmt: skip
         self._gpurge = [_psycopg(statement) for statement in g.purge]
+        # jobs, groups, members (`_MEMBERS`), rate buckets: a group's row before its members'
+        self._purge_some = [
+            _psycopg(_bounded(statement)) for statement in (sql.purge, *g.purge)
+        ]  # fmt: skip
         self._last_purge = 0.0
 
     def __repr__(self) -> str:
@@ -199,11 +224,18 @@ class PostgresStore:
                 await conn.set_autocommit(True)
             try:
                 if purge:  # first: if it fails, the batch fails with nothing written
+                    params = {"now": now, "oldest": now - self.ttl, "limit": _PURGE_ROWS}
+                    more = False
                     async with conn.transaction():
-                        await conn.execute(self._purge, {"now": now, "oldest": now - self.ttl})
-                        for statement in self._gpurge:
-                            await conn.execute(statement, {"now": now})
-                    self._last_purge = now
+                        for i, statement in enumerate(self._purge_some):
+                            if i == _MEMBERS and more:
+                                # expired jobs or groups are left: the members wait for their
+                                # groups to go first (a group is never found without them)
+                                continue
+                            cursor = await conn.execute(statement, params)
+                            more = more or cursor.rowcount >= _PURGE_ROWS
+                    if not more:  # else the next batch deletes the next part
+                        self._last_purge = now
                 if len(plan) == 1:
                     await self._apply(conn, writes, plan[0], applied)
                 else:
