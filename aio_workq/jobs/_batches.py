@@ -295,7 +295,7 @@ class WriteBatches:
 
 def _log_down(store: JobStore, exc: Exception, buffer: int) -> None:
     why = str(exc) or type(exc).__name__
-    if isinstance(exc, StoreError) and not exc.unreachable:  # the tables missing, say
+    if isinstance(exc, StoreError) and exc.lasting:  # the tables missing
         log.error(
             "job store %r failing (%s): waiting does not cure this, fix it; jobs go on "
             "running, their states are kept (up to %d) and recorded once it works",
