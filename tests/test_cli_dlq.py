@@ -225,6 +225,22 @@ async def test_dlq_list_shows_short_unique_ids_and_public_exception_names(
         assert json.loads(out)["message_id"] == full
 
 
+async def test_dlq_list_shows_square_brackets_in_reasons_and_bodies_as_they_are(
+    env: dict[str, str],  # noqa: F811 - the fixture
+    amqp_url: str,
+    queue_name: str,
+) -> None:
+    """A reason or body with square brackets (the task registry's own hint `aliases=[its old
+    name]`, a list in an exception message, a JSON array) is printed as it is: before, rich
+    read it as markup, dropped `[its old name]`, and a `[/x]` ended the command with a
+    MarkupError traceback."""
+    await make_dead_letters(amqp_url, queue_name, ["Reject: aliases=[its old name]", "[/x]"])
+    wide = {**env, "COLUMNS": "200"}
+    code, out, err = await run_cli("dlq", "list", queue_name, env=wide)
+    assert code == 0, err
+    assert "aliases=[its old name]" in out and "[/x]" in out, out
+
+
 def test_old_private_exception_names_read_as_public_ones() -> None:
     letter = DeadLetter(
         body=b"",

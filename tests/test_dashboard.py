@@ -454,6 +454,8 @@ async def test_schedules_page_without_a_scheduler_says_so(amqp_url: str) -> None
     async with served(dashboard) as client:
         page = (await client.get("/schedules")).text
         assert "No scheduler has run on this broker yet" in page
+        # a scheduler of another group is the usual cause: the page says how to read it
+        assert "Dashboard(schedules_group=...)" in page and "--schedules MODULE:ATTR" in page
 
 
 async def nothing(job: Job) -> None:

@@ -556,6 +556,9 @@ async def test_a_finished_job_expires_after_the_ttl(
                 await asyncio.sleep(0.1)
         with pytest.raises(JobNotFoundError):
             await job.result()
+        # cancel() says why there is no record, as status() does (it said only "no record")
+        with pytest.raises(JobNotFoundError, match="past the store's TTL"):
+            await job.cancel()
 
 
 async def test_the_store_down_does_not_stop_the_queue_and_the_status_catches_up(

@@ -4,6 +4,7 @@ that can't be reached (the queue goes on)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -68,6 +69,32 @@ async def test_a_store_without_its_tables_says_to_run_the_migration(postgres_dsn
                                       at=time.time())])  # fmt: skip
     finally:
         await store.close()
+
+
+async def test_an_enqueue_to_a_store_without_its_tables_logs_the_fix_not_an_outage(
+    postgres_dsn: str, amqp_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The enqueue goes through (the queue never waits for the store), and the one log line
+    says what is wrong and what to do: before, it called the store "unreachable" and promised
+    the states would be recorded "when it answers again", which no wait brings."""
+    tasks = Tasks(store=PostgresStore(postgres_dsn, schema="never_migrated"))
+
+    @tasks.task(queue=queue_name)
+    async def noop() -> None:
+        pass
+
+    caplog.set_level(logging.WARNING, logger="aio_workq.jobs")
+    async with Producer(amqp_url) as producer:
+        tasks.bind(producer)
+        await noop.enqueue()
+    assert tasks.store is not None
+    await tasks.store.close()
+    lines = [r for r in caplog.records if "never_migrated" in r.getMessage()]
+    assert lines, caplog.text
+    assert lines[0].levelno == logging.ERROR, caplog.text
+    message = lines[0].getMessage()
+    assert "unreachable" not in message and "migrate" in message, message
+    assert "waiting does not cure" in message, message
 
 
 async def test_the_store_rules(store: PostgresStore) -> None:

@@ -252,6 +252,21 @@ async def test_aio_workq_schedules_lists_next_and_last_fire_and_the_active_proce
     assert table.returncode == 0 and "nightly-report" in table.stdout and "web-1:42" in table.stdout
 
 
+async def test_aio_workq_schedules_on_a_group_without_a_scheduler_says_to_give_group(
+    amqp_url: str, group: str
+) -> None:
+    """A user whose schedulers run in a group of their own reads the default group first:
+    the answer says which group it read and how to name theirs."""
+    args = [sys.executable, "-m", "aio_workq", "schedules", "--url", amqp_url, "--group", group]
+    wide = {**os.environ, "COLUMNS": "200"}
+    done = await asyncio.to_thread(
+        subprocess.run, args, capture_output=True, text=True, timeout=60, env=wide
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"no scheduler has run on this broker yet (group {group})" in done.stdout
+    assert "give --group GROUP" in done.stdout
+
+
 async def test_a_scheduler_made_before_fork_names_the_process_that_runs_it(
     amqp_url: str, group: str, ticks: Ticks
 ) -> None:

@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from aio_workq import DeadLetter, DeadLetters, Producer
 from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, resolve_ids, short_ids
@@ -128,12 +129,12 @@ def dlq_list(
     table.add_column("reason", overflow="fold", ratio=3)
     table.add_column("tries", justify="right", no_wrap=True)
     table.add_column("body", overflow="ellipsis", no_wrap=True, max_width=_BODY_WIDTH, ratio=1)
-    for letter in shown:
+    for letter in shown:  # Text, not str: a reason or body is data, not rich markup
         table.add_row(
-            short.get(letter.message_id or "", "-"),
-            letter.reason,
+            Text(short.get(letter.message_id or "", "-")),
+            Text(letter.reason),
             number(letter.attempts),
-            letter.body.decode(errors="replace").replace("\n", " "),
+            Text(letter.body.decode(errors="replace").replace("\n", " ")),
         )
     Console().print(table, highlight=False)
 

@@ -43,7 +43,10 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
         return
     console = Console()
     if state is None:
-        console.print(f"no scheduler has run on this broker yet (group {group})")
+        console.print(
+            f"no scheduler has run on this broker yet (group {group}); for schedulers made "
+            "with Scheduler(..., group=...), give --group GROUP"
+        )
         return
     table = Table(box=box.SIMPLE_HEAD)
     for column in ("schedule", "spec", "queue", "next (UTC)", "next (local)", "last (UTC)"):

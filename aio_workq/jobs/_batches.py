@@ -17,6 +17,7 @@ import operator
 import time
 from typing import Any
 
+from ._errors import StoreError
 from ._status import JobState, Write
 from ._store import JobStore
 
@@ -252,10 +253,7 @@ class WriteBatches:
         answers: list[asyncio.Future[bool] | None],
     ) -> None:
         if not self.down:
-            log.warning(
-                "job store %r unreachable (%s): jobs go on running, their states are kept "
-                "and recorded when it answers again", self.store, str(exc) or type(exc).__name__,
-            )  # fmt: skip
+            _log_down(self.store, exc, self._buffer)
         self.down = True
         # What failed is older than what was kept since the store went down (kept: newer
         # wins); the writes queued behind it are newer, and replace it.
@@ -293,6 +291,21 @@ class WriteBatches:
                 "job store unreachable at shutdown: the states of %d job(s) were not recorded "
                 "(their status stays at what was recorded before)", left,
             )  # fmt: skip
+
+
+def _log_down(store: JobStore, exc: Exception, buffer: int) -> None:
+    why = str(exc) or type(exc).__name__
+    if isinstance(exc, StoreError) and exc.lasting:  # the tables missing
+        log.error(
+            "job store %r failing (%s): waiting does not cure this, fix it; jobs go on "
+            "running, their states are kept (up to %d) and recorded once it works",
+            store, why, buffer,
+        )  # fmt: skip
+    else:
+        log.warning(
+            "job store %r unreachable (%s): jobs go on running, their states are kept "
+            "and recorded when it answers again", store, why,
+        )  # fmt: skip
 
 
 def _plain(write: Write) -> Write:

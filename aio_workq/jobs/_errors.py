@@ -73,11 +73,15 @@ class StoreError(JobError):
     """The job store could not be reached, or failed the query (the message says which).
 
     `unreachable` is True when the store did not answer (refused, restarting, timed out), which
-    waiting may cure: `job.result(timeout=)` reads it again until its deadline."""
+    waiting may cure: `job.result(timeout=)` reads it again until its deadline. `lasting` is
+    True for a failure no wait cures, whose message says the fix (the tables missing)."""
 
-    def __init__(self, message: str, *, job_id: str = "", unreachable: bool = False) -> None:
+    def __init__(
+        self, message: str, *, job_id: str = "", unreachable: bool = False, lasting: bool = False
+    ) -> None:
         super().__init__(message, job_id=job_id)
         self.unreachable = unreachable
+        self.lasting = lasting
 
 
 class Cancelled(Exception):

@@ -103,12 +103,15 @@ class JobHandle(Generic[R]):
         # An id no job can have (a NUL, from a request's path, say) is not the store's failure.
         record = None if unstorable_id(self.job_id) else await store.get(self.job_id)
         if record is None:
-            raise JobNotFoundError(
-                f"no record of job {self.job_id}: an unknown id, a record past the store's TTL, "
-                "or a job enqueued while the store was unreachable that no worker recorded yet",
-                job_id=self.job_id,
-            )
+            raise self._not_found()
         return record
+
+    def _not_found(self) -> JobNotFoundError:
+        return JobNotFoundError(
+            f"no record of job {self.job_id}: an unknown id, a record past the store's TTL, "
+            "or a job enqueued while the store was unreachable that no worker recorded yet",
+            job_id=self.job_id,
+        )
 
     async def status(self) -> JobStatus:
         """The job's recorded status.
@@ -239,7 +242,7 @@ class JobHandle(Generic[R]):
             None if unstorable_id(self.job_id) else await store.cancel(self.job_id, now=time.time())
         )
         if status is None:
-            raise JobNotFoundError(f"no record of job {self.job_id}", job_id=self.job_id)
+            raise self._not_found()
         if status.state is JobState.RUNNING:
             publisher = self._context.publisher
             if publisher is None:

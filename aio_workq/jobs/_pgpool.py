@@ -248,7 +248,8 @@ class StorePool:
             return StoreError(
                 f"{failed}; the store's tables are missing in schema {schema!r}: create them "
                 f"with `await aio_workq.jobs.postgres.migrate(conn, schema={schema!r})` (or "
-                f"schema_sql() in your migrations): {exc}"
+                f"schema_sql() in your migrations): {exc}",
+                lasting=True,
             )
         if isinstance(exc, PoolTimeout) and self._own:
             return StoreError(
