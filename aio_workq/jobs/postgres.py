@@ -98,6 +98,22 @@ def _bounded(delete: str) -> str:
     )
 
 
+async def _purge_part(conn: Any, statements: Sequence[str], now: float, ttl: float) -> bool:
+    """In front of a batch of writes (first: if it fails, the batch fails with nothing
+    written), at most `_PURGE_ROWS` expired rows of each table: whether that was all of them."""
+    params = {"now": now, "oldest": now - ttl, "limit": _PURGE_ROWS}
+    more = False
+    async with conn.transaction():
+        for i, statement in enumerate(statements):
+            if i == _MEMBERS and more:
+                # expired jobs or groups are left: the members wait for their groups to go
+                # first (a group is never found without them)
+                continue
+            cursor = await conn.execute(statement, params)
+            more = more or cursor.rowcount >= _PURGE_ROWS
+    return not more
+
+
 def schema_sql(schema: str = DEFAULT_SCHEMA) -> str:
     """The migration that creates the job table in `schema` (idempotent).
 
@@ -223,19 +239,8 @@ class PostgresStore:
             if len(plan) == 1 and not autocommit:
                 await conn.set_autocommit(True)
             try:
-                if purge:  # first: if it fails, the batch fails with nothing written
-                    params = {"now": now, "oldest": now - self.ttl, "limit": _PURGE_ROWS}
-                    more = False
-                    async with conn.transaction():
-                        for i, statement in enumerate(self._purge_some):
-                            if i == _MEMBERS and more:
-                                # expired jobs or groups are left: the members wait for their
-                                # groups to go first (a group is never found without them)
-                                continue
-                            cursor = await conn.execute(statement, params)
-                            more = more or cursor.rowcount >= _PURGE_ROWS
-                    if not more:  # else the next batch deletes the next part
-                        self._last_purge = now
+                if purge and await _purge_part(conn, self._purge_some, now, self.ttl):
+                    self._last_purge = now  # else the next batch deletes the next part
                 if len(plan) == 1:
                     await self._apply(conn, writes, plan[0], applied)
                 else:
