@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -284,6 +285,29 @@ async def test_a_sqlite_path_in_a_missing_directory_says_to_create_it(tmp_path: 
     with pytest.raises(StoreError, match=r"unable to open.*directory '.*data' does not exist"):
         await store.get("a")
     await store.close()
+
+
+async def test_a_sqlite_store_locked_by_another_writer_is_unreachable_not_failed(
+    tmp_path: Path,
+) -> None:
+    # Another process holding the write lock past `busy_timeout`: waiting cures it, as for a
+    # PostgreSQL server that does not answer. It was a plain StoreError (`unreachable` False),
+    # so a web app's handlers answered 500 where the server's outage answers 503 + Retry-After,
+    # and `result(timeout=)` gave up at once instead of reading again until its deadline.
+    store = SQLiteStore(tmp_path / "jobs.db", busy_timeout=0.05)
+    await store.record([w(JobState.QUEUED, "locked-1")])
+    other = sqlite3.connect(tmp_path / "jobs.db", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreError, match="locked") as raised:
+            await store.cancel("locked-1", now=time.time())
+        assert raised.value.unreachable and not raised.value.lasting
+        other.execute("ROLLBACK")
+        status = await store.cancel("locked-1", now=time.time())  # free again: it goes through
+        assert status is not None and status.state == "cancelled"
+    finally:
+        other.close()
+        await store.close()
 
 
 async def test_a_sqlite_store_used_before_fork_works_in_the_child(tmp_path: Path) -> None:

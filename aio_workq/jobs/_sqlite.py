@@ -38,6 +38,7 @@ __all__ = ("SQLiteStore",)
 
 _T = TypeVar("_T")
 _JSON_IDS = "SELECT value FROM json_each(:ids)"  # the ids, a JSON array
+_BUSY = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # primary result codes: another writer
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -128,7 +129,12 @@ class SQLiteStore:
         try:
             return await loop.run_in_executor(self._thread, self._call, func)
         except sqlite3.Error as exc:
-            raise StoreError(f"SQLite store {str(self.path)!r}: {what} failed: {exc}") from exc
+            # Another writer holding the lock past `busy_timeout` (SQLITE_BUSY, or LOCKED, with
+            # their extended codes): waiting cures it, as a server that does not answer.
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _BUSY
+            raise StoreError(
+                f"SQLite store {str(self.path)!r}: {what} failed: {exc}", unreachable=busy
+            ) from exc
 
     def _call(self, func: Callable[[sqlite3.Connection], _T]) -> _T:
         """In the store's thread: connect on first use (and again when the file was deleted or
