@@ -287,3 +287,17 @@ async def test_an_id_given_by_its_end_says_how_to_name_the_dead_letter(
     assert f"no dead letter with message id {tail!r}" in err
     assert "the whole id, its start, or HEAD…TAIL as `aio-workq dlq list` shows it" in err
     assert f"{ids[1][:8]}…{tail}" in err or ids[1] in err, err
+
+
+async def test_dlq_show_prints_a_reason_with_square_brackets_as_it_is(
+    env: dict[str, str],  # noqa: F811 - the fixture
+    amqp_url: str,
+    queue_name: str,
+) -> None:
+    """`dlq show` printed the reason as rich markup, as `dlq list` did: `[/x]` ended the
+    command with a MarkupError traceback and `[its old name]` vanished."""
+    reason = "Reject: aliases=[its old name] [/x]"
+    [message_id] = await make_dead_letters(amqp_url, queue_name, [reason])
+    code, out, err = await run_cli("dlq", "show", queue_name, message_id, env=env)
+    assert code == 0, err
+    assert reason in out, out

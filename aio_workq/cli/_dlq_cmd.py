@@ -161,7 +161,8 @@ def dlq_show(queue: str, message_id: str, as_json: bool, url: str | None) -> Non
         return
     out = Console()
     for key in ("message_id", "reason", "attempts", "failed_at", "content_type"):
-        out.print(f"[bold]{key}[/]: {data[key]}", highlight=False)
+        # the values are data (a reason may hold "[/x]"), not rich markup
+        out.print(Text.assemble((key, "bold"), f": {data[key]}"), highlight=False)
     out.print("[bold]headers[/]:")
     for key, value in sorted(data["headers"].items()):
         text = str(value)

@@ -9,6 +9,7 @@ import click
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from aio_workq.admin.schedules import OVERDUE_AFTER, schedule_rows
 from aio_workq.schedules import GROUP, read_status
@@ -53,8 +54,8 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
         table.add_column(column)
     for row in rows:
         overdue = " (overdue)" if row["overdue"] else ""
-        table.add_row(
-            row["name"], row["spec"], row["queue"], (row["next_utc"] or "-") + overdue,
+        table.add_row(  # Text: a schedule's name is data, not rich markup
+            Text(row["name"]), row["spec"], row["queue"], (row["next_utc"] or "-") + overdue,
             row["next_local"] or "-", row["last_utc"] or "-",
         )  # fmt: skip
     print_table(table, console)
@@ -68,6 +69,6 @@ def schedules(url: str | None, group: str, as_json: bool) -> None:
         )
     updated = "-" if state.updated is None else state.updated.isoformat(timespec="seconds")
     if state.active:
-        console.print(f"active scheduler: {state.active} (state recorded {updated})")
+        console.print(f"active scheduler: {state.active} (state recorded {updated})", markup=False)
     else:
         console.print(f"no scheduler is active: the last one stopped at {updated}")
