@@ -83,6 +83,9 @@ class JobStatus:
     cancel_requested: bool = False
     """A cancel was asked for while it ran: its worker was told to stop it."""
     created_at: datetime | None = None
+    """When the job was enqueued; when a worker started it before the enqueue's own record
+    reached the store (that record is written once the broker confirmed the publish), when it
+    was first started, the same as `started_at`."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime | None = None
