@@ -163,10 +163,12 @@ class InFlight:
             the records a multiple confirm settled together (the publisher's window release).
     """
 
-    __slots__ = ("_by_id", "_on_settled", "send_again")
+    __slots__ = ("by_id", "_on_settled", "send_again")
 
     def __init__(self, on_settled: Callable[[Sequence[Outgoing]], None]) -> None:
-        self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
+        # Message id -> unsettled mandatory record (`ConfirmPublisher.send_now` admits its
+        # records here itself, as `admit` does).
+        self.by_id: dict[str, Outgoing] = {}
         self._on_settled = on_settled
         # Called with a nacked record and the tracker of the channel that nacked it: True when
         # the publisher sends it again (a queue still starting), which leaves it unsettled;
@@ -181,17 +183,17 @@ class InFlight:
                 return names only the message id, so it could be taken for the other one).
         """
         if out.mandatory:
-            if out.message_id in self._by_id:
+            if out.message_id in self.by_id:
                 raise ConfigurationError(
                     f"message_id {out.message_id!r} is already in flight on this publisher: "
                     "ids of unconfirmed mandatory messages must be unique (leave message_id "
                     "unset for a fresh one, or await the first publish)"
                 )
-            self._by_id[out.message_id] = out
+            self.by_id[out.message_id] = out
 
     def mandatory(self, message_id: str) -> Outgoing | None:
         """The unsettled mandatory record with this id, if any."""
-        return self._by_id.get(message_id)
+        return self.by_id.get(message_id)
 
     def settle(self, out: Outgoing, error: WorkqError | None) -> None:
         """Settle `out` (once): confirmed when `error` is None, else failed with it.
@@ -204,8 +206,8 @@ class InFlight:
         tracker = out.tracker
         if tracker is not None:
             tracker.discard(out)
-        if out.mandatory and self._by_id.get(out.message_id) is out:
-            del self._by_id[out.message_id]
+        if out.mandatory and self.by_id.get(out.message_id) is out:
+            del self.by_id[out.message_id]
         future = out.future
         if type(future) is Batch:
             future.settle(out, error)
@@ -220,7 +222,7 @@ class InFlight:
         """Settle `records`, taken off their tracker already, as confirmed: `settle(out,
         None)` for each, inline (the hot path: one call for a multiple ack's records), and
         one `on_settled` for them all."""
-        by_id = self._by_id
+        by_id = self.by_id
         stale: list[Outgoing] | None = None  # settled before (a tracker holds none: defensive)
         for out in records:
             if out.settled:
