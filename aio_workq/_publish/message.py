@@ -268,7 +268,7 @@ class Sender:
     """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
     `Forwarder` of a worker's jobs."""
 
-    __slots__ = ("_hooks", "_publisher", "_router", "_timeout", "_turn")
+    __slots__ = ("_hooks", "_publisher", "_queues", "_router", "_timeout", "_turn")
 
     def __init__(
         self,
@@ -284,6 +284,7 @@ class Sender:
         # channel in turn; with one (the usual case, and every worker's), no turn is taken.
         self._turn = itertools.cycle(publishers).__next__ if len(publishers) > 1 else None
         self._router = router
+        self._queues = router.queues  # the queues `router.lookup` finds by name
         self._timeout = timeout
         self._hooks = hooks
         for publisher in publishers:
@@ -384,9 +385,15 @@ class Sender:
         """
         if options or self._hooks is not None:
             return None
-        destination = self._router.lookup(queue, exchange, routing_key)
-        if destination is None:
-            return None
+        if type(queue) is str and not exchange:  # `Router.lookup`'s first road, inline
+            if queue not in self._queues:
+                return None
+            target_exchange, key = "", queue
+        else:
+            destination = self._router.lookup(queue, exchange, routing_key)
+            if destination is None:
+                return None
+            target_exchange, key = destination
         # `build_usual`'s work without its `Properties`: the fast lane sends the encoding only.
         number = next(_ID_COUNTER)
         message_id = _ID_FORMAT % number
@@ -398,9 +405,8 @@ class Sender:
             encoded = usual_properties(message_id, content_type)
         publisher = self._publisher if self._turn is None else self._turn()
         return publisher.send_now(
-            destination[0], destination[1], data, message_id, content_type, encoded,
-            self._timeout,
-        )  # fmt: skip
+            target_exchange, key, data, message_id, content_type, encoded, self._timeout
+        )
 
     async def forward_many(
         self,

@@ -229,15 +229,19 @@ class InFlight:
                 stale = [*(stale or ()), out]
                 continue
             out.settled = True
-            if out.mandatory and by_id.get(out.message_id) is out:
-                del by_id[out.message_id]
+            message_id = out.message_id
+            if out.mandatory and message_id in by_id and by_id[message_id] is out:
+                del by_id[message_id]
             future = out.future
             if type(future) is Batch:  # `Batch.settle(out, None)`, inline
                 future.left -= 1
                 if not future.left:
                     future.drained()
-            elif not future.done():
-                future.set_result(out.message_id)
+            else:
+                try:
+                    future.set_result(message_id)
+                except asyncio.InvalidStateError:  # done already: cancelled by its owner
+                    pass
         if stale is not None:
             records = [out for out in records if not any(out is old for old in stale)]
         if records:
@@ -261,35 +265,36 @@ class ConfirmTracker:
         in_flight: the publisher's `InFlight`, which settles them.
     """
 
-    __slots__ = ("_in_flight", "_pending", "closed")
+    __slots__ = ("_in_flight", "pending", "closed")
 
     def __init__(self, in_flight: InFlight) -> None:
         self._in_flight = in_flight
-        self._pending: dict[int, Outgoing] = {}  # delivery tag -> record, in tag order
+        # Delivery tag -> record, in tag order (`FastLane.write` records in it itself).
+        self.pending: dict[int, Outgoing] = {}
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
 
     def __iter__(self) -> Iterator[Outgoing]:
-        return iter(self._pending.values())
+        return iter(self.pending.values())
 
     def record(self, tag: int, out: Outgoing) -> None:
         """`out` was written with delivery tag `tag` (tags strictly increase per channel)."""
         out.tag = tag
         out.tracker = self
-        self._pending[tag] = out
+        self.pending[tag] = out
 
     def discard(self, out: Outgoing) -> None:
         """`out` was settled: forget its tag."""
-        pending = self._pending
+        pending = self.pending
         if pending.get(out.tag) is out:
             del pending[out.tag]
         out.tracker = None
 
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         """A `Basic.Ack` (ack) or `Basic.Nack` for `delivery_tag` (and all before, if multiple)."""
-        pending = self._pending
+        pending = self.pending
         if multiple:
             settled = []
             for tag, out in pending.items():  # in tag order: stop at the first later tag
@@ -339,8 +344,8 @@ class ConfirmTracker:
         """Close the tracker (its channel closed): remove and return every record written on
         it and not settled, oldest first. They stay in flight: each is resent or settled."""
         self.closed = True
-        taken = list(self._pending.values())
-        self._pending.clear()
+        taken = list(self.pending.values())
+        self.pending.clear()
         for out in taken:
             out.tracker = None
         return taken
