@@ -223,7 +223,7 @@ async def test_a_forward_to_a_known_queue_costs_a_bounded_number_of_calls() -> N
     source, publisher, sender = await _sender()
     job = _job(sender)
     per_forward = _calls_per_forward(job)
-    assert per_forward <= 24.5, per_forward
+    assert per_forward <= 25, per_forward  # (the timeout sweep may start once in 20)
     assert job.links is not None and len(job.links) == 21
     _confirm_all(source)
     assert source.connection.channels[-1].published == [await c for c in job.links]
