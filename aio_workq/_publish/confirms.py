@@ -308,10 +308,22 @@ class ConfirmPublisher:
             raise _body_too_large(message_id, size)
         deadline = self._time() + timeout
         future = self._new_future()
-        out = _new(Outgoing)  # as in `send`
-        Outgoing.__init__(
-            out, exchange, routing_key, True, message_id, encoded, body, future, deadline, props
-        )
+        # `Outgoing(exchange, routing_key, True, message_id, encoded, body, future, deadline,
+        # props)`, its __init__ inline (one call less per forward), with the size measured here.
+        out = _new(Outgoing)
+        out.exchange = exchange
+        out.routing_key = routing_key
+        out.mandatory = True
+        out.message_id = message_id
+        out.encoded = encoded
+        out.body = body
+        out.size = size
+        out.future = future
+        out.deadline = deadline
+        out.props = props
+        out.sent = out.settled = False
+        out.tag = 0
+        out.tracker = None
         expiry = self._expiry
         if deadline < expiry.earliest:
             expiry.expect(deadline)

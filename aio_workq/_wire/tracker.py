@@ -105,6 +105,7 @@ class Outgoing:
         "routing_key",
         "sent",
         "settled",
+        "size",
         "tag",
         "tracker",
     )
@@ -129,6 +130,7 @@ class Outgoing:
         self.message_id = message_id
         self.encoded = encoded
         self.body = body
+        self.size = len(body)  # the window's measure (`ConfirmPublisher.send_now` sets these too)
         self.future = future
         self.deadline = deadline
         self.props = props  # for the plain lane, which hands aiormq the properties
