@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, TypeVar
 
 import aiormq
@@ -52,6 +52,9 @@ class Router:
         # declares when asked by name).
         self._check_only = declare == "never"
         self._queues: dict[str, Queue] = {}
+        # The names of the queues declared or checked (never removed), for the hot path's
+        # `lookup` of a queue by name without a call (`Sender.send_now`).
+        self.queues: Mapping[str, Queue] = self._queues
         self._exchanges: set[str] = set()
         # One declaration or check in flight per queue or exchange: concurrent first publishes
         # share it (re-declaring a quorum queue while messages arrive for it makes the broker

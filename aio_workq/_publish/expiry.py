@@ -99,13 +99,13 @@ class Expiry:
         if self._expiring:
             for out in records:
                 if out.tag:
-                    self._held.append(len(out.body))
+                    self._held.append(out.size)
                 else:
-                    self._window.release(len(out.body))
+                    self._window.release(out.size)
             return
         size = 0
         for out in records:
-            size += len(out.body)
+            size += out.size
         self._window.release_many(len(records), size)
 
     def sweep(self) -> None:

@@ -45,13 +45,26 @@ _ID_COUNTER = itertools.count(1)
 _new = object.__new__
 
 
+def _bare_format(prefix: str) -> tuple[int, bytes]:
+    """The flags of a bytes body's usual properties (persistent, no content type, an id of
+    aio-workq's), and the %-format of their encoding from the id's counter: `usual_properties(
+    _ID_FORMAT % n, None)` is `(flags, format % n)` for every n under 2**64 (32-octet ids)."""
+    flags, encoded = usual_properties(prefix + "0" * 16, None)
+    head = encoded[: -len(prefix) - 16]
+    return flags, head.replace(b"%", b"%%") + prefix.encode() + b"%016x"
+
+
+_BARE_FLAGS, _BARE_FORMAT = _bare_format(_ID_PREFIX)
+
+
 def _reseed_ids() -> None:
     """A forked child gets a prefix and counter of its own: the parent's would hand out the
     parent's ids again (and `idempotent()` would skip a different message as a duplicate)."""
-    global _ID_PREFIX, _ID_FORMAT, _ID_COUNTER
+    global _ID_PREFIX, _ID_FORMAT, _ID_COUNTER, _BARE_FLAGS, _BARE_FORMAT
     _ID_PREFIX = os.urandom(8).hex()
     _ID_FORMAT = _ID_PREFIX + "%016x"
     _ID_COUNTER = itertools.count(1)
+    _BARE_FLAGS, _BARE_FORMAT = _bare_format(_ID_PREFIX)
 
 
 os.register_at_fork(after_in_child=_reseed_ids)
@@ -255,7 +268,7 @@ class Sender:
     """Encodes, routes (declaring on first use) and sends messages: `Producer.send`, and the
     `Forwarder` of a worker's jobs."""
 
-    __slots__ = ("_hooks", "_publisher", "_router", "_timeout", "_turn")
+    __slots__ = ("_hooks", "_publisher", "_queues", "_router", "_timeout", "_turn")
 
     def __init__(
         self,
@@ -271,6 +284,7 @@ class Sender:
         # channel in turn; with one (the usual case, and every worker's), no turn is taken.
         self._turn = itertools.cycle(publishers).__next__ if len(publishers) > 1 else None
         self._router = router
+        self._queues = router.queues  # the queues `router.lookup` finds by name
         self._timeout = timeout
         self._hooks = hooks
         for publisher in publishers:
@@ -371,20 +385,28 @@ class Sender:
         """
         if options or self._hooks is not None:
             return None
-        destination = self._router.lookup(queue, exchange, routing_key)
-        if destination is None:
-            return None
+        if type(queue) is str and not exchange:  # `Router.lookup`'s first road, inline
+            if queue not in self._queues:
+                return None
+            target_exchange, key = "", queue
+        else:
+            destination = self._router.lookup(queue, exchange, routing_key)
+            if destination is None:
+                return None
+            target_exchange, key = destination
         # `build_usual`'s work without its `Properties`: the fast lane sends the encoding only.
-        if type(body) is bytes:
+        number = next(_ID_COUNTER)
+        message_id = _ID_FORMAT % number
+        if type(body) is bytes:  # `usual_properties(message_id, None)`, formatted at once
             data, content_type = body, None
+            encoded = (_BARE_FLAGS, _BARE_FORMAT % number)
         else:
             data, content_type = encode_body(body)
-        message_id = _ID_FORMAT % next(_ID_COUNTER)
+            encoded = usual_properties(message_id, content_type)
         publisher = self._publisher if self._turn is None else self._turn()
         return publisher.send_now(
-            destination[0], destination[1], data, message_id, content_type,
-            usual_properties(message_id, content_type), self._timeout,
-        )  # fmt: skip
+            target_exchange, key, data, message_id, content_type, encoded, self._timeout
+        )
 
     async def forward_many(
         self,

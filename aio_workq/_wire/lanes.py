@@ -92,8 +92,11 @@ class FastLane:
             out.body,
             self._frame_max,
         )
-        self._tag += 1
-        self.tracker.record(self._tag, out)
+        # `self.tracker.record(tag, out)`, inline.
+        self._tag = tag = self._tag + 1
+        out.tag = tag
+        out.tracker = tracker = self.tracker
+        tracker.pending[tag] = out
         out.sent = True  # in the writer's buffer: it leaves unless the connection dies first
         writer = self._writer
         writer.write(self._gate, frames)

@@ -105,6 +105,7 @@ class Outgoing:
         "routing_key",
         "sent",
         "settled",
+        "size",
         "tag",
         "tracker",
     )
@@ -129,6 +130,7 @@ class Outgoing:
         self.message_id = message_id
         self.encoded = encoded
         self.body = body
+        self.size = len(body)  # the window's measure (`ConfirmPublisher.send_now` sets these too)
         self.future = future
         self.deadline = deadline
         self.props = props  # for the plain lane, which hands aiormq the properties
@@ -163,10 +165,12 @@ class InFlight:
             the records a multiple confirm settled together (the publisher's window release).
     """
 
-    __slots__ = ("_by_id", "_on_settled", "send_again")
+    __slots__ = ("by_id", "_on_settled", "send_again")
 
     def __init__(self, on_settled: Callable[[Sequence[Outgoing]], None]) -> None:
-        self._by_id: dict[str, Outgoing] = {}  # message id -> unsettled mandatory record
+        # Message id -> unsettled mandatory record (`ConfirmPublisher.send_now` admits its
+        # records here itself, as `admit` does).
+        self.by_id: dict[str, Outgoing] = {}
         self._on_settled = on_settled
         # Called with a nacked record and the tracker of the channel that nacked it: True when
         # the publisher sends it again (a queue still starting), which leaves it unsettled;
@@ -181,17 +185,17 @@ class InFlight:
                 return names only the message id, so it could be taken for the other one).
         """
         if out.mandatory:
-            if out.message_id in self._by_id:
+            if out.message_id in self.by_id:
                 raise ConfigurationError(
                     f"message_id {out.message_id!r} is already in flight on this publisher: "
                     "ids of unconfirmed mandatory messages must be unique (leave message_id "
                     "unset for a fresh one, or await the first publish)"
                 )
-            self._by_id[out.message_id] = out
+            self.by_id[out.message_id] = out
 
     def mandatory(self, message_id: str) -> Outgoing | None:
         """The unsettled mandatory record with this id, if any."""
-        return self._by_id.get(message_id)
+        return self.by_id.get(message_id)
 
     def settle(self, out: Outgoing, error: WorkqError | None) -> None:
         """Settle `out` (once): confirmed when `error` is None, else failed with it.
@@ -204,8 +208,8 @@ class InFlight:
         tracker = out.tracker
         if tracker is not None:
             tracker.discard(out)
-        if out.mandatory and self._by_id.get(out.message_id) is out:
-            del self._by_id[out.message_id]
+        if out.mandatory and self.by_id.get(out.message_id) is out:
+            del self.by_id[out.message_id]
         future = out.future
         if type(future) is Batch:
             future.settle(out, error)
@@ -220,22 +224,26 @@ class InFlight:
         """Settle `records`, taken off their tracker already, as confirmed: `settle(out,
         None)` for each, inline (the hot path: one call for a multiple ack's records), and
         one `on_settled` for them all."""
-        by_id = self._by_id
+        by_id = self.by_id
         stale: list[Outgoing] | None = None  # settled before (a tracker holds none: defensive)
         for out in records:
             if out.settled:
                 stale = [*(stale or ()), out]
                 continue
             out.settled = True
-            if out.mandatory and by_id.get(out.message_id) is out:
-                del by_id[out.message_id]
+            message_id = out.message_id
+            if out.mandatory and message_id in by_id and by_id[message_id] is out:
+                del by_id[message_id]
             future = out.future
             if type(future) is Batch:  # `Batch.settle(out, None)`, inline
                 future.left -= 1
                 if not future.left:
                     future.drained()
-            elif not future.done():
-                future.set_result(out.message_id)
+            else:
+                try:
+                    future.set_result(message_id)
+                except asyncio.InvalidStateError:  # done already: cancelled by its owner
+                    pass
         if stale is not None:
             records = [out for out in records if not any(out is old for old in stale)]
         if records:
@@ -259,35 +267,36 @@ class ConfirmTracker:
         in_flight: the publisher's `InFlight`, which settles them.
     """
 
-    __slots__ = ("_in_flight", "_pending", "closed")
+    __slots__ = ("_in_flight", "pending", "closed")
 
     def __init__(self, in_flight: InFlight) -> None:
         self._in_flight = in_flight
-        self._pending: dict[int, Outgoing] = {}  # delivery tag -> record, in tag order
+        # Delivery tag -> record, in tag order (`FastLane.write` records in it itself).
+        self.pending: dict[int, Outgoing] = {}
         self.closed = False
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self.pending)
 
     def __iter__(self) -> Iterator[Outgoing]:
-        return iter(self._pending.values())
+        return iter(self.pending.values())
 
     def record(self, tag: int, out: Outgoing) -> None:
         """`out` was written with delivery tag `tag` (tags strictly increase per channel)."""
         out.tag = tag
         out.tracker = self
-        self._pending[tag] = out
+        self.pending[tag] = out
 
     def discard(self, out: Outgoing) -> None:
         """`out` was settled: forget its tag."""
-        pending = self._pending
+        pending = self.pending
         if pending.get(out.tag) is out:
             del pending[out.tag]
         out.tracker = None
 
     def on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         """A `Basic.Ack` (ack) or `Basic.Nack` for `delivery_tag` (and all before, if multiple)."""
-        pending = self._pending
+        pending = self.pending
         if multiple:
             settled = []
             for tag, out in pending.items():  # in tag order: stop at the first later tag
@@ -337,8 +346,8 @@ class ConfirmTracker:
         """Close the tracker (its channel closed): remove and return every record written on
         it and not settled, oldest first. They stay in flight: each is resent or settled."""
         self.closed = True
-        taken = list(self._pending.values())
-        self._pending.clear()
+        taken = list(self.pending.values())
+        self.pending.clear()
         for out in taken:
             out.tracker = None
         return taken
