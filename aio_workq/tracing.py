@@ -73,9 +73,11 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import re
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -108,7 +110,8 @@ if TYPE_CHECKING:
 
 __all__ = ("TracingHook",)
 
-_NO_PARENT = otel_context.Context()
+_Context = otel_context.Context
+_NO_PARENT = _Context()
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 """A W3C `traceparent` of version 00 as it is written (the propagator also takes spaces)."""
 _W3C = (
@@ -211,7 +214,7 @@ class TracingHook(Hook):
             parent = trace.get_current_span().get_span_context()
             ids = roots.ids
             if not parent.is_valid:  # a root
-                root_id: int = ids.generate_trace_id()
+                root_id: int = (roots.random and random.getrandbits(128)) or ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:
                     context = SpanContext(root_id, ids.generate_span_id(), False, roots.flags)
                     return self._inject_dropped(message, context)
@@ -289,7 +292,11 @@ class TracingHook(Hook):
         if parent is _NO_PARENT:
             roots = self._roots if self._roots_known else self._root_plan()
             if roots is not None:  # the SDK's ratio sampler: decided here, as it would
-                root_id: int = roots.ids.generate_trace_id()
+                # The SDK's `RandomIdGenerator.generate_trace_id`, without its call (it
+                # draws again on 0: its own call does that here).
+                root_id: int = (
+                    roots.random and random.getrandbits(128)
+                ) or roots.ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
                     return _Current(_Dropped(root_id, roots))
                 exchange = job.exchange
@@ -363,6 +370,7 @@ class _Roots:
         "drops_remote_unsampled",
         "flags",
         "ids",
+        "random",
         "random_flag",
     )
 
@@ -371,6 +379,9 @@ class _Roots:
         """A root whose trace id's low 64 bits are below this is recorded."""
         self.ids = ids
         """The SDK's id generator."""
+        self.random = _is_random_id_generator(ids)
+        """Whether `ids` is the SDK's `RandomIdGenerator` itself (not a subclass): its trace id
+        is then drawn here as it draws one, `random.getrandbits(128)` (again on 0)."""
         self.random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
         """The random-trace-id flag (0 before the API had it), which a child keeps."""
         is_random = getattr(ids, "is_trace_id_random", None)
@@ -476,6 +487,15 @@ class _Pinned:
         return trace_id
 
 
+def _is_random_id_generator(ids: Any) -> bool:
+    """Whether `ids` is the SDK's `RandomIdGenerator` (exactly: a subclass may draw otherwise)."""
+    try:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    except ImportError:  # pragma: no cover - an SDK that moved it: its generator is called
+        return False
+    return type(ids) is RandomIdGenerator
+
+
 def _not_random() -> bool:
     """`is_trace_id_random` of an id generator from before the SDK had it."""
     return False
@@ -498,6 +518,48 @@ def _span_key() -> str | None:
 _SPAN_KEY = _span_key()
 """Where `set_span_in_context` puts the span (see `_span_key`): a span is made current with
 the current context's entries and it, as that function does, without its three calls."""
+
+
+def _context_var() -> ContextVar[otel_context.Context] | None:
+    """The context variable the OpenTelemetry API keeps the current `Context` in (its default
+    runtime context, `contextvars`), when what `attach` makes current is what the variable
+    holds and what the variable is set to is what `get_current` gives; `None` (the API's
+    functions are used) otherwise, e.g. under another runtime context (`OTEL_PYTHON_CONTEXT`)."""
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if not isinstance(var, ContextVar):
+        return None
+    probe = otel_context.Context({"aio_workq.probe": True})
+    token = otel_context.attach(probe)
+    try:
+        attached = var.get(None)
+    finally:
+        otel_context.detach(token)
+    if attached is not probe:
+        return None
+    reset = var.set(probe)
+    try:
+        current = otel_context.get_current()
+    finally:
+        var.reset(reset)
+    if current is not probe:
+        return None
+    return cast("ContextVar[otel_context.Context]", var)
+
+
+_VAR = _context_var()
+_get_current: Callable[[], otel_context.Context] = (
+    otel_context.get_current if _VAR is None else _VAR.get
+)
+_attach: Callable[[otel_context.Context], Token[otel_context.Context]] = (
+    otel_context.attach if _VAR is None else _VAR.set
+)
+_detach: Callable[[Token[otel_context.Context]], None] = (
+    otel_context.detach if _VAR is None else _VAR.reset
+)
+"""`get_current`, `attach` and `detach` of the OpenTelemetry API, or what each of them does
+(a layer of the API and one of its runtime context), its context variable's `get`, `set` and
+`reset`, as a message's span is made current and left (see `_context_var`). Where `detach`
+logs a token that cannot be reset, `reset` raises: the worker's hooks log it."""
 
 
 def _delegates(description: str) -> dict[str, str]:
@@ -606,8 +668,8 @@ class _Current:
         if _SPAN_KEY is None:
             context = trace.set_span_in_context(span)
         else:  # what it makes, without its layers
-            context = otel_context.Context({**otel_context.get_current(), _SPAN_KEY: span})
-        self._token = otel_context.attach(context)
+            context = _Context({**_get_current(), _SPAN_KEY: span})
+        self._token = _attach(context)
         return span
 
     def __exit__(
@@ -616,7 +678,7 @@ class _Current:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
+        _detach(self._token)
 
 
 class _Ended(_Current):
@@ -631,10 +693,12 @@ class _Ended(_Current):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
-        if exc is not None:  # the worker stopped (the message is requeued), or a bug
-            self._span.record_exception(exc)
-        self._span.end()
+        try:
+            _detach(self._token)
+        finally:  # ended even if the token could not be reset (it raises: logged)
+            if exc is not None:  # the worker stopped (the message is requeued), or a bug
+                self._span.record_exception(exc)
+            self._span.end()
 
 
 class _Recording(_Ended, Settling):
