@@ -111,6 +111,9 @@ if TYPE_CHECKING:
 __all__ = ("TracingHook",)
 
 _Context = otel_context.Context
+_new = object.__new__
+"""Makes an object of a class of ours without calling its `__init__` (its slots set by the
+caller, as `__init__` would): the per-message spans and managers of sampled-out messages."""
 _NO_PARENT = _Context()
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 """A W3C `traceparent` of version 00 as it is written (the propagator also takes spaces)."""
@@ -279,7 +282,15 @@ class TracingHook(Hook):
             if trace_id == _INVALID_TRACE_ID or span_id == _INVALID_SPAN_ID:
                 parent = _NO_PARENT
             elif not _SAMPLED[flags] and (self._drops_unsampled or self._sampler_drops_unsampled()):
-                return _Current(_Remote(trace_id, span_id, flags))  # sampled out by its producer
+                # Sampled out by its producer: its span and the manager making it current,
+                # as `_Current(_Remote(trace_id, span_id, flags))` makes them (without their
+                # `__init__` calls: this runs for most messages).
+                remote = _new(_Remote)
+                remote._made = None
+                remote._trace_id, remote._span_id, remote._flags = trace_id, span_id, flags
+                current = _new(_Current)
+                current._span = remote
+                return current
             else:
                 context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
                 parent = trace.set_span_in_context(NonRecordingSpan(context))
@@ -298,7 +309,13 @@ class TracingHook(Hook):
                     roots.random and random.getrandbits(128)
                 ) or roots.ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
-                    return _Current(_Dropped(root_id, roots))
+                    # As `_Current(_Dropped(root_id, roots))` makes them (see above).
+                    dropped = _new(_Dropped)
+                    dropped._made = None
+                    dropped._trace_id, dropped._roots = root_id, roots
+                    current = _new(_Current)
+                    current._span = dropped
+                    return current
                 exchange = job.exchange
                 name, attributes = self._shared.get((queue, exchange)) or self._share(
                     queue, exchange
