@@ -165,6 +165,10 @@ class TracingHook(Hook):
         self._drops_unsampled: bool | None = None
         """Whether the sampler drops a span whose remote parent was not sampled (`None`: the
         tracer is not the SDK's yet)."""
+        self._keeps_sampled = False
+        """Whether the SDK's sampler records every span whose remote parent was sampled
+        (`ParentBased`, as by default, or `ALWAYS_ON`): such a span is then started with all
+        its attributes."""
         self._roots: _Roots | None = None
         """How a root is decided here (`None`: not looked at yet, or the SDK decides)."""
         self._roots_known = False
@@ -194,10 +198,19 @@ class TracingHook(Hook):
             _delegates(description).get("remoteParentNotSampled") == "AlwaysOffSampler"
         )
         self._drops_unsampled = drops
+        self._keeps_sampled = description == "AlwaysOnSampler" or (
+            _delegates(description).get("remoteParentSampled") == "AlwaysOnSampler"
+        )
         if not self._roots_known:
             self._roots = _Roots.of(tracer, sampler, description)
             self._roots_known = True
         return drops
+
+    def _records_sampled(self) -> bool:
+        """Whether the SDK's sampler records every span whose remote parent was sampled."""
+        if self._drops_unsampled is None:  # not looked at yet (or no SDK yet)
+            self._sampler_drops_unsampled()
+        return self._keeps_sampled
 
     def _root_plan(self) -> _Roots | None:
         """How a root is decided here, once the SDK's tracer is known (`None`: by the SDK)."""
@@ -294,6 +307,20 @@ class TracingHook(Hook):
             else:
                 context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
                 parent = trace.set_span_in_context(NonRecordingSpan(context))
+                if _SAMPLED[flags] and self._records_sampled():
+                    # Recorded whatever it is shown: all its attributes at once (the SDK
+                    # checks them in one go, rather than in a second call with its locks).
+                    exchange = job.exchange
+                    name, attributes = self._shared.get((queue, exchange)) or self._share(
+                        queue, exchange
+                    )
+                    span = self._tracer.start_span(
+                        name,
+                        context=parent,
+                        kind=SpanKind.CONSUMER,
+                        attributes=_own(job, dict(attributes)),
+                    )
+                    return _Recording(span) if span.is_recording() else _Ended(span)
         elif "traceparent" not in headers and "baggage" not in headers and self._reads_w3c():
             parent = _NO_PARENT  # what the W3C propagator reads from them: no trace context
         elif self._propagator is None:
