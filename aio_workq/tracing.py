@@ -37,10 +37,13 @@ context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased`
 `ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
 decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
 the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
-id. Any other sampler is asked by the SDK for every root, as before. The span made current for
-a sampled-out message (a dropped root, or its producer's unsampled parent) makes its span
-context the first time it is asked for (a dropped root's span id is drawn then): most handlers
-never ask, and what they forward, or an instrumented client they call, does.
+id. Any other sampler is asked by the SDK for every root, as before. A message whose producer
+sampled it, under a sampler that records every such span (`ParentBased`'s default, or
+`ALWAYS_ON`), is started with all its attributes at once (the SDK checks them in one go; a span
+processor's `on_start` sees them). The span made current for a sampled-out message (a dropped
+root, or its producer's unsampled parent) makes its span context the first time it is asked
+for (a dropped root's span id is drawn then): most handlers never ask, and what they forward,
+or an instrumented client they call, does.
 
 What this relies on in the OpenTelemetry SDK beyond its documented API, all read, none written
 on the SDK's own objects, and each checked by `tests/test_tracing_sampling.py` (an SDK that
@@ -55,14 +58,29 @@ differs makes the hook stand aside and the SDK decide, as it does for a custom s
    span, and a shallow copy of it starts spans like it: the hook starts a kept root on a copy
    of its own whose `id_generator` hands over the trace id decided on (the provider's tracer
    is never changed; same test, and `test_a_root_the_sampler_drops_asks_the_sdk_for_no_span`).
+4. The SDK's `RandomIdGenerator` (the default) draws a trace id as `random.getrandbits(128)`,
+   again while it is 0: under that generator itself (not a subclass, nor another one) the hook
+   draws a root's trace id so, without the call (and calls it on a 0);
+   `test_a_dropped_root_has_the_trace_id_the_sdk_would_draw` and
+   `test_a_root_under_an_id_generator_of_its_own_takes_its_trace_ids`.
 
-And one in the OpenTelemetry API, read once at import: `trace.set_span_in_context(span,
+And two in the OpenTelemetry API, read once at import: `trace.set_span_in_context(span,
 context)` makes a `Context` (a dict) of `context`'s entries and the span under one key, which
 `trace.get_current_span` reads back. The span of each message is made current as a `Context`
 built so from the current one, without that function's three calls; an API that differs (more
 than one key, or a `Context` of that key the API does not read back) keeps the function in use
 (`_span_key`; `test_a_span_is_made_current_as_set_span_in_context_makes_it` in
-`tests/test_tracing_cost.py`).
+`tests/test_tracing_cost.py`). And the API's default runtime context keeps the current
+`Context` in one context variable (`_RUNTIME_CONTEXT._current_context`, read, never replaced):
+`attach`, `get_current` and `detach` are its `set`, `get` and `reset` under two layers, so the
+hook calls those three itself, checked at import both ways (what `attach` makes current is the
+variable's value, and its value is what `get_current` gives); under another runtime context
+(`OTEL_PYTHON_CONTEXT`) the API's functions are used (`_context_var`;
+`test_a_span_is_made_current_in_the_apis_own_context_variable`). A handler sees no difference:
+`trace.get_current_span()` gives the message's span, and instrumentations read it as the API
+made it current. Where `detach` would log a token it cannot reset (a span left in a context
+other than the one it was made current in), `reset` raises and the worker's hooks log it; a
+recording span is ended all the same.
 
 The worker's hooks tell a recording consumer span its outcome (`aio_workq.outcome`, the error)
 just before leaving it (`_hooks.Settling`): the hook has no `after_handle`, so a message it does
