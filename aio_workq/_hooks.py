@@ -104,6 +104,9 @@ Settled = tuple[Outcome, BaseException | None, float | None]
 """What the dispatcher reports for one delivery: the outcome, the handler's error, and the
 seconds until the next run of a retried or deferred message."""
 _UNSETTLED: Settled = (Outcome.REQUEUED, None, None)
+Entered = Any
+"""What `Hooks.begin` entered, for `Hooks.end` (the one hook's context manager, or a list of
+(hook, manager) pairs, or `None`): opaque to the caller."""
 
 
 class PublishInfo:
@@ -243,7 +246,7 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_after_handle", "_handling", "durations", "hooks", "times")
+    __slots__ = ("_after_handle", "_handling", "_one", "durations", "hooks", "times")
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
@@ -254,6 +257,9 @@ class Hooks:
         # deliveries need not be asked for a context manager).
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
         self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
+        self._one = self._handling[0].handling if len(self._handling) == 1 else None
+        """The `handling` of the one hook that overrides it, if only one does (a tracing hook
+        alone): `begin` hands `end` its context manager itself, no list of them."""
         self.times = bool(self._after_handle)
         """Whether the handlers are timed (into `durations`): only `after_handle` reads it."""
 
@@ -324,11 +330,19 @@ class Hooks:
 
     # -- handling ----------------------------------------------------------------------------
 
-    def begin(
-        self, job: JobView, queue: str
-    ) -> list[tuple[Hook, AbstractContextManager[Any]]] | None:
+    def begin(self, job: JobView, queue: str) -> Entered:
         """Before the handler runs: call `handling` and enter what it returns; pass the result
         to `end` (the dispatcher calls the two around a delivery, in its own coroutine)."""
+        one = self._one
+        if one is not None:  # one hook's manager (or None), not in a list
+            try:
+                manager = one(job, queue)
+                if manager is not None:
+                    manager.__enter__()
+            except Exception as exc:
+                self._failed(self._handling[0], "handling", exc, _fields(queue, job))
+                return None
+            return manager
         entered: list[tuple[Hook, AbstractContextManager[Any]]] | None = None
         for hook in self._handling:
             try:
@@ -346,7 +360,7 @@ class Hooks:
         self,
         job: JobView,
         queue: str,
-        entered: list[tuple[Hook, AbstractContextManager[Any]]] | None,
+        entered: Entered,
         settled: Settled | None,
         raised: BaseException | None,
     ) -> None:
@@ -360,20 +374,49 @@ class Hooks:
                     hook.after_handle(info)
                 except Exception as exc:
                     self._failed(hook, "after_handle", exc, _fields(queue, job))
-        if entered is not None:
+        if entered is None:
+            return
+        if self._one is None:
             for hook, manager in reversed(entered):
-                if isinstance(manager, Settling):
-                    try:
-                        manager.settled(outcome, error)
-                    except Exception as exc:
-                        self._failed(hook, "handling (settled)", exc, _fields(queue, job))
-                try:
-                    if raised is None:
-                        manager.__exit__(None, None, None)
-                    else:
-                        manager.__exit__(type(raised), raised, raised.__traceback__)
-                except Exception as exc:
-                    self._failed(hook, "handling (exit)", exc, _fields(queue, job))
+                self._leave(hook, manager, job, queue, outcome, error, raised)
+            return
+        # The one hook's manager itself (as `_leave`, inline: once per delivery).
+        if isinstance(entered, Settling):
+            try:
+                entered.settled(outcome, error)
+            except Exception as exc:
+                self._failed(self._handling[0], "handling (settled)", exc, _fields(queue, job))
+        try:
+            if raised is None:
+                entered.__exit__(None, None, None)
+            else:
+                entered.__exit__(type(raised), raised, raised.__traceback__)
+        except Exception as exc:
+            self._failed(self._handling[0], "handling (exit)", exc, _fields(queue, job))
+
+    def _leave(
+        self,
+        hook: Hook,
+        manager: AbstractContextManager[Any],
+        job: JobView,
+        queue: str,
+        outcome: Outcome,
+        error: BaseException | None,
+        raised: BaseException | None,
+    ) -> None:
+        """Tell a `Settling` manager the outcome, then exit it."""
+        if isinstance(manager, Settling):
+            try:
+                manager.settled(outcome, error)
+            except Exception as exc:
+                self._failed(hook, "handling (settled)", exc, _fields(queue, job))
+        try:
+            if raised is None:
+                manager.__exit__(None, None, None)
+            else:
+                manager.__exit__(type(raised), raised, raised.__traceback__)
+        except Exception as exc:
+            self._failed(hook, "handling (exit)", exc, _fields(queue, job))
 
     # -- connections -------------------------------------------------------------------------
 

@@ -37,10 +37,13 @@ context (a root: its producer did not trace) under the SDK's `TraceIdRatioBased`
 `ParentBased`'s root, as above; `ALWAYS_ON`/`ALWAYS_OFF` too) is decided here as that sampler
 decides, on a trace id from the SDK's id generator: one it leaves out is the non-recording span
 the SDK would make, without asking the SDK; one it keeps is started by the SDK on that trace
-id. Any other sampler is asked by the SDK for every root, as before. The span made current for
-a sampled-out message (a dropped root, or its producer's unsampled parent) makes its span
-context the first time it is asked for (a dropped root's span id is drawn then): most handlers
-never ask, and what they forward, or an instrumented client they call, does.
+id. Any other sampler is asked by the SDK for every root, as before. A message whose producer
+sampled it, under a sampler that records every such span (`ParentBased`'s default, or
+`ALWAYS_ON`), is started with all its attributes at once (the SDK checks them in one go; a span
+processor's `on_start` sees them). The span made current for a sampled-out message (a dropped
+root, or its producer's unsampled parent) makes its span context the first time it is asked
+for (a dropped root's span id is drawn then): most handlers never ask, and what they forward,
+or an instrumented client they call, does.
 
 What this relies on in the OpenTelemetry SDK beyond its documented API, all read, none written
 on the SDK's own objects, and each checked by `tests/test_tracing_sampling.py` (an SDK that
@@ -55,14 +58,29 @@ differs makes the hook stand aside and the SDK decide, as it does for a custom s
    span, and a shallow copy of it starts spans like it: the hook starts a kept root on a copy
    of its own whose `id_generator` hands over the trace id decided on (the provider's tracer
    is never changed; same test, and `test_a_root_the_sampler_drops_asks_the_sdk_for_no_span`).
+4. The SDK's `RandomIdGenerator` (the default) draws a trace id as `random.getrandbits(128)`,
+   again while it is 0: under that generator itself (not a subclass, nor another one) the hook
+   draws a root's trace id so, without the call (and calls it on a 0);
+   `test_a_dropped_root_has_the_trace_id_the_sdk_would_draw` and
+   `test_a_root_under_an_id_generator_of_its_own_takes_its_trace_ids`.
 
-And one in the OpenTelemetry API, read once at import: `trace.set_span_in_context(span,
+And two in the OpenTelemetry API, read once at import: `trace.set_span_in_context(span,
 context)` makes a `Context` (a dict) of `context`'s entries and the span under one key, which
 `trace.get_current_span` reads back. The span of each message is made current as a `Context`
 built so from the current one, without that function's three calls; an API that differs (more
 than one key, or a `Context` of that key the API does not read back) keeps the function in use
 (`_span_key`; `test_a_span_is_made_current_as_set_span_in_context_makes_it` in
-`tests/test_tracing_cost.py`).
+`tests/test_tracing_cost.py`). And the API's default runtime context keeps the current
+`Context` in one context variable (`_RUNTIME_CONTEXT._current_context`, read, never replaced):
+`attach`, `get_current` and `detach` are its `set`, `get` and `reset` under two layers, so the
+hook calls those three itself, checked at import both ways (what `attach` makes current is the
+variable's value, and its value is what `get_current` gives); under another runtime context
+(`OTEL_PYTHON_CONTEXT`) the API's functions are used (`_context_var`;
+`test_a_span_is_made_current_in_the_apis_own_context_variable`). A handler sees no difference:
+`trace.get_current_span()` gives the message's span, and instrumentations read it as the API
+made it current. Where `detach` would log a token it cannot reset (a span left in a context
+other than the one it was made current in), `reset` raises and the worker's hooks log it; a
+recording span is ended all the same.
 
 The worker's hooks tell a recording consumer span its outcome (`aio_workq.outcome`, the error)
 just before leaving it (`_hooks.Settling`): the hook has no `after_handle`, so a message it does
@@ -73,9 +91,11 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import re
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, cast
 
@@ -108,7 +128,11 @@ if TYPE_CHECKING:
 
 __all__ = ("TracingHook",)
 
-_NO_PARENT = otel_context.Context()
+_Context = otel_context.Context
+_new = object.__new__
+"""Makes an object of a class of ours without calling its `__init__` (its slots set by the
+caller, as `__init__` would): the per-message spans and managers of sampled-out messages."""
+_NO_PARENT = _Context()
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 """A W3C `traceparent` of version 00 as it is written (the propagator also takes spaces)."""
 _W3C = (
@@ -159,6 +183,10 @@ class TracingHook(Hook):
         self._drops_unsampled: bool | None = None
         """Whether the sampler drops a span whose remote parent was not sampled (`None`: the
         tracer is not the SDK's yet)."""
+        self._keeps_sampled = False
+        """Whether the SDK's sampler records every span whose remote parent was sampled
+        (`ParentBased`, as by default, or `ALWAYS_ON`): such a span is then started with all
+        its attributes."""
         self._roots: _Roots | None = None
         """How a root is decided here (`None`: not looked at yet, or the SDK decides)."""
         self._roots_known = False
@@ -188,10 +216,19 @@ class TracingHook(Hook):
             _delegates(description).get("remoteParentNotSampled") == "AlwaysOffSampler"
         )
         self._drops_unsampled = drops
+        self._keeps_sampled = description == "AlwaysOnSampler" or (
+            _delegates(description).get("remoteParentSampled") == "AlwaysOnSampler"
+        )
         if not self._roots_known:
             self._roots = _Roots.of(tracer, sampler, description)
             self._roots_known = True
         return drops
+
+    def _records_sampled(self) -> bool:
+        """Whether the SDK's sampler records every span whose remote parent was sampled."""
+        if self._drops_unsampled is None:  # not looked at yet (or no SDK yet)
+            self._sampler_drops_unsampled()
+        return self._keeps_sampled
 
     def _root_plan(self) -> _Roots | None:
         """How a root is decided here, once the SDK's tracer is known (`None`: by the SDK)."""
@@ -211,7 +248,7 @@ class TracingHook(Hook):
             parent = trace.get_current_span().get_span_context()
             ids = roots.ids
             if not parent.is_valid:  # a root
-                root_id: int = ids.generate_trace_id()
+                root_id: int = (roots.random and random.getrandbits(128)) or ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:
                     context = SpanContext(root_id, ids.generate_span_id(), False, roots.flags)
                     return self._inject_dropped(message, context)
@@ -276,10 +313,32 @@ class TracingHook(Hook):
             if trace_id == _INVALID_TRACE_ID or span_id == _INVALID_SPAN_ID:
                 parent = _NO_PARENT
             elif not _SAMPLED[flags] and (self._drops_unsampled or self._sampler_drops_unsampled()):
-                return _Current(_Remote(trace_id, span_id, flags))  # sampled out by its producer
+                # Sampled out by its producer: its span and the manager making it current,
+                # as `_Current(_Remote(trace_id, span_id, flags))` makes them (without their
+                # `__init__` calls: this runs for most messages).
+                remote = _new(_Remote)
+                remote._made = None
+                remote._trace_id, remote._span_id, remote._flags = trace_id, span_id, flags
+                current = _new(_Current)
+                current._span = remote
+                return current
             else:
                 context = SpanContext(int(trace_id, 16), int(span_id, 16), True, _FLAGS[flags])
                 parent = trace.set_span_in_context(NonRecordingSpan(context))
+                if _SAMPLED[flags] and self._records_sampled():
+                    # Recorded whatever it is shown: all its attributes at once (the SDK
+                    # checks them in one go, rather than in a second call with its locks).
+                    exchange = job.exchange
+                    name, attributes = self._shared.get((queue, exchange)) or self._share(
+                        queue, exchange
+                    )
+                    span = self._tracer.start_span(
+                        name,
+                        context=parent,
+                        kind=SpanKind.CONSUMER,
+                        attributes=_own(job, dict(attributes)),
+                    )
+                    return _Recording(span) if span.is_recording() else _Ended(span)
         elif "traceparent" not in headers and "baggage" not in headers and self._reads_w3c():
             parent = _NO_PARENT  # what the W3C propagator reads from them: no trace context
         elif self._propagator is None:
@@ -289,9 +348,19 @@ class TracingHook(Hook):
         if parent is _NO_PARENT:
             roots = self._roots if self._roots_known else self._root_plan()
             if roots is not None:  # the SDK's ratio sampler: decided here, as it would
-                root_id: int = roots.ids.generate_trace_id()
+                # The SDK's `RandomIdGenerator.generate_trace_id`, without its call (it
+                # draws again on 0: its own call does that here).
+                root_id: int = (
+                    roots.random and random.getrandbits(128)
+                ) or roots.ids.generate_trace_id()
                 if root_id & _LOW_64 >= roots.bound:  # left out: the span the SDK makes
-                    return _Current(_Dropped(root_id, roots))
+                    # As `_Current(_Dropped(root_id, roots))` makes them (see above).
+                    dropped = _new(_Dropped)
+                    dropped._made = None
+                    dropped._trace_id, dropped._roots = root_id, roots
+                    current = _new(_Current)
+                    current._span = dropped
+                    return current
                 exchange = job.exchange
                 name, attributes = self._shared.get((queue, exchange)) or self._share(
                     queue, exchange
@@ -363,6 +432,7 @@ class _Roots:
         "drops_remote_unsampled",
         "flags",
         "ids",
+        "random",
         "random_flag",
     )
 
@@ -371,6 +441,9 @@ class _Roots:
         """A root whose trace id's low 64 bits are below this is recorded."""
         self.ids = ids
         """The SDK's id generator."""
+        self.random = _is_random_id_generator(ids)
+        """Whether `ids` is the SDK's `RandomIdGenerator` itself (not a subclass): its trace id
+        is then drawn here as it draws one, `random.getrandbits(128)` (again on 0)."""
         self.random_flag = getattr(TraceFlags, "RANDOM_TRACE_ID", 0)
         """The random-trace-id flag (0 before the API had it), which a child keeps."""
         is_random = getattr(ids, "is_trace_id_random", None)
@@ -476,6 +549,15 @@ class _Pinned:
         return trace_id
 
 
+def _is_random_id_generator(ids: Any) -> bool:
+    """Whether `ids` is the SDK's `RandomIdGenerator` (exactly: a subclass may draw otherwise)."""
+    try:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+    except ImportError:  # pragma: no cover - an SDK that moved it: its generator is called
+        return False
+    return type(ids) is RandomIdGenerator
+
+
 def _not_random() -> bool:
     """`is_trace_id_random` of an id generator from before the SDK had it."""
     return False
@@ -498,6 +580,48 @@ def _span_key() -> str | None:
 _SPAN_KEY = _span_key()
 """Where `set_span_in_context` puts the span (see `_span_key`): a span is made current with
 the current context's entries and it, as that function does, without its three calls."""
+
+
+def _context_var() -> ContextVar[otel_context.Context] | None:
+    """The context variable the OpenTelemetry API keeps the current `Context` in (its default
+    runtime context, `contextvars`), when what `attach` makes current is what the variable
+    holds and what the variable is set to is what `get_current` gives; `None` (the API's
+    functions are used) otherwise, e.g. under another runtime context (`OTEL_PYTHON_CONTEXT`)."""
+    var = getattr(getattr(otel_context, "_RUNTIME_CONTEXT", None), "_current_context", None)
+    if not isinstance(var, ContextVar):
+        return None
+    probe = otel_context.Context({"aio_workq.probe": True})
+    token = otel_context.attach(probe)
+    try:
+        attached = var.get(None)
+    finally:
+        otel_context.detach(token)
+    if attached is not probe:
+        return None
+    reset = var.set(probe)
+    try:
+        current = otel_context.get_current()
+    finally:
+        var.reset(reset)
+    if current is not probe:
+        return None
+    return cast("ContextVar[otel_context.Context]", var)
+
+
+_VAR = _context_var()
+_get_current: Callable[[], otel_context.Context] = (
+    otel_context.get_current if _VAR is None else _VAR.get
+)
+_attach: Callable[[otel_context.Context], Token[otel_context.Context]] = (
+    otel_context.attach if _VAR is None else _VAR.set
+)
+_detach: Callable[[Token[otel_context.Context]], None] = (
+    otel_context.detach if _VAR is None else _VAR.reset
+)
+"""`get_current`, `attach` and `detach` of the OpenTelemetry API, or what each of them does
+(a layer of the API and one of its runtime context), its context variable's `get`, `set` and
+`reset`, as a message's span is made current and left (see `_context_var`). Where `detach`
+logs a token that cannot be reset, `reset` raises: the worker's hooks log it."""
 
 
 def _delegates(description: str) -> dict[str, str]:
@@ -606,8 +730,8 @@ class _Current:
         if _SPAN_KEY is None:
             context = trace.set_span_in_context(span)
         else:  # what it makes, without its layers
-            context = otel_context.Context({**otel_context.get_current(), _SPAN_KEY: span})
-        self._token = otel_context.attach(context)
+            context = _Context({**_get_current(), _SPAN_KEY: span})
+        self._token = _attach(context)
         return span
 
     def __exit__(
@@ -616,7 +740,7 @@ class _Current:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
+        _detach(self._token)
 
 
 class _Ended(_Current):
@@ -631,10 +755,12 @@ class _Ended(_Current):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        otel_context.detach(self._token)
-        if exc is not None:  # the worker stopped (the message is requeued), or a bug
-            self._span.record_exception(exc)
-        self._span.end()
+        try:
+            _detach(self._token)
+        finally:  # ended even if the token could not be reset (it raises: logged)
+            if exc is not None:  # the worker stopped (the message is requeued), or a bug
+                self._span.record_exception(exc)
+            self._span.end()
 
 
 class _Recording(_Ended, Settling):

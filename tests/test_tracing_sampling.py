@@ -574,3 +574,48 @@ def test_the_hooks_only_bench_runs(parent: str) -> None:
     from bench.observability import main
 
     assert main(["--child", "sampled", "--hooks-only", "--n", "50", "--parent", parent]) == 0
+
+
+@pytest.mark.parametrize("sampler", [ParentBased(ALWAYS_OFF), ALWAYS_ON], ids=["parent", "on"])
+def test_a_message_its_producer_sampled_is_started_with_all_its_attributes(
+    sampler: Sampler, exporter: InMemorySpanExporter
+) -> None:
+    """Its traceparent says sampled and the sampler records every such span (`ParentBased`,
+    `ALWAYS_ON`): its span is started with the message's own attributes too, in one go (a
+    processor's `on_start` sees them), the same attributes in the same order as before."""
+    from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+    class Starts(SpanProcessor):
+        def __init__(self) -> None:
+            self.seen: list[dict[str, Any]] = []
+
+        def on_start(self, span: Any, parent_context: Context | None = None) -> None:
+            self.seen.append(dict(cast(ReadableSpan, span).attributes or {}))
+
+    provider = TracerProvider(sampler=sampler)
+    starts = Starts()
+    provider.add_span_processor(starts)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hook = TracingHook(tracer_provider=provider)
+    with hook.handling(NotedJob({"traceparent": PARENT[:-2] + "01"}), "tasks"):
+        pass
+    (span,) = exporter.get_finished_spans()
+    assert span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331
+    own = {
+        "messaging.rabbitmq.message.delivery_tag": 7,
+        "aio_workq.attempt": 2,
+        "messaging.message.id": "m-1",
+        "messaging.rabbitmq.destination.routing_key": "tasks",
+        "messaging.message.conversation_id": "c-1",
+    }
+    assert starts.seen == [{**SHARED, **own}]
+    assert list(span.attributes or {}) == [*SHARED, *own]  # (the outcome: told by Hooks)
+
+
+SHARED = {
+    "messaging.system": "rabbitmq",
+    "messaging.operation.type": "process",
+    "messaging.operation.name": "process",
+    "messaging.destination.name": "",
+    "messaging.destination.subscription.name": "tasks",
+}
