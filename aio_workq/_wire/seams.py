@@ -98,6 +98,11 @@ against the newest releases):
     and `::test_a_close_aiormq_maps_to_its_own_class_is_logged_once_with_its_code`).
     Should aiormq change either, its lines are printed again beside aio-workq's: nothing is
     lost.
+
+The optional tracing hook's reliances on the OpenTelemetry SDK and API (how the SDK samples a
+root and draws its ids; the API's context variable, set and reset as `attach`/`detach` do,
+never replaced) are listed with their tests where they are used: `aio_workq/tracing.py`'s
+docstring.
 """
 
 from __future__ import annotations
