@@ -11,18 +11,16 @@ still settled exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ._exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    import asyncio
 
 __all__ = (
     "HandleInfo",
@@ -224,6 +222,15 @@ class Hook:
     def after_publish(self, message: PublishInfo, state: Any) -> None:
         """The message was confirmed (`message.error is None`) or failed."""
 
+    def arrived(self, job: JobView, queue: str) -> asyncio.Future[Any] | None:
+        """A delivery arrived, before it waits for a free handler: called by the worker as
+        it takes the delivery, outside the delivery's task (its context variables are not the
+        handler's: set those in `handling`). May return a future the delivery waits for
+        before its handler starts (e.g. a job store's answer to a claim); deliveries still
+        start in the order they arrived. A future that fails does not stop the delivery (its
+        handler starts; what it makes of the future is its own)."""
+        return None
+
     def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any] | None:
         """A context manager entered before the handler runs and exited once the delivery
         is settled (after `after_handle`): e.g. a tracing span, current while the handler runs.
@@ -243,7 +250,8 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_after_handle", "_handling", "durations", "hooks", "times")
+    __slots__ = ("_after_handle", "_arrived", "_handling", "arrives", "durations", "handles",
+                 "hooks", "times")  # fmt: skip
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
@@ -252,7 +260,12 @@ class Hooks:
         dispatcher times the handler), when `times`."""
         # Per delivery only the hooks that override a method are called (a hook that counts
         # deliveries need not be asked for a context manager).
+        self._arrived = tuple(hook for hook in hooks if _overrides(hook, "arrived"))
+        self.arrives = bool(self._arrived)
+        """Whether a hook has an `arrived` (the dispatcher calls `arrive` only then)."""
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
+        self.handles = bool(self._handling)
+        """Whether a hook has a `handling` (else `begin` enters nothing)."""
         self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
         self.times = bool(self._after_handle)
         """Whether the handlers are timed (into `durations`): only `after_handle` reads it."""
@@ -323,6 +336,32 @@ class Hooks:
                 self._failed(hook, "after_publish", exc, {"message_id": message.message_id})
 
     # -- handling ----------------------------------------------------------------------------
+
+    def arrive(self, job: JobView, queue: str) -> asyncio.Future[Any] | None:
+        """A delivery arrived (the dispatcher calls this outside its task): call `arrived`;
+        the future to wait for before its handler starts, if a hook returned one."""
+        hooks = self._arrived
+        if len(hooks) == 1:  # the usual: one (a job recorder's claim)
+            hook = hooks[0]
+            try:
+                return hook.arrived(job, queue)
+            except Exception as exc:
+                self._failed(hook, "arrived", exc, _fields(queue, job))
+                return None
+        futures = []
+        for hook in hooks:
+            try:
+                future = hook.arrived(job, queue)
+            except Exception as exc:
+                self._failed(hook, "arrived", exc, _fields(queue, job))
+                continue
+            if future is not None:
+                futures.append(future)
+        if not futures:
+            return None
+        if len(futures) == 1:
+            return futures[0]
+        return asyncio.gather(*futures, return_exceptions=True)
 
     def begin(
         self, job: JobView, queue: str

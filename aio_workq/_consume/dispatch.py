@@ -11,7 +11,6 @@ a failure like any other; only the worker's own stop cancels, and then the messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from asyncio import Task
 from collections import deque
@@ -42,48 +41,19 @@ log = logging.getLogger("aio_workq")
 _ACKED: Settled = (Outcome.OK, None, None)
 
 
-class _Slots:
-    """The handler slots of a worker that prefetches beyond its concurrency: at most `size`
-    held at once, given in arrival order. A freed slot goes straight to the next waiter
-    (asyncio.Semaphore on Python 3.11 walks past the waiters it woke already on each
-    release, and all of them in `locked()`: quadratic in a burst of handlers ending).
-
-    Taken by the dispatcher without a coroutine while one is free (`free > 0`: then no one
-    waits, a freed slot goes to a waiter first): `free -= 1`, else `await wait()`."""
-
-    __slots__ = ("_loop", "_waiters", "free")
-
-    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.free = size
-        self._loop = loop
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def wait(self) -> None:
-        """Wait for a slot freed for this caller (when none is free)."""
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled():  # cancelled while waiting: out of the line
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            else:  # given a slot, then cancelled before taking it: the next one's
-                self.release()
-            raise
-
-    def release(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():  # not cancelled meanwhile
-                waiter.set_result(None)
-                return
-        self.free += 1
+_Waiting = tuple["Job", Acker, int, bool, "asyncio.Future[Any] | None"]
+"""A delivery that waits for its task: the job, its acker and tag, whether it is an RPC
+request, and what its hooks' `arrived` returned (`None` once done)."""
 
 
 class Dispatcher:
     """Runs each delivery's handler in a task of its own and settles the delivery.
+
+    A worker that prefetches beyond its concurrency (every tracked task worker: its claims go
+    out ahead), or that has a hook with an `arrived` (a job recorder's claim), keeps the
+    deliveries that wait, for a free handler slot or for what `arrived` returned, in arrival
+    order, and starts each one's task only once it can run: no task, future or wake-up for the
+    wait itself (#23). A slot freed as a handler ends goes to the next one there.
 
     Built in the event loop it dispatches on, and keeps it: on Python 3.11 every
     `asyncio.get_running_loop()`, and `current_task()` without its loop, is a getpid() system
@@ -112,7 +82,14 @@ class Dispatcher:
         self._queue = queue
         self._publisher = publisher
         self._forwarder = forwarder
-        self._slots = _Slots(concurrency, self._loop) if prefetch > concurrency else None
+        # The handler slots, with a prefetch beyond the concurrency: `free` of `concurrency`.
+        self._limited = prefetch > concurrency
+        self._free = concurrency
+        self._arrive = hooks.arrive if hooks is not None and hooks.arrives else None
+        # Deliveries may wait for their task (`_admit`): in arrival order.
+        self._waits = self._limited or self._arrive is not None
+        self._waiting: deque[_Waiting] = deque()
+        self._watched: asyncio.Future[Any] | None = None
         self.queue_name = queue.name
         # Every delivery's task has this name: asyncio.all_tasks() says whose it is, and on
         # Python 3.11 a task without one formats a "Task-N" of its own.
@@ -137,6 +114,9 @@ class Dispatcher:
         acker.track(tag)
         self.counters.deliveries += 1
         job = Job(delivery, self._forwarder)
+        if self._waits:
+            self._admit(job, acker, tag, delivery.is_request)
+            return
         process = self._process(job, acker, tag, delivery.is_request)
         # The delivery's task, made as `loop.create_task` makes it but without its Python
         # frame and its closed check (the task's first `call_soon` checks it), unless the
@@ -178,6 +158,9 @@ class Dispatcher:
         )  # fmt: skip
         # An RPC request (a `reply_to`), read off one byte of the property flags.
         request = header[12] & REPLY_TO_BYTE != 0
+        if self._waits:
+            self._admit(job, acker, delivery_tag, request)
+            return
         process = self._process(job, acker, delivery_tag, request)
         # As in `dispatch` (inline: once per delivery).
         loop = self._loop
@@ -187,6 +170,94 @@ class Dispatcher:
             self.tasks.add(task)
         else:
             self._start_by_factory(job, process)
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries here not settled yet: handled, or waiting for their turn."""
+        return len(self.tasks) + len(self._waiting)
+
+    async def idle(self) -> None:
+        """Return once every delivery dispatched so far is settled, those waiting for their
+        turn included (the testing kit's)."""
+        while self.tasks or self._waiting:
+            if self.tasks:
+                await asyncio.wait(set(self.tasks))
+            else:  # the first one waits for what its `arrived` returned (not cancelled here)
+                wait = self._waiting[0][4]
+                if wait is not None:
+                    await asyncio.wait({wait})
+                else:  # its done callback ran (`_pump` is next), or the worker stops
+                    await asyncio.sleep(0)
+
+    def _admit(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
+        """A delivery that may have to wait: its hooks' `arrived` called (here, outside its
+        task), and its task started now if nothing is in the way (nothing waits before it,
+        `arrived` returned nothing or what is done already, a handler slot is free), else
+        once it is (`_pump`)."""
+        arrive = self._arrive
+        wait = arrive(job, self.queue_name) if arrive is not None else None
+        if wait is not None and wait.done():
+            wait = None
+        if not self._waiting and wait is None and not self.stopping:
+            if not self._limited:
+                self._start(job, self._process(job, acker, tag, reply))
+                return
+            if self._free > 0:
+                self._free -= 1
+                self._start(job, self._process(job, acker, tag, reply))
+                return
+        self._waiting.append((job, acker, tag, reply, wait))
+        self._pump()
+
+    def _pump(self, _: object = None) -> None:
+        """Start the waiting deliveries that can run now, in arrival order: the first one
+        waits for what its `arrived` returned (this is its done callback, then) and for a
+        free handler slot, and the rest behind it. Once the worker stops they go back to the
+        queue, their handlers not run (`_turn_back`)."""
+        waiting = self._waiting
+        while waiting:
+            job, acker, tag, reply, wait = waiting[0]
+            if self.stopping:
+                waiting.popleft()
+                self._start(job, self._turn_back(job, acker, tag))
+                continue
+            if wait is not None and not wait.done():
+                if self._watched is not wait:
+                    self._watched = wait
+                    wait.add_done_callback(self._pump)
+                return
+            if self._limited:
+                if self._free <= 0:
+                    return  # a handler ending frees one (`_process`)
+                self._free -= 1
+            waiting.popleft()
+            self._start(job, self._process(job, acker, tag, reply))
+
+    def _start(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
+        """Start a delivery's task (as `dispatch` does inline)."""
+        loop = self._loop
+        if loop.get_task_factory() is None:
+            task = Task(process, loop=loop, name=self._task_name)
+            job._task = task
+            self.tasks.add(task)
+        else:
+            self._start_by_factory(job, process)
+
+    async def _turn_back(self, job: Job, acker: Acker, tag: int) -> None:
+        """The task of a delivery that waited for its turn when the worker began to stop:
+        back to the queue, its handler not run, and its hooks told so as a delivery that
+        found the worker stopping in `_process` (their `handling` entered in this task)."""
+        task = job._task or asyncio.current_task(self._loop)
+        hooks = self._hooks
+        try:
+            entered = hooks.begin(job, self.queue_name) if hooks is not None else None
+            settled = self._requeue(acker, tag)
+            if hooks is not None:
+                hooks.end(job, self.queue_name, entered, settled, None)
+        finally:
+            job._task = None
+            if task is not None:
+                self.tasks.discard(task)
 
     def _start_by_factory(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
         """Start a delivery's task with the application's task factory. An eager one (Python
@@ -200,6 +271,7 @@ class Dispatcher:
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
         the rest: their deliveries go back to the queue. Call once `stopping` is set."""
+        self._pump()  # the deliveries waiting for their turn: back to the queue, unrun
         tasks = self.tasks
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -233,16 +305,11 @@ class Dispatcher:
                 # `_handle`'s steps here, in one coroutine, slots or not (#23: a tracked
                 # worker prefetches twice its concurrency, and its deliveries took two
                 # coroutines more each, `_handle` and the timing wrapper, and a third for
-                # the slot).
-                slots = self._slots
-                if slots is not None:
-                    if slots.free > 0:  # then no one waits: a freed slot goes to a waiter
-                        slots.free -= 1
-                    else:
-                        await slots.wait()
+                # the slot). With `_limited`, this task holds a handler slot (`_admit`).
+                slots = self._limited
                 if self.stopping:
-                    if slots is not None:
-                        slots.release()
+                    if slots:
+                        self._release()
                     settled = self._requeue(acker, tag)
                 else:
                     failure: BaseException | None = None
@@ -260,8 +327,10 @@ class Dispatcher:
                     finally:
                         if durations is not None:  # for `after_handle` (`Hooks.durations`)
                             durations[job] = perf_counter() - started
-                        if slots is not None:  # the handler ended: settling needs no slot
-                            slots.release()
+                        if slots:  # the handler ended: settling needs no slot
+                            self._free += 1
+                            if self._waiting:  # the next one's, now
+                                self._pump()
                     links = job.links
                     if failure is None and links and len(links) == 1 and not task.cancelling():
                         # The usual chain step: its one confirm awaited here (as _first_failure).
@@ -298,6 +367,12 @@ class Dispatcher:
         finally:
             job._task = None  # a job a handler keeps does not keep its task
             self.tasks.discard(task)
+
+    def _release(self) -> None:
+        """A handler slot is free: the next waiting delivery's, if it can run."""
+        self._free += 1
+        if self._waiting:
+            self._pump()
 
     def _requeue(self, acker: Acker, tag: int) -> Settled:
         """The worker is stopping: the delivery goes back to the queue, its handler not run."""

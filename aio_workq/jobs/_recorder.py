@@ -78,7 +78,7 @@ class Running:
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `run_task` takes that cancellation back)."""
     claimed: asyncio.Future[bool] | None = None
-    """The claim, sent when the delivery arrived (`Recorder.handling`)."""
+    """The claim, sent when the delivery arrived (`Recorder.arrived`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
     interrupted: bool = False
@@ -207,23 +207,23 @@ class Recorder(Hook):
             del self._more[job_id]
 
     def running(self, job: JobView) -> Running | None:
-        """The tracked job of this delivery (`handling` made it), if any."""
+        """The tracked job of this delivery (`arrived` made it), if any."""
         return self.jobs.get(job)
 
-    def arrived(self, job: JobView, queue: str) -> Running | None:
-        """A delivery arrived: follow its job (if it has an id) and send its claim now (if
-        `handling` has not); its tracked job, if it has one."""
-        self.handling(job, queue)
+    def follow(self, job: JobView, queue: str) -> Running | None:
+        """Follow a delivery's job and send its claim, if `arrived` has not (a dispatcher
+        that does not call it); its tracked job, if it has one."""
+        if job not in self.jobs:
+            self.arrived(job, queue)
         return self.jobs.get(job)
 
-    def handling(self, job: JobView, queue: str) -> None:
-        """The hook's: a delivery arrived, before it waits for a free handler (with
-        `prefetch` above `concurrency`). Its job is followed (if it has an id) and its claim
-        goes out now, so the round trip overlaps the handlers running; the handler still runs
-        only once the claim is granted. (The work itself, not a call to `arrived`: a call less
-        per job, #23.)"""
-        if job in self.jobs:
-            return
+    def arrived(self, job: JobView, queue: str) -> asyncio.Future[bool] | None:
+        """The hook's: a delivery arrived (the dispatcher calls this outside its task, before
+        it waits for a free handler with `prefetch` above `concurrency`). Its job is followed
+        (if it has an id) and its claim goes out now, so the round trip overlaps the handlers
+        running; the claim's future is returned, and the dispatcher starts the delivery's
+        task only once it is answered (#23: no task waits for it). The handler then reads
+        the answer (`QueueRunner`): a refused claim is skipped, not run."""
         headers: Mapping[str, Any]
         properties = None
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
@@ -234,7 +234,7 @@ class Recorder(Hook):
         else:
             job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
         if not job_id or "\x00" in job_id:  # none, or one no store can keep (`unstorable_id`)
-            return
+            return None
         # (subscripts, not `get`: no call when the header is there or not, #23)
         attempt = headers[ATTEMPT_HEADER] if ATTEMPT_HEADER in headers else 1  # as `Job.attempt`
         if type(attempt) is not int and not isinstance(attempt, int) or attempt < 1:
@@ -250,7 +250,7 @@ class Recorder(Hook):
         self.jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)
-        running.claimed = self._batches.commit(
+        running.claimed = claimed = self._batches.commit(
             new_write(Write, (
                 job_id, name, queue, JobState.RUNNING, now, attempt, defers, True, redelivered,
                 None, None, None, None, None,
@@ -260,6 +260,7 @@ class Recorder(Hook):
             self._checker = asyncio.get_running_loop().create_task(
                 self._check_cancels(), name="aio-workq cancel check"
             )
+        return claimed
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
         write = Write(

@@ -189,7 +189,7 @@ class QueueRunner:
         if recorder is not None:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
-            running = recorder.jobs.get(job) or recorder.arrived(job, self.queue)
+            running = recorder.jobs.get(job) or recorder.follow(job, self.queue)
         # read once for the headers and content type (the recorder's read, if it has it)
         properties = running._properties if running is not None else None
         if properties is None:
@@ -313,7 +313,7 @@ def build_workers(
     extra = [recorder] if recorder is not None else []
     if recorder is not None and options.get("prefetch") is None:
         # Deliveries beyond `concurrency` wait for a free handler with their claims sent
-        # (Recorder.handling): the claim's round trip overlaps the handlers running.
+        # (Recorder.arrived): the claim's round trip overlaps the handlers running.
         options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     workers: list[Worker] = [
         TaskWorker(
