@@ -499,11 +499,13 @@ async def test_a_tracked_jobs_recorder_and_runner_cost_few_calls_more_than_an_un
     claim's future awaited as it is (not through `Recorder.claim`'s coroutine), the group
     headers looked at only for a member, the task name and job id taken as they are when they
     need no escaping; the claim sent by the dispatcher as the delivery arrives and its task
-    started once it is answered, no task waiting for it (290 calls more than untracked
-    before, 346 before that, the store's own included)."""
+    started once it is answered (no task waiting for it), no `begin` for a recorder without a
+    `handling`, the handler not timed for a recorder that does not read it, the delivery's
+    task taken from the job, the recorder told the outcome without a `HandleInfo` (290 calls
+    more than untracked before, 346 before that, the store's own included)."""
     untracked = await _calls_per_job(prefetch=2, tracked=False)
     tracked = await _calls_per_job(prefetch=2)
-    assert tracked - untracked <= 220, (untracked, tracked)
+    assert tracked - untracked <= 212, (untracked, tracked)
 
 
 async def _calls_per_enqueue(tracked: bool) -> float:
@@ -682,7 +684,8 @@ async def _wakes_per_job(tracked: bool) -> float:
         dispatcher = Dispatcher(
             runner=runner, policy=None, queue=Queue("work"), publisher=cast(Any, None),
             mover=cast(Any, None), forwarder=cast(Any, None), concurrency=10,
-            prefetch=20 if tracked else 10, hooks=Hooks.of([recorder] if tracked else []),
+            prefetch=20 if tracked else 10,
+            hooks=Hooks.of([recorder] if recorder is not None else []),
         )  # fmt: skip
         deliveries = [
             _delivery(
@@ -703,7 +706,7 @@ async def _wakes_per_job(tracked: bool) -> float:
             return call_soon(callback, *args, context=context)
 
         acks = _Burst()
-        loop.call_soon = counted  # type: ignore[method-assign]
+        loop.call_soon = counted  # type: ignore[method-assign,assignment]
         try:
             for start in range(0, n, 40):
                 acked = acks.expect(40)

@@ -85,7 +85,9 @@ class Dispatcher:
         # The handler slots, with a prefetch beyond the concurrency: `free` of `concurrency`.
         self._limited = prefetch > concurrency
         self._free = concurrency
-        self._arrive = hooks.arrive if hooks is not None and hooks.arrives else None
+        self._arrive = hooks.arriving() if hooks is not None and hooks.arrives else None
+        # `begin` only for a hook with a `handling` (a job recorder has none: a call less).
+        self._begin = hooks.begin if hooks is not None and hooks.handles else None
         # Deliveries may wait for their task (`_admit`): in arrival order.
         self._waits = self._limited or self._arrive is not None
         self._waiting: deque[_Waiting] = deque()
@@ -195,18 +197,35 @@ class Dispatcher:
         `arrived` returned nothing or what is done already, a handler slot is free), else
         once it is (`_pump`)."""
         arrive = self._arrive
-        wait = arrive(job, self.queue_name) if arrive is not None else None
-        if wait is not None and wait.done():
-            wait = None
-        if not self._waiting and wait is None and not self.stopping:
-            if not self._limited:
-                self._start(job, self._process(job, acker, tag, reply))
-                return
-            if self._free > 0:
+        wait = None
+        if arrive is not None:
+            try:
+                wait = arrive(job, self.queue_name)
+            except Exception as exc:  # the one hook's own `arrived` (`Hooks.arriving`)
+                assert self._hooks is not None
+                self._hooks.arrival_failed(job, self.queue_name, exc)
+        waiting = self._waiting
+        if waiting:  # behind the others: the first one's turn comes first (`_pump`)
+            waiting.append((job, acker, tag, reply, wait))
+            if self.stopping:
+                self._pump()
+            return
+        if (wait is None or wait.done()) and not self.stopping:
+            if self._limited:
+                if self._free <= 0:
+                    waiting.append((job, acker, tag, reply, None))
+                    return  # a handler ending frees one (`_process`)
                 self._free -= 1
-                self._start(job, self._process(job, acker, tag, reply))
-                return
-        self._waiting.append((job, acker, tag, reply, wait))
+            process = self._process(job, acker, tag, reply)
+            loop = self._loop  # as `_start`, inline: the usual
+            if loop.get_task_factory() is None:
+                task = Task(process, loop=loop, name=self._task_name)
+                job._task = task
+                self.tasks.add(task)
+            else:
+                self._start_by_factory(job, process)
+            return
+        waiting.append((job, acker, tag, reply, wait))
         self._pump()
 
     def _pump(self, _: object = None) -> None:
@@ -231,7 +250,14 @@ class Dispatcher:
                     return  # a handler ending frees one (`_process`)
                 self._free -= 1
             waiting.popleft()
-            self._start(job, self._process(job, acker, tag, reply))
+            process = self._process(job, acker, tag, reply)
+            loop = self._loop  # as `_start`, inline: once per job that waited
+            if loop.get_task_factory() is None:
+                task = Task(process, loop=loop, name=self._task_name)
+                job._task = task
+                self.tasks.add(task)
+            else:
+                self._start_by_factory(job, process)
 
     def _start(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
         """Start a delivery's task (as `dispatch` does inline)."""
@@ -250,7 +276,8 @@ class Dispatcher:
         task = job._task or asyncio.current_task(self._loop)
         hooks = self._hooks
         try:
-            entered = hooks.begin(job, self.queue_name) if hooks is not None else None
+            begin = self._begin
+            entered = begin(job, self.queue_name) if begin is not None else None
             settled = self._requeue(acker, tag)
             if hooks is not None:
                 hooks.end(job, self.queue_name, entered, settled, None)
@@ -300,7 +327,8 @@ class Dispatcher:
         hooks = self._hooks
         try:
             # With hooks: `begin` and `end` around the delivery, no coroutine more per message.
-            entered = hooks.begin(job, self.queue_name) if hooks is not None else None
+            begin = self._begin
+            entered = begin(job, self.queue_name) if begin is not None else None
             try:
                 # `_handle`'s steps here, in one coroutine, slots or not (#23: a tracked
                 # worker prefetches twice its concurrency, and its deliveries took two

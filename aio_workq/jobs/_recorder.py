@@ -166,6 +166,10 @@ class Recorder(Hook):
         timeout: seconds one store transaction may take before the store counts as down.
     """
 
+    _workq_untimed = True
+    """Its `after_handle` does not read how long a handler ran: `Hooks` times the handlers
+    only for a hook that does (#23)."""
+
     def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
         self.store = store
         self.jobs: dict[JobView, Running] = {}
@@ -351,7 +355,14 @@ class Recorder(Hook):
     # -- the hook ---------------------------------------------------------------------------
 
     def after_handle(self, info: HandleInfo) -> None:
-        running = self.jobs.pop(info.job, None)
+        self._workq_settled(info.job, info.outcome, info.error, info.delay)
+
+    def _workq_settled(
+        self, job: JobView, outcome: Outcome, error: BaseException | None, delay: float | None
+    ) -> None:
+        """`after_handle`'s work, which the worker's hooks call without a `HandleInfo` (#23:
+        one object and its field setters less per job)."""
+        running = self.jobs.pop(job, None)
         if running is None:
             return
         by_id = self._by_id
@@ -361,7 +372,6 @@ class Recorder(Hook):
             self._forget(running)
         if running.skipped:
             return
-        outcome = info.outcome
         if outcome is Outcome.OK:
             if running._cancel and running.result is None:  # `cancelled`, a call less
                 write = running.write(JobState.CANCELLED)
@@ -373,12 +383,12 @@ class Recorder(Hook):
                     None, body, content_type,
                 ))  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
-            retry_at = time.time() + (info.delay or 0.0)
-            write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
+            retry_at = time.time() + (delay or 0.0)
+            write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(error))
         elif outcome is Outcome.REQUEUED:
             write = running.write(JobState.QUEUED, requeue=True)
         else:  # DEAD_LETTERED, REJECTED, FAILED
-            write = running.write(JobState.FAILED, **_error(info.error))
+            write = running.write(JobState.FAILED, **_error(error))
         self._batches.write(write)
 
     # -- writing ----------------------------------------------------------------------------

@@ -225,8 +225,12 @@ class QueueRunner:
             await acquire(members.rates, task.name, limit, kwargs)
         current = None
         if task.is_async:
+            # The delivery's task, which the worker's dispatcher runs this in (it keeps it on
+            # the job while it runs: no `current_task()` a job, #23), else looked up.
+            current = job._task
             loop = self._loop
-            current = asyncio.current_task(loop) if loop is not None else None
+            if current is None and loop is not None:
+                current = asyncio.current_task(loop)
             if current is None:  # first call, or another event loop: without its loop
                 self._loop = loop = asyncio.get_running_loop()  # this asks the OS for its pid
                 current = asyncio.current_task(loop)
