@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from asyncio import Task
-from collections import deque
-from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
@@ -32,6 +30,7 @@ from .execution import HandlerRunner
 from .failing import Counters, FailedDeliveries, log_fields
 from .failures import MAX_DEFERS
 from .job import Forwarder, Job, job_of
+from .line import Line
 from .mover import Mover
 from .retry import RetryPolicy
 
@@ -41,19 +40,9 @@ log = logging.getLogger("aio_workq")
 _ACKED: Settled = (Outcome.OK, None, None)
 
 
-_Waiting = tuple["Job", Acker, int, bool, "asyncio.Future[Any] | None"]
-"""A delivery that waits for its task: the job, its acker and tag, whether it is an RPC
-request, and what its hooks' `arrived` returned (`None` once done)."""
-
-
-class Dispatcher:
-    """Runs each delivery's handler in a task of its own and settles the delivery.
-
-    A worker that prefetches beyond its concurrency (every tracked task worker: its claims go
-    out ahead), or that has a hook with an `arrived` (a job recorder's claim), keeps the
-    deliveries that wait, for a free handler slot or for what `arrived` returned, in arrival
-    order, and starts each one's task only once it can run: no task, future or wake-up for the
-    wait itself (#23). A slot freed as a handler ends goes to the next one there.
+class Dispatcher(Line):
+    """Runs each delivery's handler in a task of its own and settles the delivery; the
+    deliveries that wait for their turn wait in its `Line`.
 
     Built in the event loop it dispatches on, and keeps it: on Python 3.11 every
     `asyncio.get_running_loop()`, and `current_task()` without its loop, is a getpid() system
@@ -82,16 +71,7 @@ class Dispatcher:
         self._queue = queue
         self._publisher = publisher
         self._forwarder = forwarder
-        # The handler slots, with a prefetch beyond the concurrency: `free` of `concurrency`.
-        self._limited = prefetch > concurrency
-        self._free = concurrency
-        self._arrive = hooks.arriving() if hooks is not None and hooks.arrives else None
-        # `begin` only for a hook with a `handling` (a job recorder has none: a call less).
-        self._begin = hooks.begin if hooks is not None and hooks.handles else None
-        # Deliveries may wait for their task (`_admit`): in arrival order.
-        self._waits = self._limited or self._arrive is not None
-        self._waiting: deque[_Waiting] = deque()
-        self._watched: asyncio.Future[Any] | None = None
+        self._line(concurrency, prefetch, hooks)
         self.queue_name = queue.name
         # Every delivery's task has this name: asyncio.all_tasks() says whose it is, and on
         # Python 3.11 a task without one formats a "Task-N" of its own.
@@ -172,128 +152,6 @@ class Dispatcher:
             self.tasks.add(task)
         else:
             self._start_by_factory(job, process)
-
-    @property
-    def in_flight(self) -> int:
-        """Deliveries here not settled yet: handled, or waiting for their turn."""
-        return len(self.tasks) + len(self._waiting)
-
-    async def idle(self) -> None:
-        """Return once every delivery dispatched so far is settled, those waiting for their
-        turn included (the testing kit's)."""
-        while self.tasks or self._waiting:
-            if self.tasks:
-                await asyncio.wait(set(self.tasks))
-            else:  # the first one waits for what its `arrived` returned (not cancelled here)
-                wait = self._waiting[0][4]
-                if wait is not None:
-                    await asyncio.wait({wait})
-                else:  # its done callback ran (`_pump` is next), or the worker stops
-                    await asyncio.sleep(0)
-
-    def _admit(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
-        """A delivery that may have to wait: its hooks' `arrived` called (here, outside its
-        task), and its task started now if nothing is in the way (nothing waits before it,
-        `arrived` returned nothing or what is done already, a handler slot is free), else
-        once it is (`_pump`)."""
-        arrive = self._arrive
-        wait = None
-        if arrive is not None:
-            try:
-                wait = arrive(job, self.queue_name)
-            except Exception as exc:  # the one hook's own `arrived` (`Hooks.arriving`)
-                assert self._hooks is not None
-                self._hooks.arrival_failed(job, self.queue_name, exc)
-        waiting = self._waiting
-        if waiting:  # behind the others: the first one's turn comes first (`_pump`)
-            waiting.append((job, acker, tag, reply, wait))
-            if self.stopping:
-                self._pump()
-            return
-        if (wait is None or wait.done()) and not self.stopping:
-            if self._limited:
-                if self._free <= 0:
-                    waiting.append((job, acker, tag, reply, None))
-                    return  # a handler ending frees one (`_process`)
-                self._free -= 1
-            process = self._process(job, acker, tag, reply)
-            loop = self._loop  # as `_start`, inline: the usual
-            if loop.get_task_factory() is None:
-                task = Task(process, loop=loop, name=self._task_name)
-                job._task = task
-                self.tasks.add(task)
-            else:
-                self._start_by_factory(job, process)
-            return
-        waiting.append((job, acker, tag, reply, wait))
-        self._pump()
-
-    def _pump(self, _: object = None) -> None:
-        """Start the waiting deliveries that can run now, in arrival order: the first one
-        waits for what its `arrived` returned (this is its done callback, then) and for a
-        free handler slot, and the rest behind it. Once the worker stops they go back to the
-        queue, their handlers not run (`_turn_back`)."""
-        waiting = self._waiting
-        while waiting:
-            job, acker, tag, reply, wait = waiting[0]
-            if self.stopping:
-                waiting.popleft()
-                self._start(job, self._turn_back(job, acker, tag))
-                continue
-            if wait is not None and not wait.done():
-                if self._watched is not wait:
-                    self._watched = wait
-                    wait.add_done_callback(self._pump)
-                return
-            if self._limited:
-                if self._free <= 0:
-                    return  # a handler ending frees one (`_process`)
-                self._free -= 1
-            waiting.popleft()
-            process = self._process(job, acker, tag, reply)
-            loop = self._loop  # as `_start`, inline: once per job that waited
-            if loop.get_task_factory() is None:
-                task = Task(process, loop=loop, name=self._task_name)
-                job._task = task
-                self.tasks.add(task)
-            else:
-                self._start_by_factory(job, process)
-
-    def _start(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
-        """Start a delivery's task (as `dispatch` does inline)."""
-        loop = self._loop
-        if loop.get_task_factory() is None:
-            task = Task(process, loop=loop, name=self._task_name)
-            job._task = task
-            self.tasks.add(task)
-        else:
-            self._start_by_factory(job, process)
-
-    async def _turn_back(self, job: Job, acker: Acker, tag: int) -> None:
-        """The task of a delivery that waited for its turn when the worker began to stop:
-        back to the queue, its handler not run, and its hooks told so as a delivery that
-        found the worker stopping in `_process` (their `handling` entered in this task)."""
-        task = job._task or asyncio.current_task(self._loop)
-        hooks = self._hooks
-        try:
-            begin = self._begin
-            entered = begin(job, self.queue_name) if begin is not None else None
-            settled = self._requeue(acker, tag)
-            if hooks is not None:
-                hooks.end(job, self.queue_name, entered, settled, None)
-        finally:
-            job._task = None
-            if task is not None:
-                self.tasks.discard(task)
-
-    def _start_by_factory(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
-        """Start a delivery's task with the application's task factory. An eager one (Python
-        3.12+) may have run it by now, even to its end: `_process` then found its task with
-        `current_task()`, and a task that ended is not kept."""
-        task = self._loop.create_task(process, name=self._task_name)
-        if not task.done():
-            job._task = task
-            self.tasks.add(task)
 
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
@@ -395,12 +253,6 @@ class Dispatcher:
         finally:
             job._task = None  # a job a handler keeps does not keep its task
             self.tasks.discard(task)
-
-    def _release(self) -> None:
-        """A handler slot is free: the next waiting delivery's, if it can run."""
-        self._free += 1
-        if self._waiting:
-            self._pump()
 
     def _requeue(self, acker: Acker, tag: int) -> Settled:
         """The worker is stopping: the delivery goes back to the queue, its handler not run."""
