@@ -11,18 +11,16 @@ still settled exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ._exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    import asyncio
 
 __all__ = (
     "HandleInfo",
@@ -227,6 +225,15 @@ class Hook:
     def after_publish(self, message: PublishInfo, state: Any) -> None:
         """The message was confirmed (`message.error is None`) or failed."""
 
+    def arrived(self, job: JobView, queue: str) -> asyncio.Future[Any] | None:
+        """A delivery arrived, before it waits for a free handler: called by the worker as
+        it takes the delivery, outside the delivery's task (its context variables are not the
+        handler's: set those in `handling`). May return a future the delivery waits for
+        before its handler starts (e.g. a job store's answer to a claim); deliveries still
+        start in the order they arrived. A future that fails does not stop the delivery (its
+        handler starts; what it makes of the future is its own)."""
+        return None
+
     def handling(self, job: JobView, queue: str) -> AbstractContextManager[Any] | None:
         """A context manager entered before the handler runs and exited once the delivery
         is settled (after `after_handle`): e.g. a tracing span, current while the handler runs.
@@ -246,7 +253,8 @@ class Hook:
 class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
-    __slots__ = ("_after_handle", "_handling", "_one", "durations", "hooks", "times")
+    __slots__ = ("_after_handle", "_arrived", "_handling", "_infos", "_one", "_settled",
+                 "arrives", "durations", "handles", "hooks", "times")  # fmt: skip
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
@@ -255,13 +263,26 @@ class Hooks:
         dispatcher times the handler), when `times`."""
         # Per delivery only the hooks that override a method are called (a hook that counts
         # deliveries need not be asked for a context manager).
+        self._arrived = tuple(hook for hook in hooks if _overrides(hook, "arrived"))
+        self.arrives = bool(self._arrived)
+        """Whether a hook has an `arrived` (the dispatcher calls `arrive` only then)."""
         self._handling = tuple(hook for hook in hooks if _overrides(hook, "handling"))
+        self.handles = bool(self._handling)
+        """Whether a hook has a `handling` (else `begin` enters nothing)."""
         self._after_handle = tuple(hook for hook in hooks if _overrides(hook, "after_handle"))
         self._one = self._handling[0].handling if len(self._handling) == 1 else None
         """The `handling` of the one hook that overrides it, if only one does (a tracing hook
         alone): `begin` hands `end` its context manager itself, no list of them."""
-        self.times = bool(self._after_handle)
-        """Whether the handlers are timed (into `durations`): only `after_handle` reads it."""
+        # aio-workq's own job recorder is told the outcome without a `HandleInfo` (#23: one
+        # object, its seven calls, per job); `after_handle` for every other hook.
+        self._settled: tuple[tuple[Hook, Callable[..., None]], ...] = tuple(
+            (hook, hook._workq_settled) for hook in self._after_handle
+            if isinstance(hook, _Settles)
+        )  # fmt: skip
+        self._infos = tuple(h for h in self._after_handle if not isinstance(h, _Settles))
+        self.times = any(not getattr(hook, "_workq_untimed", False) for hook in self._after_handle)
+        """Whether the handlers are timed (into `durations`): only `after_handle` reads it, and
+        not aio-workq's own job recorder (`_workq_untimed`: two clock reads a job less)."""
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:
@@ -330,6 +351,41 @@ class Hooks:
 
     # -- handling ----------------------------------------------------------------------------
 
+    def arriving(self) -> Callable[[JobView, str], asyncio.Future[Any] | None]:
+        """What the dispatcher calls as a delivery arrives: the one hook's `arrived` itself
+        (a call less per job, #23; what it raises goes to `arrival_failed`), else `arrive`."""
+        return self._arrived[0].arrived if len(self._arrived) == 1 else self.arrive
+
+    def arrival_failed(self, job: JobView, queue: str, exc: Exception) -> None:
+        """The one hook's `arrived` (`arriving`) raised `exc`: logged, the delivery goes on."""
+        self._failed(self._arrived[0], "arrived", exc, _fields(queue, job))
+
+    def arrive(self, job: JobView, queue: str) -> asyncio.Future[Any] | None:
+        """A delivery arrived (the dispatcher calls this outside its task): call `arrived`;
+        the future to wait for before its handler starts, if a hook returned one."""
+        hooks = self._arrived
+        if len(hooks) == 1:  # the usual: one (a job recorder's claim)
+            hook = hooks[0]
+            try:
+                return hook.arrived(job, queue)
+            except Exception as exc:
+                self._failed(hook, "arrived", exc, _fields(queue, job))
+                return None
+        futures = []
+        for hook in hooks:
+            try:
+                future = hook.arrived(job, queue)
+            except Exception as exc:
+                self._failed(hook, "arrived", exc, _fields(queue, job))
+                continue
+            if future is not None:
+                futures.append(future)
+        if not futures:
+            return None
+        if len(futures) == 1:
+            return futures[0]
+        return asyncio.gather(*futures, return_exceptions=True)
+
     def begin(self, job: JobView, queue: str) -> Entered:
         """Before the handler runs: call `handling` and enter what it returns; pass the result
         to `end` (the dispatcher calls the two around a delivery, in its own coroutine)."""
@@ -367,9 +423,15 @@ class Hooks:
         """Once the delivery is settled (`settled`), or settling it raised (`raised`): call
         `after_handle`, then leave what `begin` entered (a `Settling` told the outcome first)."""
         outcome, error, delay = settled if settled is not None else _UNSETTLED
-        if self._after_handle:
-            info = HandleInfo(job, queue, outcome, error, self.durations.pop(job, None), delay)
-            for hook in self._after_handle:
+        for hook, told in self._settled:
+            try:
+                told(job, outcome, error, delay)
+            except Exception as exc:
+                self._failed(hook, "after_handle", exc, _fields(queue, job))
+        if self._infos:
+            seconds = self.durations.pop(job, None) if self.times else None
+            info = HandleInfo(job, queue, outcome, error, seconds, delay)
+            for hook in self._infos:
                 try:
                     hook.after_handle(info)
                 except Exception as exc:
@@ -433,6 +495,15 @@ class Hooks:
                 hook.on_reconnect(url)
             except Exception as exc:
                 self._failed(hook, "on_reconnect", exc, {})
+
+
+@runtime_checkable
+class _Settles(Protocol):
+    """A hook of aio-workq's own told how a delivery was settled without a `HandleInfo`."""
+
+    def _workq_settled(
+        self, job: JobView, outcome: Outcome, error: BaseException | None, delay: float | None
+    ) -> None: ...
 
 
 def _overrides(hook: Hook, method: str) -> bool:

@@ -184,7 +184,7 @@ async def test_a_delivery_is_claimed_when_it_arrives_and_runs_only_once_granted(
     recorder = Recorder(store)
     delivery = Delivery("x")
     # the worker enters its hooks when the delivery arrives, before it waits for a handler
-    recorder.handling(delivery, "q")  # type: ignore[arg-type]
+    recorder.arrived(delivery, "q")  # type: ignore[arg-type]
     assert await store.batch(0) == [("x", JobState.RUNNING, True)]
     tracked = recorder.running(delivery)  # type: ignore[arg-type]
     assert tracked is not None and (tracked.job_id, tracked.queue) == ("x", "q")

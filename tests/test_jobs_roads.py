@@ -37,17 +37,17 @@ pytestmark = pytest.mark.broker
 
 
 class Settled(Hook):
-    """Sets `arrived` once `n` deliveries arrived, `settled` once `settles` (default `n`)
-    were settled."""
+    """Sets `came` once `n` deliveries were handled (`handling`), `settled` once `settles`
+    (default `n`) were settled."""
 
     def __init__(self, n: int, settles: int | None = None) -> None:
         self.n, self.settles = n, n if settles is None else settles
-        self.arrived, self.settled = asyncio.Event(), asyncio.Event()
+        self.came, self.settled = asyncio.Event(), asyncio.Event()
 
     def handling(self, job: JobView, queue: str) -> None:
         self.n -= 1
         if self.n <= 0:
-            self.arrived.set()
+            self.came.set()
 
     def after_handle(self, info: HandleInfo) -> None:
         self.settles -= 1
@@ -144,7 +144,7 @@ async def test_one_job_id_enqueued_by_two_processes_at_once_runs_once(
             workers = await start(tasks.workers(amqp_url, concurrency=4, hooks=[hook]))
             try:
                 async with asyncio.timeout(20):
-                    await hook.arrived.wait()
+                    await hook.came.wait()
                 release.set()
                 async with asyncio.timeout(20):
                     await hook.settled.wait()

@@ -11,11 +11,8 @@ a failure like any other; only the worker's own stop cancels, and then the messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from asyncio import Task
-from collections import deque
-from collections.abc import Coroutine
 from time import perf_counter
 from typing import Any
 
@@ -33,6 +30,7 @@ from .execution import HandlerRunner
 from .failing import Counters, FailedDeliveries, log_fields
 from .failures import MAX_DEFERS
 from .job import Forwarder, Job, job_of
+from .line import Line
 from .mover import Mover
 from .retry import RetryPolicy
 
@@ -42,48 +40,9 @@ log = logging.getLogger("aio_workq")
 _ACKED: Settled = (Outcome.OK, None, None)
 
 
-class _Slots:
-    """The handler slots of a worker that prefetches beyond its concurrency: at most `size`
-    held at once, given in arrival order. A freed slot goes straight to the next waiter
-    (asyncio.Semaphore on Python 3.11 walks past the waiters it woke already on each
-    release, and all of them in `locked()`: quadratic in a burst of handlers ending).
-
-    Taken by the dispatcher without a coroutine while one is free (`free > 0`: then no one
-    waits, a freed slot goes to a waiter first): `free -= 1`, else `await wait()`."""
-
-    __slots__ = ("_loop", "_waiters", "free")
-
-    def __init__(self, size: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.free = size
-        self._loop = loop
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def wait(self) -> None:
-        """Wait for a slot freed for this caller (when none is free)."""
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.cancelled():  # cancelled while waiting: out of the line
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            else:  # given a slot, then cancelled before taking it: the next one's
-                self.release()
-            raise
-
-    def release(self) -> None:
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():  # not cancelled meanwhile
-                waiter.set_result(None)
-                return
-        self.free += 1
-
-
-class Dispatcher:
-    """Runs each delivery's handler in a task of its own and settles the delivery.
+class Dispatcher(Line):
+    """Runs each delivery's handler in a task of its own and settles the delivery; the
+    deliveries that wait for their turn wait in its `Line`.
 
     Built in the event loop it dispatches on, and keeps it: on Python 3.11 every
     `asyncio.get_running_loop()`, and `current_task()` without its loop, is a getpid() system
@@ -112,7 +71,7 @@ class Dispatcher:
         self._queue = queue
         self._publisher = publisher
         self._forwarder = forwarder
-        self._slots = _Slots(concurrency, self._loop) if prefetch > concurrency else None
+        self._line(concurrency, prefetch, hooks)
         self.queue_name = queue.name
         # Every delivery's task has this name: asyncio.all_tasks() says whose it is, and on
         # Python 3.11 a task without one formats a "Task-N" of its own.
@@ -137,6 +96,9 @@ class Dispatcher:
         acker.track(tag)
         self.counters.deliveries += 1
         job = Job(delivery, self._forwarder)
+        if self._waits:
+            self._admit(job, acker, tag, delivery.is_request)
+            return
         process = self._process(job, acker, tag, delivery.is_request)
         # The delivery's task, made as `loop.create_task` makes it but without its Python
         # frame and its closed check (the task's first `call_soon` checks it), unless the
@@ -178,6 +140,9 @@ class Dispatcher:
         )  # fmt: skip
         # An RPC request (a `reply_to`), read off one byte of the property flags.
         request = header[12] & REPLY_TO_BYTE != 0
+        if self._waits:
+            self._admit(job, acker, delivery_tag, request)
+            return
         process = self._process(job, acker, delivery_tag, request)
         # As in `dispatch` (inline: once per delivery).
         loop = self._loop
@@ -188,18 +153,10 @@ class Dispatcher:
         else:
             self._start_by_factory(job, process)
 
-    def _start_by_factory(self, job: Job, process: Coroutine[Any, Any, None]) -> None:
-        """Start a delivery's task with the application's task factory. An eager one (Python
-        3.12+) may have run it by now, even to its end: `_process` then found its task with
-        `current_task()`, and a task that ended is not kept."""
-        task = self._loop.create_task(process, name=self._task_name)
-        if not task.done():
-            job._task = task
-            self.tasks.add(task)
-
     async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
         """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
         the rest: their deliveries go back to the queue. Call once `stopping` is set."""
+        self._pump()  # the deliveries waiting for their turn: back to the queue, unrun
         tasks = self.tasks
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -228,21 +185,17 @@ class Dispatcher:
         hooks = self._hooks
         try:
             # With hooks: `begin` and `end` around the delivery, no coroutine more per message.
-            entered = hooks.begin(job, self.queue_name) if hooks is not None else None
+            begin = self._begin
+            entered = begin(job, self.queue_name) if begin is not None else None
             try:
                 # `_handle`'s steps here, in one coroutine, slots or not (#23: a tracked
                 # worker prefetches twice its concurrency, and its deliveries took two
                 # coroutines more each, `_handle` and the timing wrapper, and a third for
-                # the slot).
-                slots = self._slots
-                if slots is not None:
-                    if slots.free > 0:  # then no one waits: a freed slot goes to a waiter
-                        slots.free -= 1
-                    else:
-                        await slots.wait()
+                # the slot). With `_limited`, this task holds a handler slot (`_admit`).
+                slots = self._limited
                 if self.stopping:
-                    if slots is not None:
-                        slots.release()
+                    if slots:
+                        self._release()
                     settled = self._requeue(acker, tag)
                 else:
                     failure: BaseException | None = None
@@ -260,8 +213,10 @@ class Dispatcher:
                     finally:
                         if durations is not None:  # for `after_handle` (`Hooks.durations`)
                             durations[job] = perf_counter() - started
-                        if slots is not None:  # the handler ended: settling needs no slot
-                            slots.release()
+                        if slots:  # the handler ended: settling needs no slot
+                            self._free += 1
+                            if self._waiting:  # the next one's, now
+                                self._pump()
                     links = job.links
                     if failure is None and links and len(links) == 1 and not task.cancelling():
                         # The usual chain step: its one confirm awaited here (as _first_failure).

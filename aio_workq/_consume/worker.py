@@ -290,7 +290,7 @@ class Worker:
         if self._runner.is_async:
             self._watchdog = asyncio.ensure_future(
                 self._runner.watch_loop(
-                    lambda: len(dispatcher.tasks),
+                    lambda: dispatcher.in_flight,
                     lambda: dispatcher.counters.deliveries,
                     f"worker {self.queue_name!r}",
                 )
@@ -403,11 +403,11 @@ class _Presence:
         """Start beating (unless presence is off); on a side link of `own`, else on `source`."""
         if self._interval is None:
             return
-        counters, tasks = dispatcher.counters, dispatcher.tasks
+        counters = dispatcher.counters
 
         def activity() -> Activity:
             handled = counters.processed + counters.failed
-            return Activity((queue_name(),), len(tasks), handled, counters.failed)
+            return Activity((queue_name(),), dispatcher.in_flight, handled, counters.failed)
 
         side = SideLink.acquire(own, name=f"{name} presence") if own is not None else None
         self._beacon = Beacon(
@@ -507,7 +507,7 @@ def _snapshot(
         queue=queue,
         connected=connected,
         consuming=consuming,
-        in_flight=len(dispatcher.tasks) if dispatcher is not None else 0,
+        in_flight=dispatcher.in_flight if dispatcher is not None else 0,
         processed=counters.processed,
         failed=counters.failed,
         retried=counters.retried,

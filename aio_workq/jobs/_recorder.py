@@ -78,7 +78,7 @@ class Running:
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `run_task` takes that cancellation back)."""
     claimed: asyncio.Future[bool] | None = None
-    """The claim, sent when the delivery arrived (`Recorder.handling`)."""
+    """The claim, sent when the delivery arrived (`Recorder.arrived`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
     interrupted: bool = False
@@ -166,6 +166,10 @@ class Recorder(Hook):
         timeout: seconds one store transaction may take before the store counts as down.
     """
 
+    _workq_untimed = True
+    """Its `after_handle` does not read how long a handler ran: `Hooks` times the handlers
+    only for a hook that does (#23)."""
+
     def __init__(self, store: JobStore, *, buffer: int = 10_000, timeout: float = 5.0) -> None:
         self.store = store
         self.jobs: dict[JobView, Running] = {}
@@ -207,23 +211,23 @@ class Recorder(Hook):
             del self._more[job_id]
 
     def running(self, job: JobView) -> Running | None:
-        """The tracked job of this delivery (`handling` made it), if any."""
+        """The tracked job of this delivery (`arrived` made it), if any."""
         return self.jobs.get(job)
 
-    def arrived(self, job: JobView, queue: str) -> Running | None:
-        """A delivery arrived: follow its job (if it has an id) and send its claim now (if
-        `handling` has not); its tracked job, if it has one."""
-        self.handling(job, queue)
+    def follow(self, job: JobView, queue: str) -> Running | None:
+        """Follow a delivery's job and send its claim, if `arrived` has not (a dispatcher
+        that does not call it); its tracked job, if it has one."""
+        if job not in self.jobs:
+            self.arrived(job, queue)
         return self.jobs.get(job)
 
-    def handling(self, job: JobView, queue: str) -> None:
-        """The hook's: a delivery arrived, before it waits for a free handler (with
-        `prefetch` above `concurrency`). Its job is followed (if it has an id) and its claim
-        goes out now, so the round trip overlaps the handlers running; the handler still runs
-        only once the claim is granted. (The work itself, not a call to `arrived`: a call less
-        per job, #23.)"""
-        if job in self.jobs:
-            return
+    def arrived(self, job: JobView, queue: str) -> asyncio.Future[bool] | None:
+        """The hook's: a delivery arrived (the dispatcher calls this outside its task, before
+        it waits for a free handler with `prefetch` above `concurrency`). Its job is followed
+        (if it has an id) and its claim goes out now, so the round trip overlaps the handlers
+        running; the claim's future is returned, and the dispatcher starts the delivery's
+        task only once it is answered (#23: no task waits for it). The handler then reads
+        the answer (`QueueRunner`): a refused claim is skipped, not run."""
         headers: Mapping[str, Any]
         properties = None
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
@@ -234,7 +238,7 @@ class Recorder(Hook):
         else:
             job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
         if not job_id or "\x00" in job_id:  # none, or one no store can keep (`unstorable_id`)
-            return
+            return None
         # (subscripts, not `get`: no call when the header is there or not, #23)
         attempt = headers[ATTEMPT_HEADER] if ATTEMPT_HEADER in headers else 1  # as `Job.attempt`
         if type(attempt) is not int and not isinstance(attempt, int) or attempt < 1:
@@ -250,7 +254,7 @@ class Recorder(Hook):
         self.jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)
-        running.claimed = self._batches.commit(
+        running.claimed = claimed = self._batches.commit(
             new_write(Write, (
                 job_id, name, queue, JobState.RUNNING, now, attempt, defers, True, redelivered,
                 None, None, None, None, None,
@@ -260,6 +264,7 @@ class Recorder(Hook):
             self._checker = asyncio.get_running_loop().create_task(
                 self._check_cancels(), name="aio-workq cancel check"
             )
+        return claimed
 
     def _claim(self, running: Running) -> asyncio.Future[bool]:
         write = Write(
@@ -350,7 +355,14 @@ class Recorder(Hook):
     # -- the hook ---------------------------------------------------------------------------
 
     def after_handle(self, info: HandleInfo) -> None:
-        running = self.jobs.pop(info.job, None)
+        self._workq_settled(info.job, info.outcome, info.error, info.delay)
+
+    def _workq_settled(
+        self, job: JobView, outcome: Outcome, error: BaseException | None, delay: float | None
+    ) -> None:
+        """`after_handle`'s work, which the worker's hooks call without a `HandleInfo` (#23:
+        one object and its field setters less per job)."""
+        running = self.jobs.pop(job, None)
         if running is None:
             return
         by_id = self._by_id
@@ -360,7 +372,6 @@ class Recorder(Hook):
             self._forget(running)
         if running.skipped:
             return
-        outcome = info.outcome
         if outcome is Outcome.OK:
             if running._cancel and running.result is None:  # `cancelled`, a call less
                 write = running.write(JobState.CANCELLED)
@@ -372,12 +383,12 @@ class Recorder(Hook):
                     None, body, content_type,
                 ))  # fmt: skip
         elif outcome in (Outcome.RETRY, Outcome.DEFERRED):
-            retry_at = time.time() + (info.delay or 0.0)
-            write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(info.error))
+            retry_at = time.time() + (delay or 0.0)
+            write = running.write(JobState.RETRYING, next_retry_at=retry_at, **_error(error))
         elif outcome is Outcome.REQUEUED:
             write = running.write(JobState.QUEUED, requeue=True)
         else:  # DEAD_LETTERED, REJECTED, FAILED
-            write = running.write(JobState.FAILED, **_error(info.error))
+            write = running.write(JobState.FAILED, **_error(error))
         self._batches.write(write)
 
     # -- writing ----------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class QueueRunner:
         if recorder is not None:
             # Made (and claimed) when the delivery arrived, before anything can fail here: a
             # job that fails here is recorded as failed too.
-            running = recorder.jobs.get(job) or recorder.arrived(job, self.queue)
+            running = recorder.jobs.get(job) or recorder.follow(job, self.queue)
         # read once for the headers and content type (the recorder's read, if it has it)
         properties = running._properties if running is not None else None
         if properties is None:
@@ -225,8 +225,12 @@ class QueueRunner:
             await acquire(members.rates, task.name, limit, kwargs)
         current = None
         if task.is_async:
+            # The delivery's task, which the worker's dispatcher runs this in (it keeps it on
+            # the job while it runs: no `current_task()` a job, #23), else looked up.
+            current = job._task
             loop = self._loop
-            current = asyncio.current_task(loop) if loop is not None else None
+            if current is None and loop is not None:
+                current = asyncio.current_task(loop)
             if current is None:  # first call, or another event loop: without its loop
                 self._loop = loop = asyncio.get_running_loop()  # this asks the OS for its pid
                 current = asyncio.current_task(loop)
@@ -313,7 +317,7 @@ def build_workers(
     extra = [recorder] if recorder is not None else []
     if recorder is not None and options.get("prefetch") is None:
         # Deliveries beyond `concurrency` wait for a free handler with their claims sent
-        # (Recorder.handling): the claim's round trip overlaps the handlers running.
+        # (Recorder.arrived): the claim's round trip overlaps the handlers running.
         options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     workers: list[Worker] = [
         TaskWorker(

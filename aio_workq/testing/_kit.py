@@ -291,7 +291,7 @@ async def run_handler(
     delivery = _delivery(body, spec.name, attempt, rpc, redelivered, options)
     try:
         dispatcher.dispatch(delivery, cast(Any, acks))
-        await asyncio.gather(*dispatcher.tasks)
+        await dispatcher.idle()  # its task may start only once a hook's `arrived` is answered
     finally:
         runner.close()
     return _outcome(acks, replies, moves, forwards, failure[0] if failure else None, result)
