@@ -64,8 +64,10 @@ MAX_MESSAGE_SIZE = 128 * 2**20
 resend every other message on it), so it is refused before it is sent."""
 
 
-class ConfirmPublisher:
-    """Publishes on one self-reopening channel in confirm mode, within a bounded window.
+class _Publishing:
+    """What a `ConfirmPublisher` sends through, and its life from `start` to `close`: the
+    self-reopening channel in confirm mode (its lanes), the window, the records in flight and
+    their expiry.
 
     Args:
         source: the connection to publish on.
@@ -148,6 +150,46 @@ class ConfirmPublisher:
             self._frame_max = frame_max = self._lanes.frame_max
             self._properties_max = properties_limit(frame_max)
             self._keep_props = not isinstance(lane, FastLane)
+
+    def outstanding(self) -> list[Outgoing]:
+        """Every unsettled message: written on a channel or waiting for the next one."""
+        return self._lanes.outstanding()
+
+    def fail(self, records: Iterable[Outgoing], cls: type[PublishError], why: str) -> None:
+        """Fail `records` with a `cls` error each: not confirmed `why` (or not sent, which
+        says it did not reach the queue), and stop waiting for a channel to send them on."""
+        fail = self._in_flight.settle
+        for out in records:
+            fail(out, out.unconfirmed(cls, why))
+        self._lanes.forget_settled()
+
+    def when_flushed(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the frames of every message written so far have left."""
+        if self._lane is not None:
+            self._lane.when_flushed(callback)
+        else:
+            callback()  # no channel: its frames are gone with the connection
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every message is settled; False if some are still pending at `timeout`."""
+        return await self._lanes.wait_settled(timeout)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` for outstanding confirms, then fail whatever is left."""
+        if timeout > 0:
+            await self.wait_idle(timeout)
+        self._closed = True
+        self._lanes.closing()
+        self.fail(self.outstanding(), ConnectionLostError, "before close")
+        self._expiry.stop()
+        self._lane = None
+        await self._lanes.close()
+
+
+class ConfirmPublisher(_Publishing):
+    """Publishes on one self-reopening channel in confirm mode, within a bounded window
+    (`_Publishing`'s arguments): `send` waits for room or a channel within its timeout,
+    `send_now` is the no-wait road of a handler's forward."""
 
     @overload
     async def send(
@@ -357,40 +399,6 @@ class ConfirmPublisher:
                 state = f"the window is full ({self._window.count} messages wait for confirms): "
                 state += trouble or SLOW
             raise _not_sent_in_time(message_id, exchange, routing_key, state) from None
-
-    def outstanding(self) -> list[Outgoing]:
-        """Every unsettled message: written on a channel or waiting for the next one."""
-        return self._lanes.outstanding()
-
-    def fail(self, records: Iterable[Outgoing], cls: type[PublishError], why: str) -> None:
-        """Fail `records` with a `cls` error each: not confirmed `why` (or not sent, which
-        says it did not reach the queue), and stop waiting for a channel to send them on."""
-        fail = self._in_flight.settle
-        for out in records:
-            fail(out, out.unconfirmed(cls, why))
-        self._lanes.forget_settled()
-
-    def when_flushed(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the frames of every message written so far have left."""
-        if self._lane is not None:
-            self._lane.when_flushed(callback)
-        else:
-            callback()  # no channel: its frames are gone with the connection
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until every message is settled; False if some are still pending at `timeout`."""
-        return await self._lanes.wait_settled(timeout)
-
-    async def close(self, timeout: float = 10.0) -> None:
-        """Wait up to `timeout` for outstanding confirms, then fail whatever is left."""
-        if timeout > 0:
-            await self.wait_idle(timeout)
-        self._closed = True
-        self._lanes.closing()
-        self.fail(self.outstanding(), ConnectionLostError, "before close")
-        self._expiry.stop()
-        self._lane = None
-        await self._lanes.close()
 
 
 def _loop_calls(
