@@ -7,7 +7,7 @@
   first call to the last return.
 - **consume**: a worker from `tasks.workers(concurrency=--concurrency)` draining those N jobs
   (enqueued beforehand with the same store). With a store each delivery is claimed when it
-  arrives (the check at delivery, `running`; the worker prefetches 2x its concurrency, so the
+  arrives (the check at delivery, `running`; the worker prefetches 4x its concurrency, so the
   claims overlap the handlers running) and its outcome written in batches (`succeeded` with
   the result). Timed from the first job settled to the last one settled and,
   with a store, every `succeeded` recorded in it (the batched writes included).
@@ -153,8 +153,9 @@ async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
         cpu1 = harness.cpu_seconds()
 
         settled = Settled(n)
+        extra = {"prefetch": args.prefetch} if args.prefetch else {}
         workers: list[Worker] = tasks.workers(
-            url, concurrency=args.concurrency, retry=None, hooks=[settled]
+            url, concurrency=args.concurrency, retry=None, hooks=[settled], **extra
         )
         for worker in workers:
             await worker.start()
@@ -245,7 +246,7 @@ def section(result: dict[str, Any], image: str) -> list[str]:
         f"the same broker, the median of {result['repeats']} runs (`python -m bench.tracking`). "
         "With a store an enqueue also records the job `queued` (concurrent enqueues share a "
         "transaction, up to two in flight; each returns once its record is committed); a "
-        "delivery is claimed when it arrives (a task worker with a store prefetches twice its "
+        "delivery is claimed when it arrives (a task worker with a store prefetches four times its "
         "concurrency, so the claims of the deliveries waiting for a handler overlap the "
         "handlers running; without a store the prefetch is the concurrency) and its outcome "
         "written in batches (on PostgreSQL one statement per batch, up to two batches in "
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="runs per kind (3)")
     parser.add_argument("--inflight", type=int, default=200, help="enqueues at once")
     parser.add_argument("--concurrency", type=int, default=50, help="the worker's concurrency")
+    parser.add_argument(
+        "--prefetch", type=int, default=0, help="the worker's prefetch (default: the library's)"
+    )
     parser.add_argument("--url", default=None, help="broker URL (default: a node of its own)")
     parser.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: a node of its own)")
     parser.add_argument("--no-docs", action="store_true", help="don't write docs/")

@@ -76,7 +76,7 @@ async def test_handlers_start_in_arrival_order_with_claims_ahead(
         return n
 
     handles = [await step.enqueue(n) for n in range(30)]
-    async with started(tasks, amqp_url, concurrency=3):  # prefetch 6: claims go out ahead
+    async with started(tasks, amqp_url, concurrency=3):  # prefetch 12: claims go out ahead
         async with asyncio.timeout(20):
             await done.wait()
         assert [await handle.result(timeout=20) for handle in handles] == list(range(30))
@@ -139,7 +139,7 @@ async def test_a_stop_while_deliveries_wait_for_a_handler_slot_requeues_them_unr
         return n
 
     handles = [await work.enqueue(n) for n in range(2)]
-    workers = tasks.workers(amqp_url, concurrency=1)  # prefetch 2: job 1 waits for the slot
+    workers = tasks.workers(amqp_url, concurrency=1)  # prefetch 4: job 1 waits for the slot
     for worker in workers:
         await worker.start()
     async with asyncio.timeout(20):

@@ -279,7 +279,7 @@ async def test_concurrent_enqueues_records_cost_the_event_loop_one_callback_each
 async def test_a_burst_of_freed_handler_slots_wakes_each_waiter_in_one_look(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A tracked worker prefetches twice its concurrency (the claims go out ahead): the
+    """A tracked worker prefetches beyond its concurrency (the claims go out ahead): the
     deliveries beyond it wait for a handler slot. When many handlers end in one step, each
     freed slot goes to the next waiter without walking past the ones woken before it
     (asyncio.Semaphore on 3.11 looks at every one of them again: quadratic in the burst)."""

@@ -189,7 +189,7 @@ class Dispatcher(Line):
             entered = begin(job, self.queue_name) if begin is not None else None
             try:
                 # `_handle`'s steps here, in one coroutine, slots or not (#23: a tracked
-                # worker prefetches twice its concurrency, and its deliveries took two
+                # worker prefetches beyond its concurrency, and its deliveries took two
                 # coroutines more each, `_handle` and the timing wrapper, and a third for
                 # the slot). With `_limited`, this task holds a handler slot (`_admit`).
                 slots = self._limited

@@ -538,7 +538,7 @@ class Tasks:
             queues: run only the tasks of these queues.
             hooks: more hooks for every worker.
             **options: more `Worker` arguments (`prefetch`, `handler_timeout`, ...). With a
-                store `prefetch` is twice `concurrency` unless given: a delivery's claim
+                store `prefetch` is four times `concurrency` unless given: a delivery's claim
                 (the check at delivery) is sent when it arrives, so the claims of the
                 deliveries waiting for a handler overlap the handlers running. Such a job
                 reads `running` while it waits. `handler_timeout` times the task itself:
