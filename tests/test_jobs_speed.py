@@ -534,8 +534,9 @@ async def test_an_enqueue_awaits_its_queued_records_future_with_no_coroutine_bet
     between (their objects and their steps)."""
     untracked = await _calls_per_enqueue(tracked=False)
     tracked = await _calls_per_enqueue(tracked=True)
-    # the MemoryStore's batch of one included; 146 before
-    assert tracked - untracked <= 144, (untracked, tracked)
+    # the MemoryStore's batch of one included; 146 before, 144.0 after (a timer's step that
+    # falls in the counted part adds up to half a call: the bound leaves it room)
+    assert tracked - untracked <= 145, (untracked, tracked)
 
 
 async def test_a_tracked_jobs_usual_writes_are_built_without_a_call_and_hold_its_fields() -> None:
