@@ -361,18 +361,11 @@ class Hooks:
         self._failed(self._arrived[0], "arrived", exc, _fields(queue, job))
 
     def arrive(self, job: JobView, queue: str) -> asyncio.Future[Any] | None:
-        """A delivery arrived (the dispatcher calls this outside its task): call `arrived`;
-        the future to wait for before its handler starts, if a hook returned one."""
-        hooks = self._arrived
-        if len(hooks) == 1:  # the usual: one (a job recorder's claim)
-            hook = hooks[0]
-            try:
-                return hook.arrived(job, queue)
-            except Exception as exc:
-                self._failed(hook, "arrived", exc, _fields(queue, job))
-                return None
+        """A delivery arrived (the dispatcher calls this outside its task, through `arriving`
+        when more than one hook has `arrived`): call each; the future to wait for before its
+        handler starts, if any hook returned one."""
         futures = []
-        for hook in hooks:
+        for hook in self._arrived:
             try:
                 future = hook.arrived(job, queue)
             except Exception as exc:
