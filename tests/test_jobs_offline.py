@@ -496,6 +496,17 @@ async def test_run_task_shows_the_recorded_status_and_typed_result() -> None:
     assert run.status.state is JobState.SUCCEEDED and run.status.attempt == 1
 
 
+async def test_run_task_takes_a_signature_and_refuses_a_partial_or_extra_arguments() -> None:
+    tasks = make_tasks()
+    resize: Any = tasks.tasks["images.resize"]
+    run = await run_task(resize.s("cat.png", width=400), retry=None)
+    assert run.outcome.acked and run.result == Thumb("cat.png", 400)
+    with pytest.raises(TaskArgumentError, match=r"images\.resize.*partial"):
+        await run_task(resize.partial(width=400))
+    with pytest.raises(TaskArgumentError, match=r"images\.resize.*no args or kwargs"):
+        await run_task(resize.s("cat.png"), ["dog.png"])
+
+
 async def test_run_task_records_retrying_failed_and_cancelled() -> None:
     tasks = Tasks()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from aio_workq.jobs import JobHandle, TaskArgumentError, Tasks
+from aio_workq.testing import TaskRun, run_task
 
 
 @dataclass
@@ -53,3 +54,25 @@ def test_the_handle_and_the_direct_call_are_typed() -> None:
     wrong: JobHandle[int] = resize.job("some-id")  # type: ignore[assignment]
     assert wrong.job_id == "some-id"
     assert count(["a", "b"]) == 2
+
+
+async def test_run_task_with_s_is_typed_as_enqueue_is() -> None:
+    # `run_task(task.s(...))` is the testing kit's typed form: mypy checks the arguments as
+    # for `enqueue()`, and reads the result's type from the task.
+    with pytest.raises(TaskArgumentError, match="hieght"):
+        await run_task(resize.s("cat.png", hieght=400))  # type: ignore[call-arg]
+    with pytest.raises(TaskArgumentError, match="width"):
+        await run_task(resize.s("cat.png", width="wide"))  # type: ignore[arg-type]
+    with pytest.raises(TaskArgumentError, match="path"):
+        await run_task(resize.s())  # type: ignore[call-arg]
+    run = await run_task(resize.s("cat.png", width=400))
+    thumb: Thumb | None = run.result
+    assert thumb == Thumb("cat.png", 400)
+    counted: TaskRun[int] = await run_task(count.s(["a"]))
+    assert counted.result == 1
+    run_count = await run_task(count.s(["a"]))
+    text: str | None = run_count.result  # type: ignore[assignment]
+    assert text == 1  # type: ignore[comparison-overlap]
+    # The older form stays, checked when it runs only.
+    legacy = await run_task(resize, ["cat.png"], {"width": 400})
+    assert legacy.result == Thumb("cat.png", 400)

@@ -8,8 +8,9 @@
   `AIO_WORKQ_AMQP_URL`) and `workq_broker` (the node itself, to stop and start it).
 - `run_worker(url, queue=, handler=, count=N)` and `wait_handled(worker, N)` run a real worker
   until it has handled N messages.
-- `run_task(task, args, kwargs)` runs a task of `aio_workq.jobs` on one job the same way, and
-  returns the status and result its worker would record (in a store in memory).
+- `run_task(task.s(...))` runs a task of `aio_workq.jobs` on one job the same way (its
+  arguments typed as `enqueue()`'s), and returns the status and result its worker would
+  record (in a store in memory).
 - `LocalBroker` starts and stops an isolated RabbitMQ node (Debian's `rabbitmq-server`).
 """
 

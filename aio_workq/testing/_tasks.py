@@ -5,11 +5,20 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from .._consume.retry import RetryPolicy
 from .._publish.serialization import JSON
-from ..jobs import JobHandle, JobState, JobStatus, JobStore, MemoryStore, Task
+from ..jobs import (
+    JobHandle,
+    JobState,
+    JobStatus,
+    JobStore,
+    MemoryStore,
+    Signature,
+    Task,
+    TaskArgumentError,
+)
 from ..jobs._handle import Publisher
 from ..jobs._recorder import Recorder
 from ..jobs._running import QueueRunner
@@ -40,8 +49,31 @@ class _Context:
         self.publisher: Publisher | None = None
 
 
+@overload
+async def run_task(
+    call: Signature[R],
+    /,
+    *,
+    retry: RetryPolicy | None = ...,
+    attempt: int = ...,
+    handler_timeout: float | None = ...,
+) -> TaskRun[R]: ...
+
+
+@overload
 async def run_task(
     task: Task[Any, R],
+    args: Sequence[Any] = ...,
+    kwargs: Mapping[str, Any] | None = ...,
+    *,
+    retry: RetryPolicy | None = ...,
+    attempt: int = ...,
+    handler_timeout: float | None = ...,
+) -> TaskRun[R]: ...
+
+
+async def run_task(
+    task: Task[Any, R] | Signature[R],
     args: Sequence[Any] = (),
     kwargs: Mapping[str, Any] | None = None,
     *,
@@ -49,24 +81,33 @@ async def run_task(
     attempt: int = 1,
     handler_timeout: float | None = None,
 ) -> TaskRun[R]:
-    """Run `task(*args, **kwargs)` as one job on a worker of its queue, without a broker, and
-    return what was recorded (in a store in memory).
+    """Run one job of a task as a worker of its queue would, without a broker, and return
+    what was recorded (in a store in memory).
+
+    The task and its arguments come as `task.s(...)`, which mypy checks against the
+    function's signature as it checks `enqueue(...)`; the older form `run_task(task, args,
+    kwargs)` still works, with the arguments checked when it runs only.
 
     ```python
-    run = await run_task(resize, ["cat.png"], {"width": 400})
+    run = await run_task(resize.s("cat.png", width=400))
     assert run.status.state is JobState.SUCCEEDED and run.result == Thumb("cat.png", 400)
     ```
 
     Args:
-        task: a task declared with `@tasks.task(queue=...)`.
-        args, kwargs: its arguments, bound and checked as `enqueue()` does.
+        task: `task.s(*args, **kwargs)` of a task declared with `@tasks.task(queue=...)`; or
+            the task itself, with `args` and `kwargs`.
+        args, kwargs: with a bare task: its arguments, bound and checked as `enqueue()` does.
         retry: the worker's retry policy (`None`: dead-letter on the first failure).
         attempt: the delivery's attempt (e.g. the last one).
         handler_timeout: as for `Worker`.
 
     Raises:
-        TaskArgumentError: the arguments don't fit the task (as `enqueue()` says).
+        TaskArgumentError: the arguments don't fit the task (as `enqueue()` says); a
+            `task.partial(...)` (a group's callback misses its first argument); `args` or
+            `kwargs` beside a `task.s(...)`.
     """
+    if isinstance(task, Signature):
+        task, args, kwargs = _unpack(task, args, kwargs)
     body = task.arguments.encode(args, kwargs or {})
     store = MemoryStore()
     recorder = Recorder(store)
@@ -87,3 +128,27 @@ async def run_task(
         )
         result = await handle.result(timeout=0)
     return TaskRun(outcome=outcome, status=record.status, result=result)
+
+
+def _unpack(
+    call: Signature[R], args: Sequence[Any], kwargs: Mapping[str, Any] | None
+) -> tuple[Task[Any, R], Sequence[Any], Mapping[str, Any]]:
+    """The task and arguments of `run_task(task.s(...))`.
+
+    Raises:
+        TaskArgumentError: see `run_task`.
+    """
+    name = call.task.name
+    if args or kwargs:
+        raise TaskArgumentError(
+            f"task {name!r}: run_task(task.s(...)) takes the arguments in s(...): "
+            "pass no args or kwargs beside it"
+        )
+    if not call.complete:
+        raise TaskArgumentError(
+            f"task {name!r}: run_task got task.partial(...), a group callback's arguments "
+            "without its first; give them all with task.s(...)"
+        )
+    if not isinstance(call.task, Task):
+        raise TaskArgumentError(f"run_task needs a task's s(...), got {call!r}")
+    return call.task, call.args, call.kwargs
