@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
+import uuid
 from collections.abc import Callable
 
 import pytest
 
-from aio_workq import ConfigurationError, Job, Producer, Worker
+from aio_workq import ConfigurationError, Job, Producer, Worker, run_workers
+from aio_workq.jobs import MemoryStore, Tasks
 from scripts.broker import LocalBroker
 from tests.handlers import square_in_process
 from tests.helpers import (
@@ -322,3 +325,29 @@ async def test_a_second_sigterm_stops_fast_and_the_message_returns(
 
     await make_worker(queue=queue_name, handler=handler).start()
     assert await counter.wait_for(1) == [("stuck", True)]
+
+
+async def test_the_stop_line_names_the_cancel_listener_apart_from_the_workers(
+    amqp_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The start lines name the jobs' cancel listener by its exchange; a SIGTERM's line said
+    # "stopping 2 worker(s)" for one task queue and that listener.
+    tasks = Tasks(store=MemoryStore())
+
+    @tasks.task(queue=f"stop-line-{uuid.uuid4().hex[:8]}")
+    async def noop() -> None:
+        pass
+
+    workers = tasks.workers(amqp_url)
+    caplog.set_level(logging.INFO, logger="aio_workq")
+    run = asyncio.create_task(run_workers(*workers))
+    await wait_until(lambda: _holds(all(w.state.consuming for w in workers)), timeout=30)
+    os.kill(os.getpid(), signal.SIGTERM)  # run_workers' handler takes it (the loop's)
+    async with asyncio.timeout(30):
+        await run
+    said = [r.getMessage() for r in caplog.records if "SIGTERM received" in r.getMessage()]
+    assert said == [
+        "SIGTERM received: stopping 1 worker(s) and the listener on exchange 'workq.control' "
+        "gracefully"
+    ], said
+    assert [w.listens_to for w in workers] == [None, "workq.control"]

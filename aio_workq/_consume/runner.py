@@ -57,9 +57,9 @@ async def run_workers(
         signals_seen += 1
         fast = signals_seen > 1
         log.warning(
-            "%s received: stopping %d worker(s) %s",
+            "%s received: stopping %s %s",
             signal.Signals(signum).name,
-            len(workers),
+            _what_stops(workers, schedules is not None),
             "now" if fast else "gracefully",
         )
         stops = [worker.stop(0 if fast else None) for worker in workers]
@@ -93,3 +93,17 @@ async def run_workers(
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+def _what_stops(workers: tuple[Worker, ...], scheduler: bool) -> str:
+    """What a signal stops, as the start lines name them: the workers of queues, the listeners
+    by their exchange (`workq.control`, the jobs' cancel requests), the scheduler."""
+    exchanges = [name for worker in workers if (name := worker.listens_to) is not None]
+    parts = [f"{len(workers) - len(exchanges)} worker(s)"]
+    if len(exchanges) == 1:
+        parts.append(f"the listener on exchange {exchanges[0]!r}")
+    elif exchanges:
+        parts.append(f"the listeners on exchanges {', '.join(map(repr, exchanges))}")
+    if scheduler:
+        parts.append("the scheduler")
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

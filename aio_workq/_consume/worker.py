@@ -202,14 +202,23 @@ class Worker:
         return self._subscription.queue_name if self._subscription else self._plan.queue.name
 
     @property
+    def listens_to(self) -> str | None:
+        """The exchange its server-named queue is bound to: a listener of that exchange (e.g.
+        the jobs' cancel requests on `workq.control`) rather than a worker of a queue; None
+        for a worker of a named queue."""
+        exchange = self._plan.exchange
+        if not self._plan.queue.server_named or not exchange:
+            return None
+        return exchange.name if isinstance(exchange, Exchange) else exchange
+
+    @property
     def consuming(self) -> str:
         """What it consumes, as its log lines say: the queue, and the exchange a server-named
         queue is bound to (its name alone, `amq.gen-...`, says nothing)."""
-        exchange = self._plan.exchange
-        if not self._plan.queue.server_named or not exchange:
+        exchange = self.listens_to
+        if exchange is None:
             return repr(self.queue_name)
-        name = exchange.name if isinstance(exchange, Exchange) else exchange
-        return f"{self.queue_name!r} (bound to exchange {name!r})"
+        return f"{self.queue_name!r} (bound to exchange {exchange!r})"
 
     @property
     def state(self) -> WorkerState:
