@@ -482,3 +482,15 @@ async def test_window_bytes_bounds_the_bodies_in_flight(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_wait_connected_returns_while_connected_and_bounds_a_reconnect(
+    amqp_url: str,
+) -> None:
+    producer = Producer(amqp_url)
+    with pytest.raises(IntegrationError, match="not started"):
+        await producer.wait_connected(1)
+    async with producer:
+        await producer.wait_connected(0.5)  # connected: at once
+    with pytest.raises(IntegrationError, match="closed"):
+        await producer.wait_connected(0.5)

@@ -223,6 +223,18 @@ class Producer:
         if self._connection is not None:
             await self._connection.close(deadline - loop.time())
 
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Return once the producer's connection is up: at once while it is, else when it
+        is back from a loss (e.g. a `fail_fast` producer's owner, before it publishes again).
+
+        Raises:
+            BrokerConnectionError: still reconnecting after `timeout` seconds, or closed.
+            IntegrationError: the producer is not started.
+        """
+        self._ready()
+        assert self._source is not None  # set by start(), with the publishers
+        await self._source.link(timeout)
+
     def _ready(self) -> tuple[ConfirmPublisher, Router]:
         if self._publisher is None or self._router is None:
             if self._closed:
