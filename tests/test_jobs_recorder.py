@@ -12,7 +12,7 @@ import pytest
 from aio_workq.jobs import JobState, MemoryStore, StoreError, Write
 from aio_workq.jobs._batches import WriteBatches
 from aio_workq.jobs._recorder import GroupCommit, Recorder, Running
-from aio_workq.jobs._running import run_task
+from aio_workq.jobs._running import call_task
 
 
 class GatedStore(MemoryStore):
@@ -198,7 +198,7 @@ async def test_a_delivery_is_claimed_when_it_arrives_and_runs_only_once_granted(
 
 
 class Task:
-    """What `run_task` needs of a task."""
+    """What `call_task` needs of a task."""
 
     name = "t"
     is_async = True
@@ -215,7 +215,7 @@ async def test_a_job_cancelled_before_its_handler_starts_does_not_run() -> None:
     task = Task()
     tracked = running("x")
     tracked.request_cancel()  # e.g. while it waited for a free handler, or a rate limit
-    assert await run_task(task, {}, tracked) is None  # type: ignore[arg-type]
+    assert await call_task(task, {}, tracked) is None  # type: ignore[arg-type]
     assert not task.ran and tracked.cancelled
 
 

@@ -53,8 +53,8 @@ class _Task(Protocol):
     def arguments(self) -> Any: ...
 
 
-RunTask = Callable[[Any, dict[str, Any], Running], Awaitable[Any]]
-"""`_running.run_task` (passed in: `_running` imports this module)."""
+CallTask = Callable[[Any, dict[str, Any], Running], Awaitable[Any]]
+"""`_running.call_task` (passed in: `_running` imports this module)."""
 
 
 class Members:
@@ -101,9 +101,9 @@ class Member:
         self.index = index
 
     async def handle(
-        self, task: _Task, running: Running, recorder: Recorder, run_task: RunTask
+        self, task: _Task, running: Running, recorder: Recorder, call_task: CallTask
     ) -> Any:
-        """Run the member's task (with `run_task`) and finish it in the group; the value to
+        """Run the member's task (with `call_task`) and finish it in the group; the value to
         return."""
         try:
             kwargs = task.arguments.decode(self._job.body, self._job.content_type)
@@ -116,7 +116,7 @@ class Member:
         try:
             if task.rate_limit is not None and self._members.rates is not None:
                 await acquire(self._members.rates, task.name, task.rate_limit, kwargs)
-            value = await run_task(task, kwargs, running)
+            value = await call_task(task, kwargs, running)
             if not running.stopped:
                 running.keep_result(value)
         except Exception as exc:

@@ -76,13 +76,13 @@ class Running:
     """The delivery came back to the queue (its claim may take over a job recorded running)."""
     handler: asyncio.Task[Any] | None = None
     """The task running the job's `async def` function, while it runs it (a cancel request
-    cancels it there, and `run_task` takes that cancellation back)."""
+    cancels it there, and `call_task` takes that cancellation back)."""
     claimed: asyncio.Future[bool] | None = None
     """The claim, sent when the delivery arrived (`Recorder.arrived`)."""
     skipped: bool = False
     result: tuple[bytes, str | None] | None = None
     interrupted: bool = False
-    """`request_cancel` cancelled `handler` (`run_task` undoes that count once it is seen)."""
+    """`request_cancel` cancelled `handler` (`call_task` undoes that count once it is seen)."""
     stopped: bool = False
     """The function ended for the job's cancel (it raised `Cancelled`, the request cancelled
     its asyncio task, or it never started): the job ends `cancelled`. One that returns ran

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .._link.settings import URLs
     from ._store import JobStore
 
-__all__ = ("TaskWorker", "build_workers", "run_task")
+__all__ = ("TaskWorker", "build_workers", "call_task")
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -95,7 +95,7 @@ class TaskWorker(Worker):
             await self._session.stopped(self)
 
 
-async def run_task(
+async def call_task(
     task: RunnableTask,
     kwargs: dict[str, Any],
     running: Running | None,
@@ -176,11 +176,13 @@ class QueueRunner:
         running: Running | None,
         current: asyncio.Task[Any] | None = None,
     ) -> Any:
-        """`run_task`, within the worker's `handler_timeout`: it times the task, not the
+        """`call_task`, within the worker's `handler_timeout`: it times the task, not the
         claim nor the wait for a rate-limit slot before it."""
         if self._timeout is None:
-            return await run_task(task, kwargs, running, current)
-        return await within_handler_timeout(self._timeout, run_task(task, kwargs, running, current))
+            return await call_task(task, kwargs, running, current)
+        return await within_handler_timeout(
+            self._timeout, call_task(task, kwargs, running, current)
+        )
 
     def __workq_name__(self, job: Job | None) -> str:
         """How the logs name what ran `job`: its task (`NamedHandler`)."""
@@ -272,37 +274,29 @@ def build_workers(
     options: dict[str, Any],
     aliases: Mapping[str, RunnableTask] | None = None,
 ) -> list[Worker]:
-    """`Tasks.workers()`.
+    """`Tasks.workers()`: a `TaskWorker` per queue, its `QueueRunner` finding each job's task
+    by its header; with a store, one `Recorder` for them all (and `Members` for the jobs of
+    groups), and a listener of the cancel requests on the control exchange.
 
     Raises:
-        ConfigurationError: no tasks to run, or an option `Tasks.workers()` sets itself.
+        ConfigurationError: no tasks to run, an option `Tasks.workers()` sets itself, or a
+            rate limit without a store that keeps rate limits.
     """
     for key in ("queue", "handler", "exchange", "binding_keys"):
         if key in options:
             raise ConfigurationError(f"tasks.workers() sets {key}= itself")
     tasks = list(tasks)
-    by_queue: dict[str, dict[str, RunnableTask]] = {}
-    specs = {}
-    for task in tasks:
-        if queues is not None and task.queue.name not in queues:
-            continue
-        by_queue.setdefault(task.queue.name, {})[task.name] = task
-        specs[task.queue.name] = task.queue
-    for alias, task in (aliases or {}).items():  # a former name: its queued jobs run too
-        if task.queue.name in by_queue:
-            by_queue[task.queue.name][alias] = task
-    if not by_queue:
-        wanted = f" on queues {list(queues)}" if queues is not None else ""
-        raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
+    by_queue, specs = _tasks_by_queue(tasks, queues, aliases or {})
+    _check_rate_limits(by_queue, store)
     # The task workers time the task itself (`QueueRunner._run`), not the claim and the wait
     # for a rate-limit slot before it: a job waiting for its slot must not fail for it.
     options = dict(options)
     timeout = options.pop("handler_timeout", None)
     if timeout is not None:
         timeout = check_seconds("handler_timeout", timeout)
-    recorder = Recorder(store) if store is not None else None
-    members = None
+    recorder = members = None
     if store is not None:
+        recorder = Recorder(store)
         members = Members(
             store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS),
             queues={
@@ -310,19 +304,12 @@ def build_workers(
                 **{task.name: task.queue for task in tasks},
             },
         )  # fmt: skip
-    for group in by_queue.values():
-        for task in group.values():
-            if task.rate_limit is not None and not isinstance(store, RateStore):
-                raise ConfigurationError(
-                    f"task {task.name!r} has a rate_limit: it needs a job store that keeps "
-                    f"rate limits (SQLiteStore, PostgresStore), got {store!r}"
-                )
+        if options.get("prefetch") is None:
+            # Deliveries beyond `concurrency` wait for a free handler with their claims sent
+            # (Recorder.arrived): the claim's round trip overlaps the handlers running.
+            options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     session = _Session(recorder)
     extra = [recorder] if recorder is not None else []
-    if recorder is not None and options.get("prefetch") is None:
-        # Deliveries beyond `concurrency` wait for a free handler with their claims sent
-        # (Recorder.arrived): the claim's round trip overlaps the handlers running.
-        options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     workers: list[Worker] = [
         TaskWorker(
             url,
@@ -337,22 +324,66 @@ def build_workers(
         for name, group in by_queue.items()
     ]
     if recorder is not None:
-        control = _control_handler(recorder)
-        connection = options.get("connection")
-        workers.append(
-            TaskWorker(
-                None if connection is not None else url,
-                session=session,
-                queue="",
-                exchange=CONTROL_EXCHANGE,
-                handler=control,
-                retry=None,
-                connection=connection,
-                name="aio-workq control",
-                presence=False,  # a listener of aio-workq's own, not a worker to list
-            )  # fmt: skip
-        )
+        workers.append(_cancel_listener(recorder, url, session, options.get("connection")))
     return workers
+
+
+def _tasks_by_queue(
+    tasks: list[RunnableTask],
+    queues: Sequence[str] | None,
+    aliases: Mapping[str, RunnableTask],
+) -> tuple[dict[str, dict[str, RunnableTask]], dict[str, Queue]]:
+    """The tasks to run (those of `queues`, if given), by queue name, then by the names a
+    message can carry (a task's own and its former ones, `aliases`); and each queue's spec.
+
+    Raises:
+        ConfigurationError: no task to run.
+    """
+    by_queue: dict[str, dict[str, RunnableTask]] = {}
+    specs: dict[str, Queue] = {}
+    for task in tasks:
+        if queues is not None and task.queue.name not in queues:
+            continue
+        by_queue.setdefault(task.queue.name, {})[task.name] = task
+        specs[task.queue.name] = task.queue
+    for alias, task in aliases.items():  # a former name: its queued jobs run too
+        if task.queue.name in by_queue:
+            by_queue[task.queue.name][alias] = task
+    if not by_queue:
+        wanted = f" on queues {list(queues)}" if queues is not None else ""
+        raise ConfigurationError(f"no tasks{wanted}: declare them with @tasks.task(queue=...)")
+    return by_queue, specs
+
+
+def _check_rate_limits(
+    by_queue: Mapping[str, Mapping[str, RunnableTask]], store: JobStore | None
+) -> None:
+    """Raises `ConfigurationError` for a task with a rate limit and no store that keeps one."""
+    for group in by_queue.values():
+        for task in group.values():
+            if task.rate_limit is not None and not isinstance(store, RateStore):
+                raise ConfigurationError(
+                    f"task {task.name!r} has a rate_limit: it needs a job store that keeps "
+                    f"rate limits (SQLiteStore, PostgresStore), got {store!r}"
+                )
+
+
+def _cancel_listener(
+    recorder: Recorder, url: URLs | None, session: _Session, connection: Any
+) -> TaskWorker:
+    """The worker of a server-named queue bound to the control exchange: it hands each cancel
+    request to `recorder`, which cancels the job if it runs in this process."""
+    return TaskWorker(
+        None if connection is not None else url,
+        session=session,
+        queue="",
+        exchange=CONTROL_EXCHANGE,
+        handler=_control_handler(recorder),
+        retry=None,
+        connection=connection,
+        name="aio-workq control",
+        presence=False,  # a listener of aio-workq's own, not a worker to list
+    )
 
 
 def _control_handler(recorder: Recorder) -> Any:

@@ -45,8 +45,8 @@ __all__ = ("TASK_HEADER", "Task", "Tasks")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-"""The header naming the task a message is for (several tasks can share a queue)."""
 _NAME = re.compile(r"[A-Za-z_][\w.:-]{0,199}")
+"""What a task's name (and alias) may be: it travels in the `x-workq-task` header."""
 
 
 class _Unset:
