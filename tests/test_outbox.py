@@ -614,3 +614,29 @@ async def test_a_relay_cut_off_from_its_database_mid_batch_goes_on_over_another_
     delivered = list(counter.items)
     assert set(delivered) == {f"p{i}" for i in range(20)}  # some twice: at-least-once
     print(f"LEDGER outbox partition: committed=20 delivered={len(delivered)} lost=0")  # noqa: T201
+
+
+async def test_a_nul_in_a_header_is_refused_before_the_database_sees_it(
+    postgres_dsn: str, conn: psycopg.AsyncConnection[Any], schema: str
+) -> None:
+    # PostgreSQL's jsonb refuses \u0000: the insert failed with psycopg's error and aborted
+    # the caller's transaction (the order it was written with rolled back too).
+    outbox = Outbox(schema=schema)
+    for headers in ({"h": "a\x00b"}, {"h\x00": 1}, {"h": ["x", {"y": "\x00"}]}):
+        async with conn.transaction():
+            await conn.execute("SELECT 1")  # the caller's own work, kept
+            with pytest.raises(SerializationError, match="NUL"):
+                await outbox.publish(conn, "body", queue="q", headers=headers)
+            await conn.execute("SELECT 1")  # the transaction is still usable
+        with pytest.raises(SerializationError, match="NUL"), psycopg.connect(postgres_dsn) as sync:
+            outbox.publish_sync(sync, "body", queue="q", headers=headers)
+    bad: list[tuple[str, dict[str, Any]]] = [
+        ("message_id", {"queue": "q", "message_id": "m\x00"}),
+        ("queue name", {"queue": "q\x00"}),
+        ("routing key", {"exchange": "amq.direct", "routing_key": "k\x00"}),
+    ]
+    for match, kwargs in bad:
+        with pytest.raises(OutboxConfigurationError, match=match):
+            async with conn.transaction():
+                await outbox.publish(conn, "body", **kwargs)
+    assert await outbox_rows(conn, schema) == []
