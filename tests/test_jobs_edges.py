@@ -1,5 +1,6 @@
-"""aio_workq.jobs on its side roads, against a real PostgreSQL: the bounds a caller gives a
-wait (NaN, infinite, not a number), and bad ids."""
+"""aio_workq.jobs on its side roads, against a real PostgreSQL and RabbitMQ: the bounds a
+caller gives a wait (NaN, infinite, not a number), bad ids, a return value that can't be
+stored."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from aio_workq import ConfigurationError
-from aio_workq.jobs import JobState, JobTimeoutError, Tasks, Write
+from aio_workq import ConfigurationError, Producer, RetryPolicy, SerializationError
+from aio_workq.jobs import (
+    JobFailedError,
+    JobState,
+    JobTimeoutError,
+    SQLiteStore,
+    TaskArgumentError,
+    Tasks,
+    Write,
+)
 from aio_workq.jobs.postgres import PostgresStore, migrate
 
 pytestmark = pytest.mark.postgres
@@ -69,3 +79,45 @@ async def test_a_wait_given_an_infinite_timeout_waits_as_without_one(tasks: Task
     )  # fmt: skip
     async with asyncio.timeout(10):
         assert await waiting == 7
+
+
+@pytest.mark.broker
+async def test_a_str_result_that_cant_be_encoded_fails_the_job_at_once_as_any_unstorable_one(
+    amqp_url: str, producer: Producer, tmp_path: Path, queue_name: str
+) -> None:
+    # A lone surrogate (a file name decoded with surrogateescape) in a returned str raised
+    # UnicodeEncodeError, not SerializationError: the job was retried, its task run again,
+    # where a value JSON can't take fails it at once (nothing stored could ever be read).
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+    runs: list[str] = []
+
+    @tasks.task(queue=queue_name)
+    async def name_of(kind: str) -> str:
+        runs.append(kind)
+        if kind == "surrogate":
+            return "caf" + b"\xe9".decode("utf-8", "surrogateescape")
+        return object()  # type: ignore[return-value]
+
+    # Nor does one go out as a message, or a job's argument (pydantic's JSON refused it on
+    # the worker, after the enqueue): refused before anything is sent.
+    bad = "caf" + b"\xe9".decode("utf-8", "surrogateescape")
+    for body in (bad, {"name": bad}, [bad]):
+        with pytest.raises(SerializationError, match="not valid text|as UTF-8"):
+            await producer.publish(body, queue_name)
+    with pytest.raises(TaskArgumentError, match="not valid text"):
+        await name_of.enqueue(bad)
+    jobs = [await name_of.enqueue(kind) for kind in ("surrogate", "object")]
+    retry = RetryPolicy(max_attempts=3, initial_delay=0.05)
+    workers = tasks.workers(amqp_url, retry=retry)
+    try:
+        for worker in workers:
+            await worker.start()
+        for job in jobs:
+            with pytest.raises(JobFailedError, match="can't be stored"):
+                await job.result(timeout=20)
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=1)
+        assert tasks.store is not None
+        await tasks.store.close()
+    assert sorted(runs) == ["object", "surrogate"]  # each ran once
