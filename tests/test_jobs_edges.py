@@ -121,3 +121,10 @@ async def test_a_str_result_that_cant_be_encoded_fails_the_job_at_once_as_any_un
         assert tasks.store is not None
         await tasks.store.close()
     assert sorted(runs) == ["object", "surrogate"]  # each ran once
+
+
+@pytest.mark.parametrize("job_id", [123, None, b"abc"])
+async def test_a_handle_on_an_id_that_is_not_a_str_is_refused(tasks: Tasks, job_id: object) -> None:
+    # Its status() raised a bare TypeError from the store ("argument of type 'int' ...").
+    with pytest.raises(ConfigurationError, match="job id as a string"):
+        tasks.job(job_id)  # type: ignore[arg-type]
