@@ -255,3 +255,51 @@ async def test_publishes_to_a_private_ca_amqps_broker(
     untrusted = SyncProducer(tls_broker.tls_url, connect_timeout=5)
     with pytest.raises(TLSError):
         await asyncio.to_thread(untrusted.start)
+
+
+async def test_a_child_forked_while_a_thread_connects_gets_an_answer_within_its_bound() -> None:
+    # The parent's thread held the producer's lock (connecting, up to connect_timeout) when
+    # the process forked: the child's copy of that lock stayed held forever, and its first
+    # call hung without a bound. The broker here accepts and never answers.
+    script = textwrap.dedent(
+        """
+        import os, signal, socket, threading, time
+        from aio_workq import BrokerConnectionError
+        from aio_workq.sync import SyncProducer
+
+        mute = socket.create_server(("127.0.0.1", 0))
+        port = mute.getsockname()[1]
+        producer = SyncProducer(f"amqp://127.0.0.1:{port}/", connect_timeout=3, timeout=1)
+
+        def first_use():
+            try:
+                producer.publish("x", queue="q")
+            except BrokerConnectionError:
+                pass
+
+        connecting = threading.Thread(target=first_use)
+        connecting.start()
+        deadline = time.monotonic() + 10  # its loop thread exists once it is connecting
+        while "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}:
+            assert time.monotonic() < deadline, "never connected"
+            threading.Event().wait(0.01)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(15)  # the hang, as an exit code
+            started = time.monotonic()
+            try:
+                producer.publish("child", queue="q")
+            except BrokerConnectionError as exc:
+                print("child:", type(exc).__name__, round(time.monotonic() - started), flush=True)
+            producer.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        connecting.join()
+        producer.close()
+        print("child exit status", os.waitstatus_to_exitcode(status))
+        """
+    )
+    code, out = await run_script(script, timeout=40)
+    assert code == 0, out
+    assert "child exit status 0" in out, out
+    assert "child: BrokerConnectionError" in out, out
