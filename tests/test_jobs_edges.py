@@ -128,3 +128,22 @@ async def test_a_handle_on_an_id_that_is_not_a_str_is_refused(tasks: Tasks, job_
     # Its status() raised a bare TypeError from the store ("argument of type 'int' ...").
     with pytest.raises(ConfigurationError, match="job id as a string"):
         tasks.job(job_id)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("busy_timeout", [float("inf"), float("nan"), -1, "1", None])
+def test_a_sqlite_store_with_a_bad_busy_timeout_is_refused(
+    tmp_path: Path, busy_timeout: object
+) -> None:
+    # inf raised OverflowError, a str TypeError: not the ConfigurationError the docs promise.
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        SQLiteStore(tmp_path / "jobs.db", busy_timeout=busy_timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("max_size", [0, -1, 1.5, "4", True])
+async def test_a_postgres_store_with_a_bad_max_size_is_refused(
+    postgres_dsn: str, max_size: object
+) -> None:
+    # Accepted, then every call failed with psycopg_pool's ValueError (or TypeError), which
+    # a worker's recorder took for the store being down, for good.
+    with pytest.raises(ConfigurationError, match="max_size"):
+        PostgresStore(postgres_dsn, max_size=max_size)  # type: ignore[arg-type]
