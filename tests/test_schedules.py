@@ -668,3 +668,26 @@ async def test_a_standby_schedulers_stop_with_a_timeout_returns_within_it_while_
         async with asyncio.timeout(60):
             await first
     assert took < 1 + 3, took  # about a second after its timeout (5 s before)
+
+
+def test_a_scheduler_runs_again_on_another_event_loop(amqp_url: str, group: str) -> None:
+    # A scheduler made once at import (`--schedules MODULE:ATTR`, a test module's global) and
+    # run by two `asyncio.run()` (two tests, each its own loop): its events stayed bound to
+    # the first loop, and the second run raised RuntimeError ("bound to a different event
+    # loop") at once, neither a candidate nor a typed error.
+    scheduler = Scheduler(amqp_url, [poll(group)], group=group, retry_delay=0.2)
+
+    async def once() -> int:
+        running = asyncio.ensure_future(scheduler.run())
+        try:
+            async with asyncio.timeout(20):
+                await scheduler.wait_active()
+        finally:
+            await scheduler.stop(5)
+            async with asyncio.timeout(20):
+                await running
+        return scheduler.fired
+
+    asyncio.run(once())
+    asyncio.run(once())
+    assert not scheduler.active
