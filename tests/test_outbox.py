@@ -640,3 +640,27 @@ async def test_a_nul_in_a_header_is_refused_before_the_database_sees_it(
             async with conn.transaction():
                 await outbox.publish(conn, "body", **kwargs)
     assert await outbox_rows(conn, schema) == []
+
+
+async def test_idempotent_consumer_rejects_a_message_id_its_table_cant_keep(
+    pool: AsyncConnectionPool[Any], schema: str
+) -> None:
+    # AMQP carries a NUL in a message id (another client's); PostgreSQL's text refuses it.
+    # The insert raised psycopg's DataError: the message was retried, failing the same way at
+    # every attempt until the last dead-lettered it, with the driver's message as the reason.
+    from aio_workq.testing import run_handler
+
+    await pool.open()
+    consumer = idempotent(pool, schema=schema)
+    ran: list[str | None] = []
+
+    @consumer
+    async def apply(job: Job, conn: psycopg.AsyncConnection[Any]) -> None:
+        ran.append(job.message_id)
+
+    outcome = await run_handler(apply, "x", message_id="m\x00")
+    assert outcome.kind == "dead-lettered", outcome
+    assert outcome.reason is not None and "NUL" in outcome.reason
+    assert ran == []
+    outcome = await run_handler(apply, "x", message_id="m")
+    assert outcome.kind == "acked" and ran == ["m"]
