@@ -134,7 +134,7 @@ class IdempotentConsumer:
                     f"idempotent consumer {consumer!r}: the message has no message id to "
                     "deduplicate on (publish with a message id, or pass key=)"
                 )
-            if "\x00" in message_id:  # the same every attempt: PostgreSQL's text refuses it
+            if isinstance(message_id, str) and "\x00" in message_id:  # PostgreSQL refuses it
                 raise Reject(
                     f"idempotent consumer {consumer!r}: the message's deduplication key "
                     f"{message_id!r} has a NUL character, which the processed-messages table "
