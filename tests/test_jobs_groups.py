@@ -23,6 +23,7 @@ from aio_workq import (
     RetryPolicy,
 )
 from aio_workq.jobs import (
+    GroupHandle,
     GroupResult,
     JobNotFoundError,
     JobState,
@@ -380,6 +381,7 @@ async def test_a_group_id_too_long_for_its_members_ids_is_refused_before_anythin
     for job_id in ("é" * 124 + ".0", "g" * 254 + ".0"):
         with pytest.raises(JobNotFoundError):
             await app.tasks.job(job_id).status()
-    fits = await group([app.square.s(n) for n in range(10)], group_id="g" * 253).enqueue()
+    members = [app.square.s(n) for n in range(10)]
+    fits: GroupHandle[Any] = await group(members, group_id="g" * 253).enqueue()
     assert [m.job_id for m in fits.members][-1] == "g" * 253 + ".9"
     await app.store.close()
