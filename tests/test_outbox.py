@@ -664,3 +664,33 @@ async def test_idempotent_consumer_rejects_a_message_id_its_table_cant_keep(
     assert ran == []
     outcome = await run_handler(apply, "x", message_id="m")
     assert outcome.kind == "acked" and ran == ["m"]
+
+
+def test_a_relay_starts_again_after_a_stop_also_under_another_event_loop(
+    postgres_dsn: str, amqp_url: str, queue_name: str
+) -> None:
+    # Its own producer, closed by stop(), could not start again: a second `async with relay`
+    # (an app's second lifespan, the next test) raised IntegrationError ("make a new
+    # Producer"); and its lock and events stayed bound to the first `asyncio.run()`'s loop.
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(schema_sql(name))
+    relay = OutboxRelay(postgres_dsn, url=amqp_url, schema=name, poll_interval=60)
+    outbox = Outbox(schema=name)
+
+    async def once(n: int) -> int:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            async with conn.transaction():
+                await outbox.publish(conn, {"n": n}, queue=queue_name)
+        async with relay:
+            async with asyncio.timeout(20):
+                return await relay.drain()
+
+    try:
+        assert asyncio.run(once(1)) == 1
+        assert asyncio.run(once(2)) == 1  # another loop
+        assert asyncio.run(once(3)) == 1
+        assert asyncio.run(queue_depth(amqp_url, queue_name)) == 3
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')
