@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psycopg
 
@@ -117,7 +117,9 @@ class OutboxRelay:
         self._dsn = dsn
         self._schema = schema
         self._owns_producer = producer is None
-        self._own_producer = lambda: Producer(url, timeout=publish_timeout, name=name)
+        self._own_producer: Callable[[], Producer] = lambda: Producer(
+            url, timeout=publish_timeout, name=name
+        )
         self._producer = producer if producer is not None else self._own_producer()
         self._queues = {q.name: q for q in queues}
         self._publisher = RowPublisher(self._producer, self._queues)
