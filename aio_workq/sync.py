@@ -400,7 +400,15 @@ class SyncProducer(SyncTaskCalls):
         """Wait up to `timeout` (default `close_timeout`) for outstanding confirms, then close.
 
         Idempotent; later calls to `publish()` raise `IntegrationError`.
+
+        Raises:
+            ConfigurationError: `timeout` is not a finite number of seconds (0 or less: no
+                wait); nothing is closed.
         """
+        if timeout is not None:
+            if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < 0:
+                timeout = 0.0  # as Producer.close: no wait
+            timeout = check_seconds("timeout", timeout, zero=True)
         with self._lock:
             self._closed = True
             runner, self._runner = self._runner, None

@@ -303,3 +303,23 @@ async def test_a_child_forked_while_a_thread_connects_gets_an_answer_within_its_
     assert code == 0, out
     assert "child exit status 0" in out, out
     assert "child: BrokerConnectionError" in out, out
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "5", True])
+def test_close_with_a_timeout_that_is_not_seconds_is_refused_and_closes_nothing(
+    amqp_url: str, queue_name: str, bad: Any
+) -> None:
+    # It logged "closing the SyncProducer failed" (a TypeError, an OverflowError, a "no answer
+    # within nan s"), stopped the loop thread under the open connection without waiting for
+    # any confirm, and said closed.
+    producer = SyncProducer(amqp_url, timeout=5)
+    try:
+        producer.publish("before", queue=queue_name)
+        with pytest.raises(ConfigurationError, match="timeout"):
+            producer.close(bad)
+        producer.publish("after", queue=queue_name)  # still open
+    finally:
+        producer.close()
+    assert asyncio.run(queue_depth(amqp_url, queue_name)) == 2
+    assert "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}
