@@ -155,14 +155,14 @@ class _LoopThread:
             # may the lock (held by a parent's thread at the fork, it is never released here)
             self.closed = True
             return
+        if threading.current_thread() is self.thread:  # before anything is marked closed
+            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
         with self._close_lock:
             if self.closed:
                 return
             self.closed = True
         if not self.thread.is_alive():
             return
-        if threading.current_thread() is self.thread:
-            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
         for waiting in list(self._waits):  # their coroutines are cancelled on the loop
             waiting.cancel()
         try:
@@ -404,11 +404,16 @@ class SyncProducer(SyncTaskCalls):
         Raises:
             ConfigurationError: `timeout` is not a finite number of seconds (0 or less: no
                 wait); nothing is closed.
+            IntegrationError: called from its own event-loop thread (a hook); nothing is
+                closed.
         """
         if timeout is not None:
             if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < 0:
                 timeout = 0.0  # as Producer.close: no wait
             timeout = check_seconds("timeout", timeout, zero=True)
+        runner = self._runner
+        if runner is not None and threading.current_thread() is runner.thread:
+            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
         with self._lock:
             self._closed = True
             runner, self._runner = self._runner, None

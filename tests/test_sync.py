@@ -323,3 +323,36 @@ def test_close_with_a_timeout_that_is_not_seconds_is_refused_and_closes_nothing(
         producer.close()
     assert asyncio.run(queue_depth(amqp_url, queue_name)) == 2
     assert "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}
+
+
+class _ClosesItsProducer(Hook):
+    """Calls its producer's `close()` from a hook: on the producer's own loop thread."""
+
+    def __init__(self) -> None:
+        self.producer: SyncProducer | None = None
+        self.refused: list[BaseException] = []
+
+    def after_publish(self, message: PublishInfo, state: Any) -> None:
+        assert self.producer is not None
+        try:
+            self.producer.close()
+        except IntegrationError as exc:
+            self.refused.append(exc)
+
+
+@pytest.mark.broker
+def test_a_close_refused_on_its_own_loop_thread_leaves_the_producer_closable(
+    amqp_url: str, queue_name: str
+) -> None:
+    # The refused close had already marked the producer closed and dropped its loop thread:
+    # the real close() after it returned at once, the thread and its connection left running
+    # (no finaliser either), the confirms never awaited.
+    hook = _ClosesItsProducer()
+    producer = SyncProducer(amqp_url, timeout=5, hooks=[hook])
+    hook.producer = producer
+    producer.publish("x", queue=queue_name)
+    assert [type(e) for e in hook.refused] == [IntegrationError]
+    producer.publish("y", queue=queue_name)  # still open
+    producer.close()
+    assert "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}
+    assert asyncio.run(queue_depth(amqp_url, queue_name)) == 2
