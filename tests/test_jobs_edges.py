@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -24,6 +25,7 @@ from aio_workq.jobs import (
     Write,
 )
 from aio_workq.jobs.postgres import PostgresStore, migrate
+from tests.helpers import queue_depth
 
 pytestmark = pytest.mark.postgres
 
@@ -147,3 +149,35 @@ async def test_a_postgres_store_with_a_bad_max_size_is_refused(
     # a worker's recorder took for the store being down, for good.
     with pytest.raises(ConfigurationError, match="max_size"):
         PostgresStore(postgres_dsn, max_size=max_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.broker
+async def test_a_lone_surrogate_in_an_amqp_string_is_a_serialization_error_and_sends_nothing(
+    amqp_url: str, producer: Producer, tmp_path: Path, queue_name: str
+) -> None:
+    # A message id, correlation id, content type, header name or routing key with a lone
+    # surrogate raised a bare UnicodeEncodeError from publish() (and from a job's enqueue
+    # with such a job_id), not the SerializationError its docs promise.
+    bad = "caf" + b"\xe9".decode("utf-8", "surrogateescape")
+    calls: list[dict[str, Any]] = [
+        {"message_id": bad},
+        {"correlation_id": bad},
+        {"content_type": bad},
+        {"headers": {bad: 1}},
+    ]
+    for options in calls:
+        with pytest.raises(SerializationError, match="not valid text"):
+            await producer.publish("x", queue_name, **options)
+    with pytest.raises(SerializationError, match="routing key"):
+        await producer.publish("x", exchange="amq.direct", routing_key=bad)
+    tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+
+    @tasks.task(queue=queue_name)
+    async def noop() -> None: ...
+
+    with pytest.raises(SerializationError, match="message_id"):
+        await noop.options(job_id=bad).enqueue()
+    await producer.publish("fine", queue_name)
+    assert await queue_depth(amqp_url, queue_name) == 1  # only that one went out
+    assert tasks.store is not None
+    await tasks.store.close()
