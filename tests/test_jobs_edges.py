@@ -181,3 +181,11 @@ async def test_a_lone_surrogate_in_an_amqp_string_is_a_serialization_error_and_s
     assert await queue_depth(amqp_url, queue_name) == 1  # only that one went out
     assert tasks.store is not None
     await tasks.store.close()
+
+
+async def test_a_sqlite_store_on_a_path_with_a_nul_is_refused_when_made(tmp_path: Path) -> None:
+    # Accepted, then every call raised sqlite3's bare ValueError ("embedded null byte"): a
+    # worker's recorder took it for the store being down, for good.
+    for path in (f"{tmp_path}/jobs\x00.db", tmp_path / "jobs\x00.db"):
+        with pytest.raises(ConfigurationError, match="NUL"):
+            SQLiteStore(path)

@@ -95,6 +95,8 @@ class SQLiteStore:
     ) -> None:
         if not isinstance(path, str | os.PathLike) or not str(path):
             raise ConfigurationError(f"path must be a file path, got {path!r}")
+        if "\x00" in str(path):  # sqlite3 would refuse it at every call (ValueError)
+            raise ConfigurationError(f"path {str(path)!r} has a NUL character: no file has one")
         check_seconds("busy_timeout", busy_timeout, zero=True)  # inf has no int of ms
         self.path = Path(path)
         self.ttl = check_ttl(ttl)
