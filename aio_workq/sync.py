@@ -150,14 +150,19 @@ class _LoopThread:
 
     def close(self, timeout: float) -> None:
         """Wait up to `timeout` for outstanding confirms, close, stop the loop thread."""
+        if self.pid != os.getpid():
+            # a forked child: the thread (and its connection) belong to the parent, and so
+            # may the lock (held by a parent's thread at the fork, it is never released here)
+            self.closed = True
+            return
+        if threading.current_thread() is self.thread:  # before anything is marked closed
+            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
         with self._close_lock:
             if self.closed:
                 return
             self.closed = True
-        if self.pid != os.getpid() or not self.thread.is_alive():
-            return  # a forked child: the thread (and its connection) belong to the parent
-        if threading.current_thread() is self.thread:
-            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
+        if not self.thread.is_alive():
+            return
         for waiting in list(self._waits):  # their coroutines are cancelled on the loop
             waiting.cancel()
         try:
@@ -218,6 +223,7 @@ class SyncProducer(SyncTaskCalls):
         self._runner: _LoopThread | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._closed = False
+        _producers.add(self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "started" if self._runner else "not started"
@@ -394,7 +400,20 @@ class SyncProducer(SyncTaskCalls):
         """Wait up to `timeout` (default `close_timeout`) for outstanding confirms, then close.
 
         Idempotent; later calls to `publish()` raise `IntegrationError`.
+
+        Raises:
+            ConfigurationError: `timeout` is not a finite number of seconds (0 or less: no
+                wait); nothing is closed.
+            IntegrationError: called from its own event-loop thread (a hook); nothing is
+                closed.
         """
+        if timeout is not None:
+            if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < 0:
+                timeout = 0.0  # as Producer.close: no wait
+            timeout = check_seconds("timeout", timeout, zero=True)
+        runner = self._runner
+        if runner is not None and threading.current_thread() is runner.thread:
+            raise IntegrationError("a SyncProducer cannot be closed from its own event loop")
         with self._lock:
             self._closed = True
             runner, self._runner = self._runner, None
@@ -403,3 +422,17 @@ class SyncProducer(SyncTaskCalls):
             finalizer.detach()
         if runner is not None:
             runner.close(self._close_timeout if timeout is None else timeout)
+
+
+_producers: weakref.WeakSet[SyncProducer] = weakref.WeakSet()
+
+
+def _unlock_in_child() -> None:
+    """After `fork()`, in the child: a fresh lock for every SyncProducer. Another thread of
+    the parent (connecting on first use, up to `connect_timeout`) may have held one at the
+    fork, and in the child nothing would ever release it: its first call would hang."""
+    for producer in list(_producers):
+        producer._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)

@@ -23,7 +23,9 @@ from aio_workq import (
     RetryPolicy,
 )
 from aio_workq.jobs import (
+    GroupHandle,
     GroupResult,
+    JobNotFoundError,
     JobState,
     Signature,
     SQLiteStore,
@@ -362,3 +364,24 @@ async def test_a_worker_killed_right_after_claiming_the_callback_still_gets_it_r
         assert [m[2] for m in callbacks] == ["10"], sup.out
         sup.proc.terminate()
         await sup.exit_code()
+
+
+async def test_a_group_id_too_long_for_its_members_ids_is_refused_before_anything_is_recorded(
+    app: App,
+) -> None:
+    # Its members' ids (`<group id>.<i>`, message ids: 255 bytes at most) could not be sent:
+    # the group and its members were recorded first, then every publish failed, and their
+    # handles read `queued` for a day (the store's TTL) although nothing was ever sent.
+    with pytest.raises(ConfigurationError, match="255 bytes"):
+        group([app.square.s(1)], then=app.report, group_id="é" * 124)  # `.callback`: 257
+    with pytest.raises(ConfigurationError, match="255 bytes"):
+        group([app.square.s(n) for n in range(10)], group_id="g" * 254)  # `.9`: 256
+    with pytest.raises(ConfigurationError, match="str"):
+        group([app.square.s(1)], group_id=7)  # type: ignore[arg-type]
+    for job_id in ("é" * 124 + ".0", "g" * 254 + ".0"):
+        with pytest.raises(JobNotFoundError):
+            await app.tasks.job(job_id).status()
+    members = [app.square.s(n) for n in range(10)]
+    fits: GroupHandle[Any] = await group(members, group_id="g" * 253).enqueue()
+    assert [m.job_id for m in fits.members][-1] == "g" * 253 + ".9"
+    await app.store.close()

@@ -614,3 +614,83 @@ async def test_a_relay_cut_off_from_its_database_mid_batch_goes_on_over_another_
     delivered = list(counter.items)
     assert set(delivered) == {f"p{i}" for i in range(20)}  # some twice: at-least-once
     print(f"LEDGER outbox partition: committed=20 delivered={len(delivered)} lost=0")  # noqa: T201
+
+
+async def test_a_nul_in_a_header_is_refused_before_the_database_sees_it(
+    postgres_dsn: str, conn: psycopg.AsyncConnection[Any], schema: str
+) -> None:
+    # PostgreSQL's jsonb refuses \u0000: the insert failed with psycopg's error and aborted
+    # the caller's transaction (the order it was written with rolled back too).
+    outbox = Outbox(schema=schema)
+    for headers in ({"h": "a\x00b"}, {"h\x00": 1}, {"h": ["x", {"y": "\x00"}]}):
+        async with conn.transaction():
+            await conn.execute("SELECT 1")  # the caller's own work, kept
+            with pytest.raises(SerializationError, match="NUL"):
+                await outbox.publish(conn, "body", queue="q", headers=headers)
+            await conn.execute("SELECT 1")  # the transaction is still usable
+        with pytest.raises(SerializationError, match="NUL"), psycopg.connect(postgres_dsn) as sync:
+            outbox.publish_sync(sync, "body", queue="q", headers=headers)
+    bad: list[tuple[str, dict[str, Any]]] = [
+        ("message_id", {"queue": "q", "message_id": "m\x00"}),
+        ("queue name", {"queue": "q\x00"}),
+        ("routing key", {"exchange": "amq.direct", "routing_key": "k\x00"}),
+    ]
+    for match, kwargs in bad:
+        with pytest.raises(OutboxConfigurationError, match=match):
+            async with conn.transaction():
+                await outbox.publish(conn, "body", **kwargs)
+    assert await outbox_rows(conn, schema) == []
+
+
+async def test_idempotent_consumer_rejects_a_message_id_its_table_cant_keep(
+    pool: AsyncConnectionPool[Any], schema: str
+) -> None:
+    # AMQP carries a NUL in a message id (another client's); PostgreSQL's text refuses it.
+    # The insert raised psycopg's DataError: the message was retried, failing the same way at
+    # every attempt until the last dead-lettered it, with the driver's message as the reason.
+    from aio_workq.testing import run_handler
+
+    await pool.open()
+    consumer = idempotent(pool, schema=schema)
+    ran: list[str | None] = []
+
+    @consumer
+    async def apply(job: Job, conn: psycopg.AsyncConnection[Any]) -> None:
+        ran.append(job.message_id)
+
+    outcome = await run_handler(apply, "x", message_id="m\x00")
+    assert outcome.kind == "dead-lettered", outcome
+    assert outcome.reason is not None and "NUL" in outcome.reason
+    assert ran == []
+    outcome = await run_handler(apply, "x", message_id="m")
+    assert outcome.kind == "acked" and ran == ["m"]
+
+
+def test_a_relay_starts_again_after_a_stop_also_under_another_event_loop(
+    postgres_dsn: str, amqp_url: str, queue_name: str
+) -> None:
+    # Its own producer, closed by stop(), could not start again: a second `async with relay`
+    # (an app's second lifespan, the next test) raised IntegrationError ("make a new
+    # Producer"); and its lock and events stayed bound to the first `asyncio.run()`'s loop.
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(schema_sql(name))
+    relay = OutboxRelay(postgres_dsn, url=amqp_url, schema=name, poll_interval=60)
+    outbox = Outbox(schema=name)
+
+    async def once(n: int) -> int:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+            async with conn.transaction():
+                await outbox.publish(conn, {"n": n}, queue=queue_name)
+        async with relay:
+            async with asyncio.timeout(20):
+                return await relay.drain()
+
+    try:
+        assert asyncio.run(once(1)) == 1
+        assert asyncio.run(once(2)) == 1  # another loop
+        assert asyncio.run(once(3)) == 1
+        assert asyncio.run(queue_depth(amqp_url, queue_name)) == 3
+    finally:
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{name}" CASCADE')

@@ -733,3 +733,26 @@ async def test_after_an_outage_the_scheduler_waits_for_its_producer_not_bouncing
     # active once, until the stop: no tick found the producer reconnecting (a lease given back)
     assert len([m for m in said if m.endswith(" is active")]) == 1, said
     assert not [m for m in said if "BrokerUnavailableError" in m], said
+
+
+def test_a_scheduler_runs_again_on_another_event_loop(amqp_url: str, group: str) -> None:
+    # A scheduler made once at import (`--schedules MODULE:ATTR`, a test module's global) and
+    # run by two `asyncio.run()` (two tests, each its own loop): its events stayed bound to
+    # the first loop, and the second run raised RuntimeError ("bound to a different event
+    # loop") at once, neither a candidate nor a typed error.
+    scheduler = Scheduler(amqp_url, [poll(group)], group=group, retry_delay=0.2)
+
+    async def once() -> int:
+        running = asyncio.ensure_future(scheduler.run())
+        try:
+            async with asyncio.timeout(20):
+                await scheduler.wait_active()
+        finally:
+            await scheduler.stop(5)
+            async with asyncio.timeout(20):
+                await running
+        return scheduler.fired
+
+    asyncio.run(once())
+    asyncio.run(once())
+    assert not scheduler.active

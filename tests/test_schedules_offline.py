@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from aio_workq import ConfigurationError
+from aio_workq._wire.frames import Properties, encode_properties
 from aio_workq.cli._errors import TargetError
 from aio_workq.cli._target import build_scheduler
 from aio_workq.schedules import Schedule, Scheduler, State, tick_id
@@ -444,3 +445,16 @@ def test_a_retry_delay_that_is_not_finite_seconds_is_refused(bad: object) -> Non
     # lost the broker wait forever; the check is now the one of every other setting.
     with pytest.raises(ConfigurationError, match="retry_delay must be a finite number of sec"):
         Scheduler("amqp://guest:guest@localhost/", retry_delay=bad)  # type: ignore[arg-type]
+
+
+def test_a_name_too_long_for_its_ticks_message_ids_is_refused() -> None:
+    # A tick's message id is `{name}:{due time}` (up to 32 characters with microseconds):
+    # over AMQP's 255 bytes, every tick's publish failed, and the schedule never fired.
+    with pytest.raises(ConfigurationError, match="255 bytes"):
+        Schedule("n" * 223, queue="q", every=timedelta(seconds=1))
+    start = datetime(2026, 1, 1, 0, 0, 0, 123456, tzinfo=UTC)
+    longest = Schedule("n" * 222, queue="q", every=timedelta(seconds=1), start=start)
+    due = longest.next_after(start)
+    assert due.microsecond == 123456
+    assert len(tick_id(longest.name, due).encode()) == 255
+    encode_properties(Properties(message_id=tick_id(longest.name, due)))  # as publish does

@@ -255,3 +255,104 @@ async def test_publishes_to_a_private_ca_amqps_broker(
     untrusted = SyncProducer(tls_broker.tls_url, connect_timeout=5)
     with pytest.raises(TLSError):
         await asyncio.to_thread(untrusted.start)
+
+
+async def test_a_child_forked_while_a_thread_connects_gets_an_answer_within_its_bound() -> None:
+    # The parent's thread held the producer's lock (connecting, up to connect_timeout) when
+    # the process forked: the child's copy of that lock stayed held forever, and its first
+    # call hung without a bound. The broker here accepts and never answers.
+    script = textwrap.dedent(
+        """
+        import os, signal, socket, threading, time
+        from aio_workq import BrokerConnectionError
+        from aio_workq.sync import SyncProducer
+
+        mute = socket.create_server(("127.0.0.1", 0))
+        port = mute.getsockname()[1]
+        producer = SyncProducer(f"amqp://127.0.0.1:{port}/", connect_timeout=3, timeout=1)
+
+        def first_use():
+            try:
+                producer.publish("x", queue="q")
+            except BrokerConnectionError:
+                pass
+
+        connecting = threading.Thread(target=first_use)
+        connecting.start()
+        deadline = time.monotonic() + 10  # its loop thread exists once it is connecting
+        while "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}:
+            assert time.monotonic() < deadline, "never connected"
+            threading.Event().wait(0.01)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(15)  # the hang, as an exit code
+            started = time.monotonic()
+            try:
+                producer.publish("child", queue="q")
+            except BrokerConnectionError as exc:
+                print("child:", type(exc).__name__, round(time.monotonic() - started), flush=True)
+            producer.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        connecting.join()
+        producer.close()
+        print("child exit status", os.waitstatus_to_exitcode(status))
+        """
+    )
+    code, out = await run_script(script, timeout=40)
+    assert code == 0, out
+    assert "child exit status 0" in out, out
+    assert "child: BrokerConnectionError" in out, out
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "5", True])
+def test_close_with_a_timeout_that_is_not_seconds_is_refused_and_closes_nothing(
+    amqp_url: str, queue_name: str, bad: Any
+) -> None:
+    # It logged "closing the SyncProducer failed" (a TypeError, an OverflowError, a "no answer
+    # within nan s"), stopped the loop thread under the open connection without waiting for
+    # any confirm, and said closed.
+    producer = SyncProducer(amqp_url, timeout=5)
+    try:
+        producer.publish("before", queue=queue_name)
+        with pytest.raises(ConfigurationError, match="timeout"):
+            producer.close(bad)
+        producer.publish("after", queue=queue_name)  # still open
+    finally:
+        producer.close()
+    assert asyncio.run(queue_depth(amqp_url, queue_name)) == 2
+    assert "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}
+
+
+class _ClosesItsProducer(Hook):
+    """Calls its producer's `close()` from a hook: on the producer's own loop thread."""
+
+    def __init__(self) -> None:
+        self.producer: SyncProducer | None = None
+        self.refused: list[BaseException] = []
+
+    def after_publish(self, message: PublishInfo, state: Any) -> None:
+        assert self.producer is not None
+        try:
+            self.producer.close()
+        except IntegrationError as exc:
+            self.refused.append(exc)
+
+
+@pytest.mark.broker
+def test_a_close_refused_on_its_own_loop_thread_leaves_the_producer_closable(
+    amqp_url: str, queue_name: str
+) -> None:
+    # The refused close had already marked the producer closed and dropped its loop thread:
+    # the real close() after it returned at once, the thread and its connection left running
+    # (no finaliser either), the confirms never awaited.
+    hook = _ClosesItsProducer()
+    producer = SyncProducer(amqp_url, timeout=5, hooks=[hook])
+    hook.producer = producer
+    producer.publish("x", queue=queue_name)
+    assert [type(e) for e in hook.refused] == [IntegrationError]
+    producer.publish("y", queue=queue_name)  # still open
+    producer.close()
+    assert "aio-workq SyncProducer" not in {t.name for t in threading.enumerate()}
+    assert asyncio.run(queue_depth(amqp_url, queue_name)) == 2

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+from collections.abc import Callable
 from typing import Any
 
 from .._exceptions import SerializationError
 
-__all__ = ("JSON", "TEXT", "decode_body", "encode_body", "encode_default")
+__all__ = ("JSON", "TEXT", "check_surrogates", "decode_body", "encode_body", "encode_default")
 
 JSON = "application/json"
 TEXT = "text/plain"
@@ -26,7 +27,13 @@ def encode_body(body: Any) -> tuple[bytes, str | None]:
     if isinstance(body, bytes):
         return body, None
     if isinstance(body, str):
-        return body.encode(), _TEXT_UTF8
+        try:
+            return body.encode(), _TEXT_UTF8
+        except UnicodeEncodeError as exc:  # a lone surrogate (`surrogateescape`, say)
+            raise SerializationError(
+                f"cannot encode a str body as UTF-8: {exc}; decode its source with the right "
+                "encoding, or pass bytes"
+            ) from exc
     if isinstance(body, bytearray | memoryview):
         return bytes(body), None
     try:
@@ -37,7 +44,26 @@ def encode_body(body: Any) -> tuple[bytes, str | None]:
             "JSON-serialisable data (dict, list, str, int, float, bool, None), a pydantic model "
             "or a dataclass"
         ) from exc
+    if "\\ud" in data:  # a character past U+FFFF, or a lone surrogate: rare
+        check_surrogates(body, encode_default)
     return data.encode(), JSON
+
+
+def check_surrogates(value: Any, default: Callable[[Any], Any]) -> None:
+    """Refuse JSON data with a lone surrogate in a str: `json.dumps` writes it as an escape
+    (`\\udce9`) that Python reads back, but no UTF-8 text holds it, and pydantic's JSON (a
+    typed payload, a task's arguments and result) refuses it, after the message was sent.
+
+    Raises:
+        SerializationError: a str in `value` has a lone surrogate.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False, default=default).encode()
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"cannot encode a body of type {type(value).__name__}: a str in it is not valid "
+            f"text ({exc}); decode its source with the right encoding, or send bytes"
+        ) from exc
 
 
 def encode_default(value: Any) -> Any:

@@ -174,10 +174,25 @@ class Properties:
         self.type = type
 
 
+def _utf8(value: str, field: str) -> bytes:
+    """`value` in UTF-8 (what AMQP's strings are).
+
+    Raises:
+        SerializationError: it has a lone surrogate (from `surrogateescape`, say), which no
+            UTF-8 holds.
+    """
+    try:
+        return value.encode()
+    except UnicodeEncodeError as exc:
+        raise SerializationError(
+            f"{field} {value[:40]!r} is not valid text ({exc.reason}): AMQP sends it as UTF-8"
+        ) from None
+
+
 def _shortstr(value: str, field: str) -> bytes:
     if not isinstance(value, str):
         raise SerializationError(f"{field} must be a str, got {type(value).__name__}")
-    data = value.encode()
+    data = _utf8(value, field)
     if len(data) > 255:
         raise SerializationError(
             f"{field} is {len(data)} bytes long: AMQP allows at most 255 ({value[:40]!r}...)"
@@ -277,7 +292,7 @@ def _table(headers: Mapping[str, Any]) -> bytes:
     except Exception:
         pass
     for key, value in headers.items():  # find the culprit, to name it
-        if not isinstance(key, str) or len(key.encode()) > 255:
+        if not isinstance(key, str) or len(_utf8(key, "header name")) > 255:
             raise SerializationError(f"header name {key!r} must be a str of at most 255 bytes")
         try:
             _field_table({key: value})
@@ -346,7 +361,10 @@ def encode_properties(props: Properties) -> EncodedProperties:
         key = (content_type, mode)
         common = _COMMON.get(key)
         flags, prefix = common if common is not None else _common_prefix(*key)
-        data = message_id.encode()
+        try:
+            data = message_id.encode()
+        except UnicodeEncodeError:
+            data = _utf8(message_id, "message_id")  # raises, naming it
         if len(data) > 255:
             raise SerializationError(
                 f"message_id is {len(data)} bytes long: AMQP allows at most 255 "

@@ -198,11 +198,15 @@ class Group(Generic[R]):
             if not callable(getattr(then, "partial", None)):
                 raise ConfigurationError(f"then= takes a task or task.partial(...), got {then!r}")
             then = Signature(then, (), {}, complete=False)
+        if group_id is not None and not isinstance(group_id, str):
+            raise ConfigurationError(f"group_id must be a str, got {group_id!r}")
         if group_id is not None and unstorable_id(group_id):
             raise ConfigurationError(
                 f"group_id {group_id!r} has a NUL character, which a job store can't keep: "
                 "give an id without one (or leave it out for a fresh id)"
             )
+        if group_id is not None:
+            _check_ids_fit(group_id, len(members), then is not None)
         self.members = members
         self.then = then
         self.group_id = group_id or uuid.uuid4().hex
@@ -334,6 +338,27 @@ def group(
         ConfigurationError: no members, or something else than signatures.
     """
     return Group(members, then=then, group_id=group_id)
+
+
+def _check_ids_fit(group_id: str, size: int, callback: bool) -> None:
+    """Refuse a `group_id` whose members' (or callback's) job ids, message ids, would be over
+    AMQP's 255 bytes: they could never be sent, after the group was recorded.
+
+    Raises:
+        ConfigurationError: the longest id is too long.
+    """
+    last = member_id(group_id, size - 1)
+    longest = callback_id(group_id) if callback and len(last) < len(callback_id(group_id)) else last
+    try:
+        octets = len(longest.encode())
+    except UnicodeEncodeError:  # a lone surrogate: no message id can carry it
+        octets = 256
+    if octets > 255:
+        raise ConfigurationError(
+            f"group_id {group_id[:40]!r}... is too long: its job ids, such as "
+            f"'<group_id>.{longest.rsplit('.', 1)[1]}', are message ids, 255 bytes (UTF-8) at "
+            "most; give a shorter one (or leave it out for a fresh id)"
+        )
 
 
 def _check_callback(task: GroupTask[Any], param: str, extra: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, Unpack
@@ -130,14 +131,17 @@ class JobHandle(Generic[R]):
         up to `poll_cap` (1 s), so a long wait costs one read a second. With a `timeout`, a
         store that does not answer does not stretch it: each read ends by the deadline (the
         last one may take 50 ms past it); one that can't be reached (refused, restarting) is
-        read again until the deadline, so the wait rides through a short outage.
+        read again until the deadline, so the wait rides through a short outage. A `timeout`
+        of 0 or less reads the status once; an infinite one is no bound, as `None`.
 
         Raises:
             JobTimeoutError: not done within `timeout` seconds (or the store did not answer
                 until then).
+            ConfigurationError: `timeout` is not a number of seconds (NaN, a str, a bool).
             JobNotFoundError, StoreError, ConfigurationError: as `status()` (with a
                 `timeout`, a `StoreError` only when the store answered with an error).
         """
+        timeout = _bound(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         pause = _POLL_FIRST
@@ -187,6 +191,7 @@ class JobHandle(Generic[R]):
 
         Raises:
             JobTimeoutError: not done within `timeout` seconds (a `TimeoutError`).
+            ConfigurationError: `timeout` is not a number of seconds (see `wait()`).
             JobFailedError: it failed for good; `error_type` and `error_message` say why.
             JobCancelledError: it was cancelled.
             PayloadError: the stored value does not validate as the task's return type (the
@@ -255,3 +260,22 @@ class JobHandle(Generic[R]):
                 mandatory=False, persistent=False,
             )  # fmt: skip
         return status
+
+
+def _bound(timeout: object) -> float | None:
+    """A wait's `timeout` once checked: None (or infinite) for no bound, else its seconds.
+
+    Raises:
+        ConfigurationError: not a number (a bool is not one), or NaN: NaN never runs out, and
+            the wait would have no bound at all.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        if math.isinf(timeout) and timeout > 0:
+            return None
+        if not math.isnan(timeout):
+            return float(timeout)
+    raise ConfigurationError(
+        f"timeout must be a number of seconds (or None for no bound), got {timeout!r}"
+    )

@@ -16,7 +16,7 @@ from pathlib import PurePath
 from typing import Any
 
 from .._exceptions import SerializationError
-from .._publish.serialization import JSON, encode_body, encode_default
+from .._publish.serialization import JSON, check_surrogates, encode_body, encode_default
 
 __all__ = ("encode_typed",)
 
@@ -34,6 +34,8 @@ def encode_typed(value: Any) -> tuple[bytes, str | None]:
             data = json.dumps(value, separators=(",", ":"), allow_nan=False, default=_default)
         except (TypeError, ValueError):
             raise exc from None
+        if "\\ud" in data:
+            check_surrogates(value, _default)
         return data.encode(), JSON
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .._exceptions import ConfigurationError
+from .._link.settings import check_seconds
 from ._errors import StoreError
 from ._groupstore import (
     SQLITE_DDL,
@@ -94,8 +95,9 @@ class SQLiteStore:
     ) -> None:
         if not isinstance(path, str | os.PathLike) or not str(path):
             raise ConfigurationError(f"path must be a file path, got {path!r}")
-        if not busy_timeout >= 0:
-            raise ConfigurationError(f"busy_timeout must be >= 0 seconds, got {busy_timeout!r}")
+        if "\x00" in str(path):  # sqlite3 would refuse it at every call (ValueError)
+            raise ConfigurationError(f"path {str(path)!r} has a NUL character: no file has one")
+        check_seconds("busy_timeout", busy_timeout, zero=True)  # inf has no int of ms
         self.path = Path(path)
         self.ttl = check_ttl(ttl)
         self._busy_ms = int(busy_timeout * 1000)

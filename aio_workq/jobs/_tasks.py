@@ -263,7 +263,12 @@ class Task(Generic[P, R]):
         return self._result_validator
 
     def job(self, job_id: str) -> JobHandle[R]:
-        """A handle on a job of this task by its id (its `result()` is typed as the task's)."""
+        """A handle on a job of this task by its id (its `result()` is typed as the task's).
+
+        Raises:
+            ConfigurationError: `job_id` is not a str.
+        """
+        _check_id(job_id)
         return JobHandle(job_id, context=self._registry, validate=self.result_validator())
 
     async def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> JobHandle[R]:
@@ -512,7 +517,12 @@ class Tasks:
         self._aliases.update(dict.fromkeys(aliases, task))
 
     def job(self, job_id: str) -> JobHandle[Any]:
-        """A handle on any job by its id (its `result()` is the decoded JSON, untyped)."""
+        """A handle on any job by its id (its `result()` is the decoded JSON, untyped).
+
+        Raises:
+            ConfigurationError: `job_id` is not a str.
+        """
+        _check_id(job_id)
         return JobHandle(job_id, context=self)
 
     def workers(
@@ -551,3 +561,9 @@ class Tasks:
             self.tasks.values(), self.store, url, concurrency=concurrency, retry=retry,
             queues=queues, hooks=hooks, options=options, aliases=self._aliases,
         )  # fmt: skip
+
+
+def _check_id(job_id: object) -> None:
+    """Refuse a job id that is not a str (its calls failed later with a bare `TypeError`)."""
+    if not isinstance(job_id, str):
+        raise ConfigurationError(f"job() takes the job id as a string, got {job_id!r}")

@@ -20,6 +20,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from .._exceptions import ConfigurationError
+from .._link.settings import check_seconds
 from ..outbox._schema import apply_locked, check_dsn, check_schema, quote, redact_dsn
 from ._groupstore import (
     CallbackDue,
@@ -180,7 +181,7 @@ class PostgresStore:
         timeout: float = 5.0,
         max_size: int = 4,
     ) -> None:
-        _check_arguments(dsn, pool, schema, timeout)
+        _check_arguments(dsn, pool, schema, timeout, max_size)
         self.ttl = check_ttl(ttl)
         self._where = redact_dsn(dsn) if dsn else "the given pool"
         self._pool = StorePool(
@@ -418,7 +419,11 @@ class PostgresStore:
 
 
 def _check_arguments(
-    dsn: str | None, pool: AsyncConnectionPool[Any] | None, schema: str, timeout: float
+    dsn: str | None,
+    pool: AsyncConnectionPool[Any] | None,
+    schema: str,
+    timeout: float,
+    max_size: int,
 ) -> None:
     """Raises `ConfigurationError` for a bad argument of `PostgresStore`."""
     if (dsn is None) == (pool is None):
@@ -427,8 +432,12 @@ def _check_arguments(
         raise ConfigurationError(
             f"pool must be a psycopg_pool.AsyncConnectionPool, got {type(pool).__name__}"
         )
-    if not timeout > 0:
-        raise ConfigurationError(f"timeout must be > 0 seconds, got {timeout!r}")
+    check_seconds("timeout", timeout, forever=True)
+    if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
+        # psycopg_pool refused it only when the pool opened: at every call after this
+        raise ConfigurationError(
+            f"max_size must be an int >= 1 (connections of the store's pool), got {max_size!r}"
+        )
     check_schema(schema)
     if dsn:
         check_dsn(dsn, ConfigurationError)

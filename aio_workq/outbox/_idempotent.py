@@ -134,6 +134,12 @@ class IdempotentConsumer:
                     f"idempotent consumer {consumer!r}: the message has no message id to "
                     "deduplicate on (publish with a message id, or pass key=)"
                 )
+            if isinstance(message_id, str) and "\x00" in message_id:  # PostgreSQL refuses it
+                raise Reject(
+                    f"idempotent consumer {consumer!r}: the message's deduplication key "
+                    f"{message_id!r} has a NUL character, which the processed-messages table "
+                    "can't keep (publish with another message id, or pass key=)"
+                )
             async with self._pool.connection() as conn, conn.transaction():
                 cursor = await conn.execute(self._record, (consumer, message_id))
                 if cursor.rowcount == 0:

@@ -222,10 +222,15 @@ class Outbox:
             )
         if message_id is None:
             message_id = new_message_id()
-        elif not isinstance(message_id, str) or not message_id or _octets(message_id) > 255:
+        elif (
+            not isinstance(message_id, str)
+            or not message_id
+            or _octets(message_id) > 255
+            or "\x00" in message_id  # PostgreSQL's text can't keep it
+        ):
             raise OutboxConfigurationError(
-                f"message_id must be a non-empty str of at most 255 bytes (UTF-8), got "
-                f"{message_id!r}"
+                f"message_id must be a non-empty str of at most 255 bytes (UTF-8), without a "
+                f"NUL character, got {message_id!r}"
             )
         _check_destination(queue, exchange, routing_key)
         seconds = 0.0 if delay is None else delay
@@ -241,13 +246,30 @@ class Outbox:
                     f"outbox headers must be JSON-serialisable (str, int, float, bool, None, "
                     f"lists and dicts of them): {exc}"
                 ) from exc
+            loaded = json.loads(header_json)
+            if _has_nul(loaded):  # jsonb refuses \u0000, failing the caller's transaction
+                raise SerializationError(
+                    "outbox headers can't hold a NUL character (PostgreSQL's jsonb refuses "
+                    "it): remove it, or escape it in the value (e.g. as '\\x00')"
+                )
             # As the relay will send them (from JSON): what AMQP can't carry fails here, in
             # the caller's transaction, not at every relay pass after it is committed.
-            encode_properties(Properties(message_id=message_id, headers=json.loads(header_json)))
+            encode_properties(Properties(message_id=message_id, headers=loaded))
         return (
             message_id, queue, exchange, routing_key or "", data, content_type, header_json,
             float(seconds),
         )  # fmt: skip
+
+
+def _has_nul(value: object) -> bool:
+    """Whether a NUL is in a string of `value` (JSON data: keys and values, nested)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def _octets(text: str) -> int:
@@ -271,3 +293,8 @@ def _check_destination(queue: str | None, exchange: str, routing_key: str | None
             check_destination(exchange, routing_key or "", True)
     except WorkqError as exc:
         raise OutboxConfigurationError(str(exc)) from None
+    if routing_key is not None and "\x00" in routing_key:  # PostgreSQL's text can't keep it
+        raise OutboxConfigurationError(
+            f"routing key {routing_key!r} has a NUL character, which the outbox table can't "
+            "keep: give a key without one"
+        )

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psycopg
 
@@ -117,14 +117,17 @@ class OutboxRelay:
         self._dsn = dsn
         self._schema = schema
         self._owns_producer = producer is None
-        self._producer = (
-            producer if producer is not None else Producer(url, timeout=publish_timeout, name=name)
+        self._own_producer: Callable[[], Producer] = lambda: Producer(
+            url, timeout=publish_timeout, name=name
         )
-        self._publisher = RowPublisher(self._producer, {q.name: q for q in queues})
+        self._producer = producer if producer is not None else self._own_producer()
+        self._queues = {q.name: q for q in queues}
+        self._publisher = RowPublisher(self._producer, self._queues)
         self._listen_enabled = listen
         self._batch_size = batch_size
         self._poll_interval = float(poll_interval)
         self._retry_delay = float(retry_delay)
+        self._bound: asyncio.AbstractEventLoop | None = None  # its lock's and events' loop
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -163,6 +166,10 @@ class OutboxRelay:
         """
         if self._tasks:
             return
+        loop = asyncio.get_running_loop()
+        if loop is not self._bound:  # another `asyncio.run()`: asyncio's locks belong to one
+            self._bound = loop
+            self._lock, self._wake, self._stopped = asyncio.Lock(), asyncio.Event(), asyncio.Event()
         self._stopped.clear()
         try:
             await self._table.connect()
@@ -187,6 +194,9 @@ class OutboxRelay:
         await self._table.close()
         if self._owns_producer:
             await self._producer.close()
+            # a closed producer can't start again: the next start() gets a fresh one
+            self._producer = self._own_producer()
+            self._publisher = RowPublisher(self._producer, self._queues)
         self._stopped.set()
 
     async def run(self) -> None:

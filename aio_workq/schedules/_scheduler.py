@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 
 import aiormq
 
-from .._exceptions import ConfigurationError, WorkqError
+from .._exceptions import ConfigurationError, IntegrationError, WorkqError
 from .._hooks import Hook, Hooks
 from .._link.connection import Backoff, Connection
 from .._link.errors import translate_errors
@@ -185,6 +185,8 @@ class Scheduler(_Declared):
         self._connection()  # checks the settings now (nothing connects until run())
         self._producer = producer
         self._own_producer = producer is None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the events' (`_bind`)
+        self._running = False
         self._stopping = asyncio.Event()
         self._hurry = _Deadline()  # a stop's timeout passed: give up the tick, abort
         self._active = asyncio.Event()
@@ -235,8 +237,32 @@ class Scheduler(_Declared):
         return self._fired
 
     async def wait_active(self) -> None:
-        """Return once this process is the active scheduler."""
+        """Return once this process is the active scheduler.
+
+        Raises:
+            IntegrationError: the scheduler runs on another event loop.
+        """
+        self._bind()
         await self._active.wait()
+
+    def _bind(self) -> None:
+        """Its events on the running loop: fresh ones on a loop other than the last run's (a
+        scheduler made once, run by a second `asyncio.run()`; asyncio's events belong to one).
+
+        Raises:
+            IntegrationError: it runs on another loop now (a call from another thread).
+        """
+        loop = asyncio.get_running_loop()
+        if loop is self._loop:
+            return
+        if self._running:
+            raise IntegrationError(
+                f"scheduler {self.identity} runs on another event loop: call it from that "
+                "loop (from another thread: loop.call_soon_threadsafe, "
+                "asyncio.run_coroutine_threadsafe)"
+            )
+        self._loop = loop
+        self._stopping, self._active, self._hurry = asyncio.Event(), asyncio.Event(), _Deadline()
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop: the tick being published is confirmed and recorded, then the lease goes back
@@ -252,9 +278,11 @@ class Scheduler(_Declared):
 
         Raises:
             ConfigurationError: `timeout` is not a number of seconds >= 0 (nothing stops).
+            IntegrationError: the scheduler runs on another event loop.
         """
         seconds = None if timeout is None else check_seconds("timeout", timeout, zero=True,
                                                              forever=True)  # fmt: skip
+        self._bind()
         self._stopping.set()
         if seconds is not None and not math.isinf(seconds):
             self._hurry.start(seconds)
@@ -265,10 +293,24 @@ class Scheduler(_Declared):
         Broker outages are retried every `retry_delay` seconds, without end: a replica that
         can't reach the broker is simply not a candidate. Each failure is logged (one WARNING,
         its typed error, no password); a lost connection is reconnected with `backoff`.
+        A scheduler that stopped may run again, on another event loop too.
+
+        Raises:
+            IntegrationError: it runs already (on this loop or another one).
         """
         del wait_for_broker
+        self._bind()
+        if self._running:
+            raise IntegrationError(f"scheduler {self.identity} runs already: run() it once")
+        self._running = True
         self._stopping.clear()
         self._hurry.reset()  # a stop's timer from before this run
+        try:
+            await self._run()
+        finally:
+            self._running = False
+
+    async def _run(self) -> None:
         connection = self._connection()
         try:
             while not self._stopping.is_set():

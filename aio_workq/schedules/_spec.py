@@ -30,6 +30,7 @@ Misfire = Literal["skip", "catch_up"]
 _MICROSECOND = timedelta(microseconds=1)
 _SCAN_LIMIT = 1_000_000  # cron due times looked at after one outage, at most
 _CRON_JUMP = timedelta(days=1)  # an outage longer than this is counted back from its end
+_NAME_MAX = 255 - len(":2026-01-01T00:00:00.000000+00:00")  # a tick id is a message id
 
 
 def tick_id(name: str, due: datetime) -> str:
@@ -42,7 +43,8 @@ class Schedule:
     """A job published to `queue` on a cron expression or at a fixed interval.
 
     Args:
-        name: unique among the schedules of one broker; names the ticks' message ids.
+        name: unique among the schedules of one broker; names the ticks' message ids (so at
+            most 222 characters: a message id is 255 bytes at most).
         cron: a 5-field cron expression, read in `tz` (`"0 3 * * *"`: 03:00 every day).
         every: a fixed interval (at least 1 s), counted from `start` (default the Unix epoch,
             so that every replica computes the same due times).
@@ -88,6 +90,12 @@ class Schedule:
             raise ConfigurationError(
                 f"schedule name {self.name!r} is invalid: use letters, digits, '-', '_', '.' "
                 "and ':' (it names the ticks' message ids)"
+            )
+        if len(self.name) > _NAME_MAX:
+            raise ConfigurationError(
+                f"schedule name {self.name[:40]!r}... is {len(self.name)} characters long: its "
+                f"ticks' message ids ('{{name}}:{{due time}}') must fit in 255 bytes, so "
+                f"{_NAME_MAX} at most"
             )
         where = f"schedule {self.name!r}"
         if (self.cron is None) == (self.every is None):
