@@ -359,7 +359,7 @@ class Scheduler(_Declared):
             WorkqError: a declare or a publish failed.
         """
         timeout = max(self._retry_delay, 10.0)
-        if not await self._producer_connected(timeout):
+        if not await _producer_connected(self._producer, self._stopping, timeout):
             return
         async with self._lease_type(connection, self.names, open_timeout=timeout) as lease:
             async with standing_by(  # is ours fired meanwhile? (a look)
@@ -386,31 +386,6 @@ class Scheduler(_Declared):
                     log.info("scheduler %s is no longer active", self.identity)
                     # Past a stop's timeout (or on a cancel) `_abort_when_hurried` aborts the
                     # connection: no polite release, the broker frees the guard and the lease.
-
-    async def _producer_connected(self, timeout: float) -> bool:
-        """Wait for the ticks' producer (if open) to be connected; False on a stop meanwhile.
-
-        After an outage the lease's connection can be back before the producer's: a candidate
-        made active then would find its ticks refused (`fail_fast`) and give the lease back.
-        It stands once it can publish.
-
-        Raises:
-            BrokerConnectionError: the producer is still reconnecting after `timeout`.
-        """
-        if self._producer is None or self._producer.connected:
-            return True
-        back = asyncio.ensure_future(self._producer.wait_connected(timeout))
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait({back, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not back.done():
-                back.cancel()
-        if not back.done() or back.cancelled():
-            return False
-        back.result()  # raises what kept it from connecting
-        return True
 
     async def _fire_while_held(self, lease: Lease, guard: Guard) -> None:
         """Fire until a stop or the loss of the lease or the guard; a stop lets the tick being
@@ -449,10 +424,7 @@ class Scheduler(_Declared):
     def _set_active(self, active: bool) -> None:
         if active == self._active.is_set():
             return
-        if active:
-            self._active.set()
-        else:
-            self._active.clear()
+        (self._active.set if active else self._active.clear)()
         if self.on_active is not None:
             self.on_active(active)
 
@@ -485,6 +457,35 @@ class Scheduler(_Declared):
 
     def _count(self) -> None:
         self._fired += 1
+
+
+async def _producer_connected(
+    producer: Producer | None, stopping: asyncio.Event, timeout: float
+) -> bool:
+    """Wait for a scheduler's ticks' `producer` (if open) to be connected; False on a stop
+    (`stopping`) meanwhile.
+
+    After an outage the lease's connection can be back before the producer's: a candidate
+    made active then would find its ticks refused (`fail_fast`) and give the lease back.
+    It stands once it can publish.
+
+    Raises:
+        BrokerConnectionError: the producer is still reconnecting after `timeout`.
+    """
+    if producer is None or producer.connected:
+        return True
+    back = asyncio.ensure_future(producer.wait_connected(timeout))
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({back, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+        if not back.done():
+            back.cancel()
+    if not back.done() or back.cancelled():
+        return False
+    back.result()  # raises what kept it from connecting
+    return True
 
 
 class _Deadline:
