@@ -512,6 +512,12 @@ async def check_recent(store: Any) -> None:
     failed = await store.recent(state="failed", limit=2)
     assert [status.job_id for status in failed] == ["j3", "j2"]
     assert [s.job_id for s in await store.recent(state=JobState.SUCCEEDED)] == ["j1"]
+    # Bad input names the argument (a bare ValueError, a StoreError blaming the store, or an
+    # OverflowError before): the same on every store.
+    for state, limit, named in [("bogus", 2, "state"), ("failed", -1, "limit"),
+                                ("failed", True, "limit"), ("failed", 2**70, "limit")]:  # fmt: skip
+        with pytest.raises(ConfigurationError, match=f"^{named} must be"):
+            await store.recent(state=state, limit=limit)
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])

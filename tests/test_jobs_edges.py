@@ -5,6 +5,7 @@ stored."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -56,6 +57,19 @@ async def test_a_wait_given_a_timeout_that_is_not_a_number_of_seconds_is_refused
             await handle.wait(timeout)  # type: ignore[arg-type]
         with pytest.raises(ConfigurationError, match="timeout"):
             await handle.result(timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cap", [0, -1, 0.01, math.nan, math.inf, "1", True])
+def test_a_poll_cap_that_would_poll_in_a_tight_loop_or_never_is_refused(
+    tasks: Tasks, cap: object
+) -> None:
+    handle = tasks.job("running")
+    # 0 (or a tiny cap) polled the store in a tight loop; NaN never backed off at all.
+    with pytest.raises(ConfigurationError, match="poll_cap must be"):
+        handle.poll_cap = cap  # type: ignore[assignment]
+    assert handle.poll_cap == 1.0
+    handle.poll_cap = 0.05
+    assert handle.poll_cap == 0.05
 
 
 @pytest.mark.parametrize("timeout", [0, -1, -0.5])

@@ -115,6 +115,11 @@ async def test_options_reach_the_job() -> None:
     assert seen == [("t1", "m1", True, 1)]
     with pytest.raises(ConfigurationError, match="unknown publish option"):
         await run_handler(look, b"x", colour="red")
+    # An attempt that is not a delivery's number (it ran as attempt 1, silently)
+    for attempt in (0, -3, 1.5, True):
+        with pytest.raises(ConfigurationError, match="attempt must be an int >= 1"):
+            await run_handler(look, b"x", attempt=attempt)  # type: ignore[arg-type]
+    assert len(seen) == 1
 
 
 def test_the_pytest_plugin_is_registered(request: pytest.FixtureRequest) -> None:

@@ -71,7 +71,7 @@ class JobHandle(Generic[R]):
     value validated as it, like a typed payload.
     """
 
-    __slots__ = ("_context", "_validate", "job_id", "poll_cap")
+    __slots__ = ("_context", "_poll_cap", "_validate", "job_id")
 
     def __init__(
         self,
@@ -85,7 +85,29 @@ class JobHandle(Generic[R]):
         self._context = context
         self._validate = validate
         self.poll_cap = poll_cap
-        """`result()` polls the store from every 50 ms, backing off to every `poll_cap` s."""
+
+    @property
+    def poll_cap(self) -> float:
+        """`wait()`/`result()` poll the store from every 50 ms, backing off to every
+        `poll_cap` seconds (default 1).
+
+        Raises:
+            ConfigurationError: set to anything but a finite number of seconds >= 0.05 (0
+                would poll the store in a tight loop).
+        """
+        return self._poll_cap
+
+    @poll_cap.setter
+    def poll_cap(self, seconds: float) -> None:
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not _POLL_FIRST <= seconds < math.inf
+        ):
+            raise ConfigurationError(
+                f"poll_cap must be a finite number of seconds >= {_POLL_FIRST}, got {seconds!r}"
+            )
+        self._poll_cap = float(seconds)
 
     def __repr__(self) -> str:
         return f"<JobHandle {self.job_id}>"

@@ -33,7 +33,7 @@ from ._groupstore import (
     rate_expiry,
 )
 from ._status import JobRecord, JobState, JobStatus, Write
-from ._store import DAY, SQL, check_ttl, row_record, write_params
+from ._store import DAY, SQL, check_ttl, recent_params, row_record, write_params
 
 __all__ = ("SQLiteStore",)
 
@@ -233,8 +233,10 @@ class SQLiteStore:
 
         Raises:
             StoreError: the database can't be read.
+            ConfigurationError: `state` is not a job state, or `limit` not an int from 0 to
+                10,000.
         """
-        params = {"state": JobState(state).value, "now": time.time(), "limit": limit}
+        params = recent_params(state, limit)
 
         def read(conn: sqlite3.Connection) -> Any:
             return conn.execute(self._sql.recent, params).fetchall()

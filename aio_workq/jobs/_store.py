@@ -81,6 +81,26 @@ def check_ttl(ttl: float) -> float:
     return float(ttl)
 
 
+MAX_RECENT = 10_000
+
+
+def recent_params(state: JobState | str, limit: int) -> dict[str, Any]:
+    """The parameters of `SQL.recent` (a store's `recent()`).
+
+    Raises:
+        ConfigurationError: `state` is not a job state, or `limit` not an int from 0 to
+            `MAX_RECENT`.
+    """
+    try:
+        value = JobState(state).value
+    except ValueError:
+        states = ", ".join(s.value for s in JobState)
+        raise ConfigurationError(f"state must be one of {states}, got {state!r}") from None
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_RECENT:
+        raise ConfigurationError(f"limit must be an int from 0 to {MAX_RECENT:,}, got {limit!r}")
+    return {"state": value, "now": time.time(), "limit": limit}
+
+
 COLUMNS = (
     "job_id, task, queue, state, rank, attempt, defers, next_retry_at, error_type, "
     "error_message, result, content_type, cancel_requested, created_at, started_at, "
@@ -369,11 +389,16 @@ class MemoryStore:
 
     async def recent(self, *, state: JobState | str, limit: int = 20) -> list[JobStatus]:
         """The jobs in `state` (e.g. failed), most recently changed first (the dashboard's
-        "recent failures")."""
-        now = time.time()
+        "recent failures").
+
+        Raises:
+            ConfigurationError: `state` is not a job state, or `limit` not an int from 0 to
+                10,000.
+        """
+        params = recent_params(state, limit)
         rows = [
             row for row in self._rows.values()
-            if row["state"] == JobState(state).value and row["expires_at"] > now
+            if row["state"] == params["state"] and row["expires_at"] > params["now"]
         ]  # fmt: skip
         rows.sort(key=lambda row: row["updated_at"], reverse=True)
         return [row_record(row).status for row in rows[:limit]]

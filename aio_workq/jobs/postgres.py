@@ -35,7 +35,18 @@ from ._groupstore import (
 from ._pgcolumns import Columns, register_arrays
 from ._pgpool import StorePool
 from ._status import JobRecord, JobState, JobStatus, Write
-from ._store import CLAIM, DAY, ROWS, SQL, WRITE, check_ttl, rounds, row_record, write_params
+from ._store import (
+    CLAIM,
+    DAY,
+    ROWS,
+    SQL,
+    WRITE,
+    check_ttl,
+    recent_params,
+    rounds,
+    row_record,
+    write_params,
+)
 
 __all__ = ("DEFAULT_SCHEMA", "PostgresStore", "migrate", "schema_sql")
 
@@ -318,8 +329,10 @@ class PostgresStore:
 
         Raises:
             StoreError: the database can't be reached.
+            ConfigurationError: `state` is not a job state, or `limit` not an int from 0 to
+                10,000.
         """
-        params = {"state": JobState(state).value, "now": time.time(), "limit": limit}
+        params = recent_params(state, limit)
 
         async def read(conn: Any) -> list[Any]:
             cursor = await conn.execute(self._recent, params)

@@ -23,6 +23,7 @@ from .._consume.failures import ATTEMPT_HEADER, Move, MoveKind
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._consume.worker import WorkerState
+from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.delay import delay_ticks
 from .._link.specs import Exchange, Queue
@@ -248,9 +249,13 @@ async def run_handler(
 
     Raises:
         ConfigurationError: the handler, an option, or the queue is not valid (as `Worker`
-            and `publish()` would say).
+            and `publish()` would say); `attempt` is not an int >= 1.
         SerializationError: the body can't be encoded.
     """
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise ConfigurationError(
+            f"attempt must be an int >= 1 (a first delivery is attempt 1), got {attempt!r}"
+        )
     spec = queue if isinstance(queue, Queue) else Queue(queue)
     runner = HandlerRunner(
         handler,

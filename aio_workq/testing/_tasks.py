@@ -102,6 +102,7 @@ async def run_task(
         handler_timeout: as for `Worker`.
 
     Raises:
+        ConfigurationError: `attempt` is not an int >= 1.
         TaskArgumentError: the arguments don't fit the task (as `enqueue()` says); a
             `task.partial(...)` (a group's callback misses its first argument); `args` or
             `kwargs` beside a `task.s(...)`.
