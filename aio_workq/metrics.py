@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
@@ -308,6 +308,12 @@ def _collector(registry: CollectorRegistry) -> _Collector:
                 "PROMETHEUS_MULTIPROC_DIR before the first PrometheusHook, or not at all"
             )
         return collector
+
+
+def _counts_by_default(hooks: Iterable[Hook]) -> bool:
+    """Whether one of `hooks` is a `PrometheusHook` counting into the global registry, the
+    one `render()` reads: another such hook on the same worker would count it twice."""
+    return any(isinstance(hook, PrometheusHook) and hook._registry is REGISTRY for hook in hooks)
 
 
 class PrometheusHook(Hook):

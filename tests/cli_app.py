@@ -55,6 +55,13 @@ async def tally(job: Job) -> None:
     _say("DONE", os.getpid(), job.data)
 
 
+def metered_workers() -> list[Worker]:
+    """A factory whose worker brings its own `PrometheusHook`, as the docs show it."""
+    from aio_workq.metrics import PrometheusHook
+
+    return [Worker(queue=os.environ["CLI_TEST_QUEUE"], handler=tally, hooks=[PrometheusHook()])]
+
+
 async def workers_with_a_producer_left_open() -> list[Worker]:
     """A factory that starts a `Producer` (for its handlers) and never closes it."""
     producer = Producer(os.environ["AMQP_URL"])

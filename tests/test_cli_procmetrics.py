@@ -142,6 +142,38 @@ async def test_processes_serve_summed_metrics_that_survive_a_killed_child(
     assert not await asyncio.to_thread(os.path.exists, directory)  # gone with the supervisor
 
 
+@pytest.mark.broker
+@pytest.mark.parametrize("processes", ["1", "2"])
+async def test_a_worker_with_its_own_prometheus_hook_is_counted_once(
+    env: dict[str, str], amqp_url: str, queue_name: str, processes: str
+) -> None:
+    """The command adds no second `PrometheusHook` to a worker that has one: each delivery
+    counts once on `/metrics`, not twice."""
+    env = {**env, "CLI_TEST_QUEUE": queue_name}
+    args = ["worker", "tests.cli_app:metered_workers", "-p", processes, "--metrics-port", "0"]
+    handled = ("aio_workq_handled_total", (("outcome", "ok"), ("queue", queue_name)))
+    durations = ("aio_workq_handler_duration_seconds_count", (("queue", queue_name),))
+    samples: Samples = {}
+
+    async def all_counted() -> bool:
+        nonlocal samples
+        _, _, samples = await asyncio.to_thread(scrape, port)
+        return samples.get(handled, 0) >= 6 and samples.get(durations, 0) >= 6
+
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+    async with cli(*args, env=env) as worker:
+        port = await endpoint(worker)
+        await wait_health(port, 200)
+        async with Producer(amqp_url) as producer:
+            await producer.publish_many([f"m{i}" for i in range(6)], queue=queue_name)
+        await worker.wait_for(lambda: len(worker.lines(r"^DONE \d+ m")) == 6, what="6 DONE")
+        await wait_until(all_counted, timeout=10)
+        assert (samples[handled], samples[durations]) == (6, 6)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert await worker.exit_code() == 0
+
+
 def _restarts(body: dict[str, object]) -> list[int]:
     processes = body["processes"]
     assert isinstance(processes, list)

@@ -520,3 +520,54 @@ async def test_a_forked_child_opens_connections_of_its_own(postgres_dsn: str, sc
         assert await store.get("f-1") is not None  # the parent's connections are intact
     finally:
         await store.close()
+
+
+_ENDS_WITH_THE_STORE_OPEN = """
+import asyncio, sys
+from aio_workq.jobs import StoreError, Tasks
+from aio_workq.jobs.postgres import PostgresStore
+
+async def main() -> None:
+    tasks = Tasks(store=PostgresStore(sys.argv[1], timeout=1))
+    try:
+        await tasks.job("j").status()
+    except StoreError:
+        print("StoreError", flush=True)
+
+asyncio.run(main())
+print("exited", flush=True)
+"""
+
+
+async def test_a_script_that_ends_with_the_store_open_exits_while_the_pool_connects(
+    own_postgres: Any,
+) -> None:
+    """`asyncio.run()` ends while the store's pool is still connecting (a paused server, whose
+    port accepts and never answers): psycopg_pool swallows its worker's cancellation, and
+    asyncio.run() waited for that worker forever; the store closes its pool when cancelled."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid = own_postgres.postmaster_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _ENDS_WITH_THE_STORE_OPEN, own_postgres.dsn,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(20):
+                await proc.wait()  # its few lines fit the pipe
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            printed = await proc.stdout.read()
+            raise AssertionError(f"the script never exited; it printed {printed!r}") from None
+        out = await proc.stdout.read()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert (proc.returncode, out.decode().split()) == (0, ["StoreError", "exited"])

@@ -756,3 +756,49 @@ def test_a_scheduler_runs_again_on_another_event_loop(amqp_url: str, group: str)
     asyncio.run(once())
     asyncio.run(once())
     assert not scheduler.active
+
+
+async def test_a_schedule_whose_header_names_a_task_runs_that_task_with_its_body(
+    amqp_url: str, group: str
+) -> None:
+    """A periodic task (periodiq's `periodic=cron(...)`): a `Schedule` on the task's queue with
+    `headers={"x-workq-task": task.name}` runs the task, its body the arguments by name, and
+    the tick's message id is the job's id in the store (docs/guides/schedules.md)."""
+    from aio_workq.jobs import JobState, MemoryStore, Tasks, current_job
+
+    tasks = Tasks(store=MemoryStore())
+    ran: list[tuple[str, int]] = []
+    ids: list[str] = []
+    twice = asyncio.Event()
+
+    @tasks.task(queue=f"{group}.tasks", name=f"{group}.report")
+    async def report(kind: str, days: int = 1) -> str:
+        ran.append((kind, days))
+        job = current_job()
+        ids.append(job.job_id if job is not None else "")
+        if len(ran) >= 2:
+            twice.set()
+        return kind
+
+    schedule = Schedule(
+        "report", every=SECOND, queue=report.queue, body={"kind": "daily"},
+        headers={"x-workq-task": report.name},
+    )  # fmt: skip
+    scheduler = Scheduler(amqp_url, [schedule], group=group)
+    workers = tasks.workers(amqp_url)
+    for worker in workers:
+        await worker.start()
+    run = await start(scheduler)
+    try:
+        async with asyncio.timeout(30):
+            await twice.wait()
+    finally:
+        await scheduler.stop()
+        await run
+        for worker in workers:
+            await worker.stop()
+    assert set(ran) == {("daily", 1)}
+    due = datetime.fromisoformat(ids[0].partition(":")[2])
+    assert ids[0] == tick_id("report", due)
+    status = await tasks.job(ids[0]).status()
+    assert status.state is JobState.SUCCEEDED

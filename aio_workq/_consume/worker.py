@@ -383,6 +383,11 @@ class Worker:
             await self._connection.close()
 
 
+def hooks_of(worker: Worker) -> tuple[Hook, ...]:
+    """The hooks `worker` was given, `add_hooks()` included (for the command line)."""
+    return worker._hooks.hooks if worker._hooks is not None else ()
+
+
 class _Presence:
     """A worker's presence beats: the options, then a `Beacon` from `start()` to `goodbye()`.
 

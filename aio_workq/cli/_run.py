@@ -88,11 +88,13 @@ def _metrics(workers: list[Worker]) -> Callable[[], tuple[bytes, str]] | None:
     except ImportError:
         log.info("/metrics is off: install aio-workq[prometheus] for it")
         return None
-    from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, render
+    from aio_workq._consume.worker import hooks_of
+    from aio_workq.metrics import CONTENT_TYPE, PrometheusHook, _counts_by_default, render
 
     hook = PrometheusHook()
     for worker in workers:
-        worker.add_hooks(hook)
+        if not _counts_by_default(hooks_of(worker)):  # one of its own: a second counts twice
+            worker.add_hooks(hook)
     return lambda: (render(), CONTENT_TYPE)
 
 

@@ -124,6 +124,8 @@ class StorePool:
         if not here.opened:
             here.opened = True
             await here.pool.open(wait=False)
+            if self._own:
+                here.guard = _close_when_cancelled(here)
         acquired: list[bool] = []  # a connection was had: the server is slow, not unreachable
 
         async def use() -> T:
@@ -283,12 +285,15 @@ class StorePool:
         await asyncio.gather(*here.closing, return_exceptions=True)
         if self._own and here.opened:
             await here.pool.close()
+        if here.guard is not None:
+            here.guard.cancel()
+            await asyncio.gather(here.guard, return_exceptions=True)
 
 
 class _LoopPool:
     """The store's pool on one event loop, and what watches it."""
 
-    __slots__ = ("closing", "opened", "pool", "prober", "stuck")
+    __slots__ = ("closing", "guard", "opened", "pool", "prober", "stuck")
 
     def __init__(self, pool: AsyncConnectionPool[Any], *, opened: bool) -> None:
         self.pool = pool
@@ -296,6 +301,28 @@ class _LoopPool:
         self.stuck = False  # the last operation could not get a connection
         self.prober: asyncio.Task[None] | None = None
         self.closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
+        self.guard: asyncio.Future[None] | None = None  # closes the pool if the loop ends first
+
+
+def _close_when_cancelled(here: _LoopPool) -> asyncio.Future[None]:
+    """A task that waits until it is cancelled, then closes the pool of `here`.
+
+    `asyncio.run()` ends by cancelling every task and waiting for them. psycopg_pool (3.3)
+    catches the cancellation of a connection attempt, so a worker of a pool still connecting
+    at that moment goes back to waiting for work, and the run waited for it forever (a script
+    that read a status and ended without `store.close()`). Cancelled with the rest, this
+    closes the pool, which tells its workers to stop.
+    """
+
+    async def wait() -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            await here.pool.close()
+
+    guard = asyncio.ensure_future(wait())
+    guard.add_done_callback(_retrieve)
+    return guard
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

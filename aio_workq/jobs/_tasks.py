@@ -538,8 +538,9 @@ class Tasks:
         """One `Worker` per queue that runs its tasks (dispatched by the `x-workq-task`
         header), and with a store, one listening for cancel requests on `workq.control`.
 
-        Call it once per process: `aio-workq worker myapp.tasks:tasks.workers` does (also
-        with `--processes`). Start them with `run_workers(*tasks.workers())`.
+        Call it in each process: `aio-workq worker myapp.tasks:tasks.workers` does (also
+        with `--processes`). Start them with `run_workers(*tasks.workers())`. For queues with
+        other settings (a retry policy of their own), call it once per set of `queues`.
 
         Args:
             url: the broker URL (default: `AMQP_URL`).
