@@ -17,7 +17,6 @@ import contextvars
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._consume.job import ATTEMPT_HEADER, Job
@@ -61,38 +60,82 @@ def _defers(headers: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-@dataclass(eq=False, slots=True)
 class Running:
     """A task job on this worker: what `current_job()` returns inside a task."""
+
+    # A slotted class of its own, not a dataclass (#23): one is made a tracked job, and the
+    # dataclass's `__init__` took every field as a parameter (its state's seven too), called
+    # with a keyword; this one takes what differs from job to job, in order.
+    __slots__ = (
+        "job_id", "task", "queue", "attempt", "defers", "since", "redelivered", "handler",
+        "claimed", "skipped", "result", "interrupted", "stopped", "_cancel", "_properties",
+    )  # fmt: skip
 
     job_id: str
     task: str
     queue: str
     attempt: int
-    defers: int = 0
-    since: float = 0.0
+    defers: int
+    since: float
     """When the delivery arrived (`time.time()`)."""
-    redelivered: bool = False
+    redelivered: bool
     """The delivery came back to the queue (its claim may take over a job recorded running)."""
-    handler: asyncio.Task[Any] | None = None
+    handler: asyncio.Task[Any] | None
     """The task running the job's `async def` function, while it runs it (a cancel request
     cancels it there, and `call_task` takes that cancellation back)."""
-    claimed: asyncio.Future[bool] | None = None
+    claimed: asyncio.Future[bool] | None
     """The claim, sent when the delivery arrived (`Recorder.arrived`)."""
-    skipped: bool = False
-    result: tuple[bytes, str | None] | None = None
-    interrupted: bool = False
+    skipped: bool
+    result: tuple[bytes, str | None] | None
+    interrupted: bool
     """`request_cancel` cancelled `handler` (`call_task` undoes that count once it is seen)."""
-    stopped: bool = False
+    stopped: bool
     """The function ended for the job's cancel (it raised `Cancelled`, the request cancelled
     its asyncio task, or it never started): the job ends `cancelled`. One that returns ran
     to its end, whatever it returns and whenever the request came: `succeeded`."""
-    _cancel: bool = False
+    _cancel: bool
     """Set once (by the event loop), read by a thread handler: a plain attribute suffices (a
     `threading.Event` per job cost more than the rest of its `Running`)."""
-    _properties: Any = field(default=None, repr=False)
+    _properties: Any
     """The delivery's properties as the recorder read them when it arrived (the task runner
     reads them from here: three calls less a job, #23), if it read them."""
+
+    def __init__(
+        self,
+        job_id: str,
+        task: str,
+        queue: str,
+        attempt: int,
+        defers: int = 0,
+        since: float = 0.0,
+        redelivered: bool = False,
+        properties: Any = None,
+    ) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.queue = queue
+        self.attempt = attempt
+        self.defers = defers
+        self.since = since
+        self.redelivered = redelivered
+        self._properties = properties
+        self.handler = None
+        self.claimed = None
+        self.skipped = False
+        self.result = None
+        self.interrupted = False
+        self.stopped = False
+        self._cancel = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Running(job_id={self.job_id!r}, task={self.task!r}, queue={self.queue!r}, "
+            f"attempt={self.attempt!r}, defers={self.defers!r}, since={self.since!r}, "
+            f"redelivered={self.redelivered!r}, handler={self.handler!r}, "
+            f"claimed={self.claimed!r}, skipped={self.skipped!r}, result={self.result!r}, "
+            f"interrupted={self.interrupted!r}, stopped={self.stopped!r}, "
+            f"_cancel={self._cancel!r})"
+        )
 
     @property
     def cancelled(self) -> bool:
@@ -248,9 +291,7 @@ class Recorder(Hook):
             name = storable(str(name))
         defers = _defers(headers) if DEFERS_HEADER in headers else 0
         now = time.time()
-        running = Running(
-            job_id, name, queue, attempt, defers, now, redelivered, _properties=properties
-        )
+        running = Running(job_id, name, queue, attempt, defers, now, redelivered, properties)
         self.jobs[job] = running  # as `begin`, `_claim`: fewer calls per job (#23)
         if self._by_id.setdefault(job_id, running) is not running:  # as `_follow`
             self._more.setdefault(job_id, []).append(running)
