@@ -254,7 +254,7 @@ class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
     __slots__ = ("_after_handle", "_arrived", "_handling", "_infos", "_one", "_settled",
-                 "arrives", "durations", "handles", "hooks", "times")  # fmt: skip
+                 "arrives", "durations", "handles", "hooks", "publishes", "times")  # fmt: skip
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
@@ -283,6 +283,11 @@ class Hooks:
         self.times = any(not getattr(hook, "_workq_untimed", False) for hook in self._after_handle)
         """Whether the handlers are timed (into `durations`): only `after_handle` reads it, and
         not aio-workq's own job recorder (`_workq_untimed`: two clock reads a job less)."""
+        self.publishes = any(
+            _overrides(hook, "before_publish") or _overrides(hook, "after_publish")
+            for hook in hooks
+        )
+        """Whether a hook sees publishes (else a publish takes no road through `publish`)."""
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:

@@ -14,9 +14,10 @@ from typing import Any, cast
 import pytest
 
 import aio_workq
-from aio_workq import Job
+from aio_workq import HandleInfo, Hook, Job, PublishInfo
 from aio_workq._consume.delivery import Delivery
 from aio_workq._exceptions import ConnectionLostError, SerializationError
+from aio_workq._hooks import Hooks
 from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import Sender
 from aio_workq._wire.window import Window
@@ -273,4 +274,26 @@ async def test_a_confirm_cancelled_by_its_owner_is_still_settled_by_its_ack() ->
     assert [confirms[0].result(), confirms[2].result()] == [
         source.connection.channels[-1].published[i] for i in (0, 2)
     ]
+    await publisher.close(0)
+
+
+async def test_hooks_that_see_no_publish_leave_a_forward_on_its_road_without_a_wait() -> None:
+    """A forward goes through the hooks only when one sees publishes (`before_publish`,
+    `after_publish`): a worker's job recorder, or a hook told only of deliveries, leaves it
+    on `send_now`'s road."""
+
+    class Deliveries(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            pass
+
+    class Publishes(Hook):
+        def after_publish(self, message: PublishInfo, state: Any) -> None:
+            pass
+
+    source, publisher, _ = await _sender()
+    quiet = Sender((publisher,), cast(Any, _Declared()), 3600, Hooks.of([Deliveries()]))
+    seeing = Sender((publisher,), cast(Any, _Declared()), 3600, Hooks.of([Publishes()]))
+    assert quiet.send_now(b"x", "out", "", None, {}) is not None
+    assert seeing.send_now(b"x", "out", "", None, {}) is None
+    _confirm_all(source)
     await publisher.close(0)

@@ -286,7 +286,10 @@ class Sender:
         self._router = router
         self._queues = router.queues  # the queues `router.lookup` finds by name
         self._timeout = timeout
-        self._hooks = hooks
+        # Only hooks that see publishes: the others' `before_publish` and `after_publish` do
+        # nothing, so a forward without them is sent without a coroutine (`send_now`), as a
+        # worker's without hooks is (a job recorder's, #22).
+        self._hooks = hooks if hooks is not None and hooks.publishes else None
         for publisher in publishers:
             publisher.routed_by(router)
 
