@@ -9,6 +9,7 @@ black-holes it just before its forward, so the publish (and all else) waits in t
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,6 +93,26 @@ async def proxy(amqp_url: str) -> AsyncIterator[FaultProxy]:
         yield proxy
 
 
+@pytest.fixture
+async def unretrieved() -> list[dict[str, Any]]:
+    """What the event loop reports as it collects a future whose exception nobody retrieved
+    (a confirm whose failure settled a delivery must count as observed, as an await is)."""
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    return reported
+
+
+def _collected(reported: list[dict[str, Any]], *holders: list[Any]) -> list[str]:
+    """The unretrieved exceptions reported once `holders` (of jobs, and so of their
+    confirms) are emptied and collected."""
+    for holder in holders:
+        holder.clear()
+    gc.collect()
+    return [str(context.get("exception")) for context in reported if "never retrieved" in
+            str(context.get("message"))]  # fmt: skip
+
+
 def _dispatcher(worker: Worker) -> Dispatcher:
     dispatcher = worker._dispatcher
     assert dispatcher is not None
@@ -151,6 +172,7 @@ async def test_a_stop_that_runs_out_of_time_requeues_a_pending_delivery_once(
     producer: Producer,
     queue_name: str,
     caplog: pytest.LogCaptureFixture,
+    unretrieved: list[dict[str, Any]],
 ) -> None:
     """The confirm is still held when the stop's timeout ends: the delivery goes back to the
     queue, told once (requeued); the confirm that arrives after (healed then) settles
@@ -180,6 +202,8 @@ async def test_a_stop_that_runs_out_of_time_requeues_a_pending_delivery_once(
     assert worker.state.processed == 1
     assert not dispatcher.tasks and dispatcher.in_flight == 0
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    del held
+    assert _collected(unretrieved, told.told, relay.jobs) == []
 
     async def back_in_the_queue() -> bool:
         return await queue_depth(amqp_url, queue_name) == 1
@@ -188,7 +212,11 @@ async def test_a_stop_that_runs_out_of_time_requeues_a_pending_delivery_once(
 
 
 async def test_a_connection_lost_while_a_confirm_is_pending_settles_each_delivery_once(
-    amqp_url: str, proxy: FaultProxy, producer: Producer, queue_name: str
+    amqp_url: str,
+    proxy: FaultProxy,
+    producer: Producer,
+    queue_name: str,
+    unretrieved: list[dict[str, Any]],
 ) -> None:
     """The connection is cut while the confirm is held: the forward fails (a worker's
     publisher does not resend: the broker redelivers the upstream message instead), its
@@ -219,6 +247,8 @@ async def test_a_connection_lost_while_a_confirm_is_pending_settles_each_deliver
     assert len(jobs) == len({id(job) for job in jobs}) == len(relay.jobs)
     assert {id(job) for job in jobs} == {id(job) for job in relay.jobs}
     assert any(job.redelivered for job in relay.jobs[2:])  # the broker gave it back
+    del held
+    assert _collected(unretrieved, told.told, relay.jobs, jobs) == []
 
 
 async def _full_queue(producer: Producer, name: str) -> Queue:
@@ -233,7 +263,7 @@ async def _full_queue(producer: Producer, name: str) -> Queue:
 
 
 async def test_a_nacked_confirm_takes_the_failure_path_once_per_attempt(
-    amqp_url: str, producer: Producer, queue_name: str
+    amqp_url: str, producer: Producer, queue_name: str, unretrieved: list[dict[str, Any]]
 ) -> None:
     """Each forward is nacked: its delivery is retried, then dead-lettered, told once per
     attempt, never acked; the ones after the first forward (which declared the queue) waited
@@ -268,6 +298,7 @@ async def test_a_nacked_confirm_takes_the_failure_path_once_per_attempt(
     assert _dispatcher(worker).in_flight == 0
     assert await queue_depth(amqp_url, queue_name) == 0
     assert await queue_depth(amqp_url, down.name) == 1  # only the one it held
+    assert _collected(unretrieved, told.told, jobs) == []
 
 
 async def test_a_user_s_after_handle_still_runs_in_the_delivery_s_task(

@@ -84,6 +84,9 @@ class Linked:
                 if hooks is not None:
                     hooks.end(job, self._queue_name, None, _ACKED, None)
             else:
+                confirm: asyncio.Future[str] = out.future  # type: ignore[assignment]
+                if not confirm.cancelled():
+                    confirm.exception()  # observed: the delivery's failure (as an await is)
                 task = self._loop.create_task(
                     self._fail(job, acker, tag, error), name=self._task_name
                 )
@@ -143,6 +146,9 @@ class Linked:
         hooks = self._hooks
         for out, (job, acker, tag) in pending.items():
             out.then = None
+            # As the stop's cancel of a task waiting for it cancelled it: its owner sees it
+            # cancelled, and the record's later failure is no exception nobody retrieved.
+            out.future.cancel()  # type: ignore[union-attr]
             acker.nack(tag, requeue=True)
             if hooks is not None:
                 hooks.end(job, self._queue_name, None, None, asyncio.CancelledError())
