@@ -254,7 +254,8 @@ class Hooks:
     """Calls a list of hooks, each guarded: what a hook raises is logged and ignored."""
 
     __slots__ = ("_after_handle", "_arrived", "_handling", "_infos", "_one", "_settled",
-                 "arrives", "durations", "handles", "hooks", "times")  # fmt: skip
+                 "anywhere", "arrives", "durations", "handles", "hooks", "publishes",
+                 "times")  # fmt: skip
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self.hooks = hooks
@@ -283,6 +284,16 @@ class Hooks:
         self.times = any(not getattr(hook, "_workq_untimed", False) for hook in self._after_handle)
         """Whether the handlers are timed (into `durations`): only `after_handle` reads it, and
         not aio-workq's own job recorder (`_workq_untimed`: two clock reads a job less)."""
+        self.publishes = any(
+            _overrides(hook, "before_publish") or _overrides(hook, "after_publish")
+            for hook in hooks
+        )
+        """Whether a hook sees publishes (else a publish takes no road through `publish`)."""
+        self.anywhere = not self._handling and not self._infos and not self.times
+        """Whether `end` may be called outside the delivery's task (the worker then settles a
+        chain step from its confirm, #22): no hook's `handling` was entered in the task, and
+        no `after_handle` is called but aio-workq's own job recorder's, which reads nothing
+        of the task's (a user's runs in the task that handled the delivery, as `Hook` says)."""
 
     @classmethod
     def of(cls, hooks: Iterable[Hook] | Hooks | None) -> Hooks | None:

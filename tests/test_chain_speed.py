@@ -14,9 +14,10 @@ from typing import Any, cast
 import pytest
 
 import aio_workq
-from aio_workq import Job
+from aio_workq import HandleInfo, Hook, Job, PublishInfo
 from aio_workq._consume.delivery import Delivery
-from aio_workq._exceptions import ConnectionLostError, SerializationError
+from aio_workq._exceptions import ConnectionLostError, PublishNackedError, SerializationError
+from aio_workq._hooks import Hooks
 from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import Sender
 from aio_workq._wire.window import Window
@@ -273,4 +274,58 @@ async def test_a_confirm_cancelled_by_its_owner_is_still_settled_by_its_ack() ->
     assert [confirms[0].result(), confirms[2].result()] == [
         source.connection.channels[-1].published[i] for i in (0, 2)
     ]
+    await publisher.close(0)
+
+
+async def test_a_record_s_then_is_called_once_with_what_its_future_holds() -> None:
+    """`Outgoing.then` (#22 round 8: a chain step's delivery settled by its forward's
+    record): once per record as it is settled, after its future, with None (confirmed), a
+    `CancelledError` (its owner cancelled the future), or the record's error (nacked); a
+    record whose `then` was unset (a worker's stop requeued its delivery) calls nothing."""
+    source, publisher, sender = await _sender()
+    job = _job(sender)
+    confirms = [await job.send(b"x", queue="out") for _ in range(4)]
+    records = {out.future: out for out in publisher.outstanding()}
+    called: list[tuple[int, BaseException | None, bool]] = []
+
+    def then(out: Any, error: BaseException | None) -> None:
+        called.append((confirms.index(out.future), error, out.future.done()))
+
+    for confirm in confirms:
+        records[confirm].then = then
+    records[confirms[3]].then = None  # disarmed
+    confirms[1].cancel()
+    source.writer.flush()
+    sink = source.demux.sinks[source.connection.channels[-1].number]
+    sink.on_confirm(2, True, True)  # confirms 0 and 1 (multiple)
+    sink.on_confirm(3, False, False)  # nacks 2
+    sink.on_confirm(4, False, True)  # confirms 3, disarmed
+    assert [(index, type(error), done) for index, error, done in called] == [
+        (0, type(None), True),
+        (1, asyncio.CancelledError, True),
+        (2, PublishNackedError, True),
+    ]
+    assert publisher.in_flight == 0
+    await publisher.close(0)
+
+
+async def test_hooks_that_see_no_publish_leave_a_forward_on_its_road_without_a_wait() -> None:
+    """A forward goes through the hooks only when one sees publishes (`before_publish`,
+    `after_publish`): a worker's job recorder, or a hook told only of deliveries, leaves it
+    on `send_now`'s road (and its delivery may be settled by the record)."""
+
+    class Deliveries(Hook):
+        def after_handle(self, info: HandleInfo) -> None:
+            pass
+
+    class Publishes(Hook):
+        def after_publish(self, message: PublishInfo, state: Any) -> None:
+            pass
+
+    source, publisher, _ = await _sender()
+    quiet = Sender((publisher,), cast(Any, _Declared()), 3600, Hooks.of([Deliveries()]))
+    seeing = Sender((publisher,), cast(Any, _Declared()), 3600, Hooks.of([Publishes()]))
+    assert quiet.send_now(b"x", "out", "", None, {}) is not None
+    assert seeing.send_now(b"x", "out", "", None, {}) is None
+    _confirm_all(source)
     await publisher.close(0)

@@ -31,6 +31,7 @@ from .failing import Counters, FailedDeliveries, log_fields
 from .failures import MAX_DEFERS
 from .job import Forwarder, Job, job_of
 from .line import Line
+from .linked import Linked
 from .mover import Mover
 from .retry import RetryPolicy
 
@@ -83,6 +84,13 @@ class Dispatcher(Line):
         )  # fmt: skip
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        # A chain step's delivery waits for its one confirm without a task (`Linked`) when
+        # the hooks' `end` may run outside it.
+        self._detach = hooks is None or hooks.anywhere
+        self._linked = Linked(
+            loop=self._loop, hooks=hooks, counters=self.counters, failed=self._failed,
+            tasks=self.tasks, queue_name=queue.name, task_name=self._task_name,
+        )  # fmt: skip
 
     def declared(self, name: str) -> None:
         """The queue was declared as `name` (the broker's, for a server-named queue): the
@@ -153,28 +161,6 @@ class Dispatcher(Line):
         else:
             self._start_by_factory(job, process)
 
-    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
-        """Let running handlers finish within `timeout` (or until `hurry` is set), then cancel
-        the rest: their deliveries go back to the queue. Call once `stopping` is set."""
-        self._pump()  # the deliveries waiting for their turn: back to the queue, unrun
-        tasks = self.tasks
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        hurried = asyncio.ensure_future(hurry.wait())
-        try:
-            while tasks and not hurried.done() and (left := deadline - loop.time()) > 0:
-                await asyncio.wait(
-                    {*tasks, hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-        finally:
-            hurried.cancel()
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=5)
-        # A task cancelled before its first step never ran `_process` to take itself out.
-        tasks.difference_update([task for task in tasks if task.done()])
-
     async def _process(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """The task of one delivery; `reply`: it is an RPC request (it has a `reply_to`)."""
         set_handling((self.queue_name, job))  # log lines in this task name the message
@@ -219,8 +205,22 @@ class Dispatcher(Line):
                                 self._pump()
                     links = job.links
                     if failure is None and links and len(links) == 1 and not task.cancelling():
-                        # The usual chain step: its one confirm awaited here (as _first_failure).
+                        # The usual chain step: one confirm to wait for (as _first_failure).
                         confirm, links = links[0], None
+                        sent = job._sent
+                        if (
+                            sent is not None
+                            and sent.future is confirm
+                            and self._detach
+                            and not reply
+                            and not confirm.done()
+                        ):
+                            # Not in this task: the confirm's record settles the delivery
+                            # (`Linked`), without waking a task (#22). The task ends here.
+                            linked = self._linked
+                            linked.pending[sent] = (job, acker, tag)
+                            sent.then = linked.then
+                            return
                         try:
                             await confirm
                         except asyncio.CancelledError as exc:

@@ -16,6 +16,7 @@ from .._exceptions import Reject
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
 from .._wire.frames import decode_header
+from .._wire.tracker import Outgoing
 from .delivery import HEADERS_FLAG, REPLY_TO_FLAG, Delivery, header_flag
 from .failures import ATTEMPT_HEADER, BROKER_HEADERS
 
@@ -44,8 +45,9 @@ class Forwarder(Protocol):
         exchange: str | Exchange,
         routing_key: str | None,
         options: PublishOptions,
-    ) -> asyncio.Future[str] | None:
-        """`forward` when it needs no wait (no coroutine); None, nothing sent, otherwise."""
+    ) -> Outgoing | None:
+        """`forward` when it needs no wait (no coroutine): the message's record, whose
+        `future` is the confirm; None, nothing sent, otherwise."""
 
 
 _UNSET: Any = object()
@@ -88,6 +90,7 @@ def job_of(
     job._forwarder = forwarder
     job._data = _UNSET
     job.links = None
+    job._sent = None
     job._task = None
     return job
 
@@ -141,6 +144,7 @@ class Job:
         "_header",
         "_redelivered",
         "_routing_key",
+        "_sent",
         "_tag",
         "_task",
         "links",
@@ -159,6 +163,9 @@ class Job:
         self._forwarder = forwarder
         self._data: Any = _UNSET
         self.links: list[asyncio.Future[str]] | None = None
+        # The record of the last message sent without a wait (`send_now`), for the
+        # dispatcher: the one confirm of a chain step settles the delivery itself (#22).
+        self._sent: Outgoing | None = None
         # The task handling this job, while it runs (the dispatcher's, for its own use).
         self._task: asyncio.Task[None] | None = None
 
@@ -323,9 +330,12 @@ class Job:
         try:
             # The usual forward (no options, to a known queue, room in the window) is sent
             # here without a coroutine; else it is awaited (declaring, waiting for room).
-            confirm = forwarder.send_now(body, queue, exchange, routing_key, options)
-            if confirm is None:
+            sent = forwarder.send_now(body, queue, exchange, routing_key, options)
+            if sent is None:
                 confirm = await forwarder.forward(body, queue, exchange, routing_key, options)
+            else:
+                self._sent = sent
+                confirm = sent.future  # type: ignore[assignment]  # (a Batch only in publish_many)
         except BaseException as exc:
             # Recorded before it propagates: a handler that catches it must not get its
             # delivery acked, since the message it meant to forward was never sent.

@@ -1,5 +1,6 @@
 """The deliveries that wait for their turn: a handler slot (a worker that prefetches beyond
-its concurrency), or what a hook's `arrived` returned (a job recorder's claim, #23)."""
+its concurrency), or what a hook's `arrived` returned (a job recorder's claim, #23); and the
+worker's stop (`drain`), which sends them back and waits for the rest."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 from .._hooks import Hooks, JobView, Settled
 from .._wire.acker import Acker
 from .job import Job
+from .linked import Linked
 
 __all__ = ("Line",)
 
@@ -25,7 +27,9 @@ class Line:
     handler slots they wait for: each one's task is made only once it can run (nothing waits
     before it, what its hooks' `arrived` returned is done, a slot is free), so no task,
     future or wake-up is spent on the wait itself (#23). A slot freed as a handler ends goes
-    to the next one there. The state is the dispatcher's, set in its `__init__`."""
+    to the next one there. `in_flight`, `idle` and `drain` count every delivery not settled
+    yet: these, the running tasks, and the chain steps that wait for their confirm without
+    a task (`Linked`). The state is the dispatcher's, set in its `__init__`."""
 
     _loop: asyncio.AbstractEventLoop
     _hooks: Hooks | None
@@ -42,6 +46,9 @@ class Line:
     """Whether a delivery may have to wait (`_admit`), or always starts at once."""
     _waiting: deque[_Waiting]
     _watched: asyncio.Future[Any] | None
+    _linked: Linked
+    """The deliveries that wait for their confirm without a task (settled, not waiting for a
+    turn: counted here in `in_flight` and awaited by `idle`)."""
 
     def _line(self, concurrency: int, prefetch: int, hooks: Hooks | None) -> None:
         """The line's state, set by the dispatcher's `__init__`."""
@@ -64,21 +71,53 @@ class Line:
 
     @property
     def in_flight(self) -> int:
-        """Deliveries here not settled yet: handled, or waiting for their turn."""
-        return len(self.tasks) + len(self._waiting)
+        """Deliveries here not settled yet: handled, waiting for their turn, or for the
+        confirm of what they forwarded."""
+        return len(self.tasks) + len(self._waiting) + len(self._linked.pending)
 
     async def idle(self) -> None:
         """Return once every delivery dispatched so far is settled, those waiting for their
-        turn included (the testing kit's)."""
-        while self.tasks or self._waiting:
+        turn or their confirm included (the testing kit's)."""
+        while self.tasks or self._waiting or self._linked.pending:
             if self.tasks:
                 await asyncio.wait(set(self.tasks))
+            elif self._linked.pending:
+                await self._linked.emptied()
             else:  # the first one waits for what its `arrived` returned (not cancelled here)
                 wait = self._waiting[0][4]
                 if wait is not None:
                     await asyncio.wait({wait})
                 else:  # its done callback ran (`_pump` is next), or the worker stops
                     await asyncio.sleep(0)
+
+    async def drain(self, timeout: float, hurry: asyncio.Event) -> None:
+        """Let running handlers finish, and chain steps' confirms arrive, within `timeout`
+        (or until `hurry` is set), then cancel the rest: their deliveries go back to the
+        queue. Call once `stopping` is set."""
+        self._pump()  # the deliveries waiting for their turn: back to the queue, unrun
+        tasks, linked = self.tasks, self._linked
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        hurried = asyncio.ensure_future(hurry.wait())
+        try:
+            while (
+                (tasks or linked.pending)
+                and not hurried.done()
+                and (left := deadline - loop.time()) > 0
+            ):
+                waits: set[asyncio.Future[Any]] = {*tasks, hurried}
+                if linked.pending:
+                    waits.add(linked.emptied())
+                await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+        linked.requeue()  # disarmed: a confirm from now on settles nothing
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        # A task cancelled before its first step never ran `_process` to take itself out.
+        tasks.difference_update([task for task in tasks if task.done()])
 
     def _admit(self, job: Job, acker: Acker, tag: int, reply: bool) -> None:
         """A delivery that may have to wait: its hooks' `arrived` called (here, outside its

@@ -317,11 +317,12 @@ class ConfirmPublisher(_Publishing):
     def send_now(
         self, exchange: str, routing_key: str, body: bytes, message_id: str,
         content_type: str | None, encoded: EncodedProperties, timeout: float,
-    ) -> asyncio.Future[str] | None:  # fmt: skip
+    ) -> Outgoing | None:  # fmt: skip
         """`send(exchange, routing_key, body, props, timeout=timeout, encoded=encoded)` of a
         message whose only properties are `message_id` and `content_type` (mandatory), when
-        it would not wait: its confirm; or None, nothing done, when the window is full, there
-        is no channel or the publisher is closed (then await `send`). No coroutine, and no
+        it would not wait: its record, whose `future` is the confirm (and whose `then` its
+        sender may set, #22); or None, nothing done, when the window is full, there is no
+        channel or the publisher is closed (then await `send`). No coroutine, and no
         `Properties` unless the lane is the plain one (which hands them to aiormq): a
         handler's forward, the hot path of a chain step.
 
@@ -366,6 +367,7 @@ class ConfirmPublisher(_Publishing):
         out.sent = out.settled = False
         out.tag = 0
         out.tracker = None
+        out.then = None
         expiry = self._expiry
         if deadline < expiry.earliest:
             expiry.expect(deadline)
@@ -379,7 +381,7 @@ class ConfirmPublisher(_Publishing):
             lane.flush()  # a long burst: out at once (no yield here, unlike `send`)
         if expiry.handle is None:
             expiry.start()
-        return future
+        return out
 
     async def _wait_for_room(
         self, deadline: float, message_id: str, exchange: str, routing_key: str

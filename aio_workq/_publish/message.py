@@ -20,7 +20,7 @@ from .._link.delay import delay_ticks
 from .._link.delay import routing_key as delayed_key
 from .._link.settings import check_flag
 from .._wire.frames import EncodedProperties, Properties, usual_properties
-from .._wire.tracker import Batch
+from .._wire.tracker import Batch, Outgoing
 from .serialization import encode_body
 
 if TYPE_CHECKING:
@@ -286,7 +286,10 @@ class Sender:
         self._router = router
         self._queues = router.queues  # the queues `router.lookup` finds by name
         self._timeout = timeout
-        self._hooks = hooks
+        # Only hooks that see publishes: the others' `before_publish` and `after_publish` do
+        # nothing, so a forward without them is sent without a coroutine (`send_now`), as a
+        # worker's without hooks is (a job recorder's, #22).
+        self._hooks = hooks if hooks is not None and hooks.publishes else None
         for publisher in publishers:
             publisher.routed_by(router)
 
@@ -375,10 +378,11 @@ class Sender:
         exchange: str | Exchange,
         routing_key: str | None,
         options: Mapping[str, Any],
-    ) -> asyncio.Future[str] | None:
+    ) -> Outgoing | None:
         """`forward`'s work, without its coroutine, for a message without options or hooks to
-        a destination known already, when it need not wait: its confirm. None, nothing sent,
-        when `forward` must be awaited instead (a handler's forward: the hot path).
+        a destination known already, when it need not wait: its record, whose `future` is the
+        confirm. None, nothing sent, when `forward` must be awaited instead (a handler's
+        forward: the hot path).
 
         Raises:
             SerializationError: the body can't be encoded; nothing was sent.

@@ -32,7 +32,7 @@ from .._exceptions import (
 )
 from .frames import EncodedProperties, Properties
 
-__all__ = ("MAYBE", "NOT_SENT", "Batch", "ConfirmTracker", "InFlight", "Outgoing")
+__all__ = ("MAYBE", "NOT_SENT", "Batch", "ConfirmTracker", "InFlight", "Outgoing", "Then")
 
 MAYBE = "it may or may not have reached the queue"
 NOT_SENT = "it was never sent, so it did not reach the queue"
@@ -41,6 +41,13 @@ _UNROUTABLE = (
     "binding, or publish with mandatory=False)"
 )
 _NACKED = "nacked by the broker (e.g. the queue is full with overflow=reject-publish)"
+
+
+Then = Callable[["Outgoing", BaseException | None], None]
+"""`Outgoing.then`: called with the record as `InFlight` settles it, once, and what its future
+holds: None (confirmed), the record's error, or a `CancelledError` when its owner cancelled
+the future first. Called where the settlement happens (a confirm frame's handling): it must
+not raise, nor wait."""
 
 
 @final
@@ -107,6 +114,7 @@ class Outgoing:
         "settled",
         "size",
         "tag",
+        "then",
         "tracker",
     )
 
@@ -138,6 +146,10 @@ class Outgoing:
         self.settled = False
         self.tag = 0
         self.tracker: ConfirmTracker | None = None  # the channel's, while written on it
+        # Called once the record is settled, after its future (`InFlight`): its owner's
+        # next step without a wake-up of the task that sent it (a worker acks the delivery
+        # whose handler forwarded this message, #22). See `Then`.
+        self.then: Then | None = None
 
     def error(self, cls: type[PublishError], what: str) -> PublishError:
         """A `cls` error saying `what` happened to this message."""
@@ -211,6 +223,7 @@ class InFlight:
         if out.mandatory and self.by_id.get(out.message_id) is out:
             del self.by_id[out.message_id]
         future = out.future
+        outcome: BaseException | None = error
         if type(future) is Batch:
             future.settle(out, error)
         elif not future.done():
@@ -218,7 +231,12 @@ class InFlight:
                 future.set_result(out.message_id)
             else:
                 future.set_exception(error)
+        else:  # done already: cancelled by its owner
+            outcome = asyncio.CancelledError()
         self._on_settled((out,))
+        then = out.then
+        if then is not None:
+            then(out, outcome)
 
     def confirmed(self, records: list[Outgoing]) -> None:
         """Settle `records`, taken off their tracker already, as confirmed: `settle(out,
@@ -240,10 +258,14 @@ class InFlight:
                 if not future.left:
                     future.drained()
             else:
+                outcome: BaseException | None = None
                 try:
                     future.set_result(message_id)
                 except asyncio.InvalidStateError:  # done already: cancelled by its owner
-                    pass
+                    outcome = asyncio.CancelledError()
+                then = out.then
+                if then is not None:  # (before the window's release below: it waits for none)
+                    then(out, outcome)
         if stale is not None:
             records = [out for out in records if not any(out is old for old in stale)]
         if records:

@@ -31,6 +31,7 @@ from .._publish.message import PublishOptions, _delayed_queue, build_message, ne
 from .._publish.rpc import REPLY_TO
 from .._publish.serialization import decode_body
 from .._wire.frames import Properties, encode_properties
+from .._wire.tracker import Outgoing
 
 __all__ = ("Forwarded", "Outcome", "run_handler", "run_worker", "wait_handled")
 
@@ -178,7 +179,7 @@ class _Forwards:
         exchange: str | Exchange,
         routing_key: str | None,
         options: PublishOptions,
-    ) -> asyncio.Future[str] | None:
+    ) -> Outgoing | None:
         return None  # every forward goes through `forward`, which records it
 
 
