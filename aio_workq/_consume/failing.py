@@ -93,6 +93,12 @@ class FailedDeliveries:
             await send_reply(self._publisher, job.reply_to, job.correlation_id, None, exc)
             acker.ack(tag)
             return Outcome.FAILED, exc, None
+        if acker.gone:
+            # The channel it came on is gone (e.g. the connection, while a forward waited for
+            # its confirm): the broker gives the message back. A retry copy now would run it
+            # once more beside that redelivery.
+            self._log_attempt(job, exc, "its channel closed: the broker redelivers it")
+            return Outcome.REQUEUED, exc, None
         failed = Failed(job.attempt, job.headers, self._queue.name)
         move = route_failure(
             failed, exc, self._policy, self._queue,

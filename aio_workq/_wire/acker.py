@@ -85,6 +85,12 @@ class Acker:
         if self._handle is None:
             self._handle = self._loop.call_soon(self.flush)
 
+    @property
+    def gone(self) -> bool:
+        """No ack can be written any more: closed here, or its channel closed (the broker
+        gives back every delivery not acked on it)."""
+        return self.closed or self.channel.is_closed
+
     def close(self) -> None:
         """Write what is asked for so far, then nothing more: the channel is about to be
         closed, and a frame after its `Channel.Close` would close the whole connection."""
@@ -93,7 +99,7 @@ class Acker:
 
     def flush(self) -> None:
         self._handle = None
-        if self.closed or self.channel.is_closed:
+        if self.gone:
             # The broker requeues everything unacked on a closed channel: the documented
             # duplicate case, never a loss.
             self._unsettled.clear()

@@ -103,6 +103,10 @@ class Outcome:
 
 
 class _Acks:
+    """Stands in for the channel's `Acker`: notes how the delivery was settled."""
+
+    closed = gone = False  # the channel stays open
+
     def __init__(self) -> None:
         self.settled: list[tuple[str, bool]] = []
 
