@@ -827,11 +827,11 @@ async def test_a_repeated_exchange_is_not_decoded_again() -> None:
     assert c_calls.count("decode") == 5, c_calls.count("decode")
 
 
-async def test_a_delivery_goes_from_the_socket_to_its_ack_in_five_calls() -> None:
+async def test_a_delivery_goes_from_the_socket_to_its_ack_in_four_calls() -> None:
     """The fast path's own calls per delivery, from the read to the ack: the tap's step,
     `Dispatcher.take` (bound to the channel's gate and acker: no closure of the
-    subscription's in between), the Job (its Delivery made only when asked for), the task's
-    coroutine and the ack;
+    subscription's in between; it makes the Job inline, its Delivery made only when asked
+    for), the task's coroutine and the ack;
     tracking it is the acker's dict's own method (#22 round 5: 11 before, with the tap's
     `_deliver`, the subscription's closure, `dispatch` for `take`, `Acker.track`, the
     delivery's `reply_to` and the log fields' `handling`)."""
@@ -884,9 +884,10 @@ async def test_a_delivery_goes_from_the_socket_to_its_ack_in_five_calls() -> Non
         return counted[0]
 
     one, eleven = await per_read(1), await per_read(11)
-    # 5 per delivery (6 before #22 round 6: the Delivery's __init__, now made only when asked
-    # for); the acker's one flush may fall inside the window with 11, not with 1.
-    assert (eleven - one) / 10 <= 5.1, (eleven - one) / 10
+    # 4 per delivery (6 before #22 round 6: the Delivery's __init__, now made only when asked
+    # for; 5 before round 8: `job_of`, now inline); the acker's one flush may fall inside the
+    # window with 11, not with 1.
+    assert (eleven - one) / 10 <= 4.1, (eleven - one) / 10
 
 
 async def test_a_delivery_for_a_closed_acker_is_dropped() -> None:
@@ -909,6 +910,33 @@ async def test_a_delivery_for_a_closed_acker_is_dropped() -> None:
     await asyncio.wait(set(dispatcher.tasks))
     assert settled.acked == [1]
     assert dispatcher.counters.deliveries == 1
+
+
+async def test_the_dispatcher_makes_a_job_off_the_socket_as_job_of_does() -> None:
+    """`Dispatcher.take` makes its job inline (#22 round 8: a call less per delivery): every
+    slot of the job is set as `job_of` sets it, so neither can drift from the other."""
+    from aio_workq._consume.job import job_of
+
+    handled: list[Job] = []
+
+    async def keep(job: Job) -> None:
+        handled.append(job)
+
+    dispatcher, settled = _dispatcher(keep), _Settled()
+
+    class Gate:
+        open = True
+
+    header, channel, forwarder = struct.pack(">HHQH", 60, 0, 1, 0), object(), object()
+    dispatcher._forwarder = cast(Any, forwarder)
+    fields = (cast(Any, channel), "c", 1, True, "ex", "tasks", header, b"x")
+    dispatcher.take(Gate(), cast(Any, settled), *fields)
+    await asyncio.wait(set(dispatcher.tasks))
+    expected = job_of(cast(Any, forwarder), *fields)
+    assert settled.acked == [1] and len(handled) == 1
+    for slot in Job.__slots__:
+        mine, theirs = getattr(handled[0], slot, "unset"), getattr(expected, slot, "unset")
+        assert mine is theirs or mine == theirs, (slot, mine, theirs)
 
 
 async def test_tracking_a_delivery_is_no_call_of_the_acker_s() -> None:
