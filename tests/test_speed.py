@@ -742,11 +742,96 @@ async def test_a_repeated_consumer_tag_and_routing_key_are_not_decoded_again() -
     assert [d.body for d in taken] == [b"abc"] * 11
 
 
-async def test_a_delivery_goes_from_the_socket_to_its_ack_in_five_calls() -> None:
+async def test_a_delivery_whole_in_one_read_costs_the_demux_seven_c_calls() -> None:
+    """The demux's C calls for a delivery whose consumer tag and routing key repeat: the tap
+    looked up, the channel's closed check, four struct unpacks, the read's length; the short
+    strings are compared as slices, not with `startswith` and two `len` (#22 round 8: twelve
+    before)."""
+    import sys
+
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    from aio_workq._wire.demux import FrameDemux
+    from aio_workq._wire.seams import ALIVE_FRAME
+    from tests.test_demux import PROPS, TAPPED, FakeChannel, Pieces, deliver
+
+    def message(tag: int) -> bytes:
+        header = ContentHeader(body_size=64, properties=PROPS)
+        return b"".join(
+            frame.marshal(value, TAPPED) for value in (deliver(tag), header, ContentBody(b"x" * 64))
+        )
+
+    async def c_calls(deliveries: int) -> list[str]:
+        data = b"".join(message(tag) for tag in range(1, deliveries + 1))
+        demux = FrameDemux(Pieces(data, len(data)), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        tags: list[int] = []
+
+        def take(*fields: Any) -> None:  # Python: no C call of its own counted
+            tags.append(fields[2])
+
+        demux.attach(FakeChannel(TAPPED), on_delivery=take)  # type: ignore[arg-type]
+        called: list[str] = []
+        previous = _own_and_c_calls([0], called)
+        try:
+            await demux.read()
+        finally:
+            sys.setprofile(previous)
+        assert tags == list(range(1, deliveries + 1))
+        return called
+
+    one, eleven = await c_calls(1), await c_calls(11)
+    own = [name for name in eleven if name != "append"], [name for name in one if name != "append"]
+    assert (len(own[0]) - len(own[1])) / 10 == 7, sorted(own[0])
+    assert "startswith" not in eleven and "decode" not in eleven[len(one) :]
+
+
+async def test_a_repeated_exchange_is_not_decoded_again() -> None:
+    """A named exchange, like the consumer tag and the routing key, is decoded only when it
+    differs from the last named one; the default exchange in between is `""` (#22 round 8:
+    one decode per delivery from a named exchange before)."""
+    import sys
+
+    from pamqp import frame
+    from pamqp.body import ContentBody
+    from pamqp.commands import Basic
+    from pamqp.header import ContentHeader
+
+    from aio_workq._wire.demux import FrameDemux
+    from aio_workq._wire.seams import ALIVE_FRAME
+    from tests.test_demux import PROPS, TAPPED, FakeChannel, Pieces, collect
+
+    def message(tag: int, exchange: str) -> bytes:
+        header = ContentHeader(body_size=3, properties=PROPS)
+        method = Basic.Deliver(
+            consumer_tag="ctag", delivery_tag=tag, exchange=exchange, routing_key="rk"
+        )
+        return b"".join(
+            frame.marshal(value, TAPPED) for value in (method, header, ContentBody(b"abc"))
+        )
+
+    exchanges = ["ex"] * 5 + ["", "ex", "", "other", "other", "ex"]
+    data = b"".join(message(tag, exchange) for tag, exchange in enumerate(exchanges, 1))
+    demux = FrameDemux(Pieces(data, len(data)), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+    taken: list[Delivery] = []
+    demux.attach(FakeChannel(TAPPED), on_delivery=collect(taken))  # type: ignore[arg-type]
+    c_calls: list[str] = []
+    previous = _own_and_c_calls([0], c_calls)
+    try:
+        await demux.read()
+    finally:
+        sys.setprofile(previous)
+    assert [d.exchange for d in taken] == exchanges
+    # the consumer tag, the routing key, "ex", "other" and "ex" again
+    assert c_calls.count("decode") == 5, c_calls.count("decode")
+
+
+async def test_a_delivery_goes_from_the_socket_to_its_ack_in_four_calls() -> None:
     """The fast path's own calls per delivery, from the read to the ack: the tap's step,
     `Dispatcher.take` (bound to the channel's gate and acker: no closure of the
-    subscription's in between), the Job (its Delivery made only when asked for), the task's
-    coroutine and the ack;
+    subscription's in between; it makes the Job inline, its Delivery made only when asked
+    for), the task's coroutine and the ack;
     tracking it is the acker's dict's own method (#22 round 5: 11 before, with the tap's
     `_deliver`, the subscription's closure, `dispatch` for `take`, `Acker.track`, the
     delivery's `reply_to` and the log fields' `handling`)."""
@@ -799,9 +884,10 @@ async def test_a_delivery_goes_from_the_socket_to_its_ack_in_five_calls() -> Non
         return counted[0]
 
     one, eleven = await per_read(1), await per_read(11)
-    # 5 per delivery (6 before #22 round 6: the Delivery's __init__, now made only when asked
-    # for); the acker's one flush may fall inside the window with 11, not with 1.
-    assert (eleven - one) / 10 <= 5.1, (eleven - one) / 10
+    # 4 per delivery (6 before #22 round 6: the Delivery's __init__, now made only when asked
+    # for; 5 before round 8: `job_of`, now inline); the acker's one flush may fall inside the
+    # window with 11, not with 1.
+    assert (eleven - one) / 10 <= 4.1, (eleven - one) / 10
 
 
 async def test_a_delivery_for_a_closed_acker_is_dropped() -> None:
@@ -824,6 +910,33 @@ async def test_a_delivery_for_a_closed_acker_is_dropped() -> None:
     await asyncio.wait(set(dispatcher.tasks))
     assert settled.acked == [1]
     assert dispatcher.counters.deliveries == 1
+
+
+async def test_the_dispatcher_makes_a_job_off_the_socket_as_job_of_does() -> None:
+    """`Dispatcher.take` makes its job inline (#22 round 8: a call less per delivery): every
+    slot of the job is set as `job_of` sets it, so neither can drift from the other."""
+    from aio_workq._consume.job import job_of
+
+    handled: list[Job] = []
+
+    async def keep(job: Job) -> None:
+        handled.append(job)
+
+    dispatcher, settled = _dispatcher(keep), _Settled()
+
+    class Gate:
+        open = True
+
+    header, channel, forwarder = struct.pack(">HHQH", 60, 0, 1, 0), object(), object()
+    dispatcher._forwarder = cast(Any, forwarder)
+    fields = (cast(Any, channel), "c", 1, True, "ex", "tasks", header, b"x")
+    dispatcher.take(Gate(), cast(Any, settled), *fields)
+    await asyncio.wait(set(dispatcher.tasks))
+    expected = job_of(cast(Any, forwarder), *fields)
+    assert settled.acked == [1] and len(handled) == 1
+    for slot in Job.__slots__:
+        mine, theirs = getattr(handled[0], slot, "unset"), getattr(expected, slot, "unset")
+        assert mine is theirs or mine == theirs, (slot, mine, theirs)
 
 
 async def test_tracking_a_delivery_is_no_call_of_the_acker_s() -> None:

@@ -104,9 +104,10 @@ class Tap:
         self.header = b""
         self.body_size = 0
         self.parts: list[bytes] = []
-        # The short strings of the last delivery, raw and decoded: the consumer tag, and
-        # mostly the routing key, repeat from one delivery to the next.
-        self.strings: tuple[bytes, str, bytes, str] = (b"", "", b"", "")
+        # The short strings of the last delivery, raw and decoded: the consumer tag, the
+        # exchange (the last named one) and, mostly, the routing key repeat from one delivery
+        # to the next.
+        self.strings: tuple[bytes, str, bytes, str, bytes, str] = (b"", "", b"", "", b"", "")
 
     def take(
         self,
@@ -136,15 +137,16 @@ class Tap:
                 # small message, as the broker writes it), the delivery is handed on at once
                 # and the position after its body returned; otherwise its content comes frame
                 # by frame.
-                # The short strings inline (a call each would cost more than them), the
-                # consumer tag and routing key of the last delivery reused when they repeat.
+                # The short strings inline (a call each would cost more than them), those of
+                # the last delivery reused when they repeat: compared as slices (a slice and
+                # `!=` cost less than `startswith` and its `len`, arguments parsed per call).
                 pos, after = start + 4, end + 1
-                tag_raw, consumer_tag, key_raw, routing_key = self.strings
+                tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key = self.strings
                 changed = False
                 size = data[pos]
                 start = pos + 1
                 pos = start + size
-                if size != len(tag_raw) or not data.startswith(tag_raw, start):
+                if data[start:pos] != tag_raw:
                     tag_raw = bytes(data[start:pos])
                     consumer_tag = tag_raw.decode()
                     changed = True
@@ -152,19 +154,26 @@ class Tap:
                 pos += 9
                 size = data[pos]
                 if size:
-                    exchange = data[pos + 1 : pos + 1 + size].decode()
-                    pos += 1 + size
-                else:
+                    start = pos + 1
+                    pos = start + size
+                    if data[start:pos] != exchange_raw:
+                        exchange_raw = bytes(data[start:pos])
+                        exchange = exchange_raw.decode()
+                        changed = True
+                else:  # the default exchange (a named one's strings kept for the next)
                     exchange = ""
                     pos += 1
                 size = data[pos]
                 start = pos + 1
-                if size != len(key_raw) or not data.startswith(key_raw, start):
-                    key_raw = bytes(data[start : start + size])
+                pos = start + size
+                if data[start:pos] != key_raw:
+                    key_raw = bytes(data[start:pos])
                     routing_key = key_raw.decode()
                     changed = True
                 if changed:
-                    self.strings = (tag_raw, consumer_tag, key_raw, routing_key)
+                    self.strings = (
+                        tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key
+                    )  # fmt: skip
                 redelivered = bool(bits & 1)
                 total = len(data)
                 if total - after > 19:  # a content header frame: type, channel, sizes
