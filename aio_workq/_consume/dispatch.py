@@ -136,7 +136,7 @@ class Dispatcher(Line):
         self.counters.deliveries += 1
         # The job as `job_of` makes it, inline (a call of nine arguments less per delivery).
         job = _new_job(Job)
-        job._delivery = job.links = job._task = None
+        job._delivery = job.links = job._sent = job._task = None
         job._channel = channel
         job._consumer_tag = consumer_tag
         job._tag = delivery_tag
