@@ -38,6 +38,7 @@ from aio_workq.jobs import (
     JobStore,
     JobTimeoutError,
     SQLiteStore,
+    StoreError,
     TaskArgumentError,
     Tasks,
 )
@@ -237,6 +238,29 @@ def test_an_unreachable_broker_is_a_typed_error_and_bad_arguments_never_connect(
         assert time.monotonic() - started < 1 + 2.5 and "s3cret" not in str(caught.value)
     finally:
         producer.close()
+
+
+@pytest.mark.broker
+def test_cancel_with_the_store_down_is_a_store_error_within_its_timeout(amqp_url: str) -> None:
+    """`cancel()` is bounded by the producer's `timeout` as `status()` is, as the web-apps
+    guide says: the store's part waited twice that (1.0 s for a 0.5 s timeout, the error
+    saying "within 1 s"), and `cancel(timeout=1)` took 2 s."""
+    from aio_workq.jobs.postgres import PostgresStore
+
+    app = App(PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"), "q")
+    with SyncProducer(amqp_url, timeout=0.5) as producer:
+        handle = producer.job(app.tasks, "some-job")
+        for call, bound in ((handle.status, 0.5), (handle.cancel, 0.5)):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"within 0\.5 s") as caught:
+                call()
+            took = time.monotonic() - started
+            assert bound <= took < bound + 0.4, (call, took)
+            assert caught.value.unreachable
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="within 0.8 s"):
+            handle.cancel(timeout=0.8)
+        assert time.monotonic() - started < 0.8 + 0.4
 
 
 def test_wrong_calls_are_type_errors_and_refused_at_call_time() -> None:
