@@ -21,7 +21,7 @@ from ._web import ProducerView
 from .jobs._errors import JobTimeoutError, StoreError
 from .jobs._handle import JobHandle
 from .jobs._recorder import QUEUED_RECORD_TIMEOUT
-from .jobs._status import JobStatus
+from .jobs._status import JobState, JobStatus
 from .jobs._store import JobStore
 from .jobs._tasks import Task, Tasks
 
@@ -183,8 +183,9 @@ class SyncJobHandle(Generic[R]):
 
     def cancel(self, *, timeout: float | None = None) -> JobStatus:
         """Cancel the job from any process; its status after the request (see
-        `JobHandle.cancel`). The store's part and the request to a running job's worker are
-        each bounded by `timeout` (default: the producer's).
+        `JobHandle.cancel`). The store's part is bounded by `timeout` (default: the
+        producer's), as `status()` is; for a running job, the request to its worker then
+        waits up to `timeout` more for the broker's confirm.
 
         Raises:
             JobNotFoundError: the store has no record of it.
@@ -192,12 +193,18 @@ class SyncJobHandle(Generic[R]):
             PublishError: the cancel request to the workers was not confirmed.
         """
         seconds = self._producer._seconds(timeout)
-        return self._run(
-            "cancelling",
-            2 * seconds,
-            lambda handle: _bounded(handle.cancel(), 2 * seconds, self.job_id),
-            self._store_stuck,
-        )
+
+        async def cancelling(view: ProducerView) -> JobStatus:
+            context = _Context(self._registry.store, view)
+            handle = JobHandle[R](self.job_id, context=context, validate=self._validate)
+            status = await _bounded(handle._cancel_recorded(), seconds, self.job_id)
+            if status.state is JobState.RUNNING:
+                await handle._tell_workers(view.with_timeout(seconds))
+            return status
+
+        doing = f"cancelling job {self.job_id}"
+        store = self._registry.store
+        return self._producer._submit(cancelling, 2 * seconds, doing, self._store_stuck, store)
 
 
 class SyncTaskCalls:

@@ -38,6 +38,7 @@ from aio_workq.jobs import (
     JobStore,
     JobTimeoutError,
     SQLiteStore,
+    StoreError,
     TaskArgumentError,
     Tasks,
 )
@@ -239,6 +240,29 @@ def test_an_unreachable_broker_is_a_typed_error_and_bad_arguments_never_connect(
         producer.close()
 
 
+@pytest.mark.broker
+def test_cancel_with_the_store_down_is_a_store_error_within_its_timeout(amqp_url: str) -> None:
+    """`cancel()` is bounded by the producer's `timeout` as `status()` is, as the web-apps
+    guide says: the store's part waited twice that (1.0 s for a 0.5 s timeout, the error
+    saying "within 1 s"), and `cancel(timeout=1)` took 2 s."""
+    from aio_workq.jobs.postgres import PostgresStore
+
+    app = App(PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"), "q")
+    with SyncProducer(amqp_url, timeout=0.5) as producer:
+        handle = producer.job(app.tasks, "some-job")
+        for call, bound in ((handle.status, 0.5), (handle.cancel, 0.5)):
+            started = time.monotonic()
+            with pytest.raises(StoreError, match=r"within 0\.5 s") as caught:
+                call()
+            took = time.monotonic() - started
+            assert bound <= took < bound + 0.4, (call, took)
+            assert caught.value.unreachable
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="within 0.8 s"):
+            handle.cancel(timeout=0.8)
+        assert time.monotonic() - started < 0.8 + 0.4
+
+
 def test_wrong_calls_are_type_errors_and_refused_at_call_time() -> None:
     app = App(None, "typing-images")
     producer = SyncProducer("amqp://127.0.0.1:1/")  # never connects: refused before that
@@ -352,6 +376,58 @@ async def test_a_producer_used_before_fork_enqueues_in_the_child(
             for job_id in ids:
                 done = await asyncio.to_thread(producer.job(reader.tasks, job_id).wait, 20)
                 assert done.state is JobState.SUCCEEDED
+
+
+@pytest.mark.postgres
+@pytest.mark.broker
+async def test_a_child_forked_after_the_postgres_store_was_used_exits_quietly(
+    amqp_url: str, postgres_dsn: str, queue_name: str
+) -> None:
+    """A pre-forking server (gunicorn `--preload`) whose app enqueued before the fork: each
+    worker process enqueues, then exits through the interpreter's normal exit (a recycled
+    worker, `--max-requests`). The parent's store pool and its guard task, inherited but
+    never run in the child, were collected there: every exit printed "Task was destroyed but
+    it is pending!" and a `RuntimeError: no running event loop` ("Exception ignored")."""
+    import psycopg
+
+    from aio_workq.jobs.postgres import migrate
+
+    schema = f"s_{queue_name.replace('-', '')[:12]}"
+    script = textwrap.dedent(
+        f"""
+        import gc, os, sys
+        from aio_workq.jobs import Tasks
+        from aio_workq.jobs.postgres import PostgresStore
+        from aio_workq.sync import SyncProducer
+
+        tasks = Tasks(store=PostgresStore({postgres_dsn!r}, schema={schema!r}))
+
+        @tasks.task(queue={queue_name!r}, name="synctasks.thumb")
+        def thumb(path: str, width: int = 100) -> dict:
+            return {{"path": path}}
+
+        producer = SyncProducer({amqp_url!r}, timeout=5)
+        print("job", producer.enqueue(thumb, "parent.png").job_id, flush=True)
+        pid = os.fork()
+        if pid == 0:  # a worker process: serves, then exits as the interpreter does
+            job = producer.enqueue(thumb, "child.png")
+            assert producer.job(thumb, job.job_id).status().state.value == "queued"
+            print("job", job.job_id, flush=True)
+            gc.collect()
+            sys.exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("child exit status", os.waitstatus_to_exitcode(status), flush=True)
+        """
+    )
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+        try:
+            code, text = await run_script(script)
+        finally:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    assert code == 0 and "child exit status 0" in text, text
+    assert len({line for line in text.splitlines() if line.startswith("job ")}) == 2, text
+    assert "destroyed" not in text and "Exception ignored" not in text, text
 
 
 @pytest.mark.postgres

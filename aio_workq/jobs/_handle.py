@@ -264,24 +264,32 @@ class JobHandle(Generic[R]):
                 workers with.
             PublishError: the cancel request to the workers was not confirmed.
         """
+        status = await self._cancel_recorded()
+        if status.state is JobState.RUNNING:
+            await self._tell_workers(self._context.publisher)
+        return status
+
+    async def _cancel_recorded(self) -> JobStatus:
+        """`cancel()`'s part in the store: the job marked cancelled (or flagged, running)."""
         store = self._store()
         status = (
             None if unstorable_id(self.job_id) else await store.cancel(self.job_id, now=time.time())
         )
         if status is None:
             raise self._not_found()
-        if status.state is JobState.RUNNING:
-            publisher = self._context.publisher
-            if publisher is None:
-                raise IntegrationError(
-                    f"job {self.job_id} is running: telling its worker to stop needs a "
-                    "producer (tasks.bind(producer))"
-                )
-            await publisher.publish(
-                {"cancel": self.job_id}, exchange=CONTROL_EXCHANGE, routing_key="",
-                mandatory=False, persistent=False,
-            )  # fmt: skip
         return status
+
+    async def _tell_workers(self, publisher: Publisher | None) -> None:
+        """`cancel()`'s request to the worker running the job, on the control exchange."""
+        if publisher is None:
+            raise IntegrationError(
+                f"job {self.job_id} is running: telling its worker to stop needs a "
+                "producer (tasks.bind(producer))"
+            )
+        await publisher.publish(
+            {"cancel": self.job_id}, exchange=CONTROL_EXCHANGE, routing_key="",
+            mandatory=False, persistent=False,
+        )  # fmt: skip
 
 
 def _bound(timeout: object) -> float | None:

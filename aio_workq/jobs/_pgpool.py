@@ -68,6 +68,13 @@ T = TypeVar("T")
 log = logging.getLogger("aio_workq.jobs")
 
 PROBE_EVERY = 1.0
+
+# The parent's pools, in a forked child: their tasks (the pool's workers, the guard that
+# closes it) belong to a loop that never runs here. Collected, each would be destroyed
+# pending ("Task was destroyed but it is pending!") and the guard's `finally` would try to
+# close the pool without a loop ("Exception ignored ... no running event loop"), at every
+# exit of a pre-forking server's worker; kept here, they are never collected.
+_INHERITED: list[object] = []
 """Seconds between direct connection attempts while the store's own pool can't connect."""
 
 
@@ -187,6 +194,7 @@ class StorePool:
             # close them on collection in another process); the child opens its own.
             self._pid = os.getpid()
             if self._own:
+                _INHERITED.append(self._loops)
                 self._loops = {}
         here = self._loops.get(loop)
         if here is not None:
