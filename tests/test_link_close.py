@@ -54,7 +54,9 @@ async def test_producer_close_returns_within_its_timeout_when_the_broker_stopped
             took = time.monotonic() - started
             assert took < 1 + 1 + SLACK, f"close(timeout=1) took {took:.1f} s"
             results = await asyncio.gather(*confirms, return_exceptions=True)
-            assert all(isinstance(r, Exception) for r in results), results  # none confirmed, all typed
+            assert all(isinstance(r, Exception) for r in results), (
+                results
+            )  # none confirmed, all typed
         finally:
             local_broker.resume()
     finally:

@@ -37,6 +37,7 @@ async def test_a_timeout_during_an_outage_says_the_connection_is_down_not_an_ala
             await asyncio.to_thread(local_broker.start)
     text = str(info.value)
     assert "the connection to the broker is down since" in text, text
+    assert " UTC (" in text, text  # the time's zone said (a process's local time had none)
     assert "reconnecting" in text and "alarm" not in text, text
 
 

@@ -338,7 +338,9 @@ async def test_the_stop_line_names_the_cancel_listener_apart_from_the_workers(
     async def noop() -> None:
         pass
 
-    workers = tasks.workers(amqp_url)
+    # Twice, as for two sets of settings: a listener each, on the one exchange (the line
+    # named the exchange twice).
+    workers = (*tasks.workers(amqp_url), *tasks.workers(amqp_url))
     caplog.set_level(logging.INFO, logger="aio_workq")
     run = asyncio.create_task(run_workers(*workers))
     await wait_until(lambda: _holds(all(w.state.consuming for w in workers)), timeout=30)
@@ -347,7 +349,7 @@ async def test_the_stop_line_names_the_cancel_listener_apart_from_the_workers(
         await run
     said = [r.getMessage() for r in caplog.records if "SIGTERM received" in r.getMessage()]
     assert said == [
-        "SIGTERM received: stopping 1 worker(s) and the listener on exchange 'workq.control' "
+        "SIGTERM received: stopping 2 worker(s) and 2 listeners on exchange 'workq.control' "
         "gracefully"
     ], said
-    assert [w.listens_to for w in workers] == [None, "workq.control"]
+    assert [w.listens_to for w in workers] == [None, "workq.control"] * 2

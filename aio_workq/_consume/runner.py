@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections import Counter
 from typing import Any, Protocol
 
 from .._link.settings import check_seconds
@@ -98,12 +99,11 @@ async def run_workers(
 def _what_stops(workers: tuple[Worker, ...], scheduler: bool) -> str:
     """What a signal stops, as the start lines name them: the workers of queues, the listeners
     by their exchange (`workq.control`, the jobs' cancel requests), the scheduler."""
-    exchanges = [name for worker in workers if (name := worker.listens_to) is not None]
-    parts = [f"{len(workers) - len(exchanges)} worker(s)"]
-    if len(exchanges) == 1:
-        parts.append(f"the listener on exchange {exchanges[0]!r}")
-    elif exchanges:
-        parts.append(f"the listeners on exchanges {', '.join(map(repr, exchanges))}")
+    exchanges = Counter(name for worker in workers if (name := worker.listens_to) is not None)
+    parts = [f"{len(workers) - exchanges.total()} worker(s)"]
+    for exchange, count in exchanges.items():  # a listener per `tasks.workers()` call
+        listeners = "the listener" if count == 1 else f"{count} listeners"
+        parts.append(f"{listeners} on exchange {exchange!r}")
     if scheduler:
         parts.append("the scheduler")
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

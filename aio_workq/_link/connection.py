@@ -580,7 +580,8 @@ async def _close_or_abort(
 def _down(down_since: float | None) -> str:
     if down_since is None:
         return "the connection to the broker was just lost, reconnecting"
-    at = time.strftime("%H:%M:%S", time.localtime(down_since))
+    # In UTC, said so: a process's local time (e.g. Django's TZ) would differ from its logs'.
+    at = time.strftime("%H:%M:%S UTC", time.gmtime(down_since))
     return (
         f"the connection to the broker is down since {at} "
         f"({time.time() - down_since:.0f} s), reconnecting"
