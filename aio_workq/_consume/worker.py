@@ -21,7 +21,15 @@ from .._exceptions import ConfigurationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
-from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import (
+    URLs,
+    check_flag,
+    check_name,
+    check_seconds,
+    check_wait,
+    redact_url,
+    resolve_url,
+)
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
 from .dispatch import Counters, Dispatcher
@@ -335,7 +343,13 @@ class Worker:
         within `timeout` plus about 5 s (closing the publisher and channels), whatever the
         broker's state: a worker's own connection that does not close in time has its socket
         aborted (deliveries not acked go back to the queue).
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds (or is NaN); the worker
+                is left as it was (a later `stop()` stops it).
         """
+        if timeout is not None:
+            timeout = check_wait("timeout", timeout)
         if self._stopping:
             if timeout == 0:
                 self._hurry.set()

@@ -22,6 +22,7 @@ __all__ = (
     "check_flag",
     "check_name",
     "check_seconds",
+    "check_wait",
     "redact_url",
     "resolve_url",
     "resolve_urls",
@@ -175,6 +176,20 @@ def check_flag(what: str, value: object) -> bool:
     if value is not True and value is not False:
         raise ConfigurationError(f"{what} must be True or False, got {value!r}: pass a bool")
     return value
+
+
+def check_wait(what: str, value: object) -> float:
+    """`value`, the seconds a stop or a close may wait: a number, not NaN (a bool is not one);
+    below 0 counts as 0, and `inf` waits as long as it takes.
+
+    Checked before the stop or close changes anything: a refused call leaves it as it was.
+
+    Raises:
+        ConfigurationError: anything else; the message names `what`.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+        return max(float(value), 0.0)
+    raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
 
 
 def check_seconds(

@@ -15,7 +15,15 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import (
+    URLs,
+    check_flag,
+    check_name,
+    check_seconds,
+    check_wait,
+    redact_url,
+    resolve_url,
+)
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
@@ -209,9 +217,14 @@ class Producer:
         `PublishNackedError` (refused on each try, it is not in the queue). Returns within
         `timeout` plus about a second in every broker state: a connection of its own whose
         polite close the broker does not answer in time has its socket aborted.
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds (or is NaN); the
+                producer is left open.
         """
+        timeout = check_wait("timeout", timeout)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
+        deadline = loop.time() + timeout + CLOSE_GRACE
         self._closed = True
         if self._rpc is not None:
             await self._rpc.close()

@@ -1,0 +1,86 @@
+"""Side roads of the core's public API found by the review of 7 Dec (review4): each bad input
+is a typed `WorkqError` that leaves the object as it was, and a later good call still works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aio_workq import ConfigurationError, Connection, Exchange, Job, Producer, Queue, Worker
+from tests.helpers import queue_consumers, wait_until
+
+pytestmark = pytest.mark.broker
+
+BAD_WAITS: list[Any] = ["5", float("nan"), None, True, [1]]
+
+
+async def _nothing(job: Job) -> None:
+    pass
+
+
+@pytest.mark.parametrize("timeout", ["5", float("nan"), True, [1]])
+async def test_a_bad_stop_timeout_is_a_configuration_error_and_the_worker_still_stops(
+    amqp_url: str, queue_name: str, timeout: Any
+) -> None:
+    # stop("5") raised TypeError after marking the worker stopping: every later stop() then
+    # waited forever for a teardown that never ran (and stop(nan) passed as stop(0)).
+    worker = Worker(amqp_url, queue=queue_name, handler=_nothing)
+    await worker.start()
+    with pytest.raises(ConfigurationError, match="timeout"):
+        await worker.stop(timeout)
+    assert worker.state.consuming  # untouched by the refused call
+    await asyncio.wait_for(worker.stop(1), 10)
+    assert not worker.state.connected
+
+    async def no_consumer() -> bool:
+        return await queue_consumers(amqp_url, queue_name) == 0
+
+    await wait_until(no_consumer)
+
+
+@pytest.mark.parametrize("timeout", BAD_WAITS)
+async def test_a_bad_close_timeout_is_a_configuration_error_and_the_producer_still_closes(
+    amqp_url: str, queue_name: str, timeout: Any
+) -> None:
+    producer = Producer(amqp_url)
+    await producer.start()
+    with pytest.raises(ConfigurationError, match="timeout"):
+        await producer.close(timeout)
+    assert await producer.publish(b"still open", queue=queue_name)
+    await asyncio.wait_for(producer.close(1), 10)
+
+
+@pytest.mark.parametrize("timeout", BAD_WAITS)
+async def test_a_bad_close_timeout_is_a_configuration_error_and_the_connection_still_closes(
+    amqp_url: str, timeout: Any
+) -> None:
+    # Connection.close("5") raised TypeError after stopping its reconnects: its socket stayed
+    # open, and a later close() had nothing left to close.
+    connection = Connection(amqp_url)
+    await connection.open()
+    with pytest.raises(ConfigurationError, match="timeout"):
+        await connection.close(timeout)
+    assert connection.is_connected  # still up
+    await asyncio.wait_for(connection.close(1), 10)
+    assert connection.is_closed
+
+
+@pytest.mark.parametrize("make", [Queue, Exchange])
+def test_a_name_with_a_lone_surrogate_is_a_configuration_error(make: Any) -> None:
+    # It raised UnicodeEncodeError (from the length check's encode) rather than the
+    # ConfigurationError every other invalid name gets.
+    with pytest.raises(ConfigurationError, match="invalid"):
+        make("caf\udce9")
+
+
+async def test_publishing_to_a_queue_name_with_a_lone_surrogate_is_a_configuration_error(
+    producer: Producer, queue_name: str
+) -> None:
+    with pytest.raises(ConfigurationError, match="invalid"):
+        await producer.publish(b"x", queue="caf\udce9")
+    with pytest.raises(ConfigurationError, match="invalid"):
+        await producer.publish(b"x", exchange="caf\udce9", routing_key="k")
+    assert await producer.publish(b"the next one goes", queue=queue_name)
