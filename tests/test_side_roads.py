@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aio_workq import ConfigurationError, Connection, Exchange, Job, Producer, Queue, Worker
-from tests.helpers import queue_consumers, wait_until
+from tests.helpers import queue_consumers, queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -84,3 +84,47 @@ async def test_publishing_to_a_queue_name_with_a_lone_surrogate_is_a_configurati
     with pytest.raises(ConfigurationError, match="invalid"):
         await producer.publish(b"x", exchange="caf\udce9", routing_key="k")
     assert await producer.publish(b"the next one goes", queue=queue_name)
+
+
+async def test_a_stop_whose_caller_is_cancelled_still_cancels_the_running_handlers(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    # The caller's stop() cancelled while it let handlers finish: the worker closed, but its
+    # handlers ran on (their acks lost, the messages handled twice), and a later stop()
+    # returned at once with them still running.
+    started, cancelled, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(job: Job) -> None:
+        started.set()
+        try:
+            await release.wait()  # never set: only the stop ends it
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    queue = Queue(queue_name, type="classic")  # (a quorum queue counts a cancelled consumer
+    worker = Worker(amqp_url, queue=queue, handler=handler)  # until its deliveries settle)
+    await worker.start()
+    try:
+        await producer.publish(b"long", queue=queue)
+        await asyncio.wait_for(started.wait(), 10)
+        stopping = asyncio.ensure_future(worker.stop(30))
+
+        async def draining() -> bool:  # the consumer is cancelled: the stop waits for it
+            return await queue_consumers(amqp_url, queue_name) == 0
+
+        await wait_until(draining)
+        assert not stopping.done()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await asyncio.wait_for(cancelled.wait(), 10)
+        assert worker.state.in_flight == 0
+
+        async def back_in_the_queue() -> bool:
+            return await queue_depth(amqp_url, queue_name) == 1
+
+        await wait_until(back_in_the_queue)
+    finally:
+        release.set()
+        await asyncio.wait_for(worker.stop(1), 10)

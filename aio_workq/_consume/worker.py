@@ -369,6 +369,13 @@ class Worker:
             # would break. Closing the channel at the end returns them first, then hands over.
             if dispatcher is not None:
                 await dispatcher.drain(timeout, self._hurry)
+        except asyncio.CancelledError:
+            # The caller's stop was cancelled: the handlers still running are cancelled as at
+            # the deadline (their messages go back to the queue), not left running on after
+            # the close below (their acks lost, a later stop() returning at once).
+            if dispatcher is not None:
+                await dispatcher.drain(0, self._hurry)
+            raise
         finally:
             # A broker that stopped answering would hold each polite close for its own bound
             # (or aiormq's heartbeat grace): at the deadline, the socket is aborted instead.
