@@ -5,11 +5,22 @@ is a typed `WorkqError` that leaves the object as it was, and a later good call 
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from aio_workq import ConfigurationError, Connection, Exchange, Job, Producer, Queue, Worker
+from aio_workq import (
+    ConfigurationError,
+    Connection,
+    Exchange,
+    IntegrationError,
+    Job,
+    Producer,
+    Queue,
+    Worker,
+)
 from tests.helpers import queue_consumers, queue_depth, wait_until
 
 pytestmark = pytest.mark.broker
@@ -128,3 +139,49 @@ async def test_a_stop_whose_caller_is_cancelled_still_cancels_the_running_handle
     finally:
         release.set()
         await asyncio.wait_for(worker.stop(1), 10)
+
+
+@pytest.fixture
+def other_loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """An event loop running in a thread of its own (another thread's loop)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+async def test_close_and_stop_on_another_loop_raise_a_typed_error_and_change_nothing(
+    amqp_url: str, queue_name: str, other_loop: asyncio.AbstractEventLoop
+) -> None:
+    # Producer.close() on another loop raised RuntimeError ("attached to a different loop")
+    # after marking the producer closed: its connection stayed open. Worker.stop() there
+    # tore down another thread's connection from this one.
+    async def start() -> tuple[Producer, Worker]:
+        producer = Producer(amqp_url)
+        await producer.start()
+        worker = Worker(amqp_url, queue=queue_name, handler=_nothing)
+        await worker.start()
+        return producer, worker
+
+    def on_theirs(coro: Any) -> Any:
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, other_loop))
+
+    producer, worker = await asyncio.wait_for(on_theirs(start()), 20)
+    try:
+        with pytest.raises(IntegrationError, match="another event loop"):
+            await producer.close()
+        with pytest.raises(IntegrationError, match="another event loop"):
+            await worker.stop()
+
+        async def still_working() -> bool:
+            return bool(await producer.publish(b"after", queue=queue_name)) and (
+                worker.state.consuming
+            )
+
+        assert await asyncio.wait_for(on_theirs(still_working()), 20)
+    finally:
+        await asyncio.wait_for(on_theirs(worker.stop(1)), 20)
+        await asyncio.wait_for(on_theirs(producer.close(1)), 20)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractRobustConnection
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, IntegrationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
@@ -198,6 +198,7 @@ class Worker:
         self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was started on
         self._hurry = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -285,6 +286,7 @@ class Worker:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         try:
             await self._open(wait_for_broker)
         except BaseException:
@@ -347,9 +349,17 @@ class Worker:
         Raises:
             ConfigurationError: `timeout` is not a number of seconds (or is NaN); the worker
                 is left as it was (a later `stop()` stops it).
+            IntegrationError: called on another event loop than the worker's `start()`; the
+                worker is left as it was (stop it on its own loop).
         """
         if timeout is not None:
             timeout = check_wait("timeout", timeout)
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            raise IntegrationError(
+                f"worker {self.queue_name!r} was started on another event loop: stop() it on "
+                "that loop (from another thread: asyncio.run_coroutine_threadsafe(worker.stop(), "
+                "loop))"
+            )
         if self._stopping:
             if timeout == 0:
                 self._hurry.set()

@@ -221,9 +221,13 @@ class Producer:
         Raises:
             ConfigurationError: `timeout` is not a number of seconds (or is NaN); the
                 producer is left open.
+            IntegrationError: called on another event loop than the producer's `start()`;
+                the producer is left open (close it on its own loop).
         """
         timeout = check_wait("timeout", timeout)
         loop = asyncio.get_running_loop()
+        if self._publishers and self._loop is not loop:
+            raise IntegrationError(f"close() on another event loop: {_other_loop(self._loop)}")
         deadline = loop.time() + timeout + CLOSE_GRACE
         self._closed = True
         if self._rpc is not None:
