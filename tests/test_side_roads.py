@@ -185,3 +185,40 @@ async def test_close_and_stop_on_another_loop_raise_a_typed_error_and_change_not
     finally:
         await asyncio.wait_for(on_theirs(worker.stop(1)), 20)
         await asyncio.wait_for(on_theirs(producer.close(1)), 20)
+
+
+BAD_DSNS = [
+    "postgresql://app:s3cret%ZZ@127.0.0.1:1/app",  # psycopg quotes the bad token: the password
+    "host=127.0.0.1 port=1 user=app password='s3cret",  # an unterminated quote
+]
+
+
+@pytest.mark.parametrize("dsn", BAD_DSNS)
+def test_a_dsn_that_does_not_parse_is_refused_without_its_password(dsn: str) -> None:
+    from aio_workq.outbox import OutboxConfigurationError, OutboxRelay
+
+    with pytest.raises(OutboxConfigurationError) as refused:
+        OutboxRelay(dsn, url="amqp://guest:guest@127.0.0.1:1/")
+    assert "is not a PostgreSQL connection string" in str(refused.value)
+    assert "s3cret" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dsn", BAD_DSNS)
+def test_outbox_migrate_with_a_dsn_that_does_not_parse_is_one_line_without_its_password(
+    dsn: str,
+) -> None:
+    # `aio-workq outbox migrate` printed psycopg's traceback, whose last line quoted the
+    # password ("invalid percent-encoded token: "s3cret%ZZ"").
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "aio_workq", "outbox", "migrate", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert proc.stderr.startswith("aio-workq: error: dsn ")
+    assert "Traceback" not in proc.stderr
