@@ -19,6 +19,7 @@ from aio_workq import (
     Job,
     Producer,
     Queue,
+    RPCError,
     Worker,
 )
 from tests.helpers import queue_consumers, queue_depth, wait_until
@@ -222,3 +223,20 @@ def test_outbox_migrate_with_a_dsn_that_does_not_parse_is_one_line_without_its_p
     assert "s3cret" not in proc.stdout + proc.stderr
     assert proc.stderr.startswith("aio-workq: error: dsn ")
     assert "Traceback" not in proc.stderr
+
+
+async def test_an_rpc_result_too_large_to_send_is_an_error_reply_not_a_timeout(
+    amqp_url: str, producer: Producer, queue_name: str, make_worker: Any
+) -> None:
+    # The result encoded, but the reply was refused before it was sent (over RabbitMQ's
+    # 128 MiB): the worker only logged it, and the caller waited out its whole timeout for an
+    # RPCTimeoutError asking whether a worker consumed the queue.
+    async def handler(job: Job) -> object:
+        return b"x" * (129 * 2**20) if job.data == "big" else job.data
+
+    worker = make_worker(queue=queue_name, handler=handler, retry=None)
+    await worker.start()
+    with pytest.raises(RPCError, match="SerializationError.*128 MiB") as refused:
+        await producer.call("big", queue=queue_name, timeout=20)
+    assert refused.type is RPCError  # not its RPCTimeoutError subclass
+    assert await producer.call("small", queue=queue_name, timeout=20) == "small"
