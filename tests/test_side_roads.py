@@ -240,3 +240,36 @@ async def test_an_rpc_result_too_large_to_send_is_an_error_reply_not_a_timeout(
         await producer.call("big", queue=queue_name, timeout=20)
     assert refused.type is RPCError  # not its RPCTimeoutError subclass
     assert await producer.call("small", queue=queue_name, timeout=20) == "small"
+
+
+@pytest.mark.parametrize("name", ["caf\udce9", "x" * 5000, "é" * 501])
+def test_a_connection_name_the_broker_cannot_take_is_a_configuration_error(
+    amqp_url: str, name: str
+) -> None:
+    # Accepted here, it failed every connect as a BrokerConnectionError ("cannot connect to
+    # ...: UnicodeEncodeError", or "Connection reset by peer": the handshake's frame is at most
+    # 4 KiB before tuning), retried for the whole of wait_for_broker.
+    for make in (Connection, Producer):
+        with pytest.raises(ConfigurationError, match="name"):
+            make(amqp_url, name=name)
+    with pytest.raises(ConfigurationError, match="name"):
+        Worker(amqp_url, queue="q", handler=_nothing, name=name)
+
+
+async def test_a_connection_name_of_1000_bytes_connects(amqp_url: str, queue_name: str) -> None:
+    async with Producer(amqp_url, name="é" * 500) as producer:
+        assert await producer.publish(b"x", queue=queue_name)
+
+
+async def test_a_naive_timestamp_out_of_the_epoch_s_range_is_a_serialization_error(
+    producer: Producer, queue_name: str
+) -> None:
+    # datetime(1, 1, 1) raised ValueError ("year 0 is out of range") from the local-time
+    # conversion, not the SerializationError an aware one before 1970 gets.
+    from datetime import datetime
+
+    from aio_workq import SerializationError
+
+    with pytest.raises(SerializationError, match="timestamp"):
+        await producer.publish(b"x", queue=queue_name, timestamp=datetime(1, 1, 1))
+    assert await producer.publish(b"x", queue=queue_name, timestamp=datetime(2026, 1, 1))

@@ -23,8 +23,8 @@ from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
 from .._link.settings import (
     URLs,
+    check_connection_name,
     check_flag,
-    check_name,
     check_seconds,
     check_wait,
     redact_url,
@@ -154,7 +154,7 @@ class Worker:
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
         _check_retry(retry)
         self._presence = _Presence(presence, presence_interval)
-        check_name("name", name)
+        check_connection_name(name)  # its connection's, and its presence beats
         _check_bindings(exchange, binding_keys, binding_arguments)
         queue = _queue_spec(queue, queue_type)
         self._plan = ConsumePlan(

@@ -19,6 +19,7 @@ from .._exceptions import ConfigurationError
 __all__ = (
     "DEFAULT_URL",
     "URLs",
+    "check_connection_name",
     "check_flag",
     "check_name",
     "check_seconds",
@@ -163,6 +164,34 @@ def check_name(what: str, value: object) -> None:
     if value is not None and not isinstance(value, str):
         raise ConfigurationError(
             f"{what} must be a str (or None), got {type(value).__name__} {value!r}"
+        )
+
+
+MAX_CONNECTION_NAME = 1000
+"""Bytes of a connection name (UTF-8): the handshake frame that carries it is at most 4 KiB."""
+
+
+def check_connection_name(value: object) -> None:
+    """`value`, a connection's `name=` (or None): a str the broker can take.
+
+    Raises:
+        ConfigurationError: not a str, not valid text (a lone surrogate), or over
+            `MAX_CONNECTION_NAME` bytes as UTF-8: every connect would fail.
+    """
+    check_name("name", value)
+    if value is None:
+        return
+    assert isinstance(value, str)
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"name {value[:40]!r} is not valid text ({exc.reason}): AMQP sends it as UTF-8"
+        ) from None
+    if size > MAX_CONNECTION_NAME:
+        raise ConfigurationError(
+            f"name is {size:,} bytes long as UTF-8: a connection name takes at most "
+            f"{MAX_CONNECTION_NAME:,} ({value[:40]!r}...); use a shorter name"
         )
 
 

@@ -62,7 +62,7 @@ class Producer:
         on_reconnect: unconfirmed messages after a lost connection are re-sent with the same
             message id (`"resend"`, at-least-once: duplicates possible) or failed (`"fail"`).
         connect_timeout: seconds for each connection attempt; `start()` tries each URL once.
-        name: connection name shown in the management UI.
+        name: connection name shown in the management UI (text, at most 1,000 bytes as UTF-8).
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
         hooks: `Hook`s that observe each publish and confirm (metrics, tracing) and the
             reconnects of the producer's own connection.
