@@ -273,3 +273,14 @@ async def test_a_naive_timestamp_out_of_the_epoch_s_range_is_a_serialization_err
     with pytest.raises(SerializationError, match="timestamp"):
         await producer.publish(b"x", queue=queue_name, timestamp=datetime(1, 1, 1))
     assert await producer.publish(b"x", queue=queue_name, timestamp=datetime(2026, 1, 1))
+
+
+@pytest.mark.parametrize("timeout", ["5", float("nan"), -1, True])
+async def test_wait_connected_checks_its_timeout_even_while_connected(
+    producer: Producer, timeout: Any
+) -> None:
+    # Checked only when the connection was down (asyncio.timeout("5"): TypeError then; NaN
+    # passed as 0): the same call passed or failed depending on the broker.
+    with pytest.raises(ConfigurationError, match="timeout"):
+        await producer.wait_connected(timeout)
+    await producer.wait_connected(0)

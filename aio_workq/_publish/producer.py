@@ -247,7 +247,10 @@ class Producer:
         Raises:
             BrokerConnectionError: still reconnecting after `timeout` seconds, or closed.
             IntegrationError: the producer is not started.
+            ConfigurationError: `timeout` is not None nor a number of seconds >= 0 (NaN).
         """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, zero=True, forever=True)
         self._ready()
         assert self._source is not None  # set by start(), with the publishers
         await self._source.link(timeout)
