@@ -232,6 +232,28 @@ async def test_publish_from_stdin_counts_confirmed_messages(
     assert code == 1 and "--url is empty" in err and "AMQP_URL" in err
 
 
+async def test_publish_stops_at_a_line_that_cannot_be_sent_and_counts_what_was_published(
+    env: dict[str, str], amqp_url: str, queue_name: str
+) -> None:
+    # A line that is not UTF-8 (or --json's NaN) stopped the batch with "0 earlier messages
+    # were confirmed" while the lines before it in the batch were published: a rerun sent
+    # them twice.
+    stdin = b"a\nb\ncaf\xe9\nd\n"
+    code, _, err = await run_cli("publish", queue_name, "-", env=env, stdin=stdin)
+    assert code == 1 and "line 3 cannot be sent" in err and "UTF-8" in err, err
+    assert "the 2 messages before it were published and confirmed" in err
+    assert await queue_depth(amqp_url, queue_name) == 2
+
+    stdin = b'{"n": 1}\nNaN\n'
+    code, _, err = await run_cli("publish", queue_name, "--json", env=env, stdin=stdin)
+    assert code == 1 and "line 2 cannot be sent" in err, err
+    assert "the 1 message before it was published and confirmed" in err
+    assert await queue_depth(amqp_url, queue_name) == 3
+    code, _, err = await run_cli("publish", queue_name, "NaN", "--json", env=env)
+    assert code == 1 and "BODY cannot be sent" in err and "nothing was published" in err, err
+    assert await queue_depth(amqp_url, queue_name) == 3
+
+
 async def test_queues_table_and_json(env: dict[str, str], amqp_url: str, queue_name: str) -> None:
     await make_dead_letters(amqp_url, queue_name, ["ValueError: x"])
     async with Producer(amqp_url) as producer:

@@ -17,11 +17,19 @@ from typing import Any, Literal
 
 from aio_pika.abc import AbstractRobustConnection
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, IntegrationError
 from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import Connection, LinkSource, finish_by
-from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import (
+    URLs,
+    check_connection_name,
+    check_flag,
+    check_seconds,
+    check_wait,
+    redact_url,
+    resolve_url,
+)
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
 from .dispatch import Counters, Dispatcher
@@ -146,7 +154,7 @@ class Worker:
         prefetch = _check_settings(concurrency, prefetch, shutdown_timeout, max_defers)
         _check_retry(retry)
         self._presence = _Presence(presence, presence_interval)
-        check_name("name", name)
+        check_connection_name(name)  # its connection's, and its presence beats
         _check_bindings(exchange, binding_keys, binding_arguments)
         queue = _queue_spec(queue, queue_type)
         self._plan = ConsumePlan(
@@ -190,6 +198,7 @@ class Worker:
         self._started = False
         self._stopping = False
         self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the one it was started on
         self._hurry = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -277,6 +286,7 @@ class Worker:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         try:
             await self._open(wait_for_broker)
         except BaseException:
@@ -335,7 +345,21 @@ class Worker:
         within `timeout` plus about 5 s (closing the publisher and channels), whatever the
         broker's state: a worker's own connection that does not close in time has its socket
         aborted (deliveries not acked go back to the queue).
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds (or is NaN); the worker
+                is left as it was (a later `stop()` stops it).
+            IntegrationError: called on another event loop than the worker's `start()`; the
+                worker is left as it was (stop it on its own loop).
         """
+        if timeout is not None:
+            timeout = check_wait("timeout", timeout)
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            raise IntegrationError(
+                f"worker {self.queue_name!r} was started on another event loop: stop() it on "
+                "that loop (from another thread: asyncio.run_coroutine_threadsafe(worker.stop(), "
+                "loop))"
+            )
         if self._stopping:
             if timeout == 0:
                 self._hurry.set()
@@ -355,6 +379,13 @@ class Worker:
             # would break. Closing the channel at the end returns them first, then hands over.
             if dispatcher is not None:
                 await dispatcher.drain(timeout, self._hurry)
+        except asyncio.CancelledError:
+            # The caller's stop was cancelled: the handlers still running are cancelled as at
+            # the deadline (their messages go back to the queue), not left running on after
+            # the close below (their acks lost, a later stop() returning at once).
+            if dispatcher is not None:
+                await dispatcher.drain(0, self._hurry)
+            raise
         finally:
             # A broker that stopped answering would hold each polite close for its own bound
             # (or aiormq's heartbeat grace): at the deadline, the socket is aborted instead.

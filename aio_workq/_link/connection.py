@@ -40,7 +40,14 @@ from .._hooks import Hook, Hooks
 from .._wire.seams import BrokerConnection, Wire, WireFactory
 from . import quiet
 from .errors import closing_reason, connect_error, translate_errors
-from .settings import URLs, check_name, check_seconds, redact_url, resolve_urls
+from .settings import (
+    URLs,
+    check_connection_name,
+    check_seconds,
+    check_wait,
+    redact_url,
+    resolve_urls,
+)
 from .source import Link, LinkSource
 from .transport import SocketFactory
 
@@ -286,7 +293,12 @@ class Connection:
         The polite AMQP close gets `timeout` seconds; a broker that does not answer by then
         (paused, or no longer reading a full socket) has the socket aborted instead, so this
         returns within about `timeout`.
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds (or is NaN); the
+                connection is left as it was.
         """
+        timeout = check_wait("timeout", timeout)
         self._closed = True
         self._closing.set()
         supervisor, self._supervisor = self._supervisor, None
@@ -441,7 +453,7 @@ class _Dialer:
         connect_timeout: float,
     ) -> None:
         check_seconds("connect_timeout", connect_timeout)
-        check_name("name", name)
+        check_connection_name(name)
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigurationError(
                 f"ssl_context must be an ssl.SSLContext, got {type(ssl_context).__name__}"

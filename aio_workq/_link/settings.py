@@ -19,9 +19,11 @@ from .._exceptions import ConfigurationError
 __all__ = (
     "DEFAULT_URL",
     "URLs",
+    "check_connection_name",
     "check_flag",
     "check_name",
     "check_seconds",
+    "check_wait",
     "redact_url",
     "resolve_url",
     "resolve_urls",
@@ -165,6 +167,34 @@ def check_name(what: str, value: object) -> None:
         )
 
 
+MAX_CONNECTION_NAME = 1000
+"""Bytes of a connection name (UTF-8): the handshake frame that carries it is at most 4 KiB."""
+
+
+def check_connection_name(value: object) -> None:
+    """`value`, a connection's `name=` (or None): a str the broker can take.
+
+    Raises:
+        ConfigurationError: not a str, not valid text (a lone surrogate), or over
+            `MAX_CONNECTION_NAME` bytes as UTF-8: every connect would fail.
+    """
+    check_name("name", value)
+    if value is None:
+        return
+    assert isinstance(value, str)
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError as exc:
+        raise ConfigurationError(
+            f"name {value[:40]!r} is not valid text ({exc.reason}): AMQP sends it as UTF-8"
+        ) from None
+    if size > MAX_CONNECTION_NAME:
+        raise ConfigurationError(
+            f"name is {size:,} bytes long as UTF-8: a connection name takes at most "
+            f"{MAX_CONNECTION_NAME:,} ({value[:40]!r}...); use a shorter name"
+        )
+
+
 def check_flag(what: str, value: object) -> bool:
     """`value`, a bool setting (taken as its truth value, `persistent="no"` was True).
 
@@ -175,6 +205,20 @@ def check_flag(what: str, value: object) -> bool:
     if value is not True and value is not False:
         raise ConfigurationError(f"{what} must be True or False, got {value!r}: pass a bool")
     return value
+
+
+def check_wait(what: str, value: object) -> float:
+    """`value`, the seconds a stop or a close may wait: a number, not NaN (a bool is not one);
+    below 0 counts as 0, and `inf` waits as long as it takes.
+
+    Checked before the stop or close changes anything: a refused call leaves it as it was.
+
+    Raises:
+        ConfigurationError: anything else; the message names `what`.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+        return max(float(value), 0.0)
+    raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
 
 
 def check_seconds(

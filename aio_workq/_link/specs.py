@@ -67,7 +67,7 @@ class ExchangeType(enum.StrEnum):
 def _check_name(kind: str, name: object, limit: int) -> None:
     if not isinstance(name, str):
         raise ConfigurationError(f"a {kind} name must be a str, got {type(name).__name__}")
-    if len(name.encode()) > limit:
+    if len(name.encode(errors="surrogatepass")) > limit:  # (a surrogate fails the pattern)
         raise ConfigurationError(
             f"{kind} name longer than {limit} bytes: {name[:40]!r}...; use a shorter name"
         )

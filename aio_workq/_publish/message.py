@@ -261,7 +261,12 @@ def _milliseconds(expiration: object) -> str:
 def _seconds(timestamp: object) -> int:
     if not isinstance(timestamp, datetime):
         raise SerializationError(f"timestamp must be a datetime, got {timestamp!r}")
-    return int(timestamp.timestamp())
+    try:
+        return int(timestamp.timestamp())
+    except (ValueError, OverflowError, OSError):  # a naive one at the ends of datetime's range
+        raise SerializationError(
+            f"timestamp {timestamp!r} is out of range: send whole seconds since the epoch"
+        ) from None
 
 
 class Sender:

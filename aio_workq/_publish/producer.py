@@ -15,7 +15,15 @@ from .._hooks import Hook, Hooks
 from .._link.aiopika import open_source
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
-from .._link.settings import URLs, check_flag, check_name, check_seconds, redact_url, resolve_url
+from .._link.settings import (
+    URLs,
+    check_flag,
+    check_name,
+    check_seconds,
+    check_wait,
+    redact_url,
+    resolve_url,
+)
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
 from .confirms import ConfirmPublisher
@@ -54,7 +62,7 @@ class Producer:
         on_reconnect: unconfirmed messages after a lost connection are re-sent with the same
             message id (`"resend"`, at-least-once: duplicates possible) or failed (`"fail"`).
         connect_timeout: seconds for each connection attempt; `start()` tries each URL once.
-        name: connection name shown in the management UI.
+        name: connection name shown in the management UI (text, at most 1,000 bytes as UTF-8).
         ssl_context: for `amqps://` URLs: the CA, client certificate and host-name checks.
         hooks: `Hook`s that observe each publish and confirm (metrics, tracing) and the
             reconnects of the producer's own connection.
@@ -209,9 +217,18 @@ class Producer:
         `PublishNackedError` (refused on each try, it is not in the queue). Returns within
         `timeout` plus about a second in every broker state: a connection of its own whose
         polite close the broker does not answer in time has its socket aborted.
+
+        Raises:
+            ConfigurationError: `timeout` is not a number of seconds (or is NaN); the
+                producer is left open.
+            IntegrationError: called on another event loop than the producer's `start()`;
+                the producer is left open (close it on its own loop).
         """
+        timeout = check_wait("timeout", timeout)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 0) + CLOSE_GRACE
+        if self._publishers and self._loop is not loop:
+            raise IntegrationError(f"close() on another event loop: {_other_loop(self._loop)}")
+        deadline = loop.time() + timeout + CLOSE_GRACE
         self._closed = True
         if self._rpc is not None:
             await self._rpc.close()
@@ -230,7 +247,10 @@ class Producer:
         Raises:
             BrokerConnectionError: still reconnecting after `timeout` seconds, or closed.
             IntegrationError: the producer is not started.
+            ConfigurationError: `timeout` is not None nor a number of seconds >= 0 (NaN).
         """
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, zero=True, forever=True)
         self._ready()
         assert self._source is not None  # set by start(), with the publishers
         await self._source.link(timeout)

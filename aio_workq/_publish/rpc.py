@@ -19,6 +19,7 @@ from .._exceptions import (
     PublishError,
     RPCError,
     RPCTimeoutError,
+    SerializationError,
     WorkqError,
     qualname,
     text_of,
@@ -176,5 +177,13 @@ async def send_reply(
     )
     try:
         await publisher.send("", reply_to, body, props, mandatory=False)
+    except SerializationError as exc:
+        if error is None:
+            # The result encoded but was refused before anything was sent (over the broker's
+            # max_message_size, a header over frame_max): the caller gets that error rather
+            # than its timeout (the error reply is small text).
+            await send_reply(publisher, reply_to, correlation_id, None, exc)
+            return
+        log.warning("could not send the RPC reply to %s: %s", reply_to, exc)
     except WorkqError as exc:
         log.warning("could not send the RPC reply to %s: %s", reply_to, exc)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import click
 
 from aio_workq import Producer, WorkqError
+from aio_workq._publish.serialization import encode_body
 
 from ._errors import CliError
 from ._options import resolve, url_option
@@ -78,22 +79,21 @@ async def _publish(
         while chunk := await asyncio.to_thread(source):
             bodies: list[Any] = []
             for number, line in chunk:
-                if not as_json:
-                    bodies.append(line)
-                    continue
                 try:
-                    bodies.append(json.loads(line))
-                except ValueError as exc:
+                    body = json.loads(line) if as_json else line
+                    encode_body(body)  # what publish_many would refuse midway (e.g. not UTF-8)
+                except (ValueError, WorkqError) as exc:
+                    what = "is not JSON" if not isinstance(exc, WorkqError) else "cannot be sent"
                     if not number:  # BODY, the one message
-                        raise CliError(f"BODY is not JSON ({exc}); nothing was published") from None
+                        raise CliError(f"BODY {what} ({exc}); nothing was published") from None
                     if bodies:
                         await producer.publish_many(bodies, queue=queue)
                     done = total + len(bodies)
                     were = "message before it was" if done == 1 else "messages before it were"
                     raise CliError(
-                        f"line {number} is not JSON ({exc}); the {done} {were} published and "
-                        "confirmed"
+                        f"line {number} {what} ({exc}); the {done} {were} published and confirmed"
                     ) from None
+                bodies.append(body)
             try:
                 await producer.publish_many(bodies, queue=queue)
             except WorkqError as exc:

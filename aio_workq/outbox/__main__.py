@@ -20,8 +20,9 @@ import sys
 import psycopg
 
 from .._exceptions import WorkqError
+from ._errors import OutboxConfigurationError
 from ._relay import OutboxRelay
-from ._schema import DEFAULT_SCHEMA, migrate, redact_dsn, schema_sql
+from ._schema import DEFAULT_SCHEMA, check_dsn, migrate, redact_dsn, schema_sql
 
 __all__ = ("main",)
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m aio_workq.outbox"
         parser.error("no database: pass --dsn or set DATABASE_URL")
     name = "aio-workq" if prog.startswith("aio-workq") else prog  # as `aio-workq`'s errors
     try:
+        check_dsn(args.dsn, OutboxConfigurationError)  # psycopg's own error quotes it
         return _run(args)
     except psycopg.OperationalError as exc:
         reason = redact_dsn(" ".join(str(exc).split()))  # libpq's lines, as one

@@ -29,6 +29,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 _PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 # `user:password@` wherever it stands, so that a malformed URL hides it too
 _USERINFO = re.compile(r"(^|[/\s])([^/:@\s]*):[^@\s]*@")
+_QUOTED = re.compile(r'"([^"]*)"')  # a token psycopg's error quotes
 _DSN_FORMS = (
     "a URL like postgresql://user:password@host:5432/dbname, or key=value pairs like "
     "'host=db port=5432 dbname=app user=app'"
@@ -92,6 +93,13 @@ def redact_dsn(dsn: str) -> str:
     return _PASSWORD.sub(r"\1***", dsn)
 
 
+def _unquoted(reason: str, shown: str) -> str:
+    """psycopg's `reason` with each quoted token that `shown` (the DSN, password hidden) does
+    not hold replaced by `***`: it quotes the token it could not read, which may be the
+    password itself (`invalid percent-encoded token: "s3cret%zz"`)."""
+    return _QUOTED.sub(lambda m: m[0] if m[1] in shown else '"***"', reason)
+
+
 def check_dsn(dsn: str, error: type[ConfigurationError]) -> str:
     """`dsn` if psycopg can read it as a connection string (whose ports are numbers).
 
@@ -101,7 +109,7 @@ def check_dsn(dsn: str, error: type[ConfigurationError]) -> str:
     try:
         ports = conninfo_to_dict(dsn).get("port")
     except ProgrammingError as exc:  # its message quotes the DSN, password included
-        reason = redact_dsn(str(exc).strip())
+        reason = _unquoted(redact_dsn(str(exc).strip()), redact_dsn(dsn))
     else:
         bad = [port for port in str(ports or "").split(",") if port and not port.isdigit()]
         if not bad:
