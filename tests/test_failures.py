@@ -16,7 +16,13 @@ from aio_workq import (
     RetryPolicy,
     UnroutableError,
 )
-from aio_workq._consume.failures import ATTEMPT_HEADER, Failed, MoveKind, route_failure
+from aio_workq._consume.failures import (
+    ATTEMPT_HEADER,
+    DEFERS_HEADER,
+    Failed,
+    MoveKind,
+    route_failure,
+)
 from aio_workq._exceptions import qualname
 from aio_workq.cli._errors import CliError
 from aio_workq.outbox import OutboxError
@@ -179,3 +185,12 @@ def test_a_delay_between_ladder_steps_waits_its_own_time_in_the_next_step() -> N
     assert defer.delay_ms == 1_000 and defer.expiration_ms == 250
     on_a_step = route_failure(failed(1), Retry(delay=5), POLICY, QUEUE, now=NOW)
     assert on_a_step.delay_ms == 5_000 and on_a_step.expiration_ms is None
+
+
+def test_a_crafted_defer_count_still_moves_the_message_with_a_count_amqp_can_carry() -> None:
+    # A count header at the largest signed 64-bit value: the next count (+1) could not be
+    # encoded, the move failed and the message went back to its queue, again and again.
+    crafted = Failed(1, {DEFERS_HEADER: 2**63 - 1}, "tasks")
+    move = route_failure(crafted, Defer(1), POLICY, QUEUE, now=NOW, max_defers=None)
+    assert move.kind is MoveKind.DEFER
+    assert 0 < move.headers[DEFERS_HEADER] < 2**63 - 1

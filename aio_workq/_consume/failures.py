@@ -170,9 +170,16 @@ def _level(policy: RetryPolicy, delay: float) -> tuple[int, int | None]:
     return level, wanted if wanted < level else None
 
 
+_COUNT_CAP = 2**31 - 1
+"""A count header's largest value read: one more still fits AMQP's signed integers (a crafted
+2**63 - 1 could not be counted on, and its move failed, again and again)."""
+
+
 def _count(value: Any) -> int:
-    """A count header's value; 0 when absent or not a count."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A count header's value; 0 when absent or not a count, `_COUNT_CAP` at most."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return min(value, _COUNT_CAP)
+    return 0
 
 
 def _failure_headers(
