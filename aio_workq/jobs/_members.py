@@ -271,7 +271,7 @@ class Member:
         )
         write = Write(
             job_id=job_id, task=due.task, queue=due.queue, state=JobState.FAILED,
-            at=time.time(), error_type=qualname(error), error_message=str(error),
+            at=time.time(), error_type=qualname(error), error_message=storable(str(error)),
         )  # fmt: skip
         try:
             await self._members.store.record([write])

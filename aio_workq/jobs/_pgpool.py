@@ -235,7 +235,7 @@ class StorePool:
             except (PsycopgError, OSError, TimeoutError) as exc:
                 refused = True
                 if here.refused is None:
-                    here.refused = (time.monotonic(), text_of(exc)[:300])
+                    here.refused = (time.monotonic(), " ".join(text_of(exc).split())[:300])
                 await asyncio.sleep(PROBE_EVERY)
                 continue
             here.refused = None  # calls go to the pool again

@@ -177,10 +177,8 @@ class PostgresStore:
             it raises `StoreError` (a server that stops answering included; the connection
             is then cancelled and closed in the background).
         max_size: connections in the pool this store opens.
-        fail_fast: while the server is known to refuse connections (or not to answer them:
-            the store's last attempts failed, and it tries one every second), each call
-            raises `StoreError` (`unreachable`) at once instead of waiting `timeout` for a
-            connection (a web route answers 503 at once). With a `dsn` only.
+        fail_fast: while the server is known to refuse connections (the store probes it each
+            second), raise `StoreError` (`unreachable`) at once, not after `timeout` (`dsn=`).
 
     Raises:
         ConfigurationError: a bad argument.
