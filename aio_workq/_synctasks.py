@@ -226,13 +226,17 @@ class SyncTaskCalls:
         stuck: Callable[[str], WorkqError] = PublishTimeoutError,
         store: JobStore | None = None,
         interruptible: bool = False,
+        commits: Closeable | None = None,
     ) -> T:
         """Run `make(view)` on the loop thread (connecting on first use); its result here.
         `bound` is the call's own bound: the wait for the loop thread adds `SLACK` to it.
-        A `store` the call uses is closed with the loop (its connections live there)."""
+        A `store` the call uses is closed with the loop (its connections live there), and
+        before it the registry's `commits` there (what they kept goes to another loop)."""
         runner = self._running()
         if store is not None:
             runner.hold(store)
+        if commits is not None:
+            runner.hold(commits)  # closed before the store: held after it
         view = runner.view
         assert view is not None
 
@@ -278,7 +282,9 @@ class SyncTaskCalls:
             return task.send(body, view, _Context(registry.store, view))
 
         doing = f"enqueueing a job of task {task.name!r}"
-        handle = self._submit(make, bound, doing, PublishTimeoutError, registry.store)
+        store = registry.store
+        commits = None if store is None else registry.commits(store)
+        handle = self._submit(make, bound, doing, PublishTimeoutError, store, commits=commits)
         return SyncJobHandle(
             handle.job_id, producer=self, registry=registry, validate=task.result_validator()
         )

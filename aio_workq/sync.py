@@ -97,14 +97,15 @@ class _LoopThread:
             raise
 
     def hold(self, resource: Closeable) -> None:
-        """Close `resource` (a job store whose connections live on this loop) with the loop."""
+        """Close `resource` (a job store whose connections live on this loop, a registry's
+        batches of writes there) with the loop, after those held since."""
         self._held.setdefault(id(resource), resource)
 
     async def _shut(self, timeout: float) -> None:
         try:
             await self._producer.close(timeout)
         finally:
-            for resource in list(self._held.values()):
+            for resource in reversed(list(self._held.values())):  # the last held first
                 try:
                     async with asyncio.timeout(SLACK):
                         await resource.close()

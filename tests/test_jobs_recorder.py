@@ -164,7 +164,7 @@ async def test_enqueues_while_the_store_is_down_do_not_wait_for_it_and_catch_up(
             n += 1
 
     opener = asyncio.ensure_future(open_every_gate())
-    await commits.close()  # returns once what was kept is recorded (at most 5 s)
+    await commits.close()  # returns once what was kept is recorded (at most 1.5 s)
     opener.cancel()
     assert all([await store.get(i) for i in "abcd"])
 

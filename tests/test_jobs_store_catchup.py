@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
 
-from aio_workq.jobs import JobState, Write
+from aio_workq.jobs import JobState, StoreError, Write
 from aio_workq.jobs._batches import WriteBatches
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from scripts.postgres import LocalPostgres
@@ -91,3 +91,60 @@ async def test_a_status_kept_during_a_long_outage_catches_up_within_seconds_of_t
         await store.close()
         if pool is not None:
             await pool.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_fail_fast_store_answers_at_once_while_the_server_refuses_and_again_after(
+    own_postgres: LocalPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`PostgresStore(dsn, fail_fast=True)`: once a call found no connection, and while the
+    store's probe finds the server refusing, each call raises `StoreError(unreachable)` at
+    once (a status route's 503), not after the store's `timeout`; within seconds of the
+    restart, calls reach the server again. Without it, every call waits the `timeout`."""
+    caplog.set_level(logging.CRITICAL, logger="psycopg.pool")  # its "error connecting" lines
+    schema = f"j_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(own_postgres.dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    fast = PostgresStore(own_postgres.dsn, schema=schema, timeout=3, fail_fast=True)
+    slow = PostgresStore(own_postgres.dsn, schema=schema, timeout=3)
+    try:
+        assert await fast.record([write("a", JobState.QUEUED)]) == [True]
+        assert await slow.get("a") is not None
+        await asyncio.to_thread(own_postgres.stop)
+        for store in (fast, slow):  # the connections the stop broke, then none to be had
+            while True:
+                with pytest.raises(StoreError) as failed:
+                    await store.get("a")
+                assert failed.value.unreachable
+                if "couldn't get a connection" in str(failed.value):
+                    break
+        took = []
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(StoreError) as failed:
+                await fast.get("a")
+            took.append(time.monotonic() - started)
+            assert failed.value.unreachable
+            assert "fail_fast" in str(failed.value), failed.value
+        assert max(took) < 0.1, took
+        started = time.monotonic()
+        with pytest.raises(StoreError):
+            await slow.get("a")
+        assert time.monotonic() - started > 2.5  # the timeout, as before
+        with pytest.raises(StoreError):  # writes too: a worker's batch is kept, not waited on
+            await fast.record([write("b", JobState.QUEUED)])
+
+        await asyncio.to_thread(own_postgres.start)
+        restarted = time.monotonic()
+
+        async def answers() -> bool:
+            try:
+                return await fast.get("a") is not None
+            except StoreError:
+                return False
+
+        await wait_until(answers, timeout=CATCH_UP)
+        print(f"\nfail_fast: answered {time.monotonic() - restarted:.1f} s after the restart")  # noqa: T201
+    finally:
+        await fast.close()
+        await slow.close()

@@ -525,3 +525,89 @@ async def test_a_given_pool_used_from_the_sync_producers_loop_is_refused(
                     await app.tasks.job(missing).status()  # still serves its loop
         finally:
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.broker
+async def test_queued_records_kept_on_a_sync_producers_loop_survive_its_close(
+    amqp_url: str, db: Path, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One registry used from a SyncProducer's thread and from the app's loop (a Flask app
+    and async code in one process) while the store is down: each loop keeps the `queued`
+    records of its enqueues. Closing the SyncProducer closes its loop; what it kept is handed
+    to the app's loop and caught up once the store answers (before: lost, the job unknown)."""
+    from aio_workq import Producer
+
+    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
+    assert web.tasks.store is not None
+    await web.tasks.store.purge()  # the file and its table exist
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
+    try:
+        async with Producer(amqp_url) as async_producer:
+            web.tasks.bind(async_producer)
+            sync_producer = SyncProducer(amqp_url, timeout=5)
+            try:
+                synced = await asyncio.to_thread(sync_producer.enqueue, web.thumb, "sync.png")
+                handle = await web.thumb.enqueue("async.png")  # the app's loop: kept here
+            finally:
+                await asyncio.to_thread(sync_producer.close)
+            lock.execute("ROLLBACK")  # the store answers again
+            reader = SQLiteStore(db)
+
+            async def queued(job_id: str) -> bool:
+                record = await reader.get(job_id)
+                return record is not None and record.status.state is JobState.QUEUED
+
+            try:
+                await wait_until(lambda: queued(handle.job_id), timeout=15)
+                await wait_until(lambda: queued(synced.job_id), timeout=5)
+            finally:
+                await reader.close()
+        await web.tasks.store.close()
+        assert "handed to another one" in caplog.text, caplog.text
+        assert synced.job_id in caplog.text
+    finally:
+        lock.close()
+
+
+@pytest.mark.broker
+async def test_queued_records_kept_on_a_loop_that_ended_are_taken_over_by_the_next(
+    amqp_url: str, db: Path, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sync code enqueuing through `asyncio.run()` in a thread (a loop a call) while the store
+    is down: the loop ends with the `queued` record kept. The registry's next enqueue, on
+    another loop, takes it over, and it is written once the store answers (before: lost)."""
+    from aio_workq import Producer
+
+    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
+    assert web.tasks.store is not None
+    await web.tasks.store.purge()  # the file and its table exist
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
+
+    async def in_a_loop_of_its_own() -> str:
+        async with Producer(amqp_url) as producer:
+            web.tasks.bind(producer)
+            return (await web.thumb.enqueue("ended.png")).job_id
+
+    try:
+        ended = await asyncio.to_thread(asyncio.run, in_a_loop_of_its_own())
+        async with Producer(amqp_url) as producer:
+            web.tasks.bind(producer)
+            handle = await web.thumb.enqueue("next.png")  # this loop's batches take it over
+            lock.execute("ROLLBACK")  # the store answers again
+            reader = SQLiteStore(db)
+
+            async def queued(job_id: str) -> bool:
+                record = await reader.get(job_id)
+                return record is not None and record.status.state is JobState.QUEUED
+
+            try:
+                await wait_until(lambda: queued(handle.job_id), timeout=15)
+                await wait_until(lambda: queued(ended), timeout=5)
+            finally:
+                await reader.close()
+        await web.tasks.store.close()
+        assert f"taken over by this one: {ended}" in caplog.text, caplog.text
+    finally:
+        lock.close()

@@ -9,6 +9,7 @@ import os
 import signal
 import ssl
 import sys
+import time
 import typing
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -718,5 +719,39 @@ async def test_an_unreachable_job_store_answers_503_and_names_no_dsn(
                 assert password not in text
             assert port not in down.text
             assert "answering 503: StoreError" in caplog.text  # the full error, for the operator
+    finally:
+        await store.close()
+
+
+async def test_a_fail_fast_job_store_answers_503_at_once_while_postgres_refuses(
+    own_postgres: LocalPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`PostgresStore(dsn, fail_fast=True)` behind a status route: once the store found the
+    server down, the 503 comes at once (not after the store's `timeout`), and names neither
+    the DSN's password nor, in the answer, its address."""
+    password = "hunter2-secret"
+    dsn = own_postgres.dsn.replace("postgres@", f"postgres:{password}@")  # trust: not checked
+    port = str(URL(own_postgres.dsn).port)
+    async with await psycopg.AsyncConnection.connect(own_postgres.dsn) as conn:
+        await migrate(conn)
+    store = PostgresStore(dsn, timeout=2, fail_fast=True)
+    try:
+        async with (
+            serve_asgi(_store_app("fastapi", store)) as base,
+            httpx.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            assert (await client.get("/jobs/a")).json() == {"found": "False"}
+            await asyncio.to_thread(own_postgres.stop)
+            async with asyncio.timeout(20):  # the first ones find it down (a broken
+                while "fail_fast" not in caplog.text:  # connection, then the timeout)
+                    assert (await client.get("/jobs/a")).status_code == 503
+            for _ in range(3):
+                started = time.monotonic()
+                down = await client.get("/jobs/a")
+                assert time.monotonic() - started < 0.3  # at once, not the timeout's 2 s
+                assert down.status_code == 503, down.text
+            for text in (down.text, str(down.headers), caplog.text):
+                assert password not in text
+            assert port not in down.text
     finally:
         await store.close()

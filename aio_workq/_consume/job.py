@@ -345,6 +345,14 @@ class Job:
         links.append(confirm)
         return confirm
 
+    def forget(self, confirm: asyncio.Future[str]) -> None:
+        """Let the job be acked though the forward of `confirm` failed: for a message its
+        handler gave up on knowingly (one no retry can send) and whose failure it recorded."""
+        links = self.links
+        if links is not None and confirm.done() and not confirm.cancelled():
+            if confirm.exception() is not None:
+                self.links = [link for link in links if link is not confirm]
+
     def snapshot(self) -> JobData:
         """A picklable copy of this job's data, for handlers in a process pool."""
         return JobData(

@@ -21,7 +21,7 @@ from ._errors import StoreError
 from ._status import JobState, Write
 from ._store import JobStore
 
-__all__ = ("LANES", "WriteBatches")
+__all__ = ("LANES", "WriteBatches", "ids")
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -31,7 +31,60 @@ _JOB_ID = operator.attrgetter("job_id")
 """Store transactions a recorder (or an enqueue's `GroupCommit`) has in flight at once."""
 
 
-class WriteBatches:
+class _Handover:
+    """`WriteBatches`' end: closing, and what is left of it for another event loop's batches
+    (a class of its own: one would be over 250 lines)."""
+
+    _closed: bool
+    _flusher: asyncio.Task[None] | None
+    _lanes: set[asyncio.Task[Any]]
+    _wake: asyncio.Event
+    _idle: asyncio.Event
+    _pending: dict[str, Write]
+    _queued: list[Write]
+    _futures: list[asyncio.Future[bool] | None]
+    down: bool
+
+    def _keep(self, write: Write, *, older: bool = False) -> None:
+        raise NotImplementedError
+
+    def adopt(self, writes: list[Write]) -> None:
+        """Keep `writes` (another event loop's, left when it closed) and record them soon."""
+        for write in writes:
+            self._keep(write, older=True)
+
+    def left(self) -> list[Write]:
+        """Take the writes not recorded (kept, queued): its loop is closed or closing."""
+        left = [*self._pending.values(), *map(_kept, self._queued)]
+        self._pending, self._queued, self._futures = {}, [], []
+        return left
+
+    async def close(self, timeout: float = 5.0, *, lost: bool = True) -> list[Write]:
+        """Record what is pending, waiting at most `timeout` seconds; the writes left then
+        are returned (and logged as lost, with `lost`)."""
+        self._closed = True
+        flusher = self._flusher
+        if flusher is not None:
+            self._wake.set()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        stuck = [task for task in (flusher, *self._lanes) if task and not task.done()]
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)  # a lane keeps its writes
+        left = self.left()
+        if left and lost:
+            log.error(
+                "job store unreachable at shutdown: the states of %d job(s) were not recorded "
+                "(their status stays at what was recorded before): %s", len(left), ids(left),
+            )  # fmt: skip
+        return left
+
+
+class WriteBatches(_Handover):
     """The queue of a recorder's writes to `store`, and the batches in flight.
 
     Args:
@@ -217,6 +270,10 @@ class WriteBatches:
             except Exception as exc:
                 self._store_down(exc, caught_up, batch, answers)
                 return False
+            except asyncio.CancelledError:  # closing: kept for `left()`, not lost unsaid
+                for write in writes:
+                    self._pending.setdefault(write.job_id, _kept(write))
+                raise
             if self.down and ids is None:
                 log.warning("job store reachable again: %d job state(s) caught up", len(caught_up))
                 self.down = False
@@ -268,29 +325,11 @@ class WriteBatches:
                 plain = not write.claim or write.state is JobState.CANCELLED  # a follow-up's
                 self._keep(write if plain else _plain(write), older=older)
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Record what is pending, waiting at most `timeout` seconds; what is left then is
-        logged as lost."""
-        self._closed = True
-        flusher = self._flusher
-        if flusher is None:
-            return
-        self._wake.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._idle.wait()
-        except TimeoutError:
-            pass
-        stuck = [task for task in (flusher, *self._lanes) if not task.done()]
-        for task in stuck:
-            task.cancel()
-        await asyncio.gather(*stuck, return_exceptions=True)
-        left = len(self._pending) + len(self._queued)
-        if left:
-            log.error(
-                "job store unreachable at shutdown: the states of %d job(s) were not recorded "
-                "(their status stays at what was recorded before)", left,
-            )  # fmt: skip
+
+def ids(writes: list[Write], most: int = 20) -> str:
+    """The job ids of `writes`, for a log line (the first `most`)."""
+    shown = ", ".join(w.job_id for w in writes[:most])
+    return shown if len(writes) <= most else f"{shown} and {len(writes) - most} more"
 
 
 def _log_down(store: JobStore, exc: Exception, buffer: int) -> None:
@@ -306,6 +345,11 @@ def _log_down(store: JobStore, exc: Exception, buffer: int) -> None:
             "job store %r unreachable (%s): jobs go on running, their states are kept "
             "and recorded when it answers again", store, why,
         )  # fmt: skip
+
+
+def _kept(write: Write) -> Write:
+    """`write` as kept for the catch-up: a claim as a plain write (its follow-up as it is)."""
+    return write if not write.claim or write.state is JobState.CANCELLED else _plain(write)
 
 
 def _plain(write: Write) -> Write:

@@ -7,8 +7,9 @@ write, marks its member row done (once: `... WHERE NOT done`), counts the group 
 that made it zero, claims the callback (`callback_claimed`, set once) -- all in one
 transaction. The row lock on the group row orders concurrent last members (PostgreSQL) or the
 write lock does (SQLite): exactly one transaction claims. `callback_published` is set once the
-callback message is confirmed; a claimed but unpublished callback is handed out again to the
-redelivery of a member that was already done (the crash between claim and publish).
+callback message is confirmed (or the callback recorded failed, too large to send); a claimed
+but unpublished callback is handed out again to the redelivery of a member that was already
+done (the crash between claim and publish).
 
 **Rate limits.** One row per key holds its *theoretical arrival time* (GCRA): taking a token
 reserves the slot `max(tat, now - tau)` and moves `tat` on by one interval, in one UPDATE; a
@@ -129,7 +130,8 @@ class GroupStore(Protocol):
         ...
 
     async def callback_published(self, group_id: str) -> None:
-        """Record that the group's callback message was confirmed."""
+        """Record that the group's callback message was confirmed (or the callback recorded
+        failed, too large to send): no member publishes it again."""
         ...
 
 

@@ -6,12 +6,16 @@ counts the group down (`GroupStore.finish_member`, one transaction) before it re
 message is acked only once that is committed. A failure is written as final when the worker's
 failure routing will dead-letter it (the same `route_failure` decision, made in advance).
 Whatever can't be finished now (the store down, the callback not confirmed) defers the member
-(`Defer`: no attempt used): its next delivery finishes it.
+(`Defer`: no attempt used): its next delivery finishes it. A callback too large to send (the
+broker's `max_message_size`, or the publisher's own limit) is recorded `failed` instead, and
+the member acked: no delivery could send it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -20,8 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._consume.failures import Failed, MoveKind, route_failure
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
-from .._exceptions import Defer, qualname, text_of
+from .._exceptions import Defer, PublishError, SerializationError, qualname, text_of
 from .._link.specs import Queue
+from .._publish.confirms import MAX_MESSAGE_SIZE
 from .._publish.serialization import JSON
 from ._errors import StoreError
 from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
@@ -40,6 +45,9 @@ log = logging.getLogger("aio_workq.jobs")
 
 _RETRY_FINISH = 2.0
 _ERROR_LIMIT = 1000
+MAX_CALLBACK_SIZE = MAX_MESSAGE_SIZE
+"""The largest callback body sent (the publisher's own limit, RabbitMQ's default)."""
+_REFUSED_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
 class _Task(Protocol):
@@ -213,12 +221,25 @@ class Member:
         job_id = callback_id(due.group_id)
         queue = self._members.queues.get(due.task) or Queue(due.queue)
         body = callback_body(due)
+        if len(body) > MAX_CALLBACK_SIZE:  # send() would refuse it: no message to wait for
+            limit = f"the {MAX_CALLBACK_SIZE:,} bytes aio-workq sends at most"
+            await self._too_large(due, len(body), limit)
+            return
+        confirm: asyncio.Future[str] | None = None
         try:
-            await self._job.forward(
+            confirm = await self._job.send(
                 body, queue, message_id=job_id, headers={TASK_HEADER: due.task},
                 content_type=JSON,
             )  # fmt: skip
+            await confirm
         except Exception as exc:
+            refused = _broker_limit(exc)
+            if refused is not None and confirm is not None:
+                # Refused for its size: no retry can send it. The member is acked (its
+                # outcome is recorded), the callback recorded failed instead.
+                self._job.forget(confirm)
+                await self._too_large(due, len(body), refused)
+                return
             log.warning(
                 "group %s: its callback was not confirmed (%r); deferring member %s to "
                 "publish it again", due.group_id, exc, self._job.message_id,
@@ -232,3 +253,45 @@ class Member:
                 "member may publish it again (the same job id)", due.group_id, job_id, exc,
             )  # fmt: skip
         log.info("group %s complete: callback %s (%s) published", due.group_id, job_id, due.task)
+
+    async def _too_large(self, due: CallbackDue, size: int, limit: str) -> None:
+        """The callback's message can't be sent for its size: record the callback `failed`
+        (saying why, and the fix), then the group's callback as dealt with (no member
+        publishes it again); the member is acked.
+
+        Raises:
+            Defer: the store can't be reached: the member comes back and tries again.
+        """
+        job_id = callback_id(due.group_id)
+        error = SerializationError(
+            f"group {due.group_id}: the callback's message is too large to send: {size:,} "
+            f"bytes (it carries the {len(due.members)} members' results), over {limit}; "
+            "the callback was not run. Keep the members' results small: store large ones "
+            "elsewhere (object storage, a table, a file) and return a reference to them"
+        )
+        write = Write(
+            job_id=job_id, task=due.task, queue=due.queue, state=JobState.FAILED,
+            at=time.time(), error_type=qualname(error), error_message=storable(str(error)),
+        )  # fmt: skip
+        try:
+            await self._members.store.record([write])
+            await self._store.callback_published(due.group_id)
+        except StoreError as exc:
+            log.warning(
+                "group %s: its callback %s is too large to send, and can't be recorded failed "
+                "(%s); deferring member %s", due.group_id, job_id, exc, self._job.message_id,
+            )  # fmt: skip
+            raise Defer(_RETRY_FINISH) from exc
+        log.error("%s; callback %s recorded failed", error, job_id)
+
+
+def _broker_limit(exc: BaseException) -> str | None:
+    """The broker's `max_message_size`, as text, when `exc` says it refused a message for its
+    size (RabbitMQ closes the channel: PRECONDITION_FAILED "message size N is larger than
+    configured max size M"); None for any other failure."""
+    if not isinstance(exc, PublishError):
+        return None
+    found = _REFUSED_SIZE.search(str(exc))
+    if found is None:
+        return None
+    return f"the broker's max_message_size ({int(found.group(1)):,} bytes)"

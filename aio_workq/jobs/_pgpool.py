@@ -35,7 +35,7 @@ from psycopg import Error as PsycopgError
 from psycopg.errors import UndefinedTable
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
-from .._exceptions import ConfigurationError
+from .._exceptions import ConfigurationError, text_of
 from ._errors import StoreError
 
 __all__ = ("StorePool",)
@@ -87,6 +87,8 @@ class StorePool:
         timeout: seconds an operation may take, a connection and the answer together.
         where: how errors name the store (no password).
         schema: the store's schema (a missing table's error names it).
+        fail_fast: raise at once while the probe finds the server refusing (a pool of its
+            own only: a given pool is not probed).
     """
 
     def __init__(
@@ -98,8 +100,10 @@ class StorePool:
         timeout: float,
         where: str,
         schema: str,
+        fail_fast: bool = False,
     ) -> None:
         self._dsn, self._max_size, self._timeout = dsn or "", max_size, timeout
+        self._fail_fast = fail_fast
         self._where, self._schema = where, schema
         self._own = pool is None
         self._given = pool
@@ -128,6 +132,8 @@ class StorePool:
                 writes, which the queue does not wait for).
         """
         here = self._here()
+        if here.refused and self._fail_fast:
+            raise self._refusing(what, here)
         if not here.opened:
             here.opened = True
             await here.pool.open(wait=False)
@@ -220,6 +226,7 @@ class StorePool:
         """No connection was had: a pool of the store's own is watched until it has one."""
         here.stuck = True
         if self._own and (here.prober is None or here.prober.done()):
+            here.refused = None  # until the probe says
             here.prober = asyncio.ensure_future(self._probe(here))
             here.prober.add_done_callback(_retrieve)
 
@@ -233,10 +240,13 @@ class StorePool:
                 async with asyncio.timeout(self._timeout):
                     probe = await AsyncConnection.connect(self._dsn, autocommit=True)
                 await probe.close()
-            except (PsycopgError, OSError, TimeoutError):
+            except (PsycopgError, OSError, TimeoutError) as exc:
                 refused = True
+                if here.refused is None:
+                    here.refused = (time.monotonic(), " ".join(text_of(exc).split())[:300])
                 await asyncio.sleep(PROBE_EVERY)
                 continue
+            here.refused = None  # calls go to the pool again
             if refused and here.stuck:
                 log.info(
                     "%s answers again: a fresh pool replaces the reconnecting one", self._where
@@ -271,6 +281,15 @@ class StorePool:
         unreachable = isinstance(exc, OperationalError | PoolTimeout | OSError)
         return StoreError(f"{failed}: {exc}", unreachable=unreachable)
 
+    def _refusing(self, what: str, here: _LoopPool) -> StoreError:
+        since, why = here.refused or (time.monotonic(), "")
+        return StoreError(
+            f"{self._where}: {what} failed at once (fail_fast): PostgreSQL has refused "
+            f"connections for {time.monotonic() - since:.1f} s ({why}); the store tries "
+            f"one every {PROBE_EVERY:g} s and calls it again once one succeeds",
+            unreachable=True,
+        )
+
     def _unanswered(self, what: str) -> StoreError:
         return StoreError(
             f"{self._where}: {what} failed: PostgreSQL did not answer within "
@@ -301,12 +320,14 @@ class StorePool:
 class _LoopPool:
     """The store's pool on one event loop, and what watches it."""
 
-    __slots__ = ("closing", "guard", "opened", "pool", "prober", "stuck")
+    __slots__ = ("closing", "guard", "opened", "pool", "prober", "refused", "stuck")
 
     def __init__(self, pool: AsyncConnectionPool[Any], *, opened: bool) -> None:
         self.pool = pool
         self.opened = opened
         self.stuck = False  # the last operation could not get a connection
+        # While the probe fails: since when (monotonic) and why; None once it connects.
+        self.refused: tuple[float, str] | None = None
         self.prober: asyncio.Task[None] | None = None
         self.closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
         self.guard: asyncio.Future[None] | None = None  # closes the pool if the loop ends first

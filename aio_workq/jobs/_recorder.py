@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -23,7 +24,7 @@ from .._consume.job import ATTEMPT_HEADER, Job
 from .._exceptions import Reject, SerializationError, qualname, text_of
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import JSON
-from ._batches import WriteBatches
+from ._batches import WriteBatches, ids
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
@@ -469,6 +470,12 @@ class GroupCommit:
     answers again `record()` returns at once, its write kept (at most `buffer` jobs) and
     written when the store is back, as a worker's are (`WriteBatches`).
 
+    The batches belong to an event loop: a registry used from several (a `SyncProducer`'s
+    thread and the app's loop) has batches on each. What one kept is not lost when its loop
+    closes: `close()` on that loop hands it to another loop's batches, and batches made on
+    a new loop take over what those of loops closed meanwhile (an `asyncio.run()` that
+    ended) had kept; what no loop can take is logged with its job ids.
+
     Args:
         store: the job store.
         buffer: most writes kept while the store is down.
@@ -480,8 +487,9 @@ class GroupCommit:
     ) -> None:
         self.store = store
         self._buffer, self._timeout = buffer, timeout
-        self._batches: WriteBatches | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batches: dict[asyncio.AbstractEventLoop, WriteBatches] = {}
+        self._lock = threading.Lock()  # the loops' threads add and take batches
+        self._last: tuple[asyncio.AbstractEventLoop, WriteBatches] | None = None
 
     async def record(self, write: Write) -> None:
         """Record `write` with the batch it joins; returns once that batch is committed, or
@@ -493,16 +501,57 @@ class GroupCommit:
         #23); True once the batch `write` joins is committed (or at once while the store is
         down)."""
         loop = asyncio.get_running_loop()
-        batches = self._batches
-        if batches is None or loop is not self._loop:  # a new event loop: the old one's
-            self._loop = loop  # batches went with it
-            batches = self._batches = WriteBatches(
-                self.store, buffer=self._buffer, timeout=self._timeout
-            )
+        last = self._last  # one tuple: read whole by another loop's thread (no call, #23)
+        if last is not None and last[0] is loop:
+            return last[1].commit(write)
+        batches = self._batches.get(loop) or self._made_on(loop)
+        self._last = (loop, batches)
         return batches.commit(write)
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Record what is kept, waiting at most `timeout` seconds; what is left then is
-        logged as lost."""
-        if self._batches is not None:
-            await self._batches.close(timeout)
+    def _made_on(self, loop: asyncio.AbstractEventLoop) -> WriteBatches:
+        """The batches of `loop`, made now; they take over what the batches of loops closed
+        since had kept."""
+        batches = WriteBatches(self.store, buffer=self._buffer, timeout=self._timeout)
+        with self._lock:
+            closed = [other for other in self._batches if other.is_closed()]
+            left = [write for other in closed for write in self._batches.pop(other).left()]
+            self._batches[loop] = batches
+        if left:
+            log.warning(
+                "job store: %d queued record(s) kept on an event loop that closed are taken "
+                "over by this one: %s", len(left), ids(left),
+            )  # fmt: skip
+            batches.adopt(left)
+        return batches
+
+    async def close(self, timeout: float = 1.5) -> None:
+        """Close the running loop's batches: what they hold is recorded within `timeout`,
+        else handed to another running loop's batches, which record it when the store
+        answers; else logged as lost, by job id."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            batches = self._batches.pop(loop, None)
+            self._last = None
+        if batches is None:
+            return
+        left = await batches.close(timeout, lost=False)
+        if not left:
+            return
+        with self._lock:
+            others = [(other, b) for other, b in self._batches.items() if other.is_running()]
+        for other, taker in others:
+            try:
+                other.call_soon_threadsafe(taker.adopt, left)
+            except RuntimeError:  # closed meanwhile
+                continue
+            log.warning(
+                "job store unreachable: %d queued record(s) kept on an event loop that closes "
+                "are handed to another one, which records them once the store answers: %s",
+                len(left), ids(left),
+            )  # fmt: skip
+            return
+        log.error(
+            "job store unreachable: the queued records of %d job(s) were not written, and no "
+            "event loop is left to write them (their status reads as unknown until a worker "
+            "runs them): %s", len(left), ids(left),
+        )  # fmt: skip

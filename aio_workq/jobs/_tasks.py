@@ -417,8 +417,16 @@ class Tasks:
         the store is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
         commits = self._commits
         if commits is None or commits.store is not store:
-            commits = self._commits = GroupCommit(store)
+            commits = self.commits(store)
         return commits.commit(write)
+
+    def commits(self, store: JobStore) -> GroupCommit:
+        """The enqueues' `queued` records for `store`, batched (a `SyncProducer` closes its
+        loop's part with its loop)."""
+        commits = self._commits
+        if commits is None or commits.store is not store:
+            commits = self._commits = GroupCommit(store)
+        return commits
 
     def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
         """Enqueue through `producer` from now on (and keep states in `store`, if given).

@@ -20,7 +20,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from .._exceptions import ConfigurationError
-from .._link.settings import check_seconds
+from .._link.settings import check_flag, check_seconds
 from ..outbox._schema import apply_locked, check_dsn, check_schema, quote, redact_dsn
 from ._groupstore import (
     CallbackDue,
@@ -177,6 +177,8 @@ class PostgresStore:
             it raises `StoreError` (a server that stops answering included; the connection
             is then cancelled and closed in the background).
         max_size: connections in the pool this store opens.
+        fail_fast: while the server is known to refuse connections (the store probes it each
+            second), raise `StoreError` (`unreachable`) at once, not after `timeout` (`dsn=`).
 
     Raises:
         ConfigurationError: a bad argument.
@@ -191,6 +193,7 @@ class PostgresStore:
         ttl: float = DAY,
         timeout: float = 5.0,
         max_size: int = 4,
+        fail_fast: bool = False,
     ) -> None:
         _check_arguments(dsn, pool, schema, timeout, max_size)
         self.ttl = check_ttl(ttl)
@@ -198,6 +201,7 @@ class PostgresStore:
         self._pool = StorePool(
             dsn=dsn, pool=pool, max_size=max_size, timeout=timeout,
             where=f"PostgreSQL store ({self._where})", schema=schema,
+            fail_fast=check_flag("fail_fast", fail_fast),
         )  # fmt: skip
         self._run = self._pool.run
         sql = SQL(f"{quote(schema)}.workq_jobs", rows=_UNNEST)
