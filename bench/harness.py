@@ -321,9 +321,57 @@ def pyplot() -> Any:
 CPU_PARTS = ("client", "broker", "postgres")
 
 
+_NODES: dict[str, list[int]] = {}
+"""The processes `cpu_seconds` counts for a part (`watch_nodes`), by part."""
+
+
+def watch_nodes(**ports: int | None) -> dict[str, list[int]]:
+    """Count, for each part given (`broker=5672, postgres=5432`), only the local process that
+    listens on that TCP port and its children (a PostgreSQL node's backends), not every
+    process of the part's name: on a machine shared with other brokers and databases those
+    are someone else's. A part given None, or whose port no local process listens on,
+    counts 0 (a node elsewhere). Returns the processes found, by part.
+
+    Raises:
+        ImportError: no psutil (the bench group's: `make bench-deps`).
+    """
+    import psutil  # the bench group's
+
+    listening: dict[int, set[int]] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        port = getattr(conn.laddr, "port", None)  # no address: ()
+        if conn.status == psutil.CONN_LISTEN and conn.pid is not None and port is not None:
+            listening.setdefault(port, set()).add(conn.pid)
+    for part, wanted in ports.items():
+        if part not in CPU_PARTS or part == "client":
+            raise ValueError(f"watch_nodes: no part {part!r} (one of broker, postgres)")
+        _NODES[part] = [] if wanted is None else sorted(listening.get(wanted, ()))
+    return dict(_NODES)
+
+
+def _node_seconds(pids: list[int]) -> float:
+    import psutil  # the bench group's
+
+    seconds = 0.0
+    for pid in pids:
+        try:
+            node = psutil.Process(pid)
+            processes = [node, *node.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:  # a backend that ended meanwhile
+                continue
+            seconds += times.user + times.system
+    return seconds
+
+
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds so far of this process, the local broker's and PostgreSQL's (by process
-    name: `beam.smp`, `postgres`; a broker or a database elsewhere counts 0).
+    """CPU seconds so far of this process, the local broker's and PostgreSQL's: the nodes
+    `watch_nodes` found (and their children), else by process name (`beam.smp`, `postgres`,
+    every one on the machine; a broker or a database elsewhere counts 0).
 
     Raises:
         ImportError: no psutil (the bench group's: `make bench-deps`).
@@ -332,6 +380,8 @@ def cpu_seconds() -> dict[str, float]:
 
     me = os.getpid()
     total = dict.fromkeys(CPU_PARTS, 0.0)
+    for watched, pids in _NODES.items():
+        total[watched] = _node_seconds(pids)
     for process in psutil.process_iter(["name", "cpu_times"]):
         times, name = process.info["cpu_times"], process.info["name"] or ""
         if times is None:
@@ -342,6 +392,6 @@ def cpu_seconds() -> dict[str, float]:
             else "postgres" if name.startswith("postgres")
             else None
         )  # fmt: skip
-        if part is not None:
+        if part is not None and part not in _NODES:
             total[part] += times.user + times.system
     return total

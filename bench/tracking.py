@@ -40,6 +40,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 
@@ -181,6 +182,8 @@ async def one(url: str, dsn: str, kind: str, args: argparse.Namespace, tmp: Path
 
 
 async def measure(url: str, dsn: str, args: argparse.Namespace) -> dict[str, Any]:
+    # only this run's broker and PostgreSQL count, not others' on a shared machine
+    harness.watch_nodes(broker=local_port(url, 5672), postgres=local_port(dsn, 5432))
     rates: dict[str, dict[str, list[float]]] = {k: {"enqueue": [], "consume": []} for k in KINDS}
     cpu: dict[str, dict[str, list[dict[str, float]]]] = {
         k: {"enqueue": [], "consume": []} for k in KINDS
@@ -223,6 +226,15 @@ async def measure(url: str, dsn: str, args: argparse.Namespace) -> dict[str, Any
         "medians": medians,
         "ratios": ratios,
     }
+
+
+def local_port(url: str, default: int) -> int | None:
+    """The port of a node at `url` on this machine (`cpu_seconds` counts it), None if the
+    node is elsewhere (it counts 0)."""
+    parsed = urlsplit(url) if "://" in url else None
+    if parsed is None or (parsed.hostname or "localhost") not in ("localhost", "127.0.0.1", "::1"):
+        return None
+    return parsed.port or default
 
 
 def section(result: dict[str, Any], image: str) -> list[str]:
