@@ -13,7 +13,9 @@
   with a store, every `succeeded` recorded in it (the batched writes included).
 
 Beside each rate, the CPU time one job cost each process on this machine (`psutil`: the bench's
-own process, the broker's, PostgreSQL's; for enqueue over the whole phase, for consume from the
+own process, its broker's, its PostgreSQL's with the backends: the nodes listening on the ports
+of `--url` and `--dsn`, not every `beam.smp` or `postgres` of a shared machine; a node on
+another host counts 0; for enqueue over the whole phase, for consume from the
 first job handled to the last, so neither the worker's start nor the bench's polling of the
 store counts), so the store's own cost can be told from a machine where the three share two
 cores: the sum says how many jobs a second the machine's cores could serve at most.
