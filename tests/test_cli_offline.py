@@ -189,3 +189,17 @@ async def test_a_stop_signal_while_a_child_is_being_spawned_reaches_that_child(
                 proc.kill()
                 await proc.wait()
     assert [proc.returncode for proc in spawned] == [-signal.SIGTERM]
+
+
+def test_worker_help_says_concurrency_reaches_a_factory() -> None:
+    """`--concurrency` is passed to a factory that takes it (`tasks.workers`), as the jobs guide
+    says: the help must not limit it to `--queue` (a taskiq user reading it would not try it)."""
+    from click.testing import CliRunner
+
+    from aio_workq.cli._app import cli
+
+    result = CliRunner().invoke(cli, ["worker", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    after = result.output[result.output.index("--concurrency") :]
+    text = " ".join(after[: after.index("--processes")].split())  # its help, unwrapped
+    assert "tasks.workers" in text and "concurrency=" in text, text
