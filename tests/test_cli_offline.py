@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,3 +190,57 @@ async def test_a_stop_signal_while_a_child_is_being_spawned_reaches_that_child(
                 proc.kill()
                 await proc.wait()
     assert [proc.returncode for proc in spawned] == [-signal.SIGTERM]
+
+
+def test_worker_help_says_concurrency_reaches_a_factory() -> None:
+    """`--concurrency` is passed to a factory that takes it (`tasks.workers`), as the jobs guide
+    says: the help must not limit it to `--queue` (a taskiq user reading it would not try it)."""
+    from click.testing import CliRunner
+
+    from aio_workq.cli._app import cli
+
+    result = CliRunner().invoke(cli, ["worker", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    after = result.output[result.output.index("--concurrency") :]
+    text = " ".join(after[: after.index("--processes")].split())  # its help, unwrapped
+    assert "tasks.workers" in text and "concurrency=" in text, text
+
+
+async def test_job_command_prints_a_jobs_status_from_the_store(tmp_path: Path) -> None:
+    """A taskiq or Celery user looks for one job's status on the command line (`celery result
+    ID`): `aio-workq job ID --store URL` reads it from the job store, as the dashboard's Jobs
+    page does; an unknown id ends with exit code 1 naming it."""
+    import json
+    import subprocess
+    import time
+
+    from aio_workq.jobs import JobState, SQLiteStore, Write
+
+    path = tmp_path / "jobs.db"
+    store = SQLiteStore(str(path))
+    now = time.time()
+    await store.record([
+        Write(job_id="j-ok", task="orders.charge", queue="payments", state=JobState.SUCCEEDED,
+              at=now, result=b'{"charged": 1250}', content_type="application/json"),
+        Write(job_id="j-bad", task="orders.charge", queue="payments", state=JobState.FAILED,
+              at=now, attempt=3, error_type="ValueError", error_message="no card"),
+    ])  # fmt: skip
+    await store.close()
+
+    def job(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "aio_workq", "job", *args, "--store", f"sqlite:///{path}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    ok = job("j-ok")
+    assert ok.returncode == 0, ok.stderr
+    assert "succeeded" in ok.stdout and "orders.charge" in ok.stdout, ok.stdout
+    assert '{"charged": 1250}' in ok.stdout, ok.stdout
+    bad = job("j-bad", "--json")
+    assert bad.returncode == 0, bad.stderr
+    document = json.loads(bad.stdout)
+    assert document["state"] == "failed" and document["attempt"] == 3, document
+    assert document["error_type"] == "ValueError" and document["error_message"] == "no card"
+    missing = job("nope")
+    assert missing.returncode == 1 and "no job 'nope'" in missing.stderr, missing

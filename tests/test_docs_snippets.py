@@ -182,6 +182,11 @@ RUNS = [
     Run("docs/guides/exactly-once.md", 'consumer = idempotent(pool, name="confirm-order")',
         "offline", defines=("consumer", "confirm_order")),
     Run("docs/operations.md", "ParentBased(TraceIdRatioBased(0.1))", "offline"),
+    Run("docs/guides/from-taskiq.md", "job = await charge.enqueue(Order(", "script",
+        expect="queued\n1250", queues=("payments",)),
+    Run("docs/guides/from-taskiq.md", 'raise Retry(delay=30)  # NackMessage', "script",
+        expect="tested",
+        then="\n\nimport asyncio\n\nasyncio.run(test_handle())\nprint('tested')\n"),
 ]  # fmt: skip
 
 

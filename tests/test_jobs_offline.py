@@ -573,6 +573,9 @@ async def test_a_message_for_an_unknown_task_is_dead_lettered() -> None:
     outcome = await run_handler(runner, {}, headers={"x-workq-task": "nope"})
     assert outcome.dead_lettered and isinstance(outcome.error, Reject)
     assert "no task 'nope' runs on queue 'work'" in str(outcome.error)
+    # the other cause: two Tasks registries whose workers share the queue (the taskiq user's
+    # "task not found" with a module per registry): the reason names that fix too
+    assert "one Tasks registry" in str(outcome.error), outcome.error
     # a plain producer.publish() to a task queue: no header at all ("no task None" before)
     plain = await run_handler(runner, {"path": "cat.png"})
     assert plain.dead_lettered and isinstance(plain.error, Reject)

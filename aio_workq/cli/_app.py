@@ -1,7 +1,7 @@
 """The `aio-workq` Click application: the root group and how errors end a run.
 
 Each command group lives in a module of its own (`_worker_cmd`, `_publish_cmd`, `_queues_cmd`,
-`_dlq_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_workers_cmd`,
+`_dlq_cmd`, `_job_cmd`, `_broker_cmd`, `_outbox_cmd`, `_schedules_cmd`, `_workers_cmd`,
 `_dashboard_cmd`); this module puts them together.
 """
 
@@ -18,6 +18,7 @@ from aio_workq import WorkqError, __version__
 from ._broker_cmd import broker, demo
 from ._dashboard_cmd import dashboard
 from ._dlq_cmd import dlq
+from ._job_cmd import job
 from ._outbox_cmd import outbox
 from ._publish_cmd import publish
 from ._queues_cmd import queues
@@ -71,5 +72,17 @@ def _keep_off_stderr(logger: logging.Logger) -> None:
         logger.addHandler(logging.NullHandler())
 
 
-for _command in (worker, workers, publish, queues, dlq, broker, demo, outbox, schedules, dashboard):
+for _command in (
+    worker,
+    workers,
+    publish,
+    queues,
+    dlq,
+    job,
+    broker,
+    demo,
+    outbox,
+    schedules,
+    dashboard,
+):
     cli.add_command(_command)

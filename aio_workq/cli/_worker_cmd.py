@@ -24,8 +24,10 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 @click.argument("target", metavar="MODULE:ATTR")
 @click.option("--queue", "-q", help="Run ATTR as a handler on this queue.")
 @click.option(
-    "--concurrency", "-c", type=click.IntRange(min=1), help="Handlers at once (with --queue)."
-)
+    "--concurrency", "-c", type=click.IntRange(min=1),
+    help="Handlers at once: with --queue, or passed to a factory that takes concurrency= "
+    "(a Tasks registry's tasks.workers: per queue, in each process).",
+)  # fmt: skip
 @click.option(
     "--processes", "-p", type=click.IntRange(min=1), default=1, show_default=True,
     help="Worker processes; more than 1 runs a supervisor that restarts crashed ones.",

@@ -1,32 +1,8 @@
-"""The job store a URL names, for `aio-workq dashboard --store URL`."""
+"""The job store a URL names, for `aio-workq dashboard --store URL` (kept in `aio_workq.jobs`,
+which `aio-workq job` uses without the dashboard's extra)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from aio_workq import ConfigurationError, redact_url
+from aio_workq.jobs._from_url import store_from_url as store_from_url
 
 __all__ = ("store_from_url",)
-
-
-def store_from_url(url: str) -> Any:
-    """`sqlite:///path/jobs.db` as a `SQLiteStore`, `postgresql://...` as a `PostgresStore`.
-
-    Raises:
-        ConfigurationError: another scheme, or PostgreSQL's driver is not installed.
-    """
-    if url.startswith("sqlite:///"):
-        from aio_workq.jobs import SQLiteStore
-
-        return SQLiteStore(url.removeprefix("sqlite:///") or "jobs.db")
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from aio_workq.jobs.postgres import PostgresStore
-        except ImportError:
-            raise ConfigurationError(
-                "a PostgreSQL store needs: pip install 'aio-workq[postgres]'"
-            ) from None
-        return PostgresStore(url)
-    raise ConfigurationError(
-        f"store {redact_url(url)!r}: give sqlite:///path/jobs.db or postgresql://user@host/db"
-    )

@@ -258,7 +258,9 @@ def _no_task(name: Any, queue: str, tasks: Mapping[str, Any]) -> str:
         )
     return (
         f"no task {name!r} runs on queue {queue!r} ({runs}): deploy the task, or replay the "
-        "message once it is (a task renamed since: @tasks.task(..., aliases=[its old name]))"
+        "message once it is (a task renamed since: @tasks.task(..., aliases=[its old name]); "
+        "the workers of another registry on this queue: keep a queue's tasks in one Tasks "
+        "registry)"
     )
 
 
