@@ -318,7 +318,10 @@ class WriteBatches(_Handover):
         self._queued, self._futures = [], []
         for write in caught_up:
             self._keep(write, older=True)
-        for writes, futures, older in ((batch, answers, True), (held, waiting, False)):
+        # (the failed batch from its last write back: the latest write of each job in it is
+        # the one kept, an earlier one of the same job is older still)
+        failed = (batch[::-1], answers[::-1], True)
+        for writes, futures, older in (failed, (held, waiting, False)):
             for write, future in zip(writes, futures, strict=True):
                 if future is not None and not future.done():
                     future.set_result(True)  # the job runs: the queue does not wait for it

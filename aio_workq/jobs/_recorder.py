@@ -28,7 +28,7 @@ from ._batches import WriteBatches, ids
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
-from ._status import JobState, Write, new_write, storable
+from ._status import JobState, Write, new_write, storable, withdrawal
 from ._store import CancelRequests, JobStore
 
 __all__ = ("QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job")
@@ -507,6 +507,14 @@ class GroupCommit:
         batches = self._batches.get(loop) or self._made_on(loop)
         self._last = (loop, batches)
         return batches.commit(write)
+
+    def withdraw(self, queued: Write) -> None:
+        """Take back `queued` (committed with `commit()`, on this loop): its publish failed.
+        Sent after it (a batch in flight holding it goes first), never waited for; while the
+        store is down it replaces the record kept (`withdrawal()` says what a store does)."""
+        batches = self._batches.get(asyncio.get_running_loop())
+        if batches is not None:
+            batches.write(withdrawal(queued, time.time()))
 
     def _made_on(self, loop: asyncio.AbstractEventLoop) -> WriteBatches:
         """The batches of `loop`, made now; they take over what the batches of loops closed

@@ -169,6 +169,7 @@ class SQLiteStore:
         params = [write_params(w, self.ttl) for w in writes]
         claims = [w.claim for w in writes]
         sql, gsql = self._sql, self._gsql
+        withdraw = sql.withdraw.format(ids="?")
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         if purge:
@@ -178,8 +179,11 @@ class SQLiteStore:
             applied = []
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for p, claim in zip(params, claims, strict=True):
-                    cursor = conn.execute(sql.claim if claim else sql.write, p)
+                for p, claim, write in zip(params, claims, writes, strict=True):
+                    if not write.attempt:  # a withdrawal (attempt 0): `withdrawal()`
+                        cursor = conn.execute(withdraw, (write.job_id,))
+                    else:
+                        cursor = conn.execute(sql.claim if claim else sql.write, p)
                     applied.append(cursor.fetchone() is not None)
                 if purge:
                     conn.execute(sql.purge, {"now": now, "oldest": now - self.ttl})

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, cast
 
 __all__ = (
     "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "new_write", "storable",
-    "timestamp", "unstorable_id",
+    "timestamp", "unstorable_id", "withdrawal",
 )  # fmt: skip
 
 
@@ -84,8 +84,8 @@ class JobStatus:
     """A cancel was asked for while it ran: its worker was told to stop it."""
     created_at: datetime | None = None
     """When the job was enqueued; when a worker started it before the enqueue's own record
-    reached the store (that record is written once the broker confirmed the publish), when it
-    was first started, the same as `started_at`."""
+    reached the store (that record is sent as the publish goes out, batched with other
+    enqueues), when it was first started, the same as `started_at`."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime | None = None
@@ -184,9 +184,27 @@ class Write(_WriteFields):
     def finished(self) -> bool:
         return self.state in TERMINAL
 
+    @property
+    def withdraws(self) -> bool:
+        """A withdrawal (`withdrawal()`): attempt 0, which no run has."""
+        return self.attempt == 0
+
 
 new_write = cast("Callable[[type[Write], tuple[Any, ...]], Write]", _tuple)
 """`new_write(Write, (job_id, task, queue, state, at, attempt, defers, claim, requeue,
 next_retry_at, error_type, error_message, result, content_type))`: a `Write` from all its
 fields in order, without `Write.__new__`'s call with keywords (a third of the cost): for the
 writes every tracked job makes (its `queued`, its claim, its `succeeded`, #23)."""
+
+
+def withdrawal(queued: Write, at: float) -> Write:
+    """The write that takes back an enqueue's `queued` record when its publish failed (#23):
+    a store deletes the record if it still is that record (`queued`, never started, no cancel
+    requested), and leaves any other alone: a worker's claim or outcome (a publish whose
+    confirm was lost may still have been delivered), a requeued job (started before).
+    Marked by attempt 0, which no run has; it is its job's last write in a batch, and a store
+    applies it after the batch's other writes. Applied: whether a record was deleted."""
+    return new_write(Write, (
+        queued.job_id, queued.task, queued.queue, JobState.QUEUED, at, 0, 0, False, False,
+        None, None, None, None, None,
+    ))  # fmt: skip

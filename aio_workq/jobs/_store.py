@@ -37,7 +37,10 @@ class JobStore(Protocol):
 
     async def record(self, writes: Sequence[Write]) -> list[bool]:
         """Apply `writes` in one transaction, in order; for each, whether it was applied (for
-        a claim: granted)."""
+        a claim: granted). A withdrawal (`Write.withdraws`, attempt 0: `withdrawal()`) deletes
+        the job's record only while it is the enqueue's `queued` one (never started, no
+        cancel requested); a store may apply the withdrawals after the batch's other writes
+        (each is its job's last in a batch)."""
         ...
 
     async def get(self, job_id: str) -> JobRecord | None:
@@ -189,6 +192,11 @@ class SQL:
                 kind: upsert.format(source=many.format(rows=rows.format(p=f"{kind}_")), rule=rule)
                 for kind, rule in rules.items()
             }
+        # A withdrawal (`withdrawal()`): the enqueue's own record, if nothing came after it.
+        self.withdraw = (  # `{ids}`: the store's way to take a list of ids
+            f"DELETE FROM {table} WHERE job_id IN ({{ids}}) AND state = 'queued' "
+            "AND started_at IS NULL AND NOT cancel_requested RETURNING job_id"
+        )
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
         self.cancels = (  # `{ids}`: the store's way to take a list of ids
             f"SELECT job_id FROM {table} WHERE job_id IN ({{ids}}) AND cancel_requested "
@@ -324,6 +332,16 @@ class MemoryStore:
 
     def _apply(self, write: Write) -> bool:
         row = self._rows.get(write.job_id)
+        if not write.attempt:  # a withdrawal (`withdrawal()`; no property call a write, #23)
+            if (
+                row is None
+                or row["state"] != "queued"
+                or row["started_at"] is not None
+                or row["cancel_requested"]
+            ):
+                return False
+            del self._rows[write.job_id]
+            return True
         params = write_params(write, self.ttl)
         if row is not None and row["expires_at"] > write.at:
             if row["state"] in ("succeeded", "cancelled"):

@@ -276,9 +276,12 @@ class Task(Generic[P, R]):
 
         The arguments are bound to the function's signature and validated as its parameters'
         types before anything is sent. With a store, the job is recorded as queued before this
-        returns; if the store is unreachable the job is still sent and the record kept and
-        written when the store answers again (the first enqueue to find it down waits for the
-        store's timeout, 5 s, the ones after it don't wait).
+        returns: the record is sent as the publish goes out, and this waits for both; if the
+        store is unreachable the job is still sent and the record kept and written when the
+        store answers again (the first enqueue to find it down waits for the store's timeout,
+        5 s, the ones after it don't wait). If the publish fails (or this is cancelled), the
+        record is taken back unless a worker's state came after it: the id then reads as
+        unknown until a worker runs the job, if the broker had it after all (a lost confirm).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -306,21 +309,33 @@ class Task(Generic[P, R]):
         """
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
-        # Its created time: a worker may start the job before the confirm is back.
-        enqueued_at = time.time()
-        await publisher.publish(
-            body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
-            content_type=JSON, **options,
-        )  # fmt: skip
         store = context.store
-        if store is not None:
-            write = new_write(Write, (
-                job_id, self.name, self.queue.name, JobState.QUEUED, enqueued_at, 1, 0, False,
-                False, None, None, None, None, None,
-            ))  # fmt: skip
-            # batched with the concurrent enqueues' records, one transaction; while the
-            # store is down, kept and written when it is back (not waited for)
-            await self._registry.queued(store, write)  # a future: no coroutine between (#23)
+        if store is None:
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
+            return JobHandle(job_id, context=context, validate=self.result_validator())
+        # Its created time: a worker may start the job before the record is written.
+        write = new_write(Write, (
+            job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
+            False, None, None, None, None, None,
+        ))  # fmt: skip
+        # The `queued` record goes out with the publish, batched with the concurrent
+        # enqueues' records (one transaction), and the two round trips overlap (#23). A
+        # worker's claim or outcome that lands first stays (`RANK`); while the store is down
+        # the record is kept and written when it is back (not waited for).
+        registry = self._registry
+        committed = registry.queued(store, write)
+        try:
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
+        except BaseException:  # not confirmed (or cancelled): the record is taken back
+            registry.withdraw(store, write)
+            raise
+        await committed  # a future: no coroutine between (#23)
         return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
@@ -427,6 +442,13 @@ class Tasks:
         if commits is None or commits.store is not store:
             commits = self._commits = GroupCommit(store)
         return commits
+
+    def withdraw(self, store: JobStore, write: Write) -> None:
+        """Take back an enqueue's `queued` write (`queued()`) whose publish failed: the
+        record is deleted unless a worker's write came after it (`withdrawal()`)."""
+        commits = self._commits
+        if commits is not None and commits.store is store:
+            commits.withdraw(write)
 
     def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
         """Enqueue through `producer` from now on (and keep states in `store`, if given).
