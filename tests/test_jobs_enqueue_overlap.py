@@ -101,20 +101,56 @@ async def test_a_withdrawal_deletes_only_the_enqueues_own_queued_record(store: J
 
 class Gate:
     """A `Publisher` in front of a real producer: `publish` waits for `open` first (and
-    says it arrived), then publishes, then raises `after` if set: a confirm lost though the
-    message was sent."""
+    says it arrived), then publishes, then, if `after` is set, waits for `lose` and raises
+    `after`: a confirm lost though the message was sent."""
 
     def __init__(self, producer: Producer, *, after: BaseException | None = None) -> None:
         self.producer, self.after = producer, after
-        self.arrived, self.open = asyncio.Event(), asyncio.Event()
+        self.arrived, self.open, self.lose = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def publish(self, body: Any, queue: Any = None, **options: Any) -> str:
         self.arrived.set()
         await self.open.wait()
         confirm = await self.producer.publish(body, queue, **options)
         if self.after is not None:
+            await self.lose.wait()
             raise self.after
         return confirm
+
+
+class Watched(MemoryStore):
+    """A `MemoryStore` that keeps each withdrawal's answer (`withdrawals`) and sets
+    `withdrawn` once one was applied or refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.withdrawals: dict[str, bool] = {}
+        self.withdrawn = asyncio.Event()
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        return _watch(self, writes, await super().record(writes))
+
+
+class WatchedSQLite(SQLiteStore):
+    """`Watched`, on a SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.withdrawals: dict[str, bool] = {}
+        self.withdrawn = asyncio.Event()
+
+    async def record(self, writes: Sequence[Write]) -> list[bool]:
+        return _watch(self, writes, await super().record(writes))
+
+
+def _watch(
+    store: Watched | WatchedSQLite, writes: Sequence[Write], applied: list[bool]
+) -> list[bool]:
+    for write, answer in zip(writes, applied, strict=True):
+        if write.withdraws:
+            store.withdrawals[write.job_id] = answer
+            store.withdrawn.set()
+    return applied
 
 
 async def _until(store: JobStore, job_id: str, states: Sequence[JobState | None]) -> None:
@@ -157,7 +193,7 @@ async def test_a_nacked_enqueue_raises_typed_and_leaves_no_queued_record(
     error and the `queued` record sent with the publish is taken back: the id reads unknown,
     as it did when the record was written only after the confirm; the same id enqueued
     again once there is room is recorded and found."""
-    store = SQLiteStore(tmp_path / "jobs.db")
+    store = WatchedSQLite(tmp_path / "jobs.db")
     tasks = Tasks(producer=producer, store=store)
     full = Queue(queue_name, arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
 
@@ -174,7 +210,10 @@ async def test_a_nacked_enqueue_raises_typed_and_leaves_no_queued_record(
                 refused = f"n{n}"
                 break
         assert refused is not None and refused != "n0"
-        await _until(store, refused, [None])
+        async with asyncio.timeout(WAIT):
+            await store.withdrawn.wait()
+        assert store.withdrawals == {refused: True}  # its record was written, then taken back
+        assert await _state(store, refused) is None
         assert await _state(store, "n0") is JobState.QUEUED
     finally:
         await store.close()
@@ -208,10 +247,10 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
     amqp_url: str, producer: Producer, queue_name: str
 ) -> None:
     """The publish went out but its confirm was lost (a typed error to the caller): if the
-    worker's claim landed first, the withdrawal leaves it and the job reads as it ran; if the
+    worker's claim landed first, the withdrawal leaves it and the job reads as it runs; if the
     withdrawal landed first, the id reads unknown until the worker claims it, then as it
     ran. Never `queued` forever, never a run hidden."""
-    store = MemoryStore()
+    store = Watched()
     tasks = Tasks(producer=producer, store=store)
     release = asyncio.Event()
 
@@ -229,8 +268,15 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
         gate = Gate(producer, after=lost)
         gate.open.set()
         task = echo.options(job_id="claimed-first")
+        enqueue = asyncio.ensure_future(task.send(task.arguments.encode((1,), {}), gate, tasks))
+        await _until(store, "claimed-first", [JobState.RUNNING])
+        gate.lose.set()
         with pytest.raises(ConnectionLostError):
-            await task.send(task.arguments.encode((1,), {}), gate, tasks)
+            await asyncio.wait_for(enqueue, WAIT)
+        async with asyncio.timeout(WAIT):
+            await store.withdrawn.wait()
+        assert store.withdrawals == {"claimed-first": False}
+        assert await _state(store, "claimed-first") is JobState.RUNNING
         release.set()
         await _until(store, "claimed-first", [JobState.SUCCEEDED])
     finally:
@@ -238,12 +284,17 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
             await worker.stop(timeout=1)
     # 2. No worker yet: the withdrawal lands first; the job waits in its queue.
     release.clear()
+    store.withdrawn.clear()
     gate = Gate(producer, after=lost)
     gate.open.set()
+    gate.lose.set()
     task = echo.options(job_id="withdrawn-first")
     with pytest.raises(ConnectionLostError):
         await task.send(task.arguments.encode((2,), {}), gate, tasks)
-    await _until(store, "withdrawn-first", [None])
+    async with asyncio.timeout(WAIT):
+        await store.withdrawn.wait()
+    assert store.withdrawals["withdrawn-first"] is True
+    assert await _state(store, "withdrawn-first") is None
     release.set()
     seen: list[JobState | None] = []
     workers = tasks.workers(amqp_url, concurrency=2)

@@ -138,7 +138,8 @@ class Write(_WriteFields):
     is already succeeded or cancelled, its cancel was requested, or it is running or retrying
     in the same run or a later one and the delivery was not redelivered (`requeue=True` on a
     claim: the message came back to the queue, its worker gone). A refused claim is followed
-    by a `CANCELLED` claim, applied only to a job whose cancel was requested.
+    by a `CANCELLED` claim, applied only to a job whose cancel was requested. A withdrawal
+    (attempt 0, `withdrawal()`) takes back an enqueue's `queued` record whose publish failed.
 
     Immutable, built with keyword arguments: `job_id`, `task`, `queue`, `state`, `at` (Unix
     seconds of the change), then optionally `attempt` (1), `defers` (0), `claim`, `requeue`,
