@@ -169,7 +169,6 @@ class SQLiteStore:
         params = [write_params(w, self.ttl) for w in writes]
         claims = [w.claim for w in writes]
         sql, gsql = self._sql, self._gsql
-        withdraw = sql.withdraw.format(ids="?")
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         if purge:
@@ -179,11 +178,8 @@ class SQLiteStore:
             applied = []
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for p, claim, write in zip(params, claims, writes, strict=True):
-                    if not write.attempt:  # a withdrawal (attempt 0): `withdrawal()`
-                        cursor = conn.execute(withdraw, (write.job_id,))
-                    else:
-                        cursor = conn.execute(sql.claim if claim else sql.write, p)
+                for p, claim in zip(params, claims, strict=True):
+                    cursor = conn.execute(sql.claim if claim else sql.write, p)
                     applied.append(cursor.fetchone() is not None)
                 if purge:
                     conn.execute(sql.purge, {"now": now, "oldest": now - self.ttl})
@@ -211,6 +207,14 @@ class SQLiteStore:
             return conn.execute(self._sql.cancels.format(ids=_JSON_IDS), params).fetchall()
 
         return {row[0] for row in await self._run(read, "reading cancel requests")}
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": json.dumps(list(job_ids))}
+
+        def withdraw(conn: sqlite3.Connection) -> Any:  # one statement: its own transaction
+            return conn.execute(self._sql.withdraw.format(ids=_JSON_IDS), params).fetchall()
+
+        return {row[0] for row in await self._run(withdraw, "withdrawing queued records")}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}

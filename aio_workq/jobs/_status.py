@@ -138,8 +138,9 @@ class Write(_WriteFields):
     is already succeeded or cancelled, its cancel was requested, or it is running or retrying
     in the same run or a later one and the delivery was not redelivered (`requeue=True` on a
     claim: the message came back to the queue, its worker gone). A refused claim is followed
-    by a `CANCELLED` claim, applied only to a job whose cancel was requested. A withdrawal
-    (attempt 0, `withdrawal()`) takes back an enqueue's `queued` record whose publish failed.
+    by a `CANCELLED` claim, applied only to a job whose cancel was requested. Taking back an
+    enqueue's `queued` record whose publish failed is no write: it is the store's
+    `withdraw()` (`Withdrawals`, optional), and `record()` is never sent one.
 
     Immutable, built with keyword arguments: `job_id`, `task`, `queue`, `state`, `at` (Unix
     seconds of the change), then optionally `attempt` (1), `defers` (0), `claim`, `requeue`,
@@ -185,11 +186,6 @@ class Write(_WriteFields):
     def finished(self) -> bool:
         return self.state in TERMINAL
 
-    @property
-    def withdraws(self) -> bool:
-        """A withdrawal (`withdrawal()`): attempt 0, which no run has."""
-        return self.attempt == 0
-
 
 new_write = cast("Callable[[type[Write], tuple[Any, ...]], Write]", _tuple)
 """`new_write(Write, (job_id, task, queue, state, at, attempt, defers, claim, requeue,
@@ -199,12 +195,11 @@ writes every tracked job makes (its `queued`, its claim, its `succeeded`, #23)."
 
 
 def withdrawal(queued: Write, at: float) -> Write:
-    """The write that takes back an enqueue's `queued` record when its publish failed (#23):
-    a store deletes the record if it still is that record (`queued`, never started, no cancel
-    requested), and leaves any other alone: a worker's claim or outcome (a publish whose
-    confirm was lost may still have been delivered), a requeued job (started before).
-    Marked by attempt 0, which no run has; it is its job's last write in a batch, and a store
-    applies it after the batch's other writes. Applied: whether a record was deleted."""
+    """The mark an enqueue's batches (`GroupCommit`) carry for an enqueue's `queued` record
+    taken back, its publish failed (#23): attempt 0, which no run has, its job's last write in
+    a batch. `WriteBatches` sends it to the store's `withdraw()` (`Withdrawals`: the record is
+    deleted only while it still is the enqueue's), never to `record()`, and only to a store
+    that declares `withdraw()`."""
     return new_write(Write, (
         queued.job_id, queued.task, queued.queue, JobState.QUEUED, at, 0, 0, False, False,
         None, None, None, None, None,

@@ -321,19 +321,29 @@ class Task(Generic[P, R]):
             job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
             False, None, None, None, None, None,
         ))  # fmt: skip
+        registry = self._registry
+        commits = registry.commits(store)
+        if not commits.overlaps:  # a store that can't take a record back (no `Withdrawals`)
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
+            # batched with the concurrent enqueues' records, one transaction; while the
+            # store is down, kept and written when it is back (not waited for)
+            await commits.commit(write)  # a future: no coroutine between (#23)
+            return JobHandle(job_id, context=context, validate=self.result_validator())
         # The `queued` record goes out with the publish, batched with the concurrent
         # enqueues' records (one transaction), and the two round trips overlap (#23). A
         # worker's claim or outcome that lands first stays (`RANK`); while the store is down
         # the record is kept and written when it is back (not waited for).
-        registry = self._registry
-        committed = registry.queued(store, write)
+        committed = commits.commit(write)
         try:
             await publisher.publish(
                 body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
                 content_type=JSON, **options,
             )  # fmt: skip
         except BaseException:  # not confirmed (or cancelled): the record is taken back
-            registry.withdraw(store, write)
+            commits.withdraw(write)
             raise
         await committed  # a future: no coroutine between (#23)
         return JobHandle(job_id, context=context, validate=self.result_validator())
@@ -442,13 +452,6 @@ class Tasks:
         if commits is None or commits.store is not store:
             commits = self._commits = GroupCommit(store)
         return commits
-
-    def withdraw(self, store: JobStore, write: Write) -> None:
-        """Take back an enqueue's `queued` write (`queued()`) whose publish failed: the
-        record is deleted unless a worker's write came after it (`withdrawal()`)."""
-        commits = self._commits
-        if commits is not None and commits.store is store:
-            commits.withdraw(write)
 
     def bind(self, producer: Publisher, *, store: JobStore | None = None) -> Tasks:
         """Enqueue through `producer` from now on (and keep states in `store`, if given).

@@ -10,7 +10,7 @@ import operator
 import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from importlib import resources
 from itertools import compress
 from typing import Any
@@ -62,9 +62,8 @@ batch, never all in one statement that could outlast the store's timeout and fai
 _MEMBERS = 2  # the members' purge among `_purge_some`
 _DELETE = re.compile(r"DELETE FROM (\S+) WHERE (.+)", re.DOTALL)
 # A write's fields by their place in its tuple (cheaper than by name, once per write).
-_JOB_ID, _CLAIM_OF, _REQUEUE, _ATTEMPT = (
-    operator.itemgetter(Write._fields.index(name))
-    for name in ("job_id", "claim", "requeue", "attempt")
+_JOB_ID, _CLAIM_OF, _REQUEUE = (
+    operator.itemgetter(Write._fields.index(name)) for name in ("job_id", "claim", "requeue")
 )
 # A batch's writes as rows: one array parameter per field (SQL.round reads them), sent in
 # PostgreSQL's binary array format, built here (`Columns`) in one go per column.
@@ -95,28 +94,6 @@ def _plan(writes: Sequence[Write]) -> list[dict[str, list[int]]]:
     written = list(compress(order, map(operator.not_, flags)))
     # The kinds in the order they first appear, as `rounds` has them (the statement's text).
     return [{CLAIM: claimed, WRITE: written} if claims[0] else {WRITE: written, CLAIM: claimed}]
-
-
-_Record = Callable[[Sequence[Write], Callable[[Any], Awaitable[None]]], Awaitable[list[bool]]]
-
-
-async def _withdrawing(record: _Record, statement: str, writes: Sequence[Write]) -> list[bool]:
-    """`PostgresStore.record()` of a batch with withdrawals (`withdrawal()`, rare: a failed
-    enqueue's): the other writes in their statements, then the withdrawals in one more, all in
-    one transaction (a withdrawal is its job's last write in a batch)."""
-    rest = [i for i, w in enumerate(writes) if w.attempt]
-    gone = [w.job_id for w in writes if not w.attempt]
-    deleted: set[str] = set()
-
-    async def withdraw(conn: Any) -> None:
-        cursor = await conn.execute(statement, {"ids": gone})
-        deleted.update(row[0] for row in await cursor.fetchall())
-
-    answers = await record([writes[i] for i in rest], withdraw)
-    applied = [not w.attempt and w.job_id in deleted for w in writes]
-    for i, answer in zip(rest, answers, strict=True):
-        applied[i] = answer
-    return applied
 
 
 def _bounded(delete: str) -> str:
@@ -266,36 +243,27 @@ class PostgresStore:
         return statement
 
     async def record(self, writes: Sequence[Write]) -> list[bool]:
-        if 0 in map(_ATTEMPT, writes):  # withdrawals (a failed enqueue's, rare): after the rest
-            return await _withdrawing(self._record, self._withdraw, writes)
-        return await self._record(writes)
-
-    async def _record(
-        self, writes: Sequence[Write], then: Callable[[Any], Awaitable[None]] | None = None
-    ) -> list[bool]:
         now = time.time()
         purge = now - self._last_purge > _PURGE_EVERY
         applied = [False] * len(writes)
-        plan = _plan(writes) if writes else []
+        plan = _plan(writes)
 
         async def apply(conn: Any) -> None:
             # One statement per round (one round unless a job is written twice), a part per
             # kind of write. One round runs on its own (its own transaction, one round trip);
             # more run in order in one transaction. A failed statement fails the whole batch.
             autocommit = conn.autocommit
-            if len(plan) == 1 and then is None and not autocommit:
+            if len(plan) == 1 and not autocommit:
                 await conn.set_autocommit(True)
             try:
                 if purge and await _purge_part(conn, self._purge_some, now, self.ttl):
                     self._last_purge = now  # else the next batch deletes the next part
-                if len(plan) == 1 and then is None:
+                if len(plan) == 1:
                     await self._apply(conn, writes, plan[0], applied)
                 else:
                     async with conn.transaction():
                         for kinds in plan:
                             await self._apply(conn, writes, kinds, applied)
-                        if then is not None:
-                            await then(conn)
             finally:
                 if conn.autocommit != autocommit:
                     await conn.set_autocommit(autocommit)
@@ -346,6 +314,16 @@ class PostgresStore:
             return await cursor.fetchall()
 
         return {row[0] for row in await self._run("reading cancel requests", read)}
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": list(job_ids)}
+
+        async def withdraw(conn: Any) -> Any:  # one statement: its own transaction
+            cursor = await conn.execute(self._withdraw, params)
+            return await cursor.fetchall()
+
+        rows = await self._run("withdrawing queued records", withdraw, detach=False)
+        return {row[0] for row in rows}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
