@@ -33,8 +33,8 @@ _ATTEMPT = operator.itemgetter(Write._fields.index("attempt"))  # 0: a withdrawa
 
 
 class _Handover:
-    """`WriteBatches`' end: closing, and what is left of it for another event loop's batches
-    (a class of its own: one would be over 250 lines)."""
+    """`WriteBatches`' rarer parts: an enqueue's withdrawal, closing, and what is left of it
+    for another event loop's batches (a class of its own: one would be over 250 lines)."""
 
     _closed: bool
     _flusher: asyncio.Task[None] | None
@@ -49,6 +49,16 @@ class _Handover:
 
     def _keep(self, write: Write, *, older: bool = False) -> None:
         raise NotImplementedError
+
+    def write(self, write: Write) -> None:
+        raise NotImplementedError
+
+    def withdraw(self, withdrawal: Write) -> None:
+        """Send `withdrawal` (`withdrawal()`: an enqueue's record taken back, its publish
+        failed) soon, after the writes before it; never waits. Only for a store that declares
+        `Withdrawals`: it goes to `withdraw()`, never to `record()`."""
+        self._withdraws = True  # from now on, batches are looked through for withdrawals
+        self.write(withdrawal)
 
     def adopt(self, writes: list[Write]) -> None:
         """Keep `writes` (another event loop's, left when it closed) and record them soon."""
@@ -151,13 +161,6 @@ class WriteBatches(_Handover):
             self._futures.append(None)
             if not self._kicked:
                 self._kick()
-
-    def withdraw(self, withdrawal: Write) -> None:
-        """Send `withdrawal` (`withdrawal()`: an enqueue's record taken back, its publish
-        failed) soon, after the writes before it; never waits. Only for a store that declares
-        `Withdrawals`: it goes to `withdraw()`, never to `record()`."""
-        self._withdraws = True  # from now on, batches are looked through for withdrawals
-        self.write(withdrawal)
 
     def _enqueue(self, write: Write, future: asyncio.Future[bool] | None) -> None:
         self._queued.append(write)

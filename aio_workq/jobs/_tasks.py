@@ -3,7 +3,6 @@ arguments, run every task of a registry with one worker per queue."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import re
@@ -435,15 +434,6 @@ class Tasks:
     def tasks(self) -> Mapping[str, Task[Any, Any]]:
         """The tasks declared, by name."""
         return dict(self._tasks)
-
-    def queued(self, store: JobStore, write: Write) -> asyncio.Future[bool]:
-        """Record an enqueue's `queued` write in `store`, in one transaction with the
-        concurrent enqueues' writes: the future is done once it is committed, or at once while
-        the store is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
-        commits = self._commits
-        if commits is None or commits.store is not store:
-            commits = self.commits(store)
-        return commits.commit(write)
 
     def commits(self, store: JobStore) -> GroupCommit:
         """The enqueues' `queued` records for `store`, batched (a `SyncProducer` closes its
