@@ -352,7 +352,9 @@ async def _withdrawing(store: JobStore, writes: list[Write]) -> list[bool]:
     write in it: the other writes with `record()`, then the withdrawals with `withdraw()`
     (`Withdrawals`); for each write, whether it was applied. A withdrawal is never sent to
     `record()`, where a store would take it for a `queued` record: for a store without
-    `withdraw()` (never sent one: `GroupCommit.overlaps`) it is dropped."""
+    `withdraw()` (never sent one: `GroupCommit.overlaps`) it is dropped. Two transactions: a
+    `withdraw()` that fails after `record()` fails the batch, kept whole for the catch-up (a
+    `queued` write applied twice changes nothing the second time)."""
     rest = [write for write in writes if write.attempt]
     answers = iter(await store.record(rest) if rest else ())
     gone: set[str] = set()

@@ -275,12 +275,14 @@ class Task(Generic[P, R]):
 
         The arguments are bound to the function's signature and validated as its parameters'
         types before anything is sent. With a store, the job is recorded as queued before this
-        returns: the record is sent as the publish goes out, and this waits for both; if the
-        store is unreachable the job is still sent and the record kept and written when the
-        store answers again (the first enqueue to find it down waits for the store's timeout,
-        5 s, the ones after it don't wait). If the publish fails (or this is cancelled), the
-        record is taken back unless a worker's state came after it: the id then reads as
-        unknown until a worker runs the job, if the broker had it after all (a lost confirm).
+        returns; if the store is unreachable the job is still sent and the record kept and
+        written when the store answers again (the first enqueue to find it down waits for the
+        store's timeout, 5 s, the ones after it don't wait). With a store that implements
+        `Withdrawals` (the three shipped), the record is sent as the publish goes out and this
+        waits for both; if the publish fails (or this is cancelled), the record is taken back
+        unless a worker's state came after it. With any other store, the record is sent once
+        the broker confirmed the publish. Either way, a job whose enqueue raised reads as
+        unknown until a worker runs it, if the broker had it after all (a lost confirm).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
