@@ -583,3 +583,74 @@ def test_the_withdrawal_mark_is_never_a_write_a_run_has() -> None:
     queued = _w("m", JobState.QUEUED)
     mark = withdrawal(queued, time.time())
     assert (mark.job_id, mark.attempt, queued.attempt) == ("m", 0, 1)
+
+
+class WithdrawFailsOnce(Watched):
+    """A `Watched` store whose first `withdraw()` fails (the store unreachable in between)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        if not self.failed:
+            self.failed = True
+            raise StoreError("down between record() and withdraw() (test)")
+        return await super().withdraw(job_ids)
+
+
+async def test_a_withdraw_that_fails_after_its_batchs_record_is_caught_up() -> None:
+    """A batch of a record and another job's withdrawal: `record()` applied, `withdraw()`
+    failed: the batch counts as failed and is caught up whole once the store answers; the
+    withdrawn job reads unknown, the other `queued`, and `record()` was never sent the
+    withdrawal."""
+    store = WithdrawFailsOnce()
+    gone = _w("gone", JobState.QUEUED)
+    assert await store.record([gone]) == [True]
+    commits = GroupCommit(store, timeout=WAIT)
+    kept = commits.commit(_w("kept", JobState.QUEUED))
+    commits.withdraw(gone)
+    assert await asyncio.wait_for(kept, WAIT)
+    await commits.close(timeout=WAIT)
+    assert store.failed and store.withdrawals == {"gone": True}
+    assert (await _state(store, "gone"), await _state(store, "kept")) == (None, JobState.QUEUED)
+    _queued_of(store, "gone")  # no write of attempt 0 was sent to record()
+
+
+async def test_withdrawals_handed_to_another_loops_batches_still_go_to_withdraw() -> None:
+    """Batches that kept a withdrawal while the store was down hand it over (their event
+    loop closing) to batches that never withdrew anything themselves: those send it to
+    `withdraw()`, not to `record()`."""
+    store = Watched()
+    assert await store.record([_w("y", JobState.QUEUED)]) == [True]
+    down = Failing()
+    closing = GroupCommit(down, timeout=WAIT)
+    queued = _w("y", JobState.QUEUED)
+    assert await asyncio.wait_for(closing.commit(queued), WAIT)  # failed: kept
+    closing.withdraw(queued)
+    batches = closing._batches[asyncio.get_running_loop()]
+    left = batches.left()
+    assert [w.attempt for w in left] == [0]  # the withdrawal replaced the record kept
+    await closing.close(timeout=WAIT)
+    taker = GroupCommit(store, timeout=WAIT)
+    assert await asyncio.wait_for(taker.commit(_w("z", JobState.QUEUED)), WAIT)
+    taker._batches[asyncio.get_running_loop()].adopt(left)
+    await taker.close(timeout=WAIT)
+    assert store.withdrawals == {"y": True}
+    assert await _state(store, "y") is None
+    _queued_of(store, "y")
+
+
+async def test_batches_to_a_store_of_the_old_protocol_never_send_it_a_withdrawal() -> None:
+    """Should a withdrawal reach the batches of a store without `withdraw()` (the enqueue
+    never makes one for it), it is dropped, never sent to `record()` as a `queued` row."""
+    store = OldStore(MemoryStore())
+    commits = GroupCommit(store, timeout=WAIT)
+    queued = _w("w", JobState.QUEUED)
+    assert await asyncio.wait_for(commits.commit(queued), WAIT)
+    commits.withdraw(queued)  # nothing for this store
+    batches = commits._batches[asyncio.get_running_loop()]
+    batches.withdraw(withdrawal(queued, time.time()))  # reached it anyway: dropped
+    await commits.close(timeout=WAIT)
+    assert _queued_of(store, "w") == [queued]
+    assert await _state(store, "w") is JobState.QUEUED
