@@ -52,6 +52,7 @@ from ._status import Write as Write
 from ._store import CancelRequests as CancelRequests
 from ._store import JobStore as JobStore
 from ._store import MemoryStore as MemoryStore
+from ._store import Withdrawals as Withdrawals
 from ._tasks import Task as Task
 from ._tasks import Tasks as Tasks
 
@@ -88,5 +89,6 @@ __all__ = [
     "TaskArgumentError",
     "Tasks",
     "TaskWorker",
+    "Withdrawals",
     "Write",
 ]

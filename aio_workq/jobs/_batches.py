@@ -19,7 +19,7 @@ from typing import Any
 
 from ._errors import StoreError
 from ._status import JobState, Write
-from ._store import JobStore
+from ._store import JobStore, Withdrawals
 
 __all__ = ("LANES", "WriteBatches", "ids")
 
@@ -27,13 +27,14 @@ log = logging.getLogger("aio_workq.jobs")
 
 _RETRY_FIRST, _RETRY_CAP = 0.5, 2.0  # a retry while down costs a store attempt, little else
 LANES = 2
-_JOB_ID = operator.attrgetter("job_id")
 """Store transactions a recorder (or an enqueue's `GroupCommit`) has in flight at once."""
+_JOB_ID = operator.attrgetter("job_id")
+_ATTEMPT = operator.itemgetter(Write._fields.index("attempt"))  # 0: a withdrawal
 
 
 class _Handover:
-    """`WriteBatches`' end: closing, and what is left of it for another event loop's batches
-    (a class of its own: one would be over 250 lines)."""
+    """`WriteBatches`' rarer parts: an enqueue's withdrawal, closing, and what is left of it
+    for another event loop's batches (a class of its own: one would be over 250 lines)."""
 
     _closed: bool
     _flusher: asyncio.Task[None] | None
@@ -42,14 +43,27 @@ class _Handover:
     _idle: asyncio.Event
     _pending: dict[str, Write]
     _queued: list[Write]
+    _withdraws: bool
     _futures: list[asyncio.Future[bool] | None]
     down: bool
 
     def _keep(self, write: Write, *, older: bool = False) -> None:
         raise NotImplementedError
 
+    def write(self, write: Write) -> None:
+        raise NotImplementedError
+
+    def withdraw(self, withdrawal: Write) -> None:
+        """Send `withdrawal` (`withdrawal()`: an enqueue's record taken back, its publish
+        failed) soon, after the writes before it; never waits. Only for a store that declares
+        `Withdrawals`: it goes to `withdraw()`, never to `record()`."""
+        self._withdraws = True  # from now on, batches are looked through for withdrawals
+        self.write(withdrawal)
+
     def adopt(self, writes: list[Write]) -> None:
         """Keep `writes` (another event loop's, left when it closed) and record them soon."""
+        if not all(write.attempt for write in writes):
+            self._withdraws = True  # withdrawals among them (`withdraw()`)
         for write in writes:
             self._keep(write, older=True)
 
@@ -114,6 +128,7 @@ class WriteBatches(_Handover):
         self._backoff = _RETRY_FIRST
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._withdraws = False  # `withdraw()` was called: a batch may hold withdrawals
 
     def commit(self, write: Write) -> asyncio.Future[bool]:
         """Send `write` with the next batch; the future is the store's answer: for a claim
@@ -266,7 +281,10 @@ class WriteBatches(_Handover):
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    applied = await self.store.record(writes)
+                    if self._withdraws and 0 in map(_ATTEMPT, writes):  # `withdraw()`
+                        applied = await _withdrawing(self.store, writes)
+                    else:
+                        applied = await self.store.record(writes)
             except Exception as exc:
                 self._store_down(exc, caught_up, batch, answers)
                 return False
@@ -318,12 +336,31 @@ class WriteBatches(_Handover):
         self._queued, self._futures = [], []
         for write in caught_up:
             self._keep(write, older=True)
-        for writes, futures, older in ((batch, answers, True), (held, waiting, False)):
+        # (the failed batch from its last write back: the latest write of each job in it is
+        # the one kept, an earlier one of the same job is older still)
+        failed = (batch[::-1], answers[::-1], True)
+        for writes, futures, older in (failed, (held, waiting, False)):
             for write, future in zip(writes, futures, strict=True):
                 if future is not None and not future.done():
                     future.set_result(True)  # the job runs: the queue does not wait for it
                 plain = not write.claim or write.state is JobState.CANCELLED  # a follow-up's
                 self._keep(write if plain else _plain(write), older=older)
+
+
+async def _withdrawing(store: JobStore, writes: list[Write]) -> list[bool]:
+    """`store.record()` of a batch holding withdrawals (`withdrawal()`), each its job's last
+    write in it: the other writes with `record()`, then the withdrawals with `withdraw()`
+    (`Withdrawals`); for each write, whether it was applied. A withdrawal is never sent to
+    `record()`, where a store would take it for a `queued` record: for a store without
+    `withdraw()` (never sent one: `GroupCommit.overlaps`) it is dropped. Two transactions: a
+    `withdraw()` that fails after `record()` fails the batch, kept whole for the catch-up (a
+    `queued` write applied twice changes nothing the second time)."""
+    rest = [write for write in writes if write.attempt]
+    answers = iter(await store.record(rest) if rest else ())
+    gone: set[str] = set()
+    if isinstance(store, Withdrawals):
+        gone = await store.withdraw([write.job_id for write in writes if not write.attempt])
+    return [next(answers) if write.attempt else write.job_id in gone for write in writes]
 
 
 def ids(writes: list[Write], most: int = 20) -> str:

@@ -28,8 +28,8 @@ from ._batches import WriteBatches, ids
 from ._errors import Cancelled, StoreError
 from ._handle import TASK_HEADER
 from ._json import encode_typed
-from ._status import JobState, Write, new_write, storable
-from ._store import CancelRequests, JobStore
+from ._status import JobState, Write, new_write, storable, withdrawal
+from ._store import CancelRequests, JobStore, Withdrawals
 
 __all__ = ("QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job")
 
@@ -486,6 +486,10 @@ class GroupCommit:
         self, store: JobStore, *, buffer: int = 10_000, timeout: float = QUEUED_RECORD_TIMEOUT
     ) -> None:
         self.store = store
+        self.overlaps = isinstance(store, Withdrawals)
+        """Whether an enqueue's record may go out with its publish: the store takes a record
+        back (`Withdrawals`), so `withdraw()` is sent it; else the enqueue sends its record
+        once the publish is confirmed, and `withdraw()` does nothing."""
         self._buffer, self._timeout = buffer, timeout
         self._batches: dict[asyncio.AbstractEventLoop, WriteBatches] = {}
         self._lock = threading.Lock()  # the loops' threads add and take batches
@@ -507,6 +511,16 @@ class GroupCommit:
         batches = self._batches.get(loop) or self._made_on(loop)
         self._last = (loop, batches)
         return batches.commit(write)
+
+    def withdraw(self, queued: Write) -> None:
+        """Take back `queued` (committed with `commit()`, on this loop): its publish failed.
+        Sent after it (a batch in flight holding it goes first), never waited for; while the
+        store is down it replaces the record kept (`Withdrawals` says what a store does).
+        Nothing for a store without `withdraw()` (`overlaps`), which is never sent the record
+        of an enqueue not confirmed."""
+        batches = self._batches.get(asyncio.get_running_loop())
+        if batches is not None and self.overlaps:
+            batches.withdraw(withdrawal(queued, time.time()))
 
     def _made_on(self, loop: asyncio.AbstractEventLoop) -> WriteBatches:
         """The batches of `loop`, made now; they take over what the batches of loops closed

@@ -208,6 +208,14 @@ class SQLiteStore:
 
         return {row[0] for row in await self._run(read, "reading cancel requests")}
 
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": json.dumps(list(job_ids))}
+
+        def withdraw(conn: sqlite3.Connection) -> Any:  # one statement: its own transaction
+            return conn.execute(self._sql.withdraw.format(ids=_JSON_IDS), params).fetchall()
+
+        return {row[0] for row in await self._run(withdraw, "withdrawing queued records")}
+
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
         sql = self._sql

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, cast
 
 __all__ = (
     "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "new_write", "storable",
-    "timestamp", "unstorable_id",
+    "timestamp", "unstorable_id", "withdrawal",
 )  # fmt: skip
 
 
@@ -84,8 +84,8 @@ class JobStatus:
     """A cancel was asked for while it ran: its worker was told to stop it."""
     created_at: datetime | None = None
     """When the job was enqueued; when a worker started it before the enqueue's own record
-    reached the store (that record is written once the broker confirmed the publish), when it
-    was first started, the same as `started_at`."""
+    reached the store (that record is sent as the publish goes out, batched with other
+    enqueues), when it was first started, the same as `started_at`."""
     started_at: datetime | None = None
     finished_at: datetime | None = None
     updated_at: datetime | None = None
@@ -138,7 +138,9 @@ class Write(_WriteFields):
     is already succeeded or cancelled, its cancel was requested, or it is running or retrying
     in the same run or a later one and the delivery was not redelivered (`requeue=True` on a
     claim: the message came back to the queue, its worker gone). A refused claim is followed
-    by a `CANCELLED` claim, applied only to a job whose cancel was requested.
+    by a `CANCELLED` claim, applied only to a job whose cancel was requested. Taking back an
+    enqueue's `queued` record whose publish failed is no write: it is the store's
+    `withdraw()` (`Withdrawals`, optional), and `record()` is never sent one.
 
     Immutable, built with keyword arguments: `job_id`, `task`, `queue`, `state`, `at` (Unix
     seconds of the change), then optionally `attempt` (1), `defers` (0), `claim`, `requeue`,
@@ -190,3 +192,15 @@ new_write = cast("Callable[[type[Write], tuple[Any, ...]], Write]", _tuple)
 next_retry_at, error_type, error_message, result, content_type))`: a `Write` from all its
 fields in order, without `Write.__new__`'s call with keywords (a third of the cost): for the
 writes every tracked job makes (its `queued`, its claim, its `succeeded`, #23)."""
+
+
+def withdrawal(queued: Write, at: float) -> Write:
+    """The mark an enqueue's batches (`GroupCommit`) carry for an enqueue's `queued` record
+    taken back, its publish failed (#23): attempt 0, which no run has, its job's last write in
+    a batch. `WriteBatches` sends it to the store's `withdraw()` (`Withdrawals`: the record is
+    deleted only while it still is the enqueue's), never to `record()`, and only to a store
+    that declares `withdraw()`."""
+    return new_write(Write, (
+        queued.job_id, queued.task, queued.queue, JobState.QUEUED, at, 0, 0, False, False,
+        None, None, None, None, None,
+    ))  # fmt: skip

@@ -19,7 +19,7 @@ from ._status import RANK, TERMINAL, JobRecord, JobState, JobStatus, Write, time
 
 __all__ = (
     "CLAIM", "DAY", "RECLAIM", "REQUEUE", "ROWS", "WRITE", "CancelRequests", "JobStore",
-    "MemoryStore", "SQL", "check_ttl", "row_record", "rounds", "write_params",
+    "MemoryStore", "SQL", "Withdrawals", "check_ttl", "row_record", "rounds", "write_params",
 )  # fmt: skip
 
 DAY = 86_400.0
@@ -67,6 +67,22 @@ class CancelRequests(Protocol):
 
     async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
         """Those of `job_ids` whose cancel was requested (a record past its TTL is absent)."""
+        ...
+
+
+@runtime_checkable
+class Withdrawals(Protocol):
+    """A store that takes back an enqueue's `queued` record (`SQLiteStore`, `PostgresStore`,
+    `MemoryStore`): a tracked enqueue into it sends the record as the publish goes out and
+    waits for both at once (#23), and withdraws the record if the publish then fails or the
+    enqueue is cancelled. A store without it is sent the record only once the broker
+    confirmed the publish (one round trip after the other), and never a withdrawal."""
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        """Delete, in one transaction, the records of `job_ids` that are still an enqueue's
+        own: `queued`, never started, no cancel requested; leave any other record alone (a
+        worker's claim or outcome, a job handed back to its queue, a cancelled one: a publish
+        whose confirm was lost may still have been delivered). Returns the ids deleted."""
         ...
 
 
@@ -189,6 +205,11 @@ class SQL:
                 kind: upsert.format(source=many.format(rows=rows.format(p=f"{kind}_")), rule=rule)
                 for kind, rule in rules.items()
             }
+        # `Withdrawals.withdraw()`: the enqueue's own record, if nothing came after it.
+        self.withdraw = (  # `{ids}`: the store's way to take a list of ids
+            f"DELETE FROM {table} WHERE job_id IN ({{ids}}) AND state = 'queued' "
+            "AND started_at IS NULL AND NOT cancel_requested RETURNING job_id"
+        )
         self.get = f"SELECT {COLUMNS} FROM {table} WHERE job_id = :job_id AND expires_at > :now"
         self.cancels = (  # `{ids}`: the store's way to take a list of ids
             f"SELECT job_id FROM {table} WHERE job_id IN ({{ids}}) AND cancel_requested "
@@ -373,6 +394,20 @@ class MemoryStore:
         now = time.time()
         rows = filter(None, map(self._rows.get, job_ids))
         return {r["job_id"] for r in rows if r["cancel_requested"] and r["expires_at"] > now}
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        deleted = set()
+        for job_id in job_ids:
+            row = self._rows.get(job_id)
+            if (
+                row is not None
+                and row["state"] == "queued"
+                and row["started_at"] is None
+                and not row["cancel_requested"]
+            ):
+                del self._rows[job_id]
+                deleted.add(job_id)
+        return deleted
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         row = self._rows.get(job_id)

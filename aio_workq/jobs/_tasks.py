@@ -3,7 +3,6 @@ arguments, run every task of a registry with one worker per queue."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
 import re
@@ -278,7 +277,12 @@ class Task(Generic[P, R]):
         types before anything is sent. With a store, the job is recorded as queued before this
         returns; if the store is unreachable the job is still sent and the record kept and
         written when the store answers again (the first enqueue to find it down waits for the
-        store's timeout, 5 s, the ones after it don't wait).
+        store's timeout, 5 s, the ones after it don't wait). With a store that implements
+        `Withdrawals` (the three shipped), the record is sent as the publish goes out and this
+        waits for both; if the publish fails (or this is cancelled), the record is taken back
+        unless a worker's state came after it. With any other store, the record is sent once
+        the broker confirmed the publish. Either way, a job whose enqueue raised reads as
+        unknown until a worker runs it, if the broker had it after all (a lost confirm).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -306,21 +310,43 @@ class Task(Generic[P, R]):
         """
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
-        # Its created time: a worker may start the job before the confirm is back.
-        enqueued_at = time.time()
-        await publisher.publish(
-            body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
-            content_type=JSON, **options,
-        )  # fmt: skip
         store = context.store
-        if store is not None:
-            write = new_write(Write, (
-                job_id, self.name, self.queue.name, JobState.QUEUED, enqueued_at, 1, 0, False,
-                False, None, None, None, None, None,
-            ))  # fmt: skip
+        if store is None:
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
+            return JobHandle(job_id, context=context, validate=self.result_validator())
+        # Its created time: a worker may start the job before the record is written.
+        write = new_write(Write, (
+            job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
+            False, None, None, None, None, None,
+        ))  # fmt: skip
+        registry = self._registry
+        commits = registry.commits(store)
+        if not commits.overlaps:  # a store that can't take a record back (no `Withdrawals`)
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
-            await self._registry.queued(store, write)  # a future: no coroutine between (#23)
+            await commits.commit(write)  # a future: no coroutine between (#23)
+            return JobHandle(job_id, context=context, validate=self.result_validator())
+        # The `queued` record goes out with the publish, batched with the concurrent
+        # enqueues' records (one transaction), and the two round trips overlap (#23). A
+        # worker's claim or outcome that lands first stays (`RANK`); while the store is down
+        # the record is kept and written when it is back (not waited for).
+        committed = commits.commit(write)
+        try:
+            await publisher.publish(
+                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
+                content_type=JSON, **options,
+            )  # fmt: skip
+        except BaseException:  # not confirmed (or cancelled): the record is taken back
+            commits.withdraw(write)
+            raise
+        await committed  # a future: no coroutine between (#23)
         return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
@@ -410,15 +436,6 @@ class Tasks:
     def tasks(self) -> Mapping[str, Task[Any, Any]]:
         """The tasks declared, by name."""
         return dict(self._tasks)
-
-    def queued(self, store: JobStore, write: Write) -> asyncio.Future[bool]:
-        """Record an enqueue's `queued` write in `store`, in one transaction with the
-        concurrent enqueues' writes: the future is done once it is committed, or at once while
-        the store is down (the write is kept and recorded when it answers again: `GroupCommit`)."""
-        commits = self._commits
-        if commits is None or commits.store is not store:
-            commits = self.commits(store)
-        return commits.commit(write)
 
     def commits(self, store: JobStore) -> GroupCommit:
         """The enqueues' `queued` records for `store`, batched (a `SyncProducer` closes its

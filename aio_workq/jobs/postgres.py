@@ -213,6 +213,7 @@ class PostgresStore:
         self._claim = _psycopg(sql.claim)
         self._get = _psycopg(sql.get)
         self._cancels = _psycopg(sql.cancels.format(ids="SELECT unnest(:ids::text[])"))
+        self._withdraw = _psycopg(sql.withdraw.format(ids="SELECT unnest(:ids::text[])"))
         self._recent = _psycopg(sql.recent)
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
         self._cancel_running = _psycopg(sql.cancel_running)
@@ -313,6 +314,16 @@ class PostgresStore:
             return await cursor.fetchall()
 
         return {row[0] for row in await self._run("reading cancel requests", read)}
+
+    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
+        params = {"ids": list(job_ids)}
+
+        async def withdraw(conn: Any) -> Any:  # one statement: its own transaction
+            cursor = await conn.execute(self._withdraw, params)
+            return await cursor.fetchall()
+
+        rows = await self._run("withdrawing queued records", withdraw, detach=False)
+        return {row[0] for row in rows}
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
