@@ -120,7 +120,7 @@ def _redacted(command: Sequence[str]) -> list[str]:
     """command with any broker URL (`--url X` or `--url=X`) shown without its password."""
     from aio_workq import redact_url
 
-    out = []
+    out: list[str] = []
     for arg in command:
         if arg.startswith("--url="):
             arg = "--url=" + redact_url(arg[len("--url=") :])

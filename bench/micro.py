@@ -140,10 +140,10 @@ class _Session(asyncio.Protocol):
             self.send(channel, commands.Basic.QosOk())
         elif name == "Basic.Consume":
             self.consumers += 1
-            tag = value.consumer_tag or f"ctag{self.consumers}"
-            self.send(channel, commands.Basic.ConsumeOk(tag))
+            ctag = value.consumer_tag or f"ctag{self.consumers}"
+            self.send(channel, commands.Basic.ConsumeOk(ctag))
             if self.consumers == 1 and self.deliver:
-                self.consuming = (channel, tag, value.queue)
+                self.consuming = (channel, ctag, value.queue)
                 self.deliver_more()
         elif name == "Basic.Cancel":
             self.send(channel, commands.Basic.CancelOk(value.consumer_tag))
@@ -187,7 +187,7 @@ def _serve(port_out: Any, deliver: int, confirm_every: int) -> None:
 
 def start_fake_broker(
     deliver: int = 0, confirm_every: int = 0
-) -> tuple[multiprocessing.Process, str]:
+) -> tuple[multiprocessing.process.BaseProcess, str]:
     """A fake broker in a child process; returns it and its URL. `confirm_every`: see
     `_Session` (0, the default: one multiple ack per read)."""
     ours, theirs = multiprocessing.Pipe()
@@ -373,7 +373,7 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     if args.uvloop:
-        import uvloop
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     if args.workload == "large":

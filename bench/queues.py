@@ -166,11 +166,10 @@ async def _start(
         if one is not None:
             await one.set_qos(prefetch_count=PREFETCH)
         for queue in queues:
-            channel = one
-            if channel is None:
-                channel = await connection.channel()
-                await channel.set_qos(prefetch_count=PREFETCH)
-            declared = await channel.declare_queue(queue, durable=True)
+            pika_channel = one if one is not None else await connection.channel()
+            if one is None:
+                await pika_channel.set_qos(prefetch_count=PREFETCH)
+            declared = await pika_channel.declare_queue(queue, durable=True)
             await declared.consume(on_pika)
 
 

@@ -147,7 +147,8 @@ async def _client_call(system: str, url: str, queue: str, stack: contextlib.Asyn
             waiting[cid] = future = loop.create_future()
             props = Basic.Properties(reply_to="amq.rabbitmq.reply-to", correlation_id=cid)
             await channel.basic_publish(body, routing_key=queue, properties=props)
-            return await future
+            reply: bytes = await future
+            return reply
 
         return call_raw
     if system == "aiopika":

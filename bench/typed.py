@@ -90,10 +90,10 @@ async def _main(url: str, n: int, rounds: int) -> int:
             rate = await _round(url, typed, n)
             rates[typed].append(rate)
             print(f"round {r + 1}: {'typed  ' if typed else 'untyped'} {rate:10,.0f} msg/s")
-    untyped, typed = statistics.median(rates[False]), statistics.median(rates[True])
+    untyped_rate, typed_rate = statistics.median(rates[False]), statistics.median(rates[True])
     print(
-        f"median of {rounds} round(s), {n:,} messages each: untyped {untyped:,.0f} msg/s, "
-        f"typed (pydantic) {typed:,.0f} msg/s, typed/untyped = {typed / untyped:.2f}"
+        f"median of {rounds} round(s), {n:,} messages each: untyped {untyped_rate:,.0f} msg/s, "
+        f"typed (pydantic) {typed_rate:,.0f} msg/s, typed/untyped = {typed_rate / untyped_rate:.2f}"
     )
     return 0
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from typing import Any
 
 from aio_workq import Job, Producer, Worker
 from bench.systems._common import Hook, System, Wire, main, payload, persistent_properties
@@ -40,7 +41,7 @@ class AioWorkq(System):
     async def setup(self) -> None:
         s = self.settings
         self._stack = contextlib.AsyncExitStack()
-        wide = {"channels": self.channels} if self.channels != 1 else {}
+        wide: dict[str, Any] = {"channels": self.channels} if self.channels != 1 else {}
         producer = Producer(s.url, queue_type=s.queue_type, **wide)
         self._producer = await self._stack.enter_async_context(producer)
         await self._producer.declare(s.queue)
