@@ -1,0 +1,55 @@
+"""The job layer's side roads under faults (review5): clocks that disagree, callers cancelled
+mid-call, a store restarted under a waiting call."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+
+from aio_workq.jobs import RateLimit
+from aio_workq.jobs.postgres import PostgresStore, migrate
+
+
+@pytest.fixture
+async def pg_store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
+    """A `PostgresStore` on a fresh schema, dropped after."""
+    schema = f"f_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    store = PostgresStore(postgres_dsn, schema=schema)
+    try:
+        yield store
+    finally:
+        await store.close()
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("skew", [30.0, -30.0])
+async def test_two_workers_whose_clocks_disagree_share_a_rate_limit_by_the_stores_clock(
+    pg_store: PostgresStore, skew: float
+) -> None:
+    """Two worker hosts, one's clock `skew` seconds off the other's, run jobs of one task
+    limited to 1/s. Each reserved its slot by its own clock: after the fast clock took a slot,
+    the slow one found the next one 31 s away and deferred its jobs (again and again while
+    the fast one ran: its defers run out, the job is dead-lettered); after the slow one, the
+    fast one found the slot 29 s in the past and ran at once (the limit exceeded: 2 jobs in
+    a second). Now PostgreSQL's clock decides the slots: the second worker waits one
+    interval, whichever clock is ahead."""
+    limit = RateLimit.of("1/s")
+    key = limit.bucket("clock.task", {})
+
+    async def take(now: float) -> float:
+        return await pg_store.take_token(
+            key, interval=limit.interval, tau=limit.tau, max_wait=limit.max_wait, now=now
+        )
+
+    first = await take(time.time() + skew)  # the first host, its clock off by `skew`
+    second = await take(time.time())  # the second host, on time
+    assert first <= 0.0  # an idle bucket: at once
+    assert 0.8 <= second <= 1.0 + 0.2, second  # the next slot: one interval on, no more
