@@ -3,6 +3,7 @@ mid-call, a store restarted under a waiting call."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -10,8 +11,9 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from aio_workq.jobs import RateLimit
+from aio_workq.jobs import JobRecord, JobState, RateLimit, Tasks, Write
 from aio_workq.jobs.postgres import PostgresStore, migrate
+from scripts.postgres import LocalPostgres
 
 
 @pytest.fixture
@@ -53,3 +55,49 @@ async def test_two_workers_whose_clocks_disagree_share_a_rate_limit_by_the_store
     second = await take(time.time())  # the second host, on time
     assert first <= 0.0  # an idle bucket: at once
     assert 0.8 <= second <= 1.0 + 0.2, second  # the next slot: one interval on, no more
+
+
+class _StopsAfterARead(PostgresStore):
+    """A `PostgresStore` whose server stops (for real) right after the first read answered:
+    the outage comes between two reads of one call."""
+
+    def __init__(self, node: LocalPostgres, schema: str) -> None:
+        super().__init__(node.dsn, schema=schema, timeout=2.0)
+        self.node = node
+        self.reads = 0
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        record = await super().get(job_id)
+        self.reads += 1
+        if self.reads == 1:
+            await asyncio.to_thread(self.node.stop)
+        return record
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+async def test_a_result_read_when_the_store_goes_down_after_the_job_was_found_done_is_returned(
+    own_postgres: LocalPostgres,
+) -> None:
+    """`result(timeout=...)` read the job's record twice: once (and more) to wait until it
+    was done, then again for its value. PostgreSQL going down between the two (a restart,
+    a failover) made the second read raise `StoreError` at once, although the first had the
+    value and the timeout had time left (a wait rides through an outage until its deadline);
+    a store that hung there stretched the call past its timeout by the store's own (5 s).
+    The value now comes from the read that found the job done."""
+    schema = f"f_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(own_postgres.dsn, autocommit=True) as conn:
+        await migrate(conn, schema=schema)
+    store = _StopsAfterARead(own_postgres, schema)
+    try:
+        write = Write(
+            job_id="done", task="t", queue="q", state=JobState.SUCCEEDED, at=time.time(),
+            result=b"42", content_type="application/json",
+        )  # fmt: skip
+        assert await store.record([write]) == [True]
+        started = time.monotonic()
+        assert await Tasks(store=store).job("done").result(timeout=10) == 42
+        assert time.monotonic() - started < 10
+        assert store.reads == 1
+    finally:
+        await store.close()
