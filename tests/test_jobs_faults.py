@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
+from aio_workq import IntegrationError, Producer
 from aio_workq.jobs import JobRecord, JobState, RateLimit, Tasks, Write
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from scripts.postgres import LocalPostgres
+from tests.forking import fork_running
 
 
 @pytest.fixture
@@ -101,3 +103,32 @@ async def test_a_result_read_when_the_store_goes_down_after_the_job_was_found_do
         assert store.reads == 1
     finally:
         await store.close()
+
+
+@pytest.mark.broker
+async def test_an_enqueue_in_a_forked_child_through_the_parents_producer_says_fork(
+    amqp_url: str, queue_name: str
+) -> None:
+    """A pre-forking server that started its `Producer` (and bound its `Tasks`) before
+    `fork()`: an enqueue in a child was refused with "started on another event loop (running
+    in another thread)" and advice about Django's views and threads, none of which the
+    child has. It now says the producer was started before fork(), in another process, and
+    to start one in each process after the fork; the parent's connection is untouched."""
+    async with Producer(amqp_url) as producer:
+        tasks = Tasks(producer=producer)
+
+        @tasks.task(queue=queue_name, name="fork.echo")
+        async def echo(i: int) -> int:
+            return i
+
+        await echo.enqueue(1)
+
+        async def child() -> None:
+            with pytest.raises(IntegrationError) as refused:
+                await echo.enqueue(2)
+            message = str(refused.value)
+            assert "fork()" in message and "another thread" not in message, message
+
+        forked = fork_running(child, timeout=20)
+        await forked.wait()
+        await echo.enqueue(3)  # the parent's producer goes on
