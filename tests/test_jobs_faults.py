@@ -7,15 +7,26 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from aio_workq import IntegrationError, Producer
-from aio_workq.jobs import JobRecord, JobState, RateLimit, Tasks, Write
+from aio_workq.jobs import (
+    GroupResult,
+    JobRecord,
+    JobState,
+    RateLimit,
+    SQLiteStore,
+    Tasks,
+    Write,
+    group,
+)
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from scripts.postgres import LocalPostgres
 from tests.forking import fork_running
+from tests.test_jobs import running
 
 
 @pytest.fixture
@@ -132,3 +143,41 @@ async def test_an_enqueue_in_a_forked_child_through_the_parents_producer_says_fo
         forked = fork_running(child, timeout=20)
         await forked.wait()
         await echo.enqueue(3)  # the parent's producer goes on
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("callback_queue", ["classic, declared", "quorum, not declared yet"])
+async def test_a_groups_callback_is_sent_by_a_member_worker_that_does_not_run_its_task(
+    amqp_url: str, tmp_path: Path, producer: Producer, callback_queue: str
+) -> None:
+    """The members run on workers of a registry without the callback's task (another
+    service). The worker that completes the group knew the callback's queue by name only and
+    declared it with the default spec: a callback queue of another type or other arguments
+    (here classic) refused that (PRECONDITION_FAILED), the member was deferred again and
+    again, and the callback never ran. Now a queue that exists is published to as it is; one
+    that does not is declared as before."""
+    suffix = uuid.uuid4().hex[:8]
+    store = tmp_path / "jobs.db"
+    app = Tasks(producer=producer, store=SQLiteStore(store))  # enqueues, runs the callback
+    members = Tasks(store=SQLiteStore(store))  # the members' service: no callback task
+
+    async def square(n: int) -> int:
+        return n * n
+
+    async def total(results: list[GroupResult]) -> int:
+        return sum(r.value for r in results)
+
+    square_task = app.task(queue=f"m-{suffix}", name="faults.square")(square)
+    members.task(queue=f"m-{suffix}", name="faults.square")(square)
+    classic = callback_queue.startswith("classic")
+    total_task = app.task(
+        queue=f"r-{suffix}", name="faults.total", queue_type="classic" if classic else None
+    )(total)
+    if classic:
+        await producer.declare(total_task.queue)
+    async with running(members, amqp_url):
+        handle = await group([square_task.s(n) for n in range(3)], then=total_task).enqueue()
+        for member in handle.members:  # the group completes with no callback worker up
+            assert await member.result(timeout=20) in (0, 1, 4)
+        async with running(app, amqp_url, queues=[f"r-{suffix}"]):
+            assert await handle.result(timeout=20) == 5
