@@ -23,6 +23,7 @@ from aio_workq.jobs import (
     Write,
     group,
 )
+from aio_workq.jobs._groupstore import CallbackDue
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from scripts.postgres import LocalPostgres
 from tests.forking import fork_running
@@ -181,3 +182,56 @@ async def test_a_groups_callback_is_sent_by_a_member_worker_that_does_not_run_it
             assert await member.result(timeout=20) in (0, 1, 4)
         async with running(app, amqp_url, queues=[f"r-{suffix}"]):
             assert await handle.result(timeout=20) == 5
+
+
+class _HangsAfterTheLastFinish(SQLiteStore):
+    """A `SQLiteStore` whose `finish_member` that claims the callback commits, then hangs
+    (until cancelled): the worker is stopped right after the member's terminal write."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.claimed = asyncio.Event()
+
+    async def finish_member(self, write: Write, *, group_id: str, index: int) -> CallbackDue | None:
+        due = await super().finish_member(write, group_id=group_id, index=index)
+        if due is not None and not self.claimed.is_set():
+            self.claimed.set()
+            await asyncio.Event().wait()  # the stop's cancellation ends this
+        return due
+
+
+@pytest.mark.broker
+async def test_a_worker_stopped_after_the_last_members_terminal_write_sends_the_callback_once(
+    amqp_url: str, tmp_path: Path, producer: Producer
+) -> None:
+    """SIGTERM (a graceful stop whose timeout runs out) while the member that completes the
+    group is between its terminal write (committed, the callback claimed) and the callback's
+    publish: the member is not acked, comes back to the next worker, finds the callback
+    claimed and not published, and publishes it; the callback runs once."""
+    suffix = uuid.uuid4().hex[:8]
+    store = _HangsAfterTheLastFinish(tmp_path / "jobs.db")
+    tasks = Tasks(producer=producer, store=store)
+    ran: list[int] = []
+
+    @tasks.task(queue=f"m-{suffix}", name="faults.one")
+    async def one(n: int) -> int:
+        return n
+
+    @tasks.task(queue=f"r-{suffix}", name="faults.sum")
+    async def total(results: list[GroupResult]) -> int:
+        ran.append(1)
+        return sum(r.value for r in results)
+
+    first = tasks.workers(amqp_url)
+    for worker in first:
+        await worker.start()
+    handle = await group([one.s(n) for n in range(3)], then=total).enqueue()
+    try:
+        async with asyncio.timeout(20):
+            await store.claimed.wait()
+    finally:
+        for worker in first:
+            await worker.stop(timeout=0.2)
+    async with running(tasks, amqp_url):
+        assert await handle.result(timeout=20) == 3
+    assert ran == [1]
