@@ -25,7 +25,8 @@ async def test_postgres_store_groups_from_several_connections(
     try:
         assert isinstance(stores[0], GroupStore) and isinstance(stores[0], RateStore)
         await check_group_claims(stores)
-        await check_token_takes(stores)
+        # (by the server's clock: the waits are from each statement's time, not `now`)
+        await check_token_takes(stores, slack=0.25)
         await check_group_id_reused(stores[0])
         assert await stores[0].purge() == 0
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
+import weakref
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, Literal, Unpack
 
@@ -207,7 +209,7 @@ class Producer:
         self._sender = Sender(publishers, self._router, self._timeout, self._hooks)
         self._publishers = publishers
         self._publisher = publishers[0]
-        self._loop = asyncio.get_running_loop()
+        self._loop = _started_on()
 
     async def close(self, timeout: float = 10.0) -> None:
         """Wait up to `timeout` for outstanding confirms, then close what this producer opened.
@@ -414,7 +416,27 @@ class Producer:
         return await router.declare(router.queue_spec(queue))
 
 
+_STARTED_IN: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+"""The process each loop a producer was started on belongs to: a forked child has a copy of
+the parent's loop object, and of the producer on it."""
+
+
+def _started_on() -> asyncio.AbstractEventLoop:
+    """The running loop, a producer's from now on (its process recorded)."""
+    loop = asyncio.get_running_loop()
+    _STARTED_IN[loop] = os.getpid()
+    return loop
+
+
 def _other_loop(loop: asyncio.AbstractEventLoop | None) -> str:
+    if loop is not None and _STARTED_IN.get(loop, os.getpid()) != os.getpid():
+        return (
+            "this producer was started before fork(), in the parent process: its connection "
+            "is the parent's, and can't be shared with a child. Start a Producer in each "
+            "process after the fork (in the app's lifespan or startup, or a pre-forking "
+            "server's post-fork hook), or use aio_workq.sync.SyncProducer, which opens a "
+            "connection of its own in a forked child"
+        )
     state = "closed since" if loop is None or loop.is_closed() else "running in another thread"
     return (
         f"this producer was started on another event loop ({state}): a Producer works only on "

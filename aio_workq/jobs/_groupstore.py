@@ -144,15 +144,19 @@ class RateStore(Protocol):
     ) -> float:
         """Reserve the next slot of `key`'s bucket: returns the seconds until it (<= 0: now).
         A slot more than `max_wait` away is not reserved; the seconds until it are returned
-        (the caller defers the message)."""
+        (the caller defers the message). `now` is the caller's clock; a store shared by
+        several hosts (`PostgresStore`) reckons the slots by its own clock instead."""
         ...
 
 
 class GroupSQL:
     """The statements for groups and rate limits, with `:name` parameters; `greatest` is
-    `MAX` in SQLite, `GREATEST` in PostgreSQL."""
+    `MAX` in SQLite, `GREATEST` in PostgreSQL. `clock` is the time a rate limit's slots are
+    reckoned by: the store's own clock for a store that workers on several hosts share
+    (their clocks disagree: reckoned by each worker's, the slots one took were seconds
+    away, or past, for another), `:now` (the caller's) for one on the workers' host."""
 
-    def __init__(self, prefix: str, *, greatest: str) -> None:
+    def __init__(self, prefix: str, *, greatest: str, clock: str = ":now") -> None:
         g, m, r = f"{prefix}workq_groups", f"{prefix}workq_group_members", f"{prefix}workq_rates"
         self.insert_group = (
             f"INSERT INTO {g} (group_id, size, remaining, callback_task, callback_queue, "
@@ -197,12 +201,15 @@ class GroupSQL:
             f"INSERT INTO {r} (key, tat, expires_at) VALUES (:key, 0, :expires) "
             "ON CONFLICT (key) DO NOTHING"
         )
-        slot = f"{greatest}(tat, :now - :tau)"
+        # Both return the seconds from `clock` to the slot (<= 0: now), not the slot itself:
+        # a worker never compares a time of the store's with its own clock.
+        slot = f"{greatest}(tat, {clock} - :tau)"
         self.take = (
             f"UPDATE {r} SET tat = {slot} + :interval, expires_at = :expires "
-            f"WHERE key = :key AND {slot} - :now <= :max_wait RETURNING tat - :interval"
+            f"WHERE key = :key AND {slot} - {clock} <= :max_wait "
+            f"RETURNING tat - :interval - {clock}"
         )
-        self.peek = f"SELECT {slot} FROM {r} WHERE key = :key"
+        self.peek = f"SELECT {slot} - {clock} FROM {r} WHERE key = :key"
         self.purge = [
             f"DELETE FROM {g} WHERE expires_at <= :now",
             f"DELETE FROM {m} WHERE expires_at <= :now",

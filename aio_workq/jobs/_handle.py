@@ -163,6 +163,11 @@ class JobHandle(Generic[R]):
             JobNotFoundError, StoreError, ConfigurationError: as `status()` (with a
                 `timeout`, a `StoreError` only when the store answered with an error).
         """
+        return (await self._done(timeout)).status
+
+    async def _done(self, timeout: float | None) -> JobRecord:
+        """`wait()`: the record that found the job done (`result()` takes its value from it:
+        a second read could fail, or outlast the timeout, with the answer in hand)."""
         timeout = _bound(timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -171,11 +176,11 @@ class JobHandle(Generic[R]):
         outage: StoreError | None = None  # the store's last "can't be reached", if any
         while True:
             if deadline is None:
-                status = await self.status()
+                record = await self._record()
             else:
                 try:
                     async with asyncio.timeout_at(max(deadline, loop.time() + _POLL_FIRST)):
-                        status = await self.status()
+                        record = await self._record()
                 except TimeoutError:
                     raise self._late(timeout, status, unanswered=True) from outage
                 except StoreError as exc:
@@ -187,8 +192,9 @@ class JobHandle(Generic[R]):
                     await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
                     pause = min(pause * _POLL_FACTOR, self.poll_cap)
                     continue
+            status = record.status
             if status.done:
-                return status
+                return record
             if deadline is not None:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -209,7 +215,9 @@ class JobHandle(Generic[R]):
         )
 
     async def result(self, timeout: float | None = None) -> R:
-        """Wait for the job to finish and return the task's return value.
+        """Wait for the job to finish and return the task's return value (read with the status
+        that found it done: no second read of the store, which could fail or outlast
+        `timeout` with the answer in hand).
 
         Raises:
             JobTimeoutError: not done within `timeout` seconds (a `TimeoutError`).
@@ -220,7 +228,8 @@ class JobHandle(Generic[R]):
                 message names the job and its task; `Tasks.job(id)` reads it untyped).
             JobNotFoundError, StoreError, ConfigurationError: as `status()`.
         """
-        status = await self.wait(timeout)
+        record = await self._done(timeout)  # one read: the one that found it done
+        status = record.status
         if status.state is JobState.FAILED:
             raise JobFailedError(
                 f"job {self.job_id} ({status.task}) failed after {status.attempt} attempt(s): "
@@ -231,7 +240,6 @@ class JobHandle(Generic[R]):
             )
         if status.state is JobState.CANCELLED:
             raise JobCancelledError(f"job {self.job_id} was cancelled", job_id=self.job_id)
-        record = await self._record()
         body = record.result if record.result is not None else b"null"
         content_type = record.content_type if record.result is not None else "application/json"
         if self._validate is None:
@@ -263,6 +271,9 @@ class JobHandle(Generic[R]):
             IntegrationError: a running job, and the registry has no producer to tell the
                 workers with.
             PublishError: the cancel request to the workers was not confirmed.
+
+            With either of these two the cancel is recorded all the same: the job's worker
+            finds it in the store and stops the job within about 10 s (as above).
         """
         status = await self._cancel_recorded()
         if status.state is JobState.RUNNING:

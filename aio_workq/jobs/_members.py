@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._consume.failures import Failed, MoveKind, route_failure
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
-from .._exceptions import Defer, PublishError, SerializationError, qualname, text_of
+from .._exceptions import (
+    Defer,
+    PublishError,
+    SerializationError,
+    UnroutableError,
+    qualname,
+    text_of,
+)
 from .._link.specs import Queue
 from .._publish.confirms import MAX_MESSAGE_SIZE
 from .._publish.serialization import JSON
@@ -219,7 +226,7 @@ class Member:
 
     async def _publish(self, due: CallbackDue) -> None:
         job_id = callback_id(due.group_id)
-        queue = self._members.queues.get(due.task) or Queue(due.queue)
+        queue = self._members.queues.get(due.task)
         body = callback_body(due)
         if len(body) > MAX_CALLBACK_SIZE:  # send() would refuse it: no message to wait for
             limit = f"the {MAX_CALLBACK_SIZE:,} bytes aio-workq sends at most"
@@ -227,11 +234,20 @@ class Member:
             return
         confirm: asyncio.Future[str] | None = None
         try:
-            confirm = await self._job.send(
-                body, queue, message_id=job_id, headers={TASK_HEADER: due.task},
-                content_type=JSON,
-            )  # fmt: skip
-            await confirm
+            if queue is None:
+                # A task this worker does not run: its queue is known by name only, and
+                # declaring that name with the default spec is refused for a queue of another
+                # type or arguments. It is sent to the queue as it is; declared only if none
+                # exists yet (returned: unroutable).
+                confirm = await self._send(body, None, job_id, due)
+                try:
+                    await confirm
+                except UnroutableError:
+                    self._job.forget(confirm)
+                    queue = Queue(due.queue)
+            if queue is not None:
+                confirm = await self._send(body, queue, job_id, due)
+                await confirm
         except Exception as exc:
             refused = _broker_limit(exc)
             if refused is not None and confirm is not None:
@@ -253,6 +269,21 @@ class Member:
                 "member may publish it again (the same job id)", due.group_id, job_id, exc,
             )  # fmt: skip
         log.info("group %s complete: callback %s (%s) published", due.group_id, job_id, due.task)
+
+    async def _send(
+        self, body: bytes, queue: Queue | None, job_id: str, due: CallbackDue
+    ) -> asyncio.Future[str]:
+        """Send the callback's message to `queue` (declared if need be), or with None to
+        `due.queue` by name through the default exchange (nothing declared); its confirm."""
+        headers = {TASK_HEADER: due.task}
+        if queue is None:
+            return await self._job.send(
+                body, exchange="", routing_key=due.queue, message_id=job_id, headers=headers,
+                content_type=JSON,
+            )  # fmt: skip
+        return await self._job.send(
+            body, queue, message_id=job_id, headers=headers, content_type=JSON
+        )
 
     async def _too_large(self, due: CallbackDue, size: int, limit: str) -> None:
         """The callback's message can't be sent for its size: record the callback `failed`

@@ -313,7 +313,7 @@ class SQLiteStore:
                 row = conn.execute(gsql.take, params).fetchone()
                 if row is None:
                     row = conn.execute(gsql.peek, params).fetchone()
-            return float(row[0]) - now
+            return float(row[0])  # the seconds to the slot (`GroupSQL`)
 
         return await self._run(take, f"taking a token of rate limit {key!r}")
 

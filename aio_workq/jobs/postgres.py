@@ -55,6 +55,8 @@ _MIGRATION_LOCK = 0x776F726B6A  # pg_advisory_xact_lock key: concurrent migratio
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 _PURGE_EVERY = 60.0
 _PURGE_ROWS = 5000
+_SERVER_CLOCK = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
+"""The server's time in Unix seconds, fixed for the statement (rate-limit slots)."""
 """Most rows of each table a purge in front of a batch of writes deletes: a backlog of expired
 records (a day's, after the workers were stopped for one) is deleted a part in front of each
 batch, never all in one statement that could outlast the store's timeout and fail every batch
@@ -218,7 +220,8 @@ class PostgresStore:
         self._cancel_waiting = _psycopg(sql.cancel_waiting)
         self._cancel_running = _psycopg(sql.cancel_running)
         self._purge = _psycopg(sql.purge)
-        g = GroupSQL(f"{quote(schema)}.", greatest="GREATEST")
+        # Rate-limit slots by the server's clock: the workers' hosts' clocks disagree.
+        g = GroupSQL(f"{quote(schema)}.", greatest="GREATEST", clock=_SERVER_CLOCK)
         self._g = {
             name: _psycopg(getattr(g, name))
             for name in (
@@ -430,7 +433,7 @@ class PostgresStore:
 
         row = await self._run(f"taking a token of rate limit {key!r}", take)
         assert row is not None
-        return float(row[0]) - now
+        return float(row[0])  # the seconds to the slot, by the server's clock
 
     async def purge(self) -> int:
         async def purge(conn: Any) -> int:
