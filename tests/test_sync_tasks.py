@@ -18,7 +18,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -114,9 +114,11 @@ class DownStore:
             await reader.close()
 
 
-@pytest.fixture
-async def store_down(db: Path, queue_name: str) -> AsyncIterator[DownStore]:
-    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
+@asynccontextmanager
+async def down(db: Path, queue: str, busy_timeout: float) -> AsyncIterator[DownStore]:
+    """An app on a SQLite store at `db` that is down for the block (or until `answer()`);
+    each write waits `busy_timeout` for the lock, then fails."""
+    web = App(SQLiteStore(db, busy_timeout=busy_timeout), queue)
     assert web.tasks.store is not None
     await web.tasks.store.purge()  # the file and its table exist
     lock = sqlite3.connect(db, isolation_level=None)
@@ -125,6 +127,13 @@ async def store_down(db: Path, queue_name: str) -> AsyncIterator[DownStore]:
         yield DownStore(web, db, lock)
     finally:
         lock.close()
+
+
+@pytest.fixture
+async def store_down(db: Path, queue_name: str) -> AsyncIterator[DownStore]:
+    """The store down, its writes failing at once (50 ms)."""
+    async with down(db, queue_name, busy_timeout=0.05) as made:
+        yield made
 
 
 def worker(app: App, url: str) -> AbstractAsyncContextManager[list[Worker]]:
@@ -612,3 +621,40 @@ async def test_queued_records_kept_on_a_loop_that_ended_are_taken_over_by_the_ne
     assert web.tasks.store is not None
     await web.tasks.store.close()
     assert f"taken over by this one: {ended}" in caplog.text, caplog.text
+
+
+@pytest.mark.broker
+async def test_the_first_enqueue_to_find_the_store_down_keeps_the_callers_bound(
+    amqp_url: str, db: Path, queue_name: str
+) -> None:
+    """A store that takes its full 5 s to fail (SQLite's busy_timeout, PostgreSQL's timeout):
+    the first tracked enqueue waited for it whatever the caller's bound (a web request's 1 s,
+    `options(timeout=1)`, a SyncProducer's `timeout=1`): 6 s in all. It returns by the bound
+    now, the job sent and its `queued` record kept, written once the store answers."""
+    from aio_workq import Producer
+    from aio_workq.fastapi import ProducerView
+
+    async with down(db, queue_name, busy_timeout=5) as store, Producer(amqp_url) as producer:
+        thumb = store.web.thumb
+        ids = []
+        for publisher, task in (
+            (ProducerView(producer, timeout=1), thumb),  # a web app's request timeout
+            (producer, thumb.options(timeout=1)),
+        ):
+            store.web.tasks.bind(publisher)
+            started = time.monotonic()
+            ids.append((await task.enqueue("cat.png")).job_id)
+            assert time.monotonic() - started < 1.5, time.monotonic() - started
+        sync_producer = SyncProducer(amqp_url, timeout=1)
+        try:
+            started = time.monotonic()
+            job = await asyncio.to_thread(sync_producer.enqueue, thumb, "sync.png")
+            assert time.monotonic() - started < 2.5, time.monotonic() - started  # + connecting
+            ids.append(job.job_id)
+        finally:
+            await asyncio.to_thread(sync_producer.close)
+        assert await queue_depth(amqp_url, queue_name) == 3  # all sent
+        store.answer()
+        await store.wait_queued(*ids)  # kept, and written (the sync one: handed over)
+        assert store.web.tasks.store is not None
+        await store.web.tasks.store.close()

@@ -278,7 +278,9 @@ class Task(Generic[P, R]):
         types before anything is sent. With a store, the job is recorded as queued before this
         returns; if the store is unreachable the job is still sent and the record kept and
         written when the store answers again (the first enqueue to find it down waits for the
-        store's timeout, 5 s, the ones after it don't wait).
+        store's timeout, 5 s, the ones after it don't wait). That wait ends by the caller's
+        bound: `options(timeout=)`, or a web app's `request_timeout` (a `ProducerView`'s):
+        the enqueue returns within it, the job sent, its record kept.
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -306,6 +308,8 @@ class Task(Generic[P, R]):
         """
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
+        bound = _callers_bound(publisher, options.get("timeout"))
+        begun = 0.0 if bound is None else asyncio.get_running_loop().time()
         # Its created time: a worker may start the job before the confirm is back.
         enqueued_at = time.time()
         await publisher.publish(
@@ -320,8 +324,37 @@ class Task(Generic[P, R]):
             ))  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
-            await self._registry.queued(store, write)  # a future: no coroutine between (#23)
+            committed = self._registry.queued(store, write)
+            if bound is None or committed.done():
+                await committed  # a future: no coroutine between (#23)
+            else:
+                # Within the caller's bound (a web request's): past it, the enqueue returns,
+                # the record left to its batch (written, or kept and caught up if it fails).
+                loop = asyncio.get_running_loop()
+                letting_go = loop.call_at(begun + bound, _let_go, committed)
+                try:
+                    await committed
+                finally:
+                    letting_go.cancel()
         return JobHandle(job_id, context=context, validate=self.result_validator())
+
+
+def _callers_bound(publisher: Publisher, timeout: object) -> float | None:
+    """The seconds an enqueue through `publisher` may take: the task's `options(timeout=)`,
+    else a `ProducerView`'s (a web app's request timeout, a `SyncProducer`'s); None for a
+    `Producer`'s own (its publish is bounded, the wait for the record by the store's)."""
+    if timeout is None:
+        timeout = getattr(publisher, "timeout", None)
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        return float(timeout)
+    return None
+
+
+def _let_go(committed: asyncio.Future[bool]) -> None:
+    """The caller's bound is reached: its enqueue stops waiting for the `queued` record (the
+    batch that holds it sets no result on a future already done)."""
+    if not committed.done():
+        committed.set_result(True)
 
 
 class _Decorator:
