@@ -4,7 +4,6 @@ and the fix, and the member that completed the group is acked, not dead-lettered
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,13 +13,10 @@ from aio_workq.jobs import GroupResult, JobFailedError, JobState, SQLiteStore, T
 from aio_workq.jobs import _members as members_module
 from aio_workq.jobs._groups import GROUP_HEADER, INDEX_HEADER
 from aio_workq.jobs._handle import TASK_HEADER
-from aio_workq.testing import LocalBroker
 from tests.test_jobs import running
 from tests.test_jobs_groups import Handled
 
 pytestmark = pytest.mark.broker
-
-LIMIT = 256 * 1024  # the broker's max_message_size in these tests
 
 
 class BigResults:
@@ -41,17 +37,6 @@ class BigResults:
             return len(results)
 
         self.big, self.report = big, report
-
-
-@pytest.fixture
-def small_messages(local_broker: LocalBroker) -> Iterator[int]:
-    """The session's broker refusing messages over LIMIT bytes (channels opened from now on),
-    put back to RabbitMQ's default after the test."""
-    local_broker.ctl("eval", f"application:set_env(rabbit, max_message_size, {LIMIT}).")
-    try:
-        yield LIMIT
-    finally:
-        local_broker.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
 
 
 async def test_a_callback_too_large_for_the_broker_is_failed_and_the_group_ends(
