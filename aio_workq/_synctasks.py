@@ -20,7 +20,6 @@ from ._link.settings import check_seconds
 from ._web import ProducerView
 from .jobs._errors import JobTimeoutError, StoreError
 from .jobs._handle import JobHandle
-from .jobs._recorder import QUEUED_RECORD_TIMEOUT
 from .jobs._status import JobState, JobStatus
 from .jobs._store import JobStore
 from .jobs._tasks import Task, Tasks
@@ -254,9 +253,9 @@ class SyncTaskCalls:
         task.enqueue(...)`. The arguments are bound to the function's signature and validated
         as its parameters' types in the calling thread, before anything is sent or connected.
         With a store, the job is recorded as queued before this returns; a store that can't
-        be reached delays it at most 5 s (the first enqueue to find it down; the job is sent
-        anyway and its record written when the store is back), as `Task.enqueue` does. The
-        publish is bounded by the producer's `timeout` (or the task's `options(timeout=)`).
+        be reached does not stretch the call (the job is sent anyway and its record written
+        when the store is back), as `Task.enqueue` does. The publish and the record's wait
+        together are bounded by the producer's `timeout` (or the task's `options(timeout=)`).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -274,9 +273,7 @@ class SyncTaskCalls:
             )
         body = task.arguments.encode(args, kwargs)
         registry = task.registry
-        bound = self._seconds(task.publish_options.get("timeout"))
-        if registry.store is not None:
-            bound += QUEUED_RECORD_TIMEOUT
+        bound = self._seconds(task.publish_options.get("timeout"))  # the record's wait too
 
         def make(view: ProducerView) -> Coroutine[Any, Any, JobHandle[R]]:
             return task.send(body, view, _Context(registry.store, view))

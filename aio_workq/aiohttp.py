@@ -75,6 +75,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     The 503 carries `Retry-After` (the request timeout); the JSON body is
     `{"detail": "..."}`, naming the error class but no broker or store address. Any other
     `StoreError` (the tables missing) is the app's: a 500, as without this middleware.
+    So is a `TaskArgumentError`: a wrong call is a bug (500); a route whose arguments come
+    from the request catches it and answers 422.
     """
     try:
         return await handler(request)

@@ -80,6 +80,8 @@ class Workq(Integration):
         The 503 carries `Retry-After`; the body is `{"detail": "..."}` like FastAPI's own
         errors, and names the error class but no broker or store address. Any other
         `StoreError` (the tables missing) is the app's: a 500, as without these handlers.
+        So is a `TaskArgumentError`: a wrong call is a bug (500); a route whose arguments
+        come from the request catches it and answers 422.
         """
         retry_after = self.request_timeout
 

@@ -54,6 +54,21 @@ def local_broker(broker: LocalBroker | None) -> Iterator[LocalBroker]:
         broker.start()
 
 
+SMALL_MESSAGES = 256 * 1024
+"""The broker's max_message_size under the `small_messages` fixture."""
+
+
+@pytest.fixture
+def small_messages(local_broker: LocalBroker) -> Iterator[int]:
+    """The session's broker refusing messages over SMALL_MESSAGES bytes (channels opened from
+    now on), put back to RabbitMQ's default after the test."""
+    local_broker.ctl("eval", f"application:set_env(rabbit, max_message_size, {SMALL_MESSAGES}).")
+    try:
+        yield SMALL_MESSAGES
+    finally:
+        local_broker.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
+
+
 # --- library fixtures ---
 
 

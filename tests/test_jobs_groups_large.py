@@ -4,7 +4,6 @@ and the fix, and the member that completed the group is acked, not dead-lettered
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,34 +13,19 @@ from aio_workq.jobs import GroupResult, JobFailedError, JobState, SQLiteStore, T
 from aio_workq.jobs import _members as members_module
 from aio_workq.jobs._groups import GROUP_HEADER, INDEX_HEADER
 from aio_workq.jobs._handle import TASK_HEADER
-from aio_workq.testing import LocalBroker
 from tests.test_jobs import running
 from tests.test_jobs_groups import Handled
 
 pytestmark = pytest.mark.broker
 
-LIMIT = 256 * 1024  # the broker's max_message_size in these tests
 
+class BigResults:
+    """The tasks of these tests: `t.big` returns a result of `n` bytes, `t.report` is the
+    group's callback (its calls kept in `calls`: none is expected)."""
 
-@pytest.fixture
-def small_messages(local_broker: LocalBroker) -> Iterator[int]:
-    """The session's broker refusing messages over LIMIT bytes (channels opened from now on),
-    put back to RabbitMQ's default after the test."""
-    local_broker.ctl("eval", f"application:set_env(rabbit, max_message_size, {LIMIT}).")
-    try:
-        yield LIMIT
-    finally:
-        local_broker.ctl("eval", "application:set_env(rabbit, max_message_size, 134217728).")
-
-
-async def test_a_callback_too_large_for_the_broker_is_failed_and_the_group_ends(
-    small_messages: int, amqp_url: str, tmp_path: Path, queue_name: str
-) -> None:
-    store = SQLiteStore(tmp_path / "jobs.db")
-    handled = Handled()
-    async with Producer(amqp_url) as producer:
-        tasks = Tasks(producer=producer, store=store)
-        calls: list[list[GroupResult]] = []
+    def __init__(self, tasks: Tasks, queue_name: str) -> None:
+        self.tasks = tasks
+        self.calls: list[list[GroupResult]] = []
 
         @tasks.task(queue=f"{queue_name}-m", name="t.big")
         async def big(n: int) -> str:
@@ -49,9 +33,21 @@ async def test_a_callback_too_large_for_the_broker_is_failed_and_the_group_ends(
 
         @tasks.task(queue=f"{queue_name}-r", name="t.report")
         async def report(results: list[GroupResult]) -> int:
-            calls.append(results)
+            self.calls.append(results)
             return len(results)
 
+        self.big, self.report = big, report
+
+
+async def test_a_callback_too_large_for_the_broker_is_failed_and_the_group_ends(
+    small_messages: int, amqp_url: str, tmp_path: Path, queue_name: str
+) -> None:
+    handled = Handled()
+    async with Producer(amqp_url) as producer:
+        app = BigResults(
+            Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db")), queue_name
+        )
+        tasks, big, report, calls = app.tasks, app.big, app.report, app.calls
         retry = RetryPolicy(max_attempts=2, initial_delay=0.1)
         async with running(tasks, amqp_url, concurrency=4, retry=retry, max_defers=3,
                            hooks=[handled]):  # fmt: skip
@@ -79,21 +75,12 @@ async def test_a_callback_over_the_librarys_own_limit_is_failed_once_and_never_s
     """Over what the publisher refuses to send (128 MiB; lowered here): nothing is sent, the
     callback is recorded failed, and a member delivered again afterwards changes nothing."""
     monkeypatch.setattr(members_module, "MAX_CALLBACK_SIZE", 50_000)
-    store = SQLiteStore(tmp_path / "jobs.db")
     handled = Handled()
     async with Producer(amqp_url) as producer:
-        tasks = Tasks(producer=producer, store=store)
-        calls: list[list[GroupResult]] = []
-
-        @tasks.task(queue=f"{queue_name}-m", name="t.big")
-        async def big(n: int) -> str:
-            return "x" * n
-
-        @tasks.task(queue=f"{queue_name}-r", name="t.report")
-        async def report(results: list[GroupResult]) -> int:
-            calls.append(results)
-            return len(results)
-
+        app = BigResults(
+            Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db")), queue_name
+        )
+        tasks, big, report, calls = app.tasks, app.big, app.report, app.calls
         async with running(tasks, amqp_url, concurrency=4, max_defers=3, hooks=[handled]):
             handle = await group([big.s(30_000), big.s(30_000)], then=report).enqueue()
             with pytest.raises(JobFailedError) as failed:

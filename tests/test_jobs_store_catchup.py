@@ -112,11 +112,12 @@ async def test_a_fail_fast_store_answers_at_once_while_the_server_refuses_and_ag
         assert await slow.get("a") is not None
         await asyncio.to_thread(own_postgres.stop)
         for store in (fast, slow):  # the connections the stop broke, then none to be had
-            while True:
+            while True:  # (fast: its probe, at the first call without one, finds it refusing)
                 with pytest.raises(StoreError) as failed:
                     await store.get("a")
                 assert failed.value.unreachable
-                if "couldn't get a connection" in str(failed.value):
+                text = str(failed.value)
+                if "couldn't get a connection" in text or "fail_fast" in text:
                     break
         took = []
         for _ in range(5):
@@ -148,3 +149,34 @@ async def test_a_fail_fast_store_answers_at_once_while_the_server_refuses_and_ag
     finally:
         await fast.close()
         await slow.close()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["dsn", "pool"])
+async def test_fail_fast_finds_a_refusing_server_on_the_first_call_given_pool_or_not(
+    given: bool,
+) -> None:
+    """`fail_fast=True` and a server that refuses connections (nothing listens on the port):
+    the first call waited the full `timeout` (nothing was known yet), and a pool given to the
+    store was never probed (every call waited). The first call finds the refusal by a probe of
+    its own, at once, and so does a given pool's store; the next calls fail at once too."""
+    dsn = "postgresql://postgres@127.0.0.1:47451/postgres?connect_timeout=2"  # nothing there
+    pool: AsyncConnectionPool[Any] | None = None
+    if given:
+        pool = AsyncConnectionPool(dsn, min_size=1, open=False, timeout=3)
+        await pool.open(wait=False)
+        store = PostgresStore(pool=pool, timeout=3, fail_fast=True)
+    else:
+        store = PostgresStore(dsn, timeout=3, fail_fast=True)
+    try:
+        for call in range(3):
+            started = time.monotonic()
+            with pytest.raises(StoreError) as failed:
+                await store.get("a")
+            took = time.monotonic() - started
+            assert failed.value.unreachable
+            assert took < 1.0, (call, took)  # not the timeout's 3 s
+        assert "fail_fast" in str(failed.value)
+    finally:
+        await store.close()
+        if pool is not None:
+            await pool.close()

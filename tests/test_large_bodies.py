@@ -19,7 +19,7 @@ from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 
-from aio_workq import Connection, Producer, Queue
+from aio_workq import Connection, Producer, Queue, SerializationError
 from aio_workq._wire.frames import Chunked, Properties, ack_frame, encode_properties, publish_write
 from aio_workq._wire.writer import FrameWriter
 from aio_workq.testing import LocalBroker
@@ -284,3 +284,43 @@ async def test_complete_hands_over_the_rest_of_a_body_before_its_channel_is_clos
     assert b"".join(part.value for part in parts) == body
     await drain(writer, stream)
     assert len(frames_of(b"".join(stream.written))) == len(written)
+
+
+@pytest.mark.broker
+async def test_a_body_over_the_brokers_max_message_size_is_a_serialization_error(
+    small_messages: int, amqp_url: str, queue_name: str
+) -> None:
+    """A broker whose `max_message_size` is under the body: RabbitMQ closes the channel (406
+    PRECONDITION_FAILED). The publish was a `ConnectionLostError` saying nothing of the size;
+    it is a `SerializationError` naming the size, the limit and the fix, the messages in
+    flight beside it keep their outcome (each confirmed), and the producer, having
+    learned the limit, refuses the next large body before sending it."""
+    big = b"x" * (small_messages + 1)
+    async with Producer(amqp_url) as producer:
+        await producer.declare(queue_name)
+        small = [await producer.send(f"m{i}".encode(), queue_name) for i in range(50)]
+        refusal = await producer.send(big, queue_name)
+        behind = [await producer.send(f"k{i}".encode(), queue_name) for i in range(50)]
+        with pytest.raises(SerializationError) as refused:
+            await refusal
+        text = str(refused.value)
+        assert f"{len(big):,} bytes" in text and f"{small_messages:,}" in text, text
+        assert "max_message_size" in text and "reference" in text, text
+        after = [await producer.send(f"n{i}".encode(), queue_name) for i in range(50)]
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*small, *behind, *after, return_exceptions=True)
+        assert [o for o in outcomes if isinstance(o, BaseException)] == []
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(SerializationError, match="max_message_size"):
+            await producer.publish(big, queue_name)  # known now: refused before it is sent
+        assert asyncio.get_running_loop().time() - started < 0.05
+        await producer.publish(b"last", queue_name)
+    bodies = await bodies_in(amqp_url, queue_name)
+    before = {f"m{i}".encode() for i in range(50)}
+    after_ = [f"{c}{i}".encode() for c in "kn" for i in range(50)]
+    assert set(bodies) == {*before, *after_, b"last"}  # none lost
+    # The ones written before it were read by the broker, their confirms lost with the
+    # channel: resent (at-least-once, the same message id), a copy at most; those sent after
+    # it went once (the ones written behind it, dropped unread by the broker, resent: no copy).
+    assert sorted(b for b in bodies if b not in before) == sorted([*after_, b"last"])
+    assert all(bodies.count(b) <= 2 for b in before)

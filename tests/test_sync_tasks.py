@@ -12,12 +12,13 @@ reports for it (an unused ignore fails the lint).
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -83,6 +84,55 @@ def web(db: Path, queue_name: str) -> App:
 def producer(amqp_url: str) -> Iterator[SyncProducer]:
     """A started SyncProducer (this module's `producer`: conftest's is an async one)."""
     with SyncProducer(amqp_url, timeout=5) as made:
+        yield made
+
+
+@dataclass
+class DownStore:
+    """An app whose SQLite store is "down": another connection holds the file's exclusive
+    lock, so every write fails (busy after 50 ms) until `answer()`."""
+
+    web: App
+    db: Path
+    lock: sqlite3.Connection
+
+    def answer(self) -> None:
+        self.lock.execute("ROLLBACK")
+
+    async def wait_queued(self, *job_ids: str) -> None:
+        """Until each job's record reads `queued` (in this order), read by a store of its own."""
+        reader = SQLiteStore(self.db)
+
+        async def queued(job_id: str) -> bool:
+            record = await reader.get(job_id)
+            return record is not None and record.status.state is JobState.QUEUED
+
+        try:
+            for job_id in job_ids:
+                await wait_until(functools.partial(queued, job_id), timeout=15)
+        finally:
+            await reader.close()
+
+
+@asynccontextmanager
+async def down(db: Path, queue: str, busy_timeout: float) -> AsyncIterator[DownStore]:
+    """An app on a SQLite store at `db` that is down for the block (or until `answer()`);
+    each write waits `busy_timeout` for the lock, then fails."""
+    web = App(SQLiteStore(db, busy_timeout=busy_timeout), queue)
+    assert web.tasks.store is not None
+    await web.tasks.store.purge()  # the file and its table exist
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
+    try:
+        yield DownStore(web, db, lock)
+    finally:
+        lock.close()
+
+
+@pytest.fixture
+async def store_down(db: Path, queue_name: str) -> AsyncIterator[DownStore]:
+    """The store down, its writes failing at once (50 ms)."""
+    async with down(db, queue_name, busy_timeout=0.05) as made:
         yield made
 
 
@@ -184,25 +234,17 @@ async def test_result_timeout_is_a_job_timeout_error_in_time(
 
 @pytest.mark.broker
 async def test_the_store_down_at_enqueue_sends_the_job_anyway_and_it_catches_up(
-    amqp_url: str, producer: SyncProducer, db: Path, queue_name: str
+    amqp_url: str, producer: SyncProducer, store_down: DownStore, db: Path, queue_name: str
 ) -> None:
     # As `await task.enqueue()`: the job is sent, its `queued` record kept while the store
     # can't be written, and the states catch up once it answers again.
-    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
-    assert web.tasks.store is not None
-    await web.tasks.store.purge()  # the file and its table exist
-    lock = sqlite3.connect(db, isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
-    try:
-        started = time.monotonic()
-        job = await asyncio.to_thread(producer.enqueue, web.thumb, "cat.png", width=8)
-        assert time.monotonic() - started < 5.0 + 5.0  # the publish, then at most the store's
-        assert await queue_depth(amqp_url, queue_name) == 1  # sent anyway
-        lock.execute("ROLLBACK")
-        async with worker(App(SQLiteStore(db), queue_name), amqp_url):
-            assert await asyncio.to_thread(job.result, 20) == Thumb("cat.png", 8)
-    finally:
-        lock.close()
+    started = time.monotonic()
+    job = await asyncio.to_thread(producer.enqueue, store_down.web.thumb, "cat.png", width=8)
+    assert time.monotonic() - started < 5.0 + 5.0  # the publish, then at most the store's
+    assert await queue_depth(amqp_url, queue_name) == 1  # sent anyway
+    store_down.answer()
+    async with worker(App(SQLiteStore(db), queue_name), amqp_url):
+        assert await asyncio.to_thread(job.result, 20) == Thumb("cat.png", 8)
 
 
 @pytest.mark.broker
@@ -529,7 +571,7 @@ async def test_a_given_pool_used_from_the_sync_producers_loop_is_refused(
 
 @pytest.mark.broker
 async def test_queued_records_kept_on_a_sync_producers_loop_survive_its_close(
-    amqp_url: str, db: Path, queue_name: str, caplog: pytest.LogCaptureFixture
+    amqp_url: str, store_down: DownStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One registry used from a SyncProducer's thread and from the app's loop (a Flask app
     and async code in one process) while the store is down: each loop keeps the `queued`
@@ -537,77 +579,82 @@ async def test_queued_records_kept_on_a_sync_producers_loop_survive_its_close(
     to the app's loop and caught up once the store answers (before: lost, the job unknown)."""
     from aio_workq import Producer
 
-    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
+    web = store_down.web
+    async with Producer(amqp_url) as async_producer:
+        web.tasks.bind(async_producer)
+        sync_producer = SyncProducer(amqp_url, timeout=5)
+        try:
+            synced = await asyncio.to_thread(sync_producer.enqueue, web.thumb, "sync.png")
+            handle = await web.thumb.enqueue("async.png")  # the app's loop: kept here
+        finally:
+            await asyncio.to_thread(sync_producer.close)
+        store_down.answer()
+        await store_down.wait_queued(handle.job_id, synced.job_id)
     assert web.tasks.store is not None
-    await web.tasks.store.purge()  # the file and its table exist
-    lock = sqlite3.connect(db, isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
-    try:
-        async with Producer(amqp_url) as async_producer:
-            web.tasks.bind(async_producer)
-            sync_producer = SyncProducer(amqp_url, timeout=5)
-            try:
-                synced = await asyncio.to_thread(sync_producer.enqueue, web.thumb, "sync.png")
-                handle = await web.thumb.enqueue("async.png")  # the app's loop: kept here
-            finally:
-                await asyncio.to_thread(sync_producer.close)
-            lock.execute("ROLLBACK")  # the store answers again
-            reader = SQLiteStore(db)
-
-            async def queued(job_id: str) -> bool:
-                record = await reader.get(job_id)
-                return record is not None and record.status.state is JobState.QUEUED
-
-            try:
-                await wait_until(lambda: queued(handle.job_id), timeout=15)
-                await wait_until(lambda: queued(synced.job_id), timeout=5)
-            finally:
-                await reader.close()
-        await web.tasks.store.close()
-        assert "handed to another one" in caplog.text, caplog.text
-        assert synced.job_id in caplog.text
-    finally:
-        lock.close()
+    await web.tasks.store.close()
+    assert "handed to another one" in caplog.text, caplog.text
+    assert synced.job_id in caplog.text
 
 
 @pytest.mark.broker
 async def test_queued_records_kept_on_a_loop_that_ended_are_taken_over_by_the_next(
-    amqp_url: str, db: Path, queue_name: str, caplog: pytest.LogCaptureFixture
+    amqp_url: str, store_down: DownStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Sync code enqueuing through `asyncio.run()` in a thread (a loop a call) while the store
     is down: the loop ends with the `queued` record kept. The registry's next enqueue, on
     another loop, takes it over, and it is written once the store answers (before: lost)."""
     from aio_workq import Producer
 
-    web = App(SQLiteStore(db, busy_timeout=0.05), queue_name)
-    assert web.tasks.store is not None
-    await web.tasks.store.purge()  # the file and its table exist
-    lock = sqlite3.connect(db, isolation_level=None)
-    lock.execute("BEGIN EXCLUSIVE")  # every write of the store now fails: it is "down"
+    web = store_down.web
 
     async def in_a_loop_of_its_own() -> str:
         async with Producer(amqp_url) as producer:
             web.tasks.bind(producer)
             return (await web.thumb.enqueue("ended.png")).job_id
 
-    try:
-        ended = await asyncio.to_thread(asyncio.run, in_a_loop_of_its_own())
-        async with Producer(amqp_url) as producer:
-            web.tasks.bind(producer)
-            handle = await web.thumb.enqueue("next.png")  # this loop's batches take it over
-            lock.execute("ROLLBACK")  # the store answers again
-            reader = SQLiteStore(db)
+    ended = await asyncio.to_thread(asyncio.run, in_a_loop_of_its_own())
+    async with Producer(amqp_url) as producer:
+        web.tasks.bind(producer)
+        handle = await web.thumb.enqueue("next.png")  # this loop's batches take it over
+        store_down.answer()
+        await store_down.wait_queued(handle.job_id, ended)
+    assert web.tasks.store is not None
+    await web.tasks.store.close()
+    assert f"taken over by this one: {ended}" in caplog.text, caplog.text
 
-            async def queued(job_id: str) -> bool:
-                record = await reader.get(job_id)
-                return record is not None and record.status.state is JobState.QUEUED
 
-            try:
-                await wait_until(lambda: queued(handle.job_id), timeout=15)
-                await wait_until(lambda: queued(ended), timeout=5)
-            finally:
-                await reader.close()
-        await web.tasks.store.close()
-        assert f"taken over by this one: {ended}" in caplog.text, caplog.text
-    finally:
-        lock.close()
+@pytest.mark.broker
+async def test_the_first_enqueue_to_find_the_store_down_keeps_the_callers_bound(
+    amqp_url: str, db: Path, queue_name: str
+) -> None:
+    """A store that takes its full 5 s to fail (SQLite's busy_timeout, PostgreSQL's timeout):
+    the first tracked enqueue waited for it whatever the caller's bound (a web request's 1 s,
+    `options(timeout=1)`, a SyncProducer's `timeout=1`): 6 s in all. It returns by the bound
+    now, the job sent and its `queued` record kept, written once the store answers."""
+    from aio_workq import Producer
+    from aio_workq.fastapi import ProducerView
+
+    async with down(db, queue_name, busy_timeout=5) as store, Producer(amqp_url) as producer:
+        thumb = store.web.thumb
+        ids = []
+        for publisher, task in (
+            (ProducerView(producer, timeout=1), thumb),  # a web app's request timeout
+            (producer, thumb.options(timeout=1)),
+        ):
+            store.web.tasks.bind(publisher)
+            started = time.monotonic()
+            ids.append((await task.enqueue("cat.png")).job_id)
+            assert time.monotonic() - started < 1.5, time.monotonic() - started
+        sync_producer = SyncProducer(amqp_url, timeout=1)
+        try:
+            started = time.monotonic()
+            job = await asyncio.to_thread(sync_producer.enqueue, thumb, "sync.png")
+            assert time.monotonic() - started < 2.5, time.monotonic() - started  # + connecting
+            ids.append(job.job_id)
+        finally:
+            await asyncio.to_thread(sync_producer.close)
+        assert await queue_depth(amqp_url, queue_name) == 3  # all sent
+        store.answer()
+        await store.wait_queued(*ids)  # kept, and written (the sync one: handed over)
+        assert store.web.tasks.store is not None
+        await store.web.tasks.store.close()

@@ -12,14 +12,14 @@ import sys
 import time
 import typing
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 from aiohttp import web
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from yarl import URL
 
 from aio_workq import (
@@ -39,6 +39,7 @@ from aio_workq import (
 from aio_workq import aiohttp as workq_aiohttp
 from aio_workq import fastapi as workq_fastapi
 from aio_workq._web import IntegrationError, ProducerView
+from aio_workq.jobs import TaskArgumentError, Tasks
 from aio_workq.jobs.postgres import PostgresStore, migrate
 from aio_workq.sync import SyncProducer
 from scripts.broker import LocalBroker, free_port
@@ -755,3 +756,128 @@ async def test_a_fail_fast_job_store_answers_503_at_once_while_postgres_refuses(
             assert port not in down.text
     finally:
         await store.close()
+
+
+# --- leftovers5: a task's wrong arguments ---------------------------------------------------
+
+
+def _tasks_app(framework: str, url: str, queue: str) -> Any:
+    """Two routes that enqueue the task `t.resize(width: int)` with the request's width: one
+    lets `TaskArgumentError` through, one answers it (422) itself."""
+    tasks = Tasks()
+
+    @tasks.task(queue=queue, name="t.resize")
+    async def resize(width: int) -> int:
+        return width
+
+    if framework == "fastapi":
+        workq = workq_fastapi.Workq(url, request_timeout=2)
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+            async with workq.lifespan(app) as state:
+                tasks.bind(workq.producer)
+                yield state
+
+        app = FastAPI(lifespan=lifespan)
+        workq.add_exception_handlers(app)
+
+        @app.post("/through")
+        async def through(width: str) -> dict[str, str]:
+            return {"job_id": (await resize.enqueue(width)).job_id}  # type: ignore[arg-type]
+
+        @app.post("/answered")
+        async def answered(width: str) -> dict[str, str]:
+            try:
+                return {"job_id": (await resize.enqueue(width)).job_id}  # type: ignore[arg-type]
+            except TaskArgumentError as exc:
+                raise HTTPException(422, str(exc)) from None
+
+        return app
+
+    aiohttp_workq = workq_aiohttp.Workq(url, request_timeout=2)
+    aiohttp_app = web.Application()
+    aiohttp_workq.setup(aiohttp_app)
+
+    async def bind(app: web.Application) -> None:
+        tasks.bind(app[workq_aiohttp.PRODUCER])
+
+    aiohttp_app.on_startup.append(bind)
+
+    async def aiohttp_through(request: web.Request) -> web.Response:
+        job = await resize.enqueue(request.query["width"])  # type: ignore[arg-type]
+        return web.json_response({"job_id": job.job_id})
+
+    async def aiohttp_answered(request: web.Request) -> web.Response:
+        try:
+            job = await resize.enqueue(request.query["width"])  # type: ignore[arg-type]
+        except TaskArgumentError as exc:
+            raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+        return web.json_response({"job_id": job.job_id})
+
+    aiohttp_app.router.add_post("/through", aiohttp_through)
+    aiohttp_app.router.add_post("/answered", aiohttp_answered)
+    return aiohttp_app
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+async def test_a_wrong_task_argument_is_the_apps_500_unless_the_route_answers_it(
+    framework: str, amqp_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`TaskArgumentError` is not one of the errors the integrations answer (those say "try
+    again"): let through, it is a 500 with its traceback logged (a wrong call is the app's
+    bug); a route whose arguments come from the request answers it, 422. Nothing is sent."""
+    serve = serve_asgi if framework == "fastapi" else serve_aiohttp
+    async with (
+        serve(_tasks_app(framework, amqp_url, queue_name)) as base,
+        httpx.AsyncClient(base_url=base, timeout=30) as client,
+    ):
+        assert (await client.post("/through", params={"width": "3"})).status_code == 200
+        through = await client.post("/through", params={"width": "wide"})
+        assert through.status_code == 500, through.text
+        assert "t.resize" not in through.text  # a 500 tells the client nothing of the app
+        answered = await client.post("/answered", params={"width": "wide"})
+        assert answered.status_code == 422, answered.text
+        assert "width" in answered.text and "t.resize" in answered.text
+    errors = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert any(isinstance(e, TaskArgumentError) for e in errors), caplog.text
+    assert "answering" not in caplog.text  # not taken for an outage
+    assert await queue_depth(amqp_url, queue_name) == 1  # the good one only
+
+
+@pytest.mark.broker
+def test_a_wrong_task_argument_in_a_flask_route_is_a_500_unless_the_route_answers_it(
+    amqp_url: str, queue_name: str
+) -> None:
+    """The same from Flask with a `SyncProducer` (no integration: the app answers errors)."""
+    from flask import Flask, abort, request
+
+    tasks = Tasks()
+
+    @tasks.task(queue=queue_name, name="t.resize")
+    def resize(width: int) -> int:
+        return width
+
+    app = Flask(__name__)
+    with SyncProducer(amqp_url, timeout=5) as producer:
+
+        @app.post("/through")
+        def through() -> dict[str, str]:
+            width = request.args["width"]
+            return {"job_id": producer.enqueue(resize, width).job_id}  # type: ignore[arg-type]
+
+        @app.post("/answered")
+        def answered() -> dict[str, str]:
+            try:
+                job = producer.enqueue(resize, request.args["width"])  # type: ignore[arg-type]
+            except TaskArgumentError as exc:
+                abort(422, str(exc))
+            return {"job_id": job.job_id}
+
+        with serve_wsgi(app) as base, httpx.Client(base_url=base, timeout=30) as client:
+            assert client.post("/through", params={"width": "3"}).status_code == 200
+            assert client.post("/through", params={"width": "wide"}).status_code == 500
+            answered_ = client.post("/answered", params={"width": "wide"})
+            assert answered_.status_code == 422 and "t.resize" in answered_.text
+    assert asyncio.run(queue_depth(amqp_url, queue_name)) == 1

@@ -13,7 +13,16 @@ import aio_pika
 import aiormq
 import pytest
 
-from aio_workq import Job, Producer, Queue, RetryPolicy, TopologyError, Worker, connect
+from aio_workq import (
+    IntegrationError,
+    Job,
+    Producer,
+    Queue,
+    RetryPolicy,
+    TopologyError,
+    Worker,
+    connect,
+)
 from scripts.broker import LocalBroker
 from tests.helpers import (
     Counter,
@@ -392,3 +401,23 @@ async def test_a_steady_stream_of_deliveries_keeps_the_connection_alive(
         await counter.wait_for(sent)
         assert conn.reconnects == 0 and conn.is_connected
     assert counter.items == list(range(sent))
+
+
+async def test_a_stopped_worker_refuses_to_start_again_and_names_the_fix(
+    amqp_url: str, queue_name: str
+) -> None:
+    """start() or run() after stop() used to return at once, consuming nothing (run() too)."""
+    worker = Worker(amqp_url, queue=queue_name, handler=lambda job: None)
+    await worker.start()
+    await worker.start()  # a second start while running is harmless
+    await worker.stop()
+    with pytest.raises(IntegrationError, match=r"the worker is stopped .* make a new Worker"):
+        await worker.start()
+    with pytest.raises(IntegrationError, match="make a new Worker"):
+        async with asyncio.timeout(5):
+            await worker.run()
+    await worker.stop()  # stopping again is harmless
+    never_started = Worker(amqp_url, queue=queue_name, handler=lambda job: None)
+    await never_started.stop()
+    with pytest.raises(IntegrationError, match="make a new Worker"):
+        await never_started.start()

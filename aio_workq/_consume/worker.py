@@ -264,6 +264,10 @@ class Worker:
         """Consume until `stop()` is called or this task is cancelled (then stops gracefully).
 
         `wait_for_broker`, if given, replaces the worker's own for this start (see `start()`).
+
+        Raises:
+            The errors of `start()`: a stopped worker raises `IntegrationError` (make a new
+            Worker).
         """
         await self.start(wait_for_broker=wait_for_broker)
         try:
@@ -282,7 +286,11 @@ class Worker:
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached.
             TopologyError: a queue or exchange declaration failed.
+            IntegrationError: the worker was stopped (`stop()` was called, or its `async
+                with` block ended): a worker runs once, make a new Worker.
         """
+        if self._stopping:
+            raise IntegrationError(_STOPPED)
         if self._started:
             return
         self._started = True
@@ -412,6 +420,12 @@ class Worker:
                 await asyncio.gather(goodbye, return_exceptions=True)
         if self._connection is not None:
             await self._connection.close()
+
+
+_STOPPED = (
+    "the worker is stopped (`stop()` was called, or its `async with` block ended): a worker "
+    "runs once, make a new Worker"
+)
 
 
 def hooks_of(worker: Worker) -> tuple[Hook, ...]:

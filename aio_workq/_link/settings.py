@@ -216,9 +216,7 @@ def check_wait(what: str, value: object) -> float:
     Raises:
         ConfigurationError: anything else; the message names `what`.
     """
-    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
-        return max(float(value), 0.0)
-    raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    return check_seconds(what, value, clamp=True, forever=True)
 
 
 def check_seconds(
@@ -227,19 +225,27 @@ def check_seconds(
     *,
     zero: bool = False,
     forever: bool = False,
+    clamp: bool = False,
+    or_none: bool = False,
     error: type[ConfigurationError] = ConfigurationError,
 ) -> float:
     """`value`, a number of seconds: more than 0 (or 0 too, with `zero`), and finite (or
-    infinite too, with `forever`).
+    infinite too, with `forever`). With `clamp` (a wait), any number is taken and one below 0
+    counts as 0; `or_none` says in the message that None is allowed too (the caller takes
+    None before). The one check of a number of seconds: `check_wait` and a job's wait bound
+    use it too.
 
     Raises:
         ConfigurationError: not a number (a bool is not one), out of range, or NaN; the
             message names `what`. `error` is the subclass raised (e.g. the outbox's).
     """
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        number = float(value)
+    zero = zero or clamp
+    if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
+        number = max(float(value), 0.0) if clamp else float(value)
         if (number >= 0 if zero else number > 0) and (forever or not math.isinf(number)):
             return number
     kind = "a number" if forever else "a finite number"
     bound = ">= 0" if zero else "> 0"
+    if or_none:
+        bound += " (or None for no bound)"
     raise error(f"{what} must be {kind} of seconds {bound}, got {value!r}")

@@ -33,6 +33,7 @@ from .._wire.frames import Properties, header_too_large, properties_limit
 from .._wire.lanes import FastLane, Lane, PlainLane, negotiated_frame_max
 from .._wire.seams import Wire
 from .._wire.tracker import MAYBE, Batch, ConfirmTracker, InFlight, Outgoing
+from .sizes import body_too_large, refused_limit
 
 __all__ = ("NACK_BACKOFF", "NACK_RETRIES", "ChannelListener", "ExchangeListener", "PublisherLanes")
 
@@ -54,6 +55,8 @@ class PublisherLanes:
         use: called with each new lane once it takes messages, with None once it is lost;
             `frame_max` is the last channel's connection's.
         what: how log lines name the owner.
+        on_size_limit: called with the broker's `max_message_size` when it closed a channel
+            for a message over it.
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class PublisherLanes:
         resend: bool,
         use: Callable[[Lane | None], None],
         what: str,
+        on_size_limit: Callable[[int], None] = lambda limit: None,
     ) -> None:
         self._in_flight = in_flight
+        self._on_size_limit = on_size_limit
         self._resend = resend
         self._use = use
         self.current: Lane | None = None  # the current channel's, while it is open
@@ -245,6 +250,11 @@ class PublisherLanes:
         if missing is not None:
             for listener in self._missing_listeners:
                 listener(missing)
+        # --- a message over the broker's max_message_size: it fails with SerializationError,
+        # the ones written after it were dropped unread (resent), the ones before as usual.
+        limit = refused_limit(reason) if channel_error else None
+        if limit is not None:
+            self._on_size_limit(limit)
         resend = self._resend and not self._closing
         why = f"the channel closed ({reason})" if reason else "the channel closed"
         # Both kinds of this channel's messages by one rule: those on its tracker, and those it
@@ -256,14 +266,21 @@ class PublisherLanes:
         # is a duplicate), and after the broker closed the channel for an error of its own (any
         # message of the channel may be the cause). Each error says what is known: a message
         # written on the channel may have reached the queue; a waiting one was refused.
-        resends = resend and (connection_lost or missing is not None)
+        resends = resend and (connection_lost or missing is not None or limit is not None)
         if not resends:
             for out in self._resting_on(lane.tracker):
                 self._give_up(out, _refused(out, f"before {why}"))
-        for out in lane.tracker.take_all():
+        taken = lane.tracker.take_all()
+        unread = _too_large(taken, limit, self._in_flight) if limit is not None else set()
+        for out in taken:
             if out.settled:
                 continue
-            if missing is not None and out.exchange == missing:
+            if out in unread and not self._closing:  # never read by the broker: no copy
+                if self.current is not None:
+                    self.current.write(out)
+                else:
+                    self._waiting.append(out)
+            elif missing is not None and out.exchange == missing:
                 self._in_flight.settle(out, _no_exchange(out))
             elif resends:
                 if self.current is not None:
@@ -275,6 +292,26 @@ class PublisherLanes:
 
 
 _NOT_IN_QUEUE = "each try was refused, so it did not reach the queue"
+
+
+def _too_large(taken: list[Outgoing], limit: int, in_flight: InFlight) -> set[Outgoing]:
+    """A channel closed for a message over the broker's `limit` (`max_message_size`), its
+    unsettled messages `taken` oldest first: each over `limit` fails with SerializationError
+    (nothing of it reached a queue); the messages written after the first of them, which the
+    broker dropped unread once it closed the channel, are returned: sent again, they make no
+    copy. Those written before it were read and may have reached their queue (resent with
+    `resend`, else failed, as after a lost connection)."""
+    unread: set[Outgoing] = set()
+    refused = False
+    for out in taken:
+        if out.settled:
+            continue
+        if out.size > limit:
+            refused = True
+            in_flight.settle(out, body_too_large(out.message_id, out.size, limit))
+        elif refused:
+            unread.add(out)
+    return unread
 
 
 def _never(exchange: str, routing_key: str) -> bool:

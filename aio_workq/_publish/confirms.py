@@ -34,7 +34,6 @@ from .._exceptions import (
     ConnectionLostError,
     PublishError,
     PublishTimeoutError,
-    SerializationError,
 )
 from .._link.connection import LinkSource
 from .._link.router import Router
@@ -51,6 +50,7 @@ from .._wire.tracker import Batch, InFlight, Outgoing
 from .._wire.window import Window
 from .channels import ChannelListener, PublisherLanes
 from .expiry import SLOW, Expiry
+from .sizes import MAX_MESSAGE_SIZE, body_too_large
 
 __all__ = ("MAX_MESSAGE_SIZE", "ConfirmPublisher")
 
@@ -59,9 +59,6 @@ _new = object.__new__
 # The longest encoding of a message's usual properties (`send_now`'s): a content type and a
 # message id of at most 255 bytes each, their length octets and the delivery mode.
 _USUAL_MAX = 2 * (1 + 255) + 1
-MAX_MESSAGE_SIZE = 128 * 2**20
-"""RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
-resend every other message on it), so it is refused before it is sent."""
 
 
 class _Publishing:
@@ -105,9 +102,17 @@ class _Publishing:
         self._frame_max = 0  # of the last channel's connection (0: unknown or no limit)
         self._properties_max = properties_limit(0)
         self._closed = False
+        # The largest body sent: RabbitMQ's default, or the broker's own once a refusal said it.
+        self._max_body = MAX_MESSAGE_SIZE
         self._lanes = PublisherLanes(
-            source, in_flight=self._in_flight, resend=resend, use=self._use, what=what
-        )
+            source, in_flight=self._in_flight, resend=resend, use=self._use, what=what,
+            on_size_limit=self._learn_size_limit,
+        )  # fmt: skip
+
+    def _learn_size_limit(self, limit: int) -> None:
+        """`PublisherLanes`: the broker refused a message over `limit` bytes (its
+        `max_message_size`): larger bodies are refused before they are sent from now on."""
+        self._max_body = min(self._max_body, limit)
 
     @property
     def in_flight(self) -> int:
@@ -245,7 +250,8 @@ class ConfirmPublisher(_Publishing):
         Raises:
             SerializationError: a property, header, name or id can't be sent, the headers
                 make a content header larger than the connection's `frame_max`, or the body
-                is over RabbitMQ's 128 MiB limit; nothing was sent.
+                is over RabbitMQ's 128 MiB limit (or the broker's `max_message_size`, once
+                it refused a body over it); nothing was sent.
             ConfigurationError: the message id of a mandatory message is already in flight.
             PublishTimeoutError: no room in the window, or no channel, within `timeout`.
             BrokerUnavailableError: with `fail_fast`, the connection is down; nothing was sent.
@@ -262,8 +268,8 @@ class ConfirmPublisher(_Publishing):
             encoded = encode_properties(props)
         if len(encoded[1]) > self._properties_max:
             raise header_too_large(props, len(encoded[1]), self._frame_max)
-        if len(body) > MAX_MESSAGE_SIZE:
-            raise _body_too_large(props.message_id, len(body))
+        if len(body) > self._max_body:
+            raise body_too_large(props.message_id, len(body), self._max_body)
         if self._closed:
             raise ConnectionLostError(
                 "the publisher is closed",
@@ -347,8 +353,8 @@ class ConfirmPublisher(_Publishing):
             if len(encoded[1]) > self._properties_max:
                 raise header_too_large(props, len(encoded[1]), self._frame_max)
         size = len(body)
-        if size > MAX_MESSAGE_SIZE:
-            raise _body_too_large(message_id, size)
+        if size > self._max_body:
+            raise body_too_large(message_id, size, self._max_body)
         deadline = self._time() + timeout
         future = self._new_future()
         # `Outgoing(exchange, routing_key, True, message_id, encoded, body, future, deadline,
@@ -439,12 +445,4 @@ def _not_sent_in_time(
         message_id=message_id,
         exchange=exchange,
         routing_key=routing_key,
-    )
-
-
-def _body_too_large(message_id: str, size: int) -> SerializationError:
-    return SerializationError(
-        f"message {message_id} has a body of {size:,} bytes: RabbitMQ refuses more than "
-        f"{MAX_MESSAGE_SIZE:,} (max_message_size, 128 MiB by default); store large payloads "
-        "elsewhere and send a reference"
     )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, Unpack
 
 from .._exceptions import ConfigurationError, IntegrationError, PayloadError
+from .._link.settings import check_seconds
 from .._link.specs import Exchange, ExchangeType, Queue
 from .._publish.message import PublishOptions
 from .._publish.serialization import decode_body
@@ -304,7 +305,8 @@ class JobHandle(Generic[R]):
 
 
 def _bound(timeout: object) -> float | None:
-    """A wait's `timeout` once checked: None (or infinite) for no bound, else its seconds.
+    """A wait's `timeout` once checked: None (or infinite) for no bound, else its seconds (0
+    for a number below 0: the status is read once).
 
     Raises:
         ConfigurationError: not a number (a bool is not one), or NaN: NaN never runs out, and
@@ -312,11 +314,5 @@ def _bound(timeout: object) -> float | None:
     """
     if timeout is None:
         return None
-    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
-        if math.isinf(timeout) and timeout > 0:
-            return None
-        if not math.isnan(timeout):
-            return float(timeout)
-    raise ConfigurationError(
-        f"timeout must be a number of seconds (or None for no bound), got {timeout!r}"
-    )
+    seconds = check_seconds("timeout", timeout, clamp=True, forever=True, or_none=True)
+    return None if math.isinf(seconds) else seconds

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -26,15 +25,14 @@ from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._exceptions import (
     Defer,
-    PublishError,
     SerializationError,
     UnroutableError,
     qualname,
     text_of,
 )
 from .._link.specs import Queue
-from .._publish.confirms import MAX_MESSAGE_SIZE
 from .._publish.serialization import JSON
+from .._publish.sizes import MAX_MESSAGE_SIZE, too_large_limit
 from ._errors import StoreError
 from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
@@ -54,7 +52,6 @@ _RETRY_FINISH = 2.0
 _ERROR_LIMIT = 1000
 MAX_CALLBACK_SIZE = MAX_MESSAGE_SIZE
 """The largest callback body sent (the publisher's own limit, RabbitMQ's default)."""
-_REFUSED_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
 class _Task(Protocol):
@@ -249,11 +246,14 @@ class Member:
                 confirm = await self._send(body, queue, job_id, due)
                 await confirm
         except Exception as exc:
-            refused = _broker_limit(exc)
-            if refused is not None and confirm is not None:
-                # Refused for its size: no retry can send it. The member is acked (its
-                # outcome is recorded), the callback recorded failed instead.
-                self._job.forget(confirm)
+            broker_limit = too_large_limit(exc)
+            if broker_limit is not None:
+                # Refused for its size (by the broker, or by the publisher that learned its
+                # limit): no retry can send it. The member is acked (its outcome is
+                # recorded), the callback recorded failed instead.
+                if confirm is not None:
+                    self._job.forget(confirm)
+                refused = f"the broker's max_message_size ({broker_limit:,} bytes)"
                 await self._too_large(due, len(body), refused)
                 return
             log.warning(
@@ -314,15 +314,3 @@ class Member:
             )  # fmt: skip
             raise Defer(_RETRY_FINISH) from exc
         log.error("%s; callback %s recorded failed", error, job_id)
-
-
-def _broker_limit(exc: BaseException) -> str | None:
-    """The broker's `max_message_size`, as text, when `exc` says it refused a message for its
-    size (RabbitMQ closes the channel: PRECONDITION_FAILED "message size N is larger than
-    configured max size M"); None for any other failure."""
-    if not isinstance(exc, PublishError):
-        return None
-    found = _REFUSED_SIZE.search(str(exc))
-    if found is None:
-        return None
-    return f"the broker's max_message_size ({int(found.group(1)):,} bytes)"

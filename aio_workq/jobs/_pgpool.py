@@ -68,6 +68,10 @@ T = TypeVar("T")
 log = logging.getLogger("aio_workq.jobs")
 
 PROBE_EVERY = 1.0
+"""Seconds between direct connection attempts while the store's pool can't connect."""
+FIRST_LOOK = 0.1
+"""With `fail_fast`, a call still without a connection after this many seconds has the server
+probed at once (a refusal is known in milliseconds, not after the call's `timeout`)."""
 
 # The parent's pools, in a forked child: their tasks (the pool's workers, the guard that
 # closes it) belong to a loop that never runs here. Collected, each would be destroyed
@@ -75,7 +79,6 @@ PROBE_EVERY = 1.0
 # close the pool without a loop ("Exception ignored ... no running event loop"), at every
 # exit of a pre-forking server's worker; kept here, they are never collected.
 _INHERITED: list[object] = []
-"""Seconds between direct connection attempts while the store's own pool can't connect."""
 
 
 class StorePool:
@@ -87,8 +90,9 @@ class StorePool:
         timeout: seconds an operation may take, a connection and the answer together.
         where: how errors name the store (no password).
         schema: the store's schema (a missing table's error names it).
-        fail_fast: raise at once while the probe finds the server refusing (a pool of its
-            own only: a given pool is not probed).
+        fail_fast: raise at once while the probe finds the server refusing, the first call
+            too (its probe starts after `FIRST_LOOK` s without a connection); a given pool's
+            server is probed with the pool's own conninfo (the pool is never replaced).
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class StorePool:
         self._given = pool
         self._pid = os.getpid()
         self._loops: dict[asyncio.AbstractEventLoop, _LoopPool] = {}  # a pool per event loop
+        self._target = _probe_target(self._dsn, pool)  # how to probe the server, if it can be
 
     def _new_pool(self) -> AsyncConnectionPool[Any]:
         # The pool this store opens has autocommit connections: a batch of one round is one
@@ -133,7 +138,7 @@ class StorePool:
         """
         here = self._here()
         if here.refused and self._fail_fast:
-            raise self._refusing(what, here)
+            raise _refusing(self._where, what, here)
         if not here.opened:
             here.opened = True
             await here.pool.open(wait=False)
@@ -170,11 +175,16 @@ class StorePool:
 
         task = asyncio.ensure_future(use())
         try:
-            done, _ = await asyncio.wait((task,), timeout=self._timeout)
+            watch = self._unreachable if self._fail_fast and self._target is not None else None
+            done = await _wait(here, task, acquired, self._timeout, watch)
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_retrieve)
             raise
+        if not done and self._fail_fast and here.refused and not acquired:  # a probe found it
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise _refusing(self._where, what, here)
         if not done:
             task.cancel()
             task.add_done_callback(_retrieve)
@@ -225,8 +235,10 @@ class StorePool:
     def _unreachable(self, here: _LoopPool) -> None:
         """No connection was had: a pool of the store's own is watched until it has one."""
         here.stuck = True
-        if self._own and (here.prober is None or here.prober.done()):
+        watched = self._own or (self._fail_fast and self._target is not None)
+        if watched and (here.prober is None or here.prober.done()):
             here.refused = None  # until the probe says
+            here.refusal.clear()
             here.prober = asyncio.ensure_future(self._probe(here))
             here.prober.add_done_callback(_retrieve)
 
@@ -235,19 +247,24 @@ class StorePool:
         answers after having refused, and the pool still has no connection, a fresh pool
         replaces it: the old one's next attempt may be many seconds away (its backoff)."""
         refused = False
+        target = self._target
+        assert target is not None  # `_unreachable` probes only a server it can reach
+        connection_class, conninfo, kwargs = target
         while here.stuck:
             try:
                 async with asyncio.timeout(self._timeout):
-                    probe = await AsyncConnection.connect(self._dsn, autocommit=True)
+                    probe = await connection_class.connect(conninfo, **kwargs)
                 await probe.close()
             except (PsycopgError, OSError, TimeoutError) as exc:
                 refused = True
                 if here.refused is None:
                     here.refused = (time.monotonic(), " ".join(text_of(exc).split())[:300])
+                    here.refusal.set()
                 await asyncio.sleep(PROBE_EVERY)
                 continue
             here.refused = None  # calls go to the pool again
-            if refused and here.stuck:
+            here.refusal.clear()
+            if refused and here.stuck and self._own:  # a given pool is its owner's
                 log.info(
                     "%s answers again: a fresh pool replaces the reconnecting one", self._where
                 )
@@ -281,15 +298,6 @@ class StorePool:
         unreachable = isinstance(exc, OperationalError | PoolTimeout | OSError)
         return StoreError(f"{failed}: {exc}", unreachable=unreachable)
 
-    def _refusing(self, what: str, here: _LoopPool) -> StoreError:
-        since, why = here.refused or (time.monotonic(), "")
-        return StoreError(
-            f"{self._where}: {what} failed at once (fail_fast): PostgreSQL has refused "
-            f"connections for {time.monotonic() - since:.1f} s ({why}); the store tries "
-            f"one every {PROBE_EVERY:g} s and calls it again once one succeeds",
-            unreachable=True,
-        )
-
     def _unanswered(self, what: str) -> StoreError:
         return StoreError(
             f"{self._where}: {what} failed: PostgreSQL did not answer within "
@@ -317,10 +325,65 @@ class StorePool:
             await asyncio.gather(here.guard, return_exceptions=True)
 
 
+def _refusing(where: str, what: str, here: _LoopPool) -> StoreError:
+    since, why = here.refused or (time.monotonic(), "")
+    return StoreError(
+        f"{where}: {what} failed at once (fail_fast): PostgreSQL has refused "
+        f"connections for {time.monotonic() - since:.1f} s ({why}); the store tries "
+        f"one every {PROBE_EVERY:g} s and calls it again once one succeeds",
+        unreachable=True,
+    )
+
+
+async def _wait(
+    here: _LoopPool,
+    task: asyncio.Future[T],
+    acquired: list[bool],
+    timeout: float,
+    watch: Callable[[_LoopPool], None] | None,
+) -> bool:
+    """Whether `task` finished within `timeout`. With `watch` (`fail_fast`), a call that has
+    no connection after `FIRST_LOOK` s has the server watched (probed) at once, not after its
+    `timeout`, and stops waiting as soon as the probe finds it refusing connections."""
+    if watch is None:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+        return bool(done)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    done, _ = await asyncio.wait((task,), timeout=min(FIRST_LOOK, timeout))
+    if done or acquired:
+        done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - loop.time()))
+        return bool(done)
+    watch(here)
+    refusal = asyncio.ensure_future(here.refusal.wait())
+    waits: list[asyncio.Future[Any]] = [task, refusal]
+    try:
+        done, _ = await asyncio.wait(
+            waits, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        refusal.cancel()
+    return task in done
+
+
+def _probe_target(
+    dsn: str, given: AsyncConnectionPool[Any] | None
+) -> tuple[Any, str, dict[str, Any]] | None:
+    """How to probe the server: the connection class, conninfo and arguments of the store's
+    own pools, or of a pool given to it (None when those are callables, psycopg_pool 3.3's,
+    to call at each connect)."""
+    if given is None:
+        return AsyncConnection, dsn, {"autocommit": True}
+    conninfo, kwargs = given.conninfo, given.kwargs
+    if not isinstance(conninfo, str) or not isinstance(kwargs, dict | None):
+        return None
+    return given.connection_class, conninfo, dict(kwargs or {})
+
+
 class _LoopPool:
     """The store's pool on one event loop, and what watches it."""
 
-    __slots__ = ("closing", "guard", "opened", "pool", "prober", "refused", "stuck")
+    __slots__ = ("closing", "guard", "opened", "pool", "prober", "refusal", "refused", "stuck")
 
     def __init__(self, pool: AsyncConnectionPool[Any], *, opened: bool) -> None:
         self.pool = pool
@@ -328,6 +391,7 @@ class _LoopPool:
         self.stuck = False  # the last operation could not get a connection
         # While the probe fails: since when (monotonic) and why; None once it connects.
         self.refused: tuple[float, str] | None = None
+        self.refusal = asyncio.Event()  # set while `refused` is
         self.prober: asyncio.Task[None] | None = None
         self.closing: set[asyncio.Task[None]] = set()  # pools replaced, being closed
         self.guard: asyncio.Future[None] | None = None  # closes the pool if the loop ends first

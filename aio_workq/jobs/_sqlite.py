@@ -84,7 +84,8 @@ class SQLiteStore:
         ttl: seconds a record is kept after its last change (1 day by default); then it reads
             as absent and is purged.
         busy_timeout: seconds a write waits for another process's transaction before it
-            fails (`StoreError`).
+            fails (`StoreError`): the store's bound while the file is locked (there is no
+            `fail_fast`, as no server can be down: set this low, or 0, to fail sooner).
 
     Raises:
         ConfigurationError: a bad argument.

@@ -3,13 +3,14 @@ arguments, run every task of a registry with one worker per queue."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import inspect
 import re
 import time
 import typing
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -277,12 +278,15 @@ class Task(Generic[P, R]):
         types before anything is sent. With a store, the job is recorded as queued before this
         returns; if the store is unreachable the job is still sent and the record kept and
         written when the store answers again (the first enqueue to find it down waits for the
-        store's timeout, 5 s, the ones after it don't wait). With a store that implements
-        `Withdrawals` (the three shipped), the record is sent as the publish goes out and this
-        waits for both; if the publish fails (or this is cancelled), the record is taken back
-        unless a worker's state came after it. With any other store, the record is sent once
-        the broker confirmed the publish. Either way, a job whose enqueue raised reads as
-        unknown until a worker runs it, if the broker had it after all (a lost confirm).
+        store's timeout, 5 s, the ones after it don't wait). That wait ends by the caller's
+        bound: `options(timeout=)`, or a web app's `request_timeout` (a `ProducerView`'s):
+        the enqueue returns within it, the job sent, its record kept. With a store that
+        implements `Withdrawals` (the three shipped), the record is sent as the publish goes
+        out and this waits for both; if the publish fails (or this is cancelled), the record
+        is taken back unless a worker's state came after it. With any other store, the record
+        is sent once the broker confirmed the publish. Either way, a job whose enqueue raised
+        reads as unknown until a worker runs it, if the broker had it after all (a lost
+        confirm).
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
@@ -317,6 +321,8 @@ class Task(Generic[P, R]):
                 content_type=JSON, **options,
             )  # fmt: skip
             return JobHandle(job_id, context=context, validate=self.result_validator())
+        bound = _callers_bound(publisher, options.get("timeout"))
+        begun = 0.0 if bound is None else asyncio.get_running_loop().time()
         # Its created time: a worker may start the job before the record is written.
         write = new_write(Write, (
             job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
@@ -331,7 +337,7 @@ class Task(Generic[P, R]):
             )  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
-            await commits.commit(write)  # a future: no coroutine between (#23)
+            await _within(commits.commit(write), bound, begun)
             return JobHandle(job_id, context=context, validate=self.result_validator())
         # The `queued` record goes out with the publish, batched with the concurrent
         # enqueues' records (one transaction), and the two round trips overlap (#23). A
@@ -346,8 +352,44 @@ class Task(Generic[P, R]):
         except BaseException:  # not confirmed (or cancelled): the record is taken back
             commits.withdraw(write)
             raise
-        await committed  # a future: no coroutine between (#23)
+        await _within(committed, bound, begun)
         return JobHandle(job_id, context=context, validate=self.result_validator())
+
+
+def _callers_bound(publisher: Publisher, timeout: object) -> float | None:
+    """The seconds an enqueue through `publisher` may take: the task's `options(timeout=)`,
+    else a `ProducerView`'s (a web app's request timeout, a `SyncProducer`'s); None for a
+    `Producer`'s own (its publish is bounded, the wait for the record by the store's)."""
+    if timeout is None:
+        timeout = getattr(publisher, "timeout", None)
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+        return float(timeout)
+    return None
+
+
+def _within(committed: asyncio.Future[bool], bound: float | None, begun: float) -> Awaitable[bool]:
+    """What an enqueue awaits for its `queued` record: `committed` itself (a future: no
+    coroutine between, #23) unless the caller has a bound and the record is not in yet; then
+    a wait that ends by the bound (a web request's): past it, the enqueue returns, the record
+    left to its batch (written, or kept and caught up if it fails)."""
+    if bound is None or committed.done():
+        return committed
+    return _until(committed, begun + bound)
+
+
+async def _until(committed: asyncio.Future[bool], deadline: float) -> bool:
+    letting_go = asyncio.get_running_loop().call_at(deadline, _let_go, committed)
+    try:
+        return await committed
+    finally:
+        letting_go.cancel()
+
+
+def _let_go(committed: asyncio.Future[bool]) -> None:
+    """The caller's bound is reached: its enqueue stops waiting for the `queued` record (the
+    batch that holds it sets no result on a future already done)."""
+    if not committed.done():
+        committed.set_result(True)
 
 
 class _Decorator:

@@ -180,7 +180,9 @@ class PostgresStore:
             is then cancelled and closed in the background).
         max_size: connections in the pool this store opens.
         fail_fast: while the server is known to refuse connections (the store probes it each
-            second), raise `StoreError` (`unreachable`) at once, not after `timeout` (`dsn=`).
+            second), raise `StoreError` (`unreachable`) at once, not after `timeout`; the
+            first call without a connection after 0.1 s has it probed at once (a given
+            `pool=` is probed with its own conninfo).
 
     Raises:
         ConfigurationError: a bad argument.
