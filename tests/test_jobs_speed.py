@@ -539,8 +539,10 @@ async def test_an_enqueue_awaits_its_queued_records_future_with_no_coroutine_bet
     tracked = await _calls_per_enqueue(tracked=True)
     # the MemoryStore's batch of one included; 146 before, 144.0 after (a timer's step that
     # falls in the counted part adds up to half a call: the bound leaves it room); 145.0
-    # with the record sent before the publish (#23 round 4: the untracked enqueue a call less)
-    assert tracked - untracked <= 145, (untracked, tracked)
+    # with the record sent before the publish (#23 round 4: the untracked enqueue a call less);
+    # 149.0 reading the caller's bound (`options.get`, `_callers_bound`, its `getattr` and
+    # `isinstance`: a web request's timeout also bounds the wait for the record)
+    assert tracked - untracked <= 149.5, (untracked, tracked)
 
 
 async def test_an_enqueues_queued_record_is_committed_while_its_publish_waits() -> None:

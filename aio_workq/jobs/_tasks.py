@@ -10,7 +10,7 @@ import re
 import time
 import typing
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
@@ -337,7 +337,11 @@ class Task(Generic[P, R]):
             )  # fmt: skip
             # batched with the concurrent enqueues' records, one transaction; while the
             # store is down, kept and written when it is back (not waited for)
-            await _within(commits.commit(write), bound, begun)
+            committed = commits.commit(write)
+            if bound is None or committed.done():
+                await committed  # a future: no coroutine between (#23)
+            else:
+                await _until(committed, begun + bound)
             return JobHandle(job_id, context=context, validate=self.result_validator())
         # The `queued` record goes out with the publish, batched with the concurrent
         # enqueues' records (one transaction), and the two round trips overlap (#23). A
@@ -352,7 +356,10 @@ class Task(Generic[P, R]):
         except BaseException:  # not confirmed (or cancelled): the record is taken back
             commits.withdraw(write)
             raise
-        await _within(committed, bound, begun)
+        if bound is None or committed.done():
+            await committed  # a future: no coroutine between (#23)
+        else:
+            await _until(committed, begun + bound)
         return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
@@ -367,17 +374,10 @@ def _callers_bound(publisher: Publisher, timeout: object) -> float | None:
     return None
 
 
-def _within(committed: asyncio.Future[bool], bound: float | None, begun: float) -> Awaitable[bool]:
-    """What an enqueue awaits for its `queued` record: `committed` itself (a future: no
-    coroutine between, #23) unless the caller has a bound and the record is not in yet; then
-    a wait that ends by the bound (a web request's): past it, the enqueue returns, the record
-    left to its batch (written, or kept and caught up if it fails)."""
-    if bound is None or committed.done():
-        return committed
-    return _until(committed, begun + bound)
-
-
 async def _until(committed: asyncio.Future[bool], deadline: float) -> bool:
+    """Wait for an enqueue's `queued` record until the caller's bound (a web request's):
+    past it, the enqueue returns, the record left to its batch (written, or kept and caught
+    up if it fails)."""
     letting_go = asyncio.get_running_loop().call_at(deadline, _let_go, committed)
     try:
         return await committed
