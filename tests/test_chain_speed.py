@@ -20,8 +20,12 @@ from aio_workq._exceptions import ConnectionLostError, PublishNackedError, Seria
 from aio_workq._hooks import Hooks
 from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import Sender
+from aio_workq._wire.frames import LARGE_BODY, publish_write, usual_properties
+from aio_workq._wire.lanes import FastLane
+from aio_workq._wire.seams import Wire
+from aio_workq._wire.tracker import ConfirmTracker, Outgoing
 from aio_workq._wire.window import Window
-from tests.test_confirms_model import FakeSource
+from tests.test_confirms_model import FakeConnection, FakeDemux, FakeSource, FakeWriter
 
 _HEADER = struct.pack(">HHQH", 60, 0, 1, 0)
 
@@ -220,15 +224,43 @@ async def test_a_forward_to_a_known_queue_costs_a_bounded_number_of_calls() -> N
     """#22 round 7: 35.1 calls here before; 27.1 with the usual properties formatted from the
     id's counter (no `usual_properties`), the body measured once and no `InFlight.admit`;
     24.1 with the queue found by name without `Router.lookup` and the record put in its
-    tracker without `ConfirmTracker.record`; 23.1 with the `Outgoing` made inline."""
+    tracker without `ConfirmTracker.record`; 23.1 with the `Outgoing` made inline; round 9:
+    21.1 with the usual message's frames packed by `FastLane.write` itself (no
+    `publish_write`, no `len` of the body)."""
     source, publisher, sender = await _sender()
     job = _job(sender)
     per_forward = _calls_per_forward(job)
-    assert per_forward <= 24, per_forward  # (the timeout sweep may start once in 20)
+    assert per_forward <= 22, per_forward  # (the timeout sweep may start once in 20)
     assert job.links is not None and len(job.links) == 21
     _confirm_all(source)
     assert source.connection.channels[-1].published == [await c for c in job.links]
     await publisher.close(0)
+
+
+async def test_the_fast_lane_writes_what_publish_write_packs_at_every_size() -> None:
+    """`FastLane.write` packs a body of one frame itself (#22 round 9): the same bytes as
+    `publish_write` for every size around its roads' bounds (empty, one frame, several, large),
+    and the frame_max the connection negotiated (0: no limit)."""
+    for frame_max in (4096, 0):
+        connection = FakeConnection()
+        channel = await connection.channel()
+        writer = FakeWriter(cast(Any, connection))  # keeps each write (`pending`)
+        wire = Wire(cast(Any, FakeDemux()), cast(Any, writer))
+        lane = FastLane(cast(Any, channel), wire, ConfirmTracker(cast(Any, None)), frame_max)
+        limit = frame_max or 131072
+        for size in (0, 1, 64, limit - 9, limit - 8, limit - 7, 2 * limit, LARGE_BODY,
+                     LARGE_BODY + 1, 3 * LARGE_BODY):  # fmt: skip
+            for exchange, key, mandatory in (("", "out", True), ("ex", "rk", False)):
+                body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+                encoded = usual_properties(f"id-{size}", "application/json")
+                out = Outgoing(exchange, key, mandatory, "m", encoded, body, cast(Any, None), 0.0)
+                lane.write(out)
+                expected = publish_write(
+                    channel.number, exchange, key, mandatory, encoded, body, limit
+                )
+                frames: Any = writer.pending[-1][1]
+                assert bytes(frames) == bytes(expected), (frame_max, size, exchange)
+                assert type(frames) is type(expected)
 
 
 def test_a_forward_s_properties_are_the_usual_ones() -> None:
