@@ -263,6 +263,35 @@ async def test_the_fast_lane_writes_what_publish_write_packs_at_every_size() -> 
                 assert type(frames) is type(expected)
 
 
+async def test_a_multiple_ack_of_every_record_costs_one_call_a_record() -> None:
+    """The usual multiple ack confirms everything its channel has pending: the tracker takes
+    the records at once (#22 round 9; before, an append and a delete each), and each costs
+    only its future's `set_result`, the release of the window counted once per ack."""
+    source, publisher, sender = await _sender(window=1000)
+    job = _job(sender)
+    for _ in range(200):
+        await job.send(b"x", queue="out")
+    source.writer.flush()
+    channel = source.connection.channels[-1]
+    sink = source.demux.sinks[channel.number]
+    counted = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event in ("call", "c_call"):
+            counted[0] += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        sink.on_confirm(len(channel.published) + 5, True, True)  # (a later tag: all of them)
+    finally:
+        sys.setprofile(previous)
+    assert counted[0] <= 200 + 20, counted[0]
+    assert job.links is not None and [await c for c in job.links] == channel.published
+    assert publisher.in_flight == 0
+    await publisher.close(0)
+
+
 def test_a_forward_s_properties_are_the_usual_ones() -> None:
     """The encoding `send_now` formats from the id's counter is `usual_properties`' of the id,
     for any count, also after a fork gave the process ids of its own."""
