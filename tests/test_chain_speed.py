@@ -117,8 +117,7 @@ async def test_a_forward_that_must_wait_for_room_is_awaited_and_linked() -> None
 
 async def test_a_job_s_first_forwards_that_wait_together_are_each_linked() -> None:
     """Two first forwards of a job awaited together, the window full: each is linked, in the
-    order sent (round 9: the usual first forward makes the job's list with its confirm in it,
-    once `send_now` sent it; one that waits makes it before the wait)."""
+    order sent: a forward that waits makes the job's list of links before its wait."""
     source, publisher, sender = await _sender(window=1)
     await _job(sender, tag=2).send(b"0", queue="out")  # another job's forward fills the window
     job = _job(sender)
@@ -212,20 +211,17 @@ async def test_a_loop_with_its_own_clock_and_futures_is_asked_for_them() -> None
     await publisher.close(0)
 
 
-def _calls_per_forward(job: Job, n: int = 20, first: list[Job] | None = None) -> float:
+def _calls_per_forward(job: Job, n: int = 20) -> float:
     """Python and C calls (cProfile's count) per `job.send` to a known queue, run to its end
-    (2 of them this function's: its call of the coroutine's `send` and the list's append);
-    with `first`, the first forward of each of those jobs instead (a chain step's; a third
-    call of this function's, the `next` job)."""
+    (2 of them this function's: its call of the coroutine's `send` and the list's append)."""
     counted = [0]
-    jobs = iter(first or ())
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event in ("call", "c_call"):
             counted[0] += 1
 
     def send() -> bool:
-        step = (next(jobs, job) if first else job).send(b"x", queue="out")
+        step = job.send(b"x", queue="out")
         try:
             step.send(None)
         except StopIteration:
@@ -258,21 +254,6 @@ async def test_a_forward_to_a_known_queue_costs_a_bounded_number_of_calls() -> N
     assert job.links is not None and len(job.links) == 21
     _confirm_all(source)
     assert source.connection.channels[-1].published == [await c for c in job.links]
-    await publisher.close(0)
-
-
-async def test_a_job_s_first_forward_costs_a_bounded_number_of_calls() -> None:
-    """A chain step's forward is its job's first: round 9 makes the job's list of links with
-    the confirm in it: 22.1 calls here before (as a later forward, and this count's `next`),
-    21.1 after (no `append`)."""
-    source, publisher, sender = await _sender()
-    job = _job(sender)
-    jobs = [_job(sender, tag) for tag in range(2, 23)]  # the first one's forward not counted
-    per_forward = _calls_per_forward(job, first=jobs)
-    assert per_forward <= 21.5, per_forward  # (the timeout sweep may start once in 20)
-    assert all(j.links is not None and len(j.links) == 1 for j in jobs)
-    _confirm_all(source)
-    assert await jobs[-1].links[0] == source.connection.channels[-1].published[-1]  # type: ignore[index]
     await publisher.close(0)
 
 

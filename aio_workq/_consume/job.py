@@ -325,14 +325,14 @@ class Job:
                 `forward`, before the message was sent.
         """
         links = self.links
+        if links is None:
+            self.links = links = []
         forwarder = self._forwarder
         try:
             # The usual forward (no options, to a known queue, room in the window) is sent
             # here without a coroutine; else it is awaited (declaring, waiting for room).
             sent = forwarder.send_now(body, queue, exchange, routing_key, options)
             if sent is None:
-                if links is None:  # before the wait: a concurrent send appends to this list
-                    self.links = links = []
                 confirm = await forwarder.forward(body, queue, exchange, routing_key, options)
             else:
                 self._sent = sent
@@ -340,15 +340,9 @@ class Job:
         except BaseException as exc:
             # Recorded before it propagates: a handler that catches it must not get its
             # delivery acked, since the message it meant to forward was never sent.
-            if links is None:  # (`send_now` raised: no wait since `links` was read)
-                self.links = [_failed(exc)]
-            else:
-                links.append(_failed(exc))
+            links.append(_failed(exc))
             raise
-        if links is None:  # the usual first forward: no wait since `links` was read
-            self.links = [confirm]
-        else:
-            links.append(confirm)
+        links.append(confirm)
         return confirm
 
     def forget(self, confirm: asyncio.Future[str]) -> None:
