@@ -405,11 +405,14 @@ class Sender:
             target_exchange, key = destination
         # `build_usual`'s work without its `Properties`: the fast lane sends the encoding only.
         number = next(_ID_COUNTER)
-        message_id = _ID_FORMAT % number
         if type(body) is bytes:  # `usual_properties(message_id, None)`, formatted at once
             data, content_type = body, None
-            encoded = (_BARE_FLAGS, _BARE_FORMAT % number)
+            properties = _BARE_FORMAT % number
+            # The id is the encoding's last 32 octets (ASCII): read there, not formatted again.
+            message_id = properties[-32:].decode()
+            encoded = (_BARE_FLAGS, properties)
         else:
+            message_id = _ID_FORMAT % number
             data, content_type = encode_body(body)
             encoded = usual_properties(message_id, content_type)
         publisher = self._publisher if self._turn is None else self._turn()

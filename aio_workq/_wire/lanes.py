@@ -21,7 +21,24 @@ from typing import Any, Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .frames import EncodedProperties, Properties, decode_header, publish_write
+from .frames import (
+    _BASIC,
+    _BODY,
+    _END_AND_FRAME_HEADER,
+    _FRAME_END,
+    _HEADER_PREFIX,
+    FRAME_END,
+    LARGE_BODY,
+    Chunked,
+    EncodedProperties,
+    Properties,
+    _method_frame,
+    decode_header,
+    publish_write,
+)
+from .frames import (
+    _HEADER as _HEADER_FRAME,
+)
 from .seams import Wire, await_written, channel_closing
 from .tracker import ConfirmTracker, Outgoing
 
@@ -65,7 +82,9 @@ class Lane(Protocol):
 class FastLane:
     """aio-workq's own tags and ordered writer; confirms from the demux (see `_seams`)."""
 
-    __slots__ = ("_frame_max", "_gate", "_number", "_tag", "_writer", "channel", "tracker")
+    __slots__ = (
+        "_frame_max", "_gate", "_number", "_small", "_tag", "_writer", "channel", "tracker"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -80,18 +99,41 @@ class FastLane:
         self._writer = wire.writer
         self._tag = 0  # the broker numbers a confirm channel's publishes from 1
         self._frame_max = frame_max or 131072  # 0 is "no limit": body frames of the default size
+        # The largest body `publish_write` sends in one frame joined with the rest (its first
+        # road), which `write` takes itself.
+        self._small = min(self._frame_max - 8, LARGE_BODY)
         self._gate = wire.demux.attach(channel, confirms=self)
 
     def write(self, out: Outgoing) -> bool:
-        frames = publish_write(
-            self._number,
-            out.exchange,
-            out.routing_key,
-            out.mandatory,
-            out.encoded,
-            out.body,
-            self._frame_max,
-        )
+        number = self._number
+        size = out.size
+        if 0 < size <= self._small:
+            # `publish_write`'s first road (a body of one frame, joined with the method and
+            # the content header), inline with the size the record measured: one Python call
+            # and a `len` less per message (#22). A test keeps the two alike.
+            flags, properties = out.encoded
+            frames: bytes | Chunked = b"".join(
+                (
+                    _method_frame(number, out.exchange, out.routing_key, out.mandatory),
+                    _HEADER_PREFIX.pack(
+                        _HEADER_FRAME, number, 14 + len(properties), _BASIC, 0, size, flags
+                    ),
+                    properties,
+                    _END_AND_FRAME_HEADER.pack(_FRAME_END, _BODY, number, size),
+                    out.body,
+                    FRAME_END,
+                )
+            )
+        else:
+            frames = publish_write(
+                number,
+                out.exchange,
+                out.routing_key,
+                out.mandatory,
+                out.encoded,
+                out.body,
+                self._frame_max,
+            )
         # `self.tracker.record(tag, out)`, inline.
         self._tag = tag = self._tag + 1
         out.tag = tag
