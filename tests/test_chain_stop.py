@@ -1,0 +1,136 @@
+"""A graceful stop within its timeout is no cause of duplicates in a chain
+(docs/guarantees.md, "When duplicates happen"): two workers relay one quorum queue to another
+with `job.send` (the chain step that waits for its confirm without a task, `Linked`), and one
+of them is stopped while its forwards are confirming, as the bench's two-process chain run
+stops a process at its share. Downstream holds each upstream message exactly once (each
+forward's body is its upstream message's number); a stop that runs out of time may forward
+some twice, and loses none."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import aiormq
+import pytest
+
+from aio_workq import Job, Producer, Queue, Worker
+
+pytestmark = pytest.mark.broker
+
+M = 3_000
+PREFETCH = 100
+
+
+class Total:
+    """The upstream messages whose forward some relay saw confirmed, and an event once all
+    `M` are."""
+
+    def __init__(self) -> None:
+        self.confirmed: set[bytes] = set()
+        self.all = asyncio.Event()
+
+
+class Relay:
+    """Forwards each message (its body: the upstream message's number) and counts the
+    confirms; `reached` is set at its `at`-th."""
+
+    def __init__(self, down: str, total: Total) -> None:
+        self.down = down
+        self.total = total
+        self.confirmed = 0
+        self.reached = asyncio.Event()
+        self.at = 0
+
+    async def __call__(self, job: Job) -> None:
+        body = job.body
+        confirm = await job.send(body, queue=self.down)
+        confirm.add_done_callback(lambda future: self._confirmed(future, body))
+
+    def _confirmed(self, future: asyncio.Future[str], body: bytes) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.confirmed += 1
+            if self.confirmed == self.at:
+                self.reached.set()
+            self.total.confirmed.add(body)
+            if len(self.total.confirmed) == M:
+                self.total.all.set()
+
+
+async def _bodies(amqp_url: str, queue: str) -> list[bytes]:
+    """Every message in `queue`, taken off with no ack."""
+    connection = await aiormq.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(queue, passive=True)
+        count = int(ok.message_count or 0)
+        bodies: list[bytes] = []
+        done = asyncio.Event()
+
+        def take(message: aiormq.abc.DeliveredMessage) -> None:
+            bodies.append(message.body)
+            if len(bodies) == count:
+                done.set()
+
+        if count:
+            await channel.basic_qos(prefetch_count=1_000)
+            await channel.basic_consume(queue, take, no_ack=True)  # type: ignore[arg-type]
+            async with asyncio.timeout(30):
+                await done.wait()
+        return bodies
+    finally:
+        await connection.close()
+
+
+async def _relayed(
+    amqp_url: str, producer: Producer, queue_name: str, timeout: float | None
+) -> list[bytes]:
+    """M messages relayed by two workers; the first is stopped (`stop(timeout)`) once a share
+    of them is confirmed, the second relays the rest. What reached the downstream queue."""
+    up = Queue(queue_name)
+    down = Queue(f"{queue_name}-down")
+    await producer.declare(up)
+    await producer.declare(down)
+    await producer.publish_many([str(i).encode() for i in range(M)], queue=up)
+    total = Total()
+    first, second = Relay(down.name, total), Relay(down.name, total)
+    first.at = M // 3
+    workers = [
+        Worker(amqp_url, queue=up, handler=relay, concurrency=PREFETCH, prefetch=PREFETCH)
+        for relay in (first, second)
+    ]
+    try:
+        for worker in workers:
+            await worker.start()
+        async with asyncio.timeout(30):
+            await first.reached.wait()
+        # Stopped now, while up to PREFETCH of its forwards are on their way.
+        await workers[0].stop(timeout)
+        async with asyncio.timeout(60):
+            await total.all.wait()
+    finally:
+        for worker in workers:
+            await worker.stop(timeout=10)
+    return await _bodies(amqp_url, down.name)
+
+
+async def test_a_worker_stopped_while_its_forwards_confirm_forwards_nothing_twice(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """Within its timeout, the stop waits for the confirms of the forwards on their way and
+    acks their deliveries: none runs again."""
+    bodies = await _relayed(amqp_url, producer, queue_name, None)
+    twice = sorted(body for body, n in collections.Counter(bodies).items() if n > 1)
+    assert not twice, f"{len(twice)} forwarded more than once: {twice[:20]}"
+    assert sorted(int(body) for body in bodies) == list(range(M))
+
+
+async def test_a_stop_that_runs_out_of_time_may_forward_twice_and_loses_nothing(
+    amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """`stop(0)`: the deliveries whose forward's confirm has not arrived go back to the queue
+    at once, though the broker may hold their forward already: those run again on the other
+    worker and are forwarded twice (docs/guarantees.md, "When duplicates happen"). None is
+    lost."""
+    bodies = await _relayed(amqp_url, producer, queue_name, 0)
+    assert sorted({int(body) for body in bodies}) == list(range(M))
