@@ -225,9 +225,8 @@ class Worker:
         """What it consumes, as its log lines say: the queue, and the exchange a server-named
         queue is bound to (its name alone, `amq.gen-...`, says nothing)."""
         exchange = self.listens_to
-        if exchange is None:
-            return repr(self.queue_name)
-        return f"{self.queue_name!r} (bound to exchange {exchange!r})"
+        bound = "" if exchange is None else f" (bound to exchange {exchange!r})"
+        return f"{self.queue_name!r}{bound}"
 
     @property
     def state(self) -> WorkerState:
@@ -266,8 +265,8 @@ class Worker:
         `wait_for_broker`, if given, replaces the worker's own for this start (see `start()`).
 
         Raises:
-            The errors of `start()`: a stopped worker raises `IntegrationError` (make a new
-            Worker).
+            IntegrationError: the worker was stopped (make a new Worker); and the errors of
+                `start()`.
         """
         await self.start(wait_for_broker=wait_for_broker)
         try:

@@ -271,10 +271,9 @@ class JobHandle(Generic[R]):
             StoreError, ConfigurationError: as `status()`.
             IntegrationError: a running job, and the registry has no producer to tell the
                 workers with.
-            PublishError: the cancel request to the workers was not confirmed.
-
-            With either of these two the cancel is recorded all the same: the job's worker
-            finds it in the store and stops the job within about 10 s (as above).
+            PublishError: the cancel request to the workers was not confirmed. With this or
+                the IntegrationError the cancel is recorded all the same: the job's worker
+                finds it in the store and stops the job within about 10 s (as above).
         """
         status = await self._cancel_recorded()
         if status.state is JobState.RUNNING:

@@ -10,7 +10,7 @@ import operator
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from itertools import compress
 from typing import Any
@@ -313,22 +313,11 @@ class PostgresStore:
 
     async def cancel_requested(self, job_ids: Sequence[str]) -> set[str]:
         params = {"ids": list(job_ids), "now": time.time()}
-
-        async def read(conn: Any) -> Any:
-            cursor = await conn.execute(self._cancels, params)
-            return await cursor.fetchall()
-
-        return {row[0] for row in await self._run("reading cancel requests", read)}
+        return await _ids(self._run, "reading cancel requests", self._cancels, params)
 
     async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
-        params = {"ids": list(job_ids)}
-
-        async def withdraw(conn: Any) -> Any:  # one statement: its own transaction
-            cursor = await conn.execute(self._withdraw, params)
-            return await cursor.fetchall()
-
-        rows = await self._run("withdrawing queued records", withdraw, detach=False)
-        return {row[0] for row in rows}
+        doing, params = "withdrawing queued records", {"ids": list(job_ids)}
+        return await _ids(self._run, doing, self._withdraw, params, detach=False)
 
     async def cancel(self, job_id: str, *, now: float) -> JobStatus | None:
         params = {"job_id": job_id, "now": now, "expires": now + self.ttl}
@@ -449,6 +438,24 @@ class PostgresStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+async def _ids(
+    run: Callable[..., Awaitable[Any]],
+    doing: str,
+    statement: str,
+    params: dict[str, Any],
+    *,
+    detach: bool = True,
+) -> set[str]:
+    """The first column of the rows of one statement (its own transaction), through `run`
+    (a store's `StorePool.run`)."""
+
+    async def read(conn: Any) -> Any:
+        cursor = await conn.execute(statement, params)
+        return await cursor.fetchall()
+
+    return {row[0] for row in await run(doing, read, detach=detach)}
 
 
 def _check_arguments(
