@@ -18,6 +18,7 @@ from aio_workq import HandleInfo, Hook, Job, PublishInfo
 from aio_workq._consume.delivery import Delivery
 from aio_workq._exceptions import ConnectionLostError, PublishNackedError, SerializationError
 from aio_workq._hooks import Hooks
+from aio_workq._link.connection import fast_path_default
 from aio_workq._publish.confirms import ConfirmPublisher
 from aio_workq._publish.message import Sender
 from aio_workq._wire.frames import LARGE_BODY, publish_write, usual_properties
@@ -252,7 +253,9 @@ async def test_a_forward_to_a_known_queue_costs_a_bounded_number_of_calls() -> N
     source, publisher, sender = await _sender()
     job = _job(sender)
     per_forward = _calls_per_forward(job)
-    assert per_forward <= 23, per_forward  # (the timeout sweep may start once in 20)
+    # (the timeout sweep may start once in 20); the plain lane (`AIO_WORKQ_FAST_PATH=0`) sends
+    # through aiormq's `basic_publish`, so round 9's packing is not its: 23.45, as before it
+    assert per_forward <= (23 if fast_path_default() else 24), per_forward
     assert job.links is not None and len(job.links) == 21
     _confirm_all(source)
     assert source.connection.channels[-1].published == [await c for c in job.links]
