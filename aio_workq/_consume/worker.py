@@ -285,12 +285,13 @@ class Worker:
         Raises:
             BrokerConnectionError (and its subclasses): the broker can't be reached.
             TopologyError: a queue or exchange declaration failed.
-            IntegrationError: the worker was stopped (`stop()` was called, or its `async
-                with` block ended): a worker runs once, make a new Worker.
+            IntegrationError: the worker ran and was stopped (`stop()` was called, or its
+                `async with` block ended): a worker runs once, make a new Worker. A worker
+                stopped before it ever started (a signal that came first) starts nothing.
         """
-        if self._stopping:
-            raise IntegrationError(_STOPPED)
-        if self._started:
+        if self._started or self._stopping:  # a stop before any start (a signal) wins: no-op
+            if self._started and self._stopping:
+                raise IntegrationError(_STOPPED)
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
