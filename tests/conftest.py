@@ -256,3 +256,29 @@ def restored_loggers() -> Iterator[None]:
         logger.setLevel(level)
         logger.propagate = propagate
         logger.handlers[:] = handlers
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def every_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """Each job store in turn: a `MemoryStore`, a `SQLiteStore` in `tmp_path`, and a
+    `PostgresStore` on the suite's PostgreSQL in a schema of its own (dropped afterwards)."""
+    from aio_workq.jobs import MemoryStore, SQLiteStore
+    from aio_workq.jobs.postgres import PostgresStore, migrate
+
+    if request.param == "memory":
+        yield MemoryStore()
+    elif request.param == "sqlite":
+        made = SQLiteStore(tmp_path / "jobs.db")
+        yield made
+        await made.close()
+    else:
+        import psycopg
+
+        dsn = request.getfixturevalue("postgres_dsn")
+        schema = f"j_{uuid.uuid4().hex[:12]}"
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await migrate(conn, schema=schema)
+            pg = PostgresStore(dsn, schema=schema)
+            yield pg
+            await pg.close()
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

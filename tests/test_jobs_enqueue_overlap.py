@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from aio_workq import ConnectionLostError, Producer, PublishNackedError, Queue
 from aio_workq.jobs import (
+    JobHandle,
     JobRecord,
     JobState,
     JobStatus,
@@ -33,30 +32,16 @@ from aio_workq.jobs import (
 )
 from aio_workq.jobs._recorder import GroupCommit
 from aio_workq.jobs._status import withdrawal
-from aio_workq.jobs.postgres import PostgresStore, migrate
+from aio_workq.jobs.postgres import PostgresStore
 
 pytestmark = pytest.mark.broker
 
 WAIT = 20.0
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "sqlite":
-        made = SQLiteStore(tmp_path / "jobs.db")
-        yield made
-        await made.close()
-    else:
-        dsn = request.getfixturevalue("postgres_dsn")
-        schema = f"j_{uuid.uuid4().hex[:12]}"
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await migrate(conn, schema=schema)
-            pg = PostgresStore(dsn, schema=schema)
-            yield pg
-            await pg.close()
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+@pytest.fixture
+def store(every_store: JobStore) -> JobStore:
+    return every_store  # conftest: a MemoryStore, a SQLiteStore and a PostgresStore in turn
 
 
 def _w(job_id: str, state: JobState, **fields: Any) -> Write:
@@ -249,13 +234,11 @@ class Gate:
         return confirm
 
 
-@PATHS
-async def test_the_queued_record_is_written_while_the_publish_waits_for_its_confirm(
-    producer: Producer, queue_name: str, tmp_path: Path, path: str
-) -> None:
-    """The overlap itself: the record is committed before the publish returns (before, the
-    record was sent only once the confirm was back: two round trips one after the other);
-    a store of the old protocol is sent it only once the publish returned."""
+async def _held(
+    path: str, producer: Producer, queue_name: str, job_id: str
+) -> tuple[Tracked, Tasks, Gate, asyncio.Future[JobHandle[int]]]:
+    """A job `job_id` of an `echo` task enqueued through a `Gate` on a store of `path`, its
+    publish held at the gate (the gate's `open` lets it go)."""
     store = _made(path)
     tasks = Tasks(producer=producer, store=store)
 
@@ -264,10 +247,21 @@ async def test_the_queued_record_is_written_while_the_publish_waits_for_its_conf
         return n
 
     gate = Gate(producer)
-    task = echo.options(job_id="overlap")
+    task = echo.options(job_id=job_id)
     enqueue = asyncio.ensure_future(task.send(task.arguments.encode((1,), {}), gate, tasks))
     async with asyncio.timeout(WAIT):
         await gate.arrived.wait()
+    return store, tasks, gate, enqueue
+
+
+@PATHS
+async def test_the_queued_record_is_written_while_the_publish_waits_for_its_confirm(
+    producer: Producer, queue_name: str, tmp_path: Path, path: str
+) -> None:
+    """The overlap itself: the record is committed before the publish returns (before, the
+    record was sent only once the confirm was back: two round trips one after the other);
+    a store of the old protocol is sent it only once the publish returned."""
+    store, tasks, gate, enqueue = await _held(path, producer, queue_name, "overlap")
     if path == "overlap":
         await _until(store, "overlap", [JobState.QUEUED])  # the publish still waits
     else:
@@ -326,18 +320,7 @@ async def test_a_cancelled_enqueue_takes_its_queued_record_back(
     """The enqueuing task cancelled while its publish waits: the record is taken back (the
     job may or may not have gone out; if it did, its worker's claim records it); a store of
     the old protocol was never sent it."""
-    store = _made(path)
-    tasks = Tasks(producer=producer, store=store)
-
-    @tasks.task(queue=queue_name)
-    def echo(n: int) -> int:
-        return n
-
-    gate = Gate(producer)
-    task = echo.options(job_id="cancelled-enqueue")
-    enqueue = asyncio.ensure_future(task.send(task.arguments.encode((1,), {}), gate, tasks))
-    async with asyncio.timeout(WAIT):
-        await gate.arrived.wait()
+    store, tasks, gate, enqueue = await _held(path, producer, queue_name, "cancelled-enqueue")
     if path == "overlap":
         await _until(store, "cancelled-enqueue", [JobState.QUEUED])
     enqueue.cancel()

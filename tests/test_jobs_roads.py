@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ from aio_workq.jobs import (
     JobCancelledError,
     JobState,
     JobStore,
-    MemoryStore,
     SQLiteStore,
     StoreError,
     Tasks,
@@ -161,23 +159,9 @@ async def test_one_job_id_enqueued_by_two_processes_at_once_runs_once(
                 await registry.store.close()
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    if request.param == "memory":
-        yield MemoryStore()
-    elif request.param == "sqlite":
-        made = SQLiteStore(tmp_path / "jobs.db")
-        yield made
-        await made.close()
-    else:
-        dsn = request.getfixturevalue("postgres_dsn")
-        schema = f"j_{uuid.uuid4().hex[:12]}"
-        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            await migrate(conn, schema=schema)
-            pg = PostgresStore(dsn, schema=schema)
-            yield pg
-            await pg.close()
-            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+@pytest.fixture
+def store(every_store: JobStore) -> JobStore:
+    return every_store  # conftest: a MemoryStore, a SQLiteStore and a PostgresStore in turn
 
 
 def _w(job_id: str, state: JobState, attempt: int = 1, **fields: Any) -> Write:
