@@ -8,11 +8,10 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from bench import harness
-
-psutil = pytest.importorskip("psutil")  # the bench group's
 
 # A process named `postgres` (its comm, which psutil reports) that spins for CPU time; with a
 # port, it listens there first (a node of "ours"). It prints "ready" once it has spun.
