@@ -541,8 +541,10 @@ async def test_an_enqueue_awaits_its_queued_records_future_with_no_coroutine_bet
     # falls in the counted part adds up to half a call: the bound leaves it room); 145.0
     # with the record sent before the publish (#23 round 4: the untracked enqueue a call less);
     # 149.0 reading the caller's bound (`options.get`, `_callers_bound`, its `getattr` and
-    # `isinstance`: a web request's timeout also bounds the wait for the record)
-    assert tracked - untracked <= 149.5, (untracked, tracked)
+    # `isinstance`: a web request's timeout also bounds the wait for the record). A timer's
+    # step can fall in either count, up to about half a call each (CI once saw the untracked
+    # one at 55.47 against its usual 56.0): the bound leaves a call of room.
+    assert tracked - untracked <= 150.0, (untracked, tracked)
 
 
 async def test_an_enqueues_queued_record_is_committed_while_its_publish_waits() -> None:
