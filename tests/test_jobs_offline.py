@@ -485,6 +485,19 @@ async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() 
             await build_workers(resize, WorkerOptions(target="app:resize", queue=queue))
 
 
+async def test_the_cli_given_the_workers_factory_with_queue_says_how_to_pick_queues() -> None:
+    """`aio-workq worker app:tasks.workers -q images` (Celery's `-Q images`) took the factory
+    for a handler and failed on its annotations ("can't resolve the annotation 'URLs | None' of
+    its parameter 'url'"); now it says --queue is for a handler and how to pick queues."""
+    tasks = make_tasks(MemoryStore())
+    with pytest.raises(
+        TargetError,
+        match=r"--queue runs 'app:tasks\.workers' as a handler, but it is the workers factory "
+        r"of a Tasks registry.*tasks\.workers\(queues=\['images'\]\)",
+    ):
+        await build_workers(tasks.workers, WorkerOptions(target="app:tasks.workers", queue="images"))
+
+
 # --- the testing kit -------------------------------------------------------------------------
 
 

@@ -527,7 +527,8 @@ class Tasks:
                 give one for a task defined in a script run as `__main__`).
             queue_type: `"quorum"` (default) or `"classic"`, for a queue given by name.
             rate_limit: at most this many jobs start, for all worker processes together:
-                `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (needs a store).
+                `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (`10` or `"10"`; needs a
+                store).
             rate_key: a bucket per key: called with the job's arguments by name (those it
                 left out with the function's defaults), e.g. `lambda customer, **_: customer`.
             rate_burst: jobs that may start at once after an idle time (1: evenly spaced).
