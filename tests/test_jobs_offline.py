@@ -381,6 +381,32 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
         await resize.enqueue("cat.png", width=3)
 
 
+async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_worker_one() -> None:
+    """A task that enqueues the next step (a Celery chain) under `aio-workq worker` failed each
+    attempt with "call tasks.bind(producer) (e.g. in your app's lifespan)": a worker has no
+    lifespan. Inside a job the error now names the worker's fix and the guide's section."""
+    tasks = Tasks()
+
+    @tasks.task(queue="b", name="chain.second")
+    async def second(n: int) -> int:
+        return n
+
+    @tasks.task(queue="a", name="chain.first")
+    async def first(n: int) -> int:
+        await second.enqueue(n + 1)
+        return n
+
+    run = await run_task(first.s(1), retry=None)
+    assert run.status.state is JobState.FAILED
+    message = run.status.error_message or ""
+    assert "task 'chain.second': the tasks are not bound to a producer" in message
+    assert "the job of task 'chain.first' enqueues" in message
+    assert "tasks.bind(producer)" in message and "run_workers" in message
+    assert "chains-and-groups-together" in message
+    with pytest.raises(IntegrationError, match=r"lifespan\) before enqueueing$"):
+        await second.enqueue(1)  # outside a job: the web app's fix, as before
+
+
 def test_an_empty_or_non_string_job_id_is_refused() -> None:
     """`options(job_id="")` (an empty form field, say) took a fresh random id instead: the
     enqueue was no longer safe to repeat, and nothing said so."""
@@ -495,7 +521,8 @@ async def test_the_cli_given_the_workers_factory_with_queue_says_how_to_pick_que
         match=r"--queue runs 'app:tasks\.workers' as a handler, but it is the workers factory "
         r"of a Tasks registry.*tasks\.workers\(queues=\['images'\]\)",
     ):
-        await build_workers(tasks.workers, WorkerOptions(target="app:tasks.workers", queue="images"))
+        options = WorkerOptions(target="app:tasks.workers", queue="images")
+        await build_workers(tasks.workers, options)
 
 
 # --- the testing kit -------------------------------------------------------------------------
