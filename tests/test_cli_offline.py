@@ -100,6 +100,9 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
         _Raw("b", 0, 0, 1),
         *(_Raw(f"workq.delay.{k}", 1, 0, 0) for k in range(32)),
         *(_Raw(f"workq.scheduler.{k}", 1, 0, 1) for k in ("lease", "state", "status")),
+        # each task worker's cancel listener, a presence watcher: exclusive, one connection's
+        _Raw("amq.gen-Uv5MxwS3NgvwOlnnHonNxw", 0, 0, 1),
+        _Raw("amq.gen-3KkZlq0cTx3wQ2Xn1i8mVg", 0, 0, 1),
     ]
     rows = {row.queue: row for row in group_rows(raws)}
     assert sorted(rows) == ["a", "b", "gone", "orphan"]  # no ladder, scheduler, internal queue
@@ -115,6 +118,8 @@ def test_queues_are_grouped_with_their_retry_and_dead_letter_queues() -> None:
     assert (ladder.queue, ladder.ready) == ("workq.delay.* (32 queues)", 32)
     [scheduler] = [row for row in group_rows(raws, all_queues=True) if row.kind == "scheduler"]
     assert (scheduler.queue, scheduler.consumers) == ("workq.scheduler.* (3 queues)", 3)
+    [named] = [row for row in group_rows(raws, all_queues=True) if row.kind == "server-named"]
+    assert (named.queue, named.consumers) == ("amq.* (2 queues)", 2)
 
 
 @pytest.mark.parametrize("width", [80, 200])

@@ -381,6 +381,32 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
         await resize.enqueue("cat.png", width=3)
 
 
+async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_worker_one() -> None:
+    """A task that enqueues the next step (a Celery chain) under `aio-workq worker` failed each
+    attempt with "call tasks.bind(producer) (e.g. in your app's lifespan)": a worker has no
+    lifespan. Inside a job the error now names the worker's fix and the guide's section."""
+    tasks = Tasks()
+
+    @tasks.task(queue="b", name="chain.second")
+    async def second(n: int) -> int:
+        return n
+
+    @tasks.task(queue="a", name="chain.first")
+    async def first(n: int) -> int:
+        await second.enqueue(n + 1)
+        return n
+
+    run = await run_task(first.s(1), retry=None)
+    assert run.status.state is JobState.FAILED
+    message = run.status.error_message or ""
+    assert "task 'chain.second': the tasks are not bound to a producer" in message
+    assert "the job of task 'chain.first' enqueues" in message
+    assert "tasks.bind(producer)" in message and "run_workers" in message
+    assert "chains-and-groups-together" in message
+    with pytest.raises(IntegrationError, match=r"lifespan\) before enqueueing$"):
+        await second.enqueue(1)  # outside a job: the web app's fix, as before
+
+
 def test_an_empty_or_non_string_job_id_is_refused() -> None:
     """`options(job_id="")` (an empty form field, say) took a fresh random id instead: the
     enqueue was no longer safe to repeat, and nothing said so."""
@@ -483,6 +509,20 @@ async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() 
             TargetError, match=r"'app:resize' is the task 'images\.resize'.*workers"
         ):
             await build_workers(resize, WorkerOptions(target="app:resize", queue=queue))
+
+
+async def test_the_cli_given_the_workers_factory_with_queue_says_how_to_pick_queues() -> None:
+    """`aio-workq worker app:tasks.workers -q images` (Celery's `-Q images`) took the factory
+    for a handler and failed on its annotations ("can't resolve the annotation 'URLs | None' of
+    its parameter 'url'"); now it says --queue is for a handler and how to pick queues."""
+    tasks = make_tasks(MemoryStore())
+    with pytest.raises(
+        TargetError,
+        match=r"--queue runs 'app:tasks\.workers' as a handler, but it is the workers factory "
+        r"of a Tasks registry.*tasks\.workers\(queues=\['images'\]\)",
+    ):
+        options = WorkerOptions(target="app:tasks.workers", queue="images")
+        await build_workers(tasks.workers, options)
 
 
 # --- the testing kit -------------------------------------------------------------------------

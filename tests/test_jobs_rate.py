@@ -245,6 +245,16 @@ def test_bad_rate_options_are_refused(options: dict[str, Any], match: str) -> No
         Tasks().task(queue="q", **options)
 
 
+def test_a_rate_without_a_unit_is_jobs_a_second_as_in_celery() -> None:
+    """`rate_limit="10"` (Celery's form for 10 a second, the same as the number 10) was refused
+    with "must look like '50/s', '600/m' or '1000/h'", which did not say a number works."""
+    assert RateLimit.of("10").per_second == 10.0
+    assert RateLimit.of(" 2.5 ").per_second == 2.5
+    assert RateLimit.of("10/minute").per_second == pytest.approx(10 / 60)
+    with pytest.raises(ConfigurationError, match=r"'10' \(jobs a second\) or 10, got '1/d'"):
+        RateLimit.of("1/d")
+
+
 def test_parsing_and_a_store_is_needed() -> None:
     assert RateLimit.of("600/m").per_second == 10.0
     assert RateLimit.of("3600/h").interval == 1.0

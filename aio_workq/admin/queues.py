@@ -54,9 +54,15 @@ _CONNECT_TIMEOUT = 10.0
 _RETRY = re.compile(r"^(?P<base>.+)\.retry\.(?P<ms>\d+)ms$")
 _DLQ = re.compile(r"^(?P<base>.+)\.dlq$")
 _LADDER = f"{DELAY_PREFIX}."
-OWN_KINDS = {_LADDER: "delay-ladder", f"{SCHEDULER_GROUP}.": "scheduler"}
-"""aio-workq's own queues by name prefix, each family one row of its kind (with `all_queues`):
-the shared delay ladder, and the default scheduler group's lease, state and status queues."""
+OWN_KINDS = {
+    _LADDER: "delay-ladder",
+    f"{SCHEDULER_GROUP}.": "scheduler",
+    "amq.": "server-named",
+}
+"""Queues that are not work queues, by name prefix, each family one row of its kind (with
+`all_queues`): the shared delay ladder, the default scheduler group's lease, state and status
+queues, and the broker-named exclusive queues of one connection each (every task worker's
+cancel listener, the presence watchers, subscribers)."""
 
 
 @dataclass(slots=True)
@@ -65,7 +71,8 @@ class QueueRow:
 
     `present` is false for a work queue that is gone while its internal queues remain;
     `kind` is `"work"`, `"delay-ladder"` for the shared `workq.delay.*` queues (one row),
-    `"scheduler"` for the schedulers' `workq.scheduler.*` queues (one row), or `"missing"` for
+    `"scheduler"` for the schedulers' `workq.scheduler.*` queues (one row), `"server-named"`
+    for the broker-named `amq.*` queues (one row, as the dashboard hides them), or `"missing"` for
     a queue named (the dashboard's `--queue`) that does not exist.
     """
 
@@ -111,7 +118,7 @@ def default_management_url(amqp_url: str) -> str:
 
 
 def is_internal(name: str) -> bool:
-    """True for a dead-letter, retry, delay-ladder or scheduler queue."""
+    """True for a dead-letter, retry, delay-ladder, scheduler or server-named queue."""
     return bool(_RETRY.match(name) or _DLQ.match(name) or _own_kind(name))
 
 

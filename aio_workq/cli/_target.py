@@ -85,6 +85,12 @@ def check_target(obj: Any, options: WorkerOptions) -> None:
             raise TargetError(
                 f"--queue runs {target!r} as a handler, but it is {_kind(obj)}; drop --queue"
             )
+        if _is_registry(getattr(obj, "__self__", None)):
+            raise TargetError(
+                f"--queue runs {target!r} as a handler, but it is the workers factory of a "
+                "Tasks registry; drop --queue to run every queue of its tasks, or name a "
+                f"factory of yours that returns tasks.workers(queues=[{options.queue!r}])"
+            )
         return
     if options.concurrency is not None and not (factory and _takes_concurrency(obj)):
         raise TargetError(
@@ -137,7 +143,7 @@ def _refuse_tasks(obj: Any, target: str) -> None:
     instead of the registry's `workers` factory (told by their shape: the CLI is below
     `aio_workq.jobs` and does not import it)."""
     name = getattr(obj, "name", None)
-    if callable(getattr(obj, "workers", None)) and callable(getattr(obj, "task", None)):
+    if _is_registry(obj):
         raise TargetError(
             f"{target!r} is a Tasks registry: name its workers factory, "
             f"aio-workq worker {target}.workers"
@@ -150,6 +156,11 @@ def _refuse_tasks(obj: Any, target: str) -> None:
             f"{target!r} is the task {name!r}, not a handler: run the workers of the Tasks "
             f"registry it was declared on, e.g. aio-workq worker {module}:tasks.workers"
         )
+
+
+def _is_registry(obj: Any) -> bool:
+    """A `Tasks` registry, told by its shape (see `_refuse_tasks`)."""
+    return callable(getattr(obj, "workers", None)) and callable(getattr(obj, "task", None))
 
 
 def _workers_of(obj: Any, what: str) -> list[Worker]:

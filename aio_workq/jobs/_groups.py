@@ -38,6 +38,7 @@ from ._errors import TaskArgumentError
 from ._groupstore import CallbackDue, GroupSpec, GroupStore
 from ._handle import TASK_HEADER, JobHandle, Publisher
 from ._json import encode_typed
+from ._recorder import unbound
 from ._status import JobState, Write, unstorable_id
 from ._store import JobStore
 
@@ -265,10 +266,7 @@ class Group(Generic[R]):
             )
         publisher = registry.publisher
         if publisher is None:
-            raise IntegrationError(
-                "the tasks are not bound to a producer: call tasks.bind(producer) before "
-                "enqueueing a group"
-            )
+            raise unbound("a group")
         bodies = [m.task.arguments.encode(m.args, m.kwargs) for m in self.members]
         task_name, queue, param, extra = self._callback_spec()
         ids = tuple(member_id(self.group_id, i) for i in range(len(self.members)))

@@ -31,7 +31,8 @@ __all__ = ("KEY_MAX", "RateLimit", "acquire")
 
 log = logging.getLogger("aio_workq.jobs")
 
-_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*")
+_RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(?:/\s*(s|sec|second|m|min|minute|h|hour)\s*)?")
+"""A count, and a unit (a second when left out, as in Celery: `"10"` is `"10/s"`)."""
 _UNIT = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
 _UNIT |= {"h": 3600.0, "hour": 3600.0}
 _STORE_DOWN_DEFER = 5.0
@@ -67,7 +68,7 @@ class RateLimit:
         key: Callable[..., Any] | None = None,
         max_wait: float = 5.0,
     ) -> RateLimit:
-        """Parse `"50/s"`, `"600/m"`, `"1000/h"` or a number of jobs a second.
+        """Parse `"50/s"`, `"600/m"`, `"1000/h"`, or a number of jobs a second (`10` or `"10"`).
 
         Raises:
             ConfigurationError: a rate, burst, key or max_wait that does not fit.
@@ -76,9 +77,10 @@ class RateLimit:
             match = _RATE.fullmatch(rate)
             if match is None:
                 raise ConfigurationError(
-                    f"rate_limit must look like '50/s', '600/m' or '1000/h', got {rate!r}"
+                    "rate_limit must look like '50/s', '600/m', '1000/h', '10' (jobs a second) "
+                    f"or 10, got {rate!r}"
                 )
-            per_second = float(match[1]) / _UNIT[match[2]]
+            per_second = float(match[1]) / _UNIT[match[2] or "s"]
         elif isinstance(rate, int | float) and not isinstance(rate, bool):
             try:
                 per_second = float(rate)

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._consume.job import ATTEMPT_HEADER, Job
-from .._exceptions import Reject, SerializationError, qualname, text_of
+from .._exceptions import IntegrationError, Reject, SerializationError, qualname, text_of
 from .._hooks import HandleInfo, Hook, JobView, Outcome
 from .._publish.serialization import JSON
 from ._batches import WriteBatches, ids
@@ -31,7 +31,9 @@ from ._json import encode_typed
 from ._status import JobState, Write, new_write, storable, withdrawal
 from ._store import CancelRequests, JobStore, Withdrawals
 
-__all__ = ("QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job")
+__all__ = (
+    "QUEUED_RECORD_TIMEOUT", "GroupCommit", "Recorder", "Running", "current_job", "unbound",
+)  # fmt: skip
 
 log = logging.getLogger("aio_workq.jobs")
 
@@ -54,6 +56,23 @@ def current_job() -> Running | None:
     Plain `def` tasks run in threads with a copy of the context, so they see it too.
     """
     return _current.get()
+
+
+def unbound(what: str) -> IntegrationError:
+    """The error of an enqueue (`what`: a task's, a group's) on a registry without a producer;
+    inside a job, it names the worker's fix rather than a web app's."""
+    job = current_job()
+    if job is None:
+        return IntegrationError(
+            f"{what}: the tasks are not bound to a producer: call tasks.bind(producer) "
+            "(e.g. in your app's lifespan) before enqueueing"
+        )
+    return IntegrationError(
+        f"{what}: the tasks are not bound to a producer, and the job of task {job.task!r} "
+        "enqueues: run its workers from a script that holds one (async with Producer() as "
+        "producer: tasks.bind(producer); await run_workers(*tasks.workers())), as "
+        "docs/guides/jobs.md#chains-and-groups-together shows"
+    )
 
 
 def _defers(headers: Mapping[str, Any]) -> int:

@@ -18,7 +18,6 @@ from .._consume.retry import RetryPolicy
 from .._consume.typed import Validator, build_validator
 from .._exceptions import (
     ConfigurationError,
-    IntegrationError,
     PayloadError,
     SerializationError,
 )
@@ -29,7 +28,7 @@ from ._groups import Signature
 from ._handle import TASK_HEADER, Context, JobHandle, Publisher
 from ._json import encode_typed
 from ._rate import RateLimit
-from ._recorder import GroupCommit
+from ._recorder import GroupCommit, unbound
 from ._running import build_workers
 from ._status import JobState, Write, new_write, unstorable_id
 from ._store import JobStore
@@ -296,10 +295,7 @@ class Task(Generic[P, R]):
         body = self.arguments.encode(args, kwargs)
         publisher = self._registry.publisher
         if publisher is None:
-            raise IntegrationError(
-                f"task {self.name!r}: the tasks are not bound to a producer: call "
-                "tasks.bind(producer) (e.g. in your app's lifespan) before enqueueing"
-            )
+            raise unbound(f"task {self.name!r}")
         return await self.send(body, publisher, self._registry)
 
     async def send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
@@ -527,7 +523,8 @@ class Tasks:
                 give one for a task defined in a script run as `__main__`).
             queue_type: `"quorum"` (default) or `"classic"`, for a queue given by name.
             rate_limit: at most this many jobs start, for all worker processes together:
-                `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (needs a store).
+                `"50/s"`, `"600/m"`, `"1000/h"` or jobs a second (`10` or `"10"`; needs a
+                store).
             rate_key: a bucket per key: called with the job's arguments by name (those it
                 left out with the function's defaults), e.g. `lambda customer, **_: customer`.
             rate_burst: jobs that may start at once after an idle time (1: evenly spaced).
