@@ -143,8 +143,8 @@ async def test_outcomes_ride_with_the_next_claims_not_in_a_batch_of_their_own(
     """A write no one waits for (an outcome) opens no batch beside one in flight: it goes with
     the next claim, or once that batch ended, and is recorded (every store: claims and
     outcomes in one statement on PostgreSQL). They went in a batch of their own about one time
-    in three, each a statement and a commit (#23: 98-106 statements per 5,000 consumed jobs on
-    PostgreSQL, 73-88 now)."""
+    in three, each a statement and a commit (#23: 94-107 statements per 5,000 consumed jobs on
+    PostgreSQL, 70-93 now)."""
     store = GatedStore(every_store)
     recorder = Recorder(store)
     claim_x = asyncio.ensure_future(recorder.claim(running("x")))
