@@ -728,3 +728,31 @@ async def test_tracked_deliveries_waiting_for_claims_and_slots_cost_no_wake_up_e
     tracked = await _wakes_per_job(tracked=True)
     untracked = await _wakes_per_job(tracked=False)
     assert tracked - untracked <= 0.5, (untracked, tracked)
+
+
+async def test_a_delivery_off_the_socket_is_claimed_without_a_delivery_object() -> None:
+    """The recorder reads a delivery's job id and headers off the job's own decode (#23): no
+    `Delivery` is made for a job the demux took off the socket, so a tracked delivery waiting
+    for its turn holds an object less for the garbage collector to count (it made one)."""
+    from pamqp import commands
+    from pamqp.header import ContentHeader
+
+    from aio_workq._consume.job import job_of
+
+    properties = commands.Basic.Properties(
+        message_id="job-1", content_type="application/json",
+        headers={"x-workq-task": "work.double", "x-workq-attempt": 2},
+    )  # fmt: skip
+    header = ContentHeader(0, 8, properties).marshal()
+    job = job_of(cast(Any, None), cast(Any, None), "c", 7, True, "", "work", header, b'{"n": 1}')
+    recorder = Recorder(MemoryStore())
+    claimed = recorder.arrived(job, "work")
+    assert claimed is not None and await claimed is True
+    assert job._delivery is None  # read off the job, no `Delivery` made for it
+    running = recorder.running(job)
+    assert running is not None
+    assert (running.job_id, running.task, running.attempt, running.redelivered) == (
+        "job-1", "work.double", 2, True,
+    )  # fmt: skip
+    assert running._properties.content_type == "application/json"  # the task runner's read
+    await recorder.close()

@@ -153,13 +153,14 @@ class WriteBatches(_Handover):
         return future
 
     def write(self, write: Write) -> None:
-        """Record `write` soon (batched with others); never waits."""
+        """Record `write` soon (batched with others); never waits: with the next batch that
+        has a write someone waits for (a claim), else once no batch is in flight."""
         if self.down:
             self._keep(write)
         else:
             self._queued.append(write)
             self._futures.append(None)
-            if not self._kicked:
+            if not self._kicked and not self._lanes:  # else a lane's end wakes the flusher
                 self._kick()
 
     def _enqueue(self, write: Write, future: asyncio.Future[bool] | None) -> None:
@@ -225,12 +226,23 @@ class WriteBatches(_Handover):
                     self._backoff = min(self._backoff * 2, _RETRY_CAP)
                 continue
             while len(self._lanes) < LANES and (self._queued or self._pending):
+                if self._lanes and not self._awaited():
+                    break  # no one waits for these: they go with the next batch (#23)
                 if not self._start():
                     break  # what is left waits for its job's batch in flight
             if not self._lanes and not self._queued and not self._pending:
                 self._idle.set()
                 return  # all written: the next write starts a flusher again (`_kick`)
             await self._wake.wait()
+
+    def _awaited(self) -> bool:
+        """Whether a write someone waits for is queued (a claim, an enqueue's record): only
+        such a write opens a batch beside one in flight. Writes no one waits for (outcomes,
+        a catch-up) wait for that batch's end or ride with the next claims: a worker's
+        outcomes came in a statement of their own about one time in three, each a commit
+        on the server and a round trip in the client (#23)."""
+        futures = self._futures
+        return futures.count(None) < len(futures)
 
     def _start(self) -> bool:
         """Start a batch of what is kept and queued, leaving out the jobs a batch in flight

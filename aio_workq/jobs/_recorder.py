@@ -294,10 +294,11 @@ class Recorder(Hook):
         headers: Mapping[str, Any]
         properties = None
         if isinstance(job, Job):  # the worker's: its properties read once for all of these
-            delivery = job.delivery
-            properties = delivery.properties
+            # (decoded on the job, no `Delivery` made: an object less a delivery waiting for
+            # its turn, for the garbage collector to count, #23)
+            properties = job._properties()
             job_id, headers = properties.message_id, properties.headers or {}
-            redelivered = delivery.redelivered
+            redelivered = job._redelivered
         else:
             job_id, headers, redelivered = job.message_id, job.headers, job.redelivered
         if not job_id or "\x00" in job_id:  # none, or one no store can keep (`unstorable_id`)
