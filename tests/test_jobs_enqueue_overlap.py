@@ -9,6 +9,8 @@ withdrawal: the same cases, on both paths."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +33,7 @@ from aio_workq.jobs import (
     Write,
 )
 from aio_workq.jobs._recorder import GroupCommit
-from aio_workq.jobs._status import withdrawal
+from aio_workq.jobs._status import Withdrawal, withdrawal
 from aio_workq.jobs.postgres import PostgresStore
 
 pytestmark = pytest.mark.broker
@@ -149,7 +151,7 @@ def _watch(store: Watched | WatchedSQLite, job_ids: Sequence[str], gone: set[str
 class OldStore:
     """A third-party store: only the `JobStore` protocol as it was before `Withdrawals`
     (`ttl`, `record`, `get`, `cancel`, `purge`, `close`), over another store's rows; keeps
-    every write `record()` is sent (`received`). It would insert a write of attempt 0 as a
+    every write `record()` is sent (`received`). It would insert a `Withdrawal` as a
     `queued` row, as such a store would."""
 
     def __init__(self, rows: JobStore) -> None:
@@ -195,8 +197,8 @@ async def _sent_so_far(tasks: Tasks, store: Tracked) -> list[Write]:
 
 def _queued_of(store: Tracked, job_id: str) -> list[Write]:
     """The enqueue's `queued` writes of `job_id` that `record()` was sent (never one of
-    attempt 0: checked for every write it was sent)."""
-    assert all(w.attempt >= 1 for w in store.received), store.received
+    withdrawal: checked for every write it was sent)."""
+    assert not any(isinstance(w, Withdrawal) for w in store.received), store.received
     return [
         w for w in store.received if w.job_id == job_id and w.state is JobState.QUEUED
         and not w.requeue
@@ -412,11 +414,14 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
         for worker in workers:
             await worker.stop(timeout=1)
     assert JobState.QUEUED not in seen, seen
-    _queued_of(store, "withdrawn-first")  # no write of attempt 0 was ever recorded
+    _queued_of(store, "withdrawn-first")  # no withdrawal was ever recorded
 
 
 def _holds_queued(writes: Sequence[Write]) -> bool:
-    return any(w.state is JobState.QUEUED and not w.requeue and w.attempt for w in writes)
+    return any(
+        w.state is JobState.QUEUED and not w.requeue and not isinstance(w, Withdrawal)
+        for w in writes
+    )
 
 
 class HeldQueued(MemoryStore):
@@ -560,12 +565,16 @@ async def test_an_enqueue_that_fails_while_the_store_is_down_leaves_no_record_on
         assert _queued_of(store, "lost") == []
 
 
-def test_the_withdrawal_mark_is_never_a_write_a_run_has() -> None:
-    """The enqueues' batches mark a withdrawal by attempt 0, which no run has: it is told
-    apart from the record it takes back, and never reaches `record()` (above)."""
+def test_a_withdrawal_is_a_kind_of_write_of_its_own() -> None:
+    """A withdrawal in the enqueues' batches is a `Withdrawal`, told apart from the record it
+    takes back by its kind (it was a `Write` of attempt 0, a value no run has), and stays one
+    when copied or pickled; it never reaches `record()` (above)."""
     queued = _w("m", JobState.QUEUED)
     mark = withdrawal(queued, time.time())
-    assert (mark.job_id, mark.attempt, queued.attempt) == ("m", 0, 1)
+    assert isinstance(mark, Withdrawal) and not isinstance(queued, Withdrawal)
+    assert (mark.job_id, mark.state, mark.attempt) == ("m", JobState.QUEUED, queued.attempt)
+    assert type(copy.copy(mark)) is Withdrawal
+    assert type(pickle.loads(pickle.dumps(mark))) is Withdrawal
 
 
 class WithdrawFailsOnce(Watched):
@@ -597,7 +606,7 @@ async def test_a_withdraw_that_fails_after_its_batchs_record_is_caught_up() -> N
     await commits.close(timeout=WAIT)
     assert store.failed and store.withdrawals == {"gone": True}
     assert (await _state(store, "gone"), await _state(store, "kept")) == (None, JobState.QUEUED)
-    _queued_of(store, "gone")  # no write of attempt 0 was sent to record()
+    _queued_of(store, "gone")  # no withdrawal was sent to record()
 
 
 async def test_withdrawals_handed_to_another_loops_batches_still_go_to_withdraw() -> None:
@@ -613,7 +622,7 @@ async def test_withdrawals_handed_to_another_loops_batches_still_go_to_withdraw(
     closing.withdraw(queued)
     batches = closing._batches[asyncio.get_running_loop()]
     left = batches.left()
-    assert [w.attempt for w in left] == [0]  # the withdrawal replaced the record kept
+    assert [type(w) for w in left] == [Withdrawal]  # it replaced the record kept
     await closing.close(timeout=WAIT)
     taker = GroupCommit(store, timeout=WAIT)
     assert await asyncio.wait_for(taker.commit(_w("z", JobState.QUEUED)), WAIT)
