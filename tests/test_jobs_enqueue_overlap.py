@@ -14,7 +14,7 @@ import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -106,12 +106,18 @@ async def test_a_withdrawal_deletes_only_the_enqueues_own_queued_record(store: J
     assert await store.withdraw(["h"]) == set()
 
 
-class Watched(MemoryStore):
-    """A `MemoryStore` that keeps every write `record()` is sent (`received`), and each
-    withdrawal's answer (`withdrawals`), setting `withdrawn` once one was answered."""
+if TYPE_CHECKING:
+    _Store = MemoryStore  # what the mixin's `super()` is: a store with `withdraw()`
+else:
+    _Store = object
 
-    def __init__(self) -> None:
-        super().__init__()
+
+class _Watching(_Store):
+    """Keeps every write `record()` is sent (`received`), and each withdrawal's answer
+    (`withdrawals`), setting `withdrawn` once one was answered; mixed into a store."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.received: list[Write] = []
         self.withdrawals: dict[str, bool] = {}
         self.withdrawn = asyncio.Event()
@@ -121,31 +127,19 @@ class Watched(MemoryStore):
         return await super().record(writes)
 
     async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
-        return _watch(self, job_ids, await super().withdraw(job_ids))
+        gone = await super().withdraw(job_ids)
+        for job_id in job_ids:
+            self.withdrawals[job_id] = job_id in gone
+        self.withdrawn.set()
+        return gone
 
 
-class WatchedSQLite(SQLiteStore):
-    """`Watched`, on a SQLite file."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.received: list[Write] = []
-        self.withdrawals: dict[str, bool] = {}
-        self.withdrawn = asyncio.Event()
-
-    async def record(self, writes: Sequence[Write]) -> list[bool]:
-        self.received.extend(writes)
-        return await super().record(writes)
-
-    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
-        return _watch(self, job_ids, await super().withdraw(job_ids))
+class Watched(_Watching, MemoryStore):
+    """A watched `MemoryStore` (`_Watching`)."""
 
 
-def _watch(store: Watched | WatchedSQLite, job_ids: Sequence[str], gone: set[str]) -> set[str]:
-    for job_id in job_ids:
-        store.withdrawals[job_id] = job_id in gone
-    store.withdrawn.set()
-    return gone
+class WatchedSQLite(_Watching, SQLiteStore):
+    """A watched `SQLiteStore` (`_Watching`), on the file it is given."""
 
 
 class OldStore:
