@@ -146,6 +146,14 @@ class MessageTooLargeError(SerializationError):
         self.size = size
         self.limit = limit
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its fields (a process pool's result, a copy)."""
+        return _too_large, (str(self), self.message_id, self.size, self.limit)
+
+
+def _too_large(message: str, message_id: str, size: int, limit: int) -> MessageTooLargeError:
+    return MessageTooLargeError(message, message_id=message_id, size=size, limit=limit)
+
 
 class IntegrationError(WorkqError, RuntimeError):
     """A producer, web integration or sync producer is used the wrong way: before it was
