@@ -20,6 +20,7 @@ from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionLostError as ConnectionLostError
 from ._exceptions import Defer as Defer
 from ._exceptions import IntegrationError as IntegrationError
+from ._exceptions import MessageTooLargeError as MessageTooLargeError
 from ._exceptions import PayloadError as PayloadError
 from ._exceptions import PublishError as PublishError
 from ._exceptions import PublishNackedError as PublishNackedError
@@ -79,6 +80,7 @@ __all__ = [
     "JobData",
     "JobView",
     "MessageFields",
+    "MessageTooLargeError",
     "Outcome",
     "PayloadError",
     "PresenceWatcher",

@@ -15,6 +15,7 @@ WorkqError(Exception)
 │   └── ConnectionLostError                      the connection died before the confirm
 ├── TopologyError                                406 PRECONDITION_FAILED or 404 on declare
 ├── SerializationError(WorkqError, TypeError)    the body cannot be encoded
+│   └── MessageTooLargeError                     .size over .limit (max_message_size)
 ├── IntegrationError(WorkqError, RuntimeError)   used the wrong way (e.g. not started)
 ├── RPCError                                     .remote_type: the remote handler raised
 └── RPCTimeoutError(WorkqError, TimeoutError)    no reply in time
@@ -43,6 +44,7 @@ __all__ = (
     "PayloadError",
     "Defer",
     "IntegrationError",
+    "MessageTooLargeError",
     "PublishError",
     "PublishNackedError",
     "PublishTimeoutError",
@@ -126,6 +128,31 @@ class TopologyError(WorkqError):
 
 class SerializationError(WorkqError, TypeError):
     """The body cannot be encoded; nothing was sent."""
+
+
+class MessageTooLargeError(SerializationError):
+    """The body is over RabbitMQ's `max_message_size` (128 MiB by default, or a broker's lower
+    limit, learned from its first refusal); nothing of it reached a queue.
+
+    Attributes:
+        message_id: the message's id.
+        size: the body's size in bytes.
+        limit: the `max_message_size` it is over, in bytes.
+    """
+
+    def __init__(self, message: str, *, message_id: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.message_id = message_id
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with its fields (a process pool's result, a copy)."""
+        return _too_large, (str(self), self.message_id, self.size, self.limit)
+
+
+def _too_large(message: str, message_id: str, size: int, limit: int) -> MessageTooLargeError:
+    return MessageTooLargeError(message, message_id=message_id, size=size, limit=limit)
 
 
 class IntegrationError(WorkqError, RuntimeError):

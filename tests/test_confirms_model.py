@@ -10,6 +10,7 @@ n is the n-th publish written on it; a message's future settles once, with its o
 from __future__ import annotations
 
 import asyncio
+import pickle
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from pamqp.header import ContentHeader
 
 from aio_workq import (
     ConnectionLostError,
+    MessageTooLargeError,
     PublishNackedError,
     PublishTimeoutError,
     SerializationError,
@@ -330,8 +332,15 @@ def test_a_body_over_rabbitmqs_limit_is_refused_before_anything_is_sent() -> Non
         source = FakeSource()
         publisher = ConfirmPublisher(source, window=Window(10), timeout=5, resend=True)
         await publisher.start()
-        with pytest.raises(SerializationError, match="128 MiB"):
+        with pytest.raises(MessageTooLargeError, match="128 MiB") as refused:
             await publisher.send("", "q", bytes(MAX_MESSAGE_SIZE + 1), Properties(message_id="big"))
+        assert isinstance(refused.value, SerializationError)
+        too_large = refused.value
+        fields = ("big", MAX_MESSAGE_SIZE + 1, MAX_MESSAGE_SIZE)
+        assert (too_large.message_id, too_large.size, too_large.limit) == fields
+        copied = pickle.loads(pickle.dumps(too_large))  # e.g. a process pool's result
+        assert type(copied) is MessageTooLargeError and str(copied) == str(too_large)
+        assert (copied.message_id, copied.size, copied.limit) == fields
         ok = await publisher.send("", "q", b"small", Properties(message_id="small"))
         source.writer.flush()
         assert source.connection.channels[-1].published == ["small"]  # tag 1 is the small one

@@ -9,10 +9,12 @@ withdrawal: the same cases, on both paths."""
 from __future__ import annotations
 
 import asyncio
+import copy
+import pickle
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -31,7 +33,7 @@ from aio_workq.jobs import (
     Write,
 )
 from aio_workq.jobs._recorder import GroupCommit
-from aio_workq.jobs._status import withdrawal
+from aio_workq.jobs._status import Withdrawal, withdrawal
 from aio_workq.jobs.postgres import PostgresStore
 
 pytestmark = pytest.mark.broker
@@ -104,12 +106,18 @@ async def test_a_withdrawal_deletes_only_the_enqueues_own_queued_record(store: J
     assert await store.withdraw(["h"]) == set()
 
 
-class Watched(MemoryStore):
-    """A `MemoryStore` that keeps every write `record()` is sent (`received`), and each
-    withdrawal's answer (`withdrawals`), setting `withdrawn` once one was answered."""
+if TYPE_CHECKING:
+    _Store = MemoryStore  # what the mixin's `super()` is: a store with `withdraw()`
+else:
+    _Store = object
 
-    def __init__(self) -> None:
-        super().__init__()
+
+class _Watching(_Store):
+    """Keeps every write `record()` is sent (`received`), and each withdrawal's answer
+    (`withdrawals`), setting `withdrawn` once one was answered; mixed into a store."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.received: list[Write] = []
         self.withdrawals: dict[str, bool] = {}
         self.withdrawn = asyncio.Event()
@@ -119,37 +127,25 @@ class Watched(MemoryStore):
         return await super().record(writes)
 
     async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
-        return _watch(self, job_ids, await super().withdraw(job_ids))
+        gone = await super().withdraw(job_ids)
+        for job_id in job_ids:
+            self.withdrawals[job_id] = job_id in gone
+        self.withdrawn.set()
+        return gone
 
 
-class WatchedSQLite(SQLiteStore):
-    """`Watched`, on a SQLite file."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.received: list[Write] = []
-        self.withdrawals: dict[str, bool] = {}
-        self.withdrawn = asyncio.Event()
-
-    async def record(self, writes: Sequence[Write]) -> list[bool]:
-        self.received.extend(writes)
-        return await super().record(writes)
-
-    async def withdraw(self, job_ids: Sequence[str]) -> set[str]:
-        return _watch(self, job_ids, await super().withdraw(job_ids))
+class Watched(_Watching, MemoryStore):
+    """A watched `MemoryStore` (`_Watching`)."""
 
 
-def _watch(store: Watched | WatchedSQLite, job_ids: Sequence[str], gone: set[str]) -> set[str]:
-    for job_id in job_ids:
-        store.withdrawals[job_id] = job_id in gone
-    store.withdrawn.set()
-    return gone
+class WatchedSQLite(_Watching, SQLiteStore):
+    """A watched `SQLiteStore` (`_Watching`), on the file it is given."""
 
 
 class OldStore:
     """A third-party store: only the `JobStore` protocol as it was before `Withdrawals`
     (`ttl`, `record`, `get`, `cancel`, `purge`, `close`), over another store's rows; keeps
-    every write `record()` is sent (`received`). It would insert a write of attempt 0 as a
+    every write `record()` is sent (`received`). It would insert a `Withdrawal` as a
     `queued` row, as such a store would."""
 
     def __init__(self, rows: JobStore) -> None:
@@ -195,8 +191,8 @@ async def _sent_so_far(tasks: Tasks, store: Tracked) -> list[Write]:
 
 def _queued_of(store: Tracked, job_id: str) -> list[Write]:
     """The enqueue's `queued` writes of `job_id` that `record()` was sent (never one of
-    attempt 0: checked for every write it was sent)."""
-    assert all(w.attempt >= 1 for w in store.received), store.received
+    withdrawal: checked for every write it was sent)."""
+    assert not any(isinstance(w, Withdrawal) for w in store.received), store.received
     return [
         w for w in store.received if w.job_id == job_id and w.state is JobState.QUEUED
         and not w.requeue
@@ -412,11 +408,14 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
         for worker in workers:
             await worker.stop(timeout=1)
     assert JobState.QUEUED not in seen, seen
-    _queued_of(store, "withdrawn-first")  # no write of attempt 0 was ever recorded
+    _queued_of(store, "withdrawn-first")  # no withdrawal was ever recorded
 
 
 def _holds_queued(writes: Sequence[Write]) -> bool:
-    return any(w.state is JobState.QUEUED and not w.requeue and w.attempt for w in writes)
+    return any(
+        w.state is JobState.QUEUED and not w.requeue and not isinstance(w, Withdrawal)
+        for w in writes
+    )
 
 
 class HeldQueued(MemoryStore):
@@ -560,12 +559,16 @@ async def test_an_enqueue_that_fails_while_the_store_is_down_leaves_no_record_on
         assert _queued_of(store, "lost") == []
 
 
-def test_the_withdrawal_mark_is_never_a_write_a_run_has() -> None:
-    """The enqueues' batches mark a withdrawal by attempt 0, which no run has: it is told
-    apart from the record it takes back, and never reaches `record()` (above)."""
+def test_a_withdrawal_is_a_kind_of_write_of_its_own() -> None:
+    """A withdrawal in the enqueues' batches is a `Withdrawal`, told apart from the record it
+    takes back by its kind (it was a `Write` of attempt 0, a value no run has), and stays one
+    when copied or pickled; it never reaches `record()` (above)."""
     queued = _w("m", JobState.QUEUED)
     mark = withdrawal(queued, time.time())
-    assert (mark.job_id, mark.attempt, queued.attempt) == ("m", 0, 1)
+    assert isinstance(mark, Withdrawal) and not isinstance(queued, Withdrawal)
+    assert (mark.job_id, mark.state, mark.attempt) == ("m", JobState.QUEUED, queued.attempt)
+    assert type(copy.copy(mark)) is Withdrawal
+    assert type(pickle.loads(pickle.dumps(mark))) is Withdrawal
 
 
 class WithdrawFailsOnce(Watched):
@@ -597,7 +600,7 @@ async def test_a_withdraw_that_fails_after_its_batchs_record_is_caught_up() -> N
     await commits.close(timeout=WAIT)
     assert store.failed and store.withdrawals == {"gone": True}
     assert (await _state(store, "gone"), await _state(store, "kept")) == (None, JobState.QUEUED)
-    _queued_of(store, "gone")  # no write of attempt 0 was sent to record()
+    _queued_of(store, "gone")  # no withdrawal was sent to record()
 
 
 async def test_withdrawals_handed_to_another_loops_batches_still_go_to_withdraw() -> None:
@@ -613,7 +616,7 @@ async def test_withdrawals_handed_to_another_loops_batches_still_go_to_withdraw(
     closing.withdraw(queued)
     batches = closing._batches[asyncio.get_running_loop()]
     left = batches.left()
-    assert [w.attempt for w in left] == [0]  # the withdrawal replaced the record kept
+    assert [type(w) for w in left] == [Withdrawal]  # it replaced the record kept
     await closing.close(timeout=WAIT)
     taker = GroupCommit(store, timeout=WAIT)
     assert await asyncio.wait_for(taker.commit(_w("z", JobState.QUEUED)), WAIT)

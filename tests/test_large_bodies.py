@@ -19,7 +19,7 @@ from pamqp import frame as pamqp_frame
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
 
-from aio_workq import Connection, Producer, Queue, SerializationError
+from aio_workq import Connection, MessageTooLargeError, Producer, Queue, SerializationError
 from aio_workq._wire.frames import Chunked, Properties, ack_frame, encode_properties, publish_write
 from aio_workq._wire.writer import FrameWriter
 from aio_workq.testing import LocalBroker
@@ -301,8 +301,9 @@ async def test_a_body_over_the_brokers_max_message_size_is_a_serialization_error
         small = [await producer.send(f"m{i}".encode(), queue_name) for i in range(50)]
         refusal = await producer.send(big, queue_name)
         behind = [await producer.send(f"k{i}".encode(), queue_name) for i in range(50)]
-        with pytest.raises(SerializationError) as refused:
+        with pytest.raises(MessageTooLargeError) as refused:
             await refusal
+        assert (refused.value.size, refused.value.limit) == (len(big), small_messages)
         text = str(refused.value)
         assert f"{len(big):,} bytes" in text and f"{small_messages:,}" in text, text
         assert "max_message_size" in text and "reference" in text, text
@@ -311,8 +312,10 @@ async def test_a_body_over_the_brokers_max_message_size_is_a_serialization_error
             outcomes = await asyncio.gather(*small, *behind, *after, return_exceptions=True)
         assert [o for o in outcomes if isinstance(o, BaseException)] == []
         started = asyncio.get_running_loop().time()
-        with pytest.raises(SerializationError, match="max_message_size"):
+        with pytest.raises(MessageTooLargeError, match="max_message_size") as known:
             await producer.publish(big, queue_name)  # known now: refused before it is sent
+        assert isinstance(known.value, SerializationError)
+        assert (known.value.size, known.value.limit) == (len(big), small_messages)
         assert asyncio.get_running_loop().time() - started < 0.05
         await producer.publish(b"last", queue_name)
     bodies = await bodies_in(amqp_url, queue_name)

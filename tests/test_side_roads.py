@@ -236,9 +236,10 @@ async def test_an_rpc_result_too_large_to_send_is_an_error_reply_not_a_timeout(
 
     worker = make_worker(queue=queue_name, handler=handler, retry=None)
     await worker.start()
-    with pytest.raises(RPCError, match="SerializationError.*128 MiB") as refused:
+    with pytest.raises(RPCError, match="MessageTooLargeError.*128 MiB") as refused:
         await producer.call("big", queue=queue_name, timeout=20)
     assert refused.type is RPCError  # not its RPCTimeoutError subclass
+    assert refused.value.remote_type == "aio_workq.MessageTooLargeError"
     assert await producer.call("small", queue=queue_name, timeout=20) == "small"
 
 

@@ -31,6 +31,7 @@ async def test_a_strict_producer_refuses_a_queue_that_does_not_exist(
             await producer.publish("lost?", queue=queue_name)
         text = str(info.value)
         assert repr(queue_name) in text and "declare='never'" in text and "typo" in text
+        assert f"call producer.declare({queue_name!r})" in text, text
         with pytest.raises(TopologyError, match=queue_name):
             await producer.publish_many(["a", "b"], queue=Queue(queue_name, type="classic"))
         with pytest.raises(TopologyError, match=queue_name):

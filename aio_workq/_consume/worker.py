@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import ConfigurationError, IntegrationError
 from .._hooks import Hook, Hooks
-from .._link.aiopika import open_source
+from .._link.aiopika import open_source, own_connection
 from .._link.connection import Connection, LinkSource, finish_by
 from .._link.settings import (
     URLs,
@@ -28,7 +28,6 @@ from .._link.settings import (
     check_seconds,
     check_wait,
     redact_url,
-    resolve_url,
 )
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._publish.confirms import ConfirmPublisher
@@ -177,18 +176,11 @@ class Worker:
             timeout=handler_timeout,
             name=name_part,
         )
-        self._url = None if connection is not None else resolve_url(url)
         self._shared = connection
-        self._connection: Connection | None = None
-        if connection is None:
-            self._connection = Connection(
-                self._url,
-                ssl_context=ssl_context,
-                name=self._name,
-                connect_timeout=connect_timeout,
-                hooks=self._hooks,
-                wait_for_broker=wait_for_broker,
-            )
+        self._url, self._connection = own_connection(
+            url, connection, ssl_context=ssl_context, name=self._name,
+            connect_timeout=connect_timeout, hooks=self._hooks, wait_for_broker=wait_for_broker,
+        )  # fmt: skip
         self._shutdown_timeout = shutdown_timeout
         self._source: LinkSource | None = None
         self._publisher: ConfirmPublisher | None = None

@@ -4,15 +4,18 @@ between the connection a producer or worker opens itself and the one it was give
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import BrokerConnectionError, ConfigurationError
+from .._hooks import Hooks
 from . import quiet
 from .connection import Connection
+from .settings import URLs, resolve_url
 from .source import Link, LinkSource
 
-__all__ = ("link_source", "open_source")
+__all__ = ("link_source", "open_source", "own_connection")
 
 
 class _RobustLinks:
@@ -74,6 +77,36 @@ def link_source(connection: Connection | AbstractRobustConnection) -> LinkSource
         "connection= takes an aio_workq.Connection (from aio_workq.connect()) or a robust "
         f"aio-pika connection (aio_pika.connect_robust()), got {type(connection).__name__}"
     )
+
+
+def own_connection(
+    url: URLs | None,
+    shared: Connection | AbstractRobustConnection | None,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    name: str | None,
+    connect_timeout: float,
+    hooks: Hooks | None,
+    wait_for_broker: float,
+) -> tuple[str | None, Connection | None]:
+    """The URL (`resolve_url`) and the `Connection` (not open yet) a producer or worker makes
+    itself; neither when it was given one (`shared`).
+
+    Raises:
+        ConfigurationError: the URL or a setting is invalid.
+    """
+    if shared is not None:
+        return None, None
+    resolved = resolve_url(url)
+    own = Connection(
+        resolved,
+        ssl_context=ssl_context,
+        name=name,
+        connect_timeout=connect_timeout,
+        hooks=hooks,
+        wait_for_broker=wait_for_broker,
+    )
+    return resolved, own
 
 
 async def open_source(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -136,15 +136,8 @@ async def check_queue(channel: aiormq.abc.AbstractChannel, name: str) -> None:
     Raises:
         TopologyError: it does not exist (or may not be used).
     """
-    with translate_errors(f"checking that queue {name!r} exists"):
-        try:
-            await channel.queue_declare(queue=name, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise TopologyError(
-                f"queue {name!r} does not exist, and this producer never declares queues "
-                f"(declare='never'): check the name for a typo, or declare the queue first (start "
-                f"its worker, or call producer.declare({name!r}))"
-            ) from exc
+    hint = f"start its worker, or call producer.declare({name!r})"
+    await _check_exists(channel.queue_declare(queue=name, passive=True), "queue", name, hint)
 
 
 async def check_exchange(channel: aiormq.abc.AbstractChannel, name: str) -> None:
@@ -153,13 +146,22 @@ async def check_exchange(channel: aiormq.abc.AbstractChannel, name: str) -> None
     Raises:
         TopologyError: it does not exist (or may not be used).
     """
-    with translate_errors(f"checking that exchange {name!r} exists"):
+    await _check_exists(channel.exchange_declare(exchange=name, passive=True), "exchange", name)
+
+
+async def _check_exists(
+    passive: Awaitable[object], kind: str, name: str, hint: str | None = None
+) -> None:
+    """Await `passive` (the passive declaration of `kind` `name`): a missing one is a
+    `TopologyError` that says this producer never declares one, and how to get it."""
+    first = f"declare the {kind} first" + (f" ({hint})" if hint else "")
+    with translate_errors(f"checking that {kind} {name!r} exists"):
         try:
-            await channel.exchange_declare(exchange=name, passive=True)
+            await passive
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise TopologyError(
-                f"exchange {name!r} does not exist, and this producer never declares exchanges "
-                "(declare='never'): check the name for a typo, or declare the exchange first"
+                f"{kind} {name!r} does not exist, and this producer never declares {kind}s "
+                f"(declare='never'): check the name for a typo, or {first}"
             ) from exc
 
 

@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from .._exceptions import ConfigurationError, IntegrationError
 from .._hooks import Hook, Hooks
-from .._link.aiopika import open_source
+from .._link.aiopika import open_source, own_connection
 from .._link.connection import CLOSE_GRACE, Connection, LinkSource, finish_by
 from .._link.router import Router
 from .._link.settings import (
@@ -24,7 +24,6 @@ from .._link.settings import (
     check_seconds,
     check_wait,
     redact_url,
-    resolve_url,
 )
 from .._link.specs import Exchange, Queue, QueueType, check_queue_type
 from .._wire.window import DEFAULT_WINDOW, DEFAULT_WINDOW_BYTES, Window
@@ -114,18 +113,11 @@ class Producer:
         self._declare: Literal["always", "never"] = declare
         self._hooks = Hooks.of(hooks)
         self._queue_type = _check_settings(window, window_bytes, timeout, on_reconnect, queue_type)
-        self._url = None if connection is not None else resolve_url(url)
         self._shared = connection
-        self._connection: Connection | None = None
-        if connection is None:
-            self._connection = Connection(
-                self._url,
-                ssl_context=ssl_context,
-                name=name,
-                connect_timeout=connect_timeout,
-                hooks=self._hooks,
-                wait_for_broker=wait_for_broker,
-            )
+        self._url, self._connection = own_connection(
+            url, connection, ssl_context=ssl_context, name=name,
+            connect_timeout=connect_timeout, hooks=self._hooks, wait_for_broker=wait_for_broker,
+        )  # fmt: skip
         self._window = window
         self._window_bytes = window_bytes
         self._timeout = timeout

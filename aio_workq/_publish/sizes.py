@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import re
 
-from .._exceptions import SerializationError
+from .._exceptions import MessageTooLargeError
 
-__all__ = ("MAX_MESSAGE_SIZE", "body_too_large", "refused_limit", "too_large_limit")
+__all__ = ("MAX_MESSAGE_SIZE", "body_too_large", "refused_limit")
 
 MAX_MESSAGE_SIZE = 128 * 2**20
 """RabbitMQ's default `max_message_size`: a larger body would close the channel (and fail or
 resend every other message on it), so it is refused before it is sent."""
 
 _REFUSED = re.compile(r"larger than configured max size (\d+)")
-_SAID = re.compile(r"over the broker's max_message_size of ([\d,]+) bytes")
 
 
 def refused_limit(reason: BaseException | None) -> int | None:
@@ -32,22 +31,17 @@ def refused_limit(reason: BaseException | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def body_too_large(message_id: str, size: int, limit: int) -> SerializationError:
+def body_too_large(message_id: str, size: int, limit: int) -> MessageTooLargeError:
     """The error of a body of `size` bytes over `limit` (the broker's, or the default)."""
     if limit == MAX_MESSAGE_SIZE:
         over = f"RabbitMQ refuses more than {limit:,} (max_message_size, 128 MiB by default)"
     else:
         over = f"over the broker's max_message_size of {limit:,} bytes"
-    return SerializationError(
+    return MessageTooLargeError(
         f"message {message_id} has a body of {size:,} bytes: {over}; nothing of it reached "
         "a queue. Store large payloads elsewhere (object storage, a table, a file) and send "
-        "a reference, or raise the broker's max_message_size"
+        "a reference, or raise the broker's max_message_size",
+        message_id=message_id,
+        size=size,
+        limit=limit,
     )
-
-
-def too_large_limit(exc: BaseException) -> int | None:
-    """The broker's `max_message_size` when `exc` is `body_too_large`'s error for it."""
-    if not isinstance(exc, SerializationError):
-        return None
-    found = _SAID.search(str(exc))
-    return int(found.group(1).replace(",", "")) if found else None

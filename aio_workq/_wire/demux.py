@@ -27,6 +27,8 @@ from typing import Protocol
 
 from aiormq.abc import AbstractChannel
 
+from .frames import BASIC_CLASS, BODY_FRAME, FRAME_END_OCTET, HEADER_FRAME, METHOD_FRAME
+
 __all__ = ("Confirms", "FrameDemux", "OnDelivery", "Tap")
 
 _FRAME = struct.Struct(">BHI")  # type, channel, payload size
@@ -40,9 +42,6 @@ _BODY_SIZE = struct.Struct(">Q")
 # A content header frame's type, channel and payload size, then (past its class and weight) its
 # body size.
 _HEADER_HEAD = struct.Struct(">BHI4xQ")
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_FRAME_END = 0xCE
-_BASIC = 60
 _CHANNEL, _CLOSE, _CLOSE_OK = 20, 40, 41
 _RETURN, _DELIVER, _ACK, _NACK = 50, 60, 80, 120
 _READ_SIZE = 1 << 18
@@ -122,12 +121,12 @@ class Tap:
         frame's class and method ids, as the demux read them with its frame header: the
         position after what was taken (further than the frame when a whole delivery was), or
         0, which leaves the frame to aiormq."""
-        if kind == _METHOD:
+        if kind == METHOD_FRAME:
             if self.pending is not None or self.closing.done():
                 if class_id == _CHANNEL:
                     self.open = False
                 return 0
-            if class_id != _BASIC:
+            if class_id != BASIC_CLASS:
                 if class_id == _CHANNEL and method_id in (_CLOSE, _CLOSE_OK):
                     self.open = False
                 return 0
@@ -181,10 +180,10 @@ class Tap:
                     kind, number, length, body_size = _HEADER_HEAD.unpack_from(data, after)
                     header_end: int = after + 7 + length
                     if (
-                        kind == _HEADER
+                        kind == HEADER_FRAME
                         and number == self.number
                         and header_end < total
-                        and data[header_end] == _FRAME_END
+                        and data[header_end] == FRAME_END_OCTET
                     ):
                         body_end = header_end + 8 + body_size  # its body frame's end octet
                         if body_size == 0:
@@ -192,8 +191,8 @@ class Tap:
                         elif (
                             body_end < total
                             and _FRAME.unpack_from(data, header_end + 1)
-                            == (_BODY, number, body_size)
-                            and data[body_end] == _FRAME_END
+                            == (BODY_FRAME, number, body_size)
+                            and data[body_end] == FRAME_END_OCTET
                         ):
                             body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
                         else:
@@ -238,13 +237,13 @@ class Tap:
             return 0
         if self.pending is None:
             return 0  # the content of a frame aiormq handles (a basic.get)
-        if kind == _HEADER and not self.header:
+        if kind == HEADER_FRAME and not self.header:
             self.header = bytes(data[start:end])
             self.body_size = _BODY_SIZE.unpack_from(data, start + 4)[0]
             if self.body_size == 0:
                 self._complete(b"")
             return end + 1
-        if kind == _BODY and self.header:
+        if kind == BODY_FRAME and self.header:
             self.parts.append(bytes(data[start:end]))
             self.body_size -= end - start
             if self.body_size <= 0:
@@ -381,7 +380,7 @@ class FrameDemux:
             if end >= size:
                 break
             tap = taps.get(number)
-            if tap is not None and data[end] == _FRAME_END:
+            if tap is not None and data[end] == FRAME_END_OCTET:
                 after = tap.take(kind, data, pos + 7, end, class_id, method_id)
                 if after:
                     taken = True

@@ -28,6 +28,14 @@ from pamqp.header import ContentHeader
 from .._exceptions import SerializationError
 
 __all__ = (
+    "BASIC_CLASS",
+    "BODY_FRAME",
+    "BODY_FRAME_AFTER",
+    "CONTENT_HEADER",
+    "FRAME_END",
+    "FRAME_END_OCTET",
+    "HEADER_FRAME",
+    "METHOD_FRAME",
     "NAME_PATTERN",
     "HEADER_FRAME_OVERHEAD",
     "EncodedProperties",
@@ -37,6 +45,7 @@ __all__ = (
     "decode_header",
     "encode_properties",
     "header_too_large",
+    "method_frame",
     "nack_frame",
     "properties_limit",
     "publish_frames",
@@ -47,16 +56,24 @@ __all__ = (
     "usual_properties",
 )
 
+# What a writer that packs the usual publish itself (`FastLane.write`, inline: no call more
+# per message) and the demux that reads frames share with the encoders here.
+METHOD_FRAME, HEADER_FRAME, BODY_FRAME = 1, 2, 3
+"""The AMQP 0-9-1 frame types aio-workq writes and reads."""
+FRAME_END_OCTET = 0xCE
+"""The octet that ends every frame."""
 FRAME_END = b"\xce"
+BASIC_CLASS = 60
+"""The class id of Basic's methods and content headers."""
+CONTENT_HEADER = struct.Struct(">BHIHHQH")
+"""A content header frame up to its property list: frame type, channel, frame size | class,
+weight, body size, property flags."""
+BODY_FRAME_AFTER = struct.Struct(">BBHI")
+"""A frame's end octet, then the header of the body frame after it: type, channel, size."""
+
 _FRAME_HEADER = struct.Struct(">BHI")
-_END_AND_FRAME_HEADER = struct.Struct(">BBHI")  # a frame's end octet, the next one's header
-_HEADER_PREFIX = struct.Struct(">BHIHHQH")  # frame type, channel, size | class, weight, size, flags
 _ACK = struct.Struct(">BHIHHQB")  # frame type, channel, size | class, method, tag, bits
 _ACK_SIZE = 13  # class + method + delivery tag + bits
-
-_BASIC = 60
-_METHOD, _HEADER, _BODY = 1, 2, 3
-_FRAME_END = 0xCE
 
 # Property flags, in wire order (AMQP 0-9-1, section 4.2.6.1).
 _CONTENT_TYPE = 1 << 15
@@ -203,7 +220,7 @@ def _shortstr(value: str, field: str) -> bytes:
 @lru_cache(maxsize=1024)
 def _method_payload(exchange: str, routing_key: str, mandatory: bool) -> bytes:
     return (
-        struct.pack(">HHH", _BASIC, 40, 0)
+        struct.pack(">HHH", BASIC_CLASS, 40, 0)
         + _shortstr(exchange, "the exchange name")
         + _shortstr(routing_key, "the routing key")
         + bytes((1 if mandatory else 0,))
@@ -211,9 +228,11 @@ def _method_payload(exchange: str, routing_key: str, mandatory: bool) -> bytes:
 
 
 @lru_cache(maxsize=1024)
-def _method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+def method_frame(channel: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    """The Basic.Publish frame of a destination on `channel`, built once (cached): the
+    destination must have been checked (`check_destination`)."""
     payload = _method_payload(exchange, routing_key, mandatory)
-    return _FRAME_HEADER.pack(_METHOD, channel, len(payload)) + payload + FRAME_END
+    return _FRAME_HEADER.pack(METHOD_FRAME, channel, len(payload)) + payload + FRAME_END
 
 
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_.:-]*$")
@@ -516,7 +535,7 @@ class Chunked:
         lead = self._head if start == 0 else b""
         while True:
             piece = body[start : start + chunk]
-            write(lead + pack(_BODY, channel, len(piece)))
+            write(lead + pack(BODY_FRAME, channel, len(piece)))
             write(piece)
             start += chunk
             if start >= end or (full is not None and full()):
@@ -556,11 +575,13 @@ def publish_write(
     """
     flags, properties = encoded
     body_size = len(body)
-    head = _HEADER_PREFIX.pack(_HEADER, channel, 14 + len(properties), _BASIC, 0, body_size, flags)
+    head = CONTENT_HEADER.pack(
+        HEADER_FRAME, channel, 14 + len(properties), BASIC_CLASS, 0, body_size, flags
+    )
     chunk = frame_max - 8
-    method = _method_frame(channel, exchange, routing_key, mandatory)
+    method = method_frame(channel, exchange, routing_key, mandatory)
     if 0 < body_size <= chunk and body_size <= LARGE_BODY:  # the usual message: one join
-        body_head = _END_AND_FRAME_HEADER.pack(_FRAME_END, _BODY, channel, body_size)
+        body_head = BODY_FRAME_AFTER.pack(FRAME_END_OCTET, BODY_FRAME, channel, body_size)
         return b"".join((method, head, properties, body_head, body, FRAME_END))
     header = head + properties + FRAME_END
     if body_size > LARGE_BODY:
@@ -568,7 +589,7 @@ def publish_write(
     out = [method, header]
     for start in range(0, body_size, chunk):
         piece = body[start : start + chunk]
-        out.append(_FRAME_HEADER.pack(_BODY, channel, len(piece)))
+        out.append(_FRAME_HEADER.pack(BODY_FRAME, channel, len(piece)))
         out.append(piece)
         out.append(FRAME_END)
     return b"".join(out)
@@ -576,15 +597,24 @@ def publish_write(
 
 def ack_frame(channel: int, delivery_tag: int, multiple: bool) -> bytes:
     """Basic.Ack."""
-    return _ACK.pack(_METHOD, channel, _ACK_SIZE, _BASIC, 80, delivery_tag, multiple) + FRAME_END
+    return (
+        _ACK.pack(METHOD_FRAME, channel, _ACK_SIZE, BASIC_CLASS, 80, delivery_tag, multiple)
+        + FRAME_END
+    )
 
 
 def nack_frame(channel: int, delivery_tag: int, requeue: bool) -> bytes:
     """Basic.Nack of one delivery."""
     bits = 2 if requeue else 0
-    return _ACK.pack(_METHOD, channel, _ACK_SIZE, _BASIC, 120, delivery_tag, bits) + FRAME_END
+    return (
+        _ACK.pack(METHOD_FRAME, channel, _ACK_SIZE, BASIC_CLASS, 120, delivery_tag, bits)
+        + FRAME_END
+    )
 
 
 def reject_frame(channel: int, delivery_tag: int, requeue: bool) -> bytes:
     """Basic.Reject of one delivery."""
-    return _ACK.pack(_METHOD, channel, _ACK_SIZE, _BASIC, 90, delivery_tag, requeue) + FRAME_END
+    return (
+        _ACK.pack(METHOD_FRAME, channel, _ACK_SIZE, BASIC_CLASS, 90, delivery_tag, requeue)
+        + FRAME_END
+    )

@@ -22,22 +22,20 @@ import aiormq
 from pamqp.commands import Basic
 
 from .frames import (
-    _BASIC,
-    _BODY,
-    _END_AND_FRAME_HEADER,
-    _FRAME_END,
-    _HEADER_PREFIX,
+    BASIC_CLASS,
+    BODY_FRAME,
+    BODY_FRAME_AFTER,
+    CONTENT_HEADER,
     FRAME_END,
+    FRAME_END_OCTET,
+    HEADER_FRAME,
     LARGE_BODY,
     Chunked,
     EncodedProperties,
     Properties,
-    _method_frame,
     decode_header,
+    method_frame,
     publish_write,
-)
-from .frames import (
-    _HEADER as _HEADER_FRAME,
 )
 from .seams import Wire, await_written, channel_closing
 from .tracker import ConfirmTracker, Outgoing
@@ -114,12 +112,12 @@ class FastLane:
             flags, properties = out.encoded
             frames: bytes | Chunked = b"".join(
                 (
-                    _method_frame(number, out.exchange, out.routing_key, out.mandatory),
-                    _HEADER_PREFIX.pack(
-                        _HEADER_FRAME, number, 14 + len(properties), _BASIC, 0, size, flags
+                    method_frame(number, out.exchange, out.routing_key, out.mandatory),
+                    CONTENT_HEADER.pack(
+                        HEADER_FRAME, number, 14 + len(properties), BASIC_CLASS, 0, size, flags
                     ),
                     properties,
-                    _END_AND_FRAME_HEADER.pack(_FRAME_END, _BODY, number, size),
+                    BODY_FRAME_AFTER.pack(FRAME_END_OCTET, BODY_FRAME, number, size),
                     out.body,
                     FRAME_END,
                 )

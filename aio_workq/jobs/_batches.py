@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from ._errors import StoreError
-from ._status import JobState, Write
+from ._status import JobState, Withdrawal, Write
 from ._store import JobStore, Withdrawals
 
 __all__ = ("LANES", "WriteBatches", "ids")
@@ -29,7 +29,6 @@ _RETRY_FIRST, _RETRY_CAP = 0.5, 2.0  # a retry while down costs a store attempt,
 LANES = 2
 """Store transactions a recorder (or an enqueue's `GroupCommit`) has in flight at once."""
 _JOB_ID = operator.attrgetter("job_id")
-_ATTEMPT = operator.itemgetter(Write._fields.index("attempt"))  # 0: a withdrawal
 
 
 class _Handover:
@@ -53,16 +52,16 @@ class _Handover:
     def write(self, write: Write) -> None:
         raise NotImplementedError
 
-    def withdraw(self, withdrawal: Write) -> None:
-        """Send `withdrawal` (`withdrawal()`: an enqueue's record taken back, its publish
-        failed) soon, after the writes before it; never waits. Only for a store that declares
-        `Withdrawals`: it goes to `withdraw()`, never to `record()`."""
+    def withdraw(self, withdrawal: Withdrawal) -> None:
+        """Send `withdrawal` (an enqueue's record taken back, its publish failed) soon, after
+        the writes before it; never waits. Only for a store that declares `Withdrawals`: it
+        goes to `withdraw()`, never to `record()`."""
         self._withdraws = True  # from now on, batches are looked through for withdrawals
         self.write(withdrawal)
 
     def adopt(self, writes: list[Write]) -> None:
         """Keep `writes` (another event loop's, left when it closed) and record them soon."""
-        if not all(write.attempt for write in writes):
+        if Withdrawal in map(type, writes):
             self._withdraws = True  # withdrawals among them (`withdraw()`)
         for write in writes:
             self._keep(write, older=True)
@@ -293,7 +292,7 @@ class WriteBatches(_Handover):
         try:
             try:
                 async with asyncio.timeout(self._timeout):
-                    if self._withdraws and 0 in map(_ATTEMPT, writes):  # `withdraw()`
+                    if self._withdraws and Withdrawal in map(type, writes):
                         applied = await _withdrawing(self.store, writes)
                     else:
                         applied = await self.store.record(writes)
@@ -360,19 +359,21 @@ class WriteBatches(_Handover):
 
 
 async def _withdrawing(store: JobStore, writes: list[Write]) -> list[bool]:
-    """`store.record()` of a batch holding withdrawals (`withdrawal()`), each its job's last
+    """`store.record()` of a batch holding withdrawals (`Withdrawal`), each its job's last
     write in it: the other writes with `record()`, then the withdrawals with `withdraw()`
     (`Withdrawals`); for each write, whether it was applied. A withdrawal is never sent to
     `record()`, where a store would take it for a `queued` record: for a store without
     `withdraw()` (never sent one: `GroupCommit.overlaps`) it is dropped. Two transactions: a
     `withdraw()` that fails after `record()` fails the batch, kept whole for the catch-up (a
     `queued` write applied twice changes nothing the second time)."""
-    rest = [write for write in writes if write.attempt]
+    rest = [write for write in writes if type(write) is not Withdrawal]
     answers = iter(await store.record(rest) if rest else ())
     gone: set[str] = set()
     if isinstance(store, Withdrawals):
-        gone = await store.withdraw([write.job_id for write in writes if not write.attempt])
-    return [next(answers) if write.attempt else write.job_id in gone for write in writes]
+        gone = await store.withdraw([w.job_id for w in writes if type(w) is Withdrawal])
+    return [
+        write.job_id in gone if type(write) is Withdrawal else next(answers) for write in writes
+    ]
 
 
 def ids(writes: list[Write], most: int = 20) -> str:

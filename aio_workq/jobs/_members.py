@@ -25,6 +25,7 @@ from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._exceptions import (
     Defer,
+    MessageTooLargeError,
     SerializationError,
     UnroutableError,
     qualname,
@@ -32,7 +33,7 @@ from .._exceptions import (
 )
 from .._link.specs import Queue
 from .._publish.serialization import JSON
-from .._publish.sizes import MAX_MESSAGE_SIZE, too_large_limit
+from .._publish.sizes import MAX_MESSAGE_SIZE
 from ._errors import StoreError
 from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
@@ -245,17 +246,16 @@ class Member:
             if queue is not None:
                 confirm = await self._send(body, queue, job_id, due)
                 await confirm
+        except MessageTooLargeError as exc:
+            # Refused for its size (by the broker, or by the publisher that learned its
+            # limit): no retry can send it. The member is acked (its outcome is recorded),
+            # the callback recorded failed instead.
+            if confirm is not None:
+                self._job.forget(confirm)
+            refused = f"the broker's max_message_size ({exc.limit:,} bytes)"
+            await self._too_large(due, len(body), refused)
+            return
         except Exception as exc:
-            broker_limit = too_large_limit(exc)
-            if broker_limit is not None:
-                # Refused for its size (by the broker, or by the publisher that learned its
-                # limit): no retry can send it. The member is acked (its outcome is
-                # recorded), the callback recorded failed instead.
-                if confirm is not None:
-                    self._job.forget(confirm)
-                refused = f"the broker's max_message_size ({broker_limit:,} bytes)"
-                await self._too_large(due, len(body), refused)
-                return
             log.warning(
                 "group %s: its callback was not confirmed (%r); deferring member %s to "
                 "publish it again", due.group_id, exc, self._job.message_id,

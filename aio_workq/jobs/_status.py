@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple, cast
 
 __all__ = (
-    "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Write", "new_write", "storable",
-    "timestamp", "unstorable_id", "withdrawal",
+    "RANK", "TERMINAL", "JobRecord", "JobState", "JobStatus", "Withdrawal", "Write", "new_write",
+    "storable", "timestamp", "unstorable_id", "withdrawal",
 )  # fmt: skip
 
 
@@ -194,13 +194,19 @@ fields in order, without `Write.__new__`'s call with keywords (a third of the co
 writes every tracked job makes (its `queued`, its claim, its `succeeded`, #23)."""
 
 
-def withdrawal(queued: Write, at: float) -> Write:
-    """The mark an enqueue's batches (`GroupCommit`) carry for an enqueue's `queued` record
-    taken back, its publish failed (#23): attempt 0, which no run has, its job's last write in
-    a batch. `WriteBatches` sends it to the store's `withdraw()` (`Withdrawals`: the record is
-    deleted only while it still is the enqueue's), never to `record()`, and only to a store
-    that declares `withdraw()`."""
-    return new_write(Write, (
-        queued.job_id, queued.task, queued.queue, JobState.QUEUED, at, 0, 0, False, False,
-        None, None, None, None, None,
+class Withdrawal(Write):
+    """An enqueue's `queued` record taken back, its publish failed (#23): the kind of write an
+    enqueue's batches (`GroupCommit`) carry for it, its job's last write in a batch.
+    `WriteBatches` sends it to the store's `withdraw()` (`Withdrawals`: the record is deleted
+    only while it still is the enqueue's), never to `record()`, and only to a store that
+    declares `withdraw()`. Its fields are the record's, `at` the time it was taken back."""
+
+    __slots__ = ()
+
+
+def withdrawal(queued: Write, at: float) -> Withdrawal:
+    """The `Withdrawal` of the enqueue's `queued` record, taken back at `at`."""
+    return _tuple(Withdrawal, (
+        queued.job_id, queued.task, queued.queue, JobState.QUEUED, at, queued.attempt, 0,
+        False, False, None, None, None, None, None,
     ))  # fmt: skip

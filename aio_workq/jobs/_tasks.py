@@ -311,51 +311,40 @@ class Task(Generic[P, R]):
         options = dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
         store = context.store
-        if store is None:
-            await publisher.publish(
-                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
-                content_type=JSON, **options,
-            )  # fmt: skip
-            return JobHandle(job_id, context=context, validate=self.result_validator())
-        bound = _callers_bound(publisher, options.get("timeout"))
-        begun = 0.0 if bound is None else asyncio.get_running_loop().time()
-        # Its created time: a worker may start the job before the record is written.
-        write = new_write(Write, (
-            job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
-            False, None, None, None, None, None,
-        ))  # fmt: skip
-        registry = self._registry
-        commits = registry.commits(store)
-        if not commits.overlaps:  # a store that can't take a record back (no `Withdrawals`)
-            await publisher.publish(
-                body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
-                content_type=JSON, **options,
-            )  # fmt: skip
-            # batched with the concurrent enqueues' records, one transaction; while the
-            # store is down, kept and written when it is back (not waited for)
-            committed = commits.commit(write)
-            if bound is None or committed.done():
-                await committed  # a future: no coroutine between (#23)
-            else:
-                await _until(committed, begun + bound)
-            return JobHandle(job_id, context=context, validate=self.result_validator())
-        # The `queued` record goes out with the publish, batched with the concurrent
-        # enqueues' records (one transaction), and the two round trips overlap (#23). A
-        # worker's claim or outcome that lands first stays (`RANK`); while the store is down
-        # the record is kept and written when it is back (not waited for).
-        committed = commits.commit(write)
+        committed: asyncio.Future[bool] | None = None  # the record, when sent with the publish
+        if store is not None:
+            bound = _callers_bound(publisher, options.get("timeout"))
+            begun = 0.0 if bound is None else asyncio.get_running_loop().time()
+            # Its created time: a worker may start the job before the record is written.
+            write = new_write(Write, (
+                job_id, self.name, self.queue.name, JobState.QUEUED, time.time(), 1, 0, False,
+                False, None, None, None, None, None,
+            ))  # fmt: skip
+            commits = self._registry.commits(store)
+            # With a store that can take a record back (`Withdrawals`), the `queued` record
+            # goes out with the publish, batched with the concurrent enqueues' records (one
+            # transaction), and the two round trips overlap (#23); a worker's claim or
+            # outcome that lands first stays (`RANK`). With any other store it is sent once
+            # the broker confirmed the publish. While the store is down, the record is kept
+            # and written when it is back (not waited for).
+            if commits.overlaps:
+                committed = commits.commit(write)
         try:
             await publisher.publish(
                 body, self.queue, headers={TASK_HEADER: self.name}, message_id=job_id,
                 content_type=JSON, **options,
             )  # fmt: skip
         except BaseException:  # not confirmed (or cancelled): the record is taken back
-            commits.withdraw(write)
+            if committed is not None:
+                commits.withdraw(write)
             raise
-        if bound is None or committed.done():
-            await committed  # a future: no coroutine between (#23)
-        else:
-            await _until(committed, begun + bound)
+        if store is not None:
+            if committed is None:
+                committed = commits.commit(write)
+            if bound is None or committed.done():
+                await committed  # a future: no coroutine between (#23)
+            else:
+                await _until(committed, begun + bound)
         return JobHandle(job_id, context=context, validate=self.result_validator())
 
 
