@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import aiormq
 import pytest
 
 from aio_workq import Job, Producer, Queue, Worker
 from scripts.broker import LocalBroker
+from tests.helpers import queue_depth
 
 pytestmark = pytest.mark.broker
 
@@ -59,29 +60,32 @@ class Relay:
                 self.total.all.set()
 
 
-async def _bodies(amqp_url: str, queue: str) -> list[bytes]:
-    """Every message in `queue`, taken off with no ack."""
+async def _taken(amqp_url: str, queue: str, enough: Callable[[list[bytes]], bool]) -> list[bytes]:
+    """The bodies taken off `queue` with no ack, in order, until `enough` of them."""
     connection = await aiormq.connect(amqp_url)
     try:
         channel = await connection.channel()
-        ok = await channel.queue_declare(queue, passive=True)
-        count = int(ok.message_count or 0)
-        bodies: list[bytes] = []
+        taken: list[bytes] = []
         done = asyncio.Event()
 
         def take(message: aiormq.abc.DeliveredMessage) -> None:
-            bodies.append(message.body)
-            if len(bodies) == count:
+            taken.append(message.body)
+            if enough(taken):
                 done.set()
 
-        if count:
-            await channel.basic_qos(prefetch_count=1_000)
-            await channel.basic_consume(queue, take, no_ack=True)  # type: ignore[arg-type]
-            async with asyncio.timeout(30):
-                await done.wait()
-        return bodies
+        await channel.basic_qos(prefetch_count=1_000)
+        await channel.basic_consume(queue, take, no_ack=True)  # type: ignore[arg-type]
+        async with asyncio.timeout(30):
+            await done.wait()
+        return taken
     finally:
         await connection.close()
+
+
+async def _bodies(amqp_url: str, queue: str) -> list[bytes]:
+    """Every message in `queue`, taken off with no ack."""
+    count = await queue_depth(amqp_url, queue)
+    return await _taken(amqp_url, queue, lambda taken: len(taken) == count) if count else []
 
 
 async def _relayed(
@@ -159,30 +163,6 @@ def slow_quorum_channels(local_broker: LocalBroker) -> Iterator[None]:
         local_broker.ctl("eval", "application:set_env(rabbit, quorum_commands_soft_limit, 32).")
 
 
-async def _taken_until(amqp_url: str, queue: str, expected: set[bytes]) -> list[bytes]:
-    """The bodies taken off `queue` (no ack) until each of `expected` came: a delivery that the
-    broker gave back as a channel closed is served before the rest of the queue, so it is
-    among them."""
-    connection = await aiormq.connect(amqp_url)
-    try:
-        channel = await connection.channel()
-        taken: list[bytes] = []
-        done = asyncio.Event()
-
-        def take(message: aiormq.abc.DeliveredMessage) -> None:
-            taken.append(message.body)
-            if expected <= set(taken):
-                done.set()
-
-        await channel.basic_qos(prefetch_count=1_000)
-        await channel.basic_consume(queue, take, no_ack=True)  # type: ignore[arg-type]
-        async with asyncio.timeout(30):
-            await done.wait()
-        return taken
-    finally:
-        await connection.close()
-
-
 async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[bytes]:
     """A quorum-queue worker holding HELD_PREFETCH deliveries, HELD_CONCURRENCY of them in
     their handlers, is stopped; the handlers return (and are acked) just after the stop sent
@@ -220,7 +200,10 @@ async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[
     finally:
         release.set()
         await worker.stop()
-    taken = await _taken_until(amqp_url, queue.name, set(bodies) - handled)
+    # What the broker gave back as a channel closed is served before the rest of the queue:
+    # taken off until each message never handled came, it is among them.
+    expected = set(bodies) - handled
+    taken = await _taken(amqp_url, queue.name, lambda taken: expected <= set(taken))
     return sorted(body for body in taken if body in handled)
 
 
