@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import aiormq
 import pytest
 
-from aio_workq import Job, Producer, Queue, Worker
-from scripts.broker import LocalBroker
+from aio_workq import Hook, Job, JobView, Producer, Queue, Worker
 from tests.helpers import queue_depth
 
 pytestmark = pytest.mark.broker
@@ -145,28 +144,29 @@ async def test_a_stop_that_runs_out_of_time_may_forward_twice_and_loses_nothing(
 # --- a stop's unrun deliveries on a quorum queue (rabbitmq-server#10327) ---
 
 HELD_CONCURRENCY = 10
-HELD_PREFETCH = 30
-HELD_M = 60
-HELD_ROUNDS = 8
+HELD_PREFETCH = 100
+HELD_M = 150
+HELD_ROUNDS = 16
 
 
-@pytest.fixture
-def slow_quorum_channels(local_broker: LocalBroker) -> Iterator[None]:
-    """Channels opened from now on hold back what they send a quorum queue (acks, nacks) while
-    one command of theirs waits for the queue to apply it: the broker's
-    `quorum_commands_soft_limit` at 1 instead of 32, so that a few nacks do here what 32 do to a
-    busy queue. Put back to RabbitMQ's default after the test."""
-    local_broker.ctl("eval", "application:set_env(rabbit, quorum_commands_soft_limit, 1).")
-    try:
-        yield
-    finally:
-        local_broker.ctl("eval", "application:set_env(rabbit, quorum_commands_soft_limit, 32).")
+class _ReleaseAtTheStop(Hook):
+    """Once `stopping` is set, the first delivery sent back unrun (its `handling` is entered
+    just before) releases the handlers: they return and are acked in the step before the
+    stop's nacks (old code) are written, and their acks go out in the same write, after them."""
+
+    def __init__(self, release: asyncio.Event) -> None:
+        self.release = release
+        self.stopping = False
+
+    def handling(self, job: JobView, queue: str) -> None:
+        if self.stopping:
+            self.release.set()
 
 
 async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[bytes]:
     """A quorum-queue worker holding HELD_PREFETCH deliveries, HELD_CONCURRENCY of them in
-    their handlers, is stopped; the handlers return (and are acked) just after the stop sent
-    the others back unrun, and the channel closes. The deliveries it acked that came back."""
+    their handlers, is stopped; the handlers return (and are acked) as the stop sends the
+    others back unrun. The deliveries it acked that came back."""
     queue = Queue(name)
     await producer.declare(queue)
     bodies = [str(i).encode() for i in range(HELD_M)]
@@ -180,9 +180,10 @@ async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[
             running.set()
         await release.wait()
 
+    hook = _ReleaseAtTheStop(release)
     worker = Worker(
         amqp_url, queue=queue, handler=handler, concurrency=HELD_CONCURRENCY,
-        prefetch=HELD_PREFETCH, presence=False,
+        prefetch=HELD_PREFETCH, presence=False, hooks=[hook],
     )  # fmt: skip
     await worker.start()
     try:
@@ -190,17 +191,12 @@ async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[
             await running.wait()
             while worker.state.in_flight < HELD_PREFETCH:  # noqa: ASYNC110 - no event for it
                 await asyncio.sleep(0.01)
-            stopping = asyncio.create_task(worker.stop())
-            # The handlers return as soon as the deliveries waiting for them went back: their
-            # acks follow the stop's nacks (old code) at once, as in the bench's chain.
-            while worker.state.in_flight > HELD_CONCURRENCY:  # noqa: ASYNC110 - no event for it
-                await asyncio.sleep(0)
-            release.set()
-            await stopping
+        hook.stopping = True
+        await worker.stop()
     finally:
         release.set()
         await worker.stop()
-    # What the broker gave back as a channel closed is served before the rest of the queue:
+    # What the broker gave back as the channel closed is served before the rest of the queue:
     # taken off until each message never handled came, it is among them.
     expected = set(bodies) - handled
     taken = await _taken(amqp_url, queue.name, lambda taken: expected <= set(taken))
@@ -208,16 +204,16 @@ async def _acked_yet_back(amqp_url: str, producer: Producer, name: str) -> list[
 
 
 async def test_a_quorum_worker_stopping_leaves_its_unrun_deliveries_to_the_close(
-    amqp_url: str, producer: Producer, queue_name: str, slow_quorum_channels: None
+    amqp_url: str, producer: Producer, queue_name: str
 ) -> None:
     """A stopping worker's deliveries that never ran are not nacked on a quorum queue: each nack
-    is a command of its own to the queue, and while the broker's channel counts as many
-    commands on their way as its soft limit (32 by default), it holds back the acks that follow
-    (RabbitMQ 3.10 to 3.13); the channel's close then drops them, and the deliveries the stop
-    acked come back and run again (the bench's two-process chain: 22 to 31 forwarded twice in
-    3 of 263 runs). Left unacked, they go back with the close, and the acks go out. Without the
-    fix one round in two or three shows it (each round: 10 acked deliveries back); eight
-    rounds, none may."""
+    is a command of its own to the queue, and while the broker's channel counts 32 of its
+    commands not applied yet (`quorum_commands_soft_limit`), it holds back the acks that follow
+    (RabbitMQ 3.10 to 3.13); the channel's close then drops them, and deliveries the stop acked
+    come back and run again (rabbitmq-server#10327; the bench's two-process chain: 22 to 31
+    forwarded twice in 3 of 263 runs). Left unacked, they go back with the close, and the acks
+    go out. The old stop brought the 10 acked deliveries back in about 2 rounds of 3; in 16
+    rounds, none may come back."""
     for round_ in range(HELD_ROUNDS):
         back = await _acked_yet_back(amqp_url, producer, f"{queue_name}-{round_}")
         assert not back, f"round {round_}: {len(back)} acked deliveries came back: {back}"

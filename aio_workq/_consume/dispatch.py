@@ -264,10 +264,10 @@ class Dispatcher(Line):
         queue it is left unacked: the stop's close of the channel gives it back. A single
         active consumer's queue then hands over in order (see `Worker.stop`); a quorum queue
         is spared a burst of nacks, each a command of its own to the queue that the broker's
-        channel counts until the queue has applied it: from 32 on (RabbitMQ 3.10 to 3.13) the
-        channel holds the acks that follow instead of sending them, and a channel closed
-        meanwhile drops them, so that deliveries acked by the stop came back and ran twice
-        (rabbitmq-server#10327; tests/test_chain_stop.py).
+        channel counts until the queue has applied it: from 32 on the channel holds the acks
+        that follow instead of sending them, and a channel closed meanwhile drops them, so
+        that deliveries acked by the stop came back and ran twice (rabbitmq-server#10327, seen
+        on 3.10.8; tests/test_chain_stop.py).
         """
         if not self._unrun_to_close:
             acker.nack(tag, requeue=True)
