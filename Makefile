@@ -13,7 +13,7 @@ POSTGRES_DIR ?= .postgres/dev
 .PHONY: postgres-start postgres-stop outbox-test bench-outbox jobs-ledger jobs-store-down bench-tracking
 .PHONY: cluster-test cluster-smoke cluster-start cluster-stop
 .PHONY: schedules-ledger schedules-ledger-cluster
-.PHONY: dashboard-test dashboard-screenshots bench-dashboard
+.PHONY: dashboard-test dashboard-screenshots bench-dashboard bench-chain-stop
 
 venv: $(VENV)/.stamp
 
@@ -141,6 +141,11 @@ bench-processes: bench-deps
 # two processes (prints only).
 bench-channels: bench-deps
 	$(PY) -m bench.channels $(BENCH_ARGS)
+
+# The bench's two-process chain on a quorum queue, again and again: the duplicates a worker's
+# stop leaves downstream (BENCH_ARGS="--runs 100 --n 4000"; see docs/guarantees.md).
+bench-chain-stop: bench-deps
+	$(PY) -m bench.chain_stop $(BENCH_ARGS)
 
 # SOAK_N messages (default 1,000,000) through publish -> consume -> forward -> consume; fails
 # (exit 1) if RSS grows more than 5 MB after warm-up or tasks/futures/window waiters remain.

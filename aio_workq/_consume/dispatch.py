@@ -19,7 +19,7 @@ from typing import Any
 from aiormq.abc import AbstractChannel
 
 from .._hooks import Hooks, Outcome, Settled
-from .._link.specs import Queue
+from .._link.specs import Queue, QueueType
 from .._logs import set_handling
 from .._publish.confirms import ConfirmPublisher
 from .._publish.rpc import send_reply
@@ -84,6 +84,8 @@ class Dispatcher(Line):
         )  # fmt: skip
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        # Whether a stop leaves its unrun deliveries to the channel's close (`_requeue`).
+        self._unrun_to_close = queue.single_active_consumer or queue.type is QueueType.QUORUM
         # A chain step's delivery waits for its one confirm without a task (`Linked`) when
         # the hooks' `end` may run outside it.
         self._detach = hooks is None or hooks.anywhere
@@ -256,10 +258,19 @@ class Dispatcher(Line):
             self.tasks.discard(task)
 
     def _requeue(self, acker: Acker, tag: int) -> Settled:
-        """The worker is stopping: the delivery goes back to the queue, its handler not run."""
-        if not self._queue.single_active_consumer:
+        """The worker is stopping: the delivery goes back to the queue, its handler not run.
+
+        From a classic queue it is nacked at once. From a quorum or single-active-consumer
+        queue it is left unacked: the stop's close of the channel gives it back. A single
+        active consumer's queue then hands over in order (see `Worker.stop`); a quorum queue
+        is spared a burst of nacks, each a command of its own to the queue that the broker's
+        channel counts until the queue has applied it: from 32 on the channel holds the acks
+        that follow instead of sending them, and a channel closed meanwhile drops them, so
+        that deliveries acked by the stop came back and ran twice (rabbitmq-server#10327, seen
+        on 3.10.8; tests/test_chain_stop.py).
+        """
+        if not self._unrun_to_close:
             acker.nack(tag, requeue=True)
-        # else: left unacked; closing the channel returns it in order (see Worker.stop)
         return Outcome.REQUEUED, None, None
 
     async def _settle(
