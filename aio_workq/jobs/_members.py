@@ -38,7 +38,7 @@ from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
 from ._handle import TASK_HEADER
 from ._rate import RateLimit, acquire
-from ._recorder import Recorder, Running
+from ._recorder import Recorder, Running, _defers
 from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
@@ -256,10 +256,13 @@ class Member:
                 refused = f"the broker's max_message_size ({broker_limit:,} bytes)"
                 await self._too_large(due, len(body), refused)
                 return
-            log.warning(
-                "group %s: its callback was not confirmed (%r); deferring member %s to "
-                "publish it again", due.group_id, exc, self._job.message_id,
-            )  # fmt: skip
+            if self._last_defer():
+                await self._unsent(due, exc)
+            else:
+                log.warning(
+                    "group %s: its callback was not confirmed (%r); deferring member %s to "
+                    "publish it again", due.group_id, exc, self._job.message_id,
+                )  # fmt: skip
             raise Defer(_RETRY_FINISH) from exc
         try:
             await self._store.callback_published(due.group_id)
@@ -285,6 +288,48 @@ class Member:
             body, queue, message_id=job_id, headers=headers, content_type=JSON
         )
 
+    def _last_defer(self) -> bool:
+        """Whether a `Defer` now dead-letters the member: it was deferred the worker's
+        `max_defers` times already (the failure routing's own test)."""
+        limit = self._members.max_defers
+        return limit is not None and _defers(self._job.headers) >= limit
+
+    async def _unsent(self, due: CallbackDue, exc: Exception) -> None:
+        """The callback was never confirmed, and the member that completed the group is
+        dead-lettered now (its deferrals used up): record the callback `failed` with the
+        reason, so that its handle does not wait forever, and log it at ERROR. The callback is
+        not recorded published: the member replayed from its dead-letter queue (once the
+        cause is fixed) publishes it."""
+        job_id = callback_id(due.group_id)
+        deferred = self._members.max_defers
+        message = (
+            f"group {due.group_id}: its callback {job_id} ({due.task!r}, to queue "
+            f"{due.queue!r}) was not published: {text_of(exc)} ({qualname(exc)}); member "
+            f"{self._job.message_id} was deferred {deferred} times (the worker's max_defers) "
+            "to publish it again and is dead-lettered now. Fix the cause, then replay that "
+            "member from its dead-letter queue (aio-workq dlq replay <queue> --id "
+            f"{self._job.message_id}): it publishes the callback"
+        )
+        try:
+            await self._record_failed(due, qualname(exc), message)
+        except StoreError as store_exc:
+            log.error("%s; the callback can't be recorded failed either (%s)", message, store_exc)
+            return
+        log.error("%s; callback %s recorded failed", message, job_id)
+
+    async def _record_failed(self, due: CallbackDue, error_type: str, message: str) -> None:
+        """Record the group's callback job `failed` with this error.
+
+        Raises:
+            StoreError: the store can't be reached.
+        """
+        write = Write(
+            job_id=callback_id(due.group_id), task=due.task, queue=due.queue,
+            state=JobState.FAILED, at=time.time(), error_type=error_type,
+            error_message=storable(message),
+        )  # fmt: skip
+        await self._members.store.record([write])
+
     async def _too_large(self, due: CallbackDue, size: int, limit: str) -> None:
         """The callback's message can't be sent for its size: record the callback `failed`
         (saying why, and the fix), then the group's callback as dealt with (no member
@@ -300,12 +345,8 @@ class Member:
             "the callback was not run. Keep the members' results small: store large ones "
             "elsewhere (object storage, a table, a file) and return a reference to them"
         )
-        write = Write(
-            job_id=job_id, task=due.task, queue=due.queue, state=JobState.FAILED,
-            at=time.time(), error_type=qualname(error), error_message=storable(str(error)),
-        )  # fmt: skip
         try:
-            await self._members.store.record([write])
+            await self._record_failed(due, qualname(error), str(error))
             await self._store.callback_published(due.group_id)
         except StoreError as exc:
             log.warning(
