@@ -223,10 +223,12 @@ class Worker:
     @property
     def consuming(self) -> str:
         """What it consumes, as its log lines say: the queue, and the exchange a server-named
-        queue is bound to (its name alone, `amq.gen-...`, says nothing)."""
+        queue is bound to (its name alone, `amq.gen-...`, says nothing; before it was declared,
+        a worker stopped during its start, it has none)."""
         exchange = self.listens_to
         bound = "" if exchange is None else f" (bound to exchange {exchange!r})"
-        return f"{self.queue_name!r}{bound}"
+        name = self.queue_name
+        return f"{name!r}{bound}" if name else f"a server-named queue not declared yet{bound}"
 
     @property
     def state(self) -> WorkerState:
