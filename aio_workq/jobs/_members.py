@@ -8,7 +8,9 @@ failure routing will dead-letter it (the same `route_failure` decision, made in 
 Whatever can't be finished now (the store down, the callback not confirmed) defers the member
 (`Defer`: no attempt used): its next delivery finishes it. A callback too large to send (the
 broker's `max_message_size`, or the publisher's own limit) is recorded `failed` instead, and
-the member acked: no delivery could send it.
+the member acked: no delivery could send it. The callback goes out on a connection apart from
+the worker's (`CallbackLink`): a publish during a memory alarm blocks the connection it is on,
+acks included.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .._exceptions import (
     text_of,
 )
 from .._link.specs import Queue
+from .._publish.producer import Producer
 from .._publish.serialization import JSON
 from .._publish.sizes import MAX_MESSAGE_SIZE, too_large_limit
 from ._errors import StoreError
@@ -39,6 +42,7 @@ from ._groupstore import CallbackDue, GroupStore, RateStore
 from ._handle import TASK_HEADER
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, _defers
+from ._side import CallbackLink
 from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
@@ -79,8 +83,11 @@ class Members:
         retry: RetryPolicy | None,
         max_defers: int | None,
         queues: Mapping[str, Queue],
+        side: CallbackLink | None = None,
     ) -> None:
         self.store = store
+        self.side = side
+        """Where the callbacks are published (None: on the worker's connection)."""
         self.groups: GroupStore | None = store if isinstance(store, GroupStore) else None
         self.rates: RateStore | None = store if isinstance(store, RateStore) else None
         self.retry = retry
@@ -111,6 +118,7 @@ class Member:
         self._job = job
         self.group_id = group_id
         self.index = index
+        self._producer: Producer | None = None  # the callback's, while it is published
 
     async def handle(
         self, task: _Task, running: Running, recorder: Recorder, call_task: CallTask
@@ -231,6 +239,8 @@ class Member:
             return
         confirm: asyncio.Future[str] | None = None
         try:
+            side = self._members.side
+            self._producer = None if side is None else await side.producer()
             if queue is None:
                 # A task this worker does not run: its queue is known by name only, and
                 # declaring that name with the default spec is refused for a queue of another
@@ -279,14 +289,13 @@ class Member:
         """Send the callback's message to `queue` (declared if need be), or with None to
         `due.queue` by name through the default exchange (nothing declared); its confirm."""
         headers = {TASK_HEADER: due.task}
+        sender: Job | Producer = self._job if self._producer is None else self._producer
         if queue is None:
-            return await self._job.send(
+            return await sender.send(
                 body, exchange="", routing_key=due.queue, message_id=job_id, headers=headers,
                 content_type=JSON,
             )  # fmt: skip
-        return await self._job.send(
-            body, queue, message_id=job_id, headers=headers, content_type=JSON
-        )
+        return await sender.send(body, queue, message_id=job_id, headers=headers, content_type=JSON)
 
     def _last_defer(self) -> bool:
         """Whether a `Defer` now dead-letters the member: it was deferred the worker's
