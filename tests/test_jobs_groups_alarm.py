@@ -7,13 +7,17 @@ on the worker's own connection, its acks stopped until the alarm cleared)."""
 from __future__ import annotations
 
 import asyncio
+from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import pytest
 
-from aio_workq import Producer, Queue
+from aio_workq import Connection, Producer, Queue
 from aio_workq.jobs import GroupResult, JobState, SQLiteStore, Tasks, group
 from aio_workq.testing import LocalBroker
+from tests.helpers import connection_names, wait_until
 from tests.test_jobs import running
 
 pytestmark = pytest.mark.broker
@@ -66,3 +70,53 @@ async def test_a_callback_published_during_a_memory_alarm_does_not_stop_the_work
             finally:
                 await asyncio.to_thread(local_broker.ctl, "set_vm_memory_high_watermark", "0.4")
             assert await handle.result(timeout=60) == 1
+
+
+@pytest.mark.parametrize("given", ["url", "connection", "aio-pika"])
+async def test_the_callbacks_connection_opens_with_the_first_callback_and_closes_with_the_workers(
+    local_broker: LocalBroker, tmp_path: Path, queue_name: str, given: str
+) -> None:
+    """With a URL, and with an aio-workq `Connection` (whose sibling it is: the same brokers),
+    the callbacks have a connection of their own, gone once the workers stopped; with an
+    aio-pika connection, they go on it, as before."""
+    url = local_broker.url
+
+    def callback_links() -> list[str]:
+        return [n for n in connection_names(local_broker) if n.endswith("group callbacks")]
+
+    async with AsyncExitStack() as stack:
+        options: dict[str, Any] = {}
+        if given == "connection":
+            options["connection"] = await stack.enter_async_context(Connection(url))
+        elif given == "aio-pika":
+            options["connection"] = await aio_pika.connect_robust(url)
+            stack.push_async_callback(options["connection"].close)
+        producer = await stack.enter_async_context(Producer(url))
+        tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+
+        @tasks.task(queue=f"{queue_name}-m", name="t.one")
+        async def one(n: int) -> int:
+            return n
+
+        @tasks.task(queue=f"{queue_name}-r", name="t.report")
+        async def report(results: list[GroupResult]) -> int:
+            return sum(r.value for r in results)
+
+        workers = tasks.workers(None if options else url, concurrency=2, **options)
+        for worker in workers:
+            await worker.start()
+        try:
+            assert await asyncio.to_thread(callback_links) == []  # none before a callback
+            handle = await group([one.s(1), one.s(2)], then=report).enqueue()
+            assert await handle.result(timeout=30) == 3
+            links = await asyncio.to_thread(callback_links)
+            assert len(links) == (0 if given == "aio-pika" else 1), links
+        finally:
+            for worker in workers:
+                await worker.stop(timeout=1)
+            await tasks.store.close()  # type: ignore[union-attr]
+
+        async def closed() -> bool:
+            return await asyncio.to_thread(callback_links) == []
+
+        await wait_until(closed, timeout=15)

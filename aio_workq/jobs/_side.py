@@ -64,9 +64,11 @@ class CallbackLink:
         if self._connection is None:
             producer = Producer(self._url, name=name)
         else:
-            self._sibling = self._connection.sibling(name=name)
-            producer = Producer(connection=self._sibling)
+            self._sibling = sibling = self._connection.sibling(name=name)
+            producer = Producer(connection=sibling)
         try:
+            if self._sibling is not None:
+                await self._sibling.open()  # a producer opens no connection it was given
             await producer.start()
         except BaseException:
             await self._close_sibling()
