@@ -215,10 +215,9 @@ class Worker:
     @property
     def consuming(self) -> str:
         """What it consumes, as its log lines say: the queue, and the exchange a server-named
-        queue is bound to (its name alone, `amq.gen-...`, says nothing)."""
-        exchange = self.listens_to
-        bound = "" if exchange is None else f" (bound to exchange {exchange!r})"
-        return f"{self.queue_name!r}{bound}"
+        queue is bound to (its name alone, `amq.gen-...`, says nothing; before it was declared,
+        a worker stopped during its start, it has none)."""
+        return _consuming(self.queue_name, self.listens_to)
 
     @property
     def state(self) -> WorkerState:
@@ -475,6 +474,14 @@ class _Presence:
         """Stop beating: the goodbye beat and the close, running (None if never started)."""
         beacon, self._beacon = self._beacon, None
         return asyncio.ensure_future(beacon.close(goodbye=True)) if beacon else None
+
+
+def _consuming(queue_name: str, exchange: str | None) -> str:
+    """`Worker.consuming`: the queue's name, or for a server-named queue not declared yet
+    those words (not `''`), and the exchange it is bound to."""
+    bound = "" if exchange is None else f" (bound to exchange {exchange!r})"
+    name = repr(queue_name) if queue_name else "a server-named queue not declared yet"
+    return f"{name}{bound}"
 
 
 def _check_settings(

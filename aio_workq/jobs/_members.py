@@ -8,7 +8,9 @@ failure routing will dead-letter it (the same `route_failure` decision, made in 
 Whatever can't be finished now (the store down, the callback not confirmed) defers the member
 (`Defer`: no attempt used): its next delivery finishes it. A callback too large to send (the
 broker's `max_message_size`, or the publisher's own limit) is recorded `failed` instead, and
-the member acked: no delivery could send it.
+the member acked: no delivery could send it. The callback goes out on a connection apart from
+the worker's (`CallbackLink`): a publish during a memory alarm blocks the connection it is on,
+acks included.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .._exceptions import (
     text_of,
 )
 from .._link.specs import Queue
+from .._publish.producer import Producer
 from .._publish.serialization import JSON
 from .._publish.sizes import MAX_MESSAGE_SIZE
 from ._errors import StoreError
@@ -39,7 +42,8 @@ from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
 from ._handle import TASK_HEADER
 from ._rate import RateLimit, acquire
-from ._recorder import Recorder, Running
+from ._recorder import Recorder, Running, _defers
+from ._side import CallbackLink
 from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
@@ -80,8 +84,11 @@ class Members:
         retry: RetryPolicy | None,
         max_defers: int | None,
         queues: Mapping[str, Queue],
+        side: CallbackLink | None = None,
     ) -> None:
         self.store = store
+        self.side = side
+        """Where the callbacks are published (None: on the worker's connection)."""
         self.groups: GroupStore | None = store if isinstance(store, GroupStore) else None
         self.rates: RateStore | None = store if isinstance(store, RateStore) else None
         self.retry = retry
@@ -112,6 +119,7 @@ class Member:
         self._job = job
         self.group_id = group_id
         self.index = index
+        self._producer: Producer | None = None  # the callback's, while it is published
 
     async def handle(
         self, task: _Task, running: Running, recorder: Recorder, call_task: CallTask
@@ -232,6 +240,8 @@ class Member:
             return
         confirm: asyncio.Future[str] | None = None
         try:
+            side = self._members.side
+            self._producer = None if side is None else await side.producer()
             if queue is None:
                 # A task this worker does not run: its queue is known by name only, and
                 # declaring that name with the default spec is refused for a queue of another
@@ -256,10 +266,13 @@ class Member:
             await self._too_large(due, len(body), refused)
             return
         except Exception as exc:
-            log.warning(
-                "group %s: its callback was not confirmed (%r); deferring member %s to "
-                "publish it again", due.group_id, exc, self._job.message_id,
-            )  # fmt: skip
+            if self._last_defer():
+                await self._unsent(due, exc)
+            else:
+                log.warning(
+                    "group %s: its callback was not confirmed (%r); deferring member %s to "
+                    "publish it again", due.group_id, exc, self._job.message_id,
+                )  # fmt: skip
             raise Defer(_RETRY_FINISH) from exc
         try:
             await self._store.callback_published(due.group_id)
@@ -276,14 +289,55 @@ class Member:
         """Send the callback's message to `queue` (declared if need be), or with None to
         `due.queue` by name through the default exchange (nothing declared); its confirm."""
         headers = {TASK_HEADER: due.task}
+        sender: Job | Producer = self._job if self._producer is None else self._producer
         if queue is None:
-            return await self._job.send(
+            return await sender.send(
                 body, exchange="", routing_key=due.queue, message_id=job_id, headers=headers,
                 content_type=JSON,
             )  # fmt: skip
-        return await self._job.send(
-            body, queue, message_id=job_id, headers=headers, content_type=JSON
+        return await sender.send(body, queue, message_id=job_id, headers=headers, content_type=JSON)
+
+    def _last_defer(self) -> bool:
+        """Whether a `Defer` now dead-letters the member: it was deferred the worker's
+        `max_defers` times already (the failure routing's own test)."""
+        limit = self._members.max_defers
+        return limit is not None and _defers(self._job.headers) >= limit
+
+    async def _unsent(self, due: CallbackDue, exc: Exception) -> None:
+        """The callback was never confirmed, and the member that completed the group is
+        dead-lettered now (its deferrals used up): record the callback `failed` with the
+        reason, so that its handle does not wait forever, and log it at ERROR. The callback is
+        not recorded published: the member replayed from its dead-letter queue (once the
+        cause is fixed) publishes it."""
+        job_id = callback_id(due.group_id)
+        deferred = self._members.max_defers
+        message = (
+            f"group {due.group_id}: its callback {job_id} ({due.task!r}, to queue "
+            f"{due.queue!r}) was not published: {text_of(exc)} ({qualname(exc)}); member "
+            f"{self._job.message_id} was deferred {deferred} times (the worker's max_defers) "
+            "to publish it again and is dead-lettered now. Fix the cause, then replay that "
+            "member from its dead-letter queue (aio-workq dlq replay <queue> --id "
+            f"{self._job.message_id}): it publishes the callback"
         )
+        try:
+            await self._record_failed(due, qualname(exc), message)
+        except StoreError as store_exc:
+            log.error("%s; the callback can't be recorded failed either (%s)", message, store_exc)
+            return
+        log.error("%s; callback %s recorded failed", message, job_id)
+
+    async def _record_failed(self, due: CallbackDue, error_type: str, message: str) -> None:
+        """Record the group's callback job `failed` with this error.
+
+        Raises:
+            StoreError: the store can't be reached.
+        """
+        write = Write(
+            job_id=callback_id(due.group_id), task=due.task, queue=due.queue,
+            state=JobState.FAILED, at=time.time(), error_type=error_type,
+            error_message=storable(message),
+        )  # fmt: skip
+        await self._members.store.record([write])
 
     async def _too_large(self, due: CallbackDue, size: int, limit: str) -> None:
         """The callback's message can't be sent for its size: record the callback `failed`
@@ -300,12 +354,8 @@ class Member:
             "the callback was not run. Keep the members' results small: store large ones "
             "elsewhere (object storage, a table, a file) and return a reference to them"
         )
-        write = Write(
-            job_id=job_id, task=due.task, queue=due.queue, state=JobState.FAILED,
-            at=time.time(), error_type=qualname(error), error_message=storable(str(error)),
-        )  # fmt: skip
         try:
-            await self._members.store.record([write])
+            await self._record_failed(due, qualname(error), str(error))
             await self._store.callback_published(due.group_id)
         except StoreError as exc:
             log.warning(

@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -514,6 +516,15 @@ class GroupCommit:
         self._batches: dict[asyncio.AbstractEventLoop, WriteBatches] = {}
         self._lock = threading.Lock()  # the loops' threads add and take batches
         self._last: tuple[asyncio.AbstractEventLoop, WriteBatches] | None = None
+        _ALL_COMMITS.add(self)
+
+    def _forked(self) -> None:
+        """In a forked child: a lock of its own (another thread of the parent may have held
+        this one at the fork, and no thread releases it here), and none of the parent's
+        batches (their loops do not run here; the parent records what they hold)."""
+        self._lock = threading.Lock()
+        self._batches = {}
+        self._last = None
 
     async def record(self, write: Write) -> None:
         """Record `write` with the batch it joins; returns once that batch is committed, or
@@ -589,3 +600,14 @@ class GroupCommit:
             "event loop is left to write them (their status reads as unknown until a worker "
             "runs them): %s", len(left), ids(left),
         )  # fmt: skip
+
+
+_ALL_COMMITS: weakref.WeakSet[GroupCommit] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for commits in list(_ALL_COMMITS):
+        commits._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

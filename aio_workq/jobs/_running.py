@@ -24,6 +24,7 @@ from ._handle import CONTROL_EXCHANGE, TASK_HEADER
 from ._members import Members
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, _current
+from ._side import CallbackLink
 
 if TYPE_CHECKING:
     from .._link.settings import URLs
@@ -67,16 +68,21 @@ class _Session:
     """The workers one `tasks.workers()` call built, and their recorder: closed (what is
     pending recorded) once the last of them stops."""
 
-    def __init__(self, recorder: Recorder | None) -> None:
+    def __init__(self, recorder: Recorder | None, side: CallbackLink | None = None) -> None:
         self.recorder = recorder
+        self.side = side
         self.open: set[Worker] = set()
 
     async def stopped(self, worker: Worker) -> None:
         if worker not in self.open:
             return
         self.open.discard(worker)
-        if not self.open and self.recorder is not None:
+        if self.open:
+            return
+        if self.recorder is not None:
             await self.recorder.close()
+        if self.side is not None:
+            await self.side.close()
 
 
 class TaskWorker(Worker):
@@ -296,11 +302,12 @@ def build_workers(
     timeout = options.pop("handler_timeout", None)
     if timeout is not None:
         timeout = check_seconds("handler_timeout", timeout)
-    recorder = members = None
+    recorder = members = side = None
     if store is not None:
         recorder = Recorder(store)
+        side = CallbackLink(url, options.get("connection"))
         members = Members(
-            store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS),
+            store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS), side=side,
             queues={
                 **{alias: task.queue for alias, task in (aliases or {}).items()},
                 **{task.name: task.queue for task in tasks},
@@ -310,7 +317,7 @@ def build_workers(
             # Deliveries beyond `concurrency` wait for a free handler with their claims sent
             # (Recorder.arrived): the claim's round trip overlaps the handlers running.
             options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
-    session = _Session(recorder)
+    session = _Session(recorder, side)
     extra = [recorder] if recorder is not None else []
     workers: list[Worker] = [
         TaskWorker(
