@@ -208,6 +208,32 @@ async def test_a_changed_schedule_fires_on_its_new_spec_and_a_removed_one_stops(
     assert status.entries["gone"].next is None  # kept a while for the other version, not fired
 
 
+async def test_a_rolling_deploy_that_changes_a_spec_loses_no_tick_due_during_the_handover(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    """v2 changes the spec but not the due times (as `0 3 * * *` -> `0 3 * * 1-5` on a
+    weekday): the ticks due while no version was active (the handover, here 3 s) are late by
+    less than `grace`, so they fire, as after any failover; before, a changed spec started
+    from the moment v2 became active and those ticks were never fired."""
+    v1 = Scheduler(amqp_url, [poll(group)], group=group, identity="v1")
+    run = await start(v1)
+    await ticks.wait_for(2)
+    await v1.stop()
+    await run
+    stopped_at = ticks.due_times()[-1]
+    await asyncio.sleep(3)  # the handover: no scheduler runs for 3 s
+    same_times = poll(group, start=datetime(1970, 1, 1, tzinfo=UTC))  # another fingerprint
+    v2 = Scheduler(amqp_url, [same_times], group=group, identity="v2")
+    run = await start(v2)
+    async with asyncio.timeout(30):
+        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
+            await ticks.wait_for(len(ticks.seen) + 1)
+    await v2.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+
+
 async def test_the_lease_queue_never_piles_up_lease_messages(amqp_url: str, group: str) -> None:
     for n in range(4):
         scheduler = Scheduler(amqp_url, [poll(group)], group=group, identity=f"s{n}")
