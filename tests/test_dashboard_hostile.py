@@ -173,3 +173,34 @@ async def test_listing_many_large_dead_letters_keeps_only_those_it_shows(
     assert one.status_code == 200 and "big-799" in one.text
     # 801 dead letters of 64 KiB are 51 MiB: the pages keep the 200 shown (13 MiB), not all
     assert peak < 32 * 1024 * 1024, peak // 1024 // 1024
+
+
+@pytest.mark.broker
+async def test_a_page_over_large_dead_letters_holds_a_few_of_them_at_a_time(
+    amqp_url: str, queue_name: str
+) -> None:
+    """Eight dead letters of 4 MiB (as a queue of 16 MiB ones, smaller): the listing shows
+    an 80-byte preview of each and one letter's page 64 KiB, and the pass that reads them
+    takes them a few MiB at a time. Before, it took 100 at a time and the listing kept every
+    body it showed (up to 200): 32 MiB here, GiBs with 16 MiB letters."""
+    await dead_letters_of(amqp_url, queue_name, [("first", {})])
+    size = 4 * 1024 * 1024
+    for i in range(8):
+        await publish_raw(amqp_url, f"{queue_name}.dlq", bytes([65 + i]) * (size + i), {})
+    dashboard = Dashboard(url=amqp_url, queues=[queue_name], management_url="")
+    async with served(dashboard) as client:
+        client.timeout = httpx.Timeout(60)
+        tracemalloc.start()
+        try:
+            listing = await client.get(f"/dead-letters/{queue_name}")
+            _, listing_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            one = await client.get(f"/dead-letters/{queue_name}/raw-{size + 7}")
+            _, one_peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert listing.status_code == 200 and "9 shown of 9" in listing.text, listing.text[-2000:]
+    assert one.status_code == 200 and "HHHH" in one.text
+    mib = 1024 * 1024
+    assert listing_peak < 20 * mib, listing_peak // mib
+    assert one_peak < 20 * mib, one_peak // mib

@@ -87,8 +87,8 @@ class DeadLetterPages:
         queue = queue_name(match["queue"])
         where, given = self._filter(request)
         dead, _ = await self._dead_letters(queue)
-        # One pass counts them all but keeps only the letters shown: a queue of large dead
-        # letters is not held in memory for a page of 200 rows.
+        # One pass counts them all but keeps only the letters shown, and of their bodies the
+        # preview: a queue of large dead letters is not held in memory for a page of 200 rows.
         ids: list[str] = []
         counted = {"total": 0, "matching": 0}
 
@@ -101,7 +101,7 @@ class DeadLetterPages:
             counted["matching"] += 1
             return counted["matching"] <= _SHOWN_LETTERS
 
-        letters = await dead.find(shown)
+        letters = await dead.find(shown, body_limit=_BODY_PREVIEW)
         short = short_ids(ids)
         rows = [
             {
