@@ -234,6 +234,35 @@ async def test_a_rolling_deploy_that_changes_a_spec_loses_no_tick_due_during_the
     assert_contiguous(ticks.due_times())
 
 
+async def test_a_state_queue_deleted_by_an_operator_loses_no_tick(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    """The state queue deleted (or purged) while a scheduler is active: the state it records
+    still reaches the status queue, and the next active scheduler goes on from there. Before,
+    it found no state, took every schedule for new, and the ticks due meanwhile were lost."""
+    first = Scheduler(amqp_url, [poll(group)], group=group, identity="first")
+    run = await start(first)
+    await ticks.wait_for(2)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{group}.state")  # an operator's clean-up
+    await ticks.wait_for(len(ticks.seen) + 2)  # recorded since, in the status queue only
+    await first.stop()
+    await run
+    stopped_at = ticks.due_times()[-1]
+    await asyncio.sleep(3)  # no scheduler runs for 3 s
+    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
+    run = await start(second)
+    async with asyncio.timeout(30):
+        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
+            await ticks.wait_for(len(ticks.seen) + 1)
+    await second.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+
+
 async def test_the_lease_queue_never_piles_up_lease_messages(amqp_url: str, group: str) -> None:
     for n in range(4):
         scheduler = Scheduler(amqp_url, [poll(group)], group=group, identity=f"s{n}")

@@ -105,7 +105,7 @@ class Firing:
             PublishError, BrokerConnectionError: a tick or the state was not confirmed.
         """
         channel, names = self._lease.channel, self._lease.names
-        state = await read_state(channel, names.state)
+        state = await read_state(channel, names)
         now = _now()
         reconcile(self._schedules, state, now)
         state.active = self._identity
