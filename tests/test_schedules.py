@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -261,6 +263,63 @@ async def test_a_state_queue_deleted_by_an_operator_loses_no_tick(
     await run
     assert max(ticks.seen.values()) == 1, ticks.seen
     assert_contiguous(ticks.due_times())
+
+
+_FORKING_SCHEDULER = """
+import asyncio, os, sys, time
+from datetime import timedelta
+from aio_workq.schedules import Schedule, Scheduler
+
+async def main():
+    url, group = sys.argv[1], sys.argv[2]
+    spec = Schedule("poll", every=timedelta(seconds=1), queue=group + ".poll")
+    scheduler = Scheduler(url, [spec], group=group, identity="forking")
+    run = asyncio.ensure_future(scheduler.run())
+    await scheduler.wait_active()
+    await asyncio.sleep(0.5)  # its ticks' producer is connected too
+    child = os.fork()  # a pool worker, a subprocess started with fork
+    if child == 0:
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    await run
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_active_scheduler_is_replaced_at_once_even_if_it_forked(
+    amqp_url: str, group: str
+) -> None:
+    """The active scheduler's process forked (a multiprocessing pool, a subprocess), then was
+    killed: the child's copies of its sockets no longer keep its connections open, so the
+    broker sees them close and the standby takes over at once. Before, they stayed open until
+    the broker's heartbeat timeout (about 2 x 60 s by default)."""
+    forking = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_SCHEDULER, amqp_url, group],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    child = 0
+    standby = Scheduler(amqp_url, [poll(group)], group=group, identity="standby")
+    try:
+        assert forking.stdout is not None
+        line = await asyncio.wait_for(asyncio.to_thread(forking.stdout.readline), 60)
+        child = int(line)
+        run = await start(standby)
+        forking.kill()  # kill -9 of the active scheduler's process; its child lives on
+        await asyncio.to_thread(forking.wait, 10)
+        async with asyncio.timeout(15):  # the heartbeat timeout is 60 s at least
+            await standby.wait_active()
+        await standby.stop()
+        await run
+    finally:
+        forking.kill()
+        forking.wait(10)
+        if forking.stdout is not None:
+            forking.stdout.close()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 async def test_the_lease_queue_never_piles_up_lease_messages(amqp_url: str, group: str) -> None:
