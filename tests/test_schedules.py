@@ -279,6 +279,7 @@ async def main():
     await asyncio.sleep(0.5)  # its ticks' producer is connected too
     child = os.fork()  # a pool worker, a subprocess started with fork
     if child == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the test reads the parent's stdout
         time.sleep(120)
         os._exit(0)
     print(child, flush=True)
@@ -295,28 +296,26 @@ async def test_a_killed_active_scheduler_is_replaced_at_once_even_if_it_forked(
     killed: the child's copies of its sockets no longer keep its connections open, so the
     broker sees them close and the standby takes over at once. Before, they stayed open until
     the broker's heartbeat timeout (about 2 x 60 s by default)."""
-    forking = subprocess.Popen(
-        [sys.executable, "-c", _FORKING_SCHEDULER, amqp_url, group],
-        stdout=subprocess.PIPE, text=True,
+    forking = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FORKING_SCHEDULER, amqp_url, group,
+        stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     child = 0
     standby = Scheduler(amqp_url, [poll(group)], group=group, identity="standby")
     try:
         assert forking.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(forking.stdout.readline), 60)
-        child = int(line)
+        child = int(await asyncio.wait_for(forking.stdout.readline(), 60))
         run = await start(standby)
         forking.kill()  # kill -9 of the active scheduler's process; its child lives on
-        await asyncio.to_thread(forking.wait, 10)
+        await asyncio.wait_for(forking.wait(), 10)
         async with asyncio.timeout(15):  # the heartbeat timeout is 60 s at least
             await standby.wait_active()
         await standby.stop()
         await run
     finally:
-        forking.kill()
-        forking.wait(10)
-        if forking.stdout is not None:
-            forking.stdout.close()
+        if forking.returncode is None:
+            forking.kill()
+            await forking.wait()
         if child:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
