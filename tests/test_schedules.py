@@ -80,6 +80,22 @@ def assert_contiguous(times: list[datetime]) -> None:
     assert all(gap == SECOND for gap in gaps), f"ticks not one second apart: {times}"
 
 
+async def after_an_outage(amqp_url: str, group: str, ticks: Ticks, spec: Schedule) -> None:
+    """No scheduler for 3 s after the last tick seen, then one firing `spec` until a tick 4 s
+    past it: every tick due in between fired, once."""
+    stopped_at = ticks.due_times()[-1]
+    await asyncio.sleep(3)  # the outage (or a deploy's handover): no scheduler runs
+    scheduler = Scheduler(amqp_url, [spec], group=group, identity="after")
+    run = await start(scheduler)
+    async with asyncio.timeout(30):
+        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
+            await ticks.wait_for(len(ticks.seen) + 1)
+    await scheduler.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+
+
 async def test_one_of_two_schedulers_is_active_and_a_stop_hands_over_without_a_lost_tick(
     amqp_url: str, group: str, ticks: Ticks
 ) -> None:
@@ -148,17 +164,7 @@ async def test_a_scheduler_started_after_an_outage_fires_the_ticks_missed_within
     await ticks.wait_for(2)
     await first.stop()
     await run
-    stopped_at = datetime.now(UTC)
-    await asyncio.sleep(3)  # the outage: no scheduler runs for 3 s
-    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
-    run = await start(second)
-    async with asyncio.timeout(30):
-        while not any(t > stopped_at + 3 * SECOND for t in ticks.due_times()):
-            await ticks.wait_for(len(ticks.seen) + 1)
-    await second.stop()
-    await run
-    assert max(ticks.seen.values()) == 1
-    assert_contiguous(ticks.due_times())  # the state on the broker said where to go on
+    await after_an_outage(amqp_url, group, ticks, poll(group))  # the state said where to go on
 
 
 async def test_misfire_skip_fires_one_of_the_ticks_missed_beyond_grace(
@@ -222,18 +228,8 @@ async def test_a_rolling_deploy_that_changes_a_spec_loses_no_tick_due_during_the
     await ticks.wait_for(2)
     await v1.stop()
     await run
-    stopped_at = ticks.due_times()[-1]
-    await asyncio.sleep(3)  # the handover: no scheduler runs for 3 s
     same_times = poll(group, start=datetime(1970, 1, 1, tzinfo=UTC))  # another fingerprint
-    v2 = Scheduler(amqp_url, [same_times], group=group, identity="v2")
-    run = await start(v2)
-    async with asyncio.timeout(30):
-        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
-            await ticks.wait_for(len(ticks.seen) + 1)
-    await v2.stop()
-    await run
-    assert max(ticks.seen.values()) == 1, ticks.seen
-    assert_contiguous(ticks.due_times())
+    await after_an_outage(amqp_url, group, ticks, same_times)
 
 
 async def test_a_state_queue_deleted_by_an_operator_loses_no_tick(
@@ -252,17 +248,7 @@ async def test_a_state_queue_deleted_by_an_operator_loses_no_tick(
     await ticks.wait_for(len(ticks.seen) + 2)  # recorded since, in the status queue only
     await first.stop()
     await run
-    stopped_at = ticks.due_times()[-1]
-    await asyncio.sleep(3)  # no scheduler runs for 3 s
-    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
-    run = await start(second)
-    async with asyncio.timeout(30):
-        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
-            await ticks.wait_for(len(ticks.seen) + 1)
-    await second.stop()
-    await run
-    assert max(ticks.seen.values()) == 1, ticks.seen
-    assert_contiguous(ticks.due_times())
+    await after_an_outage(amqp_url, group, ticks, poll(group))
 
 
 _FORKING_SCHEDULER = """
