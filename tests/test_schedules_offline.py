@@ -247,6 +247,9 @@ def test_a_next_fire_long_past_is_marked_overdue() -> None:
         ({"queue": "q"}, "exactly one of cron= and every="),
         ({"queue": "q", "cron": "* * * * *", "every": timedelta(seconds=1)}, "exactly one"),
         ({"queue": "q", "cron": "61 * * * *"}, "cron expression '61 \\* \\* \\* \\*' is invalid"),
+        # An expression that never fires names the day and what to give instead.
+        ({"queue": "q", "cron": "0 0 30 2 *"}, "never fire: February has 29 days at most"),
+        ({"queue": "q", "cron": "0 0 31 4,6 *"}, "L is the last day of every month"),
         ({"queue": "q", "every": timedelta(milliseconds=10)}, "at least 1 second"),
         ({"queue": "q", "every": 30}, "every= must be a timedelta"),
         ({"queue": "q", "cron": "0 3 * * *", "tz": "Paris"}, "unknown time zone 'Paris'"),
