@@ -126,6 +126,18 @@ def _own_nodes_or_fail(what: str, error: Exception) -> None:
     )
 
 
+@pytest.fixture(scope="module")
+def management_broker(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[LocalBroker]:
+    """A node of its own with the management plugin, one per test module (slow to start)."""
+    module = request.module.__name__.rpartition(".")[2].removeprefix("test_").replace("_", "")
+    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name=f"workqmgmt{module}", management=True)
+    node.start()
+    yield node
+    node.close()
+
+
 @pytest.fixture(scope="session")
 def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     """A CA, a server certificate (localhost, 127.0.0.1), a client one, and an unrelated CA."""

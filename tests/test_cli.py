@@ -12,7 +12,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -653,16 +653,6 @@ async def test_metrics_are_served_beside_healthz_with_the_counts_of_known_traffi
 
 
 # --- with the management plugin (a node of its own: slow) ----------------------------------
-
-
-@pytest.fixture(scope="module")
-def management_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from scripts.broker import LocalBroker
-
-    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name="workqclimgmt", management=True)
-    node.start()
-    yield node
-    node.close()
 
 
 @pytest.mark.slow

@@ -303,16 +303,6 @@ async def test_the_schedules_page_shows_the_active_scheduler(
         await running
 
 
-@pytest.fixture(scope="module")
-def management_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from scripts.broker import LocalBroker
-
-    node = LocalBroker(tmp_path_factory.mktemp("mgmt"), name="workqdashmgmt", management=True)
-    node.start()
-    yield node
-    node.close()
-
-
 @pytest.mark.browser_full
 async def test_the_overview_from_the_management_api(
     driver: WebDriver, management_broker: Any, queue_name: str

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import ssl
 import subprocess
 import sys
@@ -78,6 +80,22 @@ def assert_contiguous(times: list[datetime]) -> None:
     assert all(gap == SECOND for gap in gaps), f"ticks not one second apart: {times}"
 
 
+async def after_an_outage(amqp_url: str, group: str, ticks: Ticks, spec: Schedule) -> None:
+    """No scheduler for 3 s after the last tick seen, then one firing `spec` until a tick 4 s
+    past it: every tick due in between fired, once."""
+    stopped_at = ticks.due_times()[-1]
+    await asyncio.sleep(3)  # the outage (or a deploy's handover): no scheduler runs
+    scheduler = Scheduler(amqp_url, [spec], group=group, identity="after")
+    run = await start(scheduler)
+    async with asyncio.timeout(30):
+        while not any(t > stopped_at + 4 * SECOND for t in ticks.due_times()):
+            await ticks.wait_for(len(ticks.seen) + 1)
+    await scheduler.stop()
+    await run
+    assert max(ticks.seen.values()) == 1, ticks.seen
+    assert_contiguous(ticks.due_times())
+
+
 async def test_one_of_two_schedulers_is_active_and_a_stop_hands_over_without_a_lost_tick(
     amqp_url: str, group: str, ticks: Ticks
 ) -> None:
@@ -146,17 +164,7 @@ async def test_a_scheduler_started_after_an_outage_fires_the_ticks_missed_within
     await ticks.wait_for(2)
     await first.stop()
     await run
-    stopped_at = datetime.now(UTC)
-    await asyncio.sleep(3)  # the outage: no scheduler runs for 3 s
-    second = Scheduler(amqp_url, [poll(group)], group=group, identity="second")
-    run = await start(second)
-    async with asyncio.timeout(30):
-        while not any(t > stopped_at + 3 * SECOND for t in ticks.due_times()):
-            await ticks.wait_for(len(ticks.seen) + 1)
-    await second.stop()
-    await run
-    assert max(ticks.seen.values()) == 1
-    assert_contiguous(ticks.due_times())  # the state on the broker said where to go on
+    await after_an_outage(amqp_url, group, ticks, poll(group))  # the state said where to go on
 
 
 async def test_misfire_skip_fires_one_of_the_ticks_missed_beyond_grace(
@@ -206,6 +214,97 @@ async def test_a_changed_schedule_fires_on_its_new_spec_and_a_removed_one_stops(
     assert status is not None and status.active == "v2"
     assert status.entries["poll"].describe == "every 0:00:02"
     assert status.entries["gone"].next is None  # kept a while for the other version, not fired
+
+
+async def test_a_rolling_deploy_that_changes_a_spec_loses_no_tick_due_during_the_handover(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    """v2 changes the spec but not the due times (as `0 3 * * *` -> `0 3 * * 1-5` on a
+    weekday): the ticks due while no version was active (the handover, here 3 s) are late by
+    less than `grace`, so they fire, as after any failover; before, a changed spec started
+    from the moment v2 became active and those ticks were never fired."""
+    v1 = Scheduler(amqp_url, [poll(group)], group=group, identity="v1")
+    run = await start(v1)
+    await ticks.wait_for(2)
+    await v1.stop()
+    await run
+    same_times = poll(group, start=datetime(1970, 1, 1, tzinfo=UTC))  # another fingerprint
+    await after_an_outage(amqp_url, group, ticks, same_times)
+
+
+async def test_a_state_queue_deleted_by_an_operator_loses_no_tick(
+    amqp_url: str, group: str, ticks: Ticks
+) -> None:
+    """The state queue deleted (or purged) while a scheduler is active: the state it records
+    still reaches the status queue, and the next active scheduler goes on from there. Before,
+    it found no state, took every schedule for new, and the ticks due meanwhile were lost."""
+    first = Scheduler(amqp_url, [poll(group)], group=group, identity="first")
+    run = await start(first)
+    await ticks.wait_for(2)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{group}.state")  # an operator's clean-up
+    await ticks.wait_for(len(ticks.seen) + 2)  # recorded since, in the status queue only
+    await first.stop()
+    await run
+    await after_an_outage(amqp_url, group, ticks, poll(group))
+
+
+_FORKING_SCHEDULER = """
+import asyncio, os, sys, time
+from datetime import timedelta
+from aio_workq.schedules import Schedule, Scheduler
+
+async def main():
+    url, group = sys.argv[1], sys.argv[2]
+    spec = Schedule("poll", every=timedelta(seconds=1), queue=group + ".poll")
+    scheduler = Scheduler(url, [spec], group=group, identity="forking")
+    run = asyncio.ensure_future(scheduler.run())
+    await scheduler.wait_active()
+    await asyncio.sleep(0.5)  # its ticks' producer is connected too
+    child = os.fork()  # a pool worker, a subprocess started with fork
+    if child == 0:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # the test reads the parent's stdout
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    await run
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_active_scheduler_is_replaced_at_once_even_if_it_forked(
+    amqp_url: str, group: str
+) -> None:
+    """The active scheduler's process forked (a multiprocessing pool, a subprocess), then was
+    killed: the child's copies of its sockets no longer keep its connections open, so the
+    broker sees them close and the standby takes over at once. Before, they stayed open until
+    the broker's heartbeat timeout (about 2 x 60 s by default)."""
+    forking = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FORKING_SCHEDULER, amqp_url, group,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    child = 0
+    standby = Scheduler(amqp_url, [poll(group)], group=group, identity="standby")
+    try:
+        assert forking.stdout is not None
+        child = int(await asyncio.wait_for(forking.stdout.readline(), 60))
+        run = await start(standby)
+        forking.kill()  # kill -9 of the active scheduler's process; its child lives on
+        await asyncio.wait_for(forking.wait(), 10)
+        async with asyncio.timeout(15):  # the heartbeat timeout is 60 s at least
+            await standby.wait_active()
+        await standby.stop()
+        await run
+    finally:
+        if forking.returncode is None:
+            forking.kill()
+            await forking.wait()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
 
 async def test_the_lease_queue_never_piles_up_lease_messages(amqp_url: str, group: str) -> None:

@@ -190,6 +190,29 @@ def test_a_changed_spec_has_another_fingerprint() -> None:
     assert a.fingerprint() != Schedule("r", cron="0 3 * * *", queue="q").fingerprint()
 
 
+def test_a_changed_spec_goes_on_from_its_last_tick_within_grace_never_back() -> None:
+    """A rolling deploy's new spec fires its ticks due since the old version's last one (the
+    handover), at most `grace` back; a new schedule starts from now; a flip-flop between two
+    versions never moves a schedule back, so no tick id fires twice."""
+    from aio_workq.schedules._firing import reconcile
+
+    now = datetime(2026, 12, 7, 3, 0, 5, tzinfo=UTC)
+    v1 = Schedule("nightly", cron="0 3 * * *", queue="q")
+    v2 = Schedule("nightly", cron="0 3 * * 1-5", queue="q")
+    last = datetime(2026, 12, 6, 3, tzinfo=UTC)  # v1 fired yesterday's; today's is due 5 s ago
+    state = State(entries={"nightly": Entry(cursor=last, fingerprint=v1.fingerprint())})
+    reconcile({"nightly": v2}, state, now)
+    entry = state.entries["nightly"]
+    assert entry.cursor == now - v2.grace and entry.fingerprint == v2.fingerprint()
+    assert v2.plan(cursor=entry.cursor, now=now) == [datetime(2026, 12, 7, 3, tzinfo=UTC)]
+    entry.cursor = datetime(2026, 12, 7, 3, tzinfo=UTC)  # fired
+    reconcile({"nightly": v1}, state, now + timedelta(seconds=1))  # v1 active again
+    assert state.entries["nightly"].cursor == datetime(2026, 12, 7, 3, tzinfo=UTC)
+    fresh = State(entries={})
+    reconcile({"nightly": v2}, fresh, now)
+    assert fresh.entries["nightly"].cursor == now  # new: no tick it never had
+
+
 def test_state_round_trips_through_its_message() -> None:
     now = datetime(2026, 12, 6, 5, tzinfo=UTC)
     state = State(entries={"poll": Entry(cursor=now, fingerprint="f", last=now)}, active="h:1")
@@ -224,6 +247,9 @@ def test_a_next_fire_long_past_is_marked_overdue() -> None:
         ({"queue": "q"}, "exactly one of cron= and every="),
         ({"queue": "q", "cron": "* * * * *", "every": timedelta(seconds=1)}, "exactly one"),
         ({"queue": "q", "cron": "61 * * * *"}, "cron expression '61 \\* \\* \\* \\*' is invalid"),
+        # An expression that never fires names the day and what to give instead.
+        ({"queue": "q", "cron": "0 0 30 2 *"}, "never fire: February has 29 days at most"),
+        ({"queue": "q", "cron": "0 0 31 4,6 *"}, "L is the last day of every month"),
         ({"queue": "q", "every": timedelta(milliseconds=10)}, "at least 1 second"),
         ({"queue": "q", "every": 30}, "every= must be a timedelta"),
         ({"queue": "q", "cron": "0 3 * * *", "tz": "Paris"}, "unknown time zone 'Paris'"),

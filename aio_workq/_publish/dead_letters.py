@@ -52,6 +52,9 @@ from .._wire.frames import properties_limit
 __all__ = ("DeadLetter", "DeadLetters", "public_name", "replay_headers")
 
 _BATCH = 100
+_BATCH_BYTES = 4 * 1024 * 1024
+"""A batch ends once its bodies reach this many bytes (it holds one letter at least): a pass
+over 16 MiB dead letters holds a few MiB of them at a time, not 100 (1.6 GiB)."""
 
 log = logging.getLogger("aio_workq")
 
@@ -198,14 +201,27 @@ class DeadLetters:
         return await self.find(limit=limit)
 
     async def find(
-        self, where: Where | None = None, *, limit: int | None = None
+        self,
+        where: Where | None = None,
+        *,
+        limit: int | None = None,
+        body_limit: int | None = None,
     ) -> list[DeadLetter]:
         """The dead letters for which `where` is true (all without it), oldest first, at most
         `limit`; all left in the queue as they were. `replay()` with the same arguments moves
-        these, if nothing changes in between."""
+        these, if nothing changes in between.
+
+        Args:
+            where: which dead letters to return.
+            limit: return at most this many (the oldest).
+            body_limit: each one returned carries at most this many bytes of its body (a
+                listing of large dead letters need not hold them); default: the whole body.
+        """
         found: list[DeadLetter] = []
         async with aclosing(self._pass(where, limit=limit, move=False, batch=_BATCH)) as steps:
             async for batch in steps:
+                if body_limit is not None:
+                    batch = [replace(one, body=one.body[:body_limit]) for one in batch]
                 found.extend(batch)
         return found
 
@@ -403,13 +419,16 @@ class _Copier:
     async def get_batch(
         self, channel: aiormq.abc.AbstractChannel, size: int
     ) -> list[DeliveredMessage]:
+        """Up to `size` dead letters, fewer once their bodies reach `_BATCH_BYTES`."""
         batch: list[DeliveredMessage] = []
+        held = 0
         with translate_errors(f"reading dead letters from {self._name!r}"):
-            while len(batch) < size:
+            while len(batch) < size and held < _BATCH_BYTES:
                 message = await channel.basic_get(self._name, no_ack=False)
                 if message.delivery_tag is None:
                     break
                 batch.append(message)
+                held += len(message.body)
         return batch
 
     async def _keep(self, channel: aiormq.abc.AbstractChannel, message: DeliveredMessage) -> None:

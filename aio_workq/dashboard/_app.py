@@ -34,7 +34,7 @@ from ._dead_letter_pages import DeadLetterPages
 from ._http import Request, Response
 from ._job_pages import JobPages
 from ._schedule_pages import SchedulePages
-from ._site import PageError, Site, cookie
+from ._site import PageError, Site, cookie, shown_queues
 from ._worker_pages import WorkerPages
 
 __all__ = ("Dashboard",)
@@ -256,7 +256,7 @@ class Dashboard:
 
     # -- overview ------------------------------------------------------------------------------
 
-    async def _overview_context(self) -> dict[str, Any]:
+    async def _overview_context(self, request: Request) -> dict[str, Any]:
         # the workers' queues and counters, without the management API
         await self._workers.presence()
         snap = await self.queues.snapshot()
@@ -282,13 +282,13 @@ class Dashboard:
             ]
             unit = "messages, msg/s"
         chart = line_chart(series, span=span, unit=unit)
-        return {"snap": snap, "chart": chart, "unit": unit}
+        return {"snap": snap, "chart": chart, "unit": unit, **shown_queues(request, snap.rows)}
 
     async def _overview(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "overview.html", **await self._overview_context())
+        return self._site.render(request, "overview.html", **await self._overview_context(request))
 
     async def _queues_fragment(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "_queues.html", **await self._overview_context())
+        return self._site.render(request, "_queues.html", **await self._overview_context(request))
 
     # -- sign in -------------------------------------------------------------------------------
 

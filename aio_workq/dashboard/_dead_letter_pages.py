@@ -14,7 +14,7 @@ from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, parse_wh
 from ._actions import Action, Actions, log
 from ._data import QueueSnapshot
 from ._http import Request, Response, quote_path
-from ._site import PageError, Site, message_id, queue_name
+from ._site import PageError, Site, message_id, queue_name, shown_queues
 
 __all__ = ("DeadLetterPages",)
 
@@ -42,10 +42,15 @@ class DeadLetterPages:
         self._actions = actions
 
     async def index(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "dead_letters.html", snap=await self._snapshot())
+        return await self._index(request, "dead_letters.html")
 
     async def index_fragment(self, request: Request, match: dict[str, str]) -> Response:
-        return self._site.render(request, "_dead_letters.html", snap=await self._snapshot())
+        return await self._index(request, "_dead_letters.html")
+
+    async def _index(self, request: Request, template: str) -> Response:
+        snap = await self._snapshot()
+        known = [row for row in snap.rows if row.dead_letters is not None]
+        return self._site.render(request, template, snap=snap, **shown_queues(request, known))
 
     def _filter(
         self, request: Request, *, form: bool = False
@@ -87,8 +92,8 @@ class DeadLetterPages:
         queue = queue_name(match["queue"])
         where, given = self._filter(request)
         dead, _ = await self._dead_letters(queue)
-        # One pass counts them all but keeps only the letters shown: a queue of large dead
-        # letters is not held in memory for a page of 200 rows.
+        # One pass counts them all but keeps only the letters shown, and of their bodies the
+        # preview: a queue of large dead letters is not held in memory for a page of 200 rows.
         ids: list[str] = []
         counted = {"total": 0, "matching": 0}
 
@@ -101,7 +106,7 @@ class DeadLetterPages:
             counted["matching"] += 1
             return counted["matching"] <= _SHOWN_LETTERS
 
-        letters = await dead.find(shown)
+        letters = await dead.find(shown, body_limit=_BODY_PREVIEW)
         short = short_ids(ids)
         rows = [
             {

@@ -3,6 +3,7 @@ message page, and the validation and formatting of what a request names."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,10 +24,13 @@ __all__ = (
     "message_id",
     "number",
     "queue_name",
+    "shown_queues",
     "when",
 )
 
 _MAX_NAME = 255
+SHOWN_QUEUES = 200
+"""The queue rows a page lists at most (a vhost may hold thousands); a filter finds the rest."""
 
 
 class PageError(Exception):
@@ -152,6 +156,20 @@ def message_id(text: str) -> str:
             f"{text[:80]!r} is not a message or job id (1-255 bytes, no control characters)",
         )  # fmt: skip
     return text
+
+
+def shown_queues(request: Request, rows: Sequence[Any]) -> dict[str, Any]:
+    """The rows a page lists: those whose queue name holds the `q` filter (any case), at most
+    `SHOWN_QUEUES` of them; as a page's context: `rows`, `hidden` (how many more match) and
+    `wanted` (the filter)."""
+    wanted = request.arg("q").strip()[:_MAX_NAME]
+    folded = wanted.casefold()
+    matching = [row for row in rows if folded in row.queue.casefold()] if wanted else list(rows)
+    return {
+        "rows": matching[:SHOWN_QUEUES],
+        "hidden": max(0, len(matching) - SHOWN_QUEUES),
+        "wanted": wanted,
+    }
 
 
 def when(moment: datetime | float | None) -> str:

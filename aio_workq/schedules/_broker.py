@@ -112,16 +112,25 @@ async def _newest(channel: AbstractChannel, queue: str) -> bytes | None:
         await channel.basic_reject(delivery.delivery_tag, requeue=True)
 
 
-async def read_state(channel: AbstractChannel, queue: str) -> State:
-    """The newest state message, left in its queue."""
-    body = await _newest(channel, queue)
-    if body is None:
-        return State()
-    try:
-        return State.decode(body)
-    except ValueError as exc:
-        log.error("the schedules state in %r is unreadable (%s): starting afresh", queue, exc)
-        return State()
+async def read_state(channel: AbstractChannel, names: Names) -> State:
+    """The newest state message, left in its queue; from the status queue (which gets every
+    state too) when the state queue is empty: deleted or purged by an operator, it would make
+    every schedule new, and lose the ticks due since the last one fired."""
+    for queue in (names.state, names.status):
+        body = await _newest(channel, queue)
+        if body is None:
+            continue
+        if queue == names.status:
+            log.warning(
+                "the schedules state queue %r is empty (deleted or purged?): going on from "
+                "the copy in %r", names.state, queue,
+            )  # fmt: skip
+        try:
+            return State.decode(body)
+        except ValueError as exc:
+            log.error("the schedules state in %r is unreadable (%s): starting afresh", queue, exc)
+            return State()
+    return State()
 
 
 async def publish_confirmed(

@@ -105,7 +105,7 @@ class Firing:
             PublishError, BrokerConnectionError: a tick or the state was not confirmed.
         """
         channel, names = self._lease.channel, self._lease.names
-        state = await read_state(channel, names.state)
+        state = await read_state(channel, names)
         now = _now()
         reconcile(self._schedules, state, now)
         state.active = self._identity
@@ -196,16 +196,23 @@ class Firing:
 
 
 def reconcile(schedules: Mapping[str, Schedule], state: State, now: datetime) -> None:
-    """New or changed schedules start from now; unknown ones are kept a while, then dropped."""
+    """New schedules start from now; changed ones from their last tick fired, at most `grace`
+    back (a tick of the new spec due during a rolling deploy's handover fires, as after any
+    failover; none older); unknown ones are kept a while, then dropped."""
     for name, schedule in schedules.items():
         entry = state.entries.get(name)
         fingerprint = schedule.fingerprint()
-        if entry is None or entry.fingerprint != fingerprint:
-            if entry is not None:
-                log.info("schedule %r changed: it fires on its new spec from now", name)
-            entry = Entry(
-                cursor=now, fingerprint=fingerprint, last=None if entry is None else entry.last
-            )
+        if entry is None:
+            entry = state.entries[name] = Entry(cursor=now, fingerprint=fingerprint)
+        elif entry.fingerprint != fingerprint:
+            log.info(
+                "schedule %r changed: it fires on its new spec from its last tick fired "
+                "(at most %s back)", name, schedule.grace,
+            )  # fmt: skip
+            # Never back before the old cursor: no tick id fires twice (a flip-flop of two
+            # versions during a deploy, specs whose due times coincide).
+            cursor = max(entry.cursor, now - schedule.grace)
+            entry = Entry(cursor=cursor, fingerprint=fingerprint, last=entry.last)
             state.entries[name] = entry
         entry.describe = schedule.describe()
         entry.tz = schedule.tz

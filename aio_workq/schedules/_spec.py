@@ -31,6 +31,11 @@ _MICROSECOND = timedelta(microseconds=1)
 _SCAN_LIMIT = 1_000_000  # cron due times looked at after one outage, at most
 _CRON_JUMP = timedelta(days=1)  # an outage longer than this is counted back from its end
 _NAME_MAX = 255 - len(":2026-01-01T00:00:00.000000+00:00")  # a tick id is a message id
+_DAY_HINT = (
+    " (a day of the month from 1 to 31 that a month it names has, or it would never fire: "
+    "February has 29 days at most, April, June, September and November 30; "
+    "L is the last day of every month)"
+)
 
 
 def tick_id(name: str, due: datetime) -> str:
@@ -129,8 +134,9 @@ class Schedule:
             try:
                 _cron_class()(self.cron, datetime(2026, 1, 1, tzinfo=zone))
             except Exception as exc:  # cronsim raises CronSimError (a ValueError)
+                hint = _DAY_HINT if str(exc) == "Bad day-of-month" else ""
                 raise ConfigurationError(
-                    f"{where}: cron expression {self.cron!r} is invalid: {exc}"
+                    f"{where}: cron expression {self.cron!r} is invalid: {exc}{hint}"
                 ) from None
         _check_publishable(where, self.body, self.headers)
         if self.start is not None and (
