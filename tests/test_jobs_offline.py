@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -726,3 +726,41 @@ async def test_group_commit_shares_a_batch_a_caller_may_leave_it_a_failure_is_ca
         store.gate.set()
         await commits.close()  # ... and recorded once it answers again
         assert all([await store.get(i) for i in "ef"])
+
+
+class _Sent:
+    """A publisher that keeps the options of each publish (an offline enqueue's)."""
+
+    def __init__(self) -> None:
+        self.options: list[dict[str, Any]] = []
+
+    async def publish(self, body: Any, queue: Any = None, **options: Any) -> str:
+        self.options.append(options)
+        return str(options.get("message_id"))
+
+
+async def test_eta_enqueues_with_the_delay_until_it_and_a_naive_one_names_the_fix() -> None:
+    """Celery's `apply_async(eta=...)` had no counterpart: a Celery user had to compute the
+    delay. `options(eta=)` takes an aware datetime, its delay reckoned at each enqueue (0 once
+    it has passed); a naive one, which names no moment, is refused with the fix."""
+    sent = _Sent()
+    tasks = make_tasks()
+    tasks.bind(sent)
+    resize: Any = tasks.tasks["images.resize"]
+    await resize.options(eta=datetime.now(UTC) + timedelta(seconds=60)).enqueue("a.png")
+    await resize.options(eta=datetime.now(UTC) - timedelta(hours=1)).enqueue("b.png")
+    paris = datetime.now(UTC).astimezone(timezone(timedelta(hours=1))) + timedelta(minutes=2)
+    await resize.options(eta=paris, priority=3).enqueue("c.png")
+    first, past, local = (options["delay"] for options in sent.options)
+    assert 55 < first <= 60 and past == 0 and 115 < local <= 120
+    assert sent.options[2]["priority"] == 3
+    # the latest of delay= and eta= wins; both at once is refused
+    assert resize.options(delay=5).options(eta=paris).publish_options["delay"] > 100
+    assert resize.options(eta=paris).options(delay=5).publish_options["delay"] == 5
+    with pytest.raises(ConfigurationError, match=r"eta= or delay=, not both"):
+        resize.options(eta=paris, delay=5)
+    with pytest.raises(ConfigurationError, match=r"has no time zone.*datetime.now\(UTC\)"):
+        resize.options(eta=datetime.now() + timedelta(minutes=5))  # noqa: DTZ005 - naive
+    with pytest.raises(ConfigurationError, match=r"takes a datetime with a time zone.*delay="):
+        resize.options(eta=60)
+    assert isinstance(ConfigurationError("x"), ValueError)

@@ -1,0 +1,160 @@
+"""A task that enqueues another, inside a worker run from its registry: the workers bring a
+producer when none is bound (and close it once they stopped), a producer the user bound is
+used and left open, and a worker stopping while a child's enqueue is in flight loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aio_workq import Hook, Producer, PublishInfo, Worker
+from aio_workq.jobs import JobState, SQLiteStore, Tasks, current_job
+from aio_workq.jobs._handle import TASK_HEADER
+
+pytestmark = pytest.mark.broker
+
+
+def chain(tasks: Tasks, suffix: str, *, on_enqueue: Callable[[], Any] | None = None) -> Any:
+    """Two tasks on queues of their own: `first(n)` enqueues `second(n + 1)` under a job id of
+    its own id plus `-next` (the same on a rerun) and returns that id."""
+
+    @tasks.task(queue=f"enqueue-inside-b-{suffix}", name="inside.second")
+    async def second(n: int) -> int:
+        return n * 10
+
+    @tasks.task(queue=f"enqueue-inside-a-{suffix}", name="inside.first")
+    async def first(n: int) -> str:
+        job = current_job()
+        assert job is not None
+        if on_enqueue is not None:
+            on_enqueue()
+        child = await second.options(job_id=f"{job.job_id}-next").enqueue(n + 1)
+        return child.job_id
+
+    return first
+
+
+async def start(workers: list[Worker]) -> None:
+    for worker in workers:
+        await worker.start()
+
+
+async def stop(workers: list[Worker], timeout: float | None = None) -> None:
+    await asyncio.gather(*(worker.stop(timeout) for worker in workers))
+
+
+async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
+    tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """`await second.enqueue(...)` inside `first`, under `tasks.workers()` (and so `aio-workq
+    worker myapp:tasks.workers`) from a process that bound no producer, failed every attempt
+    with IntegrationError ("bind a producer"). The workers now bring one for the registry: the
+    second task runs, its status and result followable; it is closed when they stop."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name)
+    assert tasks.publisher is None
+    workers = tasks.workers(amqp_url, retry=None)
+    await start(workers)
+    try:
+        lent = tasks.publisher
+        assert isinstance(lent, Producer) and lent is not producer and lent.connected
+        # the test's producer sends the first job (the registry's stays the workers')
+        parent = await first.send(first.arguments.encode((4,), {}), producer, tasks)
+        child_id = await parent.result(timeout=20)
+        assert child_id == f"{parent.job_id}-next"
+        assert await tasks.job(child_id).result(timeout=20) == 50
+        status = await tasks.job(child_id).status()
+        assert status.state is JobState.SUCCEEDED and status.task == "inside.second"
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
+    assert tasks.publisher is None and not lent.connected  # closed with the workers
+
+
+class _Counting(Hook):
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+
+    def before_publish(self, message: PublishInfo) -> Any:
+        self.tasks.append(message.headers.get(TASK_HEADER))
+
+
+async def test_a_producer_the_user_bound_is_used_and_never_closed(
+    tmp_path: Path, amqp_url: str, queue_name: str
+) -> None:
+    """A producer bound before the workers start is the one the jobs enqueue through, and the
+    workers neither open another nor close it when they stop; one bound after they started
+    takes over from theirs."""
+    counting = _Counting()
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name)
+    async with Producer(amqp_url, hooks=[counting]) as bound:
+        tasks.bind(bound)
+        workers = tasks.workers(amqp_url, retry=None)
+        await start(workers)
+        try:
+            assert tasks.publisher is bound
+            parent = await first.enqueue(1)
+            assert await tasks.job(await parent.result(timeout=20)).result(timeout=20) == 20
+            assert counting.tasks == ["inside.first", "inside.second"]
+        finally:
+            await stop(workers)
+        assert tasks.publisher is bound and bound.connected
+        await bound.publish(b"still open", queue=f"{queue_name}-after")  # confirmed
+
+        later = Tasks(store=tasks.store)
+        first_later = chain(later, f"{queue_name}-later")
+        workers = later.workers(amqp_url, retry=None)
+        await start(workers)
+        try:
+            lent = later.publisher
+            assert isinstance(lent, Producer) and lent is not bound
+            later.bind(bound)  # bound while they run: it wins from now on
+            assert later.publisher is bound
+            parent = await first_later.enqueue(2)
+            assert await later.job(await parent.result(timeout=20)).result(timeout=20) == 30
+            assert counting.tasks[2:] == [None, "inside.first", "inside.second"]
+        finally:
+            await stop(workers)
+            assert tasks.store is not None
+            await tasks.store.close()
+        assert not lent.connected and bound.connected
+
+
+@pytest.mark.parametrize("stop_timeout", [30.0, 0.0], ids=["graceful", "at-once"])
+async def test_a_worker_stopping_while_a_child_enqueue_is_in_flight_loses_nothing(
+    tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str, stop_timeout: float
+) -> None:
+    """The workers' producer closes only after their handlers finished: a graceful stop lets
+    the child's enqueue be confirmed and the parent acked; a stop that cancels the handler
+    leaves the parent unacked, back in its queue. Either way the child runs once workers
+    run again."""
+    enqueuing = asyncio.Event()
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name, on_enqueue=enqueuing.set)
+    workers = tasks.workers(amqp_url, retry=None)
+    await start(workers)
+    try:
+        parent = await first.send(first.arguments.encode((7,), {}), producer, tasks)
+        async with asyncio.timeout(20):
+            await enqueuing.wait()
+        # the handler is now in `second.enqueue()`: the store's record, the publish, its confirm
+        await stop(workers, stop_timeout)
+        state = (await parent.status()).state
+        if stop_timeout:
+            assert state is JobState.SUCCEEDED  # the child was confirmed before the ack
+        else:
+            assert state in (JobState.QUEUED, JobState.SUCCEEDED)
+        workers = tasks.workers(amqp_url, retry=None)
+        await start(workers)
+        assert await tasks.job(f"{parent.job_id}-next").result(timeout=20) == 80
+        assert await parent.result(timeout=20) == f"{parent.job_id}-next"
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
