@@ -14,6 +14,7 @@ import pytest
 from aio_workq import Hook, Producer, PublishInfo, Worker
 from aio_workq.jobs import JobState, SQLiteStore, Tasks, current_job
 from aio_workq.jobs._handle import TASK_HEADER
+from tests.forking import fork_running
 
 pytestmark = pytest.mark.broker
 
@@ -158,3 +159,34 @@ async def test_a_worker_stopping_while_a_child_enqueue_is_in_flight_loses_nothin
         await stop(workers)
         assert tasks.store is not None
         await tasks.store.close()
+
+
+async def test_a_forked_child_brings_a_producer_of_its_own(amqp_url: str, queue_name: str) -> None:
+    """A process forked while the registry's workers run (a pre-forking server) does not
+    enqueue through its parent's producer (whose socket it shares): its own workers bring
+    their own, and closing it leaves the parent's open."""
+    tasks = Tasks()
+    chain(tasks, queue_name)
+    workers = tasks.workers(amqp_url)
+    await start(workers)
+    try:
+        parents = tasks.publisher
+        assert isinstance(parents, Producer) and parents.connected
+
+        async def child() -> None:
+            assert tasks.publisher is None  # a new loop: the parent's is not the child's
+            mine = tasks.workers(amqp_url)
+            await start(mine)
+            try:
+                own = tasks.publisher
+                assert isinstance(own, Producer) and own is not parents and own.connected
+                await own.publish(b"from the child", queue=f"{queue_name}-child")
+            finally:
+                await stop(mine)
+            assert tasks.publisher is None and not own.connected
+
+        await fork_running(child, timeout=20).wait()
+        assert tasks.publisher is parents and parents.connected
+        await parents.publish(b"from the parent", queue=f"{queue_name}-parent")  # confirmed
+    finally:
+        await stop(workers)

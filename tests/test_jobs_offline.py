@@ -382,9 +382,10 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
 
 
 async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_worker_one() -> None:
-    """A task that enqueues the next step (a Celery chain) under `aio-workq worker` failed each
-    attempt with "call tasks.bind(producer) (e.g. in your app's lifespan)": a worker has no
-    lifespan. Inside a job the error now names the worker's fix and the guide's section."""
+    """A task that enqueues the next step (a Celery chain) outside the registry's workers
+    (which bring a producer) failed each attempt with "call tasks.bind(producer) (e.g. in your
+    app's lifespan)": a worker has no lifespan. Inside a job the error names the worker's fix
+    and the guide's section."""
     tasks = Tasks()
 
     @tasks.task(queue="b", name="chain.second")
@@ -400,9 +401,9 @@ async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_w
     assert run.status.state is JobState.FAILED
     message = run.status.error_message or ""
     assert "task 'chain.second': the tasks are not bound to a producer" in message
-    assert "the job of task 'chain.first' enqueues" in message
-    assert "tasks.bind(producer)" in message and "run_workers" in message
-    assert "chains-and-groups-together" in message
+    assert "the job of task 'chain.first' enqueues outside the registry's workers" in message
+    assert "tasks.bind(producer)" in message and "tasks.workers()" in message
+    assert "jobs.md#tasks-that-enqueue-tasks" in message
     with pytest.raises(IntegrationError, match=r"lifespan\) before enqueueing$"):
         await second.enqueue(1)  # outside a job: the web app's fix, as before
 
@@ -760,7 +761,7 @@ async def test_eta_enqueues_with_the_delay_until_it_and_a_naive_one_names_the_fi
     with pytest.raises(ConfigurationError, match=r"eta= or delay=, not both"):
         resize.options(eta=paris, delay=5)
     with pytest.raises(ConfigurationError, match=r"has no time zone.*datetime.now\(UTC\)"):
-        resize.options(eta=datetime.now() + timedelta(minutes=5))  # noqa: DTZ005 - naive
+        resize.options(eta=datetime.now() + timedelta(minutes=5))  # naive: no zone
     with pytest.raises(ConfigurationError, match=r"takes a datetime with a time zone.*delay="):
         resize.options(eta=60)
     assert isinstance(ConfigurationError("x"), ValueError)

@@ -309,7 +309,8 @@ class Task(Generic[P, R]):
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
-            IntegrationError: the registry has no producer (`tasks.bind(producer)`).
+            IntegrationError: the registry has no producer: none bound (`tasks.bind(producer)`),
+                and no workers of the registry run on this event loop (they bring one).
             PublishError (and its subclasses): the broker did not confirm the job.
         """
         body = self.arguments.encode(args, kwargs)
@@ -483,7 +484,8 @@ class Tasks:
 
     The producer is usually bound later (`bind()`): the registry is made when the module is
     imported, the producer only once an event loop runs (a web app's lifespan). A script can
-    pass it here.
+    pass it here. A worker process binds none: the registry's workers bring a producer for
+    the enqueues their tasks make.
 
     Args:
         producer: a started `Producer` (or a web integration's `ProducerView`).
@@ -649,6 +651,12 @@ class Tasks:
         Call it in each process: `aio-workq worker myapp.tasks:tasks.workers` does (also
         with `--processes`). Start them with `run_workers(*tasks.workers())`. For queues with
         other settings (a retry policy of their own), call it once per set of `queues`.
+
+        Unless a producer is bound, the workers bring one for the enqueues their tasks make
+        (a task that enqueues the next): opened as the first of them starts, on their URL and
+        connection settings but a connection of its own (a publisher blocked by a memory
+        alarm must not stall their acks), shared by every call on this event loop, and
+        closed once the last of them stopped, after its handlers finished.
 
         Args:
             url: the broker URL (default: `AMQP_URL`).
