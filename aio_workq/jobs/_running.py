@@ -103,8 +103,9 @@ class TaskWorker(Worker):
 
     async def start(self, *, wait_for_broker: float | None = None) -> None:
         session = self._session
-        if session.producers is not None and session.settings is not None and not self._leased:
-            self._leased = True  # once: a second start() (a stopped worker's) takes none
+        fresh = not (self._leased or self._started or self._stopping)  # else a no-op or refused
+        if session.producers is not None and session.settings is not None and fresh:
+            self._leased = True
             self._lease = await session.producers.acquire(session.settings, wait_for_broker)
         try:
             await super().start(wait_for_broker=wait_for_broker)
