@@ -5,6 +5,7 @@ used and left open, and a worker stopping while a child's enqueue is in flight l
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,19 +16,27 @@ from aio_workq import Hook, Producer, PublishInfo, Worker
 from aio_workq.jobs import JobState, SQLiteStore, Tasks, current_job
 from aio_workq.jobs._handle import TASK_HEADER
 from tests.forking import fork_running
+from tests.test_cli import cli
 
 pytestmark = pytest.mark.broker
 
 
-def chain(tasks: Tasks, suffix: str, *, on_enqueue: Callable[[], Any] | None = None) -> Any:
-    """Two tasks on queues of their own: `first(n)` enqueues `second(n + 1)` under a job id of
-    its own id plus `-next` (the same on a rerun) and returns that id."""
+def chain(
+    tasks: Tasks,
+    queue: str,
+    *,
+    on_enqueue: Callable[[], Any] | None = None,
+    names: tuple[str, str] = ("inside.first", "inside.second"),
+) -> Any:
+    """Two tasks, on `queue` and `queue-next`: `first(n)` enqueues `second(n + 1)` under a job
+    id of its own id plus `-next` (the same on a rerun) and returns that id (as
+    `tests/chain_app.py` declares them)."""
 
-    @tasks.task(queue=f"enqueue-inside-b-{suffix}", name="inside.second")
+    @tasks.task(queue=f"{queue}-next", name=names[1])
     async def second(n: int) -> int:
         return n * 10
 
-    @tasks.task(queue=f"enqueue-inside-a-{suffix}", name="inside.first")
+    @tasks.task(queue=queue, name=names[0])
     async def first(n: int) -> str:
         job = current_job()
         assert job is not None
@@ -190,3 +199,34 @@ async def test_a_forked_child_brings_a_producer_of_its_own(amqp_url: str, queue_
         await parents.publish(b"from the parent", queue=f"{queue_name}-parent")  # confirmed
     finally:
         await stop(workers)
+
+
+async def test_a_chain_runs_under_the_command_line_in_each_process(
+    amqp_url: str, tmp_path: Path, producer: Producer, queue_name: str
+) -> None:
+    """The new user's case: `aio-workq worker tests.chain_app:tasks.workers --processes 2`,
+    nothing bound. Every chain's second task runs, whichever process took the first; a
+    SIGTERM stops the workers, then their producers, and the command exits 0."""
+    db = tmp_path / "jobs.db"
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
+    }  # fmt: skip
+    async with cli("worker", "tests.chain_app:tasks.workers", "--processes", "2", env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        tasks = Tasks(producer=producer, store=SQLiteStore(db))
+        first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
+        try:
+            parents = [await first.enqueue(n) for n in range(6)]
+            for n, parent in enumerate(parents):
+                child_id = await parent.result(timeout=30)
+                assert await tasks.job(child_id).result(timeout=30) == (n + 1) * 10
+        finally:
+            assert tasks.store is not None
+            await tasks.store.close()
+        sup.proc.terminate()
+        assert await sup.exit_code() == 0, sup.err
+    assert not sup.lines(r"IntegrationError|Traceback", "err"), sup.err
