@@ -15,8 +15,11 @@ import pytest
 from aio_workq import Hook, Producer, PublishInfo, Worker
 from aio_workq.jobs import JobState, SQLiteStore, Tasks, current_job
 from aio_workq.jobs._handle import TASK_HEADER
+from scripts.broker import LocalBroker
 from tests.forking import fork_running
+from tests.helpers import wait_until
 from tests.test_cli import cli
+from tests.test_link_outage import MEMORY_ALARM, MEMORY_CLEAR
 
 pytestmark = pytest.mark.broker
 
@@ -230,3 +233,52 @@ async def test_a_chain_runs_under_the_command_line_in_each_process(
         sup.proc.terminate()
         assert await sup.exit_code() == 0, sup.err
     assert not sup.lines(r"IntegrationError|Traceback", "err"), sup.err
+
+
+async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_connections_free(
+    local_broker: LocalBroker, tmp_path: Path, queue_name: str
+) -> None:
+    """The workers' producer has a connection of its own: RabbitMQ blocks a connection that
+    publishes during a memory alarm and reads nothing more from it, acks included. A child's
+    enqueue blocked by the alarm blocks that connection only; the workers' own stay free (their
+    acks read) and their other jobs go on; the child is sent once the alarm clears."""
+    enqueuing = asyncio.Event()
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name, on_enqueue=enqueuing.set)
+
+    @tasks.task(queue=f"{queue_name}-plain", name="inside.plain")
+    async def plain(n: int) -> int:
+        return n
+
+    async with Producer(local_broker.url) as producer:  # sent before the alarm
+        parent = await first.send(first.arguments.encode((3,), {}), producer, tasks)
+        plains = [
+            await plain.send(plain.arguments.encode((n,), {}), producer, tasks) for n in range(3)
+        ]
+    await asyncio.to_thread(local_broker.ctl, *MEMORY_ALARM)
+    workers = tasks.workers(local_broker.url, retry=None)
+    try:
+        await start(workers)
+        lent = tasks.publisher
+        assert isinstance(lent, Producer) and lent._connection is not None
+        async with asyncio.timeout(20):
+            await enqueuing.wait()
+
+        async def blocked() -> bool:
+            assert lent._connection is not None
+            return lent._connection.trouble() is not None
+
+        await wait_until(blocked, timeout=20)
+        for n, job in enumerate(plains):  # handled meanwhile
+            assert await job.result(timeout=20) == n
+        for worker in workers:
+            assert worker._connection is not None and worker._connection.trouble() is None
+        assert (await parent.status()).state is JobState.RUNNING  # its child still unsent
+    finally:
+        await asyncio.to_thread(local_broker.ctl, *MEMORY_CLEAR)
+    try:
+        assert await tasks.job(await parent.result(timeout=30)).result(timeout=30) == 40
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
