@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from aio_workq import Hook, Producer, PublishInfo, Worker
-from aio_workq.jobs import JobState, SQLiteStore, Tasks, current_job
+from aio_workq.jobs import GroupResult, JobState, SQLiteStore, Tasks, current_job, group
 from aio_workq.jobs._handle import TASK_HEADER
 from scripts.broker import LocalBroker
 from tests.forking import fork_running
@@ -278,6 +278,39 @@ async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_conn
         await asyncio.to_thread(local_broker.ctl, *MEMORY_CLEAR)
     try:
         assert await tasks.job(await parent.result(timeout=30)).result(timeout=30) == 40
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
+async def test_a_task_that_enqueues_a_group_runs_it_with_no_producer_bound(
+    tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """A group enqueued inside a task (the next fan-out of a pipeline) goes through the
+    producer the workers brought, as a single task's enqueue does: its members and callback
+    run."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+
+    @tasks.task(queue=f"{queue_name}-members", name="inside.square")
+    async def square(n: int) -> int:
+        return n * n
+
+    @tasks.task(queue=f"{queue_name}-members", name="inside.total")
+    async def total(results: list[GroupResult]) -> int:
+        return sum(r.value for r in results if r.ok)
+
+    @tasks.task(queue=queue_name, name="inside.fan_out")
+    async def fan_out(n: int) -> str:
+        made = await group([square.s(i) for i in range(n)], then=total).enqueue()
+        return made.group_id
+
+    workers = tasks.workers(amqp_url, retry=None)
+    await start(workers)
+    try:
+        parent = await fan_out.send(fan_out.arguments.encode((4,), {}), producer, tasks)
+        group_id = await parent.result(timeout=20)
+        assert await tasks.job(f"{group_id}.callback").result(timeout=20) == 0 + 1 + 4 + 9
     finally:
         await stop(workers)
         assert tasks.store is not None
