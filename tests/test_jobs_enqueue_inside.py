@@ -315,3 +315,20 @@ async def test_a_task_that_enqueues_a_group_runs_it_with_no_producer_bound(
         await stop(workers)
         assert tasks.store is not None
         await tasks.store.close()
+
+
+async def test_a_stop_while_the_producer_opens_leaves_nothing_open(
+    amqp_url: str, queue_name: str
+) -> None:
+    """A stop (a signal) that ends while the first worker is still opening the workers'
+    producer: the producer is closed once open, not left for the process's life."""
+    tasks = Tasks()
+    chain(tasks, queue_name)
+    [worker, *others] = tasks.workers(amqp_url)
+    starting = asyncio.ensure_future(worker.start())
+    await asyncio.sleep(0)  # the producer's connect is under way
+    await worker.stop()
+    await starting
+    assert tasks.publisher is None
+    for other in others:
+        await other.stop()

@@ -98,7 +98,7 @@ class TaskWorker(Worker):
         super().__init__(url, **options)
         self._session = session
         self._lease: Lease | None = None
-        self._leased = False
+        self._leased = self._given_back = False
         session.open.add(self)
 
     async def start(self, *, wait_for_broker: float | None = None) -> None:
@@ -106,7 +106,11 @@ class TaskWorker(Worker):
         fresh = not (self._leased or self._started or self._stopping)  # else a no-op or refused
         if session.producers is not None and session.settings is not None and fresh:
             self._leased = True
-            self._lease = await session.producers.acquire(session.settings, wait_for_broker)
+            lease = await session.producers.acquire(session.settings, wait_for_broker)
+            if self._given_back and lease is not None:  # a stop() ended while it opened
+                await session.producers.release(lease)
+            else:
+                self._lease = lease
         try:
             await super().start(wait_for_broker=wait_for_broker)
         except BaseException:
@@ -123,6 +127,7 @@ class TaskWorker(Worker):
                 await self._give_back()
 
     async def _give_back(self) -> None:
+        self._given_back = True
         lease, self._lease = self._lease, None
         if lease is not None and self._session.producers is not None:
             await self._session.producers.release(lease)
