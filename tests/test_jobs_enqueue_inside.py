@@ -60,6 +60,14 @@ async def stop(workers: list[Worker], timeout: float | None = None) -> None:
     await asyncio.gather(*(worker.stop(timeout) for worker in workers))
 
 
+class _Counting(Hook):
+    def __init__(self) -> None:
+        self.tasks: list[object] = []
+
+    def before_publish(self, message: PublishInfo) -> Any:
+        self.tasks.append(message.headers.get(TASK_HEADER))
+
+
 async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
     tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str
 ) -> None:
@@ -70,7 +78,8 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
     tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
     first = chain(tasks, queue_name)
     assert tasks.publisher is None
-    workers = tasks.workers(amqp_url, retry=None)
+    counting = _Counting()  # the workers' hooks see their producer's publishes (tracing)
+    workers = tasks.workers(amqp_url, retry=None, hooks=[counting])
     await start(workers)
     try:
         lent = tasks.publisher
@@ -82,19 +91,12 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
         assert await tasks.job(child_id).result(timeout=20) == 50
         status = await tasks.job(child_id).status()
         assert status.state is JobState.SUCCEEDED and status.task == "inside.second"
+        assert counting.tasks == ["inside.second"]
     finally:
         await stop(workers)
         assert tasks.store is not None
         await tasks.store.close()
     assert tasks.publisher is None and not lent.connected  # closed with the workers
-
-
-class _Counting(Hook):
-    def __init__(self) -> None:
-        self.tasks: list[object] = []
-
-    def before_publish(self, message: PublishInfo) -> Any:
-        self.tasks.append(message.headers.get(TASK_HEADER))
 
 
 async def test_a_producer_the_user_bound_is_used_and_never_closed(
