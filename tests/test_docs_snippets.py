@@ -154,6 +154,27 @@ class Run:
         return f"{self.page}[{self.marker[:30]}]"
 
 
+TASKS_ENQUEUE = """
+
+import asyncio
+
+
+async def main() -> None:  # what `aio-workq worker myapp.images:tasks.workers` runs, no bind
+    workers = tasks.workers()
+    for worker in workers:
+        await worker.start()
+    try:
+        job = await resize.enqueue("cat.png")  # through the producer the workers brought
+        await job.result(timeout=30)  # once it ran, its child is recorded
+        print(await tasks.job(f"{job.job_id}-upload").result(timeout=30))
+    finally:
+        for worker in workers:
+            await worker.stop()
+
+
+asyncio.run(main())
+"""
+
 RUNS = [
     Run("README.md", 'print("resizing", job.data["path"])', "until",
         expect="resizing cat.png", queues=("images",)),
@@ -176,6 +197,8 @@ RUNS = [
     Run("docs/guides/web-apps.md", "# myproject/jobs.py", "offline"),
     Run("docs/guides/jobs.md", "producer.enqueue(thumb, \"cat.png\", width=64)", "script",
         expect="queued\nqueued", queues=("thumbs",), left=1),
+    Run("docs/guides/jobs.md", 'await upload.options(job_id=f"{job.job_id}-upload")', "script",
+        expect="uploaded cat.thumb.png", queues=("images", "uploads"), then=TASKS_ENQUEUE),
     Run("docs/guides/web-apps.md", 'name="images-api",', "offline"),
     Run("docs/guides/web-apps.md", "FastAPIInstrumentor.instrument_app(app)", "offline"),
     Run("docs/operations.md", "class SlowJobs(Hook):", "offline"),

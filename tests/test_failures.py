@@ -9,6 +9,7 @@ import pytest
 from aio_workq import (
     ConfigurationError,
     Defer,
+    IntegrationError,
     PayloadError,
     Queue,
     Reject,
@@ -61,6 +62,19 @@ def test_reject_and_the_policys_throws_dead_letter_at_once() -> None:
     assert rejected.kind is MoveKind.DEAD_LETTER and rejected.headers["x-workq-rejected"]
     thrown = route_failure(failed(1), KeyError("width"), POLICY, QUEUE, now=NOW)
     assert thrown.kind is MoveKind.DEAD_LETTER and "x-workq-rejected" not in thrown.headers
+
+
+def test_an_integration_error_dead_letters_at_once_with_its_reason() -> None:
+    """An `IntegrationError` from a handler (aio-workq used the wrong way: a registry with no
+    producer, a closed SyncProducer) was retried 5 times, although no retry can fix a
+    configuration; it goes to the dead-letter queue on the first attempt, as `Reject` does."""
+    error = IntegrationError("task 'x': the tasks are not bound to a producer")
+    move = route_failure(failed(1), error, POLICY, QUEUE, now=NOW)
+    assert move.kind is MoveKind.DEAD_LETTER and move.target == "tasks.dlq"
+    assert move.headers["x-workq-attempts"] == 1
+    assert move.headers["x-workq-exception-type"] == "aio_workq.IntegrationError"
+    assert "not bound to a producer" in move.headers["x-workq-exception-message"]
+    assert "x-workq-rejected" not in move.headers  # the handler did not reject it itself
 
 
 def test_no_policy_dead_letters_on_the_first_failure() -> None:

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -382,9 +382,10 @@ async def test_enqueue_checks_the_arguments_and_names_task_and_argument() -> Non
 
 
 async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_worker_one() -> None:
-    """A task that enqueues the next step (a Celery chain) under `aio-workq worker` failed each
-    attempt with "call tasks.bind(producer) (e.g. in your app's lifespan)": a worker has no
-    lifespan. Inside a job the error now names the worker's fix and the guide's section."""
+    """A task that enqueues the next step (a Celery chain) outside the registry's workers
+    (which bring a producer) failed each attempt with "call tasks.bind(producer) (e.g. in your
+    app's lifespan)": a worker has no lifespan. Inside a job the error names the worker's fix
+    and the guide's section."""
     tasks = Tasks()
 
     @tasks.task(queue="b", name="chain.second")
@@ -400,9 +401,9 @@ async def test_a_task_that_enqueues_without_a_producer_is_told_how_to_give_its_w
     assert run.status.state is JobState.FAILED
     message = run.status.error_message or ""
     assert "task 'chain.second': the tasks are not bound to a producer" in message
-    assert "the job of task 'chain.first' enqueues" in message
-    assert "tasks.bind(producer)" in message and "run_workers" in message
-    assert "chains-and-groups-together" in message
+    assert "the job of task 'chain.first' enqueues outside the registry's workers" in message
+    assert "tasks.bind(producer)" in message and "tasks.workers()" in message
+    assert "jobs.md#tasks-that-enqueue-tasks" in message
     with pytest.raises(IntegrationError, match=r"lifespan\) before enqueueing$"):
         await second.enqueue(1)  # outside a job: the web app's fix, as before
 
@@ -726,3 +727,41 @@ async def test_group_commit_shares_a_batch_a_caller_may_leave_it_a_failure_is_ca
         store.gate.set()
         await commits.close()  # ... and recorded once it answers again
         assert all([await store.get(i) for i in "ef"])
+
+
+class _Sent:
+    """A publisher that keeps the options of each publish (an offline enqueue's)."""
+
+    def __init__(self) -> None:
+        self.options: list[dict[str, Any]] = []
+
+    async def publish(self, body: Any, queue: Any = None, **options: Any) -> str:
+        self.options.append(options)
+        return str(options.get("message_id"))
+
+
+async def test_eta_enqueues_with_the_delay_until_it_and_a_naive_one_names_the_fix() -> None:
+    """Celery's `apply_async(eta=...)` had no counterpart: a Celery user had to compute the
+    delay. `options(eta=)` takes an aware datetime, its delay reckoned at each enqueue (0 once
+    it has passed); a naive one, which names no moment, is refused with the fix."""
+    sent = _Sent()
+    tasks = make_tasks()
+    tasks.bind(sent)
+    resize: Any = tasks.tasks["images.resize"]
+    await resize.options(eta=datetime.now(UTC) + timedelta(seconds=60)).enqueue("a.png")
+    await resize.options(eta=datetime.now(UTC) - timedelta(hours=1)).enqueue("b.png")
+    paris = datetime.now(UTC).astimezone(timezone(timedelta(hours=1))) + timedelta(minutes=2)
+    await resize.options(eta=paris, priority=3).enqueue("c.png")
+    first, past, local = (options["delay"] for options in sent.options)
+    assert 55 < first <= 60 and past == 0 and 115 < local <= 120
+    assert sent.options[2]["priority"] == 3
+    # the latest of delay= and eta= wins; both at once is refused
+    assert resize.options(delay=5).options(eta=paris).publish_options["delay"] > 100
+    assert resize.options(eta=paris).options(delay=5).publish_options["delay"] == 5
+    with pytest.raises(ConfigurationError, match=r"eta= or delay=, not both"):
+        resize.options(eta=paris, delay=5)
+    with pytest.raises(ConfigurationError, match=r"has no time zone.*datetime.now\(UTC\)"):
+        resize.options(eta=datetime.now() + timedelta(minutes=5))  # naive: no zone
+    with pytest.raises(ConfigurationError, match=r"takes a datetime with a time zone.*delay="):
+        resize.options(eta=60)
+    assert isinstance(ConfigurationError("x"), ValueError)

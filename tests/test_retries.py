@@ -106,6 +106,32 @@ async def test_explicit_retry_delay_and_reject(
     assert seen[2][2] - seen[1][2] >= 1.0
 
 
+async def test_an_integration_error_is_dead_lettered_on_its_first_attempt(
+    producer: Producer, make_worker: Callable[..., Worker], queue_name: str, counter: Counter
+) -> None:
+    """A handler that raises `IntegrationError` (aio-workq used the wrong way: a registry with
+    no producer) was retried 5 times before it was dead-lettered: no retry fixes a
+    configuration. It goes to the dead-letter queue at once, with its reason."""
+
+    async def handler(job: Job) -> None:
+        counter.add(job.attempt)
+        raise aio_workq.IntegrationError("the tasks are not bound to a producer")
+
+    worker = make_worker(queue=queue_name, handler=handler, retry=RetryPolicy(initial_delay=0.1))
+    await worker.start()
+    await producer.publish("chain", queue=queue_name)
+
+    async def moved() -> bool:  # retried or dead-lettered: the first failure is settled
+        return worker.state.retried + worker.state.dead_lettered > 0
+
+    await wait_until(moved, timeout=15)
+    [letter] = await producer.dead_letters(queue_name).read()
+    assert counter.items == [1] and letter.headers["x-workq-attempts"] == 1
+    assert letter.headers["x-workq-exception-type"] == "aio_workq.IntegrationError"
+    assert letter.headers["x-workq-exception-message"] == "the tasks are not bound to a producer"
+    assert worker.state.dead_lettered == 1 and worker.state.retried == 0
+
+
 async def test_a_pending_retry_survives_a_broker_restart(
     amqp_url: str, local_broker: LocalBroker, queue_name: str, counter: Counter
 ) -> None:

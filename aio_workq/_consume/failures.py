@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .._exceptions import Defer, PayloadError, Reject, Retry, qualname, text_of
+from .._exceptions import (
+    Defer,
+    IntegrationError,
+    PayloadError,
+    Reject,
+    Retry,
+    qualname,
+    text_of,
+)
 from .._headers import ATTEMPT_HEADER, BROKER_HEADERS
 from .._link.specs import Queue
 from .retry import RetryPolicy
@@ -91,7 +99,8 @@ def route_failure(
 ) -> Move:
     """Decide where a failed message goes.
 
-    - `Reject`, an exception the policy `throws`, no policy, or the last attempt: the
+    - `Reject`, an `IntegrationError` (aio-workq used the wrong way: no retry fixes a
+      configuration), an exception the policy `throws`, no policy, or the last attempt: the
       dead-letter queue (or dropped, for a queue without one);
     - `Defer(delay)`: a delay queue, the attempt unchanged, one more deferral counted; past
       `max_defers` deferrals (`None`: no limit), the dead-letter queue;
@@ -122,7 +131,7 @@ def route_failure(
         headers["x-workq-exception-message"] = refused
     final = (
         bool(refused)
-        or isinstance(exc, Reject)
+        or isinstance(exc, Reject | IntegrationError)
         or policy is None
         or attempt >= policy.max_attempts
         or policy.gives_up_on(exc)

@@ -62,7 +62,8 @@ def current_job() -> Running | None:
 
 def unbound(what: str) -> IntegrationError:
     """The error of an enqueue (`what`: a task's, a group's) on a registry without a producer;
-    inside a job, it names the worker's fix rather than a web app's."""
+    inside a job (one not run by the registry's workers, which bring a producer: a worker of
+    your own, `run_task`), it names the worker's fix rather than a web app's."""
     job = current_job()
     if job is None:
         return IntegrationError(
@@ -71,9 +72,10 @@ def unbound(what: str) -> IntegrationError:
         )
     return IntegrationError(
         f"{what}: the tasks are not bound to a producer, and the job of task {job.task!r} "
-        "enqueues: run its workers from a script that holds one (async with Producer() as "
-        "producer: tasks.bind(producer); await run_workers(*tasks.workers())), as "
-        "docs/guides/jobs.md#chains-and-groups-together shows"
+        "enqueues outside the registry's workers (which bring one): run it with "
+        "tasks.workers() (aio-workq worker myapp.tasks:tasks.workers), or bind a producer "
+        "(async with Producer() as producer: tasks.bind(producer)), as "
+        "docs/guides/jobs.md#tasks-that-enqueue-tasks shows"
     )
 
 

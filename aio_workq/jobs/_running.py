@@ -21,6 +21,7 @@ from ._errors import Cancelled
 from ._groups import GROUP_HEADER
 from ._groupstore import RateStore
 from ._handle import CONTROL_EXCHANGE, TASK_HEADER
+from ._lent import Lease, LentProducers, ProducerSettings
 from ._members import Members
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, _current
@@ -66,12 +67,21 @@ class RunnableTask(Protocol):
 
 class _Session:
     """The workers one `tasks.workers()` call built, and their recorder: closed (what is
-    pending recorded) once the last of them stops."""
+    pending recorded) once the last of them stops; and the producer they bring for their
+    jobs' enqueues when the registry has none bound (`_lent`), with its settings."""
 
-    def __init__(self, recorder: Recorder | None, side: CallbackLink | None = None) -> None:
+    def __init__(
+        self,
+        recorder: Recorder | None,
+        side: CallbackLink | None = None,
+        producers: LentProducers | None = None,
+        settings: ProducerSettings | None = None,
+    ) -> None:
         self.recorder = recorder
         self.side = side
         self.open: set[Worker] = set()
+        self.producers = producers
+        self.settings = settings
 
     async def stopped(self, worker: Worker) -> None:
         if worker not in self.open:
@@ -87,18 +97,47 @@ class _Session:
 
 class TaskWorker(Worker):
     """A `Worker` built by `Tasks.workers()`: stopping the last one records what its job
-    recorder still holds."""
+    recorder still holds. Without a producer bound to the registry, each holds a use of the
+    producer the workers bring (`LentProducers`) from its start until it stopped: the last
+    one's stop, its handlers done, closes it."""
 
     def __init__(self, url: URLs | None = None, *, session: _Session, **options: Any) -> None:
         super().__init__(url, **options)
         self._session = session
+        self._lease: Lease | None = None
+        self._leased = self._given_back = False
         session.open.add(self)
+
+    async def start(self, *, wait_for_broker: float | None = None) -> None:
+        session = self._session
+        fresh = not (self._leased or self._started or self._stopping)  # else a no-op or refused
+        if session.producers is not None and session.settings is not None and fresh:
+            self._leased = True
+            lease = await session.producers.acquire(session.settings, wait_for_broker)
+            if self._given_back and lease is not None:  # a stop() ended while it opened
+                await session.producers.release(lease)
+            else:
+                self._lease = lease
+        try:
+            await super().start(wait_for_broker=wait_for_broker)
+        except BaseException:
+            await self._give_back()
+            raise
 
     async def stop(self, timeout: float | None = None) -> None:
         try:
             await super().stop(timeout)
         finally:
-            await self._session.stopped(self)
+            try:
+                await self._session.stopped(self)
+            finally:
+                await self._give_back()
+
+    async def _give_back(self) -> None:
+        self._given_back = True
+        lease, self._lease = self._lease, None
+        if lease is not None and self._session.producers is not None:
+            await self._session.producers.release(lease)
 
 
 async def call_task(
@@ -281,10 +320,12 @@ def build_workers(
     hooks: Sequence[Hook],
     options: dict[str, Any],
     aliases: Mapping[str, RunnableTask] | None = None,
+    producers: LentProducers | None = None,
 ) -> list[Worker]:
     """`Tasks.workers()`: a `TaskWorker` per queue, its `QueueRunner` finding each job's task
     by its header; with a store, one `Recorder` for them all (and `Members` for the jobs of
-    groups), and a listener of the cancel requests on the control exchange.
+    groups), and a listener of the cancel requests on the control exchange. With `producers`,
+    the workers bring the registry a producer while they run, unless one is bound.
 
     Raises:
         ConfigurationError: no tasks to run, an option `Tasks.workers()` sets itself, or a
@@ -317,7 +358,8 @@ def build_workers(
             # Deliveries beyond `concurrency` wait for a free handler with their claims sent
             # (Recorder.arrived): the claim's round trip overlaps the handlers running.
             options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
-    session = _Session(recorder, side)
+    settings = None if producers is None else ProducerSettings.of(url, options, hooks)
+    session = _Session(recorder, side, producers, settings)
     extra = [recorder] if recorder is not None else []
     workers: list[Worker] = [
         TaskWorker(

@@ -11,7 +11,7 @@ import time
 import typing
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, overload
 
 from .._consume.retry import RetryPolicy
@@ -27,6 +27,7 @@ from ._errors import TaskArgumentError
 from ._groups import Signature
 from ._handle import TASK_HEADER, Context, JobHandle, Publisher
 from ._json import encode_typed
+from ._lent import LentProducers
 from ._rate import RateLimit
 from ._recorder import GroupCommit, unbound
 from ._running import build_workers
@@ -174,6 +175,7 @@ class Task(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         self._registry = registry
         self._publish = dict(publish or {})
+        self._eta: datetime | None = None
         self.arguments = Arguments(fn, name)
         if rate_limit is not None and rate_limit.key is not None and not rate_limit.defaults:
             rate_limit = rate_limit.with_defaults(self.arguments.signature)
@@ -197,20 +199,26 @@ class Task(Generic[P, R]):
         expiration: float | timedelta | None = None,
         timeout: float | None = None,
         job_id: str | None = None,
+        eta: datetime | None = None,
     ) -> Task[P, R]:
         """The same task with publish options for its next enqueues:
         `await resize.options(delay=60).enqueue("cat.png")`.
 
         Args:
             delay: seconds the broker holds the message before it reaches the queue.
+            eta: when the job may run, a datetime with a time zone (Celery's `eta=`): the
+                delay is `eta` minus the time of each enqueue, 0 once it has passed.
             priority: 0-255, for a queue declared with `x-max-priority`.
             expiration: seconds the message may wait in the queue.
             timeout: seconds the publish may take, to its confirm.
             job_id: the job id (and message id) instead of a fresh one.
 
         Raises:
-            ConfigurationError: a `job_id` that is not a non-empty string, or has a NUL.
+            ConfigurationError: a `job_id` that is not a non-empty string, or has a NUL; an
+                `eta` that is not a datetime with a time zone, or given with `delay`.
         """
+        if eta is not None:
+            _check_eta(self.name, eta, delay)
         if job_id is not None and (not isinstance(job_id, str) or not job_id.strip()):
             raise ConfigurationError(
                 f"task {self.name!r}: job_id must be a non-empty string (it names the job), "
@@ -231,7 +239,18 @@ class Task(Generic[P, R]):
             rate_limit=self.rate_limit,
         )  # fmt: skip
         clone.arguments = self.arguments
+        # the latest of `delay` and `eta` given wins
+        clone._eta = eta if eta is not None else None if delay is not None else self._eta
+        if eta is not None:
+            clone._publish.pop("delay", None)
         return clone
+
+    def _options(self) -> dict[str, Any]:
+        """The publish options of an enqueue now: an `eta` becomes the delay until it."""
+        options = dict(self._publish)
+        if self._eta is not None:
+            options["delay"] = max(0.0, (self._eta - datetime.now(UTC)).total_seconds())
+        return options
 
     @property
     def registry(self) -> Tasks:
@@ -240,8 +259,9 @@ class Task(Generic[P, R]):
 
     @property
     def publish_options(self) -> dict[str, Any]:
-        """The publish options set with `options()` (without `job_id`)."""
-        return {k: v for k, v in self._publish.items() if k != "message_id"}
+        """The publish options set with `options()` (without `job_id`; an `eta` as the delay
+        until it, from now)."""
+        return {k: v for k, v in self._options().items() if k != "message_id"}
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
         """This task with its arguments, for a `group([...])`: `resize.s("a.png")`.
@@ -289,7 +309,8 @@ class Task(Generic[P, R]):
 
         Raises:
             TaskArgumentError: the arguments don't fit the signature (nothing was sent).
-            IntegrationError: the registry has no producer (`tasks.bind(producer)`).
+            IntegrationError: the registry has no producer: none bound (`tasks.bind(producer)`),
+                and no workers of the registry run on this event loop (they bring one).
             PublishError (and its subclasses): the broker did not confirm the job.
         """
         body = self.arguments.encode(args, kwargs)
@@ -308,7 +329,7 @@ class Task(Generic[P, R]):
         Raises:
             PublishError (and its subclasses): the broker did not confirm the job.
         """
-        options = dict(self._publish)
+        options = self._options() if self._eta is not None else dict(self._publish)
         job_id = options.pop("message_id", None) or uuid.uuid4().hex
         store = context.store
         committed: asyncio.Future[bool] | None = None  # the record, when sent with the publish
@@ -346,6 +367,27 @@ class Task(Generic[P, R]):
             else:
                 await _until(committed, begun + bound)
         return JobHandle(job_id, context=context, validate=self.result_validator())
+
+
+def _check_eta(task: str, eta: object, delay: object) -> None:
+    """Refuse an `eta` that is not an aware datetime, or that comes with a `delay`.
+
+    Raises:
+        ConfigurationError: which, and how to give it.
+    """
+    if not isinstance(eta, datetime):
+        raise ConfigurationError(
+            f"task {task!r}: eta= takes a datetime with a time zone (when the job may run), "
+            f"got {eta!r}; for seconds from now, pass delay="
+        )
+    if eta.utcoffset() is None:
+        raise ConfigurationError(
+            f"task {task!r}: eta={eta!r} has no time zone, so the moment it names is unknown: "
+            "give an aware datetime, e.g. datetime.now(UTC) + timedelta(minutes=5), or "
+            "eta.replace(tzinfo=ZoneInfo('Europe/Paris')) for a local time"
+        )
+    if delay is not None:
+        raise ConfigurationError(f"task {task!r}: pass eta= or delay=, not both")
 
 
 def _callers_bound(publisher: Publisher, timeout: object) -> float | None:
@@ -431,7 +473,8 @@ class Tasks:
 
     The producer is usually bound later (`bind()`): the registry is made when the module is
     imported, the producer only once an event loop runs (a web app's lifespan). A script can
-    pass it here.
+    pass it here. A worker process binds none: the registry's workers bring a producer for
+    the enqueues their tasks make.
 
     Args:
         producer: a started `Producer` (or a web integration's `ProducerView`).
@@ -445,14 +488,17 @@ class Tasks:
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._aliases: dict[str, Task[Any, Any]] = {}
         self._commits: GroupCommit | None = None
+        self._lent = LentProducers(lambda: self._producer is not None)
 
     def __repr__(self) -> str:
         return f"<Tasks {len(self._tasks)} task(s) store={self._store!r}>"
 
     @property
     def publisher(self) -> Publisher | None:
-        """The producer enqueues publish through (None until bound)."""
-        return self._producer
+        """The producer enqueues publish through: the one bound, else, while the registry's
+        workers run on this event loop, the one they brought; None otherwise."""
+        producer = self._producer
+        return producer if producer is not None else self._lent.current()
 
     @property
     def store(self) -> JobStore | None:
@@ -595,6 +641,12 @@ class Tasks:
         with `--processes`). Start them with `run_workers(*tasks.workers())`. For queues with
         other settings (a retry policy of their own), call it once per set of `queues`.
 
+        Unless a producer is bound, the workers bring one for the enqueues their tasks make
+        (a task that enqueues the next): opened as the first of them starts, on their URL and
+        connection settings but a connection of its own (a publisher blocked by a memory
+        alarm must not stall their acks), shared by every call on this event loop, and
+        closed once the last of them stopped, after its handlers finished.
+
         Args:
             url: the broker URL (default: `AMQP_URL`).
             concurrency: handlers running at once, per queue.
@@ -614,6 +666,7 @@ class Tasks:
         return build_workers(
             self.tasks.values(), self.store, url, concurrency=concurrency, retry=retry,
             queues=queues, hooks=hooks, options=options, aliases=self._aliases,
+            producers=self._lent,
         )  # fmt: skip
 
 
