@@ -236,6 +236,7 @@ def run_of(tag: int, **kwargs: Any) -> Basic.Deliver:
     return Basic.Deliver(delivery_tag=tag, **fields)
 
 
+LONGER = Basic.Properties(message_id="m-22", delivery_mode=2)  # another content header length
 # Deliveries whose method frames repeat but for the tag (a run, taken in one step of the tap),
 # broken by every kind of frame that must not be taken as one of them: (bytes, taken?).
 RUN = [
@@ -257,6 +258,10 @@ RUN = [
     (whole(TAPPED, run_of(13, exchange="", routing_key="rq"), b"n"), True),
     (frame.marshal(Basic.QosOk(), TAPPED), False),
     (whole(TAPPED, run_of(14, exchange="", routing_key="rq"), b"o"), True),
+    (whole(TAPPED, run_of(15, exchange="", routing_key="rq"), b"p", LONGER), True),
+    (whole(TAPPED, run_of(16, exchange="", routing_key="rq"), b"q"), True),
+    (whole(TAPPED, run_of(17, exchange="", routing_key="rq"), b"r" * 9, LONGER), True),
+    (whole(TAPPED, run_of(18, exchange="", routing_key="rq"), b"", LONGER), True),
 ]
 
 
@@ -265,7 +270,8 @@ async def test_a_run_of_like_deliveries_is_taken_as_each_would_be_alone(piece: i
     """The tap takes the deliveries that follow one whole in a read while their method frames
     are its own but for the tag and bits (#22 round 10); whatever differs — another channel,
     consumer tag, exchange or routing key of the same length, a heartbeat, a return, a body in
-    several frames or none, a read's end — is read as it was, in order."""
+    several frames or none, a content header of another length, a read's end — is read as it
+    was, in order."""
     data = b"".join(chunk for chunk, _ in RUN)
     demux = FrameDemux(Pieces(data, piece), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
     deliveries: list[Delivery] = []
@@ -277,12 +283,12 @@ async def test_a_run_of_like_deliveries_is_taken_as_each_would_be_alone(piece: i
             used, number, value = frame.unmarshal(chunk)
             chunk = chunk[used:]
             if isinstance(value, Basic.Deliver) and taken:
-                expected.append(("delivery", value.delivery_tag, value.redelivered,
-                                 value.consumer_tag, value.exchange, value.routing_key))  # fmt: skip
+                fields = (value.consumer_tag, value.exchange, value.routing_key)
+                expected.append(("delivery", value.delivery_tag, value.redelivered, *fields))
             elif not taken and not isinstance(value, Heartbeat):
                 expected.append((number, type(value).__name__, value.__dict__))
     bodies = [b"a" * 64, b"b" * 64, *(bytes([c]) for c in b"cd"), b"", *(bytes([c]) for c in b"eg")]
-    bodies += [b"h", b"i" * 20, *(bytes([c]) for c in b"jlmno")]
+    bodies += [b"h", b"i" * 20, *(bytes([c]) for c in b"jlmnopq"), b"r" * 9, b""]
     got = [
         ("delivery", d.delivery_tag, d.redelivered, d.consumer_tag, d.exchange, d.routing_key)
         for d in deliveries
@@ -292,7 +298,8 @@ async def test_a_run_of_like_deliveries_is_taken_as_each_would_be_alone(piece: i
     assert passed == [row for row in expected if row[0] != "delivery"]
     assert len(passed) == 3 + 3 + 1  # the other channel's message, the return, the qos-ok
     assert [d.body for d in deliveries] == bodies
-    assert all(d.properties.message_id == "m-1" for d in deliveries)
+    ids = ["m-1"] * 14 + ["m-22", "m-1", "m-22", "m-22"]
+    assert [d.properties.message_id for d in deliveries] == ids
 
 
 async def test_a_run_stops_at_a_delivery_once_the_channel_is_closing() -> None:

@@ -56,7 +56,7 @@ redelivered, exchange, routing key, the content header's payload and the body. T
 layer makes its `Delivery` of them; the demux knows no message type of its own."""
 
 
-Layout = tuple[int, int, bytes, bytes, struct.Struct, str, str, str]
+Layout = tuple[int, int, bytes, bytes, struct.Struct, str, str, str, int]
 
 
 class Confirms(Protocol):
@@ -114,8 +114,9 @@ class Tap:
         self.strings: tuple[bytes, str, bytes, str, bytes, str] = (b"", "", b"", "", b"", "")
         # The last delivery's method frame (`_parse`): its payload's size, the delivery tag's
         # offset in it, the octets before (the consumer tag) and after the tag and bits (the
-        # exchange and routing key), the unpack of the frame and what follows it, and the
-        # three strings. A size of -1 matches no frame.
+        # exchange and routing key), the unpack of the frame and what follows it, the three
+        # strings, and the content header length that unpack assumes (12: none yet). A size
+        # of -1 matches no frame.
         self.layout: Layout = _NO_LAYOUT
 
     def take(
@@ -154,16 +155,20 @@ class Tap:
                 # size is checked with two slices at fixed offsets, and read with one unpack
                 # (with the content header's frame header and body size), with no walk over
                 # the short strings and no call of `_parse`.
-                size, mid, head, tail, layout, consumer_tag, exchange, routing_key = self.layout
+                (
+                    size, mid, head, tail, layout, consumer_tag, exchange, routing_key, hlen,
+                ) = self.layout  # fmt: skip
                 if (
                     end - start == size
-                    and total - end > 20  # the content header's sizes are in `data`
+                    and total - end > hlen + 16  # the body frame's header is in `data`
                     and data[start + 4 : start + mid] == head
                     and data[start + mid + 9 : end] == tail
                 ):
-                    *_, delivery_tag, bits, kind, number, length, body_size = layout.unpack_from(
-                        data, start - 7
-                    )
+                    (
+                        *_, delivery_tag, bits, kind, number, length, body_size,
+                        body_kind, body_number, body_length,
+                    ) = layout.unpack_from(data, start - 7)  # fmt: skip
+                    known = hlen  # the body frame's header read, if the content header is hlen long
                 else:
                     consumer_tag, delivery_tag, bits, exchange, routing_key = _parse(
                         self, data, start, end
@@ -175,7 +180,8 @@ class Tap:
                         return end + 1
                     # Its frame header and body size in one unpack (a call each cost more).
                     kind, number, length, body_size = _HEADER_HEAD.unpack_from(data, end + 1)
-                    size, mid, head, tail, layout, *_ = self.layout
+                    size, mid, head, tail, layout, *_, hlen = self.layout
+                    known = body_kind = body_number = body_length = -1  # none read
                 while True:
                     after = end + 1
                     header_end: int = after + 7 + length
@@ -187,11 +193,22 @@ class Tap:
                     ):
                         break
                     body_end = header_end + 8 + body_size  # its body frame's end octet
+                    if length != known:  # the unpack read no body frame's header
+                        if length != hlen and size > 0:  # the next like delivery's, read with it
+                            hlen = length
+                            layout = _layout(mid, len(tail), hlen)
+                            self.layout = (*self.layout[:4], layout, *self.layout[5:8], hlen)
+                        if body_size and body_end < total:
+                            body_kind, body_number, body_length = _FRAME.unpack_from(
+                                data, header_end + 1
+                            )
                     if body_size == 0:
                         body, taken = b"", header_end + 1
                     elif (
                         body_end < total
-                        and _FRAME.unpack_from(data, header_end + 1) == (_BODY, number, body_size)
+                        and body_kind == _BODY
+                        and body_number == number
+                        and body_length == body_size
                         and data[body_end] == _FRAME_END
                     ):
                         body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
@@ -215,12 +232,14 @@ class Tap:
                     # but for its tag and bits, with its content header's sizes in `data`.
                     start = taken + 7
                     end = start + size
-                    if total - end <= 20 or self.closing.done():
+                    if total - end <= hlen + 16 or self.closing.done():
                         return taken
                     (
                         kind, number, length, class_id, method_id, delivery_tag, bits,
                         header_kind, header_number, header_length, body_size,
+                        body_kind, body_number, body_length,
                     ) = layout.unpack_from(data, taken)  # fmt: skip
+                    known = hlen
                     if (
                         kind != _METHOD
                         or number != self.number
@@ -287,19 +306,20 @@ class Tap:
             log.exception("a consumer of channel %d failed to take a delivery", self.number)
 
 
-_LAYOUTS: dict[tuple[int, int], struct.Struct] = {}
+_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
 
 
-def _layout(mid: int, tail: int) -> struct.Struct:
+def _layout(mid: int, tail: int, header: int) -> struct.Struct:
     """A `Basic.Deliver` frame whose delivery tag is `mid` octets into its payload and
     followed (past its bits) by `tail` octets of exchange and routing key, and what follows
     it: the frame header with its class and method ids (as `_FRAME_METHOD`), the delivery tag
     and bits (the octets between skipped), then past the frame's end octet the content
-    header's frame header and body size (as `_HEADER_HEAD`)."""
-    layout = _LAYOUTS.get((mid, tail))
+    header's frame header and body size (as `_HEADER_HEAD`), and past the `header` octets of
+    its payload and its end octet the body frame's header (as `_FRAME`)."""
+    layout = _LAYOUTS.get((mid, tail, header))
     if layout is None:
-        layout = struct.Struct(f">BHIHH{mid - 4}xQB{tail + 1}xBHI4xQ")
-        _LAYOUTS[mid, tail] = layout
+        layout = struct.Struct(f">BHIHH{mid - 4}xQB{tail + 1}xBHI4xQ{header - 12}xxBHI")
+        _LAYOUTS[mid, tail, header] = layout
     return layout
 
 
@@ -351,14 +371,14 @@ def _parse(
         tail = bytes(data[start + mid + 9 : end])
         tap.layout = (
             end - start, mid, bytes(data[start + 4 : start + mid]), tail,
-            _layout(mid, len(tail)), consumer_tag, exchange, routing_key,
+            _layout(mid, len(tail), 12), consumer_tag, exchange, routing_key, 12,
         )  # fmt: skip
     else:  # a frame longer than its fields: none is taken as its like
         tap.layout = _NO_LAYOUT
     return consumer_tag, delivery_tag, bits, exchange, routing_key
 
 
-_NO_LAYOUT: Layout = (-1, 4, b"", b"", _layout(4, 0), "", "", "")
+_NO_LAYOUT: Layout = (-1, 4, b"", b"", _layout(4, 0, 12), "", "", "", 12)
 
 
 def _shortstr(data: bytes | bytearray, pos: int) -> tuple[str, int]:
