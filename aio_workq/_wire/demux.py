@@ -329,44 +329,20 @@ def _parse(
     """A `Basic.Deliver` on `tap` whose method frame is not the last one's but for its tag:
     its consumer tag, delivery tag, bits, exchange and routing key; the tap keeps the layout
     the next deliveries are checked against (`Tap.take`)."""
-    # The short strings inline (a call each would cost more than them), those of the
-    # last delivery reused when they repeat: compared as slices (a slice and `!=` cost
-    # less than `startswith` and its `len`, arguments parsed per call).
-    tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key = tap.strings
-    changed = False
-    pos = start + 4
-    size = data[pos]
-    first = pos + 1
-    pos = first + size
-    if data[first:pos] != tag_raw:
-        tag_raw = bytes(data[first:pos])
-        consumer_tag = tag_raw.decode()
-        changed = True
+    # The short strings of the last delivery reused when they repeat (compared as slices).
+    tag_raw, consumer_tag, exchange_raw, named, key_raw, routing_key = tap.strings
+    tag_raw, consumer_tag, pos = _repeated(data, start + 4, tag_raw, consumer_tag)
     mid = pos - start  # the delivery tag's offset in the frame's payload
     delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
     pos += 9
-    size = data[pos]
-    if size:
-        first = pos + 1
-        pos = first + size
-        if data[first:pos] != exchange_raw:
-            exchange_raw = bytes(data[first:pos])
-            exchange = exchange_raw.decode()
-            changed = True
-    else:  # the default exchange (a named one's strings kept for the next)
+    if data[pos]:
+        exchange_raw, named, pos = _repeated(data, pos, exchange_raw, named)
+        exchange = named
+    else:  # the default exchange (the last named one's strings kept for the next)
         exchange = ""
         pos += 1
-    size = data[pos]
-    first = pos + 1
-    pos = first + size
-    if data[first:pos] != key_raw:
-        key_raw = bytes(data[first:pos])
-        routing_key = key_raw.decode()
-        changed = True
-    if changed:
-        tap.strings = (
-            tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key
-        )  # fmt: skip
+    key_raw, routing_key, pos = _repeated(data, pos, key_raw, routing_key)
+    tap.strings = (tag_raw, consumer_tag, exchange_raw, named, key_raw, routing_key)
     if pos == end:
         tail = bytes(data[start + mid + 9 : end])
         tap.layout = (
@@ -376,6 +352,17 @@ def _parse(
     else:  # a frame longer than its fields: none is taken as its like
         tap.layout = _NO_LAYOUT
     return consumer_tag, delivery_tag, bits, exchange, routing_key
+
+
+def _repeated(data: bytes | bytearray, pos: int, raw: bytes, text: str) -> tuple[bytes, str, int]:
+    """The short string at `pos`, raw and decoded (`raw` and `text` again when its octets are
+    `raw`'s: not decoded), and the position after it."""
+    first = pos + 1
+    end = first + data[pos]
+    if data[first:end] != raw:
+        raw = bytes(data[first:end])
+        text = raw.decode()
+    return raw, text, end
 
 
 _NO_LAYOUT: Layout = (-1, 4, b"", b"", _layout(4, 0, 12), "", "", "", 12)
