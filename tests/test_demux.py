@@ -394,3 +394,24 @@ async def test_tap_looks_a_channel_up_without_attaching_it() -> None:
     channel.closing.set_result(None)
     await asyncio.sleep(0)  # the closing callbacks run
     assert demux.tap(channel) is None and not tap.open  # type: ignore[arg-type]
+
+
+async def test_a_delivery_frame_longer_than_its_fields_is_read_and_the_next_taken() -> None:
+    """A `Basic.Deliver` whose payload runs past its routing key (no broker writes one) is no
+    layout for the deliveries after it: they are read as each would be alone, and no unpack
+    reads past the read's end."""
+    method = frame.marshal(run_of(1), TAPPED)
+    size = int.from_bytes(method[3:7], "big")
+    padded = method[:3] + (size + 5).to_bytes(4, "big") + method[7:-1] + b"\0" * 5 + method[-1:]
+    first = padded + whole(TAPPED, run_of(1), b"x")[len(method) :]
+    data = first + b"".join(whole(TAPPED, run_of(tag), b"y") for tag in (2, 3, 4))
+    for cut in range(len(first), len(data) + 1):  # the first read ends anywhere after it
+        reader = Pieces.of(data[:cut], data[cut:]) if cut < len(data) else Pieces.of(data)
+        demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        deliveries: list[Delivery] = []
+        demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
+        frames = await read_all(demux)
+        assert [(d.delivery_tag, d.body) for d in deliveries] == [
+            (1, b"x"), (2, b"y"), (3, b"y"), (4, b"y"),
+        ]  # fmt: skip
+        assert not [v for _, v in frames if not isinstance(v, Heartbeat)]

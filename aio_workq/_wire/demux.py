@@ -116,7 +116,7 @@ class Tap:
         # offset in it, the octets before (the consumer tag) and after the tag and bits (the
         # exchange and routing key), the unpack of the frame and what follows it, the three
         # strings, and the content header length that unpack assumes (12: none yet). A size
-        # of -1 matches no frame.
+        # of `_NO_SIZE` matches no frame.
         self.layout: Layout = _NO_LAYOUT
 
     def take(
@@ -194,7 +194,7 @@ class Tap:
                         break
                     body_end = header_end + 8 + body_size  # its body frame's end octet
                     if length != known:  # the unpack read no body frame's header
-                        if length != hlen and size > 0:  # the next like delivery's, read with it
+                        if length != hlen and size != _NO_SIZE:  # the next like one's, read with it
                             hlen = length
                             layout = _layout(mid, len(tail), hlen)
                             self.layout = (*self.layout[:4], layout, *self.layout[5:8], hlen)
@@ -365,7 +365,10 @@ def _repeated(data: bytes | bytearray, pos: int, raw: bytes, text: str) -> tuple
     return raw, text, end
 
 
-_NO_LAYOUT: Layout = (-1, 4, b"", b"", _layout(4, 0, 12), "", "", "", 12)
+# A payload size no frame has (its size field is 32 bits): the layout of no delivery, whose
+# run step ends at once (the next frame's end past any read).
+_NO_SIZE = 1 << 32
+_NO_LAYOUT: Layout = (_NO_SIZE, 4, b"", b"", _layout(4, 0, 12), "", "", "", 12)
 
 
 def _shortstr(data: bytes | bytearray, pos: int) -> tuple[str, int]:
