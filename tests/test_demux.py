@@ -223,6 +223,105 @@ async def test_a_failing_consumer_callback_does_not_stop_the_reader(
     assert "failed to take a delivery" in caplog.text
 
 
+def whole(channel: int, method: Any, body: bytes, props: Basic.Properties = PROPS) -> bytes:
+    """A message as the broker writes a small one: its body in one frame (none if empty)."""
+    frames = [method, ContentHeader(body_size=len(body), properties=props)]
+    return b"".join(
+        frame.marshal(value, channel) for value in [*frames, ContentBody(body)][: 3 if body else 2]
+    )
+
+
+def run_of(tag: int, **kwargs: Any) -> Basic.Deliver:
+    fields = {"consumer_tag": "ctag", "exchange": "ex", "routing_key": "rk", **kwargs}
+    return Basic.Deliver(delivery_tag=tag, **fields)
+
+
+LONGER = Basic.Properties(message_id="m-22", delivery_mode=2)  # another content header length
+# Deliveries whose method frames repeat but for the tag (a run, taken in one step of the tap),
+# broken by every kind of frame that must not be taken as one of them: (bytes, taken?).
+RUN = [
+    (whole(TAPPED, run_of(1), b"a" * 64), True),
+    (whole(TAPPED, run_of(2), b"b" * 64), True),
+    (whole(TAPPED, run_of(3, redelivered=True), b"c"), True),
+    (whole(TAPPED, run_of(4, routing_key="rq"), b"d"), True),  # same size, other key
+    (whole(TAPPED, run_of(5, routing_key="rq"), b""), True),  # no body frame
+    (whole(TAPPED, run_of(6, consumer_tag="ctah", routing_key="rq"), b"e"), True),
+    (whole(OTHER, run_of(1, consumer_tag="ctah", routing_key="rq"), b"f"), False),
+    (whole(TAPPED, run_of(7, consumer_tag="ctah", routing_key="rq"), b"g"), True),
+    (frame.marshal(Heartbeat(), 0), False),
+    (whole(TAPPED, run_of(8, consumer_tag="ctah", routing_key="rq"), b"h"), True),
+    (content(TAPPED, run_of(9, consumer_tag="ctah", routing_key="rq"), b"i" * 20), True),
+    (whole(TAPPED, run_of(10, consumer_tag="ctah", routing_key="rq"), b"j"), True),
+    (whole(TAPPED, Basic.Return(reply_code=312, exchange="ex", routing_key="rq"), b"k"), False),
+    (whole(TAPPED, run_of(11, consumer_tag="ctah", routing_key="rq"), b"l"), True),
+    (whole(TAPPED, run_of(12, exchange="", routing_key="rq"), b"m"), True),
+    (whole(TAPPED, run_of(13, exchange="", routing_key="rq"), b"n"), True),
+    (frame.marshal(Basic.QosOk(), TAPPED), False),
+    (whole(TAPPED, run_of(14, exchange="", routing_key="rq"), b"o"), True),
+    (whole(TAPPED, run_of(15, exchange="", routing_key="rq"), b"p", LONGER), True),
+    (whole(TAPPED, run_of(16, exchange="", routing_key="rq"), b"q"), True),
+    (whole(TAPPED, run_of(17, exchange="", routing_key="rq"), b"r" * 9, LONGER), True),
+    (whole(TAPPED, run_of(18, exchange="", routing_key="rq"), b"", LONGER), True),
+]
+
+
+@pytest.mark.parametrize("piece", [1, 7, 8, 29, 30, 31, 64, 100, 10_000])
+async def test_a_run_of_like_deliveries_is_taken_as_each_would_be_alone(piece: int) -> None:
+    """The tap takes the deliveries that follow one whole in a read while their method frames
+    are its own but for the tag and bits (#22 round 10); whatever differs — another channel,
+    consumer tag, exchange or routing key of the same length, a heartbeat, a return, a body in
+    several frames or none, a content header of another length, a read's end — is read as it
+    was, in order."""
+    data = b"".join(chunk for chunk, _ in RUN)
+    demux = FrameDemux(Pieces(data, piece), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+    deliveries: list[Delivery] = []
+    demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    expected: list[tuple[Any, ...]] = []
+    for chunk, taken in RUN:
+        while chunk:
+            used, number, value = frame.unmarshal(chunk)
+            chunk = chunk[used:]
+            if isinstance(value, Basic.Deliver) and taken:
+                fields = (value.consumer_tag, value.exchange, value.routing_key)
+                expected.append(("delivery", value.delivery_tag, value.redelivered, *fields))
+            elif not taken and not isinstance(value, Heartbeat):
+                expected.append((number, type(value).__name__, value.__dict__))
+    bodies = [b"a" * 64, b"b" * 64, *(bytes([c]) for c in b"cd"), b"", *(bytes([c]) for c in b"eg")]
+    bodies += [b"h", b"i" * 20, *(bytes([c]) for c in b"jlmnopq"), b"r" * 9, b""]
+    got = [
+        ("delivery", d.delivery_tag, d.redelivered, d.consumer_tag, d.exchange, d.routing_key)
+        for d in deliveries
+    ]
+    passed = [(n, type(v).__name__, v.__dict__) for n, v in frames if not isinstance(v, Heartbeat)]
+    assert got == [row for row in expected if row[0] == "delivery"]
+    assert passed == [row for row in expected if row[0] != "delivery"]
+    assert len(passed) == 3 + 3 + 1  # the other channel's message, the return, the qos-ok
+    assert [d.body for d in deliveries] == bodies
+    ids = ["m-1"] * 14 + ["m-22", "m-1", "m-22", "m-22"]
+    assert [d.properties.message_id for d in deliveries] == ids
+
+
+async def test_a_run_stops_at_a_delivery_once_the_channel_is_closing() -> None:
+    """A consumer that closes the channel while a run is taken: the deliveries after it in
+    the read reach aiormq, as every frame of a closing channel does."""
+    channel = FakeChannel(TAPPED)
+    data = b"".join(whole(TAPPED, run_of(tag), b"x") for tag in (1, 2, 3))
+    demux = FrameDemux(Pieces(data, len(data)), alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+    taken: list[int] = []
+
+    def on_delivery(*fields: Any) -> None:
+        taken.append(fields[2])
+        if fields[2] == 2:
+            channel.closing.set_result(None)
+
+    demux.attach(channel, on_delivery=on_delivery)  # type: ignore[arg-type]
+    frames = await read_all(demux)
+    assert taken == [1, 2]
+    passed = [type(v).__name__ for _, v in frames if not isinstance(v, Heartbeat)]
+    assert passed == ["Deliver", "ContentHeader", "ContentBody"]
+
+
 class RecordingConfirms:
     """A `Confirms` sink that records what the demux hands it."""
 
@@ -295,3 +394,24 @@ async def test_tap_looks_a_channel_up_without_attaching_it() -> None:
     channel.closing.set_result(None)
     await asyncio.sleep(0)  # the closing callbacks run
     assert demux.tap(channel) is None and not tap.open  # type: ignore[arg-type]
+
+
+async def test_a_delivery_frame_longer_than_its_fields_is_read_and_the_next_taken() -> None:
+    """A `Basic.Deliver` whose payload runs past its routing key (no broker writes one) is no
+    layout for the deliveries after it: they are read as each would be alone, and no unpack
+    reads past the read's end."""
+    method = frame.marshal(run_of(1), TAPPED)
+    size = int.from_bytes(method[3:7], "big")
+    padded = method[:3] + (size + 5).to_bytes(4, "big") + method[7:-1] + b"\0" * 5 + method[-1:]
+    first = padded + whole(TAPPED, run_of(1), b"x")[len(method) :]
+    data = first + b"".join(whole(TAPPED, run_of(tag), b"y") for tag in (2, 3, 4))
+    for cut in range(len(first), len(data) + 1):  # the first read ends anywhere after it
+        reader = Pieces.of(data[:cut], data[cut:]) if cut < len(data) else Pieces.of(data)
+        demux = FrameDemux(reader, alive_frame=ALIVE_FRAME)  # type: ignore[arg-type]
+        deliveries: list[Delivery] = []
+        demux.attach(FakeChannel(TAPPED), on_delivery=collect(deliveries))  # type: ignore[arg-type]
+        frames = await read_all(demux)
+        assert [(d.delivery_tag, d.body) for d in deliveries] == [
+            (1, b"x"), (2, b"y"), (3, b"y"), (4, b"y"),
+        ]  # fmt: skip
+        assert not [v for _, v in frames if not isinstance(v, Heartbeat)]

@@ -55,6 +55,9 @@ redelivered, exchange, routing key, the content header's payload and the body. T
 layer makes its `Delivery` of them; the demux knows no message type of its own."""
 
 
+Layout = tuple[int, int, bytes, bytes, struct.Struct, str, str, str, int]
+
+
 class Confirms(Protocol):
     """Takes the publisher confirms and returns of a channel (`ConfirmPublisher`)."""
 
@@ -79,6 +82,7 @@ class Tap:
         "closing",
         "confirms",
         "header",
+        "layout",
         "on_delivery",
         "open",
         "number",
@@ -107,6 +111,12 @@ class Tap:
         # exchange (the last named one) and, mostly, the routing key repeat from one delivery
         # to the next.
         self.strings: tuple[bytes, str, bytes, str, bytes, str] = (b"", "", b"", "", b"", "")
+        # The last delivery's method frame (`_parse`): its payload's size, the delivery tag's
+        # offset in it, the octets before (the consumer tag) and after the tag and bits (the
+        # exchange and routing key), the unpack of the frame and what follows it, the three
+        # strings, and the content header length that unpack assumes (12: none yet). A size
+        # of `_NO_SIZE` matches no frame.
+        self.layout: Layout = _NO_LAYOUT
 
     def take(
         self,
@@ -133,89 +143,116 @@ class Tap:
             if method_id == _DELIVER and self.on_delivery is not None:
                 # A `Basic.Deliver` (here, not in a method of its own: a call per delivery).
                 # When its content header and single body frame follow it whole in `data` (a
-                # small message, as the broker writes it), the delivery is handed on at once
-                # and the position after its body returned; otherwise its content comes frame
-                # by frame.
-                # The short strings inline (a call each would cost more than them), those of
-                # the last delivery reused when they repeat: compared as slices (a slice and
-                # `!=` cost less than `startswith` and its `len`, arguments parsed per call).
-                pos, after = start + 4, end + 1
-                tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key = self.strings
-                changed = False
-                size = data[pos]
-                start = pos + 1
-                pos = start + size
-                if data[start:pos] != tag_raw:
-                    tag_raw = bytes(data[start:pos])
-                    consumer_tag = tag_raw.decode()
-                    changed = True
-                delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
-                pos += 9
-                size = data[pos]
-                if size:
-                    start = pos + 1
-                    pos = start + size
-                    if data[start:pos] != exchange_raw:
-                        exchange_raw = bytes(data[start:pos])
-                        exchange = exchange_raw.decode()
-                        changed = True
-                else:  # the default exchange (a named one's strings kept for the next)
-                    exchange = ""
-                    pos += 1
-                size = data[pos]
-                start = pos + 1
-                pos = start + size
-                if data[start:pos] != key_raw:
-                    key_raw = bytes(data[start:pos])
-                    routing_key = key_raw.decode()
-                    changed = True
-                if changed:
-                    self.strings = (
-                        tag_raw, consumer_tag, exchange_raw, exchange, key_raw, routing_key
-                    )  # fmt: skip
-                redelivered = bool(bits & 1)
+                # small message, as the broker writes it), the delivery is handed on at once,
+                # and so is each delivery after it in `data` whose method frame is this one's
+                # but for its delivery tag and redelivered bit (the same consumer tag, exchange
+                # and routing key: a run of them, as the broker writes a consumer's): the
+                # position after the last one taken is returned. Otherwise its content comes
+                # frame by frame.
                 total = len(data)
-                if total - after > 19:  # a content header frame: type, channel, sizes
+                # The layout of the last delivery's method frame (`_parse`): a frame of its
+                # size is checked with two slices at fixed offsets, and read with one unpack
+                # (with the content header's frame header and body size), with no walk over
+                # the short strings and no call of `_parse`.
+                (
+                    size, mid, head, tail, layout, consumer_tag, exchange, routing_key, hlen,
+                ) = self.layout  # fmt: skip
+                if (
+                    end - start == size
+                    and total - end > hlen + 16  # the body frame's header is in `data`
+                    and data[start + 4 : start + mid] == head
+                    and data[start + mid + 9 : end] == tail
+                ):
+                    (
+                        *_, delivery_tag, bits, kind, number, length, body_size,
+                        body_kind, body_number, body_length,
+                    ) = layout.unpack_from(data, start - 7)  # fmt: skip
+                    known = hlen  # the body frame's header read, if the content header is hlen long
+                else:
+                    consumer_tag, delivery_tag, bits, exchange, routing_key = _parse(
+                        self, data, start, end
+                    )
+                    if total - end <= 20:  # its content comes in later reads
+                        self.pending = (
+                            consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key
+                        )  # fmt: skip
+                        return end + 1
                     # Its frame header and body size in one unpack (a call each cost more).
-                    kind, number, length, body_size = _HEADER_HEAD.unpack_from(data, after)
+                    kind, number, length, body_size = _HEADER_HEAD.unpack_from(data, end + 1)
+                    size, mid, head, tail, layout, *_, hlen = self.layout
+                    known = body_kind = body_number = body_length = -1  # none read
+                while True:
+                    after = end + 1
                     header_end: int = after + 7 + length
                     if (
-                        kind == HEADER_FRAME
-                        and number == self.number
-                        and header_end < total
-                        and data[header_end] == FRAME_END_OCTET
+                        kind != HEADER_FRAME
+                        or number != self.number
+                        or header_end >= total
+                        or data[header_end] != FRAME_END_OCTET
                     ):
-                        body_end = header_end + 8 + body_size  # its body frame's end octet
-                        if body_size == 0:
-                            body, taken = b"", header_end + 1
-                        elif (
-                            body_end < total
-                            and _FRAME.unpack_from(data, header_end + 1)
-                            == (BODY_FRAME, number, body_size)
-                            and data[body_end] == FRAME_END_OCTET
-                        ):
-                            body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
-                        else:
-                            taken = 0
-                        if taken:
-                            header: bytes = data[after + 7 : header_end]  # type: ignore[assignment]
-                            if data.__class__ is not bytes:  # slices of a bytearray: copied
-                                header, body = bytes(header), bytes(body)
-                            on_delivery = self.on_delivery
-                            assert on_delivery is not None
-                            try:
-                                on_delivery(
-                                    self.channel, consumer_tag, delivery_tag, redelivered,
-                                    exchange, routing_key, header, body,
-                                )  # fmt: skip
-                            except Exception:  # the reader must go on (as in `_complete`)
-                                log.exception(
-                                    "a consumer of channel %d failed to take a delivery",
-                                    self.number,
-                                )
-                            return taken
-                self.pending = (consumer_tag, delivery_tag, redelivered, exchange, routing_key)
-                return after
+                        break
+                    body_end = header_end + 8 + body_size  # its body frame's end octet
+                    if length != known:  # the unpack read no body frame's header
+                        if length != hlen and size != _NO_SIZE:  # the next like one's, read with it
+                            hlen = length
+                            layout = _layout(mid, len(tail), hlen)
+                            self.layout = (*self.layout[:4], layout, *self.layout[5:8], hlen)
+                        if body_size and body_end < total:
+                            body_kind, body_number, body_length = _FRAME.unpack_from(
+                                data, header_end + 1
+                            )
+                    if body_size == 0:
+                        body, taken = b"", header_end + 1
+                    elif (
+                        body_end < total
+                        and body_kind == BODY_FRAME
+                        and body_number == number
+                        and body_length == body_size
+                        and data[body_end] == FRAME_END_OCTET
+                    ):
+                        body, taken = data[header_end + 8 : body_end], body_end + 1  # type: ignore[assignment]
+                    else:
+                        break
+                    header: bytes = data[after + 7 : header_end]  # type: ignore[assignment]
+                    if data.__class__ is not bytes:  # slices of a bytearray: copied
+                        header, body = bytes(header), bytes(body)
+                    on_delivery = self.on_delivery
+                    assert on_delivery is not None
+                    try:
+                        on_delivery(
+                            self.channel, consumer_tag, delivery_tag, bool(bits & 1),
+                            exchange, routing_key, header, body,
+                        )  # fmt: skip
+                    except Exception:  # the reader must go on (as in `_complete`)
+                        log.exception(
+                            "a consumer of channel %d failed to take a delivery", self.number
+                        )
+                    # The next frame: taken here when it is the same delivery's method frame
+                    # but for its tag and bits, with its content header's sizes in `data`.
+                    start = taken + 7
+                    end = start + size
+                    if total - end <= hlen + 16 or self.closing.done():
+                        return taken
+                    (
+                        kind, number, length, class_id, method_id, delivery_tag, bits,
+                        header_kind, header_number, header_length, body_size,
+                        body_kind, body_number, body_length,
+                    ) = layout.unpack_from(data, taken)  # fmt: skip
+                    known = hlen
+                    if (
+                        kind != METHOD_FRAME
+                        or number != self.number
+                        or length != size
+                        or class_id != BASIC_CLASS
+                        or method_id != _DELIVER
+                        or data[end] != FRAME_END_OCTET
+                        or data[start + 4 : start + mid] != head
+                        or data[start + mid + 9 : end] != tail
+                    ):
+                        return taken
+                    kind, number, length = header_kind, header_number, header_length
+                self.pending = (consumer_tag, delivery_tag, bool(bits & 1), exchange, routing_key)
+                return end + 1
             confirms = self.confirms
             if confirms is None:
                 return 0
@@ -266,6 +303,71 @@ class Tap:
                 self.on_delivery(self.channel, *fields, header, body)
         except Exception:  # the reader must go on; the broker redelivers when the channel closes
             log.exception("a consumer of channel %d failed to take a delivery", self.number)
+
+
+_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _layout(mid: int, tail: int, header: int) -> struct.Struct:
+    """A `Basic.Deliver` frame whose delivery tag is `mid` octets into its payload and
+    followed (past its bits) by `tail` octets of exchange and routing key, and what follows
+    it: the frame header with its class and method ids (as `_FRAME_METHOD`), the delivery tag
+    and bits (the octets between skipped), then past the frame's end octet the content
+    header's frame header and body size (as `_HEADER_HEAD`), and past the `header` octets of
+    its payload and its end octet the body frame's header (as `_FRAME`)."""
+    layout = _LAYOUTS.get((mid, tail, header))
+    if layout is None:
+        layout = struct.Struct(f">BHIHH{mid - 4}xQB{tail + 1}xBHI4xQ{header - 12}xxBHI")
+        _LAYOUTS[mid, tail, header] = layout
+    return layout
+
+
+def _parse(
+    tap: Tap, data: bytes | bytearray, start: int, end: int
+) -> tuple[str, int, int, str, str]:
+    """A `Basic.Deliver` on `tap` whose method frame is not the last one's but for its tag:
+    its consumer tag, delivery tag, bits, exchange and routing key; the tap keeps the layout
+    the next deliveries are checked against (`Tap.take`)."""
+    # The short strings of the last delivery reused when they repeat (compared as slices).
+    tag_raw, consumer_tag, exchange_raw, named, key_raw, routing_key = tap.strings
+    tag_raw, consumer_tag, pos = _repeated(data, start + 4, tag_raw, consumer_tag)
+    mid = pos - start  # the delivery tag's offset in the frame's payload
+    delivery_tag, bits = _TAG_BITS.unpack_from(data, pos)
+    pos += 9
+    if data[pos]:
+        exchange_raw, named, pos = _repeated(data, pos, exchange_raw, named)
+        exchange = named
+    else:  # the default exchange (the last named one's strings kept for the next)
+        exchange = ""
+        pos += 1
+    key_raw, routing_key, pos = _repeated(data, pos, key_raw, routing_key)
+    tap.strings = (tag_raw, consumer_tag, exchange_raw, named, key_raw, routing_key)
+    if pos == end:
+        tail = bytes(data[start + mid + 9 : end])
+        tap.layout = (
+            end - start, mid, bytes(data[start + 4 : start + mid]), tail,
+            _layout(mid, len(tail), 12), consumer_tag, exchange, routing_key, 12,
+        )  # fmt: skip
+    else:  # a frame longer than its fields: none is taken as its like
+        tap.layout = _NO_LAYOUT
+    return consumer_tag, delivery_tag, bits, exchange, routing_key
+
+
+def _repeated(data: bytes | bytearray, pos: int, raw: bytes, text: str) -> tuple[bytes, str, int]:
+    """The short string at `pos`, raw and decoded (`raw` and `text` again when its octets are
+    `raw`'s: not decoded), and the position after it."""
+    first = pos + 1
+    end = first + data[pos]
+    if data[first:end] != raw:
+        raw = bytes(data[first:end])
+        text = raw.decode()
+    return raw, text, end
+
+
+# A payload size no frame has (its size field is 32 bits): the layout of no delivery, whose
+# run step ends at once (the next frame's end past any read).
+_NO_SIZE = 1 << 32
+_NO_LAYOUT: Layout = (_NO_SIZE, 4, b"", b"", _layout(4, 0, 12), "", "", "", 12)
 
 
 def _shortstr(data: bytes | bytearray, pos: int) -> tuple[str, int]:
