@@ -488,7 +488,7 @@ class Tasks:
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._aliases: dict[str, Task[Any, Any]] = {}
         self._commits: GroupCommit | None = None
-        self._lent = LentProducers(lambda: self._producer is not None)
+        self._lent = LentProducers(lambda: self._producer)
 
     def __repr__(self) -> str:
         return f"<Tasks {len(self._tasks)} task(s) store={self._store!r}>"
@@ -497,8 +497,7 @@ class Tasks:
     def publisher(self) -> Publisher | None:
         """The producer enqueues publish through: the one bound, else, while the registry's
         workers run on this event loop, the one they brought; None otherwise."""
-        producer = self._producer
-        return producer if producer is not None else self._lent.current()
+        return self._lent.publisher()
 
     @property
     def store(self) -> JobStore | None:
