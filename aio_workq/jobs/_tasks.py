@@ -641,10 +641,11 @@ class Tasks:
         other settings (a retry policy of their own), call it once per set of `queues`.
 
         Unless a producer is bound, the workers bring one for the enqueues their tasks make
-        (a task that enqueues the next): opened as the first of them starts, on their URL and
-        connection settings but a connection of its own (a publisher blocked by a memory
-        alarm must not stall their acks), shared by every call on this event loop, and
-        closed once the last of them stopped, after its handlers finished.
+        (a task that enqueues the next) and their groups' callbacks: opened as the first of
+        them starts, on their URL and connection settings but a connection of its own (a
+        publisher blocked by a memory alarm must not stall their acks), shared by every call
+        on this event loop, and closed once the last of them stopped, after its handlers
+        finished.
 
         Args:
             url: the broker URL (default: `AMQP_URL`).
