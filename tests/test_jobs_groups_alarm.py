@@ -28,15 +28,17 @@ pytestmark = pytest.mark.broker
 PLAIN = 6
 
 
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "brought"])
 async def test_a_callback_published_during_a_memory_alarm_does_not_stop_the_workers_acks(
-    local_broker: LocalBroker, tmp_path: Path, queue_name: str
+    local_broker: LocalBroker, tmp_path: Path, queue_name: str, bound: bool
 ) -> None:
+    """Through a producer bound (on a connection of its own), or the one the workers bring."""
     url = local_broker.url
     go = asyncio.Event()
     done: list[int] = []
     all_done = asyncio.Event()
     async with Producer(url) as producer:
-        tasks = Tasks(producer=producer, store=SQLiteStore(tmp_path / "jobs.db"))
+        tasks = Tasks(producer=producer if bound else None, store=SQLiteStore(tmp_path / "jobs.db"))
         members = Queue(f"{queue_name}-m", type="classic")
 
         @tasks.task(queue=members, name="t.one")

@@ -497,7 +497,8 @@ class Tasks:
     def publisher(self) -> Publisher | None:
         """The producer enqueues publish through: the one bound, else, while the registry's
         workers run on this event loop, the one they brought; None otherwise."""
-        return self._lent.publisher()
+        producer = self._producer  # (no call for it: it is read on every enqueue)
+        return producer if producer is not None else self._lent.publisher()
 
     @property
     def store(self) -> JobStore | None:
