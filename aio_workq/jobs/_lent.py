@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from .._hooks import Hook
     from .._link.settings import URLs
+    from ._handle import Publisher
 
 __all__ = ("PRODUCER_NAME", "Lease", "LentProducers", "ProducerSettings")
 
@@ -117,19 +118,21 @@ class LentProducers:
     """A registry's producers brought by its workers, one per event loop, counted by use.
 
     Args:
-        bound: whether the user bound a producer (then none is brought).
+        bound: the producer the user bound, if any (then none is brought).
     """
 
-    def __init__(self, bound: Callable[[], bool]) -> None:
+    def __init__(self, bound: Callable[[], Publisher | None]) -> None:
         self._bound = bound
         self._lent: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Lease]
         self._lent = weakref.WeakKeyDictionary()
         _all.add(self)
 
-    def current(self) -> Producer | None:
-        """The producer brought on the running loop, once started; None elsewhere."""
-        if not self._lent:
-            return None
+    def publisher(self) -> Publisher | None:
+        """What the registry's jobs publish through (their enqueues, a group's callback): the
+        producer bound, else the one brought on the running loop once started; None else."""
+        bound = self._bound()
+        if bound is not None or not self._lent:
+            return bound
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop: a sync caller
@@ -147,7 +150,7 @@ class LentProducers:
         Raises:
             BrokerConnectionError (and its subclasses): the producer could not connect.
         """
-        if self._bound():
+        if self._bound() is not None:
             return None
         loop = asyncio.get_running_loop()
         lent = self._lent.get(loop)

@@ -8,14 +8,14 @@ failure routing will dead-letter it (the same `route_failure` decision, made in 
 Whatever can't be finished now (the store down, the callback not confirmed) defers the member
 (`Defer`: no attempt used): its next delivery finishes it. A callback too large to send (the
 broker's `max_message_size`, or the publisher's own limit) is recorded `failed` instead, and
-the member acked: no delivery could send it. The callback goes out on a connection apart from
-the worker's (`CallbackLink`): a publish during a memory alarm blocks the connection it is on,
-acks included.
+the member acked: no delivery could send it. The callback goes out through the registry's
+publisher, as its jobs' enqueues do (the producer bound, else the one the workers bring, on a
+connection apart from theirs: `_lent`), not on the worker's connection: a publish during a
+memory alarm blocks the connection it is on, acks included.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +27,7 @@ from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._exceptions import (
     Defer,
+    IntegrationError,
     MessageTooLargeError,
     SerializationError,
     UnroutableError,
@@ -34,16 +35,14 @@ from .._exceptions import (
     text_of,
 )
 from .._link.specs import Queue
-from .._publish.producer import Producer
 from .._publish.serialization import JSON
 from .._publish.sizes import MAX_MESSAGE_SIZE
 from ._errors import StoreError
 from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
-from ._handle import TASK_HEADER
+from ._handle import TASK_HEADER, Publisher
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, _defers
-from ._side import CallbackLink
 from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
@@ -84,11 +83,11 @@ class Members:
         retry: RetryPolicy | None,
         max_defers: int | None,
         queues: Mapping[str, Queue],
-        side: CallbackLink | None = None,
+        publisher: Callable[[], Publisher | None],
     ) -> None:
         self.store = store
-        self.side = side
-        """Where the callbacks are published (None: on the worker's connection)."""
+        self.publisher = publisher
+        """What the callbacks are published through (`LentProducers.publisher`)."""
         self.groups: GroupStore | None = store if isinstance(store, GroupStore) else None
         self.rates: RateStore | None = store if isinstance(store, RateStore) else None
         self.retry = retry
@@ -119,7 +118,6 @@ class Member:
         self._job = job
         self.group_id = group_id
         self.index = index
-        self._producer: Producer | None = None  # the callback's, while it is published
 
     async def handle(
         self, task: _Task, running: Running, recorder: Recorder, call_task: CallTask
@@ -238,30 +236,22 @@ class Member:
             limit = f"the {MAX_CALLBACK_SIZE:,} bytes aio-workq sends at most"
             await self._too_large(due, len(body), limit)
             return
-        confirm: asyncio.Future[str] | None = None
         try:
-            side = self._members.side
-            self._producer = None if side is None else await side.producer()
             if queue is None:
                 # A task this worker does not run: its queue is known by name only, and
                 # declaring that name with the default spec is refused for a queue of another
                 # type or arguments. It is sent to the queue as it is; declared only if none
                 # exists yet (returned: unroutable).
-                confirm = await self._send(body, None, job_id, due)
                 try:
-                    await confirm
+                    await self._send(body, None, job_id, due)
                 except UnroutableError:
-                    self._job.forget(confirm)
                     queue = Queue(due.queue)
             if queue is not None:
-                confirm = await self._send(body, queue, job_id, due)
-                await confirm
+                await self._send(body, queue, job_id, due)
         except MessageTooLargeError as exc:
             # Refused for its size (by the broker, or by the publisher that learned its
             # limit): no retry can send it. The member is acked (its outcome is recorded),
             # the callback recorded failed instead.
-            if confirm is not None:
-                self._job.forget(confirm)
             refused = f"the broker's max_message_size ({exc.limit:,} bytes)"
             await self._too_large(due, len(body), refused)
             return
@@ -283,19 +273,28 @@ class Member:
             )  # fmt: skip
         log.info("group %s complete: callback %s (%s) published", due.group_id, job_id, due.task)
 
-    async def _send(
-        self, body: bytes, queue: Queue | None, job_id: str, due: CallbackDue
-    ) -> asyncio.Future[str]:
-        """Send the callback's message to `queue` (declared if need be), or with None to
-        `due.queue` by name through the default exchange (nothing declared); its confirm."""
+    async def _send(self, body: bytes, queue: Queue | None, job_id: str, due: CallbackDue) -> None:
+        """Publish the callback's message to `queue` (declared if need be), or with None to
+        `due.queue` by name through the default exchange (nothing declared), and wait for its
+        confirm.
+
+        Raises:
+            IntegrationError: no publisher (none bound, and the workers' not started).
+            PublishError (and its subclasses): the broker did not confirm it.
+        """
+        publisher = self._members.publisher()
+        if publisher is None:
+            raise IntegrationError("no producer to publish the group's callback through")
         headers = {TASK_HEADER: due.task}
-        sender: Job | Producer = self._job if self._producer is None else self._producer
         if queue is None:
-            return await sender.send(
+            await publisher.publish(
                 body, exchange="", routing_key=due.queue, message_id=job_id, headers=headers,
                 content_type=JSON,
             )  # fmt: skip
-        return await sender.send(body, queue, message_id=job_id, headers=headers, content_type=JSON)
+        else:
+            await publisher.publish(
+                body, queue, message_id=job_id, headers=headers, content_type=JSON
+            )
 
     def _last_defer(self) -> bool:
         """Whether a `Defer` now dead-letters the member: it was deferred the worker's

@@ -25,7 +25,6 @@ from ._lent import Lease, LentProducers, ProducerSettings
 from ._members import Members
 from ._rate import RateLimit, acquire
 from ._recorder import Recorder, Running, _current
-from ._side import CallbackLink
 
 if TYPE_CHECKING:
     from .._link.settings import URLs
@@ -73,12 +72,10 @@ class _Session:
     def __init__(
         self,
         recorder: Recorder | None,
-        side: CallbackLink | None = None,
         producers: LentProducers | None = None,
         settings: ProducerSettings | None = None,
     ) -> None:
         self.recorder = recorder
-        self.side = side
         self.open: set[Worker] = set()
         self.producers = producers
         self.settings = settings
@@ -91,8 +88,6 @@ class _Session:
             return
         if self.recorder is not None:
             await self.recorder.close()
-        if self.side is not None:
-            await self.side.close()
 
 
 class TaskWorker(Worker):
@@ -325,7 +320,8 @@ def build_workers(
     """`Tasks.workers()`: a `TaskWorker` per queue, its `QueueRunner` finding each job's task
     by its header; with a store, one `Recorder` for them all (and `Members` for the jobs of
     groups), and a listener of the cancel requests on the control exchange. With `producers`,
-    the workers bring the registry a producer while they run, unless one is bound.
+    the workers bring the registry a producer while they run, unless one is bound: their jobs'
+    enqueues and their groups' callbacks go through it (or the one bound).
 
     Raises:
         ConfigurationError: no tasks to run, an option `Tasks.workers()` sets itself, or a
@@ -343,12 +339,12 @@ def build_workers(
     timeout = options.pop("handler_timeout", None)
     if timeout is not None:
         timeout = check_seconds("handler_timeout", timeout)
-    recorder = members = side = None
+    recorder = members = None
     if store is not None:
         recorder = Recorder(store)
-        side = CallbackLink(url, options.get("connection"))
         members = Members(
-            store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS), side=side,
+            store, retry=retry, max_defers=options.get("max_defers", MAX_DEFERS),
+            publisher=producers.publisher if producers is not None else lambda: None,
             queues={
                 **{alias: task.queue for alias, task in (aliases or {}).items()},
                 **{task.name: task.queue for task in tasks},
@@ -359,7 +355,7 @@ def build_workers(
             # (Recorder.arrived): the claim's round trip overlaps the handlers running.
             options = {**options, "prefetch": CLAIM_AHEAD * concurrency}
     settings = None if producers is None else ProducerSettings.of(url, options, hooks)
-    session = _Session(recorder, side, producers, settings)
+    session = _Session(recorder, producers, settings)
     extra = [recorder] if recorder is not None else []
     workers: list[Worker] = [
         TaskWorker(

@@ -488,7 +488,7 @@ class Tasks:
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._aliases: dict[str, Task[Any, Any]] = {}
         self._commits: GroupCommit | None = None
-        self._lent = LentProducers(lambda: self._producer is not None)
+        self._lent = LentProducers(lambda: self._producer)
 
     def __repr__(self) -> str:
         return f"<Tasks {len(self._tasks)} task(s) store={self._store!r}>"
@@ -497,8 +497,8 @@ class Tasks:
     def publisher(self) -> Publisher | None:
         """The producer enqueues publish through: the one bound, else, while the registry's
         workers run on this event loop, the one they brought; None otherwise."""
-        producer = self._producer
-        return producer if producer is not None else self._lent.current()
+        producer = self._producer  # (no call for it: it is read on every enqueue)
+        return producer if producer is not None else self._lent.publisher()
 
     @property
     def store(self) -> JobStore | None:
@@ -642,10 +642,11 @@ class Tasks:
         other settings (a retry policy of their own), call it once per set of `queues`.
 
         Unless a producer is bound, the workers bring one for the enqueues their tasks make
-        (a task that enqueues the next): opened as the first of them starts, on their URL and
-        connection settings but a connection of its own (a publisher blocked by a memory
-        alarm must not stall their acks), shared by every call on this event loop, and
-        closed once the last of them stopped, after its handlers finished.
+        (a task that enqueues the next) and their groups' callbacks: opened as the first of
+        them starts, on their URL and connection settings but a connection of its own (a
+        publisher blocked by a memory alarm must not stall their acks), shared by every call
+        on this event loop, and closed once the last of them stopped, after its handlers
+        finished.
 
         Args:
             url: the broker URL (default: `AMQP_URL`).
