@@ -7,9 +7,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlencode
 
-from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
+from aio_workq import ConfigurationError, DeadLetters, Producer, TopologyError
 from aio_workq.admin import AdminError
-from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, parse_when, short_ids
+from aio_workq.admin.dead_letters import (
+    DeadLetterFilter,
+    letter_json,
+    listing,
+    parse_when,
+    short_ids,
+)
 
 from ._actions import Action, Actions, log
 from ._data import QueueSnapshot
@@ -94,20 +100,8 @@ class DeadLetterPages:
         dead, _ = await self._dead_letters(queue)
         # One pass counts them all but keeps only the letters shown, and of their bodies the
         # preview: a queue of large dead letters is not held in memory for a page of 200 rows.
-        ids: list[str] = []
-        counted = {"total": 0, "matching": 0}
-
-        def shown(letter: DeadLetter) -> bool:
-            counted["total"] += 1
-            if letter.message_id:
-                ids.append(letter.message_id)
-            if not where(letter):
-                return False
-            counted["matching"] += 1
-            return counted["matching"] <= _SHOWN_LETTERS
-
-        letters = await dead.find(shown, body_limit=_BODY_PREVIEW)
-        short = short_ids(ids)
+        read = await listing(dead, where, limit=_SHOWN_LETTERS, body_limit=_BODY_PREVIEW)
+        short = short_ids(read.ids)
         rows = [
             {
                 "id": letter.message_id or "",
@@ -118,11 +112,11 @@ class DeadLetterPages:
                 "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
                 "too_large": letter.too_large,
             }
-            for letter in letters
+            for letter in read.letters
         ]
         return self._site.render(
-            request, "dead_letter_list.html", queue=queue, rows=rows, total=counted["total"],
-            matching=counted["matching"], filtered=not where.empty, given=given,
+            request, "dead_letter_list.html", queue=queue, rows=rows, total=read.total,
+            matching=read.matching, filtered=not where.empty, given=given,
             filter_query=urlencode({k: v for k, v in given.items() if v}),
         )  # fmt: skip
 
