@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from urllib.parse import urlencode
 
-from aio_workq import ConfigurationError, DeadLetters, Producer, TopologyError
+from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
 from aio_workq.admin import AdminError
 from aio_workq.admin.dead_letters import (
     DeadLetterFilter,
@@ -20,6 +20,7 @@ from aio_workq.admin.dead_letters import (
 from ._actions import Action, Actions, log
 from ._data import QueueSnapshot
 from ._http import Request, Response, quote_path
+from ._shared import SharedReads
 from ._site import PageError, Site, message_id, queue_name, shown_queues
 
 __all__ = ("DeadLetterPages",)
@@ -46,6 +47,7 @@ class DeadLetterPages:
         self._snapshot = snapshot
         self._producer = producer
         self._actions = actions
+        self._reads = SharedReads()
 
     async def index(self, request: Request, match: dict[str, str]) -> Response:
         return await self._index(request, "dead_letters.html")
@@ -100,7 +102,11 @@ class DeadLetterPages:
         dead, _ = await self._dead_letters(queue)
         # One pass counts them all but keeps only the letters shown, and of their bodies the
         # preview: a queue of large dead letters is not held in memory for a page of 200 rows.
-        read = await listing(dead, where, limit=_SHOWN_LETTERS, body_limit=_BODY_PREVIEW)
+        # Viewers at once share the pass, and for a few seconds its result (`SharedReads`).
+        read = await self._reads.get(
+            (queue, ("list", *sorted(given.items()))),
+            lambda: listing(dead, where, limit=_SHOWN_LETTERS, body_limit=_BODY_PREVIEW),
+        )
         short = short_ids(read.ids)
         rows = [
             {
@@ -124,20 +130,29 @@ class DeadLetterPages:
         queue = queue_name(match["queue"])
         wanted = message_id(match["id"])
         dead, _ = await self._dead_letters(queue)
-        found = await dead.find(lambda one: one.message_id == wanted, limit=1)
-        letter = found[0] if found else None
-        if letter is None:
+
+        async def read() -> tuple[DeadLetter, int] | None:
+            found = await dead.find(lambda one: one.message_id == wanted, limit=1)
+            return (
+                (replace(found[0], body=_clip(found[0].body)), len(found[0].body))
+                if found
+                else None
+            )
+
+        shown = await self._reads.get((queue, ("show", wanted)), read)
+        if shown is None:
             raise PageError(
                 404, "No such dead letter",
                 f"no dead letter with message id {wanted!r} in {queue + '.dlq'!r} "
                 "(replayed or purged meanwhile?)",
             )  # fmt: skip
-        data = letter_json(replace(letter, body=_clip(letter.body)))
+        letter, size = shown
+        data = letter_json(letter)
         headers = sorted(data["headers"].items())
         traceback = str(data["headers"].get("x-workq-traceback", "") or "")
         return self._site.render(
             request, "dead_letter.html", queue=queue, letter=data, headers=headers,
-            traceback=traceback, size=len(letter.body), cut=len(letter.body) > _BODY_SHOWN,
+            traceback=traceback, size=size, cut=size > _BODY_SHOWN,
             too_large=letter.too_large,
         )  # fmt: skip
 
@@ -165,8 +180,12 @@ class DeadLetterPages:
         matcher = None if where.empty else where
 
         async def run(action: Action) -> None:
-            async for batch in letters.replay_batches(where=matcher):
-                action.step(len(batch))
+            self._reads.forget(queue)
+            try:
+                async for batch in letters.replay_batches(where=matcher):
+                    action.step(len(batch))
+            finally:
+                self._reads.forget(queue)
 
         action = self._actions.start(
             what=what, who=str(caller), run=run,
@@ -205,7 +224,10 @@ class DeadLetterPages:
                 seen=asked,
             )  # fmt: skip
         log.info("action: %s (%d), by %s", what, asked, caller)
-        purged = await letters.purge(limit=asked)
+        try:
+            purged = await letters.purge(limit=asked)
+        finally:
+            self._reads.forget(queue)
         log.info("action done: %s, by %s: %d purged", what, caller, purged)
         return self._site.message(
             request, 200, "Purged", f"purged {purged} dead letters from {queue + '.dlq'!r}"
