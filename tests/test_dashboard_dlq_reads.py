@@ -28,7 +28,7 @@ async def test_reads_at_once_share_one_read_kept_for_its_lifetime() -> None:
     both = asyncio.gather(reads.get(("q", "a"), read), reads.get(("q", "a"), read))
     await asyncio.sleep(0)
     release.set()
-    assert await both == [1, 1]  # one read, two viewers
+    assert list(await both) == [1, 1]  # one read, two viewers
     now[0] = 4.9
     assert await reads.get(("q", "a"), read) == 1  # kept
     assert await reads.get(("q", "b"), read) == 2  # another key reads
