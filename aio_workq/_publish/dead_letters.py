@@ -19,6 +19,14 @@ are read or replayed as usual.
 
 Interrupted, every message is in one of the two queues; a copy confirmed whose original was not
 yet acked is in both (at-least-once).
+
+One pass at a time per dead-letter queue, across processes: two passes at once would take each
+other's letters and copy them back interleaved (the order lost, and each pass reading some letters
+twice and others not at all). A pass (and a purge) holds `{dlq}.pass`, a classic queue declared
+**exclusive** (one owner connection: a declare from another fails with `RESOURCE_LOCKED`) with a
+consumer on it, auto-deleted when the pass's channel closes or its connection ends; a second
+pass waits for it. Within one process a lock per queue orders the passes (an exclusive queue's
+owner is the connection, which passes in one process may share).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
@@ -57,6 +66,15 @@ _BATCH_BYTES = 4 * 1024 * 1024
 over 16 MiB dead letters holds a few MiB of them at a time, not 100 (1.6 GiB)."""
 
 log = logging.getLogger("aio_workq")
+
+_PASS_ARGS: dict[str, Any] = {"x-queue-type": "classic", "x-max-length": 0}
+_FIRST_RETRY = 0.02  # seconds before the first look again at a pass held elsewhere
+_MAX_RETRY = 0.5  # seconds between looks at most
+_HELD_ELSEWHERE = (aiormq.exceptions.ChannelLockedResource, aiormq.exceptions.ChannelNotFoundEntity)
+_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Per event loop, a lock per dead-letter queue: one pass at a time in this process."""
 
 
 class _TooLarge(SerializationError):
@@ -186,6 +204,43 @@ class DeadLetters:
                 f"{doing} {self.name!r}: the broker did not answer within {self._timeout:g} s"
             ) from None
 
+    @asynccontextmanager
+    async def _alone(self, doing: str) -> AsyncIterator[None]:
+        """Hold the dead-letter queue for one pass (or purge): this process's lock for it,
+        then `{dlq}.pass` on the broker, waiting while another process holds it (see the
+        module's notes)."""
+        locks = _LOCKS.setdefault(asyncio.get_running_loop(), {})
+        async with locks.setdefault(self.name, asyncio.Lock()):
+            delay, told = _FIRST_RETRY, False
+            while True:
+                async with self._channel(doing) as channel:
+                    if await self._hold(channel, doing):
+                        yield
+                        return  # the channel closes: the broker deletes `{dlq}.pass`
+                if not told:
+                    log.info(
+                        "%s %r waits: another process reads, replays or purges it", doing,
+                        self.name,
+                    )  # fmt: skip
+                    told = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY)
+
+    async def _hold(self, channel: aiormq.abc.AbstractChannel, doing: str) -> bool:
+        """Declare `{dlq}.pass` exclusive and consume from it; False when another connection
+        holds it."""
+        name = f"{self.name}.pass"
+        with translate_errors(f"{doing} {self.name!r}"):
+            async with asyncio.timeout(self._timeout):
+                try:
+                    await channel.queue_declare(
+                        name, durable=False, exclusive=True, auto_delete=True, arguments=_PASS_ARGS
+                    )
+                except _HELD_ELSEWHERE:
+                    return False
+                await channel.basic_consume(name, _nothing, no_ack=True)
+        return True
+
     @property
     def name(self) -> str:
         """The dead-letter queue's name."""
@@ -280,6 +335,10 @@ class DeadLetters:
             isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         ):
             raise ConfigurationError(f"limit must be a whole number >= 0 or None, got {limit!r}")
+        async with self._alone("purging"):
+            return await self._purge(limit)
+
+    async def _purge(self, limit: int | None) -> int:
         if limit is None:
             async with self._channel("purging") as channel:
                 with _missing_says_why(f"purging {self.name!r}", self._queue):
@@ -316,7 +375,7 @@ class DeadLetters:
         """Take each dead letter there now once; yields, per batch, the selected ones (moved
         to the work queue when `move`, else kept like the others)."""
         doing = "replaying" if move else "reading dead letters from"
-        async with self._channel(doing, confirms=True) as channel:
+        async with self._alone(doing), self._channel(doing, confirms=True) as channel:
             # Dead letters too large to copy back, held unacked to the end of the pass (so
             # that it does not take them again), then returned to the queue.
             held: list[DeliveredMessage] = []
@@ -494,6 +553,10 @@ class _Copier:
                 f"{doing} was not confirmed; it stays in the dead-letter queue",
                 message_id=ident, routing_key=routing_key,
             )  # fmt: skip
+
+
+async def _nothing(message: DeliveredMessage) -> None:
+    """The consumer that holds `{dlq}.pass` (x-max-length 0: nothing ever arrives)."""
 
 
 def replay_headers(headers: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,14 +15,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aio_workq import DeadLetter
+from aio_workq import DeadLetter, DeadLetters
 from aio_workq._publish.dead_letters import public_name
 
 from ._errors import AdminError
 
 __all__ = (
     "DeadLetterFilter",
+    "Listing",
+    "find_one",
+    "letter_ids",
     "letter_json",
+    "listing",
     "parse_when",
     "resolve_ids",
     "short_ids",
@@ -79,29 +83,119 @@ class DeadLetterFilter:
         return True
 
 
-def resolve_ids(given: Sequence[str], letters: Sequence[DeadLetter], dlq: str) -> set[str]:
-    """The full message id each of `given` names among `letters`: a whole id, a unique prefix,
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """What a listing of a dead-letter queue shows, from one read pass.
+
+    Attributes:
+        letters: the first matching dead letters (at most the limit), each with at most the
+            body limit of its body.
+        ids: the message id of every dead letter read (for `short_ids`).
+        total: how many the pass read.
+        matching: how many of them the filter matched.
+    """
+
+    letters: tuple[DeadLetter, ...]
+    ids: tuple[str, ...]
+    total: int
+    matching: int
+
+
+async def listing(
+    dead: DeadLetters, where: DeadLetterFilter, *, limit: int, body_limit: int | None
+) -> Listing:
+    """One read pass over `dead` that keeps only what a listing shows: the first `limit`
+    letters `where` matches, each with at most `body_limit` bytes of its body, and the ids of
+    all. A queue of large dead letters is never held: a pass holds a batch (a few MiB) at a
+    time (`dlq list`, the dashboard's listing)."""
+    ids: list[str] = []
+    counted = [0, 0]  # total, matching
+
+    def shown(letter: DeadLetter) -> bool:
+        counted[0] += 1
+        if letter.message_id:
+            ids.append(letter.message_id)
+        if not where(letter):
+            return False
+        counted[1] += 1
+        return counted[1] <= limit
+
+    letters = await dead.find(shown, body_limit=body_limit)
+    return Listing(tuple(letters), tuple(ids), counted[0], counted[1])
+
+
+async def letter_ids(dead: DeadLetters) -> list[str]:
+    """The message id of every dead letter, oldest first, from one read pass that keeps no
+    letter."""
+    return list((await listing(dead, DeadLetterFilter(), limit=0, body_limit=0)).ids)
+
+
+async def find_one(dead: DeadLetters, given: str) -> DeadLetter:
+    """The dead letter `given` names (as `resolve_ids` takes it), whole, from one read pass
+    that keeps only it, and the ids of the others (when `given` is ambiguous, the pass keeps
+    one more letter to say so).
+
+    Raises:
+        AdminError: as `resolve_ids`.
+    """
+    ids: list[str] = []
+    partial = [0]  # letters kept that `given` names by a part of their id
+
+    def named(letter: DeadLetter) -> bool:
+        ident = letter.message_id or ""
+        if not ident:
+            return False
+        ids.append(ident)
+        if ident == given:  # a whole id wins over other ids it starts
+            return True
+        if partial[0] < 2 and _names(given, ident):
+            partial[0] += 1
+            return True
+        return False
+
+    found = await dead.find(named)
+    [full] = resolve_ids([given], ids, dead.name)
+    return next(letter for letter in found if letter.message_id == full)
+
+
+def _parts(text: str) -> tuple[str, str, str]:
+    return text.replace(_ELLIPSIS, "..").strip().partition("..")
+
+
+def _empty(text: str) -> bool:
+    """True for "" or "..", which would name every id."""
+    head, _, tail = _parts(text)
+    return not head and not tail
+
+
+def _names(text: str, ident: str) -> bool:
+    """True when `text` names `ident` by a prefix or `HEAD..TAIL` (see `resolve_ids`)."""
+    if _empty(text):
+        return False
+    head, sep, tail = _parts(text)
+    return ident.startswith(head) and (not sep or ident[len(head) :].endswith(tail))
+
+
+def resolve_ids(given: Sequence[str], ids: Sequence[str], dlq: str) -> set[str]:
+    """The full message id each of `given` names among `ids`: a whole id, a unique prefix,
     or a unique `HEAD..TAIL` (also `HEAD…TAIL`, as `dlq list` shows long ids).
 
     Raises:
         AdminError: one names no dead letter, or more than one (the candidates are listed), or
             is empty.
     """
-    ids = [letter.message_id for letter in letters if letter.message_id]
+    ids = [ident for ident in ids if ident]
     resolved: set[str] = set()
     for text in given:
         if text in ids:
             resolved.add(text)
             continue
-        head, sep, tail = text.replace(_ELLIPSIS, "..").strip().partition("..")
-        if not head and not tail:  # the start of every id: `--id "$ID"` with ID unset
+        if _empty(text):  # the start of every id: `--id "$ID"` with ID unset
             raise AdminError(
                 f"an empty message id ({text!r}) names no dead letter: give an id, or its "
                 "start, as `aio-workq dlq list` shows it"
             )
-        matches = sorted(
-            {i for i in ids if i.startswith(head) and (not sep or i[len(head) :].endswith(tail))}
-        )
+        matches = sorted({i for i in ids if _names(text, i)})
         if not matches:
             raise AdminError(
                 f"no dead letter with message id {text!r} in {dlq!r}{_hint(text, ids)}"

@@ -24,8 +24,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from aio_workq import DeadLetter, DeadLetters, Producer
-from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, resolve_ids, short_ids
+from aio_workq import DeadLetters, Producer
+from aio_workq.admin.dead_letters import (
+    DeadLetterFilter,
+    Listing,
+    find_one,
+    letter_ids,
+    letter_json,
+    listing,
+    resolve_ids,
+    short_ids,
+)
 
 from ._options import err_console, number, resolve, url_option
 
@@ -108,28 +117,22 @@ def dlq_list(
     """The oldest dead letters of QUEUE, left in place."""
     amqp_url = resolve(url)
     match = DeadLetterFilter(exception=exception, since=since, before=before)
-
-    async def read() -> list[DeadLetter]:
-        async with Producer(amqp_url, name="aio-workq dlq") as producer:
-            return await _letters(producer, queue).find()
-
-    every = asyncio.run(read())
-    letters = [letter for letter in every if match(letter)]
-    shown = letters[:limit]
+    # the table shows the start of each body; --json shows the bodies of the letters shown
+    read = asyncio.run(_listing(amqp_url, queue, match, limit, None if as_json else _BODY_WIDTH))
     if as_json:
-        click.echo(json.dumps([letter_json(letter) for letter in shown], indent=2))
+        click.echo(json.dumps([letter_json(letter) for letter in read.letters], indent=2))
         return
-    short = short_ids([letter.message_id for letter in every if letter.message_id])
-    which = "" if match.empty else f" ({len(letters)} match)"
+    short = short_ids(read.ids)
+    which = "" if match.empty else f" ({read.matching} match)"
     table = Table(
         title=f"dead letters of {queue!r}",
-        caption=f"{len(shown)} shown of {len(every)} in {queue}.dlq{which}",
+        caption=f"{len(read.letters)} shown of {read.total} in {queue}.dlq{which}",
     )
     table.add_column("id", no_wrap=True)
     table.add_column("reason", overflow="fold", ratio=3)
     table.add_column("tries", justify="right", no_wrap=True)
     table.add_column("body", overflow="ellipsis", no_wrap=True, max_width=_BODY_WIDTH, ratio=1)
-    for letter in shown:  # Text, not str: a reason or body is data, not rich markup
+    for letter in read.letters:  # Text, not str: a reason or body is data, not rich markup
         table.add_row(
             Text(short.get(letter.message_id or "", "-")),
             Text(letter.reason),
@@ -137,6 +140,14 @@ def dlq_list(
             Text(letter.body.decode(errors="replace").replace("\n", " ")),
         )
     Console().print(table, highlight=False)
+
+
+async def _listing(
+    url: str, queue: str, match: DeadLetterFilter, limit: int, body_limit: int | None
+) -> Listing:
+    """What `dlq list` prints, and nothing more (`listing`, as the dashboard's)."""
+    async with Producer(url, name="aio-workq dlq") as producer:
+        return await listing(_letters(producer, queue), match, limit=limit, body_limit=body_limit)
 
 
 @dlq.command("show")
@@ -149,13 +160,11 @@ def dlq_show(queue: str, message_id: str, as_json: bool, url: str | None) -> Non
     body."""
     amqp_url = resolve(url)
 
-    async def read() -> list[DeadLetter]:
+    async def read() -> dict[str, Any]:
         async with Producer(amqp_url, name="aio-workq dlq") as producer:
-            return await _letters(producer, queue).find()
+            return letter_json(await find_one(_letters(producer, queue), message_id))
 
-    letters = asyncio.run(read())
-    [full] = resolve_ids([message_id], letters, f"{queue}.dlq")
-    data = letter_json(next(letter for letter in letters if letter.message_id == full))
+    data = asyncio.run(read())
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -219,7 +228,8 @@ def dlq_replay(
 
         async def count() -> int:
             async with Producer(amqp_url, name="aio-workq dlq") as producer:
-                return len(await _letters(producer, queue).find(where, limit=limit))
+                read = await listing(_letters(producer, queue), match, limit=0, body_limit=0)
+            return read.matching if limit is None else min(read.matching, limit)
 
         click.echo(f"would replay {_letters_n(asyncio.run(count()))} of {queue!r} (dry run)")
         return
@@ -237,8 +247,8 @@ def dlq_replay(
 
 async def _resolve_ids(url: str, queue: str, given: tuple[str, ...]) -> set[str]:
     async with Producer(url, name="aio-workq dlq") as producer:
-        letters = await _letters(producer, queue).find()
-    return resolve_ids(given, letters, f"{queue}.dlq")
+        ids = await letter_ids(_letters(producer, queue))
+    return resolve_ids(given, ids, f"{queue}.dlq")
 
 
 async def _replay(

@@ -9,11 +9,18 @@ from urllib.parse import urlencode
 
 from aio_workq import ConfigurationError, DeadLetter, DeadLetters, Producer, TopologyError
 from aio_workq.admin import AdminError
-from aio_workq.admin.dead_letters import DeadLetterFilter, letter_json, parse_when, short_ids
+from aio_workq.admin.dead_letters import (
+    DeadLetterFilter,
+    letter_json,
+    listing,
+    parse_when,
+    short_ids,
+)
 
 from ._actions import Action, Actions, log
 from ._data import QueueSnapshot
 from ._http import Request, Response, quote_path
+from ._shared import SharedReads
 from ._site import PageError, Site, message_id, queue_name, shown_queues
 
 __all__ = ("DeadLetterPages",)
@@ -40,6 +47,7 @@ class DeadLetterPages:
         self._snapshot = snapshot
         self._producer = producer
         self._actions = actions
+        self._reads = SharedReads()
 
     async def index(self, request: Request, match: dict[str, str]) -> Response:
         return await self._index(request, "dead_letters.html")
@@ -94,20 +102,12 @@ class DeadLetterPages:
         dead, _ = await self._dead_letters(queue)
         # One pass counts them all but keeps only the letters shown, and of their bodies the
         # preview: a queue of large dead letters is not held in memory for a page of 200 rows.
-        ids: list[str] = []
-        counted = {"total": 0, "matching": 0}
-
-        def shown(letter: DeadLetter) -> bool:
-            counted["total"] += 1
-            if letter.message_id:
-                ids.append(letter.message_id)
-            if not where(letter):
-                return False
-            counted["matching"] += 1
-            return counted["matching"] <= _SHOWN_LETTERS
-
-        letters = await dead.find(shown, body_limit=_BODY_PREVIEW)
-        short = short_ids(ids)
+        # Viewers at once share the pass, and for a few seconds its result (`SharedReads`).
+        read = await self._reads.get(
+            (queue, ("list", *sorted(given.items()))),
+            lambda: listing(dead, where, limit=_SHOWN_LETTERS, body_limit=_BODY_PREVIEW),
+        )
+        short = short_ids(read.ids)
         rows = [
             {
                 "id": letter.message_id or "",
@@ -118,11 +118,11 @@ class DeadLetterPages:
                 "body": letter.body[:_BODY_PREVIEW].decode(errors="replace"),
                 "too_large": letter.too_large,
             }
-            for letter in letters
+            for letter in read.letters
         ]
         return self._site.render(
-            request, "dead_letter_list.html", queue=queue, rows=rows, total=counted["total"],
-            matching=counted["matching"], filtered=not where.empty, given=given,
+            request, "dead_letter_list.html", queue=queue, rows=rows, total=read.total,
+            matching=read.matching, filtered=not where.empty, given=given,
             filter_query=urlencode({k: v for k, v in given.items() if v}),
         )  # fmt: skip
 
@@ -130,20 +130,29 @@ class DeadLetterPages:
         queue = queue_name(match["queue"])
         wanted = message_id(match["id"])
         dead, _ = await self._dead_letters(queue)
-        found = await dead.find(lambda one: one.message_id == wanted, limit=1)
-        letter = found[0] if found else None
-        if letter is None:
+
+        async def read() -> tuple[DeadLetter, int] | None:
+            found = await dead.find(lambda one: one.message_id == wanted, limit=1)
+            return (
+                (replace(found[0], body=_clip(found[0].body)), len(found[0].body))
+                if found
+                else None
+            )
+
+        shown = await self._reads.get((queue, ("show", wanted)), read)
+        if shown is None:
             raise PageError(
                 404, "No such dead letter",
                 f"no dead letter with message id {wanted!r} in {queue + '.dlq'!r} "
                 "(replayed or purged meanwhile?)",
             )  # fmt: skip
-        data = letter_json(replace(letter, body=_clip(letter.body)))
+        letter, size = shown
+        data = letter_json(letter)
         headers = sorted(data["headers"].items())
         traceback = str(data["headers"].get("x-workq-traceback", "") or "")
         return self._site.render(
             request, "dead_letter.html", queue=queue, letter=data, headers=headers,
-            traceback=traceback, size=len(letter.body), cut=len(letter.body) > _BODY_SHOWN,
+            traceback=traceback, size=size, cut=size > _BODY_SHOWN,
             too_large=letter.too_large,
         )  # fmt: skip
 
@@ -171,8 +180,12 @@ class DeadLetterPages:
         matcher = None if where.empty else where
 
         async def run(action: Action) -> None:
-            async for batch in letters.replay_batches(where=matcher):
-                action.step(len(batch))
+            self._reads.forget(queue)
+            try:
+                async for batch in letters.replay_batches(where=matcher):
+                    action.step(len(batch))
+            finally:
+                self._reads.forget(queue)
 
         action = self._actions.start(
             what=what, who=str(caller), run=run,
@@ -211,7 +224,10 @@ class DeadLetterPages:
                 seen=asked,
             )  # fmt: skip
         log.info("action: %s (%d), by %s", what, asked, caller)
-        purged = await letters.purge(limit=asked)
+        try:
+            purged = await letters.purge(limit=asked)
+        finally:
+            self._reads.forget(queue)
         log.info("action done: %s, by %s: %d purged", what, caller, purged)
         return self._site.message(
             request, 200, "Purged", f"purged {purged} dead letters from {queue + '.dlq'!r}"
