@@ -765,3 +765,31 @@ async def test_eta_enqueues_with_the_delay_until_it_and_a_naive_one_names_the_fi
     with pytest.raises(ConfigurationError, match=r"takes a datetime with a time zone.*delay="):
         resize.options(eta=60)
     assert isinstance(ConfigurationError("x"), ValueError)
+
+
+def test_workers_build_the_validators_before_the_first_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tasks.workers()` builds every task's validators (pydantic's import, the types'
+    schemas) at once: the first job decodes its arguments and the first child enqueue makes
+    its handle without building one on the event loop, where the loop watchdog blamed the
+    first handler for it ("blocked the event loop for 1.53 s")."""
+    from aio_workq.jobs import _tasks
+
+    tasks = Tasks(store=MemoryStore())
+
+    @tasks.task(queue="p9-first")
+    async def first(n: int) -> int:
+        return n
+
+    @tasks.task(queue="p9-second")
+    async def second(size: float, label: str = "x") -> str:
+        return label
+
+    tasks.workers("amqp://127.0.0.1:1/", queues=["p9-first"])
+
+    def on_the_loop(tp: Any, **_: Any) -> Any:
+        raise AssertionError(f"a validator built at the first job: {tp!r}")
+
+    monkeypatch.setattr(_tasks, "build_validator", on_the_loop)
+    assert first.arguments.decode(b'{"n": 3}', "application/json") == {"n": 3}
+    assert second.arguments.encode((2.5,), {}) == b'{"size":2.5}'  # a child enqueue's body
+    assert second.job("j1").job_id == "j1"  # its handle's result validator, built already
