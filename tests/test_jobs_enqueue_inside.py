@@ -99,6 +99,31 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
     assert tasks.publisher is None and not lent.connected  # closed with the workers
 
 
+async def test_hooks_added_later_see_the_child_enqueues(
+    tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """Hooks added with `Worker.add_hooks()` (the Prometheus hook of `aio-workq worker
+    --metrics-port`) reached the workers but not the producer they bring: a child enqueue was
+    neither counted nor traced. The producer now has the hooks its first worker had when it
+    started."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name)
+    workers = tasks.workers(amqp_url, retry=None)
+    counting = _Counting()
+    for worker in workers:
+        worker.add_hooks(counting)  # as `aio-workq worker --metrics-port` does
+    await start(workers)
+    try:
+        parent = await first.send(first.arguments.encode((1,), {}), producer, tasks)
+        child_id = await parent.result(timeout=20)
+        assert await tasks.job(child_id).result(timeout=20) == 20
+        assert counting.tasks == ["inside.second"]
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
+
+
 async def test_a_producer_the_user_bound_is_used_and_never_closed(
     tmp_path: Path, amqp_url: str, queue_name: str
 ) -> None:
