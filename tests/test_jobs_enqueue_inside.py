@@ -262,6 +262,39 @@ async def test_a_chain_runs_under_the_command_line_in_each_process(
     assert not sup.lines(r"IntegrationError|Traceback", "err"), sup.err
 
 
+async def test_the_command_line_runs_only_the_queues_given(
+    amqp_url: str, tmp_path: Path, producer: Producer, queue_name: str
+) -> None:
+    """`aio-workq worker tests.chain_app:tasks.workers -q QUEUE` (Celery's `-Q`), in each of
+    two processes: only that queue's tasks are consumed (and the cancel requests), the
+    registry's other queue is left alone."""
+    db = tmp_path / "jobs.db"
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
+    }  # fmt: skip
+    args = ("tests.chain_app:tasks.workers", "-q", f"{queue_name}-next", "--processes", "2")
+    async with cli("worker", *args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= 4, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        tasks = Tasks(producer=producer, store=SQLiteStore(db))
+        first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
+        second = tasks.tasks["chain.second"]
+        try:
+            assert await (await second.enqueue(4)).result(timeout=30) == 40
+            parent = await first.enqueue(1)  # its queue has no worker: it waits there
+            assert (await parent.status()).state is JobState.QUEUED
+        finally:
+            assert tasks.store is not None
+            await tasks.store.close()
+        sup.proc.terminate()
+        assert await sup.exit_code() == 0, sup.err
+    assert len(sup.lines(rf"consuming '{queue_name}-next'", "err")) == 2, sup.err
+    assert not sup.lines(rf"consuming '{queue_name}'", "err"), sup.err
+
+
 async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_connections_free(
     local_broker: LocalBroker, tmp_path: Path, queue_name: str
 ) -> None:
