@@ -85,7 +85,7 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
         lent = tasks.publisher
         assert isinstance(lent, Producer) and lent is not producer and lent.connected
         # the test's producer sends the first job (the registry's stays the workers')
-        parent = await first.send(first.arguments.encode((4,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((4,), {}), producer, tasks)
         child_id = await parent.result(timeout=20)
         assert child_id == f"{parent.job_id}-next"
         assert await tasks.job(child_id).result(timeout=20) == 50
@@ -114,7 +114,7 @@ async def test_hooks_added_later_see_the_child_enqueues(
         worker.add_hooks(counting)  # as `aio-workq worker --metrics-port` does
     await start(workers)
     try:
-        parent = await first.send(first.arguments.encode((1,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((1,), {}), producer, tasks)
         child_id = await parent.result(timeout=20)
         assert await tasks.job(child_id).result(timeout=20) == 20
         assert counting.tasks == ["inside.second"]
@@ -180,7 +180,7 @@ async def test_a_worker_stopping_while_a_child_enqueue_is_in_flight_loses_nothin
     workers = tasks.workers(amqp_url, retry=None)
     await start(workers)
     try:
-        parent = await first.send(first.arguments.encode((7,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((7,), {}), producer, tasks)
         async with asyncio.timeout(20):
             await enqueuing.wait()
         # the handler is now in `second.enqueue()`: the store's record, the publish, its confirm
@@ -311,9 +311,9 @@ async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_conn
         return n
 
     async with Producer(local_broker.url) as producer:  # sent before the alarm
-        parent = await first.send(first.arguments.encode((3,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((3,), {}), producer, tasks)
         plains = [
-            await plain.send(plain.arguments.encode((n,), {}), producer, tasks) for n in range(3)
+            await plain._send(plain.arguments.encode((n,), {}), producer, tasks) for n in range(3)
         ]
     await asyncio.to_thread(local_broker.ctl, *MEMORY_ALARM)
     workers = tasks.workers(local_broker.url, retry=None)
@@ -368,7 +368,7 @@ async def test_a_task_that_enqueues_a_group_runs_it_with_no_producer_bound(
     workers = tasks.workers(amqp_url, retry=None)
     await start(workers)
     try:
-        parent = await fan_out.send(fan_out.arguments.encode((4,), {}), producer, tasks)
+        parent = await fan_out._send(fan_out.arguments.encode((4,), {}), producer, tasks)
         group_id = await parent.result(timeout=20)
         assert await tasks.job(f"{group_id}.callback").result(timeout=20) == 0 + 1 + 4 + 9
     finally:

@@ -323,9 +323,9 @@ class Task(Generic[P, R]):
         publisher = self._registry.publisher
         if publisher is None:
             raise unbound(f"task {self.name!r}")
-        return await self.send(body, publisher, self._registry)
+        return await self._send(body, publisher, self._registry)
 
-    async def send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
+    async def _send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
         """Publish a job whose arguments `arguments.encode()` checked and encoded, through
         `publisher`, and record it as queued in `context`'s store; its handle (on `context`).
 
