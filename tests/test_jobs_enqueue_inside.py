@@ -5,8 +5,9 @@ used and left open, and a worker stopping while a child's enqueue is in flight l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from aio_workq.jobs._handle import TASK_HEADER
 from scripts.broker import LocalBroker
 from tests.forking import fork_running
 from tests.helpers import wait_until
-from tests.test_cli import cli
+from tests.test_cli import Cli, cli
 from tests.test_link_outage import MEMORY_ALARM, MEMORY_CLEAR
 
 pytestmark = pytest.mark.broker
@@ -231,6 +232,25 @@ async def test_a_forked_child_brings_a_producer_of_its_own(amqp_url: str, queue_
         await stop(workers)
 
 
+@contextlib.asynccontextmanager
+async def chain_cli(
+    amqp_url: str, db: Path, queue_name: str, *more: str, consuming: int
+) -> AsyncIterator[Cli]:
+    """`aio-workq worker tests.chain_app:tasks.workers --processes 2 *more`, once `consuming`
+    workers log that they consume."""
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
+    }  # fmt: skip
+    args = ("tests.chain_app:tasks.workers", "--processes", "2", *more)
+    async with cli("worker", *args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= consuming, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        yield sup
+
+
 async def test_a_chain_runs_under_the_command_line_in_each_process(
     amqp_url: str, tmp_path: Path, producer: Producer, queue_name: str
 ) -> None:
@@ -238,15 +258,7 @@ async def test_a_chain_runs_under_the_command_line_in_each_process(
     nothing bound. Every chain's second task runs, whichever process took the first; a
     SIGTERM stops the workers, then their producers, and the command exits 0."""
     db = tmp_path / "jobs.db"
-    env = {
-        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
-        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
-    }  # fmt: skip
-    async with cli("worker", "tests.chain_app:tasks.workers", "--processes", "2", env=env) as sup:
-        await sup.wait_for(
-            lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
-            what="the workers consuming",
-        )  # fmt: skip
+    async with chain_cli(amqp_url, db, queue_name, consuming=6) as sup:
         tasks = Tasks(producer=producer, store=SQLiteStore(db))
         first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
         try:
@@ -269,16 +281,8 @@ async def test_the_command_line_runs_only_the_queues_given(
     two processes: only that queue's tasks are consumed (and the cancel requests), the
     registry's other queue is left alone."""
     db = tmp_path / "jobs.db"
-    env = {
-        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
-        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
-    }  # fmt: skip
-    args = ("tests.chain_app:tasks.workers", "-q", f"{queue_name}-next", "--processes", "2")
-    async with cli("worker", *args, env=env) as sup:
-        await sup.wait_for(
-            lambda: len(sup.lines(r"worker consuming", "err")) >= 4, timeout=60,
-            what="the workers consuming",
-        )  # fmt: skip
+    only = ("-q", f"{queue_name}-next")
+    async with chain_cli(amqp_url, db, queue_name, *only, consuming=4) as sup:
         tasks = Tasks(producer=producer, store=SQLiteStore(db))
         first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
         second = tasks.tasks["chain.second"]
