@@ -276,7 +276,7 @@ class SyncTaskCalls:
         bound = self._seconds(task.publish_options.get("timeout"))  # the record's wait too
 
         def make(view: ProducerView) -> Coroutine[Any, Any, JobHandle[R]]:
-            return task.send(body, view, _Context(registry.store, view))
+            return task._send(body, view, _Context(registry.store, view))
 
         doing = f"enqueueing a job of task {task.name!r}"
         store = registry.store

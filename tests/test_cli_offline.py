@@ -40,7 +40,7 @@ async def test_build_workers_from_each_kind_of_target(monkeypatch: pytest.Monkey
     monkeypatch.setenv("CLI_TEST_QUEUE", "q1")
     [from_factory] = await build_workers(cli_app.slow_workers, WorkerOptions("m:f"))
     assert from_factory.queue_name == "q1"
-    options = WorkerOptions("m:h", queue="q2", concurrency=3, url=URL)
+    options = WorkerOptions("m:h", queues=("q2",), concurrency=3, url=URL)
     [from_handler] = await build_workers(cli_app.slow, options)
     assert from_handler.queue_name == "q2" and "concurrency=3" in repr(from_handler)
     worker = Worker(URL, queue="q3", handler=cli_app.quick)
@@ -58,7 +58,7 @@ async def test_build_workers_rejects_what_it_cannot_run() -> None:
     with pytest.raises(TargetError, match="looks like a handler: pass --queue"):
         await build_workers(cli_app.quick, WorkerOptions("m:h"))
     with pytest.raises(TargetError, match="drop --queue"):
-        await build_workers(worker, WorkerOptions("m:w", queue="q"))
+        await build_workers(worker, WorkerOptions("m:w", queues=("q",)))
     with pytest.raises(TargetError, match="--concurrency applies to a handler"):
         await build_workers(worker, WorkerOptions("m:w", concurrency=2))
     with pytest.raises(TargetError, match="'m:x' is a int; expected a Worker"):

@@ -5,8 +5,9 @@ used and left open, and a worker stopping while a child's enqueue is in flight l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from aio_workq.jobs._handle import TASK_HEADER
 from scripts.broker import LocalBroker
 from tests.forking import fork_running
 from tests.helpers import wait_until
-from tests.test_cli import cli
+from tests.test_cli import Cli, cli
 from tests.test_link_outage import MEMORY_ALARM, MEMORY_CLEAR
 
 pytestmark = pytest.mark.broker
@@ -85,7 +86,7 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
         lent = tasks.publisher
         assert isinstance(lent, Producer) and lent is not producer and lent.connected
         # the test's producer sends the first job (the registry's stays the workers')
-        parent = await first.send(first.arguments.encode((4,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((4,), {}), producer, tasks)
         child_id = await parent.result(timeout=20)
         assert child_id == f"{parent.job_id}-next"
         assert await tasks.job(child_id).result(timeout=20) == 50
@@ -97,6 +98,31 @@ async def test_a_chain_runs_under_the_registrys_workers_with_no_producer_bound(
         assert tasks.store is not None
         await tasks.store.close()
     assert tasks.publisher is None and not lent.connected  # closed with the workers
+
+
+async def test_hooks_added_later_see_the_child_enqueues(
+    tmp_path: Path, amqp_url: str, producer: Producer, queue_name: str
+) -> None:
+    """Hooks added with `Worker.add_hooks()` (the Prometheus hook of `aio-workq worker
+    --metrics-port`) reached the workers but not the producer they bring: a child enqueue was
+    neither counted nor traced. The producer now has the hooks its first worker had when it
+    started."""
+    tasks = Tasks(store=SQLiteStore(tmp_path / "jobs.db"))
+    first = chain(tasks, queue_name)
+    workers = tasks.workers(amqp_url, retry=None)
+    counting = _Counting()
+    for worker in workers:
+        worker.add_hooks(counting)  # as `aio-workq worker --metrics-port` does
+    await start(workers)
+    try:
+        parent = await first._send(first.arguments.encode((1,), {}), producer, tasks)
+        child_id = await parent.result(timeout=20)
+        assert await tasks.job(child_id).result(timeout=20) == 20
+        assert counting.tasks == ["inside.second"]
+    finally:
+        await stop(workers)
+        assert tasks.store is not None
+        await tasks.store.close()
 
 
 async def test_a_producer_the_user_bound_is_used_and_never_closed(
@@ -155,7 +181,7 @@ async def test_a_worker_stopping_while_a_child_enqueue_is_in_flight_loses_nothin
     workers = tasks.workers(amqp_url, retry=None)
     await start(workers)
     try:
-        parent = await first.send(first.arguments.encode((7,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((7,), {}), producer, tasks)
         async with asyncio.timeout(20):
             await enqueuing.wait()
         # the handler is now in `second.enqueue()`: the store's record, the publish, its confirm
@@ -206,6 +232,25 @@ async def test_a_forked_child_brings_a_producer_of_its_own(amqp_url: str, queue_
         await stop(workers)
 
 
+@contextlib.asynccontextmanager
+async def chain_cli(
+    amqp_url: str, db: Path, queue_name: str, *more: str, consuming: int
+) -> AsyncIterator[Cli]:
+    """`aio-workq worker tests.chain_app:tasks.workers --processes 2 *more`, once `consuming`
+    workers log that they consume."""
+    env = {
+        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
+        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
+    }  # fmt: skip
+    args = ("tests.chain_app:tasks.workers", "--processes", "2", *more)
+    async with cli("worker", *args, env=env) as sup:
+        await sup.wait_for(
+            lambda: len(sup.lines(r"worker consuming", "err")) >= consuming, timeout=60,
+            what="the workers consuming",
+        )  # fmt: skip
+        yield sup
+
+
 async def test_a_chain_runs_under_the_command_line_in_each_process(
     amqp_url: str, tmp_path: Path, producer: Producer, queue_name: str
 ) -> None:
@@ -213,15 +258,7 @@ async def test_a_chain_runs_under_the_command_line_in_each_process(
     nothing bound. Every chain's second task runs, whichever process took the first; a
     SIGTERM stops the workers, then their producers, and the command exits 0."""
     db = tmp_path / "jobs.db"
-    env = {
-        **os.environ, "AMQP_URL": amqp_url, "PYTHONUNBUFFERED": "1",
-        "WORKQ_CHAIN_DB": str(db), "WORKQ_CHAIN_QUEUE": queue_name,
-    }  # fmt: skip
-    async with cli("worker", "tests.chain_app:tasks.workers", "--processes", "2", env=env) as sup:
-        await sup.wait_for(
-            lambda: len(sup.lines(r"worker consuming", "err")) >= 6, timeout=60,
-            what="the workers consuming",
-        )  # fmt: skip
+    async with chain_cli(amqp_url, db, queue_name, consuming=6) as sup:
         tasks = Tasks(producer=producer, store=SQLiteStore(db))
         first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
         try:
@@ -235,6 +272,31 @@ async def test_a_chain_runs_under_the_command_line_in_each_process(
         sup.proc.terminate()
         assert await sup.exit_code() == 0, sup.err
     assert not sup.lines(r"IntegrationError|Traceback", "err"), sup.err
+
+
+async def test_the_command_line_runs_only_the_queues_given(
+    amqp_url: str, tmp_path: Path, producer: Producer, queue_name: str
+) -> None:
+    """`aio-workq worker tests.chain_app:tasks.workers -q QUEUE` (Celery's `-Q`), in each of
+    two processes: only that queue's tasks are consumed (and the cancel requests), the
+    registry's other queue is left alone."""
+    db = tmp_path / "jobs.db"
+    only = ("-q", f"{queue_name}-next")
+    async with chain_cli(amqp_url, db, queue_name, *only, consuming=4) as sup:
+        tasks = Tasks(producer=producer, store=SQLiteStore(db))
+        first = chain(tasks, queue_name, names=("chain.first", "chain.second"))
+        second = tasks.tasks["chain.second"]
+        try:
+            assert await (await second.enqueue(4)).result(timeout=30) == 40
+            parent = await first.enqueue(1)  # its queue has no worker: it waits there
+            assert (await parent.status()).state is JobState.QUEUED
+        finally:
+            assert tasks.store is not None
+            await tasks.store.close()
+        sup.proc.terminate()
+        assert await sup.exit_code() == 0, sup.err
+    assert len(sup.lines(rf"consuming '{queue_name}-next'", "err")) == 2, sup.err
+    assert not sup.lines(rf"consuming '{queue_name}'", "err"), sup.err
 
 
 async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_connections_free(
@@ -253,9 +315,9 @@ async def test_a_child_enqueue_blocked_by_a_memory_alarm_leaves_the_workers_conn
         return n
 
     async with Producer(local_broker.url) as producer:  # sent before the alarm
-        parent = await first.send(first.arguments.encode((3,), {}), producer, tasks)
+        parent = await first._send(first.arguments.encode((3,), {}), producer, tasks)
         plains = [
-            await plain.send(plain.arguments.encode((n,), {}), producer, tasks) for n in range(3)
+            await plain._send(plain.arguments.encode((n,), {}), producer, tasks) for n in range(3)
         ]
     await asyncio.to_thread(local_broker.ctl, *MEMORY_ALARM)
     workers = tasks.workers(local_broker.url, retry=None)
@@ -310,7 +372,7 @@ async def test_a_task_that_enqueues_a_group_runs_it_with_no_producer_bound(
     workers = tasks.workers(amqp_url, retry=None)
     await start(workers)
     try:
-        parent = await fan_out.send(fan_out.arguments.encode((4,), {}), producer, tasks)
+        parent = await fan_out._send(fan_out.arguments.encode((4,), {}), producer, tasks)
         group_id = await parent.result(timeout=20)
         assert await tasks.job(f"{group_id}.callback").result(timeout=20) == 0 + 1 + 4 + 9
     finally:

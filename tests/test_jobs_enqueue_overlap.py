@@ -244,7 +244,7 @@ async def _held(
 
     gate = Gate(producer)
     task = echo.options(job_id=job_id)
-    enqueue = asyncio.ensure_future(task.send(task.arguments.encode((1,), {}), gate, tasks))
+    enqueue = asyncio.ensure_future(task._send(task.arguments.encode((1,), {}), gate, tasks))
     async with asyncio.timeout(WAIT):
         await gate.arrived.wait()
     return store, tasks, gate, enqueue
@@ -355,7 +355,7 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
         gate = Gate(producer, after=lost)
         gate.open.set()
         task = echo.options(job_id="claimed-first")
-        enqueue = asyncio.ensure_future(task.send(task.arguments.encode((1,), {}), gate, tasks))
+        enqueue = asyncio.ensure_future(task._send(task.arguments.encode((1,), {}), gate, tasks))
         await _until(store, "claimed-first", [JobState.RUNNING])
         gate.lose.set()
         with pytest.raises(ConnectionLostError):
@@ -382,7 +382,7 @@ async def test_a_lost_confirm_of_a_delivered_job_never_hides_its_run(
     if not isinstance(store, OldStore):
         store.withdrawn.clear()
     with pytest.raises(ConnectionLostError):
-        await task.send(task.arguments.encode((2,), {}), gate, tasks)
+        await task._send(task.arguments.encode((2,), {}), gate, tasks)
     if isinstance(store, OldStore):
         await _sent_so_far(tasks, store)
         assert _queued_of(store, "withdrawn-first") == []
@@ -548,7 +548,7 @@ async def test_an_enqueue_that_fails_while_the_store_is_down_leaves_no_record_on
     gate.lose.set()
     task = echo.options(job_id="lost")
     with pytest.raises(ConnectionLostError):
-        await asyncio.wait_for(task.send(task.arguments.encode((1,), {}), gate, tasks), WAIT)
+        await asyncio.wait_for(task._send(task.arguments.encode((1,), {}), gate, tasks), WAIT)
     handle = await asyncio.wait_for(echo.options(job_id="sent").enqueue(2), WAIT)
     assert handle.job_id == "sent"
     failing.down = False

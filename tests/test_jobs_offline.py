@@ -27,7 +27,7 @@ from aio_workq import (
     Worker,
 )
 from aio_workq.cli._errors import TargetError
-from aio_workq.cli._target import WorkerOptions, build_workers
+from aio_workq.cli._target import WorkerOptions, build_workers, split_queues
 from aio_workq.jobs import (
     Cancelled,
     CancelRequests,
@@ -505,25 +505,53 @@ async def test_the_cli_given_the_registry_or_a_task_names_the_workers_factory() 
     resize = tasks.tasks["images.resize"]
     with pytest.raises(TargetError, match=r"'app:tasks' is a Tasks registry.*app:tasks\.workers"):
         await build_workers(tasks, WorkerOptions(target="app:tasks"))
-    for queue in (None, "images"):
+    for queues in ((), ("images",)):
         with pytest.raises(
             TargetError, match=r"'app:resize' is the task 'images\.resize'.*workers"
         ):
-            await build_workers(resize, WorkerOptions(target="app:resize", queue=queue))
+            await build_workers(resize, WorkerOptions(target="app:resize", queues=queues))
 
 
-async def test_the_cli_given_the_workers_factory_with_queue_says_how_to_pick_queues() -> None:
-    """`aio-workq worker app:tasks.workers -q images` (Celery's `-Q images`) took the factory
-    for a handler and failed on its annotations ("can't resolve the annotation 'URLs | None' of
-    its parameter 'url'"); now it says --queue is for a handler and how to pick queues."""
+async def test_the_cli_runs_the_registrys_workers_of_the_queues_given() -> None:
+    """`aio-workq worker app:tasks.workers -q images` (Celery's `-Q images`) was refused
+    ("--queue runs 'app:tasks.workers' as a handler ... name a factory of yours"); now
+    `--queue` picks the registry's workers of those queues, the registry itself named or its
+    factory, repeated or as a comma list, and a queue none of its tasks is on is refused with
+    the registry's queues."""
     tasks = make_tasks(MemoryStore())
+
+    @tasks.task(queue="mail", name="mail.send")
+    async def send(to: str) -> None: ...
+
+    @tasks.task(queue="reports", name="reports.daily")
+    async def daily() -> None: ...
+
+    def consuming(workers: list[Worker]) -> list[str]:  # the cancel listener's is server-named
+        return [w.queue_name for w in workers if w.queue_name]
+
+    for target, obj in (("app:tasks.workers", tasks.workers), ("app:tasks", tasks)):
+        options = WorkerOptions(target=target, queues=("images", "reports"), concurrency=2)
+        workers = await build_workers(obj, options)
+        assert consuming(workers) == ["images", "reports"]
+        assert "concurrency=2" in repr(workers[0])
+    assert consuming(await build_workers(tasks.workers, WorkerOptions("a:t", ("mail",)))) == [
+        "mail"
+    ]
     with pytest.raises(
         TargetError,
-        match=r"--queue runs 'app:tasks\.workers' as a handler, but it is the workers factory "
-        r"of a Tasks registry.*tasks\.workers\(queues=\['images'\]\)",
+        match=r"--queue 'imgs': no task of the registry of 'app:tasks\.workers' is on it; "
+        r"its queues: images, mail, reports",
     ):
-        options = WorkerOptions(target="app:tasks.workers", queue="images")
+        options = WorkerOptions(target="app:tasks.workers", queues=("images", "imgs"))
         await build_workers(tasks.workers, options)
+
+
+def test_queue_options_split_as_celerys_q() -> None:
+    assert split_queues(["images", "mail,reports", " images ,", "mail"]) == (
+        "images",
+        "mail",
+        "reports",
+    )
 
 
 # --- the testing kit -------------------------------------------------------------------------
@@ -765,3 +793,31 @@ async def test_eta_enqueues_with_the_delay_until_it_and_a_naive_one_names_the_fi
     with pytest.raises(ConfigurationError, match=r"takes a datetime with a time zone.*delay="):
         resize.options(eta=60)
     assert isinstance(ConfigurationError("x"), ValueError)
+
+
+def test_workers_build_the_validators_before_the_first_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tasks.workers()` builds every task's validators (pydantic's import, the types'
+    schemas) at once: the first job decodes its arguments and the first child enqueue makes
+    its handle without building one on the event loop, where the loop watchdog blamed the
+    first handler for it ("blocked the event loop for 1.53 s")."""
+    from aio_workq.jobs import _tasks
+
+    tasks = Tasks(store=MemoryStore())
+
+    @tasks.task(queue="p9-first")
+    async def first(n: int) -> int:
+        return n
+
+    @tasks.task(queue="p9-second")
+    async def second(size: float, label: str = "x") -> str:
+        return label
+
+    tasks.workers("amqp://127.0.0.1:1/", queues=["p9-first"])
+
+    def on_the_loop(tp: Any, **_: Any) -> Any:
+        raise AssertionError(f"a validator built at the first job: {tp!r}")
+
+    monkeypatch.setattr(_tasks, "build_validator", on_the_loop)
+    assert first.arguments.decode(b'{"n": 3}', "application/json") == {"n": 3}
+    assert second.arguments.encode((2.5,), {}) == b'{"size":2.5}'  # a child enqueue's body
+    assert second.job("j1").job_id == "j1"  # its handle's result validator, built already

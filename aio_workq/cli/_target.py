@@ -14,7 +14,14 @@ from aio_workq import Worker
 
 from ._errors import TargetError
 
-__all__ = ("WorkerOptions", "build_scheduler", "build_workers", "check_target", "import_target")
+__all__ = (
+    "WorkerOptions",
+    "build_scheduler",
+    "build_workers",
+    "check_target",
+    "import_target",
+    "split_queues",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,15 +30,16 @@ class WorkerOptions:
 
     Args:
         target: `MODULE:ATTR`.
-        queue: run ATTR as a handler on this queue.
-        concurrency: handlers at once, for a handler run with `queue`.
-        url: broker URL for a handler run with `queue` (others read `AMQP_URL`).
+        queues: run ATTR as a handler on these queues (a worker each); for a Tasks registry
+            or its `workers` factory, run only its tasks of these queues.
+        concurrency: handlers at once, for a handler run on `queues` (or a factory's).
+        url: broker URL for a handler run on `queues` (others read `AMQP_URL`).
         wait_for_broker: seconds to keep trying to reach the broker at start (0: fail at once).
         schedules: `MODULE:ATTR` of a `Scheduler` (or of `Schedule`s) to run beside the workers.
     """
 
     target: str
-    queue: str | None = None
+    queues: tuple[str, ...] = ()
     concurrency: int | None = None
     url: str | None = None
     wait_for_broker: float = 0.0
@@ -78,18 +86,15 @@ def check_target(obj: Any, options: WorkerOptions) -> None:
         TargetError: `obj` is a Tasks registry or task, or an option does not apply to it.
     """
     target = options.target
+    if options.queues and _registry_of(obj) is not None:
+        _check_registry_queues(_registry_of(obj), options)
+        return
     _refuse_tasks(obj, target)
     factory = not isinstance(obj, Worker) and callable(obj) and not isinstance(obj, type)
-    if options.queue is not None:
+    if options.queues:
         if isinstance(obj, Worker) or not callable(obj):
             raise TargetError(
                 f"--queue runs {target!r} as a handler, but it is {_kind(obj)}; drop --queue"
-            )
-        if _is_registry(getattr(obj, "__self__", None)):
-            raise TargetError(
-                f"--queue runs {target!r} as a handler, but it is the workers factory of a "
-                "Tasks registry; drop --queue to run every queue of its tasks, or name a "
-                f"factory of yours that returns tasks.workers(queues=[{options.queue!r}])"
             )
         return
     if options.concurrency is not None and not (factory and _takes_concurrency(obj)):
@@ -112,15 +117,23 @@ async def build_workers(obj: Any, options: WorkerOptions) -> list[Worker]:
     """
     target = options.target
     check_target(obj, options)
-    if options.queue is not None:
+    registry = _registry_of(obj) if options.queues else None
+    if registry is not None:
+        given = {} if options.concurrency is None else {"concurrency": options.concurrency}
+        return _workers_of(
+            registry.workers(queues=list(options.queues), **given),
+            f"the workers factory of {target!r} returned",
+        )
+    if options.queues:
         return [
             Worker(
                 options.url,
-                queue=options.queue,
+                queue=queue,
                 handler=obj,
                 concurrency=options.concurrency or 1,
-                name=f"aio-workq worker {options.queue}",
+                name=f"aio-workq worker {queue}",
             )
+            for queue in options.queues
         ]
     if not isinstance(obj, Worker) and callable(obj) and not isinstance(obj, type):
         try:
@@ -161,6 +174,43 @@ def _refuse_tasks(obj: Any, target: str) -> None:
 def _is_registry(obj: Any) -> bool:
     """A `Tasks` registry, told by its shape (see `_refuse_tasks`)."""
     return callable(getattr(obj, "workers", None)) and callable(getattr(obj, "task", None))
+
+
+def _registry_of(obj: Any) -> Any:
+    """The `Tasks` registry `obj` is, or whose `workers` factory it is; else None."""
+    if _is_registry(obj):
+        return obj
+    owner = getattr(obj, "__self__", None)
+    if _is_registry(owner) and getattr(obj, "__name__", None) == "workers":
+        return owner
+    return None
+
+
+def _check_registry_queues(registry: Any, options: WorkerOptions) -> None:
+    """`--queue` names queues of the registry's tasks (Celery's `-Q`).
+
+    Raises:
+        TargetError: a queue none of its tasks is on; the message lists the registry's queues.
+    """
+    known = sorted({task.queue.name for task in registry.tasks.values()})
+    unknown = [queue for queue in options.queues if queue not in known]
+    if unknown:
+        names = ", ".join(repr(queue) for queue in unknown)
+        raise TargetError(
+            f"--queue {names}: no task of the registry of {options.target!r} is on "
+            f"{'it' if len(unknown) == 1 else 'them'}; its queues: {', '.join(known) or 'none'}"
+        )
+
+
+def split_queues(values: Sequence[str]) -> tuple[str, ...]:
+    """`--queue a --queue b,c` → `("a", "b", "c")`: repeated, or comma lists, as Celery's `-Q`;
+    each named once, in order."""
+    queues: dict[str, None] = {}
+    for value in values:
+        for queue in value.split(","):
+            if queue.strip():
+                queues[queue.strip()] = None
+    return tuple(queues)
 
 
 def _workers_of(obj: Any, what: str) -> list[Worker]:

@@ -13,7 +13,7 @@ from ._options import LEVELS, resolve, url_option
 from ._procmetrics import ProcessMetrics
 from ._run import HealthOptions, run_in_process
 from ._supervisor import RestartPolicy, Supervisor, child_command
-from ._target import WorkerOptions, build_scheduler, check_target, import_target
+from ._target import WorkerOptions, build_scheduler, check_target, import_target, split_queues
 
 __all__ = ("worker",)
 
@@ -22,7 +22,11 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 
 @click.command()
 @click.argument("target", metavar="MODULE:ATTR")
-@click.option("--queue", "-q", help="Run ATTR as a handler on this queue.")
+@click.option(
+    "--queue", "-q", "queue", multiple=True, metavar="QUEUE[,QUEUE...]",
+    help="Run ATTR as a handler on this queue (a worker each); for a Tasks registry or its "
+    "workers factory, run only its tasks of these queues, as Celery's -Q. Repeatable.",
+)  # fmt: skip
 @click.option(
     "--concurrency", "-c", type=click.IntRange(min=1),
     help="Handlers at once: with --queue, or passed to a factory that takes concurrency= "
@@ -67,7 +71,7 @@ _LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
 @click.option("--log-level", type=LEVELS, default="INFO", show_default=True)
 def worker(
     target: str,
-    queue: str | None,
+    queue: tuple[str, ...],
     concurrency: int | None,
     processes: int,
     url: str | None,
@@ -83,17 +87,19 @@ def worker(
     """Run the workers that MODULE:ATTR names until SIGTERM or Ctrl-C.
 
     ATTR is a Worker, a list of Workers, a function returning them (sync or async), or a
-    handler run on --queue. The first SIGTERM/SIGINT drains: running handlers finish, the rest
-    of the messages stay on the broker. A second signal stops fast: running handlers are
+    handler run on --queue; for a Tasks registry's workers factory, --queue picks its queues.
+    The first SIGTERM/SIGINT drains: running handlers finish, the rest of the messages stay
+    on the broker. A second signal stops fast: running handlers are
     cancelled and their messages go back to the queue.
     """
     logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT, stream=sys.stderr)
     if url is not None:  # module-level Workers read AMQP_URL; so do the children
         os.environ["AMQP_URL"] = resolve(url)
+    queues = split_queues(queue)
     health = HealthOptions(port=metrics_port, host=metrics_host, grace=health_grace)
     if processes == 1:
         options = WorkerOptions(
-            target=target, queue=queue, concurrency=concurrency, url=url,
+            target=target, queues=queues, concurrency=concurrency, url=url,
             wait_for_broker=wait_for_broker, schedules=schedules,
         )  # fmt: skip
         asyncio.run(run_in_process(options, health))
@@ -104,13 +110,13 @@ def worker(
     try:
         check_target(  # fail here, once, rather than in every child
             import_target(target),
-            WorkerOptions(target=target, queue=queue, concurrency=concurrency),
+            WorkerOptions(target=target, queues=queues, concurrency=concurrency),
         )
         if schedules is not None:
             build_scheduler(schedules, url)
         args = ["worker", target, "--health-grace", str(health_grace), "--log-level", log_level]
-        if queue is not None:
-            args += ["--queue", queue]
+        for name in queues:
+            args += ["--queue", name]
         if concurrency is not None:
             args += ["--concurrency", str(concurrency)]
         if wait_for_broker:

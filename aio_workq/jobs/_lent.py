@@ -54,6 +54,7 @@ class ProducerSettings:
     connect_timeout: float
     wait_for_broker: float
     hooks: tuple[Hook, ...]
+    """The `hooks=` of `tasks.workers()`; a worker starting adds those of its `add_hooks()`."""
     name: str
 
     @classmethod

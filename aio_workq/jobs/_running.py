@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._consume.execution import within_handler_timeout
@@ -101,14 +102,22 @@ class TaskWorker(Worker):
         self._session = session
         self._lease: Lease | None = None
         self._leased = self._given_back = False
+        self._added: tuple[Hook, ...] = ()
         session.open.add(self)
+
+    def add_hooks(self, *hooks: Hook) -> None:
+        super().add_hooks(*hooks)
+        self._added = (*self._added, *hooks)  # the producer it brings sees them too
 
     async def start(self, *, wait_for_broker: float | None = None) -> None:
         session = self._session
         fresh = not (self._leased or self._started or self._stopping)  # else a no-op or refused
         if session.producers is not None and session.settings is not None and fresh:
             self._leased = True
-            lease = await session.producers.acquire(session.settings, wait_for_broker)
+            settings = session.settings
+            if self._added:
+                settings = replace(settings, hooks=(*settings.hooks, *self._added))
+            lease = await session.producers.acquire(settings, wait_for_broker)
             if self._given_back and lease is not None:  # a stop() ended while it opened
                 await session.producers.release(lease)
             else:

@@ -276,6 +276,12 @@ class Task(Generic[P, R]):
         members' results."""
         return Signature(self, args, kwargs, complete=False)
 
+    def _prepare(self) -> None:
+        """Build what running and enqueueing this task need (its arguments' and its result's
+        validators; the first imports pydantic) now, not on the event loop at its first job."""
+        _ = self.arguments.validator
+        self.result_validator()
+
     def result_validator(self) -> Validator:
         if self._result_validator is None:
             self._result_validator = build_validator(self._returns)
@@ -317,9 +323,9 @@ class Task(Generic[P, R]):
         publisher = self._registry.publisher
         if publisher is None:
             raise unbound(f"task {self.name!r}")
-        return await self.send(body, publisher, self._registry)
+        return await self._send(body, publisher, self._registry)
 
-    async def send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
+    async def _send(self, body: bytes, publisher: Publisher, context: Context) -> JobHandle[R]:
         """Publish a job whose arguments `arguments.encode()` checked and encoded, through
         `publisher`, and record it as queued in `context`'s store; its handle (on `context`).
 
@@ -664,6 +670,11 @@ class Tasks:
         Raises:
             ConfigurationError: no tasks (on those queues), or a bad worker option.
         """
+        # Every task of the registry (those its tasks may enqueue too) is made ready here,
+        # not at its first job: pydantic's import and a type's schema took the event loop
+        # long enough for the loop watchdog to blame the first handler.
+        for task in self.tasks.values():
+            task._prepare()
         return build_workers(
             self.tasks.values(), self.store, url, concurrency=concurrency, retry=retry,
             queues=queues, hooks=hooks, options=options, aliases=self._aliases,
