@@ -65,6 +65,16 @@ _BATCH_BYTES = 4 * 1024 * 1024
 """A batch ends once its bodies reach this many bytes (it holds one letter at least): a pass
 over 16 MiB dead letters holds a few MiB of them at a time, not 100 (1.6 GiB)."""
 
+_SETTLE_CHUNK = 10
+"""A batch is copied and acked this many letters at a time, each chunk's copies confirmed
+before its acks go out and before the next chunk's copies: on a quorum queue the channel's
+client holds back the acks (one command each) past 32 commands not yet applied, and drops
+what it holds when the channel closes (rabbitmq-server#10327), which left the last letters of
+a pass unacked, beside their copies. A confirm comes once the queue applied everything the
+channel sent before it, so at most two chunks' commands (20) are ever on the way. (A replay's
+copies go to the work queue, whose confirms do not follow the dead-letter queue's acks: there
+the chunks pace its acks, 10 a round trip, without bounding them.)"""
+
 log = logging.getLogger("aio_workq")
 
 _PASS_ARGS: dict[str, Any] = {"x-queue-type": "classic", "x-max-length": 0}
@@ -351,13 +361,11 @@ class DeadLetters:
                 while deleted < limit:
                     async with asyncio.timeout(self._timeout):
                         size = min(_BATCH, limit - deleted)
-                        messages = await self._copier.get_batch(channel, size)
+                        # Taken with no_ack: a quorum queue deletes each in its get, where
+                        # acks after the gets could be held and lost (see `_SETTLE_CHUNK`).
+                        messages = await self._copier.get_batch(channel, size, no_ack=True)
                         if not messages:
                             break
-                        last = messages[-1].delivery_tag
-                        assert last is not None
-                        with translate_errors(f"purging {self.name!r}"):
-                            await channel.basic_ack(last, multiple=True)
                     deleted += len(messages)
         return deleted
 
@@ -448,6 +456,18 @@ class _Copier:
         each original whose copy was confirmed; raise the first failure after that. Returns
         the ones to keep that are too large to copy, each with its error (left unacked, each
         logged by id): the others are read or replayed all the same."""
+        held: list[tuple[DeliveredMessage, _TooLarge]] = []
+        for start in range(0, len(plan), _SETTLE_CHUNK):
+            await self._settle_chunk(channel, plan[start : start + _SETTLE_CHUNK], held)
+        return held
+
+    async def _settle_chunk(
+        self,
+        channel: aiormq.abc.AbstractChannel,
+        plan: list[tuple[DeliveredMessage, bool]],
+        held: list[tuple[DeliveredMessage, _TooLarge]],
+    ) -> None:
+        """`settle` for at most `_SETTLE_CHUNK` messages (see `_SETTLE_CHUNK`)."""
         results = await asyncio.gather(
             *(
                 self._publish_back(channel, message) if to_work else self._keep(channel, message)
@@ -456,7 +476,6 @@ class _Copier:
             return_exceptions=True,
         )
         failure: BaseException | None = None
-        held: list[tuple[DeliveredMessage, _TooLarge]] = []
         with translate_errors(f"acking dead letters in {self._name!r}"):
             for (message, to_work), result in zip(plan, results, strict=True):
                 if isinstance(result, _TooLarge) and not to_work:
@@ -473,17 +492,17 @@ class _Copier:
                 await channel.basic_ack(message.delivery_tag)
         if failure is not None:
             raise failure
-        return held
 
     async def get_batch(
-        self, channel: aiormq.abc.AbstractChannel, size: int
+        self, channel: aiormq.abc.AbstractChannel, size: int, *, no_ack: bool = False
     ) -> list[DeliveredMessage]:
-        """Up to `size` dead letters, fewer once their bodies reach `_BATCH_BYTES`."""
+        """Up to `size` dead letters, fewer once their bodies reach `_BATCH_BYTES`; with
+        `no_ack`, each deleted as it is taken."""
         batch: list[DeliveredMessage] = []
         held = 0
         with translate_errors(f"reading dead letters from {self._name!r}"):
             while len(batch) < size and held < _BATCH_BYTES:
-                message = await channel.basic_get(self._name, no_ack=False)
+                message = await channel.basic_get(self._name, no_ack=no_ack)
                 if message.delivery_tag is None:
                     break
                 batch.append(message)
