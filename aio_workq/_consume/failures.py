@@ -35,6 +35,7 @@ __all__ = (
     "Failed",
     "Move",
     "MoveKind",
+    "defers_used_up",
     "format_traceback",
     "route_failure",
 )
@@ -182,6 +183,12 @@ def _level(policy: RetryPolicy, delay: float) -> tuple[int, int | None]:
 _COUNT_CAP = 2**31 - 1
 """A count header's largest value read: one more still fits AMQP's signed integers (a crafted
 2**63 - 1 could not be counted on, and its move failed, again and again)."""
+
+
+def defers_used_up(headers: Mapping[str, Any], max_defers: int | None) -> bool:
+    """Whether a `Defer` of a message with these headers dead-letters it (`route_failure`'s
+    own test): it was deferred `max_defers` times already."""
+    return max_defers is not None and _count(headers.get(DEFERS_HEADER)) >= max_defers
 
 
 def _count(value: Any) -> int:

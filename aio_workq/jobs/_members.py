@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .._consume.failures import Failed, MoveKind, route_failure
+from .._consume.failures import Failed, MoveKind, defers_used_up, route_failure
 from .._consume.job import Job
 from .._consume.retry import RetryPolicy
 from .._exceptions import (
@@ -42,7 +42,7 @@ from ._groups import GROUP_HEADER, INDEX_HEADER, callback_body, callback_id
 from ._groupstore import CallbackDue, GroupStore, RateStore
 from ._handle import TASK_HEADER, Publisher
 from ._rate import RateLimit, acquire
-from ._recorder import Recorder, Running, _defers
+from ._recorder import Recorder, Running
 from ._status import JobState, Write, storable
 
 if TYPE_CHECKING:
@@ -299,8 +299,7 @@ class Member:
     def _last_defer(self) -> bool:
         """Whether a `Defer` now dead-letters the member: it was deferred the worker's
         `max_defers` times already (the failure routing's own test)."""
-        limit = self._members.max_defers
-        return limit is not None and _defers(self._job.headers) >= limit
+        return defers_used_up(self._job.headers, self._members.max_defers)
 
     async def _unsent(self, due: CallbackDue, exc: Exception) -> None:
         """The callback was never confirmed, and the member that completed the group is
